@@ -1,0 +1,40 @@
+# Interlink: every target bootstraps .venv from nothing (Python 3.11+, a C compiler, the package index).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.interlink-installed
+PYTEST_ARGS ?=
+
+.PHONY: all demo test test-pure bench annotate check-install clean
+
+all: $(STAMP)
+
+# Create the venv, install the package editable with its test extras; this compiles ext/*.pyx.
+$(STAMP): pyproject.toml setup.py $(wildcard ext/*.pyx ext/*.pxd)
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -c "import interlink.core as c; assert c.IMPLEMENTATION == 'cython', c.IMPLEMENTATION; print('interlink built:', c.IMPLEMENTATION)"
+	@touch $@
+
+demo: $(STAMP)
+	$(BIN)/python -m interlink.demo
+
+# The whole suite against the compiled build (a missing extension is an error, not a fall-back).
+test: $(STAMP)
+	INTERLINK_REQUIRE_NATIVE=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# The same suite with the pure-Python twins forced everywhere.
+test-pure: $(STAMP)
+	INTERLINK_PURE=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	INTERLINK_REQUIRE_NATIVE=1 $(BIN)/python -m pytest bench -q --benchmark-only --benchmark-autosave $(PYTEST_ARGS)
+
+# Rebuild with Cython annotations: open ext/*.html to see the yellow (Python-level) lines.
+annotate: $(STAMP)
+	INTERLINK_ANNOTATE=1 $(BIN)/python setup.py -q build_ext --inplace --force
+	@ls ext/*.html
+
+clean:
+	rm -rf build dist *.egg-info ext/*.c ext/*.so ext/*.html .pytest_cache .benchmarks

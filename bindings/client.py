@@ -1,0 +1,370 @@
+"""``interlink.Client``: the asyncio SDK a provider's client uses to talk to an Interlink gateway.
+
+    client = await Client.connect("127.0.0.1", 7450, token=jwt, device=1, root_public=pinned_root)
+    print(client.welcome["user"])
+    rtt = await client.ping()
+    await client.close()
+
+Every refusal surfaces as an exception from ``interlink.errors``: ``AuthError`` (with the
+contract's auth code) when the gateway refuses the token, ``CertificateError`` when the gateway
+does not prove it belongs to the pinned operator, ``ServerError`` for an ``err`` stanza,
+``SessionClosedError`` (with the ``bye`` reason) when the session ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import itertools
+import os
+import time
+
+from interlink.core.connection import (
+    CLOSE_AUTH_FAILED,
+    CLOSE_HANDSHAKE_FAILED,
+    ClientConnection,
+    ConnectionClosed,
+    StanzaReceived,
+    Welcomed,
+)
+from interlink.core.errors import AuthError, HandshakeError, InterlinkError, ServerError, SessionClosedError
+from interlink.core.identity import generate_static_key, x25519_public
+
+DEFAULT_AGENT = "interlink-python/0.1"
+MAX_QUEUED_STANZAS = 100_000
+
+
+class Suite(enum.IntEnum):
+    """The handshake suites of PROTOCOL §2 (the preamble's suite byte)."""
+
+    XX_CHACHAPOLY = 0x01
+    XX_AESGCM = 0x02
+    IK_CHACHAPOLY = 0x11
+    IK_AESGCM = 0x12
+
+    @property
+    def is_ik(self) -> bool:
+        return self >= 0x11
+
+    def as_xx(self) -> Suite:
+        return Suite(self - 0x10) if self.is_ik else self
+
+
+class _ClientProtocol(asyncio.Protocol):
+    def __init__(self, client: Client) -> None:
+        self.client = client
+
+    def connection_made(self, transport) -> None:
+        self.client._transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.client._receive(data)
+
+    def eof_received(self):
+        self.client._conn.receive_eof(time.time())
+        self.client._process()
+        return False
+
+    def connection_lost(self, exc) -> None:
+        self.client._connection_lost(exc)
+
+
+class Client:
+    """One authenticated device session. Create it with ``await Client.connect(...)``."""
+
+    def __init__(self, conn: ClientConnection, static_private: bytes) -> None:
+        self._conn = conn
+        self.static_private = static_private
+        self._transport: asyncio.Transport | None = None
+        self._loop = asyncio.get_running_loop()
+        self._welcomed: asyncio.Future = self._loop.create_future()
+        self._waiters: dict[tuple, asyncio.Future] = {}
+        self._inbox: asyncio.Queue = asyncio.Queue(MAX_QUEUED_STANZAS)
+        self._closed: ConnectionClosed | None = None
+        self._lost = asyncio.Event()
+        self._ids = itertools.count(1)
+
+    # -- connecting
+
+    @classmethod
+    async def connect(
+        cls,
+        host: str,
+        port: int,
+        *,
+        token: str,
+        device: int,
+        root_public: bytes,
+        suite: Suite | int = Suite.XX_CHACHAPOLY,
+        static_private: bytes | None = None,
+        server_static: bytes | None = None,
+        agent: str = DEFAULT_AGENT,
+        timeout_s: float = 10.0,
+        ik_fallback: bool = True,
+    ) -> Client:
+        """Connect, complete the Noise handshake, check the node certificate against ``root_public``
+        and authenticate. With an IK suite, a failed handshake (the gateway's static key changed)
+        is retried once with XX and the same cipher, unless ``ik_fallback`` is false."""
+        suite = Suite(suite)
+        static_private = static_private or generate_static_key()
+        try:
+            return await cls._connect_once(
+                host, port, token, device, root_public, suite, static_private, server_static, agent, timeout_s
+            )
+        except HandshakeError:
+            if not (suite.is_ik and ik_fallback):
+                raise
+        return await cls._connect_once(
+            host, port, token, device, root_public, suite.as_xx(), static_private, None, agent, timeout_s
+        )
+
+    @classmethod
+    async def _connect_once(cls, host, port, token, device, root_public, suite, static_private, server_static, agent, timeout_s):
+        conn = ClientConnection(
+            suite=int(suite),
+            static_private=static_private,
+            root_public=root_public,
+            token=token,
+            device=device,
+            agent=agent,
+            server_static=server_static,
+        )
+        client = cls(conn, static_private)
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(timeout_s):
+                await loop.create_connection(lambda: _ClientProtocol(client), host, port)
+                conn.start(time.time())
+                client._process()
+                await client._welcomed
+        except TimeoutError:
+            client._abort()
+            raise SessionClosedError(f"no welcome from {host}:{port} within {timeout_s} s", reason="timeout") from None
+        except BaseException:
+            client._abort()
+            raise
+        return client
+
+    # -- session facts
+
+    @property
+    def welcome(self) -> dict:
+        return self._conn.welcome
+
+    @property
+    def user(self) -> str:
+        return self._conn.welcome["user"]
+
+    @property
+    def device(self) -> int:
+        return self._conn.welcome["device"]
+
+    @property
+    def limits(self) -> dict:
+        return self._conn.welcome["limits"]
+
+    @property
+    def static_public(self) -> bytes:
+        return x25519_public(self.static_private)
+
+    @property
+    def node_certificate(self):
+        """The gateway's node certificate as verified during the handshake."""
+        return self._conn.certificate
+
+    @property
+    def closed(self) -> bool:
+        return self._closed is not None
+
+    @property
+    def close_reason(self) -> str | None:
+        return self._closed.reason if self._closed else None
+
+    # -- sending and receiving
+
+    async def send(self, stanza: dict) -> None:
+        """Send one stanza without waiting for an answer."""
+        self._check_open()
+        self._conn.send_stanza(stanza)
+        self._process()
+
+    async def request(self, stanza: dict, *, timeout_s: float = 10.0) -> dict:
+        """Send a stanza and wait for its answer: ``pong`` for ``ping``, ``res`` for ``iq``,
+        ``ack`` for ``msg``/``rcpt``. An ``err`` answer raises ``ServerError``."""
+        self._check_open()
+        kind = stanza.get("t")
+        if kind == "ping":
+            key = ("ping", stanza["id"])
+        elif kind == "iq":
+            key = ("iq", stanza["id"])
+        elif kind in ("msg", "rcpt"):
+            key = ("ref", stanza["id"])
+        else:
+            raise ValueError(f"stanza type {kind!r} gets no answer; use send()")
+        if key in self._waiters:
+            raise ValueError(f"a request with id {key[1]!r} is already waiting")
+        waiter = self._loop.create_future()
+        self._waiters[key] = waiter
+        try:
+            self._conn.send_stanza(stanza)
+            self._process()
+            async with asyncio.timeout(timeout_s):
+                return await waiter
+        finally:
+            self._waiters.pop(key, None)
+
+    async def iq(self, op: str, *, timeout_s: float = 10.0, **fields) -> dict:
+        """Run one operation (PROTOCOL §5) and return its ``res`` stanza."""
+        stanza = {"t": "iq", "id": next(self._ids), "op": op}
+        stanza.update(fields)
+        return await self.request(stanza, timeout_s=timeout_s)
+
+    async def ping(self, *, timeout_s: float = 10.0) -> float:
+        """Round trip time of a ``ping`` in seconds."""
+        started = time.perf_counter()
+        await self.request({"t": "ping", "id": next(self._ids)}, timeout_s=timeout_s)
+        return time.perf_counter() - started
+
+    async def recv(self, *, timeout_s: float | None = None) -> dict:
+        """The next stanza that is not an answer to a request (``dlv``, ``state``...).
+        An unsolicited ``err`` raises ``ServerError``; the end of the session ``SessionClosedError``."""
+        if self._inbox.empty() and self._closed is not None:
+            raise self._closed_error()
+        async with asyncio.timeout(timeout_s):
+            item = await self._inbox.get()
+        if isinstance(item, InterlinkError):
+            raise item
+        return item
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> dict:
+        try:
+            return await self.recv()
+        except SessionClosedError:
+            raise StopAsyncIteration from None
+
+    async def close(self) -> None:
+        """Close the connection (the gateway keeps whatever is undelivered for the next session)."""
+        if self._transport is not None and not self._transport.is_closing():
+            self._conn.close()
+            self._transport.close()
+        await self.wait_closed()
+
+    async def wait_closed(self, timeout_s: float = 5.0) -> None:
+        if self._transport is None:
+            return
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._lost.wait()
+        except TimeoutError:
+            self._abort()
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        await self.close()
+
+    # -- plumbing
+
+    def _check_open(self) -> None:
+        if self._closed is not None:
+            raise self._closed_error()
+
+    def _closed_error(self) -> SessionClosedError:
+        closed = self._closed
+        return SessionClosedError(f"session closed: {closed.reason} {closed.message}".strip(), reason=closed.reason)
+
+    def _receive(self, data: bytes) -> None:
+        self._conn.receive_data(data, time.time())
+        self._process()
+
+    def _process(self) -> None:
+        conn = self._conn
+        for event in conn.events():
+            if type(event) is StanzaReceived:
+                self._route(event.stanza)
+            elif type(event) is Welcomed:
+                if not self._welcomed.done():
+                    self._welcomed.set_result(event.welcome)
+            elif type(event) is ConnectionClosed:
+                self._on_closed(event)
+        data = conn.data_to_send()
+        if data and self._transport is not None and not self._transport.is_closing():
+            self._transport.write(data)
+        if conn.closed and self._transport is not None and not self._transport.is_closing():
+            self._transport.close()
+
+    def _route(self, stanza: dict) -> None:
+        kind = stanza.get("t")
+        key = None
+        if kind == "pong":
+            key = ("ping", stanza.get("id"))
+        elif kind == "res":
+            key = ("iq", stanza.get("id"))
+        elif kind == "ack":
+            key = ("ref", stanza.get("id"))
+        elif kind == "err":
+            key = ("iq", stanza["id"]) if "id" in stanza else ("ref", stanza.get("ref"))
+        waiter = self._waiters.get(key) if key is not None else None
+        if kind == "err":
+            error = ServerError(str(stanza.get("msg", "")), code=str(stanza.get("code")), fields=stanza)
+            if waiter is not None and not waiter.done():
+                waiter.set_exception(error)
+            else:
+                self._deliver(error)
+            return
+        if waiter is not None and not waiter.done():
+            waiter.set_result(stanza)
+            return
+        self._deliver(stanza)
+
+    def _deliver(self, item) -> None:
+        try:
+            self._inbox.put_nowait(item)
+        except asyncio.QueueFull:
+            self._conn.close()
+            self._on_closed(ConnectionClosed("client_overflow", message="client inbox full; recv() not called"))
+
+    def _on_closed(self, event: ConnectionClosed) -> None:
+        if self._closed is not None:
+            return
+        self._closed = event
+        if event.reason == CLOSE_AUTH_FAILED:
+            error: InterlinkError = AuthError(event.message, code=event.code or "auth_failed")
+        elif event.reason == CLOSE_HANDSHAKE_FAILED:
+            error = self._conn.failure or HandshakeError(event.message)
+        elif not self._welcomed.done() and event.reason == "peer_closed":
+            # Closed during the handshake without a word: what a gateway does when it cannot read
+            # an IK message 1 (for example after a static key change).
+            error = HandshakeError("the gateway closed the connection during the handshake")
+        else:
+            error = self._closed_error()
+        if not self._welcomed.done():
+            self._welcomed.set_exception(error)
+        for waiter in self._waiters.values():
+            if not waiter.done():
+                waiter.set_exception(self._closed_error())
+        if self._inbox.empty():
+            self._deliver(self._closed_error())
+
+    def _connection_lost(self, exc) -> None:
+        if self._closed is None:
+            self._conn.connection_lost()
+            self._process()
+            if self._closed is None:
+                self._on_closed(ConnectionClosed("connection_lost", message=str(exc or "")))
+        self._lost.set()
+
+    def _abort(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
+        if not self._welcomed.done():
+            self._welcomed.cancel()
+
+
+def new_message_id() -> bytes:
+    """A fresh 16-byte stanza id."""
+    return os.urandom(16)

@@ -1,0 +1,174 @@
+"""``interlink.Gateway``: the operator's handle on one gateway node, embeddable in any asyncio loop.
+
+The library installs no signal handlers and configures no logging; the command-line runner does.
+"""
+
+from __future__ import annotations
+
+import logging
+
+
+from interlink.config import GatewayConfig
+from interlink.core.auth import Provider, ProviderRegistry, TokenVerifier
+from interlink.core.connection import ServerSettings
+from interlink.core.errors import ConfigError, InterlinkError
+from interlink.core.identity import ROOT_PUBLIC_FILE, OperatorKeys, init_operator_keys, load_operator_keys
+from interlink.core.jwks import JwksCache
+from interlink.core.server import GatewayServer, Limits
+from interlink.core.store import LmdbStore
+
+log = logging.getLogger("interlink.gateway")
+
+
+class Gateway:
+    """One gateway node: ``await start()``, ``await drain()``, ``await stop()``."""
+
+    def __init__(self, config: GatewayConfig | None = None, *, keys: OperatorKeys | None = None) -> None:
+        self.config = config if config is not None else GatewayConfig()
+        self._keys = keys
+        self.registry = ProviderRegistry()
+        for provider in self.config.providers:
+            self.registry.add(provider)
+        self._jwks: JwksCache | None = None
+        self._store: LmdbStore | None = None
+        self._server: GatewayServer | None = None
+
+    # -- lifecycle
+
+    async def start(self) -> None:
+        if self._server is not None:
+            raise InterlinkError("gateway already started")
+        config = self.config
+        if self._keys is None:
+            self._keys = _load_or_create_keys(config)
+        self._store = LmdbStore(
+            config.data_dir / "lmdb", map_size_bytes=config.lmdb_map_size_bytes, sync=config.durability == "sync"
+        )
+        self._jwks = JwksCache(
+            ttl_s=config.jwks_ttl_s,
+            min_refetch_interval_s=config.jwks_min_refetch_interval_s,
+            fetch_timeout_s=config.jwks_fetch_timeout_s,
+        )
+        verifier = TokenVerifier(
+            self.registry, self._jwks, max_token_bytes=config.max_token_bytes, leeway_s=config.token_leeway_s
+        )
+        settings = ServerSettings(
+            static_private=self._keys.static_private,
+            certificate=self._keys.certificate,
+            node=config.node_name,
+            max_frame_bytes=config.max_frame_bytes,
+            preauth_deadline_s=config.preauth_deadline_s,
+        )
+        limits = Limits(
+            max_frame_bytes=config.max_frame_bytes,
+            max_devices=config.max_devices,
+            max_group=config.max_group,
+            window=config.window,
+        )
+        self._server = GatewayServer(
+            settings=settings, registry=self.registry, verifier=verifier, store=self._store, limits=limits
+        )
+        try:
+            await self._server.start(config.host, config.port)
+        except OSError as exc:
+            await self._release()
+            raise ConfigError(f"port: cannot listen on {config.host}:{config.port}: {exc.strerror}") from exc
+        log.info("gateway %s listening on %s", config.node_name, self.address)
+
+    async def drain(self, timeout_s: float | None = None) -> None:
+        """Stop accepting connections, send ``bye drain`` to every session, wait for them to close."""
+        if self._server is not None:
+            await self._server.drain(self.config.drain_timeout_s if timeout_s is None else timeout_s)
+        await self._release()
+
+    async def stop(self) -> None:
+        """Drain with a short timeout and release every resource."""
+        await self.drain(timeout_s=min(1.0, self.config.drain_timeout_s))
+
+    async def _release(self) -> None:
+        self._server = None
+        if self._jwks is not None:
+            await self._jwks.close()
+            self._jwks = None
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+
+    async def __aenter__(self) -> Gateway:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        await self.stop()
+
+    # -- addresses and identity
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """``(host, port)`` actually bound (the port is chosen by the OS when configured as 0)."""
+        return self._running().addresses[0][:2]
+
+    @property
+    def port(self) -> int:
+        return self.address[1]
+
+    @property
+    def keys(self) -> OperatorKeys:
+        if self._keys is None:
+            raise InterlinkError("gateway keys are loaded by start()")
+        return self._keys
+
+    @property
+    def root_public(self) -> bytes:
+        """The operator root key clients pin."""
+        return self.keys.root_public
+
+    @property
+    def static_public(self) -> bytes:
+        """The node's Noise static key, for clients that connect with IK."""
+        return self.keys.static_public
+
+    # -- providers at run time
+
+    def add_provider(self, provider: Provider) -> None:
+        self.registry.add(provider)
+
+    def list_providers(self) -> list[Provider]:
+        return self.registry.list()
+
+    def suspend_provider(self, provider_id: str) -> int:
+        """Suspend a provider: its users' sessions end with ``bye suspended`` at once; returns how many."""
+        if self._server is None:
+            self.registry.suspend(provider_id)
+            return 0
+        return self._server.suspend_provider(provider_id)
+
+    def resume_provider(self, provider_id: str) -> None:
+        self.registry.resume(provider_id)
+
+    # -- observation
+
+    def sessions(self) -> list[dict]:
+        return [
+            {"user": user, "device": device, "peer": proto.peer, "suite": proto.conn.suite}
+            for (user, device), proto in self._running().sessions.items()
+        ]
+
+    def stats(self) -> dict:
+        return self._running().stats()
+
+    def _running(self) -> GatewayServer:
+        if self._server is None:
+            raise InterlinkError("gateway is not running")
+        return self._server
+
+
+def _load_or_create_keys(config: GatewayConfig) -> OperatorKeys:
+    folder = config.data_dir / "keys"
+    if not (folder / ROOT_PUBLIC_FILE).exists():
+        log.warning("no operator keys under %s: generating a new root key and node certificate", folder)
+        return init_operator_keys(folder, config.node_name)
+    return load_operator_keys(folder)
+
+
+__all__ = ["Gateway"]

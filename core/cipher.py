@@ -1,0 +1,11 @@
+"""Transport cipher selector: ``CipherState`` from the compiled module when available, else
+from the pure twin ``interlink.core._cipher_pure``."""
+
+from interlink.core._select import select
+
+_impl = select("_cipher", "_cipher_pure")
+
+CipherState = _impl.CipherState
+TAG_BYTES = 16
+
+__all__ = ["CipherState", "TAG_BYTES"]

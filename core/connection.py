@@ -1,0 +1,548 @@
+"""Per-connection protocol state machines, sans-I/O (PROTOCOL §1–§4).
+
+``ServerConnection`` is the gateway's side, ``ClientConnection`` the client's. Both are driven
+by three inputs — ``receive_data(data, now)``, ``receive_eof(now)``, ``handle_timer(now)`` — plus
+API calls, and drained with ``events()`` and ``data_to_send()``. Time is always passed in (epoch
+seconds, the clock JWT ``exp`` uses), so a unit test can drive them byte by byte without a socket
+or an event loop.
+
+Server states::
+
+    PREAMBLE -> HANDSHAKE -> [CONFIRM (IK only)] -> AUTH -> OPEN -> CLOSING -> CLOSED
+
+Peer misbehaviour never escapes as an exception: it becomes a named close reason
+(``ConnectionClosed.reason``) that operators can count.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+from dataclasses import dataclass, field
+
+import msgpack
+
+from interlink.core.errors import (
+    CryptoError,
+    FrameError,
+    HandshakeError,
+    InterlinkError,
+    StanzaError,
+)
+from interlink.core.framing import FrameDecoder, encode_frame
+from interlink.core.identity import NodeCertificate, server_hello, verify_server_hello
+from interlink.core.noise import (
+    PREAMBLE_BYTES,
+    SUITES,
+    NoiseSession,
+    UnknownSuiteError,
+    make_preamble,
+    parse_preamble,
+)
+from interlink.core.stanza import MAX_PLAINTEXT_BYTES, decode_stanzas, encode_stanza
+
+# Close reasons beyond the contract's ``bye`` reasons, for operators (``/connz``, logs, metrics).
+CLOSE_BAD_PREAMBLE = "bad_preamble"
+CLOSE_UNKNOWN_SUITE = "unknown_suite"
+CLOSE_HANDSHAKE_FAILED = "handshake_failed"
+CLOSE_BAD_FRAME = "bad_frame"
+CLOSE_AUTH_DEADLINE = "auth_deadline"
+CLOSE_AUTH_FAILED = "auth_failed"
+CLOSE_PEER_CLOSED = "peer_closed"
+CLOSE_PROTOCOL_ERROR = "protocol_error"
+
+BYE_REASONS = frozenset({"drain", "replaced", "suspended", "auth_expired", "idle", "slow_consumer", "protocol_error"})
+MAX_DEVICE_ID = 2**31 - 1
+MAX_PREAUTH_FRAMES = 8  # transport messages a client may pipeline before its auth is decided
+MAX_AGENT_CHARS = 128
+
+
+class State(enum.Enum):
+    PREAMBLE = "preamble"
+    HANDSHAKE = "handshake"
+    CONFIRM = "confirm"  # IK: waiting for the first client transport message (replay rule)
+    AUTH = "auth"  # token being verified by the edge
+    OPEN = "open"
+    CLOSING = "closing"  # final bytes queued; the adapter closes the socket after writing them
+    CLOSED = "closed"
+
+
+# ----------------------------------------------------------------------------- events
+
+
+@dataclass(slots=True)
+class AuthRequested:
+    """The handshake finished; the edge must verify the token and call ``accept_auth``/``reject_auth``."""
+
+    token: str  #: compact JWT from the client's provider
+    device: int  #: device number the client claims (1..2^31-1)
+    agent: str  #: client software name, for operators
+    client_static: bytes  #: the client's Noise static public key (for ``cnf`` key binding)
+
+
+@dataclass(slots=True)
+class StanzaReceived:
+    """A stanza the connection does not answer itself (everything but ``ping``)."""
+
+    stanza: dict  #: the decoded msgpack map; ``t`` is a str
+
+
+@dataclass(slots=True)
+class Welcomed:
+    """Client side: the gateway accepted the session."""
+
+    welcome: dict  #: the ``welcome`` stanza
+
+
+@dataclass(slots=True)
+class ConnectionClosed:
+    """The connection is over; after this event the adapter writes what is queued and closes."""
+
+    reason: str  #: bye reason or local close reason (``CLOSE_*``)
+    code: str | None = None  #: error code when an ``err`` caused the close
+    message: str = ""  #: human-readable detail
+
+
+# ----------------------------------------------------------------------------- shared plumbing
+
+
+class _Endpoint:
+    """Framing, transport encryption and stanza coalescing shared by both sides."""
+
+    __slots__ = ("state", "_decoder", "_session", "_out", "_pending", "_events", "close_reason")
+
+    def __init__(self, max_frame_bytes: int) -> None:
+        self.state = State.PREAMBLE
+        self._decoder = FrameDecoder(max_frame_bytes)
+        self._session: NoiseSession | None = None
+        self._out: list = []  # wire bytes ready to send (frames, preamble)
+        self._pending: list = []  # encoded stanzas waiting to be coalesced into transport messages
+        self._events: list = []
+        self.close_reason: str | None = None
+
+    # -- outputs
+
+    def events(self) -> list:
+        events, self._events = self._events, []
+        return events
+
+    def data_to_send(self) -> bytes:
+        """Everything to write now: queued frames, then the queued stanzas coalesced into as few
+        transport messages as fit in a frame."""
+        if self._pending:
+            self._flush_stanzas()
+        if not self._out:
+            return b""
+        data = b"".join(self._out) if len(self._out) > 1 else self._out[0]
+        self._out.clear()
+        return data
+
+    @property
+    def closed(self) -> bool:
+        return self.state in (State.CLOSING, State.CLOSED)
+
+    # -- stanza output
+
+    def send_stanza(self, stanza: dict) -> None:
+        self.send_encoded(encode_stanza(stanza))
+
+    def send_encoded(self, encoded: bytes) -> None:
+        """Queue an already-encoded stanza (fan-out serializes once, then queues per recipient)."""
+        if self.closed or self._session is None or not self._session.handshake_complete:
+            return
+        if len(encoded) > MAX_PLAINTEXT_BYTES:
+            raise ValueError(f"stanza of {len(encoded)} bytes does not fit in one frame")
+        self._pending.append(encoded)
+
+    def _flush_stanzas(self) -> None:
+        plaintexts = []
+        batch: list = []
+        size = 0
+        for encoded in self._pending:
+            if size + len(encoded) > MAX_PLAINTEXT_BYTES and batch:
+                plaintexts.append(b"".join(batch))
+                batch, size = [], 0
+            batch.append(encoded)
+            size += len(encoded)
+        if batch:
+            plaintexts.append(b"".join(batch))
+        self._pending.clear()
+        self._out.append(self._session.send_cipher.encrypt_frames(plaintexts))
+
+    def _write_frame(self, payload: bytes) -> None:
+        self._out.append(encode_frame(payload))
+
+    def _finish(self, reason: str, code: str | None = None, message: str = "") -> None:
+        if self.closed:
+            return
+        self.state = State.CLOSING
+        self.close_reason = reason
+        self._events.append(ConnectionClosed(reason, code, message))
+
+    def _frames(self, data) -> tuple[list, FrameError | None]:
+        try:
+            return self._decoder.feed(data), None
+        except FrameError as exc:
+            return exc.frames, exc
+
+    def receive_eof(self, now: float) -> None:
+        if not self.closed:
+            self._finish(CLOSE_PEER_CLOSED, message="peer closed the connection")
+        self.state = State.CLOSED
+
+    def connection_lost(self) -> None:
+        """The socket is gone; no more output is possible."""
+        if not self.closed:
+            self._finish(CLOSE_PEER_CLOSED, message="connection lost")
+        self.state = State.CLOSED
+        self._pending.clear()
+        self._out.clear()
+
+
+# ----------------------------------------------------------------------------- server side
+
+
+@dataclass(slots=True)
+class ServerSettings:
+    """What the gateway's connections need to know; shared by every connection (one object)."""
+
+    static_private: bytes  #: the node's X25519 static key
+    certificate: NodeCertificate  #: the node certificate signed by the operator root
+    node: str  #: node name announced in the server hello
+    max_frame_bytes: int = 65535
+    preauth_deadline_s: float = 5.0
+    suites: frozenset = field(default_factory=lambda: frozenset(SUITES))
+
+
+class ServerConnection(_Endpoint):
+    """The gateway's end of one client connection."""
+
+    __slots__ = (
+        "settings",
+        "suite",
+        "_auth_deadline",
+        "expires_at",
+        "_auth",
+        "_held",
+        "identity",
+        "_preamble",
+    )
+
+    def __init__(self, settings: ServerSettings, now: float) -> None:
+        super().__init__(settings.max_frame_bytes)
+        self.settings = settings
+        self.suite: int | None = None
+        self._auth_deadline = now + settings.preauth_deadline_s
+        self.expires_at: float | None = None  # token expiry once open
+        self._auth: AuthRequested | None = None
+        self._held: list | None = None  # transport plaintexts that arrived before auth was decided
+        self.identity = None  # set by accept_auth; opaque to this layer
+        self._preamble = b""  # the 4 preamble bytes as they trickle in
+
+    # -- inputs
+
+    def receive_data(self, data, now: float) -> None:
+        if self.closed:
+            return
+        if self.state is State.PREAMBLE:
+            data = self._receive_preamble(data)
+            if not data:
+                return
+        frames, error = self._frames(data)
+        for frame in frames:
+            if self.closed:
+                return
+            self._receive_frame(frame, now)
+        if error is not None and not self.closed:
+            self._fail_frame(error)
+
+    def handle_timer(self, now: float) -> None:
+        """Enforce the pre-auth deadline and token expiry."""
+        if self.closed:
+            return
+        if self.state is not State.OPEN:
+            if now >= self._auth_deadline:
+                self._finish(CLOSE_AUTH_DEADLINE, message="handshake and authentication not finished in time")
+        elif self.expires_at is not None and now >= self.expires_at:
+            self.close("auth_expired")
+
+    def next_deadline(self) -> float | None:
+        if self.closed:
+            return None
+        if self.state is not State.OPEN:
+            return self._auth_deadline
+        return self.expires_at
+
+    # -- decisions from the edge
+
+    def accept_auth(self, identity, welcome: dict, now: float) -> None:
+        """The token verified: send ``welcome`` and serve whatever the client pipelined."""
+        if self.state is not State.AUTH:
+            return
+        self.identity = identity
+        self.expires_at = identity.expires_at
+        self.state = State.OPEN
+        self._auth = None
+        self.send_stanza(welcome)
+        held, self._held = self._held, None
+        for plaintext in held or ():
+            if self.closed:
+                break
+            self._receive_plaintext(plaintext)
+        self.handle_timer(now)
+
+    def reject_auth(self, code: str, message: str) -> None:
+        """The token was refused: send ``err`` with the auth code, then close."""
+        if self.state is not State.AUTH:
+            return
+        self.send_stanza({"t": "err", "code": code, "msg": message})
+        self._held = None
+        self._finish(CLOSE_AUTH_FAILED, code, message)
+
+    def close(self, reason: str, message: str = "") -> None:
+        """Say ``bye`` with ``reason`` (when the handshake is done) and close."""
+        if self.closed:
+            return
+        if self._session is not None and self._session.handshake_complete:
+            self.send_stanza({"t": "bye", "reason": reason})
+        self._finish(reason, message=message)
+
+    def send_error(self, code: str, message: str, **fields) -> None:
+        stanza = {"t": "err", "code": code, "msg": message}
+        stanza.update(fields)
+        self.send_stanza(stanza)
+
+    # -- internals
+
+    def _receive_preamble(self, data):
+        # The preamble is exactly 4 bytes and may arrive split; it is also the Noise prologue.
+        needed = PREAMBLE_BYTES - len(self._preamble)
+        self._preamble += bytes(data[:needed])
+        if len(self._preamble) < PREAMBLE_BYTES:
+            return b""
+        try:
+            self.suite = parse_preamble(self._preamble)
+        except HandshakeError as exc:
+            reason = CLOSE_UNKNOWN_SUITE if isinstance(exc, UnknownSuiteError) else CLOSE_BAD_PREAMBLE
+            self._finish(reason, message=str(exc))
+            return b""
+        if self.suite not in self.settings.suites:
+            self._finish(CLOSE_UNKNOWN_SUITE, message=f"suite 0x{self.suite:02x} is not enabled")
+            return b""
+        self._session = NoiseSession(
+            SUITES[self.suite],
+            initiator=False,
+            static_private=self.settings.static_private,
+            prologue=self._preamble,
+        )
+        self.state = State.HANDSHAKE
+        return data[needed:]
+
+    def _receive_frame(self, frame: bytes, now: float) -> None:
+        session = self._session
+        if self.state is State.HANDSHAKE:
+            try:
+                payload = session.read_message(frame)
+                if not session.handshake_complete:
+                    hello = server_hello(self.settings.certificate, self.settings.node, int(now * 1000))
+                    self._write_frame(session.write_message(hello))
+            except HandshakeError as exc:
+                self._finish(CLOSE_HANDSHAKE_FAILED, message=str(exc))
+                return
+            if session.pattern == "XX" and not session.handshake_complete:
+                return  # message 1 read and message 2 written; wait for message 3
+            if session.pattern == "XX":
+                self._request_auth(payload)
+            else:
+                # IK: message 1 carried the auth payload and message 2 is out; the payload may be a
+                # replay, so act on it only once the client proves liveness with a transport message.
+                self._auth = self._parse_auth(payload)
+                self.state = State.CONFIRM
+            return
+        try:
+            plaintext = session.recv_cipher.decrypt(frame)
+        except CryptoError as exc:
+            self._fail_frame(exc)
+            return
+        if self.state is State.OPEN:
+            self._receive_plaintext(plaintext)
+            return
+        if self._held is None:
+            self._held = []
+        if len(self._held) >= MAX_PREAUTH_FRAMES:
+            self.close("protocol_error", "too many messages before authentication finished")
+            return
+        self._held.append(plaintext)
+        if self.state is State.CONFIRM:
+            auth = self._auth
+            self._auth = None
+            self._request_auth(None, parsed=auth)
+
+    def _request_auth(self, payload, parsed=None) -> None:
+        request = parsed if parsed is not None else self._parse_auth(payload)
+        self.state = State.AUTH
+        if isinstance(request, str):
+            # The auth payload itself is malformed: answer with auth_failed, then close.
+            self.reject_auth("auth_failed", request)
+            return
+        self._auth = request
+        self._events.append(request)
+
+    def _parse_auth(self, payload) -> AuthRequested | str:
+        """The auth payload as an event, or the reason it is malformed."""
+        try:
+            fields = msgpack.unpackb(payload, raw=False, strict_map_key=True)
+        except (ValueError, msgpack.UnpackException, TypeError):
+            return "auth payload is not a msgpack map"
+        if not isinstance(fields, dict):
+            return "auth payload is not a msgpack map"
+        token, device, agent = fields.get("token"), fields.get("device"), fields.get("agent", "")
+        if not isinstance(token, str) or not token:
+            return "auth payload needs 'token' (str)"
+        if type(device) is not int or not 1 <= device <= MAX_DEVICE_ID:
+            return "auth payload needs 'device' (int 1..2^31-1)"
+        if not isinstance(agent, str) or len(agent) > MAX_AGENT_CHARS:
+            return f"'agent' must be a str of at most {MAX_AGENT_CHARS} characters"
+        return AuthRequested(token, device, agent, self._session.remote_static)
+
+    def _receive_plaintext(self, plaintext: bytes) -> None:
+        try:
+            stanzas = decode_stanzas(plaintext)
+            error = None
+        except StanzaError as exc:
+            stanzas, error = exc.stanzas, exc
+        for stanza in stanzas:
+            kind = stanza.get("t")
+            if kind == "ping":
+                ping_id = stanza.get("id")
+                if type(ping_id) is int:
+                    self.send_stanza({"t": "pong", "id": ping_id})
+                else:
+                    self.send_error("bad_stanza", "ping needs an int 'id'")
+            elif not isinstance(kind, str):
+                self.send_error("bad_stanza", "stanza has no string field 't'")
+            else:
+                self._events.append(StanzaReceived(stanza))
+        if error is not None:
+            self.send_error("bad_stanza", str(error))
+
+    def _fail_frame(self, error: InterlinkError) -> None:
+        if self._session is not None and self._session.handshake_complete:
+            self.send_error("bad_frame", str(error))
+        self._finish(CLOSE_BAD_FRAME, "bad_frame", str(error))
+
+
+
+# ----------------------------------------------------------------------------- client side
+
+
+class ClientConnection(_Endpoint):
+    """The client's end: preamble, handshake with certificate pinning, auth, then stanzas."""
+
+    __slots__ = ("_root_public", "_auth_payload", "welcome", "certificate", "_ik_confirm_id", "failure")
+
+    def __init__(
+        self,
+        *,
+        suite: int,
+        static_private: bytes,
+        root_public: bytes,
+        token: str,
+        device: int,
+        agent: str = "interlink-python",
+        server_static: bytes | None = None,
+        max_frame_bytes: int = 65535,
+    ) -> None:
+        super().__init__(max_frame_bytes)
+        if suite not in SUITES:
+            raise ValueError(f"unknown suite 0x{suite:02x}")
+        protocol_name = SUITES[suite]
+        if "_IK_" in protocol_name and server_static is None:
+            raise ValueError("IK suites need the gateway's static key (server_static)")
+        self._root_public = root_public
+        self._auth_payload = msgpack.packb({"token": token, "device": device, "agent": agent}, use_bin_type=True)
+        self.welcome: dict | None = None
+        self.certificate: NodeCertificate | None = None
+        self._ik_confirm_id: int | None = None
+        self.failure: HandshakeError | None = None  # why the handshake failed, for the SDK to raise
+        prologue = make_preamble(suite)
+        self._session = NoiseSession(
+            protocol_name,
+            initiator=True,
+            static_private=static_private,
+            prologue=prologue,
+            remote_static=server_static if "_IK_" in protocol_name else None,
+        )
+        self._out.append(prologue)
+
+    def start(self, now: float) -> None:
+        """Write the preamble and the first handshake message."""
+        session = self._session
+        payload = self._auth_payload if session.pattern == "IK" else b""
+        self._write_frame(session.write_message(payload))
+        self.state = State.HANDSHAKE
+
+    def receive_data(self, data, now: float) -> None:
+        if self.closed:
+            return
+        frames, error = self._frames(data)
+        for frame in frames:
+            if self.closed:
+                return
+            self._receive_frame(frame, now)
+        if error is not None and not self.closed:
+            self._finish(CLOSE_BAD_FRAME, "bad_frame", str(error))
+
+    def close(self) -> None:
+        self._finish("client_closed")
+
+    def _receive_frame(self, frame: bytes, now: float) -> None:
+        session = self._session
+        if self.state is State.HANDSHAKE:
+            try:
+                hello = session.read_message(frame)
+                self.certificate = verify_server_hello(
+                    hello, root_public=self._root_public, remote_static=session.remote_static, now=now
+                )
+                if session.pattern == "XX":
+                    self._write_frame(session.write_message(self._auth_payload))
+            except HandshakeError as exc:
+                self.failure = exc
+                self._finish(CLOSE_HANDSHAKE_FAILED, message=str(exc))
+                return
+            self.state = State.AUTH
+            if session.pattern == "IK":
+                # Prove liveness at once so the gateway may act on our (replayable) message 1.
+                self._ik_confirm_id = int.from_bytes(os.urandom(4), "big")
+                self.send_stanza({"t": "ping", "id": self._ik_confirm_id})
+            return
+        try:
+            plaintext = session.recv_cipher.decrypt(frame)
+            stanzas = decode_stanzas(plaintext)
+        except (CryptoError, StanzaError) as exc:
+            self._finish(CLOSE_BAD_FRAME, "bad_frame", f"gateway sent an unreadable message: {exc}")
+            return
+        for stanza in stanzas:
+            self._receive_stanza(stanza)
+
+    def _receive_stanza(self, stanza: dict) -> None:
+        kind = stanza.get("t")
+        if self.state is State.AUTH:
+            if kind == "welcome":
+                self.welcome = stanza
+                self.state = State.OPEN
+                self._events.append(Welcomed(stanza))
+            elif kind == "err":
+                self._finish(CLOSE_AUTH_FAILED, str(stanza.get("code")), str(stanza.get("msg", "")))
+            elif kind == "bye":
+                self._finish(str(stanza.get("reason")), message="gateway said bye")
+            else:
+                self._finish(CLOSE_PROTOCOL_ERROR, message=f"expected welcome, got {kind!r}")
+            return
+        if kind == "pong" and self._ik_confirm_id is not None and stanza.get("id") == self._ik_confirm_id:
+            self._ik_confirm_id = None
+            return  # the IK liveness ping, not the application's
+        if kind == "bye":
+            self._finish(str(stanza.get("reason")), message="gateway said bye")
+            return
+        self._events.append(StanzaReceived(stanza))

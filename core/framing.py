@@ -1,0 +1,13 @@
+"""Frame codec selector: ``FrameDecoder``, ``encode_frame`` and ``encode_frames`` from the
+compiled module when available, else from the pure twin ``interlink.core._framing_pure``."""
+
+from interlink.core._select import select
+
+_impl = select("_framing", "_framing_pure")
+
+FrameDecoder = _impl.FrameDecoder
+encode_frame = _impl.encode_frame
+encode_frames = _impl.encode_frames
+MAX_FRAME_BYTES = 65535
+
+__all__ = ["FrameDecoder", "encode_frame", "encode_frames", "MAX_FRAME_BYTES"]

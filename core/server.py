@@ -1,0 +1,345 @@
+"""The I/O edge: the asyncio/uvloop TCP server and its per-connection ``BufferedProtocol`` adapter.
+
+Everything protocol-related happens in ``ServerConnection`` (sans-I/O); this module only moves
+bytes, runs timers and calls the edge services (token verification, the store). Design notes:
+
+* One receive buffer for the whole server: uvloop reads into it and calls ``buffer_updated``
+  synchronously, so connections never own a read buffer while idle.
+* One timer heap for all connections instead of a timer handle each (pre-auth deadlines, token
+  expiry): an idle connection costs the protocol object, its state machine and the transport.
+* Token verification may await a JWKS fetch; it runs in a task per handshake so the loop never
+  blocks, and the connection only acts on the verdict if it is still open.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import logging
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+from interlink.core.auth import Identity, ProviderRegistry, TokenVerifier
+from interlink.core.connection import (
+    AuthRequested,
+    ConnectionClosed,
+    ServerConnection,
+    ServerSettings,
+    StanzaReceived,
+)
+from interlink.core.errors import AuthError, InterlinkError
+from interlink.core.store import DeviceRegistry
+
+log = logging.getLogger("interlink.server")
+
+READ_BUFFER_BYTES = 256 * 1024
+
+
+@dataclass(slots=True)
+class Limits:
+    """Limits announced in ``welcome`` and enforced by the gateway."""
+
+    max_frame_bytes: int = 65535
+    max_devices: int = 5
+    max_group: int = 1024
+    window: int = 64
+
+    def announce(self) -> dict:
+        return {
+            "max_frame": self.max_frame_bytes,
+            "max_devices": self.max_devices,
+            "max_group": self.max_group,
+            "window": self.window,
+        }
+
+
+class GatewayProtocol(asyncio.BufferedProtocol):
+    """Adapter between one uvloop transport and one ``ServerConnection``."""
+
+    __slots__ = ("server", "conn", "transport", "peer", "session_key")
+
+    def __init__(self, server: GatewayServer) -> None:
+        self.server = server
+        self.conn: ServerConnection | None = None
+        self.transport: asyncio.Transport | None = None
+        self.peer = None
+        self.session_key: tuple[str, int] | None = None
+
+    # -- asyncio callbacks
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        self.peer = transport.get_extra_info("peername")
+        server = self.server
+        self.conn = ServerConnection(server.settings, server.clock())
+        server.connections.add(self)
+        server.counters["connections_accepted"] += 1
+        server.schedule(self)
+
+    def get_buffer(self, sizehint: int):
+        return self.server.read_view
+
+    def buffer_updated(self, nbytes: int) -> None:
+        conn = self.conn
+        conn.receive_data(self.server.read_view[:nbytes], self.server.clock())
+        self.flush()
+
+    def eof_received(self):
+        self.conn.receive_eof(self.server.clock())
+        self.flush()
+        return False  # let the transport close itself
+
+    def connection_lost(self, exc) -> None:
+        conn = self.conn
+        if conn is not None:
+            conn.connection_lost()
+            self._handle_events()
+        self.server.forget(self)
+        self.transport = None
+
+    # -- output
+
+    def flush(self) -> None:
+        """Handle the connection's events and write what it queued; close when it is done."""
+        self._handle_events()
+        transport = self.transport
+        if transport is None:
+            return
+        data = self.conn.data_to_send()
+        if data:
+            transport.write(data)
+        if self.conn.closed and not transport.is_closing():
+            transport.close()  # writes what is buffered first
+
+    def _handle_events(self) -> None:
+        conn = self.conn
+        server = self.server
+        while True:
+            events = conn.events()
+            if not events:
+                return
+            for event in events:
+                if type(event) is StanzaReceived:
+                    server.dispatch(self, event.stanza)
+                elif type(event) is AuthRequested:
+                    server.start_auth(self, event)
+                elif type(event) is ConnectionClosed:
+                    server.connection_closed(self, event)
+
+
+class GatewayServer:
+    """Accepts connections, authenticates them and keeps the session table."""
+
+    def __init__(
+        self,
+        *,
+        settings: ServerSettings,
+        registry: ProviderRegistry,
+        verifier: TokenVerifier,
+        store: DeviceRegistry,
+        limits: Limits,
+        clock=time.time,
+    ) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.verifier = verifier
+        self.store = store
+        self.limits = limits
+        self.clock = clock
+        self.read_view = memoryview(bytearray(READ_BUFFER_BYTES))
+        self.connections: set[GatewayProtocol] = set()
+        self.sessions: dict[tuple[str, int], GatewayProtocol] = {}
+        self.counters: Counter = Counter()
+        self.close_reasons: Counter = Counter()
+        self.auth_failures: Counter = Counter()
+        self._server: asyncio.base_events.Server | None = None
+        self._timers: list = []  # heap of (deadline, sequence, protocol)
+        self._timer_sequence = 0
+        self._timer_handle: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self._auth_tasks: set[asyncio.Task] = set()
+        self._all_closed = asyncio.Event()
+
+    # -- lifecycle
+
+    async def start(self, host: str, port: int, *, backlog: int = 1024) -> None:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(lambda: GatewayProtocol(self), host, port, backlog=backlog)
+
+    @property
+    def addresses(self) -> list[tuple]:
+        return [sock.getsockname() for sock in self._server.sockets] if self._server else []
+
+    async def drain(self, timeout_s: float = 10.0) -> None:
+        """Stop accepting, say ``bye drain`` to everyone, wait for them to go (or cut them off)."""
+        if self._server is not None:
+            self._server.close()
+        for proto in list(self.connections):
+            proto.conn.close("drain")
+            proto.flush()
+        await self._wait_all_closed(timeout_s)
+        for task in list(self._auth_tasks):
+            task.cancel()
+        if self._server is not None:
+            await self._server.wait_closed()
+            self._server = None
+        if self._timer_handle is not None:
+            self._timer_handle.cancel()
+            self._timer_handle = None
+
+    async def _wait_all_closed(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while self.connections and time.monotonic() < deadline:
+            self._all_closed.clear()
+            try:
+                await asyncio.wait_for(self._all_closed.wait(), max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                break
+        for proto in list(self.connections):
+            if proto.transport is not None:
+                proto.transport.abort()
+
+    def forget(self, proto: GatewayProtocol) -> None:
+        self.connections.discard(proto)
+        if proto.session_key is not None and self.sessions.get(proto.session_key) is proto:
+            del self.sessions[proto.session_key]
+        if not self.connections:
+            self._all_closed.set()
+        # Timer entries of closed connections are dropped lazily when they come due; rebuild the
+        # heap when they outnumber live connections so churn cannot grow it without bound.
+        if len(self._timers) > 2 * len(self.connections) + 64:
+            self._timers = [entry for entry in self._timers if entry[2].transport is not None and not entry[2].conn.closed]
+            heapq.heapify(self._timers)
+
+    # -- timers (one heap, one handle)
+
+    def schedule(self, proto: GatewayProtocol) -> None:
+        deadline = proto.conn.next_deadline()
+        if deadline is None:
+            return
+        self._timer_sequence += 1
+        heapq.heappush(self._timers, (deadline, self._timer_sequence, proto))
+        if self._timer_at is None or deadline < self._timer_at:
+            self._arm(deadline)
+
+    def _arm(self, deadline: float) -> None:
+        if self._timer_handle is not None:
+            self._timer_handle.cancel()
+        loop = asyncio.get_running_loop()
+        self._timer_at = deadline
+        self._timer_handle = loop.call_later(max(0.0, deadline - self.clock()), self._fire_timers)
+
+    def _fire_timers(self) -> None:
+        self._timer_handle = None
+        self._timer_at = None
+        now = self.clock()
+        timers = self._timers
+        while timers and timers[0][0] <= now:
+            _, _, proto = heapq.heappop(timers)
+            conn = proto.conn
+            if proto.transport is None or conn.closed:
+                continue
+            deadline = conn.next_deadline()
+            if deadline is not None and deadline <= now:
+                conn.handle_timer(now)
+                proto.flush()
+            elif deadline is not None:
+                self._timer_sequence += 1
+                heapq.heappush(timers, (deadline, self._timer_sequence, proto))
+        if timers:
+            self._arm(timers[0][0])
+
+    # -- authentication
+
+    def start_auth(self, proto: GatewayProtocol, request: AuthRequested) -> None:
+        task = asyncio.get_running_loop().create_task(self._authenticate(proto, request))
+        self._auth_tasks.add(task)
+        task.add_done_callback(self._auth_tasks.discard)
+
+    async def _authenticate(self, proto: GatewayProtocol, request: AuthRequested) -> None:
+        conn = proto.conn
+        try:
+            identity = await self.verifier.verify(
+                request.token, device=request.device, now=self.clock(), client_static=request.client_static
+            )
+            self.store.register_device(identity.user, identity.device, self.limits.max_devices)
+        except AuthError as exc:
+            self.auth_failures[exc.code] += 1
+            conn.reject_auth(exc.code, exc.message)
+            proto.flush()
+            return
+        except InterlinkError as exc:
+            log.error("authentication failed internally: %s", exc)
+            self.auth_failures["internal"] += 1
+            conn.reject_auth("internal", "the gateway could not verify the token; try again")
+            proto.flush()
+            return
+        if conn.closed or proto.transport is None:
+            return  # the client went away while its token was being checked
+        self.open_session(proto, identity)
+
+    def open_session(self, proto: GatewayProtocol, identity: Identity) -> None:
+        key = (identity.user, identity.device)
+        previous = self.sessions.get(key)
+        if previous is not None and previous is not proto:
+            previous.session_key = None  # its close must not unregister the new session
+            previous.conn.close("replaced", "the same device connected again")
+            previous.flush()
+        self.sessions[key] = proto
+        proto.session_key = key
+        welcome = {
+            "t": "welcome",
+            "user": identity.user,
+            "device": identity.device,
+            "session": os.urandom(16),
+            "pending": 0,
+            "limits": self.limits.announce(),
+        }
+        proto.conn.accept_auth(identity, welcome, self.clock())
+        self.counters["sessions_opened"] += 1
+        proto.flush()
+        self.schedule(proto)  # token expiry
+
+    # -- stanzas and closes
+
+    def dispatch(self, proto: GatewayProtocol, stanza: dict) -> None:
+        """Route one stanza. Messaging arrives with the router; until then every type but ``ping``
+        (answered by the connection) is unknown to this gateway."""
+        self.counters["stanzas_in"] += 1
+        kind = stanza["t"]
+        fields = {}
+        if kind == "iq" and type(stanza.get("id")) is int:
+            fields["id"] = stanza["id"]
+        elif isinstance(stanza.get("id"), bytes):
+            fields["ref"] = stanza["id"]
+        proto.conn.send_error("bad_stanza", f"unsupported stanza type {kind!r}", **fields)
+
+    def connection_closed(self, proto: GatewayProtocol, event: ConnectionClosed) -> None:
+        self.close_reasons[event.reason] += 1
+        if event.reason not in ("peer_closed", "drain", "replaced", "auth_expired"):
+            log.info("connection %s closed: %s %s", proto.peer, event.reason, event.message)
+
+    # -- operator control
+
+    def suspend_provider(self, provider_id: str) -> int:
+        """Mark the provider suspended and end every session of its users with ``bye suspended``."""
+        self.registry.suspend(provider_id)
+        ended = 0
+        for proto in list(self.connections):
+            identity = proto.conn.identity
+            if identity is not None and identity.provider == provider_id:
+                proto.conn.close("suspended", "the provider is suspended")
+                proto.flush()
+                ended += 1
+        return ended
+
+    def stats(self) -> dict:
+        return {
+            "connections": len(self.connections),
+            "sessions": len(self.sessions),
+            "counters": dict(self.counters),
+            "close_reasons": dict(self.close_reasons),
+            "auth_failures": dict(self.auth_failures),
+        }

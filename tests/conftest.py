@@ -1,0 +1,28 @@
+"""Suite-wide checks and fixtures."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+VECTORS = Path(__file__).resolve().parents[1].parent / "shared" / "vectors"
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    # A missing compiled build must fail the suite, never fall back silently.
+    import interlink.core
+
+    if os.environ.get("INTERLINK_PURE") != "1" and interlink.core.IMPLEMENTATION != "cython":
+        raise pytest.UsageError(
+            "interlink.core.IMPLEMENTATION is %r: the compiled extensions are missing; run 'make test'"
+            % interlink.core.IMPLEMENTATION
+        )
+
+
+@pytest.fixture(scope="session")
+def vectors_dir() -> Path:
+    if not VECTORS.is_dir():
+        pytest.fail(f"test vectors not found at {VECTORS} (shared/ must sit beside the checkout)")
+    return VECTORS
