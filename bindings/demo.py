@@ -38,8 +38,8 @@ async def run_demo(data_dir: Path) -> None:
     say(f"interlink {interlink.__version__} — hot paths: {interlink.core.IMPLEMENTATION}, event loop: uvloop")
     async with DemoIssuer() as alpha_issuer, DemoIssuer() as beta_issuer:
         providers = [
-            Provider(id="alpha", issuer=alpha_issuer.issuer, audience=AUDIENCE),
-            Provider(id="beta", issuer=beta_issuer.issuer, audience=AUDIENCE, algorithms=("ES256", "EdDSA")),
+            Provider(id="alpha", issuer=alpha_issuer.issuer, audience=AUDIENCE, discovery=True),
+            Provider(id="beta", issuer=beta_issuer.issuer, audience=AUDIENCE, discovery=True, algorithms=("ES256", "EdDSA")),
         ]
         say(f"OpenID issuer for provider 'alpha': {alpha_issuer.issuer}")
         say(f"OpenID issuer for provider 'beta':  {beta_issuer.issuer}")

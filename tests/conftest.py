@@ -26,3 +26,10 @@ def vectors_dir() -> Path:
     if not VECTORS.is_dir():
         pytest.fail(f"test vectors not found at {VECTORS} (shared/ must sit beside the checkout)")
     return VECTORS
+
+
+def pytest_asyncio_loop_factories(config, item):
+    """Run every async test on uvloop, the loop the gateway runs on in production."""
+    import uvloop
+
+    return {"uvloop": uvloop.new_event_loop}

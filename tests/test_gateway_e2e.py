@@ -1,0 +1,342 @@
+"""End to end over real TCP on 127.0.0.1: real Noise handshakes, a real OpenID issuer over HTTP,
+a real LMDB environment, the gateway on uvloop, the ``interlink.Client`` SDK."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+
+import pytest
+
+from interlink.client import Client, Suite
+from interlink.config import GatewayConfig
+from interlink.core.auth import Provider
+from interlink.core.errors import AuthError, CertificateError, SessionClosedError
+from interlink.core.framing import FrameDecoder, encode_frame
+from interlink.core.identity import generate_root_key, generate_static_key, x25519_public
+from interlink.gateway import Gateway
+from interlink.issuer import DemoIssuer
+
+AUD = "interlink-test"
+
+
+@pytest.fixture
+async def issuers():
+    async with DemoIssuer() as alpha, DemoIssuer() as beta:
+        yield alpha, beta
+
+
+@pytest.fixture
+async def gateway(issuers, tmp_path):
+    alpha, beta = issuers
+    config = GatewayConfig(
+        port=0,
+        data_dir=tmp_path,
+        preauth_deadline_s=1.0,
+        max_devices=3,
+        providers=[
+            Provider(id="alpha", issuer=alpha.issuer, audience=AUD, discovery=True),
+            Provider(id="beta", issuer=beta.issuer, audience=AUD, discovery=True, algorithms=("ES256",)),
+        ],
+    )
+    async with Gateway(config) as gw:
+        yield gw
+
+
+async def connect(gateway: Gateway, token: str, device: int = 1, **options) -> Client:
+    host, port = gateway.address
+    options.setdefault("root_public", gateway.root_public)
+    return await Client.connect(host, port, token=token, device=device, **options)
+
+
+async def refusal(gateway: Gateway, token: str, device: int = 1, **options) -> AuthError:
+    with pytest.raises(AuthError) as caught:
+        await connect(gateway, token, device, **options)
+    return caught.value
+
+
+@pytest.mark.parametrize("suite", list(Suite))
+async def test_every_suite_gets_welcome_and_pong(gateway, issuers, suite):
+    alpha, _ = issuers
+    client = await connect(gateway, alpha.issue("alice", audience=AUD), device=2, suite=suite, server_static=gateway.static_public)
+    try:
+        assert client.welcome["user"] == "alice@alpha"
+        assert client.welcome["device"] == 2
+        assert len(client.welcome["session"]) == 16
+        assert client.welcome["pending"] == 0
+        assert {"max_frame", "max_devices", "max_group", "window"} <= set(client.limits)
+        assert client.limits["max_devices"] == 3
+        assert await client.ping() > 0
+        assert gateway.stats()["sessions"] == 1
+    finally:
+        await client.close()
+
+
+async def test_users_of_two_providers_connect(gateway, issuers):
+    alpha, beta = issuers
+    alice = await connect(gateway, alpha.issue("alice", audience=AUD))
+    bob = await connect(gateway, beta.issue("bob", audience=AUD, alg="ES256"), suite=Suite.XX_AESGCM)
+    assert (alice.user, bob.user) == ("alice@alpha", "bob@beta")
+    assert {(s["user"], s["device"]) for s in gateway.sessions()} == {("alice@alpha", 1), ("bob@beta", 1)}
+    await alice.close()
+    await bob.close()
+
+
+async def test_ik_with_a_stale_gateway_key_falls_back_to_xx(gateway, issuers):
+    alpha, _ = issuers
+    stale = x25519_public(generate_static_key())
+    client = await connect(gateway, alpha.issue("alice", audience=AUD), suite=Suite.IK_CHACHAPOLY, server_static=stale)
+    assert client.welcome["user"] == "alice@alpha"
+    await client.close()
+    with pytest.raises(Exception) as caught:
+        await connect(gateway, alpha.issue("alice", audience=AUD), suite=Suite.IK_CHACHAPOLY, server_static=stale, ik_fallback=False)
+    assert caught.type.__name__ == "HandshakeError"
+
+
+async def test_client_refuses_a_gateway_of_another_operator(gateway, issuers):
+    alpha, _ = issuers
+    other_root = generate_root_key().public_key().public_bytes_raw()
+    with pytest.raises(CertificateError):
+        await connect(gateway, alpha.issue("alice", audience=AUD), root_public=other_root)
+
+
+async def test_auth_codes_end_to_end(gateway, issuers):
+    alpha, beta = issuers
+    assert (await refusal(gateway, alpha.issue("a", audience=AUD, expires_in=-300))).code == "token_expired"
+    assert (await refusal(gateway, alpha.issue("a", audience=AUD, not_before=time.time() + 600))).code == "auth_failed"
+    assert (await refusal(gateway, alpha.issue("a", audience="elsewhere"))).code == "bad_audience"
+    async with DemoIssuer() as stranger:
+        assert (await refusal(gateway, stranger.issue("a", audience=AUD))).code == "unknown_issuer"
+    # beta allows only ES256: an EdDSA token of beta is refused on its algorithm
+    assert (await refusal(gateway, beta.issue("b", audience=AUD, alg="EdDSA"))).code == "bad_signature"
+    token = alpha.issue("a", audience=AUD)
+    head, body, sig = token.split(".")
+    tampered = f"{head}.{body}.{sig[:-4]}{'AAAA' if sig[-4:] != 'AAAA' else 'BBBB'}"
+    assert (await refusal(gateway, tampered)).code == "bad_signature"
+    assert (await refusal(gateway, "x" * 9000)).code == "too_large"
+    assert (await refusal(gateway, alpha.issue("a@b", audience=AUD))).code == "auth_failed"
+    stats = gateway.stats()
+    assert stats["auth_failures"]["token_expired"] == 1
+    assert stats["close_reasons"]["auth_failed"] >= 8
+
+
+async def test_key_binding(gateway, issuers):
+    import base64
+
+    alpha, _ = issuers
+    static = generate_static_key()
+    bound = base64.urlsafe_b64encode(x25519_public(static)).rstrip(b"=").decode()
+    client = await connect(gateway, alpha.issue("kb", audience=AUD, extra_claims={"cnf": {"x25519": bound}}), static_private=static)
+    await client.close()
+    other = generate_static_key()
+    error = await refusal(gateway, alpha.issue("kb", audience=AUD, extra_claims={"cnf": {"x25519": bound}}), static_private=other)
+    assert error.code == "key_binding"
+
+
+async def test_suspended_provider_is_refused_and_its_sessions_end(gateway, issuers):
+    alpha, beta = issuers
+    alice = await connect(gateway, alpha.issue("alice", audience=AUD))
+    bob = await connect(gateway, beta.issue("bob", audience=AUD, alg="ES256"))
+    assert gateway.suspend_provider("alpha") == 1
+    with pytest.raises(SessionClosedError) as caught:
+        await alice.recv(timeout_s=5)
+    assert caught.value.reason == "suspended"
+    assert (await refusal(gateway, alpha.issue("alice", audience=AUD))).code == "provider_suspended"
+    assert await bob.ping() > 0  # other providers are untouched
+    gateway.resume_provider("alpha")
+    alice = await connect(gateway, alpha.issue("alice", audience=AUD))
+    await alice.close()
+    await bob.close()
+
+
+async def test_unknown_kid_is_found_after_the_issuer_rotates(gateway, issuers):
+    alpha, _ = issuers
+    first = await connect(gateway, alpha.issue("alice", audience=AUD))  # the gateway caches alpha's keys
+    await first.close()
+    new_kid = alpha.rotate()
+    client = await connect(gateway, alpha.issue("alice", audience=AUD, kid=new_kid), device=2)
+    assert client.welcome["user"] == "alice@alpha"
+    await client.close()
+
+
+async def test_device_limit(gateway, issuers):
+    alpha, _ = issuers
+    for device in (1, 2, 3):
+        client = await connect(gateway, alpha.issue("dana", audience=AUD), device=device)
+        await client.close()
+    assert (await refusal(gateway, alpha.issue("dana", audience=AUD), device=4)).code == "device_limit"
+    again = await connect(gateway, alpha.issue("dana", audience=AUD), device=2)  # a known device still connects
+    await again.close()
+
+
+async def test_second_connection_of_a_device_replaces_the_first(gateway, issuers):
+    alpha, _ = issuers
+    first = await connect(gateway, alpha.issue("erin", audience=AUD))
+    second = await connect(gateway, alpha.issue("erin", audience=AUD))
+    with pytest.raises(SessionClosedError) as caught:
+        await first.recv(timeout_s=5)
+    assert caught.value.reason == "replaced"
+    assert await second.ping() > 0
+    assert [s["device"] for s in gateway.sessions() if s["user"] == "erin@alpha"] == [1]
+    await second.close()
+
+
+async def test_token_expiry_while_connected(gateway, issuers):
+    alpha, _ = issuers
+    client = await connect(gateway, alpha.issue("fay", audience=AUD, expires_in=1))
+    with pytest.raises(SessionClosedError) as caught:
+        await client.recv(timeout_s=10)
+    assert caught.value.reason == "auth_expired"
+
+
+async def test_drain_says_bye_drain(issuers, tmp_path):
+    alpha, _ = issuers
+    config = GatewayConfig(port=0, data_dir=tmp_path, providers=[Provider(id="alpha", issuer=alpha.issuer, audience=AUD, discovery=True)])
+    gw = Gateway(config)
+    await gw.start()
+    clients = [await connect(gw, alpha.issue(f"u{i}", audience=AUD)) for i in range(5)]
+    await gw.drain(timeout_s=5)
+    for client in clients:
+        with pytest.raises(SessionClosedError) as caught:
+            await client.recv(timeout_s=5)
+        assert caught.value.reason == "drain"
+
+
+async def test_unknown_stanza_gets_bad_stanza_and_session_continues(gateway, issuers):
+    from interlink.core.errors import ServerError
+
+    alpha, _ = issuers
+    client = await connect(gateway, alpha.issue("gus", audience=AUD))
+    await client.send({"t": "no-such-thing"})
+    with pytest.raises(ServerError) as caught:
+        await client.recv(timeout_s=5)
+    assert caught.value.code == "bad_stanza"
+    with pytest.raises(ServerError) as caught:
+        await client.iq("no.such.op")
+    assert caught.value.code == "bad_stanza"
+    assert await client.ping() > 0
+    await client.close()
+
+
+# --------------------------------------------------------------------- raw transport abuse
+
+
+async def raw_exchange(gateway: Gateway, payload: bytes, *, wait_s: float = 3.0) -> tuple[bytes, float]:
+    """Send raw bytes, return what the gateway sent back before closing and how long that took."""
+    host, port = gateway.address
+    reader, writer = await asyncio.open_connection(host, port)
+    started = time.monotonic()
+    writer.write(payload)
+    await writer.drain()
+    received = b""
+    try:
+        async with asyncio.timeout(wait_s):
+            while chunk := await reader.read(65536):
+                received += chunk
+    finally:
+        writer.close()
+    return received, time.monotonic() - started
+
+
+async def test_bad_preamble_is_closed(gateway):
+    received, _ = await raw_exchange(gateway, b"GET / HTTP/1.1\r\n\r\n")
+    assert received == b""
+    assert gateway.stats()["close_reasons"]["bad_preamble"] == 1
+
+
+async def test_unknown_suite_is_closed(gateway):
+    received, _ = await raw_exchange(gateway, b"IL\x01\x21")
+    assert received == b""
+    assert gateway.stats()["close_reasons"]["unknown_suite"] == 1
+
+
+async def test_zero_length_frame_is_closed(gateway):
+    received, _ = await raw_exchange(gateway, b"IL\x01\x01\x00\x00")
+    assert received == b""
+    assert gateway.stats()["close_reasons"]["bad_frame"] == 1
+
+
+async def test_oversize_frame_rejected_before_body(issuers, tmp_path):
+    alpha, _ = issuers
+    config = GatewayConfig(port=0, data_dir=tmp_path, max_frame_bytes=4096, providers=[Provider(id="alpha", issuer=alpha.issuer, audience=AUD, discovery=True)])
+    async with Gateway(config) as gw:
+        received, elapsed = await raw_exchange(gw, b"IL\x01\x01\x10\x01")  # announces 4097 bytes, sends none
+        assert received == b""
+        assert gw.stats()["close_reasons"]["bad_frame"] == 1
+        assert elapsed < config.preauth_deadline_s  # closed by the header check, not by the deadline
+
+
+async def test_garbage_handshake_is_closed(gateway):
+    received, _ = await raw_exchange(gateway, b"IL\x01\x11" + encode_frame(bytes(range(200))))
+    assert received == b""
+    assert gateway.stats()["close_reasons"]["handshake_failed"] == 1
+
+
+async def test_preauth_deadline_closes_a_slowloris(gateway):
+    host, port = gateway.address
+    reader, writer = await asyncio.open_connection(host, port)
+    started = time.monotonic()
+    writer.write(b"IL\x01")
+    closed_after = None
+    for _ in range(40):  # keep dripping one byte per 100 ms, well past the 1 s deadline
+        await asyncio.sleep(0.1)
+        try:
+            writer.write(b"\x01")
+            await writer.drain()
+            data = await asyncio.wait_for(reader.read(1), 0.01)
+        except TimeoutError:
+            continue  # still open, nothing said: keep dripping
+        except ConnectionError:
+            data = b""
+        assert data == b"", "the gateway answered a half-sent handshake"
+        closed_after = time.monotonic() - started
+        break
+    writer.close()
+    assert closed_after is not None, "the gateway never closed the dripping connection"
+    assert closed_after >= 0.9  # not before the deadline...
+    assert gateway.stats()["close_reasons"]["auth_deadline"] == 1  # ...and because of it
+
+
+async def test_bad_tag_after_handshake_gets_err_bad_frame(gateway, issuers):
+    """Complete a real handshake with the sans-I/O client over a raw socket, then corrupt a tag."""
+    from interlink.core.connection import ClientConnection
+    from interlink.core.stanza import decode_stanzas
+
+    alpha, _ = issuers
+    conn = ClientConnection(
+        suite=0x01, static_private=generate_static_key(), root_public=gateway.root_public,
+        token=alpha.issue("hal", audience=AUD), device=1,
+    )
+    host, port = gateway.address
+    reader, writer = await asyncio.open_connection(host, port)
+    conn.start(time.time())
+    writer.write(conn.data_to_send())
+    while conn.welcome is None:
+        data = await asyncio.wait_for(reader.read(65536), 5)
+        assert data, "gateway closed during the handshake"
+        conn.receive_data(data, time.time())
+        writer.write(conn.data_to_send())
+    conn.send_stanza({"t": "ping", "id": 1})
+    wire = bytearray(conn.data_to_send())
+    wire[-1] ^= 0x80
+    writer.write(bytes(wire))
+    received = b""
+    async with asyncio.timeout(5):
+        while chunk := await reader.read(65536):
+            received += chunk
+    writer.close()
+    frames = FrameDecoder().feed(received)
+    stanzas = [s for frame in frames for s in decode_stanzas(conn._session.recv_cipher.decrypt(frame))]
+    assert [(s["t"], s.get("code")) for s in stanzas] == [("err", "bad_frame")]
+
+
+async def test_many_concurrent_handshakes(gateway, issuers):
+    alpha, beta = issuers
+    tokens = [(alpha.issue(f"user{i}", audience=AUD), Suite(list(Suite)[i % 4])) for i in range(40)]
+    clients = await asyncio.gather(
+        *(connect(gateway, token, suite=suite, server_static=gateway.static_public) for token, suite in tokens)
+    )
+    assert len({c.user for c in clients}) == 40
+    assert gateway.stats()["sessions"] == 40
+    await asyncio.gather(*(c.close() for c in clients))
