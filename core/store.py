@@ -63,8 +63,12 @@ class LmdbStore:
 
     def register_device(self, user: str, device: int, max_devices: int) -> list[int]:
         prefix = self._user_prefix(user)
+        key = prefix + _DEVICE.pack(device)
+        with self._env.begin(db=self._devices) as txn:
+            if txn.get(key) is not None:  # the common case, a known device: no write transaction
+                return self._list_in(txn, prefix)
         with self._env.begin(db=self._devices, write=True) as txn:
-            if txn.get(prefix + _DEVICE.pack(device)) is not None:
+            if txn.get(key) is not None:  # registered concurrently
                 return self._list_in(txn, prefix)
             known = self._list_in(txn, prefix)
             if len(known) >= max_devices:
@@ -72,7 +76,7 @@ class LmdbStore:
                     f"user already has {len(known)} devices (limit {max_devices}); remove one first",
                     code="device_limit",
                 )
-            txn.put(prefix + _DEVICE.pack(device), b"")
+            txn.put(key, b"")
             return sorted(known + [device])
 
     @staticmethod
