@@ -1,0 +1,112 @@
+"""The ``interlink`` command line.
+
+Exit codes: 0 success, 1 operation failed (message on stderr), 2 usage error (click's).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+import interlink
+from interlink.core.errors import InterlinkError
+
+DEFAULT_KEYS_DIR = Path("interlink-data") / "keys"
+
+
+@click.group()
+@click.version_option(interlink.__version__, prog_name="interlink")
+def main() -> None:
+    """Interlink: the routing core for messaging interoperability."""
+
+
+@main.command()
+def version() -> None:
+    """Show the version and whether the compiled hot paths and uvloop are active."""
+    import interlink.core
+
+    try:
+        import uvloop
+
+        loop = f"uvloop {uvloop.__version__}"
+    except ImportError:
+        loop = "asyncio (uvloop not installed)"
+    click.echo(f"interlink {interlink.__version__}")
+    click.echo(f"hot paths: {interlink.core.IMPLEMENTATION}")
+    click.echo(f"event loop: {loop}")
+    click.echo(f"python: {sys.version.split()[0]}")
+
+
+@main.group()
+def keys() -> None:
+    """Operator identity: the root key clients pin and the node certificate it signs."""
+
+
+@keys.command("init")
+@click.option("--dir", "folder", type=click.Path(path_type=Path), default=DEFAULT_KEYS_DIR, show_default=True)
+@click.option("--node", default="node-1", show_default=True, help="node name written in the certificate")
+@click.option("--valid-days", type=click.IntRange(1, 3650), default=365, show_default=True)
+@click.option("--force", is_flag=True, help="issue a new node key and certificate under the existing root")
+def keys_init(folder: Path, node: str, valid_days: int, force: bool) -> None:
+    """Generate the operator root key, a node static key and its certificate."""
+    from interlink.core.identity import init_operator_keys
+
+    keys_ = _run(lambda: init_operator_keys(folder, node, valid_days=valid_days, force=force))
+    click.echo(f"keys written to {folder}")
+    _show(keys_)
+
+
+@keys.command("renew")
+@click.option("--dir", "folder", type=click.Path(path_type=Path), default=DEFAULT_KEYS_DIR, show_default=True)
+@click.option("--valid-days", type=click.IntRange(1, 3650), default=365, show_default=True)
+@click.option("--new-static-key", is_flag=True, help="also replace the node's Noise static key")
+def keys_renew(folder: Path, valid_days: int, new_static_key: bool) -> None:
+    """Issue a fresh node certificate under the same root (clients keep their pin)."""
+    from interlink.core.identity import renew_node_certificate
+
+    _show(_run(lambda: renew_node_certificate(folder, valid_days=valid_days, new_static_key=new_static_key)))
+
+
+@keys.command("show")
+@click.option("--dir", "folder", type=click.Path(path_type=Path), default=DEFAULT_KEYS_DIR, show_default=True)
+def keys_show(folder: Path) -> None:
+    """Print the root public key (what clients pin) and the node certificate."""
+    from interlink.core.identity import load_operator_keys
+
+    _show(_run(lambda: load_operator_keys(folder, check_validity=False)))
+
+
+@main.command()
+def demo() -> None:
+    """Start a gateway on 127.0.0.1 with two demo providers and drive traffic through it."""
+    from interlink.demo import main as demo_main
+
+    demo_main([])
+
+
+def _show(keys_) -> None:
+    from datetime import datetime, timezone
+
+    cert = keys_.certificate
+
+    def when(seconds: int) -> str:
+        return datetime.fromtimestamp(seconds, timezone.utc).isoformat(timespec="seconds")
+
+    click.echo(f"root public key (pin this): {keys_.root_public_hex}")
+    click.echo(f"root fingerprint:           {keys_.root_fingerprint}")
+    click.echo(f"node:                       {cert.node}")
+    click.echo(f"node static key:            {keys_.static_public.hex()}")
+    click.echo(f"certificate valid:          {when(cert.not_before)} .. {when(cert.expires)}")
+
+
+def _run(action):
+    try:
+        return action()
+    except InterlinkError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+if __name__ == "__main__":
+    main()
