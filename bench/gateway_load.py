@@ -48,9 +48,10 @@ def _raise_fd_limit() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-def cpu_seconds(pid: int) -> float:
+def cpu_times(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of a process."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
+    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
 
 
 def rss_bytes(pid: int) -> int:
@@ -111,11 +112,13 @@ async def bench_handshakes(args) -> dict:
                     done += 1
                     await client.close()
 
-            cpu_before = cpu_seconds(gateway.pid)
+            user_before, system_before = cpu_times(gateway.pid)
             started = time.monotonic()
             await asyncio.gather(*(worker(u) for u in users))
             elapsed = time.monotonic() - started
-            cpu = cpu_seconds(gateway.pid) - cpu_before
+            user_after, system_after = cpu_times(gateway.pid)
+            user, system = user_after - user_before, system_after - system_before
+            cpu = user + system
     return {
         "benchmark": "handshake+auth",
         "suite": suite.name,
@@ -124,6 +127,8 @@ async def bench_handshakes(args) -> dict:
         "wall_s": round(elapsed, 2),
         "achieved_per_s": round(done / elapsed),
         "gateway_cpu_s": round(cpu, 2),
+        "gateway_user_s": round(user, 2),
+        "gateway_system_s": round(system, 2),
         "gateway_cpu_us_per_handshake": round(cpu / done * 1e6, 1),
         "capacity_per_gateway_core_per_s": round(done / cpu) if cpu else None,
     }
@@ -146,7 +151,9 @@ async def bench_idle_rss(args) -> dict:
                 clients += await asyncio.gather(
                     *(connect(gateway, issuer.issue(u, audience=AUDIENCE, expires_in=3600), 1, Suite.XX_CHACHAPOLY) for u in group)
                 )
-            await asyncio.sleep(1.0)
+            # Idle sessions hibernate (free their cipher contexts) 10-20 s after they go quiet
+            # with the default idle_release_s; measure the steady idle state.
+            await asyncio.sleep(args.settle_s)
             loaded = rss_bytes(gateway.pid)
             for client in clients[:: max(1, len(clients) // 100)]:
                 await client.ping()  # they are alive and served
@@ -174,6 +181,7 @@ def main() -> None:
     hs.add_argument("--alg", default="EdDSA", choices=["EdDSA", "ES256"])
     idle = sub.add_parser("idle-rss")
     idle.add_argument("--connections", type=int, default=10000)
+    idle.add_argument("--settle-s", type=float, default=22.0, help="quiet time before measuring (default: past two idle sweeps)")
     args = parser.parse_args()
     if args.data_dir is None:
         import tempfile

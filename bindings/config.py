@@ -34,6 +34,7 @@ class GatewayConfig:
     jwks_min_refetch_interval_s: float = 30.0
     jwks_fetch_timeout_s: float = 5.0
     drain_timeout_s: float = 10.0
+    idle_release_s: float = 10.0  # sessions quiet this long (up to twice) free their cipher contexts
     lmdb_map_size_bytes: int = 1 << 30
     durability: str = "sync"
     providers: list = field(default_factory=list)  # interlink.Provider entries
@@ -57,6 +58,7 @@ class GatewayConfig:
         _require(300 <= self.jwks_ttl_s <= 600, "jwks_ttl_s", f"must be 300..600, got {self.jwks_ttl_s}")
         _require(self.jwks_min_refetch_interval_s >= 30, "jwks_min_refetch_interval_s", f"must be at least 30, got {self.jwks_min_refetch_interval_s}")
         _require(0 < self.jwks_fetch_timeout_s <= 5, "jwks_fetch_timeout_s", f"must be in (0, 5], got {self.jwks_fetch_timeout_s}")
+        _require(0.1 <= self.idle_release_s <= 3600, "idle_release_s", f"must be 0.1..3600, got {self.idle_release_s}")
         _require(self.drain_timeout_s > 0, "drain_timeout_s", f"must be positive, got {self.drain_timeout_s}")
         _require(self.lmdb_map_size_bytes >= 1 << 20, "lmdb_map_size_bytes", "must be at least 1 MiB")
         _require(self.durability in ("sync", "async"), "durability", f"must be 'sync' or 'async', got {self.durability!r}")

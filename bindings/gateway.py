@@ -66,7 +66,12 @@ class Gateway:
             window=config.window,
         )
         self._server = GatewayServer(
-            settings=settings, registry=self.registry, verifier=verifier, store=self._store, limits=limits
+            settings=settings,
+            registry=self.registry,
+            verifier=verifier,
+            store=self._store,
+            limits=limits,
+            idle_release_s=config.idle_release_s,
         )
         try:
             await self._server.start(config.host, config.port)

@@ -1,7 +1,15 @@
-"""The Interlink engine: protocol core (sans-I/O), domain logic and the I/O edge."""
+"""The Interlink engine: protocol core (sans-I/O), domain logic and the I/O edge.
 
-from interlink.core import cipher as _cipher, framing as _framing  # noqa: F401  (decide the implementation)
-from interlink.core._select import implementation
+``IMPLEMENTATION`` is ``"cython"`` when the compiled hot paths are active and ``"python"`` when
+the pure twins run; it is computed on first access, so importing a light module such as
+``interlink.core.errors`` does not load the extensions.
+"""
 
-IMPLEMENTATION: str = implementation()
-"""``"cython"`` when the compiled hot paths are active, ``"python"`` when the pure twins run."""
+
+def __getattr__(name: str):
+    if name == "IMPLEMENTATION":
+        from interlink.core import cipher, framing  # noqa: F401  (importing them decides)
+        from interlink.core._select import implementation
+
+        return implementation()
+    raise AttributeError(f"module 'interlink.core' has no attribute {name!r}")

@@ -3,7 +3,9 @@
 Noise rev 34 §5.1: a 32-byte key ``k`` and a 64-bit counter nonce ``n``. The AEAD nonce is four
 zero bytes followed by ``n`` little-endian (ChaChaPoly) or big-endian (AESGCM). ``n`` increments
 after every successful operation; 2^64-1 is reserved, so reaching it ends the session. A failed
-decryption leaves ``n`` unchanged. The AEAD itself is ``cryptography``'s.
+decryption leaves ``n`` unchanged. The AEAD itself is ``cryptography``'s; its object (about
+1.6 KB of OpenSSL context) is created on first use and dropped by ``release()``, so an idle
+connection keeps only the 32-byte key.
 
 Plaintexts, ciphertexts and associated data go to ``cryptography`` as they are: any contiguous
 bytes-like object works, anything else raises ``TypeError`` (never ``bytes(x)``, which turns an
@@ -35,7 +37,7 @@ def _check_nonce(value) -> int:
 class CipherState:
     """Encrypts or decrypts Noise transport messages with a counter nonce."""
 
-    __slots__ = ("_cipher_name", "_aead", "_byteorder", "_key", "_nonce")
+    __slots__ = ("_cipher_name", "_aead_class", "_aead", "_byteorder", "_key", "_nonce")
 
     def __init__(self, cipher_name: str, key: bytes, nonce: int = 0) -> None:
         if cipher_name not in _CIPHERS:
@@ -43,10 +45,25 @@ class CipherState:
         if len(key) != 32:
             raise ValueError(f"cipher key must be 32 bytes, got {len(key)}")
         self._nonce = _check_nonce(nonce)
-        aead_class, self._byteorder = _CIPHERS[cipher_name]
+        self._aead_class, self._byteorder = _CIPHERS[cipher_name]
         self._cipher_name = cipher_name
         self._key = bytes(key)
-        self._aead = aead_class(self._key)
+        self._aead = None
+
+    @property
+    def loaded(self) -> bool:
+        """True while the AEAD object exists (between first use and ``release()``)."""
+        return self._aead is not None
+
+    def release(self) -> None:
+        """Drop the AEAD object (idle connections); the next operation recreates it from the key."""
+        self._aead = None
+
+    def _cipher(self):
+        aead = self._aead
+        if aead is None:
+            aead = self._aead = self._aead_class(self._key)
+        return aead
 
     @property
     def cipher_name(self) -> str:
@@ -69,7 +86,7 @@ class CipherState:
     def encrypt(self, plaintext, ad: bytes = b"") -> bytes:
         if self._nonce >= MAX_NONCE:
             raise NonceExhaustedError("transport nonce exhausted")
-        ciphertext = self._aead.encrypt(self._nonce_bytes(self._nonce), plaintext, ad)
+        ciphertext = self._cipher().encrypt(self._nonce_bytes(self._nonce), plaintext, ad)
         self._nonce += 1
         return ciphertext
 
@@ -79,7 +96,7 @@ class CipherState:
         if len(ciphertext) < TAG_BYTES:
             raise DecryptError(f"transport message of {len(ciphertext)} bytes is shorter than the tag")
         try:
-            plaintext = self._aead.decrypt(self._nonce_bytes(self._nonce), ciphertext, ad)
+            plaintext = self._cipher().decrypt(self._nonce_bytes(self._nonce), ciphertext, ad)
         except InvalidTag:
             raise DecryptError("transport message failed authentication") from None
         self._nonce += 1
@@ -111,17 +128,17 @@ class CipherState:
 
     def rekey(self) -> None:
         """Noise §4.2 REKEY: k = first 32 bytes of ENCRYPT(k, 2^64-1, empty, 32 zero bytes)."""
-        new_key = self._aead.encrypt(self._nonce_bytes(MAX_NONCE), b"\x00" * 32, b"")[:32]
+        new_key = self._cipher().encrypt(self._nonce_bytes(MAX_NONCE), b"\x00" * 32, b"")[:32]
         self._key = new_key
-        self._aead = type(self._aead)(new_key)
+        self._aead = None
 
     def aead_encrypt(self, nonce12: bytes, plaintext, ad: bytes = b"") -> bytes:
         """Raw AEAD with an explicit 12-byte nonce (conformance vectors); does not touch ``nonce``."""
-        return self._aead.encrypt(nonce12, plaintext, ad)
+        return self._cipher().encrypt(nonce12, plaintext, ad)
 
     def aead_decrypt(self, nonce12: bytes, ciphertext, ad: bytes = b"") -> bytes:
         """Raw AEAD decryption with an explicit nonce; raises ``DecryptError`` on a bad tag."""
         try:
-            return self._aead.decrypt(nonce12, ciphertext, ad)
+            return self._cipher().decrypt(nonce12, ciphertext, ad)
         except InvalidTag:
             raise DecryptError("AEAD authentication failed") from None

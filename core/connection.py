@@ -307,6 +307,11 @@ class ServerConnection(_Endpoint):
             self.send_stanza({"t": "bye", "reason": reason})
         self._finish(reason, message=message)
 
+    def hibernate(self) -> bool:
+        """Shrink an idle open session to its keys (the edge calls this after a quiet period).
+        True if memory was freed."""
+        return self.state is State.OPEN and self._session.release()
+
     def send_error(self, code: str, message: str, **fields) -> None:
         stanza = {"t": "err", "code": code, "msg": message}
         stanza.update(fields)

@@ -2,9 +2,11 @@
 """Compiled twin of ``interlink.core._cipher_pure``: the Noise CipherState for transport messages.
 
 Same signatures, exceptions and semantics as the pure twin (read that one first; it is the
-contract). The counter is a C ``uint64_t``; the 12-byte AEAD nonce lives in one private bytearray
-that is rewritten in place before each call, so no Python int is converted per message. Reusing it
-is safe: ``cryptography``'s AEAD calls are synchronous and keep no reference to the nonce.
+contract). The counter is a C ``uint64_t``; the 12-byte AEAD nonce lives in one module-wide
+bytearray that is rewritten in place before each call, so no Python int is converted per message.
+Sharing it is safe: ``cryptography``'s AEAD calls are synchronous and keep no reference to it.
+The ``cryptography`` AEAD object (about 1.6 KB of OpenSSL context) is created on first use and
+dropped by ``release()``, so an idle connection keeps only its 32-byte key.
 """
 
 cimport cython
@@ -27,6 +29,7 @@ cdef uint64_t _MAX_NONCE = 0xFFFFFFFFFFFFFFFF
 cdef Py_ssize_t _TAG_BYTES = 16
 cdef Py_ssize_t _WIRE_MAX = 65535
 cdef bytes _ZEROS_32 = bytes(32)
+cdef bytearray _NONCE12 = bytearray(12)  # bytes 0..3 stay zero forever; 4..11 carry the counter
 
 
 def _check_nonce(value):
@@ -49,7 +52,6 @@ cdef class CipherState:
     cdef object _aead_encrypt  # bound methods of _aead, looked up once per key
     cdef object _aead_decrypt
     cdef uint64_t _nonce
-    cdef bytearray _nonce12    # the 12-byte AEAD nonce, rewritten in place before every call
 
     def __init__(self, cipher_name, key, nonce=0):
         if cipher_name not in _CIPHERS:
@@ -61,7 +63,6 @@ cdef class CipherState:
         self._little_endian = byteorder == "little"
         self._cipher_name = cipher_name
         self._aead_class = aead_class
-        self._nonce12 = bytearray(12)
         self._set_key(bytes(key))
 
     @property
@@ -79,16 +80,31 @@ cdef class CipherState:
     def nonce(self, value):
         self._nonce = _check_nonce(value)
 
+    @property
+    def loaded(self):
+        """True while the AEAD object exists (between first use and ``release()``)."""
+        return self._aead is not None
+
+    def release(self):
+        """Drop the AEAD object (idle connections); the next operation recreates it from the key."""
+        self._aead = None
+        self._aead_encrypt = None
+        self._aead_decrypt = None
+
     cdef int _set_key(self, bytes key) except -1:
         self._key = key
-        self._aead = self._aead_class(key)
+        self.release()
+        return 0
+
+    cdef int _load(self) except -1:
+        self._aead = self._aead_class(self._key)
         self._aead_encrypt = self._aead.encrypt
         self._aead_decrypt = self._aead.decrypt
         return 0
 
     cdef void _write_nonce(self, uint64_t n) noexcept:
         # Bytes 0..3 stay zero from creation; 4..11 carry the counter.
-        cdef unsigned char* out = <unsigned char*>PyByteArray_AS_STRING(self._nonce12)
+        cdef unsigned char* out = <unsigned char*>PyByteArray_AS_STRING(_NONCE12)
         cdef int i
         if self._little_endian:
             for i in range(8):
@@ -100,8 +116,10 @@ cdef class CipherState:
     cdef object _encrypt(self, object plaintext, object ad):
         if self._nonce == _MAX_NONCE:
             raise NonceExhaustedError("transport nonce exhausted")
+        if self._aead_encrypt is None:
+            self._load()
         self._write_nonce(self._nonce)
-        ciphertext = self._aead_encrypt(self._nonce12, plaintext, ad)
+        ciphertext = self._aead_encrypt(_NONCE12, plaintext, ad)
         self._nonce += 1
         return ciphertext
 
@@ -110,9 +128,11 @@ cdef class CipherState:
             raise NonceExhaustedError("transport nonce exhausted")
         if len(ciphertext) < _TAG_BYTES:
             raise DecryptError(f"transport message of {len(ciphertext)} bytes is shorter than the tag")
+        if self._aead_decrypt is None:
+            self._load()
         self._write_nonce(self._nonce)
         try:
-            plaintext = self._aead_decrypt(self._nonce12, ciphertext, ad)
+            plaintext = self._aead_decrypt(_NONCE12, ciphertext, ad)
         except InvalidTag:
             raise DecryptError("transport message failed authentication") from None
         self._nonce += 1
@@ -164,15 +184,21 @@ cdef class CipherState:
 
     def rekey(self):
         """Noise §4.2 REKEY: k = first 32 bytes of ENCRYPT(k, 2^64-1, empty, 32 zero bytes)."""
+        if self._aead_encrypt is None:
+            self._load()
         self._write_nonce(_MAX_NONCE)
-        self._set_key(self._aead_encrypt(self._nonce12, _ZEROS_32, b"")[:32])
+        self._set_key(self._aead_encrypt(_NONCE12, _ZEROS_32, b"")[:32])
 
     def aead_encrypt(self, nonce12, plaintext, ad=b""):
         """Raw AEAD with an explicit 12-byte nonce (conformance vectors); does not touch ``nonce``."""
+        if self._aead_encrypt is None:
+            self._load()
         return self._aead_encrypt(nonce12, plaintext, ad)
 
     def aead_decrypt(self, nonce12, ciphertext, ad=b""):
         """Raw AEAD decryption with an explicit nonce; raises ``DecryptError`` on a bad tag."""
+        if self._aead_decrypt is None:
+            self._load()
         try:
             return self._aead_decrypt(nonce12, ciphertext, ad)
         except InvalidTag:

@@ -372,3 +372,25 @@ def test_twins_agree_on_tampered_input(suite, start, plaintexts, flip):
     results = [outcome(lambda s=s: s.decrypt_many(ciphertexts)) for s in states]
     assert results[0] == results[1] == ("DecryptError", "transport message failed authentication")
     assert states[0].nonce == states[1].nonce == start + index
+
+
+def test_release_drops_the_aead_and_changes_nothing_on_the_wire(cipher, suite):
+    key = os.urandom(32)
+    kept = cipher.CipherState(suite, key)
+    released = cipher.CipherState(suite, key)
+    receiver = cipher.CipherState(suite, key)
+    assert not released.loaded  # nothing is allocated until the first message
+    for i in range(6):
+        message = b"message %d" % i
+        expected = kept.encrypt(message)
+        got = released.encrypt(message)
+        assert got == expected
+        assert released.loaded
+        released.release()
+        assert not released.loaded
+        assert receiver.decrypt(got) == message
+        receiver.release()
+    released.rekey()
+    kept.rekey()
+    released.release()
+    assert released.encrypt(b"after rekey") == kept.encrypt(b"after rekey")

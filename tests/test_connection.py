@@ -407,3 +407,13 @@ def test_client_refuses_an_expired_node_certificate():
     server.receive_data(client.data_to_send(), NOW)
     client.receive_data(server.data_to_send(), NOW + 2 * 86400)
     assert client.closed and client.close_reason == CLOSE_HANDSHAKE_FAILED
+
+
+def test_hibernated_session_keeps_working():
+    client, server, _ = open_session(0x02)
+    assert server.hibernate() is True
+    assert server.hibernate() is False  # nothing left to free
+    client.send_stanza({"t": "ping", "id": 5})
+    client_events, _ = shuttle(client, server)
+    assert [e.stanza for e in client_events if isinstance(e, StanzaReceived)] == [{"t": "pong", "id": 5}]
+    assert server.hibernate() is True

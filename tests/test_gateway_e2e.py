@@ -340,3 +340,23 @@ async def test_many_concurrent_handshakes(gateway, issuers):
     assert len({c.user for c in clients}) == 40
     assert gateway.stats()["sessions"] == 40
     await asyncio.gather(*(c.close() for c in clients))
+
+
+async def test_idle_sessions_hibernate_and_wake_up(issuers, tmp_path):
+    alpha, _ = issuers
+    config = GatewayConfig(
+        port=0, data_dir=tmp_path, idle_release_s=0.1,
+        providers=[Provider(id="alpha", issuer=alpha.issuer, audience=AUD, discovery=True)],
+    )
+    async with Gateway(config) as gw:
+        clients = [await connect(gw, alpha.issue(f"sleepy{i}", audience=AUD), suite=suite)
+                   for i, suite in enumerate((Suite.XX_CHACHAPOLY, Suite.XX_AESGCM))]
+        for _ in range(50):
+            await asyncio.sleep(0.05)
+            if gw.stats()["counters"].get("hibernations", 0) >= 2:
+                break
+        assert gw.stats()["counters"]["hibernations"] >= 2
+        for client in clients:  # both directions work again after the cipher contexts were freed
+            assert await client.ping() > 0
+            assert await client.ping() > 0
+        await asyncio.gather(*(c.close() for c in clients))
