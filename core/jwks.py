@@ -144,23 +144,33 @@ class JwksCache:
 
     # -- public API -------------------------------------------------------------------------
 
+    def cached_key(self, provider: Provider, kid: str | None) -> jwt.PyJWK | None:
+        """The key if it is cached, without waiting (None: ask ``get_key``, which may fetch).
+
+        A key past the TTL is still served while a background refresh runs
+        (stale-while-revalidate); that refresh needs the running event loop.
+        """
+        entry = self._entry(provider)
+        if entry.keys is None:
+            return None
+        key = entry.keys.get(kid)
+        if key is not None and entry.source.kind != "inline":
+            now = self._clock()
+            if now - entry.fetched_at >= self.ttl_s:  # type: ignore[operator]
+                self._start_refresh(provider, entry, now)  # serve stale, refresh behind
+        return key
+
     async def get_key(self, provider: Provider, kid: str | None) -> jwt.PyJWK | None:
         """The verification key ``kid`` of ``provider`` (with ``kid=None``: its only key), or None.
 
         May wait for one rate-limited refresh when the key is unknown or nothing is cached.
         Never raises because of a fetch failure.
         """
+        key = self.cached_key(provider, kid)
         entry = self._entry(provider)
-        if entry.source.kind == "inline":
-            assert entry.keys is not None
-            return entry.keys.get(kid)
+        if key is not None or entry.source.kind == "inline":
+            return key
         now = self._clock()
-        if entry.keys is not None:
-            key = entry.keys.get(kid)
-            if key is not None:
-                if now - entry.fetched_at >= self.ttl_s:  # type: ignore[operator]
-                    self._start_refresh(provider, entry, now)  # serve stale, refresh behind
-                return key
         task = entry.inflight or self._start_refresh(provider, entry, now, unknown_kid=entry.keys is not None)
         if task is None:
             return None  # rate-limited: nothing new can be learnt yet

@@ -150,6 +150,24 @@ def _check_key(name: str, value: object) -> bytes:
     return value
 
 
+_STATIC_KEYPAIRS: dict = {}
+_MAX_CACHED_STATIC_KEYPAIRS = 16
+
+
+def _static_keypair(keypair_class, private: bytes):
+    """noiseprotocol's key-pair object for a static private key, parsed once per key.
+
+    The object is only read during handshakes, so sessions can share it. The cache is small
+    and bounded: it exists for the node's own key (and a few in tests), not for client keys.
+    """
+    keypair = _STATIC_KEYPAIRS.get(private)
+    if keypair is None or type(keypair) is not keypair_class:
+        if len(_STATIC_KEYPAIRS) >= _MAX_CACHED_STATIC_KEYPAIRS:
+            _STATIC_KEYPAIRS.clear()
+        keypair = _STATIC_KEYPAIRS[private] = keypair_class.from_private_bytes(private)
+    return keypair
+
+
 class NoiseSession:
     """One side of a Noise XX or IK handshake, then the transport cipher pair.
 
@@ -221,7 +239,8 @@ class NoiseSession:
             conn.set_as_initiator()
         else:
             conn.set_as_responder()
-        conn.set_keypair_from_private_bytes(Keypair.STATIC, static_private)
+        # The gateway's static key is the same for every connection: parse it once (about 40 µs).
+        conn.noise_protocol.keypairs["s"] = _static_keypair(conn.noise_protocol.dh_fn.klass, static_private)
         if remote_static is not None:
             conn.set_keypair_from_public_bytes(Keypair.REMOTE_STATIC, remote_static)
         if ephemeral_private is not None:

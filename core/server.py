@@ -303,31 +303,45 @@ class GatewayServer:
     # -- authentication
 
     def start_auth(self, proto: GatewayProtocol, request: AuthRequested) -> None:
+        # Usually the provider's key is cached: decide at once, without a task or a loop turn.
+        try:
+            identity = self.verifier.verify_cached(
+                request.token, device=request.device, now=self.clock(), client_static=request.client_static
+            )
+            if identity is not None:
+                self.store.register_device(identity.user, identity.device, self.limits.max_devices)
+        except InterlinkError as exc:
+            self._refuse(proto, exc)
+            return
+        if identity is not None:
+            self.open_session(proto, identity)
+            return
         task = asyncio.get_running_loop().create_task(self._authenticate(proto, request))
         self._auth_tasks.add(task)
         task.add_done_callback(self._auth_tasks.discard)
 
     async def _authenticate(self, proto: GatewayProtocol, request: AuthRequested) -> None:
-        conn = proto.conn
         try:
             identity = await self.verifier.verify(
                 request.token, device=request.device, now=self.clock(), client_static=request.client_static
             )
             self.store.register_device(identity.user, identity.device, self.limits.max_devices)
-        except AuthError as exc:
-            self.auth_failures[exc.code] += 1
-            conn.reject_auth(exc.code, exc.message)
-            proto.flush()
-            return
         except InterlinkError as exc:
-            log.error("authentication failed internally: %s", exc)
-            self.auth_failures["internal"] += 1
-            conn.reject_auth("internal", "the gateway could not verify the token; try again")
-            proto.flush()
+            self._refuse(proto, exc)
             return
-        if conn.closed or proto.transport is None:
+        if proto.conn.closed or proto.transport is None:
             return  # the client went away while its token was being checked
         self.open_session(proto, identity)
+
+    def _refuse(self, proto: GatewayProtocol, exc: InterlinkError) -> None:
+        if isinstance(exc, AuthError):
+            code, message = exc.code, exc.message
+        else:
+            log.error("authentication failed internally: %s", exc)
+            code, message = "internal", "the gateway could not verify the token; try again"
+        self.auth_failures[code] += 1
+        proto.conn.reject_auth(code, message)
+        proto.flush()
 
     def open_session(self, proto: GatewayProtocol, identity: Identity) -> None:
         # The session keeps the identity for its whole life: drop the raw claims (about 1 KB),

@@ -616,3 +616,20 @@ def test_check_claims_only_raises_auth_errors(claims):
         assert exc.code in ("auth_failed", "unknown_issuer", "token_expired", "bad_audience", "key_binding")
     else:
         assert ident.expires_at > NOW - 60 and validate_localpart(ident.localpart)
+
+
+async def test_verify_cached_decides_without_waiting_only_when_the_key_is_cached(env):
+    token = env.a.issue("alice", audience=AUD, now=NOW)
+    # Nothing cached yet: no verdict without a fetch, and no fetch was made.
+    assert env.verifier.verify_cached(token, device=1, now=NOW, client_static=None) is None
+    assert env.a.jwks_requests == 0
+    await env.verify(token)  # fills the cache
+    identity = env.verifier.verify_cached(token, device=1, now=NOW, client_static=None)
+    assert identity is not None and identity.user == "alice@a"
+    # Refusals are the same codes as on the waiting path.
+    with pytest.raises(AuthError) as info:
+        env.verifier.verify_cached(env.a.issue("alice", audience="other", now=NOW), device=1, now=NOW, client_static=None)
+    assert info.value.code == "bad_audience"
+    with pytest.raises(AuthError) as info:
+        env.verifier.verify_cached(token, device=1, now=NOW + 3600, client_static=None)
+    assert info.value.code == "token_expired"
