@@ -29,9 +29,14 @@ from interlink.core.connection import (
 )
 from interlink.core.errors import AuthError, HandshakeError, InterlinkError, ServerError, SessionClosedError
 from interlink.core.identity import generate_static_key, x25519_public
+from interlink.core.wire import TAG_BYTES
 
 DEFAULT_AGENT = "interlink-python/0.1"
 MAX_QUEUED_STANZAS = 100_000
+
+
+class _IKUnanswered(HandshakeError):
+    """The gateway closed without answering IK message 1; XX may still work."""
 
 
 class Suite(enum.IntEnum):
@@ -111,8 +116,8 @@ class Client:
             return await cls._connect_once(
                 host, port, token, device, root_public, suite, static_private, server_static, agent, timeout_s
             )
-        except HandshakeError:
-            if not (suite.is_ik and ik_fallback):
+        except _IKUnanswered:
+            if not ik_fallback:
                 raise
         return await cls._connect_once(
             host, port, token, device, root_public, suite.as_xx(), static_private, None, agent, timeout_s
@@ -287,6 +292,7 @@ class Client:
             if type(event) is StanzaReceived:
                 self._route(event.stanza)
             elif type(event) is Welcomed:
+                self._adopt_limits(event.welcome)
                 if not self._welcomed.done():
                     self._welcomed.set_result(event.welcome)
             elif type(event) is ConnectionClosed:
@@ -296,6 +302,13 @@ class Client:
             self._transport.write(data)
         if conn.closed and self._transport is not None and not self._transport.is_closing():
             self._transport.close()
+
+    def _adopt_limits(self, welcome: dict) -> None:
+        # Never send frames larger than the gateway announced it accepts.
+        limits = welcome.get("limits")
+        max_frame = limits.get("max_frame") if isinstance(limits, dict) else None
+        if type(max_frame) is int and TAG_BYTES < max_frame:
+            self._conn.max_plaintext_bytes = min(self._conn.max_plaintext_bytes, max_frame - TAG_BYTES)
 
     def _route(self, stanza: dict) -> None:
         kind = stanza.get("t")
@@ -308,6 +321,8 @@ class Client:
             key = ("ref", stanza.get("id"))
         elif kind == "err":
             key = ("iq", stanza["id"]) if "id" in stanza else ("ref", stanza.get("ref"))
+        if key is not None and type(key[1]) not in (int, bytes):
+            key = None  # a malformed answer matches no request (and must not raise here)
         waiter = self._waiters.get(key) if key is not None else None
         if kind == "err":
             error = ServerError(str(stanza.get("msg", "")), code=str(stanza.get("code")), fields=stanza)
@@ -336,10 +351,12 @@ class Client:
             error: InterlinkError = AuthError(event.message, code=event.code or "auth_failed")
         elif event.reason == CLOSE_HANDSHAKE_FAILED:
             error = self._conn.failure or HandshakeError(event.message)
-        elif not self._welcomed.done() and event.reason == "peer_closed":
-            # Closed during the handshake without a word: what a gateway does when it cannot read
-            # an IK message 1 (for example after a static key change).
-            error = HandshakeError("the gateway closed the connection during the handshake")
+        elif not self._welcomed.done() and event.reason == "peer_closed" and not self._conn.handshake_answered:
+            # Closed before answering our first handshake message: with IK, what a gateway does
+            # when it cannot read message 1 (its static key changed). Only then is XX worth a try.
+            error = (_IKUnanswered if self._conn.pattern == "IK" else HandshakeError)(
+                "the gateway closed the connection during the handshake"
+            )
         else:
             error = self._closed_error()
         if not self._welcomed.done():

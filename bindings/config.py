@@ -34,6 +34,8 @@ class GatewayConfig:
     jwks_min_refetch_interval_s: float = 30.0
     jwks_fetch_timeout_s: float = 5.0
     drain_timeout_s: float = 10.0
+    max_connections: int = 100_000
+    max_preauth_connections: int = 4096  # connections not yet authenticated (handshake floods)
     idle_release_s: float = 10.0  # sessions quiet this long (up to twice) free their cipher contexts
     lmdb_map_size_bytes: int = 1 << 30
     durability: str = "sync"
@@ -48,17 +50,28 @@ class GatewayConfig:
         _require(1 <= len(self.host) <= 255, "host", "must be a host name or IP address")
         _require(0 <= self.port <= 65535, "port", f"must be 0..65535, got {self.port}")
         _require(bool(self.node_name) and len(self.node_name) <= 64, "node_name", "must be 1..64 characters")
-        _require(64 <= self.max_frame_bytes <= 65535, "max_frame_bytes", f"must be 64..65535, got {self.max_frame_bytes}")
+        _require(256 <= self.max_token_bytes <= 8192, "max_token_bytes", f"must be 256..8192, got {self.max_token_bytes}")
+        _require(
+            self.max_token_bytes + 512 <= self.max_frame_bytes <= 65535,
+            "max_frame_bytes",
+            f"must be {self.max_token_bytes + 512}..65535 (max_token_bytes + 512, for the auth handshake message), "
+            f"got {self.max_frame_bytes}",
+        )
         _require(0 < self.preauth_deadline_s <= 60, "preauth_deadline_s", f"must be in (0, 60], got {self.preauth_deadline_s}")
         _require(1 <= self.max_devices <= 64, "max_devices", f"must be 1..64, got {self.max_devices}")
         _require(2 <= self.max_group <= 65536, "max_group", f"must be 2..65536, got {self.max_group}")
         _require(1 <= self.window <= 4096, "window", f"must be 1..4096, got {self.window}")
         _require(0 <= self.token_leeway_s <= 60, "token_leeway_s", f"must be 0..60 (the contract's maximum skew), got {self.token_leeway_s}")
-        _require(256 <= self.max_token_bytes <= 8192, "max_token_bytes", f"must be 256..8192, got {self.max_token_bytes}")
         _require(300 <= self.jwks_ttl_s <= 600, "jwks_ttl_s", f"must be 300..600, got {self.jwks_ttl_s}")
         _require(self.jwks_min_refetch_interval_s >= 30, "jwks_min_refetch_interval_s", f"must be at least 30, got {self.jwks_min_refetch_interval_s}")
         _require(0 < self.jwks_fetch_timeout_s <= 5, "jwks_fetch_timeout_s", f"must be in (0, 5], got {self.jwks_fetch_timeout_s}")
         _require(0.1 <= self.idle_release_s <= 3600, "idle_release_s", f"must be 0.1..3600, got {self.idle_release_s}")
+        _require(1 <= self.max_connections <= 10_000_000, "max_connections", f"must be 1..10000000, got {self.max_connections}")
+        _require(
+            1 <= self.max_preauth_connections <= self.max_connections,
+            "max_preauth_connections",
+            f"must be 1..max_connections, got {self.max_preauth_connections}",
+        )
         _require(self.drain_timeout_s > 0, "drain_timeout_s", f"must be positive, got {self.drain_timeout_s}")
         _require(self.lmdb_map_size_bytes >= 1 << 20, "lmdb_map_size_bytes", "must be at least 1 MiB")
         _require(self.durability in ("sync", "async"), "durability", f"must be 'sync' or 'async', got {self.durability!r}")

@@ -64,6 +64,8 @@ class Gateway:
             max_devices=config.max_devices,
             max_group=config.max_group,
             window=config.window,
+            max_connections=config.max_connections,
+            max_preauth_connections=config.max_preauth_connections,
         )
         self._server = GatewayServer(
             settings=settings,

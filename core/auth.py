@@ -60,6 +60,7 @@ from jwt.algorithms import get_default_algorithms
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
 from interlink.core.errors import AuthError, ConfigError, InterlinkError
+from interlink.core.wire import MAX_DEVICE_ID, MAX_TOKEN_BYTES
 
 __all__ = [
     "ASYMMETRIC_ALGORITHMS",
@@ -90,10 +91,10 @@ __all__ = [
     "verify_with_key",
 ]
 
-DEFAULT_MAX_TOKEN_BYTES = 8192
+DEFAULT_MAX_TOKEN_BYTES = MAX_TOKEN_BYTES
 DEFAULT_LEEWAY_S = 60.0
 MAX_LEEWAY_S = 60.0
-MAX_DEVICE = 2**31 - 1
+MAX_DEVICE = MAX_DEVICE_ID
 MAX_LOCALPART_BYTES = 64
 DEFAULT_MAX_KEYS = 100
 MIN_RSA_BITS = 2048
@@ -999,6 +1000,8 @@ class KeyProvider(Protocol):
 
     def cached_key(self, provider: Provider, kid: str | None) -> jwt.PyJWK | None: ...
 
+    def keys_unavailable(self, provider: Provider) -> bool: ...
+
     async def get_key(self, provider: Provider, kid: str | None) -> jwt.PyJWK | None: ...
 
 
@@ -1028,6 +1031,11 @@ class TokenVerifier:
         PROTOCOL §4 code on refusal."""
         decoded, claims, provider = self._parse(token, device)
         key = await self.keys.get_key(provider, decoded.kid)
+        if key is None and self.keys.keys_unavailable(provider):
+            raise AuthError(
+                f"the keys of provider {provider.id!r} could not be fetched from its issuer; try again later",
+                code="internal",
+            )
         return self._check(decoded, claims, provider, key, device=device, now=now, client_static=client_static)
 
     def verify_cached(self, token: str, *, device: int, now: float, client_static: bytes | None) -> Identity | None:

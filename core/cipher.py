@@ -6,6 +6,6 @@ from interlink.core._select import select
 _impl = select("_cipher", "_cipher_pure")
 
 CipherState = _impl.CipherState
-TAG_BYTES = 16
+from interlink.core.wire import TAG_BYTES
 
 __all__ = ["CipherState", "TAG_BYTES"]

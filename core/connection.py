@@ -39,7 +39,8 @@ from interlink.core.noise import (
     make_preamble,
     parse_preamble,
 )
-from interlink.core.stanza import MAX_PLAINTEXT_BYTES, decode_stanzas, encode_stanza
+from interlink.core.stanza import decode_stanzas, encode_stanza
+from interlink.core.wire import MAX_DEVICE_ID, MAX_PLAINTEXT_BYTES, TAG_BYTES, WIRE_MAX_FRAME_BYTES
 
 # Close reasons beyond the contract's ``bye`` reasons, for operators (``/connz``, logs, metrics).
 CLOSE_BAD_PREAMBLE = "bad_preamble"
@@ -52,8 +53,12 @@ CLOSE_PEER_CLOSED = "peer_closed"
 CLOSE_PROTOCOL_ERROR = "protocol_error"
 
 BYE_REASONS = frozenset({"drain", "replaced", "suspended", "auth_expired", "idle", "slow_consumer", "protocol_error"})
-MAX_DEVICE_ID = 2**31 - 1
-MAX_PREAUTH_FRAMES = 8  # transport messages a client may pipeline before its auth is decided
+# Before ``welcome`` the first transport message must be ``welcome`` or ``err`` (PROTOCOL §2),
+# so a close before the session opens says why with one of these codes instead of ``bye``.
+_PREOPEN_CLOSE_CODES = {"drain": "overloaded", "protocol_error": "bad_stanza"}
+MAX_PREAUTH_FRAMES = 8  # transport messages a client may pipeline before its auth is decided...
+MAX_PREAUTH_BYTES = 64 * 1024  # ...and their total plaintext
+MAX_STANZAS_PER_MESSAGE = 256  # bounds the work (and the answers) one transport message can cause
 MAX_AGENT_CHARS = 128
 
 
@@ -109,11 +114,14 @@ class ConnectionClosed:
 class _Endpoint:
     """Framing, transport encryption and stanza coalescing shared by both sides."""
 
-    __slots__ = ("state", "_decoder", "_session", "_out", "_pending", "_events", "close_reason")
+    __slots__ = ("state", "_decoder", "_session", "_out", "_pending", "_events", "close_reason", "max_plaintext_bytes")
 
     def __init__(self, max_frame_bytes: int) -> None:
         self.state = State.PREAMBLE
         self._decoder = FrameDecoder(max_frame_bytes)
+        # Largest plaintext this side sends in one transport message: both sides keep to the
+        # frame maximum the gateway announces (a client adopts it from ``welcome``).
+        self.max_plaintext_bytes = min(MAX_PLAINTEXT_BYTES, max_frame_bytes - TAG_BYTES)
         self._session: NoiseSession | None = None
         self._out: list = []  # wire bytes ready to send (frames, preamble)
         self._pending: list = []  # encoded stanzas waiting to be coalesced into transport messages
@@ -150,7 +158,7 @@ class _Endpoint:
         """Queue an already-encoded stanza (fan-out serializes once, then queues per recipient)."""
         if self.closed or self._session is None or not self._session.handshake_complete:
             return
-        if len(encoded) > MAX_PLAINTEXT_BYTES:
+        if len(encoded) > self.max_plaintext_bytes:
             raise ValueError(f"stanza of {len(encoded)} bytes does not fit in one frame")
         self._pending.append(encoded)
 
@@ -158,8 +166,9 @@ class _Endpoint:
         plaintexts = []
         batch: list = []
         size = 0
+        limit = self.max_plaintext_bytes
         for encoded in self._pending:
-            if size + len(encoded) > MAX_PLAINTEXT_BYTES and batch:
+            if size + len(encoded) > limit and batch:
                 plaintexts.append(b"".join(batch))
                 batch, size = [], 0
             batch.append(encoded)
@@ -179,11 +188,25 @@ class _Endpoint:
         self.close_reason = reason
         self._events.append(ConnectionClosed(reason, code, message))
 
-    def _frames(self, data) -> tuple[list, FrameError | None]:
+    def _receive_frames(self, data, now: float) -> None:
+        """Feed bytes to the decoder and handle every complete frame, then a framing error if
+        one followed them (frames that arrived intact before it are still served)."""
         try:
-            return self._decoder.feed(data), None
+            frames, error = self._decoder.feed(data), None
         except FrameError as exc:
-            return exc.frames, exc
+            frames, error = exc.frames, exc
+        for frame in frames:
+            if self.closed:
+                return
+            self._receive_frame(frame, now)
+        if error is not None and not self.closed:
+            self._fail_frame(error)
+
+    def _receive_frame(self, frame: bytes, now: float) -> None:
+        raise NotImplementedError
+
+    def _fail_frame(self, error: InterlinkError) -> None:
+        raise NotImplementedError
 
     def receive_eof(self, now: float) -> None:
         if not self.closed:
@@ -209,7 +232,7 @@ class ServerSettings:
     static_private: bytes  #: the node's X25519 static key
     certificate: NodeCertificate  #: the node certificate signed by the operator root
     node: str  #: node name announced in the server hello
-    max_frame_bytes: int = 65535
+    max_frame_bytes: int = WIRE_MAX_FRAME_BYTES
     preauth_deadline_s: float = 5.0
     suites: frozenset = field(default_factory=lambda: frozenset(SUITES))
 
@@ -248,13 +271,7 @@ class ServerConnection(_Endpoint):
             data = self._receive_preamble(data)
             if not data:
                 return
-        frames, error = self._frames(data)
-        for frame in frames:
-            if self.closed:
-                return
-            self._receive_frame(frame, now)
-        if error is not None and not self.closed:
-            self._fail_frame(error)
+        self._receive_frames(data, now)
 
     def handle_timer(self, now: float) -> None:
         """Enforce the pre-auth deadline and token expiry."""
@@ -275,12 +292,13 @@ class ServerConnection(_Endpoint):
 
     # -- decisions from the edge
 
-    def accept_auth(self, identity, welcome: dict, now: float) -> None:
-        """The token verified: send ``welcome`` and serve whatever the client pipelined."""
+    def accept_auth(self, identity, welcome: dict, now: float, *, expires_at: float | None = None) -> None:
+        """The token verified: send ``welcome`` and serve whatever the client pipelined. The
+        session ends with ``bye auth_expired`` at ``expires_at`` (default: the identity's)."""
         if self.state is not State.AUTH:
             return
         self.identity = identity
-        self.expires_at = identity.expires_at
+        self.expires_at = identity.expires_at if expires_at is None else expires_at
         self.state = State.OPEN
         self._auth = None
         self.send_stanza(welcome)
@@ -300,11 +318,14 @@ class ServerConnection(_Endpoint):
         self._finish(CLOSE_AUTH_FAILED, code, message)
 
     def close(self, reason: str, message: str = "") -> None:
-        """Say ``bye`` with ``reason`` (when the handshake is done) and close."""
+        """Say ``bye`` with ``reason`` and close. Before the session is open the client is owed
+        ``welcome`` or ``err`` first, so it gets an ``err`` saying why instead."""
         if self.closed:
             return
-        if self._session is not None and self._session.handshake_complete:
+        if self.state is State.OPEN:
             self.send_stanza({"t": "bye", "reason": reason})
+        elif self._session is not None and self._session.handshake_complete:
+            self.send_error(_PREOPEN_CLOSE_CODES.get(reason, "internal"), message or f"closing: {reason}")
         self._finish(reason, message=message)
 
     def hibernate(self) -> bool:
@@ -374,8 +395,9 @@ class ServerConnection(_Endpoint):
             return
         if self._held is None:
             self._held = []
-        if len(self._held) >= MAX_PREAUTH_FRAMES:
-            self.close("protocol_error", "too many messages before authentication finished")
+        held_bytes = sum(map(len, self._held)) + len(plaintext)
+        if len(self._held) >= MAX_PREAUTH_FRAMES or held_bytes > MAX_PREAUTH_BYTES:
+            self.close("protocol_error", "too much sent before authentication finished")
             return
         self._held.append(plaintext)
         if self.state is State.CONFIRM:
@@ -416,6 +438,9 @@ class ServerConnection(_Endpoint):
             error = None
         except StanzaError as exc:
             stanzas, error = exc.stanzas, exc
+        if len(stanzas) > MAX_STANZAS_PER_MESSAGE:
+            self.close("protocol_error", f"more than {MAX_STANZAS_PER_MESSAGE} stanzas in one transport message")
+            return
         for stanza in stanzas:
             kind = stanza.get("t")
             if kind == "ping":
@@ -456,7 +481,7 @@ class ClientConnection(_Endpoint):
         device: int,
         agent: str = "interlink-python",
         server_static: bytes | None = None,
-        max_frame_bytes: int = 65535,
+        max_frame_bytes: int = WIRE_MAX_FRAME_BYTES,
     ) -> None:
         super().__init__(max_frame_bytes)
         if suite not in SUITES:
@@ -480,6 +505,16 @@ class ClientConnection(_Endpoint):
         )
         self._out.append(prologue)
 
+    @property
+    def pattern(self) -> str:
+        """``"XX"`` or ``"IK"``."""
+        return self._session.pattern
+
+    @property
+    def handshake_answered(self) -> bool:
+        """True once the gateway's handshake message (message 2) was read."""
+        return self._session.messages_done >= 2
+
     def start(self, now: float) -> None:
         """Write the preamble and the first handshake message."""
         session = self._session
@@ -488,15 +523,11 @@ class ClientConnection(_Endpoint):
         self.state = State.HANDSHAKE
 
     def receive_data(self, data, now: float) -> None:
-        if self.closed:
-            return
-        frames, error = self._frames(data)
-        for frame in frames:
-            if self.closed:
-                return
-            self._receive_frame(frame, now)
-        if error is not None and not self.closed:
-            self._finish(CLOSE_BAD_FRAME, "bad_frame", str(error))
+        if not self.closed:
+            self._receive_frames(data, now)
+
+    def _fail_frame(self, error: InterlinkError) -> None:
+        self._finish(CLOSE_BAD_FRAME, "bad_frame", str(error))
 
     def close(self) -> None:
         self._finish("client_closed")

@@ -8,6 +8,6 @@ _impl = select("_framing", "_framing_pure")
 FrameDecoder = _impl.FrameDecoder
 encode_frame = _impl.encode_frame
 encode_frames = _impl.encode_frames
-MAX_FRAME_BYTES = 65535
+from interlink.core.wire import WIRE_MAX_FRAME_BYTES as MAX_FRAME_BYTES
 
 __all__ = ["FrameDecoder", "encode_frame", "encode_frames", "MAX_FRAME_BYTES"]

@@ -160,6 +160,15 @@ class JwksCache:
                 self._start_refresh(provider, entry, now)  # serve stale, refresh behind
         return key
 
+    def keys_unavailable(self, provider: Provider) -> bool:
+        """True when the provider's keys cannot be trusted to be current: nothing was ever
+        fetched, or the last fetch failed. A missing key is then the issuer's outage, not
+        necessarily a bad token."""
+        entry = self._entries.get(provider.id)
+        if entry is None or entry.source.kind == "inline":
+            return entry is None
+        return entry.keys is None or entry.stats.last_error is not None
+
     async def get_key(self, provider: Provider, kid: str | None) -> jwt.PyJWK | None:
         """The verification key ``kid`` of ``provider`` (with ``kid=None``: its only key), or None.
 

@@ -42,6 +42,7 @@ from noise.exceptions import (
 
 from interlink.core.cipher import CipherState
 from interlink.core.errors import HandshakeError
+from interlink.core.wire import TAG_BYTES, WIRE_MAX_FRAME_BYTES
 
 __all__ = [
     "SUITES",
@@ -72,11 +73,10 @@ PREAMBLE_MAGIC = b"IL"
 PROTOCOL_VERSION = 0x01
 RESERVED_PQ_SUITES = range(0x20, 0x30)
 
-MAX_MESSAGE_BYTES = 65535
+MAX_MESSAGE_BYTES = WIRE_MAX_FRAME_BYTES
 """Noise's limit on any message, handshake or transport (and the wire's frame limit)."""
 
 DH_BYTES = 32
-TAG_BYTES = 16
 
 _NAME_RE = re.compile(r"^Noise_(XX|IK)_25519_(ChaChaPoly|AESGCM)_(SHA256|BLAKE2s|BLAKE2b)$")
 

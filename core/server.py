@@ -34,14 +34,19 @@ from interlink.core.connection import (
     ServerConnection,
     ServerSettings,
     StanzaReceived,
+    State,
 )
-from interlink.core.errors import AuthError, InterlinkError
+from interlink.core.errors import AuthError
+from interlink.core.wire import WIRE_MAX_FRAME_BYTES
 from interlink.core.store import DeviceRegistry
 
 log = logging.getLogger("interlink.server")
 
 READ_BUFFER_BYTES = 256 * 1024
+WRITE_HIGH_WATER_BYTES = 256 * 1024  # past this, stop reading from the peer until its output drains
 IDLE_RELEASE_S = 10.0
+CLOSE_OVER_CAPACITY = "over_capacity"
+CLOSE_INTERNAL = "internal_error"
 TRIM_AFTER_HIBERNATIONS = 256  # a sweep that froze this many sessions gives free pages back
 
 
@@ -67,10 +72,12 @@ def _return_free_memory() -> None:
 class Limits:
     """Limits announced in ``welcome`` and enforced by the gateway."""
 
-    max_frame_bytes: int = 65535
+    max_frame_bytes: int = WIRE_MAX_FRAME_BYTES
     max_devices: int = 5
     max_group: int = 1024
     window: int = 64
+    max_connections: int = 100_000
+    max_preauth_connections: int = 4096  # connections still in preamble/handshake/auth
 
     def announce(self) -> dict:
         return {
@@ -81,10 +88,16 @@ class Limits:
         }
 
 
+def _excerpt(text: str, limit: int = 32) -> str:
+    """A client-supplied string made safe to quote back: printable, at most ``limit`` characters."""
+    shown = "".join(ch if ch.isprintable() else "?" for ch in text[:limit])
+    return repr(shown + ("…" if len(text) > limit else ""))
+
+
 class GatewayProtocol(asyncio.BufferedProtocol):
     """Adapter between one uvloop transport and one ``ServerConnection``."""
 
-    __slots__ = ("server", "conn", "transport", "peer", "session_key", "active")
+    __slots__ = ("server", "conn", "transport", "peer", "session_key", "active", "auth_task")
 
     def __init__(self, server: GatewayServer) -> None:
         self.server = server
@@ -93,6 +106,7 @@ class GatewayProtocol(asyncio.BufferedProtocol):
         self.peer = None
         self.session_key: tuple[str, int] | None = None
         self.active = True  # moved bytes since the last idle sweep
+        self.auth_task: asyncio.Task | None = None  # set only while a key fetch is awaited
 
     # -- asyncio callbacks
 
@@ -101,9 +115,24 @@ class GatewayProtocol(asyncio.BufferedProtocol):
         self.peer = transport.get_extra_info("peername")
         server = self.server
         self.conn = ServerConnection(server.settings, server.clock())
-        server.connections.add(self)
+        if not server.admit(self):
+            self.conn.close(CLOSE_OVER_CAPACITY, "the gateway is at its connection limit")
+            self.conn.events()  # counted by admit(); nothing else to do
+            transport.abort()
+            return
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER_BYTES)
         server.counters["connections_accepted"] += 1
         server.schedule(self)
+
+    def pause_writing(self) -> None:
+        # The peer does not read what we send: stop reading what it sends (and so stop producing
+        # answers) until the kernel takes our output. Bounds per-connection output memory.
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
 
     def get_buffer(self, sizehint: int):
         return self.server.read_view
@@ -124,6 +153,8 @@ class GatewayProtocol(asyncio.BufferedProtocol):
         if conn is not None:
             conn.connection_lost()
             self._handle_events()
+        if self.auth_task is not None:
+            self.auth_task.cancel()  # the shared key fetch goes on; only this wait ends
         self.server.forget(self)
         self.transport = None
 
@@ -150,12 +181,20 @@ class GatewayProtocol(asyncio.BufferedProtocol):
             if not events:
                 return
             for event in events:
-                if type(event) is StanzaReceived:
-                    server.dispatch(self, event.stanza)
-                elif type(event) is AuthRequested:
-                    server.start_auth(self, event)
-                elif type(event) is ConnectionClosed:
-                    server.connection_closed(self, event)
+                try:
+                    if type(event) is StanzaReceived:
+                        server.dispatch(self, event.stanza)
+                    elif type(event) is AuthRequested:
+                        server.start_auth(self, event)
+                    elif type(event) is ConnectionClosed:
+                        server.connection_closed(self, event)
+                except Exception:  # a bug of ours must cost one connection, never the loop
+                    log.exception("internal error while handling %s from %s", type(event).__name__, self.peer)
+                    server.counters["internal_errors"] += 1
+                    if not conn.closed:
+                        if conn.state is State.OPEN:
+                            conn.send_error("internal", "the gateway failed to handle a stanza")
+                        conn.close(CLOSE_INTERNAL, "internal error")
 
 
 class GatewayServer:
@@ -180,6 +219,7 @@ class GatewayServer:
         self.clock = clock
         self.read_view = memoryview(bytearray(READ_BUFFER_BYTES))
         self.connections: set[GatewayProtocol] = set()
+        self.preauth: set[GatewayProtocol] = set()  # accepted, not yet authenticated
         self.sessions: dict[tuple[str, int], GatewayProtocol] = {}
         self.counters: Counter = Counter()
         self.close_reasons: Counter = Counter()
@@ -250,8 +290,19 @@ class GatewayServer:
             if proto.transport is not None:
                 proto.transport.abort()
 
+    def admit(self, proto: GatewayProtocol) -> bool:
+        """Register a new connection unless a connection limit is reached."""
+        limits = self.limits
+        if len(self.connections) >= limits.max_connections or len(self.preauth) >= limits.max_preauth_connections:
+            self.close_reasons[CLOSE_OVER_CAPACITY] += 1
+            return False
+        self.connections.add(proto)
+        self.preauth.add(proto)
+        return True
+
     def forget(self, proto: GatewayProtocol) -> None:
         self.connections.discard(proto)
+        self.preauth.discard(proto)
         if proto.session_key is not None and self.sessions.get(proto.session_key) is proto:
             del self.sessions[proto.session_key]
         if not self.connections:
@@ -308,15 +359,14 @@ class GatewayServer:
             identity = self.verifier.verify_cached(
                 request.token, device=request.device, now=self.clock(), client_static=request.client_static
             )
-            if identity is not None:
-                self.store.register_device(identity.user, identity.device, self.limits.max_devices)
-        except InterlinkError as exc:
+        except Exception as exc:  # AuthError is the verdict; anything else is ours (internal)
             self._refuse(proto, exc)
             return
         if identity is not None:
-            self.open_session(proto, identity)
+            self._admit_identity(proto, identity)
             return
         task = asyncio.get_running_loop().create_task(self._authenticate(proto, request))
+        proto.auth_task = task
         self._auth_tasks.add(task)
         task.add_done_callback(self._auth_tasks.discard)
 
@@ -325,19 +375,32 @@ class GatewayServer:
             identity = await self.verifier.verify(
                 request.token, device=request.device, now=self.clock(), client_static=request.client_static
             )
-            self.store.register_device(identity.user, identity.device, self.limits.max_devices)
-        except InterlinkError as exc:
+        except Exception as exc:  # AuthError is the verdict; anything else is ours (internal)
             self._refuse(proto, exc)
             return
+        finally:
+            proto.auth_task = None
         if proto.conn.closed or proto.transport is None:
             return  # the client went away while its token was being checked
+        self._admit_identity(proto, identity)
+
+    def _admit_identity(self, proto: GatewayProtocol, identity: Identity) -> None:
+        """The token is good: apply what may have changed meanwhile, register the device, open."""
+        try:
+            provider = self.registry.get(identity.provider)
+            if provider is None or provider.suspended:  # suspended while the key was being fetched
+                raise AuthError(f"provider {identity.provider!r} is suspended", code="provider_suspended")
+            self.store.register_device(identity.user, identity.device, self.limits.max_devices)
+        except Exception as exc:
+            self._refuse(proto, exc)
+            return
         self.open_session(proto, identity)
 
-    def _refuse(self, proto: GatewayProtocol, exc: InterlinkError) -> None:
+    def _refuse(self, proto: GatewayProtocol, exc: Exception) -> None:
         if isinstance(exc, AuthError):
             code, message = exc.code, exc.message
         else:
-            log.error("authentication failed internally: %s", exc)
+            log.error("authentication failed internally", exc_info=exc)
             code, message = "internal", "the gateway could not verify the token; try again"
         self.auth_failures[code] += 1
         proto.conn.reject_auth(code, message)
@@ -354,6 +417,7 @@ class GatewayServer:
             previous.conn.close("replaced", "the same device connected again")
             previous.flush()
         self.sessions[key] = proto
+        self.preauth.discard(proto)
         proto.session_key = key
         welcome = {
             "t": "welcome",
@@ -363,7 +427,9 @@ class GatewayServer:
             "pending": 0,
             "limits": self.limits.announce(),
         }
-        proto.conn.accept_auth(identity, welcome, self.clock())
+        # The token was accepted with the allowed clock skew; the session ends at the same line.
+        expires_at = identity.expires_at + self.verifier.leeway_s
+        proto.conn.accept_auth(identity, welcome, self.clock(), expires_at=expires_at)
         self.counters["sessions_opened"] += 1
         proto.flush()
         self.schedule(proto)  # token expiry
@@ -372,15 +438,17 @@ class GatewayServer:
 
     def dispatch(self, proto: GatewayProtocol, stanza: dict) -> None:
         """Route one stanza. Messaging arrives with the router; until then every type but ``ping``
-        (answered by the connection) is unknown to this gateway."""
+        (answered by the connection) is unknown to this gateway. Answers never echo client
+        text beyond a short, sanitised excerpt: an answer must not outgrow its request."""
         self.counters["stanzas_in"] += 1
         kind = stanza["t"]
+        stanza_id = stanza.get("id")
         fields = {}
-        if kind == "iq" and type(stanza.get("id")) is int:
-            fields["id"] = stanza["id"]
-        elif isinstance(stanza.get("id"), bytes):
-            fields["ref"] = stanza["id"]
-        proto.conn.send_error("bad_stanza", f"unsupported stanza type {kind!r}", **fields)
+        if kind == "iq" and type(stanza_id) is int:
+            fields["id"] = stanza_id
+        elif type(stanza_id) is bytes and len(stanza_id) == 16:
+            fields["ref"] = stanza_id
+        proto.conn.send_error("bad_stanza", f"unsupported stanza type {_excerpt(kind)}", **fields)
 
     def connection_closed(self, proto: GatewayProtocol, event: ConnectionClosed) -> None:
         self.close_reasons[event.reason] += 1

@@ -13,7 +13,7 @@ import msgpack
 
 from interlink.core.errors import StanzaError
 
-MAX_PLAINTEXT_BYTES = 65535 - 16  # one frame minus the AEAD tag
+from interlink.core.wire import MAX_PLAINTEXT_BYTES
 
 
 def _reject_ext(code: int, data: bytes):

@@ -221,7 +221,8 @@ def test_preauth_deadline_is_not_extended_by_trickled_bytes():
         server.handle_timer(NOW + i * 0.1)
         if server.closed:
             break
-    assert server.next_deadline() is None or server.next_deadline() == NOW + 5.0
+    assert not server.closed
+    assert server.next_deadline() == NOW + 5.0  # the bytes moved nothing
     server.handle_timer(NOW + 5.0)
     assert [e.reason for e in server.events() if isinstance(e, ConnectionClosed)] == [CLOSE_AUTH_DEADLINE]
 
@@ -417,3 +418,66 @@ def test_hibernated_session_keeps_working():
     client_events, _ = shuttle(client, server)
     assert [e.stanza for e in client_events if isinstance(e, StanzaReceived)] == [{"t": "pong", "id": 5}]
     assert server.hibernate() is True
+
+
+def test_too_many_stanzas_in_one_message_closes_with_protocol_error():
+    client, server, _ = open_session(0x01)
+    from interlink.core.connection import MAX_STANZAS_PER_MESSAGE
+
+    plaintext = b"".join(encode_stanza({"t": "ping", "id": i}) for i in range(MAX_STANZAS_PER_MESSAGE + 1))
+    server.receive_data(encode_frame(client._session.send_cipher.encrypt(plaintext)), NOW)
+    stanzas = server_stanzas(server.data_to_send(), client._session)
+    assert stanzas == [{"t": "bye", "reason": "protocol_error"}]  # no pong flood: nothing was served
+    assert server.closed and server.close_reason == "protocol_error"
+
+
+def test_answers_are_bounded_by_the_stanza_cap():
+    client, server, _ = open_session(0x01)
+    from interlink.core.connection import MAX_STANZAS_PER_MESSAGE
+
+    # A message of empty maps: each is a bad stanza; the cap bounds how many answers one message buys.
+    plaintext = msgpack.packb({}) * MAX_STANZAS_PER_MESSAGE
+    server.receive_data(encode_frame(client._session.send_cipher.encrypt(plaintext)), NOW)
+    answers = server_stanzas(server.data_to_send(), client._session)
+    assert len(answers) == MAX_STANZAS_PER_MESSAGE
+    assert {a["code"] for a in answers} == {"bad_stanza"}
+    assert not server.closed
+
+
+def test_close_before_welcome_sends_err_not_bye():
+    client = make_client(0x01)
+    server = ServerConnection(SETTINGS, NOW)
+    client.start(NOW)
+    shuttle(client, server)  # auth pending
+    server.close("drain")
+    client_events, _ = shuttle(client, server)
+    closed = [e for e in client_events if isinstance(e, ConnectionClosed)]
+    assert [(c.reason, c.code) for c in closed] == [(CLOSE_AUTH_FAILED, "overloaded")]
+
+
+def test_pipelined_bytes_before_auth_are_bounded():
+    client = make_client(0x01)
+    server = ServerConnection(SETTINGS, NOW)
+    client.start(NOW)
+    shuttle(client, server)
+    cipher = client._session.send_cipher
+    big = encode_stanza({"t": "x", "pad": b"\0" * 40000})
+    server.receive_data(encode_frame(cipher.encrypt(big)), NOW)
+    assert not server.closed
+    server.receive_data(encode_frame(cipher.encrypt(big)), NOW)  # 80 KB held > 64 KiB
+    assert server.closed and server.close_reason == "protocol_error"
+
+
+def test_output_respects_a_smaller_frame_maximum():
+    settings = ServerSettings(static_private=SERVER_STATIC, certificate=CERT, node="n", max_frame_bytes=9000)
+    client = make_client(0x01)
+    server = ServerConnection(settings, NOW)
+    client.start(NOW)
+    shuttle(client, server)
+    server.accept_auth(identity(), {"t": "welcome"}, NOW)
+    for i in range(3000):
+        server.send_stanza({"t": "pong", "id": i})
+    frames = FrameDecoder().feed(server.data_to_send())
+    assert len(frames) > 1 and max(len(f) for f in frames) <= 9000
+    with pytest.raises(ValueError):
+        server.send_stanza({"t": "dlv", "c": b"x" * 9000})  # a local bug, refused before any byte is sent

@@ -7,12 +7,13 @@ import asyncio
 import socket
 import time
 
+import jwt
 import pytest
 
 from interlink.client import Client, Suite
 from interlink.config import GatewayConfig
 from interlink.core.auth import Provider
-from interlink.core.errors import AuthError, CertificateError, SessionClosedError
+from interlink.core.errors import AuthError, CertificateError, HandshakeError, SessionClosedError
 from interlink.core.framing import FrameDecoder, encode_frame
 from interlink.core.identity import generate_root_key, generate_static_key, x25519_public
 from interlink.gateway import Gateway
@@ -89,9 +90,9 @@ async def test_ik_with_a_stale_gateway_key_falls_back_to_xx(gateway, issuers):
     client = await connect(gateway, alpha.issue("alice", audience=AUD), suite=Suite.IK_CHACHAPOLY, server_static=stale)
     assert client.welcome["user"] == "alice@alpha"
     await client.close()
-    with pytest.raises(Exception) as caught:
+    with pytest.raises(HandshakeError):
         await connect(gateway, alpha.issue("alice", audience=AUD), suite=Suite.IK_CHACHAPOLY, server_static=stale, ik_fallback=False)
-    assert caught.type.__name__ == "HandshakeError"
+    assert gateway.stats()["close_reasons"]["handshake_failed"] == 2
 
 
 async def test_client_refuses_a_gateway_of_another_operator(gateway, issuers):
@@ -182,12 +183,20 @@ async def test_second_connection_of_a_device_replaces_the_first(gateway, issuers
     await second.close()
 
 
-async def test_token_expiry_while_connected(gateway, issuers):
+async def test_token_expiry_while_connected(issuers, tmp_path):
     alpha, _ = issuers
-    client = await connect(gateway, alpha.issue("fay", audience=AUD, expires_in=1))
-    with pytest.raises(SessionClosedError) as caught:
-        await client.recv(timeout_s=10)
-    assert caught.value.reason == "auth_expired"
+    config = GatewayConfig(
+        port=0, data_dir=tmp_path, token_leeway_s=0.5,
+        providers=[Provider(id="alpha", issuer=alpha.issuer, audience=AUD, discovery=True)],
+    )
+    async with Gateway(config) as gw:
+        token = alpha.issue("fay", audience=AUD, expires_in=1)
+        client = await connect(gw, token)
+        # The token was accepted with 0.5 s of allowed skew; the session ends on that same line.
+        with pytest.raises(SessionClosedError) as caught:
+            await client.recv(timeout_s=10)
+        assert caught.value.reason == "auth_expired"
+        assert time.time() >= jwt.decode(token, options={"verify_signature": False})["exp"] + 0.5
 
 
 async def test_drain_says_bye_drain(issuers, tmp_path):
@@ -222,11 +231,10 @@ async def test_unknown_stanza_gets_bad_stanza_and_session_continues(gateway, iss
 # --------------------------------------------------------------------- raw transport abuse
 
 
-async def raw_exchange(gateway: Gateway, payload: bytes, *, wait_s: float = 3.0) -> tuple[bytes, float]:
-    """Send raw bytes, return what the gateway sent back before closing and how long that took."""
+async def raw_exchange(gateway: Gateway, payload: bytes, *, wait_s: float = 3.0) -> bytes:
+    """Send raw bytes, return what the gateway sent back before it closed the connection."""
     host, port = gateway.address
     reader, writer = await asyncio.open_connection(host, port)
-    started = time.monotonic()
     writer.write(payload)
     await writer.drain()
     received = b""
@@ -236,39 +244,40 @@ async def raw_exchange(gateway: Gateway, payload: bytes, *, wait_s: float = 3.0)
                 received += chunk
     finally:
         writer.close()
-    return received, time.monotonic() - started
+    return received
 
 
 async def test_bad_preamble_is_closed(gateway):
-    received, _ = await raw_exchange(gateway, b"GET / HTTP/1.1\r\n\r\n")
+    received = await raw_exchange(gateway, b"GET / HTTP/1.1\r\n\r\n")
     assert received == b""
     assert gateway.stats()["close_reasons"]["bad_preamble"] == 1
 
 
 async def test_unknown_suite_is_closed(gateway):
-    received, _ = await raw_exchange(gateway, b"IL\x01\x21")
+    received = await raw_exchange(gateway, b"IL\x01\x21")
     assert received == b""
     assert gateway.stats()["close_reasons"]["unknown_suite"] == 1
 
 
 async def test_zero_length_frame_is_closed(gateway):
-    received, _ = await raw_exchange(gateway, b"IL\x01\x01\x00\x00")
+    received = await raw_exchange(gateway, b"IL\x01\x01\x00\x00")
     assert received == b""
     assert gateway.stats()["close_reasons"]["bad_frame"] == 1
 
 
 async def test_oversize_frame_rejected_before_body(issuers, tmp_path):
     alpha, _ = issuers
-    config = GatewayConfig(port=0, data_dir=tmp_path, max_frame_bytes=4096, providers=[Provider(id="alpha", issuer=alpha.issuer, audience=AUD, discovery=True)])
+    config = GatewayConfig(port=0, data_dir=tmp_path, max_frame_bytes=9000, preauth_deadline_s=30,
+                           providers=[Provider(id="alpha", issuer=alpha.issuer, audience=AUD, discovery=True)])
     async with Gateway(config) as gw:
-        received, elapsed = await raw_exchange(gw, b"IL\x01\x01\x10\x01")  # announces 4097 bytes, sends none
+        received = await raw_exchange(gw, b"IL\x01\x01" + (9001).to_bytes(2, "big"), wait_s=10)  # no body
         assert received == b""
-        assert gw.stats()["close_reasons"]["bad_frame"] == 1
-        assert elapsed < config.preauth_deadline_s  # closed by the header check, not by the deadline
+        # Closed by the length check as soon as the header arrived, not by the 30 s deadline.
+        assert gw.stats()["close_reasons"] == {"bad_frame": 1}
 
 
 async def test_garbage_handshake_is_closed(gateway):
-    received, _ = await raw_exchange(gateway, b"IL\x01\x11" + encode_frame(bytes(range(200))))
+    received = await raw_exchange(gateway, b"IL\x01\x11" + encode_frame(bytes(range(200))))
     assert received == b""
     assert gateway.stats()["close_reasons"]["handshake_failed"] == 1
 
@@ -276,9 +285,8 @@ async def test_garbage_handshake_is_closed(gateway):
 async def test_preauth_deadline_closes_a_slowloris(gateway):
     host, port = gateway.address
     reader, writer = await asyncio.open_connection(host, port)
-    started = time.monotonic()
     writer.write(b"IL\x01")
-    closed_after = None
+    closed = False
     for _ in range(40):  # keep dripping one byte per 100 ms, well past the 1 s deadline
         await asyncio.sleep(0.1)
         try:
@@ -290,12 +298,11 @@ async def test_preauth_deadline_closes_a_slowloris(gateway):
         except ConnectionError:
             data = b""
         assert data == b"", "the gateway answered a half-sent handshake"
-        closed_after = time.monotonic() - started
+        closed = True
         break
     writer.close()
-    assert closed_after is not None, "the gateway never closed the dripping connection"
-    assert closed_after >= 0.9  # not before the deadline...
-    assert gateway.stats()["close_reasons"]["auth_deadline"] == 1  # ...and because of it
+    assert closed, "the gateway never closed the dripping connection"
+    assert gateway.stats()["close_reasons"]["auth_deadline"] == 1  # closed by the deadline, not by a frame error
 
 
 async def test_bad_tag_after_handshake_gets_err_bad_frame(gateway, issuers):
@@ -360,3 +367,101 @@ async def test_idle_sessions_hibernate_and_wake_up(issuers, tmp_path):
             assert await client.ping() > 0
             assert await client.ping() > 0
         await asyncio.gather(*(c.close() for c in clients))
+
+
+async def test_a_huge_unknown_type_gets_a_short_answer_and_the_session_continues(gateway, issuers):
+    from interlink.core.errors import ServerError
+
+    alpha, _ = issuers
+    client = await connect(gateway, alpha.issue("ivy", audience=AUD))
+    await client.send({"t": "\x00" * 17000, "id": b"x" * 16})
+    with pytest.raises(ServerError) as caught:
+        await client.recv(timeout_s=5)
+    assert caught.value.code == "bad_stanza"
+    assert len(str(caught.value)) < 100
+    assert caught.value.fields["ref"] == b"x" * 16
+    await client.send({"t": "y", "id": b"short"})  # a ref must be 16 bytes to be echoed
+    with pytest.raises(ServerError) as caught:
+        await client.recv(timeout_s=5)
+    assert "ref" not in caught.value.fields
+    assert await client.ping() > 0
+    assert gateway.stats()["counters"].get("internal_errors", 0) == 0
+    await client.close()
+
+
+async def test_suspension_during_a_key_fetch_is_honoured(issuers, tmp_path):
+    alpha, _ = issuers
+    config = GatewayConfig(port=0, data_dir=tmp_path, providers=[Provider(id="alpha", issuer=alpha.issuer, audience=AUD, discovery=True)])
+    async with Gateway(config) as gw:
+        alpha.set_delay(0.5)  # the gateway's first key fetch takes a while
+        attempt = asyncio.ensure_future(connect(gw, alpha.issue("jay", audience=AUD)))
+        for _ in range(100):
+            await asyncio.sleep(0.01)
+            if alpha.discovery_requests or alpha.jwks_requests:
+                break
+        gw.suspend_provider("alpha")
+        with pytest.raises(AuthError) as caught:
+            await attempt
+        assert caught.value.code == "provider_suspended"
+        alpha.set_delay(0)
+
+
+async def test_issuer_down_is_internal_not_a_bad_token(issuers, tmp_path):
+    alpha, _ = issuers
+    config = GatewayConfig(port=0, data_dir=tmp_path, providers=[Provider(id="alpha", issuer=alpha.issuer, audience=AUD, discovery=True)])
+    async with Gateway(config) as gw:
+        alpha.set_available(False)
+        assert (await refusal(gw, alpha.issue("kim", audience=AUD))).code == "internal"
+        alpha.set_available(True)
+
+
+async def test_preauth_connection_limit(issuers, tmp_path):
+    alpha, _ = issuers
+    config = GatewayConfig(port=0, data_dir=tmp_path, max_preauth_connections=2,
+                           providers=[Provider(id="alpha", issuer=alpha.issuer, audience=AUD, discovery=True)])
+    async with Gateway(config) as gw:
+        host, port = gw.address
+        idle = [await asyncio.open_connection(host, port) for _ in range(2)]
+        for _, writer in idle:
+            writer.write(b"IL\x01")  # half a preamble, then silence
+        received = await raw_exchange(gw, b"IL\x01\x01")
+        assert received == b""
+        assert gw.stats()["close_reasons"]["over_capacity"] == 1
+        for _, writer in idle:
+            writer.close()
+        for _ in range(100):  # once they are gone, new clients are admitted again
+            await asyncio.sleep(0.02)
+            if gw.stats()["connections"] == 0:
+                break
+        client = await connect(gw, alpha.issue("lou", audience=AUD))
+        await client.close()
+
+
+async def test_replayed_ik_message_gets_no_session(gateway, issuers):
+    from interlink.core.connection import ClientConnection
+
+    alpha, _ = issuers
+    conn = ClientConnection(
+        suite=0x11, static_private=generate_static_key(), root_public=gateway.root_public,
+        token=alpha.issue("max", audience=AUD), device=1, server_static=gateway.static_public,
+    )
+    conn.start(time.time())
+    captured = conn.data_to_send()  # preamble + IK message 1, as an eavesdropper records it
+    host, port = gateway.address
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(captured)
+    while conn.welcome is None:  # the real client completes its session
+        data = await asyncio.wait_for(reader.read(65536), 5)
+        assert data
+        conn.receive_data(data, time.time())
+        writer.write(conn.data_to_send())
+    replay = await raw_exchange(gateway, captured, wait_s=5)
+    frames = FrameDecoder().feed(replay)
+    assert len(frames) == 1  # message 2, which only the real client could read; no welcome, no err
+    assert gateway.stats()["close_reasons"]["auth_deadline"] == 1
+    assert [s["user"] for s in gateway.sessions()] == ["max@alpha"]  # the real session was not replaced
+    conn.send_stanza({"t": "ping", "id": 77})
+    writer.write(conn.data_to_send())
+    conn.receive_data(await asyncio.wait_for(reader.read(65536), 5), time.time())
+    assert [e.stanza for e in conn.events() if hasattr(e, "stanza")] == [{"t": "pong", "id": 77}]
+    writer.close()

@@ -233,10 +233,8 @@ async def test_fetch_timeout_returns_within_the_timeout(issuer, clock):
     cache = JwksCache(clock=clock, fetch_timeout_s=0.3)
     try:
         provider = discovery_provider(issuer)
-        started = time.monotonic()
-        assert await cache.get_key(provider, issuer.default_kid()) is None
-        elapsed = time.monotonic() - started
-        assert 0.25 <= elapsed < 2.0, elapsed
+        async with asyncio.timeout(10):  # far below the issuer's 30 s stall
+            assert await cache.get_key(provider, issuer.default_kid()) is None
         assert "timed out" in cache.stats("a").last_error
         # With keys cached, a stalled TTL refresh never delays a known kid.
         issuer.set_delay(0)
@@ -244,9 +242,8 @@ async def test_fetch_timeout_returns_within_the_timeout(issuer, clock):
         assert await cache.get_key(provider, issuer.default_kid()) is not None
         issuer.set_delay(30)
         clock.advance(400)
-        started = time.monotonic()
         assert await cache.get_key(provider, issuer.default_kid()) is not None
-        assert time.monotonic() - started < 0.2
+        assert cache._entries["a"].inflight is not None  # answered while the refresh still stalls
         await cache.wait_idle()
         assert cache.stats("a").failures == 2
         assert await cache.get_key(provider, issuer.default_kid()) is not None
@@ -260,10 +257,9 @@ async def test_close_cancels_in_flight_fetch(issuer, clock):
     provider = uri_provider(issuer)
     pending = asyncio.ensure_future(cache.get_key(provider, issuer.default_kid()))
     await asyncio.sleep(0.05)
-    started = time.monotonic()
-    await cache.close()
-    assert await pending is None  # the waiting caller gets "no key", not an exception
-    assert time.monotonic() - started < 1.0
+    async with asyncio.timeout(5):  # far below the 30 s stall: close() really cancels the fetch
+        await cache.close()
+        assert await pending is None  # the waiting caller gets "no key", not an exception
     assert await cache.get_key(provider, issuer.default_kid()) is None  # closed: no new fetches
 
 

@@ -81,12 +81,9 @@ def test_jws_vectors(vectors_dir):
             token, tc = test["jws"], test["tcId"]
             if "JsonSerialization" in test["flags"]:
                 # JSON serialization is not a compact JWS: malformed, whatever it contains.
-                # (The vector's JSON text is itself truncated; a decoded object is refused too.)
-                as_object = {"payload": "Zm9v", "signatures": [{"protected": token[46:118]}]}
-                for candidate in (token, as_object):
-                    with pytest.raises(AuthError) as info:
-                        verify_jws(candidate, keyset, algorithms=algorithms)
-                    assert info.value.code == "auth_failed", tc
+                with pytest.raises(AuthError) as info:
+                    verify_jws(token, keyset, algorithms=algorithms)
+                assert info.value.code == "auth_failed", tc
                 outcome["json_serialization_rejected"] += 1
                 outcome["invalid_rejected"] += 1
                 continue
