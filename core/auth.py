@@ -174,7 +174,7 @@ def _no_duplicate_members(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return result
 
 
-def _reject_constant(name: str) -> Any:
+def reject_json_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
@@ -183,7 +183,7 @@ def _json_object(data: bytes, what: str) -> dict[str, Any]:
         value = json.loads(
             data.decode("utf-8"),
             object_pairs_hook=_no_duplicate_members,
-            parse_constant=_reject_constant,
+            parse_constant=reject_json_constant,
         )
     except UnicodeDecodeError:
         raise _fail(f"malformed token: the {what} is not UTF-8") from None
@@ -651,7 +651,6 @@ class ProviderRegistry:
         self._by_issuer[provider.issuer] = provider
         return provider
 
-    update = replace
 
     def remove(self, provider_id: str) -> Provider:
         old = self._by_id.pop(provider_id, None)
@@ -989,6 +988,13 @@ def verify_with_key(token: object, provider: Provider, key: jwt.PyJWK | None, *,
         raise _fail("token issuer does not match the provider", "unknown_issuer")
     _check_not_suspended(provider)
     check_algorithm(decoded.alg, provider.algorithms)
+    return _verify_key_and_claims(decoded, claims, provider, key, device=device, now=now,
+                                  client_static=client_static, leeway_s=leeway_s)
+
+
+def _verify_key_and_claims(decoded, claims, provider: Provider, key, *, device: int, now: float,
+                           client_static: bytes | None, leeway_s: float) -> Identity:
+    """The last steps of every verification path: a key exists, the signature holds, the claims pass."""
     if key is None:
         raise _fail(_no_key_message(decoded.kid, provider.id), "bad_signature")
     verify_signature(decoded, key, algorithms=provider.algorithms)
@@ -1059,11 +1065,8 @@ class TokenVerifier:
 
     def _check(self, decoded, claims, provider: Provider, key, *, device: int, now: float,
                client_static: bytes | None) -> Identity:
-        if key is None:
-            raise _fail(_no_key_message(decoded.kid, provider.id), "bad_signature")
-        verify_signature(decoded, key, algorithms=provider.algorithms)
-        return check_claims(claims, provider, device=device, now=now, client_static=client_static,
-                            leeway_s=self.leeway_s)
+        return _verify_key_and_claims(decoded, claims, provider, key, device=device, now=now,
+                                      client_static=client_static, leeway_s=self.leeway_s)
 
     def verify_with_key(self, token: str, provider: Provider, key: jwt.PyJWK | None, *, device: int, now: float,
                         client_static: bytes | None = None) -> Identity:

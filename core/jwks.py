@@ -48,6 +48,7 @@ from interlink.core.auth import (
     Provider,
     check_url,
     parse_jwks,
+    reject_json_constant,
 )
 from interlink.core.errors import ConfigError
 
@@ -365,7 +366,7 @@ class JwksCache:
                 if len(body) > limit:
                     raise _FetchError(f"{what} is larger than the limit of {limit} bytes")
         try:
-            return json.loads(bytes(body), parse_constant=_reject_constant)
+            return json.loads(bytes(body), parse_constant=reject_json_constant)
         except (ValueError, UnicodeDecodeError, RecursionError):
             raise _FetchError(f"{what} is not valid JSON") from None
 
@@ -385,8 +386,4 @@ async def _join(task: asyncio.Task) -> None:
 
 def _number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
 
