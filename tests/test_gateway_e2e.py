@@ -45,6 +45,12 @@ async def gateway(issuers, tmp_path):
         yield gw
 
 
+def alpha_gateway(alpha: DemoIssuer, tmp_path, **settings) -> Gateway:
+    """A gateway serving provider 'alpha' only, with some settings changed."""
+    provider = Provider(id="alpha", issuer=alpha.issuer, audience=AUD, discovery=True)
+    return Gateway(GatewayConfig(port=0, data_dir=tmp_path, providers=[provider], **settings))
+
+
 async def connect(gateway: Gateway, token: str, device: int = 1, **options) -> Client:
     host, port = gateway.address
     options.setdefault("root_public", gateway.root_public)
@@ -185,11 +191,7 @@ async def test_second_connection_of_a_device_replaces_the_first(gateway, issuers
 
 async def test_token_expiry_while_connected(issuers, tmp_path):
     alpha, _ = issuers
-    config = GatewayConfig(
-        port=0, data_dir=tmp_path, token_leeway_s=0.5,
-        providers=[Provider(id="alpha", issuer=alpha.issuer, audience=AUD, discovery=True)],
-    )
-    async with Gateway(config) as gw:
+    async with alpha_gateway(alpha, tmp_path, token_leeway_s=0.5) as gw:
         token = alpha.issue("fay", audience=AUD, expires_in=1)
         client = await connect(gw, token)
         # The token was accepted with 0.5 s of allowed skew; the session ends on that same line.
@@ -201,8 +203,7 @@ async def test_token_expiry_while_connected(issuers, tmp_path):
 
 async def test_drain_says_bye_drain(issuers, tmp_path):
     alpha, _ = issuers
-    config = GatewayConfig(port=0, data_dir=tmp_path, providers=[Provider(id="alpha", issuer=alpha.issuer, audience=AUD, discovery=True)])
-    gw = Gateway(config)
+    gw = alpha_gateway(alpha, tmp_path)
     await gw.start()
     clients = [await connect(gw, alpha.issue(f"u{i}", audience=AUD)) for i in range(5)]
     await gw.drain(timeout_s=5)
@@ -267,9 +268,7 @@ async def test_zero_length_frame_is_closed(gateway):
 
 async def test_oversize_frame_rejected_before_body(issuers, tmp_path):
     alpha, _ = issuers
-    config = GatewayConfig(port=0, data_dir=tmp_path, max_frame_bytes=9000, preauth_deadline_s=30,
-                           providers=[Provider(id="alpha", issuer=alpha.issuer, audience=AUD, discovery=True)])
-    async with Gateway(config) as gw:
+    async with alpha_gateway(alpha, tmp_path, max_frame_bytes=9000, preauth_deadline_s=30) as gw:
         received = await raw_exchange(gw, b"IL\x01\x01" + (9001).to_bytes(2, "big"), wait_s=10)  # no body
         assert received == b""
         # Closed by the length check as soon as the header arrived, not by the 30 s deadline.
@@ -351,11 +350,7 @@ async def test_many_concurrent_handshakes(gateway, issuers):
 
 async def test_idle_sessions_hibernate_and_wake_up(issuers, tmp_path):
     alpha, _ = issuers
-    config = GatewayConfig(
-        port=0, data_dir=tmp_path, idle_release_s=0.1,
-        providers=[Provider(id="alpha", issuer=alpha.issuer, audience=AUD, discovery=True)],
-    )
-    async with Gateway(config) as gw:
+    async with alpha_gateway(alpha, tmp_path, idle_release_s=0.1) as gw:
         clients = [await connect(gw, alpha.issue(f"sleepy{i}", audience=AUD), suite=suite)
                    for i, suite in enumerate((Suite.XX_CHACHAPOLY, Suite.XX_AESGCM))]
         for _ in range(50):
@@ -391,8 +386,7 @@ async def test_a_huge_unknown_type_gets_a_short_answer_and_the_session_continues
 
 async def test_suspension_during_a_key_fetch_is_honoured(issuers, tmp_path):
     alpha, _ = issuers
-    config = GatewayConfig(port=0, data_dir=tmp_path, providers=[Provider(id="alpha", issuer=alpha.issuer, audience=AUD, discovery=True)])
-    async with Gateway(config) as gw:
+    async with alpha_gateway(alpha, tmp_path) as gw:
         alpha.set_delay(0.5)  # the gateway's first key fetch takes a while
         attempt = asyncio.ensure_future(connect(gw, alpha.issue("jay", audience=AUD)))
         for _ in range(100):
@@ -408,8 +402,7 @@ async def test_suspension_during_a_key_fetch_is_honoured(issuers, tmp_path):
 
 async def test_issuer_down_is_internal_not_a_bad_token(issuers, tmp_path):
     alpha, _ = issuers
-    config = GatewayConfig(port=0, data_dir=tmp_path, providers=[Provider(id="alpha", issuer=alpha.issuer, audience=AUD, discovery=True)])
-    async with Gateway(config) as gw:
+    async with alpha_gateway(alpha, tmp_path) as gw:
         alpha.set_available(False)
         assert (await refusal(gw, alpha.issue("kim", audience=AUD))).code == "internal"
         alpha.set_available(True)
@@ -417,9 +410,7 @@ async def test_issuer_down_is_internal_not_a_bad_token(issuers, tmp_path):
 
 async def test_preauth_connection_limit(issuers, tmp_path):
     alpha, _ = issuers
-    config = GatewayConfig(port=0, data_dir=tmp_path, max_preauth_connections=2,
-                           providers=[Provider(id="alpha", issuer=alpha.issuer, audience=AUD, discovery=True)])
-    async with Gateway(config) as gw:
+    async with alpha_gateway(alpha, tmp_path, max_preauth_connections=2) as gw:
         host, port = gw.address
         idle = [await asyncio.open_connection(host, port) for _ in range(2)]
         for _, writer in idle:
