@@ -695,7 +695,7 @@ class ProviderRegistry:
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Identity:
     """The authenticated user of a connection."""
 

@@ -123,27 +123,27 @@ class _Endpoint:
         # frame maximum the gateway announces (a client adopts it from ``welcome``).
         self.max_plaintext_bytes = min(MAX_PLAINTEXT_BYTES, max_frame_bytes - TAG_BYTES)
         self._session: NoiseSession | None = None
-        self._out: list = []  # wire bytes ready to send (frames, preamble)
-        self._pending: list = []  # encoded stanzas waiting to be coalesced into transport messages
-        self._events: list = []
+        # The three queues are None while empty: an idle session (most of them) holds no lists.
+        self._out: list | None = None  # wire bytes ready to send (frames, preamble)
+        self._pending: list | None = None  # encoded stanzas waiting to be coalesced into transport messages
+        self._events: list | None = None
         self.close_reason: str | None = None
 
     # -- outputs
 
     def events(self) -> list:
-        events, self._events = self._events, []
-        return events
+        events, self._events = self._events, None
+        return events or []
 
     def data_to_send(self) -> bytes:
         """Everything to write now: queued frames, then the queued stanzas coalesced into as few
         transport messages as fit in a frame."""
         if self._pending:
             self._flush_stanzas()
-        if not self._out:
+        out, self._out = self._out, None
+        if not out:
             return b""
-        data = b"".join(self._out) if len(self._out) > 1 else self._out[0]
-        self._out.clear()
-        return data
+        return b"".join(out) if len(out) > 1 else out[0]
 
     @property
     def closed(self) -> bool:
@@ -160,7 +160,10 @@ class _Endpoint:
             return
         if len(encoded) > self.max_plaintext_bytes:
             raise ValueError(f"stanza of {len(encoded)} bytes does not fit in one frame")
-        self._pending.append(encoded)
+        if self._pending is None:
+            self._pending = [encoded]
+        else:
+            self._pending.append(encoded)
 
     def _flush_stanzas(self) -> None:
         plaintexts = []
@@ -175,18 +178,30 @@ class _Endpoint:
             size += len(encoded)
         if batch:
             plaintexts.append(b"".join(batch))
-        self._pending.clear()
-        self._out.append(self._session.send_cipher.encrypt_frames(plaintexts))
+        self._pending = None
+        self._write(self._session.send_cipher.encrypt_frames(plaintexts))
 
     def _write_frame(self, payload: bytes) -> None:
-        self._out.append(encode_frame(payload))
+        self._write(encode_frame(payload))
+
+    def _write(self, data: bytes) -> None:
+        if self._out is None:
+            self._out = [data]
+        else:
+            self._out.append(data)
+
+    def _emit(self, event) -> None:
+        if self._events is None:
+            self._events = [event]
+        else:
+            self._events.append(event)
 
     def _finish(self, reason: str, code: str | None = None, message: str = "") -> None:
         if self.closed:
             return
         self.state = State.CLOSING
         self.close_reason = reason
-        self._events.append(ConnectionClosed(reason, code, message))
+        self._emit(ConnectionClosed(reason, code, message))
 
     def _receive_frames(self, data, now: float) -> None:
         """Feed bytes to the decoder and handle every complete frame, then a framing error if
@@ -218,8 +233,8 @@ class _Endpoint:
         if not self.closed:
             self._finish(CLOSE_PEER_CLOSED, message="connection lost")
         self.state = State.CLOSED
-        self._pending.clear()
-        self._out.clear()
+        self._pending = None
+        self._out = None
 
 
 # ----------------------------------------------------------------------------- server side
@@ -413,7 +428,7 @@ class ServerConnection(_Endpoint):
             self.reject_auth("auth_failed", request)
             return
         self._auth = request
-        self._events.append(request)
+        self._emit(request)
 
     def _parse_auth(self, payload) -> AuthRequested | str:
         """The auth payload as an event, or the reason it is malformed."""
@@ -452,7 +467,7 @@ class ServerConnection(_Endpoint):
             elif not isinstance(kind, str):
                 self.send_error("bad_stanza", "stanza has no string field 't'")
             else:
-                self._events.append(StanzaReceived(stanza))
+                self._emit(StanzaReceived(stanza))
         if error is not None:
             self.send_error("bad_stanza", str(error))
 
@@ -503,7 +518,7 @@ class ClientConnection(_Endpoint):
             prologue=prologue,
             remote_static=server_static if "_IK_" in protocol_name else None,
         )
-        self._out.append(prologue)
+        self._write(prologue)
 
     @property
     def pattern(self) -> str:
@@ -567,7 +582,7 @@ class ClientConnection(_Endpoint):
             if kind == "welcome":
                 self.welcome = stanza
                 self.state = State.OPEN
-                self._events.append(Welcomed(stanza))
+                self._emit(Welcomed(stanza))
             elif kind == "err":
                 self._finish(CLOSE_AUTH_FAILED, str(stanza.get("code")), str(stanza.get("msg", "")))
             elif kind == "bye":
@@ -581,4 +596,4 @@ class ClientConnection(_Endpoint):
         if kind == "bye":
             self._finish(str(stanza.get("reason")), message="gateway said bye")
             return
-        self._events.append(StanzaReceived(stanza))
+        self._emit(StanzaReceived(stanza))

@@ -26,6 +26,7 @@ decides to close).
 from __future__ import annotations
 
 import re
+import sys
 import warnings
 
 from cryptography.exceptions import InvalidTag
@@ -208,7 +209,8 @@ class NoiseSession:
                 f"unsupported Noise protocol {protocol_name!r}: expected Noise_XX_25519_* or Noise_IK_25519_* "
                 "with ChaChaPoly/AESGCM and SHA256/BLAKE2s/BLAKE2b"
             )
-        pattern, cipher_name, _hash_name = match.groups()
+        # Interned: every session of a suite shares these strings instead of holding copies.
+        pattern, cipher_name = sys.intern(match.group(1)), sys.intern(match.group(2))
         static_private = _check_key("static_private", static_private)
         if not isinstance(prologue, (bytes, bytearray, memoryview)):
             raise TypeError(f"prologue must be bytes, got {type(prologue).__name__}")

@@ -97,13 +97,12 @@ def _excerpt(text: str, limit: int = 32) -> str:
 class GatewayProtocol(asyncio.BufferedProtocol):
     """Adapter between one uvloop transport and one ``ServerConnection``."""
 
-    __slots__ = ("server", "conn", "transport", "peer", "session_key", "active", "auth_task")
+    __slots__ = ("server", "conn", "transport", "session_key", "active", "auth_task")
 
     def __init__(self, server: GatewayServer) -> None:
         self.server = server
         self.conn: ServerConnection | None = None
         self.transport: asyncio.Transport | None = None
-        self.peer = None
         self.session_key: tuple[str, int] | None = None
         self.active = True  # moved bytes since the last idle sweep
         self.auth_task: asyncio.Task | None = None  # set only while a key fetch is awaited
@@ -112,7 +111,6 @@ class GatewayProtocol(asyncio.BufferedProtocol):
 
     def connection_made(self, transport) -> None:
         self.transport = transport
-        self.peer = transport.get_extra_info("peername")
         server = self.server
         self.conn = ServerConnection(server.settings, server.clock())
         if not server.admit(self):
@@ -123,6 +121,11 @@ class GatewayProtocol(asyncio.BufferedProtocol):
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER_BYTES)
         server.counters["connections_accepted"] += 1
         server.schedule(self)
+
+    @property
+    def peer(self):
+        """The client's address (looked up on demand: most connections never need it)."""
+        return self.transport.get_extra_info("peername") if self.transport is not None else None
 
     def pause_writing(self) -> None:
         # The peer does not read what we send: stop reading what it sends (and so stop producing
