@@ -64,8 +64,9 @@ def rss_bytes(pid: int) -> int:
 class GatewayChild:
     """The gateway in its own process, on CPU 0, configured for the issuer's provider."""
 
-    def __init__(self, issuer: str, data_dir: Path, durability: str) -> None:
-        self.args = [sys.executable, str(HERE / "_gateway_child.py"), issuer, AUDIENCE, str(data_dir), durability]
+    def __init__(self, issuer: str, data_dir: Path, durability: str, *, bare: bool = False) -> None:
+        self.args = [sys.executable, str(HERE / "_gateway_child.py")]
+        self.args += ["--bare"] if bare else [issuer, AUDIENCE, str(data_dir), durability]
         self.proc: subprocess.Popen | None = None
 
     async def __aenter__(self):
@@ -134,8 +135,32 @@ async def bench_handshakes(args) -> dict:
     }
 
 
+async def bench_bare_rss(args) -> dict:
+    """The floor: RSS per idle TCP connection to a uvloop server that keeps no state."""
+    _raise_fd_limit()
+    async with GatewayChild("", Path(args.data_dir), args.durability, bare=True) as server:
+        await asyncio.sleep(0.5)
+        baseline = rss_bytes(server.pid)
+        connections = []
+        for start in range(0, args.connections, 500):
+            connections += await asyncio.gather(
+                *(asyncio.open_connection("127.0.0.1", server.port) for _ in range(min(500, args.connections - start)))
+            )
+        await asyncio.sleep(2.0)
+        loaded = rss_bytes(server.pid)
+        for _, writer in connections:
+            writer.close()
+    return {
+        "benchmark": "bare-rss",
+        "connections": len(connections),
+        "rss_per_idle_connection_bytes": round((loaded - baseline) / len(connections)),
+    }
+
+
 async def bench_idle_rss(args) -> dict:
     _raise_fd_limit()
+    if args.bare:
+        return await bench_bare_rss(args)
     async with DemoIssuer() as issuer:
         async with GatewayChild(issuer.issuer, Path(args.data_dir), args.durability) as gateway:
             token_users = [f"idle{i}" for i in range(args.connections)]
@@ -181,6 +206,7 @@ def main() -> None:
     hs.add_argument("--alg", default="EdDSA", choices=["EdDSA", "ES256"])
     idle = sub.add_parser("idle-rss")
     idle.add_argument("--connections", type=int, default=10000)
+    idle.add_argument("--bare", action="store_true", help="measure a stateless uvloop server instead (the floor)")
     idle.add_argument("--settle-s", type=float, default=22.0, help="quiet time before measuring (default: past two idle sweeps)")
     args = parser.parse_args()
     if args.data_dir is None:
