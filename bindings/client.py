@@ -32,7 +32,7 @@ from interlink.core.identity import generate_static_key, x25519_public
 from interlink.core.wire import TAG_BYTES
 
 DEFAULT_AGENT = "interlink-python/0.1"
-MAX_QUEUED_STANZAS = 100_000
+MAX_QUEUED_STANZAS = 10_000  # unread stanzas before the client gives up (recv() is not being called)
 
 
 class _IKUnanswered(HandshakeError):

@@ -23,7 +23,7 @@ from interlink.client import Client, Suite
 from interlink.config import GatewayConfig
 from interlink.core.auth import Provider
 from interlink.core.errors import AuthError, CertificateError
-from interlink.core.identity import generate_root_key
+from interlink.core.identity import ROOT_PUBLIC_FILE, generate_root_key, init_operator_keys, load_operator_keys
 from interlink.gateway import Gateway
 from interlink.issuer import DemoIssuer
 
@@ -43,10 +43,17 @@ async def run_demo(data_dir: Path) -> None:
         ]
         say(f"OpenID issuer for provider 'alpha': {alpha_issuer.issuer}")
         say(f"OpenID issuer for provider 'beta':  {beta_issuer.issuer}")
+        keys_dir = data_dir / "keys"
+        if (keys_dir / ROOT_PUBLIC_FILE).exists():
+            keys = load_operator_keys(keys_dir)
+            say(f"operator keys loaded from {keys_dir}")
+        else:
+            keys = init_operator_keys(keys_dir, "demo-node", valid_days=30)
+            say(f"operator keys generated in {keys_dir}: root key, node static key, node certificate")
         config = GatewayConfig(port=0, data_dir=data_dir, node_name="demo-node", providers=providers)
-        async with Gateway(config) as gateway:
+        async with Gateway(config, keys=keys) as gateway:
             host, port = gateway.address
-            say(f"gateway listening on {host}:{port}; operator keys in {data_dir / 'keys'}")
+            say(f"gateway listening on {host}:{port}")
             say(f"operator root fingerprint (what clients pin): {gateway.keys.root_fingerprint}")
             say()
 

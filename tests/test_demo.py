@@ -1,0 +1,20 @@
+"""``make demo`` keeps working: run it as a user would and check what it reports."""
+
+import subprocess
+import sys
+
+
+def test_demo_runs_end_to_end(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "interlink.demo", "--data-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    for user, device, suite in [("alice@alpha", 1, "XX_CHACHAPOLY"), ("alice@alpha", 2, "IK_AESGCM"),
+                                ("bob@beta", 1, "XX_AESGCM"), ("bob@beta", 2, "IK_CHACHAPOLY")]:
+        assert f"welcome {user:<12} device {device}  suite {suite}" in out
+    assert "err token_expired" in out and "err bad_audience" in out
+    assert "client aborts" in out and "replaced" in out
+    assert out.rstrip().endswith("done.")
+    assert (tmp_path / "keys" / "root_public.pem").exists()  # keys were generated where asked
