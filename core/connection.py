@@ -17,6 +17,7 @@ Peer misbehaviour never escapes as an exception: it becomes a named close reason
 from __future__ import annotations
 
 import enum
+import functools
 import os
 from dataclasses import dataclass, field
 
@@ -111,18 +112,37 @@ class ConnectionClosed:
 # ----------------------------------------------------------------------------- shared plumbing
 
 
+@functools.lru_cache(maxsize=16)
+def _max_plaintext(max_frame_bytes: int) -> int:
+    # Cached so that every connection shares one int object (they are not small ints).
+    return min(MAX_PLAINTEXT_BYTES, max_frame_bytes - TAG_BYTES)
+
+
 class _Endpoint:
     """Framing, transport encryption and stanza coalescing shared by both sides."""
 
-    __slots__ = ("state", "_decoder", "_session", "_out", "_pending", "_events", "close_reason", "max_plaintext_bytes")
+    __slots__ = (
+        "state",
+        "_decoder",
+        "_session",
+        "_send",
+        "_recv",
+        "_out",
+        "_pending",
+        "_events",
+        "close_reason",
+        "max_plaintext_bytes",
+    )
 
     def __init__(self, max_frame_bytes: int) -> None:
         self.state = State.PREAMBLE
         self._decoder = FrameDecoder(max_frame_bytes)
         # Largest plaintext this side sends in one transport message: both sides keep to the
         # frame maximum the gateway announces (a client adopts it from ``welcome``).
-        self.max_plaintext_bytes = min(MAX_PLAINTEXT_BYTES, max_frame_bytes - TAG_BYTES)
-        self._session: NoiseSession | None = None
+        self.max_plaintext_bytes = _max_plaintext(max_frame_bytes)
+        self._session: NoiseSession | None = None  # the handshake (the server drops it when done)
+        self._send = None  # transport CipherStates, once the handshake is complete
+        self._recv = None
         # The three queues are None while empty: an idle session (most of them) holds no lists.
         self._out: list | None = None  # wire bytes ready to send (frames, preamble)
         self._pending: list | None = None  # encoded stanzas waiting to be coalesced into transport messages
@@ -156,7 +176,7 @@ class _Endpoint:
 
     def send_encoded(self, encoded: bytes) -> None:
         """Queue an already-encoded stanza (fan-out serializes once, then queues per recipient)."""
-        if self.closed or self._session is None or not self._session.handshake_complete:
+        if self.closed or self._send is None:
             return
         if len(encoded) > self.max_plaintext_bytes:
             raise ValueError(f"stanza of {len(encoded)} bytes does not fit in one frame")
@@ -179,7 +199,12 @@ class _Endpoint:
         if batch:
             plaintexts.append(b"".join(batch))
         self._pending = None
-        self._write(self._session.send_cipher.encrypt_frames(plaintexts))
+        self._write(self._send.encrypt_frames(plaintexts))
+
+    def _transport_ready(self) -> None:
+        """The handshake just completed: keep the two transport ciphers."""
+        self._send = self._session.send_cipher
+        self._recv = self._session.recv_cipher
 
     def _write_frame(self, payload: bytes) -> None:
         self._write(encode_frame(payload))
@@ -272,7 +297,7 @@ class ServerConnection(_Endpoint):
         self.suite: int | None = None
         self._auth_deadline = now + settings.preauth_deadline_s
         self.expires_at: float | None = None  # token expiry once open
-        self._auth: AuthRequested | None = None
+        self._auth: AuthRequested | str | None = None  # IK: parsed auth payload (or why it is bad) until confirmed
         self._held: list | None = None  # transport plaintexts that arrived before auth was decided
         self.identity = None  # set by accept_auth; opaque to this layer
         self._preamble = b""  # the 4 preamble bytes as they trickle in
@@ -314,6 +339,7 @@ class ServerConnection(_Endpoint):
             return
         self.identity = identity
         self.expires_at = identity.expires_at if expires_at is None else expires_at
+        self._auth_deadline = None  # only the token's expiry matters from here on
         self.state = State.OPEN
         self._auth = None
         self.send_stanza(welcome)
@@ -339,14 +365,19 @@ class ServerConnection(_Endpoint):
             return
         if self.state is State.OPEN:
             self.send_stanza({"t": "bye", "reason": reason})
-        elif self._session is not None and self._session.handshake_complete:
+        elif self._send is not None:
             self.send_error(_PREOPEN_CLOSE_CODES.get(reason, "internal"), message or f"closing: {reason}")
         self._finish(reason, message=message)
 
     def hibernate(self) -> bool:
         """Shrink an idle open session to its keys (the edge calls this after a quiet period).
         True if memory was freed."""
-        return self.state is State.OPEN and self._session.release()
+        send, recv = self._send, self._recv
+        if self.state is not State.OPEN or not (send.loaded or recv.loaded):
+            return False
+        send.release()
+        recv.release()
+        return True
 
     def send_error(self, code: str, message: str, **fields) -> None:
         stanza = {"t": "err", "code": code, "msg": message}
@@ -376,6 +407,7 @@ class ServerConnection(_Endpoint):
             static_private=self.settings.static_private,
             prologue=self._preamble,
         )
+        self._preamble = b""  # done with it (the empty bytes object is shared)
         self.state = State.HANDSHAKE
         return data[needed:]
 
@@ -390,18 +422,23 @@ class ServerConnection(_Endpoint):
             except HandshakeError as exc:
                 self._finish(CLOSE_HANDSHAKE_FAILED, message=str(exc))
                 return
-            if session.pattern == "XX" and not session.handshake_complete:
-                return  # message 1 read and message 2 written; wait for message 3
+            if not session.handshake_complete:
+                return  # XX: message 1 read and message 2 written; wait for message 3
+            self._transport_ready()
+            # Only the transport ciphers are needed from here on; the session object and the
+            # handshake's leftovers would otherwise stay for the life of the connection.
+            self._session = None
+            request = self._parse_auth(payload, session.remote_static)
             if session.pattern == "XX":
-                self._request_auth(payload)
+                self._request_auth(request)
             else:
                 # IK: message 1 carried the auth payload and message 2 is out; the payload may be a
                 # replay, so act on it only once the client proves liveness with a transport message.
-                self._auth = self._parse_auth(payload)
+                self._auth = request
                 self.state = State.CONFIRM
             return
         try:
-            plaintext = session.recv_cipher.decrypt(frame)
+            plaintext = self._recv.decrypt(frame)
         except CryptoError as exc:
             self._fail_frame(exc)
             return
@@ -416,12 +453,10 @@ class ServerConnection(_Endpoint):
             return
         self._held.append(plaintext)
         if self.state is State.CONFIRM:
-            auth = self._auth
-            self._auth = None
-            self._request_auth(None, parsed=auth)
+            request, self._auth = self._auth, None
+            self._request_auth(request)
 
-    def _request_auth(self, payload, parsed=None) -> None:
-        request = parsed if parsed is not None else self._parse_auth(payload)
+    def _request_auth(self, request: AuthRequested | str) -> None:
         self.state = State.AUTH
         if isinstance(request, str):
             # The auth payload itself is malformed: answer with auth_failed, then close.
@@ -430,7 +465,8 @@ class ServerConnection(_Endpoint):
         self._auth = request
         self._emit(request)
 
-    def _parse_auth(self, payload) -> AuthRequested | str:
+    @staticmethod
+    def _parse_auth(payload, client_static: bytes) -> AuthRequested | str:
         """The auth payload as an event, or the reason it is malformed."""
         try:
             fields = msgpack.unpackb(payload, raw=False, strict_map_key=True)
@@ -445,7 +481,7 @@ class ServerConnection(_Endpoint):
             return "auth payload needs 'device' (int 1..2^31-1)"
         if not isinstance(agent, str) or len(agent) > MAX_AGENT_CHARS:
             return f"'agent' must be a str of at most {MAX_AGENT_CHARS} characters"
-        return AuthRequested(token, device, agent, self._session.remote_static)
+        return AuthRequested(token, device, agent, client_static)
 
     def _receive_plaintext(self, plaintext: bytes) -> None:
         try:
@@ -472,7 +508,7 @@ class ServerConnection(_Endpoint):
             self.send_error("bad_stanza", str(error))
 
     def _fail_frame(self, error: InterlinkError) -> None:
-        if self._session is not None and self._session.handshake_complete:
+        if self._send is not None:
             self.send_error("bad_frame", str(error))
         self._finish(CLOSE_BAD_FRAME, "bad_frame", str(error))
 
@@ -561,6 +597,7 @@ class ClientConnection(_Endpoint):
                 self.failure = exc
                 self._finish(CLOSE_HANDSHAKE_FAILED, message=str(exc))
                 return
+            self._transport_ready()
             self.state = State.AUTH
             if session.pattern == "IK":
                 # Prove liveness at once so the gateway may act on our (replayable) message 1.
@@ -568,7 +605,7 @@ class ClientConnection(_Endpoint):
                 self.send_stanza({"t": "ping", "id": self._ik_confirm_id})
             return
         try:
-            plaintext = session.recv_cipher.decrypt(frame)
+            plaintext = self._recv.decrypt(frame)
             stanzas = decode_stanzas(plaintext)
         except (CryptoError, StanzaError) as exc:
             self._finish(CLOSE_BAD_FRAME, "bad_frame", f"gateway sent an unreadable message: {exc}")

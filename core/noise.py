@@ -460,16 +460,6 @@ class NoiseSession:
 
     # -------------------------------------------------------------- transport
 
-    def release(self) -> bool:
-        """Free both transport ciphers' AEAD objects while the session is idle; they are
-        recreated from their keys on the next message. True if anything was freed."""
-        send, recv = self._send_cipher, self._recv_cipher
-        if send is None or not (send.loaded or recv.loaded):
-            return False
-        send.release()
-        recv.release()
-        return True
-
     def encrypt(self, plaintext: bytes) -> bytes:
         """Encrypt one transport message with the send cipher."""
         send = self._send_cipher

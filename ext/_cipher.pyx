@@ -13,7 +13,7 @@ cimport cython
 from cpython.bytearray cimport PyByteArray_AS_STRING
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from libc.stdint cimport uint64_t
-from libc.string cimport memcpy
+from libc.string cimport memcpy, memset
 
 import operator
 
@@ -44,10 +44,8 @@ def _check_nonce(value):
 cdef class CipherState:
     """Encrypts or decrypts Noise transport messages with a counter nonce."""
 
-    cdef object _cipher_name
     cdef bint _little_endian   # ChaChaPoly: counter little-endian in the nonce; AESGCM: big-endian
-    cdef bytes _key
-    cdef object _aead_class
+    cdef unsigned char _key[32]  # inline: no separate bytes object per cipher state
     cdef object _aead
     cdef object _aead_encrypt  # bound methods of _aead, looked up once per key
     cdef object _aead_decrypt
@@ -59,16 +57,16 @@ cdef class CipherState:
         if len(key) != 32:
             raise ValueError(f"cipher key must be 32 bytes, got {len(key)}")
         self._nonce = _check_nonce(nonce)
-        aead_class, byteorder = _CIPHERS[cipher_name]
-        self._little_endian = byteorder == "little"
-        self._cipher_name = cipher_name
-        self._aead_class = aead_class
+        self._little_endian = _CIPHERS[cipher_name][1] == "little"
         self._set_key(bytes(key))
+
+    def __dealloc__(self):
+        memset(self._key, 0, 32)  # do not leave the key behind in freed memory
 
     @property
     def cipher_name(self):
         """``"ChaChaPoly"`` or ``"AESGCM"``; fixed for the life of the object."""
-        return self._cipher_name
+        return "ChaChaPoly" if self._little_endian else "AESGCM"
 
     @property
     def nonce(self):
@@ -92,12 +90,13 @@ cdef class CipherState:
         self._aead_decrypt = None
 
     cdef int _set_key(self, bytes key) except -1:
-        self._key = key
+        memcpy(self._key, PyBytes_AS_STRING(key), 32)
         self.release()
         return 0
 
     cdef int _load(self) except -1:
-        self._aead = self._aead_class(self._key)
+        aead_class = ChaCha20Poly1305 if self._little_endian else AESGCM
+        self._aead = aead_class(PyBytes_FromStringAndSize(<char*>self._key, 32))
         self._aead_encrypt = self._aead.encrypt
         self._aead_decrypt = self._aead.decrypt
         return 0

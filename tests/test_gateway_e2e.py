@@ -353,6 +353,8 @@ async def test_idle_sessions_hibernate_and_wake_up(issuers, tmp_path):
     async with alpha_gateway(alpha, tmp_path, idle_release_s=0.1) as gw:
         clients = [await connect(gw, alpha.issue(f"sleepy{i}", audience=AUD), suite=suite)
                    for i, suite in enumerate((Suite.XX_CHACHAPOLY, Suite.XX_AESGCM))]
+        for client in clients:  # traffic after welcome loads the cipher contexts again
+            assert await client.ping() > 0
         for _ in range(50):
             await asyncio.sleep(0.05)
             if gw.stats()["counters"].get("hibernations", 0) >= 2:
