@@ -7,9 +7,10 @@ bytes, runs timers and calls the edge services (token verification, the store). 
   synchronously, so connections never own a read buffer while idle.
 * One timer heap for all connections instead of a timer handle each (pre-auth deadlines, token
   expiry): an idle connection costs the protocol object, its state machine and the transport.
-* Idle sessions hibernate: a sweep every ``idle_release_s`` frees the AEAD contexts (1.6–2.5 KB
-  of OpenSSL state each, two per session) of sessions that moved no bytes since the last sweep;
-  the next message recreates them from the keys in about a microsecond.
+* Idle sessions hibernate: right after ``welcome``, and at a sweep every ``idle_release_s`` for
+  sessions that moved no bytes since the last one, the AEAD contexts (1.6–2.5 KB of OpenSSL
+  state each, two per session) are freed; the next message recreates them from the keys in
+  about a microsecond.
 * Token verification may await a JWKS fetch; it runs in a task per handshake so the loop never
   blocks, and the connection only acts on the verdict if it is still open.
 """
