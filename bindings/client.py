@@ -14,6 +14,7 @@ does not prove it belongs to the pinned operator, ``ServerError`` for an ``err``
 from __future__ import annotations
 
 import asyncio
+import collections
 import enum
 import itertools
 import os
@@ -33,6 +34,7 @@ from interlink.core.wire import TAG_BYTES
 
 DEFAULT_AGENT = "interlink-python/0.1"
 MAX_QUEUED_STANZAS = 10_000  # unread stanzas before the client gives up (recv() is not being called)
+DEDUP_MEMORY = 10_000  # (from, id) pairs remembered to drop redelivered messages
 
 
 class _IKUnanswered(HandshakeError):
@@ -77,8 +79,11 @@ class _ClientProtocol(asyncio.Protocol):
 class Client:
     """One authenticated device session. Create it with ``await Client.connect(...)``."""
 
-    def __init__(self, conn: ClientConnection, static_private: bytes) -> None:
+    def __init__(self, conn: ClientConnection, static_private: bytes, *, auto_recv: bool = True) -> None:
         self._conn = conn
+        self.auto_recv = auto_recv
+        self._to_receive: list[int] = []  # seqs to confirm with one recv after this read
+        self._seen: collections.OrderedDict = collections.OrderedDict()  # (from, id) already handed out
         self.static_private = static_private
         self._transport: asyncio.Transport | None = None
         self._loop = asyncio.get_running_loop()
@@ -106,25 +111,29 @@ class Client:
         agent: str = DEFAULT_AGENT,
         timeout_s: float = 10.0,
         ik_fallback: bool = True,
+        auto_recv: bool = True,
     ) -> Client:
         """Connect, complete the Noise handshake, check the node certificate against ``root_public``
         and authenticate. With an IK suite, a failed handshake (the gateway's static key changed)
-        is retried once with XX and the same cipher, unless ``ik_fallback`` is false."""
+        is retried once with XX and the same cipher, unless ``ik_fallback`` is false.
+
+        With ``auto_recv`` (the default) every delivered item is confirmed to the gateway with
+        ``recv`` as soon as it is queued for ``recv()``/iteration, and redelivered messages (same
+        ``from`` and ``id``) are dropped; without it, call ``received(seqs)`` yourself."""
         suite = Suite(suite)
         static_private = static_private or generate_static_key()
+        options = (host, port, token, device, root_public, static_private, agent, timeout_s, auto_recv)
         try:
-            return await cls._connect_once(
-                host, port, token, device, root_public, suite, static_private, server_static, agent, timeout_s
-            )
+            return await cls._connect_once(*options, suite, server_static)
         except _IKUnanswered:
             if not ik_fallback:
                 raise
-        return await cls._connect_once(
-            host, port, token, device, root_public, suite.as_xx(), static_private, None, agent, timeout_s
-        )
+        return await cls._connect_once(*options, suite.as_xx(), None)
 
     @classmethod
-    async def _connect_once(cls, host, port, token, device, root_public, suite, static_private, server_static, agent, timeout_s):
+    async def _connect_once(
+        cls, host, port, token, device, root_public, static_private, agent, timeout_s, auto_recv, suite, server_static
+    ):
         conn = ClientConnection(
             suite=int(suite),
             static_private=static_private,
@@ -134,7 +143,7 @@ class Client:
             agent=agent,
             server_static=server_static,
         )
-        client = cls(conn, static_private)
+        client = cls(conn, static_private, auto_recv=auto_recv)
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(timeout_s):
@@ -224,6 +233,30 @@ class Client:
         stanza.update(fields)
         return await self.request(stanza, timeout_s=timeout_s)
 
+    async def send_message(
+        self,
+        to: str,
+        ciphertexts: dict[int, bytes],
+        *,
+        own: dict[int, bytes] | None = None,
+        msg_id: bytes | None = None,
+        timeout_s: float = 10.0,
+    ) -> dict:
+        """Send a 1:1 message: one ciphertext per device of ``to`` (and, in ``own``, per other
+        device of your own). Returns the ``ack`` once the gateway stored it durably; resending
+        with the same ``msg_id`` after a lost connection is safe (``ack`` with ``dup``).
+        ``ServerError`` says why not: ``device_mismatch`` (with ``missing``/``extra``),
+        ``unknown_recipient``, ``not_opted_in``..."""
+        stanza = {"t": "msg", "id": msg_id or new_message_id(), "to": to, "c": ciphertexts}
+        if own:
+            stanza["own"] = own
+        return await self.request(stanza, timeout_s=timeout_s)
+
+    async def received(self, seqs: list[int]) -> None:
+        """Confirm delivered items (``recv``): the gateway deletes them and sends more."""
+        if seqs:
+            await self.send({"t": "recv", "seq": list(seqs)})
+
     async def ping(self, *, timeout_s: float = 10.0) -> float:
         """Round trip time of a ``ping`` in seconds."""
         started = time.perf_counter()
@@ -297,6 +330,9 @@ class Client:
                     self._welcomed.set_result(event.welcome)
             elif type(event) is ConnectionClosed:
                 self._on_closed(event)
+        if self._to_receive and not conn.closed:
+            conn.send_stanza({"t": "recv", "seq": self._to_receive})
+            self._to_receive = []
         data = conn.data_to_send()
         if data and self._transport is not None and not self._transport.is_closing():
             self._transport.write(data)
@@ -334,7 +370,26 @@ class Client:
         if waiter is not None and not waiter.done():
             waiter.set_result(stanza)
             return
+        if kind == "dlv" and self.auto_recv and not self._accept_delivery(stanza):
+            return
         self._deliver(stanza)
+
+    def _accept_delivery(self, stanza: dict) -> bool:
+        """Confirm a delivered item and tell whether it is new (not a redelivery)."""
+        seq = stanza.get("seq")
+        if type(seq) is int:
+            self._to_receive.append(seq)
+        if stanza.get("k") != "msg":
+            return True
+        key = (stanza.get("from"), stanza.get("id"))
+        if type(key[0]) is not str or type(key[1]) is not bytes:
+            return True  # malformed: hand it out as it is, never guess
+        if key in self._seen:
+            return False
+        self._seen[key] = None
+        if len(self._seen) > DEDUP_MEMORY:
+            self._seen.popitem(last=False)
+        return True
 
     def _deliver(self, item) -> None:
         try:

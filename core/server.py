@@ -38,9 +38,10 @@ from interlink.core.connection import (
     StanzaReceived,
     State,
 )
-from interlink.core.errors import AuthError
+from interlink.core.errors import AuthError, StanzaError
+from interlink.core.router import RouteError, Router
 from interlink.core.wire import WIRE_MAX_FRAME_BYTES
-from interlink.core.store import DeviceRegistry
+from interlink.core.store import Store
 
 log = logging.getLogger("interlink.server")
 
@@ -89,6 +90,16 @@ class Limits:
             "max_group": self.max_group,
             "window": self.window,
         }
+
+
+def _reference(stanza: dict) -> dict:
+    """The field that ties an ``err`` to its request: ``id`` for ``iq``, ``ref`` for bin16 ids."""
+    stanza_id = stanza.get("id")
+    if stanza.get("t") == "iq" and type(stanza_id) is int:
+        return {"id": stanza_id}
+    if type(stanza_id) is bytes and len(stanza_id) == 16:
+        return {"ref": stanza_id}
+    return {}
 
 
 def _excerpt(text: str, limit: int = 32) -> str:
@@ -217,7 +228,7 @@ class GatewayServer:
         settings: ServerSettings,
         registry: ProviderRegistry,
         verifier: TokenVerifier,
-        store: DeviceRegistry,
+        store: Store,
         limits: Limits,
         clock=time.time,
         idle_release_s: float = IDLE_RELEASE_S,
@@ -243,6 +254,15 @@ class GatewayServer:
         self._auth_tasks: set[asyncio.Task] = set()
         self._all_closed = asyncio.Event()
         self.idle_release_s = idle_release_s
+        self.router = Router(
+            store=store,
+            registry=registry,
+            sessions=self.sessions,
+            window=limits.window,
+            max_frame_bytes=limits.max_frame_bytes,
+            clock=clock,
+        )
+        self._handlers = {"msg": self.router.handle_msg, "recv": self.router.handle_recv}
         self._idle_handle: asyncio.TimerHandle | None = None
 
     # -- lifecycle
@@ -316,6 +336,7 @@ class GatewayServer:
         self.preauth.pop(proto, None)
         if proto.session_key is not None and self.sessions.get(proto.session_key) is proto:
             del self.sessions[proto.session_key]
+        self.router.session_closed(proto)
         if not self.connections:
             self._all_closed.set()
         # Timer entries of closed connections (and superseded ones) are dropped lazily when they
@@ -436,6 +457,7 @@ class GatewayServer:
         previous = self.sessions.get(key)
         if previous is not None and previous is not proto:
             previous.session_key = None  # its close must not unregister the new session
+            self.router.session_closed(previous)
             previous.conn.close("replaced", "the same device connected again")
             previous.flush()
         self.sessions[key] = proto
@@ -446,13 +468,14 @@ class GatewayServer:
             "user": identity.user,
             "device": identity.device,
             "session": os.urandom(16),
-            "pending": 0,
+            "pending": self.router.session_opened(proto),
             "limits": self.limits.announce(),
         }
         # The token was accepted with the allowed clock skew; the session ends at the same line.
         expires_at = identity.expires_at + self.verifier.leeway_s
         proto.conn.accept_auth(identity, welcome, self.clock(), expires_at=expires_at)
         self.counters["sessions_opened"] += 1
+        self.router.session_ready(proto)  # stored items follow the welcome
         proto.flush()
         # Most sessions go quiet right after welcome. Free the cipher contexts now, while the
         # memory can be reused by the next handshake; freed only at the idle sweep, they would
@@ -463,18 +486,20 @@ class GatewayServer:
     # -- stanzas and closes
 
     def dispatch(self, proto: GatewayProtocol, stanza: dict) -> None:
-        """Route one stanza. Messaging arrives with the router; until then every type but ``ping``
-        (answered by the connection) is unknown to this gateway. Answers never echo client
-        text beyond a short, sanitised excerpt: an answer must not outgrow its request."""
+        """Route one stanza (``ping`` is answered by the connection itself). A refused stanza gets
+        ``err`` and the session continues. Answers never echo client text beyond a short,
+        sanitised excerpt: an answer must not outgrow its request."""
         self.counters["stanzas_in"] += 1
         kind = stanza["t"]
-        stanza_id = stanza.get("id")
-        fields = {}
-        if kind == "iq" and type(stanza_id) is int:
-            fields["id"] = stanza_id
-        elif type(stanza_id) is bytes and len(stanza_id) == 16:
-            fields["ref"] = stanza_id
-        proto.conn.send_error("bad_stanza", f"unsupported stanza type {_excerpt(kind)}", **fields)
+        handler = self._handlers.get(kind)
+        try:
+            if handler is None:
+                raise StanzaError(f"unsupported stanza type {_excerpt(kind)}")
+            handler(proto, stanza)
+        except RouteError as exc:
+            proto.conn.send_error(exc.code, exc.message, **_reference(stanza), **exc.fields)
+        except StanzaError as exc:
+            proto.conn.send_error("bad_stanza", exc.message, **_reference(stanza))
 
     def connection_closed(self, proto: GatewayProtocol, event: ConnectionClosed) -> None:
         self.close_reasons[event.reason] += 1

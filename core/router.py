@@ -1,0 +1,285 @@
+"""Routing of 1:1 messages through durable per-device mailboxes (PROTOCOL §4–§6).
+
+The router validates ``msg`` and ``recv`` stanzas, batches the writes of one event-loop turn into
+one store transaction (group commit), and only after that commit acks the senders and pushes
+``dlv`` to the recipients' devices that are online. Each online device has at most ``window``
+pushed-but-unreceived items; ``recv`` deletes items and lets more flow. A device that connects
+gets its stored items again from the start: delivery is at least once, clients drop duplicates
+by (``from``, ``id``).
+
+The router never looks inside ``c``: ciphertexts are opaque bytes it stores and forwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from interlink.core.auth import ProviderRegistry, localpart_error
+from interlink.core.errors import InterlinkError, StanzaError
+from interlink.core.stanza import encode_stanza
+from interlink.core.store import Store, StoredMessage, WriteBatch, device_key
+from interlink.core.wire import MAX_DEVICE_ID, TAG_BYTES
+
+if TYPE_CHECKING:
+    from interlink.core.server import GatewayProtocol
+
+log = logging.getLogger("interlink.router")
+
+ID_BYTES = 16
+MAX_RECV_SEQS = 1024  # seqs one ``recv`` may name
+DLV_OVERHEAD_BYTES = 512  # a dlv's fields besides the ciphertext (addresses, seq, ts, ...), at most
+
+
+class RouteError(InterlinkError):
+    """A refused stanza: answered with ``err`` ``code`` (and ``fields``); the session continues."""
+
+    def __init__(self, message: str, *, code: str, **fields) -> None:
+        super().__init__(message, code=code)
+        self.fields = fields
+
+
+class Delivery:
+    """Push state of one online device session that has stored items."""
+
+    __slots__ = ("inflight", "cursor", "backlog")
+
+    def __init__(self, backlog: bool) -> None:
+        self.inflight: set[int] = set()  # seqs pushed on this connection and not yet received
+        self.cursor = 0  # highest seq pushed on this connection
+        self.backlog = backlog  # the store may hold items after cursor that were not pushed
+
+
+class Router:
+    """1:1 routing: validation, consent, group commit, acks and windowed delivery."""
+
+    def __init__(
+        self, *, store: Store, registry: ProviderRegistry, sessions: dict, window: int, max_frame_bytes: int, clock=time.time
+    ) -> None:
+        self.store = store
+        # Every dlv must fit in one frame the recipient accepts.
+        self.max_ciphertext_bytes = max_frame_bytes - TAG_BYTES - DLV_OVERHEAD_BYTES
+        self.registry = registry
+        self.sessions = sessions  # (user, device) -> GatewayProtocol, owned by the server
+        self.window = window
+        self.clock = clock
+        self.deliveries: dict[GatewayProtocol, Delivery] = {}  # only sessions with stored items
+        self._batch = WriteBatch()
+        self._waiting: list[tuple[GatewayProtocol, StoredMessage]] = []  # senders owed an ack
+        self._commit_scheduled = False
+        self.counters = {"messages_stored": 0, "deliveries_pushed": 0, "commits": 0, "duplicates": 0}
+
+    # -- sessions
+
+    def session_opened(self, proto: GatewayProtocol) -> int:
+        """Start pushing a freshly opened session's stored items; returns how many are stored."""
+        dkey = device_key(*proto.session_key)
+        pending = self.store.pending_count(dkey)
+        if pending:
+            self.deliveries[proto] = Delivery(backlog=True)
+        return pending
+
+    def session_ready(self, proto: GatewayProtocol) -> None:
+        """After ``welcome`` went out: push the first window of stored items."""
+        if proto in self.deliveries:
+            self._refill(proto)
+
+    def session_closed(self, proto: GatewayProtocol) -> None:
+        self.deliveries.pop(proto, None)
+
+    # -- stanzas
+
+    def handle_msg(self, proto: GatewayProtocol, stanza: dict) -> None:
+        identity = proto.conn.identity
+        msg_id = stanza.get("id")
+        if type(msg_id) is not bytes or len(msg_id) != ID_BYTES:
+            raise StanzaError("msg needs 'id': 16 bytes")
+        if "g" in stanza:
+            raise RouteError("group messages are not served by this gateway yet", code="bad_stanza")
+        to = stanza.get("to")
+        recipient_provider, recipient = self._recipient(to)
+        if recipient == identity.user:
+            raise RouteError("to reach your own other devices, use 'own'", code="bad_stanza")
+        ciphertexts = _device_map(stanza.get("c"), "c", self.max_ciphertext_bytes)
+        own = stanza.get("own")
+        own = _device_map(own, "own", self.max_ciphertext_bytes) if own is not None else None
+        if not self._accepts(recipient_provider, identity.provider):
+            raise RouteError(f"{recipient} does not accept messages from users of {identity.provider!r}", code="not_opted_in")
+        devices = self.store.devices(recipient)
+        if not devices:
+            raise RouteError(f"no user {recipient} is known to this gateway", code="unknown_recipient")
+        _check_devices(ciphertexts, devices, "c")
+        sender_device = identity.device
+        items = []
+        for device, ciphertext in ciphertexts.items():
+            items.append((device_key(recipient, device), _dlv_builder(msg_id, identity.user, sender_device, ciphertext, None)))
+        if own is not None:
+            others = [d for d in self.store.devices(identity.user) if d != sender_device]
+            _check_devices(own, others, "own")
+            for device, ciphertext in own.items():
+                items.append((device_key(identity.user, device), _dlv_builder(msg_id, identity.user, sender_device, ciphertext, recipient)))
+        message = self._batch.add_message(device_key(identity.user, sender_device), msg_id, int(self.clock() * 1000), items)
+        self._waiting.append((proto, message))
+        self._schedule_commit()
+
+    def handle_recv(self, proto: GatewayProtocol, stanza: dict) -> None:
+        seqs = stanza.get("seq")
+        if type(seqs) is not list or len(seqs) > MAX_RECV_SEQS or not all(type(s) is int and s > 0 for s in seqs):
+            raise StanzaError(f"recv needs 'seq': a list of at most {MAX_RECV_SEQS} positive ints")
+        delivery = self.deliveries.get(proto)
+        if delivery is None or not seqs:
+            return
+        received = [seq for seq in seqs if seq in delivery.inflight]
+        if not received:
+            return
+        delivery.inflight.difference_update(received)
+        self._batch.delete(device_key(*proto.session_key), received)
+        self._schedule_commit()
+        self._refill(proto)
+
+    # -- group commit
+
+    def _schedule_commit(self) -> None:
+        if not self._commit_scheduled:
+            self._commit_scheduled = True
+            # Runs after every callback already queued for this loop turn: the reads that are
+            # ready now all join this one transaction.
+            asyncio.get_running_loop().call_soon(self.commit)
+
+    def commit(self) -> None:
+        """Write the pending batch in one transaction, then ack and push what it stored."""
+        self._commit_scheduled = False
+        batch, waiting = self._batch, self._waiting
+        if not batch:
+            return
+        self._batch, self._waiting = WriteBatch(), []
+        touched: set = set()
+        try:
+            self.store.commit(batch)
+        except InterlinkError as exc:
+            log.error("commit of %d messages failed: %s", len(batch.messages), exc)
+            for proto, message in waiting:
+                self._answer(proto, touched, {"t": "err", "code": exc.code, "msg": exc.message, "ref": message.msg_id})
+            self._flush(touched)
+            return
+        self.counters["commits"] += 1
+        for proto, message in waiting:
+            ack = {"t": "ack", "id": message.msg_id, "ts": message.ts_ms}
+            if message.dup:
+                ack["dup"] = True
+                self.counters["duplicates"] += 1
+            else:
+                self.counters["messages_stored"] += 1
+            self._answer(proto, touched, ack)
+            for dkey, seq, value in message.stored:
+                self._push_new(dkey, seq, value, touched)
+        self._flush(touched)
+
+    # -- delivery
+
+    def _push_new(self, dkey: bytes, seq: int, value: bytes, touched: set) -> None:
+        proto = self._online(dkey)
+        if proto is None:
+            return
+        delivery = self.deliveries.get(proto)
+        if delivery is None:
+            delivery = self.deliveries[proto] = Delivery(backlog=False)
+        if delivery.backlog or len(delivery.inflight) >= self.window:
+            # Older items wait in the store, or the window is full: this one waits its turn
+            # there too, and recv will bring it (order per device is seq order).
+            delivery.backlog = True
+            return
+        delivery.inflight.add(seq)
+        delivery.cursor = seq
+        proto.conn.send_encoded(value)  # the encoded dlv from the commit: serialized once
+        self.counters["deliveries_pushed"] += 1
+        touched.add(proto)
+
+    def _refill(self, proto: GatewayProtocol) -> None:
+        delivery = self.deliveries.get(proto)
+        if delivery is None:
+            return
+        room = self.window - len(delivery.inflight)
+        if room > 0 and delivery.backlog:
+            items = self.store.pending(device_key(*proto.session_key), delivery.cursor, room)
+            for seq, value in items:
+                delivery.inflight.add(seq)
+                delivery.cursor = seq
+                proto.conn.send_encoded(value)
+            self.counters["deliveries_pushed"] += len(items)
+            delivery.backlog = len(items) == room  # a short read reached the end of the mailbox
+        if not delivery.inflight and not delivery.backlog:
+            del self.deliveries[proto]  # nothing stored any more: no state for idle sessions
+
+    def _online(self, dkey: bytes):
+        # device key = user + b"\0" + device (4 bytes); see interlink.core.store.device_key
+        return self.sessions.get((dkey[:-5].decode("utf-8"), int.from_bytes(dkey[-4:], "big")))
+
+    # -- helpers
+
+    def _recipient(self, to) -> tuple:
+        if type(to) is not str:
+            raise StanzaError("msg needs 'to': a user address 'localpart@provider'")
+        localpart, at, provider_id = to.rpartition("@")
+        if not at or localpart_error(localpart) is not None:
+            raise StanzaError(f"'to' is not a user address: {to[:80]!r}")
+        provider = self.registry.get(provider_id)
+        if provider is None:
+            raise RouteError(f"no provider {provider_id[:32]!r} is registered here", code="unknown_recipient")
+        return provider, to
+
+    def _accepts(self, recipient_provider, sender_provider: str) -> bool:
+        # Consent defaults are the operator's per-provider configuration; per-user settings
+        # (consent.set) join this check when they are stored.
+        accept = recipient_provider.default_accept
+        return sender_provider == recipient_provider.id or "*" in accept or sender_provider in accept
+
+    @staticmethod
+    def _answer(proto, touched: set, stanza: dict) -> None:
+        if proto.transport is not None and not proto.conn.closed:
+            proto.conn.send_stanza(stanza)
+            touched.add(proto)
+
+    @staticmethod
+    def _flush(touched: set) -> None:
+        for proto in touched:
+            proto.flush()
+
+
+def _device_map(value, name: str, max_ciphertext_bytes: int) -> dict[int, bytes]:
+    if type(value) is not dict or not value:
+        raise StanzaError(f"msg needs '{name}': a non-empty map of device -> ciphertext")
+    for device, ciphertext in value.items():
+        if type(device) is not int or not 1 <= device <= MAX_DEVICE_ID:
+            raise StanzaError(f"'{name}' keys must be device numbers 1..2^31-1")
+        if type(ciphertext) is not bytes or not ciphertext:
+            raise StanzaError(f"'{name}' values must be non-empty bin")
+        if len(ciphertext) > max_ciphertext_bytes:
+            raise RouteError(
+                f"a ciphertext of {len(ciphertext)} bytes is over the {max_ciphertext_bytes}-byte limit", code="too_large"
+            )
+    return value
+
+
+def _check_devices(given: dict, registered: list[int], name: str) -> None:
+    registered_set = set(registered)
+    missing = sorted(registered_set - given.keys())
+    extra = sorted(given.keys() - registered_set)
+    if missing or extra:
+        raise RouteError(
+            f"'{name}' does not match the registered devices", code="device_mismatch", missing=missing, extra=extra
+        )
+
+
+def _dlv_builder(msg_id: bytes, sender: str, sender_device: int, ciphertext: bytes, to: str | None):
+    """Encodes the ``dlv`` once its seq and timestamp are known (inside the commit)."""
+
+    def build(seq: int, ts_ms: int) -> bytes:
+        stanza = {"t": "dlv", "seq": seq, "k": "msg", "id": msg_id, "from": sender, "dev": sender_device, "ts": ts_ms, "c": ciphertext}
+        if to is not None:
+            stanza["to"] = to
+        return encode_stanza(stanza)
+
+    return build

@@ -1,0 +1,297 @@
+"""1:1 messaging end to end over TCP: durable mailboxes, acks, windowed delivery, device lists,
+consent defaults, duplicates, and every refusal with its code (PROTOCOL §4–§6)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import pytest
+
+from interlink.client import Client
+from interlink.config import GatewayConfig
+from interlink.core.auth import Provider
+from interlink.core.errors import ServerError
+from interlink.gateway import Gateway
+from interlink.issuer import DemoIssuer
+
+AUD = "interlink-test"
+
+
+@pytest.fixture
+async def issuers():
+    async with DemoIssuer() as alpha, DemoIssuer() as beta, DemoIssuer() as gamma:
+        yield alpha, beta, gamma
+
+
+def config_for(issuers, data_dir, **settings) -> GatewayConfig:
+    alpha, beta, gamma = issuers
+    return GatewayConfig(
+        port=0,
+        data_dir=data_dir,
+        providers=[
+            Provider(id="alpha", issuer=alpha.issuer, audience=AUD, discovery=True, default_accept=("beta",)),
+            Provider(id="beta", issuer=beta.issuer, audience=AUD, discovery=True, default_accept=("alpha",)),
+            Provider(id="gamma", issuer=gamma.issuer, audience=AUD, discovery=True),  # own provider only
+        ],
+        **settings,
+    )
+
+
+@pytest.fixture
+async def gateway(issuers, tmp_path):
+    async with Gateway(config_for(issuers, tmp_path)) as gw:
+        yield gw
+
+
+class People:
+    def __init__(self, gateway: Gateway, issuers) -> None:
+        self.gateway = gateway
+        self.by_provider = dict(zip(("alpha", "beta", "gamma"), issuers))
+
+    async def connect(self, address: str, device: int, **options) -> Client:
+        localpart, provider = address.split("@")
+        token = self.by_provider[provider].issue(localpart, audience=AUD)
+        host, port = self.gateway.address
+        return await Client.connect(host, port, token=token, device=device, root_public=self.gateway.root_public, **options)
+
+
+@pytest.fixture
+def people(gateway, issuers) -> People:
+    return People(gateway, issuers)
+
+
+async def next_dlv(client: Client, timeout_s: float = 5.0) -> dict:
+    stanza = await client.recv(timeout_s=timeout_s)
+    assert stanza["t"] == "dlv", stanza
+    return stanza
+
+
+async def test_message_reaches_every_device_and_own_copies(people):
+    alice1, alice2 = await people.connect("alice@alpha", 1), await people.connect("alice@alpha", 2)
+    bob1, bob2 = await people.connect("bob@beta", 1), await people.connect("bob@beta", 2)
+    msg_id = os.urandom(16)
+    ack = await alice1.send_message("bob@beta", {1: b"for bob 1", 2: b"for bob 2"}, own={2: b"copy for alice 2"}, msg_id=msg_id)
+    assert ack["id"] == msg_id and "dup" not in ack and ack["ts"] > 0
+    for client, ciphertext in ((bob1, b"for bob 1"), (bob2, b"for bob 2")):
+        dlv = await next_dlv(client)
+        assert (dlv["k"], dlv["id"], dlv["from"], dlv["dev"], dlv["c"]) == ("msg", msg_id, "alice@alpha", 1, ciphertext)
+        assert dlv["ts"] == ack["ts"] and "to" not in dlv
+    own = await next_dlv(alice2)
+    assert (own["c"], own["to"], own["from"], own["dev"]) == (b"copy for alice 2", "bob@beta", "alice@alpha", 1)
+    reply = await bob2.send_message("alice@alpha", {1: b"hi 1", 2: b"hi 2"}, own={1: b"bob copy"})
+    assert [(await next_dlv(c))["c"] for c in (alice1, alice2, bob1)] == [b"hi 1", b"hi 2", b"bob copy"]
+    assert reply["t"] == "ack"
+    for client in (alice1, alice2, bob1, bob2):
+        await client.close()
+
+
+async def test_offline_device_catches_up_in_order_and_recv_deletes(people, gateway):
+    alice = await people.connect("alice@alpha", 1)
+    bob1 = await people.connect("bob@beta", 1)
+    bob2 = await people.connect("bob@beta", 2)
+    await bob2.close()
+    sent = []
+    for i in range(5):
+        await alice.send_message("bob@beta", {1: b"m%d" % i, 2: b"m%d" % i})
+        sent.append(b"m%d" % i)
+    assert [(await next_dlv(bob1))["c"] for _ in range(5)] == sent
+    bob2 = await people.connect("bob@beta", 2)
+    assert bob2.welcome["pending"] == 5
+    dlvs = [await next_dlv(bob2) for _ in range(5)]
+    assert [d["c"] for d in dlvs] == sent
+    assert [d["seq"] for d in dlvs] == sorted(d["seq"] for d in dlvs)  # seq order
+    await bob2.ping()  # the automatic recv went out before this ping was answered
+    await bob2.close()
+    bob2 = await people.connect("bob@beta", 2)
+    assert bob2.welcome["pending"] == 0  # received items were deleted
+    for client in (alice, bob1, bob2):
+        await client.close()
+
+
+async def test_unreceived_items_come_again_after_reconnect(people):
+    alice = await people.connect("alice@alpha", 1)
+    bob = await people.connect("bob@beta", 1, auto_recv=False)
+    await alice.send_message("bob@beta", {1: b"once"})
+    first = await next_dlv(bob)
+    await bob.close()  # never said recv
+    bob = await people.connect("bob@beta", 1, auto_recv=False)
+    assert bob.welcome["pending"] == 1
+    again = await next_dlv(bob)
+    assert (again["seq"], again["id"], again["c"]) == (first["seq"], first["id"], b"once")
+    await bob.received([again["seq"]])
+    await bob.ping()
+    await bob.close()
+    bob = await people.connect("bob@beta", 1)
+    assert bob.welcome["pending"] == 0
+    await alice.close()
+    await bob.close()
+
+
+async def test_window_bounds_unreceived_items_in_flight(people, gateway):
+    window = gateway.config.window
+    alice = await people.connect("alice@alpha", 1)
+    bob = await people.connect("bob@beta", 1, auto_recv=False)
+    await bob.close()
+    for i in range(window + 10):
+        await alice.send_message("bob@beta", {1: b"%d" % i})
+    bob = await people.connect("bob@beta", 1, auto_recv=False)
+    assert bob.welcome["pending"] == window + 10
+    first = [await next_dlv(bob) for _ in range(window)]
+    with pytest.raises(TimeoutError):
+        await bob.recv(timeout_s=0.3)  # the window is full: nothing more until recv
+    await bob.received([d["seq"] for d in first[:4]])
+    more = [await next_dlv(bob) for _ in range(4)]
+    assert [d["c"] for d in first + more] == [b"%d" % i for i in range(window + 4)]
+    # A message sent now waits behind the stored backlog: order is kept.
+    await alice.send_message("bob@beta", {1: b"late"})
+    await bob.received([d["seq"] for d in first[4:] + more])
+    rest = [await next_dlv(bob) for _ in range(7)]
+    assert [d["c"] for d in rest] == [b"%d" % i for i in range(window + 4, window + 10)] + [b"late"]
+    await alice.close()
+    await bob.close()
+
+
+async def test_retransmission_is_stored_once_and_acked_dup(people):
+    alice = await people.connect("alice@alpha", 1)
+    bob = await people.connect("bob@beta", 1)
+    msg_id = os.urandom(16)
+    first = await alice.send_message("bob@beta", {1: b"x"}, msg_id=msg_id)
+    await alice.close()
+    alice = await people.connect("alice@alpha", 1)  # the sender reconnected and resends
+    again = await alice.send_message("bob@beta", {1: b"x"}, msg_id=msg_id)
+    assert again["dup"] is True and again["ts"] == first["ts"]
+    assert (await next_dlv(bob))["id"] == msg_id
+    with pytest.raises(TimeoutError):
+        await bob.recv(timeout_s=0.3)
+    await alice.close()
+    await bob.close()
+
+
+async def test_device_mismatch_lists_missing_and_extra(people):
+    alice1 = await people.connect("alice@alpha", 1)
+    alice2 = await people.connect("alice@alpha", 2)
+    bob1 = await people.connect("bob@beta", 1)
+    bob3 = await people.connect("bob@beta", 3)
+    with pytest.raises(ServerError) as caught:
+        await alice1.send_message("bob@beta", {1: b"a", 2: b"b"})
+    assert caught.value.code == "device_mismatch"
+    assert (caught.value.fields["missing"], caught.value.fields["extra"]) == ([3], [2])
+    with pytest.raises(ServerError) as caught:
+        await alice1.send_message("bob@beta", {1: b"a", 3: b"c"}, own={5: b"x"})
+    assert (caught.value.code, caught.value.fields["missing"], caught.value.fields["extra"]) == ("device_mismatch", [2], [5])
+    with pytest.raises(TimeoutError):
+        await bob1.recv(timeout_s=0.2)  # nothing was stored
+    await alice1.send_message("bob@beta", {1: b"a", 3: b"c"}, own={2: b"o"})
+    for client in (alice1, alice2, bob1, bob3):
+        await client.close()
+
+
+async def test_unknown_recipients(people):
+    alice = await people.connect("alice@alpha", 1)
+    for to in ("nobody@beta", "bob@nowhere"):
+        with pytest.raises(ServerError) as caught:
+            await alice.send_message(to, {1: b"x"})
+        assert caught.value.code == "unknown_recipient"
+    await alice.close()
+
+
+async def test_consent_defaults_refuse_other_providers(people):
+    gus = await people.connect("gus@gamma", 1)
+    alice = await people.connect("alice@alpha", 1)
+    with pytest.raises(ServerError) as caught:
+        await alice.send_message("gus@gamma", {1: b"hello"})
+    assert caught.value.code == "not_opted_in"
+    gia = await people.connect("gia@gamma", 1)
+    await gia.send_message("gus@gamma", {1: b"same provider"})  # a provider's own users always may
+    assert (await next_dlv(gus))["c"] == b"same provider"
+    with pytest.raises(ServerError) as caught:
+        await gus.send_message("alice@alpha", {1: b"x"})  # alpha accepts beta only
+    assert caught.value.code == "not_opted_in"
+    for client in (gus, alice, gia):
+        await client.close()
+
+
+@pytest.mark.parametrize(
+    "stanza",
+    [
+        {"t": "msg", "to": "bob@beta", "c": {1: b"x"}},  # no id
+        {"t": "msg", "id": b"short", "to": "bob@beta", "c": {1: b"x"}},
+        {"t": "msg", "id": "not-bytes-0123456", "to": "bob@beta", "c": {1: b"x"}},
+        {"t": "msg", "id": os.urandom(16), "c": {1: b"x"}},  # no to
+        {"t": "msg", "id": os.urandom(16), "to": 5, "c": {1: b"x"}},
+        {"t": "msg", "id": os.urandom(16), "to": "no-at-sign", "c": {1: b"x"}},
+        {"t": "msg", "id": os.urandom(16), "to": "a/b@beta", "c": {1: b"x"}},
+        {"t": "msg", "id": os.urandom(16), "to": "bob@beta"},  # no c
+        {"t": "msg", "id": os.urandom(16), "to": "bob@beta", "c": {}},
+        {"t": "msg", "id": os.urandom(16), "to": "bob@beta", "c": [b"x"]},
+        {"t": "msg", "id": os.urandom(16), "to": "bob@beta", "c": {"1": b"x"}},
+        {"t": "msg", "id": os.urandom(16), "to": "bob@beta", "c": {0: b"x"}},
+        {"t": "msg", "id": os.urandom(16), "to": "bob@beta", "c": {1: "text"}},
+        {"t": "msg", "id": os.urandom(16), "to": "bob@beta", "c": {1: b""}},
+        {"t": "msg", "id": os.urandom(16), "to": "bob@beta", "c": {1: b"x"}, "own": "nope"},
+        {"t": "msg", "id": os.urandom(16), "to": "alice@alpha", "c": {1: b"x"}},  # to self
+        {"t": "msg", "id": os.urandom(16), "g": os.urandom(16), "b": b"x"},  # groups: not yet
+        {"t": "recv"},
+        {"t": "recv", "seq": 5},
+        {"t": "recv", "seq": [1, "2"]},
+        {"t": "recv", "seq": [0]},
+        {"t": "recv", "seq": list(range(1, 2000))},
+    ],
+)
+async def test_malformed_messaging_stanzas_get_bad_stanza_and_the_session_continues(people, stanza):
+    alice = await people.connect("alice@alpha", 1)
+    bob = await people.connect("bob@beta", 1)
+    await alice.send(stanza)
+    with pytest.raises(ServerError) as caught:
+        await alice.recv(timeout_s=5)
+    assert caught.value.code == "bad_stanza", caught.value
+    stanza_id = stanza.get("id")
+    if type(stanza_id) is bytes and len(stanza_id) == 16:
+        assert caught.value.fields["ref"] == stanza_id
+    assert await alice.ping() > 0
+    await alice.send_message("bob@beta", {1: b"still fine"})
+    assert (await next_dlv(bob))["c"] == b"still fine"
+    await alice.close()
+    await bob.close()
+
+
+async def test_oversize_ciphertext_is_too_large(people):
+    alice = await people.connect("alice@alpha", 1)
+    await people.connect("bob@beta", 1)
+    with pytest.raises(ServerError) as caught:
+        await alice.send_message("bob@beta", {1: b"x" * 65300})  # fits a frame, but its dlv would not
+    assert caught.value.code == "too_large"
+    await alice.close()
+
+
+async def test_stored_messages_survive_a_gateway_restart(issuers, tmp_path):
+    config = config_for(issuers, tmp_path)
+    async with Gateway(config) as gw:
+        people = People(gw, issuers)
+        bob = await people.connect("bob@beta", 1)
+        await bob.close()
+        alice = await people.connect("alice@alpha", 1)
+        for i in range(3):
+            await alice.send_message("bob@beta", {1: b"kept %d" % i})
+        await alice.close()
+    async with Gateway(config_for(issuers, tmp_path)) as gw:
+        people = People(gw, issuers)
+        bob = await people.connect("bob@beta", 1)
+        assert bob.welcome["pending"] == 3
+        assert [(await next_dlv(bob))["c"] for _ in range(3)] == [b"kept 0", b"kept 1", b"kept 2"]
+        await bob.close()
+
+
+async def test_messages_sent_together_share_one_commit(people, gateway):
+    alice = await people.connect("alice@alpha", 1)
+    bob = await people.connect("bob@beta", 1)
+    commits_before = gateway._server.router.counters["commits"]
+    acks = await asyncio.gather(*(alice.send_message("bob@beta", {1: b"burst %d" % i}) for i in range(50)))
+    assert len({a["id"] for a in acks}) == 50
+    commits = gateway._server.router.counters["commits"] - commits_before
+    assert commits < 50  # pipelined messages were written in shared transactions
+    received = [(await next_dlv(bob))["c"] for _ in range(50)]
+    assert sorted(received) == sorted(b"burst %d" % i for i in range(50))
+    await alice.close()
+    await bob.close()
