@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from interlink.core.auth import ProviderRegistry, localpart_error
 from interlink.core.errors import InterlinkError, StanzaError
+from interlink.core.policy import Policy
 from interlink.core.stanza import encode_stanza
 from interlink.core.store import Store, StoredMessage, WriteBatch, device_key
 from interlink.core.wire import MAX_DEVICE_ID, TAG_BYTES
@@ -56,9 +57,18 @@ class Router:
     """1:1 routing: validation, consent, group commit, acks and windowed delivery."""
 
     def __init__(
-        self, *, store: Store, registry: ProviderRegistry, sessions: dict, window: int, max_frame_bytes: int, clock=time.time
+        self,
+        *,
+        store: Store,
+        registry: ProviderRegistry,
+        sessions: dict,
+        window: int,
+        max_frame_bytes: int,
+        policy: Policy,
+        clock=time.time,
     ) -> None:
         self.store = store
+        self.policy = policy
         # Every dlv must fit in one frame the recipient accepts.
         self.max_ciphertext_bytes = max_frame_bytes - TAG_BYTES - DLV_OVERHEAD_BYTES
         self.registry = registry
@@ -105,7 +115,7 @@ class Router:
         ciphertexts = _device_map(stanza.get("c"), "c", self.max_ciphertext_bytes)
         own = stanza.get("own")
         own = _device_map(own, "own", self.max_ciphertext_bytes) if own is not None else None
-        if not self._accepts(recipient_provider, identity.provider):
+        if not self.policy.allows(recipient, recipient_provider, identity.provider):
             raise RouteError(f"{recipient} does not accept messages from users of {identity.provider!r}", code="not_opted_in")
         devices = self.store.devices(recipient)
         if not devices:
@@ -113,8 +123,11 @@ class Router:
         _check_devices(ciphertexts, devices, "c")
         sender_device = identity.device
         items = []
-        for device, ciphertext in ciphertexts.items():
-            items.append((device_key(recipient, device), _dlv_builder(msg_id, identity.user, sender_device, ciphertext, None)))
+        # A blocked sender is answered like any other and nothing reaches the recipient; the
+        # sender's own copies are still stored (its other devices show what it sent).
+        if not self.policy.blocks(recipient, identity.user):
+            for device, ciphertext in ciphertexts.items():
+                items.append((device_key(recipient, device), _dlv_builder(msg_id, identity.user, sender_device, ciphertext, None)))
         if own is not None:
             others = [d for d in self.store.devices(identity.user) if d != sender_device]
             _check_devices(own, others, "own")
@@ -229,12 +242,6 @@ class Router:
         if provider is None:
             raise RouteError(f"no provider {provider_id[:32]!r} is registered here", code="unknown_recipient")
         return provider, to
-
-    def _accepts(self, recipient_provider, sender_provider: str) -> bool:
-        # Consent defaults are the operator's per-provider configuration; per-user settings
-        # (consent.set) join this check when they are stored.
-        accept = recipient_provider.default_accept
-        return sender_provider == recipient_provider.id or "*" in accept or sender_provider in accept
 
     @staticmethod
     def _answer(proto, touched: set, stanza: dict) -> None:

@@ -39,6 +39,8 @@ from interlink.core.connection import (
     State,
 )
 from interlink.core.errors import AuthError, StanzaError
+from interlink.core.policy import Policy
+from interlink.core.ops import Operations
 from interlink.core.router import RouteError, Router
 from interlink.core.wire import WIRE_MAX_FRAME_BYTES
 from interlink.core.store import Store
@@ -260,9 +262,15 @@ class GatewayServer:
             sessions=self.sessions,
             window=limits.window,
             max_frame_bytes=limits.max_frame_bytes,
+            policy=Policy(),
             clock=clock,
         )
-        self._handlers = {"msg": self.router.handle_msg, "recv": self.router.handle_recv}
+        self.ops = Operations()
+        self._handlers = {
+            "msg": self.router.handle_msg,
+            "recv": self.router.handle_recv,
+            "iq": self.ops.handle_iq,
+        }
         self._idle_handle: asyncio.TimerHandle | None = None
 
     # -- lifecycle
