@@ -252,6 +252,16 @@ class Client:
             stanza["own"] = own
         return await self.request(stanza, timeout_s=timeout_s)
 
+    async def send_receipt(self, to: str, kind: str, ids: list[bytes], *, receipt_id: bytes | None = None, timeout_s: float = 10.0) -> dict:
+        """Tell ``to`` that messages were ``"delivered"`` or ``"read"``; returns the ``ack``.
+        The receipt also reaches your own other devices."""
+        stanza = {"t": "rcpt", "id": receipt_id or new_message_id(), "to": to, "kind": kind, "ids": list(ids)}
+        return await self.request(stanza, timeout_s=timeout_s)
+
+    async def send_state(self, to: str, state: str) -> None:
+        """Typing state (``"composing"``/``"paused"``): ephemeral, not stored, no answer."""
+        await self.send({"t": "state", "to": to, "s": state})
+
     async def received(self, seqs: list[int]) -> None:
         """Confirm delivered items (``recv``): the gateway deletes them and sends more."""
         if seqs:
@@ -379,8 +389,6 @@ class Client:
         seq = stanza.get("seq")
         if type(seq) is int:
             self._to_receive.append(seq)
-        if stanza.get("k") != "msg":
-            return True
         key = (stanza.get("from"), stanza.get("id"))
         if type(key[0]) is not str or type(key[1]) is not bytes:
             return True  # malformed: hand it out as it is, never guess

@@ -32,6 +32,9 @@ log = logging.getLogger("interlink.router")
 ID_BYTES = 16
 MAX_RECV_SEQS = 1024  # seqs one ``recv`` may name
 DLV_OVERHEAD_BYTES = 512  # a dlv's fields besides the ciphertext (addresses, seq, ts, ...), at most
+MAX_RECEIPT_IDS = 100  # message ids one rcpt may name
+RECEIPT_KINDS = ("delivered", "read")
+TYPING_STATES = ("composing", "paused")
 
 
 class RouteError(InterlinkError):
@@ -137,6 +140,60 @@ class Router:
         self._waiting.append((proto, message))
         self._schedule_commit()
 
+    def handle_rcpt(self, proto: GatewayProtocol, stanza: dict) -> None:
+        """A receipt is stored and delivered like a message, to every device of ``to`` and (with
+        ``to``) to the sender's other devices, so they can mark the messages too."""
+        identity = proto.conn.identity
+        msg_id = stanza.get("id")
+        if type(msg_id) is not bytes or len(msg_id) != ID_BYTES:
+            raise StanzaError("rcpt needs 'id': 16 bytes")
+        kind = stanza.get("kind")
+        if kind not in RECEIPT_KINDS:
+            raise StanzaError("rcpt needs 'kind': 'delivered' or 'read'")
+        ids = stanza.get("ids")
+        if type(ids) is not list or not 1 <= len(ids) <= MAX_RECEIPT_IDS or not all(
+            type(i) is bytes and len(i) == ID_BYTES for i in ids
+        ):
+            raise StanzaError(f"rcpt needs 'ids': 1..{MAX_RECEIPT_IDS} message ids of 16 bytes")
+        recipient_provider, recipient = self._recipient(stanza.get("to"))
+        if recipient == identity.user:
+            raise RouteError("receipts go to the sender of the messages, not to yourself", code="bad_stanza")
+        if not self.policy.allows(recipient, recipient_provider, identity.provider):
+            raise RouteError(f"{recipient} does not accept receipts from users of {identity.provider!r}", code="not_opted_in")
+        devices = self.store.devices(recipient)
+        if not devices:
+            raise RouteError(f"no user {recipient} is known to this gateway", code="unknown_recipient")
+        sender, sender_device = identity.user, identity.device
+        items = []
+        if not self.policy.blocks(recipient, sender):
+            build = _rcpt_builder(msg_id, sender, sender_device, kind, ids, None)
+            items += [(device_key(recipient, device), build) for device in devices]
+        own_build = _rcpt_builder(msg_id, sender, sender_device, kind, ids, recipient)
+        items += [(device_key(sender, d), own_build) for d in self.store.devices(sender) if d != sender_device]
+        message = self._batch.add_message(device_key(sender, sender_device), msg_id, int(self.clock() * 1000), items)
+        self._waiting.append((proto, message))
+        self._schedule_commit()
+
+    def handle_state(self, proto: GatewayProtocol, stanza: dict) -> None:
+        """Typing state: ephemeral, never stored, pushed to the recipient's online devices."""
+        identity = proto.conn.identity
+        state = stanza.get("s")
+        if state not in TYPING_STATES:
+            raise StanzaError("state needs 's': 'composing' or 'paused'")
+        if "g" in stanza:
+            raise RouteError("group typing state is not served by this gateway yet", code="bad_stanza")
+        recipient_provider, recipient = self._recipient(stanza.get("to"))
+        if not self.policy.allows(recipient, recipient_provider, identity.provider):
+            raise RouteError(f"{recipient} does not accept typing state from users of {identity.provider!r}", code="not_opted_in")
+        if recipient == identity.user or self.policy.blocks(recipient, identity.user):
+            return
+        encoded = encode_stanza({"t": "state", "from": identity.user, "s": state})
+        for device in self.store.devices(recipient):
+            target = self.sessions.get((recipient, device))
+            if target is not None and not target.conn.closed:
+                target.conn.send_encoded(encoded)
+                target.flush()
+
     def handle_recv(self, proto: GatewayProtocol, stanza: dict) -> None:
         seqs = stanza.get("seq")
         if type(seqs) is not list or len(seqs) > MAX_RECV_SEQS or not all(type(s) is int and s > 0 for s in seqs):
@@ -234,7 +291,7 @@ class Router:
 
     def _recipient(self, to) -> tuple:
         if type(to) is not str:
-            raise StanzaError("msg needs 'to': a user address 'localpart@provider'")
+            raise StanzaError("'to' must be a user address 'localpart@provider'")
         localpart, at, provider_id = to.rpartition("@")
         if not at or localpart_error(localpart) is not None:
             raise StanzaError(f"'to' is not a user address: {to[:80]!r}")
@@ -278,6 +335,18 @@ def _check_devices(given: dict, registered: list[int], name: str) -> None:
         raise RouteError(
             f"'{name}' does not match the registered devices", code="device_mismatch", missing=missing, extra=extra
         )
+
+
+def _rcpt_builder(msg_id: bytes, sender: str, sender_device: int, kind: str, ids: list, to: str | None):
+    """Encodes a receipt's ``dlv`` once its seq and timestamp are known."""
+
+    def build(seq: int, ts_ms: int) -> bytes:
+        stanza = {"t": "dlv", "seq": seq, "k": "rcpt", "id": msg_id, "from": sender, "dev": sender_device, "ts": ts_ms, "kind": kind, "ids": ids}
+        if to is not None:
+            stanza["to"] = to
+        return encode_stanza(stanza)
+
+    return build
 
 
 def _dlv_builder(msg_id: bytes, sender: str, sender_device: int, ciphertext: bytes, to: str | None):

@@ -269,6 +269,8 @@ class GatewayServer:
         self._handlers = {
             "msg": self.router.handle_msg,
             "recv": self.router.handle_recv,
+            "rcpt": self.router.handle_rcpt,
+            "state": self.router.handle_state,
             "iq": self.ops.handle_iq,
         }
         self._idle_handle: asyncio.TimerHandle | None = None

@@ -295,3 +295,72 @@ async def test_messages_sent_together_share_one_commit(people, gateway):
     assert sorted(received) == sorted(b"burst %d" % i for i in range(50))
     await alice.close()
     await bob.close()
+
+
+async def test_receipts_reach_the_sender_and_your_other_devices(people):
+    alice1, alice2 = await people.connect("alice@alpha", 1), await people.connect("alice@alpha", 2)
+    bob1, bob2 = await people.connect("bob@beta", 1), await people.connect("bob@beta", 2)
+    ack = await alice1.send_message("bob@beta", {1: b"hello", 2: b"hello"}, own={2: b"hello"})
+    message = await next_dlv(bob1)
+    await next_dlv(bob2)
+    await next_dlv(alice2)
+    receipt = await bob1.send_receipt("alice@alpha", "read", [message["id"]])
+    assert receipt["t"] == "ack"
+    for client in (alice1, alice2):
+        dlv = await next_dlv(client)
+        assert (dlv["k"], dlv["kind"], dlv["ids"], dlv["from"], dlv["dev"]) == ("rcpt", "read", [ack["id"]], "bob@beta", 1)
+        assert "to" not in dlv
+    copy = await next_dlv(bob2)
+    assert (copy["k"], copy["to"], copy["ids"]) == ("rcpt", "alice@alpha", [ack["id"]])
+    for client in (alice1, alice2, bob1, bob2):
+        await client.close()
+
+
+async def test_typing_state_is_pushed_to_online_devices_only(people):
+    alice = await people.connect("alice@alpha", 1)
+    bob1 = await people.connect("bob@beta", 1)
+    bob2 = await people.connect("bob@beta", 2)
+    await bob2.close()
+    await alice.send_state("bob@beta", "composing")
+    assert await bob1.recv(timeout_s=5) == {"t": "state", "from": "alice@alpha", "s": "composing"}
+    bob2 = await people.connect("bob@beta", 2)
+    assert bob2.welcome["pending"] == 0  # ephemeral: nothing was stored
+    await alice.send_state("bob@beta", "paused")
+    assert (await bob1.recv(timeout_s=5))["s"] == "paused"
+    assert (await bob2.recv(timeout_s=5))["s"] == "paused"
+    gus = await people.connect("gus@gamma", 1)
+    await alice.send_state("gus@gamma", "composing")  # gamma accepts nobody else
+    with pytest.raises(ServerError) as caught:
+        await alice.recv(timeout_s=5)
+    assert caught.value.code == "not_opted_in"
+    with pytest.raises(TimeoutError):
+        await gus.recv(timeout_s=0.2)
+    for client in (alice, bob1, bob2, gus):
+        await client.close()
+
+
+@pytest.mark.parametrize(
+    "stanza",
+    [
+        {"t": "rcpt", "to": "bob@beta", "kind": "read", "ids": [os.urandom(16)]},  # no id
+        {"t": "rcpt", "id": os.urandom(16), "to": "bob@beta", "kind": "seen", "ids": [os.urandom(16)]},
+        {"t": "rcpt", "id": os.urandom(16), "to": "bob@beta", "kind": "read", "ids": []},
+        {"t": "rcpt", "id": os.urandom(16), "to": "bob@beta", "kind": "read", "ids": [b"short"]},
+        {"t": "rcpt", "id": os.urandom(16), "to": "bob@beta", "kind": "read", "ids": [os.urandom(16)] * 101},
+        {"t": "rcpt", "id": os.urandom(16), "to": ["bob@beta"], "kind": "read", "ids": [os.urandom(16)]},
+        {"t": "rcpt", "id": os.urandom(16), "to": "alice@alpha", "kind": "read", "ids": [os.urandom(16)]},
+        {"t": "state", "to": "bob@beta"},
+        {"t": "state", "to": "bob@beta", "s": "typing"},
+        {"t": "state", "s": "composing"},
+        {"t": "state", "g": os.urandom(16), "s": "composing"},
+    ],
+)
+async def test_malformed_receipts_and_states_get_bad_stanza(people, stanza):
+    alice = await people.connect("alice@alpha", 1)
+    await people.connect("bob@beta", 1)
+    await alice.send(stanza)
+    with pytest.raises(ServerError) as caught:
+        await alice.recv(timeout_s=5)
+    assert caught.value.code == "bad_stanza", caught.value
+    assert await alice.ping() > 0
+    await alice.close()
