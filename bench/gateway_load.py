@@ -135,6 +135,88 @@ async def bench_handshakes(args) -> dict:
     }
 
 
+async def bench_messages(args) -> dict:
+    """Durable 1:1 messages through the gateway: senders keep ``--inflight`` messages outstanding
+    each, recipients confirm every delivery (automatic recv). Gateway CPU per delivered message."""
+    payload = os.urandom(args.payload)
+    async with DemoIssuer() as issuer:
+        async with GatewayChild(issuer.issuer, Path(args.data_dir), args.durability) as gateway:
+            def token(user: str) -> str:
+                return issuer.issue(user, audience=AUDIENCE, expires_in=3600)
+
+            recipients = [await connect(gateway, token(f"r{i}"), 1, Suite.XX_CHACHAPOLY) for i in range(args.pairs)]
+            senders = [await connect(gateway, token(f"s{i}"), 1, Suite.XX_CHACHAPOLY) for i in range(args.pairs)]
+            delivered = 0
+            latencies: list[float] = []
+
+            async def drain(client: Client) -> None:
+                nonlocal delivered
+                async for stanza in client:
+                    if stanza.get("t") == "dlv":
+                        delivered += 1
+
+            drains = [asyncio.ensure_future(drain(c)) for c in recipients]
+
+            async def send(client: Client, to: str, deadline: float) -> int:
+                slots = asyncio.Semaphore(args.inflight)
+                pending: set = set()
+                sent = 0
+
+                async def one() -> None:
+                    started = time.perf_counter()
+                    try:
+                        await client.send_message(to, {1: payload}, timeout_s=60)
+                        latencies.append(time.perf_counter() - started)
+                    finally:
+                        slots.release()
+
+                while time.monotonic() < deadline:
+                    await slots.acquire()
+                    task = asyncio.ensure_future(one())
+                    pending.add(task)
+                    task.add_done_callback(pending.discard)
+                    sent += 1
+                await asyncio.gather(*pending)
+                return sent
+
+            # Warm-up, then the measured run.
+            await asyncio.gather(*(send(s, f"r{i}@bench", time.monotonic() + 1.0) for i, s in enumerate(senders)))
+            latencies.clear()
+            delivered_before = delivered
+            user_before, system_before = cpu_times(gateway.pid)
+            started = time.monotonic()
+            sent = sum(await asyncio.gather(
+                *(send(s, f"r{i}@bench", started + args.seconds) for i, s in enumerate(senders))
+            ))
+            for _ in range(200):  # let the last deliveries arrive
+                if delivered - delivered_before >= sent:
+                    break
+                await asyncio.sleep(0.05)
+            elapsed = time.monotonic() - started
+            user_after, system_after = cpu_times(gateway.pid)
+            count = delivered - delivered_before
+            for task in drains:
+                task.cancel()
+            for client in senders + recipients:
+                await client.close()
+    latencies.sort()
+    cpu = (user_after - user_before) + (system_after - system_before)
+    return {
+        "benchmark": "messages-1to1",
+        "durability": args.durability,
+        "pairs": args.pairs,
+        "inflight_per_sender": args.inflight,
+        "payload_bytes": args.payload,
+        "messages_acked": sent,
+        "messages_delivered": count,
+        "delivered_per_s": round(count / elapsed),
+        "gateway_cpu_s": round(cpu, 2),
+        "gateway_cpu_us_per_delivered_message": round(cpu / count * 1e6, 1) if count else None,
+        "ack_latency_ms_p50": round(latencies[len(latencies) // 2] * 1e3, 2) if latencies else None,
+        "ack_latency_ms_p99": round(latencies[int(len(latencies) * 0.99)] * 1e3, 2) if latencies else None,
+    }
+
+
 async def bench_bare_rss(args) -> dict:
     """The floor: RSS per idle TCP connection to a uvloop server that keeps no state."""
     _raise_fd_limit()
@@ -204,6 +286,11 @@ def main() -> None:
     hs.add_argument("--concurrency", type=int, default=32)
     hs.add_argument("--suite", type=lambda s: int(s, 0), default=0x01)
     hs.add_argument("--alg", default="EdDSA", choices=["EdDSA", "ES256"])
+    messages = sub.add_parser("messages")
+    messages.add_argument("--seconds", type=float, default=10.0)
+    messages.add_argument("--pairs", type=int, default=8, help="sender/recipient pairs (one device each)")
+    messages.add_argument("--inflight", type=int, default=16, help="unacked messages per sender")
+    messages.add_argument("--payload", type=int, default=100, help="ciphertext bytes per message")
     idle = sub.add_parser("idle-rss")
     idle.add_argument("--connections", type=int, default=10000)
     idle.add_argument("--bare", action="store_true", help="measure a stateless uvloop server instead (the floor)")
@@ -214,7 +301,7 @@ def main() -> None:
 
         args.data_dir = tempfile.mkdtemp(prefix="interlink-bench-")
     _pin(1)
-    runner = {"handshakes": bench_handshakes, "idle-rss": bench_idle_rss}[args.command]
+    runner = {"handshakes": bench_handshakes, "idle-rss": bench_idle_rss, "messages": bench_messages}[args.command]
     result = uvloop.run(runner(args))
     result.update(
         implementation=interlink.core.IMPLEMENTATION,
