@@ -2,23 +2,114 @@
 
 A refusal raises ``RouteError`` (code and fields) or ``StanzaError`` (``bad_stanza``); the
 server turns either into an ``err`` carrying the iq's ``id``, and the session continues.
+
+Served here: ``devices.get``, ``consent.set``, ``consent.get``, ``block.add``, ``block.del``,
+``block.list``, ``report``, ``dir.lookup``. Decisions where the contract is silent (also in
+``docs/protocol.md``):
+
+* ``devices.get`` checks consent before existence: a user who does not accept the asker's
+  provider answers ``not_opted_in`` whether or not it exists, so users who did not opt in cannot
+  be enumerated. Where the target's provider accepts the asker by default, an unknown user is
+  ``unknown_recipient`` — the same answer a ``msg`` gets.
+* ``consent.set`` replaces the whole setting (both fields required); the user's own provider
+  is accepted whatever the list says.
+* ``block.add`` past ``MAX_BLOCKS`` is ``too_large`` (a per-user size limit, not malformed input).
+  Blocking does not check that the user exists (no enumeration); its provider must be registered
+  (``unknown_recipient`` otherwise). ``block.del`` accepts any well-formed address, so blocks of a
+  provider the operator removed can still be cleaned up.
+* ``block.list`` answers at most one frame of addresses, in byte order, with ``more: true`` when
+  there are more; the client asks again with ``after`` = the last address it got.
+* ``report`` and ``dir.lookup`` are rate limited per user (token buckets; ``rate_limited`` with
+  ``retry_after`` ms): a report is stored forever, and a lookup reveals who uses a phone number.
+  Only well-formed requests are charged.
+* ``dir.lookup`` lists at most ``MAX_DIRECTORY_USERS`` users (a phone shared by more accounts is
+  not a real person's), and skips users of suspended or removed providers. A user who blocked the
+  asker is still listed: the blocked party is never told.
 """
 
 from __future__ import annotations
 
+import math
+import re
 from typing import TYPE_CHECKING
 
+from interlink.core.auth import ProviderRegistry, localpart_error
 from interlink.core.errors import StanzaError
+from interlink.core.policy import Policy
+from interlink.core.router import RouteError
+from interlink.core.stanza import encode_stanza
+from interlink.core.store import Store, StoreFullError, StoreLimitError
 
 if TYPE_CHECKING:
     from interlink.core.server import GatewayProtocol
+
+ID_BYTES = 16
+MAX_ACCEPT = 256  # entries of a consent.set accept list
+MAX_BLOCKS = 10_000  # users one user may block
+MAX_REPORT_IDS = 100
+MAX_REASON_BYTES = 1024
+# A stanza must fit in one frame (65,519 bytes of plaintext at most), so the 64 KiB the brief of
+# the protocol allows for evidence can never arrive whole; 60 KiB leaves room for ids and reason.
+MAX_EVIDENCE_BYTES = 60 * 1024
+MAX_DIRECTORY_USERS = 100
+RES_OVERHEAD_BYTES = 64  # a res's fields besides a list of addresses, at most
+
+# Token buckets per user: (burst, tokens per second).
+DIR_LOOKUP_RATE = (30, 0.5)  # 30 at once, then one every 2 s
+REPORT_RATE = (20, 1 / 30)  # 20 at once, then one every 30 s
+
+_PROVIDER_ID_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")  # as core.auth.Provider ids
+_E164_RE = re.compile(r"\+[1-9][0-9]{6,14}")
+
+
+class TokenBuckets:
+    """One token bucket per key (a user address): ``burst`` tokens, refilled at ``rate`` per
+    second. Keys whose bucket is full again are forgotten when the table grows, so it holds only
+    recently active users."""
+
+    def __init__(self, burst: int, rate: float, *, max_keys: int = 65_536) -> None:
+        self.burst = float(burst)
+        self.rate = rate
+        self.max_keys = max_keys
+        self._buckets: dict[str, tuple[float, float]] = {}  # key -> (tokens, at)
+
+    def take(self, key: str, now: float) -> float:
+        """Spend one token: 0.0 when allowed, otherwise the seconds until one is available."""
+        tokens, at = self._buckets.get(key, (self.burst, now))
+        tokens = min(self.burst, tokens + max(0.0, now - at) * self.rate)
+        if tokens < 1.0:
+            self._buckets[key] = (tokens, now)
+            return (1.0 - tokens) / self.rate
+        if len(self._buckets) >= self.max_keys and key not in self._buckets:
+            self._forget_full(now)
+        self._buckets[key] = (tokens - 1.0, now)
+        return 0.0
+
+    def _forget_full(self, now: float) -> None:
+        full_after = self.burst / self.rate
+        self._buckets = {k: v for k, v in self._buckets.items() if now - v[1] < full_after}
 
 
 class Operations:
     """The table of ``iq`` operations this gateway serves."""
 
-    def __init__(self) -> None:
-        self.handlers: dict = {}
+    def __init__(self, *, store: Store, registry: ProviderRegistry, policy: Policy, clock) -> None:
+        self.store = store
+        self.registry = registry
+        self.policy = policy
+        self.clock = clock
+        self.lookup_buckets = TokenBuckets(*DIR_LOOKUP_RATE)
+        self.report_buckets = TokenBuckets(*REPORT_RATE)
+        self.handlers: dict = {
+            "devices.get": self.devices_get,
+            "consent.set": self.consent_set,
+            "consent.get": self.consent_get,
+            "block.add": self.block_add,
+            "block.del": self.block_del,
+            "block.list": self.block_list,
+            "report": self.report,
+            "dir.lookup": self.dir_lookup,
+        }
 
     def handle_iq(self, proto: GatewayProtocol, stanza: dict) -> None:
         iq_id = stanza.get("id")
@@ -27,9 +118,190 @@ class Operations:
         op = stanza.get("op")
         handler = self.handlers.get(op) if type(op) is str else None
         if handler is None:
-            raise StanzaError(f"unknown operation {str(op)[:32]!r}")
-        result = handler(proto, stanza)
+            if type(op) is not str:
+                raise StanzaError("iq needs 'op': the operation's name (str)")
+            raise StanzaError(f"unknown operation {_excerpt(op)}")
+        try:
+            result = handler(proto, stanza)
+        except (StoreFullError, StoreLimitError) as exc:
+            raise RouteError(exc.message, code=exc.code) from None
         answer = {"t": "res", "id": iq_id}
         if result:
             answer.update(result)
         proto.conn.send_stanza(answer)
+
+    # -- devices and consent
+
+    def devices_get(self, proto: GatewayProtocol, stanza: dict) -> dict:
+        identity = proto.conn.identity
+        user, provider = self._known_address(stanza, "user", "devices.get")
+        if user != identity.user:
+            if not self.policy.allows(user, provider, identity.provider):
+                raise RouteError(f"{user} does not accept users of {identity.provider!r}", code="not_opted_in")
+        devices = self.store.devices(user)
+        if not devices:
+            raise RouteError(f"no user {user} is known to this gateway", code="unknown_recipient")
+        return {"devices": devices}
+
+    def consent_set(self, proto: GatewayProtocol, stanza: dict) -> None:
+        accept = stanza.get("accept")
+        discoverable = stanza.get("discoverable")
+        if type(accept) is not list:
+            raise StanzaError('consent.set needs \'accept\': a list of provider ids, or ["*"]')
+        if type(discoverable) is not bool:
+            raise StanzaError("consent.set needs 'discoverable': true or false")
+        if len(accept) > MAX_ACCEPT:
+            raise StanzaError(f"consent.set: 'accept' lists {len(accept)} entries (at most {MAX_ACCEPT})")
+        seen: set[str] = set()
+        for entry in accept:
+            if type(entry) is not str:
+                raise StanzaError("consent.set: 'accept' entries must be provider ids (str)")
+            if entry == "*":
+                if len(accept) != 1:
+                    raise StanzaError('consent.set: "*" must be the only entry of \'accept\'')
+            elif entry not in self.registry:
+                raise StanzaError(f"consent.set: {_excerpt(entry)} is not a provider registered on this gateway")
+            if entry in seen:
+                raise StanzaError(f"consent.set: 'accept' lists {_excerpt(entry)} twice")
+            seen.add(entry)
+        self.policy.set_consent(proto.conn.identity.user, tuple(accept), discoverable)
+        return None
+
+    def consent_get(self, proto: GatewayProtocol, stanza: dict) -> dict:
+        identity = proto.conn.identity
+        provider = self.registry.get(identity.provider)
+        if provider is None:  # removed while the session was open
+            raise RouteError(f"provider {identity.provider!r} is not registered", code="unknown_recipient")
+        accept, discoverable = self.policy.consent(identity.user, provider)
+        return {"accept": list(accept), "discoverable": discoverable}
+
+    # -- blocks
+
+    def block_add(self, proto: GatewayProtocol, stanza: dict) -> None:
+        identity = proto.conn.identity
+        user, _ = self._known_address(stanza, "user", "block.add")
+        if user == identity.user:
+            raise StanzaError("block.add: you cannot block yourself")
+        self.policy.block(identity.user, user, MAX_BLOCKS)
+        return None
+
+    def block_del(self, proto: GatewayProtocol, stanza: dict) -> None:
+        user, _ = _address(stanza, "user", "block.del")
+        self.policy.unblock(proto.conn.identity.user, user)
+        return None
+
+    def block_list(self, proto: GatewayProtocol, stanza: dict) -> dict:
+        after = stanza.get("after")
+        if after is not None:
+            after, _ = _address(stanza, "after", "block.list")
+        budget = proto.conn.max_plaintext_bytes - RES_OVERHEAD_BYTES
+        page: list[str] = []
+        more = False
+        size = 0
+        # Read in chunks until the frame is full or the list ends.
+        cursor = after
+        while True:
+            chunk = self.store.blocked(proto.conn.identity.user, cursor, 256)
+            for user in chunk:
+                cost = len(encode_stanza(user))
+                if size + cost > budget:
+                    more = True
+                    break
+                page.append(user)
+                size += cost
+            if more or len(chunk) < 256:
+                break
+            cursor = chunk[-1]
+        return {"users": page, "more": more}
+
+    # -- reports
+
+    def report(self, proto: GatewayProtocol, stanza: dict) -> dict:
+        identity = proto.conn.identity
+        user, _ = self._known_address(stanza, "user", "report")
+        if user == identity.user:
+            raise StanzaError("report: you cannot report yourself")
+        ids = stanza.get("ids")
+        if type(ids) is not list or not all(type(i) is bytes and len(i) == ID_BYTES for i in ids):
+            raise StanzaError("report needs 'ids': a list of message ids (16 bytes each)")
+        if len(ids) > MAX_REPORT_IDS:
+            raise RouteError(f"report: {len(ids)} ids (at most {MAX_REPORT_IDS})", code="too_large")
+        reason = stanza.get("reason")
+        if type(reason) is not str:
+            raise StanzaError("report needs 'reason': a string")
+        if len(reason.encode("utf-8")) > MAX_REASON_BYTES:
+            raise RouteError(f"report: 'reason' is over {MAX_REASON_BYTES} bytes", code="too_large")
+        evidence = stanza.get("evidence")
+        if evidence is not None:
+            if type(evidence) is not bytes:
+                raise StanzaError("report: 'evidence' must be bin")
+            if len(evidence) > MAX_EVIDENCE_BYTES:
+                raise RouteError(
+                    f"report: 'evidence' of {len(evidence)} bytes is over {MAX_EVIDENCE_BYTES}", code="too_large"
+                )
+        now = self.clock()
+        self._charge(self.report_buckets, identity.user, now, "reports")
+        number = self.store.add_report(
+            {
+                "reporter": identity.user,
+                "device": identity.device,
+                "user": user,
+                "ids": ids,
+                "reason": reason,
+                "evidence": evidence,
+                "ts": int(now * 1000),
+            }
+        )
+        return {"report": number}
+
+    # -- directory
+
+    def dir_lookup(self, proto: GatewayProtocol, stanza: dict) -> dict:
+        identity = proto.conn.identity
+        phone = stanza.get("phone")
+        if type(phone) is not str or _E164_RE.fullmatch(phone) is None:
+            raise StanzaError("dir.lookup needs 'phone': an E.164 number such as '+4915112345678'")
+        self._charge(self.lookup_buckets, identity.user, self.clock(), "directory look-ups")
+        users = []
+        for user in self.store.directory(phone, MAX_DIRECTORY_USERS):
+            provider = self.registry.get(user.rpartition("@")[2])
+            if provider is None or provider.suspended:
+                continue
+            accept, discoverable = self.policy.consent(user, provider)
+            if not discoverable:
+                continue
+            if provider.id == identity.provider or "*" in accept or identity.provider in accept:
+                users.append(user)
+        return {"users": users}
+
+    # -- helpers
+
+    def _charge(self, buckets: TokenBuckets, user: str, now: float, what: str) -> None:
+        wait_s = buckets.take(user, now)
+        if wait_s:
+            retry_after = max(1, math.ceil(wait_s * 1000))
+            raise RouteError(f"too many {what}; try again in {retry_after} ms", code="rate_limited", retry_after=retry_after)
+
+    def _known_address(self, stanza: dict, name: str, op: str):
+        """A well-formed address whose provider is registered (``unknown_recipient`` otherwise)."""
+        user, provider_id = _address(stanza, name, op)
+        provider = self.registry.get(provider_id)
+        if provider is None:
+            raise RouteError(f"no provider {_excerpt(provider_id)} is registered here", code="unknown_recipient")
+        return user, provider
+
+
+def _address(stanza: dict, name: str, op: str) -> tuple[str, str]:
+    value = stanza.get(name)
+    if type(value) is not str:
+        raise StanzaError(f"{op} needs '{name}': a user address 'localpart@provider'")
+    localpart, at, provider_id = value.rpartition("@")
+    if not at or localpart_error(localpart) is not None or _PROVIDER_ID_RE.fullmatch(provider_id) is None:
+        raise StanzaError(f"{op}: '{name}' is not a user address: {_excerpt(value)}")
+    return value, provider_id
+
+
+def _excerpt(text: str, limit: int = 32) -> str:
+    """A client-supplied string made safe to quote back: printable, at most ``limit`` characters."""
+    shown = "".join(ch if ch.isprintable() else "?" for ch in text[:limit])
+    return repr(shown + ("…" if len(text) > limit else ""))

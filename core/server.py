@@ -256,16 +256,17 @@ class GatewayServer:
         self._auth_tasks: set[asyncio.Task] = set()
         self._all_closed = asyncio.Event()
         self.idle_release_s = idle_release_s
+        self.policy = Policy(store)  # one instance: its cache is written through by the ops
         self.router = Router(
             store=store,
             registry=registry,
             sessions=self.sessions,
             window=limits.window,
             max_frame_bytes=limits.max_frame_bytes,
-            policy=Policy(),
+            policy=self.policy,
             clock=clock,
         )
-        self.ops = Operations()
+        self.ops = Operations(store=store, registry=registry, policy=self.policy, clock=clock)
         self._handlers = {
             "msg": self.router.handle_msg,
             "recv": self.router.handle_recv,
@@ -444,6 +445,7 @@ class GatewayServer:
             if provider is None or provider.suspended:  # suspended while the key was being fetched
                 raise AuthError(f"provider {identity.provider!r} is suspended", code="provider_suspended")
             self.store.register_device(identity.user, identity.device, self.limits.max_devices)
+            self.store.set_phone(identity.user, identity.phone_number)  # directory: the latest verified phone
         except Exception as exc:
             self._refuse(proto, exc)
             return

@@ -8,11 +8,23 @@ One LMDB environment with named databases:
 | ``mbox`` | device key + seq (uint64 big-endian) | the encoded ``dlv`` stanza, ready to send |
 | ``seqs`` | device key | last seq given out (uint64 big-endian); never goes back |
 | ``dedup`` | sender device key + message id (16 bytes) | ``ts`` of the first copy (uint64 ms) |
+| ``consent`` | user address | msgpack ``[accept (list of provider ids or ["*"]), discoverable]`` |
+| ``blocks`` | user address + ``b"\\0"`` + blocked address | ``b""`` |
+| ``block_counts`` | user address | how many users it blocked (uint32 big-endian) |
+| ``reports`` | report number (uint64 big-endian) | msgpack map: reporter, device, user, ids, reason, evidence, ts |
+| ``counters`` | ``b"reports"`` | last report number given out (uint64 big-endian); never goes back |
+| ``directory`` | phone (E.164) + ``b"\\0"`` + user address | ``b""`` |
+| ``phones`` | user address | the phone the directory lists the user under |
 
 A *device key* is the user address in UTF-8, a zero byte and the device number (uint32
 big-endian): a range scan over ``user + b"\0"`` lists a user's devices in order, and one over a
 device key lists its mailbox in seq order. Messages are written in batches (``WriteBatch``), one
 write transaction per batch: the gateway's group commit.
+
+Addresses never contain a zero byte (localparts exclude control characters), so ``user + b"\\0"``
+is an unambiguous prefix for the user's blocks, and ``phone + b"\\0"`` for one directory entry.
+Consent, blocks, reports and the directory are written by the ``iq`` operations in their own
+(small, rare) write transactions; a full map raises ``StoreFullError`` there too.
 """
 
 from __future__ import annotations
@@ -23,6 +35,7 @@ from pathlib import Path
 from typing import Protocol
 
 import lmdb
+import msgpack
 
 from interlink.core.errors import AuthError, ConfigError, InterlinkError
 
@@ -40,6 +53,12 @@ class StoreFullError(InterlinkError):
     """The LMDB map is full: the batch was not written (nothing earlier is lost)."""
 
     code = "overloaded"
+
+
+class StoreLimitError(InterlinkError):
+    """A per-user bound of the store was reached (for example the number of blocks)."""
+
+    code = "too_large"
 
 
 class StoredMessage:
@@ -97,6 +116,50 @@ class Store(Protocol):
     def pending_count(self, dkey: bytes) -> int:
         """How many items a device has stored."""
 
+    # -- consent, blocks, reports, directory (the ``iq`` operations)
+
+    def consent(self, user: str) -> tuple[tuple[str, ...], bool] | None:
+        """The user's stored ``(accept, discoverable)``; None when it never set any."""
+
+    def set_consent(self, user: str, accept: tuple[str, ...], discoverable: bool) -> None:
+        """Replace the user's consent (durably). ``StoreFullError`` when the map is full."""
+
+    def reach(self, user: str, max_blocked: int) -> tuple[tuple[tuple[str, ...], bool] | None, frozenset | None]:
+        """In one read: ``consent(user)``, and the set of users it blocked — or None when it
+        blocked more than ``max_blocked`` (then ask ``is_blocked``)."""
+
+    def is_blocked(self, user: str, other: str) -> bool:
+        """Did ``user`` block ``other``?"""
+
+    def add_block(self, user: str, other: str, max_blocks: int) -> bool:
+        """Block ``other`` for ``user``; True if new, False if it already was (idempotent).
+        ``StoreLimitError`` when ``user`` already blocks ``max_blocks`` others."""
+
+    def del_block(self, user: str, other: str) -> bool:
+        """Unblock; True if ``other`` was blocked (idempotent)."""
+
+    def blocked(self, user: str, after: str | None = None, limit: int | None = None) -> list[str]:
+        """Users ``user`` blocked, in byte order of their UTF-8 addresses, after ``after``."""
+
+    def block_count(self, user: str) -> int:
+        """How many users ``user`` blocked."""
+
+    def add_report(self, record: dict) -> int:
+        """Store a report (a msgpack-able map) durably; returns its number (1, 2, ...; never reused)."""
+
+    def report(self, number: int) -> dict | None:
+        """A stored report, or None."""
+
+    def set_phone(self, user: str, phone: str | None) -> bool:
+        """List ``user`` under ``phone`` in the directory (None: under no phone); replaces the
+        previous phone. Reads only when nothing changes; True when it wrote."""
+
+    def phone(self, user: str) -> str | None:
+        """The phone the directory lists ``user`` under."""
+
+    def directory(self, phone: str, limit: int | None = None) -> list[str]:
+        """Users listed under ``phone``, in byte order."""
+
 
 
 class LmdbStore:
@@ -124,6 +187,7 @@ class LmdbStore:
         self._mbox = self._env.open_db(b"mbox")
         self._seqs = self._env.open_db(b"seqs")
         self._dedup = self._env.open_db(b"dedup")
+        self._open_social_dbs()
 
     def close(self) -> None:
         self._env.close()
@@ -230,3 +294,189 @@ class LmdbStore:
                         break
                     count += 1
         return count
+
+    # -- consent, blocks, reports and the directory (the iq operations; see the module docstring)
+
+    def _open_social_dbs(self) -> None:
+        env = self._env
+        self._consent = env.open_db(b"consent")
+        self._blocks = env.open_db(b"blocks")
+        self._block_counts = env.open_db(b"block_counts")
+        self._reports = env.open_db(b"reports")
+        self._counters = env.open_db(b"counters")
+        self._directory = env.open_db(b"directory")
+        self._phones = env.open_db(b"phones")
+
+    def _write(self):
+        """A write transaction whose ``MapFullError`` becomes ``StoreFullError`` (nothing written)."""
+        return _WriteTxn(self._env)
+
+    @staticmethod
+    def _decode_consent(raw) -> tuple[tuple[str, ...], bool] | None:
+        if raw is None:
+            return None
+        accept, discoverable = msgpack.unpackb(raw, raw=False)
+        return tuple(accept), bool(discoverable)
+
+    def consent(self, user: str) -> tuple[tuple[str, ...], bool] | None:
+        with self._env.begin(db=self._consent) as txn:
+            return self._decode_consent(txn.get(user.encode("utf-8")))
+
+    def set_consent(self, user: str, accept: tuple[str, ...], discoverable: bool) -> None:
+        value = msgpack.packb([list(accept), bool(discoverable)], use_bin_type=True)
+        with self._write() as txn:
+            txn.put(user.encode("utf-8"), value, db=self._consent)
+
+    def reach(self, user: str, max_blocked: int) -> tuple[tuple[tuple[str, ...], bool] | None, frozenset | None]:
+        key = user.encode("utf-8")
+        prefix = key + b"\x00"
+        with self._env.begin() as txn:
+            consent = self._decode_consent(txn.get(key, db=self._consent))
+            count = txn.get(key, db=self._block_counts)
+            if count is None:
+                return consent, frozenset()
+            if _COUNT.unpack(count)[0] > max_blocked:
+                return consent, None
+            return consent, frozenset(self._blocked_in(txn, prefix, None, None))
+
+    def is_blocked(self, user: str, other: str) -> bool:
+        with self._env.begin(db=self._blocks) as txn:
+            return txn.get(self._user_prefix(user) + other.encode("utf-8")) is not None
+
+    def add_block(self, user: str, other: str, max_blocks: int) -> bool:
+        key = user.encode("utf-8")
+        entry = key + b"\x00" + other.encode("utf-8")
+        with self._env.begin(db=self._blocks) as txn:  # already blocked: no write, no fsync
+            if txn.get(entry) is not None:
+                return False
+        with self._write() as txn:
+            if txn.get(entry, db=self._blocks) is not None:
+                return False
+            raw = txn.get(key, db=self._block_counts)
+            count = _COUNT.unpack(raw)[0] if raw is not None else 0
+            if count >= max_blocks:
+                raise StoreLimitError(f"you already block {count} users (limit {max_blocks}); unblock some first")
+            txn.put(entry, b"", db=self._blocks)
+            txn.put(key, _COUNT.pack(count + 1), db=self._block_counts)
+            return True
+
+    def del_block(self, user: str, other: str) -> bool:
+        key = user.encode("utf-8")
+        entry = key + b"\x00" + other.encode("utf-8")
+        with self._env.begin(db=self._blocks) as txn:
+            if txn.get(entry) is None:
+                return False
+        with self._write() as txn:
+            if not txn.delete(entry, db=self._blocks):
+                return False
+            count = _COUNT.unpack(txn.get(key, db=self._block_counts))[0] - 1
+            if count:
+                txn.put(key, _COUNT.pack(count), db=self._block_counts)
+            else:
+                txn.delete(key, db=self._block_counts)
+            return True
+
+    def blocked(self, user: str, after: str | None = None, limit: int | None = None) -> list[str]:
+        with self._env.begin() as txn:
+            return self._blocked_in(txn, self._user_prefix(user), after, limit)
+
+    def _blocked_in(self, txn, prefix: bytes, after: str | None, limit: int | None) -> list[str]:
+        found: list[str] = []
+        cursor = txn.cursor(db=self._blocks)
+        start = prefix if after is None else prefix + after.encode("utf-8") + b"\x00"  # first key > after
+        if cursor.set_range(start):
+            for key in cursor.iternext(keys=True, values=False):
+                if not key.startswith(prefix):
+                    break
+                found.append(key[len(prefix) :].decode("utf-8"))
+                if limit is not None and len(found) >= limit:
+                    break
+        return found
+
+    def block_count(self, user: str) -> int:
+        with self._env.begin(db=self._block_counts) as txn:
+            raw = txn.get(user.encode("utf-8"))
+            return _COUNT.unpack(raw)[0] if raw is not None else 0
+
+    def add_report(self, record: dict) -> int:
+        value = msgpack.packb(record, use_bin_type=True)
+        with self._write() as txn:
+            last = txn.get(b"reports", db=self._counters)
+            number = (_SEQ.unpack(last)[0] if last is not None else 0) + 1
+            txn.put(b"reports", _SEQ.pack(number), db=self._counters)
+            txn.put(_SEQ.pack(number), value, db=self._reports)
+            return number
+
+    def report(self, number: int) -> dict | None:
+        with self._env.begin(db=self._reports) as txn:
+            raw = txn.get(_SEQ.pack(number))
+            return msgpack.unpackb(raw, raw=False) if raw is not None else None
+
+    def set_phone(self, user: str, phone: str | None) -> bool:
+        key = user.encode("utf-8")
+        new = phone.encode("utf-8") if phone is not None else None
+        with self._env.begin(db=self._phones) as txn:  # the common case at login: unchanged, no write
+            if txn.get(key) == new:
+                return False
+        with self._write() as txn:
+            old = txn.get(key, db=self._phones)
+            if old == new:
+                return False
+            if old is not None:
+                txn.delete(old + b"\x00" + key, db=self._directory)
+            if new is None:
+                txn.delete(key, db=self._phones)
+            else:
+                txn.put(key, new, db=self._phones)
+                txn.put(new + b"\x00" + key, b"", db=self._directory)
+            return True
+
+    def phone(self, user: str) -> str | None:
+        with self._env.begin(db=self._phones) as txn:
+            raw = txn.get(user.encode("utf-8"))
+            return raw.decode("utf-8") if raw is not None else None
+
+    def directory(self, phone: str, limit: int | None = None) -> list[str]:
+        prefix = phone.encode("utf-8") + b"\x00"
+        found: list[str] = []
+        with self._env.begin(db=self._directory) as txn:
+            cursor = txn.cursor()
+            if cursor.set_range(prefix):
+                for key in cursor.iternext(keys=True, values=False):
+                    if not key.startswith(prefix):
+                        break
+                    found.append(key[len(prefix) :].decode("utf-8"))
+                    if limit is not None and len(found) >= limit:
+                        break
+        return found
+
+
+_COUNT = struct.Struct(">I")
+
+
+class _WriteTxn:
+    """``with`` a write transaction of ``env``: commits on success, aborts on error, and turns a
+    full map into ``StoreFullError``."""
+
+    __slots__ = ("_env", "_txn")
+
+    def __init__(self, env) -> None:
+        self._env = env
+        self._txn = None
+
+    def __enter__(self):
+        self._txn = self._env.begin(write=True)
+        return self._txn
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        txn, self._txn = self._txn, None
+        if exc_type is not None:
+            txn.abort()
+            if issubclass(exc_type, lmdb.MapFullError):
+                raise StoreFullError("the gateway's storage is full; try again later") from None
+            return False
+        try:
+            txn.commit()
+        except lmdb.MapFullError:
+            raise StoreFullError("the gateway's storage is full; try again later") from None
+        return False
