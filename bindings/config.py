@@ -34,6 +34,9 @@ class GatewayConfig:
     jwks_min_refetch_interval_s: float = 30.0
     jwks_fetch_timeout_s: float = 5.0
     drain_timeout_s: float = 10.0
+    max_mailbox_items: int = 10_000  # per device; more gets mailbox_full
+    max_mailbox_bytes: int = 64 << 20  # per device
+    mailbox_ttl_s: float = 30 * 86400.0  # undelivered items older than this are deleted
     max_connections: int = 100_000
     max_preauth_connections: int = 4096  # connections not yet authenticated (handshake floods)
     idle_release_s: float = 10.0  # sessions quiet this long (up to twice) free their cipher contexts
@@ -66,6 +69,9 @@ class GatewayConfig:
         _require(self.jwks_min_refetch_interval_s >= 30, "jwks_min_refetch_interval_s", f"must be at least 30, got {self.jwks_min_refetch_interval_s}")
         _require(0 < self.jwks_fetch_timeout_s <= 5, "jwks_fetch_timeout_s", f"must be in (0, 5], got {self.jwks_fetch_timeout_s}")
         _require(0.1 <= self.idle_release_s <= 3600, "idle_release_s", f"must be 0.1..3600, got {self.idle_release_s}")
+        _require(1 <= self.max_mailbox_items <= 10_000_000, "max_mailbox_items", f"must be 1..10000000, got {self.max_mailbox_items}")
+        _require(1 << 16 <= self.max_mailbox_bytes <= 1 << 40, "max_mailbox_bytes", f"must be 64 KiB..1 TiB, got {self.max_mailbox_bytes}")
+        _require(60 <= self.mailbox_ttl_s <= 365 * 86400, "mailbox_ttl_s", f"must be 60 s..365 days, got {self.mailbox_ttl_s}")
         _require(1 <= self.max_connections <= 10_000_000, "max_connections", f"must be 1..10000000, got {self.max_connections}")
         _require(
             1 <= self.max_preauth_connections <= self.max_connections,

@@ -42,7 +42,11 @@ class Gateway:
         if self._keys is None:
             self._keys = _load_or_create_keys(config)
         self._store = LmdbStore(
-            config.data_dir / "lmdb", map_size_bytes=config.lmdb_map_size_bytes, sync=config.durability == "sync"
+            config.data_dir / "lmdb",
+            map_size_bytes=config.lmdb_map_size_bytes,
+            sync=config.durability == "sync",
+            max_mailbox_items=config.max_mailbox_items,
+            max_mailbox_bytes=config.max_mailbox_bytes,
         )
         self._jwks = JwksCache(
             ttl_s=config.jwks_ttl_s,
@@ -74,6 +78,7 @@ class Gateway:
             store=self._store,
             limits=limits,
             idle_release_s=config.idle_release_s,
+            mailbox_ttl_s=config.mailbox_ttl_s,
         )
         try:
             await self._server.start(config.host, config.port)

@@ -236,6 +236,12 @@ class Router:
             return
         self.counters["commits"] += 1
         for proto, message in waiting:
+            if message.refused is not None:
+                self._answer(proto, touched, {
+                    "t": "err", "code": message.refused, "ref": message.msg_id,
+                    "msg": "a recipient mailbox is full; nothing was stored",
+                })
+                continue
             ack = {"t": "ack", "id": message.msg_id, "ts": message.ts_ms}
             if message.dup:
                 ack["dup"] = True

@@ -50,6 +50,8 @@ log = logging.getLogger("interlink.server")
 READ_BUFFER_BYTES = 256 * 1024
 WRITE_HIGH_WATER_BYTES = 256 * 1024  # past this, stop reading from the peer until its output drains
 IDLE_RELEASE_S = 10.0
+EXPIRY_SWEEP_S = 60.0  # how often undelivered items are checked against the TTL
+EXPIRE_CHUNK = 2_000  # items deleted per sweep transaction (keeps each pause short)
 CLOSE_OVER_CAPACITY = "over_capacity"
 _NO_CLAIMS = types.MappingProxyType({})  # shared by every open session's identity
 CLOSE_INTERNAL = "internal_error"
@@ -234,6 +236,7 @@ class GatewayServer:
         limits: Limits,
         clock=time.time,
         idle_release_s: float = IDLE_RELEASE_S,
+        mailbox_ttl_s: float = 30 * 86400.0,
     ) -> None:
         self.settings = settings
         self.registry = registry
@@ -256,6 +259,8 @@ class GatewayServer:
         self._auth_tasks: set[asyncio.Task] = set()
         self._all_closed = asyncio.Event()
         self.idle_release_s = idle_release_s
+        self.mailbox_ttl_s = mailbox_ttl_s
+        self._expiry_handle: asyncio.TimerHandle | None = None
         self.policy = Policy(store)  # one instance: its cache is written through by the ops
         self.router = Router(
             store=store,
@@ -282,6 +287,14 @@ class GatewayServer:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(lambda: GatewayProtocol(self), host, port, backlog=backlog)
         self._idle_handle = loop.call_later(self.idle_release_s, self._idle_sweep)
+        self._expire_mailboxes()
+
+    def _expire_mailboxes(self) -> None:
+        """Delete undelivered items past the TTL, a bounded chunk at a time, then come back."""
+        removed = self.store.expire(int((self.clock() - self.mailbox_ttl_s) * 1000), limit=EXPIRE_CHUNK)
+        self.counters["items_expired"] += removed
+        delay = 0.0 if removed >= EXPIRE_CHUNK else EXPIRY_SWEEP_S  # more to do: continue soon
+        self._expiry_handle = asyncio.get_running_loop().call_later(delay, self._expire_mailboxes)
 
     def _idle_sweep(self) -> None:
         """Hibernate sessions that moved no bytes since the previous sweep."""
@@ -319,6 +332,9 @@ class GatewayServer:
         if self._idle_handle is not None:
             self._idle_handle.cancel()
             self._idle_handle = None
+        if self._expiry_handle is not None:
+            self._expiry_handle.cancel()
+            self._expiry_handle = None
 
     async def _wait_all_closed(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s

@@ -5,8 +5,9 @@ One LMDB environment with named databases:
 | database | key | value |
 |---|---|---|
 | ``devices`` | device key | ``b""`` |
-| ``mbox`` | device key + seq (uint64 big-endian) | the encoded ``dlv`` stanza, ready to send |
-| ``seqs`` | device key | last seq given out (uint64 big-endian); never goes back |
+| ``mbox`` | device key + seq (uint64 big-endian) | stored ``ts`` (uint64 ms) + the encoded ``dlv``, ready to send |
+| ``seqs`` | device key | last seq given out (uint64; never goes back), items and bytes stored (uint32, uint64) |
+| ``expiry`` | ``ts`` (uint64 ms) + device key + seq | ``b""``: the mailbox in age order, for the TTL sweep |
 | ``dedup`` | sender device key + message id (16 bytes) | ``ts`` of the first copy (uint64 ms) |
 | ``consent`` | user address | msgpack ``[accept (list of provider ids or ["*"]), discoverable]`` |
 | ``blocks`` | user address + ``b"\\0"`` + blocked address | ``b""`` |
@@ -42,6 +43,19 @@ from interlink.core.errors import AuthError, ConfigError, InterlinkError
 _DEVICE = struct.Struct(">I")
 _SEQ = struct.Struct(">Q")
 _TS = struct.Struct(">Q")
+_MAILBOX_STATE = struct.Struct(">QIQ")  # last seq, items stored, bytes stored
+
+
+class MailboxState:
+    """Per-device counters kept beside the mailbox (one ``seqs`` record)."""
+
+    __slots__ = ("last_seq", "items", "bytes")
+
+    def __init__(self, raw: bytes | None) -> None:
+        self.last_seq, self.items, self.bytes = _MAILBOX_STATE.unpack(raw) if raw is not None else (0, 0, 0)
+
+    def pack(self) -> bytes:
+        return _MAILBOX_STATE.pack(self.last_seq, self.items, self.bytes)
 
 
 def device_key(user: str, device: int) -> bytes:
@@ -64,7 +78,7 @@ class StoreLimitError(InterlinkError):
 class StoredMessage:
     """One message of a ``WriteBatch`` and, after the commit, what happened to it."""
 
-    __slots__ = ("sender_key", "msg_id", "ts_ms", "items", "dup", "stored")
+    __slots__ = ("sender_key", "msg_id", "ts_ms", "items", "dup", "stored", "refused")
 
     def __init__(self, sender_key: bytes, msg_id: bytes, ts_ms: int, items: list) -> None:
         self.sender_key = sender_key
@@ -73,6 +87,7 @@ class StoredMessage:
         self.items = items  #: [(device key, build(seq, ts_ms) -> encoded dlv)]
         self.dup = False
         self.stored: list = []  #: after commit: [(device key, seq, encoded dlv)]
+        self.refused: str | None = None  #: after commit: why nothing was stored (``mailbox_full``)
 
 
 class WriteBatch:
@@ -115,6 +130,9 @@ class Store(Protocol):
 
     def pending_count(self, dkey: bytes) -> int:
         """How many items a device has stored."""
+
+    def expire(self, before_ms: int, limit: int = 10_000) -> int:
+        """Delete up to ``limit`` items stored before ``before_ms``; returns how many."""
 
     # -- consent, blocks, reports, directory (the ``iq`` operations)
 
@@ -165,7 +183,17 @@ class Store(Protocol):
 class LmdbStore:
     """One LMDB environment with named databases; this is the edge where storage I/O happens."""
 
-    def __init__(self, path: str | os.PathLike, *, map_size_bytes: int = 1 << 30, sync: bool = True) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        map_size_bytes: int = 1 << 30,
+        sync: bool = True,
+        max_mailbox_items: int = 10_000,
+        max_mailbox_bytes: int = 64 << 20,
+    ) -> None:
+        self.max_mailbox_items = max_mailbox_items
+        self.max_mailbox_bytes = max_mailbox_bytes
         path = Path(path)
         try:
             path.mkdir(parents=True, exist_ok=True)
@@ -187,6 +215,7 @@ class LmdbStore:
         self._mbox = self._env.open_db(b"mbox")
         self._seqs = self._env.open_db(b"seqs")
         self._dedup = self._env.open_db(b"dedup")
+        self._expiry = self._env.open_db(b"expiry")
         self._open_social_dbs()
 
     def close(self) -> None:
@@ -234,38 +263,98 @@ class LmdbStore:
     def commit(self, batch: WriteBatch) -> None:
         try:
             with self._env.begin(write=True) as txn:
-                next_seqs: dict[bytes, int] = {}
+                states: dict[bytes, MailboxState] = {}
                 for message in batch.messages:
-                    self._write_message(txn, message, next_seqs)
-                for dkey, seq in next_seqs.items():
-                    txn.put(dkey, _SEQ.pack(seq), db=self._seqs)
+                    self._write_message(txn, message, states)
                 for dkey, seqs in batch.deletions:
+                    state = self._state(txn, dkey, states)
                     for seq in seqs:
-                        txn.delete(dkey + _SEQ.pack(seq), db=self._mbox)
+                        self._delete_item(txn, dkey, seq, state)
+                for dkey, state in states.items():
+                    txn.put(dkey, state.pack(), db=self._seqs)
         except lmdb.MapFullError:
             for message in batch.messages:
-                message.dup, message.stored = False, []
+                message.dup, message.stored, message.refused = False, [], None
             raise StoreFullError("the gateway's storage is full; try again later") from None
 
-    def _write_message(self, txn, message: StoredMessage, next_seqs: dict) -> None:
+    def _state(self, txn, dkey: bytes, states: dict) -> MailboxState:
+        state = states.get(dkey)
+        if state is None:
+            state = states[dkey] = MailboxState(txn.get(dkey, db=self._seqs))
+        return state
+
+    def _write_message(self, txn, message: StoredMessage, states: dict) -> None:
         dedup_key = message.sender_key + message.msg_id
         first = txn.get(dedup_key, db=self._dedup)
         if first is not None:
             message.dup = True
             message.ts_ms = _TS.unpack(first)[0]
             return
-        txn.put(dedup_key, _TS.pack(message.ts_ms), db=self._dedup)
-        stored = message.stored
+        ts = message.ts_ms
+        # Build every copy first: if any recipient mailbox is over its quota, none is stored.
+        planned = []
+        added: dict[bytes, list[int]] = {}
         for dkey, build in message.items:
-            seq = next_seqs.get(dkey)
-            if seq is None:
-                last = txn.get(dkey, db=self._seqs)
-                seq = _SEQ.unpack(last)[0] if last is not None else 0
-            seq += 1
-            next_seqs[dkey] = seq
-            value = build(seq, message.ts_ms)
-            txn.put(dkey + _SEQ.pack(seq), value, db=self._mbox)
+            state = self._state(txn, dkey, states)
+            count, size = added.setdefault(dkey, [0, 0])
+            seq = state.last_seq + count + 1
+            value = build(seq, ts)
+            added[dkey] = [count + 1, size + len(value)]
+            if state.items + count + 1 > self.max_mailbox_items or state.bytes + size + len(value) > self.max_mailbox_bytes:
+                message.refused = "mailbox_full"
+                return
+            planned.append((dkey, seq, value))
+        txn.put(dedup_key, _TS.pack(ts), db=self._dedup)
+        ts_prefix = _TS.pack(ts)
+        stored = message.stored
+        for dkey, seq, value in planned:
+            state = states[dkey]
+            state.last_seq = seq
+            state.items += 1
+            state.bytes += len(value)
+            seq_bytes = _SEQ.pack(seq)
+            txn.put(dkey + seq_bytes, ts_prefix + value, db=self._mbox)
+            txn.put(ts_prefix + dkey + seq_bytes, b"", db=self._expiry)
             stored.append((dkey, seq, value))
+
+    def _delete_item(self, txn, dkey: bytes, seq: int, state: MailboxState) -> bool:
+        seq_bytes = _SEQ.pack(seq)
+        stored = txn.pop(dkey + seq_bytes, db=self._mbox)
+        if stored is None:
+            return False  # already received (or expired)
+        txn.delete(stored[:8] + dkey + seq_bytes, db=self._expiry)
+        state.items -= 1
+        state.bytes -= len(stored) - 8
+        return True
+
+    def expire(self, before_ms: int, limit: int = 10_000) -> int:
+        """Delete up to ``limit`` items stored before ``before_ms`` (the TTL sweep); returns how
+        many. Oldest first, through the age index, so a sweep never scans live mailboxes."""
+        removed = 0
+        cutoff = _TS.pack(before_ms)
+        with self._env.begin(write=True) as txn:
+            states: dict[bytes, MailboxState] = {}
+            cursor = txn.cursor(db=self._expiry)
+            doomed = []
+            if cursor.first():
+                for key in cursor.iternext(keys=True, values=False):
+                    if key[:8] >= cutoff or len(doomed) >= limit:
+                        break
+                    doomed.append(key)
+            for key in doomed:
+                dkey, seq = key[8:-8], _SEQ.unpack(key[-8:])[0]
+                if self._delete_item(txn, dkey, seq, self._state(txn, dkey, states)):
+                    removed += 1
+                else:
+                    txn.delete(key, db=self._expiry)
+            for dkey, state in states.items():
+                txn.put(dkey, state.pack(), db=self._seqs)
+        return removed
+
+    def mailbox_state(self, dkey: bytes) -> MailboxState:
+        """The device's counters: last seq, items and bytes stored."""
+        with self._env.begin(db=self._seqs) as txn:
+            return MailboxState(txn.get(dkey))
 
     def pending(self, dkey: bytes, after_seq: int = 0, limit: int | None = None) -> list[tuple[int, bytes]]:
         items: list[tuple[int, bytes]] = []
@@ -278,22 +367,13 @@ class LmdbStore:
             for key, value in cursor:
                 if len(key) != prefix_len + 8 or not key.startswith(dkey):
                     break
-                items.append((_SEQ.unpack(key[prefix_len:])[0], value))
+                items.append((_SEQ.unpack(key[prefix_len:])[0], value[8:]))  # without the stored ts
                 if limit is not None and len(items) >= limit:
                     break
         return items
 
     def pending_count(self, dkey: bytes) -> int:
-        count = 0
-        prefix_len = len(dkey)
-        with self._env.begin(db=self._mbox) as txn:
-            cursor = txn.cursor()
-            if cursor.set_range(dkey):
-                for key in cursor.iternext(keys=True, values=False):
-                    if len(key) != prefix_len + 8 or not key.startswith(dkey):
-                        break
-                    count += 1
-        return count
+        return self.mailbox_state(dkey).items
 
     # -- consent, blocks, reports and the directory (the iq operations; see the module docstring)
 

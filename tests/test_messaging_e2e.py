@@ -364,3 +364,23 @@ async def test_malformed_receipts_and_states_get_bad_stanza(people, stanza):
     assert caught.value.code == "bad_stanza", caught.value
     assert await alice.ping() > 0
     await alice.close()
+
+
+async def test_full_mailbox_refuses_with_mailbox_full_and_keeps_what_was_stored(issuers, tmp_path):
+    async with Gateway(config_for(issuers, tmp_path, max_mailbox_items=2)) as gw:
+        people = People(gw, issuers)
+        bob = await people.connect("bob@beta", 1)
+        await bob.close()
+        alice = await people.connect("alice@alpha", 1)
+        await alice.send_message("bob@beta", {1: b"one"})
+        await alice.send_message("bob@beta", {1: b"two"})
+        with pytest.raises(ServerError) as caught:
+            await alice.send_message("bob@beta", {1: b"three"})
+        assert caught.value.code == "mailbox_full"
+        bob = await people.connect("bob@beta", 1)
+        assert [(await next_dlv(bob))["c"] for _ in range(2)] == [b"one", b"two"]
+        await bob.ping()  # recv went out: the mailbox has room again
+        await alice.send_message("bob@beta", {1: b"three"})
+        assert (await next_dlv(bob))["c"] == b"three"
+        await alice.close()
+        await bob.close()

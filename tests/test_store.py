@@ -332,3 +332,54 @@ def test_policy_blocks_through_its_cache_and_past_it(store):
     with pytest.raises(StoreLimitError):
         policy.block("bob@beta", "z@alpha", 2)
     assert not policy.blocks("bob@beta", "z@alpha")
+
+
+# -- quotas and expiry
+
+
+def test_quota_refuses_a_whole_message_and_keeps_counts(tmp_path):
+    store = LmdbStore(tmp_path / "lmdb", map_size_bytes=1 << 24, max_mailbox_items=3, max_mailbox_bytes=1 << 20)
+    bob1, bob2 = device_key("bob@beta", 1), device_key("bob@beta", 2)
+    sender = device_key("alice@alpha", 1)
+    commit_message(store, sender, b"a" * 16, 1, [(bob1, build(b"x")), (bob1, build(b"x")), (bob2, build(b"x"))])
+    refused = commit_message(store, sender, b"b" * 16, 2, [(bob2, build(b"y")), (bob1, build(b"y")), (bob1, build(b"y"))])
+    assert refused.refused == "mailbox_full" and refused.stored == [] and not refused.dup
+    assert (store.pending_count(bob1), store.pending_count(bob2)) == (2, 1)  # bob2's copy was not stored either
+    again = commit_message(store, sender, b"b" * 16, 3, [(bob1, build(b"y"))])
+    assert not again.dup and again.stored  # a refused message left no dedup entry behind
+    state = store.mailbox_state(bob1)
+    assert (state.items, state.last_seq) == (3, 3)
+    assert state.bytes == sum(len(v) for _, v in store.pending(bob1))
+    store.close()
+
+
+def test_byte_quota(tmp_path):
+    store = LmdbStore(tmp_path / "lmdb", map_size_bytes=1 << 24, max_mailbox_items=100, max_mailbox_bytes=1 << 16)
+    bob = device_key("bob@beta", 1)
+    big = lambda seq, ts: b"z" * 40_000  # noqa: E731
+    assert commit_message(store, device_key("s@a", 1), b"1" * 16, 1, [(bob, big)]).stored
+    assert commit_message(store, device_key("s@a", 1), b"2" * 16, 1, [(bob, big)]).refused == "mailbox_full"
+    batch = WriteBatch()
+    batch.delete(bob, [1])
+    store.commit(batch)
+    assert store.mailbox_state(bob).bytes == 0
+    assert commit_message(store, device_key("s@a", 1), b"3" * 16, 1, [(bob, big)]).stored
+    store.close()
+
+
+def test_expire_deletes_only_old_items_oldest_first(store):
+    bob, carol = device_key("bob@beta", 1), device_key("carol@beta", 1)
+    sender = device_key("s@alpha", 1)
+    for i, ts in enumerate((1000, 2000, 3000)):
+        commit_message(store, sender, bytes([i]) * 16, ts, [(bob, build(b"b")), (carol, build(b"c"))])
+    batch = WriteBatch()
+    batch.delete(bob, [1])  # received before the sweep: its age-index entry goes with it
+    store.commit(batch)
+    assert store.expire(before_ms=2500, limit=10) == 3  # bob's seq 2, carol's seqs 1 and 2
+    assert [seq for seq, _ in store.pending(bob)] == [3]
+    assert [seq for seq, _ in store.pending(carol)] == [3]
+    assert (store.pending_count(bob), store.pending_count(carol)) == (1, 1)
+    assert store.expire(before_ms=2500) == 0
+    assert store.expire(before_ms=10_000, limit=1) == 1  # bounded per call
+    assert store.expire(before_ms=10_000) == 1
+    assert store.pending_count(bob) + store.pending_count(carol) == 0
