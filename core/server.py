@@ -52,6 +52,7 @@ WRITE_HIGH_WATER_BYTES = 256 * 1024  # past this, stop reading from the peer unt
 IDLE_RELEASE_S = 10.0
 EXPIRY_SWEEP_S = 60.0  # how often undelivered items are checked against the TTL
 EXPIRE_CHUNK = 2_000  # items deleted per sweep transaction (keeps each pause short)
+DEDUP_WINDOW_S = 48 * 3600.0  # a resend within this window is recognised (the contract asks >= 24 h)
 CLOSE_OVER_CAPACITY = "over_capacity"
 _NO_CLAIMS = types.MappingProxyType({})  # shared by every open session's identity
 CLOSE_INTERNAL = "internal_error"
@@ -291,9 +292,12 @@ class GatewayServer:
 
     def _expire_mailboxes(self) -> None:
         """Delete undelivered items past the TTL, a bounded chunk at a time, then come back."""
-        removed = self.store.expire(int((self.clock() - self.mailbox_ttl_s) * 1000), limit=EXPIRE_CHUNK)
+        now = self.clock()
+        removed = self.store.expire(int((now - self.mailbox_ttl_s) * 1000), limit=EXPIRE_CHUNK)
+        forgotten = self.store.forget_duplicates(int((now - DEDUP_WINDOW_S) * 1000), limit=EXPIRE_CHUNK)
         self.counters["items_expired"] += removed
-        delay = 0.0 if removed >= EXPIRE_CHUNK else EXPIRY_SWEEP_S  # more to do: continue soon
+        more = removed >= EXPIRE_CHUNK or forgotten >= EXPIRE_CHUNK
+        delay = 0.0 if more else EXPIRY_SWEEP_S  # more to do: continue soon
         self._expiry_handle = asyncio.get_running_loop().call_later(delay, self._expire_mailboxes)
 
     def _idle_sweep(self) -> None:

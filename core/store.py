@@ -8,6 +8,7 @@ One LMDB environment with named databases:
 | ``mbox`` | device key + seq (uint64 big-endian) | stored ``ts`` (uint64 ms) + the encoded ``dlv``, ready to send |
 | ``seqs`` | device key | last seq given out (uint64; never goes back), items and bytes stored (uint32, uint64) |
 | ``expiry`` | ``ts`` (uint64 ms) + device key + seq | ``b""``: the mailbox in age order, for the TTL sweep |
+| ``dedup_age`` | ``ts`` + sender device key + message id | ``b""``: the dedup table in age order, for its sweep |
 | ``dedup`` | sender device key + message id (16 bytes) | ``ts`` of the first copy (uint64 ms) |
 | ``consent`` | user address | msgpack ``[accept (list of provider ids or ["*"]), discoverable]`` |
 | ``blocks`` | user address + ``b"\\0"`` + blocked address | ``b""`` |
@@ -134,6 +135,9 @@ class Store(Protocol):
     def expire(self, before_ms: int, limit: int = 10_000) -> int:
         """Delete up to ``limit`` items stored before ``before_ms``; returns how many."""
 
+    def forget_duplicates(self, before_ms: int, limit: int = 10_000) -> int:
+        """End the dedup window of messages first stored before ``before_ms``; returns how many."""
+
     # -- consent, blocks, reports, directory (the ``iq`` operations)
 
     def consent(self, user: str) -> tuple[tuple[str, ...], bool] | None:
@@ -216,6 +220,7 @@ class LmdbStore:
         self._seqs = self._env.open_db(b"seqs")
         self._dedup = self._env.open_db(b"dedup")
         self._expiry = self._env.open_db(b"expiry")
+        self._dedup_age = self._env.open_db(b"dedup_age")
         self._open_social_dbs()
 
     def close(self) -> None:
@@ -304,8 +309,9 @@ class LmdbStore:
                 message.refused = "mailbox_full"
                 return
             planned.append((dkey, seq, value))
-        txn.put(dedup_key, _TS.pack(ts), db=self._dedup)
         ts_prefix = _TS.pack(ts)
+        txn.put(dedup_key, ts_prefix, db=self._dedup)
+        txn.put(ts_prefix + dedup_key, b"", db=self._dedup_age)
         stored = message.stored
         for dkey, seq, value in planned:
             state = states[dkey]
@@ -350,6 +356,23 @@ class LmdbStore:
             for dkey, state in states.items():
                 txn.put(dkey, state.pack(), db=self._seqs)
         return removed
+
+    def forget_duplicates(self, before_ms: int, limit: int = 10_000) -> int:
+        """End the dedup window for messages first stored before ``before_ms`` (at most
+        ``limit`` of them); returns how many. A resend after that is stored as new."""
+        cutoff = _TS.pack(before_ms)
+        with self._env.begin(write=True) as txn:
+            cursor = txn.cursor(db=self._dedup_age)
+            doomed = []
+            if cursor.first():
+                for key in cursor.iternext(keys=True, values=False):
+                    if key[:8] >= cutoff or len(doomed) >= limit:
+                        break
+                    doomed.append(key)
+            for key in doomed:
+                txn.delete(key, db=self._dedup_age)
+                txn.delete(key[8:], db=self._dedup)
+        return len(doomed)
 
     def mailbox_state(self, dkey: bytes) -> MailboxState:
         """The device's counters: last seq, items and bytes stored."""

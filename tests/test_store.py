@@ -383,3 +383,13 @@ def test_expire_deletes_only_old_items_oldest_first(store):
     assert store.expire(before_ms=10_000, limit=1) == 1  # bounded per call
     assert store.expire(before_ms=10_000) == 1
     assert store.pending_count(bob) + store.pending_count(carol) == 0
+
+
+def test_dedup_window_ends_for_old_messages_only(store):
+    bob = device_key("bob@beta", 1)
+    sender = device_key("alice@alpha", 1)
+    commit_message(store, sender, b"old-old-old-old-", 1000, [(bob, build(b"a"))])
+    commit_message(store, sender, b"new-new-new-new-", 5000, [(bob, build(b"b"))])
+    assert store.forget_duplicates(before_ms=3000) == 1
+    assert not commit_message(store, sender, b"old-old-old-old-", 6000, [(bob, build(b"a"))]).dup
+    assert commit_message(store, sender, b"new-new-new-new-", 6000, [(bob, build(b"b"))]).dup
