@@ -40,6 +40,7 @@ class GatewayConfig:
     max_connections: int = 100_000
     max_preauth_connections: int = 4096  # connections not yet authenticated (handshake floods)
     idle_release_s: float = 10.0  # sessions quiet this long (up to twice) free their cipher contexts
+    slow_consumer_s: float = 30.0  # a client that reads nothing this long (checked every idle_release_s) gets bye slow_consumer
     lmdb_map_size_bytes: int = 1 << 30
     durability: str = "sync"
     providers: list = field(default_factory=list)  # interlink.Provider entries
@@ -68,6 +69,7 @@ class GatewayConfig:
         _require(300 <= self.jwks_ttl_s <= 600, "jwks_ttl_s", f"must be 300..600, got {self.jwks_ttl_s}")
         _require(self.jwks_min_refetch_interval_s >= 30, "jwks_min_refetch_interval_s", f"must be at least 30, got {self.jwks_min_refetch_interval_s}")
         _require(0 < self.jwks_fetch_timeout_s <= 5, "jwks_fetch_timeout_s", f"must be in (0, 5], got {self.jwks_fetch_timeout_s}")
+        _require(0.1 <= self.slow_consumer_s <= 3600, "slow_consumer_s", f"must be 0.1..3600, got {self.slow_consumer_s}")
         _require(0.1 <= self.idle_release_s <= 3600, "idle_release_s", f"must be 0.1..3600, got {self.idle_release_s}")
         _require(1 <= self.max_mailbox_items <= 10_000_000, "max_mailbox_items", f"must be 1..10000000, got {self.max_mailbox_items}")
         _require(1 << 16 <= self.max_mailbox_bytes <= 1 << 40, "max_mailbox_bytes", f"must be 64 KiB..1 TiB, got {self.max_mailbox_bytes}")

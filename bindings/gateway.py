@@ -79,6 +79,7 @@ class Gateway:
             limits=limits,
             idle_release_s=config.idle_release_s,
             mailbox_ttl_s=config.mailbox_ttl_s,
+            slow_consumer_s=config.slow_consumer_s,
         )
         try:
             await self._server.start(config.host, config.port)

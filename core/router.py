@@ -102,6 +102,11 @@ class Router:
     def session_closed(self, proto: GatewayProtocol) -> None:
         self.deliveries.pop(proto, None)
 
+    def resume(self, proto: GatewayProtocol) -> None:
+        """The peer reads again (its output drained below the high-water mark): push more."""
+        if proto in self.deliveries:
+            self._refill(proto)
+
     # -- stanzas
 
     def handle_msg(self, proto: GatewayProtocol, stanza: dict) -> None:
@@ -262,7 +267,7 @@ class Router:
         delivery = self.deliveries.get(proto)
         if delivery is None:
             delivery = self.deliveries[proto] = Delivery(backlog=False)
-        if delivery.backlog or len(delivery.inflight) >= self.window:
+        if delivery.backlog or len(delivery.inflight) >= self.window or proto.paused_since is not None:
             # Older items wait in the store, or the window is full: this one waits its turn
             # there too, and recv will bring it (order per device is seq order).
             delivery.backlog = True
@@ -278,7 +283,7 @@ class Router:
         if delivery is None:
             return
         room = self.window - len(delivery.inflight)
-        if room > 0 and delivery.backlog:
+        if room > 0 and delivery.backlog and proto.paused_since is None:
             items = self.store.pending(device_key(*proto.session_key), delivery.cursor, room)
             for seq, value in items:
                 delivery.inflight.add(seq)

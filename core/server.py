@@ -116,7 +116,7 @@ def _excerpt(text: str, limit: int = 32) -> str:
 class GatewayProtocol(asyncio.BufferedProtocol):
     """Adapter between one uvloop transport and one ``ServerConnection``."""
 
-    __slots__ = ("server", "conn", "transport", "session_key", "active", "auth_task", "timer_at")
+    __slots__ = ("server", "conn", "transport", "session_key", "active", "auth_task", "timer_at", "paused_since")
 
     def __init__(self, server: GatewayServer) -> None:
         self.server = server
@@ -126,6 +126,7 @@ class GatewayProtocol(asyncio.BufferedProtocol):
         self.active = True  # moved bytes since the last idle sweep
         self.auth_task: asyncio.Task | None = None  # set only while a key fetch is awaited
         self.timer_at: float | None = None  # deadline of this connection's one entry in the timer heap
+        self.paused_since: float | None = None  # when the peer stopped reading what we send
 
     # -- asyncio callbacks
 
@@ -152,14 +153,19 @@ class GatewayProtocol(asyncio.BufferedProtocol):
         return id(self) < id(other)
 
     def pause_writing(self) -> None:
-        # The peer does not read what we send: stop reading what it sends (and so stop producing
-        # answers) until the kernel takes our output. Bounds per-connection output memory.
+        # The peer does not read what we send (the output passed the high-water mark): stop
+        # reading what it sends, and stop pushing deliveries, which stay in the mailbox. Bounds
+        # per-connection output memory; a peer stuck like this gets bye slow_consumer.
+        self.paused_since = self.server.clock()
         if self.transport is not None:
             self.transport.pause_reading()
 
     def resume_writing(self) -> None:
+        self.paused_since = None
         if self.transport is not None and not self.transport.is_closing():
             self.transport.resume_reading()
+            self.server.router.resume(self)
+            self.flush()
 
     def get_buffer(self, sizehint: int):
         return self.server.read_view
@@ -238,6 +244,7 @@ class GatewayServer:
         clock=time.time,
         idle_release_s: float = IDLE_RELEASE_S,
         mailbox_ttl_s: float = 30 * 86400.0,
+        slow_consumer_s: float = 30.0,
     ) -> None:
         self.settings = settings
         self.registry = registry
@@ -260,6 +267,7 @@ class GatewayServer:
         self._auth_tasks: set[asyncio.Task] = set()
         self._all_closed = asyncio.Event()
         self.idle_release_s = idle_release_s
+        self.slow_consumer_s = slow_consumer_s
         self.mailbox_ttl_s = mailbox_ttl_s
         self._expiry_handle: asyncio.TimerHandle | None = None
         self.policy = Policy(store)  # one instance: its cache is written through by the ops
@@ -290,6 +298,13 @@ class GatewayServer:
         self._idle_handle = loop.call_later(self.idle_release_s, self._idle_sweep)
         self._expire_mailboxes()
 
+    def _end_slow_consumer(self, proto: GatewayProtocol) -> None:
+        self.counters["slow_consumers"] += 1
+        proto.conn.close("slow_consumer", "the client stopped reading")
+        proto.flush()  # queues the bye behind what the peer never read...
+        if proto.transport is not None:
+            proto.transport.abort()  # ...and does not wait for it: the peer is not reading
+
     def _expire_mailboxes(self) -> None:
         """Delete undelivered items past the TTL, a bounded chunk at a time, then come back."""
         now = self.clock()
@@ -301,10 +316,14 @@ class GatewayServer:
         self._expiry_handle = asyncio.get_running_loop().call_later(delay, self._expire_mailboxes)
 
     def _idle_sweep(self) -> None:
-        """Hibernate sessions that moved no bytes since the previous sweep."""
+        """Hibernate sessions that moved no bytes since the previous sweep; end the sessions of
+        peers that stopped reading long ago (``bye slow_consumer``)."""
         hibernated = 0
-        for proto in self.connections:
-            if proto.active:
+        stuck_before = self.clock() - self.slow_consumer_s
+        for proto in list(self.connections):
+            if proto.paused_since is not None and proto.paused_since <= stuck_before:
+                self._end_slow_consumer(proto)
+            elif proto.active:
                 proto.active = False
             elif proto.conn.hibernate():
                 hibernated += 1

@@ -384,3 +384,30 @@ async def test_full_mailbox_refuses_with_mailbox_full_and_keeps_what_was_stored(
         assert (await next_dlv(bob))["c"] == b"three"
         await alice.close()
         await bob.close()
+
+
+async def test_a_client_that_stops_reading_is_cut_off_and_loses_nothing(issuers, tmp_path):
+    import socket
+
+    settings = dict(window=256, slow_consumer_s=0.5, idle_release_s=0.1, durability="async")
+    async with Gateway(config_for(issuers, tmp_path, **settings)) as gw:
+        people = People(gw, issuers)
+        bob = await people.connect("bob@beta", 1, auto_recv=False)
+        sock = bob._transport.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        bob._transport.pause_reading()  # bob's application is stuck: it reads nothing any more
+        alice = await people.connect("alice@alpha", 1)
+        blob = os.urandom(60_000)
+        for _ in range(150):  # ~9 MB: more than the kernel buffers between them can hold
+            await alice.send_message("bob@beta", {1: blob})
+        for _ in range(200):
+            if gw.stats()["counters"].get("slow_consumers"):
+                break
+            await asyncio.sleep(0.05)
+        assert gw.stats()["counters"]["slow_consumers"] == 1
+        assert gw.stats()["close_reasons"]["slow_consumer"] == 1
+        assert await alice.ping() > 0  # nobody else noticed
+        bob = await people.connect("bob@beta", 1)
+        assert bob.welcome["pending"] == 150  # everything is still stored
+        await alice.close()
+        await bob.close()
