@@ -37,6 +37,8 @@ class GatewayConfig:
     max_mailbox_items: int = 10_000  # per device; more gets mailbox_full
     max_mailbox_bytes: int = 64 << 20  # per device
     mailbox_ttl_s: float = 30 * 86400.0  # undelivered items older than this are deleted
+    message_rate_per_device: float = 500.0  # msg, rcpt and state per second per device session (burst 2 s)
+    message_rate_per_user: float = 1000.0  # the same over all of a user's devices
     max_connections: int = 100_000
     max_preauth_connections: int = 4096  # connections not yet authenticated (handshake floods)
     idle_release_s: float = 10.0  # sessions quiet this long (up to twice) free their cipher contexts
@@ -74,6 +76,8 @@ class GatewayConfig:
         _require(1 <= self.max_mailbox_items <= 10_000_000, "max_mailbox_items", f"must be 1..10000000, got {self.max_mailbox_items}")
         _require(1 << 16 <= self.max_mailbox_bytes <= 1 << 40, "max_mailbox_bytes", f"must be 64 KiB..1 TiB, got {self.max_mailbox_bytes}")
         _require(60 <= self.mailbox_ttl_s <= 365 * 86400, "mailbox_ttl_s", f"must be 60 s..365 days, got {self.mailbox_ttl_s}")
+        _require(0.1 <= self.message_rate_per_device <= 1e7, "message_rate_per_device", f"must be 0.1..1e7, got {self.message_rate_per_device}")
+        _require(0.1 <= self.message_rate_per_user <= 1e7, "message_rate_per_user", f"must be 0.1..1e7, got {self.message_rate_per_user}")
         _require(1 <= self.max_connections <= 10_000_000, "max_connections", f"must be 1..10000000, got {self.max_connections}")
         _require(
             1 <= self.max_preauth_connections <= self.max_connections,

@@ -69,6 +69,8 @@ class Gateway:
             max_group=config.max_group,
             window=config.window,
             max_connections=config.max_connections,
+            message_rate_per_device=config.message_rate_per_device,
+            message_rate_per_user=config.message_rate_per_user,
             max_preauth_connections=config.max_preauth_connections,
         )
         self._server = GatewayServer(

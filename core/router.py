@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from typing import TYPE_CHECKING
 
 from interlink.core.auth import ProviderRegistry, localpart_error
 from interlink.core.errors import InterlinkError, StanzaError
 from interlink.core.policy import Policy
+from interlink.core.ratelimit import TokenBuckets
 from interlink.core.stanza import encode_stanza
 from interlink.core.store import Store, StoredMessage, WriteBatch, device_key
 from interlink.core.wire import MAX_DEVICE_ID, TAG_BYTES
@@ -68,10 +70,16 @@ class Router:
         window: int,
         max_frame_bytes: int,
         policy: Policy,
+        message_rate_per_device: float = 500.0,
+        message_rate_per_user: float = 1000.0,
         clock=time.time,
     ) -> None:
         self.store = store
         self.policy = policy
+        # Stored traffic (msg, rcpt) and typing state, per device session and per user; the burst
+        # is two seconds' worth.
+        self.device_buckets = TokenBuckets(2 * message_rate_per_device, message_rate_per_device)
+        self.user_buckets = TokenBuckets(2 * message_rate_per_user, message_rate_per_user)
         # Every dlv must fit in one frame the recipient accepts.
         self.max_ciphertext_bytes = max_frame_bytes - TAG_BYTES - DLV_OVERHEAD_BYTES
         self.registry = registry
@@ -109,7 +117,16 @@ class Router:
 
     # -- stanzas
 
+    def _charge(self, proto: GatewayProtocol) -> None:
+        """Spend one token of the session's and the user's bucket, or refuse (``rate_limited``)."""
+        now = self.clock()
+        wait_s = self.device_buckets.take(proto.session_key, now) or self.user_buckets.take(proto.session_key[0], now)
+        if wait_s:
+            retry_after = max(1, math.ceil(wait_s * 1000))
+            raise RouteError(f"too many messages; try again in {retry_after} ms", code="rate_limited", retry_after=retry_after)
+
     def handle_msg(self, proto: GatewayProtocol, stanza: dict) -> None:
+        self._charge(proto)
         identity = proto.conn.identity
         msg_id = stanza.get("id")
         if type(msg_id) is not bytes or len(msg_id) != ID_BYTES:
@@ -148,6 +165,7 @@ class Router:
     def handle_rcpt(self, proto: GatewayProtocol, stanza: dict) -> None:
         """A receipt is stored and delivered like a message, to every device of ``to`` and (with
         ``to``) to the sender's other devices, so they can mark the messages too."""
+        self._charge(proto)
         identity = proto.conn.identity
         msg_id = stanza.get("id")
         if type(msg_id) is not bytes or len(msg_id) != ID_BYTES:
@@ -181,6 +199,7 @@ class Router:
 
     def handle_state(self, proto: GatewayProtocol, stanza: dict) -> None:
         """Typing state: ephemeral, never stored, pushed to the recipient's online devices."""
+        self._charge(proto)
         identity = proto.conn.identity
         state = stanza.get("s")
         if state not in TYPING_STATES:

@@ -87,6 +87,8 @@ class Limits:
     window: int = 64
     max_connections: int = 100_000
     max_preauth_connections: int = 4096  # connections still in preamble/handshake/auth
+    message_rate_per_device: float = 500.0  # msg + rcpt + state per second (burst: twice that)
+    message_rate_per_user: float = 1000.0
 
     def announce(self) -> dict:
         return {
@@ -278,6 +280,8 @@ class GatewayServer:
             window=limits.window,
             max_frame_bytes=limits.max_frame_bytes,
             policy=self.policy,
+            message_rate_per_device=limits.message_rate_per_device,
+            message_rate_per_user=limits.message_rate_per_user,
             clock=clock,
         )
         self.ops = Operations(store=store, registry=registry, policy=self.policy, clock=clock)

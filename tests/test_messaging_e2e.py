@@ -411,3 +411,24 @@ async def test_a_client_that_stops_reading_is_cut_off_and_loses_nothing(issuers,
         assert bob.welcome["pending"] == 150  # everything is still stored
         await alice.close()
         await bob.close()
+
+
+async def test_message_rate_limit_per_device_and_user(issuers, tmp_path):
+    async with Gateway(config_for(issuers, tmp_path, message_rate_per_device=5.0, message_rate_per_user=8.0)) as gw:
+        people = People(gw, issuers)
+        await people.connect("bob@beta", 1)
+        alice1 = await people.connect("alice@alpha", 1)
+        outcomes = await asyncio.gather(
+            *(alice1.send_message("bob@beta", {1: b"%d" % i}) for i in range(15)), return_exceptions=True
+        )
+        refused = [o for o in outcomes if isinstance(o, ServerError)]
+        assert 1 <= len(refused) <= 15 - 10 + 1  # the burst is two seconds' worth: 10 messages
+        assert {r.code for r in refused} == {"rate_limited"}
+        assert all(r.fields["retry_after"] >= 1 for r in refused)
+        # The user's own bucket (burst 16) is shared by all of its devices.
+        alice2 = await people.connect("alice@alpha", 2)
+        outcomes = await asyncio.gather(
+            *(alice2.send_message("bob@beta", {1: b"x%d" % i}, own={1: b"o"}) for i in range(10)), return_exceptions=True
+        )
+        assert any(isinstance(o, ServerError) and o.code == "rate_limited" for o in outcomes)
+        assert await alice1.ping() > 0  # pings are not messages
