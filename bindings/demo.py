@@ -22,7 +22,7 @@ import interlink.core
 from interlink.client import Client, Suite
 from interlink.config import GatewayConfig
 from interlink.core.auth import Provider
-from interlink.core.errors import AuthError, CertificateError
+from interlink.core.errors import AuthError, CertificateError, ServerError
 from interlink.core.identity import ROOT_PUBLIC_FILE, generate_root_key, init_operator_keys, load_operator_keys
 from interlink.gateway import Gateway
 from interlink.issuer import DemoIssuer
@@ -38,8 +38,11 @@ async def run_demo(data_dir: Path) -> None:
     say(f"interlink {interlink.__version__} — hot paths: {interlink.core.IMPLEMENTATION}, event loop: uvloop")
     async with DemoIssuer() as alpha_issuer, DemoIssuer() as beta_issuer:
         providers = [
-            Provider(id="alpha", issuer=alpha_issuer.issuer, audience=AUDIENCE, discovery=True),
-            Provider(id="beta", issuer=beta_issuer.issuer, audience=AUDIENCE, discovery=True, algorithms=("ES256", "EdDSA")),
+            Provider(id="alpha", issuer=alpha_issuer.issuer, audience=AUDIENCE, discovery=True, default_accept=("beta",)),
+            Provider(
+                id="beta", issuer=beta_issuer.issuer, audience=AUDIENCE, discovery=True,
+                algorithms=("ES256", "EdDSA"), default_accept=("alpha",),
+            ),
         ]
         say(f"OpenID issuer for provider 'alpha': {alpha_issuer.issuer}")
         say(f"OpenID issuer for provider 'beta':  {beta_issuer.issuer}")
@@ -87,6 +90,8 @@ async def run_demo(data_dir: Path) -> None:
                     f"median {statistics.median(rtts) * 1e6:6.0f} µs, max {max(rtts) * 1e6:6.0f} µs"
                 )
             say()
+            await _chat(gateway, clients, host, port, beta_issuer)
+            say()
 
             say("what a refusal looks like:")
             expired = alpha_issuer.issue("carol", audience=AUDIENCE, expires_in=-120)
@@ -113,6 +118,54 @@ async def run_demo(data_dir: Path) -> None:
                 await client.close()
             say("draining the gateway (bye drain to every session) ...")
         say("done.")
+
+
+async def _chat(gateway: Gateway, clients: list, host: str, port: int, beta_issuer) -> None:
+    """Users of two providers chat across two devices each; one device catches up later."""
+    alice1, alice2, bob1, bob2 = clients
+    say("messaging — the gateway stores and forwards ciphertext it cannot read (placeholders here):")
+    await bob2.close()
+    say("  bob's device 2 goes offline")
+    ack = await alice1.send_message(
+        "bob@beta", {1: b"<ciphertext for bob/1>", 2: b"<ciphertext for bob/2>"}, own={2: b"<copy for alice/2>"}
+    )
+    say(f"  alice/1 -> bob: one ciphertext per device of bob, a copy for alice/2; ack after the commit (ts {ack['ts']})")
+    dlv = await bob1.recv(timeout_s=5)
+    say(f"  bob/1   <- dlv seq {dlv['seq']} from {dlv['from']}/{dlv['dev']}: {dlv['c'].decode()}")
+    own = await alice2.recv(timeout_s=5)
+    say(f"  alice/2 <- her own copy (to {own['to']}): {own['c'].decode()}")
+    await bob1.send_receipt("alice@alpha", "read", [dlv["id"]])
+    for name, client in (("alice/1", alice1), ("alice/2", alice2)):
+        receipt = await client.recv(timeout_s=5)
+        say(f"  {name} <- receipt '{receipt['kind']}' from {receipt['from']}/{receipt['dev']} for 1 message")
+    await bob1.send_message("alice@alpha", {1: b"<reply for alice/1>", 2: b"<reply for alice/2>"})
+    await alice1.recv(timeout_s=5)
+    await alice2.recv(timeout_s=5)
+    say("  bob/1 -> alice: both of alice's devices received the reply")
+    stored = gateway.mailbox_stats("bob@beta")
+    say(f"  bob's mailboxes while device 2 is away: {stored}")
+    bob2 = await Client.connect(
+        host, port, token=beta_issuer.issue("bob", audience=AUDIENCE, alg="ES256"), device=2, root_public=gateway.root_public
+    )
+    clients[3] = bob2
+    say(f"  bob/2 reconnects: welcome says {bob2.welcome['pending']} items are waiting")
+    for _ in range(bob2.welcome["pending"]):
+        item = await bob2.recv(timeout_s=5)
+        what = item["c"].decode() if item["k"] == "msg" else f"copy of his receipt to {item['to']}"
+        say(f"  bob/2   <- dlv seq {item['seq']} ({item['k']}): {what}")
+    await bob2.ping()  # the automatic recv has been sent: the items are deleted
+    say(f"  after recv: bob's mailboxes {gateway.mailbox_stats('bob@beta')}")
+    await bob1.iq("consent.set", accept=[], discoverable=False)
+    try:
+        await alice1.send_message("bob@beta", {1: b"<x>", 2: b"<x>"})
+    except ServerError as exc:
+        say(f"  bob withdraws consent for other providers; alice's next message -> err {exc.code}: {exc}")
+    await bob1.iq("consent.set", accept=["alpha"], discoverable=False)
+    routing = gateway.stats()["routing"]
+    say(
+        f"  routing: {routing['messages_stored']} messages stored in {routing['commits']} commits, "
+        f"{routing['deliveries_pushed']} deliveries pushed"
+    )
 
 
 async def _show_refusal(label: str, host: str, port: int, gateway: Gateway, token: str) -> None:

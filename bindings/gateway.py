@@ -15,7 +15,7 @@ from interlink.core.errors import ConfigError, InterlinkError
 from interlink.core.identity import ROOT_PUBLIC_FILE, OperatorKeys, init_operator_keys, load_operator_keys
 from interlink.core.jwks import JwksCache
 from interlink.core.server import GatewayServer, Limits
-from interlink.core.store import LmdbStore
+from interlink.core.store import LmdbStore, device_key
 
 log = logging.getLogger("interlink.gateway")
 
@@ -168,6 +168,15 @@ class Gateway:
             {"user": user, "device": device, "peer": proto.peer, "suite": proto.conn.suite}
             for (user, device), proto in self._running().sessions.items()
         ]
+
+    def mailbox_stats(self, user: str) -> dict[int, dict]:
+        """Per device of ``user``: items and bytes waiting in its mailbox, and the last seq given."""
+        store = self._running().store
+        result = {}
+        for device in store.devices(user):
+            state = store.mailbox_state(device_key(user, device))
+            result[device] = {"items": state.items, "bytes": state.bytes, "last_seq": state.last_seq}
+        return result
 
     def stats(self) -> dict:
         return self._running().stats()

@@ -580,6 +580,7 @@ class GatewayServer:
             "connections": len(self.connections),
             "sessions": len(self.sessions),
             "counters": dict(self.counters),
+            "routing": dict(self.router.counters),
             "close_reasons": dict(self.close_reasons),
             "auth_failures": dict(self.auth_failures),
         }

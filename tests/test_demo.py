@@ -15,6 +15,10 @@ def test_demo_runs_end_to_end(tmp_path):
                                 ("bob@beta", 1, "XX_AESGCM"), ("bob@beta", 2, "IK_CHACHAPOLY")]:
         assert f"welcome {user:<12} device {device}  suite {suite}" in out
     assert "err token_expired" in out and "err bad_audience" in out
+    assert "bob/1   <- dlv seq 1 from alice@alpha/1: <ciphertext for bob/1>" in out
+    assert "bob/2 reconnects: welcome says 2 items are waiting" in out
+    assert "after recv: bob's mailboxes {1: {'items': 0" in out and "2: {'items': 0" in out
+    assert "alice's next message -> err not_opted_in" in out
     assert "client aborts" in out and "replaced" in out
     assert out.rstrip().endswith("done.")
     assert (tmp_path / "keys" / "root_public.pem").exists()  # keys were generated where asked
