@@ -37,6 +37,27 @@ MAX_QUEUED_STANZAS = 10_000  # unread stanzas before the client gives up (recv()
 DEDUP_MEMORY = 10_000  # (from, id) pairs remembered to drop redelivered messages
 
 
+class Outbox:
+    """Stored stanzas (``msg``, ``rcpt``) sent but not acked yet, in sending order. Give the same
+    outbox to every ``Client.connect`` of a device: after a lost connection the new session
+    resends what was never acked, with the same ids, and the gateway stores each at most once."""
+
+    def __init__(self) -> None:
+        self._pending: dict[bytes, dict] = {}
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def pending(self) -> list[dict]:
+        return list(self._pending.values())
+
+    def _add(self, stanza: dict) -> None:
+        self._pending[stanza["id"]] = stanza
+
+    def _settled(self, stanza_id: bytes) -> None:
+        self._pending.pop(stanza_id, None)
+
+
 class _IKUnanswered(HandshakeError):
     """The gateway closed without answering IK message 1; XX may still work."""
 
@@ -79,8 +100,11 @@ class _ClientProtocol(asyncio.Protocol):
 class Client:
     """One authenticated device session. Create it with ``await Client.connect(...)``."""
 
-    def __init__(self, conn: ClientConnection, static_private: bytes, *, auto_recv: bool = True) -> None:
+    def __init__(
+        self, conn: ClientConnection, static_private: bytes, *, auto_recv: bool = True, outbox: Outbox | None = None
+    ) -> None:
         self._conn = conn
+        self.outbox = outbox
         self.auto_recv = auto_recv
         self._to_receive: list[int] = []  # seqs to confirm with one recv after this read
         self._seen: collections.OrderedDict = collections.OrderedDict()  # (from, id) already handed out
@@ -112,6 +136,7 @@ class Client:
         timeout_s: float = 10.0,
         ik_fallback: bool = True,
         auto_recv: bool = True,
+        outbox: Outbox | None = None,
     ) -> Client:
         """Connect, complete the Noise handshake, check the node certificate against ``root_public``
         and authenticate. With an IK suite, a failed handshake (the gateway's static key changed)
@@ -119,20 +144,26 @@ class Client:
 
         With ``auto_recv`` (the default) every delivered item is confirmed to the gateway with
         ``recv`` as soon as it is queued for ``recv()``/iteration, and redelivered messages (same
-        ``from`` and ``id``) are dropped; without it, call ``received(seqs)`` yourself."""
+        ``from`` and ``id``) are dropped; without it, call ``received(seqs)`` yourself.
+
+        With an ``outbox``, everything it holds from an earlier session is resent (same ids)
+        before this returns."""
         suite = Suite(suite)
         static_private = static_private or generate_static_key()
-        options = (host, port, token, device, root_public, static_private, agent, timeout_s, auto_recv)
+        options = (host, port, token, device, root_public, static_private, agent, timeout_s, auto_recv, outbox)
         try:
-            return await cls._connect_once(*options, suite, server_static)
+            client = await cls._connect_once(*options, suite, server_static)
         except _IKUnanswered:
             if not ik_fallback:
                 raise
-        return await cls._connect_once(*options, suite.as_xx(), None)
+            client = await cls._connect_once(*options, suite.as_xx(), None)
+        if outbox:
+            await client.resend_pending(timeout_s=timeout_s)
+        return client
 
     @classmethod
     async def _connect_once(
-        cls, host, port, token, device, root_public, static_private, agent, timeout_s, auto_recv, suite, server_static
+        cls, host, port, token, device, root_public, static_private, agent, timeout_s, auto_recv, outbox, suite, server_static
     ):
         conn = ClientConnection(
             suite=int(suite),
@@ -143,7 +174,7 @@ class Client:
             agent=agent,
             server_static=server_static,
         )
-        client = cls(conn, static_private, auto_recv=auto_recv)
+        client = cls(conn, static_private, auto_recv=auto_recv, outbox=outbox)
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(timeout_s):
@@ -250,13 +281,37 @@ class Client:
         stanza = {"t": "msg", "id": msg_id or new_message_id(), "to": to, "c": ciphertexts}
         if own:
             stanza["own"] = own
-        return await self.request(stanza, timeout_s=timeout_s)
+        return await self._send_stored(stanza, timeout_s)
+
+    async def _send_stored(self, stanza: dict, timeout_s: float) -> dict:
+        """Send a stanza the gateway stores; keep it in the outbox until it is answered."""
+        outbox = self.outbox
+        if outbox is not None:
+            outbox._add(stanza)
+        try:
+            answer = await self.request(stanza, timeout_s=timeout_s)
+        except ServerError:
+            if outbox is not None:
+                outbox._settled(stanza["id"])  # refused: not stored, resending would not help
+            raise
+        if outbox is not None:
+            outbox._settled(stanza["id"])
+        return answer
+
+    async def resend_pending(self, *, timeout_s: float = 10.0) -> list:
+        """Resend, in order and pipelined, what the outbox holds; returns the answers (``ack``
+        or the ``ServerError`` of a refusal)."""
+        if not self.outbox:
+            return []
+        return await asyncio.gather(
+            *(self._send_stored(stanza, timeout_s) for stanza in self.outbox.pending()), return_exceptions=True
+        )
 
     async def send_receipt(self, to: str, kind: str, ids: list[bytes], *, receipt_id: bytes | None = None, timeout_s: float = 10.0) -> dict:
         """Tell ``to`` that messages were ``"delivered"`` or ``"read"``; returns the ``ack``.
         The receipt also reaches your own other devices."""
         stanza = {"t": "rcpt", "id": receipt_id or new_message_id(), "to": to, "kind": kind, "ids": list(ids)}
-        return await self.request(stanza, timeout_s=timeout_s)
+        return await self._send_stored(stanza, timeout_s)
 
     async def send_state(self, to: str, state: str) -> None:
         """Typing state (``"composing"``/``"paused"``): ephemeral, not stored, no answer."""

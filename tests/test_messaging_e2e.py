@@ -432,3 +432,29 @@ async def test_message_rate_limit_per_device_and_user(issuers, tmp_path):
         )
         assert any(isinstance(o, ServerError) and o.code == "rate_limited" for o in outcomes)
         assert await alice1.ping() > 0  # pings are not messages
+
+
+async def test_outbox_resends_unacked_messages_after_a_lost_connection(people):
+    from interlink.client import Outbox
+    from interlink.core.errors import SessionClosedError
+
+    bob = await people.connect("bob@beta", 1)
+    outbox = Outbox()
+    alice = await people.connect("alice@alpha", 1, outbox=outbox)
+    await alice.send_message("bob@beta", {1: b"acked"})
+    assert len(outbox) == 0
+    lost = [asyncio.ensure_future(alice.send_message("bob@beta", {1: b"lost ack %d" % i})) for i in range(3)]
+    await asyncio.sleep(0)  # written to the socket...
+    alice._transport.abort()  # ...and the connection dies before any ack can come back
+    for attempt in lost:
+        with pytest.raises(SessionClosedError):
+            await attempt
+    assert len(outbox) == 3
+    alice = await people.connect("alice@alpha", 1, outbox=outbox)  # resends with the same ids
+    assert len(outbox) == 0
+    received = [(await next_dlv(bob))["c"] for _ in range(4)]
+    assert received == [b"acked", b"lost ack 0", b"lost ack 1", b"lost ack 2"]  # once each, in order
+    with pytest.raises(TimeoutError):
+        await bob.recv(timeout_s=0.3)
+    await alice.close()
+    await bob.close()
