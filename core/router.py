@@ -102,18 +102,14 @@ class Router:
             self.deliveries[proto] = Delivery(backlog=True)
         return pending
 
-    def session_ready(self, proto: GatewayProtocol) -> None:
-        """After ``welcome`` went out: push the first window of stored items."""
+    def push_stored(self, proto: GatewayProtocol) -> None:
+        """Push what the window allows from the store: after ``welcome``, and when a peer that
+        stopped reading reads again."""
         if proto in self.deliveries:
             self._refill(proto)
 
     def session_closed(self, proto: GatewayProtocol) -> None:
         self.deliveries.pop(proto, None)
-
-    def resume(self, proto: GatewayProtocol) -> None:
-        """The peer reads again (its output drained below the high-water mark): push more."""
-        if proto in self.deliveries:
-            self._refill(proto)
 
     # -- stanzas
 

@@ -166,7 +166,7 @@ class GatewayProtocol(asyncio.BufferedProtocol):
         self.paused_since = None
         if self.transport is not None and not self.transport.is_closing():
             self.transport.resume_reading()
-            self.server.router.resume(self)
+            self.server.router.push_stored(self)
             self.flush()
 
     def get_buffer(self, sizehint: int):
@@ -530,7 +530,7 @@ class GatewayServer:
         expires_at = identity.expires_at + self.verifier.leeway_s
         proto.conn.accept_auth(identity, welcome, self.clock(), expires_at=expires_at)
         self.counters["sessions_opened"] += 1
-        self.router.session_ready(proto)  # stored items follow the welcome
+        self.router.push_stored(proto)  # stored items follow the welcome
         proto.flush()
         # Most sessions go quiet right after welcome. Free the cipher contexts now, while the
         # memory can be reused by the next handshake; freed only at the idle sweep, they would
