@@ -1,13 +1,24 @@
-"""A gateway process for the load benchmarks: pinned to CPU 0, one provider, prints its address.
+"""A gateway process for the load benchmarks and the crash test; prints its address.
 
 Usage: _gateway_child.py ISSUER AUDIENCE DATA_DIR DURABILITY
+           (load benchmarks: pinned to CPU 0, one provider "bench")
        _gateway_child.py --bare     (a uvloop server whose protocol keeps no state: the floor)
-Prints one JSON line {"port", "root_public", "static_public"} when listening; runs until SIGTERM.
+       _gateway_child.py --data-dir DIR --audience AUD --provider ID=ISSUER [--provider ID=ISSUER ...]
+                         [--port P] [--durability sync|async] [--window N] [--cpu N]
+                         [--max-mailbox-items N] [--message-rate-per-device R] [--message-rate-per-user R]
+           (crash test, ``bench/crash.py``: several providers that accept each other's users; with
+           the same DIR a restarted child keeps its LMDB data and operator keys (DIR/keys, made on
+           the first start); with the same --port it listens where the previous one did, retrying
+           for a few seconds while the address is still in use)
+Prints one JSON line {"port", "root_public", "static_public", "pid"} when listening; runs until
+SIGTERM (the crash test SIGKILLs it).
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import errno
 import json
 import os
 import resource
@@ -19,22 +30,109 @@ import uvloop
 
 from interlink.config import GatewayConfig
 from interlink.core.auth import Provider
+from interlink.core.errors import ConfigError
 from interlink.gateway import Gateway
+
+BIND_RETRY_S = 10.0  # how long a restarted child keeps trying a port that is still in use
 
 
 async def serve(issuer: str, audience: str, data_dir: Path, durability: str) -> None:
     provider = Provider(id="bench", issuer=issuer, audience=audience, discovery=True, algorithms=("EdDSA", "ES256"))
     config = GatewayConfig(port=0, data_dir=data_dir, durability=durability, max_devices=5, providers=[provider])
+    await _run(config)
+
+
+async def _run(config: GatewayConfig) -> None:
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-    async with Gateway(config) as gateway:
+    gateway = await _start(config)
+    try:
         print(
             json.dumps(
-                {"port": gateway.port, "root_public": gateway.root_public.hex(), "static_public": gateway.static_public.hex()}
+                {
+                    "port": gateway.port,
+                    "root_public": gateway.root_public.hex(),
+                    "static_public": gateway.static_public.hex(),
+                    "pid": os.getpid(),
+                }
             ),
             flush=True,
         )
         await stop.wait()
+    finally:
+        await gateway.stop()
+
+
+async def _start(config: GatewayConfig) -> Gateway:
+    """Start the gateway; a fixed port still held (a killed predecessor's) is retried briefly."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + BIND_RETRY_S
+    while True:
+        gateway = Gateway(config)
+        try:
+            await gateway.start()
+            return gateway
+        except ConfigError as exc:
+            cause = exc.__cause__
+            in_use = isinstance(cause, OSError) and cause.errno == errno.EADDRINUSE
+            if not in_use or config.port == 0 or loop.time() > deadline:
+                raise
+        await asyncio.sleep(0.05)
+
+
+def _provider_argument(text: str) -> tuple[str, str]:
+    provider_id, equals, issuer = text.partition("=")
+    if not equals or not provider_id or not issuer:
+        raise argparse.ArgumentTypeError(f"expected ID=ISSUER, got {text!r}")
+    return provider_id, issuer
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGKILL this child when the process that started it dies (no orphaned gateways)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def main_options(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="_gateway_child.py")
+    parser.add_argument("--data-dir", required=True, type=Path)
+    parser.add_argument("--audience", required=True)
+    parser.add_argument("--provider", action="append", type=_provider_argument, required=True, metavar="ID=ISSUER")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--durability", default="sync", choices=["sync", "async"])
+    parser.add_argument("--window", type=int, default=None)
+    parser.add_argument("--max-devices", type=int, default=5)
+    parser.add_argument("--max-mailbox-items", type=int, default=None)
+    parser.add_argument("--message-rate-per-device", type=float, default=None)
+    parser.add_argument("--message-rate-per-user", type=float, default=None)
+    parser.add_argument("--cpu", type=int, default=None, help="pin the gateway to this CPU")
+    args = parser.parse_args(argv)
+    _die_with_parent()
+    if args.cpu is not None and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {args.cpu})
+    ids = [provider_id for provider_id, _ in args.provider]
+    providers = [
+        # Every provider's users accept the users of every other provider here (consent default).
+        Provider(
+            id=provider_id, issuer=issuer, audience=args.audience, discovery=True,
+            default_accept=tuple(other for other in ids if other != provider_id),
+        )
+        for provider_id, issuer in args.provider
+    ]
+    settings = {
+        name: value
+        for name in ("window", "max_mailbox_items", "message_rate_per_device", "message_rate_per_user")
+        if (value := getattr(args, name)) is not None
+    }
+    config = GatewayConfig(
+        port=args.port, data_dir=args.data_dir, durability=args.durability, max_devices=args.max_devices,
+        providers=providers, **settings,
+    )
+    uvloop.run(_run(config))
 
 
 class _BareProtocol(asyncio.BufferedProtocol):
@@ -63,6 +161,9 @@ async def serve_bare() -> None:
 
 
 def main() -> None:
+    if sys.argv[1:2] and sys.argv[1].startswith("--") and sys.argv[1] != "--bare":
+        main_options(sys.argv[1:])
+        return
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {0})
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
