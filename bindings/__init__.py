@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "Client": "interlink.client",
     "Outbox": "interlink.client",
+    "Seen": "interlink.client",
     "Suite": "interlink.client",
     "Gateway": "interlink.gateway",
     "GatewayConfig": "interlink.config",

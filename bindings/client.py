@@ -58,6 +58,28 @@ class Outbox:
         self._pending.pop(stanza_id, None)
 
 
+class Seen:
+    """The (``from``, ``id``) pairs a device has already handed to its application, so that a
+    redelivery — on this session or, when the same ``Seen`` is given to the next
+    ``Client.connect``, on a later one — is dropped. Bounded: the oldest pairs are forgotten."""
+
+    def __init__(self, capacity: int = DEDUP_MEMORY) -> None:
+        self.capacity = capacity
+        self._pairs: collections.OrderedDict = collections.OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._pairs)
+
+    def first_time(self, key: tuple) -> bool:
+        """Record ``key``; True if it was not seen before."""
+        if key in self._pairs:
+            return False
+        self._pairs[key] = None
+        if len(self._pairs) > self.capacity:
+            self._pairs.popitem(last=False)
+        return True
+
+
 class _IKUnanswered(HandshakeError):
     """The gateway closed without answering IK message 1; XX may still work."""
 
@@ -101,13 +123,19 @@ class Client:
     """One authenticated device session. Create it with ``await Client.connect(...)``."""
 
     def __init__(
-        self, conn: ClientConnection, static_private: bytes, *, auto_recv: bool = True, outbox: Outbox | None = None
+        self,
+        conn: ClientConnection,
+        static_private: bytes,
+        *,
+        auto_recv: bool = True,
+        outbox: Outbox | None = None,
+        seen: Seen | None = None,
     ) -> None:
         self._conn = conn
         self.outbox = outbox
         self.auto_recv = auto_recv
         self._to_receive: list[int] = []  # seqs to confirm with one recv after this read
-        self._seen: collections.OrderedDict = collections.OrderedDict()  # (from, id) already handed out
+        self.seen = seen if seen is not None else Seen()  # (from, id) already handed out
         self.static_private = static_private
         self._transport: asyncio.Transport | None = None
         self._loop = asyncio.get_running_loop()
@@ -137,6 +165,7 @@ class Client:
         ik_fallback: bool = True,
         auto_recv: bool = True,
         outbox: Outbox | None = None,
+        seen: Seen | None = None,
     ) -> Client:
         """Connect, complete the Noise handshake, check the node certificate against ``root_public``
         and authenticate. With an IK suite, a failed handshake (the gateway's static key changed)
@@ -147,10 +176,11 @@ class Client:
         ``from`` and ``id``) are dropped; without it, call ``received(seqs)`` yourself.
 
         With an ``outbox``, everything it holds from an earlier session is resent (same ids)
-        before this returns."""
+        before this returns. Give every session of a device the same ``seen`` to drop
+        redeliveries across reconnects too (by default a session remembers only its own)."""
         suite = Suite(suite)
         static_private = static_private or generate_static_key()
-        options = (host, port, token, device, root_public, static_private, agent, timeout_s, auto_recv, outbox)
+        options = (host, port, token, device, root_public, static_private, agent, timeout_s, auto_recv, outbox, seen)
         try:
             client = await cls._connect_once(*options, suite, server_static)
         except _IKUnanswered:
@@ -163,7 +193,8 @@ class Client:
 
     @classmethod
     async def _connect_once(
-        cls, host, port, token, device, root_public, static_private, agent, timeout_s, auto_recv, outbox, suite, server_static
+        cls, host, port, token, device, root_public, static_private, agent, timeout_s, auto_recv, outbox, seen,
+        suite, server_static,
     ):
         conn = ClientConnection(
             suite=int(suite),
@@ -174,7 +205,7 @@ class Client:
             agent=agent,
             server_static=server_static,
         )
-        client = cls(conn, static_private, auto_recv=auto_recv, outbox=outbox)
+        client = cls(conn, static_private, auto_recv=auto_recv, outbox=outbox, seen=seen)
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(timeout_s):
@@ -447,12 +478,7 @@ class Client:
         key = (stanza.get("from"), stanza.get("id"))
         if type(key[0]) is not str or type(key[1]) is not bytes:
             return True  # malformed: hand it out as it is, never guess
-        if key in self._seen:
-            return False
-        self._seen[key] = None
-        if len(self._seen) > DEDUP_MEMORY:
-            self._seen.popitem(last=False)
-        return True
+        return self.seen.first_time(key)
 
     def _deliver(self, item) -> None:
         try:

@@ -458,3 +458,25 @@ async def test_outbox_resends_unacked_messages_after_a_lost_connection(people):
         await bob.recv(timeout_s=0.3)
     await alice.close()
     await bob.close()
+
+
+async def test_seen_drops_redeliveries_across_sessions(people):
+    from interlink.client import Seen
+
+    bob = await people.connect("bob@beta", 1)
+    await bob.close()
+    alice = await people.connect("alice@alpha", 1)
+    msg_id = os.urandom(16)
+    await alice.send_message("bob@beta", {1: b"handed out in an earlier session"}, msg_id=msg_id)
+    seen = Seen()
+    seen.first_time(("alice@alpha", msg_id))  # an earlier session of bob's device handed it out
+    bob = await people.connect("bob@beta", 1, seen=seen)
+    assert bob.welcome["pending"] == 1
+    with pytest.raises(TimeoutError):
+        await bob.recv(timeout_s=0.3)  # the redelivery was dropped...
+    await bob.ping()
+    await bob.close()
+    bob = await people.connect("bob@beta", 1)
+    assert bob.welcome["pending"] == 0  # ...and confirmed, so it is gone from the mailbox
+    await alice.close()
+    await bob.close()
