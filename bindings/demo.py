@@ -9,7 +9,6 @@ ping round trip. Then it shows what refusals look like.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import shutil
 import statistics
 import tempfile

@@ -337,17 +337,9 @@ class LmdbStore:
         """Delete up to ``limit`` items stored before ``before_ms`` (the TTL sweep); returns how
         many. Oldest first, through the age index, so a sweep never scans live mailboxes."""
         removed = 0
-        cutoff = _TS.pack(before_ms)
         with self._env.begin(write=True) as txn:
             states: dict[bytes, MailboxState] = {}
-            cursor = txn.cursor(db=self._expiry)
-            doomed = []
-            if cursor.first():
-                for key in cursor.iternext(keys=True, values=False):
-                    if key[:8] >= cutoff or len(doomed) >= limit:
-                        break
-                    doomed.append(key)
-            for key in doomed:
+            for key in self._oldest(txn, self._expiry, before_ms, limit):
                 dkey, seq = key[8:-8], _SEQ.unpack(key[-8:])[0]
                 if self._delete_item(txn, dkey, seq, self._state(txn, dkey, states)):
                     removed += 1
@@ -360,19 +352,25 @@ class LmdbStore:
     def forget_duplicates(self, before_ms: int, limit: int = 10_000) -> int:
         """End the dedup window for messages first stored before ``before_ms`` (at most
         ``limit`` of them); returns how many. A resend after that is stored as new."""
-        cutoff = _TS.pack(before_ms)
         with self._env.begin(write=True) as txn:
-            cursor = txn.cursor(db=self._dedup_age)
-            doomed = []
-            if cursor.first():
-                for key in cursor.iternext(keys=True, values=False):
-                    if key[:8] >= cutoff or len(doomed) >= limit:
-                        break
-                    doomed.append(key)
+            doomed = self._oldest(txn, self._dedup_age, before_ms, limit)
             for key in doomed:
                 txn.delete(key, db=self._dedup_age)
                 txn.delete(key[8:], db=self._dedup)
         return len(doomed)
+
+    @staticmethod
+    def _oldest(txn, age_index, before_ms: int, limit: int) -> list[bytes]:
+        """Up to ``limit`` keys of an age index (``ts`` first) older than ``before_ms``."""
+        cutoff = _TS.pack(before_ms)
+        keys: list[bytes] = []
+        cursor = txn.cursor(db=age_index)
+        if cursor.first():
+            for key in cursor.iternext(keys=True, values=False):
+                if key[:8] >= cutoff or len(keys) >= limit:
+                    break
+                keys.append(key)
+        return keys
 
     def mailbox_state(self, dkey: bytes) -> MailboxState:
         """The device's counters: last seq, items and bytes stored."""

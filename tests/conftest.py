@@ -7,6 +7,9 @@ from pathlib import Path
 
 import pytest
 
+# Fixtures of the messaging and operations end-to-end tests (issuers, gateway, people).
+pytest_plugins = ["three_providers"]
+
 VECTORS = Path(__file__).resolve().parents[1].parent / "shared" / "vectors"
 
 

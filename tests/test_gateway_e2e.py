@@ -4,7 +4,6 @@ a real LMDB environment, the gateway on uvloop, the ``interlink.Client`` SDK."""
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 
 import jwt

@@ -8,7 +8,6 @@ import asyncio
 import dataclasses
 import json
 import logging
-import time
 
 import pytest
 

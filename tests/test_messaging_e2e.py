@@ -9,57 +9,9 @@ import os
 import pytest
 
 from interlink.client import Client
-from interlink.config import GatewayConfig
-from interlink.core.auth import Provider
 from interlink.core.errors import ServerError
 from interlink.gateway import Gateway
-from interlink.issuer import DemoIssuer
-
-AUD = "interlink-test"
-
-
-@pytest.fixture
-async def issuers():
-    async with DemoIssuer() as alpha, DemoIssuer() as beta, DemoIssuer() as gamma:
-        yield alpha, beta, gamma
-
-
-def config_for(issuers, data_dir, **settings) -> GatewayConfig:
-    alpha, beta, gamma = issuers
-    return GatewayConfig(
-        port=0,
-        data_dir=data_dir,
-        providers=[
-            Provider(id="alpha", issuer=alpha.issuer, audience=AUD, discovery=True, default_accept=("beta",)),
-            Provider(id="beta", issuer=beta.issuer, audience=AUD, discovery=True, default_accept=("alpha",)),
-            Provider(id="gamma", issuer=gamma.issuer, audience=AUD, discovery=True),  # own provider only
-        ],
-        **settings,
-    )
-
-
-@pytest.fixture
-async def gateway(issuers, tmp_path):
-    async with Gateway(config_for(issuers, tmp_path)) as gw:
-        yield gw
-
-
-class People:
-    def __init__(self, gateway: Gateway, issuers) -> None:
-        self.gateway = gateway
-        self.by_provider = dict(zip(("alpha", "beta", "gamma"), issuers))
-
-    async def connect(self, address: str, device: int, **options) -> Client:
-        localpart, provider = address.split("@")
-        token = self.by_provider[provider].issue(localpart, audience=AUD)
-        host, port = self.gateway.address
-        return await Client.connect(host, port, token=token, device=device, root_public=self.gateway.root_public, **options)
-
-
-@pytest.fixture
-def people(gateway, issuers) -> People:
-    return People(gateway, issuers)
-
+from three_providers import People, config_for
 
 async def next_dlv(client: Client, timeout_s: float = 5.0) -> dict:
     stanza = await client.recv(timeout_s=timeout_s)

@@ -10,60 +10,12 @@ import asyncio
 import pytest
 
 from interlink.client import Client
-from interlink.config import GatewayConfig
 from interlink.core import ops as ops_module
-from interlink.core.auth import Provider
 from interlink.core.errors import ServerError
 from interlink.gateway import Gateway
-from interlink.issuer import DemoIssuer
+from three_providers import People, config_for
 
-AUD = "interlink-test"
 PHONE = "+4915112345678"
-
-
-@pytest.fixture
-async def issuers():
-    async with DemoIssuer() as alpha, DemoIssuer() as beta, DemoIssuer() as gamma:
-        yield alpha, beta, gamma
-
-
-def config_for(issuers, data_dir, **settings) -> GatewayConfig:
-    alpha, beta, gamma = issuers
-    return GatewayConfig(
-        port=0,
-        data_dir=data_dir,
-        providers=[
-            Provider(id="alpha", issuer=alpha.issuer, audience=AUD, discovery=True, default_accept=("beta",)),
-            Provider(id="beta", issuer=beta.issuer, audience=AUD, discovery=True, default_accept=("alpha",)),
-            Provider(id="gamma", issuer=gamma.issuer, audience=AUD, discovery=True),  # own provider only
-        ],
-        **settings,
-    )
-
-
-@pytest.fixture
-async def gateway(issuers, tmp_path):
-    async with Gateway(config_for(issuers, tmp_path)) as gw:
-        yield gw
-
-
-class People:
-    def __init__(self, gateway: Gateway, issuers) -> None:
-        self.gateway = gateway
-        self.by_provider = dict(zip(("alpha", "beta", "gamma"), issuers))
-
-    async def connect(self, address: str, device: int = 1, *, phone: str | None = None, verified: bool = True,
-                      **options) -> Client:
-        localpart, provider = address.split("@")
-        extra = {"phone_number": phone, "phone_number_verified": verified} if phone is not None else None
-        token = self.by_provider[provider].issue(localpart, audience=AUD, extra_claims=extra)
-        host, port = self.gateway.address
-        return await Client.connect(host, port, token=token, device=device, root_public=self.gateway.root_public, **options)
-
-
-@pytest.fixture
-def people(gateway, issuers) -> People:
-    return People(gateway, issuers)
 
 
 async def refused(client: Client, op: str, **fields) -> ServerError:
