@@ -36,13 +36,14 @@ from interlink.gateway import Gateway
 BIND_RETRY_S = 10.0  # how long a restarted child keeps trying a port that is still in use
 
 
-async def serve(issuer: str, audience: str, data_dir: Path, durability: str) -> None:
+async def serve(issuer: str, audience: str, data_dir: Path, durability: str, commit_mode: str = "inline") -> None:
     provider = Provider(id="bench", issuer=issuer, audience=audience, discovery=True, algorithms=("EdDSA", "ES256"))
     # A load generator is one user sending as fast as it can: lift the per-user message rates
     # (they refuse by design) so the benchmark measures the gateway, not its rate limiter.
     config = GatewayConfig(
         port=0, data_dir=data_dir, durability=durability, max_devices=5, providers=[provider],
         message_rate_per_device=1e7, message_rate_per_user=1e7, max_mailbox_items=10_000_000,
+        commit_mode=commit_mode,
     )
     await _run(config)
 
@@ -177,7 +178,8 @@ def main() -> None:
         uvloop.run(serve_bare())
         return
     issuer, audience, data_dir, durability = sys.argv[1:5]
-    uvloop.run(serve(issuer, audience, Path(data_dir), durability))
+    commit_mode = sys.argv[5] if len(sys.argv) > 5 else "inline"
+    uvloop.run(serve(issuer, audience, Path(data_dir), durability, commit_mode))
 
 
 if __name__ == "__main__":

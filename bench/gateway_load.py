@@ -64,9 +64,9 @@ def rss_bytes(pid: int) -> int:
 class GatewayChild:
     """The gateway in its own process, on CPU 0, configured for the issuer's provider."""
 
-    def __init__(self, issuer: str, data_dir: Path, durability: str, *, bare: bool = False) -> None:
+    def __init__(self, issuer: str, data_dir: Path, durability: str, *, bare: bool = False, commit_mode: str = "inline") -> None:
         self.args = [sys.executable, str(HERE / "_gateway_child.py")]
-        self.args += ["--bare"] if bare else [issuer, AUDIENCE, str(data_dir), durability]
+        self.args += ["--bare"] if bare else [issuer, AUDIENCE, str(data_dir), durability, commit_mode]
         self.proc: subprocess.Popen | None = None
 
     async def __aenter__(self):
@@ -140,7 +140,7 @@ async def bench_messages(args) -> dict:
     each, recipients confirm every delivery (automatic recv). Gateway CPU per delivered message."""
     payload = os.urandom(args.payload)
     async with DemoIssuer() as issuer:
-        async with GatewayChild(issuer.issuer, Path(args.data_dir), args.durability) as gateway:
+        async with GatewayChild(issuer.issuer, Path(args.data_dir), args.durability, commit_mode=args.commit_mode) as gateway:
             def token(user: str) -> str:
                 return issuer.issue(user, audience=AUDIENCE, expires_in=3600)
 
@@ -204,6 +204,7 @@ async def bench_messages(args) -> dict:
     return {
         "benchmark": "messages-1to1",
         "durability": args.durability,
+        "commit_mode": args.commit_mode,
         "pairs": args.pairs,
         "inflight_per_sender": args.inflight,
         "payload_bytes": args.payload,
@@ -291,6 +292,7 @@ def main() -> None:
     messages.add_argument("--pairs", type=int, default=8, help="sender/recipient pairs (one device each)")
     messages.add_argument("--inflight", type=int, default=16, help="unacked messages per sender")
     messages.add_argument("--payload", type=int, default=100, help="ciphertext bytes per message")
+    messages.add_argument("--commit-mode", default="inline", choices=["inline", "thread"])
     idle = sub.add_parser("idle-rss")
     idle.add_argument("--connections", type=int, default=10000)
     idle.add_argument("--bare", action="store_true", help="measure a stateless uvloop server instead (the floor)")

@@ -45,6 +45,7 @@ class GatewayConfig:
     slow_consumer_s: float = 30.0  # a client that reads nothing this long (checked every idle_release_s) gets bye slow_consumer
     lmdb_map_size_bytes: int = 1 << 30
     durability: str = "sync"
+    commit_mode: str = "inline"  # "inline": commit on the event loop; "thread": on one writer thread
     providers: list = field(default_factory=list)  # interlink.Provider entries
 
     def __post_init__(self) -> None:
@@ -86,6 +87,7 @@ class GatewayConfig:
         )
         _require(self.drain_timeout_s > 0, "drain_timeout_s", f"must be positive, got {self.drain_timeout_s}")
         _require(self.lmdb_map_size_bytes >= 1 << 20, "lmdb_map_size_bytes", "must be at least 1 MiB")
+        _require(self.commit_mode in ("inline", "thread"), "commit_mode", f"must be 'inline' or 'thread', got {self.commit_mode!r}")
         _require(self.durability in ("sync", "async"), "durability", f"must be 'sync' or 'async', got {self.durability!r}")
 
 

@@ -82,6 +82,7 @@ class Gateway:
             idle_release_s=config.idle_release_s,
             mailbox_ttl_s=config.mailbox_ttl_s,
             slow_consumer_s=config.slow_consumer_s,
+            commit_in_thread=config.commit_mode == "thread",
         )
         try:
             await self._server.start(config.host, config.port)

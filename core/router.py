@@ -13,6 +13,7 @@ The router never looks inside ``c``: ciphertexts are opaque bytes it stores and 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import math
 import time
@@ -72,9 +73,15 @@ class Router:
         policy: Policy,
         message_rate_per_device: float = 500.0,
         message_rate_per_user: float = 1000.0,
+        commit_executor: concurrent.futures.Executor | None = None,
         clock=time.time,
     ) -> None:
         self.store = store
+        # None: commit inline on the loop. A single-thread executor: commit there (py-lmdb
+        # releases the GIL while committing) while the loop gathers the next batch.
+        self.commit_executor = commit_executor
+        self._committing = False
+        self._inflight: asyncio.Future | None = None  # the writer thread's running commit
         self.policy = policy
         # Stored traffic (msg, rcpt) and typing state, per device session and per user; the burst
         # is two seconds' worth.
@@ -241,19 +248,56 @@ class Router:
     def commit(self) -> None:
         """Write the pending batch in one transaction, then ack and push what it stored."""
         self._commit_scheduled = False
+        if self._committing:
+            return  # one commit at a time, in order; the running one schedules the next
         batch, waiting = self._batch, self._waiting
         if not batch:
             return
         self._batch, self._waiting = WriteBatch(), []
-        touched: set = set()
-        try:
-            self.store.commit(batch)
-        except InterlinkError as exc:
-            log.error("commit of %d messages failed: %s", len(batch.messages), exc)
-            for proto, message in waiting:
-                self._answer(proto, touched, {"t": "err", "code": exc.code, "msg": exc.message, "ref": message.msg_id})
-            self._flush(touched)
+        if self.commit_executor is None:
+            try:
+                self.store.commit(batch)
+            except InterlinkError as exc:
+                self._failed(exc, batch, waiting)
+                return
+            self._committed(waiting)
             return
+        self._committing = True
+        future = asyncio.get_running_loop().run_in_executor(self.commit_executor, self.store.commit, batch)
+        future.add_done_callback(lambda done: self._thread_committed(done, batch, waiting))
+        self._inflight = future
+
+    async def settle(self) -> None:
+        """Commit everything still batched or in flight (drain calls this before the store closes)."""
+        while self._committing or self._batch:
+            if self._committing and self._inflight is not None:
+                await asyncio.wait([self._inflight])
+                await asyncio.sleep(0)  # let its done-callback run (acks, next batch)
+            elif self._batch:
+                self.commit()
+
+    def _thread_committed(self, done: asyncio.Future, batch: WriteBatch, waiting: list) -> None:
+        self._committing = False
+        error = done.exception()
+        if error is None:
+            self._committed(waiting)
+        elif isinstance(error, InterlinkError):
+            self._failed(error, batch, waiting)
+        else:
+            log.error("commit failed", exc_info=error)
+            self._failed(InterlinkError("the gateway could not store the message"), batch, waiting)
+        if self._batch:
+            self._schedule_commit()
+
+    def _failed(self, exc: InterlinkError, batch: WriteBatch, waiting: list) -> None:
+        log.error("commit of %d messages failed: %s", len(batch.messages), exc)
+        touched: set = set()
+        for proto, message in waiting:
+            self._answer(proto, touched, {"t": "err", "code": exc.code, "msg": exc.message, "ref": message.msg_id})
+        self._flush(touched)
+
+    def _committed(self, waiting: list) -> None:
+        touched: set = set()
         self.counters["commits"] += 1
         for proto, message in waiting:
             if message.refused is not None:

@@ -18,6 +18,7 @@ bytes, runs timers and calls the edge services (token verification, the store). 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import ctypes
 import ctypes.util
 import dataclasses
@@ -247,6 +248,7 @@ class GatewayServer:
         idle_release_s: float = IDLE_RELEASE_S,
         mailbox_ttl_s: float = 30 * 86400.0,
         slow_consumer_s: float = 30.0,
+        commit_in_thread: bool = False,
     ) -> None:
         self.settings = settings
         self.registry = registry
@@ -273,6 +275,10 @@ class GatewayServer:
         self.mailbox_ttl_s = mailbox_ttl_s
         self._expiry_handle: asyncio.TimerHandle | None = None
         self.policy = Policy(store)  # one instance: its cache is written through by the ops
+        self._commit_executor = (
+            concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="interlink-commit")
+            if commit_in_thread else None
+        )
         self.router = Router(
             store=store,
             registry=registry,
@@ -282,6 +288,7 @@ class GatewayServer:
             policy=self.policy,
             message_rate_per_device=limits.message_rate_per_device,
             message_rate_per_user=limits.message_rate_per_user,
+            commit_executor=self._commit_executor,
             clock=clock,
         )
         self.ops = Operations(store=store, registry=registry, policy=self.policy, clock=clock)
@@ -348,6 +355,7 @@ class GatewayServer:
             proto.conn.close("drain")
             proto.flush()
         await self._wait_all_closed(timeout_s)
+        await self.router.settle()
         for task in list(self._auth_tasks):
             task.cancel()
         if self._server is not None:
@@ -362,6 +370,8 @@ class GatewayServer:
         if self._expiry_handle is not None:
             self._expiry_handle.cancel()
             self._expiry_handle = None
+        if self._commit_executor is not None:
+            self._commit_executor.shutdown(wait=True)  # the last commit finishes before the store closes
 
     async def _wait_all_closed(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s

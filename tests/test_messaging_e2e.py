@@ -432,3 +432,23 @@ async def test_seen_drops_redeliveries_across_sessions(people):
     assert bob.welcome["pending"] == 0  # ...and confirmed, so it is gone from the mailbox
     await alice.close()
     await bob.close()
+
+
+async def test_writer_thread_commit_mode_keeps_every_guarantee(issuers, tmp_path):
+    async with Gateway(config_for(issuers, tmp_path, commit_mode="thread")) as gw:
+        people = People(gw, issuers)
+        bob = await people.connect("bob@beta", 1)
+        alice = await people.connect("alice@alpha", 1)
+        msg_ids = [os.urandom(16) for _ in range(40)]
+        acks = await asyncio.gather(*(alice.send_message("bob@beta", {1: b"%d" % i}, msg_id=m) for i, m in enumerate(msg_ids)))
+        assert [a["id"] for a in acks] == msg_ids
+        assert [(await next_dlv(bob))["c"] for _ in range(40)] == [b"%d" % i for i in range(40)]  # in ack order
+        again = await alice.send_message("bob@beta", {1: b"0"}, msg_id=msg_ids[0])
+        assert again["dup"] is True
+        await bob.ping()  # bob's last recv has reached the gateway; drain commits it
+        await alice.close()
+        await bob.close()
+    async with Gateway(config_for(issuers, tmp_path, commit_mode="thread")) as gw:
+        bob = await People(gw, issuers).connect("bob@beta", 1)
+        assert bob.welcome["pending"] == 0  # all were received before the restart
+        await bob.close()
