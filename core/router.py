@@ -68,6 +68,7 @@ class Router:
         store: Store,
         registry: ProviderRegistry,
         sessions: dict,
+        paused: dict,
         window: int,
         max_frame_bytes: int,
         policy: Policy,
@@ -91,6 +92,7 @@ class Router:
         self.max_ciphertext_bytes = max_frame_bytes - TAG_BYTES - DLV_OVERHEAD_BYTES
         self.registry = registry
         self.sessions = sessions  # (user, device) -> GatewayProtocol, owned by the server
+        self.paused = paused  # GatewayProtocol -> since when its peer stopped reading, owned by the server
         self.window = window
         self.clock = clock
         self.deliveries: dict[GatewayProtocol, Delivery] = {}  # only sessions with stored items
@@ -326,7 +328,7 @@ class Router:
         delivery = self.deliveries.get(proto)
         if delivery is None:
             delivery = self.deliveries[proto] = Delivery(backlog=False)
-        if delivery.backlog or len(delivery.inflight) >= self.window or proto.paused_since is not None:
+        if delivery.backlog or len(delivery.inflight) >= self.window or proto in self.paused:
             # Older items wait in the store, or the window is full: this one waits its turn
             # there too, and recv will bring it (order per device is seq order).
             delivery.backlog = True
@@ -342,7 +344,7 @@ class Router:
         if delivery is None:
             return
         room = self.window - len(delivery.inflight)
-        if room > 0 and delivery.backlog and proto.paused_since is None:
+        if room > 0 and delivery.backlog and proto not in self.paused:
             items = self.store.pending(device_key(*proto.session_key), delivery.cursor, room)
             for seq, value in items:
                 delivery.inflight.add(seq)

@@ -119,7 +119,9 @@ def _excerpt(text: str, limit: int = 32) -> str:
 class GatewayProtocol(asyncio.BufferedProtocol):
     """Adapter between one uvloop transport and one ``ServerConnection``."""
 
-    __slots__ = ("server", "conn", "transport", "session_key", "active", "auth_task", "timer_at", "paused_since")
+    # Per-connection memory matters (docs/benchmarks.md): rarely-set state (a pending key fetch,
+    # a paused peer) lives in the server's dicts, not in a slot every connection pays for.
+    __slots__ = ("server", "conn", "transport", "session_key", "active", "timer_at")
 
     def __init__(self, server: GatewayServer) -> None:
         self.server = server
@@ -127,9 +129,7 @@ class GatewayProtocol(asyncio.BufferedProtocol):
         self.transport: asyncio.Transport | None = None
         self.session_key: tuple[str, int] | None = None
         self.active = True  # moved bytes since the last idle sweep
-        self.auth_task: asyncio.Task | None = None  # set only while a key fetch is awaited
         self.timer_at: float | None = None  # deadline of this connection's one entry in the timer heap
-        self.paused_since: float | None = None  # when the peer stopped reading what we send
 
     # -- asyncio callbacks
 
@@ -159,12 +159,12 @@ class GatewayProtocol(asyncio.BufferedProtocol):
         # The peer does not read what we send (the output passed the high-water mark): stop
         # reading what it sends, and stop pushing deliveries, which stay in the mailbox. Bounds
         # per-connection output memory; a peer stuck like this gets bye slow_consumer.
-        self.paused_since = self.server.clock()
+        self.server.paused[self] = self.server.clock()
         if self.transport is not None:
             self.transport.pause_reading()
 
     def resume_writing(self) -> None:
-        self.paused_since = None
+        self.server.paused.pop(self, None)
         if self.transport is not None and not self.transport.is_closing():
             self.transport.resume_reading()
             self.server.router.push_stored(self)
@@ -189,8 +189,9 @@ class GatewayProtocol(asyncio.BufferedProtocol):
         if conn is not None:
             conn.connection_lost()
             self._handle_events()
-        if self.auth_task is not None:
-            self.auth_task.cancel()  # the shared key fetch goes on; only this wait ends
+        auth_task = self.server.auth_tasks.get(self)
+        if auth_task is not None:
+            auth_task.cancel()  # the shared key fetch goes on; only this wait ends
         self.server.forget(self)
         self.transport = None
 
@@ -268,7 +269,8 @@ class GatewayServer:
         self._timers: list = []  # heap of (deadline, protocol); one live entry per connection
         self._timer_handle: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
-        self._auth_tasks: set[asyncio.Task] = set()
+        self.auth_tasks: dict[GatewayProtocol, asyncio.Task] = {}  # connections awaiting a key fetch
+        self.paused: dict[GatewayProtocol, float] = {}  # connections whose peer stopped reading, since when
         self._all_closed = asyncio.Event()
         self.idle_release_s = idle_release_s
         self.slow_consumer_s = slow_consumer_s
@@ -283,6 +285,7 @@ class GatewayServer:
             store=store,
             registry=registry,
             sessions=self.sessions,
+            paused=self.paused,
             window=limits.window,
             max_frame_bytes=limits.max_frame_bytes,
             policy=self.policy,
@@ -331,10 +334,10 @@ class GatewayServer:
         peers that stopped reading long ago (``bye slow_consumer``)."""
         hibernated = 0
         stuck_before = self.clock() - self.slow_consumer_s
-        for proto in list(self.connections):
-            if proto.paused_since is not None and proto.paused_since <= stuck_before:
-                self._end_slow_consumer(proto)
-            elif proto.active:
+        for proto in [p for p, since in self.paused.items() if since <= stuck_before]:
+            self._end_slow_consumer(proto)
+        for proto in self.connections:
+            if proto.active:
                 proto.active = False
             elif proto.conn.hibernate():
                 hibernated += 1
@@ -356,7 +359,7 @@ class GatewayServer:
             proto.flush()
         await self._wait_all_closed(timeout_s)
         await self.router.settle()
-        for task in list(self._auth_tasks):
+        for task in list(self.auth_tasks.values()):
             task.cancel()
         if self._server is not None:
             await self._server.wait_closed()
@@ -398,6 +401,7 @@ class GatewayServer:
     def forget(self, proto: GatewayProtocol) -> None:
         self.connections.pop(proto, None)
         self.preauth.pop(proto, None)
+        self.paused.pop(proto, None)
         if proto.session_key is not None and self.sessions.get(proto.session_key) is proto:
             del self.sessions[proto.session_key]
         self.router.session_closed(proto)
@@ -473,9 +477,8 @@ class GatewayServer:
             self._admit_identity(proto, identity)
             return
         task = asyncio.get_running_loop().create_task(self._authenticate(proto, request))
-        proto.auth_task = task
-        self._auth_tasks.add(task)
-        task.add_done_callback(self._auth_tasks.discard)
+        self.auth_tasks[proto] = task
+        task.add_done_callback(lambda _done: self.auth_tasks.pop(proto, None))
 
     async def _authenticate(self, proto: GatewayProtocol, request: AuthRequested) -> None:
         try:
@@ -485,8 +488,6 @@ class GatewayServer:
         except Exception as exc:  # AuthError is the verdict; anything else is ours (internal)
             self._refuse(proto, exc)
             return
-        finally:
-            proto.auth_task = None
         if proto.conn.closed or proto.transport is None:
             return  # the client went away while its token was being checked
         self._admit_identity(proto, identity)
