@@ -254,14 +254,7 @@ class LmdbStore:
 
     @staticmethod
     def _list_in(txn, prefix: bytes) -> list[int]:
-        found = []
-        cursor = txn.cursor()
-        if cursor.set_range(prefix):
-            for key in cursor.iternext(keys=True, values=False):
-                if not key.startswith(prefix):
-                    break
-                found.append(_DEVICE.unpack(key[len(prefix) :])[0])
-        return found
+        return [_DEVICE.unpack(key[len(prefix) :])[0] for key in _scan(txn.cursor(), prefix)]
 
     # -- mailboxes
 
@@ -378,20 +371,15 @@ class LmdbStore:
             return MailboxState(txn.get(dkey))
 
     def pending(self, dkey: bytes, after_seq: int = 0, limit: int | None = None) -> list[tuple[int, bytes]]:
-        items: list[tuple[int, bytes]] = []
         start = dkey + _SEQ.pack(after_seq + 1)
         prefix_len = len(dkey)
         with self._env.begin(db=self._mbox) as txn:
-            cursor = txn.cursor()
-            if not cursor.set_range(start):
-                return items
-            for key, value in cursor:
-                if len(key) != prefix_len + 8 or not key.startswith(dkey):
-                    break
-                items.append((_SEQ.unpack(key[prefix_len:])[0], value[8:]))  # without the stored ts
-                if limit is not None and len(items) >= limit:
-                    break
-        return items
+            # Device keys never prefix one another (addresses hold no zero byte), so every key
+            # under ``dkey`` is one of its items; the stored ts is cut off the value.
+            return [
+                (_SEQ.unpack(key[prefix_len:])[0], value[8:])
+                for key, value in _scan(txn.cursor(), dkey, start, limit, values=True)
+            ]
 
     def pending_count(self, dkey: bytes) -> int:
         return self.mailbox_state(dkey).items
@@ -482,17 +470,9 @@ class LmdbStore:
             return self._blocked_in(txn, self._user_prefix(user), after, limit)
 
     def _blocked_in(self, txn, prefix: bytes, after: str | None, limit: int | None) -> list[str]:
-        found: list[str] = []
+        start = None if after is None else prefix + after.encode("utf-8") + b"\x00"  # first key > after
         cursor = txn.cursor(db=self._blocks)
-        start = prefix if after is None else prefix + after.encode("utf-8") + b"\x00"  # first key > after
-        if cursor.set_range(start):
-            for key in cursor.iternext(keys=True, values=False):
-                if not key.startswith(prefix):
-                    break
-                found.append(key[len(prefix) :].decode("utf-8"))
-                if limit is not None and len(found) >= limit:
-                    break
-        return found
+        return [key[len(prefix) :].decode("utf-8") for key in _scan(cursor, prefix, start, limit)]
 
     def block_count(self, user: str) -> int:
         with self._env.begin(db=self._block_counts) as txn:
@@ -539,20 +519,26 @@ class LmdbStore:
 
     def directory(self, phone: str, limit: int | None = None) -> list[str]:
         prefix = phone.encode("utf-8") + b"\x00"
-        found: list[str] = []
         with self._env.begin(db=self._directory) as txn:
-            cursor = txn.cursor()
-            if cursor.set_range(prefix):
-                for key in cursor.iternext(keys=True, values=False):
-                    if not key.startswith(prefix):
-                        break
-                    found.append(key[len(prefix) :].decode("utf-8"))
-                    if limit is not None and len(found) >= limit:
-                        break
-        return found
+            return [key[len(prefix) :].decode("utf-8") for key in _scan(txn.cursor(), prefix, None, limit)]
 
 
 _COUNT = struct.Struct(">I")
+
+
+def _scan(cursor, prefix: bytes, start: bytes | None = None, limit: int | None = None, values: bool = False):
+    """Keys (or key/value pairs) under ``prefix``, in order, from ``start`` (default: the prefix)
+    and at most ``limit`` of them: the range scan behind every per-user and per-device list."""
+    if not cursor.set_range(start or prefix):
+        return
+    count = 0
+    for entry in cursor.iternext(keys=True, values=values):
+        if not (entry[0] if values else entry).startswith(prefix):
+            return
+        yield entry
+        count += 1
+        if limit is not None and count >= limit:
+            return
 
 
 class _WriteTxn:
