@@ -5,6 +5,7 @@ The library installs no signal handlers and configures no logging; the command-l
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 
@@ -63,16 +64,8 @@ class Gateway:
             max_frame_bytes=config.max_frame_bytes,
             preauth_deadline_s=config.preauth_deadline_s,
         )
-        limits = Limits(
-            max_frame_bytes=config.max_frame_bytes,
-            max_devices=config.max_devices,
-            max_group=config.max_group,
-            window=config.window,
-            max_connections=config.max_connections,
-            message_rate_per_device=config.message_rate_per_device,
-            message_rate_per_user=config.message_rate_per_user,
-            max_preauth_connections=config.max_preauth_connections,
-        )
+        # Every limit is a config key of the same name.
+        limits = Limits(**{spec.name: getattr(config, spec.name) for spec in dataclasses.fields(Limits)})
         self._server = GatewayServer(
             settings=settings,
             registry=self.registry,

@@ -713,11 +713,12 @@ class Identity:
     """The token's ``cnf.x25519`` matched the client's Noise static key."""
     claims: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
     """All verified claims."""
+    user: str = field(init=False)
+    """The user address ``localpart@provider``: built once, read on every routed stanza (and the
+    same string object keys the gateway's session table)."""
 
-    @property
-    def user(self) -> str:
-        """The user address ``localpart@provider``."""
-        return f"{self.localpart}@{self.provider}"
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "user", f"{self.localpart}@{self.provider}")
 
 
 # --------------------------------------------------------------------------------------------
