@@ -133,23 +133,16 @@ class Router:
     def handle_msg(self, proto: GatewayProtocol, stanza: dict) -> None:
         self._charge(proto)
         identity = proto.conn.identity
-        msg_id = stanza.get("id")
-        if type(msg_id) is not bytes or len(msg_id) != ID_BYTES:
-            raise StanzaError("msg needs 'id': 16 bytes")
+        msg_id = _stanza_id(stanza, "msg")
         if "g" in stanza:
             raise RouteError("group messages are not served by this gateway yet", code="bad_stanza")
-        to = stanza.get("to")
-        recipient_provider, recipient = self._recipient(to)
+        recipient_provider, recipient = self._recipient(stanza.get("to"))
         if recipient == identity.user:
             raise RouteError("to reach your own other devices, use 'own'", code="bad_stanza")
         ciphertexts = _device_map(stanza.get("c"), "c", self.max_ciphertext_bytes)
         own = stanza.get("own")
         own = _device_map(own, "own", self.max_ciphertext_bytes) if own is not None else None
-        if not self.policy.allows(recipient, recipient_provider, identity.provider):
-            raise RouteError(f"{recipient} does not accept messages from users of {identity.provider!r}", code="not_opted_in")
-        devices = self.store.devices(recipient)
-        if not devices:
-            raise RouteError(f"no user {recipient} is known to this gateway", code="unknown_recipient")
+        devices = self._reachable_devices(recipient_provider, recipient, identity, "messages")
         _check_devices(ciphertexts, devices, "c")
         sender_device = identity.device
         items = []
@@ -163,18 +156,14 @@ class Router:
             _check_devices(own, others, "own")
             for device, ciphertext in own.items():
                 items.append((device_key(identity.user, device), _dlv_builder(msg_id, identity.user, sender_device, ciphertext, recipient)))
-        message = self._batch.add_message(device_key(identity.user, sender_device), msg_id, int(self.clock() * 1000), items)
-        self._waiting.append((proto, message))
-        self._schedule_commit()
+        self._enqueue(proto, msg_id, items)
 
     def handle_rcpt(self, proto: GatewayProtocol, stanza: dict) -> None:
         """A receipt is stored and delivered like a message, to every device of ``to`` and (with
         ``to``) to the sender's other devices, so they can mark the messages too."""
         self._charge(proto)
         identity = proto.conn.identity
-        msg_id = stanza.get("id")
-        if type(msg_id) is not bytes or len(msg_id) != ID_BYTES:
-            raise StanzaError("rcpt needs 'id': 16 bytes")
+        msg_id = _stanza_id(stanza, "rcpt")
         kind = stanza.get("kind")
         if kind not in RECEIPT_KINDS:
             raise StanzaError("rcpt needs 'kind': 'delivered' or 'read'")
@@ -186,11 +175,7 @@ class Router:
         recipient_provider, recipient = self._recipient(stanza.get("to"))
         if recipient == identity.user:
             raise RouteError("receipts go to the sender of the messages, not to yourself", code="bad_stanza")
-        if not self.policy.allows(recipient, recipient_provider, identity.provider):
-            raise RouteError(f"{recipient} does not accept receipts from users of {identity.provider!r}", code="not_opted_in")
-        devices = self.store.devices(recipient)
-        if not devices:
-            raise RouteError(f"no user {recipient} is known to this gateway", code="unknown_recipient")
+        devices = self._reachable_devices(recipient_provider, recipient, identity, "receipts")
         sender, sender_device = identity.user, identity.device
         items = []
         if not self.policy.blocks(recipient, sender):
@@ -198,9 +183,7 @@ class Router:
             items += [(device_key(recipient, device), build) for device in devices]
         own_build = _rcpt_builder(msg_id, sender, sender_device, kind, ids, recipient)
         items += [(device_key(sender, d), own_build) for d in self.store.devices(sender) if d != sender_device]
-        message = self._batch.add_message(device_key(sender, sender_device), msg_id, int(self.clock() * 1000), items)
-        self._waiting.append((proto, message))
-        self._schedule_commit()
+        self._enqueue(proto, msg_id, items)
 
     def handle_state(self, proto: GatewayProtocol, stanza: dict) -> None:
         """Typing state: ephemeral, never stored, pushed to the recipient's online devices."""
@@ -222,6 +205,24 @@ class Router:
             if target is not None and not target.conn.closed:
                 target.conn.send_encoded(encoded)
                 target.flush()
+
+    def _reachable_devices(self, recipient_provider, recipient: str, identity, what: str) -> list[int]:
+        """The recipient's devices, if the recipient accepts the sender's provider (consent)."""
+        if not self.policy.allows(recipient, recipient_provider, identity.provider):
+            raise RouteError(f"{recipient} does not accept {what} from users of {identity.provider!r}", code="not_opted_in")
+        devices = self.store.devices(recipient)
+        if not devices:
+            raise RouteError(f"no user {recipient} is known to this gateway", code="unknown_recipient")
+        return devices
+
+    def _enqueue(self, proto: GatewayProtocol, msg_id: bytes, items: list) -> None:
+        """Add a stored stanza to this turn's batch; its sender is acked after the commit."""
+        identity = proto.conn.identity
+        message = self._batch.add_message(
+            device_key(identity.user, identity.device), msg_id, int(self.clock() * 1000), items
+        )
+        self._waiting.append((proto, message))
+        self._schedule_commit()
 
     def handle_recv(self, proto: GatewayProtocol, stanza: dict) -> None:
         seqs = stanza.get("seq")
@@ -382,6 +383,13 @@ class Router:
     def _flush(touched: set) -> None:
         for proto in touched:
             proto.flush()
+
+
+def _stanza_id(stanza: dict, kind: str) -> bytes:
+    stanza_id = stanza.get("id")
+    if type(stanza_id) is not bytes or len(stanza_id) != ID_BYTES:
+        raise StanzaError(f"{kind} needs 'id': 16 bytes")
+    return stanza_id
 
 
 def _device_map(value, name: str, max_ciphertext_bytes: int) -> dict[int, bytes]:
