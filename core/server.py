@@ -53,6 +53,7 @@ WRITE_HIGH_WATER_BYTES = 256 * 1024  # past this, stop reading from the peer unt
 IDLE_RELEASE_S = 10.0
 EXPIRY_SWEEP_S = 60.0  # how often undelivered items are checked against the TTL
 EXPIRE_CHUNK = 2_000  # items deleted per sweep transaction (keeps each pause short)
+DEDUP_SCAN_CHUNK = 20_000  # dedup entries the dedup sweep reads per transaction (a few ms)
 DEDUP_WINDOW_S = 48 * 3600.0  # a resend within this window is recognised (the contract asks >= 24 h)
 CLOSE_OVER_CAPACITY = "over_capacity"
 _NO_CLAIMS = types.MappingProxyType({})  # shared by every open session's identity
@@ -323,9 +324,10 @@ class GatewayServer:
         """Delete undelivered items past the TTL, a bounded chunk at a time, then come back."""
         now = self.clock()
         removed = self.store.expire(int((now - self.mailbox_ttl_s) * 1000), limit=EXPIRE_CHUNK)
-        forgotten = self.store.forget_duplicates(int((now - DEDUP_WINDOW_S) * 1000), limit=EXPIRE_CHUNK)
+        self.store.forget_duplicates(int((now - DEDUP_WINDOW_S) * 1000), limit=DEDUP_SCAN_CHUNK)
         self.counters["items_expired"] += removed
-        more = removed >= EXPIRE_CHUNK or forgotten >= EXPIRE_CHUNK
+        # The dedup sweep must read its table at least as fast as messages add to it.
+        more = removed >= EXPIRE_CHUNK or self.store.dedup_unswept > 0
         delay = 0.0 if more else EXPIRY_SWEEP_S  # more to do: continue soon
         self._expiry_handle = asyncio.get_running_loop().call_later(delay, self._expire_mailboxes)
 

@@ -7,8 +7,6 @@ One LMDB environment with named databases:
 | ``devices`` | device key | ``b""`` |
 | ``mbox`` | device key + seq (uint64 big-endian) | stored ``ts`` (uint64 ms) + the encoded ``dlv``, ready to send |
 | ``seqs`` | device key | last seq given out (uint64; never goes back), items and bytes stored (uint32, uint64) |
-| ``expiry`` | ``ts`` (uint64 ms) + device key + seq | ``b""``: the mailbox in age order, for the TTL sweep |
-| ``dedup_age`` | ``ts`` + sender device key + message id | ``b""``: the dedup table in age order, for its sweep |
 | ``dedup`` | sender device key + message id (16 bytes) | ``ts`` of the first copy (uint64 ms) |
 | ``consent`` | user address | msgpack ``[accept (list of provider ids or ["*"]), discoverable]`` |
 | ``blocks`` | user address + ``b"\\0"`` + blocked address | ``b""`` |
@@ -22,6 +20,12 @@ A *device key* is the user address in UTF-8, a zero byte and the device number (
 big-endian): a range scan over ``user + b"\0"`` lists a user's devices in order, and one over a
 device key lists its mailbox in seq order. Messages are written in batches (``WriteBatch``), one
 write transaction per batch: the gateway's group commit.
+
+The hot path writes as little as it can: a stored message is one ``dedup`` insert (which is also
+the duplicate check) and one ``mbox`` put per recipient device, a received item one ``mbox``
+delete, plus one ``seqs`` record per device and commit. There is no age index: the TTL sweep
+walks the devices (``seqs``) and cuts the expired head of each mailbox (seqs are handed out in
+time order), and the dedup sweep walks the dedup table itself, at least as fast as it grows.
 
 Addresses never contain a zero byte (localparts exclude control characters), so ``user + b"\\0"``
 is an unambiguous prefix for the user's blocks, and ``phone + b"\\0"`` for one directory entry.
@@ -45,6 +49,9 @@ _DEVICE = struct.Struct(">I")
 _SEQ = struct.Struct(">Q")
 _TS = struct.Struct(">Q")
 _MAILBOX_STATE = struct.Struct(">QIQ")  # last seq, items stored, bytes stored
+
+
+DEVICE_CACHE_USERS = 100_000  # users whose device lists stay in memory (about 100 bytes each)
 
 
 class MailboxState:
@@ -116,10 +123,10 @@ class WriteBatch:
 class Store(Protocol):
     """What the gateway needs from durable storage (``LmdbStore`` implements it)."""
 
-    def devices(self, user: str) -> list[int]:
+    def devices(self, user: str) -> tuple[int, ...]:
         """The user's registered devices, ascending."""
 
-    def register_device(self, user: str, device: int, max_devices: int) -> list[int]:
+    def register_device(self, user: str, device: int, max_devices: int) -> tuple[int, ...]:
         """Record ``device`` for ``user`` (idempotent); ``AuthError(device_limit)`` past the limit."""
 
     def commit(self, batch: WriteBatch) -> None:
@@ -132,11 +139,14 @@ class Store(Protocol):
     def pending_count(self, dkey: bytes) -> int:
         """How many items a device has stored."""
 
-    def expire(self, before_ms: int, limit: int = 10_000) -> int:
-        """Delete up to ``limit`` items stored before ``before_ms``; returns how many."""
+    def expire(self, before_ms: int, limit: int = 10_000, max_devices: int = 20_000) -> int:
+        """Delete up to ``limit`` items stored before ``before_ms``, visiting at most
+        ``max_devices`` mailboxes from where the previous call stopped; returns how many."""
 
     def forget_duplicates(self, before_ms: int, limit: int = 10_000) -> int:
-        """End the dedup window of messages first stored before ``before_ms``; returns how many."""
+        """Scan ``limit`` dedup entries from where the previous call stopped and end the window of
+        those first stored before ``before_ms``; returns how many. ``dedup_unswept`` > 0 asks for
+        another call soon."""
 
     # -- consent, blocks, reports, directory (the ``iq`` operations)
 
@@ -195,6 +205,7 @@ class LmdbStore:
         sync: bool = True,
         max_mailbox_items: int = 10_000,
         max_mailbox_bytes: int = 64 << 20,
+        device_cache_users: int = DEVICE_CACHE_USERS,
     ) -> None:
         self.max_mailbox_items = max_mailbox_items
         self.max_mailbox_bytes = max_mailbox_bytes
@@ -219,8 +230,15 @@ class LmdbStore:
         self._mbox = self._env.open_db(b"mbox")
         self._seqs = self._env.open_db(b"seqs")
         self._dedup = self._env.open_db(b"dedup")
-        self._expiry = self._env.open_db(b"expiry")
-        self._dedup_age = self._env.open_db(b"dedup_age")
+        # Every routed stanza needs the recipient's device list; this process is the only writer
+        # of the devices table, so the lists it read stay true until it registers a device.
+        self._device_cache: dict[str, tuple[int, ...]] = {}
+        self._device_cache_users = device_cache_users
+        # Where the background sweeps resume (None: at the start of their table), and how many
+        # dedup entries were added since the dedup sweep last caught up.
+        self._expire_from: bytes | None = None
+        self._dedup_sweep_from: bytes | None = None
+        self.dedup_unswept = 0
         self._open_social_dbs()
 
     def close(self) -> None:
@@ -230,31 +248,44 @@ class LmdbStore:
     def _user_prefix(user: str) -> bytes:
         return user.encode("utf-8") + b"\x00"
 
-    def devices(self, user: str) -> list[int]:
-        with self._env.begin(db=self._devices) as txn:
-            return self._list_in(txn, self._user_prefix(user))
+    def devices(self, user: str) -> tuple[int, ...]:
+        devices = self._device_cache.get(user)
+        if devices is None:
+            with self._env.begin(db=self._devices) as txn:
+                devices = self._list_in(txn, self._user_prefix(user))
+            self._remember_devices(user, devices)
+        return devices
 
-    def register_device(self, user: str, device: int, max_devices: int) -> list[int]:
+    def _remember_devices(self, user: str, devices: tuple[int, ...]) -> None:
+        cache = self._device_cache
+        if len(cache) >= self._device_cache_users:
+            del cache[next(iter(cache))]  # the oldest entry: a bounded cache, cheap to keep
+        cache[user] = devices
+
+    def register_device(self, user: str, device: int, max_devices: int) -> tuple[int, ...]:
+        known = self.devices(user)
+        if device in known:  # the common case, a known device: no write transaction
+            return known
         prefix = self._user_prefix(user)
         key = prefix + _DEVICE.pack(device)
-        with self._env.begin(db=self._devices) as txn:
-            if txn.get(key) is not None:  # the common case, a known device: no write transaction
-                return self._list_in(txn, prefix)
+        self._device_cache.pop(user, None)
         with self._env.begin(db=self._devices, write=True) as txn:
-            if txn.get(key) is not None:  # registered concurrently
-                return self._list_in(txn, prefix)
             known = self._list_in(txn, prefix)
+            if device in known:  # registered by another process sharing the environment
+                return known
             if len(known) >= max_devices:
                 raise AuthError(
                     f"user already has {len(known)} devices (limit {max_devices}); remove one first",
                     code="device_limit",
                 )
             txn.put(key, b"")
-            return sorted(known + [device])
+        devices = tuple(sorted(known + (device,)))
+        self._remember_devices(user, devices)
+        return devices
 
     @staticmethod
-    def _list_in(txn, prefix: bytes) -> list[int]:
-        return [_DEVICE.unpack(key[len(prefix) :])[0] for key in _scan(txn.cursor(), prefix)]
+    def _list_in(txn, prefix: bytes) -> tuple[int, ...]:
+        return tuple(_DEVICE.unpack(key[len(prefix) :])[0] for key in _scan(txn.cursor(), prefix))
 
     # -- mailboxes
 
@@ -274,6 +305,7 @@ class LmdbStore:
             for message in batch.messages:
                 message.dup, message.stored, message.refused = False, [], None
             raise StoreFullError("the gateway's storage is full; try again later") from None
+        self.dedup_unswept += sum(1 for message in batch.messages if message.stored)
 
     def _state(self, txn, dkey: bytes, states: dict) -> MailboxState:
         state = states.get(dkey)
@@ -283,10 +315,11 @@ class LmdbStore:
 
     def _write_message(self, txn, message: StoredMessage, states: dict) -> None:
         dedup_key = message.sender_key + message.msg_id
-        first = txn.get(dedup_key, db=self._dedup)
-        if first is not None:
+        ts_prefix = _TS.pack(message.ts_ms)
+        # One insert is both the duplicate check and the dedup entry (undone below if refused).
+        if not txn.put(dedup_key, ts_prefix, overwrite=False, db=self._dedup):
             message.dup = True
-            message.ts_ms = _TS.unpack(first)[0]
+            message.ts_ms = _TS.unpack(txn.get(dedup_key, db=self._dedup))[0]
             return
         ts = message.ts_ms
         # Build every copy first: if any recipient mailbox is over its quota, none is stored.
@@ -300,70 +333,101 @@ class LmdbStore:
             added[dkey] = [count + 1, size + len(value)]
             if state.items + count + 1 > self.max_mailbox_items or state.bytes + size + len(value) > self.max_mailbox_bytes:
                 message.refused = "mailbox_full"
+                txn.delete(dedup_key, db=self._dedup)
                 return
             planned.append((dkey, seq, value))
-        ts_prefix = _TS.pack(ts)
-        txn.put(dedup_key, ts_prefix, db=self._dedup)
-        txn.put(ts_prefix + dedup_key, b"", db=self._dedup_age)
         stored = message.stored
+        mbox = self._mbox
         for dkey, seq, value in planned:
             state = states[dkey]
             state.last_seq = seq
             state.items += 1
             state.bytes += len(value)
-            seq_bytes = _SEQ.pack(seq)
-            txn.put(dkey + seq_bytes, ts_prefix + value, db=self._mbox)
-            txn.put(ts_prefix + dkey + seq_bytes, b"", db=self._expiry)
+            txn.put(dkey + _SEQ.pack(seq), ts_prefix + value, db=mbox)
             stored.append((dkey, seq, value))
 
     def _delete_item(self, txn, dkey: bytes, seq: int, state: MailboxState) -> bool:
-        seq_bytes = _SEQ.pack(seq)
-        stored = txn.pop(dkey + seq_bytes, db=self._mbox)
+        stored = txn.pop(dkey + _SEQ.pack(seq), db=self._mbox)
         if stored is None:
             return False  # already received (or expired)
-        txn.delete(stored[:8] + dkey + seq_bytes, db=self._expiry)
         state.items -= 1
         state.bytes -= len(stored) - 8
         return True
 
-    def expire(self, before_ms: int, limit: int = 10_000) -> int:
+    def expire(self, before_ms: int, limit: int = 10_000, max_devices: int = 20_000) -> int:
         """Delete up to ``limit`` items stored before ``before_ms`` (the TTL sweep); returns how
-        many. Oldest first, through the age index, so a sweep never scans live mailboxes."""
+        many. Walks the devices from where the previous call stopped (at most ``max_devices`` of
+        them, at most once round) and cuts the expired head of each mailbox: seqs are handed out in
+        time order, so the first item that is not expired ends a device's turn. (If the clock went
+        back, an item newer than the cut waits for the items before it.)"""
         removed = 0
+        cutoff = _TS.pack(before_ms)
         with self._env.begin(write=True) as txn:
             states: dict[bytes, MailboxState] = {}
-            for key in self._oldest(txn, self._expiry, before_ms, limit):
-                dkey, seq = key[8:-8], _SEQ.unpack(key[-8:])[0]
-                if self._delete_item(txn, dkey, seq, self._state(txn, dkey, states)):
-                    removed += 1
-                else:
-                    txn.delete(key, db=self._expiry)
+            devices = txn.cursor(db=self._seqs)
+            items = txn.cursor(db=self._mbox)
+            if not (devices.set_range(self._expire_from) if self._expire_from else devices.first()):
+                self._expire_from = None
+                if not devices.first():
+                    return 0
+            for _ in range(max_devices):
+                dkey = devices.key()
+                if items.set_range(dkey):
+                    while removed < limit:
+                        key, value = items.item()
+                        if not key.startswith(dkey) or value[:8] >= cutoff:
+                            break
+                        state = self._state(txn, dkey, states)
+                        state.items -= 1
+                        state.bytes -= len(value) - 8
+                        items.delete()  # moves to the next item
+                        removed += 1
+                if removed >= limit:
+                    self._expire_from = dkey  # this device may have more: resume here
+                    break
+                if not devices.next():
+                    self._expire_from = None  # a whole round: the next call starts again
+                    break
+                self._expire_from = devices.key()
             for dkey, state in states.items():
                 txn.put(dkey, state.pack(), db=self._seqs)
         return removed
 
     def forget_duplicates(self, before_ms: int, limit: int = 10_000) -> int:
-        """End the dedup window for messages first stored before ``before_ms`` (at most
-        ``limit`` of them); returns how many. A resend after that is stored as new."""
-        with self._env.begin(write=True) as txn:
-            doomed = self._oldest(txn, self._dedup_age, before_ms, limit)
-            for key in doomed:
-                txn.delete(key, db=self._dedup_age)
-                txn.delete(key[8:], db=self._dedup)
-        return len(doomed)
-
-    @staticmethod
-    def _oldest(txn, age_index, before_ms: int, limit: int) -> list[bytes]:
-        """Up to ``limit`` keys of an age index (``ts`` first) older than ``before_ms``."""
+        """End the dedup window for messages first stored before ``before_ms``: scans ``limit``
+        dedup entries from where the previous call stopped (wrapping round at most once) and
+        deletes the old ones; returns how many. A resend after that is stored as new.
+        ``dedup_unswept`` (entries added minus entries scanned) tells the caller to come back
+        soon: scanning at least as fast as the table grows bounds an entry's life to about two
+        windows without an age index on the hot path."""
         cutoff = _TS.pack(before_ms)
-        keys: list[bytes] = []
-        cursor = txn.cursor(db=age_index)
-        if cursor.first():
-            for key in cursor.iternext(keys=True, values=False):
-                if key[:8] >= cutoff or len(keys) >= limit:
-                    break
-                keys.append(key)
-        return keys
+        forgotten = scanned = 0
+        with self._env.begin(write=True, db=self._dedup) as txn:
+            cursor = txn.cursor()
+            if not (cursor.set_range(self._dedup_sweep_from) if self._dedup_sweep_from else cursor.first()):
+                if not cursor.first():
+                    self._dedup_sweep_from = None
+                    self.dedup_unswept = 0
+                    return 0
+            wrapped = False
+            while scanned < limit:
+                key, first_ts = cursor.item()
+                if not key:  # past the end (the last entry was just deleted)
+                    if wrapped or not cursor.first():
+                        break
+                    wrapped = True
+                    continue
+                scanned += 1
+                if first_ts < cutoff:
+                    cursor.delete()  # moves to the next entry
+                    forgotten += 1
+                elif not cursor.next():
+                    if wrapped or not cursor.first():
+                        break
+                    wrapped = True
+            self._dedup_sweep_from = cursor.key() or None
+        self.dedup_unswept = max(0, self.dedup_unswept - scanned)
+        return forgotten
 
     def mailbox_state(self, dkey: bytes) -> MailboxState:
         """The device's counters: last seq, items and bytes stored."""

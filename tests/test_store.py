@@ -14,20 +14,20 @@ def store(tmp_path):
 
 
 def test_register_is_idempotent_and_sorted(store):
-    assert store.register_device("alice@alpha", 7, 5) == [7]
-    assert store.register_device("alice@alpha", 2, 5) == [2, 7]
-    assert store.register_device("alice@alpha", 7, 5) == [2, 7]
-    assert store.devices("alice@alpha") == [2, 7]
+    assert store.register_device("alice@alpha", 7, 5) == (7,)
+    assert store.register_device("alice@alpha", 2, 5) == (2, 7)
+    assert store.register_device("alice@alpha", 7, 5) == (2, 7)
+    assert store.devices("alice@alpha") == (2, 7)
 
 
 def test_users_do_not_share_devices_even_with_prefix_names(store):
     store.register_device("al@alpha", 1, 5)
     store.register_device("al@alpha2", 2, 5)
     store.register_device("al", 3, 5)
-    assert store.devices("al@alpha") == [1]
-    assert store.devices("al@alpha2") == [2]
-    assert store.devices("al") == [3]
-    assert store.devices("nobody@alpha") == []
+    assert store.devices("al@alpha") == (1,)
+    assert store.devices("al@alpha2") == (2,)
+    assert store.devices("al") == (3,)
+    assert store.devices("nobody@alpha") == ()
 
 
 def test_device_limit_refuses_new_devices_but_not_known_ones(store):
@@ -36,8 +36,8 @@ def test_device_limit_refuses_new_devices_but_not_known_ones(store):
     with pytest.raises(AuthError) as caught:
         store.register_device("bob@beta", 4, 3)
     assert caught.value.code == "device_limit"
-    assert store.register_device("bob@beta", 2, 3) == [1, 2, 3]
-    assert store.devices("bob@beta") == [1, 2, 3]
+    assert store.register_device("bob@beta", 2, 3) == (1, 2, 3)
+    assert store.devices("bob@beta") == (1, 2, 3)
 
 
 def test_devices_survive_reopening(tmp_path):
@@ -45,7 +45,7 @@ def test_devices_survive_reopening(tmp_path):
     first.register_device("carol@alpha", 2**31 - 1, 5)
     first.close()
     second = LmdbStore(tmp_path / "lmdb", map_size_bytes=1 << 24)
-    assert second.devices("carol@alpha") == [2**31 - 1]
+    assert second.devices("carol@alpha") == (2**31 - 1,)
     second.close()
 
 
@@ -367,22 +367,63 @@ def test_byte_quota(tmp_path):
     store.close()
 
 
-def test_expire_deletes_only_old_items_oldest_first(store):
+def test_expire_cuts_the_expired_head_of_each_mailbox(store):
     bob, carol = device_key("bob@beta", 1), device_key("carol@beta", 1)
     sender = device_key("s@alpha", 1)
     for i, ts in enumerate((1000, 2000, 3000)):
         commit_message(store, sender, bytes([i]) * 16, ts, [(bob, build(b"b")), (carol, build(b"c"))])
     batch = WriteBatch()
-    batch.delete(bob, [1])  # received before the sweep: its age-index entry goes with it
+    batch.delete(bob, [1])  # received before the sweep
     store.commit(batch)
     assert store.expire(before_ms=2500, limit=10) == 3  # bob's seq 2, carol's seqs 1 and 2
     assert [seq for seq, _ in store.pending(bob)] == [3]
     assert [seq for seq, _ in store.pending(carol)] == [3]
     assert (store.pending_count(bob), store.pending_count(carol)) == (1, 1)
+    assert store.mailbox_state(carol).bytes == len(build(b"c")(3, 3000))
     assert store.expire(before_ms=2500) == 0
-    assert store.expire(before_ms=10_000, limit=1) == 1  # bounded per call
-    assert store.expire(before_ms=10_000) == 1
+    assert store.expire(before_ms=10_000, limit=1) == 1  # bounded per call...
+    assert store.expire(before_ms=10_000) == 1  # ...and the next call resumes
     assert store.pending_count(bob) + store.pending_count(carol) == 0
+    assert store.expire(before_ms=10_000) == 0
+
+
+def test_expire_resumes_where_it_stopped_and_comes_round_again(store):
+    sender = device_key("s@alpha", 1)
+    boxes = [device_key(f"u{i}@beta", 1) for i in range(5)]
+    for i, dkey in enumerate(boxes):
+        commit_message(store, sender, bytes([i]) * 16, 1000, [(dkey, build(b"x"))])
+    # Two mailboxes per call: three calls make a round, and every expired item goes.
+    removed = [store.expire(before_ms=2000, max_devices=2) for _ in range(3)]
+    assert removed == [2, 2, 1]
+    assert sum(store.pending_count(dkey) for dkey in boxes) == 0
+    # New expired items before the sweep position are found on the next round.
+    commit_message(store, sender, b"n" * 16, 1500, [(boxes[0], build(b"y"))])
+    assert store.expire(before_ms=2000, max_devices=2) + store.expire(before_ms=2000, max_devices=5) == 1
+    assert store.pending_count(boxes[0]) == 0
+
+
+def test_expire_keeps_items_stored_after_an_unexpired_one(store):
+    # The sweep cuts each mailbox's head up to the first item that is not expired.
+    bob = device_key("bob@beta", 1)
+    sender = device_key("s@alpha", 1)
+    for i, ts in enumerate((1000, 5000, 1500)):  # the clock went back for the third
+        commit_message(store, sender, bytes([i]) * 16, ts, [(bob, build(b"b"))])
+    assert store.expire(before_ms=2000) == 1
+    assert [seq for seq, _ in store.pending(bob)] == [2, 3]
+
+
+def test_dedup_sweep_reads_a_bounded_chunk_and_resumes(store):
+    bob = device_key("bob@beta", 1)
+    for i in range(5):
+        commit_message(store, device_key(f"s{i}@alpha", 1), bytes([i]) * 16, 1000 + i, [(bob, build(b"x"))])
+    assert store.forget_duplicates(before_ms=1003, limit=2) == 2  # s0, s1
+    assert store.dedup_unswept == 3
+    assert store.forget_duplicates(before_ms=1003, limit=2) == 1  # s2 (s3 is too young)
+    assert store.forget_duplicates(before_ms=1003, limit=2) == 0  # s4, then round to s3
+    assert store.dedup_unswept == 0
+    for i in range(5):
+        resent = commit_message(store, device_key(f"s{i}@alpha", 1), bytes([i]) * 16, 2000, [(bob, build(b"x"))])
+        assert resent.dup == (i >= 3)
 
 
 def test_dedup_window_ends_for_old_messages_only(store):
@@ -390,6 +431,8 @@ def test_dedup_window_ends_for_old_messages_only(store):
     sender = device_key("alice@alpha", 1)
     commit_message(store, sender, b"old-old-old-old-", 1000, [(bob, build(b"a"))])
     commit_message(store, sender, b"new-new-new-new-", 5000, [(bob, build(b"b"))])
+    assert store.dedup_unswept == 2  # two entries the sweep has not read yet
     assert store.forget_duplicates(before_ms=3000) == 1
+    assert store.dedup_unswept == 0
     assert not commit_message(store, sender, b"old-old-old-old-", 6000, [(bob, build(b"a"))]).dup
     assert commit_message(store, sender, b"new-new-new-new-", 6000, [(bob, build(b"b"))]).dup
