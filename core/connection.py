@@ -191,7 +191,9 @@ class _Endpoint:
         size = 0
         limit = self.max_plaintext_bytes
         for encoded in self._pending:
-            if size + len(encoded) > limit and batch:
+            # A transport message ends where the next stanza would pass the frame size or the
+            # stanza count the receiving gateway accepts (more ends the session).
+            if batch and (size + len(encoded) > limit or len(batch) == MAX_STANZAS_PER_MESSAGE):
                 plaintexts.append(b"".join(batch))
                 batch, size = [], 0
             batch.append(encoded)
