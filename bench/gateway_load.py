@@ -1,16 +1,51 @@
-"""Gateway-level benchmarks over real TCP: handshake + JWT rate and RSS per idle connection.
+"""Gateway-level benchmarks over real TCP: handshakes, durable 1:1 messages, RSS per idle connection.
 
     python bench/gateway_load.py handshakes --seconds 10 --concurrency 32 --suite 1 --alg EdDSA
+    python bench/gateway_load.py --durability sync messages --seconds 10 --pairs 8 --inflight 16
+    python bench/gateway_load.py --durability sync messages --seconds 10 --rate 8000
+    python bench/gateway_load.py --durability sync offline --messages 50000 --pairs 8
     python bench/gateway_load.py idle-rss --connections 10000
+
+Global options (before the subcommand): ``--durability sync|async`` (LMDB commits, default
+sync) and ``--data-dir`` (default: a new temporary folder).
 
 The gateway runs in a child process pinned to CPU 0 (``bench/_gateway_child.py``); this process
 (the demo OpenID issuer and the clients) is pinned to CPU 1. Figures are taken from the child's
-``/proc`` counters, so they measure the gateway alone:
+``/proc`` counters, so they measure the gateway alone. Nothing else should run on CPU 0 meanwhile:
+``gateway_runqueue_wait_s`` (time the gateway was ready but another process had its CPU) should
+stay near 0, or the figures are skewed (with ``--commit-mode thread`` the writer thread and the
+loop also wait for each other there).
 
 * ``handshakes``: gateway CPU µs per completed handshake + authentication (Noise responder,
   node-certificate hello, JWT signature and claims check, session table, ``welcome``) and the
   rate that implies for one core. Devices reconnect (they are registered in a warm-up round),
   which is what a gateway sees most.
+* ``messages``: durable 1:1 messages between ``--pairs`` sender/recipient devices, driven by lean
+  peers (``bench/_lean_peer.py``: a ``ClientConnection`` on a bare protocol, no SDK ``Client``),
+  so the gateway, not the client core, is the bottleneck (``client_cpu_busy`` shows the client's
+  share of its core). Each recipient confirms all the ``dlv`` of one read with one ``recv``.
+  Each ciphertext (``--payload`` bytes) starts with its intended send time, so the recipient
+  measures the delivery latency as well as the sender the ``ack`` latency.
+
+  - closed loop (``--rate 0``, the default): each sender keeps ``--inflight`` messages unacked
+    and sends a new one on every ``ack``; the throughput is the gateway's maximum;
+  - open loop (``--rate R``): R messages/s in total, spread evenly over the senders and sent in
+    bursts every 1-2 ms whatever the answers; latencies count from each message's intended send
+    time, so a stall shows as latency, not as a lower send rate (no coordinated omission). Run
+    the closed loop first, then e.g. ``--rate max/2`` for latencies at half load. Open-loop
+    arrivals batch less than a closed loop's (fewer stanzas per read and per commit), so each
+    message costs the gateway more: check ``gateway_cpu_busy``, which may be near 1 already.
+
+  After 1 s of warm-up, the figures cover ``--seconds``: gateway CPU µs per delivered message,
+  its CPU busy fraction, p50/p99 latencies. Then sending stops, the tail is waited for, and every
+  message acked during the whole run must have been delivered exactly once, counted by
+  (sender, id): ``lost`` and ``duplicates`` must be 0.
+* ``offline``: store-and-forward. The recipients connect once to register their device; then
+  the senders store ``--messages`` in total for them (``--inflight`` unacked per sender), with
+  gateway CPU µs per stored message; then the recipients connect and take their backlog
+  (``recv`` per pushed batch), with gateway CPU µs per drained message (less what as many
+  reconnects without a backlog cost, measured just before) and the drain rate. Every stored
+  message must be drained exactly once.
 * ``idle-rss``: gateway RSS growth per authenticated idle connection.
 """
 
@@ -18,22 +53,28 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import json
 import os
 import platform
 import resource
+import tempfile
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import uvloop
 
 import interlink.core
 from interlink.client import Client, Suite
+from interlink.core.stanza import encode_stanza
 from interlink.issuer import DemoIssuer
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))  # _lean_peer sits next to this script (also when it is imported by path)
+from _lean_peer import LeanPeer  # noqa: E402
 AUDIENCE = "bench"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -52,6 +93,21 @@ def cpu_times(pid: int) -> tuple[float, float]:
     """(user, system) CPU seconds of a process."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
+
+
+def schedstat_s(pid: int) -> tuple[float, float]:
+    """(on CPU, runnable but waiting for a CPU) seconds of a process, all threads, to the ns
+    (``/proc/PID/stat`` counts 10 ms ticks: too coarse for a phase of a second). The waiting
+    time shows another process competing for the gateway's CPU, which skews its busy fraction."""
+    on_cpu = waiting = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            fields = (task / "schedstat").read_text().split()
+        except FileNotFoundError:  # the thread just ended
+            continue
+        on_cpu += int(fields[0])
+        waiting += int(fields[1])
+    return on_cpu / 1e9, waiting / 1e9
 
 
 def rss_bytes(pid: int) -> int:
@@ -135,87 +191,427 @@ async def bench_handshakes(args) -> dict:
     }
 
 
+# ----------------------------------------------------------------------------- 1:1 message load
+# Lean peers (``bench/_lean_peer.py``) instead of the SDK ``Client``: the SDK's per-message
+# futures and bookkeeping cost more CPU than the gateway, and the client core saturated first.
+
+TIME_BYTES = 8  # the payload starts with the intended send time (perf_counter_ns, uint64 LE)
+WARM_UP_S = 1.0
+TAIL_TIMEOUT_S = 60.0  # after the run: how long to wait for the last acks and deliveries
+QUIET_S = 0.3  # then: how long to listen for stray duplicates
+OPEN_LOOP_TICK_S = 0.001  # the open-loop timer; uvloop's resolution makes it 1-2 ms
+
+
+class Sender:
+    """One sending device: ``msg`` stanzas to one recipient device, each ack timed.
+
+    Closed loop (``refill``): every ack or refusal sends the next message at once, so the
+    number unacked stays constant. Open loop: a timer calls ``send`` with each message's
+    intended time, and latencies count from that time, not from when the timer got to it."""
+
+    def __init__(self, to: str, payload_bytes: int) -> None:
+        self.to = to
+        self.peer: LeanPeer | None = None
+        self.user = ""
+        # Ids: random prefix (a reused --data-dir must not see them as retransmissions) + counter.
+        self._id_prefix = os.urandom(8)
+        self._count = 0
+        self._filler = os.urandom(max(0, payload_bytes - TIME_BYTES))
+        self.unacked: dict[bytes, int] = {}  # id -> intended send time (ns)
+        self.acked_ids: list[bytes] = []
+        self.ack_latencies_ns: list[int] = []
+        self.record_from_ns = 1 << 63  # latencies of messages meant to leave before this are warm-up
+        self.refill = False  # closed loop: replace each answered message with a new one
+        self.remaining: int | None = None  # stop after this many more messages (None: no limit)
+        self.errors: collections.Counter = collections.Counter()
+        self.dup_acks = 0
+        self.stray_answers = 0
+
+    @property
+    def sent(self) -> int:
+        return self._count
+
+    def send(self, intended_ns: int) -> None:
+        if self.remaining is not None:
+            if self.remaining <= 0:
+                return
+            self.remaining -= 1
+        self._count += 1
+        msg_id = self._id_prefix + self._count.to_bytes(8, "big")
+        self.unacked[msg_id] = intended_ns
+        ciphertext = intended_ns.to_bytes(TIME_BYTES, "little") + self._filler
+        self.peer.queue(encode_stanza({"t": "msg", "id": msg_id, "to": self.to, "c": {1: ciphertext}}))
+
+    def on_stanza(self, stanza: dict) -> None:
+        kind = stanza.get("t")
+        if kind == "ack":
+            msg_id = stanza.get("id")
+            intended_ns = self.unacked.pop(msg_id, None)
+            if intended_ns is None:
+                self.stray_answers += 1  # an ack for no message of ours
+                return
+            now_ns = time.perf_counter_ns()
+            self.acked_ids.append(msg_id)
+            if stanza.get("dup"):
+                self.dup_acks += 1  # taken for a retransmission, so not stored again: an id clash
+            if intended_ns >= self.record_from_ns:
+                self.ack_latencies_ns.append(now_ns - intended_ns)
+            if self.refill:
+                self.send(now_ns)
+        elif kind == "err":
+            self.errors[str(stanza.get("code"))] += 1
+            if self.unacked.pop(stanza.get("ref"), None) is not None and self.refill:
+                self.send(time.perf_counter_ns())
+        else:
+            self.stray_answers += 1
+
+
+class Recipient:
+    """One receiving device: confirms every batch of ``dlv`` of one read with one ``recv``,
+    records (sender, id) of each delivery and its latency from the intended send time."""
+
+    def __init__(self) -> None:
+        self.peer: LeanPeer | None = None
+        self._seqs: list[int] = []
+        self.delivered_keys: list[tuple[str, bytes]] = []  # one entry per delivery, duplicates too
+        self.delivery_latencies_ns: list[int] = []
+        self.record_from_ns = 1 << 63
+        self.record_latency = True  # off for stored backlogs: their age is not a latency
+        self.other_stanzas: collections.Counter = collections.Counter()
+        self.recvs_sent = 0
+
+    def on_stanza(self, stanza: dict) -> None:
+        if stanza.get("t") != "dlv":
+            kind = stanza.get("t")
+            self.other_stanzas[f"err {stanza.get('code')}" if kind == "err" else str(kind)] += 1
+            return
+        self._seqs.append(stanza["seq"])
+        self.delivered_keys.append((stanza["from"], stanza["id"]))
+        if self.record_latency:
+            intended_ns = int.from_bytes(stanza["c"][:TIME_BYTES], "little")
+            if intended_ns >= self.record_from_ns:
+                self.delivery_latencies_ns.append(time.perf_counter_ns() - intended_ns)
+
+    def on_batch_end(self, peer: LeanPeer) -> None:
+        if self._seqs:
+            peer.queue(encode_stanza({"t": "recv", "seq": self._seqs}))
+            self._seqs = []
+            self.recvs_sent += 1
+
+    @property
+    def delivered(self) -> int:
+        return len(self.delivered_keys)
+
+
+async def connect_lean(gateway: GatewayChild, token: str, **callbacks) -> LeanPeer:
+    return await LeanPeer.connect(
+        "127.0.0.1", gateway.port, token=token, device=1, root_public=gateway.root_public, timeout_s=30, **callbacks
+    )
+
+
+def client_cpu_s() -> float:
+    times = os.times()
+    return times.user + times.system
+
+
+def gateway_cpu_s(gateway: GatewayChild) -> float:
+    return schedstat_s(gateway.pid)[0]
+
+
+def gateway_runqueue_wait_s(gateway: GatewayChild) -> float:
+    return schedstat_s(gateway.pid)[1]
+
+
+def percentile_ms(values_ns: list[int], fraction: float) -> float | None:
+    if not values_ns:
+        return None
+    ordered = sorted(values_ns)
+    return round(ordered[min(len(ordered) - 1, int(len(ordered) * fraction))] / 1e6, 2)
+
+
+def check_sessions(peers: list[LeanPeer]) -> None:
+    """A session the gateway ended mid-run invalidates the figures: stop and say why."""
+    for peer in peers:
+        if peer.closed:
+            raise RuntimeError(f"a session ended during the run: {peer.close_reason}")
+
+
+async def wait_until(condition, peers: list[LeanPeer], timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        check_sessions(peers)
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.01)
+    return True
+
+
+def delivery_check(senders: list[Sender], recipients: list[Recipient]) -> dict:
+    """Every acked message delivered exactly once, counted by (sender, id)."""
+    acked = {(sender.user, msg_id) for sender in senders for msg_id in sender.acked_ids}
+    deliveries = collections.Counter(key for recipient in recipients for key in recipient.delivered_keys)
+    errors = sum((sender.errors for sender in senders), collections.Counter())
+    other = sum((recipient.other_stanzas for recipient in recipients), collections.Counter())
+    return {
+        "total_acked": len(acked),
+        "total_delivered": sum(deliveries.values()),
+        # How much the gateway batches its pushes (fewer, larger batches cost it less per message).
+        "deliveries_per_recv": round(sum(deliveries.values()) / max(1, sum(r.recvs_sent for r in recipients)), 1),
+        "lost": len(acked - deliveries.keys()),
+        "duplicates": sum(count - 1 for count in deliveries.values() if count > 1),
+        "delivered_not_acked": len(deliveries.keys() - acked),
+        "unacked_at_end": sum(len(sender.unacked) for sender in senders),
+        "dup_acks": sum(sender.dup_acks for sender in senders),
+        "stray_answers_to_senders": sum(sender.stray_answers for sender in senders),
+        "refusals": dict(errors),
+        "other_stanzas_to_recipients": dict(other),
+    }
+
+
+def start_open_loop(senders: list[Sender], rate: float, origin_ns: int) -> Callable[[], None]:
+    """Send ``rate`` messages/s in total, spread evenly over the senders (staggered), in bursts
+    every 1-2 ms: each message due since the last tick leaves with its intended time, so a
+    stalled gateway shows as latency rather than as a slower send rate (coordinated omission).
+    Returns a function that stops the timer."""
+    loop = asyncio.get_running_loop()
+    period_ns = len(senders) * 1e9 / rate  # per sender
+    sent_by = [0] * len(senders)
+    offsets = [period_ns * i / len(senders) for i in range(len(senders))]
+    timer = None
+
+    def tick() -> None:
+        nonlocal timer
+        now_ns = time.perf_counter_ns()
+        for index, sender in enumerate(senders):
+            base = origin_ns + offsets[index]
+            count = sent_by[index]
+            intended_ns = int(base + count * period_ns)
+            while intended_ns <= now_ns:
+                sender.send(intended_ns)
+                count += 1
+                intended_ns = int(base + count * period_ns)
+            sent_by[index] = count
+        timer = loop.call_later(OPEN_LOOP_TICK_S, tick)
+
+    tick()
+    return lambda: timer.cancel()
+
+
 async def bench_messages(args) -> dict:
-    """Durable 1:1 messages through the gateway: senders keep ``--inflight`` messages outstanding
-    each, recipients confirm every delivery (automatic recv). Gateway CPU per delivered message."""
-    payload = os.urandom(args.payload)
+    """Durable 1:1 messages through the gateway (pairs of lean peers, sender i -> recipient i).
+    Closed loop (``--rate 0``): ``--inflight`` unacked messages per sender. Open loop: ``--rate``
+    messages/s in total. Gateway CPU per delivered message over the measured window."""
+    open_loop = args.rate > 0
     async with DemoIssuer() as issuer:
         async with GatewayChild(issuer.issuer, Path(args.data_dir), args.durability, commit_mode=args.commit_mode) as gateway:
             def token(user: str) -> str:
                 return issuer.issue(user, audience=AUDIENCE, expires_in=3600)
 
-            recipients = [await connect(gateway, token(f"r{i}"), 1, Suite.XX_CHACHAPOLY) for i in range(args.pairs)]
-            senders = [await connect(gateway, token(f"s{i}"), 1, Suite.XX_CHACHAPOLY) for i in range(args.pairs)]
-            delivered = 0
-            latencies: list[float] = []
+            recipients = [Recipient() for _ in range(args.pairs)]
+            senders = [Sender(f"r{i}@bench", args.payload) for i in range(args.pairs)]
+            for i, recipient in enumerate(recipients):
+                recipient.peer = await connect_lean(
+                    gateway, token(f"r{i}"), on_stanza=recipient.on_stanza, on_batch_end=recipient.on_batch_end
+                )
+            for i, sender in enumerate(senders):
+                sender.peer = await connect_lean(gateway, token(f"s{i}"), on_stanza=sender.on_stanza)
+                sender.user = sender.peer.user
+            peers = [p.peer for p in recipients + senders]
 
-            async def drain(client: Client) -> None:
-                nonlocal delivered
-                async for stanza in client:
-                    if stanza.get("t") == "dlv":
-                        delivered += 1
+            def acked() -> int:
+                return sum(len(s.acked_ids) for s in senders)
 
-            drains = [asyncio.ensure_future(drain(c)) for c in recipients]
+            def delivered() -> int:
+                return sum(r.delivered for r in recipients)
 
-            async def send(client: Client, to: str, deadline: float) -> int:
-                slots = asyncio.Semaphore(args.inflight)
-                pending: set = set()
-                sent = 0
+            def sent() -> int:
+                return sum(s.sent for s in senders)
 
-                async def one() -> None:
-                    started = time.perf_counter()
-                    try:
-                        await client.send_message(to, {1: payload}, timeout_s=60)
-                        latencies.append(time.perf_counter() - started)
-                    finally:
-                        slots.release()
+            # Start sending; the first WARM_UP_S are not measured.
+            stop_open_loop = None
+            if open_loop:
+                stop_open_loop = start_open_loop(senders, args.rate, time.perf_counter_ns())
+            else:
+                for sender in senders:
+                    sender.refill = True
+                    for _ in range(args.inflight):
+                        sender.send(time.perf_counter_ns())
+            await asyncio.sleep(WARM_UP_S)
+            check_sessions(peers)
 
-                while time.monotonic() < deadline:
-                    await slots.acquire()
-                    task = asyncio.ensure_future(one())
-                    pending.add(task)
-                    task.add_done_callback(pending.discard)
-                    sent += 1
-                await asyncio.gather(*pending)
-                return sent
+            # The measured window: counters and CPU at both ends; latencies of the messages
+            # meant to leave from its start on (those still in flight at its end included).
+            window_start_ns = time.perf_counter_ns()
+            for party in senders + recipients:
+                party.record_from_ns = window_start_ns
+            def snapshot() -> tuple:
+                return (
+                    sent(), acked(), delivered(), gateway_cpu_s(gateway), *cpu_times(gateway.pid),
+                    gateway_runqueue_wait_s(gateway), client_cpu_s(), time.monotonic(),
+                )
 
-            # Warm-up, then the measured run.
-            await asyncio.gather(*(send(s, f"r{i}@bench", time.monotonic() + 1.0) for i, s in enumerate(senders)))
-            latencies.clear()
-            delivered_before = delivered
-            user_before, system_before = cpu_times(gateway.pid)
-            started = time.monotonic()
-            sent = sum(await asyncio.gather(
-                *(send(s, f"r{i}@bench", started + args.seconds) for i, s in enumerate(senders))
-            ))
-            for _ in range(200):  # let the last deliveries arrive
-                if delivered - delivered_before >= sent:
-                    break
-                await asyncio.sleep(0.05)
-            elapsed = time.monotonic() - started
-            user_after, system_after = cpu_times(gateway.pid)
-            count = delivered - delivered_before
-            for task in drains:
-                task.cancel()
-            for client in senders + recipients:
-                await client.close()
-    latencies.sort()
-    cpu = (user_after - user_before) + (system_after - system_before)
-    return {
+            before = snapshot()
+            await asyncio.sleep(args.seconds)
+            after = snapshot()
+            check_sessions(peers)
+
+            # Stop sending; wait for the tail so the exactly-once check sees everything.
+            if stop_open_loop is not None:
+                stop_open_loop()
+            for sender in senders:
+                sender.refill = False
+            await wait_until(
+                lambda: not any(s.unacked for s in senders) and delivered() >= acked(), peers, TAIL_TIMEOUT_S
+            )
+            await asyncio.sleep(QUIET_S)
+            check = delivery_check(senders, recipients)
+            for peer in peers:
+                await peer.close()
+
+    window_sent, window_acked, window_delivered, gateway_cpu, gateway_user, gateway_system, gateway_wait, client_cpu, elapsed = (
+        end - start for start, end in zip(before, after)
+    )
+    ack_latencies = [ns for s in senders for ns in s.ack_latencies_ns]
+    delivery_latencies = [ns for r in recipients for ns in r.delivery_latencies_ns]
+    result = {
         "benchmark": "messages-1to1",
+        "driver": "lean",
+        "load": "open loop" if open_loop else "closed loop",
+        "rate_target_per_s": args.rate if open_loop else None,
+        "inflight_per_sender": None if open_loop else args.inflight,
+        "durability": args.durability,
+        "commit_mode": args.commit_mode,
+        "pairs": args.pairs,
+        "payload_bytes": args.payload,
+        "seconds": round(elapsed, 2),
+        "messages_sent": window_sent,
+        "messages_acked": window_acked,
+        "messages_delivered": window_delivered,
+        "sent_per_s": round(window_sent / elapsed),
+        "delivered_per_s": round(window_delivered / elapsed),
+        "gateway_cpu_s": round(gateway_cpu, 2),
+        "gateway_cpu_us_per_delivered_message": round(gateway_cpu / window_delivered * 1e6, 1) if window_delivered else None,
+        "gateway_user_s": round(gateway_user, 2),
+        "gateway_system_s": round(gateway_system, 2),
+        "gateway_cpu_busy": round(gateway_cpu / elapsed, 2),
+        "gateway_runqueue_wait_s": round(gateway_wait, 2),
+        "client_cpu_busy": round(client_cpu / elapsed, 2),
+        "ack_latency_ms_p50": percentile_ms(ack_latencies, 0.50),
+        "ack_latency_ms_p99": percentile_ms(ack_latencies, 0.99),
+        "delivery_latency_ms_p50": percentile_ms(delivery_latencies, 0.50),
+        "delivery_latency_ms_p99": percentile_ms(delivery_latencies, 0.99),
+        "latency_samples": len(ack_latencies),
+    }
+    result.update(check)
+    return result
+
+
+async def bench_offline(args) -> dict:
+    """Store-and-forward: ``--messages`` to offline recipients (store), then the recipients come
+    online and take their backlog (drain). Gateway CPU per stored and per drained message."""
+    async with DemoIssuer() as issuer:
+        async with GatewayChild(issuer.issuer, Path(args.data_dir), args.durability, commit_mode=args.commit_mode) as gateway:
+            def token(user: str) -> str:
+                return issuer.issue(user, audience=AUDIENCE, expires_in=3600)
+
+            # Register the recipients' devices (a message needs one ciphertext per registered device).
+            for i in range(args.pairs):
+                await (await connect_lean(gateway, token(f"r{i}"))).close()
+            senders = [Sender(f"r{i}@bench", args.payload) for i in range(args.pairs)]
+            for i, sender in enumerate(senders):
+                sender.peer = await connect_lean(gateway, token(f"s{i}"), on_stanza=sender.on_stanza)
+                sender.user = sender.peer.user
+            sender_peers = [s.peer for s in senders]
+
+            # Phase 1, store: closed loop until each sender's share is sent and answered.
+            share, extra = divmod(args.messages, args.pairs)
+            for sender in senders:
+                sender.record_from_ns = 0  # every store is measured
+            cpu_before, wait_before, client_before = gateway_cpu_s(gateway), gateway_runqueue_wait_s(gateway), client_cpu_s()
+            started = time.monotonic()
+            for i, sender in enumerate(senders):
+                sender.remaining = share + (i < extra)
+                sender.refill = True
+                for _ in range(args.inflight):
+                    sender.send(time.perf_counter_ns())
+            done = await wait_until(
+                lambda: all(s.remaining == 0 and not s.unacked for s in senders), sender_peers, TAIL_TIMEOUT_S + args.messages / 1000
+            )
+            store_cpu, store_s = gateway_cpu_s(gateway) - cpu_before, time.monotonic() - started
+            store_wait = gateway_runqueue_wait_s(gateway) - wait_before
+            store_client_cpu = client_cpu_s() - client_before
+            if not done:
+                raise RuntimeError("store phase did not finish: acks missing")
+            stored = sum(len(s.acked_ids) for s in senders)
+            check_sessions(sender_peers)
+            for peer in sender_peers:
+                await peer.close()
+
+            # The drain includes the recipients' handshakes (pushing starts at welcome): measure
+            # what as many reconnects of devices with nothing pending cost, to take it out.
+            sender_tokens = [token(f"s{i}") for i in range(args.pairs)]
+            cpu_before = gateway_cpu_s(gateway)
+            sender_peers = await asyncio.gather(*(connect_lean(gateway, t) for t in sender_tokens))
+            handshakes_cpu = gateway_cpu_s(gateway) - cpu_before
+            for peer in sender_peers:
+                await peer.close()
+
+            # Phase 2, drain: the recipients connect and confirm each pushed batch with one recv.
+            recipients = [Recipient() for _ in range(args.pairs)]
+            for recipient in recipients:
+                recipient.record_latency = False
+            recipient_tokens = [token(f"r{i}") for i in range(args.pairs)]
+            cpu_before, wait_before, client_before = gateway_cpu_s(gateway), gateway_runqueue_wait_s(gateway), client_cpu_s()
+            started = time.monotonic()
+            recipient_peers = await asyncio.gather(*(
+                connect_lean(gateway, t, on_stanza=r.on_stanza, on_batch_end=r.on_batch_end)
+                for r, t in zip(recipients, recipient_tokens)
+            ))
+            for recipient, peer in zip(recipients, recipient_peers):
+                recipient.peer = peer
+            await wait_until(lambda: sum(r.delivered for r in recipients) >= stored, recipient_peers, TAIL_TIMEOUT_S + stored / 1000)
+            drain_cpu, drain_s = gateway_cpu_s(gateway) - cpu_before, time.monotonic() - started
+            drain_wait = gateway_runqueue_wait_s(gateway) - wait_before
+            drain_client_cpu = client_cpu_s() - client_before
+            await asyncio.sleep(QUIET_S)
+            pending_at_welcome = sum(r.peer.welcome.get("pending", 0) for r in recipients)
+            check = delivery_check(senders, recipients)
+            for peer in recipient_peers:
+                await peer.close()
+
+    drained = check["total_delivered"]
+    drain_messages_cpu = max(0.0, drain_cpu - handshakes_cpu)
+    result = {
+        "benchmark": "messages-offline",
+        "driver": "lean",
         "durability": args.durability,
         "commit_mode": args.commit_mode,
         "pairs": args.pairs,
         "inflight_per_sender": args.inflight,
         "payload_bytes": args.payload,
-        "messages_acked": sent,
-        "messages_delivered": count,
-        "delivered_per_s": round(count / elapsed),
-        "gateway_cpu_s": round(cpu, 2),
-        "gateway_cpu_us_per_delivered_message": round(cpu / count * 1e6, 1) if count else None,
-        "ack_latency_ms_p50": round(latencies[len(latencies) // 2] * 1e3, 2) if latencies else None,
-        "ack_latency_ms_p99": round(latencies[int(len(latencies) * 0.99)] * 1e3, 2) if latencies else None,
+        "messages_stored": stored,
+        "store_s": round(store_s, 2),
+        "stored_per_s": round(stored / store_s),
+        "store_gateway_cpu_s": round(store_cpu, 3),
+        "gateway_cpu_us_per_stored_message": round(store_cpu / stored * 1e6, 1) if stored else None,
+        "store_gateway_cpu_busy": round(store_cpu / store_s, 2),
+        "store_gateway_runqueue_wait_s": round(store_wait, 2),
+        "store_client_cpu_busy": round(store_client_cpu / store_s, 2),
+        "store_ack_latency_ms_p50": percentile_ms([ns for s in senders for ns in s.ack_latencies_ns], 0.50),
+        "store_ack_latency_ms_p99": percentile_ms([ns for s in senders for ns in s.ack_latencies_ns], 0.99),
+        "pending_at_welcome": pending_at_welcome,
+        "messages_drained": drained,
+        "drain_s": round(drain_s, 2),
+        "drained_per_s": round(drained / drain_s),
+        "drain_gateway_cpu_s": round(drain_cpu, 3),
+        "drain_handshakes_gateway_cpu_s": round(handshakes_cpu, 3),
+        "gateway_cpu_us_per_drained_message": round(drain_messages_cpu / drained * 1e6, 1) if drained else None,
+        "drain_gateway_cpu_busy": round(drain_cpu / drain_s, 2),
+        "drain_gateway_runqueue_wait_s": round(drain_wait, 2),
+        "drain_client_cpu_busy": round(drain_client_cpu / drain_s, 2),
     }
+    result.update(check)
+    return result
 
 
 async def bench_bare_rss(args) -> dict:
@@ -293,18 +689,34 @@ def main() -> None:
     messages.add_argument("--inflight", type=int, default=16, help="unacked messages per sender")
     messages.add_argument("--payload", type=int, default=100, help="ciphertext bytes per message")
     messages.add_argument("--commit-mode", default="inline", choices=["inline", "thread"])
+    messages.add_argument(
+        "--rate", type=float, default=0.0,
+        help="open loop: messages/s in total, latency from each message's intended send time (0: closed loop)",
+    )
+    offline = sub.add_parser("offline")
+    offline.add_argument("--messages", type=int, default=50000, help="messages stored, then drained, in total")
+    offline.add_argument("--pairs", type=int, default=8, help="sender/recipient pairs (one device each)")
+    offline.add_argument("--inflight", type=int, default=16, help="unacked messages per sender while storing")
+    offline.add_argument("--payload", type=int, default=100, help="ciphertext bytes per message")
+    offline.add_argument("--commit-mode", default="inline", choices=["inline", "thread"])
     idle = sub.add_parser("idle-rss")
     idle.add_argument("--connections", type=int, default=10000)
     idle.add_argument("--bare", action="store_true", help="measure a stateless uvloop server instead (the floor)")
     idle.add_argument("--settle-s", type=float, default=22.0, help="quiet time before measuring (default: past two idle sweeps)")
     args = parser.parse_args()
-    if args.data_dir is None:
-        import tempfile
-
-        args.data_dir = tempfile.mkdtemp(prefix="interlink-bench-")
+    if getattr(args, "payload", TIME_BYTES) < TIME_BYTES:
+        parser.error(f"--payload must be at least {TIME_BYTES} bytes (it carries the send time)")
     _pin(1)
-    runner = {"handshakes": bench_handshakes, "idle-rss": bench_idle_rss, "messages": bench_messages}[args.command]
-    result = uvloop.run(runner(args))
+    runner = {
+        "handshakes": bench_handshakes, "idle-rss": bench_idle_rss, "messages": bench_messages, "offline": bench_offline,
+    }[args.command]
+    if args.data_dir is None:
+        # A run stores up to ~100 MB of mailboxes: a folder of our own, removed afterwards.
+        with tempfile.TemporaryDirectory(prefix="interlink-bench-") as folder:
+            args.data_dir = folder
+            result = uvloop.run(runner(args))
+    else:
+        result = uvloop.run(runner(args))
     result.update(
         implementation=interlink.core.IMPLEMENTATION,
         python=platform.python_version(),
