@@ -73,6 +73,9 @@ class State(enum.Enum):
     CLOSED = "closed"
 
 
+_CLOSING, _CLOSED = State.CLOSING, State.CLOSED
+
+
 # ----------------------------------------------------------------------------- events
 
 
@@ -167,7 +170,10 @@ class _Endpoint:
 
     @property
     def closed(self) -> bool:
-        return self.state in (State.CLOSING, State.CLOSED)
+        # Read on every queued stanza: identity tests on module constants (``in`` on a tuple of
+        # enum members costs five times more).
+        state = self.state
+        return state is _CLOSING or state is _CLOSED
 
     # -- stanza output
 

@@ -13,18 +13,25 @@ class TokenBuckets:
         self.burst = float(burst)
         self.rate = rate
         self.max_keys = max_keys
-        self._buckets: dict[str, tuple[float, float]] = {}  # key -> (tokens, at)
+        # key -> [tokens, at]: updated in place, as every routed stanza spends from two buckets.
+        self._buckets: dict = {}
 
-    def take(self, key: str, now: float) -> float:
+    def take(self, key, now: float) -> float:
         """Spend one token: 0.0 when allowed, otherwise the seconds until one is available."""
-        tokens, at = self._buckets.get(key, (self.burst, now))
-        tokens = min(self.burst, tokens + max(0.0, now - at) * self.rate)
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            if len(self._buckets) >= self.max_keys:
+                self._forget_full(now)
+            bucket = self._buckets[key] = [self.burst, now]
+        elapsed = now - bucket[1]
+        tokens = bucket[0] + elapsed * self.rate if elapsed > 0.0 else bucket[0]  # a clock step back adds nothing
+        if tokens > self.burst:
+            tokens = self.burst
+        bucket[1] = now
         if tokens < 1.0:
-            self._buckets[key] = (tokens, now)
+            bucket[0] = tokens
             return (1.0 - tokens) / self.rate
-        if len(self._buckets) >= self.max_keys and key not in self._buckets:
-            self._forget_full(now)
-        self._buckets[key] = (tokens - 1.0, now)
+        bucket[0] = tokens - 1.0
         return 0.0
 
     def _forget_full(self, now: float) -> None:

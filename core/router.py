@@ -36,6 +36,7 @@ ID_BYTES = 16
 MAX_RECV_SEQS = 1024  # seqs one ``recv`` may name
 DLV_OVERHEAD_BYTES = 512  # a dlv's fields besides the ciphertext (addresses, seq, ts, ...), at most
 MAX_RECEIPT_IDS = 100  # message ids one rcpt may name
+VALID_ADDRESSES_KEPT = 65_536  # recipient addresses already checked, remembered (about 100 bytes each)
 RECEIPT_KINDS = ("delivered", "read")
 TYPING_STATES = ("composing", "paused")
 
@@ -97,7 +98,9 @@ class Router:
         self.clock = clock
         self.deliveries: dict[GatewayProtocol, Delivery] = {}  # only sessions with stored items
         self._batch = WriteBatch()
-        self._waiting: list[tuple[GatewayProtocol, StoredMessage]] = []  # senders owed an ack
+        # Senders owed an ack, with each stored item's (user, device), the session-table key.
+        self._waiting: list[tuple[GatewayProtocol, StoredMessage, list]] = []
+        self._valid_addresses: dict[str, str] = {}  # address -> its provider id (syntax checked)
         self._commit_scheduled = False
         self.counters = {"messages_stored": 0, "deliveries_pushed": 0, "commits": 0, "duplicates": 0}
 
@@ -144,19 +147,21 @@ class Router:
         own = _device_map(own, "own", self.max_ciphertext_bytes) if own is not None else None
         devices = self._reachable_devices(recipient_provider, recipient, identity, "messages")
         _check_devices(ciphertexts, devices, "c")
-        sender_device = identity.device
-        items = []
+        sender, sender_device = identity.user, identity.device
+        items, targets = [], []
         # A blocked sender is answered like any other and nothing reaches the recipient; the
         # sender's own copies are still stored (its other devices show what it sent).
-        if not self.policy.blocks(recipient, identity.user):
+        if not self.policy.blocks(recipient, sender):
             for device, ciphertext in ciphertexts.items():
-                items.append((device_key(recipient, device), _dlv_builder(msg_id, identity.user, sender_device, ciphertext, None)))
+                items.append((device_key(recipient, device), _dlv_builder(msg_id, sender, sender_device, ciphertext, None)))
+                targets.append((recipient, device))
         if own is not None:
-            others = [d for d in self.store.devices(identity.user) if d != sender_device]
+            others = [d for d in self.store.devices(sender) if d != sender_device]
             _check_devices(own, others, "own")
             for device, ciphertext in own.items():
-                items.append((device_key(identity.user, device), _dlv_builder(msg_id, identity.user, sender_device, ciphertext, recipient)))
-        self._enqueue(proto, msg_id, items)
+                items.append((device_key(sender, device), _dlv_builder(msg_id, sender, sender_device, ciphertext, recipient)))
+                targets.append((sender, device))
+        self._enqueue(proto, msg_id, items, targets)
 
     def handle_rcpt(self, proto: GatewayProtocol, stanza: dict) -> None:
         """A receipt is stored and delivered like a message, to every device of ``to`` and (with
@@ -177,13 +182,18 @@ class Router:
             raise RouteError("receipts go to the sender of the messages, not to yourself", code="bad_stanza")
         devices = self._reachable_devices(recipient_provider, recipient, identity, "receipts")
         sender, sender_device = identity.user, identity.device
-        items = []
+        targets = []
         if not self.policy.blocks(recipient, sender):
-            build = _rcpt_builder(msg_id, sender, sender_device, kind, ids, None)
-            items += [(device_key(recipient, device), build) for device in devices]
+            targets += [(recipient, device) for device in devices]
+        recipient_targets = len(targets)
+        targets += [(sender, device) for device in self.store.devices(sender) if device != sender_device]
+        build = _rcpt_builder(msg_id, sender, sender_device, kind, ids, None)
         own_build = _rcpt_builder(msg_id, sender, sender_device, kind, ids, recipient)
-        items += [(device_key(sender, d), own_build) for d in self.store.devices(sender) if d != sender_device]
-        self._enqueue(proto, msg_id, items)
+        items = [
+            (device_key(user, device), build if i < recipient_targets else own_build)
+            for i, (user, device) in enumerate(targets)
+        ]
+        self._enqueue(proto, msg_id, items, targets)
 
     def handle_state(self, proto: GatewayProtocol, stanza: dict) -> None:
         """Typing state: ephemeral, never stored, pushed to the recipient's online devices."""
@@ -206,7 +216,7 @@ class Router:
                 target.conn.send_encoded(encoded)
                 target.flush()
 
-    def _reachable_devices(self, recipient_provider, recipient: str, identity, what: str) -> list[int]:
+    def _reachable_devices(self, recipient_provider, recipient: str, identity, what: str) -> tuple[int, ...]:
         """The recipient's devices, if the recipient accepts the sender's provider (consent)."""
         if not self.policy.allows(recipient, recipient_provider, identity.provider):
             raise RouteError(f"{recipient} does not accept {what} from users of {identity.provider!r}", code="not_opted_in")
@@ -215,13 +225,11 @@ class Router:
             raise RouteError(f"no user {recipient} is known to this gateway", code="unknown_recipient")
         return devices
 
-    def _enqueue(self, proto: GatewayProtocol, msg_id: bytes, items: list) -> None:
-        """Add a stored stanza to this turn's batch; its sender is acked after the commit."""
-        identity = proto.conn.identity
-        message = self._batch.add_message(
-            device_key(identity.user, identity.device), msg_id, int(self.clock() * 1000), items
-        )
-        self._waiting.append((proto, message))
+    def _enqueue(self, proto: GatewayProtocol, msg_id: bytes, items: list, targets: list) -> None:
+        """Add a stored stanza to this turn's batch; its sender is acked after the commit.
+        ``targets[i]`` is the (user, device) of ``items[i]``."""
+        message = self._batch.add_message(device_key(*proto.session_key), msg_id, int(self.clock() * 1000), items)
+        self._waiting.append((proto, message, targets))
         self._schedule_commit()
 
     def handle_recv(self, proto: GatewayProtocol, stanza: dict) -> None:
@@ -295,14 +303,15 @@ class Router:
     def _failed(self, exc: InterlinkError, batch: WriteBatch, waiting: list) -> None:
         log.error("commit of %d messages failed: %s", len(batch.messages), exc)
         touched: set = set()
-        for proto, message in waiting:
+        for proto, message, _ in waiting:
             self._answer(proto, touched, {"t": "err", "code": exc.code, "msg": exc.message, "ref": message.msg_id})
         self._flush(touched)
 
     def _committed(self, waiting: list) -> None:
         touched: set = set()
         self.counters["commits"] += 1
-        for proto, message in waiting:
+        sessions = self.sessions
+        for proto, message, targets in waiting:
             if message.refused is not None:
                 self._answer(proto, touched, {
                     "t": "err", "code": message.refused, "ref": message.msg_id,
@@ -316,16 +325,16 @@ class Router:
             else:
                 self.counters["messages_stored"] += 1
             self._answer(proto, touched, ack)
-            for dkey, seq, value in message.stored:
-                self._push_new(dkey, seq, value, touched)
+            for (_, seq, value), target in zip(message.stored, targets):
+                recipient = sessions.get(target)
+                if recipient is not None:
+                    self._push_new(recipient, seq, value, touched)
         self._flush(touched)
 
     # -- delivery
 
-    def _push_new(self, dkey: bytes, seq: int, value: bytes, touched: set) -> None:
-        proto = self._online(dkey)
-        if proto is None:
-            return
+    def _push_new(self, proto: GatewayProtocol, seq: int, value: bytes, touched: set) -> None:
+        """Push a just-stored item to its device's online session, if the window allows."""
         delivery = self.deliveries.get(proto)
         if delivery is None:
             delivery = self.deliveries[proto] = Delivery(backlog=False)
@@ -356,18 +365,19 @@ class Router:
         if not delivery.inflight and not delivery.backlog:
             del self.deliveries[proto]  # nothing stored any more: no state for idle sessions
 
-    def _online(self, dkey: bytes):
-        # device key = user + b"\0" + device (4 bytes); see interlink.core.store.device_key
-        return self.sessions.get((dkey[:-5].decode("utf-8"), int.from_bytes(dkey[-4:], "big")))
-
     # -- helpers
 
     def _recipient(self, to) -> tuple:
         if type(to) is not str:
             raise StanzaError("'to' must be a user address 'localpart@provider'")
-        localpart, at, provider_id = to.rpartition("@")
-        if not at or localpart_error(localpart) is not None:
-            raise StanzaError(f"'to' is not a user address: {to[:80]!r}")
+        provider_id = self._valid_addresses.get(to)
+        if provider_id is None:
+            localpart, at, provider_id = to.rpartition("@")
+            if not at or localpart_error(localpart) is not None:
+                raise StanzaError(f"'to' is not a user address: {to[:80]!r}")
+            if len(self._valid_addresses) >= VALID_ADDRESSES_KEPT:
+                del self._valid_addresses[next(iter(self._valid_addresses))]
+            self._valid_addresses[to] = provider_id
         provider = self.registry.get(provider_id)
         if provider is None:
             raise RouteError(f"no provider {provider_id[:32]!r} is registered here", code="unknown_recipient")
@@ -407,8 +417,10 @@ def _device_map(value, name: str, max_ciphertext_bytes: int) -> dict[int, bytes]
     return value
 
 
-def _check_devices(given: dict, registered: list[int], name: str) -> None:
+def _check_devices(given: dict, registered, name: str) -> None:
     registered_set = set(registered)
+    if given.keys() == registered_set:
+        return
     missing = sorted(registered_set - given.keys())
     extra = sorted(given.keys() - registered_set)
     if missing or extra:

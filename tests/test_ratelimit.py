@@ -1,0 +1,43 @@
+"""Token buckets: burst, refill, the wait they announce, and their bounded table."""
+
+import pytest
+
+from interlink.core.ratelimit import TokenBuckets
+
+
+def test_burst_then_refill_at_the_rate():
+    buckets = TokenBuckets(3, 2.0)
+    assert [buckets.take("a", 100.0) for _ in range(3)] == [0.0, 0.0, 0.0]
+    assert buckets.take("a", 100.0) == pytest.approx(0.5)  # one token takes 1/rate seconds
+    assert buckets.take("a", 100.25) == pytest.approx(0.25)  # half a token came back meanwhile
+    assert buckets.take("a", 100.5) == 0.0
+    assert buckets.take("b", 100.5) == 0.0  # keys are independent
+
+
+def test_refill_stops_at_the_burst():
+    buckets = TokenBuckets(2, 1.0)
+    buckets.take("a", 0.0)
+    assert [buckets.take("a", 1000.0) for _ in range(2)] == [0.0, 0.0]
+    assert buckets.take("a", 1000.0) == pytest.approx(1.0)  # two tokens at most, however long the wait
+
+
+def test_a_clock_step_back_adds_no_tokens():
+    buckets = TokenBuckets(1, 1.0)
+    assert buckets.take("a", 50.0) == 0.0
+    assert buckets.take("a", 10.0) == pytest.approx(1.0)
+    assert buckets.take("a", 10.5) == pytest.approx(0.5)  # counted from the step back
+
+
+def test_a_burst_below_one_refuses_until_a_token_accrues():
+    buckets = TokenBuckets(0.5, 0.25)
+    assert buckets.take("a", 0.0) == pytest.approx(2.0)
+    assert buckets.take("a", 2.0) > 0  # never reaches a whole token: the burst caps it
+
+
+def test_full_buckets_are_forgotten_when_the_table_is_full():
+    buckets = TokenBuckets(2, 1.0, max_keys=3)
+    for key in "abc":
+        buckets.take(key, 0.0)
+    buckets.take("c", 5.0)
+    buckets.take("d", 6.0)  # a and b are full again (2 s refill the burst), c was used 1 s ago
+    assert set(buckets._buckets) == {"c", "d"}
