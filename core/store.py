@@ -52,6 +52,7 @@ _MAILBOX_STATE = struct.Struct(">QIQ")  # last seq, items stored, bytes stored
 
 
 DEVICE_CACHE_USERS = 100_000  # users whose device lists stay in memory (about 100 bytes each)
+SHARED_DEVICE_SETS = 1024  # distinct device lists the cache shares between users
 
 
 class MailboxState:
@@ -233,6 +234,7 @@ class LmdbStore:
         # Every routed stanza needs the recipient's device list; this process is the only writer
         # of the devices table, so the lists it read stay true until it registers a device.
         self._device_cache: dict[str, tuple[int, ...]] = {}
+        self._device_sets: dict[tuple[int, ...], tuple[int, ...]] = {}
         self._device_cache_users = device_cache_users
         # Where the background sweeps resume (None: at the start of their table), and how many
         # dedup entries were added since the dedup sweep last caught up.
@@ -260,13 +262,23 @@ class LmdbStore:
         cache = self._device_cache
         if len(cache) >= self._device_cache_users:
             del cache[next(iter(cache))]  # the oldest entry: a bounded cache, cheap to keep
-        cache[user] = devices
+        # Most users have the same few device sets ((1,), (1, 2), ...): share one tuple each
+        # (device numbers are the clients' choice, so only the first few sets are kept).
+        shared = self._device_sets.get(devices)
+        if shared is None and len(self._device_sets) < SHARED_DEVICE_SETS:
+            shared = self._device_sets[devices] = devices
+        cache[user] = shared or devices
 
     def register_device(self, user: str, device: int, max_devices: int) -> tuple[int, ...]:
-        known = self.devices(user)
+        # Not through the cache: a login is no sign that someone will message this user soon,
+        # and idle sessions must not pay for cached device lists (docs/benchmarks.md, RSS).
+        prefix = self._user_prefix(user)
+        known = self._device_cache.get(user)
+        if known is None:
+            with self._env.begin(db=self._devices) as txn:
+                known = self._list_in(txn, prefix)
         if device in known:  # the common case, a known device: no write transaction
             return known
-        prefix = self._user_prefix(user)
         key = prefix + _DEVICE.pack(device)
         self._device_cache.pop(user, None)
         with self._env.begin(db=self._devices, write=True) as txn:
