@@ -291,9 +291,7 @@ class LmdbStore:
                     code="device_limit",
                 )
             txn.put(key, b"")
-        devices = tuple(sorted(known + (device,)))
-        self._remember_devices(user, devices)
-        return devices
+        return tuple(sorted(known + (device,)))
 
     @staticmethod
     def _list_in(txn, prefix: bytes) -> tuple[int, ...]:
