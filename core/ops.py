@@ -3,9 +3,23 @@
 A refusal raises ``RouteError`` (code and fields) or ``StanzaError`` (``bad_stanza``); the
 server turns either into an ``err`` carrying the iq's ``id``, and the session continues.
 
-Served here: ``devices.get``, ``consent.set``, ``consent.get``, ``block.add``, ``block.del``,
-``block.list``, ``report``, ``dir.lookup``. Decisions where the contract is silent (also in
-``docs/protocol.md``):
+Served here: ``keys.put``, ``keys.get``, ``keys.count``, ``devices.get``, ``consent.set``,
+``consent.get``, ``block.add``, ``block.del``, ``block.list``, ``report``, ``dir.lookup``.
+Decisions where the contract is silent (also in ``docs/protocol.md``):
+
+* ``keys.put`` publishes the keys of the caller's own device (from the session). ``ik`` and
+  ``spk`` replace what the device published before. A new ``ik`` means the device was reset: the
+  one-time prekeys stored under the old one are discarded. ``otpk`` may be empty or left out; an
+  id already in the stock is replaced (so a resent ``keys.put`` is harmless), an id twice in one
+  request is ``bad_stanza``. A device stores at most ``MAX_OTPK_STOCK`` one-time prekeys: a
+  ``keys.put`` that would pass it is ``too_large`` and changes nothing. The gateway does not check
+  ``spk.sig``: the client fetching the bundle verifies it against ``ik``, as X3DH requires anyway.
+* ``keys.get`` checks consent before existence, like ``devices.get``. Devices that published no
+  keys are left out of ``bundles``; a ``devices`` entry that is not a registered device of the
+  user is ``device_mismatch`` (``extra`` lists them, ``missing`` is empty), as for a ``msg`` — the
+  client's device list is stale. Each one-time prekey is deleted in the write transaction that
+  hands it out (the lowest id first), so it is given to one requester only; a blocked requester
+  still gets the bundles (a refusal would reveal the block). Rate limited per requesting user.
 
 * ``devices.get`` checks consent before existence: a user who does not accept the asker's
   provider answers ``not_opted_in`` whether or not it exists, so users who did not opt in cannot
@@ -40,6 +54,7 @@ from interlink.core.ratelimit import TokenBuckets
 from interlink.core.router import RouteError
 from interlink.core.stanza import encode_stanza
 from interlink.core.store import Store, StoreFullError, StoreLimitError
+from interlink.core.wire import MAX_DEVICE_ID
 
 if TYPE_CHECKING:
     from interlink.core.server import GatewayProtocol
@@ -53,11 +68,17 @@ MAX_REASON_BYTES = 1024
 # the protocol allows for evidence can never arrive whole; 60 KiB leaves room for ids and reason.
 MAX_EVIDENCE_BYTES = 60 * 1024
 MAX_DIRECTORY_USERS = 100
+KEY_BYTES = 32  # ik, spk.key and otpk keys: 25519 public keys, stored as given
+SIG_BYTES = 64  # spk.sig
+MAX_KEY_ID = 2**32 - 1  # prekey ids are uint32
+MAX_OTPK_STOCK = 1000  # one-time prekeys stored per device
+MAX_KEYS_DEVICES = 64  # entries of keys.get's 'devices' (a user has at most 64 devices: Config.max_devices)
 RES_OVERHEAD_BYTES = 64  # a res's fields besides a list of addresses, at most
 
 # Token buckets per user: (burst, tokens per second).
 DIR_LOOKUP_RATE = (30, 0.5)  # 30 at once, then one every 2 s
 REPORT_RATE = (20, 1 / 30)  # 20 at once, then one every 30 s
+KEYS_GET_RATE = (60, 1.0)  # 60 at once, then one a second: each fetch may use up a one-time prekey
 
 _PROVIDER_ID_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")  # as core.auth.Provider ids
 _E164_RE = re.compile(r"\+[1-9][0-9]{6,14}")
@@ -73,7 +94,11 @@ class Operations:
         self.clock = clock
         self.lookup_buckets = TokenBuckets(*DIR_LOOKUP_RATE)
         self.report_buckets = TokenBuckets(*REPORT_RATE)
+        self.keys_buckets = TokenBuckets(*KEYS_GET_RATE)
         self.handlers: dict = {
+            "keys.put": self.keys_put,
+            "keys.get": self.keys_get,
+            "keys.count": self.keys_count,
             "devices.get": self.devices_get,
             "consent.set": self.consent_set,
             "consent.get": self.consent_get,
@@ -102,6 +127,70 @@ class Operations:
         if result:
             answer.update(result)
         proto.conn.send_stanza(answer)
+
+    # -- the key directory
+
+    def keys_put(self, proto: GatewayProtocol, stanza: dict) -> dict:
+        identity = proto.conn.identity
+        ik = _bin(stanza.get("ik"), KEY_BYTES, "keys.put", "'ik'", "the identity key")
+        spk = stanza.get("spk")
+        if type(spk) is not dict:
+            raise StanzaError(f"keys.put needs 'spk': the signed prekey, a map {{id, key, sig}} (got {_kind(spk)})")
+        spk_id = _key_id(spk.get("id"), "keys.put", "'spk.id'")
+        spk_key = _bin(spk.get("key"), KEY_BYTES, "keys.put", "'spk.key'", "the signed prekey")
+        spk_sig = _bin(spk.get("sig"), SIG_BYTES, "keys.put", "'spk.sig'", "the identity key's signature of 'spk.key'")
+        otpk = stanza.get("otpk")
+        if otpk is None:
+            otpk = []
+        elif type(otpk) is not list:
+            raise StanzaError(f"keys.put: 'otpk' must be a list of one-time prekeys {{id, key}} (got {_kind(otpk)})")
+        otpks: dict[int, bytes] = {}
+        for index, entry in enumerate(otpk):
+            name = f"'otpk[{index}]'"
+            if type(entry) is not dict:
+                raise StanzaError(f"keys.put: {name} must be a map {{id, key}} (got {_kind(entry)})")
+            key_id = _key_id(entry.get("id"), "keys.put", f"'otpk[{index}].id'")
+            key = _bin(entry.get("key"), KEY_BYTES, "keys.put", f"'otpk[{index}].key'", "a one-time prekey")
+            if key_id in otpks:
+                raise StanzaError(f"keys.put: 'otpk' lists id {key_id} twice")
+            otpks[key_id] = key
+        if len(otpks) > MAX_OTPK_STOCK:
+            raise RouteError(
+                f"keys.put: {len(otpks)} one-time prekeys (a device stores at most {MAX_OTPK_STOCK})", code="too_large"
+            )
+        count = self.store.put_prekeys(
+            identity.user, identity.device, ik, (spk_id, spk_key, spk_sig), list(otpks.items()), MAX_OTPK_STOCK
+        )
+        return {"otpk_count": count}
+
+    def keys_get(self, proto: GatewayProtocol, stanza: dict) -> dict:
+        identity = proto.conn.identity
+        user, provider_id = _address(stanza, "user", "keys.get")
+        asked = stanza.get("devices")
+        if asked is not None:
+            asked = _device_list(asked, "keys.get", "'devices'")
+        self._charge(self.keys_buckets, identity.user, self.clock(), "key requests")
+        provider = self.registry.get(provider_id)
+        if provider is None:
+            raise RouteError(f"no provider {_excerpt(provider_id)} is registered here", code="unknown_recipient")
+        # Consent before existence, as in devices.get: no enumeration of users who did not opt in.
+        if user != identity.user and not self.policy.allows(user, provider, identity.provider):
+            raise RouteError(f"{user} does not accept users of {identity.provider!r}", code="not_opted_in")
+        devices = self.store.devices(user)
+        if not devices:
+            raise RouteError(f"no user {user} is known to this gateway", code="unknown_recipient")
+        if asked is not None:
+            extra = sorted(set(asked).difference(devices))
+            if extra:
+                raise RouteError(
+                    f"{user} has no device {', '.join(map(str, extra))}", code="device_mismatch", missing=[], extra=extra
+                )
+            devices = asked
+        return {"bundles": self.store.take_prekeys(user, devices)}
+
+    def keys_count(self, proto: GatewayProtocol, stanza: dict) -> dict:
+        identity = proto.conn.identity
+        return {"otpk_count": self.store.prekey_count(identity.user, identity.device)}
 
     # -- devices and consent
 
@@ -272,6 +361,47 @@ def _address(stanza: dict, name: str, op: str) -> tuple[str, str]:
     if not at or localpart_error(localpart) is not None or _PROVIDER_ID_RE.fullmatch(provider_id) is None:
         raise StanzaError(f"{op}: '{name}' is not a user address: {_excerpt(value)}")
     return value, provider_id
+
+
+_KINDS = {type(None): "nil", bool: "bool", int: "int", float: "float", str: "str", bytes: "bin", list: "array", dict: "map"}
+
+
+def _kind(value) -> str:
+    """The msgpack type of a decoded value, for error messages."""
+    return _KINDS.get(type(value), type(value).__name__)
+
+
+def _bin(value, size: int, op: str, name: str, what: str) -> bytes:
+    if value is None:
+        raise StanzaError(f"{op} needs {name}: {what}, {size} bytes (bin)")
+    if type(value) is not bytes:
+        raise StanzaError(f"{op}: {name} must be {size} bytes of bin, not {_kind(value)}")
+    if len(value) != size:
+        raise StanzaError(f"{op}: {name} must be {size} bytes, not {len(value)}")
+    return value
+
+
+def _key_id(value, op: str, name: str) -> int:
+    if type(value) is not int or not 0 <= value <= MAX_KEY_ID:
+        shown = _kind(value) if type(value) is not int else value  # msgpack ints have at most 20 digits
+        raise StanzaError(f"{op}: {name} must be a key id, an int 0..{MAX_KEY_ID} (got {shown})")
+    return value
+
+
+def _device_list(value, op: str, name: str) -> list[int]:
+    if type(value) is not list:
+        raise StanzaError(f"{op}: {name} must be a list of device numbers (got {_kind(value)}); leave it out for all devices")
+    if not value:
+        raise StanzaError(f"{op}: {name} is empty; leave it out for all devices")
+    if len(value) > MAX_KEYS_DEVICES:
+        raise StanzaError(f"{op}: {name} lists {len(value)} devices (at most {MAX_KEYS_DEVICES})")
+    for device in value:
+        if type(device) is not int or not 1 <= device <= MAX_DEVICE_ID:
+            shown = _kind(device) if type(device) is not int else "out of range"
+            raise StanzaError(f"{op}: {name} entries must be device numbers 1..{MAX_DEVICE_ID} ({shown})")
+    if len(set(value)) != len(value):
+        raise StanzaError(f"{op}: {name} lists a device twice")
+    return value
 
 
 def _excerpt(text: str, limit: int = 32) -> str:

@@ -15,6 +15,8 @@ One LMDB environment with named databases:
 | ``counters`` | ``b"reports"`` | last report number given out (uint64 big-endian); never goes back |
 | ``directory`` | phone (E.164) + ``b"\\0"`` + user address | ``b""`` |
 | ``phones`` | user address | the phone the directory lists the user under |
+| ``prekeys`` | device key | msgpack ``[ik, spk id, spk key, spk sig]``: the device's published identity and signed prekey |
+| ``otpks`` | device key + one-time prekey id (uint32 big-endian) | the one-time prekey (32 bytes) |
 
 A *device key* is the user address in UTF-8, a zero byte and the device number (uint32
 big-endian): a range scan over ``user + b"\0"`` lists a user's devices in order, and one over a
@@ -192,6 +194,27 @@ class Store(Protocol):
 
     def directory(self, phone: str, limit: int | None = None) -> list[str]:
         """Users listed under ``phone``, in byte order."""
+
+    # -- the key directory (``keys.*``)
+
+    def put_prekeys(
+        self, user: str, device: int, ik: bytes, spk: tuple[int, bytes, bytes], otpks: list[tuple[int, bytes]],
+        max_otpks: int,
+    ) -> int:
+        """Publish a device's keys in one write transaction: ``ik`` and ``spk`` (id, key, sig)
+        replace what it published before; a new ``ik`` also discards the one-time prekeys stored
+        under the old one; ``otpks`` (id, key) are added, an id already stored replaced. Returns the
+        device's one-time prekey count. ``StoreLimitError`` (nothing written) when the stock would
+        pass ``max_otpks``; ``StoreFullError`` when the map is full."""
+
+    def take_prekeys(self, user: str, devices) -> list[dict]:
+        """The bundles of ``devices`` of ``user`` (ascending; devices that published nothing are
+        left out): ``{"device", "ik", "spk": {"id", "key", "sig"}, "otpk": {"id", "key"} or None}``.
+        Each one-time prekey returned is deleted in the same write transaction, so it is handed out
+        exactly once (the lowest id first)."""
+
+    def prekey_count(self, user: str, device: int) -> int:
+        """How many one-time prekeys the device has stored."""
 
 
 
@@ -469,6 +492,8 @@ class LmdbStore:
         self._counters = env.open_db(b"counters")
         self._directory = env.open_db(b"directory")
         self._phones = env.open_db(b"phones")
+        self._prekeys = env.open_db(b"prekeys")
+        self._otpks = env.open_db(b"otpks")
 
     def _write(self):
         """A write transaction whose ``MapFullError`` becomes ``StoreFullError`` (nothing written)."""
@@ -595,6 +620,76 @@ class LmdbStore:
         prefix = phone.encode("utf-8") + b"\x00"
         with self._env.begin(db=self._directory) as txn:
             return [key[len(prefix) :].decode("utf-8") for key in _scan(txn.cursor(), prefix, None, limit)]
+
+    # -- the key directory (keys.put, keys.get, keys.count)
+    #
+    # A device's identity key and signed prekey are one ``prekeys`` record; its one-time prekeys
+    # are ``otpks`` entries under its device key (device keys never prefix one another), so a range
+    # scan over the device key lists them by id. The stock is bounded (``max_otpks``), so it is
+    # counted by that scan and no counter has to be kept in step with it.
+
+    def put_prekeys(
+        self, user: str, device: int, ik: bytes, spk: tuple[int, bytes, bytes], otpks: list[tuple[int, bytes]],
+        max_otpks: int,
+    ) -> int:
+        dkey = device_key(user, device)
+        record = msgpack.packb([ik, *spk], use_bin_type=True)
+        wanted = dict(otpks)  # an id given twice: the last key wins
+        with self._write() as txn:
+            cursor = txn.cursor(db=self._otpks)
+            old = txn.get(dkey, db=self._prekeys)
+            stored = list(_scan(cursor, dkey))
+            if old is not None and msgpack.unpackb(old, raw=False)[0] != ik:
+                # A new identity key: the device was reset, and the one-time prekeys stored under
+                # the old identity are useless to it. (Undone with the rest if the put is refused.)
+                for key in stored:
+                    txn.delete(key, db=self._otpks)
+                stored = []
+            have = {_DEVICE.unpack(key[len(dkey) :])[0] for key in stored}
+            count = len(have) + sum(1 for key_id in wanted if key_id not in have)
+            if count > max_otpks:
+                raise StoreLimitError(
+                    f"{count - len(have)} new one-time prekeys on top of the {len(have)} stored pass the "
+                    f"limit of {max_otpks} per device; upload fewer"
+                )
+            txn.put(dkey, record, db=self._prekeys)
+            for key_id, key in wanted.items():
+                txn.put(dkey + _DEVICE.pack(key_id), key, db=self._otpks)
+            return count
+
+    def take_prekeys(self, user: str, devices) -> list[dict]:
+        devices = sorted(set(devices))
+        with self._env.begin() as txn:
+            bundles = self._bundles_in(txn, user, devices, take=False)
+        if all(bundle["otpk"] is None for bundle in bundles):
+            return bundles  # no one-time prekey to hand out: no write transaction, no fsync
+        with self._write() as txn:  # read again: what is handed out is what this transaction deletes
+            return self._bundles_in(txn, user, devices, take=True)
+
+    def _bundles_in(self, txn, user: str, devices: list[int], take: bool) -> list[dict]:
+        bundles = []
+        cursor = txn.cursor(db=self._otpks)
+        for device in devices:
+            dkey = device_key(user, device)
+            raw = txn.get(dkey, db=self._prekeys)
+            if raw is None:
+                continue  # nothing published
+            ik, spk_id, spk_key, spk_sig = msgpack.unpackb(raw, raw=False)
+            otpk = None
+            if cursor.set_range(dkey) and cursor.key().startswith(dkey):
+                key = cursor.key()
+                otpk = {"id": _DEVICE.unpack(key[len(dkey) :])[0], "key": cursor.value()}
+                if take:
+                    cursor.delete()
+            bundles.append(
+                {"device": device, "ik": ik, "spk": {"id": spk_id, "key": spk_key, "sig": spk_sig}, "otpk": otpk}
+            )
+        return bundles
+
+    def prekey_count(self, user: str, device: int) -> int:
+        dkey = device_key(user, device)
+        with self._env.begin(db=self._otpks) as txn:
+            return sum(1 for _ in _scan(txn.cursor(), dkey))
 
 
 _COUNT = struct.Struct(">I")
