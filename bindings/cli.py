@@ -1,6 +1,7 @@
 """The ``interlink`` command line.
 
-Exit codes: 0 success, 1 operation failed (message on stderr), 2 usage error (click's).
+Exit codes: 0 success, 1 operation failed or invalid configuration (message on stderr), 2 usage
+error (click's).
 """
 
 from __future__ import annotations
@@ -78,6 +79,43 @@ def keys_show(folder: Path) -> None:
     _show(_run(lambda: load_operator_keys(folder, check_validity=False)))
 
 
+@main.command("check-config")
+@click.argument("path", type=click.Path(path_type=Path, dir_okay=False), required=False)
+def check_config(path: Path | None) -> None:
+    """Validate a configuration file (and the INTERLINK_* environment) without starting anything.
+
+    Exit code 0 when valid, 1 with the offending key and the problem on stderr."""
+    config = _load_config(path)
+    providers = ", ".join(p.id for p in config.providers) or "none (nobody can log in)"
+    click.echo(f"{path or 'defaults'}: ok — {config.host}:{config.port}, data in {config.data_dir}, providers: {providers}")
+
+
+@main.command("default-config")
+def default_config() -> None:
+    """Print every configuration key with its default, as a TOML file to start from."""
+    from interlink.config import default_config_toml
+
+    click.echo(default_config_toml(), nl=False)
+
+
+@main.command()
+@click.option(
+    "--config", "path", type=click.Path(path_type=Path, dir_okay=False), envvar="INTERLINK_CONFIG",
+    help="TOML configuration file (default: the built-in defaults; env INTERLINK_CONFIG)",
+)
+@click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True)
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info", show_default=True)
+def serve(path: Path | None, log_format: str, log_level: str) -> None:
+    """Run a gateway until SIGTERM or SIGINT (graceful drain); SIGHUP re-reads the providers.
+
+    Exit codes: 0 after a drain, 1 when the configuration is invalid or the gateway cannot start."""
+    config = _load_config(path)
+    from interlink.runner import configure_logging, serve_forever
+
+    configure_logging(log_format, log_level)
+    _run(lambda: serve_forever(config, path))
+
+
 @main.command()
 def demo() -> None:
     """Start a gateway on 127.0.0.1 with two demo providers and drive traffic through it."""
@@ -99,6 +137,15 @@ def _show(keys_) -> None:
     click.echo(f"node:                       {cert.node}")
     click.echo(f"node static key:            {keys_.static_public.hex()}")
     click.echo(f"certificate valid:          {when(cert.not_before)} .. {when(cert.expires)}")
+
+
+def _load_config(path: Path | None):
+    from interlink.config import load_config
+
+    try:
+        return load_config(path)
+    except InterlinkError as exc:
+        raise click.ClickException(f"invalid configuration: {exc}") from exc
 
 
 def _run(action):

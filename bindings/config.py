@@ -1,15 +1,22 @@
-"""Typed, validated gateway settings.
+"""Typed, validated gateway settings, and their TOML file.
 
 Every invalid value raises ``ConfigError`` whose message names the key and what is wrong, so an
-operator can fix the setting without reading code. (Loading from TOML arrives with the
-operator surface; the names here are the future file's keys.)
+operator can fix the setting without reading code. The file's keys are the field names of
+``GatewayConfig`` at the top level, and one ``[[providers]]`` table per provider with the
+fields of ``interlink.Provider``; ``INTERLINK_<KEY>`` environment variables override top-level
+keys (``INTERLINK_PORT=7451``). ``default_config_toml()`` prints every key with its default.
 """
 
 from __future__ import annotations
 
+import difflib
+import os
+import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from interlink.core.auth import Provider
 from interlink.core.errors import ConfigError
 
 DEFAULT_PORT = 7450
@@ -108,3 +115,171 @@ def _check_type(config: GatewayConfig) -> None:
 def _require(condition: bool, key: str, problem: str) -> None:
     if not condition:
         raise ConfigError(f"{key}: {problem}")
+
+
+# One line per key for ``interlink default-config`` (a test checks that every key has one).
+OPTION_HELP = {
+    "host": "address to listen on; 127.0.0.1 keeps the gateway local, 0.0.0.0 or :: serves the network",
+    "port": "TCP port for clients (0: any free port)",
+    "data_dir": "folder of the LMDB environment (lmdb/) and the operator keys (keys/); created if absent",
+    "node_name": "this node's name, written in its certificate",
+    "max_frame_bytes": "largest frame a client may send, announced in welcome (max_token_bytes + 512 .. 65535)",
+    "preauth_deadline_s": "seconds a connection has to finish the handshake and authenticate",
+    "max_devices": "devices per user (device_limit past it)",
+    "max_group": "members per group",
+    "window": "stored items pushed to one device session before it must recv",
+    "token_leeway_s": "allowed clock skew when checking exp/nbf/iat of tokens (at most 60)",
+    "max_token_bytes": "tokens longer than this are refused before parsing",
+    "jwks_ttl_s": "how long fetched provider keys are used before a refresh (300..600)",
+    "jwks_min_refetch_interval_s": "an unknown key id triggers at most one refetch per provider this often",
+    "jwks_fetch_timeout_s": "timeout of one key fetch from a provider",
+    "drain_timeout_s": "on shutdown, how long sessions get to close after bye drain",
+    "max_mailbox_items": "stored items per device (mailbox_full past it)",
+    "max_mailbox_bytes": "stored bytes per device (mailbox_full past it)",
+    "mailbox_ttl_s": "undelivered items older than this are deleted",
+    "message_rate_per_device": "msg, rcpt and state per second per device session (burst: 2 s worth)",
+    "message_rate_per_user": "the same over all of a user's devices",
+    "max_connections": "open connections (over it new ones are closed at once)",
+    "max_preauth_connections": "connections still in handshake or authentication",
+    "idle_release_s": "sessions quiet this long free their cipher contexts (memory)",
+    "slow_consumer_s": "a client that reads nothing this long gets bye slow_consumer",
+    "lmdb_map_size_bytes": "largest size of the LMDB environment (overloaded past it)",
+    "durability": "sync: fsync every commit (survives power loss); async: benchmarks and disposable data",
+    "commit_mode": "inline: commit on the event loop (faster here); thread: on one writer thread",
+    "providers": "the providers whose users may connect: [[providers]] tables, see below",
+}
+
+ENV_PREFIX = "INTERLINK_"
+# INTERLINK_* variables that are not configuration keys (build and test switches, the file path).
+OTHER_ENV_VARIABLES = frozenset({"INTERLINK_CONFIG", "INTERLINK_PURE", "INTERLINK_REQUIRE_NATIVE"})
+PROVIDER_LIST_KEYS = ("algorithms", "default_accept")
+
+
+def load_config(path: str | os.PathLike | None = None, *, environ: Mapping[str, str] | None = None) -> GatewayConfig:
+    """The settings in the TOML file at ``path`` (None: the defaults), then the ``INTERLINK_<KEY>``
+    variables of ``environ`` (default: the process environment) on top."""
+    data: dict = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as file:
+                data = tomllib.load(file)
+        except OSError as exc:
+            raise ConfigError(f"config file {os.fspath(path)}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {os.fspath(path)}: not valid TOML: {exc}") from None
+    return config_from_mapping(data, environ=os.environ if environ is None else environ)
+
+
+def config_from_mapping(data: Mapping, *, environ: Mapping[str, str] | None = None) -> GatewayConfig:
+    """Settings from parsed TOML (a mapping of top-level keys) and environment overrides."""
+    known = {spec.name: spec for spec in fields(GatewayConfig)}
+    values = {}
+    for key, value in data.items():
+        if key not in known:
+            raise ConfigError(f"{key}: unknown key{_did_you_mean(key, known)}")
+        values[key] = value
+    for name, raw in (environ or {}).items():
+        if not name.startswith(ENV_PREFIX) or name in OTHER_ENV_VARIABLES:
+            continue
+        key = name[len(ENV_PREFIX) :].lower()
+        if key not in known or key == "providers":
+            choices = {ENV_PREFIX + k.upper(): k for k in known if k != "providers"}
+            raise ConfigError(f"{name}: not a configuration variable{_did_you_mean(name, choices)}")
+        values[key] = _from_environment(name, raw, known[key].default)
+    if "data_dir" in values:
+        if not isinstance(values["data_dir"], (str, Path)) or not str(values["data_dir"]):
+            raise ConfigError(f"data_dir: expected a folder path (str), got {_describe(values['data_dir'])}")
+        values["data_dir"] = Path(values["data_dir"])
+    values["providers"] = _providers(values.get("providers", []))
+    return GatewayConfig(**values)
+
+
+def _providers(entries) -> list[Provider]:
+    if not isinstance(entries, list):
+        raise ConfigError(f"providers: expected [[providers]] tables, got {_describe(entries)}")
+    known = {spec.name for spec in fields(Provider)}
+    providers = []
+    for index, entry in enumerate(entries):
+        where = f"providers[{index}]"
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{where}: expected a table, got {_describe(entry)}")
+        for key in entry:
+            if key not in known:
+                raise ConfigError(f"{where}.{key}: unknown key{_did_you_mean(key, known)}")
+        for key in ("id", "issuer", "audience"):
+            if key not in entry:
+                raise ConfigError(f"{where}.{key}: required")
+        values = dict(entry)
+        for key in PROVIDER_LIST_KEYS:
+            if key in values:
+                if not isinstance(values[key], list) or not all(isinstance(item, str) for item in values[key]):
+                    raise ConfigError(f"{where}.{key}: expected a list of strings, got {_describe(values[key])}")
+                values[key] = tuple(values[key])
+        for key in ("discovery", "require_key_binding", "suspended"):
+            if key in values and not isinstance(values[key], bool):
+                raise ConfigError(f"{where}.{key}: expected true or false, got {_describe(values[key])}")
+        if "jwks" in values and not isinstance(values["jwks"], dict):
+            raise ConfigError(f"{where}.jwks: expected a table (a JWK Set), got {_describe(values['jwks'])}")
+        providers.append(Provider(**values))
+    ids = [provider.id for provider in providers]
+    for provider_id in ids:
+        if ids.count(provider_id) > 1:
+            raise ConfigError(f"providers: id {provider_id!r} is used by more than one provider")
+    return providers
+
+
+def _from_environment(name: str, raw: str, default):
+    if isinstance(default, Path) or isinstance(default, str):
+        return raw
+    parse = int if isinstance(default, int) else float
+    try:
+        return parse(raw)
+    except ValueError:
+        raise ConfigError(f"{name}: expected {parse.__name__}, got {raw!r}") from None
+
+
+def _describe(value) -> str:
+    kinds = {str: "a string", int: "an integer", float: "a float", bool: "a boolean", list: "an array", dict: "a table"}
+    return f"{kinds.get(type(value), type(value).__name__)} {value!r}"[:120]
+
+
+def _did_you_mean(key: str, known) -> str:
+    close = difflib.get_close_matches(key, list(known), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def default_config_toml() -> str:
+    """Every key with its default and what it does, as a TOML file that loads to the defaults."""
+    defaults = GatewayConfig()
+    lines = [
+        "# Interlink gateway configuration. Every key is optional; each is shown with its default.",
+        f"# {ENV_PREFIX}<KEY> environment variables override this file ({ENV_PREFIX}PORT=7451).",
+        "",
+    ]
+    for spec in fields(GatewayConfig):
+        if spec.name == "providers":
+            continue
+        lines.append(f"# {OPTION_HELP[spec.name]}")
+        lines.append(f"{spec.name} = {_toml_value(getattr(defaults, spec.name))}")
+        lines.append("")
+    lines += [
+        f"# {OPTION_HELP['providers']}",
+        "# [[providers]]",
+        '# id = "alpha"                              # users are localpart@alpha',
+        '# issuer = "https://id.alpha.example"       # the iss of its tokens',
+        '# audience = "interlink"                    # the aud this gateway expects',
+        "# discovery = true                          # keys via {issuer}/.well-known/openid-configuration",
+        '# # jwks_uri = "https://id.alpha.example/jwks.json"   # or a JWKS URL instead of discovery',
+        '# algorithms = ["EdDSA", "ES256"]',
+        '# default_accept = []                       # other providers its users accept by default ("*": all)',
+        "# require_key_binding = false               # tokens must carry cnf.x25519 = the client's Noise key",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, (str, Path)):
+        text = str(value)
+        return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(value)

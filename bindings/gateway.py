@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 
 
 from interlink.config import GatewayConfig
@@ -83,6 +84,8 @@ class Gateway:
             await self._release()
             raise ConfigError(f"port: cannot listen on {config.host}:{config.port}: {exc.strerror}") from exc
         log.info("gateway %s listening on %s", config.node_name, self.address)
+        expires = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(self._keys.certificate.expires))
+        log.info("node certificate of %s valid until %s", self._keys.certificate.node, expires)
 
     async def drain(self, timeout_s: float | None = None) -> None:
         """Stop accepting connections, send ``bye drain`` to every session, wait for them to close."""
@@ -154,6 +157,34 @@ class Gateway:
 
     def resume_provider(self, provider_id: str) -> None:
         self.registry.resume(provider_id)
+
+    def reload_providers(self, providers: list[Provider]) -> dict[str, list[str]]:
+        """Make the registered providers exactly ``providers`` (the runner calls this on SIGHUP
+        with the re-read file): new ones are added, changed ones replaced, absent ones removed
+        after their sessions end with ``bye suspended`` (as do the sessions of a provider now
+        marked suspended). The new set is checked whole first (duplicate ids or issuers: ``ConfigError``
+        and nothing changes); moving an issuer from one kept provider to another takes two reloads."""
+        ProviderRegistry(providers)  # duplicate ids or issuers raise before anything is touched
+        wanted = {provider.id: provider for provider in providers}
+        changes: dict[str, list[str]] = {"added": [], "updated": [], "removed": []}
+        for old in self.registry.list():
+            if old.id not in wanted:
+                self.suspend_provider(old.id)
+                self.registry.remove(old.id)
+                changes["removed"].append(old.id)
+        for provider in providers:
+            old = self.registry.get(provider.id)
+            if old == provider:
+                continue
+            if old is None:
+                self.registry.add(provider)
+                changes["added"].append(provider.id)
+            else:
+                self.registry.replace(provider)
+                changes["updated"].append(provider.id)
+            if provider.suspended and (old is None or not old.suspended):
+                self.suspend_provider(provider.id)
+        return changes
 
     # -- observation
 

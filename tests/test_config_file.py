@@ -1,0 +1,128 @@
+"""The TOML configuration file, its environment overrides and ``interlink check-config`` /
+``default-config``: every mistake is answered with the key and what is wrong."""
+
+import tomllib
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from interlink.cli import main
+from interlink.config import OPTION_HELP, GatewayConfig, config_from_mapping, default_config_toml, load_config
+from interlink.core.errors import ConfigError
+
+PROVIDER = '''
+[[providers]]
+id = "alpha"
+issuer = "https://id.alpha.example"
+audience = "interlink"
+discovery = true
+default_accept = ["beta"]
+'''
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "interlink.toml"
+    path.write_text(text)
+    return path
+
+
+def refusal(tmp_path, text: str, environ=None) -> str:
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, text), environ=environ or {})
+    return str(caught.value)
+
+
+def test_a_file_sets_keys_and_providers(tmp_path):
+    config = load_config(write(tmp_path, 'port = 7460\nwindow = 128\ndata_dir = "/srv/interlink"\n' + PROVIDER), environ={})
+    assert (config.port, config.window, config.data_dir) == (7460, 128, Path("/srv/interlink"))
+    [provider] = config.providers
+    assert (provider.id, provider.discovery, provider.default_accept) == ("alpha", True, ("beta",))
+    assert config.max_devices == GatewayConfig().max_devices  # untouched keys keep their defaults
+
+
+def test_default_config_lists_every_key_and_loads_to_the_defaults():
+    assert set(OPTION_HELP) == {spec.name for spec in fields(GatewayConfig)}
+    text = default_config_toml()
+    for spec in fields(GatewayConfig):
+        if spec.name != "providers":
+            assert f"\n{spec.name} = " in text
+    assert config_from_mapping(tomllib.loads(text), environ={}) == GatewayConfig()
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("prot = 7450", "prot: unknown key (did you mean 'port'?)"),
+        ('port = "7450"', "port: expected int, got str '7450'"),
+        ("port = 70000", "port: must be 0..65535, got 70000"),
+        ("window = 2.5", "window: expected int, got float 2.5"),
+        ("durability = true", "durability: expected str, got bool True"),
+        ('durability = "fast"', "durability: must be 'sync' or 'async', got 'fast'"),
+        ("data_dir = 5", "data_dir: expected a folder path (str), got an integer 5"),
+        ('data_dir = ""', "data_dir: expected a folder path (str), got a string ''"),
+        ("providers = 3", "providers: expected [[providers]] tables, got an integer 3"),
+        (PROVIDER + "colour = 1\n", "providers[0].colour: unknown key"),
+        ('[[providers]]\nid = "alpha"\naudience = "x"\n', "providers[0].issuer: required"),
+        (PROVIDER.replace('default_accept = ["beta"]', 'default_accept = "beta"'),
+         "providers[0].default_accept: expected a list of strings, got a string 'beta'"),
+        (PROVIDER.replace("discovery = true", 'discovery = "yes"'), "providers[0].discovery: expected true or false"),
+        (PROVIDER.replace('id = "alpha"', 'id = "Alpha!"'), "provider 'Alpha!': id must match"),
+        (PROVIDER + PROVIDER.replace("id.alpha", "id.other"), "providers: id 'alpha' is used by more than one provider"),
+    ],
+)
+def test_each_mistake_names_the_key(tmp_path, text, message):
+    assert message in refusal(tmp_path, text)
+
+
+def test_toml_syntax_errors_give_the_line(tmp_path):
+    message = refusal(tmp_path, "port = 7450\nwindow = = 3\n")
+    assert "not valid TOML" in message and "line 2" in message
+
+
+def test_a_missing_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"config file .*absent\.toml: No such file"):
+        load_config(tmp_path / "absent.toml", environ={})
+
+
+def test_environment_overrides_the_file(tmp_path):
+    path = write(tmp_path, "port = 7460\n")
+    config = load_config(path, environ={"INTERLINK_PORT": "7461", "INTERLINK_DURABILITY": "async",
+                                        "INTERLINK_MAILBOX_TTL_S": "3600", "INTERLINK_PURE": "1", "HOME": "/x"})
+    assert (config.port, config.durability, config.mailbox_ttl_s) == (7461, "async", 3600.0)
+
+
+@pytest.mark.parametrize(
+    "environ, message",
+    [
+        ({"INTERLINK_PORT": "abc"}, "INTERLINK_PORT: expected int, got 'abc'"),
+        ({"INTERLINK_WINDOW": "0"}, "window: must be 1..4096, got 0"),
+        ({"INTERLINK_PROT": "1"}, "INTERLINK_PROT: not a configuration variable (did you mean 'INTERLINK_PORT'?)"),
+        ({"INTERLINK_PROVIDERS": "[]"}, "INTERLINK_PROVIDERS: not a configuration variable"),
+    ],
+)
+def test_environment_mistakes_name_the_variable(tmp_path, environ, message):
+    assert message in refusal(tmp_path, "", environ)
+
+
+def test_check_config_exit_codes(tmp_path, monkeypatch):
+    for name in [n for n in __import__("os").environ if n.startswith("INTERLINK_")]:
+        monkeypatch.delenv(name)
+    runner = CliRunner()
+    good = runner.invoke(main, ["check-config", str(write(tmp_path, "port = 7460\n" + PROVIDER))])
+    assert good.exit_code == 0 and "ok" in good.output and "providers: alpha" in good.output
+    bad = runner.invoke(main, ["check-config", str(write(tmp_path, "prot = 1\n"))])
+    assert bad.exit_code == 1 and "prot: unknown key (did you mean 'port'?)" in bad.output
+    absent = runner.invoke(main, ["check-config", str(tmp_path / "absent.toml")])
+    assert absent.exit_code == 1 and "No such file" in absent.output
+    usage = runner.invoke(main, ["check-config", "a.toml", "b.toml"])
+    assert usage.exit_code == 2
+    monkeypatch.setenv("INTERLINK_PORT", "x")
+    assert runner.invoke(main, ["check-config"]).exit_code == 1
+
+
+def test_default_config_command_prints_a_loadable_file(tmp_path):
+    result = CliRunner().invoke(main, ["default-config"])
+    assert result.exit_code == 0
+    assert load_config(write(tmp_path, result.output), environ={}) == GatewayConfig()

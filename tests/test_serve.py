@@ -1,0 +1,157 @@
+"""``interlink serve`` as a real process: it listens where its TOML file says, SIGHUP applies a
+changed provider list (suspending a provider ends its sessions), SIGTERM drains without losing an
+acknowledged message, and a broken file is refused at start (exit 1) and at reload (kept running)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+
+from interlink.client import Client, SessionClosedError
+from interlink.issuer import DemoIssuer
+
+AUD = "serve-test"
+
+
+def config_text(data_dir: Path, issuer: str, *, suspended: bool = False) -> str:
+    return f'''
+port = 0
+data_dir = "{data_dir}"
+drain_timeout_s = 5.0
+
+[[providers]]
+id = "alpha"
+issuer = "{issuer}"
+audience = "{AUD}"
+discovery = true
+suspended = {"true" if suspended else "false"}
+'''
+
+
+class Service:
+    """``python -m interlink.cli serve --config PATH`` in a child process."""
+
+    def __init__(self, config: Path) -> None:
+        self.config = config
+        self.proc: asyncio.subprocess.Process | None = None
+        self.stderr = b""
+
+    async def start(self) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("INTERLINK_") or k == "INTERLINK_PURE"}
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "interlink.cli", "serve", "--config", str(self.config),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env,
+        )
+        listening = (await asyncio.wait_for(self.proc.stdout.readline(), 30)).decode()
+        assert listening.startswith("listening on "), listening + (await self.proc.stderr.read()).decode()
+        self.host, port = listening.split()[-1].rsplit(":", 1)
+        self.port = int(port)
+        self.root_public = bytes.fromhex((await self.proc.stdout.readline()).decode().split()[-1])
+
+    async def connect(self, issuer: DemoIssuer, user: str) -> Client:
+        token = issuer.issue(user, audience=AUD)
+        return await Client.connect(self.host, self.port, token=token, device=1, root_public=self.root_public)
+
+    async def signal(self, signum: int) -> None:
+        self.proc.send_signal(signum)
+
+    async def wait(self, timeout_s: float = 15.0) -> int:
+        _, self.stderr = await asyncio.wait_for(self.proc.communicate(), timeout_s)
+        return self.proc.returncode
+
+    async def log_contains(self, text: str, timeout_s: float = 10.0) -> str:
+        """Read stderr lines until one contains ``text``."""
+        async def scan() -> str:
+            while True:
+                line = (await self.proc.stderr.readline()).decode()
+                assert line, f"log ended before {text!r}"
+                if text in line:
+                    return line
+        return await asyncio.wait_for(scan(), timeout_s)
+
+
+@pytest.fixture
+async def issuer():
+    async with DemoIssuer() as alpha:
+        yield alpha
+
+
+async def test_sigterm_drains_and_every_acked_message_survives(issuer, tmp_path):
+    config = tmp_path / "interlink.toml"
+    config.write_text(config_text(tmp_path / "data", issuer.issuer))
+    service = Service(config)
+    await service.start()
+    bob = await service.connect(issuer, "bob")
+    await bob.close()  # bob's device is registered; he is offline from now on
+    alice = await service.connect(issuer, "alice")
+    acked = []
+
+    async def send_until_closed() -> None:
+        for i in range(10_000):
+            try:
+                await alice.send_message("bob@alpha", {1: b"m%d" % i}, msg_id=i.to_bytes(16, "big"))
+            except (SessionClosedError, ConnectionError):
+                return
+            acked.append(i)
+
+    sender = asyncio.ensure_future(send_until_closed())
+    while len(acked) < 30:
+        await asyncio.sleep(0.01)
+    await service.signal(signal.SIGTERM)  # in the middle of the traffic
+    await asyncio.wait_for(sender, 15)
+    assert await service.wait() == 0
+    assert alice.close_reason == "drain"
+    log = service.stderr.decode()
+    assert "draining" in log and "stopped" in log
+
+    again = Service(config)
+    await again.start()
+    bob = await again.connect(issuer, "bob")
+    assert bob.welcome["pending"] == len(acked)
+    got = []
+    while len(got) < len(acked):
+        got.append(await bob.recv(timeout_s=10))
+    assert [int.from_bytes(d["id"], "big") for d in got] == acked  # all of them, in order
+    await bob.close()
+    await again.signal(signal.SIGINT)
+    assert await again.wait() == 0
+
+
+async def test_sighup_applies_providers_and_refuses_a_broken_file(issuer, tmp_path):
+    config = tmp_path / "interlink.toml"
+    config.write_text(config_text(tmp_path / "data", issuer.issuer))
+    service = Service(config)
+    await service.start()
+    alice = await service.connect(issuer, "alice")
+
+    config.write_text("port = = 1\n")  # broken: the running gateway keeps its providers
+    await service.signal(signal.SIGHUP)
+    line = await service.log_contains("SIGHUP")
+    assert "configuration refused" in line and "not valid TOML" in line
+    assert (await alice.ping()) >= 0
+
+    config.write_text(config_text(tmp_path / "data", issuer.issuer, suspended=True))
+    await service.signal(signal.SIGHUP)
+    assert "updated ['alpha']" in await service.log_contains("SIGHUP")
+    with pytest.raises(SessionClosedError):
+        await alice.recv(timeout_s=10)
+    assert alice.close_reason == "suspended"
+    await service.signal(signal.SIGTERM)
+    assert await service.wait() == 0
+
+
+async def test_an_invalid_file_stops_serve_with_exit_1(tmp_path):
+    config = tmp_path / "interlink.toml"
+    config.write_text("window = 0\n")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "interlink.cli", "serve", "--config", str(config),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    _, stderr = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 1
+    assert "invalid configuration: window: must be 1..4096, got 0" in stderr.decode()
