@@ -91,6 +91,8 @@ async def run_demo(data_dir: Path) -> None:
             say()
             await _chat(gateway, clients, host, port, beta_issuer)
             say()
+            await _e2ee_chat(host, port, gateway, alpha_issuer, beta_issuer, data_dir)
+            say()
 
             say("what a refusal looks like:")
             expired = alpha_issuer.issue("carol", audience=AUDIENCE, expires_in=-120)
@@ -165,6 +167,59 @@ async def _chat(gateway: Gateway, clients: list, host: str, port: int, beta_issu
         f"  routing: {routing['messages_stored']} messages stored in {routing['commits']} commits, "
         f"{routing['deliveries_pushed']} deliveries pushed"
     )
+
+
+async def _e2ee_chat(host: str, port: int, gateway: Gateway, alpha_issuer, beta_issuer, data_dir: Path) -> None:
+    """The same conversation with real end-to-end encryption (the optional extra interlink[e2ee])."""
+    try:
+        from interlink.e2ee import E2EEClient
+    except ImportError:
+        say("end-to-end encryption: skipped (pip install 'interlink[e2ee]')")
+        return
+    say("end-to-end encryption (interlink.e2ee: X3DH + Double Ratchet; the gateway carries envelopes only):")
+    states = data_dir / "e2ee-clients"
+    states.mkdir(exist_ok=True)
+
+    async def open_device(name: str, issuer, alg: str, device: int) -> E2EEClient:
+        token = issuer.issue(name, audience=AUDIENCE, alg=alg)
+        return await E2EEClient.open(states / f"{name}-{device}.state", host, port, token=token, device=device,
+                                     root_public=gateway.root_public)
+
+    erin1, erin2 = await open_device("erin", alpha_issuer, "EdDSA", 1), await open_device("erin", alpha_issuer, "EdDSA", 2)
+    finn1 = await open_device("finn", beta_issuer, "ES256", 1)
+    stock = (await finn1.client.iq("keys.count"))["otpk_count"]
+    say(f"  erin/1, erin/2, finn/1 published identity key, signed prekey and {stock} one-time prekeys each")
+    say(f"  (state files, mode 0600: {', '.join(sorted(p.name for p in states.iterdir()))})")
+    texts = ["meet at the bridge at 7", "bring the blue folder", "see you there"]
+    await erin1.send_text("finn@beta", texts[0])
+    got = await finn1.receive(timeout_s=5)
+    say(f"  erin/1 -> finn: X3DH with finn/1 and erin/2, then the ratchet; finn/1 decrypts: {got.text!r}")
+    copy = await erin2.receive(timeout_s=5)
+    say(f"  erin/2 decrypts her own copy (to {copy.to}): {copy.text!r}")
+    await erin1.send_text("finn@beta", texts[1])
+    await finn1.receive(timeout_s=5)
+    await erin2.receive(timeout_s=5)
+    await finn1.send_text("erin@alpha", texts[2])
+    for name, client in (("erin/1", erin1), ("erin/2", erin2)):
+        reply = await client.receive(timeout_s=5)
+        say(f"  {name} <- {reply.sender}/{reply.device}: {reply.text!r}")
+    # what the gateway stored for an offline device: envelopes, never the text
+    await erin2.close()
+    texts.append("erin/2 is offline; this waits in LMDB, encrypted")
+    await finn1.send_text("erin@alpha", texts[-1])
+    await erin1.receive(timeout_s=5)
+    stored = b"".join(p.read_bytes() for p in data_dir.rglob("*") if p.is_file() and states not in p.parents)
+    leaked = [t for t in texts if t.encode() in stored]
+    if leaked:
+        raise SystemExit(f"demo bug: plaintext in the gateway's data dir: {leaked}")
+    say(f"  erin/2 goes offline; finn writes again. None of the {len(texts)} texts is in the gateway's "
+        f"data dir ({len(stored)} bytes)")
+    for client in (erin1, finn1):
+        await client.close()
+    erin2 = await open_device("erin", alpha_issuer, "EdDSA", 2)
+    waiting = await erin2.receive(timeout_s=5)
+    say(f"  erin/2 restarts from its state file and decrypts what waited: {waiting.text!r}")
+    await erin2.close()
 
 
 async def _show_refusal(label: str, host: str, port: int, gateway: Gateway, token: str) -> None:

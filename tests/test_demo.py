@@ -20,5 +20,11 @@ def test_demo_runs_end_to_end(tmp_path):
     assert "after recv: bob's mailboxes {1: {'items': 0" in out and "2: {'items': 0" in out
     assert "alice's next message -> err not_opted_in" in out
     assert "client aborts" in out and "replaced" in out
+    # the end-to-end encrypted part (interlink[e2ee] is part of the test extra)
+    assert "finn/1 decrypts: 'meet at the bridge at 7'" in out
+    assert "erin/2 decrypts her own copy (to finn@beta): 'meet at the bridge at 7'" in out
+    assert "erin/1 <- finn@beta/1: 'see you there'" in out and "erin/2 <- finn@beta/1: 'see you there'" in out
+    assert "None of the 4 texts is in the gateway's data dir" in out
+    assert "erin/2 restarts from its state file and decrypts what waited: 'erin/2 is offline;" in out
     assert out.rstrip().endswith("done.")
     assert (tmp_path / "keys" / "root_public.pem").exists()  # keys were generated where asked
