@@ -53,6 +53,9 @@ class GatewayConfig:
     lmdb_map_size_bytes: int = 1 << 30
     durability: str = "sync"
     commit_mode: str = "inline"  # "inline": commit on the event loop; "thread": on one writer thread
+    admin_host: str = "127.0.0.1"
+    admin_port: int = -1  # -1: no admin endpoint; 0: any free port
+    admin_token: str = ""  # bearer token for the admin endpoint's write operations ("" = writes off)
     providers: list = field(default_factory=list)  # interlink.Provider entries
 
     def __post_init__(self) -> None:
@@ -96,6 +99,12 @@ class GatewayConfig:
         _require(self.lmdb_map_size_bytes >= 1 << 20, "lmdb_map_size_bytes", "must be at least 1 MiB")
         _require(self.commit_mode in ("inline", "thread"), "commit_mode", f"must be 'inline' or 'thread', got {self.commit_mode!r}")
         _require(self.durability in ("sync", "async"), "durability", f"must be 'sync' or 'async', got {self.durability!r}")
+        _require(1 <= len(self.admin_host) <= 255, "admin_host", "must be a host name or IP address")
+        _require(-1 <= self.admin_port <= 65535, "admin_port", f"must be -1 (off), 0 (any free port) or 1..65535, got {self.admin_port}")
+        _require(
+            self.admin_token == "" or len(self.admin_token) >= 16, "admin_token",
+            "must be empty (write operations off) or at least 16 characters",
+        )
 
 
 _NUMBER_TYPES = {int: (int,), float: (int, float)}
@@ -146,6 +155,9 @@ OPTION_HELP = {
     "lmdb_map_size_bytes": "largest size of the LMDB environment (overloaded past it)",
     "durability": "sync: fsync every commit (survives power loss); async: benchmarks and disposable data",
     "commit_mode": "inline: commit on the event loop (faster here); thread: on one writer thread",
+    "admin_host": "address of the admin HTTP endpoint (/healthz, /readyz, /metrics, /varz, /connz)",
+    "admin_port": "its port: -1 no endpoint, 0 any free port; 7451 is the usual choice for a service",
+    "admin_token": "bearer token for its write operations (empty: writes refused); better set INTERLINK_ADMIN_TOKEN",
     "providers": "the providers whose users may connect: [[providers]] tables, see below",
 }
 

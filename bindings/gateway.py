@@ -34,6 +34,8 @@ class Gateway:
         self._jwks: JwksCache | None = None
         self._store: LmdbStore | None = None
         self._server: GatewayServer | None = None
+        self._admin = None  # interlink.admin.AdminServer when admin_port >= 0
+        self._draining = False
 
     # -- lifecycle
 
@@ -83,6 +85,16 @@ class Gateway:
         except OSError as exc:
             await self._release()
             raise ConfigError(f"port: cannot listen on {config.host}:{config.port}: {exc.strerror}") from exc
+        if config.admin_port >= 0:
+            from interlink.admin import AdminServer
+
+            self._admin = AdminServer(self, config.admin_host, config.admin_port, config.admin_token)
+            try:
+                await self._admin.start()
+            except ConfigError:
+                self._admin = None
+                await self.stop()
+                raise
         log.info("gateway %s listening on %s", config.node_name, self.address)
         expires = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(self._keys.certificate.expires))
         log.info("node certificate of %s valid until %s", self._keys.certificate.node, expires)
@@ -90,6 +102,7 @@ class Gateway:
     async def drain(self, timeout_s: float | None = None) -> None:
         """Stop accepting connections, send ``bye drain`` to every session, wait for them to close."""
         if self._server is not None:
+            self._draining = True  # /readyz answers 503 from now on
             await self._server.drain(self.config.drain_timeout_s if timeout_s is None else timeout_s)
         await self._release()
 
@@ -99,6 +112,10 @@ class Gateway:
 
     async def _release(self) -> None:
         self._server = None
+        if self._admin is not None:
+            await self._admin.stop()
+            self._admin = None
+        self._draining = False
         if self._jwks is not None:
             await self._jwks.close()
             self._jwks = None
@@ -112,6 +129,19 @@ class Gateway:
 
     async def __aexit__(self, *exc_info) -> None:
         await self.stop()
+
+    @property
+    def running(self) -> bool:
+        return self._server is not None
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    @property
+    def admin_address(self) -> tuple[str, int] | None:
+        """``(host, port)`` of the admin endpoint, or None when it is off."""
+        return (self._admin.host, self._admin.port) if self._admin is not None else None
 
     # -- addresses and identity
 

@@ -1,0 +1,191 @@
+"""The admin HTTP endpoint: health, readiness, Prometheus metrics, JSON snapshots and provider
+control, served by aiohttp on the gateway's own event loop.
+
+Bound to 127.0.0.1 unless configured otherwise (``admin_host``, ``admin_port``; ``admin_port =
+-1``, the library default, serves nothing). Reads need nothing; writes (``POST``) need
+``Authorization: Bearer <admin_token>`` and are refused with 403 while no token is configured.
+
+Metrics are read from the gateway's counters at scrape time by a collector in a private
+registry: nothing on the message path updates a metric, and embedding programs' own
+``prometheus_client`` registries are left alone.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+import interlink
+from interlink.core.errors import ConfigError, InterlinkError
+
+if TYPE_CHECKING:
+    from interlink.gateway import Gateway
+
+log = logging.getLogger("interlink.admin")
+
+MAX_PAGE = 1000  # sessions per /connz page
+
+
+class GatewayCollector:
+    """Turns ``Gateway.stats()`` into Prometheus metric families at each scrape."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+
+    def collect(self):
+        if not self.gateway.running:
+            return
+        stats = self.gateway.stats()
+        counters, routing = stats["counters"], stats["routing"]
+        yield _gauge("interlink_connections", "Open TCP connections (authenticated or not).", stats["connections"])
+        yield _gauge("interlink_sessions", "Authenticated device sessions.", stats["sessions"])
+        yield _counter("interlink_connections_accepted", "Connections accepted.", counters.get("connections_accepted", 0))
+        yield _counter("interlink_sessions_opened", "Sessions opened after a successful authentication.", counters.get("sessions_opened", 0))
+        yield _labelled_counter("interlink_auth_failures", "Refused authentications by error code.", "code", stats["auth_failures"])
+        yield _labelled_counter("interlink_closes", "Closed connections by reason.", "reason", stats["close_reasons"])
+        yield _counter("interlink_stanzas_in", "Stanzas received from clients (ping excluded).", counters.get("stanzas_in", 0))
+        yield _counter("interlink_messages_stored", "Messages and receipts stored (acked).", routing.get("messages_stored", 0))
+        yield _counter("interlink_duplicates", "Resent messages recognised and acked with dup.", routing.get("duplicates", 0))
+        yield _counter("interlink_deliveries_pushed", "dlv stanzas pushed to device sessions.", routing.get("deliveries_pushed", 0))
+        yield _counter("interlink_commits", "Group-commit write transactions.", routing.get("commits", 0))
+        yield _counter("interlink_slow_consumers", "Sessions ended with bye slow_consumer.", counters.get("slow_consumers", 0))
+        yield _counter("interlink_items_expired", "Undelivered items deleted by the TTL sweep.", counters.get("items_expired", 0))
+        yield _counter("interlink_internal_errors", "Stanzas that failed on a gateway bug (see the logs).", counters.get("internal_errors", 0))
+
+
+def _gauge(name: str, documentation: str, value) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, documentation, value=value)
+
+
+def _counter(name: str, documentation: str, value) -> CounterMetricFamily:
+    return CounterMetricFamily(name, documentation, value=value)
+
+
+def _labelled_counter(name: str, documentation: str, label: str, values: dict) -> CounterMetricFamily:
+    family = CounterMetricFamily(name, documentation, labels=[label])
+    for key, value in sorted(values.items()):
+        family.add_metric([str(key)], value)
+    return family
+
+
+class AdminServer:
+    """The HTTP endpoint of one gateway; ``await start()`` / ``await stop()``."""
+
+    def __init__(self, gateway: Gateway, host: str, port: int, token: str) -> None:
+        self.gateway = gateway
+        self.host, self.port = host, port
+        self._token = token.encode("utf-8")
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(GatewayCollector(gateway))
+        app = web.Application()
+        app.add_routes([
+            web.get("/healthz", self.healthz),
+            web.get("/readyz", self.readyz),
+            web.get("/metrics", self.metrics),
+            web.get("/varz", self.varz),
+            web.get("/connz", self.connz),
+            web.post("/providers/{id}/suspend", self.suspend_provider),
+            web.post("/providers/{id}/resume", self.resume_provider),
+        ])
+        self._runner = web.AppRunner(app, access_log=None)
+        self._site: web.TCPSite | None = None
+
+    async def start(self) -> None:
+        await self._runner.setup()
+        self._site = web.TCPSite(self._runner, self.host, self.port)
+        try:
+            await self._site.start()
+        except OSError as exc:
+            await self._runner.cleanup()
+            raise ConfigError(f"admin_port: cannot listen on {self.host}:{self.port}: {exc.strerror}") from exc
+        self.port = self._runner.addresses[0][1]
+        log.info("admin endpoint on http://%s:%d", self.host, self.port)
+
+    async def stop(self) -> None:
+        await self._runner.cleanup()
+
+    # -- reads
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return web.Response(text="ok\n")  # the loop answers: the process is alive
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        if self.gateway.running and not self.gateway.draining:
+            return web.Response(text="ready\n")
+        return web.Response(status=503, text="draining\n" if self.gateway.draining else "not started\n")
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def varz(self, request: web.Request) -> web.Response:
+        import interlink.core
+
+        config = self.gateway.config
+        snapshot = {
+            "version": interlink.__version__,
+            "implementation": interlink.core.IMPLEMENTATION,
+            "node": config.node_name,
+            "listen": f"{config.host}:{config.port}",
+            "durability": config.durability,
+            "providers": [
+                {"id": p.id, "issuer": p.issuer, "suspended": p.suspended} for p in self.gateway.list_providers()
+            ],
+        }
+        if self.gateway.running:
+            snapshot.update(self.gateway.stats())
+        return web.json_response(snapshot)
+
+    async def connz(self, request: web.Request) -> web.Response:
+        try:
+            offset = int(request.query.get("offset", "0"))
+            limit = int(request.query.get("limit", "100"))
+        except ValueError:
+            raise web.HTTPBadRequest(text="offset and limit must be integers\n") from None
+        if offset < 0 or not 1 <= limit <= MAX_PAGE:
+            raise web.HTTPBadRequest(text=f"offset must be >= 0 and limit 1..{MAX_PAGE}\n")
+        sessions = sorted(self.gateway.sessions(), key=lambda s: (s["user"], s["device"])) if self.gateway.running else []
+        page = [
+            {"user": s["user"], "device": s["device"], "peer": _peer(s["peer"]), "suite": s["suite"]}
+            for s in sessions[offset : offset + limit]
+        ]
+        return web.json_response({"total": len(sessions), "offset": offset, "limit": limit, "sessions": page})
+
+    # -- writes
+
+    def _authorize(self, request: web.Request) -> None:
+        if not self._token:
+            raise web.HTTPForbidden(text="no admin_token is configured: write operations are off\n")
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode("utf-8"), self._token):
+            raise web.HTTPUnauthorized(text="a valid 'Authorization: Bearer <admin_token>' is required\n",
+                                       headers={"WWW-Authenticate": "Bearer"})
+
+    async def suspend_provider(self, request: web.Request) -> web.Response:
+        self._authorize(request)
+        provider_id = request.match_info["id"]
+        try:
+            ended = self.gateway.suspend_provider(provider_id)
+        except InterlinkError as exc:
+            raise web.HTTPNotFound(text=f"{exc}\n") from None
+        log.info("admin: provider %s suspended, %d sessions ended", provider_id, ended)
+        return web.json_response({"provider": provider_id, "suspended": True, "sessions_ended": ended})
+
+    async def resume_provider(self, request: web.Request) -> web.Response:
+        self._authorize(request)
+        provider_id = request.match_info["id"]
+        try:
+            self.gateway.resume_provider(provider_id)
+        except InterlinkError as exc:
+            raise web.HTTPNotFound(text=f"{exc}\n") from None
+        log.info("admin: provider %s resumed", provider_id)
+        return web.json_response({"provider": provider_id, "suspended": False})
+
+
+def _peer(peer) -> str | None:
+    return f"{peer[0]}:{peer[1]}" if peer else None

@@ -1,0 +1,133 @@
+"""The admin HTTP endpoint on a real gateway with real traffic: health, Prometheus metrics (parsed
+with prometheus_client's own parser), JSON snapshots, paging, and token-guarded provider control."""
+
+from __future__ import annotations
+
+import aiohttp
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from interlink.client import Client, SessionClosedError
+from interlink.core.errors import AuthError
+from interlink.gateway import Gateway
+
+from three_providers import AUD, People, config_for
+
+TOKEN = "s3cret-admin-token-for-tests"
+
+
+@pytest.fixture
+async def admin_gateway(issuers, tmp_path):
+    async with Gateway(config_for(issuers, tmp_path, admin_port=0, admin_token=TOKEN)) as gateway:
+        yield gateway
+
+
+@pytest.fixture
+async def http():
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+def url(gateway: Gateway, path: str) -> str:
+    host, port = gateway.admin_address
+    return f"http://{host}:{port}{path}"
+
+
+def metrics(text: str) -> dict:
+    """{(name, frozenset(labels)): value} of every sample."""
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+async def test_metrics_count_real_traffic(admin_gateway, issuers, http):
+    people = People(admin_gateway, issuers)
+    alice = await people.connect("alice@alpha")
+    bob = await people.connect("bob@beta")
+    for i in range(5):
+        await alice.send_message("bob@beta", {1: b"x%d" % i})
+    for _ in range(5):
+        await bob.recv(timeout_s=5)
+    with pytest.raises(AuthError):  # one refused login, counted by its code
+        host, port = admin_gateway.address
+        await Client.connect(host, port, token=issuers[0].issue("eve", audience="wrong"), device=1,
+                             root_public=admin_gateway.root_public)
+    async with http.get(url(admin_gateway, "/metrics")) as response:
+        assert response.status == 200
+        assert response.headers["Content-Type"].startswith("text/plain")
+        samples = metrics(await response.text())
+    assert samples[("interlink_sessions", frozenset())] == 2
+    assert samples[("interlink_messages_stored_total", frozenset())] == 5
+    assert samples[("interlink_deliveries_pushed_total", frozenset())] == 5
+    assert samples[("interlink_auth_failures_total", frozenset({("code", "bad_audience")}))] == 1
+    assert samples[("interlink_commits_total", frozenset())] >= 1
+    await alice.close()
+    await bob.close()
+
+
+async def test_health_readiness_varz_and_connz(admin_gateway, issuers, http):
+    people = People(admin_gateway, issuers)
+    clients = [await people.connect(address) for address in ("carol@alpha", "alice@alpha", "bob@beta")]
+    async with http.get(url(admin_gateway, "/healthz")) as response:
+        assert response.status == 200
+    async with http.get(url(admin_gateway, "/readyz")) as response:
+        assert response.status == 200 and (await response.text()).strip() == "ready"
+    async with http.get(url(admin_gateway, "/varz")) as response:
+        varz = await response.json()
+    assert varz["sessions"] == 3 and varz["durability"] == "sync"
+    assert [p["id"] for p in varz["providers"]] == ["alpha", "beta", "gamma"]
+    async with http.get(url(admin_gateway, "/connz?limit=2")) as response:
+        first = await response.json()
+    async with http.get(url(admin_gateway, "/connz?offset=2&limit=2")) as response:
+        second = await response.json()
+    assert first["total"] == 3
+    users = [s["user"] for s in first["sessions"] + second["sessions"]]
+    assert users == ["alice@alpha", "bob@beta", "carol@alpha"]
+    assert all(s["peer"].startswith("127.0.0.1:") for s in first["sessions"])
+    for bad in ("/connz?limit=0", "/connz?offset=-1", "/connz?limit=x"):
+        async with http.get(url(admin_gateway, bad)) as response:
+            assert response.status == 400
+    for client in clients:
+        await client.close()
+
+
+async def test_provider_control_needs_the_token(admin_gateway, issuers, http):
+    people = People(admin_gateway, issuers)
+    alice = await people.connect("alice@alpha")
+    suspend = url(admin_gateway, "/providers/alpha/suspend")
+    async with http.post(suspend) as response:
+        assert response.status == 401
+    async with http.post(suspend, headers={"Authorization": "Bearer wrong-token-of-some-length"}) as response:
+        assert response.status == 401
+    assert await alice.ping() >= 0  # nothing happened
+    async with http.post(suspend, headers={"Authorization": f"Bearer {TOKEN}"}) as response:
+        assert response.status == 200
+        assert (await response.json())["sessions_ended"] == 1
+    with pytest.raises(SessionClosedError):
+        await alice.recv(timeout_s=5)
+    assert alice.close_reason == "suspended"
+    async with http.post(url(admin_gateway, "/providers/nope/resume"), headers={"Authorization": f"Bearer {TOKEN}"}) as response:
+        assert response.status == 404
+    async with http.post(url(admin_gateway, "/providers/alpha/resume"), headers={"Authorization": f"Bearer {TOKEN}"}) as response:
+        assert response.status == 200
+    again = await people.connect("alice@alpha")
+    await again.close()
+
+
+async def test_without_a_token_writes_are_off(issuers, tmp_path, http):
+    async with Gateway(config_for(issuers, tmp_path, admin_port=0)) as gateway:
+        async with http.post(url(gateway, "/providers/alpha/suspend"), headers={"Authorization": "Bearer anything-at-all-1234"}) as response:
+            assert response.status == 403
+        assert [p.suspended for p in gateway.list_providers()] == [False, False, False]
+
+
+async def test_the_endpoint_is_off_by_default_and_goes_with_the_gateway(issuers, tmp_path, http):
+    async with Gateway(config_for(issuers, tmp_path)) as gateway:
+        assert gateway.admin_address is None
+    async with Gateway(config_for(issuers, tmp_path, admin_port=0, admin_token=TOKEN)) as gateway:
+        address = url(gateway, "/healthz")
+    with pytest.raises(aiohttp.ClientConnectionError):
+        async with http.get(address):
+            pass
