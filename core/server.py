@@ -356,6 +356,12 @@ class GatewayServer:
         """Stop accepting, say ``bye drain`` to everyone, wait for them to go (or cut them off)."""
         if self._server is not None:
             self._server.close()
+        # Read nothing more, commit what was read and answer it, then say bye: a client gets the
+        # ack of everything it sent before the drain (no resend needed after reconnecting).
+        for proto in list(self.connections):
+            if proto.transport is not None and not proto.transport.is_closing():
+                proto.transport.pause_reading()
+        await self.router.settle()
         for proto in list(self.connections):
             proto.conn.close("drain")
             proto.flush()
