@@ -90,6 +90,8 @@ class AdminServer:
             web.get("/metrics", self.metrics),
             web.get("/varz", self.varz),
             web.get("/connz", self.connz),
+            web.get("/providers", self.list_providers),
+            web.post("/providers", self.add_provider),
             web.post("/providers/{id}/suspend", self.suspend_provider),
             web.post("/providers/{id}/resume", self.resume_provider),
         ])
@@ -133,9 +135,7 @@ class AdminServer:
             "node": config.node_name,
             "listen": f"{config.host}:{config.port}",
             "durability": config.durability,
-            "providers": [
-                {"id": p.id, "issuer": p.issuer, "suspended": p.suspended} for p in self.gateway.list_providers()
-            ],
+            "providers": [_provider_json(p) for p in self.gateway.list_providers()],
         }
         if self.gateway.running:
             snapshot.update(self.gateway.stats())
@@ -166,6 +166,27 @@ class AdminServer:
             raise web.HTTPUnauthorized(text="a valid 'Authorization: Bearer <admin_token>' is required\n",
                                        headers={"WWW-Authenticate": "Bearer"})
 
+    async def list_providers(self, request: web.Request) -> web.Response:
+        return web.json_response([_provider_json(p) for p in self.gateway.list_providers()])
+
+    async def add_provider(self, request: web.Request) -> web.Response:
+        """Register a provider from a JSON object with the keys of a ``[[providers]]`` table. It
+        lasts until the next restart or SIGHUP: add it to the file too."""
+        self._authorize(request)
+        from interlink.config import providers_from_tables
+
+        try:
+            body = await request.json()
+        except ValueError:
+            raise web.HTTPBadRequest(text="the body must be a JSON object of provider keys\n") from None
+        try:
+            [provider] = providers_from_tables([body])
+            self.gateway.add_provider(provider)
+        except InterlinkError as exc:
+            raise web.HTTPBadRequest(text=f"{exc}\n") from None
+        log.info("admin: provider %s added (issuer %s)", provider.id, provider.issuer)
+        return web.json_response(_provider_json(provider), status=201)
+
     async def suspend_provider(self, request: web.Request) -> web.Response:
         self._authorize(request)
         provider_id = request.match_info["id"]
@@ -185,6 +206,15 @@ class AdminServer:
             raise web.HTTPNotFound(text=f"{exc}\n") from None
         log.info("admin: provider %s resumed", provider_id)
         return web.json_response({"provider": provider_id, "suspended": False})
+
+
+def _provider_json(provider) -> dict:
+    source = "discovery" if provider.discovery else provider.jwks_uri or "inline jwks"
+    return {
+        "id": provider.id, "issuer": provider.issuer, "audience": provider.audience, "keys": source,
+        "algorithms": list(provider.algorithms), "default_accept": list(provider.default_accept),
+        "suspended": provider.suspended,
+    }
 
 
 def _peer(peer) -> str | None:

@@ -116,6 +116,114 @@ def serve(path: Path | None, log_format: str, log_level: str) -> None:
     _run(lambda: serve_forever(config, path))
 
 
+# -- commands that talk to a running gateway's admin endpoint
+
+DEFAULT_ADMIN_URL = "http://127.0.0.1:7451"
+admin_url_option = click.option(
+    "--admin", "admin_url", default=DEFAULT_ADMIN_URL, show_default=True, envvar="INTERLINK_ADMIN_URL",
+    help="the gateway's admin endpoint (env INTERLINK_ADMIN_URL)",
+)
+token_option = click.option(
+    "--token", envvar="INTERLINK_ADMIN_TOKEN", default="", help="admin token for changes (env INTERLINK_ADMIN_TOKEN)",
+)
+
+
+@main.command()
+@admin_url_option
+def status(admin_url: str) -> None:
+    """Show a running gateway's state: sessions, traffic counters, providers."""
+    varz = _admin_request(admin_url, "GET", "/varz")
+    click.echo(f"interlink {varz['version']} ({varz['implementation']}) node {varz['node']} on {varz['listen']}, durability {varz['durability']}")
+    if "sessions" in varz:
+        routing = varz["routing"]
+        click.echo(f"connections {varz['connections']}, sessions {varz['sessions']}")
+        click.echo(
+            f"messages stored {routing.get('messages_stored', 0)}, deliveries pushed {routing.get('deliveries_pushed', 0)}, "
+            f"duplicates {routing.get('duplicates', 0)}, commits {routing.get('commits', 0)}"
+        )
+    for provider in varz["providers"]:
+        click.echo(f"provider {provider['id']}: {provider['issuer']}{' (suspended)' if provider['suspended'] else ''}")
+
+
+@main.group()
+def provider() -> None:
+    """Providers of a running gateway (through its admin endpoint). Changes last until the next
+    restart or SIGHUP: put them in the configuration file too."""
+
+
+@provider.command("list")
+@admin_url_option
+def provider_list(admin_url: str) -> None:
+    """List the registered providers."""
+    for entry in _admin_request(admin_url, "GET", "/providers"):
+        state = "suspended" if entry["suspended"] else "active"
+        click.echo(f"{entry['id']}\t{state}\t{entry['issuer']}\taudience={entry['audience']}\tkeys={entry['keys']}")
+
+
+@provider.command("add")
+@admin_url_option
+@token_option
+@click.option("--id", "provider_id", required=True, help="short id in user addresses (localpart@id)")
+@click.option("--issuer", required=True, help="the iss of its tokens")
+@click.option("--audience", required=True, help="the aud this gateway expects")
+@click.option("--jwks-uri", default=None, help="fetch keys from this URL instead of OpenID discovery")
+@click.option("--accept", "default_accept", multiple=True, help="a provider its users accept by default (repeatable; '*' for all)")
+def provider_add(admin_url: str, token: str, provider_id: str, issuer: str, audience: str, jwks_uri: str | None,
+                 default_accept: tuple[str, ...]) -> None:
+    """Register a provider on a running gateway."""
+    body = {"id": provider_id, "issuer": issuer, "audience": audience, "default_accept": list(default_accept)}
+    body.update({"jwks_uri": jwks_uri} if jwks_uri else {"discovery": True})
+    added = _admin_request(admin_url, "POST", "/providers", token=token, body=body)
+    click.echo(f"provider {added['id']} added; add it to the configuration file to keep it after a restart")
+
+
+@provider.command("suspend")
+@admin_url_option
+@token_option
+@click.argument("provider_id")
+def provider_suspend(admin_url: str, token: str, provider_id: str) -> None:
+    """Suspend a provider: its users' sessions end at once and their tokens are refused."""
+    result = _admin_request(admin_url, "POST", f"/providers/{provider_id}/suspend", token=token)
+    click.echo(f"provider {provider_id} suspended; {result['sessions_ended']} sessions ended")
+
+
+@provider.command("resume")
+@admin_url_option
+@token_option
+@click.argument("provider_id")
+def provider_resume(admin_url: str, token: str, provider_id: str) -> None:
+    """Accept a suspended provider's users again."""
+    _admin_request(admin_url, "POST", f"/providers/{provider_id}/resume", token=token)
+    click.echo(f"provider {provider_id} resumed")
+
+
+def _admin_request(admin_url: str, method: str, path: str, *, token: str = "", body: dict | None = None):
+    """One request to the admin endpoint; its JSON answer, or exit 1 with what went wrong."""
+    import json
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    headers = {"Accept": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    data = None
+    if body is not None:
+        data = json.dumps(body).encode("utf-8")
+        headers["Content-Type"] = "application/json"
+    url = admin_url.rstrip("/") + urllib.parse.quote(path)
+    request = urllib.request.Request(url, data=data, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        detail = exc.read().decode("utf-8", "replace").strip()
+        raise click.ClickException(f"{method} {url}: {exc.code} {detail}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise click.ClickException(f"cannot reach the admin endpoint at {admin_url}: {reason}") from None
+
+
 @main.command()
 def demo() -> None:
     """Start a gateway on 127.0.0.1 with two demo providers and drive traffic through it."""

@@ -163,7 +163,7 @@ OPTION_HELP = {
 
 ENV_PREFIX = "INTERLINK_"
 # INTERLINK_* variables that are not configuration keys (build and test switches, the file path).
-OTHER_ENV_VARIABLES = frozenset({"INTERLINK_CONFIG", "INTERLINK_PURE", "INTERLINK_REQUIRE_NATIVE"})
+OTHER_ENV_VARIABLES = frozenset({"INTERLINK_CONFIG", "INTERLINK_ADMIN_URL", "INTERLINK_PURE", "INTERLINK_REQUIRE_NATIVE"})
 PROVIDER_LIST_KEYS = ("algorithms", "default_accept")
 
 
@@ -202,11 +202,13 @@ def config_from_mapping(data: Mapping, *, environ: Mapping[str, str] | None = No
         if not isinstance(values["data_dir"], (str, Path)) or not str(values["data_dir"]):
             raise ConfigError(f"data_dir: expected a folder path (str), got {_describe(values['data_dir'])}")
         values["data_dir"] = Path(values["data_dir"])
-    values["providers"] = _providers(values.get("providers", []))
+    values["providers"] = providers_from_tables(values.get("providers", []))
     return GatewayConfig(**values)
 
 
-def _providers(entries) -> list[Provider]:
+def providers_from_tables(entries) -> list[Provider]:
+    """``Provider`` values from ``[[providers]]`` tables (or JSON objects of the same keys); a
+    mistake names ``providers[i].key``."""
     if not isinstance(entries, list):
         raise ConfigError(f"providers: expected [[providers]] tables, got {_describe(entries)}")
     known = {spec.name for spec in fields(Provider)}

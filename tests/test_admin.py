@@ -10,6 +10,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from interlink.client import Client, SessionClosedError
 from interlink.core.errors import AuthError
 from interlink.gateway import Gateway
+from interlink.issuer import DemoIssuer
 
 from three_providers import AUD, People, config_for
 
@@ -131,3 +132,48 @@ async def test_the_endpoint_is_off_by_default_and_goes_with_the_gateway(issuers,
     with pytest.raises(aiohttp.ClientConnectionError):
         async with http.get(address):
             pass
+
+
+async def test_cli_status_and_provider_commands(admin_gateway, issuers, http):
+    import asyncio
+
+    from click.testing import CliRunner
+
+    from interlink.cli import main
+
+    base = url(admin_gateway, "")
+    people = People(admin_gateway, issuers)
+    alice = await people.connect("alice@alpha")
+
+    async def cli(*args: str, token: str | None = None):
+        env = {"INTERLINK_ADMIN_TOKEN": token} if token is not None else {"INTERLINK_ADMIN_TOKEN": ""}
+        # The CLI blocks on HTTP while this loop serves the endpoint: run it in a thread.
+        return await asyncio.to_thread(CliRunner().invoke, main, [*args, "--admin", base], env=env)
+
+    shown = await cli("status")
+    assert shown.exit_code == 0, shown.output
+    assert "sessions 1" in shown.output and "provider alpha" in shown.output
+    listed = await cli("provider", "list")
+    assert listed.exit_code == 0 and listed.output.splitlines()[0].startswith("alpha\tactive\t")
+    refused = await cli("provider", "suspend", "alpha")
+    assert refused.exit_code == 1 and "401" in refused.output
+    suspended = await cli("provider", "suspend", "alpha", token=TOKEN)
+    assert suspended.exit_code == 0 and "1 sessions ended" in suspended.output
+    with pytest.raises(SessionClosedError):
+        await alice.recv(timeout_s=5)
+    assert (await cli("provider", "resume", "alpha", token=TOKEN)).exit_code == 0
+    async with DemoIssuer() as delta:
+        added = await cli("provider", "add", "--id", "delta", "--issuer", delta.issuer, "--audience", AUD,
+                          "--accept", "alpha", token=TOKEN)
+        assert added.exit_code == 0, added.output
+        host, port = admin_gateway.address
+        client = await Client.connect(host, port, token=delta.issue("dora", audience=AUD), device=1,
+                                      root_public=admin_gateway.root_public)
+        assert client.user == "dora@delta"
+        await client.close()
+    duplicate = await cli("provider", "add", "--id", "delta", "--issuer", "https://other.example", "--audience", AUD, token=TOKEN)
+    assert duplicate.exit_code == 1 and "already registered" in duplicate.output
+    bad = await cli("provider", "add", "--id", "Bad!", "--issuer", "https://x.example", "--audience", AUD, token=TOKEN)
+    assert bad.exit_code == 1 and "id must match" in bad.output
+    unreachable = await asyncio.to_thread(CliRunner().invoke, main, ["status", "--admin", "http://127.0.0.1:1"])
+    assert unreachable.exit_code == 1 and "cannot reach the admin endpoint" in unreachable.output
