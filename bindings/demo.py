@@ -214,11 +214,19 @@ async def _e2ee_chat(host: str, port: int, gateway: Gateway, alpha_issuer, beta_
         raise SystemExit(f"demo bug: plaintext in the gateway's data dir: {leaked}")
     say(f"  erin/2 goes offline; finn writes again. None of the {len(texts)} texts is in the gateway's "
         f"data dir ({len(stored)} bytes)")
-    for client in (erin1, finn1):
+    # finn adds a device mid-conversation: erin's next message is refused (device_mismatch),
+    # her client fetches finn's new device list and bundle, and both of finn's devices read it.
+    finn2 = await open_device("finn", beta_issuer, "ES256", 2)
+    texts.append("welcome to the conversation, finn's tablet")
+    await erin1.send_text("finn@beta", texts[-1])
+    on_phone, on_tablet = await finn1.receive(timeout_s=5), await finn2.receive(timeout_s=5)
+    say(f"  finn adds device 2; erin/1's next message reaches both: finn/1 {on_phone.text!r}, finn/2 {on_tablet.text!r}")
+    for client in (erin1, finn1, finn2):
         await client.close()
     erin2 = await open_device("erin", alpha_issuer, "EdDSA", 2)
-    waiting = await erin2.receive(timeout_s=5)
-    say(f"  erin/2 restarts from its state file and decrypts what waited: {waiting.text!r}")
+    waited = [await erin2.receive(timeout_s=5) for _ in range(2)]
+    say(f"  erin/2 restarts from its state file and decrypts what waited: {waited[0].text!r}, "
+        f"and her own copy of {waited[1].text!r}")
     await erin2.close()
 
 

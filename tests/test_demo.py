@@ -26,5 +26,8 @@ def test_demo_runs_end_to_end(tmp_path):
     assert "erin/1 <- finn@beta/1: 'see you there'" in out and "erin/2 <- finn@beta/1: 'see you there'" in out
     assert "None of the 4 texts is in the gateway's data dir" in out
     assert "erin/2 restarts from its state file and decrypts what waited: 'erin/2 is offline;" in out
+    assert ("finn adds device 2; erin/1's next message reaches both: finn/1 \"welcome to the conversation, "
+            "finn's tablet\", finn/2 \"welcome to the conversation, finn's tablet\"") in out
+    assert "and her own copy of \"welcome to the conversation, finn's tablet\"" in out
     assert out.rstrip().endswith("done.")
     assert (tmp_path / "keys" / "root_public.pem").exists()  # keys were generated where asked
