@@ -4,7 +4,9 @@ A refusal raises ``RouteError`` (code and fields) or ``StanzaError`` (``bad_stan
 server turns either into an ``err`` carrying the iq's ``id``, and the session continues.
 
 Served here: ``keys.put``, ``keys.get``, ``keys.count``, ``devices.get``, ``consent.set``,
-``consent.get``, ``block.add``, ``block.del``, ``block.list``, ``report``, ``dir.lookup``.
+``consent.get``, ``block.add``, ``block.del``, ``block.list``, ``report``, ``dir.lookup``; the
+server adds the ``group.*`` operations of ``core/groups.py``, whose handlers may return
+``DEFERRED``: their ``res`` is sent by the router after the group commit.
 Decisions where the contract is silent (also in ``docs/protocol.md``):
 
 * ``keys.put`` publishes the keys of the caller's own device (from the session). ``ik`` and
@@ -80,6 +82,8 @@ DIR_LOOKUP_RATE = (30, 0.5)  # 30 at once, then one every 2 s
 REPORT_RATE = (20, 1 / 30)  # 20 at once, then one every 30 s
 KEYS_GET_RATE = (60, 1.0)  # 60 at once, then one a second: each fetch may use up a one-time prekey
 
+DEFERRED = object()  # a handler's result: the answer is sent later (after the group commit)
+
 _PROVIDER_ID_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")  # as core.auth.Provider ids
 _E164_RE = re.compile(r"\+[1-9][0-9]{6,14}")
 
@@ -123,6 +127,8 @@ class Operations:
             result = handler(proto, stanza)
         except (StoreFullError, StoreLimitError) as exc:
             raise RouteError(exc.message, code=exc.code) from None
+        if result is DEFERRED:
+            return
         answer = {"t": "res", "id": iq_id}
         if result:
             answer.update(result)

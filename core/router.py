@@ -1,4 +1,4 @@
-"""Routing of 1:1 messages through durable per-device mailboxes (PROTOCOL §4–§6).
+"""Routing of messages through durable per-device mailboxes (PROTOCOL §4–§6).
 
 The router validates ``msg`` and ``recv`` stanzas, batches the writes of one event-loop turn into
 one store transaction (group commit), and only after that commit acks the senders and pushes
@@ -8,6 +8,11 @@ gets its stored items again from the start: delivery is at least once, clients d
 by (``from``, ``id``).
 
 The router never looks inside ``c``: ciphertexts are opaque bytes it stores and forwards.
+
+Group messages, group typing and the ``group.*`` operations are decided by ``core/groups.py``
+(``Router.groups``); their writes go through this router's batch too: a group ``msg`` like a 1:1
+one, a membership change as a *control* entry (``enqueue_control``: the group record, its event
+items and the ``iq`` answer, sent after the commit like an ``ack``).
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from interlink.core.errors import InterlinkError, StanzaError
 from interlink.core.policy import Policy
 from interlink.core.ratelimit import TokenBuckets
 from interlink.core.stanza import encode_stanza
-from interlink.core.store import Store, StoredMessage, WriteBatch, device_key
+from interlink.core.store import GroupWrite, Store, StoredMessage, WriteBatch, device_key
 from interlink.core.wire import MAX_DEVICE_ID, TAG_BYTES
 
 if TYPE_CHECKING:
@@ -102,7 +107,10 @@ class Router:
         self._waiting: list[tuple[GatewayProtocol, StoredMessage, list]] = []
         self._valid_addresses: dict[str, str] = {}  # address -> its provider id (syntax checked)
         self._commit_scheduled = False
-        self.counters = {"messages_stored": 0, "deliveries_pushed": 0, "commits": 0, "duplicates": 0}
+        self.groups = None  # core.groups.Groups, set by the server: group msg, state and operations
+        self.counters = {
+            "messages_stored": 0, "deliveries_pushed": 0, "commits": 0, "duplicates": 0, "group_changes": 0,
+        }
 
     # -- sessions
 
@@ -138,7 +146,10 @@ class Router:
         identity = proto.conn.identity
         msg_id = _stanza_id(stanza, "msg")
         if "g" in stanza:
-            raise RouteError("group messages are not served by this gateway yet", code="bad_stanza")
+            if self.groups is None:
+                raise RouteError("group messages are not served by this gateway", code="bad_stanza")
+            self.groups.route_msg(proto, stanza, msg_id)
+            return
         recipient_provider, recipient = self._recipient(stanza.get("to"))
         if recipient == identity.user:
             raise RouteError("to reach your own other devices, use 'own'", code="bad_stanza")
@@ -203,7 +214,10 @@ class Router:
         if state not in TYPING_STATES:
             raise StanzaError("state needs 's': 'composing' or 'paused'")
         if "g" in stanza:
-            raise RouteError("group typing state is not served by this gateway yet", code="bad_stanza")
+            if self.groups is None:
+                raise RouteError("group typing state is not served by this gateway", code="bad_stanza")
+            self.groups.route_state(proto, stanza, state)
+            return
         recipient_provider, recipient = self._recipient(stanza.get("to"))
         if not self.policy.allows(recipient, recipient_provider, identity.provider):
             raise RouteError(f"{recipient} does not accept typing state from users of {identity.provider!r}", code="not_opted_in")
@@ -230,6 +244,20 @@ class Router:
         ``targets[i]`` is the (user, device) of ``items[i]``."""
         message = self._batch.add_message(device_key(*proto.session_key), msg_id, int(self.clock() * 1000), items)
         self._waiting.append((proto, message, targets))
+        self._schedule_commit()
+
+    def enqueue_control(
+        self, proto: GatewayProtocol, reply: dict, items=(), targets=(), group: GroupWrite | None = None,
+        event_id: bytes = b"",
+    ) -> None:
+        """Add a control entry to this turn's batch: a group write (if any) and the items that
+        announce it, all in the commit's one transaction; ``reply`` (an ``iq`` ``res``) is sent
+        after the commit, in order with the acks of the same batch."""
+        message = self._batch.add_control(
+            device_key(*proto.session_key), event_id, int(self.clock() * 1000), list(items), group
+        )
+        message.reply = reply
+        self._waiting.append((proto, message, list(targets)))
         self._schedule_commit()
 
     def handle_recv(self, proto: GatewayProtocol, stanza: dict) -> None:
@@ -304,6 +332,11 @@ class Router:
         log.error("commit of %d messages failed: %s", len(batch.messages), exc)
         touched: set = set()
         for proto, message, _ in waiting:
+            if message.control:
+                if message.group is not None and self.groups is not None:
+                    self.groups.settled(message.group, False)
+                self._answer(proto, touched, {"t": "err", "code": exc.code, "msg": exc.message, "id": message.reply["id"]})
+                continue
             self._answer(proto, touched, {"t": "err", "code": exc.code, "msg": exc.message, "ref": message.msg_id})
         self._flush(touched)
 
@@ -312,6 +345,9 @@ class Router:
         self.counters["commits"] += 1
         sessions = self.sessions
         for proto, message, targets in waiting:
+            if message.control:
+                self._control_committed(proto, message, targets, touched)
+                continue
             if message.refused is not None:
                 self._answer(proto, touched, {
                     "t": "err", "code": message.refused, "ref": message.msg_id,
@@ -330,6 +366,24 @@ class Router:
                 if recipient is not None:
                     self._push_new(recipient, seq, value, touched)
         self._flush(touched)
+
+    def _control_committed(self, proto: GatewayProtocol, message: StoredMessage, targets: list, touched: set) -> None:
+        if message.group is not None and self.groups is not None:
+            self.groups.settled(message.group, message.refused is None)
+        if message.refused is not None:
+            self._answer(proto, touched, {
+                "t": "err", "code": "overloaded", "id": message.reply["id"],
+                "msg": "the group changed while this request waited (an earlier change failed); nothing was changed, try again",
+            })
+            return
+        if message.group is not None:
+            self.counters["group_changes"] += 1
+        self._answer(proto, touched, message.reply)
+        sessions = self.sessions
+        for (_, seq, value), target in zip(message.stored, targets):
+            recipient = sessions.get(target)
+            if recipient is not None:
+                self._push_new(recipient, seq, value, touched)
 
     # -- delivery
 

@@ -40,6 +40,7 @@ from interlink.core.connection import (
     State,
 )
 from interlink.core.errors import AuthError, StanzaError
+from interlink.core.groups import Groups
 from interlink.core.policy import Policy
 from interlink.core.ops import Operations
 from interlink.core.router import RouteError, Router
@@ -296,6 +297,11 @@ class GatewayServer:
             clock=clock,
         )
         self.ops = Operations(store=store, registry=registry, policy=self.policy, clock=clock)
+        self.groups = Groups(
+            store=store, registry=registry, policy=self.policy, router=self.router, max_group=limits.max_group
+        )
+        self.router.groups = self.groups
+        self.ops.handlers.update(self.groups.handlers)
         self._handlers = {
             "msg": self.router.handle_msg,
             "recv": self.router.handle_recv,

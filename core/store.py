@@ -17,6 +17,7 @@ One LMDB environment with named databases:
 | ``phones`` | user address | the phone the directory lists the user under |
 | ``prekeys`` | device key | msgpack ``[ik, spk id, spk key, spk sig]``: the device's published identity and signed prekey |
 | ``otpks`` | device key + one-time prekey id (uint32 big-endian) | the one-time prekey (32 bytes) |
+| ``groups`` | group id (16 bytes) | ``ver`` (uint64 big-endian) + msgpack ``[members (join order), admins, meta (bin or nil)]`` |
 
 A *device key* is the user address in UTF-8, a zero byte and the device number (uint32
 big-endian): a range scan over ``user + b"\0"`` lists a user's devices in order, and one over a
@@ -33,6 +34,11 @@ Addresses never contain a zero byte (localparts exclude control characters), so 
 is an unambiguous prefix for the user's blocks, and ``phone + b"\\0"`` for one directory entry.
 Consent, blocks, reports and the directory are written by the ``iq`` operations in their own
 (small, rare) write transactions; a full map raises ``StoreFullError`` there too.
+
+Group records are the exception: a membership change is written by the group commit, in the same
+transaction as the ``dlv`` items that announce it (a ``GroupWrite`` on a control entry of the
+``WriteBatch``). The record's ``ver`` leads its value so that the compare-and-set every group
+write does (the stored ``ver`` must be the one the change was computed from) reads 8 bytes.
 """
 
 from __future__ import annotations
@@ -86,19 +92,64 @@ class StoreLimitError(InterlinkError):
     code = "too_large"
 
 
+class GroupRecord:
+    """One group as stored: an immutable value (a change makes a new record)."""
+
+    __slots__ = ("ver", "members", "admins", "meta", "member_set")
+
+    def __init__(self, ver: int, members: tuple[str, ...], admins: tuple[str, ...], meta: bytes | None) -> None:
+        self.ver = ver  #: 1 at creation, +1 per membership change
+        self.members = members  #: addresses in the order they joined (the longest-standing first)
+        self.admins = admins  #: addresses, a subset of ``members``, in the order they became admins
+        self.meta = meta  #: opaque bytes the clients encrypt (name, picture...), or None
+        self.member_set = frozenset(members)
+
+    def pack(self) -> bytes:
+        return _SEQ.pack(self.ver) + msgpack.packb([list(self.members), list(self.admins), self.meta], use_bin_type=True)
+
+    @classmethod
+    def unpack(cls, raw: bytes) -> GroupRecord:
+        members, admins, meta = msgpack.unpackb(raw[8:], raw=False)
+        return cls(_SEQ.unpack(raw[:8])[0], tuple(members), tuple(admins), meta)
+
+
+class GroupWrite:
+    """A group record change of a ``WriteBatch``: written only if the stored record still has
+    ``prior_ver`` (0: no record), so a change computed from a state that never committed is
+    refused instead of overwriting. ``record`` None deletes the group."""
+
+    __slots__ = ("g", "prior_ver", "record")
+
+    def __init__(self, g: bytes, prior_ver: int, record: GroupRecord | None) -> None:
+        self.g = g
+        self.prior_ver = prior_ver
+        self.record = record
+
+
 class StoredMessage:
-    """One message of a ``WriteBatch`` and, after the commit, what happened to it."""
+    """One message of a ``WriteBatch`` and, after the commit, what happened to it.
 
-    __slots__ = ("sender_key", "msg_id", "ts_ms", "items", "dup", "stored", "refused")
+    A *control* entry (``control=True``: a group change and its events, or an answer that only has
+    to wait for the commit) is not deduplicated and not held to the mailbox quotas: a membership
+    change must reach every member, however full its mailbox. Its ``group`` write, if any, is
+    done first, and when it is refused (``refused`` = ``"conflict"``) none of its items is stored."""
 
-    def __init__(self, sender_key: bytes, msg_id: bytes, ts_ms: int, items: list) -> None:
+    __slots__ = ("sender_key", "msg_id", "ts_ms", "items", "dup", "stored", "refused", "control", "group", "reply")
+
+    def __init__(
+        self, sender_key: bytes, msg_id: bytes, ts_ms: int, items: list, control: bool = False,
+        group: GroupWrite | None = None,
+    ) -> None:
         self.sender_key = sender_key
         self.msg_id = msg_id
         self.ts_ms = ts_ms  #: after commit: the ts of the first stored copy when ``dup``
         self.items = items  #: [(device key, build(seq, ts_ms) -> encoded dlv)]
         self.dup = False
         self.stored: list = []  #: after commit: [(device key, seq, encoded dlv)]
-        self.refused: str | None = None  #: after commit: why nothing was stored (``mailbox_full``)
+        self.refused: str | None = None  #: after commit: why nothing was stored (``mailbox_full``, ``conflict``)
+        self.control = control
+        self.group = group
+        self.reply = None  #: the router's answer once committed (an ``iq`` ``res``), for control entries
 
 
 class WriteBatch:
@@ -116,6 +167,13 @@ class WriteBatch:
 
     def add_message(self, sender_key: bytes, msg_id: bytes, ts_ms: int, items: list) -> StoredMessage:
         message = StoredMessage(sender_key, msg_id, ts_ms, items)
+        self.messages.append(message)
+        return message
+
+    def add_control(self, sender_key: bytes, msg_id: bytes, ts_ms: int, items: list,
+                    group: GroupWrite | None = None) -> StoredMessage:
+        """A control entry (see ``StoredMessage``): a group write and the items announcing it."""
+        message = StoredMessage(sender_key, msg_id, ts_ms, items, control=True, group=group)
         self.messages.append(message)
         return message
 
@@ -216,6 +274,10 @@ class Store(Protocol):
     def prekey_count(self, user: str, device: int) -> int:
         """How many one-time prekeys the device has stored."""
 
+    # -- groups (written only through ``commit``: ``WriteBatch.add_control`` with a ``GroupWrite``)
+
+    def group(self, g: bytes) -> GroupRecord | None:
+        """The stored record of group ``g``, or None."""
 
 
 class LmdbStore:
@@ -327,7 +389,10 @@ class LmdbStore:
             with self._env.begin(write=True) as txn:
                 states: dict[bytes, MailboxState] = {}
                 for message in batch.messages:
-                    self._write_message(txn, message, states)
+                    if message.control:
+                        self._write_control(txn, message, states)
+                    else:
+                        self._write_message(txn, message, states)
                 for dkey, seqs in batch.deletions:
                     state = self._state(txn, dkey, states)
                     for seq in seqs:
@@ -338,7 +403,7 @@ class LmdbStore:
             for message in batch.messages:
                 message.dup, message.stored, message.refused = False, [], None
             raise StoreFullError("the gateway's storage is full; try again later") from None
-        self.dedup_unswept += sum(1 for message in batch.messages if message.stored)
+        self.dedup_unswept += sum(1 for message in batch.messages if message.stored and not message.control)
 
     def _state(self, txn, dkey: bytes, states: dict) -> MailboxState:
         state = states.get(dkey)
@@ -374,6 +439,31 @@ class LmdbStore:
         for dkey, seq, value in planned:
             state = states[dkey]
             state.last_seq = seq
+            state.items += 1
+            state.bytes += len(value)
+            txn.put(dkey + _SEQ.pack(seq), ts_prefix + value, db=mbox)
+            stored.append((dkey, seq, value))
+
+    def _write_control(self, txn, message: StoredMessage, states: dict) -> None:
+        change = message.group
+        if change is not None:
+            raw = txn.get(change.g, db=self._groups)
+            stored_ver = _SEQ.unpack(raw[:8])[0] if raw is not None else 0
+            if stored_ver != change.prior_ver:
+                message.refused = "conflict"  # computed from a change that never committed
+                return
+            if change.record is None:
+                txn.delete(change.g, db=self._groups)
+            else:
+                txn.put(change.g, change.record.pack(), db=self._groups)
+        ts = message.ts_ms
+        ts_prefix = _TS.pack(ts)
+        stored = message.stored
+        mbox = self._mbox
+        for dkey, build in message.items:
+            state = self._state(txn, dkey, states)
+            seq = state.last_seq = state.last_seq + 1
+            value = build(seq, ts)
             state.items += 1
             state.bytes += len(value)
             txn.put(dkey + _SEQ.pack(seq), ts_prefix + value, db=mbox)
@@ -494,6 +584,7 @@ class LmdbStore:
         self._phones = env.open_db(b"phones")
         self._prekeys = env.open_db(b"prekeys")
         self._otpks = env.open_db(b"otpks")
+        self._groups = env.open_db(b"groups")
 
     def _write(self):
         """A write transaction whose ``MapFullError`` becomes ``StoreFullError`` (nothing written)."""
@@ -690,6 +781,13 @@ class LmdbStore:
         dkey = device_key(user, device)
         with self._env.begin(db=self._otpks) as txn:
             return sum(1 for _ in _scan(txn.cursor(), dkey))
+
+    # -- groups (records are written by ``commit``, see ``_write_control``)
+
+    def group(self, g: bytes) -> GroupRecord | None:
+        with self._env.begin(db=self._groups) as txn:
+            raw = txn.get(g)
+            return GroupRecord.unpack(raw) if raw is not None else None
 
 
 _COUNT = struct.Struct(">I")

@@ -183,7 +183,7 @@ async def test_consent_defaults_refuse_other_providers(people):
         {"t": "msg", "id": os.urandom(16), "to": "bob@beta", "c": {1: b""}},
         {"t": "msg", "id": os.urandom(16), "to": "bob@beta", "c": {1: b"x"}, "own": "nope"},
         {"t": "msg", "id": os.urandom(16), "to": "alice@alpha", "c": {1: b"x"}},  # to self
-        {"t": "msg", "id": os.urandom(16), "g": os.urandom(16), "b": b"x"},  # groups: not yet
+        {"t": "msg", "id": os.urandom(16), "g": b"short", "b": b"x"},  # a group id is 16 bytes
         {"t": "recv"},
         {"t": "recv", "seq": 5},
         {"t": "recv", "seq": [1, "2"]},
@@ -304,7 +304,7 @@ async def test_typing_state_is_pushed_to_online_devices_only(people):
         {"t": "state", "to": "bob@beta"},
         {"t": "state", "to": "bob@beta", "s": "typing"},
         {"t": "state", "s": "composing"},
-        {"t": "state", "g": os.urandom(16), "s": "composing"},
+        {"t": "state", "g": b"short", "s": "composing"},  # a group id is 16 bytes
     ],
 )
 async def test_malformed_receipts_and_states_get_bad_stanza(people, stanza):
