@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 import interlink
@@ -49,7 +49,19 @@ class GatewayCollector:
         yield _counter("interlink_sessions_opened", "Sessions opened after a successful authentication.", counters.get("sessions_opened", 0))
         yield _labelled_counter("interlink_auth_failures", "Refused authentications by error code.", "code", stats["auth_failures"])
         yield _labelled_counter("interlink_closes", "Closed connections by reason.", "reason", stats["close_reasons"])
-        yield _counter("interlink_stanzas_in", "Stanzas received from clients (ping excluded).", counters.get("stanzas_in", 0))
+        yield _labelled_counter("interlink_stanzas_in", "Stanzas received from clients by type (ping excluded).", "type", stats["stanzas_in"])
+        yield _labelled_counter("interlink_refusals", "err answers to stanzas by code (rate_limited, not_opted_in, ...).", "code", stats["refusals"])
+        commits = stats["commit_seconds"]
+        yield HistogramMetricFamily(
+            "interlink_commit_seconds", "Group-commit write transactions, fsync included.",
+            buckets=[("+Inf" if bound == float("inf") else repr(bound), count) for bound, count in commits["buckets"]],
+            sum_value=commits["sum"],
+        )
+        store = stats["store"]
+        yield _gauge("interlink_mailbox_items", "Items waiting in all mailboxes.", store["mailbox_items"])
+        yield _gauge("interlink_mailbox_bytes", "Bytes of LMDB pages the mailboxes use.", store["mailbox_bytes"])
+        yield _gauge("interlink_lmdb_used_bytes", "Bytes of the LMDB map in use.", store["map_used_bytes"])
+        yield _gauge("interlink_lmdb_map_bytes", "Size of the LMDB map (full: senders get overloaded).", store["map_size_bytes"])
         yield _counter("interlink_messages_stored", "Messages and receipts stored (acked).", routing.get("messages_stored", 0))
         yield _counter("interlink_duplicates", "Resent messages recognised and acked with dup.", routing.get("duplicates", 0))
         yield _counter("interlink_deliveries_pushed", "dlv stanzas pushed to device sessions.", routing.get("deliveries_pushed", 0))

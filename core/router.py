@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 
 from interlink.core.auth import ProviderRegistry, localpart_error
 from interlink.core.errors import InterlinkError, StanzaError
+from interlink.core.metrics import COMMIT_BUCKETS_S, Histogram
 from interlink.core.policy import Policy
 from interlink.core.ratelimit import TokenBuckets
 from interlink.core.stanza import encode_stanza
@@ -108,6 +109,7 @@ class Router:
         self._valid_addresses: dict[str, str] = {}  # address -> its provider id (syntax checked)
         self._commit_scheduled = False
         self.groups = None  # core.groups.Groups, set by the server: group msg, state and operations
+        self.commit_seconds = Histogram(COMMIT_BUCKETS_S)  # group-commit latency, for /metrics
         self.counters = {
             "messages_stored": 0, "deliveries_pushed": 0, "commits": 0, "duplicates": 0, "group_changes": 0,
         }
@@ -294,15 +296,17 @@ class Router:
             return
         self._batch, self._waiting = WriteBatch(), []
         if self.commit_executor is None:
+            started = time.perf_counter()
             try:
                 self.store.commit(batch)
             except InterlinkError as exc:
                 self._failed(exc, batch, waiting)
                 return
+            self.commit_seconds.observe(time.perf_counter() - started)
             self._committed(waiting)
             return
         self._committing = True
-        future = asyncio.get_running_loop().run_in_executor(self.commit_executor, self.store.commit, batch)
+        future = asyncio.get_running_loop().run_in_executor(self.commit_executor, self._timed_commit, batch)
         future.add_done_callback(lambda done: self._thread_committed(done, batch, waiting))
         self._inflight = future
 
@@ -315,10 +319,17 @@ class Router:
             elif self._batch:
                 self.commit()
 
+    def _timed_commit(self, batch: WriteBatch) -> float:
+        """The writer thread's job: the commit, and how long it took."""
+        started = time.perf_counter()
+        self.store.commit(batch)
+        return time.perf_counter() - started
+
     def _thread_committed(self, done: asyncio.Future, batch: WriteBatch, waiting: list) -> None:
         self._committing = False
         error = done.exception()
         if error is None:
+            self.commit_seconds.observe(done.result())  # observed on the loop, not the thread
             self._committed(waiting)
         elif isinstance(error, InterlinkError):
             self._failed(error, batch, waiting)

@@ -267,6 +267,8 @@ class GatewayServer:
         self.counters: Counter = Counter()
         self.close_reasons: Counter = Counter()
         self.auth_failures: Counter = Counter()
+        self.stanzas_in: Counter = Counter()  # by stanza type ("unknown" for the rest)
+        self.refusals: Counter = Counter()  # err answers to stanzas, by code
         self._server: asyncio.base_events.Server | None = None
         self._timers: list = []  # heap of (deadline, protocol); one live entry per connection
         self._timer_handle: asyncio.TimerHandle | None = None
@@ -569,16 +571,19 @@ class GatewayServer:
         """Route one stanza (``ping`` is answered by the connection itself). A refused stanza gets
         ``err`` and the session continues. Answers never echo client text beyond a short,
         sanitised excerpt: an answer must not outgrow its request."""
-        self.counters["stanzas_in"] += 1
         kind = stanza["t"]
         handler = self._handlers.get(kind)
         try:
             if handler is None:
+                self.stanzas_in["unknown"] += 1  # not the client's string: labels stay a fixed set
                 raise StanzaError(f"unsupported stanza type {_excerpt(kind)}")
+            self.stanzas_in[kind] += 1
             handler(proto, stanza)
         except RouteError as exc:
+            self.refusals[exc.code] += 1
             proto.conn.send_error(exc.code, exc.message, **_reference(stanza), **exc.fields)
         except StanzaError as exc:
+            self.refusals["bad_stanza"] += 1
             proto.conn.send_error("bad_stanza", exc.message, **_reference(stanza))
 
     def connection_closed(self, proto: GatewayProtocol, event: ConnectionClosed) -> None:
@@ -604,7 +609,11 @@ class GatewayServer:
         return {
             "connections": len(self.connections),
             "sessions": len(self.sessions),
-            "counters": dict(self.counters),
+            "counters": {**self.counters, "stanzas_in": sum(self.stanzas_in.values())},
+            "stanzas_in": dict(self.stanzas_in),
+            "refusals": dict(self.refusals),
+            "commit_seconds": self.router.commit_seconds.snapshot(),
+            "store": self.store.usage(),
             "routing": dict(self.router.counters),
             "close_reasons": dict(self.close_reasons),
             "auth_failures": dict(self.auth_failures),

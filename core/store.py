@@ -200,6 +200,10 @@ class Store(Protocol):
     def pending_count(self, dkey: bytes) -> int:
         """How many items a device has stored."""
 
+    def usage(self) -> dict:
+        """``mailbox_items``, ``mailbox_bytes`` (pages the mailboxes use), ``map_used_bytes``,
+        ``map_size_bytes``: cheap enough for every metrics scrape."""
+
     def expire(self, before_ms: int, limit: int = 10_000, max_devices: int = 20_000) -> int:
         """Delete up to ``limit`` items stored before ``before_ms``, visiting at most
         ``max_devices`` mailboxes from where the previous call stopped; returns how many."""
@@ -551,6 +555,20 @@ class LmdbStore:
             self._dedup_sweep_from = cursor.key() or None
         self.dedup_unswept = max(0, self.dedup_unswept - scanned)
         return forgotten
+
+    def usage(self) -> dict:
+        """For operators: items in all mailboxes, and how much of the LMDB map is in use (a full
+        map answers senders ``overloaded``). Reads LMDB's own statistics, not the data."""
+        info, env_stat = self._env.info(), self._env.stat()
+        with self._env.begin() as txn:
+            mailboxes = txn.stat(self._mbox)
+        page = env_stat["psize"]
+        return {
+            "mailbox_items": mailboxes["entries"],
+            "mailbox_bytes": (mailboxes["branch_pages"] + mailboxes["leaf_pages"] + mailboxes["overflow_pages"]) * page,
+            "map_used_bytes": (info["last_pgno"] + 1) * page,
+            "map_size_bytes": info["map_size"],
+        }
 
     def mailbox_state(self, dkey: bytes) -> MailboxState:
         """The device's counters: last seq, items and bytes stored."""

@@ -8,7 +8,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from interlink.client import Client, SessionClosedError
-from interlink.core.errors import AuthError
+from interlink.core.errors import AuthError, ServerError
 from interlink.gateway import Gateway
 from interlink.issuer import DemoIssuer
 
@@ -51,6 +51,10 @@ async def test_metrics_count_real_traffic(admin_gateway, issuers, http):
         await alice.send_message("bob@beta", {1: b"x%d" % i})
     for _ in range(5):
         await bob.recv(timeout_s=5)
+    carol = await people.connect("carol@gamma")  # gamma accepts only its own users
+    with pytest.raises(ServerError):
+        await alice.send_message("carol@gamma", {1: b"x"})
+    await carol.close()
     with pytest.raises(AuthError):  # one refused login, counted by its code
         host, port = admin_gateway.address
         await Client.connect(host, port, token=issuers[0].issue("eve", audience="wrong"), device=1,
@@ -64,6 +68,15 @@ async def test_metrics_count_real_traffic(admin_gateway, issuers, http):
     assert samples[("interlink_deliveries_pushed_total", frozenset())] == 5
     assert samples[("interlink_auth_failures_total", frozenset({("code", "bad_audience")}))] == 1
     assert samples[("interlink_commits_total", frozenset())] >= 1
+    assert samples[("interlink_stanzas_in_total", frozenset({("type", "msg")}))] == 6
+    assert samples[("interlink_stanzas_in_total", frozenset({("type", "recv")}))] >= 1
+    assert samples[("interlink_refusals_total", frozenset({("code", "not_opted_in")}))] == 1
+    commits = samples[("interlink_commit_seconds_count", frozenset())]
+    assert commits == samples[("interlink_commits_total", frozenset())]
+    assert samples[("interlink_commit_seconds_bucket", frozenset({("le", "+Inf")}))] == commits
+    assert samples[("interlink_commit_seconds_sum", frozenset())] > 0
+    assert samples[("interlink_mailbox_items", frozenset())] == 0  # bob received everything
+    assert 0 < samples[("interlink_lmdb_used_bytes", frozenset())] < samples[("interlink_lmdb_map_bytes", frozenset())]
     await alice.close()
     await bob.close()
 
