@@ -4,6 +4,7 @@
     python bench/gateway_load.py --durability sync messages --seconds 10 --pairs 8 --inflight 16
     python bench/gateway_load.py --durability sync messages --seconds 10 --rate 8000
     python bench/gateway_load.py --durability sync offline --messages 50000 --pairs 8
+    python bench/gateway_load.py --durability sync keys --seconds 5 --concurrency 32
     python bench/gateway_load.py idle-rss --connections 10000
 
 Global options (before the subcommand): ``--durability sync|async`` (LMDB commits, default
@@ -46,6 +47,17 @@ loop also wait for each other there).
   (``recv`` per pushed batch), with gateway CPU µs per drained message (less what as many
   reconnects without a backlog cost, measured just before) and the drain rate. Every stored
   message must be drained exactly once.
+* ``keys``: the key directory. ``--targets`` users (one device each) publish their keys
+  (``keys.put``: identity key, signed prekey, ``--otpk`` one-time prekeys each); then requester
+  devices (lean peers) keep ``--concurrency`` ``keys.get`` outstanding in total (closed loop,
+  targets taken in turn) for ``--seconds`` after 1 s of warm-up: keys.get per second, gateway CPU
+  µs per keys.get, p50/p99 latency, and how many answers carried a one-time prekey (each hand-out
+  is an LMDB write transaction that deletes it: one fsync with ``--durability sync``) or none
+  (the signed prekey alone: a read transaction only). ``keys.get`` is rate limited per
+  requesting *user* (``core/ops.py`` ``KEYS_GET_RATE``: a burst of 60, then 1/s) and the gateway
+  has no setting to lift it, so the requests are spread over ``--requesters`` users, each used
+  at most ``KEYS_GET_PER_REQUESTER`` times (under the burst); the window ends early, and says so,
+  when that budget runs out. ``rate_limited`` answers are counted (they must be 0).
 * ``idle-rss``: gateway RSS growth per authenticated idle connection.
 """
 
@@ -614,6 +626,204 @@ async def bench_offline(args) -> dict:
     return result
 
 
+# ----------------------------------------------------------------------------- key directory load
+
+KEYS_GET_PER_REQUESTER = 55  # keys.get per requesting user: under the burst of ops.KEYS_GET_RATE (60)
+
+
+class KeysLoad:
+    """Closed-loop ``keys.get``: ``concurrency`` requests outstanding over the requester peers;
+    every answer sends the next request (next target, next requester with budget left)."""
+
+    def __init__(self, targets: list[str], per_requester: int) -> None:
+        self.targets = targets
+        self.per_requester = per_requester
+        self.peers: list[LeanPeer] = []
+        self.used: list[int] = []
+        self._next_peer = 0
+        self._next_target = 0
+        self._next_id = 0
+        self.outstanding: dict[int, int] = {}  # iq id -> send time (ns)
+        self.refill = False
+        self.exhausted = False  # no requester had budget left for a request
+        self.record_from_ns = 1 << 63
+        self.latencies_ns: list[int] = []
+        self.done = 0
+        self.with_otpk = 0
+        self.without_otpk = 0
+        self.errors: collections.Counter = collections.Counter()
+        self.stray = 0
+
+    def add_peer(self, peer: LeanPeer) -> None:
+        self.peers.append(peer)
+        self.used.append(0)
+
+    def send(self) -> bool:
+        count = len(self.peers)
+        for _ in range(count):
+            index = self._next_peer
+            self._next_peer = (index + 1) % count
+            if self.used[index] < self.per_requester:
+                break
+        else:
+            self.exhausted = True
+            return False
+        self.used[index] += 1
+        target = self.targets[self._next_target]
+        self._next_target = (self._next_target + 1) % len(self.targets)
+        self._next_id += 1
+        self.outstanding[self._next_id] = time.perf_counter_ns()
+        self.peers[index].queue(encode_stanza({"t": "iq", "id": self._next_id, "op": "keys.get", "user": target}))
+        return True
+
+    @property
+    def issued(self) -> int:
+        return self._next_id
+
+    def on_stanza(self, stanza: dict) -> None:
+        kind = stanza.get("t")
+        if kind not in ("res", "err"):
+            self.stray += 1
+            return
+        sent_ns = self.outstanding.pop(stanza.get("id"), None)
+        if sent_ns is None:
+            self.stray += 1
+            return
+        if kind == "res":
+            now_ns = time.perf_counter_ns()
+            self.done += 1
+            for bundle in stanza.get("bundles", ()):
+                if bundle.get("otpk") is None:
+                    self.without_otpk += 1
+                else:
+                    self.with_otpk += 1
+            if sent_ns >= self.record_from_ns:
+                self.latencies_ns.append(now_ns - sent_ns)
+        else:
+            self.errors[str(stanza.get("code"))] += 1
+        if self.refill:
+            self.send()
+
+
+async def lean_iq(peer: LeanPeer, replies: dict, iq_id: int, op: str, timeout_s: float = 30.0, **fields) -> dict:
+    """One iq over a lean peer whose ``on_stanza`` files answers in ``replies`` by id."""
+    peer.queue(encode_stanza({"t": "iq", "id": iq_id, "op": op, **fields}))
+    deadline = time.monotonic() + timeout_s
+    while iq_id not in replies:
+        if peer.closed or time.monotonic() > deadline:
+            raise RuntimeError(f"{op}: no answer ({peer.close_reason or 'timeout'})")
+        await asyncio.sleep(0.002)
+    answer = replies.pop(iq_id)
+    if answer.get("t") != "res":
+        raise RuntimeError(f"{op} refused: {answer}")
+    return answer
+
+
+async def bench_keys(args) -> dict:
+    """keys.get per second and gateway CPU per keys.get (closed loop), after the targets published."""
+    _raise_fd_limit()
+    async with DemoIssuer() as issuer:
+        async with GatewayChild(issuer.issuer, Path(args.data_dir), args.durability) as gateway:
+            def token(user: str) -> str:
+                return issuer.issue(user, audience=AUDIENCE, expires_in=3600)
+
+            # The targets publish: identity key, signed prekey, --otpk one-time prekeys each.
+            replies: dict = {}
+
+            def file_reply(stanza: dict) -> None:
+                replies[stanza.get("id")] = stanza
+
+            targets = []
+            put_cpu_before = gateway_cpu_s(gateway)
+            put_started = time.monotonic()
+            for i in range(args.targets):
+                peer = await connect_lean(gateway, token(f"t{i}"), on_stanza=file_reply)
+                stock = [{"id": n, "key": os.urandom(32)} for n in range(args.otpk)]
+                spk = {"id": 1, "key": os.urandom(32), "sig": os.urandom(64)}
+                res = await lean_iq(peer, replies, i + 1, "keys.put", ik=os.urandom(32), spk=spk, otpk=stock)
+                if res.get("otpk_count") != args.otpk:
+                    raise RuntimeError(f"keys.put stored {res.get('otpk_count')} one-time prekeys, not {args.otpk}")
+                targets.append(peer.user)
+                await peer.close()
+            put_s = time.monotonic() - put_started
+            put_cpu = gateway_cpu_s(gateway) - put_cpu_before  # includes the targets' handshakes
+
+            # The requesters: one device of each of --requesters users (the rate limit is per user).
+            load = KeysLoad(targets, KEYS_GET_PER_REQUESTER)
+            requester_tokens = [token(f"q{i}") for i in range(args.requesters)]
+            for start in range(0, len(requester_tokens), 100):
+                peers = await asyncio.gather(*(
+                    connect_lean(gateway, t, on_stanza=load.on_stanza) for t in requester_tokens[start : start + 100]
+                ))
+                for peer in peers:
+                    load.add_peer(peer)
+
+            # Closed loop: the first WARM_UP_S are not measured.
+            load.refill = True
+            for _ in range(args.concurrency):
+                load.send()
+            await asyncio.sleep(WARM_UP_S)
+            check_sessions(load.peers)
+            load.record_from_ns = time.perf_counter_ns()
+
+            def snapshot() -> tuple:
+                return (
+                    load.done, load.with_otpk, load.without_otpk, gateway_cpu_s(gateway), *cpu_times(gateway.pid),
+                    gateway_runqueue_wait_s(gateway), client_cpu_s(), time.monotonic(),
+                )
+
+            # Stop the window before the requesters' budget can run out (a short loop measures less).
+            budget = KEYS_GET_PER_REQUESTER * len(load.peers)
+            before = snapshot()
+            deadline = time.monotonic() + args.seconds
+            ended_early = False
+            while time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+                if load.issued >= budget - 2 * args.concurrency or load.exhausted:
+                    ended_early = True
+                    break
+            after = snapshot()
+            check_sessions(load.peers)
+            load.refill = False
+            await wait_until(lambda: not load.outstanding, load.peers, TAIL_TIMEOUT_S)
+            for start in range(0, len(load.peers), 200):
+                await asyncio.gather(*(peer.close() for peer in load.peers[start : start + 200]))
+
+    done, with_otpk, without_otpk, gateway_cpu, gateway_user, gateway_system, gateway_wait, client_cpu, elapsed = (
+        end - start for start, end in zip(before, after)
+    )
+    return {
+        "benchmark": "keys.get",
+        "durability": args.durability,
+        "targets": args.targets,
+        "otpk_per_target": args.otpk,
+        "requesters": len(load.peers),
+        "keys_get_per_requester_max": KEYS_GET_PER_REQUESTER,
+        "concurrency": args.concurrency,
+        "seconds": round(elapsed, 2),
+        "ended_early_requester_budget": ended_early,
+        "keys_get": done,
+        "keys_get_per_s": round(done / elapsed),
+        "returned_otpk": with_otpk,
+        "returned_no_otpk": without_otpk,
+        "gateway_cpu_s": round(gateway_cpu, 3),
+        "gateway_cpu_us_per_keys_get": round(gateway_cpu / done * 1e6, 1) if done else None,
+        "gateway_user_s": round(gateway_user, 2),
+        "gateway_system_s": round(gateway_system, 2),
+        "gateway_cpu_busy": round(gateway_cpu / elapsed, 2),
+        "gateway_runqueue_wait_s": round(gateway_wait, 2),
+        "client_cpu_busy": round(client_cpu / elapsed, 2),
+        "latency_ms_p50": percentile_ms(load.latencies_ns, 0.50),
+        "latency_ms_p99": percentile_ms(load.latencies_ns, 0.99),
+        "latency_samples": len(load.latencies_ns),
+        "refusals": dict(load.errors),
+        "stray_answers": load.stray,
+        "otpk_left_at_end": args.targets * args.otpk - load.with_otpk,  # whole run, warm-up included
+        "publish_s": round(put_s, 2),
+        "publish_gateway_cpu_s": round(put_cpu, 3),
+    }
+
+
 async def bench_bare_rss(args) -> dict:
     """The floor: RSS per idle TCP connection to a uvloop server that keeps no state."""
     _raise_fd_limit()
@@ -699,6 +909,15 @@ def main() -> None:
     offline.add_argument("--inflight", type=int, default=16, help="unacked messages per sender while storing")
     offline.add_argument("--payload", type=int, default=100, help="ciphertext bytes per message")
     offline.add_argument("--commit-mode", default="inline", choices=["inline", "thread"])
+    keys = sub.add_parser("keys")
+    keys.add_argument("--seconds", type=float, default=5.0)
+    keys.add_argument("--concurrency", type=int, default=32, help="keys.get outstanding in total (closed loop)")
+    keys.add_argument("--targets", type=int, default=64, help="users whose keys are fetched (one device each)")
+    keys.add_argument("--otpk", type=int, default=1000, help="one-time prekeys each target publishes (at most 1000)")
+    keys.add_argument(
+        "--requesters", type=int, default=1500,
+        help=f"requesting users (keys.get is rate limited per user: each is used at most {KEYS_GET_PER_REQUESTER} times)",
+    )
     idle = sub.add_parser("idle-rss")
     idle.add_argument("--connections", type=int, default=10000)
     idle.add_argument("--bare", action="store_true", help="measure a stateless uvloop server instead (the floor)")
@@ -709,6 +928,7 @@ def main() -> None:
     _pin(1)
     runner = {
         "handshakes": bench_handshakes, "idle-rss": bench_idle_rss, "messages": bench_messages, "offline": bench_offline,
+        "keys": bench_keys,
     }[args.command]
     if args.data_dir is None:
         # A run stores up to ~100 MB of mailboxes: a folder of our own, removed afterwards.
