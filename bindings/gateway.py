@@ -21,6 +21,13 @@ from interlink.core.store import LmdbStore, device_key
 
 log = logging.getLogger("interlink.gateway")
 
+# Settings a running gateway takes from Gateway.reload (SIGHUP); the others need a restart.
+RELOADABLE = frozenset({
+    "max_devices", "max_connections", "max_preauth_connections", "message_rate_per_device",
+    "message_rate_per_user", "max_mailbox_items", "max_mailbox_bytes", "mailbox_ttl_s", "slow_consumer_s",
+    "idle_release_s", "drain_timeout_s",
+})
+
 
 class Gateway:
     """One gateway node: ``await start()``, ``await drain()``, ``await stop()``."""
@@ -187,6 +194,27 @@ class Gateway:
 
     def resume_provider(self, provider_id: str) -> None:
         self.registry.resume(provider_id)
+
+    async def reload(self, config: GatewayConfig) -> dict:
+        """Apply a new configuration to the running gateway: its providers (``reload_providers``)
+        and the limits a running gateway can change (``RELOADABLE``). Settings that need a restart
+        (addresses, data folder, durability, frame size, ...) keep their running values and are
+        listed under ``restart_needed``. Returns ``{"providers", "applied", "restart_needed"}``."""
+        providers = self.reload_providers(config.providers)
+        running = self.config
+        changed = [
+            spec.name for spec in dataclasses.fields(GatewayConfig)
+            if spec.name != "providers" and getattr(config, spec.name) != getattr(running, spec.name)
+        ]
+        applied = [name for name in changed if name in RELOADABLE]
+        restart_needed = [name for name in changed if name not in RELOADABLE]
+        values = {name: getattr(config, name) for name in applied}
+        if self._server is not None and values:
+            self._server.apply_settings(**{k: v for k, v in values.items() if k != "drain_timeout_s"})
+        self.config = dataclasses.replace(running, providers=list(config.providers), **values)
+        if restart_needed:
+            log.warning("reload: %s take effect at the next start", ", ".join(restart_needed))
+        return {"providers": providers, "applied": applied, "restart_needed": restart_needed}
 
     def reload_providers(self, providers: list[Provider]) -> dict[str, list[str]]:
         """Make the registered providers exactly ``providers`` (the runner calls this on SIGHUP

@@ -3,9 +3,9 @@ embedding program would choose for itself (the library installs neither).
 
 SIGTERM and SIGINT drain: no new connections, ``bye drain`` to every session, batched commits
 flushed, LMDB closed, exit 0 within ``drain_timeout_s``. SIGHUP re-reads the configuration file
-and applies its providers (added, changed, removed, suspended); a file that no longer validates
-is refused with a log line and the gateway keeps its current providers. Other settings take
-effect at the next start.
+and applies its providers (added, changed, removed, suspended) and the limits a running gateway
+can change (``interlink.gateway.RELOADABLE``); a file that no longer validates is refused with a
+log line and nothing changes. Other settings take effect at the next start (logged).
 """
 
 from __future__ import annotations
@@ -83,11 +83,22 @@ def _reload(gateway: Gateway, path: Path | None) -> None:
         log.info("SIGHUP: no configuration file to re-read (started with the defaults)")
         return
     try:
-        changes = gateway.reload_providers(load_config(path).providers)
+        config = load_config(path)
     except InterlinkError as exc:
-        log.error("SIGHUP: configuration refused, providers unchanged: %s", exc)
+        log.error("SIGHUP: configuration refused, nothing changed: %s", exc)
         return
+    asyncio.ensure_future(_apply(gateway, config))
+
+
+async def _apply(gateway: Gateway, config: GatewayConfig) -> None:
+    try:
+        result = await gateway.reload(config)
+    except InterlinkError as exc:
+        log.error("SIGHUP: configuration refused, nothing changed: %s", exc)
+        return
+    changes = result["providers"]
     log.info(
-        "SIGHUP: providers reloaded (added %s, updated %s, removed %s)",
+        "SIGHUP: providers reloaded (added %s, updated %s, removed %s); limits applied: %s; need a restart: %s",
         changes["added"] or "none", changes["updated"] or "none", changes["removed"] or "none",
+        ", ".join(result["applied"]) or "none", ", ".join(result["restart_needed"]) or "none",
     )

@@ -16,6 +16,11 @@ class TokenBuckets:
         # key -> [tokens, at]: updated in place, as every routed stanza spends from two buckets.
         self._buckets: dict = {}
 
+    def set_rate(self, burst: float, rate: float) -> None:
+        """New burst and rate (a configuration reload); buckets keep their tokens, capped at the burst."""
+        self.burst = float(burst)
+        self.rate = rate
+
     def take(self, key, now: float) -> float:
         """Spend one token: 0.0 when allowed, otherwise the seconds until one is available."""
         bucket = self._buckets.get(key)

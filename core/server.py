@@ -593,6 +593,23 @@ class GatewayServer:
 
     # -- operator control
 
+    def apply_settings(self, **values) -> None:
+        """Change limits while running (``Gateway.reload``): the ones a running gateway can take.
+        Sessions opened from now on are told the new ``welcome`` limits."""
+        limit_fields = {spec.name for spec in dataclasses.fields(Limits)}
+        self.limits = dataclasses.replace(self.limits, **{k: v for k, v in values.items() if k in limit_fields})
+        for name, value in values.items():
+            if name == "message_rate_per_device":
+                self.router.device_buckets.set_rate(2 * value, value)
+            elif name == "message_rate_per_user":
+                self.router.user_buckets.set_rate(2 * value, value)
+            elif name in ("max_mailbox_items", "max_mailbox_bytes"):
+                setattr(self.store, name, value)
+            elif name in ("mailbox_ttl_s", "slow_consumer_s", "idle_release_s"):
+                setattr(self, name, value)
+            elif name not in limit_fields:
+                raise ValueError(f"{name} cannot change while the gateway runs")
+
     def suspend_provider(self, provider_id: str) -> int:
         """Mark the provider suspended and end every session of its users with ``bye suspended``."""
         self.registry.suspend(provider_id)
