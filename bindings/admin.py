@@ -12,6 +12,7 @@ registry: nothing on the message path updates a metric, and embedding programs' 
 
 from __future__ import annotations
 
+import base64
 import hmac
 import logging
 from typing import TYPE_CHECKING
@@ -102,6 +103,8 @@ class AdminServer:
             web.get("/metrics", self.metrics),
             web.get("/varz", self.varz),
             web.get("/connz", self.connz),
+            web.get("/reports", self.reports),
+            web.post("/reports/{number}/resolve", self.resolve_report),
             web.get("/providers", self.list_providers),
             web.post("/providers", self.add_provider),
             web.post("/providers/{id}/suspend", self.suspend_provider),
@@ -178,6 +181,36 @@ class AdminServer:
             raise web.HTTPUnauthorized(text="a valid 'Authorization: Bearer <admin_token>' is required\n",
                                        headers={"WWW-Authenticate": "Bearer"})
 
+    async def reports(self, request: web.Request) -> web.Response:
+        try:
+            after = int(request.query.get("after", "0"))
+            limit = int(request.query.get("limit", "100"))
+        except ValueError:
+            raise web.HTTPBadRequest(text="after and limit must be integers\n") from None
+        if after < 0 or not 1 <= limit <= MAX_PAGE:
+            raise web.HTTPBadRequest(text=f"after must be >= 0 and limit 1..{MAX_PAGE}\n")
+        unresolved = request.query.get("unresolved", "") in ("1", "true", "yes")
+        found = self.gateway.reports(after, limit, unresolved=unresolved)
+        return web.json_response({"reports": [_report_json(r) for r in found]})
+
+    async def resolve_report(self, request: web.Request) -> web.Response:
+        self._authorize(request)
+        try:
+            number = int(request.match_info["number"])
+            body = await request.json()
+        except ValueError:
+            raise web.HTTPBadRequest(text='the body must be JSON {"action": ..., "note": ...}\n') from None
+        if not isinstance(body, dict):
+            raise web.HTTPBadRequest(text='the body must be JSON {"action": ..., "note": ...}\n')
+        try:
+            self.gateway.resolve_report(number, body.get("action"), body.get("note", ""))
+        except ConfigError as exc:
+            raise web.HTTPBadRequest(text=f"{exc}\n") from None
+        except InterlinkError as exc:
+            raise web.HTTPNotFound(text=f"{exc}\n") from None
+        log.info("admin: report %d resolved (%s)", number, body.get("action"))
+        return web.json_response({"report": number, "resolved": True})
+
     async def list_providers(self, request: web.Request) -> web.Response:
         return web.json_response([_provider_json(p) for p in self.gateway.list_providers()])
 
@@ -218,6 +251,16 @@ class AdminServer:
             raise web.HTTPNotFound(text=f"{exc}\n") from None
         log.info("admin: provider %s resumed", provider_id)
         return web.json_response({"provider": provider_id, "suspended": False})
+
+
+def _report_json(report: dict) -> dict:
+    """JSON has no bytes: message ids in hex, evidence in base64."""
+    evidence = report.get("evidence")
+    return {
+        **report,
+        "ids": [i.hex() for i in report.get("ids", [])],
+        "evidence": base64.b64encode(evidence).decode("ascii") if evidence is not None else None,
+    }
 
 
 def _provider_json(provider) -> dict:

@@ -244,6 +244,38 @@ class Gateway:
                 self.suspend_provider(provider.id)
         return changes
 
+    # -- mailboxes and reports
+
+    def purge_expired(self) -> int:
+        """Delete every undelivered item older than ``mailbox_ttl_s`` now (the background sweep
+        does the same a chunk at a time); returns how many."""
+        server = self._running()
+        cutoff = int((time.time() - self.config.mailbox_ttl_s) * 1000)
+        removed, rounds_ended = 0, 0
+        while rounds_ended < 2:  # the sweep may start mid-round: the end of two rounds covers all
+            chunk = server.store.expire(cutoff, limit=10_000, max_devices=1 << 62)
+            removed += chunk
+            if chunk < 10_000:
+                rounds_ended += 1  # unbounded in devices, a short call reached the end of the table
+        server.counters["items_expired"] += removed
+        return removed
+
+    def reports(self, after: int = 0, limit: int = 100, *, unresolved: bool = False) -> list[dict]:
+        """Abuse reports users filed (``report`` operation), oldest first, numbered above ``after``:
+        reporter, device, user, ids, reason, evidence (bytes the reporter chose to reveal), ts (ms),
+        and ``resolution`` once resolved."""
+        return [{"report": number, **record} for number, record in self._running().store.reports(after, limit, unresolved=unresolved)]
+
+    def resolve_report(self, number: int, action: str, note: str = "") -> None:
+        """Record the operator's decision on a report; ``InterlinkError`` if there is no such report."""
+        if not isinstance(action, str) or not 1 <= len(action) <= 64:
+            raise ConfigError("action: a short word such as 'dismissed' or 'user-suspended' (1..64 characters)")
+        if not isinstance(note, str) or len(note) > 4096:
+            raise ConfigError("note: at most 4096 characters")
+        resolution = {"action": action, "note": note, "ts": int(time.time() * 1000)}
+        if not self._running().store.resolve_report(number, resolution):
+            raise InterlinkError(f"no report {number}")
+
     # -- observation
 
     def sessions(self) -> list[dict]:

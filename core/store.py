@@ -247,6 +247,14 @@ class Store(Protocol):
     def report(self, number: int) -> dict | None:
         """A stored report, or None."""
 
+    def reports(self, after: int = 0, limit: int = 100, *, unresolved: bool = False) -> list[tuple[int, dict]]:
+        """Up to ``limit`` reports numbered above ``after``, oldest first (only those without a
+        ``resolution`` when ``unresolved``)."""
+
+    def resolve_report(self, number: int, resolution: dict) -> bool:
+        """Record what the operator decided (``resolution`` is stored in the report); False when
+        there is no such report."""
+
     def set_phone(self, user: str, phone: str | None) -> bool:
         """List ``user`` under ``phone`` in the directory (None: under no phone); replaces the
         previous phone. Reads only when nothing changes; True when it wrote."""
@@ -700,6 +708,32 @@ class LmdbStore:
         with self._env.begin(db=self._reports) as txn:
             raw = txn.get(_SEQ.pack(number))
             return msgpack.unpackb(raw, raw=False) if raw is not None else None
+
+    def reports(self, after: int = 0, limit: int = 100, *, unresolved: bool = False) -> list[tuple[int, dict]]:
+        found: list[tuple[int, dict]] = []
+        with self._env.begin(db=self._reports) as txn:
+            cursor = txn.cursor()
+            if not cursor.set_range(_SEQ.pack(after + 1)):
+                return found
+            for key, raw in cursor.iternext():
+                record = msgpack.unpackb(raw, raw=False)
+                if unresolved and "resolution" in record:
+                    continue
+                found.append((_SEQ.unpack(key)[0], record))
+                if len(found) >= limit:
+                    break
+        return found
+
+    def resolve_report(self, number: int, resolution: dict) -> bool:
+        key = _SEQ.pack(number)
+        with self._write() as txn:
+            raw = txn.get(key, db=self._reports)
+            if raw is None:
+                return False
+            record = msgpack.unpackb(raw, raw=False)
+            record["resolution"] = resolution
+            txn.put(key, msgpack.packb(record, use_bin_type=True), db=self._reports)
+            return True
 
     def set_phone(self, user: str, phone: str | None) -> bool:
         key = user.encode("utf-8")

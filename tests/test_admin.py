@@ -190,3 +190,63 @@ async def test_cli_status_and_provider_commands(admin_gateway, issuers, http):
     assert bad.exit_code == 1 and "id must match" in bad.output
     unreachable = await asyncio.to_thread(CliRunner().invoke, main, ["status", "--admin", "http://127.0.0.1:1"])
     assert unreachable.exit_code == 1 and "cannot reach the admin endpoint" in unreachable.output
+
+
+async def test_reports_listed_and_resolved(admin_gateway, issuers, http):
+    people = People(admin_gateway, issuers)
+    bob = await people.connect("bob@beta")
+    for reason in ("spam", "abuse"):
+        await bob.iq("report", user="alice@alpha", ids=[b"\x07" * 16], reason=reason, evidence=b"shown")
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    async with http.get(url(admin_gateway, "/reports")) as response:
+        listed = (await response.json())["reports"]
+    assert [(r["report"], r["reason"], r["reporter"], r["user"]) for r in listed] == [
+        (1, "spam", "bob@beta", "alice@alpha"), (2, "abuse", "bob@beta", "alice@alpha")]
+    assert listed[0]["ids"] == ["07" * 16] and listed[0]["evidence"] == "c2hvd24="
+    async with http.post(url(admin_gateway, "/reports/1/resolve"), json={"action": "dismissed"}) as response:
+        assert response.status == 401
+    async with http.post(url(admin_gateway, "/reports/1/resolve"), json={"action": "dismissed", "note": "not spam"}, headers=auth) as response:
+        assert response.status == 200
+    async with http.post(url(admin_gateway, "/reports/9/resolve"), json={"action": "dismissed"}, headers=auth) as response:
+        assert response.status == 404
+    async with http.post(url(admin_gateway, "/reports/2/resolve"), json={"note": "no action"}, headers=auth) as response:
+        assert response.status == 400
+    async with http.get(url(admin_gateway, "/reports?unresolved=1")) as response:
+        assert [r["report"] for r in (await response.json())["reports"]] == [2]
+    resolved = admin_gateway.reports()[0]["resolution"]
+    assert (resolved["action"], resolved["note"]) == ("dismissed", "not spam")
+    assert [r["report"] for r in admin_gateway.reports(after=1)] == [2]
+    await bob.close()
+
+
+async def test_purge_expired_deletes_old_undelivered_items_now(issuers, tmp_path):
+    import dataclasses
+    import time
+
+    from interlink.core.store import LmdbStore, WriteBatch, device_key
+
+    config = config_for(issuers, tmp_path)
+    async with Gateway(config) as gateway:
+        bob = await People(gateway, issuers).connect("bob@beta")  # registers bob's device
+        await bob.close()
+    # Items stored two minutes ago, written with the store the gateway uses, while it is stopped.
+    store = LmdbStore(tmp_path / "lmdb")
+    old_ms = int((time.time() - 120) * 1000)
+    batch = WriteBatch()
+    for i in range(3):
+        batch.add_message(device_key("alice@alpha", 1), bytes([i]) * 16, old_ms, [(device_key("bob@beta", 1), lambda seq, ts: b"old")])
+    store.commit(batch)
+    store.close()
+    async with Gateway(config) as gateway:
+        people = People(gateway, issuers)
+        alice = await people.connect("alice@alpha")
+        await alice.send_message("bob@beta", {1: b"fresh"})
+        assert gateway.purge_expired() == 0  # nothing is older than the 30-day TTL
+        await gateway.reload(dataclasses.replace(config, mailbox_ttl_s=60))
+        assert gateway.purge_expired() == 3  # the fresh one stays
+        assert gateway.mailbox_stats("bob@beta")[1]["items"] == 1
+        assert gateway.stats()["counters"]["items_expired"] == 3
+        bob = await people.connect("bob@beta")
+        assert bob.welcome["pending"] == 1 and (await bob.recv(timeout_s=5))["c"] == b"fresh"
+        for client in (alice, bob):
+            await client.close()
