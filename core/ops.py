@@ -96,6 +96,7 @@ class Operations:
         self.registry = registry
         self.policy = policy
         self.clock = clock
+        self.router = None  # core.router.Router, set by the server: keys.get takes prekeys in its group commit
         self.lookup_buckets = TokenBuckets(*DIR_LOOKUP_RATE)
         self.report_buckets = TokenBuckets(*REPORT_RATE)
         self.keys_buckets = TokenBuckets(*KEYS_GET_RATE)
@@ -192,7 +193,13 @@ class Operations:
                     f"{user} has no device {', '.join(map(str, extra))}", code="device_mismatch", missing=[], extra=extra
                 )
             devices = asked
-        return {"bundles": self.store.take_prekeys(user, devices)}
+        bundles = self.store.read_prekeys(user, devices)
+        if self.router is None or all(bundle["otpk"] is None for bundle in bundles):
+            return {"bundles": bundles}  # nothing to consume: answered at once, no write
+        # One-time prekeys are taken (each exactly once) in the group commit with the messages
+        # and other keys.get of this loop turn: one fsync for all of them, answered after it.
+        self.router.enqueue_prekey_take(proto, {"t": "res", "id": stanza["id"]}, user, devices)
+        return DEFERRED
 
     def keys_count(self, proto: GatewayProtocol, stanza: dict) -> dict:
         identity = proto.conn.identity

@@ -262,6 +262,13 @@ class Router:
         self._waiting.append((proto, message, list(targets)))
         self._schedule_commit()
 
+    def enqueue_prekey_take(self, proto: GatewayProtocol, reply: dict, user: str, devices) -> None:
+        """A ``keys.get`` whose one-time prekeys are taken in this turn's commit (one fsync for
+        every request of the turn); ``reply`` gets its ``bundles`` there and is sent after it."""
+        message = self._batch.take_prekeys(device_key(*proto.session_key), int(self.clock() * 1000), user, devices, reply)
+        self._waiting.append((proto, message, []))
+        self._schedule_commit()
+
     def handle_recv(self, proto: GatewayProtocol, stanza: dict) -> None:
         seqs = stanza.get("seq")
         if type(seqs) is not list or len(seqs) > MAX_RECV_SEQS or not all(type(s) is int and s > 0 for s in seqs):

@@ -299,6 +299,7 @@ class GatewayServer:
             clock=clock,
         )
         self.ops = Operations(store=store, registry=registry, policy=self.policy, clock=clock)
+        self.ops.router = self.router
         self.groups = Groups(
             store=store, registry=registry, policy=self.policy, router=self.router, max_group=limits.max_group
         )

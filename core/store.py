@@ -134,7 +134,9 @@ class StoredMessage:
     change must reach every member, however full its mailbox. Its ``group`` write, if any, is
     done first, and when it is refused (``refused`` = ``"conflict"``) none of its items is stored."""
 
-    __slots__ = ("sender_key", "msg_id", "ts_ms", "items", "dup", "stored", "refused", "control", "group", "reply")
+    __slots__ = (
+        "sender_key", "msg_id", "ts_ms", "items", "dup", "stored", "refused", "control", "group", "reply", "prekeys",
+    )
 
     def __init__(
         self, sender_key: bytes, msg_id: bytes, ts_ms: int, items: list, control: bool = False,
@@ -150,6 +152,7 @@ class StoredMessage:
         self.control = control
         self.group = group
         self.reply = None  #: the router's answer once committed (an ``iq`` ``res``), for control entries
+        self.prekeys = None  #: (user, devices) whose bundles the commit takes into ``reply["bundles"]``
 
 
 class WriteBatch:
@@ -174,6 +177,15 @@ class WriteBatch:
                     group: GroupWrite | None = None) -> StoredMessage:
         """A control entry (see ``StoredMessage``): a group write and the items announcing it."""
         message = StoredMessage(sender_key, msg_id, ts_ms, items, control=True, group=group)
+        self.messages.append(message)
+        return message
+
+    def take_prekeys(self, sender_key: bytes, ts_ms: int, user: str, devices, reply: dict) -> StoredMessage:
+        """A ``keys.get`` that hands out one-time prekeys: the commit takes them (each exactly
+        once) and puts the bundles into ``reply["bundles"]``, so many requests share one fsync."""
+        message = StoredMessage(sender_key, b"", ts_ms, [], control=True)
+        message.prekeys = (user, sorted(set(devices)))
+        message.reply = reply
         self.messages.append(message)
         return message
 
@@ -285,6 +297,10 @@ class Store(Protocol):
 
     def prekey_count(self, user: str, device: int) -> int:
         """How many one-time prekeys the device has stored."""
+
+    def read_prekeys(self, user: str, devices) -> list[dict]:
+        """The bundles ``take_prekeys`` would hand out, read only: nothing is consumed (the
+        gateway then takes the one-time prekeys in its group commit, ``WriteBatch.take_prekeys``)."""
 
     # -- groups (written only through ``commit``: ``WriteBatch.add_control`` with a ``GroupWrite``)
 
@@ -457,6 +473,9 @@ class LmdbStore:
             stored.append((dkey, seq, value))
 
     def _write_control(self, txn, message: StoredMessage, states: dict) -> None:
+        if message.prekeys is not None:
+            user, devices = message.prekeys
+            message.reply["bundles"] = self._bundles_in(txn, user, devices, take=True)
         change = message.group
         if change is not None:
             raw = txn.get(change.g, db=self._groups)
@@ -799,6 +818,10 @@ class LmdbStore:
             for key_id, key in wanted.items():
                 txn.put(dkey + _DEVICE.pack(key_id), key, db=self._otpks)
             return count
+
+    def read_prekeys(self, user: str, devices) -> list[dict]:
+        with self._env.begin() as txn:
+            return self._bundles_in(txn, user, sorted(set(devices)), take=False)
 
     def take_prekeys(self, user: str, devices) -> list[dict]:
         devices = sorted(set(devices))
