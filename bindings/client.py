@@ -314,6 +314,11 @@ class Client:
             stanza["own"] = own
         return await self._send_stored(stanza, timeout_s)
 
+    async def send_group_message(self, g: bytes, body: bytes, *, msg_id: bytes | None = None, timeout_s: float = 10.0) -> dict:
+        """Send a group message: ``body`` is the one ciphertext for every member's device. Returns
+        the ``ack``; like ``send_message``, kept in the outbox until answered."""
+        return await self._send_stored({"t": "msg", "id": msg_id or new_message_id(), "g": g, "b": body}, timeout_s)
+
     async def _send_stored(self, stanza: dict, timeout_s: float) -> dict:
         """Send a stanza the gateway stores; keep it in the outbox until it is answered."""
         outbox = self.outbox

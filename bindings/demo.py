@@ -3,7 +3,8 @@
 Generates operator keys into a scratch folder, serves two demo OpenID Connect issuers (two
 messaging providers) on 127.0.0.1, starts a gateway on its embedded default configuration, and
 connects users of both providers over every handshake suite: each gets its ``welcome`` and a
-ping round trip. Then it shows what refusals look like.
+ping round trip. Then messaging, end-to-end encryption, an end-to-end encrypted group chat of three
+providers (a third issuer), and what refusals look like.
 """
 
 from __future__ import annotations
@@ -35,16 +36,18 @@ def say(text: str = "") -> None:
 
 async def run_demo(data_dir: Path) -> None:
     say(f"interlink {interlink.__version__} — hot paths: {interlink.core.IMPLEMENTATION}, event loop: uvloop")
-    async with DemoIssuer() as alpha_issuer, DemoIssuer() as beta_issuer:
+    async with DemoIssuer() as alpha_issuer, DemoIssuer() as beta_issuer, DemoIssuer() as gamma_issuer:
         providers = [
             Provider(id="alpha", issuer=alpha_issuer.issuer, audience=AUDIENCE, discovery=True, default_accept=("beta",)),
             Provider(
                 id="beta", issuer=beta_issuer.issuer, audience=AUDIENCE, discovery=True,
                 algorithms=("ES256", "EdDSA"), default_accept=("alpha",),
             ),
+            Provider(id="gamma", issuer=gamma_issuer.issuer, audience=AUDIENCE, discovery=True),  # own users only
         ]
         say(f"OpenID issuer for provider 'alpha': {alpha_issuer.issuer}")
         say(f"OpenID issuer for provider 'beta':  {beta_issuer.issuer}")
+        say(f"OpenID issuer for provider 'gamma': {gamma_issuer.issuer}")
         keys_dir = data_dir / "keys"
         if (keys_dir / ROOT_PUBLIC_FILE).exists():
             keys = load_operator_keys(keys_dir)
@@ -92,6 +95,8 @@ async def run_demo(data_dir: Path) -> None:
             await _chat(gateway, clients, host, port, beta_issuer)
             say()
             await _e2ee_chat(host, port, gateway, alpha_issuer, beta_issuer, data_dir)
+            say()
+            await _group_chat(host, port, gateway, alpha_issuer, beta_issuer, gamma_issuer, data_dir)
             say()
 
             say("what a refusal looks like:")
@@ -228,6 +233,94 @@ async def _e2ee_chat(host: str, port: int, gateway: Gateway, alpha_issuer, beta_
     say(f"  erin/2 restarts from its state file and decrypts what waited: {waited[0].text!r}, "
         f"and her own copy of {waited[1].text!r}")
     await erin2.close()
+
+
+async def _group_chat(host: str, port: int, gateway: Gateway, alpha_issuer, beta_issuer, gamma_issuer,
+                      data_dir: Path) -> None:
+    """A group chat of three providers' users, end-to-end encrypted with sender keys; a member is
+    removed mid-conversation and stops receiving."""
+    try:
+        from interlink.e2ee import E2EEClient, E2EEError, GroupEvent, SenderKey
+    except ImportError:
+        say("group chat: skipped (pip install 'interlink[e2ee]')")
+        return
+    say("group chat (three providers; sender keys sent over the pairwise sessions, one ciphertext per message):")
+    states = data_dir / "e2ee-clients"
+    states.mkdir(exist_ok=True)
+
+    async def open_device(name: str, issuer, alg: str, device: int) -> E2EEClient:
+        token = issuer.issue(name, audience=AUDIENCE, alg=alg)
+        return await E2EEClient.open(states / f"group-{name}-{device}.state", host, port, token=token, device=device,
+                                     root_public=gateway.root_public, otpk_target=10, otpk_low=3)
+
+    hana1, hana2 = await open_device("hana", alpha_issuer, "EdDSA", 1), await open_device("hana", alpha_issuer, "EdDSA", 2)
+    ivan = await open_device("ivan", beta_issuer, "ES256", 1)
+    juno = await open_device("juno", gamma_issuer, "EdDSA", 1)
+    for client in (hana1, ivan, juno):
+        await client.client.iq("consent.set", accept=["*"], discoverable=False)
+    say("  hana@alpha (2 devices), ivan@beta, juno@gamma: each accepts the other providers (consent.set)")
+    g = await hana1.create_group(["ivan@beta", "juno@gamma"])
+    devices = {"hana/1": hana1, "hana/2": hana2, "ivan/1": ivan, "juno/1": juno}
+    for name, client in devices.items():
+        if client is not hana1:
+            event = await client.receive(timeout_s=5)
+            assert isinstance(event, GroupEvent)
+            say(f"  {name} <- group event '{event.event}' by {event.by}: members {', '.join(event.current)}")
+    sent: list[str] = []
+
+    async def say_to_group(name: str, text: str) -> list[str]:
+        sender = devices[name]
+        await sender.send_to_group(g, text)
+        sent.append(text)
+        readers = []
+        for other, client in devices.items():
+            if client is sender or client.members_of(g) == []:
+                continue
+            message = await client.receive(timeout_s=5)
+            assert message.text == text and message.group == g, message
+            readers.append(other)
+        say(f"  {name} -> group: {text!r} — decrypted by {', '.join(readers)}")
+        return readers
+
+    await say_to_group("hana/1", "welcome to the group")
+    await say_to_group("ivan/1", "hi from beta")
+    await say_to_group("juno/1", "hi from gamma")
+    await say_to_group("hana/2", "and from hana's tablet")
+    kept = {(s, d): SenderKey.from_dict(k.to_dict()) for (gg, s, d), k in ivan.state.sender_keys.items() if gg == g}
+    ver = await hana1.remove_members(g, ["ivan@beta"])
+    event = await ivan.receive(timeout_s=5)
+    say(f"  hana/1 removes ivan (ver {ver}): ivan/1 <- group event '{event.event}' ({', '.join(event.members)}); "
+        f"his client deletes the group's keys")
+    for name in ("hana/2", "juno/1"):
+        await devices[name].receive(timeout_s=5)
+    on_the_wire: list[bytes] = []
+    send = hana1.client.send_group_message
+
+    async def tap(group, body, **options):  # the ciphertext on its way to the gateway
+        on_the_wire.append(body)
+        return await send(group, body, **options)
+
+    hana1.client.send_group_message = tap
+    await say_to_group("hana/1", "ivan cannot read this")
+    await say_to_group("juno/1", "nor this")
+    try:
+        await ivan.receive(timeout_s=0.5)
+        raise SystemExit("demo bug: ivan received a group message after his removal")
+    except TimeoutError:
+        pass
+    try:
+        kept[("hana@alpha", 1)].decrypt(on_the_wire[0])
+        raise SystemExit("demo bug: an old sender key opened a message sent after the removal")
+    except E2EEError as exc:
+        say(f"  ivan/1 receives nothing more; even given the bytes, his old key of hana/1 fails: {exc} "
+            "(every remaining device started a new chain)")
+    stored = b"".join(p.read_bytes() for p in data_dir.rglob("*") if p.is_file() and states not in p.parents)
+    leaked = [t for t in sent if t.encode() in stored]
+    if leaked:
+        raise SystemExit(f"demo bug: plaintext in the gateway's data dir: {leaked}")
+    say(f"  none of the {len(sent)} group texts is in the gateway's data dir")
+    for client in devices.values():
+        await client.close()
 
 
 async def _show_refusal(label: str, host: str, port: int, gateway: Gateway, token: str) -> None:

@@ -7,8 +7,9 @@
 
 Signal-Protocol sessions: X3DH (package ``x3dh``) to start a session with every device of a peer
 and with one's own other devices, the Double Ratchet (package ``doubleratchet``) for every message
-after that; sender keys for groups (the key layer only) built from ``cryptography``. The gateway
-only ever carries the opaque envelopes defined in docs/e2ee.md.
+after that; sender keys for groups built from ``cryptography``, distributed over the pairwise
+sessions and rotated when a member goes away. The gateway only ever carries the opaque envelopes
+defined in docs/e2ee.md.
 
 Layers:
 
@@ -17,7 +18,9 @@ Layers:
   ``encrypt``/``decrypt`` of envelopes, saved atomically to a file with mode 0600.
 * ``SenderKey`` — a group sender-key chain (HMAC-SHA256 chain ratchet, AES-256-GCM, Ed25519).
 * ``E2EEClient`` — a chat-app API on top of the SDK ``Client``: key publication and refill,
-  device lists and ``device_mismatch`` handling, decrypting iteration.
+  device lists and ``device_mismatch`` handling, groups (``create_group``, ``add_members``,
+  ``remove_members``, ``leave_group``, ``send_to_group``), decrypting iteration (``Message``s and
+  ``GroupEvent``s).
 """
 
 from __future__ import annotations
@@ -69,6 +72,9 @@ MAX_SKIP = 1000  # message keys computed ahead at most for one received message 
 MAX_SKIPPED_KEYS = 2000  # skipped message keys kept per session / sender key; the oldest go first
 MAX_SESSIONS_PER_DEVICE = 5  # the current session with a peer device and up to 4 older ones
 SEEN_MEMORY = 4096  # (from, id) pairs remembered across restarts to drop redeliveries
+MAX_HELD = 256  # group messages kept (encrypted, in the state file) while their sender key has not arrived
+HOLD_S = 60.0  # how long such a message waits for its sender key before it is given up as undecryptable
+DEVICE_LIST_TTL_S = 60.0  # a group send asks devices.get again for members whose list is older than this
 STATE_VERSION = 1
 
 
@@ -287,6 +293,35 @@ class SenderKey:
         return plaintext
 
 
+# -- what a device knows about a group
+
+
+@dataclasses.dataclass
+class GroupState:
+    """One group as this device knows it (from the ``dlv`` kind ``group`` events, the ``res`` of
+    its own changes and ``group.get``): members in join order, ``ver``, the opaque ``meta``;
+    ``active`` is false once this user left or was removed. ``shared`` lists the devices that have
+    this device's current sender key (``shared_kid``); ``rekey`` asks for a new chain before the
+    next message (a member went away)."""
+
+    members: list[str]
+    ver: int
+    meta: bytes | None = None
+    active: bool = True
+    rekey: bool = False
+    shared_kid: int | None = None
+    shared: set[tuple[str, int]] = dataclasses.field(default_factory=set)
+
+    def to_dict(self) -> dict:
+        return {"members": self.members, "ver": self.ver, "meta": self.meta, "active": self.active, "rekey": self.rekey,
+                "shared_kid": self.shared_kid, "shared": sorted([u, d] for u, d in self.shared)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> GroupState:
+        return cls(list(d["members"]), d["ver"], d.get("meta"), d["active"], d["rekey"], d.get("shared_kid"),
+                   {(u, dev) for u, dev in d["shared"]})
+
+
 # -- the device state: identity, prekeys, pairwise sessions
 
 
@@ -330,6 +365,9 @@ class DeviceState:
         self.own_sender_keys: dict[bytes, SenderKey] = {}  # group -> this device's chain
         self.sender_keys: dict[tuple[bytes, str, int], SenderKey] = {}  # (group, sender, device) -> chain
         self.seen: OrderedDict[tuple[str, bytes], None] = OrderedDict()
+        self.groups: dict[bytes, GroupState] = {}
+        # group messages whose sender key has not arrived yet: dlv fields + "since" (encrypted, no plaintext)
+        self.held: list[dict] = []
         self._ratchets: dict[int, _Ratchet] = {}  # id(session) -> live ratchet object (cache)
 
     # creation and persistence
@@ -364,6 +402,8 @@ class DeviceState:
             "own_sender_keys": [k.to_dict() for k in self.own_sender_keys.values()],
             "sender_keys": [[s, d, k.to_dict()] for (g, s, d), k in self.sender_keys.items()],
             "seen": [list(pair) for pair in self.seen],
+            "groups": [[g, info.to_dict()] for g, info in self.groups.items()],
+            "held": self.held,
         })
 
     @classmethod
@@ -387,6 +427,8 @@ class DeviceState:
             key = SenderKey.from_dict(k)
             self.sender_keys[(key.group, sender, dev)] = key
         self.seen = OrderedDict((tuple(pair), None) for pair in d["seen"])
+        self.groups = {g: GroupState.from_dict(info) for g, info in d.get("groups", [])}  # absent in older files
+        self.held = list(d.get("held", []))
         return self
 
     def save(self, path: str | os.PathLike) -> None:
@@ -586,6 +628,48 @@ class DeviceState:
             raise E2EEError(f"no sender key of {sender}/{device} for this group message")
         return key.decrypt(env)
 
+    # group membership (what the sender keys are for)
+
+    def set_members(self, group: bytes, members: list[str], ver: int, meta: bytes | None = None) -> list[str]:
+        """Record the group's members at ``ver``; returns the members who went away. Anyone gone
+        means a new sender key before this device's next message (``rekey``). Their sender keys are
+        kept: messages they sent before going may still be on their way here (the gateway accepts
+        nothing from them any more). This user gone means the group's keys are all dropped
+        (``active`` false)."""
+        info = self.groups.get(group)
+        if info is None:
+            info = self.groups[group] = GroupState(list(members), ver, meta)
+            gone: list[str] = []
+        else:
+            kept = set(members)
+            gone = [m for m in info.members if m not in kept]
+            info.members, info.ver = list(members), ver
+            if meta is not None:
+                info.meta = meta
+        if self.user not in members:
+            self.leave_group_state(group, ver)
+            return gone
+        if not info.active:  # added again after leaving or a removal: everything starts afresh
+            info.active, info.shared, info.shared_kid = True, set(), None
+        if gone:
+            info.rekey = True
+            info.shared = {(u, d) for u, d in info.shared if u not in gone}
+        return gone
+
+    def leave_group_state(self, group: bytes, ver: int | None = None) -> None:
+        """This user is no longer a member: forget every sender key of the group (its own too)."""
+        info = self.groups.get(group)
+        if info is None:
+            info = self.groups[group] = GroupState([], ver or 0)
+        info.active, info.rekey, info.shared, info.shared_kid = False, False, set(), None
+        if ver is not None:
+            info.ver = max(info.ver, ver)
+        info.members = [m for m in info.members if m != self.user]
+        self.own_sender_keys.pop(group, None)
+        for key in [k for k in self.sender_keys if k[0] == group]:
+            del self.sender_keys[key]
+        self.held = [h for h in self.held if h["g"] != group]
+
     # redeliveries
 
     def first_time(self, sender: str, msg_id: bytes) -> bool:
@@ -603,7 +687,8 @@ class DeviceState:
 
 @dataclasses.dataclass(frozen=True)
 class Message:
-    """A decrypted message. ``to`` is set on the copy of a message sent by one of your own other devices."""
+    """A decrypted message. ``to`` is set on the copy of a message sent by one of your own other
+    devices; ``group`` (the group id) on a group message."""
 
     sender: str
     device: int
@@ -612,6 +697,27 @@ class Message:
     ts: int  # gateway time, ms
     sent_ts: int | None = None  # the sender's clock, ms (inside the encryption)
     to: str | None = None
+    seq: int | None = None
+    group: bytes | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupEvent:
+    """A membership change of a group (``dlv`` kind ``group``): ``event`` is ``created``,
+    ``added``, ``removed`` or ``left``; ``members`` the members it concerns; ``by``/``device`` who
+    made it; ``current`` the members as this device knows them after handling it."""
+
+    group: bytes
+    event: str
+    members: tuple[str, ...]
+    by: str
+    device: int
+    ver: int
+    id: bytes
+    ts: int
+    current: tuple[str, ...] = ()
+    promoted: tuple[str, ...] = ()
+    meta: bytes | None = None
     seq: int | None = None
 
 
@@ -632,8 +738,12 @@ class E2EEClient:
         self.otpk_low = otpk_low
         self.undecryptable: list[tuple[str, int, bytes, str]] = []  # (from, dev, id, why)
         self._devices: dict[str, list[int]] = {}
-        self._ready: collections.deque[Message] = collections.deque()  # decrypted, not handed out yet
-        self._lock = asyncio.Lock()
+        self._devices_at: dict[str, float] = {}  # when each device list was fetched (monotonic)
+        self._ready: collections.deque[Message | GroupEvent] = collections.deque()  # decrypted, not handed out yet
+        self._lock = asyncio.Lock()  # the state (DeviceState) and its file
+        self._group_lock = asyncio.Lock()  # one group send or membership change at a time
+        self.hold_s = HOLD_S
+        self.skey_failures: list[tuple[bytes, str, str]] = []  # (group, member, why) sender keys not delivered
 
     @classmethod
     async def open(
@@ -736,6 +846,7 @@ class E2EEClient:
         if refresh or user not in self._devices:
             devices = (await self.client.iq("devices.get", user=user))["devices"]
             self._devices[user] = devices
+            self._devices_at[user] = time.monotonic()
             for stale in set(self.state.peer_devices_with_sessions(user)) - set(devices):
                 self.state.forget_device(user, stale)
         return self._devices[user]
@@ -761,14 +872,16 @@ class E2EEClient:
         bundles = await self._bundles(user, devices)
         return {d: await self.state.encrypt(user, d, payload, bundle=bundles.get(d)) for d in devices}
 
-    async def _send_payload(self, to: str, payload: bytes, *, attempts: int = 4) -> dict:
+    async def _send_payload(self, to: str, payload: bytes, *, attempts: int = 4, own_copies: bool = True) -> dict:
         msg_id = os.urandom(16)
         refresh = False
         for attempt in range(attempts):
             async with self._lock:
                 try:
                     peer_devices = await self.devices_of(to, refresh=refresh)
-                    own_devices = [d for d in await self.devices_of(self.user, refresh=refresh) if d != self.device]
+                    own_devices = []
+                    if own_copies:
+                        own_devices = [d for d in await self.devices_of(self.user, refresh=refresh) if d != self.device]
                     ciphertexts = await self._encrypt_for(to, peer_devices, payload)
                     own = await self._encrypt_for(self.user, own_devices, payload)
                 except ServerError as exc:
@@ -793,19 +906,176 @@ class E2EEClient:
         it; returns the gateway's ``ack`` (``id``, ``ts``)."""
         return await self._send_payload(to, _pack({"k": "text", "text": text, "ts": int(time.time() * 1000)}))
 
-    # -- groups: the key layer (the gateway does not route group messages yet)
+    # -- groups: membership (group.* operations, tracked from the events) and sender keys
+
+    @property
+    def groups(self) -> dict[bytes, GroupState]:
+        """Every group this device knows of, by id (``active`` false: left or removed)."""
+        return self.state.groups
+
+    def members_of(self, group: bytes) -> list[str]:
+        """The group's members in join order, as this device knows them ([] if not a member)."""
+        info = self.state.groups.get(group)
+        return list(info.members) if info is not None and info.active else []
+
+    async def create_group(self, members: list[str], *, meta: bytes | None = None) -> bytes:
+        """Create a group of you and ``members`` (``group.new``); returns its id. ``meta`` is stored
+        by the gateway as given and shown to every member: put only bytes your app encrypted there."""
+        others = [m for m in dict.fromkeys(members) if m != self.user]
+        fields = {"members": others} if meta is None else {"members": others, "meta": meta}
+        async with self._group_lock:
+            res = await self.client.iq("group.new", **fields)
+            async with self._lock:
+                self.state.set_members(res["g"], [self.user, *others], res["ver"], meta)
+                self._save()
+        return res["g"]
+
+    async def add_members(self, group: bytes, members: list[str]) -> int:
+        """Add members (admins only, ``group.add``); returns the group's ``ver``. They read what is
+        sent from now on: each sender hands them its sender key as it stands at its next message."""
+        return await self._change(group, "group.add", list(members))
+
+    async def remove_members(self, group: bytes, members: list[str]) -> int:
+        """Remove members (admins only, ``group.del``); returns ``ver``. Every remaining device,
+        this one included, starts a new sender key before its next message."""
+        return await self._change(group, "group.del", list(members))
+
+    async def leave_group(self, group: bytes) -> int:
+        """Leave the group (``group.leave``): its sender keys are deleted from this device."""
+        return await self._change(group, "group.leave", None)
+
+    async def _change(self, group: bytes, op: str, members: list[str] | None) -> int:
+        async with self._group_lock:
+            fields = {"g": group} if members is None else {"g": group, "members": members}
+            res = await self.client.iq(op, **fields)
+            ver = res["ver"]
+            async with self._lock:
+                state, info = self.state, self.state.groups.get(group)
+                if op == "group.leave":
+                    state.leave_group_state(group, ver)
+                elif info is not None and info.active and ver == info.ver + 1:  # only our change in between
+                    if op == "group.add":
+                        new = info.members + [m for m in members if m not in info.members]
+                    else:
+                        new = [m for m in info.members if m not in members]
+                    state.set_members(group, new, ver)
+                elif info is None or not info.active or ver > info.ver:  # events of others not read yet
+                    await self._resync(group, ver)
+                self._save()
+        return ver
+
+    async def _group_get(self, group: bytes) -> tuple[list[str], int, bytes | None]:
+        """The group's members, ``ver`` and ``meta`` from ``group.get`` (every page, one version)."""
+        for _ in range(5):
+            res = await self.client.iq("group.get", g=group)
+            members, ver = list(res["members"]), res["ver"]
+            while res.get("more"):
+                res = await self.client.iq("group.get", g=group, skip=len(members))
+                if res["ver"] != ver:
+                    break
+                members += res["members"]
+            else:
+                return members, ver, res.get("meta")
+        raise E2EEError("the group changes too often to be read")
+
+    async def _resync(self, group: bytes, ver: int | None = None) -> ServerError | None:
+        """Replace what this device knows of the group by the gateway's answer (``self._lock`` held);
+        returns the ``not_member``/``not_found`` refusal when this user is not a member."""
+        try:
+            members, current, meta = await self._group_get(group)
+        except ServerError as exc:
+            if exc.code not in ("not_member", "not_found"):
+                raise
+            self.state.leave_group_state(group, ver)
+            return exc
+        self.state.set_members(group, members, current, meta)
+        return None
+
+    async def _fresh_devices(self, user: str) -> list[int]:
+        stale = time.monotonic() - self._devices_at.get(user, float("-inf")) > DEVICE_LIST_TTL_S
+        return await self.devices_of(user, refresh=stale)
+
+    async def _distribute(self, group: bytes, key: SenderKey, members: list[str], info: GroupState | None, *,
+                          force: bool = False) -> None:
+        """Send ``key`` (as it stands now) over the pairwise sessions to every device of ``members``
+        and to this user's other devices that do not have it yet (all of them with ``force``).
+        A member who cannot be reached (no consent for our provider, no keys published) is logged
+        and listed in ``skey_failures``; it is tried again at the next message."""
+        payload = _pack(key.distribution())
+        shared = info.shared if info is not None else set()
+        others = [m for m in dict.fromkeys(members) if m != self.user]
+        need, reachable = [], []
+        async with self._lock:
+            own_devices = [d for d in await self._fresh_devices(self.user) if d != self.device]
+            for member in others:
+                try:
+                    devices = await self._fresh_devices(member)
+                except ServerError as exc:
+                    self._skey_failed(group, member, exc.code)
+                    continue
+                reachable.append(member)
+                if force or any((member, d) not in shared for d in devices):
+                    need.append(member)
+        own_need = any(force or (self.user, d) not in shared for d in own_devices)
+        if own_need and not need and reachable:
+            need = [reachable[0]]  # only our own devices lack it: they get their copies with one member's
+
+        async def send(member: str, with_own: bool) -> None:
+            try:
+                await self._send_payload(member, payload, own_copies=with_own)
+            except (ServerError, E2EEError) as exc:
+                self._skey_failed(group, member, getattr(exc, "code", None) or str(exc))
+                return
+            shared.update((member, d) for d in self._devices.get(member, []))
+            if with_own:
+                shared.update((self.user, d) for d in self._devices.get(self.user, []) if d != self.device)
+
+        await asyncio.gather(*(send(member, own_need and i == 0) for i, member in enumerate(need)))
+        async with self._lock:
+            self._save()
+
+    def _skey_failed(self, group: bytes, member: str, why: str) -> None:
+        log.warning("sender key for a group not delivered to %s: %s", member, why)
+        self.skey_failures.append((group, member, why))
+
+    async def send_to_group(self, group: bytes, text: str) -> dict:
+        """Send ``text`` to every device of every member of ``group`` (but this one): one sender-key
+        ciphertext in one group ``msg``. First the members are read again (``group.get``): when
+        anyone went away since this device's sender key was made, a new one is made; the key goes
+        over the pairwise sessions to every device that does not have it yet. Returns the ``ack``."""
+        async with self._group_lock:
+            async with self._lock:
+                refused = await self._resync(group)
+                info = self.state.groups[group]
+                if refused is not None or not info.active:
+                    self._save()
+                    raise refused or ServerError("you are not a member of this group", code="not_member")
+                key = self.state.own_sender_key(group, rotate=info.rekey)
+                info.rekey = False
+                if info.shared_kid != key.key_id:
+                    info.shared, info.shared_kid = set(), key.key_id
+                self._save()
+                members = list(info.members)
+            await self._distribute(group, key, members, info)
+            async with self._lock:
+                envelope = self.state.encrypt_group(group, _pack({"k": "text", "text": text, "ts": int(time.time() * 1000)}))
+                self._save()  # the chain moved on: on disk before the message leaves
+            return await self.client.send_group_message(group, envelope)
+
+    # -- groups: the key layer (what send_to_group is made of)
 
     async def share_sender_key(self, group: bytes, members: list[str], *, rotate: bool = False) -> SenderKey:
         """Distribute this device's sender key of ``group`` over the pairwise sessions to every
-        device of every member (and to your own other devices, with the first member's message).
-        ``rotate`` starts a new chain first (after a member left)."""
-        async with self._lock:
-            key = self.state.own_sender_key(group, rotate=rotate)
-            self._save()
-        payload = _pack(key.distribution())
-        for member in members:
-            if member != self.user:
-                await self._send_payload(member, payload)
+        device of every member and to your own other devices, whether they have it or not.
+        ``rotate`` starts a new chain first."""
+        async with self._group_lock:
+            async with self._lock:
+                key = self.state.own_sender_key(group, rotate=rotate)
+                info = self.state.groups.get(group)
+                if info is not None and info.shared_kid != key.key_id:
+                    info.shared, info.shared_kid = set(), key.key_id
+                self._save()
+            await self._distribute(group, key, members, info, force=True)
         return key
 
     async def encrypt_group(self, group: bytes, text: str) -> bytes:
@@ -826,15 +1096,16 @@ class E2EEClient:
     def __aiter__(self):
         return self
 
-    async def __anext__(self) -> Message:
+    async def __anext__(self) -> Message | GroupEvent:
         try:
             return await self.receive()
         except SessionClosedError:
             raise StopAsyncIteration from None
 
-    async def receive(self, *, timeout_s: float | None = None) -> Message:
-        """The next decrypted text message (``TimeoutError`` after ``timeout_s``). A timeout or a
-        cancellation never loses a message: one being handled is kept for the next call."""
+    async def receive(self, *, timeout_s: float | None = None) -> Message | GroupEvent:
+        """The next decrypted text message (1:1 or group: ``Message.group``) or membership event
+        (``GroupEvent``), ``TimeoutError`` after ``timeout_s``. A timeout or a cancellation never
+        loses a message: one being handled is kept for the next call."""
         loop = asyncio.get_running_loop()
         deadline = None if timeout_s is None else loop.time() + timeout_s
         while True:
@@ -845,47 +1116,150 @@ class E2EEClient:
             # decrypting, saving and confirming run to the end even if this caller is cancelled
             await asyncio.shield(self._handle(stanza))
 
-    async def _handle(self, stanza: dict) -> Message | None:
+    async def _handle(self, stanza: dict) -> list:
         if stanza.get("t") != "dlv":
-            return None
+            return []
         seq = stanza.get("seq")
-        message = None
+        out: list[Message | GroupEvent] = []
         prekey_used = False
         async with self._lock:
-            sender, device, msg_id = stanza.get("from"), stanza.get("dev"), stanza.get("id")
-            if stanza.get("k") == "msg" and self.state.first_time(sender, msg_id):
+            sender, device, msg_id, kind = stanza.get("from"), stanza.get("dev"), stanza.get("id"), stanza.get("k")
+            known = self._devices.get(sender)
+            if known is not None and device not in known:  # a device we did not know: its user's list is stale
+                self._devices_at[sender] = float("-inf")
+            if kind in ("msg", "group") and self.state.first_time(sender, msg_id):
                 try:
-                    stock = len(self.state.otpks)
-                    payload = _unpack(await self.state.decrypt(sender, device, stanza["c"]))
-                    prekey_used = len(self.state.otpks) < stock  # a one-time prekey was consumed
-                    if type(payload) is not dict:
-                        raise E2EEError("the payload is not a map")
-                    message = self._payload(stanza, payload)
+                    if kind == "group":
+                        out.append(await self._group_event(stanza))
+                    elif "g" in stanza:
+                        out.extend(self._group_message(stanza))
+                    else:
+                        stock = len(self.state.otpks)
+                        payload = _unpack(await self.state.decrypt(sender, device, stanza["c"]))
+                        prekey_used = len(self.state.otpks) < stock  # a one-time prekey was consumed
+                        if type(payload) is not dict:
+                            raise E2EEError("the payload is not a map")
+                        out.extend(self._payload(stanza, payload))
                 except Exception as exc:  # noqa: BLE001 - an undecryptable message must not stop the client
-                    why = str(exc) if isinstance(exc, E2EEError) else type(exc).__name__
-                    log.warning("undecryptable message from %s/%s: %s", sender, device, why)
-                    self.undecryptable.append((sender, device, msg_id, why))
+                    self._undecryptable(sender, device, msg_id, str(exc) if isinstance(exc, E2EEError) else type(exc).__name__)
+            self._expire_held()
             self._save()  # decrypted and the ratchet saved before the gateway may delete it
         if type(seq) is int:
             await self.client.received([seq])
-        if message is not None:
-            self._ready.append(message)
+        self._ready.extend(out)
         if prekey_used and self.otpk_low:
             try:
                 await self.refill_prekeys()
             except InterlinkError as exc:  # retried after the next session start, or at the next open
                 log.warning("one-time prekey refill failed: %s", exc)
-        return message
+        return out
 
-    def _payload(self, stanza: dict, payload: dict) -> Message | None:
+    def _undecryptable(self, sender, device, msg_id, why: str) -> None:
+        log.warning("undecryptable message from %s/%s: %s", sender, device, why)
+        self.undecryptable.append((sender, device, msg_id, why))
+
+    def _payload(self, stanza: dict, payload: dict) -> list[Message]:
         kind = payload.get("k")
         if kind == "text" and type(payload.get("text")) is str:
-            return Message(
+            return [Message(
                 sender=stanza["from"], device=stanza["dev"], text=payload["text"], id=stanza["id"], ts=stanza.get("ts"),
                 sent_ts=payload.get("ts"), to=stanza.get("to"), seq=stanza.get("seq"),
-            )
+            )]
         if kind == "skey":
-            self.state.accept_sender_key(stanza["from"], stanza["dev"], payload)
-            return None
+            key = self.state.accept_sender_key(stanza["from"], stanza["dev"], payload)
+            return self._release_held(key.group, stanza["from"], stanza["dev"])
         log.info("ignoring a payload of unknown kind %r from %s/%s", kind, stanza.get("from"), stanza.get("dev"))
-        return None
+        return []
+
+    # -- receiving: groups
+
+    async def _group_event(self, stanza: dict) -> GroupEvent:
+        """Apply a membership event to what this device knows of the group: in ``ver`` order; a gap
+        (events this device never got: it was added to its user later, or removed and added again)
+        is filled by asking ``group.get``."""
+        g, event, members, ver = stanza.get("g"), stanza.get("event"), stanza.get("members"), stanza.get("ver")
+        if not (_bin(g, 16) and type(event) is str and type(members) is list and all(type(m) is str for m in members)
+                and type(ver) is int):
+            raise E2EEError("malformed group event")
+        state = self.state
+        info = state.groups.get(g)
+        if info is None and event == "created":
+            state.set_members(g, members, ver, stanza.get("meta"))
+        elif info is not None and ver <= info.ver:
+            pass  # already known (group.get answered a later version)
+        elif info is not None and info.active and ver == info.ver + 1 and event in ("added", "removed", "left"):
+            if event == "added":
+                new = info.members + [m for m in members if m not in info.members]
+            else:
+                new = [m for m in info.members if m not in members]
+            state.set_members(g, new, ver)
+        elif event in ("removed", "left") and self.user in members:
+            state.leave_group_state(g, ver)
+        else:
+            try:
+                await self._resync(g, ver)
+            except InterlinkError as exc:
+                log.warning("could not read a group's members after a %s event: %s", event, exc)
+        info = state.groups.get(g)
+        return GroupEvent(
+            group=g, event=event, members=tuple(members), by=stanza.get("from"), device=stanza.get("dev"), ver=ver,
+            id=stanza.get("id"), ts=stanza.get("ts"), current=tuple(info.members) if info and info.active else (),
+            promoted=tuple(stanza.get("promoted") or ()), meta=stanza.get("meta"), seq=stanza.get("seq"),
+        )
+
+    def _group_message(self, stanza: dict) -> list[Message]:
+        g = stanza["g"]
+        env = parse_envelope(stanza.get("c"))
+        if env["t"] != T_GROUP or env["g"] != g:
+            raise E2EEError("not a sender-key envelope of this group")
+        key = self.state.sender_keys.get((g, stanza["from"], stanza["dev"]))
+        if key is None or key.key_id != env["kid"]:
+            self._hold(stanza, env)  # its sender key is on its way (or never comes: given up after hold_s)
+            return []
+        return self._group_text(stanza, key.decrypt(env))
+
+    def _group_text(self, stanza: dict, plaintext: bytes) -> list[Message]:
+        payload = _unpack(plaintext)
+        if type(payload) is not dict or payload.get("k") != "text" or type(payload.get("text")) is not str:
+            log.info("ignoring a group payload that is not a text from %s/%s", stanza.get("from"), stanza.get("dev"))
+            return []
+        return [Message(
+            sender=stanza["from"], device=stanza["dev"], text=payload["text"], id=stanza["id"], ts=stanza.get("ts"),
+            sent_ts=payload.get("ts"), seq=stanza.get("seq"), group=stanza["g"],
+        )]
+
+    def _hold(self, stanza: dict, env: dict) -> None:
+        held = self.state.held
+        held.append({"g": stanza["g"], "from": stanza["from"], "dev": stanza["dev"], "id": stanza["id"],
+                     "ts": stanza.get("ts"), "seq": stanza.get("seq"), "c": stanza["c"], "kid": env["kid"],
+                     "n": env["n"], "since": time.time()})
+        log.info("a group message from %s/%s waits for its sender key", stanza["from"], stanza["dev"])
+        while len(held) > MAX_HELD:
+            old = held.pop(0)
+            self._undecryptable(old["from"], old["dev"], old["id"], "no sender key (too many messages waiting for one)")
+
+    def _release_held(self, group: bytes, sender: str, device: int) -> list[Message]:
+        """Decrypt the held messages the sender key that just arrived opens, in chain order."""
+        key = self.state.sender_keys.get((group, sender, device))
+        held = self.state.held
+        ready = [h for h in held if (h["g"], h["from"], h["dev"], h["kid"]) == (group, sender, device, key.key_id)]
+        if not ready:
+            return []
+        self.state.held = [h for h in held if all(h is not r for r in ready)]
+        out: list[Message] = []
+        for h in sorted(ready, key=lambda h: h["n"]):
+            try:
+                out.extend(self._group_text(h, key.decrypt(h["c"])))
+            except Exception as exc:  # noqa: BLE001 - as any undecryptable message
+                self._undecryptable(h["from"], h["dev"], h["id"], str(exc) if isinstance(exc, E2EEError) else type(exc).__name__)
+        return out
+
+    def _expire_held(self) -> None:
+        if not self.state.held:
+            return
+        now = time.time()
+        expired = [h for h in self.state.held if now - h["since"] > self.hold_s]
+        if expired:
+            self.state.held = [h for h in self.state.held if now - h["since"] <= self.hold_s]
+            for h in expired:
+                self._undecryptable(h["from"], h["dev"], h["id"], f"no sender key arrived within {self.hold_s:g} s")

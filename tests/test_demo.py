@@ -29,5 +29,18 @@ def test_demo_runs_end_to_end(tmp_path):
     assert ("finn adds device 2; erin/1's next message reaches both: finn/1 \"welcome to the conversation, "
             "finn's tablet\", finn/2 \"welcome to the conversation, finn's tablet\"") in out
     assert "and her own copy of \"welcome to the conversation, finn's tablet\"" in out
+    # the end-to-end encrypted group chat of three providers, a member removed mid-conversation
+    assert "OpenID issuer for provider 'gamma':" in out
+    for name in ("hana/2", "ivan/1", "juno/1"):
+        assert f"{name} <- group event 'created' by hana@alpha: members hana@alpha, ivan@beta, juno@gamma" in out
+    assert "hana/1 -> group: 'welcome to the group' — decrypted by hana/2, ivan/1, juno/1" in out
+    assert "ivan/1 -> group: 'hi from beta' — decrypted by hana/1, hana/2, juno/1" in out
+    assert "juno/1 -> group: 'hi from gamma' — decrypted by hana/1, hana/2, ivan/1" in out
+    assert "hana/2 -> group: \"and from hana's tablet\" — decrypted by hana/1, ivan/1, juno/1" in out
+    assert "hana/1 removes ivan (ver 2): ivan/1 <- group event 'removed' (ivan@beta)" in out
+    assert "hana/1 -> group: 'ivan cannot read this' — decrypted by hana/2, juno/1" in out
+    assert "juno/1 -> group: 'nor this' — decrypted by hana/1, hana/2" in out
+    assert "ivan/1 receives nothing more; even given the bytes, his old key of hana/1 fails" in out
+    assert "none of the 6 group texts is in the gateway's data dir" in out
     assert out.rstrip().endswith("done.")
     assert (tmp_path / "keys" / "root_public.pem").exists()  # keys were generated where asked
