@@ -309,6 +309,10 @@ class Router:
             except InterlinkError as exc:
                 self._failed(exc, batch, waiting)
                 return
+            except Exception:  # a storage fault nobody foresaw: answer every waiter, keep serving
+                log.exception("commit failed")
+                self._failed(InterlinkError("the gateway could not store the message"), batch, waiting)
+                return
             self.commit_seconds.observe(time.perf_counter() - started)
             self._committed(waiting)
             return
