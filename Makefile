@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.interlink-installed
 PYTEST_ARGS ?=
 
-.PHONY: all demo test test-pure bench stress annotate check-install clean
+.PHONY: all demo test test-pure bench stress annotate check-install clean load
 
 all: $(STAMP)
 
@@ -51,3 +51,10 @@ annotate: $(STAMP)
 
 clean:
 	rm -rf build dist *.egg-info ext/*.c ext/*.so ext/*.html .pytest_cache .benchmarks
+
+# Synthetic traffic against a local gateway (interlink load): e.g.
+# make load SCENARIO=offline-drain LOAD_ARGS='--messages 50000 --json load.json'
+SCENARIO ?= chat-1to1
+LOAD_ARGS ?=
+load: $(STAMP)
+	$(BIN)/python -m interlink.cli load $(SCENARIO) $(LOAD_ARGS)

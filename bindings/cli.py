@@ -232,6 +232,31 @@ def demo() -> None:
     demo_main([])
 
 
+@main.command()
+@click.argument("scenario", default="chat-1to1")
+@click.option("--users", type=click.IntRange(2, 100_000), default=None, help="simulated users (in pairs)")
+@click.option("--connections", type=click.IntRange(2, 1_000_000), default=None, help="sessions in total (users x devices)")
+@click.option("--devices", type=click.IntRange(1, 64), default=None, help="devices per user")
+@click.option("--providers", type=click.IntRange(1, 26), default=None, help="demo OpenID providers")
+@click.option("--rate", default=None, help='messages/s in total (open loop), or "max" (closed loop)')
+@click.option("--inflight", type=click.IntRange(1, 10_000), default=None, help="closed loop: unanswered per device")
+@click.option("--payload", type=click.IntRange(8, 60_000), default=None, help="ciphertext bytes")
+@click.option("--duration", type=click.FloatRange(0, min_open=True), default=None, help="seconds of sending")
+@click.option("--warmup", type=click.FloatRange(0), default=None, help="seconds not measured")
+@click.option("--messages", type=click.IntRange(1), default=None, help="offline-drain: messages to store")
+@click.option("--durability", type=click.Choice(["sync", "async"]), default=None)
+@click.option("--kill-at", type=click.FloatRange(0), default=None, help="SIGKILL and restart the gateway after S seconds")
+@click.option("--json", "json_path", type=click.Path(path_type=Path, dir_okay=False), default=None, help="write the report as JSON")
+@click.option("--pin/--no-pin", default=True, show_default=True, help="gateway on CPU 0, load on CPU 1")
+@click.option("--quiet", is_flag=True, help="no per-second lines")
+def load(scenario: str, json_path: Path | None, kill_at: float | None, pin: bool, quiet: bool, **overrides) -> None:
+    """Drive a local gateway with simulated users of several providers (SCENARIO: a name in
+    bench/scenarios or a TOML file). Exit code 1 when any message is unexplained."""
+    from interlink.loadtool import main as load_main
+
+    sys.exit(_run(lambda: load_main(scenario, json_path=json_path, kill_at_s=kill_at, pin=pin, quiet=quiet, **overrides)))
+
+
 def _show(keys_) -> None:
     from datetime import datetime, timezone
 
