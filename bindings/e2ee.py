@@ -28,6 +28,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import errno
+import fcntl
 import hashlib
 import hmac
 import logging
@@ -72,14 +74,48 @@ MAX_SKIP = 1000  # message keys computed ahead at most for one received message 
 MAX_SKIPPED_KEYS = 2000  # skipped message keys kept per session / sender key; the oldest go first
 MAX_SESSIONS_PER_DEVICE = 5  # the current session with a peer device and up to 4 older ones
 SEEN_MEMORY = 4096  # (from, id) pairs remembered across restarts to drop redeliveries
+MAX_HELD_PER_SENDER = 64  # of those, at most this many from one sender address (the oldest go first)
 MAX_HELD = 256  # group messages kept (encrypted, in the state file) while their sender key has not arrived
 HOLD_S = 60.0  # how long such a message waits for its sender key before it is given up as undecryptable
 DEVICE_LIST_TTL_S = 60.0  # a group send asks devices.get again for members whose list is older than this
 STATE_VERSION = 1
+MAX_RETIRED_KIDS = 256  # retired sender-key ids remembered per (group, sender, device)
+MAX_NEW_DEVICES = 1000  # first-seen devices kept in ``DeviceState.new_devices`` until the application clears them
+FINGERPRINT_ITERATIONS = 5200
 
 
 class E2EEError(InterlinkError):
     """An end-to-end encryption failure (a message that cannot be decrypted, a bundle that does not verify...)."""
+
+
+class IdentityChanged(E2EEError):
+    """A peer device presented an identity key other than the one pinned for it (trust on first
+    use): no session is started or accepted with it until the application calls
+    ``trust_new_identity(user, device)`` (after comparing safety numbers, say)."""
+
+    def __init__(self, user: str, device: int, known: bytes, presented: bytes) -> None:
+        super().__init__(f"the identity key of {user}/{device} changed: refused until trust_new_identity({user!r}, {device})")
+        self.user, self.device, self.known, self.presented = user, device, known, presented
+
+
+class StateLocked(E2EEError):
+    """The state file is in use by another ``E2EEClient`` (this process or another one)."""
+
+
+def fingerprint(user: str, identity_key: bytes) -> str:
+    """A 30-digit fingerprint of one (address, identity key), as in Signal's safety numbers:
+    iterated SHA-512 (5,200 rounds), six 5-digit groups."""
+    digest = b"\x00\x00" + identity_key + user.encode()
+    for _ in range(FINGERPRINT_ITERATIONS):
+        digest = hashlib.sha512(digest + identity_key).digest()
+    return "".join(f"{int.from_bytes(digest[i:i + 5], 'big') % 100000:05d}" for i in range(0, 30, 5))
+
+
+def safety_number(user_a: str, ik_a: bytes, user_b: str, ik_b: bytes) -> str:
+    """The 60-digit number two parties compare out of band: both fingerprints, the smaller first
+    (the same on both sides), in groups of five."""
+    digits = "".join(sorted([fingerprint(user_a, ik_a), fingerprint(user_b, ik_b)]))
+    return " ".join(digits[i:i + 5] for i in range(0, 60, 5))
 
 
 # -- the primitives, configured (no home-made cryptography: x3dh, doubleratchet and cryptography)
@@ -326,22 +362,61 @@ class GroupState:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(8)}.tmp")
+    # a new file only: never through a symlink or into a file someone else prepared
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o600)
     try:
-        os.fchmod(fd, 0o600)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+        try:
+            os.fchmod(fd, 0o600)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+class StateLock:
+    """An exclusive ``fcntl.flock`` on ``<state file>.lock``, held while a client uses the state
+    file: a second opener (another process, or this one) gets ``StateLocked`` instead of reusing
+    keys, chain iterations and nonces the first one also uses."""
+
+    def __init__(self, state_path: str | os.PathLike) -> None:
+        path = Path(state_path)
+        self.path = path.with_name(path.name + ".lock")
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise StateLocked(f"{path} is in use by another client (lock {self.path} held)") from None
+            raise
+        self._fd: int | None = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.release()
 
 
 class DeviceState:
@@ -368,6 +443,16 @@ class DeviceState:
         self.groups: dict[bytes, GroupState] = {}
         # group messages whose sender key has not arrived yet: dlv fields + "since" (encrypted, no plaintext)
         self.held: list[dict] = []
+        # trust on first use: (peer, device) -> the identity key pinned for it (kept when sessions go)
+        self.identities: dict[tuple[str, int], bytes] = {}
+        # a refused identity key per device, for trust_new_identity and the application to show
+        self.identity_changes: dict[tuple[str, int], bytes] = {}
+        # devices whose identity was first seen (and pinned), oldest first; the application clears it
+        self.new_devices: list[tuple[str, int]] = []
+        # X3DH ephemeral keys of accepted session starts without a one-time prekey, per signed prekey id
+        self.spk_eks: dict[int, set[bytes]] = {}
+        # (group, sender, device) -> ids of that sender's chains replaced since: never installed again
+        self.retired_kids: dict[tuple[bytes, str, int], list[int]] = {}
         self._ratchets: dict[int, _Ratchet] = {}  # id(session) -> live ratchet object (cache)
 
     # creation and persistence
@@ -404,6 +489,11 @@ class DeviceState:
             "seen": [list(pair) for pair in self.seen],
             "groups": [[g, info.to_dict()] for g, info in self.groups.items()],
             "held": self.held,
+            "identities": [[p, d, ik] for (p, d), ik in self.identities.items()],
+            "identity_changes": [[p, d, ik] for (p, d), ik in self.identity_changes.items()],
+            "new_devices": [list(pair) for pair in self.new_devices],
+            "spk_eks": [[i, sorted(eks)] for i, eks in self.spk_eks.items()],
+            "retired_kids": [[g, s, d, kids] for (g, s, d), kids in self.retired_kids.items()],
         })
 
     @classmethod
@@ -429,6 +519,19 @@ class DeviceState:
         self.seen = OrderedDict((tuple(pair), None) for pair in d["seen"])
         self.groups = {g: GroupState.from_dict(info) for g, info in d.get("groups", [])}  # absent in older files
         self.held = list(d.get("held", []))
+        if "identities" in d:
+            self.identities = {(p, dev): ik for p, dev, ik in d["identities"]}
+        else:  # an older file: pin the identity key of every device there is a session with
+            self.identities = {key: records[0]["ik"] for key, records in self.sessions.items() if records}
+        self.identity_changes = {(p, dev): ik for p, dev, ik in d.get("identity_changes", [])}
+        self.new_devices = [tuple(pair) for pair in d.get("new_devices", [])]
+        if "spk_eks" in d:
+            self.spk_eks = {i: set(eks) for i, eks in d["spk_eks"]}
+        else:  # an older file: the sessions' ephemeral keys (whichever prekeys they used) cannot start again
+            eks = {r["ek"] for records in self.sessions.values() for r in records if r.get("ek") is not None}
+            if eks:
+                self.spk_eks = {self.spk_id: eks}
+        self.retired_kids = {(g, s, dev): list(kids) for g, s, dev, kids in d.get("retired_kids", [])}
         return self
 
     def save(self, path: str | os.PathLike) -> None:
@@ -468,9 +571,58 @@ class DeviceState:
         self.x3dh.rotate_signed_pre_key()
         self.old_spk_id = self.spk_id
         self.spk_id = (self.spk_id + 1) & 0x7FFFFFFF
+        # a session start can name only these two any more: older ephemeral keys need no memory
+        self.spk_eks = {i: eks for i, eks in self.spk_eks.items() if i in (self.spk_id, self.old_spk_id)}
 
     def signed_prekey_age(self) -> int:
         return self.x3dh.signed_pre_key_age()
+
+    # identities (trust on first use)
+
+    def identity_of(self, peer: str, device: int) -> bytes | None:
+        """The identity key pinned for ``peer``/``device`` (None: never seen)."""
+        return self.identities.get((peer, device))
+
+    def _check_identity(self, peer: str, device: int, ik: bytes) -> bool:
+        """Raise ``IdentityChanged`` if ``ik`` is not the pinned key; True if none is pinned yet."""
+        known = self.identities.get((peer, device))
+        if known is None:
+            return True
+        if not hmac.compare_digest(known, ik):
+            self.identity_changes[(peer, device)] = ik
+            raise IdentityChanged(peer, device, known, ik)
+        return False
+
+    def _pin(self, peer: str, device: int, ik: bytes) -> None:
+        self.identities[(peer, device)] = ik
+        self.identity_changes.pop((peer, device), None)
+        self.new_devices.append((peer, device))
+        del self.new_devices[:-MAX_NEW_DEVICES]
+
+    def trust_new_identity(self, peer: str, device: int, ik: bytes | None = None) -> None:
+        """Accept a changed identity key of ``peer``/``device`` (a reset device): ``ik``, or else the
+        key it was last refused with (``identity_changes``), or else none (the next one seen is
+        trusted on first use). The sessions with the old identity are dropped."""
+        ik = ik if ik is not None else self.identity_changes.get((peer, device))
+        self.identity_changes.pop((peer, device), None)
+        if ik is None:
+            self.identities.pop((peer, device), None)
+            self.forget_device(peer, device)
+            return
+        self.identities[(peer, device)] = ik
+        records = self.sessions.get((peer, device), [])
+        for record in [r for r in records if r.get("ik") != ik]:
+            records.remove(record)
+            self._ratchets.pop(id(record), None)
+
+    def fingerprint(self, peer: str, device: int) -> str | None:
+        ik = self.identity_of(peer, device)
+        return None if ik is None else fingerprint(peer, ik)
+
+    def safety_number(self, peer: str, device: int) -> str | None:
+        """The number to compare with ``peer``/``device`` out of band (None: no identity pinned)."""
+        ik = self.identity_of(peer, device)
+        return None if ik is None else safety_number(self.user, self.identity_key, peer, ik)
 
     # sessions
 
@@ -516,6 +668,7 @@ class DeviceState:
         spk, otpk = bundle["spk"], bundle.get("otpk")
         if not (_bin(bundle.get("ik"), 32) and isinstance(spk, dict) and _bin(spk.get("key"), 32) and _bin(spk.get("sig"), 64)):
             raise E2EEError(f"malformed bundle of {peer}/{device}")
+        first_seen = self._check_identity(peer, device, bundle["ik"])
         x3dh_bundle = x3dh.Bundle(
             identity_key=bundle["ik"],
             signed_pre_key=spk["key"],
@@ -533,6 +686,8 @@ class DeviceState:
         )
         pending = {"ik": header.identity_key, "ek": header.ephemeral_key, "spk": spk["id"], "opk": otpk["id"] if otpk else None}
         record = {"ad": ad, "ik": bundle["ik"], "ek": header.ephemeral_key, "x3dh": pending}
+        if first_seen:
+            self._pin(peer, device, bundle["ik"])
         self._install(peer, device, record, ratchet)
         return self._envelope(pending, message)
 
@@ -581,6 +736,9 @@ class DeviceState:
             spk_pub = self.x3dh.old_signed_pre_key
         else:
             raise E2EEError(f"session start from {sender}/{device} uses an unknown signed prekey {env['spk']}")
+        if any(env["ek"] in eks for eks in self.spk_eks.values()):
+            raise E2EEError(f"session start from {sender}/{device} was accepted before: a replay")
+        first_seen = self._check_identity(sender, device, env["ik"])
         opk_pub = None
         if env["opk"] is not None:
             opk_pub = self.otpks.get(env["opk"])
@@ -599,6 +757,10 @@ class DeviceState:
         if opk_pub is not None:  # used once: deleting it gives the session its forward secrecy
             self.x3dh.delete_pre_key(opk_pub)
             del self.otpks[env["opk"]]
+        else:  # no one-time prekey to delete: remember the ephemeral key while its signed prekey lives
+            self.spk_eks.setdefault(env["spk"], set()).add(env["ek"])
+        if first_seen:
+            self._pin(sender, device, env["ik"])
         self._install(sender, device, {"ad": ad, "ik": env["ik"], "ek": env["ek"], "x3dh": None}, ratchet)
         return plaintext
 
@@ -612,11 +774,22 @@ class DeviceState:
 
     def accept_sender_key(self, sender: str, device: int, payload: dict) -> SenderKey:
         key = SenderKey.from_distribution(payload)
-        known = self.sender_keys.get((key.group, sender, device))
+        slot = (key.group, sender, device)
+        if key.key_id in self.retired_kids.get(slot, ()):
+            raise E2EEError(f"sender key {key.key_id} of {sender}/{device} was replaced before: not installed again")
+        known = self.sender_keys.get(slot)
         if known is not None and known.key_id == key.key_id and known.iteration >= key.iteration:
             return known  # the same chain again (a copy): keep the state that is further along
-        self.sender_keys[(key.group, sender, device)] = key
+        if known is not None and known.key_id != key.key_id:
+            self._retire(slot, known.key_id)
+        self.sender_keys[slot] = key
         return key
+
+    def _retire(self, slot: tuple[bytes, str, int], key_id: int) -> None:
+        kids = self.retired_kids.setdefault(slot, [])
+        if key_id not in kids:
+            kids.append(key_id)
+            del kids[:-MAX_RETIRED_KIDS]
 
     def encrypt_group(self, group: bytes, plaintext: bytes) -> bytes:
         return self.own_sender_key(group).encrypt(plaintext)
@@ -667,7 +840,7 @@ class DeviceState:
         info.members = [m for m in info.members if m != self.user]
         self.own_sender_keys.pop(group, None)
         for key in [k for k in self.sender_keys if k[0] == group]:
-            del self.sender_keys[key]
+            self._retire(key, self.sender_keys.pop(key).key_id)
         self.held = [h for h in self.held if h["g"] != group]
 
     # redeliveries
@@ -705,7 +878,12 @@ class Message:
 class GroupEvent:
     """A membership change of a group (``dlv`` kind ``group``): ``event`` is ``created``,
     ``added``, ``removed`` or ``left``; ``members`` the members it concerns; ``by``/``device`` who
-    made it; ``current`` the members as this device knows them after handling it."""
+    made it; ``current`` the members as this device knows them after handling it.
+
+    ``event`` ``"resync"``: this device read the members from the gateway (``group.get``) and they
+    differ from what the events said: ``members`` appeared without an event this device read,
+    ``gone`` went away; ``by`` is ``""``. Sender keys go to members who appeared only after the
+    event is queued, so the application sees who they are before (or as) they start reading."""
 
     group: bytes
     event: str
@@ -719,6 +897,7 @@ class GroupEvent:
     promoted: tuple[str, ...] = ()
     meta: bytes | None = None
     seq: int | None = None
+    gone: tuple[str, ...] = ()
 
 
 class E2EEClient:
@@ -730,8 +909,10 @@ class E2EEClient:
     undecryptable deliveries are confirmed, logged (without content) and counted in
     ``undecryptable``."""
 
-    def __init__(self, client: Client, state: DeviceState, path: Path, *, otpk_target: int, otpk_low: int) -> None:
+    def __init__(self, client: Client, state: DeviceState, path: Path, *, otpk_target: int, otpk_low: int,
+                 lock: StateLock | None = None) -> None:
         self.client = client
+        self._state_lock = lock
         self.state = state
         self.path = path
         self.otpk_target = otpk_target
@@ -765,20 +946,27 @@ class E2EEClient:
         the gateway holds fewer than ``otpk_low``; the signed prekey is rotated when older than
         ``spk_max_age_s``."""
         path = Path(state_path)
-        state = DeviceState.load(path) if path.exists() else DeviceState.create()
-        client = await Client.connect(host, port, token=token, device=device, root_public=root_public,
-                                      auto_recv=False, **connect_options)
+        lock = StateLock(path)  # held until close(): one user of the state file at a time
+        try:
+            state = DeviceState.load(path) if path.exists() else DeviceState.create()
+            client = await Client.connect(host, port, token=token, device=device, root_public=root_public,
+                                          auto_recv=False, **connect_options)
+        except BaseException:
+            lock.release()
+            raise
         try:
             if state.user is None:
                 state.user, state.device = client.user, client.device
             elif (state.user, state.device) != (client.user, client.device):
                 raise E2EEError(f"{path} belongs to {state.user}/{state.device}, not {client.user}/{client.device}")
-            self = cls(client, state, path, otpk_target=otpk_target, otpk_low=otpk_low)
+            self = cls(client, state, path, otpk_target=otpk_target, otpk_low=otpk_low, lock=lock)
             if state.signed_prekey_age() > spk_max_age_s:
                 state.rotate_signed_prekey()
+                self._save()  # the new signed prekey's private part is on disk before it is published
             await self._publish()
         except BaseException:
             await client.close()
+            lock.release()
             raise
         return self
 
@@ -794,9 +982,46 @@ class E2EEClient:
         self.state.save(self.path)
 
     async def close(self) -> None:
+        try:
+            async with self._lock:
+                if self._state_lock is None or self._state_lock._fd is not None:  # not after the lock is gone
+                    self._save()
+            await self.client.close()
+        finally:
+            if self._state_lock is not None:
+                self._state_lock.release()
+
+    # -- identities
+
+    def identity_of(self, user: str, device: int) -> bytes | None:
+        """The identity key pinned for ``user``/``device`` (trusted on first use; None: never seen)."""
+        return self.state.identity_of(user, device)
+
+    def fingerprint(self, user: str, device: int) -> str | None:
+        """30 digits identifying ``user``/``device``'s identity key."""
+        return self.state.fingerprint(user, device)
+
+    def safety_number(self, user: str, device: int) -> str | None:
+        """The 60-digit number this device and ``user``/``device`` both show: equal on both sides
+        if and only if nobody in between substituted an identity key."""
+        return self.state.safety_number(user, device)
+
+    @property
+    def identity_changes(self) -> dict[tuple[str, int], bytes]:
+        """Devices that presented an identity key other than the pinned one (refused), with that key."""
+        return self.state.identity_changes
+
+    @property
+    def new_devices(self) -> list[tuple[str, int]]:
+        """Devices whose identity this device pinned for the first time, oldest first (clear it
+        once shown: a device of a contact appearing here is what an app shows as "new device")."""
+        return self.state.new_devices
+
+    async def trust_new_identity(self, user: str, device: int, ik: bytes | None = None) -> None:
+        """Accept the changed identity of ``user``/``device`` (see ``DeviceState.trust_new_identity``)."""
         async with self._lock:
+            self.state.trust_new_identity(user, device, ik)
             self._save()
-        await self.client.close()
 
     async def __aenter__(self) -> E2EEClient:
         return self
@@ -978,9 +1203,12 @@ class E2EEClient:
                 return members, ver, res.get("meta")
         raise E2EEError("the group changes too often to be read")
 
-    async def _resync(self, group: bytes, ver: int | None = None) -> ServerError | None:
+    async def _resync(self, group: bytes, ver: int | None = None, *, announce_first: bool = True) -> ServerError | None:
         """Replace what this device knows of the group by the gateway's answer (``self._lock`` held);
-        returns the ``not_member``/``not_found`` refusal when this user is not a member."""
+        returns the ``not_member``/``not_found`` refusal when this user is not a member. Members
+        who appear or go without an event this device read are announced (a ``"resync"``
+        ``GroupEvent`` queued for the application), the whole list when the group was not known
+        (unless ``announce_first`` is false: a membership event being handled shows it)."""
         try:
             members, current, meta = await self._group_get(group)
         except ServerError as exc:
@@ -988,7 +1216,20 @@ class E2EEClient:
                 raise
             self.state.leave_group_state(group, ver)
             return exc
+        info = self.state.groups.get(group)
+        known = info is not None and info.active
+        before = list(info.members) if known else []
         self.state.set_members(group, members, current, meta)
+        if not known and not announce_first:
+            return None
+        appeared = tuple(m for m in members if m not in before and m != self.user)
+        gone = tuple(m for m in before if m not in members and m != self.user)
+        if appeared or gone:  # members the events did not show: the application sees them first
+            log.info("group.get differs from the events: %d appeared, %d gone", len(appeared), len(gone))
+            self._ready.append(GroupEvent(
+                group=group, event="resync", members=appeared, by="", device=0, ver=current, id=b"",
+                ts=int(time.time() * 1000), current=tuple(members), meta=meta, gone=gone,
+            ))
         return None
 
     async def _fresh_devices(self, user: str) -> list[int]:
@@ -1044,23 +1285,30 @@ class E2EEClient:
         anyone went away since this device's sender key was made, a new one is made; the key goes
         over the pairwise sessions to every device that does not have it yet. Returns the ``ack``."""
         async with self._group_lock:
-            async with self._lock:
-                refused = await self._resync(group)
-                info = self.state.groups[group]
-                if refused is not None or not info.active:
+            for _ in range(5):
+                async with self._lock:
+                    refused = await self._resync(group)
+                    info = self.state.groups[group]
+                    if refused is not None or not info.active:
+                        self._save()
+                        raise refused or ServerError("you are not a member of this group", code="not_member")
+                    key = self.state.own_sender_key(group, rotate=info.rekey)
+                    info.rekey = False
+                    if info.shared_kid != key.key_id:
+                        info.shared, info.shared_kid = set(), key.key_id
                     self._save()
-                    raise refused or ServerError("you are not a member of this group", code="not_member")
-                key = self.state.own_sender_key(group, rotate=info.rekey)
-                info.rekey = False
-                if info.shared_kid != key.key_id:
-                    info.shared, info.shared_kid = set(), key.key_id
-                self._save()
-                members = list(info.members)
-            await self._distribute(group, key, members, info)
-            async with self._lock:
-                envelope = self.state.encrypt_group(group, _pack({"k": "text", "text": text, "ts": int(time.time() * 1000)}))
-                self._save()  # the chain moved on: on disk before the message leaves
-            return await self.client.send_group_message(group, envelope)
+                    members = list(info.members)
+                await self._distribute(group, key, members, info)
+                async with self._lock:
+                    # a removal (or this user leaving) handled while the key was on its way: start over
+                    now = self.state.groups.get(group)
+                    if (now is not info or not info.active or info.rekey or info.members != members
+                            or self.state.own_sender_keys.get(group) is not key):
+                        continue
+                    envelope = self.state.encrypt_group(group, _pack({"k": "text", "text": text, "ts": int(time.time() * 1000)}))
+                    self._save()  # the chain moved on: on disk before the message leaves
+                return await self.client.send_group_message(group, envelope)
+            raise E2EEError("the group changes too often to send to it")
 
     # -- groups: the key layer (what send_to_group is made of)
 
@@ -1139,7 +1387,7 @@ class E2EEClient:
                         prekey_used = len(self.state.otpks) < stock  # a one-time prekey was consumed
                         if type(payload) is not dict:
                             raise E2EEError("the payload is not a map")
-                        out.extend(self._payload(stanza, payload))
+                        out.extend(await self._payload(stanza, payload))
                 except Exception as exc:  # noqa: BLE001 - an undecryptable message must not stop the client
                     self._undecryptable(sender, device, msg_id, str(exc) if isinstance(exc, E2EEError) else type(exc).__name__)
             self._expire_held()
@@ -1158,7 +1406,7 @@ class E2EEClient:
         log.warning("undecryptable message from %s/%s: %s", sender, device, why)
         self.undecryptable.append((sender, device, msg_id, why))
 
-    def _payload(self, stanza: dict, payload: dict) -> list[Message]:
+    async def _payload(self, stanza: dict, payload: dict) -> list[Message]:
         kind = payload.get("k")
         if kind == "text" and type(payload.get("text")) is str:
             return [Message(
@@ -1166,7 +1414,19 @@ class E2EEClient:
                 sent_ts=payload.get("ts"), to=stanza.get("to"), seq=stanza.get("seq"),
             )]
         if kind == "skey":
-            key = self.state.accept_sender_key(stanza["from"], stanza["dev"], payload)
+            g, sender = payload.get("g"), stanza["from"]
+            if not _bin(g, 16):
+                raise E2EEError("malformed sender key distribution")
+            info = self.state.groups.get(g)
+            if info is None or not info.active or sender not in info.members:  # the events may be on their way
+                try:
+                    await self._resync(g)
+                except InterlinkError as exc:
+                    log.warning("could not read a group's members for a sender key: %s", exc)
+                info = self.state.groups.get(g)
+            if info is None or not info.active or sender not in info.members:
+                raise E2EEError(f"a sender key from {sender}/{stanza['dev']} for a group it (or this user) is not a member of")
+            key = self.state.accept_sender_key(sender, stanza["dev"], payload)
             return self._release_held(key.group, stanza["from"], stanza["dev"])
         log.info("ignoring a payload of unknown kind %r from %s/%s", kind, stanza.get("from"), stanza.get("dev"))
         return []
@@ -1197,7 +1457,7 @@ class E2EEClient:
             state.leave_group_state(g, ver)
         else:
             try:
-                await self._resync(g, ver)
+                await self._resync(g, ver, announce_first=False)
             except InterlinkError as exc:
                 log.warning("could not read a group's members after a %s event: %s", event, exc)
         info = state.groups.get(g)
@@ -1213,6 +1473,11 @@ class E2EEClient:
         if env["t"] != T_GROUP or env["g"] != g:
             raise E2EEError("not a sender-key envelope of this group")
         key = self.state.sender_keys.get((g, stanza["from"], stanza["dev"]))
+        info = self.state.groups.get(g)
+        if info is not None and (not info.active or (stanza["from"] not in info.members
+                                                      and (key is None or key.key_id != env["kid"]))):
+            # a left group, or someone who is not a member and whose chain (given while a member) this is not
+            raise E2EEError(f"a group message from {stanza['from']}/{stanza['dev']}, not a member of the group")
         if key is None or key.key_id != env["kid"]:
             self._hold(stanza, env)  # its sender key is on its way (or never comes: given up after hold_s)
             return []
@@ -1234,6 +1499,11 @@ class E2EEClient:
                      "ts": stanza.get("ts"), "seq": stanza.get("seq"), "c": stanza["c"], "kid": env["kid"],
                      "n": env["n"], "since": time.time()})
         log.info("a group message from %s/%s waits for its sender key", stanza["from"], stanza["dev"])
+        mine = [h for h in held if h["from"] == stanza["from"]]
+        if len(mine) > MAX_HELD_PER_SENDER:  # one member cannot push the others' messages out
+            old = mine[0]
+            held.remove(old)
+            self._undecryptable(old["from"], old["dev"], old["id"], "no sender key (too many messages of this sender waiting)")
         while len(held) > MAX_HELD:
             old = held.pop(0)
             self._undecryptable(old["from"], old["dev"], old["id"], "no sender key (too many messages waiting for one)")

@@ -204,6 +204,8 @@ async def test_group_sender_keys_are_distributed_over_the_pairwise_sessions(devi
     bob1, bob2 = await devices.open("bob@beta", 1), await devices.open("bob@beta", 2)
     carl = await devices.open("carl@beta", 1)
     group = bytes(16)
+    for client in (alice1, alice2, bob1, bob2, carl):  # the key layer: sender keys are taken only for a known group, from members
+        client.state.set_members(group, ["alice@alpha", "bob@beta", "carl@beta"], 1)
     await alice1.share_sender_key(group, ["alice@alpha", "bob@beta", "carl@beta"])
     await alice1.send_text("bob@beta", "sync")  # the distributions are consumed on the way to this one
     for client in (bob1, bob2, alice2):

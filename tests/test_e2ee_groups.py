@@ -298,6 +298,9 @@ async def test_a_device_added_to_a_member_later_learns_the_group_and_gets_the_ke
     # the new device writes to the group: it reads the members from the gateway and hands its key out
     await everyone_reads(bob3, "hello from bob's new phone", g, [alice, bob1])
     assert bob3.members_of(g) == [ALICE, BOB]
+    # bob3 learnt the group from group.get, no event: the members it adopted are announced to the app
+    (resync,) = await got(bob3, 1)
+    assert (resync.event, resync.members, resync.current) == ("resync", (ALICE,), (ALICE, BOB))
     # alice heard from a device of bob she did not know: she reads bob's devices again at her next send
     await everyone_reads(alice, "welcome, new phone", g, [bob1, bob3])
     # what she sent before it had her key stays unreadable (her key was given from a later message on)
