@@ -6,6 +6,8 @@ Usage: _gateway_child.py ISSUER AUDIENCE DATA_DIR DURABILITY
        _gateway_child.py --data-dir DIR --audience AUD --provider ID=ISSUER [--provider ID=ISSUER ...]
                          [--port P] [--durability sync|async] [--window N] [--cpu N]
                          [--max-mailbox-items N] [--message-rate-per-device R] [--message-rate-per-user R]
+                         [--max-group N] [--max-mailbox-bytes B] [--lmdb-map-size-bytes B] [--commit-mode M]
+                         [--gc-threshold N]   (bench/group_load.py)
            (crash test, ``bench/crash.py``: several providers that accept each other's users; with
            the same DIR a restarted child keeps its LMDB data and operator keys (DIR/keys, made on
            the first start); with the same --port it listens where the previous one did, retrying
@@ -48,10 +50,14 @@ async def serve(issuer: str, audience: str, data_dir: Path, durability: str, com
     await _run(config)
 
 
-async def _run(config: GatewayConfig) -> None:
+async def _run(config: GatewayConfig, freeze: bool = False) -> None:
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     gateway = await _start(config)
+    if freeze:
+        import gc
+
+        gc.freeze()  # what exists at start-up is never scanned again
     try:
         print(
             json.dumps(
@@ -116,7 +122,20 @@ def main_options(argv: list[str]) -> None:
     parser.add_argument("--message-rate-per-device", type=float, default=None)
     parser.add_argument("--message-rate-per-user", type=float, default=None)
     parser.add_argument("--cpu", type=int, default=None, help="pin the gateway to this CPU")
+    # bench/group_load.py: 1,000-member groups, mailboxes of offline members, a larger LMDB map.
+    parser.add_argument("--max-group", type=int, default=None)
+    parser.add_argument("--max-mailbox-bytes", type=int, default=None)
+    parser.add_argument("--lmdb-map-size-bytes", type=int, default=None)
+    parser.add_argument("--commit-mode", default=None, choices=["inline", "thread"])
+    parser.add_argument(
+        "--gc-threshold", type=int, default=None,
+        help="experiment: the cyclic GC's generation-0 threshold, and gc.freeze() once listening",
+    )
     args = parser.parse_args(argv)
+    if args.gc_threshold is not None:
+        import gc
+
+        gc.set_threshold(args.gc_threshold, *gc.get_threshold()[1:])
     _die_with_parent()
     if args.cpu is not None and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {args.cpu})
@@ -131,14 +150,17 @@ def main_options(argv: list[str]) -> None:
     ]
     settings = {
         name: value
-        for name in ("window", "max_mailbox_items", "message_rate_per_device", "message_rate_per_user")
+        for name in (
+            "window", "max_mailbox_items", "message_rate_per_device", "message_rate_per_user", "max_group",
+            "max_mailbox_bytes", "lmdb_map_size_bytes", "commit_mode",
+        )
         if (value := getattr(args, name)) is not None
     }
     config = GatewayConfig(
         port=args.port, data_dir=args.data_dir, durability=args.durability, max_devices=args.max_devices,
         providers=providers, **settings,
     )
-    uvloop.run(_run(config))
+    uvloop.run(_run(config, freeze=args.gc_threshold is not None))
 
 
 class _BareProtocol(asyncio.BufferedProtocol):

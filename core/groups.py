@@ -13,6 +13,9 @@ first out). Every group ``msg`` needs the record; a quick timing on the developm
 3.3 µs for 10 members, 17 µs for 100, 111 µs for 1,024 — against 0.06–0.08 µs for the dict
 look-up of a cached record. Each copy of a group ``dlv`` is encoded once, from a tail encoded once
 per message (only ``seq`` differs): 0.5 µs per copy against 2.0 µs for a whole ``encode_stanza``.
+The per-device plan of a group ``msg`` (``plan_group``) and the copies (``GroupDlv``) come from
+``core/fanout.py``: the compiled ``ext/_fanout.pyx`` or its pure twin ``core/_fanout_pure.py``
+(issue 5; figures in ``docs/benchmarks.md``, "Group fan-out").
 
 Each group write is a compare-and-set on the stored ``ver`` (``GroupWrite.prior_ver``): if a
 commit fails (storage full), the changes computed from its records are refused too (``overloaded``,
@@ -51,7 +54,8 @@ from typing import TYPE_CHECKING
 
 from interlink.core.auth import ProviderRegistry, localpart_error
 from interlink.core.errors import StanzaError
-from interlink.core.ops import DEFERRED, _PROVIDER_ID_RE, _excerpt, _kind
+from interlink.core.fanout import GroupDlv, plan_group
+from interlink.core.ops import _PROVIDER_ID_RE, DEFERRED, _excerpt, _kind
 from interlink.core.policy import Policy
 from interlink.core.router import RouteError, Router
 from interlink.core.stanza import encode_stanza
@@ -262,20 +266,9 @@ class Groups:
             raise RouteError(f"a ciphertext of {len(body)} bytes is over the {limit}-byte limit", code="too_large")
         sender, sender_device = identity.user, identity.device
         record = self._member_record(g, sender, "msg")
-        build = _group_dlv_builder(msg_id, sender, sender_device, body, g)
-        items, targets = [], []
-        devices_of = self.store.devices
-        blocks = self.policy.blocks
-        for member in record.members:
-            if member == sender:
-                for device in devices_of(member):
-                    if device != sender_device:
-                        items.append((device_key(member, device), build))
-                        targets.append((member, device))
-            elif not blocks(member, sender):
-                for device in devices_of(member):
-                    items.append((device_key(member, device), build))
-                    targets.append((member, device))
+        # The per-device plan and each copy's dlv bytes: core/fanout.py (compiled, or its pure twin).
+        build = GroupDlv(msg_id, sender, sender_device, body, g)
+        items, targets = plan_group(record.members, sender, sender_device, self.store.devices, self.policy.blocks, build)
         self.router._enqueue(proto, msg_id, items, targets)
 
     def route_state(self, proto: GatewayProtocol, stanza: dict, state: str) -> None:
@@ -390,24 +383,6 @@ def _group_id(value, what: str) -> bytes:
     if type(value) is not bytes or len(value) != GROUP_ID_BYTES:
         raise StanzaError(f"{what} needs 'g': the group id, 16 bytes of bin")
     return value
-
-
-_DLV_HEAD = b"\x89" + encode_stanza("t") + encode_stanza("dlv") + encode_stanza("seq")
-
-
-def _group_dlv_builder(msg_id: bytes, sender: str, sender_device: int, body: bytes, g: bytes):
-    """Encodes a group message's ``dlv`` once per item, from a tail encoded once per message:
-    only ``seq`` differs between the copies (``ts`` is the message's)."""
-    tail = [None, b""]
-
-    def build(seq: int, ts_ms: int) -> bytes:
-        if tail[0] != ts_ms:
-            encoded = encode_stanza({"k": "msg", "id": msg_id, "from": sender, "dev": sender_device, "ts": ts_ms,
-                                     "c": body, "g": g})
-            tail[0], tail[1] = ts_ms, encoded[1:]  # without its 7-entry map header
-        return _DLV_HEAD + encode_stanza(seq) + tail[1]
-
-    return build
 
 
 def _event_builder(fields: dict):

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-NATIVE = ["interlink.ext._framing", "interlink.ext._cipher"]
+NATIVE = ["interlink.ext._framing", "interlink.ext._cipher", "interlink.ext._fanout"]
 PROBE = (
     "import json, importlib, interlink.core as core; "
     "mods = {m: importlib.import_module(m).__file__ for m in %r}; "

@@ -1,0 +1,75 @@
+"""Group fan-out, pure-Python twin of ``interlink.ext._fanout`` (the contract; read this one first).
+
+Two pieces of a group ``msg``'s fan-out (``core/groups.py``), the ones the profile of
+``bench/group_load.py`` showed on the gateway's hot path besides LMDB and the socket writes:
+
+* ``plan_group`` — the per-device plan of one group message: an item ``(device key, build)`` and a
+  target ``(user, device)`` for every device of every member but the sending device, minus the
+  members who blocked the sender. ``devices_of(user)`` and ``blocks(member, sender)`` are the
+  store's and the policy's look-ups; ``blocks`` is not asked about the sender itself.
+* ``GroupDlv`` — ``build(seq, ts_ms)``: the encoded ``dlv`` of one copy. The message's fields are
+  encoded once per ``ts_ms`` (a message has one); each copy is that tail with its own ``seq``
+  spliced in front, byte-identical to ``encode_stanza`` of the whole ``dlv`` map
+  ``{"t": "dlv", "seq", "k": "msg", "id", "from", "dev", "ts", "c", "g"}``.
+
+Both return what the pure code returns and raise what it raises (``TypeError``, ``OverflowError``
+from the msgpack packer, ``struct.error`` for a device number outside uint32, ``AttributeError`` or
+``UnicodeEncodeError`` for a member that is not an encodable ``str``).
+"""
+
+from __future__ import annotations
+
+import struct
+
+import msgpack
+
+_packer = msgpack.Packer(use_bin_type=True)
+_DEVICE = struct.Struct(">I")
+
+# fixmap of 9 entries, "t": "dlv", "seq" — the head every group dlv starts with.
+DLV_HEAD = b"\x89" + _packer.pack("t") + _packer.pack("dlv") + _packer.pack("seq")
+
+
+def device_key(user: str, device: int) -> bytes:
+    """``user`` (UTF-8) + NUL + ``device`` (uint32 BE): ``interlink.core.store.device_key``."""
+    return user.encode("utf-8") + b"\x00" + _DEVICE.pack(device)
+
+
+class GroupDlv:
+    """The ``dlv`` builder of one group message: ``build(seq, ts_ms) -> bytes``."""
+
+    __slots__ = ("_tail", "_ts", "body", "g", "msg_id", "sender", "sender_device")
+
+    def __init__(self, msg_id: bytes, sender: str, sender_device: int, body: bytes, g: bytes) -> None:
+        self.msg_id = msg_id
+        self.sender = sender
+        self.sender_device = sender_device
+        self.body = body
+        self.g = g
+        self._ts = None
+        self._tail = b""
+
+    def __call__(self, seq: int, ts_ms: int) -> bytes:
+        if self._ts is None or self._ts != ts_ms:
+            encoded = _packer.pack({
+                "k": "msg", "id": self.msg_id, "from": self.sender, "dev": self.sender_device, "ts": ts_ms,
+                "c": self.body, "g": self.g,
+            })
+            self._ts, self._tail = ts_ms, encoded[1:]  # without its 7-entry map header
+        return DLV_HEAD + _packer.pack(seq) + self._tail
+
+
+def plan_group(members, sender: str, sender_device: int, devices_of, blocks, build) -> tuple[list, list]:
+    """``(items, targets)`` of one group message (see the module docstring)."""
+    items, targets = [], []
+    for member in members:
+        if member == sender:
+            for device in devices_of(member):
+                if device != sender_device:
+                    items.append((device_key(member, device), build))
+                    targets.append((member, device))
+        elif not blocks(member, sender):
+            for device in devices_of(member):
+                items.append((device_key(member, device), build))
+                targets.append((member, device))
+    return items, targets

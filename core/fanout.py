@@ -1,0 +1,13 @@
+"""Group fan-out selector: ``GroupDlv``, ``plan_group`` and ``device_key`` from the compiled module
+``interlink.ext._fanout`` when available, else from the pure twin ``interlink.core._fanout_pure``."""
+
+from interlink.core._select import select
+
+_impl = select("_fanout", "_fanout_pure")
+
+GroupDlv = _impl.GroupDlv
+plan_group = _impl.plan_group
+device_key = _impl.device_key
+DLV_HEAD = _impl.DLV_HEAD
+
+__all__ = ["DLV_HEAD", "GroupDlv", "device_key", "plan_group"]

@@ -1,0 +1,149 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""Compiled twin of ``interlink.core._fanout_pure``: a group message's per-device plan and the
+per-copy ``dlv`` bytes.
+
+Same signatures, results and exceptions as the pure twin (read that one first; it is the contract).
+What differs is only how: a member's UTF-8 address is encoded once for all its devices and each
+device key is one ``bytes`` allocation filled with ``memcpy``; each copy's ``dlv`` is one
+allocation: the constant head, ``seq`` packed by hand (msgpack's smallest form, as the packer
+chooses it) and the message's tail, encoded once. Anything outside the fast paths (a ``seq`` that is
+not a non-negative ``int`` below 2**64, a device outside uint32, a member that is not exactly
+``str``) goes through the same Python calls as the pure twin, so it fails the same way.
+"""
+
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.unicode cimport PyUnicode_AsUTF8String
+from libc.stdint cimport uint32_t, uint64_t
+from libc.string cimport memcpy
+
+cdef extern from "Python.h":
+    unsigned long long PyLong_AsUnsignedLongLong(object) except? 0xFFFFFFFFFFFFFFFF  # noqa
+    object PyErr_Occurred()
+    void PyErr_Clear()
+
+import struct
+
+import msgpack
+
+_packer = msgpack.Packer(use_bin_type=True)
+_DEVICE = struct.Struct(">I")
+
+DLV_HEAD = b"\x89" + _packer.pack("t") + _packer.pack("dlv") + _packer.pack("seq")
+cdef bytes _HEAD = DLV_HEAD
+
+
+def device_key(user, device):
+    """``user`` (UTF-8) + NUL + ``device`` (uint32 BE): ``interlink.core.store.device_key``."""
+    return _device_key(_prefix_of(user), device)
+
+
+cdef inline bytes _prefix_of(object user):
+    if type(user) is str:
+        return PyUnicode_AsUTF8String(user)
+    return user.encode("utf-8")  # what the pure twin does (and how it fails)
+
+
+cdef bytes _device_key(bytes prefix, object device):
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(prefix)
+    cdef uint32_t d
+    cdef bytes out
+    cdef unsigned char *p
+    if type(device) is int and 0 <= device <= 0xFFFFFFFF:
+        d = device
+        out = PyBytes_FromStringAndSize(NULL, n + 5)
+        p = <unsigned char *> PyBytes_AS_STRING(out)
+        memcpy(p, PyBytes_AS_STRING(prefix), n)
+        p[n] = 0
+        p[n + 1] = (d >> 24) & 0xFF
+        p[n + 2] = (d >> 16) & 0xFF
+        p[n + 3] = (d >> 8) & 0xFF
+        p[n + 4] = d & 0xFF
+        return out
+    return prefix + b"\x00" + _DEVICE.pack(device)
+
+
+cdef bytes _splice(object seq, bytes tail):
+    """``DLV_HEAD + pack(seq) + tail`` in one allocation."""
+    cdef unsigned char s[9]
+    cdef Py_ssize_t n, head = PyBytes_GET_SIZE(_HEAD), size = PyBytes_GET_SIZE(tail)
+    cdef uint64_t v
+    cdef int i
+    cdef bytes out
+    cdef char *p
+    if type(seq) is not int:
+        return _HEAD + _packer.pack(seq) + tail
+    try:
+        v = PyLong_AsUnsignedLongLong(seq)
+    except OverflowError:  # negative, or 2**64 and over: the packer decides (and refuses the latter)
+        return _HEAD + _packer.pack(seq) + tail
+    if v < 0x80:
+        s[0] = <unsigned char> v
+        n = 1
+    elif v <= 0xFF:
+        s[0] = 0xCC
+        s[1] = <unsigned char> v
+        n = 2
+    elif v <= 0xFFFF:
+        s[0] = 0xCD
+        n = 3
+    elif v <= 0xFFFFFFFF:
+        s[0] = 0xCE
+        n = 5
+    else:
+        s[0] = 0xCF
+        n = 9
+    if n > 2:
+        for i in range(n - 1):
+            s[n - 1 - i] = <unsigned char> ((v >> (8 * i)) & 0xFF)
+    out = PyBytes_FromStringAndSize(NULL, head + n + size)
+    p = PyBytes_AS_STRING(out)
+    memcpy(p, PyBytes_AS_STRING(_HEAD), head)
+    memcpy(p + head, s, n)
+    memcpy(p + head + n, PyBytes_AS_STRING(tail), size)
+    return out
+
+
+cdef class GroupDlv:
+    """The ``dlv`` builder of one group message: ``build(seq, ts_ms) -> bytes``."""
+
+    cdef public object msg_id, sender, sender_device, body, g
+    cdef object _ts
+    cdef bytes _tail
+
+    def __init__(self, msg_id, sender, sender_device, body, g):
+        self.msg_id = msg_id
+        self.sender = sender
+        self.sender_device = sender_device
+        self.body = body
+        self.g = g
+        self._ts = None
+        self._tail = b""
+
+    def __call__(self, seq, ts_ms):
+        if self._ts is None or self._ts != ts_ms:
+            encoded = _packer.pack({
+                "k": "msg", "id": self.msg_id, "from": self.sender, "dev": self.sender_device, "ts": ts_ms,
+                "c": self.body, "g": self.g,
+            })
+            self._ts, self._tail = ts_ms, encoded[1:]  # without its 7-entry map header
+        return _splice(seq, self._tail)
+
+
+def plan_group(members, sender, sender_device, devices_of, blocks, build):
+    """``(items, targets)`` of one group message (see the pure twin)."""
+    cdef list items = [], targets = []
+    cdef bytes prefix
+    cdef bint own
+    for member in members:
+        own = member == sender
+        if not own and blocks(member, sender):
+            continue
+        prefix = None
+        for device in devices_of(member):
+            if own and not (device != sender_device):
+                continue
+            if prefix is None:
+                prefix = _prefix_of(member)
+            items.append((_device_key(prefix, device), build))
+            targets.append((member, device))
+    return items, targets
