@@ -12,7 +12,14 @@ Two pieces of a group ``msg``'s fan-out (``core/groups.py``), the ones the profi
   spliced in front, byte-identical to ``encode_stanza`` of the whole ``dlv`` map
   ``{"t": "dlv", "seq", "k": "msg", "id", "from", "dev", "ts", "c", "g"}``.
 
-Both return what the pure code returns and raise what it raises (``TypeError``, ``OverflowError``
+* ``plan_cached`` — the same plan from a per-(group, ver) cache ``rows`` (a dict the caller keeps
+  per record: member -> ``(devices, device keys, targets)``), so a member's keys and targets are
+  made once per record, not once per message. ``devices_of(member)`` is still asked for every
+  member who did not block the sender, and a row whose devices changed is made again. ``blocked``
+  is the set of members who blocked the sender, looked up once per message by the caller
+  (``in`` is its only use); the sender is never looked up in it.
+
+All of them return what the pure code returns and raise what it raises (``TypeError``, ``OverflowError``
 from the msgpack packer, ``struct.error`` for a device number outside uint32, ``AttributeError`` or
 ``UnicodeEncodeError`` for a member that is not an encodable ``str``).
 """
@@ -72,4 +79,31 @@ def plan_group(members, sender: str, sender_device: int, devices_of, blocks, bui
             for device in devices_of(member):
                 items.append((device_key(member, device), build))
                 targets.append((member, device))
+    return items, targets
+
+
+def plan_cached(rows: dict, members, sender: str, sender_device: int, devices_of, blocked, build) -> tuple[list, list]:
+    """``(items, targets)`` of one group message, through the per-record cache ``rows`` (see the
+    module docstring): the same plan as ``plan_group`` with ``blocks(m, s) = m in blocked``."""
+    items, targets = [], []
+    for member in members:
+        own = member == sender
+        if not own and member in blocked:
+            continue
+        devices = devices_of(member)
+        row = rows.get(member)
+        if row is None or (row[0] is not devices and row[0] != devices):
+            row = (devices, tuple(device_key(member, d) for d in devices), tuple((member, d) for d in devices))
+            rows[member] = row
+        keys, member_targets = row[1], row[2]
+        if own:
+            for index in range(len(keys)):
+                target = member_targets[index]
+                if target[1] != sender_device:
+                    items.append((keys[index], build))
+                    targets.append(target)
+        else:
+            for index in range(len(keys)):
+                items.append((keys[index], build))
+                targets.append(member_targets[index])
     return items, targets

@@ -1,4 +1,4 @@
-"""Group fan-out selector: ``GroupDlv``, ``plan_group`` and ``device_key`` from the compiled module
+"""Group fan-out selector: ``GroupDlv``, ``plan_group``, ``plan_cached`` and ``device_key`` from the compiled module
 ``interlink.ext._fanout`` when available, else from the pure twin ``interlink.core._fanout_pure``."""
 
 from interlink.core._select import select
@@ -7,7 +7,8 @@ _impl = select("_fanout", "_fanout_pure")
 
 GroupDlv = _impl.GroupDlv
 plan_group = _impl.plan_group
+plan_cached = _impl.plan_cached
 device_key = _impl.device_key
 DLV_HEAD = _impl.DLV_HEAD
 
-__all__ = ["DLV_HEAD", "GroupDlv", "device_key", "plan_group"]
+__all__ = ["DLV_HEAD", "GroupDlv", "device_key", "plan_cached", "plan_group"]

@@ -13,7 +13,7 @@ first out). Every group ``msg`` needs the record; a quick timing on the developm
 3.3 µs for 10 members, 17 µs for 100, 111 µs for 1,024 — against 0.06–0.08 µs for the dict
 look-up of a cached record. Each copy of a group ``dlv`` is encoded once, from a tail encoded once
 per message (only ``seq`` differs): 0.5 µs per copy against 2.0 µs for a whole ``encode_stanza``.
-The per-device plan of a group ``msg`` (``plan_group``) and the copies (``GroupDlv``) come from
+The per-device plan of a group ``msg`` (``plan_cached``, from a plan kept per record) and the copies (``GroupDlv``) come from
 ``core/fanout.py``: the compiled ``ext/_fanout.pyx`` or its pure twin ``core/_fanout_pure.py``
 (issue 5; figures in ``docs/benchmarks.md``, "Group fan-out").
 
@@ -38,25 +38,36 @@ Decisions where the contract is silent (also in ``docs/protocol.md`` §6):
 * Unknown groups are ``not_found`` everywhere (ops, ``msg``, ``state``): group ids are 128 random
   bits, so existence reveals nothing a guess could find; non-members get ``not_member``.
 * Events go to every device of every member after the change and of the members the change
-  removed, except the acting device (which gets the ``res``, carrying the new ``ver``); blocks do
-  not filter them. They are control items: not held to the mailbox quotas.
+  removed, except the acting device (which gets the ``res``, carrying the new ``ver``) and the
+  members who blocked the actor (they stay members; nothing reveals the block). They are control
+  items: counted in the mailbox quotas but never refused for them; membership changes are
+  rate-limited per group instead (``CHANGE_BURST``, ``CHANGE_RATE``), which bounds what a change
+  loop can add to a member's mailbox.
 * A group ``msg`` goes to every device of every member except the sending device — the sender's
   other devices included (they show what was sent; the ``dlv`` has ``g`` and no ``to``) — and not to
-  members who blocked the sender. All or nothing: a full mailbox refuses the whole message
-  (``mailbox_full``). Consent is given by membership and not checked per message.
+  members who blocked the sender. A device whose mailbox is full is skipped (router counter
+  ``group_copies_dropped_full``); the sender's ``ack`` stays plain. ``b`` is at most 16 KiB, and
+  the message spends one rate token per ``COPIES_PER_TOKEN`` copies. Consent is given by
+  membership and not checked per message. A resend of a stored message answers ``dup`` whatever
+  the membership is now.
+* In thread commit mode, an entry computed from a change still committing (a ``msg``, a deferred
+  ``group.get``, a no-op answer) carries a guard ``(g, ver)``: stored only if that change was.
+* Group typing uses the committed record, at most one per (sender, group) per second.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from typing import TYPE_CHECKING
 
 from interlink.core.auth import ProviderRegistry, localpart_error
 from interlink.core.errors import StanzaError
-from interlink.core.fanout import GroupDlv, plan_group
+from interlink.core.fanout import GroupDlv, plan_cached
 from interlink.core.ops import _PROVIDER_ID_RE, DEFERRED, _excerpt, _kind
 from interlink.core.policy import Policy
+from interlink.core.ratelimit import TokenBuckets
 from interlink.core.router import RouteError, Router
 from interlink.core.stanza import encode_stanza
 from interlink.core.store import GroupRecord, GroupWrite, Store, device_key
@@ -69,6 +80,12 @@ MAX_META_BYTES = 4096  # group.new's 'meta' (opaque, encrypted by the clients)
 GROUP_CACHE_GROUPS = 4096  # committed records kept in memory
 EVENT_OVERHEAD_BYTES = 160  # room an event dlv needs beside 'members' and 'meta' (the creator's address, ...)
 RES_OVERHEAD_BYTES = 96  # a group.get res's fields besides members, admins and meta
+MAX_GROUP_BODY_BYTES = 16 << 10  # a group msg's 'b' (stored once per device): large content goes as a blob
+COPIES_PER_TOKEN = 64  # a group msg spends one rate token per this many copies (at least one)
+CHANGE_BURST, CHANGE_RATE = 20, 10.0  # membership changes per group: burst, then per second
+STATE_INTERVAL_S = 1.0  # group typing: at most one state per (sender, group) per this interval
+STATE_KEYS = 65_536  # (sender, group) pairs whose last state time is remembered
+PLAN_CACHE_COPIES = 200_000  # device copies the cached fan-out plans may describe (about 150 bytes each)
 
 
 class Groups:
@@ -91,6 +108,14 @@ class Groups:
         self.max_members_bytes = router.max_ciphertext_bytes - EVENT_OVERHEAD_BYTES - self.max_meta_bytes
         self._dirty: dict[bytes, GroupWrite] = {}
         self._cache: dict[bytes, GroupRecord] = {}
+        self.max_body_bytes = min(MAX_GROUP_BODY_BYTES, router.max_ciphertext_bytes)
+        self.change_buckets = TokenBuckets(CHANGE_BURST, CHANGE_RATE)  # per group id
+        self._state_sent: dict[tuple[str, bytes], float] = {}  # (sender, g) -> when its last state went out
+        # g -> (record, rows): the per-record fan-out plan (member -> devices, device keys,
+        # targets), made again for a new record (keyed by the record object: a refused change
+        # and its replacement may share a ver) or for a member whose devices changed.
+        self._plans: dict[bytes, list] = {}  # g -> [record, rows, copies]
+        self._plan_copies = 0  # the sum of the cached plans' copies, kept under PLAN_CACHE_COPIES
         self.handlers = {
             "group.new": self.group_new,
             "group.add": self.group_add,
@@ -112,6 +137,21 @@ class Groups:
             if record is not None:  # unknown ids are not cached: random ids must not fill the cache
                 self._remember(g, record)
         return record
+
+    def committed(self, g: bytes) -> GroupRecord | None:
+        """The group as last committed (a change still committing is not seen)."""
+        record = self._cache.get(g)
+        if record is None:
+            record = self.store.group(g)
+            if record is not None and g not in self._dirty:
+                self._remember(g, record)
+        return record
+
+    def _guard(self, message, g: bytes, record: GroupRecord) -> None:
+        """An entry computed from ``record`` while a change of ``g`` is committing is stored only
+        if that change was (the store compares the stored ``ver``; ``conflict`` otherwise)."""
+        if g in self._dirty:
+            message.guard = (g, record.ver)
 
     def _remember(self, g: bytes, record: GroupRecord) -> None:
         cache = self._cache
@@ -245,7 +285,8 @@ class Groups:
         if g in self._dirty:
             # A change of this group is still being committed: answer after it, so that nothing
             # uncommitted is ever shown.
-            self.router.enqueue_control(proto, {"t": "res", "id": stanza["id"], **result})
+            message = self.router.enqueue_control(proto, {"t": "res", "id": stanza["id"], **result})
+            self._guard(message, g, record)
             return DEFERRED
         return result
 
@@ -261,24 +302,69 @@ class Groups:
         body = stanza.get("b")
         if type(body) is not bytes or not body:
             raise StanzaError("a group msg needs 'b': the ciphertext for all members, non-empty bin")
-        limit = self.router.max_ciphertext_bytes
+        limit = self.max_body_bytes
         if len(body) > limit:
-            raise RouteError(f"a ciphertext of {len(body)} bytes is over the {limit}-byte limit", code="too_large")
+            raise RouteError(
+                f"a group ciphertext of {len(body)} bytes is over the {limit}-byte limit (send large content as a blob)",
+                code="too_large",
+            )
         sender, sender_device = identity.user, identity.device
-        record = self._member_record(g, sender, "msg")
+        record = self.record(g)
+        if record is None or sender not in record.member_set:
+            # A resend of a message already stored answers dup, whatever the membership is now.
+            if self.store.seen(device_key(sender, sender_device), msg_id):
+                self.router._enqueue(proto, msg_id, [], [])
+                return
+            record = self._member_record(g, sender, "msg")  # raises not_found / not_member
         # The per-device plan and each copy's dlv bytes: core/fanout.py (compiled, or its pure twin).
         build = GroupDlv(msg_id, sender, sender_device, body, g)
-        items, targets = plan_group(record.members, sender, sender_device, self.store.devices, self.policy.blocks, build)
-        self.router._enqueue(proto, msg_id, items, targets)
+        plans = self._plans
+        plan = plans.get(g)
+        fresh = plan is None or plan[0] is not record
+        if fresh:
+            if plan is not None:
+                self._plan_copies -= plans.pop(g)[2]
+            plan = [record, {}, 0]
+        blocks = self.policy.blocks  # who blocked the sender: looked up once per message
+        blocked = {member for member in record.members if member != sender and blocks(member, sender)}
+        items, targets = plan_cached(plan[1], record.members, sender, sender_device, self.store.devices, blocked, build)
+        if fresh and len(items) <= PLAN_CACHE_COPIES:
+            plan[2] = len(items) + 1
+            self._plan_copies += plan[2]
+            plans[g] = plan
+            while self._plan_copies > PLAN_CACHE_COPIES:
+                self._plan_copies -= plans.pop(next(iter(plans)))[2]
+        # One token is spent already (handle_msg); the copies cost one per COPIES_PER_TOKEN.
+        extra = (len(items) + COPIES_PER_TOKEN - 1) // COPIES_PER_TOKEN - 1
+        if extra > 0:
+            self.router._charge(proto, extra)
+        message = self.router._enqueue(proto, msg_id, items, targets)
+        message.skip_full = True
+        self._guard(message, g, record)
 
     def route_state(self, proto: GatewayProtocol, stanza: dict, state: str) -> None:
         """Group typing state: ephemeral, pushed to the other members' online devices."""
         identity = proto.conn.identity
         sender = identity.user
         g = _group_id(stanza.get("g"), "state")
-        record = self._member_record(g, sender, "state")
+        record = self.committed(g)  # typing never reveals a change that is still committing
+        if record is None:
+            raise RouteError("state: no such group", code="not_found")
+        if sender not in record.member_set:
+            raise RouteError("state: you are not a member of this group", code="not_member")
+        # Ephemeral: at most one per (sender, group) per interval; the others are dropped silently.
+        now = self.router.clock()
+        key = (sender, g)
+        sent = self._state_sent
+        last = sent.get(key)
+        if last is not None and 0.0 <= now - last < STATE_INTERVAL_S:
+            return
+        if last is None and len(sent) >= STATE_KEYS:
+            self._state_sent = sent = {k: t for k, t in sent.items() if 0.0 <= now - t < STATE_INTERVAL_S}
+        sent[key] = now
         encoded = encode_stanza({"t": "state", "from": sender, "g": g, "s": state})
         sessions = self.router.sessions
+        touched = set()
         for member in record.members:
             if member == sender or self.policy.blocks(member, sender):
                 continue
@@ -286,7 +372,9 @@ class Groups:
                 target = sessions.get((member, device))
                 if target is not None and not target.conn.closed:
                     target.conn.send_encoded(encoded)
-                    target.flush()
+                    touched.add(target)
+        for target in touched:  # one flush per session, after every target got its bytes
+            target.flush()
 
     # -- helpers
 
@@ -341,7 +429,8 @@ class Groups:
         """A request that changes nothing: its answer still waits for any change of the group that
         is being committed (so it never reports an uncommitted state)."""
         if g in self._dirty:
-            self.router.enqueue_control(proto, {"t": "res", "id": iq_id, "ver": record.ver})
+            message = self.router.enqueue_control(proto, {"t": "res", "id": iq_id, "ver": record.ver})
+            self._guard(message, g, record)
             return DEFERRED
         return {"ver": record.ver}
 
@@ -353,6 +442,14 @@ class Groups:
         device of every member and of ``removed``, but the acting device."""
         identity = proto.conn.identity
         actor, actor_device = identity.user, identity.device
+        if prior_ver:  # a change of an existing group: at most CHANGE_RATE a second per group
+            wait_s = self.change_buckets.take(g, self.router.clock())
+            if wait_s:
+                retry_after = max(1, math.ceil(wait_s * 1000))
+                raise RouteError(
+                    f"this group changes too often; try again in {retry_after} ms", code="rate_limited",
+                    retry_after=retry_after,
+                )
         ver = record.ver if record is not None else ver
         change = GroupWrite(g, prior_ver, record)
         self._dirty[g] = change
@@ -367,7 +464,10 @@ class Groups:
         items, targets = [], []
         recipients = list(record.members) if record is not None else []
         recipients += [user for user in removed if record is None or user not in record.member_set]
+        blocks = self.policy.blocks
         for user in recipients:
+            if user != actor and blocks(user, actor):
+                continue  # a member who blocked the actor gets nothing from it (not told either)
             for device in self.store.devices(user):
                 if user == actor and device == actor_device:
                     continue

@@ -112,6 +112,7 @@ class Router:
         self.commit_seconds = Histogram(COMMIT_BUCKETS_S)  # group-commit latency, for /metrics
         self.counters = {
             "messages_stored": 0, "deliveries_pushed": 0, "commits": 0, "duplicates": 0, "group_changes": 0,
+            "group_copies_dropped_full": 0,
         }
 
     # -- sessions
@@ -135,10 +136,17 @@ class Router:
 
     # -- stanzas
 
-    def _charge(self, proto: GatewayProtocol) -> None:
-        """Spend one token of the session's and the user's bucket, or refuse (``rate_limited``)."""
+    def _charge(self, proto: GatewayProtocol, tokens: int = 1) -> None:
+        """Spend ``tokens`` tokens of the session's and the user's bucket, or refuse (``rate_limited``;
+        the tokens spent before the refusal stay spent)."""
         now = self.clock()
-        wait_s = self.device_buckets.take(proto.session_key, now) or self.user_buckets.take(proto.session_key[0], now)
+        device_buckets, user_buckets = self.device_buckets, self.user_buckets
+        session_key, user = proto.session_key, proto.session_key[0]
+        wait_s = 0.0
+        for _ in range(tokens):
+            wait_s = device_buckets.take(session_key, now) or user_buckets.take(user, now)
+            if wait_s:
+                break
         if wait_s:
             retry_after = max(1, math.ceil(wait_s * 1000))
             raise RouteError(f"too many messages; try again in {retry_after} ms", code="rate_limited", retry_after=retry_after)
@@ -241,17 +249,18 @@ class Router:
             raise RouteError(f"no user {recipient} is known to this gateway", code="unknown_recipient")
         return devices
 
-    def _enqueue(self, proto: GatewayProtocol, msg_id: bytes, items: list, targets: list) -> None:
+    def _enqueue(self, proto: GatewayProtocol, msg_id: bytes, items: list, targets: list) -> StoredMessage:
         """Add a stored stanza to this turn's batch; its sender is acked after the commit.
         ``targets[i]`` is the (user, device) of ``items[i]``."""
         message = self._batch.add_message(device_key(*proto.session_key), msg_id, int(self.clock() * 1000), items)
         self._waiting.append((proto, message, targets))
         self._schedule_commit()
+        return message
 
     def enqueue_control(
         self, proto: GatewayProtocol, reply: dict, items=(), targets=(), group: GroupWrite | None = None,
         event_id: bytes = b"",
-    ) -> None:
+    ) -> StoredMessage:
         """Add a control entry to this turn's batch: a group write (if any) and the items that
         announce it, all in the commit's one transaction; ``reply`` (an ``iq`` ``res``) is sent
         after the commit, in order with the acks of the same batch."""
@@ -261,6 +270,7 @@ class Router:
         message.reply = reply
         self._waiting.append((proto, message, list(targets)))
         self._schedule_commit()
+        return message
 
     def enqueue_prekey_take(self, proto: GatewayProtocol, reply: dict, user: str, devices) -> None:
         """A ``keys.get`` whose one-time prekeys are taken in this turn's commit (one fsync for
@@ -371,11 +381,21 @@ class Router:
                 self._control_committed(proto, message, targets, touched)
                 continue
             if message.refused is not None:
+                if message.refused == "conflict":  # built from a group change that failed
+                    self._answer(proto, touched, {
+                        "t": "err", "code": "overloaded", "ref": message.msg_id,
+                        "msg": "the group changed while this message waited; nothing was stored, resend it",
+                    })
+                    continue
                 self._answer(proto, touched, {
                     "t": "err", "code": message.refused, "ref": message.msg_id,
                     "msg": "a recipient mailbox is full; nothing was stored",
                 })
                 continue
+            if message.kept is not None:  # a group message skipped devices whose mailbox is full
+                targets = [targets[i] for i in message.kept]
+            if message.dropped_full:
+                self.counters["group_copies_dropped_full"] += message.dropped_full
             ack = {"t": "ack", "id": message.msg_id, "ts": message.ts_ms}
             if message.dup:
                 ack["dup"] = True

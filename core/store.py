@@ -130,12 +130,14 @@ class StoredMessage:
     """One message of a ``WriteBatch`` and, after the commit, what happened to it.
 
     A *control* entry (``control=True``: a group change and its events, or an answer that only has
-    to wait for the commit) is not deduplicated and not held to the mailbox quotas: a membership
-    change must reach every member, however full its mailbox. Its ``group`` write, if any, is
+    to wait for the commit) is not deduplicated and never refused for the mailbox quotas (its
+    items still count toward them): a membership change must reach every member, however full
+    its mailbox (the groups' per-group change rate bounds what that adds). Its ``group`` write, if any, is
     done first, and when it is refused (``refused`` = ``"conflict"``) none of its items is stored."""
 
     __slots__ = (
         "sender_key", "msg_id", "ts_ms", "items", "dup", "stored", "refused", "control", "group", "reply", "prekeys",
+        "guard", "skip_full", "kept", "dropped_full",
     )
 
     def __init__(
@@ -153,6 +155,14 @@ class StoredMessage:
         self.group = group
         self.reply = None  #: the router's answer once committed (an ``iq`` ``res``), for control entries
         self.prekeys = None  #: (user, devices) whose bundles the commit takes into ``reply["bundles"]``
+        #: (g, ver): store nothing (``refused`` = ``"conflict"``) unless group ``g``'s stored record
+        #: has ``ver`` — set on entries computed from a group change that was still committing
+        self.guard: tuple[bytes, int] | None = None
+        #: a group message: a copy for a device whose mailbox is full is skipped (counted in
+        #: ``dropped_full``) instead of refusing the whole message
+        self.skip_full = False
+        self.kept: list[int] | None = None  #: after commit, when copies were skipped: indices of ``items`` stored
+        self.dropped_full = 0
 
 
 class WriteBatch:
@@ -307,6 +317,9 @@ class Store(Protocol):
     def group(self, g: bytes) -> GroupRecord | None:
         """The stored record of group ``g``, or None."""
 
+    def seen(self, sender_key: bytes, msg_id: bytes) -> bool:
+        """Is (sender device key, message id) stored in the dedup window?"""
+
 
 class LmdbStore:
     """One LMDB environment with named databases; this is the edge where storage I/O happens."""
@@ -430,6 +443,7 @@ class LmdbStore:
         except lmdb.MapFullError:
             for message in batch.messages:
                 message.dup, message.stored, message.refused = False, [], None
+                message.kept, message.dropped_full = None, 0
             raise StoreFullError("the gateway's storage is full; try again later") from None
         self.dedup_unswept += sum(1 for message in batch.messages if message.stored and not message.control)
 
@@ -439,29 +453,52 @@ class LmdbStore:
             state = states[dkey] = MailboxState(txn.get(dkey, db=self._seqs))
         return state
 
+    def _guard_fails(self, txn, message: StoredMessage) -> bool:
+        """The entry was computed from a group record that is not the stored one (an earlier change
+        of the group failed): refuse it whole (``conflict``)."""
+        g, ver = message.guard
+        raw = txn.get(g, db=self._groups)
+        if (_SEQ.unpack(raw[:8])[0] if raw is not None else 0) != ver:
+            message.refused = "conflict"
+            return True
+        return False
+
     def _write_message(self, txn, message: StoredMessage, states: dict) -> None:
         dedup_key = message.sender_key + message.msg_id
         ts_prefix = _TS.pack(message.ts_ms)
+        # A duplicate answers dup whatever the group became; else a guarded entry must match.
+        if message.guard is not None and txn.get(dedup_key, db=self._dedup) is None and self._guard_fails(txn, message):
+            return
         # One insert is both the duplicate check and the dedup entry (undone below if refused).
         if not txn.put(dedup_key, ts_prefix, overwrite=False, db=self._dedup):
             message.dup = True
             message.ts_ms = _TS.unpack(txn.get(dedup_key, db=self._dedup))[0]
             return
         ts = message.ts_ms
-        # Build every copy first: if any recipient mailbox is over its quota, none is stored.
+        # Build every copy first: if any recipient mailbox is over its quota, none is stored (a
+        # group message skips that device instead: ``skip_full``).
         planned = []
+        kept: list[int] | None = None
         added: dict[bytes, list[int]] = {}
-        for dkey, build in message.items:
+        for index, (dkey, build) in enumerate(message.items):
             state = self._state(txn, dkey, states)
             count, size = added.setdefault(dkey, [0, 0])
             seq = state.last_seq + count + 1
             value = build(seq, ts)
-            added[dkey] = [count + 1, size + len(value)]
             if state.items + count + 1 > self.max_mailbox_items or state.bytes + size + len(value) > self.max_mailbox_bytes:
+                if message.skip_full:
+                    if kept is None:
+                        kept = list(range(index))
+                    message.dropped_full += 1
+                    continue
                 message.refused = "mailbox_full"
                 txn.delete(dedup_key, db=self._dedup)
                 return
+            added[dkey] = [count + 1, size + len(value)]
+            if kept is not None:
+                kept.append(index)
             planned.append((dkey, seq, value))
+        message.kept = kept
         stored = message.stored
         mbox = self._mbox
         for dkey, seq, value in planned:
@@ -473,6 +510,8 @@ class LmdbStore:
             stored.append((dkey, seq, value))
 
     def _write_control(self, txn, message: StoredMessage, states: dict) -> None:
+        if message.guard is not None and self._guard_fails(txn, message):
+            return
         if message.prekeys is not None:
             user, devices = message.prekeys
             message.reply["bundles"] = self._bundles_in(txn, user, devices, take=True)
@@ -863,6 +902,11 @@ class LmdbStore:
         with self._env.begin(db=self._groups) as txn:
             raw = txn.get(g)
             return GroupRecord.unpack(raw) if raw is not None else None
+
+    def seen(self, sender_key: bytes, msg_id: bytes) -> bool:
+        """Is (sender device, message id) in the dedup window (a resend would answer ``dup``)?"""
+        with self._env.begin(db=self._dedup) as txn:
+            return txn.get(sender_key + msg_id) is not None
 
 
 _COUNT = struct.Struct(">I")

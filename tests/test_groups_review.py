@@ -1,0 +1,446 @@
+"""Regression tests of the group review's findings, on the real Router, Groups and LmdbStore with
+fake sessions (the sessions only record what they are sent): thread-mode commits built from a
+change that then fails, mailbox quotas, amplification, blocks, dedup before membership, typing, and
+the per-(g, ver) plan cache."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import os
+import threading
+import types
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import interlink.core._fanout_pure as fanout_pure
+from interlink.core.auth import Provider, ProviderRegistry
+from interlink.core.groups import Groups
+from interlink.core.ops import DEFERRED
+from interlink.core.policy import Policy
+from interlink.core.router import RouteError, Router
+from interlink.core.stanza import decode_stanzas
+from interlink.core.store import LmdbStore, StoreFullError, device_key
+
+try:
+    import interlink.ext._fanout as fanout_native
+except ImportError:  # INTERLINK_PURE runs without the build; the default suite requires it
+    fanout_native = None
+
+
+class Conn:
+    def __init__(self, user: str, device: int) -> None:
+        self.identity = types.SimpleNamespace(user=user, device=device, provider=user.rpartition("@")[2])
+        self.closed = False
+        self.out: list[dict] = []
+        self.max_plaintext_bytes = 65535 - 16
+
+    def send_stanza(self, stanza: dict) -> None:
+        self.out.append(stanza)
+
+    def send_encoded(self, data: bytes) -> None:
+        self.out.extend(decode_stanzas(data))
+
+
+class Proto:
+    def __init__(self, user: str, device: int) -> None:
+        self.conn = Conn(user, device)
+        self.session_key = (user, device)
+        self.transport = object()
+        self.flushes = 0
+
+    def flush(self) -> None:
+        self.flushes += 1
+
+
+class FlakyStore(LmdbStore):
+    """Real LMDB; the next commit can be held on a gate and made to fail (a full map)."""
+
+    gate: threading.Event | None = None
+    fail_next = False
+
+    def commit(self, batch):
+        if self.gate is not None:
+            self.gate.wait(10)
+        if self.fail_next:
+            self.fail_next = False
+            raise StoreFullError("the gateway's storage is full; try again later")
+        return super().commit(batch)
+
+
+def _provider(pid: str) -> Provider:
+    return Provider(id=pid, issuer=f"https://{pid}.example", audience="a", jwks_uri=f"https://{pid}.example/jwks",
+                    default_accept=("*",))
+
+
+class World:
+    def __init__(self, path, *, thread=False, rate=1e9, clock=None, **store_kw) -> None:
+        self.store = FlakyStore(path, sync=False, map_size_bytes=1 << 26, **store_kw)
+        self.policy = Policy(self.store)
+        self.sessions: dict = {}
+        self.executor = concurrent.futures.ThreadPoolExecutor(1) if thread else None
+        extra = {"clock": clock} if clock is not None else {}
+        self.router = Router(
+            store=self.store, registry=ProviderRegistry([_provider("alpha"), _provider("beta")]), sessions=self.sessions,
+            paused={}, window=1000, max_frame_bytes=65535, policy=self.policy, commit_executor=self.executor,
+            message_rate_per_device=rate, message_rate_per_user=rate, **extra,
+        )
+        self.groups = Groups(store=self.store, registry=self.router.registry, policy=self.policy, router=self.router,
+                             max_group=1024)
+        self.router.groups = self.groups
+
+    def close(self) -> None:
+        if self.executor is not None:
+            self.executor.shutdown()
+        self.store.close()
+
+    def connect(self, user: str, device: int = 1, online: bool = True) -> Proto:
+        self.store.register_device(user, device, 5)
+        proto = Proto(user, device)
+        if online:
+            self.sessions[(user, device)] = proto
+            self.router.session_opened(proto)
+        return proto
+
+    def iq(self, proto: Proto, op: str, _id: int = 1, **fields):
+        """Like the server's iq dispatch: the immediate answer, or None when deferred."""
+        try:
+            result = self.groups.handlers[op](proto, {"t": "iq", "id": _id, "op": op, **fields})
+        except RouteError as exc:
+            return {"t": "err", "code": exc.code, "id": _id, **exc.fields}
+        return None if result is DEFERRED else {"t": "res", "id": _id, **(result or {})}
+
+    def msg(self, proto: Proto, g: bytes, body: bytes = b"x", mid: bytes | None = None):
+        mid = mid or os.urandom(16)
+        try:
+            self.router.handle_msg(proto, {"t": "msg", "id": mid, "g": g, "b": body})
+        except RouteError as exc:
+            return {"t": "err", "code": exc.code, **exc.fields}
+        return mid
+
+    def state(self, proto: Proto, g: bytes, s: str = "composing"):
+        try:
+            self.router.handle_state(proto, {"t": "state", "g": g, "s": s})
+        except RouteError as exc:
+            return {"t": "err", "code": exc.code}
+        return None
+
+    async def settle(self) -> None:
+        await self.router.settle()
+        await asyncio.sleep(0)
+
+
+@pytest.fixture
+def world(tmp_path):
+    made = []
+
+    def make(**kw) -> World:
+        w = World(tmp_path / f"lmdb{len(made)}", **kw)
+        made.append(w)
+        return w
+
+    yield make
+    for w in made:
+        w.close()
+
+
+def last(proto: Proto, **match):
+    for stanza in reversed(proto.conn.out):
+        if all(stanza.get(k) == v for k, v in match.items()):
+            return stanza
+    return None
+
+
+def kinds(proto: Proto, k: str) -> list[dict]:
+    return [s for s in proto.conn.out if s.get("t") == "dlv" and s.get("k") == k]
+
+
+async def new_group(w: World, creator: Proto, members: list[str], **fields) -> bytes:
+    assert w.iq(creator, "group.new", _id=99, members=members, **fields) is None
+    await w.settle()
+    return last(creator, t="res", id=99)["g"]
+
+
+# -- 1. thread commit mode: entries built from a change whose commit then fails
+
+
+@pytest.mark.parametrize("op", ["group.del", "group.add"])
+async def test_thread_mode_entries_built_from_a_failed_change_are_refused(world, op):
+    w = world(thread=True)
+    alice, bob, carl, mallory = (w.connect(u) for u in ("alice@alpha", "bob@beta", "carl@beta", "mallory@beta"))
+    g = await new_group(w, alice, ["bob@beta", "mallory@beta"])
+    for p in (alice, bob, carl, mallory):
+        p.conn.out.clear()
+    users = ("alice@alpha", "mallory@beta", "carl@beta")
+    before = [w.store.pending_count(device_key(user, 1)) for user in users]
+    w.store.gate = threading.Event()
+    w.store.fail_next = True
+    target = "mallory@beta" if op == "group.del" else "carl@beta"
+    assert w.iq(alice, op, _id=2, g=g, members=[target]) is None
+    await asyncio.sleep(0)  # the change's batch goes to the writer thread, held on the gate
+    assert w.groups._dirty  # still committing
+    mid = w.msg(bob, g, b"sent after the change")  # built from the uncommitted record
+    assert w.iq(bob, "group.get", _id=3, g=g) is None  # deferred behind the change
+    assert w.iq(alice, op, _id=4, g=g, members=[target]) is None  # a no-op answer, deferred too
+    await asyncio.sleep(0)
+    w.store.gate.set()
+    await w.settle()
+    w.store.gate = None
+    assert last(alice, id=2)["code"] == "overloaded"
+    # The message: nothing stored anywhere, the sender told to resend (same id).
+    assert last(bob, ref=mid)["code"] == "overloaded"
+    assert last(bob, t="ack") is None
+    assert kinds(mallory, "msg") == [] and kinds(carl, "msg") == [] and kinds(alice, "msg") == []
+    assert [w.store.pending_count(device_key(user, 1)) for user in users] == before
+    # The answers that would have shown the change that never committed.
+    assert last(bob, id=3)["code"] == "overloaded"
+    assert last(alice, id=4)["code"] == "overloaded"
+    assert w.store.group(g).ver == 1
+    # The resend with the same id is stored now, for the real (unchanged) members.
+    assert w.msg(bob, g, b"sent after the change", mid) == mid
+    await w.settle()
+    assert last(bob, t="ack", id=mid) is not None and "dup" not in last(bob, t="ack", id=mid)
+    assert [s["c"] for s in kinds(mallory, "msg")] == [b"sent after the change"]
+    assert kinds(carl, "msg") == []
+
+
+async def test_thread_mode_entries_built_from_a_change_that_commits_are_kept(world):
+    w = world(thread=True)
+    alice, bob, carl = (w.connect(u) for u in ("alice@alpha", "bob@beta", "carl@beta"))
+    g = await new_group(w, alice, ["bob@beta"])
+    w.store.gate = threading.Event()
+    assert w.iq(alice, "group.add", _id=2, g=g, members=["carl@beta"]) is None
+    await asyncio.sleep(0)
+    mid = w.msg(bob, g, b"hello carl")
+    assert w.iq(bob, "group.get", _id=3, g=g) is None
+    await asyncio.sleep(0)
+    w.store.gate.set()
+    await w.settle()
+    w.store.gate = None
+    assert last(bob, t="ack", id=mid) is not None
+    assert [s["c"] for s in kinds(carl, "msg")] == [b"hello carl"]
+    assert last(bob, id=3)["ver"] == 2
+
+
+# -- 2. quotas
+
+
+async def test_a_full_member_mailbox_skips_that_device_instead_of_refusing_the_group(world):
+    w = world(max_mailbox_items=5)
+    alice, bob = w.connect("alice@alpha"), w.connect("bob@beta")
+    w.connect("dormant@beta", 7, online=False)
+    g = await new_group(w, alice, ["bob@beta", "dormant@beta"])
+    for i in range(10):
+        mid = w.msg(bob, g, b"m%d" % i)
+        await w.settle()
+        assert last(bob, id=mid) == {"t": "ack", "id": mid, "ts": last(bob, id=mid)["ts"]}  # plain ack
+        # alice receives, so her mailbox never fills
+        seqs = [s["seq"] for s in kinds(alice, "msg")]
+        w.router.handle_recv(alice, {"t": "recv", "seq": seqs})
+        await w.settle()
+    assert [s["c"] for s in kinds(alice, "msg")] == [b"m%d" % i for i in range(10)]
+    assert w.store.pending_count(device_key("dormant@beta", 7)) == 5  # the created event + 4 messages
+    assert w.router.counters["group_copies_dropped_full"] == 6
+    # 1:1 stays all or nothing
+    mid = os.urandom(16)
+    w.router.handle_msg(bob, {"t": "msg", "id": mid, "to": "dormant@beta", "c": {7: b"hi"}})
+    await w.settle()
+    assert last(bob, ref=mid)["code"] == "mailbox_full"
+
+
+async def test_membership_changes_are_rate_limited_per_group(world):
+    now = [1000.0]
+    w = world(max_mailbox_items=20, clock=lambda: now[0])
+    alice = w.connect("alice@alpha")
+    w.connect("victim@beta", online=False)
+    w.connect("x@alpha")
+    g = await new_group(w, alice, ["victim@beta"])
+    answers = []
+    for i in range(100):
+        for op in ("group.add", "group.del"):
+            answer = w.iq(alice, op, _id=1000 + len(answers), g=g, members=["x@alpha"])
+            answers.append(None if answer is None else answer.get("code", "unchanged"))
+            await w.settle()
+    assert answers[:20] == [None] * 20  # the burst, then every add is rate_limited (and del changes nothing)
+    assert answers[20:] == ["rate_limited", "unchanged"] * 90
+    assert w.store.pending_count(device_key("victim@beta", 1)) == 21  # created + 20 events: bounded
+    now[0] += 1.0  # ten more a second
+    allowed = [w.iq(alice, "group.add" if i % 2 == 0 else "group.del", _id=5000 + i, g=g, members=["x@alpha"])
+               for i in range(12)]
+    assert allowed[:10] == [None] * 10 and allowed[10]["code"] == "rate_limited"
+    await w.settle()
+
+
+# -- 3. amplification
+
+
+async def test_a_group_message_costs_one_rate_token_per_64_copies(world):
+    w = world(rate=50.0, clock=lambda: 1000.0)  # burst 100 tokens, no refill (the clock stands still)
+    sender = w.connect("mallory@alpha")
+    users = [f"u{i:03d}@alpha" for i in range(640)]
+    for user in users:
+        w.connect(user, online=False)
+    w.router.device_buckets = type(w.router.device_buckets)(100, 50.0)
+    g = await new_group(w, sender, users)
+    answers = []
+    for _ in range(12):
+        answer = w.msg(sender, g, b"x")
+        answers.append("ack" if type(answer) is bytes else answer["code"])
+    await w.settle()
+    # each message: 640 copies = 10 tokens; ~99 tokens left after group.new: 9 messages, then refused
+    assert answers[:9] == ["ack"] * 9
+    assert answers[9:] == ["rate_limited"] * 3
+    assert w.store.pending_count(device_key("u000@alpha", 1)) == 1 + 9
+
+
+async def test_a_group_body_over_16_kib_is_too_large(world):
+    w = world()
+    alice = w.connect("alice@alpha")
+    w.connect("bob@beta")
+    g = await new_group(w, alice, ["bob@beta"])
+    assert w.msg(alice, g, b"x" * (16 << 10) + b"x")["code"] == "too_large"
+    assert type(w.msg(alice, g, b"x" * (16 << 10))) is bytes
+    await w.settle()
+
+
+async def test_group_typing_is_limited_per_sender_and_group_and_flushed_once(world):
+    now = [1000.0]
+    w = world(clock=lambda: now[0])
+    alice = w.connect("alice@alpha")
+    bob1, bob2 = w.connect("bob@beta", 1), w.connect("bob@beta", 2)
+    g = await new_group(w, alice, ["bob@beta"])
+    for p in (bob1, bob2):
+        p.conn.out.clear()
+        p.flushes = 0
+    for _ in range(5):
+        assert w.state(alice, g) is None
+    assert [s["t"] for s in bob1.conn.out] == ["state"] and bob1.flushes == 1
+    assert [s["t"] for s in bob2.conn.out] == ["state"] and bob2.flushes == 1
+    now[0] += 1.0
+    assert w.state(alice, g, "paused") is None
+    assert [s["s"] for s in bob1.conn.out] == ["composing", "paused"]
+
+
+# -- 4. blocks
+
+
+async def test_events_and_meta_from_a_blocked_actor_do_not_reach_the_blocker(world):
+    w = world()
+    mallory, victim, other = w.connect("mallory@alpha"), w.connect("victim@alpha"), w.connect("other@alpha")
+    w.policy.block("victim@alpha", "mallory@alpha", 100)
+    g = await new_group(w, mallory, ["victim@alpha", "other@alpha"], meta=b"blocked user's text")
+    assert w.iq(mallory, "group.del", _id=2, g=g, members=["other@alpha"]) is None
+    await w.settle()
+    assert w.iq(mallory, "group.add", _id=3, g=g, members=["other@alpha"]) is None
+    await w.settle()
+    assert w.msg(mallory, g, b"hi") is not None
+    await w.settle()
+    assert [s for s in victim.conn.out if s.get("t") == "dlv"] == []
+    assert w.store.pending_count(device_key("victim@alpha", 1)) == 0
+    assert "victim@alpha" in w.store.group(g).member_set  # still a member
+    assert [s["event"] for s in kinds(other, "group")] == ["created", "removed", "added"]
+    # The victim's own changes reach mallory (only the blocker is spared).
+    assert w.iq(victim, "group.leave", _id=4, g=g) is None
+    await w.settle()
+    assert last(mallory, k="group", event="left") is not None
+
+
+# -- 5. lower
+
+
+async def test_a_resend_after_removal_answers_dup_not_not_member(world):
+    w = world()
+    alice, bob = w.connect("alice@alpha"), w.connect("bob@beta")
+    g = await new_group(w, alice, ["bob@beta"])
+    mid = w.msg(bob, g, b"once")
+    await w.settle()
+    assert w.iq(alice, "group.del", _id=2, g=g, members=["bob@beta"]) is None
+    await w.settle()
+    assert w.msg(bob, g, b"once", mid) == mid
+    await w.settle()
+    assert last(bob, id=mid, dup=True) is not None
+    assert w.msg(bob, g, b"new")["code"] == "not_member"  # a new message is still refused
+
+
+async def test_typing_does_not_reveal_a_change_still_committing(world):
+    w = world(thread=True)
+    alice, bob, carl = (w.connect(u) for u in ("alice@alpha", "bob@beta", "carl@beta"))
+    g = await new_group(w, alice, ["bob@beta"])
+    w.store.gate = threading.Event()
+    w.store.fail_next = True
+    assert w.iq(alice, "group.add", _id=2, g=g, members=["carl@beta"]) is None
+    await asyncio.sleep(0)
+    assert w.state(bob, g) is None
+    w.store.gate.set()
+    await w.settle()
+    w.store.gate = None
+    assert [s for s in carl.conn.out if s.get("t") == "state"] == []
+    assert last(alice, t="state") is not None
+
+
+# -- 6. the per-(g, ver) plan cache
+
+
+async def test_the_plan_follows_new_devices_and_blocks(world):
+    w = world()
+    alice, bob = w.connect("alice@alpha"), w.connect("bob@beta")
+    g = await new_group(w, alice, ["bob@beta"])
+    assert type(w.msg(alice, g, b"one")) is bytes
+    await w.settle()
+    bob2 = w.connect("bob@beta", 2)  # a new device after the plan was made
+    assert type(w.msg(alice, g, b"two")) is bytes
+    await w.settle()
+    assert [s["c"] for s in kinds(bob2, "msg")] == [b"two"]
+    w.policy.block("bob@beta", "alice@alpha", 100)
+    assert type(w.msg(alice, g, b"three")) is bytes
+    await w.settle()
+    assert [s["c"] for s in kinds(bob, "msg")] == [b"one", b"two"]
+
+
+# The compiled and pure plan_cached agree with each other and with plan_group (same plan, same
+# look-ups of devices), on a cold cache and on a warm one whose device lists changed.
+
+
+
+def _outcome(call, *args):
+    try:
+        return ("ok", call(*args))
+    except Exception as exc:  # noqa: BLE001 - compared between the twins
+        return ("raised", type(exc), str(exc))
+
+
+_devices = st.one_of(st.integers(min_value=0, max_value=2**31 - 1), st.integers(min_value=-5, max_value=2**33))
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    data=st.data(),
+    names=st.lists(st.text(alphabet="abcü@.", min_size=1, max_size=6), min_size=0, max_size=10, unique=True),
+    sender_device=_devices,
+)
+def test_plan_cached_twins_agree_with_plan_group(data, names, sender_device):
+    twins = [fanout_pure] + ([fanout_native] if fanout_native is not None else [])
+    lists = [{n: tuple(data.draw(st.lists(_devices, max_size=4))) for n in names} for _ in range(2)]
+    blockers = set(data.draw(st.sets(st.sampled_from(names), max_size=4))) if names else set()
+    sender = data.draw(st.sampled_from(names)) if names and data.draw(st.booleans()) else "outsider@x"
+    blockers.discard(sender)
+    members = tuple(data.draw(st.permutations(names)))
+    results = []
+    for twin in twins:
+        rows: dict = {}
+        runs = []
+        for device_lists in lists:  # the second run: a warm cache, devices changed
+            calls: list = []
+
+            def devices_of(user, device_lists=device_lists, calls=calls):
+                calls.append(user)
+                return device_lists[user]
+
+            runs.append((_outcome(twin.plan_cached, rows, members, sender, sender_device, devices_of, blockers, "b"), calls))
+            expected = _outcome(fanout_pure.plan_group, members, sender, sender_device, device_lists.__getitem__,
+                                lambda m, s: m in blockers, "b")
+            assert runs[-1][0] == expected
+        results.append(runs)
+    assert all(r == results[0] for r in results)
