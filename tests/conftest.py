@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 # Fixtures of the messaging and operations end-to-end tests (issuers, gateway, people).
-pytest_plugins = ["three_providers"]
+pytest_plugins = ["three_providers", "e2ee_people"]
 
 VECTORS = Path(__file__).resolve().parents[1].parent / "shared" / "vectors"
 

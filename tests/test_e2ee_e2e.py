@@ -11,61 +11,12 @@ import asyncio
 import logging
 import stat
 import uuid
-from pathlib import Path
 
 import pytest
-from interlink.client import Client
-from interlink.e2ee import E2EEClient, E2EEError, Message, _pack
+from interlink.e2ee import E2EEClient, E2EEError, _pack
 from interlink.gateway import Gateway
-from three_providers import AUD, config_for
-
-
-class Devices:
-    """Opens ``E2EEClient``s for any user's device, each with its own state file."""
-
-    def __init__(self, gateway, issuers, state_dir: Path, address: tuple[str, int] | None = None) -> None:
-        self.gateway = gateway
-        self.by_provider = dict(zip(("alpha", "beta", "gamma"), issuers))
-        self.state_dir = state_dir
-        self.address = address or gateway.address
-        self.opened: list[E2EEClient] = []
-
-    def token(self, address: str) -> str:
-        localpart, provider = address.split("@")
-        return self.by_provider[provider].issue(localpart, audience=AUD)
-
-    def state_path(self, address: str, device: int) -> Path:
-        return self.state_dir / f"{address}-{device}.state"
-
-    async def open(self, address: str, device: int = 1, **options) -> E2EEClient:
-        options.setdefault("otpk_target", 10)
-        options.setdefault("otpk_low", 3)
-        host, port = self.address
-        client = await E2EEClient.open(self.state_path(address, device), host, port, token=self.token(address),
-                                       device=device, root_public=self.gateway.root_public, **options)
-        self.opened.append(client)
-        return client
-
-    async def raw(self, address: str, device: int = 1) -> Client:
-        host, port = self.address
-        return await Client.connect(host, port, token=self.token(address), device=device, root_public=self.gateway.root_public)
-
-    async def close(self) -> None:
-        for client in self.opened:
-            await client.close()
-
-
-@pytest.fixture
-async def devices(gateway, issuers, tmp_path):
-    state_dir = tmp_path / "client-states"
-    state_dir.mkdir()
-    devices = Devices(gateway, issuers, state_dir)
-    yield devices
-    await devices.close()
-
-
-async def texts(client: E2EEClient, count: int, timeout_s: float = 5.0) -> list[Message]:
-    return [await client.receive(timeout_s=timeout_s) for _ in range(count)]
+from e2ee_people import Devices, receive_n as texts
+from three_providers import config_for
 
 
 async def nothing_more(client: E2EEClient) -> None:

@@ -21,22 +21,9 @@ from interlink.e2ee import (
     _pack,
     parse_envelope,
 )
-from test_e2ee_e2e import Devices
+from e2ee_people import Devices, receive_n as got
 
 ALICE, BOB, GUS, DAVE = "alice@alpha", "bob@beta", "gus@gamma", "dave@alpha"
-
-
-@pytest.fixture
-async def devices(gateway, issuers, tmp_path):
-    state_dir = tmp_path / "client-states"
-    state_dir.mkdir()
-    devices = Devices(gateway, issuers, state_dir)
-    yield devices
-    await devices.close()
-
-
-async def got(client: E2EEClient, count: int, timeout_s: float = 5.0) -> list:
-    return [await client.receive(timeout_s=timeout_s) for _ in range(count)]
 
 
 async def nothing_more(client: E2EEClient) -> None:

@@ -22,7 +22,7 @@ from interlink.e2ee import (
     _pack,
     _unpack,
 )
-from test_e2ee_e2e import Devices
+from e2ee_people import receive_n as got
 
 ALICE, BOB, GUS = "alice@alpha", "bob@beta", "gus@gamma"
 
@@ -189,19 +189,6 @@ async def test_a_retired_sender_key_is_not_installed_again():
 
 
 # -- gateway fixtures
-
-
-@pytest.fixture
-async def devices(gateway, issuers, tmp_path):
-    state_dir = tmp_path / "client-states"
-    state_dir.mkdir()
-    devices = Devices(gateway, issuers, state_dir)
-    yield devices
-    await devices.close()
-
-
-async def got(client: E2EEClient, count: int, timeout_s: float = 5.0) -> list:
-    return [await client.receive(timeout_s=timeout_s) for _ in range(count)]
 
 
 async def consent_all(*clients: E2EEClient) -> None:
