@@ -245,16 +245,30 @@ def demo() -> None:
 @click.option("--warmup", type=click.FloatRange(0), default=None, help="seconds not measured")
 @click.option("--messages", type=click.IntRange(1), default=None, help="offline-drain: messages to store")
 @click.option("--durability", type=click.Choice(["sync", "async"]), default=None)
+@click.option("--members", type=click.IntRange(2, 1024), default=None, help="group: members of the group")
+@click.option("--senders", type=click.IntRange(1, 1024), default=None, help="group: members that post")
+@click.option("--offline", type=click.FloatRange(0, 1, max_open=True), default=None,
+              help="group: fraction of the non-sending members offline")
 @click.option("--kill-at", type=click.FloatRange(0), default=None, help="SIGKILL and restart the gateway after S seconds")
 @click.option("--json", "json_path", type=click.Path(path_type=Path, dir_okay=False), default=None, help="write the report as JSON")
 @click.option("--pin/--no-pin", default=True, show_default=True, help="gateway on CPU 0, load on CPU 1")
 @click.option("--quiet", is_flag=True, help="no per-second lines")
-def load(scenario: str, json_path: Path | None, kill_at: float | None, pin: bool, quiet: bool, **overrides) -> None:
+@click.option("--peer", type=click.Choice(["nats"]), default=None,
+              help="then the same pattern against a local nats-server, side by side (pip install 'interlink[peer]')")
+@click.option("--only-peer", is_flag=True, help="run the peer (NATS) alone, not the gateway")
+@click.option("--target", default=None, help="host:port of a remote gateway (no local CPU figures); needs the next two")
+@click.option("--root-public", default=None, help="remote gateway: its operator's root public key, 64 hex digits")
+@click.option("--tokens", type=click.Path(path_type=Path, dir_okay=False, exists=True), default=None,
+              help="remote gateway: a file of 'localpart@provider TOKEN' lines, one per simulated user")
+def load(scenario: str, json_path: Path | None, kill_at: float | None, pin: bool, quiet: bool, peer: str | None,
+         only_peer: bool, target: str | None, root_public: str | None, tokens: Path | None, **overrides) -> None:
     """Drive a local gateway with simulated users of several providers (SCENARIO: a name in
     bench/scenarios or a TOML file). Exit code 1 when any message is unexplained."""
     from interlink.loadtool import main as load_main
 
-    sys.exit(_run(lambda: load_main(scenario, json_path=json_path, kill_at_s=kill_at, pin=pin, quiet=quiet, **overrides)))
+    sys.exit(_run(lambda: load_main(scenario, json_path=json_path, kill_at_s=kill_at, pin=pin, quiet=quiet, peer=peer,
+                                    only_peer=only_peer, target=target, root_public=root_public, tokens=tokens,
+                                    **overrides)))
 
 
 def _show(keys_) -> None:

