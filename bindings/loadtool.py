@@ -733,6 +733,24 @@ class Device:
 # ----------------------------------------------------------------------------- the run
 
 
+
+def _report_tail(run, accounting: dict, ticker) -> dict:
+    """The report keys every scenario shares: latency percentiles, the encoded HDR histograms
+    (mergeable across load processes), errors, the loss accounting, the timeline, the verdict."""
+    return {
+        "latency_ms": {"ack": _percentiles_ms(run.ack_hist), "delivery": _percentiles_ms(run.delivery_hist)},
+        "histograms": {
+            "unit": "us", "lowest": HIST_LOWEST_US, "highest": HIST_HIGHEST_US, "significant_figures": HIST_DIGITS,
+            "encoding": "HdrHistogram V2 compressed, base64 (hdrh HdrHistogram.decode)",
+            "ack": run.ack_hist.encode().decode("ascii"),
+            "delivery": run.delivery_hist.encode().decode("ascii"),
+        },
+        "errors": {"by_code": dict(run.errors), "sessions_ended": dict(run.sessions_ended), "stray_stanzas": run.stray},
+        "accounting": accounting,
+        "timeline": ticker.timeline,
+        "ok": accounting["unexplained"] == 0,
+    }
+
 def _percentiles_ms(histogram: HdrHistogram) -> dict | None:
     if histogram.get_total_count() == 0:
         return None
@@ -1167,17 +1185,7 @@ async def run_scenario(scenario: Scenario, *, data_dir: Path | None = None, out:
         **phases,
         "counts": {"sent": run.sent, "acked": run.acked, "refused": run.refused, "delivered": run.delivered,
                    "device_deliveries": run.device_deliveries},
-        "latency_ms": {"ack": _percentiles_ms(run.ack_hist), "delivery": _percentiles_ms(run.delivery_hist)},
-        "histograms": {
-            "unit": "us", "lowest": HIST_LOWEST_US, "highest": HIST_HIGHEST_US, "significant_figures": HIST_DIGITS,
-            "encoding": "HdrHistogram V2 compressed, base64 (hdrh HdrHistogram.decode)",
-            "ack": run.ack_hist.encode().decode("ascii"),
-            "delivery": run.delivery_hist.encode().decode("ascii"),
-        },
-        "errors": {"by_code": dict(run.errors), "sessions_ended": dict(run.sessions_ended), "stray_stanzas": run.stray},
-        "accounting": accounting,
-        "timeline": ticker.timeline,
-        "ok": accounting["unexplained"] == 0,
+        **_report_tail(run, accounting, ticker),
     }
     return report
 
@@ -1976,17 +1984,7 @@ async def run_group(scenario: Scenario, *, data_dir: Path | None = None, out: Ca
         "server": server,
         "counts": {"sent": run.sent, "acked": run.acked, "refused": run.refused, "copies_delivered": run.delivered,
                    "device_deliveries": run.device_deliveries},
-        "latency_ms": {"ack": _percentiles_ms(run.ack_hist), "delivery": _percentiles_ms(run.delivery_hist)},
-        "histograms": {
-            "unit": "us", "lowest": HIST_LOWEST_US, "highest": HIST_HIGHEST_US, "significant_figures": HIST_DIGITS,
-            "encoding": "HdrHistogram V2 compressed, base64 (hdrh HdrHistogram.decode)",
-            "ack": run.ack_hist.encode().decode("ascii"),
-            "delivery": run.delivery_hist.encode().decode("ascii"),
-        },
-        "errors": {"by_code": dict(run.errors), "sessions_ended": dict(run.sessions_ended), "stray_stanzas": run.stray},
-        "accounting": accounting,
-        "timeline": ticker.timeline,
-        "ok": accounting["unexplained"] == 0,
+        **_report_tail(run, accounting, ticker),
     }
 
 
