@@ -103,6 +103,7 @@ class AdminServer:
             web.get("/metrics", self.metrics),
             web.get("/varz", self.varz),
             web.get("/connz", self.connz),
+            web.post("/sessions/kick", self.kick),
             web.get("/reports", self.reports),
             web.post("/reports/{number}/resolve", self.resolve_report),
             web.get("/providers", self.list_providers),
@@ -180,6 +181,21 @@ class AdminServer:
         if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode("utf-8"), self._token):
             raise web.HTTPUnauthorized(text="a valid 'Authorization: Bearer <admin_token>' is required\n",
                                        headers={"WWW-Authenticate": "Bearer"})
+
+    async def kick(self, request: web.Request) -> web.Response:
+        """End a user's sessions: JSON ``{"user": address, "device": n}`` (``device`` optional)."""
+        self._authorize(request)
+        try:
+            body = await request.json()
+        except ValueError:
+            body = None
+        user = body.get("user") if isinstance(body, dict) else None
+        device = body.get("device") if isinstance(body, dict) else None
+        if not isinstance(user, str) or (device is not None and (type(device) is not int or device < 1)):
+            raise web.HTTPBadRequest(text='the body must be JSON {"user": "name@provider", "device": n (optional)}\n')
+        ended = self.gateway.kick(user, device)
+        log.info("admin: %d sessions of one user ended", ended)
+        return web.json_response({"sessions_ended": ended})
 
     async def reports(self, request: web.Request) -> web.Response:
         try:

@@ -145,6 +145,18 @@ def status(admin_url: str) -> None:
         click.echo(f"provider {provider['id']}: {provider['issuer']}{' (suspended)' if provider['suspended'] else ''}")
 
 
+@main.command()
+@admin_url_option
+@token_option
+@click.argument("user")
+@click.option("--device", type=click.IntRange(1, 2**31 - 1), default=None, help="only this device's session")
+def kick(admin_url: str, token: str, user: str, device: int | None) -> None:
+    """End a user's sessions on a running gateway (bye suspended); they may connect again."""
+    body = {"user": user} if device is None else {"user": user, "device": device}
+    result = _admin_request(admin_url, "POST", "/sessions/kick", token=token, body=body)
+    click.echo(f"{result['sessions_ended']} sessions of {user} ended")
+
+
 @main.group()
 def provider() -> None:
     """Providers of a running gateway (through its admin endpoint). Changes last until the next

@@ -192,6 +192,11 @@ class Gateway:
             return 0
         return self._server.suspend_provider(provider_id)
 
+    def kick(self, user: str, device: int | None = None) -> int:
+        """End the sessions of ``user`` (only ``device``'s, if given) with ``bye suspended``;
+        returns how many ended. Their mailboxes stay, and they may connect again."""
+        return self._running().end_sessions(user, device)
+
     def resume_provider(self, provider_id: str) -> None:
         self.registry.resume(provider_id)
 

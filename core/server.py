@@ -611,6 +611,17 @@ class GatewayServer:
             elif name not in limit_fields:
                 raise ValueError(f"{name} cannot change while the gateway runs")
 
+    def end_sessions(self, user: str, device: int | None = None) -> int:
+        """The operator ends a user's sessions (one device, or all of them) with ``bye suspended``;
+        returns how many. The user may connect again: this is not a suspension of the account."""
+        ended = 0
+        for (session_user, session_device), proto in list(self.sessions.items()):
+            if session_user == user and (device is None or session_device == device):
+                proto.conn.close("suspended", "the operator ended this session")
+                proto.flush()
+                ended += 1
+        return ended
+
     def suspend_provider(self, provider_id: str) -> int:
         """Mark the provider suspended and end every session of its users with ``bye suspended``."""
         self.registry.suspend(provider_id)

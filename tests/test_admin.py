@@ -250,3 +250,27 @@ async def test_purge_expired_deletes_old_undelivered_items_now(issuers, tmp_path
         assert bob.welcome["pending"] == 1 and (await bob.recv(timeout_s=5))["c"] == b"fresh"
         for client in (alice, bob):
             await client.close()
+
+
+async def test_kick_ends_one_device_or_all_of_a_user(admin_gateway, issuers, http):
+    people = People(admin_gateway, issuers)
+    bob1, bob2 = await people.connect("bob@beta", 1), await people.connect("bob@beta", 2)
+    alice = await people.connect("alice@alpha")
+    kick = url(admin_gateway, "/sessions/kick")
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    async with http.post(kick, json={"user": "bob@beta"}) as response:
+        assert response.status == 401
+    async with http.post(kick, json={"user": "bob@beta", "device": "2"}, headers=auth) as response:
+        assert response.status == 400
+    async with http.post(kick, json={"user": "bob@beta", "device": 2}, headers=auth) as response:
+        assert (await response.json())["sessions_ended"] == 1
+    with pytest.raises(SessionClosedError):
+        await bob2.recv(timeout_s=5)
+    assert bob2.close_reason == "suspended"
+    assert await bob1.ping() >= 0 and await alice.ping() >= 0  # the others stay
+    assert admin_gateway.kick("bob@beta") == 1
+    with pytest.raises(SessionClosedError):
+        await bob1.recv(timeout_s=5)
+    again = await people.connect("bob@beta", 1)  # not a suspension: he may come back
+    for client in (again, alice):
+        await client.close()
