@@ -80,6 +80,7 @@ from typing import Callable
 import uvloop
 
 import interlink.core
+from interlink.procstat import schedstat_s, status_bytes
 from interlink.client import Client, Suite
 from interlink.core.stanza import encode_stanza
 from interlink.issuer import DemoIssuer
@@ -107,26 +108,8 @@ def cpu_times(pid: int) -> tuple[float, float]:
     return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
 
 
-def schedstat_s(pid: int) -> tuple[float, float]:
-    """(on CPU, runnable but waiting for a CPU) seconds of a process, all threads, to the ns
-    (``/proc/PID/stat`` counts 10 ms ticks: too coarse for a phase of a second). The waiting
-    time shows another process competing for the gateway's CPU, which skews its busy fraction."""
-    on_cpu = waiting = 0
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            fields = (task / "schedstat").read_text().split()
-        except FileNotFoundError:  # the thread just ended
-            continue
-        on_cpu += int(fields[0])
-        waiting += int(fields[1])
-    return on_cpu / 1e9, waiting / 1e9
-
-
 def rss_bytes(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("VmRSS not found")
+    return status_bytes(pid)["VmRSS"]
 
 
 class GatewayChild:

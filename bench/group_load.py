@@ -62,6 +62,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from _lean_peer import LeanPeer
 
+from interlink.procstat import schedstat_s, status_bytes
+
 AUDIENCE = "bench"
 PROVIDER = "bench"
 TIME_BYTES = 8
@@ -72,30 +74,6 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 # ----------------------------------------------------------------------------- /proc
-
-
-def schedstat_s(pid: int) -> tuple[float, float]:
-    """(on CPU, waiting for a CPU) seconds of a process, all threads, to the ns."""
-    on_cpu = waiting = 0
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            fields = (task / "schedstat").read_text().split()
-        except FileNotFoundError:
-            continue
-        on_cpu += int(fields[0])
-        waiting += int(fields[1])
-    return on_cpu / 1e9, waiting / 1e9
-
-
-def proc_status(pid: int) -> dict[str, int]:
-    """The byte counters of /proc/PID/status (VmRSS, RssAnon, RssFile, VmHWM...)."""
-    out = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        name, _, value = line.partition(":")
-        parts = value.split()
-        if len(parts) == 2 and parts[1] == "kB":
-            out[name] = int(parts[0]) * 1024
-    return out
 
 
 def machine_busy_s() -> float:
@@ -327,12 +305,12 @@ async def _measure(args, issuer: DemoIssuer, gateway: GatewayChild) -> dict:
 
     # Memory per group: --rss-groups more groups of all members, after the warm-up above.
     await asyncio.sleep(0.5)
-    rss_before = proc_status(gateway.pid)
+    rss_before = status_bytes(gateway.pid)
     for i in range(args.rss_groups):
         await creator.iq(1000 + i, "group.new", members=others)
     await wait_until(lambda: all(m.events >= 1 + args.rss_groups for m in members if m is not creator), members, 60)
     await asyncio.sleep(0.5)
-    rss_after = proc_status(gateway.pid)
+    rss_after = status_bytes(gateway.pid)
     for start in range(0, len(offline), 200):
         await asyncio.gather(*(m.peer.close() for m in offline[start : start + 200]))
 
@@ -358,7 +336,7 @@ async def _measure(args, issuer: DemoIssuer, gateway: GatewayChild) -> dict:
     deadline = time.monotonic() + args.seconds
     while time.monotonic() < deadline:
         await asyncio.sleep(0.1)
-        peak_rss = max(peak_rss, proc_status(gateway.pid)["VmRSS"])
+        peak_rss = max(peak_rss, status_bytes(gateway.pid)["VmRSS"])
     after = snapshot()
     check_sessions(online)
     for sender in senders:

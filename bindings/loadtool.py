@@ -96,6 +96,7 @@ from interlink.core.errors import ConfigError
 from interlink.core.stanza import encode_stanza
 from interlink.issuer import DemoIssuer
 from interlink.leanpeer import LeanPeer
+from interlink.procstat import schedstat_s, status_bytes
 
 __all__ = ["Scenario", "LocalGateway", "load_scenario", "find_scenario", "run_scenario", "format_report", "main"]
 
@@ -309,29 +310,6 @@ def _child_main(config_json: str) -> None:
     uvloop.run(serve())
 
 
-def _schedstat_s(pid: int) -> tuple[float, float]:
-    """(on CPU, runnable but waiting) seconds of a process, all its threads, to the ns."""
-    on_cpu = waiting = 0
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            fields = (task / "schedstat").read_text().split()
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-        on_cpu += int(fields[0])
-        waiting += int(fields[1])
-    return on_cpu / 1e9, waiting / 1e9
-
-
-def _memory_bytes(pid: int) -> tuple[int, int]:
-    """(VmRSS, VmHWM) of a process."""
-    found = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, rest = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            found[key] = int(rest.split()[0]) * 1024
-    return found.get("VmRSS", 0), found.get("VmHWM", 0)
-
-
 class LocalGateway:
     """A gateway in a child process with one demo OpenID issuer per provider (in this process).
 
@@ -407,12 +385,15 @@ class LocalGateway:
     def cpu_s(self) -> tuple[float, float, float]:
         """(on CPU, run-queue wait) seconds of all the gateway children so far, and the CPU
         seconds of this (the load) process."""
-        on_cpu, waiting = _schedstat_s(self.pid) if self.alive else (0.0, 0.0)
+        on_cpu, waiting = schedstat_s(self.pid) if self.alive else (0.0, 0.0)
         times = os.times()
         return self._cpu_base[0] + on_cpu, self._cpu_base[1] + waiting, times.user + times.system
 
     def memory_bytes(self) -> tuple[int, int]:
-        return _memory_bytes(self.pid) if self.alive else (0, 0)
+        if not self.alive:
+            return 0, 0
+        status = status_bytes(self.pid)
+        return status.get("VmRSS", 0), status.get("VmHWM", 0)
 
     async def kill(self) -> None:
         self._cpu_base = self.cpu_s()[:2]
@@ -1398,12 +1379,15 @@ class LocalNats:
             await asyncio.sleep(0.02)
 
     def cpu_s(self) -> tuple[float, float, float]:
-        on_cpu, waiting = _schedstat_s(self.pid) if self.alive else (0.0, 0.0)
+        on_cpu, waiting = schedstat_s(self.pid) if self.alive else (0.0, 0.0)
         times = os.times()
         return on_cpu, waiting, times.user + times.system
 
     def memory_bytes(self) -> tuple[int, int]:
-        return _memory_bytes(self.pid) if self.alive else (0, 0)
+        if not self.alive:
+            return 0, 0
+        status = status_bytes(self.pid)
+        return status.get("VmRSS", 0), status.get("VmHWM", 0)
 
     async def stop(self) -> None:
         if self.alive:
