@@ -123,18 +123,21 @@ async def test_gateway_killed_mid_run_loses_nothing_acked() -> None:
     assert report["timeline"][-1]["acked"] > report["timeline"][0]["acked"]
 
 
+class FakePeer:
+    """Stands in for a session in the accounting tests: only whether and why it closed matters."""
+
+    def __init__(self, reason):
+        self.close_reason = reason
+
+    @property
+    def closed(self):
+        return self.close_reason is not None
+
+
 def test_accounting_flags_unexplained_messages() -> None:
     run = Run(scenario("chat-1to1", users=2))
 
-    class Peer:
-        def __init__(self, reason):
-            self.close_reason = reason
-
-        @property
-        def closed(self):
-            return self.close_reason is not None
-
-    live, dead = Peer(None), Peer("connection_lost")
+    live, dead = FakePeer(None), FakePeer("connection_lost")
 
     def add(key: bytes, peer, state=0, delivered=(), code="") -> Msg:
         msg = Msg(peer, "u1@pb", (1, 2), 0)
@@ -293,15 +296,7 @@ async def test_group_fanout_smoke() -> None:
 def test_group_accounting_classifies_copies() -> None:
     run = Run(scenario("group-fanout", members=4))
 
-    class Peer:
-        def __init__(self, reason):
-            self.close_reason = reason
-
-        @property
-        def closed(self):
-            return self.close_reason is not None
-
-    live, dead = Peer(None), Peer("connection_lost")
+    live, dead = FakePeer(None), FakePeer("connection_lost")
     everyone = 0b1110  # the copies of a message from device 0 to devices 1..3
 
     def add(key: bytes, peer, state=0, delivered=0, drained=0, code="") -> None:
