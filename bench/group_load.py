@@ -35,6 +35,12 @@ the other senders exactly once (``lost``/``duplicates``, counted per member, seq
 block check per member) and one ``GroupDlv`` copy per device, for the compiled module and the pure
 twin, the minimum of 30 repetitions (robust against other load on the machine).
 
+``--store``: no sockets, no child; the store's part of a group message alone, on a real
+``LmdbStore`` with ``--durability``: one commit of ``--inflight`` group messages to ``--members``
+devices, then one commit of every device's ``recv``, the body stored once (items refer to it)
+and whole copies (``message.shared`` off) alternating round by round: CPU µs per copy to store
+and to delete, and the bytes written to storage per copy (``/proc/self/io``: the fsync's cost).
+
 Memory: before the load, ``--rss-groups`` more groups of all ``--members`` are created by one
 sender; the gateway's anonymous RSS growth divided by their number is ``gateway_rss_per_group``
 (the cached record, its member set, the per-group state of the fan-out).
@@ -436,6 +442,72 @@ def micro(args) -> dict:
     return out
 
 
+def _write_bytes() -> int:
+    """Bytes this process has caused to be written to storage so far (``/proc/self/io``)."""
+    with open("/proc/self/io", encoding="ascii") as io:
+        return next(int(line.split()[1]) for line in io if line.startswith("write_bytes:"))
+
+
+def store_micro(args) -> dict:
+    """The store's side of a group message, body stored once against whole copies (see the
+    module docstring): rounds of one commit of ``--inflight`` group messages to ``--members``
+    devices, then one commit of every device's ``recv``; the two layouts alternate round by
+    round on one ``LmdbStore``. CPU is this process's (``process_time``), so other load on the
+    machine costs wall time, not these figures; bytes written come from ``/proc/self/io``."""
+    import time
+
+    from interlink.core.fanout import GroupDlv
+    from interlink.core.store import LmdbStore, WriteBatch, device_key
+
+    n, per_batch, rounds = args.members, args.inflight, args.store_rounds
+    keys = [device_key(f"m{i}@{PROVIDER}", 1) for i in range(n)]
+    sender = device_key("sender@alpha", 1)
+    totals = {layout: {"store_cpu_s": 0.0, "recv_cpu_s": 0.0, "store_wall_s": 0.0, "written": 0, "copies": 0}
+              for layout in ("whole", "shared")}
+    with tempfile.TemporaryDirectory(prefix="interlink-store-micro-", dir=args.data_root) as folder:
+        store = LmdbStore(folder, sync=args.durability == "sync", map_size_bytes=args.map_gib << 30,
+                          max_mailbox_items=1 << 30, max_mailbox_bytes=1 << 40)
+        seq = 0
+        for round_number in range(2 * rounds + 2):
+            layout = ("whole", "shared")[round_number % 2]
+            batch = WriteBatch()
+            for _ in range(per_batch):
+                msg_id = os.urandom(16)
+                build = GroupDlv(msg_id, "sender@alpha", 1, os.urandom(args.payload), b"G" * 16)
+                message = batch.add_message(sender, msg_id, 1_764_000_000_000, [(key, build) for key in keys])
+                message.shared = layout == "shared"
+            written, wall, cpu = _write_bytes(), time.perf_counter(), time.process_time()
+            store.commit(batch)
+            store_cpu, store_wall = time.process_time() - cpu, time.perf_counter() - wall
+            received = WriteBatch()
+            for key in keys:
+                received.delete(key, list(range(seq + 1, seq + per_batch + 1)))
+            cpu = time.process_time()
+            store.commit(received)
+            recv_cpu = time.process_time() - cpu
+            seq += per_batch
+            if round_number < 2:
+                continue  # warm-up: one round of each layout
+            total = totals[layout]
+            total["store_cpu_s"] += store_cpu
+            total["store_wall_s"] += store_wall
+            total["recv_cpu_s"] += recv_cpu
+            total["written"] += _write_bytes() - written
+            total["copies"] += per_batch * n
+        store.close()
+    out = {"benchmark": "group-store-micro", "durability": args.durability, "members": n, "messages_per_commit": per_batch,
+           "payload": args.payload, "rounds": rounds}
+    for layout, total in totals.items():
+        copies = total["copies"]
+        out[layout] = {
+            "store_cpu_us_per_copy": round(total["store_cpu_s"] / copies * 1e6, 3),
+            "store_wall_us_per_copy": round(total["store_wall_s"] / copies * 1e6, 3),
+            "recv_cpu_us_per_copy": round(total["recv_cpu_s"] / copies * 1e6, 3),
+            "bytes_written_per_copy": round(total["written"] / copies, 1),
+        }
+    return out
+
+
 async def run_all(args) -> list[dict]:
     results = []
     async with DemoIssuer() as issuer:
@@ -475,6 +547,9 @@ def main() -> None:
     parser.add_argument("--gc-threshold", type=int, default=0,
                         help="experiment: the gateway child's GC generation-0 threshold (and gc.freeze() at start)")
     parser.add_argument("--micro", action="store_true", help="in-process timing of the fan-out steps, both twins")
+    parser.add_argument("--store", action="store_true",
+                        help="in-process: the store's commit and recv of group copies, body stored once vs whole copies")
+    parser.add_argument("--store-rounds", type=int, default=20, help="--store: rounds of each layout")
     parser.add_argument("--data-root", default=None, help="where the per-run LMDB folders go (default: /tmp)")
     args = parser.parse_args()
     args.impls = [impl.strip() for impl in args.impls.split(",") if impl.strip()]
@@ -488,6 +563,9 @@ def main() -> None:
         os.sched_setaffinity(0, {1})
     if args.micro:
         print(json.dumps(micro(args), indent=2))
+        return
+    if args.store:
+        print(json.dumps(store_micro(args), indent=2))
         return
     results = uvloop.run(run_all(args))
     print(json.dumps({

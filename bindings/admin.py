@@ -67,6 +67,11 @@ class GatewayCollector:
         yield _counter("interlink_duplicates", "Resent messages recognised and acked with dup.", routing.get("duplicates", 0))
         yield _counter("interlink_deliveries_pushed", "dlv stanzas pushed to device sessions.", routing.get("deliveries_pushed", 0))
         yield _counter("interlink_commits", "Group-commit write transactions.", routing.get("commits", 0))
+        yield _counter("interlink_group_copies_dropped_full", "Group message copies skipped: the device's mailbox was full.",
+                       routing.get("group_copies_dropped_full", 0))
+        yield _counter("interlink_group_events_dropped_full",
+                       "Group events skipped: the device's mailbox was past its quota and the control overdraft.",
+                       routing.get("group_events_dropped_full", 0))
         yield _counter("interlink_slow_consumers", "Sessions ended with bye slow_consumer.", counters.get("slow_consumers", 0))
         yield _counter("interlink_items_expired", "Undelivered items deleted by the TTL sweep.", counters.get("items_expired", 0))
         yield _counter("interlink_internal_errors", "Stanzas that failed on a gateway bug (see the logs).", counters.get("internal_errors", 0))

@@ -40,9 +40,10 @@ Decisions where the contract is silent (also in ``docs/protocol.md`` §6):
 * Events go to every device of every member after the change and of the members the change
   removed, except the acting device (which gets the ``res``, carrying the new ``ver``) and the
   members who blocked the actor (they stay members; nothing reveals the block). They are control
-  items: counted in the mailbox quotas but never refused for them; membership changes are
-  rate-limited per group instead (``CHANGE_BURST``, ``CHANGE_RATE``), which bounds what a change
-  loop can add to a member's mailbox.
+  items: counted in the mailbox quotas but never refused for them, and skipped for a mailbox only
+  past the store's control overdraft (router counter ``group_events_dropped_full``; the client
+  sees a ``ver`` gap and asks ``group.get``); membership changes are rate-limited per group too
+  (``CHANGE_BURST``, ``CHANGE_RATE``), which bounds what a change loop can add to a member's mailbox.
 * A group ``msg`` goes to every device of every member except the sending device — the sender's
   other devices included (they show what was sent; the ``dlv`` has ``g`` and no ``to``) — and not to
   members who blocked the sender. A device whose mailbox is full is skipped (router counter
@@ -340,6 +341,7 @@ class Groups:
             self.router._charge(proto, extra)
         message = self.router._enqueue(proto, msg_id, items, targets)
         message.skip_full = True
+        message.shared = True  # every copy is GroupDlv's: the body is stored once (core/store.py)
         self._guard(message, g, record)
 
     def route_state(self, proto: GatewayProtocol, stanza: dict, state: str) -> None:

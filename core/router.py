@@ -112,7 +112,7 @@ class Router:
         self.commit_seconds = Histogram(COMMIT_BUCKETS_S)  # group-commit latency, for /metrics
         self.counters = {
             "messages_stored": 0, "deliveries_pushed": 0, "commits": 0, "duplicates": 0, "group_changes": 0,
-            "group_copies_dropped_full": 0,
+            "group_copies_dropped_full": 0, "group_events_dropped_full": 0,
         }
 
     # -- sessions
@@ -420,6 +420,10 @@ class Router:
             return
         if message.group is not None:
             self.counters["group_changes"] += 1
+        if message.kept is not None:  # events skipped for mailboxes past the control overdraft
+            targets = [targets[i] for i in message.kept]
+        if message.dropped_full:
+            self.counters["group_events_dropped_full"] += message.dropped_full
         self._answer(proto, touched, message.reply)
         sessions = self.sessions
         for (_, seq, value), target in zip(message.stored, targets):

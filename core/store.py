@@ -7,6 +7,9 @@ One LMDB environment with named databases:
 | ``devices`` | device key | ``b""`` |
 | ``mbox`` | device key + seq (uint64 big-endian) | stored ``ts`` (uint64 ms) + the encoded ``dlv``, ready to send |
 | ``seqs`` | device key | last seq given out (uint64; never goes back), items and bytes stored (uint32, uint64) |
+| ``mbox`` (shared copy) | the same key | ``ts`` + ``0xc1`` + body id (uint64) + the copy's encoded size (uint32) |
+| ``bodies`` | body id (uint64 big-endian) | what every copy of one group message shares: its encoded ``dlv`` after the ``seq`` |
+| ``body_refs`` | body id | how many ``mbox`` items still refer to the body (uint32) |
 | ``dedup`` | sender device key + message id (16 bytes) | ``ts`` of the first copy (uint64 ms) |
 | ``consent`` | user address | msgpack ``[accept (list of provider ids or ["*"]), discoverable]`` |
 | ``blocks`` | user address + ``b"\\0"`` + blocked address | ``b""`` |
@@ -30,6 +33,13 @@ delete, plus one ``seqs`` record per device and commit. There is no age index: t
 walks the devices (``seqs``) and cuts the expired head of each mailbox (seqs are handed out in
 time order), and the dedup sweep walks the dedup table itself, at least as fast as it grows.
 
+A group message's copies differ only in their ``seq``: the body and its fields are stored once
+(``bodies``) and each device's item refers to it (21 bytes instead of the whole ``dlv``). ``0xc1``
+never starts an encoded stanza (msgpack leaves that byte unused), so it marks a reference. A
+commit that deletes references (``recv``, the TTL sweep) adds up its releases per body and
+updates ``body_refs`` once per body; the body goes with its last reference. Quotas count a copy
+at its encoded size, shared or not: what a device will be sent.
+
 Addresses never contain a zero byte (localparts exclude control characters), so ``user + b"\\0"``
 is an unambiguous prefix for the user's blocks, and ``phone + b"\\0"`` for one directory entry.
 Consent, blocks, reports and the directory are written by the ``iq`` operations in their own
@@ -52,27 +62,23 @@ import lmdb
 import msgpack
 
 from interlink.core.errors import AuthError, ConfigError, InterlinkError
+from interlink.core.mailbox import SHARED_MARK, MailboxState, delete_items, forget_item, plan_copies, write_copies
 
 _DEVICE = struct.Struct(">I")
 _SEQ = struct.Struct(">Q")
 _TS = struct.Struct(">Q")
-_MAILBOX_STATE = struct.Struct(">QIQ")  # last seq, items stored, bytes stored
+_REFS = struct.Struct(">I")  # a shared body's reference count
+# What every group ``dlv`` starts with (``interlink.core.fanout.DLV_HEAD``): a 9-entry map, "t": "dlv",
+# "seq"; the seq follows, then the fields every copy shares.
+SHARED_DLV_HEAD = b"\x89" + msgpack.packb("t") + msgpack.packb("dlv") + msgpack.packb("seq")
 
 
+# How far past its quota a mailbox still takes control items (group events): a change reaches a
+# full mailbox, but a dormant device in busy groups cannot grow without bound.
+CONTROL_OVERDRAFT_ITEMS = 1_000
+CONTROL_OVERDRAFT_BYTES = 4 << 20
 DEVICE_CACHE_USERS = 100_000  # users whose device lists stay in memory (about 100 bytes each)
 SHARED_DEVICE_SETS = 1024  # distinct device lists the cache shares between users
-
-
-class MailboxState:
-    """Per-device counters kept beside the mailbox (one ``seqs`` record)."""
-
-    __slots__ = ("last_seq", "items", "bytes")
-
-    def __init__(self, raw: bytes | None) -> None:
-        self.last_seq, self.items, self.bytes = _MAILBOX_STATE.unpack(raw) if raw is not None else (0, 0, 0)
-
-    def pack(self) -> bytes:
-        return _MAILBOX_STATE.pack(self.last_seq, self.items, self.bytes)
 
 
 def device_key(user: str, device: int) -> bytes:
@@ -132,12 +138,13 @@ class StoredMessage:
     A *control* entry (``control=True``: a group change and its events, or an answer that only has
     to wait for the commit) is not deduplicated and never refused for the mailbox quotas (its
     items still count toward them): a membership change must reach every member, however full
-    its mailbox (the groups' per-group change rate bounds what that adds). Its ``group`` write, if any, is
+    its mailbox — up to the control overdraft past the quota; a copy beyond it is skipped
+    (``dropped_full``, ``kept``). Its ``group`` write, if any, is
     done first, and when it is refused (``refused`` = ``"conflict"``) none of its items is stored."""
 
     __slots__ = (
         "sender_key", "msg_id", "ts_ms", "items", "dup", "stored", "refused", "control", "group", "reply", "prekeys",
-        "guard", "skip_full", "kept", "dropped_full",
+        "guard", "skip_full", "kept", "dropped_full", "shared",
     )
 
     def __init__(
@@ -163,6 +170,9 @@ class StoredMessage:
         self.skip_full = False
         self.kept: list[int] | None = None  #: after commit, when copies were skipped: indices of ``items`` stored
         self.dropped_full = 0
+        #: every item has the same ``build``, whose copies are ``SHARED_DLV_HEAD`` + the packed seq + a
+        #: tail they share (a group message): the tail is stored once, the items refer to it
+        self.shared = False
 
 
 class WriteBatch:
@@ -333,9 +343,13 @@ class LmdbStore:
         max_mailbox_items: int = 10_000,
         max_mailbox_bytes: int = 64 << 20,
         device_cache_users: int = DEVICE_CACHE_USERS,
+        control_overdraft_items: int = CONTROL_OVERDRAFT_ITEMS,
+        control_overdraft_bytes: int = CONTROL_OVERDRAFT_BYTES,
     ) -> None:
         self.max_mailbox_items = max_mailbox_items
         self.max_mailbox_bytes = max_mailbox_bytes
+        self.control_overdraft_items = control_overdraft_items
+        self.control_overdraft_bytes = control_overdraft_bytes
         path = Path(path)
         try:
             path.mkdir(parents=True, exist_ok=True)
@@ -345,7 +359,7 @@ class LmdbStore:
         self._env = lmdb.open(
             str(path),
             map_size=map_size_bytes,
-            max_dbs=16,
+            max_dbs=24,
             subdir=True,
             sync=sync,
             metasync=sync,
@@ -357,6 +371,12 @@ class LmdbStore:
         self._mbox = self._env.open_db(b"mbox")
         self._seqs = self._env.open_db(b"seqs")
         self._dedup = self._env.open_db(b"dedup")
+        self._bodies = self._env.open_db(b"bodies")
+        self._body_refs = self._env.open_db(b"body_refs")
+        with self._env.begin(db=self._bodies) as txn:
+            cursor = txn.cursor()
+            # Body ids only grow while a body is stored; one may be used again once its body is gone.
+            self._next_body = _SEQ.unpack(cursor.key())[0] + 1 if cursor.last() else 1
         # Every routed stanza needs the recipient's device list; this process is the only writer
         # of the devices table, so the lists it read stay true until it registers a device.
         self._device_cache: dict[str, tuple[int, ...]] = {}
@@ -434,10 +454,11 @@ class LmdbStore:
                         self._write_control(txn, message, states)
                     else:
                         self._write_message(txn, message, states)
+                released: dict[bytes, int] = {}
                 for dkey, seqs in batch.deletions:
-                    state = self._state(txn, dkey, states)
-                    for seq in seqs:
-                        self._delete_item(txn, dkey, seq, state)
+                    self._delete_items(txn, dkey, seqs, self._state(txn, dkey, states), released)
+                if released:
+                    self._release_bodies(txn, released)
                 for dkey, state in states.items():
                     txn.put(dkey, state.pack(), db=self._seqs)
         except lmdb.MapFullError:
@@ -476,38 +497,46 @@ class LmdbStore:
             return
         ts = message.ts_ms
         # Build every copy first: if any recipient mailbox is over its quota, none is stored (a
-        # group message skips that device instead: ``skip_full``).
-        planned = []
-        kept: list[int] | None = None
-        added: dict[bytes, list[int]] = {}
-        for index, (dkey, build) in enumerate(message.items):
-            state = self._state(txn, dkey, states)
-            count, size = added.setdefault(dkey, [0, 0])
-            seq = state.last_seq + count + 1
-            value = build(seq, ts)
-            if state.items + count + 1 > self.max_mailbox_items or state.bytes + size + len(value) > self.max_mailbox_bytes:
-                if message.skip_full:
-                    if kept is None:
-                        kept = list(range(index))
-                    message.dropped_full += 1
-                    continue
-                message.refused = "mailbox_full"
-                txn.delete(dedup_key, db=self._dedup)
-                return
-            added[dkey] = [count + 1, size + len(value)]
-            if kept is not None:
-                kept.append(index)
-            planned.append((dkey, seq, value))
-        message.kept = kept
-        stored = message.stored
-        mbox = self._mbox
-        for dkey, seq, value in planned:
-            state = states[dkey]
-            state.last_seq = seq
-            state.items += 1
-            state.bytes += len(value)
-            txn.put(dkey + _SEQ.pack(seq), ts_prefix + value, db=mbox)
-            stored.append((dkey, seq, value))
+        # group message skips that device instead: ``skip_full``). The per-copy loops are
+        # core/mailbox.py's (compiled, or the pure twin).
+        plan = plan_copies(message.items, states, lambda dkey: self._state(txn, dkey, states), ts,
+                           self.max_mailbox_items, self.max_mailbox_bytes, message.skip_full)
+        if plan is None:
+            message.refused = "mailbox_full"
+            txn.delete(dedup_key, db=self._dedup)
+            return
+        planned, message.kept, message.dropped_full = plan
+        body_id = None
+        if message.shared and len(planned) > 1:
+            body_id = self._store_body(txn, message.items[0][1], ts, len(planned))
+        write_copies(txn.put, self._mbox, planned, states, ts_prefix, body_id, message.stored)
+
+    def _store_body(self, txn, build, ts: int, copies: int) -> int | None:
+        """Store what the copies of a shared message have in common, referred to ``copies`` times;
+        returns its id, or None when ``build`` does not make copies of the shared form (then
+        every copy is stored whole)."""
+        first = build(0, ts)  # seq 0 packs as one byte
+        head = len(SHARED_DLV_HEAD)
+        if not first.startswith(SHARED_DLV_HEAD) or first[head] != 0:
+            return None
+        body_id = self._next_body
+        self._next_body += 1
+        body_key = _SEQ.pack(body_id)
+        txn.put(body_key, first[head + 1:], db=self._bodies)
+        txn.put(body_key, _REFS.pack(copies), db=self._body_refs)
+        return body_id
+
+    def _release_bodies(self, txn, released: dict[bytes, int]) -> None:
+        """Drop ``released[body key]`` references from each body; a body without any goes."""
+        refs_db = self._body_refs
+        for body_key, count in released.items():
+            raw = txn.get(body_key, db=refs_db)
+            left = (_REFS.unpack(raw)[0] if raw is not None else 0) - count
+            if left > 0:
+                txn.put(body_key, _REFS.pack(left), db=refs_db)
+            else:
+                txn.delete(body_key, db=refs_db)
+                txn.delete(body_key, db=self._bodies)
 
     def _write_control(self, txn, message: StoredMessage, states: dict) -> None:
         if message.guard is not None and self._guard_fails(txn, message):
@@ -530,22 +559,33 @@ class LmdbStore:
         ts_prefix = _TS.pack(ts)
         stored = message.stored
         mbox = self._mbox
-        for dkey, build in message.items:
+        # Past its quota a mailbox still takes control items, up to the overdraft: beyond that a
+        # dormant device's events are skipped (its client sees the gap in ``ver`` and asks group.get).
+        max_items = self.max_mailbox_items + self.control_overdraft_items
+        max_bytes = self.max_mailbox_bytes + self.control_overdraft_bytes
+        kept: list[int] | None = None
+        for index, (dkey, build) in enumerate(message.items):
             state = self._state(txn, dkey, states)
-            seq = state.last_seq = state.last_seq + 1
+            seq = state.last_seq + 1
             value = build(seq, ts)
+            if state.items + 1 > max_items or state.bytes + len(value) > max_bytes:
+                if kept is None:
+                    kept = list(range(index))
+                message.dropped_full += 1
+                continue
+            if kept is not None:
+                kept.append(index)
+            state.last_seq = seq
             state.items += 1
             state.bytes += len(value)
             txn.put(dkey + _SEQ.pack(seq), ts_prefix + value, db=mbox)
             stored.append((dkey, seq, value))
+        message.kept = kept
 
-    def _delete_item(self, txn, dkey: bytes, seq: int, state: MailboxState) -> bool:
-        stored = txn.pop(dkey + _SEQ.pack(seq), db=self._mbox)
-        if stored is None:
-            return False  # already received (or expired)
-        state.items -= 1
-        state.bytes -= len(stored) - 8
-        return True
+    def _delete_items(self, txn, dkey: bytes, seqs, state: MailboxState, released: dict[bytes, int]) -> None:
+        """Delete the device's items ``seqs`` (those already received or expired are skipped),
+        counting their references to shared bodies in ``released`` (core/mailbox.py's loop)."""
+        delete_items(txn.pop, self._mbox, dkey, seqs, state, released)
 
     def expire(self, before_ms: int, limit: int = 10_000, max_devices: int = 20_000) -> int:
         """Delete up to ``limit`` items stored before ``before_ms`` (the TTL sweep); returns how
@@ -557,6 +597,7 @@ class LmdbStore:
         cutoff = _TS.pack(before_ms)
         with self._env.begin(write=True) as txn:
             states: dict[bytes, MailboxState] = {}
+            released: dict[bytes, int] = {}
             devices = txn.cursor(db=self._seqs)
             items = txn.cursor(db=self._mbox)
             if not (devices.set_range(self._expire_from) if self._expire_from else devices.first()):
@@ -572,7 +613,7 @@ class LmdbStore:
                             break
                         state = self._state(txn, dkey, states)
                         state.items -= 1
-                        state.bytes -= len(value) - 8
+                        state.bytes -= forget_item(value, released)
                         items.delete()  # moves to the next item
                         removed += 1
                 if removed >= limit:
@@ -582,6 +623,8 @@ class LmdbStore:
                     self._expire_from = None  # a whole round: the next call starts again
                     break
                 self._expire_from = devices.key()
+            if released:
+                self._release_bodies(txn, released)
             for dkey, state in states.items():
                 txn.put(dkey, state.pack(), db=self._seqs)
         return removed
@@ -627,11 +670,13 @@ class LmdbStore:
         map answers senders ``overloaded``). Reads LMDB's own statistics, not the data."""
         info, env_stat = self._env.info(), self._env.stat()
         with self._env.begin() as txn:
-            mailboxes = txn.stat(self._mbox)
+            tables = [txn.stat(self._mbox), txn.stat(self._bodies), txn.stat(self._body_refs)]
         page = env_stat["psize"]
         return {
-            "mailbox_items": mailboxes["entries"],
-            "mailbox_bytes": (mailboxes["branch_pages"] + mailboxes["leaf_pages"] + mailboxes["overflow_pages"]) * page,
+            "mailbox_items": tables[0]["entries"],
+            # the items and the group bodies they share
+            "mailbox_bytes": sum(t["branch_pages"] + t["leaf_pages"] + t["overflow_pages"] for t in tables) * page,
+            "shared_bodies": tables[1]["entries"],
             "map_used_bytes": (info["last_pgno"] + 1) * page,
             "map_size_bytes": info["map_size"],
         }
@@ -647,10 +692,16 @@ class LmdbStore:
         with self._env.begin(db=self._mbox) as txn:
             # Device keys never prefix one another (addresses hold no zero byte), so every key
             # under ``dkey`` is one of its items; the stored ts is cut off the value.
-            return [
-                (_SEQ.unpack(key[prefix_len:])[0], value[8:])
-                for key, value in _scan(txn.cursor(), dkey, start, limit, values=True)
-            ]
+            items = []
+            for key, value in _scan(txn.cursor(), dkey, start, limit, values=True):
+                seq = _SEQ.unpack(key[prefix_len:])[0]
+                if value[8] == SHARED_MARK:  # a copy of a shared body: make the whole dlv again
+                    body = txn.get(value[9:17], db=self._bodies)
+                    value = SHARED_DLV_HEAD + _pack_uint(seq) + body
+                    items.append((seq, value))
+                else:
+                    items.append((seq, value[8:]))
+            return items
 
     def pending_count(self, dkey: bytes) -> int:
         return self.mailbox_state(dkey).items
@@ -910,6 +961,9 @@ class LmdbStore:
 
 
 _COUNT = struct.Struct(">I")
+
+
+_pack_uint = msgpack.Packer().pack
 
 
 def _scan(cursor, prefix: bytes, start: bytes | None = None, limit: int | None = None, values: bool = False):

@@ -273,6 +273,25 @@ async def test_membership_changes_are_rate_limited_per_group(world):
     await w.settle()
 
 
+async def test_events_to_a_dormant_mailbox_stop_at_the_control_overdraft(world):
+    w = world(max_mailbox_items=3, control_overdraft_items=2)
+    alice, bob = w.connect("alice@alpha"), w.connect("bob@beta")
+    w.connect("dormant@beta", 7, online=False)
+    groups = []
+    for i in range(8):  # eight groups, so that no per-group change rate is in the way
+        w.iq(alice, "group.new", _id=200 + i, members=["bob@beta", "dormant@beta"])
+        await w.settle()
+        groups.append(last(alice, t="res", id=200 + i)["g"])
+        w.router.handle_recv(bob, {"t": "recv", "seq": [s["seq"] for s in kinds(bob, "group")]})  # bob keeps up
+        await w.settle()
+    dormant = device_key("dormant@beta", 7)
+    # quota 3 + overdraft 2: the first five events are stored, the other three skipped and counted
+    assert w.store.pending_count(dormant) == 5
+    assert w.router.counters["group_events_dropped_full"] == 3
+    assert [s["g"] for s in kinds(bob, "group")] == groups  # everyone else got every event
+    assert all(w.store.group(g).member_set == {"alice@alpha", "bob@beta", "dormant@beta"} for g in groups)
+
+
 # -- 3. amplification
 
 

@@ -122,3 +122,21 @@ def test_full_map_writes_no_group(tmp_path):
         change(store, g, 0, GroupRecord(1, ("a@alpha",), ("a@alpha",), None), huge)
     assert store.group(g) is None and store.pending_count(device_key("bob@beta", 1)) == 0
     store.close()
+
+
+def test_control_items_stop_at_the_overdraft_past_the_quota(tmp_path):
+    store = LmdbStore(tmp_path / "lmdb", map_size_bytes=1 << 24, max_mailbox_items=2, control_overdraft_items=1)
+    try:
+        bob, carl = device_key("bob@beta", 1), device_key("carl@beta", 1)
+        g = os.urandom(16)
+        entries = [change(store, g, ver, GroupRecord(ver + 1, ("alice@alpha",), ("alice@alpha",), None),
+                          [(bob, build(b"ev%d" % ver)), (carl, build(b"c%d" % ver))] if ver < 3 else [(bob, build(b"late"))])
+                   for ver in range(5)]
+        assert [e.refused for e in entries] == [None] * 5 and store.group(g).ver == 5  # the change is never refused
+        assert [e.kept for e in entries[:3]] == [None] * 3 and entries[3].kept == [] and entries[3].dropped_full == 1
+        assert [v for _, v in store.pending(bob)] == [b"ev0:1:1000", b"ev1:2:1000", b"ev2:3:1000"]
+        assert store.mailbox_state(bob).last_seq == 3  # a skipped copy takes no seq
+        assert store.pending_count(carl) == 3
+    finally:
+        store.close()
+

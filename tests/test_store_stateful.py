@@ -1,5 +1,6 @@
-"""The mailbox store against a model, driven by hypothesis: put, recv, reconnect (read back from
-an arbitrary seq), expire, quota and crash-restart (reopen the LMDB environment), on real LMDB."""
+"""The mailbox store against a model, driven by hypothesis: put (whole copies, or a group message
+whose body is stored once and shared), recv, reconnect (read back from an arbitrary seq), expire,
+quota and crash-restart (reopen the LMDB environment), on real LMDB."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
+from interlink.core._fanout_pure import GroupDlv
 from interlink.core.store import LmdbStore, WriteBatch, device_key
+from store_checks import shared_body_references
 
 DEVICES = [device_key("bob@beta", 1), device_key("bob@beta", 2), device_key("carol@beta", 1)]
 SENDERS = [device_key("alice@alpha", 1), device_key("alice@alpha", 2)]
@@ -43,8 +46,9 @@ class MailboxMachine(RuleBasedStateMachine):
         recipients=st.lists(st.sampled_from(DEVICES), min_size=1, max_size=3, unique=True),
         resend=st.booleans(),
         advance=st.integers(0, 50),
+        shared=st.booleans(),
     )
-    def put(self, sender, recipients, resend, advance) -> None:
+    def put(self, sender, recipients, resend, advance, shared) -> None:
         self.clock += advance
         if resend and self.seen:
             sender, msg_id = sorted(self.seen)[self.next_id % len(self.seen)]
@@ -53,7 +57,12 @@ class MailboxMachine(RuleBasedStateMachine):
             msg_id = self.next_id.to_bytes(16, "big")
         batch = WriteBatch()
         payload = b"m%d" % int.from_bytes(msg_id, "big")
-        message = batch.add_message(sender, msg_id, self.clock, [(d, lambda seq, ts, p=payload: p) for d in recipients])
+        if shared:  # a group message: every copy from one GroupDlv, the body stored once
+            build = GroupDlv(msg_id, "alice@alpha", 1, payload, b"G" * 16)
+            message = batch.add_message(sender, msg_id, self.clock, [(d, build) for d in recipients])
+            message.shared = True
+        else:
+            message = batch.add_message(sender, msg_id, self.clock, [(d, lambda seq, ts, p=payload: p) for d in recipients])
         self.store.commit(batch)
         if (sender, msg_id) in self.seen:
             assert message.dup and message.ts_ms == self.seen[(sender, msg_id)] and not message.stored
@@ -129,6 +138,12 @@ class MailboxMachine(RuleBasedStateMachine):
             assert state.bytes == sum(len(v) for _, v in box.values())
             assert state.last_seq == self.last_seq[dkey]
             assert [seq for seq, _ in self.store.pending(dkey)] == sorted(box)
+
+    @invariant()
+    def shared_bodies_are_counted(self) -> None:
+        references, counts, bodies = shared_body_references(self.store)
+        assert counts == references  # every body counts exactly the items referring to it
+        assert bodies == set(references)  # no body without a reference, none missing
 
 
 MailboxMachine.TestCase.settings = settings(max_examples=60, stateful_step_count=30, deadline=None)
