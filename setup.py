@@ -20,7 +20,7 @@ extensions = [
 setup(
     packages=["interlink", "interlink.core", "interlink.ext"],
     package_dir={"interlink": "bindings", "interlink.core": "core", "interlink.ext": "ext"},
-    package_data={"interlink.ext": ["*.pyx", "*.pxd"]},
+    package_data={"interlink.ext": ["*.pyx", "*.pxd"], "interlink": ["scenarios/*.toml"]},
     ext_modules=cythonize(
         extensions,
         language_level=3,

@@ -252,7 +252,7 @@ def demo() -> None:
 @click.option("--providers", type=click.IntRange(1, 26), default=None, help="demo OpenID providers")
 @click.option("--rate", default=None, help='messages/s in total (open loop), or "max" (closed loop)')
 @click.option("--inflight", type=click.IntRange(1, 10_000), default=None, help="closed loop: unanswered per device")
-@click.option("--payload", type=click.IntRange(8, 60_000), default=None, help="ciphertext bytes")
+@click.option("--payload", type=click.IntRange(8, 60_000), default=None, help="ciphertext bytes (plaintext bytes with --e2ee)")
 @click.option("--duration", type=click.FloatRange(0, min_open=True), default=None, help="seconds of sending")
 @click.option("--warmup", type=click.FloatRange(0), default=None, help="seconds not measured")
 @click.option("--messages", type=click.IntRange(1), default=None, help="offline-drain: messages to store")
@@ -261,26 +261,58 @@ def demo() -> None:
 @click.option("--senders", type=click.IntRange(1, 1024), default=None, help="group: members that post")
 @click.option("--offline", type=click.FloatRange(0, 1, max_open=True), default=None,
               help="group: fraction of the non-sending members offline")
+@click.option("--connect-rate", default=None,
+              help='churn, handshake-storm: new sessions/s in total (open loop), or "max" (closed loop)')
+@click.option("--keep-fraction", type=click.FloatRange(0, 1, max_open=True), default=None,
+              help="churn: fraction of the users staying connected; handshake-storm: of the sessions kept open")
+@click.option("--churn-messages", type=click.IntRange(0, 1000), default=None,
+              help="churn: messages each churning session sends before it leaves")
+@click.option("--malformed-share", type=click.FloatRange(0, 1, max_open=True), default=None,
+              help="malformed-mix: share of all inputs that are malformed frames or stanzas")
+@click.option("--e2ee/--no-e2ee", default=None,
+              help="chat kinds: real Signal-protocol envelopes (interlink.e2ee) instead of random bytes")
 @click.option("--kill-at", type=click.FloatRange(0), default=None, help="SIGKILL and restart the gateway after S seconds")
 @click.option("--json", "json_path", type=click.Path(path_type=Path, dir_okay=False), default=None, help="write the report as JSON")
+@click.option("--png", "png_path", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="plot latency percentiles and throughput over time to a PNG (pip install 'interlink[plots]')")
 @click.option("--pin/--no-pin", default=True, show_default=True, help="gateway on CPU 0, load on CPU 1")
 @click.option("--quiet", is_flag=True, help="no per-second lines")
-@click.option("--peer", type=click.Choice(["nats"]), default=None,
-              help="then the same pattern against a local nats-server, side by side (pip install 'interlink[peer]')")
+@click.option("--peer", type=click.Choice(["nats", "jetstream"]), default=None,
+              help="then the same pattern against a local nats-server, side by side (pip install 'interlink[peer]'); "
+                   "nats: chat and group kinds; jetstream (durable, file storage): chat")
 @click.option("--only-peer", is_flag=True, help="run the peer (NATS) alone, not the gateway")
 @click.option("--target", default=None, help="host:port of a remote gateway (no local CPU figures); needs the next two")
 @click.option("--root-public", default=None, help="remote gateway: its operator's root public key, 64 hex digits")
 @click.option("--tokens", type=click.Path(path_type=Path, dir_okay=False, exists=True), default=None,
               help="remote gateway: a file of 'localpart@provider TOKEN' lines, one per simulated user")
-def load(scenario: str, json_path: Path | None, kill_at: float | None, pin: bool, quiet: bool, peer: str | None,
-         only_peer: bool, target: str | None, root_public: str | None, tokens: Path | None, **overrides) -> None:
+def load(scenario: str, json_path: Path | None, png_path: Path | None, kill_at: float | None, pin: bool, quiet: bool,
+         peer: str | None, only_peer: bool, target: str | None, root_public: str | None, tokens: Path | None,
+         **overrides) -> None:
     """Drive a local gateway with simulated users of several providers (SCENARIO: a name in
-    bench/scenarios or a TOML file). Exit code 1 when any message is unexplained."""
+    interlink/scenarios, bench/scenarios in a checkout, or a TOML file). Exit code 1 when any
+    message is unexplained (or, for the stress kinds, a connect fails or a malformed input is
+    not answered as the protocol says)."""
     from interlink.loadtool import main as load_main
 
-    sys.exit(_run(lambda: load_main(scenario, json_path=json_path, kill_at_s=kill_at, pin=pin, quiet=quiet, peer=peer,
-                                    only_peer=only_peer, target=target, root_public=root_public, tokens=tokens,
+    sys.exit(_run(lambda: load_main(scenario, json_path=json_path, png_path=png_path, kill_at_s=kill_at, pin=pin,
+                                    quiet=quiet, peer=peer, only_peer=only_peer, target=target,
+                                    root_public=root_public, tokens=tokens,
                                     **overrides)))
+
+
+@main.command("load-merge")
+@click.argument("reports", nargs=-1, required=True, type=click.Path(path_type=Path, dir_okay=False, exists=True))
+@click.option("--json", "json_path", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="write the merged report as JSON")
+@click.option("--png", "png_path", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="plot the merged latency percentiles and throughput over time to a PNG")
+def load_merge(reports: tuple[Path, ...], json_path: Path | None, png_path: Path | None) -> None:
+    """Merge the JSON reports of several `interlink load` processes (REPORTS: their --json files):
+    histograms added, counts and accounting summed, throughput over the window they overlapped.
+    Exit code 1 when any input failed or a message is unexplained."""
+    from interlink.loadview import merge_main
+
+    sys.exit(_run(lambda: merge_main(list(reports), json_path=json_path, png_path=png_path)))
 
 
 def _show(keys_) -> None:

