@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.interlink-installed
 PYTEST_ARGS ?=
 
-.PHONY: all demo test test-pure bench stress annotate check-install clean load
+.PHONY: all demo test test-pure bench bench-baseline stress annotate check-install clean load
 
 all: $(STAMP)
 
@@ -32,8 +32,28 @@ test: $(STAMP)
 test-pure: $(STAMP)
 	INTERLINK_PURE=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
+# Micro benchmarks (pytest-benchmark, bench/bench_*.py; docs/benchmarks.md, "Micro benchmarks").
+# make bench saves every run under .benchmarks/<machine id>/ and compares it with the latest
+# baseline saved by make bench-baseline (a run named BENCH_NAME), or else with the latest saved
+# run, if any; BENCH_COMPARE names another (a saved file, or a run number: 0003).
+# BENCH_COMPARE_FAIL gates: BENCH_COMPARE_FAIL=mean:10% (several: 'mean:10% min:5%'; integer
+# percentages or seconds) fails the run on a regression, and fails when there is nothing to compare.
+# Runs take BENCH_MAX_TIME seconds per benchmark at most (some use fixed rounds): about 2 minutes.
+BENCH_MAX_TIME ?= 0.5
+BENCH_COMPARE ?=
+BENCH_COMPARE_FAIL ?=
+BENCH_NAME ?= baseline
+BENCH_RUN = INTERLINK_REQUIRE_NATIVE=1 $(BIN)/python -m pytest bench -q -p no:cacheprovider --benchmark-only \
+	--benchmark-min-rounds=5 --benchmark-max-time=$(BENCH_MAX_TIME)
+bench_dir = .benchmarks/$(shell $(BIN)/python -c 'from pytest_benchmark.utils import get_machine_id; print(get_machine_id())')
+bench_against = $(or $(BENCH_COMPARE),$(lastword $(sort $(wildcard $(bench_dir)/*_$(BENCH_NAME).json))),$(lastword $(sort $(wildcard $(bench_dir)/*.json))))
 bench: $(STAMP)
-	INTERLINK_REQUIRE_NATIVE=1 $(BIN)/python -m pytest bench -q --benchmark-only --benchmark-autosave $(PYTEST_ARGS)
+	$(BENCH_RUN) --benchmark-autosave $(PYTEST_ARGS) \
+	  $(if $(bench_against),--benchmark-compare='$(bench_against)',$(if $(BENCH_COMPARE_FAIL),--benchmark-compare)) \
+	  $(if $(BENCH_COMPARE_FAIL),--benchmark-compare-fail $(BENCH_COMPARE_FAIL))
+
+bench-baseline: $(STAMP)
+	$(BENCH_RUN) --benchmark-save=$(BENCH_NAME) $(PYTEST_ARGS)
 
 # The crash test at length (tests/test_crash.py runs 5 cycles): the gateway child is SIGKILLed
 # STRESS_CYCLES times under 1:1 and multi-device traffic, restarted, and finally drained; prints the
