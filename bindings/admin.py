@@ -60,7 +60,7 @@ class GatewayCollector:
         )
         store = stats["store"]
         yield _gauge("interlink_mailbox_items", "Items waiting in all mailboxes.", store["mailbox_items"])
-        yield _gauge("interlink_mailbox_bytes", "Bytes of LMDB pages the mailboxes use.", store["mailbox_bytes"])
+        yield _gauge("interlink_mailbox_bytes", "Bytes of LMDB pages the mailboxes and the group bodies they share use.", store["mailbox_bytes"])
         yield _gauge("interlink_lmdb_used_bytes", "Bytes of the LMDB map in use.", store["map_used_bytes"])
         yield _gauge("interlink_lmdb_map_bytes", "Size of the LMDB map (full: senders get overloaded).", store["map_size_bytes"])
         yield _counter("interlink_messages_stored", "Messages and receipts stored (acked).", routing.get("messages_stored", 0))

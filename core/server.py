@@ -332,8 +332,14 @@ class GatewayServer:
     def _expire_mailboxes(self) -> None:
         """Delete undelivered items past the TTL, a bounded chunk at a time, then come back."""
         now = self.clock()
-        removed = self.store.expire(int((now - self.mailbox_ttl_s) * 1000), limit=EXPIRE_CHUNK)
-        self.store.forget_duplicates(int((now - DEDUP_WINDOW_S) * 1000), limit=DEDUP_SCAN_CHUNK)
+        try:
+            removed = self.store.expire(int((now - self.mailbox_ttl_s) * 1000), limit=EXPIRE_CHUNK)
+            self.store.forget_duplicates(int((now - DEDUP_WINDOW_S) * 1000), limit=DEDUP_SCAN_CHUNK)
+        except Exception:  # a storage fault (a full map, an lmdb.Error): log it, keep sweeping later
+            log.exception("the TTL sweep failed; trying again in %.0f s", EXPIRY_SWEEP_S)
+            self.counters["internal_errors"] += 1
+            self._expiry_handle = asyncio.get_running_loop().call_later(EXPIRY_SWEEP_S, self._expire_mailboxes)
+            return
         self.counters["items_expired"] += removed
         # The dedup sweep must read its table at least as fast as messages add to it.
         more = removed >= EXPIRE_CHUNK or self.store.dedup_unswept > 0

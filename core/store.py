@@ -28,8 +28,9 @@ device key lists its mailbox in seq order. Messages are written in batches (``Wr
 write transaction per batch: the gateway's group commit.
 
 The hot path writes as little as it can: a stored message is one ``dedup`` insert (which is also
-the duplicate check) and one ``mbox`` put per recipient device, a received item one ``mbox``
-delete, plus one ``seqs`` record per device and commit. There is no age index: the TTL sweep
+the duplicate check) and one ``mbox`` put per recipient device (a group message also one body and
+its count), a received item one ``mbox`` delete (plus, per shared body and commit, one count
+update or the body's deletion), plus one ``seqs`` record per device and commit. There is no age index: the TTL sweep
 walks the devices (``seqs``) and cuts the expired head of each mailbox (seqs are handed out in
 time order), and the dedup sweep walks the dedup table itself, at least as fast as it grows.
 
@@ -233,8 +234,9 @@ class Store(Protocol):
         """How many items a device has stored."""
 
     def usage(self) -> dict:
-        """``mailbox_items``, ``mailbox_bytes`` (pages the mailboxes use), ``map_used_bytes``,
-        ``map_size_bytes``: cheap enough for every metrics scrape."""
+        """``mailbox_items``, ``mailbox_bytes`` (pages the mailboxes and their shared group bodies
+        use), ``shared_bodies``, ``map_used_bytes``, ``map_size_bytes``: cheap enough for every
+        metrics scrape."""
 
     def expire(self, before_ms: int, limit: int = 10_000, max_devices: int = 20_000) -> int:
         """Delete up to ``limit`` items stored before ``before_ms``, visiting at most

@@ -2,7 +2,8 @@
 """Compiled twin of ``interlink.core._mailbox_pure``: the store's per-copy loops (read the pure
 twin first; it is the contract).
 
-Same signatures, results and exceptions. What differs is only how: ``MailboxState`` is an
+Same signatures, results and exceptions. (One narrowing: ``states`` must hold this module's ``MailboxState``, as the store's do; anything
+else is a ``TypeError``.) What differs is only how: ``MailboxState`` is an
 extension type (its counters are struct slots, not a ``__dict__`` or descriptor look-ups), each
 ``mbox`` key (device key + big-endian seq) and each shared-body reference is one ``bytes``
 allocation filled in C, and the loops run without the interpreter between the LMDB calls.
@@ -11,6 +12,7 @@ that is not ``bytes``) goes through the same Python expressions as the pure twin
 same way.
 """
 
+cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from libc.stdint cimport uint64_t
 from libc.string cimport memcpy
@@ -48,13 +50,13 @@ cdef inline void _put_be(unsigned char *p, uint64_t v, int n):
         p[n - 1 - i] = <unsigned char> ((v >> (8 * i)) & 0xFF)
 
 
-cdef bytes _seq_key(bytes dkey, object seq):
+cdef object _seq_key(object dkey, object seq):
     """``dkey + _SEQ.pack(seq)`` in one allocation."""
     cdef uint64_t v
     cdef Py_ssize_t n
     cdef bytes out
     cdef unsigned char *p
-    if type(seq) is not int or seq < 0:
+    if type(dkey) is not bytes or type(seq) is not int or seq < 0:
         return dkey + _SEQ.pack(seq)
     try:
         v = PyLong_AsUnsignedLongLong(seq)
@@ -68,18 +70,19 @@ cdef bytes _seq_key(bytes dkey, object seq):
     return out
 
 
-cdef bytes _shared_item(bytes ts_prefix, object body_id, Py_ssize_t size):
+cdef object _shared_item(object ts_prefix, object body_id, Py_ssize_t size):
     """``ts_prefix + _SHARED_REF.pack(SHARED_MARK, body_id, size)`` in one allocation."""
     cdef uint64_t v
-    cdef Py_ssize_t n = PyBytes_GET_SIZE(ts_prefix)
+    cdef Py_ssize_t n
     cdef bytes out
     cdef unsigned char *p
-    if type(body_id) is not int or body_id < 0 or size > 0xFFFFFFFF:
+    if type(ts_prefix) is not bytes or type(body_id) is not int or body_id < 0 or size > 0xFFFFFFFF:
         return ts_prefix + _SHARED_REF.pack(SHARED_MARK, body_id, size)
     try:
         v = PyLong_AsUnsignedLongLong(body_id)
     except OverflowError:
         return ts_prefix + _SHARED_REF.pack(SHARED_MARK, body_id, size)
+    n = PyBytes_GET_SIZE(ts_prefix)
     out = PyBytes_FromStringAndSize(NULL, n + 13)
     p = <unsigned char *> PyBytes_AS_STRING(out)
     memcpy(p, PyBytes_AS_STRING(ts_prefix), n)
@@ -89,7 +92,7 @@ cdef bytes _shared_item(bytes ts_prefix, object body_id, Py_ssize_t size):
     return out
 
 
-def plan_copies(items, dict states, state_of, ts, max_items, max_bytes, skip_full):
+def plan_copies(items, states, state_of, ts, max_items, max_bytes, skip_full):
     """Plan the copies of one message (see the pure twin)."""
     cdef list planned = []
     cdef object kept = None
@@ -125,7 +128,7 @@ def plan_copies(items, dict states, state_of, ts, max_items, max_bytes, skip_ful
     return planned, kept, dropped
 
 
-def write_copies(put, mbox, list planned, dict states, bytes ts_prefix, body_id, list stored):
+def write_copies(put, mbox, planned, states, ts_prefix, body_id, stored):
     """Put every planned copy, whole or as a reference to a shared body (see the pure twin)."""
     cdef MailboxState state
     for dkey, seq, value in planned:
@@ -141,10 +144,10 @@ def write_copies(put, mbox, list planned, dict states, bytes ts_prefix, body_id,
         stored.append((dkey, seq, value))
 
 
-def delete_items(pop, mbox, bytes dkey, seqs, MailboxState state, dict released):
+def delete_items(pop, mbox, dkey, seqs, state, released):
     """Delete the device's items ``seqs`` and count their shared-body references (see the pure twin)."""
     cdef Py_ssize_t removed = 0
-    cdef long long freed = 0
+    cdef object freed = 0
     for seq in seqs:
         value = pop(_seq_key(dkey, seq), db=mbox)
         if value is None:
@@ -156,12 +159,12 @@ def delete_items(pop, mbox, bytes dkey, seqs, MailboxState state, dict released)
     return removed
 
 
-def forget_item(value, dict released):
+def forget_item(value, released):
     """The quota size of an ``mbox`` value on its way out, its reference counted (see the pure twin)."""
     return _forget(value, released)
 
 
-cdef long long _forget(object value, dict released) except? -1:
+cdef object _forget(object value, object released):
     cdef const unsigned char *p
     cdef Py_ssize_t n
     cdef bytes body_key
@@ -180,7 +183,9 @@ cdef long long _forget(object value, dict released) except? -1:
     return (<long long> p[17] << 24) | (<long long> p[18] << 16) | (<long long> p[19] << 8) | p[20]
 
 
-cdef long long _forget_slow(object value, dict released) except? -1:
+@cython.boundscheck(True)
+@cython.wraparound(True)
+cdef object _forget_slow(object value, object released):
     if value[8] == SHARED_MARK:
         body_key = value[9:17]
         released[body_key] = released.get(body_key, 0) + 1
