@@ -326,8 +326,7 @@ class Groups:
             if plan is not None:
                 self._plan_copies -= plans.pop(g)[2]
             plan = [record, {}, 0]
-        blocks = self.policy.blocks  # who blocked the sender: looked up once per message
-        blocked = {member for member in record.members if member != sender and blocks(member, sender)}
+        blocked = self.policy.blocked_among(record.members, record.member_set, sender)  # one look-up per message
         items, targets = plan_cached(plan[1], record.members, sender, sender_device, self.store.devices, blocked, build)
         if fresh and len(items) <= PLAN_CACHE_COPIES:
             plan[2] = len(items) + 1
@@ -367,8 +366,9 @@ class Groups:
         encoded = encode_stanza({"t": "state", "from": sender, "g": g, "s": state})
         sessions = self.router.sessions
         touched = set()
+        blocked = self.policy.blocked_among(record.members, record.member_set, sender)
         for member in record.members:
-            if member == sender or self.policy.blocks(member, sender):
+            if member == sender or member in blocked:
                 continue
             for device in self.store.devices(member):
                 target = sessions.get((member, device))
@@ -466,9 +466,9 @@ class Groups:
         items, targets = [], []
         recipients = list(record.members) if record is not None else []
         recipients += [user for user in removed if record is None or user not in record.member_set]
-        blocks = self.policy.blocks
+        blocked = self.policy.blocked_among(recipients, frozenset(recipients), actor)
         for user in recipients:
-            if user != actor and blocks(user, actor):
+            if user in blocked:
                 continue  # a member who blocked the actor gets nothing from it (not told either)
             for device in self.store.devices(user):
                 if user == actor and device == actor_device:

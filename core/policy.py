@@ -20,6 +20,12 @@ LMDB point reads (a read transaction each) and 0.36 µs from the cache — again
 Bounds: at most ``cache_users`` entries (oldest inserted evicted first; users with no consent and
 no blocks share one entry object), and a user's blocked set is cached only up to
 ``cached_blocks`` entries; beyond that ``blocks`` asks the store (one point read).
+
+A group message asks the other way round — which of a thousand members blocked the sender —
+so ``blockers_of`` reads the store's reverse index (``blocked_by``) once per sender and caches the
+set (up to ``cached_blockers`` users; more than that and the caller asks ``blocks`` per member).
+A group message is then one set intersection, however many members, and large groups do not
+push everyone else out of the per-user cache.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from interlink.core.store import Store
 
 CACHE_USERS = 16_384
 CACHED_BLOCKS = 64
+CACHED_BLOCKERS = 1_024  # users who blocked one sender, kept as a set; more: ask per member
 
 
 class _Reach:
@@ -48,11 +55,14 @@ _NOTHING_STORED = _Reach(None, False, frozenset())
 class Policy:
     """Consent and block decisions, and the writes that change them."""
 
-    def __init__(self, store: Store, *, cache_users: int = CACHE_USERS, cached_blocks: int = CACHED_BLOCKS) -> None:
+    def __init__(self, store: Store, *, cache_users: int = CACHE_USERS, cached_blocks: int = CACHED_BLOCKS,
+                 cached_blockers: int = CACHED_BLOCKERS) -> None:
         self.store = store
         self.cache_users = cache_users
         self.cached_blocks = cached_blocks
+        self.cached_blockers = cached_blockers
         self._cache: dict[str, _Reach] = {}
+        self._blockers: dict[str, frozenset | None] = {}  # sender -> who blocked it (None: too many)
 
     # -- decisions (hot path)
 
@@ -88,6 +98,29 @@ class Policy:
             return self.store.is_blocked(recipient, sender)
         return sender in blocked
 
+    def blockers_of(self, sender: str) -> frozenset | None:
+        """Everyone who blocked ``sender``, or None when more than ``cached_blockers`` did (then
+        ask ``blocks`` per recipient)."""
+        cache = self._blockers
+        if sender in cache:
+            return cache[sender]
+        found = self.store.blockers(sender, self.cached_blockers)
+        if len(cache) >= self.cache_users:
+            del cache[next(iter(cache))]
+        cache[sender] = found
+        return found
+
+    def blocked_among(self, members, member_set: frozenset, sender: str) -> set | frozenset:
+        """The members (``member_set`` is ``members`` as a set) who blocked ``sender``; never
+        ``sender`` itself."""
+        blockers = self.blockers_of(sender)
+        if blockers is None:
+            blocks = self.blocks
+            return {member for member in members if member != sender and blocks(member, sender)}
+        if not blockers:
+            return blockers
+        return (blockers & member_set) - {sender}
+
     def consent(self, user: str, provider: Provider) -> tuple[tuple[str, ...], bool]:
         """The user's effective ``(accept, discoverable)``: what it set, else its provider's
         default and not discoverable. Its own provider is accepted in any case."""
@@ -110,6 +143,7 @@ class Policy:
             return self.store.add_block(user, other, max_blocks)
         finally:
             self._cache.pop(user, None)
+            self._blockers.pop(other, None)
 
     def unblock(self, user: str, other: str) -> bool:
         """``user`` unblocks ``other``; True if it was blocked."""
@@ -117,3 +151,4 @@ class Policy:
             return self.store.del_block(user, other)
         finally:
             self._cache.pop(user, None)
+            self._blockers.pop(other, None)

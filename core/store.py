@@ -14,6 +14,7 @@ One LMDB environment with named databases:
 | ``consent`` | user address | msgpack ``[accept (list of provider ids or ["*"]), discoverable]`` |
 | ``blocks`` | user address + ``b"\\0"`` + blocked address | ``b""`` |
 | ``block_counts`` | user address | how many users it blocked (uint32 big-endian) |
+| ``blocked_by`` | blocked address + ``b"\\0"`` + user address | ``b""``: ``blocks`` read the other way (who blocked a sender) |
 | ``reports`` | report number (uint64 big-endian) | msgpack map: reporter, device, user, ids, reason, evidence, ts |
 | ``counters`` | ``b"reports"`` | last report number given out (uint64 big-endian); never goes back |
 | ``directory`` | phone (E.164) + ``b"\\0"`` + user address | ``b""`` |
@@ -274,6 +275,10 @@ class Store(Protocol):
 
     def block_count(self, user: str) -> int:
         """How many users ``user`` blocked."""
+
+    def blockers(self, user: str, limit: int) -> frozenset | None:
+        """The users who blocked ``user``, or None when there are more than ``limit`` (then ask
+        ``is_blocked`` per user)."""
 
     def add_report(self, record: dict) -> int:
         """Store a report (a msgpack-able map) durably; returns its number (1, 2, ...; never reused)."""
@@ -715,6 +720,8 @@ class LmdbStore:
         self._consent = env.open_db(b"consent")
         self._blocks = env.open_db(b"blocks")
         self._block_counts = env.open_db(b"block_counts")
+        self._blocked_by = env.open_db(b"blocked_by")
+        self._index_blockers()
         self._reports = env.open_db(b"reports")
         self._counters = env.open_db(b"counters")
         self._directory = env.open_db(b"directory")
@@ -773,6 +780,7 @@ class LmdbStore:
             if count >= max_blocks:
                 raise StoreLimitError(f"you already block {count} users (limit {max_blocks}); unblock some first")
             txn.put(entry, b"", db=self._blocks)
+            txn.put(other.encode("utf-8") + b"\x00" + key, b"", db=self._blocked_by)
             txn.put(key, _COUNT.pack(count + 1), db=self._block_counts)
             return True
 
@@ -785,6 +793,7 @@ class LmdbStore:
         with self._write() as txn:
             if not txn.delete(entry, db=self._blocks):
                 return False
+            txn.delete(other.encode("utf-8") + b"\x00" + key, db=self._blocked_by)
             count = _COUNT.unpack(txn.get(key, db=self._block_counts))[0] - 1
             if count:
                 txn.put(key, _COUNT.pack(count), db=self._block_counts)
@@ -800,6 +809,25 @@ class LmdbStore:
         start = None if after is None else prefix + after.encode("utf-8") + b"\x00"  # first key > after
         cursor = txn.cursor(db=self._blocks)
         return [key[len(prefix) :].decode("utf-8") for key in _scan(cursor, prefix, start, limit)]
+
+    def blockers(self, user: str, limit: int) -> frozenset | None:
+        prefix = self._user_prefix(user)
+        with self._env.begin(db=self._blocked_by) as txn:
+            found = [key[len(prefix):] for key in _scan(txn.cursor(), prefix, None, limit + 1)]
+        if len(found) > limit:
+            return None
+        return frozenset(blocker.decode("utf-8") for blocker in found)
+
+    def _index_blockers(self) -> None:
+        """Fill ``blocked_by`` from ``blocks`` once, for an environment written before the reverse
+        index existed (its absence with blocks present is the sign)."""
+        with self._env.begin() as txn:
+            if txn.stat(self._blocked_by)["entries"] or not txn.stat(self._blocks)["entries"]:
+                return
+        with self._write() as txn:
+            for entry in txn.cursor(db=self._blocks).iternext(values=False):
+                user, _, other = entry.partition(b"\x00")
+                txn.put(other + b"\x00" + user, b"", db=self._blocked_by)
 
     def block_count(self, user: str) -> int:
         with self._env.begin(db=self._block_counts) as txn:

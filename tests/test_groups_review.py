@@ -345,9 +345,17 @@ async def test_group_typing_is_limited_per_sender_and_group_and_flushed_once(wor
 # -- 4. blocks
 
 
-async def test_events_and_meta_from_a_blocked_actor_do_not_reach_the_blocker(world):
+@pytest.fixture(params=[1024, 0], ids=["blockers-set", "per-member"])
+def blockers_limit(request):
+    """The policy's reverse look-up (who blocked the sender) as a cached set, or past its limit
+    (every member asked)."""
+    return request.param
+
+
+async def test_events_and_meta_from_a_blocked_actor_do_not_reach_the_blocker(world, blockers_limit):
     w = world()
     mallory, victim, other = w.connect("mallory@alpha"), w.connect("victim@alpha"), w.connect("other@alpha")
+    w.policy.cached_blockers = blockers_limit
     w.policy.block("victim@alpha", "mallory@alpha", 100)
     g = await new_group(w, mallory, ["victim@alpha", "other@alpha"], meta=b"blocked user's text")
     assert w.iq(mallory, "group.del", _id=2, g=g, members=["other@alpha"]) is None
@@ -402,8 +410,9 @@ async def test_typing_does_not_reveal_a_change_still_committing(world):
 # -- 6. the per-(g, ver) plan cache
 
 
-async def test_the_plan_follows_new_devices_and_blocks(world):
+async def test_the_plan_follows_new_devices_and_blocks(world, blockers_limit):
     w = world()
+    w.policy.cached_blockers = blockers_limit
     alice, bob = w.connect("alice@alpha"), w.connect("bob@beta")
     g = await new_group(w, alice, ["bob@beta"])
     assert type(w.msg(alice, g, b"one")) is bytes
@@ -416,6 +425,10 @@ async def test_the_plan_follows_new_devices_and_blocks(world):
     assert type(w.msg(alice, g, b"three")) is bytes
     await w.settle()
     assert [s["c"] for s in kinds(bob, "msg")] == [b"one", b"two"]
+    w.policy.unblock("bob@beta", "alice@alpha")
+    assert type(w.msg(alice, g, b"four")) is bytes
+    await w.settle()
+    assert [s["c"] for s in kinds(bob, "msg")] == [b"one", b"two", b"four"]
 
 
 # The compiled and pure plan_cached agree with each other and with plan_group (same plan, same

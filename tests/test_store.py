@@ -334,6 +334,47 @@ def test_policy_blocks_through_its_cache_and_past_it(store):
     assert not policy.blocks("bob@beta", "z@alpha")
 
 
+def test_blockers_are_the_blocks_read_the_other_way(tmp_path):
+    path = tmp_path / "lmdb"
+    store = LmdbStore(path, map_size_bytes=1 << 24)
+    for user in ("bob@beta", "carl@beta", "dora@alpha"):
+        store.add_block(user, "eve@alpha", 10)
+    store.add_block("bob@beta", "fred@alpha", 10)
+    assert store.blockers("eve@alpha", 10) == {"bob@beta", "carl@beta", "dora@alpha"}
+    assert store.blockers("fred@alpha", 10) == {"bob@beta"} and store.blockers("bob@beta", 10) == frozenset()
+    assert store.blockers("eve@alpha", 2) is None  # more than the caller keeps: ask per user
+    store.del_block("carl@beta", "eve@alpha")
+    assert store.blockers("eve@alpha", 10) == {"bob@beta", "dora@alpha"}
+    # An environment written before the reverse index existed gets it built when opened.
+    with store._env.begin(write=True) as txn:
+        txn.drop(store._blocked_by, delete=False)
+    store.close()
+    store = LmdbStore(path, map_size_bytes=1 << 24)
+    try:
+        assert store.blockers("eve@alpha", 10) == {"bob@beta", "dora@alpha"}
+        assert store.blockers("fred@alpha", 10) == {"bob@beta"}
+    finally:
+        store.close()
+
+
+def test_policy_finds_who_blocked_a_sender_among_members(store):
+    policy = Policy(store, cached_blockers=2)
+    members = ("ann@alpha", "bob@beta", "carl@beta", "eve@alpha")
+    member_set = frozenset(members)
+    assert policy.blocked_among(members, member_set, "eve@alpha") == set()
+    policy.block("bob@beta", "eve@alpha", 10)
+    policy.block("zed@beta", "eve@alpha", 10)  # not a member
+    policy.block("eve@alpha", "eve@alpha", 10)  # the sender itself never counts
+    assert policy.blocked_among(members, member_set, "eve@alpha") == {"bob@beta"}  # three blockers: per member
+    policy.unblock("zed@beta", "eve@alpha")
+    policy.unblock("eve@alpha", "eve@alpha")
+    assert policy.blockers_of("eve@alpha") == {"bob@beta"}  # cached again, the unblocks dropped the stale set
+    policy.block("carl@beta", "eve@alpha", 10)
+    assert policy.blocked_among(members, member_set, "eve@alpha") == {"bob@beta", "carl@beta"}
+    policy.unblock("bob@beta", "eve@alpha")
+    assert policy.blocked_among(members, member_set, "eve@alpha") == {"carl@beta"}
+
+
 # -- quotas and expiry
 
 
