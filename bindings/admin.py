@@ -22,7 +22,6 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-import interlink
 from interlink.core.errors import ConfigError, InterlinkError
 
 if TYPE_CHECKING:

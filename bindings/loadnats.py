@@ -56,6 +56,7 @@ from interlink.loadtool import (
     Run,
     Scenario,
     _environment,
+    _Ticker,
     _gather_bounded,
     _percentiles_ms,
     _wait_until,
@@ -634,41 +635,14 @@ def _report(run: NatsRun, info: dict, measured: dict) -> dict:
     return report
 
 
-class _NatsTicker:
-    """The per-second progress of the peer run (through ``loadview``: plain lines, or the rich live
-    table on a terminal) and the report's ``timeline``, samples with the keys of the gateway run's
-    (``acked`` None for core NATS: it answers nothing). Its own class, as the peer's lines say
-    other things than the gateway's."""
+class _NatsTicker(_Ticker):
+    """The per-second progress of the peer run and the report's ``timeline`` (``loadtool._Ticker``:
+    plain lines, or the rich live table on a terminal), samples with the keys of the gateway
+    run's (``acked`` None for core NATS: it answers nothing); its lines say what the peer did."""
 
-    def __init__(self, run: NatsRun, out: Callable[[str], None] | None) -> None:
-        from interlink.loadview import progress_view
-
-        self.run = run
-        self.view = progress_view(out)
-        self.timeline: list[dict] = []
-        self._task: asyncio.Task | None = None
-        self._started = 0.0
-
-    def start(self) -> None:
-        self._started = time.monotonic()
-        self.timeline.append(self._sample())
-        if self.view is not None:
-            scenario = self.run.scenario
-            self.view.begin(f"interlink load {scenario.name} ({scenario.kind}) against {self.run.peer}")
-        self._task = asyncio.get_running_loop().create_task(self._loop())
-
-    async def stop(self) -> None:
-        if self._task is None:
-            return
-        task, self._task = self._task, None
-        task.cancel()
-        try:
-            await task
-        except asyncio.CancelledError:
-            pass
-        self.timeline.append(self._sample())
-        if self.view is not None:
-            self.view.end()
+    def _title(self) -> str:
+        scenario = self.run.scenario
+        return f"interlink load {scenario.name} ({scenario.kind}) against {self.run.peer}"
 
     def _sample(self) -> dict:
         run = self.run
@@ -678,22 +652,16 @@ class _NatsTicker:
                 "device_deliveries": run.device_deliveries, "refused": run.refused,
                 "ack_p99_ms": ack and ack["p99"], "delivery_p99_ms": dlv and dlv["p99"]}
 
-    async def _loop(self) -> None:
-        while True:
-            await asyncio.sleep(1.0)
-            previous, sample = self.timeline[-1], self._sample()
-            self.timeline.append(sample)
-            if self.view is None:
-                continue
-            run = self.run
-            acked = f" acked {sample['acked']} (+{sample['acked'] - previous['acked']})" if run.peer == "jetstream" else ""
-            copies = (f" copies {sample['device_deliveries']} (+{sample['device_deliveries'] - previous['device_deliveries']})"
-                      if run.scenario.kind == "group" else "")
-            p99 = " ".join(f"{name} p99 {sample[name + '_p99_ms']} ms" for name in ("ack", "delivery")
-                           if sample[name + "_p99_ms"] is not None)
-            self.view.sample(sample, f"{sample['t_s']:6.1f}s {run.peer:<6} sent {sample['sent']} "
-                             f"(+{sample['sent'] - previous['sent']}){acked} delivered {sample['delivered']} "
-                             f"(+{sample['delivered'] - previous['delivered']}){copies}" + (f"  {p99}" if p99 else ""))
+    def _line(self, sample: dict, previous: dict) -> str:
+        run = self.run
+        acked = f" acked {sample['acked']} (+{sample['acked'] - previous['acked']})" if run.peer == "jetstream" else ""
+        copies = (f" copies {sample['device_deliveries']} (+{sample['device_deliveries'] - previous['device_deliveries']})"
+                  if run.scenario.kind == "group" else "")
+        p99 = " ".join(f"{name} p99 {sample[name + '_p99_ms']} ms" for name in ("ack", "delivery")
+                       if sample[name + "_p99_ms"] is not None)
+        return (f"{sample['t_s']:6.1f}s {run.peer:<6} sent {sample['sent']} (+{sample['sent'] - previous['sent']}){acked} "
+                f"delivered {sample['delivered']} (+{sample['delivered'] - previous['delivered']}){copies}"
+                + (f"  {p99}" if p99 else ""))
 
 
 def compare(interlink_report: dict, nats_report: dict) -> dict:

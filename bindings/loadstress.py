@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import dataclasses
 import itertools
 import os
 import tempfile
@@ -47,7 +46,6 @@ from typing import Any
 import msgpack
 from hdrh.histogram import HdrHistogram
 
-import interlink
 from interlink.core.framing import encode_frame
 from interlink.core.noise import make_preamble
 from interlink.core.stanza import encode_stanza
@@ -69,11 +67,11 @@ from interlink.loadtool import (
     _accounting_drain,
     _close_all,
     _connect_all,
-    _environment,
     _gateway_info,
     _make_devices,
     _percentiles_ms,
     _predrain,
+    _report_head,
     _report_tail,
     _run_chat,
     _server_window,
@@ -842,11 +840,7 @@ async def run_stress(scenario: Scenario, *, data_dir: Path | None = None, out: C
     accounting["accounting_drain"] = drain
     failed_because = phases.pop("failed_because")
     report = {
-        "tool": "interlink load",
-        "version": interlink.__version__,
-        "scenario": dataclasses.asdict(scenario),
-        "environment": _environment(),
-        "gateway": gateway_info,
+        **_report_head(scenario, gateway_info),
         **phases,
         "counts": {"sent": run.sent, "acked": run.acked, "refused": run.refused, "delivered": run.delivered,
                    "device_deliveries": run.device_deliveries, "connects": run.connects},

@@ -832,6 +832,16 @@ class Device:
 # ----------------------------------------------------------------------------- the run
 
 
+def _report_head(scenario: Scenario, gateway_info: dict) -> dict:
+    """The report keys every scenario starts with: the tool, the scenario, where it ran."""
+    return {
+        "tool": "interlink load",
+        "version": interlink.__version__,
+        "scenario": dataclasses.asdict(scenario),
+        "environment": _environment(),
+        "gateway": gateway_info,
+    }
+
 
 def _report_tail(run, accounting: dict, ticker) -> dict:
     """The report keys every scenario shares: latency percentiles, the encoded HDR histograms
@@ -1342,11 +1352,7 @@ async def run_scenario(scenario: Scenario, *, data_dir: Path | None = None, out:
     accounting = account(run)
     accounting["accounting_drain"] = drain
     report = {
-        "tool": "interlink load",
-        "version": interlink.__version__,
-        "scenario": dataclasses.asdict(scenario),
-        "environment": _environment(),
-        "gateway": gateway_info,
+        **_report_head(scenario, gateway_info),
         **phases,
         "counts": {"sent": run.sent, "acked": run.acked, "refused": run.refused, "delivered": run.delivered,
                    "device_deliveries": run.device_deliveries},
@@ -1783,11 +1789,7 @@ async def run_group(scenario: Scenario, *, data_dir: Path | None = None, out: Ca
     accounting = account_group(run)
     accounting["accounting_drain"] = drain
     return {
-        "tool": "interlink load",
-        "version": interlink.__version__,
-        "scenario": dataclasses.asdict(scenario),
-        "environment": _environment(),
-        "gateway": gateway_info,
+        **_report_head(scenario, gateway_info),
         "group": {"members": len(users), "devices": len(devices), "offline_members": len(offline_users),
                   "offline_devices": len(offline), "senders": len(senders), "copies_per_message": copies_per_message},
         "window_s": round(seconds, 3),
