@@ -20,6 +20,7 @@ import interlink.core
 from interlink.core.auth import Provider, ProviderRegistry, TokenVerifier, parse_jwks, verify_with_key
 from interlink.core.jwks import JwksCache
 from interlink.issuer import DemoIssuer
+from interlink.loade2ee import drive
 
 AUD = "interlink-gw.example"
 NOW = 1_800_000_000.0
@@ -41,14 +42,7 @@ def provider(issuer) -> Provider:
     return Provider(id="acme", issuer=issuer.issuer, audience=AUD, jwks=issuer.jwks())
 
 
-def _run_without_loop(coro):
-    """Drive a coroutine that completes without suspending (cached key, no I/O)."""
-    try:
-        coro.send(None)
-    except StopIteration as done:
-        return done.value
-    coro.close()
-    raise RuntimeError("verify() suspended: the key was not cached")
+_run_without_loop = drive  # verify() with a cached key completes without suspending (no I/O)
 
 
 @pytest.mark.parametrize("alg", ["EdDSA", "ES256"])

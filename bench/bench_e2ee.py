@@ -39,6 +39,7 @@ import msgpack
 import pytest
 from interlink import e2ee
 from interlink.e2ee import DeviceState, parse_envelope
+from interlink.loade2ee import drive
 
 TEXT = "x" * 100
 ALICE, BOB = ("alice@alpha", 1), ("bob@beta", 2)
@@ -53,14 +54,7 @@ def _payload() -> bytes:
 PAYLOAD = _payload()
 
 
-def _run(coro):
-    """Drive a coroutine that completes without suspending (``DeviceState`` does no I/O)."""
-    try:
-        coro.send(None)
-    except StopIteration as done:
-        return done.value
-    coro.close()
-    raise RuntimeError("the coroutine suspended")
+_run = drive  # DeviceState's coroutines complete without suspending (no I/O)
 
 
 def _bundle(state: DeviceState, device: int, otpk: bool = True) -> dict:
