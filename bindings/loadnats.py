@@ -521,32 +521,41 @@ async def _drive(run: NatsRun, server: LocalNats, senders: list[NatsDevice], out
     run.sending = True
     stop = asyncio.Event()
     sender_task = None
-    if scenario.open_loop:
-        sender_task = asyncio.get_running_loop().create_task(_nats_open_loop(senders, scenario.rate, stop))
-    else:
-        for device in senders:
-            await device.fill()
+    try:
+        if scenario.open_loop:
+            sender_task = asyncio.get_running_loop().create_task(_nats_open_loop(senders, scenario.rate, stop))
+        else:
+            for device in senders:
+                await device.fill()
 
-    def snapshot() -> tuple:
-        return (run.sent, run.delivered, run.device_deliveries, run.acked), server.cpu_s(), time.monotonic()
+        def snapshot() -> tuple:
+            return (run.sent, run.delivered, run.device_deliveries, run.acked), server.cpu_s(), time.monotonic()
 
-    start = time.monotonic()
-    window = None
-    while (elapsed := time.monotonic() - start) < scenario.duration:
-        if window is None and elapsed >= scenario.warmup:
+        start = time.monotonic()
+        window = None
+        while (elapsed := time.monotonic() - start) < scenario.duration:
+            if window is None and elapsed >= scenario.warmup:
+                window = snapshot()
+            await asyncio.sleep(min(0.02, max(0.0, scenario.duration - elapsed)))
+        if window is None:
             window = snapshot()
-        await asyncio.sleep(min(0.02, max(0.0, scenario.duration - elapsed)))
-    if window is None:
-        window = snapshot()
-    end = snapshot()
-    run.sending = False
-    stop.set()
-    if sender_task is not None:
-        await sender_task
-    # Core NATS never answers a lost message: a short wait. JetStream answers every publish, and a
-    # backlog (fsyncs slower than the offered rate) drains at its own pace: the gateway's wait.
-    await _wait_until(run.settled, TAIL_TIMEOUT_S if run.peer == "jetstream" else NATS_TAIL_TIMEOUT_S)
-    await ticker.stop()
+        end = snapshot()
+        run.sending = False
+        stop.set()
+        if sender_task is not None:
+            await sender_task
+        # Core NATS never answers a lost message: a short wait. JetStream answers every publish, and a
+        # backlog (fsyncs slower than the offered rate) drains at its own pace: the gateway's wait.
+        await _wait_until(run.settled, TAIL_TIMEOUT_S if run.peer == "jetstream" else NATS_TAIL_TIMEOUT_S)
+    finally:
+        # A cancel (Ctrl-C) or an error: the publisher and the ticker stop too (no-ops after a
+        # normal end: the sender already returned).
+        run.sending = False
+        stop.set()
+        if sender_task is not None and not sender_task.done():
+            sender_task.cancel()
+            await asyncio.gather(sender_task, return_exceptions=True)
+        await ticker.stop()
     seconds = end[2] - window[2]
     counts = dict(zip(("sent", "delivered", "device_deliveries", "acked"), (b - a for a, b in zip(window[0], end[0]))))
     cpu = end[1][0] - window[1][0]

@@ -4,9 +4,9 @@
   for them, send ``churn_messages`` 1:1 messages to their partner, wait for the acks and leave,
   at ``connect_rate`` new sessions per second in total (open loop: each session has an intended
   start time and its connect latency counts from it) or, with ``connect_rate = "max"``, every
-  churning device cycling as fast as it can. ``keep_fraction`` of the users stay connected all
-  run (their partners' messages reach them live; the churning users' messages wait in their
-  mailboxes until their next session). Figures: connects per second, handshake latency (HDR),
+  churning device cycling as fast as it can. ``keep_fraction`` of the users, one of each pair,
+  stay connected all run and do not send (their churning partners' messages reach them live;
+  messages to a churning user wait in its mailbox until its next session). Figures: connects per second, handshake latency (HDR),
   gateway CPU µs per connect, ack and delivery latency, and the loss accounting of
   ``interlink.loadtool`` (every message delivered, found in a mailbox after the run, refused
   with a code, or the run fails).
@@ -213,6 +213,18 @@ def _connect_report(run: StressRun) -> dict:
     return {"handshake": run.handshake_hist, "connect": run.connect_hist}
 
 
+async def _stop_sessions(arrivals: _Arrivals | None, busy: set[asyncio.Task]) -> None:
+    """Stop the open-loop arrivals (if any) and cancel the session tasks still under way, then
+    wait for them to end (a no-op after a run that ended normally)."""
+    if arrivals is not None:
+        arrivals.stop()
+    left = [task for task in busy if not task.done()]
+    for task in left:
+        task.cancel()
+    if left:
+        await asyncio.gather(*left, return_exceptions=True)
+
+
 # ----------------------------------------------------------------------------- churn
 
 
@@ -220,7 +232,11 @@ async def _run_churn(run: StressRun, gateway, devices: list[Device], ticker: _St
                      out: Callable[[str], None] | None) -> dict:
     scenario = run.scenario
     users = list(dict.fromkeys(d.user for d in devices))
-    kept_users = set(users[: int(scenario.keep_fraction * len(users))])
+    # Users pair 2k with 2k+1: keep one user of each pair (the even ones first), so that a kept
+    # user's partner churns and its messages reach the kept user live. Only past half of the
+    # users are both of a pair kept.
+    by_pair_side = sorted(range(len(users)), key=lambda index: (index % 2, index))
+    kept_users = {users[index] for index in by_pair_side[: int(scenario.keep_fraction * len(users))]}
     kept = [d for d in devices if d.user in kept_users]
     churning = [d for d in devices if d.user not in kept_users]
     # Every device connects once (a message must name its recipient's registered devices); the
@@ -258,40 +274,45 @@ async def _run_churn(run: StressRun, gateway, devices: list[Device], ticker: _St
     before, started = gateway.cpu_s(), time.monotonic()
     deadline = started + scenario.duration
     not_started = 0
-    if scenario.connect_rate is not None:
-        idle = collections.deque(churning)
+    arrivals: _Arrivals | None = None
+    try:
+        if scenario.connect_rate is not None:
+            idle = collections.deque(churning)
 
-        def start(intended_ns: int) -> None:
-            device = idle.popleft()
-            task = loop.create_task(session(device, intended_ns))
-            busy.add(task)
+            def start(intended_ns: int) -> None:
+                device = idle.popleft()
+                task = loop.create_task(session(device, intended_ns))
+                busy.add(task)
 
-            def done(finished: asyncio.Task, device: Device = device) -> None:
-                busy.discard(finished)
-                idle.append(device)
-                arrivals.poke()
+                def done(finished: asyncio.Task, device: Device = device) -> None:
+                    busy.discard(finished)
+                    idle.append(device)
+                    arrivals.poke()
 
-            task.add_done_callback(done)
+                task.add_done_callback(done)
 
-        arrivals = _Arrivals(scenario.connect_rate, lambda: bool(idle), start)
-        arrivals.begin()
-        await asyncio.sleep(scenario.duration)
-        not_started = arrivals.stop()
-    else:
-        async def cycle(device: Device) -> None:
-            while time.monotonic() < deadline:
-                failures = sum(run.connect_failures.values())
-                await session(device, time.perf_counter_ns())
-                if sum(run.connect_failures.values()) > failures:
-                    await asyncio.sleep(0.05)  # do not spin on a refusing gateway
+            arrivals = _Arrivals(scenario.connect_rate, lambda: bool(idle), start)
+            arrivals.begin()
+            await asyncio.sleep(scenario.duration)
+            not_started = arrivals.stop()
+        else:
+            async def cycle(device: Device) -> None:
+                while time.monotonic() < deadline:
+                    failures = sum(run.connect_failures.values())
+                    await session(device, time.perf_counter_ns())
+                    if sum(run.connect_failures.values()) > failures:
+                        await asyncio.sleep(0.05)  # do not spin on a refusing gateway
 
-        busy.update(loop.create_task(cycle(device)) for device in churning)
-        await asyncio.sleep(scenario.duration)
-    window_s = time.monotonic() - started
-    connects, after = run.connects, gateway.cpu_s()
-    ticker.phase = "tail"
-    if busy:
-        await asyncio.gather(*busy)  # sessions under way finish (their messages are in the ledger)
+            busy.update(loop.create_task(cycle(device)) for device in churning)
+            await asyncio.sleep(scenario.duration)
+        window_s = time.monotonic() - started
+        connects, after = run.connects, gateway.cpu_s()
+        ticker.phase = "tail"
+        if busy:
+            await asyncio.gather(*busy)  # sessions under way finish (their messages are in the ledger)
+    finally:
+        # A cancel (Ctrl-C) or an error: no new sessions, and none left running behind us.
+        await _stop_sessions(arrivals, busy)
     # The kept devices take what is still on its way to them, then everyone leaves; what waits in
     # the churning users' mailboxes is found by the accounting drain.
     await _wait_until(
@@ -383,31 +404,38 @@ async def _run_storm(run: StressRun, gateway, ticker: _StressTicker, out: Callab
     deadline = started + scenario.duration
     busy: set[asyncio.Task] = set()
     not_started = 0
-    if scenario.connect_rate is not None:
-        def start(intended_ns: int) -> None:
-            task = loop.create_task(attempt(intended_ns))
-            busy.add(task)
-            task.add_done_callback(lambda finished: (busy.discard(finished), arrivals.poke()))
+    arrivals: _Arrivals | None = None
+    try:
+        if scenario.connect_rate is not None:
+            def start(intended_ns: int) -> None:
+                task = loop.create_task(attempt(intended_ns))
+                busy.add(task)
+                task.add_done_callback(lambda finished: (busy.discard(finished), arrivals.poke()))
 
-        arrivals = _Arrivals(scenario.connect_rate, lambda: len(busy) < STORM_MAX_CONCURRENT, start)
-        arrivals.begin()
-        await asyncio.sleep(scenario.duration)
-        not_started = arrivals.stop()
-    else:
-        async def worker() -> None:
-            while time.monotonic() < deadline:
-                failures = sum(run.connect_failures.values())
-                await attempt(time.perf_counter_ns())
-                if not free or sum(run.connect_failures.values()) > failures:
-                    await asyncio.sleep(0.05)
+            arrivals = _Arrivals(scenario.connect_rate, lambda: len(busy) < STORM_MAX_CONCURRENT, start)
+            arrivals.begin()
+            await asyncio.sleep(scenario.duration)
+            not_started = arrivals.stop()
+        else:
+            async def worker() -> None:
+                while time.monotonic() < deadline:
+                    failures = sum(run.connect_failures.values())
+                    await attempt(time.perf_counter_ns())
+                    if not free or sum(run.connect_failures.values()) > failures:
+                        await asyncio.sleep(0.05)
 
-        busy.update(loop.create_task(worker()) for _ in range(scenario.inflight))
-        await asyncio.sleep(scenario.duration)
-    window_s = time.monotonic() - started
-    connects, after = run.connects, gateway.cpu_s()
-    ticker.phase = "tail"
-    if busy:
-        await asyncio.gather(*busy)
+            busy.update(loop.create_task(worker()) for _ in range(scenario.inflight))
+            await asyncio.sleep(scenario.duration)
+        window_s = time.monotonic() - started
+        connects, after = run.connects, gateway.cpu_s()
+        ticker.phase = "tail"
+        if busy:
+            await asyncio.gather(*busy)
+    except BaseException:
+        # A cancel (Ctrl-C) or an error: stop starting sessions, then close the kept ones too.
+        await _stop_sessions(arrivals, busy)
+        await asyncio.gather(*(peer.close() for peer in kept), return_exceptions=True)
+        raise
     await ticker.stop()
     await asyncio.gather(*(peer.close() for peer in kept))
     ended = collections.Counter(close_code(peer.close_reason) for peer in kept if peer.close_reason != "client_closed")
@@ -760,10 +788,15 @@ async def _run_malformed(run: Run, gateway, devices: list[Device], ticker: _Tick
         await worker.feed(next(cases))
 
     tasks = [asyncio.get_running_loop().create_task(pace(worker)) for worker in workers] if share > 0 else []
+    chat_ended = False
     try:
         phases = await _run_chat(run, gateway, devices, ticker, out, None)
+        chat_ended = True
     finally:
         stop.set()
+        if not chat_ended:  # a cancel (Ctrl-C) or an error: no more malformed inputs either
+            for task in tasks:
+                task.cancel()
         results = await asyncio.gather(*tasks, return_exceptions=True)
         for worker in workers:
             await worker.close()

@@ -45,7 +45,8 @@ the run and their mailboxes drained: ``welcome.pending``), ``refused`` (an ``err
 ``delivered_unacked`` (stored and delivered, but its ack was lost with the session) or
 ``unacked_in_flight`` (no answer, and the sender's session ended: the gateway was killed or closed
 it; a client resends these with the same id, PROTOCOL §6). Anything else is *unexplained*:
-``lost`` (acked, never delivered nor in a mailbox), ``unanswered`` (no answer on a live session),
+``lost`` (acked, never delivered nor in a mailbox), ``unanswered`` (no answer on a session that
+stayed up or that the tool closed itself, delivered or not),
 ``refused_but_delivered``, ``duplicates`` (one message stored twice for a device: two seqs),
 ``misdelivered`` (a delivery of no message we sent, or to the wrong device). A run with any
 unexplained message fails (exit status 1). ``--kill-at S`` SIGKILLs the local gateway S seconds
@@ -108,7 +109,7 @@ import time
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 from hdrh.histogram import HdrHistogram
 
@@ -144,14 +145,32 @@ SCENARIO_DIRS = (
 
 # ----------------------------------------------------------------------------- scenarios
 
+# The keys every kind uses (``e2ee`` too: false is what the non-chat kinds do, and true is
+# refused with its own message where it is not supported), then the keys each kind uses besides.
+# A key the kind ignores may not be given (in the file or as an option): it would be dropped.
+COMMON_KEYS = frozenset({"name", "kind", "description", "providers", "duration", "durability", "window", "e2ee"})
+KIND_KEYS = {
+    "chat": frozenset({"users", "devices", "rate", "inflight", "payload", "warmup"}),
+    "offline-drain": frozenset({"users", "devices", "rate", "inflight", "payload", "messages"}),
+    "group": frozenset({"members", "devices", "senders", "offline", "rate", "inflight", "payload", "warmup"}),
+    "churn": frozenset({"users", "devices", "connect_rate", "keep_fraction", "churn_messages", "payload"}),
+    "handshake-storm": frozenset({"users", "connect_rate", "inflight", "keep_fraction"}),
+    "malformed-mix": frozenset({"users", "devices", "rate", "inflight", "payload", "warmup", "malformed_share"}),
+}
+
 
 @dataclass
 class Scenario:
-    """One load scenario: a TOML file's keys, overridden by command-line options."""
+    """One load scenario: a TOML file's keys, overridden by command-line options. A key its kind
+    does not use (``KIND_KEYS``) is refused when given, rather than dropped."""
+
+    given_keys: ClassVar[frozenset[str]] = frozenset()
+    """The keys set in the file or as overrides (``make_scenario`` sets it on the instance; not a
+    field, so neither a TOML key nor in the report): only these are checked against the kind."""
 
     name: str = "chat-1to1"
     kind: str = "chat"
-    """``chat`` or ``offline-drain``."""
+    """One of ``KINDS``."""
     description: str = ""
     providers: int = 2
     """Demo OpenID providers; users alternate between them."""
@@ -204,6 +223,10 @@ class Scenario:
                 raise ConfigError(f"scenario {self.name!r}: {key} {what}")
 
         need(self.kind in KINDS, "kind", f"must be one of {', '.join(KINDS)}, got {self.kind!r}")
+        used = COMMON_KEYS | KIND_KEYS[self.kind]
+        for key in sorted(self.given_keys - used):
+            uses = ", ".join(sorted(used - {"name", "description"}))
+            need(False, key, f"is not used by the {self.kind} kind (it uses: {uses})")
         need(1 <= self.providers <= 26, "providers", f"must be 1..26, got {self.providers}")
         need(2 <= self.users <= 100_000, "users", f"must be 2..100000, got {self.users}")
         need(1 <= self.devices <= 64, "devices", f"must be 1..64, got {self.devices}")
@@ -283,7 +306,9 @@ def make_scenario(data: dict, **overrides: Any) -> Scenario:
             values[key] = float(value)
         elif ("int" in expected and (type(value) is not int)) or ("str" in expected and not isinstance(value, str)):
             raise ConfigError(f"scenario {values.get('name', '?')!r}: {key} has the wrong type ({value!r})")
-    return Scenario(**values).validate()
+    scenario = Scenario(**values)
+    scenario.given_keys = frozenset(values)  # defaults are not given: an unused one is harmless
+    return scenario.validate()
 
 
 def find_scenario(name_or_path: str) -> Path:
@@ -1267,6 +1292,12 @@ async def _accounting_drain(run: Run, gateway: LocalGateway, devices: list[Devic
     return {"devices_reconnected": len(owed), "pending_at_welcome": pending}
 
 
+def _session_lost(peer: LeanPeer | None) -> bool:
+    """Whether the sender's session ended other than by our own close (the gateway closed it, was
+    killed, or the connection broke): only then may a missing ack be explained by the session."""
+    return peer is not None and peer.closed and peer.close_reason != "client_closed"
+
+
 def account(run: Run) -> dict:
     """Classify every message sent; ``unexplained`` must be 0."""
     counts = collections.Counter()
@@ -1280,12 +1311,16 @@ def account(run: Run) -> dict:
                 refused[msg.code] += 1
         elif msg.state == ACKED:
             counts["lost" if not full else "in_mailbox" if msg.drained else "delivered"] += 1
+        elif not _session_lost(msg.peer):
+            # No ack on a session the gateway kept open (or we closed after waiting): a gateway
+            # that stores and delivers but never acks must not pass.
+            counts["unanswered"] += 1
         elif full:
-            counts["delivered_unacked"] += 1
-        elif msg.peer is not None and msg.peer.closed and msg.peer.close_reason != "client_closed" and not msg.delivered:
+            counts["delivered_unacked"] += 1  # its ack was lost with the session
+        elif not msg.delivered:
             counts["unacked_in_flight"] += 1
         else:
-            counts["unanswered"] += 1  # no answer on a live session, or half delivered
+            counts["unanswered"] += 1  # half delivered, then the session ended
     unexplained = (
         counts["lost"] + counts["unanswered"] + counts["refused_but_delivered"] + run.duplicates + run.misdelivered
     )
@@ -1478,7 +1513,12 @@ def main(scenario_name: str = "chat-1to1", *, json_path: Path | None = None, png
         loadnats.check_peer(peer)
 
     connections = overrides.pop("connections", None)
+    if connections is not None and overrides.get("users") is not None:
+        raise ConfigError("give --connections or --users, not both (--connections sets the users)")
     scenario = load_scenario(find_scenario(scenario_name), **overrides)
+    if connections is not None and "users" not in KIND_KEYS[scenario.kind]:
+        raise ConfigError(f"scenario {scenario.name!r}: connections is not used by the {scenario.kind} kind "
+                          "(its sessions are its members' devices: --members, --devices)")
     if connections is not None:  # sessions in total: users = connections / devices per user
         scenario.users = max(2, math.ceil(connections / scenario.devices))
         scenario.validate()
@@ -1662,13 +1702,13 @@ def account_group(run: Run) -> dict:
             copies["delivered"] += delivered
             copies["in_mailbox"] += drained
             copies["lost"] += missing
-        elif missing == 0:
+        elif _session_lost(msg.peer) and missing == 0:
             messages["unacked"] += 1
-            copies["delivered_unacked"] += expected
-        elif msg.peer is not None and msg.peer.closed and msg.peer.close_reason != "client_closed" and not (delivered + drained):
+            copies["delivered_unacked"] += expected  # its ack was lost with the session
+        elif _session_lost(msg.peer) and not (delivered + drained):
             messages["unacked"] += 1
             copies["unacked_in_flight"] += expected
-        else:
+        else:  # no ack on a session the gateway kept open (or we closed), or half delivered
             messages["unanswered"] += 1
             copies["unanswered"] += expected
     unexplained = copies["lost"] + copies["unanswered"] + copies["refused_but_delivered"] + run.duplicates + run.misdelivered

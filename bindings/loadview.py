@@ -63,8 +63,10 @@ __all__ = [
     "write_png",
 ]
 
-HISTOGRAM_NAMES = ("ack", "delivery")
-SERIES_COUNTERS = ("sent", "acked", "delivered", "device_deliveries", "refused")
+# The keys of a report's "histograms" that describe the encoding; every other key is a latency
+# histogram (ack and delivery; the connection kinds add handshake and connect).
+HISTOGRAM_METADATA = ("unit", "lowest", "highest", "significant_figures", "encoding")
+SERIES_COUNTERS = ("sent", "acked", "delivered", "device_deliveries", "refused", "connects")
 PERCENTILE_TICKS = (0.0, 50.0, 90.0, 99.0, 99.9, 99.99, 99.999, 99.9999)
 
 
@@ -251,7 +253,7 @@ def merge_reports(reports: list[dict], names: list[str] | None = None) -> dict:
     lowest, highest, digits = layout.pop()
 
     histograms = {}
-    for hist_name in HISTOGRAM_NAMES:
+    for hist_name in _histogram_names(reports):
         total = HdrHistogram(lowest, highest, digits)
         for report, name in zip(reports, names):
             encoded = report["histograms"].get(hist_name)
@@ -296,11 +298,11 @@ def merge_reports(reports: list[dict], names: list[str] | None = None) -> dict:
         "throughput_sum_of_runs_per_s": summed_rates,
         "window_counts": _sum_counts([report.get("window_counts") or {} for report in reports]),
         "counts": _sum_counts([report["counts"] for report in reports]),
-        "latency_ms": {hist_name: loadtool._percentiles_ms(histograms[hist_name]) for hist_name in HISTOGRAM_NAMES},
+        "latency_ms": {hist_name: loadtool._percentiles_ms(total) for hist_name, total in histograms.items()},
         "histograms": {
             "unit": "us", "lowest": lowest, "highest": highest, "significant_figures": digits,
             "encoding": "HdrHistogram V2 compressed, base64 (hdrh HdrHistogram.decode)",
-            **{hist_name: histograms[hist_name].encode().decode("ascii") for hist_name in HISTOGRAM_NAMES},
+            **{hist_name: total.encode().decode("ascii") for hist_name, total in histograms.items()},
         },
         "server": {
             "per_run": [report.get("server") for report in reports],
@@ -313,6 +315,15 @@ def merge_reports(reports: list[dict], names: list[str] | None = None) -> dict:
         "ok": all(report["ok"] for report in reports) and accounting.get("unexplained", 0) == 0,
     }
     return merged
+
+
+def _histogram_names(reports: list[dict]) -> list[str]:
+    """The latency histograms the reports hold (every key of ``histograms`` but the encoding's
+    description), in the order they first appear."""
+    names = {}
+    for report in reports:
+        names.update((name, None) for name in (report.get("histograms") or {}) if name not in HISTOGRAM_METADATA)
+    return list(names)
 
 
 SERVER_NOTE = ("server figures are per run and not summed: each run measured its own gateway process over its own "
@@ -531,7 +542,7 @@ def write_png(report: dict, path: Path, panels: Iterable[str] = PANELS) -> Path:
 
 def _latency_curves(report: dict, label_prefix: str = "") -> list[tuple[str, list[float], list[float]]]:
     curves = []
-    for name in HISTOGRAM_NAMES:
+    for name in _histogram_names([report]):
         encoded = (report.get("histograms") or {}).get(name)
         if not encoded:
             continue
@@ -590,14 +601,15 @@ def _rates(samples: list[dict], key: str, shortest_s: float = 0.2) -> tuple[list
 
 
 def plot_throughput(ax, report: dict) -> None:
-    """Messages per second over time, from the per-second series (cumulative counters)."""
+    """Messages (and, for the connection kinds, sessions) per second over time, from the
+    per-second series (cumulative counters)."""
     drawn = 0
     series = [(report.get("timeline") or [], "", "-")]
     peer = report.get("peer")
     if isinstance(peer, dict):  # --peer: the peer's run, from its own start
         series.append((peer.get("timeline") or [], f"{peer.get('peer', 'peer')} ", "--"))
     for samples, prefix, style in series:
-        for key in ("sent", "acked", "delivered"):
+        for key in ("sent", "acked", "delivered", "connects"):  # _rates skips a key the series lacks
             edges, rates = _rates(samples, key)
             if any(rates):  # not a counter that stays 0 (core NATS answers nothing)
                 ax.stairs(rates, edges, linestyle=style, baseline=None, label=prefix + key)
