@@ -270,7 +270,10 @@ def demo() -> None:
 @click.option("--malformed-share", type=click.FloatRange(0, 1, max_open=True), default=None,
               help="malformed-mix: share of all inputs that are malformed frames or stanzas")
 @click.option("--e2ee/--no-e2ee", default=None,
-              help="chat kinds: real Signal-protocol envelopes (interlink.e2ee) instead of random bytes")
+              help="chat and group kinds: real Signal-protocol envelopes (interlink.e2ee; groups: sender keys) "
+                   "instead of random bytes")
+@click.option("--e2ee-verify", type=click.FloatRange(0, 1, min_open=True), default=None,
+              help="group with --e2ee: fraction of the member devices that decrypt every copy (default 0.1, at least one)")
 @click.option("--kill-at", type=click.FloatRange(0), default=None, help="SIGKILL and restart the gateway after S seconds")
 @click.option("--json", "json_path", type=click.Path(path_type=Path, dir_okay=False), default=None, help="write the report as JSON")
 @click.option("--png", "png_path", type=click.Path(path_type=Path, dir_okay=False), default=None,
@@ -279,7 +282,7 @@ def demo() -> None:
 @click.option("--quiet", is_flag=True, help="no per-second lines")
 @click.option("--peer", type=click.Choice(["nats", "jetstream"]), default=None,
               help="then the same pattern against a local nats-server, side by side (pip install 'interlink[peer]'); "
-                   "nats: chat and group kinds; jetstream (durable, file storage): chat")
+                   "nats: chat and group kinds; jetstream (durable, file storage): chat and group kinds")
 @click.option("--only-peer", is_flag=True, help="run the peer (NATS) alone, not the gateway")
 @click.option("--target", default=None, help="host:port of a remote gateway (no local CPU figures); needs the next two")
 @click.option("--root-public", default=None, help="remote gateway: its operator's root public key, 64 hex digits")

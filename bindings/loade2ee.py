@@ -1,5 +1,6 @@
 """E2EE on for ``interlink load`` (``--e2ee``, scenario key ``e2ee = true``): the chat kinds send
-real Signal-protocol envelopes made with ``interlink.e2ee`` instead of random bytes.
+real Signal-protocol envelopes made with ``interlink.e2ee`` instead of random bytes; the group
+kind sender-key envelopes (``GroupCrypto``, below).
 
 Each simulated device holds a ``DeviceState`` in memory (never saved: ``E2EEClient`` writes its
 state file with two fsyncs after every message, which would make the load tool measure its disk,
@@ -15,6 +16,13 @@ The plaintext is ``PLAINTEXT_HEADER`` bytes (intended send time, perf_counter_ns
 then the 16-byte message id) followed by ``PLAINTEXT_MARKER`` repeated up to the scenario's
 ``payload`` bytes, so a test can check the bytes on the wire or in a mailbox do not hold it.
 
+Groups (``GroupCrypto``): each sending device distributes its sender key over pairwise sessions
+(X3DH with every other member device, one 1:1 message per member) before the measured window;
+each group message is one sender-key encryption of the same plaintext layout. Only the verifying
+devices (``e2ee_verify`` of them, ``pick_verifying``) decrypt the distributions and every copy;
+the others take the copy's (sender key id, iteration) from the type 3 envelope's header, which is
+not encrypted, and look the message id and intended send time up in the table the senders filled.
+
 The coroutines of ``DeviceState`` never suspend (no I/O), so they are driven to completion inside
 the tool's synchronous callbacks (``drive``), as ``bench/bench_e2ee.py`` does; the CPU time of
 each call is measured with the thread CPU clock and reported per operation (``E2EEStats``).
@@ -25,11 +33,14 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
+from collections.abc import Callable
 from typing import Any
 
+import msgpack
 from interlink.core.errors import ConfigError, InterlinkError
 
-__all__ = ["PLAINTEXT_HEADER", "PLAINTEXT_MARKER", "DeviceCrypto", "E2EEStats", "drive", "e2ee_report", "format_e2ee"]
+__all__ = ["PLAINTEXT_HEADER", "PLAINTEXT_MARKER", "DeviceCrypto", "E2EEStats", "GroupCrypto", "drive", "e2ee_report",
+           "format_e2ee", "pick_verifying"]
 
 TIME_BYTES = 8
 ID_BYTES = 16
@@ -70,6 +81,7 @@ class E2EEStats:
         self.encrypt_failures = 0
         self.setup_failures = 0
         self.plaintext_mismatches = 0  # decrypted, but the plaintext names another message
+        self.header_mismatches = 0  # group, not verifying: the envelope's header names no message sent, or another
         self.failure_examples: list[str] = []
         self.process_cpu_start_s = time.process_time()
 
@@ -80,7 +92,12 @@ class E2EEStats:
 
     @property
     def failures(self) -> int:
-        return self.decrypt_failures + self.encrypt_failures + self.setup_failures + self.plaintext_mismatches
+        return (self.decrypt_failures + self.encrypt_failures + self.setup_failures + self.plaintext_mismatches
+                + self.header_mismatches)
+
+    def timed(self, operation: str, started_ns: int) -> None:
+        self.cpu_ns[operation] += time.thread_time_ns() - started_ns
+        self.count[operation] += 1
 
 
 class DeviceCrypto:
@@ -115,29 +132,37 @@ class DeviceCrypto:
     async def fetch_bundles(self, device: Any, to_user: str, to_devices: tuple[int, ...]) -> None:
         """Bundles of the partner devices this device has no session with yet (a session may
         already exist: the partner started one and its first message arrived)."""
+        await self._get_bundles(device, to_user, to_devices, self.bundles)
+        self.ready = True
+
+    async def _get_bundles(self, device: Any, user: str, devices: tuple[int, ...], into: dict[int, dict]) -> None:
+        """``keys.get`` of ``user`` until ``into`` holds a bundle of each of ``devices`` without a
+        session (asked again while one has not published yet, or the session died under the request;
+        a ``rate_limited`` answer moves the deadline by the wait it asks for)."""
         deadline = time.monotonic() + SETUP_TIMEOUT_S
         while True:
-            missing = [d for d in to_devices if not self.state.has_session(to_user, d) and d not in self.bundles]
+            missing = [d for d in devices if not self.state.has_session(user, d) and d not in into]
             if not missing:
-                self.ready = True
                 return
             if time.monotonic() > deadline:
-                raise ConfigError(f"{to_user} device(s) {missing} published no keys within {SETUP_TIMEOUT_S:.0f} s")
+                raise ConfigError(f"{user} device(s) {missing} published no keys within {SETUP_TIMEOUT_S:.0f} s")
             answer = None
             if device.connected:
                 try:
-                    answer = await device.request("keys.get", timeout_s=REQUEST_TIMEOUT_S, user=to_user, devices=missing)
+                    answer = await device.request("keys.get", timeout_s=REQUEST_TIMEOUT_S, user=user, devices=missing)
                 except TimeoutError:
                     answer = None  # the session died under the request (a restarting gateway): ask again
             if answer is not None and answer.get("t") == "res":
                 for bundle in answer.get("bundles") or ():
-                    self.bundles[bundle["device"]] = bundle
+                    into[bundle["device"]] = bundle
                 delay_s = 0.1  # if a device is still missing: registered, but not published yet
             elif answer is not None and answer.get("code") != "rate_limited":
-                raise ConfigError(f"keys.get of {to_user} was refused: {answer.get('code')} {answer.get('msg')}")
+                raise ConfigError(f"keys.get of {user} was refused: {answer.get('code')} {answer.get('msg')}")
             else:
                 delay_s = min(5.0, ((answer or {}).get("retry_after") or 100) / 1000)
-            if any(d not in self.bundles for d in missing):
+                if answer is not None:  # rate limited (60 users at once, then one a second): waiting is progress
+                    deadline += delay_s
+            if any(d not in into for d in missing):
                 await asyncio.sleep(delay_s)
 
     # -- messages
@@ -186,8 +211,120 @@ class DeviceCrypto:
         return int.from_bytes(plaintext[:TIME_BYTES], "little")
 
 
-def e2ee_report(stats: E2EEStats | None, messages_sent: int) -> dict:
-    """The report's ``e2ee`` section: whether it was on and, if so, the client's E2EE cost."""
+class GroupCrypto(DeviceCrypto):
+    """The E2EE side of one member device of the group kind (sender keys, docs/e2ee.md §5).
+
+    A sending device fetches the bundles of every other member device (``keys.get``), starts a
+    session with each (X3DH) and hands its sender key over it (``distribution``: one envelope per
+    device, sent as 1:1 messages before the measured window); in the window each group message is
+    one sender-key encryption (``encrypt_group``). A *verifying* device decrypts every distribution
+    and every group copy it gets. The others read the copy's envelope header (type 3: group, sender
+    key id ``kid``, chain iteration ``n``; not encrypted, but bound into the AES-GCM associated data
+    and the Ed25519 signature) without checking it, and look (sender, device, kid, n) up in
+    ``sent``, the table the sending devices fill as they encrypt, for the message id and the
+    intended send time. The id must be the one the ``dlv`` carries."""
+
+    def __init__(self, stats: E2EEStats, user: str, device: int, payload: int, fetchers: int, *, verifying: bool,
+                 sent: dict[tuple, tuple[bytes, int]]) -> None:
+        super().__init__(stats, user, device, payload, fetchers)  # one one-time prekey per sending device
+        self.user, self.number = user, device
+        self.verifying = verifying
+        self.sent = sent
+        self.member_bundles: dict[str, dict[int, dict]] = {}
+        e2ee = _e2ee_module()
+        self._parse_envelope, self._T_GROUP = e2ee.parse_envelope, e2ee.T_GROUP
+
+    async def fetch_member_bundles(self, device: Any, user: str, devices: tuple[int, ...]) -> None:
+        await self._get_bundles(device, user, devices, self.member_bundles.setdefault(user, {}))
+
+    def distribution(self, group: bytes, user: str, devices: tuple[int, ...]) -> dict[int, bytes] | None:
+        """This device's sender key of ``group`` (as it stands now) encrypted for each of ``user``'s
+        ``devices`` over the pairwise sessions (started here with X3DH); None (counted) on failure."""
+        payload = msgpack.packb(self.state.own_sender_key(group).distribution(), use_bin_type=True)
+        bundles = self.member_bundles.get(user, {})
+        envelopes = {}
+        for number in devices:
+            started = time.thread_time_ns()
+            try:
+                envelopes[number] = drive(self.state.encrypt(user, number, payload, bundle=bundles.get(number)))
+            except self.E2EEError as exc:
+                self.stats.note_failure("encrypt_failures", f"sender key to {user}/{number}: {exc}")
+                return None
+            finally:
+                self.stats.timed("distribution_encrypt", started)
+        return envelopes
+
+    def accept_distribution(self, sender: str, sender_device: int, group: bytes, envelope: bytes) -> bool:
+        """Decrypt a distribution (accepting the session X3DH started) and install the sender key."""
+        started = time.thread_time_ns()
+        try:
+            payload = msgpack.unpackb(drive(self.state.decrypt(sender, sender_device, envelope)), raw=False)
+            if type(payload) is not dict or payload.get("k") != "skey" or payload.get("g") != group:
+                raise self.E2EEError("the plaintext is not a sender key of this group")
+            self.state.accept_sender_key(sender, sender_device, payload)
+        except (self.E2EEError, ValueError) as exc:  # msgpack's errors are ValueErrors
+            self.stats.timed("distribution_decrypt_failed", started)
+            self.stats.note_failure("decrypt_failures", f"sender key from {sender}/{sender_device}: {exc}")
+            return False
+        self.stats.timed("distribution_decrypt", started)
+        return True
+
+    def encrypt_group(self, group: bytes, msg_id: bytes, intended_ns: int) -> bytes | None:
+        """The ``b`` of one group message; its (kid, n) goes into ``sent``. None (counted) on failure."""
+        key = self.state.own_sender_key(group)
+        key_id, iteration = key.key_id, key.iteration
+        started = time.thread_time_ns()
+        try:
+            body = key.encrypt(self.plaintext(intended_ns, msg_id))
+        except self.E2EEError as exc:
+            self.stats.note_failure("encrypt_failures", f"group message of {self.user}/{self.number}: {exc}")
+            return None
+        finally:
+            self.stats.timed("group_encrypt", started)
+        self.sent[(self.user, self.number, key_id, iteration)] = (msg_id, intended_ns)
+        return body
+
+    def open_copy(self, sender: str, sender_device: int, group: bytes, body: bytes, msg_id: bytes) -> int | None:
+        """The intended send time of a group copy: from its plaintext (verifying device) or from
+        ``sent`` by its header; None (counted) when it does not decrypt or names another message."""
+        stats = self.stats
+        started = time.thread_time_ns()
+        if self.verifying:
+            try:
+                plaintext = self.state.decrypt_group(sender, sender_device, body)
+            except self.E2EEError as exc:
+                stats.timed("group_decrypt_failed", started)
+                stats.note_failure("decrypt_failures", f"group message from {sender}/{sender_device}: {exc}")
+                return None
+            stats.timed("group_decrypt", started)
+            if plaintext[TIME_BYTES:PLAINTEXT_HEADER] != msg_id:
+                stats.note_failure("plaintext_mismatches", f"from {sender}/{sender_device}: the plaintext names another message id")
+                return None
+            return int.from_bytes(plaintext[:TIME_BYTES], "little")
+        entry = None
+        try:
+            envelope = self._parse_envelope(body)
+            if envelope["t"] == self._T_GROUP and envelope["g"] == group:
+                entry = self.sent.get((sender, sender_device, envelope["kid"], envelope["n"]))
+        except self.E2EEError:
+            entry = None
+        stats.timed("group_header", started)
+        if entry is None or entry[0] != msg_id:
+            stats.note_failure("header_mismatches", f"from {sender}/{sender_device}: the envelope header names no such message")
+            return None
+        return entry[1]
+
+
+def pick_verifying(candidates: list, fraction: float) -> list:
+    """``fraction`` of ``candidates`` (at least one), spread evenly over the list."""
+    count = max(1, min(len(candidates), round(fraction * len(candidates))))
+    return [candidates[i * len(candidates) // count] for i in range(count)]
+
+
+def e2ee_report(stats: E2EEStats | None, messages_sent: int, group: dict | None = None) -> dict:
+    """The report's ``e2ee`` section: whether it was on and, if so, the client's E2EE cost.
+    ``group`` (the group kind): the verify fraction, the verifying devices and the sender key
+    distributions' fates, added with the cost of each group operation."""
     if stats is None:
         return {"on": False}
 
@@ -198,7 +335,7 @@ def e2ee_report(stats: E2EEStats | None, messages_sent: int) -> dict:
 
     total_ns = sum(stats.cpu_ns.values())
     process_s = time.process_time() - stats.process_cpu_start_s
-    return {
+    section = {
         "on": True,
         "payload_means": "plaintext bytes per message (each envelope adds the Signal header and tag)",
         "encrypt": per_op("encrypt"),
@@ -217,6 +354,19 @@ def e2ee_report(stats: E2EEStats | None, messages_sent: int) -> dict:
         "failures": stats.failures,
         "failure_examples": list(stats.failure_examples),
     }
+    if group is not None:
+        for chat_only in ("encrypt", "encrypt_session_start", "decrypt", "decrypt_session_start", "decrypt_failed_attempts"):
+            del section[chat_only]
+        section.update(group)
+        section["header_mismatches"] = stats.header_mismatches
+        section["group_encrypt"] = per_op("group_encrypt")
+        section["group_decrypt"] = per_op("group_decrypt")  # verifying devices: every copy they got
+        section["group_header_lookup"] = per_op("group_header")  # the other devices
+        section["group_decrypt_failed_attempts"] = per_op("group_decrypt_failed")
+        section["distribution_encrypt"] = per_op("distribution_encrypt")  # per device envelope, X3DH included
+        section["distribution_decrypt"] = per_op("distribution_decrypt")  # verifying devices, X3DH accepted
+        section["distribution_decrypt_failed_attempts"] = per_op("distribution_decrypt_failed")
+    return section
 
 
 def format_e2ee(section: dict) -> str:
@@ -228,6 +378,8 @@ def format_e2ee(section: dict) -> str:
         figures = section[name]
         return f"{figures['count']} x {figures['us_per_op']} µs" if figures["count"] else "0"
 
+    if "verify_fraction" in section:  # the group kind
+        return _format_group_e2ee(section, op)
     cost = (
         f"e2ee: on (interlink.e2ee, in-memory DeviceState; payload = plaintext bytes): client CPU "
         f"{section['client_us_per_message']} µs per message ({section['share_of_load_process_cpu']} of the load "
@@ -241,3 +393,31 @@ def format_e2ee(section: dict) -> str:
     if section["failure_examples"]:
         failures += f" — e.g. {section['failure_examples'][0]}"
     return f"{cost}\n{failures}"
+
+
+def _format_group_e2ee(section: dict, op: Callable[[str], str]) -> str:
+    distribution = section["distribution"]
+    lines = [
+        (
+            f"e2ee: on, sender keys (interlink.e2ee, in-memory DeviceState; payload = plaintext bytes); verify fraction "
+            f"{section['verify_fraction']}: {section['verifying_devices']} of {section['devices']} devices decrypt every copy; "
+            f"message ids and send times: {section['identified_by']}"
+        ),
+        (
+            f"  client CPU: group encrypt {op('group_encrypt')}, group decrypt {op('group_decrypt')}, header lookup "
+            f"{op('group_header_lookup')}; distribution (before the window) encrypt {op('distribution_encrypt')}, decrypt "
+            f"{op('distribution_decrypt')}; {section['client_cpu_s']} s in all ({section['share_of_load_process_cpu']} of the "
+            f"load process's {section['load_process_cpu_s']} s)"
+        ),
+        (
+            f"  sender key distributions (1:1, not in the group figures): {distribution['messages']} messages, "
+            f"{distribution['envelopes']} device envelopes: delivered {distribution['delivered']}, in mailbox "
+            f"{distribution['in_mailbox']}, missing {distribution['missing']}; {section['distribution_s']} s before the window"
+        ),
+        (
+            f"  e2ee failures: decrypt {section['decrypt_failures']}, encrypt {section['encrypt_failures']}, setup "
+            f"{section['setup_failures']}, plaintext mismatch {section['plaintext_mismatches']}, header mismatch "
+            f"{section['header_mismatches']}" + (f" — e.g. {section['failure_examples'][0]}" if section["failure_examples"] else "")
+        ),
+    ]
+    return "\n".join(lines)

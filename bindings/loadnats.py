@@ -3,6 +3,7 @@
     interlink load chat-1to1 --peer nats            # the gateway, then core NATS, side by side
     interlink load group-fanout --peer nats         # the group fan-out: one subject per group
     interlink load chat-1to1 --peer jetstream       # a durable peer: JetStream file storage, acked publishes
+    interlink load group-fanout --peer jetstream    # the group fan-out on one JetStream stream
     interlink load group-fanout --only-peer         # NATS alone
 
 ``loadtool.main`` imports this module when ``--peer`` is given; ``interlink.loadtool`` still
@@ -22,6 +23,18 @@ exports these names (its ``__getattr__``).
   device's ``recv``), publishes answered by a PubAck after the stream stored the message. The
   scenario's durability picks JetStream's sync policy: ``sync`` → ``sync_interval: always`` (an
   fsync on every write), ``async`` → the default (fsync every 2 minutes).
+* ``jetstream``, kind ``group``: the same server and sync policy; one file stream over the group's
+  subject (interest retention), one durable consumer per member device. Online devices have push
+  consumers (as in chat: the server pushes to each device's connection, every message acked); the
+  senders' consumers get their own messages back too (JetStream has no ``no_echo`` for consumers:
+  counted as ``own_copies``, not member copies). Offline members' devices have durable *pull*
+  consumers that nobody pulls during the window, so their copies stay stored, as in an Interlink
+  mailbox; after the window each one's ``num_pending`` is read and the consumer drained (fetched
+  and acked), every copy checked: ``kept_offline``. Push, not pull, for the online devices: the
+  server drives delivery with nothing outstanding per device, where ~1,000 pull consumers would
+  each need a ``fetch`` loop of long-poll requests, and nats-py's ``fetch`` has stalled for its
+  whole timeout on an orphaned long-poll request (nats.py issues #933, #986); the drain only
+  fetches what ``num_pending`` says is stored, so it takes the no-wait path.
 
 Both rates: open loop at ``rate`` messages/s in total (intended send times in each payload,
 coordinated-omission corrected), or closed loop (``inflight`` per sending device: core NATS has no
@@ -64,18 +77,20 @@ from interlink.loadtool import (
 from interlink.procstat import schedstat_s, status_bytes
 
 __all__ = [
-    "PEERS", "PEER_KINDS", "NATS_DOES_NOT", "NATS_GROUP_DOES_NOT", "JETSTREAM_DOES_NOT", "check_peer",
-    "nats_server_path", "LocalNats", "NatsRun", "NatsDevice", "JetStreamDevice", "run_nats", "compare",
-    "format_nats_report", "format_comparison",
+    "PEERS", "PEER_KINDS", "NATS_DOES_NOT", "NATS_GROUP_DOES_NOT", "JETSTREAM_DOES_NOT", "JETSTREAM_GROUP_DOES_NOT",
+    "check_peer", "nats_server_path", "LocalNats", "NatsRun", "NatsDevice", "JetStreamDevice", "JetStreamGroupDevice",
+    "run_nats", "compare", "format_nats_report", "format_comparison",
 ]
 
 PEERS = ("nats", "jetstream")
-PEER_KINDS = {"nats": ("chat", "group"), "jetstream": ("chat",)}
+PEER_KINDS = {"nats": ("chat", "group"), "jetstream": ("chat", "group")}
 NATS_ID_BYTES = 8  # after the intended send time: sender index (4 bytes, LE) and its counter (4 bytes, LE)
 NATS_TAIL_TIMEOUT_S = 5.0  # core NATS never answers a lost message: wait this long for the last deliveries
 GROUP_SUBJECT = "g.0"  # the scenario's one group
 JETSTREAM_STREAM = "INTERLINK_LOAD"
 JETSTREAM_PUBLISH_PENDING = 100_000  # nats-py's cap on unanswered async publishes per connection
+JETSTREAM_DRAIN_BATCH = 1_000  # messages per fetch when an offline device's consumer is drained
+JETSTREAM_DRAIN_FETCH_S = 10.0  # the fetch timeout: the drain asks only for messages num_pending says are stored
 
 NATS_DOES_NOT = (
     "no storage or durability: core NATS delivers at most once to the subscribers connected at that moment "
@@ -107,9 +122,25 @@ JETSTREAM_DOES_NOT = (
     "ciphertext per recipient device (the load tool sends random bytes on both sides)",
     "no transport encryption: plain TCP, where the gateway decrypts and re-encrypts every frame (a Noise session "
     "per device)",
-    "one stream for all users (interest retention: a message is removed once every device's consumer acked "
-    "it) and a durable consumer per device, where Interlink keeps a mailbox per device; no seq per device",
+    "one stream (chat: over all users' subjects; group: over the group's subject) with interest retention (a "
+    "message is removed once every device's consumer acked it) and a durable consumer per device, where "
+    "Interlink keeps a mailbox per device; no seq per device (a consumer's position is a stream sequence)",
     "no provider JWT auth, no policy (blocks, accepted providers), no rate limits or quotas per message",
+)
+
+JETSTREAM_GROUP_DOES_NOT = (
+    "no group: the group is a stream subject the load tool chose, and the tool made each member device's "
+    "consumer; no membership, no group.new, no member check on publish, no created event",
+    "one stored message per group message, not a copy per device: the stream writes (and with sync_interval "
+    "always fsyncs) each message once and every member device's consumer tracks its position in it; Interlink "
+    "stores a copy per member device (offline ones included) in one transaction before its ack. The durable "
+    "deliveries per second and CPU per durable delivery count (acked messages x member devices but the "
+    "sender) on both sides, so JetStream's offline copies cost it nothing per message during the window",
+    "offline members are durable pull consumers nobody pulls during the window (their copies stay stored, "
+    "counted kept_offline once each consumer's num_pending was read and the consumer fetched after the run); "
+    "online members are push consumers on connections without transport encryption or auth",
+    "no echo suppression: JetStream delivers each message to its sender's own consumer too (counted as "
+    "own_copies, not member copies: the server's CPU per delivery includes that extra delivery)",
 )
 
 
@@ -122,7 +153,7 @@ def check_peer(peer: str, kind: str | None = None) -> None:
     if peer == "nats":
         raise ConfigError(f"the NATS peer runs the group kind and the chat kind only, not {kind!r} "
                           "(core NATS keeps nothing for a device that is not connected)")
-    raise ConfigError(f"the JetStream peer runs the chat kind only, not {kind!r}")
+    raise ConfigError(f"the JetStream peer runs the chat kind and the group kind only, not {kind!r}")
 
 
 def nats_server_path() -> Path:
@@ -260,10 +291,18 @@ class NatsRun:
         self.record_from_ns = 1 << 63
         self.sending = False
         self.errors: collections.Counter = collections.Counter()
+        # JetStream group: each message's copy back to its sender's own consumer (no no_echo there),
+        # and what the offline devices' consumers held after the window (``_drain_offline``).
+        self.own_copies_expected = peer == "jetstream" and scenario.kind == "group"
+        self.own_copies: set[tuple[int, int]] = set()
+        self.kept: dict[tuple[int, int], int] = {}  # (sender index, counter) -> bits of the offline devices that had it
+        self.offline_bits = 0  # the bits of every offline device (bit k: the k-th offline device)
+        self.drain: dict | None = None
 
     def settled(self) -> bool:
-        """Every message delivered (and, with JetStream, answered)."""
-        return self.delivered >= self.sent and (self.peer != "jetstream" or self.acked + self.refused >= self.sent)
+        """Every message delivered (and, with JetStream, answered; its sender's own copy back)."""
+        return (self.delivered >= self.sent and (self.peer != "jetstream" or self.acked + self.refused >= self.sent)
+                and (not self.own_copies_expected or len(self.own_copies) >= self.sent))
 
 
 class NatsDevice:
@@ -404,6 +443,25 @@ class JetStreamDevice(NatsDevice):
             asyncio.get_running_loop().create_task(self.send(now_ns))
 
 
+class JetStreamGroupDevice(JetStreamDevice):
+    """An online member device of the JetStream group: a durable push consumer on the group's
+    subject. A sending device's consumer gets its own messages too (JetStream delivers to every
+    consumer; ``no_echo`` only concerns core subscriptions): acked and counted as own copies."""
+
+    async def take(self, subject: str, data: bytes) -> None:
+        if int.from_bytes(data[TIME_BYTES:TIME_BYTES + 4], "little") != self.index:
+            await super().take(subject, data)
+            return
+        run = self.run
+        key = (self.index, int.from_bytes(data[TIME_BYTES + 4:TIME_BYTES + NATS_ID_BYTES], "little"))
+        if key not in run.ledger or subject != self.listen:
+            run.misdelivered += 1
+        elif key in run.own_copies:
+            run.duplicates += 1
+        else:
+            run.own_copies.add(key)
+
+
 async def _nats_open_loop(senders: list[NatsDevice], rate: float, stop: asyncio.Event) -> None:
     """``_start_open_loop`` for NATS (a publish is a coroutine): the same evenly staggered
     schedule, each message with its intended send time."""
@@ -445,13 +503,13 @@ def _group_members(scenario: Scenario) -> tuple[int, int]:
     return scenario.members - offline, offline
 
 
-def _group_devices(run: NatsRun) -> list[NatsDevice]:
+def _group_devices(run: NatsRun, device_class: type[NatsDevice] = NatsDevice) -> list[NatsDevice]:
     """The online member devices, all on the group's subject; each message is for every one of
     them but the sending device."""
     scenario = run.scenario
     online, _ = _group_members(scenario)
     devices = [
-        NatsDevice(run, index, f"m{index // scenario.devices}/{index % scenario.devices + 1}", listen=GROUP_SUBJECT,
+        device_class(run, index, f"m{index // scenario.devices}/{index % scenario.devices + 1}", listen=GROUP_SUBJECT,
                    subject=GROUP_SUBJECT, bit=1 << index)
         for index in range(online * scenario.devices)
     ]
@@ -463,22 +521,107 @@ def _group_devices(run: NatsRun) -> list[NatsDevice]:
     return devices
 
 
-async def _create_stream(url: str) -> None:
+def _offline_consumers(run: NatsRun, online_devices: int) -> list[str]:
+    """The durable names of the offline member devices' consumers (after the online ones')."""
+    scenario = run.scenario
+    _, offline = _group_members(scenario)
+    count = offline * scenario.devices
+    run.offline_bits = (1 << count) - 1
+    return [f"device-{online_devices + k}" for k in range(count)]
+
+
+async def _create_stream(url: str, subjects: list[str], consumers: int, offline_consumers: list[str] | None = None) -> None:
+    """The stream (file storage, interest retention, room for ``consumers``: nats-server 2.15
+    caps a stream at 1,000 consumers unless it sets its own limit) and the offline devices' durable
+    pull consumers: made before any publish, so that interest retention keeps every message for them."""
     import nats
-    from nats.js.api import RetentionPolicy, StorageType
+    from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, RetentionPolicy, StorageType
 
     nc = await nats.connect(url, allow_reconnect=False, connect_timeout=int(CONNECT_TIMEOUT_S))
     try:
-        await nc.jetstream().add_stream(name=JETSTREAM_STREAM, subjects=["u.>"], storage=StorageType.FILE,
-                                        retention=RetentionPolicy.INTEREST)
+        js = nc.jetstream()
+        await js.add_stream(name=JETSTREAM_STREAM, subjects=subjects, storage=StorageType.FILE,
+                            retention=RetentionPolicy.INTEREST, max_consumers=consumers)
+        for name in offline_consumers or ():
+            await js.add_consumer(JETSTREAM_STREAM, ConsumerConfig(
+                durable_name=name, filter_subject=subjects[0], ack_policy=AckPolicy.EXPLICIT,
+                deliver_policy=DeliverPolicy.ALL, max_ack_pending=JETSTREAM_PUBLISH_PENDING,
+            ))
     finally:
         await nc.close()
 
 
+async def _drain_offline(run: NatsRun, server: LocalNats, names: list[str]) -> dict:
+    """After the window: read each offline device's consumer (``num_pending``: the stored
+    messages it has not been given), then fetch and ack them all, each copy checked against the
+    ledger (``run.kept``); the server's CPU for the drain, and the stream before and after."""
+    import nats
+    from nats.errors import TimeoutError as NatsTimeoutError
+
+    nc = await nats.connect(server.url, allow_reconnect=False, connect_timeout=int(CONNECT_TIMEOUT_S))
+    try:
+        js = nc.jetstream()
+        before = (await js.stream_info(JETSTREAM_STREAM)).state
+        cpu_before, started = server.cpu_s()[0], time.monotonic()
+        pending_reported = fetched = 0
+        for bit_index, name in enumerate(names):
+            pending = (await js.consumer_info(JETSTREAM_STREAM, name)).num_pending or 0
+            pending_reported += pending
+            subscription = await js.pull_subscribe_bind(durable=name, stream=JETSTREAM_STREAM)
+            got = 0
+            while got < pending:  # never a fetch with nothing stored: nats-py's long-poll path is not needed
+                try:
+                    batch = await subscription.fetch(min(JETSTREAM_DRAIN_BATCH, pending - got),
+                                                     timeout=JETSTREAM_DRAIN_FETCH_S)
+                except (TimeoutError, NatsTimeoutError):
+                    run.errors["drain_fetch_timeout"] += 1
+                    break
+                for msg in batch:
+                    await msg.ack()
+                    _keep(run, 1 << bit_index, msg.subject, msg.data)
+                got += len(batch)
+            fetched += got
+            await subscription.unsubscribe()
+        await nc.flush()
+        cpu = server.cpu_s()[0] - cpu_before
+        seconds = time.monotonic() - started
+
+        async def stream_messages() -> int:
+            return (await js.stream_info(JETSTREAM_STREAM)).state.messages
+
+        # Interest retention removes a message once every consumer acked it; the acks are async.
+        after = await stream_messages()
+        deadline = time.monotonic() + NATS_TAIL_TIMEOUT_S
+        while after and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+            after = await stream_messages()
+    finally:
+        await nc.close()
+    return {
+        "offline_devices": len(names), "pending_reported": pending_reported, "fetched": fetched,
+        "seconds": round(seconds, 3), "server_cpu_s": round(cpu, 3),
+        "cpu_us_per_drained_copy": round(cpu / fetched * 1e6, 2) if fetched else None,
+        "stream_before": {"messages": before.messages, "bytes": before.bytes},
+        "stream_messages_after": after,
+    }
+
+
+def _keep(run: NatsRun, bit: int, subject: str, data: bytes) -> None:
+    """One copy fetched from an offline device's consumer: kept for it, or a repeat, or a stray."""
+    key = (int.from_bytes(data[TIME_BYTES:TIME_BYTES + 4], "little"),
+           int.from_bytes(data[TIME_BYTES + 4:TIME_BYTES + NATS_ID_BYTES], "little"))
+    if key not in run.ledger or subject != GROUP_SUBJECT:
+        run.misdelivered += 1
+    elif run.kept.get(key, 0) & bit:
+        run.duplicates += 1
+    else:
+        run.kept[key] = run.kept.get(key, 0) | bit
+
+
 async def run_nats(scenario: Scenario, *, data_dir: Path | None = None, out: Callable[[str], None] | None = print,
                    pin: bool = False, peer: str = "nats") -> dict:
-    """The scenario's pattern (kind ``chat`` or ``group``; ``chat`` only for ``peer="jetstream"``)
-    against a local nats-server; a report shaped like ``run_scenario``'s."""
+    """The scenario's pattern (kind ``chat`` or ``group``) against a local nats-server (core NATS,
+    or ``peer="jetstream"``); a report shaped like ``run_scenario``'s."""
     scenario.validate()
     check_peer(peer, scenario.kind)
     run = NatsRun(scenario, peer)
@@ -491,17 +634,23 @@ async def run_nats(scenario: Scenario, *, data_dir: Path | None = None, out: Cal
         folder = Path(data_dir) / peer if data_dir is not None else Path(scratch)
         async with LocalNats(folder, cpu=server_cpu, jetstream=jetstream,
                              sync_always=jetstream and scenario.durability == "sync") as server:
+            offline_consumers: list[str] = []
             if scenario.kind == "group":
-                devices = _group_devices(run)
+                devices = _group_devices(run, JetStreamGroupDevice if jetstream else NatsDevice)
                 senders = [devices[member * scenario.devices] for member in range(scenario.senders)]
+                if jetstream:
+                    offline_consumers = _offline_consumers(run, len(devices))
             else:
                 devices = senders = _chat_devices(run, JetStreamDevice if jetstream else NatsDevice)
             run.devices = devices
             try:
                 if jetstream:
-                    await _create_stream(server.url)
+                    await _create_stream(server.url, [GROUP_SUBJECT] if scenario.kind == "group" else ["u.>"],
+                                         len(devices) + len(offline_consumers), offline_consumers)
                 await _gather_bounded([d.connect(server.url) for d in devices])
                 measured = await _drive(run, server, senders, out)
+                if offline_consumers:
+                    run.drain = await _drain_offline(run, server, offline_consumers)
                 info = {"target": "local nats-server", "version": server.version, "binary": str(nats_server_path()),
                         "pid": server.pid, "cpu_pinned": server_cpu}
                 if jetstream:
@@ -569,6 +718,11 @@ async def _drive(run: NatsRun, server: LocalNats, senders: list[NatsDevice], out
         "load_process_cpu_busy": round((end[1][2] - window[1][2]) / seconds, 3) if seconds else None,
         "rss_bytes": rss, "rss_peak_bytes": peak,
     }
+    if run.own_copies_expected:  # the JetStream group: per copy made durable for a member, per message stored
+        durable = counts["acked"] * (scenario.members * scenario.devices - 1)
+        counts["durable_deliveries"] = durable
+        server_figures["cpu_us_per_durable_delivery"] = round(cpu / durable * 1e6, 2) if durable else None
+        server_figures["cpu_us_per_stored_message"] = round(cpu / counts["acked"] * 1e6, 2) if counts["acked"] else None
     return {"seconds": seconds, "counts": counts, "server": server_figures, "timeline": ticker.timeline}
 
 
@@ -582,6 +736,25 @@ def _accounting(run: NatsRun) -> dict:
         accounting = {"sent": run.sent, "delivered": complete, "not_delivered": run.sent - complete}
         if run.peer == "jetstream":
             accounting |= {"acked": run.acked, "refused": run.refused, "not_acked": not_acked}
+    elif run.own_copies_expected:  # the JetStream group: offline devices' copies kept in the stream
+        copies_per_message = scenario.members * scenario.devices - 1
+        kept = sum(run.kept.get(key, 0).bit_count() for key in run.ledger)
+        accounting = {
+            "unit": "copy: one (message, member device)",
+            "sent": run.sent * copies_per_message,
+            "delivered": sum(entry[1].bit_count() for entry in ledger),
+            "kept_offline": kept,  # fetched from an offline device's consumer after the window, each once
+            "not_delivered": sum((entry[2] & ~entry[1]).bit_count() for entry in ledger),
+            "not_kept": run.sent * run.offline_bits.bit_count() - kept,
+            "acked": run.acked, "refused": run.refused, "not_acked": not_acked,
+            "own_copies": len(run.own_copies),  # each message back to its sender's consumer: not a member copy
+            "own_copies_missing": run.sent - len(run.own_copies),
+            "messages": {"sent": run.sent, "delivered_to_every_online_device": complete},
+        }
+        accounting |= {"duplicates": run.duplicates, "misdelivered": run.misdelivered}
+        accounting["unexplained"] = (accounting["not_delivered"] + accounting["not_kept"] + not_acked
+                                     + accounting["own_copies_missing"] + run.duplicates + run.misdelivered)
+        return accounting
     else:
         _, offline = _group_members(scenario)
         copies_per_message = scenario.members * scenario.devices - 1
@@ -603,6 +776,8 @@ def _report(run: NatsRun, info: dict, measured: dict) -> dict:
     seconds, counts = measured["seconds"], measured["counts"]
     names = ("sent", "acked", "delivered", "device_deliveries") if run.peer == "jetstream" else (
         "sent", "delivered", "device_deliveries")
+    if run.own_copies_expected:
+        names += ("durable_deliveries",)
     accounting = _accounting(run)
     histograms = {
         "unit": "us", "lowest": HIST_LOWEST_US, "highest": HIST_HIGHEST_US, "significant_figures": HIST_DIGITS,
@@ -611,7 +786,7 @@ def _report(run: NatsRun, info: dict, measured: dict) -> dict:
     }
     if run.peer == "jetstream":
         histograms["ack"] = run.ack_hist.encode().decode("ascii")
-        does_not = JETSTREAM_DOES_NOT
+        does_not = JETSTREAM_DOES_NOT + (JETSTREAM_GROUP_DOES_NOT if scenario.kind == "group" else ())
     else:
         does_not = NATS_DOES_NOT + (NATS_GROUP_DOES_NOT if scenario.kind == "group" else ())
     report = {
@@ -641,6 +816,11 @@ def _report(run: NatsRun, info: dict, measured: dict) -> dict:
             "copies_per_message": scenario.members * scenario.devices - 1,
             "online_copies_per_message": online * scenario.devices - 1,
         }
+        if run.own_copies_expected:
+            report["group"] |= {"stream": JETSTREAM_STREAM, "consumers": scenario.members * scenario.devices,
+                                "online_consumers": "push", "offline_consumers": "pull, not pulled until the drain"}
+            report["counts"]["own_copies"] = len(run.own_copies)
+            report["drain"] = run.drain
     return report
 
 
@@ -677,7 +857,10 @@ def compare(interlink_report: dict, nats_report: dict) -> dict:
     """Both runs' headline figures and the ratios (Interlink / NATS). For the group, Interlink's
     ``cpu_us_per_delivery`` is per durable delivery (a stored copy, offline members' included:
     the issue's goal) and ``cpu_us_per_pushed_delivery`` per copy pushed to an online device,
-    the deliveries NATS makes; NATS's are both per delivery made."""
+    the deliveries NATS makes; core NATS's are both per delivery made. JetStream's per durable
+    delivery counts the same unit as Interlink's (acked messages x member devices but the
+    sender: copies its stream keeps for every member, offline ones included), per pushed
+    delivery the copies its push consumers delivered to online devices."""
     group = "group" in nats_report
 
     def figures(report: dict, ours: bool) -> dict:
@@ -687,6 +870,9 @@ def compare(interlink_report: dict, nats_report: dict) -> dict:
         if group and ours:
             per, pushed = server.get("cpu_us_per_durable_delivery"), server.get("cpu_us_per_pushed_delivery")
             deliveries_per_s = throughput.get("pushed_deliveries")
+        elif group and report["peer"] == "jetstream":
+            per, pushed = server.get("cpu_us_per_durable_delivery"), server.get("cpu_us_per_delivery")
+            deliveries_per_s = throughput.get("device_deliveries")
         else:
             per = pushed = server.get("cpu_us_per_delivery")
             deliveries_per_s = throughput.get("device_deliveries")
@@ -701,6 +887,7 @@ def compare(interlink_report: dict, nats_report: dict) -> dict:
         }
         if group:
             result["cpu_us_per_pushed_delivery"] = pushed
+            result["durable_deliveries_per_s"] = throughput.get("durable_deliveries")  # core NATS: none
         return result
 
     def ratio(a, b):
@@ -708,7 +895,7 @@ def compare(interlink_report: dict, nats_report: dict) -> dict:
 
     ours, theirs = figures(interlink_report, True), figures(nats_report, False)
     keys = ["cpu_us_per_delivery", "device_deliveries_per_s", "delivery_p50_ms", "delivery_p99_ms",
-            "ack_p50_ms", "ack_p99_ms"] + (["cpu_us_per_pushed_delivery"] if group else [])
+            "ack_p50_ms", "ack_p99_ms"] + (["cpu_us_per_pushed_delivery", "durable_deliveries_per_s"] if group else [])
     return {
         "peer": nats_report["peer"], "kind": nats_report["scenario"]["kind"],
         "interlink": ours, "nats": theirs,
@@ -723,14 +910,22 @@ def format_nats_report(report: dict) -> str:
     jetstream = info.get("jetstream")
     lines = [
         f"peer nats-server {info['version']}{' with JetStream' if jetstream else ''} ({scenario['name']} pattern): "
-        f"{scenario['users']} users x {scenario['devices']} devices, rate {scenario['rate'] or 'max'}, "
+        f"{scenario['members'] if scenario['kind'] == 'group' else scenario['users']} "
+        f"{'members' if scenario['kind'] == 'group' else 'users'} x {scenario['devices']} devices, rate {scenario['rate'] or 'max'}, "
         f"payload {max(scenario['payload'], TIME_BYTES + NATS_ID_BYTES)} B, nats-py clients",
     ]
     if jetstream:
         lines.append(f"jetstream: stream {JETSTREAM_STREAM} ({jetstream['storage']} storage, {jetstream['retention']} "
                      f"retention), a durable consumer per device, sync_interval {jetstream['sync_interval']}")
     group = report.get("group")
-    if group:
+    if group and jetstream:
+        lines.append(
+            f"group: subject {group['subject']}, {group['members']} members, {group['devices']} devices, a consumer each "
+            f"({group['offline_devices']} offline: pull consumers nobody pulls until the drain), {group['senders']} senders, "
+            f"{group['online_copies_per_message']} pushed deliveries per message (of {group['copies_per_message']} member "
+            "devices) + its sender's own copy"
+        )
+    elif group:
         lines.append(
             f"group: subject {group['subject']}, {group['members']} members, {group['devices']} devices "
             f"({group['offline_devices']} offline: not subscribed, NATS keeps nothing for them), {group['senders']} senders, "
@@ -748,8 +943,25 @@ def format_nats_report(report: dict) -> str:
         f"server: {server['cpu_us_per_delivery']} µs CPU per delivery, busy {server['cpu_busy']} (run-queue wait "
         f"{server['runqueue_wait_s']} s; load process busy {server['load_process_cpu_busy']}), RSS {server['rss_bytes'] / 2**20:.1f} MiB"
     )
+    if "cpu_us_per_durable_delivery" in server:
+        lines.append(f"server: {server['cpu_us_per_durable_delivery']} µs CPU per durable delivery, "
+                     f"{server['cpu_us_per_stored_message']} µs per stored message")
+    drain = report.get("drain")
+    if drain:
+        lines.append(
+            f"drain of the offline devices' consumers: num_pending {drain['pending_reported']}, fetched and acked "
+            f"{drain['fetched']} in {drain['seconds']} s ({drain['cpu_us_per_drained_copy']} µs server CPU per copy); "
+            f"stream {drain['stream_before']['messages']} messages ({drain['stream_before']['bytes']} B) before, "
+            f"{drain['stream_messages_after']} after"
+        )
     a = report["accounting"]
-    if group:
+    if group and jetstream:
+        lines.append(f"accounting (copies): sent {a['sent']} = delivered {a['delivered']} + kept for offline devices "
+                     f"{a['kept_offline']} + NOT DELIVERED {a['not_delivered']} + NOT KEPT {a['not_kept']} "
+                     f"(duplicates {a['duplicates']}, misdelivered {a['misdelivered']}); acked {a['acked']}, refused "
+                     f"{a['refused']}, NOT ACKED {a['not_acked']}; own copies {a['own_copies']} (missing "
+                     f"{a['own_copies_missing']}); messages {a['messages']}; errors {report['errors']['by_code'] or 'none'}")
+    elif group:
         lines.append(f"accounting (copies): sent {a['sent']} = delivered {a['delivered']} + not kept for offline members "
                      f"{a['not_kept_offline']} (by design) + NOT DELIVERED {a['not_delivered']} (duplicates {a['duplicates']}, "
                      f"misdelivered {a['misdelivered']}); messages {a['messages']}; errors {report['errors']['by_code'] or 'none'}")
@@ -769,6 +981,7 @@ def format_comparison(comparison: dict) -> str:
     rows = [("server CPU µs per durable delivery" if group else "server CPU µs per delivery", "cpu_us_per_delivery")]
     if group:
         rows.append(("server CPU µs per pushed delivery", "cpu_us_per_pushed_delivery"))
+        rows.append(("durable deliveries/s", "durable_deliveries_per_s"))
     rows += [("deliveries/s" if not group else "pushed deliveries/s", "device_deliveries_per_s"),
              ("delivery p50 ms", "delivery_p50_ms"), ("delivery p99 ms", "delivery_p99_ms"),
              ("ack p50 ms", "ack_p50_ms"), ("ack p99 ms", "ack_p99_ms")]
@@ -777,7 +990,10 @@ def format_comparison(comparison: dict) -> str:
         if ours.get(key) is None or theirs.get(key) is None:  # e.g. core NATS answers no publish: no ack row
             continue
         lines.append(f"  {label:<34} interlink {ours[key]!s:>10}   {name.lower():<9} {theirs[key]!s:>10}   ratio {ratios[key]}")
-    if group:
+    if group and name == "JetStream":
+        lines.append("  (per durable delivery on both sides: window CPU / (acked messages x member devices but the sender);"
+                     " JetStream stores each message once for all of them, Interlink a copy per device)")
+    elif group:
         lines.append(f"  ({name}'s figures are per delivery made: copies to online devices only; Interlink's durable "
                      "deliveries include the offline members' stored copies)")
     lines.append(f"  server busy: interlink {ours['server_cpu_busy']}, {name.lower()} {theirs['server_cpu_busy']}; load process "

@@ -68,7 +68,9 @@ Step 2 (built so far):
   gateway) with ``nats-py`` clients: chat, one connection per device subscribed to ``u.<user>``,
   publishing to its partner's subject; group, one subject that every online member device
   subscribes to (offline members are not subscribed: NATS keeps nothing for them). ``--peer
-  jetstream``: the chat pattern on a JetStream file stream, publishes acked after the store.
+  jetstream``: the chat and group patterns on a JetStream file stream (a durable consumer per
+  device; offline devices' copies stay stored and are drained after the run), publishes acked
+  after the store.
   Server CPU µs per delivery from the server's schedstat, throughput, latency, and the ratios;
   what the peer does not do is in ``NATS_DOES_NOT`` (and the group and JetStream lists), printed
   with the ratios.
@@ -79,7 +81,14 @@ Step 2 (built so far):
   ``keys.put``, bundles from ``keys.get``, one envelope per recipient device, decrypted by it;
   latency and ids from the plaintext); ``payload`` is then plaintext bytes. The report's ``e2ee``
   section gives the client's encrypt/decrypt CPU per operation and per message; a decryption
-  failure fails the run. Not for the group kind (ConfigError).
+  failure fails the run. The group kind (``interlink.loade2ee.GroupCrypto``): before the window
+  each sending device fetches every other member device's bundle, starts sessions and sends its
+  sender key as 1:1 messages (accounted apart: the report's ``e2ee.distribution``); each group
+  message's ``b`` is then one sender-key envelope. ``e2ee_verify`` (``--e2ee-verify``, default
+  0.1, at least one device) of the member devices decrypt every copy they get; the others read the
+  envelope's unencrypted header (sender key id and iteration) and find the message id and intended
+  send time in the senders' table, so the load process does not decrypt every copy of a large
+  group. Works with ``--kill-at`` (the devices' keys live in this process, which is not killed).
 
 Connection stress (``interlink.loadstress``): ``churn`` (devices connect, exchange a few messages and
 leave, at a connection rate), ``handshake-storm`` (handshakes + auths per second, gateway CPU per
@@ -90,8 +99,6 @@ Reports (``interlink.loadview``): ``interlink load-merge A.json B.json`` merges 
 several load processes (HDR histograms added, counts summed, throughput over the window they
 share), ``--png`` draws the latency percentiles and the throughput over time, and on a terminal
 the per-second lines are a rich live table (plain lines otherwise).
-
-Not built yet: E2EE for the group kind, the group pattern on JetStream.
 """
 
 from __future__ import annotations
@@ -121,7 +128,15 @@ from interlink.core.errors import ConfigError
 from interlink.core.stanza import encode_stanza
 from interlink.issuer import DemoIssuer
 from interlink.leanpeer import LeanPeer
-from interlink.loade2ee import PLAINTEXT_HEADER as E2EE_PLAINTEXT_HEADER, DeviceCrypto, E2EEStats, e2ee_report, format_e2ee
+from interlink.loade2ee import (
+    PLAINTEXT_HEADER as E2EE_PLAINTEXT_HEADER,
+    DeviceCrypto,
+    E2EEStats,
+    GroupCrypto,
+    e2ee_report,
+    format_e2ee,
+    pick_verifying,
+)
 from interlink.procstat import schedstat_s, status_bytes
 
 __all__ = ["Scenario", "LocalGateway", "load_scenario", "find_scenario", "run_scenario", "format_report", "main"]
@@ -155,7 +170,7 @@ COMMON_KEYS = frozenset({"name", "kind", "description", "providers", "duration",
 KIND_KEYS = {
     "chat": frozenset({"users", "devices", "rate", "inflight", "payload", "warmup"}),
     "offline-drain": frozenset({"users", "devices", "rate", "inflight", "payload", "messages"}),
-    "group": frozenset({"members", "devices", "senders", "offline", "rate", "inflight", "payload", "warmup"}),
+    "group": frozenset({"members", "devices", "senders", "offline", "rate", "inflight", "payload", "warmup", "e2ee_verify"}),
     "churn": frozenset({"users", "devices", "connect_rate", "keep_fraction", "churn_messages", "payload"}),
     "handshake-storm": frozenset({"users", "connect_rate", "inflight", "keep_fraction"}),
     "malformed-mix": frozenset({"users", "devices", "rate", "inflight", "payload", "warmup", "malformed_share"}),
@@ -205,8 +220,12 @@ class Scenario:
     offline: float = 0.0
     """group: fraction of the non-sending members whose devices are offline for the whole run."""
     e2ee: bool = False
-    """Chat kinds: real Signal-protocol envelopes (``interlink.e2ee``, see ``interlink.loade2ee``)
-    instead of random bytes; ``payload`` is then the plaintext size."""
+    """Chat and group kinds: real Signal-protocol envelopes (``interlink.e2ee``, see
+    ``interlink.loade2ee``; the group kind: sender keys) instead of random bytes; ``payload`` is
+    then the plaintext size."""
+    e2ee_verify: float = 0.1
+    """group with ``e2ee``: fraction of the member devices (at least one) that decrypt every copy
+    they get; the others identify each copy by its envelope header (``interlink.loade2ee.GroupCrypto``)."""
     connect_rate: float | None = None
     """churn, handshake-storm: new sessions per second in total, open loop (connect latency counts
     from each session's intended start); None (``"max"`` in TOML) = closed loop (churn: every
@@ -253,8 +272,10 @@ class Scenario:
         need(0 <= self.malformed_share < 1, "malformed_share", f"must be a fraction in [0, 1), got {self.malformed_share}")
         need(not (self.e2ee and self.kind in ("churn", "handshake-storm", "malformed-mix")), "e2ee",
              f"is not supported by the {self.kind} kind yet")
-        need(not (self.e2ee and self.kind == "group"), "e2ee",
-             "is not supported by the group kind (sender keys are not driven by the load tool yet)")
+        need(not isinstance(self.e2ee_verify, bool) and 0 < self.e2ee_verify <= 1, "e2ee_verify",
+             f"must be a fraction in (0, 1], got {self.e2ee_verify}")
+        need(self.e2ee or "e2ee_verify" not in self.given_keys, "e2ee_verify",
+             "is used only with e2ee = true (--e2ee)")
         need(not self.e2ee or self.payload >= E2EE_PLAINTEXT_HEADER, "payload",
              f"must be at least {E2EE_PLAINTEXT_HEADER} bytes with e2ee (send time and message id), got {self.payload}")
         self.users += self.users % 2
@@ -1491,7 +1512,7 @@ def main(scenario_name: str = "chat-1to1", *, json_path: Path | None = None, png
          tokens: Path | None = None, **overrides: Any) -> int:
     """The ``interlink load`` command: 0 when every message is accounted for, 1 otherwise.
 
-    ``peer="nats"`` (or ``"jetstream"``, chat only): after the Interlink run, the same pattern
+    ``peer="nats"`` (or ``"jetstream"``; chat and group kinds): after the Interlink run, the same pattern
     against a local nats-server (``interlink.loadnats``), and both side by side (``report["peer"]``,
     ``report["comparison"]``); ``only_peer``: the peer alone.
     ``target``: a remote gateway (with ``root_public`` and a ``tokens`` file, see ``RemoteGateway``).
@@ -1607,8 +1628,26 @@ class GroupMsg:
         self.firsts: dict[int, tuple[int, int]] = {}  # device index -> (seq, session) of its first copy
 
 
+class DistributionMsg:
+    """E2EE: one 1:1 message that hands a sender key to one member's devices (and, in the first
+    one of a sender, to its own other devices in ``own``). Kept apart from the group messages."""
+
+    __slots__ = ("code", "delivered", "drained", "expected", "peer", "repeats", "state")
+
+    def __init__(self, peer: LeanPeer, expected: int) -> None:
+        self.peer = peer
+        self.state = SENT
+        self.code = ""
+        self.expected = expected  # bits (device indices) of the devices it has an envelope for
+        self.delivered = 0  # bits of the devices that got it during the run
+        self.drained = 0  # bits of the devices that got it only in the accounting drain
+        self.repeats = 0  # pushed again on a later session (not decrypted again)
+
+
 class GroupDevice(Device):
     """One member device: posts group messages (if a sender), takes copies and events."""
+
+    e2ee: GroupCrypto | None
 
     def __init__(self, run: Run, localpart: str, provider_id: str, number: int, index: int) -> None:
         super().__init__(run, localpart, provider_id, number, (localpart, provider_id))
@@ -1616,6 +1655,8 @@ class GroupDevice(Device):
         self.sessions = 0
         self.events = 0  # k "group" deliveries (the "created" event)
         self._iq: dict[int, asyncio.Future] = {}
+        self._request_id = 1 << 20  # Device.request's ids (keys.put/get) never meet iq()'s (1, 101, ...)
+        self.distributions_unanswered: dict[bytes, DistributionMsg] = {}
 
     async def connect(self, gateway: LocalGateway, token: str) -> None:
         # Counted before the handshake: the stored items are pushed right after welcome and may be
@@ -1636,11 +1677,16 @@ class GroupDevice(Device):
             return
         self._count += 1
         msg_id = self._prefix + self._count.to_bytes(8, "big")
+        if self.e2ee is not None:
+            body = self.e2ee.encrypt_group(run.group_id, msg_id, intended_ns)
+            if body is None:
+                return  # counted in the E2EE failures (they fail the run); never sent, so not in the ledger
+        else:
+            body = intended_ns.to_bytes(TIME_BYTES, "little") + self._filler
         msg = GroupMsg(self.peer, intended_ns, run.group_expected & ~(1 << self.index))
         run.ledger[(self.user, msg_id)] = msg
         self.unanswered[msg_id] = msg
         run.sent += 1
-        body = intended_ns.to_bytes(TIME_BYTES, "little") + self._filler
         self.peer.queue(encode_stanza({"t": "msg", "id": msg_id, "g": run.group_id, "b": body}))
 
     def on_stanza(self, stanza: dict) -> None:
@@ -1650,12 +1696,42 @@ class GroupDevice(Device):
             if not future.done():
                 future.set_result(stanza)
             return
+        if kind in ("ack", "err") and self.distributions_unanswered:  # E2EE: a sender key distribution's answer
+            distribution = self.distributions_unanswered.pop(stanza.get("id" if kind == "ack" else "ref"), None)
+            if distribution is not None:
+                distribution.state = ACKED if kind == "ack" else REFUSED
+                if kind == "err":
+                    distribution.code = str(stanza.get("code"))
+                    self.run.errors[distribution.code] += 1
+                return
         super().on_stanza(stanza)
+
+    def _on_distribution(self, distribution: DistributionMsg, stanza: dict) -> None:
+        """E2EE: a sender key for this device. A verifying device decrypts it (once: a repeat on a
+        later session is dropped first, as ``E2EEClient`` does) and installs the key; the delivery
+        counts whether or not it decrypts (a failure is an E2EE failure, which fails the run)."""
+        run = self.run
+        bit = 1 << self.index
+        if stanza.get("k") != "msg" or "g" in stanza or not distribution.expected & bit:
+            run.misdelivered += 1
+            return
+        if (distribution.delivered | distribution.drained) & bit:
+            distribution.repeats += 1
+            return
+        if self.e2ee.verifying:
+            self.e2ee.accept_distribution(stanza.get("from"), stanza.get("dev"), run.group_id, stanza.get("c") or b"")
+        if run.accounting:
+            distribution.drained |= bit
+        else:
+            distribution.delivered |= bit
 
     def _on_delivery(self, stanza: dict) -> None:
         run = self.run
         if stanza.get("k") == "group":
             self.events += 1
+            return
+        if self.e2ee is not None and (distribution := run.distributions.get((stanza.get("from"), stanza.get("id")))):
+            self._on_distribution(distribution, stanza)
             return
         msg = run.ledger.get((stanza.get("from"), stanza.get("id")))
         if msg is None and run.predrain:
@@ -1678,14 +1754,18 @@ class GroupDevice(Device):
             return
         msg.firsts[self.index] = (seq, self.sessions)
         run.device_deliveries += 1
+        body = stanza.get("c") or b""
+        if self.e2ee is not None:  # the copy counts as delivered either way; a failure (counted) fails the run
+            intended_ns = self.e2ee.open_copy(stanza.get("from"), stanza.get("dev"), run.group_id, body, stanza.get("id"))
+        else:
+            intended_ns = int.from_bytes(body[:TIME_BYTES], "little")
         if run.accounting:
             msg.drained |= bit
             return
         msg.delivered |= bit
         run.delivered += 1  # for the per-second line: copies delivered during the run
-        if run.record_delivery and msg.intended_ns >= run.record_from_ns:
-            body = stanza.get("c") or b""
-            run.record(run.delivery_hist, time.perf_counter_ns() - int.from_bytes(body[:TIME_BYTES], "little"))
+        if run.record_delivery and msg.intended_ns >= run.record_from_ns and intended_ns is not None:
+            run.record(run.delivery_hist, time.perf_counter_ns() - intended_ns)
 
 
 def _group_all_delivered(run: Run, online_bits: int) -> bool:
@@ -1798,6 +1878,7 @@ async def run_group(scenario: Scenario, *, data_dir: Path | None = None, out: Ca
             offline = [d for d in devices if d.user in offline_users]
             online = [d for d in devices if d.user not in offline_users]
             online_bits = sum(1 << d.index for d in online)
+            run.e2ee_stats, run.distributions, verifying = _group_crypto(run, devices, senders, online, offline)
             ticker = _Ticker(run, out)
             # Every member connects once (group.new wants users who connected at least once), the
             # offline ones leave; member 0 makes the group; the online devices take the event.
@@ -1814,6 +1895,12 @@ async def run_group(scenario: Scenario, *, data_dir: Path | None = None, out: Ca
             run.group_id = answer["g"]
             if not await _wait_until(lambda: all(d.events >= 1 for d in online if d is not creator), DRAIN_TIMEOUT_S):
                 raise ConfigError("the online members did not all get the group's created event")
+            distribution_s = None
+            if scenario.e2ee:
+                ticker.phase = "keys"
+                setup_started = time.monotonic()
+                await _distribute_sender_keys(run, senders, by_user, online_bits, out)
+                distribution_s = round(time.monotonic() - setup_started, 3)
             run.record_from_ns = time.perf_counter_ns() + int(scenario.warmup * 1e9)
             run.sending = True
             ticker.phase = "group"
@@ -1869,6 +1956,14 @@ async def run_group(scenario: Scenario, *, data_dir: Path | None = None, out: Ca
         restart["acked_after"] = run.acked - restart["acked_before"]
     tail = _report_tail(run, accounting, ticker)
     tail["ok"] = tail["ok"] and (restart is None or restart["group_intact"])  # the membership must survive
+    e2ee = e2ee_report(run.e2ee_stats, run.sent, None if run.e2ee_stats is None else {
+        "verify_fraction": scenario.e2ee_verify, "verifying_devices": len(verifying), "devices": len(devices),
+        "identified_by": "verifying devices: the decrypted plaintext; the others: the envelope header (sender key "
+                         "id, iteration; not verified) looked up in the senders' table",
+        "distribution": _distribution_accounting(run), "distribution_s": distribution_s,
+    })
+    if run.e2ee_stats is not None:  # a decryption failure, or a sender key that never arrived, fails the run
+        tail["ok"] = tail["ok"] and e2ee["failures"] == 0 and e2ee["distribution"]["missing"] == 0
     return {
         **_report_head(scenario, gateway_info),
         "group": {"members": len(users), "devices": len(devices), "offline_members": len(offline_users),
@@ -1886,7 +1981,105 @@ async def run_group(scenario: Scenario, *, data_dir: Path | None = None, out: Ca
         "counts": {"sent": run.sent, "acked": run.acked, "refused": run.refused, "copies_delivered": run.delivered,
                    "device_deliveries": run.device_deliveries},
         **tail,
+        "e2ee": e2ee,
     }
+
+
+KEYS_GET_BURST = 60  # the gateway's keys.get allowance per user at once (core.ops.KEYS_GET_RATE), then one a second
+
+
+def _group_crypto(run: Run, devices: list[GroupDevice], senders: list[GroupDevice], online: list[GroupDevice],
+                  offline: list[GroupDevice]) -> tuple[E2EEStats | None, dict, list[GroupDevice]]:
+    """E2EE (group kind): a ``GroupCrypto`` per device; the verifying ones (``e2ee_verify`` of
+    the devices, at least one) are taken evenly from the online receivers first, then the offline
+    ones (they verify in the accounting drain), then the sending devices (they get the others'
+    messages only)."""
+    scenario = run.scenario
+    if not scenario.e2ee:
+        return None, {}, []
+    stats = E2EEStats()
+    sent: dict[tuple, tuple[bytes, int]] = {}  # (sender, device, kid, n) -> (message id, intended send time)
+    candidates = [d for d in online if d not in senders] + offline + senders
+    verifying = pick_verifying(candidates, scenario.e2ee_verify)
+    chosen = {id(d) for d in verifying}
+    for device in devices:
+        device.e2ee = GroupCrypto(stats, device.user, device.number, scenario.payload, len(senders),
+                                  verifying=id(device) in chosen, sent=sent)
+    return stats, {}, verifying
+
+
+async def _distribute_sender_keys(run: Run, senders: list[GroupDevice], by_user: dict[str, list[GroupDevice]],
+                                  online_bits: int, out: Callable[[str], None] | None) -> None:
+    """E2EE, before the window: each sending device fetches the bundles of every other member
+    device (``keys.get``), starts a session with each and sends its sender key as 1:1 messages, one
+    per member (its own other devices in the ``own`` of the first); then waits until every
+    distribution is answered and every online device has its envelopes. A failure is an E2EE
+    setup failure (it fails the run).
+
+    The gateway limits ``keys.get`` per user (``core.ops.KEYS_GET_RATE``: 60 at once, then one a
+    second), as a real client meets it: beyond 60 members a sender needs about a second per
+    further member here."""
+    stats = run.e2ee_stats
+    if out is not None:
+        slow = len(by_user) - 1 - KEYS_GET_BURST
+        out(f"--- e2ee: {len(senders)} sender(s) fetch {len(by_user) - 1} members' keys and distribute their sender keys"
+            + (f" (keys.get is rate limited per user: ≈ {slow} s more)" if slow > 0 else ""))
+
+    async def distribute(sender: GroupDevice) -> None:
+        crypto = sender.e2ee
+        targets = {user: tuple(d.number for d in its if d is not sender) for user, its in by_user.items()}
+        own = targets.pop(sender.user, ())
+        limit = asyncio.Semaphore(CONNECT_CONCURRENCY)
+
+        async def fetch(user: str, numbers: tuple[int, ...]) -> None:
+            async with limit:
+                await crypto.fetch_member_bundles(sender, user, numbers)
+
+        await asyncio.gather(*(fetch(user, numbers) for user, numbers in [*targets.items(), (sender.user, own)] if numbers))
+        for position, (user, numbers) in enumerate(targets.items()):
+            envelopes = crypto.distribution(run.group_id, user, numbers)
+            stanza = {"t": "msg", "to": user, "c": envelopes}
+            expected = sum(1 << d.index for d in by_user[user])
+            if position == 0 and own:
+                stanza["own"] = crypto.distribution(run.group_id, sender.user, own)
+                expected |= sum(1 << d.index for d in by_user[sender.user] if d is not sender)
+            if envelopes is None or stanza.get("own", {}) is None:
+                continue  # counted in the E2EE failures
+            sender._count += 1
+            stanza["id"] = msg_id = sender._prefix + sender._count.to_bytes(8, "big")
+            distribution = DistributionMsg(sender.peer, expected)
+            run.distributions[(sender.user, msg_id)] = distribution
+            sender.distributions_unanswered[msg_id] = distribution
+            sender.peer.queue(encode_stanza(stanza))
+
+    outcomes = await asyncio.gather(*(distribute(sender) for sender in senders), return_exceptions=True)
+    for sender, outcome in zip(senders, outcomes):
+        if isinstance(outcome, (ConfigError, TimeoutError)):
+            stats.note_failure("setup_failures", f"{sender.user}/{sender.number}: {outcome}")
+        elif isinstance(outcome, BaseException):
+            raise outcome
+
+    def arrived() -> bool:
+        return all(d.state != SENT and (d.state == REFUSED or (d.expected & online_bits) & ~d.delivered == 0)
+                   for d in run.distributions.values())
+
+    if not await _wait_until(arrived, DRAIN_TIMEOUT_S):
+        stats.note_failure("setup_failures", f"sender key distributions not all answered and delivered within {DRAIN_TIMEOUT_S:.0f} s")
+    refused = collections.Counter(d.code for d in run.distributions.values() if d.state == REFUSED)
+    if refused:
+        stats.note_failure("setup_failures", f"sender key distributions refused: {dict(refused)}")
+
+
+def _distribution_accounting(run: Run) -> dict:
+    """E2EE: the fates of the sender key envelopes (one per distribution and device)."""
+    distributions = run.distributions.values()
+    envelopes = sum(d.expected.bit_count() for d in distributions)
+    delivered = sum((d.delivered & ~d.drained).bit_count() for d in distributions)
+    drained = sum(d.drained.bit_count() for d in distributions)
+    refused = sum(d.expected.bit_count() for d in distributions if d.state == REFUSED)
+    return {"messages": len(run.distributions), "envelopes": envelopes, "delivered": delivered, "in_mailbox": drained,
+            "refused": refused, "missing": envelopes - delivered - drained - refused,
+            "repeats": sum(d.repeats for d in distributions)}
 
 
 async def _restart_group(run: Run, gateway: LocalGateway, online: list[GroupDevice], creator: GroupDevice,
@@ -1927,7 +2120,7 @@ async def _group_accounting_drain(run: Run, gateway: LocalGateway, devices: list
     """Connect every device still owed a copy of a message not refused (the offline members, and
     any online device that missed one) and drain it: those copies count as ``in_mailbox``."""
     owed_bits = 0
-    for msg in run.ledger.values():
+    for msg in [*run.ledger.values(), *getattr(run, "distributions", {}).values()]:  # E2EE: the sender keys too
         if msg.state != REFUSED:
             owed_bits |= msg.expected & ~msg.delivered
     owed = [d for d in devices if owed_bits >> d.index & 1]

@@ -170,8 +170,6 @@ def test_offline_drain_with_e2ee_cli(tmp_path: Path) -> None:
 def test_e2ee_options_and_limits(tmp_path: Path) -> None:
     assert scenario("chat-1to1").e2ee is False
     assert scenario("chat-1to1", e2ee=True).e2ee is True
-    with pytest.raises(ConfigError, match="e2ee is not supported by the group kind"):
-        scenario("group-fanout", e2ee=True)
     with pytest.raises(ConfigError, match=f"at least {PLAINTEXT_HEADER} bytes with e2ee"):
         scenario("chat-1to1", e2ee=True, payload=PLAINTEXT_HEADER - 1)
     assert scenario("chat-1to1", e2ee=False, payload=8).payload == 8
@@ -183,5 +181,3 @@ def test_e2ee_options_and_limits(tmp_path: Path) -> None:
     assert loadtool.load_scenario(toml).e2ee is True
     assert e2ee_report(None, 0) == {"on": False}
     assert format_e2ee({"on": False}).startswith("e2ee: off")
-    result = CliRunner().invoke(cli_main, ["load", "group-fanout", "--e2ee", "--no-pin", "--quiet"])
-    assert result.exit_code != 0 and "not supported by the group kind" in result.output

@@ -187,10 +187,11 @@ def test_cli_refuses_what_the_peers_do_not_run() -> None:
     assert result.exit_code == 1
     assert "NATS peer runs the group kind and the chat kind only, not 'offline-drain'" in result.output
     assert "keeps nothing" in result.output
-    result = runner.invoke(cli_main, ["load", "group-fanout", "--peer", "jetstream", "--no-pin"])
-    assert result.exit_code == 1 and "JetStream peer runs the chat kind only, not 'group'" in result.output
-    result = runner.invoke(cli_main, ["load", "group-fanout", "--only-peer", "--peer", "jetstream", "--no-pin"])
-    assert result.exit_code == 1 and "chat kind only" in result.output
+    result = runner.invoke(cli_main, ["load", "offline-drain", "--peer", "jetstream", "--no-pin"])
+    assert result.exit_code == 1
+    assert "JetStream peer runs the chat kind and the group kind only, not 'offline-drain'" in result.output
+    result = runner.invoke(cli_main, ["load", "churn", "--only-peer", "--peer", "jetstream", "--no-pin"])
+    assert result.exit_code == 1 and "the group kind only, not 'churn'" in result.output
     result = runner.invoke(cli_main, ["load", "chat-1to1", "--peer", "nats", "--e2ee", "--no-pin"])
     assert result.exit_code == 1 and "without --e2ee" in result.output
     result = runner.invoke(cli_main, ["load", "chat-1to1", "--peer", "rabbitmq", "--no-pin"])
