@@ -12,18 +12,15 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from load_helpers import scenario
 from interlink import loadtool
 from interlink.cli import main as cli_main
 from interlink.core.errors import ConfigError
 from interlink.e2ee import T_GROUP, parse_envelope
 from interlink.loade2ee import PLAINTEXT_MARKER, pick_verifying
-from interlink.loadtool import GroupDevice, find_scenario, load_scenario
+from interlink.loadtool import GroupDevice
 
 MEMBERS, SENDERS, OFFLINE_MEMBERS = 10, 2, 2
-
-
-def scenario(name: str, **overrides):
-    return load_scenario(find_scenario(name), **overrides)
 
 
 def ops(section: dict, name: str) -> int:

@@ -8,32 +8,16 @@ from __future__ import annotations
 
 import json
 
+from load_helpers import StandInSession, scenario
 from interlink import loadtool
 from interlink.loadtool import (
     ACKED,
     GroupDevice,
     GroupMsg,
     Run,
-    find_scenario,
-    load_scenario,
 )
 
 SENDERS, INFLIGHT, MEMBERS, OFFLINE_MEMBERS = 2, 4, 20, 4
-
-
-def scenario(name: str, **overrides):
-    return load_scenario(find_scenario(name), **overrides)
-
-
-class StandInSession:
-    """Only whether and why a session closed matters to the accounting (as in test_load_review)."""
-
-    def __init__(self, reason):
-        self.close_reason = reason
-
-    @property
-    def closed(self):
-        return self.close_reason is not None
 
 
 async def test_group_gateway_killed_mid_fanout_loses_no_acked_copy() -> None:

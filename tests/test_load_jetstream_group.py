@@ -13,14 +13,11 @@ import pytest
 from click.testing import CliRunner
 from hdrh.histogram import HdrHistogram
 
+from load_helpers import scenario
 from interlink import loadnats
 from interlink.cli import main as cli_main
 from interlink.core.errors import ConfigError
-from interlink.loadtool import TIME_BYTES, find_scenario, load_scenario
-
-
-def scenario(name: str, **overrides):
-    return load_scenario(find_scenario(name), **overrides)
+from interlink.loadtool import TIME_BYTES
 
 
 def payload(sender: int, counter: int, size: int = 32) -> bytes:

@@ -14,15 +14,12 @@ from click.testing import CliRunner
 from hdrh.histogram import HdrHistogram
 from rich.console import Console
 
+from load_helpers import scenario
 from interlink import loadnats, loadtool
 from interlink.cli import main as cli_main
 from interlink.core.errors import ConfigError
-from interlink.loadtool import TIME_BYTES, find_scenario, load_scenario
+from interlink.loadtool import TIME_BYTES
 from interlink.loadview import LiveProgress
-
-
-def scenario(name: str, **overrides):
-    return load_scenario(find_scenario(name), **overrides)
 
 
 def payload(sender: int, counter: int, size: int = 32) -> bytes:

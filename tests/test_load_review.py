@@ -15,26 +15,12 @@ from click.testing import CliRunner
 from matplotlib.figure import Figure
 
 import interlink
+from load_helpers import StandInSession, scenario
 from interlink import loadnats, loadstress, loadtool, loadview
 from interlink.cli import main as cli_main
-from interlink.loadtool import ACKED, SENT, Msg, Run, account, find_scenario, load_scenario
+from interlink.loadtool import ACKED, SENT, Msg, Run, account
 
 PACKAGE_DIR = str(Path(interlink.__file__).resolve().parent)
-
-
-def scenario(name: str, **overrides):
-    return load_scenario(find_scenario(name), **overrides)
-
-
-class StandInSession:
-    """Only whether and why a session closed matters to the accounting (as in test_load_smoke)."""
-
-    def __init__(self, reason):
-        self.close_reason = reason
-
-    @property
-    def closed(self):
-        return self.close_reason is not None
 
 
 def _our_tasks(before: set) -> list[asyncio.Task]:

@@ -16,6 +16,7 @@ import pytest
 from click.testing import CliRunner
 from hdrh.histogram import HdrHistogram
 
+from load_helpers import StandInSession, scenario
 from interlink import loadtool
 from interlink.cli import main as cli_main
 from interlink.core.errors import ConfigError
@@ -49,10 +50,6 @@ def check_report(report: dict) -> dict:
         assert histogram.get_total_count() == (latency["count"] if latency else 0)
     assert report["gateway"]["target"] == "local"
     return report
-
-
-def scenario(name: str, **overrides):
-    return load_scenario(find_scenario(name), **overrides)
 
 
 async def test_chat_smoke_open_loop() -> None:
@@ -123,21 +120,10 @@ async def test_gateway_killed_mid_run_loses_nothing_acked() -> None:
     assert report["timeline"][-1]["acked"] > report["timeline"][0]["acked"]
 
 
-class FakePeer:
-    """Stands in for a session in the accounting tests: only whether and why it closed matters."""
-
-    def __init__(self, reason):
-        self.close_reason = reason
-
-    @property
-    def closed(self):
-        return self.close_reason is not None
-
-
 def test_accounting_flags_unexplained_messages() -> None:
     run = Run(scenario("chat-1to1", users=2))
 
-    live, dead = FakePeer(None), FakePeer("connection_lost")
+    live, dead = StandInSession(None), StandInSession("connection_lost")
 
     def add(key: bytes, peer, state=0, delivered=(), code="") -> Msg:
         msg = Msg(peer, "u1@pb", (1, 2), 0)
@@ -296,7 +282,7 @@ async def test_group_fanout_smoke() -> None:
 def test_group_accounting_classifies_copies() -> None:
     run = Run(scenario("group-fanout", members=4))
 
-    live, dead = FakePeer(None), FakePeer("connection_lost")
+    live, dead = StandInSession(None), StandInSession("connection_lost")
     everyone = 0b1110  # the copies of a message from device 0 to devices 1..3
 
     def add(key: bytes, peer, state=0, delivered=0, drained=0, code="") -> None:

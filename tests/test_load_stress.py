@@ -12,11 +12,12 @@ import pytest
 from click.testing import CliRunner
 from hdrh.histogram import HdrHistogram
 
+from load_helpers import scenario
 from interlink import loadstress, loadtool
 from interlink.cli import main as cli_main
 from interlink.core.errors import ConfigError
 from interlink.loadstress import CASES, Expect, judge
-from interlink.loadtool import find_scenario, load_scenario
+from interlink.loadtool import find_scenario
 
 ROOT = Path(__file__).resolve().parents[1]
 REPORT_KEYS = {
@@ -42,10 +43,6 @@ def check_report(report: dict, kind: str) -> dict:
     assert report["server"]["rss_bytes"] > 0 and report["timeline"]
     assert "result: OK" in loadtool.format_report(report)
     return report
-
-
-def scenario(name: str, **overrides):
-    return load_scenario(find_scenario(name), **overrides)
 
 
 async def test_churn_smoke_open_loop() -> None:
