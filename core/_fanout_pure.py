@@ -12,6 +12,8 @@ Two pieces of a group ``msg``'s fan-out (``core/groups.py``), the ones the profi
   spliced in front, byte-identical to ``encode_stanza`` of the whole ``dlv`` map
   ``{"t": "dlv", "seq", "k": "msg", "id", "from", "dev", "ts", "c", "g"}``.
 
+* ``splice`` — a copy's bytes from its ``seq`` and the shared tail (what ``GroupDlv`` returns, and
+  how the store makes a copy whole again from a body it keeps once).
 * ``plan_cached`` — the same plan from a per-(group, ver) cache ``rows`` (a dict the caller keeps
   per record: member -> ``(devices, device keys, targets)``), so a member's keys and targets are
   made once per record, not once per message. ``devices_of(member)`` is still asked for every
@@ -42,6 +44,12 @@ def device_key(user: str, device: int) -> bytes:
     return user.encode("utf-8") + b"\x00" + _DEVICE.pack(device)
 
 
+def splice(seq: int, tail: bytes) -> bytes:
+    """One copy's ``dlv`` from the fields every copy shares (``tail``, as ``GroupDlv`` encodes them
+    and the store keeps them once): ``DLV_HEAD`` + the packed ``seq`` + ``tail``."""
+    return DLV_HEAD + _packer.pack(seq) + tail
+
+
 class GroupDlv:
     """The ``dlv`` builder of one group message: ``build(seq, ts_ms) -> bytes``."""
 
@@ -63,7 +71,7 @@ class GroupDlv:
                 "c": self.body, "g": self.g,
             })
             self._ts, self._tail = ts_ms, encoded[1:]  # without its 7-entry map header
-        return DLV_HEAD + _packer.pack(seq) + self._tail
+        return splice(seq, self._tail)
 
 
 def plan_group(members, sender: str, sender_device: int, devices_of, blocks, build) -> tuple[list, list]:

@@ -64,15 +64,16 @@ import lmdb
 import msgpack
 
 from interlink.core.errors import AuthError, ConfigError, InterlinkError
+from interlink.core.fanout import DLV_HEAD, splice
 from interlink.core.mailbox import SHARED_MARK, MailboxState, delete_items, forget_item, plan_copies, write_copies
 
 _DEVICE = struct.Struct(">I")
 _SEQ = struct.Struct(">Q")
 _TS = struct.Struct(">Q")
 _REFS = struct.Struct(">I")  # a shared body's reference count
-# What every group ``dlv`` starts with (``interlink.core.fanout.DLV_HEAD``): a 9-entry map, "t": "dlv",
-# "seq"; the seq follows, then the fields every copy shares.
-SHARED_DLV_HEAD = b"\x89" + msgpack.packb("t") + msgpack.packb("dlv") + msgpack.packb("seq")
+# What every group ``dlv`` starts with (a 9-entry map, "t": "dlv", "seq"); the seq follows, then the
+# fields every copy shares: the fan-out's encoding (core/fanout.py), which the store keeps once.
+SHARED_DLV_HEAD = DLV_HEAD
 
 
 # How far past its quota a mailbox still takes control items (group events): a change reaches a
@@ -463,7 +464,7 @@ class LmdbStore:
                         self._write_message(txn, message, states)
                 released: dict[bytes, int] = {}
                 for dkey, seqs in batch.deletions:
-                    self._delete_items(txn, dkey, seqs, self._state(txn, dkey, states), released)
+                    delete_items(txn.pop, self._mbox, dkey, seqs, self._state(txn, dkey, states), released)
                 if released:
                     self._release_bodies(txn, released)
                 for dkey, state in states.items():
@@ -589,11 +590,6 @@ class LmdbStore:
             stored.append((dkey, seq, value))
         message.kept = kept
 
-    def _delete_items(self, txn, dkey: bytes, seqs, state: MailboxState, released: dict[bytes, int]) -> None:
-        """Delete the device's items ``seqs`` (those already received or expired are skipped),
-        counting their references to shared bodies in ``released`` (core/mailbox.py's loop)."""
-        delete_items(txn.pop, self._mbox, dkey, seqs, state, released)
-
     def expire(self, before_ms: int, limit: int = 10_000, max_devices: int = 20_000) -> int:
         """Delete up to ``limit`` items stored before ``before_ms`` (the TTL sweep); returns how
         many. Walks the devices from where the previous call stopped (at most ``max_devices`` of
@@ -704,7 +700,7 @@ class LmdbStore:
                 seq = _SEQ.unpack(key[prefix_len:])[0]
                 if value[8] == SHARED_MARK:  # a copy of a shared body: make the whole dlv again
                     body = txn.get(value[9:17], db=self._bodies)
-                    value = SHARED_DLV_HEAD + _pack_uint(seq) + body
+                    value = splice(seq, body)
                     items.append((seq, value))
                 else:
                     items.append((seq, value[8:]))
@@ -991,9 +987,6 @@ class LmdbStore:
 
 
 _COUNT = struct.Struct(">I")
-
-
-_pack_uint = msgpack.Packer().pack
 
 
 def _scan(cursor, prefix: bytes, start: bytes | None = None, limit: int | None = None, values: bool = False):

@@ -103,6 +103,13 @@ cdef bytes _splice(object seq, bytes tail):
     return out
 
 
+def splice(seq, tail):
+    """One copy's ``dlv`` from the shared tail (see the pure twin)."""
+    if type(tail) is not bytes:
+        return _HEAD + _packer.pack(seq) + tail  # what the pure twin does (and how it fails)
+    return _splice(seq, tail)
+
+
 cdef class GroupDlv:
     """The ``dlv`` builder of one group message: ``build(seq, ts_ms) -> bytes``."""
 

@@ -65,6 +65,13 @@ def test_each_copy_is_byte_identical_to_a_whole_encoding(twin, seq):
     assert build(seq, 1_764_000_000_000) == reference_dlv(seq, 1_764_000_000_000)
 
 
+@pytest.mark.parametrize("seq", SEQ_EDGES)
+def test_splice_makes_the_copy_from_its_shared_tail(twin, seq):
+    build = twin.GroupDlv(MSG_ID, "alice@alpha", 1, b"sealed", G)
+    tail = build(0, 1_764_000_000_000)[len(twin.DLV_HEAD) + 1:]  # seq 0 packs as one byte
+    assert twin.splice(seq, tail) == reference_dlv(seq, 1_764_000_000_000)
+
+
 def test_copies_decode_to_the_dlv_fields(twin):
     build = twin.GroupDlv(MSG_ID, "bob@beta", 7, b"x" * 300, G)
     (stanza,) = decode_stanzas(build(42, 99))
@@ -228,3 +235,9 @@ def test_twins_plan_identically(data, names, sender_device):
         runs.append((outcome(twin.plan_group, members, sender, sender_device, directory.devices_of, directory.blocks, "b"),
                      directory.calls))
     assert runs[0] == runs[1]
+
+
+@HYPOTHESIS
+@given(seq=seqs, tail=st.one_of(st.binary(max_size=64), st.text(max_size=4), st.none()))
+def test_twins_splice_alike(seq, tail):
+    assert outcome(fanout_native.splice, seq, tail) == outcome(fanout_pure.splice, seq, tail)
