@@ -84,6 +84,7 @@ from interlink.procstat import schedstat_s, status_bytes
 from interlink.client import Client, Suite
 from interlink.core.stanza import encode_stanza
 from interlink.issuer import DemoIssuer
+from interlink.loadtool import OpenLoopSchedule
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # _lean_peer sits next to this script (also when it is imported by path)
@@ -364,28 +365,19 @@ def delivery_check(senders: list[Sender], recipients: list[Recipient]) -> dict:
 
 
 def start_open_loop(senders: list[Sender], rate: float, origin_ns: int) -> Callable[[], None]:
-    """Send ``rate`` messages/s in total, spread evenly over the senders (staggered), in bursts
-    every 1-2 ms: each message due since the last tick leaves with its intended time, so a
-    stalled gateway shows as latency rather than as a slower send rate (coordinated omission).
-    Returns a function that stops the timer."""
+    """Send ``rate`` messages/s in total, spread evenly over the senders, in bursts every 1-2 ms,
+    each message with its intended time (``interlink.loadtool.OpenLoopSchedule``: coordinated
+    omission corrected). Returns a function that stops the timer."""
     loop = asyncio.get_running_loop()
-    period_ns = len(senders) * 1e9 / rate  # per sender
-    sent_by = [0] * len(senders)
-    offsets = [period_ns * i / len(senders) for i in range(len(senders))]
+    schedule = OpenLoopSchedule(len(senders), rate, origin_ns)
     timer = None
 
     def tick() -> None:
         nonlocal timer
         now_ns = time.perf_counter_ns()
         for index, sender in enumerate(senders):
-            base = origin_ns + offsets[index]
-            count = sent_by[index]
-            intended_ns = int(base + count * period_ns)
-            while intended_ns <= now_ns:
+            for intended_ns in schedule.due(index, now_ns):
                 sender.send(intended_ns)
-                count += 1
-                intended_ns = int(base + count * period_ns)
-            sent_by[index] = count
         timer = loop.call_later(OPEN_LOOP_TICK_S, tick)
 
     tick()

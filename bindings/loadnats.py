@@ -63,6 +63,7 @@ from interlink.loadtool import (
     HIST_HIGHEST_US,
     HIST_LOWEST_US,
     OPEN_LOOP_TICK_S,
+    OpenLoopSchedule,
     START_TIMEOUT_S,
     TAIL_TIMEOUT_S,
     TIME_BYTES,
@@ -463,24 +464,15 @@ class JetStreamGroupDevice(JetStreamDevice):
 
 
 async def _nats_open_loop(senders: list[NatsDevice], rate: float, stop: asyncio.Event) -> None:
-    """``_start_open_loop`` for NATS (a publish is a coroutine): the same evenly staggered
-    schedule, each message with its intended send time."""
-    origin_ns = time.perf_counter_ns()
-    period_ns = len(senders) * 1e9 / rate
-    counts = [0] * len(senders)
-    offsets = [period_ns * i / len(senders) for i in range(len(senders))]
+    """``_start_open_loop`` for NATS (a publish is a coroutine): the same schedule
+    (``OpenLoopSchedule``), each message with its intended send time."""
+    schedule = OpenLoopSchedule(len(senders), rate)
     while not stop.is_set():
         now_ns = time.perf_counter_ns()
         for index, device in enumerate(senders):
-            base = origin_ns + offsets[index]
-            count = counts[index]
-            intended_ns = int(base + count * period_ns)
-            while intended_ns <= now_ns:
+            for intended_ns in schedule.due(index, now_ns):
                 if device.connected:
                     await device.send(intended_ns)
-                count += 1
-                intended_ns = int(base + count * period_ns)
-            counts[index] = count
         await asyncio.sleep(OPEN_LOOP_TICK_S)
 
 

@@ -1094,31 +1094,48 @@ def _make_devices(run: Run, gateway: LocalGateway) -> list[Device]:
     return devices
 
 
+class OpenLoopSchedule:
+    """An open loop's send times: ``rate`` messages/s in total, spread evenly over ``senders``
+    (staggered by a fraction of the period each). ``due(i, now_ns)`` gives sender ``i``'s messages
+    due since its last call, each with its *intended* time, so a stalled gateway shows as latency
+    rather than as a slower send rate (coordinated-omission correction). Shared by the load tool's
+    timer, the NATS peer's loop and ``bench/gateway_load.py``."""
+
+    def __init__(self, senders: int, rate: float, origin_ns: int | None = None) -> None:
+        self.period_ns = senders * 1e9 / rate  # per sender
+        self.origin_ns = time.perf_counter_ns() if origin_ns is None else origin_ns
+        self._offsets = [self.period_ns * i / senders for i in range(senders)]
+        self._counts = [0] * senders
+
+    def due(self, index: int, now_ns: int) -> list[int]:
+        base, period = self.origin_ns + self._offsets[index], self.period_ns
+        count = self._counts[index]
+        times = []
+        intended_ns = int(base + count * period)
+        while intended_ns <= now_ns:
+            times.append(intended_ns)
+            count += 1
+            intended_ns = int(base + count * period)
+        self._counts[index] = count
+        return times
+
+
 def _start_open_loop(run: Run, senders: list[Device], rate: float) -> Callable[[], None]:
-    """``rate`` messages/s in total, spread evenly (staggered) over the senders, sent in bursts
-    every 1-2 ms, each with its intended time. A sender that is not connected (a killed gateway)
-    skips its due messages: they are never sent, so never counted."""
+    """``rate`` messages/s in total over the senders (``OpenLoopSchedule``), sent in bursts every
+    1-2 ms. A sender that is not connected (a killed gateway) skips its due messages: they are
+    never sent, so never counted."""
     loop = asyncio.get_running_loop()
-    origin_ns = time.perf_counter_ns()
-    period_ns = len(senders) * 1e9 / rate
-    counts = [0] * len(senders)
-    offsets = [period_ns * i / len(senders) for i in range(len(senders))]
+    schedule = OpenLoopSchedule(len(senders), rate)
     timer = None
 
     def tick() -> None:
         nonlocal timer
         now_ns = time.perf_counter_ns()
         for index, device in enumerate(senders):
-            base = origin_ns + offsets[index]
-            count = counts[index]
-            intended_ns = int(base + count * period_ns)
-            connected = device.connected
-            while intended_ns <= now_ns:
-                if connected:
+            due = schedule.due(index, now_ns)
+            if due and device.connected:
+                for intended_ns in due:
                     device.send(intended_ns)
-                count += 1
-                intended_ns = int(base + count * period_ns)
-            counts[index] = count
         timer = loop.call_later(OPEN_LOOP_TICK_S, tick)
 
     tick()
