@@ -1179,6 +1179,45 @@ def _server_window(gateway: LocalGateway, before: tuple, after: tuple, seconds: 
     }
 
 
+async def _sending_window(run: Run, gateway, senders: list, counters: Callable[[], tuple], kill_at_s: float | None,
+                          restart: Callable[[float], Any]) -> tuple[tuple, tuple, Any]:
+    """The measured sending phase the chat and group runners share: open loop at the scenario's
+    rate or closed loop (each sender filled), ``duration`` seconds, a snapshot at the end of the
+    warm-up and one at the end (``(counters(), gateway CPU, monotonic)``), and with ``kill_at_s``
+    one ``await restart(elapsed)`` (the closed loop is filled again after it). The open-loop timer
+    stops however the phase ends. Returns ``(window, end, what restart returned or None)``."""
+    scenario = run.scenario
+    stop_open_loop = _start_open_loop(run, senders, scenario.rate) if scenario.open_loop else None
+    if stop_open_loop is None:
+        for device in senders:
+            device.fill()
+
+    def snapshot() -> tuple:
+        return counters(), gateway.cpu_s(), time.monotonic()
+
+    start = time.monotonic()
+    window = restarted = None
+    killed = kill_at_s is None
+    try:
+        while (elapsed := time.monotonic() - start) < scenario.duration:
+            if window is None and elapsed >= scenario.warmup:
+                window = snapshot()
+            if not killed and elapsed >= kill_at_s:
+                killed = True
+                restarted = await restart(elapsed)
+                if stop_open_loop is None:
+                    for device in senders:
+                        device.fill()
+                continue
+            await asyncio.sleep(min(0.02, max(0.0, scenario.duration - elapsed)))
+        end = snapshot()
+    finally:
+        if stop_open_loop is not None:
+            stop_open_loop()
+        run.sending = False
+    return window or end, end, restarted
+
+
 async def _run_chat(run: Run, gateway: LocalGateway, devices: list[Device], ticker: _Ticker,
                     out: Callable[[str], None] | None, kill_at_s: float | None) -> dict:
     scenario = run.scenario
@@ -1188,37 +1227,9 @@ async def _run_chat(run: Run, gateway: LocalGateway, devices: list[Device], tick
     run.sending = True
     ticker.phase = "chat"
     ticker.start()
-    stop_open_loop = None
-    if scenario.open_loop:
-        stop_open_loop = _start_open_loop(run, devices, scenario.rate)
-    else:
-        for device in devices:
-            device.fill()
-    loop = asyncio.get_running_loop()
-    start = loop.time()
-    window = None  # (counters, cpu, monotonic) at the end of the warm-up
-    killed = kill_at_s is None
-
-    def snapshot() -> tuple:
-        return (run.sent, run.acked, run.delivered, run.device_deliveries), gateway.cpu_s(), time.monotonic()
-
-    while (elapsed := loop.time() - start) < scenario.duration:
-        if window is None and elapsed >= scenario.warmup:
-            window = snapshot()
-        if not killed and elapsed >= kill_at_s:
-            killed = True
-            await _restart(gateway, devices, out, elapsed)
-            if not scenario.open_loop:
-                for device in devices:
-                    device.fill()
-            continue
-        await asyncio.sleep(min(0.02, max(0.0, scenario.duration - elapsed)))
-    if window is None:
-        window = snapshot()
-    end = snapshot()
-    if stop_open_loop is not None:
-        stop_open_loop()
-    run.sending = False
+    window, end, _ = await _sending_window(
+        run, gateway, devices, lambda: (run.sent, run.acked, run.delivered, run.device_deliveries),
+        kill_at_s, lambda elapsed: _restart(gateway, devices, out, elapsed))
     seconds = end[2] - window[2]
     counts = [b - a for a, b in zip(window[0], end[0])]
     server = _server_window(gateway, window[1], end[1], seconds, counts[3], "delivery")
@@ -1922,33 +1933,9 @@ async def run_group(scenario: Scenario, *, data_dir: Path | None = None, out: Ca
             run.sending = True
             ticker.phase = "group"
             ticker.start()
-            stop_open_loop = _start_open_loop(run, senders, scenario.rate) if scenario.open_loop else None
-            if stop_open_loop is None:
-                for device in senders:
-                    device.fill()
-
-            def snapshot() -> tuple:
-                return (run.sent, run.acked, run.device_deliveries), gateway.cpu_s(), time.monotonic()
-
-            start = time.monotonic()
-            window = None
-            restart = None
-            while (elapsed := time.monotonic() - start) < scenario.duration:
-                if window is None and elapsed >= scenario.warmup:
-                    window = snapshot()
-                if restart is None and kill_at_s is not None and elapsed >= kill_at_s:
-                    restart = await _restart_group(run, gateway, online, creator, users, out, elapsed)
-                    if stop_open_loop is None:
-                        for device in senders:
-                            device.fill()
-                    continue
-                await asyncio.sleep(min(0.02, max(0.0, scenario.duration - elapsed)))
-            if window is None:
-                window = snapshot()
-            end = snapshot()
-            if stop_open_loop is not None:
-                stop_open_loop()
-            run.sending = False
+            window, end, restart = await _sending_window(
+                run, gateway, senders, lambda: (run.sent, run.acked, run.device_deliveries), kill_at_s,
+                lambda elapsed: _restart_group(run, gateway, online, creator, users, out, elapsed))
             seconds = end[2] - window[2]
             sent, acked, pushed = (b - a for a, b in zip(window[0], end[0]))
             copies_per_message = len(devices) - 1
