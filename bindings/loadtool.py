@@ -415,7 +415,56 @@ def _child_main(config_json: str) -> None:
     uvloop.run(serve())
 
 
-class LocalGateway:
+class ChildServer:
+    """A server the load tool runs as a child process (the gateway, nats-server): an async context
+    that starts it and always stops it, its pid, whether it runs, its memory from ``/proc``."""
+
+    proc: asyncio.subprocess.Process | None = None
+
+    async def __aenter__(self):
+        try:
+            await self.start()
+        except BaseException:
+            await self.stop()
+            raise
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        raise NotImplementedError
+
+    async def stop(self) -> None:
+        await self._terminate(15)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.returncode is None
+
+    def memory_bytes(self) -> tuple[int, int]:
+        """(RSS, peak RSS) bytes of the child, zeros once it has ended."""
+        if not self.alive:
+            return 0, 0
+        status = status_bytes(self.pid)
+        return status.get("VmRSS", 0), status.get("VmHWM", 0)
+
+    async def _terminate(self, timeout_s: float) -> None:
+        """SIGTERM, then SIGKILL after ``timeout_s``."""
+        if self.alive:
+            self.proc.terminate()
+            try:
+                await asyncio.wait_for(self.proc.wait(), timeout_s)
+            except TimeoutError:
+                self.proc.kill()
+                await self.proc.wait()
+
+
+class LocalGateway(ChildServer):
     """A gateway in a child process with one demo OpenID issuer per provider (in this process).
 
     ``kill()`` SIGKILLs the child; ``start()`` again restarts it on the same data and port.
@@ -438,17 +487,6 @@ class LocalGateway:
         self.kills = 0
         self._cpu_base = (0.0, 0.0)
         self.log_path = self.data_dir / "gateway.log"
-
-    async def __aenter__(self) -> LocalGateway:
-        try:
-            await self.start()
-        except BaseException:
-            await self.stop()
-            raise
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.stop()
 
     def token(self, localpart: str, provider_id: str) -> str:
         return self.issuers[provider_id].issue(localpart, audience=AUDIENCE, expires_in=24 * 3600)
@@ -479,26 +517,12 @@ class LocalGateway:
         self.static_public = bytes.fromhex(ready["static_public"])
         self.starts += 1
 
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    @property
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.returncode is None
-
     def cpu_s(self) -> tuple[float, float, float]:
         """(on CPU, run-queue wait) seconds of all the gateway children so far, and the CPU
         seconds of this (the load) process."""
         on_cpu, waiting = schedstat_s(self.pid) if self.alive else (0.0, 0.0)
         times = os.times()
         return self._cpu_base[0] + on_cpu, self._cpu_base[1] + waiting, times.user + times.system
-
-    def memory_bytes(self) -> tuple[int, int]:
-        if not self.alive:
-            return 0, 0
-        status = status_bytes(self.pid)
-        return status.get("VmRSS", 0), status.get("VmHWM", 0)
 
     async def kill(self) -> None:
         self._cpu_base = self.cpu_s()[:2]
@@ -507,13 +531,7 @@ class LocalGateway:
         self.kills += 1
 
     async def stop(self) -> None:
-        if self.alive:
-            self.proc.terminate()
-            try:
-                await asyncio.wait_for(self.proc.wait(), 15)
-            except TimeoutError:
-                self.proc.kill()
-                await self.proc.wait()
+        await self._terminate(15)
         for issuer in self.issuers.values():
             await issuer.stop()
         self.issuers = {}
