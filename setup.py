@@ -18,9 +18,9 @@ extensions = [
 ]
 
 setup(
-    packages=["interlink", "interlink.core", "interlink.ext"],
+    packages=["interlink", "interlink.core", "interlink.ext", "interlink.scenarios"],
     package_dir={"interlink": "bindings", "interlink.core": "core", "interlink.ext": "ext"},
-    package_data={"interlink.ext": ["*.pyx", "*.pxd"], "interlink": ["scenarios/*.toml"]},
+    package_data={"interlink.ext": ["*.pyx", "*.pxd"], "interlink.scenarios": ["*.toml"]},
     ext_modules=cythonize(
         extensions,
         language_level=3,

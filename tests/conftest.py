@@ -10,7 +10,8 @@ import pytest
 # Fixtures of the messaging and operations end-to-end tests (issuers, gateway, people).
 pytest_plugins = ["three_providers", "e2ee_people"]
 
-VECTORS = Path(__file__).resolve().parents[1].parent / "shared" / "vectors"
+# Inside the checkout, so a fresh clone tests itself (tests/vectors/README.md: sources and digests).
+VECTORS = Path(__file__).resolve().parent / "vectors"
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
@@ -27,7 +28,7 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 @pytest.fixture(scope="session")
 def vectors_dir() -> Path:
     if not VECTORS.is_dir():
-        pytest.fail(f"test vectors not found at {VECTORS} (shared/ must sit beside the checkout)")
+        pytest.fail(f"test vectors not found at {VECTORS}: tests/vectors/ is part of the repository; restore it from git")
     return VECTORS
 
 

@@ -1,7 +1,7 @@
 """Wycheproof AEAD vectors through both CipherState twins.
 
 Only the groups Noise uses: 96-bit nonces, 256-bit keys, 128-bit tags. Counts are asserted so the
-test cannot pass by running nothing (shared/vectors/README.md: ChaCha20-Poly1305 holds 256 valid and
+test cannot pass by running nothing (tests/vectors/README.md: ChaCha20-Poly1305 holds 256 valid and
 60 invalid such tests, AES-GCM 39 valid and 27 invalid).
 """
 

@@ -1,6 +1,6 @@
 """NoiseSession against the published Noise test vectors, noiseprotocol itself, and Wycheproof low-order points.
 
-Vector semantics (shared/vectors/README.md): handshake messages alternate initiator, responder, ...;
+Vector semantics (tests/vectors/README.md): handshake messages alternate initiator, responder, ...;
 transport messages keep the alternation, so after XX (3 messages) the responder sends first and
 after IK (2 messages) the initiator does. Transport messages go through the project's CipherState.
 """
