@@ -10,7 +10,7 @@ import os
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 
-NATIVE_MODULES = ["_framing", "_cipher", "_fanout", "_mailbox"]
+NATIVE_MODULES = ["_framing", "_cipher", "_fanout", "_mailbox", "_stanza"]
 
 extensions = [
     Extension(f"interlink.ext.{name}", [os.path.join("ext", f"{name}.pyx")])

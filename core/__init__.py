@@ -8,7 +8,7 @@ the pure twins run; it is computed on first access, so importing a light module 
 
 def __getattr__(name: str):
     if name == "IMPLEMENTATION":
-        from interlink.core import cipher, fanout, framing  # noqa: F401  (importing them decides)
+        from interlink.core import cipher, fanout, framing, mailbox, stanza  # noqa: F401  (importing them decides)
         from interlink.core._select import implementation
 
         return implementation()

@@ -29,6 +29,7 @@ from interlink.core.errors import (
     HandshakeError,
     InterlinkError,
     StanzaError,
+    TooManyStanzasError,
 )
 from interlink.core.framing import FrameDecoder, encode_frame
 from interlink.core.identity import NodeCertificate, server_hello, verify_server_hello
@@ -492,14 +493,16 @@ class ServerConnection(_Endpoint):
         return AuthRequested(token, device, agent, client_static)
 
     def _receive_plaintext(self, plaintext: bytes) -> None:
+        # Each transport message is decoded on its own: a stanza cut short is answered with
+        # bad_stanza here and can never be completed by a later message (DESIGN, "Decoding").
         try:
-            stanzas = decode_stanzas(plaintext)
+            stanzas = decode_stanzas(plaintext, MAX_STANZAS_PER_MESSAGE)
             error = None
+        except TooManyStanzasError as exc:
+            self.close("protocol_error", str(exc))
+            return
         except StanzaError as exc:
             stanzas, error = exc.stanzas, exc
-        if len(stanzas) > MAX_STANZAS_PER_MESSAGE:
-            self.close("protocol_error", f"more than {MAX_STANZAS_PER_MESSAGE} stanzas in one transport message")
-            return
         for stanza in stanzas:
             kind = stanza.get("t")
             if kind == "ping":

@@ -77,6 +77,11 @@ class StanzaError(ProtocolError):
     code = "bad_stanza"
 
 
+class TooManyStanzasError(StanzaError):
+    """A transport message holds more stanzas than a receiver serves from one message; the
+    session ends (``bye protocol_error``) instead of answering each."""
+
+
 class AuthError(InterlinkError):
     """A client's credentials were refused; ``code`` is one of the auth codes of PROTOCOL §4."""
 

@@ -368,6 +368,60 @@ def test_stanzas_before_a_malformed_one_are_still_served():
     assert [s["t"] for s in stanzas] == ["pong", "err"]
 
 
+def send_plaintext(client: ClientConnection, server: ServerConnection, plaintext: bytes) -> None:
+    """One transport message with exactly these plaintext bytes, whole stanzas or not."""
+    server.receive_data(encode_frame(client._session.send_cipher.encrypt(plaintext)), NOW)
+
+
+def exchange(client: ClientConnection, server: ServerConnection) -> tuple[list, list]:
+    """(what the client received, what the server handed to the edge) until both are quiet."""
+    client_events, server_events = shuttle(client, server)
+    received = [e.stanza for e in client_events if isinstance(e, StanzaReceived)]
+    return received, [e.stanza for e in server_events if isinstance(e, StanzaReceived)]
+
+
+# Whole stanzas of several shapes (nested maps, lists, bin, long str), one after the other.
+CUT_STANZAS = [
+    {"t": "iq", "id": 4242, "op": "block.list"},
+    {"t": "msg", "id": bytes(16), "to": "victor@globex", "c": {1: b"\x00" * 40, 2: b"y" * 300}},
+    {"t": "iq", "id": 7, "op": "keys.put", "ik": b"k" * 32, "spk": {"id": 1, "key": b"s" * 32, "sig": b"g" * 64},
+     "otpk": [{"id": 1, "key": b"o" * 32}]},
+    {"t": "recv", "seq": [1, 300, 70000, 2**33]},
+]
+
+
+def test_a_stanza_cut_at_any_offset_is_answered_and_never_completed_by_another_session():
+    """Session M sends every prefix of several stanzas as one transport message; session V, on
+    another connection of the same process, then pings. V's bytes must never finish M's stanza:
+    V gets exactly its pong and hands nothing to the edge; M gets the whole stanzas before the
+    cut served and one bad_stanza; M's next message is read on its own."""
+    m_client, m_server, _ = open_session(0x01)
+    v_client, v_server, _ = open_session(0x02)
+    plaintext = b"".join(encode_stanza(s) for s in CUT_STANZAS)
+    ends = [len(b"".join(encode_stanza(s) for s in CUT_STANZAS[: i + 1])) for i in range(len(CUT_STANZAS))]
+    for cut in range(1, len(plaintext)):
+        send_plaintext(m_client, m_server, plaintext[:cut])
+        whole = [s for s, end in zip(CUT_STANZAS, ends) if end <= cut]
+        m_received, m_handed = exchange(m_client, m_server)
+        assert m_handed == whole, cut
+        assert m_received == ([] if cut in ends else [{"t": "err", "code": "bad_stanza", "msg": "transport message ends inside a stanza"}]), cut
+        v_client.send_stanza({"t": "ping", "id": cut})
+        assert exchange(v_client, v_server) == ([{"t": "pong", "id": cut}], []), cut
+        m_client.send_stanza({"t": "ping", "id": -cut})
+        assert exchange(m_client, m_server) == ([{"t": "pong", "id": -cut}], []), cut
+    assert not m_server.closed and not v_server.closed
+
+
+def test_a_stanza_never_spans_two_transport_messages_of_one_session():
+    client, server, _ = open_session(0x01)
+    cut = b"\x84" + b"".join(msgpack.packb(x) for x in ("t", "iq", "id", 4242, "op", "block.list", "x"))
+    send_plaintext(client, server, cut)
+    send_plaintext(client, server, encode_stanza({"t": "ping", "id": 1}))
+    received, handed = exchange(client, server)
+    assert handed == []  # the map was not completed by the ping into an iq
+    assert [s["t"] for s in received] == ["err", "pong"] and received[1]["id"] == 1
+
+
 def test_queued_stanzas_are_coalesced_into_few_transport_messages():
     client, server, _ = open_session(0x01)
     for i in range(1000):

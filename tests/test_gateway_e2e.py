@@ -7,6 +7,7 @@ import asyncio
 import time
 
 import jwt
+import msgpack
 import pytest
 
 from interlink.client import Client, Suite
@@ -15,8 +16,10 @@ from interlink.core.auth import Provider
 from interlink.core.errors import AuthError, CertificateError, HandshakeError, SessionClosedError
 from interlink.core.framing import FrameDecoder, encode_frame
 from interlink.core.identity import generate_root_key, generate_static_key, x25519_public
+from interlink.core.stanza import encode_stanza
 from interlink.gateway import Gateway
 from interlink.issuer import DemoIssuer
+from interlink.leanpeer import LeanPeer
 
 AUD = "interlink-test"
 
@@ -457,3 +460,97 @@ async def test_replayed_ik_message_gets_no_session(gateway, issuers):
     conn.receive_data(await asyncio.wait_for(reader.read(65536), 5), time.time())
     assert [e.stanza for e in conn.events() if hasattr(e, "stanza")] == [{"t": "pong", "id": 77}]
     writer.close()
+
+
+# ------------------------------------------------------------------ a stanza cut short (PROTOCOL §4)
+
+
+def _packed(*elements) -> bytes:
+    return b"".join(msgpack.packb(e, use_bin_type=True) for e in elements)
+
+
+# Transport plaintexts that end inside a stanza, as an independent client sent them: the report's
+# 4-entry map whose last value is missing, a block.add waiting for the value of a key it ignores,
+# a ciphertext cut short, a map16 header with its entries cut.
+CUT_SHORT = {
+    "iq block.list, last value missing": b"\x84" + _packed("t", "iq", "id", 4242, "op", "block.list", "x"),
+    "iq block.add, ignored key's value missing": b"\x85" + _packed("t", "iq", "id", 4243, "op", "block.add", "user", "zed@alpha", "x"),
+    "msg, ciphertext cut short": b"\x84" + _packed("t", "msg", "id", bytes(16), "to", "victor@beta", "c") + b"\x81\x01\xc4\xc8" + b"x" * 10,
+    "map16 header, entries cut": b"\xde\x00\x03" + _packed("t", "iq", "op", "block.list"),
+}
+
+
+async def _until(condition, timeout_s: float = 5.0) -> bool:
+    """Wait (bounded) for something the gateway should do; the caller asserts what happened."""
+    async with asyncio.timeout(timeout_s):
+        while not condition():
+            await asyncio.sleep(0.005)
+    return True
+
+
+async def _barrier(peer: LeanPeer, inbox: list) -> None:
+    """Ping and wait for the pong, then drop it: the gateway answers a session in order, so
+    everything it had to send before is in ``inbox`` now."""
+    inbox_before = len(inbox)
+    peer.queue(encode_stanza({"t": "ping", "id": 2**40}))
+    await _until(lambda: any(s == {"t": "pong", "id": 2**40} for s in inbox[inbox_before:]))
+    inbox.remove({"t": "pong", "id": 2**40})
+
+
+async def _lean(gateway: Gateway, token: str, inbox: list, **options) -> LeanPeer:
+    host, port = gateway.address
+    return await LeanPeer.connect(host, port, token=token, device=1, root_public=gateway.root_public,
+                                  on_stanza=inbox.append, **options)
+
+
+@pytest.mark.parametrize("cut", list(CUT_SHORT))
+async def test_a_stanza_cut_short_never_runs_as_another_user(gateway, issuers, cut):
+    """User M (alpha) sends one transport message that ends inside a stanza; user V (beta), on
+    another connection, then pings. The report: V's ping completed M's map, which then ran as V.
+    Now M gets bad_stanza, V gets exactly its pong, V's state is untouched, and both go on."""
+    alpha, beta = issuers
+    m_inbox, v_inbox = [], []
+    mallory = await _lean(gateway, alpha.issue("mallory", audience=AUD), m_inbox)
+    victor = await _lean(gateway, beta.issue("victor", audience=AUD, alg="ES256"), v_inbox)
+    try:
+        victor.queue(encode_stanza({"t": "iq", "id": 1, "op": "block.add", "user": "eve@alpha"}))
+        await _until(lambda: v_inbox)
+        assert v_inbox.pop() == {"t": "res", "id": 1}
+
+        mallory.queue(CUT_SHORT[cut])  # alone in its transport message: exactly these bytes
+        try:
+            await _until(lambda: m_inbox, timeout_s=2.0)
+        except TimeoutError:
+            pass  # no answer to M: the assertions below say what became of its bytes
+        victor.queue(encode_stanza({"t": "ping", "id": 77}))
+        await _until(lambda: v_inbox)
+        await _barrier(victor, v_inbox)
+        assert v_inbox == [{"t": "pong", "id": 77}], "V's ping was not answered as V's own"
+        assert [(s["t"], s.get("code")) for s in m_inbox] == [("err", "bad_stanza")]
+
+        victor.queue(encode_stanza({"t": "iq", "id": 2, "op": "block.list"}))
+        mallory.queue(encode_stanza({"t": "ping", "id": 5}))
+        await _until(lambda: len(v_inbox) == 2 and len(m_inbox) == 2)
+        assert v_inbox[1] == {"t": "res", "id": 2, "users": ["eve@alpha"], "more": False}
+        assert m_inbox[1] == {"t": "pong", "id": 5}
+        assert not mallory.closed and not victor.closed
+    finally:
+        await mallory.close()
+        await victor.close()
+
+
+async def test_a_stanza_never_runs_across_two_transport_messages(gateway, issuers):
+    """One session: a map cut short, then a ping in the next transport message. The ping must not
+    finish the map (which would run the iq); each message is answered on its own."""
+    alpha, _ = issuers
+    inbox: list = []
+    mallory = await _lean(gateway, alpha.issue("mallory", audience=AUD), inbox)
+    try:
+        mallory.queue(CUT_SHORT["iq block.list, last value missing"])
+        mallory.flush()
+        mallory.queue(encode_stanza({"t": "ping", "id": 9}))
+        await _until(lambda: len(inbox) >= 2)
+        await _barrier(mallory, inbox)
+        assert [(s["t"], s.get("code"), s.get("id")) for s in inbox] == [("err", "bad_stanza", None), ("pong", None, 9)]
+    finally:
+        await mallory.close()

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-NATIVE = ["interlink.ext._framing", "interlink.ext._cipher", "interlink.ext._fanout"]
+# Every Cython source must come out as an importable compiled module.
+NATIVE = [f"interlink.ext.{source.stem}" for source in sorted((ROOT / "ext").glob("_*.pyx"))]
 PROBE = (
     "import json, importlib, interlink.core as core; "
     "mods = {m: importlib.import_module(m).__file__ for m in %r}; "
@@ -37,6 +38,7 @@ def is_extension(path: str) -> bool:
 def test_the_running_install_uses_the_compiled_modules(tmp_path):
     result = probe(cwd=tmp_path)
     assert result["implementation"] == "cython"
+    assert len(result["modules"]) == len(NATIVE) >= 5, result  # _framing _cipher _fanout _mailbox _stanza, at least
     assert all(is_extension(path) for path in result["modules"].values()), result
 
 

@@ -1,0 +1,213 @@
+# cython: language_level=3
+"""Compiled twin of ``interlink.core._stanza_pure``: one transport plaintext to its stanzas.
+
+Same algorithm, same results, same exceptions and messages: a scan of the msgpack format bytes
+finds where each top-level object ends (in C here), then exactly those bytes are decoded by a
+decoder made for this call alone — ``msgpack.unpackb`` for the usual single stanza, a fresh
+``msgpack.Unpacker`` for several. Nothing survives the call, so no later bytes can complete a
+stanza cut short.
+"""
+
+from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
+
+import msgpack
+
+from interlink.core.errors import StanzaError, TooManyStanzasError
+
+INCOMPLETE = -1
+RESERVED = -2
+SLICED_MAX = 4  # up to this many stanzas, one one-shot decode each; more share a streaming decoder
+
+cdef Py_ssize_t _INCOMPLETE = -1
+cdef Py_ssize_t _RESERVED = -2
+
+_unpackb = msgpack.unpackb
+_Unpacker = msgpack.Unpacker
+_UnpackException = msgpack.UnpackException
+
+
+cdef inline unsigned long long _be(const unsigned char* p, int size) noexcept nogil:
+    cdef unsigned long long value = 0
+    cdef int i
+    for i in range(size):
+        value = (value << 8) | p[i]
+    return value
+
+
+cdef Py_ssize_t _object_end(const unsigned char* data, Py_ssize_t pos, Py_ssize_t end) noexcept nogil:
+    # Objects still to skip; a container adds its entries. Every object takes at least one byte,
+    # so more remaining objects than bytes left means the plaintext ends inside this one.
+    cdef long long remaining = 1
+    cdef unsigned char byte
+    cdef unsigned long long length
+    cdef int size_bytes
+    while remaining:
+        if pos >= end:
+            return _INCOMPLETE
+        byte = data[pos]
+        remaining -= 1
+        if byte <= 0x7F or byte >= 0xE0:  # positive and negative fixint
+            pos += 1
+        elif byte <= 0x8F:  # fixmap
+            remaining += 2 * (byte & 0x0F)
+            pos += 1
+        elif byte <= 0x9F:  # fixarray
+            remaining += byte & 0x0F
+            pos += 1
+        elif byte <= 0xBF:  # fixstr
+            pos += 1 + (byte & 0x1F)
+        elif byte == 0xC1:
+            return _RESERVED
+        elif byte == 0xC0 or byte == 0xC2 or byte == 0xC3:  # nil, false, true
+            pos += 1
+        elif byte <= 0xC9:  # bin 8/16/32 (0xc4-0xc6), ext 8/16/32 (0xc7-0xc9: a type byte more)
+            size_bytes = 1 << ((byte - 0xC4) % 3)
+            if pos + 1 + size_bytes > end:
+                return _INCOMPLETE
+            length = _be(data + pos + 1, size_bytes)
+            if length > <unsigned long long>(end - pos):
+                return _INCOMPLETE
+            pos += 1 + size_bytes + (1 if byte >= 0xC7 else 0) + <Py_ssize_t>length
+        elif byte <= 0xCB:  # float 32/64
+            pos += 5 if byte == 0xCA else 9
+        elif byte <= 0xD3:  # uint 8..64 (0xcc-0xcf), int 8..64 (0xd0-0xd3)
+            pos += 1 + (1 << ((byte - 0xCC) & 3))
+        elif byte <= 0xD8:  # fixext 1/2/4/8/16: type byte + payload
+            pos += 2 + (1 << (byte - 0xD4))
+        elif byte <= 0xDB:  # str 8/16/32
+            size_bytes = 1 << (byte - 0xD9)
+            if pos + 1 + size_bytes > end:
+                return _INCOMPLETE
+            length = _be(data + pos + 1, size_bytes)
+            if length > <unsigned long long>(end - pos):
+                return _INCOMPLETE
+            pos += 1 + size_bytes + <Py_ssize_t>length
+        else:  # array 16/32 (0xdc, 0xdd), map 16/32 (0xde, 0xdf)
+            size_bytes = 2 if byte == 0xDC or byte == 0xDE else 4
+            if pos + 1 + size_bytes > end:
+                return _INCOMPLETE
+            length = _be(data + pos + 1, size_bytes)
+            if length > <unsigned long long>(end - pos):
+                return _INCOMPLETE
+            remaining += <long long>length * (2 if byte >= 0xDE else 1)
+            pos += 1 + size_bytes
+        if remaining > end - pos:
+            return _INCOMPLETE
+    return pos
+
+
+def object_end(data, Py_ssize_t pos, Py_ssize_t end):
+    """Where the msgpack object starting at ``data[pos]`` ends (exclusive), looking no further
+    than ``end``; ``INCOMPLETE`` if it runs past ``end``, ``RESERVED`` if it holds byte 0xc1."""
+    cdef Py_buffer view
+    PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+    try:
+        if pos < 0 or end > view.len or pos > end:
+            raise IndexError("object_end: pos and end must satisfy 0 <= pos <= end <= len(data)")
+        return _object_end(<const unsigned char*>view.buf, pos, end)
+    finally:
+        PyBuffer_Release(&view)
+
+
+def _reject_ext(code, data):
+    raise StanzaError(f"msgpack extension type {code} is not allowed")
+
+
+cdef _not_a_map(obj):
+    return StanzaError(f"stanza must be a msgpack map, got {type(obj).__name__}")
+
+
+cdef _not_msgpack(exc):
+    return StanzaError(f"transport message is not valid msgpack ({exc.__class__.__name__})")
+
+
+cdef _fail(error, list stanzas):
+    error.stanzas = stanzas
+    raise error
+
+
+def decode_stanzas(plaintext, max_stanzas=None):
+    """Split one transport plaintext into its stanzas (msgpack maps).
+
+    Raises ``StanzaError`` (``bad_stanza``) when the bytes are not a sequence of whole msgpack
+    maps; the stanzas decoded before the broken part are attached as ``exc.stanzas`` so the
+    caller can still serve them, in order, before answering the error. With ``max_stanzas``, a
+    plaintext holding more raises ``TooManyStanzasError`` (``exc.stanzas`` empty) as soon as the
+    scan counts one more, before anything is decoded.
+    """
+    cdef Py_buffer view
+    cdef const unsigned char* data
+    cdef Py_ssize_t size, pos = 0, end, tail = 0, count = 0, limit = -1
+    cdef list ends = []
+    cdef list stanzas = []
+    if max_stanzas is not None:
+        limit = max_stanzas
+    if type(plaintext) is not bytes:
+        # The pure twin's conversion, so that the same objects are refused the same way.
+        plaintext = memoryview(plaintext).cast("B")
+    PyObject_GetBuffer(plaintext, &view, PyBUF_SIMPLE)
+    try:
+        data = <const unsigned char*>view.buf
+        size = view.len
+        while pos < size:
+            end = _object_end(data, pos, size)
+            if end < 0:
+                tail = end
+                break
+            ends.append(end)
+            count += 1
+            pos = end
+            if limit >= 0 and count > limit:
+                _fail(TooManyStanzasError(f"more than {max_stanzas} stanzas in one transport message"), [])
+    finally:
+        PyBuffer_Release(&view)
+    if count == 1 and pos == size:
+        # One stanza, the usual case: msgpack's one-shot decoder on the plaintext as it is.
+        try:
+            obj = _unpackb(plaintext, raw=False, strict_map_key=False, ext_hook=_reject_ext)
+            if type(obj) is not dict:
+                raise _not_a_map(obj)
+        except StanzaError as exc:
+            _fail(exc, stanzas)
+        except (ValueError, _UnpackException, TypeError) as exc:
+            _fail(_not_msgpack(exc), stanzas)
+        return [obj]
+    if count <= SLICED_MAX:
+        # A few: the one-shot decoder on exactly each object's bytes (it refuses a slice that
+        # holds less or more than one object).
+        whole = memoryview(plaintext)
+        pos = 0
+        for end_obj in ends:
+            try:
+                obj = _unpackb(whole[pos:end_obj], raw=False, strict_map_key=False, ext_hook=_reject_ext)
+                if type(obj) is not dict:
+                    raise _not_a_map(obj)
+            except StanzaError as exc:
+                _fail(exc, stanzas)
+            except (ValueError, _UnpackException, TypeError) as exc:
+                _fail(_not_msgpack(exc), stanzas)
+            stanzas.append(obj)
+            pos = end_obj
+    else:
+        # Many: a streaming decoder made for this call only, fed exactly the whole objects the
+        # scan found; it must find as many objects as the scan did, ending where the scan did.
+        last = ends[count - 1]
+        unpacker = _Unpacker(raw=False, strict_map_key=False, ext_hook=_reject_ext, max_buffer_size=last)
+        unpacker.feed(memoryview(plaintext)[:last])
+        try:
+            for obj in unpacker:
+                if type(obj) is not dict:
+                    raise _not_a_map(obj)
+                stanzas.append(obj)
+        except StanzaError as exc:
+            _fail(exc, stanzas)
+        except (ValueError, _UnpackException, TypeError) as exc:
+            _fail(_not_msgpack(exc), stanzas)
+        if len(stanzas) != count or unpacker.tell() != last:
+            _fail(StanzaError("transport message is not valid msgpack (object boundary)"), stanzas)
+    if tail == _INCOMPLETE:
+        _fail(StanzaError("transport message ends inside a stanza"), stanzas)
+    if tail == _RESERVED:
+        _fail(StanzaError("transport message is not valid msgpack (byte 0xc1)"), stanzas)
+    return stanzas
