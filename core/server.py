@@ -511,12 +511,14 @@ class GatewayServer:
         except Exception as exc:  # AuthError is the verdict; anything else is ours (internal)
             self._refuse(proto, exc)
             return
-        if proto.conn.closed or proto.transport is None:
-            return  # the client went away while its token was being checked
         self._admit_identity(proto, identity)
 
     def _admit_identity(self, proto: GatewayProtocol, identity: Identity) -> None:
         """The token is good: apply what may have changed meanwhile, register the device, open."""
+        if proto.conn.closed or proto.transport is None:
+            # Closed while its token was checked: by a key fetch's wait, or in the very read that
+            # asked for auth (too much pipelined). It must not replace the device's live session.
+            return
         try:
             provider = self.registry.get(identity.provider)
             if provider is None or provider.suspended:  # suspended while the key was being fetched
