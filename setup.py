@@ -18,7 +18,7 @@ extensions = [
 ]
 
 setup(
-    packages=["interlink", "interlink.core", "interlink.ext", "interlink.scenarios"],
+    packages=["interlink", "interlink.core", "interlink.ext", "interlink.scenarios", "interlink.e2ee"],
     package_dir={"interlink": "bindings", "interlink.core": "core", "interlink.ext": "ext"},
     package_data={"interlink.ext": ["*.pyx", "*.pxd"], "interlink.scenarios": ["*.toml"]},
     ext_modules=cythonize(

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 # Fixtures of the messaging and operations end-to-end tests (issuers, gateway, people).
-pytest_plugins = ["three_providers", "e2ee_people"]
+pytest_plugins = ["three_providers"]
 
 # Inside the checkout, so a fresh clone tests itself (tests/vectors/README.md: sources and digests).
 VECTORS = Path(__file__).resolve().parent / "vectors"

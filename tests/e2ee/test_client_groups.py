@@ -1,34 +1,37 @@
-"""End-to-end encrypted groups through a real gateway (loopback TCP, real LMDB, real OpenID issuers):
-``E2EEClient.create_group``/``add_members``/``remove_members``/``leave_group``/``send_to_group``, the
-sender keys carried over the pairwise sessions (kind ``skey``), and membership events as
-``GroupEvent``s. Every device of every member of three providers decrypts every message; a member
-removed or leaving mid-conversation gets nothing more, and its old sender keys do not open what is
-sent after; a member added later reads what is sent after joining, not before; a group message that
-arrives before its sender key waits for it; a restart from the state file keeps the group."""
+"""``interlink.e2ee.client``, groups: end-to-end encrypted groups through a real gateway (loopback
+TCP, real LMDB, real OpenID issuers) — ``create_group``/``add_members``/``remove_members``/
+``leave_group``/``send_to_group``, the sender keys carried over the pairwise sessions (kind
+``skey``), and membership events as ``GroupEvent``s. Every device of every member of three
+providers decrypts every message; a member removed or leaving mid-conversation gets nothing more,
+and its old sender keys do not open what is sent after; a member added later reads what is sent
+after joining, not before; a group message that arrives before its sender key waits for it (and
+one sender cannot push the others' waiting messages out); a removal racing a send rotates first;
+sender keys and group messages are taken only from members of known groups; members adopted from
+``group.get`` are announced before they get the key; a restart from the state file keeps the
+group."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 
 import pytest
 from interlink.core.errors import ServerError
 from interlink.e2ee import (
+    DeviceState,
     E2EEClient,
     E2EEError,
     GroupEvent,
     Message,
     SenderKey,
-    _pack,
     parse_envelope,
 )
-from e2ee_people import Devices, receive_n as got
+from interlink.e2ee.client import MAX_HELD, MAX_HELD_PER_SENDER
+from interlink.e2ee.envelope import pack, unpack
+
+from .helpers import Devices, nothing_more, receive_n as got
 
 ALICE, BOB, GUS, DAVE = "alice@alpha", "bob@beta", "gus@gamma", "dave@alpha"
-
-
-async def nothing_more(client: E2EEClient) -> None:
-    with pytest.raises(TimeoutError):
-        await client.receive(timeout_s=0.2)
 
 
 async def open_all(devices: Devices, *specs: tuple[str, int]) -> dict[tuple[str, int], E2EEClient]:
@@ -194,7 +197,7 @@ async def test_a_group_message_before_its_sender_key_waits_for_it(devices):
     g = await alice.create_group([BOB])
     await got(bob, 1)
     key = alice.state.own_sender_key(g)
-    distribution = _pack(key.distribution())  # the chain as it stands before the message
+    distribution = pack(key.distribution())  # the chain as it stands before the message
     early = await alice.encrypt_group(g, "ahead of my key")
     await alice.client.send_group_message(g, early)
     with pytest.raises(TimeoutError):  # bob reads it but cannot decrypt it yet: it is held (in his state file)
@@ -310,3 +313,145 @@ async def test_what_a_member_sent_before_its_removal_still_decrypts_after_it(dev
     (last,) = await got(alice, 1)
     assert (last.sender, last.text) == (BOB, "my last words")
     assert alice.undecryptable == gus.undecryptable == []
+
+
+async def test_group_sender_keys_are_distributed_over_the_pairwise_sessions(devices):
+    alice1, alice2 = await devices.open("alice@alpha", 1), await devices.open("alice@alpha", 2)
+    bob1, bob2 = await devices.open("bob@beta", 1), await devices.open("bob@beta", 2)
+    carl = await devices.open("carl@beta", 1)
+    group = bytes(16)
+    for client in (alice1, alice2, bob1, bob2, carl):  # the key layer: sender keys are taken only for a known group, from members
+        client.state.set_members(group, ["alice@alpha", "bob@beta", "carl@beta"], 1)
+    await alice1.share_sender_key(group, ["alice@alpha", "bob@beta", "carl@beta"])
+    await alice1.send_text("bob@beta", "sync")  # the distributions are consumed on the way to this one
+    for client in (bob1, bob2, alice2):
+        assert [m.text for m in await got(client, 1)] == ["sync"]
+    await nothing_more(carl)
+    # one ciphertext for every member's device (the key layer alone: decrypted here without a group msg)
+    ciphertexts = [await alice1.encrypt_group(group, f"group message {i}") for i in range(3)]
+    for client in (bob1, bob2, carl, alice2):
+        for i in (2, 0, 1):
+            assert await client.decrypt_group("alice@alpha", 1, ciphertexts[i]) == f"group message {i}"
+    # a member's device cannot pass a message off as alice's
+    await bob1.share_sender_key(group, ["carl@beta"])
+    forged = await bob1.encrypt_group(group, "pretending")
+    with pytest.raises(E2EEError):
+        await carl.decrypt_group("alice@alpha", 1, forged)
+
+
+# -- races and who may hand out keys
+
+
+async def consent_all(*clients: E2EEClient) -> None:
+    for client in clients:
+        await client.client.iq("consent.set", accept=["*"], discoverable=False)
+
+
+async def test_a_removal_during_a_group_send_rotates_before_encrypting(devices):
+    alice, bob, gus = await devices.open(ALICE, 1), await devices.open(BOB, 1), await devices.open(GUS, 1)
+    await consent_all(alice, bob, gus)
+    g = await alice.create_group([BOB, GUS])
+    for client in (bob, gus):
+        await got(client, 1)
+    await alice.send_to_group(g, "everyone")
+    for client in (bob, gus):
+        assert (await got(client, 1))[0].text == "everyone"
+    old_kid = alice.state.own_sender_keys[g].key_id
+    distribute, calls = alice._distribute, []
+
+    async def racing(group, key, members, info, **kw):
+        await distribute(group, key, members, info, **kw)
+        if not calls:  # gus is removed while the first distribution is on its way
+            calls.append(key.key_id)
+            ver = await alice.client.iq("group.del", g=g, members=[GUS])
+            async with alice._lock:
+                alice.state.set_members(g, [ALICE, BOB], ver["ver"])
+
+    alice._distribute = racing
+    sent = []
+    send = alice.client.send_group_message
+
+    async def spy(group, body, **options):
+        sent.append(body)
+        return await send(group, body, **options)
+
+    alice.client.send_group_message = spy
+    await alice.send_to_group(g, "after gus")
+    assert calls == [old_kid]
+    assert unpack(sent[0])["kid"] != old_kid  # not encrypted with the chain gus holds
+    items = await got(bob, 2)
+    assert [(type(i).__name__, getattr(i, "event", None) or i.text) for i in items] == [
+        ("GroupEvent", "removed"), ("Message", "after gus")]
+    assert bob.undecryptable == []
+
+
+async def test_sender_keys_and_group_messages_only_from_members_of_known_groups(devices):
+    alice, bob, gus = await devices.open(ALICE, 1), await devices.open(BOB, 1), await devices.open(GUS, 1)
+    await consent_all(alice, bob, gus)
+    g = await alice.create_group([BOB])
+    await got(bob, 1)
+    # gus is no member: his sender key for g is refused
+    await gus._send_payload(BOB, pack(SenderKey.create(g).distribution()), own_copies=False)
+    # a sender key for a group nobody knows is refused too
+    await alice._send_payload(BOB, pack(SenderKey.create(os.urandom(16)).distribution()), own_copies=False)
+    await alice.send_text(BOB, "sync")
+    (sync,) = await got(bob, 1)
+    assert sync.text == "sync"
+    assert [w for *_, w in bob.undecryptable] == [
+        "a sender key from gus@gamma/1 for a group it (or this user) is not a member of",
+        "a sender key from alice@alpha/1 for a group it (or this user) is not a member of",
+    ]
+    assert [k for k in bob.state.sender_keys if k[1] == GUS] == []
+    # a group message from a non-member (as a gateway could forge one) is refused, not held
+    gus_key = gus.state.own_sender_key(g)
+    forged = {"t": "dlv", "k": "msg", "from": GUS, "dev": 1, "id": os.urandom(16), "ts": 0, "g": g,
+              "c": gus_key.encrypt(pack({"k": "text", "text": "hi", "ts": 0}))}
+    assert await bob._handle(forged) == []
+    assert bob.state.held == [] and "not a member" in bob.undecryptable[-1][3]
+    # after leaving, alice's new sender key for g is refused
+    await bob.leave_group(g)
+    await alice._send_payload(BOB, pack(alice.state.own_sender_key(g, rotate=True).distribution()), own_copies=False)
+    await alice.send_text(BOB, "sync 2")
+    (item,) = await got(bob, 1)
+    assert isinstance(item, Message) and item.text == "sync 2"
+    assert "not a member" in bob.undecryptable[-1][3]
+    assert [k for k in bob.state.sender_keys if k[0] == g] == []
+
+
+async def test_members_adopted_from_group_get_are_announced_before_they_get_the_key(devices):
+    alice1, alice2 = await devices.open(ALICE, 1), await devices.open(ALICE, 2)
+    bob, gus = await devices.open(BOB, 1), await devices.open(GUS, 1)
+    await consent_all(alice1, bob, gus)
+    g = await alice1.create_group([BOB])
+    await alice2.client.iq("group.add", g=g, members=[GUS])  # alice1 has not read the event yet
+    seen_at_distribution = []
+    distribute = alice1._distribute
+
+    async def spy(group, key, members, info, **kw):
+        seen_at_distribution.append([i for i in alice1._ready if isinstance(i, GroupEvent)])
+        return await distribute(group, key, members, info, **kw)
+
+    alice1._distribute = spy
+    await alice1.send_to_group(g, "hello")
+    (resync,) = seen_at_distribution[0]
+    assert (resync.event, resync.members, resync.gone, resync.current) == ("resync", (GUS,), (), (ALICE, BOB, GUS))
+    first = await alice1.receive(timeout_s=5)
+    assert first is resync
+
+
+# -- the held queue
+
+
+def test_one_sender_cannot_flush_the_held_messages_of_others(tmp_path):
+    client = E2EEClient(None, DeviceState.create(BOB, 1), tmp_path / "bob.state", otpk_target=0, otpk_low=0)
+    g = b"G" * 16
+
+    def hold(sender: str) -> None:
+        stanza = {"g": g, "from": sender, "dev": 1, "id": os.urandom(16), "ts": 0, "seq": None, "c": b""}
+        client._hold(stanza, {"kid": 1, "n": 0})
+
+    hold(ALICE)
+    for _ in range(MAX_HELD + 10):
+        hold("mallory@gamma")
+    assert [h["from"] for h in client.state.held].count(ALICE) == 1
+    assert [h["from"] for h in client.state.held].count("mallory@gamma") == MAX_HELD_PER_SENDER

@@ -1,9 +1,11 @@
-"""``interlink.e2ee`` end to end: ``E2EEClient``s of two providers' users, two devices each, over
-a real gateway (loopback TCP, real LMDB, real OpenID issuers) — every device decrypts, the
-sender's own other devices too; a device added later is reached after ``device_mismatch``; an
-exhausted one-time prekey stock still lets sessions start; a restart from the state file continues
-the conversation; out-of-order delivery; and the gateway never sees plaintext (LMDB files, the
-``interlink`` logs at DEBUG, and every TCP byte between clients and gateway)."""
+"""``interlink.e2ee.client``: ``E2EEClient``s of two providers' users, two devices each, over a
+real gateway (loopback TCP, real LMDB, real OpenID issuers) — every device decrypts, the sender's
+own other devices too; a device added later is reached after ``device_mismatch``; an exhausted
+one-time prekey stock still lets sessions start; refill and signed-prekey rotation; a restart from
+the state file continues the conversation; out-of-order delivery; one user of a state file at a
+time; a rotated signed prekey is on disk before it is published; and the gateway never sees
+plaintext (LMDB files, the ``interlink`` logs at DEBUG, and every TCP byte between clients and
+gateway). Groups: ``test_client_groups.py``."""
 
 from __future__ import annotations
 
@@ -13,15 +15,15 @@ import stat
 import uuid
 
 import pytest
-from interlink.e2ee import E2EEClient, E2EEError, _pack
+from interlink.client import Client
+from interlink.e2ee import DeviceState, E2EEError
+from interlink.e2ee.envelope import pack
 from interlink.gateway import Gateway
-from e2ee_people import Devices, receive_n as texts
 from three_providers import config_for
 
+from .helpers import Devices, nothing_more, receive_n as texts
 
-async def nothing_more(client: E2EEClient) -> None:
-    with pytest.raises(TimeoutError):
-        await client.receive(timeout_s=0.2)
+ALICE = "alice@alpha"
 
 
 async def test_two_providers_two_devices_each_every_device_decrypts(devices):
@@ -150,30 +152,6 @@ async def test_restart_from_the_state_file_continues_the_conversation(devices):
     assert alice.undecryptable == bob.undecryptable == []
 
 
-async def test_group_sender_keys_are_distributed_over_the_pairwise_sessions(devices):
-    alice1, alice2 = await devices.open("alice@alpha", 1), await devices.open("alice@alpha", 2)
-    bob1, bob2 = await devices.open("bob@beta", 1), await devices.open("bob@beta", 2)
-    carl = await devices.open("carl@beta", 1)
-    group = bytes(16)
-    for client in (alice1, alice2, bob1, bob2, carl):  # the key layer: sender keys are taken only for a known group, from members
-        client.state.set_members(group, ["alice@alpha", "bob@beta", "carl@beta"], 1)
-    await alice1.share_sender_key(group, ["alice@alpha", "bob@beta", "carl@beta"])
-    await alice1.send_text("bob@beta", "sync")  # the distributions are consumed on the way to this one
-    for client in (bob1, bob2, alice2):
-        assert [m.text for m in await texts(client, 1)] == ["sync"]
-    await nothing_more(carl)
-    # one ciphertext for every member's device (the gateway will fan it out in the groups issue)
-    ciphertexts = [await alice1.encrypt_group(group, f"group message {i}") for i in range(3)]
-    for client in (bob1, bob2, carl, alice2):
-        for i in (2, 0, 1):
-            assert await client.decrypt_group("alice@alpha", 1, ciphertexts[i]) == f"group message {i}"
-    # a member's device cannot pass a message off as alice's
-    await bob1.share_sender_key(group, ["carl@beta"])
-    forged = await bob1.encrypt_group(group, "pretending")
-    with pytest.raises(E2EEError):
-        await carl.decrypt_group("alice@alpha", 1, forged)
-
-
 async def test_out_of_order_and_lost_messages_through_the_gateway(devices):
     alice = await devices.open("alice@alpha", 1)
     bob = await devices.open("bob@beta", 1)
@@ -184,7 +162,7 @@ async def test_out_of_order_and_lost_messages_through_the_gateway(devices):
     # alice's client encrypts five messages in ratchet order; they reach the gateway reordered, one never
     stanzas = []
     for i in range(5):
-        payload = _pack({"k": "text", "text": f"number {i}", "ts": 0})
+        payload = pack({"k": "text", "text": f"number {i}", "ts": 0})
         stanzas.append(await alice._encrypt_for("bob@beta", [1], payload))
     for i in (3, 0, 4, 1):  # 2 is lost
         await alice.client.send_message("bob@beta", stanzas[i])
@@ -194,6 +172,39 @@ async def test_out_of_order_and_lost_messages_through_the_gateway(devices):
     await alice.client.send_message("bob@beta", stanzas[2])  # a replay (new id) is refused
     await nothing_more(bob)
     assert len(bob.undecryptable) == 1
+
+
+# -- one user of a state file at a time
+
+
+async def test_a_second_opener_of_the_state_file_is_refused(devices):
+    alice = await devices.open(ALICE, 1)
+    with pytest.raises(E2EEError, match="in use"):
+        await devices.open(ALICE, 1)  # a second process, a second client in this one
+    await alice.close()
+    again = await devices.open(ALICE, 1)  # closing released it
+    assert again.state.identity_key == alice.state.identity_key
+    await again.close()
+
+
+# -- the rotated signed prekey is saved before it is published
+
+
+async def test_open_saves_a_rotated_signed_prekey_before_publishing_it(devices, monkeypatch):
+    alice = await devices.open(ALICE, 1)
+    await alice.close()
+    path = devices.state_path(ALICE, 1)
+    published_on_disk: list[tuple[int, int]] = []
+    iq = Client.iq
+
+    async def spy(self, op, **fields):
+        if op == "keys.put":
+            published_on_disk.append((fields["spk"]["id"], DeviceState.load(path).spk_id))
+        return await iq(self, op, **fields)
+
+    monkeypatch.setattr(Client, "iq", spy)
+    alice = await devices.open(ALICE, 1, spk_max_age_s=-1)  # rotated at start
+    assert published_on_disk and all(sent == saved for sent, saved in published_on_disk)
 
 
 # -- the gateway never sees plaintext

@@ -1,15 +1,21 @@
-"""Shared by the E2EE end-to-end suites: ``Devices`` opens ``E2EEClient``s for any user's device
-of the three providers (each with its own state file), the ``devices`` fixture, and ``receive_n``."""
+"""Shared by the ``interlink.e2ee`` tests: ``bundle_of`` (a ``keys.get`` entry made from a
+``DeviceState``, for the offline tests), ``Devices`` to open ``E2EEClient``s for any user's device
+of the three providers (each with its own state file), ``receive_n`` and ``nothing_more``."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
-
 from interlink.client import Client
-from interlink.e2ee import E2EEClient
+from interlink.e2ee import DeviceState, E2EEClient
 from three_providers import AUD
+
+
+def bundle_of(state: DeviceState, device: int = 1, *, otpk: bool = True) -> dict:
+    """What ``keys.get`` answers for ``state``'s device (with a fresh one-time prekey unless ``otpk`` is false)."""
+    one = state.generate_one_time_prekeys(1)[0] if otpk else None
+    return {"device": device, "ik": state.identity_key, "spk": state.signed_prekey(), "otpk": one}
 
 
 class Devices:
@@ -47,15 +53,12 @@ class Devices:
             await client.close()
 
 
-@pytest.fixture
-async def devices(gateway, issuers, tmp_path):
-    state_dir = tmp_path / "client-states"
-    state_dir.mkdir()
-    devices = Devices(gateway, issuers, state_dir)
-    yield devices
-    await devices.close()
-
-
 async def receive_n(client: E2EEClient, count: int, timeout_s: float = 5.0) -> list:
     """The next ``count`` items the client hands out (messages, group events)."""
     return [await client.receive(timeout_s=timeout_s) for _ in range(count)]
+
+
+async def nothing_more(client: E2EEClient) -> None:
+    """The client has nothing (more) to hand out: a short wait for the next item times out."""
+    with pytest.raises(TimeoutError):
+        await client.receive(timeout_s=0.2)
