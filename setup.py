@@ -18,9 +18,9 @@ extensions = [
 ]
 
 setup(
-    packages=["interlink", "interlink.core", "interlink.ext", "interlink.scenarios", "interlink.e2ee"],
+    packages=["interlink", "interlink.core", "interlink.ext", "interlink.e2ee", "interlink.load", "interlink.load.scenarios"],
     package_dir={"interlink": "bindings", "interlink.core": "core", "interlink.ext": "ext"},
-    package_data={"interlink.ext": ["*.pyx", "*.pxd"], "interlink.scenarios": ["*.toml"]},
+    package_data={"interlink.ext": ["*.pyx", "*.pxd"], "interlink.load.scenarios": ["*.toml"]},
     ext_modules=cythonize(
         extensions,
         language_level=3,

@@ -19,8 +19,8 @@ import pytest
 import interlink.core
 from interlink.core.auth import Provider, ProviderRegistry, TokenVerifier, parse_jwks, verify_with_key
 from interlink.core.jwks import JwksCache
-from interlink.issuer import DemoIssuer
-from interlink.loade2ee import drive
+from interlink.load.e2ee import drive
+from interlink.testing import DemoIssuer
 
 AUD = "interlink-gw.example"
 NOW = 1_800_000_000.0

@@ -4,7 +4,7 @@ synthetic-traffic tool can encrypt and decrypt.
     .venv/bin/python -m pytest bench/bench_e2ee.py --benchmark-only
 
 All through the public API of ``interlink.e2ee`` (``DeviceState``, ``SenderKey``), offline, two
-devices talking directly as in ``tests/test_e2ee_session.py``; the plaintext is what
+devices talking directly as in ``tests/e2ee/test_device.py``; the plaintext is what
 ``E2EEClient.send_text`` encrypts for a 100-character text (a msgpack map ``{k, text, ts}``,
 127 bytes).
 
@@ -39,7 +39,7 @@ import msgpack
 import pytest
 from interlink import e2ee
 from interlink.e2ee import DeviceState, parse_envelope
-from interlink.loade2ee import drive
+from interlink.load.e2ee import drive
 
 TEXT = "x" * 100
 ALICE, BOB = ("alice@alpha", 1), ("bob@beta", 2)

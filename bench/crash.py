@@ -2,7 +2,7 @@
 
     python bench/crash.py --cycles 100 --senders 3 --seed 1
 
-A gateway runs in a child process (``bench/_gateway_child.py``) over one data folder (LMDB
+A gateway runs in a child process (``interlink.load.child``) over one data folder (LMDB
 mailboxes and the operator keys, so clients keep their pinned root across restarts) and one
 port. This process runs two demo OpenID issuers (providers ``alpha`` and ``beta``, which accept
 each other's users) and the clients: ``--senders`` users, alternately of ``alpha`` and ``beta``,
@@ -60,8 +60,6 @@ import json
 import os
 import random
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -70,25 +68,21 @@ from pathlib import Path
 
 from interlink.client import Client, Outbox
 from interlink.core.errors import InterlinkError, ServerError, SessionClosedError
-from interlink.issuer import DemoIssuer
+from interlink.load import child
+from interlink.testing import DemoIssuer
 
-HERE = Path(__file__).resolve().parent
-CHILD = HERE / "_gateway_child.py"
 AUDIENCE = "interlink-crash"
 PROVIDERS = ("alpha", "beta")
 DEVICES_PER_USER = 2
 CONNECT_TIMEOUT_S = 5.0  # one connection attempt
 CONNECT_DEADLINE_S = 15.0  # retrying connection attempts to a live gateway
 SEND_TIMEOUT_S = 15.0  # one message's ack from a live gateway
-START_TIMEOUT_S = 30.0  # the child's "listening" line
+START_TIMEOUT_S = child.START_TIMEOUT_S  # the child's "listening" line
 WIND_DOWN_S = 15.0  # sessions noticing a killed gateway
 DRAIN_TIMEOUT_S = 60.0  # final resends and deliveries
 QUIET_S = 0.5  # nothing more may arrive after the drain
 MAX_SAMPLES = 20  # problems quoted in the report
 RESEND_MODES = ("driver", "outbox")
-# Limits that refuse messages by design (rate limits, mailbox quota) are lifted: this tests
-# durability, and a refusal mid-pipeline would let a later message overtake a refused one.
-LIFTED_LIMITS = ["--max-mailbox-items", "10000000", "--message-rate-per-device", "1e7", "--message-rate-per-user", "1e7"]
 
 
 @dataclass(eq=False)
@@ -130,85 +124,17 @@ def _payload(msg_id: bytes, sender: str, device: int, counter: int, target: str,
     return b"crash|%s|%s|%d|%d|%s|%d" % (msg_id.hex().encode(), sender.encode(), device, counter, target.encode(), target_device)
 
 
-class GatewayProcess:
-    """The gateway child: started on one data folder and port, SIGKILLed, started again."""
+class GatewayProcess(child.GatewayProcess):
+    """The gateway child on one data folder (LMDB and operator keys) and one port, restarted after
+    each SIGKILL; the providers accept each other's users. Limits that refuse messages by design
+    (rate limits, mailbox quota) are lifted: this tests durability, and a refusal mid-pipeline
+    would let a later message overtake a refused one."""
 
     def __init__(self, data_dir: Path, issuers: dict[str, DemoIssuer], *, window: int, durability: str) -> None:
-        self.data_dir = data_dir
-        self.issuers = issuers
-        self.window = window
-        self.durability = durability
-        self.port = 0
-        self.root_public: bytes | None = None
-        self.proc: asyncio.subprocess.Process | None = None
-        self.log_path = data_dir.parent / "gateway.log"
-        self.alive = False
-        self.starts = 0
-
-    def _args(self) -> list[str]:
-        args = [sys.executable, str(CHILD), "--data-dir", str(self.data_dir), "--audience", AUDIENCE]
-        for provider_id, issuer in self.issuers.items():
-            args += ["--provider", f"{provider_id}={issuer.issuer}"]
-        args += ["--port", str(self.port), "--window", str(self.window), "--durability", self.durability]
-        return args + LIFTED_LIMITS
-
-    async def start(self) -> None:
-        assert self.proc is None
-        with open(self.log_path, "ab") as log:
-            log.write(b"--- start %d\n" % (self.starts + 1))
-            log.flush()
-            self.proc = await asyncio.create_subprocess_exec(
-                *self._args(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log
-            )
-        self.starts += 1
-        try:
-            line = await asyncio.wait_for(self.proc.stdout.readline(), START_TIMEOUT_S)
-        except TimeoutError:
-            line = b""
-        if not line:
-            await self.kill()
-            raise RuntimeError(f"the gateway child did not start; its log ends:\n{self.log_tail()}")
-        ready = json.loads(line)
-        root_public = bytes.fromhex(ready["root_public"])
-        if self.root_public is None:
-            self.root_public = root_public
-        elif root_public != self.root_public:
-            await self.kill()
-            raise RuntimeError("the restarted gateway has another operator root key: data_dir/keys were not reused")
-        if self.port == 0:
-            self.port = ready["port"]
-        elif ready["port"] != self.port:
-            await self.kill()
-            raise RuntimeError(f"the restarted gateway listens on {ready['port']}, not {self.port}")
-        self.alive = True
-
-    async def kill(self) -> None:
-        """SIGKILL: no drain, no clean LMDB close, whatever was in flight is cut."""
-        self.alive = False
-        proc, self.proc = self.proc, None
-        if proc is not None:
-            if proc.returncode is None:
-                proc.send_signal(signal.SIGKILL)
-            await proc.wait()
-
-    async def terminate(self, timeout_s: float = 10.0) -> None:
-        self.alive = False
-        proc, self.proc = self.proc, None
-        if proc is None:
-            return
-        if proc.returncode is None:
-            proc.terminate()
-            try:
-                await asyncio.wait_for(proc.wait(), timeout_s)
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
-
-    def log_tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
+        providers = {provider_id: issuer.issuer for provider_id, issuer in issuers.items()}
+        super().__init__(child.child_arguments(data_dir=data_dir, audience=AUDIENCE, providers=providers, window=window,
+                                               durability=durability, **child.LIFTED_LIMITS),
+                         log_path=data_dir.parent / "gateway.log")
 
 
 class CrashTest:
@@ -568,7 +494,7 @@ class CrashTest:
                 self.note(f"{device.name}: {pending} items still pending after the drain")
             self.stats["pending_after_drain"] += pending
             await client.close()
-        await self.gateway.terminate()
+        await self.gateway.stop()
 
     async def run(self) -> dict:
         started = time.monotonic()

@@ -10,7 +10,7 @@
 Global options (before the subcommand): ``--durability sync|async`` (LMDB commits, default
 sync) and ``--data-dir`` (default: a new temporary folder).
 
-The gateway runs in a child process pinned to CPU 0 (``bench/_gateway_child.py``); this process
+The gateway runs in a child process pinned to CPU 0 (``interlink.load.child``); this process
 (the demo OpenID issuer and the clients) is pinned to CPU 1. Figures are taken from the child's
 ``/proc`` counters, so they measure the gateway alone. Nothing else should run on CPU 0 meanwhile:
 ``gateway_runqueue_wait_s`` (time the gateway was ready but another process had its CPU) should
@@ -22,7 +22,7 @@ loop also wait for each other there).
   rate that implies for one core. Devices reconnect (they are registered in a warm-up round),
   which is what a gateway sees most.
 * ``messages``: durable 1:1 messages between ``--pairs`` sender/recipient devices, driven by lean
-  peers (``bench/_lean_peer.py``: a ``ClientConnection`` on a bare protocol, no SDK ``Client``),
+  peers (``interlink.load.peer``: a ``ClientConnection`` on a bare protocol, no SDK ``Client``),
   so the gateway, not the client core, is the bottleneck (``client_cpu_busy`` shows the client's
   share of its core). Each recipient confirms all the ``dlv`` of one read with one ``recv``.
   Each ciphertext (``--payload`` bytes) starts with its intended send time, so the recipient
@@ -71,24 +71,20 @@ import os
 import platform
 import resource
 import tempfile
-import subprocess
-import sys
 import time
 from pathlib import Path
-from typing import Callable
 
 import uvloop
 
 import interlink.core
-from interlink.procstat import schedstat_s, status_bytes
 from interlink.client import Client, Suite
 from interlink.core.stanza import encode_stanza
-from interlink.issuer import DemoIssuer
-from interlink.loadtool import OpenLoopSchedule
+from interlink.load import child
+from interlink.load.peer import LeanPeer
+from interlink.load.procstat import schedstat_s, status_bytes
+from interlink.load.schedule import TIME_BYTES, start_open_loop
+from interlink.testing import DemoIssuer
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))  # _lean_peer sits next to this script (also when it is imported by path)
-from _lean_peer import LeanPeer  # noqa: E402
 AUDIENCE = "bench"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -113,30 +109,19 @@ def rss_bytes(pid: int) -> int:
     return status_bytes(pid)["VmRSS"]
 
 
-class GatewayChild:
-    """The gateway in its own process, on CPU 0, configured for the issuer's provider."""
+class GatewayChild(child.GatewayProcess):
+    """The gateway in its own process, on CPU 0, configured for the issuer's provider (``bare``: a
+    uvloop server that keeps no state instead)."""
 
     def __init__(self, issuer: str, data_dir: Path, durability: str, *, bare: bool = False, commit_mode: str = "inline") -> None:
-        self.args = [sys.executable, str(HERE / "_gateway_child.py")]
-        self.args += ["--bare"] if bare else [issuer, AUDIENCE, str(data_dir), durability, commit_mode]
-        self.proc: subprocess.Popen | None = None
-
-    async def __aenter__(self):
-        self.proc = await asyncio.create_subprocess_exec(*self.args, stdout=subprocess.PIPE)
-        line = await asyncio.wait_for(self.proc.stdout.readline(), 30)
-        ready = json.loads(line)
-        self.port = ready["port"]
-        self.root_public = bytes.fromhex(ready["root_public"])
-        self.static_public = bytes.fromhex(ready["static_public"])
-        return self
-
-    async def __aexit__(self, *exc_info):
-        self.proc.terminate()
-        await self.proc.wait()
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
+        if bare:
+            arguments = child.child_arguments(bare=True, cpu=0)
+        else:
+            arguments = child.child_arguments(
+                data_dir=data_dir, audience=AUDIENCE, providers={"bench": issuer}, durability=durability,
+                commit_mode=commit_mode, cpu=0, **child.LIFTED_LIMITS,
+            )
+        super().__init__(arguments, log_path=data_dir / "gateway.log")
 
 
 async def connect(gateway: GatewayChild, token: str, device: int, suite: Suite) -> Client:
@@ -188,14 +173,12 @@ async def bench_handshakes(args) -> dict:
 
 
 # ----------------------------------------------------------------------------- 1:1 message load
-# Lean peers (``bench/_lean_peer.py``) instead of the SDK ``Client``: the SDK's per-message
+# Lean peers (``interlink.load.peer``) instead of the SDK ``Client``: the SDK's per-message
 # futures and bookkeeping cost more CPU than the gateway, and the client core saturated first.
 
-TIME_BYTES = 8  # the payload starts with the intended send time (perf_counter_ns, uint64 LE)
 WARM_UP_S = 1.0
 TAIL_TIMEOUT_S = 60.0  # after the run: how long to wait for the last acks and deliveries
 QUIET_S = 0.3  # then: how long to listen for stray duplicates
-OPEN_LOOP_TICK_S = 0.001  # the open-loop timer; uvloop's resolution makes it 1-2 ms
 
 
 class Sender:
@@ -226,6 +209,10 @@ class Sender:
     @property
     def sent(self) -> int:
         return self._count
+
+    @property
+    def connected(self) -> bool:
+        return self.peer is not None and not self.peer.closed
 
     def send(self, intended_ns: int) -> None:
         if self.remaining is not None:
@@ -362,26 +349,6 @@ def delivery_check(senders: list[Sender], recipients: list[Recipient]) -> dict:
         "refusals": dict(errors),
         "other_stanzas_to_recipients": dict(other),
     }
-
-
-def start_open_loop(senders: list[Sender], rate: float, origin_ns: int) -> Callable[[], None]:
-    """Send ``rate`` messages/s in total, spread evenly over the senders, in bursts every 1-2 ms,
-    each message with its intended time (``interlink.loadtool.OpenLoopSchedule``: coordinated
-    omission corrected). Returns a function that stops the timer."""
-    loop = asyncio.get_running_loop()
-    schedule = OpenLoopSchedule(len(senders), rate, origin_ns)
-    timer = None
-
-    def tick() -> None:
-        nonlocal timer
-        now_ns = time.perf_counter_ns()
-        for index, sender in enumerate(senders):
-            for intended_ns in schedule.due(index, now_ns):
-                sender.send(intended_ns)
-        timer = loop.call_later(OPEN_LOOP_TICK_S, tick)
-
-    tick()
-    return lambda: timer.cancel()
 
 
 async def bench_messages(args) -> dict:

@@ -4,9 +4,8 @@ delivery latency and gateway memory per group, for one large group.
     python bench/group_load.py --durability sync --members 1000 --seconds 5
     python bench/group_load.py --durability async --offline-fraction 0.5 --impls cython,pure --repeat 2
 
-The gateway runs in a child process pinned to CPU 0 (``bench/_gateway_child.py`` in its options
-mode: per-device/per-user message rates and the mailbox quotas lifted, ``max_group`` raised to the
-group size); this process (the demo OpenID issuer and every client) is pinned to CPU 1. Figures
+The gateway runs in a child process pinned to CPU 0 (``interlink.load.child``: per-device/per-user
+message rates and the mailbox quotas lifted, ``max_group`` raised to the group size); this process (the demo OpenID issuer and every client) is pinned to CPU 1. Figures
 come from the child's ``/proc`` counters: they measure the gateway alone. Each run starts a fresh
 gateway child with a fresh LMDB folder; ``--impls cython,pure --repeat 2`` alternates the compiled
 build and the pure twins (the child gets ``INTERLINK_PURE=1``) run by run, so both are measured
@@ -14,7 +13,7 @@ in the same session on the same machine state. Before each run the script waits 
 ``--quiet-timeout-s``) until the machine is idle, and ``others_cpu_busy`` reports what every other
 process used during the window: on a shared machine a run with it well above 0 is suspect.
 
-Load: ``--members`` users, one device each, all of them lean peers (``bench/_lean_peer.py``: a
+Load: ``--members`` users, one device each, all of them lean peers (``interlink.load.peer``: a
 ``ClientConnection`` on a bare protocol), members of one group. ``--senders`` of them post group
 messages in a closed loop, ``--inflight`` unacked each (a new one on every ``ack``). Every online
 device confirms each read's ``dlv`` with one ``recv``. ``--offline-fraction F`` closes that share of
@@ -54,21 +53,18 @@ import collections
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import uvloop
+
 from interlink.core.stanza import encode_stanza
-from interlink.issuer import DemoIssuer
-
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from _lean_peer import LeanPeer
-
-from interlink.procstat import schedstat_s, status_bytes
+from interlink.load import child
+from interlink.load.peer import LeanPeer
+from interlink.load.procstat import schedstat_s, status_bytes
+from interlink.testing import DemoIssuer
 
 AUDIENCE = "bench"
 PROVIDER = "bench"
@@ -115,42 +111,23 @@ def percentile_ms(values_ns: list[int], fraction: float) -> float | None:
 # ----------------------------------------------------------------------------- the gateway
 
 
-class GatewayChild:
+class GatewayChild(child.GatewayProcess):
     """The gateway in its own process on CPU 0; ``impl`` "pure" sets INTERLINK_PURE=1."""
 
     def __init__(self, issuer: str, data_dir: Path, args, impl: str) -> None:
-        self.args = [
-            sys.executable, str(HERE / "_gateway_child.py"), "--data-dir", str(data_dir), "--audience", AUDIENCE,
-            "--provider", f"{PROVIDER}={issuer}", "--durability", args.durability, "--cpu", "0",
-            "--max-group", str(max(1024, args.members)), "--max-mailbox-items", "10000000",
-            "--max-mailbox-bytes", str(1 << 30), "--message-rate-per-device", "1e7", "--message-rate-per-user", "1e7",
-            "--lmdb-map-size-bytes", str(args.map_gib << 30), "--commit-mode", args.commit_mode,
-        ]
-        if args.gc_threshold:
-            self.args += ["--gc-threshold", str(args.gc_threshold)]
-        self.env = dict(os.environ)
-        self.env.pop("INTERLINK_PURE", None)
-        self.env.pop("INTERLINK_REQUIRE_NATIVE", None)
+        env = dict(os.environ)
+        env.pop("INTERLINK_PURE", None)
+        env.pop("INTERLINK_REQUIRE_NATIVE", None)
         if impl == "pure":
-            self.env["INTERLINK_PURE"] = "1"
+            env["INTERLINK_PURE"] = "1"
         else:
-            self.env["INTERLINK_REQUIRE_NATIVE"] = "1"
-        self.proc = None
-
-    async def __aenter__(self):
-        self.proc = await asyncio.create_subprocess_exec(*self.args, stdout=subprocess.PIPE, env=self.env)
-        ready = json.loads(await asyncio.wait_for(self.proc.stdout.readline(), 30))
-        self.port = ready["port"]
-        self.root_public = bytes.fromhex(ready["root_public"])
-        return self
-
-    async def __aexit__(self, *exc_info):
-        self.proc.terminate()
-        await self.proc.wait()
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
+            env["INTERLINK_REQUIRE_NATIVE"] = "1"
+        arguments = child.child_arguments(
+            data_dir=data_dir, audience=AUDIENCE, providers={PROVIDER: issuer}, durability=args.durability, cpu=0,
+            max_group=max(1024, args.members), max_mailbox_bytes=1 << 30, lmdb_map_size_bytes=args.map_gib << 30,
+            commit_mode=args.commit_mode, gc_threshold=args.gc_threshold or None, **child.LIFTED_LIMITS,
+        )
+        super().__init__(arguments, log_path=data_dir / "gateway.log", env=env)
 
 
 def implementation_of(pid: int) -> str:

@@ -6,6 +6,7 @@ error (click's).
 
 from __future__ import annotations
 
+import importlib
 import sys
 from pathlib import Path
 
@@ -292,11 +293,10 @@ def load(scenario: str, json_path: Path | None, png_path: Path | None, kill_at: 
          peer: str | None, only_peer: bool, target: str | None, root_public: str | None, tokens: Path | None,
          **overrides) -> None:
     """Drive a local gateway with simulated users of several providers (SCENARIO: a name in
-    interlink/scenarios, bench/scenarios in a checkout, or a TOML file). Exit code 1 when any
-    message is unexplained (or, for the stress kinds, a connect fails or a malformed input is
-    not answered as the protocol says)."""
-    from interlink.loadtool import main as load_main
-
+    interlink/load/scenarios, or a TOML file). Exit code 1 when any message is unexplained (or,
+    for the stress kinds, a connect fails or a malformed input is not answered as the protocol
+    says). Needs the load extra: pip install 'interlink[load]'."""
+    load_main = _load_tool("cli").main
     sys.exit(_run(lambda: load_main(scenario, json_path=json_path, png_path=png_path, kill_at_s=kill_at, pin=pin,
                                     quiet=quiet, peer=peer, only_peer=only_peer, target=target,
                                     root_public=root_public, tokens=tokens,
@@ -313,8 +313,7 @@ def load_merge(reports: tuple[Path, ...], json_path: Path | None, png_path: Path
     """Merge the JSON reports of several `interlink load` processes (REPORTS: their --json files):
     histograms added, counts and accounting summed, throughput over the window they overlapped.
     Exit code 1 when any input failed or a message is unexplained."""
-    from interlink.loadview import merge_main
-
+    merge_main = _load_tool("view").merge_main
     sys.exit(_run(lambda: merge_main(list(reports), json_path=json_path, png_path=png_path)))
 
 
@@ -340,6 +339,12 @@ def _load_config(path: Path | None):
         return load_config(path)
     except InterlinkError as exc:
         raise click.ClickException(f"invalid configuration: {exc}") from exc
+
+
+def _load_tool(module: str):
+    """A module of ``interlink.load``, imported on first use: the rest of the command line and the
+    public API work without the load extra. Without it, exit 1 naming the extra to install."""
+    return _run(lambda: importlib.import_module(f"interlink.load.{module}"))
 
 
 def _run(action):

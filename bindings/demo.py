@@ -25,7 +25,7 @@ from interlink.core.auth import Provider
 from interlink.core.errors import AuthError, CertificateError, ServerError
 from interlink.core.identity import ROOT_PUBLIC_FILE, generate_root_key, init_operator_keys, load_operator_keys
 from interlink.gateway import Gateway
-from interlink.issuer import DemoIssuer
+from interlink.testing import DemoIssuer
 
 AUDIENCE = "interlink-demo-gateway"
 

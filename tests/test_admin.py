@@ -10,7 +10,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from interlink.client import Client, SessionClosedError
 from interlink.core.errors import AuthError, ServerError
 from interlink.gateway import Gateway
-from interlink.issuer import DemoIssuer
+from interlink.testing import DemoIssuer
 
 from three_providers import AUD, People, config_for
 

@@ -1,5 +1,5 @@
 """Provider authentication (PROTOCOL §3): TokenVerifier + JwksCache against real OpenID issuers
-served over HTTP on loopback (``interlink.issuer.DemoIssuer``); no HTTP mocks. Every refusal
+served over HTTP on loopback (``interlink.testing.DemoIssuer``); no HTTP mocks. Every refusal
 asserts the exact PROTOCOL §4 code and that the message does not echo the token."""
 
 from __future__ import annotations
@@ -27,21 +27,10 @@ from interlink.core.auth import (
 )
 from interlink.core.errors import AuthError, ConfigError
 from interlink.core.jwks import JwksCache
-from interlink.issuer import OMIT, DemoIssuer
+from interlink.testing import OMIT, DemoIssuer, FakeClock
 
 AUD = "interlink-gw.example"
 NOW = 1_800_000_000.0
-
-
-class FakeClock:
-    def __init__(self, start: float = 10_000.0) -> None:
-        self.t = start
-
-    def __call__(self) -> float:
-        return self.t
-
-    def advance(self, seconds: float) -> None:
-        self.t += seconds
 
 
 @dataclass
@@ -70,7 +59,7 @@ class Env:
 @pytest.fixture
 async def env():
     async with DemoIssuer() as a, DemoIssuer(path="/tenant-b") as b:
-        clock = FakeClock()
+        clock = FakeClock(10_000.0)
         registry = ProviderRegistry([
             Provider(id="a", issuer=a.issuer, audience=AUD, discovery=True),
             Provider(id="b", issuer=b.issuer, audience=AUD, jwks_uri=b.jwks_uri, default_accept=("a",)),

@@ -14,7 +14,7 @@ from interlink.client import Client
 from interlink.config import GatewayConfig
 from interlink.core.auth import Provider
 from interlink.gateway import Gateway
-from interlink.issuer import DemoIssuer
+from interlink.testing import DemoIssuer
 
 
 def test_gateway_in_a_plain_asyncio_loop(tmp_path):

@@ -18,8 +18,8 @@ from interlink.core.framing import FrameDecoder, encode_frame
 from interlink.core.identity import generate_root_key, generate_static_key, x25519_public
 from interlink.core.stanza import encode_stanza
 from interlink.gateway import Gateway
-from interlink.issuer import DemoIssuer
-from interlink.leanpeer import LeanPeer
+from interlink.load.peer import LeanPeer
+from interlink.testing import DemoIssuer
 
 AUD = "interlink-test"
 

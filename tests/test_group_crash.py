@@ -15,7 +15,7 @@ import pytest
 
 from interlink.client import Client
 from interlink.core.errors import InterlinkError
-from interlink.issuer import DemoIssuer
+from interlink.testing import DemoIssuer
 
 CRASH_PY = Path(__file__).resolve().parents[1] / "bench" / "crash.py"
 USERS = [f"u{i}" for i in range(10)]

@@ -14,21 +14,10 @@ import pytest
 from interlink.core.auth import Provider, ProviderRegistry, TokenVerifier
 from interlink.core.errors import ConfigError
 from interlink.core.jwks import JwksCache
-from interlink.issuer import OMIT, DemoIssuer
+from interlink.testing import OMIT, DemoIssuer, FakeClock
 
 AUD = "interlink-gw.example"
 NOW = 1_800_000_000.0
-
-
-class FakeClock:
-    def __init__(self, start: float = 50_000.0) -> None:
-        self.t = start
-
-    def __call__(self) -> float:
-        return self.t
-
-    def advance(self, seconds: float) -> None:
-        self.t += seconds
 
 
 @pytest.fixture
@@ -39,7 +28,7 @@ async def issuer():
 
 @pytest.fixture
 def clock():
-    return FakeClock()
+    return FakeClock(50_000.0)
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from interlink.client import Client, SessionClosedError
-from interlink.issuer import DemoIssuer
+from interlink.testing import DemoIssuer
 
 AUD = "serve-test"
 

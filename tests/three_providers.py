@@ -10,7 +10,7 @@ from interlink.client import Client
 from interlink.config import GatewayConfig
 from interlink.core.auth import Provider
 from interlink.gateway import Gateway
-from interlink.issuer import DemoIssuer
+from interlink.testing import DemoIssuer
 
 AUD = "interlink-test"
 

@@ -1,0 +1,299 @@
+"""Test doubles the tests, the benchmarks and the demo share; never imported by the public API.
+
+* ``DemoIssuer``: a small but real OpenID Connect issuer served over HTTP on loopback. It
+  publishes ``/.well-known/openid-configuration`` and a JWKS with aiohttp.web, holds Ed25519
+  and/or P-256 signing keys and issues compact JWTs (signed with PyJWT) for a ``sub``/``aud``.
+  It can rotate keys, go "down" (every endpoint answers 503), stall its answers (to exercise
+  fetch timeouts) and serve a replacement body (bad JSON, oversize documents, wrong discovery
+  ``issuer``). Request counters let tests check the gateway's refetch policy.
+* ``FakeClock``: a clock that moves only when told, for whatever takes a ``clock`` callable.
+
+    async with DemoIssuer() as issuer:
+        token = issuer.issue("alice", audience="interlink-gw")
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import jwt
+from aiohttp import web
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+
+from interlink.core.errors import ConfigError, InterlinkError
+
+__all__ = ["DemoIssuer", "FakeClock", "OMIT"]
+
+_SUPPORTED = ("EdDSA", "ES256")
+
+
+class _Omit:
+    def __repr__(self) -> str:
+        return "OMIT"
+
+
+OMIT: Any = _Omit()
+"""Use as a value in ``issue(extra_claims=...)`` to leave a standard claim out of the token."""
+
+
+@dataclass
+class _SigningKey:
+    kid: str
+    alg: str
+    private: Any
+    published: bool = True
+
+    def public_jwk(self) -> dict[str, Any]:
+        algorithm = jwt.get_algorithm_by_name(self.alg)
+        jwk = algorithm.to_jwk(self.private.public_key(), as_dict=True)
+        jwk.pop("key_ops", None)
+        jwk.update({"kid": self.kid, "alg": self.alg, "use": "sig"})
+        return jwk
+
+
+def _generate(alg: str) -> Any:
+    if alg == "EdDSA":
+        return ed25519.Ed25519PrivateKey.generate()
+    if alg == "ES256":
+        return ec.generate_private_key(ec.SECP256R1())
+    raise ConfigError(f"DemoIssuer signs with {', '.join(_SUPPORTED)}, not {alg!r}")
+
+
+def _numeric(value: float) -> int | float:
+    return int(value) if float(value).is_integer() else value
+
+
+class DemoIssuer:
+    """A real OpenID Connect issuer on ``http://127.0.0.1:PORT[path]`` (aiohttp.web).
+
+    ``algorithms``: one signing key is created per algorithm (EdDSA, ES256) and is the default
+    signer for it. ``clock`` gives ``now`` for ``issue`` when none is passed (wall clock).
+    """
+
+    def __init__(self, *, host: str = "127.0.0.1", port: int = 0, path: str = "",
+                 algorithms: tuple[str, ...] = _SUPPORTED, clock: Callable[[], float] = time.time) -> None:
+        if path and (not path.startswith("/") or path.endswith("/")):
+            raise ConfigError("DemoIssuer path must start with '/' and not end with '/'")
+        self._host = host
+        self._port = port
+        self._path = path
+        self._clock = clock
+        self._keys: dict[str, _SigningKey] = {}
+        self._default: dict[str, str] = {}
+        for alg in algorithms:
+            self.add_key(alg)
+        self._runner: web.AppRunner | None = None
+        self._stopping = asyncio.Event()
+        self.available = True
+        """False: every endpoint answers 503 (the issuer is "down")."""
+        self.delay_s = 0.0
+        """Seconds every endpoint stalls before answering (interrupted by ``stop``)."""
+        self.discovery_overrides: dict[str, Any] = {}
+        """Members merged into (or, with value OMIT, removed from) the discovery document."""
+        self._jwks_override: tuple[int, bytes, str] | None = None
+        self.discovery_requests = 0
+        self.jwks_requests = 0
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    async def start(self) -> DemoIssuer:
+        if self._runner is not None:
+            return self
+        app = web.Application()
+        app.router.add_get(self._path + "/.well-known/openid-configuration", self._discovery)
+        app.router.add_get(self._path + "/jwks.json", self._jwks)
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
+        await runner.setup()
+        site = web.TCPSite(runner, self._host, self._port)
+        await site.start()
+        self._runner = runner
+        self._stopping.clear()
+        self._port = runner.addresses[0][1]
+        return self
+
+    async def stop(self) -> None:
+        self._stopping.set()  # wake stalled handlers
+        if self._runner is not None:
+            runner, self._runner = self._runner, None
+            await runner.cleanup()
+
+    async def __aenter__(self) -> DemoIssuer:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    # -- addresses --------------------------------------------------------------------------
+
+    @property
+    def issuer(self) -> str:
+        """The issuer URL (``iss``); known once started (the port is picked by the OS)."""
+        if self._runner is None and self._port == 0:
+            raise InterlinkError("DemoIssuer.issuer is known only after start() (the port is picked then)")
+        return f"http://{self._host}:{self._port}{self._path}"
+
+    @property
+    def discovery_url(self) -> str:
+        return self.issuer + "/.well-known/openid-configuration"
+
+    @property
+    def jwks_uri(self) -> str:
+        return self.issuer + "/jwks.json"
+
+    # -- keys -------------------------------------------------------------------------------
+
+    def add_key(self, alg: str = "EdDSA", *, publish: bool = True, make_default: bool = False) -> str:
+        """Create a signing key; it becomes the default for ``alg`` if it is the first one or
+        ``make_default``. Returns its kid."""
+        kid = f"{alg.lower()}-{secrets.token_hex(4)}"
+        self._keys[kid] = _SigningKey(kid, alg, _generate(alg), publish)
+        if make_default or alg not in self._default:
+            self._default[alg] = kid
+        return kid
+
+    def rotate(self, alg: str = "EdDSA", retire_old: bool = False) -> str:
+        """Publish a new key for ``alg`` and make it the default signer; with ``retire_old``
+        the previous default key leaves the JWKS. Returns the new kid."""
+        old = self._default.get(alg)
+        kid = self.add_key(alg, make_default=True)
+        if retire_old and old is not None:
+            self._keys[old].published = False
+        return kid
+
+    def publish(self, kid: str, published: bool = True) -> None:
+        self._keys[kid].published = published
+
+    def default_kid(self, alg: str = "EdDSA") -> str:
+        return self._default[alg]
+
+    @property
+    def kids(self) -> list[str]:
+        """Kids of the published keys."""
+        return [k.kid for k in self._keys.values() if k.published]
+
+    def private_key(self, kid: str | None = None, alg: str = "EdDSA") -> Any:
+        return self._keys[kid or self._default[alg]].private
+
+    def public_jwk(self, kid: str | None = None, alg: str = "EdDSA") -> dict[str, Any]:
+        return self._keys[kid or self._default[alg]].public_jwk()
+
+    def jwks(self) -> dict[str, Any]:
+        """The published JWK Set (public keys only)."""
+        return {"keys": [k.public_jwk() for k in self._keys.values() if k.published]}
+
+    # -- behaviour switches -----------------------------------------------------------------
+
+    def set_available(self, available: bool) -> None:
+        """``False``: every endpoint answers 503 until switched back."""
+        self.available = available
+
+    def set_delay(self, seconds: float) -> None:
+        """Stall every answer by ``seconds`` (0 to stop stalling)."""
+        self.delay_s = seconds
+
+    def set_jwks_response(self, body: bytes | str | None, *, status: int = 200,
+                          content_type: str = "application/json") -> None:
+        """Serve ``body`` instead of the real JWKS (None restores it)."""
+        if body is None:
+            self._jwks_override = None
+        else:
+            self._jwks_override = (status, body.encode() if isinstance(body, str) else body, content_type)
+
+    def reset_counters(self) -> None:
+        self.discovery_requests = 0
+        self.jwks_requests = 0
+
+    # -- tokens -----------------------------------------------------------------------------
+
+    def issue(self, sub: str, *, audience: str | list[str], expires_in: float | None = 300,
+              not_before: float | None = None, issued_at: float | None = None, kid: str | None = None,
+              alg: str | None = None, extra_claims: Mapping[str, Any] | None = None,
+              now: float | None = None, headers: Mapping[str, Any] | None = None) -> str:
+        """A signed compact JWT for ``sub``.
+
+        ``exp`` = now + ``expires_in`` (None: no ``exp``); ``nbf`` = ``not_before`` (absolute,
+        omitted if None); ``iat`` = ``issued_at`` (absolute, default now). ``kid`` picks the key
+        (default: the default key of ``alg``, itself default EdDSA); ``alg`` defaults to the
+        key's algorithm. ``extra_claims`` are merged last (value OMIT removes a claim);
+        ``headers`` are merged into the JWS header.
+        """
+        if now is None:
+            now = self._clock()
+        if kid is None:
+            kid = self._default[alg or "EdDSA"]
+        key = self._keys[kid]
+        claims: dict[str, Any] = {"iss": self.issuer, "sub": sub, "aud": audience,
+                                  "iat": _numeric(now if issued_at is None else issued_at)}
+        if expires_in is not None:
+            claims["exp"] = _numeric(now + expires_in)
+        if not_before is not None:
+            claims["nbf"] = _numeric(not_before)
+        for name, value in (extra_claims or {}).items():
+            if value is OMIT:
+                claims.pop(name, None)
+            else:
+                claims[name] = value
+        header = {"typ": "JWT", "kid": kid, **(headers or {})}
+        # PyJWS signs the exact JSON bytes, so tests can also issue deliberately bad claims.
+        payload = json.dumps(claims, separators=(",", ":")).encode()
+        return jwt.PyJWS().encode(payload, key.private, algorithm=alg or key.alg, headers=header)
+
+    # -- HTTP handlers ----------------------------------------------------------------------
+
+    async def _gate(self) -> web.Response | None:
+        if self.delay_s > 0:
+            stop = asyncio.ensure_future(self._stopping.wait())
+            done, _ = await asyncio.wait({stop}, timeout=self.delay_s)
+            if not done:  # the stall is over: answer normally
+                stop.cancel()
+        if not self.available or self._stopping.is_set():
+            return web.Response(status=503, text="issuer unavailable")
+        return None
+
+    async def _discovery(self, request: web.Request) -> web.StreamResponse:
+        self.discovery_requests += 1
+        refused = await self._gate()
+        if refused is not None:
+            return refused
+        doc: dict[str, Any] = {
+            "issuer": self.issuer,
+            "jwks_uri": self.jwks_uri,
+            "id_token_signing_alg_values_supported": sorted({k.alg for k in self._keys.values()}),
+            "response_types_supported": ["id_token"],
+            "subject_types_supported": ["public"],
+        }
+        for name, value in self.discovery_overrides.items():
+            if value is OMIT:
+                doc.pop(name, None)
+            else:
+                doc[name] = value
+        return web.json_response(doc)
+
+    async def _jwks(self, request: web.Request) -> web.StreamResponse:
+        self.jwks_requests += 1
+        refused = await self._gate()
+        if refused is not None:
+            return refused
+        if self._jwks_override is not None:
+            status, body, content_type = self._jwks_override
+            return web.Response(status=status, body=body, content_type=content_type)
+        return web.json_response(self.jwks(), headers={"Cache-Control": "public, max-age=300"})
+
+
+class FakeClock:
+    """Seconds that move only when the test says so: ``clock()`` reads them, ``advance`` adds."""
+
+    def __init__(self, start: float) -> None:
+        self.t = start
+
+    def __call__(self) -> float:
+        return self.t
+
+    def advance(self, seconds: float) -> None:
+        self.t += seconds
