@@ -53,7 +53,7 @@ from interlink.core.auth import ProviderRegistry, localpart_error
 from interlink.core.errors import StanzaError
 from interlink.core.policy import Policy
 from interlink.core.ratelimit import TokenBuckets
-from interlink.core.router import RouteError
+from interlink.core.router import RouteError, _excerpt
 from interlink.core.stanza import encode_stanza
 from interlink.core.store import Store, StoreFullError, StoreLimitError
 from interlink.core.wire import MAX_DEVICE_ID
@@ -415,9 +415,3 @@ def _device_list(value, op: str, name: str) -> list[int]:
     if len(set(value)) != len(value):
         raise StanzaError(f"{op}: {name} lists a device twice")
     return value
-
-
-def _excerpt(text: str, limit: int = 32) -> str:
-    """A client-supplied string made safe to quote back: printable, at most ``limit`` characters."""
-    shown = "".join(ch if ch.isprintable() else "?" for ch in text[:limit])
-    return repr(shown + ("…" if len(text) > limit else ""))

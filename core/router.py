@@ -228,7 +228,9 @@ class Router:
                 raise RouteError("group typing state is not served by this gateway", code="bad_stanza")
             self.groups.route_state(proto, stanza, state)
             return
-        recipient_provider, recipient = self._recipient(stanza.get("to"))
+        # Typing state is answered with not_opted_in or bad_stanza only (PROTOCOL §6): nobody under
+        # an unregistered provider accepts the sender's provider.
+        recipient_provider, recipient = self._recipient(stanza.get("to"), unknown_code="not_opted_in")
         if not self.policy.allows(recipient, recipient_provider, identity.provider):
             raise RouteError(f"{recipient} does not accept typing state from users of {identity.provider!r}", code="not_opted_in")
         if recipient == identity.user or self.policy.blocks(recipient, identity.user):
@@ -467,20 +469,20 @@ class Router:
 
     # -- helpers
 
-    def _recipient(self, to) -> tuple:
+    def _recipient(self, to, unknown_code: str = "unknown_recipient") -> tuple:
         if type(to) is not str:
             raise StanzaError("'to' must be a user address 'localpart@provider'")
         provider_id = self._valid_addresses.get(to)
         if provider_id is None:
             localpart, at, provider_id = to.rpartition("@")
             if not at or localpart_error(localpart) is not None:
-                raise StanzaError(f"'to' is not a user address: {to[:80]!r}")
+                raise StanzaError(f"'to' is not a user address: {_excerpt(to)}")
             if len(self._valid_addresses) >= VALID_ADDRESSES_KEPT:
                 del self._valid_addresses[next(iter(self._valid_addresses))]
             self._valid_addresses[to] = provider_id
         provider = self.registry.get(provider_id)
         if provider is None:
-            raise RouteError(f"no provider {provider_id[:32]!r} is registered here", code="unknown_recipient")
+            raise RouteError(f"no provider {_excerpt(provider_id)} is registered here", code=unknown_code)
         return provider, to
 
     @staticmethod
@@ -493,6 +495,13 @@ class Router:
     def _flush(touched: set) -> None:
         for proto in touched:
             proto.flush()
+
+
+def _excerpt(text: str, limit: int = 32) -> str:
+    """A client-supplied string made safe to quote back: printable, at most ``limit`` characters
+    (an answer must not outgrow its request)."""
+    shown = "".join(ch if ch.isprintable() else "?" for ch in text[:limit])
+    return repr(shown + ("…" if len(text) > limit else ""))
 
 
 def _stanza_id(stanza: dict, kind: str) -> bytes:

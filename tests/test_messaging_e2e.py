@@ -291,6 +291,39 @@ async def test_typing_state_is_pushed_to_online_devices_only(people):
         await client.close()
 
 
+async def test_typing_state_to_an_unregistered_provider_is_not_opted_in(people):
+    # PROTOCOL §6: typing state is answered with not_opted_in or bad_stanza only, never with
+    # unknown_recipient (found by fuzz/fuzz_stanza_serve.py).
+    alice = await people.connect("alice@alpha", 1)
+    await alice.send_state("eve@nowhere", "composing")
+    with pytest.raises(ServerError) as caught:
+        await alice.recv(timeout_s=5)
+    assert caught.value.code == "not_opted_in", caught.value
+    assert await alice.ping() > 0
+    await alice.close()
+
+
+@pytest.mark.parametrize("kind", ["msg", "rcpt", "state"])
+async def test_a_malformed_recipient_is_quoted_back_as_a_short_excerpt(people, kind):
+    # Answers never echo client text beyond a short, sanitised excerpt; a 'to' of control
+    # characters was quoted as 80 characters of repr escapes, over 300 characters of msg
+    # (found by fuzz/fuzz_stanza_serve.py).
+    alice = await people.connect("alice@alpha", 1)
+    to = "\x07" * 300 + "@beta"
+    fields = {
+        "msg": {"id": os.urandom(16), "c": {1: b"x"}},
+        "rcpt": {"id": os.urandom(16), "kind": "read", "ids": [os.urandom(16)]},
+        "state": {"s": "composing"},
+    }[kind]
+    await alice.send({"t": kind, "to": to, **fields})
+    with pytest.raises(ServerError) as caught:
+        await alice.recv(timeout_s=5)
+    assert caught.value.code == "bad_stanza", caught.value
+    message = caught.value.fields["msg"]
+    assert len(message) <= 80 and "\x07" not in message and "\\x07" not in message, message
+    await alice.close()
+
+
 @pytest.mark.parametrize(
     "stanza",
     [
