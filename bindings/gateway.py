@@ -254,16 +254,7 @@ class Gateway:
     def purge_expired(self) -> int:
         """Delete every undelivered item older than ``mailbox_ttl_s`` now (the background sweep
         does the same a chunk at a time); returns how many."""
-        server = self._running()
-        cutoff = int((time.time() - self.config.mailbox_ttl_s) * 1000)
-        removed, rounds_ended = 0, 0
-        while rounds_ended < 2:  # the sweep may start mid-round: the end of two rounds covers all
-            chunk = server.store.expire(cutoff, limit=10_000, max_devices=1 << 62)
-            removed += chunk
-            if chunk < 10_000:
-                rounds_ended += 1  # unbounded in devices, a short call reached the end of the table
-        server.counters["items_expired"] += removed
-        return removed
+        return self._running().purge_expired(int((time.time() - self.config.mailbox_ttl_s) * 1000))
 
     def reports(self, after: int = 0, limit: int = 100, *, unresolved: bool = False) -> list[dict]:
         """Abuse reports users filed (``report`` operation), oldest first, numbered above ``after``:
@@ -284,10 +275,7 @@ class Gateway:
     # -- observation
 
     def sessions(self) -> list[dict]:
-        return [
-            {"user": user, "device": device, "peer": proto.peer, "suite": proto.conn.suite}
-            for (user, device), proto in self._running().sessions.items()
-        ]
+        return self._running().session_list()
 
     def mailbox_stats(self, user: str) -> dict[int, dict]:
         """Per device of ``user``: items and bytes waiting in its mailbox, and the last seq given."""

@@ -7,6 +7,8 @@
   fetch timeouts) and serve a replacement body (bad JSON, oversize documents, wrong discovery
   ``issuer``). Request counters let tests check the gateway's refetch policy.
 * ``FakeClock``: a clock that moves only when told, for whatever takes a ``clock`` callable.
+* ``FakeSession``: the domain's session port (``interlink.core.router.Session``) without a
+  connection: an authenticated identity that records every stanza the domain sends it.
 
     async with DemoIssuer() as issuer:
         token = issuer.issue("alice", audience="interlink-gw")
@@ -26,9 +28,12 @@ import jwt
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
+from interlink.core.auth import Identity
 from interlink.core.errors import ConfigError, InterlinkError
+from interlink.core.stanza import decode_stanzas
+from interlink.core.wire import MAX_PLAINTEXT_BYTES
 
-__all__ = ["DemoIssuer", "FakeClock", "OMIT"]
+__all__ = ["DemoIssuer", "FakeClock", "FakeSession", "OMIT"]
 
 _SUPPORTED = ("EdDSA", "ES256")
 
@@ -297,3 +302,33 @@ class FakeClock:
 
     def advance(self, seconds: float) -> None:
         self.t += seconds
+
+
+class FakeSession:
+    """An open session as the domain sees it, without a connection: what the domain sends is
+    decoded into ``received`` (encoded stanzas too, so a test reads what a client would)."""
+
+    def __init__(self, user: str, device: int = 1, *, expires_at: float = float("inf"),
+                 max_plaintext_bytes: int = MAX_PLAINTEXT_BYTES) -> None:
+        localpart, _, provider = user.rpartition("@")
+        self.identity = Identity(provider=provider, localpart=localpart, device=device, expires_at=expires_at)
+        self.session_key = (self.identity.user, device)
+        self.max_plaintext_bytes = max_plaintext_bytes
+        self.closed = False
+        self.received: list[dict] = []
+
+    def send_stanza(self, stanza: dict) -> None:
+        if not self.closed:
+            self.received.append(stanza)
+
+    def send_encoded(self, encoded: bytes) -> None:
+        if not self.closed:
+            self.received.extend(decode_stanzas(encoded))
+
+    def take(self) -> list[dict]:
+        """What was received since the last call."""
+        received, self.received = self.received, []
+        return received
+
+    def __repr__(self) -> str:
+        return f"FakeSession({self.identity.user!r}, {self.identity.device})"

@@ -119,7 +119,7 @@ _EC_CURVE_CLASSES = {
 }
 _PRIVATE_JWK_MEMBERS = ("d", "p", "q", "dp", "dq", "qi", "oth", "k")
 
-_PROVIDER_ID_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
+PROVIDER_ID_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
 _B64URL_RE = re.compile(r"[A-Za-z0-9_-]*")
 _E164_RE = re.compile(r"\+[1-9][0-9]{1,14}")
 
@@ -549,7 +549,7 @@ class Provider:
 
     def __post_init__(self) -> None:
         where = f"provider {self.id!r}" if isinstance(self.id, str) else "provider"
-        if not isinstance(self.id, str) or _PROVIDER_ID_RE.fullmatch(self.id) is None:
+        if not isinstance(self.id, str) or PROVIDER_ID_RE.fullmatch(self.id) is None:
             raise ConfigError(f"{where}: id must match [a-z0-9][a-z0-9._-]{{0,62}}")
         check_url(self.issuer, f"{where}: issuer")
         if not isinstance(self.audience, str) or not self.audience:
@@ -601,7 +601,7 @@ class Provider:
                 raise ConfigError(f"{where}: default_accept: \"*\" must be the only entry")
         else:
             for other in accept:
-                if not isinstance(other, str) or _PROVIDER_ID_RE.fullmatch(other) is None:
+                if not isinstance(other, str) or PROVIDER_ID_RE.fullmatch(other) is None:
                     raise ConfigError(f"{where}: default_accept: {other!r} is not a provider id")
         object.__setattr__(self, "default_accept", accept)
 

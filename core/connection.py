@@ -292,11 +292,11 @@ class ServerConnection(_Endpoint):
     __slots__ = (
         "settings",
         "suite",
-        "_auth_deadline",
-        "expires_at",
+        "_deadline",
         "_auth",
         "_held",
         "identity",
+        "session_key",
         "_preamble",
     )
 
@@ -304,12 +304,24 @@ class ServerConnection(_Endpoint):
         super().__init__(settings.max_frame_bytes)
         self.settings = settings
         self.suite: int | None = None
-        self._auth_deadline = now + settings.preauth_deadline_s
-        self.expires_at: float | None = None  # token expiry once open
+        # One slot for the one deadline that matters: the pre-auth deadline until the session
+        # opens, the token's expiry (or None) after.
+        self._deadline: float | None = now + settings.preauth_deadline_s
         self._auth: AuthRequested | str | None = None  # IK: parsed auth payload (or why it is bad) until confirmed
         self._held: list | None = None  # transport plaintexts that arrived before auth was decided
         self.identity = None  # set by accept_auth; opaque to this layer
+        self.session_key = None  # the domain's key of this session, (user, device); opaque to this layer
         self._preamble = b""  # the 4 preamble bytes as they trickle in
+
+    @property
+    def expires_at(self) -> float | None:
+        """When the open session ends with ``bye auth_expired`` (None before it opens, or never)."""
+        return self._deadline if self.state is State.OPEN else None
+
+    @expires_at.setter
+    def expires_at(self, value: float | None) -> None:
+        if self.state is State.OPEN:
+            self._deadline = value
 
     # -- inputs
 
@@ -326,18 +338,16 @@ class ServerConnection(_Endpoint):
         """Enforce the pre-auth deadline and token expiry."""
         if self.closed:
             return
+        deadline = self._deadline
+        if deadline is None or now < deadline:
+            return
         if self.state is not State.OPEN:
-            if now >= self._auth_deadline:
-                self._finish(CLOSE_AUTH_DEADLINE, message="handshake and authentication not finished in time")
-        elif self.expires_at is not None and now >= self.expires_at:
+            self._finish(CLOSE_AUTH_DEADLINE, message="handshake and authentication not finished in time")
+        else:
             self.close("auth_expired")
 
     def next_deadline(self) -> float | None:
-        if self.closed:
-            return None
-        if self.state is not State.OPEN:
-            return self._auth_deadline
-        return self.expires_at
+        return None if self.closed else self._deadline
 
     # -- decisions from the edge
 
@@ -347,8 +357,7 @@ class ServerConnection(_Endpoint):
         if self.state is not State.AUTH:
             return
         self.identity = identity
-        self.expires_at = identity.expires_at if expires_at is None else expires_at
-        self._auth_deadline = None  # only the token's expiry matters from here on
+        self._deadline = identity.expires_at if expires_at is None else expires_at  # the token's expiry from here on
         self.state = State.OPEN
         self._auth = None
         self.send_stanza(welcome)

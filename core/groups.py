@@ -61,20 +61,16 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-from typing import TYPE_CHECKING
-
-from interlink.core.auth import ProviderRegistry, localpart_error
+from interlink.core.auth import ProviderRegistry
 from interlink.core.errors import StanzaError
 from interlink.core.fanout import GroupDlv, plan_cached
-from interlink.core.ops import _PROVIDER_ID_RE, DEFERRED, _excerpt, _kind
+from interlink.core.fields import address_provider, excerpt, kind_of
+from interlink.core.ops import DEFERRED
 from interlink.core.policy import Policy
 from interlink.core.ratelimit import TokenBuckets
-from interlink.core.router import RouteError, Router
+from interlink.core.router import RouteError, Router, Session
 from interlink.core.stanza import encode_stanza
 from interlink.core.store import GroupRecord, GroupWrite, Store, device_key
-
-if TYPE_CHECKING:
-    from interlink.core.server import GatewayProtocol
 
 GROUP_ID_BYTES = 16
 MAX_META_BYTES = 4096  # group.new's 'meta' (opaque, encrypted by the clients)
@@ -180,14 +176,14 @@ class Groups:
 
     # -- operations
 
-    def group_new(self, proto: GatewayProtocol, stanza: dict):
-        identity = proto.conn.identity
+    def group_new(self, session: Session, stanza: dict, now: float):
+        identity = session.identity
         creator = identity.user
         members = self._members(stanza, "group.new", allow_empty=True)
         meta = stanza.get("meta")
         if meta is not None:
             if type(meta) is not bytes:
-                raise StanzaError(f"group.new: 'meta' must be bin (got {_kind(meta)})")
+                raise StanzaError(f"group.new: 'meta' must be bin (got {kind_of(meta)})")
             if len(meta) > self.max_meta_bytes:
                 raise RouteError(f"group.new: 'meta' of {len(meta)} bytes is over {self.max_meta_bytes}", code="too_large")
         others = [member for member in members if member != creator]
@@ -195,16 +191,16 @@ class Groups:
             raise RouteError(
                 f"group.new: {1 + len(others)} members with you (a group has at most {self.max_group})", code="too_large"
             )
-        self.router._charge(proto)
+        self.router.charge(session, now)
         for member in others:
             self._check_addable(member, identity)
         g = os.urandom(GROUP_ID_BYTES)
         record = GroupRecord(1, (creator, *others), (creator,), meta)
-        self._change(proto, stanza["id"], g, 0, record, "created", list(record.members), (), {"g": g})
+        self._change(session, now, stanza["id"], g, 0, record, "created", list(record.members), (), {"g": g})
         return DEFERRED
 
-    def group_add(self, proto: GatewayProtocol, stanza: dict):
-        identity = proto.conn.identity
+    def group_add(self, session: Session, stanza: dict, now: float):
+        identity = session.identity
         g = _group_id(stanza.get("g"), "group.add")
         members = self._members(stanza, "group.add", allow_empty=False)
         record = self._admin_record(g, identity.user, "group.add")
@@ -214,26 +210,26 @@ class Groups:
                 f"group.add: the group would have {len(record.members) + len(added)} members (at most {self.max_group})",
                 code="too_large",
             )
-        self.router._charge(proto)
+        self.router.charge(session, now)
         for member in added:
             self._check_addable(member, identity)
         if not added:
-            return self._unchanged(proto, stanza["id"], g, record)
+            return self._unchanged(session, now, stanza["id"], g, record)
         new = GroupRecord(record.ver + 1, record.members + tuple(added), record.admins, record.meta)
-        self._change(proto, stanza["id"], g, record.ver, new, "added", added, ())
+        self._change(session, now, stanza["id"], g, record.ver, new, "added", added, ())
         return DEFERRED
 
-    def group_del(self, proto: GatewayProtocol, stanza: dict):
-        identity = proto.conn.identity
+    def group_del(self, session: Session, stanza: dict, now: float):
+        identity = session.identity
         g = _group_id(stanza.get("g"), "group.del")
         members = self._members(stanza, "group.del", allow_empty=False)
         if identity.user in members:
             raise StanzaError("group.del: to remove yourself, use group.leave")
         record = self._admin_record(g, identity.user, "group.del")
-        self.router._charge(proto)
+        self.router.charge(session, now)
         removed = [member for member in members if member in record.member_set]
         if not removed:
-            return self._unchanged(proto, stanza["id"], g, record)
+            return self._unchanged(session, now, stanza["id"], g, record)
         gone = set(removed)
         new = GroupRecord(
             record.ver + 1,
@@ -241,33 +237,33 @@ class Groups:
             tuple(a for a in record.admins if a not in gone),
             record.meta,
         )
-        self._change(proto, stanza["id"], g, record.ver, new, "removed", removed, removed)
+        self._change(session, now, stanza["id"], g, record.ver, new, "removed", removed, removed)
         return DEFERRED
 
-    def group_leave(self, proto: GatewayProtocol, stanza: dict):
-        identity = proto.conn.identity
+    def group_leave(self, session: Session, stanza: dict, now: float):
+        identity = session.identity
         user = identity.user
         g = _group_id(stanza.get("g"), "group.leave")
         record = self._member_record(g, user, "group.leave")
-        self.router._charge(proto)
+        self.router.charge(session, now)
         members = tuple(m for m in record.members if m != user)
         admins = tuple(a for a in record.admins if a != user)
         promoted = ()
         if members and not admins:
             promoted = admins = (members[0],)  # the longest-standing member
         new = GroupRecord(record.ver + 1, members, admins, record.meta) if members else None
-        self._change(proto, stanza["id"], g, record.ver, new, "left", [user], [user], promoted=promoted,
+        self._change(session, now, stanza["id"], g, record.ver, new, "left", [user], [user], promoted=promoted,
                      ver=record.ver + 1)
         return DEFERRED
 
-    def group_get(self, proto: GatewayProtocol, stanza: dict):
-        identity = proto.conn.identity
+    def group_get(self, session: Session, stanza: dict, now: float):
+        identity = session.identity
         g = _group_id(stanza.get("g"), "group.get")
         skip = stanza.get("skip", 0)
         if type(skip) is not int or skip < 0:
             raise StanzaError("group.get: 'skip' must be an int >= 0 (members already received)")
         record = self._member_record(g, identity.user, "group.get")
-        budget = proto.conn.max_plaintext_bytes - RES_OVERHEAD_BYTES - len(record.meta or b"")
+        budget = session.max_plaintext_bytes - RES_OVERHEAD_BYTES - len(record.meta or b"")
         page, size = [], 0
         for member in record.members[skip:]:
             cost = 2 * len(encode_stanza(member))  # listed as a member, and maybe as an admin
@@ -286,17 +282,17 @@ class Groups:
         if g in self._dirty:
             # A change of this group is still being committed: answer after it, so that nothing
             # uncommitted is ever shown.
-            message = self.router.enqueue_control(proto, {"t": "res", "id": stanza["id"], **result})
+            message = self.router.enqueue_control(session, {"t": "res", "id": stanza["id"], **result}, now)
             self._guard(message, g, record)
             return DEFERRED
         return result
 
     # -- messages and typing
 
-    def route_msg(self, proto: GatewayProtocol, stanza: dict, msg_id: bytes) -> None:
+    def route_msg(self, session: Session, stanza: dict, msg_id: bytes, now: float) -> None:
         """A group ``msg``: fan ``b`` out to every device of every member but the sending device,
         in the router's group commit."""
-        identity = proto.conn.identity
+        identity = session.identity
         g = _group_id(stanza.get("g"), "msg")
         if "to" in stanza or "c" in stanza:
             raise StanzaError("a group msg has 'g' and 'b', not 'to' or 'c'")
@@ -314,7 +310,7 @@ class Groups:
         if record is None or sender not in record.member_set:
             # A resend of a message already stored answers dup, whatever the membership is now.
             if self.store.seen(device_key(sender, sender_device), msg_id):
-                self.router._enqueue(proto, msg_id, [], [])
+                self.router.enqueue(session, msg_id, [], [], now)
                 return
             record = self._member_record(g, sender, "msg")  # raises not_found / not_member
         # The per-device plan and each copy's dlv bytes: core/fanout.py (compiled, or its pure twin).
@@ -337,15 +333,15 @@ class Groups:
         # One token is spent already (handle_msg); the copies cost one per COPIES_PER_TOKEN.
         extra = (len(items) + COPIES_PER_TOKEN - 1) // COPIES_PER_TOKEN - 1
         if extra > 0:
-            self.router._charge(proto, extra)
-        message = self.router._enqueue(proto, msg_id, items, targets)
+            self.router.charge(session, now, extra)
+        message = self.router.enqueue(session, msg_id, items, targets, now)
         message.skip_full = True
         message.shared = True  # every copy is GroupDlv's: the body is stored once (core/store.py)
         self._guard(message, g, record)
 
-    def route_state(self, proto: GatewayProtocol, stanza: dict, state: str) -> None:
+    def route_state(self, session: Session, stanza: dict, state: str, now: float) -> None:
         """Group typing state: ephemeral, pushed to the other members' online devices."""
-        identity = proto.conn.identity
+        identity = session.identity
         sender = identity.user
         g = _group_id(stanza.get("g"), "state")
         record = self.committed(g)  # typing never reveals a change that is still committing
@@ -354,7 +350,6 @@ class Groups:
         if sender not in record.member_set:
             raise RouteError("state: you are not a member of this group", code="not_member")
         # Ephemeral: at most one per (sender, group) per interval; the others are dropped silently.
-        now = self.router.clock()
         key = (sender, g)
         sent = self._state_sent
         last = sent.get(key)
@@ -364,19 +359,16 @@ class Groups:
             self._state_sent = sent = {k: t for k, t in sent.items() if 0.0 <= now - t < STATE_INTERVAL_S}
         sent[key] = now
         encoded = encode_stanza({"t": "state", "from": sender, "g": g, "s": state})
-        sessions = self.router.sessions
-        touched = set()
+        router = self.router
+        sessions = router.sessions
         blocked = self.policy.blocked_among(record.members, record.member_set, sender)
         for member in record.members:
             if member == sender or member in blocked:
                 continue
             for device in self.store.devices(member):
                 target = sessions.get((member, device))
-                if target is not None and not target.conn.closed:
-                    target.conn.send_encoded(encoded)
-                    touched.add(target)
-        for target in touched:  # one flush per session, after every target got its bytes
-            target.flush()
+                if target is not None:
+                    router.push_encoded(target, encoded)
 
     # -- helpers
 
@@ -389,7 +381,7 @@ class Groups:
     def _members(self, stanza: dict, op: str, *, allow_empty: bool) -> list[str]:
         members = stanza.get("members")
         if type(members) is not list:
-            raise StanzaError(f"{op} needs 'members': a list of user addresses (got {_kind(members)})")
+            raise StanzaError(f"{op} needs 'members': a list of user addresses (got {kind_of(members)})")
         if not members and not allow_empty:
             raise StanzaError(f"{op}: 'members' is empty")
         if len(members) > self.max_group:
@@ -398,12 +390,11 @@ class Groups:
         size = 0
         for index, member in enumerate(members):
             if type(member) is not str:
-                raise StanzaError(f"{op}: 'members[{index}]' must be a user address (got {_kind(member)})")
-            localpart, at, provider_id = member.rpartition("@")
-            if not at or localpart_error(localpart) is not None or _PROVIDER_ID_RE.fullmatch(provider_id) is None:
-                raise StanzaError(f"{op}: 'members[{index}]' is not a user address: {_excerpt(member)}")
+                raise StanzaError(f"{op}: 'members[{index}]' must be a user address (got {kind_of(member)})")
+            if address_provider(member) is None:
+                raise StanzaError(f"{op}: 'members[{index}]' is not a user address: {excerpt(member)}")
             if member in seen:
-                raise StanzaError(f"{op}: 'members' lists {_excerpt(member)} twice")
+                raise StanzaError(f"{op}: 'members' lists {excerpt(member)} twice")
             seen.add(member)
             size += len(member.encode("utf-8")) + 2
         if size > self.max_members_bytes:
@@ -427,25 +418,25 @@ class Groups:
         if not self.store.devices(member):
             raise RouteError(f"no user {member} is known to this gateway", code="unknown_recipient", user=member)
 
-    def _unchanged(self, proto: GatewayProtocol, iq_id: int, g: bytes, record: GroupRecord):
+    def _unchanged(self, session: Session, now: float, iq_id: int, g: bytes, record: GroupRecord):
         """A request that changes nothing: its answer still waits for any change of the group that
         is being committed (so it never reports an uncommitted state)."""
         if g in self._dirty:
-            message = self.router.enqueue_control(proto, {"t": "res", "id": iq_id, "ver": record.ver})
+            message = self.router.enqueue_control(session, {"t": "res", "id": iq_id, "ver": record.ver}, now)
             self._guard(message, g, record)
             return DEFERRED
         return {"ver": record.ver}
 
     def _change(
-        self, proto: GatewayProtocol, iq_id: int, g: bytes, prior_ver: int, record: GroupRecord | None,
+        self, session: Session, now: float, iq_id: int, g: bytes, prior_ver: int, record: GroupRecord | None,
         event: str, concerned: list, removed, result: dict | None = None, *, promoted=(), ver: int | None = None,
     ) -> None:
         """Batch a membership change: the new record (None: delete) and the event for every
         device of every member and of ``removed``, but the acting device."""
-        identity = proto.conn.identity
+        identity = session.identity
         actor, actor_device = identity.user, identity.device
         if prior_ver:  # a change of an existing group: at most CHANGE_RATE a second per group
-            wait_s = self.change_buckets.take(g, self.router.clock())
+            wait_s = self.change_buckets.take(g, now)
             if wait_s:
                 retry_after = max(1, math.ceil(wait_s * 1000))
                 raise RouteError(
@@ -478,7 +469,7 @@ class Groups:
         reply = {"t": "res", "id": iq_id, "ver": ver}
         if result:
             reply.update(result)
-        self.router.enqueue_control(proto, reply, items, targets, change, event_id)
+        self.router.enqueue_control(session, reply, now, items, targets, change, event_id)
 
 
 def _group_id(value, what: str) -> bytes:

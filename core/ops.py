@@ -47,19 +47,15 @@ from __future__ import annotations
 
 import math
 import re
-from typing import TYPE_CHECKING
-
-from interlink.core.auth import ProviderRegistry, localpart_error
+from interlink.core.auth import ProviderRegistry
 from interlink.core.errors import StanzaError
+from interlink.core.fields import address_provider, excerpt, kind_of
 from interlink.core.policy import Policy
 from interlink.core.ratelimit import TokenBuckets
-from interlink.core.router import RouteError, _excerpt
+from interlink.core.router import RouteError, Router, Session
 from interlink.core.stanza import encode_stanza
 from interlink.core.store import Store, StoreFullError, StoreLimitError
 from interlink.core.wire import MAX_DEVICE_ID
-
-if TYPE_CHECKING:
-    from interlink.core.server import GatewayProtocol
 
 ID_BYTES = 16
 MAX_ACCEPT = 256  # entries of a consent.set accept list
@@ -84,19 +80,19 @@ KEYS_GET_RATE = (60, 1.0)  # 60 at once, then one a second: each fetch may use u
 
 DEFERRED = object()  # a handler's result: the answer is sent later (after the group commit)
 
-_PROVIDER_ID_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")  # as core.auth.Provider ids
 _E164_RE = re.compile(r"\+[1-9][0-9]{6,14}")
 
 
 class Operations:
     """The table of ``iq`` operations this gateway serves."""
 
-    def __init__(self, *, store: Store, registry: ProviderRegistry, policy: Policy, clock) -> None:
+    def __init__(
+        self, *, store: Store, registry: ProviderRegistry, policy: Policy, router: Router, more_handlers: dict | None = None,
+    ) -> None:
         self.store = store
         self.registry = registry
         self.policy = policy
-        self.clock = clock
-        self.router = None  # core.router.Router, set by the server: keys.get takes prekeys in its group commit
+        self.router = router  # keys.get takes prekeys in its group commit; answers go out through it
         self.lookup_buckets = TokenBuckets(*DIR_LOOKUP_RATE)
         self.report_buckets = TokenBuckets(*REPORT_RATE)
         self.keys_buckets = TokenBuckets(*KEYS_GET_RATE)
@@ -112,9 +108,10 @@ class Operations:
             "block.list": self.block_list,
             "report": self.report,
             "dir.lookup": self.dir_lookup,
+            **(more_handlers or {}),  # the group operations (core/groups.py)
         }
 
-    def handle_iq(self, proto: GatewayProtocol, stanza: dict) -> None:
+    def handle_iq(self, session: Session, stanza: dict, now: float) -> None:
         iq_id = stanza.get("id")
         if type(iq_id) is not int:
             raise StanzaError("iq needs an int 'id'")
@@ -123,9 +120,9 @@ class Operations:
         if handler is None:
             if type(op) is not str:
                 raise StanzaError("iq needs 'op': the operation's name (str)")
-            raise StanzaError(f"unknown operation {_excerpt(op)}")
+            raise StanzaError(f"unknown operation {excerpt(op)}")
         try:
-            result = handler(proto, stanza)
+            result = handler(session, stanza, now)
         except (StoreFullError, StoreLimitError) as exc:
             raise RouteError(exc.message, code=exc.code) from None
         if result is DEFERRED:
@@ -133,16 +130,16 @@ class Operations:
         answer = {"t": "res", "id": iq_id}
         if result:
             answer.update(result)
-        proto.conn.send_stanza(answer)
+        self.router.answer(session, answer)
 
     # -- the key directory
 
-    def keys_put(self, proto: GatewayProtocol, stanza: dict) -> dict:
-        identity = proto.conn.identity
+    def keys_put(self, session: Session, stanza: dict, now: float) -> dict:
+        identity = session.identity
         ik = _bin(stanza.get("ik"), KEY_BYTES, "keys.put", "'ik'", "the identity key")
         spk = stanza.get("spk")
         if type(spk) is not dict:
-            raise StanzaError(f"keys.put needs 'spk': the signed prekey, a map {{id, key, sig}} (got {_kind(spk)})")
+            raise StanzaError(f"keys.put needs 'spk': the signed prekey, a map {{id, key, sig}} (got {kind_of(spk)})")
         spk_id = _key_id(spk.get("id"), "keys.put", "'spk.id'")
         spk_key = _bin(spk.get("key"), KEY_BYTES, "keys.put", "'spk.key'", "the signed prekey")
         spk_sig = _bin(spk.get("sig"), SIG_BYTES, "keys.put", "'spk.sig'", "the identity key's signature of 'spk.key'")
@@ -150,12 +147,12 @@ class Operations:
         if otpk is None:
             otpk = []
         elif type(otpk) is not list:
-            raise StanzaError(f"keys.put: 'otpk' must be a list of one-time prekeys {{id, key}} (got {_kind(otpk)})")
+            raise StanzaError(f"keys.put: 'otpk' must be a list of one-time prekeys {{id, key}} (got {kind_of(otpk)})")
         otpks: dict[int, bytes] = {}
         for index, entry in enumerate(otpk):
             name = f"'otpk[{index}]'"
             if type(entry) is not dict:
-                raise StanzaError(f"keys.put: {name} must be a map {{id, key}} (got {_kind(entry)})")
+                raise StanzaError(f"keys.put: {name} must be a map {{id, key}} (got {kind_of(entry)})")
             key_id = _key_id(entry.get("id"), "keys.put", f"'otpk[{index}].id'")
             key = _bin(entry.get("key"), KEY_BYTES, "keys.put", f"'otpk[{index}].key'", "a one-time prekey")
             if key_id in otpks:
@@ -170,16 +167,16 @@ class Operations:
         )
         return {"otpk_count": count}
 
-    def keys_get(self, proto: GatewayProtocol, stanza: dict) -> dict:
-        identity = proto.conn.identity
+    def keys_get(self, session: Session, stanza: dict, now: float) -> dict:
+        identity = session.identity
         user, provider_id = _address(stanza, "user", "keys.get")
         asked = stanza.get("devices")
         if asked is not None:
             asked = _device_list(asked, "keys.get", "'devices'")
-        self._charge(self.keys_buckets, identity.user, self.clock(), "key requests")
+        self._charge(self.keys_buckets, identity.user, now, "key requests")
         provider = self.registry.get(provider_id)
         if provider is None:
-            raise RouteError(f"no provider {_excerpt(provider_id)} is registered here", code="unknown_recipient")
+            raise RouteError(f"no provider {excerpt(provider_id)} is registered here", code="unknown_recipient")
         # Consent before existence, as in devices.get: no enumeration of users who did not opt in.
         if user != identity.user and not self.policy.allows(user, provider, identity.provider):
             raise RouteError(f"{user} does not accept users of {identity.provider!r}", code="not_opted_in")
@@ -194,21 +191,21 @@ class Operations:
                 )
             devices = asked
         bundles = self.store.read_prekeys(user, devices)
-        if self.router is None or all(bundle["otpk"] is None for bundle in bundles):
+        if all(bundle["otpk"] is None for bundle in bundles):
             return {"bundles": bundles}  # nothing to consume: answered at once, no write
         # One-time prekeys are taken (each exactly once) in the group commit with the messages
         # and other keys.get of this loop turn: one fsync for all of them, answered after it.
-        self.router.enqueue_prekey_take(proto, {"t": "res", "id": stanza["id"]}, user, devices)
+        self.router.enqueue_prekey_take(session, {"t": "res", "id": stanza["id"]}, user, devices, now)
         return DEFERRED
 
-    def keys_count(self, proto: GatewayProtocol, stanza: dict) -> dict:
-        identity = proto.conn.identity
+    def keys_count(self, session: Session, stanza: dict, now: float) -> dict:
+        identity = session.identity
         return {"otpk_count": self.store.prekey_count(identity.user, identity.device)}
 
     # -- devices and consent
 
-    def devices_get(self, proto: GatewayProtocol, stanza: dict) -> dict:
-        identity = proto.conn.identity
+    def devices_get(self, session: Session, stanza: dict, now: float) -> dict:
+        identity = session.identity
         user, provider = self._known_address(stanza, "user", "devices.get")
         if user != identity.user:
             if not self.policy.allows(user, provider, identity.provider):
@@ -218,7 +215,7 @@ class Operations:
             raise RouteError(f"no user {user} is known to this gateway", code="unknown_recipient")
         return {"devices": devices}
 
-    def consent_set(self, proto: GatewayProtocol, stanza: dict) -> None:
+    def consent_set(self, session: Session, stanza: dict, now: float) -> None:
         accept = stanza.get("accept")
         discoverable = stanza.get("discoverable")
         if type(accept) is not list:
@@ -235,15 +232,15 @@ class Operations:
                 if len(accept) != 1:
                     raise StanzaError('consent.set: "*" must be the only entry of \'accept\'')
             elif entry not in self.registry:
-                raise StanzaError(f"consent.set: {_excerpt(entry)} is not a provider registered on this gateway")
+                raise StanzaError(f"consent.set: {excerpt(entry)} is not a provider registered on this gateway")
             if entry in seen:
-                raise StanzaError(f"consent.set: 'accept' lists {_excerpt(entry)} twice")
+                raise StanzaError(f"consent.set: 'accept' lists {excerpt(entry)} twice")
             seen.add(entry)
-        self.policy.set_consent(proto.conn.identity.user, tuple(accept), discoverable)
+        self.policy.set_consent(session.identity.user, tuple(accept), discoverable)
         return None
 
-    def consent_get(self, proto: GatewayProtocol, stanza: dict) -> dict:
-        identity = proto.conn.identity
+    def consent_get(self, session: Session, stanza: dict, now: float) -> dict:
+        identity = session.identity
         provider = self.registry.get(identity.provider)
         if provider is None:  # removed while the session was open
             raise RouteError(f"provider {identity.provider!r} is not registered", code="unknown_recipient")
@@ -252,31 +249,31 @@ class Operations:
 
     # -- blocks
 
-    def block_add(self, proto: GatewayProtocol, stanza: dict) -> None:
-        identity = proto.conn.identity
+    def block_add(self, session: Session, stanza: dict, now: float) -> None:
+        identity = session.identity
         user, _ = self._known_address(stanza, "user", "block.add")
         if user == identity.user:
             raise StanzaError("block.add: you cannot block yourself")
         self.policy.block(identity.user, user, MAX_BLOCKS)
         return None
 
-    def block_del(self, proto: GatewayProtocol, stanza: dict) -> None:
+    def block_del(self, session: Session, stanza: dict, now: float) -> None:
         user, _ = _address(stanza, "user", "block.del")
-        self.policy.unblock(proto.conn.identity.user, user)
+        self.policy.unblock(session.identity.user, user)
         return None
 
-    def block_list(self, proto: GatewayProtocol, stanza: dict) -> dict:
+    def block_list(self, session: Session, stanza: dict, now: float) -> dict:
         after = stanza.get("after")
         if after is not None:
             after, _ = _address(stanza, "after", "block.list")
-        budget = proto.conn.max_plaintext_bytes - RES_OVERHEAD_BYTES
+        budget = session.max_plaintext_bytes - RES_OVERHEAD_BYTES
         page: list[str] = []
         more = False
         size = 0
         # Read in chunks until the frame is full or the list ends.
         cursor = after
         while True:
-            chunk = self.store.blocked(proto.conn.identity.user, cursor, 256)
+            chunk = self.store.blocked(session.identity.user, cursor, 256)
             for user in chunk:
                 cost = len(encode_stanza(user))
                 if size + cost > budget:
@@ -291,8 +288,8 @@ class Operations:
 
     # -- reports
 
-    def report(self, proto: GatewayProtocol, stanza: dict) -> dict:
-        identity = proto.conn.identity
+    def report(self, session: Session, stanza: dict, now: float) -> dict:
+        identity = session.identity
         user, _ = self._known_address(stanza, "user", "report")
         if user == identity.user:
             raise StanzaError("report: you cannot report yourself")
@@ -314,7 +311,6 @@ class Operations:
                 raise RouteError(
                     f"report: 'evidence' of {len(evidence)} bytes is over {MAX_EVIDENCE_BYTES}", code="too_large"
                 )
-        now = self.clock()
         self._charge(self.report_buckets, identity.user, now, "reports")
         number = self.store.add_report(
             {
@@ -331,12 +327,12 @@ class Operations:
 
     # -- directory
 
-    def dir_lookup(self, proto: GatewayProtocol, stanza: dict) -> dict:
-        identity = proto.conn.identity
+    def dir_lookup(self, session: Session, stanza: dict, now: float) -> dict:
+        identity = session.identity
         phone = stanza.get("phone")
         if type(phone) is not str or _E164_RE.fullmatch(phone) is None:
             raise StanzaError("dir.lookup needs 'phone': an E.164 number such as '+4915112345678'")
-        self._charge(self.lookup_buckets, identity.user, self.clock(), "directory look-ups")
+        self._charge(self.lookup_buckets, identity.user, now, "directory look-ups")
         users = []
         for user in self.store.directory(phone, MAX_DIRECTORY_USERS):
             provider = self.registry.get(user.rpartition("@")[2])
@@ -362,7 +358,7 @@ class Operations:
         user, provider_id = _address(stanza, name, op)
         provider = self.registry.get(provider_id)
         if provider is None:
-            raise RouteError(f"no provider {_excerpt(provider_id)} is registered here", code="unknown_recipient")
+            raise RouteError(f"no provider {excerpt(provider_id)} is registered here", code="unknown_recipient")
         return user, provider
 
 
@@ -370,25 +366,17 @@ def _address(stanza: dict, name: str, op: str) -> tuple[str, str]:
     value = stanza.get(name)
     if type(value) is not str:
         raise StanzaError(f"{op} needs '{name}': a user address 'localpart@provider'")
-    localpart, at, provider_id = value.rpartition("@")
-    if not at or localpart_error(localpart) is not None or _PROVIDER_ID_RE.fullmatch(provider_id) is None:
-        raise StanzaError(f"{op}: '{name}' is not a user address: {_excerpt(value)}")
+    provider_id = address_provider(value)
+    if provider_id is None:
+        raise StanzaError(f"{op}: '{name}' is not a user address: {excerpt(value)}")
     return value, provider_id
-
-
-_KINDS = {type(None): "nil", bool: "bool", int: "int", float: "float", str: "str", bytes: "bin", list: "array", dict: "map"}
-
-
-def _kind(value) -> str:
-    """The msgpack type of a decoded value, for error messages."""
-    return _KINDS.get(type(value), type(value).__name__)
 
 
 def _bin(value, size: int, op: str, name: str, what: str) -> bytes:
     if value is None:
         raise StanzaError(f"{op} needs {name}: {what}, {size} bytes (bin)")
     if type(value) is not bytes:
-        raise StanzaError(f"{op}: {name} must be {size} bytes of bin, not {_kind(value)}")
+        raise StanzaError(f"{op}: {name} must be {size} bytes of bin, not {kind_of(value)}")
     if len(value) != size:
         raise StanzaError(f"{op}: {name} must be {size} bytes, not {len(value)}")
     return value
@@ -396,21 +384,21 @@ def _bin(value, size: int, op: str, name: str, what: str) -> bytes:
 
 def _key_id(value, op: str, name: str) -> int:
     if type(value) is not int or not 0 <= value <= MAX_KEY_ID:
-        shown = _kind(value) if type(value) is not int else value  # msgpack ints have at most 20 digits
+        shown = kind_of(value) if type(value) is not int else value  # msgpack ints have at most 20 digits
         raise StanzaError(f"{op}: {name} must be a key id, an int 0..{MAX_KEY_ID} (got {shown})")
     return value
 
 
 def _device_list(value, op: str, name: str) -> list[int]:
     if type(value) is not list:
-        raise StanzaError(f"{op}: {name} must be a list of device numbers (got {_kind(value)}); leave it out for all devices")
+        raise StanzaError(f"{op}: {name} must be a list of device numbers (got {kind_of(value)}); leave it out for all devices")
     if not value:
         raise StanzaError(f"{op}: {name} is empty; leave it out for all devices")
     if len(value) > MAX_KEYS_DEVICES:
         raise StanzaError(f"{op}: {name} lists {len(value)} devices (at most {MAX_KEYS_DEVICES})")
     for device in value:
         if type(device) is not int or not 1 <= device <= MAX_DEVICE_ID:
-            shown = _kind(device) if type(device) is not int else "out of range"
+            shown = kind_of(device) if type(device) is not int else "out of range"
             raise StanzaError(f"{op}: {name} entries must be device numbers 1..{MAX_DEVICE_ID} ({shown})")
     if len(set(value)) != len(value):
         raise StanzaError(f"{op}: {name} lists a device twice")

@@ -1,42 +1,33 @@
-"""Routing of messages through durable per-device mailboxes (PROTOCOL §4–§6).
+"""Routing of messages through durable per-device mailboxes (docs/protocol.md §6), sans-I/O.
 
-The router validates ``msg`` and ``recv`` stanzas, batches the writes of one event-loop turn into
-one store transaction (group commit), and only after that commit acks the senders and pushes
-``dlv`` to the recipients' devices that are online. Each online device has at most ``window``
-pushed-but-unreceived items; ``recv`` deletes items and lets more flow. A device that connects
-gets its stored items again from the start: delivery is at least once, clients drop duplicates
-by (``from``, ``id``).
+The router keeps the session table, validates ``msg`` (1:1), ``rcpt``, ``state`` (1:1) and
+``recv``, and collects the writes of one event-loop turn into one batch. It never touches the
+event loop or a socket: the edge takes the batch (``take_batch``), commits it in one store
+transaction, and hands the result back (``committed`` or ``failed``); only then are senders
+acked and ``dlv`` pushed to the recipients' online devices, each with at most ``window``
+pushed-but-unreceived items; ``recv`` deletes items and lets more flow. Every session the router
+wrote to is in ``touched`` until the edge writes it out (``take_touched``). Time comes in as
+``now`` (epoch seconds).
 
-The router never looks inside ``c``: ciphertexts are opaque bytes it stores and forwards.
-
-Group messages, group typing and the ``group.*`` operations are decided by ``core/groups.py``
-(``Router.groups``); their writes go through this router's batch too: a group ``msg`` like a 1:1
-one, a membership change as a *control* entry (``enqueue_control``: the group record, its event
-items and the ``iq`` answer, sent after the commit like an ``ack``).
+Sessions are the protocol layer's ``ServerConnection`` objects, through the small port
+``Session`` below. The router never looks inside ``c``: ciphertexts are opaque bytes it stores
+and forwards. Group messages and the ``group.*`` operations are decided by ``core/groups.py``,
+which queues its writes here with ``enqueue`` and ``enqueue_control``.
 """
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
-import logging
 import math
-import time
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-from interlink.core.auth import ProviderRegistry, localpart_error
+from interlink.core.auth import Identity, ProviderRegistry, localpart_error
 from interlink.core.errors import InterlinkError, StanzaError
-from interlink.core.metrics import COMMIT_BUCKETS_S, Histogram
+from interlink.core.fields import excerpt
 from interlink.core.policy import Policy
 from interlink.core.ratelimit import TokenBuckets
 from interlink.core.stanza import encode_stanza
 from interlink.core.store import GroupWrite, Store, StoredMessage, WriteBatch, device_key
 from interlink.core.wire import MAX_DEVICE_ID, TAG_BYTES
-
-if TYPE_CHECKING:
-    from interlink.core.server import GatewayProtocol
-
-log = logging.getLogger("interlink.router")
 
 ID_BYTES = 16
 MAX_RECV_SEQS = 1024  # seqs one ``recv`` may name
@@ -45,6 +36,21 @@ MAX_RECEIPT_IDS = 100  # message ids one rcpt may name
 VALID_ADDRESSES_KEPT = 65_536  # recipient addresses already checked, remembered (about 100 bytes each)
 RECEIPT_KINDS = ("delivered", "read")
 TYPING_STATES = ("composing", "paused")
+
+
+class Session(Protocol):
+    """What the domain needs of an open session (``ServerConnection`` is one)."""
+
+    identity: Identity  #: who the session's token says it is
+    session_key: tuple[str, int]  #: (user, device): the session table's key
+    max_plaintext_bytes: int  #: the largest stanza the session can be sent
+
+    @property
+    def closed(self) -> bool: ...
+
+    def send_stanza(self, stanza: dict) -> None: ...
+
+    def send_encoded(self, encoded: bytes) -> None: ...
 
 
 class RouteError(InterlinkError):
@@ -61,87 +67,117 @@ class Delivery:
     __slots__ = ("inflight", "cursor", "backlog")
 
     def __init__(self, backlog: bool) -> None:
-        self.inflight: set[int] = set()  # seqs pushed on this connection and not yet received
-        self.cursor = 0  # highest seq pushed on this connection
+        self.inflight: set[int] = set()  # seqs pushed on this session and not yet received
+        self.cursor = 0  # highest seq pushed on this session
         self.backlog = backlog  # the store may hold items after cursor that were not pushed
 
 
+class Commit:
+    """One turn's batch, taken by the edge to commit, and the requests it answers afterwards."""
+
+    __slots__ = ("batch", "waiting")
+
+    def __init__(self, batch: WriteBatch, waiting: list) -> None:
+        self.batch = batch
+        # (session, entry, targets): the sender owed an answer, its batch entry, and each stored
+        # item's (user, device), the session-table key.
+        self.waiting = waiting
+
+
 class Router:
-    """1:1 routing: validation, consent, group commit, acks and windowed delivery."""
+    """1:1 routing: the session table, validation, consent, the batch, acks and windowed delivery."""
 
     def __init__(
         self,
         *,
         store: Store,
         registry: ProviderRegistry,
-        sessions: dict,
-        paused: dict,
+        policy: Policy,
         window: int,
         max_frame_bytes: int,
-        policy: Policy,
-        message_rate_per_device: float = 500.0,
-        message_rate_per_user: float = 1000.0,
-        commit_executor: concurrent.futures.Executor | None = None,
-        clock=time.time,
+        message_rate_per_device: float,
+        message_rate_per_user: float,
     ) -> None:
         self.store = store
-        # None: commit inline on the loop. A single-thread executor: commit there (py-lmdb
-        # releases the GIL while committing) while the loop gathers the next batch.
-        self.commit_executor = commit_executor
-        self._committing = False
-        self._inflight: asyncio.Future | None = None  # the writer thread's running commit
+        self.registry = registry
         self.policy = policy
+        self.window = window
+        # Every dlv must fit in one frame the recipient accepts.
+        self.max_ciphertext_bytes = max_frame_bytes - TAG_BYTES - DLV_OVERHEAD_BYTES
         # Stored traffic (msg, rcpt) and typing state, per device session and per user; the burst
         # is two seconds' worth.
         self.device_buckets = TokenBuckets(2 * message_rate_per_device, message_rate_per_device)
         self.user_buckets = TokenBuckets(2 * message_rate_per_user, message_rate_per_user)
-        # Every dlv must fit in one frame the recipient accepts.
-        self.max_ciphertext_bytes = max_frame_bytes - TAG_BYTES - DLV_OVERHEAD_BYTES
-        self.registry = registry
-        self.sessions = sessions  # (user, device) -> GatewayProtocol, owned by the server
-        self.paused = paused  # GatewayProtocol -> since when its peer stopped reading, owned by the server
-        self.window = window
-        self.clock = clock
-        self.deliveries: dict[GatewayProtocol, Delivery] = {}  # only sessions with stored items
+        self.sessions: dict[tuple[str, int], Session] = {}  # (user, device) -> its open session
+        self.deliveries: dict[Session, Delivery] = {}  # only sessions with stored items
+        self.paused: set[Session] = set()  # sessions whose peer stopped reading: nothing is pushed
+        self.touched: set[Session] = set()  # sessions written to since the edge last wrote them out
         self._batch = WriteBatch()
-        # Senders owed an ack, with each stored item's (user, device), the session-table key.
-        self._waiting: list[tuple[GatewayProtocol, StoredMessage, list]] = []
+        self._waiting: list[tuple[Session, StoredMessage, list]] = []
         self._valid_addresses: dict[str, str] = {}  # address -> its provider id (syntax checked)
-        self._commit_scheduled = False
-        self.groups = None  # core.groups.Groups, set by the server: group msg, state and operations
-        self.commit_seconds = Histogram(COMMIT_BUCKETS_S)  # group-commit latency, for /metrics
         self.counters = {
             "messages_stored": 0, "deliveries_pushed": 0, "commits": 0, "duplicates": 0, "group_changes": 0,
             "group_copies_dropped_full": 0, "group_events_dropped_full": 0,
         }
 
+    def set_message_rates(self, per_device: float, per_user: float) -> None:
+        """New message rates (a reload); the burst stays two seconds' worth."""
+        self.device_buckets.set_rate(2 * per_device, per_device)
+        self.user_buckets.set_rate(2 * per_user, per_user)
+
     # -- sessions
 
-    def session_opened(self, proto: GatewayProtocol) -> int:
-        """Start pushing a freshly opened session's stored items; returns how many are stored."""
-        dkey = device_key(*proto.session_key)
-        pending = self.store.pending_count(dkey)
+    def open_session(self, session: Session) -> tuple[Session | None, int]:
+        """Register an authenticated session under its ``session_key``. Returns the session it
+        replaces (unregistered already; the caller closes it) and how many items wait for it."""
+        key = session.session_key
+        previous = self.sessions.get(key)
+        if previous is session:
+            previous = None
+        elif previous is not None:
+            self.close_session(previous)
+        self.sessions[key] = session
+        pending = self.store.pending_count(device_key(*key))
         if pending:
-            self.deliveries[proto] = Delivery(backlog=True)
-        return pending
+            self.deliveries[session] = Delivery(backlog=True)
+        return previous, pending
 
-    def push_stored(self, proto: GatewayProtocol) -> None:
-        """Push what the window allows from the store: after ``welcome``, and when a peer that
-        stopped reading reads again."""
-        if proto in self.deliveries:
-            self._refill(proto)
+    def close_session(self, session: Session) -> None:
+        """Forget a session that ended (or was replaced); a newer session of its device stays."""
+        key = session.session_key
+        if key is not None and self.sessions.get(key) is session:
+            del self.sessions[key]
+        self.deliveries.pop(session, None)
+        self.paused.discard(session)
 
-    def session_closed(self, proto: GatewayProtocol) -> None:
-        self.deliveries.pop(proto, None)
+    def push_stored(self, session: Session) -> None:
+        """Push what the window allows from the store (after ``welcome``)."""
+        if session in self.deliveries:
+            self._refill(session)
+
+    def pause(self, session: Session) -> None:
+        """The session's peer stopped reading: push nothing more (items stay in the mailbox)."""
+        self.paused.add(session)
+
+    def resume(self, session: Session) -> None:
+        """The peer reads again: push what waited."""
+        self.paused.discard(session)
+        if session in self.deliveries:
+            self._refill(session)
+
+    def take_touched(self) -> set:
+        """The sessions written to since the last call; the edge writes each out once."""
+        touched, self.touched = self.touched, set()
+        return touched
 
     # -- stanzas
 
-    def _charge(self, proto: GatewayProtocol, tokens: int = 1) -> None:
+    def charge(self, session: Session, now: float, tokens: int = 1) -> None:
         """Spend ``tokens`` tokens of the session's and the user's bucket, or refuse (``rate_limited``;
         the tokens spent before the refusal stay spent)."""
-        now = self.clock()
         device_buckets, user_buckets = self.device_buckets, self.user_buckets
-        session_key, user = proto.session_key, proto.session_key[0]
+        session_key = session.session_key
+        user = session_key[0]
         wait_s = 0.0
         for _ in range(tokens):
             wait_s = device_buckets.take(session_key, now) or user_buckets.take(user, now)
@@ -151,15 +187,9 @@ class Router:
             retry_after = max(1, math.ceil(wait_s * 1000))
             raise RouteError(f"too many messages; try again in {retry_after} ms", code="rate_limited", retry_after=retry_after)
 
-    def handle_msg(self, proto: GatewayProtocol, stanza: dict) -> None:
-        self._charge(proto)
-        identity = proto.conn.identity
-        msg_id = _stanza_id(stanza, "msg")
-        if "g" in stanza:
-            if self.groups is None:
-                raise RouteError("group messages are not served by this gateway", code="bad_stanza")
-            self.groups.route_msg(proto, stanza, msg_id)
-            return
+    def route_msg(self, session: Session, stanza: dict, msg_id: bytes, now: float) -> None:
+        """A 1:1 ``msg`` (already charged, its id checked): one ciphertext per recipient device."""
+        identity = session.identity
         recipient_provider, recipient = self._recipient(stanza.get("to"))
         if recipient == identity.user:
             raise RouteError("to reach your own other devices, use 'own'", code="bad_stanza")
@@ -182,14 +212,14 @@ class Router:
             for device, ciphertext in own.items():
                 items.append((device_key(sender, device), _dlv_builder(msg_id, sender, sender_device, ciphertext, recipient)))
                 targets.append((sender, device))
-        self._enqueue(proto, msg_id, items, targets)
+        self.enqueue(session, msg_id, items, targets, now)
 
-    def handle_rcpt(self, proto: GatewayProtocol, stanza: dict) -> None:
+    def handle_rcpt(self, session: Session, stanza: dict, now: float) -> None:
         """A receipt is stored and delivered like a message, to every device of ``to`` and (with
         ``to``) to the sender's other devices, so they can mark the messages too."""
-        self._charge(proto)
-        identity = proto.conn.identity
-        msg_id = _stanza_id(stanza, "rcpt")
+        self.charge(session, now)
+        identity = session.identity
+        msg_id = stanza_id(stanza, "rcpt")
         kind = stanza.get("kind")
         if kind not in RECEIPT_KINDS:
             raise StanzaError("rcpt needs 'kind': 'delivered' or 'read'")
@@ -214,22 +244,14 @@ class Router:
             (device_key(user, device), build if i < recipient_targets else own_build)
             for i, (user, device) in enumerate(targets)
         ]
-        self._enqueue(proto, msg_id, items, targets)
+        self.enqueue(session, msg_id, items, targets, now)
 
-    def handle_state(self, proto: GatewayProtocol, stanza: dict) -> None:
-        """Typing state: ephemeral, never stored, pushed to the recipient's online devices."""
-        self._charge(proto)
-        identity = proto.conn.identity
-        state = stanza.get("s")
-        if state not in TYPING_STATES:
-            raise StanzaError("state needs 's': 'composing' or 'paused'")
-        if "g" in stanza:
-            if self.groups is None:
-                raise RouteError("group typing state is not served by this gateway", code="bad_stanza")
-            self.groups.route_state(proto, stanza, state)
-            return
-        # Typing state is answered with not_opted_in or bad_stanza only (PROTOCOL §6): nobody under
-        # an unregistered provider accepts the sender's provider.
+    def route_state(self, session: Session, stanza: dict, state: str) -> None:
+        """1:1 typing state (already charged and checked): ephemeral, never stored, pushed to the
+        recipient's online devices."""
+        identity = session.identity
+        # Typing state is answered with not_opted_in or bad_stanza only (docs/protocol.md §6):
+        # nobody under an unregistered provider accepts the sender's provider.
         recipient_provider, recipient = self._recipient(stanza.get("to"), unknown_code="not_opted_in")
         if not self.policy.allows(recipient, recipient_provider, identity.provider):
             raise RouteError(f"{recipient} does not accept typing state from users of {identity.provider!r}", code="not_opted_in")
@@ -238,9 +260,8 @@ class Router:
         encoded = encode_stanza({"t": "state", "from": identity.user, "s": state})
         for device in self.store.devices(recipient):
             target = self.sessions.get((recipient, device))
-            if target is not None and not target.conn.closed:
-                target.conn.send_encoded(encoded)
-                target.flush()
+            if target is not None:
+                self.push_encoded(target, encoded)
 
     def _reachable_devices(self, recipient_provider, recipient: str, identity, what: str) -> tuple[int, ...]:
         """The recipient's devices, if the recipient accepts the sender's provider (consent)."""
@@ -251,145 +272,95 @@ class Router:
             raise RouteError(f"no user {recipient} is known to this gateway", code="unknown_recipient")
         return devices
 
-    def _enqueue(self, proto: GatewayProtocol, msg_id: bytes, items: list, targets: list) -> StoredMessage:
+    def enqueue(self, session: Session, msg_id: bytes, items: list, targets: list, now: float) -> StoredMessage:
         """Add a stored stanza to this turn's batch; its sender is acked after the commit.
         ``targets[i]`` is the (user, device) of ``items[i]``."""
-        message = self._batch.add_message(device_key(*proto.session_key), msg_id, int(self.clock() * 1000), items)
-        self._waiting.append((proto, message, targets))
-        self._schedule_commit()
+        message = self._batch.add_message(device_key(*session.session_key), msg_id, int(now * 1000), items)
+        self._waiting.append((session, message, targets))
         return message
 
     def enqueue_control(
-        self, proto: GatewayProtocol, reply: dict, items=(), targets=(), group: GroupWrite | None = None,
+        self, session: Session, reply: dict, now: float, items=(), targets=(), group: GroupWrite | None = None,
         event_id: bytes = b"",
     ) -> StoredMessage:
         """Add a control entry to this turn's batch: a group write (if any) and the items that
         announce it, all in the commit's one transaction; ``reply`` (an ``iq`` ``res``) is sent
         after the commit, in order with the acks of the same batch."""
         message = self._batch.add_control(
-            device_key(*proto.session_key), event_id, int(self.clock() * 1000), list(items), group
+            device_key(*session.session_key), event_id, int(now * 1000), list(items), group
         )
         message.reply = reply
-        self._waiting.append((proto, message, list(targets)))
-        self._schedule_commit()
+        self._waiting.append((session, message, list(targets)))
         return message
 
-    def enqueue_prekey_take(self, proto: GatewayProtocol, reply: dict, user: str, devices) -> None:
+    def enqueue_prekey_take(self, session: Session, reply: dict, user: str, devices, now: float) -> None:
         """A ``keys.get`` whose one-time prekeys are taken in this turn's commit (one fsync for
         every request of the turn); ``reply`` gets its ``bundles`` there and is sent after it."""
-        message = self._batch.take_prekeys(device_key(*proto.session_key), int(self.clock() * 1000), user, devices, reply)
-        self._waiting.append((proto, message, []))
-        self._schedule_commit()
+        message = self._batch.take_prekeys(device_key(*session.session_key), int(now * 1000), user, devices, reply)
+        self._waiting.append((session, message, []))
 
-    def handle_recv(self, proto: GatewayProtocol, stanza: dict) -> None:
+    def handle_recv(self, session: Session, stanza: dict, now: float) -> None:
         seqs = stanza.get("seq")
         if type(seqs) is not list or len(seqs) > MAX_RECV_SEQS or not all(type(s) is int and s > 0 for s in seqs):
             raise StanzaError(f"recv needs 'seq': a list of at most {MAX_RECV_SEQS} positive ints")
-        delivery = self.deliveries.get(proto)
+        delivery = self.deliveries.get(session)
         if delivery is None or not seqs:
             return
         received = [seq for seq in seqs if seq in delivery.inflight]
         if not received:
             return
         delivery.inflight.difference_update(received)
-        self._batch.delete(device_key(*proto.session_key), received)
-        self._schedule_commit()
-        self._refill(proto)
+        self._batch.delete(device_key(*session.session_key), received)
+        self._refill(session)
 
-    # -- group commit
+    # -- the group commit, driven by the edge
 
-    def _schedule_commit(self) -> None:
-        if not self._commit_scheduled:
-            self._commit_scheduled = True
-            # Runs after every callback already queued for this loop turn: the reads that are
-            # ready now all join this one transaction.
-            asyncio.get_running_loop().call_soon(self.commit)
+    @property
+    def has_batch(self) -> bool:
+        """Writes wait for a commit."""
+        return bool(self._batch)
 
-    def commit(self) -> None:
-        """Write the pending batch in one transaction, then ack and push what it stored."""
-        self._commit_scheduled = False
-        if self._committing:
-            return  # one commit at a time, in order; the running one schedules the next
-        batch, waiting = self._batch, self._waiting
-        if not batch:
-            return
+    def take_batch(self) -> Commit | None:
+        """This turn's writes, for the edge to commit in one transaction (None: nothing to write)."""
+        if not self._batch:
+            return None
+        commit = Commit(self._batch, self._waiting)
         self._batch, self._waiting = WriteBatch(), []
-        if self.commit_executor is None:
-            started = time.perf_counter()
-            try:
-                self.store.commit(batch)
-            except InterlinkError as exc:
-                self._failed(exc, batch, waiting)
-                return
-            except Exception:  # a storage fault nobody foresaw: answer every waiter, keep serving
-                log.exception("commit failed")
-                self._failed(InterlinkError("the gateway could not store the message"), batch, waiting)
-                return
-            self.commit_seconds.observe(time.perf_counter() - started)
-            self._committed(waiting)
-            return
-        self._committing = True
-        future = asyncio.get_running_loop().run_in_executor(self.commit_executor, self._timed_commit, batch)
-        future.add_done_callback(lambda done: self._thread_committed(done, batch, waiting))
-        self._inflight = future
+        return commit
 
-    async def settle(self) -> None:
-        """Commit everything still batched or in flight (drain calls this before the store closes)."""
-        while self._committing or self._batch:
-            if self._committing and self._inflight is not None:
-                await asyncio.wait([self._inflight])
-                await asyncio.sleep(0)  # let its done-callback run (acks, next batch)
-            elif self._batch:
-                self.commit()
-
-    def _timed_commit(self, batch: WriteBatch) -> float:
-        """The writer thread's job: the commit, and how long it took."""
-        started = time.perf_counter()
-        self.store.commit(batch)
-        return time.perf_counter() - started
-
-    def _thread_committed(self, done: asyncio.Future, batch: WriteBatch, waiting: list) -> None:
-        self._committing = False
-        error = done.exception()
-        if error is None:
-            self.commit_seconds.observe(done.result())  # observed on the loop, not the thread
-            self._committed(waiting)
-        elif isinstance(error, InterlinkError):
-            self._failed(error, batch, waiting)
-        else:
-            log.error("commit failed", exc_info=error)
-            self._failed(InterlinkError("the gateway could not store the message"), batch, waiting)
-        if self._batch:
-            self._schedule_commit()
-
-    def _failed(self, exc: InterlinkError, batch: WriteBatch, waiting: list) -> None:
-        log.error("commit of %d messages failed: %s", len(batch.messages), exc)
-        touched: set = set()
-        for proto, message, _ in waiting:
+    def failed(self, commit: Commit, exc: InterlinkError) -> list[tuple[GroupWrite, bool]]:
+        """The commit wrote nothing: every sender gets ``err``. Returns the group writes it held,
+        each with False (not written), for the groups to forget."""
+        settled = []
+        for session, message, _ in commit.waiting:
             if message.control:
-                if message.group is not None and self.groups is not None:
-                    self.groups.settled(message.group, False)
-                self._answer(proto, touched, {"t": "err", "code": exc.code, "msg": exc.message, "id": message.reply["id"]})
+                if message.group is not None:
+                    settled.append((message.group, False))
+                self.answer(session, {"t": "err", "code": exc.code, "msg": exc.message, "id": message.reply["id"]})
                 continue
-            self._answer(proto, touched, {"t": "err", "code": exc.code, "msg": exc.message, "ref": message.msg_id})
-        self._flush(touched)
+            self.answer(session, {"t": "err", "code": exc.code, "msg": exc.message, "ref": message.msg_id})
+        return settled
 
-    def _committed(self, waiting: list) -> None:
-        touched: set = set()
+    def committed(self, commit: Commit) -> list[tuple[GroupWrite, bool]]:
+        """The commit is durable: answer every sender and push what was stored to the online
+        devices. Returns the group writes it held, each with whether it was written."""
+        settled = []
         self.counters["commits"] += 1
         sessions = self.sessions
-        for proto, message, targets in waiting:
+        for session, message, targets in commit.waiting:
             if message.control:
-                self._control_committed(proto, message, targets, touched)
+                if message.group is not None:
+                    settled.append((message.group, message.refused is None))
+                self._control_committed(session, message, targets)
                 continue
             if message.refused is not None:
                 if message.refused == "conflict":  # built from a group change that failed
-                    self._answer(proto, touched, {
+                    self.answer(session, {
                         "t": "err", "code": "overloaded", "ref": message.msg_id,
                         "msg": "the group changed while this message waited; nothing was stored, resend it",
                     })
                     continue
-                self._answer(proto, touched, {
+                self.answer(session, {
                     "t": "err", "code": message.refused, "ref": message.msg_id,
                     "msg": "a recipient mailbox is full; nothing was stored",
                 })
@@ -404,18 +375,16 @@ class Router:
                 self.counters["duplicates"] += 1
             else:
                 self.counters["messages_stored"] += 1
-            self._answer(proto, touched, ack)
+            self.answer(session, ack)
             for (_, seq, value), target in zip(message.stored, targets):
                 recipient = sessions.get(target)
                 if recipient is not None:
-                    self._push_new(recipient, seq, value, touched)
-        self._flush(touched)
+                    self._push_new(recipient, seq, value)
+        return settled
 
-    def _control_committed(self, proto: GatewayProtocol, message: StoredMessage, targets: list, touched: set) -> None:
-        if message.group is not None and self.groups is not None:
-            self.groups.settled(message.group, message.refused is None)
+    def _control_committed(self, session: Session, message: StoredMessage, targets: list) -> None:
         if message.refused is not None:
-            self._answer(proto, touched, {
+            self.answer(session, {
                 "t": "err", "code": "overloaded", "id": message.reply["id"],
                 "msg": "the group changed while this request waited (an earlier change failed); nothing was changed, try again",
             })
@@ -426,46 +395,62 @@ class Router:
             targets = [targets[i] for i in message.kept]
         if message.dropped_full:
             self.counters["group_events_dropped_full"] += message.dropped_full
-        self._answer(proto, touched, message.reply)
+        self.answer(session, message.reply)
         sessions = self.sessions
         for (_, seq, value), target in zip(message.stored, targets):
             recipient = sessions.get(target)
             if recipient is not None:
-                self._push_new(recipient, seq, value, touched)
+                self._push_new(recipient, seq, value)
+
+    # -- output
+
+    def answer(self, session: Session, stanza: dict) -> None:
+        """Send a stanza to a session, unless it ended meanwhile."""
+        if not session.closed:
+            session.send_stanza(stanza)
+            self.touched.add(session)
+
+    def push_encoded(self, session: Session, encoded: bytes) -> None:
+        """Send an already-encoded stanza (typing state: encoded once, sent to many)."""
+        if not session.closed:
+            session.send_encoded(encoded)
+            self.touched.add(session)
 
     # -- delivery
 
-    def _push_new(self, proto: GatewayProtocol, seq: int, value: bytes, touched: set) -> None:
+    def _push_new(self, session: Session, seq: int, value: bytes) -> None:
         """Push a just-stored item to its device's online session, if the window allows."""
-        delivery = self.deliveries.get(proto)
+        delivery = self.deliveries.get(session)
         if delivery is None:
-            delivery = self.deliveries[proto] = Delivery(backlog=False)
-        if delivery.backlog or len(delivery.inflight) >= self.window or proto in self.paused:
+            delivery = self.deliveries[session] = Delivery(backlog=False)
+        if delivery.backlog or len(delivery.inflight) >= self.window or session in self.paused:
             # Older items wait in the store, or the window is full: this one waits its turn
             # there too, and recv will bring it (order per device is seq order).
             delivery.backlog = True
             return
         delivery.inflight.add(seq)
         delivery.cursor = seq
-        proto.conn.send_encoded(value)  # the encoded dlv from the commit: serialized once
+        session.send_encoded(value)  # the encoded dlv from the commit: serialized once
         self.counters["deliveries_pushed"] += 1
-        touched.add(proto)
+        self.touched.add(session)
 
-    def _refill(self, proto: GatewayProtocol) -> None:
-        delivery = self.deliveries.get(proto)
+    def _refill(self, session: Session) -> None:
+        delivery = self.deliveries.get(session)
         if delivery is None:
             return
         room = self.window - len(delivery.inflight)
-        if room > 0 and delivery.backlog and proto not in self.paused:
-            items = self.store.pending(device_key(*proto.session_key), delivery.cursor, room)
+        if room > 0 and delivery.backlog and session not in self.paused:
+            items = self.store.pending(device_key(*session.session_key), delivery.cursor, room)
             for seq, value in items:
                 delivery.inflight.add(seq)
                 delivery.cursor = seq
-                proto.conn.send_encoded(value)
-            self.counters["deliveries_pushed"] += len(items)
+                session.send_encoded(value)
+            if items:
+                self.counters["deliveries_pushed"] += len(items)
+                self.touched.add(session)
             delivery.backlog = len(items) == room  # a short read reached the end of the mailbox
         if not delivery.inflight and not delivery.backlog:
-            del self.deliveries[proto]  # nothing stored any more: no state for idle sessions
+            del self.deliveries[session]  # nothing stored any more: no state for idle sessions
 
     # -- helpers
 
@@ -476,39 +461,30 @@ class Router:
         if provider_id is None:
             localpart, at, provider_id = to.rpartition("@")
             if not at or localpart_error(localpart) is not None:
-                raise StanzaError(f"'to' is not a user address: {_excerpt(to)}")
+                raise StanzaError(f"'to' is not a user address: {excerpt(to)}")
             if len(self._valid_addresses) >= VALID_ADDRESSES_KEPT:
                 del self._valid_addresses[next(iter(self._valid_addresses))]
             self._valid_addresses[to] = provider_id
         provider = self.registry.get(provider_id)
         if provider is None:
-            raise RouteError(f"no provider {_excerpt(provider_id)} is registered here", code=unknown_code)
+            raise RouteError(f"no provider {excerpt(provider_id)} is registered here", code=unknown_code)
         return provider, to
 
-    @staticmethod
-    def _answer(proto, touched: set, stanza: dict) -> None:
-        if proto.transport is not None and not proto.conn.closed:
-            proto.conn.send_stanza(stanza)
-            touched.add(proto)
 
-    @staticmethod
-    def _flush(touched: set) -> None:
-        for proto in touched:
-            proto.flush()
-
-
-def _excerpt(text: str, limit: int = 32) -> str:
-    """A client-supplied string made safe to quote back: printable, at most ``limit`` characters
-    (an answer must not outgrow its request)."""
-    shown = "".join(ch if ch.isprintable() else "?" for ch in text[:limit])
-    return repr(shown + ("…" if len(text) > limit else ""))
-
-
-def _stanza_id(stanza: dict, kind: str) -> bytes:
+def stanza_id(stanza: dict, kind: str) -> bytes:
+    """The 16-byte ``id`` of a ``msg`` or ``rcpt`` (``bad_stanza`` otherwise)."""
     stanza_id = stanza.get("id")
     if type(stanza_id) is not bytes or len(stanza_id) != ID_BYTES:
         raise StanzaError(f"{kind} needs 'id': 16 bytes")
     return stanza_id
+
+
+def typing_state(stanza: dict) -> str:
+    """The ``s`` of a ``state`` stanza (``bad_stanza`` unless composing or paused)."""
+    state = stanza.get("s")
+    if state not in TYPING_STATES:
+        raise StanzaError("state needs 's': 'composing' or 'paused'")
+    return state
 
 
 def _device_map(value, name: str, max_ciphertext_bytes: int) -> dict[int, bytes]:

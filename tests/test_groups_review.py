@@ -1,7 +1,8 @@
-"""Regression tests of the group review's findings, on the real Router, Groups and LmdbStore with
-fake sessions (the sessions only record what they are sent): thread-mode commits built from a
-change that then fails, mailbox quotas, amplification, blocks, dedup before membership, typing, and
-the per-(g, ver) plan cache."""
+"""Regression tests of the group review's findings, on the real Domain (Router, Groups, Policy)
+and LmdbStore with fake sessions (``interlink.testing.FakeSession``: they record what they are
+sent) and the edge's real commit driver: thread-mode commits built from a change that then fails,
+mailbox quotas, amplification, blocks, dedup before membership, typing, and the per-(g, ver) plan
+cache."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import asyncio
 import concurrent.futures
 import os
 import threading
-import types
+import time
+from collections import Counter
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -17,42 +19,17 @@ from hypothesis import strategies as st
 
 import interlink.core._fanout_pure as fanout_pure
 from interlink.core.auth import Provider, ProviderRegistry
-from interlink.core.groups import Groups
+from interlink.core.commit import CommitDriver
+from interlink.core.domain import Domain
 from interlink.core.ops import DEFERRED
-from interlink.core.policy import Policy
-from interlink.core.router import RouteError, Router
-from interlink.core.stanza import decode_stanzas
+from interlink.core.router import RouteError
 from interlink.core.store import LmdbStore, StoreFullError, device_key
+from interlink.testing import FakeSession
 
 try:
     import interlink.ext._fanout as fanout_native
 except ImportError:  # INTERLINK_PURE runs without the build; the default suite requires it
     fanout_native = None
-
-
-class Conn:
-    def __init__(self, user: str, device: int) -> None:
-        self.identity = types.SimpleNamespace(user=user, device=device, provider=user.rpartition("@")[2])
-        self.closed = False
-        self.out: list[dict] = []
-        self.max_plaintext_bytes = 65535 - 16
-
-    def send_stanza(self, stanza: dict) -> None:
-        self.out.append(stanza)
-
-    def send_encoded(self, data: bytes) -> None:
-        self.out.extend(decode_stanzas(data))
-
-
-class Proto:
-    def __init__(self, user: str, device: int) -> None:
-        self.conn = Conn(user, device)
-        self.session_key = (user, device)
-        self.transport = object()
-        self.flushes = 0
-
-    def flush(self) -> None:
-        self.flushes += 1
 
 
 class FlakyStore(LmdbStore):
@@ -76,59 +53,80 @@ def _provider(pid: str) -> Provider:
 
 
 class World:
+    """The domain as the edge drives it: each call, then the turn's commit scheduled and the
+    touched sessions written out (counted per session in ``writes``)."""
+
     def __init__(self, path, *, thread=False, rate=1e9, clock=None, **store_kw) -> None:
         self.store = FlakyStore(path, sync=False, map_size_bytes=1 << 26, **store_kw)
-        self.policy = Policy(self.store)
-        self.sessions: dict = {}
-        self.executor = concurrent.futures.ThreadPoolExecutor(1) if thread else None
-        extra = {"clock": clock} if clock is not None else {}
-        self.router = Router(
-            store=self.store, registry=ProviderRegistry([_provider("alpha"), _provider("beta")]), sessions=self.sessions,
-            paused={}, window=1000, max_frame_bytes=65535, policy=self.policy, commit_executor=self.executor,
-            message_rate_per_device=rate, message_rate_per_user=rate, **extra,
+        self.clock = clock or time.time
+        self.domain = Domain(
+            store=self.store, registry=ProviderRegistry([_provider("alpha"), _provider("beta")]), window=1000,
+            max_frame_bytes=65535, max_group=1024, message_rate_per_device=rate, message_rate_per_user=rate,
         )
-        self.groups = Groups(store=self.store, registry=self.router.registry, policy=self.policy, router=self.router,
-                             max_group=1024)
-        self.router.groups = self.groups
+        self.router, self.groups, self.policy = self.domain.router, self.domain.groups, self.domain.policy
+        self.executor = concurrent.futures.ThreadPoolExecutor(1) if thread else None
+        self.writes: Counter = Counter()
+        self.commits = CommitDriver(store=self.store, domain=self.domain, on_done=self._write_out, executor=self.executor)
 
     def close(self) -> None:
         if self.executor is not None:
             self.executor.shutdown()
         self.store.close()
 
-    def connect(self, user: str, device: int = 1, online: bool = True) -> Proto:
-        self.store.register_device(user, device, 5)
-        proto = Proto(user, device)
-        if online:
-            self.sessions[(user, device)] = proto
-            self.router.session_opened(proto)
-        return proto
+    def _write_out(self) -> None:
+        self.writes.update(self.router.take_touched())
 
-    def iq(self, proto: Proto, op: str, _id: int = 1, **fields):
+    def _served(self) -> None:
+        self.commits.schedule()
+        self._write_out()
+
+    def connect(self, user: str, device: int = 1, online: bool = True) -> FakeSession:
+        self.store.register_device(user, device, 5)
+        session = FakeSession(user, device)
+        if online:
+            self.router.open_session(session)
+        return session
+
+    def iq(self, session: FakeSession, op: str, _id: int = 1, **fields):
         """Like the server's iq dispatch: the immediate answer, or None when deferred."""
         try:
-            result = self.groups.handlers[op](proto, {"t": "iq", "id": _id, "op": op, **fields})
+            result = self.groups.handlers[op](session, {"t": "iq", "id": _id, "op": op, **fields}, self.clock())
         except RouteError as exc:
             return {"t": "err", "code": exc.code, "id": _id, **exc.fields}
+        finally:
+            self._served()
         return None if result is DEFERRED else {"t": "res", "id": _id, **(result or {})}
 
-    def msg(self, proto: Proto, g: bytes, body: bytes = b"x", mid: bytes | None = None):
+    def msg(self, session: FakeSession, g: bytes, body: bytes = b"x", mid: bytes | None = None):
         mid = mid or os.urandom(16)
         try:
-            self.router.handle_msg(proto, {"t": "msg", "id": mid, "g": g, "b": body})
+            self.domain.handle_msg(session, {"t": "msg", "id": mid, "g": g, "b": body}, self.clock())
         except RouteError as exc:
             return {"t": "err", "code": exc.code, **exc.fields}
+        finally:
+            self._served()
         return mid
 
-    def state(self, proto: Proto, g: bytes, s: str = "composing"):
+    def direct(self, session: FakeSession, **stanza) -> None:
+        """A 1:1 msg, answered later (its ack or err after the commit)."""
+        self.domain.dispatch(session, {"t": "msg", **stanza}, self.clock())
+        self._served()
+
+    def recv(self, session: FakeSession, seqs: list[int]) -> None:
+        self.router.handle_recv(session, {"t": "recv", "seq": seqs}, self.clock())
+        self._served()
+
+    def state(self, session: FakeSession, g: bytes, s: str = "composing"):
         try:
-            self.router.handle_state(proto, {"t": "state", "g": g, "s": s})
+            self.domain.handle_state(session, {"t": "state", "g": g, "s": s}, self.clock())
         except RouteError as exc:
             return {"t": "err", "code": exc.code}
+        finally:
+            self._served()
         return None
 
     async def settle(self) -> None:
-        await self.router.settle()
+        await self.commits.settle()
         await asyncio.sleep(0)
 
 
@@ -146,18 +144,18 @@ def world(tmp_path):
         w.close()
 
 
-def last(proto: Proto, **match):
-    for stanza in reversed(proto.conn.out):
+def last(session: FakeSession, **match):
+    for stanza in reversed(session.received):
         if all(stanza.get(k) == v for k, v in match.items()):
             return stanza
     return None
 
 
-def kinds(proto: Proto, k: str) -> list[dict]:
-    return [s for s in proto.conn.out if s.get("t") == "dlv" and s.get("k") == k]
+def kinds(session: FakeSession, k: str) -> list[dict]:
+    return [s for s in session.received if s.get("t") == "dlv" and s.get("k") == k]
 
 
-async def new_group(w: World, creator: Proto, members: list[str], **fields) -> bytes:
+async def new_group(w: World, creator: FakeSession, members: list[str], **fields) -> bytes:
     assert w.iq(creator, "group.new", _id=99, members=members, **fields) is None
     await w.settle()
     return last(creator, t="res", id=99)["g"]
@@ -172,7 +170,7 @@ async def test_thread_mode_entries_built_from_a_failed_change_are_refused(world,
     alice, bob, carl, mallory = (w.connect(u) for u in ("alice@alpha", "bob@beta", "carl@beta", "mallory@beta"))
     g = await new_group(w, alice, ["bob@beta", "mallory@beta"])
     for p in (alice, bob, carl, mallory):
-        p.conn.out.clear()
+        p.received.clear()
     users = ("alice@alpha", "mallory@beta", "carl@beta")
     before = [w.store.pending_count(device_key(user, 1)) for user in users]
     w.store.gate = threading.Event()
@@ -238,14 +236,14 @@ async def test_a_full_member_mailbox_skips_that_device_instead_of_refusing_the_g
         assert last(bob, id=mid) == {"t": "ack", "id": mid, "ts": last(bob, id=mid)["ts"]}  # plain ack
         # alice receives, so her mailbox never fills
         seqs = [s["seq"] for s in kinds(alice, "msg")]
-        w.router.handle_recv(alice, {"t": "recv", "seq": seqs})
+        w.recv(alice, seqs)
         await w.settle()
     assert [s["c"] for s in kinds(alice, "msg")] == [b"m%d" % i for i in range(10)]
     assert w.store.pending_count(device_key("dormant@beta", 7)) == 5  # the created event + 4 messages
     assert w.router.counters["group_copies_dropped_full"] == 6
     # 1:1 stays all or nothing
     mid = os.urandom(16)
-    w.router.handle_msg(bob, {"t": "msg", "id": mid, "to": "dormant@beta", "c": {7: b"hi"}})
+    w.direct(bob, id=mid, to="dormant@beta", c={7: b"hi"})
     await w.settle()
     assert last(bob, ref=mid)["code"] == "mailbox_full"
 
@@ -282,7 +280,7 @@ async def test_events_to_a_dormant_mailbox_stop_at_the_control_overdraft(world):
         w.iq(alice, "group.new", _id=200 + i, members=["bob@beta", "dormant@beta"])
         await w.settle()
         groups.append(last(alice, t="res", id=200 + i)["g"])
-        w.router.handle_recv(bob, {"t": "recv", "seq": [s["seq"] for s in kinds(bob, "group")]})  # bob keeps up
+        w.recv(bob, [s["seq"] for s in kinds(bob, "group")])  # bob keeps up
         await w.settle()
     dormant = device_key("dormant@beta", 7)
     # quota 3 + overdraft 2: the first five events are stored, the other three skipped and counted
@@ -331,15 +329,15 @@ async def test_group_typing_is_limited_per_sender_and_group_and_flushed_once(wor
     bob1, bob2 = w.connect("bob@beta", 1), w.connect("bob@beta", 2)
     g = await new_group(w, alice, ["bob@beta"])
     for p in (bob1, bob2):
-        p.conn.out.clear()
-        p.flushes = 0
+        p.received.clear()
+    w.writes.clear()
     for _ in range(5):
         assert w.state(alice, g) is None
-    assert [s["t"] for s in bob1.conn.out] == ["state"] and bob1.flushes == 1
-    assert [s["t"] for s in bob2.conn.out] == ["state"] and bob2.flushes == 1
+    assert [s["t"] for s in bob1.received] == ["state"] and w.writes[bob1] == 1
+    assert [s["t"] for s in bob2.received] == ["state"] and w.writes[bob2] == 1
     now[0] += 1.0
     assert w.state(alice, g, "paused") is None
-    assert [s["s"] for s in bob1.conn.out] == ["composing", "paused"]
+    assert [s["s"] for s in bob1.received] == ["composing", "paused"]
 
 
 # -- 4. blocks
@@ -364,7 +362,7 @@ async def test_events_and_meta_from_a_blocked_actor_do_not_reach_the_blocker(wor
     await w.settle()
     assert w.msg(mallory, g, b"hi") is not None
     await w.settle()
-    assert [s for s in victim.conn.out if s.get("t") == "dlv"] == []
+    assert [s for s in victim.received if s.get("t") == "dlv"] == []
     assert w.store.pending_count(device_key("victim@alpha", 1)) == 0
     assert "victim@alpha" in w.store.group(g).member_set  # still a member
     assert [s["event"] for s in kinds(other, "group")] == ["created", "removed", "added"]
@@ -403,7 +401,7 @@ async def test_typing_does_not_reveal_a_change_still_committing(world):
     w.store.gate.set()
     await w.settle()
     w.store.gate = None
-    assert [s for s in carl.conn.out if s.get("t") == "state"] == []
+    assert [s for s in carl.received if s.get("t") == "state"] == []
     assert last(alice, t="state") is not None
 
 

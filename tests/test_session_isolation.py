@@ -578,10 +578,10 @@ async def test_a_replaced_sessions_late_commit_answer_reaches_no_other_session(e
     first.send(message)
     if commit_in_thread:
         await asyncio.sleep(0)  # the scheduled commit starts on the writer thread
-        assert edge.server.router._committing
+        assert edge.server.commits.running
     second.write(flight)  # authenticated at once (the key is cached): replaces the first session
-    assert edge.server.sessions[("alice@alpha", 1)] is second.proto
-    await edge.server.router.settle()
+    assert edge.server.sessions[("alice@alpha", 1)] is second.proto.conn
+    await edge.server.commits.settle()
     await asyncio.sleep(0)  # the commit's answers are written
     await second.barrier()
     assert not [s for s in second.received if msg_id in (s.get("ref"), s.get("id"))]
@@ -608,7 +608,7 @@ async def test_a_connection_closed_before_its_auth_was_decided_never_becomes_the
     late.write(flight)  # one read: the handshake ends and the connection closes
     await late.read(lambda: late.saw(t="closed"))
     assert late.received == [{"t": "closed", "reason": "auth_failed", "code": "bad_stanza"}]
-    assert edge.server.sessions[("alice@alpha", 1)] is live.proto
+    assert edge.server.sessions[("alice@alpha", 1)] is live.proto.conn
     assert not [s for s in await live.barrier() if s["t"] in ("bye", "closed")]
     assert edge.server.counters["sessions_opened"] == 1
 
@@ -628,10 +628,10 @@ async def test_a_verdict_that_waited_for_a_key_fetch_opens_nothing_once_its_conn
     late.write(flight)
     assert late.proto.conn.closed and late.proto in edge.server.auth_tasks
     async with asyncio.timeout(10):
-        while edge.server.auth_tasks or late.proto in edge.server.connections:
+        while edge.server.auth_tasks or late.proto.conn in edge.server.connections:
             await asyncio.sleep(0)
         await edge.jwks.wait_idle()
-    assert edge.server.sessions == {("alice@alpha", 1): live.proto}
+    assert edge.server.sessions == {("alice@alpha", 1): live.proto.conn}
     assert not [s for s in await live.barrier() if s["t"] in ("bye", "closed")]
     assert edge.server.counters["sessions_opened"] == 1
 
@@ -655,7 +655,7 @@ async def test_a_paused_session_that_is_replaced_does_not_hold_back_the_new_one(
     assert len([s for s in fresh.received if s["t"] == "dlv"]) == sent + 1
     stuck.sock.close()
     async with asyncio.timeout(10):
-        while stuck.proto in edge.server.connections:
+        while stuck.proto.conn in edge.server.connections:
             await asyncio.sleep(0)
     assert edge.server.paused == {}
 
