@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.interlink-installed
 PYTEST_ARGS ?=
 
-.PHONY: all demo test test-pure bench bench-baseline stress annotate check-install clean load
+.PHONY: all demo test test-pure bench bench-baseline stress annotate check-install clean load fuzz
 
 all: $(STAMP)
 
@@ -78,3 +78,11 @@ SCENARIO ?= chat-1to1
 LOAD_ARGS ?=
 load: $(STAMP)
 	$(BIN)/python -m interlink.cli load $(SCENARIO) $(LOAD_ARGS)
+
+# Coverage-guided fuzzing (atheris; fuzz/, docs/reliability.md): every fuzz/fuzz_*.py for FUZZ_SECONDS
+# each, one after another; new inputs and crash artifacts go to fuzz/.work/ (gitignored). E.g.
+# make fuzz FUZZ_SECONDS=60 FUZZ_ARGS='frames config'   or   FUZZ_ARGS='--runs 1000000 handshake'
+FUZZ_SECONDS ?= 600
+FUZZ_ARGS ?=
+fuzz: $(STAMP)
+	INTERLINK_REQUIRE_NATIVE=1 $(BIN)/python fuzz/run.py --seconds $(FUZZ_SECONDS) $(FUZZ_ARGS)

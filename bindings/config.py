@@ -10,6 +10,7 @@ keys (``INTERLINK_PORT=7451``). ``default_config_toml()`` prints every key with 
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import tomllib
 from collections.abc import Mapping
@@ -119,6 +120,9 @@ def _check_type(config: GatewayConfig) -> None:
         allowed = _NUMBER_TYPES.get(expected, (expected,))
         if isinstance(value, bool) or not isinstance(value, allowed):
             raise ConfigError(f"{spec.name}: expected {expected.__name__}, got {type(value).__name__} {value!r}")
+        # Every number is a limit or a duration; inf would pass a one-sided range check and bound nothing.
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{spec.name}: expected a finite number, got {value!r}")
 
 
 def _require(condition: bool, key: str, problem: str) -> None:
@@ -179,6 +183,12 @@ def load_config(path: str | os.PathLike | None = None, *, environ: Mapping[str, 
             raise ConfigError(f"config file {os.fspath(path)}: {exc.strerror}") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {os.fspath(path)}: not valid TOML: {exc}") from None
+        except UnicodeDecodeError as exc:  # tomllib.load decodes the bytes before parsing
+            raise ConfigError(
+                f"config file {os.fspath(path)}: not valid TOML: not UTF-8 (byte {exc.start}: {exc.reason})"
+            ) from None
+        except RecursionError:  # tomllib descends once per nested array or inline table
+            raise ConfigError(f"config file {os.fspath(path)}: not valid TOML: nested too deeply") from None
     return config_from_mapping(data, environ=os.environ if environ is None else environ)
 
 
@@ -292,8 +302,15 @@ def default_config_toml() -> str:
     return "\n".join(lines)
 
 
+# A TOML basic string may not hold the quote, the backslash or control characters unescaped.
+_TOML_ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r"}
+
+
 def _toml_value(value) -> str:
     if isinstance(value, (str, Path)):
-        text = str(value)
-        return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        text = "".join(
+            _TOML_ESCAPES.get(char) or (f"\\u{ord(char):04x}" if char < " " or char == "\x7f" else char)
+            for char in str(value)
+        )
+        return '"' + text + '"'
     return repr(value)

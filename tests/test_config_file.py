@@ -126,3 +126,41 @@ def test_default_config_command_prints_a_loadable_file(tmp_path):
     result = CliRunner().invoke(main, ["default-config"])
     assert result.exit_code == 0
     assert load_config(write(tmp_path, result.output), environ={}) == GatewayConfig()
+
+
+# Found by fuzzing (fuzz/fuzz_config.py, docs/reliability.md): only ConfigError may come out of the
+# loader, a loaded configuration holds finite limits, and values written as TOML load back.
+
+
+def test_a_file_that_is_not_utf8_is_not_toml(tmp_path):
+    path = tmp_path / "interlink.toml"
+    path.write_bytes(b'port = "7450"\n\x0e\xff\xff\xff\xff\x00\x00\x00')  # the fuzzer's input
+    with pytest.raises(ConfigError, match=r"interlink\.toml: not valid TOML: not UTF-8 \(byte 15: invalid start byte\)"):
+        load_config(path, environ={})
+
+
+def test_a_file_nested_too_deeply_is_not_toml(tmp_path):
+    text = "port = " + "[" * 2000 + "]" * 2000 + "\n"  # tomllib recurses once per level
+    with pytest.raises(ConfigError, match="not valid TOML: nested too deeply"):
+        load_config(write(tmp_path, text), environ={})
+
+
+@pytest.mark.parametrize("text", ["drain_timeout_s = inf", "jwks_min_refetch_interval_s = +inf", "drain_timeout_s = nan"])
+def test_limits_must_be_finite_in_the_file(tmp_path, text):
+    key = text.split()[0]
+    assert refusal(tmp_path, text).startswith(f"{key}: expected a finite number, got ")
+
+
+@pytest.mark.parametrize("name", ["INTERLINK_DRAIN_TIMEOUT_S", "INTERLINK_JWKS_MIN_REFETCH_INTERVAL_S"])
+def test_limits_must_be_finite_in_the_environment(tmp_path, name):
+    assert refusal(tmp_path, "", {name: "inf"}).startswith(f"{name[len('INTERLINK_'):].lower()}: expected a finite number")
+
+
+def test_a_config_with_any_string_values_writes_as_toml_that_loads_back(tmp_path):
+    """``default_config_toml`` writes each value with ``_toml_value``: strings holding control
+    characters, quotes and backslashes must come back the same (the fuzzer's host had \\x10 and \\n)."""
+    from interlink.config import _toml_value
+
+    config = load_config(None, environ={"INTERLINK_HOST": 'admin_tok\x10n = "short"\n1 ', "INTERLINK_NODE_NAME": "a\\b\x00\x7f\t\r"})
+    text = "".join(f"{key} = {_toml_value(getattr(config, key))}\n" for key in ("host", "node_name"))
+    assert load_config(write(tmp_path, text), environ={}) == config
