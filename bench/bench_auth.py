@@ -17,10 +17,9 @@ import asyncio
 import pytest
 
 import interlink.core
-from interlink.core.auth import Provider, ProviderRegistry, TokenVerifier, parse_jwks, verify_with_key
-from interlink.core.jwks import JwksCache
+from interlink.core.auth import Provider, ProviderRegistry, parse_jwks, verify_with_key
 from interlink.load.e2ee import drive
-from interlink.testing import DemoIssuer
+from interlink.testing import DemoIssuer, jwks_cache, token_verifier
 
 AUD = "interlink-gw.example"
 NOW = 1_800_000_000.0
@@ -58,8 +57,8 @@ def test_verify_with_key(benchmark, issuer, provider, alg):
 def test_full_verify_cached_key(benchmark, issuer, provider, alg):
     benchmark.extra_info["implementation"] = interlink.core.IMPLEMENTATION
     registry = ProviderRegistry([provider])
-    cache = JwksCache(clock=lambda: 0.0)
-    verifier = TokenVerifier(registry, cache)
+    cache = jwks_cache(clock=lambda: 0.0)
+    verifier = token_verifier(registry, cache)
     token = issuer.issue("alice", audience=AUD, alg=alg, now=NOW)
 
     def run():
@@ -76,8 +75,8 @@ def test_full_verify_event_loop_http_keys(benchmark):
         iss = DemoIssuer()
         loop.run_until_complete(iss.start())
         registry = ProviderRegistry([Provider(id="acme", issuer=iss.issuer, audience=AUD, discovery=True)])
-        cache = JwksCache(clock=lambda: 0.0)
-        verifier = TokenVerifier(registry, cache)
+        cache = jwks_cache(clock=lambda: 0.0)
+        verifier = token_verifier(registry, cache)
         token = iss.issue("alice", audience=AUD, now=NOW)
 
         def run():

@@ -23,7 +23,7 @@ import interlink.core._fanout_pure as fanout_pure
 import interlink.ext._fanout as fanout_native
 from interlink.core.policy import Policy
 from interlink.core.stanza import encode_stanza
-from interlink.core.store import LmdbStore
+from interlink.testing import lmdb_store
 
 TWINS = pytest.mark.parametrize("impl", ["cython", "pure"])
 MODULES = {"cython": fanout_native, "pure": fanout_pure}
@@ -52,7 +52,7 @@ def _copies(shape: str) -> int:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """An LmdbStore with every member's devices registered, and a Policy over it (nobody blocks)."""
-    store = LmdbStore(tmp_path_factory.mktemp("fanout") / "lmdb", sync=False)
+    store = lmdb_store(tmp_path_factory.mktemp("fanout") / "lmdb", sync=False)
     for shape, (_, devices) in SHAPES.items():
         for member in _members(shape):
             for device in range(1, devices + 1):

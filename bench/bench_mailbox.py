@@ -34,7 +34,8 @@ import interlink.ext._mailbox as mailbox_native
 from interlink.core import mailbox as mailbox_selector
 from interlink.core.fanout import GroupDlv
 from interlink.core.router import _dlv_builder  # the dlv builder handle_msg gives the commit
-from interlink.core.store import LmdbStore, WriteBatch, device_key
+from interlink.core.store import WriteBatch, device_key
+from interlink.testing import lmdb_store
 
 CIPHERTEXT = os.urandom(200)
 SENDER, RECIPIENT = device_key("alice@alpha", 1), device_key("bob@beta", 1)
@@ -61,7 +62,7 @@ def store(tmp_path, request, monkeypatch):
         )
         for name in bound:
             monkeypatch.setattr(store_module, name, getattr(twin, name))
-    store = LmdbStore(tmp_path / "lmdb", sync=params["durability"] == "sync",
+    store = lmdb_store(tmp_path / "lmdb", sync=params["durability"] == "sync",
                       max_mailbox_items=1 << 30, max_mailbox_bytes=1 << 40)
     yield store
     store.close()

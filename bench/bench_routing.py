@@ -27,8 +27,8 @@ from interlink.core.auth import Provider, ProviderRegistry
 from interlink.core.domain import Domain
 from interlink.core.router import RouteError
 from interlink.core.stanza import decode_stanzas
-from interlink.core.store import LmdbStore, device_key
-from interlink.testing import FakeSession
+from interlink.core.store import device_key
+from interlink.testing import FakeSession, lmdb_store
 
 CIPHERTEXT = os.urandom(200)
 TURN = 32  # msgs routed in one loop turn before its commit
@@ -42,7 +42,7 @@ def _provider(pid: str) -> Provider:
 
 @pytest.fixture(scope="module")
 def domain(tmp_path_factory):
-    store = LmdbStore(tmp_path_factory.mktemp("routing") / "lmdb", sync=False, max_mailbox_items=1 << 30,
+    store = lmdb_store(tmp_path_factory.mktemp("routing") / "lmdb", sync=False, max_mailbox_items=1 << 30,
                       max_mailbox_bytes=1 << 40)
     for user, devices in (("alice@alpha", (1, 2)), ("bob@beta", (1,)), ("carol@beta", (1, 2, 3))):
         for device in devices:

@@ -64,7 +64,7 @@ from interlink.core.stanza import encode_stanza
 from interlink.load import child
 from interlink.load.peer import LeanPeer
 from interlink.load.procstat import schedstat_s, status_bytes
-from interlink.testing import DemoIssuer
+from interlink.testing import DemoIssuer, lmdb_store
 
 AUDIENCE = "bench"
 PROVIDER = "bench"
@@ -387,12 +387,11 @@ def micro(args) -> dict:
     import interlink.core._fanout_pure as pure
     import interlink.ext._fanout as native
     from interlink.core.policy import Policy
-    from interlink.core.store import LmdbStore
 
     n = args.members
     members = tuple(f"m{i}@{PROVIDER}" for i in range(n))
     with tempfile.TemporaryDirectory(prefix="interlink-group-micro-", dir=args.data_root) as folder:
-        store = LmdbStore(folder, sync=False)
+        store = lmdb_store(folder, sync=False)
         for member in members:
             store.register_device(member, 1, 5)
         policy = Policy(store)
@@ -434,7 +433,7 @@ def store_micro(args) -> dict:
     import time
 
     from interlink.core.fanout import GroupDlv
-    from interlink.core.store import LmdbStore, WriteBatch, device_key
+    from interlink.core.store import WriteBatch, device_key
 
     n, per_batch, rounds = args.members, args.inflight, args.store_rounds
     keys = [device_key(f"m{i}@{PROVIDER}", 1) for i in range(n)]
@@ -442,7 +441,7 @@ def store_micro(args) -> dict:
     totals = {layout: {"store_cpu_s": 0.0, "recv_cpu_s": 0.0, "store_wall_s": 0.0, "written": 0, "copies": 0}
               for layout in ("whole", "shared")}
     with tempfile.TemporaryDirectory(prefix="interlink-store-micro-", dir=args.data_root) as folder:
-        store = LmdbStore(folder, sync=args.durability == "sync", map_size_bytes=args.map_gib << 30,
+        store = lmdb_store(folder, sync=args.durability == "sync", map_size_bytes=args.map_gib << 30,
                           max_mailbox_items=1 << 30, max_mailbox_bytes=1 << 40)
         seq = 0
         for round_number in range(2 * rounds + 2):

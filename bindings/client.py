@@ -15,21 +15,27 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import enum
 import itertools
 import os
 import time
 
 from interlink.core.connection import (
-    CLOSE_AUTH_FAILED,
-    CLOSE_HANDSHAKE_FAILED,
     ClientConnection,
     ConnectionClosed,
     StanzaReceived,
     Welcomed,
 )
-from interlink.core.errors import AuthError, HandshakeError, InterlinkError, ServerError, SessionClosedError
+from interlink.core.errors import (
+    AuthError,
+    CloseReason,
+    HandshakeError,
+    IKUnansweredError,
+    InterlinkError,
+    ServerError,
+    SessionClosedError,
+)
 from interlink.core.identity import generate_static_key, x25519_public
+from interlink.core.noise import Suite
 from interlink.core.wire import TAG_BYTES
 
 DEFAULT_AGENT = "interlink-python/0.1"
@@ -78,26 +84,6 @@ class Seen:
         if len(self._pairs) > self.capacity:
             self._pairs.popitem(last=False)
         return True
-
-
-class _IKUnanswered(HandshakeError):
-    """The gateway closed without answering IK message 1; XX may still work."""
-
-
-class Suite(enum.IntEnum):
-    """The handshake suites of PROTOCOL §2 (the preamble's suite byte)."""
-
-    XX_CHACHAPOLY = 0x01
-    XX_AESGCM = 0x02
-    IK_CHACHAPOLY = 0x11
-    IK_AESGCM = 0x12
-
-    @property
-    def is_ik(self) -> bool:
-        return self >= 0x11
-
-    def as_xx(self) -> Suite:
-        return Suite(self - 0x10) if self.is_ik else self
 
 
 class _ClientProtocol(asyncio.Protocol):
@@ -183,7 +169,7 @@ class Client:
         options = (host, port, token, device, root_public, static_private, agent, timeout_s, auto_recv, outbox, seen)
         try:
             client = await cls._connect_once(*options, suite, server_static)
-        except _IKUnanswered:
+        except IKUnansweredError:
             if not ik_fallback:
                 raise
             client = await cls._connect_once(*options, suite.as_xx(), None)
@@ -496,14 +482,14 @@ class Client:
         if self._closed is not None:
             return
         self._closed = event
-        if event.reason == CLOSE_AUTH_FAILED:
+        if event.reason == CloseReason.AUTH_FAILED:
             error: InterlinkError = AuthError(event.message, code=event.code or "auth_failed")
-        elif event.reason == CLOSE_HANDSHAKE_FAILED:
+        elif event.reason == CloseReason.HANDSHAKE_FAILED:
             error = self._conn.failure or HandshakeError(event.message)
         elif not self._welcomed.done() and event.reason == "peer_closed" and not self._conn.handshake_answered:
             # Closed before answering our first handshake message: with IK, what a gateway does
             # when it cannot read message 1 (its static key changed). Only then is XX worth a try.
-            error = (_IKUnanswered if self._conn.pattern == "IK" else HandshakeError)(
+            error = (IKUnansweredError if self._conn.pattern == "IK" else HandshakeError)(
                 "the gateway closed the connection during the handshake"
             )
         else:

@@ -17,8 +17,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from interlink.core.auth import Provider
+from interlink.core.auth import DEFAULT_LEEWAY_S, Provider
 from interlink.core.errors import ConfigError
+from interlink.core.wire import MAX_TOKEN_BYTES, WIRE_MAX_FRAME_BYTES
 
 DEFAULT_PORT = 7450
 
@@ -31,13 +32,13 @@ class GatewayConfig:
     port: int = DEFAULT_PORT  # 0 picks a free port (tests, demo)
     data_dir: Path = Path("interlink-data")  # LMDB environment and operator keys
     node_name: str = "node-1"
-    max_frame_bytes: int = 65535
+    max_frame_bytes: int = WIRE_MAX_FRAME_BYTES  # the contract's largest frame
     preauth_deadline_s: float = 5.0
     max_devices: int = 5
     max_group: int = 1024
     window: int = 64
-    token_leeway_s: float = 60.0
-    max_token_bytes: int = 8192
+    token_leeway_s: float = DEFAULT_LEEWAY_S  # the contract's default clock skew
+    max_token_bytes: int = MAX_TOKEN_BYTES
     jwks_ttl_s: float = 300.0
     jwks_min_refetch_interval_s: float = 30.0
     jwks_fetch_timeout_s: float = 5.0

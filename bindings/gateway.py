@@ -75,7 +75,7 @@ class Gateway:
             preauth_deadline_s=config.preauth_deadline_s,
         )
         # Every limit is a config key of the same name.
-        limits = Limits(**{spec.name: getattr(config, spec.name) for spec in dataclasses.fields(Limits)})
+        limits = Limits.from_config(config)
         self._server = GatewayServer(
             settings=settings,
             registry=self.registry,

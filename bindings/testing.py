@@ -7,6 +7,9 @@
   fetch timeouts) and serve a replacement body (bad JSON, oversize documents, wrong discovery
   ``issuer``). Request counters let tests check the gateway's refetch policy.
 * ``FakeClock``: a clock that moves only when told, for whatever takes a ``clock`` callable.
+* ``store_options``, ``lmdb_store``, ``jwks_cache``, ``token_verifier``, ``limits``,
+  ``server_settings``: the engine's inner objects built with the configuration's defaults
+  (``GatewayConfig``, where every default is written once) and a test's overrides.
 * ``FakeSession``: the domain's session port (``interlink.core.router.Session``) without a
   connection: an authenticated identity that records every stanza the domain sends it.
 
@@ -28,12 +31,20 @@ import jwt
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
-from interlink.core.auth import Identity
+from interlink.config import GatewayConfig
+from interlink.core.auth import Identity, TokenVerifier
+from interlink.core.connection import ServerSettings
+from interlink.core.jwks import JwksCache
+from interlink.core.server import Limits
+from interlink.core.store import LmdbStore
 from interlink.core.errors import ConfigError, InterlinkError
 from interlink.core.stanza import decode_stanzas
 from interlink.core.wire import MAX_PLAINTEXT_BYTES
 
-__all__ = ["DemoIssuer", "FakeClock", "FakeSession", "OMIT"]
+__all__ = [
+    "DEFAULTS", "DemoIssuer", "FakeClock", "FakeSession", "OMIT", "jwks_cache", "limits", "lmdb_store", "server_settings",
+    "store_options", "token_verifier",
+]
 
 _SUPPORTED = ("EdDSA", "ES256")
 
@@ -332,3 +343,48 @@ class FakeSession:
 
     def __repr__(self) -> str:
         return f"FakeSession({self.identity.user!r}, {self.identity.device})"
+
+
+# ----------------------------------------------------------------------------- inner objects with the defaults
+
+DEFAULTS = GatewayConfig()
+
+
+def store_options(**overrides) -> dict:
+    """``LmdbStore`` keyword arguments: the configuration's defaults, then ``overrides``."""
+    return {
+        "sync": DEFAULTS.durability == "sync",
+        "map_size_bytes": DEFAULTS.lmdb_map_size_bytes,
+        "max_mailbox_items": DEFAULTS.max_mailbox_items,
+        "max_mailbox_bytes": DEFAULTS.max_mailbox_bytes,
+        **overrides,
+    }
+
+
+def lmdb_store(path, **overrides) -> LmdbStore:
+    return LmdbStore(path, **store_options(**overrides))
+
+
+def jwks_cache(**overrides) -> JwksCache:
+    return JwksCache(**{
+        "ttl_s": DEFAULTS.jwks_ttl_s,
+        "min_refetch_interval_s": DEFAULTS.jwks_min_refetch_interval_s,
+        "fetch_timeout_s": DEFAULTS.jwks_fetch_timeout_s,
+        **overrides,
+    })
+
+
+def token_verifier(registry, keys, **overrides) -> TokenVerifier:
+    return TokenVerifier(registry, keys, **{
+        "max_token_bytes": DEFAULTS.max_token_bytes, "leeway_s": DEFAULTS.token_leeway_s, **overrides,
+    })
+
+
+def limits(**overrides) -> Limits:
+    return Limits.from_config(DEFAULTS, **overrides)
+
+
+def server_settings(static_private: bytes, certificate, node: str, **overrides) -> ServerSettings:
+    return ServerSettings(static_private=static_private, certificate=certificate, node=node, **{
+        "max_frame_bytes": DEFAULTS.max_frame_bytes, "preauth_deadline_s": DEFAULTS.preauth_deadline_s, **overrides,
+    })

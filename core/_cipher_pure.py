@@ -19,7 +19,7 @@ import operator
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
-from interlink.core.errors import DecryptError, NonceExhaustedError
+from interlink.core.errors import DecryptError, LocalProtocolError, NonceExhaustedError
 
 MAX_NONCE = 2**64 - 1
 TAG_BYTES = 16
@@ -118,7 +118,7 @@ class CipherState:
         plaintexts = list(plaintexts)
         for plaintext in plaintexts:
             if len(plaintext) + TAG_BYTES > WIRE_MAX_FRAME_BYTES:
-                raise ValueError(f"plaintext of {len(plaintext)} bytes does not fit in one frame")
+                raise LocalProtocolError(f"plaintext of {len(plaintext)} bytes does not fit in one frame")
         out = bytearray()
         for plaintext in plaintexts:
             ciphertext = self.encrypt(plaintext)

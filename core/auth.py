@@ -58,7 +58,7 @@ import jwt
 from jwt.algorithms import get_default_algorithms
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
-from interlink.core.errors import AuthError, ConfigError, InterlinkError
+from interlink.core.errors import AuthError, ConfigError, JwksError
 from interlink.core.wire import MAX_DEVICE_ID, MAX_TOKEN_BYTES
 
 __all__ = [
@@ -122,12 +122,6 @@ _PRIVATE_JWK_MEMBERS = ("d", "p", "q", "dp", "dq", "qi", "oth", "k")
 PROVIDER_ID_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
 _B64URL_RE = re.compile(r"[A-Za-z0-9_-]*")
 _E164_RE = re.compile(r"\+[1-9][0-9]{1,14}")
-
-
-class JwksError(InterlinkError):
-    """A JWK Set document is structurally unusable (not ``{"keys": [...]}``, too many keys)."""
-
-    code = "internal"
 
 
 # --------------------------------------------------------------------------------------------
@@ -1035,8 +1029,7 @@ class TokenVerifier:
     claims with the caller's ``now``.
     """
 
-    def __init__(self, registry: ProviderRegistry, keys: KeyProvider, *,
-                 max_token_bytes: int = DEFAULT_MAX_TOKEN_BYTES, leeway_s: float = DEFAULT_LEEWAY_S) -> None:
+    def __init__(self, registry: ProviderRegistry, keys: KeyProvider, *, max_token_bytes: int, leeway_s: float) -> None:
         if isinstance(max_token_bytes, bool) or not isinstance(max_token_bytes, int) or not (
                 1 <= max_token_bytes <= DEFAULT_MAX_TOKEN_BYTES):
             raise ConfigError(f"max_token_bytes must be an integer from 1 to {DEFAULT_MAX_TOKEN_BYTES}")

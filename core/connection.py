@@ -24,10 +24,13 @@ from dataclasses import dataclass, field
 import msgpack
 
 from interlink.core.errors import (
+    CloseReason,
     CryptoError,
+    ErrorCode,
     FrameError,
     HandshakeError,
     InterlinkError,
+    LocalProtocolError,
     StanzaError,
     TooManyStanzasError,
 )
@@ -44,20 +47,9 @@ from interlink.core.noise import (
 from interlink.core.stanza import decode_stanzas, encode_stanza
 from interlink.core.wire import MAX_DEVICE_ID, MAX_PLAINTEXT_BYTES, TAG_BYTES, WIRE_MAX_FRAME_BYTES
 
-# Close reasons beyond the contract's ``bye`` reasons, for operators (``/connz``, logs, metrics).
-CLOSE_BAD_PREAMBLE = "bad_preamble"
-CLOSE_UNKNOWN_SUITE = "unknown_suite"
-CLOSE_HANDSHAKE_FAILED = "handshake_failed"
-CLOSE_BAD_FRAME = "bad_frame"
-CLOSE_AUTH_DEADLINE = "auth_deadline"
-CLOSE_AUTH_FAILED = "auth_failed"
-CLOSE_PEER_CLOSED = "peer_closed"
-CLOSE_PROTOCOL_ERROR = "protocol_error"
-
-BYE_REASONS = frozenset({"drain", "replaced", "suspended", "auth_expired", "idle", "slow_consumer", "protocol_error"})
-# Before ``welcome`` the first transport message must be ``welcome`` or ``err`` (PROTOCOL §2),
-# so a close before the session opens says why with one of these codes instead of ``bye``.
-_PREOPEN_CLOSE_CODES = {"drain": "overloaded", "protocol_error": "bad_stanza"}
+# Before ``welcome`` the first transport message must be ``welcome`` or ``err`` (docs/protocol.md
+# §2), so a close before the session opens says why with one of these codes instead of ``bye``.
+_PREOPEN_CLOSE_CODES = {CloseReason.DRAIN: ErrorCode.OVERLOADED, CloseReason.PROTOCOL_ERROR: ErrorCode.BAD_STANZA}
 MAX_PREAUTH_FRAMES = 8  # transport messages a client may pipeline before its auth is decided...
 MAX_PREAUTH_BYTES = 64 * 1024  # ...and their total plaintext
 MAX_STANZAS_PER_MESSAGE = 256  # bounds the work (and the answers) one transport message can cause
@@ -108,7 +100,7 @@ class Welcomed:
 class ConnectionClosed:
     """The connection is over; after this event the adapter writes what is queued and closes."""
 
-    reason: str  #: bye reason or local close reason (``CLOSE_*``)
+    reason: str  #: a ``CloseReason`` (the peer's bye reason, as it said it, on the client side)
     code: str | None = None  #: error code when an ``err`` caused the close
     message: str = ""  #: human-readable detail
 
@@ -186,7 +178,7 @@ class _Endpoint:
         if self.closed or self._send is None:
             return
         if len(encoded) > self.max_plaintext_bytes:
-            raise ValueError(f"stanza of {len(encoded)} bytes does not fit in one frame")
+            raise LocalProtocolError(f"stanza of {len(encoded)} bytes does not fit in one frame")
         if self._pending is None:
             self._pending = [encoded]
         else:
@@ -259,13 +251,13 @@ class _Endpoint:
 
     def receive_eof(self, now: float) -> None:
         if not self.closed:
-            self._finish(CLOSE_PEER_CLOSED, message="peer closed the connection")
+            self._finish(CloseReason.PEER_CLOSED, message="peer closed the connection")
         self.state = State.CLOSED
 
     def connection_lost(self) -> None:
         """The socket is gone; no more output is possible."""
         if not self.closed:
-            self._finish(CLOSE_PEER_CLOSED, message="connection lost")
+            self._finish(CloseReason.PEER_CLOSED, message="connection lost")
         self.state = State.CLOSED
         self._pending = None
         self._out = None
@@ -281,8 +273,8 @@ class ServerSettings:
     static_private: bytes  #: the node's X25519 static key
     certificate: NodeCertificate  #: the node certificate signed by the operator root
     node: str  #: node name announced in the server hello
-    max_frame_bytes: int = WIRE_MAX_FRAME_BYTES
-    preauth_deadline_s: float = 5.0
+    max_frame_bytes: int
+    preauth_deadline_s: float
     suites: frozenset = field(default_factory=lambda: frozenset(SUITES))
 
 
@@ -342,9 +334,9 @@ class ServerConnection(_Endpoint):
         if deadline is None or now < deadline:
             return
         if self.state is not State.OPEN:
-            self._finish(CLOSE_AUTH_DEADLINE, message="handshake and authentication not finished in time")
+            self._finish(CloseReason.AUTH_DEADLINE, message="handshake and authentication not finished in time")
         else:
-            self.close("auth_expired")
+            self.close(CloseReason.AUTH_EXPIRED)
 
     def next_deadline(self) -> float | None:
         return None if self.closed else self._deadline
@@ -374,7 +366,7 @@ class ServerConnection(_Endpoint):
             return
         self.send_stanza({"t": "err", "code": code, "msg": message})
         self._held = None
-        self._finish(CLOSE_AUTH_FAILED, code, message)
+        self._finish(CloseReason.AUTH_FAILED, code, message)
 
     def close(self, reason: str, message: str = "") -> None:
         """Say ``bye`` with ``reason`` and close. Before the session is open the client is owed
@@ -384,7 +376,7 @@ class ServerConnection(_Endpoint):
         if self.state is State.OPEN:
             self.send_stanza({"t": "bye", "reason": reason})
         elif self._send is not None:
-            self.send_error(_PREOPEN_CLOSE_CODES.get(reason, "internal"), message or f"closing: {reason}")
+            self.send_error(_PREOPEN_CLOSE_CODES.get(reason, ErrorCode.INTERNAL), message or f"closing: {reason}")
         self._finish(reason, message=message)
 
     def hibernate(self) -> bool:
@@ -413,11 +405,11 @@ class ServerConnection(_Endpoint):
         try:
             self.suite = parse_preamble(self._preamble)
         except HandshakeError as exc:
-            reason = CLOSE_UNKNOWN_SUITE if isinstance(exc, UnknownSuiteError) else CLOSE_BAD_PREAMBLE
+            reason = CloseReason.UNKNOWN_SUITE if isinstance(exc, UnknownSuiteError) else CloseReason.BAD_PREAMBLE
             self._finish(reason, message=str(exc))
             return b""
         if self.suite not in self.settings.suites:
-            self._finish(CLOSE_UNKNOWN_SUITE, message=f"suite 0x{self.suite:02x} is not enabled")
+            self._finish(CloseReason.UNKNOWN_SUITE, message=f"suite 0x{self.suite:02x} is not enabled")
             return b""
         self._session = NoiseSession(
             SUITES[self.suite],
@@ -438,7 +430,7 @@ class ServerConnection(_Endpoint):
                     hello = server_hello(self.settings.certificate, self.settings.node, int(now * 1000))
                     self._write_frame(session.write_message(hello))
             except HandshakeError as exc:
-                self._finish(CLOSE_HANDSHAKE_FAILED, message=str(exc))
+                self._finish(CloseReason.HANDSHAKE_FAILED, message=str(exc))
                 return
             if not session.handshake_complete:
                 return  # XX: message 1 read and message 2 written; wait for message 3
@@ -467,7 +459,7 @@ class ServerConnection(_Endpoint):
             self._held = []
         held_bytes = sum(map(len, self._held)) + len(plaintext)
         if len(self._held) >= MAX_PREAUTH_FRAMES or held_bytes > MAX_PREAUTH_BYTES:
-            self.close("protocol_error", "too much sent before authentication finished")
+            self.close(CloseReason.PROTOCOL_ERROR, "too much sent before authentication finished")
             return
         self._held.append(plaintext)
         if self.state is State.CONFIRM:
@@ -508,7 +500,7 @@ class ServerConnection(_Endpoint):
             stanzas = decode_stanzas(plaintext, MAX_STANZAS_PER_MESSAGE)
             error = None
         except TooManyStanzasError as exc:
-            self.close("protocol_error", str(exc))
+            self.close(CloseReason.PROTOCOL_ERROR, str(exc))
             return
         except StanzaError as exc:
             stanzas, error = exc.stanzas, exc
@@ -530,7 +522,7 @@ class ServerConnection(_Endpoint):
     def _fail_frame(self, error: InterlinkError) -> None:
         if self._send is not None:
             self.send_error("bad_frame", str(error))
-        self._finish(CLOSE_BAD_FRAME, "bad_frame", str(error))
+        self._finish(CloseReason.BAD_FRAME, "bad_frame", str(error))
 
 
 
@@ -598,10 +590,10 @@ class ClientConnection(_Endpoint):
             self._receive_frames(data, now)
 
     def _fail_frame(self, error: InterlinkError) -> None:
-        self._finish(CLOSE_BAD_FRAME, "bad_frame", str(error))
+        self._finish(CloseReason.BAD_FRAME, "bad_frame", str(error))
 
     def close(self) -> None:
-        self._finish("client_closed")
+        self._finish(CloseReason.CLIENT_CLOSED)
 
     def _receive_frame(self, frame: bytes, now: float) -> None:
         session = self._session
@@ -615,7 +607,7 @@ class ClientConnection(_Endpoint):
                     self._write_frame(session.write_message(self._auth_payload))
             except HandshakeError as exc:
                 self.failure = exc
-                self._finish(CLOSE_HANDSHAKE_FAILED, message=str(exc))
+                self._finish(CloseReason.HANDSHAKE_FAILED, message=str(exc))
                 return
             self._transport_ready()
             self.state = State.AUTH
@@ -628,7 +620,7 @@ class ClientConnection(_Endpoint):
             plaintext = self._recv.decrypt(frame)
             stanzas = decode_stanzas(plaintext)
         except (CryptoError, StanzaError) as exc:
-            self._finish(CLOSE_BAD_FRAME, "bad_frame", f"gateway sent an unreadable message: {exc}")
+            self._finish(CloseReason.BAD_FRAME, "bad_frame", f"gateway sent an unreadable message: {exc}")
             return
         for stanza in stanzas:
             self._receive_stanza(stanza)
@@ -641,11 +633,11 @@ class ClientConnection(_Endpoint):
                 self.state = State.OPEN
                 self._emit(Welcomed(stanza))
             elif kind == "err":
-                self._finish(CLOSE_AUTH_FAILED, str(stanza.get("code")), str(stanza.get("msg", "")))
+                self._finish(CloseReason.AUTH_FAILED, str(stanza.get("code")), str(stanza.get("msg", "")))
             elif kind == "bye":
                 self._finish(str(stanza.get("reason")), message="gateway said bye")
             else:
-                self._finish(CLOSE_PROTOCOL_ERROR, message=f"expected welcome, got {kind!r}")
+                self._finish(CloseReason.PROTOCOL_ERROR, message=f"expected welcome, got {kind!r}")
             return
         if kind == "pong" and self._ik_confirm_id is not None and stanza.get("id") == self._ik_confirm_id:
             self._ik_confirm_id = None

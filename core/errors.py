@@ -1,17 +1,113 @@
-"""The one exception tree.
+"""Every exception Interlink raises, the wire's error codes, and every way a connection ends.
 
-Every error the project raises derives from ``InterlinkError``. Errors the peer caused carry
-the wire code of PROTOCOL.md §4 in ``code`` so a session can answer with an ``err`` stanza or
-close with a named reason; operators count them by that code.
+Errors the peer caused carry the wire code of docs/protocol.md §5 in ``code``, so a session can
+answer with an ``err`` stanza or close with a named reason; operators count them by that code.
+``interlink.errors`` re-exports the public ones. The tree::
+
+    InterlinkError                   code "internal" unless a subclass says otherwise
+    ├── ConfigError                  an operator setting is invalid; the message names the key
+    ├── LocalProtocolError           we were about to break the wire contract (a bug of ours)
+    ├── ProtocolError                the peer broke the wire contract
+    │   ├── FrameError               a frame is malformed (bad_frame)
+    │   │   └── FrameTooLargeError   its announced length is over the maximum
+    │   ├── CryptoError              a transport message failed authentication (bad_frame)
+    │   │   ├── DecryptError         an AEAD tag did not verify
+    │   │   └── NonceExhaustedError  the 64-bit nonce is used up
+    │   ├── HandshakeError           the Noise handshake failed (bad_frame)
+    │   │   ├── PreambleError        the 4-byte preamble is malformed
+    │   │   ├── UnknownSuiteError    the preamble names a suite this side does not speak
+    │   │   ├── CertificateError     the gateway's node certificate did not verify
+    │   │   └── IKUnansweredError    client side: no answer to IK message 1 (XX may still work)
+    │   └── StanzaError              a stanza is malformed (bad_stanza; the session goes on)
+    │       └── TooManyStanzasError  more stanzas in one transport message than are served
+    ├── RouteError                   a stanza refused by the rules (its ``code`` and ``fields``)
+    ├── AuthError                    a token refused (one of the auth codes)
+    ├── JwksError                    a provider's JWK Set is unusable
+    ├── KeyFetchError                a provider's keys could not be fetched (logged, kept internal)
+    ├── StoreFullError               the LMDB map is full (overloaded; nothing written)
+    ├── StoreLimitError              a per-user bound of the store was reached (too_large)
+    ├── SessionClosedError           client side: the session ended (``reason``)
+    ├── ServerError                  client side: the gateway answered ``err``
+    └── E2EEError                    end-to-end encryption (``interlink.e2ee``)
+        ├── IdentityChanged          a pinned peer device presented another identity key
+        └── StateLocked              the state file is in use by another client
+
+``ErrorCode`` lists the wire codes; ``CloseReason`` every way a connection ends: the ``bye``
+reasons of the contract and the closes without a ``bye`` that operators see in ``/connz``,
+logs and ``/metrics``. Both are ``StrEnum``s: a member is its string on the wire and in JSON.
 """
 
 from __future__ import annotations
+
+import enum
+
+
+class ErrorCode(enum.StrEnum):
+    """The ``code`` of an ``err`` stanza (docs/protocol.md §5)."""
+
+    BAD_FRAME = "bad_frame"
+    BAD_STANZA = "bad_stanza"
+    TOO_LARGE = "too_large"
+    AUTH_FAILED = "auth_failed"
+    TOKEN_EXPIRED = "token_expired"
+    UNKNOWN_ISSUER = "unknown_issuer"
+    BAD_SIGNATURE = "bad_signature"
+    BAD_AUDIENCE = "bad_audience"
+    KEY_BINDING = "key_binding"
+    PROVIDER_SUSPENDED = "provider_suspended"
+    DEVICE_LIMIT = "device_limit"
+    NOT_OPTED_IN = "not_opted_in"
+    UNKNOWN_RECIPIENT = "unknown_recipient"
+    DEVICE_MISMATCH = "device_mismatch"
+    NOT_MEMBER = "not_member"
+    NOT_ADMIN = "not_admin"
+    NOT_FOUND = "not_found"
+    BAD_HASH = "bad_hash"
+    RATE_LIMITED = "rate_limited"
+    MAILBOX_FULL = "mailbox_full"
+    OVERLOADED = "overloaded"
+    INTERNAL = "internal"
+
+
+class CloseReason(enum.StrEnum):
+    """Why a connection ended: a ``bye`` reason, or a close without one."""
+
+    # bye reasons (docs/protocol.md §5): the gateway says bye, then closes
+    DRAIN = "drain"
+    REPLACED = "replaced"
+    SUSPENDED = "suspended"
+    AUTH_EXPIRED = "auth_expired"
+    IDLE = "idle"
+    SLOW_CONSUMER = "slow_consumer"
+    PROTOCOL_ERROR = "protocol_error"
+    # closes without a bye
+    BAD_PREAMBLE = "bad_preamble"
+    UNKNOWN_SUITE = "unknown_suite"
+    HANDSHAKE_FAILED = "handshake_failed"
+    BAD_FRAME = "bad_frame"
+    AUTH_DEADLINE = "auth_deadline"
+    AUTH_FAILED = "auth_failed"
+    PEER_CLOSED = "peer_closed"
+    OVER_CAPACITY = "over_capacity"
+    INTERNAL_ERROR = "internal_error"
+    CLIENT_CLOSED = "client_closed"  # client side: the application closed the session
+
+    @property
+    def is_bye(self) -> bool:
+        """A reason the gateway sends in ``bye``."""
+        return self in BYE_REASONS
+
+
+BYE_REASONS = frozenset({
+    CloseReason.DRAIN, CloseReason.REPLACED, CloseReason.SUSPENDED, CloseReason.AUTH_EXPIRED, CloseReason.IDLE,
+    CloseReason.SLOW_CONSUMER, CloseReason.PROTOCOL_ERROR,
+})
 
 
 class InterlinkError(Exception):
     """Root of every exception raised by Interlink."""
 
-    code: str = "internal"
+    code: str = ErrorCode.INTERNAL
 
     def __init__(self, message: str = "", *, code: str | None = None) -> None:
         super().__init__(message)
@@ -29,28 +125,27 @@ class ConfigError(InterlinkError):
     code = "config"
 
 
+class LocalProtocolError(InterlinkError):
+    """This side was about to break the wire contract (e.g. a stanza too large for a frame): a
+    bug of the caller, never the peer's doing."""
+
+
 class ProtocolError(InterlinkError):
     """The peer broke the wire contract."""
 
-    code = "bad_frame"
+    code = ErrorCode.BAD_FRAME
 
 
 class FrameError(ProtocolError):
     """A frame is malformed (zero length) or the byte stream cannot be framed."""
 
-    code = "bad_frame"
-
 
 class FrameTooLargeError(FrameError):
     """A frame's announced length exceeds the receiver's maximum; raised before buffering the body."""
 
-    code = "bad_frame"
-
 
 class CryptoError(ProtocolError):
     """A Noise transport message failed authentication, or the nonce space is exhausted."""
-
-    code = "bad_frame"
 
 
 class DecryptError(CryptoError):
@@ -64,17 +159,32 @@ class NonceExhaustedError(CryptoError):
 class HandshakeError(ProtocolError):
     """The Noise handshake failed: bad message, bad key (low-order point), bad certificate."""
 
-    code = "bad_frame"
+
+class PreambleError(HandshakeError):
+    """The 4-byte preamble is malformed (wrong length, magic or protocol version)."""
+
+
+class UnknownSuiteError(HandshakeError):
+    """The preamble names a suite byte this side does not speak."""
+
+    def __init__(self, message: str = "", *, suite: int | None = None) -> None:
+        super().__init__(message)
+        self.suite = suite
 
 
 class CertificateError(HandshakeError):
     """The gateway's node certificate did not verify against the pinned operator root."""
 
 
-class StanzaError(ProtocolError):
-    """A stanza is malformed; the session answers ``err`` with ``code`` and stays up."""
+class IKUnansweredError(HandshakeError):
+    """Client side: the gateway closed without answering IK message 1; XX may still work."""
 
-    code = "bad_stanza"
+
+class StanzaError(ProtocolError):
+    """A stanza is malformed; the session answers ``err`` with ``code`` and stays up.
+    ``stanzas``, where set, holds the whole stanzas decoded before the broken part."""
+
+    code = ErrorCode.BAD_STANZA
 
 
 class TooManyStanzasError(StanzaError):
@@ -82,10 +192,39 @@ class TooManyStanzasError(StanzaError):
     session ends (``bye protocol_error``) instead of answering each."""
 
 
-class AuthError(InterlinkError):
-    """A client's credentials were refused; ``code`` is one of the auth codes of PROTOCOL §4."""
+class RouteError(InterlinkError):
+    """A refused stanza: answered with ``err`` ``code`` (and ``fields``); the session continues."""
 
-    code = "auth_failed"
+    def __init__(self, message: str, *, code: str, **fields) -> None:
+        super().__init__(message, code=code)
+        self.fields = fields
+
+
+class AuthError(InterlinkError):
+    """A client's credentials were refused; ``code`` is one of the auth codes."""
+
+    code = ErrorCode.AUTH_FAILED
+
+
+class JwksError(InterlinkError):
+    """A JWK Set document is structurally unusable (not ``{"keys": [...]}``, too many keys)."""
+
+
+class KeyFetchError(InterlinkError):
+    """A refresh of a provider's keys failed for a reason worth one log line (the JWKS cache keeps
+    it to itself and serves the last good keys)."""
+
+
+class StoreFullError(InterlinkError):
+    """The LMDB map is full: the batch was not written (nothing earlier is lost)."""
+
+    code = ErrorCode.OVERLOADED
+
+
+class StoreLimitError(InterlinkError):
+    """A per-user bound of the store was reached (for example the number of blocks)."""
+
+    code = ErrorCode.TOO_LARGE
 
 
 class SessionClosedError(InterlinkError):
@@ -101,6 +240,24 @@ class SessionClosedError(InterlinkError):
 class ServerError(InterlinkError):
     """The gateway answered a request with an ``err`` stanza (client side)."""
 
-    def __init__(self, message: str = "", *, code: str = "internal", fields: dict | None = None) -> None:
+    def __init__(self, message: str = "", *, code: str = ErrorCode.INTERNAL, fields: dict | None = None) -> None:
         super().__init__(message, code=code)
         self.fields = fields or {}
+
+
+class E2EEError(InterlinkError):
+    """An end-to-end encryption failure (a message that cannot be decrypted, a bundle that does not verify...)."""
+
+
+class IdentityChanged(E2EEError):
+    """A peer device presented an identity key other than the one pinned for it (trust on first
+    use): no session is started or accepted with it until the application calls
+    ``trust_new_identity(user, device)`` (after comparing safety numbers, say)."""
+
+    def __init__(self, user: str, device: int, known: bytes, presented: bytes) -> None:
+        super().__init__(f"the identity key of {user}/{device} changed: refused until trust_new_identity({user!r}, {device})")
+        self.user, self.device, self.known, self.presented = user, device, known, presented
+
+
+class StateLocked(E2EEError):
+    """The state file is in use by another ``E2EEClient`` (this process or another one)."""

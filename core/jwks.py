@@ -50,7 +50,7 @@ from interlink.core.auth import (
     parse_jwks,
     reject_json_constant,
 )
-from interlink.core.errors import ConfigError
+from interlink.core.errors import ConfigError, KeyFetchError
 
 __all__ = ["FetchStats", "JwksCache", "parse_jwks"]
 
@@ -61,10 +61,6 @@ MAX_TTL_S = 600.0
 MIN_REFETCH_INTERVAL_S = 30.0
 MAX_FETCH_TIMEOUT_S = 5.0
 DEFAULT_MAX_RESPONSE_BYTES = 1 << 20
-
-
-class _FetchError(Exception):
-    """A refresh failed for a reason worth one log line (internal; never leaves this module)."""
 
 
 @dataclass
@@ -111,9 +107,9 @@ class JwksCache:
     def __init__(
         self,
         *,
-        ttl_s: float = 300.0,
-        min_refetch_interval_s: float = 30.0,
-        fetch_timeout_s: float = 5.0,
+        ttl_s: float,
+        min_refetch_interval_s: float,
+        fetch_timeout_s: float,
         clock: Callable[[], float] = time.monotonic,
         session: aiohttp.ClientSession | None = None,
         max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
@@ -296,7 +292,7 @@ class JwksCache:
             error = f"timed out after {self.fetch_timeout_s:g} s"
         except aiohttp.ClientError as exc:
             error = f"HTTP client error: {exc.__class__.__name__}: {exc}"
-        except (_FetchError, JwksError) as exc:
+        except (KeyFetchError, JwksError) as exc:
             error = str(exc)
         except Exception as exc:  # a bug must not turn into a failed handshake: log it loudly
             log.exception("provider %s: unexpected error while refreshing keys", provider.id)
@@ -332,13 +328,13 @@ class JwksCache:
                 entry.stats.discovery_requests += 1
                 doc = await self._get_json(source.url, "discovery document")
                 if not isinstance(doc, dict):
-                    raise _FetchError("discovery document is not a JSON object")
+                    raise KeyFetchError("discovery document is not a JSON object")
                 if doc.get("issuer") != provider.issuer:
-                    raise _FetchError("discovery document's issuer does not equal the provider's issuer")
+                    raise KeyFetchError("discovery document's issuer does not equal the provider's issuer")
                 try:
                     jwks_uri = check_url(doc.get("jwks_uri"), "discovery jwks_uri")
                 except ConfigError as exc:
-                    raise _FetchError(str(exc)) from None
+                    raise KeyFetchError(str(exc)) from None
                 entry.jwks_uri, entry.jwks_uri_at = jwks_uri, now
             url = entry.jwks_uri
         else:
@@ -356,19 +352,19 @@ class JwksCache:
         async with session.get(url, allow_redirects=False, timeout=timeout,
                                headers={"Accept": "application/json"}) as resp:
             if resp.status != 200:
-                raise _FetchError(f"{what} request answered HTTP {resp.status}")
+                raise KeyFetchError(f"{what} request answered HTTP {resp.status}")
             limit = self.max_response_bytes
             if resp.content_length is not None and resp.content_length > limit:
-                raise _FetchError(f"{what} is {resp.content_length} bytes, more than the limit of {limit}")
+                raise KeyFetchError(f"{what} is {resp.content_length} bytes, more than the limit of {limit}")
             body = bytearray()
             async for chunk in resp.content.iter_chunked(64 * 1024):
                 body += chunk
                 if len(body) > limit:
-                    raise _FetchError(f"{what} is larger than the limit of {limit} bytes")
+                    raise KeyFetchError(f"{what} is larger than the limit of {limit} bytes")
         try:
             return json.loads(bytes(body), parse_constant=reject_json_constant)
         except (ValueError, UnicodeDecodeError, RecursionError):
-            raise _FetchError(f"{what} is not valid JSON") from None
+            raise KeyFetchError(f"{what} is not valid JSON") from None
 
     @staticmethod
     def _log_rejected(provider: Provider, keyset: KeySet, what: str) -> None:

@@ -25,6 +25,7 @@ decides to close).
 
 from __future__ import annotations
 
+import enum
 import re
 import sys
 import warnings
@@ -42,10 +43,11 @@ from noise.exceptions import (
 )
 
 from interlink.core.cipher import CipherState
-from interlink.core.errors import HandshakeError
+from interlink.core.errors import HandshakeError, PreambleError, UnknownSuiteError
 from interlink.core.wire import TAG_BYTES, WIRE_MAX_FRAME_BYTES
 
 __all__ = [
+    "Suite",
     "SUITES",
     "SUITE_BY_NAME",
     "PREAMBLE_BYTES",
@@ -59,13 +61,37 @@ __all__ = [
     "NoiseSession",
 ]
 
-SUITES: dict[int, str] = {
-    0x01: "Noise_XX_25519_ChaChaPoly_SHA256",
-    0x02: "Noise_XX_25519_AESGCM_SHA256",
-    0x11: "Noise_IK_25519_ChaChaPoly_SHA256",
-    0x12: "Noise_IK_25519_AESGCM_SHA256",
+class Suite(enum.IntEnum):
+    """The handshake suites of docs/protocol.md §2: the preamble's suite byte."""
+
+    XX_CHACHAPOLY = 0x01
+    XX_AESGCM = 0x02
+    IK_CHACHAPOLY = 0x11
+    IK_AESGCM = 0x12
+
+    @property
+    def protocol_name(self) -> str:
+        """The Noise protocol name, e.g. ``Noise_XX_25519_ChaChaPoly_SHA256``."""
+        return _PROTOCOL_NAMES[self]
+
+    @property
+    def is_ik(self) -> bool:
+        return self >= 0x11
+
+    def as_xx(self) -> Suite:
+        """The XX suite with the same cipher (what an IK client falls back to)."""
+        return Suite(self - 0x10) if self.is_ik else self
+
+
+_PROTOCOL_NAMES = {
+    Suite.XX_CHACHAPOLY: "Noise_XX_25519_ChaChaPoly_SHA256",
+    Suite.XX_AESGCM: "Noise_XX_25519_AESGCM_SHA256",
+    Suite.IK_CHACHAPOLY: "Noise_IK_25519_ChaChaPoly_SHA256",
+    Suite.IK_AESGCM: "Noise_IK_25519_AESGCM_SHA256",
 }
-"""Suite byte (PROTOCOL §2) -> Noise protocol name."""
+
+SUITES: dict[int, str] = {int(suite): suite.protocol_name for suite in Suite}
+"""Suite byte -> Noise protocol name (the table of ``Suite``, by plain int)."""
 
 SUITE_BY_NAME: dict[str, int] = {name: suite for suite, name in SUITES.items()}
 
@@ -102,18 +128,6 @@ _NOISE_FAILURES = (
     NoiseValidationError,
     NoiseProtocolNameError,
 )
-
-
-class PreambleError(HandshakeError):
-    """The 4-byte preamble is malformed (wrong length, magic or protocol version)."""
-
-
-class UnknownSuiteError(HandshakeError):
-    """The preamble names a suite byte this gateway does not speak."""
-
-    def __init__(self, message: str = "", *, suite: int | None = None) -> None:
-        super().__init__(message)
-        self.suite = suite
 
 
 def make_preamble(suite: int) -> bytes:

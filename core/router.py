@@ -21,7 +21,7 @@ import math
 from typing import Protocol
 
 from interlink.core.auth import Identity, ProviderRegistry, localpart_error
-from interlink.core.errors import InterlinkError, StanzaError
+from interlink.core.errors import InterlinkError, RouteError, StanzaError
 from interlink.core.fields import excerpt
 from interlink.core.policy import Policy
 from interlink.core.ratelimit import TokenBuckets
@@ -51,14 +51,6 @@ class Session(Protocol):
     def send_stanza(self, stanza: dict) -> None: ...
 
     def send_encoded(self, encoded: bytes) -> None: ...
-
-
-class RouteError(InterlinkError):
-    """A refused stanza: answered with ``err`` ``code`` (and ``fields``); the session continues."""
-
-    def __init__(self, message: str, *, code: str, **fields) -> None:
-        super().__init__(message, code=code)
-        self.fields = fields
 
 
 class Delivery:

@@ -41,22 +41,19 @@ from interlink.core.connection import (
 )
 from interlink.core.commit import CommitDriver
 from interlink.core.domain import Domain
-from interlink.core.errors import AuthError
+from interlink.core.errors import AuthError, CloseReason
 from interlink.core.store import Store
-from interlink.core.wire import WIRE_MAX_FRAME_BYTES
 
 log = logging.getLogger("interlink.server")
 
 READ_BUFFER_BYTES = 256 * 1024
 WRITE_HIGH_WATER_BYTES = 256 * 1024  # past this, stop reading from the peer until its output drains
-IDLE_RELEASE_S = 10.0
 EXPIRY_SWEEP_S = 60.0  # how often undelivered items are checked against the TTL
 EXPIRE_CHUNK = 2_000  # items deleted per sweep transaction (keeps each pause short)
 DEDUP_SCAN_CHUNK = 20_000  # dedup entries the dedup sweep reads per transaction (a few ms)
 DEDUP_WINDOW_S = 48 * 3600.0  # a resend within this window is recognised (the contract asks >= 24 h)
-CLOSE_OVER_CAPACITY = "over_capacity"
+_ROUTINE_CLOSES = frozenset({CloseReason.PEER_CLOSED, CloseReason.DRAIN, CloseReason.REPLACED, CloseReason.AUTH_EXPIRED})
 _NO_CLAIMS = types.MappingProxyType({})  # shared by every open session's identity
-CLOSE_INTERNAL = "internal_error"
 TRIM_AFTER_HIBERNATIONS = 256  # a sweep that froze this many sessions gives free pages back
 
 
@@ -80,16 +77,22 @@ def _return_free_memory() -> None:
 
 @dataclass(slots=True)
 class Limits:
-    """Limits announced in ``welcome`` and enforced by the gateway."""
+    """Limits announced in ``welcome`` and enforced by the gateway (each a configuration key of
+    the same name, where its default is written)."""
 
-    max_frame_bytes: int = WIRE_MAX_FRAME_BYTES
-    max_devices: int = 5
-    max_group: int = 1024
-    window: int = 64
-    max_connections: int = 100_000
-    max_preauth_connections: int = 4096  # connections still in preamble/handshake/auth
-    message_rate_per_device: float = 500.0  # msg + rcpt + state per second (burst: twice that)
-    message_rate_per_user: float = 1000.0
+    max_frame_bytes: int
+    max_devices: int
+    max_group: int
+    window: int
+    max_connections: int
+    max_preauth_connections: int  # connections still in preamble/handshake/auth
+    message_rate_per_device: float  # msg + rcpt + state per second (burst: twice that)
+    message_rate_per_user: float
+
+    @classmethod
+    def from_config(cls, config, **overrides) -> Limits:
+        """The limits of a configuration (anything with attributes of the same names)."""
+        return cls(**{spec.name: overrides.get(spec.name, getattr(config, spec.name)) for spec in dataclasses.fields(cls)})
 
     def announce(self) -> dict:
         return {
@@ -123,7 +126,7 @@ class GatewayProtocol(asyncio.BufferedProtocol):
         server = self.server
         self.conn = ServerConnection(server.settings, server.clock())
         if not server.admit(self):
-            self.conn.close(CLOSE_OVER_CAPACITY, "the gateway is at its connection limit")
+            self.conn.close(CloseReason.OVER_CAPACITY, "the gateway is at its connection limit")
             self.conn.events()  # counted by admit(); nothing else to do
             transport.abort()
             return
@@ -211,11 +214,11 @@ class GatewayServer:
         verifier: TokenVerifier,
         store: Store,
         limits: Limits,
+        idle_release_s: float,
+        mailbox_ttl_s: float,
+        slow_consumer_s: float,
+        commit_in_thread: bool,
         clock=time.time,
-        idle_release_s: float = IDLE_RELEASE_S,
-        mailbox_ttl_s: float = 30 * 86400.0,
-        slow_consumer_s: float = 30.0,
-        commit_in_thread: bool = False,
     ) -> None:
         self.settings = settings
         self.registry = registry
@@ -272,7 +275,7 @@ class GatewayServer:
 
     def _end_slow_consumer(self, proto: GatewayProtocol) -> None:
         self.counters["slow_consumers"] += 1
-        proto.conn.close("slow_consumer", "the client stopped reading")
+        proto.conn.close(CloseReason.SLOW_CONSUMER, "the client stopped reading")
         self.serve(proto)  # queues the bye behind what the peer never read...
         if proto.transport is not None:
             proto.transport.abort()  # ...and does not wait for it: the peer is not reading
@@ -315,7 +318,7 @@ class GatewayServer:
     def addresses(self) -> list[tuple]:
         return [sock.getsockname() for sock in self._server.sockets] if self._server else []
 
-    async def drain(self, timeout_s: float = 10.0) -> None:
+    async def drain(self, timeout_s: float) -> None:
         """Stop accepting, say ``bye drain`` to everyone, wait for them to go (or cut them off)."""
         if self._server is not None:
             self._server.close()
@@ -326,7 +329,7 @@ class GatewayServer:
                 proto.transport.pause_reading()
         await self.commits.settle()
         for proto in list(self.connections.values()):
-            proto.conn.close("drain")
+            proto.conn.close(CloseReason.DRAIN)
             self.serve(proto)
         await self._wait_all_closed(timeout_s)
         await self.commits.settle()
@@ -363,7 +366,7 @@ class GatewayServer:
         """Register a new connection unless a connection limit is reached."""
         limits = self.limits
         if len(self.connections) >= limits.max_connections or len(self.preauth) >= limits.max_preauth_connections:
-            self.close_reasons[CLOSE_OVER_CAPACITY] += 1
+            self.close_reasons[CloseReason.OVER_CAPACITY] += 1
             return False
         self.connections[proto.conn] = proto
         self.preauth[proto] = None
@@ -494,7 +497,7 @@ class GatewayServer:
         conn.session_key = (identity.user, identity.device)
         previous, pending = self.router.open_session(conn)
         if previous is not None:
-            previous.close("replaced", "the same device connected again")
+            previous.close(CloseReason.REPLACED, "the same device connected again")
             previous_proto = self.connections.get(previous)
             if previous_proto is not None:
                 self.serve(previous_proto)
@@ -552,7 +555,7 @@ class GatewayServer:
                     if not conn.closed:
                         if conn.state is State.OPEN:
                             conn.send_error("internal", "the gateway failed to handle a stanza")
-                        conn.close(CLOSE_INTERNAL, "internal error")
+                        conn.close(CloseReason.INTERNAL_ERROR, "internal error")
 
     def write_touched(self) -> None:
         """Write out the sessions the domain queued stanzas on (each once)."""
@@ -569,7 +572,7 @@ class GatewayServer:
 
     def connection_closed(self, proto: GatewayProtocol, event: ConnectionClosed) -> None:
         self.close_reasons[event.reason] += 1
-        if event.reason not in ("peer_closed", "drain", "replaced", "auth_expired"):
+        if event.reason not in _ROUTINE_CLOSES:
             log.info("connection %s closed: %s %s", proto.peer, event.reason, event.message)
 
     # -- operator control
@@ -595,7 +598,7 @@ class GatewayServer:
         ended = 0
         for (session_user, session_device), conn in list(self.sessions.items()):
             if session_user == user and (device is None or session_device == device):
-                conn.close("suspended", "the operator ended this session")
+                conn.close(CloseReason.SUSPENDED, "the operator ended this session")
                 self.serve(self.connections[conn])
                 ended += 1
         return ended
@@ -607,7 +610,7 @@ class GatewayServer:
         for proto in list(self.connections.values()):
             identity = proto.conn.identity
             if identity is not None and identity.provider == provider_id:
-                proto.conn.close("suspended", "the provider is suspended")
+                proto.conn.close(CloseReason.SUSPENDED, "the provider is suspended")
                 self.serve(proto)
                 ended += 1
         return ended

@@ -63,7 +63,7 @@ from typing import Protocol
 import lmdb
 import msgpack
 
-from interlink.core.errors import AuthError, ConfigError, InterlinkError
+from interlink.core.errors import AuthError, ConfigError, StoreFullError, StoreLimitError
 from interlink.core.fanout import DLV_HEAD, splice
 from interlink.core.mailbox import SHARED_MARK, MailboxState, delete_items, forget_item, plan_copies, write_copies
 
@@ -87,18 +87,6 @@ SHARED_DEVICE_SETS = 1024  # distinct device lists the cache shares between user
 def device_key(user: str, device: int) -> bytes:
     """The key of one device of one user (see the module docstring)."""
     return user.encode("utf-8") + b"\x00" + _DEVICE.pack(device)
-
-
-class StoreFullError(InterlinkError):
-    """The LMDB map is full: the batch was not written (nothing earlier is lost)."""
-
-    code = "overloaded"
-
-
-class StoreLimitError(InterlinkError):
-    """A per-user bound of the store was reached (for example the number of blocks)."""
-
-    code = "too_large"
 
 
 class GroupRecord:
@@ -346,10 +334,10 @@ class LmdbStore:
         self,
         path: str | os.PathLike,
         *,
-        map_size_bytes: int = 1 << 30,
-        sync: bool = True,
-        max_mailbox_items: int = 10_000,
-        max_mailbox_bytes: int = 64 << 20,
+        map_size_bytes: int,
+        sync: bool,
+        max_mailbox_items: int,
+        max_mailbox_bytes: int,
         device_cache_users: int = DEVICE_CACHE_USERS,
         control_overdraft_items: int = CONTROL_OVERDRAFT_ITEMS,
         control_overdraft_bytes: int = CONTROL_OVERDRAFT_BYTES,

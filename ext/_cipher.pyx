@@ -164,7 +164,7 @@ cdef class CipherState:
         cdef char* cursor
         for plaintext in items:
             if len(plaintext) + _TAG_BYTES > _WIRE_MAX:
-                raise ValueError(f"plaintext of {len(plaintext)} bytes does not fit in one frame")
+                raise LocalProtocolError(f"plaintext of {len(plaintext)} bytes does not fit in one frame")
         for plaintext in items:
             ciphertext = self._encrypt(plaintext, b"")
             ciphertexts.append(ciphertext)
@@ -207,4 +207,4 @@ cdef class CipherState:
 # Imported last, on purpose: importing interlink.core.errors runs interlink.core's __init__, whose
 # selector imports this module back. By now CipherState exists, so ``import interlink.ext._cipher``
 # works even as the very first import of the process.
-from interlink.core.errors import DecryptError, NonceExhaustedError  # noqa: E402
+from interlink.core.errors import DecryptError, LocalProtocolError, NonceExhaustedError  # noqa: E402

@@ -77,10 +77,11 @@ SETTINGS = (
     fuzzkeys.SETTINGS,
     ServerSettings(
         static_private=fuzzkeys.SERVER_STATIC, certificate=fuzzkeys.CERT, node=fuzzkeys.NODE,
-        max_frame_bytes=9000, suites=frozenset({0x01, 0x11}),
+        max_frame_bytes=9000, preauth_deadline_s=5.0, suites=frozenset({0x01, 0x11}),
     ),
     # The smallest frame limit the configuration allows (max_token_bytes 256 + 512).
-    ServerSettings(static_private=fuzzkeys.SERVER_STATIC, certificate=fuzzkeys.CERT, node=fuzzkeys.NODE, max_frame_bytes=768),
+    ServerSettings(static_private=fuzzkeys.SERVER_STATIC, certificate=fuzzkeys.CERT, node=fuzzkeys.NODE, max_frame_bytes=768,
+                   preauth_deadline_s=5.0),
 )
 _PROBE = X25519PrivateKey.from_private_bytes(b"\x07" * 32)
 

@@ -31,7 +31,7 @@ CLIENT_PUBLIC = x25519_public(CLIENT_STATIC)
 CLIENT_EPHEMERAL = _secret("client-ephemeral")
 CERT = issue_node_certificate(ROOT, SERVER_PUBLIC, NODE, NOT_BEFORE, EXPIRES)
 
-SETTINGS = ServerSettings(static_private=SERVER_STATIC, certificate=CERT, node=NODE)
+SETTINGS = ServerSettings(static_private=SERVER_STATIC, certificate=CERT, node=NODE, max_frame_bytes=65535, preauth_deadline_s=5.0)
 
 
 def sign(cert: bytes, root: Ed25519PrivateKey = ROOT) -> bytes:

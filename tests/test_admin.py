@@ -10,7 +10,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from interlink.client import Client, SessionClosedError
 from interlink.core.errors import AuthError, ServerError
 from interlink.gateway import Gateway
-from interlink.testing import DemoIssuer
+from interlink.testing import DemoIssuer, lmdb_store
 
 from three_providers import AUD, People, config_for
 
@@ -223,14 +223,14 @@ async def test_purge_expired_deletes_old_undelivered_items_now(issuers, tmp_path
     import dataclasses
     import time
 
-    from interlink.core.store import LmdbStore, WriteBatch, device_key
+    from interlink.core.store import WriteBatch, device_key
 
     config = config_for(issuers, tmp_path)
     async with Gateway(config) as gateway:
         bob = await People(gateway, issuers).connect("bob@beta")  # registers bob's device
         await bob.close()
     # Items stored two minutes ago, written with the store the gateway uses, while it is stopped.
-    store = LmdbStore(tmp_path / "lmdb")
+    store = lmdb_store(tmp_path / "lmdb")
     old_ms = int((time.time() - 120) * 1000)
     batch = WriteBatch()
     for i in range(3):

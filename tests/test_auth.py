@@ -27,7 +27,7 @@ from interlink.core.auth import (
 )
 from interlink.core.errors import AuthError, ConfigError
 from interlink.core.jwks import JwksCache
-from interlink.testing import OMIT, DemoIssuer, FakeClock
+from interlink.testing import DemoIssuer, FakeClock, OMIT, jwks_cache, token_verifier
 
 AUD = "interlink-gw.example"
 NOW = 1_800_000_000.0
@@ -64,9 +64,9 @@ async def env():
             Provider(id="a", issuer=a.issuer, audience=AUD, discovery=True),
             Provider(id="b", issuer=b.issuer, audience=AUD, jwks_uri=b.jwks_uri, default_accept=("a",)),
         ])
-        cache = JwksCache(clock=clock)
+        cache = jwks_cache(clock=clock)
         try:
-            yield Env(a, b, clock, registry, cache, TokenVerifier(registry, cache))
+            yield Env(a, b, clock, registry, cache, token_verifier(registry, cache))
         finally:
             await cache.close()
 
@@ -174,7 +174,7 @@ async def test_time_claims_must_be_numbers(env):
 
 
 async def test_smaller_leeway_is_honoured(env):
-    strict = TokenVerifier(env.registry, env.cache, leeway_s=0)
+    strict = token_verifier(env.registry, env.cache, leeway_s=0)
     token = env.a.issue("alice", audience=AUD, expires_in=-1, now=NOW)
     with pytest.raises(AuthError) as info:
         await strict.verify(token, device=1, now=NOW, client_static=None)
@@ -554,12 +554,12 @@ def test_registry_operations():
 def test_verifier_limits_are_validated():
     registry = ProviderRegistry()
     with pytest.raises(ConfigError):
-        TokenVerifier(registry, None, leeway_s=61)
+        token_verifier(registry, None, leeway_s=61)
     with pytest.raises(ConfigError):
-        TokenVerifier(registry, None, leeway_s=-1)
+        token_verifier(registry, None, leeway_s=-1)
     with pytest.raises(ConfigError):
-        TokenVerifier(registry, None, max_token_bytes=8193)
-    TokenVerifier(registry, None, max_token_bytes=4096, leeway_s=0)
+        token_verifier(registry, None, max_token_bytes=8193)
+    token_verifier(registry, None, max_token_bytes=4096, leeway_s=0)
 
 
 # -- robustness (hypothesis) --------------------------------------------------------------------

@@ -19,7 +19,7 @@ import interlink.core._cipher_pure as cipher_pure
 import interlink.core._framing_pure as framing_pure
 import interlink.ext._cipher as cipher_native
 import interlink.ext._framing as framing_native
-from interlink.core.errors import CryptoError, DecryptError, NonceExhaustedError
+from interlink.core.errors import CryptoError, DecryptError, LocalProtocolError, NonceExhaustedError
 
 TWINS = [cipher_native, cipher_pure]
 TWIN_IDS = ["cython", "pure"]
@@ -277,7 +277,7 @@ def test_encrypt_frames_too_large_is_all_or_nothing(cipher, suite):
     """A plaintext that cannot fit a frame is refused before anything is encrypted, so the
     nonce does not run ahead of what the peer will receive."""
     state = cipher.CipherState(suite, KEY, 7)
-    with pytest.raises(ValueError) as info:
+    with pytest.raises(LocalProtocolError) as info:
         state.encrypt_frames([b"fine", b"fine", b"x" * 65520])
     assert str(info.value) == "plaintext of 65520 bytes does not fit in one frame"
     assert state.nonce == 7

@@ -8,26 +8,21 @@ import pytest
 
 from interlink.core.auth import Identity
 from interlink.core.connection import (
-    CLOSE_AUTH_DEADLINE,
-    CLOSE_AUTH_FAILED,
-    CLOSE_BAD_FRAME,
-    CLOSE_BAD_PREAMBLE,
-    CLOSE_HANDSHAKE_FAILED,
-    CLOSE_UNKNOWN_SUITE,
     MAX_PREAUTH_FRAMES,
     AuthRequested,
     ClientConnection,
     ConnectionClosed,
     ServerConnection,
-    ServerSettings,
     State,
     StanzaReceived,
     Welcomed,
 )
+from interlink.core.errors import CloseReason, LocalProtocolError
 from interlink.core.framing import FrameDecoder, encode_frame
 from interlink.core.identity import generate_root_key, generate_static_key, issue_node_certificate, x25519_public
 from interlink.core.noise import SUITES
 from interlink.core.stanza import decode_stanzas, encode_stanza
+from interlink.testing import server_settings
 
 NOW = 1_800_000_000.0
 ROOT = generate_root_key()
@@ -35,7 +30,7 @@ ROOT_PUBLIC = ROOT.public_key().public_bytes_raw()
 SERVER_STATIC = generate_static_key()
 SERVER_PUBLIC = x25519_public(SERVER_STATIC)
 CERT = issue_node_certificate(ROOT, SERVER_PUBLIC, "node-t", int(NOW) - 60, int(NOW) + 86400)
-SETTINGS = ServerSettings(static_private=SERVER_STATIC, certificate=CERT, node="node-t", preauth_deadline_s=5.0)
+SETTINGS = server_settings(static_private=SERVER_STATIC, certificate=CERT, node="node-t", preauth_deadline_s=5.0)
 
 
 def make_client(suite: int, **overrides) -> ClientConnection:
@@ -132,7 +127,7 @@ def test_bad_preamble_closes_without_output():
     server = ServerConnection(SETTINGS, NOW)
     server.receive_data(b"XL\x01\x01" + b"\x00" * 40, NOW)
     closed = [e for e in server.events() if isinstance(e, ConnectionClosed)]
-    assert [c.reason for c in closed] == [CLOSE_BAD_PREAMBLE]
+    assert [c.reason for c in closed] == [CloseReason.BAD_PREAMBLE]
     assert server.data_to_send() == b""
     assert server.closed
 
@@ -140,14 +135,14 @@ def test_bad_preamble_closes_without_output():
 def test_wrong_version_is_a_bad_preamble():
     server = ServerConnection(SETTINGS, NOW)
     server.receive_data(b"IL\x02\x01", NOW)
-    assert [e.reason for e in server.events()] == [CLOSE_BAD_PREAMBLE]
+    assert [e.reason for e in server.events()] == [CloseReason.BAD_PREAMBLE]
 
 
 @pytest.mark.parametrize("suite", [0x03, 0x20, 0x2F, 0xFF])
 def test_unknown_suite_closes(suite):
     server = ServerConnection(SETTINGS, NOW)
     server.receive_data(b"IL\x01" + bytes([suite]), NOW)
-    assert [e.reason for e in server.events()] == [CLOSE_UNKNOWN_SUITE]
+    assert [e.reason for e in server.events()] == [CloseReason.UNKNOWN_SUITE]
 
 
 def test_preamble_split_across_reads():
@@ -166,7 +161,7 @@ def test_garbage_handshake_closes():
     server = ServerConnection(SETTINGS, NOW)
     server.receive_data(b"IL\x01\x11" + encode_frame(b"\x01" * 100), NOW)
     closed = [e for e in server.events() if isinstance(e, ConnectionClosed)]
-    assert [c.reason for c in closed] == [CLOSE_HANDSHAKE_FAILED]
+    assert [c.reason for c in closed] == [CloseReason.HANDSHAKE_FAILED]
     assert server.data_to_send() == b""
 
 
@@ -174,16 +169,16 @@ def test_zero_length_frame_during_handshake_closes_without_err():
     server = ServerConnection(SETTINGS, NOW)
     server.receive_data(b"IL\x01\x01\x00\x00", NOW)
     closed = [e for e in server.events() if isinstance(e, ConnectionClosed)]
-    assert [(c.reason, c.code) for c in closed] == [(CLOSE_BAD_FRAME, "bad_frame")]
+    assert [(c.reason, c.code) for c in closed] == [(CloseReason.BAD_FRAME, "bad_frame")]
     assert server.data_to_send() == b""
 
 
 def test_oversize_length_rejected_from_the_header_alone():
-    settings = ServerSettings(static_private=SERVER_STATIC, certificate=CERT, node="n", max_frame_bytes=1024)
+    settings = server_settings(static_private=SERVER_STATIC, certificate=CERT, node="n", max_frame_bytes=1024)
     server = ServerConnection(settings, NOW)
     server.receive_data(b"IL\x01\x01\xff\xff", NOW)  # announces 65535 bytes, sends none of them
     closed = [e for e in server.events() if isinstance(e, ConnectionClosed)]
-    assert [c.reason for c in closed] == [CLOSE_BAD_FRAME]
+    assert [c.reason for c in closed] == [CloseReason.BAD_FRAME]
     assert "65535" in closed[0].message
 
 
@@ -192,7 +187,7 @@ def test_zero_length_frame_after_handshake_gets_err_then_close(suite):
     client, server, _ = open_session(suite)
     server.receive_data(b"\x00\x00", NOW)
     closed = [e for e in server.events() if isinstance(e, ConnectionClosed)]
-    assert closed and closed[0].reason == CLOSE_BAD_FRAME
+    assert closed and closed[0].reason == CloseReason.BAD_FRAME
     stanzas = server_stanzas(server.data_to_send(), client._session)
     assert stanzas[-1]["t"] == "err" and stanzas[-1]["code"] == "bad_frame"
 
@@ -205,7 +200,7 @@ def test_bad_tag_after_handshake_gets_err_then_close(suite):
     wire[-1] ^= 0x01  # flip one tag bit
     server.receive_data(bytes(wire), NOW)
     closed = [e for e in server.events() if isinstance(e, ConnectionClosed)]
-    assert [c.reason for c in closed] == [CLOSE_BAD_FRAME]
+    assert [c.reason for c in closed] == [CloseReason.BAD_FRAME]
     stanzas = server_stanzas(server.data_to_send(), client._session)
     assert [s["code"] for s in stanzas if s["t"] == "err"] == ["bad_frame"]
 
@@ -224,7 +219,7 @@ def test_preauth_deadline_is_not_extended_by_trickled_bytes():
     assert not server.closed
     assert server.next_deadline() == NOW + 5.0  # the bytes moved nothing
     server.handle_timer(NOW + 5.0)
-    assert [e.reason for e in server.events() if isinstance(e, ConnectionClosed)] == [CLOSE_AUTH_DEADLINE]
+    assert [e.reason for e in server.events() if isinstance(e, ConnectionClosed)] == [CloseReason.AUTH_DEADLINE]
 
 
 def test_deadline_applies_while_the_token_is_being_verified():
@@ -236,7 +231,7 @@ def test_deadline_applies_while_the_token_is_being_verified():
     server.handle_timer(NOW + 4.9)
     assert not server.closed
     server.handle_timer(NOW + 5.0)
-    assert server.closed and server.close_reason == CLOSE_AUTH_DEADLINE
+    assert server.closed and server.close_reason == CloseReason.AUTH_DEADLINE
     server.accept_auth(identity(), {"t": "welcome"}, NOW + 5.1)  # too late: ignored
     assert server.state is not State.OPEN
 
@@ -266,7 +261,7 @@ def test_reject_auth_sends_the_code_and_closes():
     server.reject_auth("token_expired", "token expired 30 s ago")
     client_events, _ = shuttle(client, server)
     closed = [e for e in client_events if isinstance(e, ConnectionClosed)]
-    assert [(c.reason, c.code, c.message) for c in closed] == [(CLOSE_AUTH_FAILED, "token_expired", "token expired 30 s ago")]
+    assert [(c.reason, c.code, c.message) for c in closed] == [(CloseReason.AUTH_FAILED, "token_expired", "token expired 30 s ago")]
     assert server.closed
 
 
@@ -290,7 +285,7 @@ def test_malformed_auth_payload_gets_auth_failed(payload):
     client_events, server_events = shuttle(client, server)
     assert not any(isinstance(e, AuthRequested) for e in server_events)
     closed = [e for e in client_events if isinstance(e, ConnectionClosed)]
-    assert [(c.reason, c.code) for c in closed] == [(CLOSE_AUTH_FAILED, "auth_failed")]
+    assert [(c.reason, c.code) for c in closed] == [(CloseReason.AUTH_FAILED, "auth_failed")]
 
 
 def test_ik_message_one_replay_is_never_acted_on():
@@ -306,7 +301,7 @@ def test_ik_message_one_replay_is_never_acted_on():
     replayed.receive_data(encode_frame(b"\x00" * 40), NOW + 1)
     events = replayed.events()
     assert not any(isinstance(e, AuthRequested) for e in events)
-    assert [e.reason for e in events if isinstance(e, ConnectionClosed)] == [CLOSE_BAD_FRAME]
+    assert [e.reason for e in events if isinstance(e, ConnectionClosed)] == [CloseReason.BAD_FRAME]
 
 
 def test_ik_acts_only_after_the_first_transport_message():
@@ -461,7 +456,7 @@ def test_client_refuses_a_gateway_certified_by_another_root():
     server = ServerConnection(SETTINGS, NOW)
     client.start(NOW)
     client_events, _ = shuttle(client, server)
-    assert [e.reason for e in client_events if isinstance(e, ConnectionClosed)] == [CLOSE_HANDSHAKE_FAILED]
+    assert [e.reason for e in client_events if isinstance(e, ConnectionClosed)] == [CloseReason.HANDSHAKE_FAILED]
     assert client.failure is not None and "signature" in str(client.failure)
 
 
@@ -471,7 +466,7 @@ def test_client_refuses_an_expired_node_certificate():
     client.start(NOW)
     server.receive_data(client.data_to_send(), NOW)
     client.receive_data(server.data_to_send(), NOW + 2 * 86400)
-    assert client.closed and client.close_reason == CLOSE_HANDSHAKE_FAILED
+    assert client.closed and client.close_reason == CloseReason.HANDSHAKE_FAILED
 
 
 def test_hibernated_session_keeps_working():
@@ -516,7 +511,7 @@ def test_close_before_welcome_sends_err_not_bye():
     server.close("drain")
     client_events, _ = shuttle(client, server)
     closed = [e for e in client_events if isinstance(e, ConnectionClosed)]
-    assert [(c.reason, c.code) for c in closed] == [(CLOSE_AUTH_FAILED, "overloaded")]
+    assert [(c.reason, c.code) for c in closed] == [(CloseReason.AUTH_FAILED, "overloaded")]
 
 
 def test_pipelined_bytes_before_auth_are_bounded():
@@ -533,7 +528,7 @@ def test_pipelined_bytes_before_auth_are_bounded():
 
 
 def test_output_respects_a_smaller_frame_maximum():
-    settings = ServerSettings(static_private=SERVER_STATIC, certificate=CERT, node="n", max_frame_bytes=9000)
+    settings = server_settings(static_private=SERVER_STATIC, certificate=CERT, node="n", max_frame_bytes=9000)
     client = make_client(0x01)
     server = ServerConnection(settings, NOW)
     client.start(NOW)
@@ -543,5 +538,5 @@ def test_output_respects_a_smaller_frame_maximum():
         server.send_stanza({"t": "pong", "id": i})
     frames = FrameDecoder().feed(server.data_to_send())
     assert len(frames) > 1 and max(len(f) for f in frames) <= 9000
-    with pytest.raises(ValueError):
+    with pytest.raises(LocalProtocolError):
         server.send_stanza({"t": "dlv", "c": b"x" * 9000})  # a local bug, refused before any byte is sent

@@ -15,8 +15,8 @@ import pytest
 from interlink.core.auth import Provider, ProviderRegistry
 from interlink.core.domain import Domain
 from interlink.core.errors import InterlinkError
-from interlink.core.store import LmdbStore, StoreFullError
-from interlink.testing import FakeSession
+from interlink.core.store import StoreFullError
+from interlink.testing import FakeSession, lmdb_store
 
 NOW = 1_800_000_000.0
 
@@ -30,7 +30,7 @@ class Edge:
     """What the edge does around the domain, done by hand."""
 
     def __init__(self, path, *, window: int = 64, rate: float = 1e9) -> None:
-        self.store = LmdbStore(path, sync=False, map_size_bytes=1 << 26)
+        self.store = lmdb_store(path, sync=False, map_size_bytes=1 << 26)
         self.domain = Domain(
             store=self.store, registry=ProviderRegistry([_provider("alpha"), _provider("beta", accept=())]),
             window=window, max_frame_bytes=65535, max_group=16, message_rate_per_device=rate, message_rate_per_user=rate,

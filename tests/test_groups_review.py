@@ -24,7 +24,7 @@ from interlink.core.domain import Domain
 from interlink.core.ops import DEFERRED
 from interlink.core.router import RouteError
 from interlink.core.store import LmdbStore, StoreFullError, device_key
-from interlink.testing import FakeSession
+from interlink.testing import FakeSession, store_options
 
 try:
     import interlink.ext._fanout as fanout_native
@@ -57,7 +57,7 @@ class World:
     touched sessions written out (counted per session in ``writes``)."""
 
     def __init__(self, path, *, thread=False, rate=1e9, clock=None, **store_kw) -> None:
-        self.store = FlakyStore(path, sync=False, map_size_bytes=1 << 26, **store_kw)
+        self.store = FlakyStore(path, **store_options(sync=False, map_size_bytes=1 << 26, **store_kw))
         self.clock = clock or time.time
         self.domain = Domain(
             store=self.store, registry=ProviderRegistry([_provider("alpha"), _provider("beta")]), window=1000,

@@ -11,10 +11,9 @@ import logging
 
 import pytest
 
-from interlink.core.auth import Provider, ProviderRegistry, TokenVerifier
+from interlink.core.auth import Provider, ProviderRegistry
 from interlink.core.errors import ConfigError
-from interlink.core.jwks import JwksCache
-from interlink.testing import OMIT, DemoIssuer, FakeClock
+from interlink.testing import DemoIssuer, FakeClock, OMIT, jwks_cache, token_verifier
 
 AUD = "interlink-gw.example"
 NOW = 1_800_000_000.0
@@ -33,7 +32,7 @@ def clock():
 
 @pytest.fixture
 async def cache(clock):
-    c = JwksCache(clock=clock)
+    c = jwks_cache(clock=clock)
     try:
         yield c
     finally:
@@ -81,8 +80,8 @@ async def test_ttl_bounds_are_validated():
     for kwargs in ({"ttl_s": 299}, {"ttl_s": 601}, {"min_refetch_interval_s": 29.9}, {"fetch_timeout_s": 0},
                    {"fetch_timeout_s": 5.1}, {"clock": 5}, {"max_keys": 0}, {"ttl_s": "300"}):
         with pytest.raises(ConfigError):
-            JwksCache(**kwargs)
-    await JwksCache(ttl_s=600, fetch_timeout_s=5, min_refetch_interval_s=120).close()
+            jwks_cache(**kwargs)
+    await jwks_cache(ttl_s=600, fetch_timeout_s=5, min_refetch_interval_s=120).close()
 
 
 # -- rate limit and single flight ---------------------------------------------------------------
@@ -144,7 +143,7 @@ async def test_single_flight(issuer, cache):
 async def test_single_flight_while_stalled(issuer, clock):
     """Callers arriving while a slow fetch is in flight join it instead of starting another."""
     issuer.set_delay(0.2)
-    cache = JwksCache(clock=clock)
+    cache = jwks_cache(clock=clock)
     try:
         provider = uri_provider(issuer)
         first = asyncio.ensure_future(cache.get_key(provider, issuer.default_kid()))
@@ -174,7 +173,7 @@ async def test_cancelled_caller_does_not_cancel_the_shared_fetch(issuer, cache):
 async def test_issuer_down_last_good_keys_still_served(issuer, cache, clock, caplog):
     provider = discovery_provider(issuer)
     registry = ProviderRegistry([provider])
-    verifier = TokenVerifier(registry, cache)
+    verifier = token_verifier(registry, cache)
     token = issuer.issue("alice", audience=AUD, now=NOW)
     assert (await verifier.verify(token, device=1, now=NOW, client_static=None)).user == "alice@a"
     issuer.set_available(False)
@@ -218,7 +217,7 @@ async def test_issuer_down_from_the_start(issuer, cache, clock, caplog):
 
 async def test_fetch_timeout_returns_within_the_timeout(issuer, clock):
     issuer.set_delay(30)  # the issuer stalls every answer
-    cache = JwksCache(clock=clock, fetch_timeout_s=0.3)
+    cache = jwks_cache(clock=clock, fetch_timeout_s=0.3)
     try:
         provider = discovery_provider(issuer)
         async with asyncio.timeout(10):  # far below the issuer's 30 s stall
@@ -241,7 +240,7 @@ async def test_fetch_timeout_returns_within_the_timeout(issuer, clock):
 
 async def test_close_cancels_in_flight_fetch(issuer, clock):
     issuer.set_delay(30)
-    cache = JwksCache(clock=clock, fetch_timeout_s=5)
+    cache = jwks_cache(clock=clock, fetch_timeout_s=5)
     provider = uri_provider(issuer)
     pending = asyncio.ensure_future(cache.get_key(provider, issuer.default_kid()))
     await asyncio.sleep(0.05)
@@ -300,7 +299,7 @@ async def test_bad_jwks_documents_keep_last_good_keys(issuer, cache, clock, body
 
 
 async def test_oversize_response_refused(issuer, clock):
-    cache = JwksCache(clock=clock, max_response_bytes=4096)
+    cache = jwks_cache(clock=clock, max_response_bytes=4096)
     try:
         provider = uri_provider(issuer)
         issuer.set_jwks_response(json.dumps({"keys": [], "pad": "x" * 5000}))
@@ -308,7 +307,7 @@ async def test_oversize_response_refused(issuer, clock):
         assert "limit of 4096" in cache.stats("a").last_error
     finally:
         await cache.close()
-    async with JwksCache(clock=clock) as cache:  # default bound: 1 MiB
+    async with jwks_cache(clock=clock) as cache:  # default bound: 1 MiB
         issuer.set_jwks_response(b'{"keys": [], "pad": "' + b"x" * (1 << 20) + b'"}')
         assert await cache.get_key(provider, issuer.default_kid()) is None
         assert "limit of 1048576" in cache.stats("a").last_error
@@ -318,11 +317,11 @@ async def test_too_many_keys_refused(issuer, clock):
     provider = uri_provider(issuer)
     jwk = issuer.public_jwk()
     issuer.set_jwks_response(json.dumps({"keys": [{**jwk, "kid": f"k{i}"} for i in range(101)]}))
-    async with JwksCache(clock=clock) as cache:
+    async with jwks_cache(clock=clock) as cache:
         assert await cache.get_key(provider, "k1") is None
         assert "more than the limit of 100" in cache.stats("a").last_error
     issuer.set_jwks_response(json.dumps({"keys": [{**jwk, "kid": f"k{i}"} for i in range(5)]}))
-    async with JwksCache(clock=clock, max_keys=5) as cache:
+    async with jwks_cache(clock=clock, max_keys=5) as cache:
         assert await cache.get_key(provider, "k1") is not None
 
 
@@ -362,7 +361,7 @@ async def test_invalid_keys_dropped_with_warning(issuer, cache, caplog):
 
 
 async def test_keys_are_per_provider(clock):
-    async with DemoIssuer() as a, DemoIssuer() as b, JwksCache(clock=clock) as cache:
+    async with DemoIssuer() as a, DemoIssuer() as b, jwks_cache(clock=clock) as cache:
         pa, pb = uri_provider(a, "a"), discovery_provider(b, "b")
         assert await cache.get_key(pb, b.default_kid()) is not None
         assert await cache.get_key(pa, b.default_kid()) is None  # B's kid is not A's key
@@ -411,7 +410,7 @@ async def test_issuer_with_path_and_shared_session(clock):
 
     async with DemoIssuer(path="/realms/acme") as issuer, aiohttp.ClientSession() as session:
         assert issuer.issuer.endswith("/realms/acme")
-        cache = JwksCache(clock=clock, session=session)
+        cache = jwks_cache(clock=clock, session=session)
         provider = discovery_provider(issuer)
         assert await cache.get_key(provider, issuer.default_kid()) is not None
         await cache.close()

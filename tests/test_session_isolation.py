@@ -32,24 +32,22 @@ import interlink.core._fanout_pure as fanout_pure
 import interlink.core._framing_pure as framing_pure
 from interlink.client import Client, Suite
 from interlink.core import stanza
-from interlink.core.auth import Identity, Provider, ProviderRegistry, TokenVerifier
+from interlink.core.auth import Identity, Provider, ProviderRegistry
 from interlink.core.connection import (
     MAX_PREAUTH_FRAMES,
     AuthRequested,
     ClientConnection,
     ConnectionClosed,
     ServerConnection,
-    ServerSettings,
     StanzaReceived,
     Welcomed,
 )
 from interlink.core.errors import AuthError, DecryptError, ServerError
 from interlink.core.framing import encode_frames
 from interlink.core.identity import generate_static_key, init_operator_keys, x25519_public
-from interlink.core.jwks import JwksCache
 from interlink.core.noise import SUITES, NoiseSession
-from interlink.core.server import GatewayProtocol, GatewayServer, Limits
-from interlink.core.store import LmdbStore
+from interlink.core.server import GatewayProtocol, GatewayServer
+from interlink.testing import DEFAULTS, jwks_cache, limits, lmdb_store, server_settings, token_verifier
 from test_connection import NOW, SETTINGS, make_client
 from three_providers import AUD, config_for
 
@@ -426,21 +424,24 @@ class Edge:
     The test plays uvloop's reads, so it decides how sessions' bytes interleave. The clock stands
     still unless the test moves it (rate buckets refill with it)."""
 
-    def __init__(self, issuers, folder, *, commit_in_thread: bool = False, **limits) -> None:
+    def __init__(self, issuers, folder, *, commit_in_thread: bool = False, **limit_overrides) -> None:
         self.issuers = dict(zip(("alpha", "beta", "gamma"), issuers))
         self.now = time.time()
         self.registry = ProviderRegistry(config_for(issuers, folder).providers)
         self.keys = init_operator_keys(folder / "keys", "node-t")
-        self.store = LmdbStore(folder / "lmdb", sync=False, map_size_bytes=1 << 27)
-        self.jwks = JwksCache()
+        self.store = lmdb_store(folder / "lmdb", sync=False, map_size_bytes=1 << 27)
+        self.jwks = jwks_cache()
         self.server = GatewayServer(
-            settings=ServerSettings(static_private=self.keys.static_private, certificate=self.keys.certificate, node="node-t"),
+            settings=server_settings(static_private=self.keys.static_private, certificate=self.keys.certificate, node="node-t"),
             registry=self.registry,
-            verifier=TokenVerifier(self.registry, self.jwks),
+            verifier=token_verifier(self.registry, self.jwks),
             store=self.store,
-            limits=Limits(**limits),
-            clock=lambda: self.now,
+            limits=limits(**limit_overrides),
+            idle_release_s=DEFAULTS.idle_release_s,
+            mailbox_ttl_s=DEFAULTS.mailbox_ttl_s,
+            slow_consumer_s=DEFAULTS.slow_consumer_s,
             commit_in_thread=commit_in_thread,
+            clock=lambda: self.now,
         )
         self.peers: list[Peer] = []
 
@@ -826,7 +827,7 @@ def test_two_providers_with_the_same_kid_keep_their_keys_apart():
         }]})
         for pid, key in signers.items()
     ]
-    verifier = TokenVerifier(ProviderRegistry(providers), JwksCache())
+    verifier = token_verifier(ProviderRegistry(providers), jwks_cache())
 
     def token(signer: str, issuer: str) -> str:
         claims = {"iss": f"https://{issuer}.example", "sub": "eve", "aud": AUD, "exp": time.time() + 60}
@@ -842,7 +843,7 @@ def test_two_providers_with_the_same_kid_keep_their_keys_apart():
 def test_cached_device_lists_are_shared_values_that_change_only_for_their_user(tmp_path):
     """``LmdbStore.devices`` caches each user's list and shares equal lists between users; a new
     device replaces its user's entry and never changes the shared tuple."""
-    store = LmdbStore(tmp_path / "lmdb", sync=False, map_size_bytes=1 << 24)
+    store = lmdb_store(tmp_path / "lmdb", sync=False, map_size_bytes=1 << 24)
     try:
         for user in ("ann@alpha", "ben@beta"):
             store.register_device(user, 1, 5)

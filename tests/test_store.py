@@ -3,12 +3,11 @@
 import pytest
 
 from interlink.core.errors import AuthError
-from interlink.core.store import LmdbStore
 
 
 @pytest.fixture
 def store(tmp_path):
-    store = LmdbStore(tmp_path / "lmdb", map_size_bytes=1 << 24)
+    store = lmdb_store(tmp_path / "lmdb", map_size_bytes=1 << 24)
     yield store
     store.close()
 
@@ -41,10 +40,10 @@ def test_device_limit_refuses_new_devices_but_not_known_ones(store):
 
 
 def test_devices_survive_reopening(tmp_path):
-    first = LmdbStore(tmp_path / "lmdb", map_size_bytes=1 << 24)
+    first = lmdb_store(tmp_path / "lmdb", map_size_bytes=1 << 24)
     first.register_device("carol@alpha", 2**31 - 1, 5)
     first.close()
-    second = LmdbStore(tmp_path / "lmdb", map_size_bytes=1 << 24)
+    second = lmdb_store(tmp_path / "lmdb", map_size_bytes=1 << 24)
     assert second.devices("carol@alpha") == (2**31 - 1,)
     second.close()
 
@@ -55,7 +54,7 @@ def test_unusable_data_dir_is_a_config_error(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     with pytest.raises(ConfigError, match="data_dir"):
-        LmdbStore(blocker / "lmdb")
+        lmdb_store(blocker / "lmdb")
 
 
 # -- mailboxes: the storage contract the router relies on (real LMDB in a temp folder)
@@ -128,10 +127,10 @@ def test_mailboxes_of_other_devices_are_separate(store):
 
 def test_mailboxes_survive_reopening(tmp_path):
     bob = device_key("bob@beta", 1)
-    first = LmdbStore(tmp_path / "lmdb", map_size_bytes=1 << 24)
+    first = lmdb_store(tmp_path / "lmdb", map_size_bytes=1 << 24)
     commit_message(first, device_key("s@alpha", 1), b"K" * 16, 9, [(bob, build(b"kept"))])
     first.close()
-    second = LmdbStore(tmp_path / "lmdb", map_size_bytes=1 << 24)
+    second = lmdb_store(tmp_path / "lmdb", map_size_bytes=1 << 24)
     assert second.pending(bob) == [(1, b"kept:1:9")]
     again = commit_message(second, device_key("s@alpha", 1), b"K" * 16, 10, [(bob, build(b"kept"))])
     assert again.dup  # the dedup window survives a restart too
@@ -139,7 +138,7 @@ def test_mailboxes_survive_reopening(tmp_path):
 
 
 def test_a_full_map_refuses_the_batch_and_keeps_what_was_there(tmp_path):
-    store = LmdbStore(tmp_path / "lmdb", map_size_bytes=1 << 20)
+    store = lmdb_store(tmp_path / "lmdb", map_size_bytes=1 << 20)
     bob = device_key("bob@beta", 1)
     commit_message(store, device_key("s@alpha", 1), b"0" * 16, 1, [(bob, build(b"early"))])
     batch = WriteBatch()
@@ -219,7 +218,7 @@ def test_reach_reads_consent_and_blocks_together(store):
 
 
 def test_reports_are_numbered_from_one_and_keep_counting_after_reopening(tmp_path):
-    first = LmdbStore(tmp_path / "lmdb", map_size_bytes=1 << 24)
+    first = lmdb_store(tmp_path / "lmdb", map_size_bytes=1 << 24)
     record = {"reporter": "bob@beta", "device": 2, "user": "eve@alpha", "ids": [b"i" * 16], "reason": "spam",
               "evidence": b"\x00\xff", "ts": 1234}
     assert first.add_report(record) == 1
@@ -227,7 +226,7 @@ def test_reports_are_numbered_from_one_and_keep_counting_after_reopening(tmp_pat
     assert first.report(1) == record
     assert first.report(3) is None
     first.close()
-    second = LmdbStore(tmp_path / "lmdb", map_size_bytes=1 << 24)
+    second = lmdb_store(tmp_path / "lmdb", map_size_bytes=1 << 24)
     assert second.report(2)["reason"] == "again"
     assert second.add_report(record) == 3
     second.close()
@@ -253,12 +252,12 @@ def test_directory_follows_each_users_latest_phone(store):
 
 
 def test_social_state_survives_reopening(tmp_path):
-    first = LmdbStore(tmp_path / "lmdb", map_size_bytes=1 << 24)
+    first = lmdb_store(tmp_path / "lmdb", map_size_bytes=1 << 24)
     first.set_consent("gus@gamma", ("alpha",), True)
     first.add_block("gus@gamma", "eve@alpha", 10)
     first.set_phone("gus@gamma", "+4915112345678")
     first.close()
-    second = LmdbStore(tmp_path / "lmdb", map_size_bytes=1 << 24)
+    second = lmdb_store(tmp_path / "lmdb", map_size_bytes=1 << 24)
     assert second.consent("gus@gamma") == (("alpha",), True)
     assert second.blocked("gus@gamma") == ["eve@alpha"] and second.block_count("gus@gamma") == 1
     assert second.directory("+4915112345678") == ["gus@gamma"]
@@ -266,7 +265,7 @@ def test_social_state_survives_reopening(tmp_path):
 
 
 def test_a_full_map_refuses_social_writes_and_keeps_what_was_there(tmp_path):
-    store = LmdbStore(tmp_path / "lmdb", map_size_bytes=1 << 20)
+    store = lmdb_store(tmp_path / "lmdb", map_size_bytes=1 << 20)
     store.set_consent("gus@gamma", ("alpha",), True)
     store.add_block("gus@gamma", "eve@alpha", 10)
     numbers = []
@@ -290,6 +289,7 @@ def test_a_full_map_refuses_social_writes_and_keeps_what_was_there(tmp_path):
 
 from interlink.core.auth import Provider  # noqa: E402
 from interlink.core.policy import Policy  # noqa: E402
+from interlink.testing import lmdb_store
 
 _JWKS = {"keys": [{"kty": "OKP", "crv": "Ed25519", "x": "11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo"}]}
 
@@ -336,7 +336,7 @@ def test_policy_blocks_through_its_cache_and_past_it(store):
 
 def test_blockers_are_the_blocks_read_the_other_way(tmp_path):
     path = tmp_path / "lmdb"
-    store = LmdbStore(path, map_size_bytes=1 << 24)
+    store = lmdb_store(path, map_size_bytes=1 << 24)
     for user in ("bob@beta", "carl@beta", "dora@alpha"):
         store.add_block(user, "eve@alpha", 10)
     store.add_block("bob@beta", "fred@alpha", 10)
@@ -349,7 +349,7 @@ def test_blockers_are_the_blocks_read_the_other_way(tmp_path):
     with store._env.begin(write=True) as txn:
         txn.drop(store._blocked_by, delete=False)
     store.close()
-    store = LmdbStore(path, map_size_bytes=1 << 24)
+    store = lmdb_store(path, map_size_bytes=1 << 24)
     try:
         assert store.blockers("eve@alpha", 10) == {"bob@beta", "dora@alpha"}
         assert store.blockers("fred@alpha", 10) == {"bob@beta"}
@@ -379,7 +379,7 @@ def test_policy_finds_who_blocked_a_sender_among_members(store):
 
 
 def test_quota_refuses_a_whole_message_and_keeps_counts(tmp_path):
-    store = LmdbStore(tmp_path / "lmdb", map_size_bytes=1 << 24, max_mailbox_items=3, max_mailbox_bytes=1 << 20)
+    store = lmdb_store(tmp_path / "lmdb", map_size_bytes=1 << 24, max_mailbox_items=3, max_mailbox_bytes=1 << 20)
     bob1, bob2 = device_key("bob@beta", 1), device_key("bob@beta", 2)
     sender = device_key("alice@alpha", 1)
     commit_message(store, sender, b"a" * 16, 1, [(bob1, build(b"x")), (bob1, build(b"x")), (bob2, build(b"x"))])
@@ -395,7 +395,7 @@ def test_quota_refuses_a_whole_message_and_keeps_counts(tmp_path):
 
 
 def test_byte_quota(tmp_path):
-    store = LmdbStore(tmp_path / "lmdb", map_size_bytes=1 << 24, max_mailbox_items=100, max_mailbox_bytes=1 << 16)
+    store = lmdb_store(tmp_path / "lmdb", map_size_bytes=1 << 24, max_mailbox_items=100, max_mailbox_bytes=1 << 16)
     bob = device_key("bob@beta", 1)
     big = lambda seq, ts: b"z" * 40_000  # noqa: E731
     assert commit_message(store, device_key("s@a", 1), b"1" * 16, 1, [(bob, big)]).stored

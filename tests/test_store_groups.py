@@ -5,12 +5,13 @@ import os
 
 import pytest
 
-from interlink.core.store import GroupRecord, GroupWrite, LmdbStore, StoreFullError, WriteBatch, device_key
+from interlink.core.store import GroupRecord, GroupWrite, StoreFullError, WriteBatch, device_key
+from interlink.testing import lmdb_store
 
 
 @pytest.fixture
 def store(tmp_path):
-    store = LmdbStore(tmp_path / "lmdb", map_size_bytes=1 << 24, max_mailbox_items=3)
+    store = lmdb_store(tmp_path / "lmdb", map_size_bytes=1 << 24, max_mailbox_items=3)
     yield store
     store.close()
 
@@ -105,17 +106,17 @@ def _deletion(dkey, seqs):
 
 def test_groups_survive_reopening(tmp_path):
     g = os.urandom(16)
-    first = LmdbStore(tmp_path / "lmdb", map_size_bytes=1 << 24)
+    first = lmdb_store(tmp_path / "lmdb", map_size_bytes=1 << 24)
     change(first, g, 0, GroupRecord(3, ("a@alpha", "b@beta"), ("b@beta",), b"m"))
     first.close()
-    second = LmdbStore(tmp_path / "lmdb", map_size_bytes=1 << 24)
+    second = lmdb_store(tmp_path / "lmdb", map_size_bytes=1 << 24)
     got = second.group(g)
     assert (got.ver, got.members, got.admins, got.meta) == (3, ("a@alpha", "b@beta"), ("b@beta",), b"m")
     second.close()
 
 
 def test_full_map_writes_no_group(tmp_path):
-    store = LmdbStore(tmp_path / "lmdb", map_size_bytes=1 << 20)
+    store = lmdb_store(tmp_path / "lmdb", map_size_bytes=1 << 20)
     g = os.urandom(16)
     huge = [(device_key("bob@beta", 1), build(b"x" * 200_000)) for _ in range(8)]
     with pytest.raises(StoreFullError):
@@ -125,7 +126,7 @@ def test_full_map_writes_no_group(tmp_path):
 
 
 def test_control_items_stop_at_the_overdraft_past_the_quota(tmp_path):
-    store = LmdbStore(tmp_path / "lmdb", map_size_bytes=1 << 24, max_mailbox_items=2, control_overdraft_items=1)
+    store = lmdb_store(tmp_path / "lmdb", map_size_bytes=1 << 24, max_mailbox_items=2, control_overdraft_items=1)
     try:
         bob, carl = device_key("bob@beta", 1), device_key("carl@beta", 1)
         g = os.urandom(16)

@@ -9,7 +9,8 @@ import threading
 
 import pytest
 
-from interlink.core.store import LmdbStore, StoreFullError, StoreLimitError
+from interlink.core.store import StoreFullError, StoreLimitError
+from interlink.testing import lmdb_store
 
 IK = b"I" * 32
 SPK = (1, b"S" * 32, b"G" * 64)
@@ -21,7 +22,7 @@ def otpks(ids, tag: bytes = b"k") -> list[tuple[int, bytes]]:
 
 @pytest.fixture
 def store(tmp_path):
-    store = LmdbStore(tmp_path / "lmdb", map_size_bytes=1 << 24)
+    store = lmdb_store(tmp_path / "lmdb", map_size_bytes=1 << 24)
     yield store
     store.close()
 
@@ -102,11 +103,11 @@ def test_the_stock_limit_refuses_the_whole_put(store):
 
 
 def test_keys_survive_reopening(tmp_path):
-    first = LmdbStore(tmp_path / "lmdb", map_size_bytes=1 << 24)
+    first = lmdb_store(tmp_path / "lmdb", map_size_bytes=1 << 24)
     first.put_prekeys("carol@alpha", 2**31 - 1, IK, (2**32 - 1, b"S" * 32, b"G" * 64), otpks([0, 2**32 - 1]), 100)
     assert first.take_prekeys("carol@alpha", [2**31 - 1])[0]["otpk"]["id"] == 0
     first.close()
-    second = LmdbStore(tmp_path / "lmdb", map_size_bytes=1 << 24)
+    second = lmdb_store(tmp_path / "lmdb", map_size_bytes=1 << 24)
     bundle = second.take_prekeys("carol@alpha", [2**31 - 1])[0]
     assert bundle["spk"]["id"] == 2**32 - 1 and bundle["otpk"]["id"] == 2**32 - 1
     assert second.prekey_count("carol@alpha", 2**31 - 1) == 0
@@ -134,7 +135,7 @@ def test_concurrent_takes_from_threads_hand_out_each_key_once(store):
 
 
 def test_a_full_map_is_store_full_and_writes_nothing(tmp_path):
-    store = LmdbStore(tmp_path / "lmdb", map_size_bytes=1 << 16)  # 64 KiB
+    store = lmdb_store(tmp_path / "lmdb", map_size_bytes=1 << 16)  # 64 KiB
     try:
         with pytest.raises(StoreFullError):
             for device in range(1, 200):

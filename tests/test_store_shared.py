@@ -12,6 +12,7 @@ from interlink.core import _fanout_pure
 from interlink.core.fanout import GroupDlv
 from interlink.core.stanza import decode_stanzas, encode_stanza
 from interlink.core.store import SHARED_DLV_HEAD, LmdbStore, WriteBatch, device_key
+from interlink.testing import lmdb_store
 
 def decode_stanza(encoded: bytes) -> dict:
     (stanza,) = decode_stanzas(encoded)
@@ -25,7 +26,7 @@ G = b"G" * 16
 
 @pytest.fixture
 def store(tmp_path):
-    store = LmdbStore(tmp_path / "lmdb", map_size_bytes=1 << 24)
+    store = lmdb_store(tmp_path / "lmdb", map_size_bytes=1 << 24)
     yield store
     store.close()
 
@@ -102,7 +103,7 @@ def test_the_ttl_sweep_releases_bodies(store):
 
 
 def test_full_mailboxes_are_skipped_and_not_counted(tmp_path):
-    store = LmdbStore(tmp_path / "lmdb", map_size_bytes=1 << 24, max_mailbox_items=1)
+    store = lmdb_store(tmp_path / "lmdb", map_size_bytes=1 << 24, max_mailbox_items=1)
     try:
         group_message(store, b"one", devices=MEMBERS[:1])  # MEMBERS[0] is now full
         message = group_message(store, b"two")
@@ -123,10 +124,10 @@ def test_a_single_copy_or_a_foreign_builder_is_stored_whole(store):
 
 def test_body_ids_stay_unique_across_reopening(tmp_path):
     path = tmp_path / "lmdb"
-    store = LmdbStore(path, map_size_bytes=1 << 24)
+    store = lmdb_store(path, map_size_bytes=1 << 24)
     group_message(store, b"before")
     store.close()
-    store = LmdbStore(path, map_size_bytes=1 << 24)
+    store = lmdb_store(path, map_size_bytes=1 << 24)
     try:
         group_message(store, b"after")
         references, counts, bodies = shared_body_references(store)

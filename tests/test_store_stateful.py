@@ -14,6 +14,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from interlink.core._fanout_pure import GroupDlv
 from interlink.core.store import LmdbStore, WriteBatch, device_key
+from interlink.testing import lmdb_store
 from store_checks import shared_body_references
 
 DEVICES = [device_key("bob@beta", 1), device_key("bob@beta", 2), device_key("carol@beta", 1)]
@@ -35,7 +36,7 @@ class MailboxMachine(RuleBasedStateMachine):
         self.next_id = 0
 
     def _open(self) -> LmdbStore:
-        return LmdbStore(self.folder / "lmdb", map_size_bytes=1 << 24, max_mailbox_items=MAX_ITEMS)
+        return lmdb_store(self.folder / "lmdb", map_size_bytes=1 << 24, max_mailbox_items=MAX_ITEMS)
 
     def teardown(self) -> None:
         self.store.close()

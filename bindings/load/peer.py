@@ -19,11 +19,11 @@ from typing import Callable
 
 from interlink.core.connection import ClientConnection, ConnectionClosed, StanzaReceived, Welcomed
 from interlink.core.identity import generate_static_key
+from interlink.core.noise import Suite
 from interlink.core.wire import TAG_BYTES
 
-__all__ = ["AGENT", "SUITE_XX_CHACHAPOLY", "LeanPeer"]
+__all__ = ["AGENT", "LeanPeer"]
 
-SUITE_XX_CHACHAPOLY = 0x01
 AGENT = "interlink-bench/lean"
 
 
@@ -61,7 +61,7 @@ class LeanPeer(asyncio.Protocol):
         token: str,
         device: int,
         root_public: bytes,
-        suite: int = SUITE_XX_CHACHAPOLY,
+        suite: int = Suite.XX_CHACHAPOLY,
         server_static: bytes | None = None,
         on_stanza: Callable[[dict], None] = _ignore_stanza,
         on_batch_end: Callable[[LeanPeer], None] | None = None,

@@ -31,11 +31,11 @@ from typing import Any
 import msgpack
 
 from interlink.core.framing import encode_frame
-from interlink.core.noise import make_preamble
+from interlink.core.noise import Suite, make_preamble
 from interlink.core.stanza import encode_stanza
 from interlink.load.accounting import ACKED, Run, account, new_histogram, percentiles_ms, record_latency
 from interlink.load.chat import Device, chat_window, drive_devices, make_devices
-from interlink.load.peer import SUITE_XX_CHACHAPOLY, LeanPeer
+from interlink.load.peer import LeanPeer
 from interlink.load.progress import Ticker
 from interlink.load.report import gateway_info, report_head, report_tail
 from interlink.load.runner import (
@@ -485,7 +485,7 @@ CASES: tuple[Case, ...] = (
     Case("bad_preamble", "tcp", lambda ctx: b"XL\x01\x01", Expect("silent_close"), "a preamble with other magic bytes"),
     Case("unknown_suite", "tcp", lambda ctx: make_preamble(0x01)[:3] + b"\x7f", Expect("silent_close"),
          "a suite byte the gateway does not know"),
-    Case("bad_handshake", "tcp", lambda ctx: make_preamble(SUITE_XX_CHACHAPOLY) + encode_frame(os.urandom(5)),
+    Case("bad_handshake", "tcp", lambda ctx: make_preamble(Suite.XX_CHACHAPOLY) + encode_frame(os.urandom(5)),
          Expect("silent_close"), "XX message 1 of 5 bytes (32 needed)"),
     Case("bad_token", "auth", lambda ctx: "not.a.jwt", Expect("err", "auth_failed", closes=True),
          "a token that is not a JWT"),

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import interlink.load.peer as peer
 from interlink.load.child import GatewayProcess
+from interlink.core.noise import Suite
 from interlink.load.peer import LeanPeer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -29,6 +30,6 @@ def test_the_bench_drivers_use_the_package_lean_peer_and_gateway_child() -> None
     assert gateway_load.LeanPeer is LeanPeer and group_load.LeanPeer is LeanPeer
     assert issubclass(crash.GatewayProcess, GatewayProcess)
     assert not (ROOT / "bench" / "_lean_peer.py").exists() and not (ROOT / "bench" / "_gateway_child.py").exists()
-    assert peer.SUITE_XX_CHACHAPOLY == 0x01 and peer.AGENT
+    assert peer.AGENT and peer.Suite is Suite  # one suite enum, the protocol layer's
     assert callable(peer._ignore_stanza)
     assert asyncio.iscoroutinefunction(LeanPeer.connect)
