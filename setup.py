@@ -18,7 +18,7 @@ extensions = [
 ]
 
 setup(
-    packages=["interlink", "interlink.core", "interlink.ext", "interlink.e2ee", "interlink.load", "interlink.load.scenarios"],
+    packages=["interlink", "interlink.core", "interlink.core.auth", "interlink.core.lmdbstore", "interlink.ext", "interlink.e2ee", "interlink.load", "interlink.load.scenarios"],
     package_dir={"interlink": "bindings", "interlink.core": "core", "interlink.ext": "ext"},
     package_data={"interlink.ext": ["*.pyx", "*.pxd"], "interlink.load.scenarios": ["*.toml"]},
     ext_modules=cythonize(

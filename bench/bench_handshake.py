@@ -20,7 +20,7 @@ import pytest
 from noise.connection import Keypair, NoiseConnection
 
 import interlink.core
-from interlink.core.identity import (
+from interlink.core.certs import (
     generate_root_key,
     issue_node_certificate,
     server_hello,

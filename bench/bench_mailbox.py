@@ -1,4 +1,4 @@
-"""Mailbox put and drain on the real LmdbStore (``core/store.py``) in a temporary folder, in both
+"""Mailbox put and drain on the real LmdbStore (``core/lmdbstore/``) in a temporary folder, in both
 durability modes (``sync``: fsync every commit, the gateway's default; ``async``: no fsync), with
 the store's per-copy loops from the compiled module and from its pure twin in the same run.
 
@@ -17,7 +17,7 @@ the store's per-copy loops from the compiled module and from its pure twin in th
 
 The twins: the store binds ``MailboxState``, ``plan_copies``, ``write_copies``, ``delete_items``
 and ``forget_item`` from ``interlink.core.mailbox`` (the selector); each benchmark rebinds them in
-``interlink.core.store`` to the compiled ``interlink.ext._mailbox`` or to the pure
+``interlink.core.lmdbstore.mailboxes`` to the compiled ``interlink.ext._mailbox`` or to the pure
 ``interlink.core._mailbox_pure`` (both imported directly) for its duration. The ``sync`` figures
 are mostly the disk's fsync under the temporary folder, not Interlink's CPU.
 """
@@ -29,12 +29,12 @@ import os
 import pytest
 
 import interlink.core._mailbox_pure as mailbox_pure
-import interlink.core.store as store_module
+import interlink.core.lmdbstore.mailboxes as mailboxes_module
 import interlink.ext._mailbox as mailbox_native
 from interlink.core import mailbox as mailbox_selector
+from interlink.core.batch import WriteBatch, device_key
 from interlink.core.fanout import GroupDlv
 from interlink.core.router import _dlv_builder  # the dlv builder handle_msg gives the commit
-from interlink.core.store import WriteBatch, device_key
 from interlink.testing import lmdb_store
 
 CIPHERTEXT = os.urandom(200)
@@ -56,12 +56,12 @@ def store(tmp_path, request, monkeypatch):
     params = request.node.callspec.params
     if "impl" in params:
         twin = MODULES[params["impl"]]
-        bound = [name for name in mailbox_selector.__all__ if hasattr(store_module, name)]
+        bound = [name for name in mailbox_selector.__all__ if hasattr(mailboxes_module, name)]
         assert {"plan_copies", "write_copies", "delete_items"} <= set(bound), (
-            "core/store.py no longer binds the mailbox loops from interlink.core.mailbox: update bench_mailbox.py"
+            "core/lmdbstore/mailboxes.py no longer binds the mailbox loops from interlink.core.mailbox: update bench_mailbox.py"
         )
         for name in bound:
-            monkeypatch.setattr(store_module, name, getattr(twin, name))
+            monkeypatch.setattr(mailboxes_module, name, getattr(twin, name))
     store = lmdb_store(tmp_path / "lmdb", sync=params["durability"] == "sync",
                       max_mailbox_items=1 << 30, max_mailbox_bytes=1 << 40)
     yield store
@@ -106,7 +106,7 @@ def test_put(benchmark, store, impl, durability, messages):
 
     benchmark.pedantic(store.commit, setup=setup, rounds=ROUNDS[durability], warmup_rounds=2)
     for batch in batches:
-        for message in batch.messages:
+        for message in batch.entries:
             assert len(message.stored) == 1 and not message.dup and message.refused is None
     assert store.pending_count(RECIPIENT) == messages * len(batches)
 
@@ -145,7 +145,7 @@ def test_group_put(benchmark, store, impl, durability):
         return (batches[-1],), {}
 
     benchmark.pedantic(store.commit, setup=setup, rounds=ROUNDS[durability] // 4, warmup_rounds=1)
-    (message,) = batches[-1].messages
+    (message,) = batches[-1].entries
     assert len(message.stored) == len(GROUP_DEVICES) and message.dropped_full == 0
     assert store.usage()["shared_bodies"] == len(batches)  # one body per message, not per copy
     seq = len(batches)  # every device got one copy per round
@@ -163,7 +163,7 @@ def test_group_recv(benchmark, store, impl, durability):
         batch = _group_batch()
         store.commit(batch)
         recvs = WriteBatch()
-        for dkey, seq, _ in batch.messages[0].stored:
+        for dkey, seq, _ in batch.entries[0].stored:
             recvs.delete(dkey, [seq])
         received.append(recvs)
         return (recvs,), {}

@@ -27,7 +27,7 @@ from interlink.core.auth import Provider, ProviderRegistry
 from interlink.core.domain import Domain
 from interlink.core.router import RouteError
 from interlink.core.stanza import decode_stanzas
-from interlink.core.store import device_key
+from interlink.core.batch import device_key
 from interlink.testing import FakeSession, lmdb_store
 
 CIPHERTEXT = os.urandom(200)
@@ -80,7 +80,7 @@ def test_decision(benchmark, domain, case):
     benchmark.pedantic(domain.handle_msg, setup=setup, rounds=5000, warmup_rounds=100)
     # The decision: one message of the batch with a copy per device, each building its dlv.
     commit = domain.take_batch()
-    (message,), ((_, _, targets),) = commit.batch.messages, commit.waiting
+    (message,), ((_, _, targets),) = commit.batch.entries, commit.waiting
     assert len(message.items) == len(targets) == copies
     dkey, build = message.items[0]
     assert dkey == device_key(*targets[0])

@@ -432,8 +432,8 @@ def store_micro(args) -> dict:
     machine costs wall time, not these figures; bytes written come from ``/proc/self/io``."""
     import time
 
+    from interlink.core.batch import WriteBatch, device_key
     from interlink.core.fanout import GroupDlv
-    from interlink.core.store import WriteBatch, device_key
 
     n, per_batch, rounds = args.members, args.inflight, args.store_rounds
     keys = [device_key(f"m{i}@{PROVIDER}", 1) for i in range(n)]

@@ -19,6 +19,7 @@ import itertools
 import os
 import time
 
+from interlink.core.certs import generate_static_key, x25519_public
 from interlink.core.connection import (
     ClientConnection,
     ConnectionClosed,
@@ -34,7 +35,6 @@ from interlink.core.errors import (
     ServerError,
     SessionClosedError,
 )
-from interlink.core.identity import generate_static_key, x25519_public
 from interlink.core.noise import Suite
 from interlink.core.wire import TAG_BYTES
 

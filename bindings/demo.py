@@ -22,8 +22,9 @@ import interlink.core
 from interlink.client import Client, Suite
 from interlink.config import GatewayConfig
 from interlink.core.auth import Provider
+from interlink.core.certs import generate_root_key
 from interlink.core.errors import AuthError, CertificateError, ServerError
-from interlink.core.identity import ROOT_PUBLIC_FILE, generate_root_key, init_operator_keys, load_operator_keys
+from interlink.core.keyfiles import ROOT_PUBLIC_FILE, init_operator_keys, load_operator_keys
 from interlink.gateway import Gateway
 from interlink.testing import DemoIssuer
 

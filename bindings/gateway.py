@@ -14,10 +14,11 @@ from interlink.config import GatewayConfig
 from interlink.core.auth import Provider, ProviderRegistry, TokenVerifier
 from interlink.core.connection import ServerSettings
 from interlink.core.errors import ConfigError, InterlinkError
-from interlink.core.identity import ROOT_PUBLIC_FILE, OperatorKeys, init_operator_keys, load_operator_keys
 from interlink.core.jwks import JwksCache
+from interlink.core.keyfiles import ROOT_PUBLIC_FILE, OperatorKeys, init_operator_keys, load_operator_keys
 from interlink.core.server import GatewayServer, Limits
-from interlink.core.store import LmdbStore, device_key
+from interlink.core.batch import device_key
+from interlink.core.lmdbstore import LmdbStore
 
 log = logging.getLogger("interlink.gateway")
 

@@ -36,7 +36,7 @@ from interlink.core.auth import Identity, TokenVerifier
 from interlink.core.connection import ServerSettings
 from interlink.core.jwks import JwksCache
 from interlink.core.server import Limits
-from interlink.core.store import LmdbStore
+from interlink.core.lmdbstore import LmdbStore
 from interlink.core.errors import ConfigError, InterlinkError
 from interlink.core.stanza import decode_stanzas
 from interlink.core.wire import MAX_PLAINTEXT_BYTES

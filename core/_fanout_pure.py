@@ -40,7 +40,7 @@ DLV_HEAD = b"\x89" + _packer.pack("t") + _packer.pack("dlv") + _packer.pack("seq
 
 
 def device_key(user: str, device: int) -> bytes:
-    """``user`` (UTF-8) + NUL + ``device`` (uint32 BE): ``interlink.core.store.device_key``."""
+    """``user`` (UTF-8) + NUL + ``device`` (uint32 BE): ``interlink.core.batch.device_key``."""
     return user.encode("utf-8") + b"\x00" + _DEVICE.pack(device)
 
 

@@ -3,8 +3,8 @@ this one first).
 
 A group message to a thousand devices is a thousand ``mbox`` puts, and their ``recv`` a thousand
 deletes; ``bench/group_load.py --store`` showed the Python around each LMDB call costing about as
-much as the call. These are the loops of ``LmdbStore`` (``core/store.py``) that run once per copy,
-with nothing of the store's policy in them:
+much as the call. These are the loops of ``LmdbStore`` (``core/lmdbstore/mailboxes.py``) that run
+once per copy, with nothing of the store's policy in them:
 
 * ``MailboxState`` — a device's counters (last seq, items and bytes stored), packed as the
   ``seqs`` table's value (``>QIQ``).

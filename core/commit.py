@@ -19,7 +19,7 @@ from interlink.core.domain import Domain
 from interlink.core.errors import InterlinkError
 from interlink.core.metrics import COMMIT_BUCKETS_S, Histogram
 from interlink.core.router import Commit
-from interlink.core.store import Store
+from interlink.core.ports import Store
 
 log = logging.getLogger("interlink.commit")
 
@@ -107,6 +107,6 @@ class CommitDriver:
         if not isinstance(error, InterlinkError):  # a storage fault nobody foresaw
             log.error("commit failed", exc_info=error)
             error = InterlinkError("the gateway could not store the message")
-        log.error("commit of %d messages failed: %s", len(commit.batch.messages), error)
+        log.error("commit of %d entries failed: %s", len(commit.batch.entries), error)
         self.domain.failed(commit, error)
         self.on_done()

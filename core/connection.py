@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import msgpack
 
+from interlink.core.certs import NodeCertificate, server_hello, verify_server_hello
 from interlink.core.errors import (
     CloseReason,
     CryptoError,
@@ -35,7 +36,6 @@ from interlink.core.errors import (
     TooManyStanzasError,
 )
 from interlink.core.framing import FrameDecoder, encode_frame
-from interlink.core.identity import NodeCertificate, server_hello, verify_server_hello
 from interlink.core.noise import (
     PREAMBLE_BYTES,
     SUITES,

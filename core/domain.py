@@ -19,7 +19,7 @@ from interlink.core.groups import Groups
 from interlink.core.ops import Operations
 from interlink.core.policy import Policy
 from interlink.core.router import Commit, RouteError, Router, Session, stanza_id, typing_state
-from interlink.core.store import Store
+from interlink.core.ports import Store
 
 
 def _reference(stanza: dict) -> dict:

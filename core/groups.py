@@ -70,7 +70,8 @@ from interlink.core.policy import Policy
 from interlink.core.ratelimit import TokenBuckets
 from interlink.core.router import RouteError, Router, Session
 from interlink.core.stanza import encode_stanza
-from interlink.core.store import GroupRecord, GroupWrite, Store, device_key
+from interlink.core.batch import GroupRecord, GroupWrite, device_key
+from interlink.core.ports import Store
 
 GROUP_ID_BYTES = 16
 MAX_META_BYTES = 4096  # group.new's 'meta' (opaque, encrypted by the clients)
@@ -336,7 +337,7 @@ class Groups:
             self.router.charge(session, now, extra)
         message = self.router.enqueue(session, msg_id, items, targets, now)
         message.skip_full = True
-        message.shared = True  # every copy is GroupDlv's: the body is stored once (core/store.py)
+        message.shared = True  # every copy is GroupDlv's: the store keeps the body once
         self._guard(message, g, record)
 
     def route_state(self, session: Session, stanza: dict, state: str, now: float) -> None:
@@ -469,7 +470,7 @@ class Groups:
         reply = {"t": "res", "id": iq_id, "ver": ver}
         if result:
             reply.update(result)
-        self.router.enqueue_control(session, reply, now, items, targets, change, event_id)
+        self.router.enqueue_control(session, reply, now, items, targets, change)
 
 
 def _group_id(value, what: str) -> bytes:

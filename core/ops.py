@@ -48,13 +48,13 @@ from __future__ import annotations
 import math
 import re
 from interlink.core.auth import ProviderRegistry
-from interlink.core.errors import StanzaError
+from interlink.core.errors import StanzaError, StoreFullError, StoreLimitError
 from interlink.core.fields import address_provider, excerpt, kind_of
 from interlink.core.policy import Policy
 from interlink.core.ratelimit import TokenBuckets
 from interlink.core.router import RouteError, Router, Session
 from interlink.core.stanza import encode_stanza
-from interlink.core.store import Store, StoreFullError, StoreLimitError
+from interlink.core.ports import Store
 from interlink.core.wire import MAX_DEVICE_ID
 
 ID_BYTES = 16

@@ -31,7 +31,7 @@ push everyone else out of the per-user cache.
 from __future__ import annotations
 
 from interlink.core.auth import Provider
-from interlink.core.store import Store
+from interlink.core.ports import SocialStore
 
 CACHE_USERS = 16_384
 CACHED_BLOCKS = 64
@@ -55,7 +55,7 @@ _NOTHING_STORED = _Reach(None, False, frozenset())
 class Policy:
     """Consent and block decisions, and the writes that change them."""
 
-    def __init__(self, store: Store, *, cache_users: int = CACHE_USERS, cached_blocks: int = CACHED_BLOCKS,
+    def __init__(self, store: SocialStore, *, cache_users: int = CACHE_USERS, cached_blocks: int = CACHED_BLOCKS,
                  cached_blockers: int = CACHED_BLOCKERS) -> None:
         self.store = store
         self.cache_users = cache_users

@@ -26,7 +26,8 @@ from interlink.core.fields import excerpt
 from interlink.core.policy import Policy
 from interlink.core.ratelimit import TokenBuckets
 from interlink.core.stanza import encode_stanza
-from interlink.core.store import GroupWrite, Store, StoredMessage, WriteBatch, device_key
+from interlink.core.batch import ControlEntry, GroupWrite, MessageEntry, PrekeyTake, WriteBatch, device_key
+from interlink.core.ports import Store
 from interlink.core.wire import MAX_DEVICE_ID, TAG_BYTES
 
 ID_BYTES = 16
@@ -105,7 +106,7 @@ class Router:
         self.paused: set[Session] = set()  # sessions whose peer stopped reading: nothing is pushed
         self.touched: set[Session] = set()  # sessions written to since the edge last wrote them out
         self._batch = WriteBatch()
-        self._waiting: list[tuple[Session, StoredMessage, list]] = []
+        self._waiting: list[tuple[Session, MessageEntry | ControlEntry | PrekeyTake, list]] = []
         self._valid_addresses: dict[str, str] = {}  # address -> its provider id (syntax checked)
         self.counters = {
             "messages_stored": 0, "deliveries_pushed": 0, "commits": 0, "duplicates": 0, "group_changes": 0,
@@ -264,7 +265,7 @@ class Router:
             raise RouteError(f"no user {recipient} is known to this gateway", code="unknown_recipient")
         return devices
 
-    def enqueue(self, session: Session, msg_id: bytes, items: list, targets: list, now: float) -> StoredMessage:
+    def enqueue(self, session: Session, msg_id: bytes, items: list, targets: list, now: float) -> MessageEntry:
         """Add a stored stanza to this turn's batch; its sender is acked after the commit.
         ``targets[i]`` is the (user, device) of ``items[i]``."""
         message = self._batch.add_message(device_key(*session.session_key), msg_id, int(now * 1000), items)
@@ -273,23 +274,19 @@ class Router:
 
     def enqueue_control(
         self, session: Session, reply: dict, now: float, items=(), targets=(), group: GroupWrite | None = None,
-        event_id: bytes = b"",
-    ) -> StoredMessage:
+    ) -> ControlEntry:
         """Add a control entry to this turn's batch: a group write (if any) and the items that
         announce it, all in the commit's one transaction; ``reply`` (an ``iq`` ``res``) is sent
         after the commit, in order with the acks of the same batch."""
-        message = self._batch.add_control(
-            device_key(*session.session_key), event_id, int(now * 1000), list(items), group
-        )
-        message.reply = reply
-        self._waiting.append((session, message, list(targets)))
-        return message
+        entry = self._batch.add_control(int(now * 1000), list(items), group, reply)
+        self._waiting.append((session, entry, list(targets)))
+        return entry
 
     def enqueue_prekey_take(self, session: Session, reply: dict, user: str, devices, now: float) -> None:
         """A ``keys.get`` whose one-time prekeys are taken in this turn's commit (one fsync for
-        every request of the turn); ``reply`` gets its ``bundles`` there and is sent after it."""
-        message = self._batch.take_prekeys(device_key(*session.session_key), int(now * 1000), user, devices, reply)
-        self._waiting.append((session, message, []))
+        every request of the turn); ``reply`` gets the ``bundles`` the commit took and is sent
+        after it."""
+        self._waiting.append((session, self._batch.add_prekey_take(user, devices, reply), []))
 
     def handle_recv(self, session: Session, stanza: dict, now: float) -> None:
         seqs = stanza.get("seq")
@@ -324,13 +321,13 @@ class Router:
         """The commit wrote nothing: every sender gets ``err``. Returns the group writes it held,
         each with False (not written), for the groups to forget."""
         settled = []
-        for session, message, _ in commit.waiting:
-            if message.control:
-                if message.group is not None:
-                    settled.append((message.group, False))
-                self.answer(session, {"t": "err", "code": exc.code, "msg": exc.message, "id": message.reply["id"]})
+        for session, entry, _ in commit.waiting:
+            if type(entry) is MessageEntry:
+                self.answer(session, {"t": "err", "code": exc.code, "msg": exc.message, "ref": entry.msg_id})
                 continue
-            self.answer(session, {"t": "err", "code": exc.code, "msg": exc.message, "ref": message.msg_id})
+            if type(entry) is ControlEntry and entry.group is not None:
+                settled.append((entry.group, False))
+            self.answer(session, {"t": "err", "code": exc.code, "msg": exc.message, "id": entry.reply["id"]})
         return settled
 
     def committed(self, commit: Commit) -> list[tuple[GroupWrite, bool]]:
@@ -339,57 +336,61 @@ class Router:
         settled = []
         self.counters["commits"] += 1
         sessions = self.sessions
-        for session, message, targets in commit.waiting:
-            if message.control:
-                if message.group is not None:
-                    settled.append((message.group, message.refused is None))
-                self._control_committed(session, message, targets)
+        for session, entry, targets in commit.waiting:
+            if type(entry) is not MessageEntry:
+                if type(entry) is PrekeyTake:
+                    entry.reply["bundles"] = entry.bundles  # taken in the commit, answered after it
+                    self.answer(session, entry.reply)
+                    continue
+                if entry.group is not None:
+                    settled.append((entry.group, entry.refused is None))
+                self._control_committed(session, entry, targets)
                 continue
-            if message.refused is not None:
-                if message.refused == "conflict":  # built from a group change that failed
+            if entry.refused is not None:
+                if entry.refused == "conflict":  # built from a group change that failed
                     self.answer(session, {
-                        "t": "err", "code": "overloaded", "ref": message.msg_id,
+                        "t": "err", "code": "overloaded", "ref": entry.msg_id,
                         "msg": "the group changed while this message waited; nothing was stored, resend it",
                     })
                     continue
                 self.answer(session, {
-                    "t": "err", "code": message.refused, "ref": message.msg_id,
+                    "t": "err", "code": entry.refused, "ref": entry.msg_id,
                     "msg": "a recipient mailbox is full; nothing was stored",
                 })
                 continue
-            if message.kept is not None:  # a group message skipped devices whose mailbox is full
-                targets = [targets[i] for i in message.kept]
-            if message.dropped_full:
-                self.counters["group_copies_dropped_full"] += message.dropped_full
-            ack = {"t": "ack", "id": message.msg_id, "ts": message.ts_ms}
-            if message.dup:
+            if entry.kept is not None:  # a group message skipped devices whose mailbox is full
+                targets = [targets[i] for i in entry.kept]
+            if entry.dropped_full:
+                self.counters["group_copies_dropped_full"] += entry.dropped_full
+            ack = {"t": "ack", "id": entry.msg_id, "ts": entry.ts_ms}
+            if entry.dup:
                 ack["dup"] = True
                 self.counters["duplicates"] += 1
             else:
                 self.counters["messages_stored"] += 1
             self.answer(session, ack)
-            for (_, seq, value), target in zip(message.stored, targets):
+            for (_, seq, value), target in zip(entry.stored, targets):
                 recipient = sessions.get(target)
                 if recipient is not None:
                     self._push_new(recipient, seq, value)
         return settled
 
-    def _control_committed(self, session: Session, message: StoredMessage, targets: list) -> None:
-        if message.refused is not None:
+    def _control_committed(self, session: Session, entry: ControlEntry, targets: list) -> None:
+        if entry.refused is not None:
             self.answer(session, {
-                "t": "err", "code": "overloaded", "id": message.reply["id"],
+                "t": "err", "code": "overloaded", "id": entry.reply["id"],
                 "msg": "the group changed while this request waited (an earlier change failed); nothing was changed, try again",
             })
             return
-        if message.group is not None:
+        if entry.group is not None:
             self.counters["group_changes"] += 1
-        if message.kept is not None:  # events skipped for mailboxes past the control overdraft
-            targets = [targets[i] for i in message.kept]
-        if message.dropped_full:
-            self.counters["group_events_dropped_full"] += message.dropped_full
-        self.answer(session, message.reply)
+        if entry.kept is not None:  # events skipped for mailboxes past the control overdraft
+            targets = [targets[i] for i in entry.kept]
+        if entry.dropped_full:
+            self.counters["group_events_dropped_full"] += entry.dropped_full
+        self.answer(session, entry.reply)
         sessions = self.sessions
-        for (_, seq, value), target in zip(message.stored, targets):
+        for (_, seq, value), target in zip(entry.stored, targets):
             recipient = sessions.get(target)
             if recipient is not None:
                 self._push_new(recipient, seq, value)

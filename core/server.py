@@ -41,8 +41,8 @@ from interlink.core.connection import (
 )
 from interlink.core.commit import CommitDriver
 from interlink.core.domain import Domain
-from interlink.core.errors import AuthError, CloseReason
-from interlink.core.store import Store
+from interlink.core.errors import AuthError, CloseReason, StoreLimitError
+from interlink.core.ports import Store
 
 log = logging.getLogger("interlink.server")
 
@@ -472,7 +472,10 @@ class GatewayServer:
             provider = self.registry.get(identity.provider)
             if provider is None or provider.suspended:  # suspended while the key was being fetched
                 raise AuthError(f"provider {identity.provider!r} is suspended", code="provider_suspended")
-            self.store.register_device(identity.user, identity.device, self.limits.max_devices)
+            try:
+                self.store.register_device(identity.user, identity.device, self.limits.max_devices)
+            except StoreLimitError as exc:  # the store's bound is the contract's device_limit
+                raise AuthError(exc.message, code="device_limit") from None
             self.store.set_phone(identity.user, identity.phone_number)  # directory: the latest verified phone
         except Exception as exc:
             self._refuse(proto, exc)

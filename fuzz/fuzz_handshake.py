@@ -50,6 +50,7 @@ with instrumenting:
     import fuzzkeys
     import fuzzlib
     from interlink.core.auth import Identity
+    from interlink.core.certs import server_hello, x25519_public
     from interlink.core.connection import (
         AuthRequested,
         ClientConnection,
@@ -61,7 +62,6 @@ with instrumenting:
     )
     from interlink.core.errors import FrameError
     from interlink.core.framing import FrameDecoder
-    from interlink.core.identity import server_hello, x25519_public
     from interlink.core.noise import SUITES
 
 WIRE_MAX = 65535

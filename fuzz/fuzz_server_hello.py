@@ -43,16 +43,16 @@ with instrumenting:
 
     import fuzzkeys
     import fuzzlib
-    from interlink.core.connection import ClientConnection, ConnectionClosed, State
-    from interlink.core.errors import CertificateError, HandshakeError
-    from interlink.core.framing import FrameDecoder, encode_frame
-    from interlink.core.identity import (
+    from interlink.core.certs import (
         CERT_CONTEXT,
         NodeCertificate,
         parse_server_hello,
         server_hello,
         verify_server_hello,
     )
+    from interlink.core.connection import ClientConnection, ConnectionClosed, State
+    from interlink.core.errors import CertificateError, HandshakeError
+    from interlink.core.framing import FrameDecoder, encode_frame
     from interlink.core.noise import NoiseSession, make_preamble
 
 WIRE_MAX = 65535

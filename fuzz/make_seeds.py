@@ -25,7 +25,7 @@ import fuzzkeys
 import fuzzlib
 from fuzzlib import FUZZ_DIR, encode_ints
 from interlink.core import _cipher_pure
-from interlink.core.identity import issue_node_certificate, server_hello, x25519_public
+from interlink.core.certs import issue_node_certificate, server_hello, x25519_public
 
 WIRE_MAX = 65535
 MAX_NONCE = 2**64 - 1

@@ -7,6 +7,7 @@ import msgpack
 import pytest
 
 from interlink.core.auth import Identity
+from interlink.core.certs import generate_root_key, generate_static_key, issue_node_certificate, x25519_public
 from interlink.core.connection import (
     MAX_PREAUTH_FRAMES,
     AuthRequested,
@@ -19,7 +20,6 @@ from interlink.core.connection import (
 )
 from interlink.core.errors import CloseReason, LocalProtocolError
 from interlink.core.framing import FrameDecoder, encode_frame
-from interlink.core.identity import generate_root_key, generate_static_key, issue_node_certificate, x25519_public
 from interlink.core.noise import SUITES
 from interlink.core.stanza import decode_stanzas, encode_stanza
 from interlink.testing import server_settings

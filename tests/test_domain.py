@@ -14,8 +14,7 @@ import pytest
 
 from interlink.core.auth import Provider, ProviderRegistry
 from interlink.core.domain import Domain
-from interlink.core.errors import InterlinkError
-from interlink.core.store import StoreFullError
+from interlink.core.errors import InterlinkError, StoreFullError
 from interlink.testing import FakeSession, lmdb_store
 
 NOW = 1_800_000_000.0

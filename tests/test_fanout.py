@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from interlink.core import fanout
 from interlink.core.stanza import decode_stanzas, encode_stanza
-from interlink.core.store import device_key as store_device_key
+from interlink.core.batch import device_key as store_device_key
 
 TWINS = [fanout_native, fanout_pure]
 TWIN_IDS = ["cython", "pure"]

@@ -13,9 +13,9 @@ import pytest
 from interlink.client import Client, Suite
 from interlink.config import GatewayConfig
 from interlink.core.auth import Provider
+from interlink.core.certs import generate_root_key, generate_static_key, x25519_public
 from interlink.core.errors import AuthError, CertificateError, HandshakeError, SessionClosedError
 from interlink.core.framing import FrameDecoder, encode_frame
-from interlink.core.identity import generate_root_key, generate_static_key, x25519_public
 from interlink.core.stanza import encode_stanza
 from interlink.gateway import Gateway
 from interlink.load.peer import LeanPeer

@@ -19,11 +19,13 @@ from hypothesis import strategies as st
 
 import interlink.core._fanout_pure as fanout_pure
 from interlink.core.auth import Provider, ProviderRegistry
+from interlink.core.batch import device_key
 from interlink.core.commit import CommitDriver
 from interlink.core.domain import Domain
+from interlink.core.errors import StoreFullError
+from interlink.core.lmdbstore import LmdbStore
 from interlink.core.ops import DEFERRED
 from interlink.core.router import RouteError
-from interlink.core.store import LmdbStore, StoreFullError, device_key
 from interlink.testing import FakeSession, store_options
 
 try:

@@ -10,8 +10,8 @@ from hypothesis import given, settings, strategies as st
 from noise.connection import NoiseConnection
 
 from interlink.core import cipher
+from interlink.core.certs import generate_static_key, x25519_public
 from interlink.core.errors import DecryptError, HandshakeError, ProtocolError
-from interlink.core.identity import generate_static_key, x25519_public
 from interlink.core.noise import (
     MAX_MESSAGE_BYTES,
     PREAMBLE_BYTES,

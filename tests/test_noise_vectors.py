@@ -16,8 +16,8 @@ import pytest
 from noise.connection import Keypair, NoiseConnection
 
 from interlink.core import _cipher_pure, cipher
+from interlink.core.certs import x25519_public
 from interlink.core.errors import HandshakeError
-from interlink.core.identity import x25519_public
 from interlink.core.noise import SUITES, NoiseSession, make_preamble
 
 VECTOR_FILES = ("cacophony.txt", "snow.txt", "noise-c-basic.txt")

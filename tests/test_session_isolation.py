@@ -33,6 +33,7 @@ import interlink.core._framing_pure as framing_pure
 from interlink.client import Client, Suite
 from interlink.core import stanza
 from interlink.core.auth import Identity, Provider, ProviderRegistry
+from interlink.core.certs import generate_static_key, x25519_public
 from interlink.core.connection import (
     MAX_PREAUTH_FRAMES,
     AuthRequested,
@@ -44,7 +45,7 @@ from interlink.core.connection import (
 )
 from interlink.core.errors import AuthError, DecryptError, ServerError
 from interlink.core.framing import encode_frames
-from interlink.core.identity import generate_static_key, init_operator_keys, x25519_public
+from interlink.core.keyfiles import init_operator_keys
 from interlink.core.noise import SUITES, NoiseSession
 from interlink.core.server import GatewayProtocol, GatewayServer
 from interlink.testing import DEFAULTS, jwks_cache, limits, lmdb_store, server_settings, token_verifier

@@ -5,7 +5,8 @@ import os
 
 import pytest
 
-from interlink.core.store import GroupRecord, GroupWrite, StoreFullError, WriteBatch, device_key
+from interlink.core.batch import GroupRecord, GroupWrite, WriteBatch, device_key
+from interlink.core.errors import StoreFullError
 from interlink.testing import lmdb_store
 
 
@@ -22,7 +23,7 @@ def build(tag: bytes):
 
 def change(store, g, prior_ver, record, items=()):
     batch = WriteBatch()
-    entry = batch.add_control(device_key("alice@alpha", 1), b"E" * 16, 1000, list(items), GroupWrite(g, prior_ver, record))
+    entry = batch.add_control(1000, list(items), GroupWrite(g, prior_ver, record))
     store.commit(batch)
     return entry
 
@@ -73,9 +74,9 @@ def test_delete_and_control_entry_without_group(store):
     assert gone.refused is None and store.group(g) is None
     assert store.pending(alice2) == [(1, b"left:1:1000")]
     batch = WriteBatch()
-    plain = batch.add_control(device_key("alice@alpha", 1), b"", 5, [])  # an answer that waits for the commit
+    plain = batch.add_control(5, [])  # an answer that waits for the commit
     store.commit(batch)
-    assert plain.refused is None and plain.stored == [] and not plain.dup
+    assert plain.refused is None and plain.stored == []
 
 
 def test_group_message_to_fifty_devices_with_one_full_mailbox_stores_nothing(store):

@@ -9,7 +9,8 @@ import threading
 
 import pytest
 
-from interlink.core.store import StoreFullError, StoreLimitError
+from interlink.core.batch import WriteBatch
+from interlink.core.errors import StoreFullError, StoreLimitError
 from interlink.testing import lmdb_store
 
 IK = b"I" * 32
@@ -59,6 +60,20 @@ def test_devices_and_users_do_not_share_stocks(store):
     assert [b["otpk"]["id"] for b in store.take_prekeys("al@alpha", [1, 256])] == [1, 3]
     assert store.take_prekeys("al@alpha", [256])[0]["otpk"] is None
     assert store.prekey_count("al@alpha2", 1) == 3
+
+
+def test_takes_in_one_commit_hand_each_key_out_once_and_return_the_bundles(store):
+    store.put_prekeys("bob@beta", 1, IK, SPK, otpks([4, 2]), 100)
+    store.put_prekeys("bob@beta", 3, b"3" * 32, SPK, otpks([9]), 100)
+    batch = WriteBatch()
+    reply = {"t": "res", "id": 7}
+    first = batch.add_prekey_take("bob@beta", [3, 1, 3], reply)
+    second = batch.add_prekey_take("bob@beta", [1], {"t": "res", "id": 8})
+    store.commit(batch)
+    assert [(b["device"], b["otpk"]["id"]) for b in first.bundles] == [(1, 2), (3, 9)]
+    assert [b["otpk"]["id"] for b in second.bundles] == [4]  # the same transaction: the next key
+    assert reply == {"t": "res", "id": 7}  # the router answers; storage fills no reply
+    assert [store.prekey_count("bob@beta", d) for d in (1, 3)] == [0, 0]
 
 
 def test_signed_prekey_is_replaced_and_the_stock_kept_under_the_same_identity(store):

@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from interlink.core._fanout_pure import GroupDlv
-from interlink.core.store import LmdbStore, WriteBatch, device_key
+from interlink.core.batch import WriteBatch, device_key
+from interlink.core.lmdbstore import LmdbStore
 from interlink.testing import lmdb_store
 from store_checks import shared_body_references
 

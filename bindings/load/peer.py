@@ -17,8 +17,8 @@ import asyncio
 import time
 from typing import Callable
 
+from interlink.core.certs import generate_static_key
 from interlink.core.connection import ClientConnection, ConnectionClosed, StanzaReceived, Welcomed
-from interlink.core.identity import generate_static_key
 from interlink.core.noise import Suite
 from interlink.core.wire import TAG_BYTES
 
