@@ -6,11 +6,13 @@
 """
 
 import os
+import runpy
 
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 
-NATIVE_MODULES = ["_framing", "_cipher", "_fanout", "_mailbox", "_stanza"]
+# The one list of compiled modules and their twins (core/_select.py; it imports only the stdlib).
+NATIVE_MODULES = list(runpy.run_path(os.path.join("core", "_select.py"))["TWINS"])
 
 extensions = [
     Extension(f"interlink.ext.{name}", [os.path.join("ext", f"{name}.pyx")])
@@ -18,7 +20,9 @@ extensions = [
 ]
 
 setup(
-    packages=["interlink", "interlink.core", "interlink.core.auth", "interlink.core.lmdbstore", "interlink.ext", "interlink.e2ee", "interlink.load", "interlink.load.scenarios"],
+    packages=[
+        "interlink", "interlink.core", "interlink.core.protocol", "interlink.core.domain", "interlink.core.domain.auth",
+        "interlink.core.edge", "interlink.core.edge.lmdbstore", "interlink.ext", "interlink.e2ee", "interlink.load", "interlink.load.scenarios"],
     package_dir={"interlink": "bindings", "interlink.core": "core", "interlink.ext": "ext"},
     package_data={"interlink.ext": ["*.pyx", "*.pxd"], "interlink.load.scenarios": ["*.toml"]},
     ext_modules=cythonize(

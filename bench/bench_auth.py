@@ -17,7 +17,7 @@ import asyncio
 import pytest
 
 import interlink.core
-from interlink.core.auth import Provider, ProviderRegistry, parse_jwks, verify_with_key
+from interlink.core.domain.auth import Provider, ProviderRegistry, parse_jwks, verify_with_key
 from interlink.load.e2ee import drive
 from interlink.testing import DemoIssuer, jwks_cache, token_verifier
 

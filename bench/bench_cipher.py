@@ -11,7 +11,7 @@ import os
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
-import interlink.core._cipher_pure as cipher_pure
+import interlink.core.protocol._cipher_pure as cipher_pure
 import interlink.ext._cipher as cipher_native
 
 KEY = os.urandom(32)

@@ -1,4 +1,4 @@
-"""Group fan-out (``core/fanout.py``): the compiled module against its pure twin, same inputs, same run.
+"""Group fan-out (``core/domain/fanout.py``): the compiled module against its pure twin, same inputs, same run.
 
     .venv/bin/python -m pytest bench/bench_fanout.py --benchmark-only
 
@@ -19,10 +19,10 @@ import os
 
 import pytest
 
-import interlink.core._fanout_pure as fanout_pure
+import interlink.core.domain._fanout_pure as fanout_pure
 import interlink.ext._fanout as fanout_native
-from interlink.core.policy import Policy
-from interlink.core.stanza import encode_stanza
+from interlink.core.domain.policy import Policy
+from interlink.core.protocol.stanza import encode_stanza
 from interlink.testing import lmdb_store
 
 TWINS = pytest.mark.parametrize("impl", ["cython", "pure"])

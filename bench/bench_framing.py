@@ -11,7 +11,7 @@ import os
 
 import pytest
 
-import interlink.core._framing_pure as framing_pure
+import interlink.core.protocol._framing_pure as framing_pure
 import interlink.ext._framing as framing_native
 
 TWINS = pytest.mark.parametrize("framing", [framing_native, framing_pure], ids=["cython", "pure"])

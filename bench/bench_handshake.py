@@ -20,14 +20,14 @@ import pytest
 from noise.connection import Keypair, NoiseConnection
 
 import interlink.core
-from interlink.core.certs import (
+from interlink.core.protocol.certs import (
     generate_root_key,
     issue_node_certificate,
     server_hello,
     verify_server_hello,
     x25519_public,
 )
-from interlink.core.noise import SUITES, NoiseSession, make_preamble
+from interlink.core.protocol.noise import SUITES, NoiseSession, make_preamble
 
 IMPLEMENTATION = interlink.core.IMPLEMENTATION
 NOW = 1_800_000_000

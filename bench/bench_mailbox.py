@@ -1,4 +1,4 @@
-"""Mailbox put and drain on the real LmdbStore (``core/lmdbstore/``) in a temporary folder, in both
+"""Mailbox put and drain on the real LmdbStore (``core/edge/lmdbstore/``) in a temporary folder, in both
 durability modes (``sync``: fsync every commit, the gateway's default; ``async``: no fsync), with
 the store's per-copy loops from the compiled module and from its pure twin in the same run.
 
@@ -16,9 +16,9 @@ the store's per-copy loops from the compiled module and from its pure twin in th
 - ``read``: ``pending`` alone (no mailbox loop runs in it, so no twins).
 
 The twins: the store binds ``MailboxState``, ``plan_copies``, ``write_copies``, ``delete_items``
-and ``forget_item`` from ``interlink.core.mailbox`` (the selector); each benchmark rebinds them in
-``interlink.core.lmdbstore.mailboxes`` to the compiled ``interlink.ext._mailbox`` or to the pure
-``interlink.core._mailbox_pure`` (both imported directly) for its duration. The ``sync`` figures
+and ``forget_item`` from ``interlink.core.edge.mailbox`` (the selector); each benchmark rebinds them in
+``interlink.core.edge.lmdbstore.mailboxes`` to the compiled ``interlink.ext._mailbox`` or to the pure
+``interlink.core.edge._mailbox_pure`` (both imported directly) for its duration. The ``sync`` figures
 are mostly the disk's fsync under the temporary folder, not Interlink's CPU.
 """
 
@@ -28,13 +28,13 @@ import os
 
 import pytest
 
-import interlink.core._mailbox_pure as mailbox_pure
-import interlink.core.lmdbstore.mailboxes as mailboxes_module
+import interlink.core.edge._mailbox_pure as mailbox_pure
+import interlink.core.edge.lmdbstore.mailboxes as mailboxes_module
 import interlink.ext._mailbox as mailbox_native
-from interlink.core import mailbox as mailbox_selector
-from interlink.core.batch import WriteBatch, device_key
-from interlink.core.fanout import GroupDlv
-from interlink.core.router import _dlv_builder  # the dlv builder handle_msg gives the commit
+from interlink.core.edge import mailbox as mailbox_selector
+from interlink.core.domain.batch import WriteBatch, device_key
+from interlink.core.domain.fanout import GroupDlv
+from interlink.core.domain.router import _dlv_builder  # the dlv builder handle_msg gives the commit
 from interlink.testing import lmdb_store
 
 CIPHERTEXT = os.urandom(200)
@@ -58,7 +58,7 @@ def store(tmp_path, request, monkeypatch):
         twin = MODULES[params["impl"]]
         bound = [name for name in mailbox_selector.__all__ if hasattr(mailboxes_module, name)]
         assert {"plan_copies", "write_copies", "delete_items"} <= set(bound), (
-            "core/lmdbstore/mailboxes.py no longer binds the mailbox loops from interlink.core.mailbox: update bench_mailbox.py"
+            "core/edge/lmdbstore/mailboxes.py no longer binds the mailbox loops from interlink.core.edge.mailbox: update bench_mailbox.py"
         )
         for name in bound:
             monkeypatch.setattr(mailboxes_module, name, getattr(twin, name))
@@ -82,7 +82,7 @@ def _batch(messages: int) -> WriteBatch:
 
 
 def _group_batch() -> WriteBatch:
-    """One group message as core/groups.py enqueues it: a copy per device, one GroupDlv for all."""
+    """One group message as core/domain/groups.py enqueues it: a copy per device, one GroupDlv for all."""
     msg_id = os.urandom(16)
     build = GroupDlv(msg_id, "m0@alpha", 1, CIPHERTEXT, b"\x01" * 16)
     batch = WriteBatch()

@@ -23,11 +23,11 @@ import os
 
 import pytest
 
-from interlink.core.auth import Provider, ProviderRegistry
-from interlink.core.domain import Domain
-from interlink.core.router import RouteError
-from interlink.core.stanza import decode_stanzas
-from interlink.core.batch import device_key
+from interlink.core.domain.auth import Provider, ProviderRegistry
+from interlink.core.domain.dispatch import Domain
+from interlink.core.domain.router import RouteError
+from interlink.core.protocol.stanza import decode_stanzas
+from interlink.core.domain.batch import device_key
 from interlink.testing import FakeSession, lmdb_store
 
 CIPHERTEXT = os.urandom(200)

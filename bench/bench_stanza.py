@@ -17,10 +17,10 @@ import os
 import msgpack
 import pytest
 
-import interlink.core._stanza_pure as stanza_pure
+import interlink.core.protocol._stanza_pure as stanza_pure
 import interlink.ext._stanza as stanza_native
 from interlink.core.errors import StanzaError
-from interlink.core.stanza import encode_stanza
+from interlink.core.protocol.stanza import encode_stanza
 
 TWINS = pytest.mark.parametrize("codec", [stanza_native, stanza_pure], ids=["cython", "pure"])
 

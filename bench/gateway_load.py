@@ -54,7 +54,7 @@ loop also wait for each other there).
   µs per keys.get, p50/p99 latency, and how many answers carried a one-time prekey (each hand-out
   is an LMDB write transaction that deletes it: one fsync with ``--durability sync``) or none
   (the signed prekey alone: a read transaction only). ``keys.get`` is rate limited per
-  requesting *user* (``core/ops.py`` ``KEYS_GET_RATE``: a burst of 60, then 1/s) and the gateway
+  requesting *user* (``core/domain/ops.py`` ``KEYS_GET_RATE``: a burst of 60, then 1/s) and the gateway
   has no setting to lift it, so the requests are spread over ``--requesters`` users, each used
   at most ``KEYS_GET_PER_REQUESTER`` times (under the burst); the window ends early, and says so,
   when that budget runs out. ``rate_limited`` answers are counted (they must be 0).
@@ -78,7 +78,7 @@ import uvloop
 
 import interlink.core
 from interlink.client import Client, Suite
-from interlink.core.stanza import encode_stanza
+from interlink.core.protocol.stanza import encode_stanza
 from interlink.load import child
 from interlink.load.peer import LeanPeer
 from interlink.load.procstat import schedstat_s, status_bytes

@@ -60,7 +60,7 @@ from pathlib import Path
 
 import uvloop
 
-from interlink.core.stanza import encode_stanza
+from interlink.core.protocol.stanza import encode_stanza
 from interlink.load import child
 from interlink.load.peer import LeanPeer
 from interlink.load.procstat import schedstat_s, status_bytes
@@ -384,9 +384,9 @@ def micro(args) -> dict:
     """Per-device CPU of the fan-out steps of ``ext/_fanout.pyx`` and of the pure twin (see above)."""
     import timeit
 
-    import interlink.core._fanout_pure as pure
+    import interlink.core.domain._fanout_pure as pure
     import interlink.ext._fanout as native
-    from interlink.core.policy import Policy
+    from interlink.core.domain.policy import Policy
 
     n = args.members
     members = tuple(f"m{i}@{PROVIDER}" for i in range(n))
@@ -432,8 +432,8 @@ def store_micro(args) -> dict:
     machine costs wall time, not these figures; bytes written come from ``/proc/self/io``."""
     import time
 
-    from interlink.core.batch import WriteBatch, device_key
-    from interlink.core.fanout import GroupDlv
+    from interlink.core.domain.batch import WriteBatch, device_key
+    from interlink.core.domain.fanout import GroupDlv
 
     n, per_batch, rounds = args.members, args.inflight, args.store_rounds
     keys = [device_key(f"m{i}@{PROVIDER}", 1) for i in range(n)]

@@ -18,7 +18,7 @@ _EXPORTS = {
     "Suite": "interlink.client",
     "Gateway": "interlink.gateway",
     "GatewayConfig": "interlink.config",
-    "Provider": "interlink.core.auth",
+    "Provider": "interlink.core.domain.auth",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -53,7 +53,7 @@ def keys() -> None:
 @click.option("--force", is_flag=True, help="issue a new node key and certificate under the existing root")
 def keys_init(folder: Path, node: str, valid_days: int, force: bool) -> None:
     """Generate the operator root key, a node static key and its certificate."""
-    from interlink.core.keyfiles import init_operator_keys
+    from interlink.core.edge.keyfiles import init_operator_keys
 
     keys_ = _run(lambda: init_operator_keys(folder, node, valid_days=valid_days, force=force))
     click.echo(f"keys written to {folder}")
@@ -66,7 +66,7 @@ def keys_init(folder: Path, node: str, valid_days: int, force: bool) -> None:
 @click.option("--new-static-key", is_flag=True, help="also replace the node's Noise static key")
 def keys_renew(folder: Path, valid_days: int, new_static_key: bool) -> None:
     """Issue a fresh node certificate under the same root (clients keep their pin)."""
-    from interlink.core.keyfiles import renew_node_certificate
+    from interlink.core.edge.keyfiles import renew_node_certificate
 
     _show(_run(lambda: renew_node_certificate(folder, valid_days=valid_days, new_static_key=new_static_key)))
 
@@ -75,7 +75,7 @@ def keys_renew(folder: Path, valid_days: int, new_static_key: bool) -> None:
 @click.option("--dir", "folder", type=click.Path(path_type=Path), default=DEFAULT_KEYS_DIR, show_default=True)
 def keys_show(folder: Path) -> None:
     """Print the root public key (what clients pin) and the node certificate."""
-    from interlink.core.keyfiles import load_operator_keys
+    from interlink.core.edge.keyfiles import load_operator_keys
 
     _show(_run(lambda: load_operator_keys(folder, check_validity=False)))
 

@@ -19,8 +19,8 @@ import itertools
 import os
 import time
 
-from interlink.core.certs import generate_static_key, x25519_public
-from interlink.core.connection import (
+from interlink.core.protocol.certs import generate_static_key, x25519_public
+from interlink.core.protocol.connection import (
     ClientConnection,
     ConnectionClosed,
     StanzaReceived,
@@ -35,8 +35,8 @@ from interlink.core.errors import (
     ServerError,
     SessionClosedError,
 )
-from interlink.core.noise import Suite
-from interlink.core.wire import TAG_BYTES
+from interlink.core.protocol.noise import Suite
+from interlink.core.protocol.wire import TAG_BYTES
 
 DEFAULT_AGENT = "interlink-python/0.1"
 MAX_QUEUED_STANZAS = 10_000  # unread stanzas before the client gives up (recv() is not being called)

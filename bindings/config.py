@@ -17,9 +17,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from interlink.core.auth import DEFAULT_LEEWAY_S, Provider
+from interlink.core.domain.auth import DEFAULT_LEEWAY_S, Provider
 from interlink.core.errors import ConfigError
-from interlink.core.wire import MAX_TOKEN_BYTES, WIRE_MAX_FRAME_BYTES
+from interlink.core.protocol.wire import MAX_TOKEN_BYTES, WIRE_MAX_FRAME_BYTES
 
 DEFAULT_PORT = 7450
 

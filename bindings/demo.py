@@ -21,10 +21,10 @@ import uvloop
 import interlink.core
 from interlink.client import Client, Suite
 from interlink.config import GatewayConfig
-from interlink.core.auth import Provider
-from interlink.core.certs import generate_root_key
+from interlink.core.domain.auth import Provider
+from interlink.core.protocol.certs import generate_root_key
 from interlink.core.errors import AuthError, CertificateError, ServerError
-from interlink.core.keyfiles import ROOT_PUBLIC_FILE, init_operator_keys, load_operator_keys
+from interlink.core.edge.keyfiles import ROOT_PUBLIC_FILE, init_operator_keys, load_operator_keys
 from interlink.gateway import Gateway
 from interlink.testing import DemoIssuer
 

@@ -11,14 +11,14 @@ import time
 
 
 from interlink.config import GatewayConfig
-from interlink.core.auth import Provider, ProviderRegistry, TokenVerifier
-from interlink.core.connection import ServerSettings
+from interlink.core.domain.auth import Provider, ProviderRegistry, TokenVerifier
+from interlink.core.protocol.connection import ServerSettings
 from interlink.core.errors import ConfigError, InterlinkError
-from interlink.core.jwks import JwksCache
-from interlink.core.keyfiles import ROOT_PUBLIC_FILE, OperatorKeys, init_operator_keys, load_operator_keys
-from interlink.core.server import GatewayServer, Limits
-from interlink.core.batch import device_key
-from interlink.core.lmdbstore import LmdbStore
+from interlink.core.edge.jwks import JwksCache
+from interlink.core.edge.keyfiles import ROOT_PUBLIC_FILE, OperatorKeys, init_operator_keys, load_operator_keys
+from interlink.core.edge.server import GatewayServer, Limits
+from interlink.core.domain.batch import device_key
+from interlink.core.edge.lmdbstore import LmdbStore
 
 log = logging.getLogger("interlink.gateway")
 

@@ -10,7 +10,7 @@
 * ``store_options``, ``lmdb_store``, ``jwks_cache``, ``token_verifier``, ``limits``,
   ``server_settings``: the engine's inner objects built with the configuration's defaults
   (``GatewayConfig``, where every default is written once) and a test's overrides.
-* ``FakeSession``: the domain's session port (``interlink.core.router.Session``) without a
+* ``FakeSession``: the domain's session port (``interlink.core.domain.router.Session``) without a
   connection: an authenticated identity that records every stanza the domain sends it.
 
     async with DemoIssuer() as issuer:
@@ -32,14 +32,14 @@ from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from interlink.config import GatewayConfig
-from interlink.core.auth import Identity, TokenVerifier
-from interlink.core.connection import ServerSettings
-from interlink.core.jwks import JwksCache
-from interlink.core.server import Limits
-from interlink.core.lmdbstore import LmdbStore
+from interlink.core.domain.auth import Identity, TokenVerifier
+from interlink.core.protocol.connection import ServerSettings
+from interlink.core.edge.jwks import JwksCache
+from interlink.core.edge.server import Limits
+from interlink.core.edge.lmdbstore import LmdbStore
 from interlink.core.errors import ConfigError, InterlinkError
-from interlink.core.stanza import decode_stanzas
-from interlink.core.wire import MAX_PLAINTEXT_BYTES
+from interlink.core.protocol.stanza import decode_stanzas
+from interlink.core.protocol.wire import MAX_PLAINTEXT_BYTES
 
 __all__ = [
     "DEFAULTS", "DemoIssuer", "FakeClock", "FakeSession", "OMIT", "jwks_cache", "limits", "lmdb_store", "server_settings",

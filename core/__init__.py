@@ -1,4 +1,7 @@
-"""The Interlink engine: protocol core (sans-I/O), domain logic and the I/O edge.
+"""The Interlink engine, one folder per layer: ``protocol`` (the wire contract, sans-I/O),
+``domain`` (the gateway's rules, sans-I/O, over ports) and ``edge`` (all I/O). Dependencies
+point one way: edge -> domain -> protocol; ``errors`` and ``_select`` (the compiled twins)
+serve all three. Each layer's ``__init__`` states its rule; ``tests/test_layers.py`` checks it.
 
 ``IMPLEMENTATION`` is ``"cython"`` when the compiled hot paths are active and ``"python"`` when
 the pure twins run; it is computed on first access, so importing a light module such as
@@ -8,7 +11,6 @@ the pure twins run; it is computed on first access, so importing a light module 
 
 def __getattr__(name: str):
     if name == "IMPLEMENTATION":
-        from interlink.core import cipher, fanout, framing, mailbox, stanza  # noqa: F401  (importing them decides)
         from interlink.core._select import implementation
 
         return implementation()

@@ -14,6 +14,16 @@ import warnings
 FORCE_PURE = os.environ.get("INTERLINK_PURE", "") == "1"
 REQUIRE_NATIVE = os.environ.get("INTERLINK_REQUIRE_NATIVE", "") == "1"
 
+# Every compiled module and its pure-Python twin: the one list. setup.py builds these, the
+# selectors pick from it, IMPLEMENTATION checks all of it, and the tests run each pair.
+TWINS = {
+    "_framing": "protocol._framing_pure",
+    "_cipher": "protocol._cipher_pure",
+    "_stanza": "protocol._stanza_pure",
+    "_fanout": "domain._fanout_pure",
+    "_mailbox": "edge._mailbox_pure",
+}
+
 _native_available = True
 
 
@@ -32,15 +42,24 @@ def _load_native(name: str):
         return None
 
 
-def select(native_name: str, pure_name: str):
-    """Return the compiled module ``interlink.ext.<native_name>`` or the pure twin ``interlink.core.<pure_name>``."""
+def select(native_name: str):
+    """Return the compiled module ``interlink.ext.<native_name>`` or its pure twin (``TWINS``)."""
     if not FORCE_PURE:
         module = _load_native(native_name)
         if module is not None:
             return module
-    return importlib.import_module(f"interlink.core.{pure_name}")
+    return importlib.import_module(f"interlink.core.{TWINS[native_name]}")
+
+
+def pure_twin(native_name: str):
+    """The pure-Python twin of ``interlink.ext.<native_name>``, whatever is selected."""
+    return importlib.import_module(f"interlink.core.{TWINS[native_name]}")
 
 
 def implementation() -> str:
     """``"cython"`` when every hot path runs compiled, otherwise ``"python"``."""
-    return "python" if FORCE_PURE or not _native_available else "cython"
+    if FORCE_PURE:
+        return "python"
+    for native_name in TWINS:
+        _load_native(native_name)
+    return "cython" if _native_available else "python"

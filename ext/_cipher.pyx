@@ -1,5 +1,5 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
-"""Compiled twin of ``interlink.core._cipher_pure``: the Noise CipherState for transport messages.
+"""Compiled twin of ``interlink.core.protocol._cipher_pure``: the Noise CipherState for transport messages.
 
 Same signatures, exceptions and semantics as the pure twin (read that one first; it is the
 contract). The counter is a C ``uint64_t``; the 12-byte AEAD nonce lives in one module-wide

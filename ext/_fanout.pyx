@@ -1,5 +1,5 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
-"""Compiled twin of ``interlink.core._fanout_pure``: a group message's per-device plan and the
+"""Compiled twin of ``interlink.core.domain._fanout_pure``: a group message's per-device plan and the
 per-copy ``dlv`` bytes.
 
 Same signatures, results and exceptions as the pure twin (read that one first; it is the contract).

@@ -1,5 +1,5 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
-"""Compiled twin of ``interlink.core._framing_pure``: the 2-byte big-endian length-prefixed frame codec.
+"""Compiled twin of ``interlink.core.protocol._framing_pure``: the 2-byte big-endian length-prefixed frame codec.
 
 Same signatures, exceptions and partial-input behaviour as the pure twin (read that one first; it is
 the contract). What differs is only how: the input is read through a raw pointer, every frame that

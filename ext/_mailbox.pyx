@@ -1,5 +1,5 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
-"""Compiled twin of ``interlink.core._mailbox_pure``: the store's per-copy loops (read the pure
+"""Compiled twin of ``interlink.core.edge._mailbox_pure``: the store's per-copy loops (read the pure
 twin first; it is the contract).
 
 Same signatures, results and exceptions. (One narrowing: ``states`` must hold this module's ``MailboxState``, as the store's do; anything

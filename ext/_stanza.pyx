@@ -1,5 +1,5 @@
 # cython: language_level=3
-"""Compiled twin of ``interlink.core._stanza_pure``: one transport plaintext to its stanzas.
+"""Compiled twin of ``interlink.core.protocol._stanza_pure``: one transport plaintext to its stanzas.
 
 Same algorithm, same results, same exceptions and messages: a scan of the msgpack format bytes
 finds where each top-level object ends (in C here), then exactly those bytes are decoded by a

@@ -49,7 +49,7 @@ with instrumenting:
 
     import fuzzlib
     from interlink.config import GatewayConfig, _toml_value, config_from_mapping, load_config
-    from interlink.core.auth import Provider
+    from interlink.core.domain.auth import Provider
     from interlink.core.errors import ConfigError
 
 MAX_ENV = 4

@@ -5,7 +5,7 @@ One input chooses (``atheris.FuzzedDataProvider``; ints from the end of the inpu
 the buffer type of each piece, a new ``max_frame_bytes`` before some pieces, a cipher and a
 starting nonce. What is left is the byte stream. Per input:
 
-* ``FrameDecoder`` of ``interlink.ext._framing`` and of ``interlink.core._framing_pure`` get the
+* ``FrameDecoder`` of ``interlink.ext._framing`` and of ``interlink.core.protocol._framing_pure`` get the
   same pieces; after every ``feed`` they agree exactly (frames, or exception type, message and
   ``.frames``; then ``pending_bytes``, ``failed``, ``max_frame_bytes``), and both agree with a
   reference decoder written here from PROTOCOL §1 alone. Only ``FrameError`` (code ``bad_frame``)
@@ -15,7 +15,7 @@ starting nonce. What is left is the byte stream. Per input:
   a failed one keeps refusing with ``frames == []``.
 * ``encode_frame``/``encode_frames`` of both twins give the same bytes for the pieces of the
   stream, taken as payloads (bytes, bytearray, memoryview), and the decoders give them back.
-* ``CipherState`` of ``interlink.ext._cipher`` and ``interlink.core._cipher_pure``, same key and
+* ``CipherState`` of ``interlink.ext._cipher`` and ``interlink.core.protocol._cipher_pure``, same key and
   nonce: each decoded frame is decrypted by both (same plaintext or the same ``DecryptError`` /
   ``NonceExhaustedError``, same nonce after); ``encrypt_frames`` of the payloads gives the same
   bytes, which the other twin decrypts back; after a failed decryption the state still decrypts
@@ -39,7 +39,7 @@ else:
 
 with instrumenting:
     import fuzzlib
-    from interlink.core import _cipher_pure, _framing_pure
+    from interlink.core.protocol import _cipher_pure, _framing_pure
     from interlink.core.errors import CryptoError, FrameError, FrameTooLargeError, NonceExhaustedError
     from interlink.ext import _cipher as _cipher_native
     from interlink.ext import _framing as _framing_native

@@ -49,9 +49,9 @@ with instrumenting:
 
     import fuzzkeys
     import fuzzlib
-    from interlink.core.auth import Identity
-    from interlink.core.certs import server_hello, x25519_public
-    from interlink.core.connection import (
+    from interlink.core.domain.auth import Identity
+    from interlink.core.protocol.certs import server_hello, x25519_public
+    from interlink.core.protocol.connection import (
         AuthRequested,
         ClientConnection,
         ConnectionClosed,
@@ -61,8 +61,8 @@ with instrumenting:
         Welcomed,
     )
     from interlink.core.errors import FrameError
-    from interlink.core.framing import FrameDecoder
-    from interlink.core.noise import SUITES
+    from interlink.core.protocol.framing import FrameDecoder
+    from interlink.core.protocol.noise import SUITES
 
 WIRE_MAX = 65535
 DH_BYTES = 32

@@ -43,17 +43,17 @@ with instrumenting:
 
     import fuzzkeys
     import fuzzlib
-    from interlink.core.certs import (
+    from interlink.core.protocol.certs import (
         CERT_CONTEXT,
         NodeCertificate,
         parse_server_hello,
         server_hello,
         verify_server_hello,
     )
-    from interlink.core.connection import ClientConnection, ConnectionClosed, State
+    from interlink.core.protocol.connection import ClientConnection, ConnectionClosed, State
     from interlink.core.errors import CertificateError, HandshakeError
-    from interlink.core.framing import FrameDecoder, encode_frame
-    from interlink.core.noise import NoiseSession, make_preamble
+    from interlink.core.protocol.framing import FrameDecoder, encode_frame
+    from interlink.core.protocol.noise import NoiseSession, make_preamble
 
 WIRE_MAX = 65535
 XX_MESSAGE2_OVERHEAD = 32 + 48 + 16  # e, s (encrypted), the payload's tag

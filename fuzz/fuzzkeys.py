@@ -8,8 +8,8 @@ import hashlib
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from interlink.core.certs import CERT_CONTEXT, issue_node_certificate, x25519_public
-from interlink.core.connection import ServerSettings
+from interlink.core.protocol.certs import CERT_CONTEXT, issue_node_certificate, x25519_public
+from interlink.core.protocol.connection import ServerSettings
 
 
 def _secret(label: str) -> bytes:

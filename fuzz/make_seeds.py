@@ -24,8 +24,8 @@ import msgpack
 import fuzzkeys
 import fuzzlib
 from fuzzlib import FUZZ_DIR, encode_ints
-from interlink.core import _cipher_pure
-from interlink.core.certs import issue_node_certificate, server_hello, x25519_public
+from interlink.core.protocol import _cipher_pure
+from interlink.core.protocol.certs import issue_node_certificate, server_hello, x25519_public
 
 WIRE_MAX = 65535
 MAX_NONCE = 2**64 - 1
@@ -397,7 +397,7 @@ def config_tokens() -> list:
     from dataclasses import fields
 
     from interlink.config import GatewayConfig
-    from interlink.core.auth import Provider
+    from interlink.core.domain.auth import Provider
 
     keys = [spec.name for spec in fields(GatewayConfig)]
     words = [*keys, *(f"{key} = " for key in keys), *(spec.name for spec in fields(Provider)),

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import struct
 
-from interlink.core.lmdbstore import LmdbStore
-from interlink.core.mailbox import SHARED_MARK
+from interlink.core.edge.lmdbstore import LmdbStore
+from interlink.core.edge.mailbox import SHARED_MARK
 
 _REFS = struct.Struct(">I")
 

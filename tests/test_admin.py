@@ -223,7 +223,7 @@ async def test_purge_expired_deletes_old_undelivered_items_now(issuers, tmp_path
     import dataclasses
     import time
 
-    from interlink.core.batch import WriteBatch, device_key
+    from interlink.core.domain.batch import WriteBatch, device_key
 
     config = config_for(issuers, tmp_path)
     async with Gateway(config) as gateway:

@@ -16,7 +16,7 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from interlink.core.auth import (
+from interlink.core.domain.auth import (
     Identity,
     Provider,
     ProviderRegistry,
@@ -26,7 +26,7 @@ from interlink.core.auth import (
     verify_with_key,
 )
 from interlink.core.errors import AuthError, ConfigError
-from interlink.core.jwks import JwksCache
+from interlink.core.edge.jwks import JwksCache
 from interlink.testing import DemoIssuer, FakeClock, OMIT, jwks_cache, token_verifier
 
 AUD = "interlink-gw.example"
@@ -567,7 +567,7 @@ def test_verifier_limits_are_validated():
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from interlink.core.auth import check_claims, decode_token  # noqa: E402
+from interlink.core.domain.auth import check_claims, decode_token  # noqa: E402
 
 _json = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=12),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import msgpack
 import pytest
 
-from interlink.core.certs import (
+from interlink.core.protocol.certs import (
     CERT_CONTEXT,
     NodeCertificate,
     generate_root_key,
@@ -19,7 +19,7 @@ from interlink.core.certs import (
     x25519_public,
 )
 from interlink.core.errors import CertificateError, HandshakeError, InterlinkError
-from interlink.core.noise import SUITES, NoiseSession, make_preamble
+from interlink.core.protocol.noise import SUITES, NoiseSession, make_preamble
 
 NOW = 1_800_000_000
 NBF = NOW - 3600

@@ -15,8 +15,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 from hypothesis import given, settings, strategies as st
 from noise.backends.default.ciphers import AESGCMCipher, ChaCha20Cipher
 
-import interlink.core._cipher_pure as cipher_pure
-import interlink.core._framing_pure as framing_pure
+import interlink.core.protocol._cipher_pure as cipher_pure
+import interlink.core.protocol._framing_pure as framing_pure
 import interlink.ext._cipher as cipher_native
 import interlink.ext._framing as framing_native
 from interlink.core.errors import CryptoError, DecryptError, LocalProtocolError, NonceExhaustedError
@@ -33,7 +33,7 @@ HYPOTHESIS = settings(max_examples=100, deadline=None)
 
 @pytest.fixture(params=TWINS, ids=TWIN_IDS)
 def cipher(request):
-    """The module under test: ``interlink.ext._cipher`` or ``interlink.core._cipher_pure``."""
+    """The module under test: ``interlink.ext._cipher`` or ``interlink.core.protocol._cipher_pure``."""
     return request.param
 
 

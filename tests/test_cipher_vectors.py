@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-import interlink.core._cipher_pure as cipher_pure
+import interlink.core.protocol._cipher_pure as cipher_pure
 import interlink.ext._cipher as cipher_native
 from interlink.core.errors import DecryptError
 

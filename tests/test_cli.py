@@ -3,7 +3,7 @@
 from click.testing import CliRunner
 
 from interlink.cli import main
-from interlink.core.keyfiles import load_operator_keys
+from interlink.core.edge.keyfiles import load_operator_keys
 
 
 def test_keys_init_show_renew(tmp_path):

@@ -6,9 +6,9 @@ from __future__ import annotations
 import msgpack
 import pytest
 
-from interlink.core.auth import Identity
-from interlink.core.certs import generate_root_key, generate_static_key, issue_node_certificate, x25519_public
-from interlink.core.connection import (
+from interlink.core.domain.auth import Identity
+from interlink.core.protocol.certs import generate_root_key, generate_static_key, issue_node_certificate, x25519_public
+from interlink.core.protocol.connection import (
     MAX_PREAUTH_FRAMES,
     AuthRequested,
     ClientConnection,
@@ -19,9 +19,9 @@ from interlink.core.connection import (
     Welcomed,
 )
 from interlink.core.errors import CloseReason, LocalProtocolError
-from interlink.core.framing import FrameDecoder, encode_frame
-from interlink.core.noise import SUITES
-from interlink.core.stanza import decode_stanzas, encode_stanza
+from interlink.core.protocol.framing import FrameDecoder, encode_frame
+from interlink.core.protocol.noise import SUITES
+from interlink.core.protocol.stanza import decode_stanzas, encode_stanza
 from interlink.testing import server_settings
 
 NOW = 1_800_000_000.0
@@ -481,7 +481,7 @@ def test_hibernated_session_keeps_working():
 
 def test_too_many_stanzas_in_one_message_closes_with_protocol_error():
     client, server, _ = open_session(0x01)
-    from interlink.core.connection import MAX_STANZAS_PER_MESSAGE
+    from interlink.core.protocol.connection import MAX_STANZAS_PER_MESSAGE
 
     plaintext = b"".join(encode_stanza({"t": "ping", "id": i}) for i in range(MAX_STANZAS_PER_MESSAGE + 1))
     server.receive_data(encode_frame(client._session.send_cipher.encrypt(plaintext)), NOW)
@@ -492,7 +492,7 @@ def test_too_many_stanzas_in_one_message_closes_with_protocol_error():
 
 def test_answers_are_bounded_by_the_stanza_cap():
     client, server, _ = open_session(0x01)
-    from interlink.core.connection import MAX_STANZAS_PER_MESSAGE
+    from interlink.core.protocol.connection import MAX_STANZAS_PER_MESSAGE
 
     # A message of empty maps: each is a bad stanza; the cap bounds how many answers one message buys.
     plaintext = msgpack.packb({}) * MAX_STANZAS_PER_MESSAGE

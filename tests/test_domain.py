@@ -12,8 +12,8 @@ import os
 
 import pytest
 
-from interlink.core.auth import Provider, ProviderRegistry
-from interlink.core.domain import Domain
+from interlink.core.domain.auth import Provider, ProviderRegistry
+from interlink.core.domain.dispatch import Domain
 from interlink.core.errors import InterlinkError, StoreFullError
 from interlink.testing import FakeSession, lmdb_store
 

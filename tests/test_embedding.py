@@ -12,7 +12,7 @@ from prometheus_client import REGISTRY
 
 from interlink.client import Client
 from interlink.config import GatewayConfig
-from interlink.core.auth import Provider
+from interlink.core.domain.auth import Provider
 from interlink.gateway import Gateway
 from interlink.testing import DemoIssuer
 

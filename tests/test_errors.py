@@ -10,7 +10,7 @@ from pathlib import Path
 
 import interlink.core.errors as errors
 import interlink.errors as public
-from interlink.core.connection import ConnectionClosed
+from interlink.core.protocol.connection import ConnectionClosed
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE_FOLDERS = ("core", "bindings")

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import struct
 
-import interlink.core._fanout_pure as fanout_pure
+import interlink.core.domain._fanout_pure as fanout_pure
 import interlink.ext._fanout as fanout_native
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from interlink.core import fanout
-from interlink.core.stanza import decode_stanzas, encode_stanza
-from interlink.core.batch import device_key as store_device_key
+from interlink.core.domain import fanout
+from interlink.core.protocol.stanza import decode_stanzas, encode_stanza
+from interlink.core.domain.batch import device_key as store_device_key
 
 TWINS = [fanout_native, fanout_pure]
 TWIN_IDS = ["cython", "pure"]
@@ -31,7 +31,7 @@ SEQ_EDGES = [0, 1, 127, 128, 255, 256, 65535, 65536, 2**32 - 1, 2**32, 2**63, 2*
 
 @pytest.fixture(params=TWINS, ids=TWIN_IDS)
 def twin(request):
-    """The module under test: ``interlink.ext._fanout`` or ``interlink.core._fanout_pure``."""
+    """The module under test: ``interlink.ext._fanout`` or ``interlink.core.domain._fanout_pure``."""
     return request.param
 
 

@@ -12,7 +12,7 @@ import array
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-import interlink.core._framing_pure as framing_pure
+import interlink.core.protocol._framing_pure as framing_pure
 import interlink.ext._framing as framing_native
 from interlink.core.errors import FrameError, FrameTooLargeError, ProtocolError
 
@@ -25,7 +25,7 @@ HYPOTHESIS = settings(max_examples=150, deadline=None, suppress_health_check=[He
 
 @pytest.fixture(params=TWINS, ids=TWIN_IDS)
 def framing(request):
-    """The module under test: ``interlink.ext._framing`` or ``interlink.core._framing_pure``."""
+    """The module under test: ``interlink.ext._framing`` or ``interlink.core.protocol._framing_pure``."""
     return request.param
 
 

@@ -12,11 +12,11 @@ import pytest
 
 from interlink.client import Client, Suite
 from interlink.config import GatewayConfig
-from interlink.core.auth import Provider
-from interlink.core.certs import generate_root_key, generate_static_key, x25519_public
+from interlink.core.domain.auth import Provider
+from interlink.core.protocol.certs import generate_root_key, generate_static_key, x25519_public
 from interlink.core.errors import AuthError, CertificateError, HandshakeError, SessionClosedError
-from interlink.core.framing import FrameDecoder, encode_frame
-from interlink.core.stanza import encode_stanza
+from interlink.core.protocol.framing import FrameDecoder, encode_frame
+from interlink.core.protocol.stanza import encode_stanza
 from interlink.gateway import Gateway
 from interlink.load.peer import LeanPeer
 from interlink.testing import DemoIssuer
@@ -308,8 +308,8 @@ async def test_preauth_deadline_closes_a_slowloris(gateway):
 
 async def test_bad_tag_after_handshake_gets_err_bad_frame(gateway, issuers):
     """Complete a real handshake with the sans-I/O client over a raw socket, then corrupt a tag."""
-    from interlink.core.connection import ClientConnection
-    from interlink.core.stanza import decode_stanzas
+    from interlink.core.protocol.connection import ClientConnection
+    from interlink.core.protocol.stanza import decode_stanzas
 
     alpha, _ = issuers
     conn = ClientConnection(
@@ -433,7 +433,7 @@ async def test_preauth_connection_limit(issuers, tmp_path):
 
 
 async def test_replayed_ik_message_gets_no_session(gateway, issuers):
-    from interlink.core.connection import ClientConnection
+    from interlink.core.protocol.connection import ClientConnection
 
     alpha, _ = issuers
     conn = ClientConnection(

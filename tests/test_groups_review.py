@@ -17,15 +17,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import interlink.core._fanout_pure as fanout_pure
-from interlink.core.auth import Provider, ProviderRegistry
-from interlink.core.batch import device_key
-from interlink.core.commit import CommitDriver
-from interlink.core.domain import Domain
+import interlink.core.domain._fanout_pure as fanout_pure
+from interlink.core.domain.auth import Provider, ProviderRegistry
+from interlink.core.domain.batch import device_key
+from interlink.core.edge.commit import CommitDriver
+from interlink.core.domain.dispatch import Domain
 from interlink.core.errors import StoreFullError
-from interlink.core.lmdbstore import LmdbStore
-from interlink.core.ops import DEFERRED
-from interlink.core.router import RouteError
+from interlink.core.edge.lmdbstore import LmdbStore
+from interlink.core.domain.ops import DEFERRED
+from interlink.core.domain.router import RouteError
 from interlink.testing import FakeSession, store_options
 
 try:

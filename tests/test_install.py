@@ -48,7 +48,7 @@ def test_plain_pip_install_builds_and_imports_the_compiled_modules(tmp_path):
     # Build from a copy without any in-place build products, as from a fresh clone.
     shutil.copytree(
         ROOT, source,
-        ignore=shutil.ignore_patterns(".venv", ".git", "build", "*.egg-info", "*.so", "*.c", "__pycache__", ".pytest_cache", ".hypothesis", ".benchmarks"),
+        ignore=shutil.ignore_patterns(".venv", ".git", "build", "*.egg-info", "*.so", "*.c", "__pycache__", ".pytest_cache", ".hypothesis", ".benchmarks", ".work"),  # .work: fuzz scratch, written while copying
     )
     target = tmp_path / "site"
     subprocess.run(

@@ -11,7 +11,7 @@ import logging
 
 import pytest
 
-from interlink.core.auth import Provider, ProviderRegistry
+from interlink.core.domain.auth import Provider, ProviderRegistry
 from interlink.core.errors import ConfigError
 from interlink.testing import DemoIssuer, FakeClock, OMIT, jwks_cache, token_verifier
 
@@ -422,7 +422,7 @@ async def test_issuer_with_path_and_shared_session(clock):
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from interlink.core.auth import JwksError, parse_jwks  # noqa: E402
+from interlink.core.domain.auth import JwksError, parse_jwks  # noqa: E402
 
 _B64 = st.sampled_from(["AQAB", "AQ", "", "04N0xi21hshyvBp7I167sbE_bXqyqkAPfefdklMO7wY",
                         "UI8exy-C06a7DUnjIdENkxeFtHM4-l_41LqEw9nVgmw", "11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo",

@@ -1,4 +1,4 @@
-"""Wycheproof JWS / JWK vectors against the gateway's verification core (core/auth.py).
+"""Wycheproof JWS / JWK vectors against the gateway's verification core (core/domain/auth.py).
 
 Every invalid signature test must be refused with an AuthError, and every valid test with an
 asymmetric key must verify through the signature core (``verify_jws``). Two kinds of valid
@@ -17,7 +17,7 @@ from collections import Counter
 
 import pytest
 
-from interlink.core.auth import (
+from interlink.core.domain.auth import (
     ASYMMETRIC_ALGORITHMS,
     Provider,
     parse_jwks,

@@ -7,9 +7,9 @@ import stat
 
 import pytest
 
-from interlink.core.certs import root_fingerprint, root_public_hex, server_hello, verify_server_hello, x25519_public
+from interlink.core.protocol.certs import root_fingerprint, root_public_hex, server_hello, verify_server_hello, x25519_public
 from interlink.core.errors import ConfigError
-from interlink.core.keyfiles import (
+from interlink.core.edge.keyfiles import (
     NBF_BACKDATE_S,
     NODE_CERT_FILE,
     NODE_STATIC_FILE,

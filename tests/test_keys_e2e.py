@@ -12,7 +12,7 @@ import os
 import pytest
 
 from interlink.client import Client
-from interlink.core import ops as ops_module
+from interlink.core.domain import ops as ops_module
 from interlink.core.errors import ServerError
 from interlink.gateway import Gateway
 from three_providers import People, config_for

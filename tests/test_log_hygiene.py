@@ -11,7 +11,7 @@ import pytest
 
 from interlink.client import Client
 from interlink.core.errors import AuthError, ServerError
-from interlink.core.framing import encode_frame
+from interlink.core.protocol.framing import encode_frame
 
 from three_providers import AUD, People
 

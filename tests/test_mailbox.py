@@ -1,4 +1,4 @@
-"""The store's per-copy loops (``core/_mailbox_pure.py`` and ``ext/_mailbox.pyx``): every case runs
+"""The store's per-copy loops (``core/edge/_mailbox_pure.py`` and ``ext/_mailbox.pyx``): every case runs
 on both twins, and hypothesis checks that they give identical results — plans, the puts and pops
 they make, the counters and references they leave, the exceptions they raise — on random inputs.
 
@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import struct
 
-import interlink.core._mailbox_pure as mailbox_pure
+import interlink.core.edge._mailbox_pure as mailbox_pure
 import interlink.ext._mailbox as mailbox_native
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from interlink.core import mailbox
+from interlink.core.edge import mailbox
 
 TWINS = [mailbox_native, mailbox_pure]
 TWIN_IDS = ["cython", "pure"]

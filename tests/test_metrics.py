@@ -1,6 +1,6 @@
 """The fixed-bucket histogram behind interlink_commit_seconds."""
 
-from interlink.core.metrics import Histogram
+from interlink.core.edge.metrics import Histogram
 
 
 def test_buckets_are_upper_bounds_and_cumulative():

@@ -9,10 +9,10 @@ import pytest
 from hypothesis import given, settings, strategies as st
 from noise.connection import NoiseConnection
 
-from interlink.core import cipher
-from interlink.core.certs import generate_static_key, x25519_public
+from interlink.core.protocol import cipher
+from interlink.core.protocol.certs import generate_static_key, x25519_public
 from interlink.core.errors import DecryptError, HandshakeError, ProtocolError
-from interlink.core.noise import (
+from interlink.core.protocol.noise import (
     MAX_MESSAGE_BYTES,
     PREAMBLE_BYTES,
     SUITES,

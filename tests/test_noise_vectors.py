@@ -15,10 +15,10 @@ import re
 import pytest
 from noise.connection import Keypair, NoiseConnection
 
-from interlink.core import _cipher_pure, cipher
-from interlink.core.certs import x25519_public
+from interlink.core.protocol import _cipher_pure, cipher
+from interlink.core.protocol.certs import x25519_public
 from interlink.core.errors import HandshakeError
-from interlink.core.noise import SUITES, NoiseSession, make_preamble
+from interlink.core.protocol.noise import SUITES, NoiseSession, make_preamble
 
 VECTOR_FILES = ("cacophony.txt", "snow.txt", "noise-c-basic.txt")
 WANTED = re.compile(r"^Noise_(XX|IK)_25519_(ChaChaPoly|AESGCM)_(SHA256|BLAKE2s|BLAKE2b)$")

@@ -2,7 +2,7 @@
 
 import pytest
 
-from interlink.core.ratelimit import TokenBuckets
+from interlink.core.domain.ratelimit import TokenBuckets
 
 
 def test_burst_then_refill_at_the_rate():

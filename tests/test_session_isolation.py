@@ -27,14 +27,14 @@ import msgpack
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-import interlink.core._cipher_pure as cipher_pure
-import interlink.core._fanout_pure as fanout_pure
-import interlink.core._framing_pure as framing_pure
+import interlink.core.protocol._cipher_pure as cipher_pure
+import interlink.core.domain._fanout_pure as fanout_pure
+import interlink.core.protocol._framing_pure as framing_pure
 from interlink.client import Client, Suite
-from interlink.core import stanza
-from interlink.core.auth import Identity, Provider, ProviderRegistry
-from interlink.core.certs import generate_static_key, x25519_public
-from interlink.core.connection import (
+from interlink.core.protocol import stanza
+from interlink.core.domain.auth import Identity, Provider, ProviderRegistry
+from interlink.core.protocol.certs import generate_static_key, x25519_public
+from interlink.core.protocol.connection import (
     MAX_PREAUTH_FRAMES,
     AuthRequested,
     ClientConnection,
@@ -44,10 +44,10 @@ from interlink.core.connection import (
     Welcomed,
 )
 from interlink.core.errors import AuthError, DecryptError, ServerError
-from interlink.core.framing import encode_frames
-from interlink.core.keyfiles import init_operator_keys
-from interlink.core.noise import SUITES, NoiseSession
-from interlink.core.server import GatewayProtocol, GatewayServer
+from interlink.core.protocol.framing import encode_frames
+from interlink.core.edge.keyfiles import init_operator_keys
+from interlink.core.protocol.noise import SUITES, NoiseSession
+from interlink.core.edge.server import GatewayProtocol, GatewayServer
 from interlink.testing import DEFAULTS, jwks_cache, limits, lmdb_store, server_settings, token_verifier
 from test_connection import NOW, SETTINGS, make_client
 from three_providers import AUD, config_for

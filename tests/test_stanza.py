@@ -14,9 +14,9 @@ import msgpack
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-import interlink.core._stanza_pure as stanza_pure
+import interlink.core.protocol._stanza_pure as stanza_pure
 import interlink.ext._stanza as stanza_native
-from interlink.core import stanza as stanza_selected
+from interlink.core.protocol import stanza as stanza_selected
 from interlink.core.errors import StanzaError, TooManyStanzasError
 
 TWINS = [stanza_native, stanza_pure]
@@ -26,7 +26,7 @@ HYPOTHESIS = settings(max_examples=300, deadline=None, suppress_health_check=[He
 
 @pytest.fixture(params=TWINS, ids=TWIN_IDS)
 def codec(request):
-    """The module under test: ``interlink.ext._stanza`` or ``interlink.core._stanza_pure``."""
+    """The module under test: ``interlink.ext._stanza`` or ``interlink.core.protocol._stanza_pure``."""
     return request.param
 
 

@@ -61,7 +61,7 @@ def test_the_facade_offers_every_method_of_the_port_with_its_signature(store):
     port describes (same parameters), not a namesake of another family."""
     import inspect
 
-    from interlink.core.ports import Store
+    from interlink.core.domain.ports import Store
 
     for name, described in inspect.getmembers(Store, inspect.isfunction):
         if name.startswith("_"):
@@ -74,7 +74,7 @@ def test_the_facade_offers_every_method_of_the_port_with_its_signature(store):
 
 # -- mailboxes: the storage contract the router relies on (real LMDB in a temp folder)
 
-from interlink.core.batch import WriteBatch, device_key  # noqa: E402
+from interlink.core.domain.batch import WriteBatch, device_key  # noqa: E402
 from interlink.core.errors import StoreFullError  # noqa: E402
 
 
@@ -301,8 +301,8 @@ def test_a_full_map_refuses_social_writes_and_keeps_what_was_there(tmp_path):
 
 # -- the policy over a real store: consent defaults, blocks, and its write-through cache
 
-from interlink.core.auth import Provider  # noqa: E402
-from interlink.core.policy import Policy  # noqa: E402
+from interlink.core.domain.auth import Provider  # noqa: E402
+from interlink.core.domain.policy import Policy  # noqa: E402
 from interlink.testing import lmdb_store
 
 _JWKS = {"keys": [{"kty": "OKP", "crv": "Ed25519", "x": "11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo"}]}

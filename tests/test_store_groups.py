@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from interlink.core.batch import GroupRecord, GroupWrite, WriteBatch, device_key
+from interlink.core.domain.batch import GroupRecord, GroupWrite, WriteBatch, device_key
 from interlink.core.errors import StoreFullError
 from interlink.testing import lmdb_store
 

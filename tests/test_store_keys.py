@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from interlink.core.batch import WriteBatch
+from interlink.core.domain.batch import WriteBatch
 from interlink.core.errors import StoreFullError, StoreLimitError
 from interlink.testing import lmdb_store
 

@@ -1,6 +1,6 @@
 """Regression tests of the review of the shared-body store change (06e25bd): the compiled twin of
 the store's per-copy loops (``ext/_mailbox.pyx``) must fail the way its pure twin
-(``core/_mailbox_pure.py``) does and take the arguments it takes, as its docstring promises.
+(``core/edge/_mailbox_pure.py``) does and take the arguments it takes, as its docstring promises.
 
 The store itself (reference counts through recv, the TTL sweep, duplicates, skip_full, a full map,
 reopening, thread commits against the sweep) held up in the review; these are the defects found.
@@ -13,7 +13,7 @@ import struct
 import subprocess
 import sys
 
-import interlink.core._mailbox_pure as mailbox_pure
+import interlink.core.edge._mailbox_pure as mailbox_pure
 import interlink.ext._mailbox as mailbox_native
 
 TWINS = {"pure": mailbox_pure, "cython": mailbox_native}
@@ -33,7 +33,7 @@ def outcome(call, *args):
 # (``value[8]``) with the module's boundscheck=False: a list or tuple is read past its end.
 # Run in a child so that a crash fails this test instead of ending the test session.
 _SHORT_SEQUENCE = """
-import interlink.core._mailbox_pure as pure
+import interlink.core.edge._mailbox_pure as pure
 import interlink.ext._mailbox as native
 
 for name, twin in (("pure", pure), ("cython", native)):

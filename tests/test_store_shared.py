@@ -8,11 +8,11 @@ import os
 import pytest
 from store_checks import shared_body_references
 
-from interlink.core import _fanout_pure
-from interlink.core.batch import WriteBatch, device_key
-from interlink.core.fanout import DLV_HEAD, GroupDlv
-from interlink.core.lmdbstore import LmdbStore
-from interlink.core.stanza import decode_stanzas, encode_stanza
+from interlink.core.domain import _fanout_pure
+from interlink.core.domain.batch import WriteBatch, device_key
+from interlink.core.domain.fanout import DLV_HEAD, GroupDlv
+from interlink.core.edge.lmdbstore import LmdbStore
+from interlink.core.protocol.stanza import decode_stanzas, encode_stanza
 from interlink.testing import lmdb_store
 
 def decode_stanza(encoded: bytes) -> dict:

@@ -12,9 +12,9 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from interlink.core._fanout_pure import GroupDlv
-from interlink.core.batch import WriteBatch, device_key
-from interlink.core.lmdbstore import LmdbStore
+from interlink.core.domain._fanout_pure import GroupDlv
+from interlink.core.domain.batch import WriteBatch, device_key
+from interlink.core.edge.lmdbstore import LmdbStore
 from interlink.testing import lmdb_store
 from store_checks import shared_body_references
 

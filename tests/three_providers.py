@@ -8,7 +8,7 @@ import pytest
 
 from interlink.client import Client
 from interlink.config import GatewayConfig
-from interlink.core.auth import Provider
+from interlink.core.domain.auth import Provider
 from interlink.gateway import Gateway
 from interlink.testing import DemoIssuer
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from interlink.core.errors import ConfigError
-from interlink.core.stanza import encode_stanza
+from interlink.core.protocol.stanza import encode_stanza
 from interlink.load.accounting import ACKED, REFUSED, Msg, Run, account, record_latency
 from interlink.load.e2ee import DeviceCrypto, E2EEStats, e2ee_report
 from interlink.load.peer import LeanPeer

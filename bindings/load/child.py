@@ -31,7 +31,7 @@ from pathlib import Path
 import uvloop
 
 from interlink.config import GatewayConfig
-from interlink.core.auth import Provider
+from interlink.core.domain.auth import Provider
 from interlink.core.errors import ConfigError
 from interlink.gateway import Gateway
 from interlink.load.procstat import schedstat_s, status_bytes

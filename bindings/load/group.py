@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from interlink.core.errors import ConfigError
-from interlink.core.stanza import encode_stanza
+from interlink.core.protocol.stanza import encode_stanza
 from interlink.load.accounting import (
     ACKED,
     REFUSED,

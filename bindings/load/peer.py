@@ -17,10 +17,10 @@ import asyncio
 import time
 from typing import Callable
 
-from interlink.core.certs import generate_static_key
-from interlink.core.connection import ClientConnection, ConnectionClosed, StanzaReceived, Welcomed
-from interlink.core.noise import Suite
-from interlink.core.wire import TAG_BYTES
+from interlink.core.protocol.certs import generate_static_key
+from interlink.core.protocol.connection import ClientConnection, ConnectionClosed, StanzaReceived, Welcomed
+from interlink.core.protocol.noise import Suite
+from interlink.core.protocol.wire import TAG_BYTES
 
 __all__ = ["AGENT", "LeanPeer"]
 

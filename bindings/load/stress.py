@@ -30,9 +30,9 @@ from typing import Any
 
 import msgpack
 
-from interlink.core.framing import encode_frame
-from interlink.core.noise import Suite, make_preamble
-from interlink.core.stanza import encode_stanza
+from interlink.core.protocol.framing import encode_frame
+from interlink.core.protocol.noise import Suite, make_preamble
+from interlink.core.protocol.stanza import encode_stanza
 from interlink.load.accounting import ACKED, Run, account, new_histogram, percentiles_ms, record_latency
 from interlink.load.chat import Device, chat_window, drive_devices, make_devices
 from interlink.load.peer import LeanPeer

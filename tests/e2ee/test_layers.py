@@ -1,5 +1,5 @@
 """The layering of ``interlink.e2ee``: every module but ``client`` is pure — importing it (or the
-package) loads no asyncio, no ``interlink.client`` and no ``interlink.core.connection`` — each
+package) loads no asyncio, no ``interlink.client`` and no ``interlink.core.protocol.connection`` — each
 module imports only the package's modules listed before it (lowest first), and the package
 re-exports its public names, the ``client`` ones on first use."""
 
@@ -14,7 +14,7 @@ from pathlib import Path
 import interlink.e2ee
 import pytest
 
-NETWORK_MODULES = ("asyncio", "interlink.client", "interlink.core.connection")
+NETWORK_MODULES = ("asyncio", "interlink.client", "interlink.core.protocol.connection")
 PURE_MODULES = ("interlink.e2ee", "interlink.e2ee.errors", "interlink.e2ee.envelope", "interlink.e2ee.senderkey",
                 "interlink.e2ee.statefile", "interlink.e2ee.device")
 # lowest first, as the package docstring lists them: each may import only those before it

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import interlink.load.peer as peer
 from interlink.load.child import GatewayProcess
-from interlink.core.noise import Suite
+from interlink.core.protocol.noise import Suite
 from interlink.load.peer import LeanPeer
 
 ROOT = Path(__file__).resolve().parents[2]

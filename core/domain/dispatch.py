@@ -1,0 +1,122 @@
+"""The gateway's rules as one sans-I/O object: what each stanza of an open session does.
+
+``Domain`` builds the policy, the router, the groups and the operations through their
+constructors and serves stanzas with ``dispatch(session, stanza, now)``. It never calls the event
+loop or a socket; its only outputs are stanzas queued on sessions (each such session stays in
+``router.touched`` until the edge writes it out) and the writes of the turn (``take_batch``),
+which the edge commits and hands back (``committed`` or ``failed``). A unit test can drive it
+with an LMDB store, fake sessions and a ``now`` of its choosing.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from interlink.core.domain.auth import ProviderRegistry
+from interlink.core.errors import InterlinkError, StanzaError
+from interlink.core.domain.fields import excerpt
+from interlink.core.domain.groups import Groups
+from interlink.core.domain.ops import Operations
+from interlink.core.domain.policy import Policy
+from interlink.core.domain.router import Commit, RouteError, Router, Session, stanza_id, typing_state
+from interlink.core.domain.ports import Store
+
+
+def _reference(stanza: dict) -> dict:
+    """The field that ties an ``err`` to its request: ``id`` for ``iq``, ``ref`` for bin16 ids."""
+    request_id = stanza.get("id")
+    if stanza.get("t") == "iq" and type(request_id) is int:
+        return {"id": request_id}
+    if type(request_id) is bytes and len(request_id) == 16:
+        return {"ref": request_id}
+    return {}
+
+
+class Domain:
+    """Routing, groups and operations over one store, driven stanza by stanza."""
+
+    def __init__(
+        self,
+        *,
+        store: Store,
+        registry: ProviderRegistry,
+        window: int,
+        max_frame_bytes: int,
+        max_group: int,
+        message_rate_per_device: float,
+        message_rate_per_user: float,
+    ) -> None:
+        self.store = store
+        self.policy = Policy(store)  # one instance: its cache is written through by the operations
+        self.router = Router(
+            store=store,
+            registry=registry,
+            policy=self.policy,
+            window=window,
+            max_frame_bytes=max_frame_bytes,
+            message_rate_per_device=message_rate_per_device,
+            message_rate_per_user=message_rate_per_user,
+        )
+        self.groups = Groups(store=store, registry=registry, policy=self.policy, router=self.router, max_group=max_group)
+        self.ops = Operations(
+            store=store, registry=registry, policy=self.policy, router=self.router, more_handlers=self.groups.handlers
+        )
+        self._handlers = {
+            "msg": self.handle_msg,
+            "recv": self.router.handle_recv,
+            "rcpt": self.router.handle_rcpt,
+            "state": self.handle_state,
+            "iq": self.ops.handle_iq,
+        }
+        self.stanzas_in: Counter = Counter()  # by stanza type ("unknown" for the rest)
+        self.refusals: Counter = Counter()  # err answers to stanzas, by code
+
+    # -- stanzas
+
+    def dispatch(self, session: Session, stanza: dict, now: float) -> None:
+        """Serve one stanza (``ping`` is answered by the connection itself). A refused stanza gets
+        ``err`` and the session continues. Answers never echo client text beyond a short,
+        sanitised excerpt: an answer must not outgrow its request."""
+        kind = stanza["t"]
+        handler = self._handlers.get(kind)
+        try:
+            if handler is None:
+                self.stanzas_in["unknown"] += 1  # not the client's string: labels stay a fixed set
+                raise StanzaError(f"unsupported stanza type {excerpt(kind)}")
+            self.stanzas_in[kind] += 1
+            handler(session, stanza, now)
+        except RouteError as exc:
+            self.refusals[exc.code] += 1
+            self.router.answer(session, {"t": "err", "code": exc.code, "msg": exc.message, **_reference(stanza), **exc.fields})
+        except StanzaError as exc:
+            self.refusals["bad_stanza"] += 1
+            self.router.answer(session, {"t": "err", "code": "bad_stanza", "msg": exc.message, **_reference(stanza)})
+
+    def handle_msg(self, session: Session, stanza: dict, now: float) -> None:
+        self.router.charge(session, now)
+        msg_id = stanza_id(stanza, "msg")
+        if "g" in stanza:
+            self.groups.route_msg(session, stanza, msg_id, now)
+        else:
+            self.router.route_msg(session, stanza, msg_id, now)
+
+    def handle_state(self, session: Session, stanza: dict, now: float) -> None:
+        self.router.charge(session, now)
+        state = typing_state(stanza)
+        if "g" in stanza:
+            self.groups.route_state(session, stanza, state, now)
+        else:
+            self.router.route_state(session, stanza, state)
+
+    # -- the group commit, driven by the edge
+
+    def take_batch(self) -> Commit | None:
+        return self.router.take_batch()
+
+    def committed(self, commit: Commit) -> None:
+        for change, written in self.router.committed(commit):
+            self.groups.settled(change, written)
+
+    def failed(self, commit: Commit, exc: InterlinkError) -> None:
+        for change, written in self.router.failed(commit, exc):
+            self.groups.settled(change, written)

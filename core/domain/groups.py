@@ -1,0 +1,488 @@
+"""Groups (PROTOCOL §4–§6): membership operations, fan-out of group messages, typing state.
+
+Domain logic over the store and the router's group commit. A group is one ``GroupRecord`` (members
+in join order, admins, opaque ``meta``, ``ver``); every change is a new record, written with the
+``dlv`` kind ``group`` items that announce it in one control entry of the router's ``WriteBatch``
+— so the record and its events commit in one LMDB transaction, and the ``iq``'s ``res`` is sent
+only after that commit, like an ``ack``.
+
+Records are read through two maps: ``_dirty`` (changes batched or committing, never evicted: they
+are the truth until their commit settles) and ``_cache`` (committed records, bounded, oldest
+first out). Every group ``msg`` needs the record; a quick timing on the development machine
+(2026-11-26, ``store.group`` = one LMDB read transaction and a msgpack unpack of the record):
+3.3 µs for 10 members, 17 µs for 100, 111 µs for 1,024 — against 0.06–0.08 µs for the dict
+look-up of a cached record. Each copy of a group ``dlv`` is encoded once, from a tail encoded once
+per message (only ``seq`` differs): 0.5 µs per copy against 2.0 µs for a whole ``encode_stanza``.
+The per-device plan of a group ``msg`` (``plan_cached``, from a plan kept per record) and the copies (``GroupDlv``) come from
+``core/domain/fanout.py``: the compiled ``ext/_fanout.pyx`` or its pure twin ``core/domain/_fanout_pure.py``
+(issue 5; figures in ``docs/benchmarks.md``, "Group fan-out").
+
+Each group write is a compare-and-set on the stored ``ver`` (``GroupWrite.prior_ver``): if a
+commit fails (storage full), the changes computed from its records are refused too (``overloaded``,
+"try again") instead of writing a state whose events were never stored.
+
+Decisions where the contract is silent (also in ``docs/protocol.md`` §6):
+
+* The creator is the first member and the first admin; listing it in ``group.new``'s ``members``
+  is allowed (ignored). The same address twice in ``members`` is ``bad_stanza``.
+* ``group.add`` of a member already present and ``group.del`` of one absent change nothing for
+  that address; a request that changes nothing answers ``res`` with the current ``ver`` and sends
+  no event. ``group.del`` naming yourself is ``bad_stanza`` (use ``group.leave``).
+* Adding checks, per new member: its provider is registered (``unknown_recipient``), its consent
+  covers the adder's provider (``not_opted_in``), it has a registered device
+  (``unknown_recipient``) — consent before existence, as ``devices.get``; the ``err`` names the
+  member in ``msg`` and in ``user``. A member's block of the adder does not refuse the add (that
+  would reveal the block); the member gets nothing from the blocked user anyway.
+* When the last admin leaves, the longest-standing remaining member becomes admin (the event's
+  ``promoted``). The last member leaving deletes the group.
+* Unknown groups are ``not_found`` everywhere (ops, ``msg``, ``state``): group ids are 128 random
+  bits, so existence reveals nothing a guess could find; non-members get ``not_member``.
+* Events go to every device of every member after the change and of the members the change
+  removed, except the acting device (which gets the ``res``, carrying the new ``ver``) and the
+  members who blocked the actor (they stay members; nothing reveals the block). They are control
+  items: counted in the mailbox quotas but never refused for them, and skipped for a mailbox only
+  past the store's control overdraft (router counter ``group_events_dropped_full``; the client
+  sees a ``ver`` gap and asks ``group.get``); membership changes are rate-limited per group too
+  (``CHANGE_BURST``, ``CHANGE_RATE``), which bounds what a change loop can add to a member's mailbox.
+* A group ``msg`` goes to every device of every member except the sending device — the sender's
+  other devices included (they show what was sent; the ``dlv`` has ``g`` and no ``to``) — and not to
+  members who blocked the sender. A device whose mailbox is full is skipped (router counter
+  ``group_copies_dropped_full``); the sender's ``ack`` stays plain. ``b`` is at most 16 KiB, and
+  the message spends one rate token per ``COPIES_PER_TOKEN`` copies. Consent is given by
+  membership and not checked per message. A resend of a stored message answers ``dup`` whatever
+  the membership is now.
+* In thread commit mode, an entry computed from a change still committing (a ``msg``, a deferred
+  ``group.get``, a no-op answer) carries a guard ``(g, ver)``: stored only if that change was.
+* Group typing uses the committed record, at most one per (sender, group) per second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from interlink.core.domain.auth import ProviderRegistry
+from interlink.core.errors import StanzaError
+from interlink.core.domain.fanout import GroupDlv, plan_cached
+from interlink.core.domain.fields import address_provider, excerpt, kind_of
+from interlink.core.domain.ops import DEFERRED
+from interlink.core.domain.policy import Policy
+from interlink.core.domain.ratelimit import TokenBuckets
+from interlink.core.domain.router import RouteError, Router, Session
+from interlink.core.protocol.stanza import encode_stanza
+from interlink.core.domain.batch import GroupRecord, GroupWrite, device_key
+from interlink.core.domain.ports import Store
+
+GROUP_ID_BYTES = 16
+MAX_META_BYTES = 4096  # group.new's 'meta' (opaque, encrypted by the clients)
+GROUP_CACHE_GROUPS = 4096  # committed records kept in memory
+EVENT_OVERHEAD_BYTES = 160  # room an event dlv needs beside 'members' and 'meta' (the creator's address, ...)
+RES_OVERHEAD_BYTES = 96  # a group.get res's fields besides members, admins and meta
+MAX_GROUP_BODY_BYTES = 16 << 10  # a group msg's 'b' (stored once, but counted in every device's quota): large content goes as a blob
+COPIES_PER_TOKEN = 64  # a group msg spends one rate token per this many copies (at least one)
+CHANGE_BURST, CHANGE_RATE = 20, 10.0  # membership changes per group: burst, then per second
+STATE_INTERVAL_S = 1.0  # group typing: at most one state per (sender, group) per this interval
+STATE_KEYS = 65_536  # (sender, group) pairs whose last state time is remembered
+PLAN_CACHE_COPIES = 200_000  # device copies the cached fan-out plans may describe (about 150 bytes each)
+
+
+class Groups:
+    """Group membership and fan-out; plugs into the router (``msg``/``state`` with ``g``) and the
+    operations table (``group.*``)."""
+
+    def __init__(
+        self, *, store: Store, registry: ProviderRegistry, policy: Policy, router: Router, max_group: int,
+        cache_groups: int = GROUP_CACHE_GROUPS,
+    ) -> None:
+        self.store = store
+        self.registry = registry
+        self.policy = policy
+        self.router = router
+        self.max_group = max_group
+        self.cache_groups = cache_groups
+        # A 'members' list and a created event's meta must fit one event dlv in one frame (a
+        # gateway configured with small frames gets a smaller meta bound too).
+        self.max_meta_bytes = min(MAX_META_BYTES, router.max_ciphertext_bytes // 4)
+        self.max_members_bytes = router.max_ciphertext_bytes - EVENT_OVERHEAD_BYTES - self.max_meta_bytes
+        self._dirty: dict[bytes, GroupWrite] = {}
+        self._cache: dict[bytes, GroupRecord] = {}
+        self.max_body_bytes = min(MAX_GROUP_BODY_BYTES, router.max_ciphertext_bytes)
+        self.change_buckets = TokenBuckets(CHANGE_BURST, CHANGE_RATE)  # per group id
+        self._state_sent: dict[tuple[str, bytes], float] = {}  # (sender, g) -> when its last state went out
+        # g -> (record, rows): the per-record fan-out plan (member -> devices, device keys,
+        # targets), made again for a new record (keyed by the record object: a refused change
+        # and its replacement may share a ver) or for a member whose devices changed.
+        self._plans: dict[bytes, list] = {}  # g -> [record, rows, copies]
+        self._plan_copies = 0  # the sum of the cached plans' copies, kept under PLAN_CACHE_COPIES
+        self.handlers = {
+            "group.new": self.group_new,
+            "group.add": self.group_add,
+            "group.del": self.group_del,
+            "group.leave": self.group_leave,
+            "group.get": self.group_get,
+        }
+
+    # -- records
+
+    def record(self, g: bytes) -> GroupRecord | None:
+        """The group as the next commit will leave it (None: no such group)."""
+        change = self._dirty.get(g)
+        if change is not None:
+            return change.record
+        record = self._cache.get(g)
+        if record is None:
+            record = self.store.group(g)
+            if record is not None:  # unknown ids are not cached: random ids must not fill the cache
+                self._remember(g, record)
+        return record
+
+    def committed(self, g: bytes) -> GroupRecord | None:
+        """The group as last committed (a change still committing is not seen)."""
+        record = self._cache.get(g)
+        if record is None:
+            record = self.store.group(g)
+            if record is not None and g not in self._dirty:
+                self._remember(g, record)
+        return record
+
+    def _guard(self, message, g: bytes, record: GroupRecord) -> None:
+        """An entry computed from ``record`` while a change of ``g`` is committing is stored only
+        if that change was (the store compares the stored ``ver``; ``conflict`` otherwise)."""
+        if g in self._dirty:
+            message.guard = (g, record.ver)
+
+    def _remember(self, g: bytes, record: GroupRecord) -> None:
+        cache = self._cache
+        if g not in cache and len(cache) >= self.cache_groups:
+            del cache[next(iter(cache))]
+        cache[g] = record
+
+    def settled(self, change: GroupWrite, ok: bool) -> None:
+        """The router's commit of ``change`` ended (``ok``: written)."""
+        g = change.g
+        if self._dirty.get(g) is change:
+            del self._dirty[g]
+        if ok and change.record is not None:
+            self._remember(g, change.record)
+        else:
+            self._cache.pop(g, None)  # deleted, or refused: read the store again
+
+    def _member_record(self, g: bytes, user: str, what: str) -> GroupRecord:
+        record = self.record(g)
+        if record is None:
+            raise RouteError(f"{what}: no such group", code="not_found")
+        if user not in record.member_set:
+            raise RouteError(f"{what}: you are not a member of this group", code="not_member")
+        return record
+
+    # -- operations
+
+    def group_new(self, session: Session, stanza: dict, now: float):
+        identity = session.identity
+        creator = identity.user
+        members = self._members(stanza, "group.new", allow_empty=True)
+        meta = stanza.get("meta")
+        if meta is not None:
+            if type(meta) is not bytes:
+                raise StanzaError(f"group.new: 'meta' must be bin (got {kind_of(meta)})")
+            if len(meta) > self.max_meta_bytes:
+                raise RouteError(f"group.new: 'meta' of {len(meta)} bytes is over {self.max_meta_bytes}", code="too_large")
+        others = [member for member in members if member != creator]
+        if 1 + len(others) > self.max_group:
+            raise RouteError(
+                f"group.new: {1 + len(others)} members with you (a group has at most {self.max_group})", code="too_large"
+            )
+        self.router.charge(session, now)
+        for member in others:
+            self._check_addable(member, identity)
+        g = os.urandom(GROUP_ID_BYTES)
+        record = GroupRecord(1, (creator, *others), (creator,), meta)
+        self._change(session, now, stanza["id"], g, 0, record, "created", list(record.members), (), {"g": g})
+        return DEFERRED
+
+    def group_add(self, session: Session, stanza: dict, now: float):
+        identity = session.identity
+        g = _group_id(stanza.get("g"), "group.add")
+        members = self._members(stanza, "group.add", allow_empty=False)
+        record = self._admin_record(g, identity.user, "group.add")
+        added = [member for member in members if member not in record.member_set]
+        if len(record.members) + len(added) > self.max_group:
+            raise RouteError(
+                f"group.add: the group would have {len(record.members) + len(added)} members (at most {self.max_group})",
+                code="too_large",
+            )
+        self.router.charge(session, now)
+        for member in added:
+            self._check_addable(member, identity)
+        if not added:
+            return self._unchanged(session, now, stanza["id"], g, record)
+        new = GroupRecord(record.ver + 1, record.members + tuple(added), record.admins, record.meta)
+        self._change(session, now, stanza["id"], g, record.ver, new, "added", added, ())
+        return DEFERRED
+
+    def group_del(self, session: Session, stanza: dict, now: float):
+        identity = session.identity
+        g = _group_id(stanza.get("g"), "group.del")
+        members = self._members(stanza, "group.del", allow_empty=False)
+        if identity.user in members:
+            raise StanzaError("group.del: to remove yourself, use group.leave")
+        record = self._admin_record(g, identity.user, "group.del")
+        self.router.charge(session, now)
+        removed = [member for member in members if member in record.member_set]
+        if not removed:
+            return self._unchanged(session, now, stanza["id"], g, record)
+        gone = set(removed)
+        new = GroupRecord(
+            record.ver + 1,
+            tuple(m for m in record.members if m not in gone),
+            tuple(a for a in record.admins if a not in gone),
+            record.meta,
+        )
+        self._change(session, now, stanza["id"], g, record.ver, new, "removed", removed, removed)
+        return DEFERRED
+
+    def group_leave(self, session: Session, stanza: dict, now: float):
+        identity = session.identity
+        user = identity.user
+        g = _group_id(stanza.get("g"), "group.leave")
+        record = self._member_record(g, user, "group.leave")
+        self.router.charge(session, now)
+        members = tuple(m for m in record.members if m != user)
+        admins = tuple(a for a in record.admins if a != user)
+        promoted = ()
+        if members and not admins:
+            promoted = admins = (members[0],)  # the longest-standing member
+        new = GroupRecord(record.ver + 1, members, admins, record.meta) if members else None
+        self._change(session, now, stanza["id"], g, record.ver, new, "left", [user], [user], promoted=promoted,
+                     ver=record.ver + 1)
+        return DEFERRED
+
+    def group_get(self, session: Session, stanza: dict, now: float):
+        identity = session.identity
+        g = _group_id(stanza.get("g"), "group.get")
+        skip = stanza.get("skip", 0)
+        if type(skip) is not int or skip < 0:
+            raise StanzaError("group.get: 'skip' must be an int >= 0 (members already received)")
+        record = self._member_record(g, identity.user, "group.get")
+        budget = session.max_plaintext_bytes - RES_OVERHEAD_BYTES - len(record.meta or b"")
+        page, size = [], 0
+        for member in record.members[skip:]:
+            cost = 2 * len(encode_stanza(member))  # listed as a member, and maybe as an admin
+            if size + cost > budget:
+                break
+            page.append(member)
+            size += cost
+        on_page = set(page)
+        result = {
+            "members": page,
+            "admins": [a for a in record.admins if a in on_page],
+            "meta": record.meta,
+            "ver": record.ver,
+            "more": skip + len(page) < len(record.members),
+        }
+        if g in self._dirty:
+            # A change of this group is still being committed: answer after it, so that nothing
+            # uncommitted is ever shown.
+            message = self.router.enqueue_control(session, {"t": "res", "id": stanza["id"], **result}, now)
+            self._guard(message, g, record)
+            return DEFERRED
+        return result
+
+    # -- messages and typing
+
+    def route_msg(self, session: Session, stanza: dict, msg_id: bytes, now: float) -> None:
+        """A group ``msg``: fan ``b`` out to every device of every member but the sending device,
+        in the router's group commit."""
+        identity = session.identity
+        g = _group_id(stanza.get("g"), "msg")
+        if "to" in stanza or "c" in stanza:
+            raise StanzaError("a group msg has 'g' and 'b', not 'to' or 'c'")
+        body = stanza.get("b")
+        if type(body) is not bytes or not body:
+            raise StanzaError("a group msg needs 'b': the ciphertext for all members, non-empty bin")
+        limit = self.max_body_bytes
+        if len(body) > limit:
+            raise RouteError(
+                f"a group ciphertext of {len(body)} bytes is over the {limit}-byte limit (send large content as a blob)",
+                code="too_large",
+            )
+        sender, sender_device = identity.user, identity.device
+        record = self.record(g)
+        if record is None or sender not in record.member_set:
+            # A resend of a message already stored answers dup, whatever the membership is now.
+            if self.store.seen(device_key(sender, sender_device), msg_id):
+                self.router.enqueue(session, msg_id, [], [], now)
+                return
+            record = self._member_record(g, sender, "msg")  # raises not_found / not_member
+        # The per-device plan and each copy's dlv bytes: core/domain/fanout.py (compiled, or its pure twin).
+        build = GroupDlv(msg_id, sender, sender_device, body, g)
+        plans = self._plans
+        plan = plans.get(g)
+        fresh = plan is None or plan[0] is not record
+        if fresh:
+            if plan is not None:
+                self._plan_copies -= plans.pop(g)[2]
+            plan = [record, {}, 0]
+        blocked = self.policy.blocked_among(record.members, record.member_set, sender)  # one look-up per message
+        items, targets = plan_cached(plan[1], record.members, sender, sender_device, self.store.devices, blocked, build)
+        if fresh and len(items) <= PLAN_CACHE_COPIES:
+            plan[2] = len(items) + 1
+            self._plan_copies += plan[2]
+            plans[g] = plan
+            while self._plan_copies > PLAN_CACHE_COPIES:
+                self._plan_copies -= plans.pop(next(iter(plans)))[2]
+        # One token is spent already (handle_msg); the copies cost one per COPIES_PER_TOKEN.
+        extra = (len(items) + COPIES_PER_TOKEN - 1) // COPIES_PER_TOKEN - 1
+        if extra > 0:
+            self.router.charge(session, now, extra)
+        message = self.router.enqueue(session, msg_id, items, targets, now)
+        message.skip_full = True
+        message.shared = True  # every copy is GroupDlv's: the store keeps the body once
+        self._guard(message, g, record)
+
+    def route_state(self, session: Session, stanza: dict, state: str, now: float) -> None:
+        """Group typing state: ephemeral, pushed to the other members' online devices."""
+        identity = session.identity
+        sender = identity.user
+        g = _group_id(stanza.get("g"), "state")
+        record = self.committed(g)  # typing never reveals a change that is still committing
+        if record is None:
+            raise RouteError("state: no such group", code="not_found")
+        if sender not in record.member_set:
+            raise RouteError("state: you are not a member of this group", code="not_member")
+        # Ephemeral: at most one per (sender, group) per interval; the others are dropped silently.
+        key = (sender, g)
+        sent = self._state_sent
+        last = sent.get(key)
+        if last is not None and 0.0 <= now - last < STATE_INTERVAL_S:
+            return
+        if last is None and len(sent) >= STATE_KEYS:
+            self._state_sent = sent = {k: t for k, t in sent.items() if 0.0 <= now - t < STATE_INTERVAL_S}
+        sent[key] = now
+        encoded = encode_stanza({"t": "state", "from": sender, "g": g, "s": state})
+        router = self.router
+        sessions = router.sessions
+        blocked = self.policy.blocked_among(record.members, record.member_set, sender)
+        for member in record.members:
+            if member == sender or member in blocked:
+                continue
+            for device in self.store.devices(member):
+                target = sessions.get((member, device))
+                if target is not None:
+                    router.push_encoded(target, encoded)
+
+    # -- helpers
+
+    def _admin_record(self, g: bytes, user: str, what: str) -> GroupRecord:
+        record = self._member_record(g, user, what)
+        if user not in record.admins:
+            raise RouteError(f"{what}: only the group's admins may change its members", code="not_admin")
+        return record
+
+    def _members(self, stanza: dict, op: str, *, allow_empty: bool) -> list[str]:
+        members = stanza.get("members")
+        if type(members) is not list:
+            raise StanzaError(f"{op} needs 'members': a list of user addresses (got {kind_of(members)})")
+        if not members and not allow_empty:
+            raise StanzaError(f"{op}: 'members' is empty")
+        if len(members) > self.max_group:
+            raise RouteError(f"{op}: {len(members)} members (a group has at most {self.max_group})", code="too_large")
+        seen: set[str] = set()
+        size = 0
+        for index, member in enumerate(members):
+            if type(member) is not str:
+                raise StanzaError(f"{op}: 'members[{index}]' must be a user address (got {kind_of(member)})")
+            if address_provider(member) is None:
+                raise StanzaError(f"{op}: 'members[{index}]' is not a user address: {excerpt(member)}")
+            if member in seen:
+                raise StanzaError(f"{op}: 'members' lists {excerpt(member)} twice")
+            seen.add(member)
+            size += len(member.encode("utf-8")) + 2
+        if size > self.max_members_bytes:
+            raise RouteError(
+                f"{op}: 'members' takes {size} bytes (at most {self.max_members_bytes}, so that its event fits "
+                "one frame); add the rest with group.add", code="too_large",
+            )
+        return members
+
+    def _check_addable(self, member: str, identity) -> None:
+        """Consent before existence, as devices.get: the member's provider must be registered, its
+        consent cover the adder's provider, and it must have a device."""
+        provider = self.registry.get(member.rpartition("@")[2])
+        if provider is None:
+            raise RouteError(f"no provider of {member} is registered here", code="unknown_recipient", user=member)
+        if not self.policy.allows(member, provider, identity.provider):
+            raise RouteError(
+                f"{member} does not accept group invitations from users of {identity.provider!r}",
+                code="not_opted_in", user=member,
+            )
+        if not self.store.devices(member):
+            raise RouteError(f"no user {member} is known to this gateway", code="unknown_recipient", user=member)
+
+    def _unchanged(self, session: Session, now: float, iq_id: int, g: bytes, record: GroupRecord):
+        """A request that changes nothing: its answer still waits for any change of the group that
+        is being committed (so it never reports an uncommitted state)."""
+        if g in self._dirty:
+            message = self.router.enqueue_control(session, {"t": "res", "id": iq_id, "ver": record.ver}, now)
+            self._guard(message, g, record)
+            return DEFERRED
+        return {"ver": record.ver}
+
+    def _change(
+        self, session: Session, now: float, iq_id: int, g: bytes, prior_ver: int, record: GroupRecord | None,
+        event: str, concerned: list, removed, result: dict | None = None, *, promoted=(), ver: int | None = None,
+    ) -> None:
+        """Batch a membership change: the new record (None: delete) and the event for every
+        device of every member and of ``removed``, but the acting device."""
+        identity = session.identity
+        actor, actor_device = identity.user, identity.device
+        if prior_ver:  # a change of an existing group: at most CHANGE_RATE a second per group
+            wait_s = self.change_buckets.take(g, now)
+            if wait_s:
+                retry_after = max(1, math.ceil(wait_s * 1000))
+                raise RouteError(
+                    f"this group changes too often; try again in {retry_after} ms", code="rate_limited",
+                    retry_after=retry_after,
+                )
+        ver = record.ver if record is not None else ver
+        change = GroupWrite(g, prior_ver, record)
+        self._dirty[g] = change
+        event_id = hashlib.blake2b(b"interlink-group-event" + g + ver.to_bytes(8, "big"), digest_size=16).digest()
+        fields = {"k": "group", "id": event_id, "from": actor, "dev": actor_device, "g": g, "event": event,
+                  "members": concerned, "ver": ver}
+        if promoted:
+            fields["promoted"] = list(promoted)
+        if event == "created" and record.meta is not None:
+            fields["meta"] = record.meta
+        build = _event_builder(fields)
+        items, targets = [], []
+        recipients = list(record.members) if record is not None else []
+        recipients += [user for user in removed if record is None or user not in record.member_set]
+        blocked = self.policy.blocked_among(recipients, frozenset(recipients), actor)
+        for user in recipients:
+            if user in blocked:
+                continue  # a member who blocked the actor gets nothing from it (not told either)
+            for device in self.store.devices(user):
+                if user == actor and device == actor_device:
+                    continue
+                items.append((device_key(user, device), build))
+                targets.append((user, device))
+        reply = {"t": "res", "id": iq_id, "ver": ver}
+        if result:
+            reply.update(result)
+        self.router.enqueue_control(session, reply, now, items, targets, change)
+
+
+def _group_id(value, what: str) -> bytes:
+    if type(value) is not bytes or len(value) != GROUP_ID_BYTES:
+        raise StanzaError(f"{what} needs 'g': the group id, 16 bytes of bin")
+    return value
+
+
+def _event_builder(fields: dict):
+    """Encodes a membership event's ``dlv`` (kind ``group``) once its seq and timestamp are known."""
+
+    def build(seq: int, ts_ms: int) -> bytes:
+        return encode_stanza({"t": "dlv", "seq": seq, **fields, "ts": ts_ms})
+
+    return build

@@ -1,0 +1,151 @@
+"""The storage port: what the domain and the edge need of durable state.
+
+One protocol per table family (mailboxes, consent and blocks, keys, groups) and ``Store``, all
+of them plus the group commit. ``interlink.core.edge.lmdbstore.LmdbStore`` implements ``Store``; a
+domain object that needs one family can ask for that protocol alone.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from interlink.core.domain.batch import GroupRecord, WriteBatch
+
+
+class MailboxStore(Protocol):
+    """Devices, mailboxes and the dedup window."""
+
+    @property
+    def dedup_unswept(self) -> int:
+        """Dedup entries added since the dedup sweep last caught up: > 0 asks for another sweep soon."""
+
+    def devices(self, user: str) -> tuple[int, ...]:
+        """The user's registered devices, ascending."""
+
+    def register_device(self, user: str, device: int, max_devices: int) -> tuple[int, ...]:
+        """Record ``device`` for ``user`` (idempotent) and return the user's devices.
+        ``StoreLimitError`` (nothing written) when the user already has ``max_devices`` others."""
+
+    def pending(self, dkey: bytes, after_seq: int = 0, limit: int | None = None) -> list[tuple[int, bytes]]:
+        """Stored items of a device with seq > ``after_seq``, in seq order."""
+
+    def pending_count(self, dkey: bytes) -> int:
+        """How many items a device has stored."""
+
+    def usage(self) -> dict:
+        """``mailbox_items``, ``mailbox_bytes`` (pages the mailboxes and their shared group bodies
+        use), ``shared_bodies``, ``map_used_bytes``, ``map_size_bytes``: cheap enough for every
+        metrics scrape."""
+
+    def expire(self, before_ms: int, limit: int = 10_000, max_devices: int = 20_000) -> int:
+        """Delete up to ``limit`` items stored before ``before_ms``, visiting at most
+        ``max_devices`` mailboxes from where the previous call stopped; returns how many."""
+
+    def forget_duplicates(self, before_ms: int, limit: int = 10_000) -> int:
+        """Scan ``limit`` dedup entries from where the previous call stopped and end the window of
+        those first stored before ``before_ms``; returns how many."""
+
+    def seen(self, sender_key: bytes, msg_id: bytes) -> bool:
+        """Is (sender device key, message id) stored in the dedup window?"""
+
+
+class SocialStore(Protocol):
+    """Consent, blocks, reports and the phone directory (the ``iq`` operations' state)."""
+
+    def consent(self, user: str) -> tuple[tuple[str, ...], bool] | None:
+        """The user's stored ``(accept, discoverable)``; None when it never set any."""
+
+    def set_consent(self, user: str, accept: tuple[str, ...], discoverable: bool) -> None:
+        """Replace the user's consent (durably). ``StoreFullError`` when the map is full."""
+
+    def reach(self, user: str, max_blocked: int) -> tuple[tuple[tuple[str, ...], bool] | None, frozenset | None]:
+        """In one read: ``consent(user)``, and the set of users it blocked — or None when it
+        blocked more than ``max_blocked`` (then ask ``is_blocked``)."""
+
+    def is_blocked(self, user: str, other: str) -> bool:
+        """Did ``user`` block ``other``?"""
+
+    def add_block(self, user: str, other: str, max_blocks: int) -> bool:
+        """Block ``other`` for ``user``; True if new, False if it already was (idempotent).
+        ``StoreLimitError`` when ``user`` already blocks ``max_blocks`` others."""
+
+    def del_block(self, user: str, other: str) -> bool:
+        """Unblock; True if ``other`` was blocked (idempotent)."""
+
+    def blocked(self, user: str, after: str | None = None, limit: int | None = None) -> list[str]:
+        """Users ``user`` blocked, in byte order of their UTF-8 addresses, after ``after``."""
+
+    def block_count(self, user: str) -> int:
+        """How many users ``user`` blocked."""
+
+    def blockers(self, user: str, limit: int) -> frozenset | None:
+        """The users who blocked ``user``, or None when there are more than ``limit`` (then ask
+        ``is_blocked`` per user)."""
+
+    def add_report(self, record: dict) -> int:
+        """Store a report (a msgpack-able map) durably; returns its number (1, 2, ...; never reused)."""
+
+    def report(self, number: int) -> dict | None:
+        """A stored report, or None."""
+
+    def reports(self, after: int = 0, limit: int = 100, *, unresolved: bool = False) -> list[tuple[int, dict]]:
+        """Up to ``limit`` reports numbered above ``after``, oldest first (only those without a
+        ``resolution`` when ``unresolved``)."""
+
+    def resolve_report(self, number: int, resolution: dict) -> bool:
+        """Record what the operator decided (``resolution`` is stored in the report); False when
+        there is no such report."""
+
+    def set_phone(self, user: str, phone: str | None) -> bool:
+        """List ``user`` under ``phone`` in the directory (None: under no phone); replaces the
+        previous phone. Reads only when nothing changes; True when it wrote."""
+
+    def phone(self, user: str) -> str | None:
+        """The phone the directory lists ``user`` under."""
+
+    def directory(self, phone: str, limit: int | None = None) -> list[str]:
+        """Users listed under ``phone``, in byte order."""
+
+
+class KeyStore(Protocol):
+    """The key directory (``keys.*``): each device's published keys and one-time prekeys."""
+
+    def put_prekeys(
+        self, user: str, device: int, ik: bytes, spk: tuple[int, bytes, bytes], otpks: list[tuple[int, bytes]],
+        max_otpks: int,
+    ) -> int:
+        """Publish a device's keys in one write transaction: ``ik`` and ``spk`` (id, key, sig)
+        replace what it published before; a new ``ik`` also discards the one-time prekeys stored
+        under the old one; ``otpks`` (id, key) are added, an id already stored replaced. Returns the
+        device's one-time prekey count. ``StoreLimitError`` (nothing written) when the stock would
+        pass ``max_otpks``; ``StoreFullError`` when the map is full."""
+
+    def take_prekeys(self, user: str, devices) -> list[dict]:
+        """The bundles of ``devices`` of ``user`` (ascending; devices that published nothing are
+        left out): ``{"device", "ik", "spk": {"id", "key", "sig"}, "otpk": {"id", "key"} or None}``.
+        Each one-time prekey returned is deleted in the same write transaction, so it is handed out
+        exactly once (the lowest id first)."""
+
+    def read_prekeys(self, user: str, devices) -> list[dict]:
+        """The bundles ``take_prekeys`` would hand out, read only: nothing is consumed (the
+        gateway takes the one-time prekeys in its group commit, ``WriteBatch.add_prekey_take``)."""
+
+    def prekey_count(self, user: str, device: int) -> int:
+        """How many one-time prekeys the device has stored."""
+
+
+class GroupStore(Protocol):
+    """Group records (written only through ``commit``: a ``ControlEntry`` with a ``GroupWrite``)."""
+
+    def group(self, g: bytes) -> GroupRecord | None:
+        """The stored record of group ``g``, or None."""
+
+
+class Store(MailboxStore, SocialStore, KeyStore, GroupStore, Protocol):
+    """Every table family, and the group commit that writes across them."""
+
+    def commit(self, batch: WriteBatch) -> None:
+        """Write the batch in one transaction, in entry order, durably per the configured mode,
+        and record each entry's outcome on it (``dup``, ``stored``, ``refused``, ``kept``,
+        ``dropped_full``; a prekey take's ``bundles``). ``StoreFullError`` when it does not fit:
+        nothing is written and no entry keeps an outcome."""

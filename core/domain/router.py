@@ -1,0 +1,531 @@
+"""Routing of messages through durable per-device mailboxes (docs/protocol.md §6), sans-I/O.
+
+The router keeps the session table, validates ``msg`` (1:1), ``rcpt``, ``state`` (1:1) and
+``recv``, and collects the writes of one event-loop turn into one batch. It never touches the
+event loop or a socket: the edge takes the batch (``take_batch``), commits it in one store
+transaction, and hands the result back (``committed`` or ``failed``); only then are senders
+acked and ``dlv`` pushed to the recipients' online devices, each with at most ``window``
+pushed-but-unreceived items; ``recv`` deletes items and lets more flow. Every session the router
+wrote to is in ``touched`` until the edge writes it out (``take_touched``). Time comes in as
+``now`` (epoch seconds).
+
+Sessions are the protocol layer's ``ServerConnection`` objects, through the small port
+``Session`` below. The router never looks inside ``c``: ciphertexts are opaque bytes it stores
+and forwards. Group messages and the ``group.*`` operations are decided by ``core/domain/groups.py``,
+which queues its writes here with ``enqueue`` and ``enqueue_control``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Protocol
+
+from interlink.core.domain.auth import Identity, ProviderRegistry, localpart_error
+from interlink.core.errors import InterlinkError, RouteError, StanzaError
+from interlink.core.domain.fields import excerpt
+from interlink.core.domain.policy import Policy
+from interlink.core.domain.ratelimit import TokenBuckets
+from interlink.core.protocol.stanza import encode_stanza
+from interlink.core.domain.batch import ControlEntry, GroupWrite, MessageEntry, PrekeyTake, WriteBatch, device_key
+from interlink.core.domain.ports import Store
+from interlink.core.protocol.wire import MAX_DEVICE_ID, TAG_BYTES
+
+ID_BYTES = 16
+MAX_RECV_SEQS = 1024  # seqs one ``recv`` may name
+DLV_OVERHEAD_BYTES = 512  # a dlv's fields besides the ciphertext (addresses, seq, ts, ...), at most
+MAX_RECEIPT_IDS = 100  # message ids one rcpt may name
+VALID_ADDRESSES_KEPT = 65_536  # recipient addresses already checked, remembered (about 100 bytes each)
+RECEIPT_KINDS = ("delivered", "read")
+TYPING_STATES = ("composing", "paused")
+
+
+class Session(Protocol):
+    """What the domain needs of an open session (``ServerConnection`` is one)."""
+
+    identity: Identity  #: who the session's token says it is
+    session_key: tuple[str, int]  #: (user, device): the session table's key
+    max_plaintext_bytes: int  #: the largest stanza the session can be sent
+
+    @property
+    def closed(self) -> bool: ...
+
+    def send_stanza(self, stanza: dict) -> None: ...
+
+    def send_encoded(self, encoded: bytes) -> None: ...
+
+
+class Delivery:
+    """Push state of one online device session that has stored items."""
+
+    __slots__ = ("inflight", "cursor", "backlog")
+
+    def __init__(self, backlog: bool) -> None:
+        self.inflight: set[int] = set()  # seqs pushed on this session and not yet received
+        self.cursor = 0  # highest seq pushed on this session
+        self.backlog = backlog  # the store may hold items after cursor that were not pushed
+
+
+class Commit:
+    """One turn's batch, taken by the edge to commit, and the requests it answers afterwards."""
+
+    __slots__ = ("batch", "waiting")
+
+    def __init__(self, batch: WriteBatch, waiting: list) -> None:
+        self.batch = batch
+        # (session, entry, targets): the sender owed an answer, its batch entry, and each stored
+        # item's (user, device), the session-table key.
+        self.waiting = waiting
+
+
+class Router:
+    """1:1 routing: the session table, validation, consent, the batch, acks and windowed delivery."""
+
+    def __init__(
+        self,
+        *,
+        store: Store,
+        registry: ProviderRegistry,
+        policy: Policy,
+        window: int,
+        max_frame_bytes: int,
+        message_rate_per_device: float,
+        message_rate_per_user: float,
+    ) -> None:
+        self.store = store
+        self.registry = registry
+        self.policy = policy
+        self.window = window
+        # Every dlv must fit in one frame the recipient accepts.
+        self.max_ciphertext_bytes = max_frame_bytes - TAG_BYTES - DLV_OVERHEAD_BYTES
+        # Stored traffic (msg, rcpt) and typing state, per device session and per user; the burst
+        # is two seconds' worth.
+        self.device_buckets = TokenBuckets(2 * message_rate_per_device, message_rate_per_device)
+        self.user_buckets = TokenBuckets(2 * message_rate_per_user, message_rate_per_user)
+        self.sessions: dict[tuple[str, int], Session] = {}  # (user, device) -> its open session
+        self.deliveries: dict[Session, Delivery] = {}  # only sessions with stored items
+        self.paused: set[Session] = set()  # sessions whose peer stopped reading: nothing is pushed
+        self.touched: set[Session] = set()  # sessions written to since the edge last wrote them out
+        self._batch = WriteBatch()
+        self._waiting: list[tuple[Session, MessageEntry | ControlEntry | PrekeyTake, list]] = []
+        self._valid_addresses: dict[str, str] = {}  # address -> its provider id (syntax checked)
+        self.counters = {
+            "messages_stored": 0, "deliveries_pushed": 0, "commits": 0, "duplicates": 0, "group_changes": 0,
+            "group_copies_dropped_full": 0, "group_events_dropped_full": 0,
+        }
+
+    def set_message_rates(self, per_device: float, per_user: float) -> None:
+        """New message rates (a reload); the burst stays two seconds' worth."""
+        self.device_buckets.set_rate(2 * per_device, per_device)
+        self.user_buckets.set_rate(2 * per_user, per_user)
+
+    # -- sessions
+
+    def open_session(self, session: Session) -> tuple[Session | None, int]:
+        """Register an authenticated session under its ``session_key``. Returns the session it
+        replaces (unregistered already; the caller closes it) and how many items wait for it."""
+        key = session.session_key
+        previous = self.sessions.get(key)
+        if previous is session:
+            previous = None
+        elif previous is not None:
+            self.close_session(previous)
+        self.sessions[key] = session
+        pending = self.store.pending_count(device_key(*key))
+        if pending:
+            self.deliveries[session] = Delivery(backlog=True)
+        return previous, pending
+
+    def close_session(self, session: Session) -> None:
+        """Forget a session that ended (or was replaced); a newer session of its device stays."""
+        key = session.session_key
+        if key is not None and self.sessions.get(key) is session:
+            del self.sessions[key]
+        self.deliveries.pop(session, None)
+        self.paused.discard(session)
+
+    def push_stored(self, session: Session) -> None:
+        """Push what the window allows from the store (after ``welcome``)."""
+        if session in self.deliveries:
+            self._refill(session)
+
+    def pause(self, session: Session) -> None:
+        """The session's peer stopped reading: push nothing more (items stay in the mailbox)."""
+        self.paused.add(session)
+
+    def resume(self, session: Session) -> None:
+        """The peer reads again: push what waited."""
+        self.paused.discard(session)
+        if session in self.deliveries:
+            self._refill(session)
+
+    def take_touched(self) -> set:
+        """The sessions written to since the last call; the edge writes each out once."""
+        touched, self.touched = self.touched, set()
+        return touched
+
+    # -- stanzas
+
+    def charge(self, session: Session, now: float, tokens: int = 1) -> None:
+        """Spend ``tokens`` tokens of the session's and the user's bucket, or refuse (``rate_limited``;
+        the tokens spent before the refusal stay spent)."""
+        device_buckets, user_buckets = self.device_buckets, self.user_buckets
+        session_key = session.session_key
+        user = session_key[0]
+        wait_s = 0.0
+        for _ in range(tokens):
+            wait_s = device_buckets.take(session_key, now) or user_buckets.take(user, now)
+            if wait_s:
+                break
+        if wait_s:
+            retry_after = max(1, math.ceil(wait_s * 1000))
+            raise RouteError(f"too many messages; try again in {retry_after} ms", code="rate_limited", retry_after=retry_after)
+
+    def route_msg(self, session: Session, stanza: dict, msg_id: bytes, now: float) -> None:
+        """A 1:1 ``msg`` (already charged, its id checked): one ciphertext per recipient device."""
+        identity = session.identity
+        recipient_provider, recipient = self._recipient(stanza.get("to"))
+        if recipient == identity.user:
+            raise RouteError("to reach your own other devices, use 'own'", code="bad_stanza")
+        ciphertexts = _device_map(stanza.get("c"), "c", self.max_ciphertext_bytes)
+        own = stanza.get("own")
+        own = _device_map(own, "own", self.max_ciphertext_bytes) if own is not None else None
+        devices = self._reachable_devices(recipient_provider, recipient, identity, "messages")
+        _check_devices(ciphertexts, devices, "c")
+        sender, sender_device = identity.user, identity.device
+        items, targets = [], []
+        # A blocked sender is answered like any other and nothing reaches the recipient; the
+        # sender's own copies are still stored (its other devices show what it sent).
+        if not self.policy.blocks(recipient, sender):
+            for device, ciphertext in ciphertexts.items():
+                items.append((device_key(recipient, device), _dlv_builder(msg_id, sender, sender_device, ciphertext, None)))
+                targets.append((recipient, device))
+        if own is not None:
+            others = [d for d in self.store.devices(sender) if d != sender_device]
+            _check_devices(own, others, "own")
+            for device, ciphertext in own.items():
+                items.append((device_key(sender, device), _dlv_builder(msg_id, sender, sender_device, ciphertext, recipient)))
+                targets.append((sender, device))
+        self.enqueue(session, msg_id, items, targets, now)
+
+    def handle_rcpt(self, session: Session, stanza: dict, now: float) -> None:
+        """A receipt is stored and delivered like a message, to every device of ``to`` and (with
+        ``to``) to the sender's other devices, so they can mark the messages too."""
+        self.charge(session, now)
+        identity = session.identity
+        msg_id = stanza_id(stanza, "rcpt")
+        kind = stanza.get("kind")
+        if kind not in RECEIPT_KINDS:
+            raise StanzaError("rcpt needs 'kind': 'delivered' or 'read'")
+        ids = stanza.get("ids")
+        if type(ids) is not list or not 1 <= len(ids) <= MAX_RECEIPT_IDS or not all(
+            type(i) is bytes and len(i) == ID_BYTES for i in ids
+        ):
+            raise StanzaError(f"rcpt needs 'ids': 1..{MAX_RECEIPT_IDS} message ids of 16 bytes")
+        recipient_provider, recipient = self._recipient(stanza.get("to"))
+        if recipient == identity.user:
+            raise RouteError("receipts go to the sender of the messages, not to yourself", code="bad_stanza")
+        devices = self._reachable_devices(recipient_provider, recipient, identity, "receipts")
+        sender, sender_device = identity.user, identity.device
+        targets = []
+        if not self.policy.blocks(recipient, sender):
+            targets += [(recipient, device) for device in devices]
+        recipient_targets = len(targets)
+        targets += [(sender, device) for device in self.store.devices(sender) if device != sender_device]
+        build = _rcpt_builder(msg_id, sender, sender_device, kind, ids, None)
+        own_build = _rcpt_builder(msg_id, sender, sender_device, kind, ids, recipient)
+        items = [
+            (device_key(user, device), build if i < recipient_targets else own_build)
+            for i, (user, device) in enumerate(targets)
+        ]
+        self.enqueue(session, msg_id, items, targets, now)
+
+    def route_state(self, session: Session, stanza: dict, state: str) -> None:
+        """1:1 typing state (already charged and checked): ephemeral, never stored, pushed to the
+        recipient's online devices."""
+        identity = session.identity
+        # Typing state is answered with not_opted_in or bad_stanza only (docs/protocol.md §6):
+        # nobody under an unregistered provider accepts the sender's provider.
+        recipient_provider, recipient = self._recipient(stanza.get("to"), unknown_code="not_opted_in")
+        if not self.policy.allows(recipient, recipient_provider, identity.provider):
+            raise RouteError(f"{recipient} does not accept typing state from users of {identity.provider!r}", code="not_opted_in")
+        if recipient == identity.user or self.policy.blocks(recipient, identity.user):
+            return
+        encoded = encode_stanza({"t": "state", "from": identity.user, "s": state})
+        for device in self.store.devices(recipient):
+            target = self.sessions.get((recipient, device))
+            if target is not None:
+                self.push_encoded(target, encoded)
+
+    def _reachable_devices(self, recipient_provider, recipient: str, identity, what: str) -> tuple[int, ...]:
+        """The recipient's devices, if the recipient accepts the sender's provider (consent)."""
+        if not self.policy.allows(recipient, recipient_provider, identity.provider):
+            raise RouteError(f"{recipient} does not accept {what} from users of {identity.provider!r}", code="not_opted_in")
+        devices = self.store.devices(recipient)
+        if not devices:
+            raise RouteError(f"no user {recipient} is known to this gateway", code="unknown_recipient")
+        return devices
+
+    def enqueue(self, session: Session, msg_id: bytes, items: list, targets: list, now: float) -> MessageEntry:
+        """Add a stored stanza to this turn's batch; its sender is acked after the commit.
+        ``targets[i]`` is the (user, device) of ``items[i]``."""
+        message = self._batch.add_message(device_key(*session.session_key), msg_id, int(now * 1000), items)
+        self._waiting.append((session, message, targets))
+        return message
+
+    def enqueue_control(
+        self, session: Session, reply: dict, now: float, items=(), targets=(), group: GroupWrite | None = None,
+    ) -> ControlEntry:
+        """Add a control entry to this turn's batch: a group write (if any) and the items that
+        announce it, all in the commit's one transaction; ``reply`` (an ``iq`` ``res``) is sent
+        after the commit, in order with the acks of the same batch."""
+        entry = self._batch.add_control(int(now * 1000), list(items), group, reply)
+        self._waiting.append((session, entry, list(targets)))
+        return entry
+
+    def enqueue_prekey_take(self, session: Session, reply: dict, user: str, devices, now: float) -> None:
+        """A ``keys.get`` whose one-time prekeys are taken in this turn's commit (one fsync for
+        every request of the turn); ``reply`` gets the ``bundles`` the commit took and is sent
+        after it."""
+        self._waiting.append((session, self._batch.add_prekey_take(user, devices, reply), []))
+
+    def handle_recv(self, session: Session, stanza: dict, now: float) -> None:
+        seqs = stanza.get("seq")
+        if type(seqs) is not list or len(seqs) > MAX_RECV_SEQS or not all(type(s) is int and s > 0 for s in seqs):
+            raise StanzaError(f"recv needs 'seq': a list of at most {MAX_RECV_SEQS} positive ints")
+        delivery = self.deliveries.get(session)
+        if delivery is None or not seqs:
+            return
+        received = [seq for seq in seqs if seq in delivery.inflight]
+        if not received:
+            return
+        delivery.inflight.difference_update(received)
+        self._batch.delete(device_key(*session.session_key), received)
+        self._refill(session)
+
+    # -- the group commit, driven by the edge
+
+    @property
+    def has_batch(self) -> bool:
+        """Writes wait for a commit."""
+        return bool(self._batch)
+
+    def take_batch(self) -> Commit | None:
+        """This turn's writes, for the edge to commit in one transaction (None: nothing to write)."""
+        if not self._batch:
+            return None
+        commit = Commit(self._batch, self._waiting)
+        self._batch, self._waiting = WriteBatch(), []
+        return commit
+
+    def failed(self, commit: Commit, exc: InterlinkError) -> list[tuple[GroupWrite, bool]]:
+        """The commit wrote nothing: every sender gets ``err``. Returns the group writes it held,
+        each with False (not written), for the groups to forget."""
+        settled = []
+        for session, entry, _ in commit.waiting:
+            if type(entry) is MessageEntry:
+                self.answer(session, {"t": "err", "code": exc.code, "msg": exc.message, "ref": entry.msg_id})
+                continue
+            if type(entry) is ControlEntry and entry.group is not None:
+                settled.append((entry.group, False))
+            self.answer(session, {"t": "err", "code": exc.code, "msg": exc.message, "id": entry.reply["id"]})
+        return settled
+
+    def committed(self, commit: Commit) -> list[tuple[GroupWrite, bool]]:
+        """The commit is durable: answer every sender and push what was stored to the online
+        devices. Returns the group writes it held, each with whether it was written."""
+        settled = []
+        self.counters["commits"] += 1
+        sessions = self.sessions
+        for session, entry, targets in commit.waiting:
+            if type(entry) is not MessageEntry:
+                if type(entry) is PrekeyTake:
+                    entry.reply["bundles"] = entry.bundles  # taken in the commit, answered after it
+                    self.answer(session, entry.reply)
+                    continue
+                if entry.group is not None:
+                    settled.append((entry.group, entry.refused is None))
+                self._control_committed(session, entry, targets)
+                continue
+            if entry.refused is not None:
+                if entry.refused == "conflict":  # built from a group change that failed
+                    self.answer(session, {
+                        "t": "err", "code": "overloaded", "ref": entry.msg_id,
+                        "msg": "the group changed while this message waited; nothing was stored, resend it",
+                    })
+                    continue
+                self.answer(session, {
+                    "t": "err", "code": entry.refused, "ref": entry.msg_id,
+                    "msg": "a recipient mailbox is full; nothing was stored",
+                })
+                continue
+            if entry.kept is not None:  # a group message skipped devices whose mailbox is full
+                targets = [targets[i] for i in entry.kept]
+            if entry.dropped_full:
+                self.counters["group_copies_dropped_full"] += entry.dropped_full
+            ack = {"t": "ack", "id": entry.msg_id, "ts": entry.ts_ms}
+            if entry.dup:
+                ack["dup"] = True
+                self.counters["duplicates"] += 1
+            else:
+                self.counters["messages_stored"] += 1
+            self.answer(session, ack)
+            for (_, seq, value), target in zip(entry.stored, targets):
+                recipient = sessions.get(target)
+                if recipient is not None:
+                    self._push_new(recipient, seq, value)
+        return settled
+
+    def _control_committed(self, session: Session, entry: ControlEntry, targets: list) -> None:
+        if entry.refused is not None:
+            self.answer(session, {
+                "t": "err", "code": "overloaded", "id": entry.reply["id"],
+                "msg": "the group changed while this request waited (an earlier change failed); nothing was changed, try again",
+            })
+            return
+        if entry.group is not None:
+            self.counters["group_changes"] += 1
+        if entry.kept is not None:  # events skipped for mailboxes past the control overdraft
+            targets = [targets[i] for i in entry.kept]
+        if entry.dropped_full:
+            self.counters["group_events_dropped_full"] += entry.dropped_full
+        self.answer(session, entry.reply)
+        sessions = self.sessions
+        for (_, seq, value), target in zip(entry.stored, targets):
+            recipient = sessions.get(target)
+            if recipient is not None:
+                self._push_new(recipient, seq, value)
+
+    # -- output
+
+    def answer(self, session: Session, stanza: dict) -> None:
+        """Send a stanza to a session, unless it ended meanwhile."""
+        if not session.closed:
+            session.send_stanza(stanza)
+            self.touched.add(session)
+
+    def push_encoded(self, session: Session, encoded: bytes) -> None:
+        """Send an already-encoded stanza (typing state: encoded once, sent to many)."""
+        if not session.closed:
+            session.send_encoded(encoded)
+            self.touched.add(session)
+
+    # -- delivery
+
+    def _push_new(self, session: Session, seq: int, value: bytes) -> None:
+        """Push a just-stored item to its device's online session, if the window allows."""
+        delivery = self.deliveries.get(session)
+        if delivery is None:
+            delivery = self.deliveries[session] = Delivery(backlog=False)
+        if delivery.backlog or len(delivery.inflight) >= self.window or session in self.paused:
+            # Older items wait in the store, or the window is full: this one waits its turn
+            # there too, and recv will bring it (order per device is seq order).
+            delivery.backlog = True
+            return
+        delivery.inflight.add(seq)
+        delivery.cursor = seq
+        session.send_encoded(value)  # the encoded dlv from the commit: serialized once
+        self.counters["deliveries_pushed"] += 1
+        self.touched.add(session)
+
+    def _refill(self, session: Session) -> None:
+        delivery = self.deliveries.get(session)
+        if delivery is None:
+            return
+        room = self.window - len(delivery.inflight)
+        if room > 0 and delivery.backlog and session not in self.paused:
+            items = self.store.pending(device_key(*session.session_key), delivery.cursor, room)
+            for seq, value in items:
+                delivery.inflight.add(seq)
+                delivery.cursor = seq
+                session.send_encoded(value)
+            if items:
+                self.counters["deliveries_pushed"] += len(items)
+                self.touched.add(session)
+            delivery.backlog = len(items) == room  # a short read reached the end of the mailbox
+        if not delivery.inflight and not delivery.backlog:
+            del self.deliveries[session]  # nothing stored any more: no state for idle sessions
+
+    # -- helpers
+
+    def _recipient(self, to, unknown_code: str = "unknown_recipient") -> tuple:
+        if type(to) is not str:
+            raise StanzaError("'to' must be a user address 'localpart@provider'")
+        provider_id = self._valid_addresses.get(to)
+        if provider_id is None:
+            localpart, at, provider_id = to.rpartition("@")
+            if not at or localpart_error(localpart) is not None:
+                raise StanzaError(f"'to' is not a user address: {excerpt(to)}")
+            if len(self._valid_addresses) >= VALID_ADDRESSES_KEPT:
+                del self._valid_addresses[next(iter(self._valid_addresses))]
+            self._valid_addresses[to] = provider_id
+        provider = self.registry.get(provider_id)
+        if provider is None:
+            raise RouteError(f"no provider {excerpt(provider_id)} is registered here", code=unknown_code)
+        return provider, to
+
+
+def stanza_id(stanza: dict, kind: str) -> bytes:
+    """The 16-byte ``id`` of a ``msg`` or ``rcpt`` (``bad_stanza`` otherwise)."""
+    stanza_id = stanza.get("id")
+    if type(stanza_id) is not bytes or len(stanza_id) != ID_BYTES:
+        raise StanzaError(f"{kind} needs 'id': 16 bytes")
+    return stanza_id
+
+
+def typing_state(stanza: dict) -> str:
+    """The ``s`` of a ``state`` stanza (``bad_stanza`` unless composing or paused)."""
+    state = stanza.get("s")
+    if state not in TYPING_STATES:
+        raise StanzaError("state needs 's': 'composing' or 'paused'")
+    return state
+
+
+def _device_map(value, name: str, max_ciphertext_bytes: int) -> dict[int, bytes]:
+    if type(value) is not dict or not value:
+        raise StanzaError(f"msg needs '{name}': a non-empty map of device -> ciphertext")
+    for device, ciphertext in value.items():
+        if type(device) is not int or not 1 <= device <= MAX_DEVICE_ID:
+            raise StanzaError(f"'{name}' keys must be device numbers 1..2^31-1")
+        if type(ciphertext) is not bytes or not ciphertext:
+            raise StanzaError(f"'{name}' values must be non-empty bin")
+        if len(ciphertext) > max_ciphertext_bytes:
+            raise RouteError(
+                f"a ciphertext of {len(ciphertext)} bytes is over the {max_ciphertext_bytes}-byte limit", code="too_large"
+            )
+    return value
+
+
+def _check_devices(given: dict, registered, name: str) -> None:
+    registered_set = set(registered)
+    if given.keys() == registered_set:
+        return
+    missing = sorted(registered_set - given.keys())
+    extra = sorted(given.keys() - registered_set)
+    if missing or extra:
+        raise RouteError(
+            f"'{name}' does not match the registered devices", code="device_mismatch", missing=missing, extra=extra
+        )
+
+
+def _rcpt_builder(msg_id: bytes, sender: str, sender_device: int, kind: str, ids: list, to: str | None):
+    """Encodes a receipt's ``dlv`` once its seq and timestamp are known."""
+
+    def build(seq: int, ts_ms: int) -> bytes:
+        stanza = {"t": "dlv", "seq": seq, "k": "rcpt", "id": msg_id, "from": sender, "dev": sender_device, "ts": ts_ms, "kind": kind, "ids": ids}
+        if to is not None:
+            stanza["to"] = to
+        return encode_stanza(stanza)
+
+    return build
+
+
+def _dlv_builder(msg_id: bytes, sender: str, sender_device: int, ciphertext: bytes, to: str | None):
+    """Encodes the ``dlv`` once its seq and timestamp are known (inside the commit)."""
+
+    def build(seq: int, ts_ms: int) -> bytes:
+        stanza = {"t": "dlv", "seq": seq, "k": "msg", "id": msg_id, "from": sender, "dev": sender_device, "ts": ts_ms, "c": ciphertext}
+        if to is not None:
+            stanza["to"] = to
+        return encode_stanza(stanza)
+
+    return build

@@ -1,0 +1,112 @@
+"""The edge's commit driver: when the domain's batch is written, and where.
+
+A batch is committed once per event-loop turn (``call_soon``: every read already queued for the
+turn joins it), inline on the loop or on one writer thread (py-lmdb releases the GIL while
+committing, so the loop gathers the next batch meanwhile). One commit runs at a time, in order.
+After each, the domain answers the senders and pushes deliveries, and ``on_done`` writes out
+the sessions it touched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import time
+from typing import Callable
+
+from interlink.core.domain.dispatch import Domain
+from interlink.core.errors import InterlinkError
+from interlink.core.edge.metrics import COMMIT_BUCKETS_S, Histogram
+from interlink.core.domain.router import Commit
+from interlink.core.domain.ports import Store
+
+log = logging.getLogger("interlink.commit")
+
+
+class CommitDriver:
+    """Schedules and runs the domain's group commits."""
+
+    def __init__(
+        self,
+        *,
+        store: Store,
+        domain: Domain,
+        on_done: Callable[[], None],
+        executor: concurrent.futures.Executor | None = None,
+    ) -> None:
+        self.store = store
+        self.domain = domain
+        self.on_done = on_done  # writes out the sessions the domain touched
+        self.executor = executor  # None: commit inline on the loop
+        self.seconds = Histogram(COMMIT_BUCKETS_S)  # group-commit latency, for /metrics
+        self._scheduled = False
+        self._inflight: asyncio.Future | None = None  # the writer thread's running commit
+
+    @property
+    def running(self) -> bool:
+        """A commit is being written on the writer thread."""
+        return self._inflight is not None
+
+    def schedule(self) -> None:
+        """Commit at the end of this loop turn if the domain has writes waiting."""
+        if not self._scheduled and self.domain.router.has_batch:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self.commit)
+
+    def commit(self) -> None:
+        """Write the pending batch in one transaction, then let the domain answer and push."""
+        self._scheduled = False
+        if self._inflight is not None:
+            return  # one commit at a time, in order; the running one schedules the next
+        commit = self.domain.take_batch()
+        if commit is None:
+            return
+        if self.executor is None:
+            started = time.perf_counter()
+            try:
+                self.store.commit(commit.batch)
+            except Exception as exc:  # answer every waiter and keep serving, whatever the fault
+                self._failed(commit, exc)
+                return
+            self.seconds.observe(time.perf_counter() - started)
+            self.domain.committed(commit)
+            self.on_done()
+            return
+        future = asyncio.get_running_loop().run_in_executor(self.executor, self._timed_commit, commit)
+        future.add_done_callback(lambda done: self._thread_committed(done, commit))
+        self._inflight = future
+
+    async def settle(self) -> None:
+        """Commit everything still batched or in flight (a drain calls this before the store closes)."""
+        while self._inflight is not None or self.domain.router.has_batch:
+            if self._inflight is not None:
+                await asyncio.wait([self._inflight])
+                await asyncio.sleep(0)  # let its done-callback run (answers, the next batch)
+            else:
+                self.commit()
+
+    def _timed_commit(self, commit: Commit) -> float:
+        """The writer thread's job: the commit, and how long it took."""
+        started = time.perf_counter()
+        self.store.commit(commit.batch)
+        return time.perf_counter() - started
+
+    def _thread_committed(self, done: asyncio.Future, commit: Commit) -> None:
+        self._inflight = None
+        error = done.exception()
+        if error is None:
+            self.seconds.observe(done.result())  # observed on the loop, not the thread
+            self.domain.committed(commit)
+            self.on_done()
+        else:
+            self._failed(commit, error)
+        self.schedule()  # what gathered while this one was written
+
+    def _failed(self, commit: Commit, error: BaseException) -> None:
+        if not isinstance(error, InterlinkError):  # a storage fault nobody foresaw
+            log.error("commit failed", exc_info=error)
+            error = InterlinkError("the gateway could not store the message")
+        log.error("commit of %d entries failed: %s", len(commit.batch.entries), error)
+        self.domain.failed(commit, error)
+        self.on_done()

@@ -1,0 +1,140 @@
+"""``LmdbStore``: the ``Store`` port over one LMDB environment and its four table families.
+
+``commit(batch)`` is the group commit: one write transaction in which each entry goes to its
+family's writer, in batch order, then the ``recv`` deletions and the mailbox counters. A full
+map aborts the whole transaction (``StoreFullError``; no entry keeps an outcome). Every other
+method is the family's own, bound once, and runs in a transaction of its own.
+"""
+
+from __future__ import annotations
+
+import os
+
+import lmdb
+
+from interlink.core.domain.batch import ControlEntry, MessageEntry, WriteBatch
+from interlink.core.edge.lmdbstore.env import open_environment, store_full
+from interlink.core.edge.lmdbstore.groups import GroupRecords
+from interlink.core.edge.lmdbstore.keys import Keys
+from interlink.core.edge.lmdbstore.mailboxes import (
+    CONTROL_OVERDRAFT_BYTES,
+    CONTROL_OVERDRAFT_ITEMS,
+    DEVICE_CACHE_USERS,
+    Mailboxes,
+)
+from interlink.core.edge.lmdbstore.social import Social
+
+
+class LmdbStore:
+    """One LMDB environment with its named databases; the edge where storage I/O happens."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        map_size_bytes: int,
+        sync: bool,
+        max_mailbox_items: int,
+        max_mailbox_bytes: int,
+        device_cache_users: int = DEVICE_CACHE_USERS,
+        control_overdraft_items: int = CONTROL_OVERDRAFT_ITEMS,
+        control_overdraft_bytes: int = CONTROL_OVERDRAFT_BYTES,
+    ) -> None:
+        self.path, self.env = open_environment(path, map_size_bytes=map_size_bytes, sync=sync)
+        self.mailboxes = mailboxes = Mailboxes(
+            self.env, max_mailbox_items=max_mailbox_items, max_mailbox_bytes=max_mailbox_bytes,
+            device_cache_users=device_cache_users, control_overdraft_items=control_overdraft_items,
+            control_overdraft_bytes=control_overdraft_bytes,
+        )
+        self.social = social = Social(self.env)
+        self.keys = keys = Keys(self.env)
+        self.groups = groups = GroupRecords(self.env)
+        # The port's methods are the families' own, bound here once: routing calls some of them
+        # for every stanza, and a forwarding method would add a call to each.
+        self.devices = mailboxes.devices
+        self.register_device = mailboxes.register_device
+        self.pending = mailboxes.pending
+        self.pending_count = mailboxes.pending_count
+        self.mailbox_state = mailboxes.mailbox_state
+        self.usage = mailboxes.usage
+        self.expire = mailboxes.expire
+        self.forget_duplicates = mailboxes.forget_duplicates
+        self.seen = mailboxes.seen
+        self.consent = social.consent
+        self.set_consent = social.set_consent
+        self.reach = social.reach
+        self.is_blocked = social.is_blocked
+        self.add_block = social.add_block
+        self.del_block = social.del_block
+        self.blocked = social.blocked
+        self.block_count = social.block_count
+        self.blockers = social.blockers
+        self.add_report = social.add_report
+        self.report = social.report
+        self.reports = social.reports
+        self.resolve_report = social.resolve_report
+        self.set_phone = social.set_phone
+        self.phone = social.phone
+        self.directory = social.directory
+        self.put_prekeys = keys.put_prekeys
+        self.read_prekeys = keys.read_prekeys
+        self.take_prekeys = keys.take_prekeys
+        self.prekey_count = keys.prekey_count
+        self.group = groups.group
+
+    def close(self) -> None:
+        self.env.close()
+
+    # The quotas can change while the gateway runs (a reload); the mailboxes read them per commit.
+
+    @property
+    def max_mailbox_items(self) -> int:
+        return self.mailboxes.max_mailbox_items
+
+    @max_mailbox_items.setter
+    def max_mailbox_items(self, value: int) -> None:
+        self.mailboxes.max_mailbox_items = value
+
+    @property
+    def max_mailbox_bytes(self) -> int:
+        return self.mailboxes.max_mailbox_bytes
+
+    @max_mailbox_bytes.setter
+    def max_mailbox_bytes(self, value: int) -> None:
+        self.mailboxes.max_mailbox_bytes = value
+
+    @property
+    def dedup_unswept(self) -> int:
+        return self.mailboxes.dedup_unswept
+
+    def commit(self, batch: WriteBatch) -> None:
+        mailboxes, groups, keys = self.mailboxes, self.groups, self.keys
+        try:
+            with self.env.begin(write=True) as txn:
+                states: dict = {}  # device key -> MailboxState, as this transaction left it
+                for entry in batch.entries:
+                    kind = type(entry)
+                    if kind is MessageEntry:
+                        # A duplicate answers dup whatever the group became; else a guarded
+                        # entry must match the stored record.
+                        if (entry.guard is not None and not mailboxes.is_duplicate(txn, entry)
+                                and not groups.has_ver(txn, entry.guard)):
+                            entry.refused = "conflict"
+                        else:
+                            mailboxes.write_message(txn, entry, states)
+                    elif kind is ControlEntry:
+                        if ((entry.guard is not None and not groups.has_ver(txn, entry.guard))
+                                or (entry.group is not None and not groups.write(txn, entry.group))):
+                            entry.refused = "conflict"  # computed from a change that never committed
+                        else:
+                            mailboxes.write_control(txn, entry, states)
+                    else:
+                        entry.bundles = keys.take(txn, entry.user, entry.devices)
+                if batch.deletions:
+                    mailboxes.delete(txn, batch.deletions, states)
+                mailboxes.save(txn, states)
+        except lmdb.MapFullError:
+            for entry in batch.entries:
+                entry.clear_outcome()
+            raise store_full() from None
+        mailboxes.dedup_unswept += sum(1 for entry in batch.entries if type(entry) is MessageEntry and entry.stored)

@@ -1,0 +1,653 @@
+"""The I/O edge: the asyncio/uvloop TCP server and its per-connection ``BufferedProtocol`` adapter.
+
+Everything protocol-related happens in ``ServerConnection`` (sans-I/O); this module only moves
+bytes, runs timers and calls the edge services (token verification, the store). Design notes:
+
+* One receive buffer for the whole server: uvloop reads into it and calls ``buffer_updated``
+  synchronously, so connections never own a read buffer while idle.
+* One timer heap for all connections instead of a timer handle each (pre-auth deadlines, token
+  expiry): an idle connection costs the protocol object, its state machine and the transport.
+* Idle sessions hibernate: right after ``welcome``, and at a sweep every ``idle_release_s`` for
+  sessions that moved no bytes since the last one, the AEAD contexts (1.6–2.5 KB of OpenSSL
+  state each, two per session) are freed; the next message recreates them from the keys in
+  about a microsecond.
+* Token verification may await a JWKS fetch; it runs in a task per handshake so the loop never
+  blocks, and the connection only acts on the verdict if it is still open.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import ctypes
+import ctypes.util
+import dataclasses
+import heapq
+import logging
+import os
+import time
+import types
+from collections import Counter
+from dataclasses import dataclass
+
+from interlink.core.domain.auth import Identity, ProviderRegistry, TokenVerifier
+from interlink.core.protocol.connection import (
+    AuthRequested,
+    ConnectionClosed,
+    ServerConnection,
+    ServerSettings,
+    StanzaReceived,
+    State,
+)
+from interlink.core.edge.commit import CommitDriver
+from interlink.core.domain.dispatch import Domain
+from interlink.core.errors import AuthError, CloseReason, StoreLimitError
+from interlink.core.domain.ports import Store
+
+log = logging.getLogger("interlink.server")
+
+READ_BUFFER_BYTES = 256 * 1024
+WRITE_HIGH_WATER_BYTES = 256 * 1024  # past this, stop reading from the peer until its output drains
+EXPIRY_SWEEP_S = 60.0  # how often undelivered items are checked against the TTL
+EXPIRE_CHUNK = 2_000  # items deleted per sweep transaction (keeps each pause short)
+DEDUP_SCAN_CHUNK = 20_000  # dedup entries the dedup sweep reads per transaction (a few ms)
+DEDUP_WINDOW_S = 48 * 3600.0  # a resend within this window is recognised (the contract asks >= 24 h)
+_ROUTINE_CLOSES = frozenset({CloseReason.PEER_CLOSED, CloseReason.DRAIN, CloseReason.REPLACED, CloseReason.AUTH_EXPIRED})
+_NO_CLAIMS = types.MappingProxyType({})  # shared by every open session's identity
+TRIM_AFTER_HIBERNATIONS = 256  # a sweep that froze this many sessions gives free pages back
+
+
+def _load_malloc_trim():
+    # glibc keeps freed chunks in its arenas; the cipher contexts freed by hibernation are
+    # scattered between live objects, so without malloc_trim they never leave the RSS.
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc.malloc_trim
+    except (OSError, AttributeError):
+        return None  # not glibc: nothing to do
+
+
+_malloc_trim = _load_malloc_trim()
+
+
+def _return_free_memory() -> None:
+    if _malloc_trim is not None:
+        _malloc_trim(0)
+
+
+@dataclass(slots=True)
+class Limits:
+    """Limits announced in ``welcome`` and enforced by the gateway (each a configuration key of
+    the same name, where its default is written)."""
+
+    max_frame_bytes: int
+    max_devices: int
+    max_group: int
+    window: int
+    max_connections: int
+    max_preauth_connections: int  # connections still in preamble/handshake/auth
+    message_rate_per_device: float  # msg + rcpt + state per second (burst: twice that)
+    message_rate_per_user: float
+
+    @classmethod
+    def from_config(cls, config, **overrides) -> Limits:
+        """The limits of a configuration (anything with attributes of the same names)."""
+        return cls(**{spec.name: overrides.get(spec.name, getattr(config, spec.name)) for spec in dataclasses.fields(cls)})
+
+    def announce(self) -> dict:
+        return {
+            "max_frame": self.max_frame_bytes,
+            "max_devices": self.max_devices,
+            "max_group": self.max_group,
+            "window": self.window,
+        }
+
+
+class GatewayProtocol(asyncio.BufferedProtocol):
+    """Adapter between one uvloop transport and one ``ServerConnection``: bytes in
+    (``buffer_updated``), the connection's events to the server (``GatewayServer.serve``), bytes
+    out (``write``) — three separate steps."""
+
+    # Per-connection memory matters (docs/benchmarks.md): rarely-set state (a pending key fetch,
+    # a paused peer) lives in the server's dicts, not in a slot every connection pays for.
+    __slots__ = ("server", "conn", "transport", "active", "timer_at")
+
+    def __init__(self, server: GatewayServer) -> None:
+        self.server = server
+        self.conn: ServerConnection | None = None
+        self.transport: asyncio.Transport | None = None
+        self.active = True  # moved bytes since the last idle sweep
+        self.timer_at: float | None = None  # deadline of this connection's one entry in the timer heap
+
+    # -- asyncio callbacks
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        server = self.server
+        self.conn = ServerConnection(server.settings, server.clock())
+        if not server.admit(self):
+            self.conn.close(CloseReason.OVER_CAPACITY, "the gateway is at its connection limit")
+            self.conn.events()  # counted by admit(); nothing else to do
+            transport.abort()
+            return
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER_BYTES)
+        server.counters["connections_accepted"] += 1
+        server.schedule(self)
+
+    @property
+    def peer(self):
+        """The client's address (looked up on demand: most connections never need it)."""
+        return self.transport.get_extra_info("peername") if self.transport is not None else None
+
+    def __lt__(self, other: GatewayProtocol) -> bool:
+        # Orders timer-heap entries with equal deadlines, so the heap needs no sequence numbers.
+        return id(self) < id(other)
+
+    def pause_writing(self) -> None:
+        # The peer does not read what we send (the output passed the high-water mark): stop
+        # reading what it sends, and stop pushing deliveries, which stay in the mailbox. Bounds
+        # per-connection output memory; a peer stuck like this gets bye slow_consumer.
+        server = self.server
+        server.paused[self] = server.clock()
+        server.router.pause(self.conn)
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        server = self.server
+        server.paused.pop(self, None)
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+            server.router.resume(self.conn)
+            server.serve(self)
+
+    def get_buffer(self, sizehint: int):
+        return self.server.read_view
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.active = True
+        server = self.server
+        self.conn.receive_data(server.read_view[:nbytes], server.clock())
+        server.serve(self)
+
+    def eof_received(self):
+        self.conn.receive_eof(self.server.clock())
+        self.server.serve(self)
+        return False  # let the transport close itself
+
+    def connection_lost(self, exc) -> None:
+        server = self.server
+        conn = self.conn
+        if conn is not None:
+            conn.connection_lost()
+            server.handle_events(self)
+        auth_task = server.auth_tasks.get(self)
+        if auth_task is not None:
+            auth_task.cancel()  # the shared key fetch goes on; only this wait ends
+        server.forget(self)
+        self.transport = None
+
+    # -- output
+
+    def write(self) -> None:
+        """Write what the connection queued; close when it is done."""
+        transport = self.transport
+        if transport is None:
+            return
+        conn = self.conn
+        data = conn.data_to_send()
+        if data:
+            self.active = True
+            transport.write(data)
+        if conn.closed and not transport.is_closing():
+            transport.close()  # writes what is buffered first
+
+
+class GatewayServer:
+    """Accepts connections, authenticates them and keeps the session table."""
+
+    def __init__(
+        self,
+        *,
+        settings: ServerSettings,
+        registry: ProviderRegistry,
+        verifier: TokenVerifier,
+        store: Store,
+        limits: Limits,
+        idle_release_s: float,
+        mailbox_ttl_s: float,
+        slow_consumer_s: float,
+        commit_in_thread: bool,
+        clock=time.time,
+    ) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.verifier = verifier
+        self.store = store
+        self.limits = limits
+        self.clock = clock
+        self.read_view = memoryview(bytearray(READ_BUFFER_BYTES))
+        # Every connection's state machine -> its adapter: the domain names sessions by their
+        # state machine, the edge writes them out through the adapter. (Dicts used as ordered
+        # sets or maps: at 10,000 entries a dict costs about a third of a set.)
+        self.connections: dict[ServerConnection, GatewayProtocol] = {}
+        self.preauth: dict[GatewayProtocol, None] = {}  # accepted, not yet authenticated
+        self.counters: Counter = Counter()
+        self.close_reasons: Counter = Counter()
+        self.auth_failures: Counter = Counter()
+        self._server: asyncio.base_events.Server | None = None
+        self._timers: list = []  # heap of (deadline, protocol); one live entry per connection
+        self._timer_handle: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self.auth_tasks: dict[GatewayProtocol, asyncio.Task] = {}  # connections awaiting a key fetch
+        self.paused: dict[GatewayProtocol, float] = {}  # connections whose peer stopped reading, since when
+        self._all_closed = asyncio.Event()
+        self.idle_release_s = idle_release_s
+        self.slow_consumer_s = slow_consumer_s
+        self.mailbox_ttl_s = mailbox_ttl_s
+        self._expiry_handle: asyncio.TimerHandle | None = None
+        self.domain = Domain(
+            store=store,
+            registry=registry,
+            window=limits.window,
+            max_frame_bytes=limits.max_frame_bytes,
+            max_group=limits.max_group,
+            message_rate_per_device=limits.message_rate_per_device,
+            message_rate_per_user=limits.message_rate_per_user,
+        )
+        self.router = self.domain.router
+        self._commit_executor = (
+            concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="interlink-commit")
+            if commit_in_thread else None
+        )
+        self.commits = CommitDriver(
+            store=store, domain=self.domain, on_done=self.write_touched, executor=self._commit_executor
+        )
+        self._idle_handle: asyncio.TimerHandle | None = None
+
+    # -- lifecycle
+
+    async def start(self, host: str, port: int, *, backlog: int = 1024) -> None:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(lambda: GatewayProtocol(self), host, port, backlog=backlog)
+        self._idle_handle = loop.call_later(self.idle_release_s, self._idle_sweep)
+        self._expire_mailboxes()
+
+    def _end_slow_consumer(self, proto: GatewayProtocol) -> None:
+        self.counters["slow_consumers"] += 1
+        proto.conn.close(CloseReason.SLOW_CONSUMER, "the client stopped reading")
+        self.serve(proto)  # queues the bye behind what the peer never read...
+        if proto.transport is not None:
+            proto.transport.abort()  # ...and does not wait for it: the peer is not reading
+
+    def _expire_mailboxes(self) -> None:
+        """Delete undelivered items past the TTL, a bounded chunk at a time, then come back."""
+        now = self.clock()
+        try:
+            removed = self.store.expire(int((now - self.mailbox_ttl_s) * 1000), limit=EXPIRE_CHUNK)
+            self.store.forget_duplicates(int((now - DEDUP_WINDOW_S) * 1000), limit=DEDUP_SCAN_CHUNK)
+        except Exception:  # a storage fault (a full map, an lmdb.Error): log it, keep sweeping later
+            log.exception("the TTL sweep failed; trying again in %.0f s", EXPIRY_SWEEP_S)
+            self.counters["internal_errors"] += 1
+            self._expiry_handle = asyncio.get_running_loop().call_later(EXPIRY_SWEEP_S, self._expire_mailboxes)
+            return
+        self.counters["items_expired"] += removed
+        # The dedup sweep must read its table at least as fast as messages add to it.
+        more = removed >= EXPIRE_CHUNK or self.store.dedup_unswept > 0
+        delay = 0.0 if more else EXPIRY_SWEEP_S  # more to do: continue soon
+        self._expiry_handle = asyncio.get_running_loop().call_later(delay, self._expire_mailboxes)
+
+    def _idle_sweep(self) -> None:
+        """Hibernate sessions that moved no bytes since the previous sweep; end the sessions of
+        peers that stopped reading long ago (``bye slow_consumer``)."""
+        hibernated = 0
+        stuck_before = self.clock() - self.slow_consumer_s
+        for proto in [p for p, since in self.paused.items() if since <= stuck_before]:
+            self._end_slow_consumer(proto)
+        for proto in self.connections.values():
+            if proto.active:
+                proto.active = False
+            elif proto.conn.hibernate():
+                hibernated += 1
+        self.counters["hibernations"] += hibernated
+        if hibernated >= TRIM_AFTER_HIBERNATIONS:
+            _return_free_memory()
+        self._idle_handle = asyncio.get_running_loop().call_later(self.idle_release_s, self._idle_sweep)
+
+    @property
+    def addresses(self) -> list[tuple]:
+        return [sock.getsockname() for sock in self._server.sockets] if self._server else []
+
+    async def drain(self, timeout_s: float) -> None:
+        """Stop accepting, say ``bye drain`` to everyone, wait for them to go (or cut them off)."""
+        if self._server is not None:
+            self._server.close()
+        # Read nothing more, commit what was read and answer it, then say bye: a client gets the
+        # ack of everything it sent before the drain (no resend needed after reconnecting).
+        for proto in list(self.connections.values()):
+            if proto.transport is not None and not proto.transport.is_closing():
+                proto.transport.pause_reading()
+        await self.commits.settle()
+        for proto in list(self.connections.values()):
+            proto.conn.close(CloseReason.DRAIN)
+            self.serve(proto)
+        await self._wait_all_closed(timeout_s)
+        await self.commits.settle()
+        for task in list(self.auth_tasks.values()):
+            task.cancel()
+        if self._server is not None:
+            await self._server.wait_closed()
+            self._server = None
+        if self._timer_handle is not None:
+            self._timer_handle.cancel()
+            self._timer_handle = None
+        if self._idle_handle is not None:
+            self._idle_handle.cancel()
+            self._idle_handle = None
+        if self._expiry_handle is not None:
+            self._expiry_handle.cancel()
+            self._expiry_handle = None
+        if self._commit_executor is not None:
+            self._commit_executor.shutdown(wait=True)  # the last commit finishes before the store closes
+
+    async def _wait_all_closed(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while self.connections and time.monotonic() < deadline:
+            self._all_closed.clear()
+            try:
+                await asyncio.wait_for(self._all_closed.wait(), max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                break
+        for proto in list(self.connections.values()):
+            if proto.transport is not None:
+                proto.transport.abort()
+
+    def admit(self, proto: GatewayProtocol) -> bool:
+        """Register a new connection unless a connection limit is reached."""
+        limits = self.limits
+        if len(self.connections) >= limits.max_connections or len(self.preauth) >= limits.max_preauth_connections:
+            self.close_reasons[CloseReason.OVER_CAPACITY] += 1
+            return False
+        self.connections[proto.conn] = proto
+        self.preauth[proto] = None
+        return True
+
+    def forget(self, proto: GatewayProtocol) -> None:
+        self.connections.pop(proto.conn, None)
+        self.preauth.pop(proto, None)
+        self.paused.pop(proto, None)
+        self.router.close_session(proto.conn)  # its device's newer session, if any, stays
+        if not self.connections:
+            self._all_closed.set()
+        # Timer entries of closed connections (and superseded ones) are dropped lazily when they
+        # come due; rebuild the heap when they outnumber live connections so churn cannot grow it.
+        if len(self._timers) > 2 * len(self.connections) + 64:
+            self._timers = [
+                entry for entry in self._timers
+                if entry[1].timer_at == entry[0] and entry[1].transport is not None and not entry[1].conn.closed
+            ]
+            heapq.heapify(self._timers)
+
+    # -- timers (one heap, one handle)
+
+    def schedule(self, proto: GatewayProtocol) -> None:
+        """Make sure the heap will wake this connection by its next deadline. A connection keeps
+        one heap entry: an earlier entry that comes due re-checks the deadline and re-arms."""
+        deadline = proto.conn.next_deadline()
+        if deadline is None or (proto.timer_at is not None and proto.timer_at <= deadline):
+            return
+        self._push_timer(proto, deadline)
+
+    def _push_timer(self, proto: GatewayProtocol, deadline: float) -> None:
+        proto.timer_at = deadline
+        heapq.heappush(self._timers, (deadline, proto))
+        if self._timer_at is None or deadline < self._timer_at:
+            self._arm(deadline)
+
+    def _arm(self, deadline: float) -> None:
+        if self._timer_handle is not None:
+            self._timer_handle.cancel()
+        loop = asyncio.get_running_loop()
+        self._timer_at = deadline
+        self._timer_handle = loop.call_later(max(0.0, deadline - self.clock()), self._fire_timers)
+
+    def _fire_timers(self) -> None:
+        self._timer_handle = None
+        self._timer_at = None
+        now = self.clock()
+        timers = self._timers
+        while timers and timers[0][0] <= now:
+            due, proto = heapq.heappop(timers)
+            if proto.timer_at != due:
+                continue  # superseded by an earlier entry
+            proto.timer_at = None
+            conn = proto.conn
+            if proto.transport is None or conn.closed:
+                continue
+            deadline = conn.next_deadline()
+            if deadline is not None and deadline <= now:
+                conn.handle_timer(now)
+                self.serve(proto)
+                deadline = conn.next_deadline()
+            if deadline is not None:
+                self._push_timer(proto, deadline)
+        if timers:
+            self._arm(timers[0][0])  # the earliest remaining entry, whatever was armed meanwhile
+
+    # -- authentication
+
+    def start_auth(self, proto: GatewayProtocol, request: AuthRequested) -> None:
+        # Usually the provider's key is cached: decide at once, without a task or a loop turn.
+        try:
+            identity = self.verifier.verify_cached(
+                request.token, device=request.device, now=self.clock(), client_static=request.client_static
+            )
+        except Exception as exc:  # AuthError is the verdict; anything else is ours (internal)
+            self._refuse(proto, exc)
+            return
+        if identity is not None:
+            self._admit_identity(proto, identity)
+            return
+        task = asyncio.get_running_loop().create_task(self._authenticate(proto, request))
+        self.auth_tasks[proto] = task
+        task.add_done_callback(lambda _done: self.auth_tasks.pop(proto, None))
+
+    async def _authenticate(self, proto: GatewayProtocol, request: AuthRequested) -> None:
+        try:
+            identity = await self.verifier.verify(
+                request.token, device=request.device, now=self.clock(), client_static=request.client_static
+            )
+        except Exception as exc:  # AuthError is the verdict; anything else is ours (internal)
+            self._refuse(proto, exc)
+            return
+        self._admit_identity(proto, identity)
+
+    def _admit_identity(self, proto: GatewayProtocol, identity: Identity) -> None:
+        """The token is good: apply what may have changed meanwhile, register the device, open."""
+        if proto.conn.closed or proto.transport is None:
+            # Closed while its token was checked: by a key fetch's wait, or in the very read that
+            # asked for auth (too much pipelined). It must not replace the device's live session.
+            return
+        try:
+            provider = self.registry.get(identity.provider)
+            if provider is None or provider.suspended:  # suspended while the key was being fetched
+                raise AuthError(f"provider {identity.provider!r} is suspended", code="provider_suspended")
+            try:
+                self.store.register_device(identity.user, identity.device, self.limits.max_devices)
+            except StoreLimitError as exc:  # the store's bound is the contract's device_limit
+                raise AuthError(exc.message, code="device_limit") from None
+            self.store.set_phone(identity.user, identity.phone_number)  # directory: the latest verified phone
+        except Exception as exc:
+            self._refuse(proto, exc)
+            return
+        self.open_session(proto, identity)
+
+    def _refuse(self, proto: GatewayProtocol, exc: Exception) -> None:
+        if isinstance(exc, AuthError):
+            code, message = exc.code, exc.message
+        else:
+            log.error("authentication failed internally", exc_info=exc)
+            code, message = "internal", "the gateway could not verify the token; try again"
+        self.auth_failures[code] += 1
+        proto.conn.reject_auth(code, message)
+        self.serve(proto)
+
+    def open_session(self, proto: GatewayProtocol, identity: Identity) -> None:
+        # The session keeps the identity for its whole life: drop the raw claims (about 1 KB),
+        # everything routing needs is in the identity's own fields.
+        identity = dataclasses.replace(identity, claims=_NO_CLAIMS)
+        conn = proto.conn
+        conn.session_key = (identity.user, identity.device)
+        previous, pending = self.router.open_session(conn)
+        if previous is not None:
+            previous.close(CloseReason.REPLACED, "the same device connected again")
+            previous_proto = self.connections.get(previous)
+            if previous_proto is not None:
+                self.serve(previous_proto)
+        self.preauth.pop(proto, None)
+        welcome = {
+            "t": "welcome",
+            "user": identity.user,
+            "device": identity.device,
+            "session": os.urandom(16),
+            "pending": pending,
+            "limits": self.limits.announce(),
+        }
+        # The token was accepted with the allowed clock skew; the session ends at the same line.
+        expires_at = identity.expires_at + self.verifier.leeway_s
+        conn.accept_auth(identity, welcome, self.clock(), expires_at=expires_at)
+        self.counters["sessions_opened"] += 1
+        self.router.push_stored(conn)  # stored items follow the welcome
+        self.serve(proto)
+        # Most sessions go quiet right after welcome. Free the cipher contexts now, while the
+        # memory can be reused by the next handshake; freed only at the idle sweep, they would
+        # leave holes between long-lived allocations that the allocator cannot give back.
+        proto.conn.hibernate()
+        self.schedule(proto)  # token expiry
+
+    # -- serving a connection: its events into the domain, then what is owed written out
+
+    def serve(self, proto: GatewayProtocol) -> None:
+        """After a connection received bytes or was acted on: handle its events (stanzas into the
+        domain), schedule the turn's commit, write out every session the domain wrote to, then
+        this connection's own output."""
+        self.handle_events(proto)
+        self.commits.schedule()
+        if self.router.touched:
+            self.write_touched()
+        proto.write()
+
+    def handle_events(self, proto: GatewayProtocol) -> None:
+        conn = proto.conn
+        domain = self.domain
+        while True:
+            events = conn.events()
+            if not events:
+                return
+            for event in events:
+                try:
+                    if type(event) is StanzaReceived:
+                        domain.dispatch(conn, event.stanza, self.clock())
+                    elif type(event) is AuthRequested:
+                        self.start_auth(proto, event)
+                    elif type(event) is ConnectionClosed:
+                        self.connection_closed(proto, event)
+                except Exception:  # a bug of ours must cost one connection, never the loop
+                    log.exception("internal error while handling %s from %s", type(event).__name__, proto.peer)
+                    self.counters["internal_errors"] += 1
+                    if not conn.closed:
+                        if conn.state is State.OPEN:
+                            conn.send_error("internal", "the gateway failed to handle a stanza")
+                        conn.close(CloseReason.INTERNAL_ERROR, "internal error")
+
+    def write_touched(self) -> None:
+        """Write out the sessions the domain queued stanzas on (each once)."""
+        connections = self.connections
+        for conn in self.router.take_touched():
+            proto = connections.get(conn)
+            if proto is not None:
+                proto.write()
+
+    @property
+    def sessions(self) -> dict:
+        """(user, device) -> the open session's ``ServerConnection`` (the domain's table; read only)."""
+        return self.router.sessions
+
+    def connection_closed(self, proto: GatewayProtocol, event: ConnectionClosed) -> None:
+        self.close_reasons[event.reason] += 1
+        if event.reason not in _ROUTINE_CLOSES:
+            log.info("connection %s closed: %s %s", proto.peer, event.reason, event.message)
+
+    # -- operator control
+
+    def apply_settings(self, **values) -> None:
+        """Change limits while running (``Gateway.reload``): the ones a running gateway can take.
+        Sessions opened from now on are told the new ``welcome`` limits."""
+        limit_fields = {spec.name for spec in dataclasses.fields(Limits)}
+        self.limits = dataclasses.replace(self.limits, **{k: v for k, v in values.items() if k in limit_fields})
+        for name, value in values.items():
+            if name in ("message_rate_per_device", "message_rate_per_user"):
+                self.router.set_message_rates(self.limits.message_rate_per_device, self.limits.message_rate_per_user)
+            elif name in ("max_mailbox_items", "max_mailbox_bytes"):
+                setattr(self.store, name, value)
+            elif name in ("mailbox_ttl_s", "slow_consumer_s", "idle_release_s"):
+                setattr(self, name, value)
+            elif name not in limit_fields:
+                raise ValueError(f"{name} cannot change while the gateway runs")
+
+    def end_sessions(self, user: str, device: int | None = None) -> int:
+        """The operator ends a user's sessions (one device, or all of them) with ``bye suspended``;
+        returns how many. The user may connect again: this is not a suspension of the account."""
+        ended = 0
+        for (session_user, session_device), conn in list(self.sessions.items()):
+            if session_user == user and (device is None or session_device == device):
+                conn.close(CloseReason.SUSPENDED, "the operator ended this session")
+                self.serve(self.connections[conn])
+                ended += 1
+        return ended
+
+    def suspend_provider(self, provider_id: str) -> int:
+        """Mark the provider suspended and end every session of its users with ``bye suspended``."""
+        self.registry.suspend(provider_id)
+        ended = 0
+        for proto in list(self.connections.values()):
+            identity = proto.conn.identity
+            if identity is not None and identity.provider == provider_id:
+                proto.conn.close(CloseReason.SUSPENDED, "the provider is suspended")
+                self.serve(proto)
+                ended += 1
+        return ended
+
+    def purge_expired(self, cutoff_ms: int) -> int:
+        """Delete every undelivered item stored before ``cutoff_ms`` now; returns how many."""
+        removed, rounds_ended = 0, 0
+        while rounds_ended < 2:  # the sweep may start mid-round: the end of two rounds covers all
+            chunk = self.store.expire(cutoff_ms, limit=10_000, max_devices=1 << 62)
+            removed += chunk
+            if chunk < 10_000:
+                rounds_ended += 1  # unbounded in devices, a short call reached the end of the table
+        self.counters["items_expired"] += removed
+        return removed
+
+    def session_list(self) -> list[dict]:
+        """A snapshot of the open sessions: user, device, peer address, suite."""
+        connections = self.connections
+        return [
+            {"user": user, "device": device, "peer": connections[conn].peer, "suite": conn.suite}
+            for (user, device), conn in self.sessions.items()
+            if conn in connections
+        ]
+
+    def stats(self) -> dict:
+        return {
+            "connections": len(self.connections),
+            "sessions": len(self.sessions),
+            "counters": {**self.counters, "stanzas_in": sum(self.domain.stanzas_in.values())},
+            "stanzas_in": dict(self.domain.stanzas_in),
+            "refusals": dict(self.domain.refusals),
+            "commit_seconds": self.commits.seconds.snapshot(),
+            "store": self.store.usage(),
+            "routing": dict(self.router.counters),
+            "close_reasons": dict(self.close_reasons),
+            "auth_failures": dict(self.auth_failures),
+        }
