@@ -276,7 +276,7 @@ class Client:
             self._waiters.pop(key, None)
 
     async def iq(self, op: str, *, timeout_s: float = 10.0, **fields) -> dict:
-        """Run one operation (PROTOCOL §5) and return its ``res`` stanza."""
+        """Run one operation (docs/protocol.md §7) and return its ``res`` stanza."""
         stanza = {"t": "iq", "id": next(self._ids), "op": op}
         stanza.update(fields)
         return await self.request(stanza, timeout_s=timeout_s)

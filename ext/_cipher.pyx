@@ -151,7 +151,7 @@ cdef class CipherState:
         return [self._decrypt(c, b"") for c in ciphertexts]
 
     def encrypt_frames(self, plaintexts):
-        """Encrypt each plaintext and frame it (PROTOCOL §1) into one buffer for one write.
+        """Encrypt each plaintext and frame it (docs/protocol.md §1) into one buffer for one write.
 
         Every size is checked before anything is encrypted: a late ``ValueError`` must not leave
         the nonce advanced past ciphertexts that were thrown away."""

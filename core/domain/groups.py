@@ -1,59 +1,15 @@
-"""Groups (PROTOCOL §4–§6): membership operations, fan-out of group messages, typing state.
+"""Groups (docs/protocol.md §6 "Groups", §7 group operations): membership operations, fan-out
+of group messages, group typing. What the contract leaves open is decided in docs/protocol.md,
+and how it is built is in docs/architecture.md, "Groups".
 
-Domain logic over the store and the router's group commit. A group is one ``GroupRecord`` (members
-in join order, admins, opaque ``meta``, ``ver``); every change is a new record, written with the
-``dlv`` kind ``group`` items that announce it in one control entry of the router's ``WriteBatch``
-— so the record and its events commit in one LMDB transaction, and the ``iq``'s ``res`` is sent
-only after that commit, like an ``ack``.
-
-Records are read through two maps: ``_dirty`` (changes batched or committing, never evicted: they
-are the truth until their commit settles) and ``_cache`` (committed records, bounded, oldest
-first out). Every group ``msg`` needs the record; a quick timing on the development machine
-(2026-11-26, ``store.group`` = one LMDB read transaction and a msgpack unpack of the record):
-3.3 µs for 10 members, 17 µs for 100, 111 µs for 1,024 — against 0.06–0.08 µs for the dict
-look-up of a cached record. Each copy of a group ``dlv`` is encoded once, from a tail encoded once
-per message (only ``seq`` differs): 0.5 µs per copy against 2.0 µs for a whole ``encode_stanza``.
-The per-device plan of a group ``msg`` (``plan_cached``, from a plan kept per record) and the copies (``GroupDlv``) come from
-``core/domain/fanout.py``: the compiled ``ext/_fanout.pyx`` or its pure twin ``core/domain/_fanout_pure.py``
-(issue 5; figures in ``docs/benchmarks.md``, "Group fan-out").
-
-Each group write is a compare-and-set on the stored ``ver`` (``GroupWrite.prior_ver``): if a
-commit fails (storage full), the changes computed from its records are refused too (``overloaded``,
-"try again") instead of writing a state whose events were never stored.
-
-Decisions where the contract is silent (also in ``docs/protocol.md`` §6):
-
-* The creator is the first member and the first admin; listing it in ``group.new``'s ``members``
-  is allowed (ignored). The same address twice in ``members`` is ``bad_stanza``.
-* ``group.add`` of a member already present and ``group.del`` of one absent change nothing for
-  that address; a request that changes nothing answers ``res`` with the current ``ver`` and sends
-  no event. ``group.del`` naming yourself is ``bad_stanza`` (use ``group.leave``).
-* Adding checks, per new member: its provider is registered (``unknown_recipient``), its consent
-  covers the adder's provider (``not_opted_in``), it has a registered device
-  (``unknown_recipient``) — consent before existence, as ``devices.get``; the ``err`` names the
-  member in ``msg`` and in ``user``. A member's block of the adder does not refuse the add (that
-  would reveal the block); the member gets nothing from the blocked user anyway.
-* When the last admin leaves, the longest-standing remaining member becomes admin (the event's
-  ``promoted``). The last member leaving deletes the group.
-* Unknown groups are ``not_found`` everywhere (ops, ``msg``, ``state``): group ids are 128 random
-  bits, so existence reveals nothing a guess could find; non-members get ``not_member``.
-* Events go to every device of every member after the change and of the members the change
-  removed, except the acting device (which gets the ``res``, carrying the new ``ver``) and the
-  members who blocked the actor (they stay members; nothing reveals the block). They are control
-  items: counted in the mailbox quotas but never refused for them, and skipped for a mailbox only
-  past the store's control overdraft (router counter ``group_events_dropped_full``; the client
-  sees a ``ver`` gap and asks ``group.get``); membership changes are rate-limited per group too
-  (``CHANGE_BURST``, ``CHANGE_RATE``), which bounds what a change loop can add to a member's mailbox.
-* A group ``msg`` goes to every device of every member except the sending device — the sender's
-  other devices included (they show what was sent; the ``dlv`` has ``g`` and no ``to``) — and not to
-  members who blocked the sender. A device whose mailbox is full is skipped (router counter
-  ``group_copies_dropped_full``); the sender's ``ack`` stays plain. ``b`` is at most 16 KiB, and
-  the message spends one rate token per ``COPIES_PER_TOKEN`` copies. Consent is given by
-  membership and not checked per message. A resend of a stored message answers ``dup`` whatever
-  the membership is now.
-* In thread commit mode, an entry computed from a change still committing (a ``msg``, a deferred
-  ``group.get``, a no-op answer) carries a guard ``(g, ver)``: stored only if that change was.
-* Group typing uses the committed record, at most one per (sender, group) per second.
+A group is one ``GroupRecord`` (members in join order, admins, opaque ``meta``, ``ver``); every
+change is a new record, queued with the ``dlv`` kind ``group`` items that announce it as one
+control entry of the router's batch, so the record and its events commit in one transaction and
+the ``res`` goes out after that commit, like an ``ack``. Each write is a compare-and-set on the
+stored ``ver``: after a failed commit, what was computed from its records is refused
+(``overloaded``) rather than written. Records are read through ``_dirty`` (changes not yet
+settled: the truth until they are) and ``_cache`` (committed records, bounded); the fan-out plan
+per record and each copy's ``dlv`` bytes come from ``fanout`` (compiled, or its pure twin).
 """
 
 from __future__ import annotations

@@ -1,46 +1,13 @@
-"""``iq`` operations (PROTOCOL §5): each ``op`` maps to a handler that answers ``res`` or raises.
+"""``iq`` operations (docs/protocol.md §7): each ``op`` maps to a handler that answers ``res`` or raises.
 
 A refusal raises ``RouteError`` (code and fields) or ``StanzaError`` (``bad_stanza``); the
-server turns either into an ``err`` carrying the iq's ``id``, and the session continues.
-
+dispatcher turns either into an ``err`` carrying the iq's ``id``, and the session continues.
 Served here: ``keys.put``, ``keys.get``, ``keys.count``, ``devices.get``, ``consent.set``,
-``consent.get``, ``block.add``, ``block.del``, ``block.list``, ``report``, ``dir.lookup``; the
-server adds the ``group.*`` operations of ``core/domain/groups.py``, whose handlers may return
-``DEFERRED``: their ``res`` is sent by the router after the group commit.
-Decisions where the contract is silent (also in ``docs/protocol.md``):
-
-* ``keys.put`` publishes the keys of the caller's own device (from the session). ``ik`` and
-  ``spk`` replace what the device published before. A new ``ik`` means the device was reset: the
-  one-time prekeys stored under the old one are discarded. ``otpk`` may be empty or left out; an
-  id already in the stock is replaced (so a resent ``keys.put`` is harmless), an id twice in one
-  request is ``bad_stanza``. A device stores at most ``MAX_OTPK_STOCK`` one-time prekeys: a
-  ``keys.put`` that would pass it is ``too_large`` and changes nothing. The gateway does not check
-  ``spk.sig``: the client fetching the bundle verifies it against ``ik``, as X3DH requires anyway.
-* ``keys.get`` checks consent before existence, like ``devices.get``. Devices that published no
-  keys are left out of ``bundles``; a ``devices`` entry that is not a registered device of the
-  user is ``device_mismatch`` (``extra`` lists them, ``missing`` is empty), as for a ``msg`` — the
-  client's device list is stale. Each one-time prekey is deleted in the write transaction that
-  hands it out (the lowest id first), so it is given to one requester only; a blocked requester
-  still gets the bundles (a refusal would reveal the block). Rate limited per requesting user.
-
-* ``devices.get`` checks consent before existence: a user who does not accept the asker's
-  provider answers ``not_opted_in`` whether or not it exists, so users who did not opt in cannot
-  be enumerated. Where the target's provider accepts the asker by default, an unknown user is
-  ``unknown_recipient`` — the same answer a ``msg`` gets.
-* ``consent.set`` replaces the whole setting (both fields required); the user's own provider
-  is accepted whatever the list says.
-* ``block.add`` past ``MAX_BLOCKS`` is ``too_large`` (a per-user size limit, not malformed input).
-  Blocking does not check that the user exists (no enumeration); its provider must be registered
-  (``unknown_recipient`` otherwise). ``block.del`` accepts any well-formed address, so blocks of a
-  provider the operator removed can still be cleaned up.
-* ``block.list`` answers at most one frame of addresses, in byte order, with ``more: true`` when
-  there are more; the client asks again with ``after`` = the last address it got.
-* ``report`` and ``dir.lookup`` are rate limited per user (token buckets; ``rate_limited`` with
-  ``retry_after`` ms): a report is stored forever, and a lookup reveals who uses a phone number.
-  Only well-formed requests are charged.
-* ``dir.lookup`` lists at most ``MAX_DIRECTORY_USERS`` users (a phone shared by more accounts is
-  not a real person's), and skips users of suspended or removed providers. A user who blocked the
-  asker is still listed: the blocked party is never told.
+``consent.get``, ``block.add``, ``block.del``, ``block.list``, ``report``, ``dir.lookup``, plus
+the ``group.*`` operations of ``groups`` (handed in at construction), whose handlers may return
+``DEFERRED``: their ``res`` is sent by the router after the group commit. What each operation
+decides where the contract is silent (consent before existence, limits, paging) is written in
+docs/protocol.md §7.
 """
 
 from __future__ import annotations

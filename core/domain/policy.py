@@ -1,4 +1,4 @@
-"""Who may reach whom (PROTOCOL §6): consent and blocks, as plain domain logic over the store.
+"""Who may reach whom (docs/protocol.md §7, "Consent" and "Blocks"), over the storage port.
 
 A user accepts messages, receipts, typing, key fetches, device lists and group invitations from
 users of its own provider, and from other providers only as its consent says; without a
@@ -11,11 +11,6 @@ of each recent recipient's consent and blocks: one LMDB read transaction fills a
 look-ups. Every write of consent or blocks goes through this object, which drops the user's
 entry after the store committed, so the cache never serves a stale answer. (This assumes one
 gateway process writes the environment, which the gateway's design already does.)
-
-Measured on the development machine (AMD EPYC, py-lmdb, 10,000 recipients, a third of them with
-blocks, half with stored consent): ``allows`` + ``blocks`` for one message cost 2.95 µs as two
-LMDB point reads (a read transaction each) and 0.36 µs from the cache — against a budget of
-10 µs of server CPU per delivered message.
 
 Bounds: at most ``cache_users`` entries (oldest inserted evicted first; users with no consent and
 no blocks share one entry object), and a user's blocked set is cached only up to

@@ -6,7 +6,7 @@ Why our own cache and not PyJWT's ``PyJWKClient``: that client fetches with bloc
 (``jwt.PyJWK``, through ``interlink.core.domain.auth.parse_jwks``), which is maintained, small and
 loads RSA / EC / Ed25519 keys through ``cryptography``.
 
-Rules (PROTOCOL §3, DESIGN "bounded everything"):
+Rules (docs/protocol.md §3, DESIGN "bounded everything"):
 
 - Keys are cached per provider id and only ever served for that provider, so a provider's
   keys verify only tokens whose ``iss`` is that provider's issuer.

@@ -110,7 +110,7 @@ class CipherState:
         return [self.decrypt(c) for c in ciphertexts]
 
     def encrypt_frames(self, plaintexts) -> bytes:
-        """Encrypt each plaintext and frame it (PROTOCOL §1) into one buffer for one write.
+        """Encrypt each plaintext and frame it (docs/protocol.md §1) into one buffer for one write.
 
         Every size is checked before anything is encrypted: a late ``ValueError`` must not leave
         the nonce advanced past ciphertexts that were thrown away (the peer would then fail to

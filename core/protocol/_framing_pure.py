@@ -1,6 +1,6 @@
 """Pure-Python twin of ``interlink.ext._framing``: the 2-byte big-endian length-prefixed frame codec.
 
-Wire form (PROTOCOL §1): ``len:uint16be`` then ``len`` bytes, 1 <= len <= 65535. The decoder is
+Wire form (docs/protocol.md §1): ``len:uint16be`` then ``len`` bytes, 1 <= len <= 65535. The decoder is
 incremental: feed it any split of the stream and it returns every frame completed so far. The
 announced length is checked against the maximum as soon as both header bytes are known, before a
 single body byte is buffered, so an attacker cannot make the receiver allocate for a huge frame.

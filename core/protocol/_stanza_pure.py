@@ -1,6 +1,6 @@
 """Pure-Python twin of ``interlink.ext._stanza``: one transport plaintext to its stanzas.
 
-A transport plaintext is one or more msgpack maps back to back (PROTOCOL §4). Decoding keeps no
+A transport plaintext is one or more msgpack maps back to back (docs/protocol.md §4). Decoding keeps no
 state between calls: every call first finds where each top-level msgpack object ends (a scan of
 the format bytes that builds no objects), then decodes exactly those byte ranges with a
 decoder made for this call alone. A map cut short can therefore never be completed by the

@@ -1,4 +1,4 @@
-"""Per-connection protocol state machines, sans-I/O (PROTOCOL §1–§4).
+"""Per-connection protocol state machines, sans-I/O (docs/protocol.md §1–§5).
 
 ``ServerConnection`` is the gateway's side, ``ClientConnection`` the client's. Both are driven
 by three inputs — ``receive_data(data, now)``, ``receive_eof(now)``, ``handle_timer(now)`` — plus

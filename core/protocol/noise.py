@@ -1,4 +1,4 @@
-"""Noise handshake for client–gateway links (PROTOCOL.md §1–§2), sans-I/O.
+"""Noise handshake for client–gateway links (docs/protocol.md §1–§2), sans-I/O.
 
 ``noiseprotocol`` performs the handshake. When it completes, ``NoiseSession`` copies the two
 split keys and nonces into the project's own ``CipherState`` (``interlink.core.protocol.cipher``) and

@@ -1,4 +1,4 @@
-"""Stanza codec (PROTOCOL §4): a transport plaintext is one or more msgpack maps back to back.
+"""Stanza codec (docs/protocol.md §4): a transport plaintext is one or more msgpack maps back to back.
 
 ``decode_stanzas`` comes from the compiled module when available, else from the pure twin
 ``interlink.core.protocol._stanza_pure``; both keep no state between calls (a stanza cut short is

@@ -1,4 +1,4 @@
-"""Numbers fixed by the wire contract (PROTOCOL.md), in one place."""
+"""Numbers fixed by the wire contract (docs/protocol.md), in one place."""
 
 WIRE_MAX_FRAME_BYTES = 65535  # the 2-byte length prefix
 TAG_BYTES = 16  # AEAD tag of every Noise transport message

@@ -1,4 +1,4 @@
-"""Provider authentication (PROTOCOL §3): is this client's token acceptable, and who is it?
+"""Provider authentication (docs/protocol.md §3): is this client's token acceptable, and who is it?
 
 Domain layer: plain Python, no I/O. Keys come from a ``KeyProvider`` (the JWKS cache of
 ``core/edge/jwks.py``), which ``TokenVerifier.verify`` awaits; everything else is synchronous and

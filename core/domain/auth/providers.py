@@ -74,7 +74,7 @@ _CONTROL_CHARACTER = re.compile("[\x00-\x1f\x7f-\x9f]")
 
 
 def localpart_error(value: object) -> str | None:
-    """Why ``value`` is not a valid localpart (PROTOCOL §3), or None if it is valid.
+    """Why ``value`` is not a valid localpart (docs/protocol.md §3), or None if it is valid.
 
     Valid: a str of 1–64 bytes in UTF-8 without ``@``, ``/`` or control characters
     (Unicode category Cc).
@@ -122,7 +122,7 @@ class KeySource(NamedTuple):
 
 @dataclass(frozen=True)
 class Provider:
-    """One messaging provider whose users may connect (PROTOCOL §3).
+    """One messaging provider whose users may connect (docs/protocol.md §3).
 
     Exactly one key source: ``discovery=True`` (``{issuer}/.well-known/openid-configuration``
     → ``jwks_uri``), ``jwks_uri``, or an inline ``jwks`` document.

@@ -261,7 +261,7 @@ class TokenVerifier:
 
     async def verify(self, token: str, *, device: int, now: float, client_static: bytes | None) -> Identity:
         """Verify ``token`` for a client connecting as ``device``; raise ``AuthError`` with the
-        PROTOCOL §4 code on refusal."""
+        docs/protocol.md §5 code on refusal."""
         decoded, claims, provider = self._parse(token, device)
         key = await self.keys.get_key(provider, decoded.kid)
         if key is None and self.keys.keys_unavailable(provider):
