@@ -255,7 +255,7 @@ class Gateway:
     def purge_expired(self) -> int:
         """Delete every undelivered item older than ``mailbox_ttl_s`` now (the background sweep
         does the same a chunk at a time); returns how many."""
-        return self._running().purge_expired(int((time.time() - self.config.mailbox_ttl_s) * 1000))
+        return self._running().sweeps.purge_expired(int((time.time() - self.config.mailbox_ttl_s) * 1000))
 
     def reports(self, after: int = 0, limit: int = 100, *, unresolved: bool = False) -> list[dict]:
         """Abuse reports users filed (``report`` operation), oldest first, numbered above ``after``:

@@ -74,11 +74,11 @@ async def test_a_failed_ttl_sweep_is_logged_and_tried_again(gateway, monkeypatch
 
     monkeypatch.setattr(server.store, "expire", expire)
     errors = server.counters["internal_errors"]
-    server._expiry_handle.cancel()
-    server._expire_mailboxes()  # fails: logged, counted, and scheduled again
+    server.sweeps._expiry_handle.cancel()
+    server.sweeps.expire_mailboxes()  # fails: logged, counted, and scheduled again
     assert server.counters["internal_errors"] == errors + 1
     assert "the TTL sweep failed" in caplog.text
-    assert not server._expiry_handle.cancelled()
-    server._expiry_handle.cancel()
-    server._expire_mailboxes()  # the next round sweeps as usual
+    assert not server.sweeps._expiry_handle.cancelled()
+    server.sweeps._expiry_handle.cancel()
+    server.sweeps.expire_mailboxes()  # the next round sweeps as usual
     assert len(calls) == 2 and server.counters["internal_errors"] == errors + 1

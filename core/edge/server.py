@@ -7,10 +7,9 @@ bytes, runs timers and calls the edge services (token verification, the store). 
   synchronously, so connections never own a read buffer while idle.
 * One timer heap for all connections instead of a timer handle each (pre-auth deadlines, token
   expiry): an idle connection costs the protocol object, its state machine and the transport.
-* Idle sessions hibernate: right after ``welcome``, and at a sweep every ``idle_release_s`` for
-  sessions that moved no bytes since the last one, the AEAD contexts (1.6–2.5 KB of OpenSSL
-  state each, two per session) are freed; the next message recreates them from the keys in
-  about a microsecond.
+* Idle sessions hibernate right after ``welcome`` (the AEAD contexts, 1.6–2.5 KB of OpenSSL
+  state each, two per session, are freed; the next message recreates them from the keys); the
+  periodic sweeps are ``core/edge/sweeps.py``.
 * Token verification may await a JWKS fetch; it runs in a task per handshake so the loop never
   blocks, and the connection only acts on the verdict if it is still open.
 """
@@ -19,8 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import ctypes
-import ctypes.util
 import dataclasses
 import heapq
 import logging
@@ -40,6 +37,7 @@ from interlink.core.protocol.connection import (
     State,
 )
 from interlink.core.edge.commit import CommitDriver
+from interlink.core.edge.sweeps import Sweeps
 from interlink.core.domain.dispatch import Domain
 from interlink.core.errors import AuthError, CloseReason, StoreLimitError
 from interlink.core.domain.ports import Store
@@ -48,31 +46,8 @@ log = logging.getLogger("interlink.server")
 
 READ_BUFFER_BYTES = 256 * 1024
 WRITE_HIGH_WATER_BYTES = 256 * 1024  # past this, stop reading from the peer until its output drains
-EXPIRY_SWEEP_S = 60.0  # how often undelivered items are checked against the TTL
-EXPIRE_CHUNK = 2_000  # items deleted per sweep transaction (keeps each pause short)
-DEDUP_SCAN_CHUNK = 20_000  # dedup entries the dedup sweep reads per transaction (a few ms)
-DEDUP_WINDOW_S = 48 * 3600.0  # a resend within this window is recognised (the contract asks >= 24 h)
 _ROUTINE_CLOSES = frozenset({CloseReason.PEER_CLOSED, CloseReason.DRAIN, CloseReason.REPLACED, CloseReason.AUTH_EXPIRED})
 _NO_CLAIMS = types.MappingProxyType({})  # shared by every open session's identity
-TRIM_AFTER_HIBERNATIONS = 256  # a sweep that froze this many sessions gives free pages back
-
-
-def _load_malloc_trim():
-    # glibc keeps freed chunks in its arenas; the cipher contexts freed by hibernation are
-    # scattered between live objects, so without malloc_trim they never leave the RSS.
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return libc.malloc_trim
-    except (OSError, AttributeError):
-        return None  # not glibc: nothing to do
-
-
-_malloc_trim = _load_malloc_trim()
-
-
-def _return_free_memory() -> None:
-    if _malloc_trim is not None:
-        _malloc_trim(0)
 
 
 @dataclass(slots=True)
@@ -242,10 +217,9 @@ class GatewayServer:
         self.auth_tasks: dict[GatewayProtocol, asyncio.Task] = {}  # connections awaiting a key fetch
         self.paused: dict[GatewayProtocol, float] = {}  # connections whose peer stopped reading, since when
         self._all_closed = asyncio.Event()
-        self.idle_release_s = idle_release_s
-        self.slow_consumer_s = slow_consumer_s
-        self.mailbox_ttl_s = mailbox_ttl_s
-        self._expiry_handle: asyncio.TimerHandle | None = None
+        self.sweeps = Sweeps(
+            self, idle_release_s=idle_release_s, mailbox_ttl_s=mailbox_ttl_s, slow_consumer_s=slow_consumer_s
+        )
         self.domain = Domain(
             store=store,
             registry=registry,
@@ -263,56 +237,13 @@ class GatewayServer:
         self.commits = CommitDriver(
             store=store, domain=self.domain, on_done=self.write_touched, executor=self._commit_executor
         )
-        self._idle_handle: asyncio.TimerHandle | None = None
 
     # -- lifecycle
 
     async def start(self, host: str, port: int, *, backlog: int = 1024) -> None:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(lambda: GatewayProtocol(self), host, port, backlog=backlog)
-        self._idle_handle = loop.call_later(self.idle_release_s, self._idle_sweep)
-        self._expire_mailboxes()
-
-    def _end_slow_consumer(self, proto: GatewayProtocol) -> None:
-        self.counters["slow_consumers"] += 1
-        proto.conn.close(CloseReason.SLOW_CONSUMER, "the client stopped reading")
-        self.serve(proto)  # queues the bye behind what the peer never read...
-        if proto.transport is not None:
-            proto.transport.abort()  # ...and does not wait for it: the peer is not reading
-
-    def _expire_mailboxes(self) -> None:
-        """Delete undelivered items past the TTL, a bounded chunk at a time, then come back."""
-        now = self.clock()
-        try:
-            removed = self.store.expire(int((now - self.mailbox_ttl_s) * 1000), limit=EXPIRE_CHUNK)
-            self.store.forget_duplicates(int((now - DEDUP_WINDOW_S) * 1000), limit=DEDUP_SCAN_CHUNK)
-        except Exception:  # a storage fault (a full map, an lmdb.Error): log it, keep sweeping later
-            log.exception("the TTL sweep failed; trying again in %.0f s", EXPIRY_SWEEP_S)
-            self.counters["internal_errors"] += 1
-            self._expiry_handle = asyncio.get_running_loop().call_later(EXPIRY_SWEEP_S, self._expire_mailboxes)
-            return
-        self.counters["items_expired"] += removed
-        # The dedup sweep must read its table at least as fast as messages add to it.
-        more = removed >= EXPIRE_CHUNK or self.store.dedup_unswept > 0
-        delay = 0.0 if more else EXPIRY_SWEEP_S  # more to do: continue soon
-        self._expiry_handle = asyncio.get_running_loop().call_later(delay, self._expire_mailboxes)
-
-    def _idle_sweep(self) -> None:
-        """Hibernate sessions that moved no bytes since the previous sweep; end the sessions of
-        peers that stopped reading long ago (``bye slow_consumer``)."""
-        hibernated = 0
-        stuck_before = self.clock() - self.slow_consumer_s
-        for proto in [p for p, since in self.paused.items() if since <= stuck_before]:
-            self._end_slow_consumer(proto)
-        for proto in self.connections.values():
-            if proto.active:
-                proto.active = False
-            elif proto.conn.hibernate():
-                hibernated += 1
-        self.counters["hibernations"] += hibernated
-        if hibernated >= TRIM_AFTER_HIBERNATIONS:
-            _return_free_memory()
-        self._idle_handle = asyncio.get_running_loop().call_later(self.idle_release_s, self._idle_sweep)
+        self.sweeps.start()
 
     @property
     def addresses(self) -> list[tuple]:
@@ -341,12 +272,7 @@ class GatewayServer:
         if self._timer_handle is not None:
             self._timer_handle.cancel()
             self._timer_handle = None
-        if self._idle_handle is not None:
-            self._idle_handle.cancel()
-            self._idle_handle = None
-        if self._expiry_handle is not None:
-            self._expiry_handle.cancel()
-            self._expiry_handle = None
+        self.sweeps.stop()
         if self._commit_executor is not None:
             self._commit_executor.shutdown(wait=True)  # the last commit finishes before the store closes
 
@@ -591,7 +517,7 @@ class GatewayServer:
             elif name in ("max_mailbox_items", "max_mailbox_bytes"):
                 setattr(self.store, name, value)
             elif name in ("mailbox_ttl_s", "slow_consumer_s", "idle_release_s"):
-                setattr(self, name, value)
+                setattr(self.sweeps, name, value)
             elif name not in limit_fields:
                 raise ValueError(f"{name} cannot change while the gateway runs")
 
@@ -617,17 +543,6 @@ class GatewayServer:
                 self.serve(proto)
                 ended += 1
         return ended
-
-    def purge_expired(self, cutoff_ms: int) -> int:
-        """Delete every undelivered item stored before ``cutoff_ms`` now; returns how many."""
-        removed, rounds_ended = 0, 0
-        while rounds_ended < 2:  # the sweep may start mid-round: the end of two rounds covers all
-            chunk = self.store.expire(cutoff_ms, limit=10_000, max_devices=1 << 62)
-            removed += chunk
-            if chunk < 10_000:
-                rounds_ended += 1  # unbounded in devices, a short call reached the end of the table
-        self.counters["items_expired"] += removed
-        return removed
 
     def session_list(self) -> list[dict]:
         """A snapshot of the open sessions: user, device, peer address, suite."""
