@@ -1,4 +1,4 @@
-"""The storage port: what the domain and the edge need of durable state.
+"""The domain's ports: what it needs of an open session (``Session``) and of durable state.
 
 One protocol per table family (mailboxes, consent and blocks, keys, groups) and ``Store``, all
 of them plus the group commit. ``interlink.core.edge.lmdbstore.LmdbStore`` implements ``Store``; a
@@ -9,7 +9,23 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from interlink.core.domain.auth import Identity
 from interlink.core.domain.batch import GroupRecord, WriteBatch
+
+
+class Session(Protocol):
+    """What the domain needs of an open session (``ServerConnection`` is one)."""
+
+    identity: Identity  #: who the session's token says it is
+    session_key: tuple[str, int]  #: (user, device): the session table's key
+    max_plaintext_bytes: int  #: the largest stanza the session can be sent
+
+    @property
+    def closed(self) -> bool: ...
+
+    def send_stanza(self, stanza: dict) -> None: ...
+
+    def send_encoded(self, encoded: bytes) -> None: ...
 
 
 class MailboxStore(Protocol):

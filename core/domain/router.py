@@ -18,16 +18,16 @@ which queues its writes here with ``enqueue`` and ``enqueue_control``.
 from __future__ import annotations
 
 import math
-from typing import Protocol
 
-from interlink.core.domain.auth import Identity, ProviderRegistry, localpart_error
+from interlink.core.domain.auth import ProviderRegistry, localpart_error
 from interlink.core.errors import InterlinkError, RouteError, StanzaError
 from interlink.core.domain.fields import excerpt
 from interlink.core.domain.policy import Policy
 from interlink.core.domain.ratelimit import TokenBuckets
 from interlink.core.protocol.stanza import encode_stanza
+from interlink.core.domain.delivery import DeliveryWindows
 from interlink.core.domain.batch import ControlEntry, GroupWrite, MessageEntry, PrekeyTake, WriteBatch, device_key
-from interlink.core.domain.ports import Store
+from interlink.core.domain.ports import Session, Store
 from interlink.core.protocol.wire import MAX_DEVICE_ID, TAG_BYTES
 
 ID_BYTES = 16
@@ -37,32 +37,6 @@ MAX_RECEIPT_IDS = 100  # message ids one rcpt may name
 VALID_ADDRESSES_KEPT = 65_536  # recipient addresses already checked, remembered (about 100 bytes each)
 RECEIPT_KINDS = ("delivered", "read")
 TYPING_STATES = ("composing", "paused")
-
-
-class Session(Protocol):
-    """What the domain needs of an open session (``ServerConnection`` is one)."""
-
-    identity: Identity  #: who the session's token says it is
-    session_key: tuple[str, int]  #: (user, device): the session table's key
-    max_plaintext_bytes: int  #: the largest stanza the session can be sent
-
-    @property
-    def closed(self) -> bool: ...
-
-    def send_stanza(self, stanza: dict) -> None: ...
-
-    def send_encoded(self, encoded: bytes) -> None: ...
-
-
-class Delivery:
-    """Push state of one online device session that has stored items."""
-
-    __slots__ = ("inflight", "cursor", "backlog")
-
-    def __init__(self, backlog: bool) -> None:
-        self.inflight: set[int] = set()  # seqs pushed on this session and not yet received
-        self.cursor = 0  # highest seq pushed on this session
-        self.backlog = backlog  # the store may hold items after cursor that were not pushed
 
 
 class Commit:
@@ -94,7 +68,6 @@ class Router:
         self.store = store
         self.registry = registry
         self.policy = policy
-        self.window = window
         # Every dlv must fit in one frame the recipient accepts.
         self.max_ciphertext_bytes = max_frame_bytes - TAG_BYTES - DLV_OVERHEAD_BYTES
         # Stored traffic (msg, rcpt) and typing state, per device session and per user; the burst
@@ -102,8 +75,6 @@ class Router:
         self.device_buckets = TokenBuckets(2 * message_rate_per_device, message_rate_per_device)
         self.user_buckets = TokenBuckets(2 * message_rate_per_user, message_rate_per_user)
         self.sessions: dict[tuple[str, int], Session] = {}  # (user, device) -> its open session
-        self.deliveries: dict[Session, Delivery] = {}  # only sessions with stored items
-        self.paused: set[Session] = set()  # sessions whose peer stopped reading: nothing is pushed
         self.touched: set[Session] = set()  # sessions written to since the edge last wrote them out
         self._batch = WriteBatch()
         self._waiting: list[tuple[Session, MessageEntry | ControlEntry | PrekeyTake, list]] = []
@@ -112,6 +83,9 @@ class Router:
             "messages_stored": 0, "deliveries_pushed": 0, "commits": 0, "duplicates": 0, "group_changes": 0,
             "group_copies_dropped_full": 0, "group_events_dropped_full": 0,
         }
+        # Windowed pushing of stored items to online sessions; it writes into the same touched
+        # set and counters.
+        self.delivery = DeliveryWindows(store, window, self.touched, self.counters)
 
     def set_message_rates(self, per_device: float, per_user: float) -> None:
         """New message rates (a reload); the burst stays two seconds' worth."""
@@ -130,37 +104,31 @@ class Router:
         elif previous is not None:
             self.close_session(previous)
         self.sessions[key] = session
-        pending = self.store.pending_count(device_key(*key))
-        if pending:
-            self.deliveries[session] = Delivery(backlog=True)
-        return previous, pending
+        return previous, self.delivery.opened(session)
 
     def close_session(self, session: Session) -> None:
         """Forget a session that ended (or was replaced); a newer session of its device stays."""
         key = session.session_key
         if key is not None and self.sessions.get(key) is session:
             del self.sessions[key]
-        self.deliveries.pop(session, None)
-        self.paused.discard(session)
+        self.delivery.closed(session)
 
     def push_stored(self, session: Session) -> None:
         """Push what the window allows from the store (after ``welcome``)."""
-        if session in self.deliveries:
-            self._refill(session)
+        self.delivery.refill(session)
 
     def pause(self, session: Session) -> None:
         """The session's peer stopped reading: push nothing more (items stay in the mailbox)."""
-        self.paused.add(session)
+        self.delivery.pause(session)
 
     def resume(self, session: Session) -> None:
         """The peer reads again: push what waited."""
-        self.paused.discard(session)
-        if session in self.deliveries:
-            self._refill(session)
+        self.delivery.resume(session)
 
     def take_touched(self) -> set:
         """The sessions written to since the last call; the edge writes each out once."""
-        touched, self.touched = self.touched, set()
+        touched = self.touched.copy()  # the same set stays shared with the delivery windows
+        self.touched.clear()
         return touched
 
     # -- stanzas
@@ -292,15 +260,12 @@ class Router:
         seqs = stanza.get("seq")
         if type(seqs) is not list or len(seqs) > MAX_RECV_SEQS or not all(type(s) is int and s > 0 for s in seqs):
             raise StanzaError(f"recv needs 'seq': a list of at most {MAX_RECV_SEQS} positive ints")
-        delivery = self.deliveries.get(session)
-        if delivery is None or not seqs:
+        if not seqs:
             return
-        received = [seq for seq in seqs if seq in delivery.inflight]
-        if not received:
-            return
-        delivery.inflight.difference_update(received)
-        self._batch.delete(device_key(*session.session_key), received)
-        self._refill(session)
+        received = self.delivery.received(session, seqs)
+        if received:
+            self._batch.delete(device_key(*session.session_key), received)
+            self.delivery.refill(session)
 
     # -- the group commit, driven by the edge
 
@@ -336,6 +301,7 @@ class Router:
         settled = []
         self.counters["commits"] += 1
         sessions = self.sessions
+        push_new = self.delivery.push_new
         for session, entry, targets in commit.waiting:
             if type(entry) is not MessageEntry:
                 if type(entry) is PrekeyTake:
@@ -372,7 +338,7 @@ class Router:
             for (_, seq, value), target in zip(entry.stored, targets):
                 recipient = sessions.get(target)
                 if recipient is not None:
-                    self._push_new(recipient, seq, value)
+                    push_new(recipient, seq, value)
         return settled
 
     def _control_committed(self, session: Session, entry: ControlEntry, targets: list) -> None:
@@ -390,10 +356,11 @@ class Router:
             self.counters["group_events_dropped_full"] += entry.dropped_full
         self.answer(session, entry.reply)
         sessions = self.sessions
+        push_new = self.delivery.push_new
         for (_, seq, value), target in zip(entry.stored, targets):
             recipient = sessions.get(target)
             if recipient is not None:
-                self._push_new(recipient, seq, value)
+                push_new(recipient, seq, value)
 
     # -- output
 
@@ -408,42 +375,6 @@ class Router:
         if not session.closed:
             session.send_encoded(encoded)
             self.touched.add(session)
-
-    # -- delivery
-
-    def _push_new(self, session: Session, seq: int, value: bytes) -> None:
-        """Push a just-stored item to its device's online session, if the window allows."""
-        delivery = self.deliveries.get(session)
-        if delivery is None:
-            delivery = self.deliveries[session] = Delivery(backlog=False)
-        if delivery.backlog or len(delivery.inflight) >= self.window or session in self.paused:
-            # Older items wait in the store, or the window is full: this one waits its turn
-            # there too, and recv will bring it (order per device is seq order).
-            delivery.backlog = True
-            return
-        delivery.inflight.add(seq)
-        delivery.cursor = seq
-        session.send_encoded(value)  # the encoded dlv from the commit: serialized once
-        self.counters["deliveries_pushed"] += 1
-        self.touched.add(session)
-
-    def _refill(self, session: Session) -> None:
-        delivery = self.deliveries.get(session)
-        if delivery is None:
-            return
-        room = self.window - len(delivery.inflight)
-        if room > 0 and delivery.backlog and session not in self.paused:
-            items = self.store.pending(device_key(*session.session_key), delivery.cursor, room)
-            for seq, value in items:
-                delivery.inflight.add(seq)
-                delivery.cursor = seq
-                session.send_encoded(value)
-            if items:
-                self.counters["deliveries_pushed"] += len(items)
-                self.touched.add(session)
-            delivery.backlog = len(items) == room  # a short read reached the end of the mailbox
-        if not delivery.inflight and not delivery.backlog:
-            del self.deliveries[session]  # nothing stored any more: no state for idle sessions
 
     # -- helpers
 
