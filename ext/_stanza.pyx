@@ -17,10 +17,12 @@ from interlink.core.errors import StanzaError, TooManyStanzasError
 
 INCOMPLETE = -1
 RESERVED = -2
+EXTENSION = -3  # msgpack would turn type -1 into a Timestamp without asking ext_hook: refused on the scan
 SLICED_MAX = 4  # up to this many stanzas, one one-shot decode each; more share a streaming decoder
 
 cdef Py_ssize_t _INCOMPLETE = -1
 cdef Py_ssize_t _RESERVED = -2
+cdef Py_ssize_t _EXTENSION = -3
 
 _unpackb = msgpack.unpackb
 _Unpacker = msgpack.Unpacker
@@ -61,20 +63,22 @@ cdef Py_ssize_t _object_end(const unsigned char* data, Py_ssize_t pos, Py_ssize_
             return _RESERVED
         elif byte == 0xC0 or byte == 0xC2 or byte == 0xC3:  # nil, false, true
             pos += 1
-        elif byte <= 0xC9:  # bin 8/16/32 (0xc4-0xc6), ext 8/16/32 (0xc7-0xc9: a type byte more)
-            size_bytes = 1 << ((byte - 0xC4) % 3)
+        elif byte <= 0xC6:  # bin 8/16/32
+            size_bytes = 1 << (byte - 0xC4)
             if pos + 1 + size_bytes > end:
                 return _INCOMPLETE
             length = _be(data + pos + 1, size_bytes)
             if length > <unsigned long long>(end - pos):
                 return _INCOMPLETE
-            pos += 1 + size_bytes + (1 if byte >= 0xC7 else 0) + <Py_ssize_t>length
+            pos += 1 + size_bytes + <Py_ssize_t>length
+        elif byte <= 0xC9:  # ext 8/16/32
+            return _EXTENSION
         elif byte <= 0xCB:  # float 32/64
             pos += 5 if byte == 0xCA else 9
         elif byte <= 0xD3:  # uint 8..64 (0xcc-0xcf), int 8..64 (0xd0-0xd3)
             pos += 1 + (1 << ((byte - 0xCC) & 3))
-        elif byte <= 0xD8:  # fixext 1/2/4/8/16: type byte + payload
-            pos += 2 + (1 << (byte - 0xD4))
+        elif byte <= 0xD8:  # fixext 1/2/4/8/16
+            return _EXTENSION
         elif byte <= 0xDB:  # str 8/16/32
             size_bytes = 1 << (byte - 0xD9)
             if pos + 1 + size_bytes > end:
@@ -99,7 +103,8 @@ cdef Py_ssize_t _object_end(const unsigned char* data, Py_ssize_t pos, Py_ssize_
 
 def object_end(data, Py_ssize_t pos, Py_ssize_t end):
     """Where the msgpack object starting at ``data[pos]`` ends (exclusive), looking no further
-    than ``end``; ``INCOMPLETE`` if it runs past ``end``, ``RESERVED`` if it holds byte 0xc1."""
+    than ``end``; ``INCOMPLETE`` if it runs past ``end``, ``RESERVED`` if it holds byte 0xc1,
+    ``EXTENSION`` if it holds an extension type (the first bad byte decides)."""
     cdef Py_buffer view
     PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
     try:
@@ -210,4 +215,6 @@ def decode_stanzas(plaintext, max_stanzas=None):
         _fail(StanzaError("transport message ends inside a stanza"), stanzas)
     if tail == _RESERVED:
         _fail(StanzaError("transport message is not valid msgpack (byte 0xc1)"), stanzas)
+    if tail == _EXTENSION:
+        _fail(StanzaError("msgpack extension types are not allowed in stanzas"), stanzas)
     return stanzas

@@ -20,6 +20,8 @@ from interlink.core.errors import StanzaError, TooManyStanzasError
 
 INCOMPLETE = -1  # the object runs past the end of the plaintext
 RESERVED = -2  # the object holds the byte 0xc1, which msgpack never uses
+EXTENSION = -3  # the object holds a msgpack extension type, which no stanza may (msgpack itself
+                # would turn type -1 into a Timestamp without asking the decoder's ext_hook)
 # Up to this many stanzas, each is decoded by its own one-shot call; more share one streaming
 # decoder, whose set-up costs about as much as four one-shot calls (bench/bench_stanza.py).
 SLICED_MAX = 4
@@ -30,16 +32,16 @@ SLICED_MAX = 4
 #   kind "fix": a fixed total size
 #   kind "items": header + length, then length * items_per objects
 _FIXED = {0xC0: 1, 0xC2: 1, 0xC3: 1, 0xCA: 5, 0xCB: 9, 0xCC: 2, 0xCD: 3, 0xCE: 5, 0xCF: 9,
-          0xD0: 2, 0xD1: 3, 0xD2: 5, 0xD3: 9, 0xD4: 3, 0xD5: 4, 0xD6: 6, 0xD7: 10, 0xD8: 18}
-_SIZED = {0xC4: (1, 0), 0xC5: (2, 0), 0xC6: (4, 0), 0xC7: (1, 1), 0xC8: (2, 1), 0xC9: (4, 1),
-          0xD9: (1, 0), 0xDA: (2, 0), 0xDB: (4, 0)}  # (length bytes, extra type byte)
+          0xD0: 2, 0xD1: 3, 0xD2: 5, 0xD3: 9}
+_SIZED = {0xC4: 1, 0xC5: 2, 0xC6: 4, 0xD9: 1, 0xDA: 2, 0xDB: 4}  # bin and str: bytes of their length
+_EXTENSIONS = frozenset({0xC7, 0xC8, 0xC9, 0xD4, 0xD5, 0xD6, 0xD7, 0xD8})  # ext 8/16/32, fixext 1..16
 _CONTAINERS = {0xDC: (2, 1), 0xDD: (4, 1), 0xDE: (2, 2), 0xDF: (4, 2)}  # (length bytes, objects per entry)
 
 
 def object_end(data, pos: int, end: int) -> int:
     """Where the msgpack object starting at ``data[pos]`` ends (exclusive), looking no further
-    than ``end``; ``INCOMPLETE`` if it runs past ``end``, ``RESERVED`` if it holds byte 0xc1.
-    ``data`` is indexable by int giving ints (bytes, bytearray, memoryview of format B)."""
+    than ``end``; ``INCOMPLETE`` if it runs past ``end``, ``RESERVED`` if it holds byte 0xc1,
+    ``EXTENSION`` if it holds an extension type (the first bad byte decides). ``data`` is indexable by int giving ints (bytes, bytearray, memoryview of format B)."""
     remaining = 1  # objects still to skip: containers add their entries
     while remaining:
         if pos >= end:
@@ -59,11 +61,13 @@ def object_end(data, pos: int, end: int) -> int:
         elif byte in _FIXED:
             pos += _FIXED[byte]
         elif byte in _SIZED:
-            size_bytes, type_bytes = _SIZED[byte]
+            size_bytes = _SIZED[byte]
             if pos + 1 + size_bytes > end:
                 return INCOMPLETE
             length = int.from_bytes(data[pos + 1 : pos + 1 + size_bytes], "big")
-            pos += 1 + size_bytes + type_bytes + length
+            pos += 1 + size_bytes + length
+        elif byte in _EXTENSIONS:
+            return EXTENSION
         elif byte in _CONTAINERS:
             size_bytes, per_entry = _CONTAINERS[byte]
             if pos + 1 + size_bytes > end:
@@ -93,6 +97,7 @@ def _not_msgpack(exc: Exception) -> StanzaError:
 _BROKEN_TAIL = {
     INCOMPLETE: "transport message ends inside a stanza",
     RESERVED: "transport message is not valid msgpack (byte 0xc1)",
+    EXTENSION: "msgpack extension types are not allowed in stanzas",
 }
 
 

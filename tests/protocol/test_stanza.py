@@ -14,20 +14,16 @@ import msgpack
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-import interlink.core.protocol._stanza_pure as stanza_pure
-import interlink.ext._stanza as stanza_native
 from interlink.core.protocol import stanza as stanza_selected
 from interlink.core.errors import StanzaError, TooManyStanzasError
 
-TWINS = [stanza_native, stanza_pure]
-TWIN_IDS = ["cython", "pure"]
+from twins import twin_fixture, twin_modules
+
+TWINS = stanza_native, stanza_pure = twin_modules("_stanza")
 HYPOTHESIS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
-@pytest.fixture(params=TWINS, ids=TWIN_IDS)
-def codec(request):
-    """The module under test: ``interlink.ext._stanza`` or ``interlink.core.protocol._stanza_pure``."""
-    return request.param
+codec = twin_fixture("_stanza")  # the module under test: compiled, then pure
 
 
 def pack(obj) -> bytes:
@@ -137,7 +133,9 @@ def test_a_cut_at_every_offset_of_a_message_of_many_stanzas(codec):
     [
         (pack([1, 2, 3]), "stanza must be a msgpack map, got list", 0),
         (pack(PING) + pack("ping"), "stanza must be a msgpack map, got str", 1),
-        (pack({"t": "msg", "x": msgpack.ExtType(1, b"boom")}), "msgpack extension type 1 is not allowed", 0),
+        (pack({"t": "msg", "x": msgpack.ExtType(1, b"boom")}), "msgpack extension types are not allowed in stanzas", 0),
+        # Type -1 is msgpack's timestamp, which msgpack decodes without asking any hook.
+        (pack(PING) + b"\x82\xa1t\xa4ping\xa2id\xd6\xff\x00\x00\x00\x01", "msgpack extension types are not allowed in stanzas", 1),
         (b"\x81\xa1t\xa2\xff\xfe", "transport message is not valid msgpack (UnicodeDecodeError)", 0),
         (pack(PING) + b"\xc1", "transport message is not valid msgpack (byte 0xc1)", 1),
         (b"\x81\xa1t\xc1", "transport message is not valid msgpack (byte 0xc1)", 0),
@@ -145,7 +143,7 @@ def test_a_cut_at_every_offset_of_a_message_of_many_stanzas(codec):
         (b"\x81" + pack([1]) + pack(1), "transport message is not valid msgpack (TypeError)", 0),
         (pack(PING) * 6 + b"\x81\xa1t", "transport message ends inside a stanza", 6),
     ],
-    ids=["array", "str after a ping", "ext", "utf8", "c1 after a ping", "c1 inside", "c1 after many",
+    ids=["array", "str after a ping", "ext", "timestamp", "utf8", "c1 after a ping", "c1 inside", "c1 after many",
          "list as key", "cut after many"],
 )
 def test_malformed_plaintexts_give_bad_stanza_after_the_good_ones(codec, plaintext, message, good_before):
@@ -165,8 +163,7 @@ def test_more_stanzas_than_allowed_are_refused_before_decoding(codec):
 
 
 def test_huge_declared_lengths_are_incomplete_not_allocated(codec):
-    for header in (b"\xdf\xff\xff\xff\xff", b"\xdd\xff\xff\xff\xff", b"\xc6\xff\xff\xff\xff", b"\xdb\xff\xff\xff\xff",
-                   b"\xc9\xff\xff\xff\xff\x01"):
+    for header in (b"\xdf\xff\xff\xff\xff", b"\xdd\xff\xff\xff\xff", b"\xc6\xff\xff\xff\xff", b"\xdb\xff\xff\xff\xff"):
         assert outcome(codec, header + b"\x00" * 10) == ("StanzaError", "transport message ends inside a stanza", "[]")
 
 
@@ -204,11 +201,21 @@ def test_object_end_knows_float32():
 
 @pytest.mark.parametrize("code, payload", [(5, b"a"), (6, b"ab"), (7, b"abcd"), (8, b"a" * 8), (9, b"a" * 16),
                                            (10, b"abc"), (11, b"a" * 300), (12, b"a" * 70000)])
-def test_object_end_knows_every_ext_format(code, payload):
-    encoded = msgpack.packb(msgpack.ExtType(code, payload))
+def test_object_end_refuses_every_ext_format(code, payload):
+    """fixext 1..16 and ext 8/16/32, whole or cut."""
+    encoded = msgpack.packb([msgpack.ExtType(code, payload)])
     for module in TWINS:
-        assert module.object_end(encoded, 0, len(encoded)) == len(encoded)
-        assert module.object_end(encoded, 0, len(encoded) - 1) == stanza_pure.INCOMPLETE
+        assert module.object_end(encoded, 0, len(encoded)) == stanza_pure.EXTENSION
+        assert module.object_end(encoded, 0, len(encoded) - 1) == stanza_pure.EXTENSION
+
+
+@pytest.mark.parametrize("timestamp", [msgpack.Timestamp(1, 0), msgpack.Timestamp(2**34, 0), msgpack.Timestamp(2**35, 1)],
+                         ids=["fixext4", "fixext8", "ext8"])
+def test_a_timestamp_is_an_extension_too(codec, timestamp):
+    """Type -1, which msgpack decodes into a Timestamp by itself, never reaching an ext hook."""
+    encoded = msgpack.packb({"t": "ping", "id": timestamp})
+    assert encoded[-1 - len(timestamp.to_bytes())] == 0xFF  # the type byte, then the payload
+    assert outcome(codec, encoded) == ("StanzaError", "msgpack extension types are not allowed in stanzas", "[]")
 
 
 # ---------------------------------------------------------------- both twins on random input

@@ -1,0 +1,1 @@
+"""Tests of ``interlink.core.protocol``, one module per source module (``core/protocol/``)."""
