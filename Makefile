@@ -21,9 +21,10 @@ demo: $(STAMP)
 	$(BIN)/python -m interlink.demo
 
 # The whole suite against the compiled build (a missing extension is an error, not a fall-back),
-# then the protocol and end-to-end tests again on the pure-Python twins. (The twins' own unit
-# tests run both implementations side by side in the first pass.)
-PURE_AGAIN := tests/test_connection.py tests/test_noise_session.py tests/test_noise_vectors.py tests/test_gateway_e2e.py tests/test_fanout.py tests/test_groups_e2e.py tests/test_store.py tests/test_store_shared.py tests/test_store_stateful.py
+# then what the twins serve again on the pure-Python twins: the connection and Noise tests, the
+# fan-out and dispatch tests, the LMDB store and the end-to-end gateway and group tests. (The
+# twins' own unit tests run both implementations side by side in the first pass.)
+PURE_AGAIN := tests/protocol/test_connection.py tests/protocol/test_noise.py tests/protocol/test_noise_vectors.py tests/domain/test_fanout.py tests/domain/test_dispatch.py tests/edge/lmdbstore tests/e2e/test_gateway.py tests/e2e/test_groups.py
 test: $(STAMP)
 	INTERLINK_REQUIRE_NATIVE=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 	INTERLINK_PURE=1 $(BIN)/python -m pytest -q $(PURE_AGAIN)

@@ -48,7 +48,7 @@ Checks (all must be 0, else the exit status is 1):
   raises instead.
 
 Prints the counts as one JSON object. The test suite imports ``run`` with small numbers
-(``tests/test_crash.py``); ``make stress`` runs 100 cycles.
+(``tests/e2e/test_crash.py``); ``make stress`` runs 100 cycles.
 """
 
 from __future__ import annotations

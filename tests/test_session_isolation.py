@@ -27,7 +27,6 @@ import msgpack
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-import interlink.core.protocol._cipher_pure as cipher_pure
 import interlink.core.domain._fanout_pure as fanout_pure
 import interlink.core.protocol._framing_pure as framing_pure
 from interlink.client import Client, Suite
@@ -48,20 +47,15 @@ from interlink.core.protocol.framing import encode_frames
 from interlink.core.edge.keyfiles import init_operator_keys
 from interlink.core.protocol.noise import SUITES, NoiseSession
 from interlink.core.edge.server import GatewayProtocol, GatewayServer
-from interlink.testing import DEFAULTS, jwks_cache, limits, lmdb_store, server_settings, token_verifier
-from test_connection import NOW, SETTINGS, make_client
+from interlink.testing import DEFAULTS, FakeClock, jwks_cache, limits, lmdb_store, server_settings, token_verifier
+from protocol.test_connection import NOW, SETTINGS, make_client
 from three_providers import AUD, config_for
+from twins import twin_fixture, twin_modules
 
-try:  # INTERLINK_PURE runs without the build; the default suite requires it (tests/conftest.py)
-    import interlink.ext._cipher as cipher_native
-    import interlink.ext._fanout as fanout_native
-    import interlink.ext._framing as framing_native
-except ImportError:
-    cipher_native = fanout_native = framing_native = None
-
-FRAME_DECODERS = [m.FrameDecoder for m in (framing_pure, framing_native) if m is not None]
-CIPHER_STATES = [m.CipherState for m in (cipher_pure, cipher_native) if m is not None]
-FANOUT_TWINS = [m for m in (fanout_pure, fanout_native) if m is not None]
+FRAME_DECODERS = [m.FrameDecoder for m in twin_modules("_framing")]
+CIPHER_STATES = [m.CipherState for m in twin_modules("_cipher")]
+FANOUT_TWINS = twin_modules("_fanout")
+twin = twin_fixture("_fanout")  # compiled, then pure
 SCRIBBLE = 0xA5  # what "the next read" leaves in the shared buffer
 
 
@@ -264,7 +258,6 @@ def _dlv(seq: int, ts: int, sender: str, body: bytes, g: bytes) -> dict:
     return {"t": "dlv", "seq": seq, "k": "msg", "id": b"i" * 16, "from": sender, "dev": 1, "ts": ts, "c": body, "g": g}
 
 
-@pytest.mark.parametrize("twin", FANOUT_TWINS, ids=lambda m: m.__name__.rpartition(".")[2])
 def test_a_failed_encode_leaves_nothing_in_the_shared_packers(twin):
     """``encode_stanza`` and the fan-out's ``GroupDlv``/``splice`` pack with one module-wide
     ``msgpack.Packer`` each. A pack that fails half-way must not leave its first bytes in front of
@@ -368,7 +361,7 @@ class Peer:
                 data = await loop.sock_recv(self.sock, 1 << 16)
             if not data:
                 raise AssertionError(f"the gateway closed the connection; read so far: {self.received}")
-            self.client.receive_data(data, self.edge.now)
+            self.client.receive_data(data, self.edge.clock())
             for event in self.client.events():
                 if isinstance(event, Welcomed):
                     self.received.append(event.welcome)
@@ -427,7 +420,7 @@ class Edge:
 
     def __init__(self, issuers, folder, *, commit_in_thread: bool = False, **limit_overrides) -> None:
         self.issuers = dict(zip(("alpha", "beta", "gamma"), issuers))
-        self.now = time.time()
+        self.clock = FakeClock(time.time())  # moves only when the test advances it
         self.registry = ProviderRegistry(config_for(issuers, folder).providers)
         self.keys = init_operator_keys(folder / "keys", "node-t")
         self.store = lmdb_store(folder / "lmdb", sync=False, map_size_bytes=1 << 27)
@@ -442,7 +435,7 @@ class Edge:
             mailbox_ttl_s=DEFAULTS.mailbox_ttl_s,
             slow_consumer_s=DEFAULTS.slow_consumer_s,
             commit_in_thread=commit_in_thread,
-            clock=lambda: self.now,
+            clock=self.clock,
         )
         self.peers: list[Peer] = []
 
@@ -485,7 +478,7 @@ class Edge:
             token=token or self.token(address), device=device,
             server_static=self.keys.static_public if suite.is_ik else None,
         )
-        client.start(self.now)
+        client.start(self.clock())
         peer = Peer(self, proto, client_end, client)
         self.peers.append(peer)
         return peer
@@ -690,7 +683,7 @@ async def test_message_buckets_are_per_device_session_and_per_user(edges):
     assert await outcomes(alice2, 3) == ["ack"] * 2 + ["rate_limited"]  # the user's burst, shared
     bob = await edge.session("bob@alpha")
     assert await outcomes(bob, 4) == ["ack"] * 4  # alice's buckets are not bob's
-    edge.now += 1.0
+    edge.clock.advance(1.0)
     assert await outcomes(alice1, 1) == ["ack"]
 
 

@@ -559,10 +559,10 @@ class GatewayServer:
             "sessions": len(self.sessions),
             "counters": {**self.counters, "stanzas_in": sum(self.domain.stanzas_in.values())},
             "stanzas_in": dict(self.domain.stanzas_in),
-            "refusals": dict(self.domain.refusals),
+            "refusals": {str(code): count for code, count in self.domain.refusals.items()},
             "commit_seconds": self.commits.seconds.snapshot(),
             "store": self.store.usage(),
             "routing": dict(self.router.counters),
-            "close_reasons": dict(self.close_reasons),
-            "auth_failures": dict(self.auth_failures),
+            "close_reasons": {str(reason): count for reason, count in self.close_reasons.items()},  # plain strings for operators
+            "auth_failures": {str(code): count for code, count in self.auth_failures.items()},
         }

@@ -1,4 +1,5 @@
-"""The domain alone, as aioquic tests its connection: no event loop, no socket, ``now`` passed in.
+"""The domain alone (``Domain``, ``core/domain/dispatch.py``), as aioquic tests its connection: no
+event loop, no socket, ``now`` passed in.
 
 A real ``Domain`` (Router, Groups, Operations, Policy) over a real LMDB store in a temporary
 folder, with ``FakeSession``s standing in for open sessions. The test plays the edge: it

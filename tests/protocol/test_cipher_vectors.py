@@ -11,12 +11,10 @@ import json
 
 import pytest
 
-import interlink.core.protocol._cipher_pure as cipher_pure
-import interlink.ext._cipher as cipher_native
 from interlink.core.errors import DecryptError
 
-TWINS = [cipher_native, cipher_pure]
-TWIN_IDS = ["cython", "pure"]
+from twins import twin_fixture
+
 MAX_NONCE = 2**64 - 1
 
 # CipherState name: file, byte order of the Noise counter, expected (valid, invalid) counts, and how
@@ -27,9 +25,7 @@ FILES = {
 }
 
 
-@pytest.fixture(params=TWINS, ids=TWIN_IDS)
-def cipher(request):
-    return request.param
+cipher = twin_fixture("_cipher")  # compiled, then pure
 
 
 def load_vectors(vectors_dir, suite: str) -> list[dict]:

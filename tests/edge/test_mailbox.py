@@ -2,33 +2,33 @@
 on both twins, and hypothesis checks that they give identical results — plans, the puts and pops
 they make, the counters and references they leave, the exceptions they raise — on random inputs.
 
-Both modules are imported directly, so a missing compiled build fails this file instead of
-silently testing the pure twin twice. The store that uses them is tested on real LMDB in
-``test_store*.py``; here ``put``/``pop`` are recorded against a dict so the two twins can be
-compared call by call.
+Both modules come from ``tests/twins.py``, which imports the compiled one directly, so a missing
+build fails this file instead of silently testing the pure twin twice. The store that uses them
+is tested on real LMDB in ``tests/edge/lmdbstore/``; here ``put``/``pop`` are recorded against a
+dict so the two twins can be compared call by call, and the compiled twin is held to its promise
+to fail the way the pure twin does and to take the arguments it takes.
 """
 
 from __future__ import annotations
 
 import struct
+import subprocess
+import sys
 
-import interlink.core.edge._mailbox_pure as mailbox_pure
-import interlink.ext._mailbox as mailbox_native
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from interlink.core.edge import mailbox
 
-TWINS = [mailbox_native, mailbox_pure]
-TWIN_IDS = ["cython", "pure"]
+from twins import TWIN_IDS, twin_fixture, twin_modules
+
+TWINS = mailbox_native, mailbox_pure = twin_modules("_mailbox")
 HYPOTHESIS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 MBOX = object()  # stands for the LMDB database handle: passed through to put/pop untouched
 TS = struct.pack(">Q", 1_764_000_000_000)
 
 
-@pytest.fixture(params=TWINS, ids=TWIN_IDS)
-def twin(request):
-    return request.param
+twin = twin_fixture("_mailbox")  # the module under test: compiled, then pure
 
 
 def outcome(call, *args):
@@ -219,3 +219,56 @@ def test_deletes_are_identical(values, seqs, start):
         result = outcome(twin.delete_items, table.pop, MBOX, dkey, seqs, state, released)
         results.append((result, table.calls, table.items, released, (state.items, state.bytes)))
     assert results[0] == results[1]
+
+
+# ---------------------------------------------------------------- odd arguments: the compiled twin as the pure one
+
+# A value shorter than 9 items that is not ``bytes`` takes ``_forget_slow``, which indexes it
+# (``value[8]``) with the module's boundscheck=False: a list or tuple is read past its end.
+# Run in a child so that a crash fails this test instead of ending the test session.
+_SHORT_SEQUENCE = """
+import importlib
+import sys
+
+for name, module in zip(sys.argv[1::2], sys.argv[2::2]):
+    twin = importlib.import_module(module)
+    for value in ([0] * 3, (0,) * 3):
+        try:
+            twin.forget_item(value, {})
+        except IndexError:
+            print(name, type(value).__name__, "IndexError", flush=True)
+        state = twin.MailboxState()
+        try:
+            twin.delete_items(lambda key, db: value, None, b"k", [1], state, {})
+        except IndexError:
+            print(name, type(value).__name__, "delete IndexError", flush=True)
+"""
+
+
+def test_a_short_sequence_raises_index_error_in_both_twins_not_a_crash():
+    names = [arg for name, module in zip(TWIN_IDS, TWINS) for arg in (name, module.__name__)]
+    done = subprocess.run([sys.executable, "-c", _SHORT_SEQUENCE, *names], capture_output=True, text=True, timeout=60)
+    expected = [
+        f"{name} {kind} {what}"
+        for name in TWIN_IDS
+        for kind in ("list", "tuple")
+        for what in ("IndexError", "delete IndexError")
+    ]
+    assert done.returncode == 0, f"the child died (rc {done.returncode}) after: {done.stdout!r}"
+    assert done.stdout.split("\n")[:-1] == expected
+
+
+def test_the_compiled_twin_takes_the_argument_types_the_pure_twin_takes():
+    results = {}
+    for name, twin in zip(TWIN_IDS, TWINS):
+        items: dict = {}
+        states = {b"k": twin.MailboxState()}
+        put = lambda key, value, db: items.__setitem__(bytes(key), bytes(value))  # noqa: E731
+        pop = lambda key, db: items.pop(bytes(key), None)  # noqa: E731
+        planned = ((b"k", 1, b"copy one"), (b"k", 2, b"copy two"))  # a tuple, not a list
+        wrote = outcome(twin.write_copies, put, MBOX, planned, states, TS, None, [])
+        deleted = outcome(twin.delete_items, pop, MBOX, bytearray(b"k"), [1], states[b"k"], {})  # a bytearray key
+        state = states[b"k"]
+        results[name] = (wrote, deleted, (state.last_seq, state.items, state.bytes), items)
+    assert results["cython"] == results["pure"]
+    assert results["pure"][1] == ("ok", 1)

@@ -17,7 +17,7 @@ from interlink.client import Client
 from interlink.core.errors import InterlinkError
 from interlink.testing import DemoIssuer
 
-CRASH_PY = Path(__file__).resolve().parents[1] / "bench" / "crash.py"
+CRASH_PY = Path(__file__).resolve().parents[2] / "bench" / "crash.py"
 USERS = [f"u{i}" for i in range(10)]
 DEVICES = range(1, 6)
 CYCLES = 3

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-CRASH_PY = Path(__file__).resolve().parents[1] / "bench" / "crash.py"
+CRASH_PY = Path(__file__).resolve().parents[2] / "bench" / "crash.py"
 CYCLES = 5
 
 

@@ -1,8 +1,8 @@
 """Frame codec (PROTOCOL §1): every case runs on the compiled module and on its pure twin, and
 hypothesis checks that the two behave identically on random streams and random split points.
 
-Both modules are imported directly, so a missing compiled build fails this file instead of
-silently testing the pure twin twice.
+Both modules come from ``tests/twins.py``, which imports the compiled one directly, so a missing
+build fails this file instead of silently testing the pure twin twice.
 """
 
 from __future__ import annotations
@@ -12,21 +12,17 @@ import array
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-import interlink.core.protocol._framing_pure as framing_pure
-import interlink.ext._framing as framing_native
 from interlink.core.errors import FrameError, FrameTooLargeError, ProtocolError
 
-TWINS = [framing_native, framing_pure]
-TWIN_IDS = ["cython", "pure"]
+from twins import twin_fixture, twin_modules
+
+TWINS = framing_native, framing_pure = twin_modules("_framing")
 WIRE_MAX = 65535
 
 HYPOTHESIS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
-@pytest.fixture(params=TWINS, ids=TWIN_IDS)
-def framing(request):
-    """The module under test: ``interlink.ext._framing`` or ``interlink.core.protocol._framing_pure``."""
-    return request.param
+framing = twin_fixture("_framing")  # the module under test: compiled, then pure
 
 
 def frame(payload: bytes) -> bytes:

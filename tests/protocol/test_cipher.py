@@ -2,8 +2,8 @@
 results are checked against direct ``cryptography`` calls (and ``noiseprotocol``'s cipher) rather
 than against the code under test. Hypothesis checks that both twins give identical bytes.
 
-Both modules are imported directly, so a missing compiled build fails this file instead of
-silently testing the pure twin twice.
+Both modules come from ``tests/twins.py``, which imports the compiled one directly, so a missing
+build fails this file instead of silently testing the pure twin twice.
 """
 
 from __future__ import annotations
@@ -15,14 +15,12 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 from hypothesis import given, settings, strategies as st
 from noise.backends.default.ciphers import AESGCMCipher, ChaCha20Cipher
 
-import interlink.core.protocol._cipher_pure as cipher_pure
-import interlink.core.protocol._framing_pure as framing_pure
-import interlink.ext._cipher as cipher_native
-import interlink.ext._framing as framing_native
 from interlink.core.errors import CryptoError, DecryptError, LocalProtocolError, NonceExhaustedError
 
-TWINS = [cipher_native, cipher_pure]
-TWIN_IDS = ["cython", "pure"]
+from twins import twin_fixture, twin_modules
+
+TWINS = cipher_native, cipher_pure = twin_modules("_cipher")
+framing_native, framing_pure = twin_modules("_framing")
 FRAMING_OF = {cipher_native: framing_native, cipher_pure: framing_pure}
 SUITES = ["ChaChaPoly", "AESGCM"]
 MAX_NONCE = 2**64 - 1
@@ -31,10 +29,7 @@ KEY = bytes(range(32))
 HYPOTHESIS = settings(max_examples=100, deadline=None)
 
 
-@pytest.fixture(params=TWINS, ids=TWIN_IDS)
-def cipher(request):
-    """The module under test: ``interlink.ext._cipher`` or ``interlink.core.protocol._cipher_pure``."""
-    return request.param
+cipher = twin_fixture("_cipher")  # the module under test: compiled, then pure
 
 
 @pytest.fixture(params=SUITES)

@@ -1,0 +1,1 @@
+"""Tests of ``interlink.core.domain``, one module per source module (``core/domain/``)."""

@@ -1,0 +1,1 @@
+"""Tests of ``interlink.core.edge``, one module per source module (``core/edge/``)."""

@@ -1,0 +1,1 @@
+"""Tests of ``interlink.core.edge.lmdbstore``, one module per table family (``core/edge/lmdbstore/``)."""
