@@ -58,3 +58,14 @@ class People:
 @pytest.fixture
 def people(gateway, issuers) -> People:
     return People(gateway, issuers)
+
+
+async def nothing_arrives(client: Client, timeout_s: float = 0.3) -> None:
+    """No stanza reaches ``client`` within ``timeout_s`` (what a refusal that says nothing looks like)."""
+    with pytest.raises(TimeoutError):
+        await client.recv(timeout_s=timeout_s)
+
+
+async def close_all(*clients: Client) -> None:
+    for client in clients:
+        await client.close()

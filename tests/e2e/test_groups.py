@@ -13,7 +13,7 @@ import pytest
 from interlink.client import Client
 from interlink.core.errors import ServerError
 from interlink.gateway import Gateway
-from three_providers import People, config_for
+from three_providers import People, close_all, config_for, nothing_arrives
 
 
 async def group_msg(client: Client, g: bytes, body: bytes, msg_id: bytes | None = None) -> dict:
@@ -35,14 +35,6 @@ async def dlvs(client: Client, count: int, timeout_s: float = 5.0) -> list[dict]
     return got
 
 
-async def nothing_arrives(client: Client, timeout_s: float = 0.3) -> None:
-    with pytest.raises(TimeoutError):
-        await client.recv(timeout_s=timeout_s)
-
-
-async def close_all(*clients: Client) -> None:
-    for client in clients:
-        await client.close()
 
 
 async def test_three_provider_group_every_device_gets_every_message_once_in_ack_order(people):

@@ -15,7 +15,7 @@ from interlink.client import Client
 from interlink.core.domain import ops as ops_module
 from interlink.core.errors import ServerError
 from interlink.gateway import Gateway
-from three_providers import People, config_for
+from three_providers import People, close_all, config_for
 
 
 def spk(spk_id: int = 1) -> dict:
@@ -31,10 +31,6 @@ async def refused(client: Client, op: str, **fields) -> ServerError:
         await client.iq(op, **fields)
     return caught.value
 
-
-async def close_all(*clients: Client) -> None:
-    for client in clients:
-        await client.close()
 
 
 async def test_put_get_count_round_trip(people):

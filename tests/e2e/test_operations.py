@@ -13,7 +13,7 @@ from interlink.client import Client
 from interlink.core.domain import ops as ops_module
 from interlink.core.errors import ServerError
 from interlink.gateway import Gateway
-from three_providers import People, config_for
+from three_providers import People, close_all, config_for, nothing_arrives
 
 PHONE = "+4915112345678"
 
@@ -24,14 +24,6 @@ async def refused(client: Client, op: str, **fields) -> ServerError:
     return caught.value
 
 
-async def nothing_arrives(client: Client, timeout_s: float = 0.3) -> None:
-    with pytest.raises(TimeoutError):
-        await client.recv(timeout_s=timeout_s)
-
-
-async def close_all(*clients: Client) -> None:
-    for client in clients:
-        await client.close()
 
 
 # -- devices.get
