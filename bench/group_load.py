@@ -1,4 +1,4 @@
-"""Group fan-out over real TCP (issue 5): durable deliveries per second, gateway CPU per delivery,
+"""Group fan-out over real TCP: durable deliveries per second, gateway CPU per delivery,
 delivery latency and gateway memory per group, for one large group.
 
     python bench/group_load.py --durability sync --members 1000 --seconds 5

@@ -1,4 +1,4 @@
-"""Group fan-out (issue 5): every case runs on the compiled module and on its pure twin, and
+"""Group fan-out: every case runs on the compiled module and on its pure twin, and
 hypothesis checks that the two give identical results (bytes, plans, the calls they make, the
 exceptions they raise) on random inputs.
 

@@ -1,4 +1,4 @@
-"""The crash test of issue 3, short version: the gateway child is SIGKILLed at random moments while
+"""The crash test, short version: the gateway child is SIGKILLed at random moments while
 three users with two devices each (two providers) send 1:1 messages with own copies; after a last
 restart and a full drain, nothing acked is lost, nothing is duplicated after client dedup and
 nothing is reordered per (sender device, recipient device). The driver is ``bench/crash.py``
