@@ -22,6 +22,7 @@ TWINS = {
     "_stanza": "protocol._stanza_pure",
     "_fanout": "domain._fanout_pure",
     "_mailbox": "edge._mailbox_pure",
+    "_handshake": "protocol._handshake_pure",
 }
 
 _native_available = True

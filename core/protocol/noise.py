@@ -1,26 +1,18 @@
 """Noise handshake for client–gateway links (docs/protocol.md §1–§2), sans-I/O.
 
-``noiseprotocol`` performs the handshake. When it completes, ``NoiseSession`` copies the two
-split keys and nonces into the project's own ``CipherState`` (``interlink.core.protocol.cipher``) and
-drops every ``noiseprotocol`` object, so an idle session holds two small cipher states and a
-few byte strings (the gateway keeps many thousands of them open).
+The handshake runs in the project's own Noise handshake state (``interlink.core.protocol.handshake``:
+the compiled ``interlink.ext._handshake`` or its pure twin), built on ``cryptography``'s X25519
+and AEADs and ``hashlib``'s hashes and proven byte for byte against ``noiseprotocol``, the
+reference (``tests/protocol/test_handshake.py``). When it completes, ``NoiseSession`` turns the
+two split keys into the project's ``CipherState``s (``interlink.core.protocol.cipher``) and drops
+the handshake state, so an idle session holds two small cipher states and a few byte strings
+(the gateway keeps many thousands of them open).
 
 Failure model: any problem with a handshake message — bad MAC, truncated or oversized message,
 low-order X25519 point, a call out of turn — raises ``HandshakeError`` and kills the session;
 every later call on a dead session raises ``HandshakeError`` too. Transport decryption failures
 raise ``DecryptError`` from the cipher state and leave the session alive (the connection
 decides to close).
-
-``noiseprotocol`` 0.3.1 internals relied on (all checked against the Noise test vectors):
-
-- ``NoiseConnection.noise_protocol.handshake_state`` (a ``HandshakeState``), captured right after
-  ``start_handshake`` because noiseprotocol deletes its own reference at the split; its ``s``
-  (our static key pair, ``public_bytes``) and ``rs`` (``noise.constants.Empty`` until the peer's
-  static key is known) are read after each message. On drop we set its ``noise_protocol`` and
-  ``symmetric_state`` to None to break a reference cycle.
-- ``NoiseConnection.handshake_finished``; after the split ``noise_protocol.handshake_hash`` and
-  ``noise_protocol.cipher_state_encrypt``/``cipher_state_decrypt`` with their ``k`` (32-byte
-  key) and ``n`` (nonce, 0 after the split), already oriented for our role.
 """
 
 from __future__ import annotations
@@ -28,23 +20,11 @@ from __future__ import annotations
 import enum
 import re
 import sys
-import warnings
-
-from cryptography.exceptions import InvalidTag
-from noise.connection import Keypair, NoiseConnection
-from noise.constants import Empty
-from noise.exceptions import (
-    NoiseHandshakeError,
-    NoiseInvalidMessage,
-    NoiseMaxNonceError,
-    NoiseProtocolNameError,
-    NoiseValidationError,
-    NoiseValueError,
-)
 
 from interlink.core.protocol.cipher import CipherState
+from interlink.core.protocol.handshake import HandshakeState, StaticKey
 from interlink.core.errors import HandshakeError, PreambleError, UnknownSuiteError
-from interlink.core.protocol.wire import TAG_BYTES, WIRE_MAX_FRAME_BYTES
+from interlink.core.protocol.wire import WIRE_MAX_FRAME_BYTES
 
 __all__ = [
     "Suite",
@@ -107,27 +87,7 @@ DH_BYTES = 32
 
 _NAME_RE = re.compile(r"^Noise_(XX|IK)_25519_(ChaChaPoly|AESGCM)_(SHA256|BLAKE2s|BLAKE2b)$")
 
-# Fixed bytes each handshake message adds around its payload (ephemeral keys, encrypted static
-# keys, the payload's tag), by pattern and message index. A message shorter than this is truncated.
-_OVERHEAD_BYTES = {
-    # XX: -> e | <- e, ee, s, es | -> s, se
-    "XX": (DH_BYTES, DH_BYTES + DH_BYTES + TAG_BYTES + TAG_BYTES, DH_BYTES + TAG_BYTES + TAG_BYTES),
-    # IK: <- s ... | -> e, es, s, ss | <- e, ee, se
-    "IK": (DH_BYTES + DH_BYTES + TAG_BYTES + TAG_BYTES, DH_BYTES + TAG_BYTES),
-}
-
-# Everything noiseprotocol (or cryptography underneath it) raises for a bad message or key.
-# ValueError covers cryptography's X25519 refusal of an all-zero shared secret (low-order point).
-_NOISE_FAILURES = (
-    InvalidTag,
-    ValueError,
-    NoiseValueError,
-    NoiseHandshakeError,
-    NoiseInvalidMessage,
-    NoiseMaxNonceError,
-    NoiseValidationError,
-    NoiseProtocolNameError,
-)
+_MESSAGE_COUNT = {"XX": 3, "IK": 2}
 
 
 def make_preamble(suite: int) -> bytes:
@@ -165,22 +125,22 @@ def _check_key(name: str, value: object) -> bytes:
     return value
 
 
-_STATIC_KEYPAIRS: dict = {}
-_MAX_CACHED_STATIC_KEYPAIRS = 16
+_STATIC_KEYS: dict = {}
+_MAX_CACHED_STATIC_KEYS = 16
 
 
-def _static_keypair(keypair_class, private: bytes):
-    """noiseprotocol's key-pair object for a static private key, parsed once per key.
+def _static_key(private: bytes) -> StaticKey:
+    """The handshake state's key-pair object for a static private key, parsed once per key.
 
     The object is only read during handshakes, so sessions can share it. The cache is small
     and bounded: it exists for the node's own key (and a few in tests), not for client keys.
     """
-    keypair = _STATIC_KEYPAIRS.get(private)
-    if keypair is None or type(keypair) is not keypair_class:
-        if len(_STATIC_KEYPAIRS) >= _MAX_CACHED_STATIC_KEYPAIRS:
-            _STATIC_KEYPAIRS.clear()
-        keypair = _STATIC_KEYPAIRS[private] = keypair_class.from_private_bytes(private)
-    return keypair
+    key = _STATIC_KEYS.get(private)
+    if key is None:
+        if len(_STATIC_KEYS) >= _MAX_CACHED_STATIC_KEYS:
+            _STATIC_KEYS.clear()
+        key = _STATIC_KEYS[private] = StaticKey(private)
+    return key
 
 
 class NoiseSession:
@@ -202,8 +162,7 @@ class NoiseSession:
         "_recv_cipher",
         "_messages_done",
         "_error",
-        "_conn",
-        "_hs",
+        "_handshake",
         "_message_count",
     )
 
@@ -247,31 +206,13 @@ class NoiseSession:
         self._recv_cipher = None
         self._messages_done = 0
         self._error: str | None = None
-        self._message_count = len(_OVERHEAD_BYTES[pattern])
-
-        conn = NoiseConnection.from_name(protocol_name.encode("ascii"))
-        conn.set_prologue(bytes(prologue))
-        if self._initiator:
-            conn.set_as_initiator()
-        else:
-            conn.set_as_responder()
-        # The gateway's static key is the same for every connection: parse it once (about 40 µs).
-        conn.noise_protocol.keypairs["s"] = _static_keypair(conn.noise_protocol.dh_fn.klass, static_private)
-        if remote_static is not None:
-            conn.set_keypair_from_public_bytes(Keypair.REMOTE_STATIC, remote_static)
-        if ephemeral_private is not None:
-            conn.set_keypair_from_private_bytes(Keypair.EPHEMERAL, ephemeral_private)
-            with warnings.catch_warnings():
-                # noiseprotocol warns that a preset ephemeral is for tests only; that is the one use here.
-                warnings.simplefilter("ignore", UserWarning)
-                conn.start_handshake()
-        else:
-            conn.start_handshake()
-        self._conn = conn
-        # Held directly: noiseprotocol deletes its own reference when the handshake splits,
-        # and the remote static key learned in the last message lives only here.
-        self._hs = conn.noise_protocol.handshake_state
-        self._static_public = self._hs.s.public_bytes
+        self._message_count = _MESSAGE_COUNT[pattern]
+        # The gateway's static key is the same for every connection: parse it once (about 30 µs).
+        static_key = _static_key(static_private)
+        self._static_public = static_key.public
+        self._handshake = HandshakeState(
+            protocol_name, self._initiator, static_key, bytes(prologue), remote_static, ephemeral_private
+        )
 
     # ------------------------------------------------------------------ state
 
@@ -368,109 +309,56 @@ class NoiseSession:
         """Kill the session and return the error to raise."""
         if self._error is None:
             self._error = reason
-        self._drop_handshake()
+        self._handshake = None
         self._send_cipher = None
         self._recv_cipher = None
         return HandshakeError(reason)
 
-    def _drop_handshake(self) -> None:
-        hs = self._hs
-        if hs is not None:
-            # Break the noise_protocol <-> handshake_state cycle so it is freed without waiting for the GC.
-            hs.noise_protocol = None
-            hs.symmetric_state = None
-        self._conn = None
-        self._hs = None
-
-    def _check_step(self, writing: bool) -> None:
+    def _check_alive(self, writing: bool) -> None:
+        # Turns, payload types and sizes are the handshake state's to check; it is gone once
+        # the session is dead or complete.
         if self._error is not None:
             raise HandshakeError(f"noise session is dead ({self._error})")
         if self._send_cipher is not None:
             verb = "write" if writing else "read"
             raise self._fail(f"cannot {verb} a handshake message: the handshake is already complete")
-        our_turn = (self._messages_done % 2 == 0) == self._initiator
-        if writing and not our_turn:
-            raise self._fail(
-                f"wrong turn: {self._pattern} handshake message {self._messages_done + 1} comes from the peer; "
-                "call read_message, not write_message"
-            )
-        if not writing and our_turn:
-            raise self._fail(
-                f"wrong turn: {self._pattern} handshake message {self._messages_done + 1} is ours to write; "
-                "call write_message, not read_message"
-            )
 
     def write_message(self, payload: bytes = b"") -> bytes:
-        """Write the next handshake message carrying ``payload`` (encrypted unless it is XX message 1)."""
-        self._check_step(writing=True)
-        if not isinstance(payload, (bytes, bytearray, memoryview)):
-            raise TypeError(f"payload must be bytes, got {type(payload).__name__}")
-        payload = bytes(payload)
-        index = self._messages_done
-        overhead = _OVERHEAD_BYTES[self._pattern][index]
-        if len(payload) + overhead > MAX_MESSAGE_BYTES:
-            # A local mistake caught before any state changed: the session stays usable.
-            raise ValueError(
-                f"handshake payload of {len(payload)} bytes does not fit in one Noise message "
-                f"(max {MAX_MESSAGE_BYTES - overhead} for {self._pattern} message {index + 1})"
-            )
+        """Write the next handshake message carrying ``payload`` (encrypted unless it is XX message 1).
+
+        A payload that is not bytes (``TypeError``) or does not fit (``ValueError``) is a local
+        mistake caught before any state changed: the session stays usable."""
+        self._check_alive(writing=True)
         try:
-            message = bytes(self._conn.write_message(payload))
-        except _NOISE_FAILURES as exc:
-            raise self._fail(self._describe(exc, index, writing=True)) from exc
+            message = self._handshake.write_message(payload)
+        except HandshakeError as exc:
+            self._fail(str(exc))
+            raise
         self._advance()
         return message
 
     def read_message(self, message: bytes) -> bytes:
         """Read the peer's next handshake message and return its decrypted payload."""
-        self._check_step(writing=False)
-        if not isinstance(message, (bytes, bytearray, memoryview)):
-            raise self._fail(f"handshake message must be bytes, got {type(message).__name__}")
-        message = bytes(message)
-        index = self._messages_done
-        overhead = _OVERHEAD_BYTES[self._pattern][index]
-        if len(message) < overhead:
-            raise self._fail(
-                f"truncated {self._pattern} handshake message {index + 1}: {len(message)} bytes, "
-                f"at least {overhead} required"
-            )
-        if len(message) > MAX_MESSAGE_BYTES:
-            raise self._fail(
-                f"{self._pattern} handshake message {index + 1} of {len(message)} bytes exceeds {MAX_MESSAGE_BYTES}"
-            )
+        self._check_alive(writing=False)
         try:
-            payload = bytes(self._conn.read_message(message))
-        except _NOISE_FAILURES as exc:
-            raise self._fail(self._describe(exc, index, writing=False)) from exc
+            payload = self._handshake.read_message(message)
+        except HandshakeError as exc:
+            self._fail(str(exc))
+            raise
         self._advance()
         return payload
 
-    def _describe(self, exc: BaseException, index: int, *, writing: bool) -> str:
-        where = f"{self._pattern} handshake message {index + 1} ({'write' if writing else 'read'})"
-        if isinstance(exc, InvalidTag):
-            return f"{where}: authentication failed (bad MAC, wrong key or tampered message)"
-        if isinstance(exc, ValueError):
-            # cryptography refuses an X25519 exchange whose result is all zero.
-            return f"{where}: X25519 exchange refused, all-zero shared secret from a low-order public key ({exc})"
-        return f"{where}: {type(exc).__name__}: {exc}"
-
     def _advance(self) -> None:
         self._messages_done += 1
-        hs = self._hs
-        if self._remote_static is None and not isinstance(hs.rs, Empty):
-            self._remote_static = hs.rs.public_bytes
-        conn = self._conn
-        if conn.handshake_finished:
-            protocol = conn.noise_protocol
-            if self._remote_static is None:
-                raise self._fail("handshake finished without the peer's static key")
-            self._handshake_hash = bytes(protocol.handshake_hash)
-            enc, dec = protocol.cipher_state_encrypt, protocol.cipher_state_decrypt
-            self._send_cipher = CipherState(self._cipher_name, bytes(enc.k), enc.n)
-            self._recv_cipher = CipherState(self._cipher_name, bytes(dec.k), dec.n)
-            # Drop every noiseprotocol object (keys, hash state, cipher wrappers): only the
-            # two project cipher states stay alive for the transport phase.
-            self._drop_handshake()
+        handshake = self._handshake
+        if self._remote_static is None:
+            self._remote_static = handshake.remote_static
+        if handshake.complete:
+            self._handshake_hash = handshake.handshake_hash
+            self._send_cipher = CipherState(self._cipher_name, handshake.send_key, handshake.send_nonce)
+            self._recv_cipher = CipherState(self._cipher_name, handshake.recv_key, handshake.recv_nonce)
+            # Only the two cipher states stay alive for the transport phase.
+            self._handshake = None
 
     # -------------------------------------------------------------- transport
 
