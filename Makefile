@@ -24,7 +24,7 @@ demo: $(STAMP)
 # then what the twins serve again on the pure-Python twins: the connection and Noise tests, the
 # fan-out and dispatch tests, the LMDB store and the end-to-end gateway and group tests. (The
 # twins' own unit tests run both implementations side by side in the first pass.)
-PURE_AGAIN := tests/protocol/test_connection.py tests/protocol/test_noise.py tests/protocol/test_noise_vectors.py tests/domain/test_fanout.py tests/domain/test_dispatch.py tests/edge/lmdbstore tests/e2e/test_gateway.py tests/e2e/test_groups.py
+PURE_AGAIN := tests/protocol/test_connection.py tests/protocol/test_noise.py tests/protocol/test_noise_vectors.py tests/domain/test_fanout.py tests/domain/test_dispatch.py tests/edge/lmdbstore tests/e2e/test_gateway.py tests/e2e/test_groups.py tests/e2e/test_admission.py
 test: $(STAMP)
 	INTERLINK_REQUIRE_NATIVE=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 	INTERLINK_PURE=1 $(BIN)/python -m pytest -q $(PURE_AGAIN)

@@ -49,7 +49,8 @@ def domain(tmp_path_factory):
             store.register_device(user, device, 5)
     # Rates high enough never to refuse: the buckets are still charged on every msg.
     domain = Domain(store=store, registry=ProviderRegistry([_provider("alpha"), _provider("beta")]), window=64,
-                    max_frame_bytes=65535, max_group=1024, message_rate_per_device=1e12, message_rate_per_user=1e12)
+                    max_frame_bytes=65535, max_group=1024, message_rate_per_device=1e12, message_rate_per_user=1e12,
+                    overload_turn_writes=0, overload_refuse_after_s=0.0)
     yield domain
     store.close()
 
@@ -74,12 +75,12 @@ def test_decision(benchmark, domain, case):
     benchmark.extra_info.update(case=case, copies=copies)
 
     def setup():
-        domain.take_batch()  # an empty batch, as after a commit (untimed)
+        domain.take_batch(NOW_S)  # an empty batch, as after a commit (untimed)
         return (ALICE, stanza, NOW_S), {}
 
     benchmark.pedantic(domain.handle_msg, setup=setup, rounds=5000, warmup_rounds=100)
     # The decision: one message of the batch with a copy per device, each building its dlv.
-    commit = domain.take_batch()
+    commit = domain.take_batch(NOW_S)
     (message,), ((_, _, targets),) = commit.batch.entries, commit.waiting
     assert len(message.items) == len(targets) == copies
     dkey, build = message.items[0]
@@ -94,7 +95,7 @@ def test_decision(benchmark, domain, case):
 def test_decision_refused(benchmark, domain, code):
     stanza = {"t": "msg", "id": os.urandom(16), **REFUSED[code]}
     benchmark.extra_info.update(case=code)
-    domain.take_batch()
+    domain.take_batch(NOW_S)
 
     def run():
         try:
@@ -104,7 +105,7 @@ def test_decision_refused(benchmark, domain, code):
         raise AssertionError(f"{code}: the router accepted the msg")
 
     assert benchmark(run).code == code
-    assert domain.take_batch() is None  # a refusal adds nothing to the turn
+    assert domain.take_batch(NOW_S) is None  # a refusal adds nothing to the turn
 
 
 @pytest.mark.benchmark(group="routing turn: 32 msgs routed + group commit (async) + acks")
@@ -114,7 +115,7 @@ def test_turn(benchmark, domain):
     stanzas = []
 
     def setup():
-        domain.take_batch()
+        domain.take_batch(NOW_S)
         sender.take()
         stanzas[:] = [{"t": "msg", "id": os.urandom(16), "to": "bob@beta", "c": {1: CIPHERTEXT}} for _ in range(TURN)]
         return (), {}
@@ -122,7 +123,7 @@ def test_turn(benchmark, domain):
     def turn():
         for stanza in stanzas:
             domain.handle_msg(sender, stanza, NOW_S)
-        commit = domain.take_batch()
+        commit = domain.take_batch(NOW_S)
         domain.store.commit(commit.batch)
         domain.committed(commit)
 

@@ -113,13 +113,16 @@ class GatewayChild(child.GatewayProcess):
     """The gateway in its own process, on CPU 0, configured for the issuer's provider (``bare``: a
     uvloop server that keeps no state instead)."""
 
-    def __init__(self, issuer: str, data_dir: Path, durability: str, *, bare: bool = False, commit_mode: str = "inline") -> None:
+    def __init__(
+        self, issuer: str, data_dir: Path, durability: str, *, bare: bool = False, commit_mode: str = "inline",
+        **settings,
+    ) -> None:
         if bare:
             arguments = child.child_arguments(bare=True, cpu=0)
         else:
             arguments = child.child_arguments(
                 data_dir=data_dir, audience=AUDIENCE, providers={"bench": issuer}, durability=durability,
-                commit_mode=commit_mode, cpu=0, **child.LIFTED_LIMITS,
+                commit_mode=commit_mode, cpu=0, **child.LIFTED_LIMITS, **settings,
             )
         super().__init__(arguments, log_path=data_dir / "gateway.log")
 
@@ -357,7 +360,13 @@ async def bench_messages(args) -> dict:
     messages/s in total. Gateway CPU per delivered message over the measured window."""
     open_loop = args.rate > 0
     async with DemoIssuer() as issuer:
-        async with GatewayChild(issuer.issuer, Path(args.data_dir), args.durability, commit_mode=args.commit_mode) as gateway:
+        overload = {
+            name: value for name in ("overload_turn_writes", "overload_refuse_after_s", "window")
+            if (value := getattr(args, name)) is not None
+        }
+        async with GatewayChild(
+            issuer.issuer, Path(args.data_dir), args.durability, commit_mode=args.commit_mode, **overload
+        ) as gateway:
             def token(user: str) -> str:
                 return issuer.issue(user, audience=AUDIENCE, expires_in=3600)
 
@@ -841,6 +850,11 @@ def main() -> None:
     messages.add_argument("--inflight", type=int, default=16, help="unacked messages per sender")
     messages.add_argument("--payload", type=int, default=100, help="ciphertext bytes per message")
     messages.add_argument("--commit-mode", default="inline", choices=["inline", "thread"])
+    messages.add_argument(
+        "--overload-turn-writes", type=int, default=None, help="the gateway's admission budget (default: its configuration default)"
+    )
+    messages.add_argument("--overload-refuse-after-s", type=float, default=None)
+    messages.add_argument("--window", type=int, default=None, help="the gateway's delivery window (default: its configuration default)")
     messages.add_argument(
         "--rate", type=float, default=0.0,
         help="open loop: messages/s in total, latency from each message's intended send time (0: closed loop)",

@@ -71,6 +71,10 @@ class GatewayCollector:
         yield _counter("interlink_group_events_dropped_full",
                        "Group events skipped: the device's mailbox was past its quota and the control overdraft.",
                        routing.get("group_events_dropped_full", 0))
+        yield _gauge("interlink_admission_level", "Admission control: 0 normal, 1 throttling senders, 2 refusing new msg (overloaded).",
+                     stats["admission"]["level"])
+        yield _counter("interlink_reads_throttled", "Times a sending connection was not read until its turn's commit (admission control).",
+                       counters.get("reads_throttled", 0))
         yield _counter("interlink_slow_consumers", "Sessions ended with bye slow_consumer.", counters.get("slow_consumers", 0))
         yield _counter("interlink_items_expired", "Undelivered items deleted by the TTL sweep.", counters.get("items_expired", 0))
         yield _counter("interlink_internal_errors", "Stanzas that failed on a gateway bug (see the logs).", counters.get("internal_errors", 0))

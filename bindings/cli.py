@@ -142,6 +142,13 @@ def status(admin_url: str) -> None:
             f"messages stored {routing.get('messages_stored', 0)}, deliveries pushed {routing.get('deliveries_pushed', 0)}, "
             f"duplicates {routing.get('duplicates', 0)}, commits {routing.get('commits', 0)}"
         )
+        admission = varz.get("admission", {})
+        level = admission.get("level", 0)
+        overloaded = varz.get("refusals", {}).get("overloaded", 0)
+        click.echo(
+            f"admission: {('normal', 'throttling senders', 'refusing new messages')[level]}, "
+            f"messages refused overloaded {overloaded}, reads throttled {varz.get('counters', {}).get('reads_throttled', 0)}"
+        )
     for provider in varz["providers"]:
         click.echo(f"provider {provider['id']}: {provider['issuer']}{' (suspended)' if provider['suspended'] else ''}")
 

@@ -50,6 +50,8 @@ class GatewayConfig:
     message_rate_per_user: float = 1000.0  # the same over all of a user's devices
     max_connections: int = 100_000
     max_preauth_connections: int = 4096  # connections not yet authenticated (handshake floods)
+    overload_turn_writes: int = 1024  # writes one loop turn commits before heavy readers are paused (0: never)
+    overload_refuse_after_s: float = 0.25  # turns over that budget this long: new msg beyond it get overloaded
     idle_release_s: float = 10.0  # sessions quiet this long (up to twice) free their cipher contexts
     slow_consumer_s: float = 30.0  # a client that reads nothing this long (checked every idle_release_s) gets bye slow_consumer
     lmdb_map_size_bytes: int = 1 << 30
@@ -97,6 +99,11 @@ class GatewayConfig:
             "max_preauth_connections",
             f"must be 1..max_connections, got {self.max_preauth_connections}",
         )
+        _require(
+            self.overload_turn_writes == 0 or 64 <= self.overload_turn_writes <= 1_000_000, "overload_turn_writes",
+            f"must be 0 (admission control off) or 64..1000000, got {self.overload_turn_writes}",
+        )
+        _require(0 <= self.overload_refuse_after_s <= 60, "overload_refuse_after_s", f"must be 0..60, got {self.overload_refuse_after_s}")
         _require(self.drain_timeout_s > 0, "drain_timeout_s", f"must be positive, got {self.drain_timeout_s}")
         _require(self.lmdb_map_size_bytes >= 1 << 20, "lmdb_map_size_bytes", "must be at least 1 MiB")
         _require(self.commit_mode in ("inline", "thread"), "commit_mode", f"must be 'inline' or 'thread', got {self.commit_mode!r}")
@@ -151,6 +158,10 @@ OPTION_HELP = {
     "max_mailbox_items": "stored items per device (mailbox_full past it)",
     "max_mailbox_bytes": "stored bytes per device (mailbox_full past it)",
     "mailbox_ttl_s": "undelivered items older than this are deleted",
+    "overload_turn_writes": "writes (msg, rcpt, recv, changes) one event-loop turn takes into its commit before the "
+    "connections that sent many stanzas stop being read until it is written; 0 turns admission control off",
+    "overload_refuse_after_s": "seconds of turns over overload_turn_writes after which a msg beyond a turn's budget is "
+    "answered overloaded with retry_after instead of stored",
     "message_rate_per_device": "msg, rcpt and state per second per device session (burst: 2 s worth)",
     "message_rate_per_user": "the same over all of a user's devices",
     "max_connections": "open connections (over it new ones are closed at once)",

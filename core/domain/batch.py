@@ -131,6 +131,10 @@ class WriteBatch:
     def __bool__(self) -> bool:
         return bool(self.entries or self.deletions)
 
+    def __len__(self) -> int:
+        """Writes in the batch: entries and received-item deletions (admission control's measure)."""
+        return len(self.entries) + len(self.deletions)
+
     def add_message(self, sender_key: bytes, msg_id: bytes, ts_ms: int, items: list) -> MessageEntry:
         entry = MessageEntry(sender_key, msg_id, ts_ms, items)
         self.entries.append(entry)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections import Counter
 
+from interlink.core.domain.admission import Admission
 from interlink.core.domain.auth import ProviderRegistry
 from interlink.core.errors import InterlinkError, StanzaError
 from interlink.core.domain.fields import excerpt
@@ -20,6 +21,7 @@ from interlink.core.domain.ops import Operations
 from interlink.core.domain.policy import Policy
 from interlink.core.domain.router import Commit, RouteError, Router, Session, stanza_id, typing_state
 from interlink.core.domain.ports import Store
+from interlink.core.protocol.stanza import encode_stanza
 
 
 def _reference(stanza: dict) -> dict:
@@ -45,8 +47,11 @@ class Domain:
         max_group: int,
         message_rate_per_device: float,
         message_rate_per_user: float,
+        overload_turn_writes: int,
+        overload_refuse_after_s: float,
     ) -> None:
         self.store = store
+        self.admission = Admission(turn_budget=overload_turn_writes, refuse_after_s=overload_refuse_after_s)
         self.policy = Policy(store)  # one instance: its cache is written through by the operations
         self.router = Router(
             store=store,
@@ -70,6 +75,7 @@ class Domain:
         }
         self.stanzas_in: Counter = Counter()  # by stanza type ("unknown" for the rest)
         self.refusals: Counter = Counter()  # err answers to stanzas, by code
+        self._overloaded_answers: dict[int, bytes] = {}  # retry_after -> the encoded answer without the ref
 
     # -- stanzas
 
@@ -78,6 +84,8 @@ class Domain:
         ``err`` and the session continues. Answers never echo client text beyond a short,
         sanitised excerpt: an answer must not outgrow its request."""
         kind = stanza["t"]
+        if kind == "msg" and self.admission.refusing and self._refused_overloaded(session, stanza):
+            return
         handler = self._handlers.get(kind)
         try:
             if handler is None:
@@ -91,6 +99,30 @@ class Domain:
         except StanzaError as exc:
             self.refusals["bad_stanza"] += 1
             self.router.answer(session, {"t": "err", "code": "bad_stanza", "msg": exc.message, **_reference(stanza)})
+
+    def _refused_overloaded(self, session: Session, stanza: dict) -> bool:
+        """Admission control's second level: answer a ``msg`` beyond its turn's budget with
+        ``err overloaded`` and ``retry_after``, before it spends a rate token (an overloaded
+        gateway is not the sender's fault). The answer is pre-encoded: under overload, a refusal
+        must cost a small fraction of an admitted message. False: admit it (or let the ordinary
+        path answer a malformed id)."""
+        retry_after = self.admission.refusal(self.router.pending_writes)
+        msg_id = stanza.get("id")
+        if not retry_after or type(msg_id) is not bytes or len(msg_id) != 16:
+            return False
+        prefix = self._overloaded_answers.get(retry_after)
+        if prefix is None:
+            if len(self._overloaded_answers) >= 256:
+                self._overloaded_answers.clear()
+            answer = {
+                "t": "err", "code": "overloaded", "msg": f"the gateway is overloaded; try again in {retry_after} ms",
+                "retry_after": retry_after, "ref": bytes(16),
+            }
+            prefix = self._overloaded_answers[retry_after] = encode_stanza(answer)[:-16]  # "ref"'s value last
+        self.stanzas_in["msg"] += 1
+        self.refusals["overloaded"] += 1
+        self.router.push_encoded(session, prefix + msg_id)
+        return True
 
     def handle_msg(self, session: Session, stanza: dict, now: float) -> None:
         self.router.charge(session, now)
@@ -110,8 +142,13 @@ class Domain:
 
     # -- the group commit, driven by the edge
 
-    def take_batch(self) -> Commit | None:
-        return self.router.take_batch()
+    def take_batch(self, now: float) -> Commit | None:
+        """The turn's writes for the edge to commit (None: nothing to write); the turn's size is
+        admission control's measure."""
+        commit = self.router.take_batch()
+        if commit is not None:
+            self.admission.turn_ended(len(commit.batch), now)
+        return commit
 
     def committed(self, commit: Commit) -> None:
         for change, written in self.router.committed(commit):

@@ -274,6 +274,11 @@ class Router:
         """Writes wait for a commit."""
         return bool(self._batch)
 
+    @property
+    def pending_writes(self) -> int:
+        """How many writes wait for the next commit (admission control's signal)."""
+        return len(self._batch)
+
     def take_batch(self) -> Commit | None:
         """This turn's writes, for the edge to commit in one transaction (None: nothing to write)."""
         if not self._batch:

@@ -34,7 +34,9 @@ class CommitDriver:
         domain: Domain,
         on_done: Callable[[], None],
         executor: concurrent.futures.Executor | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
+        self.clock = clock
         self.store = store
         self.domain = domain
         self.on_done = on_done  # writes out the sessions the domain touched
@@ -59,7 +61,7 @@ class CommitDriver:
         self._scheduled = False
         if self._inflight is not None:
             return  # one commit at a time, in order; the running one schedules the next
-        commit = self.domain.take_batch()
+        commit = self.domain.take_batch(self.clock())
         if commit is None:
             return
         if self.executor is None:

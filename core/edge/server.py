@@ -45,6 +45,10 @@ from interlink.core.domain.ports import Store
 log = logging.getLogger("interlink.server")
 
 READ_BUFFER_BYTES = 256 * 1024
+# While admission control throttles (core/domain/admission.py), a read takes at most this much
+# from one socket: each turn then reads a little from every sender instead of a lot from a few,
+# which keeps turns short, and the recv round trips that pace deliveries quick.
+THROTTLED_READ_BYTES = 16 * 1024
 WRITE_HIGH_WATER_BYTES = 256 * 1024  # past this, stop reading from the peer until its output drains
 _ROUTINE_CLOSES = frozenset({CloseReason.PEER_CLOSED, CloseReason.DRAIN, CloseReason.REPLACED, CloseReason.AUTH_EXPIRED})
 _NO_CLAIMS = types.MappingProxyType({})  # shared by every open session's identity
@@ -63,6 +67,8 @@ class Limits:
     max_preauth_connections: int  # connections still in preamble/handshake/auth
     message_rate_per_device: float  # msg + rcpt + state per second (burst: twice that)
     message_rate_per_user: float
+    overload_turn_writes: int  # admission control (core/domain/admission.py)
+    overload_refuse_after_s: float
 
     @classmethod
     def from_config(cls, config, **overrides) -> Limits:
@@ -132,12 +138,13 @@ class GatewayProtocol(asyncio.BufferedProtocol):
         server = self.server
         server.paused.pop(self, None)
         if self.transport is not None and not self.transport.is_closing():
-            self.transport.resume_reading()
+            if self not in server.throttled:  # a throttled connection is read again after the commit
+                self.transport.resume_reading()
             server.router.resume(self.conn)
             server.serve(self)
 
     def get_buffer(self, sizehint: int):
-        return self.server.read_view
+        return self.server.current_read_view
 
     def buffer_updated(self, nbytes: int) -> None:
         self.active = True
@@ -202,6 +209,8 @@ class GatewayServer:
         self.limits = limits
         self.clock = clock
         self.read_view = memoryview(bytearray(READ_BUFFER_BYTES))
+        self._throttled_read_view = self.read_view[:THROTTLED_READ_BYTES]
+        self.current_read_view = self.read_view  # the throttled view while admission control throttles
         # Every connection's state machine -> its adapter: the domain names sessions by their
         # state machine, the edge writes them out through the adapter. (Dicts used as ordered
         # sets or maps: at 10,000 entries a dict costs about a third of a set.)
@@ -216,6 +225,8 @@ class GatewayServer:
         self._timer_at: float | None = None
         self.auth_tasks: dict[GatewayProtocol, asyncio.Task] = {}  # connections awaiting a key fetch
         self.paused: dict[GatewayProtocol, float] = {}  # connections whose peer stopped reading, since when
+        self.throttled: dict[GatewayProtocol, None] = {}  # not read until the turn's commit is written
+        self._draining = False
         self._all_closed = asyncio.Event()
         self.sweeps = Sweeps(
             self, idle_release_s=idle_release_s, mailbox_ttl_s=mailbox_ttl_s, slow_consumer_s=slow_consumer_s
@@ -228,6 +239,8 @@ class GatewayServer:
             max_group=limits.max_group,
             message_rate_per_device=limits.message_rate_per_device,
             message_rate_per_user=limits.message_rate_per_user,
+            overload_turn_writes=limits.overload_turn_writes,
+            overload_refuse_after_s=limits.overload_refuse_after_s,
         )
         self.router = self.domain.router
         self._commit_executor = (
@@ -235,7 +248,7 @@ class GatewayServer:
             if commit_in_thread else None
         )
         self.commits = CommitDriver(
-            store=store, domain=self.domain, on_done=self.write_touched, executor=self._commit_executor
+            store=store, domain=self.domain, on_done=self.committed, executor=self._commit_executor, clock=clock
         )
 
     # -- lifecycle
@@ -255,6 +268,8 @@ class GatewayServer:
             self._server.close()
         # Read nothing more, commit what was read and answer it, then say bye: a client gets the
         # ack of everything it sent before the drain (no resend needed after reconnecting).
+        self._draining = True
+        self.throttled.clear()
         for proto in list(self.connections.values()):
             if proto.transport is not None and not proto.transport.is_closing():
                 proto.transport.pause_reading()
@@ -302,6 +317,7 @@ class GatewayServer:
         self.connections.pop(proto.conn, None)
         self.preauth.pop(proto, None)
         self.paused.pop(proto, None)
+        self.throttled.pop(proto, None)
         self.router.close_session(proto.conn)  # its device's newer session, if any, stays
         if not self.connections:
             self._all_closed.set()
@@ -457,7 +473,15 @@ class GatewayServer:
         """After a connection received bytes or was acted on: handle its events (stanzas into the
         domain), schedule the turn's commit, write out every session the domain wrote to, then
         this connection's own output."""
+        stanzas_in = self.domain.stanzas_in
+        msgs_before = stanzas_in["msg"]
         self.handle_events(proto)
+        if stanzas_in["msg"] != msgs_before:
+            admission = self.domain.admission
+            # Refusing (the second level), the gateway reads on: each refusal costs a fraction of
+            # a message, and what is refused no longer waits anywhere.
+            if not admission.refusing and admission.over_budget(self.router.pending_writes):
+                self.throttle(proto)
         self.commits.schedule()
         if self.router.touched:
             self.write_touched()
@@ -485,6 +509,29 @@ class GatewayServer:
                         if conn.state is State.OPEN:
                             conn.send_error("internal", "the gateway failed to handle a stanza")
                         conn.close(CloseReason.INTERNAL_ERROR, "internal error")
+
+    def throttle(self, proto: GatewayProtocol) -> None:
+        """Admission control's first level: this connection sent messages into a turn that is
+        over its budget; read nothing more from it until the turn's commit is written (its
+        bytes wait in the socket, and TCP slows the sender)."""
+        transport = proto.transport
+        if proto in self.throttled or transport is None or transport.is_closing():
+            return
+        transport.pause_reading()
+        self.throttled[proto] = None
+        self.counters["reads_throttled"] += 1
+
+    def committed(self) -> None:
+        """A commit was written (or failed): write out what it answered, read the throttled again."""
+        self.write_touched()
+        throttling = self.domain.admission.level > 0
+        self.current_read_view = self._throttled_read_view if throttling else self.read_view
+        if self.throttled and not self._draining:
+            throttled, self.throttled = self.throttled, {}
+            for proto in throttled:
+                transport = proto.transport
+                if transport is not None and not transport.is_closing() and proto not in self.paused:
+                    transport.resume_reading()
 
     def write_touched(self) -> None:
         """Write out the sessions the domain queued stanzas on (each once)."""
@@ -514,6 +561,10 @@ class GatewayServer:
         for name, value in values.items():
             if name in ("message_rate_per_device", "message_rate_per_user"):
                 self.router.set_message_rates(self.limits.message_rate_per_device, self.limits.message_rate_per_user)
+            elif name in ("overload_turn_writes", "overload_refuse_after_s"):
+                self.domain.admission.configure(
+                    turn_budget=self.limits.overload_turn_writes, refuse_after_s=self.limits.overload_refuse_after_s
+                )
             elif name in ("max_mailbox_items", "max_mailbox_bytes"):
                 setattr(self.store, name, value)
             elif name in ("mailbox_ttl_s", "slow_consumer_s", "idle_release_s"):
@@ -563,6 +614,7 @@ class GatewayServer:
             "commit_seconds": self.commits.seconds.snapshot(),
             "store": self.store.usage(),
             "routing": dict(self.router.counters),
+            "admission": {"level": self.domain.admission.level, "throttled_now": len(self.throttled)},
             "close_reasons": {str(reason): count for reason, count in self.close_reasons.items()},  # plain strings for operators
             "auth_failures": {str(code): count for code, count in self.auth_failures.items()},
         }

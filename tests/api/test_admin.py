@@ -71,6 +71,8 @@ async def test_metrics_count_real_traffic(admin_gateway, issuers, http):
     assert samples[("interlink_stanzas_in_total", frozenset({("type", "msg")}))] == 6
     assert samples[("interlink_stanzas_in_total", frozenset({("type", "recv")}))] >= 1
     assert samples[("interlink_refusals_total", frozenset({("code", "not_opted_in")}))] == 1
+    assert samples[("interlink_admission_level", frozenset())] == 0  # light traffic: nothing throttled
+    assert samples[("interlink_reads_throttled_total", frozenset())] == 0
     commits = samples[("interlink_commit_seconds_count", frozenset())]
     assert commits == samples[("interlink_commits_total", frozenset())]
     assert samples[("interlink_commit_seconds_bucket", frozenset({("le", "+Inf")}))] == commits
@@ -166,6 +168,7 @@ async def test_cli_status_and_provider_commands(admin_gateway, issuers, http):
     shown = await cli("status")
     assert shown.exit_code == 0, shown.output
     assert "sessions 1" in shown.output and "provider alpha" in shown.output
+    assert "admission: normal, messages refused overloaded 0, reads throttled 0" in shown.output
     listed = await cli("provider", "list")
     assert listed.exit_code == 0 and listed.output.splitlines()[0].startswith("alpha\tactive\t")
     refused = await cli("provider", "suspend", "alpha")

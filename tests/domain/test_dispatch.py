@@ -16,7 +16,7 @@ import pytest
 from interlink.core.domain.auth import Provider, ProviderRegistry
 from interlink.core.domain.dispatch import Domain
 from interlink.core.errors import InterlinkError, StoreFullError
-from interlink.testing import FakeSession, lmdb_store
+from interlink.testing import DEFAULTS, FakeSession, lmdb_store
 
 NOW = 1_800_000_000.0
 
@@ -34,6 +34,7 @@ class Edge:
         self.domain = Domain(
             store=self.store, registry=ProviderRegistry([_provider("alpha"), _provider("beta", accept=())]),
             window=window, max_frame_bytes=65535, max_group=16, message_rate_per_device=rate, message_rate_per_user=rate,
+            overload_turn_writes=DEFAULTS.overload_turn_writes, overload_refuse_after_s=DEFAULTS.overload_refuse_after_s,
         )
         self.router = self.domain.router
 
@@ -49,7 +50,7 @@ class Edge:
 
     def commit(self) -> set:
         """Commit the turn's batch; returns the sessions the domain touched since the last call."""
-        commit = self.domain.take_batch()
+        commit = self.domain.take_batch(NOW)
         if commit is not None:
             self.store.commit(commit.batch)
             self.domain.committed(commit)
@@ -109,7 +110,7 @@ def test_refusals_are_answered_at_once_and_store_nothing(edge):
     edge.send(alice, stanza)
     assert alice.take() == [{"t": "err", "code": "not_opted_in", "ref": stanza["id"],
                              "msg": "bob@beta does not accept messages from users of 'alpha'"}]
-    assert edge.domain.take_batch() is None
+    assert edge.domain.take_batch(NOW) is None
     edge.send(alice, {"t": "zap"})
     assert alice.take()[0]["code"] == "bad_stanza"
     assert edge.domain.refusals == {"not_opted_in": 1, "bad_stanza": 1}
@@ -123,7 +124,7 @@ def test_rate_limits_follow_the_time_passed_in(tmp_path):
         for now in (NOW, NOW, NOW, NOW + 0.5, NOW + 1.0):
             slow.send(alice, msg("bob@alpha"), now)
             codes += [s.get("code", "ok") for s in alice.take()]
-            codes += ["ok" for s in [slow.domain.take_batch()] if s is not None]
+            codes += ["ok" for s in [slow.domain.take_batch(NOW)] if s is not None]
         assert codes == ["ok", "ok", "rate_limited", "rate_limited", "ok"]
     finally:
         slow.store.close()
@@ -133,7 +134,7 @@ def test_a_failed_commit_answers_every_sender_with_its_error(edge):
     alice, bob = edge.open("alice@alpha"), edge.open("bob@alpha")
     stanza = msg("bob@alpha")
     edge.send(alice, stanza)
-    commit = edge.domain.take_batch()
+    commit = edge.domain.take_batch(NOW)
     edge.domain.failed(commit, StoreFullError("the gateway's storage is full; try again later"))
     assert alice.take() == [{"t": "err", "code": "overloaded", "ref": stanza["id"],
                              "msg": "the gateway's storage is full; try again later"}]

@@ -23,7 +23,7 @@ from interlink.core.errors import StoreFullError
 from interlink.core.edge.lmdbstore import LmdbStore
 from interlink.core.domain.ops import DEFERRED
 from interlink.core.domain.router import RouteError
-from interlink.testing import FakeClock, FakeSession, store_options
+from interlink.testing import DEFAULTS, FakeClock, FakeSession, store_options
 
 
 class FlakyStore(LmdbStore):
@@ -56,6 +56,7 @@ class World:
         self.domain = Domain(
             store=self.store, registry=ProviderRegistry([_provider("alpha"), _provider("beta")]), window=1000,
             max_frame_bytes=65535, max_group=1024, message_rate_per_device=rate, message_rate_per_user=rate,
+            overload_turn_writes=DEFAULTS.overload_turn_writes, overload_refuse_after_s=DEFAULTS.overload_refuse_after_s,
         )
         self.router, self.groups, self.policy = self.domain.router, self.domain.groups, self.domain.policy
         self.executor = concurrent.futures.ThreadPoolExecutor(1) if thread else None
