@@ -50,7 +50,7 @@ def domain(tmp_path_factory):
     # Rates high enough never to refuse: the buckets are still charged on every msg.
     domain = Domain(store=store, registry=ProviderRegistry([_provider("alpha"), _provider("beta")]), window=64,
                     max_frame_bytes=65535, max_group=1024, message_rate_per_device=1e12, message_rate_per_user=1e12,
-                    overload_turn_writes=0, overload_refuse_after_s=0.0)
+                    overload_turn_messages=0, overload_refuse_after_s=0.0)
     yield domain
     store.close()
 

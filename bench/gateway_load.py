@@ -361,7 +361,7 @@ async def bench_messages(args) -> dict:
     open_loop = args.rate > 0
     async with DemoIssuer() as issuer:
         overload = {
-            name: value for name in ("overload_turn_writes", "overload_refuse_after_s", "window")
+            name: value for name in ("overload_turn_messages", "overload_refuse_after_s", "window")
             if (value := getattr(args, name)) is not None
         }
         async with GatewayChild(
@@ -851,7 +851,7 @@ def main() -> None:
     messages.add_argument("--payload", type=int, default=100, help="ciphertext bytes per message")
     messages.add_argument("--commit-mode", default="inline", choices=["inline", "thread"])
     messages.add_argument(
-        "--overload-turn-writes", type=int, default=None, help="the gateway's admission budget (default: its configuration default)"
+        "--overload-turn-messages", type=int, default=None, help="the gateway's admission budget (default: its configuration default)"
     )
     messages.add_argument("--overload-refuse-after-s", type=float, default=None)
     messages.add_argument("--window", type=int, default=None, help="the gateway's delivery window (default: its configuration default)")

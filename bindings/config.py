@@ -50,7 +50,7 @@ class GatewayConfig:
     message_rate_per_user: float = 1000.0  # the same over all of a user's devices
     max_connections: int = 100_000
     max_preauth_connections: int = 4096  # connections not yet authenticated (handshake floods)
-    overload_turn_writes: int = 1024  # writes one loop turn commits before heavy readers are paused (0: never)
+    overload_turn_messages: int = 1024  # messages one loop turn commits before heavy senders are paused (0: never)
     overload_refuse_after_s: float = 0.25  # turns over that budget this long: new msg beyond it get overloaded
     idle_release_s: float = 10.0  # sessions quiet this long (up to twice) free their cipher contexts
     slow_consumer_s: float = 30.0  # a client that reads nothing this long (checked every idle_release_s) gets bye slow_consumer
@@ -100,8 +100,8 @@ class GatewayConfig:
             f"must be 1..max_connections, got {self.max_preauth_connections}",
         )
         _require(
-            self.overload_turn_writes == 0 or 64 <= self.overload_turn_writes <= 1_000_000, "overload_turn_writes",
-            f"must be 0 (admission control off) or 64..1000000, got {self.overload_turn_writes}",
+            self.overload_turn_messages == 0 or 64 <= self.overload_turn_messages <= 1_000_000, "overload_turn_messages",
+            f"must be 0 (admission control off) or 64..1000000, got {self.overload_turn_messages}",
         )
         _require(0 <= self.overload_refuse_after_s <= 60, "overload_refuse_after_s", f"must be 0..60, got {self.overload_refuse_after_s}")
         _require(self.drain_timeout_s > 0, "drain_timeout_s", f"must be positive, got {self.drain_timeout_s}")
@@ -158,9 +158,10 @@ OPTION_HELP = {
     "max_mailbox_items": "stored items per device (mailbox_full past it)",
     "max_mailbox_bytes": "stored bytes per device (mailbox_full past it)",
     "mailbox_ttl_s": "undelivered items older than this are deleted",
-    "overload_turn_writes": "writes (msg, rcpt, recv, changes) one event-loop turn takes into its commit before the "
-    "connections that sent many stanzas stop being read until it is written; 0 turns admission control off",
-    "overload_refuse_after_s": "seconds of turns over overload_turn_writes after which a msg beyond a turn's budget is "
+    "overload_turn_messages": "messages (msg, rcpt, changes; one more per 64 copies of a group message) one event-loop "
+    "turn takes into its commit before the connections that sent msg in it stop being read until it is written; "
+    "0 turns admission control off",
+    "overload_refuse_after_s": "seconds of turns over overload_turn_messages after which a msg beyond a turn's budget is "
     "answered overloaded with retry_after instead of stored",
     "message_rate_per_device": "msg, rcpt and state per second per device session (burst: 2 s worth)",
     "message_rate_per_user": "the same over all of a user's devices",

@@ -26,7 +26,7 @@ log = logging.getLogger("interlink.gateway")
 RELOADABLE = frozenset({
     "max_devices", "max_connections", "max_preauth_connections", "message_rate_per_device",
     "message_rate_per_user", "max_mailbox_items", "max_mailbox_bytes", "mailbox_ttl_s", "slow_consumer_s",
-    "idle_release_s", "drain_timeout_s", "overload_turn_writes", "overload_refuse_after_s",
+    "idle_release_s", "drain_timeout_s", "overload_turn_messages", "overload_refuse_after_s",
 })
 
 

@@ -1,11 +1,12 @@
 """Admission control: how the gateway notices it is falling behind, and what it stops taking.
 
-The signal is the size of each turn's commit, in writes (``msg``, ``rcpt``, ``recv``, group and
-key changes): every write read in one event-loop turn joins one commit, so a turn that takes more
-than ``turn_budget`` writes is a turn that grew with the backlog — the loop lag, the commit
-backlog and the wait of every stanza behind it, in one number the domain already holds. (In
-commit-thread mode the batch also grows while the previous commit is being written, so a slow
-disk shows the same way.)
+The signal is the load of each turn's commit (``WriteBatch.load``): every message, receipt and
+change read in one event-loop turn joins one commit, and counts one, plus one per 64 copies it
+stores (a group message to 1,000 devices counts 16); ``recv`` deletions do not count, being a
+consequence of deliveries rather than new work. A turn whose load passes ``turn_budget`` is a turn
+that grew with the backlog — the loop lag, the commit backlog and the wait of every stanza behind
+it, in one number the domain already holds. (In commit-thread mode the batch also grows while the
+previous commit is being written, so a slow disk shows the same way.)
 
 * **Throttled** (the first level): once the batch waiting for the commit reaches the budget, the
   edge stops reading from each connection that brought many stanzas in that read, until the
@@ -18,8 +19,8 @@ disk shows the same way.)
   longer waits anywhere. What was admitted is stored and delivered as always: nothing acked is
   dropped. Both levels end after ``CALM_S`` without a turn over the budget.
 
-Sans-I/O: the edge reports each turn's size with ``turn_ended(writes, now)``; the domain asks
-``refusal(pending_writes)`` before it takes a ``msg``.
+Sans-I/O: the edge reports each turn's load with ``turn_ended(load, now)``; the domain asks
+``refusal(pending_load)`` before it takes a ``msg``.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ class Admission:
     __slots__ = ("turn_budget", "refuse_after_s", "refusing", "refused", "_streak_since", "_last_over_at", "_turn_s")
 
     def __init__(self, *, turn_budget: int, refuse_after_s: float) -> None:
-        self.turn_budget = turn_budget  # writes per turn before throttling; 0: admission control off
+        self.turn_budget = turn_budget  # load per turn before throttling; 0: admission control off
         self.refuse_after_s = refuse_after_s
         self.refusing = False
         self.refused = 0  # messages refused since the last turn ended: offered, so they count
@@ -48,20 +49,20 @@ class Admission:
         self.turn_budget = turn_budget
         self.refuse_after_s = refuse_after_s
 
-    def over_budget(self, pending_writes: int) -> bool:
+    def over_budget(self, pending_load: int) -> bool:
         """The batch waiting for the commit is at the budget: throttle heavy readers."""
-        return 0 < self.turn_budget <= pending_writes
+        return 0 < self.turn_budget <= pending_load
 
     @property
     def level(self) -> int:
         """0 normal, 1 throttling heavy readers (a streak of full turns), 2 refusing new messages."""
         return 2 if self.refusing else (1 if self._streak_since is not None else 0)
 
-    def turn_ended(self, writes: int, now: float) -> None:
-        """A turn's batch of ``writes`` is being committed. The turn's measure is what it was
-        offered: its writes and the messages refused in it (else refusing would end the overload
+    def turn_ended(self, load: int, now: float) -> None:
+        """A turn's batch of ``load`` is being committed. The turn's measure is what it was
+        offered: its load and the messages refused in it (else refusing would end the overload
         that makes it refuse)."""
-        offered, self.refused = writes + self.refused, 0
+        offered, self.refused = load + self.refused, 0
         if self.over_budget(offered):
             if self._streak_since is None or now - self._last_over_at > CALM_S:
                 self._streak_since = now  # a new overload
@@ -78,10 +79,10 @@ class Admission:
             self._streak_since = None
             self.refusing = False
 
-    def refusal(self, pending_writes: int) -> int:
+    def refusal(self, pending_load: int) -> int:
         """0 to admit a new ``msg``; otherwise the ``retry_after`` (ms) of its ``overloaded``
         answer: two turns at the pace of the last one, in steps of 10 ms, at least 10 ms."""
-        if not self.refusing or not self.over_budget(pending_writes):
+        if not self.refusing or not self.over_budget(pending_load):
             return 0
         self.refused += 1
         return self.retry_after_ms()

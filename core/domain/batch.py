@@ -14,6 +14,8 @@ import struct
 _DEVICE = struct.Struct(">I")
 
 
+COPIES_PER_LOAD = 64
+
 def device_key(user: str, device: int) -> bytes:
     """One device of one user: the address in UTF-8, a zero byte, the device number (uint32
     big-endian). Addresses hold no zero byte, so device keys never prefix one another."""
@@ -122,22 +124,24 @@ class WriteBatch:
     """Everything one group commit writes: ``entries`` in the order they were added, and the
     received items to delete."""
 
-    __slots__ = ("entries", "deletions")
+    __slots__ = ("entries", "deletions", "load")
 
     def __init__(self) -> None:
         self.entries: list[MessageEntry | ControlEntry | PrekeyTake] = []
         self.deletions: list[tuple[bytes, list[int]]] = []
+        # Admission control's measure (core/domain/admission.py): one per entry, and one more per
+        # COPIES_PER_LOAD copies it stores (as a group message spends one rate token per 64
+        # copies); recv deletions are a consequence of deliveries, not new work offered.
+        self.load = 0
 
     def __bool__(self) -> bool:
         return bool(self.entries or self.deletions)
 
-    def __len__(self) -> int:
-        """Writes in the batch: entries and received-item deletions (admission control's measure)."""
-        return len(self.entries) + len(self.deletions)
 
     def add_message(self, sender_key: bytes, msg_id: bytes, ts_ms: int, items: list) -> MessageEntry:
         entry = MessageEntry(sender_key, msg_id, ts_ms, items)
         self.entries.append(entry)
+        self.load += 1 + len(items) // COPIES_PER_LOAD
         return entry
 
     def add_control(
@@ -145,11 +149,13 @@ class WriteBatch:
     ) -> ControlEntry:
         entry = ControlEntry(ts_ms, items, group, reply)
         self.entries.append(entry)
+        self.load += 1 + len(items) // COPIES_PER_LOAD
         return entry
 
     def add_prekey_take(self, user: str, devices, reply: dict) -> PrekeyTake:
         entry = PrekeyTake(user, sorted(set(devices)), reply)
         self.entries.append(entry)
+        self.load += 1
         return entry
 
     def delete(self, dkey: bytes, seqs: list[int]) -> None:

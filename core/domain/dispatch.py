@@ -47,11 +47,11 @@ class Domain:
         max_group: int,
         message_rate_per_device: float,
         message_rate_per_user: float,
-        overload_turn_writes: int,
+        overload_turn_messages: int,
         overload_refuse_after_s: float,
     ) -> None:
         self.store = store
-        self.admission = Admission(turn_budget=overload_turn_writes, refuse_after_s=overload_refuse_after_s)
+        self.admission = Admission(turn_budget=overload_turn_messages, refuse_after_s=overload_refuse_after_s)
         self.policy = Policy(store)  # one instance: its cache is written through by the operations
         self.router = Router(
             store=store,
@@ -106,7 +106,7 @@ class Domain:
         gateway is not the sender's fault). The answer is pre-encoded: under overload, a refusal
         must cost a small fraction of an admitted message. False: admit it (or let the ordinary
         path answer a malformed id)."""
-        retry_after = self.admission.refusal(self.router.pending_writes)
+        retry_after = self.admission.refusal(self.router.pending_load)
         msg_id = stanza.get("id")
         if not retry_after or type(msg_id) is not bytes or len(msg_id) != 16:
             return False
@@ -147,7 +147,7 @@ class Domain:
         admission control's measure."""
         commit = self.router.take_batch()
         if commit is not None:
-            self.admission.turn_ended(len(commit.batch), now)
+            self.admission.turn_ended(commit.batch.load, now)
         return commit
 
     def committed(self, commit: Commit) -> None:

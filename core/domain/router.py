@@ -275,9 +275,10 @@ class Router:
         return bool(self._batch)
 
     @property
-    def pending_writes(self) -> int:
-        """How many writes wait for the next commit (admission control's signal)."""
-        return len(self._batch)
+    def pending_load(self) -> int:
+        """The load of the batch waiting for the next commit (``WriteBatch.load``: admission
+        control's signal)."""
+        return self._batch.load
 
     def take_batch(self) -> Commit | None:
         """This turn's writes, for the edge to commit in one transaction (None: nothing to write)."""

@@ -67,7 +67,7 @@ class Limits:
     max_preauth_connections: int  # connections still in preamble/handshake/auth
     message_rate_per_device: float  # msg + rcpt + state per second (burst: twice that)
     message_rate_per_user: float
-    overload_turn_writes: int  # admission control (core/domain/admission.py)
+    overload_turn_messages: int  # admission control (core/domain/admission.py)
     overload_refuse_after_s: float
 
     @classmethod
@@ -239,7 +239,7 @@ class GatewayServer:
             max_group=limits.max_group,
             message_rate_per_device=limits.message_rate_per_device,
             message_rate_per_user=limits.message_rate_per_user,
-            overload_turn_writes=limits.overload_turn_writes,
+            overload_turn_messages=limits.overload_turn_messages,
             overload_refuse_after_s=limits.overload_refuse_after_s,
         )
         self.router = self.domain.router
@@ -480,7 +480,7 @@ class GatewayServer:
             admission = self.domain.admission
             # Refusing (the second level), the gateway reads on: each refusal costs a fraction of
             # a message, and what is refused no longer waits anywhere.
-            if not admission.refusing and admission.over_budget(self.router.pending_writes):
+            if not admission.refusing and admission.over_budget(self.router.pending_load):
                 self.throttle(proto)
         self.commits.schedule()
         if self.router.touched:
@@ -561,9 +561,9 @@ class GatewayServer:
         for name, value in values.items():
             if name in ("message_rate_per_device", "message_rate_per_user"):
                 self.router.set_message_rates(self.limits.message_rate_per_device, self.limits.message_rate_per_user)
-            elif name in ("overload_turn_writes", "overload_refuse_after_s"):
+            elif name in ("overload_turn_messages", "overload_refuse_after_s"):
                 self.domain.admission.configure(
-                    turn_budget=self.limits.overload_turn_writes, refuse_after_s=self.limits.overload_refuse_after_s
+                    turn_budget=self.limits.overload_turn_messages, refuse_after_s=self.limits.overload_refuse_after_s
                 )
             elif name in ("max_mailbox_items", "max_mailbox_bytes"):
                 setattr(self.store, name, value)

@@ -9,6 +9,7 @@ import pytest
 
 from interlink.core.domain.admission import CALM_S, Admission
 from interlink.core.domain.auth import Provider, ProviderRegistry
+from interlink.core.domain.batch import WriteBatch, device_key
 from interlink.core.domain.dispatch import Domain
 from interlink.testing import FakeSession, lmdb_store
 
@@ -101,7 +102,7 @@ def domain(tmp_path):
     domain = Domain(
         store=store, registry=ProviderRegistry([_provider("alpha")]), window=64, max_frame_bytes=65535,
         max_group=16, message_rate_per_device=1.0, message_rate_per_user=1.0,
-        overload_turn_writes=64, overload_refuse_after_s=0.0,
+        overload_turn_messages=2, overload_refuse_after_s=0.0,
     )
     yield domain
     store.close()
@@ -117,39 +118,57 @@ def _msg(msg_id: bytes) -> dict:
     return {"t": "msg", "id": msg_id, "to": "bob@alpha", "c": {1: b"ciphertext"}}
 
 
+def _fill_the_turn(domain: Domain) -> None:
+    """The overload began (refuse_after_s 0), and bob's two messages take this turn's budget of 2."""
+    domain.admission.turn_ended(2, NOW)
+    bob = _open(domain, "bob@alpha")
+    for _ in range(2):
+        domain.dispatch(bob, {"t": "msg", "id": os.urandom(16), "to": "alice@alpha", "c": {1: b"x"}}, NOW)
+    assert domain.router.pending_load == 2 and bob.take() == []
+
+
 def test_a_message_beyond_the_budget_is_refused_overloaded_and_spends_no_rate_token(domain):
     alice = _open(domain, "alice@alpha")
-    domain.admission.turn_ended(64, NOW)  # the overload began (refuse_after_s 0)
-    for _ in range(64):
-        domain.router._batch.delete(b"filler", [1])  # the turn's budget, taken by other writes
+    _fill_the_turn(domain)
     ids = [os.urandom(16) for _ in range(5)]
     for msg_id in ids:
         domain.dispatch(alice, _msg(msg_id), NOW)
     answers = alice.take()
     assert [(a["t"], a["code"], a["ref"]) for a in answers] == [("err", "overloaded", m) for m in ids]
     assert all(a["retry_after"] == 10 and "10 ms" in a["msg"] for a in answers)
-    assert len(domain.router._batch.entries) == 0  # nothing of them joins the commit
-    assert domain.refusals["overloaded"] == 5 and domain.stanzas_in["msg"] == 5
+    assert domain.router.pending_load == 2  # nothing of them joins the commit
+    assert domain.refusals["overloaded"] == 5 and domain.stanzas_in["msg"] == 7
     # The pre-encoded answer decodes (as a client decodes it) to exactly the contract's fields.
     assert set(answers[0]) == {"t", "code", "msg", "retry_after", "ref"}
     # No rate token was spent (the rate is 1/s, burst 2): the next turn takes two messages.
-    commit = domain.take_batch(NOW)
+    commit = domain.take_batch(NOW + 0.001)
     domain.store.commit(commit.batch)
     domain.committed(commit)
     domain.dispatch(alice, _msg(os.urandom(16)), NOW)
     domain.dispatch(alice, _msg(os.urandom(16)), NOW)
-    assert [a["t"] for a in alice.take()] == []  # both admitted: acked after their commit
-    commit = domain.take_batch(NOW)
+    assert [a["t"] for a in alice.take() if a["t"] != "dlv"] == []  # both admitted: acked after their commit
+    commit = domain.take_batch(NOW + 0.002)
     domain.store.commit(commit.batch)
     domain.committed(commit)
-    assert [a["t"] for a in alice.take()] == ["ack", "ack"]
+    assert [a["t"] for a in alice.take() if a["t"] != "dlv"] == ["ack", "ack"]
 
 
 def test_a_refusal_with_a_malformed_id_gets_the_ordinary_answer(domain):
     alice = _open(domain, "alice@alpha")
-    domain.admission.turn_ended(64, NOW)
-    for _ in range(64):
-        domain.router._batch.delete(b"filler", [1])
+    _fill_the_turn(domain)
     domain.dispatch(alice, {"t": "msg", "id": b"short", "to": "bob@alpha", "c": {1: b"x"}}, NOW)
     [answer] = alice.take()
     assert answer["code"] == "bad_stanza" and "ref" not in answer
+
+
+def test_the_load_counts_messages_and_their_copies_not_deletions():
+    batch = WriteBatch()
+    batch.delete(device_key("bob@alpha", 1), list(range(1, 1001)))  # a recv of 1,000 items
+    assert batch.load == 0
+    batch.add_message(b"s", bytes(16), 0, [(b"k", None)])
+    assert batch.load == 1
+    batch.add_message(b"s", bytes(16), 0, [(b"k", None)] * 1000)  # a group message to 1,000 devices
+    assert batch.load == 1 + 1 + 1000 // 64
+    batch.add_control(0, [(b"k", None)] * 63)
+    batch.add_prekey_take("bob@alpha", [1], {})
+    assert batch.load == 1 + 16 + 1 + 1

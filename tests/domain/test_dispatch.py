@@ -34,7 +34,7 @@ class Edge:
         self.domain = Domain(
             store=self.store, registry=ProviderRegistry([_provider("alpha"), _provider("beta", accept=())]),
             window=window, max_frame_bytes=65535, max_group=16, message_rate_per_device=rate, message_rate_per_user=rate,
-            overload_turn_writes=DEFAULTS.overload_turn_writes, overload_refuse_after_s=DEFAULTS.overload_refuse_after_s,
+            overload_turn_messages=DEFAULTS.overload_turn_messages, overload_refuse_after_s=DEFAULTS.overload_refuse_after_s,
         )
         self.router = self.domain.router
 

@@ -56,7 +56,7 @@ class World:
         self.domain = Domain(
             store=self.store, registry=ProviderRegistry([_provider("alpha"), _provider("beta")]), window=1000,
             max_frame_bytes=65535, max_group=1024, message_rate_per_device=rate, message_rate_per_user=rate,
-            overload_turn_writes=DEFAULTS.overload_turn_writes, overload_refuse_after_s=DEFAULTS.overload_refuse_after_s,
+            overload_turn_messages=DEFAULTS.overload_turn_messages, overload_refuse_after_s=DEFAULTS.overload_refuse_after_s,
         )
         self.router, self.groups, self.policy = self.domain.router, self.domain.groups, self.domain.policy
         self.executor = concurrent.futures.ThreadPoolExecutor(1) if thread else None

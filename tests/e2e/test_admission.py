@@ -65,7 +65,7 @@ class Sender:
 @pytest.mark.parametrize("commit_mode", ["inline", "thread"])
 async def test_overload_refuses_with_the_contract_code_and_loses_nothing_acked(tmp_path, commit_mode):
     async with DemoIssuer() as alpha:
-        settings = {"overload_turn_writes": BUDGET, "overload_refuse_after_s": 0.0, "commit_mode": commit_mode}
+        settings = {"overload_turn_messages": BUDGET, "overload_refuse_after_s": 0.0, "commit_mode": commit_mode}
         async with alpha_gateway(alpha, tmp_path, message_rate_per_device=1e6, message_rate_per_user=1e6, **settings) as gw:
             host, port = gw.address
 
