@@ -149,7 +149,11 @@ async def bench_handshakes(args) -> dict:
             async def worker(user: str) -> None:
                 nonlocal done
                 while time.monotonic() < deadline:
-                    client = await connect(gateway, tokens[user], 1, suite)
+                    # A device reconnecting presents the token it has (the gateway remembers its
+                    # signature); --fresh-tokens gives every connection a token never seen before.
+                    token = (issuer.issue(user, audience=AUDIENCE, alg=args.alg, expires_in=3600)
+                             if args.fresh_tokens else tokens[user])
+                    client = await connect(gateway, token, 1, suite)
                     done += 1
                     await client.close()
 
@@ -162,6 +166,7 @@ async def bench_handshakes(args) -> dict:
             cpu = user + system
     return {
         "benchmark": "handshake+auth",
+        "tokens": "fresh" if args.fresh_tokens else "reused",
         "suite": suite.name,
         "alg": args.alg,
         "handshakes": done,
@@ -840,6 +845,8 @@ def main() -> None:
     parser.add_argument("--durability", default="sync", choices=["sync", "async"])
     sub = parser.add_subparsers(dest="command", required=True)
     hs = sub.add_parser("handshakes")
+    hs.add_argument("--fresh-tokens", action="store_true",
+                    help="a new token for every connection (default: each device reconnects with its token)")
     hs.add_argument("--seconds", type=float, default=10.0)
     hs.add_argument("--concurrency", type=int, default=32)
     hs.add_argument("--suite", type=lambda s: int(s, 0), default=0x01)

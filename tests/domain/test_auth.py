@@ -622,3 +622,93 @@ async def test_verify_cached_decides_without_waiting_only_when_the_key_is_cached
     with pytest.raises(AuthError) as info:
         env.verifier.verify_cached(token, device=1, now=NOW + 3600, client_static=None)
     assert info.value.code == "token_expired"
+
+
+# -- remembered signatures (devices reconnecting with the same token) ---------------------------
+
+
+@pytest.fixture
+def signature_checks(monkeypatch):
+    """How many signatures the verifier checks (a spy that calls the real check)."""
+    import interlink.core.domain.auth.verifier as verifier_module
+
+    calls = []
+    real = verifier_module.verify_signature
+
+    def counted(decoded, key, *, algorithms):
+        calls.append(decoded.kid)
+        return real(decoded, key, algorithms=algorithms)
+
+    monkeypatch.setattr(verifier_module, "verify_signature", counted)
+    return calls
+
+
+async def test_a_token_seen_before_is_not_checked_again_but_its_claims_are(env, signature_checks):
+    token = env.a.issue("alice", audience=AUD, now=NOW)
+    first = await env.verify(token, device=3)
+    again = env.verifier.verify_cached(token, device=4, now=NOW + 10, client_static=None)
+    assert (again.user, again.device, again.expires_at) == (first.user, 4, first.expires_at)
+    assert len(signature_checks) == 1
+    # The claims are this connection's business every time: device, time.
+    await env.refused("auth_failed", token, device=0)
+    await env.refused("token_expired", token, now=NOW + 300 + env.verifier.leeway_s + 1)
+    assert len(signature_checks) == 1
+    # A different token (even of the same user) is checked.
+    await env.verify(env.a.issue("alice", audience=AUD, now=NOW + 1))
+    assert len(signature_checks) == 2
+
+
+async def test_a_remembered_token_is_refused_once_its_provider_is_suspended_or_changed(env, signature_checks):
+    token = env.a.issue("alice", audience=AUD, now=NOW)
+    await env.verify(token)
+    env.registry.suspend("a")
+    await env.refused("provider_suspended", token)
+    env.registry.resume("a")
+    await env.verify(token)
+    # A reload that changes the provider (another audience) replaces the provider object.
+    old = env.registry.get("a")
+    env.registry.replace(dataclasses.replace(old, audience="another-gateway"))
+    await env.refused("bad_audience", token)
+
+
+async def test_a_remembered_token_is_checked_again_after_its_keys_are_fetched_again(env, signature_checks):
+    token = env.a.issue("alice", audience=AUD, now=NOW)
+    await env.verify(token)
+    assert len(signature_checks) == 1
+    # The key set is fetched again (new key objects, as after a TTL refresh or a rotation): the
+    # token's signature is checked under what is published now.
+    env.a.rotate("EdDSA", retire_old=True)
+    env.clock.advance(45)
+    fresh = env.a.issue("alice", audience=AUD, now=NOW)
+    await env.verify(fresh)  # unknown kid: refetches
+    err = await env.refused("bad_signature", token)
+    assert "no signing key" in err.message
+
+
+async def test_key_binding_is_checked_per_connection_on_a_remembered_token(env, signature_checks):
+    static = bytes(range(32))
+    token = env.a.issue("alice", audience=AUD, now=NOW, extra_claims={"cnf": {"x25519": b64(static)}})
+    assert (await env.verify(token, client_static=static)).key_bound
+    await env.refused("key_binding", token, client_static=bytes(32))
+    await env.refused("key_binding", token, client_static=None)
+    assert len(signature_checks) == 1
+
+
+async def test_refused_tokens_are_not_remembered_and_the_memory_is_bounded(env, signature_checks, monkeypatch):
+    import interlink.core.domain.auth.verifier as verifier_module
+
+    token = env.a.issue("alice", audience=AUD, now=NOW)
+    header, payload, signature = token.split(".")
+    tampered = f"{header}.{payload}.{signature[:-4]}AAAA"
+    for _ in range(2):
+        await env.refused("bad_signature", tampered)
+    assert len(signature_checks) == 2
+    monkeypatch.setattr(verifier_module, "VERIFIED_TOKENS_KEPT", 3)
+    tokens = [env.a.issue(f"u{i}", audience=AUD, now=NOW) for i in range(4)]
+    for t in tokens:
+        await env.verify(t)
+    checks = len(signature_checks)
+    await env.verify(tokens[3])  # among the last three: remembered
+    assert len(signature_checks) == checks
+    await env.verify(tokens[0])  # the oldest was forgotten: checked again
+    assert len(signature_checks) == checks + 1

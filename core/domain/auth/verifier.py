@@ -9,6 +9,7 @@ check, synchronous, for a provider and key already in hand.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import math
 import re
@@ -239,6 +240,29 @@ class KeyProvider(Protocol):
     async def get_key(self, provider: Provider, kid: str | None) -> jwt.PyJWK | None: ...
 
 
+VERIFIED_TOKENS_KEPT = 4096  # signature checks remembered, for devices that reconnect with the same token
+
+
+class _Verified:
+    """A token whose signature held: under which provider object, kid and key object, and its claims."""
+
+    __slots__ = ("provider", "kid", "key", "claims")
+
+    def __init__(self, provider: Provider, kid: str | None, key, claims: dict) -> None:
+        self.provider = provider
+        self.kid = kid
+        self.key = key
+        self.claims = claims
+
+
+def _token_digest(token: object, max_token_bytes: int) -> bytes | None:
+    """What a checked signature is remembered under: the SHA-256 of the exact token (None for
+    anything the full path must refuse anyway)."""
+    if type(token) is not str or len(token) > max_token_bytes:
+        return None
+    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
+
+
 class TokenVerifier:
     """Verifies client tokens against the provider registry and a JWKS cache.
 
@@ -246,6 +270,14 @@ class TokenVerifier:
     alg policy → ``iss`` (``unknown_issuer``, ``provider_suspended``) → provider's algorithms
     → key by ``kid`` (awaits the cache; may trigger one rate-limited refresh) → signature →
     claims with the caller's ``now``.
+
+    A device that reconnects presents the same token again (its provider refreshes it every few
+    minutes or hours): the verifier remembers the last ``VERIFIED_TOKENS_KEPT`` tokens whose
+    signature held, with the provider object and key object it held under, and skips the parse
+    and the signature for them while both are still the ones in use — a reload or a suspension
+    replaces the provider object, a key fetch the key objects. The claims are always checked
+    again, against this connection: device, time, audience, key binding. Only successes are
+    remembered; every refusal takes the full path.
     """
 
     def __init__(self, registry: ProviderRegistry, keys: KeyProvider, *, max_token_bytes: int, leeway_s: float) -> None:
@@ -258,10 +290,15 @@ class TokenVerifier:
         self.keys = keys
         self.max_token_bytes = max_token_bytes
         self.leeway_s = float(leeway_s)
+        self._verified: dict[bytes, _Verified] = {}  # token digest -> its checked signature; oldest first
 
     async def verify(self, token: str, *, device: int, now: float, client_static: bytes | None) -> Identity:
         """Verify ``token`` for a client connecting as ``device``; raise ``AuthError`` with the
         docs/protocol.md §5 code on refusal."""
+        digest = _token_digest(token, self.max_token_bytes)
+        remembered = self._remembered(digest, device=device, now=now, client_static=client_static)
+        if remembered is not None:
+            return remembered
         decoded, claims, provider = self._parse(token, device)
         key = await self.keys.get_key(provider, decoded.kid)
         if key is None and self.keys.keys_unavailable(provider):
@@ -269,17 +306,23 @@ class TokenVerifier:
                 f"the keys of provider {provider.id!r} could not be fetched from its issuer; try again later",
                 code="internal",
             )
-        return self._check(decoded, claims, provider, key, device=device, now=now, client_static=client_static)
+        return self._check(decoded, claims, provider, key, digest=digest, device=device, now=now,
+                           client_static=client_static)
 
     def verify_cached(self, token: str, *, device: int, now: float, client_static: bytes | None) -> Identity | None:
         """``verify`` without waiting: the verdict when the signing key is already cached (the
         usual case), None when a key fetch is needed — then call ``verify``. Saves the gateway
         a task and a loop turn per handshake."""
+        digest = _token_digest(token, self.max_token_bytes)
+        remembered = self._remembered(digest, device=device, now=now, client_static=client_static)
+        if remembered is not None:
+            return remembered
         decoded, claims, provider = self._parse(token, device)
         key = self.keys.cached_key(provider, decoded.kid)
         if key is None:
             return None
-        return self._check(decoded, claims, provider, key, device=device, now=now, client_static=client_static)
+        return self._check(decoded, claims, provider, key, digest=digest, device=device, now=now,
+                           client_static=client_static)
 
     def _parse(self, token: str, device: int):
         decoded = decode_token(token, max_token_bytes=self.max_token_bytes)
@@ -290,10 +333,31 @@ class TokenVerifier:
         check_algorithm(decoded.alg, provider.algorithms)
         return decoded, claims, provider
 
-    def _check(self, decoded, claims, provider: Provider, key, *, device: int, now: float,
+    def _check(self, decoded, claims, provider: Provider, key, *, digest: bytes | None, device: int, now: float,
                client_static: bytes | None) -> Identity:
-        return _verify_key_and_claims(decoded, claims, provider, key, device=device, now=now,
-                                      client_static=client_static, leeway_s=self.leeway_s)
+        identity = _verify_key_and_claims(decoded, claims, provider, key, device=device, now=now,
+                                          client_static=client_static, leeway_s=self.leeway_s)
+        if digest is not None:
+            verified = self._verified
+            if len(verified) >= VERIFIED_TOKENS_KEPT:
+                del verified[next(iter(verified))]
+            verified[digest] = _Verified(provider, decoded.kid, key, claims)
+        return identity
+
+    def _remembered(self, digest: bytes | None, *, device: int, now: float, client_static: bytes | None) -> Identity | None:
+        """The verdict for a token whose signature held before, if what it held under is still
+        in use: the same provider object for its issuer, the same key object for its kid (both
+        looked up as the full path would). None: take the full path."""
+        entry = self._verified.get(digest) if digest is not None else None
+        if entry is None:
+            return None
+        provider = entry.provider
+        if (self.registry.by_issuer(provider.issuer) is not provider
+                or self.keys.cached_key(provider, entry.kid) is not entry.key):
+            del self._verified[digest]
+            return None
+        return check_claims(entry.claims, provider, device=device, now=now, client_static=client_static,
+                            leeway_s=self.leeway_s)
 
     def verify_with_key(self, token: str, provider: Provider, key: jwt.PyJWK | None, *, device: int, now: float,
                         client_static: bytes | None = None) -> Identity:
