@@ -130,10 +130,11 @@ class GatewayProcess(child.GatewayProcess):
     (rate limits, mailbox quota) are lifted: this tests durability, and a refusal mid-pipeline
     would let a later message overtake a refused one."""
 
-    def __init__(self, data_dir: Path, issuers: dict[str, DemoIssuer], *, window: int, durability: str) -> None:
+    def __init__(self, data_dir: Path, issuers: dict[str, DemoIssuer], *, window: int, durability: str,
+                 writemap: bool = False) -> None:
         providers = {provider_id: issuer.issuer for provider_id, issuer in issuers.items()}
         super().__init__(child.child_arguments(data_dir=data_dir, audience=AUDIENCE, providers=providers, window=window,
-                                               durability=durability, **child.LIFTED_LIMITS),
+                                               durability=durability, lmdb_writemap=writemap, **child.LIFTED_LIMITS),
                          log_path=data_dir.parent / "gateway.log")
 
 
@@ -141,7 +142,7 @@ class CrashTest:
     def __init__(
         self, *, cycles: int, senders: int, seed: int, data_dir: Path, pipeline: int, offline: float,
         min_delay: float, max_delay: float, window: int, durability: str, resend: str, forget_acks: float,
-        progress: bool,
+        progress: bool, writemap: bool = False,
     ) -> None:
         if senders < 2:
             raise ValueError("--senders must be at least 2 (messages go to another user)")
@@ -154,6 +155,7 @@ class CrashTest:
         self.min_delay, self.max_delay = min_delay, max_delay
         self.window = window
         self.durability = durability
+        self.writemap = writemap
         if resend not in RESEND_MODES:
             raise ValueError(f"resend must be one of {RESEND_MODES}")
         self.resend = resend
@@ -500,7 +502,8 @@ class CrashTest:
         started = time.monotonic()
         async with DemoIssuer() as alpha, DemoIssuer() as beta:
             self.issuers = {"alpha": alpha, "beta": beta}
-            self.gateway = GatewayProcess(self.data_dir, self.issuers, window=self.window, durability=self.durability)
+            self.gateway = GatewayProcess(self.data_dir, self.issuers, window=self.window, durability=self.durability,
+                                          writemap=self.writemap)
             try:
                 for number in range(1, self.cycles + 1):
                     await self.cycle(number)
@@ -562,7 +565,7 @@ async def run(
     *, cycles: int = 100, senders: int = 3, seed: int = 1, data_dir: Path | None = None, pipeline: int = 4,
     offline: float = 0.2, min_delay: float = 0.2, max_delay: float = 1.5, window: int = 8,
     durability: str = "sync", resend: str = "driver", forget_acks: float = 0.002, progress: bool = False,
-    timeout_s: float | None = None,
+    timeout_s: float | None = None, writemap: bool = False,
 ) -> dict:
     """Run the crash test and return its counts (``counts["ok"]`` tells whether it passed).
 
@@ -573,7 +576,7 @@ async def run(
     test = CrashTest(
         cycles=cycles, senders=senders, seed=seed, data_dir=Path(data_dir) / "gateway", pipeline=pipeline,
         offline=offline, min_delay=min_delay, max_delay=max_delay, window=window, durability=durability,
-        resend=resend, forget_acks=forget_acks, progress=progress,
+        resend=resend, forget_acks=forget_acks, progress=progress, writemap=writemap,
     )
     if timeout_s is None:
         # Each cycle's phases are bounded; this bounds the whole run should anything else stall.
@@ -597,6 +600,7 @@ def main() -> None:
     parser.add_argument("--max-delay", type=float, default=1.5, help="latest kill, s after listening (default 1.5)")
     parser.add_argument("--window", type=int, default=8, help="gateway push window per device (default 8)")
     parser.add_argument("--durability", default="sync", choices=["sync", "async"])
+    parser.add_argument("--lmdb-writemap", action="store_true", help="the gateway's store opened with writemap")
     parser.add_argument(
         "--resend", default="driver", choices=RESEND_MODES,
         help="who resends unacked messages after a kill: this driver (default) or the SDK's Outbox",
@@ -623,6 +627,7 @@ def main() -> None:
             cycles=args.cycles, senders=args.senders, seed=args.seed, data_dir=args.data_dir, pipeline=args.pipeline,
             offline=args.offline, min_delay=args.min_delay, max_delay=args.max_delay, window=args.window,
             durability=args.durability, resend=args.resend, forget_acks=args.forget_acks, progress=not args.quiet, timeout_s=args.timeout,
+            writemap=args.lmdb_writemap,
         )
     )
     print(json.dumps(counts, indent=2))

@@ -366,7 +366,7 @@ async def bench_messages(args) -> dict:
     open_loop = args.rate > 0
     async with DemoIssuer() as issuer:
         overload = {
-            name: value for name in ("overload_turn_messages", "overload_refuse_after_s", "window")
+            name: value for name in ("overload_turn_messages", "overload_refuse_after_s", "window", "lmdb_writemap")
             if (value := getattr(args, name)) is not None
         }
         async with GatewayChild(
@@ -861,6 +861,7 @@ def main() -> None:
         "--overload-turn-messages", type=int, default=None, help="the gateway's admission budget (default: its configuration default)"
     )
     messages.add_argument("--overload-refuse-after-s", type=float, default=None)
+    messages.add_argument("--lmdb-writemap", action="store_true", default=None, help="open the store with LMDB's writemap")
     messages.add_argument("--window", type=int, default=None, help="the gateway's delivery window (default: its configuration default)")
     messages.add_argument(
         "--rate", type=float, default=0.0,

@@ -57,6 +57,7 @@ class Gateway:
             config.data_dir / "lmdb",
             map_size_bytes=config.lmdb_map_size_bytes,
             sync=config.durability == "sync",
+            writemap=config.lmdb_writemap,
             max_mailbox_items=config.max_mailbox_items,
             max_mailbox_bytes=config.max_mailbox_bytes,
         )

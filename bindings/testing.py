@@ -355,6 +355,7 @@ def store_options(**overrides) -> dict:
     return {
         "sync": DEFAULTS.durability == "sync",
         "map_size_bytes": DEFAULTS.lmdb_map_size_bytes,
+        "writemap": DEFAULTS.lmdb_writemap,
         "max_mailbox_items": DEFAULTS.max_mailbox_items,
         "max_mailbox_bytes": DEFAULTS.max_mailbox_bytes,
         **overrides,

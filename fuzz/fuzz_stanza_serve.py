@@ -804,7 +804,7 @@ class Harness:
             message_rate_per_device=1e6, message_rate_per_user=1e6, providers=providers,
         )
         self.store = LmdbStore(
-            config.data_dir / "lmdb", map_size_bytes=config.lmdb_map_size_bytes, sync=False,
+            config.data_dir / "lmdb", map_size_bytes=config.lmdb_map_size_bytes, sync=False, writemap=False,
             max_mailbox_items=config.max_mailbox_items, max_mailbox_bytes=config.max_mailbox_bytes,
         )
         keys = JwksCache(ttl_s=config.jwks_ttl_s, min_refetch_interval_s=config.jwks_min_refetch_interval_s,

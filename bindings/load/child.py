@@ -48,6 +48,7 @@ SETTINGS = {
     "window": int, "max_devices": int, "max_mailbox_items": int, "message_rate_per_device": float,
     "message_rate_per_user": float, "max_group": int, "max_mailbox_bytes": int, "lmdb_map_size_bytes": int,
     "max_frame_bytes": int, "commit_mode": str, "overload_turn_messages": int, "overload_refuse_after_s": float,
+    "lmdb_writemap": bool,
 }
 
 
@@ -75,7 +76,10 @@ def _parser() -> argparse.ArgumentParser:
         help="experiment: the cyclic GC's generation-0 threshold, and gc.freeze() once listening",
     )
     for name, kind in SETTINGS.items():
-        parser.add_argument("--" + name.replace("_", "-"), type=kind, default=None)
+        if kind is bool:
+            parser.add_argument("--" + name.replace("_", "-"), action="store_true", default=None)
+        else:
+            parser.add_argument("--" + name.replace("_", "-"), type=kind, default=None)
     return parser
 
 

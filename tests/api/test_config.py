@@ -100,6 +100,7 @@ def test_environment_overrides_the_file(tmp_path):
         ({"INTERLINK_WINDOW": "0"}, "window: must be 1..4096, got 0"),
         ({"INTERLINK_PROT": "1"}, "INTERLINK_PROT: not a configuration variable (did you mean 'INTERLINK_PORT'?)"),
         ({"INTERLINK_PROVIDERS": "[]"}, "INTERLINK_PROVIDERS: not a configuration variable"),
+        ({"INTERLINK_LMDB_WRITEMAP": "yes"}, "INTERLINK_LMDB_WRITEMAP: expected true or false, got 'yes'"),
     ],
 )
 def test_environment_mistakes_name_the_variable(tmp_path, environ, message):
@@ -164,3 +165,12 @@ def test_a_config_with_any_string_values_writes_as_toml_that_loads_back(tmp_path
     config = load_config(None, environ={"INTERLINK_HOST": 'admin_tok\x10n = "short"\n1 ', "INTERLINK_NODE_NAME": "a\\b\x00\x7f\t\r"})
     text = "".join(f"{key} = {_toml_value(getattr(config, key))}\n" for key in ("host", "node_name"))
     assert load_config(write(tmp_path, text), environ={}) == config
+
+
+def test_lmdb_writemap_is_a_boolean_in_the_file_and_the_environment(tmp_path):
+    assert load_config(write(tmp_path, "lmdb_writemap = true\n"), environ={}).lmdb_writemap is True
+    assert load_config(write(tmp_path, ""), environ={"INTERLINK_LMDB_WRITEMAP": "TRUE"}).lmdb_writemap is True
+    assert load_config(write(tmp_path, "lmdb_writemap = true\n"),
+                       environ={"INTERLINK_LMDB_WRITEMAP": "false"}).lmdb_writemap is False
+    assert "lmdb_writemap: expected bool, got int 1" in refusal(tmp_path, "lmdb_writemap = 1\n")
+    assert "window: expected int, got bool True" in refusal(tmp_path, "window = true\n")  # and no bool passes for a number

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from interlink.config import GatewayConfig
+
 CRASH_PY = Path(__file__).resolve().parents[2] / "bench" / "crash.py"
 CYCLES = 5
 
@@ -29,13 +31,18 @@ def load_driver():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("resend", ["driver", "outbox"])
-async def test_sigkilled_gateway_loses_duplicates_and_reorders_nothing(tmp_path, resend):
+@pytest.mark.parametrize("resend, writemap", [("driver", False), ("outbox", False), ("driver", True)],
+                         ids=["driver", "outbox", "driver-writemap"])
+async def test_sigkilled_gateway_loses_duplicates_and_reorders_nothing(tmp_path, resend, writemap):
     crash = load_driver()
     # Bounded: the driver kills its gateway child in a finally, also when this timeout fires.
-    counts = await crash.run(cycles=CYCLES, senders=3, seed=3, data_dir=tmp_path, resend=resend, timeout_s=120)
+    counts = await crash.run(cycles=CYCLES, senders=3, seed=3, data_dir=tmp_path, resend=resend, timeout_s=120,
+                             writemap=writemap)
     print(counts)
     assert counts["kills"] == CYCLES and counts["gateway_starts"] == CYCLES + 1
     assert counts["messages_acked"] > 0 and counts["delivered"] >= counts["deliveries_expected"] > 0
     assert (counts["lost"], counts["duplicates"], counts["order_violations"]) == (0, 0, 0), counts
     assert counts["ok"], counts
+    # With writemap the store sized its data file to the whole map (the mode was really on).
+    data_file = tmp_path / "gateway" / "lmdb" / "data.mdb"
+    assert (data_file.stat().st_size == GatewayConfig().lmdb_map_size_bytes) == writemap

@@ -19,15 +19,21 @@ from interlink.core.errors import ConfigError, StoreFullError
 MAX_DBS = 24  # named databases the environment may hold (the families open 17)
 
 
-def open_environment(path: str | os.PathLike, *, map_size_bytes: int, sync: bool) -> tuple[Path, lmdb.Environment]:
+def open_environment(
+    path: str | os.PathLike, *, map_size_bytes: int, sync: bool, writemap: bool
+) -> tuple[Path, lmdb.Environment]:
     """The folder (created if missing; ``ConfigError`` naming ``data_dir`` if it cannot be) and
-    the environment in it. ``sync`` False leaves the flush to the OS (``async`` durability)."""
+    the environment in it. ``sync`` False leaves the flush to the OS (``async`` durability).
+    ``writemap`` (the ``lmdb_writemap`` setting): commits write their pages in the shared map
+    instead of one ``pwrite`` each, and the data file is sized to the whole map (sparse);
+    nothing in this process writes into the map outside LMDB's calls, as LMDB requires."""
     path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ConfigError(f"data_dir: cannot create {path}: {exc.strerror}") from exc
-    env = lmdb.open(str(path), map_size=map_size_bytes, max_dbs=MAX_DBS, subdir=True, sync=sync, metasync=sync, lock=True)
+    env = lmdb.open(str(path), map_size=map_size_bytes, max_dbs=MAX_DBS, subdir=True, sync=sync, metasync=sync, lock=True,
+                    writemap=writemap)
     return path, env
 
 

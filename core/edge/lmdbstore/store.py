@@ -34,13 +34,14 @@ class LmdbStore:
         *,
         map_size_bytes: int,
         sync: bool,
+        writemap: bool,
         max_mailbox_items: int,
         max_mailbox_bytes: int,
         device_cache_users: int = DEVICE_CACHE_USERS,
         control_overdraft_items: int = CONTROL_OVERDRAFT_ITEMS,
         control_overdraft_bytes: int = CONTROL_OVERDRAFT_BYTES,
     ) -> None:
-        self.path, self.env = open_environment(path, map_size_bytes=map_size_bytes, sync=sync)
+        self.path, self.env = open_environment(path, map_size_bytes=map_size_bytes, sync=sync, writemap=writemap)
         self.mailboxes = mailboxes = Mailboxes(
             self.env, max_mailbox_items=max_mailbox_items, max_mailbox_bytes=max_mailbox_bytes,
             device_cache_users=device_cache_users, control_overdraft_items=control_overdraft_items,
