@@ -5,7 +5,8 @@ and encoding, and the rejection of malformed transport plaintexts.
 
 Decoding keeps no state between calls: each call scans where the msgpack objects end and
 decodes exactly those bytes with a decoder of its own (``msgpack.unpackb`` for one stanza, a
-fresh ``msgpack.Unpacker`` for several). Encoding has no twin: it is msgpack's C packer. The
+fresh ``msgpack.Unpacker`` for several). Encoding a stanza in general has no twin: it is
+msgpack's C packer; the ack and dlv every message makes have (``encode_ack``, ``encode_dlv``). The
 stanzas are the ones of docs/protocol.md §6 with a 200-byte ciphertext (an E2EE envelope of a
 short text is about that).
 """
@@ -84,6 +85,20 @@ def test_decode_batch(bench, codec):
 def test_encode(bench, kind):
     bench.extra_info.update(stanza=kind, bytes=len(ENCODED[kind]))
     assert bench(encode_stanza, STANZAS[kind]) == ENCODED[kind]
+
+
+@TWINS
+@pytest.mark.benchmark(group="stanza encode: ack and dlv without a map")
+def test_encode_ack_and_dlv(bench, codec):
+    """The router's two per-message stanzas (``encode_ack``, ``encode_dlv``): the compiled twin
+    writes the bytes directly, the pure one packs the map; compare with ``test_encode``'s ack + dlv."""
+    dlv = STANZAS["dlv"]
+
+    def both():
+        return (codec.encode_ack(MSG_ID, TS_MS, False),
+                codec.encode_dlv(dlv["seq"], MSG_ID, dlv["from"], dlv["dev"], TS_MS, CIPHERTEXT, None))
+
+    assert bench(both) == (ENCODED["ack"], ENCODED["dlv"])
 
 
 @TWINS

@@ -218,3 +218,154 @@ def decode_stanzas(plaintext, max_stanzas=None):
     if tail == _EXTENSION:
         _fail(StanzaError("msgpack extension types are not allowed in stanzas"), stanzas)
     return stanzas
+
+
+# -- the two stanzas every message makes: its ack and its dlv, encoded without building a map.
+# Byte for byte what encode_stanza (msgpack, use_bin_type) makes of the same map in the same key
+# order, as the pure twin does; tests/protocol/test_stanza.py holds all three to that.
+
+from cpython.bytes cimport PyBytes_FromStringAndSize
+from libc.stdint cimport uint64_t
+from libc.string cimport memcpy
+
+cdef bytes _ACK_HEAD = b"\xa1t\xa3ack\xa2id"
+cdef bytes _ACK_TS = b"\xa2ts"
+cdef bytes _ACK_DUP = b"\xa3dup\xc3"
+cdef bytes _DLV_HEAD = b"\xa1t\xa3dlv\xa3seq"
+cdef bytes _DLV_K_ID = b"\xa1k\xa3msg\xa2id"
+cdef bytes _DLV_FROM = b"\xa4from"
+cdef bytes _DLV_DEV = b"\xa3dev"
+cdef bytes _DLV_TS = b"\xa2ts"
+cdef bytes _DLV_C = b"\xa1c"
+cdef bytes _DLV_TO = b"\xa2to"
+
+
+cdef uint64_t _as_uint(object value) except? 0xFFFFFFFFFFFFFFFFULL:
+    if type(value) is not int or value < 0:
+        raise ValueError(f"expected a non-negative int, got {value!r}")
+    if value > 0xFFFFFFFFFFFFFFFF:
+        raise ValueError(f"{value} does not fit in 64 bits")
+    return <uint64_t>value
+
+
+cdef inline Py_ssize_t _uint_size(uint64_t value) noexcept nogil:
+    if value <= 0x7F:
+        return 1
+    if value <= 0xFF:
+        return 2
+    if value <= 0xFFFF:
+        return 3
+    if value <= 0xFFFFFFFFULL:
+        return 5
+    return 9
+
+
+cdef inline unsigned char* _put_uint(unsigned char* p, uint64_t value) noexcept nogil:
+    cdef int size, i
+    if value <= 0x7F:
+        p[0] = <unsigned char>value
+        return p + 1
+    if value <= 0xFF:
+        p[0] = 0xCC
+        size = 1
+    elif value <= 0xFFFF:
+        p[0] = 0xCD
+        size = 2
+    elif value <= 0xFFFFFFFFULL:
+        p[0] = 0xCE
+        size = 4
+    else:
+        p[0] = 0xCF
+        size = 8
+    for i in range(size, 0, -1):
+        p[i] = <unsigned char>(value & 0xFF)
+        value >>= 8
+    return p + 1 + size
+
+
+cdef inline Py_ssize_t _str_head_size(Py_ssize_t size) noexcept nogil:
+    return 1 if size < 32 else (2 if size <= 0xFF else (3 if size <= 0xFFFF else 5))
+
+
+cdef inline Py_ssize_t _bin_head_size(Py_ssize_t size) noexcept nogil:
+    return 2 if size <= 0xFF else (3 if size <= 0xFFFF else 5)
+
+
+cdef inline unsigned char* _put_head(unsigned char* p, Py_ssize_t size, int is_str) noexcept nogil:
+    if is_str and size < 32:
+        p[0] = <unsigned char>(0xA0 | size)
+        return p + 1
+    if size <= 0xFF:
+        p[0] = 0xD9 if is_str else 0xC4
+        p[1] = <unsigned char>size
+        return p + 2
+    if size <= 0xFFFF:
+        p[0] = 0xDA if is_str else 0xC5
+        p[1] = <unsigned char>(size >> 8)
+        p[2] = <unsigned char>(size & 0xFF)
+        return p + 3
+    p[0] = 0xDB if is_str else 0xC6
+    p[1] = <unsigned char>((size >> 24) & 0xFF)
+    p[2] = <unsigned char>((size >> 16) & 0xFF)
+    p[3] = <unsigned char>((size >> 8) & 0xFF)
+    p[4] = <unsigned char>(size & 0xFF)
+    return p + 5
+
+
+cdef inline unsigned char* _put_bytes(unsigned char* p, bytes data) noexcept:
+    cdef Py_ssize_t size = PyBytes_GET_SIZE(data)
+    memcpy(p, PyBytes_AS_STRING(data), size)
+    return p + size
+
+
+def encode_ack(bytes msg_id not None, ts_ms, dup):
+    """``{"t": "ack", "id": msg_id, "ts": ts_ms}``, and ``"dup": true`` when ``dup``."""
+    cdef uint64_t ts = _as_uint(ts_ms)
+    cdef bint is_dup = bool(dup)
+    cdef Py_ssize_t id_size = PyBytes_GET_SIZE(msg_id)
+    cdef Py_ssize_t size = (1 + PyBytes_GET_SIZE(_ACK_HEAD) + _bin_head_size(id_size) + id_size
+                            + PyBytes_GET_SIZE(_ACK_TS) + _uint_size(ts) + (PyBytes_GET_SIZE(_ACK_DUP) if is_dup else 0))
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, size)
+    cdef unsigned char* p = <unsigned char*>PyBytes_AS_STRING(out)
+    p[0] = 0x84 if is_dup else 0x83
+    p = _put_bytes(p + 1, _ACK_HEAD)
+    p = _put_bytes(_put_head(p, id_size, 0), msg_id)
+    p = _put_uint(_put_bytes(p, _ACK_TS), ts)
+    if is_dup:
+        _put_bytes(p, _ACK_DUP)
+    return out
+
+
+def encode_dlv(seq, bytes msg_id not None, str sender not None, sender_device, ts_ms, bytes ciphertext not None, to):
+    """``{"t": "dlv", "seq", "k": "msg", "id", "from", "dev", "ts", "c"}``, and ``"to"`` unless None."""
+    cdef uint64_t seq_value = _as_uint(seq)
+    cdef uint64_t device = _as_uint(sender_device)
+    cdef uint64_t ts = _as_uint(ts_ms)
+    cdef bytes sender_utf8 = sender.encode("utf-8")
+    cdef bytes to_utf8 = None if to is None else (<str?>to).encode("utf-8")
+    cdef Py_ssize_t id_size = PyBytes_GET_SIZE(msg_id)
+    cdef Py_ssize_t from_size = PyBytes_GET_SIZE(sender_utf8)
+    cdef Py_ssize_t c_size = PyBytes_GET_SIZE(ciphertext)
+    cdef Py_ssize_t to_size = 0 if to_utf8 is None else PyBytes_GET_SIZE(to_utf8)
+    cdef Py_ssize_t size = (
+        1 + PyBytes_GET_SIZE(_DLV_HEAD) + _uint_size(seq_value)
+        + PyBytes_GET_SIZE(_DLV_K_ID) + _bin_head_size(id_size) + id_size
+        + PyBytes_GET_SIZE(_DLV_FROM) + _str_head_size(from_size) + from_size
+        + PyBytes_GET_SIZE(_DLV_DEV) + _uint_size(device)
+        + PyBytes_GET_SIZE(_DLV_TS) + _uint_size(ts)
+        + PyBytes_GET_SIZE(_DLV_C) + _bin_head_size(c_size) + c_size
+    )
+    if to_utf8 is not None:
+        size += PyBytes_GET_SIZE(_DLV_TO) + _str_head_size(to_size) + to_size
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, size)
+    cdef unsigned char* p = <unsigned char*>PyBytes_AS_STRING(out)
+    p[0] = 0x88 if to_utf8 is None else 0x89
+    p = _put_uint(_put_bytes(p + 1, _DLV_HEAD), seq_value)
+    p = _put_bytes(_put_head(_put_bytes(p, _DLV_K_ID), id_size, 0), msg_id)
+    p = _put_bytes(_put_head(_put_bytes(p, _DLV_FROM), from_size, 1), sender_utf8)
+    p = _put_uint(_put_bytes(p, _DLV_DEV), device)
+    p = _put_uint(_put_bytes(p, _DLV_TS), ts)
+    p = _put_bytes(_put_head(_put_bytes(p, _DLV_C), c_size, 0), ciphertext)
+    if to_utf8 is not None:
+        _put_bytes(_put_head(_put_bytes(p, _DLV_TO), to_size, 1), to_utf8)
+    return out

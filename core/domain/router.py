@@ -24,7 +24,7 @@ from interlink.core.errors import InterlinkError, RouteError, StanzaError
 from interlink.core.domain.fields import excerpt
 from interlink.core.domain.policy import Policy
 from interlink.core.domain.ratelimit import TokenBuckets
-from interlink.core.protocol.stanza import encode_stanza
+from interlink.core.protocol.stanza import encode_ack, encode_dlv, encode_stanza
 from interlink.core.domain.delivery import DeliveryWindows
 from interlink.core.domain.batch import ControlEntry, GroupWrite, MessageEntry, PrekeyTake, WriteBatch, device_key
 from interlink.core.domain.ports import Session, Store
@@ -334,13 +334,11 @@ class Router:
                 targets = [targets[i] for i in entry.kept]
             if entry.dropped_full:
                 self.counters["group_copies_dropped_full"] += entry.dropped_full
-            ack = {"t": "ack", "id": entry.msg_id, "ts": entry.ts_ms}
             if entry.dup:
-                ack["dup"] = True
                 self.counters["duplicates"] += 1
             else:
                 self.counters["messages_stored"] += 1
-            self.answer(session, ack)
+            self.push_encoded(session, encode_ack(entry.msg_id, entry.ts_ms, entry.dup))
             for (_, seq, value), target in zip(entry.stored, targets):
                 recipient = sessions.get(target)
                 if recipient is not None:
@@ -460,9 +458,6 @@ def _dlv_builder(msg_id: bytes, sender: str, sender_device: int, ciphertext: byt
     """Encodes the ``dlv`` once its seq and timestamp are known (inside the commit)."""
 
     def build(seq: int, ts_ms: int) -> bytes:
-        stanza = {"t": "dlv", "seq": seq, "k": "msg", "id": msg_id, "from": sender, "dev": sender_device, "ts": ts_ms, "c": ciphertext}
-        if to is not None:
-            stanza["to"] = to
-        return encode_stanza(stanza)
+        return encode_dlv(seq, msg_id, sender, sender_device, ts_ms, ciphertext, to)
 
     return build

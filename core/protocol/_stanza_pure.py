@@ -165,3 +165,37 @@ def decode_stanzas(plaintext, max_stanzas: int | None = None) -> list:
     if tail:
         _fail(StanzaError(_BROKEN_TAIL[tail]), stanzas)
     return stanzas
+
+
+
+# -- the two stanzas every message makes: its ack and its dlv. The compiled twin writes their
+# msgpack bytes directly (no map built); here the map is built and packed, which is what those
+# bytes must equal (tests/protocol/test_stanza.py).
+
+_packer = msgpack.Packer(use_bin_type=True)
+
+
+def _uint(value: int) -> int:
+    if type(value) is not int or value < 0:
+        raise ValueError(f"expected a non-negative int, got {value!r}")
+    if value > 0xFFFFFFFFFFFFFFFF:
+        raise ValueError(f"{value} does not fit in 64 bits")
+    return value
+
+
+def encode_ack(msg_id: bytes, ts_ms: int, dup: bool) -> bytes:
+    """``{"t": "ack", "id": msg_id, "ts": ts_ms}``, and ``"dup": true`` when ``dup``."""
+    ack = {"t": "ack", "id": bytes(msg_id), "ts": _uint(ts_ms)}
+    if dup:
+        ack["dup"] = True
+    return _packer.pack(ack)
+
+
+def encode_dlv(seq: int, msg_id: bytes, sender: str, sender_device: int, ts_ms: int, ciphertext: bytes,
+               to: str | None) -> bytes:
+    """``{"t": "dlv", "seq", "k": "msg", "id", "from", "dev", "ts", "c"}``, and ``"to"`` unless None."""
+    dlv = {"t": "dlv", "seq": _uint(seq), "k": "msg", "id": bytes(msg_id), "from": str(sender),
+           "dev": _uint(sender_device), "ts": _uint(ts_ms), "c": bytes(ciphertext)}
+    if to is not None:
+        dlv["to"] = str(to)
+    return _packer.pack(dlv)

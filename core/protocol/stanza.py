@@ -15,6 +15,9 @@ from interlink.core._select import select
 _impl = select("_stanza")
 
 decode_stanzas = _impl.decode_stanzas
+# Every stored message makes one ack and (per recipient device) one dlv: encoded without a map.
+encode_ack = _impl.encode_ack
+encode_dlv = _impl.encode_dlv
 
 _packer = msgpack.Packer(use_bin_type=True)
 

@@ -242,3 +242,45 @@ def test_twins_agree_on_cut_and_corrupted_stanza_sequences(stanzas, cut, noise):
         # Whatever came before, the next message decodes on its own.
         assert stanza_native.decode_stanzas(pack(PING)) == [PING]
     assert stanza_native.decode_stanzas(plaintext) == stanzas
+
+
+# -- ack and dlv encoded without a map: byte for byte what encode_stanza makes of the map -------
+
+_UINTS = st.one_of(st.integers(0, 300), st.integers(0, 2**64 - 1),
+                   st.sampled_from([127, 128, 255, 256, 65535, 65536, 2**32 - 1, 2**32, 2**64 - 1]))
+_TEXT = st.one_of(st.text(max_size=40), st.text(min_size=30, max_size=300), st.just("z" * 70_000))
+_BYTES = st.one_of(st.binary(max_size=300), st.just(b"\x00" * 70_000))
+
+
+@settings(max_examples=300, deadline=None)
+@given(msg_id=st.binary(min_size=16, max_size=16), ts=_UINTS, dup=st.booleans())
+def test_encode_ack_is_the_map_packed(msg_id, ts, dup):
+    expected = {"t": "ack", "id": msg_id, "ts": ts}
+    if dup:
+        expected["dup"] = True
+    for codec in TWINS:
+        assert codec.encode_ack(msg_id, ts, dup) == pack(expected), codec.__name__
+
+
+@settings(max_examples=300, deadline=None)
+@given(seq=_UINTS, msg_id=st.binary(min_size=16, max_size=16), sender=_TEXT, device=_UINTS, ts=_UINTS,
+       ciphertext=_BYTES, to=st.one_of(st.none(), _TEXT))
+def test_encode_dlv_is_the_map_packed(seq, msg_id, sender, device, ts, ciphertext, to):
+    expected = {"t": "dlv", "seq": seq, "k": "msg", "id": msg_id, "from": sender, "dev": device, "ts": ts,
+                "c": ciphertext}
+    if to is not None:
+        expected["to"] = to
+    for codec in TWINS:
+        encoded = codec.encode_dlv(seq, msg_id, sender, device, ts, ciphertext, to)
+        assert encoded == pack(expected), codec.__name__
+        assert msgpack.unpackb(encoded, raw=False) == expected
+
+
+@pytest.mark.parametrize("bad", [-1, 2**64, 1.5, True, None, "1"])
+def test_ack_and_dlv_refuse_what_is_not_a_64_bit_unsigned_int(codec, bad):
+    with pytest.raises(ValueError):
+        codec.encode_ack(bytes(16), bad, False)
+    with pytest.raises(ValueError):
+        codec.encode_dlv(1, bytes(16), "a@b", bad, 1, b"", None)
+    with pytest.raises(ValueError):
+        codec.encode_dlv(bad, bytes(16), "a@b", 1, 1, b"", None)
