@@ -283,6 +283,13 @@ cdef inline unsigned char* _put_uint(unsigned char* p, uint64_t value) noexcept 
     return p + 1 + size
 
 
+cdef inline int _fits(Py_ssize_t size) except -1:
+    # msgpack's str and bin lengths are 32-bit; the packer refuses longer ones the same way.
+    if size > 0xFFFFFFFFLL:
+        raise ValueError(f"{size} bytes do not fit in one msgpack str or bin")
+    return 0
+
+
 cdef inline Py_ssize_t _str_head_size(Py_ssize_t size) noexcept nogil:
     return 1 if size < 32 else (2 if size <= 0xFF else (3 if size <= 0xFFFF else 5))
 
@@ -323,6 +330,7 @@ def encode_ack(bytes msg_id not None, ts_ms, dup):
     cdef uint64_t ts = _as_uint(ts_ms)
     cdef bint is_dup = bool(dup)
     cdef Py_ssize_t id_size = PyBytes_GET_SIZE(msg_id)
+    _fits(id_size)
     cdef Py_ssize_t size = (1 + PyBytes_GET_SIZE(_ACK_HEAD) + _bin_head_size(id_size) + id_size
                             + PyBytes_GET_SIZE(_ACK_TS) + _uint_size(ts) + (PyBytes_GET_SIZE(_ACK_DUP) if is_dup else 0))
     cdef bytes out = PyBytes_FromStringAndSize(NULL, size)
@@ -347,6 +355,10 @@ def encode_dlv(seq, bytes msg_id not None, str sender not None, sender_device, t
     cdef Py_ssize_t from_size = PyBytes_GET_SIZE(sender_utf8)
     cdef Py_ssize_t c_size = PyBytes_GET_SIZE(ciphertext)
     cdef Py_ssize_t to_size = 0 if to_utf8 is None else PyBytes_GET_SIZE(to_utf8)
+    _fits(id_size)
+    _fits(from_size)
+    _fits(c_size)
+    _fits(to_size)
     cdef Py_ssize_t size = (
         1 + PyBytes_GET_SIZE(_DLV_HEAD) + _uint_size(seq_value)
         + PyBytes_GET_SIZE(_DLV_K_ID) + _bin_head_size(id_size) + id_size

@@ -9,7 +9,7 @@ it, in one number the domain already holds. (In commit-thread mode the batch als
 previous commit is being written, so a slow disk shows the same way.)
 
 * **Throttled** (the first level): once the batch waiting for the commit reaches the budget, the
-  edge stops reading from each connection that brought many stanzas in that read, until the
+  edge stops reading from each connection whose read brought a ``msg`` into it, until the
   commit is written (docs/architecture.md, "Admission control"). Light connections — ``recv``,
   acks, ``ping`` — are read as always, so deliveries and keep-alives never wait behind senders.
 * **Refusing** (the second level): when the overload lasted ``refuse_after_s`` (turns over the
@@ -53,10 +53,17 @@ class Admission:
         """The batch waiting for the commit is at the budget: throttle heavy readers."""
         return 0 < self.turn_budget <= pending_load
 
-    @property
-    def level(self) -> int:
-        """0 normal, 1 throttling heavy readers (a streak of full turns), 2 refusing new messages."""
+    def level(self, now: float) -> int:
+        """0 normal, 1 throttling (an overload under way), 2 refusing new messages."""
+        self._expire(now)
         return 2 if self.refusing else (1 if self._streak_since is not None else 0)
+
+    def _expire(self, now: float) -> None:
+        """End an overload that had no turn over the budget for ``CALM_S``: turns end only with
+        commits, and with no traffic there are none to end it."""
+        if self._streak_since is not None and now - self._last_over_at > CALM_S:
+            self._streak_since = None
+            self.refusing = False
 
     def turn_ended(self, load: int, now: float) -> None:
         """A turn's batch of ``load`` is being committed. The turn's measure is what it was
@@ -79,10 +86,14 @@ class Admission:
             self._streak_since = None
             self.refusing = False
 
-    def refusal(self, pending_load: int) -> int:
+    def refusal(self, pending_load: int, now: float) -> int:
         """0 to admit a new ``msg``; otherwise the ``retry_after`` (ms) of its ``overloaded``
-        answer: two turns at the pace of the last one, in steps of 10 ms, at least 10 ms."""
+        answer (counted as refused): two turns at the pace of the last one, in steps of 10 ms, at
+        least 10 ms."""
         if not self.refusing or not self.over_budget(pending_load):
+            return 0
+        self._expire(now)
+        if not self.refusing:
             return 0
         self.refused += 1
         return self.retry_after_ms()

@@ -84,7 +84,7 @@ class Domain:
         ``err`` and the session continues. Answers never echo client text beyond a short,
         sanitised excerpt: an answer must not outgrow its request."""
         kind = stanza["t"]
-        if kind == "msg" and self.admission.refusing and self._refused_overloaded(session, stanza):
+        if kind == "msg" and self.admission.refusing and self._refused_overloaded(session, stanza, now):
             return
         handler = self._handlers.get(kind)
         try:
@@ -100,15 +100,17 @@ class Domain:
             self.refusals["bad_stanza"] += 1
             self.router.answer(session, {"t": "err", "code": "bad_stanza", "msg": exc.message, **_reference(stanza)})
 
-    def _refused_overloaded(self, session: Session, stanza: dict) -> bool:
+    def _refused_overloaded(self, session: Session, stanza: dict, now: float) -> bool:
         """Admission control's second level: answer a ``msg`` beyond its turn's budget with
         ``err overloaded`` and ``retry_after``, before it spends a rate token (an overloaded
         gateway is not the sender's fault). The answer is pre-encoded: under overload, a refusal
         must cost a small fraction of an admitted message. False: admit it (or let the ordinary
         path answer a malformed id)."""
-        retry_after = self.admission.refusal(self.router.pending_load)
         msg_id = stanza.get("id")
-        if not retry_after or type(msg_id) is not bytes or len(msg_id) != 16:
+        if type(msg_id) is not bytes or len(msg_id) != 16:
+            return False
+        retry_after = self.admission.refusal(self.router.pending_load, now)
+        if not retry_after:
             return False
         prefix = self._overloaded_answers.get(retry_after)
         if prefix is None:

@@ -72,8 +72,10 @@ class CommitDriver:
                 self._failed(commit, exc)
                 return
             self.seconds.observe(time.perf_counter() - started)
-            self.domain.committed(commit)
-            self.on_done()
+            try:
+                self.domain.committed(commit)
+            finally:
+                self.on_done()  # throttled connections are read again whatever went wrong
             return
         future = asyncio.get_running_loop().run_in_executor(self.executor, self._timed_commit, commit)
         future.add_done_callback(lambda done: self._thread_committed(done, commit))
@@ -97,13 +99,17 @@ class CommitDriver:
     def _thread_committed(self, done: asyncio.Future, commit: Commit) -> None:
         self._inflight = None
         error = done.exception()
-        if error is None:
-            self.seconds.observe(done.result())  # observed on the loop, not the thread
-            self.domain.committed(commit)
-            self.on_done()
-        else:
-            self._failed(commit, error)
-        self.schedule()  # what gathered while this one was written
+        try:
+            if error is None:
+                self.seconds.observe(done.result())  # observed on the loop, not the thread
+                try:
+                    self.domain.committed(commit)
+                finally:
+                    self.on_done()
+            else:
+                self._failed(commit, error)
+        finally:
+            self.schedule()  # what gathered while this one was written
 
     def _failed(self, commit: Commit, error: BaseException) -> None:
         if not isinstance(error, InterlinkError):  # a storage fault nobody foresaw

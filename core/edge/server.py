@@ -522,16 +522,19 @@ class GatewayServer:
         self.counters["reads_throttled"] += 1
 
     def committed(self) -> None:
-        """A commit was written (or failed): write out what it answered, read the throttled again."""
-        self.write_touched()
-        throttling = self.domain.admission.level > 0
-        self.current_read_view = self._throttled_read_view if throttling else self.read_view
-        if self.throttled and not self._draining:
-            throttled, self.throttled = self.throttled, {}
-            for proto in throttled:
-                transport = proto.transport
-                if transport is not None and not transport.is_closing() and proto not in self.paused:
-                    transport.resume_reading()
+        """A commit was written (or failed): write out what it answered, read the throttled again
+        (whatever happens while writing: a connection must not stay unread for want of a commit)."""
+        try:
+            self.write_touched()
+        finally:
+            throttling = self.domain.admission.level(self.clock()) > 0
+            self.current_read_view = self._throttled_read_view if throttling else self.read_view
+            if self.throttled and not self._draining:
+                throttled, self.throttled = self.throttled, {}
+                for proto in throttled:
+                    transport = proto.transport
+                    if transport is not None and not transport.is_closing() and proto not in self.paused:
+                        transport.resume_reading()
 
     def write_touched(self) -> None:
         """Write out the sessions the domain queued stanzas on (each once)."""
@@ -614,7 +617,7 @@ class GatewayServer:
             "commit_seconds": self.commits.seconds.snapshot(),
             "store": self.store.usage(),
             "routing": dict(self.router.counters),
-            "admission": {"level": self.domain.admission.level, "throttled_now": len(self.throttled)},
+            "admission": {"level": self.domain.admission.level(self.clock()), "throttled_now": len(self.throttled)},
             "close_reasons": {str(reason): count for reason, count in self.close_reasons.items()},  # plain strings for operators
             "auth_failures": {str(code): count for code, count in self.auth_failures.items()},
         }

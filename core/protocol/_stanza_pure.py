@@ -183,9 +183,15 @@ def _uint(value: int) -> int:
     return value
 
 
+def _typed(value, kind: type, name: str):
+    if not isinstance(value, kind):
+        raise TypeError(f"{name} must be {kind.__name__}, not {type(value).__name__}")
+    return value
+
+
 def encode_ack(msg_id: bytes, ts_ms: int, dup: bool) -> bytes:
     """``{"t": "ack", "id": msg_id, "ts": ts_ms}``, and ``"dup": true`` when ``dup``."""
-    ack = {"t": "ack", "id": bytes(msg_id), "ts": _uint(ts_ms)}
+    ack = {"t": "ack", "id": _typed(msg_id, bytes, "msg_id"), "ts": _uint(ts_ms)}
     if dup:
         ack["dup"] = True
     return _packer.pack(ack)
@@ -194,8 +200,9 @@ def encode_ack(msg_id: bytes, ts_ms: int, dup: bool) -> bytes:
 def encode_dlv(seq: int, msg_id: bytes, sender: str, sender_device: int, ts_ms: int, ciphertext: bytes,
                to: str | None) -> bytes:
     """``{"t": "dlv", "seq", "k": "msg", "id", "from", "dev", "ts", "c"}``, and ``"to"`` unless None."""
-    dlv = {"t": "dlv", "seq": _uint(seq), "k": "msg", "id": bytes(msg_id), "from": str(sender),
-           "dev": _uint(sender_device), "ts": _uint(ts_ms), "c": bytes(ciphertext)}
+    dlv = {"t": "dlv", "seq": _uint(seq), "k": "msg", "id": _typed(msg_id, bytes, "msg_id"),
+           "from": _typed(sender, str, "sender"), "dev": _uint(sender_device), "ts": _uint(ts_ms),
+           "c": _typed(ciphertext, bytes, "ciphertext")}
     if to is not None:
-        dlv["to"] = str(to)
+        dlv["to"] = _typed(to, str, "to")
     return _packer.pack(dlv)

@@ -22,43 +22,43 @@ def test_off_when_the_budget_is_zero():
     for i in range(10):
         admission.turn_ended(10**6, NOW + i * 0.01)
     assert not admission.over_budget(10**9)
-    assert admission.level == 0 and admission.refusal(10**9) == 0
+    assert admission.level(NOW + 0.1) == 0 and admission.refusal(10**9, NOW + 0.1) == 0
 
 
 def test_throttles_at_the_budget_and_refuses_only_after_the_overload_lasted():
     admission = Admission(turn_budget=BUDGET, refuse_after_s=0.25)
     assert not admission.over_budget(BUDGET - 1) and admission.over_budget(BUDGET)
     admission.turn_ended(BUDGET - 1, NOW)
-    assert admission.level == 0
+    assert admission.level(NOW) == 0
     admission.turn_ended(BUDGET, NOW + 0.01)
-    assert admission.level == 1 and not admission.refusing
-    assert admission.refusal(10 * BUDGET) == 0  # throttling only, for now
+    assert admission.level(NOW + 0.01) == 1 and not admission.refusing
+    assert admission.refusal(10 * BUDGET, NOW + 0.01) == 0  # throttling only, for now
     admission.turn_ended(5 * BUDGET, NOW + 0.2)
-    assert admission.level == 1
+    assert admission.level(NOW + 0.2) == 1
     admission.turn_ended(5 * BUDGET, NOW + 0.26)
-    assert admission.level == 2 and admission.refusing
+    assert admission.level(NOW + 0.26) == 2 and admission.refusing
     # A message is refused only beyond its turn's budget: the first BUDGET of each turn get in.
-    assert admission.refusal(BUDGET - 1) == 0
-    assert admission.refusal(BUDGET) > 0
+    assert admission.refusal(BUDGET - 1, NOW + 0.26) == 0
+    assert admission.refusal(BUDGET, NOW + 0.26) > 0
 
 
 def test_retry_after_is_two_turns_at_the_last_pace_in_10_ms_steps():
     admission = Admission(turn_budget=BUDGET, refuse_after_s=0.0)
     admission.turn_ended(BUDGET, NOW)
-    assert admission.refusal(BUDGET) == 10  # no pace measured yet: the minimum
+    assert admission.refusal(BUDGET, NOW) == 10  # no pace measured yet: the minimum
     admission.turn_ended(BUDGET, NOW + 0.0234)
-    assert admission.refusal(BUDGET) == 50  # 2 x 23.4 ms, rounded up to 10 ms steps
+    assert admission.refusal(BUDGET, NOW + 0.0234) == 50  # 2 x 23.4 ms, rounded up to 10 ms steps
     admission.turn_ended(BUDGET, NOW + 0.0244)
-    assert admission.refusal(BUDGET) == 10
+    assert admission.refusal(BUDGET, NOW + 0.0244) == 10
 
 
 def test_refused_messages_count_as_offered_so_refusing_does_not_end_the_overload():
     admission = Admission(turn_budget=BUDGET, refuse_after_s=0.0)
     admission.turn_ended(BUDGET, NOW)
     for _ in range(BUDGET):
-        assert admission.refusal(BUDGET) > 0
+        assert admission.refusal(BUDGET, NOW + 0.5) > 0
     # The turn wrote little (refused the rest) but was offered more than the budget.
-    admission.turn_ended(1, NOW + CALM_S + 0.5)
+    admission.turn_ended(1, NOW + 0.9)
     assert admission.refusing
 
 
@@ -67,9 +67,18 @@ def test_only_a_calm_second_ends_the_overload():
     admission.turn_ended(BUDGET, NOW)
     assert admission.refusing
     admission.turn_ended(1, NOW + 0.5)  # a light turn in between: still overloaded
-    assert admission.refusing and admission.level == 2
+    assert admission.refusing and admission.level(NOW + 0.5) == 2
     admission.turn_ended(1, NOW + CALM_S + 0.01)
-    assert admission.level == 0 and admission.refusal(10 * BUDGET) == 0
+    assert admission.level(NOW + CALM_S + 0.01) == 0 and admission.refusal(10 * BUDGET, NOW + CALM_S + 0.01) == 0
+
+
+def test_an_overload_ends_with_no_traffic_at_all():
+    """Turns end only with commits: with no traffic there is none, and the level still ends."""
+    admission = Admission(turn_budget=BUDGET, refuse_after_s=0.0)
+    admission.turn_ended(BUDGET, NOW)
+    assert admission.level(NOW + 0.5) == 2 and admission.refusal(10 * BUDGET, NOW + 0.5) > 0
+    assert admission.refusal(10 * BUDGET, NOW + 600) == 0  # ten minutes without a turn: no stale refusal
+    assert admission.level(NOW + 600) == 0 and not admission.refusing
 
 
 def test_an_overload_long_ago_does_not_make_a_new_one_refuse_at_once():
@@ -78,8 +87,9 @@ def test_an_overload_long_ago_does_not_make_a_new_one_refuse_at_once():
     admission.turn_ended(BUDGET, NOW + 0.3)
     assert admission.refusing
     # No turn at all for a minute (no traffic), then a burst: it starts from the first level.
+    assert admission.refusal(10 * BUDGET, NOW + 60) == 0
     admission.turn_ended(BUDGET, NOW + 60)
-    assert admission.level == 1 and admission.refusal(10 * BUDGET) == 0
+    assert admission.level(NOW + 60) == 1 and admission.refusal(10 * BUDGET, NOW + 60) == 0
 
 
 def test_configure_changes_the_thresholds():
@@ -159,6 +169,7 @@ def test_a_refusal_with_a_malformed_id_gets_the_ordinary_answer(domain):
     domain.dispatch(alice, {"t": "msg", "id": b"short", "to": "bob@alpha", "c": {1: b"x"}}, NOW)
     [answer] = alice.take()
     assert answer["code"] == "bad_stanza" and "ref" not in answer
+    assert domain.admission.refused == 0  # answered bad_stanza, so not counted as refused
 
 
 def test_the_load_counts_messages_and_their_copies_not_deletions():

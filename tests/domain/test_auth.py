@@ -712,3 +712,17 @@ async def test_refused_tokens_are_not_remembered_and_the_memory_is_bounded(env, 
     assert len(signature_checks) == checks
     await env.verify(tokens[0])  # the oldest was forgotten: checked again
     assert len(signature_checks) == checks + 1
+
+
+async def test_a_remembered_token_keeps_only_the_checked_claims_and_fat_tokens_are_not_remembered(env, signature_checks):
+    import interlink.core.domain.auth.verifier as verifier_module
+
+    token = env.a.issue("alice", audience=AUD, now=NOW, extra_claims={"profile": "x" * 500})
+    assert "profile" in (await env.verify(token)).claims  # the full path's identity has them all
+    again = await env.verify(token)
+    assert len(signature_checks) == 1
+    assert set(again.claims) <= set(verifier_module.CHECKED_CLAIMS) and again.user == "alice@a"
+    fat = env.a.issue("alice", audience=AUD, now=NOW, extra_claims={"profile": "x" * verifier_module.REMEMBERED_PAYLOAD_BYTES})
+    await env.verify(fat)
+    await env.verify(fat)
+    assert len(signature_checks) == 3  # verified in full both times

@@ -284,3 +284,15 @@ def test_ack_and_dlv_refuse_what_is_not_a_64_bit_unsigned_int(codec, bad):
         codec.encode_dlv(1, bytes(16), "a@b", bad, 1, b"", None)
     with pytest.raises(ValueError):
         codec.encode_dlv(bad, bytes(16), "a@b", 1, 1, b"", None)
+
+
+@pytest.mark.parametrize("args", [
+    (bytearray(16), 1, "a@b", 1, 1, b"c", None), (bytes(16), 1, b"a@b", 1, 1, b"c", None),
+    (bytes(16), 1, "a@b", 1, 1, "c", None), (bytes(16), 1, "a@b", 1, 1, b"c", 7),
+])
+def test_dlv_takes_exactly_bytes_and_str(codec, args):
+    seq, msg_id, sender, device, ts, ciphertext, to = args[1], args[0], args[2], args[3], args[4], args[5], args[6]
+    with pytest.raises(TypeError):
+        codec.encode_dlv(seq, msg_id, sender, device, ts, ciphertext, to)
+    with pytest.raises(TypeError):
+        codec.encode_ack(16, 1, False)

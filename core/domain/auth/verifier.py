@@ -241,6 +241,10 @@ class KeyProvider(Protocol):
 
 
 VERIFIED_TOKENS_KEPT = 4096  # signature checks remembered, for devices that reconnect with the same token
+REMEMBERED_PAYLOAD_BYTES = 2048  # a token with a larger payload is verified in full every time
+# The claims check_claims reads: all a remembered token keeps (a provider's token may carry
+# kilobytes of others, and 4,096 of them must stay a few megabytes).
+CHECKED_CLAIMS = ("iss", "sub", "aud", "exp", "nbf", "iat", "cnf", "phone_number", "phone_number_verified")
 
 
 class _Verified:
@@ -277,7 +281,9 @@ class TokenVerifier:
     and the signature for them while both are still the ones in use — a reload or a suspension
     replaces the provider object, a key fetch the key objects. The claims are always checked
     again, against this connection: device, time, audience, key binding. Only successes are
-    remembered; every refusal takes the full path.
+    remembered, and only the ``CHECKED_CLAIMS`` of payloads up to ``REMEMBERED_PAYLOAD_BYTES``
+    (an identity from a remembered token carries just those claims); every refusal takes the
+    full path.
     """
 
     def __init__(self, registry: ProviderRegistry, keys: KeyProvider, *, max_token_bytes: int, leeway_s: float) -> None:
@@ -337,11 +343,12 @@ class TokenVerifier:
                client_static: bytes | None) -> Identity:
         identity = _verify_key_and_claims(decoded, claims, provider, key, device=device, now=now,
                                           client_static=client_static, leeway_s=self.leeway_s)
-        if digest is not None:
+        if digest is not None and len(decoded.payload) <= REMEMBERED_PAYLOAD_BYTES:
             verified = self._verified
             if len(verified) >= VERIFIED_TOKENS_KEPT:
                 del verified[next(iter(verified))]
-            verified[digest] = _Verified(provider, decoded.kid, key, claims)
+            checked = {name: claims[name] for name in CHECKED_CLAIMS if name in claims}
+            verified[digest] = _Verified(provider, decoded.kid, key, checked)
         return identity
 
     def _remembered(self, digest: bytes | None, *, device: int, now: float, client_static: bytes | None) -> Identity | None:
