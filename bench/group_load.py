@@ -125,7 +125,8 @@ class GatewayChild(child.GatewayProcess):
         arguments = child.child_arguments(
             data_dir=data_dir, audience=AUDIENCE, providers={PROVIDER: issuer}, durability=args.durability, cpu=0,
             max_group=max(1024, args.members), max_mailbox_bytes=1 << 30, lmdb_map_size_bytes=args.map_gib << 30,
-            commit_mode=args.commit_mode, gc_threshold=args.gc_threshold or None, **child.LIFTED_LIMITS,
+            commit_mode=args.commit_mode, gc_threshold=args.gc_threshold or None,
+            lmdb_writemap=args.lmdb_writemap or None, **child.LIFTED_LIMITS,
         )
         super().__init__(arguments, log_path=data_dir / "gateway.log", env=env)
 
@@ -506,6 +507,7 @@ SUMMARY = (
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--durability", default="sync", choices=["sync", "async"])
+    parser.add_argument("--lmdb-writemap", action="store_true", help="open the gateway's store with LMDB's writemap")
     parser.add_argument("--commit-mode", default="inline", choices=["inline", "thread"])
     parser.add_argument("--members", type=int, default=1000, help="group members, one device each")
     parser.add_argument("--senders", type=int, default=2, help="members that post (closed loop)")

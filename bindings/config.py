@@ -160,7 +160,7 @@ OPTION_HELP = {
     "max_mailbox_bytes": "stored bytes per device (mailbox_full past it)",
     "mailbox_ttl_s": "undelivered items older than this are deleted",
     "overload_turn_messages": "messages (msg, rcpt, changes; one more per 64 copies of a group message) one event-loop "
-    "turn takes into its commit before the connections that sent msg in it stop being read until it is written; "
+    "turn takes into its commit before the connections that added to it stop being read until it is written; "
     "0 turns admission control off",
     "overload_refuse_after_s": "seconds of turns over overload_turn_messages after which a msg beyond a turn's budget is "
     "answered overloaded with retry_after instead of stored",
@@ -171,7 +171,7 @@ OPTION_HELP = {
     "idle_release_s": "sessions quiet this long free their cipher contexts (memory)",
     "slow_consumer_s": "a client that reads nothing this long gets bye slow_consumer",
     "lmdb_map_size_bytes": "largest size of the LMDB environment (overloaded past it)",
-    "lmdb_writemap": "true: commits write pages into LMDB's shared map (7-13 % less CPU per message), and data.mdb is "
+    "lmdb_writemap": "true: commits write pages into LMDB's shared map (5-13 % less CPU per message), and data.mdb is "
     "sized to lmdb_map_size_bytes as a sparse file (back it up with LMDB's copy, not cp); false: one pwrite per page",
     "durability": "sync: fsync every commit (survives power loss); async: benchmarks and disposable data",
     "commit_mode": "inline: commit on the event loop (faster here); thread: on one writer thread",

@@ -33,7 +33,7 @@ cdef bytes _HEAD = DLV_HEAD
 
 
 def device_key(user, device):
-    """``user`` (UTF-8) + NUL + ``device`` (uint32 BE): ``interlink.core.store.device_key``."""
+    """``user`` (UTF-8) + NUL + ``device`` (uint32 BE): ``interlink.core.domain.batch.device_key``, in C."""
     return _device_key(_prefix_of(user), device)
 
 

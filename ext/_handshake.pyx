@@ -24,13 +24,10 @@ from interlink.core.errors import HandshakeError
 # The spec's tables and the name check are the pure twin's, so the twins cannot disagree on them.
 from interlink.core.protocol._handshake_pure import (
     CIPHERS,
-    DH_BYTES,
     HASHES,
-    KEY_BYTES,
     MAX_MESSAGE_BYTES,
     OVERHEAD_BYTES,
     PATTERNS,
-    TAG_BYTES,
     key_bytes,
     parse_protocol_name,
 )
@@ -40,6 +37,8 @@ cdef enum:
     _KEY = 32
     _TAG = 16
     _MAX_MESSAGE = 65535
+
+assert _MAX_MESSAGE == MAX_MESSAGE_BYTES  # the C constant is the module constant, compiled in
 
 cdef enum:
     # Pattern tokens; a DH token's first letter names the initiator's key, the second the responder's.
@@ -320,7 +319,6 @@ cdef class HandshakeState:
         cdef char* out = PyBytes_AS_STRING(message)
         cdef Py_ssize_t filled = 0
         cdef int token
-        cdef bytes piece
         try:
             for token in self._suite.tokens[index]:
                 if token == _E:

@@ -142,6 +142,18 @@ def test_contract_codes_match_the_published_protocol():
     assert published <= fuzzlib.CONTRACT_CODES <= published | {"bad_hash"}
 
 
+def test_close_reasons_match_the_gateways():
+    """The harnesses' oracle of how a connection may end is the gateway's own list: a reason
+    added to one and not the other fails here, not silently in a fuzz run."""
+    import fuzzlib
+
+    from interlink.core.errors import BYE_REASONS, CloseReason
+
+    # client_closed is the client's own close: a server connection never ends with it.
+    assert fuzzlib.CLOSE_REASONS == {str(reason) for reason in CloseReason} - {"client_closed"}
+    assert fuzzlib.BYE_REASONS == {str(reason) for reason in BYE_REASONS}
+
+
 def test_committed_seeds_are_what_make_seeds_writes():
     """The seeds can be regenerated: make_seeds.py gives exactly the committed files."""
     import make_seeds

@@ -28,20 +28,14 @@ from the msgpack packer, ``struct.error`` for a device number outside uint32, ``
 
 from __future__ import annotations
 
-import struct
-
 import msgpack
 
+from interlink.core.domain.batch import device_key  # the store's key; the compiled twin has it in C
+
 _packer = msgpack.Packer(use_bin_type=True)
-_DEVICE = struct.Struct(">I")
 
 # fixmap of 9 entries, "t": "dlv", "seq" — the head every group dlv starts with.
 DLV_HEAD = b"\x89" + _packer.pack("t") + _packer.pack("dlv") + _packer.pack("seq")
-
-
-def device_key(user: str, device: int) -> bytes:
-    """``user`` (UTF-8) + NUL + ``device`` (uint32 BE): ``interlink.core.domain.batch.device_key``."""
-    return user.encode("utf-8") + b"\x00" + _DEVICE.pack(device)
 
 
 def splice(seq: int, tail: bytes) -> bytes:

@@ -9,8 +9,8 @@ it, in one number the domain already holds. (In commit-thread mode the batch als
 previous commit is being written, so a slow disk shows the same way.)
 
 * **Throttled** (the first level): once the batch waiting for the commit reaches the budget, the
-  edge stops reading from each connection whose read brought a ``msg`` into it, until the
-  commit is written (docs/architecture.md, "Admission control"). Light connections — ``recv``,
+  edge stops reading from each connection whose read brought load (messages, receipts, changes)
+  into it, until the commit is written (docs/architecture.md, "Admission control"). Light connections — ``recv``,
   acks, ``ping`` — are read as always, so deliveries and keep-alives never wait behind senders.
 * **Refusing** (the second level): when the overload lasted ``refuse_after_s`` (turns over the
   budget, never ``CALM_S`` apart), a ``msg`` beyond the budget of its turn is answered ``err
@@ -50,8 +50,14 @@ class Admission:
         self.refuse_after_s = refuse_after_s
 
     def over_budget(self, pending_load: int) -> bool:
-        """The batch waiting for the commit is at the budget: throttle heavy readers."""
+        """The batch waiting for the commit is at the budget."""
         return 0 < self.turn_budget <= pending_load
+
+    def throttles(self, pending_load: int) -> bool:
+        """Stop reading a connection whose read just brought load into a batch this large: at
+        the first level only (refusing, the gateway reads on: a refusal costs a fraction of a
+        stored message, and what is refused no longer waits anywhere)."""
+        return not self.refusing and self.over_budget(pending_load)
 
     def level(self, now: float) -> int:
         """0 normal, 1 throttling (an overload under way), 2 refusing new messages."""
@@ -68,29 +74,26 @@ class Admission:
     def turn_ended(self, load: int, now: float) -> None:
         """A turn's batch of ``load`` is being committed. The turn's measure is what it was
         offered: its load and the messages refused in it (else refusing would end the overload
-        that makes it refuse)."""
+        that makes it refuse). Only a calm second ends an overload (``_expire``): turns under the
+        budget in between are what the levels themselves bring about."""
         offered, self.refused = load + self.refused, 0
-        if self.over_budget(offered):
-            if self._streak_since is None or now - self._last_over_at > CALM_S:
-                self._streak_since = now  # a new overload
-                self.refusing = False
-                self._turn_s = 0.0
-            else:
-                self._turn_s = now - self._last_over_at
-            self._last_over_at = now
-            if now - self._streak_since >= self.refuse_after_s:
-                self.refusing = True
-        elif self._streak_since is not None and now - self._last_over_at > CALM_S:
-            # Only a calm second ends the overload: turns under the budget in between are what the
-            # levels themselves bring about, and leaving early would throttle again from zero.
-            self._streak_since = None
-            self.refusing = False
+        self._expire(now)
+        if not self.over_budget(offered):
+            return
+        if self._streak_since is None:
+            self._streak_since = now  # a new overload
+            self._turn_s = 0.0
+        else:
+            self._turn_s = now - self._last_over_at
+        self._last_over_at = now
+        if now - self._streak_since >= self.refuse_after_s:
+            self.refusing = True
 
     def refusal(self, pending_load: int, now: float) -> int:
         """0 to admit a new ``msg``; otherwise the ``retry_after`` (ms) of its ``overloaded``
         answer (counted as refused): two turns at the pace of the last one, in steps of 10 ms, at
         least 10 ms."""
-        if not self.refusing or not self.over_budget(pending_load):
+        if not self.over_budget(pending_load):
             return 0
         self._expire(now)
         if not self.refusing:

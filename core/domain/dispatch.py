@@ -75,7 +75,7 @@ class Domain:
         }
         self.stanzas_in: Counter = Counter()  # by stanza type ("unknown" for the rest)
         self.refusals: Counter = Counter()  # err answers to stanzas, by code
-        self._overloaded_answers: dict[int, bytes] = {}  # retry_after -> the encoded answer without the ref
+        self._overloaded_answer = (0, b"")  # (retry_after, the encoded answer without the ref's value)
 
     # -- stanzas
 
@@ -112,15 +112,14 @@ class Domain:
         retry_after = self.admission.refusal(self.router.pending_load, now)
         if not retry_after:
             return False
-        prefix = self._overloaded_answers.get(retry_after)
-        if prefix is None:
-            if len(self._overloaded_answers) >= 256:
-                self._overloaded_answers.clear()
+        cached_after, prefix = self._overloaded_answer
+        if cached_after != retry_after:  # retry_after changes only when a turn ends
             answer = {
                 "t": "err", "code": "overloaded", "msg": f"the gateway is overloaded; try again in {retry_after} ms",
                 "retry_after": retry_after, "ref": bytes(16),
             }
-            prefix = self._overloaded_answers[retry_after] = encode_stanza(answer)[:-16]  # "ref"'s value last
+            prefix = encode_stanza(answer)[:-16]  # "ref"'s value is last: the id is appended
+            self._overloaded_answer = (retry_after, prefix)
         self.stanzas_in["msg"] += 1
         self.refusals["overloaded"] += 1
         self.router.push_encoded(session, prefix + msg_id)

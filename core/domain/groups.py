@@ -26,7 +26,7 @@ from interlink.core.domain.policy import Policy
 from interlink.core.domain.ratelimit import TokenBuckets
 from interlink.core.domain.router import RouteError, Router, Session
 from interlink.core.protocol.stanza import encode_stanza
-from interlink.core.domain.batch import GroupRecord, GroupWrite, device_key
+from interlink.core.domain.batch import COPIES_PER_LOAD, GroupRecord, GroupWrite, device_key
 from interlink.core.domain.ports import Store
 
 GROUP_ID_BYTES = 16
@@ -35,7 +35,8 @@ GROUP_CACHE_GROUPS = 4096  # committed records kept in memory
 EVENT_OVERHEAD_BYTES = 160  # room an event dlv needs beside 'members' and 'meta' (the creator's address, ...)
 RES_OVERHEAD_BYTES = 96  # a group.get res's fields besides members, admins and meta
 MAX_GROUP_BODY_BYTES = 16 << 10  # a group msg's 'b' (stored once, but counted in every device's quota): large content goes as a blob
-COPIES_PER_TOKEN = 64  # a group msg spends one rate token per this many copies (at least one)
+# A group msg spends one rate token per COPIES_PER_LOAD copies (at least one), as it counts in
+# admission control's load (core/domain/batch.py).
 CHANGE_BURST, CHANGE_RATE = 20, 10.0  # membership changes per group: burst, then per second
 STATE_INTERVAL_S = 1.0  # group typing: at most one state per (sender, group) per this interval
 STATE_KEYS = 65_536  # (sender, group) pairs whose last state time is remembered
@@ -287,8 +288,8 @@ class Groups:
             plans[g] = plan
             while self._plan_copies > PLAN_CACHE_COPIES:
                 self._plan_copies -= plans.pop(next(iter(plans)))[2]
-        # One token is spent already (handle_msg); the copies cost one per COPIES_PER_TOKEN.
-        extra = (len(items) + COPIES_PER_TOKEN - 1) // COPIES_PER_TOKEN - 1
+        # One token is spent already (handle_msg); the copies cost one per COPIES_PER_LOAD.
+        extra = (len(items) + COPIES_PER_LOAD - 1) // COPIES_PER_LOAD - 1
         if extra > 0:
             self.router.charge(session, now, extra)
         message = self.router.enqueue(session, msg_id, items, targets, now)

@@ -431,6 +431,12 @@ def _device_map(value, name: str, max_ciphertext_bytes: int) -> dict[int, bytes]
 
 
 def _check_devices(given: dict, registered, name: str) -> None:
+    if len(given) == len(registered):  # the usual case, without building a set
+        for device in registered:
+            if device not in given:
+                break
+        else:
+            return
     registered_set = set(registered)
     if given.keys() == registered_set:
         return

@@ -52,7 +52,8 @@ class CommitDriver:
 
     def schedule(self) -> None:
         """Commit at the end of this loop turn if the domain has writes waiting."""
-        if not self._scheduled and self.domain.router.has_batch:
+        # While the writer thread has a commit, its done-callback schedules the next one.
+        if not self._scheduled and self._inflight is None and self.domain.router.has_batch:
             self._scheduled = True
             asyncio.get_running_loop().call_soon(self.commit)
 

@@ -138,8 +138,7 @@ class GatewayProtocol(asyncio.BufferedProtocol):
         server = self.server
         server.paused.pop(self, None)
         if self.transport is not None and not self.transport.is_closing():
-            if self not in server.throttled:  # a throttled connection is read again after the commit
-                self.transport.resume_reading()
+            server.resume_reading(self)
             server.router.resume(self.conn)
             server.serve(self)
 
@@ -473,15 +472,12 @@ class GatewayServer:
         """After a connection received bytes or was acted on: handle its events (stanzas into the
         domain), schedule the turn's commit, write out every session the domain wrote to, then
         this connection's own output."""
-        stanzas_in = self.domain.stanzas_in
-        msgs_before = stanzas_in["msg"]
+        router = self.router
+        load_before = router.pending_load
         self.handle_events(proto)
-        if stanzas_in["msg"] != msgs_before:
-            admission = self.domain.admission
-            # Refusing (the second level), the gateway reads on: each refusal costs a fraction of
-            # a message, and what is refused no longer waits anywhere.
-            if not admission.refusing and admission.over_budget(self.router.pending_load):
-                self.throttle(proto)
+        load = router.pending_load
+        if load != load_before and self.domain.admission.throttles(load):
+            self.throttle(proto)
         self.commits.schedule()
         if self.router.touched:
             self.write_touched()
@@ -494,10 +490,11 @@ class GatewayServer:
             events = conn.events()
             if not events:
                 return
+            now = self.clock()  # one read's stanzas share their arrival time
             for event in events:
                 try:
                     if type(event) is StanzaReceived:
-                        domain.dispatch(conn, event.stanza, self.clock())
+                        domain.dispatch(conn, event.stanza, now)
                     elif type(event) is AuthRequested:
                         self.start_auth(proto, event)
                     elif type(event) is ConnectionClosed:
@@ -511,9 +508,9 @@ class GatewayServer:
                         conn.close(CloseReason.INTERNAL_ERROR, "internal error")
 
     def throttle(self, proto: GatewayProtocol) -> None:
-        """Admission control's first level: this connection sent messages into a turn that is
-        over its budget; read nothing more from it until the turn's commit is written (its
-        bytes wait in the socket, and TCP slows the sender)."""
+        """Admission control's first level: this connection's read brought messages into a turn
+        that is over its budget; read nothing more from it until the turn's commit is written
+        (its bytes wait in the socket, and TCP slows the sender)."""
         transport = proto.transport
         if proto in self.throttled or transport is None or transport.is_closing():
             return
@@ -529,12 +526,18 @@ class GatewayServer:
         finally:
             throttling = self.domain.admission.level(self.clock()) > 0
             self.current_read_view = self._throttled_read_view if throttling else self.read_view
-            if self.throttled and not self._draining:
+            if self.throttled:
                 throttled, self.throttled = self.throttled, {}
                 for proto in throttled:
-                    transport = proto.transport
-                    if transport is not None and not transport.is_closing() and proto not in self.paused:
-                        transport.resume_reading()
+                    self.resume_reading(proto)
+
+    def resume_reading(self, proto: GatewayProtocol) -> None:
+        """Read a connection again, unless something still holds it: a drain, its peer not
+        reading our output (``paused``), or admission control until the commit (``throttled``)."""
+        transport = proto.transport
+        if (transport is not None and not transport.is_closing() and not self._draining
+                and proto not in self.paused and proto not in self.throttled):
+            transport.resume_reading()
 
     def write_touched(self) -> None:
         """Write out the sessions the domain queued stanzas on (each once)."""

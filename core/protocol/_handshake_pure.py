@@ -27,11 +27,11 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
 from interlink.core.errors import HandshakeError
+from interlink.core.protocol.wire import TAG_BYTES, WIRE_MAX_FRAME_BYTES
 
 DH_BYTES = 32
 KEY_BYTES = 32
-TAG_BYTES = 16
-MAX_MESSAGE_BYTES = 65535  # Noise's limit on any message (and the wire's frame limit)
+MAX_MESSAGE_BYTES = WIRE_MAX_FRAME_BYTES  # Noise's limit on any message is the wire's frame limit
 
 # Per pattern: whether the responder's static key is a pre-message (IK's "<- s"), then the tokens
 # of each message, initiator first and alternating (rev 34 §7.5).

@@ -29,7 +29,6 @@ from interlink.core.protocol.wire import WIRE_MAX_FRAME_BYTES
 __all__ = [
     "Suite",
     "SUITES",
-    "SUITE_BY_NAME",
     "PREAMBLE_BYTES",
     "PREAMBLE_MAGIC",
     "PROTOCOL_VERSION",
@@ -73,7 +72,6 @@ _PROTOCOL_NAMES = {
 SUITES: dict[int, str] = {int(suite): suite.protocol_name for suite in Suite}
 """Suite byte -> Noise protocol name (the table of ``Suite``, by plain int)."""
 
-SUITE_BY_NAME: dict[str, int] = {name: suite for suite, name in SUITES.items()}
 
 PREAMBLE_BYTES = 4
 PREAMBLE_MAGIC = b"IL"

@@ -57,9 +57,11 @@ def test_refused_messages_count_as_offered_so_refusing_does_not_end_the_overload
     admission.turn_ended(BUDGET, NOW)
     for _ in range(BUDGET):
         assert admission.refusal(BUDGET, NOW + 0.5) > 0
-    # The turn wrote little (refused the rest) but was offered more than the budget.
+    # The turn wrote little (refused the rest) but was offered more than the budget: it counts
+    # as an over-budget turn, so the overload goes on a calm second past it, not past NOW.
     admission.turn_ended(1, NOW + 0.9)
     assert admission.refusing
+    assert admission.level(NOW + 1.5) == 2
 
 
 def test_only_a_calm_second_ends_the_overload():
@@ -183,3 +185,12 @@ def test_the_load_counts_messages_and_their_copies_not_deletions():
     batch.add_control(0, [(b"k", None)] * 63)
     batch.add_prekey_take("bob@alpha", [1], {})
     assert batch.load == 1 + 16 + 1 + 1
+
+
+def test_throttling_is_the_first_level_only():
+    admission = Admission(turn_budget=BUDGET, refuse_after_s=0.25)
+    assert not admission.throttles(BUDGET - 1) and admission.throttles(BUDGET)
+    admission.turn_ended(BUDGET, NOW)
+    admission.turn_ended(BUDGET, NOW + 0.3)
+    assert admission.refusing and not admission.throttles(10 * BUDGET)  # refusing: read on
+    assert not Admission(turn_budget=0, refuse_after_s=0.0).throttles(10**9)

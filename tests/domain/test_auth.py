@@ -661,10 +661,12 @@ async def test_a_token_seen_before_is_not_checked_again_but_its_claims_are(env, 
 async def test_a_remembered_token_is_refused_once_its_provider_is_suspended_or_changed(env, signature_checks):
     token = env.a.issue("alice", audience=AUD, now=NOW)
     await env.verify(token)
+    assert len(signature_checks) == 1
     env.registry.suspend("a")
     await env.refused("provider_suspended", token)
     env.registry.resume("a")
     await env.verify(token)
+    assert len(signature_checks) == 2  # the resumed provider is a new object: checked in full
     # A reload that changes the provider (another audience) replaces the provider object.
     old = env.registry.get("a")
     env.registry.replace(dataclasses.replace(old, audience="another-gateway"))
@@ -672,15 +674,25 @@ async def test_a_remembered_token_is_refused_once_its_provider_is_suspended_or_c
 
 
 async def test_a_remembered_token_is_checked_again_after_its_keys_are_fetched_again(env, signature_checks):
+    old_kid = env.a.default_kid()
     token = env.a.issue("alice", audience=AUD, now=NOW)
     await env.verify(token)
     assert len(signature_checks) == 1
-    # The key set is fetched again (new key objects, as after a TTL refresh or a rotation): the
-    # token's signature is checked under what is published now.
-    env.a.rotate("EdDSA", retire_old=True)
+    # A new key is published beside the old one; a token under it makes the verifier fetch the
+    # key set again, which gives every key a new object, the old kid's too.
+    env.a.rotate("EdDSA")
     env.clock.advance(45)
-    fresh = env.a.issue("alice", audience=AUD, now=NOW)
-    await env.verify(fresh)  # unknown kid: refetches
+    await env.verify(env.a.issue("alice", audience=AUD, now=NOW))
+    assert len(signature_checks) == 2
+    assert (await env.verify(token)).user == "alice@a"
+    assert len(signature_checks) == 3  # its kid is still published, under a new key object: checked again
+    await env.verify(token)
+    assert len(signature_checks) == 3  # and remembered again
+    # The old key is withdrawn and the key set fetched again: the token is refused.
+    env.a.publish(old_kid, False)
+    env.a.rotate("EdDSA")
+    env.clock.advance(45)
+    await env.verify(env.a.issue("alice", audience=AUD, now=NOW))
     err = await env.refused("bad_signature", token)
     assert "no signing key" in err.message
 

@@ -125,4 +125,3 @@ async def test_overload_refuses_with_the_contract_code_and_loses_nothing_acked(t
         assert recipients[i].other == []
     assert 0 < refused < SENDERS * PER_SENDER
     assert stats["refusals"]["overloaded"] == refused
-    assert stats["counters"]["reads_throttled"] > 0 or refused > 0

@@ -294,5 +294,9 @@ def test_dlv_takes_exactly_bytes_and_str(codec, args):
     seq, msg_id, sender, device, ts, ciphertext, to = args[1], args[0], args[2], args[3], args[4], args[5], args[6]
     with pytest.raises(TypeError):
         codec.encode_dlv(seq, msg_id, sender, device, ts, ciphertext, to)
+
+
+@pytest.mark.parametrize("msg_id", [16, bytearray(16), "0123456789abcdef"])
+def test_ack_takes_exactly_bytes(codec, msg_id):
     with pytest.raises(TypeError):
-        codec.encode_ack(16, 1, False)
+        codec.encode_ack(msg_id, 1, False)

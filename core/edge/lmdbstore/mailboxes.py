@@ -161,29 +161,13 @@ class Mailboxes:
         dormant device's events are skipped (its client sees the gap in ``ver`` and asks
         ``group.get``)."""
         ts = entry.ts_ms
-        ts_prefix = _TS.pack(ts)
-        stored = entry.stored
-        mbox = self.mbox_db
-        max_items = self.max_mailbox_items + self.control_overdraft_items
-        max_bytes = self.max_mailbox_bytes + self.control_overdraft_bytes
-        kept: list[int] | None = None
-        for index, (dkey, build) in enumerate(entry.items):
-            state = self.state(txn, dkey, states)
-            seq = state.last_seq + 1
-            value = build(seq, ts)
-            if state.items + 1 > max_items or state.bytes + len(value) > max_bytes:
-                if kept is None:
-                    kept = list(range(index))
-                entry.dropped_full += 1
-                continue
-            if kept is not None:
-                kept.append(index)
-            state.last_seq = seq
-            state.items += 1
-            state.bytes += len(value)
-            txn.put(dkey + _SEQ.pack(seq), ts_prefix + value, db=mbox)
-            stored.append((dkey, seq, value))
-        entry.kept = kept
+        planned, entry.kept, dropped = plan_copies(
+            entry.items, states, lambda dkey: self.state(txn, dkey, states), ts,
+            self.max_mailbox_items + self.control_overdraft_items, self.max_mailbox_bytes + self.control_overdraft_bytes,
+            True,
+        )
+        entry.dropped_full += dropped
+        write_copies(txn.put, self.mbox_db, planned, states, _TS.pack(ts), None, entry.stored)
 
     def delete(self, txn, deletions: list[tuple[bytes, list[int]]], states: dict) -> None:
         """The received items (``recv``), and the shared bodies they were the last references of."""
