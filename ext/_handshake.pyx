@@ -2,8 +2,8 @@
 """Compiled twin of ``interlink.core.protocol._handshake_pure``: the Noise handshake state (rev 34 §5.2–§5.3).
 
 Same signatures, exceptions and messages as the pure twin (read that one first; it is the
-contract). The primitives are the same calls (``cryptography``'s X25519 and AEADs, ``hashlib``
-and ``hmac``); what is compiled is the glue around them: the token loop runs over C integers, the
+contract). The primitives are the same calls (``cryptography``'s X25519, AEADs and HKDF,
+``hashlib``); what is compiled is the glue around them: the token loop runs over C integers, the
 SymmetricState lives in typed fields of the handshake state instead of an object of its own,
 what depends only on the protocol name (pattern, cipher, hash, the initial ``h``) is worked out
 once per name and shared, each outgoing message is one ``bytes`` object allocated at its final
@@ -15,10 +15,9 @@ cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from libc.string cimport memcpy
 
-import hmac
-
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from interlink.core.errors import HandshakeError
 # The spec's tables and the name check are the pure twin's, so the twins cannot disagree on them.
@@ -56,12 +55,10 @@ _PATTERNS = {
     for pattern, (responder_key_known, messages) in PATTERNS.items()
 }
 
-cdef object _hmac_digest = hmac.digest
+cdef object _HKDF = HKDF
 cdef object _X25519PrivateKey = X25519PrivateKey
 cdef object _from_public_bytes = X25519PublicKey.from_public_bytes
 cdef object _generate = X25519PrivateKey.generate
-cdef bytes _BYTE_1 = b"\x01"
-cdef bytes _BYTE_2 = b"\x02"
 cdef bytes _EMPTY = b""
 
 
@@ -78,7 +75,7 @@ cdef class _Suite:
     cdef object aead_class
     cdef tuple nonces          # the AEAD nonces for n = 0 and 1, the only counters a handshake key reaches
     cdef object hash_new
-    cdef str hmac_name
+    cdef object hkdf_hash      # the same hash as cryptography's HashAlgorithm, for HKDF
     cdef Py_ssize_t hash_bytes
     cdef bytes initial_hash    # InitializeSymmetric's h (and ck)
 
@@ -90,7 +87,7 @@ cdef class _Suite:
         self.overheads = OVERHEAD_BYTES[pattern]
         self.aead_class, byteorder = CIPHERS[cipher_name]
         self.nonces = tuple(b"\x00\x00\x00\x00" + n.to_bytes(8, byteorder) for n in (0, 1))
-        self.hash_new, self.hmac_name, self.hash_bytes = HASHES[hash_name]
+        self.hash_new, self.hkdf_hash, self.hash_bytes = HASHES[hash_name]
         name = protocol_name.encode("ascii")
         if len(name) <= self.hash_bytes:
             self.initial_hash = name.ljust(self.hash_bytes, b"\x00")
@@ -238,16 +235,17 @@ cdef class HandshakeState:
         self._h = self._suite.hash_new(self._h + data).digest()
         return 0
 
+    cdef bytes _hkdf(self, bytes input_key_material):
+        # HKDF(ck, input_key_material, 2) of §4.3, both outputs in one: with two outputs it is
+        # RFC 5869's HKDF (salt ck, empty info, 2 × HASHLEN bytes), one call instead of three HMACs.
+        return _HKDF(self._suite.hkdf_hash, 2 * self._suite.hash_bytes, self._ck, None).derive(input_key_material)
+
     cdef int _mix_key(self, bytes input_key_material) except -1:
         # HKDF(ck, input_key_material, 2), then InitializeKey(temp_k truncated to 32 bytes).
-        cdef str name = self._suite.hmac_name
-        cdef bytes temp_key = _hmac_digest(self._ck, input_key_material, name)
-        cdef bytes output1 = _hmac_digest(temp_key, _BYTE_1, name)
-        cdef bytes output2 = _hmac_digest(temp_key, output1 + _BYTE_2, name)
-        self._ck = output1
-        if self._suite.hash_bytes != _KEY:
-            output2 = output2[:_KEY]
-        self._aead = self._suite.aead_class(output2)
+        cdef Py_ssize_t size = self._suite.hash_bytes
+        cdef bytes output = self._hkdf(input_key_material)
+        self._ck = output[:size]
+        self._aead = self._suite.aead_class(output[size:size + _KEY])
         self._nonce = 0
         return 0
 
@@ -416,16 +414,13 @@ cdef class HandshakeState:
 
     cdef int _advance(self) except -1:
         self._messages_done += 1
-        cdef bytes temp_key, key1, key2
-        cdef str name
+        cdef bytes output, key1, key2
+        cdef Py_ssize_t size
         if self._messages_done == len(self._suite.tokens):
             # Split: HKDF(ck, empty, 2), each output truncated to 32 bytes.
-            name = self._suite.hmac_name
-            temp_key = _hmac_digest(self._ck, _EMPTY, name)
-            key1 = _hmac_digest(temp_key, _BYTE_1, name)
-            key2 = _hmac_digest(temp_key, key1 + _BYTE_2, name)
-            if self._suite.hash_bytes != _KEY:
-                key1, key2 = key1[:_KEY], key2[:_KEY]
+            size = self._suite.hash_bytes
+            output = self._hkdf(_EMPTY)
+            key1, key2 = output[:_KEY], output[size:size + _KEY]
             if self._initiator:
                 self._send_key, self._recv_key = key1, key2
             else:

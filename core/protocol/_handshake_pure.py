@@ -2,7 +2,7 @@
 
 Exactly the suites ``NoiseSession`` speaks: ``Noise_XX_25519_*`` and ``Noise_IK_25519_*`` with
 ChaChaPoly or AESGCM and SHA256, BLAKE2s or BLAKE2b. X25519 and the AEADs are ``cryptography``'s,
-the hashes and HMAC ``hashlib``'s and ``hmac``'s; this module only arranges them as the spec
+the hashes ``hashlib``'s and HKDF ``cryptography``'s; this module only arranges them as the spec
 says. ``noiseprotocol`` is the reference it is tested against, byte for byte.
 
 ``HandshakeState`` is driven with ``write_message``/``read_message`` in turn. After the last
@@ -20,11 +20,12 @@ shares the node's.
 from __future__ import annotations
 
 import hashlib
-import hmac
 
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from interlink.core.errors import HandshakeError
 from interlink.core.protocol.wire import TAG_BYTES, WIRE_MAX_FRAME_BYTES
@@ -51,10 +52,11 @@ OVERHEAD_BYTES = {
 CIPHERS = {"ChaChaPoly": (ChaCha20Poly1305, "little"), "AESGCM": (AESGCM, "big")}
 
 # HASH, the digest name HMAC takes, and HASHLEN (rev 34 §12.5-§12.8).
+# name -> (hashlib constructor, the same hash for cryptography's HKDF, HASHLEN)
 HASHES = {
-    "SHA256": (hashlib.sha256, "sha256", 32),
-    "BLAKE2s": (hashlib.blake2s, "blake2s", 32),
-    "BLAKE2b": (hashlib.blake2b, "blake2b", 64),
+    "SHA256": (hashlib.sha256, hashes.SHA256(), 32),
+    "BLAKE2s": (hashlib.blake2s, hashes.BLAKE2s(32), 32),
+    "BLAKE2b": (hashlib.blake2b, hashes.BLAKE2b(64), 64),
 }
 
 
@@ -90,10 +92,10 @@ class StaticKey:
 class _SymmetricState:
     """Noise SymmetricState (§5.2) with its CipherState (§5.1) for the handshake."""
 
-    __slots__ = ("_hash", "_hash_name", "_hash_bytes", "_aead_class", "_byteorder", "ck", "h", "_aead", "_nonce")
+    __slots__ = ("_hash", "_hkdf_hash", "_hash_bytes", "_aead_class", "_byteorder", "ck", "h", "_aead", "_nonce")
 
     def __init__(self, protocol_name: str, cipher_name: str, hash_name: str) -> None:
-        self._hash, self._hash_name, self._hash_bytes = HASHES[hash_name]
+        self._hash, self._hkdf_hash, self._hash_bytes = HASHES[hash_name]
         self._aead_class, self._byteorder = CIPHERS[cipher_name]
         # InitializeSymmetric: the name padded to HASHLEN, or its hash when longer.
         name = protocol_name.encode("ascii")
@@ -109,15 +111,12 @@ class _SymmetricState:
     def has_key(self) -> bool:
         return self._aead is not None
 
-    def _hmac(self, key: bytes, data: bytes) -> bytes:
-        return hmac.digest(key, data, self._hash_name)
-
     def _hkdf(self, input_key_material: bytes) -> tuple[bytes, bytes]:
-        """HKDF(ck, input_key_material, 2) of §4.3."""
-        temp_key = self._hmac(self.ck, input_key_material)
-        output1 = self._hmac(temp_key, b"\x01")
-        output2 = self._hmac(temp_key, output1 + b"\x02")
-        return output1, output2
+        """HKDF(ck, input_key_material, 2) of §4.3: with two outputs it is RFC 5869's HKDF (salt
+        ck, empty info, 2 × HASHLEN bytes), one call instead of three HMACs."""
+        size = self._hash_bytes
+        output = HKDF(self._hkdf_hash, 2 * size, self.ck, None).derive(input_key_material)
+        return output[:size], output[size:]
 
     def mix_hash(self, data: bytes) -> None:
         self.h = self._hash(self.h + data).digest()
