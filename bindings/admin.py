@@ -77,6 +77,20 @@ class GatewayCollector:
                        counters.get("reads_throttled", 0))
         yield _counter("interlink_slow_consumers", "Sessions ended with bye slow_consumer.", counters.get("slow_consumers", 0))
         yield _counter("interlink_items_expired", "Undelivered items deleted by the TTL sweep.", counters.get("items_expired", 0))
+        blobs = stats.get("blobs") or {}
+        if blobs:
+            yield _gauge("interlink_blob_uploads", "Unfinished blob uploads.", blobs["blob_uploads"])
+            yield _gauge("interlink_blobs_ready", "Ready blobs (served to readers).", blobs["blobs_ready"])
+            yield _gauge("interlink_blob_bytes", "Bytes of the ready blobs.", blobs["blob_bytes"])
+            yield _counter("interlink_blob_bytes_written", "Blob bytes received from uploads (each byte once).",
+                           blobs["blob_bytes_written"])
+            yield _counter("interlink_blob_bytes_read", "Blob bytes sent to readers.", blobs["blob_bytes_read"])
+            yield _counter("interlink_blob_uploads_started", "blob.new accepted.", blobs["blob_uploads_started"])
+            yield _counter("interlink_blob_uploads_ready", "Uploads completed with a matching hash.", blobs["blob_uploads_ready"])
+            yield _counter("interlink_blob_bad_hash", "Uploads completed with a hash that did not match (bad_hash).",
+                           blobs["blob_bad_hash"])
+            yield _counter("interlink_blobs_expired", "Blobs and unfinished uploads deleted by the TTL sweep.",
+                           blobs["blobs_expired"])
         yield _counter("interlink_internal_errors", "Stanzas that failed on a gateway bug (see the logs).", counters.get("internal_errors", 0))
 
 

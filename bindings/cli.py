@@ -149,6 +149,13 @@ def status(admin_url: str) -> None:
             f"admission: {('normal', 'throttling senders', 'refusing new messages')[level]}, "
             f"messages refused overloaded {overloaded}, reads throttled {varz.get('counters', {}).get('reads_throttled', 0)}"
         )
+        blobs = varz.get("blobs") or {}
+        if blobs:
+            click.echo(
+                f"blobs: {blobs['blobs_ready']} ready ({blobs['blob_bytes']} bytes), {blobs['blob_uploads']} uploads "
+                f"unfinished, {blobs['blob_bytes_written']} bytes written and {blobs['blob_bytes_read']} read since start, "
+                f"bad_hash {blobs['blob_bad_hash']}"
+            )
     for provider in varz["providers"]:
         click.echo(f"provider {provider['id']}: {provider['issuer']}{' (suspended)' if provider['suspended'] else ''}")
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import hashlib
 import itertools
 import os
 import time
@@ -41,6 +42,92 @@ from interlink.core.protocol.wire import TAG_BYTES
 DEFAULT_AGENT = "interlink-python/0.1"
 MAX_QUEUED_STANZAS = 10_000  # unread stanzas before the client gives up (recv() is not being called)
 DEDUP_MEMORY = 10_000  # (from, id) pairs remembered to drop redelivered messages
+
+
+class _BlobSource:
+    """What ``Client.upload_blob`` reads from: bytes, a path or a seekable binary file, with its
+    size and SHA-256 (a file is hashed in pieces, never read whole)."""
+
+    PIECE_BYTES = 1 << 20
+
+    def __init__(self, source) -> None:
+        self._file = None
+        self._owned = False
+        self._bytes = None
+        self._prepared = None
+        if isinstance(source, (bytes, bytearray, memoryview)):
+            self._bytes = bytes(source)
+        elif all(hasattr(source, name) for name in ("size", "sha256", "read")):
+            self._prepared = source  # its own size, SHA-256 and read(offset, length): an e2ee Attachment
+        elif isinstance(source, (str, os.PathLike)):
+            self._file, self._owned = open(source, "rb"), True
+        elif hasattr(source, "read") and hasattr(source, "seek"):
+            self._file = source
+        else:
+            raise TypeError(f"upload_blob needs bytes, a path or a seekable binary file, not {type(source).__name__}")
+
+    def __enter__(self) -> _BlobSource:
+        if self._prepared is not None:
+            self.size, self.sha256 = self._prepared.size, self._prepared.sha256
+        elif self._bytes is not None:
+            self.size, self.sha256 = len(self._bytes), hashlib.sha256(self._bytes).digest()
+        else:
+            digest, size = hashlib.sha256(), 0
+            self._file.seek(0)
+            while piece := self._file.read(self.PIECE_BYTES):
+                digest.update(piece)
+                size += len(piece)
+            self.size, self.sha256 = size, digest.digest()
+        if self.size == 0:
+            self.__exit__()
+            raise ValueError("a blob holds at least one byte")
+        return self
+
+    def read(self, offset: int, length: int) -> bytes:
+        if self._prepared is not None:
+            return self._prepared.read(offset, length)
+        if self._bytes is not None:
+            return self._bytes[offset:offset + length]
+        self._file.seek(offset)
+        return self._file.read(length)
+
+    def __exit__(self, *exc_info) -> None:
+        if self._owned and self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+class _BlobSink:
+    """Where ``Client.download_blob`` writes: memory (None), a path, or a binary file."""
+
+    def __init__(self, sink) -> None:
+        self._parts: list | None = None
+        self._file = None
+        self._owned = False
+        if sink is None:
+            self._parts = []
+        elif isinstance(sink, (str, os.PathLike)):
+            self._file, self._owned = open(sink, "wb"), True
+        elif hasattr(sink, "write"):
+            self._file = sink
+        else:
+            raise TypeError(f"download_blob writes to None, a path or a binary file, not {type(sink).__name__}")
+
+    def __enter__(self) -> _BlobSink:
+        return self
+
+    def write(self, data: bytes) -> None:
+        if self._parts is not None:
+            self._parts.append(data)
+        else:
+            self._file.write(data)
+
+    def result(self, size: int):
+        return b"".join(self._parts) if self._parts is not None else size
+
+    def __exit__(self, *exc_info) -> None:
+        if self._owned:
+            self._file.close()
 
 
 class Outbox:
@@ -280,6 +367,95 @@ class Client:
         stanza = {"t": "iq", "id": next(self._ids), "op": op}
         stanza.update(fields)
         return await self.request(stanza, timeout_s=timeout_s)
+
+    # -- blobs (docs/protocol.md §7, "Blobs"): the bytes are the caller's ciphertext
+
+    async def upload_blob(
+        self, source, *, blob: bytes | None = None, progress=None, timeout_s: float = 60.0,
+    ) -> bytes:
+        """Upload ``source`` (bytes, a file path, a binary file opened for reading and seeking, or
+        an object with ``size``, ``sha256`` and ``read(offset, length)`` such as
+        ``interlink.e2ee.Attachment``) as a blob and return its id once the gateway says ``ready``. With ``blob`` (the id of an
+        earlier, interrupted upload of the same bytes) it resumes from what the gateway has.
+        A file is read twice (its SHA-256 first, then its chunks) and never held whole in memory;
+        up to the announced ``blob_in_flight`` chunks are in flight at once. ``progress(sent,
+        size)`` is called after each acknowledged chunk. ``bad_hash`` (the bytes changed while
+        they were read) raises ``ServerError``."""
+        with _BlobSource(source) as data:
+            limits = self.limits
+            chunk, in_flight = limits.get("blob_chunk"), limits.get("blob_in_flight")
+            if type(chunk) is not int or type(in_flight) is not int:
+                raise InterlinkError("this gateway does not serve blobs (no blob limits in its welcome)")
+            if blob is None:
+                blob = (await self.iq("blob.new", size=data.size, sha256=data.sha256, timeout_s=timeout_s))["blob"]
+                have = 0
+            else:
+                answer = await self.iq("blob.write", blob=blob, off=0, data=b"", timeout_s=timeout_s)
+                if answer["ready"]:
+                    return blob
+                have = answer["have"]
+            offsets = range(have, data.size, chunk)
+            pending: collections.deque = collections.deque()
+            for offset in offsets:
+                if len(pending) >= in_flight:
+                    answer = await self._blob_written(pending, progress, data.size)
+                pending.append(asyncio.ensure_future(self.iq(
+                    "blob.write", blob=blob, off=offset, data=data.read(offset, chunk), timeout_s=timeout_s)))
+            answer = None
+            while pending:
+                answer = await self._blob_written(pending, progress, data.size)
+            if answer is None or not answer["ready"]:  # nothing was left to write, or the last answer says not ready
+                answer = await self.iq("blob.write", blob=blob, off=0, data=b"", timeout_s=timeout_s)
+            if not answer["ready"]:
+                raise InterlinkError(f"the upload of blob {blob.hex()} is not complete (the gateway has {answer['have']} bytes)")
+            return blob
+
+    async def _blob_written(self, pending: collections.deque, progress, size: int) -> dict:
+        try:
+            answer = await pending.popleft()
+        except BaseException:
+            for task in pending:  # the upload failed: do not leave writes waiting behind it
+                task.cancel()
+            raise
+        if progress is not None:
+            progress(answer["have"] if not answer["ready"] else size, size)
+        return answer
+
+    async def download_blob(self, blob: bytes, sink=None, *, progress=None, timeout_s: float = 60.0):
+        """Read the whole blob ``blob``: its bytes (``sink`` None), or written to ``sink`` (a file
+        path, or a binary file opened for writing) and its size returned. Chunks are read up to
+        ``blob_in_flight`` at once; ``progress(received, size)`` after each. ``not_found`` (unknown,
+        expired or unfinished) raises ``ServerError``."""
+        limits = self.limits
+        chunk, in_flight = limits.get("blob_chunk"), limits.get("blob_in_flight")
+        if type(chunk) is not int or type(in_flight) is not int:
+            raise InterlinkError("this gateway does not serve blobs (no blob limits in its welcome)")
+        first = await self.iq("blob.read", blob=blob, off=0, len=chunk, timeout_s=timeout_s)
+        size = first["size"]
+        with _BlobSink(sink) as out:
+            out.write(first["data"])
+            received = len(first["data"])
+            if progress is not None:
+                progress(received, size)
+            pending: collections.deque = collections.deque()
+            offsets = iter(range(received, size, chunk))
+            try:
+                for offset in itertools.chain(offsets, [None]):
+                    if offset is not None:
+                        pending.append(asyncio.ensure_future(
+                            self.iq("blob.read", blob=blob, off=offset, len=chunk, timeout_s=timeout_s)))
+                    while pending and (offset is None or len(pending) >= in_flight):
+                        data = (await pending.popleft())["data"]
+                        out.write(data)
+                        received += len(data)
+                        if progress is not None:
+                            progress(received, size)
+            finally:
+                for task in pending:
+                    task.cancel()
+            if received != size:
+                raise InterlinkError(f"blob {blob.hex()}: read {received} bytes of {size}")
+            return out.result(size)
 
     async def send_message(
         self,

@@ -30,7 +30,7 @@ class GatewayConfig:
 
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT  # 0 picks a free port (tests, demo)
-    data_dir: Path = Path("interlink-data")  # LMDB environment and operator keys
+    data_dir: Path = Path("interlink-data")  # LMDB environment, blob files and operator keys
     node_name: str = "node-1"
     max_frame_bytes: int = WIRE_MAX_FRAME_BYTES  # the contract's largest frame
     preauth_deadline_s: float = 5.0
@@ -52,6 +52,13 @@ class GatewayConfig:
     max_preauth_connections: int = 4096  # connections not yet authenticated (handshake floods)
     overload_turn_messages: int = 1024  # messages one loop turn commits before heavy senders are paused (0: never)
     overload_refuse_after_s: float = 0.25  # turns over that budget this long: new msg beyond it get overloaded
+    blob_max_bytes: int = 100 << 20  # largest blob (attachment) a blob.new may declare
+    blob_open_uploads_per_user: int = 8  # unfinished uploads per user
+    blob_daily_bytes_per_user: int = 4 << 30  # bytes of blobs a user may declare per UTC day
+    blob_min_free_bytes: int = 1 << 30  # blob.new is refused (overloaded) when the disk would have less free
+    blob_kib_per_s_per_user: int = 64 * 1024  # KiB of blob writes and reads per second per user (burst 2 s)
+    blob_ttl_s: float = 30 * 86400.0  # a ready blob is deleted this long after it was completed
+    blob_upload_ttl_s: float = 86400.0  # an unfinished upload is deleted this long after blob.new
     idle_release_s: float = 10.0  # sessions quiet this long (up to twice) free their cipher contexts
     slow_consumer_s: float = 30.0  # a client that reads nothing this long (checked every idle_release_s) gets bye slow_consumer
     lmdb_map_size_bytes: int = 1 << 30
@@ -105,6 +112,17 @@ class GatewayConfig:
             f"must be 0 (admission control off) or 64..1000000, got {self.overload_turn_messages}",
         )
         _require(0 <= self.overload_refuse_after_s <= 60, "overload_refuse_after_s", f"must be 0..60, got {self.overload_refuse_after_s}")
+        _require(1 <= self.blob_max_bytes <= 1 << 40, "blob_max_bytes", f"must be 1..1 TiB, got {self.blob_max_bytes}")
+        _require(1 <= self.blob_open_uploads_per_user <= 1000, "blob_open_uploads_per_user",
+                 f"must be 1..1000, got {self.blob_open_uploads_per_user}")
+        _require(self.blob_max_bytes <= self.blob_daily_bytes_per_user <= 1 << 50, "blob_daily_bytes_per_user",
+                 f"must be blob_max_bytes..1 PiB, got {self.blob_daily_bytes_per_user}")
+        _require(0 <= self.blob_min_free_bytes <= 1 << 50, "blob_min_free_bytes", f"must be 0..1 PiB, got {self.blob_min_free_bytes}")
+        _require(64 <= self.blob_kib_per_s_per_user <= 1 << 30, "blob_kib_per_s_per_user",
+                 f"must be 64..2^30 (at least one chunk a second), got {self.blob_kib_per_s_per_user}")
+        _require(60 <= self.blob_ttl_s <= 365 * 86400, "blob_ttl_s", f"must be 60 s..365 days, got {self.blob_ttl_s}")
+        _require(60 <= self.blob_upload_ttl_s <= 30 * 86400, "blob_upload_ttl_s",
+                 f"must be 60 s..30 days, got {self.blob_upload_ttl_s}")
         _require(self.drain_timeout_s > 0, "drain_timeout_s", f"must be positive, got {self.drain_timeout_s}")
         _require(self.lmdb_map_size_bytes >= 1 << 20, "lmdb_map_size_bytes", "must be at least 1 MiB")
         _require(self.commit_mode in ("inline", "thread"), "commit_mode", f"must be 'inline' or 'thread', got {self.commit_mode!r}")
@@ -143,7 +161,7 @@ def _require(condition: bool, key: str, problem: str) -> None:
 OPTION_HELP = {
     "host": "address to listen on; 127.0.0.1 keeps the gateway local, 0.0.0.0 or :: serves the network",
     "port": "TCP port for clients (0: any free port)",
-    "data_dir": "folder of the LMDB environment (lmdb/) and the operator keys (keys/); created if absent",
+    "data_dir": "folder of the LMDB environment (lmdb/), the blob files (blobs/) and the operator keys (keys/); created if absent",
     "node_name": "this node's name, written in its certificate",
     "max_frame_bytes": "largest frame a client may send, announced in welcome (max_token_bytes + 512 .. 65535)",
     "preauth_deadline_s": "seconds a connection has to finish the handshake and authenticate",
@@ -166,6 +184,14 @@ OPTION_HELP = {
     "answered overloaded with retry_after instead of stored",
     "message_rate_per_device": "msg, rcpt and state per second per device session (burst: 2 s worth)",
     "message_rate_per_user": "the same over all of a user's devices",
+    "blob_max_bytes": "largest blob (encrypted attachment) a blob.new may declare (too_large past it)",
+    "blob_open_uploads_per_user": "unfinished uploads a user may have (rate_limited past it)",
+    "blob_daily_bytes_per_user": "bytes of blobs a user may declare per UTC day (rate_limited past it; counted in "
+    "memory, so a restart resets it)",
+    "blob_min_free_bytes": "free disk space under data_dir/blobs below which blob.new is answered overloaded",
+    "blob_kib_per_s_per_user": "KiB of blob.write data and blob.read lengths per second per user (burst: 2 s worth)",
+    "blob_ttl_s": "ready blobs are deleted this long after their upload completed",
+    "blob_upload_ttl_s": "unfinished uploads are deleted this long after blob.new",
     "max_connections": "open connections (over it new ones are closed at once)",
     "max_preauth_connections": "connections still in handshake or authentication",
     "idle_release_s": "sessions quiet this long free their cipher contexts (memory)",

@@ -18,6 +18,7 @@ from interlink.core.edge.jwks import JwksCache
 from interlink.core.edge.keyfiles import ROOT_PUBLIC_FILE, OperatorKeys, init_operator_keys, load_operator_keys
 from interlink.core.edge.server import GatewayServer, Limits
 from interlink.core.domain.batch import device_key
+from interlink.core.edge.blobfiles import BlobFileStore
 from interlink.core.edge.lmdbstore import LmdbStore
 
 log = logging.getLogger("interlink.gateway")
@@ -27,6 +28,8 @@ RELOADABLE = frozenset({
     "max_devices", "max_connections", "max_preauth_connections", "message_rate_per_device",
     "message_rate_per_user", "max_mailbox_items", "max_mailbox_bytes", "mailbox_ttl_s", "slow_consumer_s",
     "idle_release_s", "drain_timeout_s", "overload_turn_messages", "overload_refuse_after_s",
+    "blob_max_bytes", "blob_open_uploads_per_user", "blob_daily_bytes_per_user", "blob_min_free_bytes",
+    "blob_kib_per_s_per_user", "blob_ttl_s", "blob_upload_ttl_s",
 })
 
 
@@ -88,6 +91,7 @@ class Gateway:
             mailbox_ttl_s=config.mailbox_ttl_s,
             slow_consumer_s=config.slow_consumer_s,
             commit_in_thread=config.commit_mode == "thread",
+            blob_files=BlobFileStore(config.data_dir / "blobs"),
         )
         try:
             await self._server.start(config.host, config.port)

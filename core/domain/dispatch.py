@@ -16,11 +16,12 @@ from interlink.core.domain.admission import Admission
 from interlink.core.domain.auth import ProviderRegistry
 from interlink.core.errors import InterlinkError, StanzaError
 from interlink.core.domain.fields import excerpt
+from interlink.core.domain.blobs import BlobLimits, Blobs
 from interlink.core.domain.groups import Groups
 from interlink.core.domain.ops import Operations
 from interlink.core.domain.policy import Policy
 from interlink.core.domain.router import Commit, RouteError, Router, Session, stanza_id, typing_state
-from interlink.core.domain.ports import Store
+from interlink.core.domain.ports import BlobFiles, Offload, Store
 from interlink.core.protocol.stanza import encode_stanza
 
 
@@ -49,6 +50,9 @@ class Domain:
         message_rate_per_user: float,
         overload_turn_messages: int,
         overload_refuse_after_s: float,
+        blob_files: BlobFiles | None = None,
+        offload: Offload | None = None,
+        blob_limits: BlobLimits | None = None,
     ) -> None:
         self.store = store
         self.admission = Admission(turn_budget=overload_turn_messages, refuse_after_s=overload_refuse_after_s)
@@ -63,8 +67,16 @@ class Domain:
             message_rate_per_user=message_rate_per_user,
         )
         self.groups = Groups(store=store, registry=registry, policy=self.policy, router=self.router, max_group=max_group)
+        # Blobs need somewhere to keep their bytes and worker threads to hash them: without
+        # those (a unit test of something else), blob.* stays an unknown operation.
+        self.blobs = None
+        more_handlers = dict(self.groups.handlers)
+        if blob_files is not None:
+            self.blobs = Blobs(store=store, files=blob_files, offload=offload, router=self.router, limits=blob_limits,
+                               max_frame_bytes=max_frame_bytes)
+            more_handlers.update(self.blobs.handlers)
         self.ops = Operations(
-            store=store, registry=registry, policy=self.policy, router=self.router, more_handlers=self.groups.handlers
+            store=store, registry=registry, policy=self.policy, router=self.router, more_handlers=more_handlers
         )
         self._handlers = {
             "msg": self.handle_msg,

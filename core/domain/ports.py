@@ -1,16 +1,20 @@
 """The domain's ports: what it needs of an open session (``Session``) and of durable state.
 
-One protocol per table family (mailboxes, consent and blocks, keys, groups) and ``Store``, all
-of them plus the group commit. ``interlink.core.edge.lmdbstore.LmdbStore`` implements ``Store``; a
+One protocol per table family (mailboxes, consent and blocks, keys, groups, blob records) and
+``Store``, all of them plus the group commit; ``BlobFiles`` for the bytes of blobs and
+``Offload`` for work that must not run on the event loop. ``interlink.core.edge.lmdbstore.LmdbStore`` implements ``Store``; a
 domain object that needs one family can ask for that protocol alone.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Callable, Iterator, Protocol
 
 from interlink.core.domain.auth import Identity
 from interlink.core.domain.batch import GroupRecord, WriteBatch
+
+if TYPE_CHECKING:  # blobs.py imports the operations, which import this module
+    from interlink.core.domain.blobs import BlobRecord
 
 
 class Session(Protocol):
@@ -157,7 +161,62 @@ class GroupStore(Protocol):
         """The stored record of group ``g``, or None."""
 
 
-class Store(MailboxStore, SocialStore, KeyStore, GroupStore, Protocol):
+class BlobStore(Protocol):
+    """Blob records (``core/domain/blobs.py``); each method is a transaction of its own."""
+
+    def blob(self, blob: bytes) -> BlobRecord | None:
+        """The record of ``blob``, or None."""
+
+    def create_blob(self, blob: bytes, record: BlobRecord, max_uploads: int) -> bool:
+        """Store a new upload's record; False (nothing written) when its owner already has
+        ``max_uploads`` unfinished uploads."""
+
+    def save_blob_ranges(self, blob: bytes, ranges: bytes) -> bool:
+        """Record the synced parts of an unfinished upload; False if it is gone or ready."""
+
+    def mark_blob_ready(self, blob: bytes, expires_ms: int) -> bool:
+        """Serve the blob from now until ``expires_ms``; False if it is gone or already ready."""
+
+    def expired_blobs(self, before_ms: int, limit: int) -> list[bytes]:
+        """Ids of up to ``limit`` blobs whose time ran out before ``before_ms``, oldest first."""
+
+    def delete_blobs(self, blobs) -> int:
+        """Forget these blobs' records; returns how many existed."""
+
+    def blob_usage(self) -> dict:
+        """``blob_uploads``, ``blobs_ready`` and ``blob_bytes`` (of the ready ones)."""
+
+
+class BlobFiles(Protocol):
+    """Where blob bytes live: ``interlink.core.edge.blobfiles.BlobFileStore`` (files under the
+    data folder) or, later, an object store passing the same contract tests
+    (``tests/edge/test_blobfiles.py``). Writes are durable only after ``sync`` or ``finish``."""
+
+    def write(self, blob: bytes, offset: int, data: bytes) -> None: ...
+
+    def read(self, blob: bytes, offset: int, length: int) -> bytes: ...
+
+    def sync(self, blob: bytes) -> None: ...
+
+    def finish(self, blob: bytes, size: int) -> bytes:
+        """Make the blob durable and return the SHA-256 of its first ``size`` bytes (on a worker thread)."""
+
+    def delete(self, blob: bytes) -> None: ...
+
+    def ids(self) -> Iterator[bytes]: ...
+
+    def free_bytes(self) -> int: ...
+
+
+class Offload(Protocol):
+    """Runs slow work (syncing and hashing a blob) off the event loop."""
+
+    def submit(self, work: Callable[[], object], done: Callable[[object, float], None]) -> None:
+        """Run ``work()`` on a worker thread, then ``done(result or the exception it raised, now)``
+        back on the loop, after which the edge writes out the sessions ``done`` answered."""
+
+
+class Store(MailboxStore, SocialStore, KeyStore, GroupStore, BlobStore, Protocol):
     """Every table family, and the group commit that writes across them."""
 
     def commit(self, batch: WriteBatch) -> None:

@@ -21,8 +21,9 @@ class TokenBuckets:
         self.burst = float(burst)
         self.rate = rate
 
-    def take(self, key, now: float) -> float:
-        """Spend one token: 0.0 when allowed, otherwise the seconds until one is available."""
+    def take(self, key, now: float, cost: float = 1.0) -> float:
+        """Spend ``cost`` tokens (one by default): 0.0 when allowed, otherwise the seconds until
+        they are available (nothing is spent). A cost above the burst is never allowed."""
         bucket = self._buckets.get(key)
         if bucket is None:
             if len(self._buckets) >= self.max_keys:
@@ -33,10 +34,10 @@ class TokenBuckets:
         if tokens > self.burst:
             tokens = self.burst
         bucket[1] = now
-        if tokens < 1.0:
+        if tokens < cost:
             bucket[0] = tokens
-            return (1.0 - tokens) / self.rate
-        bucket[0] = tokens - 1.0
+            return (cost - tokens) / self.rate
+        bucket[0] = tokens - cost
         return 0.0
 
     def _forget_full(self, now: float) -> None:

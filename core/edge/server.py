@@ -37,10 +37,12 @@ from interlink.core.protocol.connection import (
     State,
 )
 from interlink.core.edge.commit import CommitDriver
+from interlink.core.edge.offload import ThreadOffload
 from interlink.core.edge.sweeps import Sweeps
 from interlink.core.domain.dispatch import Domain
 from interlink.core.errors import AuthError, CloseReason, StoreLimitError
-from interlink.core.domain.ports import Store
+from interlink.core.domain.blobs import BlobLimits
+from interlink.core.domain.ports import BlobFiles, Store
 
 log = logging.getLogger("interlink.server")
 
@@ -49,6 +51,7 @@ READ_BUFFER_BYTES = 256 * 1024
 # from one socket: each turn then reads a little from every sender instead of a lot from a few,
 # which keeps turns short, and the recv round trips that pace deliveries quick.
 THROTTLED_READ_BYTES = 16 * 1024
+BLOB_WORKERS = 2  # threads that sync and hash blobs (the loop never waits for a disk flush of one)
 WRITE_HIGH_WATER_BYTES = 256 * 1024  # past this, stop reading from the peer until its output drains
 _ROUTINE_CLOSES = frozenset({CloseReason.PEER_CLOSED, CloseReason.DRAIN, CloseReason.REPLACED, CloseReason.AUTH_EXPIRED})
 _NO_CLAIMS = types.MappingProxyType({})  # shared by every open session's identity
@@ -69,11 +72,21 @@ class Limits:
     message_rate_per_user: float
     overload_turn_messages: int  # admission control (core/domain/admission.py)
     overload_refuse_after_s: float
+    blob_max_bytes: int  # blobs (core/domain/blobs.py)
+    blob_open_uploads_per_user: int
+    blob_daily_bytes_per_user: int
+    blob_min_free_bytes: int
+    blob_kib_per_s_per_user: int
+    blob_ttl_s: float
+    blob_upload_ttl_s: float
 
     @classmethod
     def from_config(cls, config, **overrides) -> Limits:
         """The limits of a configuration (anything with attributes of the same names)."""
         return cls(**{spec.name: overrides.get(spec.name, getattr(config, spec.name)) for spec in dataclasses.fields(cls)})
+
+    def blob_limits(self) -> BlobLimits:
+        return BlobLimits(**{spec.name: getattr(self, spec.name) for spec in dataclasses.fields(BlobLimits)})
 
     def announce(self) -> dict:
         return {
@@ -199,6 +212,7 @@ class GatewayServer:
         mailbox_ttl_s: float,
         slow_consumer_s: float,
         commit_in_thread: bool,
+        blob_files: BlobFiles | None = None,
         clock=time.time,
     ) -> None:
         self.settings = settings
@@ -227,6 +241,7 @@ class GatewayServer:
         self.throttled: dict[GatewayProtocol, None] = {}  # not read until the turn's commit is written
         self._draining = False
         self._all_closed = asyncio.Event()
+        self.offload = ThreadOffload(self, workers=BLOB_WORKERS)  # hashing and syncing blobs
         self.sweeps = Sweeps(
             self, idle_release_s=idle_release_s, mailbox_ttl_s=mailbox_ttl_s, slow_consumer_s=slow_consumer_s
         )
@@ -240,6 +255,9 @@ class GatewayServer:
             message_rate_per_user=limits.message_rate_per_user,
             overload_turn_messages=limits.overload_turn_messages,
             overload_refuse_after_s=limits.overload_refuse_after_s,
+            blob_files=blob_files,
+            offload=self.offload,
+            blob_limits=limits.blob_limits(),
         )
         self.router = self.domain.router
         self._commit_executor = (
@@ -254,6 +272,10 @@ class GatewayServer:
 
     async def start(self, host: str, port: int, *, backlog: int = 1024) -> None:
         loop = asyncio.get_running_loop()
+        if self.domain.blobs is not None:
+            removed = self.domain.blobs.remove_orphans()
+            if removed:
+                log.info("removed %d blob files without a record (left by a crash)", removed)
         self._server = await loop.create_server(lambda: GatewayProtocol(self), host, port, backlog=backlog)
         self.sweeps.start()
 
@@ -278,6 +300,7 @@ class GatewayServer:
             self.serve(proto)
         await self._wait_all_closed(timeout_s)
         await self.commits.settle()
+        await self.offload.settle()  # a blob's verdict writes its record: before the store closes
         for task in list(self.auth_tasks.values()):
             task.cancel()
         if self._server is not None:
@@ -289,6 +312,7 @@ class GatewayServer:
         self.sweeps.stop()
         if self._commit_executor is not None:
             self._commit_executor.shutdown(wait=True)  # the last commit finishes before the store closes
+        self.offload.shutdown()
 
     async def _wait_all_closed(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
@@ -452,7 +476,7 @@ class GatewayServer:
             "device": identity.device,
             "session": os.urandom(16),
             "pending": pending,
-            "limits": self.limits.announce(),
+            "limits": self.welcome_limits,
         }
         # The token was accepted with the allowed clock skew; the session ends at the same line.
         expires_at = identity.expires_at + self.verifier.leeway_s
@@ -548,6 +572,14 @@ class GatewayServer:
                 proto.write()
 
     @property
+    def welcome_limits(self) -> dict:
+        """The ``limits`` of ``welcome``: the configured ones, and the blobs' when blobs are served."""
+        limits = self.limits.announce()
+        if self.domain.blobs is not None:
+            limits.update(self.domain.blobs.announce())
+        return limits
+
+    @property
     def sessions(self) -> dict:
         """(user, device) -> the open session's ``ServerConnection`` (the domain's table; read only)."""
         return self.router.sessions
@@ -575,6 +607,9 @@ class GatewayServer:
                 setattr(self.store, name, value)
             elif name in ("mailbox_ttl_s", "slow_consumer_s", "idle_release_s"):
                 setattr(self.sweeps, name, value)
+            elif name.startswith("blob_") and name in limit_fields:
+                if self.domain.blobs is not None:
+                    self.domain.blobs.configure(self.limits.blob_limits())
             elif name not in limit_fields:
                 raise ValueError(f"{name} cannot change while the gateway runs")
 
@@ -623,4 +658,12 @@ class GatewayServer:
             "admission": {"level": self.domain.admission.level(self.clock()), "throttled_now": len(self.throttled)},
             "close_reasons": {str(reason): count for reason, count in self.close_reasons.items()},  # plain strings for operators
             "auth_failures": {str(code): count for code, count in self.auth_failures.items()},
+            "blobs": self._blob_stats(),
         }
+
+    def _blob_stats(self) -> dict:
+        blobs = self.domain.blobs
+        if blobs is None:
+            return {}
+        return {**self.store.blob_usage(), **blobs.counters, "blob_uploads_in_memory": blobs.uploads_in_memory,
+                "blob_work_in_flight": self.offload.inflight}

@@ -1,4 +1,4 @@
-"""The gateway's periodic housekeeping, on the event loop: the mailbox TTL and dedup sweep (a
+"""The gateway's periodic housekeeping, on the event loop: the mailbox TTL, dedup and blob sweep (a
 bounded chunk of LMDB work at a time), and the idle sweep (hibernation of quiet sessions, ``bye
 slow_consumer`` for peers that stopped reading long ago, free pages given back to the system).
 """
@@ -11,6 +11,7 @@ import ctypes.util
 import logging
 from typing import TYPE_CHECKING
 
+from interlink.core.domain.blobs import EXPIRE_CHUNK as BLOB_EXPIRE_CHUNK
 from interlink.core.errors import CloseReason
 
 if TYPE_CHECKING:
@@ -80,6 +81,8 @@ class Sweeps:
         try:
             removed = server.store.expire(int((now - self.mailbox_ttl_s) * 1000), limit=EXPIRE_CHUNK)
             server.store.forget_duplicates(int((now - DEDUP_WINDOW_S) * 1000), limit=DEDUP_SCAN_CHUNK)
+            blobs = server.domain.blobs
+            blobs_removed = blobs.sweep(now) if blobs is not None else 0
         except Exception:  # a storage fault (a full map, an lmdb.Error): log it, keep sweeping later
             log.exception("the TTL sweep failed; trying again in %.0f s", EXPIRY_SWEEP_S)
             server.counters["internal_errors"] += 1
@@ -87,7 +90,7 @@ class Sweeps:
             return
         server.counters["items_expired"] += removed
         # The dedup sweep must read its table at least as fast as messages add to it.
-        more = removed >= EXPIRE_CHUNK or server.store.dedup_unswept > 0
+        more = removed >= EXPIRE_CHUNK or server.store.dedup_unswept > 0 or blobs_removed >= BLOB_EXPIRE_CHUNK
         delay = 0.0 if more else EXPIRY_SWEEP_S  # more to do: continue soon
         self._expiry_handle = asyncio.get_running_loop().call_later(delay, self.expire_mailboxes)
 

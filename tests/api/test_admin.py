@@ -79,6 +79,23 @@ async def test_metrics_count_real_traffic(admin_gateway, issuers, http):
     assert samples[("interlink_commit_seconds_sum", frozenset())] > 0
     assert samples[("interlink_mailbox_items", frozenset())] == 0  # bob received everything
     assert 0 < samples[("interlink_lmdb_used_bytes", frozenset())] < samples[("interlink_lmdb_map_bytes", frozenset())]
+    # blobs: one uploaded and read once, one upload left unfinished, one with a wrong hash
+    blob = await alice.upload_blob(b"attachment" * 1000)
+    assert await bob.download_blob(blob) == b"attachment" * 1000
+    await alice.iq("blob.new", size=100, sha256=bytes(32))
+    with pytest.raises(ServerError):
+        await alice.upload_blob(b"y" * 10, blob=(await alice.iq("blob.new", size=10, sha256=bytes(32)))["blob"])
+    async with http.get(url(admin_gateway, "/metrics")) as response:
+        samples = metrics(await response.text())
+    assert samples[("interlink_blobs_ready", frozenset())] == 1
+    assert samples[("interlink_blob_bytes", frozenset())] == 10_000
+    assert samples[("interlink_blob_uploads", frozenset())] == 2
+    assert samples[("interlink_blob_bytes_written_total", frozenset())] == 10_010
+    assert samples[("interlink_blob_bytes_read_total", frozenset())] == 10_000
+    assert samples[("interlink_blob_uploads_started_total", frozenset())] == 3
+    assert samples[("interlink_blob_uploads_ready_total", frozenset())] == 1
+    assert samples[("interlink_blob_bad_hash_total", frozenset())] == 1
+    assert samples[("interlink_blobs_expired_total", frozenset())] == 0
     await alice.close()
     await bob.close()
 
@@ -169,6 +186,7 @@ async def test_cli_status_and_provider_commands(admin_gateway, issuers, http):
     assert shown.exit_code == 0, shown.output
     assert "sessions 1" in shown.output and "provider alpha" in shown.output
     assert "admission: normal, messages refused overloaded 0, reads throttled 0" in shown.output
+    assert "blobs: 0 ready (0 bytes), 0 uploads unfinished" in shown.output
     listed = await cli("provider", "list")
     assert listed.exit_code == 0 and listed.output.splitlines()[0].startswith("alpha\tactive\t")
     refused = await cli("provider", "suspend", "alpha")

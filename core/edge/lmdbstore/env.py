@@ -16,7 +16,7 @@ import lmdb
 
 from interlink.core.errors import ConfigError, StoreFullError
 
-MAX_DBS = 24  # named databases the environment may hold (the families open 17)
+MAX_DBS = 24  # named databases the environment may hold (the families open 20)
 
 
 def open_environment(

@@ -13,6 +13,7 @@ import os
 import lmdb
 
 from interlink.core.domain.batch import ControlEntry, MessageEntry, WriteBatch
+from interlink.core.edge.lmdbstore.blobs import BlobRecords
 from interlink.core.edge.lmdbstore.env import open_environment, store_full
 from interlink.core.edge.lmdbstore.groups import GroupRecords
 from interlink.core.edge.lmdbstore.keys import Keys
@@ -82,6 +83,14 @@ class LmdbStore:
         self.take_prekeys = keys.take_prekeys
         self.prekey_count = keys.prekey_count
         self.group = groups.group
+        self.blob_records = blob_records = BlobRecords(self.env)
+        self.blob = blob_records.blob
+        self.create_blob = blob_records.create_blob
+        self.save_blob_ranges = blob_records.save_blob_ranges
+        self.mark_blob_ready = blob_records.mark_blob_ready
+        self.expired_blobs = blob_records.expired_blobs
+        self.delete_blobs = blob_records.delete_blobs
+        self.blob_usage = blob_records.blob_usage
 
     def close(self) -> None:
         self.env.close()

@@ -1,0 +1,396 @@
+"""Blobs (docs/protocol.md §7, "Blobs"): the ``blob.new``/``blob.write``/``blob.read`` operations.
+
+A blob is ciphertext the gateway cannot read (an attachment, encrypted by the sender with a key
+that travels inside an end-to-end-encrypted message). Its 128-bit random id is the capability:
+anyone who knows it may read a ready blob; only its owner (the user who made it) may write it.
+
+An upload declares its size and SHA-256, then takes chunks at any offset, in any order, again if
+need be. What arrived is tracked in memory (``ByteRanges``); every ``CHECKPOINT_BYTES`` the bytes
+are synced to disk on a worker thread and only then the ranges saved in the record, so after a
+crash an upload resumes from what is really on disk. When every byte is there, the whole blob is
+synced and hashed on a worker thread (``Offload``); the record says ``ready`` only after the hash
+matched, so a ready blob is never wrong. A wrong hash (``bad_hash``) clears the ranges: the
+upload starts over under the same id.
+
+``blob.read`` of an id that is unknown, expired, still uploading or not the owner's to write
+all take the same path and get the same ``not_found``: nothing tells an existing id from a
+missing one. Each operation is charged in KiB to the user's blob bucket (``rate_limited``).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import math
+import secrets
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable
+
+from interlink.core.domain.fields import kind_of
+from interlink.core.domain.ops import DEFERRED
+from interlink.core.domain.ranges import ByteRanges
+from interlink.core.domain.ratelimit import TokenBuckets
+from interlink.core.errors import InterlinkError, RouteError, StanzaError
+
+if TYPE_CHECKING:
+    from interlink.core.domain.ports import BlobFiles, BlobStore, Offload
+    from interlink.core.domain.router import Router, Session
+
+log = logging.getLogger("interlink.blobs")
+
+BLOB_ID_BYTES = 16
+SHA256_BYTES = 32
+# What a blob.write or blob.read stanza holds besides its data (t, id, op, blob, off, len or the
+# answer's size): the largest chunk is the frame less this and the tag (docs/protocol.md §7).
+CHUNK_ENVELOPE_BYTES = 256
+CHECKPOINT_BYTES = 8 * 1024 * 1024  # received bytes between syncs of an unfinished upload
+MAX_UPLOAD_RANGES = 256  # separate received ranges an upload may have (bounds its record)
+WRITES_IN_FLIGHT = 16  # announced: blob.write stanzas a client may send before the first answer
+IDLE_UPLOAD_S = 600.0  # an upload nobody wrote to for this long leaves memory (its record stays)
+EXPIRE_CHUNK = 1_000  # blobs deleted per sweep step
+KIB = 1024
+DAY_S = 86_400.0
+
+
+@dataclass(slots=True)
+class BlobRecord:
+    """What the store keeps of a blob (its bytes are in ``BlobFiles``)."""
+
+    owner: str
+    size: int
+    sha256: bytes
+    created_ms: int
+    expires_ms: int
+    ready: bool
+    ranges: bytes  # ByteRanges.pack() of the synced parts of an unfinished upload
+
+
+@dataclass(slots=True)
+class BlobLimits:
+    """The configuration keys of the same names (bindings/config.py has their defaults and units)."""
+
+    blob_max_bytes: int
+    blob_open_uploads_per_user: int
+    blob_daily_bytes_per_user: int
+    blob_min_free_bytes: int
+    blob_kib_per_s_per_user: int
+    blob_ttl_s: float
+    blob_upload_ttl_s: float
+
+
+@dataclass(slots=True, eq=False)
+class _Upload:
+    """An unfinished upload being written (kept in memory between its writes)."""
+
+    owner: str
+    size: int
+    sha256: bytes
+    expires_ms: int
+    ranges: ByteRanges
+    unsynced: int = 0  # bytes received since the ranges were last saved
+    generation: int = 0  # counts the starts over (bad_hash): a checkpoint of an earlier one is void
+    syncing: bool = False  # a checkpoint is on a worker thread
+    verifying: bool = False  # the final sync and hash are on a worker thread
+    waiting: list = field(default_factory=list)  # (session, iq id): answered when the hash is known
+    touched_at: float = 0.0
+
+
+class Blobs:
+    """The blob operations of one gateway, over its blob store, its files and its worker threads."""
+
+    def __init__(
+        self, *, store: BlobStore, files: BlobFiles, offload: Offload, router: Router, limits: BlobLimits,
+        max_frame_bytes: int, new_id: Callable[[], bytes] = lambda: secrets.token_bytes(BLOB_ID_BYTES),
+    ) -> None:
+        self.store = store
+        self.files = files
+        self.offload = offload
+        self.router = router  # answers go out through it
+        self.new_id = new_id
+        self.chunk_bytes = max_frame_bytes - 16 - CHUNK_ENVELOPE_BYTES  # 16: the transport's AEAD tag
+        self.limits = limits
+        self.buckets = TokenBuckets(2 * limits.blob_kib_per_s_per_user, limits.blob_kib_per_s_per_user)
+        self._uploads: dict[bytes, _Upload] = {}
+        self._daily: dict[str, tuple[int, int]] = {}  # user -> (day number, bytes declared that day)
+        self.counters = {
+            "blob_uploads_started": 0, "blob_uploads_ready": 0, "blob_bad_hash": 0, "blob_bytes_written": 0,
+            "blob_bytes_read": 0, "blobs_expired": 0, "blob_checkpoints": 0,
+        }
+        self.handlers = {"blob.new": self.blob_new, "blob.write": self.blob_write, "blob.read": self.blob_read}
+
+    def configure(self, limits: BlobLimits) -> None:
+        """New limits (a configuration reload); uploads under way keep their declared size."""
+        self.limits = limits
+        self.buckets.set_rate(2 * limits.blob_kib_per_s_per_user, limits.blob_kib_per_s_per_user)
+
+    def announce(self) -> dict:
+        """The ``welcome`` limits of blobs."""
+        return {"blob_max": self.limits.blob_max_bytes, "blob_chunk": self.chunk_bytes, "blob_in_flight": WRITES_IN_FLIGHT}
+
+    # -- the operations
+
+    def blob_new(self, session: Session, stanza: dict, now: float) -> dict:
+        user = session.identity.user
+        size = stanza.get("size")
+        if type(size) is not int or size < 1:
+            raise StanzaError(f"blob.new needs 'size': the blob's length in bytes, an int >= 1 (got {_shown(size)})")
+        sha256 = _bin(stanza.get("sha256"), SHA256_BYTES, "blob.new", "'sha256'")
+        limits = self.limits
+        if size > limits.blob_max_bytes:
+            raise RouteError(f"a blob of {size} bytes is over the {limits.blob_max_bytes}-byte limit", code="too_large")
+        self._charge(user, 1, now)
+        day = int(now // DAY_S)
+        declared_day, declared = self._daily.get(user, (day, 0))
+        if declared_day != day:
+            declared = 0
+        if declared + size > limits.blob_daily_bytes_per_user:
+            retry_after = max(1, math.ceil(((day + 1) * DAY_S - now) * 1000))
+            raise RouteError(
+                f"today's upload allowance of {limits.blob_daily_bytes_per_user} bytes would be passed "
+                f"({declared} declared so far); try again in {retry_after} ms",
+                code="rate_limited", retry_after=retry_after,
+            )
+        if self.files.free_bytes() - size < limits.blob_min_free_bytes:
+            raise RouteError("the gateway's blob storage is nearly full; try again later", code="overloaded",
+                             retry_after=60_000)
+        blob = self.new_id()
+        now_ms = int(now * 1000)
+        expires_ms = now_ms + int(limits.blob_upload_ttl_s * 1000)
+        record = BlobRecord(user, size, sha256, now_ms, expires_ms, False, b"")
+        if not self.store.create_blob(blob, record, limits.blob_open_uploads_per_user):
+            raise RouteError(
+                f"{limits.blob_open_uploads_per_user} uploads are already unfinished; finish one or let it expire",
+                code="rate_limited", retry_after=60_000,
+            )
+        self._daily[user] = (day, declared + size)
+        self._uploads[blob] = _Upload(user, size, sha256, expires_ms, ByteRanges(), touched_at=now)
+        self.counters["blob_uploads_started"] += 1
+        return {"blob": blob}
+
+    def blob_write(self, session: Session, stanza: dict, now: float):
+        blob = _bin(stanza.get("blob"), BLOB_ID_BYTES, "blob.write", "'blob'")
+        offset = _offset(stanza.get("off"), "blob.write")
+        data = stanza.get("data")
+        if type(data) is not bytes:
+            raise StanzaError(f"blob.write needs 'data': bin (got {_shown(data)})")
+        if len(data) > self.chunk_bytes:
+            raise RouteError(f"a chunk of {len(data)} bytes is over the {self.chunk_bytes}-byte limit", code="too_large")
+        user = session.identity.user
+        self._charge(user, len(data), now)
+        upload = self._upload(blob, user, now)
+        if upload is None:  # unknown, expired, someone else's, or ready
+            record = self.store.blob(blob)
+            if record is not None and record.ready and record.owner == user and record.expires_ms > now * 1000:
+                return {"have": record.size, "ready": True}  # a late or repeated chunk of a finished upload
+            raise _not_found()
+        end = offset + len(data)
+        if end > upload.size:
+            raise StanzaError(f"blob.write: bytes {offset}..{end} pass the blob's size of {upload.size}")
+        upload.touched_at = now
+        if upload.verifying:
+            upload.waiting.append((session, stanza["id"]))  # answered with the verdict
+            return DEFERRED
+        if data:
+            if upload.ranges.count_after(offset, end) > MAX_UPLOAD_RANGES:
+                raise StanzaError(
+                    f"blob.write: the upload would have more than {MAX_UPLOAD_RANGES} separate parts; "
+                    f"write from 'have' on"
+                )
+            try:
+                self.files.write(blob, offset, data)
+            except OSError as exc:
+                raise _storage_error(blob, exc) from None
+            added = upload.ranges.add(offset, end)
+            upload.unsynced += added
+            self.counters["blob_bytes_written"] += added
+        if upload.ranges.total == upload.size:
+            upload.verifying = True
+            upload.waiting.append((session, stanza["id"]))
+            self.offload.submit(lambda: self.files.finish(blob, upload.size),
+                                lambda outcome, when: self._verified(blob, upload, outcome, when))
+            return DEFERRED
+        if upload.unsynced >= CHECKPOINT_BYTES and not upload.syncing:
+            self._checkpoint(blob, upload)
+        return {"have": upload.ranges.prefix, "ready": False}
+
+    def blob_read(self, session: Session, stanza: dict, now: float) -> dict:
+        blob = _bin(stanza.get("blob"), BLOB_ID_BYTES, "blob.read", "'blob'")
+        offset = _offset(stanza.get("off"), "blob.read")
+        length = stanza.get("len")
+        if type(length) is not int or not 0 <= length <= self.chunk_bytes:
+            raise StanzaError(f"blob.read needs 'len': an int 0..{self.chunk_bytes} (got {_shown(length)})")
+        self._charge(session.identity.user, length, now)
+        record = self.store.blob(blob)
+        if record is None or not record.ready or record.expires_ms <= now * 1000:
+            raise _not_found()
+        if offset > record.size:
+            raise StanzaError(f"blob.read: offset {offset} is past the blob's size of {record.size}")
+        try:
+            data = self.files.read(blob, offset, min(length, record.size - offset))
+        except OSError as exc:
+            raise _storage_error(blob, exc) from None
+        self.counters["blob_bytes_read"] += len(data)
+        return {"data": data, "size": record.size}
+
+    # -- upload state
+
+    def _upload(self, blob: bytes, user: str, now: float) -> _Upload | None:
+        """The owner's unfinished upload ``blob`` (from memory, or from its record after a restart
+        or a quiet spell), or None."""
+        upload = self._uploads.get(blob)
+        if upload is None:
+            record = self.store.blob(blob)
+            if record is None or record.ready:
+                return None
+            try:
+                ranges = ByteRanges.unpack(record.ranges)
+            except ValueError:
+                log.error("blob %s: stored ranges unreadable; the upload starts over", blob.hex())
+                ranges = ByteRanges()
+            upload = _Upload(record.owner, record.size, record.sha256, record.expires_ms, ranges, touched_at=now)
+            self._uploads[blob] = upload
+        if upload.owner != user or upload.expires_ms <= now * 1000:
+            return None
+        return upload
+
+    def _checkpoint(self, blob: bytes, upload: _Upload) -> None:
+        """Sync the upload's bytes on a worker thread, then save the ranges they cover."""
+        upload.syncing = True
+        synced, synced_unsynced, generation = upload.ranges.pack(), upload.unsynced, upload.generation
+
+        def saved(outcome, now: float) -> None:
+            upload.syncing = False
+            if isinstance(outcome, BaseException):
+                log.error("blob %s: sync failed: %s", blob.hex(), outcome)
+                return
+            if upload.verifying or upload.generation != generation:
+                return  # the verdict or the start over decides what the record says
+            try:
+                saved = self.store.save_blob_ranges(blob, synced)
+            except InterlinkError as exc:  # a full map: the next checkpoint tries again
+                log.error("blob %s: ranges not saved: %s", blob.hex(), exc)
+                return
+            if saved:
+                upload.unsynced = max(0, upload.unsynced - synced_unsynced)
+                self.counters["blob_checkpoints"] += 1
+
+        self.offload.submit(lambda: self.files.sync(blob), saved)
+
+    def _verified(self, blob: bytes, upload: _Upload, outcome, now: float) -> None:
+        """The final sync and hash are done: ready, ``bad_hash`` (start over) or an internal error."""
+        upload.verifying = False
+        waiting, upload.waiting = upload.waiting, []
+        if isinstance(outcome, BaseException):
+            log.error("blob %s: the final sync or hash failed: %s", blob.hex(), outcome)
+            for session, iq_id in waiting:
+                self._answer_error(session, iq_id, "internal", "the gateway could not store the blob; write a chunk again")
+            return
+        try:
+            if outcome != upload.sha256:
+                self.counters["blob_bad_hash"] += 1
+                upload.ranges.clear()
+                upload.unsynced = 0
+                upload.generation += 1
+                self.store.save_blob_ranges(blob, b"")
+                for session, iq_id in waiting:
+                    self._answer_error(session, iq_id, "bad_hash",
+                                       "the blob's SHA-256 does not match the one declared; upload it again from offset 0")
+                return
+            ready = self.store.mark_blob_ready(blob, int(now * 1000) + int(self.limits.blob_ttl_s * 1000))
+        except InterlinkError as exc:  # a full map: the bytes are all there; a write asks again
+            for session, iq_id in waiting:
+                self._answer_error(session, iq_id, exc.code, exc.message)
+            return
+        self._uploads.pop(blob, None)
+        if not ready:
+            for session, iq_id in waiting:  # expired while it was hashed
+                self._answer_error(session, iq_id, "not_found", "no such blob")
+            return
+        self.counters["blob_uploads_ready"] += 1
+        for session, iq_id in waiting:
+            self.router.answer(session, {"t": "res", "id": iq_id, "have": upload.size, "ready": True})
+
+    def _answer_error(self, session: Session, iq_id: int, code: str, message: str) -> None:
+        self.router.answer(session, {"t": "err", "code": code, "msg": message, "id": iq_id})
+
+    # -- housekeeping (the edge's sweeps call these)
+
+    def sweep(self, now: float) -> int:
+        """Delete blobs whose time ran out (a bounded chunk), and let quiet uploads leave memory
+        (a checkpoint first if they have unsynced bytes). Returns how many blobs were deleted."""
+        expired = [blob for blob in self.store.expired_blobs(int(now * 1000), EXPIRE_CHUNK)
+                   if not self._busy(blob)]
+        deleted = self.store.delete_blobs(expired) if expired else 0
+        for blob in expired:
+            self._uploads.pop(blob, None)
+            self.files.delete(blob)
+        self.counters["blobs_expired"] += deleted
+        today = int(now // DAY_S)
+        self._daily = {user: entry for user, entry in self._daily.items() if entry[0] == today}  # yesterday's counts go
+        quiet_before = now - IDLE_UPLOAD_S
+        for blob, upload in list(self._uploads.items()):
+            if upload.touched_at > quiet_before or upload.syncing or upload.verifying:
+                continue
+            if upload.unsynced:
+                self._checkpoint(blob, upload)
+            else:
+                del self._uploads[blob]
+        return deleted
+
+    def remove_orphans(self) -> int:
+        """Delete blob files without a record (a crash between forgetting a blob and deleting its
+        file); the gateway calls this at start, before serving. Returns how many."""
+        removed = 0
+        for blob in list(self.files.ids()):
+            if self.store.blob(blob) is None:
+                self.files.delete(blob)
+                removed += 1
+        return removed
+
+    def _busy(self, blob: bytes) -> bool:
+        upload = self._uploads.get(blob)
+        return upload is not None and (upload.syncing or upload.verifying)
+
+    @property
+    def uploads_in_memory(self) -> int:
+        return len(self._uploads)
+
+    def _charge(self, user: str, size: int, now: float) -> None:
+        wait_s = self.buckets.take(user, now, max(1.0, size / KIB))
+        if wait_s:
+            retry_after = max(1, math.ceil(wait_s * 1000))
+            raise RouteError(f"too much blob traffic; try again in {retry_after} ms", code="rate_limited",
+                             retry_after=retry_after)
+
+
+def _storage_error(blob: bytes, exc: OSError) -> RouteError:
+    """A file operation failed: a full disk is ``overloaded`` (try later), anything else ``internal``."""
+    log.error("blob %s: %s", blob.hex(), exc)
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return RouteError("the gateway's blob storage is full; try again later", code="overloaded", retry_after=60_000)
+    return RouteError("the gateway could not read or write the blob", code="internal")
+
+
+def _not_found() -> RouteError:
+    # One answer for every id that cannot be served: unknown, expired, unfinished, not the writer's.
+    return RouteError("no such blob", code="not_found")
+
+
+def _bin(value, size: int, op: str, name: str) -> bytes:
+    if type(value) is not bytes or len(value) != size:
+        raise StanzaError(f"{op} needs {name}: {size} bytes of bin (got {_shown(value)})")
+    return value
+
+
+def _offset(value, op: str) -> int:
+    if type(value) is not int or value < 0:
+        raise StanzaError(f"{op} needs 'off': an int >= 0 (got {_shown(value)})")
+    return value
+
+
+def _shown(value) -> str:
+    if type(value) is int:
+        return str(value) if abs(value) < 10**12 else "a huge int"
+    if type(value) is bytes:
+        return f"{len(value)} bytes"
+    return kind_of(value)

@@ -1,0 +1,61 @@
+"""The ``Offload`` port on the event loop: work that must not block the loop (syncing a blob to
+disk and hashing it) runs on a small thread pool; its result comes back on the loop, where the
+domain acts on it and the edge writes out the sessions it answered."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+from typing import TYPE_CHECKING, Callable
+
+if TYPE_CHECKING:
+    from interlink.core.edge.server import GatewayServer
+
+log = logging.getLogger("interlink.server")
+
+
+class ThreadOffload:
+    """Runs ``work`` on one of ``workers`` threads, then ``done(outcome, now)`` on the loop."""
+
+    def __init__(self, server: GatewayServer, *, workers: int) -> None:
+        self.server = server
+        self.workers = workers
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None  # made on first use
+        self._inflight: set[asyncio.Future] = set()
+
+    @property
+    def inflight(self) -> int:
+        return len(self._inflight)
+
+    def submit(self, work: Callable[[], object], done: Callable[[object, float], None]) -> None:
+        if self._executor is None:
+            self._executor = concurrent.futures.ThreadPoolExecutor(self.workers, thread_name_prefix="interlink-offload")
+        future = asyncio.get_running_loop().run_in_executor(self._executor, work)
+        self._inflight.add(future)
+        future.add_done_callback(lambda finished: self._finished(finished, done))
+
+    def _finished(self, future: asyncio.Future, done: Callable[[object, float], None]) -> None:
+        self._inflight.discard(future)
+        if future.cancelled():
+            return
+        error = future.exception()
+        server = self.server
+        try:
+            done(error if error is not None else future.result(), server.clock())
+        except Exception:  # a bug of ours: logged and counted, and the loop goes on
+            log.exception("internal error while finishing offloaded work")
+            server.counters["internal_errors"] += 1
+        finally:
+            server.write_touched()
+
+    async def settle(self) -> None:
+        """Wait for every piece of work submitted so far, and its ``done``."""
+        while self._inflight:
+            await asyncio.wait(list(self._inflight))
+            await asyncio.sleep(0)  # let the done-callbacks run
+
+    def shutdown(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None

@@ -1,0 +1,59 @@
+"""The ``Offload`` port on the loop (``core/edge/offload.py``): work runs on a worker thread, its
+result or exception comes back to ``done`` on the loop with the time, the sessions it answered
+are written out, a failing ``done`` is counted and the loop goes on, ``settle`` waits for all."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections import Counter
+
+from interlink.core.edge.offload import ThreadOffload
+
+
+class Server:
+    """What the offload needs of the server: a clock, counters and the write-out of touched sessions."""
+
+    def __init__(self) -> None:
+        self.counters: Counter = Counter()
+        self.writes = 0
+
+    def clock(self) -> float:
+        return 123.0
+
+    def write_touched(self) -> None:
+        self.writes += 1
+
+
+async def test_work_runs_off_the_loop_and_done_runs_on_it():
+    server = Server()
+    offload = ThreadOffload(server, workers=2)
+    loop_thread = threading.get_ident()
+    seen = []
+    offload.submit(lambda: threading.get_ident(), lambda outcome, now: seen.append((outcome, now, threading.get_ident())))
+    offload.submit(lambda: 1 / 0, lambda outcome, now: seen.append((type(outcome), now, threading.get_ident())))
+    assert offload.inflight == 2
+    await offload.settle()
+    assert offload.inflight == 0
+    worker, _, done_thread = seen[0] if type(seen[0][0]) is int else seen[1]
+    assert worker != loop_thread and done_thread == loop_thread
+    assert (ZeroDivisionError, 123.0, loop_thread) in seen
+    assert server.writes == 2
+    offload.shutdown()
+
+
+async def test_a_failing_done_is_counted_and_the_rest_goes_on():
+    server = Server()
+    offload = ThreadOffload(server, workers=1)
+    results = []
+
+    def broken(outcome, now):
+        raise RuntimeError("a bug")
+
+    offload.submit(lambda: "a", broken)
+    offload.submit(lambda: "b", lambda outcome, now: results.append(outcome))
+    await offload.settle()
+    assert results == ["b"]
+    assert server.counters["internal_errors"] == 1 and server.writes == 2
+    offload.shutdown()
+    await asyncio.sleep(0)
