@@ -9,6 +9,7 @@ docs/e2ee.md defines the protocol. The modules, each importing only the ones lis
 
     errors      E2EEError and its subclasses
     envelope    the wire format: envelope types, msgpack, parse_envelope
+    attachment  Attachment, AttachmentPointer, Decryptor: files encrypted in chunks for blobs
     senderkey   SenderKey: one group sender-key chain
     statefile   atomic 0600 writes of the state file, StateLock
     device      DeviceState: identity, prekeys, pairwise sessions, sender keys (offline)
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import importlib
 
+from interlink.e2ee.attachment import Attachment, AttachmentPointer, Decryptor
 from interlink.e2ee.device import SEEN_MEMORY, DeviceState, GroupState, fingerprint, safety_number
 from interlink.e2ee.envelope import ENVELOPE_VERSION, T_GROUP, T_PREKEY, T_RATCHET, parse_envelope
 from interlink.e2ee.errors import E2EEError, IdentityChanged, StateLocked
@@ -33,6 +35,7 @@ _CLIENT_NAMES = ("E2EEClient", "GroupEvent", "Message")
 
 __all__ = [
     "ENVELOPE_VERSION", "SEEN_MEMORY", "T_GROUP", "T_PREKEY", "T_RATCHET",
+    "Attachment", "AttachmentPointer", "Decryptor",
     "DeviceState", "E2EEError", "GroupState", "IdentityChanged", "SenderKey", "StateLock", "StateLocked",
     "fingerprint", "parse_envelope", "safety_number",
     *_CLIENT_NAMES,

@@ -21,7 +21,8 @@ from pathlib import Path
 from interlink.client import Client
 from interlink.core.errors import InterlinkError, ServerError, SessionClosedError
 from interlink.e2ee.device import DeviceState, GroupState
-from interlink.e2ee.envelope import T_GROUP, is_bin, pack, parse_envelope, text_plaintext, unpack
+from interlink.e2ee.attachment import Attachment, AttachmentPointer, Decryptor
+from interlink.e2ee.envelope import T_GROUP, file_plaintext, is_bin, pack, parse_envelope, text_plaintext, unpack
 from interlink.e2ee.errors import E2EEError
 from interlink.e2ee.senderkey import SenderKey
 from interlink.e2ee.statefile import StateLock
@@ -47,6 +48,7 @@ class Message:
     to: str | None = None
     seq: int | None = None
     group: bytes | None = None
+    attachment: AttachmentPointer | None = None  # an attachment message; ``text`` is its caption
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +75,16 @@ class GroupEvent:
     meta: bytes | None = None
     seq: int | None = None
     gone: tuple[str, ...] = ()
+
+
+def _attachment(payload: dict) -> AttachmentPointer | None:
+    """The pointer of a ``file`` payload (None for a text); a malformed one raises ``E2EEError``."""
+    if payload.get("k") != "file":
+        return None
+    pointer = payload.get("file")
+    if type(pointer) is not dict:
+        raise E2EEError("malformed attachment pointer")
+    return AttachmentPointer.from_payload(pointer)
 
 
 class E2EEClient:
@@ -306,6 +318,65 @@ class E2EEClient:
         it; returns the gateway's ``ack`` (``id``, ``ts``)."""
         return await self._send_payload(to, text_plaintext(text))
 
+    # -- attachments (docs/e2ee.md §8)
+
+    async def upload(self, source, *, content_type: str = "application/octet-stream", name: str | None = None,
+                     progress=None) -> AttachmentPointer:
+        """Encrypt ``source`` (bytes, a path, a seekable binary file, or an ``Attachment`` made
+        earlier) with a fresh key and upload the ciphertext as a blob; returns the pointer to send
+        (``send_attachment``). Nothing of the file is held whole in memory. If the upload fails
+        (a lost connection), pass the same ``Attachment`` again, on this or a new client of the
+        same user: it goes on from what the gateway has. ``progress(sent, size)`` counts
+        ciphertext bytes."""
+        attachment = source if isinstance(source, Attachment) else Attachment(
+            source, content_type=content_type, name=name)
+        if attachment.blob is None:
+            attachment.blob = (await self.client.iq("blob.new", size=attachment.size, sha256=attachment.sha256))["blob"]
+        await self.client.upload_blob(attachment, blob=attachment.blob, progress=progress)
+        return attachment.pointer()
+
+    async def send_attachment(self, to: str, pointer: AttachmentPointer, caption: str = "") -> dict:
+        """Send an uploaded attachment's pointer (and a caption) to ``to`` and your other devices,
+        end-to-end encrypted like a text; returns the ``ack``."""
+        return await self._send_payload(to, file_plaintext(pointer.to_payload(), caption))
+
+    async def send_attachment_to_group(self, group: bytes, pointer: AttachmentPointer, caption: str = "") -> dict:
+        """``send_attachment`` to every member of ``group``, as ``send_to_group`` sends a text."""
+        return await self._send_group_plaintext(group, lambda: file_plaintext(pointer.to_payload(), caption))
+
+    async def download(self, pointer: AttachmentPointer, sink=None, *, progress=None):
+        """Fetch and open an attachment: its plaintext (``sink`` None), or written to ``sink`` (a
+        path or a binary file) and its size returned. Every chunk is checked before it is
+        written, and the whole against the pointer's digest; on any failure ``E2EEError`` (or
+        the gateway's ``ServerError``, e.g. ``not_found`` once the blob expired) is raised and a
+        file made at a path is removed."""
+        parts: list[bytes] | None = None
+        file = None
+        if sink is None:
+            parts = []
+            write = parts.append
+        elif isinstance(sink, (str, os.PathLike)):
+            file = open(sink, "wb")
+            write = file.write
+        elif hasattr(sink, "write"):
+            write = sink.write
+        else:
+            raise TypeError(f"download writes to None, a path or a binary file, not {type(sink).__name__}")
+        decryptor = Decryptor(pointer, write)
+        try:
+            await self.client.download_blob(pointer.blob, decryptor, progress=progress)
+            decryptor.finish()
+        except BaseException:
+            if file is not None:
+                file.close()
+                file = None
+                os.unlink(sink)
+            raise
+        finally:
+            if file is not None:
+                file.close()
+        return b"".join(parts) if parts is not None else decryptor.plaintext_bytes
+
     # -- groups: membership (group.* operations, tracked from the events) and sender keys
 
     @property
@@ -459,6 +530,9 @@ class E2EEClient:
         ciphertext in one group ``msg``. First the members are read again (``group.get``): when
         anyone went away since this device's sender key was made, a new one is made; the key goes
         over the pairwise sessions to every device that does not have it yet. Returns the ``ack``."""
+        return await self._send_group_plaintext(group, lambda: text_plaintext(text))
+
+    async def _send_group_plaintext(self, group: bytes, plaintext) -> dict:
         async with self._group_lock:
             for _ in range(5):
                 async with self._lock:
@@ -480,7 +554,7 @@ class E2EEClient:
                     if (now is not info or not info.active or info.rekey or info.members != members
                             or self.state.own_sender_keys.get(group) is not key):
                         continue
-                    envelope = self.state.encrypt_group(group, text_plaintext(text))
+                    envelope = self.state.encrypt_group(group, plaintext())
                     self._save()  # the chain moved on: on disk before the message leaves
                 return await self.client.send_group_message(group, envelope)
             raise E2EEError("the group changes too often to send to it")
@@ -583,10 +657,10 @@ class E2EEClient:
 
     async def _payload(self, stanza: dict, payload: dict) -> list[Message]:
         kind = payload.get("k")
-        if kind == "text" and type(payload.get("text")) is str:
+        if kind in ("text", "file") and type(payload.get("text")) is str:
             return [Message(
                 sender=stanza["from"], device=stanza["dev"], text=payload["text"], id=stanza["id"], ts=stanza.get("ts"),
-                sent_ts=payload.get("ts"), to=stanza.get("to"), seq=stanza.get("seq"),
+                sent_ts=payload.get("ts"), to=stanza.get("to"), seq=stanza.get("seq"), attachment=_attachment(payload),
             )]
         if kind == "skey":
             g, sender = payload.get("g"), stanza["from"]
@@ -660,12 +734,12 @@ class E2EEClient:
 
     def _group_text(self, stanza: dict, plaintext: bytes) -> list[Message]:
         payload = unpack(plaintext)
-        if type(payload) is not dict or payload.get("k") != "text" or type(payload.get("text")) is not str:
+        if type(payload) is not dict or payload.get("k") not in ("text", "file") or type(payload.get("text")) is not str:
             log.info("ignoring a group payload that is not a text from %s/%s", stanza.get("from"), stanza.get("dev"))
             return []
         return [Message(
             sender=stanza["from"], device=stanza["dev"], text=payload["text"], id=stanza["id"], ts=stanza.get("ts"),
-            sent_ts=payload.get("ts"), seq=stanza.get("seq"), group=stanza["g"],
+            sent_ts=payload.get("ts"), seq=stanza.get("seq"), group=stanza["g"], attachment=_attachment(payload),
         )]
 
     def _hold(self, stanza: dict, env: dict) -> None:

@@ -91,6 +91,12 @@ def group_envelope(group: bytes, key_id: int, n: int, ct: bytes, sig: bytes) -> 
     return pack({"v": ENVELOPE_VERSION, "t": T_GROUP, "g": group, "kid": key_id, "n": n, "ct": ct, "sig": sig})
 
 
+def file_plaintext(pointer: dict, caption: str = "") -> bytes:
+    """The plaintext of an attachment message (kind ``"file"``): the pointer (docs/e2ee.md §8), a
+    caption, the sender's clock in ms."""
+    return pack({"k": "file", "file": pointer, "text": caption, "ts": int(time.time() * 1000)})
+
+
 def text_plaintext(text: str) -> bytes:
     """The plaintext of a chat message (kind ``"text"``), stamped with the sender's clock in ms."""
     return pack({"k": "text", "text": text, "ts": int(time.time() * 1000)})

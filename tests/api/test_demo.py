@@ -29,6 +29,11 @@ def test_demo_runs_end_to_end(tmp_path):
     assert ("finn adds device 2; erin/1's next message reaches both: finn/1 \"welcome to the conversation, "
             "finn's tablet\", finn/2 \"welcome to the conversation, finn's tablet\"") in out
     assert "and her own copy of \"welcome to the conversation, finn's tablet\"" in out
+    assert ("erin/1 sends a picture (bridge.png, 184,795 bytes, image/png): a 184,843-byte encrypted blob, its key "
+            "inside the message; finn/1 and finn/2 download and decrypt it: identical") in out
+    assert "erin/1 sends a voice note (directions.ogg, 96,000 bytes, audio/ogg)" in out
+    assert "the gateway holds 280,875 bytes of blobs: ciphertext only, no run of either file in it" in out
+    assert "directions.ogg downloads and decrypts intact on her second device too" in out
     # the end-to-end encrypted group chat of three providers, a member removed mid-conversation
     assert "OpenID issuer for provider 'gamma':" in out
     for name in ("hana/2", "ivan/1", "juno/1"):
