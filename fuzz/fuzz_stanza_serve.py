@@ -9,13 +9,24 @@ registered inline and real Noise sessions (``ClientConnection``) for the clients
 socket is replaced: each session's ``GatewayProtocol`` gets an in-memory transport, and bytes
 move by ``get_buffer``/``buffer_updated`` as uvloop moves them. Over TCP a harness cannot tell
 when every answer of an input has arrived (the commit runs a loop turn later) without waiting
-on timers; in memory it runs the loop until the router has nothing left to commit.
+on timers; in memory it runs the loop until the router has nothing left to commit and no blob
+work is left on the worker threads (the last ``blob.write`` of an upload is answered after its
+hash, on the loop).
 
 Sessions: M = alice@alpha device 1 (sends the fuzzed message), M2 = alice@alpha device 2, V =
 bob@beta device 1 (the probe), plus users who connected once (carl@alpha, gus@gamma, whose
 provider accepts only its own users). Fixtures: prekeys, V's blocks, V discoverable by phone,
 group G (M admin; V, carl members) and G2 (V admin; M member); the 16-byte markers
-``GROUP_MARKER``/``GROUP2_MARKER`` in an input stand for their ids.
+``GROUP_MARKER``/``GROUP2_MARKER`` in an input stand for their ids. Blobs (the gateway serves
+them from a ``BlobFileStore`` in the same folder, ``blob_min_free_bytes`` 0 so the machine's
+free disk never answers ``overloaded``): ``BLOB_MARKER`` stands for M's unfinished upload of
+100,000 bytes under a random SHA-256 (completing it is ``bad_hash``), ``SMALL_BLOB_MARKER`` for
+M's unfinished upload of ``SMALL_BLOB`` (64 bytes the structured inputs may write, so an input
+can complete it: ready, or ``bad_hash``), ``READY_BLOB_MARKER`` for V's ready blob of
+``READY_BLOB`` (70,000 bytes: M may read it, its writes are ``not_found``). Fixtures that an
+input used up or whose time ran out are made again before the next input (best effort: M's
+unfinished uploads may be at their limit); the blob sweep runs before every input, as the
+gateway's periodic sweep would in the ten minutes between two.
 
 Input: the first byte chooses the mode. Below 0x80 the rest is the plaintext as is; otherwise a
 ``FuzzedDataProvider`` builds 1..n stanzas from fuzzed choices of ``t``, ``op`` and field values
@@ -30,17 +41,22 @@ Checks per input:
   M's input; no ``internal_errors`` counted, nothing logged at ERROR;
 * M stays open, unless its message held more than 256 stanzas (``bye protocol_error``; M then
   reconnects);
-* isolation: after each input V sends ``ping`` and ``iq block.list`` and gets exactly its pong and
-  its own list; M's next ``ping`` gets M's pong; what V and M2 receive besides is deliveries
-  (``dlv``/``state``) only, well formed, from the fixture users.
+* M's ``res`` to ``blob.read``/``blob.write`` of a fixture blob fit it: the bytes read are its
+  bytes, ``have`` is within its size (all of it when ``ready``), V's blob takes no write of M;
+* isolation: after each input V sends ``ping``, ``iq block.list`` and ``iq blob.read`` (the first
+  chunk of its ready blob) and gets exactly its pong, its own list and its own bytes; M's next
+  ``ping`` gets M's pong; what V and M2 receive besides is deliveries (``dlv``/``state``) only,
+  well formed, from the fixture users.
 
 M's requests are read by ``stanzalib.reference`` (msgpack alone), taking msgpack's timestamp
 extension the way the gateway's decoder takes it (``fuzz_stanza_decode`` judges that).
 
 Time is a harness clock that advances 10 minutes per input, so every rate-limit bucket is full
 again at the start of an input (``rate_limited`` stays a valid answer, with ``retry_after``,
-when one input itself passes a burst); the message rates are raised in the limits. The whole
-environment (LMDB folder included) is recreated every ``ENV_INPUTS`` inputs.
+when one input itself passes a burst, and for ``blob.new`` when M already has
+``blob_open_uploads_per_user`` unfinished uploads: they expire after a harness day, 144 inputs);
+the message rates are raised in the limits. The whole environment (LMDB folder and blob files
+included) is recreated every ``ENV_INPUTS`` inputs.
 """
 
 from __future__ import annotations
@@ -49,6 +65,7 @@ import asyncio
 import atexit
 import contextlib
 import glob
+import hashlib
 import logging
 import os
 import shutil
@@ -85,18 +102,30 @@ with instrumenting:
     from interlink.core.protocol.certs import generate_root_key, generate_static_key, issue_node_certificate, x25519_public
     from interlink.core.protocol.connection import ClientConnection, ServerSettings, StanzaReceived
     from interlink.core.protocol.framing import FrameDecoder
+    from interlink.core.edge.blobfiles import BlobFileStore
     from interlink.core.edge.jwks import JwksCache
     from interlink.core.edge.server import GatewayProtocol, GatewayServer, Limits
     from interlink.core.edge.lmdbstore import LmdbStore
 
 GROUP_MARKER = b"@fuzz-group-G1@!"  # 16 bytes: replaced by the id of group G in an input
 GROUP2_MARKER = b"@fuzz-group-G2@!"
+BLOB_MARKER = b"@fuzz-blob-upM@!"  # 16 bytes: M's unfinished upload of FIXTURE_BLOB_BYTES
+SMALL_BLOB_MARKER = b"@fuzz-blob-smM@!"  # M's unfinished upload of SMALL_BLOB (its hash declared)
+READY_BLOB_MARKER = b"@fuzz-blob-rdV@!"  # V's ready blob of READY_BLOB
+BLOB_MARKERS = (BLOB_MARKER, SMALL_BLOB_MARKER, READY_BLOB_MARKER)
+FIXTURE_BLOB_BYTES = 100_000
+SMALL_BLOB = b"fuzz-small-blob:" * 4  # 64 bytes
+SMALL_BLOB_SHA256 = hashlib.sha256(SMALL_BLOB).digest()
+READY_BLOB = bytes((i * 7 + i // 251) % 256 for i in range(70_000))  # more than one chunk
+BLOB_CHUNK = 65535 - 16 - 256  # the announced blob_chunk: the default frame less the tag and the envelope
+BLOB_MAX = 100 << 20  # the default blob_max_bytes
 ENV_INPUTS = 20_000  # inputs served by one environment before it is recreated (bounds the store)
 CLOCK_STEP_S = 600.0  # harness time between two inputs: refills every token bucket
 MAX_ERR_MSG_CHARS = 200
 MAX_STANZAS = 256
 MAX_PLAINTEXT_BYTES = 65535 - 16  # one frame's plaintext
 DRAIN_ROUNDS = 8  # recv rounds after an input before the mailboxes must be quiet again
+OFFLOAD_TIMEOUT_S = 30.0  # blob work (sync, hash of at most a few 100 KB) on the worker threads
 AUD = "interlink-fuzz"
 PHONE = "+4915112345678"
 M_USER, V_USER = "alice@alpha", "bob@beta"
@@ -127,6 +156,11 @@ ALLOWED = {
     "group.del": {"not_found", "not_member", "not_admin", "too_large", "rate_limited"},
     "group.leave": {"not_found", "not_member", "rate_limited"},
     "group.get": {"not_found", "not_member"},
+    # overloaded (with retry_after) is blob.new's answer to a nearly full disk and any blob op's
+    # to a full one: the harness sets blob_min_free_bytes to 0 and its blobs stay small.
+    "blob.new": {"too_large", "rate_limited"},
+    "blob.write": {"too_large", "not_found", "rate_limited", "bad_hash"},
+    "blob.read": {"not_found", "rate_limited"},
 }
 OPS = tuple(op for op in ALLOWED if "." in op or op == "report")
 RES_FIELDS = {
@@ -135,6 +169,7 @@ RES_FIELDS = {
     "block.list": {"users", "more"}, "report": {"report"}, "dir.lookup": {"users"}, "group.new": {"g", "ver"},
     "group.add": {"ver"}, "group.del": {"ver"}, "group.leave": {"ver"},
     "group.get": {"members", "admins", "meta", "ver", "more"},
+    "blob.new": {"blob"}, "blob.write": {"have", "ready"}, "blob.read": {"data", "size"},
 }
 ERR_EXTRA = {"device_mismatch": {"missing", "extra"}, "rate_limited": {"retry_after"},
              "not_opted_in": {"user"}, "unknown_recipient": {"user"}}
@@ -176,14 +211,24 @@ FLOATS = (0.0, -0.0, 1.5, float("nan"), float("inf"), 1e308)
 # What a client sends, iq the most (it has the most validators), then types it may not send.
 REQUEST_TYPES = ("iq", "iq", "iq", "iq", "iq", "msg", "msg", "msg", "rcpt", "state", "state", "recv", "ping")
 OTHER_TYPES = ("ack", "dlv", "res", "bye", "welcome", "pong", "err", "", "blob.put", "IQ")
+# Sizes, offsets and lengths of blobs: the edges of the chunk, the fixtures and the largest blob.
+BLOB_INTS = (
+    0, 1, 2, 16, 32, 63, 64, 65, 1000, 4096, BLOB_CHUNK - 1, BLOB_CHUNK, BLOB_CHUNK + 1,
+    FIXTURE_BLOB_BYTES - BLOB_CHUNK, FIXTURE_BLOB_BYTES - 1, FIXTURE_BLOB_BYTES, FIXTURE_BLOB_BYTES + 1,
+    len(READY_BLOB) - BLOB_CHUNK, len(READY_BLOB) - 1, len(READY_BLOB), len(READY_BLOB) + 1,
+    BLOB_MAX, BLOB_MAX + 1, -1, -(2**63), 2**31, 2**63 - 1, 2**64 - 1,
+)
+NOT_INTS = (True, False, 1.0, float("nan"), "1", b"\x01", None, [1])
 
 
 class _Builder:
     """Stanzas from fuzzed choices."""
 
-    def __init__(self, fdp, groups: tuple[bytes, bytes]) -> None:
+    def __init__(self, fdp, groups: tuple[bytes, bytes],
+                 blobs: tuple[bytes, ...] = BLOB_MARKERS) -> None:
         self.f = fdp
         self.groups = groups
+        self.blobs = blobs  # the fixture blobs' ids
         self.big = True  # one value per input may be large (up to a frame): bounds the work per input
 
     def size(self) -> int:
@@ -347,6 +392,107 @@ class _Builder:
     def f_skip(self):
         return self.pick((0, 1, 2, 5, -1, 2**64 - 1))
 
+    def f_size(self):
+        kind = self.int_(0, 7)
+        if kind < 4:
+            return self.pick(BLOB_INTS)
+        if kind < 6:
+            return self.int_(1, 300)
+        if kind == 6:
+            return self.int_(1, BLOB_MAX + 1)
+        return self.pick(NOT_INTS)
+
+    def f_off(self):
+        kind = self.int_(0, 7)
+        if kind < 4:
+            return self.pick(BLOB_INTS)
+        if kind == 4:
+            return self.pick((0, 16, 32, 48, 63))  # within SMALL_BLOB: its halves complete it
+        if kind == 5:
+            return self.int_(0, 300)
+        if kind == 6:
+            return self.int_(0, FIXTURE_BLOB_BYTES + 1)
+        return self.pick(NOT_INTS)
+
+    def f_len(self):
+        kind = self.int_(0, 5)
+        if kind < 3:
+            return self.pick(BLOB_INTS)
+        if kind == 3:
+            return self.int_(0, 300)
+        if kind == 4:
+            return self.int_(0, BLOB_CHUNK + 1)
+        return self.pick(NOT_INTS)
+
+    def f_sha256(self):
+        kind = self.int_(0, 7)
+        if kind < 4:
+            return self.f.ConsumeBytes(32).ljust(32, b"\x00")
+        if kind == 4:
+            return SMALL_BLOB_SHA256
+        if kind == 5:
+            return self.blob((0, 1, 31, 33, 64))
+        if kind == 6:
+            return self.f.ConsumeBytes(32).decode("latin-1")  # a str, not bin
+        return self.any()
+
+    def f_blob(self):
+        kind = self.int_(0, 9)
+        if kind < 6:
+            return self.pick(self.blobs)
+        if kind == 6:
+            return self.f.ConsumeBytes(16).ljust(16, b"\x00")  # unknown
+        if kind == 7:
+            return self.blob((0, 15, 17, 32))
+        if kind == 8:
+            return self.pick(self.blobs).decode("latin-1")  # a str, not bin
+        return self.any()
+
+    def blob_part(self, op: str) -> dict:
+        """A write or read that fits a fixture blob (its bytes at their offset), so that uploads
+        complete (SMALL_BLOB in one input; the 100,000 bytes of BLOB_MARKER over two) and reads
+        are served."""
+        up, small, ready = self.blobs
+        if op == "blob.read":
+            off = self.pick((0, 0, 1, 32, BLOB_CHUNK, len(READY_BLOB) - 1, len(READY_BLOB)))
+            return {"blob": self.pick((ready, ready, small)), "off": off,
+                    "len": self.pick((0, 1, 32, 64, 4096, BLOB_CHUNK))}
+        kind = self.int_(0, 3)
+        if kind < 3:
+            off = self.pick((0, 0, 32, 16, 63))
+            end = self.pick((len(SMALL_BLOB), off + 16, off + 32))
+            data = SMALL_BLOB[off:end]
+            if kind == 2 and data:  # one byte wrong: completing it is bad_hash
+                data = data[:-1] + bytes([data[-1] ^ 1])
+            return {"blob": small, "off": off, "data": data}
+        if self.big:  # a chunk: once per input
+            self.big = False
+            off = self.pick((0, BLOB_CHUNK))
+            return {"blob": up, "off": off, "data": bytes([self.int_(0, 255)]) * min(BLOB_CHUNK, FIXTURE_BLOB_BYTES - off)}
+        return {"blob": self.pick((up, ready)), "off": self.pick((0, 1000, FIXTURE_BLOB_BYTES - 1000)), "data": b"\xaa" * 1000}
+
+    def f_data(self):
+        kind = self.int_(0, 9)
+        if kind == 0:
+            return b""
+        if kind == 1:
+            return self.f.ConsumeBytes(self.int_(1, 64))
+        if kind in (2, 3):  # what completes SMALL_BLOB's upload (at offset 0, 32, ...), or nearly
+            return self.pick((SMALL_BLOB, SMALL_BLOB[:32], SMALL_BLOB[32:], SMALL_BLOB[:-1], SMALL_BLOB[::-1]))
+        if kind == 4:
+            return self.blob((1, 16, 1000, 4096))
+        if kind == 5:
+            return (self.f.ConsumeBytes(1) or b"\x00") * self.int_(0, 4096)
+        if kind == 6:  # the chunk limit: once per input (a frame's worth)
+            if not self.big:
+                return self.blob()
+            self.big = False
+            size = self.pick((BLOB_CHUNK, BLOB_CHUNK + 1, BLOB_CHUNK - 1, FIXTURE_BLOB_BYTES - BLOB_CHUNK))
+            return (self.f.ConsumeBytes(1) or b"\x00") * size
+        if kind == 7:
+            return (self.f.ConsumeBytes(1) or b"\x00") * self.size()
+        return self.pick((lambda: self.text(), lambda: self.pick(NOT_INTS), lambda: self.any()))()
+
     # -- stanzas
 
     FIELDS = {
@@ -373,6 +519,9 @@ class _Builder:
         "group.del": ("g", "members"),
         "group.leave": ("g",),
         "group.get": ("g", "skip"),
+        "blob.new": ("size", "sha256"),
+        "blob.write": ("blob", "off", "data"),
+        "blob.read": ("blob", "off", "len"),
     }
 
     def stanza(self) -> dict:
@@ -398,9 +547,12 @@ class _Builder:
             stanza["id"] = self.f_msgid() if t != "ping" else self.f_iqid()
         if t in ("msg", "state") and self.int_(0, 1):
             name = t + "-group"
-        for field in self.FIELDS.get(name, ()):
-            if self.int_(0, 15):  # usually present
-                stanza[field] = self.field(field)
+        if name in ("blob.write", "blob.read") and self.int_(0, 2) == 0:
+            stanza.update(self.blob_part(name))
+        else:
+            for field in self.FIELDS.get(name, ()):
+                if self.int_(0, 15):  # usually present
+                    stanza[field] = self.field(field)
         if self.int_(0, 7) == 0:
             for _ in range(self.int_(1, 2)):
                 stanza[self.pick(("t", "id", "op", "x", "g", "to", "c"))] = self.any()  # extra or overriding fields
@@ -597,6 +749,11 @@ def _check_res(res: dict, ops: set, who: str) -> None:
         "members": lambda v: type(v) is list and all(type(u) is str for u in v),
         "admins": lambda v: type(v) is list and all(type(u) is str for u in v),
         "meta": lambda v: v is None or type(v) is bytes,
+        "blob": lambda v: type(v) is bytes and len(v) == 16,
+        "have": lambda v: type(v) is int and 0 <= v <= BLOB_MAX,
+        "ready": lambda v: type(v) is bool,
+        "data": lambda v: type(v) is bytes and len(v) <= BLOB_CHUNK,
+        "size": lambda v: type(v) is int and 1 <= v <= BLOB_MAX,
     }
     for name in fields:
         if not checks[name](res[name]):
@@ -802,6 +959,7 @@ class Harness:
         config = GatewayConfig(
             port=0, data_dir=self.folder, durability="async", lmdb_map_size_bytes=8 << 30,
             message_rate_per_device=1e6, message_rate_per_user=1e6, providers=providers,
+            blob_min_free_bytes=0,  # blob.new is never overloaded by the machine's free disk
         )
         self.store = LmdbStore(
             config.data_dir / "lmdb", map_size_bytes=config.lmdb_map_size_bytes, sync=False, writemap=False,
@@ -816,8 +974,13 @@ class Harness:
         self.server = GatewayServer(
             settings=settings, registry=registry, verifier=verifier, store=self.store, limits=Limits.from_config(config),
             idle_release_s=config.idle_release_s, mailbox_ttl_s=config.mailbox_ttl_s,
-            slow_consumer_s=config.slow_consumer_s, commit_in_thread=False, clock=self.now,
+            slow_consumer_s=config.slow_consumer_s, commit_in_thread=False,
+            blob_files=BlobFileStore(config.data_dir / "blobs"), clock=self.now,
         )
+        blobs = self.server.domain.blobs
+        if (blobs.chunk_bytes, config.blob_max_bytes) != (BLOB_CHUNK, BLOB_MAX):
+            raise RuntimeError(f"the blob chunk/limit are {blobs.chunk_bytes}/{config.blob_max_bytes}, "
+                               f"the harness's constants {BLOB_CHUNK}/{BLOB_MAX}")
         self.internal_errors = 0
         self.m = self.connect(M_USER, 1)
         self.m2 = self.connect(M_USER, 2)
@@ -835,6 +998,8 @@ class Harness:
         self.fixture_iq(self.v, "consent.set", accept=["*"], discoverable=True)
         self.g1 = self.fixture_iq(self.m, "group.new", members=[V_USER, "carl@alpha"])["g"]
         self.g2 = self.fixture_iq(self.v, "group.new", members=[M_USER])["g"]
+        self.blob_up = self.blob_small = self.blob_ready = None
+        self._restore_blobs()
         self.drain()
 
     def teardown(self) -> None:
@@ -843,6 +1008,7 @@ class Harness:
         for peer in (self.m, self.m2, self.v):
             peer.transport.close()
         self._settle()
+        self.server.offload.shutdown()  # its worker threads
         if self.server._timer_handle is not None:
             self.server._timer_handle.cancel()  # the heap's one timer: nothing of this server may run later
         self.server = None
@@ -879,8 +1045,19 @@ class Harness:
                     return True
             return False
 
-        if not self.loop.run_until_complete(idle()):
-            _fail("the gateway did not become idle after 64 loop turns")
+        offload = self.server.offload
+        for _ in range(16):
+            if not self.loop.run_until_complete(idle()):
+                _fail("the gateway did not become idle after 64 loop turns")
+            if offload.inflight == 0:
+                return
+            # Blob work on the worker threads (a checkpoint, the final sync and hash): its verdict
+            # comes back on the loop, answers and may write, so the commit settles again after it.
+            try:
+                self.loop.run_until_complete(asyncio.wait_for(offload.settle(), OFFLOAD_TIMEOUT_S))
+            except asyncio.TimeoutError:
+                _fail(f"offloaded blob work still running after {OFFLOAD_TIMEOUT_S} s")
+        _fail("offloaded blob work kept coming back after 16 rounds")
 
     def _run(self, function, *args) -> None:
         async def call():
@@ -942,6 +1119,39 @@ class Harness:
                 _fail(f"restoring G2: V got {_show(answers)}")
         self.drain()
 
+    def _restore_blobs(self) -> None:
+        """Keep M's unfinished uploads (BLOB_MARKER, SMALL_BLOB_MARKER) and V's ready blob
+        (READY_BLOB_MARKER) for the next input: made again when an input finished them or their
+        time runs out. M's are best effort (its unfinished uploads may be at their limit: the
+        marker then stands for an id that is gone)."""
+        store, soon = self.store, int((self.now() + 60) * 1000)  # alive through the input
+
+        def alive(blob, owner: str, ready: bool) -> bool:
+            record = store.blob(blob) if blob is not None else None
+            return record is not None and record.owner == owner and record.ready == ready and record.expires_ms > soon
+
+        if not alive(self.blob_ready, V_USER, True):
+            self.blob_ready = self.fixture_iq(self.v, "blob.new", size=len(READY_BLOB),
+                                              sha256=hashlib.sha256(READY_BLOB).digest())["blob"]
+            for off in range(0, len(READY_BLOB), BLOB_CHUNK):
+                res = self.fixture_iq(self.v, "blob.write", blob=self.blob_ready, off=off,
+                                      data=READY_BLOB[off:off + BLOB_CHUNK])
+            if res.get("ready") is not True:
+                raise RuntimeError(f"fixture blob of V not ready: {_show(res)}")
+        for name, size, sha256 in (("blob_up", FIXTURE_BLOB_BYTES, None), ("blob_small", len(SMALL_BLOB), SMALL_BLOB_SHA256)):
+            if alive(getattr(self, name), M_USER, False):
+                continue
+            iq_id = next(self.ping_ids)
+            self._run(self.m.send_stanzas, [{"t": "iq", "id": iq_id, "op": "blob.new", "size": size,
+                                             "sha256": sha256 or os.urandom(32)}])
+            self._settle()
+            answers = self.m.split(self.m.received())
+            if len(answers) == 1 and answers[0].get("id") == iq_id and answers[0].get("t") == "res":
+                setattr(self, name, answers[0]["blob"])
+            elif not (len(answers) == 1 and answers[0].get("id") == iq_id and answers[0].get("code") == "rate_limited"
+                      and getattr(self, name) is not None):  # at the limit of unfinished uploads
+                _fail(f"restoring {name}: M got {_show(answers)}")
+
     # -- one input
 
     def serve(self, data: bytes) -> None:
@@ -962,7 +1172,11 @@ class Harness:
         self.internal_errors = self.server.counters["internal_errors"]
         if not self.m.open:
             self.m = self.connect(M_USER, 1)
+        self._run(self.server.domain.blobs.sweep, self.now())  # expired blobs go, quiet uploads leave memory
+        self._settle()
         self._restore_groups()
+        self._restore_blobs()
+        self._check_health("the sweep and the fixtures")
 
         plaintext = self.plaintext(data)
         try:
@@ -988,28 +1202,63 @@ class Harness:
         elif not m.open:
             _fail(f"M's session closed ({m.protocol.conn.close_reason}) without a bye")
         self._check_health("M's input")
+        self._check_blob_answers(answers, sent)
 
         self._probe()
         self.drain()
         self._check_health("the probes")
 
+    @property
+    def fixture_blobs(self) -> tuple[bytes, bytes, bytes]:
+        """The ids BLOB_MARKERS stand for."""
+        return self.blob_up, self.blob_small, self.blob_ready
+
+    def _check_blob_answers(self, answers: list, sent: list) -> None:
+        """M's res to its blob.read and blob.write of the fixture blobs (iq ids used once): the
+        bytes read are the blob's, and only M's own uploads take writes."""
+        contents = {self.blob_ready: READY_BLOB, self.blob_small: SMALL_BLOB}
+        sizes = {self.blob_up: FIXTURE_BLOB_BYTES, self.blob_small: len(SMALL_BLOB)}
+        requests: dict = {}
+        for stanza in sent:
+            if stanza.get("t") == "iq" and type(stanza.get("id")) is int:
+                requests.setdefault(stanza["id"], []).append(stanza)
+        for answer in answers:
+            asked = requests.get(answer.get("id")) if answer["t"] == "res" else None
+            if not asked or len(asked) != 1:
+                continue
+            stanza = asked[0]
+            op, blob = stanza.get("op"), stanza.get("blob")
+            if op == "blob.read" and blob in contents:
+                content, off = contents[blob], stanza["off"]
+                expected = {"t": "res", "id": answer["id"], "data": content[off:off + stanza["len"]], "size": len(content)}
+                if answer != expected:
+                    _fail(f"M's blob.read {_show(stanza)} was answered {_show(answer)}, expected {_show(expected)}")
+            elif op == "blob.write" and blob in (self.blob_up, self.blob_small, self.blob_ready):
+                size = sizes.get(blob)
+                if size is None or not answer["have"] <= size or (answer["ready"] and answer["have"] != size):
+                    _fail(f"M's blob.write {_show(stanza)} was answered {_show(answer)} (the fixture's size: {size})")
+
     def plaintext(self, data: bytes) -> bytes:
         if not data or data[0] < 0x80:
             plaintext = data[1:]
             plaintext = plaintext.replace(GROUP_MARKER, self.g1).replace(GROUP2_MARKER, self.g2)
+            for marker, blob in zip(BLOB_MARKERS, self.fixture_blobs):
+                plaintext = plaintext.replace(marker, blob)
         else:
-            plaintext = _Builder(fuzzlib.provider(data[1:]), (self.g1, self.g2)).plaintext()
+            plaintext = _Builder(fuzzlib.provider(data[1:]), (self.g1, self.g2), self.fixture_blobs).plaintext()
         return plaintext[: self.m.client.max_plaintext_bytes]
 
     def _probe(self) -> None:
         if not self.m.open:  # closed by the contract: M comes back for the probe
             self.m = self.connect(M_USER, 1)
         m, v = self.m, self.v
-        m_ping, v_ping, v_iq = next(self.ping_ids), next(self.ping_ids), next(self.ping_ids)
+        m_ping, v_ping, v_iq, v_blob = (next(self.ping_ids) for _ in range(4))
 
         def send():
             m.send_stanzas([{"t": "ping", "id": m_ping}] + ([{"t": "recv", "seq": m.take_seqs()}] if m.seqs else []))
-            v.send_stanzas([{"t": "ping", "id": v_ping}, {"t": "iq", "id": v_iq, "op": "block.list"}]
+            v.send_stanzas([{"t": "ping", "id": v_ping}, {"t": "iq", "id": v_iq, "op": "block.list"},
+                            {"t": "iq", "id": v_blob, "op": "blob.read", "blob": self.blob_ready, "off": 0,
+                             "len": BLOB_CHUNK}]
                            + ([{"t": "recv", "seq": v.take_seqs()}] if v.seqs else []))
 
         self._run(send)
@@ -1018,7 +1267,8 @@ class Harness:
         if m_answers != [{"t": "pong", "id": m_ping}]:
             _fail(f"M's probe ping {m_ping} was answered {_show(m_answers)}")
         v_answers = v.split(v.received())
-        expected = [{"t": "pong", "id": v_ping}, {"t": "res", "id": v_iq, "users": V_BLOCKS, "more": False}]
+        expected = [{"t": "pong", "id": v_ping}, {"t": "res", "id": v_iq, "users": V_BLOCKS, "more": False},
+                    {"t": "res", "id": v_blob, "data": READY_BLOB[:BLOB_CHUNK], "size": len(READY_BLOB)}]
         if v_answers != expected:
             _fail(f"isolation: V's probe was answered {_show(v_answers)}, expected {_show(expected)}")
         m2_answers = self.m2.split(self.m2.received())

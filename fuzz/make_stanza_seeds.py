@@ -149,7 +149,40 @@ def stanza_serve_seeds() -> dict:
         if replayed != plaintext:
             raise SystemExit(f"structured seed {number} does not replay through FuzzedDataProvider")
         seeds[f"structured-{number:02d}"] = seed
+    seeds.update({name: RAW + data for name, data in blob_seeds(harness).items()})
     return seeds
+
+
+def blob_seeds(harness) -> dict:
+    """The blob operations on the harness's fixture blobs (their markers stand for the ids)."""
+    upload, small, ready = harness.BLOB_MARKER, harness.SMALL_BLOB_MARKER, harness.READY_BLOB_MARKER
+    chunk, whole = harness.BLOB_CHUNK, harness.SMALL_BLOB
+
+    def iq(number: int, op: str, **fields) -> dict:
+        return {"t": "iq", "id": number, "op": op, **fields}
+
+    half = len(whole) // 2
+    return {
+        "iq-blob.new": pack(iq(40, "blob.new", size=1000, sha256=b"\x11" * 32)),
+        "iq-blob.write": pack(iq(41, "blob.write", blob=upload, off=0, data=b"x" * 100)),
+        "iq-blob.read": pack(iq(42, "blob.read", blob=ready, off=0, len=100)),
+        "blob-upload-completes": pack(
+            iq(43, "blob.write", blob=small, off=0, data=whole[:half]), iq(44, "blob.write", blob=small, off=half, data=whole[half:]),
+            iq(45, "blob.write", blob=small, off=0, data=whole[:half]), iq(46, "blob.read", blob=small, off=0, len=len(whole))),
+        "blob-upload-bad-hash": pack(
+            iq(47, "blob.write", blob=small, off=0, data=bytes(len(whole))), iq(48, "blob.write", blob=small, off=0, data=whole[:16])),
+        "blob-write-not-owner": pack(iq(49, "blob.write", blob=ready, off=0, data=b"y" * 16),
+                                     iq(50, "blob.read", blob=upload, off=0, len=16)),
+        "blob-chunk": pack(iq(51, "blob.write", blob=upload, off=0, data=b"c" * chunk)),
+        "blob-chunk-too-large": pack(iq(52, "blob.write", blob=upload, off=0, data=b"c" * (chunk + 1))),
+        "blob-read-tail-and-bad-fields": pack(
+            iq(53, "blob.read", blob=ready, off=chunk, len=chunk), iq(54, "blob.read", blob=ready, off=len(harness.READY_BLOB), len=1),
+            iq(55, "blob.read", blob=ready, off=len(harness.READY_BLOB) + 1, len=1), iq(56, "blob.new", size=0, sha256=bytes(32)),
+            iq(57, "blob.new", size=harness.BLOB_MAX + 1, sha256=bytes(32)), iq(58, "blob.new", size=2**64 - 1, sha256=bytes(31)),
+            iq(59, "blob.write", blob=upload, off=-1, data=b""), iq(60, "blob.write", blob=upload, off=harness.FIXTURE_BLOB_BYTES, data=b"z"),
+            iq(61, "blob.read", blob=ready[:15], off=0, len=1), iq(62, "blob.read", blob=ready, off=0, len=chunk + 1),
+            iq(63, "blob.write", blob=upload, off=0, data="str")),
+    }
 
 
 HARNESSES = {"stanza_decode": stanza_decode_seeds, "stanza_serve": stanza_serve_seeds}
