@@ -6,6 +6,7 @@
     python bench/gateway_load.py --durability sync offline --messages 50000 --pairs 8
     python bench/gateway_load.py --durability sync keys --seconds 5 --concurrency 32
     python bench/gateway_load.py idle-rss --connections 10000
+    python bench/gateway_load.py --durability sync blobs --peers 4 --size-mib 16 --seconds 5
 
 Global options (before the subcommand): ``--durability sync|async`` (LMDB commits, default
 sync) and ``--data-dir`` (default: a new temporary folder).
@@ -59,6 +60,14 @@ loop also wait for each other there).
   at most ``KEYS_GET_PER_REQUESTER`` times (under the burst); the window ends early, and says so,
   when that budget runs out. ``rate_limited`` answers are counted (they must be 0).
 * ``idle-rss``: gateway RSS growth per authenticated idle connection.
+* ``blobs``: attachments. ``--peers`` SDK clients each upload a ``--size-mib`` blob again and
+  again for ``--seconds`` (``Client.upload_blob``: chunks of the announced ``blob_chunk``,
+  ``blob_in_flight`` outstanding, the last answered after the gateway's sync and hash), finish
+  the one under way, then download the ready blobs over and over (``download_blob``) for as
+  long: MB/s each way, gateway CPU ms per MB and what one core would carry, how long after its
+  last chunks a blob was ready, and the gateway's RSS before and at its peak during the uploads
+  (``--peers 100 --size-mib 50``: the memory goal of 100 concurrent 50 MB uploads). With
+  ``messages --media-peers N``, N such uploaders run beside the chat (its latency with media).
 """
 
 from __future__ import annotations
@@ -66,6 +75,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import hashlib
 import json
 import os
 import platform
@@ -78,6 +88,7 @@ import uvloop
 
 import interlink.core
 from interlink.client import Client, Suite
+from interlink.core.errors import ServerError
 from interlink.core.protocol.stanza import encode_stanza
 from interlink.load import child
 from interlink.load.peer import LeanPeer
@@ -86,6 +97,8 @@ from interlink.load.schedule import TIME_BYTES, start_open_loop
 from interlink.testing import DemoIssuer
 
 AUDIENCE = "bench"
+# The blob benchmarks measure the gateway, not its per-user blob rate limit or the free disk
+LIFTED_BLOB_LIMITS = {"blob_min_free_bytes": 0, "blob_kib_per_s_per_user": 1 << 30}
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -370,10 +383,20 @@ async def bench_messages(args) -> dict:
             if (value := getattr(args, name)) is not None
         }
         async with GatewayChild(
-            issuer.issuer, Path(args.data_dir), args.durability, commit_mode=args.commit_mode, **overload
+            issuer.issuer, Path(args.data_dir), args.durability, commit_mode=args.commit_mode, **LIFTED_BLOB_LIMITS,
+            **overload
         ) as gateway:
             def token(user: str) -> str:
                 return issuer.issue(user, audience=AUDIENCE, expires_in=3600)
+
+            # Media beside the chat (--media-peers): devices uploading blobs for the whole run.
+            media: list[MediaPeer] = []
+            if args.media_peers:
+                prepared = PreparedBlob(os.urandom(int(args.media_mib * 2**20)))
+                for i in range(args.media_peers):
+                    media.append(MediaPeer(await connect(gateway, token(f"m{i}"), 1, Suite.XX_CHACHAPOLY)))
+                for peer in media:
+                    peer.upload(prepared)
 
             recipients = [Recipient() for _ in range(args.pairs)]
             senders = [Sender(f"r{i}@bench", args.payload) for i in range(args.pairs)]
@@ -415,7 +438,7 @@ async def bench_messages(args) -> dict:
             def snapshot() -> tuple:
                 return (
                     sent(), acked(), delivered(), gateway_cpu_s(gateway), *cpu_times(gateway.pid),
-                    gateway_runqueue_wait_s(gateway), client_cpu_s(), time.monotonic(),
+                    gateway_runqueue_wait_s(gateway), client_cpu_s(), time.monotonic(), sum(p.bytes for p in media),
                 )
 
             before = snapshot()
@@ -428,17 +451,23 @@ async def bench_messages(args) -> dict:
                 stop_open_loop()
             for sender in senders:
                 sender.refill = False
+            for peer in media:  # the chat's tail matters here, not the blob's: cut the uploads
+                peer.running = False
+                peer.task.cancel()
             await wait_until(
                 lambda: not any(s.unacked for s in senders) and delivered() >= acked(), peers, TAIL_TIMEOUT_S
             )
+            media_errors = collections.Counter()
+            for peer in media:
+                media_errors.update(peer.errors)
+                await peer.client.close()
             await asyncio.sleep(QUIET_S)
             check = delivery_check(senders, recipients)
             for peer in peers:
                 await peer.close()
 
-    window_sent, window_acked, window_delivered, gateway_cpu, gateway_user, gateway_system, gateway_wait, client_cpu, elapsed = (
-        end - start for start, end in zip(before, after)
-    )
+    (window_sent, window_acked, window_delivered, gateway_cpu, gateway_user, gateway_system, gateway_wait, client_cpu,
+     elapsed, media_bytes) = (end - start for start, end in zip(before, after))
     ack_latencies = [ns for s in senders for ns in s.ack_latencies_ns]
     delivery_latencies = [ns for r in recipients for ns in r.delivery_latencies_ns]
     result = {
@@ -470,6 +499,9 @@ async def bench_messages(args) -> dict:
         "delivery_latency_ms_p99": percentile_ms(delivery_latencies, 0.99),
         "latency_samples": len(ack_latencies),
     }
+    if args.media_peers:
+        result.update(media_peers=args.media_peers, media_mb_per_s=round(media_bytes / 1e6 / elapsed, 1),
+                      media_mb_in_window=round(media_bytes / 1e6), media_errors=dict(media_errors))
     result.update(check)
     return result
 
@@ -780,6 +812,151 @@ async def bench_keys(args) -> dict:
     }
 
 
+class PreparedBlob:
+    """The same bytes uploaded again and again: their size and SHA-256 computed once (what
+    ``Client.upload_blob`` reads from an object with ``size``, ``sha256`` and ``read``)."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data, self.size, self.sha256 = data, len(data), hashlib.sha256(data).digest()
+
+    def read(self, offset: int, length: int) -> bytes:
+        return self.data[offset:offset + length]
+
+
+class MediaPeer:
+    """One SDK client uploading (or downloading) blobs back to back while ``running``: bytes
+    acknowledged so far, and for uploads the time from the last chunk sent to ``ready``."""
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+        self.running = True
+        self.bytes = 0
+        self.ready: list[bytes] = []
+        self.ready_waits_s: list[float] = []
+        self.errors: collections.Counter = collections.Counter()
+        self.task: asyncio.Task | None = None
+
+    def upload(self, prepared: PreparedBlob) -> None:
+        async def loop() -> None:
+            while self.running:
+                done = [0]
+                last_chunk_at = [0.0]
+
+                def progress(sent: int, size: int) -> None:
+                    self.bytes += sent - done[0]
+                    done[0] = sent
+                    if sent >= size - self.client.limits["blob_chunk"] * self.client.limits["blob_in_flight"]:
+                        last_chunk_at[0] = last_chunk_at[0] or time.monotonic()
+
+                try:
+                    blob = await self.client.upload_blob(prepared, progress=progress)
+                except ServerError as exc:
+                    self.errors[exc.code] += 1
+                    return
+                self.ready.append(blob)
+                self.ready_waits_s.append(time.monotonic() - last_chunk_at[0])
+
+        self.task = asyncio.ensure_future(loop())
+
+    def download(self, blob: bytes) -> None:
+        peer = self
+
+        class Counter:
+            def write(self, data: bytes) -> None:
+                peer.bytes += len(data)
+
+        async def loop() -> None:
+            while self.running:
+                try:
+                    await self.client.download_blob(blob, Counter())
+                except ServerError as exc:
+                    self.errors[exc.code] += 1
+                    return
+
+        self.task = asyncio.ensure_future(loop())
+
+
+async def _sample_rss(pid: int, peak: list[int], stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        peak[0] = max(peak[0], rss_bytes(pid))
+        await asyncio.sleep(0.05)
+
+
+async def bench_blobs(args) -> dict:
+    """Blob upload and download throughput through one gateway core, and the gateway's memory."""
+    _raise_fd_limit()
+    prepared = PreparedBlob(os.urandom(int(args.size_mib * 2**20)))
+    async with DemoIssuer() as issuer:
+        async with GatewayChild(issuer.issuer, Path(args.data_dir), args.durability, **LIFTED_BLOB_LIMITS) as gateway:
+            def token(user: str) -> str:
+                return issuer.issue(user, audience=AUDIENCE, expires_in=3600)
+
+            uploaders = [MediaPeer(await connect(gateway, token(f"up{i}"), 1, Suite.XX_CHACHAPOLY))
+                         for i in range(args.peers)]
+            await asyncio.sleep(0.3)
+            rss_before = rss_bytes(gateway.pid)
+            peak, stop = [rss_before], asyncio.Event()
+            sampler = asyncio.ensure_future(_sample_rss(gateway.pid, peak, stop))
+            # uploads: each peer uploads the blob again and again for the window...
+            cpu_before, client_before, wall_before = gateway_cpu_s(gateway), client_cpu_s(), time.monotonic()
+            for uploader in uploaders:
+                uploader.upload(prepared)
+            await asyncio.sleep(args.seconds)
+            up_cpu, up_client = gateway_cpu_s(gateway) - cpu_before, client_cpu_s() - client_before
+            up_wall = time.monotonic() - wall_before
+            uploaded = sum(u.bytes for u in uploaders)
+            for uploader in uploaders:
+                uploader.running = False  # ...then finishes the one it is uploading
+            await asyncio.wait_for(asyncio.gather(*(u.task for u in uploaders)), 600)
+            stop.set()
+            await sampler
+            blobs = [b for u in uploaders for b in u.ready]
+            if not blobs:
+                raise RuntimeError(f"no upload completed: {[dict(u.errors) for u in uploaders]}")
+            # downloads: each peer reads a ready blob again and again for the window
+            downloaders = []
+            for i in range(args.peers):
+                downloader = MediaPeer(await connect(gateway, token(f"down{i}"), 1, Suite.XX_CHACHAPOLY))
+                downloaders.append(downloader)
+            cpu_before, client_before, wall_before = gateway_cpu_s(gateway), client_cpu_s(), time.monotonic()
+            for i, downloader in enumerate(downloaders):
+                downloader.download(blobs[i % len(blobs)])
+            await asyncio.sleep(args.seconds)
+            down_cpu, down_client = gateway_cpu_s(gateway) - cpu_before, client_cpu_s() - client_before
+            down_wall = time.monotonic() - wall_before
+            downloaded = sum(d.bytes for d in downloaders)
+            for downloader in downloaders:
+                downloader.running = False
+            await asyncio.wait_for(asyncio.gather(*(d.task for d in downloaders)), 600)
+            errors = collections.Counter()
+            for peer in uploaders + downloaders:
+                errors.update(peer.errors)
+                await peer.client.close()
+    mb = 1e6
+    waits = sorted(w for u in uploaders for w in u.ready_waits_s)
+    return {
+        "benchmark": "blobs",
+        "peers": args.peers, "blob_mib": args.size_mib, "chunk_bytes": uploaders[0].client.limits["blob_chunk"],
+        "in_flight": uploaders[0].client.limits["blob_in_flight"],
+        "upload_mb_per_s": round(uploaded / mb / up_wall, 1),
+        "upload_gateway_cpu_busy": round(up_cpu / up_wall, 2),
+        "upload_client_cpu_busy": round(up_client / up_wall, 2),
+        "upload_gateway_cpu_ms_per_mb": round(up_cpu * 1000 / (uploaded / mb), 3) if uploaded else None,
+        "upload_capacity_mb_per_core_s": round((uploaded / mb) / up_cpu, 1) if up_cpu else None,
+        "blobs_completed": len(blobs),
+        "ready_after_last_chunks_ms_p50": round(waits[len(waits) // 2] * 1000, 1),
+        "ready_after_last_chunks_ms_max": round(waits[-1] * 1000, 1),
+        "download_mb_per_s": round(downloaded / mb / down_wall, 1),
+        "download_gateway_cpu_busy": round(down_cpu / down_wall, 2),
+        "download_client_cpu_busy": round(down_client / down_wall, 2),
+        "download_gateway_cpu_ms_per_mb": round(down_cpu * 1000 / (downloaded / mb), 3) if downloaded else None,
+        "download_capacity_mb_per_core_s": round((downloaded / mb) / down_cpu, 1) if down_cpu else None,
+        "gateway_rss_before_mib": round(rss_before / 2**20, 1),
+        "gateway_rss_peak_during_uploads_mib": round(peak[0] / 2**20, 1),
+        "errors": dict(errors),
+    }
+
+
 async def bench_bare_rss(args) -> dict:
     """The floor: RSS per idle TCP connection to a uvloop server that keeps no state."""
     _raise_fd_limit()
@@ -867,6 +1044,9 @@ def main() -> None:
         "--rate", type=float, default=0.0,
         help="open loop: messages/s in total, latency from each message's intended send time (0: closed loop)",
     )
+    messages.add_argument("--media-peers", type=int, default=0,
+                          help="SDK clients uploading blobs all along (Client.upload_blob): chat beside media")
+    messages.add_argument("--media-mib", type=float, default=64.0, help="size of each of their blobs")
     offline = sub.add_parser("offline")
     offline.add_argument("--messages", type=int, default=50000, help="messages stored, then drained, in total")
     offline.add_argument("--pairs", type=int, default=8, help="sender/recipient pairs (one device each)")
@@ -882,6 +1062,10 @@ def main() -> None:
         "--requesters", type=int, default=1500,
         help=f"requesting users (keys.get is rate limited per user: each is used at most {KEYS_GET_PER_REQUESTER} times)",
     )
+    blobs = sub.add_parser("blobs")
+    blobs.add_argument("--seconds", type=float, default=5.0, help="each phase: uploads, then downloads")
+    blobs.add_argument("--peers", type=int, default=4, help="devices uploading (then downloading) at once")
+    blobs.add_argument("--size-mib", type=float, default=16.0, help="size of each blob")
     idle = sub.add_parser("idle-rss")
     idle.add_argument("--connections", type=int, default=10000)
     idle.add_argument("--bare", action="store_true", help="measure a stateless uvloop server instead (the floor)")
@@ -892,7 +1076,7 @@ def main() -> None:
     _pin(1)
     runner = {
         "handshakes": bench_handshakes, "idle-rss": bench_idle_rss, "messages": bench_messages, "offline": bench_offline,
-        "keys": bench_keys,
+        "keys": bench_keys, "blobs": bench_blobs,
     }[args.command]
     if args.data_dir is None:
         # A run stores up to ~100 MB of mailboxes: a folder of our own, removed afterwards.

@@ -44,6 +44,14 @@ MAX_QUEUED_STANZAS = 10_000  # unread stanzas before the client gives up (recv()
 DEDUP_MEMORY = 10_000  # (from, id) pairs remembered to drop redelivered messages
 
 
+BLOB_UPLOAD_PASSES = 3  # passes over the missing parts of an upload before giving up (rate limits not counted)
+
+
+def _retry_after_s(exc: ServerError) -> float:
+    retry_after = exc.fields.get("retry_after")
+    return retry_after / 1000 if type(retry_after) is int and 0 < retry_after <= 86_400_000 else 1.0
+
+
 class _BlobSource:
     """What ``Client.upload_blob`` reads from: bytes, a path or a seekable binary file, with its
     size and SHA-256 (a file is hashed in pieces, never read whole)."""
@@ -379,82 +387,136 @@ class Client:
         earlier, interrupted upload of the same bytes) it resumes from what the gateway has.
         A file is read twice (its SHA-256 first, then its chunks) and never held whole in memory;
         up to the announced ``blob_in_flight`` chunks are in flight at once. ``progress(sent,
-        size)`` is called after each acknowledged chunk. ``bad_hash`` (the bytes changed while
-        they were read) raises ``ServerError``."""
+        size)`` is called after each acknowledged chunk. ``rate_limited`` answers are waited out
+        (``retry_after``) and the upload goes on; ``bad_hash`` (the bytes changed while they
+        were read) raises ``ServerError``."""
         with _BlobSource(source) as data:
-            limits = self.limits
-            chunk, in_flight = limits.get("blob_chunk"), limits.get("blob_in_flight")
-            if type(chunk) is not int or type(in_flight) is not int:
-                raise InterlinkError("this gateway does not serve blobs (no blob limits in its welcome)")
+            chunk, in_flight = self._blob_limits()
             if blob is None:
-                blob = (await self.iq("blob.new", size=data.size, sha256=data.sha256, timeout_s=timeout_s))["blob"]
+                blob = (await self._rate_limited(
+                    lambda: self.iq("blob.new", size=data.size, sha256=data.sha256, timeout_s=timeout_s)))["blob"]
                 have = 0
             else:
-                answer = await self.iq("blob.write", blob=blob, off=0, data=b"", timeout_s=timeout_s)
-                if answer["ready"]:
-                    return blob
-                have = answer["have"]
-            offsets = range(have, data.size, chunk)
-            pending: collections.deque = collections.deque()
-            for offset in offsets:
-                if len(pending) >= in_flight:
-                    answer = await self._blob_written(pending, progress, data.size)
-                pending.append(asyncio.ensure_future(self.iq(
-                    "blob.write", blob=blob, off=offset, data=data.read(offset, chunk), timeout_s=timeout_s)))
-            answer = None
-            while pending:
-                answer = await self._blob_written(pending, progress, data.size)
-            if answer is None or not answer["ready"]:  # nothing was left to write, or the last answer says not ready
-                answer = await self.iq("blob.write", blob=blob, off=0, data=b"", timeout_s=timeout_s)
-            if not answer["ready"]:
-                raise InterlinkError(f"the upload of blob {blob.hex()} is not complete (the gateway has {answer['have']} bytes)")
-            return blob
+                have = None  # ask the gateway
+            passes = 0
+            window = in_flight  # writes in flight at most (back to 1 after a rate limit, then doubling)
+            pending: collections.deque = collections.deque()  # the writes in flight, oldest first
+            try:
+                while True:
+                    if have is None:
+                        answer = await self.iq("blob.write", blob=blob, off=0, data=b"", timeout_s=timeout_s)
+                        if answer["ready"]:
+                            return blob
+                        have = answer["have"]
+                    if passes == BLOB_UPLOAD_PASSES:
+                        raise InterlinkError(
+                            f"the upload of blob {blob.hex()} is not complete after {passes} passes (the gateway has {have} bytes)")
+                    answer, refused = None, None
+                    for offset in range(have, data.size, chunk):
+                        if len(pending) >= window:
+                            answer, refused = await self._blob_written(pending, progress, data.size, answer)
+                            if refused is not None:
+                                break
+                            window = min(in_flight, 2 * window)
+                        pending.append(asyncio.ensure_future(self.iq(
+                            "blob.write", blob=blob, off=offset, data=data.read(offset, chunk), timeout_s=timeout_s)))
+                    # The rest of the pass's answers (after a refusal too: nothing stays in the pipe
+                    # to spend the tokens waited for), in order.
+                    while pending:
+                        answer, refusal = await self._blob_written(pending, progress, data.size, answer)
+                        if refusal is not None and (refused is None or _retry_after_s(refusal) >= _retry_after_s(refused)):
+                            refused = refusal  # the longest wait asked for
+                    if answer is not None and answer["ready"]:
+                        return blob
+                    if refused is not None:  # rate_limited: wait, then go on from what the gateway holds
+                        # one write at a time until one is taken: writes further on would spend the
+                        # tokens the first missing one waits for, round after round
+                        window = 1
+                        await asyncio.sleep(_retry_after_s(refused))
+                        have = answer["have"] if answer is not None else None
+                        continue
+                    passes += 1  # a whole pass, and still not ready
+                    have = None  # nothing was left to write, or the gateway lacks a part: ask again
+            finally:
+                for task in pending:
+                    task.cancel()
 
-    async def _blob_written(self, pending: collections.deque, progress, size: int) -> dict:
-        try:
-            answer = await pending.popleft()
-        except BaseException:
-            for task in pending:  # the upload failed: do not leave writes waiting behind it
-                task.cancel()
-            raise
-        if progress is not None:
-            progress(answer["have"] if not answer["ready"] else size, size)
-        return answer
-
-    async def download_blob(self, blob: bytes, sink=None, *, progress=None, timeout_s: float = 60.0):
-        """Read the whole blob ``blob``: its bytes (``sink`` None), or written to ``sink`` (a file
-        path, or a binary file opened for writing) and its size returned. Chunks are read up to
-        ``blob_in_flight`` at once; ``progress(received, size)`` after each. ``not_found`` (unknown,
-        expired or unfinished) raises ``ServerError``."""
+    def _blob_limits(self) -> tuple[int, int]:
         limits = self.limits
         chunk, in_flight = limits.get("blob_chunk"), limits.get("blob_in_flight")
         if type(chunk) is not int or type(in_flight) is not int:
             raise InterlinkError("this gateway does not serve blobs (no blob limits in its welcome)")
-        first = await self.iq("blob.read", blob=blob, off=0, len=chunk, timeout_s=timeout_s)
+        return chunk, in_flight
+
+    async def _rate_limited(self, request):
+        """``await request()``, again after ``retry_after`` as long as it is ``rate_limited``."""
+        while True:
+            try:
+                return await request()
+            except ServerError as exc:
+                if exc.code != "rate_limited":
+                    raise
+                await asyncio.sleep(_retry_after_s(exc))
+
+    async def _blob_written(self, pending: collections.deque, progress, size: int, latest: dict | None):
+        """The oldest write in flight answered: (the latest good answer, the ``rate_limited`` error
+        if this one was refused for it). Any other error raises."""
+        try:
+            answer = await pending.popleft()
+        except ServerError as exc:
+            if exc.code != "rate_limited":
+                raise
+            return latest, exc
+        if progress is not None:
+            progress(answer["have"] if not answer["ready"] else size, size)
+        if latest is not None and latest["have"] > answer["have"] and not answer["ready"]:
+            return latest, None  # answers come in order, and have never shrinks during a pass
+        return answer, None
+
+    async def download_blob(self, blob: bytes, sink=None, *, progress=None, timeout_s: float = 60.0):
+        """Read the whole blob ``blob``: its bytes (``sink`` None), or written to ``sink`` (a file
+        path, or a binary file opened for writing) and its size returned. Chunks are read up to
+        ``blob_in_flight`` at once, in order; ``progress(received, size)`` after each;
+        ``rate_limited`` is waited out. ``not_found`` (unknown, expired or unfinished) raises
+        ``ServerError``."""
+        chunk, in_flight = self._blob_limits()
+        first = await self._rate_limited(lambda: self.iq("blob.read", blob=blob, off=0, len=chunk, timeout_s=timeout_s))
         size = first["size"]
         with _BlobSink(sink) as out:
             out.write(first["data"])
             received = len(first["data"])
             if progress is not None:
                 progress(received, size)
-            pending: collections.deque = collections.deque()
-            offsets = iter(range(received, size, chunk))
-            try:
-                for offset in itertools.chain(offsets, [None]):
-                    if offset is not None:
-                        pending.append(asyncio.ensure_future(
-                            self.iq("blob.read", blob=blob, off=offset, len=chunk, timeout_s=timeout_s)))
-                    while pending and (offset is None or len(pending) >= in_flight):
-                        data = (await pending.popleft())["data"]
-                        out.write(data)
-                        received += len(data)
-                        if progress is not None:
-                            progress(received, size)
-            finally:
-                for task in pending:
-                    task.cancel()
-            if received != size:
-                raise InterlinkError(f"blob {blob.hex()}: read {received} bytes of {size}")
+            window = in_flight  # reads in flight at most (back to 1 after a rate limit, then doubling)
+            while received < size:
+                pending: collections.deque = collections.deque()
+                refused = None
+                try:
+                    for offset in itertools.chain(range(received, size, chunk), [None]):
+                        if offset is not None:
+                            pending.append(asyncio.ensure_future(
+                                self.iq("blob.read", blob=blob, off=offset, len=chunk, timeout_s=timeout_s)))
+                        while pending and (offset is None or len(pending) >= window):
+                            data = (await pending.popleft())["data"]
+                            if not data:
+                                raise InterlinkError(f"blob {blob.hex()}: the gateway sent nothing at {received} of {size} bytes")
+                            out.write(data)
+                            received += len(data)
+                            window = min(in_flight, 2 * window)
+                            if progress is not None:
+                                progress(received, size)
+                except ServerError as exc:
+                    if exc.code != "rate_limited":
+                        raise
+                    refused = exc
+                finally:
+                    for task in pending:
+                        task.cancel()
+                if refused is not None:
+                    # Later reads were cut; go on from what was received (in order), one read at a
+                    # time until one is taken, after the wait.
+                    window = 1
+                    await asyncio.sleep(_retry_after_s(refused))
             return out.result(size)
 
     async def send_message(

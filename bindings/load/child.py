@@ -48,7 +48,7 @@ SETTINGS = {
     "window": int, "max_devices": int, "max_mailbox_items": int, "message_rate_per_device": float,
     "message_rate_per_user": float, "max_group": int, "max_mailbox_bytes": int, "lmdb_map_size_bytes": int,
     "max_frame_bytes": int, "commit_mode": str, "overload_turn_messages": int, "overload_refuse_after_s": float,
-    "lmdb_writemap": bool, "blob_min_free_bytes": int,
+    "lmdb_writemap": bool, "blob_min_free_bytes": int, "blob_kib_per_s_per_user": int,
 }
 
 

@@ -16,7 +16,7 @@ from interlink.core.errors import ServerError
 from interlink.gateway import Gateway
 from interlink.load import child
 from interlink.testing import DemoIssuer
-from three_providers import AUD, close_all, config_for
+from three_providers import AUD, People, close_all, config_for
 
 MIB = 1 << 20
 
@@ -205,3 +205,17 @@ async def test_blob_figures_reach_the_operator(people):
     assert stats["blobs"]["blob_bytes"] == 10_000
     assert stats["blobs"]["blob_bytes_written"] == 10_000
     await alice.close()
+
+
+async def test_the_sdk_waits_out_the_blob_rate_limit_and_finishes(issuers, tmp_path):
+    # 1 MiB/s per user, a burst of 2 MiB: 2.5 MiB each way needs one wait at least on each side
+    async with Gateway(config_for(issuers, tmp_path, blob_kib_per_s_per_user=1024)) as gateway:
+        people = People(gateway, issuers)
+        alice, bob = await people.connect("alice@alpha"), await people.connect("bob@beta")
+        data = os.urandom(5 * MIB // 2)
+        refusals_before = gateway.stats()["refusals"].get("rate_limited", 0)
+        blob = await alice.upload_blob(data)
+        assert gateway.stats()["refusals"].get("rate_limited", 0) > refusals_before  # it was limited...
+        assert await bob.download_blob(blob) == data  # ...and both sides finished anyway
+        assert gateway.stats()["refusals"]["rate_limited"] > refusals_before + 1
+        await close_all(alice, bob)
