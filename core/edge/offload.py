@@ -7,12 +7,27 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import os
+import threading
 from typing import TYPE_CHECKING, Callable
 
 if TYPE_CHECKING:
     from interlink.core.edge.server import GatewayServer
 
 log = logging.getLogger("interlink.server")
+
+
+WORKER_NICE = 19  # the workers' nice value: the loop (messages) runs first whenever it can
+
+
+def _lowest_priority() -> None:
+    """Run this worker thread at the lowest CPU priority: hashing a 100 MiB blob takes a tenth of
+    a second of CPU, and on a core shared with the event loop it must not delay messages (the
+    loop preempts it; at nice 19 it still gets a small share, so a busy loop never starves it)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WORKER_NICE)  # Linux: per thread
+    except (OSError, AttributeError) as exc:  # not permitted, or no per-thread priorities here
+        log.warning("offload threads keep the loop's CPU priority: %s", exc)
 
 
 class ThreadOffload:
@@ -30,7 +45,8 @@ class ThreadOffload:
 
     def submit(self, work: Callable[[], object], done: Callable[[object, float], None]) -> None:
         if self._executor is None:
-            self._executor = concurrent.futures.ThreadPoolExecutor(self.workers, thread_name_prefix="interlink-offload")
+            self._executor = concurrent.futures.ThreadPoolExecutor(
+                self.workers, thread_name_prefix="interlink-offload", initializer=_lowest_priority)
         future = asyncio.get_running_loop().run_in_executor(self._executor, work)
         self._inflight.add(future)
         future.add_done_callback(lambda finished: self._finished(finished, done))

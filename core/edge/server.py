@@ -163,6 +163,8 @@ class GatewayProtocol(asyncio.BufferedProtocol):
         server = self.server
         self.conn.receive_data(server.read_view[:nbytes], server.clock())
         server.serve(self)
+        if nbytes == READ_BUFFER_BYTES:
+            server.yield_reading(self)
 
     def eof_received(self):
         self.conn.receive_eof(self.server.clock())
@@ -239,6 +241,8 @@ class GatewayServer:
         self.auth_tasks: dict[GatewayProtocol, asyncio.Task] = {}  # connections awaiting a key fetch
         self.paused: dict[GatewayProtocol, float] = {}  # connections whose peer stopped reading, since when
         self.throttled: dict[GatewayProtocol, None] = {}  # not read until the turn's commit is written
+        self.yielded: dict[GatewayProtocol, None] = {}  # filled a whole read: read again next loop turn
+        self._resume_yielded_scheduled = False
         self._draining = False
         self._all_closed = asyncio.Event()
         self.offload = ThreadOffload(self, workers=BLOB_WORKERS)  # hashing and syncing blobs
@@ -341,6 +345,7 @@ class GatewayServer:
         self.preauth.pop(proto, None)
         self.paused.pop(proto, None)
         self.throttled.pop(proto, None)
+        self.yielded.pop(proto, None)
         self.router.close_session(proto.conn)  # its device's newer session, if any, stays
         if not self.connections:
             self._all_closed.set()
@@ -542,6 +547,27 @@ class GatewayServer:
         self.throttled[proto] = None
         self.counters["reads_throttled"] += 1
 
+    def yield_reading(self, proto: GatewayProtocol) -> None:
+        """This connection filled a whole read buffer (a sender with more waiting: a blob upload,
+        a burst): read nothing more from it in this loop turn. The event loop would otherwise read
+        it again and again while its peer keeps sending (libuv reads up to 32 times per callback),
+        and every other connection — chat with its latency — would wait behind megabytes of one
+        upload. So each connection gets at most one buffer (256 KiB) per loop turn."""
+        transport = proto.transport
+        if transport is None or transport.is_closing() or proto in self.yielded:
+            return
+        transport.pause_reading()
+        self.yielded[proto] = None
+        if not self._resume_yielded_scheduled:
+            self._resume_yielded_scheduled = True
+            asyncio.get_running_loop().call_soon(self._resume_yielded)
+
+    def _resume_yielded(self) -> None:
+        self._resume_yielded_scheduled = False
+        yielded, self.yielded = self.yielded, {}
+        for proto in yielded:
+            self.resume_reading(proto)
+
     def committed(self) -> None:
         """A commit was written (or failed): write out what it answered, read the throttled again
         (whatever happens while writing: a connection must not stay unread for want of a commit)."""
@@ -560,7 +586,7 @@ class GatewayServer:
         reading our output (``paused``), or admission control until the commit (``throttled``)."""
         transport = proto.transport
         if (transport is not None and not transport.is_closing() and not self._draining
-                and proto not in self.paused and proto not in self.throttled):
+                and proto not in self.paused and proto not in self.throttled and proto not in self.yielded):
             transport.resume_reading()
 
     def write_touched(self) -> None:
