@@ -40,19 +40,19 @@ async def test_a_picture_goes_to_every_device_of_another_provider_and_to_the_sen
     assert len(stored) > 700_000 and picture.read_bytes()[1000:1032] not in stored
 
 
-async def test_a_voice_note_to_a_group_of_three_providers(devices):
+async def test_a_video_clip_of_several_megabytes_to_a_group_of_three_providers(devices):
     alice, bob, gus = await devices.open(ALICE, 1), await devices.open(BOB, 1), await devices.open(GUS, 1)
     await gus.client.iq("consent.set", accept=["*"], discoverable=False)  # gamma's default: its own users only
     g = await alice.create_group([BOB, GUS])
     for client in (bob, gus):
         await got(client, 1)  # the "created" event
-    voice = os.urandom(150_000)
-    pointer = await alice.upload(voice, content_type="audio/ogg")
+    clip = os.urandom(3_000_000)
+    pointer = await alice.upload(clip, content_type="video/mp4")
     await alice.send_attachment_to_group(g, pointer, caption="")
     for client in (bob, gus):
         (message,) = await got(client, 1)
         assert message.group == g and message.attachment == pointer and message.text == ""
-        assert await client.download(message.attachment) == voice
+        assert await client.download(message.attachment) == clip
 
 
 async def test_an_interrupted_upload_resumes_with_the_same_attachment(devices):
