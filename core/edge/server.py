@@ -58,9 +58,9 @@ _NO_CLAIMS = types.MappingProxyType({})  # shared by every open session's identi
 
 
 @dataclass(slots=True)
-class Limits:
+class Limits(BlobLimits):
     """Limits announced in ``welcome`` and enforced by the gateway (each a configuration key of
-    the same name, where its default is written)."""
+    the same name, where its default is written); the blobs' are inherited from ``BlobLimits``."""
 
     max_frame_bytes: int
     max_devices: int
@@ -72,13 +72,6 @@ class Limits:
     message_rate_per_user: float
     overload_turn_messages: int  # admission control (core/domain/admission.py)
     overload_refuse_after_s: float
-    blob_max_bytes: int  # blobs (core/domain/blobs.py)
-    blob_open_uploads_per_user: int
-    blob_daily_bytes_per_user: int
-    blob_min_free_bytes: int
-    blob_kib_per_s_per_user: int
-    blob_ttl_s: float
-    blob_upload_ttl_s: float
 
     @classmethod
     def from_config(cls, config, **overrides) -> Limits:

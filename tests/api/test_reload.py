@@ -56,3 +56,24 @@ async def test_reload_of_a_quota_refuses_past_the_new_bound(issuers, tmp_path):
             await alice.send_message("bob@beta", {1: b"2"})
         assert full.value.code == "mailbox_full"
         await alice.close()
+
+
+async def test_reload_of_the_blob_limits_applies_to_the_next_request_and_to_welcome(issuers, tmp_path):
+    config = config_for(issuers, tmp_path)
+    async with Gateway(config) as gateway:
+        people = People(gateway, issuers)
+        alice = await people.connect("alice@alpha")
+        assert (await alice.iq("blob.new", size=2000, sha256=bytes(32)))["t"] == "res"
+        result = await gateway.reload(dataclasses.replace(config, blob_max_bytes=1000, blob_open_uploads_per_user=2))
+        assert sorted(result["applied"]) == ["blob_max_bytes", "blob_open_uploads_per_user"]
+        with pytest.raises(ServerError) as large:
+            await alice.iq("blob.new", size=2000, sha256=bytes(32))
+        assert large.value.code == "too_large"
+        assert (await alice.iq("blob.new", size=1000, sha256=bytes(32)))["t"] == "res"  # the second unfinished one
+        with pytest.raises(ServerError) as many:
+            await alice.iq("blob.new", size=10, sha256=bytes(32))
+        assert many.value.code == "rate_limited"
+        again = await people.connect("alice@alpha", device=2)
+        assert again.welcome["limits"]["blob_max"] == 1000
+        for client in (alice, again):
+            await client.close()

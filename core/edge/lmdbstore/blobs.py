@@ -67,11 +67,8 @@ class BlobRecords:
     def save_blob_ranges(self, blob: bytes, ranges: bytes) -> bool:
         """Record the synced parts of an unfinished upload; False if it is gone or ready."""
         with write_txn(self.env) as txn:
-            raw = txn.get(blob, db=self.blobs_db)
-            if raw is None:
-                return False
-            record = _unpack(raw)
-            if record.ready:
+            record = self._unfinished(txn, blob)
+            if record is None:
                 return False
             record.ranges = ranges
             txn.put(blob, _pack(record), db=self.blobs_db)
@@ -81,11 +78,8 @@ class BlobRecords:
         """The upload is complete, synced and its hash matched: from now on it is served, until
         ``expires_ms``. False if it is gone (expired meanwhile) or already ready."""
         with write_txn(self.env) as txn:
-            raw = txn.get(blob, db=self.blobs_db)
-            if raw is None:
-                return False
-            record = _unpack(raw)
-            if record.ready:
+            record = self._unfinished(txn, blob)
+            if record is None:
                 return False
             txn.delete(_EXPIRES.pack(record.expires_ms) + blob, db=self.expiry_db)
             txn.delete(user_prefix(record.owner) + blob, db=self.uploads_db)
@@ -128,6 +122,14 @@ class BlobRecords:
             raw = txn.get(_TOTALS_KEY)
         uploads, ready, ready_bytes = _TOTALS.unpack(raw) if raw is not None else (0, 0, 0)
         return {"blob_uploads": uploads, "blobs_ready": ready, "blob_bytes": ready_bytes}
+
+    def _unfinished(self, txn, blob: bytes) -> BlobRecord | None:
+        """The record of ``blob`` if it is an unfinished upload (None: gone or ready)."""
+        raw = txn.get(blob, db=self.blobs_db)
+        if raw is None:
+            return None
+        record = _unpack(raw)
+        return None if record.ready else record
 
     def _add_totals(self, txn, *, uploads: int = 0, ready: int = 0, ready_bytes: int = 0) -> None:
         raw = txn.get(_TOTALS_KEY, db=self.blobs_db)
