@@ -289,6 +289,13 @@ def demo() -> None:
                    "instead of random bytes")
 @click.option("--e2ee-verify", type=click.FloatRange(0, 1, min_open=True), default=None,
               help="group with --e2ee: fraction of the member devices that decrypt every copy (default 0.1, at least one)")
+@click.option("--media-uploaders", type=int, default=None, help="media: SDK clients uploading blobs back to back")
+@click.option("--media-downloaders", type=int, default=None,
+              help="media: SDK clients downloading the newest ready blob back to back")
+@click.option("--media-blob-mib", type=float, default=None, help="media: MiB per blob (at most the gateway's blob_max)")
+@click.option("--media-only/--no-media-only", default=None, help="media: the blobs alone, no chat traffic")
+@click.option("--blob-kib-per-s-per-user", type=int, default=None,
+              help="media: the local gateway's per-user blob rate in KiB/s (default: lifted)")
 @click.option("--kill-at", type=click.FloatRange(0), default=None, help="SIGKILL and restart the gateway after S seconds")
 @click.option("--json", "json_path", type=click.Path(path_type=Path, dir_okay=False), default=None, help="write the report as JSON")
 @click.option("--png", "png_path", type=click.Path(path_type=Path, dir_okay=False), default=None,

@@ -63,7 +63,7 @@ def test_plain_pip_install_builds_and_imports_the_compiled_modules(tmp_path):
     # The load scenarios ship as package data: found in the install, away from any checkout.
     scenarios = subprocess.run(
         [sys.executable, "-c", "from interlink.load.scenario import find_scenario; "
-         "print('\\n'.join(str(find_scenario(n)) for n in ('chat-1to1', 'churn', 'handshake-storm', 'malformed-mix')))"],
+         "print('\\n'.join(str(find_scenario(n)) for n in ('chat-1to1', 'churn', 'handshake-storm', 'malformed-mix', 'media')))"],
         check=True, capture_output=True, text=True, cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(target)),
     ).stdout.split()
-    assert len(scenarios) == 4 and all(path.startswith(str(target / "interlink" / "load" / "scenarios")) for path in scenarios), scenarios
+    assert len(scenarios) == 5 and all(path.startswith(str(target / "interlink" / "load" / "scenarios")) for path in scenarios), scenarios

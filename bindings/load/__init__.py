@@ -6,7 +6,7 @@ that a missing dependency is named with the extra that brings it.
 Modules, each depending only on those above it: ``procstat``, ``schedule``, ``peer`` (the lean
 client), ``e2ee``, ``scenario``, ``accounting``, ``child`` (the gateway child process), ``target``
 (the gateway a run drives), ``report``, ``progress``, ``runner``, ``chat``, ``group``, ``stress``,
-``nats`` (the peer), ``view`` (merged reports, plots), ``cli``.
+``media`` (blobs beside the chat), ``nats`` (the peer), ``view`` (merged reports, plots), ``cli``.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ import os
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from interlink.core.errors import ConfigError
 from interlink.core.protocol.stanza import encode_stanza
@@ -44,7 +44,18 @@ from interlink.load.scenario import Scenario
 from interlink.load.schedule import TIME_BYTES, start_open_loop
 from interlink.load.target import RemoteGateway, open_gateway
 
-__all__ = ["Device", "accounting_drain", "chat_window", "drive_devices", "make_devices", "run_chat"]
+__all__ = ["Beside", "Device", "accounting_drain", "chat_window", "drive_devices", "make_devices", "run_chat"]
+
+
+class Beside(Protocol):
+    """Work that runs beside the chat's sending window (the media kind's blob traffic) and is
+    measured over the same window: ``read()`` its counters at the window's two snapshots (the end
+    of the warm-up and the end), and ``window_ended(increases, seconds)``, right after the window
+    and before the chat's tail, with how much each counter grew in it: stop there."""
+
+    def read(self) -> tuple: ...
+
+    def window_ended(self, increases: list, seconds: float) -> None: ...
 
 
 class Device:
@@ -270,8 +281,9 @@ def make_devices(run: Run, gateway) -> list[Device]:
 
 
 async def chat_window(run: Run, gateway, devices: list[Device], ticker: Ticker,
-                      out: Callable[[str], None] | None, kill_at_s: float | None) -> dict:
-    """The chat kind's phases: connect, send for ``duration`` (measured after ``warmup``), the tail."""
+                      out: Callable[[str], None] | None, kill_at_s: float | None, beside: Beside | None = None) -> dict:
+    """The chat kind's phases: connect, send for ``duration`` (measured after ``warmup``), the
+    tail. ``beside``: work measured over the same window, stopped before the tail."""
     scenario = run.scenario
     await connect_all(gateway, devices)
     started_ns = time.perf_counter_ns()
@@ -279,11 +291,15 @@ async def chat_window(run: Run, gateway, devices: list[Device], ticker: Ticker,
     run.sending = True
     ticker.phase = "chat"
     ticker.start()
+    read_beside = beside.read if beside is not None else tuple
     window, end, _ = await sending_window(
-        run, gateway, devices, lambda: (run.sent, run.acked, run.delivered, run.device_deliveries),
+        run, gateway, devices, lambda: (run.sent, run.acked, run.delivered, run.device_deliveries, *read_beside()),
         kill_at_s, lambda elapsed: restart_gateway(gateway, devices, out, elapsed))
     seconds = end[2] - window[2]
     counts = [b - a for a, b in zip(window[0], end[0])]
+    if beside is not None:
+        beside.window_ended(counts[4:], seconds)
+        counts = counts[:4]
     server = server_window(gateway, window[1], end[1], seconds, counts[3], "delivery")
     server["cpu_us_per_message"] = round(server["cpu_s"] / counts[2] * 1e6, 1) if counts[2] and server["cpu_s"] is not None else None
     # The tail: answers and deliveries still on their way.

@@ -36,19 +36,22 @@ from interlink.core.errors import ConfigError
 from interlink.gateway import Gateway
 from interlink.load.procstat import schedstat_s, status_bytes
 
-__all__ = ["LIFTED_LIMITS", "ChildServer", "GatewayProcess", "child_arguments", "main"]
+__all__ = ["LIFTED_BLOB_LIMITS", "LIFTED_LIMITS", "ChildServer", "GatewayProcess", "child_arguments", "main"]
 
 START_TIMEOUT_S = 30.0  # the child's "listening" line
 BIND_RETRY_S = 10.0  # how long a restarted child keeps trying a port that is still in use
 # Limits that refuse messages by design (rate limits, the mailbox quota) are lifted: the load
 # measures the gateway, and the crash test its durability, not its rate limiter.
 LIFTED_LIMITS = {"message_rate_per_device": 1e7, "message_rate_per_user": 1e7, "max_mailbox_items": 10_000_000}
+# Likewise the blob (attachment) limits a media run would otherwise hit: the per-user blob rate
+# (64 MiB/s by default; a media scenario may set its own) and the bytes a user may declare a day.
+LIFTED_BLOB_LIMITS = {"blob_kib_per_s_per_user": 1 << 30, "blob_daily_bytes_per_user": 1 << 50}
 # The GatewayConfig keys the child takes as options (--max-group N, ...), besides the ones it needs.
 SETTINGS = {
     "window": int, "max_devices": int, "max_mailbox_items": int, "message_rate_per_device": float,
     "message_rate_per_user": float, "max_group": int, "max_mailbox_bytes": int, "lmdb_map_size_bytes": int,
     "max_frame_bytes": int, "commit_mode": str, "overload_turn_messages": int, "overload_refuse_after_s": float,
-    "lmdb_writemap": bool, "blob_min_free_bytes": int, "blob_kib_per_s_per_user": int,
+    "lmdb_writemap": bool, "blob_min_free_bytes": int, "blob_kib_per_s_per_user": int, "blob_daily_bytes_per_user": int,
 }
 
 

@@ -6,8 +6,9 @@ and print and write its report.
     interlink load offline-drain --messages 20000       # store while offline, then drain
     interlink load group-fanout --members 1024 --peer nats
     interlink load chat-1to1 --target gw.example:7450 --root-public HEX --tokens users.txt
+    interlink load media --duration 5                   # blobs up and down beside the chat traffic
 
-``run_scenario`` sends a scenario to its kind's runner (``chat``, ``group``, ``stress``); ``main``
+``run_scenario`` sends a scenario to its kind's runner (``chat``, ``group``, ``stress``, ``media``); ``main``
 is the command behind the options of ``interlink.cli``: 0 when every message is accounted for,
 1 otherwise. With two or more CPUs the local gateway is pinned to CPU 0 and this process to CPU 1.
 """
@@ -25,6 +26,7 @@ from interlink.core.errors import ConfigError
 from interlink.load import nats
 from interlink.load.chat import run_chat
 from interlink.load.group import run_group
+from interlink.load.media import run_media
 from interlink.load.progress import choose_progress
 from interlink.load.report import format_report, write_json
 from interlink.load.runner import refuse_remote_kill
@@ -48,6 +50,10 @@ async def run_scenario(scenario: Scenario, *, data_dir: Path | None = None, out:
         if kill_at_s is not None:
             raise ConfigError(f"--kill-at is not supported by the {scenario.kind} scenario")
         return await run_stress(scenario, data_dir=data_dir, out=out, pin=pin, target=target)
+    if scenario.kind == "media":
+        if kill_at_s is not None:
+            raise ConfigError("--kill-at is not supported by the media scenario")
+        return await run_media(scenario, data_dir=data_dir, out=out, pin=pin, target=target)
     return await run_chat(scenario, data_dir=data_dir, out=out, kill_at_s=kill_at_s, pin=pin, target=target)
 
 

@@ -25,7 +25,9 @@ from interlink.load.accounting import percentiles_ms
 
 __all__ = ["SERIES_COUNTERS", "LiveProgress", "PlainLines", "Ticker", "choose_progress", "progress_view"]
 
-SERIES_COUNTERS = ("sent", "acked", "delivered", "device_deliveries", "refused", "connects")
+SERIES_COUNTERS = ("sent", "acked", "delivered", "device_deliveries", "refused", "connects", "media_up_bytes",
+                   "media_down_bytes")
+MEDIA_BYTES = ("media_up_bytes", "media_down_bytes")  # the media kind's counters, shown in MB
 
 
 class PlainLines:
@@ -53,7 +55,7 @@ class LiveProgress:
 
     COLUMNS = (("t", "t_s"), ("phase", "phase"), ("sent", "sent"), ("acked", "acked"), ("delivered", "delivered"),
                ("copies", "device_deliveries"), ("refused", "refused"), ("ack p99", "ack_p99_ms"),
-               ("delivery p99", "delivery_p99_ms"))
+               ("delivery p99", "delivery_p99_ms"), ("up MB", "media_up_bytes"), ("down MB", "media_down_bytes"))
 
     def __init__(self, console: Any = None, *, rows: int = 8) -> None:
         self.console = console if console is not None else Console()
@@ -115,6 +117,10 @@ class LiveProgress:
             return "—"
         if key == "t_s":
             return f"{value:.1f}s"
+        if key in MEDIA_BYTES:
+            seconds = sample["t_s"] - previous["t_s"]
+            rate = (value - previous.get(key, 0)) / seconds if seconds > 0 else 0.0
+            return f"{value / 1e6:,.0f} +{rate / 1e6:,.0f}"
         if key in ("sent", "acked", "delivered", "device_deliveries") and key in previous:
             seconds = sample["t_s"] - previous["t_s"]
             rate = (value - previous[key]) / seconds if seconds > 0 else 0.0

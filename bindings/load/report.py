@@ -4,7 +4,8 @@
 percentiles, the encoded HDR histograms that ``interlink load-merge`` adds up, errors, the loss
 accounting, the per-second timeline, wall-clock times and the verdict ``ok``) frame what each kind
 measures in between. ``format_report`` prints it; its parts (``latency_lines``, ``server_lines``,
-``outcome_lines``) also print merged reports. ``write_json`` writes it for ``--json``.
+``outcome_lines``) also print merged reports; ``media_lines`` prints the media kind's figures.
+``write_json`` writes it for ``--json``.
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ from interlink.load.accounting import histograms_section, percentiles_ms
 from interlink.load.e2ee import format_e2ee
 from interlink.load.scenario import Scenario
 
-__all__ = ["decode_histogram", "environment", "format_report", "gateway_info", "latency_lines", "outcome_lines",
-           "report_head", "report_tail", "server_lines", "write_json"]
+__all__ = ["decode_histogram", "environment", "format_report", "gateway_info", "latency_lines", "media_lines",
+           "outcome_lines", "report_head", "report_tail", "server_lines", "write_json"]
 
 
 def report_head(scenario: Scenario, gateway_info: dict) -> dict:
@@ -107,6 +108,8 @@ def format_report(report: dict) -> str:
     lines.append(f"throughput ({report['window_s']} s): {throughput}")
     lines.extend(latency_lines(report))
     lines.extend(server_lines(report))
+    if report.get("media"):
+        lines.extend(media_lines(report))
     if "e2ee" in report:
         lines.append(format_e2ee(report["e2ee"]))
     lines.extend(outcome_lines(report))
@@ -140,6 +143,31 @@ def server_lines(report: dict) -> list[str]:
     return lines
 
 
+def media_lines(report: dict) -> list[str]:
+    """The media kind's figures (``report["media"]``): its clients, MB/s each way over the
+    window, blobs completed, the time from the last chunk to ready, its errors."""
+    media = report["media"]
+    rate = media["blob_kib_per_s_per_user"]
+    lines = [
+        f"media{'' if media['chat'] else ' only (no chat)'}: {media['uploaders']} uploaders, {media['downloaders']} "
+        f"downloaders, blobs of {media['blob_mib']:g} MiB (chunks {media['chunk_bytes']} B, {media['in_flight']} in flight); "
+        f"blob rate per user: {rate if isinstance(rate, str) else f'{rate} KiB/s'}",
+        f"media ({media['window_s']} s{', beside the chat' if media['chat'] else ''}): upload {media['upload_mb_per_s']} MB/s, "
+        f"download {media['download_mb_per_s']} MB/s; blobs completed {media['blobs_completed']}, downloads completed "
+        f"{media['downloads_completed']}",
+    ]
+    ready = media["ready_after_last_chunk_ms"]
+    lines.append(
+        "media: ready after the last chunk "
+        + (f"p50 {ready['p50']} ms, max {ready['max']} ms (n={ready['count']})" if ready else "(no blob completed in the window)")
+        + f"; errors by code: {media['errors_by_code'] or 'none'}; downloads checked byte for byte: "
+        + (f"{media['mismatched_chunks']} chunks DIFFER" if media["mismatched_chunks"] else "all equal")
+    )
+    if media["chat"] and report.get("gateway", {}).get("target", "local") == "local":
+        lines.append("(the server's CPU above is the chat's and the media's together)")
+    return lines
+
+
 def outcome_lines(report: dict) -> list[str]:
     """Errors by code, the loss accounting and the verdict."""
     errors = report["errors"]
@@ -156,6 +184,8 @@ def outcome_lines(report: dict) -> list[str]:
     )
     if report.get("stress"):  # churn, handshake-storm, malformed-mix: their own figures and verdicts
         lines.extend(stress_lines(report))
+    for why in (report.get("media") or {}).get("failed_because", []):
+        lines.append(f"FAILED: {why}")
     e2ee_failures = report.get("e2ee", {}).get("failures", 0)
     restart = (report.get("group") or {}).get("restart")
     if restart is not None:

@@ -22,9 +22,11 @@ from interlink.load.schedule import TIME_BYTES
 __all__ = ["KINDS", "KIND_KEYS", "STRESS_KINDS", "Scenario", "find_scenario", "load_scenario", "make_scenario",
            "parse_rate"]
 
-KINDS = ("chat", "offline-drain", "group", "churn", "handshake-storm", "malformed-mix")
+KINDS = ("chat", "offline-drain", "group", "churn", "handshake-storm", "malformed-mix", "media")
 STRESS_KINDS = ("churn", "handshake-storm", "malformed-mix")  # run by interlink.load.stress
 MAX_GROUP = 1024  # the gateway's default limits.max_group
+MAX_MEDIA_CLIENTS = 1000  # media: uploaders, and downloaders, each
+MAX_MEDIA_BLOB_MIB = 1024.0  # media: held in memory once; the gateway's blob_max may be lower (checked at connect)
 SCENARIO_DIR = Path(__file__).resolve().parent / "scenarios"  # package data: a wheel, or bindings/load of a checkout
 
 # The keys every kind uses (``e2ee`` too: false is what the non-chat kinds do, and true is
@@ -38,6 +40,8 @@ KIND_KEYS = {
     "churn": frozenset({"users", "devices", "connect_rate", "keep_fraction", "churn_messages", "payload"}),
     "handshake-storm": frozenset({"users", "connect_rate", "inflight", "keep_fraction"}),
     "malformed-mix": frozenset({"users", "devices", "rate", "inflight", "payload", "warmup", "malformed_share"}),
+    "media": frozenset({"users", "devices", "rate", "inflight", "payload", "warmup", "media_uploaders",
+                        "media_downloaders", "media_blob_mib", "media_only", "blob_kib_per_s_per_user"}),
 }
 
 
@@ -102,6 +106,17 @@ class Scenario:
     malformed_share: float = 0.0
     """malformed-mix: share of all inputs (well-formed messages + malformed inputs) that are
     malformed frames or stanzas, each checked for the answer the contract names."""
+    media_uploaders: int = 2
+    """media: SDK clients (users of their own) uploading blobs back to back."""
+    media_downloaders: int = 2
+    """media: SDK clients (users of their own) downloading ready blobs back to back."""
+    media_blob_mib: float = 16.0
+    """media: MiB of each blob (random bytes, at most the gateway's ``limits.blob_max``)."""
+    media_only: bool = False
+    """media: the blobs alone, no chat traffic beside them."""
+    blob_kib_per_s_per_user: int | None = None
+    """media: the local gateway's blob rate per user (KiB/s of writes and reads; the gateway's
+    default is 65,536); None: lifted, as the message rate limits are (``interlink.load.child``)."""
 
     def validate(self) -> Scenario:
         def need(ok: bool, key: str, what: str) -> None:
@@ -120,7 +135,7 @@ class Scenario:
         need(1 <= self.inflight <= 10_000, "inflight", f"must be 1..10000, got {self.inflight}")
         need(TIME_BYTES <= self.payload <= 60_000, "payload", f"must be {TIME_BYTES}..60000 bytes, got {self.payload}")
         need(0 < self.duration <= 86_400, "duration", f"must be in (0, 86400] s, got {self.duration}")
-        need(0 <= self.warmup < self.duration or self.kind not in ("chat", "malformed-mix"), "warmup",
+        need(0 <= self.warmup < self.duration or self.kind not in ("chat", "malformed-mix", "media"), "warmup",
              "must be in [0, duration)")
         need(1 <= self.messages <= 100_000_000, "messages", f"must be 1..1e8, got {self.messages}")
         need(self.durability in ("sync", "async"), "durability", f"must be sync or async, got {self.durability!r}")
@@ -142,6 +157,19 @@ class Scenario:
              "is used only with e2ee = true (--e2ee)")
         need(not self.e2ee or self.payload >= E2EE_PLAINTEXT_HEADER, "payload",
              f"must be at least {E2EE_PLAINTEXT_HEADER} bytes with e2ee (send time and message id), got {self.payload}")
+        need(0 <= self.media_uploaders <= MAX_MEDIA_CLIENTS, "media_uploaders",
+             f"must be 0..{MAX_MEDIA_CLIENTS}, got {self.media_uploaders}")
+        need(0 <= self.media_downloaders <= MAX_MEDIA_CLIENTS, "media_downloaders",
+             f"must be 0..{MAX_MEDIA_CLIENTS}, got {self.media_downloaders}")
+        need(self.kind != "media" or self.media_uploaders + self.media_downloaders >= 1, "media_uploaders",
+             "and media_downloaders are both 0: the media kind needs at least one media client")
+        need(not isinstance(self.media_blob_mib, bool) and math.isfinite(self.media_blob_mib)
+             and 0 < self.media_blob_mib <= MAX_MEDIA_BLOB_MIB and int(self.media_blob_mib * 2**20) >= 1,
+             "media_blob_mib", f"must be in (0, {MAX_MEDIA_BLOB_MIB:g}] MiB, got {self.media_blob_mib}")
+        need(isinstance(self.media_only, bool), "media_only", f"must be true or false, got {self.media_only!r}")
+        need(not (self.media_only and self.e2ee), "e2ee", "has no chat to encrypt with media_only")
+        need(self.blob_kib_per_s_per_user is None or 64 <= self.blob_kib_per_s_per_user <= 1 << 30,
+             "blob_kib_per_s_per_user", f"must be 64..2^30 KiB/s (or left out: lifted), got {self.blob_kib_per_s_per_user}")
         self.users += self.users % 2
         if self.kind == "group":
             self.users = self.members  # the group's members are the simulated users

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from interlink.core.errors import ConfigError
-from interlink.load.child import LIFTED_LIMITS, GatewayProcess, child_arguments
+from interlink.load.child import LIFTED_BLOB_LIMITS, LIFTED_LIMITS, GatewayProcess, child_arguments
 from interlink.load.scenario import Scenario
 from interlink.testing import DemoIssuer
 
@@ -25,20 +25,24 @@ AUDIENCE = "interlink-load"
 
 class LocalGateway(GatewayProcess):
     """A gateway in a child process with one demo OpenID issuer per provider (in this process),
-    users' rate limits and mailbox quota lifted. ``kill()`` SIGKILLs the child; ``start()`` again
-    restarts it on the same data and port. ``max_frame``, when set before the start, lowers the
-    gateway's frame maximum."""
+    users' rate limits and mailbox quota lifted, and their blob rate and daily blob bytes too
+    (``blob_kib_per_s_per_user``, when given, sets the blob rate instead). ``kill()`` SIGKILLs the
+    child; ``start()`` again restarts it on the same data and port. ``max_frame``, when set before
+    the start, lowers the gateway's frame maximum."""
 
     remote = False
 
     def __init__(self, providers: int, data_dir: Path, *, durability: str = "sync", devices: int = 1,
-                 window: int | None = None, cpu: int | None = None, map_size_bytes: int = 4 << 30) -> None:
+                 window: int | None = None, cpu: int | None = None, map_size_bytes: int = 4 << 30,
+                 blob_kib_per_s_per_user: int | None = None) -> None:
         self.data_dir = Path(data_dir)
         super().__init__([], log_path=self.data_dir / "gateway.log")
         self.provider_ids = [f"p{chr(ord('a') + i)}" for i in range(providers)]
         self.host = "127.0.0.1"
         self.settings = {"durability": durability, "max_devices": max(5, devices), "window": window, "cpu": cpu,
-                         "lmdb_map_size_bytes": map_size_bytes, **LIFTED_LIMITS}
+                         "lmdb_map_size_bytes": map_size_bytes, **LIFTED_LIMITS, **LIFTED_BLOB_LIMITS}
+        if blob_kib_per_s_per_user is not None:
+            self.settings["blob_kib_per_s_per_user"] = blob_kib_per_s_per_user
         self.max_frame: int | None = None
         self.issuers: dict[str, DemoIssuer] = {}
 
@@ -145,7 +149,7 @@ async def open_gateway(scenario: Scenario, *, data_dir: Path | None, target: Rem
         folder = Path(data_dir) if data_dir is not None else Path(scratch)
         gateway = target or LocalGateway(
             scenario.providers, folder, durability=scenario.durability, devices=scenario.devices,
-            window=scenario.window, cpu=cpu,
+            window=scenario.window, cpu=cpu, blob_kib_per_s_per_user=scenario.blob_kib_per_s_per_user,
         )
         if not gateway.remote:
             gateway.max_frame = max_frame

@@ -18,7 +18,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 LOAD = ROOT / "bindings" / "load"
 LAYERS = ["procstat", "schedule", "peer", "e2ee", "scenario", "accounting", "child", "target", "report", "progress",
-          "runner", "chat", "group", "stress", "nats", "view", "cli"]
+          "runner", "chat", "group", "stress", "media", "nats", "view", "cli"]
 
 
 def _imported_modules(node: ast.AST) -> list[str]:
