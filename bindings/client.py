@@ -47,9 +47,22 @@ DEDUP_MEMORY = 10_000  # (from, id) pairs remembered to drop redelivered message
 BLOB_UPLOAD_PASSES = 3  # passes over the missing parts of an upload before giving up (rate limits not counted)
 
 
+BLOB_MAX_WAIT_S = 10.0  # a rate_limited asking for longer (the day's allowance, too many open uploads) is raised
+
+
 def _retry_after_s(exc: ServerError) -> float:
     retry_after = exc.fields.get("retry_after")
     return retry_after / 1000 if type(retry_after) is int and 0 < retry_after <= 86_400_000 else 1.0
+
+
+def _wait_s(exc: ServerError) -> float:
+    """How long to wait out a ``rate_limited`` blob request: its ``retry_after`` when short (the
+    traffic bucket refilling); a long one (the day's allowance, the unfinished uploads) is the
+    caller's to decide, so the error is raised again."""
+    wait = _retry_after_s(exc)
+    if wait > BLOB_MAX_WAIT_S:
+        raise exc
+    return wait
 
 
 class _BlobSource:
@@ -106,16 +119,21 @@ class _BlobSource:
 
 
 class _BlobSink:
-    """Where ``Client.download_blob`` writes: memory (None), a path, or a binary file."""
+    """Where ``Client.download_blob`` writes: memory (None), a path, or a binary file. A path is
+    written as a temporary file beside it, renamed over it only once the whole blob arrived (an
+    existing file there is never destroyed by a failed download, nor a part left under its name)."""
 
     def __init__(self, sink) -> None:
         self._parts: list | None = None
         self._file = None
-        self._owned = False
+        self._path = self._temporary = None
         if sink is None:
             self._parts = []
         elif isinstance(sink, (str, os.PathLike)):
-            self._file, self._owned = open(sink, "wb"), True
+            self._path = os.fspath(sink)
+            folder, name = os.path.split(os.path.abspath(self._path))
+            self._temporary = os.path.join(folder, f".{name}.{os.urandom(4).hex()}.part")
+            self._file = open(self._temporary, "xb")
         elif hasattr(sink, "write"):
             self._file = sink
         else:
@@ -133,9 +151,14 @@ class _BlobSink:
     def result(self, size: int):
         return b"".join(self._parts) if self._parts is not None else size
 
-    def __exit__(self, *exc_info) -> None:
-        if self._owned:
-            self._file.close()
+    def __exit__(self, exc_type, *exc_info) -> None:
+        if self._temporary is None:
+            return
+        self._file.close()
+        if exc_type is None:
+            os.replace(self._temporary, self._path)
+        else:
+            os.unlink(self._temporary)
 
 
 class Outbox:
@@ -387,9 +410,10 @@ class Client:
         earlier, interrupted upload of the same bytes) it resumes from what the gateway has.
         A file is read twice (its SHA-256 first, then its chunks) and never held whole in memory;
         up to the announced ``blob_in_flight`` chunks are in flight at once. ``progress(sent,
-        size)`` is called after each acknowledged chunk. ``rate_limited`` answers are waited out
-        (``retry_after``) and the upload goes on; ``bad_hash`` (the bytes changed while they
-        were read) raises ``ServerError``."""
+        size)`` is called after each acknowledged chunk. A short ``rate_limited`` (the traffic
+        bucket, ``retry_after`` up to 10 s) is waited out and the upload goes on; a long one (too
+        many unfinished uploads, the day's allowance) and ``bad_hash`` (the bytes changed while
+        they were read) raise ``ServerError``."""
         with _BlobSource(source) as data:
             chunk, in_flight = self._blob_limits()
             if blob is None:
@@ -404,7 +428,8 @@ class Client:
             try:
                 while True:
                     if have is None:
-                        answer = await self.iq("blob.write", blob=blob, off=0, data=b"", timeout_s=timeout_s)
+                        answer = await self._rate_limited(
+                            lambda: self.iq("blob.write", blob=blob, off=0, data=b"", timeout_s=timeout_s))
                         if answer["ready"]:
                             return blob
                         have = answer["have"]
@@ -430,10 +455,12 @@ class Client:
                         return blob
                     if refused is not None:  # rate_limited: wait, then go on from what the gateway holds
                         # one write at a time until one is taken: writes further on would spend the
-                        # tokens the first missing one waits for, round after round
+                        # tokens the first missing one waits for, round after round; and no asking
+                        # where to go on (that spends a token too): the pass started at have
                         window = 1
-                        await asyncio.sleep(_retry_after_s(refused))
-                        have = answer["have"] if answer is not None else None
+                        await asyncio.sleep(_wait_s(refused))
+                        if answer is not None:
+                            have = max(have, answer["have"])
                         continue
                     passes += 1  # a whole pass, and still not ready
                     have = None  # nothing was left to write, or the gateway lacks a part: ask again
@@ -449,14 +476,15 @@ class Client:
         return chunk, in_flight
 
     async def _rate_limited(self, request):
-        """``await request()``, again after ``retry_after`` as long as it is ``rate_limited``."""
+        """``await request()``, again after ``retry_after`` as long as it is a short
+        ``rate_limited`` (``_wait_s``)."""
         while True:
             try:
                 return await request()
             except ServerError as exc:
                 if exc.code != "rate_limited":
                     raise
-                await asyncio.sleep(_retry_after_s(exc))
+                await asyncio.sleep(_wait_s(exc))
 
     async def _blob_written(self, pending: collections.deque, progress, size: int, latest: dict | None):
         """The oldest write in flight answered: (the latest good answer, the ``rate_limited`` error
@@ -464,7 +492,7 @@ class Client:
         try:
             answer = await pending.popleft()
         except ServerError as exc:
-            if exc.code != "rate_limited":
+            if exc.code != "rate_limited" or _retry_after_s(exc) > BLOB_MAX_WAIT_S:
                 raise
             return latest, exc
         if progress is not None:
@@ -497,9 +525,12 @@ class Client:
                             pending.append(asyncio.ensure_future(
                                 self.iq("blob.read", blob=blob, off=offset, len=chunk, timeout_s=timeout_s)))
                         while pending and (offset is None or len(pending) >= window):
-                            data = (await pending.popleft())["data"]
-                            if not data:
-                                raise InterlinkError(f"blob {blob.hex()}: the gateway sent nothing at {received} of {size} bytes")
+                            answer = await pending.popleft()
+                            data = answer["data"]
+                            if answer["size"] != size or len(data) != min(chunk, size - received):
+                                raise InterlinkError(
+                                    f"blob {blob.hex()}: the gateway answered {len(data)} bytes of a {answer['size']}-byte "
+                                    f"blob at {received}, where {min(chunk, size - received)} of {size} were due")
                             out.write(data)
                             received += len(data)
                             window = min(in_flight, 2 * window)
@@ -516,7 +547,7 @@ class Client:
                     # Later reads were cut; go on from what was received (in order), one read at a
                     # time until one is taken, after the wait.
                     window = 1
-                    await asyncio.sleep(_retry_after_s(refused))
+                    await asyncio.sleep(_wait_s(refused))
             return out.result(size)
 
     async def send_message(

@@ -74,7 +74,7 @@ class AttachmentPointer:
         blob, key, sha256, size = payload.get("blob"), payload.get("key"), payload.get("sha256"), payload.get("size")
         content_type, name = payload.get("type"), payload.get("name")
         if not (is_bin(blob, 16) and is_bin(key, KEY_BYTES) and is_bin(sha256, 32) and type(size) is int
-                and 0 <= size < 1 << 48 and type(content_type) is str and len(content_type) <= MAX_TYPE_CHARS
+                and 0 <= size < 1 << 48 and type(content_type) is str and 0 < len(content_type) <= MAX_TYPE_CHARS
                 and (name is None or (type(name) is str and len(name) <= MAX_NAME_CHARS))):
             raise E2EEError("malformed attachment pointer")
         return cls(blob, key, sha256, size, content_type, name)
@@ -84,10 +84,13 @@ class Attachment:
     """A file (bytes, a path, or a seekable binary file) ready to upload encrypted: ``size`` and
     ``sha256`` are the ciphertext's, ``read(offset, length)`` gives ciphertext bytes (the SDK's
     ``Client.upload_blob`` reads it like a file). ``blob`` is set once an upload started, so
-    uploading the same object again resumes it."""
+    uploading the same object again resumes it. A file that changes after the attachment was
+    made is refused (``E2EEError``) rather than sealed again under the same key and nonces; after
+    ``bad_hash``, make a new ``Attachment``."""
 
     def __init__(self, source, *, content_type: str = "application/octet-stream", name: str | None = None,
                  key: bytes | None = None) -> None:
+        # ``key``: for tests (a known ciphertext) only. A key must never seal two different files.
         if type(content_type) is not str or not content_type or len(content_type) > MAX_TYPE_CHARS:
             raise ValueError(f"content_type must be a media type of 1..{MAX_TYPE_CHARS} characters")
         if name is not None and (type(name) is not str or len(name) > MAX_NAME_CHARS):
@@ -112,7 +115,10 @@ class Attachment:
         self.chunks = chunk_count(self.plaintext_size)
         self.size = ciphertext_size(self.plaintext_size)
         self.blob: bytes | None = None
-        self._cached: tuple[int, bytes] | None = None  # the last chunk sealed for read()
+        self._cached: dict[int, bytes] = {}  # the last chunks sealed for read(), by index
+        # Each chunk's plaintext digest, for a file read again at upload time: sealing other
+        # bytes under the same key and nonce would give the gateway the XOR of two plaintexts.
+        self._chunk_digests: list[bytes] | None = None if self._bytes is not None else []
         digest = hashlib.sha256()
         for index in range(self.chunks):
             digest.update(self._sealed(index))
@@ -137,13 +143,29 @@ class Attachment:
         return b"".join(parts)
 
     def _sealed_cached(self, index: int) -> bytes:
-        if self._cached is None or self._cached[0] != index:
-            self._cached = (index, self._sealed(index))
-        return self._cached[1]
+        # The upload's reads (65,263 bytes) straddle sealed chunks (65,552): keep the last two.
+        cached = self._cached
+        if index in cached:
+            return cached[index]
+        sealed = self._sealed(index)
+        if len(cached) >= 2:
+            del cached[min(cached)]
+        cached[index] = sealed
+        return sealed
 
     def _sealed(self, index: int) -> bytes:
         last = index == self.chunks - 1
-        return self._aead.encrypt(_nonce(index, last), self._plaintext(index), AAD)
+        plaintext = self._plaintext(index)
+        if len(plaintext) != min(CHUNK_BYTES, self.plaintext_size - index * CHUNK_BYTES):
+            raise E2EEError("the file changed size since the attachment was made; make a new Attachment")
+        digests = self._chunk_digests
+        if digests is not None:
+            digest = hashlib.sha256(plaintext).digest()
+            if index == len(digests):
+                digests.append(digest)  # the first pass
+            elif digests[index] != digest:
+                raise E2EEError("the file changed since the attachment was made; make a new Attachment")
+        return self._aead.encrypt(_nonce(index, last), plaintext, AAD)
 
     def _plaintext(self, index: int) -> bytes:
         start = index * CHUNK_BYTES

@@ -348,15 +348,20 @@ class E2EEClient:
         """Fetch and open an attachment: its plaintext (``sink`` None), or written to ``sink`` (a
         path or a binary file) and its size returned. Every chunk is checked before it is
         written, and the whole against the pointer's digest; on any failure ``E2EEError`` (or
-        the gateway's ``ServerError``, e.g. ``not_found`` once the blob expired) is raised and a
-        file made at a path is removed."""
+        the gateway's ``ServerError``, e.g. ``not_found`` once the blob expired) is raised, and a
+        file already at the path is left as it was. ``pointer.name`` is the sender's text: never
+        use it as a path."""
         parts: list[bytes] | None = None
-        file = None
+        file = temporary = None
         if sink is None:
             parts = []
             write = parts.append
         elif isinstance(sink, (str, os.PathLike)):
-            file = open(sink, "wb")
+            # written beside it and renamed over it only once checked: a failed download never
+            # destroys a file already there, nor leaves unchecked plaintext under its name
+            folder, name = os.path.split(os.path.abspath(sink))
+            temporary = os.path.join(folder, f".{name}.{os.urandom(4).hex()}.part")
+            file = open(temporary, "xb")
             write = file.write
         elif hasattr(sink, "write"):
             write = sink.write
@@ -369,12 +374,11 @@ class E2EEClient:
         except BaseException:
             if file is not None:
                 file.close()
-                file = None
-                os.unlink(sink)
+                os.unlink(temporary)
             raise
-        finally:
-            if file is not None:
-                file.close()
+        if file is not None:
+            file.close()
+            os.replace(temporary, sink)
         return b"".join(parts) if parts is not None else decryptor.plaintext_bytes
 
     # -- groups: membership (group.* operations, tracked from the events) and sender keys

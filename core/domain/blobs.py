@@ -48,6 +48,15 @@ MAX_UPLOAD_RANGES = 256  # separate received ranges an upload may have (bounds i
 WRITES_IN_FLIGHT = 16  # announced: blob.write stanzas a client may send before the first answer
 IDLE_UPLOAD_S = 600.0  # an upload nobody wrote to for this long leaves memory (its record stays)
 EXPIRE_CHUNK = 1_000  # blobs deleted per sweep step
+# What one blob.new costs at the least, whatever its size: against the daily allowance (so one
+# user makes at most allowance / 1 MiB blobs a day: each is a file and an LMDB record) and, in KiB,
+# against the traffic bucket.
+MIN_BLOB_CHARGE_BYTES = 1 << 20
+NEW_BLOB_TOKENS = 64  # KiB of the bucket a blob.new spends
+MAX_WAITING = 64  # writes of one upload answered with its verdict; more while it is hashed: rate_limited
+READS_PER_TURN_BYTES = 1 << 20  # blob.read answers queued for one session in one read of its bytes
+MIN_FREE_FILES = 10_000  # free inodes under which blob.new is refused (overloaded)
+MAP_FULL_FRACTION = 0.9  # LMDB map use over which blob.new is refused: messages keep their room
 KIB = 1024
 DAY_S = 86_400.0
 
@@ -111,6 +120,8 @@ class Blobs:
         self.limits = limits
         self.buckets = TokenBuckets(2 * limits.blob_kib_per_s_per_user, limits.blob_kib_per_s_per_user)
         self._uploads: dict[bytes, _Upload] = {}
+        self._reserved_bytes = 0  # what the uploads in memory still have to write (the disk check)
+        self._read_turn: tuple = (None, 0.0, 0)  # (session, now, bytes answered): blob.read's budget per read
         self._daily: dict[str, tuple[int, int]] = {}  # user -> (day number, bytes declared that day)
         self.counters = {
             "blob_uploads_started": 0, "blob_uploads_ready": 0, "blob_bad_hash": 0, "blob_bytes_written": 0,
@@ -138,19 +149,23 @@ class Blobs:
         limits = self.limits
         if size > limits.blob_max_bytes:
             raise RouteError(f"a blob of {size} bytes is over the {limits.blob_max_bytes}-byte limit", code="too_large")
-        self._charge(user, 1, now)
+        self._charge(user, NEW_BLOB_TOKENS * KIB, now)
         day = int(now // DAY_S)
         declared_day, declared = self._daily.get(user, (day, 0))
         if declared_day != day:
             declared = 0
-        if declared + size > limits.blob_daily_bytes_per_user:
+        charged = max(size, MIN_BLOB_CHARGE_BYTES)
+        if declared + charged > limits.blob_daily_bytes_per_user:
             retry_after = max(1, math.ceil(((day + 1) * DAY_S - now) * 1000))
             raise RouteError(
                 f"today's upload allowance of {limits.blob_daily_bytes_per_user} bytes would be passed "
                 f"({declared} declared so far); try again in {retry_after} ms",
                 code="rate_limited", retry_after=retry_after,
             )
-        if self.files.free_bytes() - size < limits.blob_min_free_bytes:
+        # Room on the disk for this blob and for what the unfinished uploads still have to write;
+        # files (inodes) left; and room in the LMDB map, which the mailboxes need more.
+        if (self.files.free_bytes() - size - self._reserved_bytes < limits.blob_min_free_bytes
+                or self.files.free_files() < MIN_FREE_FILES or self._map_nearly_full()):
             raise RouteError("the gateway's blob storage is nearly full; try again later", code="overloaded",
                              retry_after=60_000)
         blob = self.new_id()
@@ -162,8 +177,8 @@ class Blobs:
                 f"{limits.blob_open_uploads_per_user} uploads are already unfinished; finish one or let it expire",
                 code="rate_limited", retry_after=60_000,
             )
-        self._daily[user] = (day, declared + size)
-        self._uploads[blob] = _Upload(user, size, sha256, expires_ms, ByteRanges(), touched_at=now)
+        self._daily[user] = (day, declared + charged)
+        self._remember(blob, _Upload(user, size, sha256, expires_ms, ByteRanges(), touched_at=now))
         self.counters["blob_uploads_started"] += 1
         return {"blob": blob}
 
@@ -188,6 +203,9 @@ class Blobs:
             raise StanzaError(f"blob.write: bytes {offset}..{end} pass the blob's size of {upload.size}")
         upload.touched_at = now
         if upload.verifying:
+            if len(upload.waiting) >= MAX_WAITING:
+                raise RouteError("the blob is being checked; wait for the answer to its last write", code="rate_limited",
+                                 retry_after=100)
             upload.waiting.append((session, stanza["id"]))  # answered with the verdict
             return DEFERRED
         if data:
@@ -201,6 +219,7 @@ class Blobs:
             except OSError as exc:
                 raise _storage_error(blob, exc) from None
             added = upload.ranges.add(offset, end)
+            self._reserved_bytes -= added
             upload.unsynced += added
             self.counters["blob_bytes_written"] += added
         if upload.ranges.total == upload.size:
@@ -220,6 +239,16 @@ class Blobs:
         if type(length) is not int or not 0 <= length <= self.chunk_bytes:
             raise StanzaError(f"blob.read needs 'len': an int 0..{self.chunk_bytes} (got {_shown(length)})")
         self._charge(session.identity.user, length, now)
+        # One read of a session's bytes may hold a thousand small blob.read requests, each answered
+        # with up to 64 KiB: past a budget per read, the rest waits (the output's own high-water
+        # mark only acts after the read's answers are queued).
+        last_session, last_now, answered = self._read_turn
+        if last_session is not session or last_now != now:
+            answered = 0
+        if answered >= READS_PER_TURN_BYTES:
+            raise RouteError("too many blob reads at once; read again when the answers have arrived",
+                             code="rate_limited", retry_after=10)
+        self._read_turn = (session, now, answered + length)
         record = self.store.blob(blob)
         if record is None or not record.ready or record.expires_ms <= now * 1000:
             raise _not_found()
@@ -245,10 +274,10 @@ class Blobs:
             try:
                 ranges = ByteRanges.unpack(record.ranges)
             except ValueError:
-                log.error("blob %s: stored ranges unreadable; the upload starts over", blob.hex())
+                log.error("blob %s…: stored ranges unreadable; the upload starts over", blob[:4].hex())
                 ranges = ByteRanges()
             upload = _Upload(record.owner, record.size, record.sha256, record.expires_ms, ranges, touched_at=now)
-            self._uploads[blob] = upload
+            self._remember(blob, upload)
         if upload.owner != user or upload.expires_ms <= now * 1000:
             return None
         return upload
@@ -261,14 +290,14 @@ class Blobs:
         def saved(outcome, now: float) -> None:
             upload.syncing = False
             if isinstance(outcome, BaseException):
-                log.error("blob %s: sync failed: %s", blob.hex(), outcome)
+                log.error("blob %s…: sync failed: %s", blob[:4].hex(), outcome)
                 return
             if upload.verifying or upload.generation != generation:
                 return  # the verdict or the start over decides what the record says
             try:
                 saved = self.store.save_blob_ranges(blob, synced)
             except InterlinkError as exc:  # a full map: the next checkpoint tries again
-                log.error("blob %s: ranges not saved: %s", blob.hex(), exc)
+                log.error("blob %s…: ranges not saved: %s", blob[:4].hex(), exc)
                 return
             if saved:
                 upload.unsynced = max(0, upload.unsynced - synced_unsynced)
@@ -281,13 +310,14 @@ class Blobs:
         upload.verifying = False
         waiting, upload.waiting = upload.waiting, []
         if isinstance(outcome, BaseException):
-            log.error("blob %s: the final sync or hash failed: %s", blob.hex(), outcome)
+            log.error("blob %s…: the final sync or hash failed: %s", blob[:4].hex(), outcome)
             for session, iq_id in waiting:
                 self._answer_error(session, iq_id, "internal", "the gateway could not store the blob; write a chunk again")
             return
         try:
             if outcome != upload.sha256:
                 self.counters["blob_bad_hash"] += 1
+                self._reserved_bytes += upload.ranges.total  # all of it has to be written again
                 upload.ranges.clear()
                 upload.unsynced = 0
                 upload.generation += 1
@@ -296,12 +326,13 @@ class Blobs:
                     self._answer_error(session, iq_id, "bad_hash",
                                        "the blob's SHA-256 does not match the one declared; upload it again from offset 0")
                 return
-            ready = self.store.mark_blob_ready(blob, int(now * 1000) + int(self.limits.blob_ttl_s * 1000))
+            now_ms = int(now * 1000)
+            ready = self.store.mark_blob_ready(blob, now_ms + int(self.limits.blob_ttl_s * 1000), now_ms)
         except InterlinkError as exc:  # a full map: the bytes are all there; a write asks again
             for session, iq_id in waiting:
                 self._answer_error(session, iq_id, exc.code, exc.message)
             return
-        self._uploads.pop(blob, None)
+        self._forget(blob)
         if not ready:
             for session, iq_id in waiting:  # expired while it was hashed
                 self._answer_error(session, iq_id, "not_found", "no such blob")
@@ -322,7 +353,7 @@ class Blobs:
                    if not self._busy(blob)]
         deleted = self.store.delete_blobs(expired) if expired else 0
         for blob in expired:
-            self._uploads.pop(blob, None)
+            self._forget(blob)
             self.files.delete(blob)
         self.counters["blobs_expired"] += deleted
         today = int(now // DAY_S)
@@ -334,18 +365,49 @@ class Blobs:
             if upload.unsynced:
                 self._checkpoint(blob, upload)
             else:
-                del self._uploads[blob]
+                self._forget(blob)
         return deleted
+
+    def checkpoint_all(self) -> int:
+        """Sync and record every upload's unsynced bytes (a drain: after the restart, uploads go
+        on from all they received). Returns how many checkpoints were started."""
+        started = 0
+        for blob, upload in list(self._uploads.items()):
+            if upload.unsynced and not upload.syncing and not upload.verifying:
+                self._checkpoint(blob, upload)
+                started += 1
+        return started
 
     def remove_orphans(self) -> int:
         """Delete blob files without a record (a crash between forgetting a blob and deleting its
-        file); the gateway calls this at start, before serving. Returns how many."""
+        file); the gateway calls this at start, before serving. Returns how many. With no blob
+        record at all while files exist (a new or another LMDB environment, a volume mounted
+        wrong), nothing is deleted: that is the operator's to look at, not an orphan sweep's."""
+        usage = self.store.blob_usage()
+        if not usage["blob_uploads"] and not usage["blobs_ready"]:
+            if next(iter(self.files.ids()), None) is not None:
+                log.warning("blob files exist but no blob record does: left in place (is data_dir/blobs the "
+                            "folder of this LMDB environment?)")
+            return 0
         removed = 0
         for blob in list(self.files.ids()):
             if self.store.blob(blob) is None:
                 self.files.delete(blob)
                 removed += 1
         return removed
+
+    def _remember(self, blob: bytes, upload: _Upload) -> None:
+        self._uploads[blob] = upload
+        self._reserved_bytes += upload.size - upload.ranges.total
+
+    def _forget(self, blob: bytes) -> None:
+        upload = self._uploads.pop(blob, None)
+        if upload is not None:
+            self._reserved_bytes -= upload.size - upload.ranges.total
+
+    def _map_nearly_full(self) -> bool:
+        usage = self.store.usage()
+        return usage["map_used_bytes"] > MAP_FULL_FRACTION * usage["map_size_bytes"]
 
     def _busy(self, blob: bytes) -> bool:
         upload = self._uploads.get(blob)
@@ -365,7 +427,7 @@ class Blobs:
 
 def _storage_error(blob: bytes, exc: OSError) -> RouteError:
     """A file operation failed: a full disk is ``overloaded`` (try later), anything else ``internal``."""
-    log.error("blob %s: %s", blob.hex(), exc)
+    log.error("blob %s…: %s", blob[:4].hex(), exc)  # the whole id is a read capability: never logged
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return RouteError("the gateway's blob storage is full; try again later", code="overloaded", retry_after=60_000)
     return RouteError("the gateway could not read or write the blob", code="internal")

@@ -174,8 +174,9 @@ class BlobStore(Protocol):
     def save_blob_ranges(self, blob: bytes, ranges: bytes) -> bool:
         """Record the synced parts of an unfinished upload; False if it is gone or ready."""
 
-    def mark_blob_ready(self, blob: bytes, expires_ms: int) -> bool:
-        """Serve the blob from now until ``expires_ms``; False if it is gone or already ready."""
+    def mark_blob_ready(self, blob: bytes, expires_ms: int, now_ms: int) -> bool:
+        """Serve the blob from now until ``expires_ms``; False if it is gone, expired by
+        ``now_ms`` or already ready."""
 
     def expired_blobs(self, before_ms: int, limit: int) -> list[bytes]:
         """Ids of up to ``limit`` blobs whose time ran out before ``before_ms``, oldest first."""
@@ -206,6 +207,8 @@ class BlobFiles(Protocol):
     def ids(self) -> Iterator[bytes]: ...
 
     def free_bytes(self) -> int: ...
+
+    def free_files(self) -> int: ...
 
 
 class Offload(Protocol):

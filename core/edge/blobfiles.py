@@ -29,6 +29,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -235,3 +236,9 @@ class BlobFileStore:
         """Bytes available to the gateway on the file system holding ``root``."""
         stats = os.statvfs(self._root)
         return stats.f_bavail * stats.f_frsize
+
+    def free_files(self) -> int:
+        """Files (inodes) that can still be made on the file system holding ``root``; a file
+        system without a fixed number of them (btrfs reports 0 of 0) has no such bound."""
+        stats = os.statvfs(self._root)
+        return stats.f_favail if stats.f_files else sys.maxsize

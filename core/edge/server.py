@@ -298,6 +298,8 @@ class GatewayServer:
         await self._wait_all_closed(timeout_s)
         await self.commits.settle()
         await self.offload.settle()  # a blob's verdict writes its record: before the store closes
+        if self.domain.blobs is not None and self.domain.blobs.checkpoint_all():
+            await self.offload.settle()  # uploads go on from all they received after the restart
         for task in list(self.auth_tasks.values()):
             task.cancel()
         if self._server is not None:

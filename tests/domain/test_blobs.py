@@ -12,7 +12,7 @@ import pytest
 
 from interlink.core.domain import blobs as blobs_module
 from interlink.core.domain.auth import Provider, ProviderRegistry
-from interlink.core.domain.blobs import BlobLimits
+from interlink.core.domain.blobs import BlobLimits, BlobRecord
 from interlink.core.domain.dispatch import Domain
 from interlink.core.edge.blobfiles import BlobFileStore
 from interlink.testing import DEFAULTS, FakeSession, lmdb_store
@@ -51,9 +51,9 @@ class QueuedOffload:
 
 
 class Edge:
-    def __init__(self, folder, **limit_overrides) -> None:
+    def __init__(self, folder, map_size_bytes: int = 1 << 26, **limit_overrides) -> None:
         self.folder = folder
-        self.store = lmdb_store(folder / "lmdb", sync=False, map_size_bytes=1 << 26)
+        self.store = lmdb_store(folder / "lmdb", sync=False, map_size_bytes=map_size_bytes)
         self.files = BlobFileStore(folder / "blobs")
         self.offload = QueuedOffload()
         self.domain = self._domain(limits(**limit_overrides))
@@ -219,7 +219,7 @@ def test_bad_blob_read_is_bad_stanza(edge, fields):
 
 
 def test_limits_have_their_codes(tmp_path):
-    edge = Edge(tmp_path, blob_max_bytes=1000, blob_open_uploads_per_user=2, blob_daily_bytes_per_user=2500)
+    edge = Edge(tmp_path, blob_max_bytes=1000, blob_open_uploads_per_user=2)
     alice, bob = session(), session("bob@alpha")
     assert edge.iq(alice, "blob.new", size=1001, sha256=bytes(32))["code"] == "too_large"
     edge.iq(alice, "blob.new", size=1000, sha256=bytes(32))
@@ -227,13 +227,18 @@ def test_limits_have_their_codes(tmp_path):
     third = edge.iq(alice, "blob.new", size=10, sha256=bytes(32))
     assert third["code"] == "rate_limited" and third["retry_after"] > 0  # two unfinished uploads
     assert edge.iq(bob, "blob.new", size=10, sha256=bytes(32))["t"] == "res"  # another user is not affected
-    daily = Edge(tmp_path / "daily", blob_max_bytes=1000, blob_daily_bytes_per_user=2500, blob_open_uploads_per_user=9)
-    for _ in range(2):
-        assert daily.iq(alice, "blob.new", size=1000, sha256=bytes(32))["t"] == "res"
-    over = daily.iq(alice, "blob.new", size=600, sha256=bytes(32))
-    assert over["code"] == "rate_limited" and 0 < over["retry_after"] <= 86_400_000
-    assert daily.iq(alice, "blob.new", size=600, sha256=bytes(32), now=NOW + 86_400)["t"] == "res"  # the next day
     edge.store.close()
+
+
+def test_the_daily_allowance_counts_each_blob_as_a_megabyte_at_least(tmp_path):
+    # 2.5 MiB a day: two blobs of any size under 1 MiB, not thousands of tiny ones
+    daily = Edge(tmp_path, blob_max_bytes=1000, blob_daily_bytes_per_user=5 * MIB // 2, blob_open_uploads_per_user=9)
+    alice = session()
+    for _ in range(2):
+        assert daily.iq(alice, "blob.new", size=1, sha256=bytes(32))["t"] == "res"
+    over = daily.iq(alice, "blob.new", size=1, sha256=bytes(32))
+    assert over["code"] == "rate_limited" and 0 < over["retry_after"] <= 86_400_000
+    assert daily.iq(alice, "blob.new", size=1, sha256=bytes(32), now=NOW + 86_400)["t"] == "res"  # the next day
     daily.store.close()
 
 
@@ -247,11 +252,61 @@ def test_a_nearly_full_disk_refuses_new_uploads_with_overloaded(tmp_path):
 def test_blob_traffic_is_rate_limited_per_user(tmp_path):
     edge = Edge(tmp_path, blob_kib_per_s_per_user=64)  # a burst of 128 KiB, then 64 KiB/s
     alice = session()
-    blob = edge.iq(alice, "blob.new", size=1 << 20, sha256=bytes(32))["blob"]
-    codes = [edge.iq(alice, "blob.write", blob=blob, off=i * 60_000, data=bytes(60_000)).get("code") for i in range(3)]
-    assert codes == [None, None, "rate_limited"]
-    later = edge.iq(alice, "blob.write", blob=blob, off=120_000, data=bytes(60_000), now=NOW + 1)
+    blob = edge.iq(alice, "blob.new", size=1 << 20, sha256=bytes(32))["blob"]  # 64 KiB of it
+    codes = [edge.iq(alice, "blob.write", blob=blob, off=i * 60_000, data=bytes(60_000)).get("code") for i in range(2)]
+    assert codes == [None, "rate_limited"]
+    later = edge.iq(alice, "blob.write", blob=blob, off=60_000, data=bytes(60_000), now=NOW + 1)
     assert later["t"] == "res"
+    edge.store.close()
+
+
+def test_writes_waiting_for_a_verdict_are_bounded(edge):
+    alice = session()
+    data = os.urandom(100)
+    blob = edge.iq(alice, "blob.new", size=len(data), sha256=hashlib.sha256(data).digest())["blob"]
+    assert edge.iq(alice, "blob.write", blob=blob, off=0, data=data) is None  # hashed
+    for _ in range(blobs_module.MAX_WAITING - 1):
+        assert edge.iq(alice, "blob.write", blob=blob, off=0, data=b"") is None
+    refused = edge.iq(alice, "blob.write", blob=blob, off=0, data=b"")
+    assert refused["code"] == "rate_limited" and refused["retry_after"] > 0
+    edge.offload.run()
+    answers = alice.take()
+    assert len(answers) == blobs_module.MAX_WAITING and all(a["ready"] for a in answers)
+
+
+def test_one_read_of_many_blob_reads_is_answered_up_to_a_budget(edge):
+    alice = session()
+    blob, _ = edge.upload(alice, os.urandom(65_000))
+    per_budget = blobs_module.READS_PER_TURN_BYTES // 65_000 + 1  # the read that passes the budget is still served
+    answers = [edge.iq(alice, "blob.read", blob=blob, off=0, len=65_000) for _ in range(per_budget + 3)]
+    assert [a["t"] for a in answers[:per_budget]] == ["res"] * per_budget
+    assert all(a["code"] == "rate_limited" for a in answers[per_budget:])
+    assert edge.iq(alice, "blob.read", blob=blob, off=0, len=10, now=NOW + 0.01)["t"] == "res"  # the next read
+
+
+def test_the_disk_check_counts_what_unfinished_uploads_still_have_to_write(tmp_path):
+    edge = Edge(tmp_path)
+    free = edge.files.free_bytes()
+    edge.domain.blobs.limits.blob_min_free_bytes = free - 12 * MIB  # room for 12 MiB more
+    edge.domain.blobs.limits.blob_open_uploads_per_user = 9
+    alice = session()
+    assert edge.iq(alice, "blob.new", size=8 * MIB, sha256=bytes(32))["t"] == "res"  # 8 MiB reserved
+    assert edge.iq(alice, "blob.new", size=6 * MIB, sha256=bytes(32))["code"] == "overloaded"  # 8 + 6 > 12
+    assert edge.iq(alice, "blob.new", size=3 * MIB, sha256=bytes(32))["t"] == "res"
+    edge.store.close()
+
+
+def test_a_nearly_full_lmdb_map_refuses_new_uploads(tmp_path):
+    edge = Edge(tmp_path, map_size_bytes=1 << 20)  # a 1 MiB map, filled with other users' uploads
+    alice = session()
+    assert edge.iq(alice, "blob.new", size=10, sha256=bytes(32))["t"] == "res"
+    number = 0
+    while edge.store.usage()["map_used_bytes"] <= 0.9 * (1 << 20):
+        number += 1
+        record = BlobRecord(f"filler{number}@alpha", 10, bytes(32), 0, 2**40, False, b"")
+        assert edge.store.create_blob(os.urandom(16), record, 9)
+    answer = edge.iq(alice, "blob.new", size=10, sha256=bytes(32))
+    assert answer["code"] == "overloaded" and answer["retry_after"] > 0
     edge.store.close()
 
 
@@ -288,6 +343,25 @@ def test_the_sweep_deletes_expired_blobs_and_unfinished_uploads_with_their_files
     assert edge.domain.blobs.sweep(NOW + 3601) == 1  # the ready blob's hour is over
     assert list(edge.files.ids()) == [] and edge.store.blob(ready) is None
     assert edge.store.blob_usage() == {"blob_uploads": 0, "blobs_ready": 0, "blob_bytes": 0}
+
+
+def test_without_any_blob_record_no_file_is_taken_for_an_orphan(edge, caplog):
+    stray = os.urandom(16)
+    edge.files.write(stray, 0, b"a file of another environment")
+    assert edge.domain.blobs.remove_orphans() == 0
+    assert list(edge.files.ids()) == [stray]
+    assert "no blob record does" in caplog.text
+
+
+def test_a_drain_checkpoints_what_each_upload_received(edge):
+    alice = session()
+    data = os.urandom(300_000)
+    blob = edge.iq(alice, "blob.new", size=len(data), sha256=hashlib.sha256(data).digest())["blob"]
+    edge.iq(alice, "blob.write", blob=blob, off=0, data=data[:50_000])
+    assert edge.domain.blobs.checkpoint_all() == 1
+    edge.offload.run()
+    edge.restart()
+    assert edge.iq(alice, "blob.write", blob=blob, off=0, data=b"")["have"] == 50_000
 
 
 def test_files_without_a_record_are_removed_at_start(edge):

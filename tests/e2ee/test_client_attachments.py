@@ -71,13 +71,18 @@ async def test_an_interrupted_upload_resumes_with_the_same_attachment(devices):
     assert await bob.download(pointer) == data
 
 
-async def test_a_wrong_key_or_an_unknown_blob_fails_and_leaves_no_file(devices, tmp_path):
+async def test_a_wrong_key_or_an_unknown_blob_fails_and_leaves_the_target_as_it_was(devices, tmp_path):
     alice, bob = await devices.open(ALICE, 1), await devices.open(BOB, 1)
     pointer = await alice.upload(os.urandom(100_000))
     into = tmp_path / "never.bin"
     with pytest.raises(E2EEError):
         await bob.download(dataclasses.replace(pointer, key=os.urandom(32)), into)
     assert not into.exists()
+    into.write_bytes(b"a file the user already had")
     with pytest.raises(ServerError) as caught:
         await bob.download(dataclasses.replace(pointer, blob=os.urandom(16)), into)
-    assert caught.value.code == "not_found" and not into.exists()
+    assert caught.value.code == "not_found"
+    with pytest.raises(E2EEError):
+        await bob.download(dataclasses.replace(pointer, key=os.urandom(32)), into)
+    assert into.read_bytes() == b"a file the user already had"  # never replaced by unchecked bytes
+    assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".part")]  # no part left beside it

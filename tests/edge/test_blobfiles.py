@@ -6,6 +6,7 @@ Real files in ``tmp_path``, no mocks."""
 from __future__ import annotations
 
 import hashlib
+import os
 import random
 import signal
 import stat
@@ -327,3 +328,19 @@ def test_a_process_killed_after_finish_leaves_the_blob_whole(tmp_path):
     assert list(store.ids()) == [BLOB_A]
     assert store.read(BLOB_A, 0, size + 1) == content
     assert store.finish(BLOB_A, size) == expected
+
+
+def test_free_files_is_a_positive_int(blob_store):
+    free = blob_store.free_files()
+    assert type(free) is int and free > 0
+
+
+def test_free_files_are_the_file_systems_inodes(tmp_path):
+    store = BlobFileStore(tmp_path / "blobs")
+    if os.statvfs(tmp_path).f_files == 0:  # no fixed number of inodes: unbounded
+        assert store.free_files() == sys.maxsize
+        return
+    before = store.free_files()
+    for _ in range(3):
+        store.write(os.urandom(16), 0, b"x")
+    assert store.free_files() < before  # each blob is a file (a new fan-out folder one more)

@@ -53,9 +53,12 @@ class BlobRecords:
         """Store a new upload's record; False (nothing written) when its owner already has
         ``max_uploads`` unfinished uploads."""
         owner = user_prefix(record.owner)
+        with self.env.begin(db=self.uploads_db) as txn:  # refused without a write transaction
+            if sum(1 for _ in scan(txn.cursor(), owner, limit=max_uploads)) >= max_uploads:
+                return False
         with write_txn(self.env) as txn:
             open_uploads = sum(1 for _ in scan(txn.cursor(db=self.uploads_db), owner, limit=max_uploads))
-            if open_uploads >= max_uploads:
+            if open_uploads >= max_uploads:  # the same user's other device, in between
                 return False
             if not txn.put(blob, _pack(record), overwrite=False, db=self.blobs_db):
                 raise ValueError("blob id already in use")  # 128 random bits: never, unless the generator broke
@@ -74,12 +77,13 @@ class BlobRecords:
             txn.put(blob, _pack(record), db=self.blobs_db)
         return True
 
-    def mark_blob_ready(self, blob: bytes, expires_ms: int) -> bool:
+    def mark_blob_ready(self, blob: bytes, expires_ms: int, now_ms: int) -> bool:
         """The upload is complete, synced and its hash matched: from now on it is served, until
-        ``expires_ms``. False if it is gone (expired meanwhile) or already ready."""
+        ``expires_ms``. False if it is gone, its time ran out at ``now_ms`` while it was hashed
+        (the sweep deletes it), or it is already ready."""
         with write_txn(self.env) as txn:
             record = self._unfinished(txn, blob)
-            if record is None:
+            if record is None or record.expires_ms <= now_ms:
                 return False
             txn.delete(_EXPIRES.pack(record.expires_ms) + blob, db=self.expiry_db)
             txn.delete(user_prefix(record.owner) + blob, db=self.uploads_db)

@@ -32,15 +32,23 @@ def test_an_upload_becomes_ready_then_is_deleted(store):
     assert store.blob_usage() == {"blob_uploads": 1, "blobs_ready": 0, "blob_bytes": 0}
     assert store.save_blob_ranges(blob, b"r" * 16)
     assert store.blob(blob).ranges == b"r" * 16
-    assert store.mark_blob_ready(blob, expires_ms=9_000)
+    assert store.mark_blob_ready(blob, expires_ms=9_000, now_ms=2_000)
     assert store.blob(blob) == record(ready=True, expires_ms=9_000)  # its ranges are no longer needed
     assert store.blob_usage() == {"blob_uploads": 0, "blobs_ready": 1, "blob_bytes": 1000}
-    assert not store.mark_blob_ready(blob, expires_ms=10_000)  # once
+    assert not store.mark_blob_ready(blob, expires_ms=10_000, now_ms=2_000)  # once
     assert not store.save_blob_ranges(blob, b"")  # a ready blob's record does not change
     assert store.delete_blobs([blob, os.urandom(16)]) == 1
     assert store.blob(blob) is None
     assert store.blob_usage() == {"blob_uploads": 0, "blobs_ready": 0, "blob_bytes": 0}
-    assert not store.save_blob_ranges(blob, b"") and not store.mark_blob_ready(blob, 1)
+    assert not store.save_blob_ranges(blob, b"") and not store.mark_blob_ready(blob, 1, 0)
+
+
+def test_an_upload_whose_time_ran_out_while_it_was_hashed_is_not_made_ready(store):
+    blob = os.urandom(16)
+    store.create_blob(blob, record(expires_ms=5_000), max_uploads=4)
+    assert not store.mark_blob_ready(blob, expires_ms=99_000, now_ms=5_000)
+    assert store.blob(blob).ready is False  # the sweep deletes it
+    assert store.mark_blob_ready(blob, expires_ms=99_000, now_ms=4_999)
 
 
 def test_a_user_has_at_most_max_uploads_unfinished(store):
@@ -50,7 +58,7 @@ def test_a_user_has_at_most_max_uploads_unfinished(store):
     assert not store.create_blob(blobs[2], record(), max_uploads=2)
     assert store.blob(blobs[2]) is None  # nothing written
     assert store.create_blob(blobs[2], record("bob@beta"), max_uploads=2)  # another user
-    store.mark_blob_ready(blobs[0], 9_000)  # a finished upload no longer counts
+    store.mark_blob_ready(blobs[0], 9_000, 2_000)  # a finished upload no longer counts
     assert store.create_blob(os.urandom(16), record(), max_uploads=2)
 
 
@@ -67,7 +75,7 @@ def test_expired_blobs_come_oldest_first_and_ready_ones_by_their_new_expiry(stor
     store.create_blob(late, record(expires_ms=3_000), max_uploads=9)
     store.create_blob(early, record(expires_ms=2_000), max_uploads=9)
     store.create_blob(finished, record(expires_ms=1_000), max_uploads=9)
-    store.mark_blob_ready(finished, expires_ms=50_000)
+    store.mark_blob_ready(finished, expires_ms=50_000, now_ms=500)
     assert store.expired_blobs(before_ms=2_000, limit=10) == []
     assert store.expired_blobs(before_ms=2_001, limit=10) == [early]
     assert store.expired_blobs(before_ms=60_000, limit=10) == [early, late, finished]
