@@ -38,6 +38,7 @@ class ThreadOffload:
         self.workers = workers
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None  # made on first use
         self._inflight: set[asyncio.Future] = set()
+        self._closed = False
 
     @property
     def inflight(self) -> int:
@@ -53,8 +54,8 @@ class ThreadOffload:
 
     def _finished(self, future: asyncio.Future, done: Callable[[object, float], None]) -> None:
         self._inflight.discard(future)
-        if future.cancelled():
-            return
+        if future.cancelled() or self._closed:
+            return  # shut down: the store may be closed, and the work is done again after a restart
         error = future.exception()
         server = self.server
         try:
@@ -65,13 +66,22 @@ class ThreadOffload:
         finally:
             server.write_touched()
 
-    async def settle(self) -> None:
-        """Wait for every piece of work submitted so far, and its ``done``."""
+    async def settle(self, timeout_s: float | None = None) -> bool:
+        """Wait for every piece of work submitted so far, and its ``done``, at most ``timeout_s``
+        seconds; True when none is left."""
+        deadline = None if timeout_s is None else asyncio.get_running_loop().time() + timeout_s
         while self._inflight:
-            await asyncio.wait(list(self._inflight))
+            left = None if deadline is None else deadline - asyncio.get_running_loop().time()
+            if left is not None and left <= 0:
+                return False
+            await asyncio.wait(list(self._inflight), timeout=left)
             await asyncio.sleep(0)  # let the done-callbacks run
+        return True
 
     def shutdown(self) -> None:
+        """No more ``done`` calls; work not started is dropped, work running ends on its own
+        (its thread is joined at exit)."""
+        self._closed = True
         if self._executor is not None:
-            self._executor.shutdown(wait=True)
+            self._executor.shutdown(wait=False, cancel_futures=True)
             self._executor = None

@@ -57,3 +57,16 @@ async def test_a_failing_done_is_counted_and_the_rest_goes_on():
     assert server.counters["internal_errors"] == 1 and server.writes == 2
     offload.shutdown()
     await asyncio.sleep(0)
+
+
+async def test_settle_gives_up_after_its_timeout_and_shutdown_calls_nothing_more():
+    server = Server()
+    offload = ThreadOffload(server, workers=1)
+    release = threading.Event()
+    results = []
+    offload.submit(lambda: release.wait(5), lambda outcome, now: results.append(outcome))
+    assert await offload.settle(0.05) is False  # still running
+    offload.shutdown()
+    release.set()
+    await asyncio.sleep(0.05)
+    assert results == [] and server.writes == 0  # after shutdown, no continuation runs
