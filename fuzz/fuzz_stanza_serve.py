@@ -163,6 +163,9 @@ ALLOWED = {
     "blob.read": {"not_found", "rate_limited"},
 }
 OPS = tuple(op for op in ALLOWED if "." in op or op == "report")
+# Any iq past the budget of answer bytes of one read (ops.ANSWERS_PER_READ_BYTES) is rate_limited.
+for _op in OPS:
+    ALLOWED[_op] = ALLOWED[_op] | {"rate_limited"}
 RES_FIELDS = {
     "keys.put": {"otpk_count"}, "keys.get": {"bundles"}, "keys.count": {"otpk_count"}, "devices.get": {"devices"},
     "consent.set": set(), "consent.get": {"accept", "discoverable"}, "block.add": set(), "block.del": set(),

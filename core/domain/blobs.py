@@ -54,7 +54,6 @@ EXPIRE_CHUNK = 1_000  # blobs deleted per sweep step
 MIN_BLOB_CHARGE_BYTES = 1 << 20
 NEW_BLOB_TOKENS = 64  # KiB of the bucket a blob.new spends
 MAX_WAITING = 64  # writes of one upload answered with its verdict; more while it is hashed: rate_limited
-READS_PER_TURN_BYTES = 1 << 20  # blob.read answers queued for one session in one read of its bytes
 MIN_FREE_FILES = 10_000  # free inodes under which blob.new is refused (overloaded)
 MAP_FULL_FRACTION = 0.9  # LMDB map use over which blob.new is refused: messages keep their room
 KIB = 1024
@@ -121,7 +120,6 @@ class Blobs:
         self.buckets = TokenBuckets(2 * limits.blob_kib_per_s_per_user, limits.blob_kib_per_s_per_user)
         self._uploads: dict[bytes, _Upload] = {}
         self._reserved_bytes = 0  # what the uploads in memory still have to write (the disk check)
-        self._read_turn: tuple = (None, 0.0, 0)  # (session, now, bytes answered): blob.read's budget per read
         self._daily: dict[str, tuple[int, int]] = {}  # user -> (day number, bytes declared that day)
         self.counters = {
             "blob_uploads_started": 0, "blob_uploads_ready": 0, "blob_bad_hash": 0, "blob_bytes_written": 0,
@@ -239,16 +237,7 @@ class Blobs:
         if type(length) is not int or not 0 <= length <= self.chunk_bytes:
             raise StanzaError(f"blob.read needs 'len': an int 0..{self.chunk_bytes} (got {_shown(length)})")
         self._charge(session.identity.user, length, now)
-        # One read of a session's bytes may hold a thousand small blob.read requests, each answered
-        # with up to 64 KiB: past a budget per read, the rest waits (the output's own high-water
-        # mark only acts after the read's answers are queued).
-        last_session, last_now, answered = self._read_turn
-        if last_session is not session or last_now != now:
-            answered = 0
-        if answered >= READS_PER_TURN_BYTES:
-            raise RouteError("too many blob reads at once; read again when the answers have arrived",
-                             code="rate_limited", retry_after=10)
-        self._read_turn = (session, now, answered + length)
+        # (A read of many small blob.reads is bounded by the operations' answer budget per read.)
         record = self.store.blob(blob)
         if record is None or not record.ready or record.expires_ms <= now * 1000:
             raise _not_found()

@@ -46,6 +46,7 @@ REPORT_RATE = (20, 1 / 30)  # 20 at once, then one every 30 s
 KEYS_GET_RATE = (60, 1.0)  # 60 at once, then one a second: each fetch may use up a one-time prekey
 
 DEFERRED = object()  # a handler's result: the answer is sent later (after the group commit)
+ANSWERS_PER_READ_BYTES = 1 << 20  # iq answers queued for one session from one read of its bytes
 
 _E164_RE = re.compile(r"\+[1-9][0-9]{6,14}")
 
@@ -63,6 +64,7 @@ class Operations:
         self.lookup_buckets = TokenBuckets(*DIR_LOOKUP_RATE)
         self.report_buckets = TokenBuckets(*REPORT_RATE)
         self.keys_buckets = TokenBuckets(*KEYS_GET_RATE)
+        self._answer_turn: tuple = (None, 0.0, 0)  # (session, now, answer bytes): the budget per read
         self.handlers: dict = {
             "keys.put": self.keys_put,
             "keys.get": self.keys_get,
@@ -88,6 +90,15 @@ class Operations:
             if type(op) is not str:
                 raise StanzaError("iq needs 'op': the operation's name (str)")
             raise StanzaError(f"unknown operation {excerpt(op)}")
+        # One read of a session's bytes may hold a thousand small requests whose answers are large
+        # (group.get, blob.read): past a budget of answer bytes per read, the rest waits, as the
+        # output's own high-water mark only acts once the read's answers are queued.
+        last_session, last_now, answered = self._answer_turn
+        if last_session is not session or last_now != now:
+            answered = 0
+        if answered >= ANSWERS_PER_READ_BYTES:
+            raise RouteError("too many requests at once; send more when the answers have arrived",
+                             code="rate_limited", retry_after=10)
         try:
             result = handler(session, stanza, now)
         except (StoreFullError, StoreLimitError) as exc:
@@ -97,7 +108,7 @@ class Operations:
         answer = {"t": "res", "id": iq_id}
         if result:
             answer.update(result)
-        self.router.answer(session, answer)
+        self._answer_turn = (session, now, answered + self.router.answer(session, answer))
 
     # -- the key directory
 

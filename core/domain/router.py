@@ -368,11 +368,14 @@ class Router:
 
     # -- output
 
-    def answer(self, session: Session, stanza: dict) -> None:
-        """Send a stanza to a session, unless it ended meanwhile."""
-        if not session.closed:
-            session.send_stanza(stanza)
-            self.touched.add(session)
+    def answer(self, session: Session, stanza: dict) -> int:
+        """Send a stanza to a session, unless it ended meanwhile; returns its encoded size."""
+        if session.closed:
+            return 0
+        encoded = encode_stanza(stanza)
+        session.send_encoded(encoded)
+        self.touched.add(session)
+        return len(encoded)
 
     def push_encoded(self, session: Session, encoded: bytes) -> None:
         """Send an already-encoded stanza (typing state: encoded once, sent to many)."""

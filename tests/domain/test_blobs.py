@@ -11,10 +11,12 @@ import os
 import pytest
 
 from interlink.core.domain import blobs as blobs_module
+from interlink.core.domain import ops as ops_module
 from interlink.core.domain.auth import Provider, ProviderRegistry
 from interlink.core.domain.blobs import BlobLimits, BlobRecord
 from interlink.core.domain.dispatch import Domain
 from interlink.core.edge.blobfiles import BlobFileStore
+from interlink.core.protocol.stanza import encode_stanza
 from interlink.testing import DEFAULTS, FakeSession, lmdb_store
 
 NOW = 1_800_000_000.0
@@ -277,7 +279,8 @@ def test_writes_waiting_for_a_verdict_are_bounded(edge):
 def test_one_read_of_many_blob_reads_is_answered_up_to_a_budget(edge):
     alice = session()
     blob, _ = edge.upload(alice, os.urandom(65_000))
-    per_budget = blobs_module.READS_PER_TURN_BYTES // 65_000 + 1  # the read that passes the budget is still served
+    answer = len(encode_stanza({"t": "res", "id": 1000, "data": bytes(65_000), "size": 65_000}))
+    per_budget = ops_module.ANSWERS_PER_READ_BYTES // answer + 1  # the one that passes the budget is still served
     answers = [edge.iq(alice, "blob.read", blob=blob, off=0, len=65_000) for _ in range(per_budget + 3)]
     assert [a["t"] for a in answers[:per_budget]] == ["res"] * per_budget
     assert all(a["code"] == "rate_limited" for a in answers[per_budget:])

@@ -21,8 +21,10 @@ from interlink.core.edge.commit import CommitDriver
 from interlink.core.domain.dispatch import Domain
 from interlink.core.errors import StoreFullError
 from interlink.core.edge.lmdbstore import LmdbStore
+from interlink.core.domain import ops as ops_module
 from interlink.core.domain.ops import DEFERRED
 from interlink.core.domain.router import RouteError
+from interlink.core.protocol.stanza import encode_stanza
 from interlink.testing import DEFAULTS, FakeClock, FakeSession, store_options
 
 
@@ -422,3 +424,26 @@ async def test_the_plan_follows_new_devices_and_blocks(world, blockers_limit):
     assert type(w.msg(alice, g, b"four")) is bytes
     await w.settle()
     assert [s["c"] for s in kinds(bob, "msg")] == [b"one", b"two", b"four"]
+
+
+async def test_many_group_gets_in_one_read_are_answered_up_to_a_budget(world):
+    # a read of 256 KiB holds about 4,000 small group.get requests; their answers are larger than
+    # they are: past ANSWERS_PER_READ_BYTES of answers in one read, the rest is rate_limited
+    w = world()
+    alice = w.connect("alice@alpha")
+    members = [f"member{i:04d}-with-a-long-localpart@beta" for i in range(120)]
+    for member in members:
+        w.connect(member)
+    g = await new_group(w, alice, members)
+    alice.received.clear()
+    now = time.time()
+    for request in range(400):
+        w.domain.dispatch(alice, {"t": "iq", "id": request, "op": "group.get", "g": g}, now)
+    answers = alice.take()
+    served = [a for a in answers if a["t"] == "res"]
+    refused = [a for a in answers if a["t"] == "err"]
+    answer_bytes = len(encode_stanza(served[0]))
+    assert len(served) == ops_module.ANSWERS_PER_READ_BYTES // answer_bytes + 1
+    assert refused and {(a["code"], a["retry_after"]) for a in refused} == {("rate_limited", 10)}
+    w.domain.dispatch(alice, {"t": "iq", "id": 999, "op": "group.get", "g": g}, now + 0.001)  # the next read
+    assert alice.take()[0]["t"] == "res"
