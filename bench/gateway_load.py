@@ -75,7 +75,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
-import hashlib
 import json
 import os
 import platform
@@ -91,14 +90,15 @@ from interlink.client import Client, Suite
 from interlink.core.errors import ServerError
 from interlink.core.protocol.stanza import encode_stanza
 from interlink.load import child
+from interlink.load.media import BlobBytes, BlobContent
 from interlink.load.peer import LeanPeer
 from interlink.load.procstat import schedstat_s, status_bytes
 from interlink.load.schedule import TIME_BYTES, start_open_loop
 from interlink.testing import DemoIssuer
 
 AUDIENCE = "bench"
-# The blob benchmarks measure the gateway, not its per-user blob rate limit or the free disk
-LIFTED_BLOB_LIMITS = {"blob_min_free_bytes": 0, "blob_kib_per_s_per_user": 1 << 30}
+# The blob benchmarks measure the gateway, not its per-user blob limits or the free disk
+LIFTED_BLOB_LIMITS = {**child.LIFTED_BLOB_LIMITS, "blob_min_free_bytes": 0}
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -392,7 +392,7 @@ async def bench_messages(args) -> dict:
             # Media beside the chat (--media-peers): devices uploading blobs for the whole run.
             media: list[MediaPeer] = []
             if args.media_peers:
-                prepared = PreparedBlob(os.urandom(int(args.media_mib * 2**20)))
+                prepared = BlobBytes(int(args.media_mib * 2**20)).content(0)
                 for i in range(args.media_peers):
                     media.append(MediaPeer(await connect(gateway, token(f"m{i}"), 1, Suite.XX_CHACHAPOLY)))
                 for peer in media:
@@ -812,17 +812,6 @@ async def bench_keys(args) -> dict:
     }
 
 
-class PreparedBlob:
-    """The same bytes uploaded again and again: their size and SHA-256 computed once (what
-    ``Client.upload_blob`` reads from an object with ``size``, ``sha256`` and ``read``)."""
-
-    def __init__(self, data: bytes) -> None:
-        self.data, self.size, self.sha256 = data, len(data), hashlib.sha256(data).digest()
-
-    def read(self, offset: int, length: int) -> bytes:
-        return self.data[offset:offset + length]
-
-
 class MediaPeer:
     """One SDK client uploading (or downloading) blobs back to back while ``running``: bytes
     acknowledged so far, and for uploads the time from the last chunk sent to ``ready``."""
@@ -836,7 +825,7 @@ class MediaPeer:
         self.errors: collections.Counter = collections.Counter()
         self.task: asyncio.Task | None = None
 
-    def upload(self, prepared: PreparedBlob) -> None:
+    def upload(self, prepared: BlobContent) -> None:
         async def loop() -> None:
             while self.running:
                 done = [0]
@@ -885,7 +874,7 @@ async def _sample_rss(pid: int, peak: list[int], stop: asyncio.Event) -> None:
 async def bench_blobs(args) -> dict:
     """Blob upload and download throughput through one gateway core, and the gateway's memory."""
     _raise_fd_limit()
-    prepared = PreparedBlob(os.urandom(int(args.size_mib * 2**20)))
+    prepared = BlobBytes(int(args.size_mib * 2**20)).content(0)  # hashed once, uploaded again and again
     async with DemoIssuer() as issuer:
         async with GatewayChild(issuer.issuer, Path(args.data_dir), args.durability, **LIFTED_BLOB_LIMITS) as gateway:
             def token(user: str) -> str:

@@ -118,10 +118,12 @@ class _BlobSource:
             self._file = None
 
 
-class _BlobSink:
-    """Where ``Client.download_blob`` writes: memory (None), a path, or a binary file. A path is
-    written as a temporary file beside it, renamed over it only once the whole blob arrived (an
-    existing file there is never destroyed by a failed download, nor a part left under its name)."""
+class BlobSink:
+    """Where a download writes (``Client.download_blob``; ``interlink.e2ee`` writes an
+    attachment's plaintext through one too): memory (None), a path, or a binary file. A path is
+    written as a temporary file beside it, renamed over it only once the ``with`` block ends
+    without an exception (an existing file there is never destroyed by a failed download, nor a
+    part left under its name). ``result(size)``: the bytes, or ``size`` for a file."""
 
     def __init__(self, sink) -> None:
         self._parts: list | None = None
@@ -139,7 +141,7 @@ class _BlobSink:
         else:
             raise TypeError(f"download_blob writes to None, a path or a binary file, not {type(sink).__name__}")
 
-    def __enter__(self) -> _BlobSink:
+    def __enter__(self) -> BlobSink:
         return self
 
     def write(self, data: bytes) -> None:
@@ -510,7 +512,7 @@ class Client:
         chunk, in_flight = self._blob_limits()
         first = await self._rate_limited(lambda: self.iq("blob.read", blob=blob, off=0, len=chunk, timeout_s=timeout_s))
         size = first["size"]
-        with _BlobSink(sink) as out:
+        with BlobSink(sink) as out:
             out.write(first["data"])
             received = len(first["data"])
             if progress is not None:

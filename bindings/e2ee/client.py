@@ -18,7 +18,7 @@ import os
 import time
 from pathlib import Path
 
-from interlink.client import Client
+from interlink.client import BlobSink, Client
 from interlink.core.errors import InterlinkError, ServerError, SessionClosedError
 from interlink.e2ee.device import DeviceState, GroupState
 from interlink.e2ee.attachment import Attachment, AttachmentPointer, Decryptor
@@ -351,35 +351,11 @@ class E2EEClient:
         the gateway's ``ServerError``, e.g. ``not_found`` once the blob expired) is raised, and a
         file already at the path is left as it was. ``pointer.name`` is the sender's text: never
         use it as a path."""
-        parts: list[bytes] | None = None
-        file = temporary = None
-        if sink is None:
-            parts = []
-            write = parts.append
-        elif isinstance(sink, (str, os.PathLike)):
-            # written beside it and renamed over it only once checked: a failed download never
-            # destroys a file already there, nor leaves unchecked plaintext under its name
-            folder, name = os.path.split(os.path.abspath(sink))
-            temporary = os.path.join(folder, f".{name}.{os.urandom(4).hex()}.part")
-            file = open(temporary, "xb")
-            write = file.write
-        elif hasattr(sink, "write"):
-            write = sink.write
-        else:
-            raise TypeError(f"download writes to None, a path or a binary file, not {type(sink).__name__}")
-        decryptor = Decryptor(pointer, write)
-        try:
+        with BlobSink(sink) as out:
+            decryptor = Decryptor(pointer, out.write)
             await self.client.download_blob(pointer.blob, decryptor, progress=progress)
             decryptor.finish()
-        except BaseException:
-            if file is not None:
-                file.close()
-                os.unlink(temporary)
-            raise
-        if file is not None:
-            file.close()
-            os.replace(temporary, sink)
-        return b"".join(parts) if parts is not None else decryptor.plaintext_bytes
+            return out.result(decryptor.plaintext_bytes)
 
     # -- groups: membership (group.* operations, tracked from the events) and sender keys
 

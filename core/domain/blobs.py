@@ -191,10 +191,9 @@ class Blobs:
         user = session.identity.user
         self._charge(user, len(data), now)
         upload = self._upload(blob, user, now)
-        if upload is None:  # unknown, expired, someone else's, or ready
-            record = self.store.blob(blob)
-            if record is not None and record.ready and record.owner == user and record.expires_ms > now * 1000:
-                return {"have": record.size, "ready": True}  # a late or repeated chunk of a finished upload
+        if type(upload) is BlobRecord:  # ready: a late or repeated chunk of a finished upload
+            return {"have": upload.size, "ready": True}
+        if upload is None:  # unknown, expired, someone else's
             raise _not_found()
         end = offset + len(data)
         if end > upload.size:
@@ -252,14 +251,17 @@ class Blobs:
 
     # -- upload state
 
-    def _upload(self, blob: bytes, user: str, now: float) -> _Upload | None:
+    def _upload(self, blob: bytes, user: str, now: float) -> _Upload | BlobRecord | None:
         """The owner's unfinished upload ``blob`` (from memory, or from its record after a restart
-        or a quiet spell), or None."""
+        or a quiet spell); the record of the owner's ready blob; or None (unknown, expired,
+        someone else's). One record read at most."""
         upload = self._uploads.get(blob)
         if upload is None:
             record = self.store.blob(blob)
-            if record is None or record.ready:
+            if record is None:
                 return None
+            if record.ready:
+                return record if record.owner == user and record.expires_ms > now * 1000 else None
             try:
                 ranges = ByteRanges.unpack(record.ranges)
             except ValueError:

@@ -27,9 +27,8 @@ class Session(Protocol):
     @property
     def closed(self) -> bool: ...
 
-    def send_stanza(self, stanza: dict) -> None: ...
-
-    def send_encoded(self, encoded: bytes) -> None: ...
+    def send_encoded(self, encoded: bytes) -> None:
+        """Queue an encoded stanza (the router encodes: answers counted, fan-out encoded once)."""
 
 
 class MailboxStore(Protocol):

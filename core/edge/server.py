@@ -78,9 +78,6 @@ class Limits(BlobLimits):
         """The limits of a configuration (anything with attributes of the same names)."""
         return cls(**{spec.name: overrides.get(spec.name, getattr(config, spec.name)) for spec in dataclasses.fields(cls)})
 
-    def blob_limits(self) -> BlobLimits:
-        return BlobLimits(**{spec.name: getattr(self, spec.name) for spec in dataclasses.fields(BlobLimits)})
-
     def announce(self) -> dict:
         return {
             "max_frame": self.max_frame_bytes,
@@ -254,9 +251,10 @@ class GatewayServer:
             overload_refuse_after_s=limits.overload_refuse_after_s,
             blob_files=blob_files,
             offload=self.offload,
-            blob_limits=limits.blob_limits(),
+            blob_limits=limits,  # a Limits is a BlobLimits
         )
         self.router = self.domain.router
+        self.welcome_limits = self._welcome_limits()
         self._commit_executor = (
             concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="interlink-commit")
             if commit_in_thread else None
@@ -598,9 +596,9 @@ class GatewayServer:
             if proto is not None:
                 proto.write()
 
-    @property
-    def welcome_limits(self) -> dict:
-        """The ``limits`` of ``welcome``: the configured ones, and the blobs' when blobs are served."""
+    def _welcome_limits(self) -> dict:
+        """The ``limits`` of ``welcome``: the configured ones, and the blobs' when blobs are served
+        (worked out when the limits change, not per session)."""
         limits = self.limits.announce()
         if self.domain.blobs is not None:
             limits.update(self.domain.blobs.announce())
@@ -636,9 +634,10 @@ class GatewayServer:
                 setattr(self.sweeps, name, value)
             elif name.startswith("blob_") and name in limit_fields:
                 if self.domain.blobs is not None:
-                    self.domain.blobs.configure(self.limits.blob_limits())
+                    self.domain.blobs.configure(self.limits)
             elif name not in limit_fields:
                 raise ValueError(f"{name} cannot change while the gateway runs")
+        self.welcome_limits = self._welcome_limits()
 
     def end_sessions(self, user: str, device: int | None = None) -> int:
         """The operator ends a user's sessions (one device, or all of them) with ``bye suspended``;
