@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 all: $(STAMP)
 
 # Create the venv, install the package editable with its test extras; this compiles ext/*.pyx.
-$(STAMP): pyproject.toml setup.py $(wildcard ext/*.pyx ext/*.pxd)
+$(STAMP): pyproject.toml setup.py $(wildcard ext/*.pyx ext/*.pxd ext/*.pxi)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[test]'

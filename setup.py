@@ -24,7 +24,7 @@ setup(
         "interlink", "interlink.core", "interlink.core.protocol", "interlink.core.domain", "interlink.core.domain.auth",
         "interlink.core.edge", "interlink.core.edge.lmdbstore", "interlink.ext", "interlink.e2ee", "interlink.load", "interlink.load.scenarios"],
     package_dir={"interlink": "bindings", "interlink.core": "core", "interlink.ext": "ext"},
-    package_data={"interlink.ext": ["*.pyx", "*.pxd"], "interlink.load.scenarios": ["*.toml"]},
+    package_data={"interlink.ext": ["*.pyx", "*.pxd", "*.pxi"], "interlink.load.scenarios": ["*.toml"]},
     ext_modules=cythonize(
         extensions,
         language_level=3,

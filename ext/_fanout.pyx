@@ -16,6 +16,8 @@ from cpython.unicode cimport PyUnicode_AsUTF8String
 from libc.stdint cimport uint32_t, uint64_t
 from libc.string cimport memcpy
 
+include "_msgpack_uint.pxi"  # _uint_size, _put_uint: shared with _stanza.pyx
+
 cdef extern from "Python.h":
     unsigned long long PyLong_AsUnsignedLongLong(object) except? 0xFFFFFFFFFFFFFFFF  # noqa
     object PyErr_Occurred()
@@ -64,10 +66,8 @@ cdef bytes _device_key(bytes prefix, object device):
 
 cdef bytes _splice(object seq, bytes tail):
     """``DLV_HEAD + pack(seq) + tail`` in one allocation."""
-    cdef unsigned char s[9]
     cdef Py_ssize_t n, head = PyBytes_GET_SIZE(_HEAD), size = PyBytes_GET_SIZE(tail)
     cdef uint64_t v
-    cdef int i
     cdef bytes out
     cdef char *p
     if type(seq) is not int:
@@ -76,29 +76,11 @@ cdef bytes _splice(object seq, bytes tail):
         v = PyLong_AsUnsignedLongLong(seq)
     except OverflowError:  # negative, or 2**64 and over: the packer decides (and refuses the latter)
         return _HEAD + _packer.pack(seq) + tail
-    if v < 0x80:
-        s[0] = <unsigned char> v
-        n = 1
-    elif v <= 0xFF:
-        s[0] = 0xCC
-        s[1] = <unsigned char> v
-        n = 2
-    elif v <= 0xFFFF:
-        s[0] = 0xCD
-        n = 3
-    elif v <= 0xFFFFFFFF:
-        s[0] = 0xCE
-        n = 5
-    else:
-        s[0] = 0xCF
-        n = 9
-    if n > 2:
-        for i in range(n - 1):
-            s[n - 1 - i] = <unsigned char> ((v >> (8 * i)) & 0xFF)
+    n = _uint_size(v)
     out = PyBytes_FromStringAndSize(NULL, head + n + size)
     p = PyBytes_AS_STRING(out)
     memcpy(p, PyBytes_AS_STRING(_HEAD), head)
-    memcpy(p + head, s, n)
+    _put_uint(<unsigned char*> p + head, v)
     memcpy(p + head + n, PyBytes_AS_STRING(tail), size)
     return out
 
