@@ -91,7 +91,20 @@ class GatewayCollector:
                            blobs["blob_bad_hash"])
             yield _counter("interlink_blobs_expired", "Blobs and unfinished uploads deleted by the TTL sweep.",
                            blobs["blobs_expired"])
+        jwks = stats.get("jwks") or {}
+        for name, field, documentation in _JWKS_COUNTERS:
+            yield _labelled_counter(name, documentation, "provider", {pid: fetches[field] for pid, fetches in jwks.items()})
         yield _counter("interlink_internal_errors", "Stanzas that failed on a gateway bug (see the logs).", counters.get("internal_errors", 0))
+
+
+_JWKS_COUNTERS = (
+    ("interlink_jwks_fetches", "attempts", "Key refreshes started per provider (discovery and JWKS requests together)."),
+    ("interlink_jwks_fetch_failures", "failures", "Key refreshes that failed per provider (the last good keys stay in service)."),
+    ("interlink_jwks_unknown_kid_fetches", "unknown_kid_refetches",
+     "Key refreshes per provider started because a token named a key id that was not cached."),
+    ("interlink_jwks_unknown_kid_waits", "unknown_kid_waits",
+     "Tokens per provider that named a key id not cached and waited for a fetch (many: made-up kids, or a rotation)."),
+)
 
 
 def _gauge(name: str, documentation: str, value) -> GaugeMetricFamily:

@@ -42,6 +42,7 @@ class GatewayConfig:
     jwks_ttl_s: float = 300.0
     jwks_min_refetch_interval_s: float = 30.0
     jwks_fetch_timeout_s: float = 5.0
+    jwks_unknown_kid_gap_s: float = 2.0
     drain_timeout_s: float = 10.0
     max_mailbox_items: int = 10_000  # per device; more gets mailbox_full
     max_mailbox_bytes: int = 64 << 20  # per device
@@ -94,6 +95,7 @@ class GatewayConfig:
         _require(300 <= self.jwks_ttl_s <= 600, "jwks_ttl_s", f"must be 300..600, got {self.jwks_ttl_s}")
         _require(self.jwks_min_refetch_interval_s >= 30, "jwks_min_refetch_interval_s", f"must be at least 30, got {self.jwks_min_refetch_interval_s}")
         _require(0 < self.jwks_fetch_timeout_s <= 5, "jwks_fetch_timeout_s", f"must be in (0, 5], got {self.jwks_fetch_timeout_s}")
+        _require(0.5 <= self.jwks_unknown_kid_gap_s <= 10, "jwks_unknown_kid_gap_s", f"must be 0.5..10, got {self.jwks_unknown_kid_gap_s}")
         _require(0.1 <= self.slow_consumer_s <= 3600, "slow_consumer_s", f"must be 0.1..3600, got {self.slow_consumer_s}")
         _require(0.1 <= self.idle_release_s <= 3600, "idle_release_s", f"must be 0.1..3600, got {self.idle_release_s}")
         _require(1 <= self.max_mailbox_items <= 10_000_000, "max_mailbox_items", f"must be 1..10000000, got {self.max_mailbox_items}")
@@ -171,7 +173,8 @@ OPTION_HELP = {
     "token_leeway_s": "allowed clock skew when checking exp/nbf/iat of tokens (at most 60)",
     "max_token_bytes": "tokens longer than this are refused before parsing",
     "jwks_ttl_s": "how long fetched provider keys are used before a refresh (300..600)",
-    "jwks_min_refetch_interval_s": "an unknown key id triggers at most one refetch per provider this often",
+    "jwks_min_refetch_interval_s": "after a failed key fetch, and between refreshes when the TTL runs out, the issuer is not asked again for this long",
+    "jwks_unknown_kid_gap_s": "a token naming a key id not cached waits for the next key fetch; those fetches start at least this far apart per provider (0.5..10; keep it well below preauth_deadline_s)",
     "jwks_fetch_timeout_s": "timeout of one key fetch from a provider",
     "drain_timeout_s": "on shutdown, how long sessions get to close after bye drain",
     "max_mailbox_items": "stored items per device (mailbox_full past it)",

@@ -68,6 +68,7 @@ class Gateway:
             ttl_s=config.jwks_ttl_s,
             min_refetch_interval_s=config.jwks_min_refetch_interval_s,
             fetch_timeout_s=config.jwks_fetch_timeout_s,
+            unknown_kid_gap_s=config.jwks_unknown_kid_gap_s,
         )
         verifier = TokenVerifier(
             self.registry, self._jwks, max_token_bytes=config.max_token_bytes, leeway_s=config.token_leeway_s
@@ -293,7 +294,10 @@ class Gateway:
         return result
 
     def stats(self) -> dict:
-        return self._running().stats()
+        stats = self._running().stats()
+        assert self._jwks is not None
+        stats["jwks"] = {provider_id: dataclasses.asdict(fetches) for provider_id, fetches in self._jwks.all_stats().items()}
+        return stats
 
     def _running(self) -> GatewayServer:
         if self._server is None:

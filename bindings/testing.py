@@ -293,13 +293,14 @@ class DemoIssuer:
 
     async def _jwks(self, request: web.Request) -> web.StreamResponse:
         self.jwks_requests += 1
+        keys = self.jwks()  # the set as it was when the request arrived, however long the stall
         refused = await self._gate()
         if refused is not None:
             return refused
         if self._jwks_override is not None:
             status, body, content_type = self._jwks_override
             return web.Response(status=status, body=body, content_type=content_type)
-        return web.json_response(self.jwks(), headers={"Cache-Control": "public, max-age=300"})
+        return web.json_response(keys, headers={"Cache-Control": "public, max-age=300"})
 
 
 class FakeClock:
@@ -313,6 +314,11 @@ class FakeClock:
 
     def advance(self, seconds: float) -> None:
         self.t += seconds
+
+    async def sleep(self, seconds: float) -> None:
+        """An ``asyncio.sleep`` on this clock: the time passes at once, then the loop turns."""
+        self.t += max(0.0, seconds)
+        await asyncio.sleep(0)
 
 
 class FakeSession:
@@ -367,10 +373,14 @@ def lmdb_store(path, **overrides) -> LmdbStore:
 
 
 def jwks_cache(**overrides) -> JwksCache:
+    clock = overrides.get("clock")
+    if isinstance(clock, FakeClock):
+        overrides.setdefault("sleep", clock.sleep)  # the gap between fetches passes on the fake clock
     return JwksCache(**{
         "ttl_s": DEFAULTS.jwks_ttl_s,
         "min_refetch_interval_s": DEFAULTS.jwks_min_refetch_interval_s,
         "fetch_timeout_s": DEFAULTS.jwks_fetch_timeout_s,
+        "unknown_kid_gap_s": DEFAULTS.jwks_unknown_kid_gap_s,
         **overrides,
     })
 

@@ -13,12 +13,23 @@ Rules (docs/protocol.md §3, DESIGN "bounded everything"):
 - Entries live ``ttl_s`` (300–600 s). A known ``kid`` is served from a stale entry at once
   while a background refresh runs (stale-while-revalidate), so a slow issuer never delays a
   handshake whose key is cached.
-- Unknown ``kid``s cause at most one refetch per ``min_refetch_interval_s`` (≥ 30 s) per
-  provider, however many arrive; the initial fill does not count against that allowance, so a
-  key the issuer rotated in right after the gateway started is found at once. Any other
-  refresh (TTL, retry after a failure) is also attempted at most once per interval, and a
-  failed fetch blocks further attempts for the interval. Concurrent callers share the one
-  in-flight fetch (single-flight).
+- A token whose ``kid`` is not cached waits for the next fetch of its provider's keys and is
+  decided by what that fetch brings; every such token waiting at the time shares the one
+  fetch. Those fetches start at least ``unknown_kid_gap_s`` (default 2 s) apart per provider
+  (the first fill and the TTL refreshes, a few per hour, do not count, so a key rotated in
+  right after either is fetched at once), so the issuer sees at most one such request per
+  gap from this node whatever clients send, and a key the provider rotated in is usable
+  within one gap however many made-up ``kid``s came before it (docs/protocol.md §3: a
+  per-provider allowance of one refetch per 30 s was used up by anyone's made-up ``kid`` and
+  locked the genuine new key out until the TTL ran out). A token that arrives while a fetch
+  is already under way waits for the one after, unless that one finds its key: a key
+  published just after the running request began is not missed. A ``kid`` that left the set
+  at a refresh (the provider retired it) is refused at once, without a fetch, until a refresh
+  finds it again.
+- Any other refresh (TTL, retry after a failure) is attempted at most once per
+  ``min_refetch_interval_s`` (≥ 30 s), and a failed fetch blocks further attempts (unknown
+  ``kid``s included) for that interval: an issuer that is down is not hammered. Concurrent
+  callers share the one in-flight fetch (single-flight).
 - A fetch (discovery + JWKS together) is bounded by ``fetch_timeout_s`` (≤ 5 s), by
   ``max_response_bytes`` per response and by ``max_keys`` per set. Redirects are refused.
 - On failure (timeout, connection error, HTTP status ≠ 200, bad JSON, not a JWKS, discovery
@@ -33,7 +44,7 @@ import dataclasses
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,6 +70,10 @@ log = logging.getLogger("interlink.jwks")
 MIN_TTL_S = 300.0
 MAX_TTL_S = 600.0
 MIN_REFETCH_INTERVAL_S = 30.0
+DEFAULT_UNKNOWN_KID_GAP_S = 2.0
+MIN_UNKNOWN_KID_GAP_S = 0.5
+MAX_UNKNOWN_KID_GAP_S = 10.0
+RETIRED_KIDS_KEPT = 64
 MAX_FETCH_TIMEOUT_S = 5.0
 DEFAULT_MAX_RESPONSE_BYTES = 1 << 20
 
@@ -79,6 +94,10 @@ class FetchStats:
     """Cache clock time of the last refresh attempt."""
     last_unknown_kid_refetch_at: float | None = None
     """Cache clock time of the last refresh caused by an unknown ``kid``."""
+    unknown_kid_refetches: int = 0
+    """Refreshes caused by tokens naming a ``kid`` that was not cached."""
+    unknown_kid_waits: int = 0
+    """Look-ups of a ``kid`` that was not cached which waited for a fetch."""
     fetched_at: float | None = None
     """Cache clock time of the last successful refresh."""
     last_error: str | None = None
@@ -93,14 +112,19 @@ class _Entry:
     jwks_uri: str | None = None
     jwks_uri_at: float | None = None
     inflight: asyncio.Task | None = None
+    """The refresh under way or scheduled; its result is the clock time its requests began."""
     stats: FetchStats = field(default_factory=FetchStats)
+    retired: dict[str, float] = field(default_factory=dict)
+    """Kids that left the provider's set at a refresh (oldest first): refused at once, not
+    waited for, until a refresh finds them again."""
 
 
 class JwksCache:
     """Per-provider cache of JWKS verification keys.
 
     ``clock`` is the time source for TTL and rate limits (monotonic seconds; tests pass a fake
-    one). HTTP timeouts are real time. ``session`` may be shared; if omitted one is created
+    one) and ``sleep`` waits for the gap between fetches on that clock. HTTP timeouts are real
+    time. ``session`` may be shared; if omitted one is created
     on first use and closed by ``close()``.
     """
 
@@ -110,7 +134,9 @@ class JwksCache:
         ttl_s: float,
         min_refetch_interval_s: float,
         fetch_timeout_s: float,
+        unknown_kid_gap_s: float = DEFAULT_UNKNOWN_KID_GAP_S,
         clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         session: aiohttp.ClientSession | None = None,
         max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
         max_keys: int = DEFAULT_MAX_KEYS,
@@ -122,8 +148,11 @@ class JwksCache:
                 f"min_refetch_interval_s must be at least {MIN_REFETCH_INTERVAL_S:g} seconds, not {min_refetch_interval_s!r}")
         if not _number(fetch_timeout_s) or not 0 < fetch_timeout_s <= MAX_FETCH_TIMEOUT_S:
             raise ConfigError(f"fetch_timeout_s must be > 0 and <= {MAX_FETCH_TIMEOUT_S:g} seconds, not {fetch_timeout_s!r}")
-        if not callable(clock):
-            raise ConfigError("clock must be a callable returning seconds")
+        if not _number(unknown_kid_gap_s) or not MIN_UNKNOWN_KID_GAP_S <= unknown_kid_gap_s <= MAX_UNKNOWN_KID_GAP_S:
+            raise ConfigError(f"unknown_kid_gap_s must be between {MIN_UNKNOWN_KID_GAP_S:g} and "
+                              f"{MAX_UNKNOWN_KID_GAP_S:g} seconds, not {unknown_kid_gap_s!r}")
+        if not callable(clock) or not callable(sleep):
+            raise ConfigError("clock must be a callable returning seconds and sleep an awaitable sleep")
         if isinstance(max_response_bytes, bool) or not isinstance(max_response_bytes, int) or max_response_bytes < 1024:
             raise ConfigError("max_response_bytes must be an integer >= 1024")
         if isinstance(max_keys, bool) or not isinstance(max_keys, int) or max_keys < 1:
@@ -131,9 +160,11 @@ class JwksCache:
         self.ttl_s = float(ttl_s)
         self.min_refetch_interval_s = float(min_refetch_interval_s)
         self.fetch_timeout_s = float(fetch_timeout_s)
+        self.unknown_kid_gap_s = float(unknown_kid_gap_s)
         self.max_response_bytes = max_response_bytes
         self.max_keys = max_keys
         self._clock = clock
+        self._sleep = sleep
         self._session = session
         self._own_session = session is None
         self._entries: dict[str, _Entry] = {}
@@ -169,19 +200,34 @@ class JwksCache:
     async def get_key(self, provider: Provider, kid: str | None) -> jwt.PyJWK | None:
         """The verification key ``kid`` of ``provider`` (with ``kid=None``: its only key), or None.
 
-        May wait for one rate-limited refresh when the key is unknown or nothing is cached.
-        Never raises because of a fetch failure.
+        A ``kid`` that is not cached waits for the provider's next fetch (at most one gap away,
+        shared with every other such look-up) and is decided by it. Never raises because of a
+        fetch failure; after a failed fetch, returns None at once for the rest of the interval.
         """
         key = self.cached_key(provider, kid)
         entry = self._entry(provider)
         if key is not None or entry.source.kind == "inline":
             return key
-        now = self._clock()
-        task = entry.inflight or self._start_refresh(provider, entry, now, unknown_kid=entry.keys is not None)
-        if task is None:
-            return None  # rate-limited: nothing new can be learnt yet
-        await _join(task)
-        return entry.keys.get(kid) if entry.keys is not None else None
+        asked_at = self._clock()
+        if entry.keys is None:  # the first fill, or nothing fetched yet: rate-limited after a failure
+            task = entry.inflight or self._start_refresh(provider, entry, asked_at)
+            if task is None:
+                return None
+            await _join(task)
+            return entry.keys.get(kid) if entry.keys is not None else None
+        if kid in entry.retired:
+            return None  # the provider removed this key: tokens signed with it are refused at once
+        entry.stats.unknown_kid_waits += 1
+        for _ in range(2):  # the fetch under way, then (if that began before the question) the next
+            task = self._fetch_for_unknown_kid(provider, entry, asked_at)
+            if task is None:
+                return None  # the issuer failed within the interval: nothing new can be learnt yet
+            await _join(task)
+            key = entry.keys.get(kid) if entry.keys is not None else None
+            began = _began(task)
+            if key is not None or began is None or began >= asked_at or entry.stats.last_error is not None:
+                return key
+        return None
 
     async def refresh(self, provider: Provider, *, force: bool = False) -> bool:
         """Fetch ``provider``'s keys now (joining an in-flight fetch), within the rate limit
@@ -203,6 +249,10 @@ class JwksCache:
         """A snapshot of the provider's fetch counters (all zero if never used)."""
         entry = self._entries.get(provider_id)
         return FetchStats() if entry is None else dataclasses.replace(entry.stats)
+
+    def all_stats(self) -> dict[str, FetchStats]:
+        """Snapshots of the counters of every provider whose keys were looked up."""
+        return {provider_id: dataclasses.replace(entry.stats) for provider_id, entry in self._entries.items()}
 
     def invalidate(self, provider_id: str) -> None:
         """Forget a provider's keys and rate-limit state (after its key source changed, or it
@@ -258,32 +308,74 @@ class JwksCache:
         return entry
 
     def _start_refresh(
-        self, provider: Provider, entry: _Entry, now: float, *, force: bool = False, unknown_kid: bool = False
+        self, provider: Provider, entry: _Entry, now: float, *, force: bool = False
     ) -> asyncio.Task | None:
+        """The TTL refresh, the first fill or a forced one: at most once per interval."""
         if entry.inflight is not None:
             return entry.inflight
         if self._closed:
             return None
         stats = entry.stats
-        interval = self.min_refetch_interval_s
-        if not force:
-            recent_attempt = stats.last_attempt_at is not None and now - stats.last_attempt_at < interval
-            if unknown_kid:
-                last = stats.last_unknown_kid_refetch_at
-                if (last is not None and now - last < interval) or (recent_attempt and stats.last_error is not None):
-                    return None
-                stats.last_unknown_kid_refetch_at = now
-            elif recent_attempt:
-                return None
-        entry.stats.last_attempt_at = now
-        entry.stats.attempts += 1
+        if not force and stats.last_attempt_at is not None and now - stats.last_attempt_at < self.min_refetch_interval_s:
+            return None
+        self._count_attempt(stats, now)
         task = asyncio.get_running_loop().create_task(
             self._refresh(provider, entry, now), name=f"jwks-refresh-{provider.id}")
         entry.inflight = task
         return task
 
-    async def _refresh(self, provider: Provider, entry: _Entry, started: float) -> None:
-        """Run one refresh; record the outcome. Never raises (except cancellation)."""
+    def _fetch_for_unknown_kid(self, provider: Provider, entry: _Entry, now: float) -> asyncio.Task | None:
+        """The fetch a look-up of an uncached ``kid`` waits for: the one under way or scheduled,
+        else one starting a gap after the previous attempt. None after a failure within the
+        interval."""
+        if entry.inflight is not None:
+            return entry.inflight
+        if self._closed:
+            return None
+        stats = entry.stats
+        last = stats.last_attempt_at
+        if last is not None and stats.last_error is not None and now - last < self.min_refetch_interval_s:
+            return None
+        previous = stats.last_unknown_kid_refetch_at  # the first fill and TTL refreshes do not count
+        delay = 0.0 if previous is None else max(0.0, previous + self.unknown_kid_gap_s - now)
+        task = asyncio.get_running_loop().create_task(
+            self._refresh_after(provider, entry, delay), name=f"jwks-refresh-{provider.id}")
+        entry.inflight = task
+        return task
+
+    async def _refresh_after(self, provider: Provider, entry: _Entry, delay: float) -> float:
+        if delay > 0:
+            try:
+                await self._sleep(delay)
+            except asyncio.CancelledError:
+                if entry.inflight is asyncio.current_task():
+                    entry.inflight = None
+                raise
+        now = self._clock()
+        self._count_attempt(entry.stats, now)
+        entry.stats.last_unknown_kid_refetch_at = now
+        entry.stats.unknown_kid_refetches += 1
+        return await self._refresh(provider, entry, now)
+
+    @staticmethod
+    def _note_retired(entry: _Entry, old: KeySet, new: KeySet, now: float) -> None:
+        retired = entry.retired
+        for kid in new.kids:
+            retired.pop(kid, None)
+        for kid in old.kids:
+            if kid is not None and kid not in new:
+                retired[kid] = now
+        while len(retired) > RETIRED_KIDS_KEPT:
+            del retired[next(iter(retired))]
+
+    @staticmethod
+    def _count_attempt(stats: FetchStats, now: float) -> None:
+        stats.last_attempt_at = now
+        stats.attempts += 1
+
+    async def _refresh(self, provider: Provider, entry: _Entry, started: float) -> float:
+        """Run one refresh; record the outcome; return when it began. Never raises (except
+        cancellation)."""
         error: str | None = None
         try:
             async with asyncio.timeout(self.fetch_timeout_s):
@@ -298,6 +390,8 @@ class JwksCache:
             log.exception("provider %s: unexpected error while refreshing keys", provider.id)
             error = f"unexpected {exc.__class__.__name__}"
         else:
+            if entry.keys is not None:
+                self._note_retired(entry, entry.keys, keyset, started)
             entry.keys = keyset
             entry.fetched_at = started
             entry.stats.successes += 1
@@ -320,6 +414,7 @@ class JwksCache:
             else:
                 log.warning("provider %s: key refresh failed (%s); no keys cached, next attempt in %g s",
                             provider.id, error, self.min_refetch_interval_s)
+        return started
 
     async def _download(self, provider: Provider, entry: _Entry, now: float) -> KeySet:
         source = entry.source
@@ -378,6 +473,13 @@ async def _join(task: asyncio.Task) -> None:
     this caller is cancelled nor raises in the caller if the refresh itself was cancelled
     (``invalidate``, ``close``): the caller then simply finds no new keys."""
     await asyncio.wait((task,))
+
+
+def _began(task: asyncio.Task) -> float | None:
+    """When a finished refresh began (None if it was cancelled)."""
+    if task.cancelled():
+        return None
+    return task.result()
 
 
 def _number(value: object) -> bool:

@@ -96,6 +96,20 @@ async def test_metrics_count_real_traffic(admin_gateway, issuers, http):
     assert samples[("interlink_blob_uploads_ready_total", frozenset())] == 1
     assert samples[("interlink_blob_bad_hash_total", frozenset())] == 1
     assert samples[("interlink_blobs_expired_total", frozenset())] == 0
+    # key fetches per provider, and a token naming a made-up kid
+    alpha = frozenset({("provider", "alpha")})
+    fetches = samples[("interlink_jwks_fetches_total", alpha)]
+    assert fetches >= 1 and samples[("interlink_jwks_unknown_kid_waits_total", alpha)] == 0
+    with pytest.raises(AuthError):
+        host, port = admin_gateway.address
+        await Client.connect(host, port, token=issuers[0].issue("eve", audience=AUD, headers={"kid": "made-up"}),
+                             device=1, root_public=admin_gateway.root_public)
+    async with http.get(url(admin_gateway, "/metrics")) as response:
+        samples = metrics(await response.text())
+    assert samples[("interlink_jwks_unknown_kid_waits_total", alpha)] == 1
+    assert samples[("interlink_jwks_unknown_kid_fetches_total", alpha)] == 1
+    assert samples[("interlink_jwks_fetches_total", alpha)] == fetches + 1
+    assert samples[("interlink_jwks_fetch_failures_total", alpha)] == 0
     await alice.close()
     await bob.close()
 

@@ -37,6 +37,7 @@ async def gateway(issuers, tmp_path):
         port=0,
         data_dir=tmp_path,
         preauth_deadline_s=1.0,
+        jwks_unknown_kid_gap_s=0.5,  # a rotated key's token waits at most this, within the deadline
         max_devices=3,
         providers=[
             Provider(id="alpha", issuer=alpha.issuer, audience=AUD, discovery=True),
@@ -169,6 +170,22 @@ async def test_unknown_kid_is_found_after_the_issuer_rotates(gateway, issuers):
     new_kid = alpha.rotate()
     client = await connect(gateway, alpha.issue("alice", audience=AUD, kid=new_kid), device=2)
     assert client.welcome["user"] == "alice@alpha"
+    await client.close()
+
+
+async def test_made_up_kid_does_not_lock_out_a_rotated_key(gateway, issuers):
+    """Anyone can send a token naming a made-up kid for a provider's issuer; a key the
+    provider rotates in right after must still be usable within seconds (issue 17)."""
+    alpha, _ = issuers
+    first = await connect(gateway, alpha.issue("alice", audience=AUD))  # the gateway caches alpha's keys
+    await first.close()
+    forged = alpha.issue("mallory", audience=AUD, headers={"kid": "made-up"})
+    assert (await refusal(gateway, forged)).code == "bad_signature"
+    fetches = alpha.jwks_requests
+    new_kid = alpha.rotate()
+    client = await connect(gateway, alpha.issue("alice", audience=AUD, kid=new_kid), device=2)
+    assert client.welcome["user"] == "alice@alpha"
+    assert alpha.jwks_requests == fetches + 1
     await client.close()
 
 

@@ -67,13 +67,19 @@ async def test_ttl_refresh(issuer, cache, clock):
     assert (issuer.discovery_requests, issuer.jwks_requests) == (2, 2)
     stats = cache.stats("a")
     assert (stats.attempts, stats.successes, stats.failures) == (2, 2, 0)
-    # The retired key is gone from the refreshed set (asking for it spends the unknown-kid
-    # refetch allowance once); the new one is there.
+    # The retired key left the refreshed set: asking for it is refused at once, without a
+    # fetch (tokens signed with it may still be about); the new key is there.
     assert await cache.get_key(provider, old) is None
     assert await cache.get_key(provider, old) is None
-    assert issuer.jwks_requests == 3
+    assert issuer.jwks_requests == 2
     assert await cache.get_key(provider, issuer.default_kid()) is not None
-    assert issuer.jwks_requests == 3
+    assert issuer.jwks_requests == 2
+    # Should the provider publish it again, the next refresh finds it.
+    issuer.publish(old)
+    clock.advance(300)
+    await cache.get_key(provider, issuer.default_kid())
+    await cache.wait_idle()
+    assert (await cache.get_key(provider, old)).key_id == old
 
 
 async def test_ttl_bounds_are_validated():
@@ -87,28 +93,87 @@ async def test_ttl_bounds_are_validated():
 # -- rate limit and single flight ---------------------------------------------------------------
 
 
-async def test_burst_of_unknown_kids_causes_at_most_one_refetch_per_interval(issuer, cache, clock):
+async def test_burst_of_unknown_kids_shares_one_fetch_per_gap(issuer, cache, clock):
     provider = uri_provider(issuer)
     assert await cache.get_key(provider, issuer.default_kid()) is not None
     assert issuer.jwks_requests == 1  # the initial fill
-    # 50 unknown kids, concurrently: exactly one refetch (the initial fill does not use up the allowance)...
-    clock.advance(5)
+    # 50 unknown kids at once: one fetch answers them all, at once (the fill does not count).
+    start = clock()
     assert await asyncio.gather(*(cache.get_key(provider, f"nope-{i}") for i in range(50))) == [None] * 50
     assert issuer.jwks_requests == 2
-    # ... and then none, one by one or concurrently, until 30 s after that refetch.
-    for i in range(50):
+    assert clock() == start
+    # One by one, each waits for its own fetch, a gap after the previous one: never faster.
+    for i in range(5):
+        before = clock()
         assert await cache.get_key(provider, f"again-{i}") is None
-    clock.advance(29)
-    assert await asyncio.gather(*(cache.get_key(provider, f"x-{i}") for i in range(50))) == [None] * 50
+        assert clock() - before == pytest.approx(2.0)
+    assert issuer.jwks_requests == 7
+    stats = cache.stats("a")
+    assert (stats.attempts, stats.unknown_kid_refetches, stats.unknown_kid_waits) == (7, 6, 55)
+    # A kid asked for long after the last fetch is fetched at once.
+    clock.advance(60)
+    before = clock()
+    assert await cache.get_key(provider, "late") is None
+    assert clock() == before and issuer.jwks_requests == 8
+
+
+async def test_made_up_kids_never_lock_out_a_rotated_key(issuer, cache, clock):
+    """The attack of issue 17: a token with a made-up kid used to spend the provider's one
+    refetch per 30 s, so a key rotated in just after it was refused for the rest of the TTL."""
+    provider = uri_provider(issuer)
+    assert await cache.get_key(provider, issuer.default_kid()) is not None
+    clock.advance(5)
+    assert await cache.get_key(provider, "made-up") is None  # the refetch the attacker gets
     assert issuer.jwks_requests == 2
+    new_kid = issuer.rotate()
     clock.advance(1)
-    assert await asyncio.gather(*(cache.get_key(provider, f"y-{i}") for i in range(50))) == [None] * 50
+    asked = clock()
+    assert (await cache.get_key(provider, new_kid)).key_id == new_kid
+    assert clock() - asked <= cache.unknown_kid_gap_s
     assert issuer.jwks_requests == 3
-    clock.advance(29)
-    for i in range(50):
-        assert await cache.get_key(provider, f"z-{i}") is None
-    assert issuer.jwks_requests == 3
-    assert cache.stats("a").attempts == 3
+
+
+async def test_flood_of_made_up_kids_paces_the_issuer_and_spares_the_new_key(issuer, cache, clock):
+    provider = uri_provider(issuer)
+    assert await cache.get_key(provider, issuer.default_kid()) is not None
+    start, fetched = clock(), issuer.jwks_requests
+    new_kid = None
+    for wave in range(20):  # 20 waves of 100 made-up kids, a new key rotated in half-way
+        if wave == 10:
+            new_kid = issuer.rotate()
+            genuine = asyncio.ensure_future(cache.get_key(provider, new_kid))
+            asked = clock()
+        found = await asyncio.gather(*(cache.get_key(provider, f"w{wave}-{i}") for i in range(100)))
+        assert found == [None] * 100
+        if wave == 10:
+            assert (await genuine).key_id == new_kid
+            assert clock() - asked <= cache.unknown_kid_gap_s
+        clock.advance(0.1)
+    elapsed = clock() - start
+    # At most one request per gap, however many kids arrived.
+    assert issuer.jwks_requests - fetched <= elapsed / cache.unknown_kid_gap_s + 1
+    assert cache.stats("a").unknown_kid_waits == 2001
+
+
+async def test_kid_asked_during_a_fetch_waits_for_the_next_one(issuer, clock):
+    """A key published after the running request began is found by the fetch after it."""
+    cache = jwks_cache(clock=clock)
+    try:
+        provider = uri_provider(issuer)
+        assert await cache.get_key(provider, issuer.default_kid()) is not None
+        clock.advance(10)
+        issuer.set_delay(0.2)
+        first = asyncio.ensure_future(cache.get_key(provider, "made-up"))
+        await asyncio.sleep(0.1)  # the fetch for "made-up" is under way, its JWKS not yet read
+        assert issuer.jwks_requests == 2
+        new_kid = issuer.rotate()
+        issuer.set_delay(0.0)
+        clock.advance(0.5)  # the new kid is asked for after that fetch began
+        assert (await cache.get_key(provider, new_kid)).key_id == new_kid
+        assert await first is None
+        assert issuer.jwks_requests == 3  # the first fetch's set predates the key: a second one found it
+    finally:
+        await cache.close()
 
 
 async def test_rotated_key_is_found_right_after_the_initial_fill(issuer, cache, clock):
