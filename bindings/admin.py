@@ -86,6 +86,9 @@ class GatewayCollector:
                            blobs["blob_bytes_written"])
             yield _counter("interlink_blob_bytes_read", "Blob bytes sent to readers.", blobs["blob_bytes_read"])
             yield _counter("interlink_blob_uploads_started", "blob.new accepted.", blobs["blob_uploads_started"])
+            yield _counter("interlink_blob_uploads_released",
+                           "Unfinished uploads quiet for 10 minutes deleted to make room for a new one of their owner.",
+                           blobs["blob_uploads_released"])
             yield _counter("interlink_blob_uploads_ready", "Uploads completed with a matching hash.", blobs["blob_uploads_ready"])
             yield _counter("interlink_blob_bad_hash", "Uploads completed with a hash that did not match (bad_hash).",
                            blobs["blob_bad_hash"])

@@ -54,6 +54,7 @@ EXPIRE_CHUNK = 1_000  # blobs deleted per sweep step
 MIN_BLOB_CHARGE_BYTES = 1 << 20
 NEW_BLOB_TOKENS = 64  # KiB of the bucket a blob.new spends
 MAX_WAITING = 64  # writes of one upload answered with its verdict; more while it is hashed: rate_limited
+MAX_OPEN_UPLOADS_SCANNED = 1024  # an owner's unfinished uploads looked at for the quietest (more: after a lower limit)
 MIN_FREE_FILES = 10_000  # free inodes under which blob.new is refused (overloaded)
 MAP_FULL_FRACTION = 0.9  # LMDB map use over which blob.new is refused: messages keep their room
 KIB = 1024
@@ -121,8 +122,9 @@ class Blobs:
         self._uploads: dict[bytes, _Upload] = {}
         self._reserved_bytes = 0  # what the uploads in memory still have to write (the disk check)
         self._daily: dict[str, tuple[int, int]] = {}  # user -> (day number, bytes declared that day)
+        self._first_seen: float | None = None  # the first time this process served a blob operation
         self.counters = {
-            "blob_uploads_started": 0, "blob_uploads_ready": 0, "blob_bad_hash": 0, "blob_bytes_written": 0,
+            "blob_uploads_released": 0, "blob_uploads_started": 0, "blob_uploads_ready": 0, "blob_bad_hash": 0, "blob_bytes_written": 0,
             "blob_bytes_read": 0, "blobs_expired": 0, "blob_checkpoints": 0,
         }
         self.handlers = {"blob.new": self.blob_new, "blob.write": self.blob_write, "blob.read": self.blob_read}
@@ -140,6 +142,8 @@ class Blobs:
 
     def blob_new(self, session: Session, stanza: dict, now: float) -> dict:
         user = session.identity.user
+        if self._first_seen is None:
+            self._first_seen = now
         size = stanza.get("size")
         if type(size) is not int or size < 1:
             raise StanzaError(f"blob.new needs 'size': the blob's length in bytes, an int >= 1 (got {_shown(size)})")
@@ -171,10 +175,13 @@ class Blobs:
         expires_ms = now_ms + int(limits.blob_upload_ttl_s * 1000)
         record = BlobRecord(user, size, sha256, now_ms, expires_ms, False, b"")
         if not self.store.create_blob(blob, record, limits.blob_open_uploads_per_user):
-            raise RouteError(
-                f"{limits.blob_open_uploads_per_user} uploads are already unfinished; finish one or let it expire",
-                code="rate_limited", retry_after=60_000,
-            )
+            retry_after = self._release_quiet_upload(user, now)
+            if retry_after or not self.store.create_blob(blob, record, limits.blob_open_uploads_per_user):
+                raise RouteError(
+                    f"{limits.blob_open_uploads_per_user} uploads are already unfinished and each had bytes in the "
+                    f"last {IDLE_UPLOAD_S:g} s; finish one, or try again in {retry_after or 60_000} ms",
+                    code="rate_limited", retry_after=retry_after or 60_000,
+                )
         self._daily[user] = (day, declared + charged)
         self._remember(blob, _Upload(user, size, sha256, expires_ms, ByteRanges(), touched_at=now))
         self.counters["blob_uploads_started"] += 1
@@ -273,6 +280,35 @@ class Blobs:
             return None
         return upload
 
+    def _release_quiet_upload(self, user: str, now: float) -> int:
+        """At the limit of open uploads, delete the owner's upload that has been quiet longest,
+        if nothing arrived for it in ``IDLE_UPLOAD_S`` — a client that lost its upload ids
+        (reinstalled, crashed) would otherwise be locked out of uploading until they expire.
+        Returns 0 when one was released, else the milliseconds until one is quiet enough."""
+        quiet_before = now - IDLE_UPLOAD_S
+        first_seen = self._first_seen if self._first_seen is not None else now
+        quietest, quiet_since = None, math.inf
+        for blob in self.store.unfinished_blobs(user, MAX_OPEN_UPLOADS_SCANNED):
+            upload = self._uploads.get(blob)
+            if upload is not None and (upload.syncing or upload.verifying):
+                continue
+            # Not in memory: no byte since it left (after IDLE_UPLOAD_S quiet), or since this
+            # process started — a client may be about to resume it after a restart.
+            since = upload.touched_at if upload is not None else first_seen
+            if since < quiet_since:
+                quietest, quiet_since = blob, since
+        if quietest is None:
+            return 60_000  # every one is being synced or hashed
+        if quiet_since > quiet_before:
+            return max(1, math.ceil((quiet_since - quiet_before) * 1000))
+        self.store.delete_blobs([quietest])
+        self._forget(quietest)
+        self.files.delete(quietest)
+        self.counters["blob_uploads_released"] += 1
+        log.info("blob %s…: unfinished upload released (quiet for %.0f s) for a new one of its owner",
+                 quietest[:4].hex(), now - quiet_since)
+        return 0
+
     def _checkpoint(self, blob: bytes, upload: _Upload) -> None:
         """Sync the upload's bytes on a worker thread, then save the ranges they cover."""
         upload.syncing = True
@@ -340,6 +376,8 @@ class Blobs:
     def sweep(self, now: float) -> int:
         """Delete blobs whose time ran out (a bounded chunk), and let quiet uploads leave memory
         (a checkpoint first if they have unsynced bytes). Returns how many blobs were deleted."""
+        if self._first_seen is None:
+            self._first_seen = now
         expired = [blob for blob in self.store.expired_blobs(int(now * 1000), EXPIRE_CHUNK)
                    if not self._busy(blob)]
         deleted = self.store.delete_blobs(expired) if expired else 0

@@ -173,6 +173,9 @@ class BlobStore(Protocol):
     def save_blob_ranges(self, blob: bytes, ranges: bytes) -> bool:
         """Record the synced parts of an unfinished upload; False if it is gone or ready."""
 
+    def unfinished_blobs(self, owner: str, limit: int) -> list[bytes]:
+        """Ids of up to ``limit`` of ``owner``'s unfinished uploads."""
+
     def mark_blob_ready(self, blob: bytes, expires_ms: int, now_ms: int) -> bool:
         """Serve the blob from now until ``expires_ms``; False if it is gone, expired by
         ``now_ms`` or already ready."""

@@ -93,6 +93,7 @@ async def test_metrics_count_real_traffic(admin_gateway, issuers, http):
     assert samples[("interlink_blob_bytes_written_total", frozenset())] == 10_010
     assert samples[("interlink_blob_bytes_read_total", frozenset())] == 10_000
     assert samples[("interlink_blob_uploads_started_total", frozenset())] == 3
+    assert samples[("interlink_blob_uploads_released_total", frozenset())] == 0
     assert samples[("interlink_blob_uploads_ready_total", frozenset())] == 1
     assert samples[("interlink_blob_bad_hash_total", frozenset())] == 1
     assert samples[("interlink_blobs_expired_total", frozenset())] == 0

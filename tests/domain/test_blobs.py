@@ -232,6 +232,36 @@ def test_limits_have_their_codes(tmp_path):
     edge.store.close()
 
 
+def test_at_the_open_upload_limit_the_quietest_upload_makes_room(tmp_path):
+    """A client that lost its upload ids (reinstalled, crashed) is not locked out of uploading
+    until they expire: past 10 quiet minutes the quietest one gives way to a new blob.new."""
+    edge = Edge(tmp_path, blob_max_bytes=1000, blob_open_uploads_per_user=2, blob_upload_ttl_s=86_400.0)
+    alice = session()
+    first = edge.iq(alice, "blob.new", size=1000, sha256=bytes(32))["blob"]
+    edge.iq(alice, "blob.write", blob=first, off=0, data=b"a" * 100)
+    second = edge.iq(alice, "blob.new", now=NOW + 100, size=1000, sha256=bytes(32))["blob"]
+    edge.iq(alice, "blob.write", now=NOW + 300, blob=second, off=0, data=b"b" * 100)
+    refused = edge.iq(alice, "blob.new", now=NOW + 400, size=10, sha256=bytes(32))
+    assert (refused["code"], refused["retry_after"]) == ("rate_limited", 200_000)  # the first is quiet at NOW + 600
+    third = edge.iq(alice, "blob.new", now=NOW + 601, size=10, sha256=bytes(32))
+    assert third["t"] == "res"
+    assert edge.iq(alice, "blob.write", now=NOW + 602, blob=first, off=100, data=b"a")["code"] == "not_found"
+    assert edge.store.blob(first) is None and first not in set(edge.files.ids())
+    assert edge.iq(alice, "blob.write", now=NOW + 602, blob=second, off=100, data=b"b")["have"] == 101
+    assert edge.domain.blobs.counters["blob_uploads_released"] == 1
+    assert edge.store.blob_usage()["blob_uploads"] == 2
+    # After a restart an upload counts as touched when the process started: its client may be
+    # about to resume it.
+    edge.restart(blob_max_bytes=1000, blob_open_uploads_per_user=2, blob_upload_ttl_s=86_400.0)
+    later = NOW + 5_000
+    edge.domain.blobs.sweep(later)
+    assert edge.iq(alice, "blob.new", now=later + 10, size=10, sha256=bytes(32))["retry_after"] == 590_000
+    assert edge.iq(alice, "blob.new", now=later + 600, size=10, sha256=bytes(32))["t"] == "res"
+    assert [edge.store.blob(b) is None for b in sorted((second, third["blob"]))].count(True) == 1  # one of the equals
+    assert edge.store.blob_usage()["blob_uploads"] == 2
+    edge.store.close()
+
+
 def test_the_daily_allowance_counts_each_blob_as_a_megabyte_at_least(tmp_path):
     # 2.5 MiB a day: two blobs of any size under 1 MiB, not thousands of tiny ones
     daily = Edge(tmp_path, blob_max_bytes=1000, blob_daily_bytes_per_user=5 * MIB // 2, blob_open_uploads_per_user=9)

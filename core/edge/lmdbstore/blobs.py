@@ -67,6 +67,12 @@ class BlobRecords:
             self._add_totals(txn, uploads=1)
         return True
 
+    def unfinished_blobs(self, owner: str, limit: int) -> list[bytes]:
+        """Ids of up to ``limit`` of ``owner``'s unfinished uploads."""
+        prefix = user_prefix(owner)
+        with self.env.begin(db=self.uploads_db) as txn:
+            return [key[len(prefix):] for key in scan(txn.cursor(), prefix, limit=limit)]
+
     def save_blob_ranges(self, blob: bytes, ranges: bytes) -> bool:
         """Record the synced parts of an unfinished upload; False if it is gone or ready."""
         with write_txn(self.env) as txn:

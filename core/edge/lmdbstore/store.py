@@ -87,6 +87,7 @@ class LmdbStore:
         self.blob = blob_records.blob
         self.create_blob = blob_records.create_blob
         self.save_blob_ranges = blob_records.save_blob_ranges
+        self.unfinished_blobs = blob_records.unfinished_blobs
         self.mark_blob_ready = blob_records.mark_blob_ready
         self.expired_blobs = blob_records.expired_blobs
         self.delete_blobs = blob_records.delete_blobs

@@ -58,7 +58,12 @@ def test_a_user_has_at_most_max_uploads_unfinished(store):
     assert not store.create_blob(blobs[2], record(), max_uploads=2)
     assert store.blob(blobs[2]) is None  # nothing written
     assert store.create_blob(blobs[2], record("bob@beta"), max_uploads=2)  # another user
+    assert sorted(store.unfinished_blobs("alice@alpha", 10)) == sorted(blobs[:2])
+    assert store.unfinished_blobs("bob@beta", 10) == [blobs[2]]
+    assert len(store.unfinished_blobs("alice@alpha", 1)) == 1
+    assert store.unfinished_blobs("alice@alph", 10) == []  # a user's prefix is not another's
     store.mark_blob_ready(blobs[0], 9_000, 2_000)  # a finished upload no longer counts
+    assert store.unfinished_blobs("alice@alpha", 10) == [blobs[1]]
     assert store.create_blob(os.urandom(16), record(), max_uploads=2)
 
 
