@@ -76,6 +76,7 @@ import argparse
 import asyncio
 import collections
 import json
+import multiprocessing
 import os
 import platform
 import resource
@@ -379,7 +380,8 @@ async def bench_messages(args) -> dict:
     open_loop = args.rate > 0
     async with DemoIssuer() as issuer:
         overload = {
-            name: value for name in ("overload_turn_messages", "overload_refuse_after_s", "window", "lmdb_writemap")
+            name: value for name in ("overload_turn_messages", "overload_refuse_after_s", "window", "lmdb_writemap",
+                                     "gc_threshold")
             if (value := getattr(args, name)) is not None
         }
         async with GatewayChild(
@@ -389,14 +391,22 @@ async def bench_messages(args) -> dict:
             def token(user: str) -> str:
                 return issuer.issue(user, audience=AUDIENCE, expires_in=3600)
 
-            # Media beside the chat (--media-peers): devices uploading blobs for the whole run.
+            # Media beside the chat (--media-peers): devices uploading blobs for the whole run,
+            # by default from a process of their own (see MediaProcess).
             media: list[MediaPeer] = []
-            if args.media_peers:
+            media_process: MediaProcess | None = None
+            if args.media_peers and args.media_same_process:
                 prepared = BlobBytes(int(args.media_mib * 2**20)).content(0)
                 for i in range(args.media_peers):
                     media.append(MediaPeer(await connect(gateway, token(f"m{i}"), 1, Suite.XX_CHACHAPOLY)))
                 for peer in media:
                     peer.upload(prepared)
+            elif args.media_peers:
+                media_process = MediaProcess(gateway, [token(f"m{i}") for i in range(args.media_peers)], args.media_mib)
+                await media_process.start()
+
+            def media_bytes() -> int:
+                return media_process.bytes if media_process is not None else sum(p.bytes for p in media)
 
             recipients = [Recipient() for _ in range(args.pairs)]
             senders = [Sender(f"r{i}@bench", args.payload) for i in range(args.pairs)]
@@ -438,7 +448,7 @@ async def bench_messages(args) -> dict:
             def snapshot() -> tuple:
                 return (
                     sent(), acked(), delivered(), gateway_cpu_s(gateway), *cpu_times(gateway.pid),
-                    gateway_runqueue_wait_s(gateway), client_cpu_s(), time.monotonic(), sum(p.bytes for p in media),
+                    gateway_runqueue_wait_s(gateway), client_cpu_s(), time.monotonic(), media_bytes(),
                 )
 
             before = snapshot()
@@ -454,6 +464,8 @@ async def bench_messages(args) -> dict:
             for peer in media:  # the chat's tail matters here, not the blob's: cut the uploads
                 peer.running = False
                 peer.task.cancel()
+            if media_process is not None:
+                media_process.stop_event.set()
             await wait_until(
                 lambda: not any(s.unacked for s in senders) and delivered() >= acked(), peers, TAIL_TIMEOUT_S
             )
@@ -461,6 +473,8 @@ async def bench_messages(args) -> dict:
             for peer in media:
                 media_errors.update(peer.errors)
                 await peer.client.close()
+            if media_process is not None:
+                media_errors.update(await media_process.stop())
             await asyncio.sleep(QUIET_S)
             check = delivery_check(senders, recipients)
             for peer in peers:
@@ -478,6 +492,7 @@ async def bench_messages(args) -> dict:
         "inflight_per_sender": None if open_loop else args.inflight,
         "durability": args.durability,
         "commit_mode": args.commit_mode,
+        "gc_threshold": args.gc_threshold,
         "pairs": args.pairs,
         "payload_bytes": args.payload,
         "seconds": round(elapsed, 2),
@@ -500,7 +515,8 @@ async def bench_messages(args) -> dict:
         "latency_samples": len(ack_latencies),
     }
     if args.media_peers:
-        result.update(media_peers=args.media_peers, media_mb_per_s=round(media_bytes / 1e6 / elapsed, 1),
+        result.update(media_peers=args.media_peers, media_process="same" if args.media_same_process else "own, nice 19",
+                      media_mb_per_s=round(media_bytes / 1e6 / elapsed, 1),
                       media_mb_in_window=round(media_bytes / 1e6), media_errors=dict(media_errors))
     result.update(check)
     return result
@@ -812,6 +828,71 @@ async def bench_keys(args) -> dict:
     }
 
 
+class MediaProcess:
+    """The ``--media-peers`` uploaders in a process of their own, pinned beside this tool's
+    clients at nice 19: other users' uploads, which must not slow the chat clients whose latency
+    is measured (on this tool's loop, encrypting 64 KiB chunks delays reading the acks by up to a
+    millisecond a time, and that is the tool, not the gateway)."""
+
+    def __init__(self, gateway: GatewayChild, tokens: list[str], mib: float) -> None:
+        context = multiprocessing.get_context("spawn")
+        self._bytes = context.Value("q", 0, lock=False)
+        self.stop_event = context.Event()
+        self._started = context.Event()
+        self._results = context.Queue()
+        self._process = context.Process(
+            target=_media_process_main, name="interlink-bench-media",
+            args=(gateway.port, gateway.root_public, gateway.static_public, tokens, mib, self._bytes,
+                  self._started, self.stop_event, self._results),
+        )
+
+    @property
+    def bytes(self) -> int:
+        return self._bytes.value
+
+    async def start(self) -> None:
+        self._process.start()
+        loop = asyncio.get_running_loop()
+        if not await loop.run_in_executor(None, self._started.wait, 60):
+            self._process.kill()
+            raise RuntimeError("the media process did not start uploading within 60 s")
+
+    async def stop(self) -> dict:
+        """Stop the uploads; their errors by code."""
+        self.stop_event.set()
+        loop = asyncio.get_running_loop()
+        errors = await loop.run_in_executor(None, self._results.get, True, 60)
+        await loop.run_in_executor(None, self._process.join, 30)
+        return errors
+
+
+def _media_process_main(port, root_public, static_public, tokens, mib, counter, started, stop, results) -> None:
+    os.nice(19)
+    _pin(1)
+
+    async def run() -> dict:
+        clients = [await Client.connect("127.0.0.1", port, token=token, device=1, root_public=root_public,
+                                        suite=Suite.XX_CHACHAPOLY, server_static=static_public, timeout_s=30)
+                   for token in tokens]
+        peers = [MediaPeer(client) for client in clients]
+        prepared = BlobBytes(int(mib * 2**20)).content(0)
+        for peer in peers:
+            peer.upload(prepared)
+        started.set()
+        while not stop.is_set():
+            await asyncio.sleep(0.05)
+            counter.value = sum(peer.bytes for peer in peers)
+        errors = collections.Counter()
+        for peer in peers:
+            peer.running = False
+            peer.task.cancel()
+            errors.update(peer.errors)
+            await peer.client.close()
+        return dict(errors)
+
+    results.put(uvloop.run(run()))
+
+
 class MediaPeer:
     """One SDK client uploading (or downloading) blobs back to back while ``running``: bytes
     acknowledged so far, and for uploads the time from the last chunk sent to ``ready``."""
@@ -1036,6 +1117,11 @@ def main() -> None:
     messages.add_argument("--media-peers", type=int, default=0,
                           help="SDK clients uploading blobs all along (Client.upload_blob): chat beside media")
     messages.add_argument("--media-mib", type=float, default=64.0, help="size of each of their blobs")
+    messages.add_argument("--gc-threshold", type=int, default=None,
+                          help="experiment: the gateway child's GC generation-0 threshold (and gc.freeze() at start)")
+    messages.add_argument("--media-same-process", action="store_true",
+                          help="run the uploaders on this tool's own loop (before 2026-12-06: their encryption then "
+                               "delays the chat clients' reading, and the latency measured is partly the tool's)")
     offline = sub.add_parser("offline")
     offline.add_argument("--messages", type=int, default=50000, help="messages stored, then drained, in total")
     offline.add_argument("--pairs", type=int, default=8, help="sender/recipient pairs (one device each)")
