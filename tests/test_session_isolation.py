@@ -847,3 +847,54 @@ def test_cached_device_lists_are_shared_values_that_change_only_for_their_user(t
         assert (store.devices("ann@alpha"), store.devices("ben@beta")) == ((1, 2), (1,))
     finally:
         store.close()
+
+
+class _StandInTransport:
+    """What ``GatewayServer`` asks of a transport when it pauses and resumes reading."""
+
+    def __init__(self) -> None:
+        self.reading = True
+        self.closing = False
+
+    def pause_reading(self) -> None:
+        self.reading = False
+
+    def resume_reading(self) -> None:
+        self.reading = True
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+
+class _BulkSender:
+    """Stands for a connection whose read filled the whole shared buffer (an upload)."""
+
+    def __init__(self) -> None:
+        self.transport = _StandInTransport()
+
+
+async def test_connections_that_fill_the_read_buffer_are_read_again_one_per_loop_turn(edges):
+    """The queue of bulk senders is shared by every session: however many uploads run, a loop
+    turn reads one buffer of them beside everyone else's traffic, oldest first, and a connection
+    held for another reason (its peer does not read) is not resumed by its turn."""
+    server = (await edges()).server
+    first, second, third, stuck = (_BulkSender() for _ in range(4))
+    for proto in (first, second, third, stuck):
+        server.yield_reading(proto)
+    server.paused[stuck] = server.clock()  # its peer stopped reading our output
+    reading = lambda: [p.transport.reading for p in (first, second, third, stuck)]  # noqa: E731
+    assert reading() == [False] * 4
+    await asyncio.sleep(0)
+    assert reading() == [True, False, False, False]
+    server.yield_reading(first)  # filled the buffer again: back of the queue
+    await asyncio.sleep(0)
+    assert reading() == [False, True, False, False]
+    third.transport.closing = True  # closed while waiting: its turn reads nothing
+    await asyncio.sleep(0)
+    assert reading() == [False, True, False, False]
+    await asyncio.sleep(0)
+    assert reading() == [False, True, False, False]  # the stuck one's turn: it stays paused
+    await asyncio.sleep(0)
+    assert reading() == [True, True, False, False]
+    assert not server.yielded
+    del server.paused[stuck]

@@ -47,6 +47,7 @@ from interlink.core.domain.ports import BlobFiles, Store
 log = logging.getLogger("interlink.server")
 
 READ_BUFFER_BYTES = 256 * 1024
+BULK_READS_PER_TURN = 1  # connections that filled a whole read buffer, read again per loop turn
 # While admission control throttles (core/domain/admission.py), a read takes at most this much
 # from one socket: each turn then reads a little from every sender instead of a lot from a few,
 # which keeps turns short, and the recv round trips that pace deliveries quick.
@@ -548,10 +549,12 @@ class GatewayServer:
 
     def yield_reading(self, proto: GatewayProtocol) -> None:
         """This connection filled a whole read buffer (a sender with more waiting: a blob upload,
-        a burst): read nothing more from it in this loop turn. The event loop would otherwise read
-        it again and again while its peer keeps sending (libuv reads up to 32 times per callback),
-        and every other connection — chat with its latency — would wait behind megabytes of one
-        upload. So each connection gets at most one buffer (256 KiB) per loop turn."""
+        a burst): read nothing more from it until its turn comes round again. The event loop
+        would otherwise read it again and again while its peer keeps sending (libuv reads up to
+        32 times per callback), and every other connection — chat with its latency — would wait
+        behind megabytes of one upload. Such connections queue, and each loop turn reads
+        ``BULK_READS_PER_TURN`` of them (one buffer, 256 KiB, each), oldest first: however many
+        uploads run, a turn carries at most that much bulk beside everyone else's traffic."""
         transport = proto.transport
         if transport is None or transport.is_closing() or proto in self.yielded:
             return
@@ -563,9 +566,16 @@ class GatewayServer:
 
     def _resume_yielded(self) -> None:
         self._resume_yielded_scheduled = False
-        yielded, self.yielded = self.yielded, {}
-        for proto in yielded:
+        yielded = self.yielded
+        for _ in range(BULK_READS_PER_TURN):
+            if not yielded:
+                break
+            proto = next(iter(yielded))
+            del yielded[proto]
             self.resume_reading(proto)
+        if yielded:  # the rest wait for the next turns
+            self._resume_yielded_scheduled = True
+            asyncio.get_running_loop().call_soon(self._resume_yielded)
 
     def committed(self) -> None:
         """A commit was written (or failed): write out what it answered, read the throttled again
