@@ -364,6 +364,34 @@ def test_an_upload_resumes_after_a_restart_from_its_last_checkpoint(edge, monkey
     assert edge.read_all(alice, blob) == data
 
 
+def test_every_megabyte_is_flushed_to_the_disk_and_only_checkpoints_record_it(edge, monkeypatch):
+    """Flushes keep the disk's queue short (a message commit's fsync waits behind little blob
+    data); only a checkpoint's sync saves the ranges a restart resumes from."""
+    monkeypatch.setattr(blobs_module, "FLUSH_BYTES", 30_000)
+    monkeypatch.setattr(blobs_module, "CHECKPOINT_BYTES", 100_000)
+    synced = []
+    real_sync = edge.files.sync
+    monkeypatch.setattr(edge.files, "sync", lambda blob: (synced.append(blob), real_sync(blob))[1])
+    alice = session()
+    data = os.urandom(300_000)
+    blob = edge.iq(alice, "blob.new", size=len(data), sha256=hashlib.sha256(data).digest())["blob"]
+    edge.iq(alice, "blob.write", blob=blob, off=0, data=data[:50_000])
+    assert len(edge.offload.queue) == 1  # 50,000 unflushed: a flush
+    edge.iq(alice, "blob.write", blob=blob, off=50_000, data=data[50_000:60_000])
+    assert len(edge.offload.queue) == 1  # one flush at a time
+    edge.offload.run()
+    assert synced == [blob] and edge.store.blob(blob).ranges == b""  # flushed, nothing recorded
+    edge.iq(alice, "blob.write", blob=blob, off=60_000, data=data[60_000:110_000])
+    assert len(edge.offload.queue) == 1  # 110,000 unsynced: the checkpoint (no flush beside it)
+    edge.offload.run()
+    assert len(synced) == 2
+    edge.iq(alice, "blob.write", blob=blob, off=110_000, data=data[110_000:150_000])
+    edge.offload.run()  # 40,000 since the checkpoint: a flush
+    assert len(synced) == 3
+    edge.restart()
+    assert edge.iq(alice, "blob.write", blob=blob, off=0, data=b"")["have"] == 110_000
+
+
 def test_the_sweep_deletes_expired_blobs_and_unfinished_uploads_with_their_files(edge):
     alice = session()
     ready, _ = edge.upload(alice, b"ready bytes")
