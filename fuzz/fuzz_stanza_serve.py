@@ -1048,18 +1048,20 @@ class Harness:
                     return True
             return False
 
-        offload = self.server.offload
+        offloads = (self.server.blob_writer, self.server.offload)  # chunk writes, then syncs and hashes
         for _ in range(16):
             if not self.loop.run_until_complete(idle()):
                 _fail("the gateway did not become idle after 64 loop turns")
-            if offload.inflight == 0:
+            if all(offload.inflight == 0 for offload in offloads):
                 return
-            # Blob work on the worker threads (a checkpoint, the final sync and hash): its verdict
-            # comes back on the loop, answers and may write, so the commit settles again after it.
-            try:
-                self.loop.run_until_complete(asyncio.wait_for(offload.settle(), OFFLOAD_TIMEOUT_S))
-            except asyncio.TimeoutError:
-                _fail(f"offloaded blob work still running after {OFFLOAD_TIMEOUT_S} s")
+            # Blob work on the threads (a chunk's write, a checkpoint, the final sync and hash):
+            # its outcome comes back on the loop, answers and may write or start more, so the
+            # commit settles again after it.
+            for offload in offloads:
+                try:
+                    self.loop.run_until_complete(asyncio.wait_for(offload.settle(), OFFLOAD_TIMEOUT_S))
+                except asyncio.TimeoutError:
+                    _fail(f"offloaded blob work still running after {OFFLOAD_TIMEOUT_S} s")
         _fail("offloaded blob work kept coming back after 16 rounds")
 
     def _run(self, function, *args) -> None:

@@ -54,6 +54,8 @@ EXPIRE_CHUNK = 1_000  # blobs deleted per sweep step
 # against the traffic bucket.
 MIN_BLOB_CHARGE_BYTES = 1 << 20
 NEW_BLOB_TOKENS = 64  # KiB of the bucket a blob.new spends
+MAX_PENDING_WRITES = 2 * WRITES_IN_FLIGHT  # chunks of one upload on the writer thread; more: rate_limited
+MAX_PENDING_WRITE_BYTES = 16 << 20  # chunk bytes on the writer thread, all uploads: bounds the gateway's memory
 MAX_WAITING = 64  # writes of one upload answered with its verdict; more while it is hashed: rate_limited
 MAX_OPEN_UPLOADS_SCANNED = 1024  # an owner's unfinished uploads looked at for the quietest (more: after a lower limit)
 MIN_FREE_FILES = 10_000  # free inodes under which blob.new is refused (overloaded)
@@ -102,6 +104,7 @@ class _Upload:
     generation: int = 0  # counts the starts over (bad_hash): a checkpoint of an earlier one is void
     syncing: bool = False  # a checkpoint is on a worker thread
     flushing: bool = False  # a flush is on a worker thread
+    pending: int = 0  # chunks on the writer thread (not yet in ``ranges``)
     verifying: bool = False  # the final sync and hash are on a worker thread
     waiting: list = field(default_factory=list)  # (session, iq id): answered when the hash is known
     touched_at: float = 0.0
@@ -111,12 +114,14 @@ class Blobs:
     """The blob operations of one gateway, over its blob store, its files and its worker threads."""
 
     def __init__(
-        self, *, store: BlobStore, files: BlobFiles, offload: Offload, router: Router, limits: BlobLimits,
-        max_frame_bytes: int, new_id: Callable[[], bytes] = lambda: secrets.token_bytes(BLOB_ID_BYTES),
+        self, *, store: BlobStore, files: BlobFiles, offload: Offload, writer: Offload, router: Router,
+        limits: BlobLimits, max_frame_bytes: int, new_id: Callable[[], bytes] = lambda: secrets.token_bytes(BLOB_ID_BYTES),
     ) -> None:
         self.store = store
         self.files = files
-        self.offload = offload
+        self.offload = offload  # syncs and hashes
+        self.writer = writer  # chunks into the page cache, in order
+        self.pending_write_bytes = 0  # chunk bytes on the writer thread, all uploads together
         self.router = router  # answers go out through it
         self.new_id = new_id
         self.chunk_bytes = max_frame_bytes - 16 - CHUNK_ENVELOPE_BYTES  # 16: the transport's AEAD tag
@@ -215,32 +220,69 @@ class Blobs:
                                  retry_after=100)
             upload.waiting.append((session, stanza["id"]))  # answered with the verdict
             return DEFERRED
-        if data:
-            if upload.ranges.count_after(offset, end) > MAX_UPLOAD_RANGES:
+        if data or upload.pending:  # (an empty write behind others is answered after them, in order)
+            if data and upload.ranges.count_after(offset, end) > MAX_UPLOAD_RANGES:
                 raise StanzaError(
                     f"blob.write: the upload would have more than {MAX_UPLOAD_RANGES} separate parts; "
                     f"write from 'have' on"
                 )
-            try:
-                self.files.write(blob, offset, data)
-            except OSError as exc:
-                raise _storage_error(blob, exc) from None
+            if upload.pending >= MAX_PENDING_WRITES or self.pending_write_bytes + len(data) > MAX_PENDING_WRITE_BYTES:
+                raise RouteError("too many blob writes waiting for the disk; try again in 10 ms", code="rate_limited",
+                                 retry_after=10)
+            # Into the page cache on the writer thread: on ext4 a write can wait tens of
+            # milliseconds for the journal, and the loop must not (chat waits behind it).
+            upload.pending += 1
+            self.pending_write_bytes += len(data)
+            iq_id, generation = stanza["id"], upload.generation
+            self.writer.submit(
+                (lambda: self.files.write(blob, offset, data)) if data else _nothing,
+                lambda outcome, when: self._written(session, iq_id, blob, upload, generation, offset, end, outcome))
+            return DEFERRED
+        if upload.ranges.total == upload.size:
+            upload.waiting.append((session, stanza["id"]))
+            self._verify_when_written(blob, upload)
+            return DEFERRED
+        return {"have": upload.ranges.prefix, "ready": False}
+
+    def _written(self, session: Session, iq_id: int, blob: bytes, upload: _Upload, generation: int,
+                 offset: int, end: int, outcome) -> None:
+        """A chunk reached the page cache (or failed to): count its bytes, answer, and start the
+        verdict once every byte is there and no write is still on its way."""
+        upload.pending -= 1
+        self.pending_write_bytes -= end - offset
+        if isinstance(outcome, BaseException):
+            error = _storage_error(blob, outcome) if isinstance(outcome, OSError) else RouteError(
+                "the gateway could not store the chunk; write it again", code="internal")
+            if not isinstance(outcome, OSError):
+                log.error("blob %s…: a chunk's write failed: %r", blob[:4].hex(), outcome)
+            self._answer_error(session, iq_id, error.code, error.message)
+            self._verify_when_written(blob, upload)
+            return
+        if upload.generation == generation and end > offset:  # (else a start over came between: written again)
             added = upload.ranges.add(offset, end)
             self._reserved_bytes -= added
             upload.unsynced += added
             upload.unflushed += added
             self.counters["blob_bytes_written"] += added
         if upload.ranges.total == upload.size:
-            upload.verifying = True
-            upload.waiting.append((session, stanza["id"]))
-            self.offload.submit(lambda: self.files.finish(blob, upload.size),
-                                lambda outcome, when: self._verified(blob, upload, outcome, when))
-            return DEFERRED
+            upload.waiting.append((session, iq_id))  # answered with the verdict
+            self._verify_when_written(blob, upload)
+            return
         if upload.unsynced >= CHECKPOINT_BYTES and not upload.syncing:
             self._checkpoint(blob, upload)
         elif upload.unflushed >= FLUSH_BYTES and not upload.flushing and not upload.syncing:
             self._flush(blob, upload)
-        return {"have": upload.ranges.prefix, "ready": False}
+        self.router.answer(session, {"t": "res", "id": iq_id, "have": upload.ranges.prefix, "ready": False})
+
+    def _verify_when_written(self, blob: bytes, upload: _Upload) -> None:
+        """Every byte arrived: sync and hash the file on a worker thread, once no write of it is
+        still on the writer thread (a hash must never read a file that is still changing, or a
+        blob could be ready with bytes other than those hashed)."""
+        if upload.verifying or upload.pending or upload.ranges.total != upload.size:
+            return
+        upload.verifying = True
+        self.offload.submit(lambda: self.files.finish(blob, upload.size),
+                            lambda outcome, when: self._verified(blob, upload, outcome, when))
 
     def blob_read(self, session: Session, stanza: dict, now: float) -> dict:
         blob = _bin(stanza.get("blob"), BLOB_ID_BYTES, "blob.read", "'blob'")
@@ -296,7 +338,7 @@ class Blobs:
         quietest, quiet_since = None, math.inf
         for blob in self.store.unfinished_blobs(user, MAX_OPEN_UPLOADS_SCANNED):
             upload = self._uploads.get(blob)
-            if upload is not None and (upload.syncing or upload.flushing or upload.verifying):
+            if upload is not None and (upload.syncing or upload.flushing or upload.verifying or upload.pending):
                 continue
             # Not in memory: no byte since it left (after IDLE_UPLOAD_S quiet), or since this
             # process started — a client may be about to resume it after a restart.
@@ -411,7 +453,8 @@ class Blobs:
         self._daily = {user: entry for user, entry in self._daily.items() if entry[0] == today}  # yesterday's counts go
         quiet_before = now - IDLE_UPLOAD_S
         for blob, upload in list(self._uploads.items()):
-            if upload.touched_at > quiet_before or upload.syncing or upload.flushing or upload.verifying:
+            if (upload.touched_at > quiet_before or upload.syncing or upload.flushing or upload.verifying
+                    or upload.pending):
                 continue
             if upload.unsynced:
                 self._checkpoint(blob, upload)
@@ -462,7 +505,7 @@ class Blobs:
 
     def _busy(self, blob: bytes) -> bool:
         upload = self._uploads.get(blob)
-        return upload is not None and (upload.syncing or upload.flushing or upload.verifying)
+        return upload is not None and (upload.syncing or upload.flushing or upload.verifying or upload.pending > 0)
 
     @property
     def uploads_in_memory(self) -> int:
@@ -474,6 +517,10 @@ class Blobs:
             retry_after = max(1, math.ceil(wait_s * 1000))
             raise RouteError(f"too much blob traffic; try again in {retry_after} ms", code="rate_limited",
                              retry_after=retry_after)
+
+
+def _nothing() -> None:
+    """The writer's work for an empty write queued behind others (its answer keeps their order)."""
 
 
 def _storage_error(blob: bytes, exc: OSError) -> RouteError:

@@ -52,6 +52,7 @@ class Domain:
         overload_refuse_after_s: float,
         blob_files: BlobFiles | None = None,
         offload: Offload | None = None,
+        blob_writer: Offload | None = None,
         blob_limits: BlobLimits | None = None,
     ) -> None:
         self.store = store
@@ -72,8 +73,8 @@ class Domain:
         self.blobs = None
         more_handlers = dict(self.groups.handlers)
         if blob_files is not None:
-            self.blobs = Blobs(store=store, files=blob_files, offload=offload, router=self.router, limits=blob_limits,
-                               max_frame_bytes=max_frame_bytes)
+            self.blobs = Blobs(store=store, files=blob_files, offload=offload, writer=blob_writer, router=self.router,
+                               limits=blob_limits, max_frame_bytes=max_frame_bytes)
             more_handlers.update(self.blobs.handlers)
         self.ops = Operations(
             store=store, registry=registry, policy=self.policy, router=self.router, more_handlers=more_handlers

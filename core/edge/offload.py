@@ -1,6 +1,8 @@
-"""The ``Offload`` port on the event loop: work that must not block the loop (syncing a blob to
-disk and hashing it) runs on a small thread pool; its result comes back on the loop, where the
-domain acts on it and the edge writes out the sessions it answered."""
+"""The ``Offload`` port on the event loop: work that must not block the loop runs on threads;
+its result comes back on the loop, where the domain acts on it and the edge writes out the
+sessions it answered. ``ThreadOffload``: a small pool for slow work (syncing a blob to disk and
+hashing it). ``SerialOffload``: one thread, in order, for many small pieces (a blob chunk's
+write into the page cache, which ext4 may hold for tens of milliseconds on its journal)."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import asyncio
 import concurrent.futures
 import logging
 import os
+import queue
 import threading
 from typing import TYPE_CHECKING, Callable
 
@@ -85,3 +88,90 @@ class ThreadOffload:
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
             self._executor = None
+
+
+class SerialOffload:
+    """Runs ``work`` on one thread in the order submitted, then each ``done(outcome, now)`` on
+    the loop in the same order. Whatever finished while the loop was busy comes back in one
+    wake-up (one ``call_soon_threadsafe``), not one per piece: at thousands of chunks a second,
+    a future and a self-pipe write per chunk would cost the loop more than the writes save."""
+
+    def __init__(self, server: GatewayServer, *, name: str) -> None:
+        self.server = server
+        self.name = name
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None  # started on first use
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._lock = threading.Lock()
+        self._finished: list = []  # (done, outcome): filled by the thread, emptied by the loop
+        self._wake_pending = False
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.inflight = 0
+        self._closed = False
+
+    def submit(self, work: Callable[[], object], done: Callable[[object, float], None]) -> None:
+        if self._closed:
+            raise RuntimeError(f"{self.name} is shut down")
+        if self._thread is None:
+            self._loop = asyncio.get_running_loop()
+            self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+            self._thread.start()
+        self.inflight += 1
+        self._idle.clear()
+        self._queue.put((work, done))
+
+    def _run(self) -> None:
+        _lowest_priority()
+        while True:
+            item = self._queue.get()
+            if item is None or self._closed:
+                return
+            work, done = item
+            try:
+                outcome = work()
+            except BaseException as exc:  # handed to ``done`` on the loop, like a result
+                outcome = exc
+            with self._lock:
+                self._finished.append((done, outcome))
+                wake = not self._wake_pending
+                self._wake_pending = True
+            if wake:
+                try:
+                    self._loop.call_soon_threadsafe(self._deliver)
+                except RuntimeError:  # the loop closed under us (shutdown): nobody waits any more
+                    return
+
+    def _deliver(self) -> None:
+        with self._lock:
+            finished, self._finished = self._finished, []
+            self._wake_pending = False
+        server = self.server
+        try:
+            for done, outcome in finished:
+                self.inflight -= 1
+                if self._closed:
+                    continue
+                try:
+                    done(outcome, server.clock())
+                except Exception:  # a bug of ours: logged and counted, and the loop goes on
+                    log.exception("internal error while finishing offloaded work")
+                    server.counters["internal_errors"] += 1
+        finally:
+            if self.inflight == 0:
+                self._idle.set()
+            server.write_touched()
+
+    async def settle(self, timeout_s: float | None = None) -> bool:
+        """Wait for everything submitted so far, and its ``done``, at most ``timeout_s``
+        seconds; True when none is left."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        except TimeoutError:
+            return False
+        return True
+
+    def shutdown(self) -> None:
+        """No more ``done`` calls; work not started is dropped."""
+        self._closed = True
+        self._queue.put(None)

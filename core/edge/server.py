@@ -37,7 +37,7 @@ from interlink.core.protocol.connection import (
     State,
 )
 from interlink.core.edge.commit import CommitDriver
-from interlink.core.edge.offload import ThreadOffload
+from interlink.core.edge.offload import SerialOffload, ThreadOffload
 from interlink.core.edge.sweeps import Sweeps
 from interlink.core.domain.dispatch import Domain
 from interlink.core.errors import AuthError, CloseReason, StoreLimitError
@@ -48,6 +48,8 @@ log = logging.getLogger("interlink.server")
 
 READ_BUFFER_BYTES = 256 * 1024
 BULK_READS_PER_TURN = 1  # connections that filled a whole read buffer, read again per loop turn
+BULK_PAUSE_WRITE_BYTES = 4 << 20  # blob chunk bytes waiting for the writer thread past which bulk is not read
+BULK_PAUSE_S = 0.002
 # While admission control throttles (core/domain/admission.py), a read takes at most this much
 # from one socket: each turn then reads a little from every sender instead of a lot from a few,
 # which keeps turns short, and the recv round trips that pace deliveries quick.
@@ -237,6 +239,7 @@ class GatewayServer:
         self._draining = False
         self._all_closed = asyncio.Event()
         self.offload = ThreadOffload(self, workers=BLOB_WORKERS)  # hashing and syncing blobs
+        self.blob_writer = SerialOffload(self, name="interlink-blob-writer")  # chunks into the page cache
         self.sweeps = Sweeps(
             self, idle_release_s=idle_release_s, mailbox_ttl_s=mailbox_ttl_s, slow_consumer_s=slow_consumer_s
         )
@@ -252,6 +255,7 @@ class GatewayServer:
             overload_refuse_after_s=limits.overload_refuse_after_s,
             blob_files=blob_files,
             offload=self.offload,
+            blob_writer=self.blob_writer,
             blob_limits=limits,  # a Limits is a BlobLimits
         )
         self.router = self.domain.router
@@ -299,12 +303,12 @@ class GatewayServer:
         # A blob's verdict and checkpoints write its record: before the store closes, within the
         # drain's time (a 100 MiB hash takes a few tenths of a second); what is left over is done
         # again after the restart (the upload's next write finds its bytes and checks them).
-        settled = await self.offload.settle(timeout_s)
+        settled = await self.blob_writer.settle(timeout_s) and await self.offload.settle(timeout_s)
         if settled and self.domain.blobs is not None and self.domain.blobs.checkpoint_all():
             settled = await self.offload.settle(timeout_s)  # uploads go on from all they received
         if not settled:
-            log.warning("%d blob syncs or checks unfinished at shutdown: they run again after the restart",
-                        self.offload.inflight)
+            log.warning("%d blob syncs or checks and %d chunk writes unfinished at shutdown: they run again "
+                        "after the restart", self.offload.inflight, self.blob_writer.inflight)
         for task in list(self.auth_tasks.values()):
             task.cancel()
         if self._server is not None:
@@ -317,6 +321,7 @@ class GatewayServer:
         if self._commit_executor is not None:
             self._commit_executor.shutdown(wait=True)  # the last commit finishes before the store closes
         self.offload.shutdown()
+        self.blob_writer.shutdown()
 
     async def _wait_all_closed(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
@@ -567,6 +572,13 @@ class GatewayServer:
     def _resume_yielded(self) -> None:
         self._resume_yielded_scheduled = False
         yielded = self.yielded
+        blobs = self.domain.blobs
+        if yielded and blobs is not None and blobs.pending_write_bytes > BULK_PAUSE_WRITE_BYTES:
+            # The blob writer is behind (the disk is slow): leave the bulk in the sockets, where
+            # TCP holds it back, rather than in the gateway's memory; look again shortly.
+            self._resume_yielded_scheduled = True
+            asyncio.get_running_loop().call_later(BULK_PAUSE_S, self._resume_yielded)
+            return
         for _ in range(BULK_READS_PER_TURN):
             if not yielded:
                 break
@@ -702,4 +714,4 @@ class GatewayServer:
         if blobs is None:
             return {}
         return {**self.store.blob_usage(), **blobs.counters, "blob_uploads_in_memory": blobs.uploads_in_memory,
-                "blob_work_in_flight": self.offload.inflight}
+                "blob_work_in_flight": self.offload.inflight, "blob_writes_in_flight": self.blob_writer.inflight}

@@ -5,6 +5,7 @@ being hashed). The same operations over TCP with the SDK are in ``tests/e2e/test
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 
@@ -52,12 +53,25 @@ class QueuedOffload:
         return ran
 
 
+class InlineOffload:
+    """The ``Offload`` port doing the work at once on the caller's thread: the chunk writer in
+    most of these tests (``Edge(queued_writes=True)`` queues the writes too)."""
+
+    def submit(self, work, done) -> None:
+        try:
+            outcome = work()
+        except Exception as exc:
+            outcome = exc
+        done(outcome, NOW)
+
+
 class Edge:
-    def __init__(self, folder, map_size_bytes: int = 1 << 26, **limit_overrides) -> None:
+    def __init__(self, folder, map_size_bytes: int = 1 << 26, queued_writes: bool = False, **limit_overrides) -> None:
         self.folder = folder
         self.store = lmdb_store(folder / "lmdb", sync=False, map_size_bytes=map_size_bytes)
         self.files = BlobFileStore(folder / "blobs")
         self.offload = QueuedOffload()
+        self.writer = QueuedOffload() if queued_writes else InlineOffload()
         self.domain = self._domain(limits(**limit_overrides))
         self.next_iq = 0
 
@@ -68,7 +82,7 @@ class Edge:
             window=64, max_frame_bytes=65535, max_group=16, message_rate_per_device=1e9, message_rate_per_user=1e9,
             overload_turn_messages=DEFAULTS.overload_turn_messages,
             overload_refuse_after_s=DEFAULTS.overload_refuse_after_s,
-            blob_files=self.files, offload=self.offload, blob_limits=blob_limits,
+            blob_files=self.files, offload=self.offload, blob_writer=self.writer, blob_limits=blob_limits,
         )
 
     def restart(self, **limit_overrides) -> None:
@@ -390,6 +404,82 @@ def test_every_megabyte_is_flushed_to_the_disk_and_only_checkpoints_record_it(ed
     assert len(synced) == 3
     edge.restart()
     assert edge.iq(alice, "blob.write", blob=blob, off=0, data=b"")["have"] == 110_000
+
+
+def test_chunks_are_answered_once_written_and_the_hash_waits_for_every_write(tmp_path):
+    """Chunks go to the page cache on the writer thread: each is answered when its write is
+    done, and the verdict never starts while a write of the blob is still on its way."""
+    edge = Edge(tmp_path, queued_writes=True)
+    alice = session()
+    data = os.urandom(150_000)
+    blob = edge.iq(alice, "blob.new", size=len(data), sha256=hashlib.sha256(data).digest())["blob"]
+    assert edge.iq(alice, "blob.write", blob=blob, off=0, data=b"")["have"] == 0  # nothing on its way: at once
+    ids = []
+    for offset in (0, 50_000):
+        assert edge.iq(alice, "blob.write", blob=blob, off=offset, data=data[offset:offset + 50_000]) is None
+        ids.append(edge.next_iq)
+    assert edge.iq(alice, "blob.write", blob=blob, off=0, data=b"") is None  # behind the two: answered after them
+    ids.append(edge.next_iq)
+    assert edge.iq(alice, "blob.write", blob=blob, off=100_000, data=data[100_000:]) is None
+    assert len(edge.writer.queue) == 4 and edge.domain.blobs.pending_write_bytes == 150_000
+    assert edge.store.blob(blob) is not None and not edge.offload.queue
+    edge.writer.run()
+    answers = alice.take()
+    assert [(a["id"], a["have"]) for a in answers] == list(zip(ids, [50_000, 100_000, 100_000]))  # in order
+    assert len(edge.offload.queue) == 1 and edge.domain.blobs.pending_write_bytes == 0  # the last waits for the verdict
+    edge.offload.run()
+    assert alice.take()[-1]["ready"] is True
+    assert edge.read_all(alice, blob) == data
+    edge.store.close()
+
+
+def test_a_write_that_fails_is_answered_with_its_error_and_counts_nothing(tmp_path, monkeypatch):
+    edge = Edge(tmp_path, queued_writes=True)
+    alice = session()
+    data = os.urandom(100_000)
+    blob = edge.iq(alice, "blob.new", size=len(data), sha256=hashlib.sha256(data).digest())["blob"]
+    edge.iq(alice, "blob.write", blob=blob, off=0, data=data[:50_000])
+    edge.iq(alice, "blob.write", blob=blob, off=50_000, data=data[50_000:])
+    real_write = edge.files.write
+
+    def full_disk(blob_id, offset, chunk):
+        if offset == 50_000:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(blob_id, offset, chunk)
+
+    monkeypatch.setattr(edge.files, "write", full_disk)
+    edge.writer.run()
+    answers = alice.take()
+    assert answers[0]["have"] == 50_000 and answers[1]["code"] == "overloaded"
+    assert not edge.offload.queue  # half the bytes: no verdict
+    monkeypatch.setattr(edge.files, "write", real_write)
+    edge.iq(alice, "blob.write", blob=blob, off=50_000, data=data[50_000:])
+    edge.writer.run()
+    edge.offload.run()
+    assert alice.take()[-1]["ready"] is True
+    edge.store.close()
+
+
+def test_writes_waiting_for_the_disk_are_bounded(tmp_path, monkeypatch):
+    monkeypatch.setattr(blobs_module, "MAX_PENDING_WRITE_BYTES", 120_000)
+    edge = Edge(tmp_path, queued_writes=True)
+    alice, bob = session(), session("bob@alpha")
+    first = edge.iq(alice, "blob.new", size=1_000_000, sha256=bytes(32))["blob"]
+    for offset in range(0, 32 * 1000, 1000):  # one upload: 32 chunks on their way at most
+        assert edge.iq(alice, "blob.write", blob=first, off=offset, data=b"a" * 1000) is None
+    refused = edge.iq(alice, "blob.write", blob=first, off=32_000, data=b"a" * 1000)
+    assert (refused["code"], refused["retry_after"]) == ("rate_limited", 10)
+    # all uploads together: MAX_PENDING_WRITE_BYTES
+    second = edge.iq(bob, "blob.new", size=1_000_000, sha256=bytes(32))["blob"]
+    assert edge.iq(bob, "blob.write", blob=second, off=0, data=b"b" * 60_000) is None
+    assert edge.iq(bob, "blob.write", blob=second, off=60_000, data=b"b" * 60_000)["code"] == "rate_limited"
+    # an upload with writes on their way is not deleted under them, even once its time ran out
+    assert edge.domain.blobs.sweep(NOW + 601) == 0
+    edge.writer.run()
+    assert edge.domain.blobs.pending_write_bytes == 0
+    assert edge.domain.blobs.sweep(NOW + 601) == 2
+    assert list(edge.files.ids()) == []
+    edge.store.close()
 
 
 def test_the_sweep_deletes_expired_blobs_and_unfinished_uploads_with_their_files(edge):
