@@ -94,6 +94,26 @@ class GatewayCollector:
                            blobs["blob_bad_hash"])
             yield _counter("interlink_blobs_expired", "Blobs and unfinished uploads deleted by the TTL sweep.",
                            blobs["blobs_expired"])
+        push = stats.get("push") or {}
+        if push:
+            yield _gauge("interlink_push_registered", "Devices registered for push (push.set).", push["registered"])
+            yield _gauge("interlink_push_queued", "Push intents owed and not yet answered by their provider.", push["queued"])
+            yield _counter("interlink_pushes_sent", "Push webhooks answered 2xx.", push.get("sent", 0))
+            yield _counter("interlink_pushes_retried", "Push webhook attempts scheduled again (5xx, 429, timeouts, "
+                           "connection errors).", push.get("retried", 0))
+            yield _counter("interlink_pushes_coalesced", "Commits whose items an owed push already covered.",
+                           push.get("coalesced", 0))
+            yield _counter("interlink_pushes_cancelled", "Owed pushes cancelled: the device connected.",
+                           push.get("cancelled", 0))
+            yield _labelled_counter("interlink_push_failures", "Push webhook attempts that failed, by reason "
+                                    "(http_5xx, http_429, timeout, connection).", "reason", push["failures"])
+            yield _labelled_counter("interlink_pushes_dropped", "Owed pushes given up without a retry, by reason "
+                                    "(http_4xx, token_gone, nothing_pending, no_push_url).", "reason", push["dropped"])
+            breakers = GaugeMetricFamily("interlink_push_breaker", "Push circuit breaker per provider: 0 closed, "
+                                         "1 open, 2 half-open (one probe).", labels=["provider"])
+            for provider_id, state in sorted(push["breakers"].items()):
+                breakers.add_metric([provider_id], state)
+            yield breakers
         jwks = stats.get("jwks") or {}
         for name, field, documentation in _JWKS_COUNTERS:
             yield _labelled_counter(name, documentation, "provider", {pid: fetches[field] for pid, fetches in jwks.items()})

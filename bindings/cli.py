@@ -117,6 +117,35 @@ def serve(path: Path | None, log_format: str, log_level: str) -> None:
     _run(lambda: serve_forever(config, path))
 
 
+@main.command("push-receiver")
+@click.option("--root-public", "root_public_hex", default=None, metavar="HEX",
+              help="the operator's root public key, 64 hex digits (`interlink keys show`)")
+@click.option("--root-public-file", type=click.Path(path_type=Path, dir_okay=False, exists=True), default=None,
+              help="the root public key as PEM instead (the keys folder's root_public.pem)")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=click.IntRange(0, 65535), default=8090, show_default=True)
+@click.option("--path", "url_path", default="/push", show_default=True, help="the URL path pushes are POSTed to")
+def push_receiver(root_public_hex: str | None, root_public_file: Path | None, host: str, port: int, url_path: str) -> None:
+    """Run a reference receiver of push webhooks until Ctrl-C: each POST is verified with the root
+    public key, answered 204 (one JSON line with its payload on stdout) or 401 (reason on stderr)."""
+    if (root_public_hex is None) == (root_public_file is None):
+        raise click.UsageError("give exactly one of --root-public and --root-public-file")
+    if not url_path.startswith("/"):
+        raise click.BadParameter("must start with '/'", param_hint="--path")
+    from interlink.pushreceiver import root_public_from_pem, run_push_receiver
+
+    if root_public_file is not None:
+        root_public = _run(lambda: root_public_from_pem(root_public_file.read_bytes(), str(root_public_file)))
+    else:
+        try:
+            root_public = bytes.fromhex(root_public_hex)
+        except ValueError:
+            root_public = b""
+        if len(root_public) != 32:
+            raise click.BadParameter("must be 64 hex digits (32 bytes)", param_hint="--root-public")
+    _run(lambda: run_push_receiver(root_public, host=host, port=port, path=url_path))
+
+
 # -- commands that talk to a running gateway's admin endpoint
 
 DEFAULT_ADMIN_URL = "http://127.0.0.1:7451"
@@ -156,6 +185,14 @@ def status(admin_url: str) -> None:
                 f"unfinished, {blobs['blob_bytes_written']} bytes written and {blobs['blob_bytes_read']} read since start, "
                 f"bad_hash {blobs['blob_bad_hash']}"
             )
+    push = varz.get("push") or {}
+    if push:
+        failures = sum(push.get("failures", {}).values())
+        open_breakers = [provider_id for provider_id, state in push.get("breakers", {}).items() if state]
+        click.echo(
+            f"push: {push['registered']} devices registered, {push['queued']} owed, {push.get('sent', 0)} sent, "
+            f"{failures} failed attempts, breakers open: {', '.join(open_breakers) or 'none'}"
+        )
     for provider in varz["providers"]:
         click.echo(f"provider {provider['id']}: {provider['issuer']}{' (suspended)' if provider['suspended'] else ''}")
 
@@ -351,6 +388,14 @@ def _show(keys_) -> None:
     click.echo(f"node:                       {cert.node}")
     click.echo(f"node static key:            {keys_.static_public.hex()}")
     click.echo(f"certificate valid:          {when(cert.not_before)} .. {when(cert.expires)}")
+    if keys_.push_certificate is None:
+        click.echo("push signing key:           none (`interlink keys renew` issues one)")
+        return
+    from interlink.core.protocol.pushsig import read_push_certificate
+
+    push = _run(lambda: read_push_certificate(keys_.push_certificate, keys_.root_public))
+    click.echo(f"push signing key:           {push.push_key.hex()}")
+    click.echo(f"push certificate valid:     {when(push.not_before)} .. {when(push.expires)}")
 
 
 def _load_config(path: Path | None):

@@ -403,6 +403,17 @@ class Client:
 
     # -- blobs (docs/protocol.md §7, "Blobs"): the bytes are the caller's ciphertext
 
+    async def register_push(self, token: str, *, timeout_s: float = 10.0) -> None:
+        """Ask to be woken while offline: ``token`` is what your provider's server needs to reach
+        this handset; it comes back in the gateway's webhook to your provider (docs/protocol.md
+        §7 "Push"). Raises ``ServerError`` ``push_unavailable`` when the gateway has no push
+        endpoint for your provider."""
+        await self.iq("push.set", token=token, timeout_s=timeout_s)
+
+    async def unregister_push(self, *, timeout_s: float = 10.0) -> bool:
+        """Stop being woken; True if a token was registered."""
+        return (await self.iq("push.del", timeout_s=timeout_s))["removed"]
+
     async def upload_blob(
         self, source, *, blob: bytes | None = None, progress=None, timeout_s: float = 60.0,
     ) -> bytes:

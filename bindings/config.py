@@ -346,6 +346,9 @@ def default_config_toml() -> str:
         '# algorithms = ["EdDSA", "ES256"]',
         '# default_accept = []                       # other providers its users accept by default ("*": all)',
         "# require_key_binding = false               # tokens must carry cnf.x25519 = the client's Noise key",
+        '# # push_url = "https://push.alpha.example/interlink"   # push webhooks for its offline devices (https)',
+        "# push_timeout_s = 5.0                      # timeout of one webhook request",
+        "# push_concurrency = 16                     # webhook requests to this provider at once",
         "",
     ]
     return "\n".join(lines)

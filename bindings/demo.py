@@ -10,6 +10,9 @@ providers (a third issuer), and what refusals look like.
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
+import dataclasses
 import os
 import shutil
 import statistics
@@ -20,6 +23,7 @@ from pathlib import Path
 import uvloop
 
 import interlink.core
+from interlink.pushreceiver import PushReceiver
 from interlink.client import Client, Suite
 from interlink.config import GatewayConfig
 from interlink.core.domain.auth import Provider
@@ -57,10 +61,16 @@ async def run_demo(data_dir: Path) -> None:
         else:
             keys = init_operator_keys(keys_dir, "demo-node", valid_days=30)
             say(f"operator keys generated in {keys_dir}: root key, node static key, node certificate")
+        # Provider beta's server, as far as push goes: the reference receiver, verifying every
+        # webhook with the operator's root public key.
+        push_receiver = PushReceiver(keys.root_public)
+        await push_receiver.start()
+        providers[1] = dataclasses.replace(providers[1], push_url=push_receiver.url)
+        say(f"push webhook receiver of provider 'beta': {push_receiver.url}")
         # blob_min_free_bytes: the demo uploads a few hundred KB; it must run on a nearly full disk too
         config = GatewayConfig(port=0, data_dir=data_dir, node_name="demo-node", providers=providers,
                                blob_min_free_bytes=16 << 20)
-        async with Gateway(config, keys=keys) as gateway:
+        async with _stopped_at_exit(push_receiver), Gateway(config, keys=keys) as gateway:
             host, port = gateway.address
             say(f"gateway listening on {host}:{port}")
             say(f"operator root fingerprint (what clients pin): {gateway.keys.root_fingerprint}")
@@ -97,6 +107,8 @@ async def run_demo(data_dir: Path) -> None:
                 )
             say()
             await _chat(gateway, clients, host, port, beta_issuer)
+            say()
+            await _push(gateway, clients[0], host, port, beta_issuer, push_receiver)
             say()
             await _e2ee_chat(host, port, gateway, alpha_issuer, beta_issuer, data_dir)
             say()
@@ -176,6 +188,41 @@ async def _chat(gateway: Gateway, clients: list, host: str, port: int, beta_issu
         f"  routing: {routing['messages_stored']} messages stored in {routing['commits']} commits, "
         f"{routing['deliveries_pushed']} deliveries pushed"
     )
+
+
+@contextlib.asynccontextmanager
+async def _stopped_at_exit(receiver: PushReceiver):
+    """The started receiver, stopped when the block ends however it ends."""
+    try:
+        yield receiver
+    finally:
+        await receiver.stop()
+
+
+async def _push(gateway: Gateway, alice: Client, host: str, port: int, beta_issuer, receiver: PushReceiver) -> None:
+    say("push — waking an offline phone through its provider's server, never saying what arrived:")
+    token = beta_issuer.issue("carol", audience=AUDIENCE, alg="ES256")
+    carol = await Client.connect(host, port, token=token, device=1, root_public=gateway.root_public)
+    await carol.register_push("carols-phone-apns-token")
+    await carol.close()
+    say("  carol@beta/1 registers for push (push.set with her provider's token) and goes offline")
+    for text in (b"are you coming?", b"we are at the station"):
+        await alice.send_message("carol@beta", {1: b"[ciphertext: " + text + b"]"})
+    say("  alice sends carol 2 messages; they wait in carol's mailbox")
+    deadline = time.monotonic() + 5
+    while not receiver.received and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    (payload,) = receiver.received
+    shown = {key: payload[key] for key in ("user", "device", "pending", "counter", "token")}
+    say(f"  provider beta's server got one webhook, verified with the operator root key: {shown}")
+    say("  (no sender, no message id, no content: the provider learns only that carol has 2 items waiting)")
+    carol = await Client.connect(host, port, token=token, device=1, root_public=gateway.root_public)
+    say(f"  carol's app wakes and connects: welcome says {carol.welcome['pending']} items are waiting")
+    for _ in range(2):
+        item = await carol.recv(timeout_s=5)
+        await carol.received([item["seq"]])
+    await carol.unregister_push()
+    await carol.close()
 
 
 async def _e2ee_chat(host: str, port: int, gateway: Gateway, alpha_issuer, beta_issuer, data_dir: Path) -> None:

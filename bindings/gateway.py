@@ -6,6 +6,7 @@ The library installs no signal handlers and configures no logging; the command-l
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
 
@@ -15,7 +16,14 @@ from interlink.core.domain.auth import Provider, ProviderRegistry, TokenVerifier
 from interlink.core.protocol.connection import ServerSettings
 from interlink.core.errors import ConfigError, InterlinkError
 from interlink.core.edge.jwks import JwksCache
-from interlink.core.edge.keyfiles import ROOT_PUBLIC_FILE, OperatorKeys, init_operator_keys, load_operator_keys
+from interlink.core.edge.keyfiles import (
+    ROOT_PUBLIC_FILE,
+    OperatorKeys,
+    ensure_push_key,
+    init_operator_keys,
+    load_operator_keys,
+)
+from interlink.core.protocol.pushsig import sign_push
 from interlink.core.edge.server import GatewayServer, Limits
 from interlink.core.domain.batch import device_key
 from interlink.core.edge.blobfiles import BlobFileStore
@@ -56,6 +64,11 @@ class Gateway:
         config = self.config
         if self._keys is None:
             self._keys = _load_or_create_keys(config)
+        if self._keys.push_private is None and any(p.push_url for p in self.registry):
+            self._keys = ensure_push_key(self._keys.folder)  # a key folder made before push webhooks
+        push_sign = None
+        if self._keys.push_private is not None:
+            push_sign = functools.partial(sign_push, self._keys.push_private, self._keys.push_certificate)
         self._store = LmdbStore(
             config.data_dir / "lmdb",
             map_size_bytes=config.lmdb_map_size_bytes,
@@ -93,6 +106,7 @@ class Gateway:
             slow_consumer_s=config.slow_consumer_s,
             commit_in_thread=config.commit_mode == "thread",
             blob_files=BlobFileStore(config.data_dir / "blobs"),
+            push_sign=push_sign,
         )
         try:
             await self._server.start(config.host, config.port)

@@ -24,6 +24,7 @@ answer with an ``err`` stanza or close with a named reason; operators count them
     ├── AuthError                    a token refused (one of the auth codes)
     ├── JwksError                    a provider's JWK Set is unusable
     ├── KeyFetchError                a provider's keys could not be fetched (logged, kept internal)
+    ├── PushSignatureError           a push webhook or its certificate did not verify (provider side)
     ├── StoreFullError               the LMDB map is full (overloaded; nothing written)
     ├── StoreLimitError              a per-user bound of the store was reached (too_large)
     ├── SessionClosedError           client side: the session ended (``reason``)
@@ -62,6 +63,7 @@ class ErrorCode(enum.StrEnum):
     NOT_MEMBER = "not_member"
     NOT_ADMIN = "not_admin"
     NOT_FOUND = "not_found"
+    PUSH_UNAVAILABLE = "push_unavailable"
     BAD_HASH = "bad_hash"
     RATE_LIMITED = "rate_limited"
     MAILBOX_FULL = "mailbox_full"
@@ -213,6 +215,14 @@ class JwksError(InterlinkError):
 class KeyFetchError(InterlinkError):
     """A refresh of a provider's keys failed for a reason worth one log line (the JWKS cache keeps
     it to itself and serves the last good keys)."""
+
+
+class PushSignatureError(InterlinkError):
+    """A push webhook body did not verify against the operator's root public key (malformed, wrong
+    ``alg`` or ``typ``, bad signature, certificate outside its validity): the receiver refuses it.
+    Not a ``HandshakeError``: pushes travel over HTTP, outside the Noise wire contract."""
+
+    code = "push_signature"
 
 
 class StoreFullError(InterlinkError):

@@ -64,6 +64,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import functools
 import glob
 import hashlib
 import logging
@@ -102,6 +103,7 @@ with instrumenting:
     from interlink.core.protocol.certs import generate_root_key, generate_static_key, issue_node_certificate, x25519_public
     from interlink.core.protocol.connection import ClientConnection, ServerSettings, StanzaReceived
     from interlink.core.protocol.framing import FrameDecoder
+    from interlink.core.protocol.pushsig import issue_push_certificate, sign_push
     from interlink.core.edge.blobfiles import BlobFileStore
     from interlink.core.edge.jwks import JwksCache
     from interlink.core.edge.server import GatewayProtocol, GatewayServer, Limits
@@ -161,6 +163,9 @@ ALLOWED = {
     "blob.new": {"too_large", "rate_limited"},
     "blob.write": {"too_large", "not_found", "rate_limited", "bad_hash"},
     "blob.read": {"not_found", "rate_limited"},
+    # push_unavailable: V is of beta, which has no push endpoint here (M's alpha has one)
+    "push.set": {"push_unavailable"},
+    "push.del": set(),
 }
 OPS = tuple(op for op in ALLOWED if "." in op or op == "report")
 # Any iq past the budget of answer bytes of one read (ops.ANSWERS_PER_READ_BYTES) is rate_limited.
@@ -173,6 +178,7 @@ RES_FIELDS = {
     "group.add": {"ver"}, "group.del": {"ver"}, "group.leave": {"ver"},
     "group.get": {"members", "admins", "meta", "ver", "more"},
     "blob.new": {"blob"}, "blob.write": {"have", "ready"}, "blob.read": {"data", "size"},
+    "push.set": set(), "push.del": {"removed"},
 }
 ERR_EXTRA = {"device_mismatch": {"missing", "extra"}, "rate_limited": {"retry_after"},
              "not_opted_in": {"user"}, "unknown_recipient": {"user"}}
@@ -180,6 +186,13 @@ ERR_EXTRA = {"device_mismatch": {"missing", "extra"}, "rate_limited": {"retry_af
 
 class Violation(AssertionError):
     pass
+
+
+def _push_signer():
+    """Signs push bodies as a node would (the harness never sends them)."""
+    root, push = ed25519.Ed25519PrivateKey.generate(), ed25519.Ed25519PrivateKey.generate()
+    certificate = issue_push_certificate(root, push.public_key().public_bytes_raw(), "fuzz", 0, 2**40)
+    return functools.partial(sign_push, push, certificate)
 
 
 def _fail(message: str) -> None:
@@ -525,6 +538,8 @@ class _Builder:
         "blob.new": ("size", "sha256"),
         "blob.write": ("blob", "off", "data"),
         "blob.read": ("blob", "off", "len"),
+        "push.set": ("token",),
+        "push.del": (),
     }
 
     def stanza(self) -> dict:
@@ -757,6 +772,7 @@ def _check_res(res: dict, ops: set, who: str) -> None:
         "ready": lambda v: type(v) is bool,
         "data": lambda v: type(v) is bytes and len(v) <= BLOB_CHUNK,
         "size": lambda v: type(v) is int and 1 <= v <= BLOB_MAX,
+        "removed": lambda v: type(v) is bool,
     }
     for name in fields:
         if not checks[name](res[name]):
@@ -953,8 +969,11 @@ class Harness:
             jwk.update({"kid": provider_id + "-1", "alg": "EdDSA", "use": "sig"})
             issuer = f"https://{provider_id}.fuzz.example"
             self.keys[provider_id] = (key, issuer)
+            # alpha has a push endpoint (nothing listens there: the harness never starts the sender,
+            # so intents only queue); beta and gamma have none.
+            push_url = "http://127.0.0.1:9/push" if provider_id == "alpha" else None
             providers.append(Provider(id=provider_id, issuer=issuer, audience=AUD, jwks={"keys": [jwk]},
-                                      default_accept=accept))
+                                      default_accept=accept, push_url=push_url))
         registry = ProviderRegistry(providers)
         # Every setting from the configuration's defaults, wired as Gateway.start wires them, but
         # for: commits not fsynced (the harness's store is thrown away), a large sparse map, and
@@ -979,6 +998,7 @@ class Harness:
             idle_release_s=config.idle_release_s, mailbox_ttl_s=config.mailbox_ttl_s,
             slow_consumer_s=config.slow_consumer_s, commit_in_thread=False,
             blob_files=BlobFileStore(config.data_dir / "blobs"), clock=self.now,
+            push_sign=_push_signer(),
         )
         blobs = self.server.domain.blobs
         if (blobs.chunk_bytes, config.blob_max_bytes) != (BLOB_CHUNK, BLOB_MAX):

@@ -150,6 +150,7 @@ def stanza_serve_seeds() -> dict:
             raise SystemExit(f"structured seed {number} does not replay through FuzzedDataProvider")
         seeds[f"structured-{number:02d}"] = seed
     seeds.update({name: RAW + data for name, data in blob_seeds(harness).items()})
+    seeds.update({name: RAW + data for name, data in push_seeds().items()})
     return seeds
 
 
@@ -182,6 +183,21 @@ def blob_seeds(harness) -> dict:
             iq(59, "blob.write", blob=upload, off=-1, data=b""), iq(60, "blob.write", blob=upload, off=harness.FIXTURE_BLOB_BYTES, data=b"z"),
             iq(61, "blob.read", blob=ready[:15], off=0, len=1), iq(62, "blob.read", blob=ready, off=0, len=chunk + 1),
             iq(63, "blob.write", blob=upload, off=0, data="str")),
+    }
+
+
+def push_seeds() -> dict:
+    """push.set and push.del, well and badly formed (M is of alpha, which has a push endpoint)."""
+    def iq(number: int, op: str, **fields) -> dict:
+        return {"t": "iq", "id": number, "op": op, **fields}
+
+    return {
+        "iq-push.set": pack(iq(70, "push.set", token="apns:0f3e")),
+        "iq-push.del": pack(iq(71, "push.del")),
+        "push-set-bad-tokens": pack(
+            iq(72, "push.set"), iq(73, "push.set", token=b"bytes"), iq(74, "push.set", token=""),
+            iq(75, "push.set", token="x" * 1025), iq(76, "push.set", token="a\x00b"), iq(77, "push.set", token=7),
+            iq(78, "push.set", token="t" * 1024), iq(79, "push.del"), iq(80, "push.del")),
     }
 
 

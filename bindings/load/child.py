@@ -71,6 +71,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--data-dir", type=Path)
     parser.add_argument("--audience")
     parser.add_argument("--provider", action="append", type=_provider_argument, default=[], metavar="ID=ISSUER")
+    parser.add_argument("--push-url", action="append", type=_provider_argument, default=[], metavar="ID=URL",
+                        help="a provider's push webhook URL")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--durability", default="sync", choices=["sync", "async"])
     parser.add_argument("--cpu", type=int, default=None, help="pin the gateway to this CPU")
@@ -102,10 +104,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.gc_threshold is not None:
         gc.set_threshold(args.gc_threshold, *gc.get_threshold()[1:])
     ids = [provider_id for provider_id, _ in args.provider]
+    push_urls = dict(args.push_url)
     providers = [
         # Every provider's users accept the users of every other provider here (consent default).
         Provider(id=provider_id, issuer=issuer, audience=args.audience, discovery=True,
-                 default_accept=tuple(other for other in ids if other != provider_id))
+                 default_accept=tuple(other for other in ids if other != provider_id),
+                 push_url=push_urls.get(provider_id))
         for provider_id, issuer in args.provider
     ]
     settings = {name: value for name in SETTINGS if (value := getattr(args, name)) is not None}
@@ -184,10 +188,13 @@ async def _serve_bare() -> None:
 # ----------------------------------------------------------------------------- the parent
 
 
-def child_arguments(*, providers: dict[str, str] | None = None, **options: object) -> list[str]:
+def child_arguments(*, providers: dict[str, str] | None = None, push_urls: dict[str, str] | None = None,
+                    **options: object) -> list[str]:
     """The child's options from keywords: ``providers`` (id -> issuer URL) as ``--provider ID=URL``,
-    ``max_group=1024`` as ``--max-group 1024``, ``bare=True`` as ``--bare``; None leaves one out."""
+    ``push_urls`` (id -> webhook URL) as ``--push-url ID=URL``, ``max_group=1024`` as
+    ``--max-group 1024``, ``bare=True`` as ``--bare``; None leaves one out."""
     arguments = [f"--provider={provider_id}={issuer}" for provider_id, issuer in (providers or {}).items()]
+    arguments += [f"--push-url={provider_id}={url}" for provider_id, url in (push_urls or {}).items()]
     for name, value in options.items():
         option = "--" + name.replace("_", "-")
         if value is True:

@@ -121,10 +121,10 @@ class PrekeyTake:
 
 
 class WriteBatch:
-    """Everything one group commit writes: ``entries`` in the order they were added, and the
-    received items to delete."""
+    """Everything one group commit writes: ``entries`` in the order they were added, the
+    received items to delete, and the push intents' changes (``core/domain/push.py``)."""
 
-    __slots__ = ("entries", "deletions", "load")
+    __slots__ = ("entries", "deletions", "load", "push_wake", "push_cancel", "push_done", "push_created")
 
     def __init__(self) -> None:
         self.entries: list[MessageEntry | ControlEntry | PrekeyTake] = []
@@ -133,10 +133,14 @@ class WriteBatch:
         # COPIES_PER_LOAD copies it stores (as a group message spends one rate token per 64
         # copies); recv deletions are a consequence of deliveries, not new work offered.
         self.load = 0
+        # Push intents, written in the same transaction as the items that cause them:
+        self.push_wake: set[bytes] = set()  # device keys to wake if their mailbox holds items
+        self.push_cancel: set[bytes] = set()  # device keys whose intent goes (the device connected)
+        self.push_done: list[tuple[bytes, int, bool]] = []  # (device key, counter, again): a push was answered
+        self.push_created: list[tuple[bytes, int, int]] = []  # after the commit: (device key, counter, created ms)
 
     def __bool__(self) -> bool:
-        return bool(self.entries or self.deletions)
-
+        return bool(self.entries or self.deletions or self.push_wake or self.push_cancel or self.push_done)
 
     def add_message(self, sender_key: bytes, msg_id: bytes, ts_ms: int, items: list) -> MessageEntry:
         entry = MessageEntry(sender_key, msg_id, ts_ms, items)

@@ -16,6 +16,7 @@ from interlink.core.domain.admission import Admission
 from interlink.core.domain.auth import ProviderRegistry
 from interlink.core.errors import InterlinkError, StanzaError
 from interlink.core.domain.fields import excerpt
+from interlink.core.domain.push import Push
 from interlink.core.domain.blobs import BlobLimits, Blobs
 from interlink.core.domain.groups import Groups
 from interlink.core.domain.ops import Operations
@@ -71,7 +72,8 @@ class Domain:
         # Blobs need somewhere to keep their bytes and worker threads to hash them: without
         # those (a unit test of something else), blob.* stays an unknown operation.
         self.blobs = None
-        more_handlers = dict(self.groups.handlers)
+        self.push = Push(store=store, registry=registry, router=self.router)
+        more_handlers = {**self.groups.handlers, **self.push.handlers}
         if blob_files is not None:
             self.blobs = Blobs(store=store, files=blob_files, offload=offload, writer=blob_writer, router=self.router,
                                limits=blob_limits, max_frame_bytes=max_frame_bytes)

@@ -213,6 +213,37 @@ class BlobFiles(Protocol):
     def free_files(self) -> int: ...
 
 
+class PushStore(Protocol):
+    """Push registrations (``push.set``) and the intents owed (``core/edge/lmdbstore/push.py``);
+    intents are written by the group commit (``WriteBatch.push_*``)."""
+
+    def set_push_token(self, dkey: bytes, token: bytes) -> None:
+        """Register (or replace) the device's token."""
+
+    def del_push_token(self, dkey: bytes) -> bool:
+        """Forget the device's token and any intent owed to it; False if it had none."""
+
+    def push_token(self, dkey: bytes) -> bytes | None:
+        """The device's registered token, or None."""
+
+    def push_devices(self) -> list[bytes]:
+        """Every registered device key."""
+
+    def push_intents(self) -> list[tuple[bytes, int, int]]:
+        """Every intent owed: (device key, counter, created ms)."""
+
+
+class PushSender(Protocol):
+    """Sends the webhooks the committed intents owe (``core/edge/push.py``)."""
+
+    def owed(self, created: list[tuple[bytes, int, int]], woken) -> None:
+        """After a commit: the intents it created, and the devices it was asked to wake (an
+        intent of theirs being sent right now is then sent again once answered)."""
+
+    def cancel(self, dkey: bytes) -> None:
+        """The device connected: nothing is owed to it any more."""
+
+
 class Offload(Protocol):
     """Runs slow work (syncing and hashing a blob) off the event loop."""
 
@@ -221,7 +252,7 @@ class Offload(Protocol):
         back on the loop, after which the edge writes out the sessions ``done`` answered."""
 
 
-class Store(MailboxStore, SocialStore, KeyStore, GroupStore, BlobStore, Protocol):
+class Store(MailboxStore, SocialStore, KeyStore, GroupStore, BlobStore, PushStore, Protocol):
     """Every table family, and the group commit that writes across them."""
 
     def commit(self, batch: WriteBatch) -> None:

@@ -27,7 +27,7 @@ from interlink.core.domain.ratelimit import TokenBuckets
 from interlink.core.protocol.stanza import encode_ack, encode_dlv, encode_stanza
 from interlink.core.domain.delivery import DeliveryWindows
 from interlink.core.domain.batch import ControlEntry, GroupWrite, MessageEntry, PrekeyTake, WriteBatch, device_key
-from interlink.core.domain.ports import Session, Store
+from interlink.core.domain.ports import PushSender, Session, Store
 from interlink.core.protocol.wire import MAX_DEVICE_ID, TAG_BYTES
 
 ID_BYTES = 16
@@ -86,6 +86,10 @@ class Router:
         # Windowed pushing of stored items to online sessions; it writes into the same touched
         # set and counters.
         self.delivery = DeliveryWindows(store, window, self.touched, self.counters)
+        # Push (core/domain/push.py keeps these): the devices registered with push.set, and where
+        # the intents a commit creates go. Empty set: routing does no push work at all.
+        self.push_devices: set[tuple[str, int]] = set()
+        self.push_sender: PushSender | None = None
 
     def set_message_rates(self, per_device: float, per_user: float) -> None:
         """New message rates (a reload); the burst stays two seconds' worth."""
@@ -104,6 +108,12 @@ class Router:
         elif previous is not None:
             self.close_session(previous)
         self.sessions[key] = session
+        if key in self.push_devices:  # online: nothing is owed to it any more
+            dkey = device_key(*key)
+            self._batch.push_wake.discard(dkey)
+            self._batch.push_cancel.add(dkey)
+            if self.push_sender is not None:
+                self.push_sender.cancel(dkey)
         return previous, self.delivery.opened(session)
 
     def close_session(self, session: Session) -> None:
@@ -111,6 +121,10 @@ class Router:
         key = session.session_key
         if key is not None and self.sessions.get(key) is session:
             del self.sessions[key]
+            if key in self.push_devices:  # gone with items unreceived: owed a push (the commit checks)
+                dkey = device_key(*key)
+                self._batch.push_cancel.discard(dkey)
+                self._batch.push_wake.add(dkey)
         self.delivery.closed(session)
 
     def push_stored(self, session: Session) -> None:
@@ -238,6 +252,8 @@ class Router:
         ``targets[i]`` is the (user, device) of ``items[i]``."""
         message = self._batch.add_message(device_key(*session.session_key), msg_id, int(now * 1000), items)
         self._waiting.append((session, message, targets))
+        if self.push_devices:
+            self._wake_offline(targets)
         return message
 
     def enqueue_control(
@@ -248,7 +264,22 @@ class Router:
         after the commit, in order with the acks of the same batch."""
         entry = self._batch.add_control(int(now * 1000), list(items), group, reply)
         self._waiting.append((session, entry, list(targets)))
+        if self.push_devices and targets:
+            self._wake_offline(targets)
         return entry
+
+    def _wake_offline(self, targets) -> None:
+        """The registered devices among ``targets`` that have no session: the commit writes a
+        push intent for each that holds items and owes none yet."""
+        push_devices, sessions, wake = self.push_devices, self.sessions, self._batch.push_wake
+        for target in targets:
+            if target in push_devices and target not in sessions:
+                wake.add(device_key(*target))
+
+    def push_answered(self, dkey: bytes, counter: int, again: bool) -> None:
+        """The provider answered the push ``counter`` of ``dkey`` (or refused it for good): the
+        next commit deletes its intent, and with ``again`` owes a new one if items wait."""
+        self._batch.push_done.append((dkey, counter, again))
 
     def enqueue_prekey_take(self, session: Session, reply: dict, user: str, devices, now: float) -> None:
         """A ``keys.get`` whose one-time prekeys are taken in this turn's commit (one fsync for
@@ -343,6 +374,9 @@ class Router:
                 recipient = sessions.get(target)
                 if recipient is not None:
                     push_new(recipient, seq, value)
+        batch = commit.batch
+        if self.push_sender is not None and (batch.push_created or batch.push_wake):
+            self.push_sender.owed(batch.push_created, batch.push_wake)
         return settled
 
     def _control_committed(self, session: Session, entry: ControlEntry, targets: list) -> None:

@@ -24,6 +24,7 @@ import logging
 import os
 import time
 import types
+from collections.abc import Callable
 from collections import Counter
 from dataclasses import dataclass
 
@@ -38,6 +39,8 @@ from interlink.core.protocol.connection import (
 )
 from interlink.core.edge.commit import CommitDriver
 from interlink.core.edge.offload import SerialOffload, ThreadOffload
+from interlink.core.edge.push import PushDispatcher
+from interlink.core.domain.push import split_device_key
 from interlink.core.edge.sweeps import Sweeps
 from interlink.core.domain.dispatch import Domain
 from interlink.core.errors import AuthError, CloseReason, StoreLimitError
@@ -208,6 +211,7 @@ class GatewayServer:
         slow_consumer_s: float,
         commit_in_thread: bool,
         blob_files: BlobFiles | None = None,
+        push_sign: Callable[[dict], bytes] | None = None,
         clock=time.time,
     ) -> None:
         self.settings = settings
@@ -267,6 +271,12 @@ class GatewayServer:
         self.commits = CommitDriver(
             store=store, domain=self.domain, on_done=self.committed, executor=self._commit_executor, clock=clock
         )
+        # Push webhooks (core/edge/push.py), when the node can sign them.
+        self.push: PushDispatcher | None = None
+        if push_sign is not None:
+            self.push = PushDispatcher(store=store, registry=registry, answered=self._push_answered,
+                                       forget=self._push_forget, sign=push_sign)
+            self.domain.push.attach(self.push)
 
     # -- lifecycle
 
@@ -278,6 +288,17 @@ class GatewayServer:
                 log.info("removed %d blob files without a record (left by a crash)", removed)
         self._server = await loop.create_server(lambda: GatewayProtocol(self), host, port, backlog=backlog)
         self.sweeps.start()
+        if self.push is not None:
+            self.push.start()
+
+    def _push_answered(self, dkey: bytes, counter: int, again: bool) -> None:
+        self.router.push_answered(dkey, counter, again)
+        self.commits.schedule()
+
+    def _push_forget(self, dkey: bytes) -> None:
+        """The provider no longer knows the device's token (404/410): its registration goes."""
+        self.router.push_devices.discard(split_device_key(dkey))
+        self.store.del_push_token(dkey)
 
     @property
     def addresses(self) -> list[tuple]:
@@ -299,6 +320,8 @@ class GatewayServer:
             proto.conn.close(CloseReason.DRAIN)
             self.serve(proto)
         await self._wait_all_closed(timeout_s)
+        if self.push is not None:
+            await self.push.close()  # what was answered is in the batch; the rest is sent after the restart
         await self.commits.settle()
         # A blob's verdict and checkpoints write its record: before the store closes, within the
         # drain's time (a 100 MiB hash takes a few tenths of a second); what is left over is done
@@ -352,6 +375,8 @@ class GatewayServer:
         self.throttled.pop(proto, None)
         self.yielded.pop(proto, None)
         self.router.close_session(proto.conn)  # its device's newer session, if any, stays
+        if self.router.has_batch:  # a registered device left with items unreceived: its push intent
+            self.commits.schedule()
         if not self.connections:
             self._all_closed.set()
         # Timer entries of closed connections (and superseded ones) are dropped lazily when they
@@ -707,7 +732,15 @@ class GatewayServer:
             "close_reasons": {str(reason): count for reason, count in self.close_reasons.items()},  # plain strings for operators
             "auth_failures": {str(code): count for code, count in self.auth_failures.items()},
             "blobs": self._blob_stats(),
+            "push": self._push_stats(),
         }
+
+    def _push_stats(self) -> dict:
+        push = self.push
+        if push is None:
+            return {}
+        return {"registered": len(self.router.push_devices), "queued": push.queued, **push.counters,
+                "failures": dict(push.failures), "dropped": dict(push.dropped), "breakers": push.breaker_states()}
 
     def _blob_stats(self) -> dict:
         blobs = self.domain.blobs

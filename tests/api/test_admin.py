@@ -111,6 +111,10 @@ async def test_metrics_count_real_traffic(admin_gateway, issuers, http):
     assert samples[("interlink_jwks_unknown_kid_fetches_total", alpha)] == 1
     assert samples[("interlink_jwks_fetches_total", alpha)] == fetches + 1
     assert samples[("interlink_jwks_fetch_failures_total", alpha)] == 0
+    # push: no provider here has a push endpoint, so nothing is registered or owed
+    assert samples[("interlink_push_registered", frozenset())] == 0
+    assert samples[("interlink_push_queued", frozenset())] == 0
+    assert samples[("interlink_pushes_sent_total", frozenset())] == 0
     await alice.close()
     await bob.close()
 
@@ -202,6 +206,7 @@ async def test_cli_status_and_provider_commands(admin_gateway, issuers, http):
     assert "sessions 1" in shown.output and "provider alpha" in shown.output
     assert "admission: normal, messages refused overloaded 0, reads throttled 0" in shown.output
     assert "blobs: 0 ready (0 bytes), 0 uploads unfinished" in shown.output
+    assert "push: 0 devices registered, 0 owed, 0 sent, 0 failed attempts, breakers open: none" in shown.output
     listed = await cli("provider", "list")
     assert listed.exit_code == 0 and listed.output.splitlines()[0].startswith("alpha\tactive\t")
     refused = await cli("provider", "suspend", "alpha")

@@ -19,6 +19,9 @@ def test_demo_runs_end_to_end(tmp_path):
     assert "bob/2 reconnects: welcome says 2 items are waiting" in out
     assert "after recv: bob's mailboxes {1: {'items': 0" in out and "2: {'items': 0" in out
     assert "alice's next message -> err not_opted_in" in out
+    assert ("provider beta's server got one webhook, verified with the operator root key: {'user': 'carol@beta', "
+            "'device': 1, 'pending': 2, 'counter': 1, 'token': 'carols-phone-apns-token'}") in out
+    assert "carol's app wakes and connects: welcome says 2 items are waiting" in out
     assert "client aborts" in out and "replaced" in out
     # the end-to-end encrypted part (interlink[e2ee] is part of the test extra)
     assert "finn/1 decrypts: 'meet at the bridge at 7'" in out

@@ -148,6 +148,13 @@ class Provider:
     """Default consent of this provider's users: provider ids, or ("*",); () = own provider only."""
     suspended: bool = False
     """Tokens of a suspended provider are refused with ``provider_suspended``."""
+    push_url: str | None = None
+    """Where push webhooks for this provider's offline devices go (https; http only on loopback).
+    None: its devices cannot register for push (``push.set`` is refused)."""
+    push_timeout_s: float = 5.0
+    """Timeout of one push webhook request."""
+    push_concurrency: int = 16
+    """Push webhook requests to this provider at once, at most."""
 
     def __post_init__(self) -> None:
         where = f"provider {self.id!r}" if isinstance(self.id, str) else "provider"
@@ -206,6 +213,14 @@ class Provider:
                 if not isinstance(other, str) or PROVIDER_ID_RE.fullmatch(other) is None:
                     raise ConfigError(f"{where}: default_accept: {other!r} is not a provider id")
         object.__setattr__(self, "default_accept", accept)
+        if self.push_url is not None:
+            check_url(self.push_url, f"{where}: push_url")
+        timeout = self.push_timeout_s
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= 60:
+            raise ConfigError(f"{where}: push_timeout_s must be a number of seconds in (0, 60], got {timeout!r}")
+        concurrency = self.push_concurrency
+        if isinstance(concurrency, bool) or not isinstance(concurrency, int) or not 1 <= concurrency <= 1024:
+            raise ConfigError(f"{where}: push_concurrency must be an integer 1..1024, got {concurrency!r}")
 
     def key_source(self) -> KeySource:
         """Where this provider's keys come from."""

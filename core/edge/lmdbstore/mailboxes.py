@@ -115,6 +115,11 @@ class Mailboxes:
             state = states[dkey] = MailboxState(txn.get(dkey, db=self.seqs_db))
         return state
 
+    def items_in(self, txn, dkey: bytes, states: dict) -> int:
+        """How many items the device holds as this transaction left them so far (read only)."""
+        state = states.get(dkey)
+        return (state if state is not None else MailboxState(txn.get(dkey, db=self.seqs_db))).items
+
     def is_duplicate(self, txn, entry: MessageEntry) -> bool:
         return txn.get(entry.sender_key + entry.msg_id, db=self.dedup_db) is not None
 

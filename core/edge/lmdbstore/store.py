@@ -9,6 +9,7 @@ method is the family's own, bound once, and runs in a transaction of its own.
 from __future__ import annotations
 
 import os
+import time
 
 import lmdb
 
@@ -23,6 +24,7 @@ from interlink.core.edge.lmdbstore.mailboxes import (
     DEVICE_CACHE_USERS,
     Mailboxes,
 )
+from interlink.core.edge.lmdbstore.push import PushRecords
 from interlink.core.edge.lmdbstore.social import Social
 
 
@@ -83,6 +85,12 @@ class LmdbStore:
         self.take_prekeys = keys.take_prekeys
         self.prekey_count = keys.prekey_count
         self.group = groups.group
+        self.push_records = push_records = PushRecords(self.env)
+        self.set_push_token = push_records.set_push_token
+        self.del_push_token = push_records.del_push_token
+        self.push_token = push_records.push_token
+        self.push_devices = push_records.push_devices
+        self.push_intents = push_records.push_intents
         self.blob_records = blob_records = BlobRecords(self.env)
         self.blob = blob_records.blob
         self.create_blob = blob_records.create_blob
@@ -143,9 +151,23 @@ class LmdbStore:
                         entry.bundles = keys.take(txn, entry.user, entry.devices)
                 if batch.deletions:
                     mailboxes.delete(txn, batch.deletions, states)
+                if batch.push_wake or batch.push_cancel or batch.push_done:
+                    batch.push_created = self.push_records.apply(
+                        txn, batch.push_wake, batch.push_cancel, batch.push_done, _push_now_ms(batch),
+                        lambda dkey: mailboxes.items_in(txn, dkey, states))
                 mailboxes.save(txn, states)
         except lmdb.MapFullError:
             for entry in batch.entries:
                 entry.clear_outcome()
+            batch.push_created = []
             raise store_full() from None
         mailboxes.dedup_unswept += sum(1 for entry in batch.entries if type(entry) is MessageEntry and entry.stored)
+
+
+def _push_now_ms(batch: WriteBatch) -> int:
+    """The time a new push intent is stamped with: the batch's newest entry's, else the clock's."""
+    for entry in reversed(batch.entries):
+        ts_ms = getattr(entry, "ts_ms", None)
+        if ts_ms is not None:
+            return ts_ms
+    return int(time.time() * 1000)

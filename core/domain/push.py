@@ -1,0 +1,79 @@
+"""Push: waking a provider's offline devices (docs/protocol.md §7 "Push").
+
+A device registers with ``push.set`` (an opaque token its provider chose) and leaves with
+``push.del``. When the group commit stores items for a registered device that has no session
+(or a registered device's session ends with items unreceived), the same transaction writes a
+push intent (``core/edge/lmdbstore/push.py``); the edge's sender (``core/edge/push.py``) turns
+each intent into one webhook to the device's provider, coalescing what arrives meanwhile, and
+tells the router when it was answered, so the next commit deletes the intent. What the webhook
+says — the user, the device, how many items wait, a counter — never includes a sender, a
+message id, a group or any content.
+
+This module keeps the registrations: the operations, and the router's set of registered
+devices that routing consults (``Router.push_devices``).
+"""
+
+from __future__ import annotations
+
+import struct
+
+from interlink.core.domain.batch import device_key
+from interlink.core.domain.fields import kind_of
+from interlink.core.domain.ports import PushSender, Session, Store
+from interlink.core.domain.router import Router
+from interlink.core.domain.auth import ProviderRegistry
+from interlink.core.errors import RouteError, StanzaError
+
+MAX_PUSH_TOKEN_BYTES = 1024
+_DEVICE = struct.Struct(">I")
+
+
+def split_device_key(dkey: bytes) -> tuple[str, int]:
+    """The (user, device) a ``device_key`` names."""
+    return dkey[:-5].decode("utf-8"), _DEVICE.unpack(dkey[-4:])[0]
+
+
+class Push:
+    """``push.set`` / ``push.del`` and the registered devices."""
+
+    def __init__(self, *, store: Store, registry: ProviderRegistry, router: Router) -> None:
+        self.store = store
+        self.registry = registry
+        self.router = router
+        router.push_devices.update(split_device_key(dkey) for dkey in store.push_devices())
+        self.handlers = {"push.set": self.push_set, "push.del": self.push_del}
+
+    def attach(self, sender: PushSender) -> None:
+        """Where committed intents go (the edge's webhook sender)."""
+        self.router.push_sender = sender
+
+    def push_set(self, session: Session, stanza: dict, now: float) -> dict:
+        token = stanza.get("token")
+        if type(token) is not str:
+            raise StanzaError(f"push.set needs 'token': the string your provider's server wakes this device with "
+                              f"(got {kind_of(token)})")
+        encoded = token.encode("utf-8", "surrogatepass")
+        if not 1 <= len(encoded) <= MAX_PUSH_TOKEN_BYTES or "\x00" in token:
+            raise StanzaError(f"push.set: 'token' must be 1..{MAX_PUSH_TOKEN_BYTES} bytes of UTF-8 without NUL "
+                              f"(got {len(encoded)} bytes)")
+        try:
+            encoded = token.encode("utf-8")
+        except UnicodeEncodeError:
+            raise StanzaError("push.set: 'token' is not valid UTF-8 (a lone surrogate)") from None
+        provider = self.registry.get(session.identity.provider)
+        if provider is None or provider.push_url is None or self.router.push_sender is None:
+            raise RouteError("push is not set up for your provider on this gateway (no push_url)",
+                             code="push_unavailable")
+        key = session.session_key
+        self.store.set_push_token(device_key(*key), encoded)
+        self.router.push_devices.add(key)
+        return {}
+
+    def push_del(self, session: Session, stanza: dict, now: float) -> dict:
+        key = session.session_key
+        self.router.push_devices.discard(key)
+        dkey = device_key(*key)
+        removed = self.store.del_push_token(dkey)
+        if self.router.push_sender is not None:
+            self.router.push_sender.cancel(dkey)
+        return {"removed": removed}
