@@ -70,6 +70,14 @@ def test_default_config_lists_every_key_and_loads_to_the_defaults():
         (PROVIDER.replace("discovery = true", 'discovery = "yes"'), "providers[0].discovery: expected true or false"),
         (PROVIDER.replace('id = "alpha"', 'id = "Alpha!"'), "provider 'Alpha!': id must match"),
         (PROVIDER + PROVIDER.replace("id.alpha", "id.other"), "providers: id 'alpha' is used by more than one provider"),
+        (PROVIDER + 'push_url = "http://push.alpha.example/hook"\n',
+         "provider 'alpha': push_url 'http://push.alpha.example/hook' must use https"),
+        (PROVIDER + 'push_url = "https://push.alpha.example/hook?key=1"\n', "must not have a query or fragment"),
+        (PROVIDER + "push_url = 5\n", "provider 'alpha': push_url must be a non-empty URL string"),
+        (PROVIDER + "push_timeout_s = 0\n", "provider 'alpha': push_timeout_s must be a number of seconds in (0, 60]"),
+        (PROVIDER + "push_concurrency = 0\n", "provider 'alpha': push_concurrency must be an integer 1..1024"),
+        (PROVIDER + 'push_uri = "https://push.alpha.example"\n',
+         "providers[0].push_uri: unknown key (did you mean 'push_url'?)"),
     ],
 )
 def test_each_mistake_names_the_key(tmp_path, text, message):
