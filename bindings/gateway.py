@@ -6,7 +6,6 @@ The library installs no signal handlers and configures no logging; the command-l
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import time
 
@@ -23,7 +22,7 @@ from interlink.core.edge.keyfiles import (
     init_operator_keys,
     load_operator_keys,
 )
-from interlink.core.protocol.pushsig import sign_push
+from interlink.core.protocol.pushsig import PushSigner
 from interlink.core.edge.server import GatewayServer, Limits
 from interlink.core.domain.batch import device_key
 from interlink.core.edge.blobfiles import BlobFileStore
@@ -68,7 +67,7 @@ class Gateway:
             self._keys = ensure_push_key(self._keys.folder)  # a key folder made before push webhooks
         push_sign = None
         if self._keys.push_private is not None:
-            push_sign = functools.partial(sign_push, self._keys.push_private, self._keys.push_certificate)
+            push_sign = PushSigner(self._keys.push_private, self._keys.push_certificate)
         self._store = LmdbStore(
             config.data_dir / "lmdb",
             map_size_bytes=config.lmdb_map_size_bytes,

@@ -110,6 +110,7 @@ class PushDispatcher:
         self.jitter = jitter
         self._session = session
         self._own_session = session is None
+        self._timeouts: dict[float, aiohttp.ClientTimeout] = {}
         self._owed: dict[bytes, _Intent] = {}
         self._heap: list[tuple[float, int, _Intent]] = []
         self._order = itertools.count()
@@ -282,11 +283,12 @@ class PushDispatcher:
         session = self._session
         if session is None:
             session = self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300))
-        timeout = aiohttp.ClientTimeout(total=provider.push_timeout_s)
+                connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300), headers={"Content-Type": CONTENT_TYPE})
+        timeout = self._timeouts.get(provider.push_timeout_s)
+        if timeout is None:
+            timeout = self._timeouts[provider.push_timeout_s] = aiohttp.ClientTimeout(total=provider.push_timeout_s)
         try:
-            async with session.post(provider.push_url, data=body, timeout=timeout, allow_redirects=False,
-                                    headers={"Content-Type": CONTENT_TYPE}) as response:
+            async with session.post(provider.push_url, data=body, timeout=timeout, allow_redirects=False) as response:
                 status = response.status
                 retry_after = _retry_after(response.headers.get("Retry-After"), self.wall())
                 await response.read()  # keep-alive: the connection goes back to the pool

@@ -148,25 +148,39 @@ def sign_push(push_private: Ed25519PrivateKey, certificate: str, payload: dict) 
 
     Raises ``ValueError`` when ``certificate`` certifies another key than ``push_private`` (no
     receiver could verify the push) and ``LocalProtocolError`` when the body would be over
-    ``MAX_PUSH_BYTES`` (every receiver refuses it).
+    ``MAX_PUSH_BYTES`` (every receiver refuses it). A node signing many pushes uses one
+    ``PushSigner`` instead (the checks once, not per push).
     """
-    if not isinstance(push_private, Ed25519PrivateKey):
-        raise TypeError("push_private must be an Ed25519PrivateKey")
-    if not isinstance(certificate, str):
-        raise TypeError(f"certificate must be a str, got {type(certificate).__name__}")
-    if not isinstance(payload, dict):
-        raise TypeError(f"payload must be a dict (a JSON object), got {type(payload).__name__}")
-    try:
-        certified_key = _certified_key_unverified(certificate)
-    except PushSignatureError as exc:
-        raise ValueError(f"certificate is not a push certificate: {exc}") from None
-    if certified_key != push_private.public_key().public_bytes_raw():
-        raise ValueError("certificate certifies another push key than push_private")
-    headers = {"typ": PUSH_TYP, PUSH_CERT_HEADER: certificate}
-    body = jwt.PyJWS().encode(_canonical_json(payload), push_private, algorithm=PUSH_ALG, headers=headers).encode("ascii")
-    if len(body) > MAX_PUSH_BYTES:
-        raise LocalProtocolError(f"push body of {len(body)} bytes is over {MAX_PUSH_BYTES}: receivers refuse it")
-    return body
+    return PushSigner(push_private, certificate)(payload)
+
+
+class PushSigner:
+    """``sign_push`` for one push key and its certificate, checked once at construction: what a
+    node calls for every webhook (``signer(payload) -> body``)."""
+
+    def __init__(self, push_private: Ed25519PrivateKey, certificate: str) -> None:
+        if not isinstance(push_private, Ed25519PrivateKey):
+            raise TypeError("push_private must be an Ed25519PrivateKey")
+        if not isinstance(certificate, str):
+            raise TypeError(f"certificate must be a str, got {type(certificate).__name__}")
+        try:
+            certified_key = _certified_key_unverified(certificate)
+        except PushSignatureError as exc:
+            raise ValueError(f"certificate is not a push certificate: {exc}") from None
+        if certified_key != push_private.public_key().public_bytes_raw():
+            raise ValueError("certificate certifies another push key than push_private")
+        self._key = push_private
+        self._headers = {"typ": PUSH_TYP, PUSH_CERT_HEADER: certificate}
+        self._jws = jwt.PyJWS(algorithms=[PUSH_ALG])  # built once: PyJWS sets up its algorithm table per instance
+
+    def __call__(self, payload: dict) -> bytes:
+        if not isinstance(payload, dict):
+            raise TypeError(f"payload must be a dict (a JSON object), got {type(payload).__name__}")
+        body = self._jws.encode(_canonical_json(payload), self._key, algorithm=PUSH_ALG,
+                                headers=self._headers).encode("ascii")
+        if len(body) > MAX_PUSH_BYTES:
+            raise LocalProtocolError(f"push body of {len(body)} bytes is over {MAX_PUSH_BYTES}: receivers refuse it")
+        return body
 
 
 def _canonical_json(value: dict) -> bytes:

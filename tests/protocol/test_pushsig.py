@@ -20,6 +20,7 @@ from interlink.core.protocol.pushsig import (
     PUSH_CERT_HEADER,
     PUSH_CERT_TYP,
     PUSH_TYP,
+    PushSigner,
     issue_push_certificate,
     read_push_certificate,
     sign_push,
@@ -78,6 +79,18 @@ def _raw_jws(header: dict, payload: bytes, key) -> str:
 def test_round_trip(body, root_public):
     assert verify_push(body, root_public, NOW) == PAYLOAD
     assert verify_push(body.decode("ascii"), root_public, NOW) == PAYLOAD  # a str body too
+
+
+def test_one_signer_signs_many_bodies_as_sign_push_does(push, certificate, root_public, root):
+    signer = PushSigner(push, certificate)
+    bodies = [signer({**PAYLOAD, "counter": n}) for n in range(3)]
+    assert [verify_push(b, root_public, NOW)["counter"] for b in bodies] == [0, 1, 2]
+    assert bodies[0] == sign_push(push, certificate, {**PAYLOAD, "counter": 0})  # Ed25519 is deterministic
+    other = issue_push_certificate(root, Ed25519PrivateKey.generate().public_key().public_bytes_raw(), "n", NBF, EXP)
+    with pytest.raises(ValueError, match="another push key"):
+        PushSigner(push, other)  # checked once, when the signer is made
+    with pytest.raises(TypeError):
+        signer(["not", "an", "object"])
 
 
 def test_the_push_is_the_documented_jws(body, certificate, push):
