@@ -106,9 +106,10 @@ class GatewayCollector:
             yield _counter("interlink_pushes_cancelled", "Owed pushes cancelled: the device connected.",
                            push.get("cancelled", 0))
             yield _labelled_counter("interlink_push_failures", "Push webhook attempts that failed, by reason "
-                                    "(http_5xx, http_429, timeout, connection).", "reason", push["failures"])
+                                    "(http_5xx, http_429, timeout, connection, internal).", "reason", push["failures"])
             yield _labelled_counter("interlink_pushes_dropped", "Owed pushes given up without a retry, by reason "
-                                    "(http_4xx, token_gone, nothing_pending, no_push_url).", "reason", push["dropped"])
+                                    "(http_<status> of other 4xx, http_3xx, token_gone, nothing_pending, not_registered, no_push_url).",
+                                    "reason", push["dropped"])
             breakers = GaugeMetricFamily("interlink_push_breaker", "Push circuit breaker per provider: 0 closed, "
                                          "1 open, 2 half-open (one probe).", labels=["provider"])
             for provider_id, state in sorted(push["breakers"].items()):

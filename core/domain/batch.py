@@ -22,6 +22,11 @@ def device_key(user: str, device: int) -> bytes:
     return user.encode("utf-8") + b"\x00" + _DEVICE.pack(device)
 
 
+def split_device_key(dkey: bytes) -> tuple[str, int]:
+    """The (user, device) a ``device_key`` names."""
+    return dkey[:-5].decode("utf-8"), _DEVICE.unpack(dkey[-4:])[0]
+
+
 class GroupRecord:
     """One group as stored: an immutable value (a change makes a new record)."""
 
@@ -124,7 +129,8 @@ class WriteBatch:
     """Everything one group commit writes: ``entries`` in the order they were added, the
     received items to delete, and the push intents' changes (``core/domain/push.py``)."""
 
-    __slots__ = ("entries", "deletions", "load", "push_wake", "push_cancel", "push_done", "push_created")
+    __slots__ = ("entries", "deletions", "load", "push_wake", "push_cancel", "push_done", "push_created",
+                 "push_existing")
 
     def __init__(self) -> None:
         self.entries: list[MessageEntry | ControlEntry | PrekeyTake] = []
@@ -134,10 +140,13 @@ class WriteBatch:
         # copies); recv deletions are a consequence of deliveries, not new work offered.
         self.load = 0
         # Push intents, written in the same transaction as the items that cause them:
+        # The commit applies cancels before wakes: a device that connected and left again within
+        # one batch is owed a new push, one that left and came back is owed none.
         self.push_wake: set[bytes] = set()  # device keys to wake if their mailbox holds items
         self.push_cancel: set[bytes] = set()  # device keys whose intent goes (the device connected)
         self.push_done: list[tuple[bytes, int, bool]] = []  # (device key, counter, again): a push was answered
         self.push_created: list[tuple[bytes, int, int]] = []  # after the commit: (device key, counter, created ms)
+        self.push_existing: list[tuple[bytes, int, int]] = []  # after the commit: woken devices' intents already owed
 
     def __bool__(self) -> bool:
         return bool(self.entries or self.deletions or self.push_wake or self.push_cancel or self.push_done)

@@ -236,9 +236,10 @@ class PushStore(Protocol):
 class PushSender(Protocol):
     """Sends the webhooks the committed intents owe (``core/edge/push.py``)."""
 
-    def owed(self, created: list[tuple[bytes, int, int]], woken) -> None:
-        """After a commit: the intents it created, and the devices it was asked to wake (an
-        intent of theirs being sent right now is then sent again once answered)."""
+    def owed(self, created: list[tuple[bytes, int, int]], existing: list[tuple[bytes, int, int]]) -> None:
+        """After a commit: the intents it created, and those that woken devices already owed
+        (new items came: one being sent right now is followed by another once answered; one the
+        sender does not know is scheduled)."""
 
     def cancel(self, dkey: bytes) -> None:
         """The device connected: nothing is owed to it any more."""

@@ -15,9 +15,7 @@ devices that routing consults (``Router.push_devices``).
 
 from __future__ import annotations
 
-import struct
-
-from interlink.core.domain.batch import device_key
+from interlink.core.domain.batch import device_key, split_device_key
 from interlink.core.domain.fields import kind_of
 from interlink.core.domain.ports import PushSender, Session, Store
 from interlink.core.domain.router import Router
@@ -25,12 +23,8 @@ from interlink.core.domain.auth import ProviderRegistry
 from interlink.core.errors import RouteError, StanzaError
 
 MAX_PUSH_TOKEN_BYTES = 1024
-_DEVICE = struct.Struct(">I")
 
-
-def split_device_key(dkey: bytes) -> tuple[str, int]:
-    """The (user, device) a ``device_key`` names."""
-    return dkey[:-5].decode("utf-8"), _DEVICE.unpack(dkey[-4:])[0]
+__all__ = ["MAX_PUSH_TOKEN_BYTES", "Push", "split_device_key"]
 
 
 class Push:
@@ -40,12 +34,13 @@ class Push:
         self.store = store
         self.registry = registry
         self.router = router
-        router.push_devices.update(split_device_key(dkey) for dkey in store.push_devices())
         self.handlers = {"push.set": self.push_set, "push.del": self.push_del}
 
     def attach(self, sender: PushSender) -> None:
-        """Where committed intents go (the edge's webhook sender)."""
+        """Where committed intents go (the edge's webhook sender). Until then routing does no push
+        work at all: a node that cannot sign webhooks writes no intents it would never send."""
         self.router.push_sender = sender
+        self.router.push_devices.update(split_device_key(dkey) for dkey in self.store.push_devices())
 
     def push_set(self, session: Session, stanza: dict, now: float) -> dict:
         token = stanza.get("token")

@@ -26,7 +26,15 @@ from interlink.core.domain.policy import Policy
 from interlink.core.domain.ratelimit import TokenBuckets
 from interlink.core.protocol.stanza import encode_ack, encode_dlv, encode_stanza
 from interlink.core.domain.delivery import DeliveryWindows
-from interlink.core.domain.batch import ControlEntry, GroupWrite, MessageEntry, PrekeyTake, WriteBatch, device_key
+from interlink.core.domain.batch import (
+    ControlEntry,
+    GroupWrite,
+    MessageEntry,
+    PrekeyTake,
+    WriteBatch,
+    device_key,
+    split_device_key,
+)
 from interlink.core.domain.ports import PushSender, Session, Store
 from interlink.core.protocol.wire import MAX_DEVICE_ID, TAG_BYTES
 
@@ -122,9 +130,7 @@ class Router:
         if key is not None and self.sessions.get(key) is session:
             del self.sessions[key]
             if key in self.push_devices:  # gone with items unreceived: owed a push (the commit checks)
-                dkey = device_key(*key)
-                self._batch.push_cancel.discard(dkey)
-                self._batch.push_wake.add(dkey)
+                self._batch.push_wake.add(device_key(*key))  # (a cancel of this batch still applies first)
         self.delivery.closed(session)
 
     def push_stored(self, session: Session) -> None:
@@ -323,6 +329,7 @@ class Router:
         """The commit wrote nothing: every sender gets ``err``. Returns the group writes it held,
         each with False (not written), for the groups to forget."""
         settled = []
+        self._carry_push(commit.batch)
         for session, entry, _ in commit.waiting:
             if type(entry) is MessageEntry:
                 self.answer(session, {"t": "err", "code": exc.code, "msg": exc.message, "ref": entry.msg_id})
@@ -375,9 +382,32 @@ class Router:
                 if recipient is not None:
                     push_new(recipient, seq, value)
         batch = commit.batch
-        if self.push_sender is not None and (batch.push_created or batch.push_wake):
-            self.push_sender.owed(batch.push_created, batch.push_wake)
+        if self.push_sender is not None and (batch.push_created or batch.push_existing):
+            created, existing = self._offline(batch.push_created), self._offline(batch.push_existing)
+            if created or existing:
+                self.push_sender.owed(created, existing)
         return settled
+
+    def _offline(self, intents: list) -> list:
+        """The intents whose device has no session now (one may have connected while the commit
+        was written on the writer thread: its cancel is in the next batch)."""
+        sessions = self.sessions
+        kept = []
+        for intent in intents:
+            key = split_device_key(intent[0])
+            if key in sessions:
+                self._batch.push_cancel.add(intent[0])
+            else:
+                kept.append(intent)
+        return kept
+
+    def _carry_push(self, failed: WriteBatch) -> None:
+        """A commit that wrote nothing: its push changes go into the next batch, behind nothing
+        that came after them (a wake is dropped if the device connected since)."""
+        batch = self._batch
+        batch.push_done[:0] = failed.push_done
+        batch.push_cancel |= failed.push_cancel
+        batch.push_wake |= failed.push_wake - batch.push_cancel
 
     def _control_committed(self, session: Session, entry: ControlEntry, targets: list) -> None:
         if entry.refused is not None:

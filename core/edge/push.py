@@ -30,6 +30,7 @@ import itertools
 import logging
 import math
 import random
+import re
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -38,7 +39,8 @@ from dataclasses import dataclass, field
 import aiohttp
 
 from interlink.core.domain.auth import ProviderRegistry
-from interlink.core.domain.push import split_device_key
+from interlink.core.errors import InterlinkError
+from interlink.core.domain.batch import split_device_key
 from interlink.core.domain.ports import Store
 
 log = logging.getLogger("interlink.push")
@@ -50,6 +52,11 @@ BREAKER_FAILURES = 5  # failures in a row that open a provider's breaker
 BREAKER_OPEN_S = 30.0
 CLOSED, OPEN, HALF_OPEN = 0, 1, 2  # breaker states, as /metrics reports them
 CONTENT_TYPE = "application/jose"
+_HEADERS = {"Content-Type": CONTENT_TYPE}
+MAX_RESPONSE_BYTES = 64 * 1024  # of a provider's answer, read at most
+MIN_RETRY_AFTER_S = 1.0  # a Retry-After of 0 (or a date past) must not make a tight loop
+LAUNCHES_PER_TURN = 256  # webhooks started per loop turn; the rest after the loop's other work
+_DELTA_SECONDS = re.compile(r"[0-9]{1,9}", re.ASCII)
 
 
 @dataclass(eq=False)
@@ -73,6 +80,7 @@ class _Provider:
     failures: int = 0  # in a row
     state: int = CLOSED
     open_until: float = 0.0
+    probe: _Intent | None = None  # the one request a half-open breaker lets through
 
     def __post_init__(self) -> None:
         self.semaphore = asyncio.Semaphore(self.concurrency)
@@ -115,6 +123,7 @@ class PushDispatcher:
         self._heap: list[tuple[float, int, _Intent]] = []
         self._order = itertools.count()
         self._providers: dict[str, _Provider] = {}
+        self._redirect_warned: set[str] = set()
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._sends: set[asyncio.Task] = set()
@@ -124,17 +133,19 @@ class PushDispatcher:
 
     # -- the PushSender port
 
-    def owed(self, created, woken) -> None:
+    def owed(self, created, existing) -> None:
         now = self.clock()
         for dkey, counter, created_ms in created:
             previous = self._owed.get(dkey)
             if previous is not None:
                 previous.cancelled = True  # superseded (its answer was recorded before this commit)
             self._add(_Intent(dkey, counter, created_ms, due=now + self.coalesce_s))
-        fresh = {dkey for dkey, _, _ in created}
-        for dkey in woken:
+        for dkey, counter, created_ms in existing:  # new items for a device that already owed a push
             intent = self._owed.get(dkey)
-            if intent is None or dkey in fresh:
+            if intent is None or intent.counter != counter:  # not known here (e.g. cancelled meanwhile)
+                if intent is not None:
+                    intent.cancelled = True
+                self._add(_Intent(dkey, counter, created_ms, due=now + self.coalesce_s))
                 continue
             if intent.sending:
                 intent.again = True
@@ -154,6 +165,7 @@ class PushDispatcher:
         for dkey, counter, created_ms in self.store.push_intents():
             self._add(_Intent(dkey, counter, created_ms, due=now))
         self._task = asyncio.get_running_loop().create_task(self._run(), name="interlink-push")
+        self._task.add_done_callback(_log_if_failed)
 
     async def close(self) -> None:
         tasks = [t for t in (self._task, *self._sends) if t is not None]
@@ -197,11 +209,21 @@ class PushDispatcher:
         while True:
             self._wakeup.clear()
             now = self.clock()
-            while self._heap and self._heap[0][0] <= now:
+            launched = 0
+            while self._heap and self._heap[0][0] <= now and launched < LAUNCHES_PER_TURN:
                 _, _, intent = heapq.heappop(self._heap)
                 if intent.cancelled or intent.sending or self._owed.get(intent.dkey) is not intent:
                     continue
-                self._launch(intent, now)
+                launched += 1
+                try:
+                    self._launch(intent, now)
+                except Exception:  # a bug of ours: this intent waits, the others go on
+                    log.exception("push: could not start a webhook")
+                    intent.due = now + BACKOFF_MAX_S
+                    self._push_heap(intent)
+            if launched >= LAUNCHES_PER_TURN:
+                await asyncio.sleep(0)  # the rest after the loop's other work
+                continue
             delay = self._heap[0][0] - now if self._heap else None
             try:
                 await asyncio.wait_for(self._wakeup.wait(), delay)
@@ -215,46 +237,76 @@ class PushDispatcher:
             self._drop(intent, "no_push_url")
             return
         state = self._providers.get(provider.id)
-        if state is None or state.concurrency != provider.push_concurrency:
+        if state is None:
             state = self._providers[provider.id] = _Provider(provider.push_concurrency)
-        if state.state == OPEN:
-            if now < state.open_until:
-                intent.due = state.open_until
-                self._push_heap(intent)
-                return
-            state.state = HALF_OPEN  # this request is the probe
-        elif state.state == HALF_OPEN:
-            intent.due = now + 1.0  # one probe at a time
-            self._push_heap(intent)
+        elif state.concurrency != provider.push_concurrency:  # a reload: the breaker stays as it is
+            state.concurrency, state.semaphore = provider.push_concurrency, asyncio.Semaphore(provider.push_concurrency)
+        if not self._may_send(intent, state, provider, now):
             return
         intent.sending = True
         task = asyncio.get_running_loop().create_task(self._send(intent, provider, state))
         self._sends.add(task)
         task.add_done_callback(self._sends.discard)
 
+    def _may_send(self, intent: _Intent, state: _Provider, provider, now: float) -> bool:
+        """The breaker's say: send now (a closed breaker, or this intent is the probe), or wait
+        (rescheduled, spread over a second so a backlog does not all come due at once)."""
+        if state.state == OPEN and now >= state.open_until:
+            state.state, state.probe = HALF_OPEN, intent  # this request is the probe
+        if state.state == CLOSED or state.probe is intent:
+            return True
+        wait_until = state.open_until if state.state == OPEN else now + provider.push_timeout_s
+        intent.due = wait_until + self.jitter()
+        self._push_heap(intent)
+        return False
+
     async def _send(self, intent: _Intent, provider, state: _Provider) -> None:
-        async with state.semaphore:
+        outcome = "cancelled"
+        try:
+            async with state.semaphore:
+                if intent.cancelled:
+                    return
+                if not self._may_send(intent, state, provider, self.clock()):  # the breaker opened meanwhile
+                    intent.sending = False
+                    return
+                try:
+                    outcome, retry_after = await self._post(intent, provider)
+                except Exception:  # a bug of ours: the intent stays owed and is tried again later
+                    log.exception("push to provider %s failed unexpectedly", provider.id)
+                    outcome, retry_after = "internal", None
+            intent.sending = False
             if intent.cancelled:
                 return
-            try:
-                outcome, retry_after = await self._post(intent, provider)
-            except Exception:  # a bug of ours: the intent stays owed and is tried again later
-                log.exception("push to provider %s failed unexpectedly", provider.id)
-                outcome, retry_after = "internal", None
-        intent.sending = False
-        if intent.cancelled:
-            return
+            self._settle(intent, provider, state, outcome, retry_after)
+        finally:
+            intent.sending = False
+            if state.probe is intent:
+                state.probe = None
+                if state.state == HALF_OPEN:  # the probe ended without the provider's answer: probe again
+                    state.state, state.open_until = OPEN, self.clock()
+
+    def _settle(self, intent: _Intent, provider, state: _Provider, outcome: str, retry_after: float | None) -> None:
         if outcome == "sent":
             state.failures, state.state = 0, CLOSED
             self.counters["sent"] += 1
             self._done(intent, again=intent.again)
-        elif outcome != "http_429" and (outcome in ("nothing_pending", "token_gone", "not_registered")
-                                        or outcome.startswith("http_4")):
-            if outcome.startswith("http_4") or outcome == "token_gone":
-                state.failures, state.state = 0, CLOSED  # the endpoint answered: it is alive
-            if outcome == "token_gone":
-                self._forget(intent.dkey)
+        elif outcome in ("nothing_pending", "not_registered"):
             self._drop(intent, outcome)
+        elif outcome == "token_gone" or (outcome.startswith("http_4") and outcome != "http_429"):
+            state.failures, state.state = 0, CLOSED  # the endpoint answered: it is alive
+            if outcome == "token_gone":
+                try:
+                    self._forget(intent.dkey)
+                except InterlinkError as exc:  # a full store: the registration stays; the push is dropped anyway
+                    log.error("push: could not drop a registration its provider no longer knows: %s", exc)
+            self._drop(intent, outcome)
+        elif outcome.startswith("http_3"):
+            state.failures, state.state = 0, CLOSED
+            if provider.id not in self._redirect_warned:
+                self._redirect_warned.add(provider.id)
+                log.warning("push to provider %s: push_url answered %s (redirects are not followed): fix push_url",
+                            provider.id, outcome[5:])
+            self._drop(intent, "http_3xx")
         else:
             self.failures[outcome] += 1
             if outcome != "http_429":
@@ -282,16 +334,20 @@ class PushDispatcher:
         body = self._sign(payload)
         session = self._session
         if session is None:
-            session = self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300), headers={"Content-Type": CONTENT_TYPE})
+            session = self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300))
         timeout = self._timeouts.get(provider.push_timeout_s)
         if timeout is None:
             timeout = self._timeouts[provider.push_timeout_s] = aiohttp.ClientTimeout(total=provider.push_timeout_s)
         try:
-            async with session.post(provider.push_url, data=body, timeout=timeout, allow_redirects=False) as response:
+            async with session.post(provider.push_url, data=body, timeout=timeout, allow_redirects=False,
+                                    headers=_HEADERS) as response:
                 status = response.status
                 retry_after = _retry_after(response.headers.get("Retry-After"), self.wall())
-                await response.read()  # keep-alive: the connection goes back to the pool
+                # A small answer is read whole (the connection goes back to the pool); past that
+                # the connection is dropped rather than the gateway's memory filled.
+                await response.content.read(MAX_RESPONSE_BYTES)
+                if not response.content.at_eof():
+                    response.close()
         except TimeoutError:
             return "timeout", None
         except aiohttp.ClientError:
@@ -302,15 +358,15 @@ class PushDispatcher:
             return "token_gone", None
         if status == 429:
             return "http_429", retry_after
-        if 400 <= status < 500:
+        if 300 <= status < 500:
             return f"http_{status}", None
         return ("http_5xx" if status >= 500 else f"http_{status}"), retry_after if status == 503 else None
 
     def _retry(self, intent: _Intent, retry_after: float | None) -> None:
         intent.attempts += 1
         self.counters["retried"] += 1
-        if retry_after is not None:
-            delay = min(BACKOFF_MAX_S, max(0.0, retry_after))
+        if retry_after is not None:  # the provider's word, within [1 s, 5 min]
+            delay = min(BACKOFF_MAX_S, max(MIN_RETRY_AFTER_S, retry_after))
         else:  # exponential backoff, full jitter
             delay = self.jitter() * min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** min(intent.attempts, 30))
         intent.due = self.clock() + delay
@@ -326,12 +382,17 @@ class PushDispatcher:
         self._done(intent, again=False)
 
 
+def _log_if_failed(task: asyncio.Task) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("push: the sender stopped", exc_info=task.exception())
+
+
 def _retry_after(value: str | None, now: float) -> float | None:
     """Seconds from a ``Retry-After`` header (delta-seconds or an HTTP date), or None."""
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
+    if _DELTA_SECONDS.fullmatch(value):
         return float(value)
     try:
         when = email.utils.parsedate_to_datetime(value)

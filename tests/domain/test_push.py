@@ -13,6 +13,7 @@ from interlink.core.domain.auth import Provider, ProviderRegistry
 from interlink.core.domain.batch import device_key
 from interlink.core.domain.dispatch import Domain
 from interlink.core.domain.push import MAX_PUSH_TOKEN_BYTES, split_device_key
+from interlink.core.errors import StoreFullError
 from interlink.testing import DEFAULTS, FakeSession, lmdb_store
 
 NOW = 1_800_000_000.0
@@ -27,9 +28,9 @@ class Owed:
         self.woken: list = []
         self.cancelled: list = []
 
-    def owed(self, created, woken) -> None:
+    def owed(self, created, existing) -> None:
         self.created.extend(created)
-        self.woken.extend(sorted(woken))
+        self.woken.extend(dkey for dkey, _, _ in existing)
 
     def cancel(self, dkey: bytes) -> None:
         self.cancelled.append(dkey)
@@ -173,3 +174,48 @@ def test_registrations_are_loaded_at_start(edge):
     restarted = edge._domain()
     assert ("bob@alpha", 1) in restarted.router.push_devices
     assert split_device_key(BOB) == ("bob@alpha", 1)
+
+
+def _owe_bob(edge) -> tuple:
+    alice, bob = edge.open("alice@alpha"), edge.open("bob@alpha")
+    edge.iq(bob, "push.set", token="t")
+    edge.close(bob)
+    edge.send(alice, "bob@alpha")
+    edge.commit()
+    return alice, bob
+
+
+def test_a_device_that_connects_and_leaves_within_one_batch_is_owed_a_new_push(edge):
+    alice, _ = _owe_bob(edge)
+    assert [c for _, c, _ in edge.sender.created] == [1]
+    bob = edge.open("bob@alpha")  # (the sender forgets intent 1 at once)
+    edge.close(bob)  # gone again before the commit, with the item unreceived
+    edge.commit()
+    assert [c for _, c, _ in edge.sender.created] == [1, 2]  # the cancel, then a new intent
+    assert [row[:2] for row in edge.store.push_intents()] == [(BOB, 2)]
+
+
+def test_an_intent_committed_while_its_device_connected_is_not_sent(edge):
+    """With commits on the writer thread the device may connect while the commit that owes it a
+    push is being written: the push is not sent, and the next commit cancels it."""
+    alice = edge.open("alice@alpha")
+    bob = edge.open("bob@alpha")
+    edge.iq(bob, "push.set", token="t")
+    edge.close(bob)
+    edge.send(alice, "bob@alpha")
+    commit = edge.domain.take_batch(NOW)
+    edge.store.commit(commit.batch)  # written ...
+    bob = edge.open("bob@alpha")  # ... while bob connects ...
+    edge.domain.committed(commit)  # ... then answered on the loop
+    assert edge.sender.created == []
+    edge.commit()
+    assert edge.store.push_intents() == []
+
+
+def test_a_failed_commit_keeps_its_push_changes_for_the_next(edge):
+    _owe_bob(edge)
+    edge.domain.router.push_answered(BOB, 1, False)
+    commit = edge.domain.take_batch(NOW)
+    edge.domain.failed(commit, StoreFullError("the store is full"))  # nothing written
+    edge.commit()
+    assert edge.store.push_intents() == []  # the answer reached the store with the next commit

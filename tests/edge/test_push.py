@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from interlink.core.domain.auth import Provider, ProviderRegistry
 from interlink.core.domain.batch import WriteBatch, device_key
 from interlink.core.edge import push as push_module
-from interlink.core.edge.push import BREAKER_FAILURES, BREAKER_OPEN_S, CLOSED, OPEN, PushDispatcher
+from interlink.core.edge.push import BREAKER_FAILURES, BREAKER_OPEN_S, CLOSED, HALF_OPEN, OPEN, PushDispatcher
 from interlink.core.protocol.pushsig import issue_push_certificate, sign_push
 from interlink.pushreceiver import PushReceiver
 from interlink.testing import FakeClock, lmdb_store
@@ -72,7 +72,7 @@ class World:
             batch.add_message(device_key("mallory@beta", 1), os.urandom(16), 5_000, [(dkey, build)])
         batch.push_wake.add(dkey)
         self.store.commit(batch)
-        self.sender.owed(batch.push_created, batch.push_wake)
+        self.sender.owed(batch.push_created, batch.push_existing)
         return batch.push_created
 
     async def until(self, condition, timeout_s: float = 5.0) -> None:
@@ -187,9 +187,10 @@ async def test_a_failing_provider_opens_its_breaker_and_a_probe_closes_it(world)
     world.sender.nudge()
     await asyncio.sleep(0.1)
     assert world.receiver.requests == BREAKER_FAILURES
-    assert world.sender.due_in(CAROL) == pytest.approx(BREAKER_OPEN_S - push_module.COALESCE_S, abs=1e-6)
+    # (spread over a second after the breaker's 30 s, so a backlog does not come due at once)
+    assert world.sender.due_in(CAROL) == pytest.approx(BREAKER_OPEN_S - push_module.COALESCE_S + 1.0, abs=1e-6)
     world.receiver.reset()
-    world.clock.advance(BREAKER_OPEN_S)  # carol's push is the probe; it closes the breaker
+    world.clock.advance(world.sender.due_in(CAROL))  # carol's push is the probe; it closes the breaker
     await world.until(lambda: len(world.answered) == 1)
     assert world.answered[0][0] == CAROL and world.sender.breaker_states() == {"alpha": CLOSED}
     world.clock.advance(world.sender.due_in(BOB))  # bob's retry keeps its own backoff
@@ -217,3 +218,77 @@ async def test_what_was_owed_before_a_restart_is_sent_after_it_with_the_same_cou
         await second.until(lambda: second.answered)
         assert [(p["user"], p["counter"]) for p in receiver.received] == [("bob@alpha", 1)]
         await second.close()
+
+
+async def _open_breaker(world) -> None:
+    world.receiver.respond_with(500)
+    world.owe(BOB)
+    world.clock.advance(push_module.COALESCE_S)
+    for attempt in range(1, BREAKER_FAILURES + 1):
+        await world.until(lambda: world.receiver.requests == attempt and world.sender.due_in(BOB) is not None)
+        if attempt < BREAKER_FAILURES:
+            world.clock.advance(world.sender.due_in(BOB))
+    assert world.sender.breaker_states() == {"alpha": OPEN}
+
+
+@pytest.mark.parametrize("how", ["items_gone", "device_connected"])
+async def test_a_probe_that_ends_without_an_answer_lets_the_next_one_probe(world, how):
+    """The half-open breaker's probe may end without the provider's answer (its device's items
+    went, or the device connected): the breaker must not stay half-open for good."""
+    await _open_breaker(world)
+    world.receiver.reset()
+    if how == "items_gone":
+        batch = WriteBatch()
+        batch.delete(BOB, [1])
+        world.store.commit(batch)
+        world.clock.advance(world.sender.due_in(BOB) + 0.01)  # bob's retry is the probe
+        await world.until(lambda: world.sender.dropped["nothing_pending"] == 1)
+    else:
+        world.receiver.set_delay(0.3)
+        world.clock.advance(world.sender.due_in(BOB) + 0.01)
+        await world.until(lambda: world.sender.breaker_states() == {"alpha": HALF_OPEN}
+                          and world.sender.due_in(BOB) is None)
+        world.sender.cancel(BOB)  # bob connects while the probe is in flight
+        await asyncio.sleep(0.5)
+        world.receiver.set_delay(0)
+    world.owe(CAROL)
+    for _ in range(5):
+        world.clock.advance(1.0)
+        world.sender.nudge()
+        await asyncio.sleep(0.05)
+    await world.until(lambda: any(p["user"] == "carol@alpha" for p in world.receiver.received))
+    assert world.sender.breaker_states() == {"alpha": CLOSED}
+
+
+async def test_an_open_breaker_also_holds_back_what_waited_for_a_free_slot(tmp_path, keys):
+    async with PushReceiver(keys.root_public) as receiver:
+        world = World(tmp_path, receiver, keys, push_timeout_s=0.1, push_concurrency=1)
+        world.sender.start()
+        receiver.set_delay(5)  # hangs: every request times out
+        for i in range(12):
+            world.owe(device_key(f"u{i}@alpha", 1))
+        world.clock.advance(push_module.COALESCE_S)  # then the fake clock stands: the breaker stays open
+        world.sender.nudge()
+        await world.until(lambda: world.sender.breaker_states() == {"alpha": OPEN})
+        await asyncio.sleep(0.5)
+        assert receiver.requests == BREAKER_FAILURES  # not one request per queued intent
+        receiver.reset()
+        await world.close()
+
+
+async def test_a_retry_after_of_zero_still_waits_a_second(world):
+    world.receiver.respond_with(429, retry_after=0, times=1)
+    world.owe(BOB)
+    world.clock.advance(push_module.COALESCE_S)
+    await world.until(lambda: world.receiver.requests == 1 and world.sender.due_in(BOB) is not None)
+    assert world.sender.due_in(BOB) == pytest.approx(1.0)
+    await asyncio.sleep(0.1)
+    assert world.receiver.requests == 1  # no tight loop
+
+
+def test_retry_after_is_read_strictly():
+    assert push_module._retry_after("7", 0.0) == 7.0
+    assert push_module._retry_after(" 12 ", 0.0) == 12.0
+    assert push_module._retry_after("²", 0.0) is None  # a digit to str.isdigit, not to HTTP
+    assert push_module._retry_after("-3", 0.0) is None and push_module._retry_after("soon", 0.0) is None
+    assert push_module._retry_after("Thu, 01 Jan 1970 00:01:40 GMT", 40.0) == pytest.approx(60.0)

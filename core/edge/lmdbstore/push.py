@@ -31,17 +31,24 @@ class PushRecords:
     # -- registrations (push.set / push.del)
 
     def set_push_token(self, dkey: bytes, token: bytes) -> None:
-        """Register (or replace) the device's token; its counter carries on."""
+        """Register (or replace) the device's token; its counter carries on (across ``push.del``
+        too: a provider drops a push whose counter it saw, so counters never start over)."""
         with write_txn(self.env) as txn:
             raw = txn.get(dkey, db=self.devices_db)
             counter = msgpack.unpackb(raw)[1] if raw is not None else 0
             txn.put(dkey, msgpack.packb([token, counter], use_bin_type=True), db=self.devices_db)
 
     def del_push_token(self, dkey: bytes) -> bool:
-        """Forget the device's token and any intent owed to it; False if it had none."""
+        """Forget the device's token and any intent owed to it (its counter stays); False if it
+        had none."""
         with write_txn(self.env) as txn:
             txn.delete(dkey, db=self.intents_db)
-            return txn.delete(dkey, db=self.devices_db)
+            raw = txn.get(dkey, db=self.devices_db)
+            if raw is None:
+                return False
+            token, counter = msgpack.unpackb(raw)
+            txn.put(dkey, msgpack.packb([None, counter]), db=self.devices_db)
+            return token is not None
 
     def push_token(self, dkey: bytes) -> bytes | None:
         with self.env.begin(db=self.devices_db) as txn:
@@ -51,7 +58,7 @@ class PushRecords:
     def push_devices(self) -> list[bytes]:
         """Every registered device key (read once at start)."""
         with self.env.begin(db=self.devices_db) as txn:
-            return list(txn.cursor().iternext(keys=True, values=False))
+            return [key for key, raw in txn.cursor() if msgpack.unpackb(raw)[0] is not None]
 
     def push_intents(self) -> list[tuple[bytes, int, int]]:
         """Every intent owed: (device key, counter, created ms)."""
@@ -60,14 +67,15 @@ class PushRecords:
 
     # -- in the group commit
 
-    def apply(self, txn, wake, cancel, done, now_ms: int, items_of) -> list[tuple[bytes, int, int]]:
+    def apply(self, txn, wake, cancel, done, now_ms: int, items_of) -> tuple[list, list]:
         """The push part of a group commit, after the items are written: intents answered
-        (``done``: deleted if still the same counter; with ``again``, a new one when items wait),
-        cancelled (the device connected), and new ones for ``wake`` devices that are registered,
-        hold items and owe none yet. ``items_of(dkey)`` is the device's item count as this
-        transaction leaves it. Returns the intents created: (device key, counter, created ms)."""
+        (``done``: deleted if still the same counter; with ``again``, woken anew), cancelled (the
+        device connected), then new ones for ``wake`` devices that are registered, hold items and
+        owe none yet. ``items_of(dkey)`` is the device's item count as this transaction leaves it.
+        Returns the intents created and, for woken devices that already owed one, that one:
+        each (device key, counter, created ms)."""
         devices_db, intents_db = self.devices_db, self.intents_db
-        created = []
+        created, existing = [], []
         wake = set(wake)
         for dkey, counter, again in done:
             raw = txn.get(dkey, db=intents_db)
@@ -77,16 +85,21 @@ class PushRecords:
                     wake.add(dkey)
         for dkey in cancel:
             txn.delete(dkey, db=intents_db)
-            wake.discard(dkey)
         for dkey in wake:
-            if txn.get(dkey, db=intents_db) is not None or items_of(dkey) == 0:
+            raw = txn.get(dkey, db=intents_db)
+            if raw is not None:
+                existing.append((dkey, *_INTENT.unpack(raw)))
+                continue
+            if items_of(dkey) == 0:
                 continue
             raw = txn.get(dkey, db=devices_db)
-            if raw is None:  # not registered (any more)
+            if raw is None:  # never registered
                 continue
             token, counter = msgpack.unpackb(raw)
+            if token is None:  # unregistered (push.del); its counter is kept
+                continue
             counter += 1
             txn.put(dkey, msgpack.packb([token, counter], use_bin_type=True), db=devices_db)
             txn.put(dkey, _INTENT.pack(counter, now_ms), db=intents_db)
             created.append((dkey, counter, now_ms))
-        return created
+        return created, existing

@@ -152,14 +152,14 @@ class LmdbStore:
                 if batch.deletions:
                     mailboxes.delete(txn, batch.deletions, states)
                 if batch.push_wake or batch.push_cancel or batch.push_done:
-                    batch.push_created = self.push_records.apply(
+                    batch.push_created, batch.push_existing = self.push_records.apply(
                         txn, batch.push_wake, batch.push_cancel, batch.push_done, _push_now_ms(batch),
                         lambda dkey: mailboxes.items_in(txn, dkey, states))
                 mailboxes.save(txn, states)
         except lmdb.MapFullError:
             for entry in batch.entries:
                 entry.clear_outcome()
-            batch.push_created = []
+            batch.push_created, batch.push_existing = [], []
             raise store_full() from None
         mailboxes.dedup_unswept += sum(1 for entry in batch.entries if type(entry) is MessageEntry and entry.stored)
 

@@ -16,7 +16,7 @@ def build(tag: bytes):
     return lambda seq, ts: b"dlv-" + tag
 
 
-def commit(store, *, items=(), wake=(), cancel=(), done=(), deletions=(), ts=1_000):
+def commit(store, *, items=(), wake=(), cancel=(), done=(), deletions=(), ts=1_000, existing=None):
     batch = WriteBatch()
     for i, dkey in enumerate(items):
         batch.add_message(device_key("s@alpha", 1), bytes([i, ts % 256]) * 8, ts, [(dkey, build(b"%d" % i))])
@@ -26,6 +26,8 @@ def commit(store, *, items=(), wake=(), cancel=(), done=(), deletions=(), ts=1_0
     for dkey, seqs in deletions:
         batch.delete(dkey, seqs)
     store.commit(batch)
+    if existing is not None:
+        existing.extend(batch.push_existing)
     return batch.push_created
 
 
@@ -62,18 +64,35 @@ def test_a_stale_answer_leaves_the_newer_intent_and_a_cancel_removes_it(tmp_path
     commit(store, items=[ALICE], wake=[ALICE], ts=2_000)
     commit(store, done=[(ALICE, 1, False)])  # the first one's answer, again: not this intent's
     assert store.push_intents() == [(ALICE, 2, 2_000)]
-    assert commit(store, cancel=[ALICE], wake=[ALICE]) == []  # connected: the cancel wins
+    assert commit(store, cancel=[ALICE]) == []  # connected: nothing is owed
     assert store.push_intents() == []
+    # connected and gone again within one batch (the cancel first, then the wake): owed anew
+    commit(store, items=[ALICE], wake=[ALICE], ts=3_000)
+    assert [(d, c) for d, c, _ in commit(store, cancel=[ALICE], wake=[ALICE])] == [(ALICE, 4)]
     store.close()
 
 
-def test_push_del_forgets_the_token_and_what_was_owed(tmp_path):
+def test_push_del_forgets_the_token_and_what_was_owed_but_not_the_counter(tmp_path):
     store = lmdb_store(tmp_path / "lmdb")
     store.set_push_token(ALICE, b"t")
     commit(store, items=[ALICE], wake=[ALICE])
     assert store.del_push_token(ALICE) is True
     assert store.push_intents() == [] and store.push_token(ALICE) is None and store.push_devices() == []
     assert store.del_push_token(ALICE) is False
+    assert commit(store, items=[ALICE], wake=[ALICE], ts=2_000) == []  # unregistered: nothing owed
+    # registered again: the counter goes on (a provider drops counters it has seen)
+    store.set_push_token(ALICE, b"t2")
+    assert [(d, c) for d, c, _ in commit(store, items=[ALICE], wake=[ALICE], ts=3_000)] == [(ALICE, 2)]
+    store.close()
+
+
+def test_a_woken_device_that_owes_a_push_already_is_told_back(tmp_path):
+    store = lmdb_store(tmp_path / "lmdb")
+    store.set_push_token(ALICE, b"t")
+    commit(store, items=[ALICE], wake=[ALICE])
+    existing = []
+    assert commit(store, items=[ALICE], wake=[ALICE], ts=2_000, existing=existing) == []
+    assert existing == [(ALICE, 1, 1_000)]
     store.close()
 
 
