@@ -74,6 +74,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import collections
 import json
 import multiprocessing
@@ -85,6 +86,7 @@ import time
 from pathlib import Path
 
 import uvloop
+from aiohttp import web
 
 import interlink.core
 from interlink.client import Client, Suite
@@ -129,14 +131,15 @@ class GatewayChild(child.GatewayProcess):
 
     def __init__(
         self, issuer: str, data_dir: Path, durability: str, *, bare: bool = False, commit_mode: str = "inline",
-        **settings,
+        more_providers: dict[str, str] | None = None, push_urls: dict[str, str] | None = None, **settings,
     ) -> None:
         if bare:
             arguments = child.child_arguments(bare=True, cpu=0)
         else:
             arguments = child.child_arguments(
-                data_dir=data_dir, audience=AUDIENCE, providers={"bench": issuer}, durability=durability,
-                commit_mode=commit_mode, cpu=0, **child.LIFTED_LIMITS, **settings,
+                data_dir=data_dir, audience=AUDIENCE, providers={"bench": issuer, **(more_providers or {})},
+                push_urls=push_urls, durability=durability, commit_mode=commit_mode, cpu=0, **child.LIFTED_LIMITS,
+                **settings,
             )
         super().__init__(arguments, log_path=data_dir / "gateway.log")
 
@@ -378,7 +381,9 @@ async def bench_messages(args) -> dict:
     Closed loop (``--rate 0``): ``--inflight`` unacked messages per sender. Open loop: ``--rate``
     messages/s in total. Gateway CPU per delivered message over the measured window."""
     open_loop = args.rate > 0
-    async with DemoIssuer() as issuer:
+    async with DemoIssuer() as issuer, DemoIssuer() as push_issuer, PushEndpoint(args.push_endpoint) as endpoint:
+        pushing = args.push_offline > 0
+        push_options = {"more_providers": {"pushed": push_issuer.issuer}, "push_urls": {"pushed": endpoint.url}} if pushing else {}
         overload = {
             name: value for name in ("overload_turn_messages", "overload_refuse_after_s", "window", "lmdb_writemap",
                                      "gc_threshold")
@@ -386,10 +391,25 @@ async def bench_messages(args) -> dict:
         }
         async with GatewayChild(
             issuer.issuer, Path(args.data_dir), args.durability, commit_mode=args.commit_mode, **LIFTED_BLOB_LIMITS,
-            **overload
+            **push_options, **overload
         ) as gateway:
             def token(user: str) -> str:
                 return issuer.issue(user, audience=AUDIENCE, expires_in=3600)
+
+            # Push beside the chat (--push-offline): devices of another provider, registered for
+            # push and offline, receive --push-rate messages/s; that provider's webhook endpoint
+            # answers as --push-endpoint says (hang, 500) for the whole window.
+            push_senders: list[Sender] = []
+            if pushing:
+                for i in range(args.push_offline):
+                    device = await Client.connect("127.0.0.1", gateway.port, device=1, root_public=gateway.root_public,
+                                                  token=push_issuer.issue(f"p{i}", audience=AUDIENCE, expires_in=3600))
+                    await device.register_push(f"token-{i}")
+                    await device.close()
+                for i in range(args.push_offline):
+                    sender = Sender(f"p{i}@pushed", args.payload)
+                    sender.peer = await connect_lean(gateway, token(f"q{i}"), on_stanza=sender.on_stanza)
+                    push_senders.append(sender)
 
             # Media beside the chat (--media-peers): devices uploading blobs for the whole run,
             # by default from a process of their own (see MediaProcess).
@@ -429,7 +449,9 @@ async def bench_messages(args) -> dict:
                 return sum(s.sent for s in senders)
 
             # Start sending; the first WARM_UP_S are not measured.
-            stop_open_loop = None
+            stop_open_loop = stop_push_loop = None
+            if push_senders:
+                stop_push_loop = start_open_loop(push_senders, args.push_rate, time.perf_counter_ns())
             if open_loop:
                 stop_open_loop = start_open_loop(senders, args.rate, time.perf_counter_ns())
             else:
@@ -451,14 +473,18 @@ async def bench_messages(args) -> dict:
                     gateway_runqueue_wait_s(gateway), client_cpu_s(), time.monotonic(), media_bytes(),
                 )
 
+            endpoint.requests_at_window_start = endpoint.requests
             before = snapshot()
             await asyncio.sleep(args.seconds)
             after = snapshot()
+            endpoint.requests_at_window_end = endpoint.requests
             check_sessions(peers)
 
             # Stop sending; wait for the tail so the exactly-once check sees everything.
             if stop_open_loop is not None:
                 stop_open_loop()
+            if stop_push_loop is not None:
+                stop_push_loop()
             for sender in senders:
                 sender.refill = False
             for peer in media:  # the chat's tail matters here, not the blob's: cut the uploads
@@ -469,6 +495,8 @@ async def bench_messages(args) -> dict:
             await wait_until(
                 lambda: not any(s.unacked for s in senders) and delivered() >= acked(), peers, TAIL_TIMEOUT_S
             )
+            if pushing:  # the endpoint recovers: every device owed a push gets one
+                await endpoint.recover(args.push_offline, args.push_recovery_timeout_s)
             media_errors = collections.Counter()
             for peer in media:
                 media_errors.update(peer.errors)
@@ -514,6 +542,12 @@ async def bench_messages(args) -> dict:
         "delivery_latency_ms_p99": percentile_ms(delivery_latencies, 0.99),
         "latency_samples": len(ack_latencies),
     }
+    if pushing:
+        result.update(push_offline=args.push_offline, push_rate=args.push_rate, push_endpoint=args.push_endpoint,
+                      push_requests_in_window=endpoint.requests_at_window_end - endpoint.requests_at_window_start,
+                      push_messages_acked=sum(len(s.acked_ids) for s in push_senders),
+                      devices_pushed=len(endpoint.devices_pushed),
+                      push_recovery_s=endpoint.recovery_s)
     if args.media_peers:
         result.update(media_peers=args.media_peers, media_process="same" if args.media_same_process else "own, nice 19",
                       media_mb_per_s=round(media_bytes / 1e6 / elapsed, 1),
@@ -828,6 +862,62 @@ async def bench_keys(args) -> dict:
     }
 
 
+class PushEndpoint:
+    """A provider's push webhook endpoint that answers as told (``ok``: 204; ``500``; ``hang``:
+    holds every request until ``recover``), counting requests; ``recover`` then answers 204 and
+    waits until every device got a push answered 204 (``recovery_s``). Bodies are not verified here (tests/e2e do that)."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+        self.requests = 0
+        self.requests_at_window_start = self.requests_at_window_end = 0
+        self.devices_pushed: set[str] = set()  # users whose push was answered 204
+        self.recovery_s: float | None = None
+        self._recovered = asyncio.Event()
+        self._runner: web.AppRunner | None = None
+        self.url = ""
+
+    async def __aenter__(self) -> "PushEndpoint":
+        app = web.Application()
+        app.add_routes([web.post("/push", self._handle)])
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.url = f"http://127.0.0.1:{self._runner.addresses[0][1]}/push"
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        self._recovered.set()
+        await self._runner.cleanup()
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        self.requests += 1
+        body = await request.read()
+        if not self._recovered.is_set():
+            if self.mode == "hang":
+                await self._recovered.wait()
+                return web.Response(status=503)
+            if self.mode == "500":
+                return web.Response(status=500)
+        self.devices_pushed.add(json.loads(jwt_payload(body))["user"])
+        return web.Response(status=204)
+
+    async def recover(self, devices: int, timeout_s: float) -> None:
+        started = time.monotonic()
+        self._recovered.set()
+        while len(self.devices_pushed) < devices and time.monotonic() - started < timeout_s:
+            await asyncio.sleep(0.1)
+        if len(self.devices_pushed) >= devices:
+            self.recovery_s = round(time.monotonic() - started, 1)
+
+
+def jwt_payload(body: bytes) -> bytes:
+    """The payload of a compact JWS, unverified (the benchmark counts, tests/e2e verify)."""
+    segment = body.split(b".")[1]
+    return base64.urlsafe_b64decode(segment + b"=" * (-len(segment) % 4))
+
+
 class MediaProcess:
     """The ``--media-peers`` uploaders in a process of their own, pinned beside this tool's
     clients at nice 19: other users' uploads, which must not slow the chat clients whose latency
@@ -1117,6 +1207,13 @@ def main() -> None:
     messages.add_argument("--media-peers", type=int, default=0,
                           help="SDK clients uploading blobs all along (Client.upload_blob): chat beside media")
     messages.add_argument("--media-mib", type=float, default=64.0, help="size of each of their blobs")
+    messages.add_argument("--push-offline", type=int, default=0,
+                          help="devices of a second provider, registered for push and offline, that receive messages")
+    messages.add_argument("--push-rate", type=float, default=500.0, help="messages/s to those devices")
+    messages.add_argument("--push-endpoint", choices=["ok", "hang", "500"], default="hang",
+                          help="how that provider's webhook endpoint answers during the window")
+    messages.add_argument("--push-recovery-timeout-s", type=float, default=180.0,
+                          help="after the window: how long to wait for a push to every device")
     messages.add_argument("--gc-threshold", type=int, default=None,
                           help="experiment: the gateway child's GC generation-0 threshold (and gc.freeze() at start)")
     messages.add_argument("--media-same-process", action="store_true",
