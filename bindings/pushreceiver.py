@@ -22,9 +22,7 @@ from collections.abc import Callable
 from typing import TextIO
 
 from aiohttp import web
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
+from interlink.core.edge.keyfiles import root_public_from_pem
 from interlink.core.errors import ConfigError, PushSignatureError
 from interlink.core.protocol.pushsig import MAX_PUSH_BYTES, verify_push
 
@@ -190,17 +188,6 @@ class PushReceiver:
 def _check_status(status: int) -> None:
     if not isinstance(status, int) or isinstance(status, bool) or not 100 <= status <= 599:
         raise ValueError(f"status must be an HTTP status code (100..599), got {status!r}")
-
-
-def root_public_from_pem(data: bytes, source: str = "root public key") -> bytes:
-    """The raw 32 bytes of an Ed25519 public key in PEM (``root_public.pem``); ``ConfigError`` otherwise."""
-    try:
-        key = serialization.load_pem_public_key(data)
-    except (ValueError, TypeError) as exc:
-        raise ConfigError(f"{source} is not a PEM public key: {exc}") from None
-    if not isinstance(key, Ed25519PublicKey):
-        raise ConfigError(f"{source} holds a {type(key).__name__}, expected an Ed25519 public key")
-    return key.public_bytes_raw()
 
 
 async def serve_push_receiver(

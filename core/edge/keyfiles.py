@@ -145,15 +145,19 @@ def _load_private(path: Path, kind: type, what: str):
     return key
 
 
-def _load_root_public(path: Path) -> bytes:
-    data = _read(path, "root public key")
+def root_public_from_pem(data: bytes, source: str = "root public key") -> bytes:
+    """The raw 32 bytes of an Ed25519 public key in PEM (``root_public.pem``); ``ConfigError`` otherwise."""
     try:
         key = serialization.load_pem_public_key(data)
     except (ValueError, TypeError) as exc:
-        raise ConfigError(f"root public key file {path} is not a PEM public key: {exc}") from None
+        raise ConfigError(f"{source} is not a PEM public key: {exc}") from None
     if not isinstance(key, Ed25519PublicKey):
-        raise ConfigError(f"root public key file {path} holds a {type(key).__name__}, expected Ed25519PublicKey")
+        raise ConfigError(f"{source} holds a {type(key).__name__}, expected Ed25519PublicKey")
     return key.public_bytes_raw()
+
+
+def _load_root_public(path: Path) -> bytes:
+    return root_public_from_pem(_read(path, "root public key"), f"root public key file {path}")
 
 
 def _now(now: float | None) -> float:
