@@ -49,6 +49,10 @@ class GatewayCollector:
         yield _counter("interlink_sessions_opened", "Sessions opened after a successful authentication.", counters.get("sessions_opened", 0))
         yield _labelled_counter("interlink_auth_failures", "Refused authentications by error code.", "code", stats["auth_failures"])
         yield _labelled_counter("interlink_closes", "Closed connections by reason.", "reason", stats["close_reasons"])
+        yield _labelled_counter("interlink_source_refusals", "Connections refused at accept by a per-source limit "
+                                "(preauth_per_source, handshake_rate, handshake_budget).", "reason", stats["source_refusals"])
+        yield _gauge("interlink_preauth_sources", "Source addresses (IPv4, IPv6 /64) with connections not yet "
+                     "authenticated.", stats["preauth_sources"])
         yield _labelled_counter("interlink_stanzas_in", "Stanzas received from clients by type (ping excluded).", "type", stats["stanzas_in"])
         yield _labelled_counter("interlink_refusals", "err answers to stanzas by code (rate_limited, not_opted_in, ...).", "code", stats["refusals"])
         commits = stats["commit_seconds"]

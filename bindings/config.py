@@ -51,6 +51,10 @@ class GatewayConfig:
     message_rate_per_user: float = 1000.0  # the same over all of a user's devices
     max_connections: int = 100_000
     max_preauth_connections: int = 4096  # connections not yet authenticated (handshake floods)
+    max_preauth_per_source: int = 256  # the same, per IPv4 address or IPv6 /64
+    handshakes_per_s_per_source: float = 200.0  # new connections per second per source (burst 2 s)
+    handshake_budget_per_s: float = 2000.0  # new connections per second in all; quiet sources pass it
+    source_limits_on_loopback: bool = False  # apply the three above to 127.0.0.0/8 and ::1 too
     overload_turn_messages: int = 1024  # messages one loop turn commits before heavy senders are paused (0: never)
     overload_refuse_after_s: float = 0.25  # turns over that budget this long: new msg beyond it get overloaded
     blob_max_bytes: int = 100 << 20  # largest blob (attachment) a blob.new may declare
@@ -109,6 +113,12 @@ class GatewayConfig:
             "max_preauth_connections",
             f"must be 1..max_connections, got {self.max_preauth_connections}",
         )
+        _require(1 <= self.max_preauth_per_source <= 10_000_000, "max_preauth_per_source",
+                 f"must be 1..10000000, got {self.max_preauth_per_source}")
+        _require(0.1 <= self.handshakes_per_s_per_source <= 1e6, "handshakes_per_s_per_source",
+                 f"must be 0.1..1000000, got {self.handshakes_per_s_per_source}")
+        _require(1 <= self.handshake_budget_per_s <= 1e7, "handshake_budget_per_s",
+                 f"must be 1..10000000, got {self.handshake_budget_per_s}")
         _require(
             self.overload_turn_messages == 0 or 64 <= self.overload_turn_messages <= 1_000_000, "overload_turn_messages",
             f"must be 0 (admission control off) or 64..1000000, got {self.overload_turn_messages}",
@@ -197,6 +207,10 @@ OPTION_HELP = {
     "blob_upload_ttl_s": "unfinished uploads are deleted this long after blob.new",
     "max_connections": "open connections (over it new ones are closed at once)",
     "max_preauth_connections": "connections still in handshake or authentication",
+    "max_preauth_per_source": "connections still in handshake or authentication from one IPv4 address or IPv6 /64",
+    "handshakes_per_s_per_source": "new connections per second from one IPv4 address or IPv6 /64 (burst: 2 s worth)",
+    "handshake_budget_per_s": "new connections per second for the whole gateway (burst: 2 s worth); past it only addresses with few recent attempts get in",
+    "source_limits_on_loopback": "apply the per-source limits to loopback clients too (off: a proxy on the same host, tests and load tools are not limited)",
     "idle_release_s": "sessions quiet this long free their cipher contexts (memory)",
     "slow_consumer_s": "a client that reads nothing this long gets bye slow_consumer",
     "lmdb_map_size_bytes": "largest size of the LMDB environment (overloaded past it)",

@@ -32,7 +32,8 @@ log = logging.getLogger("interlink.gateway")
 
 # Settings a running gateway takes from Gateway.reload (SIGHUP); the others need a restart.
 RELOADABLE = frozenset({
-    "max_devices", "max_connections", "max_preauth_connections", "message_rate_per_device",
+    "max_devices", "max_connections", "max_preauth_connections", "max_preauth_per_source",
+    "handshakes_per_s_per_source", "handshake_budget_per_s", "source_limits_on_loopback", "message_rate_per_device",
     "message_rate_per_user", "max_mailbox_items", "max_mailbox_bytes", "mailbox_ttl_s", "slow_consumer_s",
     "idle_release_s", "drain_timeout_s", "overload_turn_messages", "overload_refuse_after_s",
     "blob_max_bytes", "blob_open_uploads_per_user", "blob_daily_bytes_per_user", "blob_min_free_bytes",

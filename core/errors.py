@@ -91,6 +91,7 @@ class CloseReason(enum.StrEnum):
     AUTH_FAILED = "auth_failed"
     PEER_CLOSED = "peer_closed"
     OVER_CAPACITY = "over_capacity"
+    SOURCE_LIMIT = "source_limit"
     INTERNAL_ERROR = "internal_error"
     CLIENT_CLOSED = "client_closed"  # client side: the application closed the session
 

@@ -40,6 +40,14 @@ class TokenBuckets:
         bucket[0] = tokens - cost
         return 0.0
 
+    def tokens(self, key, now: float) -> float:
+        """The tokens ``key`` holds at ``now`` (its burst if it has no bucket), spending nothing."""
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            return self.burst
+        elapsed = now - bucket[1]
+        return min(self.burst, bucket[0] + (elapsed * self.rate if elapsed > 0.0 else 0.0))
+
     def _forget_full(self, now: float) -> None:
         full_after = self.burst / self.rate
         self._buckets = {k: v for k, v in self._buckets.items() if now - v[1] < full_after}

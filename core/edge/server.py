@@ -40,6 +40,7 @@ from interlink.core.protocol.connection import (
 from interlink.core.edge.commit import CommitDriver
 from interlink.core.edge.offload import SerialOffload, ThreadOffload
 from interlink.core.edge.push import PushDispatcher
+from interlink.core.edge.sources import SourceLimits, is_loopback, source_of
 from interlink.core.domain.push import split_device_key
 from interlink.core.edge.sweeps import Sweeps
 from interlink.core.domain.dispatch import Domain
@@ -74,6 +75,10 @@ class Limits(BlobLimits):
     window: int
     max_connections: int
     max_preauth_connections: int  # connections still in preamble/handshake/auth
+    max_preauth_per_source: int  # the same, per source address (core/edge/sources.py)
+    handshakes_per_s_per_source: float  # new connections per second per source (burst: twice that)
+    handshake_budget_per_s: float  # new connections per second for the gateway; quiet sources pass it
+    source_limits_on_loopback: bool  # off: loopback clients (a local proxy, tests) are not limited per source
     message_rate_per_device: float  # msg + rcpt + state per second (burst: twice that)
     message_rate_per_user: float
     overload_turn_messages: int  # admission control (core/domain/admission.py)
@@ -115,8 +120,9 @@ class GatewayProtocol(asyncio.BufferedProtocol):
         self.transport = transport
         server = self.server
         self.conn = ServerConnection(server.settings, server.clock())
-        if not server.admit(self):
-            self.conn.close(CloseReason.OVER_CAPACITY, "the gateway is at its connection limit")
+        refused = server.admit(self)
+        if refused is not None:
+            self.conn.close(refused, "the gateway is at its connection limit, or this address is over its own")
             self.conn.events()  # counted by admit(); nothing else to do
             transport.abort()
             return
@@ -227,7 +233,11 @@ class GatewayServer:
         # state machine, the edge writes them out through the adapter. (Dicts used as ordered
         # sets or maps: at 10,000 entries a dict costs about a third of a set.)
         self.connections: dict[ServerConnection, GatewayProtocol] = {}
-        self.preauth: dict[GatewayProtocol, None] = {}  # accepted, not yet authenticated
+        self.preauth: dict[GatewayProtocol, str] = {}  # accepted, not yet authenticated -> its source
+        self.sources = SourceLimits(max_preauth_per_source=limits.max_preauth_per_source,
+                                    handshakes_per_s_per_source=limits.handshakes_per_s_per_source,
+                                    handshake_budget_per_s=limits.handshake_budget_per_s)
+        self.source_refusals: Counter = Counter()  # connections refused by a source limit, by which
         self.counters: Counter = Counter()
         self.close_reasons: Counter = Counter()
         self.auth_failures: Counter = Counter()
@@ -358,19 +368,33 @@ class GatewayServer:
             if proto.transport is not None:
                 proto.transport.abort()
 
-    def admit(self, proto: GatewayProtocol) -> bool:
-        """Register a new connection unless a connection limit is reached."""
+    def admit(self, proto: GatewayProtocol) -> CloseReason | None:
+        """Register a new connection unless a connection limit or its source's limits say no
+        (then the close reason; the refusal is counted)."""
         limits = self.limits
         if len(self.connections) >= limits.max_connections or len(self.preauth) >= limits.max_preauth_connections:
             self.close_reasons[CloseReason.OVER_CAPACITY] += 1
-            return False
+            return CloseReason.OVER_CAPACITY
+        source = source_of(proto.peer)
+        if not limits.source_limits_on_loopback and is_loopback(source):
+            source = ""  # not limited per source, not counted
+        refused = self.sources.admit(source, time.monotonic()) if source else None
+        if refused is not None:
+            self.source_refusals[refused] += 1
+            self.close_reasons[CloseReason.SOURCE_LIMIT] += 1
+            return CloseReason.SOURCE_LIMIT
         self.connections[proto.conn] = proto
-        self.preauth[proto] = None
-        return True
+        self.preauth[proto] = source  # its pre-auth slot of that source, given back when it leaves
+        return None
+
+    def _left_preauth(self, proto: GatewayProtocol) -> None:
+        source = self.preauth.pop(proto, None)
+        if source:  # "": not counted (a loopback client)
+            self.sources.left(source)
 
     def forget(self, proto: GatewayProtocol) -> None:
         self.connections.pop(proto.conn, None)
-        self.preauth.pop(proto, None)
+        self._left_preauth(proto)
         self.paused.pop(proto, None)
         self.throttled.pop(proto, None)
         self.yielded.pop(proto, None)
@@ -504,7 +528,7 @@ class GatewayServer:
             previous_proto = self.connections.get(previous)
             if previous_proto is not None:
                 self.serve(previous_proto)
-        self.preauth.pop(proto, None)
+        self._left_preauth(proto)
         welcome = {
             "t": "welcome",
             "user": identity.user,
@@ -679,6 +703,11 @@ class GatewayServer:
                 setattr(self.store, name, value)
             elif name in ("mailbox_ttl_s", "slow_consumer_s", "idle_release_s"):
                 setattr(self.sweeps, name, value)
+            elif name in ("max_preauth_per_source", "handshakes_per_s_per_source", "handshake_budget_per_s"):
+                limits = self.limits
+                self.sources.configure(max_preauth_per_source=limits.max_preauth_per_source,
+                                       handshakes_per_s_per_source=limits.handshakes_per_s_per_source,
+                                       handshake_budget_per_s=limits.handshake_budget_per_s)
             elif name.startswith("blob_") and name in limit_fields:
                 if self.domain.blobs is not None:
                     self.domain.blobs.configure(self.limits)
@@ -733,6 +762,8 @@ class GatewayServer:
             "auth_failures": {str(code): count for code, count in self.auth_failures.items()},
             "blobs": self._blob_stats(),
             "push": self._push_stats(),
+            "source_refusals": dict(self.source_refusals),
+            "preauth_sources": self.sources.sources,
         }
 
     def _push_stats(self) -> dict:

@@ -73,6 +73,7 @@ async def test_metrics_count_real_traffic(admin_gateway, issuers, http):
     assert samples[("interlink_refusals_total", frozenset({("code", "not_opted_in")}))] == 1
     assert samples[("interlink_admission_level", frozenset())] == 0  # light traffic: nothing throttled
     assert samples[("interlink_reads_throttled_total", frozenset())] == 0
+    assert samples[("interlink_preauth_sources", frozenset())] == 0  # loopback clients: not limited per source
     commits = samples[("interlink_commit_seconds_count", frozenset())]
     assert commits == samples[("interlink_commits_total", frozenset())]
     assert samples[("interlink_commit_seconds_bucket", frozenset({("le", "+Inf")}))] == commits

@@ -452,6 +452,51 @@ async def test_preauth_connection_limit(issuers, tmp_path):
         await client.close()
 
 
+async def test_one_address_holding_silent_connections_is_refused_per_source(issuers, tmp_path):
+    """Silent connections from one address use up that address's pre-auth slots, not the
+    gateway's: past them that address is refused (and counted), until one of its goes."""
+    alpha, _ = issuers
+    async with alpha_gateway(alpha, tmp_path, source_limits_on_loopback=True, max_preauth_per_source=3) as gw:
+        host, port = gw.address
+        idle = [await asyncio.open_connection(host, port) for _ in range(3)]
+        for _, writer in idle:
+            writer.write(b"IL\x01")  # half a preamble, then silence
+        assert await raw_exchange(gw, b"IL\x01\x01") == b""  # a fourth: closed at once
+        stats = gw.stats()
+        assert stats["source_refusals"] == {"preauth_per_source": 1}
+        assert stats["close_reasons"]["source_limit"] == 1 and stats["preauth_sources"] == 1
+        idle[0][1].close()
+        for _ in range(100):
+            await asyncio.sleep(0.02)
+            if gw.stats()["connections"] == 2:
+                break
+        client = await connect(gw, alpha.issue("lou", audience=AUD))  # a slot of its address is free again
+        assert gw.stats()["preauth_sources"] == 1  # authenticated: it holds no pre-auth slot
+        await client.close()
+        for _, writer in idle[1:]:
+            writer.close()
+
+
+async def test_a_handshake_storm_from_one_address_is_refused_at_its_rate(issuers, tmp_path):
+    alpha, _ = issuers
+    async with alpha_gateway(alpha, tmp_path, source_limits_on_loopback=True, handshakes_per_s_per_source=1.0) as gw:
+        clients = [await connect(gw, alpha.issue("lou", audience=AUD), device=d) for d in (1, 2)]  # the burst: 2
+        with pytest.raises(HandshakeError, match="closed the connection during the handshake"):
+            await connect(gw, alpha.issue("lou", audience=AUD), device=3)
+        assert gw.stats()["source_refusals"] == {"handshake_rate": 1}
+        for client in clients:
+            await client.close()
+
+
+async def test_loopback_clients_are_not_limited_per_source_unless_asked(issuers, tmp_path):
+    alpha, _ = issuers
+    async with alpha_gateway(alpha, tmp_path, handshakes_per_s_per_source=1.0, max_preauth_per_source=1) as gw:
+        clients = [await connect(gw, alpha.issue("lou", audience=AUD), device=d) for d in (1, 2, 3)]
+        assert gw.stats()["source_refusals"] == {}
+        for client in clients:
+            await client.close()
+
+
 async def test_replayed_ik_message_gets_no_session(gateway, issuers):
     from interlink.core.protocol.connection import ClientConnection
 
