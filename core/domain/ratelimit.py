@@ -51,3 +51,8 @@ class TokenBuckets:
     def _forget_full(self, now: float) -> None:
         full_after = self.burst / self.rate
         self._buckets = {k: v for k, v in self._buckets.items() if now - v[1] < full_after}
+        if len(self._buckets) >= self.max_keys:
+            # Still full of active keys (many sources at once: an IPv6 attacker has /64s to
+            # spare): keep the newer half, or every new key would pay for a full scan.
+            keys = list(self._buckets)[-(self.max_keys // 2):] if self.max_keys > 1 else []
+            self._buckets = {k: self._buckets[k] for k in keys}

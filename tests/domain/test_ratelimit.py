@@ -41,3 +41,18 @@ def test_full_buckets_are_forgotten_when_the_table_is_full():
     buckets.take("c", 5.0)
     buckets.take("d", 6.0)  # a and b are full again (2 s refill the burst), c was used 1 s ago
     assert set(buckets._buckets) == {"c", "d"}
+
+
+def test_a_table_full_of_active_keys_keeps_the_newer_half_instead_of_scanning_each_time():
+    """Many keys at once (an IPv6 attacker has /64s to spare for the per-source buckets): past
+    the table's size the older half goes, so a new key does not pay for a full scan every time."""
+    buckets = TokenBuckets(400, 200.0, max_keys=1000)
+    for i in range(1000):
+        buckets.take(f"2001:db8:{i:x}::/64", 0.0)
+    buckets.take("newcomer", 0.001)  # nothing is full again yet: the older half goes
+    assert len(buckets._buckets) == 501
+    assert "newcomer" in buckets._buckets and "2001:db8:3e7::/64" in buckets._buckets
+    assert "2001:db8:0::/64" not in buckets._buckets
+    for i in range(498):  # the next 498 new keys fit without another scan
+        buckets.take(f"n{i}", 0.002)
+    assert len(buckets._buckets) == 999
