@@ -107,7 +107,7 @@ class GatewayCollector:
                            "connection errors).", push.get("retried", 0))
             yield _counter("interlink_pushes_coalesced", "Commits whose items an owed push already covered.",
                            push.get("coalesced", 0))
-            yield _counter("interlink_pushes_cancelled", "Owed pushes cancelled: the device connected.",
+            yield _counter("interlink_pushes_cancelled", "Owed pushes cancelled: the device connected or unregistered.",
                            push.get("cancelled", 0))
             yield _labelled_counter("interlink_push_failures", "Push webhook attempts that failed, by reason "
                                     "(http_5xx, http_429, timeout, connection, internal).", "reason", push["failures"])

@@ -145,8 +145,8 @@ class WriteBatch:
         self.push_wake: set[bytes] = set()  # device keys to wake if their mailbox holds items
         self.push_cancel: set[bytes] = set()  # device keys whose intent goes (the device connected)
         self.push_done: list[tuple[bytes, int, bool]] = []  # (device key, counter, again): a push was answered
-        self.push_created: list[tuple[bytes, int, int]] = []  # after the commit: (device key, counter, created ms)
-        self.push_existing: list[tuple[bytes, int, int]] = []  # after the commit: woken devices' intents already owed
+        self.push_created: list[tuple[bytes, int]] = []  # after the commit: (device key, counter)
+        self.push_existing: list[tuple[bytes, int]] = []  # after the commit: woken devices' intents already owed
 
     def __bool__(self) -> bool:
         return bool(self.entries or self.deletions or self.push_wake or self.push_cancel or self.push_done)

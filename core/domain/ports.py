@@ -229,14 +229,14 @@ class PushStore(Protocol):
     def push_devices(self) -> list[bytes]:
         """Every registered device key."""
 
-    def push_intents(self) -> list[tuple[bytes, int, int]]:
-        """Every intent owed: (device key, counter, created ms)."""
+    def push_intents(self) -> list[tuple[bytes, int]]:
+        """Every intent owed: (device key, counter)."""
 
 
 class PushSender(Protocol):
     """Sends the webhooks the committed intents owe (``core/edge/push.py``)."""
 
-    def owed(self, created: list[tuple[bytes, int, int]], existing: list[tuple[bytes, int, int]]) -> None:
+    def owed(self, created: list[tuple[bytes, int]], existing: list[tuple[bytes, int]]) -> None:
         """After a commit: the intents it created, and those that woken devices already owed
         (new items came: one being sent right now is followed by another once answered; one the
         sender does not know is scheduled)."""

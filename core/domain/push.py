@@ -24,7 +24,7 @@ from interlink.core.errors import RouteError, StanzaError
 
 MAX_PUSH_TOKEN_BYTES = 1024
 
-__all__ = ["MAX_PUSH_TOKEN_BYTES", "Push", "split_device_key"]
+__all__ = ["MAX_PUSH_TOKEN_BYTES", "Push"]
 
 
 class Push:
@@ -47,14 +47,13 @@ class Push:
         if type(token) is not str:
             raise StanzaError(f"push.set needs 'token': the string your provider's server wakes this device with "
                               f"(got {kind_of(token)})")
-        encoded = token.encode("utf-8", "surrogatepass")
-        if not 1 <= len(encoded) <= MAX_PUSH_TOKEN_BYTES or "\x00" in token:
-            raise StanzaError(f"push.set: 'token' must be 1..{MAX_PUSH_TOKEN_BYTES} bytes of UTF-8 without NUL "
-                              f"(got {len(encoded)} bytes)")
         try:
             encoded = token.encode("utf-8")
         except UnicodeEncodeError:
             raise StanzaError("push.set: 'token' is not valid UTF-8 (a lone surrogate)") from None
+        if not 1 <= len(encoded) <= MAX_PUSH_TOKEN_BYTES or b"\x00" in encoded:
+            raise StanzaError(f"push.set: 'token' must be 1..{MAX_PUSH_TOKEN_BYTES} bytes of UTF-8 without NUL "
+                              f"(got {len(encoded)} bytes)")
         provider = self.registry.get(session.identity.provider)
         if provider is None or provider.push_url is None or self.router.push_sender is None:
             raise RouteError("push is not set up for your provider on this gateway (no push_url)",
@@ -65,10 +64,13 @@ class Push:
         return {}
 
     def push_del(self, session: Session, stanza: dict, now: float) -> dict:
-        key = session.session_key
-        self.router.push_devices.discard(key)
-        dkey = device_key(*key)
+        return {"removed": self.forget(device_key(*session.session_key))}
+
+    def forget(self, dkey: bytes) -> bool:
+        """Unregister a device (its ``push.del``, or its provider answered 404/410 for its token);
+        what was owed to it goes, its counter stays. False if it was not registered."""
+        self.router.push_devices.discard(split_device_key(dkey))
         removed = self.store.del_push_token(dkey)
         if self.router.push_sender is not None:
             self.router.push_sender.cancel(dkey)
-        return {"removed": removed}
+        return removed

@@ -114,7 +114,7 @@ class _Entry:
     inflight: asyncio.Task | None = None
     """The refresh under way or scheduled; its result is the clock time its requests began."""
     stats: FetchStats = field(default_factory=FetchStats)
-    retired: dict[str, float] = field(default_factory=dict)
+    retired: dict[str, None] = field(default_factory=dict)
     """Kids that left the provider's set at a refresh (oldest first): refused at once, not
     waited for, until a refresh finds them again."""
 
@@ -358,13 +358,13 @@ class JwksCache:
         return await self._refresh(provider, entry, now)
 
     @staticmethod
-    def _note_retired(entry: _Entry, old: KeySet, new: KeySet, now: float) -> None:
+    def _note_retired(entry: _Entry, old: KeySet, new: KeySet) -> None:
         retired = entry.retired
         for kid in new.kids:
             retired.pop(kid, None)
         for kid in old.kids:
             if kid is not None and kid not in new:
-                retired[kid] = now
+                retired[kid] = None  # (a dict: an ordered set, oldest first)
         while len(retired) > RETIRED_KIDS_KEPT:
             del retired[next(iter(retired))]
 
@@ -391,7 +391,7 @@ class JwksCache:
             error = f"unexpected {exc.__class__.__name__}"
         else:
             if entry.keys is not None:
-                self._note_retired(entry, entry.keys, keyset, started)
+                self._note_retired(entry, entry.keys, keyset)
             entry.keys = keyset
             entry.fetched_at = started
             entry.stats.successes += 1

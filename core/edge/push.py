@@ -63,7 +63,6 @@ _DELTA_SECONDS = re.compile(r"[0-9]{1,9}", re.ASCII)
 class _Intent:
     dkey: bytes
     counter: int
-    created_ms: int
     due: float = 0.0  # clock time of the next attempt
     attempts: int = 0
     sending: bool = False
@@ -90,8 +89,8 @@ class PushDispatcher:
     """Sends the webhooks the committed intents owe. ``answered(dkey, counter, again)`` records
     an answered intent in the router's next batch and schedules that commit; ``forget(dkey)``
     drops a registration the provider no longer knows; ``sign(payload) -> bytes`` makes the body.
-    ``clock`` and ``sleep`` are the monotonic time the schedule runs on (tests pass fakes);
-    ``wall`` stamps ``iat``."""
+    ``clock`` is the monotonic time the schedule runs on and ``jitter`` the random fraction of a
+    backoff (tests pass fakes); ``wall`` stamps ``iat``."""
 
     def __init__(
         self,
@@ -129,23 +128,23 @@ class PushDispatcher:
         self._sends: set[asyncio.Task] = set()
         self.counters: Counter = Counter()  # sent, retried, coalesced, cancelled
         self.failures: Counter = Counter()  # by reason: http_5xx, http_429, timeout, connection, ...
-        self.dropped: Counter = Counter()  # by reason: http_4xx, token_gone, nothing_pending, no_push_url
+        self.dropped: Counter = Counter()  # by reason: http_<4xx>, http_3xx, token_gone, nothing_pending, ...
 
     # -- the PushSender port
 
     def owed(self, created, existing) -> None:
         now = self.clock()
-        for dkey, counter, created_ms in created:
+        for dkey, counter in created:
             previous = self._owed.get(dkey)
             if previous is not None:
                 previous.cancelled = True  # superseded (its answer was recorded before this commit)
-            self._add(_Intent(dkey, counter, created_ms, due=now + self.coalesce_s))
-        for dkey, counter, created_ms in existing:  # new items for a device that already owed a push
+            self._add(_Intent(dkey, counter, due=now + self.coalesce_s))
+        for dkey, counter in existing:  # new items for a device that already owed a push
             intent = self._owed.get(dkey)
             if intent is None or intent.counter != counter:  # not known here (e.g. cancelled meanwhile)
                 if intent is not None:
                     intent.cancelled = True
-                self._add(_Intent(dkey, counter, created_ms, due=now + self.coalesce_s))
+                self._add(_Intent(dkey, counter, due=now + self.coalesce_s))
                 continue
             if intent.sending:
                 intent.again = True
@@ -162,8 +161,8 @@ class PushDispatcher:
     def start(self) -> None:
         """Send what was owed before a restart (same counters), then serve new intents."""
         now = self.clock()
-        for dkey, counter, created_ms in self.store.push_intents():
-            self._add(_Intent(dkey, counter, created_ms, due=now))
+        for dkey, counter in self.store.push_intents():
+            self._add(_Intent(dkey, counter, due=now))
         self._task = asyncio.get_running_loop().create_task(self._run(), name="interlink-push")
         self._task.add_done_callback(_log_if_failed)
 
@@ -261,23 +260,18 @@ class PushDispatcher:
         return False
 
     async def _send(self, intent: _Intent, provider, state: _Provider) -> None:
-        outcome = "cancelled"
         try:
             async with state.semaphore:
-                if intent.cancelled:
-                    return
-                if not self._may_send(intent, state, provider, self.clock()):  # the breaker opened meanwhile
-                    intent.sending = False
-                    return
+                if intent.cancelled or not self._may_send(intent, state, provider, self.clock()):
+                    return  # cancelled, or the breaker opened while it waited for a slot
                 try:
                     outcome, retry_after = await self._post(intent, provider)
                 except Exception:  # a bug of ours: the intent stays owed and is tried again later
                     log.exception("push to provider %s failed unexpectedly", provider.id)
                     outcome, retry_after = "internal", None
             intent.sending = False
-            if intent.cancelled:
-                return
-            self._settle(intent, provider, state, outcome, retry_after)
+            if not intent.cancelled:
+                self._settle(intent, provider, state, outcome, retry_after)
         finally:
             intent.sending = False
             if state.probe is intent:

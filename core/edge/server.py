@@ -41,7 +41,6 @@ from interlink.core.edge.commit import CommitDriver
 from interlink.core.edge.offload import SerialOffload, ThreadOffload
 from interlink.core.edge.push import PushDispatcher
 from interlink.core.edge.sources import SourceLimits, is_loopback, source_of
-from interlink.core.domain.push import split_device_key
 from interlink.core.edge.sweeps import Sweeps
 from interlink.core.domain.dispatch import Domain
 from interlink.core.errors import AuthError, CloseReason, StoreLimitError
@@ -60,6 +59,7 @@ BULK_PAUSE_S = 0.002
 THROTTLED_READ_BYTES = 16 * 1024
 BLOB_WORKERS = 2  # threads that sync and hash blobs (the loop never waits for a disk flush of one)
 WRITE_HIGH_WATER_BYTES = 256 * 1024  # past this, stop reading from the peer until its output drains
+_SOURCE_LIMITS = ("max_preauth_per_source", "handshakes_per_s_per_source", "handshake_budget_per_s")
 _ROUTINE_CLOSES = frozenset({CloseReason.PEER_CLOSED, CloseReason.DRAIN, CloseReason.REPLACED, CloseReason.AUTH_EXPIRED})
 _NO_CLAIMS = types.MappingProxyType({})  # shared by every open session's identity
 
@@ -234,9 +234,7 @@ class GatewayServer:
         # sets or maps: at 10,000 entries a dict costs about a third of a set.)
         self.connections: dict[ServerConnection, GatewayProtocol] = {}
         self.preauth: dict[GatewayProtocol, str] = {}  # accepted, not yet authenticated -> its source
-        self.sources = SourceLimits(max_preauth_per_source=limits.max_preauth_per_source,
-                                    handshakes_per_s_per_source=limits.handshakes_per_s_per_source,
-                                    handshake_budget_per_s=limits.handshake_budget_per_s)
+        self.sources = SourceLimits(**_source_limits(limits))
         self.source_refusals: Counter = Counter()  # connections refused by a source limit, by which
         self.counters: Counter = Counter()
         self.close_reasons: Counter = Counter()
@@ -285,7 +283,7 @@ class GatewayServer:
         self.push: PushDispatcher | None = None
         if push_sign is not None:
             self.push = PushDispatcher(store=store, registry=registry, answered=self._push_answered,
-                                       forget=self._push_forget, sign=push_sign)
+                                       forget=self.domain.push.forget, sign=push_sign)
             self.domain.push.attach(self.push)
 
     # -- lifecycle
@@ -305,10 +303,6 @@ class GatewayServer:
         self.router.push_answered(dkey, counter, again)
         self.commits.schedule()
 
-    def _push_forget(self, dkey: bytes) -> None:
-        """The provider no longer knows the device's token (404/410): its registration goes."""
-        self.router.push_devices.discard(split_device_key(dkey))
-        self.store.del_push_token(dkey)
 
     @property
     def addresses(self) -> list[tuple]:
@@ -703,11 +697,8 @@ class GatewayServer:
                 setattr(self.store, name, value)
             elif name in ("mailbox_ttl_s", "slow_consumer_s", "idle_release_s"):
                 setattr(self.sweeps, name, value)
-            elif name in ("max_preauth_per_source", "handshakes_per_s_per_source", "handshake_budget_per_s"):
-                limits = self.limits
-                self.sources.configure(max_preauth_per_source=limits.max_preauth_per_source,
-                                       handshakes_per_s_per_source=limits.handshakes_per_s_per_source,
-                                       handshake_budget_per_s=limits.handshake_budget_per_s)
+            elif name in _SOURCE_LIMITS:
+                self.sources.configure(**_source_limits(self.limits))
             elif name.startswith("blob_") and name in limit_fields:
                 if self.domain.blobs is not None:
                     self.domain.blobs.configure(self.limits)
@@ -779,3 +770,8 @@ class GatewayServer:
             return {}
         return {**self.store.blob_usage(), **blobs.counters, "blob_uploads_in_memory": blobs.uploads_in_memory,
                 "blob_work_in_flight": self.offload.inflight, "blob_writes_in_flight": self.blob_writer.inflight}
+
+
+def _source_limits(limits: Limits) -> dict:
+    """The ``SourceLimits`` settings among the gateway's limits."""
+    return {name: getattr(limits, name) for name in _SOURCE_LIMITS}

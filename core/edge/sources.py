@@ -59,10 +59,10 @@ class SourceLimits:
 
     def __init__(self, *, max_preauth_per_source: int, handshakes_per_s_per_source: float,
                  handshake_budget_per_s: float) -> None:
-        self.max_preauth_per_source = max_preauth_per_source
         self._per_source = TokenBuckets(2 * handshakes_per_s_per_source, handshakes_per_s_per_source)
         self._budget = TokenBuckets(2 * handshake_budget_per_s, handshake_budget_per_s, max_keys=1)
-        self._preauth: dict[str, int] = {}
+        self.max_preauth_per_source = max_preauth_per_source
+        self._preauth: dict[str, int] = {}  # source -> its connections not yet authenticated
 
     def configure(self, *, max_preauth_per_source: int, handshakes_per_s_per_source: float,
                   handshake_budget_per_s: float) -> None:

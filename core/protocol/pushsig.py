@@ -59,10 +59,7 @@ key files are ``interlink.core.edge.keyfiles``; a reference receiver is ``interl
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
-import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,6 +67,7 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from interlink.core.errors import LocalProtocolError, PushSignatureError
+from interlink.core.protocol.jose import b64url_decode, b64url_encode, strict_json
 
 __all__ = [
     "PUSH_ALG",
@@ -95,9 +93,9 @@ MAX_PUSH_CERT_BYTES = 4096
 DEFAULT_LEEWAY_S = 60.0
 KEY_BYTES = 32
 
-_B64URL_RE = re.compile(r"[A-Za-z0-9_-]*")
 # Extensions of JWS this format never uses; a token naming them is not one of ours.
 _REFUSED_HEADER_MEMBERS = ("crit", "b64")
+_JWS = jwt.PyJWS(algorithms=[PUSH_ALG])  # one instance: PyJWS builds its algorithm table per instance
 
 
 @dataclass(frozen=True)
@@ -136,7 +134,7 @@ def issue_push_certificate(
             raise TypeError(f"{name} must be an int (Unix seconds), got {type(value).__name__}")
     if not_after < not_before:
         raise ValueError(f"not_after ({not_after}) is before not_before ({not_before})")
-    claims = {"node": node, "push_key": _b64url(bytes(push_public)), "nbf": not_before, "exp": not_after}
+    claims = {"node": node, "push_key": b64url_encode(bytes(push_public)), "nbf": not_before, "exp": not_after}
     token = jwt.PyJWS().encode(_canonical_json(claims), root_private, algorithm=PUSH_ALG, headers={"typ": PUSH_CERT_TYP})
     if len(token) > MAX_PUSH_CERT_BYTES:
         raise ValueError(f"push certificate of {len(token)} bytes is over {MAX_PUSH_CERT_BYTES}: node name too long")
@@ -265,7 +263,7 @@ def _split(token: bytes | str, limit: int, what: str) -> tuple[bytes, bytes, byt
     if len(segments) != 3:
         raise PushSignatureError(f"{what} is not a compact JWS (expected 3 dot-separated parts, got {len(segments)})")
     try:
-        header, payload, signature = (_b64url_decode(segment) for segment in segments)
+        header, payload, signature = (b64url_decode(segment) for segment in segments)
     except ValueError as exc:
         raise PushSignatureError(f"{what} is not a compact JWS: {exc}") from None
     return header, payload, signature
@@ -285,7 +283,7 @@ def _check_header(header: dict[str, Any], typ: str, what: str) -> None:
 
 def _verify_signature(token: bytes | str, key: Ed25519PublicKey, what: str, signer: str) -> bytes:
     try:
-        return jwt.PyJWS().decode_complete(token, key, algorithms=[PUSH_ALG])["payload"]
+        return _JWS.decode_complete(token, key, algorithms=[PUSH_ALG])["payload"]
     except jwt.InvalidSignatureError:
         raise PushSignatureError(f"{what} signature does not verify under {signer}") from None
     except jwt.PyJWTError as exc:
@@ -297,8 +295,8 @@ def _certificate_claims(claims: dict[str, Any]) -> tuple[str, bytes, int, int]:
     if not isinstance(node, str) or not node:
         raise PushSignatureError("push certificate field 'node' must be a non-empty string")
     try:
-        push_key = _b64url_decode(claims.get("push_key"))
-    except (ValueError, TypeError):
+        push_key = b64url_decode(claims.get("push_key"))
+    except ValueError:
         raise PushSignatureError("push certificate field 'push_key' must be unpadded base64url") from None
     if len(push_key) != KEY_BYTES:
         raise PushSignatureError(f"push certificate field 'push_key' must be {KEY_BYTES} bytes, got {len(push_key)}")
@@ -314,44 +312,12 @@ def _certificate_claims(claims: dict[str, Any]) -> tuple[str, bytes, int, int]:
     return node, push_key, times[0], times[1]
 
 
-def _b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
-
-
-def _b64url_decode(segment: object) -> bytes:
-    """Strict base64url (RFC 7515 §2): no padding, URL alphabet only, canonical trailing bits."""
-    if not isinstance(segment, str):
-        raise TypeError("not a string")
-    if len(segment) % 4 == 1 or _B64URL_RE.fullmatch(segment) is None:
-        raise ValueError("not unpadded base64url")
-    try:
-        data = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
-    except binascii.Error as exc:
-        raise ValueError(f"not base64url: {exc}") from None
-    if _b64url(data) != segment:
-        raise ValueError("non-canonical base64url (unused bits set)")
-    return data
-
-
-def _no_duplicate_members(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise ValueError(f"duplicate member {_quote(key)}")
-        result[key] = value
-    return result
-
-
-def _refuse_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
-
-
 def _json_object(data: bytes, what: str) -> dict[str, Any]:
     try:
-        value = json.loads(data.decode("utf-8"), object_pairs_hook=_no_duplicate_members, parse_constant=_refuse_constant)
+        value = strict_json(data)
     except UnicodeDecodeError:
         raise PushSignatureError(f"{what} is not UTF-8") from None
-    except ValueError as exc:  # JSONDecodeError, duplicates, NaN, over-long integers
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, duplicates, NaN, over-long integers, nesting
         raise PushSignatureError(f"{what} is not valid JSON: {exc}") from None
     if not isinstance(value, dict):
         raise PushSignatureError(f"{what} must be a JSON object, got {type(value).__name__}")

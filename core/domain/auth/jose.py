@@ -9,9 +9,6 @@ is an ``AuthError`` whose message never echoes the token.
 
 from __future__ import annotations
 
-import base64
-import json
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +18,7 @@ from jwt.algorithms import get_default_algorithms
 
 from interlink.core.domain.auth.jwk import ASYMMETRIC_ALGORITHMS, KeySet, key_problem, quote_untrusted
 from interlink.core.errors import AuthError
+from interlink.core.protocol.jose import b64url_decode, reject_json_constant, strict_json
 from interlink.core.protocol.wire import MAX_TOKEN_BYTES
 
 __all__ = [
@@ -39,44 +37,14 @@ __all__ = [
 
 DEFAULT_MAX_TOKEN_BYTES = MAX_TOKEN_BYTES
 
-_B64URL_RE = re.compile(r"[A-Za-z0-9_-]*")
-
-
 def auth_error(message: str, code: str = "auth_failed") -> AuthError:
     """The ``AuthError`` a refusal raises: ``message`` for the client, ``code`` for the wire."""
     return AuthError(message, code=code)
 
 
-def b64url_decode(segment: str) -> bytes:
-    """Strict base64url (RFC 7515 §2): no padding, URL alphabet only, canonical trailing bits."""
-    if len(segment) % 4 == 1 or _B64URL_RE.fullmatch(segment) is None:
-        raise ValueError("not unpadded base64url")
-    data = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
-    if base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii") != segment:
-        raise ValueError("non-canonical base64url (unused bits set)")
-    return data
-
-
-def _no_duplicate_members(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise ValueError(f"duplicate member {quote_untrusted(key)}")
-        result[key] = value
-    return result
-
-
-def reject_json_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
-
-
 def _json_object(data: bytes, what: str) -> dict[str, Any]:
     try:
-        value = json.loads(
-            data.decode("utf-8"),
-            object_pairs_hook=_no_duplicate_members,
-            parse_constant=reject_json_constant,
-        )
+        value = strict_json(data)
     except UnicodeDecodeError:
         raise auth_error(f"malformed token: the {what} is not UTF-8") from None
     except (ValueError, RecursionError) as exc:

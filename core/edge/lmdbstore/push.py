@@ -1,6 +1,6 @@
 """Push registrations and intents: tables ``push_devices`` (device key -> the token the device
 registered with ``push.set`` and the last counter given out) and ``push_intents`` (device key ->
-the counter and creation time of the push that is owed to it).
+the counter of the push that is owed to it).
 
 An intent is written in the group commit that stores the items it announces (``apply``), so a
 crash between that commit and the webhook loses no push: the gateway sends what ``intents()``
@@ -17,7 +17,7 @@ import msgpack
 
 from interlink.core.edge.lmdbstore.env import write_txn
 
-_INTENT = struct.Struct(">QQ")  # counter, created ms
+_INTENT = struct.Struct(">Q")  # the counter
 
 
 class PushRecords:
@@ -60,20 +60,20 @@ class PushRecords:
         with self.env.begin(db=self.devices_db) as txn:
             return [key for key, raw in txn.cursor() if msgpack.unpackb(raw)[0] is not None]
 
-    def push_intents(self) -> list[tuple[bytes, int, int]]:
-        """Every intent owed: (device key, counter, created ms)."""
+    def push_intents(self) -> list[tuple[bytes, int]]:
+        """Every intent owed: (device key, counter)."""
         with self.env.begin(db=self.intents_db) as txn:
-            return [(key, *_INTENT.unpack(value)) for key, value in txn.cursor()]
+            return [(key, _INTENT.unpack(value)[0]) for key, value in txn.cursor()]
 
     # -- in the group commit
 
-    def apply(self, txn, wake, cancel, done, now_ms: int, items_of) -> tuple[list, list]:
+    def apply(self, txn, wake, cancel, done, items_of) -> tuple[list, list]:
         """The push part of a group commit, after the items are written: intents answered
         (``done``: deleted if still the same counter; with ``again``, woken anew), cancelled (the
         device connected), then new ones for ``wake`` devices that are registered, hold items and
         owe none yet. ``items_of(dkey)`` is the device's item count as this transaction leaves it.
         Returns the intents created and, for woken devices that already owed one, that one:
-        each (device key, counter, created ms)."""
+        each (device key, counter)."""
         devices_db, intents_db = self.devices_db, self.intents_db
         created, existing = [], []
         wake = set(wake)
@@ -88,7 +88,7 @@ class PushRecords:
         for dkey in wake:
             raw = txn.get(dkey, db=intents_db)
             if raw is not None:
-                existing.append((dkey, *_INTENT.unpack(raw)))
+                existing.append((dkey, _INTENT.unpack(raw)[0]))
                 continue
             if items_of(dkey) == 0:
                 continue
@@ -100,6 +100,6 @@ class PushRecords:
                 continue
             counter += 1
             txn.put(dkey, msgpack.packb([token, counter], use_bin_type=True), db=devices_db)
-            txn.put(dkey, _INTENT.pack(counter, now_ms), db=intents_db)
-            created.append((dkey, counter, now_ms))
+            txn.put(dkey, _INTENT.pack(counter), db=intents_db)
+            created.append((dkey, counter))
         return created, existing

@@ -9,7 +9,6 @@ method is the family's own, bound once, and runs in a transaction of its own.
 from __future__ import annotations
 
 import os
-import time
 
 import lmdb
 
@@ -153,8 +152,7 @@ class LmdbStore:
                     mailboxes.delete(txn, batch.deletions, states)
                 if batch.push_wake or batch.push_cancel or batch.push_done:
                     batch.push_created, batch.push_existing = self.push_records.apply(
-                        txn, batch.push_wake, batch.push_cancel, batch.push_done, _push_now_ms(batch),
-                        lambda dkey: mailboxes.items_in(txn, dkey, states))
+                        txn, batch.push_wake, batch.push_cancel, batch.push_done, lambda dkey: mailboxes.items_in(txn, dkey, states))
                 mailboxes.save(txn, states)
         except lmdb.MapFullError:
             for entry in batch.entries:
@@ -162,12 +160,3 @@ class LmdbStore:
             batch.push_created, batch.push_existing = [], []
             raise store_full() from None
         mailboxes.dedup_unswept += sum(1 for entry in batch.entries if type(entry) is MessageEntry and entry.stored)
-
-
-def _push_now_ms(batch: WriteBatch) -> int:
-    """The time a new push intent is stamped with: the batch's newest entry's, else the clock's."""
-    for entry in reversed(batch.entries):
-        ts_ms = getattr(entry, "ts_ms", None)
-        if ts_ms is not None:
-            return ts_ms
-    return int(time.time() * 1000)
