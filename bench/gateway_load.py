@@ -74,7 +74,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import collections
 import json
 import multiprocessing
@@ -86,7 +85,6 @@ import time
 from pathlib import Path
 
 import uvloop
-from aiohttp import web
 
 import interlink.core
 from interlink.client import Client, Suite
@@ -95,6 +93,7 @@ from interlink.core.protocol.stanza import encode_stanza
 from interlink.load import child
 from interlink.load.media import BlobBytes, BlobContent
 from interlink.load.peer import LeanPeer
+from interlink.pushreceiver import PushReceiver
 from interlink.load.procstat import schedstat_s, status_bytes
 from interlink.load.schedule import TIME_BYTES, start_open_loop
 from interlink.testing import DemoIssuer
@@ -381,9 +380,15 @@ async def bench_messages(args) -> dict:
     Closed loop (``--rate 0``): ``--inflight`` unacked messages per sender. Open loop: ``--rate``
     messages/s in total. Gateway CPU per delivered message over the measured window."""
     open_loop = args.rate > 0
-    async with DemoIssuer() as issuer, DemoIssuer() as push_issuer, PushEndpoint(args.push_endpoint) as endpoint:
+    # The pushed provider's server: the reference receiver, told to fail (500) or hang for the window.
+    # Its root key is the gateway's, known once the gateway runs: set below.
+    async with DemoIssuer() as issuer, DemoIssuer() as push_issuer, PushReceiver(bytes(32)) as receiver:
         pushing = args.push_offline > 0
-        push_options = {"more_providers": {"pushed": push_issuer.issuer}, "push_urls": {"pushed": endpoint.url}} if pushing else {}
+        push_options = {"more_providers": {"pushed": push_issuer.issuer}, "push_urls": {"pushed": receiver.url}} if pushing else {}
+        if args.push_endpoint == "500":
+            receiver.respond_with(500)
+        elif args.push_endpoint == "hang":
+            receiver.set_delay(3600.0)  # the gateway's own timeout ends each request
         overload = {
             name: value for name in ("overload_turn_messages", "overload_refuse_after_s", "window", "lmdb_writemap",
                                      "gc_threshold")
@@ -393,6 +398,8 @@ async def bench_messages(args) -> dict:
             issuer.issuer, Path(args.data_dir), args.durability, commit_mode=args.commit_mode, **LIFTED_BLOB_LIMITS,
             **push_options, **overload
         ) as gateway:
+            receiver.root_public = gateway.root_public
+
             def token(user: str) -> str:
                 return issuer.issue(user, audience=AUDIENCE, expires_in=3600)
 
@@ -425,7 +432,7 @@ async def bench_messages(args) -> dict:
                 media_process = MediaProcess(gateway, [token(f"m{i}") for i in range(args.media_peers)], args.media_mib)
                 await media_process.start()
 
-            def media_bytes() -> int:
+            def uploaded_bytes() -> int:
                 return media_process.bytes if media_process is not None else sum(p.bytes for p in media)
 
             recipients = [Recipient() for _ in range(args.pairs)]
@@ -470,14 +477,14 @@ async def bench_messages(args) -> dict:
             def snapshot() -> tuple:
                 return (
                     sent(), acked(), delivered(), gateway_cpu_s(gateway), *cpu_times(gateway.pid),
-                    gateway_runqueue_wait_s(gateway), client_cpu_s(), time.monotonic(), media_bytes(),
+                    gateway_runqueue_wait_s(gateway), client_cpu_s(), time.monotonic(), uploaded_bytes(),
                 )
 
-            endpoint.requests_at_window_start = endpoint.requests
+            push_requests_before = receiver.requests
             before = snapshot()
             await asyncio.sleep(args.seconds)
             after = snapshot()
-            endpoint.requests_at_window_end = endpoint.requests
+            push_requests_in_window = receiver.requests - push_requests_before
             check_sessions(peers)
 
             # Stop sending; wait for the tail so the exactly-once check sees everything.
@@ -495,8 +502,9 @@ async def bench_messages(args) -> dict:
             await wait_until(
                 lambda: not any(s.unacked for s in senders) and delivered() >= acked(), peers, TAIL_TIMEOUT_S
             )
+            push_recovery_s = None
             if pushing:  # the endpoint recovers: every device owed a push gets one
-                await endpoint.recover(args.push_offline, args.push_recovery_timeout_s)
+                push_recovery_s = await push_recovered(receiver, args.push_offline, args.push_recovery_timeout_s)
             media_errors = collections.Counter()
             for peer in media:
                 media_errors.update(peer.errors)
@@ -544,10 +552,10 @@ async def bench_messages(args) -> dict:
     }
     if pushing:
         result.update(push_offline=args.push_offline, push_rate=args.push_rate, push_endpoint=args.push_endpoint,
-                      push_requests_in_window=endpoint.requests_at_window_end - endpoint.requests_at_window_start,
+                      push_requests_in_window=push_requests_in_window,
                       push_messages_acked=sum(len(s.acked_ids) for s in push_senders),
-                      devices_pushed=len(endpoint.devices_pushed),
-                      push_recovery_s=endpoint.recovery_s)
+                      devices_pushed=len({p["user"] for p in receiver.received}),
+                      push_recovery_s=push_recovery_s)
     if args.media_peers:
         result.update(media_peers=args.media_peers, media_process="same" if args.media_same_process else "own, nice 19",
                       media_mb_per_s=round(media_bytes / 1e6 / elapsed, 1),
@@ -862,60 +870,16 @@ async def bench_keys(args) -> dict:
     }
 
 
-class PushEndpoint:
-    """A provider's push webhook endpoint that answers as told (``ok``: 204; ``500``; ``hang``:
-    holds every request until ``recover``), counting requests; ``recover`` then answers 204 and
-    waits until every device got a push answered 204 (``recovery_s``). Bodies are not verified here (tests/e2e do that)."""
-
-    def __init__(self, mode: str) -> None:
-        self.mode = mode
-        self.requests = 0
-        self.requests_at_window_start = self.requests_at_window_end = 0
-        self.devices_pushed: set[str] = set()  # users whose push was answered 204
-        self.recovery_s: float | None = None
-        self._recovered = asyncio.Event()
-        self._runner: web.AppRunner | None = None
-        self.url = ""
-
-    async def __aenter__(self) -> "PushEndpoint":
-        app = web.Application()
-        app.add_routes([web.post("/push", self._handle)])
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.url = f"http://127.0.0.1:{self._runner.addresses[0][1]}/push"
-        return self
-
-    async def __aexit__(self, *exc_info) -> None:
-        self._recovered.set()
-        await self._runner.cleanup()
-
-    async def _handle(self, request: web.Request) -> web.Response:
-        self.requests += 1
-        body = await request.read()
-        if not self._recovered.is_set():
-            if self.mode == "hang":
-                await self._recovered.wait()
-                return web.Response(status=503)
-            if self.mode == "500":
-                return web.Response(status=500)
-        self.devices_pushed.add(json.loads(jwt_payload(body))["user"])
-        return web.Response(status=204)
-
-    async def recover(self, devices: int, timeout_s: float) -> None:
-        started = time.monotonic()
-        self._recovered.set()
-        while len(self.devices_pushed) < devices and time.monotonic() - started < timeout_s:
-            await asyncio.sleep(0.1)
-        if len(self.devices_pushed) >= devices:
-            self.recovery_s = round(time.monotonic() - started, 1)
-
-
-def jwt_payload(body: bytes) -> bytes:
-    """The payload of a compact JWS, unverified (the benchmark counts, tests/e2e verify)."""
-    segment = body.split(b".")[1]
-    return base64.urlsafe_b64decode(segment + b"=" * (-len(segment) % 4))
+async def push_recovered(receiver: PushReceiver, devices: int, timeout_s: float) -> float | None:
+    """The endpoint answers 204 again: seconds until every one of ``devices`` got a push (None:
+    not within ``timeout_s``)."""
+    receiver.reset()
+    started = time.monotonic()
+    while len({p["user"] for p in receiver.received}) < devices:
+        if time.monotonic() - started >= timeout_s:
+            return None
+        await asyncio.sleep(0.1)
+    return round(time.monotonic() - started, 1)
 
 
 class MediaProcess:

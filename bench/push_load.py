@@ -31,14 +31,12 @@ import time
 from pathlib import Path
 
 import uvloop
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 import interlink.core
 from interlink.core.domain.auth import Provider, ProviderRegistry
 from interlink.core.domain.batch import WriteBatch, device_key
 from interlink.core.edge.push import PushDispatcher
-from interlink.core.protocol.pushsig import PushSigner, issue_push_certificate
-from interlink.testing import lmdb_store
+from interlink.testing import PushKeys, lmdb_store
 
 ANSWERED_PER_COMMIT = 256
 
@@ -119,9 +117,6 @@ async def _measure(args, url: str, received) -> dict:
                 batch.push_wake.add(dkey)
             store.commit(batch)
             created += batch.push_created
-        root, push = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
-        now = int(time.time())
-        certificate = issue_push_certificate(root, push.public_key().public_bytes_raw(), "bench", now - 60, now + 3600)
         done = asyncio.Event()
         answered: list = []
         finished = [0]
@@ -141,7 +136,7 @@ async def _measure(args, url: str, received) -> dict:
                 done.set()
 
         sender = PushDispatcher(store=store, registry=registry, answered=on_answered, forget=lambda dkey: None,
-                                sign=PushSigner(push, certificate), coalesce_s=0.0)
+                                sign=PushKeys("bench").sign, coalesce_s=0.0)
         cpu_before, wall_before = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
         sender.owed(created, ())
         sender.start()

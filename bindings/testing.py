@@ -38,6 +38,7 @@ from interlink.core.edge.jwks import JwksCache
 from interlink.core.edge.server import Limits
 from interlink.core.edge.lmdbstore import LmdbStore
 from interlink.core.errors import ConfigError, InterlinkError
+from interlink.core.protocol.pushsig import PushSigner, issue_push_certificate
 from interlink.core.protocol.stanza import decode_stanzas
 from interlink.core.protocol.wire import MAX_PLAINTEXT_BYTES
 
@@ -301,6 +302,21 @@ class DemoIssuer:
             status, body, content_type = self._jwks_override
             return web.Response(status=status, body=body, content_type=content_type)
         return web.json_response(keys, headers={"Cache-Control": "public, max-age=300"})
+
+
+class PushKeys:
+    """An operator root key and a node push key it certified from a minute before ``now`` for
+    ``valid_s``: what the tests, the benchmarks and the fuzz harness sign push webhooks with
+    (``sign(payload) -> body``) and receivers verify them with (``root_public``)."""
+
+    def __init__(self, node: str = "test-node", *, now: float | None = None, valid_s: int = 3600) -> None:
+        self.root = ed25519.Ed25519PrivateKey.generate()
+        self.push = ed25519.Ed25519PrivateKey.generate()
+        start = int(time.time() if now is None else now)
+        self.certificate = issue_push_certificate(self.root, self.push.public_key().public_bytes_raw(), node,
+                                                  start - 60, start + valid_s)
+        self.root_public = self.root.public_key().public_bytes_raw()
+        self.sign = PushSigner(self.push, self.certificate)
 
 
 class FakeClock:

@@ -64,7 +64,6 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
-import functools
 import glob
 import hashlib
 import logging
@@ -103,11 +102,11 @@ with instrumenting:
     from interlink.core.protocol.certs import generate_root_key, generate_static_key, issue_node_certificate, x25519_public
     from interlink.core.protocol.connection import ClientConnection, ServerSettings, StanzaReceived
     from interlink.core.protocol.framing import FrameDecoder
-    from interlink.core.protocol.pushsig import issue_push_certificate, sign_push
     from interlink.core.edge.blobfiles import BlobFileStore
     from interlink.core.edge.jwks import JwksCache
     from interlink.core.edge.server import GatewayProtocol, GatewayServer, Limits
     from interlink.core.edge.lmdbstore import LmdbStore
+    from interlink.testing import PushKeys
 
 GROUP_MARKER = b"@fuzz-group-G1@!"  # 16 bytes: replaced by the id of group G in an input
 GROUP2_MARKER = b"@fuzz-group-G2@!"
@@ -186,13 +185,6 @@ ERR_EXTRA = {"device_mismatch": {"missing", "extra"}, "rate_limited": {"retry_af
 
 class Violation(AssertionError):
     pass
-
-
-def _push_signer():
-    """Signs push bodies as a node would (the harness never sends them)."""
-    root, push = ed25519.Ed25519PrivateKey.generate(), ed25519.Ed25519PrivateKey.generate()
-    certificate = issue_push_certificate(root, push.public_key().public_bytes_raw(), "fuzz", 0, 2**40)
-    return functools.partial(sign_push, push, certificate)
 
 
 def _fail(message: str) -> None:
@@ -429,6 +421,16 @@ class _Builder:
         if kind == 6:
             return self.int_(0, FIXTURE_BLOB_BYTES + 1)
         return self.pick(NOT_INTS)
+
+    def f_token(self):  # push.set: valid, at the size bound, past it, with NUL, or not a string
+        kind = self.int_(0, 5)
+        if kind < 2:
+            return self.f.ConsumeUnicodeNoSurrogates(self.int_(1, 40)) or "t"
+        if kind == 2:
+            return "t" * self.pick((1023, 1024, 1025))
+        if kind == 3:
+            return "a\x00b"
+        return self.any()
 
     def f_len(self):
         kind = self.int_(0, 5)
@@ -998,7 +1000,7 @@ class Harness:
             idle_release_s=config.idle_release_s, mailbox_ttl_s=config.mailbox_ttl_s,
             slow_consumer_s=config.slow_consumer_s, commit_in_thread=False,
             blob_files=BlobFileStore(config.data_dir / "blobs"), clock=self.now,
-            push_sign=_push_signer(),
+            push_sign=PushKeys("fuzz").sign,  # as a node would (the harness never sends them)
         )
         blobs = self.server.domain.blobs
         if (blobs.chunk_bytes, config.blob_max_bytes) != (BLOB_CHUNK, BLOB_MAX):

@@ -233,10 +233,10 @@ class Blobs:
             # milliseconds for the journal, and the loop must not (chat waits behind it).
             upload.pending += 1
             self.pending_write_bytes += len(data)
-            iq_id, generation = stanza["id"], upload.generation
+            iq_id = stanza["id"]
             self.writer.submit(
                 (lambda: self.files.write(blob, offset, data)) if data else _nothing,
-                lambda outcome, when: self._written(session, iq_id, blob, upload, generation, offset, end, outcome))
+                lambda outcome, when: self._written(session, iq_id, blob, upload, offset, end, outcome))
             return DEFERRED
         if upload.ranges.total == upload.size:
             upload.waiting.append((session, stanza["id"]))
@@ -244,10 +244,12 @@ class Blobs:
             return DEFERRED
         return {"have": upload.ranges.prefix, "ready": False}
 
-    def _written(self, session: Session, iq_id: int, blob: bytes, upload: _Upload, generation: int,
-                 offset: int, end: int, outcome) -> None:
+    def _written(self, session: Session, iq_id: int, blob: bytes, upload: _Upload, offset: int, end: int,
+                 outcome) -> None:
         """A chunk reached the page cache (or failed to): count its bytes, answer, and start the
-        verdict once every byte is there and no write is still on its way."""
+        verdict once every byte is there and no write is still on its way. (No start over comes
+        between a write and this: the verdict waits for every pending write, and writes that
+        arrive while it runs wait for it.)"""
         upload.pending -= 1
         self.pending_write_bytes -= end - offset
         if isinstance(outcome, BaseException):
@@ -258,7 +260,7 @@ class Blobs:
             self._answer_error(session, iq_id, error.code, error.message)
             self._verify_when_written(blob, upload)
             return
-        if upload.generation == generation and end > offset:  # (else a start over came between: written again)
+        if end > offset:
             added = upload.ranges.add(offset, end)
             self._reserved_bytes -= added
             upload.unsynced += added

@@ -33,6 +33,16 @@ def _lowest_priority() -> None:
         log.warning("offload threads keep the loop's CPU priority: %s", exc)
 
 
+def _finish(server: GatewayServer, done: Callable[[object, float], None], outcome: object) -> None:
+    """Hand offloaded work's outcome to its continuation on the loop; a bug there is logged and
+    counted, and the loop goes on."""
+    try:
+        done(outcome, server.clock())
+    except Exception:
+        log.exception("internal error while finishing offloaded work")
+        server.counters["internal_errors"] += 1
+
+
 class ThreadOffload:
     """Runs ``work`` on one of ``workers`` threads, then ``done(outcome, now)`` on the loop."""
 
@@ -60,14 +70,10 @@ class ThreadOffload:
         if future.cancelled() or self._closed:
             return  # shut down: the store may be closed, and the work is done again after a restart
         error = future.exception()
-        server = self.server
         try:
-            done(error if error is not None else future.result(), server.clock())
-        except Exception:  # a bug of ours: logged and counted, and the loop goes on
-            log.exception("internal error while finishing offloaded work")
-            server.counters["internal_errors"] += 1
+            _finish(self.server, done, error if error is not None else future.result())
         finally:
-            server.write_touched()
+            self.server.write_touched()
 
     async def settle(self, timeout_s: float | None = None) -> bool:
         """Wait for every piece of work submitted so far, and its ``done``, at most ``timeout_s``
@@ -150,13 +156,8 @@ class SerialOffload:
         try:
             for done, outcome in finished:
                 self.inflight -= 1
-                if self._closed:
-                    continue
-                try:
-                    done(outcome, server.clock())
-                except Exception:  # a bug of ours: logged and counted, and the loop goes on
-                    log.exception("internal error while finishing offloaded work")
-                    server.counters["internal_errors"] += 1
+                if not self._closed:
+                    _finish(server, done, outcome)
         finally:
             if self.inflight == 0:
                 self._idle.set()

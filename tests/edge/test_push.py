@@ -10,38 +10,23 @@ import os
 import time
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from interlink.core.domain.auth import Provider, ProviderRegistry
 from interlink.core.domain.batch import WriteBatch, device_key
 from interlink.core.edge import push as push_module
 from interlink.core.edge.push import BREAKER_FAILURES, BREAKER_OPEN_S, CLOSED, HALF_OPEN, OPEN, PushDispatcher
-from interlink.core.protocol.pushsig import issue_push_certificate, sign_push
 from interlink.pushreceiver import PushReceiver
-from interlink.testing import FakeClock, lmdb_store
+from interlink.testing import FakeClock, PushKeys, lmdb_store
 
 BOB = device_key("bob@alpha", 1)
 CAROL = device_key("carol@alpha", 2)
 SECRET_WORDS = (b"ciphertext-secret", "mallory@beta", "group-secret")
 
 
-class Keys:
-    def __init__(self) -> None:
-        self.root = Ed25519PrivateKey.generate()
-        self.push = Ed25519PrivateKey.generate()
-        now = int(time.time())
-        self.certificate = issue_push_certificate(self.root, self.push.public_key().public_bytes_raw(), "node-t",
-                                                  now - 60, now + 3600)
-        self.root_public = self.root.public_key().public_bytes_raw()
-
-    def sign(self, payload: dict) -> bytes:
-        return sign_push(self.push, self.certificate, payload)
-
-
 class World:
     """A store with registered devices holding items, a receiver, and the sender between them."""
 
-    def __init__(self, tmp_path, receiver: PushReceiver, keys: Keys, **provider_options) -> None:
+    def __init__(self, tmp_path, receiver: PushReceiver, keys: PushKeys, **provider_options) -> None:
         self.store = lmdb_store(tmp_path / "lmdb", sync=False)
         self.receiver = receiver
         self.clock = FakeClock(1000.0)
@@ -89,7 +74,7 @@ class World:
 
 @pytest.fixture
 def keys():
-    return Keys()
+    return PushKeys()
 
 
 @pytest.fixture
