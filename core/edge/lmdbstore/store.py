@@ -1,7 +1,9 @@
-"""``LmdbStore``: the ``Store`` port over one LMDB environment and its four table families.
+"""``LmdbStore``: the ``Store`` port over one LMDB environment and its table families
+(mailboxes, social, keys, groups, blobs, push).
 
 ``commit(batch)`` is the group commit: one write transaction in which each entry goes to its
-family's writer, in batch order, then the ``recv`` deletions and the mailbox counters. A full
+family's writer, in batch order, then the ``recv`` deletions, the push intents and the mailbox
+counters. A full
 map aborts the whole transaction (``StoreFullError``; no entry keeps an outcome). Every other
 method is the family's own, bound once, and runs in a transaction of its own.
 """
