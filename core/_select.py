@@ -23,6 +23,7 @@ TWINS = {
     "_fanout": "domain._fanout_pure",
     "_mailbox": "edge._mailbox_pure",
     "_handshake": "protocol._handshake_pure",
+    "_proxy": "protocol._proxy_pure",
 }
 
 _native_available = True

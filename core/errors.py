@@ -13,6 +13,7 @@ answer with an ``err`` stanza or close with a named reason; operators count them
     │   ├── CryptoError              a transport message failed authentication (bad_frame)
     │   │   ├── DecryptError         an AEAD tag did not verify
     │   │   └── NonceExhaustedError  the 64-bit nonce is used up
+    │   ├── ProxyHeaderError         a PROXY protocol v2 header is malformed (bad_frame)
     │   ├── HandshakeError           the Noise handshake failed (bad_frame)
     │   │   ├── PreambleError        the 4-byte preamble is malformed
     │   │   ├── UnknownSuiteError    the preamble names a suite this side does not speak
@@ -28,6 +29,7 @@ answer with an ``err`` stanza or close with a named reason; operators count them
     ├── StoreFullError               the LMDB map is full (overloaded; nothing written)
     ├── StoreLimitError              a per-user bound of the store was reached (too_large)
     ├── SessionClosedError           client side: the session ended (``reason``)
+    ├── UpgradeRefusedError          client side: the gateway refused the WebSocket upgrade (HTTP status)
     ├── ServerError                  client side: the gateway answered ``err``
     └── E2EEError                    end-to-end encryption (``interlink.e2ee``)
         ├── IdentityChanged          a pinned peer device presented another identity key
@@ -92,6 +94,8 @@ class CloseReason(enum.StrEnum):
     PEER_CLOSED = "peer_closed"
     OVER_CAPACITY = "over_capacity"
     SOURCE_LIMIT = "source_limit"
+    BAD_PROXY_HEADER = "bad_proxy_header"  # a trusted proxy's PROXY v2 header was malformed or unusable
+    BAD_UPGRADE = "bad_upgrade"  # a WebSocket upgrade was refused (path, Origin, not a WebSocket request)
     INTERNAL_ERROR = "internal_error"
     CLIENT_CLOSED = "client_closed"  # client side: the application closed the session
 
@@ -157,6 +161,13 @@ class DecryptError(CryptoError):
 
 class NonceExhaustedError(CryptoError):
     """The 64-bit Noise nonce reached 2^64-1; the session must end."""
+
+
+class ProxyHeaderError(ProtocolError):
+    """The PROXY protocol v2 header a proxy writes before a connection's first byte is malformed
+    (not the v2 signature, a v1 text header, an unknown version, command or family, a length
+    over the maximum or under the address block, a TLV that does not fit): raised by
+    ``interlink.core.protocol.proxyheader.parse_proxy_header`` before any client byte is read."""
 
 
 class HandshakeError(ProtocolError):
@@ -236,6 +247,13 @@ class StoreLimitError(InterlinkError):
     """A per-user bound of the store was reached (for example the number of blocks)."""
 
     code = ErrorCode.TOO_LARGE
+
+
+class UpgradeRefusedError(InterlinkError):
+    """Client side: the gateway answered the WebSocket upgrade with an HTTP error (wrong path,
+    an ``Origin`` it does not allow, over a source limit); the message has the status."""
+
+    code = "bad_upgrade"
 
 
 class SessionClosedError(InterlinkError):

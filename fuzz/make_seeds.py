@@ -1,8 +1,9 @@
-"""Write the seed corpora (and libFuzzer dictionaries) of the frames, handshake, server_hello and
-config harnesses.
+"""Write the seed corpora (and libFuzzer dictionaries) of the frames, handshake, server_hello,
+config and proxy harnesses.
 
-    .venv/bin/python fuzz/make_seeds.py            # rewrites fuzz/corpus/{frames,handshake,server_hello,config}/
-                                                   # and fuzz/{handshake,server_hello,config}.dict
+    .venv/bin/python fuzz/make_seeds.py            # rewrites fuzz/corpus/{frames,handshake,server_hello,config,proxy}/
+                                                   # and fuzz/{handshake,server_hello,config,proxy}.dict
+    .venv/bin/python fuzz/make_seeds.py proxy      # one harness only
 
 Every seed is deterministic (fixed keys from ``fuzzkeys.py``, Ed25519 signatures are deterministic,
 no clock, no randomness), so running this again gives the same files. Each seed is a valid or
@@ -371,6 +372,65 @@ def config_seeds() -> dict:
     }
 
 
+# -------------------------------------------------------------------------------- proxy
+
+PROXY_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
+
+
+def proxy_seed(stream: bytes, kind: int = 0, trailing: int | None = None) -> bytes:
+    """Layout of fuzz_proxy.check: first buffer kind, whether the harness writes the length field
+    (and the bytes after the header it leaves), then the stream."""
+    spec = [(0, 3, kind), (0, 1, int(trailing is not None))]
+    if trailing is not None:
+        spec.append((0, 255, trailing))
+    return Seed.of(stream, spec)
+
+
+def proxy_raw(version_command: int, family: int, body: bytes, length: int | None = None) -> bytes:
+    """A v2 header written out from proxy-protocol.txt §2.2 (``length`` may lie)."""
+    length = len(body) if length is None else length
+    return PROXY_SIGNATURE + bytes([version_command, family]) + length.to_bytes(2, "big") + body
+
+
+def proxy_seeds() -> dict:
+    from interlink.core.protocol.proxyheader import encode_proxy_header
+
+    tcp4 = encode_proxy_header(source=("192.0.2.10", 51234), destination=("198.51.100.7", 443))
+    tlvs = [(0x01, b"h2"), (0x02, b"chat.example"), (0x05, b"unique-1"), (0x20, b"\x01\x00\x00\x00\x00" + b"\x21\x00\x07TLSv1.3")]
+    inet4 = bytes([10, 0, 0, 1, 10, 0, 0, 2, 0x13, 0x88, 0x00, 0x35])
+    inet6 = bytes(15) + b"\x01" + bytes(10) + b"\xff\xff\xc0\x00\x02\x01" + b"\x00\x01\x00\x02"
+    unix = b"/run/haproxy.sock".ljust(108, b"\x00") + b"\x00abstract".ljust(108, b"\x00")
+    client = b"IL\x01\x01\x00\x20" + bytes(range(32))  # what the client sends after the header
+    return {
+        "empty": proxy_seed(b""),
+        "tcp4": proxy_seed(tcp4),
+        "tcp4-client-bytes": proxy_seed(tcp4 + client, kind=1),
+        "tcp4-tlvs": proxy_seed(encode_proxy_header(source=("203.0.113.9", 1), destination=("192.0.2.1", 7450), tlvs=tlvs), kind=2),
+        "tcp6-tlvs": proxy_seed(encode_proxy_header(source=("2001:db8::1", 40000), destination=("::ffff:192.0.2.1", 7450),
+                                                    tlvs=tlvs[:2]) + client, kind=3),
+        "udp4": proxy_seed(proxy_raw(0x21, 0x12, inet4)),
+        "udp6": proxy_seed(proxy_raw(0x21, 0x22, inet6 + b"\x04\x00\x00")),
+        "unix-stream": proxy_seed(proxy_raw(0x21, 0x31, unix) + client),
+        "unix-dgram": proxy_seed(proxy_raw(0x21, 0x32, unix[::-1])),
+        "local-unspec": proxy_seed(encode_proxy_header("local") + client),
+        "local-tlvs": proxy_seed(encode_proxy_header("local", tlvs=[(0x04, b""), (0x05, b"check")])),
+        "local-inet": proxy_seed(proxy_raw(0x20, 0x11, inet4 + b"\x01\x00\x02h2")),
+        "proxy-unspec-tlvs": proxy_seed(proxy_raw(0x21, 0x00, b"\x30\x00\x03ns1")),
+        "largest": proxy_seed(encode_proxy_header("local", tlvs=[(0xEE, b"x" * (4096 - 16 - 3))])),
+        "harness-length": proxy_seed(PROXY_SIGNATURE + b"\x21\x11\x00\x00" + inet4 + b"\x01\x00\x02h2" + client, trailing=len(client)),
+        "version-1-text": proxy_seed(b"PROXY TCP4 192.0.2.10 198.51.100.7 51234 443\r\n" + client),
+        "preamble-not-proxy": proxy_seed(client),
+        "signature-off": proxy_seed(PROXY_SIGNATURE[:7] + b"\x00" + tcp4[8:]),
+        "version-1": proxy_seed(proxy_raw(0x11, 0x11, inet4)),
+        "command-2": proxy_seed(proxy_raw(0x22, 0x11, inet4)),
+        "family-unknown": proxy_seed(proxy_raw(0x21, 0x13, inet4)),
+        "length-over": proxy_seed(proxy_raw(0x21, 0x11, inet4, length=4081)),
+        "length-under-inet6": proxy_seed(proxy_raw(0x21, 0x21, inet6[:35])),
+        "tlv-truncated": proxy_seed(proxy_raw(0x21, 0x11, inet4 + b"\x01\x00")),
+        "tlv-overrun": proxy_seed(proxy_raw(0x21, 0x11, inet4 + b"\x01\x00\x05h2") + client),
+    }
+
+
 # --------------------------------------------------------------------------- dictionaries
 # libFuzzer dictionaries (fuzz/<name>.dict, passed with -dict= by run.py): tokens the mutator
 # inserts whole, which byte flips would take long to assemble (keys, magic bytes, TOML literals).
@@ -409,7 +469,16 @@ def config_tokens() -> list:
     return [word.encode() for word in words]
 
 
-DICTIONARIES = {"handshake": handshake_tokens, "server_hello": server_hello_tokens, "config": config_tokens}
+def proxy_tokens() -> list:
+    lengths = [n.to_bytes(2, "big") for n in (0, 3, 12, 36, 216, 4080)]
+    tokens = [PROXY_SIGNATURE, PROXY_SIGNATURE + b"\x21\x11\x00\x0c", PROXY_SIGNATURE + b"\x20\x00\x00\x00", b"PROXY ",
+              b"\x20", b"\x21", *(bytes([f]) for f in (0x00, 0x11, 0x12, 0x21, 0x22, 0x31, 0x32)), *lengths,
+              *(bytes([t]) + b"\x00" for t in (0x01, 0x02, 0x03, 0x04, 0x05, 0x20, 0x21, 0x30)), b"\x00" * 16]
+    return list(dict.fromkeys(tokens))  # 0x21 is a command byte and a family byte: once
+
+
+DICTIONARIES = {"handshake": handshake_tokens, "server_hello": server_hello_tokens, "config": config_tokens,
+                "proxy": proxy_tokens}
 
 
 # ------------------------------------------------------------------------------- main
@@ -419,6 +488,7 @@ HARNESSES = {
     "handshake": handshake_seeds,
     "server_hello": server_hello_seeds,
     "config": config_seeds,
+    "proxy": proxy_seeds,
 }
 
 
