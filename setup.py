@@ -22,9 +22,11 @@ extensions = [
 setup(
     packages=[
         "interlink", "interlink.core", "interlink.core.protocol", "interlink.core.domain", "interlink.core.domain.auth",
-        "interlink.core.edge", "interlink.core.edge.lmdbstore", "interlink.ext", "interlink.e2ee", "interlink.load", "interlink.load.scenarios"],
+        "interlink.core.edge", "interlink.core.edge.lmdbstore", "interlink.ext", "interlink.e2ee", "interlink.load", "interlink.load.scenarios",
+        "interlink.web"],
     package_dir={"interlink": "bindings", "interlink.core": "core", "interlink.ext": "ext"},
-    package_data={"interlink.ext": ["*.pyx", "*.pxd", "*.pxi"], "interlink.load.scenarios": ["*.toml"]},
+    package_data={"interlink.ext": ["*.pyx", "*.pxd", "*.pxi"], "interlink.load.scenarios": ["*.toml"],
+                  "interlink.web": ["*.html", "*.js"]},  # the chat page of make web-demo
     ext_modules=cythonize(
         extensions,
         language_level=3,

@@ -9,7 +9,8 @@
     python bench/gateway_load.py --durability sync blobs --peers 4 --size-mib 16 --seconds 5
 
 Global options (before the subcommand): ``--durability sync|async`` (LMDB commits, default
-sync) and ``--data-dir`` (default: a new temporary folder).
+sync), ``--data-dir`` (default: a new temporary folder) and ``--transport tcp|ws`` (how clients
+reach the gateway: raw TCP, or its WebSocket listener as web clients do; default tcp).
 
 The gateway runs in a child process pinned to CPU 0 (``interlink.load.child``); this process
 (the demo OpenID issuer and the clients) is pinned to CPU 1. Figures are taken from the child's
@@ -120,6 +121,9 @@ def cpu_times(pid: int) -> tuple[float, float]:
     return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
 
 
+TRANSPORT = {"ws_path": None}  # --transport ws: the WebSocket path clients open (set by main)
+
+
 def rss_bytes(pid: int) -> int:
     return status_bytes(pid)["VmRSS"]
 
@@ -135,6 +139,8 @@ class GatewayChild(child.GatewayProcess):
         if bare:
             arguments = child.child_arguments(bare=True, cpu=0)
         else:
+            if TRANSPORT["ws_path"] is not None:
+                settings.setdefault("ws_port", 0)
             arguments = child.child_arguments(
                 data_dir=data_dir, audience=AUDIENCE, providers={"bench": issuer, **(more_providers or {})},
                 push_urls=push_urls, durability=durability, commit_mode=commit_mode, cpu=0, **child.LIFTED_LIMITS,
@@ -143,10 +149,15 @@ class GatewayChild(child.GatewayProcess):
         super().__init__(arguments, log_path=data_dir / "gateway.log")
 
 
+def client_port(gateway: GatewayChild) -> int:
+    """The port clients connect to: the WebSocket listener's with ``--transport ws``."""
+    return gateway.ws_port if TRANSPORT["ws_path"] is not None else gateway.port
+
+
 async def connect(gateway: GatewayChild, token: str, device: int, suite: Suite) -> Client:
     return await Client.connect(
-        "127.0.0.1", gateway.port, token=token, device=device, root_public=gateway.root_public,
-        suite=suite, server_static=gateway.static_public, timeout_s=30,
+        "127.0.0.1", client_port(gateway), token=token, device=device, root_public=gateway.root_public,
+        suite=suite, server_static=gateway.static_public, timeout_s=30, ws_path=TRANSPORT["ws_path"],
     )
 
 
@@ -312,7 +323,8 @@ class Recipient:
 
 async def connect_lean(gateway: GatewayChild, token: str, **callbacks) -> LeanPeer:
     return await LeanPeer.connect(
-        "127.0.0.1", gateway.port, token=token, device=1, root_public=gateway.root_public, timeout_s=30, **callbacks
+        "127.0.0.1", client_port(gateway), token=token, device=1, root_public=gateway.root_public, timeout_s=30,
+        ws_path=TRANSPORT["ws_path"], **callbacks
     )
 
 
@@ -1144,6 +1156,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", default=None, help="gateway data folder (default: a temporary one)")
     parser.add_argument("--durability", default="sync", choices=["sync", "async"])
+    parser.add_argument("--transport", default="tcp", choices=["tcp", "ws"],
+                        help="clients connect over TCP or over the gateway's WebSocket listener")
     sub = parser.add_subparsers(dest="command", required=True)
     hs = sub.add_parser("handshakes")
     hs.add_argument("--fresh-tokens", action="store_true",
@@ -1210,6 +1224,7 @@ def main() -> None:
     if getattr(args, "payload", TIME_BYTES) < TIME_BYTES:
         parser.error(f"--payload must be at least {TIME_BYTES} bytes (it carries the send time)")
     _pin(1)
+    TRANSPORT["ws_path"] = "/interlink" if args.transport == "ws" else None
     runner = {
         "handshakes": bench_handshakes, "idle-rss": bench_idle_rss, "messages": bench_messages, "offline": bench_offline,
         "keys": bench_keys, "blobs": bench_blobs,
@@ -1222,6 +1237,7 @@ def main() -> None:
     else:
         result = uvloop.run(runner(args))
     result.update(
+        transport=args.transport,
         implementation=interlink.core.IMPLEMENTATION,
         python=platform.python_version(),
         uvloop=uvloop.__version__,

@@ -51,6 +51,14 @@ class GatewayCollector:
         yield _labelled_counter("interlink_closes", "Closed connections by reason.", "reason", stats["close_reasons"])
         yield _labelled_counter("interlink_source_refusals", "Connections refused at accept by a per-source limit "
                                 "(preauth_per_source, handshake_rate, handshake_budget).", "reason", stats["source_refusals"])
+        yield _labelled_counter("interlink_proxied_connections", "Connections from trusted proxies by what they said: "
+                                "proxy (a PROXY v2 client address), forwarded (an X-Forwarded-For client address), "
+                                "local (none: the proxy's own connection), refused (a bad PROXY v2 header).",
+                                "kind", stats["proxied"])
+        yield _counter("interlink_websocket_upgrades", "WebSocket upgrades accepted on ws_port.",
+                       counters.get("ws_upgrades", 0))
+        yield _counter("interlink_websocket_upgrades_refused", "WebSocket upgrades refused (path, Origin, headers, "
+                       "source limit).", counters.get("ws_upgrades_refused", 0))
         yield _gauge("interlink_preauth_sources", "Source addresses (IPv4, IPv6 /64) with connections not yet "
                      "authenticated.", stats["preauth_sources"])
         yield _labelled_counter("interlink_stanzas_in", "Stanzas received from clients by type (ping excluded).", "type", stats["stanzas_in"])
@@ -352,4 +360,6 @@ def _provider_json(provider) -> dict:
 
 
 def _peer(peer) -> str | None:
-    return f"{peer[0]}:{peer[1]}" if peer else None
+    if not peer:
+        return None
+    return f"{peer[0]}:{peer[1]}" if peer[1] else peer[0]  # port 0: an X-Forwarded-For address, port unknown

@@ -333,6 +333,8 @@ def demo() -> None:
 @click.option("--media-only/--no-media-only", default=None, help="media: the blobs alone, no chat traffic")
 @click.option("--blob-kib-per-s-per-user", type=int, default=None,
               help="media: the local gateway's per-user blob rate in KiB/s (default: lifted)")
+@click.option("--transport", type=click.Choice(["tcp", "ws"]), default=None,
+              help="chat, offline-drain: devices connect over TCP or WebSocket (with --target: its ws_port, path /interlink)")
 @click.option("--kill-at", type=click.FloatRange(0), default=None, help="SIGKILL and restart the gateway after S seconds")
 @click.option("--json", "json_path", type=click.Path(path_type=Path, dir_okay=False), default=None, help="write the report as JSON")
 @click.option("--png", "png_path", type=click.Path(path_type=Path, dir_okay=False), default=None,

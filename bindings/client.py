@@ -18,6 +18,7 @@ import collections
 import hashlib
 import itertools
 import os
+import ssl
 import time
 
 from interlink.core.protocol.certs import generate_static_key, x25519_public
@@ -35,9 +36,11 @@ from interlink.core.errors import (
     InterlinkError,
     ServerError,
     SessionClosedError,
+    UpgradeRefusedError,
 )
 from interlink.core.protocol.noise import Suite
 from interlink.core.protocol.wire import TAG_BYTES
+from interlink.wstransport import WebSocketStream, websocket_uri
 
 DEFAULT_AGENT = "interlink-python/0.1"
 MAX_QUEUED_STANZAS = 10_000  # unread stanzas before the client gives up (recv() is not being called)
@@ -272,6 +275,9 @@ class Client:
         auto_recv: bool = True,
         outbox: Outbox | None = None,
         seen: Seen | None = None,
+        ws_path: str | None = None,
+        ws_origin: str | None = None,
+        ws_ssl: ssl.SSLContext | None = None,
     ) -> Client:
         """Connect, complete the Noise handshake, check the node certificate against ``root_public``
         and authenticate. With an IK suite, a failed handshake (the gateway's static key changed)
@@ -283,10 +289,18 @@ class Client:
 
         With an ``outbox``, everything it holds from an earlier session is resent (same ids)
         before this returns. Give every session of a device the same ``seen`` to drop
-        redeliveries across reconnects too (by default a session remembers only its own)."""
+        redeliveries across reconnects too (by default a session remembers only its own).
+
+        With ``ws_path`` (the gateway's ``ws_path``, e.g. ``"/interlink"``) the session runs over
+        WebSocket to ``ws://host:port/ws_path`` (``port`` is then the gateway's ``ws_port``),
+        sending ``Origin: ws_origin`` when given, as a web page would; with ``ws_ssl`` (an
+        ``ssl.SSLContext``) to ``wss://`` through the operator's TLS-terminating proxy."""
         suite = Suite(suite)
         static_private = static_private or generate_static_key()
-        options = (host, port, token, device, root_public, static_private, agent, timeout_s, auto_recv, outbox, seen)
+        transport = (None if ws_path is None
+                     else (websocket_uri(host, port, ws_path, tls=ws_ssl is not None), ws_origin, ws_ssl))
+        options = (host, port, token, device, root_public, static_private, agent, timeout_s, auto_recv, outbox, seen,
+                   transport)
         try:
             client = await cls._connect_once(*options, suite, server_static)
         except IKUnansweredError:
@@ -300,7 +314,7 @@ class Client:
     @classmethod
     async def _connect_once(
         cls, host, port, token, device, root_public, static_private, agent, timeout_s, auto_recv, outbox, seen,
-        suite, server_static,
+        transport, suite, server_static,
     ):
         conn = ClientConnection(
             suite=int(suite),
@@ -315,7 +329,12 @@ class Client:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(timeout_s):
-                await loop.create_connection(lambda: _ClientProtocol(client), host, port)
+                if transport is None:
+                    await loop.create_connection(lambda: _ClientProtocol(client), host, port)
+                else:
+                    uri, origin, tls = transport
+                    await loop.create_connection(lambda: WebSocketStream(_ClientProtocol(client), uri, origin=origin),
+                                                 host, port, ssl=tls)
                 conn.start(time.time())
                 client._process()
                 await client._welcomed
@@ -785,6 +804,8 @@ class Client:
             self._deliver(self._closed_error())
 
     def _connection_lost(self, exc) -> None:
+        if self._closed is None and isinstance(exc, UpgradeRefusedError):  # WebSocket: no session ever began
+            self._on_closed(ConnectionClosed(CloseReason.BAD_UPGRADE, message=str(exc)))
         if self._closed is None:
             self._conn.connection_lost()
             self._process()

@@ -10,8 +10,10 @@ keys (``INTERLINK_PORT=7451``). ``default_config_toml()`` prints every key with 
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import math
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -70,6 +72,12 @@ class GatewayConfig:
     lmdb_writemap: bool = False  # faster commits; data.mdb then as large as the map (sparse)
     durability: str = "sync"
     commit_mode: str = "inline"  # "inline": commit on the event loop; "thread": on one writer thread
+    ws_host: str = "127.0.0.1"
+    ws_port: int = -1  # -1: no WebSocket listener; 0: any free port
+    ws_path: str = "/interlink"
+    ws_allowed_origins: tuple = ()  # Origin values browsers may connect from ("*": any); clients sending none always may
+    tcp_trusted_proxies: tuple = ()  # CIDRs whose connections to port start with a PROXY v2 header
+    ws_trusted_proxies: tuple = ()  # CIDRs whose X-Forwarded-For is believed on ws_port
     admin_host: str = "127.0.0.1"
     admin_port: int = -1  # -1: no admin endpoint; 0: any free port
     admin_token: str = ""  # bearer token for the admin endpoint's write operations ("" = writes off)
@@ -139,6 +147,23 @@ class GatewayConfig:
         _require(self.lmdb_map_size_bytes >= 1 << 20, "lmdb_map_size_bytes", "must be at least 1 MiB")
         _require(self.commit_mode in ("inline", "thread"), "commit_mode", f"must be 'inline' or 'thread', got {self.commit_mode!r}")
         _require(self.durability in ("sync", "async"), "durability", f"must be 'sync' or 'async', got {self.durability!r}")
+        _require(1 <= len(self.ws_host) <= 255, "ws_host", "must be a host name or IP address")
+        _require(-1 <= self.ws_port <= 65535, "ws_port", f"must be -1 (off), 0 (any free port) or 1..65535, got {self.ws_port}")
+        _require(
+            self.ws_path.startswith("/") and len(self.ws_path) <= 256 and self.ws_path.isprintable()
+            and " " not in self.ws_path and "?" not in self.ws_path and "#" not in self.ws_path,
+            "ws_path", f"must be a URL path starting with '/' (no spaces, query or fragment, at most 256 characters), got {self.ws_path!r}",
+        )
+        for origin in self.ws_allowed_origins:
+            _require(origin == "*" or _ORIGIN.fullmatch(origin) is not None, "ws_allowed_origins",
+                     f"each entry must be '*' or an origin like 'https://chat.example' (scheme://host[:port], "
+                     f"lower case, no path), got {origin!r}")
+        for key in ("tcp_trusted_proxies", "ws_trusted_proxies"):
+            for cidr in getattr(self, key):
+                try:
+                    ipaddress.ip_network(cidr, strict=False)
+                except ValueError:
+                    raise ConfigError(f"{key}: {cidr!r} is not an IP address or CIDR network like 10.0.0.0/8 or 2001:db8::/32") from None
         _require(1 <= len(self.admin_host) <= 255, "admin_host", "must be a host name or IP address")
         _require(-1 <= self.admin_port <= 65535, "admin_port", f"must be -1 (off), 0 (any free port) or 1..65535, got {self.admin_port}")
         _require(
@@ -148,6 +173,9 @@ class GatewayConfig:
 
 
 _NUMBER_TYPES = {int: (int,), float: (int, float)}
+_ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://[a-z0-9.-]+(:[0-9]{1,5})?|[a-z][a-z0-9+.-]*://\[[0-9a-f:.]+\](:[0-9]{1,5})?")
+# Keys whose value is a list of strings: an array in TOML, comma-separated in the environment.
+LIST_KEYS = ("ws_allowed_origins", "tcp_trusted_proxies", "ws_trusted_proxies")
 
 
 def _check_type(config: GatewayConfig) -> None:
@@ -157,6 +185,11 @@ def _check_type(config: GatewayConfig) -> None:
         expected = type(spec.default)
         value = getattr(config, spec.name)
         allowed = _NUMBER_TYPES.get(expected, (expected,))
+        if expected is tuple:
+            if not isinstance(value, (list, tuple)) or not all(isinstance(item, str) for item in value):
+                raise ConfigError(f"{spec.name}: expected a list of strings, got {_describe(value)}")
+            setattr(config, spec.name, tuple(value))
+            continue
         if (isinstance(value, bool) and expected is not bool) or not isinstance(value, allowed):
             raise ConfigError(f"{spec.name}: expected {expected.__name__}, got {type(value).__name__} {value!r}")
         # Every number is a limit or a duration; inf would pass a one-sided range check and bound nothing.
@@ -218,6 +251,14 @@ OPTION_HELP = {
     "sized to lmdb_map_size_bytes as a sparse file (back it up with LMDB's copy, not cp); false: one pwrite per page",
     "durability": "sync: fsync every commit (survives power loss); async: benchmarks and disposable data",
     "commit_mode": "inline: commit on the event loop (faster here); thread: on one writer thread",
+    "ws_host": "address of the WebSocket listener (browsers, web and desktop apps; docs/protocol.md §1)",
+    "ws_port": "its port: -1 no WebSocket listener, 0 any free port",
+    "ws_path": "the URL path WebSocket clients connect to (ws://host:ws_port/interlink)",
+    "ws_allowed_origins": "Origin header values of web pages allowed to connect ('*': any); clients that send no Origin "
+    "(apps, servers) always may",
+    "tcp_trusted_proxies": "IP addresses or CIDRs of proxies (HAProxy, nginx stream, L4 balancers) whose connections to port "
+    "must begin with a PROXY protocol v2 header; the address it names is the client's (limits, logs, /connz)",
+    "ws_trusted_proxies": "IP addresses or CIDRs of HTTP proxies in front of ws_port whose X-Forwarded-For is believed",
     "admin_host": "address of the admin HTTP endpoint (/healthz, /readyz, /metrics, /varz, /connz)",
     "admin_port": "its port: -1 no endpoint, 0 any free port; 7451 is the usual choice for a service",
     "admin_token": "bearer token for its write operations (empty: writes refused); better set INTERLINK_ADMIN_TOKEN",
@@ -312,6 +353,8 @@ def providers_from_tables(entries) -> list[Provider]:
 
 
 def _from_environment(name: str, raw: str, default):
+    if isinstance(default, tuple):
+        return tuple(item.strip() for item in raw.split(",") if item.strip())
     if isinstance(default, Path) or isinstance(default, str):
         return raw
     if isinstance(default, bool):
@@ -381,4 +424,6 @@ def _toml_value(value) -> str:
         return '"' + text + '"'
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, tuple):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
     return repr(value)

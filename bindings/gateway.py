@@ -107,12 +107,22 @@ class Gateway:
             commit_in_thread=config.commit_mode == "thread",
             blob_files=BlobFileStore(config.data_dir / "blobs"),
             push_sign=push_sign,
+            tcp_trusted_proxies=config.tcp_trusted_proxies,
+            ws_trusted_proxies=config.ws_trusted_proxies,
+            ws_path=config.ws_path,
+            ws_allowed_origins=config.ws_allowed_origins,
         )
         try:
             await self._server.start(config.host, config.port)
         except OSError as exc:
             await self._release()
             raise ConfigError(f"port: cannot listen on {config.host}:{config.port}: {exc.strerror}") from exc
+        if config.ws_port >= 0:
+            try:
+                await self._server.start_websocket(config.ws_host, config.ws_port)
+            except OSError as exc:
+                await self.stop()
+                raise ConfigError(f"ws_port: cannot listen on {config.ws_host}:{config.ws_port}: {exc.strerror}") from exc
         if config.admin_port >= 0:
             from interlink.admin import AdminServer
 
@@ -123,7 +133,8 @@ class Gateway:
                 self._admin = None
                 await self.stop()
                 raise
-        log.info("gateway %s listening on %s", config.node_name, self.address)
+        log.info("gateway %s listening on %s%s", config.node_name, self.address,
+                 f" and {self.ws_url}" if config.ws_port >= 0 else "")
         expires = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(self._keys.certificate.expires))
         log.info("node certificate of %s valid until %s", self._keys.certificate.node, expires)
 
@@ -181,6 +192,21 @@ class Gateway:
     @property
     def port(self) -> int:
         return self.address[1]
+
+    @property
+    def ws_address(self) -> tuple[str, int] | None:
+        """``(host, port)`` of the WebSocket listener, or None when it is off (``ws_port = -1``)."""
+        addresses = self._running().websocket_addresses
+        return addresses[0][:2] if addresses else None
+
+    @property
+    def ws_url(self) -> str | None:
+        """``ws://host:port/path`` of the WebSocket listener, or None when it is off."""
+        address = self.ws_address
+        if address is None:
+            return None
+        host = f"[{address[0]}]" if ":" in address[0] else address[0]
+        return f"ws://{host}:{address[1]}{self.config.ws_path}"
 
     @property
     def keys(self) -> OperatorKeys:

@@ -415,3 +415,69 @@ def server_settings(static_private: bytes, certificate, node: str, **overrides) 
     return ServerSettings(static_private=static_private, certificate=certificate, node=node, **{
         "max_frame_bytes": DEFAULTS.max_frame_bytes, "preauth_deadline_s": DEFAULTS.preauth_deadline_s, **overrides,
     })
+
+
+class ProxyRelay:
+    """A TCP proxy on ``127.0.0.1:PORT`` that opens each client connection to ``target`` with a
+    PROXY protocol v2 header, then relays bytes both ways — what HAProxy with ``send-proxy-v2``
+    does, for tests and benchmarks of ``tcp_trusted_proxies``.
+
+    ``header(peer)`` makes the header for a client connecting from ``peer`` (default: a PROXY
+    command naming ``client``, or the real peer when ``client`` is None). Use as
+    ``async with ProxyRelay(gateway.address, client=("203.0.113.7", 40000)) as relay:`` and
+    connect to ``relay.address``."""
+
+    def __init__(self, target: tuple[str, int], *, client: tuple[str, int] | None = None, header=None) -> None:
+        from interlink.core.protocol.proxyheader import encode_proxy_header
+
+        self.target = target
+        self.header = header or (lambda peer: encode_proxy_header("proxy", client or peer[:2], target[:2]))
+        self._server: asyncio.base_events.Server | None = None
+        self._tasks: set[asyncio.Task] = set()
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self._server.sockets[0].getsockname()[:2]
+
+    async def __aenter__(self) -> ProxyRelay:
+        self._server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        self._server.close()
+        for writer in list(self._writers):
+            writer.close()  # ends both pipes of every relayed connection
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._server.wait_closed()
+
+    async def _relay(self, client_reader, client_writer) -> None:
+        task = asyncio.current_task()
+        self._tasks.add(task)
+        self._writers.add(client_writer)
+        upstream_writer = None
+        try:
+            upstream_reader, upstream_writer = await asyncio.open_connection(*self.target)
+            self._writers.add(upstream_writer)
+            upstream_writer.write(self.header(client_writer.get_extra_info("peername")))
+            await asyncio.gather(_pipe(client_reader, upstream_writer), _pipe(upstream_reader, client_writer))
+        except OSError:
+            return  # the target is not listening: the client's connection is closed below
+        finally:
+            self._tasks.discard(task)
+            for writer in (client_writer, upstream_writer):
+                if writer is not None:
+                    self._writers.discard(writer)
+                    writer.close()
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+    except (ConnectionError, asyncio.IncompleteReadError):
+        return  # one side went away: the finally of _relay closes both
+    finally:
+        if writer.can_write_eof() and not writer.is_closing():
+            writer.write_eof()

@@ -30,7 +30,7 @@ CONFIG_CODE = "config"  # ConfigError's code: the configuration loader's only er
 BYE_REASONS = frozenset({"drain", "replaced", "suspended", "auth_expired", "idle", "slow_consumer", "protocol_error"})
 CLOSE_REASONS = BYE_REASONS | {
     "bad_preamble", "unknown_suite", "handshake_failed", "bad_frame", "auth_failed", "auth_deadline",
-    "peer_closed", "over_capacity", "source_limit", "internal_error",
+    "peer_closed", "over_capacity", "source_limit", "bad_proxy_header", "bad_upgrade", "internal_error",
 }
 
 

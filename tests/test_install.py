@@ -67,3 +67,10 @@ def test_plain_pip_install_builds_and_imports_the_compiled_modules(tmp_path):
         check=True, capture_output=True, text=True, cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(target)),
     ).stdout.split()
     assert len(scenarios) == 5 and all(path.startswith(str(target / "interlink" / "load" / "scenarios")) for path in scenarios), scenarios
+    # So do the web demo's page and its client (make web-demo), beside the module that serves them.
+    web = subprocess.run(
+        [sys.executable, "-c", "from interlink.webdemo import WEB_DIR; print(WEB_DIR); "
+         "print((WEB_DIR / 'interlink.js').read_text()[:1])"],
+        check=True, capture_output=True, text=True, cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(target)),
+    ).stdout.split()
+    assert web[0] == str(target / "interlink" / "web") and (target / "interlink" / "web" / "index.html").is_file(), web

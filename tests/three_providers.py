@@ -45,16 +45,24 @@ async def gateway(issuers, tmp_path):
 
 
 class People:
-    def __init__(self, gateway: Gateway, issuers) -> None:
+    """Connects users' devices; with ``websocket`` every one of them over the gateway's WebSocket
+    listener (``ws_port``) instead of TCP."""
+
+    def __init__(self, gateway: Gateway, issuers, *, websocket: bool = False) -> None:
         self.gateway = gateway
         self.by_provider = dict(zip(("alpha", "beta", "gamma"), issuers))
+        self.websocket = websocket
 
     async def connect(self, address: str, device: int = 1, *, phone: str | None = None, verified: bool = True,
                       **options) -> Client:
         localpart, provider = address.split("@")
         extra = {"phone_number": phone, "phone_number_verified": verified} if phone is not None else None
         token = self.by_provider[provider].issue(localpart, audience=AUD, extra_claims=extra)
-        host, port = self.gateway.address
+        if self.websocket:
+            host, port = self.gateway.ws_address
+            options.setdefault("ws_path", self.gateway.config.ws_path)
+        else:
+            host, port = self.gateway.address
         return await Client.connect(host, port, token=token, device=device, root_public=self.gateway.root_public, **options)
 
 

@@ -88,7 +88,7 @@ class Device:
     async def connect(self, gateway, token: str) -> None:
         self.session_deliveries = 0
         self.peer = await LeanPeer.connect(
-            gateway.host, gateway.port, token=token, device=self.number, root_public=gateway.root_public,
+            gateway.host, gateway.client_port, ws_path=gateway.ws_path, token=token, device=self.number, root_public=gateway.root_public,
             server_static=gateway.static_public, on_stanza=self.on_stanza, on_batch_end=self.on_batch_end,
             timeout_s=CONNECT_TIMEOUT_S,
         )

@@ -52,6 +52,8 @@ SETTINGS = {
     "message_rate_per_user": float, "max_group": int, "max_mailbox_bytes": int, "lmdb_map_size_bytes": int,
     "max_frame_bytes": int, "commit_mode": str, "overload_turn_messages": int, "overload_refuse_after_s": float,
     "lmdb_writemap": bool, "blob_min_free_bytes": int, "blob_kib_per_s_per_user": int, "blob_daily_bytes_per_user": int,
+    "ws_port": int, "source_limits_on_loopback": bool, "max_preauth_per_source": int,
+    "handshakes_per_s_per_source": float, "handshake_budget_per_s": float, "max_preauth_connections": int,
 }
 
 
@@ -134,7 +136,9 @@ async def _serve(config: GatewayConfig, freeze: bool) -> None:
     if freeze:
         gc.freeze()  # what exists at start-up is never scanned again
     try:
-        ready = {"port": gateway.port, "root_public": gateway.root_public.hex(),
+        ws_address = gateway.ws_address
+        ready = {"port": gateway.port, "ws_port": ws_address[1] if ws_address else None,
+                 "root_public": gateway.root_public.hex(),
                  "static_public": gateway.static_public.hex(), "pid": os.getpid()}
         print(json.dumps(ready), flush=True)
         await stop.wait()
@@ -264,6 +268,7 @@ class GatewayProcess(ChildServer):
         self.log_path = Path(log_path)
         self.env = env
         self.port = 0
+        self.ws_port: int | None = None  # the WebSocket listener's, when the arguments open one
         self.root_public = b""
         self.static_public = b""
         self.starts = 0
@@ -301,6 +306,7 @@ class GatewayProcess(ChildServer):
             await self._terminate(0)
             raise ConfigError(f"the restarted gateway listens on {ready['port']}, not {self.port}")
         self.port, self.root_public = ready["port"], root_public
+        self.ws_port = ready.get("ws_port")
         self.static_public = bytes.fromhex(ready["static_public"])
 
     def cpu_s(self) -> tuple[float, float, float]:

@@ -21,6 +21,7 @@ from interlink.core.protocol.certs import generate_static_key
 from interlink.core.protocol.connection import ClientConnection, ConnectionClosed, StanzaReceived, Welcomed
 from interlink.core.protocol.noise import Suite
 from interlink.core.protocol.wire import TAG_BYTES
+from interlink.wstransport import WebSocketStream, websocket_uri
 
 __all__ = ["AGENT", "LeanPeer"]
 
@@ -66,9 +67,11 @@ class LeanPeer(asyncio.Protocol):
         on_stanza: Callable[[dict], None] = _ignore_stanza,
         on_batch_end: Callable[[LeanPeer], None] | None = None,
         timeout_s: float = 30.0,
+        ws_path: str | None = None,
     ) -> LeanPeer:
         """Connect, handshake (a fresh X25519 static key, as ``Client.connect`` makes), check the
-        node certificate against ``root_public`` and wait for ``welcome``."""
+        node certificate against ``root_public`` and wait for ``welcome``. With ``ws_path``, over
+        WebSocket to ``ws://host:port/ws_path`` (``port`` being the gateway's ``ws_port``)."""
         conn = ClientConnection(
             suite=suite, static_private=generate_static_key(), root_public=root_public, token=token,
             device=device, agent=AGENT, server_static=server_static,
@@ -77,7 +80,11 @@ class LeanPeer(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(timeout_s):
-                await loop.create_connection(lambda: peer, host, port)
+                if ws_path is None:
+                    await loop.create_connection(lambda: peer, host, port)
+                else:
+                    uri = websocket_uri(host, port, ws_path)
+                    await loop.create_connection(lambda: WebSocketStream(peer, uri), host, port)
                 conn.start(time.time())
                 peer.flush()
                 await peer._welcomed

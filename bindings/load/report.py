@@ -95,7 +95,8 @@ def format_report(report: dict) -> str:
     lines = [
         f"scenario {scenario['name']} ({scenario['kind']}): {scenario['users']} users x {scenario['devices']} devices, "
         f"{scenario['providers']} providers, rate {scenario['rate'] or 'max'}, payload {scenario['payload']} B, "
-        f"durability {scenario['durability']}; {report['environment']['implementation']}, Python {report['environment']['python']}",
+        f"durability {scenario['durability']}{', over WebSocket' if scenario.get('transport') == 'ws' else ''}; "
+        f"{report['environment']['implementation']}, Python {report['environment']['python']}",
     ]
     group = report.get("group")
     if group:

@@ -34,8 +34,8 @@ SCENARIO_DIR = Path(__file__).resolve().parent / "scenarios"  # package data: a 
 # A key the kind ignores may not be given (in the file or as an option): it would be dropped.
 COMMON_KEYS = frozenset({"name", "kind", "description", "providers", "duration", "durability", "window", "e2ee"})
 KIND_KEYS = {
-    "chat": frozenset({"users", "devices", "rate", "inflight", "payload", "warmup"}),
-    "offline-drain": frozenset({"users", "devices", "rate", "inflight", "payload", "messages"}),
+    "chat": frozenset({"users", "devices", "rate", "inflight", "payload", "warmup", "transport"}),
+    "offline-drain": frozenset({"users", "devices", "rate", "inflight", "payload", "messages", "transport"}),
     "group": frozenset({"members", "devices", "senders", "offline", "rate", "inflight", "payload", "warmup", "e2ee_verify"}),
     "churn": frozenset({"users", "devices", "connect_rate", "keep_fraction", "churn_messages", "payload"}),
     "handshake-storm": frozenset({"users", "connect_rate", "inflight", "keep_fraction"}),
@@ -106,6 +106,8 @@ class Scenario:
     malformed_share: float = 0.0
     """malformed-mix: share of all inputs (well-formed messages + malformed inputs) that are
     malformed frames or stanzas, each checked for the answer the contract names."""
+    transport: str = "tcp"
+    """chat, offline-drain: how the simulated devices reach the gateway: "tcp", or "ws" (WebSocket, as web clients do)."""
     media_uploaders: int = 2
     """media: SDK clients (users of their own) uploading blobs back to back."""
     media_downloaders: int = 2
@@ -138,6 +140,7 @@ class Scenario:
         need(0 <= self.warmup < self.duration or self.kind not in ("chat", "malformed-mix", "media"), "warmup",
              "must be in [0, duration)")
         need(1 <= self.messages <= 100_000_000, "messages", f"must be 1..1e8, got {self.messages}")
+        need(self.transport in ("tcp", "ws"), "transport", f"must be tcp or ws, got {self.transport!r}")
         need(self.durability in ("sync", "async"), "durability", f"must be sync or async, got {self.durability!r}")
         need(self.window is None or 1 <= self.window <= 4096, "window", f"must be 1..4096, got {self.window}")
         need(2 <= self.members <= MAX_GROUP, "members", f"must be 2..{MAX_GROUP}, got {self.members}")

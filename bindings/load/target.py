@@ -34,7 +34,7 @@ class LocalGateway(GatewayProcess):
 
     def __init__(self, providers: int, data_dir: Path, *, durability: str = "sync", devices: int = 1,
                  window: int | None = None, cpu: int | None = None, map_size_bytes: int = 4 << 30,
-                 blob_kib_per_s_per_user: int | None = None) -> None:
+                 blob_kib_per_s_per_user: int | None = None, transport: str = "tcp") -> None:
         self.data_dir = Path(data_dir)
         super().__init__([], log_path=self.data_dir / "gateway.log")
         self.provider_ids = [f"p{chr(ord('a') + i)}" for i in range(providers)]
@@ -43,8 +43,17 @@ class LocalGateway(GatewayProcess):
                          "lmdb_map_size_bytes": map_size_bytes, **LIFTED_LIMITS, **LIFTED_BLOB_LIMITS}
         if blob_kib_per_s_per_user is not None:
             self.settings["blob_kib_per_s_per_user"] = blob_kib_per_s_per_user
+        self.ws_path = None  # devices connect over TCP; "/interlink": over WebSocket
+        if transport == "ws":
+            self.settings["ws_port"] = 0
+            self.ws_path = "/interlink"
         self.max_frame: int | None = None
         self.issuers: dict[str, DemoIssuer] = {}
+
+    @property
+    def client_port(self) -> int:
+        """The port the simulated devices connect to (the WebSocket listener's with transport ws)."""
+        return self.ws_port if self.ws_path is not None else self.port
 
     def token(self, localpart: str, provider_id: str) -> str:
         return self.issuers[provider_id].issue(localpart, audience=AUDIENCE, expires_in=24 * 3600)
@@ -82,11 +91,13 @@ class RemoteGateway:
 
     remote = True
 
-    def __init__(self, target: str, root_public_hex: str, tokens_path: Path) -> None:
+    def __init__(self, target: str, root_public_hex: str, tokens_path: Path, *, ws_path: str | None = None) -> None:
         host, sep, port = target.rpartition(":")
         if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise ConfigError(f"--target must be host:port, got {target!r}")
         self.host, self.port = host.strip("[]"), int(port)
+        self.ws_path = ws_path  # None: TCP; else target is the gateway's ws_port and this its ws_path
+        self.client_port = self.port
         try:
             self.root_public = bytes.fromhex(root_public_hex)
         except ValueError:
@@ -150,7 +161,10 @@ async def open_gateway(scenario: Scenario, *, data_dir: Path | None, target: Rem
         gateway = target or LocalGateway(
             scenario.providers, folder, durability=scenario.durability, devices=scenario.devices,
             window=scenario.window, cpu=cpu, blob_kib_per_s_per_user=scenario.blob_kib_per_s_per_user,
+            transport=scenario.transport,
         )
+        if target is not None and scenario.transport == "ws" and target.ws_path is None:
+            target.ws_path = "/interlink"  # --target names the gateway's ws_port
         if not gateway.remote:
             gateway.max_frame = max_frame
         async with gateway:

@@ -40,10 +40,11 @@ from interlink.core.protocol.connection import (
 from interlink.core.edge.commit import CommitDriver
 from interlink.core.edge.offload import SerialOffload, ThreadOffload
 from interlink.core.edge.push import PushDispatcher
-from interlink.core.edge.sources import SourceLimits, is_loopback, source_of
+from interlink.core.edge.sources import SourceLimits, TrustedProxies, is_loopback, source_of
 from interlink.core.edge.sweeps import Sweeps
 from interlink.core.domain.dispatch import Domain
-from interlink.core.errors import AuthError, CloseReason, StoreLimitError
+from interlink.core.errors import AuthError, CloseReason, ProxyHeaderError, StoreLimitError
+from interlink.core.protocol.proxyheader import parse_proxy_header
 from interlink.core.domain.blobs import BlobLimits
 from interlink.core.domain.ports import BlobFiles, Store
 
@@ -106,6 +107,7 @@ class GatewayProtocol(asyncio.BufferedProtocol):
     # Per-connection memory matters (docs/benchmarks.md): rarely-set state (a pending key fetch,
     # a paused peer) lives in the server's dicts, not in a slot every connection pays for.
     __slots__ = ("server", "conn", "transport", "active", "timer_at")
+    listener = "tcp"  # which listener accepted it: its trusted proxies (the WebSocket one: "ws")
 
     def __init__(self, server: GatewayServer) -> None:
         self.server = server
@@ -132,7 +134,11 @@ class GatewayProtocol(asyncio.BufferedProtocol):
 
     @property
     def peer(self):
-        """The client's address (looked up on demand: most connections never need it)."""
+        """The client's address: the one a trusted proxy named, else the socket's peer (looked up
+        on demand: most connections never need it)."""
+        forwarded = self.server.forwarded.get(self)
+        if forwarded is not None:
+            return forwarded
         return self.transport.get_extra_info("peername") if self.transport is not None else None
 
     def __lt__(self, other: GatewayProtocol) -> bool:
@@ -163,7 +169,11 @@ class GatewayProtocol(asyncio.BufferedProtocol):
     def buffer_updated(self, nbytes: int) -> None:
         self.active = True
         server = self.server
-        self.conn.receive_data(server.read_view[:nbytes], server.clock())
+        data = server.read_view[:nbytes]
+        if server.proxy_headers and self in server.proxy_headers:
+            data = server.take_proxy_header(self, data)
+        if data is not None:
+            self.conn.receive_data(data, server.clock())
         server.serve(self)
         if nbytes == READ_BUFFER_BYTES:
             server.yield_reading(self)
@@ -218,6 +228,10 @@ class GatewayServer:
         commit_in_thread: bool,
         blob_files: BlobFiles | None = None,
         push_sign: Callable[[dict], bytes] | None = None,
+        tcp_trusted_proxies=(),
+        ws_trusted_proxies=(),
+        ws_path: str = "/interlink",
+        ws_allowed_origins=(),
         clock=time.time,
     ) -> None:
         self.settings = settings
@@ -236,6 +250,18 @@ class GatewayServer:
         self.preauth: dict[GatewayProtocol, str] = {}  # accepted, not yet authenticated -> its source
         self.sources = SourceLimits(**_source_limits(limits))
         self.source_refusals: Counter = Counter()  # connections refused by a source limit, by which
+        # Proxies whose word on the client's address is believed, by listener; a connection from
+        # one is not limited per source until that word arrives (core/edge/sources.py).
+        self.trusted_proxies = {"tcp": TrustedProxies(tcp_trusted_proxies), "ws": TrustedProxies(ws_trusted_proxies)}
+        self.proxy_headers: dict[GatewayProtocol, bytearray] = {}  # from a trusted proxy, PROXY v2 header not yet whole
+        self.awaiting_forwarded: dict[GatewayProtocol, None] = {}  # from a trusted HTTP proxy, upgrade not yet read
+        self.forwarded: dict[GatewayProtocol, tuple] = {}  # the client address a trusted proxy named
+        self.proxy_counters: Counter = Counter()  # PROXY v2 headers and X-Forwarded-For: taken, local, refused
+        self.ws_path = ws_path
+        # websockets' origin check: the allowed Origin values, None = no Origin header (an app,
+        # not a web page); no list at all = any origin.
+        self.ws_origins = None if "*" in ws_allowed_origins else [None, *ws_allowed_origins]
+        self._ws_server: asyncio.base_events.Server | None = None
         self.counters: Counter = Counter()
         self.close_reasons: Counter = Counter()
         self.auth_failures: Counter = Counter()
@@ -299,6 +325,17 @@ class GatewayServer:
         if self.push is not None:
             self.push.start()
 
+    async def start_websocket(self, host: str, port: int, *, backlog: int = 1024) -> None:
+        """Open the WebSocket listener (``core/edge/websocket.py``) beside the TCP one."""
+        from interlink.core.edge.websocket import WebSocketProtocol  # only gateways with ws_port load websockets
+
+        loop = asyncio.get_running_loop()
+        self._ws_server = await loop.create_server(lambda: WebSocketProtocol(self), host, port, backlog=backlog)
+
+    @property
+    def websocket_addresses(self) -> list[tuple]:
+        return [sock.getsockname() for sock in self._ws_server.sockets] if self._ws_server else []
+
     def _push_answered(self, dkey: bytes, counter: int, again: bool) -> None:
         self.router.push_answered(dkey, counter, again)
         self.commits.schedule()
@@ -310,8 +347,9 @@ class GatewayServer:
 
     async def drain(self, timeout_s: float) -> None:
         """Stop accepting, say ``bye drain`` to everyone, wait for them to go (or cut them off)."""
-        if self._server is not None:
-            self._server.close()
+        for listener in (self._server, self._ws_server):
+            if listener is not None:
+                listener.close()
         # Read nothing more, commit what was read and answer it, then say bye: a client gets the
         # ack of everything it sent before the drain (no resend needed after reconnecting).
         self._draining = True
@@ -338,9 +376,10 @@ class GatewayServer:
                         "after the restart", self.offload.inflight, self.blob_writer.inflight)
         for task in list(self.auth_tasks.values()):
             task.cancel()
-        if self._server is not None:
-            await self._server.wait_closed()
-            self._server = None
+        for listener in (self._server, self._ws_server):
+            if listener is not None:
+                await listener.wait_closed()
+        self._server = self._ws_server = None
         if self._timer_handle is not None:
             self._timer_handle.cancel()
             self._timer_handle = None
@@ -369,17 +408,94 @@ class GatewayServer:
         if len(self.connections) >= limits.max_connections or len(self.preauth) >= limits.max_preauth_connections:
             self.close_reasons[CloseReason.OVER_CAPACITY] += 1
             return CloseReason.OVER_CAPACITY
-        source = source_of(proto.peer)
-        if not limits.source_limits_on_loopback and is_loopback(source):
-            source = ""  # not limited per source, not counted
-        refused = self.sources.admit(source, time.monotonic()) if source else None
-        if refused is not None:
-            self.source_refusals[refused] += 1
-            self.close_reasons[CloseReason.SOURCE_LIMIT] += 1
-            return CloseReason.SOURCE_LIMIT
+        peer = proto.peer
+        trusted = self.trusted_proxies[proto.listener]
+        if trusted and isinstance(peer, tuple) and peer[0] in trusted:
+            # A proxy: the client's address comes with the first bytes (a PROXY v2 header, an
+            # X-Forwarded-For); its source limits apply then (admit_source).
+            if proto.listener == "tcp":
+                self.proxy_headers[proto] = bytearray()
+            else:
+                self.awaiting_forwarded[proto] = None
+            source = ""
+        else:
+            source = self._limited_source(peer)
+            refused = self.sources.admit(source, time.monotonic()) if source else None
+            if refused is not None:
+                self.source_refusals[refused] += 1
+                self.close_reasons[CloseReason.SOURCE_LIMIT] += 1  # its close event is not served (connection_made)
+                return CloseReason.SOURCE_LIMIT
         self.connections[proto.conn] = proto
         self.preauth[proto] = source  # its pre-auth slot of that source, given back when it leaves
         return None
+
+    def _limited_source(self, address) -> str:
+        """The source ``address`` counts under, or "" when it is not limited per source (loopback)."""
+        source = source_of(address)
+        if not self.limits.source_limits_on_loopback and is_loopback(source):
+            return ""  # not limited per source, not counted
+        return source
+
+    def admit_source(self, proto: GatewayProtocol, address: tuple) -> CloseReason | None:
+        """A trusted proxy named the client's ``address``: from now on it is the connection's
+        peer, and the per-source limits apply to it (the close reason if they refuse it)."""
+        self.forwarded[proto] = address
+        source = self._limited_source(address)
+        refused = self.sources.admit(source, time.monotonic()) if source else None
+        if refused is not None:
+            self.source_refusals[refused] += 1  # the caller closes the connection, which counts the close
+            return CloseReason.SOURCE_LIMIT
+        if proto in self.preauth:  # still not authenticated (always, unless a bug): move its slot
+            self.preauth[proto] = source
+        elif source:
+            self.sources.left(source)
+        return None
+
+    def take_proxy_header(self, proto: GatewayProtocol, data) -> bytes | None:
+        """Bytes from a trusted proxy before its PROXY v2 header was whole: what follows the
+        header once it is (the client's first bytes), None while it is not, or when it is refused
+        (the connection is then closing)."""
+        buffer = self.proxy_headers[proto]
+        buffer += data
+        conn = proto.conn
+        try:
+            header = parse_proxy_header(buffer)
+        except ProxyHeaderError as exc:
+            del self.proxy_headers[proto]
+            self.proxy_counters["refused"] += 1
+            conn.close(CloseReason.BAD_PROXY_HEADER, f"PROXY v2 header from a trusted proxy: {exc}")
+            return None
+        if header is None:
+            return None
+        del self.proxy_headers[proto]
+        if header.command == "proxy":
+            if header.family not in ("inet", "inet6") or header.transport != "stream":
+                self.proxy_counters["refused"] += 1
+                conn.close(CloseReason.BAD_PROXY_HEADER, f"PROXY v2 header for {header.family} {header.transport}: "
+                                                         "only TCP over IPv4 or IPv6 is served")
+                return None
+            self.proxy_counters["proxy"] += 1
+            refused = self.admit_source(proto, header.source)
+            if refused is not None:
+                conn.close(refused, "this address is over its connection limits")
+                return None
+        else:  # LOCAL: the proxy's own connection (a health check); it stays its own peer
+            self.proxy_counters["local"] += 1
+        return bytes(buffer[header.header_bytes:])
+
+    def forwarded_request(self, proto: GatewayProtocol, forwarded_for: list[str]) -> CloseReason | None:
+        """A WebSocket upgrade request arrived: behind a trusted HTTP proxy its ``X-Forwarded-For``
+        names the client (the per-source limits apply then; the close reason if they refuse)."""
+        if proto not in self.awaiting_forwarded:
+            return None  # not from a trusted proxy: its socket's peer is the client
+        del self.awaiting_forwarded[proto]
+        peer = proto.peer
+        client = self.trusted_proxies["ws"].client_of(forwarded_for, peer[0])
+        if client == peer[0]:
+            self.proxy_counters["local"] += 1  # no client named: the proxy's own request
+            return None
+        self.proxy_counters["forwarded"] += 1
+        return self.admit_source(proto, (client, 0))
 
     def _left_preauth(self, proto: GatewayProtocol) -> None:
         source = self.preauth.pop(proto, None)
@@ -388,6 +504,10 @@ class GatewayServer:
 
     def forget(self, proto: GatewayProtocol) -> None:
         self.connections.pop(proto.conn, None)
+        if self.forwarded or self.proxy_headers or self.awaiting_forwarded:
+            self.forwarded.pop(proto, None)
+            self.proxy_headers.pop(proto, None)
+            self.awaiting_forwarded.pop(proto, None)
         self._left_preauth(proto)
         self.paused.pop(proto, None)
         self.throttled.pop(proto, None)
@@ -754,6 +874,7 @@ class GatewayServer:
             "blobs": self._blob_stats(),
             "push": self._push_stats(),
             "source_refusals": dict(self.source_refusals),
+            "proxied": dict(self.proxy_counters),
             "preauth_sources": self.sources.sources,
         }
 

@@ -99,3 +99,59 @@ class SourceLimits:
     def sources(self) -> int:
         """Sources with a connection not yet authenticated."""
         return len(self._preauth)
+
+
+class TrustedProxies:
+    """The proxies whose word on the client's address is believed (``tcp_trusted_proxies``,
+    ``ws_trusted_proxies``): IP networks, matched against the connecting peer."""
+
+    __slots__ = ("_networks",)
+
+    def __init__(self, cidrs=()) -> None:
+        self._networks = tuple(ipaddress.ip_network(cidr, strict=False) for cidr in cidrs)
+
+    def __bool__(self) -> bool:
+        return bool(self._networks)
+
+    def __contains__(self, host) -> bool:
+        """Whether ``host`` (an address string; an IPv4-mapped IPv6 address counts as its IPv4
+        one, a scope id is ignored) is one of the proxies."""
+        if not self._networks or not isinstance(host, str):
+            return False
+        try:
+            address = ipaddress.ip_address(host.partition("%")[0])
+        except ValueError:
+            return False
+        if address.version == 6 and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        return any(address in network for network in self._networks)
+
+    def client_of(self, forwarded_for: list[str], peer_host: str) -> str:
+        """The client's address behind a chain of proxies, from the ``X-Forwarded-For`` header
+        lines (each proxy appends the address it received the connection from): the rightmost
+        address that is not a trusted proxy. Entries left of it were written by the client
+        itself and prove nothing. A malformed entry ends the walk at the last address a trusted
+        proxy vouched for; no header at all means the proxy is the client."""
+        client = peer_host
+        entries = [entry.strip() for line in forwarded_for for entry in line.split(",")]
+        for entry in reversed(entries):
+            host = _forwarded_host(entry)
+            if host is None:
+                break
+            client = host
+            if host not in self:
+                break
+        return client
+
+
+def _forwarded_host(entry: str) -> str | None:
+    """The address of one ``X-Forwarded-For`` entry (``1.2.3.4``, ``1.2.3.4:5678``, ``2001:db8::1``,
+    ``[2001:db8::1]:5678``), normalised; None when it is not an IP address."""
+    if entry.startswith("["):
+        entry = entry[1:].partition("]")[0]
+    elif entry.count(":") == 1:
+        entry = entry.partition(":")[0]
+    try:
+        return str(ipaddress.ip_address(entry))
+    except ValueError:
+        return None

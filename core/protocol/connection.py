@@ -379,6 +379,13 @@ class ServerConnection(_Endpoint):
             self.send_error(_PREOPEN_CLOSE_CODES.get(reason, ErrorCode.INTERNAL), message or f"closing: {reason}")
         self._finish(reason, message=message)
 
+    def fail_transport(self, message: str) -> None:
+        """The transport beneath the frames broke a rule of the contract (a WebSocket text
+        message, say): handled like a bad frame — ``err bad_frame`` once the handshake is done,
+        then the close."""
+        if not self.closed:
+            self._fail_frame(FrameError(message))
+
     def hibernate(self) -> bool:
         """Shrink an idle open session to its keys (the edge calls this after a quiet period).
         True if memory was freed."""

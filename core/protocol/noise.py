@@ -95,13 +95,26 @@ def make_preamble(suite: int) -> bytes:
     return PREAMBLE_MAGIC + bytes((PROTOCOL_VERSION, suite))
 
 
+# What the first bytes are when they are something else, for the operator reading the close.
+_PREAMBLE_HINTS = {
+    b"\r\n\r\n": ": a PROXY protocol v2 header, which is accepted only from tcp_trusted_proxies",
+    b"PROX": ": a PROXY protocol v1 header; only v2, and only from tcp_trusted_proxies",
+    b"GET ": ": an HTTP request on the TCP port (WebSocket clients connect to ws_port)",
+    b"\x16\x03": ": a TLS ClientHello (the gateway speaks Noise, not TLS)",
+}
+
+
+def _preamble_hint(data: bytes) -> str:
+    return next((hint for start, hint in _PREAMBLE_HINTS.items() if data.startswith(start)), "")
+
+
 def parse_preamble(data: bytes) -> int:
     """Return the suite byte of a 4-byte preamble, or raise ``PreambleError``/``UnknownSuiteError``."""
     data = bytes(data)
     if len(data) != PREAMBLE_BYTES:
         raise PreambleError(f"bad preamble length: expected {PREAMBLE_BYTES} bytes, got {len(data)}")
     if data[:2] != PREAMBLE_MAGIC:
-        raise PreambleError(f"bad preamble magic {data[:2]!r}, expected {PREAMBLE_MAGIC!r}")
+        raise PreambleError(f"bad preamble magic {data[:2]!r}, expected {PREAMBLE_MAGIC!r}{_preamble_hint(data)}")
     if data[2] != PROTOCOL_VERSION:
         raise PreambleError(f"unsupported protocol version {data[2]}")
     suite = data[3]

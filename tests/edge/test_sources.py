@@ -12,6 +12,7 @@ from interlink.core.edge.sources import (
     LOCAL,
     PREAUTH_PER_SOURCE,
     SourceLimits,
+    TrustedProxies,
     is_loopback,
     source_of,
 )
@@ -80,3 +81,28 @@ def test_new_limits_apply_at_once():
     assert sources.admit("198.51.100.1", 0.0) == PREAUTH_PER_SOURCE
     sources.configure(max_preauth_per_source=2, handshakes_per_s_per_source=1000.0, handshake_budget_per_s=1e6)
     assert sources.admit("198.51.100.1", 0.0) is None
+
+
+def test_trusted_proxies_match_addresses_and_networks():
+    proxies = TrustedProxies(["10.0.0.0/8", "2001:db8::/32", "192.0.2.7"])
+    assert "10.1.2.3" in proxies and "192.0.2.7" in proxies and "2001:db8:5::1" in proxies
+    assert "::ffff:10.9.9.9" in proxies  # an IPv4-mapped peer is its IPv4 address
+    assert "fe80::1%eth0" not in proxies and "11.0.0.1" not in proxies and "192.0.2.8" not in proxies
+    assert "not-an-address" not in proxies and None not in proxies
+    assert not TrustedProxies() and "127.0.0.1" not in TrustedProxies()
+
+
+@pytest.mark.parametrize("lines, client", [
+    ([], "10.0.0.1"),  # no header: the proxy is the client
+    (["203.0.113.5"], "203.0.113.5"),
+    (["198.51.100.9, 203.0.113.5"], "203.0.113.5"),  # the client wrote the first entry: not believed
+    (["203.0.113.5, 10.0.0.2"], "203.0.113.5"),  # two trusted proxies in a row
+    (["203.0.113.5", "10.0.0.2"], "203.0.113.5"),  # the same in two header lines
+    (["[2001:db8:9::1]:5555, 10.0.0.2"], "2001:db8:9::1"),
+    (["203.0.113.5:1234"], "203.0.113.5"),
+    (["unknown, 10.0.0.2"], "10.0.0.2"),  # a malformed entry: the last address a trusted proxy vouched for
+    (["203.0.113.5, garbage"], "10.0.0.1"),
+    (["10.0.0.3, 10.0.0.2"], "10.0.0.3"),  # only proxies: the leftmost
+])
+def test_x_forwarded_for_names_the_rightmost_untrusted_address(lines, client):
+    assert TrustedProxies(["10.0.0.0/8"]).client_of(lines, "10.0.0.1") == client

@@ -76,3 +76,22 @@ async def test_gateway_killed_mid_run_loses_nothing_acked() -> None:
     assert any("SIGKILLed" in line for line in lines) and any("restarted" in line for line in lines)
     # Traffic went on after the restart.
     assert report["timeline"][-1]["acked"] > report["timeline"][0]["acked"]
+
+
+async def test_chat_over_websocket(monkeypatch) -> None:
+    """``--transport ws``: every simulated device reaches the gateway over its WebSocket listener."""
+    import interlink.load.peer as peer_module
+
+    streams = []
+
+    class CountedStream(peer_module.WebSocketStream):  # the real stream, counted
+        def connection_made(self, transport) -> None:
+            streams.append(self)
+            super().connection_made(transport)
+
+    monkeypatch.setattr(peer_module, "WebSocketStream", CountedStream)
+    chat = scenario("chat-1to1", users=4, rate=400, duration=1.5, warmup=0.3, transport="ws")
+    report = check_report(await run_chat(chat, out=None))
+    assert report["accounting"]["delivered"] == report["accounting"]["sent"] > 0
+    assert report["scenario"]["transport"] == "ws"
+    assert len(streams) >= 4 and all(stream.ws.state.name in ("OPEN", "CLOSED", "CLOSING") for stream in streams)

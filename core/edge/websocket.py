@@ -1,0 +1,168 @@
+"""The WebSocket listener's per-connection adapter (``ws_port``; docs/protocol.md §1).
+
+Browsers, web and desktop apps cannot open raw TCP; they reach the gateway over WebSocket. The
+same ``ServerConnection`` serves them: each binary WebSocket message carries one Noise message
+(``core/protocol/wsframes.py`` converts to and from the TCP form), so every rule of the contract
+holds unchanged. The WebSocket protocol itself — the HTTP upgrade, framing, masking, ping/pong,
+the closing handshake — is the ``websockets`` library's sans-I/O ``ServerProtocol``, driven from
+the same uvloop ``BufferedProtocol`` path as TCP: one shared read buffer, the one timer heap, the
+same pause/throttle/yield handling. No task or stream per connection.
+
+The pre-auth deadline runs from the TCP accept, so it covers the HTTP upgrade too. Behind a
+trusted HTTP proxy (``ws_trusted_proxies``) the client's address is taken from
+``X-Forwarded-For`` when the upgrade request arrives, and the per-source limits apply to it then
+(a refused upgrade gets HTTP 429).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from websockets.frames import Frame, Opcode
+from websockets.http11 import Request
+from websockets.protocol import State as WsState
+from websockets.server import ServerProtocol
+
+from interlink.core.edge.server import READ_BUFFER_BYTES, GatewayProtocol
+from interlink.core.errors import CloseReason, LocalProtocolError
+from interlink.core.protocol.connection import State
+from interlink.core.protocol.noise import PREAMBLE_BYTES
+from interlink.core.protocol.wire import WIRE_MAX_FRAME_BYTES
+from interlink.core.protocol.wsframes import message_to_frame, stream_to_messages
+
+log = logging.getLogger("interlink.websocket")
+# The library's own per-connection messages ("connection open", each refusal) would fill an
+# operator's INFO log; the gateway counts those in /metrics instead.
+_library_log = logging.getLogger("interlink.websocket.library")
+_library_log.setLevel(logging.WARNING)
+
+_OPEN, _CLOSED = WsState.OPEN, WsState.CLOSED
+_BINARY, _CONT, _TEXT, _CLOSE = Opcode.BINARY, Opcode.CONT, Opcode.TEXT, Opcode.CLOSE
+
+# The WebSocket close code a connection's end is given (RFC 6455 §7.4.1; docs/protocol.md §1).
+NORMAL, GOING_AWAY, PROTOCOL_ERROR, UNSUPPORTED_DATA, POLICY_VIOLATION, INTERNAL_ERROR, TRY_AGAIN_LATER = (
+    1000, 1001, 1002, 1003, 1008, 1011, 1013)
+CLOSE_CODES = {
+    CloseReason.DRAIN: GOING_AWAY,
+    CloseReason.BAD_PREAMBLE: PROTOCOL_ERROR,
+    CloseReason.UNKNOWN_SUITE: PROTOCOL_ERROR,
+    CloseReason.HANDSHAKE_FAILED: PROTOCOL_ERROR,
+    CloseReason.BAD_FRAME: PROTOCOL_ERROR,
+    CloseReason.PROTOCOL_ERROR: PROTOCOL_ERROR,
+    CloseReason.AUTH_DEADLINE: POLICY_VIOLATION,
+    CloseReason.SLOW_CONSUMER: POLICY_VIOLATION,
+    CloseReason.OVER_CAPACITY: TRY_AGAIN_LATER,
+    CloseReason.SOURCE_LIMIT: TRY_AGAIN_LATER,
+    CloseReason.INTERNAL_ERROR: INTERNAL_ERROR,
+}  # every other reason (a bye the client understands, auth_failed with its err): NORMAL
+
+
+class WebSocketProtocol(GatewayProtocol):
+    """``GatewayProtocol`` with a WebSocket between the socket and the ``ServerConnection``."""
+
+    __slots__ = ("ws", "fragments")
+    listener = "ws"
+
+    def __init__(self, server) -> None:
+        super().__init__(server)
+        self.ws = ServerProtocol(origins=server.ws_origins, max_size=WIRE_MAX_FRAME_BYTES, logger=_library_log)
+        self.fragments: list | None = None  # the parts so far of a message sent in several frames
+
+    # -- input
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.active = True
+        server = self.server
+        ws = self.ws
+        ws.receive_data(bytes(server.read_view[:nbytes]))  # the shared buffer is reused by the next read
+        events = ws.events_received()
+        if events:
+            now = server.clock()
+            for event in events:
+                if type(event) is Frame:
+                    self._frame(event, now)
+                elif type(event) is Request:
+                    self._upgrade(event)
+        if ws.parser_exc is not None:  # a WebSocket-level violation: the library is closing with its code
+            self.conn.fail_transport(f"WebSocket: {ws.parser_exc}")
+        server.serve(self)
+        if nbytes == READ_BUFFER_BYTES:
+            server.yield_reading(self)
+
+    def eof_received(self):
+        self.ws.receive_eof()
+        return super().eof_received()
+
+    def _upgrade(self, request: Request) -> None:
+        server = self.server
+        ws = self.ws
+        refused = server.forwarded_request(self, request.headers.get_all("X-Forwarded-For"))
+        if refused is not None:
+            response = ws.reject(429, "too many connections from your address; try again later\n")
+        elif request.path.partition("?")[0] != server.ws_path:
+            response = ws.reject(404, "not an Interlink WebSocket endpoint\n")
+        else:
+            response = ws.accept(request)  # checks the upgrade headers and the Origin
+        ws.send_response(response)
+        server.counters["ws_upgrades" if response.status_code == 101 else "ws_upgrades_refused"] += 1
+        if response.status_code != 101:
+            reason = refused or CloseReason.BAD_UPGRADE
+            self.conn.close(reason, f"WebSocket upgrade refused: {response.status_code} {response.reason_phrase}")
+
+    def _frame(self, frame: Frame, now: float) -> None:
+        opcode = frame.opcode
+        if opcode is _BINARY or opcode is _CONT:
+            if not frame.fin:  # a fragment; the library bounds the whole message to max_size
+                if self.fragments is None:
+                    self.fragments = [frame.data]
+                else:
+                    self.fragments.append(frame.data)
+                return
+            message = frame.data
+            if self.fragments is not None:
+                self.fragments.append(message)
+                message, self.fragments = b"".join(self.fragments), None
+            self._message(message, now)
+        elif opcode is _TEXT:
+            self.ws.fail(UNSUPPORTED_DATA, "Interlink sends binary messages only")
+            self.conn.fail_transport("a WebSocket text message (the protocol is binary messages only)")
+        elif opcode is _CLOSE:
+            self.conn.receive_eof(now)  # the library answers the close
+        # ping and pong: answered by the library
+
+    def _message(self, message, now: float) -> None:
+        conn = self.conn
+        if conn.state is State.PREAMBLE:
+            if len(message) != PREAMBLE_BYTES:
+                conn.close(CloseReason.BAD_PREAMBLE, f"the first message must be the {PREAMBLE_BYTES}-byte "
+                                                     f"preamble, got {len(message)} bytes")
+                return
+            conn.receive_data(message, now)
+        else:
+            conn.receive_data(message_to_frame(message), now)
+
+    # -- output
+
+    def write(self) -> None:
+        transport = self.transport
+        if transport is None:
+            return
+        conn = self.conn
+        ws = self.ws
+        data = conn.data_to_send()
+        if data and ws.state is _OPEN:
+            self.active = True
+            try:
+                for message in stream_to_messages(data):
+                    ws.send_binary(message)
+            except LocalProtocolError:
+                log.exception("unframeable output to %s", self.peer)
+                conn.close(CloseReason.INTERNAL_ERROR)
+        if conn.closed and ws.state is _OPEN:
+            reason = conn.close_reason or ""
+            ws.send_close(CLOSE_CODES.get(reason, NORMAL), reason)
+        output = ws.data_to_send()
+        if output:
+            transport.write(b"".join(output))  # b"" in it asks for EOF: the close below does that
+        if (conn.closed or ws.state is _CLOSED or ws.close_expected()) and not transport.is_closing():
+            transport.close()
