@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.interlink-installed
 PYTEST_ARGS ?=
 
-.PHONY: all demo test test-pure bench bench-baseline stress annotate check-install clean load fuzz
+.PHONY: all demo web-demo test test-pure bench bench-baseline stress annotate check-install clean load fuzz proxy-check
 
 all: $(STAMP)
 
@@ -19,6 +19,11 @@ $(STAMP): pyproject.toml setup.py $(wildcard ext/*.pyx ext/*.pxd ext/*.pxi)
 
 demo: $(STAMP)
 	$(BIN)/python -m interlink.demo
+
+# The chat page over WebSocket (bindings/web/): open the URL it prints; WEB_DEMO_ARGS='--port 0' for any free port.
+WEB_DEMO_ARGS ?=
+web-demo: $(STAMP)
+	$(BIN)/python -m interlink.webdemo $(WEB_DEMO_ARGS)
 
 # The whole suite against the compiled build (a missing extension is an error, not a fall-back),
 # then what the twins serve again on the pure-Python twins: the connection and Noise tests, the
@@ -87,3 +92,8 @@ FUZZ_SECONDS ?= 600
 FUZZ_ARGS ?=
 fuzz: $(STAMP)
 	INTERLINK_REQUIRE_NATIVE=1 $(BIN)/python fuzz/run.py --seconds $(FUZZ_SECONDS) $(FUZZ_ARGS)
+
+# The proxy configurations of docs/operations.md run as written with the real HAProxy and nginx
+# (not in make test: CI machines have neither). Debian 12: apt install haproxy nginx-light.
+proxy-check: $(STAMP)
+	INTERLINK_REQUIRE_NATIVE=1 $(BIN)/python -m pytest -q -p no:cacheprovider checks

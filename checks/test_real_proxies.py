@@ -90,13 +90,30 @@ async def issuer():
 
 
 @pytest.fixture
-async def gateway(issuer, tmp_path):
+def readiness_answers(monkeypatch) -> list[int]:
+    """The statuses /readyz answered (the balancer's health checks): the real handler, recorded."""
+    from interlink.admin import AdminServer
+
+    answers: list[int] = []
+    real = AdminServer.readyz
+
+    async def recorded(self, request):
+        response = await real(self, request)
+        answers.append(response.status)
+        return response
+
+    monkeypatch.setattr(AdminServer, "readyz", recorded)
+    return answers
+
+
+@pytest.fixture
+async def gateway(issuer, tmp_path, readiness_answers):
     config = GatewayConfig(
         port=0, ws_port=0, data_dir=tmp_path / "gw", blob_min_free_bytes=0,
         providers=[Provider(id="alpha", issuer=issuer.issuer, audience=AUD, discovery=True)],
         tcp_trusted_proxies=["127.0.0.1"], ws_trusted_proxies=["127.0.0.1"],
         ws_allowed_origins=["https://chat.example"],
-        source_limits_on_loopback=True, max_preauth_per_source=2,
+        source_limits_on_loopback=True, max_preauth_per_source=2, admin_port=0,
     )
     async with Gateway(config) as gw:
         yield gw
@@ -134,12 +151,12 @@ async def until(condition, timeout_s: float = 10.0) -> None:
         await asyncio.sleep(0.02)
 
 
-async def test_haproxy_tcp_with_proxy_v2(gateway, issuer, tmp_path):
+async def test_haproxy_tcp_with_proxy_v2(gateway, issuer, tmp_path, readiness_answers):
     port = free_port()
     gw_host, gw_port = gateway.address
     config = documented("haproxy-tcp").replace("bind :7450", f"bind 127.0.0.1:{port}").replace(
         "10.0.1.10:7450", f"{gw_host}:{gw_port}").replace(
-        "check check-send-proxy", "check check-send-proxy inter 200").replace("maxconn 200000", "maxconn 4000")
+        "check port 7451 inter 2s", f"check port {gateway.admin_address[1]} inter 200").replace("maxconn 200000", "maxconn 4000")
     proxy = Proxy([need("haproxy"), "-db", "-f", str(tmp_path / "haproxy.cfg")], config, tmp_path / "haproxy.cfg")
     server = gateway._server
     try:
@@ -150,7 +167,12 @@ async def test_haproxy_tcp_with_proxy_v2(gateway, issuer, tmp_path):
         # The gateway sees the client's own address and port, not HAProxy's outgoing connection.
         assert server.session_list()[0]["peer"] == ("127.0.0.1", local_port)
         assert await client.ping() >= 0
-        await until(lambda: server.proxy_counters["local"] >= 1)  # the health checks' LOCAL headers
+        # The balancer's health checks go to /readyz and find the node ready: none of them is a
+        # connection to the client port.
+        await until(lambda: len(readiness_answers) >= 2)
+        assert set(readiness_answers) == {200}
+        # (Proxy.listening's probe may have gone through too: a header, then peer_closed.)
+        assert server.proxy_counters["proxy"] in (1, 2) and set(server.close_reasons) <= {"peer_closed"}
         # The per-source limit applies to the client behind the proxy: 2 silent connections from
         # another address are held, the third is refused; the first client is unaffected.
         silent = [await asyncio.open_connection("127.0.0.1", port, local_addr=(OTHER_CLIENT, 0)) for _ in range(3)]

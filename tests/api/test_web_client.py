@@ -1,0 +1,294 @@
+"""The browser client ``bindings/web/interlink.js``, run for real under Deno (the ``deno`` test
+dependency: WebCrypto X25519/Ed25519/AES-GCM and a browser-compatible WebSocket): its Noise XX
+against the published vectors, its msgpack, a chat with the Python SDK over a real gateway in
+both directions, the refusals of docs/protocol.md §2, and the web demo (``interlink.webdemo``)
+that serves it. ``tests/api/web_client_driver.js`` runs the commands the tests send it."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import re
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+import msgpack
+import pytest
+from websockets.asyncio.client import connect as ws_connect
+from websockets.exceptions import InvalidStatus
+
+from interlink.client import Client
+from interlink.core.protocol.certs import generate_root_key, x25519_public
+from interlink.gateway import Gateway
+from interlink.webdemo import WEB_DIR, WebDemo
+from three_providers import AUD, config_for
+
+ROOT = Path(__file__).resolve().parents[2]
+DRIVER = Path(__file__).with_name("web_client_driver.js")
+NOISE_FILES = ("cacophony.txt", "snow.txt", "noise-c-basic.txt")
+
+
+def deno_binary() -> str:
+    """The deno executable of the ``deno`` package (PyPI) installed in this environment."""
+    try:
+        from deno import find_deno_bin
+
+        return find_deno_bin()
+    except (ImportError, FileNotFoundError):
+        found = shutil.which("deno", path=str(Path(sys.executable).parent)) or shutil.which("deno")
+    if found is None:
+        pytest.fail("deno not found: it is a test dependency (pip install 'deno>=2')")
+    return found
+
+
+class Driver:
+    """web_client_driver.js under Deno: one JSON command per line in, one JSON answer per line out."""
+
+    def __init__(self, process: asyncio.subprocess.Process, log: Path) -> None:
+        self.process, self.log = process, log
+
+    async def call(self, op: str, *, ok: bool = True, **args) -> dict:
+        self.process.stdin.write((json.dumps({"op": op, **args}) + "\n").encode())
+        await self.process.stdin.drain()
+        line = await asyncio.wait_for(self.process.stdout.readline(), 15)
+        if not line:
+            await asyncio.wait_for(self.process.wait(), 5)
+            pytest.fail(f"deno exited ({self.process.returncode}): {self.log.read_text(errors='replace')}")
+        answer = json.loads(line)
+        assert answer["ok"] is ok, answer
+        return answer
+
+
+@pytest.fixture
+async def driver(tmp_path):
+    log = tmp_path / "deno.log"
+    env = dict(os.environ, DENO_DIR=str(tmp_path / "deno-cache"), NO_COLOR="1", DENO_NO_UPDATE_CHECK="1")
+    with open(log, "wb") as stderr:
+        process = await asyncio.create_subprocess_exec(
+            deno_binary(), "run", "--no-config", "--no-lock", "--allow-net=127.0.0.1", str(DRIVER),
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=stderr, cwd=ROOT, env=env,
+            limit=1 << 24)  # answers carry hex of up to some 100 KB
+    try:
+        yield Driver(process, log)
+    finally:
+        process.stdin.close()
+        try:
+            await asyncio.wait_for(process.wait(), 5)
+        except TimeoutError:
+            process.kill()
+            await process.wait()
+
+
+@pytest.fixture
+async def gateway(issuers, tmp_path):
+    async with Gateway(config_for(issuers, tmp_path, ws_port=0)) as gw:
+        yield gw
+
+
+async def until(condition, timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
+
+
+def b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+# ------------------------------------------------------------------------ Noise and msgpack
+
+
+async def test_noise_xx_aesgcm_sha256_matches_the_published_vectors(driver, vectors_dir):
+    """The initiator's side of each file's Noise_XX_25519_AESGCM_SHA256 entry, byte for byte:
+    messages 1 and 3 and its transport messages as written, message 2's payload and the
+    responder's transport messages as read, the remote static key and the handshake hash."""
+    checked_hashes = 0
+    for filename in NOISE_FILES:
+        vectors = json.loads((vectors_dir / filename).read_text(encoding="utf-8"))["vectors"]
+        (vector,) = [v for v in vectors if (v.get("protocol_name") or v.get("name")) == "Noise_XX_25519_AESGCM_SHA256"]
+        m = vector["messages"]
+        # Handshake 1 (written), 2 (read), 3 (written); then the responder sends first (tests/vectors/README.md).
+        expected = [m[0]["ciphertext"], m[1]["payload"], m[2]["ciphertext"]]
+        expected += [m[i]["payload"] if (i - 3) % 2 == 0 else m[i]["ciphertext"] for i in range(3, len(m))]
+        result = await driver.call("vector", vector=vector)
+        assert result["outputs"] == expected, filename
+        assert result["remoteStatic"] == x25519_public(bytes.fromhex(vector["resp_static"])).hex(), filename
+        if "handshake_hash" in vector:
+            assert result["handshakeHash"] == vector["handshake_hash"], filename
+            checked_hashes += 1
+    assert checked_hashes == 2  # snow gives none
+
+
+async def test_msgpack_round_trips_what_the_protocol_uses(driver):
+    """Decoded by interlink.js and encoded again: the same bytes as the reference msgpack."""
+    value = {
+        "t": "dlv", "seq": 17, "ts": 1764150000123, "c": {1: b"one", 2: b"\x00" * 300, 2**31 - 1: b""},
+        "ints": [0, 127, 128, 255, 256, 65535, 65536, 2**32 - 1, 2**32, 2**53, 2**63, 2**64 - 1,
+                 -1, -32, -33, -128, -129, -32768, -32769, -2**31, -2**31 - 1, -2**63],
+        "floats": [1.5, -0.25, 1e300], "flags": [True, False, None],
+        "strs": ["", "é" * 40, "x" * 300, "🙂" * 20000], "bins": [b"", b"\xff" * 70000],
+        "nested": {"list": list(range(20)), "map": {str(i): i for i in range(20)}},
+    }
+    packed = msgpack.packb(value, use_bin_type=True)
+    assert bytes.fromhex((await driver.call("msgpack", hex=packed.hex()))["hex"]) == packed
+    single = msgpack.packb({"f": 0.5}, use_single_float=True)  # float32 in, float64 out: the same value
+    again = bytes.fromhex((await driver.call("msgpack", hex=single.hex()))["hex"])
+    assert msgpack.unpackb(again) == {"f": 0.5} and again != single
+    for broken, why in ((b"\x81\xa1t", "ends inside"), (b"\xc0\xc0", "extra bytes"), (b"\xd4\x01\x02", "not used"),
+                        (b"\xa1\xff", "UTF-8")):
+        assert why in (await driver.call("msgpack", ok=False, hex=broken.hex()))["error"]["message"]
+
+
+# ------------------------------------------------------------------------- over a gateway
+
+
+async def test_the_js_client_and_the_python_sdk_chat_both_ways(gateway, issuers, driver):
+    alpha, beta, _ = issuers
+    bob = await Client.connect(*gateway.address, token=beta.issue("bob", audience=AUD), device=1,
+                               root_public=gateway.root_public)
+    alice = (await driver.call("connect", name="alice", url=gateway.ws_url, token=alpha.issue("alice", audience=AUD),
+                               device=1, rootPublic=gateway.root_public.hex()))
+    assert alice["welcome"]["user"] == "alice@alpha" and alice["welcome"]["device"] == 1
+    assert alice["node"] == gateway.keys.certificate.node
+    assert alice["statuses"][:2] == ["connecting", "handshake"] and alice["statuses"][-1].startswith("welcome alice@alpha")
+    assert gateway._server.counters["ws_upgrades"] == 1 and gateway._server.counters["sessions_opened"] == 2
+
+    # JS -> Python: the bytes arrive exactly as sent, under the id and ts of the ack.
+    text = "grüße aus dem Browser 👋".encode()
+    ack = (await driver.call("send", name="alice", to="bob@beta", c={"1": text.hex()}))["ack"]
+    dlv = await bob.recv(timeout_s=5)
+    assert (dlv["from"], dlv["dev"], dlv["c"], dlv["id"].hex(), dlv["ts"]) == ("alice@alpha", 1, text, ack["id"], ack["ts"])
+    # Twenty queued at once leave coalesced; each is acked and they arrive in order.
+    texts = [f"burst {i}" for i in range(20)]
+    acks = (await driver.call("burst", name="alice", to="bob@beta", texts=texts))["acks"]
+    assert len({a["id"] for a in acks}) == 20
+    assert [(await bob.recv(timeout_s=5))["c"].decode() for _ in texts] == texts
+
+    # A second device of bob: sendText asks devices.get and sends one ciphertext per device.
+    bob2 = await Client.connect(*gateway.address, token=beta.issue("bob", audience=AUD), device=2,
+                                root_public=gateway.root_public)
+    await driver.call("sendText", name="alice", to="bob@beta", text="to both of bob's devices")
+    for device in (bob, bob2):
+        assert (await device.recv(timeout_s=5))["c"] == b"to both of bob's devices"
+    mismatch = await driver.call("send", ok=False, name="alice", to="bob@beta", c={"1": "00"})
+    assert mismatch["error"]["code"] == "device_mismatch"
+
+    # Python -> JS, from both of bob's devices; binary content intact.
+    binary = bytes(range(256))
+    await bob.send_message("alice@alpha", {1: "grüße zurück".encode()})
+    await bob2.send_message("alice@alpha", {1: binary})
+    first = (await driver.call("next", name="alice"))["dlv"]
+    second = (await driver.call("next", name="alice"))["dlv"]
+    assert (first["k"], first["from"], first["dev"], first["text"]) == ("msg", "bob@beta", 1, "grüße zurück")
+    assert (second["from"], second["dev"], bytes.fromhex(second["c"])) == ("bob@beta", 2, binary)
+    # The client confirmed them with recv by itself: alice's mailbox is empty.
+    await until(lambda: gateway.mailbox_stats("alice@alpha")[1]["items"] == 0)
+    assert (await driver.call("ping", name="alice"))["rtt"] >= 0
+    assert (await driver.call("close", name="alice"))["bye"] is None
+
+    # Stored while alice is away, pushed right after her next welcome.
+    await bob.send_message("alice@alpha", {1: b"while you were away 1"})
+    await bob.send_message("alice@alpha", {1: b"while you were away 2"})
+    again = await driver.call("connect", name="alice", url=gateway.ws_url, token=alpha.issue("alice", audience=AUD),
+                              device=1, rootPublic=b64url(gateway.root_public))
+    assert again["welcome"]["pending"] == 2
+    waited = [(await driver.call("next", name="alice"))["dlv"]["text"] for _ in range(2)]
+    assert waited == ["while you were away 1", "while you were away 2"]
+    await until(lambda: gateway.mailbox_stats("alice@alpha")[1]["items"] == 0)
+    await driver.call("close", name="alice")
+    await bob.close()
+    await bob2.close()
+
+
+async def test_the_js_client_refuses_a_gateway_its_pinned_root_does_not_certify(gateway, issuers, driver):
+    alpha = issuers[0]
+    token = alpha.issue("alice", audience=AUD)
+    connect = dict(name="alice", url=gateway.ws_url, token=token, device=1)
+    other_root = generate_root_key().public_key().public_bytes_raw()
+    refused = (await driver.call("connect", ok=False, rootPublic=other_root.hex(), **connect))["error"]
+    assert refused["code"] == "certificate" and "does not verify under the pinned root key" in refused["message"]
+    # The validity window of the node certificate, on the client's clock.
+    cert = gateway.keys.certificate
+    root = gateway.root_public.hex()
+    late = (await driver.call("connect", ok=False, rootPublic=root, nowMs=(cert.expires + 60) * 1000, **connect))["error"]
+    assert late["code"] == "certificate" and "expired" in late["message"]
+    early = (await driver.call("connect", ok=False, rootPublic=root, nowMs=(cert.not_before - 60) * 1000, **connect))["error"]
+    assert early["code"] == "certificate" and "not valid yet" in early["message"]
+    # None of them sent its credentials: no session was opened.
+    assert gateway._server.counters["ws_upgrades"] == 3 and gateway._server.counters["sessions_opened"] == 0
+    # The gateway's refusal of a token reaches the caller with its code (§3).
+    wrong = (await driver.call("connect", ok=False, rootPublic=root,
+                               **{**connect, "token": alpha.issue("alice", audience="another-gateway")}))["error"]
+    assert wrong["code"] == "bad_audience"
+    assert (await driver.call("connect", rootPublic=root, **connect))["welcome"]["user"] == "alice@alpha"
+    await driver.call("close", name="alice")
+
+
+# ---------------------------------------------------------------------------- the web demo
+
+
+async def test_the_web_demo_serves_the_page_its_client_and_demo_config(tmp_path, driver):
+    async with WebDemo(tmp_path / "demo", port=0) as demo, aiohttp.ClientSession() as http:
+        async with http.get(demo.url) as page:
+            assert page.status == 200 and page.content_type == "text/html"
+            html = await page.text()
+        assert all(part in html for part in ("alice@alpha", "bob@beta", "./interlink.js", "/demo-config", "Signal"))
+        async with http.get(demo.url + "interlink.js") as script:
+            assert script.status == 200 and script.content_type == "text/javascript"
+            assert await script.read() == (WEB_DIR / "interlink.js").read_bytes()
+        configs = {}
+        for user in ("alice", "bob@beta"):
+            async with http.get(demo.url + "demo-config", params={"user": user}) as answer:
+                assert answer.status == 200 and answer.headers["Cache-Control"] == "no-store"
+                configs[user.partition("@")[0]] = await answer.json()
+        alice = configs["alice"]
+        assert alice["wsUrl"] == demo.gateway.ws_url and alice["user"] == "alice@alpha"
+        assert base64.urlsafe_b64decode(alice["rootPublic"] + "=") == demo.gateway.root_public
+        for bad in ("mallory", "mallory@gamma", "a b@alpha", ""):
+            async with http.get(demo.url + "demo-config", params={"user": bad}) as answer:
+                assert answer.status == 400, bad
+        # The page's origin may open the gateway's WebSocket; another page's may not.
+        async with ws_connect(alice["wsUrl"], origin=demo.origins[0]):
+            pass
+        with pytest.raises(InvalidStatus):
+            await ws_connect(alice["wsUrl"], origin="http://evil.example")
+
+        # What the page does: two JS clients, one per pane, from what /demo-config gave.
+        for name in ("bob", "alice"):
+            config = configs[name]
+            await driver.call("connect", name=name, url=config["wsUrl"], token=config["token"],
+                              device=config["device"], rootPublic=config["rootPublic"])
+        await driver.call("sendText", name="alice", to="bob@beta", text="hi bob, from the page")
+        assert (await driver.call("next", name="bob"))["dlv"]["text"] == "hi bob, from the page"
+        await driver.call("sendText", name="bob", to="alice@alpha", text="hi alice")
+        got = (await driver.call("next", name="alice"))["dlv"]
+        assert (got["from"], got["text"]) == ("bob@beta", "hi alice")
+        for name in ("alice", "bob"):
+            await driver.call("close", name=name)
+
+
+async def test_python_m_interlink_webdemo_serves_until_ctrl_c(tmp_path):
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "interlink.webdemo", "--port", "0", "--data-dir", str(tmp_path),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    try:
+        first = (await asyncio.wait_for(process.stdout.readline(), 30)).decode()
+        url = re.search(r"open (http://127\.0\.0\.1:\d+/)", first)
+        assert url, first
+        async with aiohttp.ClientSession() as http, http.get(url[1] + "demo-config?user=bob") as answer:
+            assert answer.status == 200 and (await answer.json())["user"] == "bob@beta"
+        process.send_signal(signal.SIGINT)
+        rest = (await asyncio.wait_for(process.stdout.read(), 15)).decode()
+        assert await process.wait() == 0, rest
+        assert "stopped." in rest and "Traceback" not in rest
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
