@@ -54,6 +54,7 @@ SETTINGS = {
     "lmdb_writemap": bool, "blob_min_free_bytes": int, "blob_kib_per_s_per_user": int, "blob_daily_bytes_per_user": int,
     "ws_port": int, "source_limits_on_loopback": bool, "max_preauth_per_source": int,
     "handshakes_per_s_per_source": float, "handshake_budget_per_s": float, "max_preauth_connections": int,
+    "admin_port": int,
 }
 
 

@@ -68,10 +68,12 @@ class LeanPeer(asyncio.Protocol):
         on_batch_end: Callable[[LeanPeer], None] | None = None,
         timeout_s: float = 30.0,
         ws_path: str | None = None,
+        local_addr: tuple[str, int] | None = None,
     ) -> LeanPeer:
         """Connect, handshake (a fresh X25519 static key, as ``Client.connect`` makes), check the
         node certificate against ``root_public`` and wait for ``welcome``. With ``ws_path``, over
-        WebSocket to ``ws://host:port/ws_path`` (``port`` being the gateway's ``ws_port``)."""
+        WebSocket to ``ws://host:port/ws_path`` (``port`` being the gateway's ``ws_port``).
+        ``local_addr``: the address to connect from (a benchmark's distinct loopback sources)."""
         conn = ClientConnection(
             suite=suite, static_private=generate_static_key(), root_public=root_public, token=token,
             device=device, agent=AGENT, server_static=server_static,
@@ -81,10 +83,10 @@ class LeanPeer(asyncio.Protocol):
         try:
             async with asyncio.timeout(timeout_s):
                 if ws_path is None:
-                    await loop.create_connection(lambda: peer, host, port)
+                    await loop.create_connection(lambda: peer, host, port, local_addr=local_addr)
                 else:
                     uri = websocket_uri(host, port, ws_path)
-                    await loop.create_connection(lambda: WebSocketStream(peer, uri), host, port)
+                    await loop.create_connection(lambda: WebSocketStream(peer, uri), host, port, local_addr=local_addr)
                 conn.start(time.time())
                 peer.flush()
                 await peer._welcomed

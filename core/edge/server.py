@@ -141,6 +141,11 @@ class GatewayProtocol(asyncio.BufferedProtocol):
             return forwarded
         return self.transport.get_extra_info("peername") if self.transport is not None else None
 
+    def hibernate(self) -> bool:
+        """The connection has been quiet a while: shrink it (``ServerConnection.hibernate``).
+        True if memory was freed."""
+        return self.conn.hibernate()
+
     def __lt__(self, other: GatewayProtocol) -> bool:
         # Orders timer-heap entries with equal deadlines, so the heap needs no sequence numbers.
         return id(self) < id(other)

@@ -105,7 +105,7 @@ class Sweeps:
         for proto in server.connections.values():
             if proto.active:
                 proto.active = False
-            elif proto.conn.hibernate():
+            elif proto.hibernate():
                 hibernated += 1
         server.counters["hibernations"] += hibernated
         if hibernated >= TRIM_AFTER_HIBERNATIONS:

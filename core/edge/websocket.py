@@ -20,7 +20,9 @@ import logging
 
 from websockets.frames import Frame, Opcode
 from websockets.http11 import Request
+from websockets.protocol import Protocol as WsProtocol
 from websockets.protocol import State as WsState
+from websockets.streams import StreamReader
 from websockets.server import ServerProtocol
 
 from interlink.core.edge.server import READ_BUFFER_BYTES, GatewayProtocol
@@ -38,6 +40,7 @@ _library_log.setLevel(logging.WARNING)
 
 _OPEN, _CLOSED = WsState.OPEN, WsState.CLOSED
 _BINARY, _CONT, _TEXT, _CLOSE = Opcode.BINARY, Opcode.CONT, Opcode.TEXT, Opcode.CLOSE
+_WAITING_FOR_A_FRAME = StreamReader.at_eof.__code__  # where the library's parser waits between frames
 
 # The WebSocket close code a connection's end is given (RFC 6455 §7.4.1; docs/protocol.md §1).
 NORMAL, GOING_AWAY, PROTOCOL_ERROR, UNSUPPORTED_DATA, POLICY_VIOLATION, INTERNAL_ERROR, TRY_AGAIN_LATER = (
@@ -60,13 +63,14 @@ CLOSE_CODES = {
 class WebSocketProtocol(GatewayProtocol):
     """``GatewayProtocol`` with a WebSocket between the socket and the ``ServerConnection``."""
 
-    __slots__ = ("ws", "fragments")
+    __slots__ = ("ws", "fragments", "parser_fresh")
     listener = "ws"
 
     def __init__(self, server) -> None:
         super().__init__(server)
         self.ws = ServerProtocol(origins=server.ws_origins, max_size=WIRE_MAX_FRAME_BYTES, logger=_library_log)
         self.fragments: list | None = None  # the parts so far of a message sent in several frames
+        self.parser_fresh = False  # the parser was restarted since the last frame (hibernate)
 
     # -- input
 
@@ -77,6 +81,7 @@ class WebSocketProtocol(GatewayProtocol):
         ws.receive_data(bytes(server.read_view[:nbytes]))  # the shared buffer is reused by the next read
         events = ws.events_received()
         if events:
+            self.parser_fresh = False
             now = server.clock()
             for event in events:
                 if type(event) is Frame:
@@ -88,6 +93,29 @@ class WebSocketProtocol(GatewayProtocol):
         server.serve(self)
         if nbytes == READ_BUFFER_BYTES:
             server.yield_reading(self)
+
+    def hibernate(self) -> bool:
+        """Also let go of what the library's parser holds between frames: its generator keeps the
+        upgrade request (about 2 KB) and the last frame received, payload and all (up to 64 KB
+        after a large message), until the next frame arrives. Between frames a new parser is
+        the same parser; mid-frame (or if a library version parks elsewhere) nothing is done."""
+        freed = self.conn.hibernate()
+        if not self.parser_fresh and self._restart_parser():
+            self.parser_fresh = True
+            freed = True
+        return freed
+
+    def _restart_parser(self) -> bool:
+        ws = self.ws
+        if ws.state is not _OPEN or ws.reader.buffer or self.fragments is not None:
+            return False
+        frames = getattr(ws.parser, "gi_yieldfrom", None)  # ServerProtocol.parse -> Protocol.parse
+        waiting = getattr(frames, "gi_yieldfrom", None)  # -> StreamReader.at_eof, between frames
+        if getattr(waiting, "gi_code", None) is not _WAITING_FOR_A_FRAME:
+            return False
+        ws.parser = WsProtocol.parse(ws)  # the frame loop alone: the upgrade is long done
+        next(ws.parser)
+        return True
 
     def eof_received(self):
         self.ws.receive_eof()

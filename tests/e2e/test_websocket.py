@@ -274,3 +274,43 @@ async def test_many_sessions_over_websocket_each_get_their_own_messages(people):
         assert dlv["from"] == f"user{(i - 1) % 20}@alpha" and dlv["c"][-1] == (i - 1) % 20
     for client in clients:
         await client.close()
+
+
+def bytes_held(root) -> int:
+    """Bytes of the ``bytes``/``bytearray`` objects reachable from ``root`` through instances,
+    containers, generators and their frames (not through modules, classes or functions: shared)."""
+    import gc
+    import types
+
+    seen, total, stack = set(), 0, [root]
+    skip = (types.ModuleType, type, types.FunctionType, types.BuiltinFunctionType, types.CodeType)
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen or isinstance(obj, skip):
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, (bytes, bytearray)):
+            total += len(obj)
+            continue
+        if isinstance(obj, (str, int, float)):
+            continue
+        stack.extend(gc.get_referents(obj))
+    return total
+
+
+async def test_an_idle_session_lets_go_of_its_last_large_message(issuers, tmp_path):
+    """The library's parser keeps the last frame until the next one; the idle sweep restarts it."""
+    async with Gateway(config_for(issuers, tmp_path, ws_port=0, idle_release_s=0.3)) as gateway:
+        people = People(gateway, issuers, websocket=True)
+        alice, bob = await people.connect("alice@alpha"), await people.connect("bob@beta")
+        proto = next(p for p in gateway._server.connections.values() if p.conn.identity.user == "alice@alpha")
+        await alice.send_message("bob@beta", {1: os.urandom(60_000)})
+        assert len((await bob.recv(timeout_s=5))["c"]) == 60_000
+        assert bytes_held(proto.ws) > 60_000
+        await until(lambda: proto.parser_fresh)  # two quiet sweeps later
+        assert bytes_held(proto.ws) < 4_000
+        # The restarted parser reads the next frames as the old one would have.
+        await alice.send_message("bob@beta", {1: b"after the sweep"})
+        assert (await bob.recv(timeout_s=5))["c"] == b"after the sweep"
+        await alice.close()
+        await bob.close()
