@@ -72,6 +72,16 @@ def listen_overflows() -> int:
     return 0
 
 
+def cpu_times(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds a process has used."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) / os.sysconf("SC_CLK_TCK"), int(fields[12]) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_s(pid: int) -> float:
+    return sum(cpu_times(pid))
+
+
 def percentile(values: list[float], fraction: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))] if ordered else float("nan")
@@ -212,12 +222,21 @@ async def phase(gateway: GatewayProcess, issuer: DemoIssuer, pairs: list[Pair], 
     for pair in pairs:
         pair.acks = 0
     overflows = listen_overflows()
+    gateway_cpu = cpu_s(gateway.pid)
+    gateway_system = cpu_times(gateway.pid)[1]
+    client_cpu = cpu_s(os.getpid())
     begin = time.monotonic()
     handshake_ms = await good_client(gateway, issuer, args.seconds)
     elapsed = time.monotonic() - begin
     acked = sum(pair.acks for pair in pairs)
+    gateway_busy = (cpu_s(gateway.pid) - gateway_cpu) / elapsed
+    client_busy = (cpu_s(os.getpid()) - client_cpu) / elapsed
     result = {
         "established_acks_per_s": round(acked / elapsed),
+        "gateway_cpu_busy": round(gateway_busy, 3),
+        "gateway_cpu_system_share": round((cpu_times(gateway.pid)[1] - gateway_system) / max(1e-9, gateway_busy * elapsed), 3),
+        "gateway_cpu_us_per_ack": round(gateway_busy * 1e6 * elapsed / max(1, acked), 1),
+        "client_cpu_busy": round(client_busy, 3),  # this process: the established clients and the good one
         "good_client_handshakes": len(handshake_ms),
         "good_client_welcome_ms_p50": round(percentile(handshake_ms, 0.5), 2),
         "good_client_welcome_ms_p99": round(percentile(handshake_ms, 0.99), 2),

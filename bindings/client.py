@@ -329,12 +329,7 @@ class Client:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(timeout_s):
-                if transport is None:
-                    await loop.create_connection(lambda: _ClientProtocol(client), host, port)
-                else:
-                    uri, origin, tls = transport
-                    await loop.create_connection(lambda: WebSocketStream(_ClientProtocol(client), uri, origin=origin),
-                                                 host, port, ssl=tls)
+                await cls._open(client, loop, host, port, transport)
                 conn.start(time.time())
                 client._process()
                 await client._welcomed
@@ -345,6 +340,22 @@ class Client:
             client._abort()
             raise
         return client
+
+    @staticmethod
+    async def _open(client: Client, loop, host: str, port: int, transport) -> None:
+        """The TCP connection (and the WebSocket around it, when ``transport`` names one)."""
+        try:
+            if transport is None:
+                await loop.create_connection(lambda: _ClientProtocol(client), host, port)
+            else:
+                uri, origin, tls = transport
+                await loop.create_connection(lambda: WebSocketStream(_ClientProtocol(client), uri, origin=origin),
+                                             host, port, ssl=tls)
+        except ConnectionResetError:
+            # docs/protocol.md §5: a gateway at a connection limit, or an address over its own,
+            # resets the connection as it accepts it.
+            raise HandshakeError("the gateway closed the connection during the handshake: reset as it was "
+                                 "accepted (a connection limit, or this address is over its own); back off and retry") from None
 
     # -- session facts
 

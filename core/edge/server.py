@@ -38,6 +38,7 @@ from interlink.core.protocol.connection import (
     State,
 )
 from interlink.core.edge.commit import CommitDriver
+from interlink.core.edge.listener import Listener, listening_sockets
 from interlink.core.edge.offload import SerialOffload, ThreadOffload
 from interlink.core.edge.push import PushDispatcher
 from interlink.core.edge.sources import SourceLimits, TrustedProxies, is_loopback, source_of
@@ -119,15 +120,11 @@ class GatewayProtocol(asyncio.BufferedProtocol):
     # -- asyncio callbacks
 
     def connection_made(self, transport) -> None:
+        # Admitted already, on accept()'s address (GatewayServer.accept, core/edge/listener.py).
         self.transport = transport
         server = self.server
         self.conn = ServerConnection(server.settings, server.clock())
-        refused = server.admit(self)
-        if refused is not None:
-            self.conn.close(refused, "the gateway is at its connection limit, or this address is over its own")
-            self.conn.events()  # counted by admit(); nothing else to do
-            transport.abort()
-            return
+        server.connections[self.conn] = self
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER_BYTES)
         server.counters["connections_accepted"] += 1
         server.schedule(self)
@@ -266,11 +263,11 @@ class GatewayServer:
         # websockets' origin check: the allowed Origin values, None = no Origin header (an app,
         # not a web page); no list at all = any origin.
         self.ws_origins = None if "*" in ws_allowed_origins else [None, *ws_allowed_origins]
-        self._ws_server: asyncio.base_events.Server | None = None
+        self._ws_server: Listener | None = None
         self.counters: Counter = Counter()
         self.close_reasons: Counter = Counter()
         self.auth_failures: Counter = Counter()
-        self._server: asyncio.base_events.Server | None = None
+        self._server: Listener | None = None
         self._timers: list = []  # heap of (deadline, protocol); one live entry per connection
         self._timer_handle: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
@@ -325,7 +322,8 @@ class GatewayServer:
             removed = self.domain.blobs.remove_orphans()
             if removed:
                 log.info("removed %d blob files without a record (left by a crash)", removed)
-        self._server = await loop.create_server(lambda: GatewayProtocol(self), host, port, backlog=backlog)
+        self._server = Listener(self, listening_sockets(host, port, backlog), GatewayProtocol)
+        self._server.start()
         self.sweeps.start()
         if self.push is not None:
             self.push.start()
@@ -334,12 +332,12 @@ class GatewayServer:
         """Open the WebSocket listener (``core/edge/websocket.py``) beside the TCP one."""
         from interlink.core.edge.websocket import WebSocketProtocol  # only gateways with ws_port load websockets
 
-        loop = asyncio.get_running_loop()
-        self._ws_server = await loop.create_server(lambda: WebSocketProtocol(self), host, port, backlog=backlog)
+        self._ws_server = Listener(self, listening_sockets(host, port, backlog), WebSocketProtocol)
+        self._ws_server.start()
 
     @property
     def websocket_addresses(self) -> list[tuple]:
-        return [sock.getsockname() for sock in self._ws_server.sockets] if self._ws_server else []
+        return self._ws_server.addresses if self._ws_server else []
 
     def _push_answered(self, dkey: bytes, counter: int, again: bool) -> None:
         self.router.push_answered(dkey, counter, again)
@@ -348,7 +346,7 @@ class GatewayServer:
 
     @property
     def addresses(self) -> list[tuple]:
-        return [sock.getsockname() for sock in self._server.sockets] if self._server else []
+        return self._server.addresses if self._server else []
 
     async def drain(self, timeout_s: float) -> None:
         """Stop accepting, say ``bye drain`` to everyone, wait for them to go (or cut them off)."""
@@ -381,9 +379,6 @@ class GatewayServer:
                         "after the restart", self.offload.inflight, self.blob_writer.inflight)
         for task in list(self.auth_tasks.values()):
             task.cancel()
-        for listener in (self._server, self._ws_server):
-            if listener is not None:
-                await listener.wait_closed()
         self._server = self._ws_server = None
         if self._timer_handle is not None:
             self._timer_handle.cancel()
@@ -406,33 +401,35 @@ class GatewayServer:
             if proto.transport is not None:
                 proto.transport.abort()
 
-    def admit(self, proto: GatewayProtocol) -> CloseReason | None:
-        """Register a new connection unless a connection limit or its source's limits say no
-        (then the close reason; the refusal is counted)."""
+    def accept(self, protocol_class: type[GatewayProtocol], address) -> GatewayProtocol | None:
+        """A connection was accepted from ``address``: its protocol, holding a pre-auth slot
+        (of its source, unless a trusted proxy's word on the client is still to come), or None
+        when a connection limit or its source's limits refuse it (counted; the caller resets it)."""
         limits = self.limits
         if len(self.connections) >= limits.max_connections or len(self.preauth) >= limits.max_preauth_connections:
             self.close_reasons[CloseReason.OVER_CAPACITY] += 1
-            return CloseReason.OVER_CAPACITY
-        peer = proto.peer
-        trusted = self.trusted_proxies[proto.listener]
-        if trusted and isinstance(peer, tuple) and peer[0] in trusted:
+            return None
+        listener = protocol_class.listener
+        trusted = self.trusted_proxies[listener]
+        if trusted and address[0] in trusted:
             # A proxy: the client's address comes with the first bytes (a PROXY v2 header, an
             # X-Forwarded-For); its source limits apply then (admit_source).
-            if proto.listener == "tcp":
+            proto = protocol_class(self)
+            if listener == "tcp":
                 self.proxy_headers[proto] = bytearray()
             else:
                 self.awaiting_forwarded[proto] = None
-            source = ""
-        else:
-            source = self._limited_source(peer)
-            refused = self.sources.admit(source, time.monotonic()) if source else None
-            if refused is not None:
-                self.source_refusals[refused] += 1
-                self.close_reasons[CloseReason.SOURCE_LIMIT] += 1  # its close event is not served (connection_made)
-                return CloseReason.SOURCE_LIMIT
-        self.connections[proto.conn] = proto
+            self.preauth[proto] = ""
+            return proto
+        source = self._limited_source(address)
+        refused = self.sources.admit(source, time.monotonic()) if source else None
+        if refused is not None:
+            self.source_refusals[refused] += 1
+            self.close_reasons[CloseReason.SOURCE_LIMIT] += 1
+            return None
+        proto = protocol_class(self)
         self.preauth[proto] = source  # its pre-auth slot of that source, given back when it leaves
-        return None
+        return proto
 
     def _limited_source(self, address) -> str:
         """The source ``address`` counts under, or "" when it is not limited per source (loopback)."""
@@ -508,12 +505,14 @@ class GatewayServer:
             self.sources.left(source)
 
     def forget(self, proto: GatewayProtocol) -> None:
-        self.connections.pop(proto.conn, None)
         if self.forwarded or self.proxy_headers or self.awaiting_forwarded:
             self.forwarded.pop(proto, None)
             self.proxy_headers.pop(proto, None)
             self.awaiting_forwarded.pop(proto, None)
         self._left_preauth(proto)
+        if proto.conn is None:
+            return  # accepted, but its transport never opened (core/edge/listener.py)
+        self.connections.pop(proto.conn, None)
         self.paused.pop(proto, None)
         self.throttled.pop(proto, None)
         self.yielded.pop(proto, None)

@@ -255,18 +255,23 @@ async def test_unknown_stanza_gets_bad_stanza_and_session_continues(gateway, iss
 
 
 async def raw_exchange(gateway: Gateway, payload: bytes, *, wait_s: float = 3.0) -> bytes:
-    """Send raw bytes, return what the gateway sent back before it closed the connection."""
+    """Send raw bytes, return what the gateway sent back before it closed the connection (a
+    connection refused as it is accepted is reset: nothing came back)."""
     host, port = gateway.address
-    reader, writer = await asyncio.open_connection(host, port)
-    writer.write(payload)
-    await writer.drain()
     received = b""
+    writer = None
     try:
+        reader, writer = await asyncio.open_connection(host, port)
+        writer.write(payload)
+        await writer.drain()
         async with asyncio.timeout(wait_s):
             while chunk := await reader.read(65536):
                 received += chunk
+    except ConnectionResetError:
+        assert received == b"", "a reset after the gateway answered"
     finally:
-        writer.close()
+        if writer is not None:
+            writer.close()
     return received
 
 
