@@ -68,11 +68,11 @@ async def run_demo(data_dir: Path) -> None:
         providers[1] = dataclasses.replace(providers[1], push_url=push_receiver.url)
         say(f"push webhook receiver of provider 'beta': {push_receiver.url}")
         # blob_min_free_bytes: the demo uploads a few hundred KB; it must run on a nearly full disk too
-        config = GatewayConfig(port=0, data_dir=data_dir, node_name="demo-node", providers=providers,
+        config = GatewayConfig(port=0, ws_port=0, data_dir=data_dir, node_name="demo-node", providers=providers,
                                blob_min_free_bytes=16 << 20)
         async with _stopped_at_exit(push_receiver), Gateway(config, keys=keys) as gateway:
             host, port = gateway.address
-            say(f"gateway listening on {host}:{port}")
+            say(f"gateway listening on {host}:{port}, and for web clients on {gateway.ws_url}")
             say(f"operator root fingerprint (what clients pin): {gateway.keys.root_fingerprint}")
             say()
 
@@ -108,6 +108,8 @@ async def run_demo(data_dir: Path) -> None:
             say()
             await _chat(gateway, clients, host, port, beta_issuer)
             say()
+            await _websocket(gateway, clients[0], alpha_issuer)
+            say()
             await _push(gateway, clients[0], host, port, beta_issuer, push_receiver)
             say()
             await _e2ee_chat(host, port, gateway, alpha_issuer, beta_issuer, data_dir)
@@ -140,6 +142,22 @@ async def run_demo(data_dir: Path) -> None:
                 await client.close()
             say("draining the gateway (bye drain to every session) ...")
         say("done.")
+
+
+async def _websocket(gateway: Gateway, alice: Client, alpha_issuer) -> None:
+    say("a web client — the same protocol over WebSocket, one Noise message per binary message:")
+    host, port = gateway.ws_address
+    web = await Client.connect(host, port, token=alpha_issuer.issue("wren", audience=AUDIENCE), device=1,
+                               root_public=gateway.root_public, ws_path=gateway.config.ws_path)
+    say(f"  wren@alpha connects to {gateway.ws_url}: welcome, ping {await web.ping() * 1e6:.0f} µs")
+    ack = await web.send_message("alice@alpha", {1: b"<ciphertext from a browser>", 2: b"<ciphertext from a browser>"})
+    dlv = await alice.recv(timeout_s=5)
+    say(f"  wren -> alice over WebSocket: acked (ts {ack['ts']}), alice's TCP session got {dlv['c']!r}")
+    reply = await alice.send_message("wren@alpha", {1: b"<ciphertext back>"})
+    back = await web.recv(timeout_s=5)
+    say(f"  alice -> wren: acked (ts {reply['ts']}), wren's WebSocket session got {back['c']!r}")
+    say("  (make web-demo serves a chat page that does this from the browser)")
+    await web.close()
 
 
 async def _chat(gateway: Gateway, clients: list, host: str, port: int, beta_issuer) -> None:

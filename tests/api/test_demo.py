@@ -23,6 +23,8 @@ def test_demo_runs_end_to_end(tmp_path):
             "'device': 1, 'pending': 2, 'counter': 1, 'token': 'carols-phone-apns-token'}") in out
     assert "carol's app wakes and connects: welcome says 2 items are waiting" in out
     assert "client aborts" in out and "replaced" in out
+    assert "wren -> alice over WebSocket: acked" in out and "alice's TCP session got b'<ciphertext from a browser>'" in out
+    assert "wren's WebSocket session got b'<ciphertext back>'" in out
     # the end-to-end encrypted part (interlink[e2ee] is part of the test extra)
     assert "finn/1 decrypts: 'meet at the bridge at 7'" in out
     assert "erin/2 decrypts her own copy (to finn@beta): 'meet at the bridge at 7'" in out
