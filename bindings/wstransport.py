@@ -39,6 +39,7 @@ class WebSocketStream(asyncio.Protocol):
 
     def __init__(self, inner: asyncio.Protocol, uri: str, *, origin: str | None = None) -> None:
         self.inner = inner
+        self._fragments: list | None = None  # a message a proxy on the way split into frames
         self.ws = ClientProtocol(parse_uri(uri), origin=origin, max_size=WIRE_MAX_FRAME_BYTES)
         self.transport: asyncio.Transport | None = None
         self._waiting: list | None = []  # messages written before the upgrade was accepted
@@ -58,8 +59,15 @@ class WebSocketStream(asyncio.Protocol):
         ws.receive_data(data)
         for event in ws.events_received():
             if type(event) is Frame:
-                if event.opcode is Opcode.BINARY:  # the gateway sends each message in one frame
-                    self.inner.data_received(message_to_frame(event.data))
+                if event.opcode is Opcode.BINARY or event.opcode is Opcode.CONT:
+                    # The gateway sends each message in one frame; a proxy may split it.
+                    if not event.fin:
+                        self._fragments = (self._fragments or []) + [event.data]
+                        continue
+                    message = event.data
+                    if self._fragments is not None:
+                        message, self._fragments = b"".join([*self._fragments, message]), None
+                    self.inner.data_received(message_to_frame(message))
                 elif event.opcode is Opcode.CLOSE:
                     self.inner.eof_received()
             elif type(event) is Response:

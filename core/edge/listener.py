@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import _socket
 import asyncio
+import errno
 import logging
 import socket
 import struct
@@ -25,6 +26,7 @@ log = logging.getLogger("interlink.server")
 ACCEPTS_PER_TURN = 1024  # connections taken per readiness of one socket (the rest: the next turn)
 OUT_OF_FILES_PAUSE_S = 0.1  # accepting stops this long when the process has no descriptor left
 _RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a reset, no TIME_WAIT
+OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
 def listening_sockets(host: str, port: int, backlog: int) -> list[socket.socket]:
@@ -77,11 +79,14 @@ class Listener:
             self._loop.add_reader(sock.fileno(), self._accept, sock)
 
     def close(self) -> None:
-        """Stop accepting and close the sockets (connections already accepted go on)."""
+        """Stop accepting and close the sockets. Connections already open go on; one still being
+        opened is dropped (its protocol is forgotten)."""
         for sock in self.sockets:
             if sock.fileno() >= 0:
                 self._loop.remove_reader(sock.fileno())
                 sock.close()
+        for task in list(self._opening):
+            task.cancel()
 
     @property
     def addresses(self) -> list[tuple]:
@@ -97,15 +102,21 @@ class Listener:
                 fd, address = accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except ConnectionAbortedError:
-                continue  # the client gave up while in the queue
-            except OSError as exc:  # EMFILE, ENFILE, ENOBUFS: out of resources; the queue waits
+            except OSError as exc:
+                if exc.errno not in OUT_OF_RESOURCES:
+                    continue  # this connection's own failure (aborted, a network error): the next one
+                # Out of descriptors or memory: the queue waits in the kernel meanwhile.
                 log.warning("cannot accept connections: %s; trying again in %.1f s", exc.strerror, OUT_OF_FILES_PAUSE_S)
                 server.counters["accept_failures"] += 1
                 self._loop.remove_reader(sock.fileno())
                 self._loop.call_later(OUT_OF_FILES_PAUSE_S, self._resume, sock)
                 return
-            proto = server.accept(self.protocol_class, address)
+            try:
+                proto = server.accept(self.protocol_class, address)
+            except Exception:  # a bug of ours costs this connection, never the listener
+                log.exception("admitting a connection from %s failed", address)
+                server.counters["internal_errors"] += 1
+                proto = None
             if proto is None:  # refused and counted
                 reset(_socket.socket(family, kind, 0, fd))
                 continue

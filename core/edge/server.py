@@ -123,7 +123,14 @@ class GatewayProtocol(asyncio.BufferedProtocol):
         # Admitted already, on accept()'s address (GatewayServer.accept, core/edge/listener.py).
         self.transport = transport
         server = self.server
+        server.opening.pop(self, None)
         self.conn = ServerConnection(server.settings, server.clock())
+        if server.draining:  # accepted just before the drain began: it gets no session
+            self.conn.close(CloseReason.DRAIN)
+            self.conn.events()
+            server.forget(self)
+            transport.abort()
+            return
         server.connections[self.conn] = self
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER_BYTES)
         server.counters["connections_accepted"] += 1
@@ -277,6 +284,7 @@ class GatewayServer:
         self.yielded: dict[GatewayProtocol, None] = {}  # filled a whole read: read again next loop turn
         self._resume_yielded_scheduled = False
         self._draining = False
+        self.opening: dict[GatewayProtocol, None] = {}  # accepted, transport not yet made (count toward max_connections)
         self._all_closed = asyncio.Event()
         self.offload = ThreadOffload(self, workers=BLOB_WORKERS)  # hashing and syncing blobs
         self.blob_writer = SerialOffload(self, name="interlink-blob-writer")  # chunks into the page cache
@@ -406,7 +414,8 @@ class GatewayServer:
         (of its source, unless a trusted proxy's word on the client is still to come), or None
         when a connection limit or its source's limits refuse it (counted; the caller resets it)."""
         limits = self.limits
-        if len(self.connections) >= limits.max_connections or len(self.preauth) >= limits.max_preauth_connections:
+        if (len(self.connections) + len(self.opening) >= limits.max_connections
+                or len(self.preauth) >= limits.max_preauth_connections):
             self.close_reasons[CloseReason.OVER_CAPACITY] += 1
             return None
         listener = protocol_class.listener
@@ -420,6 +429,7 @@ class GatewayServer:
             else:
                 self.awaiting_forwarded[proto] = None
             self.preauth[proto] = ""
+            self.opening[proto] = None
             return proto
         source = self._limited_source(address)
         refused = self.sources.admit(source, time.monotonic()) if source else None
@@ -429,6 +439,7 @@ class GatewayServer:
             return None
         proto = protocol_class(self)
         self.preauth[proto] = source  # its pre-auth slot of that source, given back when it leaves
+        self.opening[proto] = None  # until connection_made (or forget, if its transport never opens)
         return proto
 
     def _limited_source(self, address) -> str:
@@ -481,9 +492,28 @@ class GatewayServer:
             if refused is not None:
                 conn.close(refused, "this address is over its connection limits")
                 return None
-        else:  # LOCAL: the proxy's own connection (a health check); it stays its own peer
+        else:  # LOCAL: the proxy's own connection (a health check), limited as the proxy's own
             self.proxy_counters["local"] += 1
+            refused = self._admit_proxy_itself(proto)
+            if refused is not None:
+                conn.close(refused, "the proxy's own address is over its connection limits")
+                return None
         return bytes(buffer[header.header_bytes:])
+
+    def _admit_proxy_itself(self, proto: GatewayProtocol) -> CloseReason | None:
+        """A trusted proxy's connection that names no client counts under the proxy's own address
+        (so a proxy that forgets to name its clients cannot take them past every limit)."""
+        peer = proto.transport.get_extra_info("peername") if proto.transport is not None else None
+        source = self._limited_source(peer)
+        refused = self.sources.admit(source, time.monotonic()) if source else None
+        if refused is not None:
+            self.source_refusals[refused] += 1
+            return CloseReason.SOURCE_LIMIT
+        if proto in self.preauth:
+            self.preauth[proto] = source
+        elif source:
+            self.sources.left(source)
+        return None
 
     def forwarded_request(self, proto: GatewayProtocol, forwarded_for: list[str]) -> CloseReason | None:
         """A WebSocket upgrade request arrived: behind a trusted HTTP proxy its ``X-Forwarded-For``
@@ -494,8 +524,8 @@ class GatewayServer:
         peer = proto.peer
         client = self.trusted_proxies["ws"].client_of(forwarded_for, peer[0])
         if client == peer[0]:
-            self.proxy_counters["local"] += 1  # no client named: the proxy's own request
-            return None
+            self.proxy_counters["local"] += 1  # no client named: the proxy's own request, limited as such
+            return self._admit_proxy_itself(proto)
         self.proxy_counters["forwarded"] += 1
         return self.admit_source(proto, (client, 0))
 
@@ -510,8 +540,9 @@ class GatewayServer:
             self.proxy_headers.pop(proto, None)
             self.awaiting_forwarded.pop(proto, None)
         self._left_preauth(proto)
-        if proto.conn is None:
-            return  # accepted, but its transport never opened (core/edge/listener.py)
+        self.opening.pop(proto, None)
+        if proto.conn is None:  # accepted, but its transport never opened (core/edge/listener.py)
+            return
         self.connections.pop(proto.conn, None)
         self.paused.pop(proto, None)
         self.throttled.pop(proto, None)
@@ -792,6 +823,10 @@ class GatewayServer:
         if self.domain.blobs is not None:
             limits.update(self.domain.blobs.announce())
         return limits
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
 
     @property
     def sessions(self) -> dict:

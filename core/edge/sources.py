@@ -23,6 +23,7 @@ import ipaddress
 
 from interlink.core.domain.ratelimit import TokenBuckets
 
+MAX_FORWARDED_HOPS = 16  # X-Forwarded-For entries looked at, from the right
 QUIET_FRACTION = 0.5  # past the global budget, a source whose own bucket is at least this full still gets in
 LOCAL = "local"  # a connection without an IP peer (a Unix socket, a test transport)
 
@@ -133,7 +134,12 @@ class TrustedProxies:
         itself and prove nothing. A malformed entry ends the walk at the last address a trusted
         proxy vouched for; no header at all means the proxy is the client."""
         client = peer_host
-        entries = [entry.strip() for line in forwarded_for for entry in line.split(",")]
+        entries = []  # the rightmost MAX_FORWARDED_HOPS entries: no chain of proxies is longer
+        for line in reversed(forwarded_for):
+            entries[:0] = [entry.strip() for entry in line.rsplit(",", MAX_FORWARDED_HOPS)[-MAX_FORWARDED_HOPS:]]
+            if len(entries) >= MAX_FORWARDED_HOPS:
+                entries = entries[-MAX_FORWARDED_HOPS:]
+                break
         for entry in reversed(entries):
             host = _forwarded_host(entry)
             if host is None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 
+import websockets.http11
 from websockets.frames import Frame, Opcode
 from websockets.http11 import Request
 from websockets.protocol import Protocol as WsProtocol
@@ -38,9 +39,22 @@ log = logging.getLogger("interlink.websocket")
 _library_log = logging.getLogger("interlink.websocket.library")
 _library_log.setLevel(logging.WARNING)
 
-_OPEN, _CLOSED = WsState.OPEN, WsState.CLOSED
+_CONNECTING, _OPEN, _CLOSED = WsState.CONNECTING, WsState.OPEN, WsState.CLOSED
 _BINARY, _CONT, _TEXT, _CLOSE = Opcode.BINARY, Opcode.CONT, Opcode.TEXT, Opcode.CLOSE
 _WAITING_FOR_A_FRAME = StreamReader.at_eof.__code__  # where the library's parser waits between frames
+
+# The library's frame parser costs microseconds per frame, and a read may hold tens of thousands
+# of tiny frames (empty pings, empty fragments): bytes go to it in slices, and a connection that
+# sends more control frames in one read, or more fragments in one message, than any client needs
+# is closed before the rest of its read is parsed.
+FEED_BYTES = 1024
+MAX_CONTROL_FRAMES_PER_READ = 32
+MAX_FRAGMENTS = 64
+# An upgrade request's headers stay in memory until the parser is restarted (right after the
+# upgrade): a browser's are a few KB; the library's defaults (128 lines of 8 KiB) would let each
+# pre-auth connection pin a megabyte.
+websockets.http11.MAX_NUM_HEADERS = min(websockets.http11.MAX_NUM_HEADERS, 32)
+websockets.http11.MAX_LINE_LENGTH = min(websockets.http11.MAX_LINE_LENGTH, 4096)
 
 # The WebSocket close code a connection's end is given (RFC 6455 §7.4.1; docs/protocol.md §1).
 NORMAL, GOING_AWAY, PROTOCOL_ERROR, UNSUPPORTED_DATA, POLICY_VIOLATION, INTERNAL_ERROR, TRY_AGAIN_LATER = (
@@ -63,7 +77,7 @@ CLOSE_CODES = {
 class WebSocketProtocol(GatewayProtocol):
     """``GatewayProtocol`` with a WebSocket between the socket and the ``ServerConnection``."""
 
-    __slots__ = ("ws", "fragments", "parser_fresh")
+    __slots__ = ("ws", "fragments", "parser_fresh", "close_code")
     listener = "ws"
 
     def __init__(self, server) -> None:
@@ -71,6 +85,7 @@ class WebSocketProtocol(GatewayProtocol):
         self.ws = ServerProtocol(origins=server.ws_origins, max_size=WIRE_MAX_FRAME_BYTES, logger=_library_log)
         self.fragments: list | None = None  # the parts so far of a message sent in several frames
         self.parser_fresh = False  # the parser was restarted since the last frame (hibernate)
+        self.close_code: int | None = None  # set when this adapter decided how the connection ends
 
     # -- input
 
@@ -78,21 +93,41 @@ class WebSocketProtocol(GatewayProtocol):
         self.active = True
         server = self.server
         ws = self.ws
-        ws.receive_data(bytes(server.read_view[:nbytes]))  # the shared buffer is reused by the next read
-        events = ws.events_received()
-        if events:
+        data = bytes(server.read_view[:nbytes])  # the shared buffer is reused by the next read
+        controls = 0
+        for start in range(0, nbytes, FEED_BYTES):
+            ws.receive_data(data[start : start + FEED_BYTES])
+            events = ws.events_received()
+            if not events:
+                continue
             self.parser_fresh = False
             now = server.clock()
             for event in events:
                 if type(event) is Frame:
+                    if event.opcode.value >= 8:  # close, ping, pong
+                        controls += 1
                     self._frame(event, now)
                 elif type(event) is Request:
                     self._upgrade(event)
-        if ws.parser_exc is not None:  # a WebSocket-level violation: the library is closing with its code
+            if controls > MAX_CONTROL_FRAMES_PER_READ and not self.conn.closed:
+                self._fail(POLICY_VIOLATION, f"more than {MAX_CONTROL_FRAMES_PER_READ} control frames in one read")
+            if self.conn.closed or ws.state is not _OPEN and ws.state is not _CONNECTING:
+                break  # the rest of the read is not parsed
+        if ws.parser_exc is not None and not self.conn.closed:
+            # A WebSocket-level violation: the library closes with its code (no err can follow).
             self.conn.fail_transport(f"WebSocket: {ws.parser_exc}")
+        elif ws.handshake_exc is not None and not self.conn.closed:  # not a WebSocket upgrade at all
+            server.counters["ws_upgrades_refused"] += 1
+            self.conn.close(CloseReason.BAD_UPGRADE, f"WebSocket upgrade refused: {ws.handshake_exc}")
         server.serve(self)
         if nbytes == READ_BUFFER_BYTES:
             server.yield_reading(self)
+
+    def _fail(self, code: int, message: str) -> None:
+        """This adapter ends the connection: ``err bad_frame`` (after the handshake), then a close
+        frame with ``code`` (written by ``write``)."""
+        self.close_code = code
+        self.conn.fail_transport(message)
 
     def hibernate(self) -> bool:
         """Also let go of what the library's parser holds between frames: its generator keeps the
@@ -109,11 +144,15 @@ class WebSocketProtocol(GatewayProtocol):
         ws = self.ws
         if ws.state is not _OPEN or ws.reader.buffer or self.fragments is not None:
             return False
-        frames = getattr(ws.parser, "gi_yieldfrom", None)  # ServerProtocol.parse -> Protocol.parse
-        waiting = getattr(frames, "gi_yieldfrom", None)  # -> StreamReader.at_eof, between frames
+        # The parser is ServerProtocol.parse (until the first restart) or Protocol.parse, each
+        # suspended in a chain of ``yield from``: restart only if the innermost one is the reader
+        # waiting for the next frame's first byte.
+        waiting = ws.parser
+        while getattr(waiting, "gi_yieldfrom", None) is not None:
+            waiting = waiting.gi_yieldfrom
         if getattr(waiting, "gi_code", None) is not _WAITING_FOR_A_FRAME:
             return False
-        ws.parser = WsProtocol.parse(ws)  # the frame loop alone: the upgrade is long done
+        ws.parser = WsProtocol.parse(ws)  # the frame loop alone: the upgrade is done
         next(ws.parser)
         return True
 
@@ -133,18 +172,22 @@ class WebSocketProtocol(GatewayProtocol):
             response = ws.accept(request)  # checks the upgrade headers and the Origin
         ws.send_response(response)
         server.counters["ws_upgrades" if response.status_code == 101 else "ws_upgrades_refused"] += 1
-        if response.status_code != 101:
+        if response.status_code == 101:
+            self._restart_parser()  # let go of the request's headers now, not at the first idle sweep
+        else:
             reason = refused or CloseReason.BAD_UPGRADE
             self.conn.close(reason, f"WebSocket upgrade refused: {response.status_code} {response.reason_phrase}")
 
     def _frame(self, frame: Frame, now: float) -> None:
         opcode = frame.opcode
         if opcode is _BINARY or opcode is _CONT:
-            if not frame.fin:  # a fragment; the library bounds the whole message to max_size
+            if not frame.fin:  # a fragment; the library bounds the message's bytes to max_size
                 if self.fragments is None:
                     self.fragments = [frame.data]
-                else:
+                elif len(self.fragments) < MAX_FRAGMENTS:
                     self.fragments.append(frame.data)
+                else:
+                    self._fail(PROTOCOL_ERROR, f"a message in more than {MAX_FRAGMENTS} fragments")
                 return
             message = frame.data
             if self.fragments is not None:
@@ -152,8 +195,7 @@ class WebSocketProtocol(GatewayProtocol):
                 message, self.fragments = b"".join(self.fragments), None
             self._message(message, now)
         elif opcode is _TEXT:
-            self.ws.fail(UNSUPPORTED_DATA, "Interlink sends binary messages only")
-            self.conn.fail_transport("a WebSocket text message (the protocol is binary messages only)")
+            self._fail(UNSUPPORTED_DATA, "a WebSocket text message (the protocol is binary messages only)")
         elif opcode is _CLOSE:
             self.conn.receive_eof(now)  # the library answers the close
         # ping and pong: answered by the library
@@ -188,7 +230,7 @@ class WebSocketProtocol(GatewayProtocol):
                 conn.close(CloseReason.INTERNAL_ERROR)
         if conn.closed and ws.state is _OPEN:
             reason = conn.close_reason or ""
-            ws.send_close(CLOSE_CODES.get(reason, NORMAL), reason)
+            ws.send_close(self.close_code or CLOSE_CODES.get(reason, NORMAL), reason)
         output = ws.data_to_send()
         if output:
             transport.write(b"".join(output))  # b"" in it asks for EOF: the close below does that

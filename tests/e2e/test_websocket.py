@@ -309,8 +309,63 @@ async def test_an_idle_session_lets_go_of_its_last_large_message(issuers, tmp_pa
         assert bytes_held(proto.ws) > 60_000
         await until(lambda: proto.parser_fresh)  # two quiet sweeps later
         assert bytes_held(proto.ws) < 4_000
-        # The restarted parser reads the next frames as the old one would have.
-        await alice.send_message("bob@beta", {1: b"after the sweep"})
-        assert (await bob.recv(timeout_s=5))["c"] == b"after the sweep"
+        # The restarted parser reads the next frames as the old one would have, and is restarted
+        # again at the next quiet spell.
+        await alice.send_message("bob@beta", {1: b"after the sweep" + bytes(50_000)})
+        assert (await bob.recv(timeout_s=5))["c"][:15] == b"after the sweep"
+        assert bytes_held(proto.ws) > 50_000
+        await until(lambda: proto.parser_fresh)
+        assert bytes_held(proto.ws) < 4_000
         await alice.close()
         await bob.close()
+
+
+async def test_a_flood_of_tiny_control_frames_is_cut_off_at_its_first_read(gateway):
+    """Empty pings parse at microseconds each: a read of thousands would stall every session."""
+    host, port = gateway.ws_address
+    ws = await raw(gateway)
+    ping = b"\x89\x80" + b"\x00" * 4  # an empty, masked ping
+    await ws.send(make_preamble(int(Suite.XX_CHACHAPOLY)))
+    ws.transport.write(ping * 20_000)  # 120 KB of pings in one write
+    assert await close_code(ws) == 1008
+    await until(lambda: closes(gateway, "bad_frame") == 1)
+
+
+async def test_a_message_in_too_many_fragments_is_refused(gateway):
+    ws = await raw(gateway)
+    await ws.send(make_preamble(int(Suite.XX_CHACHAPOLY)))
+    await ws.send([b"x"] * 100)  # one 100-byte message in 100 fragments
+    assert await close_code(ws) == 1002
+    await until(lambda: closes(gateway, "bad_frame") == 1)
+
+
+async def test_a_text_message_after_welcome_gets_err_bad_frame_then_1003(gateway, issuers):
+    page = await BrowserClient.connect(gateway, issuers[0].issue("alice", audience=AUD))
+    await page.ws.send("hello")
+    err = await page.stanza("err")
+    assert err["code"] == "bad_frame" and "text" in err["msg"]
+    assert await close_code(page.ws) == 1003
+
+
+async def test_an_upgrade_with_too_many_headers_or_no_http_is_refused(gateway):
+    with pytest.raises(InvalidStatus) as refused:
+        await ws_connect(gateway.ws_url, additional_headers={f"X-Filler-{i}": "x" for i in range(40)})
+    assert refused.value.response.status_code == 431
+    reader, writer = await asyncio.open_connection(*gateway.ws_address)
+    writer.write(b"HELLO\r\n\r\n")
+    assert await asyncio.wait_for(reader.read(), 5) == b""
+    writer.close()
+    await until(lambda: closes(gateway, "bad_upgrade") == 2)
+    assert gateway._server.counters["ws_upgrades_refused"] == 2
+
+
+async def test_a_trusted_proxy_that_names_no_client_is_limited_as_itself(issuers, tmp_path):
+    config = config_for(issuers, tmp_path, ws_port=0, ws_trusted_proxies=["127.0.0.1"], max_preauth_per_source=1,
+                        source_limits_on_loopback=True)
+    async with Gateway(config) as gateway:
+        first = await ws_connect(gateway.ws_url)  # no X-Forwarded-For: the proxy's own address
+        with pytest.raises(InvalidStatus) as refused:
+            await ws_connect(gateway.ws_url)
+        assert refused.value.response.status_code == 429
+        assert gateway._server.proxy_counters["local"] == 2
+        await first.close()

@@ -113,3 +113,18 @@ async def test_a_proxied_connection_gone_at_once_is_still_known_to_come_from_the
             await asyncio.sleep(0.01)
         assert "bad_preamble" not in server.close_reasons, dict(server.close_reasons)
         assert sum(server.close_reasons.values()) == 20
+
+
+async def test_connections_still_opening_count_toward_max_connections(issuer, tmp_path):
+    """A burst accepted in one turn: those not yet through connection_made count too."""
+    async with gateway_for(issuer, tmp_path, max_connections=6, max_preauth_connections=6) as gateway:
+        server = gateway._server
+        burst = open_many(gateway.port, 12)
+        deadline = time.monotonic() + 5
+        while server.counters["connections_accepted"] + server.close_reasons["over_capacity"] < 12:
+            assert time.monotonic() < deadline, (server.counters, server.close_reasons)
+            await asyncio.sleep(0.01)
+        assert server.counters["connections_accepted"] == 6 and len(server.connections) == 6
+        assert server.close_reasons["over_capacity"] == 6 and not server.opening
+        for sock in burst:
+            sock.close()

@@ -106,3 +106,11 @@ def test_trusted_proxies_match_addresses_and_networks():
 ])
 def test_x_forwarded_for_names_the_rightmost_untrusted_address(lines, client):
     assert TrustedProxies(["10.0.0.0/8"]).client_of(lines, "10.0.0.1") == client
+
+
+def test_x_forwarded_for_looks_at_the_rightmost_entries_only():
+    proxies = TrustedProxies(["10.0.0.0/8"])
+    long_chain = ", ".join(["203.0.113.9"] + [f"10.{i // 65536}.{i // 256 % 256}.{i % 256}" for i in range(100_000)])
+    # Past the 16 rightmost entries nothing is read: all trusted there, the leftmost of them wins.
+    assert proxies.client_of([long_chain], "10.0.0.1") == "10.1.134.144"
+    assert proxies.client_of(["203.0.113.9, 10.0.0.2"], "10.0.0.1") == "203.0.113.9"
