@@ -21,6 +21,12 @@ reset after 100 ms. It reports what it managed; the gateway's ``/varz`` reports 
 The result (JSON): both phases side by side, the ratio of established throughput flooded to
 quiet (goal: at least 0.9) and the well-behaved client's p99 under the flood (goal: at most
 100 ms).
+
+    python bench/source_flood.py --refusal-cost
+
+instead measures what one refusal costs, in this process: the gateway's admission decision
+(``GatewayServer.accept`` refusing an address over its limits) and the accept-and-reset of a
+queued connection (``_socket`` accept, SO_LINGER 0, close), each per call.
 """
 
 from __future__ import annotations
@@ -248,6 +254,49 @@ async def phase(gateway: GatewayProcess, issuer: DemoIssuer, pairs: list[Pair], 
     return result
 
 
+async def refusal_cost(connections: int = 2000) -> dict:
+    """Microseconds per refusal: the admission decision, and the kernel's accept and reset."""
+    import _socket
+
+    from interlink.config import GatewayConfig
+    from interlink.core.edge.listener import reset
+    from interlink.core.edge.server import GatewayProtocol
+    from interlink.gateway import Gateway
+
+    with tempfile.TemporaryDirectory(prefix="interlink-refusal-") as folder:
+        config = GatewayConfig(port=0, data_dir=Path(folder), source_limits_on_loopback=True,
+                               max_preauth_per_source=1, handshakes_per_s_per_source=0.1)
+        async with Gateway(config) as gateway:
+            server, address = gateway._server, (ATTACKER, 5555)
+            server.accept(GatewayProtocol, address)  # takes its one slot: every later call refuses
+            calls = 100_000
+            began = time.perf_counter()
+            for _ in range(calls):
+                server.accept(GatewayProtocol, address)
+            decision_us = (time.perf_counter() - began) / calls * 1e6
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(connections)
+    listener.setblocking(False)
+    clients = [open_from(ATTACKER, listener.getsockname()[1]) for _ in range(connections)]
+    await asyncio.sleep(0.3)  # every connection is in the accept queue
+    family, kind, taken = int(listener.family), int(listener.type), 0
+    began = time.perf_counter()
+    while True:
+        try:
+            fd, _ = listener._accept()
+        except BlockingIOError:
+            break
+        reset(_socket.socket(family, kind, 0, fd))
+        taken += 1
+    accept_reset_us = (time.perf_counter() - began) / max(1, taken) * 1e6
+    for sock in clients:
+        sock.close()
+    listener.close()
+    return {"benchmark": "refusal-cost", "admission_decision_us": round(decision_us, 2),
+            "accept_and_reset_us": round(accept_reset_us, 2), "connections_reset": taken}
+
+
 def varz(admin_port: int) -> dict:
     with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/varz", timeout=5) as response:
         return json.loads(response.read())
@@ -296,6 +345,7 @@ def main() -> None:
     parser.add_argument("--inflight", type=int, default=16)
     parser.add_argument("--payload", type=int, default=100)
     parser.add_argument("--durability", default="sync", choices=["sync", "async"])
+    parser.add_argument("--refusal-cost", action="store_true", help="measure one refusal's cost instead")
     parser.add_argument("--attacker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -306,7 +356,7 @@ def main() -> None:
     if args.attacker:
         print(json.dumps(attack(args.port, args.silent, args.rate, args.seconds)), flush=True)
         return
-    print(json.dumps(uvloop.run(run(args)), indent=2))
+    print(json.dumps(uvloop.run(refusal_cost() if args.refusal_cost else run(args)), indent=2))
 
 
 if __name__ == "__main__":
