@@ -8,7 +8,9 @@ so each loopback address is a source of its own. Two phases of ``--seconds`` eac
 flooded; in both, on CPU 1:
 
 * **established sessions** from 127.0.0.4: ``--pairs`` sender/recipient devices, each sender
-  keeping ``--inflight`` durable 1:1 messages unacked (closed loop): messages acked per second;
+  keeping ``--inflight`` durable 1:1 messages unacked (closed loop: the gateway saturated), or
+  ``--established-rate`` messages a second in total (open loop): messages acked per second (and
+  their p99 in the open loop);
 * **a well-behaved client** from 127.0.0.3: a new connection every 20 ms, handshake and token
   through to ``welcome``, then closed: connect-to-welcome latency p50/p99.
 
@@ -168,23 +170,35 @@ def attack(port: int, silent: int, rate: float, seconds: float) -> dict:
 
 
 class Pair:
-    """A sender keeping ``inflight`` messages unacked to its recipient; acks counted."""
+    """A sender keeping ``inflight`` messages unacked to its recipient (closed loop), or sent
+    messages at a fixed rate (``open_loop``, by ``send_open_loop``); acks and their latency counted."""
 
-    def __init__(self, sender_user: str, recipient_user: str, payload: int) -> None:
+    def __init__(self, sender_user: str, recipient_user: str, payload: int, *, open_loop: bool = False) -> None:
         self.recipient_user = recipient_user
         self.payload = os.urandom(payload)
+        self.open_loop = open_loop
+        self.sent_at: dict[bytes, float] = {}  # open loop: message id -> send time
+        self.ack_ms: list[float] = []
         self.acks = 0
         self.sender: LeanPeer | None = None
         self.recipient: LeanPeer | None = None
         self._seqs: list[int] = []
 
     def message(self) -> bytes:
-        return encode_stanza({"t": "msg", "id": os.urandom(16), "to": self.recipient_user, "c": {1: self.payload}})
+        message_id = os.urandom(16)
+        if self.open_loop:
+            self.sent_at[message_id] = time.perf_counter()
+        return encode_stanza({"t": "msg", "id": message_id, "to": self.recipient_user, "c": {1: self.payload}})
 
     def on_sender_stanza(self, stanza: dict) -> None:
         if stanza.get("t") == "ack":
             self.acks += 1
-            self.sender.queue(self.message())
+            if self.open_loop:
+                sent = self.sent_at.pop(stanza["id"], None)
+                if sent is not None:
+                    self.ack_ms.append((time.perf_counter() - sent) * 1000)
+            else:
+                self.sender.queue(self.message())
 
     def on_recipient_stanza(self, stanza: dict) -> None:
         if stanza.get("t") == "dlv":
@@ -217,6 +231,18 @@ async def good_client(gateway: GatewayProcess, issuer: DemoIssuer, seconds: floa
     return latencies
 
 
+async def send_open_loop(pairs: list[Pair], rate: float, stop: asyncio.Event) -> None:
+    """``rate`` messages a second in total, every millisecond the ones due, spread over the pairs."""
+    began, sent = time.monotonic(), 0
+    while not stop.is_set():
+        due = int((time.monotonic() - began) * rate) - sent
+        for index in range(due):
+            pair = pairs[(sent + index) % len(pairs)]
+            pair.sender.queue(pair.message())
+        sent += max(0, due)
+        await asyncio.sleep(0.001)
+
+
 async def phase(gateway: GatewayProcess, issuer: DemoIssuer, pairs: list[Pair], args, flooded: bool) -> dict:
     attacker = None
     if flooded:
@@ -227,6 +253,9 @@ async def phase(gateway: GatewayProcess, issuer: DemoIssuer, pairs: list[Pair], 
         await asyncio.sleep(2)  # the silent connections are open, the storm is running
     for pair in pairs:
         pair.acks = 0
+        pair.ack_ms = []
+    stop = asyncio.Event()
+    sender = asyncio.create_task(send_open_loop(pairs, args.established_rate, stop)) if args.established_rate else None
     overflows = listen_overflows()
     gateway_cpu = cpu_s(gateway.pid)
     gateway_system = cpu_times(gateway.pid)[1]
@@ -234,11 +263,16 @@ async def phase(gateway: GatewayProcess, issuer: DemoIssuer, pairs: list[Pair], 
     begin = time.monotonic()
     handshake_ms = await good_client(gateway, issuer, args.seconds)
     elapsed = time.monotonic() - begin
+    if sender is not None:
+        stop.set()
+        await sender
     acked = sum(pair.acks for pair in pairs)
     gateway_busy = (cpu_s(gateway.pid) - gateway_cpu) / elapsed
     client_busy = (cpu_s(os.getpid()) - client_cpu) / elapsed
     result = {
         "established_acks_per_s": round(acked / elapsed),
+        **({"established_ack_ms_p99": round(percentile([ms for pair in pairs for ms in pair.ack_ms], 0.99), 2)}
+           if args.established_rate else {}),
         "gateway_cpu_busy": round(gateway_busy, 3),
         "gateway_cpu_system_share": round((cpu_times(gateway.pid)[1] - gateway_system) / max(1e-9, gateway_busy * elapsed), 3),
         "gateway_cpu_us_per_ack": round(gateway_busy * 1e6 * elapsed / max(1, acked), 1),
@@ -311,13 +345,14 @@ async def run(args) -> dict:
                 durability=args.durability, cpu=0, source_limits_on_loopback=True, admin_port=admin_port,
                 max_preauth_connections=4096, **LIFTED_LIMITS)
             async with GatewayProcess(arguments, log_path=Path(folder) / "gateway.log") as gateway:
-                pairs = [Pair(f"s{i}", f"r{i}@bench", args.payload) for i in range(args.pairs)]
+                pairs = [Pair(f"s{i}", f"r{i}@bench", args.payload, open_loop=bool(args.established_rate))
+                         for i in range(args.pairs)]
                 for index, pair in enumerate(pairs):
                     pair.recipient = await connect(gateway, issuer, f"r{index}", ESTABLISHED,
                                                    on_stanza=pair.on_recipient_stanza, on_batch_end=pair.on_recipient_batch)
                     pair.sender = await connect(gateway, issuer, f"s{index}", ESTABLISHED, on_stanza=pair.on_sender_stanza)
                 for pair in pairs:
-                    for _ in range(args.inflight):
+                    for _ in range(0 if args.established_rate else args.inflight):
                         pair.sender.queue(pair.message())
                 await asyncio.sleep(1.0)  # warm-up
                 quiet = await phase(gateway, issuer, pairs, args, flooded=False)
@@ -329,6 +364,7 @@ async def run(args) -> dict:
     return {
         "benchmark": "source-flood",
         "seconds": args.seconds, "pairs": args.pairs, "inflight": args.inflight, "durability": args.durability,
+        "established_rate": args.established_rate or "closed loop",
         "quiet": quiet, "flooded": flooded, "gateway_source_refusals": refusals,
         "established_ratio": round(flooded["established_acks_per_s"] / quiet["established_acks_per_s"], 3),
         "implementation": interlink.core.IMPLEMENTATION, "python": platform.python_version(),
@@ -342,7 +378,9 @@ def main() -> None:
     parser.add_argument("--silent", type=int, default=10_000, help="connections the attacker opens and holds silent")
     parser.add_argument("--rate", type=float, default=5000.0, help="new attacker connections per second")
     parser.add_argument("--pairs", type=int, default=8)
-    parser.add_argument("--inflight", type=int, default=16)
+    parser.add_argument("--inflight", type=int, default=16, help="closed loop: unacked messages per sender")
+    parser.add_argument("--established-rate", type=float, default=0.0,
+                        help="open loop instead: messages/s in total over the pairs (0: closed loop)")
     parser.add_argument("--payload", type=int, default=100)
     parser.add_argument("--durability", default="sync", choices=["sync", "async"])
     parser.add_argument("--refusal-cost", action="store_true", help="measure one refusal's cost instead")
