@@ -237,10 +237,35 @@ def test_validate_localpart_contract():
     assert validate_localpart("alice") == "alice"
     assert localpart_error("a" * 64) is None
     assert localpart_error("a" * 65) == "is 65 bytes long in UTF-8 (at most 64)"
-    assert localpart_error("\u0085") == "contains a control character"  # C1 control (Cc)
+    assert localpart_error("\u0085") == "contains U+0085, a control or invisible formatting character"  # C1 (Cc)
     with pytest.raises(AuthError) as info:
         validate_localpart("a@b")
     assert info.value.code == "auth_failed"
+
+
+def test_invisible_characters_cannot_disguise_one_address_as_another():
+    """\ufeffalice, al\u200cice, al\u202eice would each show as a name they are not."""
+    for disguised in ("\ufeffalice", "al\u200bice", "alice\u2028", "al\u202eice", "\u2066alice", "ali\u00adce",
+                      "al\u200cice", "alice\u200d", "\u200d\u0645", "a\U000e0041"):
+        assert localpart_error(disguised) is not None, repr(disguised)
+    # The joiners are spelling between non-ASCII characters: Persian, and emoji sequences.
+    for spelled in ("\u0645\u06cc\u200c\u0634\u0648\u062f", "\U0001f468\u200d\U0001f469"):
+        assert localpart_error(spelled) is None, repr(spelled)
+
+
+def test_the_invisible_character_class_is_the_running_unicode_databases():
+    """The class is written out (a regex, for speed); it must hold every Cc, Cf, Zl and Zp code
+    point this Python knows, and nothing else but the two joiners it leaves to a second rule."""
+    import unicodedata
+
+    from interlink.core.domain.auth.providers import _CONTROL_CHARACTER, INVISIBLE_CATEGORIES
+
+    mismatched = [
+        hex(point) for point in range(0x110000)
+        if not 0xD800 <= point <= 0xDFFF and point not in (0x200C, 0x200D)
+        and (unicodedata.category(chr(point)) in INVISIBLE_CATEGORIES) != bool(_CONTROL_CHARACTER.match(chr(point)))
+    ]
+    assert mismatched == [], f"Unicode {unicodedata.unidata_version}: update _CONTROL_CHARACTER for {mismatched[:10]}"
 
 
 # -- algorithms and signatures ------------------------------------------------------------------

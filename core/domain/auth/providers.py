@@ -68,16 +68,31 @@ def _is_loopback(host: str) -> bool:
 # --------------------------------------------------------------------------------------------
 
 
-# Unicode category Cc is exactly these 65 code points; a regex finds them without a Python-level
-# loop over the characters (this check runs on every routed stanza's address).
-_CONTROL_CHARACTER = re.compile("[\x00-\x1f\x7f-\x9f]")
+# Control characters (Unicode category Cc) and the invisible ones that change how text shows
+# without being seen: formatting characters (Cf: zero-width spaces and joiners, the byte-order
+# mark, bidirectional overrides, tags) and the line and paragraph separators (Zl, Zp). Each would
+# let a user's address look like another's ("\ufeffalice" shows as "alice"). As of Unicode 14
+# (Python 3.11); tests/domain/test_auth.py checks the class against the running unicodedata. A
+# regex finds them without a Python-level loop over the characters (this check runs on every
+# routed stanza's address).
+_CONTROL_CHARACTER = re.compile(
+    "[\u0000-\u001f\u007f-\u009f\u00ad\u0600-\u0605\u061c\u06dd\u070f\u0890-\u0891\u08e2\u180e"
+    "\u200b\u200e-\u200f\u2028-\u202e\u2060-\u2064\u2066-\u206f\ufeff\ufff9-\ufffb\U000110bd\U000110cd"
+    "\U00013430-\U00013438\U0001bca0-\U0001bca3\U0001d173-\U0001d17a\U000e0001\U000e0020-\U000e007f]"
+)
+INVISIBLE_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp"})
+# The zero-width non-joiner and joiner (U+200C, U+200D) are spelling in Persian, Arabic and Indic
+# words (and in emoji sequences), so they pass between two non-ASCII characters; at an end or
+# beside an ASCII character they could only disguise a name ("al\u200cice").
+_LOOSE_JOINER = re.compile("(?:^|[\x00-\x7f])[\u200c\u200d]|[\u200c\u200d](?:$|[\x00-\x7f])")
 
 
 def localpart_error(value: object) -> str | None:
     """Why ``value`` is not a valid localpart (docs/protocol.md §3), or None if it is valid.
 
-    Valid: a str of 1–64 bytes in UTF-8 without ``@``, ``/`` or control characters
-    (Unicode category Cc).
+    Valid: a str of 1–64 bytes in UTF-8 without ``@``, ``/``, control characters or invisible
+    formatting characters (Unicode categories Cc, Cf, Zl, Zp), except a zero-width (non-)joiner
+    between two non-ASCII characters.
     """
     if not isinstance(value, str):
         return "must be a string"
@@ -93,8 +108,14 @@ def localpart_error(value: object) -> str | None:
         return "contains '@'"
     if "/" in value:
         return "contains '/'"
-    if _CONTROL_CHARACTER.search(value):
-        return "contains a control character"
+    found = _CONTROL_CHARACTER.search(value)
+    if found:
+        return f"contains U+{ord(found.group()):04X}, a control or invisible formatting character"
+    if "\u200c" in value or "\u200d" in value:
+        joiner = _LOOSE_JOINER.search(value)
+        if joiner:
+            character = next(c for c in joiner.group() if c in "\u200c\u200d")
+            return f"contains U+{ord(character):04X} (a zero-width joiner) at an end or beside an ASCII character"
     return None
 
 
