@@ -18,7 +18,8 @@
 
 const subtle = globalThis.crypto.subtle;
 const utf8Encoder = new TextEncoder();
-const utf8Decoder = new TextDecoder("utf-8", { fatal: true });
+// ignoreBOM: a leading U+FEFF is part of a msgpack str (§0), not a byte-order mark to drop.
+const utf8Decoder = new TextDecoder("utf-8", { fatal: true, ignoreBOM: true });
 const EMPTY = new Uint8Array(0);
 
 // ------------------------------------------------------------------------------- constants
@@ -33,14 +34,17 @@ const DHLEN = 32; // Curve25519
 const HASHLEN = 32; // SHA-256
 const TAGLEN = 16; // AES-GCM tag
 const MAX_MESSAGE = 65535; // §1: a frame (here: one WebSocket message) holds 1..65535 bytes
+const CLOSE_WAIT_MS = 3000; // how long to wait for the WebSocket close event before ending anyway
 const MAX_STANZAS_PER_MESSAGE = 256; // §4
 const CERT_CONTEXT = utf8Encoder.encode("interlink-node-cert-v1"); // §2 server hello
 const SIGNATURE_BYTES = 64;
 
 /** Every failure this module reports. `code` is the gateway's error code (§5: "bad_audience",
  * "device_mismatch", ...) or one of this client's own: "certificate" (the server hello was
- * refused: wrong operator, expired certificate...), "handshake", "closed", "timeout",
- * "bad_frame", "protocol". `stanza` is the gateway's `err` stanza when there was one. */
+ * refused: wrong operator, expired certificate...), "handshake", "closed", "bye" (the gateway
+ * ended the session, §5: the reason is in the message and `stanza.reason`), "timeout",
+ * "bad_frame", "protocol" (the gateway sent a stanza this client cannot use). `stanza` is the
+ * gateway's `err` (or `bye`) stanza when there was one. */
 export class InterlinkError extends Error {
   constructor(code, message, stanza = undefined) {
     super(message);
@@ -77,6 +81,16 @@ function equalBytes(a, b) {
   for (let i = 0; i < a.length; i++) diff |= a[i] ^ b[i];
   return diff === 0;
 }
+
+// A field of the gateway's, for a message: a string as it is, anything else only described.
+// Never `${value}` on what the gateway sent: a msgpack map with a "toString" key would throw.
+function describe(value) {
+  if (typeof value === "string") return value;
+  if (value === null || value === undefined || ["number", "bigint", "boolean"].includes(typeof value)) return String(value);
+  return value instanceof Uint8Array ? `bin(${value.length})` : Array.isArray(value) ? "an array" : "a map";
+}
+
+const isInt = (value) => Number.isInteger(value) || typeof value === "bigint"; // msgpack int (bool is not)
 
 export function toHex(bytes) {
   return Array.from(toBytes(bytes), (b) => b.toString(16).padStart(2, "0")).join("");
@@ -642,6 +656,10 @@ class Inbox {
     if (this.items.length) return Promise.resolve(this.items.shift());
     return new Promise((resolve) => { this.waiting = resolve; });
   }
+  /** True when next() has something at once. */
+  get ready() {
+    return this.items.length > 0;
+  }
 }
 
 function normalizeRoot(rootPublic) {
@@ -668,7 +686,9 @@ function randomId() {
 
 /** Open a session: the WebSocket, the preamble, the Noise XX handshake with the pinned root,
  * authentication; resolves once the gateway's `welcome` arrived (§1-§3), with an
- * InterlinkClient. Options:
+ * InterlinkClient. What arrived right behind the welcome is read first: if the gateway already
+ * ended the session (a `bye`, or the close, §5), connect rejects instead ("bye" or "closed").
+ * Options:
  *   url         ws:// or wss:// URL of the gateway's WebSocket listener (…/interlink)
  *   token       the provider's JWT for this user (§3)
  *   device      this client's device number, 1..2^31-1
@@ -692,19 +712,21 @@ export class InterlinkClient {
     if (!Number.isInteger(device) || device < 1 || device > 0x7fffffff) throw new TypeError("device must be an integer 1..2^31-1");
     this._options = { url, token, device, agent, staticKey, timeoutMs, now, WebSocket };
     this._root = normalizeRoot(rootPublic);
-    this._status = onStatus ?? (() => {});
+    this._onStatus = onStatus;
     this._inbox = new Inbox();
+    this._reading = false; // true while someone reads the inbox to its end (and then calls _finish)
     this._outbox = []; // encoded stanzas waiting for the next transport message
     this._flushing = null;
+    this._maxPlaintext = MAX_MESSAGE - TAGLEN; // until welcome announces less (§4 limits.max_frame)
     this._pending = new Map(); // "ack:<id hex>" | "iq:<id>" | "ping:<id>" -> {resolve, reject, timer}
     this._nextId = 1;
     this._seen = new Set(); // (from, id) of recent deliveries: §6 says delivery is at least once
     this._queued = []; // dlv waiting for onMessage or the iterator
     this._readers = [];
     this._onMessage = null;
+    this._onClose = null;
     this.onState = null; // (stanza) => {} for typing state (§6)
     this.onError = null; // (InterlinkError) => {} for an `err` that answers nothing of ours
-    this.onClose = null; // ({code, reason, bye, error}) => {}
     this.welcome = null;
     this.certificate = null;
     this.closed = false;
@@ -725,24 +747,52 @@ export class InterlinkClient {
     while (callback && this._queued.length) this._callback(this._queued.shift());
   }
 
+  /** ({code, reason, bye, error}) => {} once the session ended. Set on a session that has
+   * already ended, it is called at once. */
+  get onClose() { return this._onClose; }
+  set onClose(callback) {
+    this._onClose = callback;
+    if (callback && this.closed) this._notify("onClose", callback, this.closeInfo);
+  }
+
+  // An application callback: whatever it throws is reported, never the end of the session.
+  _notify(name, callback, value) {
+    try {
+      callback?.(value);
+    } catch (error) {
+      console.error(`interlink: ${name} threw`, error);
+    }
+  }
+
+  _status(text) {
+    this._notify("onStatus", this._onStatus, text);
+  }
+
   // -- connecting (§1-§3)
 
   async _open() {
     const { url, timeoutMs, WebSocket: Socket } = this._options;
     const timer = setTimeout(() => this._abort(new InterlinkError("timeout", `no welcome within ${timeoutMs} ms`)), timeoutMs);
+    // The handshake reads the inbox (and finishes the session once the close arrives), as the
+    // read loop does later: messages already queued (welcome, then a bye) are read in order.
+    this._reading = true;
     try {
       this._status("connecting");
       const ws = new Socket(url);
       this._ws = ws;
       ws.binaryType = "arraybuffer";
       ws.onmessage = (event) => {
-        if (event.data instanceof ArrayBuffer) this._inbox.push(new Uint8Array(event.data));
-        else this._abort(new InterlinkError("protocol", "the gateway sent a text message (§1: binary only)"));
+        if (!(event.data instanceof ArrayBuffer)) {
+          this._abort(new InterlinkError("protocol", "the gateway sent a text message (§1: binary only)"));
+        } else if (event.data.byteLength > MAX_MESSAGE) {
+          // §1: a message holds at most 65535 bytes; the gateway refuses larger ones (1009), so do we.
+          this._abort(new InterlinkError("bad_frame", `the gateway sent a message of ${event.data.byteLength} bytes (§1: at most ${MAX_MESSAGE})`));
+        } else this._inbox.push(new Uint8Array(event.data));
       };
       ws.onclose = (event) => {
         this._wsClose = { code: event.code, reason: event.reason };
         this._inbox.end();
-        if (!this._reading) this._finish(); // else the read loop finishes once it has read the rest
+        if (!this._reading) this._finish(); // else the reader finishes once it has read the rest
       };
       ws.onerror = () => {}; // a close event follows
       await new Promise((resolve, reject) => {
@@ -750,7 +800,16 @@ export class InterlinkClient {
         ws.addEventListener("close", () => reject(new InterlinkError("closed", `cannot open ${url}`)));
       });
       await this._handshake();
+      // What arrived right behind the welcome is read before connect resolves: a gateway may
+      // say bye and close at once (§5), and connect must not hand out a session already over.
+      while (this._inbox.ready && !this._bye) {
+        const message = await this._inbox.next();
+        if (message === CLOSED) throw this._endError();
+        this._handle(await this._decrypt(message));
+      }
+      if (this._bye) throw this._endError();
     } catch (error) {
+      this._reading = false;
       this._abort(error);
       await this._closedPromise;
       throw this.closeInfo.error ?? error;
@@ -789,11 +848,24 @@ export class InterlinkClient {
     // §2: the gateway's first transport message is `welcome`, or `err` and the close.
     const stanzas = await this._decrypt(await this._next("welcome"));
     const first = stanzas.shift();
-    if (first?.t === "err") throw new InterlinkError(String(first.code), `${first.code}: ${first.msg ?? ""}`, first);
-    if (first?.t === "bye") throw new InterlinkError("closed", `gateway said bye: ${first.reason}`, first);
-    if (first?.t !== "welcome") throw new InterlinkError("protocol", `expected welcome, got ${first?.t}`);
+    if (!first) throw new InterlinkError("protocol", "expected welcome, got an empty message");
+    if (first.t === "err") throw errorOf(first);
+    if (first.t === "bye") {
+      this._onBye(first);
+      throw this._endError();
+    }
+    if (first.t !== "welcome") throw new InterlinkError("protocol", `expected welcome, got ${first.t}`);
+    // §4: `user` is an address and `device` an int; a welcome without them is unusable.
+    if (typeof first.user !== "string" || !Number.isInteger(first.device)) {
+      throw new InterlinkError("protocol", "the gateway's welcome lacks a str 'user' or an int 'device'");
+    }
     this.welcome = first;
-    this._status(`welcome ${first.user}, device ${first.device}` + (first.pending ? `, ${first.pending} waiting` : ""));
+    // §1/§4: never send a message larger than the gateway's limits.max_frame, when it is a
+    // usable int (as the Python client adopts it), nor ever one over 65535 bytes.
+    const maxFrame = first.limits?.max_frame;
+    if (Number.isInteger(maxFrame) && maxFrame > TAGLEN) this._maxPlaintext = Math.min(MAX_MESSAGE, maxFrame) - TAGLEN;
+    const pending = Number.isInteger(first.pending) && first.pending > 0 ? `, ${first.pending} waiting` : "";
+    this._status(`welcome ${first.user}, device ${first.device}${pending}`);
     this._handle(stanzas); // what came with the welcome (stored items are pushed right after it, §6)
   }
 
@@ -811,11 +883,11 @@ export class InterlinkClient {
   // -- receiving (§4, §6)
 
   async _readLoop() {
-    this._reading = true;
     try {
       for (;;) {
         const message = await this._inbox.next();
         if (message === CLOSED) break;
+        if (this._bye) continue; // §5: nothing counts after bye; wait for the close
         this._handle(await this._decrypt(message));
       }
     } catch (error) {
@@ -827,36 +899,41 @@ export class InterlinkClient {
     this._finish();
   }
 
+  // Each stanza's fields are checked before use (§4, §6): an ack, res or pong without a usable
+  // id matches no request and is ignored, as the Python client does.
   _handle(stanzas) {
     const seqs = [];
     for (const stanza of stanzas) {
       switch (stanza.t) {
         case "dlv":
-          seqs.push(stanza.seq);
+          if (isInt(stanza.seq)) seqs.push(stanza.seq); // only ints go back in recv
           this._deliver(stanza);
           break;
         case "ack":
-          this._settle(`ack:${toHex(stanza.id)}`, stanza);
+          if (stanza.id instanceof Uint8Array) this._settle(`ack:${toHex(stanza.id)}`, stanza);
           break;
         case "res":
-          this._settle(`iq:${stanza.id}`, stanza);
+          if (Number.isInteger(stanza.id)) this._settle(`iq:${stanza.id}`, stanza);
           break;
         case "pong":
-          this._settle(`ping:${stanza.id}`, stanza);
+          if (Number.isInteger(stanza.id)) this._settle(`ping:${stanza.id}`, stanza);
           break;
         case "err": {
-          const error = new InterlinkError(String(stanza.code), `${stanza.code}: ${stanza.msg ?? ""}`, stanza);
-          const key = stanza.ref instanceof Uint8Array ? `ack:${toHex(stanza.ref)}` : stanza.id !== undefined ? `iq:${stanza.id}` : null;
+          // §4: `ref` answers a msg/rcpt, `id` an iq. One that answers no request waiting here
+          // (none, malformed, or late) goes to onError, as the Python client hands it to the app.
+          const error = errorOf(stanza);
+          const key = stanza.ref instanceof Uint8Array ? `ack:${toHex(stanza.ref)}`
+            : Number.isInteger(stanza.id) ? `iq:${stanza.id}` : null;
           if (key !== null && this._pending.has(key)) this._settle(key, null, error);
-          else this.onError?.(error);
+          else this._notify("onError", this.onError, error);
           break;
         }
         case "state":
-          this.onState?.(stanza);
+          this._notify("onState", this.onState, stanza);
           break;
-        case "bye": // §5: the gateway closes after it
-          this._bye = stanza.reason;
-          break;
+        case "bye": // §5: the session is over; the gateway closes after it
+          this._onBye(stanza);
+          return; // no recv either: what was delivered comes again next session (§6)
       }
     }
     // §6: recv with their seqs deletes the items and lets more come (one recv per message read).
@@ -864,21 +941,20 @@ export class InterlinkClient {
   }
 
   _deliver(dlv) {
-    const key = `${dlv.from}/${dlv.id instanceof Uint8Array ? toHex(dlv.id) : dlv.seq}`;
-    if (this._seen.has(key)) return; // a redelivery (§6: drop duplicates by (from, id))
-    this._seen.add(key);
-    if (this._seen.size > 4096) this._seen.delete(this._seen.values().next().value);
+    // §6: drop duplicates by (from, id); one without a str from and a bin id is handed out as it is.
+    if (typeof dlv.from === "string" && dlv.id instanceof Uint8Array) {
+      const key = `${dlv.from}/${toHex(dlv.id)}`;
+      if (this._seen.has(key)) return; // a redelivery
+      this._seen.add(key);
+      if (this._seen.size > 4096) this._seen.delete(this._seen.values().next().value);
+    }
     if (this._onMessage) this._callback(dlv);
     else if (this._readers.length) this._readers.shift()({ value: dlv, done: false });
     else this._queued.push(dlv);
   }
 
   _callback(dlv) {
-    try {
-      this._onMessage(dlv);
-    } catch (error) {
-      console.error("interlink: onMessage threw", error);
-    }
+    this._notify("onMessage", this._onMessage, dlv);
   }
 
   /** `for await (const dlv of client)`: deliveries until the session ends. */
@@ -921,8 +997,7 @@ export class InterlinkClient {
 
   _sendStanza(stanza) {
     const bytes = encode(stanza);
-    const maxPlaintext = (this.limits.max_frame ?? MAX_MESSAGE) - TAGLEN;
-    if (bytes.length > maxPlaintext) throw new InterlinkError("too_large", `a stanza of ${bytes.length} bytes does not fit one message`);
+    if (bytes.length > this._maxPlaintext) throw new InterlinkError("too_large", `a stanza of ${bytes.length} bytes does not fit one message`);
     this._outbox.push(bytes);
     // From the next microtask on: stanzas queued in the same turn leave together.
     if (!this._flushing) this._flushing = Promise.resolve().then(() => this._flush());
@@ -931,17 +1006,16 @@ export class InterlinkClient {
   // Queued stanzas leave in as few transport messages as fit (at most 256 and one frame each).
   async _flush() {
     try {
-      const maxPlaintext = (this.limits.max_frame ?? MAX_MESSAGE) - TAGLEN;
-      while (this._outbox.length && !this.closed) {
+      while (this._outbox.length && !this.closed && !this._bye) {
         const batch = [];
         let size = 0;
-        while (this._outbox.length && batch.length < MAX_STANZAS_PER_MESSAGE && size + this._outbox[0].length <= maxPlaintext) {
+        while (this._outbox.length && batch.length < MAX_STANZAS_PER_MESSAGE && size + this._outbox[0].length <= this._maxPlaintext) {
           size += this._outbox[0].length;
           batch.push(this._outbox.shift());
         }
         if (!batch.length) batch.push(this._outbox.shift()); // (cannot happen: sizes are checked when queued)
         const message = await this._send.encryptWithAd(EMPTY, concat(...batch));
-        if (this._ws.readyState === 1) this._ws.send(message);
+        if (this._ws.readyState === 1 && !this._bye) this._ws.send(message);
       }
     } catch (error) {
       this._abort(error);
@@ -952,7 +1026,8 @@ export class InterlinkClient {
 
   _checkOpen() {
     if (this.closed || this._closing || !this.welcome) {
-      throw new InterlinkError("closed", this.closeInfo?.error?.message ?? "the session is not open");
+      const why = this._error ?? (this._bye ? this._endError() : null);
+      throw new InterlinkError("closed", why ? `the session is over: ${why.message}` : "the session is not open");
     }
   }
 
@@ -974,6 +1049,10 @@ export class InterlinkClient {
     clearTimeout(waiter.timer);
     if (error) waiter.reject(error);
     else waiter.resolve(value);
+  }
+
+  _rejectAll(error) {
+    for (const key of [...this._pending.keys()]) this._settle(key, null, error);
   }
 
   /** §6: a 1:1 message, one ciphertext per device of `to` ({1: bytes, 2: bytes} or a Map).
@@ -1006,7 +1085,11 @@ export class InterlinkClient {
 
   /** §7 devices.get: the device numbers of `user`. */
   async devices(user) {
-    return (await this.iq("devices.get", { user })).devices;
+    const { devices } = await this.iq("devices.get", { user });
+    if (!Array.isArray(devices) || !devices.every((d) => Number.isInteger(d) && d >= 1 && d <= 0x7fffffff)) {
+      throw new InterlinkError("protocol", "devices.get answered without a list of device numbers");
+    }
+    return devices;
   }
 
   /** §4: a ping; resolves with the round trip in milliseconds. */
@@ -1017,27 +1100,50 @@ export class InterlinkClient {
     return performance.now() - started;
   }
 
-  /** Close the session; resolves once the WebSocket is closed. */
+  /** Close the session; resolves once the WebSocket is closed (or after 3 s without an answer). */
   async close() {
     if (!this.closed && !this._closing) {
       this._closing = true;
       if (this._flushing) await this._flushing; // let queued stanzas (recv) leave first
-      this._ws.close(1000, "client closed");
+      this._closeSocket("client closed");
     }
     await this._closedPromise;
   }
 
   // -- ending
 
+  // §5: after bye the session is over: nothing more is sent, what waits for an answer is
+  // refused with the bye's reason, and the client closes (the Python client ends it the same way).
+  _onBye(stanza) {
+    this._byeStanza = stanza;
+    this._bye = describe(stanza.reason);
+    this._closing = true;
+    this._outbox.length = 0;
+    this._rejectAll(this._endError());
+    this._closeSocket("bye");
+  }
+
+  // Close the WebSocket; _finish follows on its close event, or after CLOSE_WAIT_MS without one.
+  _closeSocket(reason) {
+    const ws = this._ws;
+    if (ws && ws.readyState <= 1) ws.close(1000, reason); // (browsers allow only 1000 and 3000-4999 here)
+    else this._inbox.end();
+    if (!ws || (this._wsClose && !this._reading)) this._finish(); // no close event is coming, nor a reader to finish
+    else if (!this._wsClose) this._lastResort ??= setTimeout(() => this._finish(), CLOSE_WAIT_MS);
+  }
+
   _abort(error) {
     if (this.closed) return;
     this._error ??= error;
     this._closing = true;
-    const ws = this._ws;
-    if (ws && ws.readyState <= 1) ws.close(1000, "client aborted");
-    else this._inbox.end();
-    if (!ws || this._wsClose) this._finish(); // no close event is coming
-    else this._lastResort ??= setTimeout(() => this._finish(), 3000); // in case the close event never comes
+    this._closeSocket("client aborted");
+  }
+
+  // Why the session ended, when no error of this client's ended it.
+  _endError() {
+    if (this._bye) return new InterlinkError("bye", `gateway said bye: ${this._bye}`, this._byeStanza);
+    const c = this._wsClose ?? {};
+    return new InterlinkError("closed", `connection closed${c.code ? ` (WebSocket close ${c.code})` : ""}`);
   }
 
   _finish() {
@@ -1046,16 +1152,20 @@ export class InterlinkClient {
     clearTimeout(this._lastResort);
     this._inbox.end();
     const c = this._wsClose ?? {};
-    const error = this._error ?? new InterlinkError(this._bye ? "bye" : "closed",
-      this._bye ? `gateway said bye: ${this._bye}` : `connection closed${c.code ? ` (WebSocket close ${c.code})` : ""}`);
     this.closeInfo = { code: c.code, reason: c.reason, bye: this._bye ?? null, error: this._error ?? null };
-    for (const key of [...this._pending.keys()]) this._settle(key, null, error);
+    this._rejectAll(this._error ?? this._endError());
     for (const resolve of this._readers.splice(0)) resolve({ value: undefined, done: true });
     this._status(this._error ? `error: ${this._error.message}` : this._bye ? `closed: bye ${this._bye}` : "closed");
-    try {
-      this.onClose?.(this.closeInfo);
-    } finally {
-      this._resolveClosed();
-    }
+    this._notify("onClose", this._onClose, this.closeInfo);
+    this._resolveClosed();
   }
+}
+
+/** The InterlinkError of an `err` stanza (§5), whatever its fields hold. */
+function errorOf(stanza) {
+  const msg = typeof stanza.msg === "string" ? stanza.msg : "";
+  if (typeof stanza.code !== "string") {
+    return new InterlinkError("protocol", `the gateway sent an err without a str code (${describe(stanza.code)}): ${msg}`, stanza);
+  }
+  return new InterlinkError(stanza.code, `${stanza.code}: ${msg}`, stanza);
 }

@@ -1,7 +1,8 @@
 """The browser client ``bindings/web/interlink.js``, run for real under Deno (the ``deno`` test
 dependency: WebCrypto X25519/Ed25519/AES-GCM and a browser-compatible WebSocket): its Noise XX
 against the published vectors, its msgpack, a chat with the Python SDK over a real gateway in
-both directions, the refusals of docs/protocol.md §2, and the web demo (``interlink.webdemo``)
+both directions, the refusals of docs/protocol.md §2, what it does with a hostile gateway (a
+fake one below, with a real root-signed certificate), and the web demo (``interlink.webdemo``)
 that serves it. ``tests/api/web_client_driver.js`` runs the commands the tests send it."""
 
 from __future__ import annotations
@@ -21,10 +22,18 @@ import aiohttp
 import msgpack
 import pytest
 from websockets.asyncio.client import connect as ws_connect
-from websockets.exceptions import InvalidStatus
+from websockets.asyncio.server import serve as ws_serve
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from interlink.client import Client
-from interlink.core.protocol.certs import generate_root_key, x25519_public
+from interlink.core.protocol.certs import (
+    generate_root_key,
+    generate_static_key,
+    issue_node_certificate,
+    server_hello,
+    x25519_public,
+)
+from interlink.core.protocol.noise import NoiseSession, make_preamble
 from interlink.gateway import Gateway
 from interlink.webdemo import WEB_DIR, WebDemo
 from three_providers import AUD, config_for
@@ -53,7 +62,7 @@ class Driver:
     def __init__(self, process: asyncio.subprocess.Process, log: Path) -> None:
         self.process, self.log = process, log
 
-    async def call(self, op: str, *, ok: bool = True, **args) -> dict:
+    async def call(self, op: str, *, ok: bool | None = True, **args) -> dict:
         self.process.stdin.write((json.dumps({"op": op, **args}) + "\n").encode())
         await self.process.stdin.drain()
         line = await asyncio.wait_for(self.process.stdout.readline(), 15)
@@ -61,7 +70,7 @@ class Driver:
             await asyncio.wait_for(self.process.wait(), 5)
             pytest.fail(f"deno exited ({self.process.returncode}): {self.log.read_text(errors='replace')}")
         answer = json.loads(line)
-        assert answer["ok"] is ok, answer
+        assert ok is None or answer["ok"] is ok, answer
         return answer
 
 
@@ -133,7 +142,8 @@ async def test_msgpack_round_trips_what_the_protocol_uses(driver):
         "ints": [0, 127, 128, 255, 256, 65535, 65536, 2**32 - 1, 2**32, 2**53, 2**63, 2**64 - 1,
                  -1, -32, -33, -128, -129, -32768, -32769, -2**31, -2**31 - 1, -2**63],
         "floats": [1.5, -0.25, 1e300], "flags": [True, False, None],
-        "strs": ["", "é" * 40, "x" * 300, "🙂" * 20000], "bins": [b"", b"\xff" * 70000],
+        "strs": ["", "é" * 40, "x" * 300, "🙂" * 20000, "\ufeffalice@alpha", "\ufeff"],  # a BOM is text: kept
+        "bins": [b"", b"\xff" * 70000],
         "nested": {"list": list(range(20)), "map": {str(i): i for i in range(20)}},
     }
     packed = msgpack.packb(value, use_bin_type=True)
@@ -229,6 +239,269 @@ async def test_the_js_client_refuses_a_gateway_its_pinned_root_does_not_certify(
     assert wrong["code"] == "bad_audience"
     assert (await driver.call("connect", rootPublic=root, **connect))["welcome"]["user"] == "alice@alpha"
     await driver.call("close", name="alice")
+
+
+# ----------------------------------------------------------------- against a hostile gateway
+
+
+class FakeSession:
+    """The server's end of one session with the fake gateway, after the handshake."""
+
+    def __init__(self, ws, noise: NoiseSession, auth: dict) -> None:
+        self.ws, self.noise, self.auth = ws, noise, auth
+        self.received: list[dict] = []  # every stanza the client sent, in order
+
+    async def send(self, *stanzas) -> None:
+        """The stanzas back to back in one transport message (§4)."""
+        await self.ws.send(self.noise.encrypt(b"".join(msgpack.packb(s, use_bin_type=True) for s in stanzas)))
+
+    async def recv(self) -> list[dict]:
+        unpacker = msgpack.Unpacker(raw=False, strict_map_key=False)
+        unpacker.feed(self.noise.decrypt(await self.ws.recv()))
+        stanzas = list(unpacker)
+        self.received += stanzas
+        return stanzas
+
+    async def serve(self) -> None:
+        """Answer as a gateway would: pong to ping, ack to msg; until the client closes."""
+        try:
+            while True:
+                for stanza in await self.recv():
+                    if stanza["t"] == "ping":
+                        await self.send({"t": "pong", "id": stanza["id"]})
+                    elif stanza["t"] == "msg":
+                        await self.send({"t": "ack", "id": stanza["id"], "ts": 1764150000123})
+        except ConnectionClosed:
+            pass
+
+
+def welcome(**limits) -> dict:
+    return {"t": "welcome", "user": "alice@alpha", "device": 1, "session": bytes(16), "pending": 0,
+            "limits": {"max_frame": 65535, "max_devices": 5, "window": 64, **limits}}
+
+
+class FakeGateway:
+    """A gateway that does the real handshake (NoiseSession as responder, suite 0x02, a node
+    certificate signed by its own root), then lets the test's ``script`` misbehave."""
+
+    def __init__(self, script) -> None:
+        self.script = script
+        self.root = generate_root_key()
+        self.static = generate_static_key()
+        now = int(time.time())
+        self.cert = issue_node_certificate(self.root, x25519_public(self.static), "fake-node", now - 60, now + 3600)
+        self.root_public = self.root.public_key().public_bytes_raw().hex()
+        self.sessions: list[FakeSession] = []
+        self.failures: list[BaseException] = []
+
+    async def handler(self, ws) -> None:
+        try:
+            prologue = await ws.recv()
+            assert prologue == make_preamble(0x02)
+            noise = NoiseSession("Noise_XX_25519_AESGCM_SHA256", initiator=False, static_private=self.static,
+                                 prologue=prologue)
+            noise.read_message(await ws.recv())
+            await ws.send(noise.write_message(server_hello(self.cert, "fake-node", int(time.time() * 1000))))
+            session = FakeSession(ws, noise, msgpack.unpackb(noise.read_message(await ws.recv())))
+            self.sessions.append(session)
+            await self.script(session)
+        except ConnectionClosed:
+            pass
+        except BaseException as exc:
+            self.failures.append(exc)
+            raise
+
+
+@pytest.fixture
+async def fake_gateway():
+    """``await fake_gateway(script)``: a running FakeGateway (``.url``, ``.root_public``)."""
+    servers = []
+
+    async def start(script) -> FakeGateway:
+        fake = FakeGateway(script)
+        server = await ws_serve(fake.handler, "127.0.0.1", 0, compression=None, close_timeout=0.5, max_size=1 << 20)
+        servers.append((server, fake))
+        fake.url = f"ws://127.0.0.1:{server.sockets[0].getsockname()[1]}/interlink"
+        return fake
+
+    yield start
+    for server, fake in servers:
+        for connection in server.connections:
+            connection.transport.abort()  # some scripts leave their peer hanging on purpose
+        server.close()
+        await server.wait_closed()
+        assert not fake.failures, fake.failures
+
+
+async def test_a_bye_right_after_welcome_is_never_lost(fake_gateway, driver):
+    """§5: the gateway says bye and closes. connect rejects with the bye, or resolves with an open
+    session that then reports the bye; it never resolves with a session already over."""
+
+    async def bye_then_close(session: FakeSession) -> None:
+        await session.send(welcome())
+        await session.send({"t": "bye", "reason": "replaced"})
+        await session.ws.close(1000, "replaced")
+
+    async def bye_with_welcome(session: FakeSession) -> None:
+        await session.send(welcome(), {"t": "bye", "reason": "replaced"})  # one transport message
+        await session.serve()
+
+    for script in (bye_then_close, bye_then_close, bye_then_close, bye_with_welcome):
+        fake = await fake_gateway(script)
+        answer = await driver.call("connect", ok=None, name="alice", url=fake.url, token="t", rootPublic=fake.root_public)
+        if answer["ok"]:
+            assert script is bye_then_close and answer["closedAtResolve"] is False
+            info = (await driver.call("closed", name="alice"))["info"]
+            assert info["bye"] == "replaced" and info["error"] is None, info
+        else:
+            assert answer["error"]["code"] == "bye" and "replaced" in answer["error"]["message"], answer
+    # With the welcome in the same message, the bye is read before connect could resolve; the
+    # client closed the socket itself, without waiting for the gateway's close.
+    assert answer["ok"] is False
+    await until(lambda: fake.sessions[0].ws.close_code == 1000)
+
+
+async def test_bye_ends_the_session_at_once(fake_gateway, driver):
+    """§5: after bye nothing more is sent (not even the recv of a dlv in the same message), what
+    waits for an answer is refused with the bye's reason, and the client closes the socket."""
+
+    async def bye_instead_of_pong(session: FakeSession) -> None:
+        await session.send(welcome())
+        (ping,) = await session.recv()
+        assert ping["t"] == "ping"
+        await session.send({"t": "dlv", "seq": 5, "k": "msg", "id": bytes(16), "from": "bob@beta", "dev": 1,
+                            "ts": 1, "c": b"x"}, {"t": "bye", "reason": "suspended"})
+        with pytest.raises(ConnectionClosed) as closed:
+            await session.recv()  # the client's close, and nothing before it
+        assert closed.value.rcvd.code == 1000
+
+    fake = await fake_gateway(bye_instead_of_pong)
+    await driver.call("connect", name="alice", url=fake.url, token="t", rootPublic=fake.root_public, timeoutMs=3000)
+    refused = (await driver.call("ping", ok=False, name="alice"))["error"]
+    assert refused["code"] == "bye" and "suspended" in refused["message"]
+    assert (await driver.call("send", ok=False, name="alice", to="bob@beta", c={"1": "00"}))["error"]["code"] == "closed"
+    info = (await driver.call("closed", name="alice"))["info"]
+    assert info["bye"] == "suspended" and info["error"] is None
+    assert fake.sessions[0].received == [{"t": "ping", "id": 1}]
+
+
+async def test_limits_max_frame_is_adopted_only_when_sane(fake_gateway, driver):
+    """welcome's max_frame lowers what the client sends only when it is an int over the tag size;
+    what it sends stays within 65,535 bytes whatever the gateway says (§1, §4)."""
+
+    async def announce(session: FakeSession) -> None:
+        await session.send(welcome(max_frame=json.loads(session.auth["token"])))
+        await session.serve()
+
+    fake = await fake_gateway(announce)
+    for max_frame in ("300", 1.5, 16, 0, -1, None, [300]):  # not adopted: 65,535 holds
+        await driver.call("connect", name="alice", url=fake.url, token=json.dumps(max_frame), rootPublic=fake.root_public)
+        assert (await driver.call("send", name="alice", to="bob@beta", c={"1": "ab" * 1000}))["ack"]["ts"]
+        await driver.call("close", name="alice")
+    for max_frame, fits, too_large in ((300, 200, 300), (100_000, 65_000, 65_520)):
+        await driver.call("connect", name="alice", url=fake.url, token=json.dumps(max_frame), rootPublic=fake.root_public)
+        await driver.call("send", name="alice", to="bob@beta", c={"1": "ab" * fits})
+        refused = await driver.call("send", ok=False, name="alice", to="bob@beta", c={"1": "ab" * too_large})
+        assert refused["error"]["code"] == "too_large", max_frame
+        await driver.call("close", name="alice")
+    assert [len(s.received) for s in fake.sessions] == [1] * 7 + [1, 1]  # nothing refused was sent
+
+
+async def test_a_transport_message_over_65535_bytes_ends_the_session(fake_gateway, driver):
+    """§1: no message over 65,535 bytes, even one that decrypts; it is bad_frame, and nothing of it is delivered."""
+
+    async def oversized(session: FakeSession) -> None:
+        await session.send(welcome())
+        await session.send({"t": "dlv", "seq": 1, "k": "msg", "id": bytes(16), "from": "bob@beta", "dev": 1,
+                            "ts": 1, "c": bytes(66_000)})
+        await session.serve()
+
+    fake = await fake_gateway(oversized)
+    await driver.call("connect", name="alice", url=fake.url, token="t", rootPublic=fake.root_public)
+    info = (await driver.call("closed", name="alice"))["info"]
+    assert info["error"]["code"] == "bad_frame" and "65535" in info["error"]["message"], info
+    assert (await driver.call("next", ok=False, name="alice", timeoutMs=100))["error"]["code"] == "closed"
+    assert fake.sessions[0].received == []
+
+
+async def test_malformed_stanzas_are_refused_or_ignored_never_a_crash(fake_gateway, driver):
+    """Fields the client uses are checked: an ack/res/pong matching no request is ignored and an
+    err answering none goes to onError (as the Python SDK does), only int seqs are confirmed, a
+    map where text belongs is never interpolated, and a welcome the client cannot use fails
+    connect with "protocol"."""
+    evil = {"toString": 1}  # a msgpack map where a str belongs: `${value}` would throw
+
+    async def malformed(session: FakeSession) -> None:
+        await session.send(welcome())
+        (ping,) = await session.recv()  # the client's callbacks are set by now
+        await session.send(
+            {"t": "ack"}, {"t": "ack", "id": "x"}, {"t": "res", "id": evil}, {"t": "pong", "id": "1"},
+            {"t": "err", "code": "bad_stanza", "ref": bytes(16)},  # answers no request of ours: onError
+            {"t": "err", "code": evil, "msg": evil},  # answers nothing: onError
+            {"t": "state", "from": "bob@beta", "s": "composing"},
+            {"t": "dlv", "seq": "7", "k": "msg", "id": "not bin", "from": evil, "c": b"odd"},
+            {"t": "dlv", "seq": 8, "k": "msg", "id": bytes(16), "from": "bob@beta", "dev": 1, "ts": 1, "c": b"ok"},
+            {"t": "pong", "id": ping["id"]},
+        )
+        await session.serve()
+
+    fake = await fake_gateway(malformed)
+    await driver.call("connect", name="alice", url=fake.url, token="t", rootPublic=fake.root_public)
+    assert (await driver.call("ping", name="alice"))["rtt"] >= 0  # still open
+    assert (await driver.call("next", name="alice"))["dlv"]["c"] == b"odd".hex()  # handed out as it is
+    assert (await driver.call("next", name="alice"))["dlv"]["text"] == "ok"
+    events = (await driver.call("events", name="alice"))["events"]
+    assert [e["kind"] for e in events] == ["error", "error", "state"], events
+    assert [e["error"]["code"] for e in events[:2]] == ["bad_stanza", "protocol"]
+    assert events[2] == {"kind": "state", "from": "bob@beta", "s": "composing"}
+    await driver.call("close", name="alice")
+    assert {"t": "recv", "seq": [8]} in fake.sessions[0].received
+
+    firsts = [{"t": "welcome"}, {**welcome(), "user": evil}, {**welcome(), "device": "1"},
+              {"t": "err", "code": evil, "msg": evil}]
+
+    async def unusable_welcome(session: FakeSession) -> None:
+        await session.send(firsts[int(session.auth["token"])])
+        await session.serve()
+
+    fake = await fake_gateway(unusable_welcome)
+    for i, first in enumerate(firsts):
+        refused = (await driver.call("connect", ok=False, name="alice", url=fake.url, token=str(i),
+                                     rootPublic=fake.root_public))["error"]
+        assert refused["name"] == "InterlinkError" and refused["code"] == "protocol", (first, refused)
+
+
+async def test_close_gives_up_on_a_gateway_that_never_answers_it(driver, fake_gateway):  # the gateway goes first
+    async def deaf(session: FakeSession) -> None:
+        await session.send(welcome())
+        session.ws.transport.pause_reading()  # never reads the close frame, never answers it
+        await session.ws.wait_closed()
+
+    fake = await fake_gateway(deaf)
+    await driver.call("connect", name="alice", url=fake.url, token="t", rootPublic=fake.root_public)
+    assert 2500 <= (await driver.call("close", name="alice"))["ms"] < 5000
+
+
+async def test_callbacks_that_throw_do_not_end_the_session(fake_gateway, driver):
+    """A page's onStatus, onState, onError and onClose may throw: reported, never fatal."""
+
+    async def chatty(session: FakeSession) -> None:
+        await session.send(welcome())
+        (ping,) = await session.recv()
+        await session.send({"t": "state", "from": "bob@beta", "s": "composing"}, {"t": "err", "code": "bad_stanza", "msg": "?"},
+                           {"t": "pong", "id": ping["id"]})
+        (ping,) = await session.recv()
+        await session.send({"t": "pong", "id": ping["id"]}, {"t": "bye", "reason": "drain"})
+        await session.serve()
+
+    fake = await fake_gateway(chatty)
+    opened = await driver.call("connect", name="alice", url=fake.url, token="t", rootPublic=fake.root_public, throwing=True)
+    assert opened["statuses"][-1].startswith("welcome alice@alpha")
+    assert (await driver.call("ping", name="alice"))["rtt"] >= 0
+    assert (await driver.call("ping", name="alice"))["rtt"] >= 0
+    assert [e["kind"] for e in (await driver.call("events", name="alice"))["events"]] == ["state", "error"]
+    assert (await driver.call("closed", name="alice"))["info"]["bye"] == "drain"
+    assert "callback failed" in driver.log.read_text()  # reported on the console
 
 
 # ---------------------------------------------------------------------------- the web demo

@@ -4,11 +4,13 @@
 //   {"op": "connect", "name": "alice", "url": ..., "token": ..., "device": 1, "rootPublic": ...}
 //   -> {"ok": true, ...}  or  {"ok": false, "error": {"code": ..., "message": ...}}
 // Bytes travel as hex. Several named clients can be open at once; their sessions keep running
-// (reading, confirming deliveries) between commands.
+// (reading, confirming deliveries) between commands. What each client's callbacks saw is kept
+// (op "events"); with "throwing": true every callback also throws, as a buggy page's might.
 
 import { connect, decode, encode, fromHex, KeyPair, NoiseXXInitiator, toHex } from "../../bindings/web/interlink.js";
 
 const clients = new Map();
+const records = new Map(); // name -> {events, closed: Promise<closeInfo>}
 const utf8 = new TextDecoder("utf-8", { fatal: true });
 
 function client(name) {
@@ -19,6 +21,14 @@ function client(name) {
 
 function ackInfo(ack) {
   return { ts: ack.ts, dup: ack.dup ?? false, id: toHex(ack.id) };
+}
+
+function errorInfo(error) {
+  return error ? { name: error.name, code: error.code ?? null, message: error.message } : null;
+}
+
+function closeInfo(info) {
+  return { code: info.code ?? null, reason: info.reason ?? null, bye: info.bye, error: errorInfo(info.error) };
 }
 
 function dlvInfo(dlv) {
@@ -56,14 +66,24 @@ async function replay(vector) {
 const ops = {
   async connect(cmd) {
     const statuses = [];
+    const throwing = Boolean(cmd.throwing);
+    const appBug = (what) => { if (throwing) throw new Error(`a page's ${what} callback failed`); };
     const c = await connect({
       url: cmd.url, token: cmd.token, device: cmd.device ?? 1, rootPublic: cmd.rootPublic, agent: "deno-test",
-      timeoutMs: cmd.timeoutMs ?? 5000, onStatus: (s) => statuses.push(s),
+      timeoutMs: cmd.timeoutMs ?? 5000, onStatus: (s) => { statuses.push(s); appBug("onStatus"); },
       ...(cmd.nowMs !== undefined ? { now: () => cmd.nowMs } : {}),
     });
+    const closedAtResolve = c.closed;
     clients.set(cmd.name, c);
+    const events = [];
+    let closed;
+    const whenClosed = new Promise((resolve) => { closed = resolve; });
+    records.set(cmd.name, { events, whenClosed });
+    c.onState = (stanza) => { events.push({ kind: "state", from: String(stanza.from), s: String(stanza.s) }); appBug("onState"); };
+    c.onError = (error) => { events.push({ kind: "error", error: errorInfo(error) }); appBug("onError"); };
+    c.onClose = (info) => { closed(closeInfo(info)); appBug("onClose"); };
     const { user, device, pending, limits } = c.welcome;
-    return { welcome: { user, device, pending, limits }, node: c.certificate.node, statuses };
+    return { welcome: { user, device, pending, limits }, node: c.certificate.node, statuses, closedAtResolve };
   },
   async send(cmd) {
     const byDevice = Object.fromEntries(Object.entries(cmd.c).map(([d, hex]) => [d, fromHex(hex)]));
@@ -87,9 +107,26 @@ const ops = {
   },
   async close(cmd) {
     const c = client(cmd.name);
+    const started = performance.now();
     await c.close();
     clients.delete(cmd.name);
-    return { code: c.closeInfo.code ?? null, bye: c.closeInfo.bye };
+    return { code: c.closeInfo.code ?? null, bye: c.closeInfo.bye, ms: performance.now() - started };
+  },
+  // The closeInfo the client's onClose got, waiting up to timeoutMs for it.
+  async closed(cmd) {
+    const { whenClosed } = records.get(cmd.name);
+    let timer;
+    const timeout = new Promise((_, reject) => {
+      timer = setTimeout(() => reject(new Error(`${cmd.name} not closed within ${cmd.timeoutMs ?? 5000} ms`)), cmd.timeoutMs ?? 5000);
+    });
+    try {
+      return { info: await Promise.race([whenClosed, timeout]) };
+    } finally {
+      clearTimeout(timer);
+    }
+  },
+  events(cmd) {
+    return { events: records.get(cmd.name).events };
   },
   async vector(cmd) {
     return await replay(cmd.vector);
@@ -107,7 +144,7 @@ async function answer(line) {
     if (!op) throw new Error(`unknown op ${cmd.op}`);
     return { ok: true, ...(await op(cmd)) };
   } catch (error) {
-    return { ok: false, error: { name: error.name, code: error.code ?? null, message: error.message } };
+    return { ok: false, error: errorInfo(error) };
   }
 }
 
