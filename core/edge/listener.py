@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import _socket
 import asyncio
+import contextlib
 import errno
 import logging
 import socket
@@ -57,10 +58,8 @@ def listening_sockets(host: str, port: int, backlog: int) -> list[socket.socket]
 
 def reset(conn) -> None:
     """Close a refused connection with a reset: nothing is written, nothing lingers."""
-    try:
+    with contextlib.suppress(OSError):  # the peer is already gone: the close is all there is to do
         conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
-    except OSError:
-        pass  # the peer is already gone: the close below is all there is to do
     conn.close()
 
 

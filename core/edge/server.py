@@ -351,7 +351,6 @@ class GatewayServer:
         self.router.push_answered(dkey, counter, again)
         self.commits.schedule()
 
-
     @property
     def addresses(self) -> list[tuple]:
         return self._server.addresses if self._server else []
@@ -420,49 +419,49 @@ class GatewayServer:
             return None
         listener = protocol_class.listener
         trusted = self.trusted_proxies[listener]
-        if trusted and address[0] in trusted:
-            # A proxy: the client's address comes with the first bytes (a PROXY v2 header, an
-            # X-Forwarded-For); its source limits apply then (admit_source).
-            proto = protocol_class(self)
+        from_proxy = bool(trusted) and address[0] in trusted
+        # From a proxy the client's address comes with the first bytes (a PROXY v2 header, an
+        # X-Forwarded-For), and its source's limits apply then (admit_source).
+        source = ""
+        if not from_proxy:
+            source, refused = self._admit_address(address)
+            if refused is not None:
+                self.close_reasons[refused] += 1  # no connection exists to report its close
+                return None
+        proto = protocol_class(self)
+        if from_proxy:
             if listener == "tcp":
                 self.proxy_headers[proto] = bytearray()
             else:
                 self.awaiting_forwarded[proto] = None
-            self.preauth[proto] = ""
-            self.opening[proto] = None
-            return proto
-        source = self._limited_source(address)
-        refused = self.sources.admit(source, time.monotonic()) if source else None
-        if refused is not None:
-            self.source_refusals[refused] += 1
-            self.close_reasons[CloseReason.SOURCE_LIMIT] += 1
-            return None
-        proto = protocol_class(self)
         self.preauth[proto] = source  # its pre-auth slot of that source, given back when it leaves
         self.opening[proto] = None  # until connection_made (or forget, if its transport never opens)
         return proto
 
-    def _limited_source(self, address) -> str:
-        """The source ``address`` counts under, or "" when it is not limited per source (loopback)."""
+    def _admit_address(self, address) -> tuple[str, CloseReason | None]:
+        """The source ``address`` counts under ("" when it is not limited per source: loopback),
+        and the close reason if its limits refuse a new connection (counted by limit)."""
         source = source_of(address)
         if not self.limits.source_limits_on_loopback and is_loopback(source):
-            return ""  # not limited per source, not counted
-        return source
-
-    def admit_source(self, proto: GatewayProtocol, address: tuple) -> CloseReason | None:
-        """A trusted proxy named the client's ``address``: from now on it is the connection's
-        peer, and the per-source limits apply to it (the close reason if they refuse it)."""
-        self.forwarded[proto] = address
-        source = self._limited_source(address)
-        refused = self.sources.admit(source, time.monotonic()) if source else None
+            return "", None
+        refused = self.sources.admit(source, time.monotonic())
         if refused is not None:
-            self.source_refusals[refused] += 1  # the caller closes the connection, which counts the close
-            return CloseReason.SOURCE_LIMIT
-        if proto in self.preauth:  # still not authenticated (always, unless a bug): move its slot
-            self.preauth[proto] = source
-        elif source:
-            self.sources.left(source)
-        return None
+            self.source_refusals[refused] += 1
+            return source, CloseReason.SOURCE_LIMIT
+        return source, None
+
+    def admit_source(self, proto: GatewayProtocol, address) -> CloseReason | None:
+        """A trusted proxy's connection learnt whose it is: ``address``, the client's it named, or
+        the proxy's own when it named none. The per-source limits apply to that address now
+        (the close reason if they refuse it, for the caller to close with), and the connection's
+        pre-auth slot moves to its source."""
+        source, refused = self._admit_address(address)
+        if refused is None and source:
+            if proto in self.preauth:
+                self.preauth[proto] = source
+            else:  # closed meanwhile: nothing holds the slot just taken
+                self.sources.left(source)
+        return refused
 
     def take_proxy_header(self, proto: GatewayProtocol, data) -> bytes | None:
         """Bytes from a trusted proxy before its PROXY v2 header was whole: what follows the
@@ -488,32 +487,18 @@ class GatewayServer:
                                                          "only TCP over IPv4 or IPv6 is served")
                 return None
             self.proxy_counters["proxy"] += 1
+            self.forwarded[proto] = header.source
             refused = self.admit_source(proto, header.source)
             if refused is not None:
                 conn.close(refused, "this address is over its connection limits")
                 return None
         else:  # LOCAL: the proxy's own connection (a health check), limited as the proxy's own
             self.proxy_counters["local"] += 1
-            refused = self._admit_proxy_itself(proto)
+            refused = self.admit_source(proto, proto.transport.get_extra_info("peername"))
             if refused is not None:
                 conn.close(refused, "the proxy's own address is over its connection limits")
                 return None
         return bytes(buffer[header.header_bytes:])
-
-    def _admit_proxy_itself(self, proto: GatewayProtocol) -> CloseReason | None:
-        """A trusted proxy's connection that names no client counts under the proxy's own address
-        (so a proxy that forgets to name its clients cannot take them past every limit)."""
-        peer = proto.transport.get_extra_info("peername") if proto.transport is not None else None
-        source = self._limited_source(peer)
-        refused = self.sources.admit(source, time.monotonic()) if source else None
-        if refused is not None:
-            self.source_refusals[refused] += 1
-            return CloseReason.SOURCE_LIMIT
-        if proto in self.preauth:
-            self.preauth[proto] = source
-        elif source:
-            self.sources.left(source)
-        return None
 
     def forwarded_request(self, proto: GatewayProtocol, forwarded_for: list[str]) -> CloseReason | None:
         """A WebSocket upgrade request arrived: behind a trusted HTTP proxy its ``X-Forwarded-For``
@@ -525,8 +510,9 @@ class GatewayServer:
         client = self.trusted_proxies["ws"].client_of(forwarded_for, peer[0])
         if client == peer[0]:
             self.proxy_counters["local"] += 1  # no client named: the proxy's own request, limited as such
-            return self._admit_proxy_itself(proto)
+            return self.admit_source(proto, peer)
         self.proxy_counters["forwarded"] += 1
+        self.forwarded[proto] = (client, 0)  # X-Forwarded-For names no port
         return self.admit_source(proto, (client, 0))
 
     def _left_preauth(self, proto: GatewayProtocol) -> None:
