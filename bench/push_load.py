@@ -138,8 +138,7 @@ async def _measure(args, url: str, received) -> dict:
         sender = PushDispatcher(store=store, registry=registry, answered=on_answered, forget=lambda dkey: None,
                                 sign=PushKeys("bench").sign, coalesce_s=0.0)
         cpu_before, wall_before = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-        sender.owed(created, ())
-        sender.start()
+        sender.start()  # loads what is owed from the store, as after a restart
         await asyncio.wait_for(done.wait(), args.timeout_s)
         commit_answered()
         elapsed = time.perf_counter() - wall_before

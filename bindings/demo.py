@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import dataclasses
 import os
 import shutil
@@ -70,7 +69,7 @@ async def run_demo(data_dir: Path) -> None:
         # blob_min_free_bytes: the demo uploads a few hundred KB; it must run on a nearly full disk too
         config = GatewayConfig(port=0, ws_port=0, data_dir=data_dir, node_name="demo-node", providers=providers,
                                blob_min_free_bytes=16 << 20)
-        async with _stopped_at_exit(push_receiver), Gateway(config, keys=keys) as gateway:
+        async with push_receiver, Gateway(config, keys=keys) as gateway:
             host, port = gateway.address
             say(f"gateway listening on {host}:{port}, and for web clients on {gateway.ws_url}")
             say(f"operator root fingerprint (what clients pin): {gateway.keys.root_fingerprint}")
@@ -206,15 +205,6 @@ async def _chat(gateway: Gateway, clients: list, host: str, port: int, beta_issu
         f"  routing: {routing['messages_stored']} messages stored in {routing['commits']} commits, "
         f"{routing['deliveries_pushed']} deliveries pushed"
     )
-
-
-@contextlib.asynccontextmanager
-async def _stopped_at_exit(receiver: PushReceiver):
-    """The started receiver, stopped when the block ends however it ends."""
-    try:
-        yield receiver
-    finally:
-        await receiver.stop()
 
 
 async def _push(gateway: Gateway, alice: Client, host: str, port: int, beta_issuer, receiver: PushReceiver) -> None:

@@ -26,7 +26,6 @@ from aiohttp import web
 
 from interlink.config import GatewayConfig
 from interlink.core.domain.auth import Provider
-from interlink.core.edge.keyfiles import ROOT_PUBLIC_FILE, init_operator_keys, load_operator_keys
 from interlink.gateway import Gateway
 from interlink.testing import DemoIssuer
 
@@ -95,12 +94,7 @@ class WebDemo:
                     Provider(id="beta", issuer=beta.issuer, audience=AUDIENCE, discovery=True, default_accept=("alpha",)),
                 ],
             )
-            keys_dir = self.data_dir / "keys"
-            if (keys_dir / ROOT_PUBLIC_FILE).exists():
-                keys = load_operator_keys(keys_dir)
-            else:
-                keys = init_operator_keys(keys_dir, "web-demo", valid_days=30)
-            self.gateway = Gateway(config, keys=keys)
+            self.gateway = Gateway(config)  # loads data_dir/keys, or makes them on the first run
             await self.gateway.start()
         except BaseException:
             await self.stop()
@@ -182,8 +176,8 @@ def main(argv: list[str] | None = None) -> None:
         uvloop.run(serve(data_dir, args.port))
     except KeyboardInterrupt:
         print("stopped.", flush=True)  # Ctrl-C cancelled serve() (the gateway drained, the servers stopped)
-    except OSError as exc:
-        raise SystemExit(f"cannot serve the page on 127.0.0.1:{args.port}: {exc.strerror or exc} (try --port 0)") from None
+    except OSError as exc:  # a port in use (the page's, an issuer's), or the data folder
+        raise SystemExit(f"cannot start the web demo: {exc.strerror or exc} (a port in use? try --port 0)") from None
     finally:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)

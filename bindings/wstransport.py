@@ -62,11 +62,13 @@ class WebSocketStream(asyncio.Protocol):
                 if event.opcode is Opcode.BINARY or event.opcode is Opcode.CONT:
                     # The gateway sends each message in one frame; a proxy may split it.
                     if not event.fin:
-                        self._fragments = (self._fragments or []) + [event.data]
+                        self._fragments = self._fragments or []
+                        self._fragments.append(event.data)
                         continue
                     message = event.data
                     if self._fragments is not None:
-                        message, self._fragments = b"".join([*self._fragments, message]), None
+                        self._fragments.append(message)
+                        message, self._fragments = b"".join(self._fragments), None
                     self.inner.data_received(message_to_frame(message))
                 elif event.opcode is Opcode.CLOSE:
                     self.inner.eof_received()

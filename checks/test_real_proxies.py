@@ -29,7 +29,7 @@ from interlink.client import Client
 from interlink.config import GatewayConfig
 from interlink.core.domain.auth import Provider
 from interlink.gateway import Gateway
-from interlink.testing import DemoIssuer
+from interlink.testing import DemoIssuer, until
 
 ROOT = Path(__file__).resolve().parents[1]
 OPERATIONS = ROOT / "docs" / "operations.md"
@@ -144,13 +144,6 @@ class Proxy:
         self.process.wait(10)
 
 
-async def until(condition, timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.02)
-
-
 async def test_haproxy_tcp_with_proxy_v2(gateway, issuer, tmp_path, readiness_answers):
     port = free_port()
     gw_host, gw_port = gateway.address
@@ -169,14 +162,14 @@ async def test_haproxy_tcp_with_proxy_v2(gateway, issuer, tmp_path, readiness_an
         assert await client.ping() >= 0
         # The balancer's health checks go to /readyz and find the node ready: none of them is a
         # connection to the client port.
-        await until(lambda: len(readiness_answers) >= 2)
+        await until(lambda: len(readiness_answers) >= 2, timeout_s=10)
         assert set(readiness_answers) == {200}
         # (Proxy.listening's probe may have gone through too: a header, then peer_closed.)
         assert server.proxy_counters["proxy"] in (1, 2) and set(server.close_reasons) <= {"peer_closed"}
         # The per-source limit applies to the client behind the proxy: 2 silent connections from
         # another address are held, the third is refused; the first client is unaffected.
         silent = [await asyncio.open_connection("127.0.0.1", port, local_addr=(OTHER_CLIENT, 0)) for _ in range(3)]
-        await until(lambda: server.source_refusals["preauth_per_source"] == 1)
+        await until(lambda: server.source_refusals["preauth_per_source"] == 1, timeout_s=10)
         assert await client.ping() >= 0
         for _, writer in silent:
             writer.close()
@@ -201,7 +194,7 @@ async def websocket_through(gateway, issuer, port: int, certificate) -> None:
                                   ws_origin="https://chat.example")
     assert await client.ping() >= 0
     other = await ws_connect(f"wss://127.0.0.1:{port}/interlink", ssl=context, local_addr=(OTHER_CLIENT, 0))
-    await until(lambda: ("127.0.0.2", 0) in server.forwarded.values())
+    await until(lambda: ("127.0.0.2", 0) in server.forwarded.values(), timeout_s=10)
     await other.close()
     await client.close()
 

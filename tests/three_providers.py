@@ -71,6 +71,11 @@ def people(gateway, issuers) -> People:
     return People(gateway, issuers)
 
 
+def closes(gateway: Gateway, reason: str) -> int:
+    """How many connections the gateway ended with ``reason``."""
+    return gateway._server.close_reasons[reason]
+
+
 async def nothing_arrives(client: Client, timeout_s: float = 0.3) -> None:
     """No stanza reaches ``client`` within ``timeout_s`` (what a refusal that says nothing looks like)."""
     with pytest.raises(TimeoutError):

@@ -66,11 +66,12 @@ class Push:
     def push_del(self, session: Session, stanza: dict, now: float) -> dict:
         return {"removed": self.forget(device_key(*session.session_key))}
 
-    def forget(self, dkey: bytes) -> bool:
-        """Unregister a device (its ``push.del``, or its provider answered 404/410 for its token);
-        what was owed to it goes, its counter stays. False if it was not registered."""
+    def forget(self, dkey: bytes, *, cancel_owed: bool = True) -> bool:
+        """Unregister a device (its ``push.del``, or its provider answered 404/410 for its token:
+        then the sender, which drops that push itself, passes ``cancel_owed=False``); what was
+        owed to it goes, its counter stays. False if it was not registered."""
         self.router.push_devices.discard(split_device_key(dkey))
         removed = self.store.del_push_token(dkey)
-        if self.router.push_sender is not None:
+        if cancel_owed and self.router.push_sender is not None:
             self.router.push_sender.cancel(dkey)
         return removed

@@ -259,7 +259,7 @@ class Router:
         message = self._batch.add_message(device_key(*session.session_key), msg_id, int(now * 1000), items)
         self._waiting.append((session, message, targets))
         if self.push_devices:
-            self._wake_offline(targets)
+            self._wake_offline(items, targets)
         return message
 
     def enqueue_control(
@@ -270,17 +270,18 @@ class Router:
         after the commit, in order with the acks of the same batch."""
         entry = self._batch.add_control(int(now * 1000), list(items), group, reply)
         self._waiting.append((session, entry, list(targets)))
-        if self.push_devices and targets:
-            self._wake_offline(targets)
+        if self.push_devices:
+            self._wake_offline(items, targets)
         return entry
 
-    def _wake_offline(self, targets) -> None:
+    def _wake_offline(self, items, targets) -> None:
         """The registered devices among ``targets`` that have no session: the commit writes a
-        push intent for each that holds items and owes none yet."""
+        push intent for each that holds items and owes none yet. (``items[i][0]`` is already
+        ``targets[i]``'s device key.)"""
         push_devices, sessions, wake = self.push_devices, self.sessions, self._batch.push_wake
-        for target in targets:
+        for item, target in zip(items, targets):
             if target in push_devices and target not in sessions:
-                wake.add(device_key(*target))
+                wake.add(item[0])
 
     def push_answered(self, dkey: bytes, counter: int, again: bool) -> None:
         """The provider answered the push ``counter`` of ``dkey`` (or refused it for good): the

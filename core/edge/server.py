@@ -319,13 +319,13 @@ class GatewayServer:
         self.push: PushDispatcher | None = None
         if push_sign is not None:
             self.push = PushDispatcher(store=store, registry=registry, answered=self._push_answered,
-                                       forget=self.domain.push.forget, sign=push_sign)
+                                       forget=lambda dkey: self.domain.push.forget(dkey, cancel_owed=False),
+                                       sign=push_sign)
             self.domain.push.attach(self.push)
 
     # -- lifecycle
 
     async def start(self, host: str, port: int, *, backlog: int = 1024) -> None:
-        loop = asyncio.get_running_loop()
         if self.domain.blobs is not None:
             removed = self.domain.blobs.remove_orphans()
             if removed:

@@ -57,8 +57,10 @@ websockets.http11.MAX_NUM_HEADERS = min(websockets.http11.MAX_NUM_HEADERS, 32)
 websockets.http11.MAX_LINE_LENGTH = min(websockets.http11.MAX_LINE_LENGTH, 4096)
 
 # The WebSocket close code a connection's end is given (RFC 6455 §7.4.1; docs/protocol.md §1).
-NORMAL, GOING_AWAY, PROTOCOL_ERROR, UNSUPPORTED_DATA, POLICY_VIOLATION, INTERNAL_ERROR, TRY_AGAIN_LATER = (
-    1000, 1001, 1002, 1003, 1008, 1011, 1013)
+# over_capacity and source_limit never get one: their connections are reset at accept, or answered
+# HTTP 429 before the upgrade.
+NORMAL, GOING_AWAY, PROTOCOL_ERROR, UNSUPPORTED_DATA, POLICY_VIOLATION, INTERNAL_ERROR = (
+    1000, 1001, 1002, 1003, 1008, 1011)
 CLOSE_CODES = {
     CloseReason.DRAIN: GOING_AWAY,
     CloseReason.BAD_PREAMBLE: PROTOCOL_ERROR,
@@ -68,8 +70,6 @@ CLOSE_CODES = {
     CloseReason.PROTOCOL_ERROR: PROTOCOL_ERROR,
     CloseReason.AUTH_DEADLINE: POLICY_VIOLATION,
     CloseReason.SLOW_CONSUMER: POLICY_VIOLATION,
-    CloseReason.OVER_CAPACITY: TRY_AGAIN_LATER,
-    CloseReason.SOURCE_LIMIT: TRY_AGAIN_LATER,
     CloseReason.INTERNAL_ERROR: INTERNAL_ERROR,
 }  # every other reason (a bye the client understands, auth_failed with its err): NORMAL
 
@@ -184,7 +184,7 @@ class WebSocketProtocol(GatewayProtocol):
             if not frame.fin:  # a fragment; the library bounds the message's bytes to max_size
                 if self.fragments is None:
                     self.fragments = [frame.data]
-                elif len(self.fragments) < MAX_FRAGMENTS:
+                elif len(self.fragments) < MAX_FRAGMENTS - 1:  # the final fragment is the last of them
                     self.fragments.append(frame.data)
                 else:
                     self._fail(PROTOCOL_ERROR, f"a message in more than {MAX_FRAGMENTS} fragments")

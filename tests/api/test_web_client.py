@@ -36,6 +36,7 @@ from interlink.core.protocol.certs import (
 from interlink.core.protocol.noise import NoiseSession, make_preamble
 from interlink.gateway import Gateway
 from interlink.webdemo import WEB_DIR, WebDemo
+from interlink.testing import until
 from three_providers import AUD, config_for
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -98,13 +99,6 @@ async def driver(tmp_path):
 async def gateway(issuers, tmp_path):
     async with Gateway(config_for(issuers, tmp_path, ws_port=0)) as gw:
         yield gw
-
-
-async def until(condition, timeout_s: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.01)
 
 
 def b64url(data: bytes) -> str:

@@ -102,6 +102,15 @@ def test_push_set_registers_the_device_and_push_del_forgets_it(edge):
     assert edge.iq(bob, "push.del")["removed"] is False
 
 
+def test_a_token_its_provider_no_longer_knows_is_forgotten_without_a_second_cancel(edge):
+    """The sender drops the 404/410 push itself (counted as token_gone): forgetting the
+    registration for it must not cancel that push again (counted twice before)."""
+    bob = edge.open("bob@alpha")
+    edge.iq(bob, "push.set", token="apns:abc123")
+    assert edge.domain.push.forget(BOB, cancel_owed=False) is True
+    assert edge.store.push_token(BOB) is None and edge.sender.cancelled == []
+
+
 @pytest.mark.parametrize("token, words", [
     (None, "needs 'token'"), (7, "needs 'token'"), (b"bytes", "needs 'token'"), ("", "1..1024 bytes"),
     ("x" * (MAX_PUSH_TOKEN_BYTES + 1), "1..1024 bytes"), ("a\x00b", "without NUL"), ("\ud800", "not valid UTF-8"),

@@ -471,10 +471,7 @@ async def test_one_address_holding_silent_connections_is_refused_per_source(issu
         assert stats["source_refusals"] == {"preauth_per_source": 1}
         assert stats["close_reasons"]["source_limit"] == 1 and stats["preauth_sources"] == 1
         idle[0][1].close()
-        for _ in range(100):
-            await asyncio.sleep(0.02)
-            if gw.stats()["connections"] == 2:
-                break
+        assert await _until(lambda: gw.stats()["connections"] == 2)
         client = await connect(gw, alpha.issue("lou", audience=AUD))  # a slot of its address is free again
         assert gw.stats()["preauth_sources"] == 1  # authenticated: it holds no pre-auth slot
         await client.close()

@@ -16,17 +16,10 @@ from interlink.core.protocol.connection import ClientConnection
 from interlink.core.protocol.noise import Suite, make_preamble
 from interlink.core.protocol.proxyheader import encode_proxy_header
 from interlink.gateway import Gateway
-from interlink.testing import ProxyRelay
-from three_providers import AUD, config_for
+from interlink.testing import ProxyRelay, until
+from three_providers import AUD, closes, config_for
 
 CLIENT = ("203.0.113.7", 40001)
-
-
-async def until(condition, timeout_s: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.01)
 
 
 @pytest.fixture
@@ -43,17 +36,13 @@ async def session_through(relay: ProxyRelay, gateway: Gateway, issuers, user: st
                                 root_public=gateway.root_public)
 
 
-async def raw_close(gateway: Gateway, data: bytes, *, then_wait: bool = False) -> bytes:
+async def raw_close(gateway: Gateway, data: bytes) -> bytes:
     """Send ``data`` on a new connection; what the gateway answers before it closes."""
     reader, writer = await asyncio.open_connection(*gateway.address)
     writer.write(data)
     answer = await asyncio.wait_for(reader.read(), 10)
     writer.close()
     return answer
-
-
-def closes(gateway: Gateway, reason: str) -> int:
-    return gateway._server.close_reasons[reason]
 
 
 async def test_tcp4_and_tcp6_headers_name_the_client(proxied, issuers):

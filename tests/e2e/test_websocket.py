@@ -20,7 +20,8 @@ from interlink.core.protocol.connection import ClientConnection, StanzaReceived,
 from interlink.core.protocol.noise import Suite, make_preamble
 from interlink.core.protocol.wsframes import message_to_frame, stream_to_messages
 from interlink.gateway import Gateway
-from three_providers import AUD, People, config_for
+from interlink.testing import until
+from three_providers import AUD, People, closes, config_for
 
 # The happy paths, run again here with this module's ``people`` (every device on WebSocket).
 from e2e.test_blobs import test_a_file_of_several_megabytes_goes_across_providers_and_devices  # noqa: F401
@@ -60,17 +61,6 @@ def people(gateway, issuers):
     # The imported tests really ran over WebSocket: each session they opened came through an upgrade.
     counters = server.counters
     assert 0 < counters["sessions_opened"] <= counters["ws_upgrades"]
-
-
-def closes(gateway: Gateway, reason: str) -> int:
-    return gateway._server.close_reasons[reason]
-
-
-async def until(condition, timeout_s: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.01)
 
 
 class BrowserClient:
@@ -334,9 +324,18 @@ async def test_a_flood_of_tiny_control_frames_is_cut_off_at_its_first_read(gatew
 async def test_a_message_in_too_many_fragments_is_refused(gateway):
     ws = await raw(gateway)
     await ws.send(make_preamble(int(Suite.XX_CHACHAPOLY)))
-    await ws.send([b"x"] * 100)  # one 100-byte message in 100 fragments
+    # websockets sends the pieces of an iterable as fragments and ends with an empty final one:
+    await ws.send([b"x"] * 64)  # one message in 65 fragments: one more than the limit
     assert await close_code(ws) == 1002
     await until(lambda: closes(gateway, "bad_frame") == 1)
+    # 64 fragments are one message like any other: taken whole as handshake message 1, which
+    # one byte is not (a failed handshake, not a refused message).
+    ws = await raw(gateway)
+    await ws.send(make_preamble(int(Suite.XX_CHACHAPOLY)))
+    await ws.send([b"x"] + [b""] * 62)  # 64 fragments, 1 byte: too short for handshake message 1
+    assert await close_code(ws) == 1002
+    await until(lambda: closes(gateway, "handshake_failed") == 1)
+    assert closes(gateway, "bad_frame") == 1
 
 
 async def test_a_text_message_after_welcome_gets_err_bad_frame_then_1003(gateway, issuers):

@@ -150,8 +150,9 @@ async def test_429_waits_for_retry_after_and_other_4xx_are_not_retried(world):
     assert world.sender.dropped["http_400"] == 1 and world.store.push_intents() == []
 
 
-async def test_404_and_410_forget_the_token(world):
-    world.receiver.respond_with(410, times=1)
+@pytest.mark.parametrize("status", [404, 410])
+async def test_404_and_410_forget_the_token(world, status):
+    world.receiver.respond_with(status, times=1)
     world.owe(BOB)
     world.clock.advance(push_module.COALESCE_S)
     await world.until(lambda: world.forgotten)

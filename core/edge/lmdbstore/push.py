@@ -81,7 +81,7 @@ class PushRecords:
             raw = txn.get(dkey, db=intents_db)
             if raw is not None and _INTENT.unpack(raw)[0] == counter:
                 txn.delete(dkey, db=intents_db)
-                if again:
+                if again and dkey not in cancel:  # connected meanwhile: nothing is owed to it
                     wake.add(dkey)
         for dkey in cancel:
             txn.delete(dkey, db=intents_db)

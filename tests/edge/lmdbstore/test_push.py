@@ -109,3 +109,13 @@ def test_registrations_intents_and_counters_survive_reopening(tmp_path):
     assert commit(store, items=[ALICE], wake=[ALICE], ts=5_000) == [(ALICE, 2)]
     assert store.push_token(ALICE) == b"token-a2"
     store.close()
+
+
+def test_an_answer_with_more_to_come_owes_nothing_to_a_device_that_connected(tmp_path):
+    """An answer (with ``again``) and the device's connect in one commit: nothing is owed."""
+    store = lmdb_store(tmp_path / "lmdb")
+    store.set_push_token(ALICE, b"token-a")
+    assert commit(store, items=[ALICE], wake=[ALICE]) == [(ALICE, 1)]
+    assert commit(store, items=[ALICE], done=[(ALICE, 1, True)], cancel=[ALICE], ts=2_000) == []
+    assert store.push_intents() == []
+    store.close()
