@@ -89,6 +89,7 @@ import uvloop
 
 import interlink.core
 from interlink.client import Client, Suite
+from interlink.config import GatewayConfig
 from interlink.core.errors import ServerError
 from interlink.core.protocol.stanza import encode_stanza
 from interlink.load import child
@@ -1223,8 +1224,10 @@ def main() -> None:
     args = parser.parse_args()
     if getattr(args, "payload", TIME_BYTES) < TIME_BYTES:
         parser.error(f"--payload must be at least {TIME_BYTES} bytes (it carries the send time)")
+    if args.transport == "ws" and (getattr(args, "media_peers", 0) or getattr(args, "push_offline", 0)):
+        parser.error("--media-peers and --push-offline devices connect over TCP: run --transport ws without them")
     _pin(1)
-    TRANSPORT["ws_path"] = "/interlink" if args.transport == "ws" else None
+    TRANSPORT["ws_path"] = GatewayConfig().ws_path if args.transport == "ws" else None
     runner = {
         "handshakes": bench_handshakes, "idle-rss": bench_idle_rss, "messages": bench_messages, "offline": bench_offline,
         "keys": bench_keys, "blobs": bench_blobs,

@@ -40,7 +40,6 @@ import os
 import platform
 import resource
 import socket
-import struct
 import subprocess
 import sys
 import tempfile
@@ -54,6 +53,7 @@ import interlink.core
 from interlink.core.protocol.certs import generate_static_key
 from interlink.core.protocol.connection import ClientConnection
 from interlink.core.protocol.noise import Suite
+from interlink.core.edge.listener import reset  # a reset, no TIME_WAIT: thousands a second keep finding ports
 from interlink.core.protocol.stanza import encode_stanza
 from interlink.load.child import LIFTED_LIMITS, GatewayProcess, child_arguments
 from interlink.load.peer import LeanPeer
@@ -106,12 +106,6 @@ def handshake_opening() -> bytes:
     return conn.data_to_send()
 
 
-def reset_close(sock: socket.socket) -> None:
-    """Close with a reset (SO_LINGER 0): no TIME_WAIT, so thousands per second keep finding ports."""
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    sock.close()
-
-
 def open_from(source: str, port: int) -> socket.socket:
     sock = socket.socket()
     sock.setblocking(False)
@@ -155,13 +149,13 @@ def attack(port: int, silent: int, rate: float, seconds: float) -> dict:
                 failed += 1
             storm.append((now, sock))
         while storm and storm[0][0] < now - STORM_HOLD_S:
-            reset_close(storm.pop(0)[1])
+            reset(storm.pop(0)[1])
         time.sleep(0.001)
     alive = sum(still_open(sock) for sock in held)
     for sock in held:
-        reset_close(sock)
+        reset(sock)
     for _, sock in storm:
-        reset_close(sock)
+        reset(sock)
     return {"silent_opened": silent, "silent_still_held": alive, "storm_opened": opened,
             "storm_opened_per_s": round(opened / seconds), "storm_sends_failed": failed}
 
@@ -173,7 +167,7 @@ class Pair:
     """A sender keeping ``inflight`` messages unacked to its recipient (closed loop), or sent
     messages at a fixed rate (``open_loop``, by ``send_open_loop``); acks and their latency counted."""
 
-    def __init__(self, sender_user: str, recipient_user: str, payload: int, *, open_loop: bool = False) -> None:
+    def __init__(self, recipient_user: str, payload: int, *, open_loop: bool = False) -> None:
         self.recipient_user = recipient_user
         self.payload = os.urandom(payload)
         self.open_loop = open_loop
@@ -293,7 +287,6 @@ async def refusal_cost(connections: int = 2000) -> dict:
     import _socket
 
     from interlink.config import GatewayConfig
-    from interlink.core.edge.listener import reset
     from interlink.core.edge.server import GatewayProtocol
     from interlink.gateway import Gateway
 
@@ -345,7 +338,7 @@ async def run(args) -> dict:
                 durability=args.durability, cpu=0, source_limits_on_loopback=True, admin_port=admin_port,
                 max_preauth_connections=4096, **LIFTED_LIMITS)
             async with GatewayProcess(arguments, log_path=Path(folder) / "gateway.log") as gateway:
-                pairs = [Pair(f"s{i}", f"r{i}@bench", args.payload, open_loop=bool(args.established_rate))
+                pairs = [Pair(f"r{i}@bench", args.payload, open_loop=bool(args.established_rate))
                          for i in range(args.pairs)]
                 for index, pair in enumerate(pairs):
                     pair.recipient = await connect(gateway, issuer, f"r{index}", ESTABLISHED,

@@ -431,7 +431,7 @@ class Client:
         stanza.update(fields)
         return await self.request(stanza, timeout_s=timeout_s)
 
-    # -- blobs (docs/protocol.md §7, "Blobs"): the bytes are the caller's ciphertext
+    # -- push (docs/protocol.md §7, "Push")
 
     async def register_push(self, token: str, *, timeout_s: float = 10.0) -> None:
         """Ask to be woken while offline: ``token`` is what your provider's server needs to reach
@@ -443,6 +443,8 @@ class Client:
     async def unregister_push(self, *, timeout_s: float = 10.0) -> bool:
         """Stop being woken; True if a token was registered."""
         return (await self.iq("push.del", timeout_s=timeout_s))["removed"]
+
+    # -- blobs (docs/protocol.md §7, "Blobs"): the bytes are the caller's ciphertext
 
     async def upload_blob(
         self, source, *, blob: bytes | None = None, progress=None, timeout_s: float = 60.0,

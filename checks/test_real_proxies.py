@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import ipaddress
 import re
 import shutil
 import ssl
@@ -45,6 +46,16 @@ def documented(name: str) -> str:
     return found[0]
 
 
+def localised(name: str, replacements: dict[str, str]) -> str:
+    """The block ``name`` with its documented addresses, ports and paths replaced by local ones;
+    each must be there (a changed document fails here, not as a proxy that never listens)."""
+    text = documented(name)
+    for documented_value, local in replacements.items():
+        assert documented_value in text, f"docs/operations.md block {name!r} no longer has {documented_value!r}"
+        text = text.replace(documented_value, local)
+    return text
+
+
 def free_port() -> int:
     import socket
 
@@ -71,7 +82,7 @@ def certificate(tmp_path_factory) -> tuple[Path, Path, Path]:
             .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
             .not_valid_after(now + datetime.timedelta(days=1))
             .add_extension(x509.SubjectAlternativeName([x509.DNSName("chat.example"),
-                                                        x509.IPAddress(__import__("ipaddress").ip_address("127.0.0.1"))]),
+                                                        x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
                            critical=False)
             .sign(key, hashes.SHA256()))
     cert_pem = cert.public_bytes(serialization.Encoding.PEM)
@@ -147,9 +158,9 @@ class Proxy:
 async def test_haproxy_tcp_with_proxy_v2(gateway, issuer, tmp_path, readiness_answers):
     port = free_port()
     gw_host, gw_port = gateway.address
-    config = documented("haproxy-tcp").replace("bind :7450", f"bind 127.0.0.1:{port}").replace(
-        "10.0.1.10:7450", f"{gw_host}:{gw_port}").replace(
-        "check port 7451 inter 2s", f"check port {gateway.admin_address[1]} inter 200").replace("maxconn 200000", "maxconn 4000")
+    config = localised("haproxy-tcp", {
+        "bind :7450": f"bind 127.0.0.1:{port}", "10.0.1.10:7450": f"{gw_host}:{gw_port}",
+        "check port 7451 inter 2s": f"check port {gateway.admin_address[1]} inter 200", "maxconn 200000": "maxconn 4000"})
     proxy = Proxy([need("haproxy"), "-db", "-f", str(tmp_path / "haproxy.cfg")], config, tmp_path / "haproxy.cfg")
     server = gateway._server
     try:
@@ -179,16 +190,11 @@ async def test_haproxy_tcp_with_proxy_v2(gateway, issuer, tmp_path, readiness_an
         proxy.stop()
 
 
-def tls_client_context(certificate) -> ssl.SSLContext:
-    context = ssl.create_default_context(cafile=str(certificate[0]))
-    return context
-
-
 async def websocket_through(gateway, issuer, port: int, certificate) -> None:
     """A session over wss through the proxy, and the client address the gateway saw for a
     connection from another address."""
     server = gateway._server
-    context = tls_client_context(certificate)
+    context = ssl.create_default_context(cafile=str(certificate[0]))  # trusts the self-signed one
     client = await Client.connect("127.0.0.1", port, token=issuer.issue("alice", audience=AUD), device=1,
                                   root_public=gateway.root_public, ws_path="/interlink", ws_ssl=context,
                                   ws_origin="https://chat.example")
@@ -202,13 +208,14 @@ async def websocket_through(gateway, issuer, port: int, certificate) -> None:
 async def test_nginx_websocket_with_tls(gateway, issuer, tmp_path, certificate):
     port = free_port()
     ws_host, ws_port = gateway.ws_address
-    config = documented("nginx-websocket").replace("listen 443 ssl;", f"listen 127.0.0.1:{port} ssl;").replace(
-        "10.0.1.10:7480", f"{ws_host}:{ws_port}").replace(
-        "/etc/ssl/interlink/fullchain.pem", str(certificate[0])).replace("/etc/ssl/interlink/privkey.pem", str(certificate[1]))
+    config = localised("nginx-websocket", {
+        "listen 443 ssl;": f"listen 127.0.0.1:{port} ssl;", "10.0.1.10:7480": f"{ws_host}:{ws_port}",
+        "/etc/ssl/interlink/fullchain.pem": str(certificate[0]), "/etc/ssl/interlink/privkey.pem": str(certificate[1])})
     command = [need("nginx"), "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf"),
                "-g", f"daemon off; pid {tmp_path}/nginx.pid; error_log stderr;"]
     # nginx keeps temporary files under its prefix; a run as a normal user needs them in the scratch folder.
     temp = "\n".join(f"    {kind}_temp_path {tmp_path}/{kind};" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    assert "http {\n" in config
     config = config.replace("http {\n", f"http {{\n    access_log off;\n{temp}\n", 1)
     proxy = Proxy(command, config, tmp_path / "nginx.conf")
     try:
@@ -221,9 +228,9 @@ async def test_nginx_websocket_with_tls(gateway, issuer, tmp_path, certificate):
 async def test_haproxy_websocket_with_tls(gateway, issuer, tmp_path, certificate):
     port = free_port()
     ws_host, ws_port = gateway.ws_address
-    config = documented("haproxy-websocket").replace("bind :443 ssl crt /etc/ssl/interlink/chat.pem",
-                                                     f"bind 127.0.0.1:{port} ssl crt {certificate[2]}").replace(
-        "10.0.1.10:7480", f"{ws_host}:{ws_port}")
+    config = localised("haproxy-websocket", {
+        "bind :443 ssl crt /etc/ssl/interlink/chat.pem": f"bind 127.0.0.1:{port} ssl crt {certificate[2]}",
+        "10.0.1.10:7480": f"{ws_host}:{ws_port}"})
     proxy = Proxy([need("haproxy"), "-db", "-f", str(tmp_path / "haproxy.cfg")], config, tmp_path / "haproxy.cfg")
     try:
         await proxy.listening(port)

@@ -13,6 +13,7 @@ import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+from interlink.config import GatewayConfig
 from interlink.core.errors import ConfigError
 from interlink.load.child import LIFTED_BLOB_LIMITS, LIFTED_LIMITS, GatewayProcess, child_arguments
 from interlink.load.scenario import Scenario
@@ -21,6 +22,7 @@ from interlink.testing import DemoIssuer
 __all__ = ["AUDIENCE", "LocalGateway", "RemoteGateway", "open_gateway"]
 
 AUDIENCE = "interlink-load"
+DEFAULT_WS_PATH = GatewayConfig().ws_path  # what the gateway serves unless configured otherwise
 
 
 class LocalGateway(GatewayProcess):
@@ -43,10 +45,10 @@ class LocalGateway(GatewayProcess):
                          "lmdb_map_size_bytes": map_size_bytes, **LIFTED_LIMITS, **LIFTED_BLOB_LIMITS}
         if blob_kib_per_s_per_user is not None:
             self.settings["blob_kib_per_s_per_user"] = blob_kib_per_s_per_user
-        self.ws_path = None  # devices connect over TCP; "/interlink": over WebSocket
+        self.ws_path = None  # devices connect over TCP; a path: over WebSocket
         if transport == "ws":
             self.settings["ws_port"] = 0
-            self.ws_path = "/interlink"
+            self.ws_path = DEFAULT_WS_PATH
         self.max_frame: int | None = None
         self.issuers: dict[str, DemoIssuer] = {}
 
@@ -91,12 +93,12 @@ class RemoteGateway:
 
     remote = True
 
-    def __init__(self, target: str, root_public_hex: str, tokens_path: Path, *, ws_path: str | None = None) -> None:
+    def __init__(self, target: str, root_public_hex: str, tokens_path: Path) -> None:
         host, sep, port = target.rpartition(":")
         if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise ConfigError(f"--target must be host:port, got {target!r}")
         self.host, self.port = host.strip("[]"), int(port)
-        self.ws_path = ws_path  # None: TCP; else target is the gateway's ws_port and this its ws_path
+        self.ws_path: str | None = None  # None: TCP; with transport ws, target is the gateway's ws_port
         self.client_port = self.port
         try:
             self.root_public = bytes.fromhex(root_public_hex)
@@ -164,7 +166,7 @@ async def open_gateway(scenario: Scenario, *, data_dir: Path | None, target: Rem
             transport=scenario.transport,
         )
         if target is not None and scenario.transport == "ws" and target.ws_path is None:
-            target.ws_path = "/interlink"  # --target names the gateway's ws_port
+            target.ws_path = DEFAULT_WS_PATH  # --target names the gateway's ws_port
         if not gateway.remote:
             gateway.max_frame = max_frame
         async with gateway:

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from interlink.core.errors import LocalProtocolError
+from interlink.core.errors import FrameError, LocalProtocolError
 from interlink.core.protocol.framing import FrameDecoder, encode_frames
 from interlink.core.protocol.noise import Suite, make_preamble
 from interlink.core.protocol.wsframes import message_to_frame, stream_to_messages
@@ -32,7 +32,9 @@ def test_a_clients_first_output_starts_with_the_preamble_message():
 
 def test_nothing_gives_no_messages_and_an_empty_message_is_the_empty_frame():
     assert stream_to_messages(b"") == []
-    assert message_to_frame(b"") == b"\x00\x00"  # which the decoder refuses, as the contract says
+    assert message_to_frame(b"") == b"\x00\x00"
+    with pytest.raises(FrameError):  # the empty frame the contract refuses
+        FrameDecoder(65535).feed(message_to_frame(b""))
 
 
 @pytest.mark.parametrize("stream", [b"\x00", b"\x00\x05abc", encode_frames([b"abc"]) + b"\x00"])
