@@ -127,11 +127,39 @@ class GatewayCollector:
             for provider_id, state in sorted(push["breakers"].items()):
                 breakers.add_metric([provider_id], state)
             yield breakers
+        cluster = stats.get("cluster") or {}
+        if cluster:
+            relay = cluster["relay"]
+            for key, name, documentation in _CLUSTER_COUNTERS:
+                yield _counter(name, documentation, relay.get(key, 0))
+            yield _gauge("interlink_cluster_waiting", "Stanzas relayed to other nodes and not yet answered.",
+                         cluster["waiting"])
+            yield _gauge("interlink_cluster_connected", "1 while this node is connected to NATS.",
+                         int(cluster["connected"]))
+            trips = cluster["round_trip_seconds"]
+            yield HistogramMetricFamily(
+                "interlink_cluster_relay_seconds", "From relaying a stanza to another node to its answer (that "
+                "node's commit included).",
+                buckets=[("+Inf" if bound == float("inf") else repr(bound), count) for bound, count in trips["buckets"]],
+                sum_value=trips["sum"],
+            )
+        yield _counter("interlink_redirects", "Sessions sent to their home node with bye redirect (a cluster).",
+                       counters.get("redirects", 0))
         jwks = stats.get("jwks") or {}
         for name, field, documentation in _JWKS_COUNTERS:
             yield _labelled_counter(name, documentation, "provider", {pid: fetches[field] for pid, fetches in jwks.items()})
         yield _counter("interlink_internal_errors", "Stanzas that failed on a gateway bug (see the logs).", counters.get("internal_errors", 0))
 
+
+_CLUSTER_COUNTERS = (
+    ("relayed", "interlink_cluster_relayed", "Stanzas of this node's sessions relayed to the node their user lives on."),
+    ("answered", "interlink_cluster_answered", "Answers to relayed stanzas received in time."),
+    ("timeouts", "interlink_cluster_timeouts", "Relayed stanzas not answered in time (the sender got overloaded)."),
+    ("late_answers", "interlink_cluster_late_answers", "Answers that came after their stanza's deadline (dropped)."),
+    ("served", "interlink_cluster_served", "Stanzas other nodes relayed here, served for their senders."),
+    ("malformed", "interlink_cluster_malformed", "Relayed records this node could not serve (malformed or not relayable)."),
+    ("misrouted", "interlink_cluster_misrouted", "Relayed stanzas for users this node is not home to (node lists differ)."),
+)
 
 _JWKS_COUNTERS = (
     ("interlink_jwks_fetches", "attempts", "Key refreshes started per provider (discovery and JWKS requests together)."),

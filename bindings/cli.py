@@ -288,6 +288,49 @@ def _admin_request(admin_url: str, method: str, path: str, *, token: str = "", b
         raise click.ClickException(f"cannot reach the admin endpoint at {admin_url}: {reason}") from None
 
 
+@main.group()
+def cluster() -> None:
+    """A cluster's nodes, as each reports itself over NATS."""
+
+
+@cluster.command("status")
+@click.option(
+    "--config", "path", type=click.Path(path_type=Path, dir_okay=False), envvar="INTERLINK_CONFIG",
+    help="a node's TOML configuration (its [cluster] table names the nodes and NATS; env INTERLINK_CONFIG)",
+)
+@click.option("--json", "as_json", is_flag=True, help="print the nodes' reports as JSON")
+def cluster_status(path: Path | None, as_json: bool) -> None:
+    """Each node of the cluster: up or not, its software and node list, sessions, relayed stanzas.
+
+    Exit code 0 when every node answers with this configuration's node list, 1 otherwise."""
+    import asyncio
+    import json
+
+    from interlink.core.edge.clusterlink import ask_nodes
+
+    config = _load_config(path)
+    if config.cluster is None:
+        raise click.ClickException("the configuration has no [cluster] table")
+    reports = _run(lambda: asyncio.run(ask_nodes(config.cluster)))
+    healthy = all(report is not None and report.get("m") == config.cluster.digest for report in reports.values())
+    if as_json:
+        click.echo(json.dumps(reports, indent=2, sort_keys=True))
+    else:
+        click.echo(f"{'node':<16} {'state':<14} {'software':<10} {'list':>4} {'sessions':>9} {'waiting':>8} "
+                   f"{'relayed':>9} {'served':>9} {'timeouts':>9}")
+        for node, report in reports.items():
+            if report is None:
+                click.echo(f"{node:<16} {'not answering':<14}")
+                continue
+            relay = report.get("relay", {})
+            state = "up" if report.get("m") == config.cluster.digest else "OTHER LIST"
+            click.echo(f"{node:<16} {state:<14} {str(report.get('software')):<10} {report.get('version', '?'):>4} "
+                       f"{report.get('sessions', 0):>9} {report.get('waiting', 0):>8} {relay.get('relayed', 0):>9} "
+                       f"{relay.get('served', 0):>9} {relay.get('timeouts', 0):>9}")
+    if not healthy:
+        sys.exit(1)
+
+
 @main.command()
 def demo() -> None:
     """Start a gateway on 127.0.0.1 with two demo providers and drive traffic through it."""

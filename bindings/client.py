@@ -34,6 +34,7 @@ from interlink.core.errors import (
     HandshakeError,
     IKUnansweredError,
     InterlinkError,
+    RedirectedError,
     ServerError,
     SessionClosedError,
     UpgradeRefusedError,
@@ -41,8 +42,10 @@ from interlink.core.errors import (
 from interlink.core.protocol.noise import Suite
 from interlink.core.protocol.wire import TAG_BYTES
 from interlink.wstransport import WebSocketStream, websocket_uri
+from websockets.uri import parse_uri
 
 DEFAULT_AGENT = "interlink-python/0.1"
+MAX_REDIRECTS = 2  # bye redirect followed at most this often per connect (a cluster needs one)
 MAX_QUEUED_STANZAS = 10_000  # unread stanzas before the client gives up (recv() is not being called)
 DEDUP_MEMORY = 10_000  # (from, id) pairs remembered to drop redelivered messages
 
@@ -299,14 +302,31 @@ class Client:
         static_private = static_private or generate_static_key()
         transport = (None if ws_path is None
                      else (websocket_uri(host, port, ws_path, tls=ws_ssl is not None), ws_origin, ws_ssl))
-        options = (host, port, token, device, root_public, static_private, agent, timeout_s, auto_recv, outbox, seen,
-                   transport)
-        try:
-            client = await cls._connect_once(*options, suite, server_static)
-        except IKUnansweredError:
-            if not ik_fallback:
-                raise
-            client = await cls._connect_once(*options, suite.as_xx(), None)
+        for hops in range(MAX_REDIRECTS + 1):
+            options = (host, port, token, device, root_public, static_private, agent, timeout_s, auto_recv, outbox,
+                       seen, transport)
+            try:
+                try:
+                    client = await cls._connect_once(*options, suite, server_static)
+                except IKUnansweredError:
+                    if not ik_fallback:
+                        raise
+                    client = await cls._connect_once(*options, suite.as_xx(), None)
+                break
+            except RedirectedError as redirect:
+                # A cluster's node that is not this user's home (docs/protocol.md §5): go there.
+                # Its static key is another node's, so IK starts over as XX.
+                if hops == MAX_REDIRECTS:
+                    raise
+                suite, server_static = suite.as_xx(), None
+                if transport is None:
+                    host, port = redirect.host, redirect.port
+                elif redirect.ws is None:
+                    raise
+                else:
+                    uri = parse_uri(redirect.ws)
+                    host, port = uri.host, uri.port
+                    transport = (redirect.ws, ws_origin, (ws_ssl or ssl.create_default_context()) if uri.secure else None)
         if outbox:
             await client.resend_pending(timeout_s=timeout_s)
         return client
@@ -796,8 +816,11 @@ class Client:
         if self._closed is not None:
             return
         self._closed = event
-        if event.reason == CloseReason.AUTH_FAILED:
-            error: InterlinkError = AuthError(event.message, code=event.code or "auth_failed")
+        bye = self._conn.bye
+        if event.reason == CloseReason.REDIRECT and not self._welcomed.done() and bye is not None:
+            error: InterlinkError = _redirect_error(bye)
+        elif event.reason == CloseReason.AUTH_FAILED:
+            error = AuthError(event.message, code=event.code or "auth_failed")
         elif event.reason == CloseReason.HANDSHAKE_FAILED:
             error = self._conn.failure or HandshakeError(event.message)
         elif not self._welcomed.done() and event.reason == "peer_closed" and not self._conn.handshake_answered:
@@ -831,6 +854,15 @@ class Client:
             self._transport.abort()
         if not self._welcomed.done():
             self._welcomed.cancel()
+
+
+def _redirect_error(bye: dict) -> InterlinkError:
+    """The ``bye redirect`` as a ``RedirectedError``, or why it cannot be followed."""
+    node, host, port, ws = bye.get("node"), bye.get("host"), bye.get("port"), bye.get("ws")
+    if type(host) is not str or not host or type(port) is not int or not 1 <= port <= 65535 or (
+            ws is not None and type(ws) is not str):
+        return SessionClosedError("the gateway redirected this session without a usable address", reason="redirect")
+    return RedirectedError(f"this user's home is node {node}, at {host}:{port}", node=str(node), host=host, port=port, ws=ws)
 
 
 def new_message_id() -> bytes:

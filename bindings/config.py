@@ -20,10 +20,50 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from interlink.core.domain.auth import DEFAULT_LEEWAY_S, Provider
+from interlink.core.domain.cluster import NODE_ID_RE, Membership
 from interlink.core.errors import ConfigError
 from interlink.core.protocol.wire import MAX_TOKEN_BYTES, WIRE_MAX_FRAME_BYTES
 
 DEFAULT_PORT = 7450
+
+
+@dataclass(frozen=True)
+class NodeAddress:
+    """Where clients reach one node of a cluster: what ``bye redirect`` tells them."""
+
+    host: str
+    port: int
+    ws: str | None = None  #: its WebSocket URL (``wss://b.chat.example/interlink``), when it serves one
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """The ``[cluster]`` table: this node, every node of the cluster and the NATS servers joining
+    them (docs/operations.md "Running a cluster"). Every node must list the same nodes, addresses
+    and ``version``; a node whose list differs from a running node's refuses to start."""
+
+    node: str  #: this node's id
+    nodes: Mapping[str, NodeAddress]  #: every node's id -> where clients reach it
+    version: int  #: the list's version: raise it with every change of ``nodes``
+    nats: tuple[str, ...]  #: NATS server URLs (nats:// or tls://)
+    request_timeout_s: float = 2.0  #: a node that has not answered a relayed stanza by then: overloaded
+    nats_credentials: str = ""  #: a NATS .creds file (user JWT and NKey seed) for this node
+    nats_ca_file: str = ""  #: CA bundle that signed the NATS servers' TLS certificates
+
+    @property
+    def membership(self) -> Membership:
+        return Membership(self.nodes, self.version)
+
+    @property
+    def digest(self) -> str:
+        """What nodes compare at start: the node ids, their addresses and the version."""
+        import hashlib
+
+        text = self.membership.digest + "".join(
+            f"\x00{node}\x00{address.host}\x00{address.port}\x00{address.ws or ''}"
+            for node, address in sorted(self.nodes.items())
+        )
+        return hashlib.sha256(text.encode()).hexdigest()
 
 
 @dataclass
@@ -82,6 +122,7 @@ class GatewayConfig:
     admin_port: int = -1  # -1: no admin endpoint; 0: any free port
     admin_token: str = ""  # bearer token for the admin endpoint's write operations ("" = writes off)
     providers: list = field(default_factory=list)  # interlink.Provider entries
+    cluster: ClusterConfig | None = None  # [cluster]: this node is one of several joined through NATS
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)
@@ -180,7 +221,7 @@ LIST_KEYS = ("ws_allowed_origins", "tcp_trusted_proxies", "ws_trusted_proxies")
 
 def _check_type(config: GatewayConfig) -> None:
     for spec in fields(config):
-        if spec.name in ("data_dir", "providers"):
+        if spec.name in ("data_dir", "providers", "cluster"):
             continue
         expected = type(spec.default)
         value = getattr(config, spec.name)
@@ -263,11 +304,16 @@ OPTION_HELP = {
     "admin_port": "its port: -1 no endpoint, 0 any free port; 7451 is the usual choice for a service",
     "admin_token": "bearer token for its write operations (empty: writes refused); better set INTERLINK_ADMIN_TOKEN",
     "providers": "the providers whose users may connect: [[providers]] tables, see below",
+    "cluster": "this node is one of several joined through NATS: a [cluster] table, see below",
 }
 
 ENV_PREFIX = "INTERLINK_"
 # INTERLINK_* variables that are not configuration keys (build and test switches, the file path).
-OTHER_ENV_VARIABLES = frozenset({"INTERLINK_CONFIG", "INTERLINK_ADMIN_URL", "INTERLINK_PURE", "INTERLINK_REQUIRE_NATIVE"})
+OTHER_ENV_VARIABLES = frozenset({"INTERLINK_CONFIG", "INTERLINK_ADMIN_URL", "INTERLINK_PURE", "INTERLINK_REQUIRE_NATIVE",
+                                 "INTERLINK_CLUSTER_NODE"})
+# One file for every node of a cluster: INTERLINK_CLUSTER_NODE names this node (cluster.node).
+CLUSTER_NODE_VARIABLE = "INTERLINK_CLUSTER_NODE"
+CLUSTER_KEYS = ("node", "nodes", "version", "nats", "request_timeout_s", "nats_credentials", "nats_ca_file")
 PROVIDER_LIST_KEYS = ("algorithms", "default_accept")
 
 
@@ -304,8 +350,8 @@ def config_from_mapping(data: Mapping, *, environ: Mapping[str, str] | None = No
         if not name.startswith(ENV_PREFIX) or name in OTHER_ENV_VARIABLES:
             continue
         key = name[len(ENV_PREFIX) :].lower()
-        if key not in known or key == "providers":
-            choices = {ENV_PREFIX + k.upper(): k for k in known if k != "providers"}
+        if key not in known or key in ("providers", "cluster"):
+            choices = {ENV_PREFIX + k.upper(): k for k in known if k not in ("providers", "cluster")}
             raise ConfigError(f"{name}: not a configuration variable{_did_you_mean(name, choices)}")
         values[key] = _from_environment(name, raw, known[key].default)
     if "data_dir" in values:
@@ -313,7 +359,78 @@ def config_from_mapping(data: Mapping, *, environ: Mapping[str, str] | None = No
             raise ConfigError(f"data_dir: expected a folder path (str), got {_describe(values['data_dir'])}")
         values["data_dir"] = Path(values["data_dir"])
     values["providers"] = providers_from_tables(values.get("providers", []))
+    node_override = (environ or {}).get(CLUSTER_NODE_VARIABLE)
+    if "cluster" in values or node_override is not None:
+        values["cluster"] = cluster_from_table(values.get("cluster"), node_override)
     return GatewayConfig(**values)
+
+
+def cluster_from_table(table, node_override: str | None = None) -> ClusterConfig:
+    """The ``[cluster]`` table as a ``ClusterConfig`` (``node_override``: this node's id from
+    ``INTERLINK_CLUSTER_NODE``); a mistake names ``cluster.key``."""
+    if table is None:
+        raise ConfigError(f"{CLUSTER_NODE_VARIABLE}: set, but the configuration has no [cluster] table")
+    if not isinstance(table, dict):
+        raise ConfigError(f"cluster: expected a [cluster] table, got {_describe(table)}")
+    for key in table:
+        if key not in CLUSTER_KEYS:
+            raise ConfigError(f"cluster.{key}: unknown key{_did_you_mean(key, CLUSTER_KEYS)}")
+    values = dict(table)
+    if node_override is not None:
+        values["node"] = node_override
+    for key in ("node", "nodes", "version", "nats"):
+        if key not in values:
+            raise ConfigError(f"cluster.{key}: required")
+    node, version, urls = values["node"], values["version"], values["nats"]
+    if not isinstance(node, str) or NODE_ID_RE.fullmatch(node) is None:
+        raise ConfigError(f"cluster.node: a node id (1-63 lower-case letters, digits and '-'), got {_describe(node)}")
+    if type(version) is not int or not 1 <= version < 2**63:
+        raise ConfigError(f"cluster.version: expected a positive integer, got {_describe(version)}")
+    if not isinstance(urls, list) or not urls or not all(isinstance(url, str) for url in urls):
+        raise ConfigError(f"cluster.nats: expected a list of NATS server URLs, got {_describe(urls)}")
+    for url in urls:
+        if _NATS_URL.fullmatch(url) is None:
+            raise ConfigError(f"cluster.nats: {url!r} is not a NATS URL like nats://10.0.0.5:4222 or tls://nats.example:4222")
+    nodes = values["nodes"]
+    if not isinstance(nodes, dict) or not nodes:
+        raise ConfigError(f"cluster.nodes: expected a table of node id = \"host:port\", got {_describe(nodes)}")
+    addresses = {}
+    for node_id, entry in nodes.items():
+        where = f"cluster.nodes.{node_id}"
+        if NODE_ID_RE.fullmatch(node_id) is None:
+            raise ConfigError(f"{where}: a node id is 1-63 lower-case letters, digits and '-', starting with a letter or digit")
+        addresses[node_id] = _node_address(where, entry)
+    if node not in addresses:
+        raise ConfigError(f"cluster.node: {node!r} is not one of cluster.nodes ({', '.join(sorted(addresses))})")
+    timeout = values.get("request_timeout_s", 2.0)
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0.05 <= timeout <= 60:
+        raise ConfigError(f"cluster.request_timeout_s: must be 0.05..60 seconds, got {_describe(timeout)}")
+    for key in ("nats_credentials", "nats_ca_file"):
+        if not isinstance(values.get(key, ""), str):
+            raise ConfigError(f"cluster.{key}: expected a file path (str), got {_describe(values[key])}")
+    return ClusterConfig(node=node, nodes=addresses, version=version, nats=tuple(urls), request_timeout_s=float(timeout),
+                         nats_credentials=values.get("nats_credentials", ""), nats_ca_file=values.get("nats_ca_file", ""))
+
+
+_NATS_URL = re.compile(r"(nats|tls)://([^/@\s]+@)?[A-Za-z0-9.\-\[\]:]+(:[0-9]{1,5})?")
+_HOST_PORT = re.compile(r"(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.\-]+):([0-9]{1,5})")
+
+
+def _node_address(where: str, entry) -> NodeAddress:
+    ws = None
+    if isinstance(entry, dict):
+        unknown = set(entry) - {"address", "ws"}
+        if unknown:
+            raise ConfigError(f"{where}.{sorted(unknown)[0]}: unknown key (a node has 'address' and 'ws')")
+        ws = entry.get("ws")
+        if ws is not None and (not isinstance(ws, str) or not re.fullmatch(r"wss?://[^\s]+", ws)):
+            raise ConfigError(f"{where}.ws: expected a WebSocket URL like wss://b.chat.example/interlink, got {_describe(ws)}")
+        entry = entry.get("address")
+    match = _HOST_PORT.fullmatch(entry) if isinstance(entry, str) else None
+    if match is None or not 1 <= int(match.group(2)) <= 65535:
+        raise ConfigError(f"{where}: expected the address clients reach it at, \"host:port\" (port 1..65535), "
+                          f"got {_describe(entry)}")
+    return NodeAddress(match.group(1).strip("[]"), int(match.group(2)), ws)
 
 
 def providers_from_tables(entries) -> list[Provider]:
@@ -387,7 +504,7 @@ def default_config_toml() -> str:
         "",
     ]
     for spec in fields(GatewayConfig):
-        if spec.name == "providers":
+        if spec.name in ("providers", "cluster"):
             continue
         lines.append(f"# {OPTION_HELP[spec.name]}")
         lines.append(f"{spec.name} = {_toml_value(getattr(defaults, spec.name))}")

@@ -111,7 +111,14 @@ class Gateway:
             ws_trusted_proxies=config.ws_trusted_proxies,
             ws_path=config.ws_path,
             ws_allowed_origins=config.ws_allowed_origins,
+            cluster=config.cluster,
         )
+        if config.cluster is not None:
+            try:
+                await self._server.start_cluster(software=_software_version())
+            except BaseException:
+                await self._release()
+                raise
         try:
             await self._server.start(config.host, config.port)
         except OSError as exc:
@@ -343,6 +350,15 @@ class Gateway:
         if self._server is None:
             raise InterlinkError("gateway is not running")
         return self._server
+
+
+def _software_version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("interlink")
+    except metadata.PackageNotFoundError:  # run from a checkout without an install
+        return "unknown"
 
 
 def _load_or_create_keys(config: GatewayConfig) -> OperatorKeys:

@@ -44,7 +44,7 @@ from interlink.core.protocol.wire import MAX_PLAINTEXT_BYTES
 
 __all__ = [
     "DEFAULTS", "DemoIssuer", "FakeClock", "FakeSession", "OMIT", "jwks_cache", "limits", "lmdb_store", "server_settings",
-    "store_options", "token_verifier",
+    "store_options", "token_verifier", "keys_for_nodes", "free_ports", "homed_users",
 ]
 
 _SUPPORTED = ("EdDSA", "ES256")
@@ -341,6 +341,8 @@ class FakeSession:
     """An open session as the domain sees it, without a connection: what the domain sends is
     decoded into ``received`` (encoded stanzas too, so a test reads what a client would)."""
 
+    relayed = False
+
     def __init__(self, user: str, device: int = 1, *, expires_at: float = float("inf"),
                  max_plaintext_bytes: int = MAX_PLAINTEXT_BYTES) -> None:
         localpart, _, provider = user.rpartition("@")
@@ -491,3 +493,55 @@ async def until(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "condition not met in time"
         await asyncio.sleep(0.01)
+
+
+# ----------------------------------------------------------------------------- clusters
+
+
+def keys_for_nodes(folders: Mapping[str, Any]) -> None:
+    """Operator keys for several nodes under one root (what an operator does with ``interlink keys
+    init --force --node X`` after copying the root key): ``folders`` maps node names to key folders."""
+    import shutil
+    from pathlib import Path
+
+    from interlink.core.edge.keyfiles import ROOT_KEY_FILE, ROOT_PUBLIC_FILE, init_operator_keys
+
+    first = None
+    for node, folder in folders.items():
+        folder = Path(folder)
+        if first is None:
+            init_operator_keys(folder, node)
+            first = folder
+            continue
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for name in (ROOT_KEY_FILE, ROOT_PUBLIC_FILE):
+            shutil.copy2(first / name, folder / name)
+        init_operator_keys(folder, node, force=True)
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """``count`` TCP ports free right now (a cluster's node list names each node's port before it
+    starts; another process could take one meanwhile, which loopback tests accept)."""
+    import socket
+
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind((host, 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def homed_users(membership, provider: str, per_node: int = 1, prefix: str = "user") -> dict[str, list[str]]:
+    """For each node of ``membership``, ``per_node`` addresses under ``provider`` whose home it is."""
+    found: dict[str, list[str]] = {node: [] for node in membership.nodes}
+    index = 0
+    while any(len(users) < per_node for users in found.values()):
+        address = f"{prefix}{index}@{provider}"
+        users = found[membership.home(address)]
+        if len(users) < per_node:
+            users.append(address)
+        index += 1
+    return found

@@ -29,6 +29,7 @@ answer with an ``err`` stanza or close with a named reason; operators count them
     ├── StoreFullError               the LMDB map is full (overloaded; nothing written)
     ├── StoreLimitError              a per-user bound of the store was reached (too_large)
     ├── SessionClosedError           client side: the session ended (``reason``)
+    │   └── RedirectedError          the user's home is another node of the cluster (``bye redirect``)
     ├── UpgradeRefusedError          client side: the gateway refused the WebSocket upgrade (HTTP status)
     ├── ServerError                  client side: the gateway answered ``err``
     └── E2EEError                    end-to-end encryption (``interlink.e2ee``)
@@ -84,6 +85,7 @@ class CloseReason(enum.StrEnum):
     IDLE = "idle"
     SLOW_CONSUMER = "slow_consumer"
     PROTOCOL_ERROR = "protocol_error"
+    REDIRECT = "redirect"  # a cluster node that is not the user's home, before welcome (docs/protocol.md §5)
     # closes without a bye
     BAD_PREAMBLE = "bad_preamble"
     UNKNOWN_SUITE = "unknown_suite"
@@ -107,7 +109,7 @@ class CloseReason(enum.StrEnum):
 
 BYE_REASONS = frozenset({
     CloseReason.DRAIN, CloseReason.REPLACED, CloseReason.SUSPENDED, CloseReason.AUTH_EXPIRED, CloseReason.IDLE,
-    CloseReason.SLOW_CONSUMER, CloseReason.PROTOCOL_ERROR,
+    CloseReason.SLOW_CONSUMER, CloseReason.PROTOCOL_ERROR, CloseReason.REDIRECT,
 })
 
 
@@ -264,6 +266,15 @@ class SessionClosedError(InterlinkError):
     def __init__(self, message: str = "", *, reason: str = "closed") -> None:
         super().__init__(message)
         self.reason = reason
+
+
+class RedirectedError(SessionClosedError):
+    """Client side: the gateway said ``bye redirect`` before ``welcome``: connect to ``host``:``port``
+    (or the WebSocket URL ``ws``), the user's home node ``node``, instead."""
+
+    def __init__(self, message: str = "", *, node: str, host: str, port: int, ws: str | None = None) -> None:
+        super().__init__(message, reason=CloseReason.REDIRECT)
+        self.node, self.host, self.port, self.ws = node, host, port, ws
 
 
 class ServerError(InterlinkError):

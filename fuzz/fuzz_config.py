@@ -57,8 +57,10 @@ CONFIG_KEYS = tuple(spec.name for spec in fields(GatewayConfig))
 PROVIDER_KEYS = tuple(spec.name for spec in fields(Provider))
 ENV_NAMES = tuple(f"INTERLINK_{key.upper()}" for key in CONFIG_KEYS) + (
     "INTERLINK_PURE", "INTERLINK_CONFIG", "INTERLINK_PROT", "INTERLINK_", "INTERLINK_port", "HOME",
+    "INTERLINK_CLUSTER_NODE",
 )
 _PROVIDER_KEY = re.compile(r"providers\[\d+\](\.|: )")
+_CLUSTER_KEY = re.compile(r"cluster\.")
 
 
 def _temporary_folder() -> Path:
@@ -93,18 +95,19 @@ def _names_a_key(message: str, data: dict, environ: dict) -> bool:
     if "not valid TOML" in message:
         return True
     subjects = (*CONFIG_KEYS, "providers", *environ, *(key for key in data if isinstance(key, str)))
-    if any(message.startswith(f"{subject}: ") for subject in subjects) or _PROVIDER_KEY.match(message):
+    if (any(message.startswith(f"{subject}: ") for subject in subjects) or _PROVIDER_KEY.match(message)
+            or _CLUSTER_KEY.match(message)):
         return True
     # Provider's own checks: "provider 'alpha': issuer ..." names the field in the sentence.
     return message.startswith("provider") and any(re.search(rf"\b{key}\b", message) for key in PROVIDER_KEYS)
 
 
 def _render(config: GatewayConfig) -> str | None:
-    """The configuration's keys (but providers) as ``default_config_toml`` writes values; None if
+    """The configuration's keys (but providers and cluster) as ``default_config_toml`` writes values; None if
     a string holds a lone surrogate (TOML is UTF-8: such a value cannot be written at all)."""
     lines = []
     for spec in fields(config):
-        if spec.name == "providers":
+        if spec.name in ("providers", "cluster"):
             continue
         value = getattr(config, spec.name)
         text = _toml_value(value)
@@ -114,7 +117,8 @@ def _render(config: GatewayConfig) -> str | None:
     return "\n".join(lines) + "\n"
 
 
-def _check_loaded(config: GatewayConfig, providers: list, where: str) -> None:
+def _check_loaded(config: GatewayConfig, providers: list, where: str, tables: dict | None = None) -> None:
+    """``tables``: the [cluster] table (and the environment's node override) it was loaded with."""
     try:
         config.validate()
     except ConfigError as exc:
@@ -127,7 +131,8 @@ def _check_loaded(config: GatewayConfig, providers: list, where: str) -> None:
     if text is None:
         return
     try:
-        again = config_from_mapping({**tomllib.loads(text), "providers": providers}, environ={})
+        again = config_from_mapping({**tomllib.loads(text), "providers": providers, **(tables or {}).get("data", {})},
+                                    environ=(tables or {}).get("environ", {}))
     except (tomllib.TOMLDecodeError, ConfigError) as exc:
         raise AssertionError(f"{where}: the configuration written as TOML does not load again: {exc}\n{text}"[:1200]) from exc
     if again != config:
@@ -161,7 +166,10 @@ def check(data: bytes) -> None:
             raise AssertionError(f"{where}: ConfigError names no key: {str(exc)[:300]!r}") from exc
     else:
         providers = (parsed or {}).get("providers", [])
-        _check_loaded(config, providers, where)
+        tables = {"data": {"cluster": parsed["cluster"]}} if parsed and "cluster" in parsed else {"data": {}}
+        if "INTERLINK_CLUSTER_NODE" in environ:
+            tables["environ"] = {"INTERLINK_CLUSTER_NODE": environ["INTERLINK_CLUSTER_NODE"]}
+        _check_loaded(config, providers, where, tables)
 
     again = config_from_mapping(VALID_MAPPING, environ=VALID_ENV)
     if again != EXPECTED:

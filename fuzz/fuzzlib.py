@@ -27,7 +27,8 @@ CONFIG_CODE = "config"  # ConfigError's code: the configuration loader's only er
 
 # Every way a server connection may end (docs/protocol.md §5, "Every connection the gateway ends
 # has a named reason"): the bye reasons and the operator-visible close reasons.
-BYE_REASONS = frozenset({"drain", "replaced", "suspended", "auth_expired", "idle", "slow_consumer", "protocol_error"})
+BYE_REASONS = frozenset({"drain", "replaced", "suspended", "auth_expired", "idle", "slow_consumer", "protocol_error",
+                         "redirect"})
 CLOSE_REASONS = BYE_REASONS | {
     "bad_preamble", "unknown_suite", "handshake_failed", "bad_frame", "auth_failed", "auth_deadline",
     "peer_closed", "over_capacity", "source_limit", "bad_proxy_header", "bad_upgrade", "internal_error",

@@ -369,7 +369,26 @@ def config_seeds() -> dict:
         "env-ignored": config_seed("", [("INTERLINK_PURE", "1"), ("HOME", "/x")]),
         "env-underscores": config_seed("", [("INTERLINK_PORT", "7_450")]),
         "mapping-mode": config_seed('port = 1\nwindow = 8\n', mode=1),
+        "cluster": config_seed(CLUSTER),
+        "cluster-node-table": config_seed(CLUSTER.replace('node-b = "10.0.0.2:7450"',
+                                                          'node-b = { address = "[fd00::2]:7450", ws = "wss://b.example/il" }')),
+        "cluster-node-not-listed": config_seed(CLUSTER.replace('node = "node-a"', 'node = "node-z"')),
+        "cluster-bad-url": config_seed(CLUSTER.replace("nats://", "http://")),
+        "cluster-unknown-key": config_seed(CLUSTER.replace("version = 1", "version = 1\nnodez = 2")),
+        "cluster-env-node": config_seed(CLUSTER, [("INTERLINK_CLUSTER_NODE", "node-b")]),
     }
+
+
+CLUSTER = """
+[cluster]
+node = "node-a"
+version = 1
+nats = ["nats://10.0.0.9:4222", "tls://nats.example:4222"]
+request_timeout_s = 1.5
+[cluster.nodes]
+node-a = "10.0.0.1:7450"
+node-b = "10.0.0.2:7450"
+"""
 
 
 # -------------------------------------------------------------------------------- proxy
@@ -465,7 +484,10 @@ def config_tokens() -> list:
              "true", "false", "inf", "+inf", "-inf", "nan", "1e999", "-0.0", "0x7f", "0o777", "0b1", "1_000",
              "9223372036854775807", "-9223372036854775808", "1979-05-27T07:32:00Z", "07:32:00", "1979-05-27",
              "\\u0000", "\\n", "https://", "http://127.0.0.1", "keys", "kty", "OKP", "EC", "RSA", "crv", "Ed25519",
-             "P-256", "EdDSA", "ES256", "RS256", "HS256", "none", "*", "sync", "async", "inline", "thread"]
+             "P-256", "EdDSA", "ES256", "RS256", "HS256", "none", "*", "sync", "async", "inline", "thread",
+             "[cluster]", "[cluster.nodes]", "node", "nodes", "version", "nats", "request_timeout_s",
+             "nats_credentials", "nats_ca_file", "address", "ws", "node-a", "nats://127.0.0.1:4222", "tls://",
+             "127.0.0.1:7450", "[::1]:7450", "wss://"]
     return [word.encode() for word in words]
 
 

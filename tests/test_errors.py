@@ -52,7 +52,7 @@ def test_every_exception_is_drawn_in_the_docstring_and_exported():
 def test_codes_and_close_reasons_are_the_contracts_strings():
     assert errors.ErrorCode.BAD_STANZA == "bad_stanza" and errors.StanzaError.code == "bad_stanza"
     assert {str(reason) for reason in errors.BYE_REASONS} == {
-        "drain", "replaced", "suspended", "auth_expired", "idle", "slow_consumer", "protocol_error"}
+        "drain", "replaced", "suspended", "auth_expired", "idle", "slow_consumer", "protocol_error", "redirect"}
     assert all(reason.is_bye for reason in errors.BYE_REASONS)
     assert not errors.CloseReason.HANDSHAKE_FAILED.is_bye
     assert ConnectionClosed(errors.CloseReason.DRAIN).reason == "drain"

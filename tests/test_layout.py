@@ -36,6 +36,8 @@ TESTED_ELSEWHERE = {
     "core/domain/ops.py": ["tests/e2e/test_operations.py", "tests/e2e/test_keys.py"],
     # The uvloop adapter: over TCP, and read by read over socket pairs.
     "core/edge/server.py": ["tests/e2e/test_gateway.py", "tests/test_session_isolation.py"],
+    # The NATS side of a cluster: three nodes and a real nats-server on loopback.
+    "core/edge/clusterlink.py": ["tests/e2e/test_cluster.py"],
     # The WebSocket adapter: over real WebSockets, every rule and close code, and the happy paths.
     "core/edge/websocket.py": ["tests/e2e/test_websocket.py"],
     # Opened by every store test; its one refusal (an unusable folder) is the facade's.

@@ -26,8 +26,8 @@ def config_for(issuers, data_dir, **settings) -> GatewayConfig:
     # Blob uploads are refused while the disk has less than blob_min_free_bytes free (1 GiB by
     # default): a test must not depend on the free space of the machine it runs on.
     settings.setdefault("blob_min_free_bytes", 0)
+    settings.setdefault("port", 0)
     return GatewayConfig(
-        port=0,
         data_dir=data_dir,
         providers=[
             Provider(id="alpha", issuer=alpha.issuer, audience=AUD, discovery=True, default_accept=("beta",)),

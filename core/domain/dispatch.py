@@ -21,19 +21,11 @@ from interlink.core.domain.blobs import BlobLimits, Blobs
 from interlink.core.domain.groups import Groups
 from interlink.core.domain.ops import Operations
 from interlink.core.domain.policy import Policy
+from interlink.core.domain.cluster import Membership
+from interlink.core.domain.relay import RELAY_KINDS, Relay, reference
 from interlink.core.domain.router import Commit, RouteError, Router, Session, stanza_id, typing_state
 from interlink.core.domain.ports import BlobFiles, Offload, Store
 from interlink.core.protocol.stanza import encode_stanza
-
-
-def _reference(stanza: dict) -> dict:
-    """The field that ties an ``err`` to its request: ``id`` for ``iq``, ``ref`` for bin16 ids."""
-    request_id = stanza.get("id")
-    if stanza.get("t") == "iq" and type(request_id) is int:
-        return {"id": request_id}
-    if type(request_id) is bytes and len(request_id) == 16:
-        return {"ref": request_id}
-    return {}
 
 
 class Domain:
@@ -55,6 +47,9 @@ class Domain:
         offload: Offload | None = None,
         blob_writer: Offload | None = None,
         blob_limits: BlobLimits | None = None,
+        membership: Membership | None = None,
+        node: str | None = None,
+        relay_timeout_s: float = 2.0,
     ) -> None:
         self.store = store
         self.admission = Admission(turn_budget=overload_turn_messages, refuse_after_s=overload_refuse_after_s)
@@ -88,6 +83,11 @@ class Domain:
             "state": self.handle_state,
             "iq": self.ops.handle_iq,
         }
+        # A cluster's node (core/domain/relay.py): stanzas for users homed on other nodes go there.
+        self.relay: Relay | None = None
+        if membership is not None:
+            self.relay = Relay(membership=membership, node=node, router=self.router, serve=self.dispatch,
+                               timeout_s=relay_timeout_s)
         self.stanzas_in: Counter = Counter()  # by stanza type ("unknown" for the rest)
         self.refusals: Counter = Counter()  # err answers to stanzas, by code
         self._overloaded_answer = (0, b"")  # (retry_after, the encoded answer without the ref's value)
@@ -107,13 +107,16 @@ class Domain:
                 self.stanzas_in["unknown"] += 1  # not the client's string: labels stay a fixed set
                 raise StanzaError(f"unsupported stanza type {excerpt(kind)}")
             self.stanzas_in[kind] += 1
+            relay = self.relay
+            if relay is not None and kind in RELAY_KINDS and not session.relayed and relay.take(session, stanza, now):
+                return
             handler(session, stanza, now)
         except RouteError as exc:
             self.refusals[exc.code] += 1
-            self.router.answer(session, {"t": "err", "code": exc.code, "msg": exc.message, **_reference(stanza), **exc.fields})
+            self.router.answer(session, {"t": "err", "code": exc.code, "msg": exc.message, **reference(stanza), **exc.fields})
         except StanzaError as exc:
             self.refusals["bad_stanza"] += 1
-            self.router.answer(session, {"t": "err", "code": "bad_stanza", "msg": exc.message, **_reference(stanza)})
+            self.router.answer(session, {"t": "err", "code": "bad_stanza", "msg": exc.message, **reference(stanza)})
 
     def _refused_overloaded(self, session: Session, stanza: dict, now: float) -> bool:
         """Admission control's second level: answer a ``msg`` beyond its turn's budget with

@@ -23,6 +23,7 @@ class Session(Protocol):
     identity: Identity  #: who the session's token says it is
     session_key: tuple[str, int]  #: (user, device): the session table's key
     max_plaintext_bytes: int  #: the largest stanza the session can be sent
+    relayed: bool  #: another node's session, whose stanza a cluster relayed here (charged there)
 
     @property
     def closed(self) -> bool: ...

@@ -156,6 +156,8 @@ class Router:
     def charge(self, session: Session, now: float, tokens: int = 1) -> None:
         """Spend ``tokens`` tokens of the session's and the user's bucket, or refuse (``rate_limited``;
         the tokens spent before the refusal stay spent)."""
+        if session.relayed:  # charged on its own node, where its session lives
+            return
         device_buckets, user_buckets = self.device_buckets, self.user_buckets
         session_key = session.session_key
         user = session_key[0]
@@ -168,38 +170,75 @@ class Router:
             retry_after = max(1, math.ceil(wait_s * 1000))
             raise RouteError(f"too many messages; try again in {retry_after} ms", code="rate_limited", retry_after=retry_after)
 
-    def route_msg(self, session: Session, stanza: dict, msg_id: bytes, now: float) -> None:
-        """A 1:1 ``msg`` (already charged, its id checked): one ciphertext per recipient device."""
+    def route_msg(self, session: Session, stanza: dict, msg_id: bytes, now: float, *, own_only: bool = False) -> MessageEntry | None:
+        """A 1:1 ``msg`` (already charged, its id checked): one ciphertext per recipient device.
+        ``own_only``: the recipient's home is another node, which stored its copies already
+        (``core/domain/relay.py``); store the sender's ``own`` copies only (None: there are none)."""
         identity = session.identity
+        recipient_provider, recipient, ciphertexts, own = self.msg_parts(session, stanza)
+        sender, sender_device = identity.user, identity.device
+        items, targets = [], []
+        if not own_only:
+            devices = self._reachable_devices(recipient_provider, recipient, identity, "messages")
+            check_devices(ciphertexts, devices, "c")
+            # A blocked sender is answered like any other and nothing reaches the recipient; the
+            # sender's own copies are still stored (its other devices show what it sent).
+            if not self.policy.blocks(recipient, sender):
+                for device, ciphertext in ciphertexts.items():
+                    items.append((device_key(recipient, device), _dlv_builder(msg_id, sender, sender_device, ciphertext, None)))
+                    targets.append((recipient, device))
+        if own is not None:
+            others = [d for d in self.store.devices(sender) if d != sender_device]
+            check_devices(own, others, "own")
+            for device, ciphertext in own.items():
+                items.append((device_key(sender, device), _dlv_builder(msg_id, sender, sender_device, ciphertext, recipient)))
+                targets.append((sender, device))
+        if own_only and not items:
+            return None
+        return self.enqueue(session, msg_id, items, targets, now)
+
+    def msg_parts(self, session: Session, stanza: dict) -> tuple:
+        """A 1:1 ``msg``'s fields, checked as far as the sender's node can: (recipient's provider,
+        recipient, ``c``, ``own`` or None)."""
         recipient_provider, recipient = self._recipient(stanza.get("to"))
-        if recipient == identity.user:
+        if recipient == session.identity.user:
             raise RouteError("to reach your own other devices, use 'own'", code="bad_stanza")
         ciphertexts = _device_map(stanza.get("c"), "c", self.max_ciphertext_bytes)
         own = stanza.get("own")
         own = _device_map(own, "own", self.max_ciphertext_bytes) if own is not None else None
-        devices = self._reachable_devices(recipient_provider, recipient, identity, "messages")
-        _check_devices(ciphertexts, devices, "c")
-        sender, sender_device = identity.user, identity.device
-        items, targets = [], []
-        # A blocked sender is answered like any other and nothing reaches the recipient; the
-        # sender's own copies are still stored (its other devices show what it sent).
-        if not self.policy.blocks(recipient, sender):
-            for device, ciphertext in ciphertexts.items():
-                items.append((device_key(recipient, device), _dlv_builder(msg_id, sender, sender_device, ciphertext, None)))
-                targets.append((recipient, device))
-        if own is not None:
-            others = [d for d in self.store.devices(sender) if d != sender_device]
-            _check_devices(own, others, "own")
-            for device, ciphertext in own.items():
-                items.append((device_key(sender, device), _dlv_builder(msg_id, sender, sender_device, ciphertext, recipient)))
-                targets.append((sender, device))
-        self.enqueue(session, msg_id, items, targets, now)
+        return recipient_provider, recipient, ciphertexts, own
 
     def handle_rcpt(self, session: Session, stanza: dict, now: float) -> None:
-        """A receipt is stored and delivered like a message, to every device of ``to`` and (with
-        ``to``) to the sender's other devices, so they can mark the messages too."""
         self.charge(session, now)
+        self.route_rcpt(session, stanza, now)
+
+    def route_rcpt(self, session: Session, stanza: dict, now: float, *, own_only: bool = False) -> MessageEntry | None:
+        """A receipt (already charged) is stored and delivered like a message, to every device of
+        ``to`` and (with ``to``) to the sender's other devices, so they can mark the messages too.
+        ``own_only``: the recipient's node stored its copies already; store the sender's (None:
+        it has no other devices)."""
         identity = session.identity
+        msg_id, kind, ids, recipient_provider, recipient = self.rcpt_parts(session, stanza)
+        sender, sender_device = identity.user, identity.device
+        targets = []
+        if not own_only:
+            devices = self._reachable_devices(recipient_provider, recipient, identity, "receipts")
+            if not self.policy.blocks(recipient, sender):
+                targets += [(recipient, device) for device in devices]
+        recipient_targets = len(targets)
+        targets += [(sender, device) for device in self.store.devices(sender) if device != sender_device]
+        if own_only and not targets:
+            return None
+        build = _rcpt_builder(msg_id, sender, sender_device, kind, ids, None)
+        own_build = _rcpt_builder(msg_id, sender, sender_device, kind, ids, recipient)
+        items = [
+            (device_key(user, device), build if i < recipient_targets else own_build)
+            for i, (user, device) in enumerate(targets)
+        ]
+        return self.enqueue(session, msg_id, items, targets, now)
+
+    def rcpt_parts(self, session: Session, stanza: dict) -> tuple:
+        """A ``rcpt``'s fields, checked: (id, kind, ids, recipient's provider, recipient)."""
         msg_id = stanza_id(stanza, "rcpt")
         kind = stanza.get("kind")
         if kind not in RECEIPT_KINDS:
@@ -210,22 +249,9 @@ class Router:
         ):
             raise StanzaError(f"rcpt needs 'ids': 1..{MAX_RECEIPT_IDS} message ids of 16 bytes")
         recipient_provider, recipient = self._recipient(stanza.get("to"))
-        if recipient == identity.user:
+        if recipient == session.identity.user:
             raise RouteError("receipts go to the sender of the messages, not to yourself", code="bad_stanza")
-        devices = self._reachable_devices(recipient_provider, recipient, identity, "receipts")
-        sender, sender_device = identity.user, identity.device
-        targets = []
-        if not self.policy.blocks(recipient, sender):
-            targets += [(recipient, device) for device in devices]
-        recipient_targets = len(targets)
-        targets += [(sender, device) for device in self.store.devices(sender) if device != sender_device]
-        build = _rcpt_builder(msg_id, sender, sender_device, kind, ids, None)
-        own_build = _rcpt_builder(msg_id, sender, sender_device, kind, ids, recipient)
-        items = [
-            (device_key(user, device), build if i < recipient_targets else own_build)
-            for i, (user, device) in enumerate(targets)
-        ]
-        self.enqueue(session, msg_id, items, targets, now)
+        return msg_id, kind, ids, recipient_provider, recipient
 
     def route_state(self, session: Session, stanza: dict, state: str) -> None:
         """1:1 typing state (already charged and checked): ephemeral, never stored, pushed to the
@@ -498,7 +524,8 @@ def _device_map(value, name: str, max_ciphertext_bytes: int) -> dict[int, bytes]
     return value
 
 
-def _check_devices(given: dict, registered, name: str) -> None:
+def check_devices(given: dict, registered, name: str) -> None:
+    """``device_mismatch`` unless ``given`` names exactly the ``registered`` devices."""
     if len(given) == len(registered):  # the usual case, without building a set
         for device in registered:
             if device not in given:

@@ -37,6 +37,7 @@ from interlink.core.protocol.connection import (
     StanzaReceived,
     State,
 )
+from interlink.core.edge.clusterlink import ClusterLink
 from interlink.core.edge.commit import CommitDriver
 from interlink.core.edge.listener import Listener, listening_sockets
 from interlink.core.edge.offload import SerialOffload, ThreadOffload
@@ -241,6 +242,7 @@ class GatewayServer:
         ws_trusted_proxies=(),
         ws_path: str = "/interlink",
         ws_allowed_origins=(),
+        cluster=None,
         clock=time.time,
     ) -> None:
         self.settings = settings
@@ -305,7 +307,14 @@ class GatewayServer:
             offload=self.offload,
             blob_writer=self.blob_writer,
             blob_limits=limits,  # a Limits is a BlobLimits
+            membership=cluster.membership if cluster is not None else None,
+            node=cluster.node if cluster is not None else None,
+            relay_timeout_s=cluster.request_timeout_s if cluster is not None else 2.0,
         )
+        # A cluster's node (interlink.config.ClusterConfig): users homed elsewhere are redirected
+        # there, and stanzas for them relayed over NATS (start_cluster).
+        self.cluster_config = cluster
+        self.cluster: ClusterLink | None = None
         self.router = self.domain.router
         self.welcome_limits = self._welcome_limits()
         self._commit_executor = (
@@ -324,6 +333,23 @@ class GatewayServer:
             self.domain.push.attach(self.push)
 
     # -- lifecycle
+
+    async def start_cluster(self, software: str) -> None:
+        """Join the cluster over NATS (before the listeners open): ``ConfigError`` when NATS is
+        unreachable, this node id already runs, or a running node lists other nodes."""
+        self.cluster = ClusterLink(self, self.cluster_config, software=software, clock=self.clock)
+        try:
+            await self.cluster.start()
+        except BaseException:
+            self.cluster = None
+            raise
+
+    def cluster_input_done(self) -> None:
+        """Another node relayed stanzas or answered: commit what they brought, write out the
+        sessions they answered or delivered to."""
+        self.commits.schedule()
+        if self.router.touched:
+            self.write_touched()
 
     async def start(self, host: str, port: int, *, backlog: int = 1024) -> None:
         if self.domain.blobs is not None:
@@ -368,6 +394,9 @@ class GatewayServer:
             if proto.transport is not None and not proto.transport.is_closing():
                 proto.transport.pause_reading()
         await self.commits.settle()
+        if self.cluster is not None:  # what other nodes still owe an answer for, then its commit
+            await self.cluster.settle(timeout_s)
+            await self.commits.settle()
         for proto in list(self.connections.values()):
             proto.conn.close(CloseReason.DRAIN)
             self.serve(proto)
@@ -391,6 +420,10 @@ class GatewayServer:
             self._timer_handle.cancel()
             self._timer_handle = None
         self.sweeps.stop()
+        if self.cluster is not None:
+            await self.cluster.close()  # other nodes' stanzas relayed from now on time out there (overloaded)
+            self.cluster = None
+            await self.commits.settle()
         if self._commit_executor is not None:
             self._commit_executor.shutdown(wait=True)  # the last commit finishes before the store closes
         self.offload.shutdown()
@@ -631,6 +664,14 @@ class GatewayServer:
             provider = self.registry.get(identity.provider)
             if provider is None or provider.suspended:  # suspended while the key was being fetched
                 raise AuthError(f"provider {identity.provider!r} is suspended", code="provider_suspended")
+            relay = self.domain.relay
+            home = relay.home_of(identity.user) if relay is not None else None
+            if home is not None:  # another node keeps this user: nothing is stored here
+                address = self.cluster_config.nodes[home]
+                self.counters["redirects"] += 1
+                proto.conn.redirect(home, address.host, address.port, address.ws)
+                self.serve(proto)
+                return
             try:
                 self.store.register_device(identity.user, identity.device, self.limits.max_devices)
             except StoreLimitError as exc:  # the store's bound is the contract's device_limit
@@ -901,7 +942,16 @@ class GatewayServer:
             "source_refusals": dict(self.source_refusals),
             "proxied": dict(self.proxy_counters),
             "preauth_sources": self.sources.sources,
+            "cluster": self._cluster_stats(),
         }
+
+    def _cluster_stats(self) -> dict:
+        cluster = self.cluster
+        if cluster is None:
+            return {}
+        return {"node": cluster.node, "relay": dict(self.domain.relay.counters), "waiting": len(self.domain.relay.waiting),
+                "link": dict(cluster.counters), "round_trip_seconds": cluster.round_trips.snapshot(),
+                "connected": bool(cluster.nc is not None and cluster.nc.is_connected)}
 
     def _push_stats(self) -> dict:
         push = self.push

@@ -291,6 +291,7 @@ class ServerConnection(_Endpoint):
         "session_key",
         "_preamble",
     )
+    relayed = False  # a session of this node (the domain's port: a cluster relays others' stanzas)
 
     def __init__(self, settings: ServerSettings, now: float) -> None:
         super().__init__(settings.max_frame_bytes)
@@ -359,6 +360,18 @@ class ServerConnection(_Endpoint):
                 break
             self._receive_plaintext(plaintext)
         self.handle_timer(now)
+
+    def redirect(self, node: str, host: str, port: int, ws: str | None = None) -> None:
+        """The token verified, but the user's home is another node of the cluster: say ``bye``
+        ``redirect`` with its address instead of ``welcome`` (nothing was stored), then close."""
+        if self.state is not State.AUTH:
+            return
+        bye = {"t": "bye", "reason": CloseReason.REDIRECT, "node": node, "host": host, "port": port}
+        if ws is not None:
+            bye["ws"] = ws
+        self.send_stanza(bye)
+        self._held = None
+        self._finish(CloseReason.REDIRECT, message=f"home node {node}")
 
     def reject_auth(self, code: str, message: str) -> None:
         """The token was refused: send ``err`` with the auth code, then close."""
@@ -539,7 +552,7 @@ class ServerConnection(_Endpoint):
 class ClientConnection(_Endpoint):
     """The client's end: preamble, handshake with certificate pinning, auth, then stanzas."""
 
-    __slots__ = ("_root_public", "_auth_payload", "welcome", "certificate", "_ik_confirm_id", "failure")
+    __slots__ = ("_root_public", "_auth_payload", "welcome", "certificate", "_ik_confirm_id", "failure", "bye")
 
     def __init__(
         self,
@@ -565,6 +578,7 @@ class ClientConnection(_Endpoint):
         self.certificate: NodeCertificate | None = None
         self._ik_confirm_id: int | None = None
         self.failure: HandshakeError | None = None  # why the handshake failed, for the SDK to raise
+        self.bye: dict | None = None  # the gateway's bye, when it said one (a redirect's address)
         prologue = make_preamble(suite)
         self._session = NoiseSession(
             protocol_name,
@@ -642,6 +656,7 @@ class ClientConnection(_Endpoint):
             elif kind == "err":
                 self._finish(CloseReason.AUTH_FAILED, str(stanza.get("code")), str(stanza.get("msg", "")))
             elif kind == "bye":
+                self.bye = stanza
                 self._finish(str(stanza.get("reason")), message="gateway said bye")
             else:
                 self._finish(CloseReason.PROTOCOL_ERROR, message=f"expected welcome, got {kind!r}")

@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from interlink.cli import main
-from interlink.config import OPTION_HELP, GatewayConfig, config_from_mapping, default_config_toml, load_config
+from interlink.config import OPTION_HELP, GatewayConfig, NodeAddress, config_from_mapping, default_config_toml, load_config
 from interlink.core.errors import ConfigError
 
 PROVIDER = '''
@@ -46,7 +46,7 @@ def test_default_config_lists_every_key_and_loads_to_the_defaults():
     assert set(OPTION_HELP) == {spec.name for spec in fields(GatewayConfig)}
     text = default_config_toml()
     for spec in fields(GatewayConfig):
-        if spec.name != "providers":
+        if spec.name not in ("providers", "cluster"):
             assert f"\n{spec.name} = " in text
     assert config_from_mapping(tomllib.loads(text), environ={}) == GatewayConfig()
 
@@ -82,6 +82,61 @@ def test_default_config_lists_every_key_and_loads_to_the_defaults():
 )
 def test_each_mistake_names_the_key(tmp_path, text, message):
     assert message in refusal(tmp_path, text)
+
+
+CLUSTER = """
+[cluster]
+node = "node-a"
+version = 3
+nats = ["nats://10.0.0.9:4222"]
+[cluster.nodes]
+node-a = "10.0.0.1:7450"
+node-b = { address = "[fd00::2]:7451", ws = "wss://b.chat.example/interlink" }
+"""
+
+
+def test_a_cluster_table_names_this_node_every_node_and_nats(tmp_path):
+    config = load_config(write(tmp_path, CLUSTER), environ={})
+    cluster = config.cluster
+    assert (cluster.node, cluster.version, cluster.nats, cluster.request_timeout_s) == ("node-a", 3, ("nats://10.0.0.9:4222",), 2.0)
+    assert cluster.nodes["node-b"] == NodeAddress("fd00::2", 7451, "wss://b.chat.example/interlink")
+    assert cluster.membership.nodes == ("node-a", "node-b") and cluster.membership.version == 3
+    # One file for every node: the environment says which one this process is.
+    other = load_config(write(tmp_path, CLUSTER), environ={"INTERLINK_CLUSTER_NODE": "node-b"})
+    assert other.cluster.node == "node-b" and other.cluster.digest == cluster.digest
+    # The digest covers the addresses and the version, not only the ids.
+    moved = load_config(write(tmp_path, CLUSTER.replace("10.0.0.1:7450", "10.0.0.7:7450")), environ={})
+    assert moved.cluster.digest != cluster.digest
+    assert load_config(write(tmp_path, CLUSTER.replace("version = 3", "version = 4")), environ={}).cluster.digest != cluster.digest
+    assert GatewayConfig().cluster is None
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (('node = "node-a"', 'node = "node-z"'), "cluster.node: 'node-z' is not one of cluster.nodes (node-a, node-b)"),
+        (('node = "node-a"', 'node = "Node A"'), "cluster.node: a node id"),
+        (("version = 3", "version = 0"), "cluster.version: expected a positive integer"),
+        (("version = 3", 'version = "3"'), "cluster.version: expected a positive integer"),
+        (('nats = ["nats://10.0.0.9:4222"]', "nats = []"), "cluster.nats: expected a list of NATS server URLs"),
+        (("nats://10.0.0.9", "http://10.0.0.9"), "cluster.nats: 'http://10.0.0.9:4222' is not a NATS URL"),
+        (('node-a = "10.0.0.1:7450"', 'node-a = "10.0.0.1"'), "cluster.nodes.node-a: expected the address clients reach it at"),
+        (('node-a = "10.0.0.1:7450"', 'node-a = "10.0.0.1:0"'), "cluster.nodes.node-a: expected the address"),
+        (('node-a = "10.0.0.1:7450"', 'NODE_A = "10.0.0.1:7450"'), "cluster.nodes.NODE_A: a node id is"),
+        (('ws = "wss://b.chat.example/interlink"', 'ws = "https://b"'), "cluster.nodes.node-b.ws: expected a WebSocket URL"),
+        (('ws = "wss', 'wz = "wss'), "cluster.nodes.node-b.wz: unknown key"),
+        (("version = 3", "version = 3\nrequest_timeout_s = 0"), "cluster.request_timeout_s: must be 0.05..60 seconds"),
+        (("version = 3", "version = 3\nnatz = 1"), "cluster.natz: unknown key (did you mean 'nats'?)"),
+        (("version = 3\n", ""), "cluster.version: required"),
+    ],
+)
+def test_each_cluster_mistake_names_the_key(tmp_path, change, message):
+    assert message in refusal(tmp_path, CLUSTER.replace(*change))
+
+
+def test_a_cluster_node_from_the_environment_needs_a_cluster_table(tmp_path):
+    with pytest.raises(ConfigError, match="INTERLINK_CLUSTER_NODE: set, but the configuration has no"):
+        load_config(write(tmp_path, "port = 1\n"), environ={"INTERLINK_CLUSTER_NODE": "node-a"})
 
 
 def test_toml_syntax_errors_give_the_line(tmp_path):

@@ -1,0 +1,326 @@
+"""The cluster's wires (issue 18): this node's NATS connection, the membership check at start, and
+the stanzas relayed between nodes (``core/domain/relay.py``) with their answers.
+
+Each node listens on three subjects under ``interlink.<node id>.``: ``relay`` (batches of
+stanzas other nodes relay here), ``answers`` (the answers to what this node relayed) and
+``hello`` (who this node is: its node list's digest, version, sessions — asked by a starting node
+and by ``interlink cluster status``). What the relay gathers in one event-loop turn leaves in one
+NATS message per node, in order through one sender task, so a device's stanzas to a node arrive
+there in the order it sent them. Payloads are msgpack maps:
+
+* relay: ``{"from": node, "m": digest, "r": [[seq, provider, localpart, device, max plaintext, stanza], ...]}``
+* answers: ``{"from": node, "a": [[seq, encoded answer stanza or nil], ...]}``
+* hello: ``{"from": node, "m": digest}`` → ``{"node", "m", "version", "software", "sessions", ...}``
+
+A node whose digest differs is refused: at start (``check_membership``: this node does not
+serve), and per batch (every stanza of it is answered ``internal``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import time
+from collections import Counter, deque
+
+import msgpack
+
+from interlink.core.edge.metrics import Histogram
+from interlink.core.errors import ConfigError
+
+log = logging.getLogger("interlink.cluster")
+
+HELLO_TIMEOUT_S = 1.0
+START_ATTEMPTS = 2  # further tries per NATS server before a start gives up (0.5 s apart)
+EXPIRY_TICK_S = 0.05  # how often relayed stanzas past their deadline are looked for
+# Relay round trips over loopback take ~0.3-1 ms, commit included; a struggling node, seconds.
+RELAY_BUCKETS_S = (0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 2.5)
+
+
+def subject(node: str, what: str) -> str:
+    return f"interlink.{node}.{what}"
+
+
+def _unpack(data: bytes):
+    return msgpack.unpackb(data, raw=False, strict_map_key=False)  # ciphertext maps have int keys
+
+
+class ClusterLink:
+    """One node's NATS connection, carrying the relay's output and input."""
+
+    def __init__(self, server, cluster, *, software: str, clock=time.time) -> None:
+        self.server = server
+        self.config = cluster  # interlink.config.ClusterConfig (or anything with its fields)
+        self.node = cluster.node
+        self.digest = cluster.digest
+        self.relay = server.domain.relay
+        self.relay.wake = self._wake
+        self.software = software
+        self.clock = clock
+        self.nc = None
+        self.round_trips = Histogram(RELAY_BUCKETS_S)  # relayed stanza -> its answer, seconds
+        self.counters: Counter = Counter()
+        self._queue: deque = deque()  # (subject, payload) for the sender task, in order
+        self._ready = asyncio.Event()
+        self._sender: asyncio.Task | None = None
+        self._flush_scheduled = False
+        self._ticker: asyncio.TimerHandle | None = None
+        self._max_batch_bytes = 512 * 1024
+        self._closing = False
+
+    # -- lifecycle
+
+    async def start(self) -> None:
+        """Connect, refuse a second process with this node id or a node running another node list
+        (``ConfigError``), then listen."""
+        import nats
+        from nats.errors import NoRespondersError
+
+        config = self.config
+        options = nats_options(config, f"interlink-{self.node}")
+        options.update(allow_reconnect=True, max_reconnect_attempts=START_ATTEMPTS, reconnect_time_wait=0.5,
+                       error_cb=self._nats_error, disconnected_cb=self._disconnected, reconnected_cb=self._reconnected)
+        try:
+            self.nc = await nats.connect(**options)
+        except Exception as exc:  # nats-py raises several kinds (no servers, TLS, auth): all mean the same here
+            raise ConfigError(f"cluster.nats: cannot connect to {', '.join(config.nats)}: {exc or type(exc).__name__}") from None
+        # Once in, never give up on NATS: relayed stanzas wait (and time out) while it is away.
+        self.nc.options["max_reconnect_attempts"] = -1
+        self._max_batch_bytes = self.nc.max_payload - 1024  # room for the map around the entries
+        try:
+            try:
+                await self.nc.request(subject(self.node, "hello"), self._hello_request(), timeout=HELLO_TIMEOUT_S)
+            except (NoRespondersError, TimeoutError, asyncio.TimeoutError):
+                pass
+            else:
+                raise ConfigError(f"cluster.node: node {self.node} is already running (another process answers for it)")
+            await self.nc.subscribe(subject(self.node, "hello"), cb=self._on_hello)
+            await self.nc.subscribe(subject(self.node, "relay"), cb=self._on_relay)
+            await self.nc.subscribe(subject(self.node, "answers"), cb=self._on_answers)
+            await self.nc.flush()
+            await self.check_membership()
+        except BaseException:
+            await self.nc.close()
+            raise
+        self._sender = asyncio.get_running_loop().create_task(self._send_loop())
+        log.info("cluster node %s joined through %s (node list version %d, %d nodes)", self.node,
+                 self.nc.connected_url.netloc if self.nc.connected_url else "?", config.version, len(config.nodes))
+
+    async def check_membership(self) -> dict[str, dict]:
+        """Ask every other node who it is; ``ConfigError`` if one runs another node list. Returns
+        the answers of the nodes that are up."""
+        from nats.errors import NoRespondersError
+
+        answers = {}
+        for other in self.config.nodes:
+            if other == self.node:
+                continue
+            try:
+                message = await self.nc.request(subject(other, "hello"), self._hello_request(), timeout=HELLO_TIMEOUT_S)
+            except (NoRespondersError, TimeoutError, asyncio.TimeoutError):
+                continue  # not running: it checks this node's list when it starts
+            hello = _unpack(message.data)
+            if hello.get("m") != self.digest:
+                raise ConfigError(
+                    f"cluster: node {other} runs another node list (its version {hello.get('version')}, this node's "
+                    f"{self.config.version}): every node must list the same nodes, addresses and version; not serving")
+            answers[other] = hello
+        return answers
+
+    async def close(self) -> None:
+        """Send what is queued, then leave NATS."""
+        if self._ticker is not None:
+            self._ticker.cancel()
+            self._ticker = None
+        if self.nc is None:
+            return
+        self._closing = True
+        self._flush()
+        while self._queue and self.nc.is_connected:
+            await asyncio.sleep(0.001)
+        if self._sender is not None:
+            self._sender.cancel()
+            self._sender = None
+        try:
+            await self.nc.flush(timeout=1)
+        except Exception as exc:  # closing anyway: say what was not confirmed
+            log.warning("cluster: NATS flush at close failed: %s", exc or type(exc).__name__)
+        await self.nc.close()
+        self.nc = None
+
+    async def settle(self, timeout_s: float) -> None:
+        """Wait until every relayed stanza is answered or timed out (a drain's acks go out first)."""
+        deadline = time.monotonic() + timeout_s
+        while self.relay.waiting and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+
+    # -- output: once per loop turn
+
+    def _wake(self) -> None:
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        outgoing, replies = self.relay.take_output()
+        for node, records in outgoing.items():
+            self.counters["batches_out"] += self._publish_batch(subject(node, "relay"), "r", records)
+        for node, answers in replies.items():
+            self.counters["answer_batches_out"] += self._publish_batch(subject(node, "answers"), "a", answers)
+        if self.relay.waiting and self._ticker is None:
+            self._ticker = asyncio.get_running_loop().call_later(EXPIRY_TICK_S, self._tick)
+
+    def _publish_batch(self, name: str, field: str, entries: list) -> int:
+        """Queue ``entries`` for subject ``name`` in one message, or in halves while one would be
+        over NATS's max_payload (packed once in the usual case); returns how many messages."""
+        batch = {"from": self.node, field: entries}
+        if field == "r":
+            batch["m"] = self.digest
+        payload = msgpack.packb(batch)
+        if len(payload) > self._max_batch_bytes and len(entries) > 1:
+            half = len(entries) // 2
+            return self._publish_batch(name, field, entries[:half]) + self._publish_batch(name, field, entries[half:])
+        self._queue.append((name, payload))
+        self._ready.set()
+        return 1
+
+    async def _send_loop(self) -> None:
+        """The one task that publishes, in queue order (NATS keeps one publisher's order)."""
+        queue = self._queue
+        while True:
+            await self._ready.wait()
+            self._ready.clear()
+            while queue:
+                name, payload = queue.popleft()
+                try:
+                    await self.nc.publish(name, payload)
+                except Exception as exc:  # disconnected with a full buffer: the senders' deadlines answer them
+                    self.counters["publish_failures"] += 1
+                    log.warning("cluster: could not publish to %s: %s", name, exc or type(exc).__name__)
+
+    def _tick(self) -> None:
+        self._ticker = None
+        if self.relay.expire(self.clock()):
+            self.server.cluster_input_done()
+        if self.relay.waiting:
+            self._ticker = asyncio.get_running_loop().call_later(EXPIRY_TICK_S, self._tick)
+
+    # -- input
+
+    async def _on_relay(self, message) -> None:
+        try:
+            batch = _unpack(message.data)
+            sender, records = batch["from"], batch["r"]
+            if type(sender) is not str or type(records) is not list:
+                raise TypeError("a relay batch is {from, m, r}")
+        except Exception as exc:  # another node's bug: log it, keep serving
+            self.counters["malformed_batches"] += 1
+            log.error("cluster: unreadable relay batch on %s: %s", message.subject, exc)
+            return
+        self.counters["batches_in"] += 1
+        if batch.get("m") != self.digest:
+            self.counters["mismatched_batches"] += 1
+            log.error("cluster: node %s relays under another node list; its stanzas are refused", sender)
+            for record in records:
+                if type(record) is list and record and type(record[0]) is int:
+                    self.relay.reply(sender, record[0], msgpack.packb({
+                        "t": "err", "code": "internal", "msg": "the cluster's nodes disagree about the node list"}))
+            return
+        self.relay.serve(sender, records, self.clock())
+        self.server.cluster_input_done()
+
+    async def _on_answers(self, message) -> None:
+        try:
+            batch = _unpack(message.data)
+            answers = batch["a"]
+            if type(answers) is not list:
+                raise TypeError("an answers batch is {from, a}")
+        except Exception as exc:  # another node's bug: its senders time out
+            self.counters["malformed_batches"] += 1
+            log.error("cluster: unreadable answers on %s: %s", message.subject, exc)
+            return
+        now = self.clock()
+        relay, observe = self.relay, self.round_trips.observe
+        for entry in answers:
+            if type(entry) is not list or len(entry) != 2 or type(entry[0]) is not int:
+                self.counters["malformed_answers"] += 1
+                continue
+            round_trip = relay.answered(entry[0], entry[1], now)
+            if round_trip is not None:
+                observe(round_trip)
+        self.server.cluster_input_done()
+
+    async def _on_hello(self, message) -> None:
+        try:
+            asked = _unpack(message.data)
+        except Exception:  # answer anyway: the asker learns who runs here
+            asked = {}
+        if isinstance(asked, dict) and asked.get("m") not in (None, self.digest):
+            log.warning("cluster: node %s runs another node list than this node", asked.get("from"))
+        if message.reply:
+            await message.respond(msgpack.packb(self.status()))
+
+    def _hello_request(self) -> bytes:
+        return msgpack.packb({"from": self.node, "m": self.digest})
+
+    def status(self) -> dict:
+        """What this node tells the others and ``interlink cluster status`` about itself."""
+        server = self.server
+        return {
+            "node": self.node, "m": self.digest, "version": self.config.version, "software": self.software,
+            "nodes": sorted(self.config.nodes), "sessions": len(server.sessions), "connections": len(server.connections),
+            "relay": dict(self.relay.counters), "waiting": len(self.relay.waiting), "link": dict(self.counters),
+            "round_trips": self.round_trips.snapshot()["count"], "time": self.clock(),
+        }
+
+    # -- NATS connection events
+
+    async def _nats_error(self, exc) -> None:
+        log.warning("cluster: NATS: %s", exc or type(exc).__name__)
+
+    async def _disconnected(self) -> None:
+        if self._closing:
+            return
+        self.counters["disconnects"] += 1
+        log.warning("cluster: disconnected from NATS; relayed stanzas wait (their senders get overloaded past "
+                    "%.1f s)", self.config.request_timeout_s)
+
+    async def _reconnected(self) -> None:
+        log.info("cluster: reconnected to NATS at %s", self.nc.connected_url.netloc if self.nc.connected_url else "?")
+
+
+def nats_options(cluster, name: str) -> dict:
+    """nats-py connection options for ``cluster`` (credentials, TLS) under the connection name ``name``."""
+    options = dict(servers=list(cluster.nats), name=name, connect_timeout=2)
+    if cluster.nats_credentials:
+        options["user_credentials"] = cluster.nats_credentials
+    if cluster.nats_ca_file:
+        options["tls"] = ssl.create_default_context(cafile=cluster.nats_ca_file)
+    return options
+
+
+async def ask_nodes(cluster, timeout_s: float = HELLO_TIMEOUT_S) -> dict[str, dict | None]:
+    """Every node's own report (``ClusterLink.status``), None for a node that did not answer:
+    what ``interlink cluster status`` shows. ``ConfigError`` when NATS is unreachable."""
+    import nats
+    from nats.errors import NoRespondersError
+
+    try:
+        nc = await nats.connect(**nats_options(cluster, "interlink-cluster-status"), allow_reconnect=False)
+    except Exception as exc:  # nats-py raises several kinds (no servers, TLS, auth)
+        raise ConfigError(f"cluster.nats: cannot connect to {', '.join(cluster.nats)}: {exc or type(exc).__name__}") from None
+    request = msgpack.packb({"from": "status", "m": cluster.digest})
+    reports: dict[str, dict | None] = {}
+    try:
+        for node in sorted(cluster.nodes):
+            try:
+                message = await nc.request(subject(node, "hello"), request, timeout=timeout_s)
+            except (NoRespondersError, TimeoutError, asyncio.TimeoutError):
+                reports[node] = None
+                continue
+            reports[node] = _unpack(message.data)
+    finally:
+        await nc.close()
+    return reports

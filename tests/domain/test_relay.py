@@ -1,0 +1,210 @@
+"""Cluster routing without a network (``core/domain/relay.py``): two real ``Domain``s over their
+own LMDB stores, the test carrying what one relays to the other (``take_output``) and the answers
+back, as the edge does over NATS. Where each copy is stored, when the sender is answered, the order
+of own copies while answers come back in any order, deadlines, and what a node refuses to serve."""
+
+from __future__ import annotations
+
+import os
+
+import msgpack
+import pytest
+
+from interlink.core.domain.auth import Provider, ProviderRegistry
+from interlink.core.domain.cluster import Membership
+from interlink.core.domain.dispatch import Domain
+from interlink.core.domain.batch import device_key
+from interlink.core.domain.relay import RETRY_AFTER_MS
+from interlink.testing import DEFAULTS, FakeSession, homed_users, lmdb_store
+
+NOW = 1_800_000_000.0
+MEMBERSHIP = Membership(["node-a", "node-b"], 1)
+USERS = homed_users(MEMBERSHIP, "alpha", per_node=2)
+A1, A2 = USERS["node-a"]  # homed on node-a
+B1, B2 = USERS["node-b"]  # homed on node-b
+
+
+class Node:
+    def __init__(self, path, node: str) -> None:
+        self.name = node
+        self.store = lmdb_store(path, sync=False, map_size_bytes=1 << 26)
+        registry = ProviderRegistry([Provider(id="alpha", issuer="https://alpha.example", audience="gw",
+                                              jwks_uri="https://alpha.example/jwks", default_accept=("*",))])
+        self.domain = Domain(
+            store=self.store, registry=registry, window=64, max_frame_bytes=65535, max_group=16,
+            message_rate_per_device=1e9, message_rate_per_user=1e9,
+            overload_turn_messages=DEFAULTS.overload_turn_messages, overload_refuse_after_s=DEFAULTS.overload_refuse_after_s,
+            membership=MEMBERSHIP, node=node, relay_timeout_s=2.0,
+        )
+        self.relay = self.domain.relay
+        self.wakes = 0
+        self.relay.wake = self._woken
+
+    def _woken(self) -> None:
+        self.wakes += 1
+
+    def open(self, user: str, device: int = 1) -> FakeSession:
+        self.store.register_device(user, device, 5)
+        session = FakeSession(user, device)
+        self.domain.router.open_session(session)
+        return session
+
+    def commit(self) -> None:
+        commit = self.domain.take_batch(NOW)
+        if commit is not None:
+            self.store.commit(commit.batch)
+            self.domain.committed(commit)
+
+
+@pytest.fixture
+def nodes(tmp_path):
+    a, b = Node(tmp_path / "a", "node-a"), Node(tmp_path / "b", "node-b")
+    yield a, b
+    a.store.close()
+    b.store.close()
+
+
+def carry(source: Node, target: Node) -> list:
+    """Relay what ``source`` gathered to ``target`` (packed and unpacked as over NATS); returns
+    the records carried."""
+    outgoing, replies = source.relay.take_output()
+    assert not replies
+    records = msgpack.unpackb(msgpack.packb(outgoing.get(target.name, [])), raw=False, strict_map_key=False)
+    target.relay.serve(source.name, records, NOW)
+    return records
+
+
+def answer(source: Node, target: Node, order=None) -> None:
+    """Hand ``target``'s answers back to ``source`` (in ``order``: indices into them)."""
+    _, replies = target.relay.take_output()
+    answers = replies.get(source.name, [])
+    for index in order if order is not None else range(len(answers)):
+        seq, encoded = answers[index]
+        source.relay.answered(seq, encoded, NOW)
+
+
+def msg(to: str, devices=(1,), **fields) -> dict:
+    return {"t": "msg", "id": os.urandom(16), "to": to, "c": {d: b"for %d" % d for d in devices}, **fields}
+
+
+def test_users_are_homed_by_the_membership_and_only_other_nodes_users_are_relayed(nodes):
+    a, b = nodes
+    assert a.relay.home_of(A1) is None and a.relay.home_of(B1) == "node-b"
+    alice, local = a.open(A1), a.open(A2)
+    a.domain.dispatch(alice, msg(A2), NOW)
+    assert a.relay.take_output() == ({}, {}) and a.wakes == 0  # a local recipient stays local
+    assert a.domain.router.pending_load == 1
+    a.domain.dispatch(alice, msg(B1), NOW)
+    assert a.wakes == 1 and a.domain.router.pending_load == 1  # relayed: nothing stored here
+    a.commit()
+    assert [s["t"] for s in alice.take()] == ["ack"] and local.take()[0]["t"] == "dlv"
+
+
+def test_the_sender_is_acked_only_after_the_recipients_node_committed(nodes):
+    a, b = nodes
+    alice, bob = a.open(A1), b.open(B1)
+    stanza = msg(B1)
+    a.domain.dispatch(alice, stanza, NOW)
+    [record] = carry(a, b)
+    assert record[1:4] == ["alpha", A1.split("@")[0], 1] and "own" not in record[5]
+    answer(a, b)
+    assert alice.take() == [] and bob.take() == []  # nothing before node-b's commit
+    b.commit()
+    [dlv] = bob.take()
+    assert (dlv["from"], dlv["dev"], dlv["c"]) == (A1, 1, b"for 1")
+    answer(a, b)
+    [ack] = alice.take()
+    assert ack == {"t": "ack", "id": stanza["id"], "ts": dlv["ts"]}
+    assert b.store.pending_count(device_key(B1, 1)) == 1 and a.store.pending_count(device_key(B1, 1)) == 0
+
+
+def test_own_copies_wait_for_the_recipients_ack_and_keep_the_devices_order(nodes):
+    a, b = nodes
+    alice1, alice2 = a.open(A1, 1), a.open(A1, 2)
+    a.open(A2)
+    b.open(B1), b.open(B2)
+    first = msg(B1, own={2: b"own 1"})
+    second = msg(A2, own={2: b"own 2"})  # local, but behind the first's own copy
+    third = msg(B2, own={2: b"own 3"})
+    for stanza in (first, second, third):
+        a.domain.dispatch(alice1, stanza, NOW)
+    assert not a.domain.router.has_batch  # the local one waits behind the relayed first
+    carry(a, b)
+    b.commit()
+    _, replies = b.relay.take_output()
+    (first_seq, first_ack), (third_seq, third_ack) = replies["node-a"]
+    a.relay.answered(third_seq, third_ack, NOW)  # the third's answer comes back first
+    assert not a.domain.router.has_batch  # nothing may be stored before the first's own copy
+    a.relay.answered(first_seq, first_ack, NOW)
+    a.commit()
+    assert [d["c"] for d in alice2.take()] == [b"own 1", b"own 2", b"own 3"]
+    acks = alice1.take()
+    assert [s["t"] for s in acks] == ["ack"] * 3
+    assert [s["id"] for s in acks] == [first["id"], second["id"], third["id"]]
+    assert acks[0]["ts"] == msgpack.unpackb(first_ack)["ts"]  # the recipient's copy's time
+    assert not a.relay._chains
+
+
+def test_a_refusal_from_the_recipients_node_stores_no_own_copy(nodes):
+    a, b = nodes
+    alice1, alice2 = a.open(A1, 1), a.open(A1, 2)
+    b.open(B1)
+    stanza = msg(B1, devices=(1, 9), own={2: b"own"})
+    a.domain.dispatch(alice1, stanza, NOW)
+    carry(a, b)
+    answer(a, b)
+    [err] = alice1.take()
+    assert (err["t"], err["code"], err["ref"], err["extra"]) == ("err", "device_mismatch", stanza["id"], [9])
+    assert not a.domain.router.has_batch and alice2.take() == []
+
+
+def test_a_silent_node_gets_the_sender_overloaded_and_a_late_answer_is_dropped(nodes):
+    a, b = nodes
+    alice = a.open(A1)
+    b.open(B1)
+    stanza = msg(B1)
+    a.domain.dispatch(alice, stanza, NOW)
+    carry(a, b)
+    assert a.relay.next_deadline == NOW + 2.0
+    assert a.relay.expire(NOW + 1.9) == 0 and alice.take() == []
+    assert a.relay.expire(NOW + 2.0) == 1
+    [err] = alice.take()
+    assert (err["code"], err["ref"], err["retry_after"]) == ("overloaded", stanza["id"], RETRY_AFTER_MS)
+    b.commit()
+    answer(a, b)  # stored there after all: the resend is recognised as a duplicate
+    assert alice.take() == [] and a.relay.counters["late_answers"] == 1
+    a.domain.dispatch(alice, stanza, NOW)
+    carry(a, b)
+    b.commit()
+    answer(a, b)
+    [ack] = alice.take()
+    assert ack["dup"] is True
+
+
+def test_typing_state_is_relayed_and_answered_only_when_refused(nodes):
+    a, b = nodes
+    alice, bob = a.open(A1), b.open(B1)
+    a.domain.dispatch(alice, {"t": "state", "to": B1, "s": "composing"}, NOW)
+    carry(a, b)
+    assert bob.take() == [{"t": "state", "from": A1, "s": "composing"}]
+    answer(a, b)
+    assert alice.take() == [] and not a.relay.waiting
+
+
+def test_a_node_refuses_stanzas_for_users_it_is_not_home_to_and_malformed_records(nodes):
+    a, b = nodes
+    b.relay.serve("node-a", [[1, "alpha", "x", 1, 65000, msg(A2)], [2, "alpha"], "junk",
+                             [3, "alpha", "x", 1, 65000, {"t": "iq", "id": 5, "op": "consent.set"}]], NOW)
+    _, replies = b.relay.take_output()
+    answers = {seq: msgpack.unpackb(encoded) for seq, encoded in replies["node-a"]}
+    assert answers[1]["code"] == "internal" and "disagree" in answers[1]["msg"]
+    assert answers[3]["code"] == "internal" and answers[3]["id"] == 5
+    assert b.relay.counters["malformed"] == 3 and b.relay.counters["misrouted"] == 1
+
+
+def test_group_operations_are_refused_in_a_cluster_for_now(nodes):
+    a, _ = nodes
+    alice = a.open(A1)
+    a.domain.dispatch(alice, {"t": "iq", "id": 1, "op": "group.new", "members": [A1]}, NOW)
+    [err] = alice.take()
+    assert err["code"] == "internal" and err["id"] == 1

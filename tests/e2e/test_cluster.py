@@ -1,0 +1,325 @@
+"""A cluster end to end (issue 18): three gateway nodes and a real nats-server on loopback, users
+of every provider homed on different nodes by rendezvous hashing. A session opened on another
+node is redirected home; 1:1 messages, receipts, typing state, device lists and prekeys cross
+nodes over NATS; an ack still means every copy is durable; a node that does not answer gets the
+sender ``overloaded``, never an ack; a resend is recognised where its copies are stored."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import pytest
+
+from interlink.client import Client
+from interlink.config import ClusterConfig, NodeAddress
+from interlink.core.domain.cluster import Membership
+from interlink.core.errors import ConfigError, RedirectedError, ServerError
+from interlink.gateway import Gateway
+from interlink.load.nats import LocalNats
+from interlink.testing import free_ports, homed_users, keys_for_nodes
+from three_providers import AUD, config_for
+
+NODES = ("node-a", "node-b", "node-c")
+
+
+@pytest.fixture
+async def nats_server(tmp_path):
+    server = LocalNats(tmp_path / "nats")
+    await server.start()
+    yield server
+    await server.stop()
+
+
+def cluster_config(nats_url: str, ports: dict, node: str, *, version: int = 1, timeout_s: float = 2.0) -> ClusterConfig:
+    return ClusterConfig(node=node, nodes={n: NodeAddress("127.0.0.1", port) for n, port in ports.items()},
+                         version=version, nats=(nats_url,), request_timeout_s=timeout_s)
+
+
+class Cluster:
+    """Three nodes sharing one operator root, and ``connect`` for any user at any node."""
+
+    def __init__(self, issuers, tmp_path, nats_url: str) -> None:
+        self.issuers = dict(zip(("alpha", "beta", "gamma"), issuers))
+        self.issuer_list = issuers
+        self.tmp_path = tmp_path
+        self.nats_url = nats_url
+        self.ports = dict(zip(NODES, free_ports(len(NODES))))
+        keys_for_nodes({node: tmp_path / node / "keys" for node in NODES})
+        self.gateways: dict[str, Gateway] = {}
+        self.membership = Membership(NODES, 1)
+
+    def config(self, node: str, **settings):
+        cluster = cluster_config(self.nats_url, self.ports, node, timeout_s=settings.pop("timeout_s", 2.0))
+        return config_for(self.issuer_list, self.tmp_path / node, port=self.ports[node], node_name=node,
+                          cluster=cluster, **settings)
+
+    async def start(self, node: str, **settings) -> Gateway:
+        gateway = Gateway(self.config(node, **settings))
+        await gateway.start()
+        self.gateways[node] = gateway
+        return gateway
+
+    async def stop(self, node: str) -> None:
+        await self.gateways.pop(node).stop()
+
+    def home(self, address: str) -> str:
+        return self.membership.home(address)
+
+    def users(self, provider: str, per_node: int = 1) -> dict[str, list[str]]:
+        return homed_users(self.membership, provider, per_node)
+
+    async def connect(self, address: str, device: int = 1, *, via: str | None = None, **options) -> Client:
+        """Connect ``address``'s device through node ``via`` (default: a node that is not its home)."""
+        localpart, provider = address.split("@")
+        token = self.issuers[provider].issue(localpart, audience=AUD)
+        if via is None:
+            via = next(node for node in NODES if node != self.home(address) and node in self.gateways)
+        gateway = self.gateways[via]
+        return await Client.connect("127.0.0.1", self.ports[via], token=token, device=device,
+                                    root_public=gateway.root_public, **options)
+
+
+@pytest.fixture
+async def cluster(issuers, tmp_path, nats_server):
+    cluster = Cluster(issuers, tmp_path, nats_server.url)
+    for node in NODES:
+        await cluster.start(node)
+    yield cluster
+    for node in list(cluster.gateways):
+        await cluster.stop(node)
+
+
+async def next_dlv(client: Client, timeout_s: float = 5.0) -> dict:
+    stanza = await client.recv(timeout_s=timeout_s)
+    assert stanza["t"] == "dlv", stanza
+    return stanza
+
+
+def node_of(client: Client) -> str:
+    return client._conn.certificate.node
+
+
+async def test_a_session_opened_elsewhere_is_redirected_home_before_anything_is_stored(cluster):
+    alice = cluster.users("alpha")["node-b"][0]
+    away = next(node for node in NODES if node != "node-b")
+    client = await cluster.connect(alice, via=away)
+    assert node_of(client) == "node-b" and client.welcome["user"] == alice
+    assert cluster.gateways[away]._server.counters["redirects"] == 1
+    assert cluster.gateways[away]._server.store.devices(alice) == ()  # nothing stored where it is not home
+    assert cluster.gateways["node-b"]._server.store.devices(alice) == (1,)
+    await client.close()
+
+
+async def test_without_following_the_redirect_the_client_learns_where_home_is(cluster):
+    carol = cluster.users("beta")["node-c"][0]
+    token = cluster.issuers["beta"].issue(carol.split("@")[0], audience=AUD)
+    from interlink.client import MAX_REDIRECTS
+    import interlink.client as client_module
+
+    client_module.MAX_REDIRECTS = 0
+    try:
+        with pytest.raises(RedirectedError) as caught:
+            await Client.connect("127.0.0.1", cluster.ports["node-a"], token=token, device=1,
+                                 root_public=cluster.gateways["node-a"].root_public)
+    finally:
+        client_module.MAX_REDIRECTS = MAX_REDIRECTS
+    assert (caught.value.node, caught.value.host, caught.value.port) == ("node-c", "127.0.0.1", cluster.ports["node-c"])
+    assert caught.value.reason == "redirect"
+
+
+async def test_messages_cross_nodes_with_own_copies_in_order(cluster):
+    alice = cluster.users("alpha")["node-a"][0]
+    bob = cluster.users("beta")["node-b"][0]
+    alice1, alice2 = await cluster.connect(alice, 1), await cluster.connect(alice, 2)
+    bob1, bob2 = await cluster.connect(bob, 1), await cluster.connect(bob, 2)
+    assert {node_of(c) for c in (alice1, alice2)} == {"node-a"} and {node_of(c) for c in (bob1, bob2)} == {"node-b"}
+    sent = []
+    for i in range(20):
+        msg_id = os.urandom(16)
+        ack = await alice1.send_message(bob, {1: b"b1-%d" % i, 2: b"b2-%d" % i}, own={2: b"a2-%d" % i}, msg_id=msg_id)
+        assert ack["t"] == "ack" and ack["id"] == msg_id and "dup" not in ack
+        sent.append((msg_id, ack["ts"]))
+    for client, prefix in ((bob1, b"b1-"), (bob2, b"b2-"), (alice2, b"a2-")):
+        dlvs = [await next_dlv(client) for _ in range(20)]
+        assert [d["c"] for d in dlvs] == [prefix + b"%d" % i for i in range(20)]
+        assert [d["id"] for d in dlvs] == [msg_id for msg_id, _ in sent]
+        assert all(d["from"] == alice and d["dev"] == 1 for d in dlvs)
+    reply = await bob2.send_message(alice, {1: b"hi 1", 2: b"hi 2"}, own={1: b"bob copy"})
+    assert reply["t"] == "ack"
+    assert [(await next_dlv(c))["c"] for c in (alice1, alice2, bob1)] == [b"hi 1", b"hi 2", b"bob copy"]
+    for client in (alice1, alice2, bob1, bob2):
+        await client.close()
+
+
+async def test_pipelined_messages_to_several_nodes_keep_each_devices_order(cluster):
+    """A device sends to users on every node, pipelined: each recipient device, and its own other
+    device, gets the messages in the order sent."""
+    users = cluster.users("alpha", per_node=1)
+    sender = users["node-a"][0]
+    recipients = [users["node-b"][0], users["node-c"][0], cluster.users("beta")["node-a"][0]]
+    me1, me2 = await cluster.connect(sender, 1), await cluster.connect(sender, 2)
+    others = [await cluster.connect(r) for r in recipients]
+    sends = []
+    for i in range(30):
+        to = recipients[i % 3]
+        sends.append(me1.send_message(to, {1: b"%d" % i}, own={2: b"%d" % i}))
+    acks = await asyncio.gather(*sends)
+    assert all(ack["t"] == "ack" for ack in acks)
+    for index, client in enumerate(others):
+        got = [(await next_dlv(client))["c"] for _ in range(10)]
+        assert got == [b"%d" % i for i in range(index, 30, 3)]
+    own = [(await next_dlv(me2)) for _ in range(30)]
+    assert [d["c"] for d in own] == [b"%d" % i for i in range(30)]
+    assert [d["to"] for d in own] == [recipients[i % 3] for i in range(30)]
+    for client in (me1, me2, *others):
+        await client.close()
+
+
+async def test_a_resend_is_recognised_where_the_copies_are_stored(cluster):
+    alice = cluster.users("alpha")["node-a"][0]
+    bob = cluster.users("beta")["node-c"][0]
+    alice1, alice2 = await cluster.connect(alice, 1), await cluster.connect(alice, 2)
+    bob1 = await cluster.connect(bob)
+    msg_id = os.urandom(16)
+    first = await alice1.send_message(bob, {1: b"once"}, own={2: b"mine"}, msg_id=msg_id)
+    again = await alice1.send_message(bob, {1: b"once"}, own={2: b"mine"}, msg_id=msg_id)
+    assert again["dup"] is True and again["ts"] == first["ts"]
+    assert (await next_dlv(bob1))["c"] == b"once" and (await next_dlv(alice2))["c"] == b"mine"
+    with pytest.raises(TimeoutError):
+        await bob1.recv(timeout_s=0.3)
+    with pytest.raises(TimeoutError):
+        await alice2.recv(timeout_s=0.1)
+    assert cluster.gateways["node-c"]._server.router.counters["duplicates"] == 1
+    for client in (alice1, alice2, bob1):
+        await client.close()
+
+
+async def test_refusals_come_from_the_recipients_home_and_nothing_is_stored(cluster):
+    alice = cluster.users("alpha")["node-a"][0]
+    gary = cluster.users("gamma")["node-b"][0]  # gamma accepts only its own users
+    bob = cluster.users("beta")["node-c"][0]
+    alice1, alice2 = await cluster.connect(alice, 1), await cluster.connect(alice, 2)
+    gary1 = await cluster.connect(gary)
+    bob1 = await cluster.connect(bob)
+    with pytest.raises(ServerError) as refused:
+        await alice1.send_message(gary, {1: b"x"}, own={2: b"copy"})
+    assert refused.value.code == "not_opted_in"
+    with pytest.raises(ServerError) as mismatch:
+        await alice1.send_message(bob, {1: b"x", 7: b"y"}, own={2: b"copy"})
+    assert mismatch.value.code == "device_mismatch" and mismatch.value.fields["extra"] == [7]
+    with pytest.raises(ServerError) as unknown:
+        await alice1.send_message(cluster.users("beta", per_node=2)["node-b"][1], {1: b"x"})
+    assert unknown.value.code == "unknown_recipient"
+    with pytest.raises(TimeoutError):  # no own copy of a refused message
+        await alice2.recv(timeout_s=0.3)
+    for client in (alice1, alice2, gary1, bob1):
+        await client.close()
+
+
+async def test_receipts_typing_state_and_lookups_cross_nodes(cluster):
+    alice = cluster.users("alpha")["node-b"][0]
+    bob = cluster.users("beta")["node-c"][0]
+    alice1, alice2 = await cluster.connect(alice, 1), await cluster.connect(alice, 2)
+    bob1 = await cluster.connect(bob)
+    ack = await alice1.send_message(bob, {1: b"hello"})
+    dlv = await next_dlv(bob1)
+    assert (await alice1.iq("devices.get", user=bob))["devices"] == [1]
+    assert (await bob1.iq("devices.get", user=alice))["devices"] == [1, 2]
+    await bob1.send_receipt(alice, "read", [dlv["id"]])
+    for client in (alice1, alice2):
+        receipt = await next_dlv(client)
+        assert (receipt["k"], receipt["kind"], receipt["ids"], receipt["from"]) == ("rcpt", "read", [ack["id"]], bob)
+    await bob1.send_state(alice, "composing")
+    for client in (alice1, alice2):
+        state = await client.recv(timeout_s=5)
+        assert state == {"t": "state", "from": bob, "s": "composing"}
+    for client in (alice1, alice2, bob1):
+        await client.close()
+
+
+async def test_prekeys_are_handed_out_once_across_nodes(cluster):
+    alice = cluster.users("alpha")["node-a"][0]
+    bob = cluster.users("beta")["node-b"][0]
+    alice1, bob1 = await cluster.connect(alice), await cluster.connect(bob)
+    key = bytes(range(32))
+    await bob1.iq("keys.put", ik=key, spk={"id": 1, "key": key, "sig": bytes(64)},
+                       otpk=[{"id": 7, "key": key}])
+    first = await alice1.iq("keys.get", user=bob)
+    second = await alice1.iq("keys.get", user=bob)
+    assert first["bundles"][0]["otpk"] == {"id": 7, "key": key}
+    assert second["bundles"][0]["otpk"] is None
+    for client in (alice1, bob1):
+        await client.close()
+
+
+async def test_a_node_that_does_not_answer_gets_the_sender_overloaded_never_an_ack(cluster):
+    alice = cluster.users("alpha")["node-a"][0]
+    bob = cluster.users("beta")["node-c"][0]
+    bob1 = await cluster.connect(bob)
+    await bob1.close()
+    await cluster.stop("node-c")
+    alice1 = await cluster.connect(alice, via="node-b")
+    msg_id = os.urandom(16)
+    with pytest.raises(ServerError) as refused:
+        await alice1.send_message(bob, {1: b"lost?"}, msg_id=msg_id)
+    assert refused.value.code == "overloaded" and refused.value.fields["retry_after"] > 0
+    assert cluster.gateways["node-a"]._server.domain.relay.counters["timeouts"] == 1
+    await cluster.start("node-c")
+    ack = await alice1.send_message(bob, {1: b"lost?"}, msg_id=msg_id)  # the resend after the restart
+    bob1 = await cluster.connect(bob)
+    assert (await next_dlv(bob1))["c"] == b"lost?"
+    assert "dup" not in ack
+    for client in (alice1, bob1):
+        await client.close()
+
+
+async def test_operations_not_served_across_nodes_yet_are_refused_clearly(cluster):
+    alice = cluster.users("alpha")["node-a"][0]
+    alice1 = await cluster.connect(alice)
+    with pytest.raises(ServerError) as refused:
+        await alice1.iq("group.new", members=[alice])
+    assert refused.value.code == "internal" and "cluster" in str(refused.value)
+    await alice1.close()
+
+
+async def test_a_node_with_another_node_list_refuses_to_start(cluster, tmp_path):
+    await cluster.stop("node-c")
+    config = cluster.config("node-c")
+    config.cluster = cluster_config(cluster.nats_url, cluster.ports, "node-c", version=2)
+    with pytest.raises(ConfigError, match="another node list"):
+        await Gateway(config).start()
+    config.cluster = cluster_config(cluster.nats_url, cluster.ports, "node-b")
+    with pytest.raises(ConfigError, match="already running"):
+        await Gateway(config).start()
+
+
+async def test_unreachable_nats_is_a_clear_error(issuers, tmp_path):
+    [port] = free_ports(1)
+    keys_for_nodes({"node-a": tmp_path / "keys"})
+    config = config_for(issuers, tmp_path, cluster=cluster_config(f"nats://127.0.0.1:{port}", {"node-a": 1}, "node-a"))
+    with pytest.raises(ConfigError, match="cluster.nats: cannot connect"):
+        await Gateway(config).start()
+
+
+async def test_cluster_status_reports_every_node_and_who_is_missing(cluster, tmp_path):
+    from click.testing import CliRunner
+
+    from interlink.cli import main as cli_main
+    from interlink.core.edge.clusterlink import ask_nodes
+
+    alice = cluster.users("alpha")["node-b"][0]
+    client = await cluster.connect(alice)
+    reports = await ask_nodes(cluster.gateways["node-a"].config.cluster)
+    assert set(reports) == set(NODES)
+    assert all(report["m"] == cluster.gateways["node-a"].config.cluster.digest for report in reports.values())
+    assert reports["node-b"]["sessions"] == 1 and reports["node-a"]["sessions"] == 0
+    await client.close()
+    await cluster.stop("node-c")
+    nodes = "\n".join(f'{node} = "127.0.0.1:{port}"' for node, port in cluster.ports.items())
+    path = tmp_path / "node-a.toml"
+    path.write_text(f'[cluster]\nnode = "node-a"\nversion = 1\nnats = ["{cluster.nats_url}"]\n[cluster.nodes]\n{nodes}\n')
+    result = await asyncio.to_thread(CliRunner().invoke, cli_main, ["cluster", "status", "--config", str(path)])
+    assert result.exit_code == 1, result.output
+    lines = {line.split()[0]: line for line in result.output.splitlines()[1:]}
+    assert "not answering" in lines["node-c"] and " up " in lines["node-a"] and " up " in lines["node-b"]
