@@ -39,15 +39,16 @@ def cluster_config(nats_url: str, ports: dict, node: str, *, version: int = 1, t
 class Cluster:
     """Three nodes sharing one operator root, and ``connect`` for any user at any node."""
 
-    def __init__(self, issuers, tmp_path, nats_url: str) -> None:
+    def __init__(self, issuers, tmp_path, nats_url: str, nodes=NODES) -> None:
         self.issuers = dict(zip(("alpha", "beta", "gamma"), issuers))
         self.issuer_list = issuers
         self.tmp_path = tmp_path
         self.nats_url = nats_url
-        self.ports = dict(zip(NODES, free_ports(len(NODES))))
-        keys_for_nodes({node: tmp_path / node / "keys" for node in NODES})
+        self.nodes = tuple(nodes)
+        self.ports = dict(zip(self.nodes, free_ports(len(self.nodes))))
+        keys_for_nodes({node: tmp_path / node / "keys" for node in self.nodes})
         self.gateways: dict[str, Gateway] = {}
-        self.membership = Membership(NODES, 1)
+        self.membership = Membership(self.nodes, 1)
 
     def config(self, node: str, **settings):
         cluster = cluster_config(self.nats_url, self.ports, node, timeout_s=settings.pop("timeout_s", 2.0))
@@ -74,7 +75,7 @@ class Cluster:
         localpart, provider = address.split("@")
         token = self.issuers[provider].issue(localpart, audience=AUD)
         if via is None:
-            via = next(node for node in NODES if node != self.home(address) and node in self.gateways)
+            via = next(node for node in self.nodes if node != self.home(address) and node in self.gateways)
         gateway = self.gateways[via]
         return await Client.connect("127.0.0.1", self.ports[via], token=token, device=device,
                                     root_public=gateway.root_public, **options)
