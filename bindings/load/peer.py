@@ -22,10 +22,12 @@ from interlink.core.protocol.connection import ClientConnection, ConnectionClose
 from interlink.core.protocol.noise import Suite
 from interlink.core.protocol.wire import TAG_BYTES
 from interlink.wstransport import WebSocketStream, websocket_uri
+from websockets.uri import parse_uri
 
 __all__ = ["AGENT", "LeanPeer"]
 
 AGENT = "interlink-bench/lean"
+MAX_REDIRECTS = 2  # bye redirect followed at most this often per connect (as the SDK's Client)
 
 
 def _ignore_stanza(stanza: dict) -> None:
@@ -73,28 +75,44 @@ class LeanPeer(asyncio.Protocol):
         """Connect, handshake (a fresh X25519 static key, as ``Client.connect`` makes), check the
         node certificate against ``root_public`` and wait for ``welcome``. With ``ws_path``, over
         WebSocket to ``ws://host:port/ws_path`` (``port`` being the gateway's ``ws_port``).
-        ``local_addr``: the address to connect from (a benchmark's distinct loopback sources)."""
-        conn = ClientConnection(
-            suite=suite, static_private=generate_static_key(), root_public=root_public, token=token,
-            device=device, agent=AGENT, server_static=server_static,
-        )
-        peer = cls(conn, on_stanza, on_batch_end)
-        loop = asyncio.get_running_loop()
-        try:
-            async with asyncio.timeout(timeout_s):
+        ``local_addr``: the address to connect from (a benchmark's distinct loopback sources).
+        A cluster's ``bye redirect`` is followed (at most ``MAX_REDIRECTS`` times, as XX)."""
+        for hops in range(MAX_REDIRECTS + 1):
+            conn = ClientConnection(
+                suite=suite, static_private=generate_static_key(), root_public=root_public, token=token,
+                device=device, agent=AGENT, server_static=server_static,
+            )
+            peer = cls(conn, on_stanza, on_batch_end)
+            loop = asyncio.get_running_loop()
+            try:
+                async with asyncio.timeout(timeout_s):
+                    if ws_path is None:
+                        await loop.create_connection(lambda: peer, host, port, local_addr=local_addr)
+                    else:
+                        uri = websocket_uri(host, port, ws_path)
+                        await loop.create_connection(lambda: WebSocketStream(peer, uri), host, port, local_addr=local_addr)
+                    conn.start(time.time())
+                    peer.flush()
+                    await peer._welcomed
+            except BaseException:
+                if peer.transport is not None:
+                    peer.transport.abort()
+                bye = conn.bye
+                if hops == MAX_REDIRECTS or bye is None or bye.get("reason") != "redirect":
+                    raise
                 if ws_path is None:
-                    await loop.create_connection(lambda: peer, host, port, local_addr=local_addr)
+                    host, port = bye.get("host"), bye.get("port")
                 else:
-                    uri = websocket_uri(host, port, ws_path)
-                    await loop.create_connection(lambda: WebSocketStream(peer, uri), host, port, local_addr=local_addr)
-                conn.start(time.time())
-                peer.flush()
-                await peer._welcomed
-        except BaseException:
-            if peer.transport is not None:
-                peer.transport.abort()
-            raise
-        return peer
+                    if type(bye.get("ws")) is not str:
+                        raise
+                    uri = parse_uri(bye["ws"])
+                    host, port, ws_path = uri.host, uri.port, uri.resource_name
+                if type(host) is not str or type(port) is not int:
+                    raise
+                suite, server_static = Suite(suite).as_xx(), None  # another node's static key
+                continue
+            return peer
+        raise AssertionError("unreachable: the last hop returns or raises")
 
     # -- sending
 
