@@ -157,7 +157,10 @@ class Gateway:
         await self.drain(timeout_s=min(1.0, self.config.drain_timeout_s))
 
     async def _release(self) -> None:
-        self._server = None
+        server, self._server = self._server, None
+        if server is not None and server.cluster is not None:  # started, then failed to listen
+            await server.cluster.close()
+            server.cluster = None
         if self._admin is not None:
             await self._admin.stop()
             self._admin = None

@@ -345,3 +345,21 @@ async def test_the_load_tool_drives_a_cluster_through_any_one_node(cluster, tmp_
     assert report["accounting"]["delivered"] == report["accounting"]["sent"] > 0
     relayed = sum(gateway._server.domain.relay.counters["relayed"] for gateway in cluster.gateways.values())
     assert relayed >= report["accounting"]["sent"]  # every message crossed nodes
+
+
+async def test_a_node_that_cannot_listen_leaves_the_cluster_it_joined(cluster):
+    """Joining happens before listening: a node whose port is taken must not stay in NATS, or its
+    next start would be refused as already running."""
+    await cluster.stop("node-c")
+    import socket
+
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", cluster.ports["node-c"]))
+    blocker.listen()
+    try:
+        with pytest.raises(ConfigError, match="cannot listen"):
+            await Gateway(cluster.config("node-c")).start()
+    finally:
+        blocker.close()
+    await cluster.start("node-c")  # not refused as "already running"
+    assert cluster.gateways["node-c"].running
