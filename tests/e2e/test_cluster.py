@@ -363,3 +363,25 @@ async def test_a_node_that_cannot_listen_leaves_the_cluster_it_joined(cluster):
         blocker.close()
     await cluster.start("node-c")  # not refused as "already running"
     assert cluster.gateways["node-c"].running
+
+
+async def test_metrics_count_relayed_stanzas_round_trips_and_redirects(cluster):
+    import aiohttp
+
+    await cluster.stop("node-a")
+    gateway = await cluster.start("node-a", admin_port=0)
+    alice = cluster.users("alpha")["node-a"][0]
+    bob = cluster.users("beta")["node-b"][0]
+    alice1 = await cluster.connect(alice, via="node-b")  # redirected by node-b
+    bob1 = await cluster.connect(bob, via="node-a")  # redirected by node-a
+    for _ in range(3):
+        await alice1.send_message(bob, {1: b"x"})
+    host, port = gateway.admin_address
+    async with aiohttp.ClientSession() as http, http.get(f"http://{host}:{port}/metrics") as response:
+        text = await response.text()
+    metrics = {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line and not line.startswith("#")}
+    assert metrics["interlink_cluster_relayed_total"] == 3 and metrics["interlink_cluster_answered_total"] == 3
+    assert metrics["interlink_cluster_relay_seconds_count"] == 3 and metrics["interlink_cluster_connected"] == 1
+    assert metrics["interlink_cluster_timeouts_total"] == 0 and metrics["interlink_redirects_total"] == 1
+    for client in (alice1, bob1):
+        await client.close()
