@@ -42,9 +42,11 @@ from interlink.core.errors import (
 from interlink.core.protocol.noise import Suite
 from interlink.core.protocol.wire import TAG_BYTES
 from interlink.wstransport import WebSocketStream, websocket_uri
+from websockets.exceptions import InvalidURI
 from websockets.uri import parse_uri
 
 DEFAULT_AGENT = "interlink-python/0.1"
+TRANSIENT_REFUSALS = frozenset({"overloaded", "rate_limited"})  # refusals of a stored stanza to resend later
 MAX_REDIRECTS = 2  # bye redirect followed at most this often per connect (a cluster needs one)
 MAX_QUEUED_STANZAS = 10_000  # unread stanzas before the client gives up (recv() is not being called)
 DEDUP_MEMORY = 10_000  # (from, id) pairs remembered to drop redelivered messages
@@ -170,9 +172,11 @@ class BlobSink:
 
 
 class Outbox:
-    """Stored stanzas (``msg``, ``rcpt``) sent but not acked yet, in sending order. Give the same
-    outbox to every ``Client.connect`` of a device: after a lost connection the new session
-    resends what was never acked, with the same ids, and the gateway stores each at most once."""
+    """Stored stanzas (``msg``, ``rcpt``) sent but not acked yet — unanswered, or refused for now
+    (``overloaded``, ``rate_limited``) — in sending order. Give the same outbox to every
+    ``Client.connect`` of a device: after a lost connection the new session resends what was
+    never acked, with the same ids, and the gateway stores each at most once; ``resend_pending``
+    does the same within a session (after a refusal's ``retry_after``)."""
 
     def __init__(self) -> None:
         self._pending: dict[bytes, dict] = {}
@@ -324,7 +328,11 @@ class Client:
                 elif redirect.ws is None:
                     raise
                 else:
-                    uri = parse_uri(redirect.ws)
+                    try:
+                        uri = parse_uri(redirect.ws)
+                    except InvalidURI:
+                        raise SessionClosedError(f"the gateway redirected this session to an unusable WebSocket URL "
+                                                 f"{redirect.ws[:100]!r}", reason="redirect") from None
                     host, port = uri.host, uri.port
                     transport = (redirect.ws, ws_origin, (ws_ssl or ssl.create_default_context()) if uri.secure else None)
         if outbox:
@@ -646,9 +654,13 @@ class Client:
             outbox._add(stanza)
         try:
             answer = await self.request(stanza, timeout_s=timeout_s)
-        except ServerError:
-            if outbox is not None:
-                outbox._settled(stanza["id"])  # refused: not stored, resending would not help
+        except ServerError as exc:
+            # A refusal for now (overloaded, rate_limited: "resend the same id later") stays in the
+            # outbox for resend_pending or the next connect; in a cluster an overloaded one may even
+            # have been stored (unconfirmed), which only a resend with the same id settles. Any
+            # other refusal stored nothing, and resending would not help.
+            if outbox is not None and exc.code not in TRANSIENT_REFUSALS:
+                outbox._settled(stanza["id"])
             raise
         if outbox is not None:
             outbox._settled(stanza["id"])

@@ -1,4 +1,4 @@
-"""Which node is home to a user or a group (issue 18; the cluster itself is not built yet).
+"""Which node is home to a user or a group (issue 18; the routing between nodes: ``relay.py``).
 
 Every node of a cluster must compute the same answer from the same node list, without talking to
 the others: rendezvous (highest-random-weight) hashing. Each node gets a score for a key — the

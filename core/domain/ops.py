@@ -147,10 +147,10 @@ class Operations:
 
     def keys_get(self, session: Session, stanza: dict, now: float) -> dict:
         identity = session.identity
-        user, provider_id = _address(stanza, "user", "keys.get")
+        user, provider_id = address_field(stanza, "user", "keys.get")
         asked = stanza.get("devices")
         if asked is not None:
-            asked = _device_list(asked, "keys.get", "'devices'")
+            asked = device_list(asked, "keys.get", "'devices'")
         self._charge(self.keys_buckets, identity.user, now, "key requests")
         provider = self.registry.get(provider_id)
         if provider is None:
@@ -236,14 +236,14 @@ class Operations:
         return None
 
     def block_del(self, session: Session, stanza: dict, now: float) -> None:
-        user, _ = _address(stanza, "user", "block.del")
+        user, _ = address_field(stanza, "user", "block.del")
         self.policy.unblock(session.identity.user, user)
         return None
 
     def block_list(self, session: Session, stanza: dict, now: float) -> dict:
         after = stanza.get("after")
         if after is not None:
-            after, _ = _address(stanza, "after", "block.list")
+            after, _ = address_field(stanza, "after", "block.list")
         budget = session.max_plaintext_bytes - RES_OVERHEAD_BYTES
         page: list[str] = []
         more = False
@@ -333,14 +333,15 @@ class Operations:
 
     def _known_address(self, stanza: dict, name: str, op: str):
         """A well-formed address whose provider is registered (``unknown_recipient`` otherwise)."""
-        user, provider_id = _address(stanza, name, op)
+        user, provider_id = address_field(stanza, name, op)
         provider = self.registry.get(provider_id)
         if provider is None:
             raise RouteError(f"no provider {excerpt(provider_id)} is registered here", code="unknown_recipient")
         return user, provider
 
 
-def _address(stanza: dict, name: str, op: str) -> tuple[str, str]:
+def address_field(stanza: dict, name: str, op: str) -> tuple[str, str]:
+    """``stanza[name]``, a well-formed user address, and its provider id (``bad_stanza`` otherwise)."""
     value = stanza.get(name)
     if type(value) is not str:
         raise StanzaError(f"{op} needs '{name}': a user address 'localpart@provider'")
@@ -367,7 +368,8 @@ def _key_id(value, op: str, name: str) -> int:
     return value
 
 
-def _device_list(value, op: str, name: str) -> list[int]:
+def device_list(value, op: str, name: str) -> list[int]:
+    """A list of distinct device numbers, at most ``MAX_KEYS_DEVICES`` (``bad_stanza`` otherwise)."""
     if type(value) is not list:
         raise StanzaError(f"{op}: {name} must be a list of device numbers (got {kind_of(value)}); leave it out for all devices")
     if not value:

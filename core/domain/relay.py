@@ -24,6 +24,8 @@ batch another node relayed, ``expire`` on a timer.
 
 from __future__ import annotations
 
+import logging
+import math
 from collections import deque
 from typing import Callable
 
@@ -32,7 +34,8 @@ import msgpack
 from interlink.core.domain.auth import Identity
 from interlink.core.domain.cluster import Membership
 from interlink.core.errors import InterlinkError, RouteError, StanzaError
-from interlink.core.domain.router import check_devices, stanza_id, typing_state
+from interlink.core.domain.ops import address_field, device_list
+from interlink.core.domain.router import MAX_ADDRESS_CHARS, check_devices, stanza_id, typing_state
 from interlink.core.protocol.stanza import encode_stanza
 
 # Operations whose answer lies with the user they name: served at that user's home node.
@@ -42,10 +45,18 @@ RELAYED_OPS = frozenset({"devices.get", "keys.get"})
 CLUSTER_LATER_OPS = frozenset({"group.new", "group.add", "group.del", "group.leave", "group.get", "dir.lookup"})
 RELAY_KINDS = frozenset({"msg", "rcpt", "state", "iq"})
 RETRY_AFTER_MS = 1000  # what a sender is told to wait after a node did not answer in time
+MAX_WAITING_PER_DEVICE = 1024  # a device's stanzas waiting for other nodes at once (rate_limited past it)
 HOMES_KEPT = 65_536  # user addresses whose home node is remembered
 IDENTITIES_KEPT = 65_536  # senders of relayed stanzas whose identity is remembered
 
+log = logging.getLogger("interlink.cluster")
+
 FORWARD, OWN, DEFERRED = 0, 1, 2  # what a pending entry waits for (see Pending)
+
+
+def internal_error(stanza: dict, message: str) -> bytes:
+    """An encoded ``err`` ``internal`` tied to ``stanza`` (a fault of the cluster, not the client's)."""
+    return encode_stanza({"t": "err", "code": "internal", "msg": message, **reference(stanza)})
 
 
 def reference(stanza: dict) -> dict:
@@ -99,23 +110,25 @@ class Pending:
 
 class _OwnCopies:
     """Stands in for the sender while its own copies are committed here, after the recipient's
-    node acked: the sender then gets that node's ``ack`` — or this node's ``err``."""
+    node acked: the sender then gets that node's ``ack`` — the message is stored — even if its
+    own copies could not be (counted as ``own_copies_lost``)."""
 
-    __slots__ = ("session", "identity", "session_key", "max_plaintext_bytes", "remote_answer", "router")
+    __slots__ = ("session", "identity", "session_key", "max_plaintext_bytes", "remote_answer", "relay")
     relayed = False
     closed = False
 
-    def __init__(self, session, remote_answer: bytes, router) -> None:
+    def __init__(self, session, remote_answer: bytes, relay: Relay) -> None:
         self.session = session
         self.identity = session.identity
         self.session_key = session.session_key
         self.max_plaintext_bytes = session.max_plaintext_bytes
         self.remote_answer = remote_answer
-        self.router = router
+        self.relay = relay
 
     def send_encoded(self, encoded: bytes) -> None:
-        answer = msgpack.unpackb(encoded, raw=False)
-        self.router.push_encoded(self.session, self.remote_answer if answer.get("t") == "ack" else encoded)
+        if msgpack.unpackb(encoded, raw=False).get("t") != "ack":
+            self.relay.counters["own_copies_lost"] += 1
+        self.relay.router.push_encoded(self.session, self.remote_answer)
 
 
 class Relay:
@@ -136,25 +149,32 @@ class Relay:
         self.replies: dict[str, list] = {}  # node -> [seq, encoded answer or None] owed there
         self.waiting: dict[int, Pending] = {}  # seq -> the stanza waiting for that answer
         self._deadlines: deque = deque()  # (deadline, seq), in deadline order (one timeout for all)
-        self._chains: dict[tuple, deque] = {}  # session key -> its stanzas storing own copies, in order
+        self._chains: dict[tuple, deque] = {}  # session key -> its stanzas settled in order (own copies)
+        self._waiting_per_device: dict[tuple, int] = {}  # session key -> its stanzas in ``waiting``
         self._seq = 0
         self._flush_asked = False  # wake() was called and the edge has not flushed since
         self._homes: dict[str, str] = {}
         self._identities: dict[tuple, Identity] = {}
         self.counters = {"relayed": 0, "answered": 0, "timeouts": 0, "late_answers": 0, "served": 0,
-                         "malformed": 0, "misrouted": 0}
+                         "malformed": 0, "misrouted": 0, "refused": 0, "own_copies_lost": 0, "internal_errors": 0}
 
     # -- where a user lives
 
     def home_of(self, address: str) -> str | None:
         """The node ``address`` is homed on, or None when it is this one."""
+        node = self.home(address)
+        return None if node == self.node else node
+
+    def home(self, address: str) -> str:
+        """The node ``address`` is homed on."""
         node = self._homes.get(address)
         if node is None:
             node = self.membership.home(address)
-            if len(self._homes) >= HOMES_KEPT:
-                del self._homes[next(iter(self._homes))]
-            self._homes[address] = node
-        return None if node == self.node else node
+            if len(address) <= MAX_ADDRESS_CHARS:  # never a longer string a client made up
+                if len(self._homes) >= HOMES_KEPT:
+                    del self._homes[next(iter(self._homes))]
+                self._homes[address] = node
+        return node
 
     # -- this node's sessions
 
@@ -165,26 +185,39 @@ class Relay:
         kind = stanza["t"]
         if kind == "iq":
             op = stanza.get("op")
-            if op in CLUSTER_LATER_OPS:
-                raise RouteError(f"{op} is not served across the nodes of a cluster yet", code="internal")
-            user = stanza.get("user")
-            if op not in RELAYED_OPS or type(user) is not str:
+            if type(op) is not str or op not in RELAYED_OPS:
+                if type(op) is str and op in CLUSTER_LATER_OPS:
+                    raise StanzaError(f"{op} is not served across the nodes of a cluster yet")
                 return False
+            user = stanza.get("user")
+            if type(user) is not str or len(user) > MAX_ADDRESS_CHARS:
+                return False  # the local handler answers what is wrong with it
             node = self.home_of(user)
             if node is None:
                 return False
-            self._send(node, session, stanza, FORWARD, now)
+            # Relayed as rebuilt from its checked fields only (nothing else of the client's map
+            # travels), charged like a stored stanza, and bounded per device while it waits.
+            iq_id = stanza.get("id")
+            if type(iq_id) is not int:
+                raise StanzaError("iq needs an int 'id'")
+            address_field(stanza, "user", op)
+            relayed = {"t": "iq", "id": iq_id, "op": op, "user": user}
+            if op == "keys.get" and stanza.get("devices") is not None:
+                relayed["devices"] = device_list(stanza["devices"], op, "'devices'")
+            self._admit(session, now)
+            self._send(node, session, relayed, FORWARD, now)
             return True
         if "g" in stanza:
-            raise RouteError("group messages are not served across the nodes of a cluster yet", code="internal")
+            raise StanzaError("group messages are not served across the nodes of a cluster yet")
         to = stanza.get("to")
-        if type(to) is not str:
-            return False  # the local handler answers bad_stanza
+        if type(to) is not str or len(to) > MAX_ADDRESS_CHARS:
+            return False  # the local handler answers what is wrong with it
         node = self.home_of(to)
         router = self.router
         if node is None:
-            # Here: only its place among the device's own copies may hold it back.
-            if kind == "state" or session.session_key not in self._chains or (kind == "msg" and "own" not in stanza):
+            # Here: only a stanza of the device still waiting for another node may hold it back
+            # (its recipients' order is the order the device sent).
+            if kind == "state" or session.session_key not in self._chains:
                 return False
             router.charge(session, now)
             if kind == "msg":
@@ -194,7 +227,7 @@ class Relay:
                 router.rcpt_parts(session, stanza)
             self._chain(Pending(session, stanza, DEFERRED, None, now, now))
             return True
-        router.charge(session, now)
+        self._admit(session, now)
         if kind == "state":
             self._send(node, session, {"t": "state", "to": to, "s": typing_state(stanza)}, FORWARD, now)
             return True
@@ -217,6 +250,14 @@ class Relay:
             self._send(node, session, relayed, FORWARD, now)
         return True
 
+    def _admit(self, session, now: float) -> None:
+        """Charge the stanza to its device's and user's rate (as a stored one), and refuse it while
+        the device already has ``MAX_WAITING_PER_DEVICE`` stanzas waiting for other nodes."""
+        self.router.charge(session, now)
+        if self._waiting_per_device.get(session.session_key, 0) >= MAX_WAITING_PER_DEVICE:
+            raise RouteError(f"{MAX_WAITING_PER_DEVICE} requests already wait for other nodes; "
+                             f"try again in {RETRY_AFTER_MS} ms", code="rate_limited", retry_after=RETRY_AFTER_MS)
+
     def _send(self, node: str, session, stanza: dict, kind: int, now: float, original: dict | None = None) -> Pending:
         self._seq += 1
         seq = self._seq
@@ -229,8 +270,18 @@ class Relay:
         pending = Pending(session, stanza if original is None else original, kind, node, now, now + self.timeout_s)
         self.waiting[seq] = pending
         self._deadlines.append((pending.deadline, seq))
+        key = session.session_key
+        self._waiting_per_device[key] = self._waiting_per_device.get(key, 0) + 1
         self.counters["relayed"] += 1
         return pending
+
+    def _done_waiting(self, pending: Pending) -> None:
+        key = pending.session.session_key
+        left = self._waiting_per_device[key] - 1
+        if left:
+            self._waiting_per_device[key] = left
+        else:
+            del self._waiting_per_device[key]
 
     def _chain(self, pending: Pending) -> None:
         chain = self._chains.get(pending.session.session_key)
@@ -238,35 +289,43 @@ class Relay:
             chain = self._chains[pending.session.session_key] = deque()
         chain.append(pending)
 
-    def answered(self, seq: int, answer: bytes | None, now: float) -> float | None:
-        """Another node answered relayed stanza ``seq`` (None: a ``state`` it served silently).
-        Returns the round trip in seconds, or None for an answer that came too late."""
-        pending = self.waiting.pop(seq, None)
-        if pending is None:
-            self.counters["late_answers"] += 1
+    def answered(self, node: str, seq: int, answer: bytes | None, now: float) -> float | None:
+        """Node ``node`` answered relayed stanza ``seq`` (None: a ``state`` it served silently).
+        Returns the round trip in seconds, or None for an answer that came too late (or from a
+        node the stanza was not relayed to: counted, ignored)."""
+        pending = self.waiting.get(seq)
+        if pending is None or pending.node != node:
+            self.counters["late_answers" if pending is None else "misrouted"] += 1
             return None
+        del self.waiting[seq]
+        self._done_waiting(pending)
         self.counters["answered"] += 1
         self._settle(pending, answer, now)
         return now - pending.sent
 
-    def expire(self, now: float) -> int:
+    def expire(self, now: float, *, everything: bool = False) -> int:
         """Answer every stanza whose node has not answered by its deadline: ``err`` ``overloaded``
-        with ``retry_after`` (nothing was acknowledged; a resend is recognised wherever its
-        copies were stored). Returns how many; ``next_deadline`` says when to call again."""
+        with ``retry_after`` and ``unconfirmed`` (nothing was acknowledged; it may have been stored,
+        and a resend is recognised wherever its copies were); with ``everything``, all that waits
+        (the link is closing). Returns how many."""
         deadlines, waiting = self._deadlines, self.waiting
         expired = 0
-        while deadlines and deadlines[0][0] <= now:
+        until = math.inf if everything else now
+        while deadlines and deadlines[0][0] <= until:
             _, seq = deadlines.popleft()
             pending = waiting.pop(seq, None)
             if pending is None:
                 continue
+            self._done_waiting(pending)
             expired += 1
             answer = None
             if pending.stanza["t"] != "state":  # typing state is not answered unless refused
+                # "unconfirmed": it may have been stored there; resend the same id (docs/protocol.md §5).
                 answer = encode_stanza({
-                    "t": "err", "code": "overloaded", "retry_after": RETRY_AFTER_MS, **reference(pending.stanza),
+                    "t": "err", "code": "overloaded", "retry_after": RETRY_AFTER_MS, "unconfirmed": True,
+                    **reference(pending.stanza),
                     "msg": f"node {pending.node} did not answer in time; nothing was acknowledged, "
-                           f"try again in {RETRY_AFTER_MS} ms",
+                           f"resend the same id in {RETRY_AFTER_MS} ms",
                 })
             self._settle(pending, answer, now)
         self.counters["timeouts"] += expired
@@ -288,33 +347,40 @@ class Relay:
         chain = self._chains.get(key)
         while chain and chain[0].done:
             head = chain.popleft()
-            if head.kind == DEFERRED:
-                self._serve_here(head.session, head.stanza, now, own_only=False, answer=None)
-            else:
-                self._serve_here(head.session, head.stanza, now, own_only=True, answer=head.answer)
+            try:
+                self._serve_here(head.session, head.stanza, now, own_only=head.kind != DEFERRED, answer=head.answer)
+            except Exception:  # a bug of ours must cost this stanza, never the device's later ones
+                log.exception("relay: settling a stanza of %s failed", head.session.session_key)
+                self.counters["internal_errors"] += 1
+                self.router.push_encoded(head.session, internal_error(head.stanza, "the gateway failed to store this"))
         if chain is not None and not chain:
             del self._chains[key]
 
     def _serve_here(self, session, stanza: dict, now: float, *, own_only: bool, answer: bytes | None) -> None:
         """Store here what this node keeps of a stanza: all of a deferred local one; the sender's
-        own copies of one the recipient's node acked (``answer``), then answer the sender."""
+        own copies of one the recipient's node answered (``answer``), then answer the sender.
+        Once the recipient's node acked, the sender gets that ack whatever happens to its own
+        copies here (a device registered meanwhile, a full mailbox): the message is stored."""
         router = self.router
         if own_only:
             if answer is None or msgpack.unpackb(answer, raw=False).get("t") != "ack":
                 if answer is not None:
                     router.push_encoded(session, answer)  # refused there: nothing is stored here either
                 return
-            session = _OwnCopies(session, answer, router)
+            session = _OwnCopies(session, answer, self)
         try:
             if stanza["t"] == "msg":
                 entry = router.route_msg(session, stanza, stanza["id"], now, own_only=own_only)
             else:
                 entry = router.route_rcpt(session, stanza, now, own_only=own_only)
         except (RouteError, StanzaError) as exc:
+            if own_only:  # own copies refused here (a device registered meanwhile): the message is stored
+                self.counters["own_copies_lost"] += 1
+                router.push_encoded(session.session, answer)
+                return
             code = exc.code if isinstance(exc, RouteError) else "bad_stanza"
             fields = exc.fields if isinstance(exc, RouteError) else {}
-            target = session.session if own_only else session
-            router.answer(target, {"t": "err", "code": code, "msg": exc.message, **reference(stanza), **fields})
+            router.answer(session, {"t": "err", "code": code, "msg": exc.message, **reference(stanza), **fields})
             return
         if own_only and entry is None:  # no own copies after all (the other devices are gone)
             router.push_encoded(session.session, answer)
@@ -334,7 +400,9 @@ class Relay:
 
     def serve(self, node: str, records, now: float) -> None:
         """Serve the stanzas node ``node`` relayed: each record is [seq, provider, localpart,
-        device, max plaintext bytes, stanza]; its answer is owed back (``take_output``)."""
+        device, max plaintext bytes, stanza]; its answer is owed back (``take_output``). A record
+        whose sender does not live on ``node``, or whose stanza is for a user who does not live
+        here, is refused: the nodes disagree about the node list (or ``node`` is not a node)."""
         for record in records:
             try:
                 seq, provider, localpart, device, max_plaintext, stanza = record
@@ -350,15 +418,27 @@ class Relay:
             target = stanza.get("user") if kind == "iq" else stanza.get("to")
             if kind not in RELAY_KINDS or (kind == "iq" and stanza.get("op") not in RELAYED_OPS) or "g" in stanza:
                 self.counters["malformed"] += 1
-                session.send_encoded(encode_stanza({"t": "err", "code": "internal", **reference(stanza),
-                                                    "msg": "this stanza is not relayed between nodes"}))
+                session.send_encoded(internal_error(stanza, "this stanza is not relayed between nodes"))
                 continue
-            if type(target) is str and self.home_of(target) is not None:
-                self.counters["misrouted"] += 1  # the nodes disagree about the membership
-                session.send_encoded(encode_stanza({"t": "err", "code": "internal", **reference(stanza),
-                                                    "msg": "the cluster's nodes disagree about where this user lives"}))
+            if (type(target) is not str or len(target) > MAX_ADDRESS_CHARS or self.home_of(target) is not None
+                    or self.home(identity.user) != node):
+                self.counters["misrouted"] += 1  # the nodes disagree about the node list
+                session.send_encoded(internal_error(stanza, "the cluster's nodes disagree about where this user lives"))
                 continue
-            self.serve_stanza(session, stanza, now)
+            provider = self.router.registry.get(identity.provider)
+            if provider is None or provider.suspended:  # suspended here, not yet on the sender's node
+                self.counters["refused"] += 1
+                session.send_encoded(encode_stanza({
+                    "t": "err", "code": "provider_suspended", **reference(stanza),
+                    "msg": f"provider {identity.provider!r} is not served (suspended or removed)"}))
+                continue
+            try:
+                self.serve_stanza(session, stanza, now)
+            except Exception:  # a bug of ours must cost this stanza, never the rest of the batch
+                log.exception("relay: serving a stanza node %s relayed failed", node)
+                self.counters["internal_errors"] += 1
+                session.send_encoded(internal_error(stanza, "the gateway failed to handle this stanza"))
+                continue
             if not session.answered and kind == "state":
                 self.reply(node, seq, None)  # served: the sender's node stops waiting
 

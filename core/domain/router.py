@@ -43,6 +43,7 @@ MAX_RECV_SEQS = 1024  # seqs one ``recv`` may name
 DLV_OVERHEAD_BYTES = 512  # a dlv's fields besides the ciphertext (addresses, seq, ts, ...), at most
 MAX_RECEIPT_IDS = 100  # message ids one rcpt may name
 VALID_ADDRESSES_KEPT = 65_536  # recipient addresses already checked, remembered (about 100 bytes each)
+MAX_ADDRESS_CHARS = 128  # a localpart (at most 64 bytes) + "@" + a provider id (at most 63 characters)
 RECEIPT_KINDS = ("delivered", "read")
 TYPING_STATES = ("composing", "paused")
 
@@ -226,7 +227,8 @@ class Router:
             if not self.policy.blocks(recipient, sender):
                 targets += [(recipient, device) for device in devices]
         recipient_targets = len(targets)
-        targets += [(sender, device) for device in self.store.devices(sender) if device != sender_device]
+        if not session.relayed:  # a relayed sender's other devices live on its own node, which stores their copies
+            targets += [(sender, device) for device in self.store.devices(sender) if device != sender_device]
         if own_only and not targets:
             return None
         build = _rcpt_builder(msg_id, sender, sender_device, kind, ids, None)
@@ -484,9 +486,12 @@ class Router:
             localpart, at, provider_id = to.rpartition("@")
             if not at or localpart_error(localpart) is not None:
                 raise StanzaError(f"'to' is not a user address: {excerpt(to)}")
-            if len(self._valid_addresses) >= VALID_ADDRESSES_KEPT:
-                del self._valid_addresses[next(iter(self._valid_addresses))]
-            self._valid_addresses[to] = provider_id
+            # Remember only what can be an address of a registered provider: a long made-up
+            # provider part (up to a frame) would otherwise make this memory a client's to fill.
+            if len(to) <= MAX_ADDRESS_CHARS:
+                if len(self._valid_addresses) >= VALID_ADDRESSES_KEPT:
+                    del self._valid_addresses[next(iter(self._valid_addresses))]
+                self._valid_addresses[to] = provider_id
         provider = self.registry.get(provider_id)
         if provider is None:
             raise RouteError(f"no provider {excerpt(provider_id)} is registered here", code=unknown_code)

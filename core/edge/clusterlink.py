@@ -1,16 +1,18 @@
 """The cluster's wires (issue 18): this node's NATS connection, the membership check at start, and
 the stanzas relayed between nodes (``core/domain/relay.py``) with their answers.
 
-Each node listens on three subjects under ``interlink.<node id>.``: ``relay`` (batches of
-stanzas other nodes relay here), ``answers`` (the answers to what this node relayed) and
+Each node listens under ``interlink.<node id>.``: ``relay.<from>`` (batches of stanzas node
+``<from>`` relays here), ``answers.<from>`` (that node's answers to what this node relayed) and
 ``hello`` (who this node is: its node list's digest, version, sessions — asked by a starting node
-and by ``interlink cluster status``). What the relay gathers in one event-loop turn leaves in one
-NATS message per node, in order through one sender task, so a device's stanzas to a node arrive
+and by ``interlink cluster status``). The sending node is named by the subject, which NATS
+permissions can pin to each node's credentials (docs/operations.md "Running a cluster"), and
+must be one of the node list. What the relay gathers in one event-loop turn leaves in one NATS
+message per node, in order through one sender task, so a device's stanzas to a node arrive
 there in the order it sent them. Payloads are msgpack maps:
 
-* relay: ``{"from": node, "m": digest, "r": [[seq, provider, localpart, device, max plaintext, stanza], ...]}``
-* answers: ``{"from": node, "a": [[seq, encoded answer stanza or nil], ...]}``
-* hello: ``{"from": node, "m": digest}`` → ``{"node", "m", "version", "software", "sessions", ...}``
+* relay: ``{"m": digest, "r": [[seq, provider, localpart, device, max plaintext, stanza], ...]}``
+* answers: ``{"a": [[seq, encoded answer stanza or nil], ...]}``
+* hello: ``{"from": node, "m": digest, "i": instance}`` → ``{"node", "m", "i", "version", "software", "sessions", ...}``
 
 A node whose digest differs is refused: at start (``check_membership``: this node does not
 serve), and per batch (every stanza of it is answered ``internal``).
@@ -20,26 +22,36 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import ssl
 import time
 from collections import Counter, deque
 
 import msgpack
 
+from interlink.core.domain.relay import internal_error
 from interlink.core.edge.metrics import Histogram
 from interlink.core.errors import ConfigError
 
 log = logging.getLogger("interlink.cluster")
 
 HELLO_TIMEOUT_S = 1.0
+TWIN_WAIT_S = 0.15  # after this node's own hello answer, how long another instance of it gets to answer too
+MIN_MAX_PAYLOAD = 128 * 1024  # NATS must carry one relayed stanza of the largest frame with room to spare
 START_ATTEMPTS = 2  # further tries per NATS server before a start gives up (0.5 s apart)
 EXPIRY_TICK_S = 0.05  # how often relayed stanzas past their deadline are looked for
 # Relay round trips over loopback take ~0.3-1 ms, commit included; a struggling node, seconds.
 RELAY_BUCKETS_S = (0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 2.5)
 
 
-def subject(node: str, what: str) -> str:
-    return f"interlink.{node}.{what}"
+def subject(node: str, what: str, origin: str | None = None) -> str:
+    return f"interlink.{node}.{what}" if origin is None else f"interlink.{node}.{what}.{origin}"
+
+
+def redact(url: str) -> str:
+    """A NATS URL without the user and password it may carry (for logs and errors)."""
+    scheme, sep, rest = url.partition("://")
+    return f"{scheme}{sep}***@{rest.rpartition('@')[2]}" if "@" in rest else url
 
 
 def _unpack(data: bytes):
@@ -68,6 +80,8 @@ class ClusterLink:
         self._ticker: asyncio.TimerHandle | None = None
         self._max_batch_bytes = 512 * 1024
         self._closing = False
+        self.instance = os.urandom(8).hex()  # tells this process from another started with the same node id
+        self._relay_subscription = None
 
     # -- lifecycle
 
@@ -75,29 +89,28 @@ class ClusterLink:
         """Connect, refuse a second process with this node id or a node running another node list
         (``ConfigError``), then listen."""
         import nats
-        from nats.errors import NoRespondersError
 
         config = self.config
         options = nats_options(config, f"interlink-{self.node}")
         options.update(allow_reconnect=True, max_reconnect_attempts=START_ATTEMPTS, reconnect_time_wait=0.5,
                        error_cb=self._nats_error, disconnected_cb=self._disconnected, reconnected_cb=self._reconnected)
+        servers = ", ".join(redact(url) for url in config.nats)
         try:
             self.nc = await nats.connect(**options)
         except Exception as exc:  # nats-py raises several kinds (no servers, TLS, auth): all mean the same here
-            raise ConfigError(f"cluster.nats: cannot connect to {', '.join(config.nats)}: {exc or type(exc).__name__}") from None
+            raise ConfigError(f"cluster.nats: cannot connect to {servers}: {type(exc).__name__} {exc}".rstrip()) from None
         # Once in, never give up on NATS: relayed stanzas wait (and time out) while it is away.
         self.nc.options["max_reconnect_attempts"] = -1
-        self._max_batch_bytes = self.nc.max_payload - 1024  # room for the map around the entries
         try:
-            try:
-                await self.nc.request(subject(self.node, "hello"), self._hello_request(), timeout=HELLO_TIMEOUT_S)
-            except (NoRespondersError, TimeoutError, asyncio.TimeoutError):
-                pass
-            else:
-                raise ConfigError(f"cluster.node: node {self.node} is already running (another process answers for it)")
+            if self.nc.max_payload < MIN_MAX_PAYLOAD:
+                raise ConfigError(f"cluster.nats: the NATS servers' max_payload is {self.nc.max_payload} bytes; a "
+                                  f"cluster needs at least {MIN_MAX_PAYLOAD} (nats-server's default is 1 MB)")
+            self._max_batch_bytes = self.nc.max_payload - 1024  # room for the map around the entries
             await self.nc.subscribe(subject(self.node, "hello"), cb=self._on_hello)
-            await self.nc.subscribe(subject(self.node, "relay"), cb=self._on_relay)
-            await self.nc.subscribe(subject(self.node, "answers"), cb=self._on_answers)
+            await self.nc.flush()
+            await self._refuse_twin()
+            self._relay_subscription = await self.nc.subscribe(subject(self.node, "relay", "*"), cb=self._on_relay)
+            await self.nc.subscribe(subject(self.node, "answers", "*"), cb=self._on_answers)
             await self.nc.flush()
             await self.check_membership()
         except BaseException:
@@ -105,7 +118,36 @@ class ClusterLink:
             raise
         self._sender = asyncio.get_running_loop().create_task(self._send_loop())
         log.info("cluster node %s joined through %s (node list version %d, %d nodes)", self.node,
-                 self.nc.connected_url.netloc if self.nc.connected_url else "?", config.version, len(config.nodes))
+                 redact(str(self.nc.connected_url.geturl())) if self.nc.connected_url else "?", config.version,
+                 len(config.nodes))
+
+    async def _refuse_twin(self) -> None:
+        """``ConfigError`` if another process answers for this node id. Asked after subscribing, so
+        of two instances starting together each sees the other (and both refuse)."""
+        inbox = self.nc.new_inbox()
+        answers: list[dict] = []
+        arrived = asyncio.Event()
+
+        async def collect(message) -> None:
+            try:
+                answers.append(_unpack(message.data))
+            except Exception:  # not a hello answer: someone else's bytes on our inbox
+                return
+            arrived.set()
+
+        subscription = await self.nc.subscribe(inbox, cb=collect)
+        try:
+            await self.nc.publish(subject(self.node, "hello"), self._hello_request(), reply=inbox)
+            await self.nc.flush()
+            try:
+                await asyncio.wait_for(arrived.wait(), HELLO_TIMEOUT_S)  # this instance's own answer, at least
+            except (TimeoutError, asyncio.TimeoutError):
+                pass
+            await asyncio.sleep(TWIN_WAIT_S)
+        finally:
+            await subscription.unsubscribe()
+        if any(isinstance(answer, dict) and answer.get("i") != self.instance for answer in answers):
+            raise ConfigError(f"cluster.node: node {self.node} is already running (another process answers for it)")
 
     async def check_membership(self) -> dict[str, dict]:
         """Ask every other node who it is; ``ConfigError`` if one runs another node list. Returns
@@ -128,14 +170,27 @@ class ClusterLink:
             answers[other] = hello
         return answers
 
+    async def stop_serving(self) -> None:
+        """Take no more stanzas from other nodes (a drain: what they relayed so far is committed
+        and answered before ``close``)."""
+        if self._relay_subscription is not None:
+            try:
+                await self._relay_subscription.unsubscribe()
+            except Exception as exc:  # NATS is away: nothing more arrives anyway
+                log.warning("cluster: could not unsubscribe from relays: %s", exc or type(exc).__name__)
+            self._relay_subscription = None
+
     async def close(self) -> None:
-        """Send what is queued, then leave NATS."""
+        """Answer what still waits for another node (``overloaded``, unconfirmed), send what is
+        queued — the answers this node owes included — then leave NATS."""
+        self._closing = True
         if self._ticker is not None:
             self._ticker.cancel()
             self._ticker = None
+        if self.relay.expire(self.clock(), everything=True):
+            self.server.cluster_input_done()
         if self.nc is None:
             return
-        self._closing = True
         self._flush()
         while self._queue and self.nc.is_connected:
             await asyncio.sleep(0.001)
@@ -165,20 +220,31 @@ class ClusterLink:
     def _flush(self) -> None:
         self._flush_scheduled = False
         outgoing, replies = self.relay.take_output()
-        for node, records in outgoing.items():
-            self.counters["batches_out"] += self._publish_batch(subject(node, "relay"), "r", records)
-        for node, answers in replies.items():
-            self.counters["answer_batches_out"] += self._publish_batch(subject(node, "answers"), "a", answers)
-        if self.relay.waiting and self._ticker is None:
-            self._ticker = asyncio.get_running_loop().call_later(EXPIRY_TICK_S, self._tick)
+        try:
+            for node, records in outgoing.items():
+                self.counters["batches_out"] += self._publish_batch(subject(node, "relay", self.node), "r", records)
+            for node, answers in replies.items():
+                self.counters["answer_batches_out"] += self._publish_batch(subject(node, "answers", self.node), "a", answers)
+        finally:
+            if self.relay.waiting and self._ticker is None and not self._closing:
+                self._ticker = asyncio.get_running_loop().call_later(EXPIRY_TICK_S, self._tick)
 
     def _publish_batch(self, name: str, field: str, entries: list) -> int:
         """Queue ``entries`` for subject ``name`` in one message, or in halves while one would be
-        over NATS's max_payload (packed once in the usual case); returns how many messages."""
-        batch = {"from": self.node, field: entries}
+        over NATS's max_payload (packed once in the usual case); returns how many messages. An
+        entry that cannot be packed is dropped (its sender's deadline answers it)."""
+        batch = {field: entries}
         if field == "r":
             batch["m"] = self.digest
-        payload = msgpack.packb(batch)
+        try:
+            payload = msgpack.packb(batch)
+        except (ValueError, TypeError, OverflowError) as exc:  # never expected: entries are built from checked fields
+            if len(entries) > 1:
+                half = len(entries) // 2
+                return self._publish_batch(name, field, entries[:half]) + self._publish_batch(name, field, entries[half:])
+            self.counters["unpackable"] += 1
+            log.error("cluster: dropped an entry for %s that cannot be packed: %s", name, exc)
+            return 0
         if len(payload) > self._max_batch_bytes and len(entries) > 1:
             half = len(entries) // 2
             return self._publish_batch(name, field, entries[:half]) + self._publish_batch(name, field, entries[half:])
@@ -202,6 +268,8 @@ class ClusterLink:
 
     def _tick(self) -> None:
         self._ticker = None
+        if self._closing:
+            return
         if self.relay.expire(self.clock()):
             self.server.cluster_input_done()
         if self.relay.waiting:
@@ -209,48 +277,69 @@ class ClusterLink:
 
     # -- input
 
+    def _origin(self, message) -> str | None:
+        """The node a relay or answers message came from (its subject's last token), if a node."""
+        origin = message.subject.rpartition(".")[2]
+        if origin == self.node or origin not in self.config.nodes:
+            self.counters["unknown_origin"] += 1
+            log.error("cluster: a message on %s names no other node of the list", message.subject)
+            return None
+        return origin
+
     async def _on_relay(self, message) -> None:
+        origin = self._origin(message)
+        if origin is None:
+            return
         try:
             batch = _unpack(message.data)
-            sender, records = batch["from"], batch["r"]
-            if type(sender) is not str or type(records) is not list:
-                raise TypeError("a relay batch is {from, m, r}")
+            records = batch["r"]
+            if type(records) is not list:
+                raise TypeError("a relay batch is {m, r}")
         except Exception as exc:  # another node's bug: log it, keep serving
             self.counters["malformed_batches"] += 1
-            log.error("cluster: unreadable relay batch on %s: %s", message.subject, exc)
+            log.error("cluster: unreadable relay batch from %s: %s", origin, exc)
             return
         self.counters["batches_in"] += 1
-        if batch.get("m") != self.digest:
-            self.counters["mismatched_batches"] += 1
-            log.error("cluster: node %s relays under another node list; its stanzas are refused", sender)
-            for record in records:
-                if type(record) is list and record and type(record[0]) is int:
-                    self.relay.reply(sender, record[0], msgpack.packb({
-                        "t": "err", "code": "internal", "msg": "the cluster's nodes disagree about the node list"}))
-            return
-        self.relay.serve(sender, records, self.clock())
-        self.server.cluster_input_done()
+        try:
+            if batch.get("m") != self.digest:
+                self.counters["mismatched_batches"] += 1
+                log.error("cluster: node %s relays under another node list; its stanzas are refused", origin)
+                for record in records:
+                    if type(record) is list and len(record) == 6 and type(record[0]) is int:
+                        stanza = record[5] if isinstance(record[5], dict) else {}
+                        self.relay.reply(origin, record[0], internal_error(
+                            stanza, "the cluster's nodes disagree about the node list"))
+                return
+            self.relay.serve(origin, records, self.clock())
+        finally:
+            self.server.cluster_input_done()
 
     async def _on_answers(self, message) -> None:
+        origin = self._origin(message)
+        if origin is None:
+            return
         try:
             batch = _unpack(message.data)
             answers = batch["a"]
             if type(answers) is not list:
-                raise TypeError("an answers batch is {from, a}")
+                raise TypeError("an answers batch is {a}")
         except Exception as exc:  # another node's bug: its senders time out
             self.counters["malformed_batches"] += 1
-            log.error("cluster: unreadable answers on %s: %s", message.subject, exc)
+            log.error("cluster: unreadable answers from %s: %s", origin, exc)
             return
         now = self.clock()
         relay, observe = self.relay, self.round_trips.observe
-        for entry in answers:
-            if type(entry) is not list or len(entry) != 2 or type(entry[0]) is not int:
-                self.counters["malformed_answers"] += 1
-                continue
-            round_trip = relay.answered(entry[0], entry[1], now)
-            if round_trip is not None:
-                observe(round_trip)
-        self.server.cluster_input_done()
+        try:
+            for entry in answers:
+                if type(entry) is not list or len(entry) != 2 or type(entry[0]) is not int or (
+                        entry[1] is not None and type(entry[1]) is not bytes):
+                    self.counters["malformed_answers"] += 1
+                    continue
+                round_trip = relay.answered(origin, entry[0], entry[1], now)
+                if round_trip is not None:
+                    observe(round_trip)
+        finally:
+            self.server.cluster_input_done()
 
     async def _on_hello(self, message) -> None:
         try:
@@ -259,17 +348,20 @@ class ClusterLink:
             asked = {}
         if isinstance(asked, dict) and asked.get("m") not in (None, self.digest):
             log.warning("cluster: node %s runs another node list than this node", asked.get("from"))
+        if isinstance(asked, dict) and asked.get("from") == self.node and asked.get("i") not in (None, self.instance):
+            log.error("cluster: another process is starting as node %s (it will refuse to serve)", self.node)
         if message.reply:
             await message.respond(msgpack.packb(self.status()))
 
     def _hello_request(self) -> bytes:
-        return msgpack.packb({"from": self.node, "m": self.digest})
+        return msgpack.packb({"from": self.node, "m": self.digest, "i": self.instance})
 
     def status(self) -> dict:
         """What this node tells the others and ``interlink cluster status`` about itself."""
         server = self.server
         return {
-            "node": self.node, "m": self.digest, "version": self.config.version, "software": self.software,
+            "node": self.node, "m": self.digest, "i": self.instance, "version": self.config.version,
+            "software": self.software,
             "nodes": sorted(self.config.nodes), "sessions": len(server.sessions), "connections": len(server.connections),
             "relay": dict(self.relay.counters), "waiting": len(self.relay.waiting), "link": dict(self.counters),
             "round_trips": self.round_trips.snapshot()["count"], "time": self.clock(),
@@ -288,7 +380,8 @@ class ClusterLink:
                     "%.1f s)", self.config.request_timeout_s)
 
     async def _reconnected(self) -> None:
-        log.info("cluster: reconnected to NATS at %s", self.nc.connected_url.netloc if self.nc.connected_url else "?")
+        log.info("cluster: reconnected to NATS at %s",
+                 redact(str(self.nc.connected_url.geturl())) if self.nc.connected_url else "?")
 
 
 def nats_options(cluster, name: str) -> dict:
@@ -310,7 +403,8 @@ async def ask_nodes(cluster, timeout_s: float = HELLO_TIMEOUT_S) -> dict[str, di
     try:
         nc = await nats.connect(**nats_options(cluster, "interlink-cluster-status"), allow_reconnect=False)
     except Exception as exc:  # nats-py raises several kinds (no servers, TLS, auth)
-        raise ConfigError(f"cluster.nats: cannot connect to {', '.join(cluster.nats)}: {exc or type(exc).__name__}") from None
+        raise ConfigError(f"cluster.nats: cannot connect to {', '.join(redact(url) for url in cluster.nats)}: "
+                          f"{type(exc).__name__} {exc}".rstrip()) from None
     request = msgpack.packb({"from": "status", "m": cluster.digest})
     reports: dict[str, dict | None] = {}
     try:

@@ -421,7 +421,11 @@ class GatewayServer:
             self._timer_handle = None
         self.sweeps.stop()
         if self.cluster is not None:
-            await self.cluster.close()  # other nodes' stanzas relayed from now on time out there (overloaded)
+            # Other nodes' stanzas relayed from now on time out there (overloaded, unconfirmed); what
+            # they relayed so far is committed, then answered as the link closes.
+            await self.cluster.stop_serving()
+            await self.commits.settle()
+            await self.cluster.close()
             self.cluster = None
             await self.commits.settle()
         if self._commit_executor is not None:

@@ -1,11 +1,7 @@
 """The one-node end-to-end tests of 1:1 messaging, receipts, typing state, keys, devices, consent,
 blocks and reports, run again against a cluster of three nodes (issue 18): the node ids are
 chosen so that ``alice@alpha``, ``bob@beta`` and ``gus@gamma`` live on three different nodes, and
-every device connects through a node that is not its home (so every session was redirected).
-
-Not run here yet: the tests of malformed stanzas that include malformed group messages and
-``dir.lookup``, which a cluster refuses (``internal``, not across nodes yet) before looking at
-their fields; they come back with groups across nodes."""
+every device connects through a node that is not its home (so every session was redirected)."""
 
 from __future__ import annotations
 
@@ -28,6 +24,8 @@ from e2e.test_messaging import (  # noqa: F401
     test_a_malformed_recipient_is_quoted_back_as_a_short_excerpt,
     test_consent_defaults_refuse_other_providers,
     test_device_mismatch_lists_missing_and_extra,
+    test_malformed_messaging_stanzas_get_bad_stanza_and_the_session_continues,
+    test_malformed_receipts_and_states_get_bad_stanza,
     test_message_reaches_every_device_and_own_copies,
     test_outbox_resends_unacked_messages_after_a_lost_connection,
     test_oversize_ciphertext_is_too_large,
@@ -45,6 +43,7 @@ from e2e.test_operations import (  # noqa: F401
     test_consent_get_defaults_and_set_round_trip,
     test_consent_set_decides_who_may_message_and_list_devices,
     test_devices_get_lists_devices_and_obeys_consent,
+    test_malformed_operations_get_bad_stanza_with_the_id_and_the_session_continues,
     test_reports_are_rate_limited_per_user,
 )
 
