@@ -4,7 +4,8 @@ tiny timed run that saves JSON, to check what every run records (implementation,
 machine). Nothing here looks at the timings.
 
 Both run pytest in a child process, on ``bench/`` only, with ``bench/conftest.py`` (the suite's
-own conftest and asyncio settings stay out of it, as in ``make bench``).
+own conftest and asyncio settings stay out of it, as in ``make bench``). The cluster cost benchmark
+(``bench/cluster_cost.py``) runs once with tiny parameters, its report's shape checked.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import sys
 from collections import Counter
 from pathlib import Path
 from xml.etree import ElementTree
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench"
@@ -76,3 +79,44 @@ def test_a_timed_run_records_implementation_and_machine(tmp_path):
     # Encoding has no twin: its rows record what the selector chose.
     stanza_encode = [impl for name, impl in implementations.items() if "bench_stanza.py::test_encode" in name]
     assert stanza_encode and set(stanza_encode) == {info["implementation"]}
+
+
+@pytest.mark.slow
+def test_cluster_cost_runs_both_phases_and_reports_them(tmp_path):
+    """bench/cluster_cost.py, tiny: two nodes and nats-server, one open-loop and one closed-loop
+    run of each phase; every message acked and delivered once, the report's shape. No timings."""
+    result = subprocess.run(
+        [sys.executable, "bench/cluster_cost.py", "--durability", "async", "--rate", "200", "--seconds", "1",
+         "--pairs", "2", "--latency-seconds", "0.5", "--repeats", "1", "--data-dir", str(tmp_path / "cluster")],
+        check=False, cwd=ROOT, capture_output=True, text=True, timeout=180,
+        env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads(result.stdout)
+    assert report["benchmark"] == "cluster-cost" and report["ok"] is True
+    assert (report["lost"], report["duplicates"]) == (0, 0)
+    runs = report["runs"]
+    assert [(r["phase"], r["load"].split(",")[0]) for r in runs] == [
+        ("same", "open loop"), ("cross", "open loop"), ("same", "closed loop"), ("cross", "closed loop")]
+    for run in runs:
+        assert run["messages_acked"] > 0 and run["messages_delivered"] > 0, run
+        assert run["total_acked"] == run["total_delivered"] > 0 and run["lost"] == run["duplicates"] == 0, run
+        assert run["settled"] and run["refusals"] == {}, run
+        assert set(run["cpu_us_per_message"]) == {"node_a", "node_b", "nodes", "nats", "load"}
+        assert set(run["ack_latency_ms"]) == set(run["delivery_latency_ms"]) == {"p50", "p99"}
+        assert set(run["runqueue_wait_s"]) == set(run["syscalls_per_message"]) == {"node_a", "node_b", "nats"}
+        # Same-node messages never leave node A; cross-node ones are all relayed to B and served there.
+        if run["phase"] == "same":
+            assert run["relay"]["relayed"] == 0
+        else:
+            assert run["relay"]["relayed"] > 0 and run["relay"]["served_by_node_b"] > 0
+            assert run["relay"]["timeouts"] == 0
+    summary = report["summary"]
+    (open_loop,) = summary["open_loop"]
+    assert open_loop["rate_target_per_s"] == 200
+    for entry in (open_loop, summary["closed_loop"]):
+        assert {"same", "cross", "gateway_cpu_ratio_cross_over_same", "gateway_cpu_ratio_per_repeat",
+                "nats_cpu_us_per_cross_message", "added_ack_latency_ms", "added_delivery_latency_ms"} <= entry.keys()
+        assert len(entry["gateway_cpu_ratio_per_repeat"]) == 1
+    assert set(summary["goals"]) == {"gateway_cpu_cross_le_2x_same", "added_p50_le_1_ms"}
+    assert "exactly once" in result.stderr  # the human table
