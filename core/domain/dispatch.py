@@ -106,7 +106,8 @@ class Domain:
             if handler is None:
                 self.stanzas_in["unknown"] += 1  # not the client's string: labels stay a fixed set
                 raise StanzaError(f"unsupported stanza type {excerpt(kind)}")
-            self.stanzas_in[kind] += 1
+            if not session.relayed:  # another node's stanza was counted there
+                self.stanzas_in[kind] += 1
             relay = self.relay
             if relay is not None and kind in RELAY_KINDS and not session.relayed and relay.take(session, stanza, now):
                 return

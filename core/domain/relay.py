@@ -40,9 +40,11 @@ from interlink.core.protocol.stanza import encode_stanza
 
 # Operations whose answer lies with the user they name: served at that user's home node.
 RELAYED_OPS = frozenset({"devices.get", "keys.get"})
+# Operations every node answers for its own users, merged by the asker's node.
+GATHERED_OPS = frozenset({"dir.lookup"})
 # Not served across the nodes of a cluster yet (issue 18 goes on): refused with a clear answer
 # rather than answered from this node's part of the state.
-CLUSTER_LATER_OPS = frozenset({"group.new", "group.add", "group.del", "group.leave", "group.get", "dir.lookup"})
+CLUSTER_LATER_OPS = frozenset({"group.new", "group.add", "group.del", "group.leave", "group.get"})
 RELAY_KINDS = frozenset({"msg", "rcpt", "state", "iq"})
 RETRY_AFTER_MS = 1000  # what a sender is told to wait after a node did not answer in time
 MAX_WAITING_PER_DEVICE = 1024  # a device's stanzas waiting for other nodes at once (rate_limited past it)
@@ -51,7 +53,8 @@ IDENTITIES_KEPT = 65_536  # senders of relayed stanzas whose identity is remembe
 
 log = logging.getLogger("interlink.cluster")
 
-FORWARD, OWN, DEFERRED = 0, 1, 2  # what a pending entry waits for (see Pending)
+FORWARD, OWN, DEFERRED, GATHER = 0, 1, 2, 3  # what a pending entry waits for (see Pending)
+MAX_DIRECTORY_USERS = 100  # dir.lookup's answer, merged from every node (as ops.MAX_DIRECTORY_USERS)
 
 
 def internal_error(stanza: dict, message: str) -> bytes:
@@ -93,7 +96,8 @@ class RelayedSession:
 class Pending:
     """A stanza of this node's session waiting for another node (``FORWARD``: its answer goes to
     the session as it is; ``OWN``: on ``ack`` the sender's own copies are stored here first), or
-    waiting behind one in its device's chain (``DEFERRED``: a local stanza storing own copies)."""
+    waiting behind one in its device's chain (``DEFERRED``: a local stanza storing own copies), or
+    one node's part of a look-up every node answers (``GATHER``: ``session`` is the ``_Gather``)."""
 
     __slots__ = ("session", "stanza", "kind", "node", "sent", "deadline", "answer", "done")
 
@@ -129,6 +133,53 @@ class _OwnCopies:
         if msgpack.unpackb(encoded, raw=False).get("t") != "ack":
             self.relay.counters["own_copies_lost"] += 1
         self.relay.router.push_encoded(self.session, self.remote_answer)
+
+
+class _Gather:
+    """One ``dir.lookup`` asked of every node: this node's answer first (it stands in for the
+    session while the local handler serves it), then each other node's; the session gets the
+    users of all of them in byte order (at most ``MAX_DIRECTORY_USERS``), or the first refusal —
+    ``overloaded`` when a node did not answer in time (nothing is stored by a look-up)."""
+
+    __slots__ = ("relay", "session", "identity", "session_key", "max_plaintext_bytes", "stanza", "users",
+                 "waiting", "done")
+    relayed = True  # the local handler must serve it here, not gather again
+    closed = False
+
+    def __init__(self, relay: Relay, session, stanza: dict) -> None:
+        self.relay = relay
+        self.session = session
+        self.identity = session.identity
+        self.session_key = session.session_key
+        self.max_plaintext_bytes = session.max_plaintext_bytes
+        self.stanza = stanza
+        self.users: set[str] = set()
+        self.waiting = 0  # other nodes still to answer
+        self.done = False
+
+    def send_encoded(self, encoded: bytes) -> None:
+        """This node's own answer (from the local handler)."""
+        self._take(encoded, local=True)
+
+    def node_answered(self, encoded: bytes | None) -> None:
+        self.waiting -= 1
+        self._take(encoded, local=False)
+
+    def _take(self, encoded: bytes | None, *, local: bool) -> None:
+        if self.done:
+            return
+        answer = msgpack.unpackb(encoded, raw=False) if encoded is not None else {}
+        users = answer.get("users") if answer.get("t") == "res" else None
+        if type(users) is not list:  # a refusal (or nonsense from a node): that is the answer
+            self.done = True
+            self.relay.router.push_encoded(self.session, encoded if encoded is not None else internal_error(
+                self.stanza, "a node answered the look-up with nothing"))
+            return
+        self.users.update(user for user in users if type(user) is str)
+        if not local and self.waiting == 0:
+            self.done = True
+            merged = sorted(self.users, key=lambda user: user.encode("utf-8"))[:MAX_DIRECTORY_USERS]
+            self.relay.router.answer(self.session, {"t": "res", "id": self.stanza["id"], "users": merged})
 
 
 class Relay:
@@ -188,6 +239,9 @@ class Relay:
             if type(op) is not str or op not in RELAYED_OPS:
                 if type(op) is str and op in CLUSTER_LATER_OPS:
                     raise StanzaError(f"{op} is not served across the nodes of a cluster yet")
+                if type(op) is str and op in GATHERED_OPS and len(self.membership.nodes) > 1:
+                    self._gather(session, stanza, now)
+                    return True
                 return False
             user = stanza.get("user")
             if type(user) is not str or len(user) > MAX_ADDRESS_CHARS:
@@ -249,6 +303,21 @@ class Relay:
         else:
             self._send(node, session, relayed, FORWARD, now)
         return True
+
+    def _gather(self, session, stanza: dict, now: float) -> None:
+        """A look-up every node answers for its own users (``dir.lookup``): served here first —
+        which checks and charges it, and may refuse it — then asked of every other node; the
+        session gets the merged answer once all have answered (``_Gather``)."""
+        gather = _Gather(self, session, stanza)
+        self.serve_stanza(gather, stanza, now)
+        if gather.done:  # refused here: that is the answer
+            return
+        self._admit(session, now)
+        relayed = {"t": "iq", "id": stanza["id"], "op": stanza["op"], "phone": stanza["phone"]}
+        for node in self.membership.nodes:
+            if node != self.node:
+                gather.waiting += 1
+                self._send(node, gather, relayed, GATHER, now)
 
     def _admit(self, session, now: float) -> None:
         """Charge the stanza to its device's and user's rate (as a stored one), and refuse it while
@@ -321,12 +390,15 @@ class Relay:
             answer = None
             if pending.stanza["t"] != "state":  # typing state is not answered unless refused
                 # "unconfirmed": it may have been stored there; resend the same id (docs/protocol.md §5).
-                answer = encode_stanza({
-                    "t": "err", "code": "overloaded", "retry_after": RETRY_AFTER_MS, "unconfirmed": True,
-                    **reference(pending.stanza),
-                    "msg": f"node {pending.node} did not answer in time; nothing was acknowledged, "
-                           f"resend the same id in {RETRY_AFTER_MS} ms",
-                })
+                refusal = {
+                    "t": "err", "code": "overloaded", "retry_after": RETRY_AFTER_MS, **reference(pending.stanza),
+                    "msg": f"node {pending.node} did not answer in time; try again in {RETRY_AFTER_MS} ms",
+                }
+                if pending.stanza["t"] in ("msg", "rcpt"):
+                    refusal["unconfirmed"] = True
+                    refusal["msg"] = (f"node {pending.node} did not answer in time; nothing was acknowledged, "
+                                      f"resend the same id in {RETRY_AFTER_MS} ms")
+                answer = encode_stanza(refusal)
             self._settle(pending, answer, now)
         self.counters["timeouts"] += expired
         return expired
@@ -341,6 +413,9 @@ class Relay:
         if pending.kind == FORWARD:
             if answer is not None:
                 self.router.push_encoded(pending.session, answer)
+            return
+        if pending.kind == GATHER:
+            pending.session.node_answered(answer)
             return
         pending.answer, pending.done = answer, True
         key = pending.session.session_key
@@ -415,13 +490,16 @@ class Relay:
             session = RelayedSession(self, node, seq, identity, max_plaintext)
             self.counters["served"] += 1
             kind = stanza.get("t")
+            op = stanza.get("op") if kind == "iq" else None
+            op = op if type(op) is str else None
+            gathered = op in GATHERED_OPS
             target = stanza.get("user") if kind == "iq" else stanza.get("to")
-            if kind not in RELAY_KINDS or (kind == "iq" and stanza.get("op") not in RELAYED_OPS) or "g" in stanza:
+            if kind not in RELAY_KINDS or (kind == "iq" and op not in RELAYED_OPS and not gathered) or "g" in stanza:
                 self.counters["malformed"] += 1
                 session.send_encoded(internal_error(stanza, "this stanza is not relayed between nodes"))
                 continue
-            if (type(target) is not str or len(target) > MAX_ADDRESS_CHARS or self.home_of(target) is not None
-                    or self.home(identity.user) != node):
+            if (not gathered and (type(target) is not str or len(target) > MAX_ADDRESS_CHARS
+                                  or self.home_of(target) is not None)) or self.home(identity.user) != node:
                 self.counters["misrouted"] += 1  # the nodes disagree about the node list
                 session.send_encoded(internal_error(stanza, "the cluster's nodes disagree about where this user lives"))
                 continue

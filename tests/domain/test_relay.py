@@ -354,3 +354,34 @@ def test_a_closing_link_answers_everything_still_waiting_unconfirmed(nodes):
     [ack] = alice1.take()
     assert ack["id"] == local["id"] and ack["ts"] == int(NOW * 1000)
     assert not a.relay._waiting_per_device and not a.relay._chains
+
+
+def test_a_directory_look_up_asks_every_node_and_merges_their_users(nodes):
+    a, b = nodes
+    alice = a.open(A1)
+    for node, user in ((a, A2), (b, B1), (b, B2)):
+        node.open(user)
+        node.store.set_phone(user, "+4915100000001")
+        node.store.set_consent(user, ("*",), True)
+    b.store.set_consent(B2, ("*",), False)  # not discoverable
+    stanza = {"t": "iq", "id": 3, "op": "dir.lookup", "phone": "+4915100000001"}
+    a.domain.dispatch(alice, stanza, NOW)
+    assert alice.take() == []  # node-a's part is in; node-b's is not
+    carry(a, b)
+    answer(a, b)
+    [res] = alice.take()
+    assert res == {"t": "res", "id": 3, "users": sorted([A2, B1], key=str.encode)}
+    assert a.domain.stanzas_in["iq"] == 1 and b.domain.stanzas_in["iq"] == 0  # counted where the client is
+
+
+def test_a_directory_look_up_refused_here_asks_no_other_node_and_a_silent_node_means_overloaded(nodes):
+    a, b = nodes
+    alice = a.open(A1)
+    a.domain.dispatch(alice, {"t": "iq", "id": 4, "op": "dir.lookup", "phone": "0151"}, NOW)
+    [err] = alice.take()
+    assert (err["code"], err["id"]) == ("bad_stanza", 4) and a.relay.take_output() == ({}, {})
+    a.domain.dispatch(alice, {"t": "iq", "id": 5, "op": "dir.lookup", "phone": "+4915100000002"}, NOW)
+    a.relay.take_output()
+    a.relay.expire(NOW + 60)
+    [err] = alice.take()
+    assert (err["code"], err["id"]) == ("overloaded", 5) and err["retry_after"] > 0

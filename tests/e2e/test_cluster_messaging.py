@@ -43,6 +43,8 @@ from e2e.test_operations import (  # noqa: F401
     test_consent_get_defaults_and_set_round_trip,
     test_consent_set_decides_who_may_message_and_list_devices,
     test_devices_get_lists_devices_and_obeys_consent,
+    test_dir_lookup_finds_only_discoverable_users_who_accept_the_asker,
+    test_dir_lookup_is_rate_limited_per_user,
     test_malformed_operations_get_bad_stanza_with_the_id_and_the_session_continues,
     test_reports_are_rate_limited_per_user,
 )
