@@ -688,6 +688,7 @@ function randomId() {
  * authentication; resolves once the gateway's `welcome` arrived (§1-§3), with an
  * InterlinkClient. What arrived right behind the welcome is read first: if the gateway already
  * ended the session (a `bye`, or the close, §5), connect rejects instead ("bye" or "closed").
+ * A cluster node's `bye` `redirect` is followed to the user's home node (its `ws` URL).
  * Options:
  *   url         ws:// or wss:// URL of the gateway's WebSocket listener (…/interlink)
  *   token       the provider's JWT for this user (§3)
@@ -700,10 +701,23 @@ function randomId() {
  *   now         () => Unix ms, for the certificate's validity window (default Date.now)
  *   WebSocket   a WebSocket constructor (default globalThis.WebSocket) */
 export async function connect(options) {
-  const client = new InterlinkClient(options);
-  await client._open();
-  return client;
+  // A gateway that is one node of a cluster may answer `bye` `redirect` instead of `welcome`
+  // (§5): the user's home is another node; connect there, at its `ws` URL (at most twice).
+  for (let hops = 0; ; hops++) {
+    const client = new InterlinkClient(options);
+    try {
+      await client._open();
+      return client;
+    } catch (error) {
+      const bye = error instanceof InterlinkError && error.code === "bye" ? error.stanza : undefined;
+      if (hops >= MAX_REDIRECTS || bye?.reason !== "redirect" || typeof bye.ws !== "string"
+          || !/^wss?:\/\//.test(bye.ws)) throw error;
+      options = { ...options, url: bye.ws };
+    }
+  }
 }
+
+const MAX_REDIRECTS = 2;
 
 export class InterlinkClient {
   constructor({ url, token, device, rootPublic, agent = "interlink-web", staticKey = null, timeoutMs = 10000,

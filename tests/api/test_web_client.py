@@ -563,3 +563,29 @@ async def test_python_m_interlink_webdemo_serves_until_ctrl_c(tmp_path):
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+async def test_the_js_client_follows_a_cluster_redirect_to_its_home_node(issuers, tmp_path, driver):
+    """A cluster node answers bye redirect with the home node's WebSocket URL; interlink.js
+    connects there and gets its welcome from the home node."""
+    from e2e.test_cluster import Cluster
+    from interlink.load.nats import LocalNats
+
+    nats = LocalNats(tmp_path / "nats")
+    await nats.start()
+    cluster = Cluster(issuers, tmp_path, nats.url, websocket=True)
+    try:
+        for node in cluster.nodes:
+            await cluster.start(node)
+        alice = cluster.users("alpha")["node-c"][0]
+        away = cluster.gateways["node-a"]
+        result = await driver.call("connect", name="alice", url=away.ws_url, device=1,
+                                   token=cluster.issuers["alpha"].issue(alice.split("@")[0], audience=AUD),
+                                   rootPublic=away.root_public.hex())
+        assert result["welcome"]["user"] == alice and result["node"] == "node-c"
+        assert away._server.counters["redirects"] == 1
+        await driver.call("close", name="alice")
+    finally:
+        for node in list(cluster.gateways):
+            await cluster.stop(node)
+        await nats.stop()

@@ -31,27 +31,34 @@ async def nats_server(tmp_path):
     await server.stop()
 
 
-def cluster_config(nats_url: str, ports: dict, node: str, *, version: int = 1, timeout_s: float = 2.0) -> ClusterConfig:
-    return ClusterConfig(node=node, nodes={n: NodeAddress("127.0.0.1", port) for n, port in ports.items()},
+def cluster_config(nats_url: str, ports: dict, node: str, *, version: int = 1, timeout_s: float = 2.0,
+                   ws_ports: dict | None = None) -> ClusterConfig:
+    ws = {n: f"ws://127.0.0.1:{port}/interlink" for n, port in (ws_ports or {}).items()}
+    return ClusterConfig(node=node, nodes={n: NodeAddress("127.0.0.1", port, ws.get(n)) for n, port in ports.items()},
                          version=version, nats=(nats_url,), request_timeout_s=timeout_s)
 
 
 class Cluster:
     """Three nodes sharing one operator root, and ``connect`` for any user at any node."""
 
-    def __init__(self, issuers, tmp_path, nats_url: str, nodes=NODES) -> None:
+    def __init__(self, issuers, tmp_path, nats_url: str, nodes=NODES, *, websocket: bool = False) -> None:
         self.issuers = dict(zip(("alpha", "beta", "gamma"), issuers))
         self.issuer_list = issuers
         self.tmp_path = tmp_path
         self.nats_url = nats_url
         self.nodes = tuple(nodes)
         self.ports = dict(zip(self.nodes, free_ports(len(self.nodes))))
+        # With websocket, every node serves WebSocket too, at the URL its node list entry names.
+        self.ws_ports = dict(zip(self.nodes, free_ports(len(self.nodes)))) if websocket else {}
         keys_for_nodes({node: tmp_path / node / "keys" for node in self.nodes})
         self.gateways: dict[str, Gateway] = {}
         self.membership = Membership(self.nodes, 1)
 
     def config(self, node: str, **settings):
-        cluster = cluster_config(self.nats_url, self.ports, node, timeout_s=settings.pop("timeout_s", 2.0))
+        cluster = cluster_config(self.nats_url, self.ports, node, timeout_s=settings.pop("timeout_s", 2.0),
+                                 ws_ports=self.ws_ports)
+        if self.ws_ports:
+            settings.setdefault("ws_port", self.ws_ports[node])
         return config_for(self.issuer_list, self.tmp_path / node, port=self.ports[node], node_name=node,
                           cluster=cluster, **settings)
 
@@ -386,3 +393,20 @@ async def test_metrics_count_relayed_stanzas_round_trips_and_redirects(cluster):
     assert metrics["interlink_cluster_timeouts_total"] == 0 and metrics["interlink_redirects_total"] == 1
     for client in (alice1, bob1):
         await client.close()
+
+
+async def test_websocket_clients_are_redirected_to_their_homes_websocket_url(issuers, tmp_path, nats_server):
+    cluster = Cluster(issuers, tmp_path, nats_server.url, websocket=True)
+    for node in NODES:
+        await cluster.start(node)
+    try:
+        alice = cluster.users("alpha")["node-a"][0]
+        token = cluster.issuers["alpha"].issue(alice.split("@")[0], audience=AUD)
+        client = await Client.connect("127.0.0.1", cluster.ws_ports["node-b"], token=token, device=1,
+                                      root_public=cluster.gateways["node-b"].root_public, ws_path="/interlink")
+        assert node_of(client) == "node-a" and client.welcome["user"] == alice
+        assert cluster.gateways["node-a"]._server.counters["ws_upgrades"] == 1
+        await client.close()
+    finally:
+        for node in list(cluster.gateways):
+            await cluster.stop(node)
