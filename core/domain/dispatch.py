@@ -10,6 +10,7 @@ with an LMDB store, fake sessions and a ``now`` of its choosing.
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 
 from interlink.core.domain.admission import Admission
@@ -50,6 +51,7 @@ class Domain:
         membership: Membership | None = None,
         node: str | None = None,
         relay_timeout_s: float = 2.0,
+        clock=time.time,
     ) -> None:
         self.store = store
         self.admission = Admission(turn_budget=overload_turn_messages, refuse_after_s=overload_refuse_after_s)
@@ -87,7 +89,8 @@ class Domain:
         self.relay: Relay | None = None
         if membership is not None:
             self.relay = Relay(membership=membership, node=node, router=self.router, serve=self.dispatch,
-                               timeout_s=relay_timeout_s)
+                               timeout_s=relay_timeout_s, groups=self.groups, clock=clock)
+            self.groups.relay = self.relay
         self.stanzas_in: Counter = Counter()  # by stanza type ("unknown" for the rest)
         self.refusals: Counter = Counter()  # err answers to stanzas, by code
         self._overloaded_answer = (0, b"")  # (retry_after, the encoded answer without the ref's value)

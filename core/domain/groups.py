@@ -71,6 +71,9 @@ class Groups:
         # and its replacement may share a ver) or for a member whose devices changed.
         self._plans: dict[bytes, list] = {}  # g -> [record, rows, copies]
         self._plan_copies = 0  # the sum of the cached plans' copies, kept under PLAN_CACHE_COPIES
+        # A cluster's node (core/domain/relay.py): members homed on other nodes get their copies
+        # from there; set by the Domain.
+        self.relay = None
         self.handlers = {
             "group.new": self.group_new,
             "group.add": self.group_add,
@@ -151,8 +154,14 @@ class Groups:
             )
         self.router.charge(session, now)
         for member in others:
-            self._check_addable(member, identity)
-        g = os.urandom(GROUP_ID_BYTES)
+            self._check_addable(member, identity, session)
+        # In a cluster the id is drawn by the creator's node, which sends the request to the node
+        # the id makes the group's home (relayed: the session is another node's word).
+        g = stanza.get("g") if session.relayed and self.relay is not None else None
+        if g is None:
+            g = os.urandom(GROUP_ID_BYTES)
+        elif type(g) is not bytes or len(g) != GROUP_ID_BYTES or self.record(g) is not None:
+            raise RouteError("group.new: the cluster chose a group id that is taken; try again", code="overloaded")
         record = GroupRecord(1, (creator, *others), (creator,), meta)
         self._change(session, now, stanza["id"], g, 0, record, "created", list(record.members), (), {"g": g})
         return DEFERRED
@@ -170,7 +179,7 @@ class Groups:
             )
         self.router.charge(session, now)
         for member in added:
-            self._check_addable(member, identity)
+            self._check_addable(member, identity, session)
         if not added:
             return self._unchanged(session, now, stanza["id"], g, record)
         new = GroupRecord(record.ver + 1, record.members + tuple(added), record.admins, record.meta)
@@ -281,7 +290,9 @@ class Groups:
                 self._plan_copies -= plans.pop(g)[2]
             plan = [record, {}, 0]
         blocked = self.policy.blocked_among(record.members, record.member_set, sender)  # one look-up per message
-        items, targets = plan_cached(plan[1], record.members, sender, sender_device, self.store.devices, blocked, build)
+        relay = self.relay
+        devices_of = self.store.devices if relay is None else relay.local_devices
+        items, targets = plan_cached(plan[1], record.members, sender, sender_device, devices_of, blocked, build)
         if fresh and len(items) <= PLAN_CACHE_COPIES:
             plan[2] = len(items) + 1
             self._plan_copies += plan[2]
@@ -292,6 +303,9 @@ class Groups:
         extra = (len(items) + COPIES_PER_LOAD - 1) // COPIES_PER_LOAD - 1
         if extra > 0:
             self.router.charge(session, now, extra)
+        if relay is not None:  # members homed on other nodes: their nodes store their copies after this commit
+            session = relay.group_fanout(session, g, record.members, {
+                "k": "msg", "id": msg_id, "b": body, "dev": sender_device}, stanza)
         message = self.router.enqueue(session, msg_id, items, targets, now)
         message.skip_full = True
         message.shared = True  # every copy is GroupDlv's: the store keeps the body once
@@ -320,13 +334,55 @@ class Groups:
         router = self.router
         sessions = router.sessions
         blocked = self.policy.blocked_among(record.members, record.member_set, sender)
+        relay = self.relay
+        devices_of = self.store.devices if relay is None else relay.local_devices
         for member in record.members:
             if member == sender or member in blocked:
                 continue
-            for device in self.store.devices(member):
+            for device in devices_of(member):
                 target = sessions.get((member, device))
                 if target is not None:
                     router.push_encoded(target, encoded)
+        if relay is not None:
+            relay.group_state(session, g, record.members, state, now)
+
+    # -- a cluster's relaying (core/domain/relay.py)
+
+    def request_fields(self, stanza: dict) -> dict:
+        """A group request or message checked as far as the sender's node can (everything but
+        the group's record), rebuilt from those fields only, for the group's home node."""
+        kind = stanza["t"]
+        if kind == "msg":
+            g = _group_id(stanza.get("g"), "msg")
+            if "to" in stanza or "c" in stanza:
+                raise StanzaError("a group msg has 'g' and 'b', not 'to' or 'c'")
+            body = stanza.get("b")
+            if type(body) is not bytes or not body:
+                raise StanzaError("a group msg needs 'b': the ciphertext for all members, non-empty bin")
+            if len(body) > self.max_body_bytes:
+                raise RouteError(f"a group ciphertext of {len(body)} bytes is over the {self.max_body_bytes}-byte "
+                                 "limit (send large content as a blob)", code="too_large")
+            return {"t": "msg", "id": stanza["id"], "g": g, "b": body}
+        if kind == "state":
+            return {"t": "state", "g": _group_id(stanza.get("g"), "state"), "s": stanza["s"]}
+        op = stanza["op"]
+        fields = {"t": "iq", "id": stanza["id"], "op": op}
+        if op == "group.new":
+            fields["members"] = self._members(stanza, op, allow_empty=True)
+            meta = stanza.get("meta")
+            if meta is not None:
+                if type(meta) is not bytes:
+                    raise StanzaError(f"group.new: 'meta' must be bin (got {kind_of(meta)})")
+                fields["meta"] = meta
+            return fields
+        fields["g"] = _group_id(stanza.get("g"), op)
+        if op in ("group.add", "group.del"):
+            fields["members"] = self._members(stanza, op, allow_empty=False)
+        elif op == "group.get" and "skip" in stanza:
+            if type(stanza["skip"]) is not int:
+                raise StanzaError("group.get: 'skip' must be an int >= 0 (members already received)")
+            fields["skip"] = stanza["skip"]
+        return fields
 
     # -- helpers
 
@@ -362,9 +418,14 @@ class Groups:
             )
         return members
 
-    def _check_addable(self, member: str, identity) -> None:
+    def _check_addable(self, member: str, identity, session=None) -> None:
         """Consent before existence, as devices.get: the member's provider must be registered, its
-        consent cover the adder's provider, and it must have a device."""
+        consent cover the adder's provider, and it must have a device. In a cluster a member homed
+        on another node was checked there already (``session.checked``, core/domain/relay.py)."""
+        if self.relay is not None and self.relay.home_of(member) is not None:
+            if member not in getattr(session, "checked", ()):
+                raise RouteError(f"{member} lives on another node and was not asked", code="internal")
+            return
         provider = self.registry.get(member.rpartition("@")[2])
         if provider is None:
             raise RouteError(f"no provider of {member} is registered here", code="unknown_recipient", user=member)
@@ -411,15 +472,17 @@ class Groups:
             fields["promoted"] = list(promoted)
         if event == "created" and record.meta is not None:
             fields["meta"] = record.meta
-        build = _event_builder(fields)
+        build = event_builder(fields)
         items, targets = [], []
         recipients = list(record.members) if record is not None else []
         recipients += [user for user in removed if record is None or user not in record.member_set]
         blocked = self.policy.blocked_among(recipients, frozenset(recipients), actor)
+        relay = self.relay
+        devices_of = self.store.devices if relay is None else relay.local_devices
         for user in recipients:
             if user in blocked:
                 continue  # a member who blocked the actor gets nothing from it (not told either)
-            for device in self.store.devices(user):
+            for device in devices_of(user):
                 if user == actor and device == actor_device:
                     continue
                 items.append((device_key(user, device), build))
@@ -427,6 +490,9 @@ class Groups:
         reply = {"t": "res", "id": iq_id, "ver": ver}
         if result:
             reply.update(result)
+        if relay is not None:  # recipients homed on other nodes: their nodes store the event after this commit
+            session = relay.group_fanout(session, g, recipients, {"k": "event", "fields": fields, "ts": int(now * 1000)},
+                                         {"t": "iq", "id": iq_id})
         self.router.enqueue_control(session, reply, now, items, targets, change)
 
 
@@ -436,7 +502,7 @@ def _group_id(value, what: str) -> bytes:
     return value
 
 
-def _event_builder(fields: dict):
+def event_builder(fields: dict):
     """Encodes a membership event's ``dlv`` (kind ``group``) once its seq and timestamp are known."""
 
     def build(seq: int, ts_ms: int) -> bytes:

@@ -4,8 +4,9 @@ relay here are served as if their sender were connected here.
 
 Every user has one home node (``Membership.home``), which keeps the user's devices, mailboxes,
 consent, blocks and keys, and where the user's sessions live (a session opened elsewhere is
-redirected before anything is stored). A ``msg``, ``rcpt`` or ``state`` to a user homed elsewhere,
-and a ``devices.get`` or ``keys.get`` naming one, are *relayed* to that node: it runs the same
+redirected before anything is stored); every group has one too, by its id. A ``msg``, ``rcpt``
+or ``state`` to a user homed elsewhere, a ``devices.get`` or ``keys.get`` naming one, and every
+group request and message for a group homed elsewhere, are *relayed* to that node: it runs the same
 domain code for a ``RelayedSession`` (the sender's identity; its one answer goes back), commits
 in its own group commit, then answers. The sender is answered only then, so an ``ack`` still
 means every copy is durable, and a node that does not answer in time gets the sender ``err``
@@ -17,6 +18,11 @@ the recipient's node answered ``ack``: an ``err`` from there still means nothing
 device's stanzas that store such copies are settled in the order the device sent them, whatever
 order the answers come back in (``_chains``), so its other devices see them in that order.
 
+A group's home serves its requests and messages with the one-node code for the members living
+there, and asks each other member's node to check its members before a ``group.new``/``group.add``
+(``_Checked``) and to store their copies after its own commit (``_GroupFanout``, a ``gfan``
+record); ``dir.lookup`` is asked of every node and merged (``_Gather``).
+
 The edge moves the bytes (``core/edge/clusterlink.py``): ``take_output`` once per loop turn
 (``wake`` asks for that turn), ``answered`` for each answer, ``serve`` for each
 batch another node relayed, ``expire`` on a timer.
@@ -26,14 +32,19 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import time
 from collections import deque
 from typing import Callable
 
 import msgpack
 
 from interlink.core.domain.auth import Identity
+from interlink.core.domain.batch import device_key
 from interlink.core.domain.cluster import Membership
 from interlink.core.errors import InterlinkError, RouteError, StanzaError
+from interlink.core.domain.fanout import GroupDlv, plan_group
+from interlink.core.domain.groups import event_builder
 from interlink.core.domain.ops import address_field, device_list
 from interlink.core.domain.router import MAX_ADDRESS_CHARS, check_devices, stanza_id, typing_state
 from interlink.core.protocol.stanza import encode_stanza
@@ -42,10 +53,12 @@ from interlink.core.protocol.stanza import encode_stanza
 RELAYED_OPS = frozenset({"devices.get", "keys.get"})
 # Operations every node answers for its own users, merged by the asker's node.
 GATHERED_OPS = frozenset({"dir.lookup"})
-# Not served across the nodes of a cluster yet (issue 18 goes on): refused with a clear answer
-# rather than answered from this node's part of the state.
-CLUSTER_LATER_OPS = frozenset({"group.new", "group.add", "group.del", "group.leave", "group.get"})
+# Served at the group's home node (the hash of the group id), which has its members' nodes store
+# their copies.
+GROUP_OPS = frozenset({"group.new", "group.add", "group.del", "group.leave", "group.get"})
+GROUP_ID_BYTES = 16
 RELAY_KINDS = frozenset({"msg", "rcpt", "state", "iq"})
+SERVED_KINDS = RELAY_KINDS | {"gfan"}  # gfan: a group's home asks a member's node to store or push
 RETRY_AFTER_MS = 1000  # what a sender is told to wait after a node did not answer in time
 MAX_WAITING_PER_DEVICE = 1024  # a device's stanzas waiting for other nodes at once (rate_limited past it)
 HOMES_KEPT = 65_536  # user addresses whose home node is remembered
@@ -55,6 +68,11 @@ log = logging.getLogger("interlink.cluster")
 
 FORWARD, OWN, DEFERRED, GATHER = 0, 1, 2, 3  # what a pending entry waits for (see Pending)
 MAX_DIRECTORY_USERS = 100  # dir.lookup's answer, merged from every node (as ops.MAX_DIRECTORY_USERS)
+
+
+def new_group_id() -> bytes:
+    """A new group's id, drawn by its creator's node (its hash names the group's home)."""
+    return os.urandom(GROUP_ID_BYTES)
 
 
 def internal_error(stanza: dict, message: str) -> bytes:
@@ -182,11 +200,92 @@ class _Gather:
             self.relay.router.answer(self.session, {"t": "res", "id": self.stanza["id"], "users": merged})
 
 
+class _Checked:
+    """A ``group.new``/``group.add`` at the group's home while the members living on other nodes
+    are checked there; then served here as relayed (``checked``: those members), answering the
+    session; the first refusal from a member's node is the answer instead."""
+
+    __slots__ = ("relay", "session", "identity", "session_key", "max_plaintext_bytes", "stanza", "checked",
+                 "waiting", "done")
+    relayed = True  # served by the handler as checked and charged already
+    closed = False
+
+    def __init__(self, relay: Relay, session, stanza: dict, checked: frozenset) -> None:
+        self.relay, self.session, self.stanza, self.checked = relay, session, stanza, checked
+        self.identity = session.identity
+        self.session_key = session.session_key
+        self.max_plaintext_bytes = session.max_plaintext_bytes
+        self.waiting = 0
+        self.done = False
+
+    def node_answered(self, encoded: bytes | None) -> None:
+        self.waiting -= 1
+        if self.done:
+            return
+        if encoded is None or msgpack.unpackb(encoded, raw=False).get("t") != "res":
+            self.done = True
+            self.relay.router.push_encoded(self.session, encoded or internal_error(self.stanza, "a node did not check"))
+            return
+        if self.waiting == 0:
+            self.run()
+
+    def run(self) -> None:
+        self.done = True
+        self.relay.serve_stanza(self, self.stanza, self.relay.clock())
+
+    def send_encoded(self, encoded: bytes) -> None:
+        self.relay.router.push_encoded(self.session, encoded)
+
+
+class _GroupFanout:
+    """Stands in for the sender of a group message or change at the group's home: once this
+    node committed it (its answer comes here), each other node with members asks to store their
+    copies; the sender is answered when all did — this node's answer, or the first refusal."""
+
+    __slots__ = ("relay", "session", "identity", "session_key", "max_plaintext_bytes", "relayed", "g", "by_node",
+                 "payload", "original", "answer", "error", "waiting")
+    closed = False
+
+    def __init__(self, relay: Relay, session, g: bytes, by_node: dict, payload: dict, original: dict) -> None:
+        self.relay, self.session, self.g, self.by_node, self.payload, self.original = (
+            relay, session, g, by_node, payload, original)
+        self.identity = session.identity
+        self.session_key = session.session_key
+        self.max_plaintext_bytes = session.max_plaintext_bytes
+        self.relayed = session.relayed
+        self.answer: bytes | None = None
+        self.error: bytes | None = None
+        self.waiting = 0
+
+    def send_encoded(self, encoded: bytes) -> None:
+        """This node's answer, after its commit."""
+        answer = msgpack.unpackb(encoded, raw=False)
+        if answer.get("t") not in ("ack", "res"):
+            self.relay.router.push_encoded(self.session, encoded)  # nothing stored here: no copies elsewhere
+            return
+        self.answer = encoded
+        payload = dict(self.payload)
+        if payload["k"] == "msg":
+            payload["ts"] = answer["ts"]  # the first store's time, a resend's too: every member's copy the same
+        now = self.relay.clock()
+        for node, members in self.by_node.items():
+            self.waiting += 1
+            self.relay._send(node, self, {"t": "gfan", "g": self.g, "members": members, **payload}, GATHER, now,
+                             original=self.original)
+
+    def node_answered(self, encoded: bytes | None) -> None:
+        self.waiting -= 1
+        if self.error is None and (encoded is None or msgpack.unpackb(encoded, raw=False).get("t") not in ("ack", "res")):
+            self.error = encoded or internal_error(self.original, "a member's node did not store the copies")
+        if self.waiting == 0:
+            self.relay.router.push_encoded(self.session, self.error or self.answer)
+
+
 class Relay:
     """Which stanzas go to which node, what is waiting for an answer, and what this node owes others."""
 
     def __init__(self, *, membership: Membership, node: str, router, serve: Callable, timeout_s: float,
-                 wake: Callable[[], None] | None = None) -> None:
+                 wake: Callable[[], None] | None = None, groups=None, clock: Callable[[], float] = time.time) -> None:
         if node not in membership.nodes:
             raise ValueError(f"node {node!r} is not in the membership {list(membership.nodes)}")
         self.membership = membership
@@ -194,6 +293,8 @@ class Relay:
         self.router = router
         self.store = router.store
         self.serve_stanza = serve  # the domain's dispatch: how a relayed stanza is served here
+        self.groups = groups  # core/domain/groups.py: group requests are checked with its rules
+        self.clock = clock  # for deadlines of what a commit's answer sends on (group fan-out)
         self.timeout_s = timeout_s
         self.wake = wake  # asks the edge for a flush at the end of this loop turn
         self.outgoing: dict[str, list] = {}  # node -> records to relay there this turn
@@ -237,8 +338,8 @@ class Relay:
         if kind == "iq":
             op = stanza.get("op")
             if type(op) is not str or op not in RELAYED_OPS:
-                if type(op) is str and op in CLUSTER_LATER_OPS:
-                    raise StanzaError(f"{op} is not served across the nodes of a cluster yet")
+                if type(op) is str and op in GROUP_OPS:
+                    return self._take_group(session, stanza, now)
                 if type(op) is str and op in GATHERED_OPS and len(self.membership.nodes) > 1:
                     self._gather(session, stanza, now)
                     return True
@@ -262,7 +363,7 @@ class Relay:
             self._send(node, session, relayed, FORWARD, now)
             return True
         if "g" in stanza:
-            raise StanzaError("group messages are not served across the nodes of a cluster yet")
+            return self._take_group(session, stanza, now)
         to = stanza.get("to")
         if type(to) is not str or len(to) > MAX_ADDRESS_CHARS:
             return False  # the local handler answers what is wrong with it
@@ -303,6 +404,128 @@ class Relay:
         else:
             self._send(node, session, relayed, FORWARD, now)
         return True
+
+    # -- groups: served at the group's home, copies stored by each member's home
+
+    def _take_group(self, session, stanza: dict, now: float) -> bool:
+        """A group request or message of this node's session: to the group's home node (a new
+        group's id is drawn here), checked and rebuilt from its fields first."""
+        kind = stanza["t"]
+        if kind == "msg":
+            stanza_id(stanza, "msg")
+        elif kind == "state":
+            typing_state(stanza)
+        elif kind == "iq" and type(stanza.get("id")) is not int:
+            raise StanzaError("iq needs an int 'id'")
+        elif kind == "rcpt":
+            return False  # a receipt has no group: the local handler answers what is wrong with it
+        fields = self.groups.request_fields(stanza)
+        if fields.get("op") == "group.new":
+            fields["g"] = new_group_id()
+        node = self.home_of(fields["g"])
+        if node is None:
+            if fields.get("op") in ("group.new", "group.add"):
+                self.router.charge(session, now)  # the checked request is served as relayed (not charged again)
+                self._precheck(session, fields, now)
+                return True
+            return False  # here: served as on one node
+        self._admit(session, now)
+        self._send(node, session, fields, FORWARD, now)
+        return True
+
+    def _precheck(self, session, stanza: dict, now: float) -> None:
+        """``group.new``/``group.add`` at the group's home: the members who live on other nodes are
+        checked there (consent, existence) before the request is served here (``_Checked``)."""
+        remote = self._by_node(stanza["members"])
+        checker = _Checked(self, session, stanza, frozenset(m for members in remote.values() for m in members))
+        for node, members in remote.items():
+            checker.waiting += 1
+            self._send(node, checker, {"t": "gfan", "k": "check", "id": stanza["id"], "members": members},
+                       GATHER, now, original={"t": "iq", "id": stanza["id"]})
+        if not remote:
+            checker.run()
+
+    def _by_node(self, users) -> dict[str, list]:
+        """``users`` homed on other nodes, by node."""
+        by_node: dict[str, list] = {}
+        for user in users:
+            node = self.home_of(user)
+            if node is not None:
+                by_node.setdefault(node, []).append(user)
+        return by_node
+
+    def local_devices(self, user: str) -> tuple[int, ...]:
+        """The user's devices if it lives here; () for a user of another node (its node stores its copies)."""
+        return () if self.home_of(user) is not None else self.store.devices(user)
+
+    def group_fanout(self, session, g: bytes, recipients, payload: dict, original: dict):
+        """The stand-in for ``session`` while a group message or event commits here: once it is
+        stored, each node of ``recipients`` living elsewhere is asked to store their copies
+        (``_GroupFanout``). ``session`` itself when all of them live here."""
+        by_node = self._by_node(recipients)
+        if not by_node:
+            return session
+        return _GroupFanout(self, session, g, by_node, payload, original)
+
+    def group_state(self, session, g: bytes, members, state: str, now: float) -> None:
+        """Group typing state for the members living on other nodes: pushed there, not answered."""
+        for node, users in self._by_node(members).items():
+            self._send(node, session, {"t": "gfan", "k": "state", "g": g, "members": users, "s": state}, FORWARD, now,
+                       original={"t": "state"})
+
+    def _serve_fanout(self, session, stanza: dict, now: float) -> None:
+        """What a group's home node asks of this one for members living here: store a message's or
+        an event's copies (answered after the commit), push typing state, or check members."""
+        router = self.router
+        identity = session.identity
+        members = stanza.get("members")
+        if type(members) is not list or not all(type(m) is str for m in members):
+            raise TypeError("gfan needs 'members': a list of addresses")
+        k = stanza.get("k")
+        if k == "check":
+            for member in members:
+                try:
+                    self.groups._check_addable(member, identity)
+                except RouteError as exc:
+                    router.answer(session, {"t": "err", "code": exc.code, "msg": exc.message, "id": stanza["id"], **exc.fields})
+                    return
+            router.answer(session, {"t": "res", "id": stanza["id"]})
+            return
+        g = stanza["g"]
+        if k == "msg":
+            build = GroupDlv(stanza["id"], identity.user, identity.device, stanza["b"], g)
+            items, targets = plan_group(members, identity.user, identity.device, self.store.devices,
+                                        router.policy.blocks, build)
+            entry = router.enqueue(session, stanza["id"], items, targets, stanza["ts"] / 1000)
+            entry.skip_full = True
+            entry.shared = True
+            return
+        blocked = router.policy.blocked_among(members, frozenset(members), identity.user)
+        if k == "event":
+            build = event_builder(stanza["fields"])
+            items, targets = [], []
+            for user in members:
+                if user in blocked:
+                    continue
+                for device in self.store.devices(user):
+                    if user == identity.user and device == identity.device:
+                        continue
+                    items.append((device_key(user, device), build))
+                    targets.append((user, device))
+            router.enqueue_control(session, {"t": "res", "id": 0}, stanza["ts"] / 1000, items, targets)
+            return
+        if k == "state":
+            encoded = encode_stanza({"t": "state", "from": identity.user, "g": g, "s": stanza["s"]})
+            sessions = router.sessions
+            for user in members:
+                if user == identity.user or user in blocked:
+                    continue
+                for device in self.store.devices(user):
+                    target = sessions.get((user, device))
+                    if target is not None:
+                        router.push_encoded(target, encoded)
+            return
+        raise TypeError(f"gfan of an unknown kind {k!r}")
 
     def _gather(self, session, stanza: dict, now: float) -> None:
         """A look-up every node answers for its own users (``dir.lookup``): served here first —
@@ -493,13 +716,25 @@ class Relay:
             op = stanza.get("op") if kind == "iq" else None
             op = op if type(op) is str else None
             gathered = op in GATHERED_OPS
-            target = stanza.get("user") if kind == "iq" else stanza.get("to")
-            if kind not in RELAY_KINDS or (kind == "iq" and op not in RELAYED_OPS and not gathered) or "g" in stanza:
+            grouped = op in GROUP_OPS or (kind in ("msg", "state") and "g" in stanza)
+            fanout = kind == "gfan"
+            if grouped:  # at the group's home, from the sender's home
+                target, origin = stanza.get("g"), identity.user
+            elif fanout:  # at a member's home, from the group's home (a check names no group)
+                target, origin = None, stanza.get("g") if stanza.get("k") != "check" else None
+            else:
+                target = stanza.get("user") if kind == "iq" else stanza.get("to")
+                origin = identity.user
+            if kind not in SERVED_KINDS or (kind == "iq" and op not in RELAYED_OPS and not gathered and not grouped):
                 self.counters["malformed"] += 1
                 session.send_encoded(internal_error(stanza, "this stanza is not relayed between nodes"))
                 continue
-            if (not gathered and (type(target) is not str or len(target) > MAX_ADDRESS_CHARS
-                                  or self.home_of(target) is not None)) or self.home(identity.user) != node:
+            members = stanza.get("members") if fanout else None
+            if ((not gathered and not fanout and (type(target) not in (str, bytes) or len(target) > MAX_ADDRESS_CHARS
+                                                  or self.home_of(target) is not None))
+                    or (origin is not None and (type(origin) not in (str, bytes) or self.home(origin) != node))
+                    or (fanout and (type(members) is not list or any(
+                        type(m) is not str or len(m) > MAX_ADDRESS_CHARS or self.home_of(m) is not None for m in members)))):
                 self.counters["misrouted"] += 1  # the nodes disagree about the node list
                 session.send_encoded(internal_error(stanza, "the cluster's nodes disagree about where this user lives"))
                 continue
@@ -511,13 +746,18 @@ class Relay:
                     "msg": f"provider {identity.provider!r} is not served (suspended or removed)"}))
                 continue
             try:
-                self.serve_stanza(session, stanza, now)
+                if fanout:
+                    self._serve_fanout(session, stanza, now)
+                elif op in ("group.new", "group.add"):
+                    self._precheck(session, stanza, now)
+                else:
+                    self.serve_stanza(session, stanza, now)
             except Exception:  # a bug of ours must cost this stanza, never the rest of the batch
                 log.exception("relay: serving a stanza node %s relayed failed", node)
                 self.counters["internal_errors"] += 1
                 session.send_encoded(internal_error(stanza, "the gateway failed to handle this stanza"))
                 continue
-            if not session.answered and kind == "state":
+            if not session.answered and (kind == "state" or (fanout and stanza.get("k") == "state")):
                 self.reply(node, seq, None)  # served: the sender's node stops waiting
 
     def reply(self, node: str, seq: int, encoded: bytes | None) -> None:

@@ -202,14 +202,78 @@ def test_a_node_refuses_stanzas_for_users_it_is_not_home_to_and_malformed_record
     assert b.relay.counters["malformed"] == 3 and b.relay.counters["misrouted"] == 1
 
 
-def test_group_operations_are_refused_in_a_cluster_for_now(nodes):
-    a, _ = nodes
+def group_homed_on(node: str) -> bytes:
+    return next(g for g in (os.urandom(16) for _ in range(1000)) if MEMBERSHIP.home(g) == node)
+
+
+def test_a_group_message_is_stored_by_each_members_node_with_the_homes_time(nodes, monkeypatch):
+    """The group lives on node-a (its id's home); bob lives on node-b, which is asked to check
+    him, then to store the creation event and each message's copy — after node-a's commit, with
+    node-a's time — and alice is answered once node-b stored."""
+    import interlink.core.domain.relay as relay_module
+
+    a, b = nodes
+    g = group_homed_on("node-a")
+    monkeypatch.setattr(relay_module, "new_group_id", lambda: g)
+    alice, bob = a.open(A1), b.open(B1)
+    a.domain.dispatch(alice, {"t": "iq", "id": 1, "op": "group.new", "members": [B1]}, NOW)
+    [check] = carry(a, b)  # bob is checked where he lives, before anything is written
+    assert check[5]["k"] == "check" and check[5]["members"] == [B1] and not a.domain.router.has_batch
+    answer(a, b)
+    a.commit()  # the group and its event for node-a's members
+    assert alice.take() == [] and a.store.group(g) is not None and b.store.group(g) is None
+    [event] = carry(a, b)
+    assert event[5]["k"] == "event" and event[5]["members"] == [B1]  # node-b's recipients only
+    b.commit()
+    [created] = bob.take()
+    assert (created["k"], created["event"], created["g"], created["from"]) == ("group", "created", g, A1)
+    answer(a, b)
+    assert alice.take() == [{"t": "res", "id": 1, "ver": 1, "g": g}]
+
+    stanza = {"t": "msg", "id": os.urandom(16), "g": g, "b": b"hello group"}
+    a.domain.dispatch(alice, stanza, NOW + 5)
+    a.commit()
+    carry(a, b)
+    b.commit()
+    [dlv] = bob.take()
+    answer(a, b)
+    [ack] = alice.take()
+    assert ack["id"] == stanza["id"] and dlv["ts"] == ack["ts"] and (dlv["c"], dlv["g"]) == (b"hello group", g)
+
+
+def test_a_member_refused_by_its_node_stops_the_group_change_before_anything_is_written(nodes, monkeypatch):
+    import interlink.core.domain.relay as relay_module
+
+    a, b = nodes
+    g = group_homed_on("node-a")
+    monkeypatch.setattr(relay_module, "new_group_id", lambda: g)
     alice = a.open(A1)
-    a.domain.dispatch(alice, {"t": "iq", "id": 1, "op": "group.new", "members": [A1]}, NOW)
-    a.domain.dispatch(alice, {"t": "msg", "id": bytes(16), "g": bytes(16), "b": b"x"}, NOW)
-    errors = alice.take()
-    assert [e["code"] for e in errors] == ["bad_stanza", "bad_stanza"] and errors[0]["id"] == 1
-    assert all("cluster" in e["msg"] for e in errors)
+    a.domain.dispatch(alice, {"t": "iq", "id": 2, "op": "group.new", "members": [B1]}, NOW)  # B1 never registered
+    carry(a, b)
+    answer(a, b)
+    [err] = alice.take()
+    assert (err["code"], err["id"], err["user"]) == ("unknown_recipient", 2, B1)
+    assert not a.domain.router.has_batch and a.store.group(g) is None
+
+
+def test_a_group_request_goes_to_the_groups_home(nodes, monkeypatch):
+    import interlink.core.domain.relay as relay_module
+
+    a, b = nodes
+    g = group_homed_on("node-b")
+    monkeypatch.setattr(relay_module, "new_group_id", lambda: g)
+    alice = a.open(A1)
+    a.domain.dispatch(alice, {"t": "iq", "id": 3, "op": "group.new", "members": [], "x": [[[]]]}, NOW)
+    [record] = carry(a, b)
+    assert record[5] == {"t": "iq", "id": 3, "op": "group.new", "members": [], "g": g}
+    b.commit()  # the group, on its home
+    [event] = carry(b, a)  # the created event for alice's (other) devices, stored where she lives
+    assert event[5]["k"] == "event" and event[5]["members"] == [A1]
+    a.commit()
+    answer(b, a)
+    answer(a, b)
+    [res] = alice.take()
+    assert res["g"] == g and b.store.group(g) is not None and a.store.group(g) is None
 
 
 def test_a_relayed_iq_carries_only_its_checked_fields(nodes):

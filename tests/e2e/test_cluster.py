@@ -283,15 +283,6 @@ async def test_a_node_that_does_not_answer_gets_the_sender_overloaded_never_an_a
         await client.close()
 
 
-async def test_operations_not_served_across_nodes_yet_are_refused_clearly(cluster):
-    alice = cluster.users("alpha")["node-a"][0]
-    alice1 = await cluster.connect(alice)
-    with pytest.raises(ServerError) as refused:
-        await alice1.iq("group.new", members=[alice])
-    assert refused.value.code == "bad_stanza" and "cluster" in str(refused.value)
-    await alice1.close()
-
-
 async def test_a_node_with_another_node_list_refuses_to_start(cluster, tmp_path):
     await cluster.stop("node-c")
     config = cluster.config("node-c")
@@ -410,3 +401,59 @@ async def test_websocket_clients_are_redirected_to_their_homes_websocket_url(iss
     finally:
         for node in list(cluster.gateways):
             await cluster.stop(node)
+
+
+async def test_a_group_lives_on_its_home_node_and_members_of_every_node_get_everything(cluster):
+    alice = cluster.users("alpha")["node-a"][0]
+    bob = cluster.users("beta")["node-b"][0]
+    carol = cluster.users("alpha")["node-c"][0]
+    alice1, alice2 = await cluster.connect(alice, 1), await cluster.connect(alice, 2)
+    bob1, carol1 = await cluster.connect(bob), await cluster.connect(carol)
+    created = await alice1.iq("group.new", members=[bob, carol])
+    g = created["g"]
+    home = cluster.membership.home(g)
+    assert cluster.gateways[home]._server.store.group(g) is not None
+    assert all(gw._server.store.group(g) is None for node, gw in cluster.gateways.items() if node != home)
+    for client in (alice2, bob1, carol1):
+        event = await next_dlv(client)
+        assert (event["k"], event["event"], event["g"], event["ver"]) == ("group", "created", g, 1)
+    acks = []
+    for i, sender in enumerate((alice1, bob1, carol1, alice1)):
+        acks.append((sender, await sender.send_group_message(g, b"m%d" % i)))
+    expected = {alice1: [b"m1", b"m2"], alice2: [b"m0", b"m1", b"m2", b"m3"], bob1: [b"m0", b"m2", b"m3"],
+                carol1: [b"m0", b"m1", b"m3"]}
+    times: dict[bytes, set] = {}
+    for client, bodies in expected.items():
+        got = [await next_dlv(client) for _ in bodies]
+        assert [d["c"] for d in got] == bodies and all(d["g"] == g for d in got)
+        for d in got:
+            times.setdefault(d["id"], set()).add(d["ts"])
+    # Every copy of a message carries its ack's time, whichever node stored it.
+    assert {msg_id: ts for msg_id, ts in times.items()} == {ack["id"]: {ack["ts"]} for _, ack in acks}
+    # Membership changes cross nodes too: carol leaves, bob is removed; they get nothing after.
+    await carol1.iq("group.leave", g=g)
+    await alice1.iq("group.del", g=g, members=[bob])
+    for client, events in ((alice1, ["left"]), (alice2, ["left", "removed"]), (bob1, ["left", "removed"])):
+        assert [(await next_dlv(client))["event"] for _ in events] == events
+    await alice1.send_group_message(g, b"alone")
+    assert (await next_dlv(alice2))["c"] == b"alone"
+    for client in (bob1, carol1):
+        with pytest.raises(TimeoutError):
+            await client.recv(timeout_s=0.3)
+    served = {node: gw._server.domain.relay.counters["served"] for node, gw in cluster.gateways.items()}
+    assert sum(served.values()) > 0
+    for client in (alice1, alice2, bob1, carol1):
+        await client.close()
+
+
+async def test_adding_a_member_of_another_node_asks_that_node_for_consent(cluster):
+    alice = cluster.users("alpha")["node-a"][0]
+    gus = cluster.users("gamma")["node-b"][0]  # gamma accepts only its own users
+    nobody = cluster.users("beta", per_node=2)["node-c"][1]  # never connected
+    alice1, gus1 = await cluster.connect(alice), await cluster.connect(gus)
+    for member, code in ((gus, "not_opted_in"), (nobody, "unknown_recipient")):
+        with pytest.raises(ServerError) as refused:
+            await alice1.iq("group.new", members=[member])
+        assert refused.value.code == code and refused.value.fields["user"] == member
+    for client in (alice1, gus1):
+        await client.close()
