@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.interlink-installed
 PYTEST_ARGS ?=
 
-.PHONY: all demo web-demo test test-pure bench bench-baseline stress annotate check-install clean load fuzz proxy-check
+.PHONY: all demo web-demo test test-pure bench bench-baseline stress cluster-stress annotate check-install clean load fuzz proxy-check
 
 all: $(STAMP)
 
@@ -29,7 +29,7 @@ web-demo: $(STAMP)
 # then what the twins serve again on the pure-Python twins: the connection and Noise tests, the
 # fan-out and dispatch tests, the LMDB store and the end-to-end gateway and group tests. (The
 # twins' own unit tests run both implementations side by side in the first pass.)
-PURE_AGAIN := tests/protocol/test_connection.py tests/protocol/test_noise.py tests/protocol/test_noise_vectors.py tests/domain/test_fanout.py tests/domain/test_dispatch.py tests/edge/lmdbstore tests/e2e/test_gateway.py tests/e2e/test_groups.py tests/e2e/test_admission.py
+PURE_AGAIN := tests/protocol/test_connection.py tests/protocol/test_noise.py tests/protocol/test_noise_vectors.py tests/domain/test_fanout.py tests/domain/test_dispatch.py tests/domain/test_relay.py tests/edge/lmdbstore tests/e2e/test_gateway.py tests/e2e/test_groups.py tests/e2e/test_admission.py
 test: $(STAMP)
 	INTERLINK_REQUIRE_NATIVE=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 	INTERLINK_PURE=1 $(BIN)/python -m pytest -q $(PURE_AGAIN)
@@ -69,6 +69,16 @@ STRESS_CYCLES ?= 100
 STRESS_ARGS ?=
 stress: $(STAMP)
 	INTERLINK_REQUIRE_NATIVE=1 $(BIN)/python bench/crash.py --cycles $(STRESS_CYCLES) $(STRESS_ARGS)
+
+# The crash test of a cluster (tests/e2e/test_cluster_crash.py runs 3 cycles): three gateway nodes
+# and a nats-server, each a child process, under cross-node 1:1 traffic; each cycle SIGKILLs a
+# random node (or, with CLUSTER_STRESS_ARGS='--kill nats', the NATS server) and restarts it, then
+# everything is drained; prints the counts as JSON and fails on any lost, duplicated, reordered or
+# unacked message. E.g. make cluster-stress CLUSTER_STRESS_CYCLES=10 CLUSTER_STRESS_ARGS='--kill nats'
+CLUSTER_STRESS_CYCLES ?= 50
+CLUSTER_STRESS_ARGS ?=
+cluster-stress: $(STAMP)
+	INTERLINK_REQUIRE_NATIVE=1 $(BIN)/python bench/cluster_crash.py --cycles $(CLUSTER_STRESS_CYCLES) $(CLUSTER_STRESS_ARGS)
 
 # Rebuild with Cython annotations: open ext/*.html to see the yellow (Python-level) lines.
 annotate: $(STAMP)

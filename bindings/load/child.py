@@ -5,7 +5,9 @@ ID=ISSUER [--provider ...] [options]`` serves a gateway whose providers accept e
 prints one JSON line ``{"port", "root_public", "static_public", "pid"}`` once listening, and runs
 until SIGTERM; it dies with the process that started it. With the same ``--data-dir`` a restarted
 child keeps its LMDB data and operator keys; with the same ``--port`` it listens where its
-predecessor did, retrying while the address is still held. ``--bare`` serves a uvloop server that
+predecessor did, retrying while the address is still held. ``--cluster-config FILE`` makes it one
+node of a cluster: the ``[cluster]`` table of that TOML file (docs/operations.md "Running a
+cluster"), its ``node`` also the gateway's node name. ``--bare`` serves a uvloop server that
 keeps no state (the floor of the memory benchmarks).
 
 The parent side: ``ChildServer`` (start, always stop, pid, memory from ``/proc``) and
@@ -79,6 +81,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--durability", default="sync", choices=["sync", "async"])
     parser.add_argument("--cpu", type=int, default=None, help="pin the gateway to this CPU")
+    parser.add_argument("--cluster-config", type=Path, default=None, metavar="FILE",
+                        help="a TOML file whose [cluster] table makes this gateway one node of a cluster")
     parser.add_argument(
         "--gc-threshold", type=int, default=None,
         help="experiment: the cyclic GC's generation-0 threshold, and gc.freeze() once listening",
@@ -117,9 +121,22 @@ def main(argv: list[str] | None = None) -> None:
     ]
     settings = {name: value for name in SETTINGS if (value := getattr(args, name)) is not None}
     settings.setdefault("max_devices", 5)
+    if args.cluster_config is not None:
+        settings["cluster"] = _cluster_from_file(args.cluster_config)
+        settings["node_name"] = settings["cluster"].node
     config = GatewayConfig(port=args.port, data_dir=args.data_dir, durability=args.durability, providers=providers,
                            **settings)
     uvloop.run(_serve(config, freeze=args.gc_threshold is not None))
+
+
+def _cluster_from_file(path: Path):
+    """The ``[cluster]`` table of the TOML file at ``path`` (``interlink.config.cluster_from_table``)."""
+    import tomllib
+
+    from interlink.config import cluster_from_table
+
+    with open(path, "rb") as file:
+        return cluster_from_table(tomllib.load(file).get("cluster"))
 
 
 def _die_with_parent() -> None:

@@ -137,16 +137,18 @@ def nats_server_path() -> Path:
 class LocalNats(ChildServer):
     """A ``nats-server`` child (loopback, a random port, pinned to ``cpu`` like the gateway);
     ``jetstream``: with JetStream, its file store in ``data_dir/jetstream``, and an fsync on every
-    write when ``sync_always``."""
+    write when ``sync_always``. With ``port`` it listens there instead, also when started again
+    after it was stopped or killed (clients reconnect to the same URL)."""
 
     def __init__(self, data_dir: Path, *, cpu: int | None = None, jetstream: bool = False,
-                 sync_always: bool = False) -> None:
+                 sync_always: bool = False, port: int | None = None) -> None:
         self.data_dir = Path(data_dir)
         self.cpu = cpu
         self.jetstream = jetstream
         self.sync_always = sync_always
+        self.fixed_port = port
         self.proc: asyncio.subprocess.Process | None = None
-        self.port = 0
+        self.port = port or 0
         self.version = ""
         self.log_path = self.data_dir / "nats-server.log"
 
@@ -159,7 +161,7 @@ class LocalNats(ChildServer):
         return self.data_dir / "jetstream"
 
     def _arguments(self) -> list[str]:
-        arguments = ["-a", "127.0.0.1", "-p", "-1"]
+        arguments = ["-a", "127.0.0.1", "-p", str(self.fixed_port) if self.fixed_port else "-1"]
         if self.jetstream:
             # sync_interval has no command-line flag: a config file (the flags above override it).
             config = self.data_dir / "nats-server.conf"

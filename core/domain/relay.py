@@ -117,7 +117,8 @@ class Pending:
     waiting behind one in its device's chain (``DEFERRED``: a local stanza storing own copies), or
     one node's part of a look-up every node answers (``GATHER``: ``session`` is the ``_Gather``)."""
 
-    __slots__ = ("session", "stanza", "kind", "node", "sent", "deadline", "answer", "done")
+    __slots__ = ("session", "stanza", "kind", "node", "sent", "deadline", "answer", "done", "seq", "record",
+                 "stream", "poisoned")
 
     def __init__(self, session, stanza: dict, kind: int, node: str | None, now: float, deadline: float) -> None:
         self.session = session
@@ -128,6 +129,10 @@ class Pending:
         self.deadline = deadline
         self.answer: bytes | None = None  # the other node's encoded answer
         self.done = kind == DEFERRED  # answered (or timed out); a deferred entry waits for nothing
+        self.seq = 0
+        self.record: list | None = None  # what goes to the node (kept while held back)
+        self.stream: tuple | None = None  # (session key, node): a stored stanza, one in flight per stream
+        self.poisoned = False  # an earlier stanza of its device's chain timed out: refused, not stored here
 
 
 class _OwnCopies:
@@ -302,13 +307,15 @@ class Relay:
         self.waiting: dict[int, Pending] = {}  # seq -> the stanza waiting for that answer
         self._deadlines: deque = deque()  # (deadline, seq), in deadline order (one timeout for all)
         self._chains: dict[tuple, deque] = {}  # session key -> its stanzas settled in order (own copies)
-        self._waiting_per_device: dict[tuple, int] = {}  # session key -> its stanzas in ``waiting``
+        self._waiting_per_device: dict[tuple, int] = {}  # session key -> its stanzas waiting (or held)
+        self._streams: dict[tuple, deque] = {}  # (session key, node) -> its stored stanzas: in flight, then held
         self._seq = 0
         self._flush_asked = False  # wake() was called and the edge has not flushed since
         self._homes: dict[str, str] = {}
         self._identities: dict[tuple, Identity] = {}
         self.counters = {"relayed": 0, "answered": 0, "timeouts": 0, "late_answers": 0, "served": 0,
-                         "malformed": 0, "misrouted": 0, "refused": 0, "own_copies_lost": 0, "internal_errors": 0}
+                         "malformed": 0, "misrouted": 0, "refused": 0, "own_copies_lost": 0, "internal_errors": 0,
+                         "held_back": 0}
 
     # -- where a user lives
 
@@ -551,21 +558,58 @@ class Relay:
                              f"try again in {RETRY_AFTER_MS} ms", code="rate_limited", retry_after=RETRY_AFTER_MS)
 
     def _send(self, node: str, session, stanza: dict, kind: int, now: float, original: dict | None = None) -> Pending:
+        """Relay ``stanza`` of ``session`` to ``node``. A stored one (``msg``, ``rcpt``) of this
+        node's session waits while an earlier one of the same device to the same node has no
+        answer: a node that missed one (it was restarting, NATS was) must not store the next
+        before the resend of the first (``_streams``)."""
         self._seq += 1
-        seq = self._seq
         identity = session.identity
-        outgoing = self.outgoing.get(node)
-        if outgoing is None:
-            outgoing = self.outgoing[node] = []
-            self._ask_flush()
-        outgoing.append([seq, identity.provider, identity.localpart, identity.device, session.max_plaintext_bytes, stanza])
         pending = Pending(session, stanza if original is None else original, kind, node, now, now + self.timeout_s)
-        self.waiting[seq] = pending
-        self._deadlines.append((pending.deadline, seq))
+        pending.seq = self._seq
+        pending.record = [self._seq, identity.provider, identity.localpart, identity.device,
+                          session.max_plaintext_bytes, stanza]
         key = session.session_key
         self._waiting_per_device[key] = self._waiting_per_device.get(key, 0) + 1
         self.counters["relayed"] += 1
+        if kind in (FORWARD, OWN) and stanza["t"] in ("msg", "rcpt"):
+            pending.stream = (key, node)
+            stream = self._streams.get(pending.stream)
+            if stream is not None:
+                stream.append(pending)  # held until the one before it is answered
+                return pending
+            self._streams[pending.stream] = deque([pending])
+        self._launch(pending, now)
         return pending
+
+    def _launch(self, pending: Pending, now: float) -> None:
+        outgoing = self.outgoing.get(pending.node)
+        if outgoing is None:
+            outgoing = self.outgoing[pending.node] = []
+            self._ask_flush()
+        outgoing.append(pending.record)
+        pending.record = None
+        pending.sent, pending.deadline = now, now + self.timeout_s
+        self.waiting[pending.seq] = pending
+        self._deadlines.append((pending.deadline, pending.seq))
+
+    def _stream_answered(self, pending: Pending, now: float, *, timed_out: bool) -> None:
+        """The stream's head was answered: send the next one; or it timed out: the ones held
+        behind it are refused, never sent (nothing of them was stored anywhere)."""
+        stream = self._streams[pending.stream]
+        stream.popleft()
+        if not timed_out:
+            if stream:
+                self._launch(stream[0], now)
+            else:
+                del self._streams[pending.stream]
+            return
+        del self._streams[pending.stream]
+        for held in stream:
+            self._done_waiting(held)
+            self._settle(held, encode_stanza({
+                "t": "err", "code": "overloaded", "retry_after": RETRY_AFTER_MS, **reference(held.stanza),
+                "msg": f"an earlier message to node {held.node} got no answer; nothing was stored, resend this after it",
+            }), now)
 
     def _done_waiting(self, pending: Pending) -> None:
         key = pending.session.session_key
@@ -592,6 +636,8 @@ class Relay:
         del self.waiting[seq]
         self._done_waiting(pending)
         self.counters["answered"] += 1
+        if pending.stream is not None:
+            self._stream_answered(pending, now, timed_out=False)
         self._settle(pending, answer, now)
         return now - pending.sent
 
@@ -622,7 +668,9 @@ class Relay:
                     refusal["msg"] = (f"node {pending.node} did not answer in time; nothing was acknowledged, "
                                       f"resend the same id in {RETRY_AFTER_MS} ms")
                 answer = encode_stanza(refusal)
-            self._settle(pending, answer, now)
+            self._settle(pending, answer, now, timed_out=True)  # its refusal first, then those held behind it
+            if pending.stream is not None:
+                self._stream_answered(pending, now, timed_out=True)
         self.counters["timeouts"] += expired
         return expired
 
@@ -632,7 +680,7 @@ class Relay:
             self._deadlines.popleft()
         return self._deadlines[0][0] if self._deadlines else None
 
-    def _settle(self, pending: Pending, answer: bytes | None, now: float) -> None:
+    def _settle(self, pending: Pending, answer: bytes | None, now: float, *, timed_out: bool = False) -> None:
         if pending.kind == FORWARD:
             if answer is not None:
                 self.router.push_encoded(pending.session, answer)
@@ -643,8 +691,22 @@ class Relay:
         pending.answer, pending.done = answer, True
         key = pending.session.session_key
         chain = self._chains.get(key)
+        if timed_out and chain:
+            # Its own copies' place in the device's order is lost until it is resent: the device's
+            # stanzas behind it in the chain now are refused (not stored here; resent after it).
+            # Those the device sends from now on are not: they come after the resend's chance.
+            for later in chain:
+                if later is not pending:
+                    later.poisoned = True
         while chain and chain[0].done:
             head = chain.popleft()
+            if head.poisoned:
+                self.counters["held_back"] += 1
+                self.router.push_encoded(head.session, encode_stanza({
+                    "t": "err", "code": "overloaded", "retry_after": RETRY_AFTER_MS, **reference(head.stanza),
+                    **({"unconfirmed": True} if head.kind == OWN else {}),
+                    "msg": "an earlier message of this device got no answer in time; resend this after it"}))
+                continue
             try:
                 self._serve_here(head.session, head.stanza, now, own_only=head.kind != DEFERRED, answer=head.answer)
             except Exception:  # a bug of ours must cost this stanza, never the device's later ones
