@@ -157,11 +157,14 @@ class Groups:
             self._check_addable(member, identity, session)
         # In a cluster the id is drawn by the creator's node, which sends the request to the node
         # the id makes the group's home (relayed: the session is another node's word).
-        g = stanza.get("g") if session.relayed and self.relay is not None else None
-        if g is None:
+        if self.relay is None:
             g = os.urandom(GROUP_ID_BYTES)
-        elif type(g) is not bytes or len(g) != GROUP_ID_BYTES or self.record(g) is not None:
-            raise RouteError("group.new: the cluster chose a group id that is taken; try again", code="overloaded")
+        else:
+            g = stanza.get("g") if session.relayed else None
+            if type(g) is not bytes or len(g) != GROUP_ID_BYTES or self.relay.home_of(g) is not None:
+                raise RouteError("group.new reached the handler without a group id of this node", code="internal")
+            if self.record(g) is not None:
+                raise RouteError("group.new: the cluster chose a group id that is taken; try again", code="overloaded")
         record = GroupRecord(1, (creator, *others), (creator,), meta)
         self._change(session, now, stanza["id"], g, 0, record, "created", list(record.members), (), {"g": g})
         return DEFERRED

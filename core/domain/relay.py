@@ -30,6 +30,7 @@ batch another node relayed, ``expire`` on a timer.
 
 from __future__ import annotations
 
+import heapq
 import logging
 import math
 import os
@@ -44,7 +45,7 @@ from interlink.core.domain.batch import device_key
 from interlink.core.domain.cluster import Membership
 from interlink.core.errors import InterlinkError, RouteError, StanzaError
 from interlink.core.domain.fanout import GroupDlv, plan_group
-from interlink.core.domain.groups import event_builder
+from interlink.core.domain.groups import GROUP_ID_BYTES, event_builder
 from interlink.core.domain.ops import address_field, device_list
 from interlink.core.domain.router import MAX_ADDRESS_CHARS, check_devices, stanza_id, typing_state
 from interlink.core.protocol.stanza import encode_stanza
@@ -56,10 +57,12 @@ GATHERED_OPS = frozenset({"dir.lookup"})
 # Served at the group's home node (the hash of the group id), which has its members' nodes store
 # their copies.
 GROUP_OPS = frozenset({"group.new", "group.add", "group.del", "group.leave", "group.get"})
-GROUP_ID_BYTES = 16
+GROUP_CHANGES = frozenset({"group.new", "group.add", "group.del", "group.leave"})  # stored: a timeout is unconfirmed
+
 RELAY_KINDS = frozenset({"msg", "rcpt", "state", "iq"})
 SERVED_KINDS = RELAY_KINDS | {"gfan"}  # gfan: a group's home asks a member's node to store or push
 RETRY_AFTER_MS = 1000  # what a sender is told to wait after a node did not answer in time
+INNER_SHARE = 0.4  # of the timeout, for each of a group home's own requests to member nodes
 MAX_WAITING_PER_DEVICE = 1024  # a device's stanzas waiting for other nodes at once (rate_limited past it)
 HOMES_KEPT = 65_536  # user addresses whose home node is remembered
 IDENTITIES_KEPT = 65_536  # senders of relayed stanzas whose identity is remembered
@@ -205,6 +208,24 @@ class _Gather:
             self.relay.router.answer(self.session, {"t": "res", "id": self.stanza["id"], "users": merged})
 
 
+class _Silent:
+    """The sender of group typing pushed to other nodes: their answer (none, or a refusal of
+    theirs) is not the sender's business — typing is never answered unless refused where it
+    was sent."""
+
+    __slots__ = ("identity", "session_key", "max_plaintext_bytes")
+    relayed = True
+    closed = True  # nothing is sent to it
+
+    def __init__(self, session) -> None:
+        self.identity = session.identity
+        self.session_key = session.session_key
+        self.max_plaintext_bytes = session.max_plaintext_bytes
+
+    def send_encoded(self, encoded: bytes) -> None:
+        return None
+
+
 class _Checked:
     """A ``group.new``/``group.add`` at the group's home while the members living on other nodes
     are checked there; then served here as relayed (``checked``: those members), answering the
@@ -236,7 +257,12 @@ class _Checked:
 
     def run(self) -> None:
         self.done = True
-        self.relay.serve_stanza(self, self.stanza, self.relay.clock())
+        try:
+            self.relay.serve_stanza(self, self.stanza, self.relay.clock())
+        except Exception:  # a bug of ours must cost this request, never the answers batch it came in
+            log.exception("relay: serving a checked group request failed")
+            self.relay.counters["internal_errors"] += 1
+            self.relay.router.push_encoded(self.session, internal_error(self.stanza, "the gateway failed to serve this"))
 
     def send_encoded(self, encoded: bytes) -> None:
         self.relay.router.push_encoded(self.session, encoded)
@@ -280,8 +306,12 @@ class _GroupFanout:
 
     def node_answered(self, encoded: bytes | None) -> None:
         self.waiting -= 1
-        if self.error is None and (encoded is None or msgpack.unpackb(encoded, raw=False).get("t") not in ("ack", "res")):
-            self.error = encoded or internal_error(self.original, "a member's node did not store the copies")
+        answer = msgpack.unpackb(encoded, raw=False) if encoded is not None else None
+        if self.error is None and (answer is None or answer.get("t") not in ("ack", "res")):
+            # Stored here already (and maybe there): the refusal says so, and a resend is recognised.
+            refusal = answer if answer is not None else {"t": "err", "code": "internal", **reference(self.original),
+                                                           "msg": "a member's node did not store the copies"}
+            self.error = encode_stanza({**refusal, "unconfirmed": True})
         if self.waiting == 0:
             self.relay.router.push_encoded(self.session, self.error or self.answer)
 
@@ -305,7 +335,7 @@ class Relay:
         self.outgoing: dict[str, list] = {}  # node -> records to relay there this turn
         self.replies: dict[str, list] = {}  # node -> [seq, encoded answer or None] owed there
         self.waiting: dict[int, Pending] = {}  # seq -> the stanza waiting for that answer
-        self._deadlines: deque = deque()  # (deadline, seq), in deadline order (one timeout for all)
+        self._deadlines: list = []  # heap of (deadline, seq)
         self._chains: dict[tuple, deque] = {}  # session key -> its stanzas settled in order (own copies)
         self._waiting_per_device: dict[tuple, int] = {}  # session key -> its stanzas waiting (or held)
         self._streams: dict[tuple, deque] = {}  # (session key, node) -> its stored stanzas: in flight, then held
@@ -447,8 +477,8 @@ class Relay:
         checker = _Checked(self, session, stanza, frozenset(m for members in remote.values() for m in members))
         for node, members in remote.items():
             checker.waiting += 1
-            self._send(node, checker, {"t": "gfan", "k": "check", "id": stanza["id"], "members": members},
-                       GATHER, now, original={"t": "iq", "id": stanza["id"]})
+            self._send(node, checker, {"t": "gfan", "k": "check", "g": stanza["g"], "id": stanza["id"],
+                                       "members": members}, GATHER, now, original={"t": "iq", "id": stanza["id"]})
         if not remote:
             checker.run()
 
@@ -476,9 +506,10 @@ class Relay:
 
     def group_state(self, session, g: bytes, members, state: str, now: float) -> None:
         """Group typing state for the members living on other nodes: pushed there, not answered."""
-        for node, users in self._by_node(members).items():
-            self._send(node, session, {"t": "gfan", "k": "state", "g": g, "members": users, "s": state}, FORWARD, now,
-                       original={"t": "state"})
+        sender = session.identity.user
+        for node, users in self._by_node(member for member in members if member != sender).items():
+            self._send(node, _Silent(session), {"t": "gfan", "k": "state", "g": g, "members": users, "s": state},
+                       FORWARD, now, original={"t": "state"})
 
     def _serve_fanout(self, session, stanza: dict, now: float) -> None:
         """What a group's home node asks of this one for members living here: store a message's or
@@ -489,6 +520,14 @@ class Relay:
         if type(members) is not list or not all(type(m) is str for m in members):
             raise TypeError("gfan needs 'members': a list of addresses")
         k = stanza.get("k")
+        ts = stanza.get("ts")
+        if k in ("msg", "event") and (type(ts) is not int or not 0 <= ts < 1 << 53):
+            raise TypeError("gfan needs 'ts': the group home's time in ms")
+        if k == "msg" and (type(stanza.get("id")) is not bytes or len(stanza["id"]) != 16
+                           or type(stanza.get("b")) is not bytes or not stanza["b"]):
+            raise TypeError("gfan msg needs 'id' (16 bytes) and 'b' (bin)")
+        if k == "event" and type(stanza.get("fields")) is not dict:
+            raise TypeError("gfan event needs 'fields'")
         if k == "check":
             for member in members:
                 try:
@@ -572,7 +611,9 @@ class Relay:
         self._waiting_per_device[key] = self._waiting_per_device.get(key, 0) + 1
         self.counters["relayed"] += 1
         if kind in (FORWARD, OWN) and stanza["t"] in ("msg", "rcpt"):
-            pending.stream = (key, node)
+            # A group's messages are a stream of their own: its home waits for member nodes, and
+            # a 1:1 message must not wait behind that (docs/protocol.md §6 lets them cross).
+            pending.stream = (key, node, "g" in stanza)
             stream = self._streams.get(pending.stream)
             if stream is not None:
                 stream.append(pending)  # held until the one before it is answered
@@ -588,9 +629,12 @@ class Relay:
             self._ask_flush()
         outgoing.append(pending.record)
         pending.record = None
-        pending.sent, pending.deadline = now, now + self.timeout_s
+        # What a group's home asks of member nodes (a check, then the copies) must both fit in
+        # the time the sender's node gives the whole request.
+        inner = isinstance(pending.session, (_Checked, _GroupFanout))
+        pending.sent, pending.deadline = now, now + self.timeout_s * (INNER_SHARE if inner else 1.0)
         self.waiting[pending.seq] = pending
-        self._deadlines.append((pending.deadline, pending.seq))
+        heapq.heappush(self._deadlines, (pending.deadline, pending.seq))
 
     def _stream_answered(self, pending: Pending, now: float, *, timed_out: bool) -> None:
         """The stream's head was answered: send the next one; or it timed out: the ones held
@@ -606,10 +650,13 @@ class Relay:
         del self._streams[pending.stream]
         for held in stream:
             self._done_waiting(held)
+            if held.poisoned:  # refused already, with the chain it waited in: only its place goes
+                self._settle(held, None, now)
+                continue
             self._settle(held, encode_stanza({
                 "t": "err", "code": "overloaded", "retry_after": RETRY_AFTER_MS, **reference(held.stanza),
                 "msg": f"an earlier message to node {held.node} got no answer; nothing was stored, resend this after it",
-            }), now)
+            }), now, timed_out=True)
 
     def _done_waiting(self, pending: Pending) -> None:
         key = pending.session.session_key
@@ -650,7 +697,7 @@ class Relay:
         expired = 0
         until = math.inf if everything else now
         while deadlines and deadlines[0][0] <= until:
-            _, seq = deadlines.popleft()
+            _, seq = heapq.heappop(deadlines)
             pending = waiting.pop(seq, None)
             if pending is None:
                 continue
@@ -663,7 +710,7 @@ class Relay:
                     "t": "err", "code": "overloaded", "retry_after": RETRY_AFTER_MS, **reference(pending.stanza),
                     "msg": f"node {pending.node} did not answer in time; try again in {RETRY_AFTER_MS} ms",
                 }
-                if pending.stanza["t"] in ("msg", "rcpt"):
+                if pending.stanza["t"] in ("msg", "rcpt") or pending.stanza.get("op") in GROUP_CHANGES:
                     refusal["unconfirmed"] = True
                     refusal["msg"] = (f"node {pending.node} did not answer in time; nothing was acknowledged, "
                                       f"resend the same id in {RETRY_AFTER_MS} ms")
@@ -677,7 +724,7 @@ class Relay:
     @property
     def next_deadline(self) -> float | None:
         while self._deadlines and self._deadlines[0][1] not in self.waiting:
-            self._deadlines.popleft()
+            heapq.heappop(self._deadlines)
         return self._deadlines[0][0] if self._deadlines else None
 
     def _settle(self, pending: Pending, answer: bytes | None, now: float, *, timed_out: bool = False) -> None:
@@ -691,22 +738,29 @@ class Relay:
         pending.answer, pending.done = answer, True
         key = pending.session.session_key
         chain = self._chains.get(key)
-        if timed_out and chain:
-            # Its own copies' place in the device's order is lost until it is resent: the device's
-            # stanzas behind it in the chain now are refused (not stored here; resent after it).
-            # Those the device sends from now on are not: they come after the resend's chance.
-            for later in chain:
-                if later is not pending:
-                    later.poisoned = True
+        if timed_out and chain and pending in chain:
+            # Its own copies' place in the device's order is lost until it is resent: it is
+            # refused now, and the device's stanzas behind it in the chain right after it — before
+            # the client resends it — storing nothing here (one still out at another node keeps
+            # its place in that node's stream, its answer ignored). Those sent from now on are not.
+            if not pending.poisoned:  # (refused already when one before it timed out)
+                pending.poisoned = True
+                if answer is not None:
+                    self.router.push_encoded(pending.session, answer)
+            behind = list(chain)[list(chain).index(pending) + 1:]
+            for later in behind:
+                if later.poisoned:
+                    continue
+                later.poisoned = True
+                self.counters["held_back"] += 1
+                self.router.push_encoded(later.session, encode_stanza({
+                    "t": "err", "code": "overloaded", "retry_after": RETRY_AFTER_MS, **reference(later.stanza),
+                    **({"unconfirmed": True} if later.kind == OWN and later.seq in self.waiting else {}),
+                    "msg": "an earlier message of this device got no answer in time; resend this after it"}))
         while chain and chain[0].done:
             head = chain.popleft()
             if head.poisoned:
-                self.counters["held_back"] += 1
-                self.router.push_encoded(head.session, encode_stanza({
-                    "t": "err", "code": "overloaded", "retry_after": RETRY_AFTER_MS, **reference(head.stanza),
-                    **({"unconfirmed": True} if head.kind == OWN else {}),
-                    "msg": "an earlier message of this device got no answer in time; resend this after it"}))
-                continue
+                continue  # refused when the stanza before it timed out
             try:
                 self._serve_here(head.session, head.stanza, now, own_only=head.kind != DEFERRED, answer=head.answer)
             except Exception:  # a bug of ours must cost this stanza, never the device's later ones
@@ -782,8 +836,10 @@ class Relay:
             fanout = kind == "gfan"
             if grouped:  # at the group's home, from the sender's home
                 target, origin = stanza.get("g"), identity.user
-            elif fanout:  # at a member's home, from the group's home (a check names no group)
-                target, origin = None, stanza.get("g") if stanza.get("k") != "check" else None
+            elif fanout:  # at a member's home, from the group's home
+                target, origin = None, stanza.get("g")
+                if type(origin) is not bytes or len(origin) != GROUP_ID_BYTES:
+                    origin = b""  # homed nowhere: refused below
             else:
                 target = stanza.get("user") if kind == "iq" else stanza.get("to")
                 origin = identity.user
@@ -794,7 +850,7 @@ class Relay:
             members = stanza.get("members") if fanout else None
             if ((not gathered and not fanout and (type(target) not in (str, bytes) or len(target) > MAX_ADDRESS_CHARS
                                                   or self.home_of(target) is not None))
-                    or (origin is not None and (type(origin) not in (str, bytes) or self.home(origin) != node))
+                    or (type(origin) not in (str, bytes) or not origin or self.home(origin) != node)
                     or (fanout and (type(members) is not list or any(
                         type(m) is not str or len(m) > MAX_ADDRESS_CHARS or self.home_of(m) is not None for m in members)))):
                 self.counters["misrouted"] += 1  # the nodes disagree about the node list

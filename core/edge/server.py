@@ -425,6 +425,8 @@ class GatewayServer:
             # they relayed so far is committed, then answered as the link closes.
             await self.cluster.stop_serving()
             await self.commits.settle()
+            await self.cluster.settle(min(timeout_s, 2 * self.cluster.config.request_timeout_s))  # fan-outs still out
+            await self.commits.settle()
             await self.cluster.close()
             self.cluster = None
             await self.commits.settle()

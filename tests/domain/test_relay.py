@@ -492,3 +492,46 @@ def test_a_timed_out_stanza_refuses_the_own_copies_queued_behind_it_not_later_on
     a.commit()
     assert [r["id"] for r in alice1.take()] == [after["id"]] and [d["c"] for d in alice2.take()] == [b"own 3"]
 
+
+
+def test_a_gfan_must_come_from_its_groups_home_and_carry_well_formed_fields(nodes):
+    """A member's node stores a group's copies only on the word of the node the group id makes
+    its home; a malformed record costs itself only, never the batch it came in."""
+    a, b = nodes
+    b.open(B1)
+    a.open(A1)
+    sender = A1.split("@")[0]
+    g_b, g_a = group_homed_on("node-b"), group_homed_on("node-a")
+    good = {"t": "gfan", "k": "msg", "g": g_a, "members": [B1], "id": os.urandom(16), "b": b"hi", "ts": 1_800_000_000_000}
+    records = [
+        [1, "alpha", sender, 1, 65000, {**good, "g": g_b}],  # a group homed on node-b: not node-a's to fan out
+        [2, "alpha", sender, 1, 65000, {k: v for k, v in good.items() if k != "g"}],  # no group at all
+        [3, "alpha", sender, 1, 65000, {**good, "ts": -5}],  # would fail the commit
+        [4, "alpha", sender, 1, 65000, {**good, "id": b"short"}],
+        [5, "alpha", sender, 1, 65000, good],  # the only good one
+    ]
+    b.relay.serve("node-a", msgpack.unpackb(msgpack.packb(records), raw=False, strict_map_key=False), NOW)
+    b.commit()
+    _, replies = b.relay.take_output()
+    answers = {seq: msgpack.unpackb(encoded) for seq, encoded in replies["node-a"]}
+    assert {seq: x["code"] for seq, x in answers.items() if x["t"] == "err"} == {1: "internal", 2: "internal",
+                                                                                 3: "internal", 4: "internal"}
+    assert answers[5]["t"] == "ack"
+    [dlv] = b.domain.router.sessions[(B1, 1)].take()
+    assert (dlv["c"], dlv["g"], dlv["from"]) == (b"hi", g_a, A1)
+
+
+def test_a_held_stanza_refused_after_a_timeout_refuses_the_local_ones_queued_behind_it(nodes):
+    a, b = nodes
+    alice1, alice2 = a.open(A1, 1), a.open(A1, 2)
+    a.open(A2)
+    b.open(B1)
+    head = msg(B1)  # no own copy: not in the chain
+    held = msg(B1, own={2: b"own 2"})  # behind it in the stream to node-b, and first in the chain
+    local = msg(A2, own={2: b"own 3"})  # behind that in the chain
+    for stanza in (head, held, local):
+        a.domain.dispatch(alice1, stanza, NOW)
+    a.relay.take_output()
+    a.relay.expire(NOW + 10)
+    assert [r["ref"] for r in alice1.take()] == [head["id"], held["id"], local["id"]]
+    assert not a.domain.router.has_batch and alice2.take() == [] and not a.relay._chains
