@@ -650,13 +650,10 @@ class Relay:
         del self._streams[pending.stream]
         for held in stream:
             self._done_waiting(held)
-            if held.poisoned:  # refused already, with the chain it waited in: only its place goes
-                self._settle(held, None, now)
-                continue
             self._settle(held, encode_stanza({
                 "t": "err", "code": "overloaded", "retry_after": RETRY_AFTER_MS, **reference(held.stanza),
                 "msg": f"an earlier message to node {held.node} got no answer; nothing was stored, resend this after it",
-            }), now, timed_out=True)
+            }), now)
 
     def _done_waiting(self, pending: Pending) -> None:
         key = pending.session.session_key
@@ -738,29 +735,22 @@ class Relay:
         pending.answer, pending.done = answer, True
         key = pending.session.session_key
         chain = self._chains.get(key)
-        if timed_out and chain and pending in chain:
-            # Its own copies' place in the device's order is lost until it is resent: it is
-            # refused now, and the device's stanzas behind it in the chain right after it — before
-            # the client resends it — storing nothing here (one still out at another node keeps
-            # its place in that node's stream, its answer ignored). Those sent from now on are not.
-            if not pending.poisoned:  # (refused already when one before it timed out)
-                pending.poisoned = True
-                if answer is not None:
-                    self.router.push_encoded(pending.session, answer)
-            behind = list(chain)[list(chain).index(pending) + 1:]
-            for later in behind:
-                if later.poisoned:
-                    continue
-                later.poisoned = True
-                self.counters["held_back"] += 1
-                self.router.push_encoded(later.session, encode_stanza({
-                    "t": "err", "code": "overloaded", "retry_after": RETRY_AFTER_MS, **reference(later.stanza),
-                    **({"unconfirmed": True} if later.kind == OWN and later.seq in self.waiting else {}),
-                    "msg": "an earlier message of this device got no answer in time; resend this after it"}))
+        if timed_out and chain:
+            # Its own copies' place in the device's order is lost until it is resent: the device's
+            # stanzas behind it in the chain now are refused (not stored here; resent after it).
+            # Those the device sends from now on are not: they come after the resend's chance.
+            for later in chain:
+                if later is not pending:
+                    later.poisoned = True
         while chain and chain[0].done:
             head = chain.popleft()
             if head.poisoned:
-                continue  # refused when the stanza before it timed out
+                self.counters["held_back"] += 1
+                self.router.push_encoded(head.session, encode_stanza({
+                    "t": "err", "code": "overloaded", "retry_after": RETRY_AFTER_MS, **reference(head.stanza),
+                    **({"unconfirmed": True} if head.kind == OWN else {}),
+                    "msg": "an earlier message of this device got no answer in time; resend this after it"}))
+                continue
             try:
                 self._serve_here(head.session, head.stanza, now, own_only=head.kind != DEFERRED, answer=head.answer)
             except Exception:  # a bug of ours must cost this stanza, never the device's later ones

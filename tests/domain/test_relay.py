@@ -519,19 +519,3 @@ def test_a_gfan_must_come_from_its_groups_home_and_carry_well_formed_fields(node
     assert answers[5]["t"] == "ack"
     [dlv] = b.domain.router.sessions[(B1, 1)].take()
     assert (dlv["c"], dlv["g"], dlv["from"]) == (b"hi", g_a, A1)
-
-
-def test_a_held_stanza_refused_after_a_timeout_refuses_the_local_ones_queued_behind_it(nodes):
-    a, b = nodes
-    alice1, alice2 = a.open(A1, 1), a.open(A1, 2)
-    a.open(A2)
-    b.open(B1)
-    head = msg(B1)  # no own copy: not in the chain
-    held = msg(B1, own={2: b"own 2"})  # behind it in the stream to node-b, and first in the chain
-    local = msg(A2, own={2: b"own 3"})  # behind that in the chain
-    for stanza in (head, held, local):
-        a.domain.dispatch(alice1, stanza, NOW)
-    a.relay.take_output()
-    a.relay.expire(NOW + 10)
-    assert [r["ref"] for r in alice1.take()] == [head["id"], held["id"], local["id"]]
-    assert not a.domain.router.has_batch and alice2.take() == [] and not a.relay._chains
