@@ -159,6 +159,11 @@ _CLUSTER_COUNTERS = (
     ("served", "interlink_cluster_served", "Stanzas other nodes relayed here, served for their senders."),
     ("malformed", "interlink_cluster_malformed", "Relayed records this node could not serve (malformed or not relayable)."),
     ("misrouted", "interlink_cluster_misrouted", "Relayed stanzas for users this node is not home to (node lists differ)."),
+    ("refused", "interlink_cluster_refused", "Relayed stanzas refused here: their sender's provider is suspended or unknown."),
+    ("held_back", "interlink_cluster_held_back", "Stanzas refused because an earlier one of their device got no answer in time."),
+    ("own_copies_lost", "interlink_cluster_own_copies_lost",
+     "Messages acked by the recipient's node whose copies for the sender's other devices could not be stored here."),
+    ("internal_errors", "interlink_cluster_internal_errors", "Relayed stanzas that failed on a gateway bug (see the logs)."),
 )
 
 _JWKS_COUNTERS = (

@@ -141,12 +141,7 @@ class Groups:
         identity = session.identity
         creator = identity.user
         members = self._members(stanza, "group.new", allow_empty=True)
-        meta = stanza.get("meta")
-        if meta is not None:
-            if type(meta) is not bytes:
-                raise StanzaError(f"group.new: 'meta' must be bin (got {kind_of(meta)})")
-            if len(meta) > self.max_meta_bytes:
-                raise RouteError(f"group.new: 'meta' of {len(meta)} bytes is over {self.max_meta_bytes}", code="too_large")
+        meta = self._meta(stanza)
         others = [member for member in members if member != creator]
         if 1 + len(others) > self.max_group:
             raise RouteError(
@@ -154,7 +149,7 @@ class Groups:
             )
         self.router.charge(session, now)
         for member in others:
-            self._check_addable(member, identity, session)
+            self.check_addable(member, identity, session)
         # In a cluster the id is drawn by the creator's node, which sends the request to the node
         # the id makes the group's home (relayed: the session is another node's word).
         if self.relay is None:
@@ -182,7 +177,7 @@ class Groups:
             )
         self.router.charge(session, now)
         for member in added:
-            self._check_addable(member, identity, session)
+            self.check_addable(member, identity, session)
         if not added:
             return self._unchanged(session, now, stanza["id"], g, record)
         new = GroupRecord(record.ver + 1, record.members + tuple(added), record.admins, record.meta)
@@ -263,18 +258,7 @@ class Groups:
         """A group ``msg``: fan ``b`` out to every device of every member but the sending device,
         in the router's group commit."""
         identity = session.identity
-        g = _group_id(stanza.get("g"), "msg")
-        if "to" in stanza or "c" in stanza:
-            raise StanzaError("a group msg has 'g' and 'b', not 'to' or 'c'")
-        body = stanza.get("b")
-        if type(body) is not bytes or not body:
-            raise StanzaError("a group msg needs 'b': the ciphertext for all members, non-empty bin")
-        limit = self.max_body_bytes
-        if len(body) > limit:
-            raise RouteError(
-                f"a group ciphertext of {len(body)} bytes is over the {limit}-byte limit (send large content as a blob)",
-                code="too_large",
-            )
+        g, body = self._message_fields(stanza)
         sender, sender_device = identity.user, identity.device
         record = self.record(g)
         if record is None or sender not in record.member_set:
@@ -308,7 +292,7 @@ class Groups:
             self.router.charge(session, now, extra)
         if relay is not None:  # members homed on other nodes: their nodes store their copies after this commit
             session = relay.group_fanout(session, g, record.members, {
-                "k": "msg", "id": msg_id, "b": body, "dev": sender_device}, stanza)
+                "k": "msg", "id": msg_id, "b": body}, stanza)
         message = self.router.enqueue(session, msg_id, items, targets, now)
         message.skip_full = True
         message.shared = True  # every copy is GroupDlv's: the store keeps the body once
@@ -333,21 +317,41 @@ class Groups:
         if last is None and len(sent) >= STATE_KEYS:
             self._state_sent = sent = {k: t for k, t in sent.items() if 0.0 <= now - t < STATE_INTERVAL_S}
         sent[key] = now
+        relay = self.relay
+        self.push_state(record.members, record.member_set, sender, g, state,
+                        self.store.devices if relay is None else relay.local_devices)
+        if relay is not None:
+            relay.group_state(session, g, record.members, state, now)
+
+    def push_state(self, members, member_set: frozenset, sender: str, g: bytes, state: str, devices_of) -> None:
+        """Group typing to the online devices of ``members`` but the sender and those who blocked
+        it (``devices_of``: which devices to look at; a cluster's node, its own users')."""
         encoded = encode_stanza({"t": "state", "from": sender, "g": g, "s": state})
         router = self.router
         sessions = router.sessions
-        blocked = self.policy.blocked_among(record.members, record.member_set, sender)
-        relay = self.relay
-        devices_of = self.store.devices if relay is None else relay.local_devices
-        for member in record.members:
+        blocked = self.policy.blocked_among(members, member_set, sender)
+        for member in members:
             if member == sender or member in blocked:
                 continue
             for device in devices_of(member):
                 target = sessions.get((member, device))
                 if target is not None:
                     router.push_encoded(target, encoded)
-        if relay is not None:
-            relay.group_state(session, g, record.members, state, now)
+
+    def event_copies(self, recipients, actor: str, actor_device: int, build, devices_of) -> tuple[list, list]:
+        """The items and targets of a membership event: every device of ``recipients`` but the
+        acting device, none for a recipient who blocked the actor (nor is it told)."""
+        items, targets = [], []
+        blocked = self.policy.blocked_among(recipients, frozenset(recipients), actor)
+        for user in recipients:
+            if user in blocked:
+                continue
+            for device in devices_of(user):
+                if user == actor and device == actor_device:
+                    continue
+                items.append((device_key(user, device), build))
+                targets.append((user, device))
+        return items, targets
 
     # -- a cluster's relaying (core/domain/relay.py)
 
@@ -356,15 +360,7 @@ class Groups:
         the group's record), rebuilt from those fields only, for the group's home node."""
         kind = stanza["t"]
         if kind == "msg":
-            g = _group_id(stanza.get("g"), "msg")
-            if "to" in stanza or "c" in stanza:
-                raise StanzaError("a group msg has 'g' and 'b', not 'to' or 'c'")
-            body = stanza.get("b")
-            if type(body) is not bytes or not body:
-                raise StanzaError("a group msg needs 'b': the ciphertext for all members, non-empty bin")
-            if len(body) > self.max_body_bytes:
-                raise RouteError(f"a group ciphertext of {len(body)} bytes is over the {self.max_body_bytes}-byte "
-                                 "limit (send large content as a blob)", code="too_large")
+            g, body = self._message_fields(stanza)
             return {"t": "msg", "id": stanza["id"], "g": g, "b": body}
         if kind == "state":
             return {"t": "state", "g": _group_id(stanza.get("g"), "state"), "s": stanza["s"]}
@@ -372,10 +368,8 @@ class Groups:
         fields = {"t": "iq", "id": stanza["id"], "op": op}
         if op == "group.new":
             fields["members"] = self._members(stanza, op, allow_empty=True)
-            meta = stanza.get("meta")
+            meta = self._meta(stanza)
             if meta is not None:
-                if type(meta) is not bytes:
-                    raise StanzaError(f"group.new: 'meta' must be bin (got {kind_of(meta)})")
                 fields["meta"] = meta
             return fields
         fields["g"] = _group_id(stanza.get("g"), op)
@@ -388,6 +382,29 @@ class Groups:
         return fields
 
     # -- helpers
+
+    def _message_fields(self, stanza: dict) -> tuple[bytes, bytes]:
+        """A group ``msg``'s group id and body, checked."""
+        g = _group_id(stanza.get("g"), "msg")
+        if "to" in stanza or "c" in stanza:
+            raise StanzaError("a group msg has 'g' and 'b', not 'to' or 'c'")
+        body = stanza.get("b")
+        if type(body) is not bytes or not body:
+            raise StanzaError("a group msg needs 'b': the ciphertext for all members, non-empty bin")
+        if len(body) > self.max_body_bytes:
+            raise RouteError(f"a group ciphertext of {len(body)} bytes is over the {self.max_body_bytes}-byte limit "
+                             "(send large content as a blob)", code="too_large")
+        return g, body
+
+    def _meta(self, stanza: dict) -> bytes | None:
+        """``group.new``'s optional ``meta``, checked."""
+        meta = stanza.get("meta")
+        if meta is not None:
+            if type(meta) is not bytes:
+                raise StanzaError(f"group.new: 'meta' must be bin (got {kind_of(meta)})")
+            if len(meta) > self.max_meta_bytes:
+                raise RouteError(f"group.new: 'meta' of {len(meta)} bytes is over {self.max_meta_bytes}", code="too_large")
+        return meta
 
     def _admin_record(self, g: bytes, user: str, what: str) -> GroupRecord:
         record = self._member_record(g, user, what)
@@ -421,7 +438,7 @@ class Groups:
             )
         return members
 
-    def _check_addable(self, member: str, identity, session=None) -> None:
+    def check_addable(self, member: str, identity, session=None) -> None:
         """Consent before existence, as devices.get: the member's provider must be registered, its
         consent cover the adder's provider, and it must have a device. In a cluster a member homed
         on another node was checked there already (``session.checked``, core/domain/relay.py)."""
@@ -475,21 +492,11 @@ class Groups:
             fields["promoted"] = list(promoted)
         if event == "created" and record.meta is not None:
             fields["meta"] = record.meta
-        build = event_builder(fields)
-        items, targets = [], []
         recipients = list(record.members) if record is not None else []
         recipients += [user for user in removed if record is None or user not in record.member_set]
-        blocked = self.policy.blocked_among(recipients, frozenset(recipients), actor)
         relay = self.relay
-        devices_of = self.store.devices if relay is None else relay.local_devices
-        for user in recipients:
-            if user in blocked:
-                continue  # a member who blocked the actor gets nothing from it (not told either)
-            for device in devices_of(user):
-                if user == actor and device == actor_device:
-                    continue
-                items.append((device_key(user, device), build))
-                targets.append((user, device))
+        items, targets = self.event_copies(recipients, actor, actor_device, event_builder(fields),
+                                           self.store.devices if relay is None else relay.local_devices)
         reply = {"t": "res", "id": iq_id, "ver": ver}
         if result:
             reply.update(result)

@@ -41,12 +41,11 @@ from typing import Callable
 import msgpack
 
 from interlink.core.domain.auth import Identity
-from interlink.core.domain.batch import device_key
 from interlink.core.domain.cluster import Membership
 from interlink.core.errors import InterlinkError, RouteError, StanzaError
 from interlink.core.domain.fanout import GroupDlv, plan_group
 from interlink.core.domain.groups import GROUP_ID_BYTES, event_builder
-from interlink.core.domain.ops import address_field, device_list
+from interlink.core.domain.ops import MAX_DIRECTORY_USERS, address_field, device_list
 from interlink.core.domain.router import MAX_ADDRESS_CHARS, check_devices, stanza_id, typing_state
 from interlink.core.protocol.stanza import encode_stanza
 
@@ -70,7 +69,6 @@ IDENTITIES_KEPT = 65_536  # senders of relayed stanzas whose identity is remembe
 log = logging.getLogger("interlink.cluster")
 
 FORWARD, OWN, DEFERRED, GATHER = 0, 1, 2, 3  # what a pending entry waits for (see Pending)
-MAX_DIRECTORY_USERS = 100  # dir.lookup's answer, merged from every node (as ops.MAX_DIRECTORY_USERS)
 
 
 def new_group_id() -> bytes:
@@ -118,40 +116,50 @@ class Pending:
     """A stanza of this node's session waiting for another node (``FORWARD``: its answer goes to
     the session as it is; ``OWN``: on ``ack`` the sender's own copies are stored here first), or
     waiting behind one in its device's chain (``DEFERRED``: a local stanza storing own copies), or
-    one node's part of a look-up every node answers (``GATHER``: ``session`` is the ``_Gather``)."""
+    one node's part of a request several nodes answer (``GATHER``: ``session`` is the ``_Gather``,
+    ``_Checked`` or ``_GroupFanout`` that joins their answers, through ``node_answered``)."""
 
-    __slots__ = ("session", "stanza", "kind", "node", "sent", "deadline", "answer", "done", "seq", "record",
+    __slots__ = ("session", "stanza", "kind", "node", "sent", "answer", "done", "seq", "record",
                  "stream", "poisoned")
 
-    def __init__(self, session, stanza: dict, kind: int, node: str | None, now: float, deadline: float) -> None:
+    def __init__(self, session, stanza: dict, kind: int, node: str | None, now: float) -> None:
         self.session = session
         self.stanza = stanza
         self.kind = kind
         self.node = node
-        self.sent = now
-        self.deadline = deadline
+        self.sent = now  # when it left for its node (set again when a held one leaves)
         self.answer: bytes | None = None  # the other node's encoded answer
         self.done = kind == DEFERRED  # answered (or timed out); a deferred entry waits for nothing
         self.seq = 0
-        self.record: list | None = None  # what goes to the node (kept while held back)
-        self.stream: tuple | None = None  # (session key, node): a stored stanza, one in flight per stream
+        self.record: list | None = None  # what goes to the node, kept while held back (None: it left)
+        self.stream: tuple | None = None  # (session key, node, group or not): one in flight per stream
         self.poisoned = False  # an earlier stanza of its device's chain timed out: refused, not stored here
 
 
-class _OwnCopies:
-    """Stands in for the sender while its own copies are committed here, after the recipient's
-    node acked: the sender then gets that node's ``ack`` — the message is stored — even if its
-    own copies could not be (counted as ``own_copies_lost``)."""
+class _StandIn:
+    """What stands in for a session while another node works on its stanza: the session's
+    identity, device key and frame bound, as the domain's ``Session`` port wants them."""
 
-    __slots__ = ("session", "identity", "session_key", "max_plaintext_bytes", "remote_answer", "relay")
-    relayed = False
+    __slots__ = ("session", "identity", "session_key", "max_plaintext_bytes")
     closed = False
 
-    def __init__(self, session, remote_answer: bytes, relay: Relay) -> None:
+    def __init__(self, session) -> None:
         self.session = session
         self.identity = session.identity
         self.session_key = session.session_key
         self.max_plaintext_bytes = session.max_plaintext_bytes
+
+
+class _OwnCopies(_StandIn):
+    """Stands in for the sender while its own copies are committed here, after the recipient's
+    node acked: the sender then gets that node's ``ack`` — the message is stored — even if its
+    own copies could not be (counted as ``own_copies_lost``)."""
+
+    __slots__ = ("remote_answer", "relay")
+    relayed = False
+
+    def __init__(self, session, remote_answer: bytes, relay: Relay) -> None:
+        super().__init__(session)
         self.remote_answer = remote_answer
         self.relay = relay
 
@@ -161,23 +169,18 @@ class _OwnCopies:
         self.relay.router.push_encoded(self.session, self.remote_answer)
 
 
-class _Gather:
+class _Gather(_StandIn):
     """One ``dir.lookup`` asked of every node: this node's answer first (it stands in for the
     session while the local handler serves it), then each other node's; the session gets the
     users of all of them in byte order (at most ``MAX_DIRECTORY_USERS``), or the first refusal —
     ``overloaded`` when a node did not answer in time (nothing is stored by a look-up)."""
 
-    __slots__ = ("relay", "session", "identity", "session_key", "max_plaintext_bytes", "stanza", "users",
-                 "waiting", "done")
+    __slots__ = ("relay", "stanza", "users", "waiting", "done")
     relayed = True  # the local handler must serve it here, not gather again
-    closed = False
 
     def __init__(self, relay: Relay, session, stanza: dict) -> None:
+        super().__init__(session)
         self.relay = relay
-        self.session = session
-        self.identity = session.identity
-        self.session_key = session.session_key
-        self.max_plaintext_bytes = session.max_plaintext_bytes
         self.stanza = stanza
         self.users: set[str] = set()
         self.waiting = 0  # other nodes still to answer
@@ -208,39 +211,30 @@ class _Gather:
             self.relay.router.answer(self.session, {"t": "res", "id": self.stanza["id"], "users": merged})
 
 
-class _Silent:
+class _Silent(_StandIn):
     """The sender of group typing pushed to other nodes: their answer (none, or a refusal of
     theirs) is not the sender's business — typing is never answered unless refused where it
     was sent."""
 
-    __slots__ = ("identity", "session_key", "max_plaintext_bytes")
+    __slots__ = ()
     relayed = True
     closed = True  # nothing is sent to it
-
-    def __init__(self, session) -> None:
-        self.identity = session.identity
-        self.session_key = session.session_key
-        self.max_plaintext_bytes = session.max_plaintext_bytes
 
     def send_encoded(self, encoded: bytes) -> None:
         return None
 
 
-class _Checked:
+class _Checked(_StandIn):
     """A ``group.new``/``group.add`` at the group's home while the members living on other nodes
     are checked there; then served here as relayed (``checked``: those members), answering the
     session; the first refusal from a member's node is the answer instead."""
 
-    __slots__ = ("relay", "session", "identity", "session_key", "max_plaintext_bytes", "stanza", "checked",
-                 "waiting", "done")
+    __slots__ = ("relay", "stanza", "checked", "waiting", "done")
     relayed = True  # served by the handler as checked and charged already
-    closed = False
 
     def __init__(self, relay: Relay, session, stanza: dict, checked: frozenset) -> None:
-        self.relay, self.session, self.stanza, self.checked = relay, session, stanza, checked
-        self.identity = session.identity
-        self.session_key = session.session_key
-        self.max_plaintext_bytes = session.max_plaintext_bytes
+        super().__init__(session)
+        self.relay, self.stanza, self.checked = relay, stanza, checked
         self.waiting = 0
         self.done = False
 
@@ -268,21 +262,16 @@ class _Checked:
         self.relay.router.push_encoded(self.session, encoded)
 
 
-class _GroupFanout:
+class _GroupFanout(_StandIn):
     """Stands in for the sender of a group message or change at the group's home: once this
     node committed it (its answer comes here), each other node with members asks to store their
     copies; the sender is answered when all did — this node's answer, or the first refusal."""
 
-    __slots__ = ("relay", "session", "identity", "session_key", "max_plaintext_bytes", "relayed", "g", "by_node",
-                 "payload", "original", "answer", "error", "waiting")
-    closed = False
+    __slots__ = ("relay", "relayed", "g", "by_node", "payload", "original", "answer", "error", "waiting")
 
     def __init__(self, relay: Relay, session, g: bytes, by_node: dict, payload: dict, original: dict) -> None:
-        self.relay, self.session, self.g, self.by_node, self.payload, self.original = (
-            relay, session, g, by_node, payload, original)
-        self.identity = session.identity
-        self.session_key = session.session_key
-        self.max_plaintext_bytes = session.max_plaintext_bytes
+        super().__init__(session)
+        self.relay, self.g, self.by_node, self.payload, self.original = relay, g, by_node, payload, original
         self.relayed = session.relayed
         self.answer: bytes | None = None
         self.error: bytes | None = None
@@ -338,7 +327,7 @@ class Relay:
         self._deadlines: list = []  # heap of (deadline, seq)
         self._chains: dict[tuple, deque] = {}  # session key -> its stanzas settled in order (own copies)
         self._waiting_per_device: dict[tuple, int] = {}  # session key -> its stanzas waiting (or held)
-        self._streams: dict[tuple, deque] = {}  # (session key, node) -> its stored stanzas: in flight, then held
+        self._streams: dict[tuple, deque] = {}  # (session key, node, group or not) -> stored stanzas: in flight, then held
         self._seq = 0
         self._flush_asked = False  # wake() was called and the edge has not flushed since
         self._homes: dict[str, str] = {}
@@ -417,7 +406,7 @@ class Relay:
                 stanza_id(stanza, "msg")
             else:
                 router.rcpt_parts(session, stanza)
-            self._chain(Pending(session, stanza, DEFERRED, None, now, now))
+            self._chain(Pending(session, stanza, DEFERRED, None, now))
             return True
         self._admit(session, now)
         if kind == "state":
@@ -531,7 +520,7 @@ class Relay:
         if k == "check":
             for member in members:
                 try:
-                    self.groups._check_addable(member, identity)
+                    self.groups.check_addable(member, identity)
                 except RouteError as exc:
                     router.answer(session, {"t": "err", "code": exc.code, "msg": exc.message, "id": stanza["id"], **exc.fields})
                     return
@@ -546,30 +535,13 @@ class Relay:
             entry.skip_full = True
             entry.shared = True
             return
-        blocked = router.policy.blocked_among(members, frozenset(members), identity.user)
         if k == "event":
-            build = event_builder(stanza["fields"])
-            items, targets = [], []
-            for user in members:
-                if user in blocked:
-                    continue
-                for device in self.store.devices(user):
-                    if user == identity.user and device == identity.device:
-                        continue
-                    items.append((device_key(user, device), build))
-                    targets.append((user, device))
+            items, targets = self.groups.event_copies(members, identity.user, identity.device,
+                                                      event_builder(stanza["fields"]), self.store.devices)
             router.enqueue_control(session, {"t": "res", "id": 0}, stanza["ts"] / 1000, items, targets)
             return
         if k == "state":
-            encoded = encode_stanza({"t": "state", "from": identity.user, "g": g, "s": stanza["s"]})
-            sessions = router.sessions
-            for user in members:
-                if user == identity.user or user in blocked:
-                    continue
-                for device in self.store.devices(user):
-                    target = sessions.get((user, device))
-                    if target is not None:
-                        router.push_encoded(target, encoded)
+            self.groups.push_state(members, frozenset(members), identity.user, g, stanza["s"], self.store.devices)
             return
         raise TypeError(f"gfan of an unknown kind {k!r}")
 
@@ -603,7 +575,7 @@ class Relay:
         before the resend of the first (``_streams``)."""
         self._seq += 1
         identity = session.identity
-        pending = Pending(session, stanza if original is None else original, kind, node, now, now + self.timeout_s)
+        pending = Pending(session, stanza if original is None else original, kind, node, now)
         pending.seq = self._seq
         pending.record = [self._seq, identity.provider, identity.localpart, identity.device,
                           session.max_plaintext_bytes, stanza]
@@ -632,9 +604,9 @@ class Relay:
         # What a group's home asks of member nodes (a check, then the copies) must both fit in
         # the time the sender's node gives the whole request.
         inner = isinstance(pending.session, (_Checked, _GroupFanout))
-        pending.sent, pending.deadline = now, now + self.timeout_s * (INNER_SHARE if inner else 1.0)
+        pending.sent = now
         self.waiting[pending.seq] = pending
-        heapq.heappush(self._deadlines, (pending.deadline, pending.seq))
+        heapq.heappush(self._deadlines, (now + self.timeout_s * (INNER_SHARE if inner else 1.0), pending.seq))
 
     def _stream_answered(self, pending: Pending, now: float, *, timed_out: bool) -> None:
         """The stream's head was answered: send the next one; or it timed out: the ones held
@@ -718,12 +690,6 @@ class Relay:
         self.counters["timeouts"] += expired
         return expired
 
-    @property
-    def next_deadline(self) -> float | None:
-        while self._deadlines and self._deadlines[0][1] not in self.waiting:
-            heapq.heappop(self._deadlines)
-        return self._deadlines[0][0] if self._deadlines else None
-
     def _settle(self, pending: Pending, answer: bytes | None, now: float, *, timed_out: bool = False) -> None:
         if pending.kind == FORWARD:
             if answer is not None:
@@ -748,7 +714,7 @@ class Relay:
                 self.counters["held_back"] += 1
                 self.router.push_encoded(head.session, encode_stanza({
                     "t": "err", "code": "overloaded", "retry_after": RETRY_AFTER_MS, **reference(head.stanza),
-                    **({"unconfirmed": True} if head.kind == OWN else {}),
+                    **({"unconfirmed": True} if head.kind == OWN and head.record is None else {}),  # it left
                     "msg": "an earlier message of this device got no answer in time; resend this after it"}))
                 continue
             try:

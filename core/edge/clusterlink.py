@@ -76,7 +76,6 @@ class ClusterLink:
         self._queue: deque = deque()  # (subject, payload) for the sender task, in order
         self._ready = asyncio.Event()
         self._sender: asyncio.Task | None = None
-        self._flush_scheduled = False
         self._ticker: asyncio.TimerHandle | None = None
         self._max_batch_bytes = 512 * 1024
         self._closing = False
@@ -149,12 +148,11 @@ class ClusterLink:
         if any(isinstance(answer, dict) and answer.get("i") != self.instance for answer in answers):
             raise ConfigError(f"cluster.node: node {self.node} is already running (another process answers for it)")
 
-    async def check_membership(self) -> dict[str, dict]:
-        """Ask every other node who it is; ``ConfigError`` if one runs another node list. Returns
-        the answers of the nodes that are up."""
+    async def check_membership(self) -> None:
+        """Ask every other node who it is; ``ConfigError`` if one runs another node list (a node
+        that is not up checks this node's list when it starts)."""
         from nats.errors import NoRespondersError
 
-        answers = {}
         for other in self.config.nodes:
             if other == self.node:
                 continue
@@ -167,8 +165,6 @@ class ClusterLink:
                 raise ConfigError(
                     f"cluster: node {other} runs another node list (its version {hello.get('version')}, this node's "
                     f"{self.config.version}): every node must list the same nodes, addresses and version; not serving")
-            answers[other] = hello
-        return answers
 
     async def stop_serving(self) -> None:
         """Take no more stanzas from other nodes (a drain: what they relayed so far is committed
@@ -213,12 +209,10 @@ class ClusterLink:
     # -- output: once per loop turn
 
     def _wake(self) -> None:
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
+        """The relay has output, and asks once until it is taken (``Relay._ask_flush``)."""
+        asyncio.get_running_loop().call_soon(self._flush)
 
     def _flush(self) -> None:
-        self._flush_scheduled = False
         outgoing, replies = self.relay.take_output()
         try:
             for node, records in outgoing.items():
@@ -286,19 +280,29 @@ class ClusterLink:
             return None
         return origin
 
-    async def _on_relay(self, message) -> None:
+    def _read(self, message, field: str) -> tuple[str, dict, list] | None:
+        """A relay or answers message: (origin node, the batch, its list ``field``), or None when it
+        names no other node or cannot be read (another node's bug: counted, logged, dropped —
+        its senders time out)."""
         origin = self._origin(message)
         if origin is None:
-            return
+            return None
         try:
             batch = _unpack(message.data)
-            records = batch["r"]
-            if type(records) is not list:
-                raise TypeError("a relay batch is {m, r}")
-        except Exception as exc:  # another node's bug: log it, keep serving
+            entries = batch[field]
+            if type(entries) is not list:
+                raise TypeError(f"the batch's {field!r} is not a list")
+        except Exception as exc:  # anything unreadable is the same fault here
             self.counters["malformed_batches"] += 1
-            log.error("cluster: unreadable relay batch from %s: %s", origin, exc)
+            log.error("cluster: unreadable batch on %s from %s: %s", message.subject, origin, exc)
+            return None
+        return origin, batch, entries
+
+    async def _on_relay(self, message) -> None:
+        read = self._read(message, "r")
+        if read is None:
             return
+        origin, batch, records = read
         self.counters["batches_in"] += 1
         try:
             if batch.get("m") != self.digest:
@@ -315,18 +319,10 @@ class ClusterLink:
             self.server.cluster_input_done()
 
     async def _on_answers(self, message) -> None:
-        origin = self._origin(message)
-        if origin is None:
+        read = self._read(message, "a")
+        if read is None:
             return
-        try:
-            batch = _unpack(message.data)
-            answers = batch["a"]
-            if type(answers) is not list:
-                raise TypeError("an answers batch is {a}")
-        except Exception as exc:  # another node's bug: its senders time out
-            self.counters["malformed_batches"] += 1
-            log.error("cluster: unreadable answers from %s: %s", origin, exc)
-            return
+        origin, _, answers = read
         now = self.clock()
         relay, observe = self.relay, self.round_trips.observe
         try:
