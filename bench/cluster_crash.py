@@ -450,33 +450,32 @@ class ClusterCrashTest(crash.CrashTest):
 
     # -- the processes
 
-    async def start_node(self, name: str) -> None:
-        node = self.nodes[name]
+    async def _start(self, what: str, start) -> None:
+        """``start()``, tried START_ATTEMPTS times (a port still held by the killed process)."""
         for attempt in range(1, START_ATTEMPTS + 1):
             try:
-                await node.start()
-                break
+                await start()
+                return
             except ConfigError as exc:
-                self.fail(f"{name} did not start (attempt {attempt}): {str(exc)[-600:]}")
+                self.fail(f"{what} did not start (attempt {attempt}): {str(exc)[-600:]}")
                 if attempt == START_ATTEMPTS:
                     raise
                 await asyncio.sleep(0.5)
+
+    async def start_node(self, name: str) -> None:
+        node = self.nodes[name]
+        await self._start(name, node.start)
         if not self.root_public:
             self.root_public = node.root_public
         self.event(f"{name} up")
 
     async def start_nats(self) -> None:
-        for attempt in range(1, START_ATTEMPTS + 1):
-            try:
-                if self.nats.log_path.exists() and self.nats_starts:
-                    self.nats.log_path.replace(self.nats.log_path.with_suffix(f".log.{self.nats_starts}"))
-                await self.nats.start()
-                break
-            except ConfigError as exc:
-                self.fail(f"nats-server did not start (attempt {attempt}): {str(exc)[-600:]}")
-                if attempt == START_ATTEMPTS:
-                    raise
-                await asyncio.sleep(0.5)
+        async def start() -> None:
+            if self.nats.log_path.exists() and self.nats_starts:
+                self.nats.log_path.replace(self.nats.log_path.with_suffix(f".log.{self.nats_starts}"))
+            await self.nats.start()
+
+        await self._start("nats-server", start)
         self.nats_starts += 1
         self.nats_up = True
         self.event("nats up")
@@ -594,31 +593,7 @@ class ClusterCrashTest(crash.CrashTest):
                 else:
                     idle_since.pop(device.name, None)
             await asyncio.sleep(0.05)
-        self.closing = True
-        await asyncio.sleep(QUIET_S)  # duplicates arriving late would show now
-        for device in self.devices:
-            client = device.client
-            if client is not None and not client.closed:
-                try:
-                    await client.ping(timeout_s=SEND_TIMEOUT_S)
-                except (InterlinkError, TimeoutError) as exc:
-                    self.fail(f"{device.name}: no pong after the drain: {exc!r}")
-                await client.close()
-        done, stuck = await asyncio.wait(self.loops, timeout=WIND_DOWN_S)
-        for task in done:
-            self.check_task(task, "final drain")
-        for task in stuck:
-            task.cancel()
-            self.fail("final drain: a device did not stop after its client closed")
-        if stuck:
-            await asyncio.wait(stuck)
-        for device in self.devices:
-            client = await self.connect(device, auto_recv=False)
-            pending = client.welcome.get("pending", 0)
-            if pending:
-                self.note(f"{device.name}: {pending} items still pending after the drain")
-            self.stats["pending_after_drain"] += pending
-            await client.close()
+        await self.end_drain(self.loops)
 
     async def run(self) -> dict:
         self.started = time.monotonic()

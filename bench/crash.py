@@ -452,6 +452,40 @@ class CrashTest:
                     missing.append((device, message))
         return missing
 
+    async def end_drain(self, tasks) -> None:
+        """The end of the final drain: a quiet moment for late duplicates, every client pinged
+        (an answer means the gateway read every recv sent before it) and closed, the device
+        ``tasks`` waited for, then each device once more without reading, to count what the
+        gateway still holds for it (everything was received: nothing)."""
+        self.closing = True
+        await asyncio.sleep(QUIET_S)  # duplicates arriving late would show now
+        for device in self.devices:
+            client = device.client
+            if client is not None and not client.closed:
+                try:
+                    await client.ping(timeout_s=SEND_TIMEOUT_S)
+                except (InterlinkError, TimeoutError) as exc:
+                    self.fail(f"{device.name}: no pong after the drain: {exc!r}")
+                await client.close()
+        done, stuck = await asyncio.wait(tasks, timeout=WIND_DOWN_S)
+        for task in done:
+            self.check_task(task, "final drain")
+        for task in stuck:
+            task.cancel()
+            self.fail("final drain: a device did not stop after its client closed")
+        if stuck:
+            await asyncio.wait(stuck)
+        for device in self.devices:
+            client = await self.connect(device, auto_recv=False)
+            if client is None:
+                self.fail(f"{device.name}: could not reconnect after the drain")
+                continue
+            pending = client.welcome.get("pending", 0)
+            if pending:
+                self.note(f"{device.name}: {pending} items still pending after the drain")
+            self.stats["pending_after_drain"] += pending
+            await client.close()
+
     async def final_drain(self) -> None:
         self.producing = False
         await self.gateway.start()
@@ -466,36 +500,7 @@ class CrashTest:
                     sessions[index] = asyncio.create_task(self.session(self.devices[index]))
                     await asyncio.sleep(0.1)
             await asyncio.sleep(0.05)
-        self.closing = True
-        await asyncio.sleep(QUIET_S)  # duplicates arriving late would show now
-        # A ping answered means the gateway read every recv sent before it; then close.
-        for device in self.devices:
-            client = device.client
-            if client is not None and not client.closed:
-                try:
-                    await client.ping(timeout_s=SEND_TIMEOUT_S)
-                except (InterlinkError, TimeoutError) as exc:
-                    self.fail(f"{device.name}: no pong after the drain: {exc!r}")
-                await client.close()
-        done, stuck = await asyncio.wait(sessions, timeout=WIND_DOWN_S)
-        for task in done:
-            self.check_task(task, "final drain")
-        for task in stuck:
-            task.cancel()
-            self.fail("final drain: a session did not end after its client closed")
-        if stuck:
-            await asyncio.wait(stuck)
-        # What the gateway still holds for each device (everything was received: nothing).
-        for device in self.devices:
-            client = await self.connect(device, auto_recv=False)
-            if client is None:
-                self.fail(f"{device.name}: could not reconnect after the drain")
-                continue
-            pending = client.welcome.get("pending", 0)
-            if pending:
-                self.note(f"{device.name}: {pending} items still pending after the drain")
-            self.stats["pending_after_drain"] += pending
-            await client.close()
+        await self.end_drain(sessions)
         await self.gateway.stop()
 
     async def run(self) -> dict:

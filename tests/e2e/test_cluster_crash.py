@@ -12,27 +12,16 @@ clients resend a refused message before anything new, as docs/protocol.md §6 as
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
-CLUSTER_CRASH_PY = Path(__file__).resolve().parents[2] / "bench" / "cluster_crash.py"
+from e2e.test_crash import load_bench
+
 SCHEDULE = ("node", "node", "nats")
-
-
-def load_driver():
-    spec = importlib.util.spec_from_file_location("interlink_bench_cluster_crash", CLUSTER_CRASH_PY)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.slow
 async def test_sigkilled_nodes_and_nats_lose_and_duplicate_nothing(tmp_path):
-    driver = load_driver()
+    driver = load_bench("cluster_crash")
     # Bounded: the driver stops its children in a finally, also when this timeout fires.
     counts = await driver.run(cycles=len(SCHEDULE), kill=list(SCHEDULE), seed=5, data_dir=tmp_path, min_delay=0.5,
                               max_delay=1.0, max_down=1.5, request_timeout_s=1.0, timeout_s=150)

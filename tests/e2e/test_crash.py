@@ -18,12 +18,14 @@ import pytest
 
 from interlink.config import GatewayConfig
 
-CRASH_PY = Path(__file__).resolve().parents[2] / "bench" / "crash.py"
+BENCH = Path(__file__).resolve().parents[2] / "bench"
 CYCLES = 5
 
 
-def load_driver():
-    spec = importlib.util.spec_from_file_location("interlink_bench_crash", CRASH_PY)
+def load_bench(script: str):
+    """``bench/<script>.py`` as a module (bench/ is not a package; the cluster crash test loads its
+    driver this way too)."""
+    spec = importlib.util.spec_from_file_location(f"interlink_bench_{script}", BENCH / f"{script}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up
     spec.loader.exec_module(module)
@@ -34,7 +36,7 @@ def load_driver():
 @pytest.mark.parametrize("resend, writemap", [("driver", False), ("outbox", False), ("driver", True)],
                          ids=["driver", "outbox", "driver-writemap"])
 async def test_sigkilled_gateway_loses_duplicates_and_reorders_nothing(tmp_path, resend, writemap):
-    crash = load_driver()
+    crash = load_bench("crash")
     # Bounded: the driver kills its gateway child in a finally, also when this timeout fires.
     counts = await crash.run(cycles=CYCLES, senders=3, seed=3, data_dir=tmp_path, resend=resend, timeout_s=120,
                              writemap=writemap)
