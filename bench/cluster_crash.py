@@ -403,22 +403,31 @@ class ClusterCrashTest(crash.CrashTest):
             tasks.add(task)
             task.add_done_callback(tasks.discard)
 
+        async def slot_without_refusals() -> None:
+            """A slot, at a moment when no refused message waits for its resend: that one goes
+            before anything after it (docs/protocol.md §6)."""
+            while True:
+                await no_refusals.wait()
+                await slots.acquire()
+                if no_refusals.is_set() or client.closed:
+                    return
+                slots.release()  # refused while this one waited for a slot
+
         for message in list(device.unacked.values()):
-            await slots.acquire()
+            await slot_without_refusals()
             if client.closed:
                 slots.release()
                 break
+            if message.msg_id in self.in_flight:  # already being resent by its own refusal's loop
+                slots.release()
+                continue
             launch(message)
         else:
             while self.producing:
-                await no_refusals.wait()
-                await slots.acquire()
+                await slot_without_refusals()
                 if client.closed or not self.producing:
                     slots.release()
                     break
-                if not no_refusals.is_set():  # refused while this one waited for a slot
-                    slots.release()
-                    continue
                 launch(self.new_message(device))
         if tasks:
             await asyncio.gather(*tasks)
