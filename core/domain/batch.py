@@ -58,7 +58,7 @@ class MessageEntry:
     one copy per item, all or none against the mailbox quotas (``skip_full``: per copy)."""
 
     __slots__ = (
-        "sender_key", "msg_id", "ts_ms", "items", "guard", "skip_full", "shared",
+        "sender_key", "msg_id", "ts_ms", "items", "guard", "skip_full", "shared", "outbox", "fanin",
         "dup", "stored", "refused", "kept", "dropped_full",
     )
 
@@ -75,6 +75,12 @@ class MessageEntry:
         #: every item has the same ``build``, whose copies differ only in their seq (a group
         #: message's ``GroupDlv``): the store keeps what they share once
         self.shared = False
+        #: a cluster's group home: [(node, seq, packed record)] — the copies for members of other
+        #: nodes, written to the outbox with the entry (not when it is a duplicate or refused)
+        self.outbox: list | None = None
+        #: a cluster's member node: (home node, its incarnation, seq) — the outbox entry this
+        #: stores; one stored before (or in this transaction) makes the entry a duplicate
+        self.fanin: tuple[str, bytes, int] | None = None
         self.dup = False  #: after the commit: stored before, nothing written now
         self.stored: list = []  #: after the commit: [(device key, seq, encoded dlv)]
         self.refused: str | None = None  #: after the commit: why nothing was stored (``mailbox_full``, ``conflict``)
@@ -92,7 +98,8 @@ class ControlEntry:
     ``dropped_full``). When the ``group`` write or the ``guard`` fails (``refused`` =
     ``"conflict"``) none of the items is stored."""
 
-    __slots__ = ("ts_ms", "items", "group", "reply", "guard", "stored", "refused", "kept", "dropped_full")
+    __slots__ = ("ts_ms", "items", "group", "reply", "guard", "outbox", "fanin", "dup", "stored", "refused", "kept",
+                 "dropped_full")
 
     def __init__(self, ts_ms: int, items: list, group: GroupWrite | None, reply: dict | None) -> None:
         self.ts_ms = ts_ms
@@ -100,13 +107,16 @@ class ControlEntry:
         self.group = group
         self.reply = reply  #: the ``iq`` ``res`` the domain sends once the commit is durable
         self.guard: tuple[bytes, int] | None = None  #: as ``MessageEntry.guard``
+        self.outbox: list | None = None  #: as ``MessageEntry.outbox`` (written unless ``refused``)
+        self.fanin: tuple[str, bytes, int] | None = None  #: as ``MessageEntry.fanin``
+        self.dup = False  #: after the commit: its ``fanin`` entry was stored before, nothing written now
         self.stored: list = []  #: after the commit: [(device key, seq, encoded dlv)]
         self.refused: str | None = None  #: after the commit: ``conflict`` when nothing was written
         self.kept: list[int] | None = None  #: after the commit, when copies were skipped: indices of ``items`` stored
         self.dropped_full = 0  #: after the commit: copies skipped past the overdraft
 
     def clear_outcome(self) -> None:
-        self.stored, self.refused, self.kept, self.dropped_full = [], None, None, 0
+        self.dup, self.stored, self.refused, self.kept, self.dropped_full = False, [], None, None, 0
 
 
 class PrekeyTake:
@@ -130,7 +140,7 @@ class WriteBatch:
     received items to delete, and the push intents' changes (``core/domain/push.py``)."""
 
     __slots__ = ("entries", "deletions", "load", "push_wake", "push_cancel", "push_done", "push_created",
-                 "push_existing")
+                 "push_existing", "outboxed", "outbox_acked")
 
     def __init__(self) -> None:
         self.entries: list[MessageEntry | ControlEntry | PrekeyTake] = []
@@ -147,9 +157,15 @@ class WriteBatch:
         self.push_done: list[tuple[bytes, int, bool]] = []  # (device key, counter, again): a push was answered
         self.push_created: list[tuple[bytes, int]] = []  # after the commit: (device key, counter)
         self.push_existing: list[tuple[bytes, int]] = []  # after the commit: woken devices' intents already owed
+        # A cluster's group home (core/domain/outbox.py): the entries with an ``outbox`` (their
+        # written ones go to the member nodes after the commit), and per member node the last
+        # outbox entry it confirmed (the commit deletes it and those before it).
+        self.outboxed: list[MessageEntry | ControlEntry] = []
+        self.outbox_acked: dict[str, int] = {}
 
     def __bool__(self) -> bool:
-        return bool(self.entries or self.deletions or self.push_wake or self.push_cancel or self.push_done)
+        return bool(self.entries or self.deletions or self.push_wake or self.push_cancel or self.push_done
+                    or self.outbox_acked)
 
     def add_message(self, sender_key: bytes, msg_id: bytes, ts_ms: int, items: list) -> MessageEntry:
         entry = MessageEntry(sender_key, msg_id, ts_ms, items)

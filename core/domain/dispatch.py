@@ -176,6 +176,8 @@ class Domain:
     def committed(self, commit: Commit) -> None:
         for change, written in self.router.committed(commit):
             self.groups.settled(change, written)
+        if commit.batch.outboxed:  # a cluster's group home: what other nodes store now goes there
+            self.relay.outbox_committed(commit.batch.outboxed, self.relay.clock())
 
     def failed(self, commit: Commit, exc: InterlinkError) -> None:
         for change, written in self.router.failed(commit, exc):

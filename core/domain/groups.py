@@ -290,13 +290,12 @@ class Groups:
         extra = (len(items) + COPIES_PER_LOAD - 1) // COPIES_PER_LOAD - 1
         if extra > 0:
             self.router.charge(session, now, extra)
-        if relay is not None:  # members homed on other nodes: their nodes store their copies after this commit
-            session = relay.group_fanout(session, g, record.members, {
-                "k": "msg", "id": msg_id, "b": body}, stanza)
         message = self.router.enqueue(session, msg_id, items, targets, now)
         message.skip_full = True
         message.shared = True  # every copy is GroupDlv's: the store keeps the body once
         self._guard(message, g, record)
+        if relay is not None:  # members homed on other nodes: their nodes store their copies, from this commit's outbox
+            relay.fan_out(message, session, g, record.members, {"k": "msg", "id": msg_id, "b": body, "ts": message.ts_ms})
 
     def route_state(self, session: Session, stanza: dict, state: str, now: float) -> None:
         """Group typing state: ephemeral, pushed to the other members' online devices."""
@@ -500,10 +499,9 @@ class Groups:
         reply = {"t": "res", "id": iq_id, "ver": ver}
         if result:
             reply.update(result)
-        if relay is not None:  # recipients homed on other nodes: their nodes store the event after this commit
-            session = relay.group_fanout(session, g, recipients, {"k": "event", "fields": fields, "ts": int(now * 1000)},
-                                         {"t": "iq", "id": iq_id})
-        self.router.enqueue_control(session, reply, now, items, targets, change)
+        entry = self.router.enqueue_control(session, reply, now, items, targets, change)
+        if relay is not None:  # recipients homed on other nodes: their nodes store the event, from this commit's outbox
+            relay.fan_out(entry, session, g, recipients, {"k": "event", "fields": fields, "ts": entry.ts_ms})
 
 
 def _group_id(value, what: str) -> bytes:

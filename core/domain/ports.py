@@ -161,6 +161,23 @@ class GroupStore(Protocol):
         """The stored record of group ``g``, or None."""
 
 
+class FanoutStore(Protocol):
+    """A cluster node's group fan-out streams (``core/domain/outbox.py``): entries are written and
+    marked only through ``commit`` (an entry's ``outbox`` and ``fanin``, the batch's
+    ``outbox_acked``)."""
+
+    incarnation: bytes  #: drawn when the store was first made: tells a home's streams from a former one's
+
+    def outbox_entries(self, node: str, after: int = 0, limit: int | None = None) -> list[tuple[int, bytes]]:
+        """The outbox entries for ``node`` numbered after ``after``, in order: [(seq, packed record)]."""
+
+    def outbox_last(self, node: str) -> int:
+        """The last seq given to an entry for ``node`` (0: none yet)."""
+
+    def outbox_nodes(self) -> dict[str, int]:
+        """Every node with outbox entries waiting, and how many."""
+
+
 class BlobStore(Protocol):
     """Blob records (``core/domain/blobs.py``); each method is a transaction of its own."""
 
@@ -254,7 +271,7 @@ class Offload(Protocol):
         back on the loop, after which the edge writes out the sessions ``done`` answered."""
 
 
-class Store(MailboxStore, SocialStore, KeyStore, GroupStore, BlobStore, PushStore, Protocol):
+class Store(MailboxStore, SocialStore, KeyStore, GroupStore, FanoutStore, BlobStore, PushStore, Protocol):
     """Every table family, and the group commit that writes across them."""
 
     def commit(self, batch: WriteBatch) -> None:

@@ -45,6 +45,7 @@ from interlink.core.domain.cluster import Membership
 from interlink.core.errors import InterlinkError, RouteError, StanzaError
 from interlink.core.domain.fanout import GroupDlv, plan_group
 from interlink.core.domain.groups import GROUP_ID_BYTES, event_builder
+from interlink.core.domain.outbox import FINAL, OK, Outbox, outcome
 from interlink.core.domain.ops import MAX_DIRECTORY_USERS, address_field, device_list
 from interlink.core.domain.router import MAX_ADDRESS_CHARS, check_devices, stanza_id, typing_state
 from interlink.core.protocol.stanza import encode_stanza
@@ -190,7 +191,7 @@ class _Gather(_StandIn):
         """This node's own answer (from the local handler)."""
         self._take(encoded, local=True)
 
-    def node_answered(self, encoded: bytes | None) -> None:
+    def node_answered(self, encoded: bytes | None, now: float) -> None:
         self.waiting -= 1
         self._take(encoded, local=False)
 
@@ -238,7 +239,7 @@ class _Checked(_StandIn):
         self.waiting = 0
         self.done = False
 
-    def node_answered(self, encoded: bytes | None) -> None:
+    def node_answered(self, encoded: bytes | None, now: float) -> None:
         self.waiting -= 1
         if self.done:
             return
@@ -262,47 +263,23 @@ class _Checked(_StandIn):
         self.relay.router.push_encoded(self.session, encoded)
 
 
-class _GroupFanout(_StandIn):
-    """Stands in for the sender of a group message or change at the group's home: once this
-    node committed it (its answer comes here), each other node with members asks to store their
-    copies; the sender is answered when all did — this node's answer, or the first refusal."""
+class _Delivery:
+    """One outbox entry of a group's home in flight to a member's node (``core/domain/outbox.py``):
+    stands in for its sender (whose identity the member's node stores the copies under) and
+    reports the node's answer to the outbox."""
 
-    __slots__ = ("relay", "relayed", "g", "by_node", "payload", "original", "answer", "error", "waiting")
+    __slots__ = ("relay", "node", "seq", "identity", "session_key", "max_plaintext_bytes")
+    relayed = True
+    closed = False
 
-    def __init__(self, relay: Relay, session, g: bytes, by_node: dict, payload: dict, original: dict) -> None:
-        super().__init__(session)
-        self.relay, self.g, self.by_node, self.payload, self.original = relay, g, by_node, payload, original
-        self.relayed = session.relayed
-        self.answer: bytes | None = None
-        self.error: bytes | None = None
-        self.waiting = 0
+    def __init__(self, relay: Relay, node: str, seq: int, identity: Identity, max_plaintext_bytes: int) -> None:
+        self.relay, self.node, self.seq = relay, node, seq
+        self.identity = identity
+        self.session_key = ("outbox", node)  # not an address: counted apart from every device
+        self.max_plaintext_bytes = max_plaintext_bytes
 
-    def send_encoded(self, encoded: bytes) -> None:
-        """This node's answer, after its commit."""
-        answer = msgpack.unpackb(encoded, raw=False)
-        if answer.get("t") not in ("ack", "res"):
-            self.relay.router.push_encoded(self.session, encoded)  # nothing stored here: no copies elsewhere
-            return
-        self.answer = encoded
-        payload = dict(self.payload)
-        if payload["k"] == "msg":
-            payload["ts"] = answer["ts"]  # the first store's time, a resend's too: every member's copy the same
-        now = self.relay.clock()
-        for node, members in self.by_node.items():
-            self.waiting += 1
-            self.relay._send(node, self, {"t": "gfan", "g": self.g, "members": members, **payload}, GATHER, now,
-                             original=self.original)
-
-    def node_answered(self, encoded: bytes | None) -> None:
-        self.waiting -= 1
-        answer = msgpack.unpackb(encoded, raw=False) if encoded is not None else None
-        if self.error is None and (answer is None or answer.get("t") not in ("ack", "res")):
-            # Stored here already (and maybe there): the refusal says so, and a resend is recognised.
-            refusal = answer if answer is not None else {"t": "err", "code": "internal", **reference(self.original),
-                                                           "msg": "a member's node did not store the copies"}
-            self.error = encode_stanza({**refusal, "unconfirmed": True})
-        if self.waiting == 0:
-            self.relay.router.push_encoded(self.session, self.error or self.answer)
+    def node_answered(self, encoded: bytes | None, now: float) -> None:
+        self.relay.delivered(self, msgpack.unpackb(encoded, raw=False) if encoded is not None else None, now)
 
 
 class Relay:
@@ -335,6 +312,11 @@ class Relay:
         self.counters = {"relayed": 0, "answered": 0, "timeouts": 0, "late_answers": 0, "served": 0,
                          "malformed": 0, "misrouted": 0, "refused": 0, "own_copies_lost": 0, "internal_errors": 0,
                          "held_back": 0}
+        # This node's group fan-out to member nodes, durable until each stored it.
+        self.outbox = Outbox(self.store, node, membership.nodes)
+        self.counters.update(self.outbox.counters)
+        self.outbox.counters = self.counters  # one dict: stats and /metrics read it
+        self._pump_asked = False  # an outbox answer may let the next window go: send it when the caller is done
 
     # -- where a user lives
 
@@ -484,14 +466,60 @@ class Relay:
         """The user's devices if it lives here; () for a user of another node (its node stores its copies)."""
         return () if self.home_of(user) is not None else self.store.devices(user)
 
-    def group_fanout(self, session, g: bytes, recipients, payload: dict, original: dict):
-        """The stand-in for ``session`` while a group message or event commits here: once it is
-        stored, each node of ``recipients`` living elsewhere is asked to store their copies
-        (``_GroupFanout``). ``session`` itself when all of them live here."""
+    def fan_out(self, entry, session, g: bytes, recipients, payload: dict) -> None:
+        """A group message or event of ``session`` at the group's home: for each node of
+        ``recipients`` living elsewhere, an outbox entry written with ``entry`` in its commit, sent
+        there after it (``core/domain/outbox.py``) and again until that node stored it."""
         by_node = self._by_node(recipients)
         if not by_node:
-            return session
-        return _GroupFanout(self, session, g, by_node, payload, original)
+            return
+        identity = session.identity
+        outbox = self.outbox
+        entries = []
+        for node, members in by_node.items():
+            record = [identity.provider, identity.localpart, identity.device, session.max_plaintext_bytes,
+                      {"t": "gfan", "g": g, "members": members, **payload}]
+            seq, packed = outbox.entry(node, record)
+            entries.append((node, seq, packed, record))
+        self.router.attach_outbox(entry, entries)
+
+    def outbox_committed(self, entries, now: float) -> None:
+        """A commit ended: the outbox entries of its ``entries`` that were written join their streams."""
+        outbox = self.outbox
+        for entry in entries:
+            if entry.refused is not None or entry.dup:
+                continue  # nothing stored: nor its outbox entries (a duplicate's went with the first store)
+            for node, seq, packed, record in entry.outbox:
+                outbox.committed(node, seq, record, len(packed))
+        self._pump(now)
+
+    def _pump(self, now: float) -> None:
+        """Send every outbox window that is due."""
+        self._pump_asked = False
+        incarnation = self.outbox.incarnation
+        for node, window in self.outbox.due(now):
+            for seq, record in window:
+                provider, localpart, device, max_plaintext, stanza = record
+                delivery = _Delivery(self, node, seq, self._identity(provider, localpart, device), max_plaintext)
+                self._send(node, delivery, {**stanza, "o": seq, "n": incarnation}, GATHER, now,
+                           original={"t": "gfan"})
+
+    def delivered(self, delivery: _Delivery, answer: dict | None, now: float) -> None:
+        """A member node's answer to an outbox entry (None: none in time)."""
+        result = outcome(answer)
+        if result != OK and result != FINAL and answer is not None and answer.get("code") != "overloaded":
+            log.warning("cluster: node %s did not store group fan-out entry %d (%s: %s); sending it again",
+                        delivery.node, delivery.seq, answer.get("code"), answer.get("msg"))
+        outbox = self.outbox
+        outbox.answered(delivery.node, delivery.seq, result, now)
+        for node, upto in outbox.take_acked().items():
+            self.router.forget_outbox(node, upto)
+        self._pump_asked = True
+
+    @property
+    def needs_tick(self) -> bool:
+        """Deadlines or outbox retries are due some time: the edge's ticker must keep running."""
+        return bool(self.waiting) or self.outbox.has_work
 
     def group_state(self, session, g: bytes, members, state: str, now: float) -> None:
         """Group typing state for the members living on other nodes: pushed there, not answered."""
@@ -500,9 +528,10 @@ class Relay:
             self._send(node, _Silent(session), {"t": "gfan", "k": "state", "g": g, "members": users, "s": state},
                        FORWARD, now, original={"t": "state"})
 
-    def _serve_fanout(self, session, stanza: dict, now: float) -> None:
+    def _serve_fanout(self, session, stanza: dict, now: float, home: str) -> None:
         """What a group's home node asks of this one for members living here: store a message's or
-        an event's copies (answered after the commit), push typing state, or check members."""
+        an event's copies (an entry of the home's outbox: answered after the commit, recognised
+        when it comes again), push typing state, or check members."""
         router = self.router
         identity = session.identity
         members = stanza.get("members")
@@ -517,6 +546,13 @@ class Relay:
             raise TypeError("gfan msg needs 'id' (16 bytes) and 'b' (bin)")
         if k == "event" and type(stanza.get("fields")) is not dict:
             raise TypeError("gfan event needs 'fields'")
+        fanin = None
+        if k in ("msg", "event"):
+            entry_seq, incarnation = stanza.get("o"), stanza.get("n")
+            if type(entry_seq) is not int or not 0 < entry_seq < 1 << 63 or type(incarnation) is not bytes \
+                    or len(incarnation) != 8:
+                raise TypeError("gfan msg/event needs 'o' (its outbox seq) and 'n' (the home's incarnation)")
+            fanin = (home, incarnation, entry_seq)
         if k == "check":
             for member in members:
                 try:
@@ -534,11 +570,12 @@ class Relay:
             entry = router.enqueue(session, stanza["id"], items, targets, stanza["ts"] / 1000)
             entry.skip_full = True
             entry.shared = True
+            entry.fanin = fanin
             return
         if k == "event":
             items, targets = self.groups.event_copies(members, identity.user, identity.device,
                                                       event_builder(stanza["fields"]), self.store.devices)
-            router.enqueue_control(session, {"t": "res", "id": 0}, stanza["ts"] / 1000, items, targets)
+            router.enqueue_control(session, {"t": "res", "id": 0}, stanza["ts"] / 1000, items, targets).fanin = fanin
             return
         if k == "state":
             self.groups.push_state(members, frozenset(members), identity.user, g, stanza["s"], self.store.devices)
@@ -603,7 +640,7 @@ class Relay:
         pending.record = None
         # What a group's home asks of member nodes (a check, then the copies) must both fit in
         # the time the sender's node gives the whole request.
-        inner = isinstance(pending.session, (_Checked, _GroupFanout))
+        inner = isinstance(pending.session, _Checked)
         pending.sent = now
         self.waiting[pending.seq] = pending
         heapq.heappush(self._deadlines, (now + self.timeout_s * (INNER_SHARE if inner else 1.0), pending.seq))
@@ -655,6 +692,8 @@ class Relay:
         if pending.stream is not None:
             self._stream_answered(pending, now, timed_out=False)
         self._settle(pending, answer, now)
+        if self._pump_asked:
+            self._pump(now)
         return now - pending.sent
 
     def expire(self, now: float, *, everything: bool = False) -> int:
@@ -688,6 +727,10 @@ class Relay:
             if pending.stream is not None:
                 self._stream_answered(pending, now, timed_out=True)
         self.counters["timeouts"] += expired
+        if everything:  # closing: what the outbox holds is sent after the next start
+            self._pump_asked = False
+        elif self._pump_asked or self.outbox.has_work:
+            self._pump(now)  # windows answered or timed out, retries whose wait is over
         return expired
 
     def _settle(self, pending: Pending, answer: bytes | None, now: float, *, timed_out: bool = False) -> None:
@@ -696,7 +739,7 @@ class Relay:
                 self.router.push_encoded(pending.session, answer)
             return
         if pending.kind == GATHER:
-            pending.session.node_answered(answer)
+            pending.session.node_answered(answer, now)
             return
         pending.answer, pending.done = answer, True
         key = pending.session.session_key
@@ -772,7 +815,10 @@ class Relay:
         """Serve the stanzas node ``node`` relayed: each record is [seq, provider, localpart,
         device, max plaintext bytes, stanza]; its answer is owed back (``take_output``). A record
         whose sender does not live on ``node``, or whose stanza is for a user who does not live
-        here, is refused: the nodes disagree about the node list (or ``node`` is not a node)."""
+        here, is refused: the nodes disagree about the node list (or ``node`` is not a node).
+        Once one of ``node``'s outbox entries is not stored, its later ones in ``records`` are
+        refused too (``overloaded``): the home sends them again after it, in order."""
+        stream_broken = False
         for record in records:
             try:
                 seq, provider, localpart, device, max_plaintext, stanza = record
@@ -781,10 +827,19 @@ class Relay:
                 identity = self._identity(provider, localpart, device)
             except (TypeError, ValueError, InterlinkError):
                 self.counters["malformed"] += 1
+                stream_broken = True  # it may have been an outbox entry
                 continue
             session = RelayedSession(self, node, seq, identity, max_plaintext)
             self.counters["served"] += 1
             kind = stanza.get("t")
+            streamed = kind == "gfan" and "o" in stanza  # an outbox entry: stored in the home's order
+            if streamed and stream_broken:
+                session.send_encoded(encode_stanza({
+                    "t": "err", "code": "overloaded", "retry_after": RETRY_AFTER_MS,
+                    "msg": "an earlier entry of this fan-out was not stored; send this again after it"}))
+                continue
+            if streamed:
+                stream_broken = True  # until it is served below
             op = stanza.get("op") if kind == "iq" else None
             op = op if type(op) is str else None
             gathered = op in GATHERED_OPS
@@ -818,10 +873,11 @@ class Relay:
                 session.send_encoded(encode_stanza({
                     "t": "err", "code": "provider_suspended", **reference(stanza),
                     "msg": f"provider {identity.provider!r} is not served (suspended or removed)"}))
+                stream_broken = stream_broken and not streamed  # refused for good (outbox.FINAL_REFUSALS)
                 continue
             try:
                 if fanout:
-                    self._serve_fanout(session, stanza, now)
+                    self._serve_fanout(session, stanza, now, node)
                 elif op in ("group.new", "group.add"):
                     self._precheck(session, stanza, now)
                 else:
@@ -831,6 +887,7 @@ class Relay:
                 self.counters["internal_errors"] += 1
                 session.send_encoded(internal_error(stanza, "the gateway failed to handle this stanza"))
                 continue
+            stream_broken = stream_broken and not streamed
             if not session.answered and (kind == "state" or (fanout and stanza.get("k") == "state")):
                 self.reply(node, seq, None)  # served: the sender's node stops waiting
 

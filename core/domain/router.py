@@ -302,6 +302,18 @@ class Router:
             self._wake_offline(items, targets)
         return entry
 
+    def attach_outbox(self, entry, entries: list) -> None:
+        """A cluster's group home: ``entries`` ([(node, seq, packed, record)]) are written to the
+        outbox with ``entry`` (``core/domain/outbox.py``)."""
+        entry.outbox = entries
+        self._batch.outboxed.append(entry)
+
+    def forget_outbox(self, node: str, upto: int) -> None:
+        """``node`` stored the outbox entries up to ``upto``: the next commit deletes them."""
+        acked = self._batch.outbox_acked
+        if upto > acked.get(node, 0):
+            acked[node] = upto
+
     def _wake_offline(self, items, targets) -> None:
         """The registered devices among ``targets`` that have no session: the commit writes a
         push intent for each that holds items and owes none yet. (``items[i][0]`` is already
@@ -359,6 +371,8 @@ class Router:
         each with False (not written), for the groups to forget."""
         settled = []
         self._carry_push(commit.batch)
+        for node, upto in commit.batch.outbox_acked.items():  # confirmed still: deleted by the next commit
+            self.forget_outbox(node, upto)
         for session, entry, _ in commit.waiting:
             if type(entry) is MessageEntry:
                 self.answer(session, {"t": "err", "code": exc.code, "msg": exc.message, "ref": entry.msg_id})

@@ -116,6 +116,7 @@ class ClusterLink:
             await self.nc.close()
             raise
         self._sender = asyncio.get_running_loop().create_task(self._send_loop())
+        self._keep_ticking()  # group fan-out entries left from before a restart go out now
         log.info("cluster node %s joined through %s (node list version %d, %d nodes)", self.node,
                  redact(str(self.nc.connected_url.geturl())) if self.nc.connected_url else "?", config.version,
                  len(config.nodes))
@@ -220,8 +221,7 @@ class ClusterLink:
             for node, answers in replies.items():
                 self.counters["answer_batches_out"] += self._publish_batch(subject(node, "answers", self.node), "a", answers)
         finally:
-            if self.relay.waiting and self._ticker is None and not self._closing:
-                self._ticker = asyncio.get_running_loop().call_later(EXPIRY_TICK_S, self._tick)
+            self._keep_ticking()
 
     def _publish_batch(self, name: str, field: str, entries: list) -> int:
         """Queue ``entries`` for subject ``name`` in one message, or in halves while one would be
@@ -264,9 +264,13 @@ class ClusterLink:
         self._ticker = None
         if self._closing:
             return
-        if self.relay.expire(self.clock()):
+        if self.relay.expire(self.clock()):  # also sends the group fan-out entries that are due
             self.server.cluster_input_done()
-        if self.relay.waiting:
+        self._keep_ticking()
+
+    def _keep_ticking(self) -> None:
+        """Look for deadlines and due fan-out entries every ``EXPIRY_TICK_S`` while there are any."""
+        if self._ticker is None and not self._closing and self.relay.needs_tick:
             self._ticker = asyncio.get_running_loop().call_later(EXPIRY_TICK_S, self._tick)
 
     # -- input

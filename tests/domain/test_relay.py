@@ -210,8 +210,9 @@ def group_homed_on(node: str) -> bytes:
 
 def test_a_group_message_is_stored_by_each_members_node_with_the_homes_time(nodes, monkeypatch):
     """The group lives on node-a (its id's home); bob lives on node-b, which is asked to check
-    him, then to store the creation event and each message's copy — after node-a's commit, with
-    node-a's time — and alice is answered once node-b stored."""
+    him, then to store the creation event and each message's copy from node-a's outbox — after
+    node-a's commit, with node-a's time. Alice is answered after node-a's commit: the outbox entry
+    for node-b is written in it, and deleted once node-b confirmed it."""
     import interlink.core.domain.relay as relay_module
 
     a, b = nodes
@@ -222,25 +223,31 @@ def test_a_group_message_is_stored_by_each_members_node_with_the_homes_time(node
     [check] = carry(a, b)  # bob is checked where he lives, before anything is written
     assert check[5]["k"] == "check" and check[5]["members"] == [B1] and not a.domain.router.has_batch
     answer(a, b)
-    a.commit()  # the group and its event for node-a's members
-    assert alice.take() == [] and a.store.group(g) is not None and b.store.group(g) is None
+    assert a.store.outbox_entries("node-b") == []
+    a.commit()  # the group, its event for node-a's members and the outbox entry for node-b's
+    assert alice.take() == [{"t": "res", "id": 1, "ver": 1, "g": g}]
+    assert a.store.group(g) is not None and b.store.group(g) is None
+    [(seq, _)] = a.store.outbox_entries("node-b")
     [event] = carry(a, b)
     assert event[5]["k"] == "event" and event[5]["members"] == [B1]  # node-b's recipients only
+    assert (event[5]["o"], event[5]["n"]) == (seq, a.store.incarnation)
     b.commit()
     [created] = bob.take()
     assert (created["k"], created["event"], created["g"], created["from"]) == ("group", "created", g, A1)
     answer(a, b)
-    assert alice.take() == [{"t": "res", "id": 1, "ver": 1, "g": g}]
+    a.commit()  # node-b confirmed: the entry goes
+    assert a.store.outbox_entries("node-b") == [] and a.store.outbox_last("node-b") == seq
 
     stanza = {"t": "msg", "id": os.urandom(16), "g": g, "b": b"hello group"}
     a.domain.dispatch(alice, stanza, NOW + 5)
     a.commit()
+    [ack] = alice.take()
     carry(a, b)
     b.commit()
     [dlv] = bob.take()
-    answer(a, b)
-    [ack] = alice.take()
     assert ack["id"] == stanza["id"] and dlv["ts"] == ack["ts"] and (dlv["c"], dlv["g"]) == (b"hello group", g)
+    answer(a, b)
+    assert a.relay.counters["outbox_stored"] == 2 and a.relay.outbox.backlog == 0
 
 
 def test_a_member_refused_by_its_node_stops_the_group_change_before_anything_is_written(nodes, monkeypatch):
@@ -268,14 +275,18 @@ def test_a_group_request_goes_to_the_groups_home(nodes, monkeypatch):
     a.domain.dispatch(alice, {"t": "iq", "id": 3, "op": "group.new", "members": [], "x": [[[]]]}, NOW)
     [record] = carry(a, b)
     assert record[5] == {"t": "iq", "id": 3, "op": "group.new", "members": [], "g": g}
-    b.commit()  # the group, on its home
-    [event] = carry(b, a)  # the created event for alice's (other) devices, stored where she lives
-    assert event[5]["k"] == "event" and event[5]["members"] == [A1]
-    a.commit()
-    answer(b, a)
-    answer(a, b)
+    b.commit()  # the group, on its home: answered, and the created event for alice's (other) devices
+    outgoing, replies = b.relay.take_output()
+    [[seq, encoded]] = replies["node-a"]
+    a.relay.answered("node-b", seq, encoded, NOW)
     [res] = alice.take()
     assert res["g"] == g and b.store.group(g) is not None and a.store.group(g) is None
+    [event] = outgoing["node-a"]  # stored where she lives
+    assert event[5]["k"] == "event" and event[5]["members"] == [A1]
+    a.relay.serve("node-b", [event], NOW)
+    a.commit()
+    answer(b, a)
+    assert b.relay.counters["outbox_stored"] == 1
 
 
 def test_a_relayed_iq_carries_only_its_checked_fields(nodes):
@@ -501,21 +512,26 @@ def test_a_gfan_must_come_from_its_groups_home_and_carry_well_formed_fields(node
     a.open(A1)
     sender = A1.split("@")[0]
     g_b, g_a = group_homed_on("node-b"), group_homed_on("node-a")
-    good = {"t": "gfan", "k": "msg", "g": g_a, "members": [B1], "id": os.urandom(16), "b": b"hi", "ts": 1_800_000_000_000}
+    good = {"t": "gfan", "k": "msg", "g": g_a, "members": [B1], "id": os.urandom(16), "b": b"hi", "ts": 1_800_000_000_000,
+            "o": 1, "n": bytes(8)}
     records = [
         [1, "alpha", sender, 1, 65000, {**good, "g": g_b}],  # a group homed on node-b: not node-a's to fan out
         [2, "alpha", sender, 1, 65000, {k: v for k, v in good.items() if k != "g"}],  # no group at all
         [3, "alpha", sender, 1, 65000, {**good, "ts": -5}],  # would fail the commit
         [4, "alpha", sender, 1, 65000, {**good, "id": b"short"}],
-        [5, "alpha", sender, 1, 65000, good],  # the only good one
+        [5, "alpha", sender, 1, 65000, {**good, "o": 0}],  # not an outbox entry's number
+        [6, "alpha", sender, 1, 65000, {**good, "n": b"short"}],  # nor an incarnation
+        [7, "alpha", sender, 1, 65000, good],  # the only good one
     ]
-    b.relay.serve("node-a", msgpack.unpackb(msgpack.packb(records), raw=False, strict_map_key=False), NOW)
-    b.commit()
-    _, replies = b.relay.take_output()
-    answers = {seq: msgpack.unpackb(encoded) for seq, encoded in replies["node-a"]}
-    assert {seq: x["code"] for seq, x in answers.items() if x["t"] == "err"} == {1: "internal", 2: "internal",
-                                                                                 3: "internal", 4: "internal"}
-    assert answers[5]["t"] == "ack"
+    answers = {}
+    for record in records:  # each alone: a refused entry refuses the stream's later ones in its batch
+        b.relay.serve("node-a", msgpack.unpackb(msgpack.packb([record]), raw=False, strict_map_key=False), NOW)
+        b.commit()
+        _, replies = b.relay.take_output()
+        answers.update({seq: msgpack.unpackb(encoded) for seq, encoded in replies["node-a"]})
+    assert {seq: x["code"] for seq, x in answers.items() if x["t"] == "err"} == {
+        1: "internal", 2: "internal", 3: "internal", 4: "internal", 5: "internal", 6: "internal"}
+    assert answers[7]["t"] == "ack"
     [dlv] = b.domain.router.sessions[(B1, 1)].take()
     assert (dlv["c"], dlv["g"], dlv["from"]) == (b"hi", g_a, A1)
 
@@ -536,3 +552,125 @@ def test_a_held_stanza_with_own_copies_is_refused_as_never_sent(nodes):
     assert second["ref"] == held["id"] and "unconfirmed" not in second
     assert a.relay.counters["held_back"] == 1
 
+
+
+def group_with(a: Node, b: Node, monkeypatch, *members: str) -> tuple[bytes, FakeSession]:
+    """A group homed on node-a, made by alice (node-a) with ``members`` (node-b's users), its
+    creation event delivered to node-b; returns (g, alice's session)."""
+    import interlink.core.domain.relay as relay_module
+
+    g = group_homed_on("node-a")
+    monkeypatch.setattr(relay_module, "new_group_id", lambda: g)
+    alice = a.open(A1)
+    a.domain.dispatch(alice, {"t": "iq", "id": 1, "op": "group.new", "members": list(members)}, NOW)
+    carry(a, b)
+    answer(a, b)
+    a.commit()
+    assert alice.take()[0]["t"] == "res"
+    carry(a, b)
+    b.commit()
+    answer(a, b)
+    a.commit()
+    return g, alice
+
+
+def group_msg(g: bytes, body: bytes) -> dict:
+    return {"t": "msg", "id": os.urandom(16), "g": g, "b": body}
+
+
+def test_a_fan_out_node_b_never_got_is_sent_again_in_order_until_stored(nodes, monkeypatch):
+    """Node-b misses a window (restarting, NATS away): alice is acked by node-a's commit anyway,
+    and node-a sends the window again after its deadline and RETRY_S, with what came after it,
+    until node-b stores it — once, in node-a's order."""
+    from interlink.core.domain.outbox import RETRY_S
+
+    a, b = nodes
+    bob = b.open(B1)
+    g, alice = group_with(a, b, monkeypatch, B1)
+    bob.take()
+    a.domain.dispatch(alice, group_msg(g, b"one"), NOW)
+    a.commit()
+    a.relay.take_output()  # the window with "one" is lost
+    a.domain.dispatch(alice, group_msg(g, b"two"), NOW)
+    a.commit()
+    assert a.relay.take_output() == ({}, {})  # "two" waits behind the window in flight
+    assert [x["t"] for x in alice.take()] == ["ack", "ack"] and a.relay.outbox.backlog == 2
+    a.relay.expire(NOW + 2.5)  # the window's deadline: not yet sent again
+    assert a.relay.take_output() == ({}, {})
+    a.relay.expire(NOW + 2.5 + RETRY_S)
+    assert [r[5]["b"] for r in carry(a, b)] == [b"one", b"two"]
+    b.commit()
+    answer(a, b)
+    assert [d["c"] for d in bob.take()] == [b"one", b"two"]
+    assert a.relay.outbox.backlog == 0 and a.relay.counters["outbox_resent"] == 1
+    a.commit()
+    assert a.store.outbox_entries("node-b") == []
+
+
+def test_an_entry_stored_whose_answer_was_lost_is_recognised_when_it_comes_again(nodes, monkeypatch):
+    a, b = nodes
+    bob = b.open(B1)
+    g, alice = group_with(a, b, monkeypatch, B1)
+    bob.take()
+    a.domain.dispatch(alice, group_msg(g, b"once"), NOW)
+    a.domain.dispatch(alice, {"t": "iq", "id": 9, "op": "group.del", "g": g, "members": [B1]}, NOW)
+    a.commit()
+    window = carry(a, b)
+    assert [r[5]["k"] for r in window] == ["msg", "event"]
+    b.commit()
+    b.relay.take_output()  # node-b's answers are lost
+    assert [d.get("c", d.get("event")) for d in bob.take()] == [b"once", "removed"]
+    a.relay.expire(NOW + 10)
+    a.relay.expire(NOW + 11)
+    assert carry(a, b)[0][5]["o"] == window[0][5]["o"]  # the same entries again
+    b.commit()
+    answer(a, b)
+    assert bob.take() == [] and b.store.pending_count(device_key(B1, 1)) == 3  # created, once, removed
+    assert a.relay.outbox.backlog == 0
+
+
+def test_the_outbox_outlives_a_restart_of_the_groups_home_and_numbers_on(nodes, monkeypatch, tmp_path):
+    a, b = nodes
+    bob = b.open(B1)
+    g, alice = group_with(a, b, monkeypatch, B1)
+    bob.take()
+    a.domain.dispatch(alice, group_msg(g, b"before the crash"), NOW)
+    a.commit()
+    a.relay.take_output()  # node-a dies before node-b stored it
+    a.store.close()
+    restarted = Node(tmp_path / "a", "node-a")
+    try:
+        assert restarted.relay.outbox.backlog == 1
+        restarted.relay.expire(NOW)  # the edge's ticker: the waiting entry goes out at start
+        [entry] = carry(restarted, b)
+        b.commit()
+        answer(restarted, b)
+        alice = restarted.open(A1)
+        restarted.domain.dispatch(alice, group_msg(g, b"after it"), NOW + 1)
+        restarted.commit()
+        [later] = carry(restarted, b)
+        assert later[5]["o"] == entry[5]["o"] + 1  # numbers never used twice
+        b.commit()
+        answer(restarted, b)
+        assert [d["c"] for d in bob.take()] == [b"before the crash", b"after it"]
+    finally:
+        restarted.store.close()
+        a.store = lmdb_store(tmp_path / "other", sync=False, map_size_bytes=1 << 20)  # the fixture closes it
+
+
+def test_a_refused_entry_refuses_the_later_entries_of_its_stream_in_the_batch(nodes):
+    """Stored in the home's order or not at all: an entry after a refused one would otherwise
+    move node-b's mark past the refused one, which would then never be stored."""
+    a, b = nodes
+    b.open(B1)
+    g = group_homed_on("node-a")
+    sender = A1.split("@")[0]
+    entry = {"t": "gfan", "k": "msg", "g": g, "members": [B1], "b": b"x", "ts": 1_800_000_000_000, "n": bytes(8)}
+    b.relay.serve("node-a", [
+        [1, "alpha", sender, 1, 65000, {**entry, "o": 1, "id": b"short"}],
+        [2, "alpha", sender, 1, 65000, {**entry, "o": 2, "id": os.urandom(16)}],
+    ], NOW)
+    b.commit()
+    _, replies = b.relay.take_output()
+    codes = [msgpack.unpackb(encoded)["code"] for _, encoded in replies["node-a"]]
+    assert codes == ["internal", "overloaded"] and b.store.pending_count(device_key(B1, 1)) == 0

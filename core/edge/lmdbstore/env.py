@@ -16,7 +16,7 @@ import lmdb
 
 from interlink.core.errors import ConfigError, StoreFullError
 
-MAX_DBS = 24  # named databases the environment may hold (the families open 20)
+MAX_DBS = 32  # named databases the environment may hold (the families open 24)
 
 
 def open_environment(

@@ -2,7 +2,8 @@
 (mailboxes, social, keys, groups, blobs, push).
 
 ``commit(batch)`` is the group commit: one write transaction in which each entry goes to its
-family's writer, in batch order, then the ``recv`` deletions, the push intents and the mailbox
+family's writer, in batch order (with a cluster's outbox entries and marks, ``outbox.py``), then
+the confirmed outbox entries' deletion, the ``recv`` deletions, the push intents and the mailbox
 counters. A full
 map aborts the whole transaction (``StoreFullError``; no entry keeps an outcome). Every other
 method is the family's own, bound once, and runs in a transaction of its own.
@@ -14,11 +15,12 @@ import os
 
 import lmdb
 
-from interlink.core.domain.batch import ControlEntry, MessageEntry, WriteBatch
+from interlink.core.domain.batch import MessageEntry, PrekeyTake, WriteBatch
 from interlink.core.edge.lmdbstore.blobs import BlobRecords
 from interlink.core.edge.lmdbstore.env import open_environment, store_full
 from interlink.core.edge.lmdbstore.groups import GroupRecords
 from interlink.core.edge.lmdbstore.keys import Keys
+from interlink.core.edge.lmdbstore.outbox import FanoutRecords
 from interlink.core.edge.lmdbstore.mailboxes import (
     CONTROL_OVERDRAFT_BYTES,
     CONTROL_OVERDRAFT_ITEMS,
@@ -101,6 +103,12 @@ class LmdbStore:
         self.expired_blobs = blob_records.expired_blobs
         self.delete_blobs = blob_records.delete_blobs
         self.blob_usage = blob_records.blob_usage
+        self.fanout = fanout = FanoutRecords(self.env)
+        self.incarnation = fanout.incarnation
+        self.outbox_entries = fanout.outbox_entries
+        self.outbox_last = fanout.outbox_last
+        self.outbox_nodes = fanout.outbox_nodes
+        self.fanin_mark = fanout.fanin_mark
 
     def close(self) -> None:
         self.env.close()
@@ -128,12 +136,19 @@ class LmdbStore:
         return self.mailboxes.dedup_unswept
 
     def commit(self, batch: WriteBatch) -> None:
-        mailboxes, groups, keys = self.mailboxes, self.groups, self.keys
+        mailboxes, groups, keys, fanout = self.mailboxes, self.groups, self.keys, self.fanout
         try:
             with self.env.begin(write=True) as txn:
                 states: dict = {}  # device key -> MailboxState, as this transaction left it
                 for entry in batch.entries:
                     kind = type(entry)
+                    if kind is PrekeyTake:
+                        entry.bundles = keys.take(txn, entry.user, entry.devices)
+                        continue
+                    fanin = entry.fanin
+                    if fanin is not None and fanout.seen(txn, fanin):
+                        entry.dup = True  # a group home's outbox entry sent again: stored before
+                        continue
                     if kind is MessageEntry:
                         # A duplicate answers dup whatever the group became; else a guarded
                         # entry must match the stored record.
@@ -142,14 +157,20 @@ class LmdbStore:
                             entry.refused = "conflict"
                         else:
                             mailboxes.write_message(txn, entry, states)
-                    elif kind is ControlEntry:
+                        written = not entry.dup and entry.refused is None
+                    else:
                         if ((entry.guard is not None and not groups.has_ver(txn, entry.guard))
                                 or (entry.group is not None and not groups.write(txn, entry.group))):
                             entry.refused = "conflict"  # computed from a change that never committed
                         else:
                             mailboxes.write_control(txn, entry, states)
-                    else:
-                        entry.bundles = keys.take(txn, entry.user, entry.devices)
+                        written = entry.refused is None
+                    if fanin is not None and entry.refused is None:
+                        fanout.mark(txn, fanin)
+                    if written and entry.outbox:
+                        fanout.write(txn, entry.outbox)
+                for node, upto in batch.outbox_acked.items():
+                    fanout.delete_acked(txn, node, upto)
                 if batch.deletions:
                     mailboxes.delete(txn, batch.deletions, states)
                 if batch.push_wake or batch.push_cancel or batch.push_done:

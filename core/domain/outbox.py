@@ -1,0 +1,176 @@
+"""A group home's fan-out to its members' nodes, kept until each node stored it (issue 18;
+docs/architecture.md "Cluster"). Sans-I/O: ``core/domain/relay.py`` sends what ``due`` hands
+out and reports each answer; the store keeps the entries (``core/edge/lmdbstore/outbox.py``).
+
+A group message or membership change committed at the group's home carries, for every other node
+with recipients, one outbox *entry* — the ``gfan`` record that node stores the copies from —
+written in the same transaction, numbered per node in commit order. So once the sender is
+answered, the copies for every member are durable somewhere: stored at the home, or in its outbox
+until the member's node stores them.
+
+Each member node's entries are a stream: a window of them is sent, the next window only when every
+entry of this one was answered; an entry the node did not store (no answer in time, a refusal)
+is sent again, with those after it, after ``RETRY_S`` — for as long as it takes (the node may be
+down for hours; its entries wait on disk, ``MEMORY_ENTRIES`` of them in memory). The member's node
+stores each entry's copies with a mark of the stream's last entry in one transaction, so an entry
+sent again is recognised there (``dup``), and entries reach it in the home's commit order. A
+refusal that sending again cannot change (``FINAL_REFUSALS``: the sender's provider is suspended
+there) ends the entry: counted, logged, not sent again.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+
+import msgpack
+
+log = logging.getLogger("interlink.cluster")
+
+WINDOW_ENTRIES = 128  # entries of one stream in flight at once
+WINDOW_BYTES = 256 * 1024  # ... and their packed size (one NATS message carries a window)
+MEMORY_ENTRIES = 4096  # entries of one stream kept in memory; the rest are read from the store in turn
+RETRY_S = 0.5  # after a window with an entry not stored, before it is sent again
+FINAL_REFUSALS = frozenset({"provider_suspended", "bad_stanza"})  # sending again cannot change them
+OK, RETRY, FINAL = 0, 1, 2  # what an answer means for its entry
+
+
+def outcome(answer: dict | None) -> int:
+    """What a member node's answer to an entry means: stored (``ack``/``res``, a duplicate too),
+    to be sent again (no answer, ``overloaded``, ``internal``...), or refused for good."""
+    if answer is None:
+        return RETRY
+    if answer.get("t") in ("ack", "res"):
+        return OK
+    return FINAL if answer.get("code") in FINAL_REFUSALS else RETRY
+
+
+class NodeStream:
+    """One member node's entries not yet confirmed, oldest first."""
+
+    __slots__ = ("node", "queue", "assigned", "loaded", "on_disk", "in_flight", "stored", "failed", "retry_at",
+                 "backlog", "sent")
+
+    def __init__(self, node: str, assigned: int, backlog: int) -> None:
+        self.node = node
+        self.queue: deque = deque()  # (seq, record, packed size), committed, in seq order
+        self.assigned = assigned  # the last seq given to an entry (committed or not)
+        self.loaded = 0  # the last seq put in ``queue`` (a commit's report of one up to it is already there)
+        self.on_disk = backlog > 0  # committed entries after ``loaded`` are in the store only
+        self.in_flight = 0  # entries at the head of ``queue`` sent and not yet answered
+        self.stored: set[int] = set()  # entries of the window in flight the node confirmed
+        self.failed = False  # an entry of the window in flight was not stored
+        self.retry_at = 0.0  # no window before this time
+        self.backlog = backlog  # entries committed and not yet confirmed (memory and store)
+        self.sent = 0  # the last seq sent at least once
+
+
+class Outbox:
+    """Every other node's stream of this node's group fan-out."""
+
+    def __init__(self, store, node: str, nodes) -> None:
+        self.store = store
+        self.incarnation: bytes = store.incarnation
+        waiting = store.outbox_nodes()
+        self.streams: dict[str, NodeStream] = {
+            other: NodeStream(other, store.outbox_last(other), waiting.get(other, 0)) for other in nodes if other != node
+        }
+        for other, count in waiting.items():
+            if other not in self.streams:
+                log.warning("cluster: %d group fan-out entries wait for node %s, which is not in the node list; "
+                            "they are kept, not sent", count, other)
+        self.acked: dict[str, int] = {}  # node -> the last entry it confirmed since the last take_acked
+        self.counters = {"outbox_sent": 0, "outbox_resent": 0, "outbox_stored": 0, "outbox_refused": 0}
+
+    @property
+    def backlog(self) -> int:
+        """Entries committed and not yet confirmed by their node."""
+        return sum(stream.backlog for stream in self.streams.values())
+
+    @property
+    def has_work(self) -> bool:
+        """Some stream has entries to send (now or after a retry's wait)."""
+        return any(stream.queue or stream.on_disk for stream in self.streams.values())
+
+    def entry(self, node: str, record: list) -> tuple[int, bytes]:
+        """Number ``record`` ([provider, localpart, device, max plaintext bytes, gfan stanza]) for
+        ``node``'s stream: (seq, packed), to be written with the entry that causes it. A number
+        whose commit fails is never used again (the node sees a gap, which is harmless)."""
+        stream = self.streams[node]
+        stream.assigned += 1
+        return stream.assigned, msgpack.packb(record)
+
+    def committed(self, node: str, seq: int, record: list, size: int) -> None:
+        """Entry ``seq`` for ``node`` is durable: it joins the stream."""
+        stream = self.streams[node]
+        stream.backlog += 1
+        if seq <= stream.loaded:
+            return  # read from the store already (its commit ended while the stream was refilled)
+        if stream.on_disk or len(stream.queue) >= MEMORY_ENTRIES:
+            stream.on_disk = True  # read in turn, after those before it
+            return
+        stream.queue.append((seq, record, size))
+        stream.loaded = seq
+
+    def due(self, now: float) -> list[tuple[str, list]]:
+        """The windows to send now: [(node, [(seq, record), ...])]; each is in flight until every
+        entry of it is ``answered``."""
+        windows = []
+        for stream in self.streams.values():
+            if stream.in_flight or stream.retry_at > now or not (stream.queue or stream.on_disk):
+                continue
+            if stream.on_disk and len(stream.queue) < WINDOW_ENTRIES:
+                self._refill(stream)
+            window, size = [], 0
+            for seq, record, entry_size in stream.queue:
+                if window and (len(window) >= WINDOW_ENTRIES or size + entry_size > WINDOW_BYTES):
+                    break
+                window.append((seq, record))
+                size += entry_size
+            if window:
+                stream.in_flight = len(window)
+                again = sum(1 for seq, _ in window if seq <= stream.sent)
+                stream.sent = max(stream.sent, window[-1][0])
+                self.counters["outbox_sent"] += len(window) - again
+                self.counters["outbox_resent"] += again
+                windows.append((stream.node, window))
+        return windows
+
+    def _refill(self, stream: NodeStream) -> None:
+        room = MEMORY_ENTRIES - len(stream.queue)
+        entries = self.store.outbox_entries(stream.node, stream.loaded, room)
+        for seq, packed in entries:
+            stream.queue.append((seq, msgpack.unpackb(packed, raw=False), len(packed)))
+            stream.loaded = seq
+        if len(entries) < room:
+            stream.on_disk = False
+
+    def answered(self, node: str, seq: int, result: int, now: float) -> None:
+        """The node's answer to entry ``seq`` of the window in flight (``OK``, ``RETRY``, ``FINAL``)."""
+        stream = self.streams[node]
+        stream.in_flight -= 1
+        if result == RETRY:
+            stream.failed = True
+        else:
+            if result == FINAL:
+                self.counters["outbox_refused"] += 1
+                log.warning("cluster: node %s refused group fan-out entry %d for good; its members there miss it",
+                            node, seq)
+            stream.stored.add(seq)
+        queue = stream.queue
+        while queue and queue[0][0] in stream.stored:  # confirmed from the head on: done
+            done = queue.popleft()[0]
+            stream.stored.discard(done)
+            stream.backlog -= 1
+            self.counters["outbox_stored"] += 1
+            self.acked[node] = done
+        if stream.in_flight == 0:
+            if stream.failed:  # the rest of the window goes again, from its first unconfirmed entry
+                stream.failed = False
+                stream.retry_at = now + RETRY_S
+            stream.stored.clear()
+
+    def take_acked(self) -> dict[str, int]:
+        """Per node, the last entry confirmed since the last call (the next commit deletes up to it)."""
+        acked, self.acked = self.acked, {}
+        return acked

@@ -1,0 +1,120 @@
+"""A cluster node's group fan-out streams (issue 18; ``core/domain/outbox.py``): tables ``outbox``
+and ``fanout_marks``.
+
+At a group's home, a message or membership change whose recipients include members of other
+nodes is written, in the group commit that stores it, as one entry per such node:
+``outbox`` node id, a zero byte, seq (uint64 big-endian) -> msgpack ``[provider, localpart,
+device, max plaintext bytes, gfan stanza]``. Entries are numbered per node, in commit order, and
+stay until that node confirms it stored them (``delete_acked``, in a later commit).
+
+At a member's node, ``fanout_marks`` keeps per home node the last of its entries stored, written
+in the transaction that stores the entry's copies: an entry that comes again (a resend after a
+lost answer) is recognised as a duplicate there. The mark carries the home's *incarnation*, 8
+random bytes drawn when its store was first opened: a home whose data was replaced starts
+numbering again, and its entries are not mistaken for old ones.
+
+``fanout_marks`` keys: ``b"n"`` -> this store's incarnation; ``b"o" + node`` -> the last seq
+this home gave an entry for ``node`` (uint64; kept when the entries are deleted, so numbers are
+never used twice); ``b"i" + home`` -> home's incarnation + the last seq stored from it.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+
+import lmdb
+
+from interlink.core.edge.lmdbstore.env import scan
+
+_SEQ = struct.Struct(">Q")
+INCARNATION_KEY = b"n"
+INCARNATION_BYTES = 8
+
+
+class FanoutRecords:
+    """The outbox (at a group's home) and the marks of what was stored (at a member's node)."""
+
+    def __init__(self, env: lmdb.Environment) -> None:
+        self.env = env
+        self.outbox_db = env.open_db(b"outbox")
+        self.marks_db = env.open_db(b"fanout_marks")
+        with env.begin(write=True, db=self.marks_db) as txn:
+            incarnation = txn.get(INCARNATION_KEY)
+            if incarnation is None:
+                incarnation = os.urandom(INCARNATION_BYTES)
+                txn.put(INCARNATION_KEY, incarnation)
+        self.incarnation = bytes(incarnation)
+
+    # -- at a group's home
+
+    def write(self, txn, entries) -> None:
+        """Put ``entries`` ([(node, seq, packed record, record), ...]) and remember each node's last seq."""
+        last: dict[str, int] = {}
+        for node, seq, packed, _ in entries:
+            txn.put(_outbox_key(node, seq), packed, db=self.outbox_db)
+            if seq > last.get(node, 0):
+                last[node] = seq
+        for node, seq in last.items():
+            key = b"o" + node.encode("ascii")
+            stored = txn.get(key, db=self.marks_db)
+            if stored is None or _SEQ.unpack(stored)[0] < seq:
+                txn.put(key, _SEQ.pack(seq), db=self.marks_db)
+
+    def delete_acked(self, txn, node: str, upto: int) -> int:
+        """Delete ``node``'s entries numbered up to ``upto``; returns how many."""
+        prefix = node.encode("ascii") + b"\x00"
+        cursor = txn.cursor(db=self.outbox_db)
+        deleted = 0
+        if cursor.set_range(prefix):
+            while cursor.key().startswith(prefix) and _SEQ.unpack(cursor.key()[len(prefix):])[0] <= upto:
+                if not cursor.delete():
+                    break
+                deleted += 1
+        return deleted
+
+    def outbox_entries(self, node: str, after: int = 0, limit: int | None = None) -> list[tuple[int, bytes]]:
+        """``node``'s entries numbered after ``after``, in order: [(seq, packed record)]."""
+        prefix = node.encode("ascii") + b"\x00"
+        with self.env.begin(db=self.outbox_db) as txn:
+            return [(_SEQ.unpack(key[len(prefix):])[0], bytes(value))
+                    for key, value in scan(txn.cursor(), prefix, _outbox_key(node, after + 1), limit, values=True)]
+
+    def outbox_last(self, node: str) -> int:
+        """The last seq given to an entry for ``node`` (0: none yet)."""
+        with self.env.begin(db=self.marks_db) as txn:
+            stored = txn.get(b"o" + node.encode("ascii"))
+            return _SEQ.unpack(stored)[0] if stored is not None else 0
+
+    def outbox_nodes(self) -> dict[str, int]:
+        """Every node with entries waiting, and how many."""
+        counts: dict[str, int] = {}
+        with self.env.begin(db=self.outbox_db) as txn:
+            for key in txn.cursor().iternext(keys=True, values=False):
+                node = bytes(key[:-9]).decode("ascii")
+                counts[node] = counts.get(node, 0) + 1
+        return counts
+
+    # -- at a member's node
+
+    def seen(self, txn, fanin: tuple[str, bytes, int]) -> bool:
+        """Was entry ``fanin`` = (home, incarnation, seq) stored before (in this transaction too)?"""
+        home, incarnation, seq = fanin
+        stored = txn.get(b"i" + home.encode("ascii"), db=self.marks_db)
+        return (stored is not None and stored[:INCARNATION_BYTES] == incarnation
+                and _SEQ.unpack(stored[INCARNATION_BYTES:])[0] >= seq)
+
+    def mark(self, txn, fanin: tuple[str, bytes, int]) -> None:
+        """Entry ``fanin`` is stored: it and the home's earlier ones are duplicates from now on."""
+        home, incarnation, seq = fanin
+        txn.put(b"i" + home.encode("ascii"), incarnation + _SEQ.pack(seq), db=self.marks_db)
+
+    def fanin_mark(self, home: str) -> tuple[bytes, int] | None:
+        """(incarnation, last seq) stored from ``home``, or None."""
+        with self.env.begin(db=self.marks_db) as txn:
+            stored = txn.get(b"i" + home.encode("ascii"))
+            return (bytes(stored[:INCARNATION_BYTES]), _SEQ.unpack(stored[INCARNATION_BYTES:])[0]) if stored else None
+
+
+def _outbox_key(node: str, seq: int) -> bytes:
+    return node.encode("ascii") + b"\x00" + _SEQ.pack(seq)
