@@ -136,6 +136,11 @@ class GatewayCollector:
                          cluster["waiting"])
             yield _gauge("interlink_cluster_connected", "1 while this node is connected to NATS.",
                          int(cluster["connected"]))
+            backlog = GaugeMetricFamily("interlink_cluster_outbox_backlog", "Group fan-out entries of the groups "
+                                        "living here that a member node has not yet stored, per node.", labels=["node"])
+            for node, entries in sorted(cluster.get("outbox", {}).items()):
+                backlog.add_metric([node], entries)
+            yield backlog
             trips = cluster["round_trip_seconds"]
             yield HistogramMetricFamily(
                 "interlink_cluster_relay_seconds", "From relaying a stanza to another node to its answer (that "
@@ -164,6 +169,12 @@ _CLUSTER_COUNTERS = (
     ("own_copies_lost", "interlink_cluster_own_copies_lost",
      "Messages acked by the recipient's node whose copies for the sender's other devices could not be stored here."),
     ("internal_errors", "interlink_cluster_internal_errors", "Relayed stanzas that failed on a gateway bug (see the logs)."),
+    ("outbox_sent", "interlink_cluster_outbox_sent", "Group fan-out entries sent to member nodes (first sends)."),
+    ("outbox_resent", "interlink_cluster_outbox_resent",
+     "Group fan-out entries sent again (their node did not confirm them: down, NATS away, a refusal)."),
+    ("outbox_stored", "interlink_cluster_outbox_stored", "Group fan-out entries their member node confirmed stored."),
+    ("outbox_refused", "interlink_cluster_outbox_refused",
+     "Group fan-out entries a member node refused for good (the sender's provider suspended there)."),
 )
 
 _JWKS_COUNTERS = (

@@ -138,6 +138,8 @@ class Outbox:
 
     def _refill(self, stream: NodeStream) -> None:
         room = MEMORY_ENTRIES - len(stream.queue)
+        if room <= 0:
+            return
         entries = self.store.outbox_entries(stream.node, stream.loaded, room)
         for seq, packed in entries:
             stream.queue.append((seq, msgpack.unpackb(packed, raw=False), len(packed)))
@@ -149,15 +151,22 @@ class Outbox:
         """The node's answer to entry ``seq`` of the window in flight (``OK``, ``RETRY``, ``FINAL``)."""
         stream = self.streams[node]
         stream.in_flight -= 1
+        queue = stream.queue
         if result == RETRY:
             stream.failed = True
-        else:
-            if result == FINAL:
-                self.counters["outbox_refused"] += 1
-                log.warning("cluster: node %s refused group fan-out entry %d for good; its members there miss it",
-                            node, seq)
+        elif result == OK:
             stream.stored.add(seq)
-        queue = stream.queue
+        else:  # refused for good: out of the stream now, wherever it stands (never sent again)
+            self.counters["outbox_refused"] += 1
+            log.warning("cluster: node %s refused group fan-out entry %d for good; its members there miss it",
+                        node, seq)
+            for index, queued in enumerate(queue):
+                if queued[0] == seq:
+                    del queue[index]
+                    stream.backlog -= 1
+                    if index == 0:
+                        self.acked[node] = seq  # nothing before it waits: its record can go
+                    break
         while queue and queue[0][0] in stream.stored:  # confirmed from the head on: done
             done = queue.popleft()[0]
             stream.stored.discard(done)

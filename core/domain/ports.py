@@ -166,7 +166,7 @@ class FanoutStore(Protocol):
     marked only through ``commit`` (an entry's ``outbox`` and ``fanin``, the batch's
     ``outbox_acked``)."""
 
-    incarnation: bytes  #: drawn when the store was first made: tells a home's streams from a former one's
+    incarnation: bytes  #: drawn each time the store is opened; outbox entries carry the one that wrote them
 
     def outbox_entries(self, node: str, after: int = 0, limit: int | None = None) -> list[tuple[int, bytes]]:
         """The outbox entries for ``node`` numbered after ``after``, in order: [(seq, packed record)]."""

@@ -20,8 +20,9 @@ order the answers come back in (``_chains``), so its other devices see them in t
 
 A group's home serves its requests and messages with the one-node code for the members living
 there, and asks each other member's node to check its members before a ``group.new``/``group.add``
-(``_Checked``) and to store their copies after its own commit (``_GroupFanout``, a ``gfan``
-record); ``dir.lookup`` is asked of every node and merged (``_Gather``).
+(``_Checked``); the copies for members of other nodes are outbox entries written in the home's
+commit and sent until stored (``fan_out``, ``core/domain/outbox.py``, each a ``gfan`` record
+sent for a ``_Delivery``); ``dir.lookup`` is asked of every node and merged (``_Gather``).
 
 The edge moves the bytes (``core/edge/clusterlink.py``): ``take_output`` once per loop turn
 (``wake`` asks for that turn), ``answered`` for each answer, ``serve`` for each
@@ -118,7 +119,7 @@ class Pending:
     the session as it is; ``OWN``: on ``ack`` the sender's own copies are stored here first), or
     waiting behind one in its device's chain (``DEFERRED``: a local stanza storing own copies), or
     one node's part of a request several nodes answer (``GATHER``: ``session`` is the ``_Gather``,
-    ``_Checked`` or ``_GroupFanout`` that joins their answers, through ``node_answered``)."""
+    ``_Checked`` or ``_Delivery`` that takes their answers, through ``node_answered``)."""
 
     __slots__ = ("session", "stanza", "kind", "node", "sent", "answer", "done", "seq", "record",
                  "stream", "poisoned")
@@ -478,7 +479,7 @@ class Relay:
         entries = []
         for node, members in by_node.items():
             record = [identity.provider, identity.localpart, identity.device, session.max_plaintext_bytes,
-                      {"t": "gfan", "g": g, "members": members, **payload}]
+                      {"t": "gfan", "g": g, "members": members, **payload, "n": outbox.incarnation}]
             seq, packed = outbox.entry(node, record)
             entries.append((node, seq, packed, record))
         self.router.attach_outbox(entry, entries)
@@ -496,13 +497,11 @@ class Relay:
     def _pump(self, now: float) -> None:
         """Send every outbox window that is due."""
         self._pump_asked = False
-        incarnation = self.outbox.incarnation
         for node, window in self.outbox.due(now):
             for seq, record in window:
                 provider, localpart, device, max_plaintext, stanza = record
                 delivery = _Delivery(self, node, seq, self._identity(provider, localpart, device), max_plaintext)
-                self._send(node, delivery, {**stanza, "o": seq, "n": incarnation}, GATHER, now,
-                           original={"t": "gfan"})
+                self._send(node, delivery, {**stanza, "o": seq}, GATHER, now, original={"t": "gfan"})
 
     def delivered(self, delivery: _Delivery, answer: dict | None, now: float) -> None:
         """A member node's answer to an outbox entry (None: none in time)."""
@@ -551,7 +550,7 @@ class Relay:
             entry_seq, incarnation = stanza.get("o"), stanza.get("n")
             if type(entry_seq) is not int or not 0 < entry_seq < 1 << 63 or type(incarnation) is not bytes \
                     or len(incarnation) != 8:
-                raise TypeError("gfan msg/event needs 'o' (its outbox seq) and 'n' (the home's incarnation)")
+                raise TypeError("gfan msg/event needs 'o' (its outbox seq) and 'n' (the incarnation that wrote it)")
             fanin = (home, incarnation, entry_seq)
         if k == "check":
             for member in members:

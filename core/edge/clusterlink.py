@@ -364,6 +364,7 @@ class ClusterLink:
             "software": self.software,
             "nodes": sorted(self.config.nodes), "sessions": len(server.sessions), "connections": len(server.connections),
             "relay": dict(self.relay.counters), "waiting": len(self.relay.waiting), "link": dict(self.counters),
+            "outbox_backlog": self.relay.outbox.backlog,
             "round_trips": self.round_trips.snapshot()["count"], "time": self.clock(),
         }
 

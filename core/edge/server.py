@@ -955,7 +955,9 @@ class GatewayServer:
         cluster = self.cluster
         if cluster is None:
             return {}
-        return {"node": cluster.node, "relay": dict(self.domain.relay.counters), "waiting": len(self.domain.relay.waiting),
+        relay = self.domain.relay
+        return {"node": cluster.node, "relay": dict(relay.counters), "waiting": len(relay.waiting),
+                "outbox": {node: stream.backlog for node, stream in relay.outbox.streams.items()},
                 "link": dict(cluster.counters), "round_trip_seconds": cluster.round_trips.snapshot(),
                 "connected": bool(cluster.nc is not None and cluster.nc.is_connected)}
 

@@ -630,29 +630,41 @@ def test_an_entry_stored_whose_answer_was_lost_is_recognised_when_it_comes_again
 
 
 def test_the_outbox_outlives_a_restart_of_the_groups_home_and_numbers_on(nodes, monkeypatch, tmp_path):
+    """Node-a dies with two entries node-b has not confirmed — one node-b stored (its answer
+    lost), one it never got. After the restart both go again under the incarnation that wrote
+    them: the first is a duplicate there, the second is stored; new entries are numbered on, under
+    the restarted store's incarnation."""
     a, b = nodes
     bob = b.open(B1)
     g, alice = group_with(a, b, monkeypatch, B1)
     bob.take()
-    a.domain.dispatch(alice, group_msg(g, b"before the crash"), NOW)
+    a.domain.dispatch(alice, group_msg(g, b"stored, answer lost"), NOW)
     a.commit()
-    a.relay.take_output()  # node-a dies before node-b stored it
+    [stored] = carry(a, b)
+    b.commit()
+    b.relay.take_output()
+    a.domain.dispatch(alice, group_msg(g, b"never sent"), NOW)
+    a.commit()
+    old_incarnation = a.store.incarnation
     a.store.close()
     restarted = Node(tmp_path / "a", "node-a")
     try:
-        assert restarted.relay.outbox.backlog == 1
-        restarted.relay.expire(NOW)  # the edge's ticker: the waiting entry goes out at start
-        [entry] = carry(restarted, b)
+        assert restarted.relay.outbox.backlog == 2 and restarted.store.incarnation != old_incarnation
+        restarted.relay.expire(NOW)  # the edge's ticker: the waiting entries go out at start
+        again = carry(restarted, b)
+        assert [(r[5]["o"], r[5]["n"], r[5]["b"]) for r in again] == [
+            (stored[5]["o"], old_incarnation, b"stored, answer lost"), (stored[5]["o"] + 1, old_incarnation, b"never sent")]
         b.commit()
         answer(restarted, b)
         alice = restarted.open(A1)
         restarted.domain.dispatch(alice, group_msg(g, b"after it"), NOW + 1)
         restarted.commit()
         [later] = carry(restarted, b)
-        assert later[5]["o"] == entry[5]["o"] + 1  # numbers never used twice
+        assert (later[5]["o"], later[5]["n"]) == (stored[5]["o"] + 2, restarted.store.incarnation)  # numbered on
         b.commit()
         answer(restarted, b)
-        assert [d["c"] for d in bob.take()] == [b"before the crash", b"after it"]
+        assert [d["c"] for d in bob.take()] == [b"stored, answer lost", b"never sent", b"after it"]
+        assert restarted.relay.outbox.backlog == 0
     finally:
         restarted.store.close()
         a.store = lmdb_store(tmp_path / "other", sync=False, map_size_bytes=1 << 20)  # the fixture closes it

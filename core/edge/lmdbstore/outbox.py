@@ -7,15 +7,18 @@ nodes is written, in the group commit that stores it, as one entry per such node
 device, max plaintext bytes, gfan stanza]``. Entries are numbered per node, in commit order, and
 stay until that node confirms it stored them (``delete_acked``, in a later commit).
 
-At a member's node, ``fanout_marks`` keeps per home node the last of its entries stored, written
-in the transaction that stores the entry's copies: an entry that comes again (a resend after a
-lost answer) is recognised as a duplicate there. The mark carries the home's *incarnation*, 8
-random bytes drawn when its store was first opened: a home whose data was replaced starts
-numbering again, and its entries are not mistaken for old ones.
+Each entry's stanza carries the *incarnation* of the store that wrote it: 8 random bytes drawn
+each time the store is opened. At a member's node, ``fanout_marks`` keeps per (home node,
+incarnation) the last of its entries stored, written in the transaction that stores the entry's
+copies: an entry that comes again (a resend after a lost answer, or after the home restarted) is
+recognised as a duplicate there by its own incarnation's mark. Entries of a new incarnation are
+never mistaken for old ones — also when the home's data was restored from a backup and numbers
+again from where the backup left off.
 
-``fanout_marks`` keys: ``b"n"`` -> this store's incarnation; ``b"o" + node`` -> the last seq
-this home gave an entry for ``node`` (uint64; kept when the entries are deleted, so numbers are
-never used twice); ``b"i" + home`` -> home's incarnation + the last seq stored from it.
+``fanout_marks`` keys: ``b"o" + node`` -> the last seq this home gave an entry for ``node``
+(uint64; kept when the entries are deleted, so numbers are not used twice);
+``b"i" + home + b"\0" + incarnation`` -> the last seq stored from that home's incarnation
+(uint64; one small key per start of a home that sent entries here).
 """
 
 from __future__ import annotations
@@ -28,7 +31,6 @@ import lmdb
 from interlink.core.edge.lmdbstore.env import scan
 
 _SEQ = struct.Struct(">Q")
-INCARNATION_KEY = b"n"
 INCARNATION_BYTES = 8
 
 
@@ -39,12 +41,7 @@ class FanoutRecords:
         self.env = env
         self.outbox_db = env.open_db(b"outbox")
         self.marks_db = env.open_db(b"fanout_marks")
-        with env.begin(write=True, db=self.marks_db) as txn:
-            incarnation = txn.get(INCARNATION_KEY)
-            if incarnation is None:
-                incarnation = os.urandom(INCARNATION_BYTES)
-                txn.put(INCARNATION_KEY, incarnation)
-        self.incarnation = bytes(incarnation)
+        self.incarnation = os.urandom(INCARNATION_BYTES)  # the entries written from now on
 
     # -- at a group's home
 
@@ -100,20 +97,23 @@ class FanoutRecords:
     def seen(self, txn, fanin: tuple[str, bytes, int]) -> bool:
         """Was entry ``fanin`` = (home, incarnation, seq) stored before (in this transaction too)?"""
         home, incarnation, seq = fanin
-        stored = txn.get(b"i" + home.encode("ascii"), db=self.marks_db)
-        return (stored is not None and stored[:INCARNATION_BYTES] == incarnation
-                and _SEQ.unpack(stored[INCARNATION_BYTES:])[0] >= seq)
+        stored = txn.get(_mark_key(home, incarnation), db=self.marks_db)
+        return stored is not None and _SEQ.unpack(stored)[0] >= seq
 
     def mark(self, txn, fanin: tuple[str, bytes, int]) -> None:
-        """Entry ``fanin`` is stored: it and the home's earlier ones are duplicates from now on."""
+        """Entry ``fanin`` is stored: it and its incarnation's earlier ones are duplicates from now on."""
         home, incarnation, seq = fanin
-        txn.put(b"i" + home.encode("ascii"), incarnation + _SEQ.pack(seq), db=self.marks_db)
+        txn.put(_mark_key(home, incarnation), _SEQ.pack(seq), db=self.marks_db)
 
-    def fanin_mark(self, home: str) -> tuple[bytes, int] | None:
-        """(incarnation, last seq) stored from ``home``, or None."""
+    def fanin_mark(self, home: str, incarnation: bytes) -> int:
+        """The last seq stored from ``home``'s ``incarnation`` (0: none)."""
         with self.env.begin(db=self.marks_db) as txn:
-            stored = txn.get(b"i" + home.encode("ascii"))
-            return (bytes(stored[:INCARNATION_BYTES]), _SEQ.unpack(stored[INCARNATION_BYTES:])[0]) if stored else None
+            stored = txn.get(_mark_key(home, incarnation))
+            return _SEQ.unpack(stored)[0] if stored is not None else 0
+
+
+def _mark_key(home: str, incarnation: bytes) -> bytes:
+    return b"i" + home.encode("ascii") + b"\x00" + incarnation
 
 
 def _outbox_key(node: str, seq: int) -> bytes:
