@@ -515,6 +515,22 @@ class Relay:
             self.router.forget_outbox(node, upto)
         self._pump_asked = True
 
+    def node_started(self, node: str, now: float) -> None:
+        """Node ``node`` (re)started and listens (its hello came): the outbox entries still out to
+        its former process go again now, not after their deadline and ``RETRY_S`` (its members'
+        backlog arrives as the node comes up; an entry it stored is recognised there)."""
+        stream = self.outbox.streams.get(node)
+        if stream is None or not (stream.queue or stream.on_disk):
+            return
+        lost = [seq for seq, pending in self.waiting.items()
+                if pending.node == node and isinstance(pending.session, _Delivery)]
+        for seq in lost:
+            pending = self.waiting.pop(seq)
+            self._done_waiting(pending)
+            pending.session.node_answered(None, now)
+        stream.retry_at = now
+        self._pump(now)
+
     @property
     def needs_tick(self) -> bool:
         """Deadlines or outbox retries are due some time: the edge's ticker must keep running."""

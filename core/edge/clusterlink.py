@@ -350,6 +350,9 @@ class ClusterLink:
             log.warning("cluster: node %s runs another node list than this node", asked.get("from"))
         if isinstance(asked, dict) and asked.get("from") == self.node and asked.get("i") not in (None, self.instance):
             log.error("cluster: another process is starting as node %s (it will refuse to serve)", self.node)
+        origin = asked.get("from") if isinstance(asked, dict) else None
+        if origin != self.node and origin in self.config.nodes and asked.get("m") == self.digest:
+            self.relay.node_started(origin, self.clock())  # its members' group fan-out goes now
         if message.reply:
             await message.respond(msgpack.packb(self.status()))
 

@@ -686,3 +686,23 @@ def test_a_refused_entry_refuses_the_later_entries_of_its_stream_in_the_batch(no
     _, replies = b.relay.take_output()
     codes = [msgpack.unpackb(encoded)["code"] for _, encoded in replies["node-a"]]
     assert codes == ["internal", "overloaded"] and b.store.pending_count(device_key(B1, 1)) == 0
+
+
+def test_a_member_node_that_starts_again_gets_its_backlog_at_once(nodes, monkeypatch):
+    """Its hello says it listens again: what was out to its former process goes again now, not
+    after that window's deadline and RETRY_S."""
+    a, b = nodes
+    bob = b.open(B1)
+    g, alice = group_with(a, b, monkeypatch, B1)
+    bob.take()
+    for body in (b"while", b"it was down"):
+        a.domain.dispatch(alice, group_msg(g, body), NOW)
+        a.commit()
+    a.relay.take_output()  # lost with node-b's former process
+    a.relay.node_started("node-b", NOW + 0.1)
+    assert [r[5]["b"] for r in carry(a, b)] == [b"while", b"it was down"]
+    b.commit()
+    answer(a, b)
+    assert [d["c"] for d in bob.take()] == [b"while", b"it was down"] and a.relay.outbox.backlog == 0
+    a.relay.node_started("node-b", NOW + 0.2)  # nothing waits: nothing is sent
+    assert a.relay.take_output() == ({}, {})
