@@ -290,7 +290,7 @@ def _admin_request(admin_url: str, method: str, path: str, *, token: str = "", b
 
 @main.group()
 def cluster() -> None:
-    """A cluster's nodes, as each reports itself over NATS."""
+    """A cluster's nodes, as each reports itself over NATS, and moving data when the node list changes."""
 
 
 @cluster.command("status")
@@ -300,7 +300,8 @@ def cluster() -> None:
 )
 @click.option("--json", "as_json", is_flag=True, help="print the nodes' reports as JSON")
 def cluster_status(path: Path | None, as_json: bool) -> None:
-    """Each node of the cluster: up or not, its software and node list, sessions, relayed stanzas.
+    """Each node of the cluster: up or not, its software and node list, sessions, relayed stanzas,
+    group fan-out entries its member nodes have not yet stored (outbox).
 
     Exit code 0 when every node answers with this configuration's node list, 1 otherwise."""
     import asyncio
@@ -317,7 +318,7 @@ def cluster_status(path: Path | None, as_json: bool) -> None:
         click.echo(json.dumps(reports, indent=2, sort_keys=True))
     else:
         click.echo(f"{'node':<16} {'state':<14} {'software':<10} {'list':>4} {'sessions':>9} {'waiting':>8} "
-                   f"{'relayed':>9} {'served':>9} {'timeouts':>9}")
+                   f"{'relayed':>9} {'served':>9} {'timeouts':>9} {'outbox':>8}")
         for node, report in reports.items():
             if report is None:
                 click.echo(f"{node:<16} {'not answering':<14}")
@@ -326,9 +327,94 @@ def cluster_status(path: Path | None, as_json: bool) -> None:
             state = "up" if report.get("m") == config.cluster.digest else "OTHER LIST"
             click.echo(f"{node:<16} {state:<14} {str(report.get('software')):<10} {report.get('version', '?'):>4} "
                        f"{report.get('sessions', 0):>9} {report.get('waiting', 0):>8} {relay.get('relayed', 0):>9} "
-                       f"{relay.get('served', 0):>9} {relay.get('timeouts', 0):>9}")
+                       f"{relay.get('served', 0):>9} {relay.get('timeouts', 0):>9} {report.get('outbox_backlog', 0):>8}")
     if not healthy:
         sys.exit(1)
+
+
+_CONFIG_OPTION = dict(type=click.Path(path_type=Path, dir_okay=False), envvar="INTERLINK_CONFIG",
+                      help="this node's TOML configuration with the NEW node list (env INTERLINK_CONFIG)")
+
+
+def _stopped_node(path: Path | None):
+    """(config, store) of a node that must not be running: its data is changed under it otherwise."""
+    import socket
+
+    from interlink.core.edge.lmdbstore import LmdbStore
+
+    config = _load_config(path)
+    if config.cluster is None:
+        raise click.ClickException("the configuration has no [cluster] table")
+    try:
+        with socket.create_connection((config.host, config.port), timeout=0.5):
+            raise click.ClickException(f"node {config.cluster.node} still listens on {config.host}:{config.port}: "
+                                       "stop it first (a move runs on stopped nodes)")
+    except OSError:
+        pass  # nothing listens: stopped
+    store = _run(lambda: LmdbStore(config.data_dir / "lmdb", map_size_bytes=config.lmdb_map_size_bytes, sync=True,
+                                   writemap=False, max_mailbox_items=config.max_mailbox_items,
+                                   max_mailbox_bytes=config.max_mailbox_bytes))
+    return config, store
+
+
+@cluster.command("export")
+@click.option("--config", "path", **_CONFIG_OPTION)
+@click.option("--out", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="where the move files go (default: DATA_DIR/moves)")
+def cluster_export(path: Path | None, out: Path | None) -> None:
+    """Changing the node list, step 1 (on every stopped node): write a move file for each node that
+    is home, under the new list, to users, groups or blobs whose data is here."""
+    from interlink.core.edge.blobfiles import BlobFileStore
+    from interlink.core.edge.lmdbstore.move import export_moves
+
+    config, store = _stopped_node(path)
+    try:
+        folder = out or config.data_dir / "moves"
+        counts = _run(lambda: export_moves(store, config.cluster.membership, config.cluster.node, folder,
+                                           BlobFileStore(config.data_dir / "blobs")))
+    finally:
+        store.close()
+    if not counts:
+        click.echo(f"node {config.cluster.node}: nothing moves under node list version {config.cluster.version}")
+    for node, records in sorted(counts.items()):
+        click.echo(f"{folder / f'{config.cluster.node}-to-{node}.move'}: {records} records for node {node}")
+
+
+@cluster.command("import")
+@click.option("--config", "path", **_CONFIG_OPTION)
+@click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path, dir_okay=False, exists=True))
+def cluster_import(path: Path | None, files: tuple[Path, ...]) -> None:
+    """Changing the node list, step 2 (on each stopped node that gets data): import the move files
+    made for it. A file imported twice changes nothing."""
+    from interlink.core.edge.blobfiles import BlobFileStore
+    from interlink.core.edge.lmdbstore.move import import_moves
+
+    config, store = _stopped_node(path)
+    try:
+        for file in files:
+            written = _run(lambda: import_moves(store, config.cluster.membership, config.cluster.node, file,
+                                                BlobFileStore(config.data_dir / "blobs")))
+            click.echo(f"{file}: {written} records imported into node {config.cluster.node}")
+    finally:
+        store.close()
+
+
+@cluster.command("prune")
+@click.option("--config", "path", **_CONFIG_OPTION)
+def cluster_prune(path: Path | None) -> None:
+    """Changing the node list, step 3 (on every stopped node, once every move file was imported):
+    delete the data of users and groups homed elsewhere under the new list."""
+    from interlink.core.edge.blobfiles import BlobFileStore
+    from interlink.core.edge.lmdbstore.move import prune
+
+    config, store = _stopped_node(path)
+    try:
+        deleted = _run(lambda: prune(store, store.node_list, config.cluster.membership, config.cluster.node,
+                                     BlobFileStore(config.data_dir / "blobs")))
+    finally:
+        store.close()
+    click.echo(f"node {config.cluster.node}: {sum(deleted.values())} records of other nodes' users and groups "
+               f"deleted; node list version {config.cluster.version} recorded")
 
 
 @main.command()

@@ -27,6 +27,7 @@ from interlink.core.edge.server import GatewayServer, Limits
 from interlink.core.domain.batch import device_key
 from interlink.core.edge.blobfiles import BlobFileStore
 from interlink.core.edge.lmdbstore import LmdbStore
+from interlink.core.edge.lmdbstore.move import check_node_list
 
 log = logging.getLogger("interlink.gateway")
 
@@ -115,6 +116,8 @@ class Gateway:
         )
         if config.cluster is not None:
             try:
+                # Data of users or groups another node is home to under this list would be stranded.
+                check_node_list(self._store, self._store.node_list, config.cluster.membership, config.cluster.node)
                 await self._server.start_cluster(software=_software_version())
             except BaseException:
                 await self._release()

@@ -29,6 +29,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -111,6 +112,22 @@ class BlobFileStore:
     def _path(self, blob: bytes) -> str:
         hexed = blob.hex()
         return f"{self._prefix}{hexed[:2]}{os.sep}{hexed}{_SUFFIX}"
+
+    def path(self, blob: bytes) -> Path:
+        """The file of ``blob`` (for copying it whole: a node list change moves blobs)."""
+        return Path(self._path(_check_id(blob)))
+
+    def place(self, blob: bytes, source: Path) -> None:
+        """Put a copy of ``source`` in as ``blob``'s file, durably (a node list change moves it here)."""
+        folder = self._folder(_check_id(blob))
+        self._ensure_folder(folder)
+        target = self._path(blob)
+        partial = target + ".moving"
+        shutil.copyfile(source, partial)
+        os.chmod(partial, _FILE_MODE)
+        _fsync_path(partial, os.O_RDONLY)
+        os.replace(partial, target)
+        _fsync_folder(folder)
 
     def _ensure_folder(self, folder: str) -> None:
         try:

@@ -133,6 +133,20 @@ class BlobRecords:
         uploads, ready, ready_bytes = _TOTALS.unpack(raw) if raw is not None else (0, 0, 0)
         return {"blob_uploads": uploads, "blobs_ready": ready, "blob_bytes": ready_bytes}
 
+    def recount(self, txn) -> None:
+        """Count the totals again from the records (blobs were moved in or out: a node list change)."""
+        uploads = ready = ready_bytes = 0
+        for key, raw in txn.cursor(db=self.blobs_db).iternext():
+            if key == _TOTALS_KEY:
+                continue
+            record = _unpack(raw)
+            if record.ready:
+                ready += 1
+                ready_bytes += record.size
+            else:
+                uploads += 1
+        txn.put(_TOTALS_KEY, _TOTALS.pack(uploads, ready, ready_bytes), db=self.blobs_db)
+
     def _unfinished(self, txn, blob: bytes) -> BlobRecord | None:
         """The record of ``blob`` if it is an unfinished upload (None: gone or ready)."""
         raw = txn.get(blob, db=self.blobs_db)

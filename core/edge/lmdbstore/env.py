@@ -16,7 +16,7 @@ import lmdb
 
 from interlink.core.errors import ConfigError, StoreFullError
 
-MAX_DBS = 32  # named databases the environment may hold (the families open 24)
+MAX_DBS = 32  # named databases the environment may hold (the families open 25)
 
 
 def open_environment(
@@ -49,7 +49,7 @@ def user_prefix(user: str) -> bytes:
 def scan(cursor, prefix: bytes, start: bytes | None = None, limit: int | None = None, values: bool = False):
     """Keys (or key/value pairs) under ``prefix``, in order, from ``start`` (default: the prefix)
     and at most ``limit`` of them."""
-    if not cursor.set_range(start or prefix):
+    if (limit is not None and limit <= 0) or not cursor.set_range(start or prefix):
         return
     count = 0
     for entry in cursor.iternext(keys=True, values=values):

@@ -75,6 +75,10 @@ class Mailboxes:
             self._remember_devices(user, devices)
         return devices
 
+    def forget_cached_devices(self) -> None:
+        """Read every device list from the table again (records were moved in or out under it)."""
+        self._device_cache.clear()
+
     def _remember_devices(self, user: str, devices: tuple[int, ...]) -> None:
         cache = self._device_cache
         if len(cache) >= self._device_cache_users:
@@ -180,14 +184,14 @@ class Mailboxes:
         for dkey, seqs in deletions:
             delete_items(txn.pop, self.mbox_db, dkey, seqs, self.state(txn, dkey, states), released)
         if released:
-            self._release_bodies(txn, released)
+            self.release_bodies(txn, released)
 
     def save(self, txn, states: dict) -> None:
         """Write back the counters of every device the transaction touched."""
         for dkey, state in states.items():
             txn.put(dkey, state.pack(), db=self.seqs_db)
 
-    def _release_bodies(self, txn, released: dict[bytes, int]) -> None:
+    def release_bodies(self, txn, released: dict[bytes, int]) -> None:
         """Drop ``released[body key]`` references from each body; a body without any goes."""
         refs_db = self.body_refs_db
         for body_key, count in released.items():
@@ -238,7 +242,7 @@ class Mailboxes:
                     break
                 self._expire_from = devices.key()
             if released:
-                self._release_bodies(txn, released)
+                self.release_bodies(txn, released)
             self.save(txn, states)
         return removed
 

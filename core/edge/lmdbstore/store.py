@@ -20,6 +20,7 @@ from interlink.core.edge.lmdbstore.blobs import BlobRecords
 from interlink.core.edge.lmdbstore.env import open_environment, store_full
 from interlink.core.edge.lmdbstore.groups import GroupRecords
 from interlink.core.edge.lmdbstore.keys import Keys
+from interlink.core.edge.lmdbstore.move import NodeList
 from interlink.core.edge.lmdbstore.outbox import FanoutRecords
 from interlink.core.edge.lmdbstore.mailboxes import (
     CONTROL_OVERDRAFT_BYTES,
@@ -109,6 +110,7 @@ class LmdbStore:
         self.outbox_last = fanout.outbox_last
         self.outbox_nodes = fanout.outbox_nodes
         self.fanin_mark = fanout.fanin_mark
+        self.node_list = NodeList(self.env)  # the cluster node list the data was last served under
 
     def close(self) -> None:
         self.env.close()
