@@ -91,6 +91,8 @@ class Domain:
             self.relay = Relay(membership=membership, node=node, router=self.router, serve=self.dispatch,
                                timeout_s=relay_timeout_s, groups=self.groups, clock=clock)
             self.groups.relay = self.relay
+            if self.blobs is not None:  # a blob lives on the node its id hashes to: its uploader's
+                self.blobs.new_id = self.relay.new_blob_id
         self.stanzas_in: Counter = Counter()  # by stanza type ("unknown" for the rest)
         self.refusals: Counter = Counter()  # err answers to stanzas, by code
         self._overloaded_answer = (0, b"")  # (retry_after, the encoded answer without the ref's value)

@@ -42,6 +42,7 @@ from typing import Callable
 import msgpack
 
 from interlink.core.domain.auth import Identity
+from interlink.core.domain.blobs import BLOB_ID_BYTES
 from interlink.core.domain.cluster import Membership
 from interlink.core.errors import InterlinkError, RouteError, StanzaError
 from interlink.core.domain.fanout import GroupDlv, plan_group
@@ -71,6 +72,9 @@ IDENTITIES_KEPT = 65_536  # senders of relayed stanzas whose identity is remembe
 log = logging.getLogger("interlink.cluster")
 
 FORWARD, OWN, DEFERRED, GATHER = 0, 1, 2, 3  # what a pending entry waits for (see Pending)
+
+
+BLOB_OPS = frozenset({"blob.read"})  # served at the node the blob id hashes to (its uploader's)
 
 
 def new_group_id() -> bytes:
@@ -321,21 +325,30 @@ class Relay:
 
     # -- where a user lives
 
-    def home_of(self, address: str) -> str | None:
-        """The node ``address`` is homed on, or None when it is this one."""
-        node = self.home(address)
+    def home_of(self, address: str | bytes, *, cache: bool = True) -> str | None:
+        """The node ``address`` (a user, a group id, a blob id) is homed on, or None when it is this one."""
+        node = self.home(address, cache=cache)
         return None if node == self.node else node
 
-    def home(self, address: str) -> str:
-        """The node ``address`` is homed on."""
+    def home(self, address: str | bytes, *, cache: bool = True) -> str:
+        """The node ``address`` is homed on (remembered, unless ``cache`` is False: blob ids, each
+        read a few times, would push out the users and groups)."""
         node = self._homes.get(address)
         if node is None:
             node = self.membership.home(address)
-            if len(address) <= MAX_ADDRESS_CHARS:  # never a longer string a client made up
+            if cache and len(address) <= MAX_ADDRESS_CHARS:  # never a longer string a client made up
                 if len(self._homes) >= HOMES_KEPT:
                     del self._homes[next(iter(self._homes))]
                 self._homes[address] = node
         return node
+
+    def new_blob_id(self) -> bytes:
+        """A new blob's id, drawn until it hashes to this node (about as many draws as there are
+        nodes): any node then knows where a blob lives from its id alone."""
+        while True:
+            blob = os.urandom(BLOB_ID_BYTES)
+            if self.home_of(blob, cache=False) is None:
+                return blob
 
     # -- this node's sessions
 
@@ -346,6 +359,8 @@ class Relay:
         kind = stanza["t"]
         if kind == "iq":
             op = stanza.get("op")
+            if type(op) is str and op in BLOB_OPS:
+                return self._take_blob_read(session, stanza, now)
             if type(op) is not str or op not in RELAYED_OPS:
                 if type(op) is str and op in GROUP_OPS:
                     return self._take_group(session, stanza, now)
@@ -412,6 +427,27 @@ class Relay:
             self._chain(self._send(node, session, relayed, OWN, now, original=stanza))
         else:
             self._send(node, session, relayed, FORWARD, now)
+        return True
+
+    def _take_blob_read(self, session, stanza: dict, now: float) -> bool:
+        """A ``blob.read`` of a blob living on another node (its id's home): asked there, rebuilt
+        from its fields. Not charged to the message rate (the blob's node charges the bytes to the
+        reader's blob allowance); bounded per device while it waits."""
+        blob = stanza.get("blob")
+        if type(blob) is not bytes or len(blob) != BLOB_ID_BYTES:
+            return False  # the local handler answers what is wrong with it
+        node = self.home_of(blob, cache=False)
+        if node is None:
+            return False
+        iq_id = stanza.get("id")
+        if type(iq_id) is not int:
+            raise StanzaError("iq needs an int 'id'")
+        off, length = stanza.get("off"), stanza.get("len")
+        if type(off) is not int or type(length) is not int:
+            return False  # the local handler answers what is wrong with it (before anything is asked)
+        self._admit(session, now, charge=False)
+        self._send(node, session, {"t": "iq", "id": iq_id, "op": "blob.read", "blob": blob, "off": off, "len": length},
+                   FORWARD, now)
         return True
 
     # -- groups: served at the group's home, copies stored by each member's home
@@ -612,10 +648,11 @@ class Relay:
                 gather.waiting += 1
                 self._send(node, gather, relayed, GATHER, now)
 
-    def _admit(self, session, now: float) -> None:
+    def _admit(self, session, now: float, *, charge: bool = True) -> None:
         """Charge the stanza to its device's and user's rate (as a stored one), and refuse it while
         the device already has ``MAX_WAITING_PER_DEVICE`` stanzas waiting for other nodes."""
-        self.router.charge(session, now)
+        if charge:
+            self.router.charge(session, now)
         if self._waiting_per_device.get(session.session_key, 0) >= MAX_WAITING_PER_DEVICE:
             raise RouteError(f"{MAX_WAITING_PER_DEVICE} requests already wait for other nodes; "
                              f"try again in {RETRY_AFTER_MS} ms", code="rate_limited", retry_after=RETRY_AFTER_MS)
@@ -867,15 +904,16 @@ class Relay:
                 if type(origin) is not bytes or len(origin) != GROUP_ID_BYTES:
                     origin = b""  # homed nowhere: refused below
             else:
-                target = stanza.get("user") if kind == "iq" else stanza.get("to")
+                target = (stanza.get("blob") if op in BLOB_OPS else stanza.get("user")) if kind == "iq" else stanza.get("to")
                 origin = identity.user
-            if kind not in SERVED_KINDS or (kind == "iq" and op not in RELAYED_OPS and not gathered and not grouped):
+            if kind not in SERVED_KINDS or (kind == "iq" and op not in RELAYED_OPS and op not in BLOB_OPS
+                                            and not gathered and not grouped):
                 self.counters["malformed"] += 1
                 session.send_encoded(internal_error(stanza, "this stanza is not relayed between nodes"))
                 continue
             members = stanza.get("members") if fanout else None
             if ((not gathered and not fanout and (type(target) not in (str, bytes) or len(target) > MAX_ADDRESS_CHARS
-                                                  or self.home_of(target) is not None))
+                                                  or self.home_of(target, cache=op not in BLOB_OPS) is not None))
                     or (type(origin) not in (str, bytes) or not origin or self.home(origin) != node)
                     or (fanout and (type(members) is not list or any(
                         type(m) is not str or len(m) > MAX_ADDRESS_CHARS or self.home_of(m) is not None for m in members)))):

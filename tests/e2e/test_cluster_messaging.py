@@ -1,15 +1,26 @@
 """The one-node end-to-end tests of 1:1 messaging, receipts, typing state, keys, devices, consent,
-blocks and reports, run again against a cluster of three nodes (issue 18): the node ids are
+blocks, reports and blobs, run again against a cluster of three nodes (issue 18): the node ids are
 chosen so that ``alice@alpha``, ``bob@beta`` and ``gus@gamma`` live on three different nodes, and
 every device connects through a node that is not its home (so every session was redirected)."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from interlink.client import Client
+from interlink.core.errors import ServerError
 from e2e.test_cluster import Cluster, nats_server  # noqa: F401 (a fixture)
 
+from e2e.test_blobs import (  # noqa: F401
+    test_a_file_of_several_megabytes_goes_across_providers_and_devices,
+    test_a_wrong_hash_is_bad_hash_and_a_second_try_succeeds,
+    test_an_upload_resumes_after_the_connection_drops,
+    test_bad_input_gets_its_code_and_the_session_goes_on,
+    test_blob_figures_reach_the_operator,
+    test_chunks_out_of_order_and_twice_over_tcp,
+)
 from e2e.test_keys import (  # noqa: F401
     test_bundles_of_several_devices_and_devices_without_keys,
     test_consent_is_checked_before_existence,
@@ -60,6 +71,12 @@ class ClusterPeople:
     def __init__(self, cluster: Cluster) -> None:
         self.cluster = cluster
 
+    @property
+    def gateway(self):
+        """alice@alpha's node: the one-node blob tests read the uploader's gateway (its blob files,
+        its figures), and alice uploads in all of them."""
+        return self.cluster.gateways[HOMES["alice@alpha"]]
+
     async def connect(self, address: str, device: int = 1, *, phone: str | None = None, verified: bool = True,
                       **options) -> Client:
         localpart, provider = address.split("@")
@@ -82,3 +99,24 @@ async def people(issuers, tmp_path, nats_server):
     yield ClusterPeople(cluster)
     for node in list(cluster.gateways):
         await cluster.stop(node)
+
+
+async def test_a_blob_lives_on_its_uploaders_node_and_is_read_from_any_other(people, tmp_path):
+    """Its id hashes to the uploader's node, so a reader's node knows where to ask: bob's node
+    relays each blob.read there; nothing of the blob is stored on bob's node."""
+    cluster = people.cluster
+    alice, bob = await people.connect("alice@alpha"), await people.connect("bob@beta")
+    data = os.urandom(200_000)
+    blobs = [await alice.upload_blob(data) for _ in range(4)]
+    assert {cluster.home(blob) for blob in blobs} == {HOMES["alice@alpha"]}
+    relay = cluster.gateways[HOMES["bob@beta"]]._server.domain.relay
+    before = relay.counters["relayed"]
+    assert await bob.download_blob(blobs[0]) == data
+    assert relay.counters["relayed"] - before >= 4  # one per chunk
+    assert not (cluster.gateways[HOMES["bob@beta"]].config.data_dir / "blobs" / blobs[0][:1].hex()).exists()
+    with pytest.raises(ServerError) as caught:  # an id homed on gus's node that nobody uploaded
+        await bob.iq("blob.read", blob=next(b for b in (os.urandom(16) for _ in range(1000))
+                                            if cluster.home(b) == HOMES["gus@gamma"]), off=0, len=10)
+    assert caught.value.code == "not_found"
+    await alice.close()
+    await bob.close()
