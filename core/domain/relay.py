@@ -310,7 +310,9 @@ class Relay:
         self._chains: dict[tuple, deque] = {}  # session key -> its stanzas settled in order (own copies)
         self._waiting_per_device: dict[tuple, int] = {}  # session key -> its stanzas waiting (or held)
         self._streams: dict[tuple, deque] = {}  # (session key, node, group or not) -> stored stanzas: in flight, then held
-        self._seq = 0
+        # Answers are matched by (node, seq): each run numbers from a random point, so an answer
+        # meant for this node's previous run (it restarted meanwhile) never matches a new stanza.
+        self._seq = int.from_bytes(os.urandom(7), "big")
         self._flush_asked = False  # wake() was called and the edge has not flushed since
         self._homes: dict[str, str] = {}
         self._identities: dict[tuple, Identity] = {}
