@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 import interlink
-from interlink.core.errors import InterlinkError
+from interlink.core.errors import ConfigError, InterlinkError
 
 DEFAULT_KEYS_DIR = Path("interlink-data") / "keys"
 
@@ -337,20 +337,20 @@ _CONFIG_OPTION = dict(type=click.Path(path_type=Path, dir_okay=False), envvar="I
 
 
 def _stopped_node(path: Path | None):
-    """(config, store) of a node that must not be running: its data is changed under it otherwise."""
-    import socket
-
+    """(config, store) of a node that must not be running — its data would change under the move
+    (a draining node still writes after it stopped listening): the data folder's lock is taken
+    for the rest of this process."""
     from interlink.core.edge.lmdbstore import LmdbStore
+    from interlink.core.edge.lmdbstore.env import lock_data_dir
 
     config = _load_config(path)
     if config.cluster is None:
         raise click.ClickException("the configuration has no [cluster] table")
     try:
-        with socket.create_connection((config.host, config.port), timeout=0.5):
-            raise click.ClickException(f"node {config.cluster.node} still listens on {config.host}:{config.port}: "
-                                       "stop it first (a move runs on stopped nodes)")
-    except OSError:
-        pass  # nothing listens: stopped
+        lock_data_dir(config.data_dir)  # released when this command exits
+    except ConfigError:
+        raise click.ClickException(f"node {config.cluster.node} still runs on {config.data_dir} (its data folder is "
+                                   "locked): stop it first (a move runs on stopped nodes)") from None
     store = _run(lambda: LmdbStore(config.data_dir / "lmdb", map_size_bytes=config.lmdb_map_size_bytes, sync=True,
                                    writemap=False, max_mailbox_items=config.max_mailbox_items,
                                    max_mailbox_bytes=config.max_mailbox_bytes))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 
 
@@ -27,6 +28,7 @@ from interlink.core.edge.server import GatewayServer, Limits
 from interlink.core.domain.batch import device_key
 from interlink.core.edge.blobfiles import BlobFileStore
 from interlink.core.edge.lmdbstore import LmdbStore
+from interlink.core.edge.lmdbstore.env import lock_data_dir
 from interlink.core.edge.lmdbstore.move import check_node_list
 
 log = logging.getLogger("interlink.gateway")
@@ -53,6 +55,7 @@ class Gateway:
             self.registry.add(provider)
         self._jwks: JwksCache | None = None
         self._store: LmdbStore | None = None
+        self._lock: int | None = None  # the data folder's lock (core/edge/lmdbstore/env.py lock_data_dir)
         self._server: GatewayServer | None = None
         self._admin = None  # interlink.admin.AdminServer when admin_port >= 0
         self._draining = False
@@ -70,6 +73,7 @@ class Gateway:
         push_sign = None
         if self._keys.push_private is not None:
             push_sign = PushSigner(self._keys.push_private, self._keys.push_certificate)
+        self._lock = lock_data_dir(config.data_dir)  # one process per data folder (ConfigError otherwise)
         self._store = LmdbStore(
             config.data_dir / "lmdb",
             map_size_bytes=config.lmdb_map_size_bytes,
@@ -174,6 +178,9 @@ class Gateway:
         if self._store is not None:
             self._store.close()
             self._store = None
+        if self._lock is not None:
+            os.close(self._lock)  # the data folder is free for another gateway or a data move
+            self._lock = None
 
     async def __aenter__(self) -> Gateway:
         await self.start()

@@ -78,9 +78,11 @@ class MessageEntry:
         #: a cluster's group home: [(node, seq, packed record)] — the copies for members of other
         #: nodes, written to the outbox with the entry (not when it is a duplicate or refused)
         self.outbox: list | None = None
-        #: a cluster's member node: (home node, its incarnation, seq) — the outbox entry this
-        #: stores; one stored before (or in this transaction) makes the entry a duplicate
-        self.fanin: tuple[str, bytes, int] | None = None
+        #: a cluster's member node: (home node, its incarnation, seq, after) — the outbox entry
+        #: this stores; one stored before (or in this transaction) makes the entry a duplicate;
+        #: ``after`` (home, incarnation, seq), when not None, must be stored first, or nothing
+        #: is (``refused`` = ``"out_of_order"``)
+        self.fanin: tuple | None = None
         self.dup = False  #: after the commit: stored before, nothing written now
         self.stored: list = []  #: after the commit: [(device key, seq, encoded dlv)]
         self.refused: str | None = None  #: after the commit: why nothing was stored (``mailbox_full``, ``conflict``)
@@ -108,7 +110,7 @@ class ControlEntry:
         self.reply = reply  #: the ``iq`` ``res`` the domain sends once the commit is durable
         self.guard: tuple[bytes, int] | None = None  #: as ``MessageEntry.guard``
         self.outbox: list | None = None  #: as ``MessageEntry.outbox`` (written unless ``refused``)
-        self.fanin: tuple[str, bytes, int] | None = None  #: as ``MessageEntry.fanin``
+        self.fanin: tuple | None = None  #: as ``MessageEntry.fanin``
         self.dup = False  #: after the commit: its ``fanin`` entry was stored before, nothing written now
         self.stored: list = []  #: after the commit: [(device key, seq, encoded dlv)]
         self.refused: str | None = None  #: after the commit: ``conflict`` when nothing was written

@@ -93,6 +93,7 @@ class Domain:
             self.groups.relay = self.relay
             if self.blobs is not None:  # a blob lives on the node its id hashes to: its uploader's
                 self.blobs.new_id = self.relay.new_blob_id
+                self.relay.blob_chunk_bytes = self.blobs.chunk_bytes
         self.stanzas_in: Counter = Counter()  # by stanza type ("unknown" for the rest)
         self.refusals: Counter = Counter()  # err answers to stanzas, by code
         self._overloaded_answer = (0, b"")  # (retry_after, the encoded answer without the ref's value)
@@ -176,10 +177,14 @@ class Domain:
         return commit
 
     def committed(self, commit: Commit) -> None:
-        for change, written in self.router.committed(commit):
-            self.groups.settled(change, written)
-        if commit.batch.outboxed:  # a cluster's group home: what other nodes store now goes there
-            self.relay.outbox_committed(commit.batch.outboxed, self.relay.clock())
+        try:
+            for change, written in self.router.committed(commit):
+                self.groups.settled(change, written)
+        finally:
+            # A cluster's group home: what other nodes store now goes there — whatever went wrong
+            # above, or later entries would be stored there first and these taken for duplicates.
+            if commit.batch.outboxed:
+                self.relay.outbox_committed(commit.batch.outboxed, self.relay.clock())
 
     def failed(self, commit: Commit, exc: InterlinkError) -> None:
         for change, written in self.router.failed(commit, exc):

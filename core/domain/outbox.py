@@ -11,11 +11,15 @@ until the member's node stores them.
 Each member node's entries are a stream: a window of them is sent, the next window only when every
 entry of this one was answered; an entry the node did not store (no answer in time, a refusal)
 is sent again, with those after it, after ``RETRY_S`` — for as long as it takes (the node may be
-down for hours; its entries wait on disk, ``MEMORY_ENTRIES`` of them in memory). The member's node
-stores each entry's copies with a mark of the stream's last entry in one transaction, so an entry
-sent again is recognised there (``dup``), and entries reach it in the home's commit order. A
-refusal that sending again cannot change (``FINAL_REFUSALS``: the sender's provider is suspended
-there) ends the entry: counted, logged, not sent again.
+down for hours; its entries wait on disk, at most ``MEMORY_ENTRIES`` and ``MEMORY_BYTES`` of them
+in memory). The member's node stores each entry's copies with a mark of the stream's last entry
+in one transaction, so an entry sent again is recognised there (``dup``). Each entry names the
+one before it (``after``: the window's previous entry, or the last one the node confirmed
+stored), and the member stores it only once that one is stored: however a window was cut up on
+the way (split across NATS messages, one part lost or its commit failed), entries are stored in
+the home's commit order and the mark never passes one that was not. A refusal that sending
+again cannot change (``FINAL_REFUSALS``: the sender's provider is suspended there) ends the
+entry: counted, logged, not sent again.
 """
 
 from __future__ import annotations
@@ -28,10 +32,11 @@ import msgpack
 log = logging.getLogger("interlink.cluster")
 
 WINDOW_ENTRIES = 128  # entries of one stream in flight at once
-WINDOW_BYTES = 256 * 1024  # ... and their packed size (one NATS message carries a window)
+WINDOW_BYTES = 256 * 1024  # ... and their packed size (the link lowers it to fit a NATS message)
 MEMORY_ENTRIES = 4096  # entries of one stream kept in memory; the rest are read from the store in turn
+MEMORY_BYTES = 8 << 20  # ... and their packed size (unpacked they take several times that)
 RETRY_S = 0.5  # after a window with an entry not stored, before it is sent again
-FINAL_REFUSALS = frozenset({"provider_suspended", "bad_stanza"})  # sending again cannot change them
+FINAL_REFUSALS = frozenset({"provider_suspended"})  # sending again cannot change them
 OK, RETRY, FINAL = 0, 1, 2  # what an answer means for its entry
 
 
@@ -48,12 +53,13 @@ def outcome(answer: dict | None) -> int:
 class NodeStream:
     """One member node's entries not yet confirmed, oldest first."""
 
-    __slots__ = ("node", "queue", "assigned", "loaded", "on_disk", "in_flight", "stored", "failed", "retry_at",
-                 "backlog", "sent")
+    __slots__ = ("node", "queue", "queue_bytes", "assigned", "loaded", "on_disk", "in_flight", "stored", "failed",
+                 "retry_at", "backlog", "sent", "last_stored", "kicked_at")
 
     def __init__(self, node: str, assigned: int, backlog: int) -> None:
         self.node = node
         self.queue: deque = deque()  # (seq, record, packed size), committed, in seq order
+        self.queue_bytes = 0  # the packed sizes of ``queue``
         self.assigned = assigned  # the last seq given to an entry (committed or not)
         self.loaded = 0  # the last seq put in ``queue`` (a commit's report of one up to it is already there)
         self.on_disk = backlog > 0  # committed entries after ``loaded`` are in the store only
@@ -63,6 +69,10 @@ class NodeStream:
         self.retry_at = 0.0  # no window before this time
         self.backlog = backlog  # entries committed and not yet confirmed (memory and store)
         self.sent = 0  # the last seq sent at least once
+        # (incarnation, seq) of the last entry the node confirmed stored (this run): what the next
+        # window's first entry names as the one before it (None: nothing to wait for)
+        self.last_stored: tuple[bytes, int] | None = None
+        self.kicked_at = -1e18  # when the node's start last sent the stream again (Relay.node_started)
 
 
 class Outbox:
@@ -80,6 +90,7 @@ class Outbox:
                 log.warning("cluster: %d group fan-out entries wait for node %s, which is not in the node list; "
                             "they are kept, not sent", count, other)
         self.acked: dict[str, int] = {}  # node -> the last entry it confirmed since the last take_acked
+        self.window_bytes = WINDOW_BYTES  # the link lowers it below NATS's max_payload
         self.counters = {"outbox_sent": 0, "outbox_resent": 0, "outbox_stored": 0, "outbox_refused": 0}
 
     @property
@@ -106,30 +117,33 @@ class Outbox:
         stream.backlog += 1
         if seq <= stream.loaded:
             return  # read from the store already (its commit ended while the stream was refilled)
-        if stream.on_disk or len(stream.queue) >= MEMORY_ENTRIES:
+        if stream.on_disk or len(stream.queue) >= MEMORY_ENTRIES or stream.queue_bytes + size > MEMORY_BYTES:
             stream.on_disk = True  # read in turn, after those before it
             return
         stream.queue.append((seq, record, size))
+        stream.queue_bytes += size
         stream.loaded = seq
 
     def due(self, now: float) -> list[tuple[str, list]]:
-        """The windows to send now: [(node, [(seq, record), ...])]; each is in flight until every
-        entry of it is ``answered``."""
+        """The windows to send now: [(node, [(seq, record, after), ...])] (``after``: the
+        (incarnation, seq) the node must have stored before this entry, or None); each is in
+        flight until every entry of it is ``answered``."""
         windows = []
         for stream in self.streams.values():
             if stream.in_flight or stream.retry_at > now or not (stream.queue or stream.on_disk):
                 continue
             if stream.on_disk and len(stream.queue) < WINDOW_ENTRIES:
                 self._refill(stream)
-            window, size = [], 0
+            window, size, after = [], 0, stream.last_stored
             for seq, record, entry_size in stream.queue:
-                if window and (len(window) >= WINDOW_ENTRIES or size + entry_size > WINDOW_BYTES):
+                if window and (len(window) >= WINDOW_ENTRIES or size + entry_size > self.window_bytes):
                     break
-                window.append((seq, record))
+                window.append((seq, record, after))
+                after = (record[4]["n"], seq)
                 size += entry_size
             if window:
                 stream.in_flight = len(window)
-                again = sum(1 for seq, _ in window if seq <= stream.sent)
+                again = sum(1 for seq, _, _ in window if seq <= stream.sent)
                 stream.sent = max(stream.sent, window[-1][0])
                 self.counters["outbox_sent"] += len(window) - again
                 self.counters["outbox_resent"] += again
@@ -138,11 +152,14 @@ class Outbox:
 
     def _refill(self, stream: NodeStream) -> None:
         room = MEMORY_ENTRIES - len(stream.queue)
-        if room <= 0:
+        if room <= 0 or stream.queue_bytes >= MEMORY_BYTES:
             return
         entries = self.store.outbox_entries(stream.node, stream.loaded, room)
         for seq, packed in entries:
+            if stream.queue and stream.queue_bytes + len(packed) > MEMORY_BYTES:
+                return  # the rest stays on disk (on_disk still True)
             stream.queue.append((seq, msgpack.unpackb(packed, raw=False), len(packed)))
+            stream.queue_bytes += len(packed)
             stream.loaded = seq
         if len(entries) < room:
             stream.on_disk = False
@@ -163,13 +180,16 @@ class Outbox:
             for index, queued in enumerate(queue):
                 if queued[0] == seq:
                     del queue[index]
+                    stream.queue_bytes -= queued[2]
                     stream.backlog -= 1
                     if index == 0:
                         self.acked[node] = seq  # nothing before it waits: its record can go
                     break
         while queue and queue[0][0] in stream.stored:  # confirmed from the head on: done
-            done = queue.popleft()[0]
+            done, record, size = queue.popleft()
             stream.stored.discard(done)
+            stream.queue_bytes -= size
+            stream.last_stored = (record[4]["n"], done)
             stream.backlog -= 1
             self.counters["outbox_stored"] += 1
             self.acked[node] = done

@@ -47,8 +47,8 @@ from interlink.core.domain.cluster import Membership
 from interlink.core.errors import InterlinkError, RouteError, StanzaError
 from interlink.core.domain.fanout import GroupDlv, plan_group
 from interlink.core.domain.groups import GROUP_ID_BYTES, event_builder
-from interlink.core.domain.outbox import FINAL, OK, Outbox, outcome
-from interlink.core.domain.ops import MAX_DIRECTORY_USERS, address_field, device_list
+from interlink.core.domain.outbox import FINAL, OK, RETRY_S, Outbox, outcome
+from interlink.core.domain.ops import ANSWERS_PER_READ_BYTES, MAX_DIRECTORY_USERS, address_field, device_list
 from interlink.core.domain.router import MAX_ADDRESS_CHARS, check_devices, stanza_id, typing_state
 from interlink.core.protocol.stanza import encode_stanza
 
@@ -65,6 +65,7 @@ RELAY_KINDS = frozenset({"msg", "rcpt", "state", "iq"})
 SERVED_KINDS = RELAY_KINDS | {"gfan"}  # gfan: a group's home asks a member's node to store or push
 RETRY_AFTER_MS = 1000  # what a sender is told to wait after a node did not answer in time
 INNER_SHARE = 0.4  # of the timeout, for each of a group home's own requests to member nodes
+ENTRY_MEMBERS_BYTES = 24 * 1024  # addresses per group fan-out entry (see _parts)
 MAX_WAITING_PER_DEVICE = 1024  # a device's stanzas waiting for other nodes at once (rate_limited past it)
 HOMES_KEPT = 65_536  # user addresses whose home node is remembered
 IDENTITIES_KEPT = 65_536  # senders of relayed stanzas whose identity is remembered
@@ -80,6 +81,23 @@ BLOB_OPS = frozenset({"blob.read"})  # served at the node the blob id hashes to 
 def new_group_id() -> bytes:
     """A new group's id, drawn by its creator's node (its hash names the group's home)."""
     return os.urandom(GROUP_ID_BYTES)
+
+
+def _parts(members: list) -> list[list]:
+    """``members`` in lists of at most ``ENTRY_MEMBERS_BYTES`` of addresses (one outbox entry
+    each: an entry, its body or event included, stays well under NATS's smallest max_payload)."""
+    if 4 * sum(map(len, members)) + 3 * len(members) <= ENTRY_MEMBERS_BYTES:
+        return [members]  # the usual case: one entry, counted without encoding
+    parts, part, size = [], [], 0
+    for member in members:
+        cost = len(member.encode("utf-8")) + 3
+        if part and size + cost > ENTRY_MEMBERS_BYTES:
+            parts.append(part)
+            part, size = [], 0
+        part.append(member)
+        size += cost
+    parts.append(part)
+    return parts
 
 
 def internal_error(stanza: dict, message: str) -> bytes:
@@ -309,6 +327,8 @@ class Relay:
         self._deadlines: list = []  # heap of (deadline, seq)
         self._chains: dict[tuple, deque] = {}  # session key -> its stanzas settled in order (own copies)
         self._waiting_per_device: dict[tuple, int] = {}  # session key -> its stanzas waiting (or held)
+        self._blob_bytes_waiting: dict[tuple, int] = {}  # session key -> bytes its blob.reads asked other nodes for
+        self.blob_chunk_bytes = 0  # the largest blob.read this node's clients may ask (set with blobs)
         self._streams: dict[tuple, deque] = {}  # (session key, node, group or not) -> stored stanzas: in flight, then held
         # Answers are matched by (node, seq): each run numbers from a random point, so an answer
         # meant for this node's previous run (it restarted meanwhile) never matches a new stanza.
@@ -445,9 +465,17 @@ class Relay:
         if type(iq_id) is not int:
             raise StanzaError("iq needs an int 'id'")
         off, length = stanza.get("off"), stanza.get("len")
-        if type(off) is not int or type(length) is not int:
+        if type(off) is not int or type(length) is not int or off < 0 or not 0 <= length <= self.blob_chunk_bytes:
             return False  # the local handler answers what is wrong with it (before anything is asked)
+        if self.store.blob(blob) is not None:
+            return False  # a blob uploaded here before ids were drawn for their node: served here, as then
+        key = session.session_key
+        reading = self._blob_bytes_waiting.get(key, 0)
+        if reading >= ANSWERS_PER_READ_BYTES:  # as on one node: about 1 MiB of answers on their way at once
+            raise RouteError("too many requests at once; send more when the answers have arrived",
+                             code="rate_limited", retry_after=10)
         self._admit(session, now, charge=False)
+        self._blob_bytes_waiting[key] = reading + length
         self._send(node, session, {"t": "iq", "id": iq_id, "op": "blob.read", "blob": blob, "off": off, "len": length},
                    FORWARD, now)
         return True
@@ -516,10 +544,11 @@ class Relay:
         outbox = self.outbox
         entries = []
         for node, members in by_node.items():
-            record = [identity.provider, identity.localpart, identity.device, session.max_plaintext_bytes,
-                      {"t": "gfan", "g": g, "members": members, **payload, "n": outbox.incarnation}]
-            seq, packed = outbox.entry(node, record)
-            entries.append((node, seq, packed, record))
+            for part in _parts(members):  # a large group's members there: several entries, each well under max_payload
+                record = [identity.provider, identity.localpart, identity.device, session.max_plaintext_bytes,
+                          {"t": "gfan", "g": g, "members": part, **payload, "n": outbox.incarnation}]
+                seq, packed = outbox.entry(node, record)
+                entries.append((node, seq, packed, record))
         self.router.attach_outbox(entry, entries)
 
     def outbox_committed(self, entries, now: float) -> None:
@@ -536,10 +565,13 @@ class Relay:
         """Send every outbox window that is due."""
         self._pump_asked = False
         for node, window in self.outbox.due(now):
-            for seq, record in window:
+            for seq, record, after in window:
                 provider, localpart, device, max_plaintext, stanza = record
                 delivery = _Delivery(self, node, seq, self._identity(provider, localpart, device), max_plaintext)
-                self._send(node, delivery, {**stanza, "o": seq}, GATHER, now, original={"t": "gfan"})
+                sent = {**stanza, "o": seq}
+                if after is not None:
+                    sent["q"] = list(after)  # stored only after this one: the home's order, whatever happens on the way
+                self._send(node, delivery, sent, GATHER, now, original={"t": "gfan"})
 
     def delivered(self, delivery: _Delivery, answer: dict | None, now: float) -> None:
         """A member node's answer to an outbox entry (None: none in time)."""
@@ -558,8 +590,9 @@ class Relay:
         its former process go again now, not after their deadline and ``RETRY_S`` (its members'
         backlog arrives as the node comes up; an entry it stored is recognised there)."""
         stream = self.outbox.streams.get(node)
-        if stream is None or not (stream.queue or stream.on_disk):
-            return
+        if stream is None or not (stream.queue or stream.on_disk) or now - stream.kicked_at < RETRY_S:
+            return  # nothing waits, or it was just sent again (a hello is no one's to repeat at will)
+        stream.kicked_at = now
         lost = [seq for seq, pending in self.waiting.items()
                 if pending.node == node and isinstance(pending.session, _Delivery)]
         for seq in lost:
@@ -605,7 +638,13 @@ class Relay:
             if type(entry_seq) is not int or not 0 < entry_seq < 1 << 63 or type(incarnation) is not bytes \
                     or len(incarnation) != 8:
                 raise TypeError("gfan msg/event needs 'o' (its outbox seq) and 'n' (the incarnation that wrote it)")
-            fanin = (home, incarnation, entry_seq)
+            after = stanza.get("q")
+            if after is not None:
+                if (type(after) is not list or len(after) != 2 or type(after[0]) is not bytes or len(after[0]) != 8
+                        or type(after[1]) is not int or not 0 < after[1] < 1 << 63):
+                    raise TypeError("gfan 'q' names the entry before it: [incarnation, seq]")
+                after = (home, after[0], after[1])
+            fanin = (home, incarnation, entry_seq, after)
         if k == "check":
             for member in members:
                 try:
@@ -725,6 +764,12 @@ class Relay:
             self._waiting_per_device[key] = left
         else:
             del self._waiting_per_device[key]
+        if pending.stanza.get("op") == "blob.read":
+            reading = self._blob_bytes_waiting[key] - pending.stanza["len"]
+            if reading > 0:
+                self._blob_bytes_waiting[key] = reading
+            else:
+                del self._blob_bytes_waiting[key]
 
     def _chain(self, pending: Pending) -> None:
         chain = self._chains.get(pending.session.session_key)
@@ -745,7 +790,11 @@ class Relay:
         self.counters["answered"] += 1
         if pending.stream is not None:
             self._stream_answered(pending, now, timed_out=False)
-        self._settle(pending, answer, now)
+        try:
+            self._settle(pending, answer, now)
+        except Exception:  # a bug of ours must cost this answer, never the rest of its batch
+            log.exception("relay: settling an answer from node %s failed", node)
+            self.counters["internal_errors"] += 1
         if self._pump_asked:
             self._pump(now)
         return now - pending.sent
@@ -777,7 +826,11 @@ class Relay:
                     refusal["msg"] = (f"node {pending.node} did not answer in time; nothing was acknowledged, "
                                       f"resend the same id in {RETRY_AFTER_MS} ms")
                 answer = encode_stanza(refusal)
-            self._settle(pending, answer, now, timed_out=True)  # its refusal first, then those held behind it
+            try:
+                self._settle(pending, answer, now, timed_out=True)  # its refusal first, then those held behind it
+            except Exception:  # a bug of ours must cost this stanza, never the other deadlines
+                log.exception("relay: answering a stanza node %s did not answer failed", pending.node)
+                self.counters["internal_errors"] += 1
             if pending.stream is not None:
                 self._stream_answered(pending, now, timed_out=True)
         self.counters["timeouts"] += expired

@@ -46,6 +46,9 @@ VALID_ADDRESSES_KEPT = 65_536  # recipient addresses already checked, remembered
 MAX_ADDRESS_CHARS = 128  # a localpart (at most 64 bytes) + "@" + a provider id (at most 63 characters)
 RECEIPT_KINDS = ("delivered", "read")
 TYPING_STATES = ("composing", "paused")
+# A cluster's member node, to a group home whose outbox entry came before the one it follows.
+_OUT_OF_ORDER = {"t": "err", "code": "overloaded", "retry_after": 500,
+                 "msg": "the group fan-out entry before this one is not stored here yet; send them again in order"}
 
 
 class Commit:
@@ -400,6 +403,9 @@ class Router:
                 self._control_committed(session, entry, targets)
                 continue
             if entry.refused is not None:
+                if entry.refused == "out_of_order":  # a group home's outbox entry: it sends it again
+                    self.answer(session, _OUT_OF_ORDER | {"ref": entry.msg_id})
+                    continue
                 if entry.refused == "conflict":  # built from a group change that failed
                     self.answer(session, {
                         "t": "err", "code": "overloaded", "ref": entry.msg_id,
@@ -453,6 +459,9 @@ class Router:
         batch.push_wake |= failed.push_wake - batch.push_cancel
 
     def _control_committed(self, session: Session, entry: ControlEntry, targets: list) -> None:
+        if entry.refused == "out_of_order":
+            self.answer(session, _OUT_OF_ORDER | {"id": entry.reply["id"]})
+            return
         if entry.refused is not None:
             self.answer(session, {
                 "t": "err", "code": "overloaded", "id": entry.reply["id"],

@@ -81,6 +81,7 @@ class ClusterLink:
         self._closing = False
         self.instance = os.urandom(8).hex()  # tells this process from another started with the same node id
         self._relay_subscription = None
+        self._instances: dict[str, str] = {}  # node -> the instance id of its process that said hello last
 
     # -- lifecycle
 
@@ -105,6 +106,9 @@ class ClusterLink:
                 raise ConfigError(f"cluster.nats: the NATS servers' max_payload is {self.nc.max_payload} bytes; a "
                                   f"cluster needs at least {MIN_MAX_PAYLOAD} (nats-server's default is 1 MB)")
             self._max_batch_bytes = self.nc.max_payload - 1024  # room for the map around the entries
+            # A group fan-out window leaves in one NATS message with room for the turn's other stanzas
+            # (cut in two it would still be stored in order, but sent again in part).
+            self.relay.outbox.window_bytes = min(self.relay.outbox.window_bytes, self._max_batch_bytes // 2)
             await self.nc.subscribe(subject(self.node, "hello"), cb=self._on_hello)
             await self.nc.flush()
             await self._refuse_twin()
@@ -351,8 +355,13 @@ class ClusterLink:
         if isinstance(asked, dict) and asked.get("from") == self.node and asked.get("i") not in (None, self.instance):
             log.error("cluster: another process is starting as node %s (it will refuse to serve)", self.node)
         origin = asked.get("from") if isinstance(asked, dict) else None
-        if origin != self.node and origin in self.config.nodes and asked.get("m") == self.digest:
-            self.relay.node_started(origin, self.clock())  # its members' group fan-out goes now
+        instance = asked.get("i") if isinstance(asked, dict) else None
+        if (type(origin) is str and origin != self.node and origin in self.config.nodes and asked.get("m") == self.digest
+                and type(instance) is str and self._instances.get(origin) != instance):
+            # Another node's new process (a start asks every node): its members' group fan-out goes
+            # now. Once per process, and the relay acts at most once per RETRY_S per node.
+            self._instances[origin] = instance
+            self.relay.node_started(origin, self.clock())
         if message.reply:
             await message.respond(msgpack.packb(self.status()))
 

@@ -706,3 +706,64 @@ def test_a_member_node_that_starts_again_gets_its_backlog_at_once(nodes, monkeyp
     assert [d["c"] for d in bob.take()] == [b"while", b"it was down"] and a.relay.outbox.backlog == 0
     a.relay.node_started("node-b", NOW + 0.2)  # nothing waits: nothing is sent
     assert a.relay.take_output() == ({}, {})
+
+
+def four_in_one_window(a, b, monkeypatch) -> tuple[list, list, FakeSession]:
+    """Four group messages acked at node-a, their one window to node-b as it left (records)."""
+    bob = b.open(B1)
+    g, alice = group_with(a, b, monkeypatch, B1)
+    bob.take()
+    bodies = [b"m1", b"m2", b"m3", b"m4"]
+    for body in bodies:
+        a.domain.dispatch(alice, group_msg(g, body), NOW)
+    a.commit()
+    assert [x["t"] for x in alice.take()] == ["ack"] * 4
+    outgoing, _ = a.relay.take_output()
+    records = msgpack.unpackb(msgpack.packb(outgoing["node-b"]), raw=False, strict_map_key=False)
+    assert [r[5]["b"] for r in records] == bodies
+    return bodies, records, bob
+
+
+def test_a_window_cut_in_two_whose_first_part_is_lost_is_stored_in_order(nodes, monkeypatch):
+    """A window can leave in two NATS messages (one over max_payload is halved) and the first can
+    be lost (a reconnect's full buffer): each entry names the one before it, so node-b refuses
+    the second part rather than let its mark pass entries it never stored (which would make
+    their resend look like duplicates — acked messages lost; a review found it)."""
+    from interlink.core.domain.outbox import RETRY_S
+
+    a, b = nodes
+    bodies, records, bob = four_in_one_window(a, b, monkeypatch)
+    b.relay.serve("node-a", records[2:], NOW)  # only the second part arrives
+    b.commit()
+    _, replies = b.relay.take_output()
+    assert [msgpack.unpackb(x)["code"] for _, x in replies["node-a"]] == ["overloaded", "overloaded"]
+    assert bob.take() == []
+    for seq, encoded in replies["node-a"]:
+        a.relay.answered("node-b", seq, encoded, NOW)
+    a.relay.expire(NOW + 2.1)  # m1, m2: no answer by the deadline
+    a.relay.expire(NOW + 2.1 + RETRY_S + 0.01)
+    assert [r[5]["b"] for r in carry(a, b)] == bodies
+    b.commit()
+    answer(a, b)
+    assert [d["c"] for d in bob.take()] == bodies and a.relay.outbox.backlog == 0
+
+
+def test_a_window_cut_in_two_whose_first_commit_failed_is_stored_in_order(nodes, monkeypatch):
+    from interlink.core.domain.outbox import RETRY_S
+    from interlink.core.edge.lmdbstore.env import store_full
+
+    a, b = nodes
+    bodies, records, bob = four_in_one_window(a, b, monkeypatch)
+    b.relay.serve("node-a", records[:2], NOW)
+    b.domain.failed(b.domain.take_batch(NOW), store_full())  # the first part's commit fails
+    b.relay.serve("node-a", records[2:], NOW)
+    b.commit()  # the second part's succeeds: refused, the entry before it is not stored
+    assert bob.take() == [] and b.store.pending_count(device_key(B1, 1)) == 1  # the creation event only
+    answer(a, b)
+    a.relay.expire(NOW + RETRY_S + 0.01)
+    assert [r[5]["b"] for r in carry(a, b)] == bodies
+    b.commit()
+    answer(a, b)
+    a.commit()
+    assert [d["c"] for d in bob.take()] == bodies
+    assert a.relay.outbox.backlog == 0 and a.store.outbox_entries("node-b") == []

@@ -450,7 +450,7 @@ async def test_the_move_refuses_what_would_lose_or_strand_data(issuers, tmp_path
     moves = tmp_path / "node-a" / "moves"
     for command in (["export"], ["import", new.toml("node-a")], ["prune"]):
         code, out = await interlink("cluster", command[0], "--config", new.toml("node-a"), *command[1:])
-        assert code == 1 and "still listens on" in out and "stop it first" in out, out
+        assert code == 1 and "still runs on" in out and "stop it first" in out, out
     assert not moves.exists()
     await old.stop_all()
 

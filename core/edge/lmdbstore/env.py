@@ -8,6 +8,7 @@ behind every per-user and per-device list.
 
 from __future__ import annotations
 
+import fcntl
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -35,6 +36,26 @@ def open_environment(
     env = lmdb.open(str(path), map_size=map_size_bytes, max_dbs=MAX_DBS, subdir=True, sync=sync, metasync=sync, lock=True,
                     writemap=writemap)
     return path, env
+
+
+def lock_data_dir(folder: str | os.PathLike) -> int:
+    """An exclusive lock on ``folder/interlink.lock`` (a file descriptor: held until it is closed
+    or the process ends): one gateway, or one of the cluster's data moves, per data folder at a
+    time — LMDB itself lets several processes write. ``ConfigError`` naming ``data_dir`` when
+    another process holds it."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(folder / "interlink.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise ConfigError(f"data_dir: cannot create {folder / 'interlink.lock'}: {exc.strerror}") from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ConfigError(f"data_dir: {folder} is in use by another interlink process (a running gateway, or a "
+                          "cluster export/import/prune)") from None
+    return fd
 
 
 def store_full() -> StoreFullError:

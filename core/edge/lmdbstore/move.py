@@ -107,11 +107,11 @@ class _Tables:
                     (*MOVED_TABLES, "dedup", "bodies", "body_refs", "outbox")}
 
 
-def _homed_elsewhere(txn, tables: _Tables, membership: Membership, node: str):
+def _homed_elsewhere(txn, tables: _Tables, membership: Membership, node: str, names=MOVED_TABLES):
     """Every (table, key, value, owner, home) in ``txn`` whose owner's home under ``membership``
-    is not ``node``, table by table in key order."""
+    is not ``node``, table by table (of ``names``) in key order."""
     homes: dict = {}
-    for table in MOVED_TABLES:
+    for table in names:
         for key, value in txn.cursor(db=tables.dbs[table]).iternext():
             who = owner(table, key)
             if who is None:
@@ -123,13 +123,13 @@ def _homed_elsewhere(txn, tables: _Tables, membership: Membership, node: str):
                 yield table, bytes(key), bytes(value), who, home
 
 
-def stray(store, membership: Membership, node: str) -> tuple[int, str | bytes | None]:
-    """How many records of ``store`` belong to users or groups homed on another node under
-    ``membership``, and one such owner (None when there are none)."""
+def stray(store, membership: Membership, node: str, names=MOVED_TABLES) -> tuple[int, str | bytes | None]:
+    """How many records of ``store`` (in tables ``names``) belong to users, groups or blobs homed
+    on another node under ``membership``, and one such owner (None when there are none)."""
     count, example = 0, None
     tables = _Tables(store)
     with tables.env.begin() as txn:
-        for _, _, _, who, _ in _homed_elsewhere(txn, tables, membership, node):
+        for _, _, _, who, _ in _homed_elsewhere(txn, tables, membership, node, names):
             count += 1
             example = example or who
     return count, example
@@ -142,9 +142,13 @@ def check_node_list(store, node_list: NodeList, membership: Membership, node: st
     stored = node_list.get()
     if stored is not None and stored[1] == membership.digest:
         return
-    count, example = stray(store, membership, node)
+    # A store never served in a cluster (or by a version before this check) may hold blobs whose
+    # ids were drawn before they named their node: they stay, served by this node as before.
+    names = MOVED_TABLES if stored is not None else tuple(t for t in MOVED_TABLES if t not in BLOB_TABLES)
+    count, example = stray(store, membership, node, names)
     if count:
-        shown = example if isinstance(example, str) else f"group or blob {example.hex()}"
+        # (a blob id is a read capability: only its first bytes are ever shown)
+        shown = example if isinstance(example, str) else f"group or blob {example[:4].hex()}…"
         before = (f"was last served under node list version {stored[0]} ({', '.join(stored[2])})" if stored
                   else "was not served in this cluster before")
         raise ConfigError(
@@ -250,10 +254,6 @@ def import_moves(store, membership: Membership, node: str, path: Path, blob_file
     names a missing file (files whose records were refused are removed at the next start)."""
     tables = _Tables(store)
     written = 0
-    blobs_folder = path.with_suffix(".blobs")
-    if blob_files is not None and blobs_folder.is_dir():
-        for file in sorted(blobs_folder.iterdir()):
-            blob_files.place(bytes.fromhex(file.stem), file)
     with open(path, "rb") as handle:
         unpacker = msgpack.Unpacker(handle, raw=False, max_buffer_size=1 << 30)
         header = next(unpacker, None)
@@ -262,6 +262,10 @@ def import_moves(store, membership: Membership, node: str, path: Path, blob_file
         if header.get("to") != node or header.get("digest") != membership.digest:
             raise MoveError(f"{path}: made for node {header.get('to')} under node list version {header.get('version')}, "
                             f"not for node {node} under version {membership.version}")
+        blobs_folder = path.with_suffix(".blobs")
+        if blob_files is not None and blobs_folder.is_dir():
+            for file in sorted(blobs_folder.iterdir()):
+                blob_files.place(bytes.fromhex(file.stem), file)
         count = 0
         try:
             with tables.env.begin(write=True) as txn:
@@ -280,7 +284,8 @@ def import_moves(store, membership: Membership, node: str, path: Path, blob_file
                         txn.put(key, value, db=db)
                         written += 1
                     elif here != value and table != "dedup":  # a dedup entry: either first store will do
-                        raise MoveError(f"{path}: {table} record {key!r:.80} is here already with another value "
+                        shown = key[-16:][:4].hex() + "…" if table in BLOB_TABLES else repr(key)[:80]
+                        raise MoveError(f"{path}: {table} record {shown} is here already with another value "
                                         "(this node served that user or group meanwhile?); nothing imported")
                 else:
                     raise MoveError(f"{path}: truncated after {count} records (no trailer); nothing imported")

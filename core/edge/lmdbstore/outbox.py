@@ -94,15 +94,15 @@ class FanoutRecords:
 
     # -- at a member's node
 
-    def seen(self, txn, fanin: tuple[str, bytes, int]) -> bool:
-        """Was entry ``fanin`` = (home, incarnation, seq) stored before (in this transaction too)?"""
-        home, incarnation, seq = fanin
+    def seen(self, txn, fanin: tuple) -> bool:
+        """Was entry ``fanin`` = (home, incarnation, seq, ...) stored before (in this transaction too)?"""
+        home, incarnation, seq = fanin[:3]
         stored = txn.get(_mark_key(home, incarnation), db=self.marks_db)
         return stored is not None and _SEQ.unpack(stored)[0] >= seq
 
-    def mark(self, txn, fanin: tuple[str, bytes, int]) -> None:
+    def mark(self, txn, fanin: tuple) -> None:
         """Entry ``fanin`` is stored: it and its incarnation's earlier ones are duplicates from now on."""
-        home, incarnation, seq = fanin
+        home, incarnation, seq = fanin[:3]
         txn.put(_mark_key(home, incarnation), _SEQ.pack(seq), db=self.marks_db)
 
     def fanin_mark(self, home: str, incarnation: bytes) -> int:

@@ -148,9 +148,13 @@ class LmdbStore:
                         entry.bundles = keys.take(txn, entry.user, entry.devices)
                         continue
                     fanin = entry.fanin
-                    if fanin is not None and fanout.seen(txn, fanin):
-                        entry.dup = True  # a group home's outbox entry sent again: stored before
-                        continue
+                    if fanin is not None:
+                        if fanout.seen(txn, fanin):
+                            entry.dup = True  # a group home's outbox entry sent again: stored before
+                            continue
+                        if fanin[3] is not None and not fanout.seen(txn, fanin[3]):
+                            entry.refused = "out_of_order"  # the entry before it is not stored (yet)
+                            continue
                     if kind is MessageEntry:
                         # A duplicate answers dup whatever the group became; else a guarded
                         # entry must match the stored record.

@@ -48,15 +48,20 @@ def message(batch, msg_id=None, items=None, tag=b"m"):
 def commit_message(store, msg_id=None, out=None, fanin=None, guard=None, tag=b"m"):
     batch = WriteBatch()
     entry = message(batch, msg_id, tag=tag)
-    entry.outbox, entry.fanin, entry.guard = out, fanin, guard
+    entry.outbox, entry.fanin, entry.guard = out, _fanin(fanin), guard
     store.commit(batch)
     return entry
+
+
+def _fanin(fanin):
+    """(home, incarnation, seq) with nothing it must follow."""
+    return fanin + (None,) if fanin is not None and len(fanin) == 3 else fanin
 
 
 def commit_control(store, group=None, out=None, fanin=None, items=(), guard=None):
     batch = WriteBatch()
     entry = batch.add_control(1000, list(items), group)
-    entry.outbox, entry.fanin, entry.guard = out, fanin, guard
+    entry.outbox, entry.fanin, entry.guard = out, _fanin(fanin), guard
     store.commit(batch)
     return entry
 
@@ -186,8 +191,8 @@ def test_the_same_entry_twice_in_one_batch_is_stored_once(store):
     batch = WriteBatch()
     one, two = message(batch, tag=b"one"), message(batch, tag=b"two")
     event = batch.add_control(1000, [(BOB, build(b"ev"))])
-    one.fanin = two.fanin = ("node-a", HOME_INC, 1)
-    event.fanin = ("node-a", HOME_INC, 1)
+    one.fanin = two.fanin = ("node-a", HOME_INC, 1, None)
+    event.fanin = ("node-a", HOME_INC, 1, None)
     store.commit(batch)
     assert not one.dup and two.dup and event.dup
     assert two.stored == [] and event.stored == [] and [v for _, v in store.pending(BOB)] == [b"one:1:1000"]
@@ -265,9 +270,9 @@ def test_a_full_map_writes_neither_outbox_entries_nor_marks(tmp_path):
         commit_control(store, out=outbox(("node-b", 1), ("node-b", 2)))
         batch = WriteBatch()
         first = message(batch)
-        first.outbox, first.fanin = outbox(("node-b", 3), ("node-c", 1)), ("node-a", HOME_INC, 1)
+        first.outbox, first.fanin = outbox(("node-b", 3), ("node-c", 1)), ("node-a", HOME_INC, 1, None)
         event = batch.add_control(1000, [])
-        event.outbox, event.fanin = outbox(("node-b", 4)), ("node-x", HOME_INC, 8)
+        event.outbox, event.fanin = outbox(("node-b", 4)), ("node-x", HOME_INC, 8, None)
         huge = message(batch, items=[(BOB, build(b"x" * 200_000)) for _ in range(8)])
         batch.outbox_acked["node-b"] = 2
         with pytest.raises(StoreFullError):
