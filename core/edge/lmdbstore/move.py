@@ -142,6 +142,12 @@ def check_node_list(store, node_list: NodeList, membership: Membership, node: st
     stored = node_list.get()
     if stored is not None and stored[1] == membership.digest:
         return
+    waiting = _outbox_waiting(_Tables(store)) if stored is not None else 0
+    if waiting:  # they name members by the old list: under the new one they would stay or go astray
+        raise ConfigError(
+            f"cluster: {waiting} group fan-out entries of this node wait for other nodes under node list version "
+            f"{stored[0]}: start the cluster under that list until `interlink cluster status` shows outbox 0 on every "
+            "node, stop it, then change the list (docs/operations.md \"Changing the node list\")")
     # A store never served in a cluster (or by a version before this check) may hold blobs whose
     # ids were drawn before they named their node: they stay, served by this node as before.
     names = MOVED_TABLES if stored is not None else tuple(t for t in MOVED_TABLES if t not in BLOB_TABLES)

@@ -239,3 +239,23 @@ def test_a_blob_moves_with_its_file_and_the_totals_follow(stores, tmp_path):
     assert a.blob_usage() == {"blob_uploads": 0, "blobs_ready": 1, "blob_bytes": 7000}
     assert b.unfinished_blobs(USERS[0], 10) == [unfinished] and a.unfinished_blobs(USERS[0], 10) == []
     assert [blob for blob in b.expired_blobs(10**14, 10)] == sorted([ready, unfinished], key=lambda x: x)  # by expiry, then id
+
+
+def test_a_start_under_another_list_waits_for_the_outbox_to_empty(stores):
+    """Entries name their members by the old list: a node may not start under a new one while
+    any wait (for a node that left, they would never go)."""
+    a, _ = stores
+    check_node_list(a, a.node_list, OLD, "node-a")
+    g = next(g for g in (os.urandom(16) for _ in range(100)) if NEW.home(g) == "node-a")  # nothing else to move
+    batch = WriteBatch()
+    entry = batch.add_control(1000, [], GroupWrite(g, 0, GroupRecord(1, (STAYING[0],), (STAYING[0],), None)))
+    entry.outbox = [("node-c", 1, msgpack.packb(["alpha", "u0", 1, 100, {}]), None)]
+    a.commit(batch)
+    with pytest.raises(ConfigError, match="fan-out entries .* wait"):
+        check_node_list(a, a.node_list, NEW, "node-a")
+    check_node_list(a, a.node_list, OLD, "node-a")  # the old list still starts, and sends them
+    batch = WriteBatch()
+    batch.outbox_acked["node-c"] = 1
+    a.commit(batch)
+    check_node_list(a, a.node_list, NEW, "node-a")
+    assert a.node_list.get()[0] == 2
