@@ -71,7 +71,8 @@ stress: $(STAMP)
 	INTERLINK_REQUIRE_NATIVE=1 $(BIN)/python bench/crash.py --cycles $(STRESS_CYCLES) $(STRESS_ARGS)
 
 # The crash test of a cluster (tests/e2e/test_cluster_crash.py runs 3 cycles): three gateway nodes
-# and a nats-server, each a child process, under cross-node 1:1 traffic; each cycle SIGKILLs a
+# and a nats-server, each a child process, under cross-node 1:1 and group traffic (three groups,
+# one homed on each node; --groups 0 for 1:1 only); each cycle SIGKILLs a
 # random node (or, with CLUSTER_STRESS_ARGS='--kill nats', the NATS server) and restarts it, then
 # everything is drained; prints the counts as JSON and fails on any lost, duplicated, reordered or
 # unacked message. E.g. make cluster-stress CLUSTER_STRESS_CYCLES=10 CLUSTER_STRESS_ARGS='--kill nats'
