@@ -169,6 +169,8 @@ _CLUSTER_COUNTERS = (
     ("own_copies_lost", "interlink_cluster_own_copies_lost",
      "Messages acked by the recipient's node whose copies for the sender's other devices could not be stored here."),
     ("internal_errors", "interlink_cluster_internal_errors", "Relayed stanzas that failed on a gateway bug (see the logs)."),
+    ("bad_answers", "interlink_cluster_bad_answers",
+     "Answers of other nodes that were not an answer to what was asked (their bug: the sender got internal)."),
     ("outbox_sent", "interlink_cluster_outbox_sent", "Group fan-out entries sent to member nodes (first sends)."),
     ("outbox_resent", "interlink_cluster_outbox_resent",
      "Group fan-out entries sent again (their node did not confirm them: down, NATS away, a refusal)."),

@@ -42,6 +42,7 @@ from typing import Callable
 import msgpack
 
 from interlink.core.domain.auth import Identity
+from interlink.core.domain.auth.providers import PROVIDER_ID_RE, localpart_error
 from interlink.core.domain.blobs import BLOB_ID_BYTES
 from interlink.core.domain.cluster import Membership
 from interlink.core.errors import InterlinkError, RouteError, StanzaError
@@ -49,8 +50,9 @@ from interlink.core.domain.fanout import GroupDlv, plan_group
 from interlink.core.domain.groups import GROUP_ID_BYTES, event_builder
 from interlink.core.domain.outbox import FINAL, OK, RETRY_S, Outbox, outcome
 from interlink.core.domain.ops import ANSWERS_PER_READ_BYTES, MAX_DIRECTORY_USERS, address_field, device_list
-from interlink.core.domain.router import MAX_ADDRESS_CHARS, check_devices, stanza_id, typing_state
+from interlink.core.domain.router import MAX_ADDRESS_CHARS, TYPING_STATES, check_devices, stanza_id, typing_state
 from interlink.core.protocol.stanza import encode_stanza
+from interlink.core.protocol.wire import MAX_DEVICE_ID
 
 # Operations whose answer lies with the user they name: served at that user's home node.
 RELAYED_OPS = frozenset({"devices.get", "keys.get"})
@@ -62,6 +64,8 @@ GROUP_OPS = frozenset({"group.new", "group.add", "group.del", "group.leave", "gr
 GROUP_CHANGES = frozenset({"group.new", "group.add", "group.del", "group.leave"})  # stored: a timeout is unconfirmed
 
 RELAY_KINDS = frozenset({"msg", "rcpt", "state", "iq"})
+EVENT_FIELDS = frozenset({"k", "id", "from", "dev", "g", "event", "members", "ver", "promoted", "meta"})
+EVENT_KINDS = frozenset({"created", "added", "removed", "left"})
 SERVED_KINDS = RELAY_KINDS | {"gfan"}  # gfan: a group's home asks a member's node to store or push
 RETRY_AFTER_MS = 1000  # what a sender is told to wait after a node did not answer in time
 INNER_SHARE = 0.4  # of the timeout, for each of a group home's own requests to member nodes
@@ -76,6 +80,11 @@ FORWARD, OWN, DEFERRED, GATHER = 0, 1, 2, 3  # what a pending entry waits for (s
 
 
 BLOB_OPS = frozenset({"blob.read"})  # served at the node the blob id hashes to (its uploader's)
+
+
+class MalformedRecord(Exception):
+    """A record another node relayed that no node of this version would send (counted as
+    ``malformed``; answered ``internal``)."""
 
 
 def new_group_id() -> bytes:
@@ -338,7 +347,7 @@ class Relay:
         self._identities: dict[tuple, Identity] = {}
         self.counters = {"relayed": 0, "answered": 0, "timeouts": 0, "late_answers": 0, "served": 0,
                          "malformed": 0, "misrouted": 0, "refused": 0, "own_copies_lost": 0, "internal_errors": 0,
-                         "held_back": 0}
+                         "held_back": 0, "bad_answers": 0}
         # This node's group fan-out to member nodes, durable until each stored it.
         self.outbox = Outbox(self.store, node, membership.nodes)
         self.counters.update(self.outbox.counters)
@@ -622,27 +631,38 @@ class Relay:
         identity = session.identity
         members = stanza.get("members")
         if type(members) is not list or not all(type(m) is str for m in members):
-            raise TypeError("gfan needs 'members': a list of addresses")
+            raise MalformedRecord("gfan needs 'members': a list of addresses")
         k = stanza.get("k")
         ts = stanza.get("ts")
         if k in ("msg", "event") and (type(ts) is not int or not 0 <= ts < 1 << 53):
-            raise TypeError("gfan needs 'ts': the group home's time in ms")
-        if k == "msg" and (type(stanza.get("id")) is not bytes or len(stanza["id"]) != 16
-                           or type(stanza.get("b")) is not bytes or not stanza["b"]):
-            raise TypeError("gfan msg needs 'id' (16 bytes) and 'b' (bin)")
-        if k == "event" and type(stanza.get("fields")) is not dict:
-            raise TypeError("gfan event needs 'fields'")
+            raise MalformedRecord("gfan needs 'ts': the group home's time in ms")
+        if k == "msg":
+            body = stanza.get("b")
+            if type(stanza.get("id")) is not bytes or len(stanza["id"]) != 16 or type(body) is not bytes or not body:
+                raise MalformedRecord("gfan msg needs 'id' (16 bytes) and 'b' (bin)")
+            if len(body) > self.groups.max_body_bytes:  # its copies must fit a frame here
+                raise MalformedRecord(f"gfan msg 'b' of {len(body)} bytes is over {self.groups.max_body_bytes}")
+        elif k == "event":
+            self._check_event(stanza.get("fields"), identity, stanza.get("g"))
+        elif k == "check":
+            if type(stanza.get("id")) is not int:
+                raise MalformedRecord("gfan check needs the request's int 'id'")
+        elif k == "state":
+            if stanza.get("s") not in TYPING_STATES:
+                raise MalformedRecord("gfan state needs 's': a typing state")
+        else:
+            raise MalformedRecord("gfan 'k' is one of check, msg, event, state")
         fanin = None
         if k in ("msg", "event"):
             entry_seq, incarnation = stanza.get("o"), stanza.get("n")
             if type(entry_seq) is not int or not 0 < entry_seq < 1 << 63 or type(incarnation) is not bytes \
                     or len(incarnation) != 8:
-                raise TypeError("gfan msg/event needs 'o' (its outbox seq) and 'n' (the incarnation that wrote it)")
+                raise MalformedRecord("gfan msg/event needs 'o' (its outbox seq) and 'n' (the incarnation that wrote it)")
             after = stanza.get("q")
             if after is not None:
                 if (type(after) is not list or len(after) != 2 or type(after[0]) is not bytes or len(after[0]) != 8
                         or type(after[1]) is not int or not 0 < after[1] < 1 << 63):
-                    raise TypeError("gfan 'q' names the entry before it: [incarnation, seq]")
+                    raise MalformedRecord("gfan 'q' names the entry before it: [incarnation, seq]")
                 after = (home, after[0], after[1])
             fanin = (home, incarnation, entry_seq, after)
         if k == "check":
@@ -669,10 +689,22 @@ class Relay:
                                                       event_builder(stanza["fields"]), self.store.devices)
             router.enqueue_control(session, {"t": "res", "id": 0}, stanza["ts"] / 1000, items, targets).fanin = fanin
             return
-        if k == "state":
-            self.groups.push_state(members, frozenset(members), identity.user, g, stanza["s"], self.store.devices)
-            return
-        raise TypeError(f"gfan of an unknown kind {k!r}")
+        self.groups.push_state(members, frozenset(members), identity.user, g, stanza["s"], self.store.devices)
+
+    def _check_event(self, fields, identity: Identity, g) -> None:
+        """A membership event's fields as a group's home builds them (``Groups._change``): they are
+        stored as the ``dlv`` itself, so nothing else may be in them, and they must fit a frame."""
+        if type(fields) is not dict or not set(fields) <= EVENT_FIELDS or not {"k", "id", "from", "dev", "g", "event",
+                                                                               "members", "ver"} <= set(fields):
+            raise MalformedRecord("gfan event 'fields' are those of a group event")
+        ok = (fields["k"] == "group" and type(fields["id"]) is bytes and len(fields["id"]) == 16
+              and fields["from"] == identity.user and fields["dev"] == identity.device and fields["g"] == g
+              and fields["event"] in EVENT_KINDS and type(fields["ver"]) is int and 0 < fields["ver"] < 1 << 63
+              and all(type(names) is list and all(type(m) is str and len(m) <= MAX_ADDRESS_CHARS for m in names)
+                      for names in (fields["members"], fields.get("promoted", [])))
+              and (fields.get("meta") is None or type(fields["meta"]) is bytes))
+        if not ok or len(msgpack.packb(fields)) > self.router.max_ciphertext_bytes:
+            raise MalformedRecord("gfan event 'fields' are not a group event that fits a frame")
 
     def _gather(self, session, stanza: dict, now: float) -> None:
         """A look-up every node answers for its own users (``dir.lookup``): served here first —
@@ -788,6 +820,7 @@ class Relay:
         del self.waiting[seq]
         self._done_waiting(pending)
         self.counters["answered"] += 1
+        answer = self._checked_answer(pending, answer)
         if pending.stream is not None:
             self._stream_answered(pending, now, timed_out=False)
         try:
@@ -798,6 +831,28 @@ class Relay:
         if self._pump_asked:
             self._pump(now)
         return now - pending.sent
+
+    def _checked_answer(self, pending: Pending, answer: bytes | None) -> bytes | None:
+        """Another node's answer as this node passes it on: one stanza answering this one (``ack``,
+        ``res`` or ``err``, naming its id), or nothing for typing state. Anything else is that
+        node's bug (or worse): counted ``malformed``, answered ``internal`` here."""
+        if answer is None:
+            if pending.stanza.get("t") == "state":
+                return None
+            problem = "nothing"
+        else:
+            try:
+                decoded = msgpack.unpackb(answer, raw=False, strict_map_key=False)
+            except (ValueError, TypeError):
+                decoded = None
+            if type(decoded) is dict and decoded.get("t") in ("ack", "res", "err"):
+                wanted = reference(pending.stanza)
+                if not wanted or decoded.get("ref", decoded.get("id")) == next(iter(wanted.values())):
+                    return answer
+            problem = "something that is not its answer"
+        self.counters["bad_answers"] += 1
+        log.warning("cluster: node %s answered with %s", pending.node, problem)
+        return internal_error(pending.stanza, f"node {pending.node} answered with {problem}")
 
     def expire(self, now: float, *, everything: bool = False) -> int:
         """Answer every stanza whose node has not answered by its deadline: ``err`` ``overloaded``
@@ -928,76 +983,107 @@ class Relay:
         stream_broken = False
         for record in records:
             try:
-                seq, provider, localpart, device, max_plaintext, stanza = record
-                if type(seq) is not int or type(stanza) is not dict or type(max_plaintext) is not int:
-                    raise TypeError("a relayed record's fields have the wrong types")
-                identity = self._identity(provider, localpart, device)
-            except (TypeError, ValueError, InterlinkError):
-                self.counters["malformed"] += 1
-                stream_broken = True  # it may have been an outbox entry
-                continue
-            session = RelayedSession(self, node, seq, identity, max_plaintext)
-            self.counters["served"] += 1
-            kind = stanza.get("t")
-            streamed = kind == "gfan" and "o" in stanza  # an outbox entry: stored in the home's order
-            if streamed and stream_broken:
-                session.send_encoded(encode_stanza({
-                    "t": "err", "code": "overloaded", "retry_after": RETRY_AFTER_MS,
-                    "msg": "an earlier entry of this fan-out was not stored; send this again after it"}))
-                continue
-            if streamed:
-                stream_broken = True  # until it is served below
-            op = stanza.get("op") if kind == "iq" else None
-            op = op if type(op) is str else None
-            gathered = op in GATHERED_OPS
-            grouped = op in GROUP_OPS or (kind in ("msg", "state") and "g" in stanza)
-            fanout = kind == "gfan"
-            if grouped:  # at the group's home, from the sender's home
-                target, origin = stanza.get("g"), identity.user
-            elif fanout:  # at a member's home, from the group's home
-                target, origin = None, stanza.get("g")
-                if type(origin) is not bytes or len(origin) != GROUP_ID_BYTES:
-                    origin = b""  # homed nowhere: refused below
-            else:
-                target = (stanza.get("blob") if op in BLOB_OPS else stanza.get("user")) if kind == "iq" else stanza.get("to")
-                origin = identity.user
-            if kind not in SERVED_KINDS or (kind == "iq" and op not in RELAYED_OPS and op not in BLOB_OPS
-                                            and not gathered and not grouped):
-                self.counters["malformed"] += 1
-                session.send_encoded(internal_error(stanza, "this stanza is not relayed between nodes"))
-                continue
-            members = stanza.get("members") if fanout else None
-            if ((not gathered and not fanout and (type(target) not in (str, bytes) or len(target) > MAX_ADDRESS_CHARS
-                                                  or self.home_of(target, cache=op not in BLOB_OPS) is not None))
-                    or (type(origin) not in (str, bytes) or not origin or self.home(origin) != node)
-                    or (fanout and (type(members) is not list or any(
-                        type(m) is not str or len(m) > MAX_ADDRESS_CHARS or self.home_of(m) is not None for m in members)))):
-                self.counters["misrouted"] += 1  # the nodes disagree about the node list
-                session.send_encoded(internal_error(stanza, "the cluster's nodes disagree about where this user lives"))
-                continue
-            provider = self.router.registry.get(identity.provider)
-            if provider is None or provider.suspended:  # suspended here, not yet on the sender's node
-                self.counters["refused"] += 1
-                session.send_encoded(encode_stanza({
-                    "t": "err", "code": "provider_suspended", **reference(stanza),
-                    "msg": f"provider {identity.provider!r} is not served (suspended or removed)"}))
-                stream_broken = stream_broken and not streamed  # refused for good (outbox.FINAL_REFUSALS)
-                continue
-            try:
-                if fanout:
-                    self._serve_fanout(session, stanza, now, node)
-                elif op in ("group.new", "group.add"):
-                    self._precheck(session, stanza, now)
-                else:
-                    self.serve_stanza(session, stanza, now)
-            except Exception:  # a bug of ours must cost this stanza, never the rest of the batch
-                log.exception("relay: serving a stanza node %s relayed failed", node)
+                stream_broken = self._serve_record(node, record, now, stream_broken)
+            except Exception:  # a bug of ours must cost this record, never the rest of the batch
+                log.exception("relay: serving a record node %s relayed failed", node)
                 self.counters["internal_errors"] += 1
-                session.send_encoded(internal_error(stanza, "the gateway failed to handle this stanza"))
-                continue
-            stream_broken = stream_broken and not streamed
-            if not session.answered and (kind == "state" or (fanout and stanza.get("k") == "state")):
-                self.reply(node, seq, None)  # served: the sender's node stops waiting
+                stream_broken = True
+                if type(record) is list and record and type(record[0]) is int:
+                    self.reply(node, record[0], internal_error({}, "the gateway failed to handle this stanza"))
+
+    def _serve_record(self, node: str, record, now: float, stream_broken: bool) -> bool:
+        """Serve one record of ``serve``; returns whether ``node``'s outbox stream is broken now."""
+        try:
+            seq, provider, localpart, device, max_plaintext, stanza = record
+            if type(seq) is not int or type(stanza) is not dict or type(max_plaintext) is not int:
+                raise TypeError("a relayed record's fields have the wrong types")
+            identity = self._identity(provider, localpart, device)
+        except (TypeError, ValueError, InterlinkError):
+            self.counters["malformed"] += 1
+            return True  # it may have been an outbox entry
+        session = RelayedSession(self, node, seq, identity, max_plaintext)
+        self.counters["served"] += 1
+        kind = stanza.get("t")
+        if type(kind) is not str:
+            kind = None  # refused below, as any kind not relayed
+        streamed = kind == "gfan" and "o" in stanza  # an outbox entry: stored in the home's order
+        if streamed and stream_broken:
+            session.send_encoded(encode_stanza({
+                "t": "err", "code": "overloaded", "retry_after": RETRY_AFTER_MS,
+                "msg": "an earlier entry of this fan-out was not stored; send this again after it"}))
+            return True
+        if streamed:
+            stream_broken = True  # until it is served below
+        op = stanza.get("op") if kind == "iq" else None
+        op = op if type(op) is str else None
+        gathered = op in GATHERED_OPS
+        grouped = op in GROUP_OPS or (kind in ("msg", "state") and "g" in stanza)
+        fanout = kind == "gfan"
+        if grouped:  # at the group's home, from the sender's home
+            target, origin = stanza.get("g"), identity.user
+        elif fanout:  # at a member's home, from the group's home
+            target, origin = None, stanza.get("g")
+            if type(origin) is not bytes or len(origin) != GROUP_ID_BYTES:
+                origin = b""  # homed nowhere: refused below
+        else:
+            target = (stanza.get("blob") if op in BLOB_OPS else stanza.get("user")) if kind == "iq" else stanza.get("to")
+            origin = identity.user
+        if kind not in SERVED_KINDS or (kind == "iq" and op not in RELAYED_OPS and op not in BLOB_OPS
+                                        and not gathered and not grouped):
+            self.counters["malformed"] += 1
+            session.send_encoded(internal_error(stanza, "this stanza is not relayed between nodes"))
+            return stream_broken
+        members = stanza.get("members") if fanout else None
+        if ((not gathered and not fanout and (type(target) not in (str, bytes) or len(target) > MAX_ADDRESS_CHARS
+                                              or self.home_of(target, cache=op not in BLOB_OPS) is not None))
+                or (type(origin) not in (str, bytes) or not origin or self.home(origin) != node)
+                or (fanout and (type(members) is not list or any(
+                    type(m) is not str or len(m) > MAX_ADDRESS_CHARS or self.home_of(m) is not None for m in members)))):
+            self.counters["misrouted"] += 1  # the nodes disagree about the node list
+            session.send_encoded(internal_error(stanza, "the cluster's nodes disagree about where this user lives"))
+            return stream_broken
+        provider = self.router.registry.get(identity.provider)
+        if provider is None or provider.suspended:  # suspended here, not yet on the sender's node
+            self.counters["refused"] += 1
+            session.send_encoded(encode_stanza({
+                "t": "err", "code": "provider_suspended", **reference(stanza),
+                "msg": f"provider {identity.provider!r} is not served (suspended or removed)"}))
+            return stream_broken and not streamed  # refused for good (outbox.FINAL_REFUSALS)
+        try:
+            if fanout:
+                self._serve_fanout(session, stanza, now, node)
+            elif op in ("group.new", "group.add"):
+                self._precheck(session, self._checked_group_request(stanza), now)
+            else:
+                self.serve_stanza(session, stanza, now)
+        except MalformedRecord as exc:  # another node's bug (or worse): counted, not a bug of ours
+            self.counters["malformed"] += 1
+            session.send_encoded(internal_error(stanza, f"a malformed relayed record: {exc}"))
+            return stream_broken
+        except (RouteError, StanzaError) as exc:
+            code = exc.code if isinstance(exc, RouteError) else "bad_stanza"
+            fields = exc.fields if isinstance(exc, RouteError) else {}
+            session.send_encoded(encode_stanza({"t": "err", "code": code, "msg": exc.message, **reference(stanza),
+                                                **fields}))
+            return stream_broken
+        except Exception:  # a bug of ours must cost this stanza, never the rest of the batch
+            log.exception("relay: serving a stanza node %s relayed failed", node)
+            self.counters["internal_errors"] += 1
+            session.send_encoded(internal_error(stanza, "the gateway failed to handle this stanza"))
+            return stream_broken
+        if not session.answered and (kind == "state" or (fanout and stanza.get("k") == "state")):
+            self.reply(node, seq, None)  # served: the sender's node stops waiting
+        return stream_broken and not streamed
+
+    def _checked_group_request(self, stanza: dict) -> dict:
+        """A relayed ``group.new``/``group.add`` rebuilt from its checked fields (as the sender's
+        node built it), for the member checks."""
+        fields = self.groups.request_fields(stanza)
+        g = stanza.get("g")
+        if type(g) is not bytes or len(g) != GROUP_ID_BYTES:
+            raise MalformedRecord("a relayed group request needs its 16-byte 'g'")
+        fields["g"] = g
+        return fields
 
     def reply(self, node: str, seq: int, encoded: bytes | None) -> None:
         replies = self.replies.get(node)
@@ -1010,8 +1096,10 @@ class Relay:
         key = (provider, localpart, device)
         identity = self._identities.get(key)
         if identity is None:
-            if type(provider) is not str or type(localpart) is not str or type(device) is not int:
-                raise TypeError("a relayed sender is (provider, localpart, device)")
+            if (type(provider) is not str or PROVIDER_ID_RE.fullmatch(provider) is None
+                    or localpart_error(localpart) is not None or type(device) is not int
+                    or not 1 <= device <= MAX_DEVICE_ID):
+                raise TypeError("a relayed sender is (provider id, localpart, device number), each as a client's is")
             identity = Identity(provider=provider, localpart=localpart, device=device, expires_at=float("inf"))
             if len(self._identities) >= IDENTITIES_KEPT:
                 del self._identities[next(iter(self._identities))]

@@ -192,6 +192,8 @@ class Router:
                     items.append((device_key(recipient, device), _dlv_builder(msg_id, sender, sender_device, ciphertext, None)))
                     targets.append((recipient, device))
         if own is not None:
+            if session.relayed:  # a relayed sender's other devices live on its own node, which stores their copies
+                raise StanzaError("a msg relayed from another node carries no 'own'")
             others = [d for d in self.store.devices(sender) if d != sender_device]
             check_devices(own, others, "own")
             for device, ciphertext in own.items():
