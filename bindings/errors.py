@@ -34,6 +34,8 @@ from interlink.core.errors import (
     StateLocked,
     StoreFullError,
     StoreLimitError,
+    MoveError,
+    MalformedRecordError,
     TooManyStanzasError,
     UnknownSuiteError,
 )
@@ -71,6 +73,8 @@ __all__ = [
     "StateLocked",
     "StoreFullError",
     "StoreLimitError",
+    "MoveError",
+    "MalformedRecordError",
     "TooManyStanzasError",
     "UnknownSuiteError",
 ]

@@ -28,6 +28,8 @@ answer with an ``err`` stanza or close with a named reason; operators count them
     ├── PushSignatureError           a push webhook or its certificate did not verify (provider side)
     ├── StoreFullError               the LMDB map is full (overloaded; nothing written)
     ├── StoreLimitError              a per-user bound of the store was reached (too_large)
+    ├── MoveError                    a cluster data move cannot be made as asked (nothing written)
+    ├── MalformedRecordError         another cluster node relayed a record no node sends
     ├── SessionClosedError           client side: the session ended (``reason``)
     │   └── RedirectedError          the user's home is another node of the cluster (``bye redirect``)
     ├── UpgradeRefusedError          client side: the gateway refused the WebSocket upgrade (HTTP status)
@@ -249,6 +251,17 @@ class StoreLimitError(InterlinkError):
     """A per-user bound of the store was reached (for example the number of blocks)."""
 
     code = ErrorCode.TOO_LARGE
+
+
+class MoveError(InterlinkError):
+    """Moving users, groups and blobs between nodes (a node list change) cannot be done as asked:
+    a file for another node or list, a truncated file, a conflict, an outbox not yet empty.
+    Nothing was written."""
+
+
+class MalformedRecordError(InterlinkError):
+    """A record another node of the cluster relayed that no node of this version sends (its bug,
+    or a node that should not be trusted): counted, answered ``internal``."""
 
 
 class UpgradeRefusedError(InterlinkError):

@@ -45,7 +45,7 @@ from interlink.core.domain.auth import Identity
 from interlink.core.domain.auth.providers import PROVIDER_ID_RE, localpart_error
 from interlink.core.domain.blobs import BLOB_ID_BYTES
 from interlink.core.domain.cluster import Membership
-from interlink.core.errors import InterlinkError, RouteError, StanzaError
+from interlink.core.errors import InterlinkError, MalformedRecordError, RouteError, StanzaError
 from interlink.core.domain.fanout import GroupDlv, plan_group
 from interlink.core.domain.groups import GROUP_ID_BYTES, event_builder
 from interlink.core.domain.outbox import FINAL, OK, RETRY_S, Outbox, outcome
@@ -80,11 +80,6 @@ FORWARD, OWN, DEFERRED, GATHER = 0, 1, 2, 3  # what a pending entry waits for (s
 
 
 BLOB_OPS = frozenset({"blob.read"})  # served at the node the blob id hashes to (its uploader's)
-
-
-class MalformedRecord(Exception):
-    """A record another node relayed that no node of this version would send (counted as
-    ``malformed``; answered ``internal``)."""
 
 
 def new_group_id() -> bytes:
@@ -631,38 +626,38 @@ class Relay:
         identity = session.identity
         members = stanza.get("members")
         if type(members) is not list or not all(type(m) is str for m in members):
-            raise MalformedRecord("gfan needs 'members': a list of addresses")
+            raise MalformedRecordError("gfan needs 'members': a list of addresses")
         k = stanza.get("k")
         ts = stanza.get("ts")
         if k in ("msg", "event") and (type(ts) is not int or not 0 <= ts < 1 << 53):
-            raise MalformedRecord("gfan needs 'ts': the group home's time in ms")
+            raise MalformedRecordError("gfan needs 'ts': the group home's time in ms")
         if k == "msg":
             body = stanza.get("b")
             if type(stanza.get("id")) is not bytes or len(stanza["id"]) != 16 or type(body) is not bytes or not body:
-                raise MalformedRecord("gfan msg needs 'id' (16 bytes) and 'b' (bin)")
+                raise MalformedRecordError("gfan msg needs 'id' (16 bytes) and 'b' (bin)")
             if len(body) > self.groups.max_body_bytes:  # its copies must fit a frame here
-                raise MalformedRecord(f"gfan msg 'b' of {len(body)} bytes is over {self.groups.max_body_bytes}")
+                raise MalformedRecordError(f"gfan msg 'b' of {len(body)} bytes is over {self.groups.max_body_bytes}")
         elif k == "event":
             self._check_event(stanza.get("fields"), identity, stanza.get("g"))
         elif k == "check":
             if type(stanza.get("id")) is not int:
-                raise MalformedRecord("gfan check needs the request's int 'id'")
+                raise MalformedRecordError("gfan check needs the request's int 'id'")
         elif k == "state":
             if stanza.get("s") not in TYPING_STATES:
-                raise MalformedRecord("gfan state needs 's': a typing state")
+                raise MalformedRecordError("gfan state needs 's': a typing state")
         else:
-            raise MalformedRecord("gfan 'k' is one of check, msg, event, state")
+            raise MalformedRecordError("gfan 'k' is one of check, msg, event, state")
         fanin = None
         if k in ("msg", "event"):
             entry_seq, incarnation = stanza.get("o"), stanza.get("n")
             if type(entry_seq) is not int or not 0 < entry_seq < 1 << 63 or type(incarnation) is not bytes \
                     or len(incarnation) != 8:
-                raise MalformedRecord("gfan msg/event needs 'o' (its outbox seq) and 'n' (the incarnation that wrote it)")
+                raise MalformedRecordError("gfan msg/event needs 'o' (its outbox seq) and 'n' (the incarnation that wrote it)")
             after = stanza.get("q")
             if after is not None:
                 if (type(after) is not list or len(after) != 2 or type(after[0]) is not bytes or len(after[0]) != 8
                         or type(after[1]) is not int or not 0 < after[1] < 1 << 63):
-                    raise MalformedRecord("gfan 'q' names the entry before it: [incarnation, seq]")
+                    raise MalformedRecordError("gfan 'q' names the entry before it: [incarnation, seq]")
                 after = (home, after[0], after[1])
             fanin = (home, incarnation, entry_seq, after)
         if k == "check":
@@ -696,7 +691,7 @@ class Relay:
         stored as the ``dlv`` itself, so nothing else may be in them, and they must fit a frame."""
         if type(fields) is not dict or not set(fields) <= EVENT_FIELDS or not {"k", "id", "from", "dev", "g", "event",
                                                                                "members", "ver"} <= set(fields):
-            raise MalformedRecord("gfan event 'fields' are those of a group event")
+            raise MalformedRecordError("gfan event 'fields' are those of a group event")
         ok = (fields["k"] == "group" and type(fields["id"]) is bytes and len(fields["id"]) == 16
               and fields["from"] == identity.user and fields["dev"] == identity.device and fields["g"] == g
               and fields["event"] in EVENT_KINDS and type(fields["ver"]) is int and 0 < fields["ver"] < 1 << 63
@@ -704,7 +699,7 @@ class Relay:
                       for names in (fields["members"], fields.get("promoted", [])))
               and (fields.get("meta") is None or type(fields["meta"]) is bytes))
         if not ok or len(msgpack.packb(fields)) > self.router.max_ciphertext_bytes:
-            raise MalformedRecord("gfan event 'fields' are not a group event that fits a frame")
+            raise MalformedRecordError("gfan event 'fields' are not a group event that fits a frame")
 
     def _gather(self, session, stanza: dict, now: float) -> None:
         """A look-up every node answers for its own users (``dir.lookup``): served here first —
@@ -1056,7 +1051,7 @@ class Relay:
                 self._precheck(session, self._checked_group_request(stanza), now)
             else:
                 self.serve_stanza(session, stanza, now)
-        except MalformedRecord as exc:  # another node's bug (or worse): counted, not a bug of ours
+        except MalformedRecordError as exc:  # another node's bug (or worse): counted, not a bug of ours
             self.counters["malformed"] += 1
             session.send_encoded(internal_error(stanza, f"a malformed relayed record: {exc}"))
             return stream_broken
@@ -1081,7 +1076,7 @@ class Relay:
         fields = self.groups.request_fields(stanza)
         g = stanza.get("g")
         if type(g) is not bytes or len(g) != GROUP_ID_BYTES:
-            raise MalformedRecord("a relayed group request needs its 16-byte 'g'")
+            raise MalformedRecordError("a relayed group request needs its 16-byte 'g'")
         fields["g"] = g
         return fields
 

@@ -39,7 +39,7 @@ from interlink.core.domain.cluster import Membership
 from interlink.core.domain.fanout import splice
 from interlink.core.edge.lmdbstore.env import store_full
 from interlink.core.edge.mailbox import SHARED_MARK
-from interlink.core.errors import ConfigError, InterlinkError
+from interlink.core.errors import ConfigError, MoveError
 
 MOVE_FORMAT = 1
 # Tables whose records belong to a user: the key starts with the address and a zero byte (a device
@@ -56,10 +56,6 @@ BLOB_ID_BYTES = 16
 IMPORTED_TABLES = frozenset(MOVED_TABLES + ("dedup",))
 _SEQ = struct.Struct(">Q")
 LIST_KEY = b"list"
-
-
-class MoveError(InterlinkError):
-    """A move cannot be made as asked (nothing was written)."""
 
 
 def owner(table: str, key: bytes) -> str | bytes | None:
