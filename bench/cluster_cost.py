@@ -666,8 +666,14 @@ def main() -> None:
         parser.error("--rate must be positive (the open loop; the closed loop is --latency-seconds)")
     if args.pairs < 1 or args.latency_pairs < 1 or args.repeats < 1:
         parser.error("--pairs, --latency-pairs and --repeats must be at least 1")
+    run_and_report(args, run, format_table, "interlink-cluster-cost-")
+
+
+def run_and_report(args, run, format_table, prefix: str) -> None:
+    """Run ``run(args)`` in ``args.data_dir`` (a temporary folder when None), print the table to
+    stderr and the JSON report to stdout, exit 1 unless the report says ``ok``."""
     if args.data_dir is None:
-        with tempfile.TemporaryDirectory(prefix="interlink-cluster-cost-") as folder:
+        with tempfile.TemporaryDirectory(prefix=prefix) as folder:
             args.data_dir = folder
             report = uvloop.run(run(args))
     else:

@@ -57,14 +57,12 @@ import argparse
 import asyncio
 import collections
 import importlib.util
-import json
 import os
 import platform
 import signal
 import struct
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -594,16 +592,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.payload < HEADER.size or args.messages < 1 or args.down_seconds <= 0:
         parser.error(f"need --payload >= {HEADER.size}, --messages >= 1, --down-seconds > 0")
-    if args.data_dir is None:
-        with tempfile.TemporaryDirectory(prefix="interlink-cluster-groups-") as folder:
-            args.data_dir = folder
-            report = uvloop.run(run(args))
-    else:
-        Path(args.data_dir).mkdir(parents=True, exist_ok=True)
-        report = uvloop.run(run(args))
-    print(format_table(report), file=sys.stderr)
-    print(json.dumps(report, indent=2))
-    sys.exit(0 if report["ok"] else 1)
+    cluster_cost.run_and_report(args, run, format_table, "interlink-cluster-groups-")
 
 
 if __name__ == "__main__":

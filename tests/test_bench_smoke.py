@@ -120,3 +120,24 @@ def test_cluster_cost_runs_both_phases_and_reports_them(tmp_path):
         assert len(entry["gateway_cpu_ratio_per_repeat"]) == 1
     assert set(summary["goals"]) == {"gateway_cpu_cross_le_2x_same", "added_p50_le_1_ms"}
     assert "exactly once" in result.stderr  # the human table
+
+
+@pytest.mark.slow
+def test_cluster_groups_runs_every_phase_and_reports_them(tmp_path):
+    """bench/cluster_groups.py, tiny: three nodes and nats-server; a group homed on node-b, node-c
+    stopped and started again; every acked message reaches every member device once, in order
+    (node-c's members from the outbox after the restart), the report's shape. No timings."""
+    result = subprocess.run(
+        [sys.executable, "bench/cluster_groups.py", "--durability", "async", "--messages", "10", "--down-seconds", "1",
+         "--data-dir", str(tmp_path / "cluster")],
+        check=False, cwd=ROOT, capture_output=True, text=True, timeout=180,
+        env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads(result.stdout)
+    assert report["benchmark"] == "cluster-groups" and report["ok"] is True
+    assert report["all_up"]["acked"] == report["all_up"]["messages"] == 10
+    down, restart, checks = report["down"], report["restart"], report["checks"]
+    assert down["acked"] == down["sent"] > 0 and not down["refused"]
+    assert restart["backlog_messages"] == down["acked"] and restart["backlog_settled"]
+    assert (checks["lost"], checks["duplicates"], checks["order_violations"], checks["misdelivered"]) == (0, 0, 0, 0)

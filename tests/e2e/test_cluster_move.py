@@ -22,14 +22,13 @@ from pathlib import Path
 import msgpack
 import pytest
 
-from e2e.test_cluster import Cluster, cluster_config, next_dlv, node_of
+from e2e.test_cluster import Cluster, cluster_config, nats_server, next_dlv, node_of  # noqa: F401 (a fixture)
 from interlink.client import Client
 from interlink.core.domain.batch import device_key
 from interlink.core.domain.cluster import Membership
 from interlink.core.edge.keyfiles import ROOT_KEY_FILE, ROOT_PUBLIC_FILE, init_operator_keys, load_operator_keys
 from interlink.core.errors import ConfigError, ServerError
 from interlink.gateway import Gateway
-from interlink.load.nats import LocalNats
 from interlink.pushreceiver import PushReceiver
 from interlink.testing import free_ports, keys_for_nodes
 from three_providers import AUD, close_all, config_for, nothing_arrives
@@ -213,15 +212,6 @@ def tables(folder: Path) -> dict[bytes, dict[bytes, bytes]]:
                     for name in names}
     finally:
         env.close()
-
-
-@pytest.fixture
-async def nats_server(tmp_path):
-    """A real nats-server on loopback (as ``test_cluster.nats_server``)."""
-    server = LocalNats(tmp_path / "nats")
-    await server.start()
-    yield server
-    await server.stop()
 
 
 @pytest.fixture
