@@ -514,6 +514,196 @@ HARNESSES = {
 }
 
 
+# ------------------------------------------------------------------------------- relay_serve
+# fuzz_relay_serve.py's seeds (``python fuzz/make_seeds.py relay_serve``), in the layout of its
+# ``read_plan``: the mode and the batch's origin (ints), then mode 0's payload as it is (bytes), or
+# what modes 1 and 2 read. Raw batches of every kind the relay serves, the link's refusals,
+# malformed and misrouted records, the reproducer of each bug F1-F7 the harness found (fixed in
+# d0feea7; ``regression-F…``: must pass like every seed), answers-mode inputs written out, and
+# structure-aware inputs drawn from a seeded PRNG (``RelayDraw``).
+
+
+class RelayDraw:
+    """A provider for ``read_plan`` that draws its choices from a seeded PRNG and records them, so
+    that ``Seed.of`` writes an input the harness reads the same way (the first ``forced`` ints are
+    given, not drawn)."""
+
+    def __init__(self, seed: int, forced=()) -> None:
+        import random
+
+        self.random = random.Random(seed)
+        self.forced = list(forced)
+        self.ints, self.taken = [], []
+
+    def ConsumeIntInRange(self, lo: int, hi: int) -> int:  # noqa: N802 (atheris' name)
+        value = self.forced.pop(0) if self.forced else self.random.randint(lo, hi)
+        self.ints.append((lo, hi, value))
+        return value
+
+    def ConsumeBytes(self, count: int) -> bytes:  # noqa: N802
+        data = bytes(self.random.randrange(256) for _ in range(count))
+        self.taken.append(data)
+        return data
+
+    def remaining_bytes(self) -> int:
+        return 0
+
+
+def relay_serve_seeds() -> dict:
+    import fuzz_relay_serve as relay
+
+    modes, most = relay.MODES - 1, len(relay.ORIGINS) + 12  # the origin choice's range (0..15)
+    node_a = most  # any choice past ORIGINS is node-a
+    a1, a2, a3 = (user.rpartition("@")[0] for user in (relay.A1, relay.A2, relay.A3))
+    b1, b2, b3, bb, ghost = relay.B1, relay.B2, relay.B3, relay.BB, relay.GHOST
+    ga, gb, inc, ts, top = relay.GA_ID, relay.GB_MARKER, relay.INC_MARKER, relay.TS_MS, relay.MAX_PLAINTEXT_BYTES
+
+    def ident(n: int) -> bytes:
+        return bytes([n]) * 16
+
+    def here(n: int) -> bytes:  # a new group's id homed on node-b
+        return relay._homed((ident(n)[:15] + bytes([i]) for i in range(256)), relay.HERE)
+
+    def rec(seq, stanza, localpart=a1, device=1, provider="alpha", top=top):
+        return [seq, provider, localpart, device, top, stanza]
+
+    def raw(records, digest=relay.DIGEST_MARKER, origin=node_a, batch=None) -> Seed:
+        body = pack(batch if batch is not None else {"m": digest, "r": records})
+        return Seed.of(body, [(0, modes, relay.RAW), (0, most, origin)])
+
+    def msg(n, to, c=None, **fields):
+        return {"t": "msg", "id": ident(n), "to": to, "c": c or ({1: b"c1", 2: b"c2"} if to == b1 else {1: b"c1"}), **fields}
+
+    def gfan(k, members, **fields):
+        return {"t": "gfan", "k": k, "g": ga, "members": members, **fields}
+
+    def gmsg(o, n=40, members=(b1, b2, b3), **fields):
+        return gfan("msg", list(members), **{"id": ident(n), "b": b"group body", "ts": ts, "o": o, "n": inc, **fields})
+
+    def iq(n, op, **fields):
+        return {"t": "iq", "id": n, "op": op, **fields}
+
+    event = {"k": "group", "id": ident(50), "from": relay.A1, "dev": 1, "g": ga, "event": "added", "members": [b1], "ver": 2}
+    seeds = {
+        "msg": raw([rec(1, msg(1, b1))]),
+        "msg-refusals": raw([rec(1, msg(2, b2)), rec(2, msg(3, b3)), rec(3, msg(4, ghost)), rec(4, msg(5, bb)),
+                             rec(5, msg(6, b1, c={1: b"only one"})), rec(6, msg(7, b1), localpart=a2)]),
+        "msg-resent": raw([rec(1, msg(8, b1)), rec(2, msg(8, b1))]),
+        "msg-too-large": raw([rec(1, msg(9, b3, c={1: b"c" * 65_008}))]),
+        "rcpt": raw([rec(1, {"t": "rcpt", "id": ident(10), "to": b1, "kind": "read", "ids": [ident(1)]})]),
+        "state": raw([rec(1, {"t": "state", "to": b1, "s": "composing"}), rec(2, {"t": "state", "to": b2, "s": "paused"})]),
+        "iq-devices-keys": raw([rec(1, iq(1, "devices.get", user=b1)), rec(2, iq(2, "keys.get", user=b1, devices=[1])),
+                                rec(3, iq(3, "keys.get", user=b1)), rec(4, iq(4, "devices.get", user=ghost))]),
+        "iq-dir-lookup": raw([rec(1, iq(5, "dir.lookup", phone=relay.PHONE)), rec(2, iq(6, "dir.lookup", phone="0151"))]),
+        "iq-blob-read": raw([rec(1, iq(61, "blob.read", blob=relay.BLOB_B, off=0, len=100)),
+                             rec(2, iq(62, "blob.read", blob=relay.BLOB_A, off=0, len=100))]),
+        "group-msg": raw([rec(1, {"t": "msg", "id": ident(11), "g": gb, "b": b"to GB"}),
+                          rec(2, {"t": "msg", "id": ident(12), "g": gb, "b": b"not a member"}, localpart=a3)]),
+        "group-state": raw([rec(1, {"t": "state", "g": gb, "s": "paused"})]),
+        "group-get": raw([rec(1, iq(7, "group.get", g=gb)), rec(2, iq(8, "group.get", g=gb, skip=1))]),
+        "group-add-here": raw([rec(1, iq(9, "group.add", g=gb, members=[b3]))]),
+        "group-add-remote": raw([rec(1, iq(10, "group.add", g=gb, members=[relay.A3]))]),
+        "group-del": raw([rec(1, iq(11, "group.del", g=gb, members=[b2]))]),
+        "group-leave": raw([rec(1, iq(12, "group.leave", g=gb), localpart=a2)]),
+        "group-new": raw([rec(1, iq(13, "group.new", g=here(1), members=[b1, b2], meta=b"meta"))]),
+        "group-new-remote": raw([rec(1, iq(14, "group.new", g=here(2), members=[b1, relay.A2]))]),
+        "gfan-check": raw([rec(1, gfan("check", [b1, b2], id=15)), rec(2, gfan("check", [ghost], id=16))]),
+        "gfan-msg": raw([rec(1, gmsg(1))]),
+        "gfan-event": raw([rec(1, gfan("event", [b1], fields=event, ts=ts, o=1, n=inc))]),
+        "gfan-stream": raw([rec(1, gmsg(1, 41)), rec(2, gmsg(2, 42, id=b"short")), rec(3, gmsg(3, 43))]),
+        "gfan-resent": raw([rec(1, gmsg(1, 44)), rec(2, gmsg(1, 44)), rec(3, gmsg(2, 45))]),
+        "gfan-state": raw([rec(1, gfan("state", [b1, b2], s="composing"))]),
+        "mixed-turn": raw([rec(1, msg(20, b1)), rec(2, {"t": "state", "to": b1, "s": "composing"}),
+                           rec(3, iq(21, "devices.get", user=b2)), rec(4, {"t": "msg", "id": ident(22), "g": gb, "b": b"x"}),
+                           rec(5, gmsg(1, 23)), rec(6, gfan("check", [b3], id=24)), rec(7, iq(25, "group.get", g=gb)),
+                           rec(8, {"t": "rcpt", "id": ident(26), "to": b3, "kind": "delivered", "ids": [ident(20)]})]),
+        "wrong-digest": raw([rec(1, msg(27, b1)), rec(2, msg(28, b1))], digest="0" * 64),
+        "no-digest": raw([], batch={"r": [rec(1, msg(29, b1))]}),
+        "r-not-a-list": raw([], batch={"m": relay.DIGEST_MARKER, "r": {"1": "x"}}),
+        "not-a-map": raw([], batch=[rec(1, msg(30, b1))]),
+        "empty-batch": raw([]),
+        "not-msgpack": Seed.of(b"\xc1\x82\xa1m", [(0, modes, relay.RAW), (0, most, node_a)]),
+        "origin-self": raw([rec(1, msg(31, b1))], origin=0),
+        "origin-not-a-node": raw([rec(1, msg(32, b1))], origin=1),
+        "origin-empty": raw([rec(1, msg(33, b1))], origin=2),
+        "malformed-records": raw([[], [1], "junk", None, [2, "alpha", a1, 1, top], ["3", "alpha", a1, 1, top, msg(34, b1)],
+                                  [4, 5, a1, 1, top, msg(35, b1)], [5, "alpha", a1, True, top, msg(36, b1)],
+                                  [6, "alpha", a1, 1, "top", msg(37, b1)], [7, "alpha", a1, 1, top, "not a map"],
+                                  rec(8, msg(38, b1))]),
+        "misrouted": raw([rec(1, msg(39, b1), localpart=b1.rpartition("@")[0]), rec(2, msg(40, relay.A1)),
+                          rec(3, {**gmsg(1, 46), "g": gb}), rec(4, gmsg(2, 47, members=[b1, relay.A1])),
+                          rec(5, msg(48, b1), provider="gamma", localpart=relay.GC.rpartition("@")[0]),
+                          rec(6, msg(49, b1), provider="zeta", localpart=relay.ZA.rpartition("@")[0]),
+                          rec(7, iq(50, "consent.set", accept=["*"])), rec(8, {"t": "recv", "seq": [1]}),
+                          rec(9, gfan("x", [b1]))]),
+        "duplicate-seqs": raw([rec(5, msg(51, b1)), rec(5, msg(52, b2)), rec(5, {"t": "state", "to": b1, "s": "paused"})]),
+        # The reproducers of the bugs F1-F6 the harness found (fixed in d0feea7): regression inputs.
+        "regression-F1-unhashable-t": raw([rec(1, {"t": []}), rec(2, msg(53, b1))]),
+        "regression-F2-device-past-uint32": raw([rec(1, msg(54, b1), device=2**32)]),
+        "regression-F2-long-localpart": raw([rec(1, msg(55, b1), localpart=relay.LONG_LOCALPARTS[2])]),
+        "regression-F3-own-copies": raw([rec(1, msg(56, b1, own={2: b"own copy"}))]),
+        "regression-F4-large-body": raw([rec(1, gmsg(1, 57, members=[b1], b=b"b" * 70_000))]),
+        "regression-F4-fields-replace-dlv": raw([rec(1, gfan("event", [b1], fields={"t": "ack", "seq": 7}, ts=ts, o=1, n=inc))]),
+        "regression-F4-state-s": raw([rec(1, gfan("state", [b1], s={"not": ["a", "state"]}))]),
+        "regression-F5-gfan-without-ts": raw([rec(1, {k: v for k, v in gmsg(1, 58).items() if k != "ts"})]),
+        "regression-F5-check-without-id": raw([rec(1, gfan("check", [b1]))]),
+        "regression-F6-members-none": raw([rec(1, iq(59, "group.new", g=here(3), members=None))]),
+        "regression-F6-large-int-member": raw([rec(1, iq(60, "group.new", g=here(4), members=[b1, 2**40]))]),
+    }
+
+    def answers(local, entries, origin=node_a, envelope=most) -> Seed:
+        """Mode 2 without a batch: node-b's ``LOCAL`` stanzas, then ``entries`` (shape, sel, kind,
+        variant, bytes for kind 9) — shapes 4.. and kinds other than 7 and 8 (those read values)."""
+        spec = [(0, modes, relay.ANSWERS), (0, most, node_a), (0, 6, len(local))]
+        spec += [(0, len(relay.LOCAL) - 1, choice) for choice in local]
+        spec += [(0, 3, 1), (0, most, origin), (0, most, envelope), (0, 8, len(entries))]
+        body = b""
+        for shape, sel, kind, variant, *data in entries:
+            spec += [(0, 15, shape), (0, 15, sel), (0, 11, kind), (0, 7, variant)]
+            if kind == 9:
+                spec.append((0, 64, len(data[0])))
+                body += data[0]
+        return Seed.of(body, spec)
+
+    right = [(15, sel, 1, 0) for sel in range(6)]
+    seeds.update({
+        "answers-right": answers([0, 4, 5, 6, 7, 8], right),
+        "answers-own-copies-and-receipt": answers([1, 11, 2], [(15, 0, 1, 0), (15, 1, 1, 0), (15, 2, 1, 0)]),
+        "answers-refusals": answers([0, 4, 6, 9], [(15, sel, 6, sel) for sel in range(4)] + [(15, 0, 1, 6)]),
+        "answers-check-then-change": answers([9, 13], [(15, 0, 1, 0)]),
+        "answers-outbox": answers([10, 10], [(15, 0, 1, 0), (15, 1, 1, 6), (15, 1, 1, 7)]),
+        "answers-gather-users": answers([6], [(15, 0, 1, 3)]),
+        "answers-blob-read": answers([16, 16], [(15, 0, 1, 5), (15, 1, 1, 6)]),
+        "answers-late-and-unknown": answers([0], [(15, 0, 1, 0), (15, 12, 1, 0), (15, 13, 1, 5), (15, 14, 3, 0)]),
+        "answers-typing": answers([3, 12], [(15, 0, 0, 0), (15, 1, 1, 0)]),
+        "answers-wrong-origin": answers([0], [(15, 0, 1, 0)], origin=0),
+        "answers-not-a-list": answers([0], [(15, 0, 1, 0)], envelope=0),
+        "answers-not-a-map": answers([0], [(15, 0, 1, 0)], envelope=1),
+        "answers-not-msgpack": answers([0], [(15, 0, 1, 0)], envelope=2),
+        "answers-bad-entries": answers([0], [(4, 0, 1, 0), (5, 0, 11, 0)]),
+        # Answers that name nothing, or something else, or are no answer at all: bad_answers, internal.
+        "answers-naming-nothing": answers([0, 4], [(15, 0, 11, 4), (15, 1, 11, 4)]),
+        "answers-another-name": answers([0, 2], [(15, 0, 11, 6), (15, 1, 1, 0)]),
+        "answers-a-dlv": answers([5, 10], [(15, 0, 11, 7), (15, 1, 11, 7)]),
+        # The reproducers of F7 (fixed in d0feea7): regression inputs.
+        "regression-F7-garbage-to-gather": answers([6], [(15, 0, 9, 0, b"\xc1")]),
+        "regression-F7-list-to-check": answers([9], [(15, 0, 9, 0, b"\x93\x01\x02\x03")]),
+        "regression-F7-garbage-to-outbox": answers([10], [(15, 0, 9, 0, b"\xc1")]),
+        "regression-F7-garbage-to-own-copies": answers([1], [(15, 0, 9, 0, b"\xa3abc")]),
+        "regression-F7-two-stanzas-forwarded": answers([0], [(15, 0, 10, 0)]),
+        "regression-F7-nil-to-msg": answers([0], [(15, 0, 0, 0)]),
+    })
+    for index in range(12):  # structure-aware batches from node-a, then answers-mode inputs
+        for mode in (relay.STRUCTURED, relay.ANSWERS):
+            draw = RelayDraw(1000 * mode + index, forced=(mode, node_a))
+            relay.read_plan(draw)
+            seeds[f"drawn-{('batch', 'answers')[mode - 1]}-{index:02d}"] = Seed.of(b"".join(draw.taken), draw.ints)
+    return seeds
+
+
+HARNESSES["relay_serve"] = relay_serve_seeds
+
+
 def main(names) -> None:
     provider = fuzzlib.provider
     for name in names:

@@ -45,14 +45,15 @@ from interlink.core.domain.auth import Identity
 from interlink.core.domain.auth.providers import PROVIDER_ID_RE, localpart_error
 from interlink.core.domain.blobs import BLOB_ID_BYTES
 from interlink.core.domain.cluster import Membership
-from interlink.core.errors import InterlinkError, MalformedRecordError, RouteError, StanzaError
+from interlink.core.errors import ErrorCode, InterlinkError, MalformedRecordError, RouteError, StanzaError
 from interlink.core.domain.fanout import GroupDlv, plan_group
+from interlink.core.domain.fields import address_provider
 from interlink.core.domain.groups import GROUP_ID_BYTES, event_builder
 from interlink.core.domain.outbox import FINAL, OK, RETRY_S, Outbox, outcome
 from interlink.core.domain.ops import ANSWERS_PER_READ_BYTES, MAX_DIRECTORY_USERS, address_field, device_list
 from interlink.core.domain.router import MAX_ADDRESS_CHARS, TYPING_STATES, check_devices, stanza_id, typing_state
 from interlink.core.protocol.stanza import encode_stanza
-from interlink.core.protocol.wire import MAX_DEVICE_ID
+from interlink.core.protocol.wire import MAX_DEVICE_ID, MAX_PLAINTEXT_BYTES
 
 # Operations whose answer lies with the user they name: served at that user's home node.
 RELAYED_OPS = frozenset({"devices.get", "keys.get"})
@@ -64,6 +65,12 @@ GROUP_OPS = frozenset({"group.new", "group.add", "group.del", "group.leave", "gr
 GROUP_CHANGES = frozenset({"group.new", "group.add", "group.del", "group.leave"})  # stored: a timeout is unconfirmed
 
 RELAY_KINDS = frozenset({"msg", "rcpt", "state", "iq"})
+# What another node may answer to each kind of stanza relayed to it (anything else is its bug).
+ANSWER_KINDS = {"msg": ("ack", "err"), "rcpt": ("ack", "err"), "iq": ("res", "err"), "state": ("err",),
+                "gfan-msg": ("ack", "err"), "gfan-event": ("res", "err")}
+ERROR_CODES = frozenset(code.value for code in ErrorCode)
+MIN_PLAINTEXT_BYTES = 256  # a relayed sender's frame bound is at least a configured gateway's (max_token_bytes + 512)
+MAX_ERR_MSG_CHARS = 200  # an err's msg, as every answer of this gateway keeps it (a short, sanitised text)
 EVENT_FIELDS = frozenset({"k", "id", "from", "dev", "g", "event", "members", "ver", "promoted", "meta"})
 EVENT_KINDS = frozenset({"created", "added", "removed", "left"})
 SERVED_KINDS = RELAY_KINDS | {"gfan"}  # gfan: a group's home asks a member's node to store or push
@@ -575,7 +582,7 @@ class Relay:
                 sent = {**stanza, "o": seq}
                 if after is not None:
                     sent["q"] = list(after)  # stored only after this one: the home's order, whatever happens on the way
-                self._send(node, delivery, sent, GATHER, now, original={"t": "gfan"})
+                self._send(node, delivery, sent, GATHER, now, original={"t": "gfan", "k": stanza["k"]})
 
     def delivered(self, delivery: _Delivery, answer: dict | None, now: float) -> None:
         """A member node's answer to an outbox entry (None: none in time)."""
@@ -625,7 +632,7 @@ class Relay:
         router = self.router
         identity = session.identity
         members = stanza.get("members")
-        if type(members) is not list or not all(type(m) is str for m in members):
+        if type(members) is not list or not all(type(m) is str and address_provider(m) is not None for m in members):
             raise MalformedRecordError("gfan needs 'members': a list of addresses")
         k = stanza.get("k")
         ts = stanza.get("ts")
@@ -831,18 +838,28 @@ class Relay:
         """Another node's answer as this node passes it on: one stanza answering this one (``ack``,
         ``res`` or ``err``, naming its id), or nothing for typing state. Anything else is that
         node's bug (or worse): counted ``malformed``, answered ``internal`` here."""
+        asked = pending.stanza.get("t")
+        if asked == "gfan":  # an outbox entry: a message's copies are acked, an event's answered res
+            asked = f"gfan-{pending.stanza.get('k')}"
         if answer is None:
-            if pending.stanza.get("t") == "state":
+            if asked == "state":
                 return None
             problem = "nothing"
+        elif len(answer) > (MAX_PLAINTEXT_BYTES if isinstance(pending.session, _Delivery)
+                            else pending.session.max_plaintext_bytes):  # what goes on to a client fits its frame
+            problem = f"{len(answer)} bytes, more than its client's frame takes"
         else:
             try:
-                decoded = msgpack.unpackb(answer, raw=False, strict_map_key=False)
+                decoded = msgpack.unpackb(answer, raw=False)  # as strictly as its readers here decode it
             except (ValueError, TypeError):
                 decoded = None
-            if type(decoded) is dict and decoded.get("t") in ("ack", "res", "err"):
+            kind = decoded.get("t") if type(decoded) is dict else None
+            if kind in ANSWER_KINDS.get(asked, ("ack", "res", "err")) and (
+                    kind != "err" or (decoded.get("code") in ERROR_CODES and type(decoded.get("msg")) is str
+                                      and len(decoded["msg"]) <= MAX_ERR_MSG_CHARS)):
                 wanted = reference(pending.stanza)
-                if not wanted or decoded.get("ref", decoded.get("id")) == next(iter(wanted.values())):
+                got = decoded.get("ref", decoded.get("id"))
+                if not wanted or (type(got) is type(want := next(iter(wanted.values()))) and got == want):
                     return answer
             problem = "something that is not its answer"
         self.counters["bad_answers"] += 1
@@ -990,8 +1007,9 @@ class Relay:
         """Serve one record of ``serve``; returns whether ``node``'s outbox stream is broken now."""
         try:
             seq, provider, localpart, device, max_plaintext, stanza = record
-            if type(seq) is not int or type(stanza) is not dict or type(max_plaintext) is not int:
-                raise TypeError("a relayed record's fields have the wrong types")
+            if (type(seq) is not int or type(stanza) is not dict or type(max_plaintext) is not int
+                    or not MIN_PLAINTEXT_BYTES <= max_plaintext <= MAX_PLAINTEXT_BYTES):
+                raise TypeError("a relayed record's fields have the wrong types or values")
             identity = self._identity(provider, localpart, device)
         except (TypeError, ValueError, InterlinkError):
             self.counters["malformed"] += 1
@@ -1073,6 +1091,8 @@ class Relay:
     def _checked_group_request(self, stanza: dict) -> dict:
         """A relayed ``group.new``/``group.add`` rebuilt from its checked fields (as the sender's
         node built it), for the member checks."""
+        if type(stanza.get("id")) is not int:
+            raise MalformedRecordError("a relayed group request needs its int 'id'")
         fields = self.groups.request_fields(stanza)
         g = stanza.get("g")
         if type(g) is not bytes or len(g) != GROUP_ID_BYTES:
@@ -1088,11 +1108,12 @@ class Relay:
         replies.append([seq, encoded])
 
     def _identity(self, provider, localpart, device) -> Identity:
+        if type(provider) is not str or type(localpart) is not str or type(device) is not int:
+            raise TypeError("a relayed sender is (provider id, localpart, device number)")  # True == 1: before the cache
         key = (provider, localpart, device)
         identity = self._identities.get(key)
         if identity is None:
-            if (type(provider) is not str or PROVIDER_ID_RE.fullmatch(provider) is None
-                    or localpart_error(localpart) is not None or type(device) is not int
+            if (PROVIDER_ID_RE.fullmatch(provider) is None or localpart_error(localpart) is not None
                     or not 1 <= device <= MAX_DEVICE_ID):
                 raise TypeError("a relayed sender is (provider id, localpart, device number), each as a client's is")
             identity = Identity(provider=provider, localpart=localpart, device=device, expires_at=float("inf"))
