@@ -100,13 +100,11 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import glob
 import hashlib
 import logging
 import os
 import shutil
 import sys
-import tempfile
 import traceback
 import types
 from collections import Counter
@@ -952,21 +950,6 @@ BAD_ANSWER_LOG = "cluster: node %s answered with "  # Relay._checked_answer's wa
 FOLDER_PREFIX = "interlink-fuzz-relay-"
 
 
-def _remove_stale_folders() -> None:
-    """libFuzzer ends the process without running ``atexit``: the store folders of harness
-    processes that are gone are removed by the next one."""
-    for path in glob.glob(os.path.join(tempfile.gettempdir(), FOLDER_PREFIX + "*")):
-        pid = os.path.basename(path)[len(FOLDER_PREFIX):].split("-")[0]
-        if not pid.isdigit():
-            continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            shutil.rmtree(path, ignore_errors=True)
-        except PermissionError:  # alive, another user's
-            pass
-
-
 class Round:
     """What one input owes and got."""
 
@@ -1002,8 +985,7 @@ class Harness:
     # -- environment
 
     def _build(self) -> None:
-        _remove_stale_folders()
-        self.folder = tempfile.mkdtemp(prefix=f"{FOLDER_PREFIX}{os.getpid()}-")
+        self.folder = fuzzlib.store_folder(FOLDER_PREFIX)
         self.t = 1_800_000_000.0
         self.store = lmdb_store(os.path.join(self.folder, "lmdb"), sync=False, map_size_bytes=4 << 30)
         providers = [

@@ -64,13 +64,11 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
-import glob
 import hashlib
 import logging
 import os
 import shutil
 import sys
-import tempfile
 import time
 
 if __name__ == "__main__":
@@ -919,21 +917,6 @@ class _ErrorRecords(logging.Handler):
 FOLDER_PREFIX = "interlink-fuzz-serve-"
 
 
-def _remove_stale_folders() -> None:
-    """libFuzzer ends the process without running ``atexit``: the store folders of harness
-    processes that are gone are removed by the next one."""
-    for path in glob.glob(os.path.join(tempfile.gettempdir(), FOLDER_PREFIX + "*")):
-        pid = os.path.basename(path)[len(FOLDER_PREFIX):].split("-")[0]
-        if not pid.isdigit():
-            continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            shutil.rmtree(path, ignore_errors=True)
-        except PermissionError:  # alive, another user's
-            pass
-
-
 class Harness:
     """One gateway environment and its sessions; ``serve(data)`` runs one input."""
 
@@ -955,8 +938,7 @@ class Harness:
     # -- environment
 
     def _build(self) -> None:
-        _remove_stale_folders()
-        self.folder = tempfile.mkdtemp(prefix=f"{FOLDER_PREFIX}{os.getpid()}-")
+        self.folder = fuzzlib.store_folder(FOLDER_PREFIX)
         self.offset = 0.0
         start = int(self.now())
         root = generate_root_key()

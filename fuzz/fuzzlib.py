@@ -8,6 +8,10 @@ used, so a harness can import this module inside its ``atheris.instrument_import
 
 from __future__ import annotations
 
+import glob
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 FUZZ_DIR = Path(__file__).resolve().parent
@@ -116,3 +120,20 @@ def check_error(error: BaseException, allowed: tuple, where: str) -> None:
             raise AssertionError(f"{where}: ConfigError with code {error.code!r}, not {CONFIG_CODE!r}") from error
     elif error.code not in CONTRACT_CODES:
         raise AssertionError(f"{where}: {type(error).__name__} with code {error.code!r}, not a contract code") from error
+
+
+def store_folder(prefix: str) -> str:
+    """A new temporary folder for a harness process's stores, named ``<prefix><pid>-...``; first
+    the folders of harness processes that are gone are removed (libFuzzer ends a process without
+    running ``atexit``)."""
+    for path in glob.glob(os.path.join(tempfile.gettempdir(), prefix + "*")):
+        pid = os.path.basename(path)[len(prefix):].split("-")[0]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except PermissionError:  # alive, another user's
+            pass
+    return tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-")
