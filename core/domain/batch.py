@@ -75,8 +75,8 @@ class MessageEntry:
         #: every item has the same ``build``, whose copies differ only in their seq (a group
         #: message's ``GroupDlv``): the store keeps what they share once
         self.shared = False
-        #: a cluster's group home: [(node, seq, packed record)] — the copies for members of other
-        #: nodes, written to the outbox with the entry (not when it is a duplicate or refused)
+        #: a cluster's group home: [(node, seq, packed record, record)] — the copies for members of
+        #: other nodes, written to the outbox with the entry (not when it is a duplicate or refused)
         self.outbox: list | None = None
         #: a cluster's member node: (home node, its incarnation, seq, after) — the outbox entry
         #: this stores; one stored before (or in this transaction) makes the entry a duplicate;

@@ -23,7 +23,7 @@ from interlink.core.domain.groups import Groups
 from interlink.core.domain.ops import Operations
 from interlink.core.domain.policy import Policy
 from interlink.core.domain.cluster import Membership
-from interlink.core.domain.relay import RELAY_KINDS, Relay, reference
+from interlink.core.domain.relay import RELAY_KINDS, Relay, refusal
 from interlink.core.domain.router import Commit, RouteError, Router, Session, stanza_id, typing_state
 from interlink.core.domain.ports import BlobFiles, Offload, Store
 from interlink.core.protocol.stanza import encode_stanza
@@ -118,12 +118,10 @@ class Domain:
             if relay is not None and kind in RELAY_KINDS and not session.relayed and relay.take(session, stanza, now):
                 return
             handler(session, stanza, now)
-        except RouteError as exc:
-            self.refusals[exc.code] += 1
-            self.router.answer(session, {"t": "err", "code": exc.code, "msg": exc.message, **reference(stanza), **exc.fields})
-        except StanzaError as exc:
-            self.refusals["bad_stanza"] += 1
-            self.router.answer(session, {"t": "err", "code": "bad_stanza", "msg": exc.message, **reference(stanza)})
+        except (RouteError, StanzaError) as exc:
+            answer = refusal(exc, stanza)
+            self.refusals[answer["code"]] += 1
+            self.router.answer(session, answer)
 
     def _refused_overloaded(self, session: Session, stanza: dict, now: float) -> bool:
         """Admission control's second level: answer a ``msg`` beyond its turn's budget with

@@ -277,9 +277,7 @@ class Groups:
                 self._plan_copies -= plans.pop(g)[2]
             plan = [record, {}, 0]
         blocked = self.policy.blocked_among(record.members, record.member_set, sender)  # one look-up per message
-        relay = self.relay
-        devices_of = self.store.devices if relay is None else relay.local_devices
-        items, targets = plan_cached(plan[1], record.members, sender, sender_device, devices_of, blocked, build)
+        items, targets = plan_cached(plan[1], record.members, sender, sender_device, self._devices_of(), blocked, build)
         if fresh and len(items) <= PLAN_CACHE_COPIES:
             plan[2] = len(items) + 1
             self._plan_copies += plan[2]
@@ -294,8 +292,9 @@ class Groups:
         message.skip_full = True
         message.shared = True  # every copy is GroupDlv's: the store keeps the body once
         self._guard(message, g, record)
-        if relay is not None:  # members homed on other nodes: their nodes store their copies, from this commit's outbox
-            relay.fan_out(message, session, g, record.members, {"k": "msg", "id": msg_id, "b": body, "ts": message.ts_ms})
+        if self.relay is not None:  # members homed on other nodes: their nodes store their copies, from this commit's outbox
+            self.relay.fan_out(message, session, g, record.members, {"k": "msg", "id": msg_id, "b": body,
+                                                                     "ts": message.ts_ms})
 
     def route_state(self, session: Session, stanza: dict, state: str, now: float) -> None:
         """Group typing state: ephemeral, pushed to the other members' online devices."""
@@ -316,11 +315,9 @@ class Groups:
         if last is None and len(sent) >= STATE_KEYS:
             self._state_sent = sent = {k: t for k, t in sent.items() if 0.0 <= now - t < STATE_INTERVAL_S}
         sent[key] = now
-        relay = self.relay
-        self.push_state(record.members, record.member_set, sender, g, state,
-                        self.store.devices if relay is None else relay.local_devices)
-        if relay is not None:
-            relay.group_state(session, g, record.members, state, now)
+        self.push_state(record.members, record.member_set, sender, g, state, self._devices_of())
+        if self.relay is not None:
+            self.relay.group_state(session, g, record.members, state, now)
 
     def push_state(self, members, member_set: frozenset, sender: str, g: bytes, state: str, devices_of) -> None:
         """Group typing to the online devices of ``members`` but the sender and those who blocked
@@ -381,6 +378,11 @@ class Groups:
         return fields
 
     # -- helpers
+
+    def _devices_of(self):
+        """Whose devices this node stores copies for: every user's, or in a cluster its own users'
+        (another node's users get theirs from their node)."""
+        return self.store.devices if self.relay is None else self.relay.local_devices
 
     def _message_fields(self, stanza: dict) -> tuple[bytes, bytes]:
         """A group ``msg``'s group id and body, checked."""
@@ -494,8 +496,7 @@ class Groups:
         recipients = list(record.members) if record is not None else []
         recipients += [user for user in removed if record is None or user not in record.member_set]
         relay = self.relay
-        items, targets = self.event_copies(recipients, actor, actor_device, event_builder(fields),
-                                           self.store.devices if relay is None else relay.local_devices)
+        items, targets = self.event_copies(recipients, actor, actor_device, event_builder(fields), self._devices_of())
         reply = {"t": "res", "id": iq_id, "ver": ver}
         if result:
             reply.update(result)

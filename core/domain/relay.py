@@ -47,8 +47,7 @@ from interlink.core.domain.blobs import BLOB_ID_BYTES
 from interlink.core.domain.cluster import Membership
 from interlink.core.errors import ErrorCode, InterlinkError, MalformedRecordError, RouteError, StanzaError
 from interlink.core.domain.fanout import GroupDlv, plan_group
-from interlink.core.domain.fields import address_provider
-from interlink.core.domain.groups import GROUP_ID_BYTES, event_builder
+from interlink.core.domain.groups import GROUP_CACHE_GROUPS, GROUP_ID_BYTES, event_builder
 from interlink.core.domain.outbox import FINAL, OK, RETRY_S, Outbox, outcome
 from interlink.core.domain.ops import ANSWERS_PER_READ_BYTES, MAX_DIRECTORY_USERS, address_field, device_list
 from interlink.core.domain.router import MAX_ADDRESS_CHARS, TYPING_STATES, check_devices, stanza_id, typing_state
@@ -75,7 +74,7 @@ EVENT_FIELDS = frozenset({"k", "id", "from", "dev", "g", "event", "members", "ve
 EVENT_KINDS = frozenset({"created", "added", "removed", "left"})
 SERVED_KINDS = RELAY_KINDS | {"gfan"}  # gfan: a group's home asks a member's node to store or push
 RETRY_AFTER_MS = 1000  # what a sender is told to wait after a node did not answer in time
-INNER_SHARE = 0.4  # of the timeout, for each of a group home's own requests to member nodes
+INNER_SHARE = 0.4  # of the timeout, for a group home's member checks (they must fit the sender's deadline)
 ENTRY_MEMBERS_BYTES = 24 * 1024  # addresses per group fan-out entry (see _parts)
 MAX_WAITING_PER_DEVICE = 1024  # a device's stanzas waiting for other nodes at once (rate_limited past it)
 HOMES_KEPT = 65_536  # user addresses whose home node is remembered
@@ -116,6 +115,28 @@ def internal_error(stanza: dict, message: str) -> bytes:
     return encode_stanza({"t": "err", "code": "internal", "msg": message, **reference(stanza)})
 
 
+def _fanin(stanza: dict, home: str) -> tuple:
+    """Which outbox entry of ``home`` a gfan msg/event is, for the store: (home, incarnation, seq,
+    the entry it must follow or None); ``MalformedRecordError`` when it names none."""
+    entry_seq, incarnation, after = stanza.get("o"), stanza.get("n"), stanza.get("q")
+    if type(entry_seq) is not int or not 0 < entry_seq < 1 << 63 or type(incarnation) is not bytes or len(incarnation) != 8:
+        raise MalformedRecordError("gfan msg/event needs 'o' (its outbox seq) and 'n' (the incarnation that wrote it)")
+    if after is not None:
+        if (type(after) is not list or len(after) != 2 or type(after[0]) is not bytes or len(after[0]) != 8
+                or type(after[1]) is not int or not 0 < after[1] < 1 << 63):
+            raise MalformedRecordError("gfan 'q' names the entry before it: [incarnation, seq]")
+        after = (home, after[0], after[1])
+    return home, incarnation, entry_seq, after
+
+
+def refusal(exc: RouteError | StanzaError, stanza: dict) -> dict:
+    """The ``err`` that answers ``stanza`` refused by ``exc``: its code (``bad_stanza`` for a
+    malformed stanza), message, reference and fields."""
+    if isinstance(exc, RouteError):
+        return {"t": "err", "code": exc.code, "msg": exc.message, **reference(stanza), **exc.fields}
+    return {"t": "err", "code": "bad_stanza", "msg": exc.message, **reference(stanza)}
+
+
 def reference(stanza: dict) -> dict:
     """The field that ties an ``err`` to its request: ``id`` for ``iq``, ``ref`` for bin16 ids."""
     request_id = stanza.get("id")
@@ -154,7 +175,7 @@ class Pending:
     one node's part of a request several nodes answer (``GATHER``: ``session`` is the ``_Gather``,
     ``_Checked`` or ``_Delivery`` that takes their answers, through ``node_answered``)."""
 
-    __slots__ = ("session", "stanza", "kind", "node", "sent", "answer", "done", "seq", "record",
+    __slots__ = ("session", "stanza", "kind", "node", "sent", "answer", "acked", "done", "seq", "record",
                  "stream", "poisoned")
 
     def __init__(self, session, stanza: dict, kind: int, node: str | None, now: float) -> None:
@@ -164,6 +185,7 @@ class Pending:
         self.node = node
         self.sent = now  # when it left for its node (set again when a held one leaves)
         self.answer: bytes | None = None  # the other node's encoded answer
+        self.acked = False  # ... and it was an ``ack``
         self.done = kind == DEFERRED  # answered (or timed out); a deferred entry waits for nothing
         self.seq = 0
         self.record: list | None = None  # what goes to the node, kept while held back (None: it left)
@@ -223,17 +245,16 @@ class _Gather(_StandIn):
 
     def send_encoded(self, encoded: bytes) -> None:
         """This node's own answer (from the local handler)."""
-        self._take(encoded, local=True)
+        self._take(encoded, msgpack.unpackb(encoded, raw=False), local=True)
 
-    def node_answered(self, encoded: bytes | None, now: float) -> None:
+    def node_answered(self, encoded: bytes | None, answer: dict | None, now: float) -> None:
         self.waiting -= 1
-        self._take(encoded, local=False)
+        self._take(encoded, answer, local=False)
 
-    def _take(self, encoded: bytes | None, *, local: bool) -> None:
+    def _take(self, encoded: bytes | None, answer: dict | None, *, local: bool) -> None:
         if self.done:
             return
-        answer = msgpack.unpackb(encoded, raw=False) if encoded is not None else {}
-        users = answer.get("users") if answer.get("t") == "res" else None
+        users = answer.get("users") if answer is not None and answer.get("t") == "res" else None
         if type(users) is not list:  # a refusal (or nonsense from a node): that is the answer
             self.done = True
             self.relay.router.push_encoded(self.session, encoded if encoded is not None else internal_error(
@@ -273,11 +294,11 @@ class _Checked(_StandIn):
         self.waiting = 0
         self.done = False
 
-    def node_answered(self, encoded: bytes | None, now: float) -> None:
+    def node_answered(self, encoded: bytes | None, answer: dict | None, now: float) -> None:
         self.waiting -= 1
         if self.done:
             return
-        if encoded is None or msgpack.unpackb(encoded, raw=False).get("t") != "res":
+        if answer is None or answer.get("t") != "res":
             self.done = True
             self.relay.router.push_encoded(self.session, encoded or internal_error(self.stanza, "a node did not check"))
             return
@@ -312,8 +333,8 @@ class _Delivery:
         self.session_key = ("outbox", node)  # not an address: counted apart from every device
         self.max_plaintext_bytes = max_plaintext_bytes
 
-    def node_answered(self, encoded: bytes | None, now: float) -> None:
-        self.relay.delivered(self, msgpack.unpackb(encoded, raw=False) if encoded is not None else None, now)
+    def node_answered(self, encoded: bytes | None, answer: dict | None, now: float) -> None:
+        self.relay.delivered(self, answer, now)
 
 
 class Relay:
@@ -346,6 +367,9 @@ class Relay:
         self._seq = int.from_bytes(os.urandom(7), "big")
         self._flush_asked = False  # wake() was called and the edge has not flushed since
         self._homes: dict[str, str] = {}
+        # g -> (the members it was made for, [(node, members there)]): a group message's fan-out
+        # plan, made again when the group's record (its members tuple) changes
+        self._fanout_parts: dict[bytes, tuple] = {}
         self._identities: dict[tuple, Identity] = {}
         self.counters = {"relayed": 0, "answered": 0, "timeouts": 0, "late_answers": 0, "served": 0,
                          "malformed": 0, "misrouted": 0, "refused": 0, "own_copies_lost": 0, "internal_errors": 0,
@@ -548,18 +572,26 @@ class Relay:
         """A group message or event of ``session`` at the group's home: for each node of
         ``recipients`` living elsewhere, an outbox entry written with ``entry`` in its commit, sent
         there after it (``core/domain/outbox.py``) and again until that node stored it."""
-        by_node = self._by_node(recipients)
-        if not by_node:
+        cached = self._fanout_parts.get(g)
+        if cached is not None and cached[0] is recipients:
+            parts = cached[1]
+        else:
+            # A large group's members on one node: several entries, each well under max_payload.
+            parts = [(node, part) for node, members in self._by_node(recipients).items() for part in _parts(members)]
+            if type(recipients) is tuple:  # a record's members (messages): the same object until the group changes
+                if g not in self._fanout_parts and len(self._fanout_parts) >= GROUP_CACHE_GROUPS:
+                    del self._fanout_parts[next(iter(self._fanout_parts))]
+                self._fanout_parts[g] = (recipients, parts)
+        if not parts:
             return
         identity = session.identity
         outbox = self.outbox
         entries = []
-        for node, members in by_node.items():
-            for part in _parts(members):  # a large group's members there: several entries, each well under max_payload
-                record = [identity.provider, identity.localpart, identity.device, session.max_plaintext_bytes,
-                          {"t": "gfan", "g": g, "members": part, **payload, "n": outbox.incarnation}]
-                seq, packed = outbox.entry(node, record)
-                entries.append((node, seq, packed, record))
+        for node, part in parts:
+            record = [identity.provider, identity.localpart, identity.device, session.max_plaintext_bytes,
+                      {"t": "gfan", "g": g, "members": part, **payload, "n": outbox.incarnation}]
+            seq, packed = outbox.entry(node, record)
+            entries.append((node, seq, packed, record))
         self.router.attach_outbox(entry, entries)
 
     def outbox_committed(self, entries, now: float) -> None:
@@ -609,7 +641,7 @@ class Relay:
         for seq in lost:
             pending = self.waiting.pop(seq)
             self._done_waiting(pending)
-            pending.session.node_answered(None, now)
+            pending.session.node_answered(None, None, now)
         stream.retry_at = now
         self._pump(now)
 
@@ -632,7 +664,8 @@ class Relay:
         router = self.router
         identity = session.identity
         members = stanza.get("members")
-        if type(members) is not list or not all(type(m) is str and address_provider(m) is not None for m in members):
+        valid = router.address_provider  # checked once per address, remembered: every group message names them
+        if type(members) is not list or not all(type(m) is str and valid(m) is not None for m in members):
             raise MalformedRecordError("gfan needs 'members': a list of addresses")
         k = stanza.get("k")
         ts = stanza.get("ts")
@@ -654,19 +687,6 @@ class Relay:
                 raise MalformedRecordError("gfan state needs 's': a typing state")
         else:
             raise MalformedRecordError("gfan 'k' is one of check, msg, event, state")
-        fanin = None
-        if k in ("msg", "event"):
-            entry_seq, incarnation = stanza.get("o"), stanza.get("n")
-            if type(entry_seq) is not int or not 0 < entry_seq < 1 << 63 or type(incarnation) is not bytes \
-                    or len(incarnation) != 8:
-                raise MalformedRecordError("gfan msg/event needs 'o' (its outbox seq) and 'n' (the incarnation that wrote it)")
-            after = stanza.get("q")
-            if after is not None:
-                if (type(after) is not list or len(after) != 2 or type(after[0]) is not bytes or len(after[0]) != 8
-                        or type(after[1]) is not int or not 0 < after[1] < 1 << 63):
-                    raise MalformedRecordError("gfan 'q' names the entry before it: [incarnation, seq]")
-                after = (home, after[0], after[1])
-            fanin = (home, incarnation, entry_seq, after)
         if k == "check":
             for member in members:
                 try:
@@ -678,6 +698,7 @@ class Relay:
             return
         g = stanza["g"]
         if k == "msg":
+            fanin = _fanin(stanza, home)  # before anything is queued: a malformed entry stores nothing
             build = GroupDlv(stanza["id"], identity.user, identity.device, stanza["b"], g)
             items, targets = plan_group(members, identity.user, identity.device, self.store.devices,
                                         router.policy.blocks, build)
@@ -687,6 +708,7 @@ class Relay:
             entry.fanin = fanin
             return
         if k == "event":
+            fanin = _fanin(stanza, home)
             items, targets = self.groups.event_copies(members, identity.user, identity.device,
                                                       event_builder(stanza["fields"]), self.store.devices)
             router.enqueue_control(session, {"t": "res", "id": 0}, stanza["ts"] / 1000, items, targets).fanin = fanin
@@ -747,8 +769,8 @@ class Relay:
         self._waiting_per_device[key] = self._waiting_per_device.get(key, 0) + 1
         self.counters["relayed"] += 1
         if kind in (FORWARD, OWN) and stanza["t"] in ("msg", "rcpt"):
-            # A group's messages are a stream of their own: its home waits for member nodes, and
-            # a 1:1 message must not wait behind that (docs/protocol.md §6 lets them cross).
+            # A group's messages are a stream of their own: a group node that does not answer holds
+            # up that device's group traffic, not its 1:1 messages (docs/protocol.md §6 lets them cross).
             pending.stream = (key, node, "g" in stanza)
             stream = self._streams.get(pending.stream)
             if stream is not None:
@@ -765,8 +787,7 @@ class Relay:
             self._ask_flush()
         outgoing.append(pending.record)
         pending.record = None
-        # What a group's home asks of member nodes (a check, then the copies) must both fit in
-        # the time the sender's node gives the whole request.
+        # A group home's member checks must fit in the time the sender's node gives the whole request.
         inner = isinstance(pending.session, _Checked)
         pending.sent = now
         self.waiting[pending.seq] = pending
@@ -786,10 +807,9 @@ class Relay:
         del self._streams[pending.stream]
         for held in stream:
             self._done_waiting(held)
-            self._settle(held, encode_stanza({
-                "t": "err", "code": "overloaded", "retry_after": RETRY_AFTER_MS, **reference(held.stanza),
-                "msg": f"an earlier message to node {held.node} got no answer; nothing was stored, resend this after it",
-            }), now)
+            refused = {"t": "err", "code": "overloaded", "retry_after": RETRY_AFTER_MS, **reference(held.stanza),
+                       "msg": f"an earlier message to node {held.node} got no answer; nothing was stored, resend this after it"}
+            self._settle(held, encode_stanza(refused), refused, now)
 
     def _done_waiting(self, pending: Pending) -> None:
         key = pending.session.session_key
@@ -822,11 +842,11 @@ class Relay:
         del self.waiting[seq]
         self._done_waiting(pending)
         self.counters["answered"] += 1
-        answer = self._checked_answer(pending, answer)
+        answer, decoded = self._checked_answer(pending, answer)
         if pending.stream is not None:
             self._stream_answered(pending, now, timed_out=False)
         try:
-            self._settle(pending, answer, now)
+            self._settle(pending, answer, decoded, now)
         except Exception:  # a bug of ours must cost this answer, never the rest of its batch
             log.exception("relay: settling an answer from node %s failed", node)
             self.counters["internal_errors"] += 1
@@ -834,16 +854,17 @@ class Relay:
             self._pump(now)
         return now - pending.sent
 
-    def _checked_answer(self, pending: Pending, answer: bytes | None) -> bytes | None:
-        """Another node's answer as this node passes it on: one stanza answering this one (``ack``,
-        ``res`` or ``err``, naming its id), or nothing for typing state. Anything else is that
-        node's bug (or worse): counted ``malformed``, answered ``internal`` here."""
+    def _checked_answer(self, pending: Pending, answer: bytes | None) -> tuple[bytes | None, dict | None]:
+        """Another node's answer as this node passes it on, encoded and decoded (decoded once, here):
+        one stanza answering this one (``ack``, ``res`` or ``err``, naming its id), or nothing for
+        typing state. Anything else is that node's bug (or worse): counted ``bad_answers``,
+        answered ``internal`` here."""
         asked = pending.stanza.get("t")
         if asked == "gfan":  # an outbox entry: a message's copies are acked, an event's answered res
             asked = f"gfan-{pending.stanza.get('k')}"
         if answer is None:
             if asked == "state":
-                return None
+                return None, None
             problem = "nothing"
         elif len(answer) > (MAX_PLAINTEXT_BYTES if isinstance(pending.session, _Delivery)
                             else pending.session.max_plaintext_bytes):  # what goes on to a client fits its frame
@@ -860,11 +881,13 @@ class Relay:
                 wanted = reference(pending.stanza)
                 got = decoded.get("ref", decoded.get("id"))
                 if not wanted or (type(got) is type(want := next(iter(wanted.values()))) and got == want):
-                    return answer
+                    return answer, decoded
             problem = "something that is not its answer"
         self.counters["bad_answers"] += 1
         log.warning("cluster: node %s answered with %s", pending.node, problem)
-        return internal_error(pending.stanza, f"node {pending.node} answered with {problem}")
+        replaced = {"t": "err", "code": "internal", "msg": f"node {pending.node} answered with {problem}",
+                    **reference(pending.stanza)}
+        return encode_stanza(replaced), replaced
 
     def expire(self, now: float, *, everything: bool = False) -> int:
         """Answer every stanza whose node has not answered by its deadline: ``err`` ``overloaded``
@@ -881,20 +904,20 @@ class Relay:
                 continue
             self._done_waiting(pending)
             expired += 1
-            answer = None
+            answer = timeout_refusal = None
             if pending.stanza["t"] != "state":  # typing state is not answered unless refused
                 # "unconfirmed": it may have been stored there; resend the same id (docs/protocol.md §5).
-                refusal = {
+                timeout_refusal = {
                     "t": "err", "code": "overloaded", "retry_after": RETRY_AFTER_MS, **reference(pending.stanza),
                     "msg": f"node {pending.node} did not answer in time; try again in {RETRY_AFTER_MS} ms",
                 }
                 if pending.stanza["t"] in ("msg", "rcpt") or pending.stanza.get("op") in GROUP_CHANGES:
-                    refusal["unconfirmed"] = True
-                    refusal["msg"] = (f"node {pending.node} did not answer in time; nothing was acknowledged, "
+                    timeout_refusal["unconfirmed"] = True
+                    timeout_refusal["msg"] = (f"node {pending.node} did not answer in time; nothing was acknowledged, "
                                       f"resend the same id in {RETRY_AFTER_MS} ms")
-                answer = encode_stanza(refusal)
+                answer = encode_stanza(timeout_refusal)
             try:
-                self._settle(pending, answer, now, timed_out=True)  # its refusal first, then those held behind it
+                self._settle(pending, answer, timeout_refusal, now, timed_out=True)  # its refusal first, then those held behind it
             except Exception:  # a bug of ours must cost this stanza, never the other deadlines
                 log.exception("relay: answering a stanza node %s did not answer failed", pending.node)
                 self.counters["internal_errors"] += 1
@@ -907,15 +930,19 @@ class Relay:
             self._pump(now)  # windows answered or timed out, retries whose wait is over
         return expired
 
-    def _settle(self, pending: Pending, answer: bytes | None, now: float, *, timed_out: bool = False) -> None:
+    def _settle(self, pending: Pending, answer: bytes | None, decoded: dict | None, now: float, *,
+                timed_out: bool = False) -> None:
+        """``pending``'s answer (``answer`` encoded, ``decoded``; None: none) reaches its session,
+        stand-in or place in its device's chain."""
         if pending.kind == FORWARD:
             if answer is not None:
                 self.router.push_encoded(pending.session, answer)
             return
         if pending.kind == GATHER:
-            pending.session.node_answered(answer, now)
+            pending.session.node_answered(answer, decoded, now)
             return
         pending.answer, pending.done = answer, True
+        pending.acked = decoded is not None and decoded.get("t") == "ack"
         key = pending.session.session_key
         chain = self._chains.get(key)
         if timed_out and chain:
@@ -935,7 +962,8 @@ class Relay:
                     "msg": "an earlier message of this device got no answer in time; resend this after it"}))
                 continue
             try:
-                self._serve_here(head.session, head.stanza, now, own_only=head.kind != DEFERRED, answer=head.answer)
+                self._serve_here(head.session, head.stanza, now, own_only=head.kind != DEFERRED, answer=head.answer,
+                                 acked=head.acked)
             except Exception:  # a bug of ours must cost this stanza, never the device's later ones
                 log.exception("relay: settling a stanza of %s failed", head.session.session_key)
                 self.counters["internal_errors"] += 1
@@ -943,14 +971,15 @@ class Relay:
         if chain is not None and not chain:
             del self._chains[key]
 
-    def _serve_here(self, session, stanza: dict, now: float, *, own_only: bool, answer: bytes | None) -> None:
+    def _serve_here(self, session, stanza: dict, now: float, *, own_only: bool, answer: bytes | None,
+                    acked: bool) -> None:
         """Store here what this node keeps of a stanza: all of a deferred local one; the sender's
         own copies of one the recipient's node answered (``answer``), then answer the sender.
         Once the recipient's node acked, the sender gets that ack whatever happens to its own
         copies here (a device registered meanwhile, a full mailbox): the message is stored."""
         router = self.router
         if own_only:
-            if answer is None or msgpack.unpackb(answer, raw=False).get("t") != "ack":
+            if not acked:
                 if answer is not None:
                     router.push_encoded(session, answer)  # refused there: nothing is stored here either
                 return
@@ -965,9 +994,7 @@ class Relay:
                 self.counters["own_copies_lost"] += 1
                 router.push_encoded(session.session, answer)
                 return
-            code = exc.code if isinstance(exc, RouteError) else "bad_stanza"
-            fields = exc.fields if isinstance(exc, RouteError) else {}
-            router.answer(session, {"t": "err", "code": code, "msg": exc.message, **reference(stanza), **fields})
+            router.answer(session, refusal(exc, stanza))
             return
         if own_only and entry is None:  # no own copies after all (the other devices are gone)
             router.push_encoded(session.session, answer)
@@ -1074,10 +1101,7 @@ class Relay:
             session.send_encoded(internal_error(stanza, f"a malformed relayed record: {exc}"))
             return stream_broken
         except (RouteError, StanzaError) as exc:
-            code = exc.code if isinstance(exc, RouteError) else "bad_stanza"
-            fields = exc.fields if isinstance(exc, RouteError) else {}
-            session.send_encoded(encode_stanza({"t": "err", "code": code, "msg": exc.message, **reference(stanza),
-                                                **fields}))
+            session.send_encoded(encode_stanza(refusal(exc, stanza)))
             return stream_broken
         except Exception:  # a bug of ours must cost this stanza, never the rest of the batch
             log.exception("relay: serving a stanza node %s relayed failed", node)

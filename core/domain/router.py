@@ -503,20 +503,28 @@ class Router:
 
     # -- helpers
 
+    def address_provider(self, address: str) -> str | None:
+        """The provider id of ``address`` if it is a user address ``localpart@provider``, else
+        None; checked once per address (remembered: every routed stanza names one)."""
+        provider_id = self._valid_addresses.get(address)
+        if provider_id is None:
+            localpart, at, provider_id = address.rpartition("@")
+            if not at or localpart_error(localpart) is not None:
+                return None
+            # Remember only what can be an address of a registered provider: a long made-up
+            # provider part (up to a frame) would otherwise make this memory a client's to fill.
+            if len(address) <= MAX_ADDRESS_CHARS:
+                if len(self._valid_addresses) >= VALID_ADDRESSES_KEPT:
+                    del self._valid_addresses[next(iter(self._valid_addresses))]
+                self._valid_addresses[address] = provider_id
+        return provider_id
+
     def _recipient(self, to, unknown_code: str = "unknown_recipient") -> tuple:
         if type(to) is not str:
             raise StanzaError("'to' must be a user address 'localpart@provider'")
-        provider_id = self._valid_addresses.get(to)
+        provider_id = self.address_provider(to)
         if provider_id is None:
-            localpart, at, provider_id = to.rpartition("@")
-            if not at or localpart_error(localpart) is not None:
-                raise StanzaError(f"'to' is not a user address: {excerpt(to)}")
-            # Remember only what can be an address of a registered provider: a long made-up
-            # provider part (up to a frame) would otherwise make this memory a client's to fill.
-            if len(to) <= MAX_ADDRESS_CHARS:
-                if len(self._valid_addresses) >= VALID_ADDRESSES_KEPT:
-                    del self._valid_addresses[next(iter(self._valid_addresses))]
-                self._valid_addresses[to] = provider_id
+            raise StanzaError(f"'to' is not a user address: {excerpt(to)}")
         provider = self.registry.get(provider_id)
         if provider is None:
             raise RouteError(f"no provider {excerpt(provider_id)} is registered here", code=unknown_code)
