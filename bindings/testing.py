@@ -485,13 +485,13 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
             writer.write_eof()
 
 
-async def until(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
+async def until(condition: Callable[[], bool], what: str = "condition", timeout_s: float = 5.0) -> None:
     """Wait for something the gateway should do by itself (a close counted, a sweep run):
-    AssertionError if ``condition()`` is still false after ``timeout_s``, a hang guard rather
-    than a timing check."""
+    AssertionError naming ``what`` if ``condition()`` is still false after ``timeout_s``, a hang
+    guard rather than a timing check."""
     deadline = time.monotonic() + timeout_s
     while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
+        assert time.monotonic() < deadline, f"{what}: not met within {timeout_s} s"
         await asyncio.sleep(0.01)
 
 

@@ -17,7 +17,7 @@ from interlink.core.domain.cluster import Membership
 from interlink.core.errors import ConfigError, RedirectedError, ServerError
 from interlink.gateway import Gateway
 from interlink.load.nats import LocalNats
-from interlink.testing import free_ports, homed_users, keys_for_nodes
+from interlink.testing import free_ports, homed_users, keys_for_nodes, until
 from interlink.core.domain.batch import device_key
 from three_providers import AUD, config_for, nothing_arrives
 
@@ -437,11 +437,8 @@ async def test_a_group_lives_on_its_home_node_and_members_of_every_node_get_ever
     assert (await next_dlv(alice2))["c"] == b"alone"
     # Once every node's group fan-out was stored, nothing was for the two who are gone (offline,
     # so whatever had been stored for them would still be there).
-    for _ in range(500):
-        if all(gateway._server.domain.relay.outbox.backlog == 0 for gateway in cluster.gateways.values()):
-            break
-        await asyncio.sleep(0.01)
-    assert all(gateway._server.domain.relay.outbox.backlog == 0 for gateway in cluster.gateways.values())
+    await until(lambda: all(gateway._server.domain.relay.outbox.backlog == 0 for gateway in cluster.gateways.values()),
+                "every node's group fan-out stored")
     for gone, node in ((bob, "node-b"), (carol, "node-c")):
         assert cluster.gateways[node]._server.store.pending_count(device_key(gone, 1)) == 0
     # Every node with members but the group's home stored copies for them on the home's word.

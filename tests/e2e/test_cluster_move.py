@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import os
 import shutil
 import sys
-import time
 from pathlib import Path
 
 import msgpack
@@ -30,7 +30,7 @@ from interlink.core.edge.keyfiles import ROOT_KEY_FILE, ROOT_PUBLIC_FILE, init_o
 from interlink.core.errors import ConfigError, ServerError
 from interlink.gateway import Gateway
 from interlink.pushreceiver import PushReceiver
-from interlink.testing import free_ports, keys_for_nodes
+from interlink.testing import free_ports, keys_for_nodes, until
 from three_providers import AUD, close_all, config_for, nothing_arrives
 
 OLD = Membership(("node-a", "node-b"), 1)
@@ -162,12 +162,7 @@ async def move(new: Described, sources, target: str) -> None:
         assert code == 0 and "node list version 2 recorded" in out, out
 
 
-async def until(condition, what: str, timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"not within {timeout_s} s: {what}")
-        await asyncio.sleep(0.02)
+until = functools.partial(until, timeout_s=10.0)  # a hang guard, never an assertion about speed
 
 
 def pending(gateway: Gateway, user: str, device: int) -> list[tuple[int, dict]]:

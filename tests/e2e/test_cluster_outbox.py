@@ -16,14 +16,15 @@ by clients without ``auto_recv`` (which would drop a redelivered id, hiding a du
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import signal
 import threading
-import time
 
 import pytest
 
 import interlink.core.domain.relay as relay_module
+from interlink.testing import until
 from interlink.client import Client
 from interlink.core.domain.batch import device_key
 from interlink.core.domain.outbox import WINDOW_ENTRIES
@@ -63,12 +64,7 @@ def store_of(cluster: Cluster, node: str):
     return cluster.gateways[node]._server.store
 
 
-async def wait_until(predicate, what: str, timeout_s: float = WAIT_S) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"not within {timeout_s} s: {what}")
-        await asyncio.sleep(0.02)
+wait_until = functools.partial(until, timeout_s=WAIT_S)  # a hang guard, never an assertion about speed
 
 
 async def quiet(cluster: Cluster, address: str, device: int = 1) -> Client:
