@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 
 import pytest
 
 from interlink.client import Client
 from interlink.config import ClusterConfig, NodeAddress
 from interlink.core.domain.cluster import Membership
+from interlink.core.edge.keyfiles import ROOT_KEY_FILE, ROOT_PUBLIC_FILE, init_operator_keys
 from interlink.core.errors import ConfigError, RedirectedError, ServerError
 from interlink.gateway import Gateway
 from interlink.load.nats import LocalNats
@@ -40,24 +42,46 @@ def cluster_config(nats_url: str, ports: dict, node: str, *, version: int = 1, t
 
 
 class Cluster:
-    """Three nodes sharing one operator root, and ``connect`` for any user at any node."""
+    """Nodes (three by default) sharing one operator root, and ``connect`` for any user at any
+    node. Over ``tmp_path / node``: a node whose folder has keys already keeps them and, with
+    ``ports``, its port (a node list change: ``test_cluster_move``); a new node's keys are made
+    under the same root."""
 
-    def __init__(self, issuers, tmp_path, nats_url: str, nodes=NODES, *, websocket: bool = False) -> None:
+    def __init__(self, issuers, tmp_path, nats_url: str, nodes=NODES, *, websocket: bool = False, version: int = 1,
+                 ports: dict | None = None) -> None:
         self.issuers = dict(zip(("alpha", "beta", "gamma"), issuers))
         self.issuer_list = issuers
         self.tmp_path = tmp_path
         self.nats_url = nats_url
         self.nodes = tuple(nodes)
-        self.ports = dict(zip(self.nodes, free_ports(len(self.nodes))))
+        self.version = version
+        ports = dict(ports or {})
+        fresh = [node for node in self.nodes if node not in ports]
+        ports.update(zip(fresh, free_ports(len(fresh))))
+        self.ports = {node: ports[node] for node in self.nodes}
         # With websocket, every node serves WebSocket too, at the URL its node list entry names.
         self.ws_ports = dict(zip(self.nodes, free_ports(len(self.nodes)))) if websocket else {}
-        keys_for_nodes({node: tmp_path / node / "keys" for node in self.nodes})
+        self._make_keys()
         self.gateways: dict[str, Gateway] = {}
-        self.membership = Membership(self.nodes, 1)
+        self.membership = Membership(self.nodes, version)
+
+    def _make_keys(self) -> None:
+        made = [node for node in self.nodes if (self.tmp_path / node / "keys").is_dir()]
+        if not made:
+            keys_for_nodes({node: self.tmp_path / node / "keys" for node in self.nodes})
+            return
+        for node in self.nodes:
+            folder = self.tmp_path / node / "keys"
+            if node in made:
+                continue
+            folder.mkdir(mode=0o700, parents=True)
+            for name in (ROOT_KEY_FILE, ROOT_PUBLIC_FILE):
+                shutil.copy2(self.tmp_path / made[0] / "keys" / name, folder / name)
+            init_operator_keys(folder, node, force=True)
 
     def config(self, node: str, **settings):
-        cluster = cluster_config(self.nats_url, self.ports, node, timeout_s=settings.pop("timeout_s", 2.0),
-                                 ws_ports=self.ws_ports)
+        cluster = cluster_config(self.nats_url, self.ports, node, version=self.version,
+                                 timeout_s=settings.pop("timeout_s", 2.0), ws_ports=self.ws_ports)
         if self.ws_ports:
             settings.setdefault("ws_port", self.ws_ports[node])
         return config_for(self.issuer_list, self.tmp_path / node, port=self.ports[node], node_name=node,
@@ -78,10 +102,13 @@ class Cluster:
     def users(self, provider: str, per_node: int = 1) -> dict[str, list[str]]:
         return homed_users(self.membership, provider, per_node)
 
-    async def connect(self, address: str, device: int = 1, *, via: str | None = None, **options) -> Client:
-        """Connect ``address``'s device through node ``via`` (default: a node that is not its home)."""
+    async def connect(self, address: str, device: int = 1, *, via: str | None = None, phone: str | None = None,
+                      **options) -> Client:
+        """Connect ``address``'s device through node ``via`` (default: a node that is not its home),
+        with a verified ``phone`` claim if given."""
         localpart, provider = address.split("@")
-        token = self.issuers[provider].issue(localpart, audience=AUD)
+        extra = {"phone_number": phone, "phone_number_verified": True} if phone is not None else None
+        token = self.issuers[provider].issue(localpart, audience=AUD, extra_claims=extra)
         if via is None:
             via = next(node for node in self.nodes if node != self.home(address) and node in self.gateways)
         gateway = self.gateways[via]

@@ -15,23 +15,22 @@ import asyncio
 import dataclasses
 import functools
 import os
-import shutil
 import sys
 from pathlib import Path
 
 import msgpack
 import pytest
 
-from e2e.test_cluster import Cluster, cluster_config, nats_server, next_dlv, node_of  # noqa: F401 (a fixture)
+from e2e.test_cluster import Cluster, nats_server, next_dlv, node_of  # noqa: F401 (a fixture)
 from interlink.client import Client
 from interlink.core.domain.batch import device_key
 from interlink.core.domain.cluster import Membership
-from interlink.core.edge.keyfiles import ROOT_KEY_FILE, ROOT_PUBLIC_FILE, init_operator_keys, load_operator_keys
+from interlink.core.edge.keyfiles import load_operator_keys
 from interlink.core.errors import ConfigError, ServerError
 from interlink.gateway import Gateway
 from interlink.pushreceiver import PushReceiver
-from interlink.testing import free_ports, keys_for_nodes, until
-from three_providers import AUD, close_all, config_for, nothing_arrives
+from interlink.testing import keys_for_nodes, until
+from three_providers import close_all, nothing_arrives
 
 OLD = Membership(("node-a", "node-b"), 1)
 NEW = Membership(("node-a", "node-b", "node-c"), 2)
@@ -40,37 +39,14 @@ KEY = bytes(range(32))
 
 
 class Described(Cluster):
-    """``test_cluster.Cluster`` for any node list and version, over the data folders and keys of
-    ``tmp_path / node``: a node already described keeps its port, folder and keys; a new node
-    gets keys under the same root. ``push_url``: the beta provider's push endpoint."""
+    """``test_cluster.Cluster`` for any node list and version over the same data folders, ports
+    and keys (``grown``), as TOML files for the command line; ``push_url``: the beta provider's
+    push endpoint."""
 
     def __init__(self, issuers, tmp_path: Path, nats_url: str, nodes, version: int, *, ports=None,
                  push_url: str | None = None) -> None:
-        self.issuers = dict(zip(("alpha", "beta", "gamma"), issuers))
-        self.issuer_list = issuers
-        self.tmp_path = tmp_path
-        self.nats_url = nats_url
-        self.nodes = tuple(nodes)
-        self.version = version
+        super().__init__(issuers, tmp_path, nats_url, nodes, version=version, ports=ports)
         self.push_url = push_url
-        ports = dict(ports or {})
-        fresh = [node for node in self.nodes if node not in ports]
-        ports.update(zip(fresh, free_ports(len(fresh))))
-        self.ports = {node: ports[node] for node in self.nodes}
-        self.ws_ports = {}
-        self.gateways: dict[str, Gateway] = {}
-        self.membership = Membership(self.nodes, version)
-        made = [node for node in self.nodes if (tmp_path / node / "keys").is_dir()]
-        if not made:
-            keys_for_nodes({node: tmp_path / node / "keys" for node in self.nodes})
-        for node in self.nodes:
-            folder = tmp_path / node / "keys"
-            if node in made or not made:
-                continue
-            folder.mkdir(mode=0o700, parents=True)
-            for name in (ROOT_KEY_FILE, ROOT_PUBLIC_FILE):
-                shutil.copy2(tmp_path / made[0] / "keys" / name, folder / name)
-            init_operator_keys(folder, node, force=True)
 
     def grown(self, node: str) -> Described:
         """The same cluster with ``node`` added and the version raised."""
@@ -78,10 +54,7 @@ class Described(Cluster):
                          ports=self.ports, push_url=self.push_url)
 
     def config(self, node: str, **settings):
-        cluster = cluster_config(self.nats_url, self.ports, node, version=self.version,
-                                 timeout_s=settings.pop("timeout_s", 2.0))
-        config = config_for(self.issuer_list, self.tmp_path / node, port=self.ports[node], node_name=node,
-                            cluster=cluster, **settings)
+        config = super().config(node, **settings)
         if self.push_url is not None:
             config.providers = [dataclasses.replace(p, push_url=self.push_url) if p.id == "beta" else p
                                 for p in config.providers]
@@ -95,16 +68,6 @@ class Described(Cluster):
                         f'[cluster]\nnode = "{node}"\nversion = {self.version}\nnats = ["{self.nats_url}"]\n\n'
                         f'[cluster.nodes]\n{nodes}\n')
         return path
-
-    async def connect(self, address: str, device: int = 1, *, via: str | None = None, phone: str | None = None,
-                      **options) -> Client:
-        localpart, provider = address.split("@")
-        extra = {"phone_number": phone, "phone_number_verified": True} if phone is not None else None
-        token = self.issuers[provider].issue(localpart, audience=AUD, extra_claims=extra)
-        if via is None:
-            via = next(node for node in self.nodes if node != self.home(address) and node in self.gateways)
-        return await Client.connect("127.0.0.1", self.ports[via], token=token, device=device,
-                                    root_public=self.gateways[via].root_public, **options)
 
     async def stop_all(self) -> None:
         for node in list(self.gateways):
