@@ -92,7 +92,6 @@ import importlib.util
 import json
 import os
 import random
-import shutil
 import signal
 import sys
 import tempfile
@@ -942,12 +941,7 @@ async def run(
         # Each cycle's phases are bounded; this bounds the whole run should anything else stall.
         timeout_s = (120.0 + cycles * (max_delay + max_down + START_ATTEMPTS * START_TIMEOUT_S)
                      + DRAIN_TIMEOUT_S + WIND_DOWN_S)
-    try:
-        async with asyncio.timeout(timeout_s):
-            return await test.run()
-    finally:
-        if temporary:
-            shutil.rmtree(data_dir, ignore_errors=True)
+    return await crash.run_bounded(test, timeout_s, data_dir if temporary else None)
 
 
 def main() -> None:

@@ -586,12 +586,18 @@ async def run(
     if timeout_s is None:
         # Each cycle's phases are bounded; this bounds the whole run should anything else stall.
         timeout_s = 60.0 + cycles * (START_TIMEOUT_S + max_delay + WIND_DOWN_S) + DRAIN_TIMEOUT_S + START_TIMEOUT_S
+    return await run_bounded(test, timeout_s, data_dir if temporary else None)
+
+
+async def run_bounded(test, timeout_s: float, temporary: Path | None):
+    """``test.run()``, bounded by ``timeout_s`` (a stall guard, not a timing check); the
+    ``temporary`` data folder, if any, is removed after."""
     try:
         async with asyncio.timeout(timeout_s):
             return await test.run()
     finally:
-        if temporary:
-            shutil.rmtree(data_dir, ignore_errors=True)
+        if temporary is not None:
+            shutil.rmtree(temporary, ignore_errors=True)
 
 
 def main() -> None:
