@@ -492,19 +492,9 @@ class ClusterCrashTest(crash.CrashTest):
                     to_resend[stream].discard(message.counter)
                     refused_now[stream] -= 1
                     notify()
-            if ack.get("t") != "ack" or ack.get("id") != message.msg_id:
-                self.fail(f"{device.name} #{message.counter}: unexpected answer {ack!r}")
-                return
-            self.track(message, "acked dup" if ack.get("dup") else "acked")
-            if ack.get("dup"):
-                message.dup_acks += 1
-                self.stats["acks_dup"] += 1
-            elif message.ack_forgotten:
-                self.stats["resend_not_dup"] += 1
-                self.note(f"{device.name} #{message.counter}: resent after its ack and not acked dup")
-            if self.producing and not message.ack_forgotten and self.ack_rng.random() < self.forget_acks:
-                message.ack_forgotten = True  # resent on the next session: must be acked dup
-                self.stats["acks_forgotten"] += 1
+            if ack.get("t") == "ack":
+                self.track(message, "acked dup" if ack.get("dup") else "acked")
+            if not self.take_ack(device, message, ack):
                 return
             if not message.acked and stream is not None:
                 self.stats["group_messages_acked"] += 1

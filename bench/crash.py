@@ -263,6 +263,29 @@ class CrashTest:
         if still and not client.closed:
             self.fail(f"{device.name}: {len(still)} outbox stanzas unanswered on a live connection")
 
+    def take_ack(self, device: Device, message: Message, ack: dict) -> bool:
+        """The gateway's answer ``ack`` to ``message``: checked and counted; False when it is no
+        ack (a failure) or is ignored on purpose (``forget_acks``), else True: it stands."""
+        if ack.get("t") != "ack" or ack.get("id") != message.msg_id:
+            self.fail(f"{device.name} #{message.counter}: unexpected answer {ack!r}")
+            return False
+        if ack.get("dup"):
+            message.dup_acks += 1
+            self.stats["acks_dup"] += 1
+        elif message.ack_forgotten:
+            # It was acked before, so stored: a second plain ack means it was stored twice.
+            self.stats["resend_not_dup"] += 1
+            self.note(f"{device.name} #{message.counter}: resent after its ack and not acked dup")
+        if self.producing and not message.ack_forgotten and self.ack_rng.random() < self.forget_acks:
+            # As if the connection had dropped right after the gateway's commit: the ack never
+            # arrives, the message is resent (same id) on the next connection, which is a new
+            # gateway process: its dedup must come from the store. (Not in the final drain:
+            # there is no next connection.)
+            message.ack_forgotten = True
+            self.stats["acks_forgotten"] += 1
+            return False
+        return True
+
     def mark_acked(self, device: Device, message: Message) -> None:
         if not message.acked:
             message.acked = True
@@ -288,25 +311,8 @@ class CrashTest:
                 return
             finally:
                 slots.release()
-            if ack.get("t") != "ack" or ack.get("id") != message.msg_id:
-                self.fail(f"{device.name} #{message.counter}: unexpected answer {ack!r}")
-                return
-            if ack.get("dup"):
-                message.dup_acks += 1
-                self.stats["acks_dup"] += 1
-            elif message.ack_forgotten:
-                # It was acked before, so stored: a second plain ack means it was stored twice.
-                self.stats["resend_not_dup"] += 1
-                self.note(f"{device.name} #{message.counter}: resent after its ack and not acked dup")
-            if self.producing and not message.ack_forgotten and self.ack_rng.random() < self.forget_acks:
-                # As if the connection had dropped right after the gateway's commit: the ack
-                # never arrives, the message is resent (same id) on the next connection, which
-                # is a new gateway process: its dedup must come from the store. (Not in the final
-                # drain: there is no next connection.)
-                message.ack_forgotten = True
-                self.stats["acks_forgotten"] += 1
-                return
-            self.mark_acked(device, message)
+            if self.take_ack(device, message, ack):
+                self.mark_acked(device, message)
 
         def launch(message: Message) -> None:
             message.sends += 1
