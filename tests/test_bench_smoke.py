@@ -5,7 +5,8 @@ machine). Nothing here looks at the timings.
 
 Both run pytest in a child process, on ``bench/`` only, with ``bench/conftest.py`` (the suite's
 own conftest and asyncio settings stay out of it, as in ``make bench``). The cluster cost benchmark
-(``bench/cluster_cost.py``) runs once with tiny parameters, its report's shape checked.
+(``bench/cluster_cost.py``), the group one and the NATS floor (``bench/nats_floor.py``) run once
+with tiny parameters, their reports' shapes checked.
 """
 
 from __future__ import annotations
@@ -141,3 +142,21 @@ def test_cluster_groups_runs_every_phase_and_reports_them(tmp_path):
     assert down["acked"] == down["sent"] > 0 and not down["refused"]
     assert restart["backlog_messages"] == down["acked"] and restart["backlog_settled"]
     assert (checks["lost"], checks["duplicates"], checks["order_violations"], checks["misdelivered"]) == (0, 0, 0, 0)
+
+
+def test_nats_floor_runs_every_transport_and_reports_it(tmp_path):
+    """bench/nats_floor.py, tiny: one run of each transport (nats-py, the bare NATS protocol, bare
+    TCP) through a real nats-server; every run made round trips and measured both processes' CPU.
+    No timings."""
+    result = subprocess.run(
+        [sys.executable, "bench/nats_floor.py", "--seconds", "0.3", "--repeats", "1"],
+        check=False, cwd=ROOT, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads(result.stdout)
+    assert [run["transport"] for run in report["runs"]] == ["nats", "nats-raw", "tcp"]
+    for run in report["runs"]:
+        assert run["round_trips"] > 0 and run["ask_us"] > 0 and run["echo_us"] > 0, run
+        assert abs(run["both_us"] - run["ask_us"] - run["echo_us"]) < 0.2, run
+    assert set(report["summary"]) == {"nats", "nats-raw", "tcp"} and report["nats_server"]
