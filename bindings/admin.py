@@ -166,6 +166,8 @@ _CLUSTER_COUNTERS = (
     ("misrouted", "interlink_cluster_misrouted", "Relayed stanzas for users this node is not home to (node lists differ)."),
     ("refused", "interlink_cluster_refused", "Relayed stanzas refused here: their sender's provider is suspended or unknown."),
     ("held_back", "interlink_cluster_held_back", "Stanzas refused because an earlier one of their device got no answer in time."),
+    ("refused_before_resend", "interlink_cluster_refused_before_resend",
+     "Stored stanzas refused because an earlier one of their device, refused at a timeout, was not sent again yet."),
     ("own_copies_lost", "interlink_cluster_own_copies_lost",
      "Messages acked by the recipient's node whose copies for the sender's other devices could not be stored here."),
     ("internal_errors", "interlink_cluster_internal_errors", "Relayed stanzas that failed on a gateway bug (see the logs)."),

@@ -74,6 +74,9 @@ EVENT_FIELDS = frozenset({"k", "id", "from", "dev", "g", "event", "members", "ve
 EVENT_KINDS = frozenset({"created", "added", "removed", "left"})
 SERVED_KINDS = RELAY_KINDS | {"gfan"}  # gfan: a group's home asks a member's node to store or push
 RETRY_AFTER_MS = 1000  # what a sender is told to wait after a node did not answer in time
+# How long a device's later stored stanzas are refused while one refused at a timeout is not sent
+# again (a client that gave it up is not held back longer): retry_after and a reconnect, with room.
+RESEND_FIRST_S = 10.0
 INNER_SHARE = 0.4  # of the timeout, for a group home's member checks (they must fit the sender's deadline)
 ENTRY_MEMBERS_BYTES = 24 * 1024  # addresses per group fan-out entry (see _parts)
 MAX_WAITING_PER_DEVICE = 1024  # a device's stanzas waiting for other nodes at once (rate_limited past it)
@@ -362,6 +365,9 @@ class Relay:
         self._blob_bytes_waiting: dict[tuple, int] = {}  # session key -> bytes its blob.reads asked other nodes for
         self.blob_chunk_bytes = 0  # the largest blob.read this node's clients may ask (set with blobs)
         self._streams: dict[tuple, deque] = {}  # (session key, node, group or not) -> stored stanzas: in flight, then held
+        # (session key, group id or None for 1:1) -> ((t, id) of a stored stanza refused at a timeout,
+        # until when): the device's later stored stanzas of that kind are refused until it is sent again
+        self._resend_first: dict[tuple, tuple[tuple, float]] = {}
         # Answers are matched by (node, seq): each run numbers from a random point, so an answer
         # meant for this node's previous run (it restarted meanwhile) never matches a new stanza.
         self._seq = int.from_bytes(os.urandom(7), "big")
@@ -373,7 +379,7 @@ class Relay:
         self._identities: dict[tuple, Identity] = {}
         self.counters = {"relayed": 0, "answered": 0, "timeouts": 0, "late_answers": 0, "served": 0,
                          "malformed": 0, "misrouted": 0, "refused": 0, "own_copies_lost": 0, "internal_errors": 0,
-                         "held_back": 0, "bad_answers": 0}
+                         "held_back": 0, "refused_before_resend": 0, "bad_answers": 0}
         # This node's group fan-out to member nodes, durable until each stored it.
         self.outbox = Outbox(self.store, node, membership.nodes)
         self.counters.update(self.outbox.counters)
@@ -414,6 +420,8 @@ class Relay:
         (or hold it behind the device's stanzas that wait for one); False: serve it here as usual.
         Raises ``RouteError``/``StanzaError`` like the handlers, for the dispatcher to answer."""
         kind = stanza["t"]
+        if self._resend_first and kind in ("msg", "rcpt"):
+            self._refuse_before_resend(session, stanza, now)
         if kind == "iq":
             op = stanza.get("op")
             if type(op) is str and op in BLOB_OPS:
@@ -485,6 +493,27 @@ class Relay:
         else:
             self._send(node, session, relayed, FORWARD, now)
         return True
+
+    def _refuse_before_resend(self, session, stanza: dict, now: float) -> None:
+        """``RouteError`` ``overloaded`` for a stored stanza sent while an earlier one of its device
+        and kind (1:1, or to that group), refused at a timeout, has not been sent again: stored
+        now, it could land ahead of that resend. The resend itself (same type and id) goes, and
+        lets the rest follow it (docs/protocol.md §6)."""
+        g = stanza.get("g")
+        if g is not None and type(g) is not bytes:
+            return  # malformed: its handler refuses it
+        key = (session.session_key, g)
+        first = self._resend_first.get(key)
+        if first is None:
+            return
+        (wanted_kind, wanted_id), until = first
+        if until <= now or (stanza["t"] == wanted_kind and type(stanza.get("id")) is type(wanted_id)
+                            and stanza["id"] == wanted_id):
+            del self._resend_first[key]
+            return
+        self.counters["refused_before_resend"] += 1
+        raise RouteError(f"an earlier {wanted_kind} of this device got no answer in time; resend it (same id) "
+                         f"first, then this", code="overloaded", retry_after=RETRY_AFTER_MS)
 
     def _take_blob_read(self, session, stanza: dict, now: float) -> bool:
         """A ``blob.read`` of a blob living on another node (its id's home): asked there, rebuilt
@@ -911,6 +940,13 @@ class Relay:
                     "t": "err", "code": "overloaded", "retry_after": RETRY_AFTER_MS, **reference(pending.stanza),
                     "msg": f"node {pending.node} did not answer in time; try again in {RETRY_AFTER_MS} ms",
                 }
+                if pending.stream is not None:
+                    # A stored stanza: the device's later ones of its kind wait for its resend (the
+                    # earliest refused one is the one to resend first).
+                    key = (pending.session.session_key, pending.stanza.get("g"))
+                    first = self._resend_first.get(key)
+                    if first is None or first[1] <= now:
+                        self._resend_first[key] = ((pending.stanza["t"], pending.stanza.get("id")), now + RESEND_FIRST_S)
                 if pending.stanza["t"] in ("msg", "rcpt") or pending.stanza.get("op") in GROUP_CHANGES:
                     timeout_refusal["unconfirmed"] = True
                     timeout_refusal["msg"] = (f"node {pending.node} did not answer in time; nothing was acknowledged, "
@@ -924,6 +960,9 @@ class Relay:
             if pending.stream is not None:
                 self._stream_answered(pending, now, timed_out=True)
         self.counters["timeouts"] += expired
+        if self._resend_first:
+            for key in [key for key, (_, until) in self._resend_first.items() if until <= now]:
+                del self._resend_first[key]
         if everything:  # closing: what the outbox holds is sent after the next start
             self._pump_asked = False
         elif self._pump_asked or self.outbox.has_work:

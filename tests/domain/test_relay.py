@@ -486,10 +486,11 @@ def test_a_devices_stored_stanzas_to_one_node_go_one_at_a_time_and_a_lost_one_st
     assert a.relay.take_output() == ({}, {}) and not a.relay._streams
 
 
-def test_a_timed_out_stanza_refuses_the_own_copies_queued_behind_it_not_later_ones(nodes):
+def test_a_timed_out_stanza_refuses_the_own_copies_queued_behind_it_and_later_ones_until_resent(nodes):
     a, b = nodes
     alice1, alice2 = a.open(A1, 1), a.open(A1, 2)
     a.open(A2)
+    b.open(B1)
     lost, behind = msg(B1, own={2: b"own 1"}), msg(A2, own={2: b"own 2"})
     a.domain.dispatch(alice1, lost, NOW)
     a.domain.dispatch(alice1, behind, NOW)
@@ -497,10 +498,64 @@ def test_a_timed_out_stanza_refuses_the_own_copies_queued_behind_it_not_later_on
     a.relay.expire(NOW + 10)
     assert [(r["code"], r["ref"]) for r in alice1.take()] == [("overloaded", lost["id"]), ("overloaded", behind["id"])]
     assert not a.domain.router.has_batch and not a.relay._chains
-    after = msg(A2, own={2: b"own 3"})  # sent after the refusals: served as usual
+    # Sent after the timeout, before the device resent the lost one: its own copies would reach
+    # alice's other device ahead of the lost one's, so it is refused (nothing stored).
+    after = msg(A2, own={2: b"own 3"})
     a.domain.dispatch(alice1, after, NOW + 10)
+    [refused] = alice1.take()
+    assert (refused["code"], refused["ref"], refused["retry_after"]) == ("overloaded", after["id"], RETRY_AFTER_MS)
+    assert "unconfirmed" not in refused and not a.domain.router.has_batch
+    a.domain.dispatch(alice1, lost, NOW + 11)  # the resend goes, and the rest may follow it
+    a.domain.dispatch(alice1, after, NOW + 11)
+    [relayed] = carry(a, b)
+    assert relayed[5]["id"] == lost["id"]
+    b.commit()
+    answer(a, b)
     a.commit()
-    assert [r["id"] for r in alice1.take()] == [after["id"]] and [d["c"] for d in alice2.take()] == [b"own 3"]
+    assert [r["id"] for r in alice1.take()] == [lost["id"], after["id"]]
+    assert [d["c"] for d in alice2.take()] == [b"own 1", b"own 3"]  # alice's other device: her order
+
+
+def test_a_timed_out_stanza_holds_back_only_its_own_kind_and_not_past_its_resend_window(nodes, monkeypatch):
+    """A group message refused at a timeout holds back that group's later messages, not 1:1
+    ones; a 1:1 one holds back 1:1 stanzas (receipts too) for ``RESEND_FIRST_S`` at most."""
+    from interlink.core.domain.relay import RESEND_FIRST_S
+    import interlink.core.domain.relay as relay_module
+
+    a, b = nodes
+    g = group_homed_on("node-b")
+    monkeypatch.setattr(relay_module, "new_group_id", lambda: g)
+    bob, alice = b.open(B1), a.open(A1)
+    b.domain.dispatch(bob, {"t": "iq", "id": 1, "op": "group.new", "members": [A1]}, NOW)
+    carry(b, a)
+    answer(b, a)
+    b.commit()
+    assert bob.take()[0]["t"] == "res"
+    carry(b, a)
+    a.commit()
+    answer(b, a)
+    b.commit()
+    alice.take()  # the group's creation event
+    lost_group = group_msg(g, b"lost")
+    a.domain.dispatch(alice, lost_group, NOW)
+    a.relay.take_output()
+    a.relay.expire(NOW + 10)
+    assert [(r["code"], r.get("unconfirmed")) for r in alice.take()] == [("overloaded", True)]
+    one_to_one = msg(B1)
+    a.domain.dispatch(alice, one_to_one, NOW + 10)  # another kind: relayed as usual
+    later_group = group_msg(g, b"later")
+    a.domain.dispatch(alice, later_group, NOW + 10)  # the same group: refused until the resend
+    assert [(r["code"], r["ref"]) for r in alice.take()] == [("overloaded", later_group["id"])]
+    [relayed] = carry(a, b)
+    assert relayed[5]["id"] == one_to_one["id"]
+    a.relay.expire(NOW + 20)  # node-b never answers: the 1:1 message holds back 1:1 stanzas now
+    assert [r["ref"] for r in alice.take()] == [one_to_one["id"]]
+    receipt = {"t": "rcpt", "id": os.urandom(16), "to": B1, "kind": "read", "ids": [os.urandom(16)]}
+    a.domain.dispatch(alice, receipt, NOW + 20)
+    assert [(r["code"], r["ref"]) for r in alice.take()] == [("overloaded", receipt["id"])]
+    a.domain.dispatch(alice, receipt, NOW + 20 + RESEND_FIRST_S)  # the window is over: it goes
+    assert alice.take() == [] and [r[5]["id"] for r in carry(a, b)] == [receipt["id"]]
+    assert a.relay.counters["refused_before_resend"] == 2
 
 
 
