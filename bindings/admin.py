@@ -132,6 +132,9 @@ class GatewayCollector:
             relay = cluster["relay"]
             for key, name, documentation in _CLUSTER_COUNTERS:
                 yield _counter(name, documentation, relay.get(key, 0))
+            link = cluster.get("link", {})
+            for key, name, documentation in _LINK_COUNTERS:
+                yield _counter(name, documentation, link.get(key, 0))
             yield _gauge("interlink_cluster_waiting", "Stanzas relayed to other nodes and not yet answered.",
                          cluster["waiting"])
             yield _gauge("interlink_cluster_connected", "1 while this node is connected to NATS.",
@@ -179,6 +182,26 @@ _CLUSTER_COUNTERS = (
     ("outbox_stored", "interlink_cluster_outbox_stored", "Group fan-out entries their member node confirmed stored."),
     ("outbox_refused", "interlink_cluster_outbox_refused",
      "Group fan-out entries a member node refused for good (the sender's provider suspended there)."),
+)
+
+# The NATS side (core/edge/clusterlink.py): what leaves and arrives, and what another node or
+# NATS got wrong (all but the first three should stay 0).
+_LINK_COUNTERS = (
+    ("batches_out", "interlink_cluster_link_relay_messages_out", "NATS messages of relayed stanzas sent to other nodes."),
+    ("answer_batches_out", "interlink_cluster_link_answer_messages_out",
+     "NATS messages of answers sent to other nodes (for the stanzas they relayed here)."),
+    ("batches_in", "interlink_cluster_link_relay_messages_in", "NATS messages of relayed stanzas received from other nodes."),
+    ("malformed_batches", "interlink_cluster_link_malformed_messages",
+     "NATS messages from another node that could not be read (dropped: their senders time out)."),
+    ("mismatched_batches", "interlink_cluster_link_mismatched_messages",
+     "Relayed batches from a node running another node list (every stanza refused internal)."),
+    ("malformed_answers", "interlink_cluster_link_malformed_answers", "Answer entries that were not [seq, bytes or nil]."),
+    ("unknown_origin", "interlink_cluster_link_unknown_origin",
+     "NATS messages on this node's subjects naming no other node of the list."),
+    ("unpackable", "interlink_cluster_link_unpackable", "Relayed entries this node could not pack (its bug; dropped)."),
+    ("publish_failures", "interlink_cluster_link_publish_failures",
+     "Publishes NATS refused (disconnected with a full buffer: their senders time out)."),
+    ("disconnects", "interlink_cluster_link_disconnects", "Times this node lost its NATS connection."),
 )
 
 _JWKS_COUNTERS = (

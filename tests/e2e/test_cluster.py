@@ -405,6 +405,10 @@ async def test_metrics_count_relayed_stanzas_round_trips_and_redirects(cluster):
     assert metrics["interlink_cluster_relayed_total"] == 3 and metrics["interlink_cluster_answered_total"] == 3
     assert metrics["interlink_cluster_relay_seconds_count"] == 3 and metrics["interlink_cluster_connected"] == 1
     assert metrics["interlink_cluster_timeouts_total"] == 0 and metrics["interlink_redirects_total"] == 1
+    # The link's own: one NATS message per message sent one at a time (its answer came back in one too).
+    assert metrics["interlink_cluster_link_relay_messages_out_total"] == 3
+    assert metrics["interlink_cluster_link_publish_failures_total"] == 0
+    assert metrics["interlink_cluster_link_malformed_messages_total"] == 0
     for client in (alice1, bob1):
         await client.close()
 
