@@ -158,7 +158,12 @@ class Groups:
             g = stanza.get("g") if session.relayed else None
             if type(g) is not bytes or len(g) != GROUP_ID_BYTES or self.relay.home_of(g) is not None:
                 raise RouteError("group.new reached the handler without a group id of this node", code="internal")
-            if self.record(g) is not None:
+            existing = self.record(g)
+            if existing is not None:
+                if existing.members[:1] == (creator,) and creator in existing.admins:
+                    # The creator's resend of a group.new whose answer its node never got (it keeps
+                    # the id it drew for that): answered as the first was, nothing made twice.
+                    return self._unchanged(session, now, stanza["id"], g, existing, {"g": g})
                 raise RouteError("group.new: the cluster chose a group id that is taken; try again", code="overloaded")
         record = GroupRecord(1, (creator, *others), (creator,), meta)
         self._change(session, now, stanza["id"], g, 0, record, "created", list(record.members), (), {"g": g})
@@ -458,14 +463,16 @@ class Groups:
         if not self.store.devices(member):
             raise RouteError(f"no user {member} is known to this gateway", code="unknown_recipient", user=member)
 
-    def _unchanged(self, session: Session, now: float, iq_id: int, g: bytes, record: GroupRecord):
+    def _unchanged(self, session: Session, now: float, iq_id: int, g: bytes, record: GroupRecord,
+                   result: dict | None = None):
         """A request that changes nothing: its answer still waits for any change of the group that
         is being committed (so it never reports an uncommitted state)."""
         if g in self._dirty:
-            message = self.router.enqueue_control(session, {"t": "res", "id": iq_id, "ver": record.ver}, now)
+            message = self.router.enqueue_control(session, {"t": "res", "id": iq_id, "ver": record.ver, **(result or {})},
+                                                  now)
             self._guard(message, g, record)
             return DEFERRED
-        return {"ver": record.ver}
+        return {"ver": record.ver, **(result or {})}
 
     def _change(
         self, session: Session, now: float, iq_id: int, g: bytes, prior_ver: int, record: GroupRecord | None,

@@ -77,6 +77,10 @@ RETRY_AFTER_MS = 1000  # what a sender is told to wait after a node did not answ
 # How long a device's later stored stanzas are refused while one refused at a timeout is not sent
 # again (a client that gave it up is not held back longer): retry_after and a reconnect, with room.
 RESEND_FIRST_S = 10.0
+# How long the id drawn for a group.new that timed out is kept for its resend (same iq id, same
+# members and meta): the group may exist at its home already, and a new id would make a second one.
+GROUP_NEW_RESEND_S = 600.0
+MAX_DRAWN_GROUPS = 4096  # such ids kept at once (oldest dropped first)
 INNER_SHARE = 0.4  # of the timeout, for a group home's member checks (they must fit the sender's deadline)
 ENTRY_MEMBERS_BYTES = 24 * 1024  # addresses per group fan-out entry (see _parts)
 MAX_WAITING_PER_DEVICE = 1024  # a device's stanzas waiting for other nodes at once (rate_limited past it)
@@ -368,6 +372,8 @@ class Relay:
         # (session key, group id or None for 1:1) -> ((t, id) of a stored stanza refused at a timeout,
         # until when): the device's later stored stanzas of that kind are refused until it is sent again
         self._resend_first: dict[tuple, tuple[tuple, float]] = {}
+        # (session key, iq id) -> (g, the request's fields packed, until): group.new ids that timed out
+        self._drawn_groups: dict[tuple, tuple[bytes, bytes, float]] = {}
         # Answers are matched by (node, seq): each run numbers from a random point, so an answer
         # meant for this node's previous run (it restarted meanwhile) never matches a new stanza.
         self._seq = int.from_bytes(os.urandom(7), "big")
@@ -560,7 +566,7 @@ class Relay:
             return False  # a receipt has no group: the local handler answers what is wrong with it
         fields = self.groups.request_fields(stanza)
         if fields.get("op") == "group.new":
-            fields["g"] = new_group_id()
+            fields["g"] = self._new_group_id(session, fields, now)
         node = self.home_of(fields["g"])
         if node is None:
             if fields.get("op") in ("group.new", "group.add"):
@@ -571,6 +577,26 @@ class Relay:
         self._admit(session, now)
         self._send(node, session, fields, FORWARD, now)
         return True
+
+    def _new_group_id(self, session, fields: dict, now: float) -> bytes:
+        """A new group's id; for the resend of a ``group.new`` that timed out here (the same iq id,
+        members and meta), the id drawn for it then — its home may have created the group, and
+        answers the creator's resend for it as for the first (``Groups.group_new``)."""
+        drawn = self._drawn_groups.get((session.session_key, fields["id"])) if self._drawn_groups else None
+        if drawn is not None and drawn[2] > now and drawn[1] == msgpack.packb(fields):
+            return drawn[0]
+        return new_group_id()
+
+    def _remember_group_id(self, pending: Pending, now: float) -> None:
+        """``pending``, a ``group.new`` relayed to the group's home, got no answer in time: keep its
+        id for the resend."""
+        request = {key: value for key, value in pending.stanza.items() if key != "g"}
+        drawn = self._drawn_groups
+        drawn.pop((pending.session.session_key, request["id"]), None)  # re-inserted: the newest
+        if len(drawn) >= MAX_DRAWN_GROUPS:
+            del drawn[next(iter(drawn))]
+        drawn[(pending.session.session_key, request["id"])] = (
+            pending.stanza["g"], msgpack.packb(request), now + GROUP_NEW_RESEND_S)
 
     def _precheck(self, session, stanza: dict, now: float) -> None:
         """``group.new``/``group.add`` at the group's home: the members who live on other nodes are
@@ -947,6 +973,8 @@ class Relay:
                     first = self._resend_first.get(key)
                     if first is None or first[1] <= now:
                         self._resend_first[key] = ((pending.stanza["t"], pending.stanza.get("id")), now + RESEND_FIRST_S)
+                if pending.kind == FORWARD and pending.stanza.get("op") == "group.new":
+                    self._remember_group_id(pending, now)
                 if pending.stanza["t"] in ("msg", "rcpt") or pending.stanza.get("op") in GROUP_CHANGES:
                     timeout_refusal["unconfirmed"] = True
                     timeout_refusal["msg"] = (f"node {pending.node} did not answer in time; nothing was acknowledged, "
@@ -963,6 +991,9 @@ class Relay:
         if self._resend_first:
             for key in [key for key, (_, until) in self._resend_first.items() if until <= now]:
                 del self._resend_first[key]
+        if self._drawn_groups:
+            for key in [key for key, (_, _, until) in self._drawn_groups.items() if until <= now]:
+                del self._drawn_groups[key]
         if everything:  # closing: what the outbox holds is sent after the next start
             self._pump_asked = False
         elif self._pump_asked or self.outbox.has_work:

@@ -822,3 +822,46 @@ def test_a_window_cut_in_two_whose_first_commit_failed_is_stored_in_order(nodes,
     a.commit()
     assert [d["c"] for d in bob.take()] == bodies
     assert a.relay.outbox.backlog == 0 and a.store.outbox_entries("node-b") == []
+
+
+def test_a_resent_group_new_after_a_timeout_gets_the_group_made_the_first_time(nodes, monkeypatch):
+    """The group's home made the group but its answer came too late: alice was told
+    ``unconfirmed``. Her resend (same iq id, same request) carries the id drawn the first time and
+    is answered for that group — not made twice. A different request under the same iq id gets a
+    new group."""
+    import interlink.core.domain.relay as relay_module
+
+    a, b = nodes
+    first_g, other_g = group_homed_on("node-b"), group_homed_on("node-b")
+    drawn = iter([first_g, other_g])
+    monkeypatch.setattr(relay_module, "new_group_id", lambda: next(drawn))
+    alice, bob = a.open(A1), b.open(B1)
+    request = {"t": "iq", "id": 7, "op": "group.new", "members": [B1]}
+    a.domain.dispatch(alice, request, NOW)
+    carry(a, b)
+    b.commit()  # made at node-b ...
+    a.relay.expire(NOW + 10)  # ... but its answer is not back in time
+    [timed_out] = alice.take()
+    assert (timed_out["code"], timed_out["unconfirmed"]) == ("overloaded", True)
+    answer(a, b)  # too late: dropped
+    assert alice.take() == [] and a.relay.counters["late_answers"] == 1
+    a.domain.dispatch(alice, dict(request), NOW + 11)
+    [resent] = carry(a, b)
+    assert resent[5]["g"] == first_g
+    b.commit()
+    answer(a, b)
+    assert alice.take() == [{"t": "res", "id": 7, "ver": 1, "g": first_g}]
+    assert b.store.group(first_g).members == (A1, B1) and b.store.group(other_g) is None
+    assert [d["event"] for d in bob.take() if d.get("k") == "group"] == ["created"]  # one creation event
+    a.domain.dispatch(alice, {**request, "members": []}, NOW + 12)  # not the same request
+    [another] = carry(a, b)
+    assert another[5]["g"] == other_g
+    # Another user's request that drew that id (made up here): refused, never answered with alice's group.
+    monkeypatch.setattr(relay_module, "new_group_id", lambda: first_g)
+    carol = a.open(A2)
+    a.domain.dispatch(carol, {"t": "iq", "id": 1, "op": "group.new", "members": []}, NOW + 13)
+    carry(a, b)
+    b.commit()
+    answer(a, b)
+    [refused] = carol.take()
+    assert refused["code"] == "overloaded" and "taken" in refused["msg"] and "g" not in refused
