@@ -457,7 +457,7 @@ class ClusterCrashTest(crash.CrashTest):
                             was_refused = True
                             refused_now[stream] += 1
                         to_resend[stream].add(message.counter)
-                        self.track(message, "overloaded")
+                        self.track(message, f"overloaded ({str(exc)[:60]})")
                         await asyncio.sleep(retry_after_s(exc))
                         # After every refused message of its stream the device sent before it.
                         while not client.closed and min(to_resend[stream]) < message.counter:

@@ -369,9 +369,9 @@ class Relay:
         self._blob_bytes_waiting: dict[tuple, int] = {}  # session key -> bytes its blob.reads asked other nodes for
         self.blob_chunk_bytes = 0  # the largest blob.read this node's clients may ask (set with blobs)
         self._streams: dict[tuple, deque] = {}  # (session key, node, group or not) -> stored stanzas: in flight, then held
-        # (session key, group id or None for 1:1) -> ((t, id) of a stored stanza refused at a timeout,
-        # until when): the device's later stored stanzas of that kind are refused until it is sent again
-        self._resend_first: dict[tuple, tuple[tuple, float]] = {}
+        # (session key, group id or None for 1:1) -> [{(t, id) of its stored stanzas refused for a
+        # timeout, not yet sent again}, until when]: its other stored stanzas of that kind are refused
+        self._resend_first: dict[tuple, list] = {}
         # (session key, iq id) -> (g, the request's fields packed, until): group.new ids that timed out
         self._drawn_groups: dict[tuple, tuple[bytes, bytes, float]] = {}
         # Answers are matched by (node, seq): each run numbers from a random point, so an answer
@@ -501,25 +501,55 @@ class Relay:
         return True
 
     def _refuse_before_resend(self, session, stanza: dict, now: float) -> None:
-        """``RouteError`` ``overloaded`` for a stored stanza sent while an earlier one of its device
-        and kind (1:1, or to that group), refused at a timeout, has not been sent again: stored
-        now, it could land ahead of that resend. The resend itself (same type and id) goes, and
-        lets the rest follow it (docs/protocol.md §6)."""
+        """While stored stanzas of this device and kind (1:1, or to one group) refused for a
+        timeout are not all sent again, refuse (``overloaded``) any other: stored now, it could
+        land ahead of their resends. A resend (same type and id) goes; one refused here joins
+        those awaited, so a client resending every refusal in its order gets through in that order
+        (docs/protocol.md §6)."""
         g = stanza.get("g")
         if g is not None and type(g) is not bytes:
             return  # malformed: its handler refuses it
         key = (session.session_key, g)
-        first = self._resend_first.get(key)
-        if first is None:
+        awaited = self._resend_first.get(key)
+        if awaited is None:
             return
-        (wanted_kind, wanted_id), until = first
-        if until <= now or (stanza["t"] == wanted_kind and type(stanza.get("id")) is type(wanted_id)
-                            and stanza["id"] == wanted_id):
+        refs, until = awaited
+        ref = (stanza["t"], stanza.get("id"))
+        if until <= now:
             del self._resend_first[key]
             return
+        if type(ref[1]) not in (bytes, int):
+            return  # malformed: its handler refuses it
+        if ref in refs:
+            refs.discard(ref)
+            if not refs:
+                del self._resend_first[key]
+            return
         self.counters["refused_before_resend"] += 1
-        raise RouteError(f"an earlier {wanted_kind} of this device got no answer in time; resend it (same id) "
-                         f"first, then this", code="overloaded", retry_after=RETRY_AFTER_MS)
+        if len(refs) < MAX_WAITING_PER_DEVICE:
+            refs.add(ref)
+            awaited[1] = now + RESEND_FIRST_S
+        raise RouteError("an earlier stanza of this device got no answer in time; resend the refused ones in your "
+                         "order, then this", code="overloaded", retry_after=RETRY_AFTER_MS)
+
+    def _await_resend(self, pending: Pending, now: float) -> None:
+        """``pending``, a stored stanza of this node's session, is refused for a timeout (its own, or
+        one before it): until it is sent again, the device's other stored stanzas of its kind are
+        refused (``_refuse_before_resend``). Not for a session that is gone: its client resends
+        everything unacked on its next one anyway."""
+        session = pending.session
+        if self.router.sessions.get(session.session_key) is not session:
+            return
+        ref = (pending.stanza["t"], pending.stanza.get("id"))
+        if type(ref[1]) not in (bytes, int):
+            return
+        key = (session.session_key, pending.stanza.get("g"))
+        awaited = self._resend_first.get(key)
+        if awaited is None or awaited[1] <= now:
+            self._resend_first[key] = [{ref}, now + RESEND_FIRST_S]
+        elif len(awaited[0]) < MAX_WAITING_PER_DEVICE:
+            awaited[0].add(ref)
+            awaited[1] = now + RESEND_FIRST_S
 
     def _take_blob_read(self, session, stanza: dict, now: float) -> bool:
         """A ``blob.read`` of a blob living on another node (its id's home): asked there, rebuilt
@@ -862,6 +892,7 @@ class Relay:
         del self._streams[pending.stream]
         for held in stream:
             self._done_waiting(held)
+            self._await_resend(held, now)
             refused = {"t": "err", "code": "overloaded", "retry_after": RETRY_AFTER_MS, **reference(held.stanza),
                        "msg": f"an earlier message to node {held.node} got no answer; nothing was stored, resend this after it"}
             self._settle(held, encode_stanza(refused), refused, now)
@@ -967,12 +998,7 @@ class Relay:
                     "msg": f"node {pending.node} did not answer in time; try again in {RETRY_AFTER_MS} ms",
                 }
                 if pending.stream is not None:
-                    # A stored stanza: the device's later ones of its kind wait for its resend (the
-                    # earliest refused one is the one to resend first).
-                    key = (pending.session.session_key, pending.stanza.get("g"))
-                    first = self._resend_first.get(key)
-                    if first is None or first[1] <= now:
-                        self._resend_first[key] = ((pending.stanza["t"], pending.stanza.get("id")), now + RESEND_FIRST_S)
+                    self._await_resend(pending, now)
                 if pending.kind == FORWARD and pending.stanza.get("op") == "group.new":
                     self._remember_group_id(pending, now)
                 if pending.stanza["t"] in ("msg", "rcpt") or pending.stanza.get("op") in GROUP_CHANGES:
@@ -1026,6 +1052,7 @@ class Relay:
             head = chain.popleft()
             if head.poisoned:
                 self.counters["held_back"] += 1
+                self._await_resend(head, now)
                 self.router.push_encoded(head.session, encode_stanza({
                     "t": "err", "code": "overloaded", "retry_after": RETRY_AFTER_MS, **reference(head.stanza),
                     **({"unconfirmed": True} if head.kind == OWN and head.record is None else {}),  # it left
