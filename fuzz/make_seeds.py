@@ -693,6 +693,11 @@ def relay_serve_seeds() -> dict:
         "regression-F7-two-stanzas-forwarded": answers([0], [(15, 0, 10, 0)]),
         "regression-F7-nil-to-msg": answers([0], [(15, 0, 0, 0)]),
     })
+    # F8 (found by this harness on 04bfe1b): node-a refused a relayed typing state with an err naming
+    # an id (True), which was passed on to the client as the answer to a stanza it never sent.
+    found = Recorder(bytes.fromhex("0f00a6a6a6a6a6a6a62aa6a62fa6a6a6a6a6a6a6a601030b0f02"))
+    relay.read_plan(found)
+    seeds["regression-F8-typing-refusal-naming-an-id"] = Seed.of(b"".join(found.taken), found.ints)
     for index in range(12):  # structure-aware batches from node-a, then answers-mode inputs
         for mode in (relay.STRUCTURED, relay.ANSWERS):
             draw = RelayDraw(1000 * mode + index, forced=(mode, node_a))

@@ -966,7 +966,12 @@ class Relay:
                                       and len(decoded["msg"]) <= MAX_ERR_MSG_CHARS)):
                 wanted = reference(pending.stanza)
                 got = decoded.get("ref", decoded.get("id"))
-                if not wanted or (type(got) is type(want := next(iter(wanted.values()))) and got == want):
+                if not wanted:
+                    # Typing state has no id, so its refusal, passed on to the client, names none (it
+                    # would name another stanza); an outbox entry's answer is read here only.
+                    if asked != "state" or ("ref" not in decoded and "id" not in decoded):
+                        return answer, decoded
+                elif type(got) is type(want := next(iter(wanted.values()))) and got == want:
                     return answer, decoded
             problem = "something that is not its answer"
         self.counters["bad_answers"] += 1

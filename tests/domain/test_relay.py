@@ -865,3 +865,20 @@ def test_a_resent_group_new_after_a_timeout_gets_the_group_made_the_first_time(n
     answer(a, b)
     [refused] = carol.take()
     assert refused["code"] == "overloaded" and "taken" in refused["msg"] and "g" not in refused
+
+
+def test_a_typing_states_refusal_naming_a_stanza_is_no_answer(nodes):
+    """Typing state has no id: a refusal of it from another node names none, or the client would
+    take it for the answer to a stanza of its own (found by fuzz/fuzz_relay_serve.py, F8)."""
+    a, _ = nodes
+    alice = a.open(A1)
+    for _ in range(2):
+        a.domain.dispatch(alice, {"t": "state", "to": B1, "s": "composing"}, NOW)
+    outgoing, _ = a.relay.take_output()
+    named, plain = outgoing["node-b"]
+    refusal = {"t": "err", "code": "not_opted_in", "msg": "no", "user": B1}
+    a.relay.answered("node-b", named[0], msgpack.packb({**refusal, "id": 1}), NOW)
+    a.relay.answered("node-b", plain[0], msgpack.packb(refusal), NOW)
+    replaced, passed_on = alice.take()
+    assert (replaced["code"], "id" in replaced, "ref" in replaced) == ("internal", False, False)
+    assert passed_on == refusal and a.relay.counters["bad_answers"] == 1
