@@ -31,6 +31,7 @@ batch another node relayed, ``expire`` on a timer.
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import logging
 import math
@@ -80,7 +81,8 @@ RESEND_FIRST_S = 10.0
 # How long the id drawn for a group.new that timed out is kept for its resend (same iq id, same
 # members and meta): the group may exist at its home already, and a new id would make a second one.
 GROUP_NEW_RESEND_S = 600.0
-MAX_DRAWN_GROUPS = 4096  # such ids kept at once (oldest dropped first)
+MAX_DRAWN_GROUPS = 65536  # such ids kept at once (oldest dropped first)
+MAX_DRAWN_GROUPS_PER_DEVICE = 8  # ... and per device: one device cannot push out the others'
 INNER_SHARE = 0.4  # of the timeout, for a group home's member checks (they must fit the sender's deadline)
 ENTRY_MEMBERS_BYTES = 24 * 1024  # addresses per group fan-out entry (see _parts)
 MAX_WAITING_PER_DEVICE = 1024  # a device's stanzas waiting for other nodes at once (rate_limited past it)
@@ -93,6 +95,11 @@ FORWARD, OWN, DEFERRED, GATHER = 0, 1, 2, 3  # what a pending entry waits for (s
 
 
 BLOB_OPS = frozenset({"blob.read"})  # served at the node the blob id hashes to (its uploader's)
+
+
+def _request_digest(fields: dict) -> bytes:
+    """A group request's fields, as a short digest (what a resend must repeat)."""
+    return hashlib.blake2b(msgpack.packb(fields), digest_size=16).digest()
 
 
 def new_group_id() -> bytes:
@@ -372,8 +379,9 @@ class Relay:
         # (session key, group id or None for 1:1) -> [{(t, id) of its stored stanzas refused for a
         # timeout, not yet sent again}, until when]: its other stored stanzas of that kind are refused
         self._resend_first: dict[tuple, list] = {}
-        # (session key, iq id) -> (g, the request's fields packed, until): group.new ids that timed out
+        # (session key, iq id) -> (g, the request's digest, until): group.new ids that timed out
         self._drawn_groups: dict[tuple, tuple[bytes, bytes, float]] = {}
+        self._drawn_per_device: dict[tuple, int] = {}  # session key -> its entries in _drawn_groups
         # Answers are matched by (node, seq): each run numbers from a random point, so an answer
         # meant for this node's previous run (it restarted meanwhile) never matches a new stanza.
         self._seq = int.from_bytes(os.urandom(7), "big")
@@ -425,9 +433,16 @@ class Relay:
         """Relay ``stanza`` of this node's ``session`` if its effect lies with another node's user
         (or hold it behind the device's stanzas that wait for one); False: serve it here as usual.
         Raises ``RouteError``/``StanzaError`` like the handlers, for the dispatcher to answer."""
+        if self._resend_first and stanza["t"] in ("msg", "rcpt"):
+            resent = self._refuse_before_resend(session, stanza, now)
+            taken = self._take(session, stanza, now)
+            if resent is not None:  # taken without an error: no longer awaited
+                self._resent(*resent)
+            return taken
+        return self._take(session, stanza, now)
+
+    def _take(self, session, stanza: dict, now: float) -> bool:
         kind = stanza["t"]
-        if self._resend_first and kind in ("msg", "rcpt"):
-            self._refuse_before_resend(session, stanza, now)
         if kind == "iq":
             op = stanza.get("op")
             if type(op) is str and op in BLOB_OPS:
@@ -475,7 +490,10 @@ class Relay:
                 stanza_id(stanza, "msg")
             else:
                 router.rcpt_parts(session, stanza)
-            self._chain(Pending(session, stanza, DEFERRED, None, now))
+            deferred = Pending(session, stanza, DEFERRED, None, now)
+            self._seq += 1
+            deferred.seq = self._seq  # its place in the device's order (it waits for no answer)
+            self._chain(deferred)
             return True
         self._admit(session, now)
         if kind == "state":
@@ -500,56 +518,73 @@ class Relay:
             self._send(node, session, relayed, FORWARD, now)
         return True
 
-    def _refuse_before_resend(self, session, stanza: dict, now: float) -> None:
-        """While stored stanzas of this device and kind (1:1, or to one group) refused for a
-        timeout are not all sent again, refuse (``overloaded``) any other: stored now, it could
-        land ahead of their resends. A resend (same type and id) goes; one refused here joins
-        those awaited, so a client resending every refusal in its order gets through in that order
-        (docs/protocol.md §6)."""
+    def _resend_key(self, session, stanza: dict, node: str | None) -> tuple | None:
+        """Whose resends ``stanza`` is ordered with: its device's 1:1 stanzas (own copies make them
+        one order wherever their recipients live), or its messages to groups living on ``node``
+        (one stream, as they leave). None: not a stored stanza of a relayed kind, or malformed (its
+        handler refuses it)."""
+        stanza_id_ = stanza.get("id")
+        if type(stanza_id_) is not bytes or len(stanza_id_) != 16:
+            return None
         g = stanza.get("g")
-        if g is not None and type(g) is not bytes:
-            return  # malformed: its handler refuses it
-        key = (session.session_key, g)
-        awaited = self._resend_first.get(key)
+        if g is None:
+            return session.session_key, None
+        if type(g) is not bytes or len(g) != GROUP_ID_BYTES or stanza["t"] != "msg":
+            return None
+        node = node if node is not None else self.home_of(g)
+        return None if node is None else (session.session_key, node)
+
+    def _refuse_before_resend(self, session, stanza: dict, now: float) -> tuple | None:
+        """While stored stanzas of this device, refused for a timeout, are not all sent again,
+        refuse (``overloaded``) any of their kind (``_resend_key``) but the earliest of them: stored
+        now, it could land ahead of those resends. A refused new one joins them, after them. So a
+        client that resends every refused stanza in the order it first sent it gets through in that
+        order (docs/protocol.md §6). Returns (key, ref) of the awaited resend it lets through."""
+        key = self._resend_key(session, stanza, None)
+        awaited = self._resend_first.get(key) if key is not None else None
         if awaited is None:
-            return
+            return None
         refs, until = awaited
-        ref = (stanza["t"], stanza.get("id"))
         if until <= now:
             del self._resend_first[key]
-            return
-        if type(ref[1]) not in (bytes, int):
-            return  # malformed: its handler refuses it
-        if ref in refs:
-            refs.discard(ref)
-            if not refs:
-                del self._resend_first[key]
-            return
+            return None
+        ref = (stanza["t"], stanza["id"])
+        order = refs.get(ref)
+        if order is not None and order == min(refs.values()):
+            return key, ref
+        self.router.charge(session, now)  # a refusal costs the device its rate, as a stored stanza would
         self.counters["refused_before_resend"] += 1
-        if len(refs) < MAX_WAITING_PER_DEVICE:
-            refs.add(ref)
-            awaited[1] = now + RESEND_FIRST_S
-        raise RouteError("an earlier stanza of this device got no answer in time; resend the refused ones in your "
-                         "order, then this", code="overloaded", retry_after=RETRY_AFTER_MS)
+        if order is None and len(refs) < MAX_WAITING_PER_DEVICE:
+            self._seq += 1
+            refs[ref] = self._seq  # after everything awaited: sent after them
+        raise RouteError("an earlier stanza of this device got no answer in time; resend the refused ones in the "
+                         "order you sent them, then this", code="overloaded", retry_after=RETRY_AFTER_MS)
+
+    def _resent(self, key: tuple, ref: tuple) -> None:
+        awaited = self._resend_first.get(key)
+        if awaited is not None:
+            awaited[0].pop(ref, None)
+            if not awaited[0]:
+                del self._resend_first[key]
 
     def _await_resend(self, pending: Pending, now: float) -> None:
-        """``pending``, a stored stanza of this node's session, is refused for a timeout (its own, or
-        one before it): until it is sent again, the device's other stored stanzas of its kind are
-        refused (``_refuse_before_resend``). Not for a session that is gone: its client resends
-        everything unacked on its next one anyway."""
+        """``pending``, a stored stanza of this node's session, is (or will be) refused for a
+        timeout — its own, or one before it in its stream or chain: until it is sent again, the
+        device's other stored stanzas of its kind are refused (``_refuse_before_resend``). Not for
+        a session that is gone: its client resends everything unacked on its next one anyway.
+        Only timeouts set the deadline: a client that gave a stanza up is held 10 s at most."""
         session = pending.session
         if self.router.sessions.get(session.session_key) is not session:
             return
-        ref = (pending.stanza["t"], pending.stanza.get("id"))
-        if type(ref[1]) not in (bytes, int):
+        key = self._resend_key(session, pending.stanza, pending.node)
+        if key is None:
             return
-        key = (session.session_key, pending.stanza.get("g"))
         awaited = self._resend_first.get(key)
         if awaited is None or awaited[1] <= now:
-            self._resend_first[key] = [{ref}, now + RESEND_FIRST_S]
-        elif len(awaited[0]) < MAX_WAITING_PER_DEVICE:
-            awaited[0].add(ref)
-            awaited[1] = now + RESEND_FIRST_S
+            awaited = self._resend_first[key] = [{}, 0.0]
+        if len(awaited[0]) < MAX_WAITING_PER_DEVICE:
+            awaited[0].setdefault((pending.stanza["t"], pending.stanza["id"]), pending.seq)
+        awaited[1] = now + RESEND_FIRST_S
 
     def _take_blob_read(self, session, stanza: dict, now: float) -> bool:
         """A ``blob.read`` of a blob living on another node (its id's home): asked there, rebuilt
@@ -611,22 +646,33 @@ class Relay:
     def _new_group_id(self, session, fields: dict, now: float) -> bytes:
         """A new group's id; for the resend of a ``group.new`` that timed out here (the same iq id,
         members and meta), the id drawn for it then — its home may have created the group, and
-        answers the creator's resend for it as for the first (``Groups.group_new``)."""
+        answers the creator's resend for it (``Groups.group_new``)."""
         drawn = self._drawn_groups.get((session.session_key, fields["id"])) if self._drawn_groups else None
-        if drawn is not None and drawn[2] > now and drawn[1] == msgpack.packb(fields):
+        if drawn is not None and drawn[2] > now and drawn[1] == _request_digest(fields):
             return drawn[0]
         return new_group_id()
 
     def _remember_group_id(self, pending: Pending, now: float) -> None:
         """``pending``, a ``group.new`` relayed to the group's home, got no answer in time: keep its
-        id for the resend."""
-        request = {key: value for key, value in pending.stanza.items() if key != "g"}
-        drawn = self._drawn_groups
-        drawn.pop((pending.session.session_key, request["id"]), None)  # re-inserted: the newest
-        if len(drawn) >= MAX_DRAWN_GROUPS:
-            del drawn[next(iter(drawn))]
-        drawn[(pending.session.session_key, request["id"])] = (
-            pending.stanza["g"], msgpack.packb(request), now + GROUP_NEW_RESEND_S)
+        id for the resend (until it is answered, ``GROUP_NEW_RESEND_S`` at most)."""
+        key = pending.session.session_key
+        entry = (key, pending.stanza["id"])
+        self._forget_group_id(entry)
+        if self._drawn_per_device.get(key, 0) >= MAX_DRAWN_GROUPS_PER_DEVICE:
+            return  # this device's earlier ones are kept; this one's resend draws a new id
+        if len(self._drawn_groups) >= MAX_DRAWN_GROUPS:
+            self._forget_group_id(next(iter(self._drawn_groups)))
+        request = {name: value for name, value in pending.stanza.items() if name != "g"}
+        self._drawn_groups[entry] = (pending.stanza["g"], _request_digest(request), now + GROUP_NEW_RESEND_S)
+        self._drawn_per_device[key] = self._drawn_per_device.get(key, 0) + 1
+
+    def _forget_group_id(self, entry: tuple) -> None:
+        if self._drawn_groups.pop(entry, None) is not None:
+            left = self._drawn_per_device[entry[0]] - 1
+            if left:
+                self._drawn_per_device[entry[0]] = left
+            else:
+                del self._drawn_per_device[entry[0]]
 
     def _precheck(self, session, stanza: dict, now: float) -> None:
         """``group.new``/``group.add`` at the group's home: the members who live on other nodes are
@@ -929,6 +975,10 @@ class Relay:
         self._done_waiting(pending)
         self.counters["answered"] += 1
         answer, decoded = self._checked_answer(pending, answer)
+        if self._drawn_groups and pending.stanza.get("op") == "group.new":
+            drawn = self._drawn_groups.get(entry := (pending.session.session_key, pending.stanza["id"]))
+            if drawn is not None and drawn[0] == pending.stanza.get("g"):
+                self._forget_group_id(entry)  # answered: a later group.new under this iq id is a new one
         if pending.stream is not None:
             self._stream_answered(pending, now, timed_out=False)
         try:
@@ -1023,8 +1073,8 @@ class Relay:
             for key in [key for key, (_, until) in self._resend_first.items() if until <= now]:
                 del self._resend_first[key]
         if self._drawn_groups:
-            for key in [key for key, (_, _, until) in self._drawn_groups.items() if until <= now]:
-                del self._drawn_groups[key]
+            for entry in [entry for entry, (_, _, until) in self._drawn_groups.items() if until <= now]:
+                self._forget_group_id(entry)
         if everything:  # closing: what the outbox holds is sent after the next start
             self._pump_asked = False
         elif self._pump_asked or self.outbox.has_work:
@@ -1053,11 +1103,11 @@ class Relay:
             for later in chain:
                 if later is not pending:
                     later.poisoned = True
+                    self._await_resend(later, now)  # awaited now, though refused only when it settles
         while chain and chain[0].done:
             head = chain.popleft()
             if head.poisoned:
                 self.counters["held_back"] += 1
-                self._await_resend(head, now)
                 self.router.push_encoded(head.session, encode_stanza({
                     "t": "err", "code": "overloaded", "retry_after": RETRY_AFTER_MS, **reference(head.stanza),
                     **({"unconfirmed": True} if head.kind == OWN and head.record is None else {}),  # it left

@@ -505,15 +505,18 @@ def test_a_timed_out_stanza_refuses_the_own_copies_queued_behind_it_and_later_on
     [refused] = alice1.take()
     assert (refused["code"], refused["ref"], refused["retry_after"]) == ("overloaded", after["id"], RETRY_AFTER_MS)
     assert "unconfirmed" not in refused and not a.domain.router.has_batch
-    a.domain.dispatch(alice1, lost, NOW + 11)  # the resend goes, and the rest may follow it
-    a.domain.dispatch(alice1, after, NOW + 11)
+    a.domain.dispatch(alice1, after, NOW + 11)  # resent before the ones refused before it: refused again
+    a.domain.dispatch(alice1, behind, NOW + 11)  # and so is one of those, out of its order
+    assert [(r["code"], r["ref"]) for r in alice1.take()] == [("overloaded", after["id"]), ("overloaded", behind["id"])]
+    for stanza in (lost, behind, after):  # every refused one, in the order first sent: all go
+        a.domain.dispatch(alice1, stanza, NOW + 12)
     [relayed] = carry(a, b)
-    assert relayed[5]["id"] == lost["id"]
+    assert relayed[5]["id"] == lost["id"] and not a.relay._resend_first
     b.commit()
     answer(a, b)
     a.commit()
-    assert [r["id"] for r in alice1.take()] == [lost["id"], after["id"]]
-    assert [d["c"] for d in alice2.take()] == [b"own 1", b"own 3"]  # alice's other device: her order
+    assert [r["id"] for r in alice1.take()] == [lost["id"], behind["id"], after["id"]]
+    assert [d["c"] for d in alice2.take()] == [b"own 1", b"own 2", b"own 3"]  # alice's other device: her order
 
 
 def test_a_timed_out_stanza_holds_back_only_its_own_kind_and_not_past_its_resend_window(nodes, monkeypatch):
@@ -882,3 +885,49 @@ def test_a_typing_states_refusal_naming_a_stanza_is_no_answer(nodes):
     replaced, passed_on = alice.take()
     assert (replaced["code"], "id" in replaced, "ref" in replaced) == ("internal", False, False)
     assert passed_on == refusal and a.relay.counters["bad_answers"] == 1
+
+
+def test_what_waits_for_resends_is_bounded_per_device(nodes):
+    """A stanza with a malformed id is refused as malformed, never recorded; a device's messages to
+    made-up groups living on one node are one key (the node's stream), however many groups."""
+    a, b = nodes
+    alice = a.open(A1)
+    b.open(B1)
+    for _ in range(50):
+        a.domain.dispatch(alice, group_msg(group_homed_on("node-b"), b"?"), NOW)
+    a.relay.take_output()
+    a.relay.expire(NOW + 10)
+    assert len(alice.take()) == 50 and list(a.relay._resend_first) == [((A1, 1), "node-b")]
+    a.domain.dispatch(alice, msg(B1), NOW + 10)  # 1:1: not held back by the group stream
+    huge = {"t": "msg", "id": os.urandom(60_000), "to": B1, "c": {1: b"x"}}
+    a.domain.dispatch(alice, group_msg(group_homed_on("node-b"), b"later"), NOW + 10)
+    a.domain.dispatch(alice, {**huge, "g": group_homed_on("node-b")}, NOW + 10)
+    codes = [r["code"] for r in alice.take()]
+    assert codes == ["overloaded", "bad_stanza"]
+    [(awaited, _)] = a.relay._resend_first.values()
+    assert len(awaited) == 51 and all(len(ref[1]) == 16 for ref in awaited)
+
+
+def test_a_drawn_group_id_is_forgotten_once_its_resend_is_answered(nodes, monkeypatch):
+    import interlink.core.domain.relay as relay_module
+
+    a, b = nodes
+    first, second = group_homed_on("node-b"), group_homed_on("node-b")
+    draws = iter([first, second])  # the resend draws nothing: it reuses the first
+    monkeypatch.setattr(relay_module, "new_group_id", lambda: next(draws))
+    alice = a.open(A1)
+    b.open(B1)
+    request = {"t": "iq", "id": 1, "op": "group.new", "members": [B1]}
+    a.domain.dispatch(alice, dict(request), NOW)
+    a.relay.take_output()
+    a.relay.expire(NOW + 10)  # never reached node-b
+    alice.take()
+    a.domain.dispatch(alice, dict(request), NOW + 11)  # the resend: the same id
+    [resent] = carry(a, b)
+    assert resent[5]["g"] == first
+    b.commit()
+    answer(a, b)
+    assert alice.take()[0] == {"t": "res", "id": 1, "ver": 1, "g": first} and not a.relay._drawn_groups
+    a.domain.dispatch(alice, dict(request), NOW + 12)  # the same iq id again (a new connection's numbering)
+    [again] = carry(a, b)
+    assert again[5]["g"] == second  # a new group: the first one's resend was answered
