@@ -138,11 +138,13 @@ class LocalNats(ChildServer):
     """A ``nats-server`` child (loopback, a random port, pinned to ``cpu`` like the gateway);
     ``jetstream``: with JetStream, its file store in ``data_dir/jetstream``, and an fsync on every
     write when ``sync_always``. With ``port`` it listens there instead, also when started again
-    after it was stopped or killed (clients reconnect to the same URL)."""
+    after it was stopped or killed (clients reconnect to the same URL). ``extra_config``: more of
+    nats-server's configuration file (TLS, authorization) — the flags still set the address."""
 
     def __init__(self, data_dir: Path, *, cpu: int | None = None, jetstream: bool = False,
-                 sync_always: bool = False, port: int | None = None) -> None:
+                 sync_always: bool = False, port: int | None = None, extra_config: str = "") -> None:
         self.data_dir = Path(data_dir)
+        self.extra_config = extra_config
         self.cpu = cpu
         self.jetstream = jetstream
         self.sync_always = sync_always
@@ -162,11 +164,14 @@ class LocalNats(ChildServer):
 
     def _arguments(self) -> list[str]:
         arguments = ["-a", "127.0.0.1", "-p", str(self.fixed_port) if self.fixed_port else "-1"]
+        text = self.extra_config
         if self.jetstream:
             # sync_interval has no command-line flag: a config file (the flags above override it).
-            config = self.data_dir / "nats-server.conf"
             sync = "\n  sync_interval: always" if self.sync_always else ""
-            config.write_text(f'jetstream {{\n  store_dir: "{self.store_dir}"{sync}\n}}\n', encoding="utf-8")
+            text += f'\njetstream {{\n  store_dir: "{self.store_dir}"{sync}\n}}\n'
+        if text:
+            config = self.data_dir / "nats-server.conf"
+            config.write_text(text, encoding="utf-8")
             arguments += ["-c", str(config)]
         return arguments
 

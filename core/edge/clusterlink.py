@@ -39,6 +39,7 @@ HELLO_TIMEOUT_S = 1.0
 TWIN_WAIT_S = 0.15  # after this node's own hello answer, how long another instance of it gets to answer too
 MIN_MAX_PAYLOAD = 128 * 1024  # NATS must carry one relayed stanza of the largest frame with room to spare
 START_ATTEMPTS = 2  # further tries per NATS server before a start gives up (0.5 s apart)
+CONNECT_TIMEOUT_S = 2.0  # one TCP (and TLS) connection attempt to a NATS server
 EXPIRY_TICK_S = 0.05  # how often relayed stanzas past their deadline are looked for
 # Relay round trips over loopback take ~0.3-1 ms, commit included; a struggling node, seconds.
 RELAY_BUCKETS_S = (0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 2.5)
@@ -95,8 +96,14 @@ class ClusterLink:
         options.update(allow_reconnect=True, max_reconnect_attempts=START_ATTEMPTS, reconnect_time_wait=0.5,
                        error_cb=self._nats_error, disconnected_cb=self._disconnected, reconnected_cb=self._reconnected)
         servers = ", ".join(redact(url) for url in config.nats)
+        # nats-py retries some failures without end (a TLS certificate it does not trust): bounded here.
+        give_up_s = (CONNECT_TIMEOUT_S + 0.5) * (START_ATTEMPTS + 1) * len(config.nats) + 1.0
         try:
-            self.nc = await nats.connect(**options)
+            self.nc = await asyncio.wait_for(nats.connect(**options), give_up_s)
+        except (TimeoutError, asyncio.TimeoutError):
+            hint = (" (TLS: is cluster.nats_ca_file the CA that signed the servers' certificates?)"
+                    if any(url.startswith("tls://") for url in config.nats) else "")
+            raise ConfigError(f"cluster.nats: cannot connect to {servers} within {give_up_s:.0f} s{hint}") from None
         except Exception as exc:  # nats-py raises several kinds (no servers, TLS, auth): all mean the same here
             raise ConfigError(f"cluster.nats: cannot connect to {servers}: {type(exc).__name__} {exc}".rstrip()) from None
         # Once in, never give up on NATS: relayed stanzas wait (and time out) while it is away.
@@ -399,7 +406,7 @@ class ClusterLink:
 
 def nats_options(cluster, name: str) -> dict:
     """nats-py connection options for ``cluster`` (credentials, TLS) under the connection name ``name``."""
-    options = dict(servers=list(cluster.nats), name=name, connect_timeout=2)
+    options = dict(servers=list(cluster.nats), name=name, connect_timeout=CONNECT_TIMEOUT_S)
     if cluster.nats_credentials:
         options["user_credentials"] = cluster.nats_credentials
     if cluster.nats_ca_file:
@@ -414,8 +421,9 @@ async def ask_nodes(cluster, timeout_s: float = HELLO_TIMEOUT_S) -> dict[str, di
     from nats.errors import NoRespondersError
 
     try:
-        nc = await nats.connect(**nats_options(cluster, "interlink-cluster-status"), allow_reconnect=False)
-    except Exception as exc:  # nats-py raises several kinds (no servers, TLS, auth)
+        nc = await asyncio.wait_for(nats.connect(**nats_options(cluster, "interlink-cluster-status"), allow_reconnect=False),
+                                    (CONNECT_TIMEOUT_S + 1.0) * len(cluster.nats))
+    except Exception as exc:  # nats-py raises several kinds (no servers, TLS, auth; a timeout: an untrusted certificate)
         raise ConfigError(f"cluster.nats: cannot connect to {', '.join(redact(url) for url in cluster.nats)}: "
                           f"{type(exc).__name__} {exc}".rstrip()) from None
     request = msgpack.packb({"from": "status", "m": cluster.digest})

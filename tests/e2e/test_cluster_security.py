@@ -1,0 +1,166 @@
+"""The cluster's NATS secured as docs/operations.md "Running a cluster" tells operators to run it
+(issue 18): TLS with the operator's own CA, one NATS user per node whose permissions let it
+publish only under its own name, a ``status`` user for ``interlink cluster status``. A real
+nats-server on loopback with exactly that authorization block, three gateway nodes and the
+SDK: a message crosses nodes; a node without the CA, or with a wrong password, does not start;
+a node's credentials cannot speak as another node."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime
+import ipaddress
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from interlink.core.edge.clusterlink import ask_nodes
+from interlink.core.errors import ConfigError
+from interlink.gateway import Gateway
+from interlink.load.nats import LocalNats
+from interlink.testing import until
+
+from e2e.test_cluster import NODES, Cluster, next_dlv
+
+PASSWORDS = {"node-a": "pa55-a", "node-b": "pa55-b", "node-c": "pa55-c", "status": "pa55-status"}
+
+
+def _name(common: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
+
+
+def make_tls(folder) -> tuple[str, str, str]:
+    """A CA and a server certificate it signed for 127.0.0.1: (ca, cert, key) file paths."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key, server_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca = (x509.CertificateBuilder().subject_name(_name("interlink test CA")).issuer_name(_name("interlink test CA"))
+          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+          .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
+                                       key_encipherment=False, data_encipherment=False, key_agreement=False,
+                                       encipher_only=False, decipher_only=False), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    server = (x509.CertificateBuilder().subject_name(_name("nats-1")).issuer_name(ca.subject)
+              .public_key(server_key.public_key()).serial_number(x509.random_serial_number())
+              .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+              .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                                                          x509.DNSName("localhost")]), critical=False)
+              .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+              .sign(ca_key, hashes.SHA256()))
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = folder / "ca.pem", folder / "nats-1.pem", folder / "nats-1.key"
+    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(server.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(server_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                  serialization.NoEncryption()))
+    return tuple(str(path) for path in paths)
+
+
+def secured_config(cert: str, key: str) -> str:
+    """docs/operations.md's nats-1.conf for one server (no cluster routes), plain passwords."""
+    users = "\n".join(
+        f'    {{ user: {node}, password: "{PASSWORDS[node]}", permissions: {{\n'
+        f'        publish: ["interlink.*.relay.{node}", "interlink.*.answers.{node}", "interlink.*.hello", "_INBOX.>"],\n'
+        f'        subscribe: ["interlink.{node}.>", "_INBOX.>"] }} }}'
+        for node in NODES)
+    return (f'tls {{ cert_file: "{cert}", key_file: "{key}" }}\n'
+            "authorization {\n  users: [\n" + users + "\n"
+            f'    {{ user: status, password: "{PASSWORDS["status"]}", permissions: '
+            '{ publish: ["interlink.*.hello"], subscribe: ["_INBOX.>"] } }\n  ]\n}\n')
+
+
+class SecuredCluster(Cluster):
+    """Each node connects as its own NATS user over TLS, trusting ``ca_file``."""
+
+    def __init__(self, issuers, tmp_path, port: int, ca_file: str) -> None:
+        super().__init__(issuers, tmp_path, f"tls://127.0.0.1:{port}")
+        self.nats_port, self.ca_file = port, ca_file
+        self.passwords = dict(PASSWORDS)
+
+    def url(self, user: str) -> str:
+        return f"tls://{user}:{self.passwords[user]}@127.0.0.1:{self.nats_port}"
+
+    def config(self, node: str, **settings):
+        config = super().config(node, **settings)
+        cluster = dataclasses.replace(config.cluster, nats=(self.url(node),), nats_ca_file=self.ca_file)
+        return dataclasses.replace(config, cluster=cluster)
+
+
+@pytest.fixture
+async def secured(issuers, tmp_path):
+    ca, cert, key = make_tls(tmp_path / "tls")
+    server = LocalNats(tmp_path / "nats", extra_config=secured_config(cert, key))
+    await server.start()
+    cluster = SecuredCluster(issuers, tmp_path, server.port, ca)
+    yield cluster, server
+    for node in list(cluster.gateways):
+        await cluster.stop(node)
+    await server.stop()
+
+
+async def test_nodes_on_tls_with_their_own_users_relay_and_report(secured):
+    cluster, _ = secured
+    for node in NODES:
+        await cluster.start(node)
+    alice = cluster.users("alpha")["node-a"][0]
+    bob = cluster.users("beta")["node-b"][0]
+    alice1, bob1 = await cluster.connect(alice), await cluster.connect(bob)
+    ack = await alice1.send_message(bob, {1: b"over tls"})
+    dlv = await next_dlv(bob1)
+    assert ack["t"] == "ack" and (dlv["from"], dlv["c"]) == (alice, b"over tls")
+    # interlink cluster status as the status user: every node answers over TLS.
+    status = dataclasses.replace(cluster.config("node-a").cluster, nats=(cluster.url("status"),))
+    reports = await ask_nodes(status)
+    assert sorted(node for node, report in reports.items() if report is not None) == list(NODES)
+    for client in (alice1, bob1):
+        await client.close()
+
+
+async def test_a_node_that_does_not_trust_the_servers_ca_or_has_a_wrong_password_does_not_start(secured, tmp_path):
+    cluster, _ = secured
+    config = cluster.config("node-a")
+    untrusting = dataclasses.replace(config, cluster=dataclasses.replace(config.cluster, nats_ca_file=""))
+    with pytest.raises(ConfigError, match="cluster.nats: cannot connect"):
+        await Gateway(untrusting).start()  # the system's CAs do not know the operator's
+    cluster.passwords["node-a"] = "wrong"
+    with pytest.raises(ConfigError, match=r"cluster.nats: cannot connect to tls://\*\*\*@127.0.0.1"):
+        await Gateway(cluster.config("node-a")).start()  # and the password is not in the message
+
+
+async def test_one_nodes_credentials_cannot_relay_as_another_node(secured):
+    """node-b's NATS user publishing a relay batch under node-c's name: NATS refuses it (a
+    permissions violation), node-a never sees it; under its own name it arrives."""
+    import msgpack
+    import nats
+
+    cluster, _ = secured
+    for node in NODES:
+        await cluster.start(node)
+    link = cluster.gateways["node-a"]._server.cluster
+    violations: list = []
+
+    async def on_error(exc) -> None:
+        violations.append(str(exc))
+
+    config = cluster.config("node-b").cluster
+    nc = await nats.connect(servers=[cluster.url("node-b")], tls=__import__("ssl").create_default_context(
+        cafile=cluster.ca_file), error_cb=on_error, allow_reconnect=False)
+    try:
+        batch = msgpack.packb({"m": config.digest, "r": []})
+        before = link.counters["batches_in"]
+        await nc.publish("interlink.node-a.relay.node-c", batch)  # as node-c
+        await nc.flush()
+        await until(lambda: violations, "NATS to refuse node-b publishing as node-c")
+        assert "permissions violation" in violations[0].lower() and "interlink.node-a.relay.node-c" in violations[0]
+        await nc.publish("interlink.node-a.relay.node-b", batch)  # as itself
+        await nc.flush()
+        await until(lambda: link.counters["batches_in"] == before + 1, "node-a to take node-b's own batch")
+        await asyncio.sleep(0.1)
+        assert link.counters["batches_in"] == before + 1  # the spoofed one never arrived
+    finally:
+        await nc.close()
