@@ -3,15 +3,22 @@
 publish only under its own name, a ``status`` user for ``interlink cluster status``. A real
 nats-server on loopback with exactly that authorization block, three gateway nodes and the
 SDK: a message crosses nodes; a node without the CA, or with a wrong password, does not start;
-a node's credentials cannot speak as another node."""
+a node's credentials cannot speak as another node. Then the other setup the operations guide
+names: an operator/account (JWT) nats-server, each node logging in with its own ``.creds`` file."""
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
 import datetime
+import hashlib
 import ipaddress
+import json
+import os
+import time
 
+import nkeys
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -164,3 +171,89 @@ async def test_one_nodes_credentials_cannot_relay_as_another_node(secured):
         assert link.counters["batches_in"] == before + 1  # the spoofed one never arrived
     finally:
         await nc.close()
+
+
+# -- an operator/account (JWT) setup: every node logs in with its own .creds file
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _keypair(prefix: int):
+    return nkeys.from_seed(nkeys.encode_seed(os.urandom(32), prefix))
+
+
+def nats_jwt(issuer, subject: str, name: str, claims: dict) -> str:
+    """A NATS JWT (v2, ed25519-nkey) of ``claims`` about ``subject``, signed by ``issuer``."""
+    body = {"jti": "", "iat": int(time.time()), "iss": issuer.public_key.decode(), "name": name, "sub": subject,
+            "nats": {**claims, "version": 2}}
+    body["jti"] = base64.b32encode(hashlib.new("sha512_256", json.dumps(body).encode()).digest()).decode().rstrip("=")
+    signed = f'{_b64(json.dumps({"typ": "JWT", "alg": "ed25519-nkey"}).encode())}.{_b64(json.dumps(body).encode())}'
+    return f"{signed}.{_b64(issuer.sign(signed.encode()))}"
+
+
+def write_creds(path, account, node: str) -> str:
+    """``node``'s .creds: a user JWT with docs/operations.md's permissions, signed by ``account``."""
+    user = _keypair(nkeys.PREFIX_BYTE_USER)
+    token = nats_jwt(account, user.public_key.decode(), node, {
+        "type": "user", "subs": -1, "data": -1, "payload": -1,
+        "pub": {"allow": [f"interlink.*.relay.{node}", f"interlink.*.answers.{node}", "interlink.*.hello", "_INBOX.>"]},
+        "sub": {"allow": [f"interlink.{node}.>", "_INBOX.>"]}})
+    path.write_text(f"-----BEGIN NATS USER JWT-----\n{token}\n------END NATS USER JWT------\n\n"
+                    f"-----BEGIN USER NKEY SEED-----\n{user.seed.decode()}\n------END USER NKEY SEED------\n")
+    return str(path)
+
+
+@pytest.fixture
+async def operator_mode(issuers, tmp_path):
+    ca, cert, key = make_tls(tmp_path / "tls")
+    operator, account = _keypair(nkeys.PREFIX_BYTE_OPERATOR), _keypair(nkeys.PREFIX_BYTE_ACCOUNT)
+    unlimited = {"subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1, "wildcards": True, "conn": -1,
+                 "leaf": -1}
+    account_jwt = nats_jwt(operator, account.public_key.decode(), "interlink", {"type": "account", "limits": unlimited})
+    server = LocalNats(tmp_path / "nats", extra_config=(
+        f'tls {{ cert_file: "{cert}", key_file: "{key}" }}\n'
+        f'operator: {nats_jwt(operator, operator.public_key.decode(), "operator", {"type": "operator"})}\n'
+        f'resolver: MEMORY\nresolver_preload: {{\n  {account.public_key.decode()}: {account_jwt}\n}}\n'))
+    await server.start()
+    cluster = CredsCluster(issuers, tmp_path, server.port, ca)
+    for node in NODES:
+        cluster.creds[node] = write_creds(tmp_path / f"{node}.creds", account, node)
+    yield cluster
+    for node in list(cluster.gateways):
+        await cluster.stop(node)
+    await server.stop()
+
+
+class CredsCluster(SecuredCluster):
+    """Each node connects over TLS with its own .creds file (no password in the URL)."""
+
+    def __init__(self, *args) -> None:
+        super().__init__(*args)
+        self.creds: dict[str, str] = {}
+
+    def config(self, node: str, **settings):
+        config = super().config(node, **settings)
+        cluster = dataclasses.replace(config.cluster, nats=(f"tls://127.0.0.1:{self.nats_port}",),
+                                      nats_credentials=self.creds[node])
+        return dataclasses.replace(config, cluster=cluster)
+
+
+async def test_nodes_logging_in_with_creds_files_relay_and_a_stranger_account_is_refused(operator_mode, tmp_path):
+    cluster = operator_mode
+    for node in NODES:
+        await cluster.start(node)
+    alice = cluster.users("alpha")["node-c"][0]
+    bob = cluster.users("beta")["node-a"][0]
+    alice1, bob1 = await cluster.connect(alice), await cluster.connect(bob)
+    ack = await alice1.send_message(bob, {1: b"over creds"})
+    dlv = await next_dlv(bob1)
+    assert ack["t"] == "ack" and (dlv["from"], dlv["c"]) == (alice, b"over creds")
+    for client in (alice1, bob1):
+        await client.close()
+    await cluster.stop("node-b")
+    # A user signed by an account the operator never signed: NATS refuses the login.
+    cluster.creds["node-b"] = write_creds(tmp_path / "stranger.creds", _keypair(nkeys.PREFIX_BYTE_ACCOUNT), "node-b")
+    with pytest.raises(ConfigError, match="cluster.nats: cannot connect"):
+        await Gateway(cluster.config("node-b")).start()
