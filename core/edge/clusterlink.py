@@ -408,9 +408,19 @@ def nats_options(cluster, name: str) -> dict:
     """nats-py connection options for ``cluster`` (credentials, TLS) under the connection name ``name``."""
     options = dict(servers=list(cluster.nats), name=name, connect_timeout=CONNECT_TIMEOUT_S)
     if cluster.nats_credentials:
+        try:
+            with open(cluster.nats_credentials, "rb"):
+                pass
+        except OSError as exc:
+            raise ConfigError(f"cluster.nats_credentials: cannot read {cluster.nats_credentials}: "
+                              f"{exc.strerror or exc}") from None
         options["user_credentials"] = cluster.nats_credentials
     if cluster.nats_ca_file:
-        options["tls"] = ssl.create_default_context(cafile=cluster.nats_ca_file)
+        try:
+            options["tls"] = ssl.create_default_context(cafile=cluster.nats_ca_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"cluster.nats_ca_file: cannot use {cluster.nats_ca_file} as the CA of the NATS servers: "
+                              f"{getattr(exc, 'strerror', None) or exc}") from None
     return options
 
 

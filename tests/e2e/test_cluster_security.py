@@ -257,3 +257,15 @@ async def test_nodes_logging_in_with_creds_files_relay_and_a_stranger_account_is
     cluster.creds["node-b"] = write_creds(tmp_path / "stranger.creds", _keypair(nkeys.PREFIX_BYTE_ACCOUNT), "node-b")
     with pytest.raises(ConfigError, match="cluster.nats: cannot connect"):
         await Gateway(cluster.config("node-b")).start()
+
+
+async def test_a_missing_ca_or_creds_file_is_named_at_start(secured, tmp_path):
+    cluster, _ = secured
+    config = cluster.config("node-a")
+    for field, value, message in (
+            ("nats_ca_file", str(tmp_path / "absent.pem"), "cluster.nats_ca_file: cannot use .*absent.pem"),
+            ("nats_ca_file", __file__, "cluster.nats_ca_file: cannot use"),  # not a certificate
+            ("nats_credentials", str(tmp_path / "absent.creds"), "cluster.nats_credentials: cannot read .*absent.creds")):
+        broken = dataclasses.replace(config, cluster=dataclasses.replace(config.cluster, **{field: value}))
+        with pytest.raises(ConfigError, match=message):
+            await Gateway(broken).start()
