@@ -147,9 +147,6 @@ class Groups:
             raise RouteError(
                 f"group.new: {1 + len(others)} members with you (a group has at most {self.max_group})", code="too_large"
             )
-        self.router.charge(session, now)
-        for member in others:
-            self.check_addable(member, identity, session)
         # In a cluster the id is drawn by the creator's node, which sends the request to the node
         # the id makes the group's home (relayed: the session is another node's word).
         if self.relay is None:
@@ -162,9 +159,13 @@ class Groups:
             if existing is not None:
                 if existing.members[:1] == (creator,) and creator in existing.admins:
                     # The creator's resend of a group.new whose answer its node never got (it keeps
-                    # the id it drew for that): answered as the first was, nothing made twice.
+                    # the id it drew for that): answered for the group made, before any member check
+                    # (consent may have changed since), nothing made twice.
                     return self._unchanged(session, now, stanza["id"], g, existing, {"g": g})
                 raise RouteError("group.new: the cluster chose a group id that is taken; try again", code="overloaded")
+        self.router.charge(session, now)
+        for member in others:
+            self.check_addable(member, identity, session)
         record = GroupRecord(1, (creator, *others), (creator,), meta)
         self._change(session, now, stanza["id"], g, 0, record, "created", list(record.members), (), {"g": g})
         return DEFERRED

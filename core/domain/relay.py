@@ -544,7 +544,7 @@ class Relay:
         awaited = self._resend_first.get(key) if key is not None else None
         if awaited is None:
             return None
-        refs, until = awaited
+        refs, until, _ = awaited
         if until <= now:
             del self._resend_first[key]
             return None
@@ -561,11 +561,15 @@ class Relay:
                          "order you sent them, then this", code="overloaded", retry_after=RETRY_AFTER_MS)
 
     def _resent(self, key: tuple, ref: tuple) -> None:
+        """``ref`` was sent again and taken: no longer awaited, but its place in the device's order
+        is kept while others are (refused again, it is awaited where it was first sent)."""
         awaited = self._resend_first.get(key)
         if awaited is not None:
-            awaited[0].pop(ref, None)
+            order = awaited[0].pop(ref, None)
             if not awaited[0]:
                 del self._resend_first[key]
+            elif order is not None and len(awaited[2]) < MAX_WAITING_PER_DEVICE:
+                awaited[2][ref] = order
 
     def _await_resend(self, pending: Pending, now: float) -> None:
         """``pending``, a stored stanza of this node's session, is (or will be) refused for a
@@ -581,9 +585,11 @@ class Relay:
             return
         awaited = self._resend_first.get(key)
         if awaited is None or awaited[1] <= now:
-            awaited = self._resend_first[key] = [{}, 0.0]
-        if len(awaited[0]) < MAX_WAITING_PER_DEVICE:
-            awaited[0].setdefault((pending.stanza["t"], pending.stanza["id"]), pending.seq)
+            # [awaited ref -> its place in the device's order, until, resent ref -> the place it had]
+            awaited = self._resend_first[key] = [{}, 0.0, {}]
+        ref = (pending.stanza["t"], pending.stanza["id"])
+        if len(awaited[0]) < MAX_WAITING_PER_DEVICE and ref not in awaited[0]:
+            awaited[0][ref] = awaited[2].pop(ref, pending.seq)
         awaited[1] = now + RESEND_FIRST_S
 
     def _take_blob_read(self, session, stanza: dict, now: float) -> bool:
@@ -975,10 +981,13 @@ class Relay:
         self._done_waiting(pending)
         self.counters["answered"] += 1
         answer, decoded = self._checked_answer(pending, answer)
-        if self._drawn_groups and pending.stanza.get("op") == "group.new":
+        if self._drawn_groups and pending.stanza.get("op") == "group.new" and (
+                decoded is None or decoded.get("code") not in ("overloaded", "rate_limited", "internal")):
             drawn = self._drawn_groups.get(entry := (pending.session.session_key, pending.stanza["id"]))
             if drawn is not None and drawn[0] == pending.stanza.get("g"):
-                self._forget_group_id(entry)  # answered: a later group.new under this iq id is a new one
+                # Answered for good: a later group.new under this iq id is a new one. (A refusal for
+                # now keeps it: the resend it asks for may still find the group made.)
+                self._forget_group_id(entry)
         if pending.stream is not None:
             self._stream_answered(pending, now, timed_out=False)
         try:
@@ -1070,7 +1079,7 @@ class Relay:
                 self._stream_answered(pending, now, timed_out=True)
         self.counters["timeouts"] += expired
         if self._resend_first:
-            for key in [key for key, (_, until) in self._resend_first.items() if until <= now]:
+            for key in [key for key, (_, until, _) in self._resend_first.items() if until <= now]:
                 del self._resend_first[key]
         if self._drawn_groups:
             for entry in [entry for entry, (_, _, until) in self._drawn_groups.items() if until <= now]:
@@ -1245,7 +1254,11 @@ class Relay:
             if fanout:
                 self._serve_fanout(session, stanza, now, node)
             elif op in ("group.new", "group.add"):
-                self._precheck(session, self._checked_group_request(stanza), now)
+                request = self._checked_group_request(stanza)
+                if op == "group.new" and self.groups.record(request["g"]) is not None:
+                    self.serve_stanza(session, request, now)  # a resend for a group made already: no checks
+                else:
+                    self._precheck(session, request, now)
             else:
                 self.serve_stanza(session, stanza, now)
         except MalformedRecordError as exc:  # another node's bug (or worse): counted, not a bug of ours

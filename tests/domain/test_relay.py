@@ -904,7 +904,7 @@ def test_what_waits_for_resends_is_bounded_per_device(nodes):
     a.domain.dispatch(alice, {**huge, "g": group_homed_on("node-b")}, NOW + 10)
     codes = [r["code"] for r in alice.take()]
     assert codes == ["overloaded", "bad_stanza"]
-    [(awaited, _)] = a.relay._resend_first.values()
+    [(awaited, _, _)] = a.relay._resend_first.values()
     assert len(awaited) == 51 and all(len(ref[1]) == 16 for ref in awaited)
 
 
@@ -931,3 +931,40 @@ def test_a_drawn_group_id_is_forgotten_once_its_resend_is_answered(nodes, monkey
     a.domain.dispatch(alice, dict(request), NOW + 12)  # the same iq id again (a new connection's numbering)
     [again] = carry(a, b)
     assert again[5]["g"] == second  # a new group: the first one's resend was answered
+
+
+def test_a_resent_group_new_keeps_its_id_through_a_refusal_for_now_and_skips_member_checks(nodes, monkeypatch):
+    """The group's home made the group; alice's node timed out first. A refusal for now of her
+    resend (``overloaded``) keeps the drawn id for the next one; the home answers a resend for the
+    group it made before any member check (a member's consent may have changed since)."""
+    import interlink.core.domain.relay as relay_module
+
+    a, b = nodes
+    g = group_homed_on("node-b")
+    drawn = iter([g])
+    monkeypatch.setattr(relay_module, "new_group_id", lambda: next(drawn))
+    alice, _, _ = a.open(A1), a.open(A2), b.open(B1)
+    request = {"t": "iq", "id": 3, "op": "group.new", "members": [A2, B1]}
+    a.domain.dispatch(alice, dict(request), NOW)
+    carry(a, b)
+    carry(b, a)  # node-b asks node-a to check A2 ...
+    answer(b, a)  # ... who may be added
+    b.commit()
+    assert b.store.group(g) is not None
+    a.relay.expire(NOW + 10)
+    assert alice.take()[0]["unconfirmed"] is True
+    b.relay.take_output()  # its answer, too late
+    a.domain.dispatch(alice, dict(request), NOW + 11)
+    [resent] = a.relay.take_output()[0]["node-b"]
+    busy = {"t": "err", "code": "overloaded", "msg": "busy", "retry_after": 10, "id": 3}
+    a.relay.answered("node-b", resent[0], msgpack.packb(busy), NOW + 11)
+    assert alice.take()[0]["code"] == "overloaded" and a.relay._drawn_groups  # kept for the next resend
+    a.domain.dispatch(alice, dict(request), NOW + 12)
+    [again] = carry(a, b)
+    assert again[5]["g"] == g
+    b.commit()
+    outgoing, replies = b.relay.take_output()
+    assert outgoing == {}  # no member check asked of node-a this time
+    for seq, encoded in replies["node-a"]:
+        a.relay.answered("node-b", seq, encoded, NOW + 12)
+    assert alice.take() == [{"t": "res", "id": 3, "ver": 1, "g": g}] and not a.relay._drawn_groups
