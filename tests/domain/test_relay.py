@@ -25,7 +25,7 @@ B1, B2 = USERS["node-b"]  # homed on node-b
 
 
 class Node:
-    def __init__(self, path, node: str) -> None:
+    def __init__(self, path, node: str, membership: Membership = MEMBERSHIP) -> None:
         self.name = node
         self.store = lmdb_store(path, sync=False, map_size_bytes=1 << 26)
         registry = ProviderRegistry([Provider(id="alpha", issuer="https://alpha.example", audience="gw",
@@ -34,7 +34,7 @@ class Node:
             store=self.store, registry=registry, window=64, max_frame_bytes=65535, max_group=16,
             message_rate_per_device=1e9, message_rate_per_user=1e9,
             overload_turn_messages=DEFAULTS.overload_turn_messages, overload_refuse_after_s=DEFAULTS.overload_refuse_after_s,
-            membership=MEMBERSHIP, node=node, relay_timeout_s=2.0,
+            membership=membership, node=node, relay_timeout_s=2.0,
         )
         self.relay = self.domain.relay
         self.wakes = 0
@@ -49,8 +49,8 @@ class Node:
         self.domain.router.open_session(session)
         return session
 
-    def commit(self) -> None:
-        commit = self.domain.take_batch(NOW)
+    def commit(self, now: float = NOW) -> None:
+        commit = self.domain.take_batch(now)
         if commit is not None:
             self.store.commit(commit.batch)
             self.domain.committed(commit)

@@ -1,6 +1,6 @@
 """A device's order across a cluster of three nodes when relayed stanzas time out
 (``core/domain/relay.py``: the resend rule of docs/protocol.md §6). Three real ``Domain``s over
-their own LMDB stores, the test carrying records and answers as the edge does over NATS. The
+their own LMDB stores, the test carrying records and answers as the edge does over NATS (``test_relay.Node``). The
 client is a compliant one: it resends every refused stored stanza in the order it first sent it
 (a refused resend again later), then goes on; its other device must get its own copies in its
 order. Found by two reviews of the rule (a poisoned stanza out at a third node; a resend refused
@@ -13,10 +13,9 @@ import os
 import msgpack
 import pytest
 
-from interlink.core.domain.auth import Provider, ProviderRegistry
+from domain.test_relay import Node
 from interlink.core.domain.cluster import Membership
-from interlink.core.domain.dispatch import Domain
-from interlink.testing import DEFAULTS, FakeSession, homed_users, lmdb_store
+from interlink.testing import FakeSession, homed_users
 
 NOW = 1_800_000_000.0
 MEMBERSHIP = Membership(["node-a", "node-b", "node-c"], 1)
@@ -26,36 +25,9 @@ B1 = USERS["node-b"][0]
 C1 = USERS["node-c"][0]
 
 
-class Node:
-    def __init__(self, path, node: str) -> None:
-        self.name = node
-        self.store = lmdb_store(path, sync=False, map_size_bytes=1 << 26)
-        registry = ProviderRegistry([Provider(id="alpha", issuer="https://alpha.example", audience="gw",
-                                              jwks_uri="https://alpha.example/jwks", default_accept=("*",))])
-        self.domain = Domain(store=self.store, registry=registry, window=64, max_frame_bytes=65535, max_group=16,
-                             message_rate_per_device=1e9, message_rate_per_user=1e9,
-                             overload_turn_messages=DEFAULTS.overload_turn_messages,
-                             overload_refuse_after_s=DEFAULTS.overload_refuse_after_s,
-                             membership=MEMBERSHIP, node=node, relay_timeout_s=2.0)
-        self.relay = self.domain.relay
-        self.relay.wake = lambda: None
-
-    def open(self, user: str, device: int = 1) -> FakeSession:
-        self.store.register_device(user, device, 5)
-        session = FakeSession(user, device)
-        self.domain.router.open_session(session)
-        return session
-
-    def commit(self, now: float) -> None:
-        commit = self.domain.take_batch(now)
-        if commit is not None:
-            self.store.commit(commit.batch)
-            self.domain.committed(commit)
-
-
 @pytest.fixture
 def three(tmp_path):
-    nodes = [Node(tmp_path / name, name) for name in MEMBERSHIP.nodes]
+    nodes = [Node(tmp_path / name, name, MEMBERSHIP) for name in MEMBERSHIP.nodes]
     yield nodes
     for node in nodes:
         node.store.close()
