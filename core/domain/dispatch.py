@@ -115,7 +115,11 @@ class Domain:
             if not session.relayed:  # another node's stanza was counted there
                 self.stanzas_in[kind] += 1
             relay = self.relay
-            if relay is not None and kind in RELAY_KINDS and not session.relayed and relay.take(session, stanza, now):
+            if relay is not None and kind in RELAY_KINDS and not session.relayed:
+                if relay.take(session, stanza, now):
+                    return
+                handler(session, stanza, now)
+                relay.served_here()  # an awaited resend served here is awaited no more
                 return
             handler(session, stanza, now)
         except (RouteError, StanzaError) as exc:

@@ -379,6 +379,7 @@ class Relay:
         # (session key, group id or None for 1:1) -> [{(t, id) of its stored stanzas refused for a
         # timeout, not yet sent again}, until when]: its other stored stanzas of that kind are refused
         self._resend_first: dict[tuple, list] = {}
+        self._resend_here: tuple | None = None  # (key, ref) of an awaited resend left to its handler here
         # (session key, iq id) -> (g, the request's digest, until): group.new ids that timed out
         self._drawn_groups: dict[tuple, tuple[bytes, bytes, float]] = {}
         self._drawn_per_device: dict[tuple, int] = {}  # session key -> its entries in _drawn_groups
@@ -433,13 +434,24 @@ class Relay:
         """Relay ``stanza`` of this node's ``session`` if its effect lies with another node's user
         (or hold it behind the device's stanzas that wait for one); False: serve it here as usual.
         Raises ``RouteError``/``StanzaError`` like the handlers, for the dispatcher to answer."""
+        self._resend_here = None
         if self._resend_first and stanza["t"] in ("msg", "rcpt"):
             resent = self._refuse_before_resend(session, stanza, now)
             taken = self._take(session, stanza, now)
-            if resent is not None:  # taken without an error: no longer awaited
-                self._resent(*resent)
+            if resent is not None:
+                if taken:  # taken without an error: no longer awaited
+                    self._resent(*resent)
+                else:  # served here: no longer awaited once its handler took it (``served_here``)
+                    self._resend_here = resent
             return taken
         return self._take(session, stanza, now)
+
+    def served_here(self) -> None:
+        """The stanza ``take`` left to its handler here was served (not refused): if it was an
+        awaited resend, it no longer is."""
+        if self._resend_here is not None:
+            self._resent(*self._resend_here)
+            self._resend_here = None
 
     def _take(self, session, stanza: dict, now: float) -> bool:
         kind = stanza["t"]

@@ -968,3 +968,33 @@ def test_a_resent_group_new_keeps_its_id_through_a_refusal_for_now_and_skips_mem
     for seq, encoded in replies["node-a"]:
         a.relay.answered("node-b", seq, encoded, NOW + 12)
     assert alice.take() == [{"t": "res", "id": 3, "ver": 1, "g": g}] and not a.relay._drawn_groups
+
+
+def test_an_awaited_resend_refused_by_its_handler_here_is_still_awaited(nodes):
+    """A resend served on this node (a local recipient) that its handler refuses stored nothing:
+    it stays awaited, and what was sent after it stays refused until it is stored."""
+    a, b = nodes
+    alice1, alice2 = a.open(A1, 1), a.open(A1, 2)
+    a.open(A2)
+    b.open(B1)
+    lost, local = msg(B1, own={2: b"own 1"}), msg(A2, own={2: b"own 2"})
+    a.domain.dispatch(alice1, lost, NOW)
+    a.domain.dispatch(alice1, local, NOW)
+    a.relay.take_output()
+    a.relay.expire(NOW + 10)
+    assert len(alice1.take()) == 2
+    a.domain.dispatch(alice1, lost, NOW + 11)
+    carry(a, b)
+    b.commit()
+    answer(a, b)
+    a.commit()
+    assert alice1.take()[0]["t"] == "ack" and not a.relay._chains
+    a.domain.dispatch(alice1, {**local, "c": {7: b"no such device"}}, NOW + 11)  # refused by its handler here
+    later = msg(A2, own={2: b"own 3"})
+    a.domain.dispatch(alice1, later, NOW + 11)
+    assert [(r["code"], r["ref"]) for r in alice1.take()] == [("device_mismatch", local["id"]), ("overloaded", later["id"])]
+    for stanza in (local, later):
+        a.domain.dispatch(alice1, stanza, NOW + 12)
+    a.commit()
+    assert [r["t"] for r in alice1.take()] == ["ack", "ack"] and not a.relay._resend_first
+    assert [d["c"] for d in alice2.take() if d["t"] == "dlv"] == [b"own 1", b"own 2", b"own 3"]
