@@ -114,14 +114,12 @@ class Domain:
                 raise StanzaError(f"unsupported stanza type {excerpt(kind)}")
             if not session.relayed:  # another node's stanza was counted there
                 self.stanzas_in[kind] += 1
-            relay = self.relay
-            if relay is not None and kind in RELAY_KINDS and not session.relayed:
-                if relay.take(session, stanza, now):
-                    return
-                handler(session, stanza, now)
-                relay.served_here()  # an awaited resend served here is awaited no more
+            relay = self.relay if kind in RELAY_KINDS and not session.relayed else None
+            if relay is not None and relay.take(session, stanza, now):
                 return
             handler(session, stanza, now)
+            if relay is not None:
+                relay.served_here()  # an awaited resend served here is awaited no more
         except (RouteError, StanzaError) as exc:
             answer = refusal(exc, stanza)
             self.refusals[answer["code"]] += 1

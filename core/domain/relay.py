@@ -351,6 +351,18 @@ class _Delivery:
         self.relay.delivered(self, answer, now)
 
 
+class _Awaited:
+    """A device's stored stanzas of one kind refused for a timeout and not yet sent again
+    (``Relay._refuse_before_resend``)."""
+
+    __slots__ = ("refs", "until", "resent")
+
+    def __init__(self) -> None:
+        self.refs: dict[tuple, int] = {}  # (t, id) -> its place in the device's order
+        self.until = 0.0  # held until then (the last timeout + RESEND_FIRST_S)
+        self.resent: dict[tuple, int] = {}  # (t, id) sent again meanwhile -> the place it had (refused again: kept)
+
+
 class Relay:
     """Which stanzas go to which node, what is waiting for an answer, and what this node owes others."""
 
@@ -376,9 +388,8 @@ class Relay:
         self._blob_bytes_waiting: dict[tuple, int] = {}  # session key -> bytes its blob.reads asked other nodes for
         self.blob_chunk_bytes = 0  # the largest blob.read this node's clients may ask (set with blobs)
         self._streams: dict[tuple, deque] = {}  # (session key, node, group or not) -> stored stanzas: in flight, then held
-        # (session key, group id or None for 1:1) -> [{(t, id) of its stored stanzas refused for a
-        # timeout, not yet sent again}, until when]: its other stored stanzas of that kind are refused
-        self._resend_first: dict[tuple, list] = {}
+        # (session key, None for 1:1 or the node of its groups) -> what it must send again first
+        self._resend_first: dict[tuple, _Awaited] = {}
         self._resend_here: tuple | None = None  # (key, ref) of an awaited resend left to its handler here
         # (session key, iq id) -> (g, the request's digest, until): group.new ids that timed out
         self._drawn_groups: dict[tuple, tuple[bytes, bytes, float]] = {}
@@ -556,10 +567,10 @@ class Relay:
         awaited = self._resend_first.get(key) if key is not None else None
         if awaited is None:
             return None
-        refs, until, _ = awaited
-        if until <= now:
+        if awaited.until <= now:
             del self._resend_first[key]
             return None
+        refs = awaited.refs
         ref = (stanza["t"], stanza["id"])
         order = refs.get(ref)
         if order is not None and order == min(refs.values()):
@@ -577,11 +588,11 @@ class Relay:
         is kept while others are (refused again, it is awaited where it was first sent)."""
         awaited = self._resend_first.get(key)
         if awaited is not None:
-            order = awaited[0].pop(ref, None)
-            if not awaited[0]:
+            order = awaited.refs.pop(ref, None)
+            if not awaited.refs:
                 del self._resend_first[key]
-            elif order is not None and len(awaited[2]) < MAX_WAITING_PER_DEVICE:
-                awaited[2][ref] = order
+            elif order is not None and len(awaited.resent) < MAX_WAITING_PER_DEVICE:
+                awaited.resent[ref] = order
 
     def _await_resend(self, pending: Pending, now: float) -> None:
         """``pending``, a stored stanza of this node's session, is (or will be) refused for a
@@ -596,13 +607,12 @@ class Relay:
         if key is None:
             return
         awaited = self._resend_first.get(key)
-        if awaited is None or awaited[1] <= now:
-            # [awaited ref -> its place in the device's order, until, resent ref -> the place it had]
-            awaited = self._resend_first[key] = [{}, 0.0, {}]
+        if awaited is None or awaited.until <= now:
+            awaited = self._resend_first[key] = _Awaited()
         ref = (pending.stanza["t"], pending.stanza["id"])
-        if len(awaited[0]) < MAX_WAITING_PER_DEVICE and ref not in awaited[0]:
-            awaited[0][ref] = awaited[2].pop(ref, pending.seq)
-        awaited[1] = now + RESEND_FIRST_S
+        if len(awaited.refs) < MAX_WAITING_PER_DEVICE and ref not in awaited.refs:
+            awaited.refs[ref] = awaited.resent.pop(ref, pending.seq)
+        awaited.until = now + RESEND_FIRST_S
 
     def _take_blob_read(self, session, stanza: dict, now: float) -> bool:
         """A ``blob.read`` of a blob living on another node (its id's home): asked there, rebuilt
@@ -1080,7 +1090,7 @@ class Relay:
                 if pending.stanza["t"] in ("msg", "rcpt") or pending.stanza.get("op") in GROUP_CHANGES:
                     timeout_refusal["unconfirmed"] = True
                     timeout_refusal["msg"] = (f"node {pending.node} did not answer in time; nothing was acknowledged, "
-                                      f"resend the same id in {RETRY_AFTER_MS} ms")
+                                              f"resend the same id in {RETRY_AFTER_MS} ms")
                 answer = encode_stanza(timeout_refusal)
             try:
                 self._settle(pending, answer, timeout_refusal, now, timed_out=True)  # its refusal first, then those held behind it
@@ -1091,7 +1101,7 @@ class Relay:
                 self._stream_answered(pending, now, timed_out=True)
         self.counters["timeouts"] += expired
         if self._resend_first:
-            for key in [key for key, (_, until, _) in self._resend_first.items() if until <= now]:
+            for key in [key for key, awaited in self._resend_first.items() if awaited.until <= now]:
                 del self._resend_first[key]
         if self._drawn_groups:
             for entry in [entry for entry, (_, _, until) in self._drawn_groups.items() if until <= now]:

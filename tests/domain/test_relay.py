@@ -904,8 +904,8 @@ def test_what_waits_for_resends_is_bounded_per_device(nodes):
     a.domain.dispatch(alice, {**huge, "g": group_homed_on("node-b")}, NOW + 10)
     codes = [r["code"] for r in alice.take()]
     assert codes == ["overloaded", "bad_stanza"]
-    [(awaited, _, _)] = a.relay._resend_first.values()
-    assert len(awaited) == 51 and all(len(ref[1]) == 16 for ref in awaited)
+    [awaited] = a.relay._resend_first.values()
+    assert len(awaited.refs) == 51 and all(len(ref[1]) == 16 for ref in awaited.refs)
 
 
 def test_a_drawn_group_id_is_forgotten_once_its_resend_is_answered(nodes, monkeypatch):
