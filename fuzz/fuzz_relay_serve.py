@@ -128,6 +128,7 @@ with instrumenting:
     import msgpack
 
     import fuzzlib
+    from stanzalib import show as _show
     import interlink.core.domain.relay as relay_module
     from interlink.config import ClusterConfig, NodeAddress
     from interlink.core.domain.auth import Identity, Provider, ProviderRegistry
@@ -197,14 +198,6 @@ class Violation(AssertionError):
 
 def _fail(message: str) -> None:
     raise Violation(message)
-
-
-def _show(value, limit: int = 300) -> str:
-    try:
-        text = repr(value)
-    except RecursionError:  # nested as deep as msgpack unpacks
-        return f"<a {type(value).__name__} nested too deep to show>"
-    return text if len(text) <= limit else text[:limit] + f"… ({len(text)} chars)"
 
 
 # ----------------------------------------------------------------------------- structure-aware inputs
@@ -938,15 +931,6 @@ class Owed:
         self.stanza, self.allowed, self.code, self.stores, self.frame, self.why = stanza, allowed, code, stores, frame, why
 
 
-class _LogRecords(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(level=logging.WARNING)
-        self.records: list = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-
 # The link's deliberate refusals of a whole batch, logged at ERROR by design (the harness sends them).
 LINK_REFUSALS = ("cluster: a message on ", "cluster: unreadable batch on ", "cluster: node %s relays under another node list")
 BAD_ANSWER_LOG = "cluster: node %s answered with "  # Relay._checked_answer's warning
@@ -976,7 +960,7 @@ class Harness:
     """Node-b's domain, store and link; ``serve(data)`` runs one input."""
 
     def __init__(self) -> None:
-        self.logs = _LogRecords()
+        self.logs = fuzzlib.LogRecords(logging.WARNING)
         self.inputs = 0
         self.store = None
         self._build()

@@ -905,15 +905,6 @@ def check_answers(answers: list, sent: list, broken: bool, who: str) -> str | No
 # ----------------------------------------------------------------------------- the harness
 
 
-class _ErrorRecords(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(level=logging.ERROR)
-        self.records: list = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-
 FOLDER_PREFIX = "interlink-fuzz-serve-"
 
 
@@ -922,7 +913,7 @@ class Harness:
 
     def __init__(self) -> None:
         self.loop = uvloop.new_event_loop()  # the loop the gateway runs on in production
-        self.errors = _ErrorRecords()  # attached to the "interlink" logger while an input is served
+        self.errors = fuzzlib.LogRecords(logging.ERROR)  # attached to the "interlink" logger while an input is served
         self.pending_lost = 0
         self.inputs = 0
         self.folder: str | None = None

@@ -9,6 +9,7 @@ used, so a harness can import this module inside its ``atheris.instrument_import
 from __future__ import annotations
 
 import glob
+import logging
 import os
 import shutil
 import tempfile
@@ -137,3 +138,15 @@ def store_folder(prefix: str) -> str:
         except PermissionError:  # alive, another user's
             pass
     return tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-")
+
+
+class LogRecords(logging.Handler):
+    """Keeps the log records of ``level`` and above that a harness's input caused (attached to the
+    "interlink" logger while it is served)."""
+
+    def __init__(self, level: int) -> None:
+        super().__init__(level=level)
+        self.records: list = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
