@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from interlink.core.domain.auth import DEFAULT_LEEWAY_S, Provider
-from interlink.core.domain.cluster import NODE_ID_RE, Membership
+from interlink.core.domain.cluster import NODE_ID_RE, Membership, redact
 from interlink.core.errors import ConfigError
 from interlink.core.protocol.wire import MAX_TOKEN_BYTES, WIRE_MAX_FRAME_BYTES
 
@@ -390,7 +390,8 @@ def cluster_from_table(table, node_override: str | None = None) -> ClusterConfig
         raise ConfigError(f"cluster.nats: expected a list of NATS server URLs, got {_describe(urls)}")
     for url in urls:
         if _NATS_URL.fullmatch(url) is None:
-            raise ConfigError(f"cluster.nats: {url!r} is not a NATS URL like nats://10.0.0.5:4222 or tls://nats.example:4222")
+            raise ConfigError(f"cluster.nats: {redact(url)!r} is not a NATS URL like nats://10.0.0.5:4222 or "
+                              "tls://user:password@nats.example:4222 (a password without '/', '@' or spaces)")
     nodes = values["nodes"]
     if not isinstance(nodes, dict) or not nodes:
         raise ConfigError(f"cluster.nodes: expected a table of node id = \"host:port\", got {_describe(nodes)}")

@@ -20,6 +20,12 @@ from collections.abc import Iterable
 NODE_ID_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")  # a node id: also a NATS subject token
 
 
+def redact(url: str) -> str:
+    """A NATS URL without the user and password it may carry (for logs and errors)."""
+    scheme, sep, rest = url.partition("://")
+    return f"{scheme}{sep}***@{rest.rpartition('@')[2]}" if "@" in rest else url
+
+
 def _score(node: bytes, key: bytes) -> int:
     return int.from_bytes(hashlib.blake2b(node + b"\x00" + key, digest_size=8).digest(), "big")
 

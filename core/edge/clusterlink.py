@@ -29,6 +29,7 @@ from collections import Counter, deque
 
 import msgpack
 
+from interlink.core.domain.cluster import redact
 from interlink.core.domain.relay import internal_error
 from interlink.core.edge.metrics import Histogram
 from interlink.core.errors import ConfigError
@@ -47,12 +48,6 @@ RELAY_BUCKETS_S = (0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1
 
 def subject(node: str, what: str, origin: str | None = None) -> str:
     return f"interlink.{node}.{what}" if origin is None else f"interlink.{node}.{what}.{origin}"
-
-
-def redact(url: str) -> str:
-    """A NATS URL without the user and password it may carry (for logs and errors)."""
-    scheme, sep, rest = url.partition("://")
-    return f"{scheme}{sep}***@{rest.rpartition('@')[2]}" if "@" in rest else url
 
 
 def _unpack(data: bytes):

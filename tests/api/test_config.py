@@ -134,6 +134,11 @@ def test_each_cluster_mistake_names_the_key(tmp_path, change, message):
     assert message in refusal(tmp_path, CLUSTER.replace(*change))
 
 
+def test_a_rejected_nats_url_does_not_show_its_password(tmp_path):
+    message = refusal(tmp_path, CLUSTER.replace("nats://10.0.0.9", "nats://node-a:s3cret/@10.0.0.9"))
+    assert "cluster.nats: 'nats://***@10.0.0.9:4222' is not a NATS URL" in message and "s3cret" not in message
+
+
 def test_a_cluster_node_from_the_environment_needs_a_cluster_table(tmp_path):
     with pytest.raises(ConfigError, match="INTERLINK_CLUSTER_NODE: set, but the configuration has no"):
         load_config(write(tmp_path, "port = 1\n"), environ={"INTERLINK_CLUSTER_NODE": "node-a"})
