@@ -87,6 +87,7 @@ class _RawNats(asyncio.Protocol):
     def __init__(self, on_message) -> None:
         self.on_message = on_message
         self.buffer = b""
+        self.ponged = asyncio.get_running_loop().create_future()  # the server answered our PING: SUB is in
 
     def connection_made(self, transport) -> None:
         self.transport = transport
@@ -107,6 +108,10 @@ class _RawNats(asyncio.Protocol):
                 continue
             if line.startswith(b"PING"):
                 self.transport.write(b"PONG\r\n")
+            elif line.startswith(b"PONG") and not self.ponged.done():
+                self.ponged.set_result(None)
+            elif line.startswith(b"-ERR"):
+                raise RuntimeError(f"nats-server refused: {line.decode(errors='replace')}")
             self.buffer = self.buffer[line_end + 2:]
 
     def publish(self, subject: bytes, payload: bytes) -> None:
@@ -117,7 +122,7 @@ async def _raw_nats(url: str, subscribe: bytes, on_message) -> _RawNats:
     host, port = url.rsplit("/", 1)[1].split(":")
     _, protocol = await asyncio.get_running_loop().create_connection(lambda: _RawNats(on_message), host, int(port))
     protocol.transport.write(b'CONNECT {"verbose":false,"pedantic":false}\r\nSUB %s 1\r\nPING\r\n' % subscribe)
-    await asyncio.sleep(0.1)  # the server's INFO and PONG have arrived
+    await asyncio.wait_for(protocol.ponged, 5)  # the server took CONNECT and SUB before our PING
     return protocol
 
 
