@@ -254,9 +254,9 @@ class ClusterCrashTest(crash.CrashTest):
         if groups < 0 or not 0 <= group_share <= 1:
             raise ValueError("need groups >= 0 and 0 <= group_share <= 1")
         self.group_count = groups
-        self.group_share = group_share if groups else 0.0
+        self.group_share = group_share
         self.group_rng = random.Random(f"{seed}/groups")
-        self.groups: dict[bytes, dict] = {}  # g -> {"home", "creator", "members"}
+        self.groups: dict[bytes, dict] = {}  # g -> {"index", "home", "members"}
         self.groups_of: dict[str, list[bytes]] = {user: [] for user in self.users}  # user -> its groups
         self.groups_created = 0  # group.new calls, the groups not used included
 
@@ -678,7 +678,6 @@ class ClusterCrashTest(crash.CrashTest):
         users_on = {node: [u for u in self.users if self.home[u] == node] for node in NODES}
         by_name = {(d.user, d.device): d for d in self.devices}
         rng = self.group_rng
-        attempts = 0
         while len(self.groups) < self.group_count:
             index = len(self.groups)
             if index == 0:
@@ -692,9 +691,8 @@ class ClusterCrashTest(crash.CrashTest):
             client = await self.connect(by_name[(creator, 1)])
             try:
                 while True:
-                    attempts += 1
-                    if attempts > GROUP_CREATE_ATTEMPTS * self.group_count:
-                        raise RuntimeError(f"{attempts - 1} group.new did not give homes {dict(wanted)}")
+                    if self.groups_created >= GROUP_CREATE_ATTEMPTS * self.group_count:
+                        raise RuntimeError(f"{self.groups_created} group.new did not give homes {dict(wanted)}")
                     res = await client.iq("group.new", members=[m for m in members if m != creator],
                                           timeout_s=SEND_TIMEOUT_S)
                     self.groups_created += 1
@@ -706,7 +704,7 @@ class ClusterCrashTest(crash.CrashTest):
                 await client.close()
             wanted[home] -= 1
             ordered = [u for u in self.users if u in members]
-            self.groups[g] = {"index": index, "home": home, "creator": creator, "members": ordered}
+            self.groups[g] = {"index": index, "home": home, "members": ordered}
             for user in ordered:
                 self.groups_of[user].append(g)
             self.event(f"group g{index} {g.hex()[:8]} homed on {home}, created by {creator}, members {ordered}")
