@@ -74,13 +74,13 @@ def carry(source: Node, target: Node) -> list:
     return records
 
 
-def answer(source: Node, target: Node, order=None) -> None:
+def answer(source: Node, target: Node, order=None, now: float = NOW) -> None:
     """Hand ``target``'s answers back to ``source`` (in ``order``: indices into them)."""
     _, replies = target.relay.take_output()
     answers = replies.get(source.name, [])
     for index in order if order is not None else range(len(answers)):
         seq, encoded = answers[index]
-        source.relay.answered(target.name, seq, encoded, NOW)
+        source.relay.answered(target.name, seq, encoded, now)
 
 
 def msg(to: str, devices=(1,), **fields) -> dict:

@@ -13,7 +13,7 @@ import os
 import msgpack
 import pytest
 
-from domain.test_relay import Node
+from domain.test_relay import Node, answer
 from interlink.core.domain.cluster import Membership
 from interlink.testing import FakeSession, homed_users
 
@@ -43,11 +43,10 @@ def outgoing(source: Node) -> dict:
 
 
 def serve_and_answer(source: Node, target: Node, records: list, now: float) -> None:
+    """``target`` serves ``records`` kept from before and commits; its answers go back to ``source``."""
     target.relay.serve(source.name, records, now)
     target.commit(now)
-    _, replies = target.relay.take_output()
-    for seq, encoded in replies.get(source.name, []):
-        source.relay.answered(target.name, seq, encoded, now)
+    answer(source, target, now=now)
 
 
 def refused(session: FakeSession) -> list:
