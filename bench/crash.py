@@ -99,6 +99,10 @@ class Message:
     dup_acks: int = 0
     ack_forgotten: bool = False
 
+    def targets(self) -> list[tuple[str, int]]:
+        """Every (user, device) an acked copy of it must reach."""
+        return [(self.to, d) for d in self.c] + [(self.sender, d) for d in self.own]
+
 
 @dataclass(eq=False)
 class Device:
@@ -395,12 +399,19 @@ class CrashTest:
             self.note(f"{device.name}: message {message.counter} of {message.sender}/{message.device} misdelivered")
             return
         stream = (message.sender, message.device)
-        last = device.last_counter.get(stream, 0)
-        if message.counter <= last:
-            self.stats["order_violations"] += 1
+        last = self.out_of_order(device, stream, message.counter)
+        if last is not None:
             self.note(f"{device.name}: #{message.counter} of {stream[0]}/{stream[1]} after #{last}")
-        else:
-            device.last_counter[stream] = message.counter
+
+    def out_of_order(self, device: Device, stream: tuple, counter: int) -> int | None:
+        """The counter ``device`` got last on ``stream`` when ``counter`` does not come after it (an
+        order violation, counted); else None, and ``counter`` is the last now."""
+        last = device.last_counter.get(stream, 0)
+        if counter <= last:
+            self.stats["order_violations"] += 1
+            return last
+        device.last_counter[stream] = counter
+        return None
 
     def check_task(self, task: asyncio.Task, where: str) -> None:
         if not task.cancelled() and task.exception() is not None:
@@ -451,8 +462,7 @@ class CrashTest:
         for message in self.messages.values():
             if not message.acked:
                 continue
-            targets = [(message.to, d) for d in message.c] + [(message.sender, d) for d in message.own]
-            for target in targets:
+            for target in message.targets():
                 device = by_name[target]
                 if (message.sender, message.msg_id) not in device.seen:
                     missing.append((device, message))
