@@ -36,6 +36,7 @@ from interlink.core.errors import (
     StoreLimitError,
     MoveError,
     MalformedRecordError,
+    NatsProtocolError,
     TooManyStanzasError,
     UnknownSuiteError,
 )
@@ -75,6 +76,7 @@ __all__ = [
     "StoreLimitError",
     "MoveError",
     "MalformedRecordError",
+    "NatsProtocolError",
     "TooManyStanzasError",
     "UnknownSuiteError",
 ]

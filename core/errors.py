@@ -30,6 +30,7 @@ answer with an ``err`` stanza or close with a named reason; operators count them
     ├── StoreLimitError              a per-user bound of the store was reached (too_large)
     ├── MoveError                    a cluster data move cannot be made as asked (nothing written)
     ├── MalformedRecordError         another cluster node relayed a record no node sends
+    ├── NatsProtocolError            a NATS server broke the client protocol or refused this node
     ├── SessionClosedError           client side: the session ended (``reason``)
     │   └── RedirectedError          the user's home is another node of the cluster (``bye redirect``)
     ├── UpgradeRefusedError          client side: the gateway refused the WebSocket upgrade (HTTP status)
@@ -262,6 +263,13 @@ class MoveError(InterlinkError):
 class MalformedRecordError(InterlinkError):
     """A record another node of the cluster relayed that no node of this version sends (its bug,
     or a node that should not be trusted): counted, answered ``internal``."""
+
+
+class NatsProtocolError(InterlinkError):
+    """A NATS server's byte stream broke the client protocol (an unknown operation, a control line
+    or payload over the bounds, a ``MSG`` whose size is not a number) or the server refused this
+    node's connection (``-ERR`` before its ``PONG``): the cluster link drops the connection and
+    connects again (at start: the node does not serve)."""
 
 
 class UpgradeRefusedError(InterlinkError):

@@ -1,8 +1,8 @@
 """Write the seed corpora (and libFuzzer dictionaries) of the frames, handshake, server_hello,
-config and proxy harnesses.
+config, proxy and nats_wire harnesses.
 
-    .venv/bin/python fuzz/make_seeds.py            # rewrites fuzz/corpus/{frames,handshake,server_hello,config,proxy}/
-                                                   # and fuzz/{handshake,server_hello,config,proxy}.dict
+    .venv/bin/python fuzz/make_seeds.py            # rewrites fuzz/corpus/{frames,handshake,server_hello,config,proxy,
+                                                   # nats_wire}/ and fuzz/{handshake,server_hello,config,proxy,nats_wire}.dict
     .venv/bin/python fuzz/make_seeds.py proxy      # one harness only
 
 Every seed is deterministic (fixed keys from ``fuzzkeys.py``, Ed25519 signatures are deterministic,
@@ -499,8 +499,44 @@ def proxy_tokens() -> list:
     return list(dict.fromkeys(tokens))  # 0x21 is a command byte and a family byte: once
 
 
+# -------------------------------------------------------------------------------- nats_wire
+
+
+def nats_wire_seed(stream: bytes, max_payload: int = 3, first: int = 4096, cut: int = 0) -> bytes:
+    """Layout of fuzz_nats_wire.check: max_payload's index, the first read's size, the cycle's
+    start, then the stream."""
+    return Seed.of(stream, [(0, 3, max_payload), (0, 4096, first), (0, 7, cut)])
+
+
+def nats_wire_seeds() -> dict:
+    info = b'INFO {"server_id":"NDX","version":"2.10.0","proto":1,"max_payload":1048576,"nonce":"n0nce"}\r\n'
+    relay = msgpack.packb({"m": b"\x01" * 16, "r": [[1, "p", "alice", "d1", 65536, {"t": "msg"}]]})
+    message = b"MSG interlink.node-a.relay.node-b 1 %d\r\n%s\r\n" % (len(relay), relay)
+    return {
+        "connect": nats_wire_seed(info + b"PONG\r\n"),
+        "relay-batch": nats_wire_seed(message, first=7, cut=2),
+        "everything": nats_wire_seed(info + b"PING\r\n" + message + b"MSG _INBOX.a 2 reply.b 0\r\n\r\n+OK\r\n"
+                                     b"-ERR 'Permissions Violation for Publish to \"x\"'\r\nmsg\tx\t3\t2\r\nab\r\n",
+                                     first=1, cut=5),
+        "payload-with-crlf": nats_wire_seed(b"MSG a 1 6\r\n\r\nMSG\r\n\r\n", max_payload=0, first=3),
+        "over-max-payload": nats_wire_seed(b"MSG a 1 17\r\n" + b"x" * 17 + b"\r\n", max_payload=0),
+        "payload-not-ended": nats_wire_seed(b"MSG a 1 3\r\nabcd\r\n"),
+        "hmsg": nats_wire_seed(b"HMSG a 1 12 14\r\nNATS/1.0\r\n\r\nab\r\n"),
+        "long-line": nats_wire_seed(b"INFO " + b"9" * 4100 + b"\r\n", first=4000, cut=6),
+        "line-at-the-bound": nats_wire_seed(b"-ERR '" + b"e" * 4089 + b"'\r\nPING\r\n", first=4095, cut=1),
+        "deep-json": nats_wire_seed(b"INFO " + b"[" * 2000 + b"\r\n"),
+        "bad-msg-arguments": nats_wire_seed(b"MSG a b 3\r\nabc\r\n"),
+        "empty-line": nats_wire_seed(b"PING\r\n\r\n"),
+    }
+
+
+def nats_wire_tokens() -> list:
+    return [b"MSG ", b"INFO ", b"PING\r\n", b"PONG\r\n", b"+OK\r\n", b"-ERR '", b"\r\n", b"HMSG ", b" 1 ",
+            b' {"max_payload":16}', b"\t", b"interlink.node-a.relay.node-b"]
+
+
 DICTIONARIES = {"handshake": handshake_tokens, "server_hello": server_hello_tokens, "config": config_tokens,
-                "proxy": proxy_tokens}
+                "proxy": proxy_tokens, "nats_wire": nats_wire_tokens}
 
 
 # ------------------------------------------------------------------------------- main
@@ -511,6 +547,7 @@ HARNESSES = {
     "server_hello": server_hello_seeds,
     "config": config_seeds,
     "proxy": proxy_seeds,
+    "nats_wire": nats_wire_seeds,
 }
 
 
