@@ -1,6 +1,8 @@
 """The floor under a cross-node message's cost (issue 18): what one request and its answer cost
-in CPU between two processes, over NATS (nats-py, as ``ClusterLink`` uses it) and over a bare
-loopback TCP connection, one at a time — with no gateway work around them.
+in CPU between two processes, over NATS — through nats-py (``ClusterLink``'s ``hello``; its relay
+until the lean data path), through ``NatsConnection`` (``core/edge/natsconn.py``, how relayed
+stanzas and answers travel now) and through the bare protocol — and over a bare loopback TCP
+connection, one at a time, with no gateway work around them.
 
 ``bench/cluster_cost.py``'s closed loop (one message in flight) puts every cross-node message
 through one NATS round trip (node A publishes the relayed stanza, node B publishes its answer);
@@ -34,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 from interlink.load.nats import LocalNats  # noqa: E402
 from interlink.load.procstat import schedstat_s  # noqa: E402
 
-TRANSPORTS = ("nats", "nats-raw", "tcp")
+TRANSPORTS = ("nats", "natsconn", "nats-raw", "tcp")
 WARM_S = 0.5
 
 
@@ -78,6 +80,38 @@ async def _ask_nats(url: str, request_bytes: int, seconds: float) -> None:
 
     await _timed(once, seconds)
     await nc.close()
+
+
+async def _natsconn(url: str, subscribe: bytes, on_message):
+    from interlink.core.edge.natsconn import NatsConnection
+
+    connection = NatsConnection([url], name="floor")
+    connection.subscribe(subscribe, lambda subject, payload: on_message())
+    await connection.connect()
+    return connection
+
+
+async def _echo_natsconn(url: str, answer_bytes: int) -> None:
+    answer = b"a" * answer_bytes
+    connection = await _natsconn(url, b"floor.request", lambda: connection.publish(b"floor.answer", answer))
+    print("ready", flush=True)
+    await asyncio.Event().wait()
+
+
+async def _ask_natsconn(url: str, request_bytes: int, seconds: float) -> None:
+    loop = asyncio.get_running_loop()
+    waiting: list[asyncio.Future] = []
+    connection = await _natsconn(url, b"floor.answer", lambda: waiting.pop().set_result(None))
+    request = b"r" * request_bytes
+
+    async def once() -> None:
+        future = loop.create_future()
+        waiting.append(future)
+        connection.publish(b"floor.request", request)
+        await future
+
+    await _timed(once, seconds)
+    await connection.close()
 
 
 class _RawNats(asyncio.Protocol):
@@ -222,6 +256,10 @@ def child(args) -> None:
         coroutine = _echo_nats(args.url, args.answer)
     elif args.role == "ask-nats":
         coroutine = _ask_nats(args.url, args.request, args.seconds)
+    elif args.role == "echo-natsconn":
+        coroutine = _echo_natsconn(args.url, args.answer)
+    elif args.role == "ask-natsconn":
+        coroutine = _ask_natsconn(args.url, args.request, args.seconds)
     elif args.role == "echo-nats-raw":
         coroutine = _echo_nats_raw(args.url, args.answer)
     elif args.role == "ask-nats-raw":
@@ -302,7 +340,7 @@ async def _with_nats(args) -> tuple[list[dict], str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=5.0, help="measured window of each run")
-    parser.add_argument("--repeats", type=int, default=3, help="nats, nats-raw, tcp, nats...: this many rounds")
+    parser.add_argument("--repeats", type=int, default=3, help="nats, natsconn, nats-raw, tcp, nats...: this many rounds")
     parser.add_argument("--request", type=int, default=300, help="request bytes (a relayed msg stanza is ~300)")
     parser.add_argument("--answer", type=int, default=60, help="answer bytes (a relayed ack is ~60)")
     for name in ("a", "b", "nats"):

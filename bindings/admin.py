@@ -200,8 +200,14 @@ _LINK_COUNTERS = (
      "NATS messages on this node's subjects naming no other node of the list."),
     ("unpackable", "interlink_cluster_link_unpackable", "Relayed entries this node could not pack (its bug; dropped)."),
     ("publish_failures", "interlink_cluster_link_publish_failures",
-     "Publishes NATS refused (disconnected with a full buffer: their senders time out)."),
+     "Publishes dropped: not connected to NATS, or 8 MiB not yet taken by the socket (their senders time out)."),
     ("disconnects", "interlink_cluster_link_disconnects", "Times this node lost its NATS connection."),
+    ("stale", "interlink_cluster_link_stale_connections",
+     "Times the NATS server left two PINGs unanswered and the connection was dropped."),
+    ("server_errors", "interlink_cluster_link_server_errors",
+     "-ERR lines the NATS server sent after the connect (a publish its permissions forbid)."),
+    ("handler_errors", "interlink_cluster_link_handler_errors",
+     "NATS messages whose handling raised (this node's bug; the connection goes on)."),
 )
 
 _JWKS_COUNTERS = (

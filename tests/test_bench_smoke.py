@@ -145,8 +145,8 @@ def test_cluster_groups_runs_every_phase_and_reports_them(tmp_path):
 
 
 def test_nats_floor_runs_every_transport_and_reports_it(tmp_path):
-    """bench/nats_floor.py, tiny: one run of each transport (nats-py, the bare NATS protocol, bare
-    TCP) through a real nats-server; every run made round trips and measured both processes' CPU.
+    """bench/nats_floor.py, tiny: one run of each transport (nats-py, the node's own NATS
+    connection, the bare NATS protocol, bare TCP) through a real nats-server; every run made round trips and measured both processes' CPU.
     No timings."""
     result = subprocess.run(
         [sys.executable, "bench/nats_floor.py", "--seconds", "0.3", "--repeats", "1"],
@@ -155,8 +155,8 @@ def test_nats_floor_runs_every_transport_and_reports_it(tmp_path):
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads(result.stdout)
-    assert [run["transport"] for run in report["runs"]] == ["nats", "nats-raw", "tcp"]
+    assert [run["transport"] for run in report["runs"]] == ["nats", "natsconn", "nats-raw", "tcp"]
     for run in report["runs"]:
         assert run["round_trips"] > 0 and run["ask_us"] > 0 and run["echo_us"] > 0, run
         assert abs(run["both_us"] - run["ask_us"] - run["echo_us"]) < 0.2, run
-    assert set(report["summary"]) == {"nats", "nats-raw", "tcp"} and report["nats_server"]
+    assert set(report["summary"]) == {"nats", "natsconn", "nats-raw", "tcp"} and report["nats_server"]

@@ -7,8 +7,10 @@ Each node listens under ``interlink.<node id>.``: ``relay.<from>`` (batches of s
 and by ``interlink cluster status``). The sending node is named by the subject, which NATS
 permissions can pin to each node's credentials (docs/operations.md "Running a cluster"), and
 must be one of the node list. What the relay gathers in one event-loop turn leaves in one NATS
-message per node, in order through one sender task, so a device's stanzas to a node arrive
-there in the order it sent them. Payloads are msgpack maps:
+message per node, written in that turn on one connection, so a device's stanzas to a node arrive
+there in the order it sent them. ``relay`` and ``answers`` travel on the node's own lean NATS
+connection (``core/edge/natsconn.py``: about half nats-py's CPU per message); ``hello`` and
+``cluster status`` on nats-py. Payloads are msgpack maps:
 
 * relay: ``{"m": digest, "r": [[seq, provider, localpart, device, max plaintext, stanza], ...]}``
 * answers: ``{"a": [[seq, encoded answer stanza or nil], ...]}``
@@ -25,13 +27,14 @@ import logging
 import os
 import ssl
 import time
-from collections import Counter, deque
+from collections import Counter
 
 import msgpack
 
 from interlink.core.domain.cluster import redact
 from interlink.core.domain.relay import internal_error
 from interlink.core.edge.metrics import Histogram
+from interlink.core.edge.natsconn import CONNECT_FAULTS, NatsConnection
 from interlink.core.errors import ConfigError
 
 log = logging.getLogger("interlink.cluster")
@@ -66,17 +69,19 @@ class ClusterLink:
         self.relay.wake = self._wake
         self.software = software
         self.clock = clock
-        self.nc = None
+        self.nc = None  # nats-py: hello and status
+        self.wire: NatsConnection | None = None  # relayed stanzas and their answers
         self.round_trips = Histogram(RELAY_BUCKETS_S)  # relayed stanza -> its answer, seconds
         self.counters: Counter = Counter()
-        self._queue: deque = deque()  # (subject, payload) for the sender task, in order
-        self._ready = asyncio.Event()
-        self._sender: asyncio.Task | None = None
         self._ticker: asyncio.TimerHandle | None = None
         self._max_batch_bytes = 512 * 1024
         self._closing = False
         self.instance = os.urandom(8).hex()  # tells this process from another started with the same node id
-        self._relay_subscription = None
+        self._relay_subscription: int | None = None
+        self._publish_failing = False  # a failed publish was logged; the next is not, until reconnected
+        others = [node for node in cluster.nodes if node != self.node]
+        self._relay_subjects = {node: subject(node, "relay", self.node).encode() for node in others}
+        self._answer_subjects = {node: subject(node, "answers", self.node).encode() for node in others}
         self._instances: dict[str, str] = {}  # node -> the instance id of its process that said hello last
 
     # -- lifecycle
@@ -89,43 +94,53 @@ class ClusterLink:
         config = self.config
         options = nats_options(config, f"interlink-{self.node}")
         options.update(allow_reconnect=True, max_reconnect_attempts=START_ATTEMPTS, reconnect_time_wait=0.5,
-                       error_cb=self._nats_error, disconnected_cb=self._disconnected, reconnected_cb=self._reconnected)
-        servers = ", ".join(redact(url) for url in config.nats)
+                       error_cb=self._nats_error)
         # nats-py retries some failures without end (a TLS certificate it does not trust): bounded here.
         give_up_s = (CONNECT_TIMEOUT_S + 0.5) * (START_ATTEMPTS + 1) * len(config.nats) + 1.0
         try:
             self.nc = await asyncio.wait_for(nats.connect(**options), give_up_s)
-        except (TimeoutError, asyncio.TimeoutError):
-            hint = (" (TLS: is cluster.nats_ca_file the CA that signed the servers' certificates?)"
-                    if any(url.startswith("tls://") for url in config.nats) else "")
-            raise ConfigError(f"cluster.nats: cannot connect to {servers} within {give_up_s:.0f} s{hint}") from None
         except Exception as exc:  # nats-py raises several kinds (no servers, TLS, auth): all mean the same here
-            raise ConfigError(f"cluster.nats: cannot connect to {servers}: {type(exc).__name__} {exc}".rstrip()) from None
+            raise self._cannot_connect(exc, give_up_s) from None
         # Once in, never give up on NATS: relayed stanzas wait (and time out) while it is away.
         self.nc.options["max_reconnect_attempts"] = -1
+        self.wire = NatsConnection(config.nats, name=f"interlink-{self.node}-relay", tls=options.get("tls"),
+                                   credentials=config.nats_credentials or None, connect_timeout_s=CONNECT_TIMEOUT_S,
+                                   counters=self.counters, on_disconnected=self._disconnected,
+                                   on_reconnected=self._reconnected)
         try:
-            if self.nc.max_payload < MIN_MAX_PAYLOAD:
-                raise ConfigError(f"cluster.nats: the NATS servers' max_payload is {self.nc.max_payload} bytes; a "
-                                  f"cluster needs at least {MIN_MAX_PAYLOAD} (nats-server's default is 1 MB)")
-            self._max_batch_bytes = self.nc.max_payload - 1024  # room for the map around the entries
-            # A group fan-out window leaves in one NATS message with room for the turn's other stanzas
-            # (cut in two it would still be stored in order, but sent again in part).
-            self.relay.outbox.window_bytes = min(self.relay.outbox.window_bytes, self._max_batch_bytes // 2)
             await self.nc.subscribe(subject(self.node, "hello"), cb=self._on_hello)
             await self.nc.flush()
             await self._refuse_twin()
-            self._relay_subscription = await self.nc.subscribe(subject(self.node, "relay", "*"), cb=self._on_relay)
-            await self.nc.subscribe(subject(self.node, "answers", "*"), cb=self._on_answers)
-            await self.nc.flush()
+            # Subscribed before the connect's PONG: another node's fan-out sent at this node's hello arrives.
+            self._relay_subscription = self.wire.subscribe(subject(self.node, "relay", "*").encode(), self._on_relay)
+            self.wire.subscribe(subject(self.node, "answers", "*").encode(), self._on_answers)
+            try:
+                await asyncio.wait_for(self.wire.connect(START_ATTEMPTS), give_up_s)
+            except CONNECT_FAULTS as exc:
+                raise self._cannot_connect(exc, give_up_s) from None
+            if self.wire.max_payload < MIN_MAX_PAYLOAD:
+                raise ConfigError(f"cluster.nats: the NATS servers' max_payload is {self.wire.max_payload} bytes; a "
+                                  f"cluster needs at least {MIN_MAX_PAYLOAD} (nats-server's default is 1 MB)")
+            self._max_batch_bytes = self.wire.max_payload - 1024  # room for the map around the entries
+            # A group fan-out window leaves in one NATS message with room for the turn's other stanzas
+            # (cut in two it would still be stored in order, but sent again in part).
+            self.relay.outbox.window_bytes = min(self.relay.outbox.window_bytes, self._max_batch_bytes // 2)
             await self.check_membership()
         except BaseException:
+            await self.wire.close()
             await self.nc.close()
             raise
-        self._sender = asyncio.get_running_loop().create_task(self._send_loop())
         self._keep_ticking()  # group fan-out entries left from before a restart go out now
-        log.info("cluster node %s joined through %s (node list version %d, %d nodes)", self.node,
-                 redact(str(self.nc.connected_url.geturl())) if self.nc.connected_url else "?", config.version,
-                 len(config.nodes))
+        log.info("cluster node %s joined through %r (node list version %d, %d nodes)", self.node, self.wire.server,
+                 config.version, len(config.nodes))
+
+    def _cannot_connect(self, exc: BaseException, give_up_s: float) -> ConfigError:
+        servers = ", ".join(redact(url) for url in self.config.nats)
+        if isinstance(exc, (TimeoutError, asyncio.TimeoutError)):
+            hint = (" (TLS: is cluster.nats_ca_file the CA that signed the servers' certificates?)"
+                    if any(url.startswith("tls://") for url in self.config.nats) else "")
+            return ConfigError(f"cluster.nats: cannot connect to {servers} within {give_up_s:.0f} s{hint}")
+        return ConfigError(f"cluster.nats: cannot connect to {servers}: {type(exc).__name__} {exc}".rstrip())
 
     async def _refuse_twin(self) -> None:
         """``ConfigError`` if another process answers for this node id. Asked after subscribing, so
@@ -177,10 +192,7 @@ class ClusterLink:
         """Take no more stanzas from other nodes (a drain: what they relayed so far is committed
         and answered before ``close``)."""
         if self._relay_subscription is not None:
-            try:
-                await self._relay_subscription.unsubscribe()
-            except Exception as exc:  # NATS is away: nothing more arrives anyway
-                log.warning("cluster: could not unsubscribe from relays: %s", exc or type(exc).__name__)
+            self.wire.unsubscribe(self._relay_subscription)  # not connected: nothing arrives anyway
             self._relay_subscription = None
 
     async def close(self) -> None:
@@ -195,15 +207,9 @@ class ClusterLink:
         if self.nc is None:
             return
         self._flush()
-        while self._queue and self.nc.is_connected:
-            await asyncio.sleep(0.001)
-        if self._sender is not None:
-            self._sender.cancel()
-            self._sender = None
-        try:
-            await self.nc.flush(timeout=1)
-        except Exception as exc:  # closing anyway: say what was not confirmed
-            log.warning("cluster: NATS flush at close failed: %s", exc or type(exc).__name__)
+        if not await self.wire.flush(1.0):
+            log.warning("cluster: NATS did not confirm the last relayed stanzas and answers at close")
+        await self.wire.close()
         await self.nc.close()
         self.nc = None
 
@@ -223,16 +229,17 @@ class ClusterLink:
         outgoing, replies = self.relay.take_output()
         try:
             for node, records in outgoing.items():
-                self.counters["batches_out"] += self._publish_batch(subject(node, "relay", self.node), "r", records)
+                self.counters["batches_out"] += self._publish_batch(self._relay_subjects[node], "r", records)
             for node, answers in replies.items():
-                self.counters["answer_batches_out"] += self._publish_batch(subject(node, "answers", self.node), "a", answers)
+                self.counters["answer_batches_out"] += self._publish_batch(self._answer_subjects[node], "a", answers)
         finally:
             self._keep_ticking()
 
-    def _publish_batch(self, name: str, field: str, entries: list) -> int:
-        """Queue ``entries`` for subject ``name`` in one message, or in halves while one would be
+    def _publish_batch(self, name: bytes, field: str, entries: list) -> int:
+        """Publish ``entries`` on subject ``name`` in one message, or in halves while one would be
         over NATS's max_payload (packed once in the usual case); returns how many messages. An
-        entry that cannot be packed is dropped (its sender's deadline answers it)."""
+        entry that cannot be packed, or a message NATS cannot take now, is dropped (its sender's
+        deadline answers it)."""
         batch = {field: entries}
         if field == "r":
             batch["m"] = self.digest
@@ -248,23 +255,15 @@ class ClusterLink:
         if len(payload) > self._max_batch_bytes and len(entries) > 1:
             half = len(entries) // 2
             return self._publish_batch(name, field, entries[:half]) + self._publish_batch(name, field, entries[half:])
-        self._queue.append((name, payload))
-        self._ready.set()
-        return 1
-
-    async def _send_loop(self) -> None:
-        """The one task that publishes, in queue order (NATS keeps one publisher's order)."""
-        queue = self._queue
-        while True:
-            await self._ready.wait()
-            self._ready.clear()
-            while queue:
-                name, payload = queue.popleft()
-                try:
-                    await self.nc.publish(name, payload)
-                except Exception as exc:  # disconnected with a full buffer: the senders' deadlines answer them
-                    self.counters["publish_failures"] += 1
-                    log.warning("cluster: could not publish to %s: %s", name, exc or type(exc).__name__)
+        if self.wire.publish(name, payload):
+            return 1
+        self.counters["publish_failures"] += 1
+        if not self._publish_failing:  # once per outage: a log line per dropped message says nothing more
+            self._publish_failing = True
+            log.warning("cluster: cannot publish to %s (%s): dropping relayed stanzas and answers until NATS takes "
+                        "them again (their senders time out)", name.decode(),
+                        "not connected" if not self.wire.connected else "NATS is not taking them fast enough")
+        return 0
 
     def _tick(self) -> None:
         self._ticker = None
@@ -281,35 +280,35 @@ class ClusterLink:
 
     # -- input
 
-    def _origin(self, message) -> str | None:
+    def _origin(self, name: str) -> str | None:
         """The node a relay or answers message came from (its subject's last token), if a node."""
-        origin = message.subject.rpartition(".")[2]
+        origin = name.rpartition(".")[2]
         if origin == self.node or origin not in self.config.nodes:
             self.counters["unknown_origin"] += 1
-            log.error("cluster: a message on %s names no other node of the list", message.subject)
+            log.error("cluster: a message on %s names no other node of the list", name)
             return None
         return origin
 
-    def _read(self, message, field: str) -> tuple[str, dict, list] | None:
+    def _read(self, name: str, payload: bytes, field: str) -> tuple[str, dict, list] | None:
         """A relay or answers message: (origin node, the batch, its list ``field``), or None when it
         names no other node or cannot be read (another node's bug: counted, logged, dropped —
         its senders time out)."""
-        origin = self._origin(message)
+        origin = self._origin(name)
         if origin is None:
             return None
         try:
-            batch = _unpack(message.data)
+            batch = _unpack(payload)
             entries = batch[field]
             if type(entries) is not list:
                 raise TypeError(f"the batch's {field!r} is not a list")
         except Exception as exc:  # anything unreadable is the same fault here
             self.counters["malformed_batches"] += 1
-            log.error("cluster: unreadable batch on %s from %s: %s", message.subject, origin, exc)
+            log.error("cluster: unreadable batch on %s from %s: %s", name, origin, exc)
             return None
         return origin, batch, entries
 
-    async def _on_relay(self, message) -> None:
-        read = self._read(message, "r")
+    def _on_relay(self, name: str, payload: bytes) -> None:
+        read = self._read(name, payload, "r")
         if read is None:
             return
         origin, batch, records = read
@@ -328,8 +327,8 @@ class ClusterLink:
         finally:
             self.server.cluster_input_done()
 
-    async def _on_answers(self, message) -> None:
-        read = self._read(message, "a")
+    def _on_answers(self, name: str, payload: bytes) -> None:
+        read = self._read(name, payload, "a")
         if read is None:
             return
         origin, _, answers = read
@@ -387,16 +386,19 @@ class ClusterLink:
     async def _nats_error(self, exc) -> None:
         log.warning("cluster: NATS: %s", exc or type(exc).__name__)
 
-    async def _disconnected(self) -> None:
-        if self._closing:
-            return
+    @property
+    def connected(self) -> bool:
+        """Whether relayed stanzas can leave now."""
+        return self.wire is not None and self.wire.connected
+
+    def _disconnected(self) -> None:
         self.counters["disconnects"] += 1
         log.warning("cluster: disconnected from NATS; relayed stanzas wait (their senders get overloaded past "
                     "%.1f s)", self.config.request_timeout_s)
 
-    async def _reconnected(self) -> None:
-        log.info("cluster: reconnected to NATS at %s",
-                 redact(str(self.nc.connected_url.geturl())) if self.nc.connected_url else "?")
+    def _reconnected(self) -> None:
+        self._publish_failing = False
+        log.info("cluster: reconnected to NATS at %r", self.wire.server)
 
 
 def nats_options(cluster, name: str) -> dict:

@@ -959,7 +959,7 @@ class GatewayServer:
         return {"node": cluster.node, "relay": dict(relay.counters), "waiting": len(relay.waiting),
                 "outbox": {node: stream.backlog for node, stream in relay.outbox.streams.items()},
                 "link": dict(cluster.counters), "round_trip_seconds": cluster.round_trips.snapshot(),
-                "connected": bool(cluster.nc is not None and cluster.nc.is_connected)}
+                "connected": cluster.connected}
 
     def _push_stats(self) -> dict:
         push = self.push
