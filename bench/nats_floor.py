@@ -86,7 +86,7 @@ async def _natsconn(url: str, subscribe: bytes, on_message):
     from interlink.core.edge.natsconn import NatsConnection
 
     connection = NatsConnection([url], name="floor")
-    connection.subscribe(subscribe, lambda subject, payload: on_message())
+    connection.subscribe(subscribe, lambda subject, reply, payload: on_message())
     await connection.connect()
     return connection
 

@@ -14,7 +14,8 @@ stream itself. Per input:
   and raises at the piece the reference's error lies in, never earlier and never without one.
 * It never holds more than a control line's bound or one payload's (``max_payload`` + CRLF):
   what a server sends cannot make a node buffer more.
-* Each operation has its types (``MSG``: str subject, int sid, str or None reply, bytes payload).
+* Each operation has its types (``MSG``: str subject, int sid, str or None reply, bytes payload;
+  ``HMSG`` the same and its status, an int or None).
 """
 
 from __future__ import annotations
@@ -33,7 +34,9 @@ else:
 with instrumenting:
     import fuzzlib
     from interlink.core.errors import NatsProtocolError
-    from interlink.core.protocol.natswire import ERR, INFO, MAX_CONTROL_LINE, MSG, OK, PING_OP, PONG_OP, NatsReader
+    from interlink.core.protocol.natswire import (
+        ERR, HMSG, INFO, MAX_CONTROL_LINE, MSG, OK, PING_OP, PONG_OP, NatsReader,
+    )
 
 MAX_PAYLOADS = (16, 100, 4096, 1024 * 1024)
 CUTS = (1, 2, 3, 5, 8, 13, 64, 1000)
@@ -78,6 +81,31 @@ def reference(stream: bytes, max_payload: int) -> tuple[list, int | None]:
                 return operations, at + size + 2
             operations.append((MSG, subject, int(sid), reply, stream[at:at + size]))
             at += size + 2
+        elif name == b"HMSG":
+            arguments = words[1:]
+            if len(arguments) not in (4, 5):
+                return operations, at
+            numbers = arguments[1], arguments[-2], arguments[-1]
+            if not all(number.isdigit() and len(number) <= 19 for number in numbers):
+                return operations, at
+            sid, header_size, size = (int(number) for number in numbers)
+            if size > max_payload or not 12 <= header_size <= size:
+                return operations, at
+            try:
+                subject = arguments[0].decode("utf-8")
+                reply = arguments[2].decode("utf-8") if len(arguments) == 5 else None
+            except UnicodeDecodeError:
+                return operations, at
+            if len(stream) < at + size + 2:
+                return operations, None
+            headers = stream[at:at + header_size]
+            if stream[at + size:at + size + 2] != b"\r\n" or not (headers.startswith(b"NATS/1.0")
+                                                                  and headers.endswith(b"\r\n\r\n")):
+                return operations, at + size + 2
+            status_line = headers[8:headers.index(b"\r\n")].split()
+            status = int(status_line[0]) if status_line and len(status_line[0]) == 3 and status_line[0].isdigit() else None
+            operations.append((HMSG, subject, sid, reply, stream[at + header_size:at + size], status))
+            at += size + 2
         elif name == b"PING":
             operations.append((PING_OP,))
         elif name == b"PONG":
@@ -100,11 +128,14 @@ def reference(stream: bytes, max_payload: int) -> tuple[list, int | None]:
 
 def _check_types(operation: tuple, where: str) -> None:
     kind = operation[0]
-    if kind == MSG:
-        _, subject, sid, reply, payload = operation
+    if kind in (MSG, HMSG):
+        subject, sid, reply, payload = operation[1:5]
         if not (type(subject) is str and type(sid) is int and (reply is None or type(reply) is str)
-                and type(payload) is bytes):
-            raise AssertionError(f"{where}: a MSG of types {[type(part).__name__ for part in operation]}")
+                and type(payload) is bytes and (kind == MSG and len(operation) == 5
+                                                or len(operation) == 6 and (operation[5] is None
+                                                                            or type(operation[5]) is int
+                                                                            and 0 <= operation[5] <= 999))):
+            raise AssertionError(f"{where}: a {kind} of types {[type(part).__name__ for part in operation]}")
     elif kind == INFO and type(operation[1]) is not dict or kind == ERR and type(operation[1]) is not str:
         raise AssertionError(f"{where}: {operation!r}"[:300])
 

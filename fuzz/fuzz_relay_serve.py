@@ -1174,7 +1174,7 @@ class Harness:
                    .replace(INC_MARKER, self.incarnation).replace(DIGEST_MARKER.encode(), DIGEST.encode()))
         self._expect_batch(payload, origin)
         try:
-            self.link._on_relay(f"interlink.{HERE}.relay.{origin}", payload)
+            self.link._on_relay(f"interlink.{HERE}.relay.{origin}", None, payload)
         except Violation:
             raise
         except Exception as exc:
@@ -1304,7 +1304,7 @@ class Harness:
         counted = ("answered", "late_answers", "misrouted", "bad_answers")
         before = {name: self.relay.counters[name] for name in counted}
         try:
-            self.link._on_answers(f"interlink.{HERE}.answers.{origin}", payload)
+            self.link._on_answers(f"interlink.{HERE}.answers.{origin}", None, payload)
         except Violation:
             raise
         except Exception as exc:

@@ -527,11 +527,14 @@ def nats_wire_seeds() -> dict:
         "deep-json": nats_wire_seed(b"INFO " + b"[" * 2000 + b"\r\n"),
         "bad-msg-arguments": nats_wire_seed(b"MSG a b 3\r\nabc\r\n"),
         "empty-line": nats_wire_seed(b"PING\r\n\r\n"),
+        "no-responders": nats_wire_seed(b"HMSG _INBOX.q.0 2 16 16\r\nNATS/1.0 503\r\n\r\n\r\nPONG\r\n", first=20, cut=3),
+        "hmsg-bad-headers": nats_wire_seed(b"HMSG a 1 reply 14 16\r\nHTTP/1.1 200\r\n\r\nab\r\n"),
     }
 
 
 def nats_wire_tokens() -> list:
     return [b"MSG ", b"INFO ", b"PING\r\n", b"PONG\r\n", b"+OK\r\n", b"-ERR '", b"\r\n", b"HMSG ", b" 1 ",
+            b"NATS/1.0", b"NATS/1.0 503\r\n\r\n", b" 16 16\r\n",
             b' {"max_payload":16}', b"\t", b"interlink.node-a.relay.node-b"]
 
 

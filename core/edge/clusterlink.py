@@ -8,9 +8,9 @@ and by ``interlink cluster status``). The sending node is named by the subject, 
 permissions can pin to each node's credentials (docs/operations.md "Running a cluster"), and
 must be one of the node list. What the relay gathers in one event-loop turn leaves in one NATS
 message per node, written in that turn on one connection, so a device's stanzas to a node arrive
-there in the order it sent them. ``relay`` and ``answers`` travel on the node's own lean NATS
-connection (``core/edge/natsconn.py``: about half nats-py's CPU per message); ``hello`` and
-``cluster status`` on nats-py. Payloads are msgpack maps:
+there in the order it sent them. Everything travels on the node's own NATS connection
+(``core/edge/natsconn.py``: about half nats-py's CPU per message, and TLS wherever it is asked
+for). Payloads are msgpack maps:
 
 * relay: ``{"m": digest, "r": [[seq, provider, localpart, device, max plaintext, stanza], ...]}``
 * answers: ``{"a": [[seq, encoded answer stanza or nil], ...]}``
@@ -34,7 +34,7 @@ import msgpack
 from interlink.core.domain.cluster import redact
 from interlink.core.domain.relay import internal_error
 from interlink.core.edge.metrics import Histogram
-from interlink.core.edge.natsconn import CONNECT_FAULTS, NatsConnection
+from interlink.core.edge.natsconn import CONNECT_FAULTS, NatsConnection, read_credentials
 from interlink.core.errors import ConfigError
 
 log = logging.getLogger("interlink.cluster")
@@ -69,8 +69,7 @@ class ClusterLink:
         self.relay.wake = self._wake
         self.software = software
         self.clock = clock
-        self.nc = None  # nats-py: hello and status
-        self.wire: NatsConnection | None = None  # relayed stanzas and their answers
+        self.wire: NatsConnection | None = None
         self.round_trips = Histogram(RELAY_BUCKETS_S)  # relayed stanza -> its answer, seconds
         self.counters: Counter = Counter()
         self._ticker: asyncio.TimerHandle | None = None
@@ -89,104 +88,63 @@ class ClusterLink:
     async def start(self) -> None:
         """Connect, refuse a second process with this node id or a node running another node list
         (``ConfigError``), then listen."""
-        import nats
-
         config = self.config
-        options = nats_options(config, f"interlink-{self.node}")
-        options.update(allow_reconnect=True, max_reconnect_attempts=START_ATTEMPTS, reconnect_time_wait=0.5,
-                       error_cb=self._nats_error)
-        # nats-py retries some failures without end (a TLS certificate it does not trust): bounded here.
+        self.wire = NatsConnection(config.nats, name=f"interlink-{self.node}", tls=nats_tls(config),
+                                   credentials=config.nats_credentials or None, connect_timeout_s=CONNECT_TIMEOUT_S,
+                                   min_max_payload=MIN_MAX_PAYLOAD, counters=self.counters, echo=True,
+                                   on_disconnected=self._disconnected, on_reconnected=self._reconnected)
+        check_credentials(config)
+        self.wire.subscribe(subject(self.node, "hello").encode(), self._on_hello)
         give_up_s = (CONNECT_TIMEOUT_S + 0.5) * (START_ATTEMPTS + 1) * len(config.nats) + 1.0
         try:
-            self.nc = await asyncio.wait_for(nats.connect(**options), give_up_s)
-        except Exception as exc:  # nats-py raises several kinds (no servers, TLS, auth): all mean the same here
-            raise self._cannot_connect(exc, give_up_s) from None
-        # Once in, never give up on NATS: relayed stanzas wait (and time out) while it is away.
-        self.nc.options["max_reconnect_attempts"] = -1
-        self.wire = NatsConnection(config.nats, name=f"interlink-{self.node}-relay", tls=options.get("tls"),
-                                   credentials=config.nats_credentials or None, connect_timeout_s=CONNECT_TIMEOUT_S,
-                                   counters=self.counters, on_disconnected=self._disconnected,
-                                   on_reconnected=self._reconnected)
-        try:
-            await self.nc.subscribe(subject(self.node, "hello"), cb=self._on_hello)
-            await self.nc.flush()
-            await self._refuse_twin()
-            # Subscribed before the connect's PONG: another node's fan-out sent at this node's hello arrives.
-            self._relay_subscription = self.wire.subscribe(subject(self.node, "relay", "*").encode(), self._on_relay)
-            self.wire.subscribe(subject(self.node, "answers", "*").encode(), self._on_answers)
             try:
                 await asyncio.wait_for(self.wire.connect(START_ATTEMPTS), give_up_s)
             except CONNECT_FAULTS as exc:
-                raise self._cannot_connect(exc, give_up_s) from None
-            if self.wire.max_payload < MIN_MAX_PAYLOAD:
-                raise ConfigError(f"cluster.nats: the NATS servers' max_payload is {self.wire.max_payload} bytes; a "
-                                  f"cluster needs at least {MIN_MAX_PAYLOAD} (nats-server's default is 1 MB)")
-            self._max_batch_bytes = self.wire.max_payload - 1024  # room for the map around the entries
-            # A group fan-out window leaves in one NATS message with room for the turn's other stanzas
-            # (cut in two it would still be stored in order, but sent again in part).
-            self.relay.outbox.window_bytes = min(self.relay.outbox.window_bytes, self._max_batch_bytes // 2)
+                raise cannot_connect(config, exc, give_up_s) from None
+            self._sized_to_the_server()
+            await self._refuse_twin()
+            # Only now: a second process of this node id must never take the first one's stanzas.
+            self._relay_subscription = self.wire.subscribe(subject(self.node, "relay", "*").encode(), self._on_relay)
+            self.wire.subscribe(subject(self.node, "answers", "*").encode(), self._on_answers)
+            if not await self.wire.flush(HELLO_TIMEOUT_S):  # the SUBs are in before any node hears our hello
+                raise ConfigError(f"cluster.nats: NATS did not confirm this node's subscriptions within "
+                                  f"{HELLO_TIMEOUT_S:.0f} s")
             await self.check_membership()
         except BaseException:
             await self.wire.close()
-            await self.nc.close()
             raise
         self._keep_ticking()  # group fan-out entries left from before a restart go out now
         log.info("cluster node %s joined through %r (node list version %d, %d nodes)", self.node, self.wire.server,
                  config.version, len(config.nodes))
 
-    def _cannot_connect(self, exc: BaseException, give_up_s: float) -> ConfigError:
-        servers = ", ".join(redact(url) for url in self.config.nats)
-        if isinstance(exc, (TimeoutError, asyncio.TimeoutError)):
-            hint = (" (TLS: is cluster.nats_ca_file the CA that signed the servers' certificates?)"
-                    if any(url.startswith("tls://") for url in self.config.nats) else "")
-            return ConfigError(f"cluster.nats: cannot connect to {servers} within {give_up_s:.0f} s{hint}")
-        return ConfigError(f"cluster.nats: cannot connect to {servers}: {type(exc).__name__} {exc}".rstrip())
+    def _sized_to_the_server(self) -> None:
+        self._max_batch_bytes = self.wire.max_payload - 1024  # room for the map around the entries
+        # A group fan-out window leaves in one NATS message with room for the turn's other stanzas
+        # (cut in two it would still be stored in order, but sent again in part).
+        self.relay.outbox.window_bytes = min(self.relay.outbox.window_bytes, self._max_batch_bytes // 2)
 
     async def _refuse_twin(self) -> None:
-        """``ConfigError`` if another process answers for this node id. Asked after subscribing, so
-        of two instances starting together each sees the other (and both refuse)."""
-        inbox = self.nc.new_inbox()
-        answers: list[dict] = []
-        arrived = asyncio.Event()
-
-        async def collect(message) -> None:
-            try:
-                answers.append(_unpack(message.data))
-            except Exception:  # not a hello answer: someone else's bytes on our inbox
-                return
-            arrived.set()
-
-        subscription = await self.nc.subscribe(inbox, cb=collect)
-        try:
-            await self.nc.publish(subject(self.node, "hello"), self._hello_request(), reply=inbox)
-            await self.nc.flush()
-            try:
-                await asyncio.wait_for(arrived.wait(), HELLO_TIMEOUT_S)  # this instance's own answer, at least
-            except (TimeoutError, asyncio.TimeoutError):
-                pass
-            await asyncio.sleep(TWIN_WAIT_S)
-        finally:
-            await subscription.unsubscribe()
-        if any(isinstance(answer, dict) and answer.get("i") != self.instance for answer in answers):
+        """``ConfigError`` if another process answers for this node id (this one hears its own
+        answer too: the connection's echo). Asked before subscribing to relays, after the hello
+        subscription, so of two instances starting together each sees the other (and both refuse)."""
+        hello = subject(self.node, "hello").encode()
+        answers = await ask(self.wire, [hello], self._hello_request(), HELLO_TIMEOUT_S,
+                            enough=lambda got: any(a.get("i") == self.instance for a in got), linger_s=TWIN_WAIT_S)
+        if any(answer.get("i") != self.instance for answer in answers):
             raise ConfigError(f"cluster.node: node {self.node} is already running (another process answers for it)")
 
     async def check_membership(self) -> None:
         """Ask every other node who it is; ``ConfigError`` if one runs another node list (a node
         that is not up checks this node's list when it starts)."""
-        from nats.errors import NoRespondersError
-
-        for other in self.config.nodes:
-            if other == self.node:
-                continue
-            try:
-                message = await self.nc.request(subject(other, "hello"), self._hello_request(), timeout=HELLO_TIMEOUT_S)
-            except (NoRespondersError, TimeoutError, asyncio.TimeoutError):
-                continue  # not running: it checks this node's list when it starts
-            hello = _unpack(message.data)
-            if hello.get("m") != self.digest:
+        others = sorted(node for node in self.config.nodes if node != self.node)
+        answers = await ask(self.wire, [subject(node, "hello").encode() for node in others], self._hello_request(),
+                            HELLO_TIMEOUT_S)
+        for hello in answers:
+            if hello.get("node") in others and hello.get("m") != self.digest:
                 raise ConfigError(
-                    f"cluster: node {other} runs another node list (its version {hello.get('version')}, this node's "
-                    f"{self.config.version}): every node must list the same nodes, addresses and version; not serving")
+                    f"cluster: node {hello.get('node')} runs another node list (its version {hello.get('version')}, "
+                    f"this node's {self.config.version}): every node must list the same nodes, addresses and version; "
+                    "not serving")
 
     async def stop_serving(self) -> None:
         """Take no more stanzas from other nodes (a drain: what they relayed so far is committed
@@ -204,14 +162,13 @@ class ClusterLink:
             self._ticker = None
         if self.relay.expire(self.clock(), everything=True):
             self.server.cluster_input_done()
-        if self.nc is None:
+        if self.wire is None:
             return
         self._flush()
         if not await self.wire.flush(1.0):
             log.warning("cluster: NATS did not confirm the last relayed stanzas and answers at close")
         await self.wire.close()
-        await self.nc.close()
-        self.nc = None
+        self.wire = None
 
     async def settle(self, timeout_s: float) -> None:
         """Wait until every relayed stanza is answered or timed out (a drain's acks go out first)."""
@@ -262,7 +219,8 @@ class ClusterLink:
             self._publish_failing = True
             log.warning("cluster: cannot publish to %s (%s): dropping relayed stanzas and answers until NATS takes "
                         "them again (their senders time out)", name.decode(),
-                        "not connected" if not self.wire.connected else "NATS is not taking them fast enough")
+                        "8 MiB wait for NATS to come back" if not self.wire.connected
+                        else "NATS is not taking them fast enough")
         return 0
 
     def _tick(self) -> None:
@@ -289,7 +247,7 @@ class ClusterLink:
             return None
         return origin
 
-    def _read(self, name: str, payload: bytes, field: str) -> tuple[str, dict, list] | None:
+    def _read(self, name: str, payload: bytes | None, field: str) -> tuple[str, dict, list] | None:
         """A relay or answers message: (origin node, the batch, its list ``field``), or None when it
         names no other node or cannot be read (another node's bug: counted, logged, dropped —
         its senders time out)."""
@@ -307,7 +265,7 @@ class ClusterLink:
             return None
         return origin, batch, entries
 
-    def _on_relay(self, name: str, payload: bytes) -> None:
+    def _on_relay(self, name: str, reply: str | None, payload: bytes | None) -> None:
         read = self._read(name, payload, "r")
         if read is None:
             return
@@ -327,7 +285,7 @@ class ClusterLink:
         finally:
             self.server.cluster_input_done()
 
-    def _on_answers(self, name: str, payload: bytes) -> None:
+    def _on_answers(self, name: str, reply: str | None, payload: bytes | None) -> None:
         read = self._read(name, payload, "a")
         if read is None:
             return
@@ -346,25 +304,28 @@ class ClusterLink:
         finally:
             self.server.cluster_input_done()
 
-    async def _on_hello(self, message) -> None:
+    def _on_hello(self, name: str, reply: str | None, payload: bytes | None) -> None:
         try:
-            asked = _unpack(message.data)
+            asked = _unpack(payload)
         except Exception:  # answer anyway: the asker learns who runs here
             asked = {}
-        if isinstance(asked, dict) and asked.get("m") not in (None, self.digest):
+        if not isinstance(asked, dict):
+            asked = {}
+        if asked.get("m") not in (None, self.digest):
             log.warning("cluster: node %s runs another node list than this node", asked.get("from"))
-        if isinstance(asked, dict) and asked.get("from") == self.node and asked.get("i") not in (None, self.instance):
+        if asked.get("from") == self.node and asked.get("i") not in (None, self.instance):
             log.error("cluster: another process is starting as node %s (it will refuse to serve)", self.node)
-        origin = asked.get("from") if isinstance(asked, dict) else None
-        instance = asked.get("i") if isinstance(asked, dict) else None
+        origin, instance = asked.get("from"), asked.get("i")
         if (type(origin) is str and origin != self.node and origin in self.config.nodes and asked.get("m") == self.digest
                 and type(instance) is str and self._instances.get(origin) != instance):
             # Another node's new process (a start asks every node): its members' group fan-out goes
             # now. Once per process, and the relay acts at most once per RETRY_S per node.
             self._instances[origin] = instance
             self.relay.node_started(origin, self.clock())
-        if message.reply:
-            await message.respond(msgpack.packb(self.status()))
+        # Only to an inbox: a reply subject is the asker's to choose, and this node may publish
+        # relays and answers under its own name — it must not be made to publish there.
+        if reply is not None and reply.startswith("_INBOX."):
+            self.wire.publish(reply.encode(), msgpack.packb(self.status()))
 
     def _hello_request(self) -> bytes:
         return msgpack.packb({"from": self.node, "m": self.digest, "i": self.instance})
@@ -383,9 +344,6 @@ class ClusterLink:
 
     # -- NATS connection events
 
-    async def _nats_error(self, exc) -> None:
-        log.warning("cluster: NATS: %s", exc or type(exc).__name__)
-
     @property
     def connected(self) -> bool:
         """Whether relayed stanzas can leave now."""
@@ -398,51 +356,95 @@ class ClusterLink:
 
     def _reconnected(self) -> None:
         self._publish_failing = False
+        self._sized_to_the_server()
         log.info("cluster: reconnected to NATS at %r", self.wire.server)
 
 
-def nats_options(cluster, name: str) -> dict:
-    """nats-py connection options for ``cluster`` (credentials, TLS) under the connection name ``name``."""
-    options = dict(servers=list(cluster.nats), name=name, connect_timeout=CONNECT_TIMEOUT_S)
+def check_credentials(cluster) -> None:
+    """``ConfigError`` naming ``cluster.nats_credentials`` when its file cannot be used."""
     if cluster.nats_credentials:
+        read_credentials(cluster.nats_credentials)
+
+
+def nats_tls(cluster) -> ssl.SSLContext | None:
+    """The TLS context for ``cluster.nats_ca_file`` (None: the system's CAs, for ``tls://`` URLs)."""
+    if not cluster.nats_ca_file:
+        return None
+    try:
+        return ssl.create_default_context(cafile=cluster.nats_ca_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"cluster.nats_ca_file: cannot use {cluster.nats_ca_file} as the CA of the NATS servers: "
+                          f"{getattr(exc, 'strerror', None) or exc}") from None
+
+
+def cannot_connect(cluster, exc: BaseException, give_up_s: float) -> ConfigError:
+    servers = ", ".join(redact(url) for url in cluster.nats)
+    if isinstance(exc, (TimeoutError, asyncio.TimeoutError)):
+        hint = (" (TLS: is cluster.nats_ca_file the CA that signed the servers' certificates?)"
+                if any(url.startswith("tls://") for url in cluster.nats) or cluster.nats_ca_file else "")
+        return ConfigError(f"cluster.nats: cannot connect to {servers} within {give_up_s:.0f} s{hint}")
+    return ConfigError(f"cluster.nats: cannot connect to {servers}: {type(exc).__name__} {exc}".rstrip())
+
+
+async def ask(connection: NatsConnection, subjects: list[bytes], request: bytes, timeout_s: float, *,
+              enough=None, linger_s: float = 0.0) -> list[dict]:
+    """Publish ``request`` to each of ``subjects`` with a reply subject of its own and gather the
+    answers (msgpack maps) until every subject answered or NATS said nobody listens there (or
+    ``enough(answers)`` holds), then for ``linger_s`` more; at most ``timeout_s`` in all."""
+    inbox = connection.new_inbox()
+    answers: list[dict] = []
+    settled: set[str] = set()  # subjects that answered, or that nobody listens to
+    done = asyncio.Event()
+
+    def collect(name: str, reply: str | None, payload: bytes | None) -> None:
+        index = name.rpartition(".")[2]
+        if payload is not None:
+            try:
+                answer = _unpack(payload)
+            except Exception:  # not a hello answer: someone else's bytes on our inbox
+                return
+            if not isinstance(answer, dict):
+                return
+            answers.append(answer)
+        settled.add(index)
+        if len(settled) >= len(subjects) or (enough is not None and enough(answers)):
+            done.set()
+
+    sid = connection.subscribe(inbox + b".*", collect)
+    try:
+        for index, name in enumerate(subjects):
+            connection.publish(name, request, reply=inbox + b".%d" % index)
+        started = time.monotonic()
         try:
-            with open(cluster.nats_credentials, "rb"):
-                pass
-        except OSError as exc:
-            raise ConfigError(f"cluster.nats_credentials: cannot read {cluster.nats_credentials}: "
-                              f"{exc.strerror or exc}") from None
-        options["user_credentials"] = cluster.nats_credentials
-    if cluster.nats_ca_file:
-        try:
-            options["tls"] = ssl.create_default_context(cafile=cluster.nats_ca_file)
-        except (OSError, ssl.SSLError) as exc:
-            raise ConfigError(f"cluster.nats_ca_file: cannot use {cluster.nats_ca_file} as the CA of the NATS servers: "
-                              f"{getattr(exc, 'strerror', None) or exc}") from None
-    return options
+            await asyncio.wait_for(done.wait(), timeout_s)
+        except (TimeoutError, asyncio.TimeoutError):
+            return answers
+        await asyncio.sleep(max(0.0, min(linger_s, timeout_s + linger_s - (time.monotonic() - started))))
+    finally:
+        connection.unsubscribe(sid)
+    return answers
 
 
 async def ask_nodes(cluster, timeout_s: float = HELLO_TIMEOUT_S) -> dict[str, dict | None]:
     """Every node's own report (``ClusterLink.status``), None for a node that did not answer:
     what ``interlink cluster status`` shows. ``ConfigError`` when NATS is unreachable."""
-    import nats
-    from nats.errors import NoRespondersError
-
+    check_credentials(cluster)
+    connection = NatsConnection(cluster.nats, name="interlink-cluster-status", tls=nats_tls(cluster),
+                                credentials=cluster.nats_credentials or None, connect_timeout_s=CONNECT_TIMEOUT_S)
+    give_up_s = (CONNECT_TIMEOUT_S + 1.0) * len(cluster.nats)
     try:
-        nc = await asyncio.wait_for(nats.connect(**nats_options(cluster, "interlink-cluster-status"), allow_reconnect=False),
-                                    (CONNECT_TIMEOUT_S + 1.0) * len(cluster.nats))
-    except Exception as exc:  # nats-py raises several kinds (no servers, TLS, auth; a timeout: an untrusted certificate)
-        raise ConfigError(f"cluster.nats: cannot connect to {', '.join(redact(url) for url in cluster.nats)}: "
-                          f"{type(exc).__name__} {exc}".rstrip()) from None
-    request = msgpack.packb({"from": "status", "m": cluster.digest})
-    reports: dict[str, dict | None] = {}
+        await asyncio.wait_for(connection.connect(), give_up_s)
+    except CONNECT_FAULTS as exc:
+        await connection.close()
+        raise cannot_connect(cluster, exc, give_up_s) from None
+    nodes = sorted(cluster.nodes)
     try:
-        for node in sorted(cluster.nodes):
-            try:
-                message = await nc.request(subject(node, "hello"), request, timeout=timeout_s)
-            except (NoRespondersError, TimeoutError, asyncio.TimeoutError):
-                reports[node] = None
-                continue
-            reports[node] = _unpack(message.data)
+        answers = await ask(connection, [subject(node, "hello").encode() for node in nodes],
+                            msgpack.packb({"from": "status", "m": cluster.digest}), timeout_s)
     finally:
-        await nc.close()
+        await connection.close()
+    reports: dict[str, dict | None] = {node: None for node in nodes}
+    for answer in answers:
+        if answer.get("node") in reports:
+            reports[answer["node"]] = answer
     return reports

@@ -4,12 +4,13 @@ this side writes and a sans-I/O reader of what a server sends
 runs it on a socket; ``core/edge/clusterlink.py`` relays stanzas over it.
 
 A server sends ``INFO {json}``, ``MSG <subject> <sid> [reply-to] <#bytes>`` followed by the
-payload, ``PING``, ``PONG``, ``+OK`` and ``-ERR '<text>'``, each line ended by CRLF; operation
-names are case-insensitive. This side never declares ``headers`` in its ``CONNECT``, so a server
-never sends it ``HMSG``: one is a protocol error like any other operation this reader does not
-know. A control line longer than ``MAX_CONTROL_LINE`` (nats-server's own default) or a payload
-over the reader's ``max_payload`` is refused before it is buffered, so a misbehaving server (or
-something else listening on its port) cannot make this side hold more than that.
+payload, ``HMSG <subject> <sid> [reply-to] <#header bytes> <#total bytes>`` followed by headers
+and payload (this side declares ``headers`` only to hear NATS's "no responders" status, ``503``,
+for a request nobody is subscribed to), ``PING``, ``PONG``, ``+OK`` and ``-ERR '<text>'``, each
+line ended by CRLF; operation names are case-insensitive. A control line longer than
+``MAX_CONTROL_LINE`` (nats-server's own default) or a payload over the reader's ``max_payload``
+is refused before it is buffered, so a misbehaving server (or something else listening on its
+port) cannot make this side hold more than that.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ _FORBIDDEN_IN_SUBJECT = (b" ", b"\t", b"\r", b"\n")
 
 # What ``NatsReader.feed`` returns, one tuple per server operation:
 MSG = "msg"  # (MSG, subject: str, sid: int, reply: str | None, payload: bytes)
+HMSG = "hmsg"  # (HMSG, subject, sid, reply, payload, status: int | None — the headers' status line)
 INFO = "info"  # (INFO, the server's fields: dict)
 PING_OP = "ping"  # (PING_OP,): answer PONG
 PONG_OP = "pong"  # (PONG_OP,): the server has read everything this side wrote before its PING
@@ -55,9 +57,11 @@ def unsub_command(sid: int) -> bytes:
     return b"UNSUB %d\r\n" % sid
 
 
-def pub_command(subject: bytes, payload: bytes) -> bytes:
-    """``PUB`` with its payload, ready to write (the subject is checked by the caller once:
+def pub_command(subject: bytes, payload: bytes, reply: bytes | None = None) -> bytes:
+    """``PUB`` with its payload, ready to write (the subjects are checked by the caller once:
     ``check_subject``)."""
+    if reply is not None:
+        return b"PUB %s %s %d\r\n%s\r\n" % (subject, reply, len(payload), payload)
     return b"PUB %s %d\r\n%s\r\n" % (subject, len(payload), payload)
 
 
@@ -70,7 +74,12 @@ class NatsReader:
     def __init__(self, max_payload: int = DEFAULT_MAX_PAYLOAD) -> None:
         self.max_payload = max_payload
         self._buffer = bytearray()
-        self._message: tuple | None = None  # (subject, sid, reply, size) of a MSG whose payload is awaited
+        self._message: tuple | None = None  # (subject, sid, reply, size, header size or None) awaiting its payload
+
+    @property
+    def buffered(self) -> int:
+        """Bytes of an unfinished operation held for the next ``feed``."""
+        return len(self._buffer)
 
     def feed(self, data) -> list[tuple]:
         buffer = self._buffer
@@ -80,13 +89,18 @@ class NatsReader:
         try:
             while start < end:
                 if self._message is not None:
-                    subject, sid, reply, size = self._message
+                    subject, sid, reply, size, header_size = self._message
                     if end - start < size + 2:
                         break
                     if buffer[start + size:start + size + 2] != CRLF:
                         raise NatsProtocolError(f"the payload of a MSG on {subject} does not end after its "
                                                 f"{size} bytes")
-                    operations.append((MSG, subject, sid, reply, bytes(buffer[start:start + size])))
+                    if header_size is None:
+                        operations.append((MSG, subject, sid, reply, bytes(buffer[start:start + size])))
+                    else:
+                        status = _status(bytes(buffer[start:start + header_size]), subject)
+                        operations.append((HMSG, subject, sid, reply, bytes(buffer[start + header_size:start + size]),
+                                           status))
                     start += size + 2
                     self._message = None
                     continue
@@ -112,6 +126,9 @@ class NatsReader:
         name, rest = parts[0].upper(), (parts[1] if len(parts) == 2 else b"")
         if name == b"MSG":
             self._message = self._msg_arguments(rest)
+            return None
+        if name == b"HMSG":
+            self._message = self._hmsg_arguments(rest)
             return None
         if name == b"PING":
             return (PING_OP,)
@@ -146,7 +163,36 @@ class NatsReader:
             reply = arguments[2].decode("utf-8") if len(arguments) == 4 else None
         except UnicodeDecodeError:
             raise NatsProtocolError(f"a MSG whose subject is not UTF-8: {_shown(rest)}") from None
-        return subject, int(sid), reply, size
+        return subject, int(sid), reply, size, None
+
+    def _hmsg_arguments(self, rest: bytes) -> tuple:
+        arguments = rest.split()
+        if len(arguments) not in (4, 5):
+            raise NatsProtocolError(f"an HMSG with {len(arguments)} arguments (4 or 5 expected): {_shown(rest)}")
+        numbers = arguments[1], arguments[-2], arguments[-1]
+        if not all(number.isdigit() and len(number) <= 19 for number in numbers):
+            raise NatsProtocolError(f"an HMSG whose sid or sizes are not numbers: {_shown(rest)}")
+        sid, header_size, size = (int(number) for number in numbers)
+        if size > self.max_payload:
+            raise NatsProtocolError(f"an HMSG of {size} bytes, over the server's max_payload of {self.max_payload}")
+        if not 12 <= header_size <= size:  # "NATS/1.0\r\n\r\n" at least, within the message
+            raise NatsProtocolError(f"an HMSG whose headers take {header_size} of its {size} bytes")
+        try:
+            subject = arguments[0].decode("utf-8")
+            reply = arguments[2].decode("utf-8") if len(arguments) == 5 else None
+        except UnicodeDecodeError:
+            raise NatsProtocolError(f"an HMSG whose subject is not UTF-8: {_shown(rest)}") from None
+        return subject, sid, reply, size, header_size
+
+
+def _status(headers: bytes, subject: str) -> int | None:
+    """The status of an HMSG's headers (``NATS/1.0 503`` → 503), None without one."""
+    if not headers.startswith(b"NATS/1.0") or not headers.endswith(b"\r\n\r\n"):
+        raise NatsProtocolError(f"the headers of an HMSG on {subject} are not NATS/1.0 headers")
+    words = headers[8:headers.index(b"\r\n")].split()
+    if words and len(words[0]) == 3 and words[0].isdigit():
+        return int(words[0])
+    return None
 
 
 def _shown(line: bytes) -> str:

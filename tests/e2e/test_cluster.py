@@ -10,6 +10,7 @@ import asyncio
 import os
 import shutil
 
+import msgpack
 import pytest
 
 from interlink.client import Client
@@ -344,6 +345,29 @@ async def test_cluster_status_reports_every_node_and_who_is_missing(cluster, tmp
     assert result.exit_code == 1, result.output
     lines = {line.split()[0]: line for line in result.output.splitlines()[1:]}
     assert "not answering" in lines["node-c"] and " up " in lines["node-a"] and " up " in lines["node-b"]
+
+
+async def test_a_hello_is_answered_only_to_an_inbox(cluster):
+    """Whoever may ask a node ``hello`` chooses the reply subject; the node may publish relays under
+    its own name, so it must not be made to publish its status as a relay batch to another node."""
+    from interlink.core.edge.natsconn import NatsConnection
+
+    spy = NatsConnection([cluster.nats_url], name="spy")
+    seen: list[tuple] = []
+    spy.subscribe(b"interlink.node-b.relay.node-a", lambda *message: seen.append(message))
+    answers: list[bytes] = []
+    inbox = spy.new_inbox()
+    spy.subscribe(inbox, lambda subject, reply, payload: answers.append(payload))
+    await spy.connect()
+    try:
+        spy.publish(b"interlink.node-a.hello", msgpack.packb({"from": "status"}), reply=b"interlink.node-b.relay.node-a")
+        spy.publish(b"interlink.node-a.hello", msgpack.packb({"from": "status"}), reply=inbox)
+        await until(lambda: answers, "node-a's answer to the inbox")  # node-a read both, in order
+        assert msgpack.unpackb(answers[0])["node"] == "node-a"
+        assert await spy.flush(2.0) and seen == []
+        assert cluster.gateways["node-b"]._server.cluster.counters["malformed_batches"] == 0
+    finally:
+        await spy.close()
 
 
 async def test_the_load_tool_drives_a_cluster_through_any_one_node(cluster, tmp_path):

@@ -11,8 +11,8 @@ import pytest
 from interlink.core.errors import LocalProtocolError, NatsProtocolError
 from interlink.core.protocol import natswire
 from interlink.core.protocol.natswire import (
-    ERR, INFO, MAX_CONTROL_LINE, MSG, OK, PING_OP, PONG_OP, NatsReader, check_subject, connect_command, pub_command,
-    sub_command, unsub_command,
+    ERR, HMSG, INFO, MAX_CONTROL_LINE, MSG, OK, PING_OP, PONG_OP, NatsReader, check_subject, connect_command,
+    pub_command, sub_command, unsub_command,
 )
 
 STREAM = (b'INFO {"server_id":"N1","max_payload":1048576,"nonce":"abc"}\r\n'
@@ -22,7 +22,9 @@ STREAM = (b'INFO {"server_id":"N1","max_payload":1048576,"nonce":"abc"}\r\n'
           b"pong\r\n"
           b"+OK\r\n"
           b"-ERR 'Permissions Violation for Publish to \"x\"'\r\n"
-          b"msg\tlower.case\t7\t3\r\nabc\r\n")
+          b"msg\tlower.case\t7\t3\r\nabc\r\n"
+          b"HMSG _INBOX.q.2 9 16 16\r\nNATS/1.0 503\r\n\r\n\r\n"
+          b"HMSG a.b 4 reply.to 22 25\r\nNATS/1.0\r\nX-Key: v\r\n\r\nabc\r\n")
 OPERATIONS = [
     (INFO, {"server_id": "N1", "max_payload": 1048576, "nonce": "abc"}),
     (PING_OP,),
@@ -32,6 +34,8 @@ OPERATIONS = [
     (OK,),
     (ERR, 'Permissions Violation for Publish to "x"'),
     (MSG, "lower.case", 7, None, b"abc"),
+    (HMSG, "_INBOX.q.2", 9, None, b"", 503),  # "no responders" to a request
+    (HMSG, "a.b", 4, "reply.to", b"abc", None),
 ]
 
 
@@ -54,6 +58,10 @@ def test_a_payload_may_hold_anything_the_size_says():
     assert NatsReader().feed(memoryview(stream)) == [(MSG, "a.b", 3, None, payload), (PONG_OP,)]
 
 
+def test_a_request_names_its_reply_subject():
+    assert pub_command(b"interlink.node-b.hello", b"hi", b"_INBOX.x.0") == b"PUB interlink.node-b.hello _INBOX.x.0 2\r\nhi\r\n"
+
+
 def test_what_this_side_publishes_reads_back_as_the_server_would_deliver_it():
     payload = b"\x00\xff relay batch \r\n"
     command = pub_command(b"interlink.node-b.relay.node-a", payload)
@@ -63,7 +71,12 @@ def test_what_this_side_publishes_reads_back_as_the_server_would_deliver_it():
 
 
 @pytest.mark.parametrize("stream, message", [
-    (b"HMSG a 1 0 0\r\n\r\n", "unknown operation"),
+    (b"HMSG a 1 0 0\r\n\r\n", "headers take 0 of its 0 bytes"),
+    (b"HMSG a 1 20 16\r\n", "headers take 20 of its 16 bytes"),
+    (b"HMSG a 1 16\r\n", "3 arguments"),
+    (b"HMSG a 1 x 16\r\n", "not numbers"),
+    (b"HMSG a 1 12 14\r\nNATS/2.0\r\n\r\nab\r\n", "not NATS/1.0 headers"),
+    (b"HMSG a 1 12 14\r\nNATS/1.0\r\nX:\r\n\r\n", "not NATS/1.0 headers"),
     (b"WHAT\r\n", "unknown operation"),
     (b"\r\n", "empty control line"),
     (b"   \r\n", "empty control line"),
