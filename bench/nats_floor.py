@@ -91,29 +91,6 @@ async def _natsconn(url: str, subscribe: bytes, on_message):
     return connection
 
 
-async def _echo_natsconn(url: str, answer_bytes: int) -> None:
-    answer = b"a" * answer_bytes
-    connection = await _natsconn(url, b"floor.request", lambda: connection.publish(b"floor.answer", answer))
-    print("ready", flush=True)
-    await asyncio.Event().wait()
-
-
-async def _ask_natsconn(url: str, request_bytes: int, seconds: float) -> None:
-    loop = asyncio.get_running_loop()
-    waiting: list[asyncio.Future] = []
-    connection = await _natsconn(url, b"floor.answer", lambda: waiting.pop().set_result(None))
-    request = b"r" * request_bytes
-
-    async def once() -> None:
-        future = loop.create_future()
-        waiting.append(future)
-        connection.publish(b"floor.request", request)
-        await future
-
-    await _timed(once, seconds)
-    await connection.close()
-
-
 class _RawNats(asyncio.Protocol):
     """The NATS text protocol at its barest (CONNECT, SUB, PUB, MSG; no PING, headers or
     reconnects): how much of a round trip is nats-server and the sockets, not nats-py."""
@@ -160,23 +137,25 @@ async def _raw_nats(url: str, subscribe: bytes, on_message) -> _RawNats:
     return protocol
 
 
-async def _echo_nats_raw(url: str, answer_bytes: int) -> None:
+async def _echo_bare(connect, url: str, answer_bytes: int) -> None:
+    """The answering child over ``connect`` (``_natsconn`` or ``_raw_nats``)."""
     answer = b"a" * answer_bytes
-    protocol = await _raw_nats(url, b"floor.request", lambda: protocol.publish(b"floor.answer", answer))
+    link = await connect(url, b"floor.request", lambda: link.publish(b"floor.answer", answer))
     print("ready", flush=True)
     await asyncio.Event().wait()
 
 
-async def _ask_nats_raw(url: str, request_bytes: int, seconds: float) -> None:
+async def _ask_bare(connect, url: str, request_bytes: int, seconds: float) -> None:
+    """The asking child over ``connect`` (``_natsconn`` or ``_raw_nats``)."""
     loop = asyncio.get_running_loop()
     waiting: list[asyncio.Future] = []
-    protocol = await _raw_nats(url, b"floor.answer", lambda: waiting.pop().set_result(None))
+    link = await connect(url, b"floor.answer", lambda: waiting.pop().set_result(None))
     request = b"r" * request_bytes
 
     async def once() -> None:
         future = loop.create_future()
         waiting.append(future)
-        protocol.publish(b"floor.request", request)
+        link.publish(b"floor.request", request)
         await future
 
     await _timed(once, seconds)
@@ -256,14 +235,11 @@ def child(args) -> None:
         coroutine = _echo_nats(args.url, args.answer)
     elif args.role == "ask-nats":
         coroutine = _ask_nats(args.url, args.request, args.seconds)
-    elif args.role == "echo-natsconn":
-        coroutine = _echo_natsconn(args.url, args.answer)
-    elif args.role == "ask-natsconn":
-        coroutine = _ask_natsconn(args.url, args.request, args.seconds)
-    elif args.role == "echo-nats-raw":
-        coroutine = _echo_nats_raw(args.url, args.answer)
-    elif args.role == "ask-nats-raw":
-        coroutine = _ask_nats_raw(args.url, args.request, args.seconds)
+    elif args.role in ("echo-natsconn", "echo-nats-raw"):
+        coroutine = _echo_bare(_natsconn if args.role == "echo-natsconn" else _raw_nats, args.url, args.answer)
+    elif args.role in ("ask-natsconn", "ask-nats-raw"):
+        coroutine = _ask_bare(_natsconn if args.role == "ask-natsconn" else _raw_nats, args.url, args.request,
+                              args.seconds)
     elif args.role == "echo-tcp":
         coroutine = _echo_tcp(args.request, args.answer)
     else:

@@ -67,13 +67,10 @@ def reference(stream: bytes, max_payload: int) -> tuple[list, int | None]:
             sid, size = arguments[1], arguments[-1]
             if not (sid.isdigit() and size.isdigit() and len(sid) <= 19 and len(size) <= 19):
                 return operations, at
-            if int(size) > max_payload:
+            names = _names(arguments, 4)
+            if int(size) > max_payload or names is None:
                 return operations, at
-            try:
-                subject = arguments[0].decode("utf-8")
-                reply = arguments[2].decode("utf-8") if len(arguments) == 4 else None
-            except UnicodeDecodeError:
-                return operations, at
+            subject, reply = names
             size = int(size)
             if len(stream) < at + size + 2:
                 return operations, None
@@ -89,13 +86,10 @@ def reference(stream: bytes, max_payload: int) -> tuple[list, int | None]:
             if not all(number.isdigit() and len(number) <= 19 for number in numbers):
                 return operations, at
             sid, header_size, size = (int(number) for number in numbers)
-            if size > max_payload or not 12 <= header_size <= size:
+            names = _names(arguments, 5)
+            if size > max_payload or not 12 <= header_size <= size or names is None:
                 return operations, at
-            try:
-                subject = arguments[0].decode("utf-8")
-                reply = arguments[2].decode("utf-8") if len(arguments) == 5 else None
-            except UnicodeDecodeError:
-                return operations, at
+            subject, reply = names
             if len(stream) < at + size + 2:
                 return operations, None
             headers = stream[at:at + header_size]
@@ -124,6 +118,14 @@ def reference(stream: bytes, max_payload: int) -> tuple[list, int | None]:
             operations.append((INFO, fields))
         else:
             return operations, at
+
+
+def _names(arguments: list[bytes], with_reply: int) -> tuple[str, str | None] | None:
+    """A (H)MSG's subject and reply (when there are ``with_reply`` arguments), None if not UTF-8."""
+    try:
+        return arguments[0].decode("utf-8"), arguments[2].decode("utf-8") if len(arguments) == with_reply else None
+    except UnicodeDecodeError:
+        return None
 
 
 def _check_types(operation: tuple, where: str) -> None:

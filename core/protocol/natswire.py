@@ -124,11 +124,8 @@ class NatsReader:
         if not parts:
             raise NatsProtocolError("an empty control line")
         name, rest = parts[0].upper(), (parts[1] if len(parts) == 2 else b"")
-        if name == b"MSG":
-            self._message = self._msg_arguments(rest)
-            return None
-        if name == b"HMSG":
-            self._message = self._hmsg_arguments(rest)
+        if name == b"MSG" or name == b"HMSG":
+            self._message = self._arguments(rest, name == b"HMSG")
             return None
         if name == b"PING":
             return (PING_OP,)
@@ -148,40 +145,27 @@ class NatsReader:
             return (INFO, fields)
         raise NatsProtocolError(f"an unknown operation {_shown(line)}")
 
-    def _msg_arguments(self, rest: bytes) -> tuple:
+    def _arguments(self, rest: bytes, headers: bool) -> tuple:
+        """A MSG's (or with ``headers`` an HMSG's) arguments: (subject, sid, reply, size, header size)."""
+        name, fewest = ("an HMSG", 4) if headers else ("a MSG", 3)
         arguments = rest.split()
-        if len(arguments) not in (3, 4):
-            raise NatsProtocolError(f"a MSG with {len(arguments)} arguments (3 or 4 expected): {_shown(rest)}")
-        sid, size = arguments[1], arguments[-1]
-        if not sid.isdigit() or not size.isdigit() or len(sid) > 19 or len(size) > 19:
-            raise NatsProtocolError(f"a MSG whose sid or size is not a number: {_shown(rest)}")
-        size = int(size)
-        if size > self.max_payload:
-            raise NatsProtocolError(f"a MSG of {size} bytes, over the server's max_payload of {self.max_payload}")
-        try:
-            subject = arguments[0].decode("utf-8")
-            reply = arguments[2].decode("utf-8") if len(arguments) == 4 else None
-        except UnicodeDecodeError:
-            raise NatsProtocolError(f"a MSG whose subject is not UTF-8: {_shown(rest)}") from None
-        return subject, int(sid), reply, size, None
-
-    def _hmsg_arguments(self, rest: bytes) -> tuple:
-        arguments = rest.split()
-        if len(arguments) not in (4, 5):
-            raise NatsProtocolError(f"an HMSG with {len(arguments)} arguments (4 or 5 expected): {_shown(rest)}")
-        numbers = arguments[1], arguments[-2], arguments[-1]
+        if len(arguments) not in (fewest, fewest + 1):
+            raise NatsProtocolError(f"{name} with {len(arguments)} arguments ({fewest} or {fewest + 1} expected): "
+                                    f"{_shown(rest)}")
+        numbers = (arguments[1], arguments[-2], arguments[-1]) if headers else (arguments[1], arguments[-1])
         if not all(number.isdigit() and len(number) <= 19 for number in numbers):
-            raise NatsProtocolError(f"an HMSG whose sid or sizes are not numbers: {_shown(rest)}")
-        sid, header_size, size = (int(number) for number in numbers)
+            raise NatsProtocolError(f"{name} whose sid or size is not a number: {_shown(rest)}")
+        sid, size = int(numbers[0]), int(numbers[-1])
+        header_size = int(numbers[1]) if headers else None
         if size > self.max_payload:
-            raise NatsProtocolError(f"an HMSG of {size} bytes, over the server's max_payload of {self.max_payload}")
-        if not 12 <= header_size <= size:  # "NATS/1.0\r\n\r\n" at least, within the message
+            raise NatsProtocolError(f"{name} of {size} bytes, over the server's max_payload of {self.max_payload}")
+        if headers and not 12 <= header_size <= size:  # "NATS/1.0\r\n\r\n" at least, within the message
             raise NatsProtocolError(f"an HMSG whose headers take {header_size} of its {size} bytes")
         try:
             subject = arguments[0].decode("utf-8")
-            reply = arguments[2].decode("utf-8") if len(arguments) == 5 else None
+            reply = arguments[2].decode("utf-8") if len(arguments) == fewest + 1 else None
         except UnicodeDecodeError:
-            raise NatsProtocolError(f"an HMSG whose subject is not UTF-8: {_shown(rest)}") from None
+            raise NatsProtocolError(f"{name} whose subject is not UTF-8: {_shown(rest)}") from None
         return subject, sid, reply, size, header_size
 
 

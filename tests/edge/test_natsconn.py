@@ -23,6 +23,8 @@ from interlink.core.errors import ConfigError, NatsProtocolError
 from interlink.load.nats import LocalNats
 from interlink.testing import until
 
+from e2e.test_cluster import nats_server  # noqa: F401 (a fixture)
+
 
 class Inbox:
     """What a subscription received, in order."""
@@ -34,22 +36,14 @@ class Inbox:
         self.messages.append((subject, payload))
 
 
-@pytest.fixture
-async def server(tmp_path):
-    nats = LocalNats(tmp_path / "nats")
-    await nats.start()
-    yield nats
-    await nats.stop()
-
-
 async def connected(url: str, **options) -> NatsConnection:
     connection = NatsConnection([url], name="test", connect_timeout_s=2.0, **options)
     await connection.connect()
     return connection
 
 
-async def test_messages_arrive_in_the_order_published_with_their_subjects(server):
-    sender, receiver = await connected(server.url), await connected(server.url)
+async def test_messages_arrive_in_the_order_published_with_their_subjects(nats_server):
+    sender, receiver = await connected(nats_server.url), await connected(nats_server.url)
     inbox = Inbox()
     receiver.subscribe(b"interlink.node-a.relay.*", inbox)
     assert await receiver.flush(2.0)  # the server has the SUB
@@ -65,8 +59,8 @@ async def test_messages_arrive_in_the_order_published_with_their_subjects(server
     assert not sender.connected and not sender.publish(b"interlink.node-a.relay.node-b", b"after close")
 
 
-async def test_an_unsubscribed_subject_delivers_nothing_more(server):
-    sender, receiver = await connected(server.url), await connected(server.url)
+async def test_an_unsubscribed_subject_delivers_nothing_more(nats_server):
+    sender, receiver = await connected(nats_server.url), await connected(nats_server.url)
     inbox = Inbox()
     sid = receiver.subscribe(b"s", inbox)
     assert await receiver.flush(2.0)
@@ -80,8 +74,8 @@ async def test_an_unsubscribed_subject_delivers_nothing_more(server):
     await sender.close(), await receiver.close()
 
 
-async def test_a_handler_that_raises_loses_only_its_own_message(server, caplog):
-    sender, receiver = await connected(server.url), await connected(server.url)
+async def test_a_handler_that_raises_loses_only_its_own_message(nats_server, caplog):
+    sender, receiver = await connected(nats_server.url), await connected(nats_server.url)
     inbox = Inbox()
 
     def handler(subject: str, reply: str | None, payload: bytes | None) -> None:
@@ -125,14 +119,14 @@ async def test_password_and_token_logins_and_a_refused_one(tmp_path):
         await token_server.stop()
 
 
-async def test_a_tls_url_to_a_server_without_tls_is_refused(server):
+async def test_a_tls_url_to_a_server_without_tls_is_refused(nats_server):
     with pytest.raises(NatsProtocolError, match="does not offer TLS, which this node requires of it"):
-        await connected(f"tls://127.0.0.1:{server.port}")
+        await connected(f"tls://127.0.0.1:{nats_server.port}")
 
 
-async def test_nothing_listening_is_a_connection_fault_after_the_tries(server):
-    port = server.port
-    await server.stop()
+async def test_nothing_listening_is_a_connection_fault_after_the_tries(nats_server):
+    port = nats_server.port
+    await nats_server.stop()
     connection = NatsConnection([f"nats://127.0.0.1:{port}"], name="test", connect_timeout_s=1.0)
     with pytest.raises(OSError):
         await connection.connect(attempts=1)
@@ -169,17 +163,17 @@ async def test_reconnects_after_the_server_is_killed_resubscribes_and_sends_what
         await nats.stop()
 
 
-async def test_a_server_that_stops_answering_is_dropped_and_found_again(server, monkeypatch):
+async def test_a_server_that_stops_answering_is_dropped_and_found_again(nats_server, monkeypatch):
     monkeypatch.setattr(natsconn, "PING_INTERVAL_S", 0.2)
     events: list[str] = []
-    connection = await connected(server.url, on_disconnected=lambda: events.append("down"),
+    connection = await connected(nats_server.url, on_disconnected=lambda: events.append("down"),
                                  on_reconnected=lambda: events.append("up"))
-    os.kill(server.pid, signal.SIGSTOP)  # the socket stays open; nothing answers
+    os.kill(nats_server.pid, signal.SIGSTOP)  # the socket stays open; nothing answers
     try:
         await until(lambda: events == ["down"], timeout_s=5)
         assert connection.counters["stale"] == 1
     finally:
-        os.kill(server.pid, signal.SIGCONT)
+        os.kill(nats_server.pid, signal.SIGCONT)
     await until(lambda: events == ["down", "up"] and connection.connected, timeout_s=10)
     assert await connection.flush(2.0)
     await connection.close()
@@ -258,10 +252,10 @@ async def test_a_refused_login_hands_on_nothing_sent_with_the_refusal():
     assert inbox.messages == []
 
 
-async def test_a_ca_file_means_tls_whatever_the_url_says(server):
+async def test_a_ca_file_means_tls_whatever_the_url_says(nats_server):
     """nats:// with a CA configured, to a server without TLS: refused before CONNECT, so the
     password never crosses in plain text."""
-    connection = NatsConnection([f"nats://node-a:secret@127.0.0.1:{server.port}"], name="test",
+    connection = NatsConnection([f"nats://node-a:secret@127.0.0.1:{nats_server.port}"], name="test",
                                 tls=ssl.create_default_context(), connect_timeout_s=2.0)
     with pytest.raises(NatsProtocolError, match="does not offer TLS"):
         await connection.connect()
@@ -294,8 +288,8 @@ async def test_a_server_under_the_payload_bound_is_refused(tmp_path):
         await small.stop()
 
 
-async def test_nobody_listening_to_a_request_is_told_by_nats(server):
-    connection = await connected(server.url)
+async def test_nobody_listening_to_a_request_is_told_by_nats(nats_server):
+    connection = await connected(nats_server.url)
     inbox = Inbox()
     reply = connection.new_inbox()
     connection.subscribe(reply + b".*", inbox)

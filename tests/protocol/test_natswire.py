@@ -74,7 +74,7 @@ def test_what_this_side_publishes_reads_back_as_the_server_would_deliver_it():
     (b"HMSG a 1 0 0\r\n\r\n", "headers take 0 of its 0 bytes"),
     (b"HMSG a 1 20 16\r\n", "headers take 20 of its 16 bytes"),
     (b"HMSG a 1 16\r\n", "3 arguments"),
-    (b"HMSG a 1 x 16\r\n", "not numbers"),
+    (b"HMSG a 1 x 16\r\n", "not a number"),
     (b"HMSG a 1 12 14\r\nNATS/2.0\r\n\r\nab\r\n", "not NATS/1.0 headers"),
     (b"HMSG a 1 12 14\r\nNATS/1.0\r\nX:\r\n\r\n", "not NATS/1.0 headers"),
     (b"WHAT\r\n", "unknown operation"),
