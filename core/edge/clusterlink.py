@@ -91,7 +91,8 @@ class ClusterLink:
         config = self.config
         self.wire = NatsConnection(config.nats, name=f"interlink-{self.node}", tls=nats_tls(config),
                                    credentials=config.nats_credentials or None, connect_timeout_s=CONNECT_TIMEOUT_S,
-                                   min_max_payload=MIN_MAX_PAYLOAD, counters=self.counters, echo=True,
+                                   min_max_payload=MIN_MAX_PAYLOAD, max_wait_s=config.request_timeout_s,
+                                   inbox_prefix=self.node, counters=self.counters, echo=True,
                                    on_disconnected=self._disconnected, on_reconnected=self._reconnected)
         check_credentials(config)
         self.wire.subscribe(subject(self.node, "hello").encode(), self._on_hello)
@@ -127,8 +128,7 @@ class ClusterLink:
         """``ConfigError`` if another process answers for this node id (this one hears its own
         answer too: the connection's echo). Asked before subscribing to relays, after the hello
         subscription, so of two instances starting together each sees the other (and both refuse)."""
-        hello = subject(self.node, "hello").encode()
-        answers = await ask(self.wire, [hello], self._hello_request(), HELLO_TIMEOUT_S,
+        answers = await ask(self.wire, [self.node], self._hello_request(), HELLO_TIMEOUT_S, every_answer=True,
                             enough=lambda got: any(a.get("i") == self.instance for a in got), linger_s=TWIN_WAIT_S)
         if any(answer.get("i") != self.instance for answer in answers):
             raise ConfigError(f"cluster.node: node {self.node} is already running (another process answers for it)")
@@ -137,10 +137,8 @@ class ClusterLink:
         """Ask every other node who it is; ``ConfigError`` if one runs another node list (a node
         that is not up checks this node's list when it starts)."""
         others = sorted(node for node in self.config.nodes if node != self.node)
-        answers = await ask(self.wire, [subject(node, "hello").encode() for node in others], self._hello_request(),
-                            HELLO_TIMEOUT_S)
-        for hello in answers:
-            if hello.get("node") in others and hello.get("m") != self.digest:
+        for hello in await ask(self.wire, others, self._hello_request(), HELLO_TIMEOUT_S):
+            if hello.get("m") != self.digest:
                 raise ConfigError(
                     f"cluster: node {hello.get('node')} runs another node list (its version {hello.get('version')}, "
                     f"this node's {self.config.version}): every node must list the same nodes, addresses and version; "
@@ -212,15 +210,15 @@ class ClusterLink:
         if len(payload) > self._max_batch_bytes and len(entries) > 1:
             half = len(entries) // 2
             return self._publish_batch(name, field, entries[:half]) + self._publish_batch(name, field, entries[half:])
-        if self.wire.publish(name, payload):
+        if self.wire is not None and self.wire.publish(name, payload):  # None: closed
             return 1
         self.counters["publish_failures"] += 1
         if not self._publish_failing:  # once per outage: a log line per dropped message says nothing more
             self._publish_failing = True
             log.warning("cluster: cannot publish to %s (%s): dropping relayed stanzas and answers until NATS takes "
                         "them again (their senders time out)", name.decode(),
-                        "8 MiB wait for NATS to come back" if not self.wire.connected
-                        else "NATS is not taking them fast enough")
+                        "closed" if self.wire is None else "8 MiB wait for NATS to come back"
+                        if not self.wire.connected else "NATS is not taking them fast enough")
         return 0
 
     def _tick(self) -> None:
@@ -386,40 +384,46 @@ def cannot_connect(cluster, exc: BaseException, give_up_s: float) -> ConfigError
     return ConfigError(f"cluster.nats: cannot connect to {servers}: {type(exc).__name__} {exc}".rstrip())
 
 
-async def ask(connection: NatsConnection, subjects: list[bytes], request: bytes, timeout_s: float, *,
-              enough=None, linger_s: float = 0.0) -> list[dict]:
-    """Publish ``request`` to each of ``subjects`` with a reply subject of its own and gather the
-    answers (msgpack maps) until every subject answered or NATS said nobody listens there (or
-    ``enough(answers)`` holds), then for ``linger_s`` more; at most ``timeout_s`` in all."""
+async def ask(connection: NatsConnection, nodes: list[str], request: bytes, timeout_s: float, *,
+              every_answer: bool = False, enough=None, linger_s: float = 0.0) -> list[dict]:
+    """Ask each of ``nodes`` ``hello`` (``request``), each on a reply subject of its own, and
+    gather the answers — msgpack maps naming the node asked on that subject; anything else there
+    is someone else's and ignored — until every node answered (with ``every_answer``: every
+    process answering for it, until ``enough(answers)``) or NATS said nobody listens there; then
+    ``linger_s`` more. At most ``timeout_s + linger_s``."""
+    if not nodes:
+        return []
     inbox = connection.new_inbox()
     answers: list[dict] = []
-    settled: set[str] = set()  # subjects that answered, or that nobody listens to
+    settled: set[int] = set()  # nodes (by index) that answered, or that nobody listens for
     done = asyncio.Event()
 
     def collect(name: str, reply: str | None, payload: bytes | None) -> None:
         index = name.rpartition(".")[2]
+        if not index.isdigit() or int(index) >= len(nodes) or (int(index) in settled and not every_answer):
+            return
+        index = int(index)
         if payload is not None:
             try:
                 answer = _unpack(payload)
             except Exception:  # not a hello answer: someone else's bytes on our inbox
                 return
-            if not isinstance(answer, dict):
+            if not isinstance(answer, dict) or answer.get("node") != nodes[index]:
                 return
             answers.append(answer)
         settled.add(index)
-        if len(settled) >= len(subjects) or (enough is not None and enough(answers)):
+        if enough(answers) if enough is not None else len(settled) == len(nodes):
             done.set()
 
     sid = connection.subscribe(inbox + b".*", collect)
     try:
-        for index, name in enumerate(subjects):
-            connection.publish(name, request, reply=inbox + b".%d" % index)
-        started = time.monotonic()
+        for index, node in enumerate(nodes):
+            connection.publish(subject(node, "hello").encode(), request, reply=inbox + b".%d" % index)
         try:
             await asyncio.wait_for(done.wait(), timeout_s)
         except (TimeoutError, asyncio.TimeoutError):
             return answers
-        await asyncio.sleep(max(0.0, min(linger_s, timeout_s + linger_s - (time.monotonic() - started))))
+        await asyncio.sleep(linger_s)
     finally:
         connection.unsubscribe(sid)
     return answers
@@ -430,7 +434,8 @@ async def ask_nodes(cluster, timeout_s: float = HELLO_TIMEOUT_S) -> dict[str, di
     what ``interlink cluster status`` shows. ``ConfigError`` when NATS is unreachable."""
     check_credentials(cluster)
     connection = NatsConnection(cluster.nats, name="interlink-cluster-status", tls=nats_tls(cluster),
-                                credentials=cluster.nats_credentials or None, connect_timeout_s=CONNECT_TIMEOUT_S)
+                                credentials=cluster.nats_credentials or None, connect_timeout_s=CONNECT_TIMEOUT_S,
+                                inbox_prefix="status")
     give_up_s = (CONNECT_TIMEOUT_S + 1.0) * len(cluster.nats)
     try:
         await asyncio.wait_for(connection.connect(), give_up_s)
@@ -439,12 +444,10 @@ async def ask_nodes(cluster, timeout_s: float = HELLO_TIMEOUT_S) -> dict[str, di
         raise cannot_connect(cluster, exc, give_up_s) from None
     nodes = sorted(cluster.nodes)
     try:
-        answers = await ask(connection, [subject(node, "hello").encode() for node in nodes],
-                            msgpack.packb({"from": "status", "m": cluster.digest}), timeout_s)
+        answers = await ask(connection, nodes, msgpack.packb({"from": "status", "m": cluster.digest}), timeout_s)
     finally:
         await connection.close()
     reports: dict[str, dict | None] = {node: None for node in nodes}
     for answer in answers:
-        if answer.get("node") in reports:
-            reports[answer["node"]] = answer
+        reports[answer["node"]] = answer
     return reports

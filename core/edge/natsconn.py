@@ -30,12 +30,17 @@ What this connection does for itself, as a NATS client must:
   buffer did) and goes out, in order, right after the next connect: a NATS blip then costs the
   relay's streams a round trip, not their deadline (dropping them made every stream in flight
   wait ``request_timeout_s``: with NATS killed every 2 s in ``bench/cluster_crash.py`` traffic
-  stopped). Beyond the bound ``publish`` refuses (returns False): the sender's deadline answers
-  those, and the client sends them again, in order (docs/architecture.md "Cluster", "Order
-  across failures").
-* **Requests**: ``new_inbox`` and ``publish(..., reply=)``; a request nobody is subscribed to is
-  answered by NATS with status 503 ("no responders", the reason ``CONNECT`` declares
-  ``headers``), handed to the inbox's callback as a ``None`` payload.
+  stopped). What waited longer than ``max_wait_s`` (the cluster's request timeout: its sender was
+  answered ``overloaded`` meanwhile) is dropped at the connect instead — a late ``keys.get``
+  would still take prekeys nobody receives. Beyond the bound ``publish`` refuses (returns
+  False): the sender's deadline answers those, and the client sends them again, in order
+  (docs/architecture.md "Cluster", "Order across failures").
+* **Requests**: ``new_inbox`` (``_INBOX.<inbox_prefix>.<random>``, so NATS permissions can give
+  each user its own inboxes) and ``publish(..., reply=)``; a request nobody is subscribed to is
+  answered by NATS with status 503 ("no responders", the reason ``CONNECT`` declares ``headers``
+  when the server has them), handed to the inbox's callback as a ``None`` payload.
+
+``connect_timeout_s`` bounds each step of a connect (TCP, the ``INFO``, TLS, the ``PONG``).
 """
 
 from __future__ import annotations
@@ -217,7 +222,8 @@ class NatsConnection:
 
     def __init__(self, servers: list[str], *, name: str, tls: ssl.SSLContext | None = None,
                  credentials: str | None = None, connect_timeout_s: float = 2.0, min_max_payload: int = 0,
-                 counters=None, on_disconnected=None, on_reconnected=None, echo: bool = False) -> None:
+                 max_wait_s: float | None = None, inbox_prefix: str = "", counters=None, on_disconnected=None,
+                 on_reconnected=None, echo: bool = False) -> None:
         self.servers = [NatsServer(url) for url in servers]
         random.shuffle(self.servers)  # nodes spread over the servers, and do not all move to the same next one
         self.name = name
@@ -225,16 +231,18 @@ class NatsConnection:
         self.credentials = credentials
         self.connect_timeout_s = connect_timeout_s
         self.min_max_payload = min_max_payload
+        self.max_wait_s = max_wait_s  # what was published while away and is older at the connect is dropped
+        self.inbox_prefix = inbox_prefix.encode()
         self.on_disconnected = on_disconnected
         self.on_reconnected = on_reconnected
         self.echo = echo  # whether the server hands this connection its own messages
         self.max_payload = natswire.DEFAULT_MAX_PAYLOAD
         # server_errors (-ERR in service), handler_errors (a callback raised), stale (PINGs unanswered),
-        # reconnect_failures (one per failed try)
+        # reconnect_failures (one per failed try), expired_while_away (published while away, dropped at the connect)
         self.counters = counters if counters is not None else Counter()
         self.server: NatsServer | None = None  # the one connected to
         self._wire: _Wire | None = None
-        self._waiting: list[bytes] = []  # PUBs published while away, for the next connect
+        self._waiting: list[tuple[float, bytes]] = []  # (when, PUB) published while away, for the next connect
         self._waiting_bytes = 0
         self._subscriptions: dict[int, tuple[bytes, object]] = {}  # sid -> (subject, callback(subject, reply, payload))
         self._next_sid = 1
@@ -273,10 +281,10 @@ class NatsConnection:
         if self._subscriptions.pop(sid, None) is not None and wire is not None:
             wire.transport.write(natswire.unsub_command(sid))
 
-    @staticmethod
-    def new_inbox() -> bytes:
-        """A reply subject of this process's own (``_INBOX.<random>``; subscribe ``<inbox>.*``)."""
-        return b"_INBOX." + os.urandom(12).hex().encode()
+    def new_inbox(self) -> bytes:
+        """A reply subject of this process's own (``_INBOX.<inbox_prefix>.<random>``; subscribe ``<inbox>.*``)."""
+        prefix = b"_INBOX." + self.inbox_prefix + b"." if self.inbox_prefix else b"_INBOX."
+        return prefix + os.urandom(12).hex().encode()
 
     def publish(self, subject: bytes, payload: bytes, reply: bytes | None = None) -> bool:
         """Write one message now, or keep it for the next connect while away; False (dropped) for
@@ -288,7 +296,7 @@ class NatsConnection:
             command = natswire.pub_command(subject, payload, reply)
             if self._waiting_bytes + len(command) > MAX_PENDING_BYTES:
                 return False
-            self._waiting.append(command)
+            self._waiting.append((time.monotonic(), command))
             self._waiting_bytes += len(command)
             return True
         transport = wire.transport
@@ -332,6 +340,8 @@ class NatsConnection:
         last: BaseException | None = None
         for attempt in range(attempts + 1):
             for server in self.servers:
+                if self._closing:
+                    raise ConnectionError("the connection was closed while it connected")
                 try:
                     await self._connect_to(server)
                     return
@@ -391,7 +401,11 @@ class NatsConnection:
         if changed:
             transport.write(b"".join(changed))
         if self._waiting:  # published while away: after the subscriptions, in the order published
-            transport.write(b"".join(self._waiting))
+            oldest = time.monotonic() - self.max_wait_s if self.max_wait_s is not None else float("-inf")
+            fresh = [command for when, command in self._waiting if when >= oldest]
+            self.counters["expired_while_away"] += len(self._waiting) - len(fresh)
+            if fresh:
+                transport.write(b"".join(fresh))
             self._waiting, self._waiting_bytes = [], 0
         self._keep_pinging()
         held, wire.held = wire.held, None
@@ -402,7 +416,9 @@ class NatsConnection:
 
     def _connect_fields(self, server: NatsServer, info: dict) -> dict:
         fields = {"verbose": False, "pedantic": False, "lang": "python3", "version": "interlink", "protocol": 1,
-                  "name": self.name, "echo": self.echo, "headers": True, "no_responders": True}
+                  "name": self.name, "echo": self.echo}
+        if info.get("headers") is True:  # a server run without header support refuses a client asking for them
+            fields["headers"] = fields["no_responders"] = True
         if self.credentials:
             jwt, seed = self._read_credentials()
             fields["jwt"] = jwt

@@ -370,6 +370,25 @@ async def test_a_hello_is_answered_only_to_an_inbox(cluster):
         await spy.close()
 
 
+async def test_an_answer_counts_only_from_the_node_asked_on_its_subject(cluster):
+    """``ask`` gives each node a reply subject of its own: an answer there naming another node is
+    someone else's (a forged one could make a starting node refuse to serve, or a twin check fail)."""
+    from interlink.core.edge.clusterlink import ask
+    from interlink.core.edge.natsconn import NatsConnection
+
+    asker, stranger = NatsConnection([cluster.nats_url], name="asker"), NatsConnection([cluster.nats_url], name="x")
+    forged = msgpack.packb({"node": "node-b", "m": b"another list"})
+    stranger.subscribe(b"interlink.node-z.hello", lambda subject, reply, payload: stranger.publish(reply.encode(), forged))
+    await asker.connect(), await stranger.connect()
+    try:
+        assert await stranger.flush(2.0)
+        answers = await ask(asker, ["node-b", "node-z"], msgpack.packb({"from": "status"}), 0.5)
+        assert [answer["node"] for answer in answers] == ["node-b"]  # node-z's subject got node-b's name: ignored
+        assert answers[0]["m"] == cluster.gateways["node-b"].config.cluster.digest
+    finally:
+        await asker.close(), await stranger.close()
+
+
 async def test_the_load_tool_drives_a_cluster_through_any_one_node(cluster, tmp_path):
     """``interlink load --target`` at one node: every simulated device is redirected home, each
     pair talks across nodes, and every message is accounted for."""

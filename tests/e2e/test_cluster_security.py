@@ -71,13 +71,13 @@ def secured_config(cert: str, key: str) -> str:
     """docs/operations.md's nats-1.conf for one server (no cluster routes), plain passwords."""
     users = "\n".join(
         f'    {{ user: {node}, password: "{PASSWORDS[node]}", permissions: {{\n'
-        f'        publish: ["interlink.*.relay.{node}", "interlink.*.answers.{node}", "interlink.*.hello", "_INBOX.>"],\n'
-        f'        subscribe: ["interlink.{node}.>", "_INBOX.>"] }} }}'
+        f'        publish: ["interlink.*.relay.{node}", "interlink.*.answers.{node}", "interlink.*.hello"],\n'
+        f'        subscribe: ["interlink.{node}.>", "_INBOX.{node}.>"], allow_responses: true }} }}'
         for node in NODES)
     return (f'tls {{ cert_file: "{cert}", key_file: "{key}" }}\n'
             "authorization {\n  users: [\n" + users + "\n"
             f'    {{ user: status, password: "{PASSWORDS["status"]}", permissions: '
-            '{ publish: ["interlink.*.hello"], subscribe: ["_INBOX.>"] } }\n  ]\n}\n')
+            '{ publish: ["interlink.*.hello"], subscribe: ["_INBOX.status.>"] } }\n  ]\n}\n')
 
 
 class SecuredCluster(Cluster):
@@ -209,8 +209,8 @@ def write_creds(path, account, node: str) -> str:
     user = _keypair(nkeys.PREFIX_BYTE_USER)
     token = nats_jwt(account, user.public_key.decode(), node, {
         "type": "user", "subs": -1, "data": -1, "payload": -1,
-        "pub": {"allow": [f"interlink.*.relay.{node}", f"interlink.*.answers.{node}", "interlink.*.hello", "_INBOX.>"]},
-        "sub": {"allow": [f"interlink.{node}.>", "_INBOX.>"]}})
+        "pub": {"allow": [f"interlink.*.relay.{node}", f"interlink.*.answers.{node}", "interlink.*.hello"]},
+        "sub": {"allow": [f"interlink.{node}.>", f"_INBOX.{node}.>"]}, "resp": {"max": 1, "ttl": 0}})
     path.write_text(f"-----BEGIN NATS USER JWT-----\n{token}\n------END NATS USER JWT------\n\n"
                     f"-----BEGIN USER NKEY SEED-----\n{user.seed.decode()}\n------END USER NKEY SEED------\n")
     return str(path)

@@ -163,6 +163,42 @@ async def test_reconnects_after_the_server_is_killed_resubscribes_and_sends_what
         await nats.stop()
 
 
+async def test_what_waited_longer_than_the_request_timeout_is_dropped_at_the_connect(tmp_path):
+    nats = LocalNats(tmp_path / "nats")
+    await nats.start()
+    again = LocalNats(tmp_path / "nats", port=nats.port)
+    events: list[str] = []
+    connection = await connected(nats.url, echo=True, max_wait_s=0.3, on_disconnected=lambda: events.append("down"),
+                                 on_reconnected=lambda: events.append("up"))
+    inbox = Inbox()
+    connection.subscribe(b"s", inbox)
+    try:
+        os.kill(nats.pid, signal.SIGKILL)
+        await until(lambda: events == ["down"], timeout_s=5)
+        assert connection.publish(b"s", b"stale")  # its sender is answered overloaded before NATS is back
+        await asyncio.sleep(0.5)
+        assert connection.publish(b"s", b"fresh")
+        await again.start()
+        await until(lambda: events == ["down", "up"], timeout_s=10)
+        assert await connection.flush(2.0)
+        assert inbox.messages == [("s", b"fresh")] and connection.counters["expired_while_away"] == 1
+    finally:
+        await connection.close()
+        await again.stop()
+        await nats.stop()
+
+
+async def test_a_server_without_headers_is_not_asked_for_them(tmp_path):
+    plain = LocalNats(tmp_path / "plain", extra_config="no_header_support: true\n")
+    await plain.start()
+    try:
+        connection = await connected(plain.url)  # asking for headers there is refused
+        assert await connection.flush(2.0)
+        await connection.close()
+    finally:
+        await plain.stop()
+
+
 async def test_a_server_that_stops_answering_is_dropped_and_found_again(nats_server, monkeypatch):
     monkeypatch.setattr(natsconn, "PING_INTERVAL_S", 0.2)
     events: list[str] = []
