@@ -223,7 +223,7 @@ class NatsConnection:
     def __init__(self, servers: list[str], *, name: str, tls: ssl.SSLContext | None = None,
                  credentials: str | None = None, connect_timeout_s: float = 2.0, min_max_payload: int = 0,
                  max_wait_s: float | None = None, inbox_prefix: str = "", counters=None, on_disconnected=None,
-                 on_reconnected=None, echo: bool = False) -> None:
+                 on_reconnected=None, echo: bool = False, clock=time.monotonic) -> None:
         self.servers = [NatsServer(url) for url in servers]
         random.shuffle(self.servers)  # nodes spread over the servers, and do not all move to the same next one
         self.name = name
@@ -232,6 +232,7 @@ class NatsConnection:
         self.connect_timeout_s = connect_timeout_s
         self.min_max_payload = min_max_payload
         self.max_wait_s = max_wait_s  # what was published while away and is older at the connect is dropped
+        self.clock = clock  # seconds, for max_wait_s
         self.inbox_prefix = inbox_prefix.encode()
         self.on_disconnected = on_disconnected
         self.on_reconnected = on_reconnected
@@ -296,7 +297,7 @@ class NatsConnection:
             command = natswire.pub_command(subject, payload, reply)
             if self._waiting_bytes + len(command) > MAX_PENDING_BYTES:
                 return False
-            self._waiting.append((time.monotonic(), command))
+            self._waiting.append((self.clock(), command))
             self._waiting_bytes += len(command)
             return True
         transport = wire.transport
@@ -401,7 +402,7 @@ class NatsConnection:
         if changed:
             transport.write(b"".join(changed))
         if self._waiting:  # published while away: after the subscriptions, in the order published
-            oldest = time.monotonic() - self.max_wait_s if self.max_wait_s is not None else float("-inf")
+            oldest = self.clock() - self.max_wait_s if self.max_wait_s is not None else float("-inf")
             fresh = [command for when, command in self._waiting if when >= oldest]
             self.counters["expired_while_away"] += len(self._waiting) - len(fresh)
             if fresh:

@@ -168,16 +168,18 @@ async def test_what_waited_longer_than_the_request_timeout_is_dropped_at_the_con
     await nats.start()
     again = LocalNats(tmp_path / "nats", port=nats.port)
     events: list[str] = []
-    connection = await connected(nats.url, echo=True, max_wait_s=0.3, on_disconnected=lambda: events.append("down"),
-                                 on_reconnected=lambda: events.append("up"))
+    now = [100.0]  # the connection's clock, moved by hand: what counts is the age at the connect
+    connection = await connected(nats.url, echo=True, max_wait_s=2.0, clock=lambda: now[0],
+                                 on_disconnected=lambda: events.append("down"), on_reconnected=lambda: events.append("up"))
     inbox = Inbox()
     connection.subscribe(b"s", inbox)
     try:
         os.kill(nats.pid, signal.SIGKILL)
         await until(lambda: events == ["down"], timeout_s=5)
         assert connection.publish(b"s", b"stale")  # its sender is answered overloaded before NATS is back
-        await asyncio.sleep(0.5)
+        now[0] += 1.5
         assert connection.publish(b"s", b"fresh")
+        now[0] += 1.0  # at the connect: 2.5 s and 1 s old
         await again.start()
         await until(lambda: events == ["down", "up"], timeout_s=10)
         assert await connection.flush(2.0)
