@@ -164,7 +164,10 @@ class _Wire(asyncio.Protocol):
     def _operation(self, operation: tuple) -> None:
         kind, phase = operation[0], self.phase
         if phase == _INFO or phase == _AFTER_INFO:
-            # Before CONNECT a server sends its INFO and waits: anything else is not the server.
+            # Before CONNECT a server sends its INFO and waits (or says why it will not: -ERR);
+            # anything else is not the server.
+            if kind == natswire.ERR:
+                raise NatsProtocolError(f"{self.server!r} refused this node: {operation[1]}")
             if kind != natswire.INFO or phase == _AFTER_INFO:
                 raise NatsProtocolError(f"{self.server!r} sent {kind} before this node's CONNECT")
             self.phase = _AFTER_INFO

@@ -280,6 +280,12 @@ async def test_a_msg_between_connect_and_pong_is_held_until_the_connection_serve
         await connection.close()
 
 
+async def test_a_server_full_before_the_connect_says_why():
+    async with ScriptedServer(INFO + b"-ERR 'maximum connections exceeded'\r\n") as url:
+        with pytest.raises(NatsProtocolError, match="refused this node: maximum connections exceeded"):
+            await NatsConnection([url], name="test", connect_timeout_s=2.0).connect()
+
+
 async def test_a_refused_login_hands_on_nothing_sent_with_the_refusal():
     inbox = Inbox()
     async with ScriptedServer(INFO, b"-ERR 'Authorization Violation'\r\n" + FORGED + b"PONG\r\n") as url:
