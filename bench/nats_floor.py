@@ -1,6 +1,6 @@
 """The floor under a cross-node message's cost (issue 18): what one request and its answer cost
-in CPU between two processes, over NATS — through nats-py (``ClusterLink``'s ``hello``; its relay
-until the lean data path), through ``NatsConnection`` (``core/edge/natsconn.py``, how relayed
+in CPU between two processes, over NATS — through nats-py (how ``ClusterLink`` talked until
+63fb926), through ``NatsConnection`` (``core/edge/natsconn.py``, how relayed
 stanzas and answers travel now) and through the bare protocol — and over a bare loopback TCP
 connection, one at a time, with no gateway work around them.
 

@@ -200,11 +200,12 @@ _LINK_COUNTERS = (
      "NATS messages on this node's subjects naming no other node of the list."),
     ("unpackable", "interlink_cluster_link_unpackable", "Relayed entries this node could not pack (its bug; dropped)."),
     ("publish_failures", "interlink_cluster_link_publish_failures",
-     "Publishes dropped: 8 MiB already waiting for NATS (to come back, or to take them) — their senders time out."),
+     "NATS messages (batches of relayed stanzas or answers) dropped: 8 MiB already waiting for NATS (to come "
+     "back, or to take them) — their senders time out."),
     ("disconnects", "interlink_cluster_link_disconnects", "Times this node lost its NATS connection."),
     ("expired_while_away", "interlink_cluster_link_expired_while_away",
-     "Relayed stanzas and answers published while NATS was away and dropped at the reconnect, older "
-     "than the request timeout (their senders were answered overloaded)."),
+     "NATS messages (batches of relayed stanzas or answers, hello answers) published while NATS was away "
+     "and dropped at the reconnect, older than the request timeout (their senders were answered overloaded)."),
     ("stale", "interlink_cluster_link_stale_connections",
      "Times the NATS server left two PINGs unanswered and the connection was dropped."),
     ("reconnect_failures", "interlink_cluster_link_reconnect_failures",

@@ -9,8 +9,8 @@ permissions can pin to each node's credentials (docs/operations.md "Running a cl
 must be one of the node list. What the relay gathers in one event-loop turn leaves in one NATS
 message per node, written in that turn on one connection, so a device's stanzas to a node arrive
 there in the order it sent them. Everything travels on the node's own NATS connection
-(``core/edge/natsconn.py``: about half nats-py's CPU per message, and TLS wherever it is asked
-for). Payloads are msgpack maps:
+(``core/edge/natsconn.py``: a NATS round trip costs about 0.6–0.8× nats-py's CPU,
+``bench/nats_floor.py``; and TLS wherever it is asked for). Payloads are msgpack maps:
 
 * relay: ``{"m": digest, "r": [[seq, provider, localpart, device, max plaintext, stanza], ...]}``
 * answers: ``{"a": [[seq, encoded answer stanza or nil], ...]}``
@@ -43,7 +43,7 @@ HELLO_TIMEOUT_S = 1.0
 TWIN_WAIT_S = 0.15  # after this node's own hello answer, how long another instance of it gets to answer too
 MIN_MAX_PAYLOAD = 128 * 1024  # NATS must carry one relayed stanza of the largest frame with room to spare
 START_ATTEMPTS = 2  # further tries per NATS server before a start gives up (0.5 s apart)
-CONNECT_TIMEOUT_S = 2.0  # one TCP (and TLS) connection attempt to a NATS server
+CONNECT_TIMEOUT_S = 2.0  # each step of one connection attempt to a NATS server (TCP, INFO, TLS, PONG)
 EXPIRY_TICK_S = 0.05  # how often relayed stanzas past their deadline are looked for
 # Relay round trips over loopback take ~0.3-1 ms, commit included; a struggling node, seconds.
 RELAY_BUCKETS_S = (0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 2.5)

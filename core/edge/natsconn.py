@@ -26,11 +26,11 @@ What this connection does for itself, as a NATS client must:
   that cannot be read then keeps the last one read). It takes no server URLs from a server's
   ``INFO``: list every NATS server in ``cluster.nats``. A server whose ``max_payload`` is under
   the bound it was given is refused.
-* **While away**, what is published waits (up to ``MAX_PENDING_BYTES``, as nats-py's reconnect
-  buffer did) and goes out, in order, right after the next connect: a NATS blip then costs the
+* **While away**, what is published waits (up to ``MAX_PENDING_BYTES``; nats-py's reconnect
+  buffer, as the node used it, held 2 MiB) and goes out, in order, right after the next connect: a NATS blip then costs the
   relay's streams a round trip, not their deadline (dropping them made every stream in flight
-  wait ``request_timeout_s``: with NATS killed every 2 s in ``bench/cluster_crash.py`` traffic
-  stopped). What waited longer than ``max_wait_s`` (the cluster's request timeout: its sender was
+  wait ``request_timeout_s``: with NATS killed after 0.3–2 s of traffic each cycle in
+  ``bench/cluster_crash.py``, traffic stopped). What waited longer than ``max_wait_s`` (the cluster's request timeout: its sender was
   answered ``overloaded`` meanwhile) is dropped at the connect instead — a late ``keys.get``
   would still take prekeys nobody receives. Beyond the bound ``publish`` refuses (returns
   False): the sender's deadline answers those, and the client sends them again, in order
