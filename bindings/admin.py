@@ -206,6 +206,9 @@ _LINK_COUNTERS = (
     ("expired_while_away", "interlink_cluster_link_expired_while_away",
      "NATS messages (batches of relayed stanzas or answers, hello answers) published while NATS was away "
      "and dropped at the reconnect, older than the request timeout (their senders were answered overloaded)."),
+    ("twins_seen", "interlink_cluster_link_twins_seen",
+     "Hellos from, or answers by, another process with this node's id: a second process starting (it refuses) "
+     "or one serving beside this one after a cut from NATS (stop one)."),
     ("stale", "interlink_cluster_link_stale_connections",
      "Times the NATS server left two PINGs unanswered and the connection was dropped."),
     ("reconnect_failures", "interlink_cluster_link_reconnect_failures",

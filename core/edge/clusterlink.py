@@ -82,6 +82,7 @@ class ClusterLink:
         self._relay_subjects = {node: subject(node, "relay", self.node).encode() for node in others}
         self._answer_subjects = {node: subject(node, "answers", self.node).encode() for node in others}
         self._instances: dict[str, str] = {}  # node -> the instance id of its process that said hello last
+        self._twin_check: asyncio.Task | None = None  # after a reconnect: does another process serve this node id?
 
     # -- lifecycle
 
@@ -128,10 +129,30 @@ class ClusterLink:
         """``ConfigError`` if another process answers for this node id (this one hears its own
         answer too: the connection's echo). Asked before subscribing to relays, after the hello
         subscription, so of two instances starting together each sees the other (and both refuse)."""
+        if await self._twins():
+            raise ConfigError(f"cluster.node: node {self.node} is already running (another process answers for it)")
+
+    async def _twins(self) -> list[dict]:
+        """The answers of other processes to a hello for this node id."""
         answers = await ask(self.wire, [self.node], self._hello_request(), HELLO_TIMEOUT_S, every_answer=True,
                             enough=lambda got: any(a.get("i") == self.instance for a in got), linger_s=TWIN_WAIT_S)
-        if any(answer.get("i") != self.instance for answer in answers):
-            raise ConfigError(f"cluster.node: node {self.node} is already running (another process answers for it)")
+        return [answer for answer in answers if answer.get("i") != self.instance]
+
+    async def _look_for_twins(self) -> None:
+        """After a reconnect: a process started with this node id while this one was cut off from
+        NATS passed its start check, and both now serve this node's stanzas. Said loudly (the
+        operator stops one); each sees the other (the other hears this hello)."""
+        try:
+            twins = await self._twins()
+        except Exception:  # a check that could not run says nothing either way
+            log.exception("cluster: could not look for another process serving node %s", self.node)
+            return
+        finally:
+            self._twin_check = None
+        if twins:
+            self.counters["twins_seen"] += 1
+            log.critical("cluster: another process (instance %s) serves node %s beside this one (%s): it started while "
+                         "this one was cut off from NATS; stop one of them", twins[0].get("i"), self.node, self.instance)
 
     async def check_membership(self) -> None:
         """Ask every other node who it is; ``ConfigError`` if one runs another node list (a node
@@ -155,6 +176,9 @@ class ClusterLink:
         """Answer what still waits for another node (``overloaded``, unconfirmed), send what is
         queued — the answers this node owes included — then leave NATS."""
         self._closing = True
+        if self._twin_check is not None:
+            self._twin_check.cancel()
+            self._twin_check = None
         if self._ticker is not None:
             self._ticker.cancel()
             self._ticker = None
@@ -312,7 +336,11 @@ class ClusterLink:
         if asked.get("m") not in (None, self.digest):
             log.warning("cluster: node %s runs another node list than this node", asked.get("from"))
         if asked.get("from") == self.node and asked.get("i") not in (None, self.instance):
-            log.error("cluster: another process is starting as node %s (it will refuse to serve)", self.node)
+            # A second process starting (it refuses on this answer), or one that served beside this
+            # one while cut off from NATS and looks again after its reconnect.
+            self.counters["twins_seen"] += 1
+            log.error("cluster: another process of node %s (instance %s) asks who runs it: a second one starting "
+                      "refuses to serve; one already serving is a twin — stop one of them", self.node, asked.get("i"))
         origin, instance = asked.get("from"), asked.get("i")
         if (type(origin) is str and origin != self.node and origin in self.config.nodes and asked.get("m") == self.digest
                 and type(instance) is str and self._instances.get(origin) != instance):
@@ -355,6 +383,8 @@ class ClusterLink:
     def _reconnected(self) -> None:
         self._publish_failing = False
         self._sized_to_the_server()
+        if self._twin_check is None and not self._closing:
+            self._twin_check = asyncio.get_running_loop().create_task(self._look_for_twins())
         log.info("cluster: reconnected to NATS at %r", self.wire.server)
 
 

@@ -370,6 +370,74 @@ async def test_a_hello_is_answered_only_to_an_inbox(cluster):
         await spy.close()
 
 
+class CuttableLink:
+    """A TCP forwarder between a node and NATS that the test can cut and mend (the node is cut off
+    from NATS while NATS and every other node go on)."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = free_ports(1)[0]
+        self.server: asyncio.Server | None = None
+        self.writers: list[asyncio.StreamWriter] = []
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    async def mend(self) -> None:
+        self.server = await asyncio.start_server(self._forward, "127.0.0.1", self.port)
+
+    async def cut(self) -> None:
+        self.server.close()
+        for writer in self.writers:
+            writer.transport.abort()
+        self.writers.clear()
+        await self.server.wait_closed()
+
+    async def _forward(self, reader, writer) -> None:
+        upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        self.writers += [writer, upstream_writer]
+
+        async def pipe(source, sink) -> None:
+            while data := await source.read(65536):
+                sink.write(data)
+            sink.close()
+
+        await asyncio.gather(pipe(reader, upstream_writer), pipe(upstream_reader, writer), return_exceptions=True)
+
+
+async def test_a_twin_started_while_a_node_was_cut_off_is_seen_by_both_once_it_is_back(issuers, tmp_path, nats_server):
+    """A second process with node-a's id passes its start check while node-a is cut off from NATS
+    (nobody answers for node-a). Once node-a is back it looks again: both log it and count it."""
+    import dataclasses
+
+    from interlink.testing import free_ports
+
+    link = CuttableLink(nats_server.port)
+    await link.mend()
+    cluster = Cluster(issuers, tmp_path, link.url, nodes=("node-a", "node-b"))
+    node_a = await cluster.start("node-a")
+    twin = None
+    try:
+        await link.cut()
+        await until(lambda: not node_a._server.cluster.connected, "node-a cut off from NATS")
+        shutil.copytree(tmp_path / "node-a" / "keys", tmp_path / "twin" / "keys")
+        config = cluster.config("node-a")
+        twin = Gateway(dataclasses.replace(config, data_dir=tmp_path / "twin", port=free_ports(1)[0],
+                                           cluster=dataclasses.replace(config.cluster, nats=(nats_server.url,))))
+        await twin.start()  # nobody answers for node-a: the start check passes
+        await link.mend()
+        links = (node_a._server.cluster, twin._server.cluster)
+        await until(lambda: all(link.counters["twins_seen"] >= 1 for link in links), "both see the other",
+                    timeout_s=15)
+    finally:
+        if twin is not None:
+            await twin.stop()
+        await cluster.stop("node-a")
+        if link.server is not None:
+            await link.cut()
+
+
 async def test_an_answer_counts_only_from_the_node_asked_on_its_subject(cluster):
     """``ask`` gives each node a reply subject of its own: an answer there naming another node is
     someone else's (a forged one could make a starting node refuse to serve, or a twin check fail)."""
