@@ -34,7 +34,7 @@ import msgpack
 from interlink.core.domain.cluster import redact
 from interlink.core.domain.relay import internal_error
 from interlink.core.edge.metrics import Histogram
-from interlink.core.edge.natsconn import CONNECT_FAULTS, NatsConnection, read_credentials
+from interlink.core.edge.natsconn import CONNECT_FAULTS, NatsConnection
 from interlink.core.errors import ConfigError
 
 log = logging.getLogger("interlink.cluster")
@@ -95,7 +95,6 @@ class ClusterLink:
                                    min_max_payload=MIN_MAX_PAYLOAD, max_wait_s=config.request_timeout_s,
                                    inbox_prefix=self.node, counters=self.counters, echo=True,
                                    on_disconnected=self._disconnected, on_reconnected=self._reconnected)
-        check_credentials(config)
         self.wire.subscribe(subject(self.node, "hello").encode(), self._on_hello)
         give_up_s = (CONNECT_TIMEOUT_S + 0.5) * (START_ATTEMPTS + 1) * len(config.nats) + 1.0
         try:
@@ -388,12 +387,6 @@ class ClusterLink:
         log.info("cluster: reconnected to NATS at %r", self.wire.server)
 
 
-def check_credentials(cluster) -> None:
-    """``ConfigError`` naming ``cluster.nats_credentials`` when its file cannot be used."""
-    if cluster.nats_credentials:
-        read_credentials(cluster.nats_credentials)
-
-
 def nats_tls(cluster) -> ssl.SSLContext | None:
     """The TLS context for ``cluster.nats_ca_file`` (None: the system's CAs, for ``tls://`` URLs)."""
     if not cluster.nats_ca_file:
@@ -461,19 +454,18 @@ async def ask(connection: NatsConnection, nodes: list[str], request: bytes, time
 
 async def ask_nodes(cluster, timeout_s: float = HELLO_TIMEOUT_S) -> dict[str, dict | None]:
     """Every node's own report (``ClusterLink.status``), None for a node that did not answer:
-    what ``interlink cluster status`` shows. ``ConfigError`` when NATS is unreachable."""
-    check_credentials(cluster)
+    what ``interlink cluster status`` shows. ``ConfigError`` when NATS is unreachable (or a
+    ``.creds`` file unusable: read at the connect)."""
     connection = NatsConnection(cluster.nats, name="interlink-cluster-status", tls=nats_tls(cluster),
                                 credentials=cluster.nats_credentials or None, connect_timeout_s=CONNECT_TIMEOUT_S,
                                 inbox_prefix="status")
     give_up_s = (CONNECT_TIMEOUT_S + 1.0) * len(cluster.nats)
-    try:
-        await asyncio.wait_for(connection.connect(), give_up_s)
-    except CONNECT_FAULTS as exc:
-        await connection.close()
-        raise cannot_connect(cluster, exc, give_up_s) from None
     nodes = sorted(cluster.nodes)
     try:
+        try:
+            await asyncio.wait_for(connection.connect(), give_up_s)
+        except CONNECT_FAULTS as exc:
+            raise cannot_connect(cluster, exc, give_up_s) from None
         answers = await ask(connection, nodes, msgpack.packb({"from": "status", "m": cluster.digest}), timeout_s)
     finally:
         await connection.close()
