@@ -69,9 +69,14 @@ def carry(source: Node, target: Node) -> list:
     the records carried."""
     outgoing, replies = source.relay.take_output()
     assert not replies
-    records = msgpack.unpackb(msgpack.packb(outgoing.get(target.name, [])), raw=False, strict_map_key=False)
+    records = over_nats(outgoing.get(target.name, []))
     target.relay.serve(source.name, records, NOW)
     return records
+
+
+def over_nats(records):
+    """``records`` packed and unpacked as the link does between nodes."""
+    return msgpack.unpackb(msgpack.packb(records), raw=False, strict_map_key=False)
 
 
 def answer(source: Node, target: Node, order=None, now: float = NOW) -> None:

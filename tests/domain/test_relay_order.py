@@ -8,12 +8,9 @@ again, which must keep its first place)."""
 
 from __future__ import annotations
 
-import os
-
-import msgpack
 import pytest
 
-from domain.test_relay import Node, answer
+from domain.test_relay import Node, answer, msg, over_nats
 from interlink.core.domain.cluster import Membership
 from interlink.testing import FakeSession, homed_users
 
@@ -33,13 +30,22 @@ def three(tmp_path):
         node.store.close()
 
 
-def msg(to: str, own: bytes) -> dict:
-    return {"t": "msg", "id": os.urandom(16), "to": to, "c": {1: b"for 1"}, "own": {2: own}}
-
-
 def outgoing(source: Node) -> dict:
     records, _ = source.relay.take_output()
-    return {node: msgpack.unpackb(msgpack.packb(batch), raw=False, strict_map_key=False) for node, batch in records.items()}
+    return {node: over_nats(batch) for node, batch in records.items()}
+
+
+def sent_to_b_then_c(three) -> tuple:
+    """alice's device 1 sends m1 to node-b's user, then m2 to node-c's, each with an own copy for
+    her device 2: (alice1, alice2, m1, m2)."""
+    a, b, c = three
+    alice1, alice2 = a.open(A1, 1), a.open(A1, 2)
+    b.open(B1)
+    c.open(C1)
+    m1, m2 = msg(B1, own={2: b"own 1"}), msg(C1, own={2: b"own 2"})
+    a.domain.dispatch(alice1, m1, NOW)
+    a.domain.dispatch(alice1, m2, NOW + 0.5)
+    return alice1, alice2, m1, m2
 
 
 def serve_and_answer(source: Node, target: Node, records: list, now: float) -> None:
@@ -64,18 +70,13 @@ def deliver_everything(nodes, now: float) -> None:
 
 
 def test_a_poisoned_stanza_out_at_a_third_node_is_awaited_from_the_timeout_on(three):
-    a, b, c = three
-    alice1, alice2 = a.open(A1, 1), a.open(A1, 2)
-    b.open(B1)
-    c.open(C1)
-    m1, m2 = msg(B1, b"own 1"), msg(C1, b"own 2")
-    a.domain.dispatch(alice1, m1, NOW)
-    a.domain.dispatch(alice1, m2, NOW + 0.5)
+    a, _, c = three
+    alice1, alice2, m1, m2 = sent_to_b_then_c(three)
     out = outgoing(a)  # m1 to node-b (lost), m2 to node-c (slow)
     a.relay.expire(NOW + 2.0)
     assert refused(alice1) == [m1["id"]]  # m2's refusal comes when node-c answers
     a.domain.dispatch(alice1, m1, NOW + 2.1)
-    m3 = msg(C1, b"own 3")
+    m3 = msg(C1, own={2: b"own 3"})
     a.domain.dispatch(alice1, m3, NOW + 2.1)
     assert refused(alice1) == [m3["id"]]  # m2 is awaited: m3 would overtake it
     serve_and_answer(a, c, out["node-c"], NOW + 2.2)
@@ -89,13 +90,8 @@ def test_a_poisoned_stanza_out_at_a_third_node_is_awaited_from_the_timeout_on(th
 
 
 def test_a_resend_refused_again_keeps_its_first_place(three):
-    a, b, c = three
-    alice1, alice2 = a.open(A1, 1), a.open(A1, 2)
-    b.open(B1)
-    c.open(C1)
-    m1, m2 = msg(B1, b"own 1"), msg(C1, b"own 2")
-    a.domain.dispatch(alice1, m1, NOW)
-    a.domain.dispatch(alice1, m2, NOW + 0.5)
+    a, b, _ = three
+    alice1, alice2, m1, m2 = sent_to_b_then_c(three)
     outgoing(a)  # both lost
     a.relay.expire(NOW + 2.0)
     assert refused(alice1) == [m1["id"]]

@@ -307,12 +307,13 @@ async def test_a_ca_file_means_tls_whatever_the_url_says(nats_server):
 
 async def test_closing_while_connecting_leaves_no_connection():
     release = asyncio.Event()
-    async with ScriptedServer(INFO, b"PONG\r\n", hold_pong=release) as url:
+    server = ScriptedServer(INFO, b"PONG\r\n", hold_pong=release)
+    async with server as url:
         events: list[str] = []
         connection = NatsConnection([url], name="test", connect_timeout_s=5.0,
                                     on_reconnected=lambda: events.append("up"))
         connecting = asyncio.ensure_future(connection.connect())
-        await asyncio.sleep(0.2)  # CONNECT is out; the PONG is held
+        await until(lambda: b"PING\r\n" in server.received, "CONNECT...PING at the server")  # the PONG is held
         closing = asyncio.ensure_future(connection.close())
         release.set()
         with pytest.raises(ConnectionError):
