@@ -92,8 +92,9 @@ async def _natsconn(url: str, subscribe: bytes, on_message):
 
 
 class _RawNats(asyncio.Protocol):
-    """The NATS text protocol at its barest (CONNECT, SUB, PUB, MSG; no PING, headers or
-    reconnects): how much of a round trip is nats-server and the sockets, not nats-py."""
+    """The NATS text protocol at its barest (CONNECT, SUB, one PING to know SUB is in, PUB, MSG;
+    no keep-alive, headers or reconnects): how much of a round trip is nats-server and the
+    sockets, not the client."""
 
     def __init__(self, on_message) -> None:
         self.on_message = on_message

@@ -201,7 +201,7 @@ _LINK_COUNTERS = (
     ("unpackable", "interlink_cluster_link_unpackable", "Relayed entries this node could not pack (its bug; dropped)."),
     ("publish_failures", "interlink_cluster_link_publish_failures",
      "NATS messages (batches of relayed stanzas or answers) dropped: 8 MiB already waiting for NATS (to come "
-     "back, or to take them) — their senders time out."),
+     "back, or to take them), over its max_payload, or the link closed — their senders time out."),
     ("disconnects", "interlink_cluster_link_disconnects", "Times this node lost its NATS connection."),
     ("expired_while_away", "interlink_cluster_link_expired_while_away",
      "NATS messages (batches of relayed stanzas or answers, hello answers) published while NATS was away "

@@ -198,8 +198,8 @@ def check(data: bytes) -> None:
         got += result[1]
         if broken_at is not None and end >= broken_at:
             raise AssertionError(f"{where}: not refused by byte {end}; the reference breaks at byte {broken_at}")
-        if len(reader._buffer) > bound:
-            raise AssertionError(f"{where}: holds {len(reader._buffer)} bytes after byte {end}, over {bound}")
+        if reader.buffered > bound:
+            raise AssertionError(f"{where}: holds {reader.buffered} bytes after byte {end}, over {bound}")
     if broken_at is not None:
         raise AssertionError(f"{where}: read in pieces without a fault; the reference breaks at byte {broken_at}")
     if got != expected:
