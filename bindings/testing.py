@@ -427,12 +427,15 @@ class ProxyRelay:
     ``header(peer)`` makes the header for a client connecting from ``peer`` (default: a PROXY
     command naming ``client``, or the real peer when ``client`` is None). Use as
     ``async with ProxyRelay(gateway.address, client=("203.0.113.7", 40000)) as relay:`` and
-    connect to ``relay.address``."""
+    connect to ``relay.address``. With ``port`` it listens there, also when entered again after
+    an exit (``header=lambda peer: b""``: a plain TCP relay a test can cut and mend)."""
 
-    def __init__(self, target: tuple[str, int], *, client: tuple[str, int] | None = None, header=None) -> None:
+    def __init__(self, target: tuple[str, int], *, client: tuple[str, int] | None = None, header=None,
+                 port: int = 0) -> None:
         from interlink.core.protocol.proxyheader import encode_proxy_header
 
         self.target = target
+        self.port = port
         self.header = header or (lambda peer: encode_proxy_header("proxy", client or peer[:2], target[:2]))
         self._server: asyncio.base_events.Server | None = None
         self._tasks: set[asyncio.Task] = set()
@@ -443,7 +446,7 @@ class ProxyRelay:
         return self._server.sockets[0].getsockname()[:2]
 
     async def __aenter__(self) -> ProxyRelay:
-        self._server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        self._server = await asyncio.start_server(self._relay, "127.0.0.1", self.port)
         return self
 
     async def __aexit__(self, *exc_info) -> None:

@@ -586,6 +586,5 @@ async def test_the_js_client_follows_a_cluster_redirect_to_its_home_node(issuers
         assert away._server.counters["redirects"] == 1
         await driver.call("close", name="alice")
     finally:
-        for node in list(cluster.gateways):
-            await cluster.stop(node)
+        await cluster.stop_all()
         await nats.stop()

@@ -491,16 +491,24 @@ def test_a_devices_stored_stanzas_to_one_node_go_one_at_a_time_and_a_lost_one_st
     assert a.relay.take_output() == ({}, {}) and not a.relay._streams
 
 
-def test_a_timed_out_stanza_refuses_the_own_copies_queued_behind_it_and_later_ones_until_resent(nodes):
-    a, b = nodes
+def lost_then_local(a: Node, b: Node) -> tuple:
+    """alice's device 1 sends ``lost`` (to B1, never carried), then ``local`` (to A2 on this node),
+    each with an own copy for her device 2; both time out. (alice1, alice2, lost, local); her
+    refusals are not taken yet."""
     alice1, alice2 = a.open(A1, 1), a.open(A1, 2)
     a.open(A2)
     b.open(B1)
-    lost, behind = msg(B1, own={2: b"own 1"}), msg(A2, own={2: b"own 2"})
+    lost, local = msg(B1, own={2: b"own 1"}), msg(A2, own={2: b"own 2"})
     a.domain.dispatch(alice1, lost, NOW)
-    a.domain.dispatch(alice1, behind, NOW)
+    a.domain.dispatch(alice1, local, NOW)
     a.relay.take_output()
     a.relay.expire(NOW + 10)
+    return alice1, alice2, lost, local
+
+
+def test_a_timed_out_stanza_refuses_the_own_copies_queued_behind_it_and_later_ones_until_resent(nodes):
+    a, b = nodes
+    alice1, alice2, lost, behind = lost_then_local(a, b)
     assert [(r["code"], r["ref"]) for r in alice1.take()] == [("overloaded", lost["id"]), ("overloaded", behind["id"])]
     assert not a.domain.router.has_batch and not a.relay._chains
     # Sent after the timeout, before the device resent the lost one: its own copies would reach
@@ -979,14 +987,7 @@ def test_an_awaited_resend_refused_by_its_handler_here_is_still_awaited(nodes):
     """A resend served on this node (a local recipient) that its handler refuses stored nothing:
     it stays awaited, and what was sent after it stays refused until it is stored."""
     a, b = nodes
-    alice1, alice2 = a.open(A1, 1), a.open(A1, 2)
-    a.open(A2)
-    b.open(B1)
-    lost, local = msg(B1, own={2: b"own 1"}), msg(A2, own={2: b"own 2"})
-    a.domain.dispatch(alice1, lost, NOW)
-    a.domain.dispatch(alice1, local, NOW)
-    a.relay.take_output()
-    a.relay.expire(NOW + 10)
+    alice1, alice2, lost, local = lost_then_local(a, b)
     assert len(alice1.take()) == 2
     a.domain.dispatch(alice1, lost, NOW + 11)
     carry(a, b)

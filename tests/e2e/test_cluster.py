@@ -20,7 +20,7 @@ from interlink.core.edge.keyfiles import ROOT_KEY_FILE, ROOT_PUBLIC_FILE, init_o
 from interlink.core.errors import ConfigError, RedirectedError, ServerError
 from interlink.gateway import Gateway
 from interlink.load.nats import LocalNats
-from interlink.testing import free_ports, homed_users, keys_for_nodes, until
+from interlink.testing import ProxyRelay, free_ports, homed_users, keys_for_nodes, until
 from interlink.core.domain.batch import device_key
 from three_providers import AUD, config_for, nothing_arrives
 
@@ -97,6 +97,10 @@ class Cluster:
     async def stop(self, node: str) -> None:
         await self.gateways.pop(node).stop()
 
+    async def stop_all(self) -> None:
+        for node in list(self.gateways):
+            await self.stop(node)
+
     def home(self, address: str) -> str:
         return self.membership.home(address)
 
@@ -123,8 +127,7 @@ async def cluster(issuers, tmp_path, nats_server):
     for node in NODES:
         await cluster.start(node)
     yield cluster
-    for node in list(cluster.gateways):
-        await cluster.stop(node)
+    await cluster.stop_all()
 
 
 async def next_dlv(client: Client, timeout_s: float = 5.0) -> dict:
@@ -370,63 +373,26 @@ async def test_a_hello_is_answered_only_to_an_inbox(cluster):
         await spy.close()
 
 
-class CuttableLink:
-    """A TCP forwarder between a node and NATS that the test can cut and mend (the node is cut off
-    from NATS while NATS and every other node go on)."""
-
-    def __init__(self, target_port: int) -> None:
-        self.target_port = target_port
-        self.port = free_ports(1)[0]
-        self.server: asyncio.Server | None = None
-        self.writers: list[asyncio.StreamWriter] = []
-
-    @property
-    def url(self) -> str:
-        return f"nats://127.0.0.1:{self.port}"
-
-    async def mend(self) -> None:
-        self.server = await asyncio.start_server(self._forward, "127.0.0.1", self.port)
-
-    async def cut(self) -> None:
-        self.server.close()
-        for writer in self.writers:
-            writer.transport.abort()
-        self.writers.clear()
-        await self.server.wait_closed()
-
-    async def _forward(self, reader, writer) -> None:
-        upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
-        self.writers += [writer, upstream_writer]
-
-        async def pipe(source, sink) -> None:
-            while data := await source.read(65536):
-                sink.write(data)
-            sink.close()
-
-        await asyncio.gather(pipe(reader, upstream_writer), pipe(upstream_reader, writer), return_exceptions=True)
-
-
 async def test_a_twin_started_while_a_node_was_cut_off_is_seen_by_both_once_it_is_back(issuers, tmp_path, nats_server):
     """A second process with node-a's id passes its start check while node-a is cut off from NATS
     (nobody answers for node-a). Once node-a is back it looks again: both log it and count it."""
     import dataclasses
 
-    from interlink.testing import free_ports
-
-    link = CuttableLink(nats_server.port)
-    await link.mend()
-    cluster = Cluster(issuers, tmp_path, link.url, nodes=("node-a", "node-b"))
+    # A plain TCP relay between node-a and NATS, cut (its connections closed) and mended on its port.
+    link = ProxyRelay(("127.0.0.1", nats_server.port), header=lambda peer: b"", port=free_ports(1)[0])
+    await link.__aenter__()
+    cluster = Cluster(issuers, tmp_path, f"nats://127.0.0.1:{link.port}", nodes=("node-a", "node-b"))
     node_a = await cluster.start("node-a")
     twin = None
     try:
-        await link.cut()
+        await link.__aexit__()
         await until(lambda: not node_a._server.cluster.connected, "node-a cut off from NATS")
         shutil.copytree(tmp_path / "node-a" / "keys", tmp_path / "twin" / "keys")
         config = cluster.config("node-a")
         twin = Gateway(dataclasses.replace(config, data_dir=tmp_path / "twin", port=free_ports(1)[0],
                                            cluster=dataclasses.replace(config.cluster, nats=(nats_server.url,))))
         await twin.start()  # nobody answers for node-a: the start check passes
-        await link.mend()
+        await link.__aenter__()
         links = (node_a._server.cluster, twin._server.cluster)
         await until(lambda: all(link.counters["twins_seen"] >= 1 for link in links), "both see the other",
                     timeout_s=15)
@@ -434,8 +400,7 @@ async def test_a_twin_started_while_a_node_was_cut_off_is_seen_by_both_once_it_i
         if twin is not None:
             await twin.stop()
         await cluster.stop("node-a")
-        if link.server is not None:
-            await link.cut()
+        await link.__aexit__()
 
 
 async def test_an_answer_counts_only_from_the_node_asked_on_its_subject(cluster):
@@ -537,8 +502,7 @@ async def test_websocket_clients_are_redirected_to_their_homes_websocket_url(iss
         assert cluster.gateways["node-a"]._server.counters["ws_upgrades"] == 1
         await client.close()
     finally:
-        for node in list(cluster.gateways):
-            await cluster.stop(node)
+        await cluster.stop_all()
 
 
 async def test_a_group_lives_on_its_home_node_and_members_of_every_node_get_everything(cluster):

@@ -97,8 +97,7 @@ async def people(issuers, tmp_path, nats_server):
     for node in NODES:
         await cluster.start(node)
     yield ClusterPeople(cluster)
-    for node in list(cluster.gateways):
-        await cluster.stop(node)
+    await cluster.stop_all()
 
 
 async def test_a_blob_lives_on_its_uploaders_node_and_is_read_from_any_other(people, tmp_path):

@@ -69,10 +69,6 @@ class Described(Cluster):
                         f'[cluster.nodes]\n{nodes}\n')
         return path
 
-    async def stop_all(self) -> None:
-        for node in list(self.gateways):
-            await self.stop(node)
-
 
 def pick(provider: str, old_home: str, new_home: str, taken: set) -> str:
     """An address of ``provider`` homed on ``old_home`` under the old list and ``new_home`` under the new."""

@@ -45,8 +45,7 @@ async def cluster(issuers, tmp_path, nats_server):
     for node in NODES:
         await cluster.start(node, timeout_s=TIMEOUT_S)
     yield cluster
-    for node in list(cluster.gateways):
-        await cluster.stop(node)
+    await cluster.stop_all()
 
 
 def group_homed_on(cluster: Cluster, node: str, monkeypatch) -> bytes:

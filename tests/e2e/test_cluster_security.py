@@ -14,6 +14,7 @@ import datetime
 import hashlib
 import ipaddress
 import json
+import logging
 import os
 import time
 
@@ -114,8 +115,7 @@ async def started_and_crossing(cluster, sender_home: str, recipient_home: str, b
 
 
 async def stop_all(cluster, server: LocalNats) -> None:
-    for node in list(cluster.gateways):
-        await cluster.stop(node)
+    await cluster.stop_all()
     await server.stop()
 
 
@@ -149,39 +149,37 @@ async def test_a_node_that_does_not_trust_the_servers_ca_or_has_a_wrong_password
         await Gateway(cluster.config("node-a")).start()  # and the password is not in the message
 
 
-async def test_one_nodes_credentials_cannot_relay_as_another_node(secured):
+async def test_one_nodes_credentials_cannot_relay_as_another_node(secured, caplog):
     """node-b's NATS user publishing a relay batch under node-c's name: NATS refuses it (a
     permissions violation), node-a never sees it; under its own name it arrives. NATS keeps one
-    connection's order, so once node-a took the two sent after it, the spoofed one is not coming."""
+    connection's order, so once node-a took the two sent after it, the spoofed one is not coming.
+    The spoofer is the node's own client (``NatsConnection``), logged in as node-b."""
     import msgpack
-    import nats
+
+    from interlink.core.edge.clusterlink import nats_tls
+    from interlink.core.edge.natsconn import NatsConnection
 
     cluster, _ = secured
     for node in NODES:
         await cluster.start(node)
     link = cluster.gateways["node-a"]._server.cluster
-    violations: list = []
-
-    async def on_error(exc) -> None:
-        violations.append(str(exc))
-
     config = cluster.config("node-b").cluster
-    nc = await nats.connect(servers=[cluster.url("node-b")], tls=__import__("ssl").create_default_context(
-        cafile=cluster.ca_file), error_cb=on_error, allow_reconnect=False)
+    spoof = NatsConnection([cluster.url("node-b")], name="spoof", tls=nats_tls(config))
+    await spoof.connect()
     try:
         batch = msgpack.packb({"m": config.digest, "r": []})
         before = link.counters["batches_in"]
-        await nc.publish("interlink.node-a.relay.node-c", batch)  # as node-c
-        await nc.flush()
-        await until(lambda: violations, "NATS to refuse node-b publishing as node-c")
-        assert "permissions violation" in violations[0].lower() and "interlink.node-a.relay.node-c" in violations[0]
+        with caplog.at_level(logging.WARNING, logger="interlink.cluster"):
+            spoof.publish(b"interlink.node-a.relay.node-c", batch)  # as node-c
+            await until(lambda: spoof.counters["server_errors"], "NATS to refuse node-b publishing as node-c")
+        assert "permissions violation" in caplog.text.lower() and "interlink.node-a.relay.node-c" in caplog.text
         for _ in range(2):
-            await nc.publish("interlink.node-a.relay.node-b", batch)  # as itself
-        await nc.flush()
+            spoof.publish(b"interlink.node-a.relay.node-b", batch)  # as itself
+        assert await spoof.flush(2.0)
         await until(lambda: link.counters["batches_in"] >= before + 2, "node-a to take node-b's own batches")
         assert link.counters["batches_in"] == before + 2  # the spoofed one never arrived
     finally:
-        await nc.close()
+        await spoof.close()
 
 
 # -- an operator/account (JWT) setup: every node logs in with its own .creds file
