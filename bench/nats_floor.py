@@ -122,8 +122,8 @@ class _RawNats(asyncio.Protocol):
                 self.transport.write(b"PONG\r\n")
             elif line.startswith(b"PONG") and not self.ponged.done():
                 self.ponged.set_result(None)
-            elif line.startswith(b"-ERR"):
-                raise RuntimeError(f"nats-server refused: {line.decode(errors='replace')}")
+            elif line.startswith(b"-ERR") and not self.ponged.done():  # the connect's caller says why
+                self.ponged.set_exception(RuntimeError(f"nats-server refused: {line.decode(errors='replace')}"))
             self.buffer = self.buffer[line_end + 2:]
 
     def publish(self, subject: bytes, payload: bytes) -> None:
@@ -236,11 +236,10 @@ def child(args) -> None:
         coroutine = _echo_nats(args.url, args.answer)
     elif args.role == "ask-nats":
         coroutine = _ask_nats(args.url, args.request, args.seconds)
-    elif args.role in ("echo-natsconn", "echo-nats-raw"):
-        coroutine = _echo_bare(_natsconn if args.role == "echo-natsconn" else _raw_nats, args.url, args.answer)
-    elif args.role in ("ask-natsconn", "ask-nats-raw"):
-        coroutine = _ask_bare(_natsconn if args.role == "ask-natsconn" else _raw_nats, args.url, args.request,
-                              args.seconds)
+    elif args.role.endswith(("-natsconn", "-nats-raw")):
+        connect = _natsconn if args.role.endswith("-natsconn") else _raw_nats
+        coroutine = (_echo_bare(connect, args.url, args.answer) if args.role.startswith("echo-")
+                     else _ask_bare(connect, args.url, args.request, args.seconds))
     elif args.role == "echo-tcp":
         coroutine = _echo_tcp(args.request, args.answer)
     else:

@@ -40,6 +40,7 @@ with instrumenting:
 
 MAX_PAYLOADS = (16, 100, 4096, 1024 * 1024)
 CUTS = (1, 2, 3, 5, 8, 13, 64, 1000)
+MAX_FIRST_READ = 4096  # the first read's size is drawn up to this
 
 
 def reference(stream: bytes, max_payload: int) -> tuple[list, int | None]:
@@ -60,45 +61,36 @@ def reference(stream: bytes, max_payload: int) -> tuple[list, int | None]:
             return operations, at
         name = words[0].upper()
         rest = line.split(None, 1)[1] if len(words) > 1 else b""
-        if name == b"MSG":
+        if name in (b"MSG", b"HMSG"):
+            headers = name == b"HMSG"  # HMSG: one argument more, the header size before the size
             arguments = words[1:]
-            if len(arguments) not in (3, 4):
+            fewest = 4 if headers else 3
+            if len(arguments) not in (fewest, fewest + 1):
                 return operations, at
-            sid, size = arguments[1], arguments[-1]
-            if not (sid.isdigit() and size.isdigit() and len(sid) <= 19 and len(size) <= 19):
+            numbers = (arguments[1], arguments[-2], arguments[-1]) if headers else (arguments[1], arguments[-1])
+            if not all(number.isdigit() and len(number) <= 19 for number in numbers):
                 return operations, at
-            names = _names(arguments, 4)
-            if int(size) > max_payload or names is None:
+            sid, size = int(numbers[0]), int(numbers[-1])
+            header_size = int(numbers[1]) if headers else 0
+            names = _names(arguments, fewest + 1)
+            if size > max_payload or (headers and not 12 <= header_size <= size) or names is None:
                 return operations, at
             subject, reply = names
-            size = int(size)
             if len(stream) < at + size + 2:
                 return operations, None
             if stream[at + size:at + size + 2] != b"\r\n":
                 return operations, at + size + 2
-            operations.append((MSG, subject, int(sid), reply, stream[at:at + size]))
-            at += size + 2
-        elif name == b"HMSG":
-            arguments = words[1:]
-            if len(arguments) not in (4, 5):
-                return operations, at
-            numbers = arguments[1], arguments[-2], arguments[-1]
-            if not all(number.isdigit() and len(number) <= 19 for number in numbers):
-                return operations, at
-            sid, header_size, size = (int(number) for number in numbers)
-            names = _names(arguments, 5)
-            if size > max_payload or not 12 <= header_size <= size or names is None:
-                return operations, at
-            subject, reply = names
-            if len(stream) < at + size + 2:
-                return operations, None
-            headers = stream[at:at + header_size]
-            if stream[at + size:at + size + 2] != b"\r\n" or not (headers.startswith(b"NATS/1.0")
-                                                                  and headers.endswith(b"\r\n\r\n")):
-                return operations, at + size + 2
-            status_line = headers[8:headers.index(b"\r\n")].split()
-            status = int(status_line[0]) if status_line and len(status_line[0]) == 3 and status_line[0].isdigit() else None
-            operations.append((HMSG, subject, sid, reply, stream[at + header_size:at + size], status))
+            payload = stream[at + header_size:at + size]
+            if not headers:
+                operations.append((MSG, subject, sid, reply, payload))
+            else:
+                block = stream[at:at + header_size]
+                if not (block.startswith(b"NATS/1.0") and block.endswith(b"\r\n\r\n")):
+                    return operations, at + size + 2
+                status_line = block[8:block.index(b"\r\n")].split()
+                status = (int(status_line[0]) if status_line and len(status_line[0]) == 3 and status_line[0].isdigit()
+                          else None)
+                operations.append((HMSG, subject, sid, reply, payload, status))
             at += size + 2
         elif name == b"PING":
             operations.append((PING_OP,))
@@ -159,7 +151,7 @@ def decode(data: bytes) -> tuple[int, int, int, bytes]:
     """The input's choices: max_payload, the first read's size, the cycle's start, the stream."""
     fdp = fuzzlib.provider(data)
     max_payload = MAX_PAYLOADS[fdp.ConsumeIntInRange(0, len(MAX_PAYLOADS) - 1)]
-    first = fdp.ConsumeIntInRange(0, 4096)
+    first = fdp.ConsumeIntInRange(0, MAX_FIRST_READ)
     cut = fdp.ConsumeIntInRange(0, len(CUTS) - 1)
     return max_payload, first, cut, fdp.ConsumeBytes(fdp.remaining_bytes())
 

@@ -896,8 +896,8 @@ def event_problem(fields, user: str, device: int, g, max_ciphertext: int) -> str
 def answer_problem(relayed: dict, answer: bytes | None) -> str | None:
     """Why ``answer`` (from node-a, for the stanza node-b relayed) is no answer to it, or None:
     one msgpack map, ``t`` ``ack``/``res``/``err``, naming the stanza's ``id`` (an iq's, a gfan
-    check's) or ``ref`` (a msg's or rcpt's 16-byte id), nothing for typing state (whose ``err``
-    goes on to its client); ``nil`` only for typing state."""
+    check's) or ``ref`` (a msg's or rcpt's 16-byte id) — and naming nothing for typing state
+    (whose ``err`` goes on to its client); ``nil`` is allowed only for typing state."""
     t = relayed.get("t")
     if answer is None:
         return None if t == "state" or (t == "gfan" and relayed.get("k") == "state") else "nil"

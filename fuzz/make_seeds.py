@@ -502,10 +502,13 @@ def proxy_tokens() -> list:
 # -------------------------------------------------------------------------------- nats_wire
 
 
-def nats_wire_seed(stream: bytes, max_payload: int = 3, first: int = 4096, cut: int = 0) -> bytes:
-    """Layout of fuzz_nats_wire.check: max_payload's index, the first read's size, the cycle's
-    start, then the stream."""
-    return Seed.of(stream, [(0, 3, max_payload), (0, 4096, first), (0, 7, cut)])
+def nats_wire_seed(stream: bytes, payload_index: int = 3, first: int = 4096, cut: int = 0) -> bytes:
+    """Layout of fuzz_nats_wire.check: the index of its max_payload (``MAX_PAYLOADS``), the first
+    read's size, the cycle's start (in ``CUTS``), then the stream."""
+    import fuzz_nats_wire as harness
+
+    return Seed.of(stream, [(0, len(harness.MAX_PAYLOADS) - 1, payload_index), (0, harness.MAX_FIRST_READ, first),
+                            (0, len(harness.CUTS) - 1, cut)])
 
 
 def nats_wire_seeds() -> dict:
@@ -518,8 +521,8 @@ def nats_wire_seeds() -> dict:
         "everything": nats_wire_seed(info + b"PING\r\n" + message + b"MSG _INBOX.a 2 reply.b 0\r\n\r\n+OK\r\n"
                                      b"-ERR 'Permissions Violation for Publish to \"x\"'\r\nmsg\tx\t3\t2\r\nab\r\n",
                                      first=1, cut=5),
-        "payload-with-crlf": nats_wire_seed(b"MSG a 1 6\r\n\r\nMSG\r\n\r\n", max_payload=0, first=3),
-        "over-max-payload": nats_wire_seed(b"MSG a 1 17\r\n" + b"x" * 17 + b"\r\n", max_payload=0),
+        "payload-with-crlf": nats_wire_seed(b"MSG a 1 6\r\n\r\nMSG\r\n\r\n", payload_index=0, first=3),
+        "over-max-payload": nats_wire_seed(b"MSG a 1 17\r\n" + b"x" * 17 + b"\r\n", payload_index=0),
         "payload-not-ended": nats_wire_seed(b"MSG a 1 3\r\nabcd\r\n"),
         "hmsg": nats_wire_seed(b"HMSG a 1 12 14\r\nNATS/1.0\r\n\r\nab\r\n"),
         "long-line": nats_wire_seed(b"INFO " + b"9" * 4100 + b"\r\n", first=4000, cut=6),
