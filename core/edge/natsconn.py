@@ -75,7 +75,7 @@ CONNECT_FAULTS = (OSError, asyncio.TimeoutError, TimeoutError, ssl.SSLError, Nat
 class NatsServer:
     """One ``nats://`` or ``tls://`` URL of ``cluster.nats``."""
 
-    __slots__ = ("url", "host", "port", "tls", "user", "password")
+    __slots__ = ("host", "port", "tls", "user", "password")
 
     def __init__(self, url: str) -> None:
         parts = urlsplit(url)
@@ -85,7 +85,7 @@ class NatsServer:
             port = parts.port or DEFAULT_PORT
         except ValueError:
             raise ConfigError("cluster.nats: a NATS URL has a port that is not a number") from None
-        self.url, self.host, self.port, self.tls = url, parts.hostname, port, parts.scheme == "tls"
+        self.host, self.port, self.tls = parts.hostname, port, parts.scheme == "tls"
         self.user = unquote(parts.username) if parts.username is not None else None
         self.password = unquote(parts.password) if parts.password is not None else None
 
