@@ -142,6 +142,11 @@ class LmdbStore:
         try:
             with self.env.begin(write=True) as txn:
                 states: dict = {}  # device key -> MailboxState, as this transaction left it
+                # Received items go first: they make room for this batch's entries under the
+                # quotas (a recv's deletion may wait for the next message: core/edge/commit.py),
+                # and a recv names only items an earlier commit stored.
+                if batch.deletions:
+                    mailboxes.delete(txn, batch.deletions, states)
                 for entry in batch.entries:
                     kind = type(entry)
                     if kind is PrekeyTake:
@@ -177,8 +182,6 @@ class LmdbStore:
                         fanout.write(txn, entry.outbox)
                 for node, upto in batch.outbox_acked.items():
                     fanout.delete_acked(txn, node, upto)
-                if batch.deletions:
-                    mailboxes.delete(txn, batch.deletions, states)
                 if batch.push_wake or batch.push_cancel or batch.push_done:
                     batch.push_created, batch.push_existing = self.push_records.apply(
                         txn, batch.push_wake, batch.push_cancel, batch.push_done, lambda dkey: mailboxes.items_in(txn, dkey, states))

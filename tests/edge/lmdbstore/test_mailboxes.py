@@ -202,6 +202,22 @@ def test_quota_refuses_a_whole_message_and_keeps_counts(tmp_path):
     store.close()
 
 
+def test_received_items_deleted_in_the_same_commit_make_room_for_its_messages(tmp_path):
+    # A recv's deletion may wait for the next message's commit (core/edge/commit.py): the room it
+    # frees counts for that message.
+    store = lmdb_store(tmp_path / "lmdb", map_size_bytes=1 << 24, max_mailbox_items=2, max_mailbox_bytes=1 << 20)
+    bob = device_key("bob@beta", 1)
+    sender = device_key("alice@alpha", 1)
+    commit_message(store, sender, b"a" * 16, 1, [(bob, build(b"one")), (bob, build(b"two"))])
+    batch = WriteBatch()
+    third = batch.add_message(sender, b"b" * 16, 2, [(bob, build(b"three"))])
+    batch.delete(bob, [1])
+    store.commit(batch)
+    assert third.refused is None and [seq for seq, _ in store.pending(bob)] == [2, 3]
+    assert store.mailbox_state(bob).items == 2
+    store.close()
+
+
 def test_byte_quota(tmp_path):
     store = lmdb_store(tmp_path / "lmdb", map_size_bytes=1 << 24, max_mailbox_items=100, max_mailbox_bytes=1 << 16)
     bob = device_key("bob@beta", 1)
