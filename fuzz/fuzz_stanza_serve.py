@@ -975,6 +975,9 @@ class Harness:
             blob_files=BlobFileStore(config.data_dir / "blobs"), clock=self.now,
             push_sign=PushKeys("fuzz").sign,  # as a node would (the harness never sends them)
         )
+        # A commit of only recv deletions waits a few ms for company; the harness settles by
+        # loop turns, not time, so its deletions commit in the next turn.
+        self.server.commits.deletions_wait_s = 0.0
         blobs = self.server.domain.blobs
         if (blobs.chunk_bytes, config.blob_max_bytes) != (BLOB_CHUNK, BLOB_MAX):
             raise RuntimeError(f"the blob chunk/limit are {blobs.chunk_bytes}/{config.blob_max_bytes}, "

@@ -169,6 +169,11 @@ class WriteBatch:
         return bool(self.entries or self.deletions or self.push_wake or self.push_cancel or self.push_done
                     or self.outbox_acked)
 
+    @property
+    def only_deletions(self) -> bool:
+        """The batch holds ``recv`` deletions and nothing else: nobody waits for its commit."""
+        return not (self.entries or self.push_wake or self.push_cancel or self.push_done or self.outbox_acked)
+
     def add_message(self, sender_key: bytes, msg_id: bytes, ts_ms: int, items: list) -> MessageEntry:
         entry = MessageEntry(sender_key, msg_id, ts_ms, items)
         self.entries.append(entry)

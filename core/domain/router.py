@@ -358,6 +358,11 @@ class Router:
         return bool(self._batch)
 
     @property
+    def batch_only_deletions(self) -> bool:
+        """The waiting writes are ``recv`` deletions only (the edge may let them wait for company)."""
+        return self._batch.only_deletions
+
+    @property
     def pending_load(self) -> int:
         """The load of the batch waiting for the next commit (``WriteBatch.load``: admission
         control's signal)."""

@@ -5,6 +5,12 @@ turn joins it), inline on the loop or on one writer thread (py-lmdb releases the
 committing, so the loop gathers the next batch meanwhile). One commit runs at a time, in order.
 After each, the domain answers the senders and pushes deliveries, and ``on_done`` writes out
 the sessions it touched.
+
+A batch of nothing but ``recv`` deletions waits up to ``deletions_wait_s`` for company: nobody
+waits for its answer, and alone it costs a commit (an fsync) per received item when messages
+come one at a time — the next stored message, a session closing or a drain takes it
+along at once. Until it is written, a new session of that device may be pushed those items
+again, which at-least-once delivery allows (docs/protocol.md §6, "Receiving").
 """
 
 from __future__ import annotations
@@ -23,6 +29,10 @@ from interlink.core.domain.ports import Store
 
 log = logging.getLogger("interlink.commit")
 
+# Long enough for the next message of a one-at-a-time exchange to arrive (a cross-node round
+# trip is about 1 ms on loopback), short against a reconnect.
+DELETIONS_WAIT_S = 0.005
+
 
 class CommitDriver:
     """Schedules and runs the domain's group commits."""
@@ -35,14 +45,18 @@ class CommitDriver:
         on_done: Callable[[], None],
         executor: concurrent.futures.Executor | None = None,
         clock: Callable[[], float] = time.time,
+        deletions_wait_s: float = DELETIONS_WAIT_S,
     ) -> None:
         self.clock = clock
+        self.deletions_wait_s = deletions_wait_s
         self.store = store
         self.domain = domain
         self.on_done = on_done  # writes out the sessions the domain touched
         self.executor = executor  # None: commit inline on the loop
         self.seconds = Histogram(COMMIT_BUCKETS_S)  # group-commit latency, for /metrics
-        self._scheduled = False
+        self._scheduled: asyncio.Handle | asyncio.TimerHandle | None = None  # the next commit
+        self._waiting_for_company = False  # _scheduled is the delete-only batch's timer
+        self._hurry = False  # commit what waits at the next chance, deletions too
         self._inflight: asyncio.Future | None = None  # the writer thread's running commit
 
     @property
@@ -50,21 +64,39 @@ class CommitDriver:
         """A commit is being written on the writer thread."""
         return self._inflight is not None
 
-    def schedule(self) -> None:
-        """Commit at the end of this loop turn if the domain has writes waiting."""
-        # While the writer thread has a commit, its done-callback schedules the next one.
-        if not self._scheduled and self._inflight is None and self.domain.router.has_batch:
-            self._scheduled = True
-            asyncio.get_running_loop().call_soon(self.commit)
+    def schedule(self, hurry: bool = False) -> None:
+        """Commit at the end of this loop turn if the domain has writes waiting (a batch of only
+        deletions: after ``deletions_wait_s``, unless ``hurry`` — a session opened or closed)."""
+        if not self.domain.router.has_batch:
+            return
+        if hurry:
+            self._hurry = True
+        if self._inflight is not None:
+            return  # its done-callback schedules the next one
+        if self._scheduled is not None:
+            if self._waiting_for_company and (self._hurry or not self.domain.router.batch_only_deletions):
+                self._scheduled.cancel()
+                self._waiting_for_company = False
+                self._scheduled = asyncio.get_running_loop().call_soon(self.commit)
+            return
+        if not self._hurry and self.domain.router.batch_only_deletions:
+            self._waiting_for_company = True
+            self._scheduled = asyncio.get_running_loop().call_later(self.deletions_wait_s, self.commit)
+        else:
+            self._scheduled = asyncio.get_running_loop().call_soon(self.commit)
 
     def commit(self) -> None:
         """Write the pending batch in one transaction, then let the domain answer and push."""
-        self._scheduled = False
+        if self._scheduled is not None:
+            self._scheduled.cancel()  # when called by settle() rather than by the handle
+            self._scheduled = None
+        self._waiting_for_company = False
         if self._inflight is not None:
             return  # one commit at a time, in order; the running one schedules the next
         commit = self.domain.take_batch(self.clock())
         if commit is None:
             return
+        self._hurry = False
         if self.executor is None:
             started = time.perf_counter()
             try:

@@ -573,8 +573,9 @@ class GatewayServer:
         self.throttled.pop(proto, None)
         self.yielded.pop(proto, None)
         self.router.close_session(proto.conn)  # its device's newer session, if any, stays
-        if self.router.has_batch:  # a registered device left with items unreceived: its push intent
-            self.commits.schedule()
+        # Its received items' deletions (a new session would be pushed them again) and, for a
+        # registered device that left with items unreceived, its push intent: at once.
+        self.commits.schedule(hurry=True)
         if not self.connections:
             self._all_closed.set()
         # Timer entries of closed connections (and superseded ones) are dropped lazily when they

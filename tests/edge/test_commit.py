@@ -1,13 +1,16 @@
-"""A storage fault nobody foresaw (an lmdb.Error other than a full map) in the middle of a group
-commit: every waiting sender is answered, nothing of the batch is kept, and the gateway — and a
-group whose change was in the batch — keeps working."""
+"""The commit driver. A storage fault nobody foresaw (an lmdb.Error other than a full map) in the
+middle of a group commit: every waiting sender is answered, nothing of the batch is kept, and the
+gateway — and a group whose change was in the batch — keeps working. A batch of only ``recv``
+deletions waits for company, and whatever comes next takes it along."""
 
 from __future__ import annotations
 
 import lmdb
 import pytest
 
+from interlink.core.domain.batch import device_key
 from interlink.core.errors import ServerError
+from interlink.testing import until
 
 from three_providers import People
 
@@ -58,4 +61,58 @@ async def test_a_group_change_in_a_failed_commit_does_not_wedge_the_group(gatewa
     await alice.iq("group.add", g=g, members=["carl@alpha"])  # and the group still changes
     assert sorted((await alice.iq("group.get", g=g))["members"]) == ["alice@alpha", "bob@beta", "carl@alpha"]
     for client in (alice, bob, carl):
+        await client.close()
+
+
+def items_of(gateway, user: str) -> int:
+    return gateway.mailbox_stats(user)[1]["items"]
+
+
+async def received_by_bob(gateway, issuers, wait_s: float):
+    """alice sends bob one message and bob's SDK confirms it (``recv``), the delete-only batch's
+    wait set to ``wait_s``; with a long wait, returns once the gateway holds that deletion."""
+    server = gateway._running()
+    server.commits.deletions_wait_s = wait_s
+    people = People(gateway, issuers)
+    alice = await people.connect("alice@alpha")
+    bob = await people.connect("bob@beta")
+    await alice.send_message("bob@beta", {1: b"one"})
+    assert (await bob.recv(timeout_s=5))["c"] == b"one"
+    if wait_s > 1.0:
+        await until(lambda: server.router.has_batch, "bob's recv read by the gateway")
+        assert server.router.batch_only_deletions
+    return server, alice, bob
+
+
+async def test_a_lone_recv_deletion_is_committed_after_its_wait(gateway, issuers):
+    server, alice, bob = await received_by_bob(gateway, issuers, wait_s=0.005)
+    await until(lambda: not server.router.has_batch and items_of(gateway, "bob@beta") == 0, "the deletion written")
+    for client in (alice, bob):
+        await client.close()
+
+
+async def test_a_recv_deletion_waits_and_the_next_message_takes_it_along(gateway, issuers):
+    server, alice, bob = await received_by_bob(gateway, issuers, wait_s=3600.0)
+    commits = server.router.counters["commits"]
+    assert items_of(gateway, "bob@beta") == 1  # waiting for company, not written
+    await alice.send_message("bob@beta", {1: b"two"})  # acked: its commit is durable
+    assert server.router.counters["commits"] == commits + 1  # one commit for both
+    assert server.store.pending(device_key("bob@beta", 1), 0, 10)[0][0] == 2  # "one" (seq 1) went with it
+    assert (await bob.recv(timeout_s=5))["c"] == b"two"
+    for client in (alice, bob):
+        await client.close()
+
+
+async def test_a_closing_session_commits_its_waiting_deletions_at_once(gateway, issuers):
+    server, alice, bob = await received_by_bob(gateway, issuers, wait_s=3600.0)
+    await bob.close()  # a new session would be pushed the item again if the deletion still waited
+    await until(lambda: items_of(gateway, "bob@beta") == 0, "the deletion written when bob left")
+    await alice.close()
+
+
+async def test_a_drain_commits_waiting_deletions(gateway, issuers):
+    server, alice, bob = await received_by_bob(gateway, issuers, wait_s=3600.0)
+    await server.commits.settle()
+    assert not server.router.has_batch and items_of(gateway, "bob@beta") == 0
+    for client in (alice, bob):
         await client.close()
