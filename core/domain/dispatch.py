@@ -23,7 +23,7 @@ from interlink.core.domain.groups import Groups
 from interlink.core.domain.ops import Operations
 from interlink.core.domain.policy import Policy
 from interlink.core.domain.cluster import Membership
-from interlink.core.domain.relay import RELAY_KINDS, Relay, refusal
+from interlink.core.domain.relay import HELD_KINDS, RELAY_KINDS, Relay, refusal
 from interlink.core.domain.router import Commit, RouteError, Router, Session, stanza_id, typing_state
 from interlink.core.domain.ports import BlobFiles, Offload, Store
 from interlink.core.protocol.stanza import encode_stanza
@@ -94,6 +94,8 @@ class Domain:
             if self.blobs is not None:  # a blob lives on the node its id hashes to: its uploader's
                 self.blobs.new_id = self.relay.new_blob_id
                 self.relay.blob_chunk_bytes = self.blobs.chunk_bytes
+        # A cluster's group home: groups whose change waits for its members' nodes (``Relay.held``)
+        self._held: dict = self.relay.held if self.relay is not None else {}
         self.stanzas_in: Counter = Counter()  # by stanza type ("unknown" for the rest)
         self.refusals: Counter = Counter()  # err answers to stanzas, by code
         self._overloaded_answer = (0, b"")  # (retry_after, the encoded answer without the ref's value)
@@ -107,6 +109,11 @@ class Domain:
         kind = stanza["t"]
         if kind == "msg" and self.admission.refusing and self._refused_overloaded(session, stanza, now):
             return
+        if self._held and not session.relayed and kind in HELD_KINDS:  # a cluster's group home
+            g = stanza.get("g")
+            if type(g) is bytes and g in self._held:  # a change of the group waits for its members' nodes
+                self.relay.hold(g, session, stanza, lambda later: self.dispatch(session, stanza, later))
+                return
         handler = self._handlers.get(kind)
         try:
             if handler is None:

@@ -86,6 +86,8 @@ MAX_DRAWN_GROUPS_PER_DEVICE = 8  # ... and per device: one device cannot push ou
 INNER_SHARE = 0.4  # of the timeout, for a group home's member checks (they must fit the sender's deadline)
 ENTRY_MEMBERS_BYTES = 24 * 1024  # addresses per group fan-out entry (see _parts)
 MAX_WAITING_PER_DEVICE = 1024  # a device's stanzas waiting for other nodes at once (rate_limited past it)
+MAX_HELD_PER_GROUP = 256  # stanzas for one group waiting behind its change's member checks (overloaded past it)
+HELD_KINDS = frozenset({"msg", "state", "iq"})  # the kinds that name a group ("g")
 HOMES_KEPT = 65_536  # user addresses whose home node is remembered
 IDENTITIES_KEPT = 65_536  # senders of relayed stanzas whose identity is remembered
 
@@ -180,6 +182,12 @@ class RelayedSession:
         if not self.answered:
             self.answered = True
             self._relay.reply(self._node, self._seq, encoded)
+
+    def served_silently(self) -> None:
+        """Served with no answer to send (typing state): the sender's node stops waiting."""
+        if not self.answered:
+            self.answered = True
+            self._relay.reply(self._node, self._seq, None)
 
 
 class Pending:
@@ -315,6 +323,7 @@ class _Checked(_StandIn):
         if answer is None or answer.get("t") != "res":
             self.done = True
             self.relay.router.push_encoded(self.session, encoded or internal_error(self.stanza, "a node did not check"))
+            self.relay.release(self.stanza["g"])
             return
         if self.waiting == 0:
             self.run()
@@ -327,6 +336,8 @@ class _Checked(_StandIn):
             log.exception("relay: serving a checked group request failed")
             self.relay.counters["internal_errors"] += 1
             self.relay.router.push_encoded(self.session, internal_error(self.stanza, "the gateway failed to serve this"))
+        finally:
+            self.relay.release(self.stanza["g"])  # what came for the group meanwhile sees the change
 
     def send_encoded(self, encoded: bytes) -> None:
         self.relay.router.push_encoded(self.session, encoded)
@@ -394,6 +405,9 @@ class Relay:
         # (session key, iq id) -> (g, the request's digest, until): group.new ids that timed out
         self._drawn_groups: dict[tuple, tuple[bytes, bytes, float]] = {}
         self._drawn_per_device: dict[tuple, int] = {}  # session key -> its entries in _drawn_groups
+        # g -> how to serve, in the order they came, the stanzas for group g that came while a
+        # change of g homed here had its members checked on their nodes (``hold``, ``release``)
+        self.held: dict[bytes, list[Callable[[float], None]]] = {}
         # Answers are matched by (node, seq): each run numbers from a random point, so an answer
         # meant for this node's previous run (it restarted meanwhile) never matches a new stanza.
         self._seq = int.from_bytes(os.urandom(7), "big")
@@ -405,7 +419,8 @@ class Relay:
         self._identities: dict[tuple, Identity] = {}
         self.counters = {"relayed": 0, "answered": 0, "timeouts": 0, "late_answers": 0, "served": 0,
                          "malformed": 0, "misrouted": 0, "refused": 0, "own_copies_lost": 0, "internal_errors": 0,
-                         "held_back": 0, "refused_before_resend": 0, "bad_answers": 0}
+                         "held_back": 0, "refused_before_resend": 0, "bad_answers": 0,
+                         "held_for_group_change": 0, "held_overflow": 0}
         # This node's group fan-out to member nodes, durable until each stored it.
         self.outbox = Outbox(self.store, node, membership.nodes)
         self.counters.update(self.outbox.counters)
@@ -707,12 +722,43 @@ class Relay:
         checked there (consent, existence) before the request is served here (``_Checked``)."""
         remote = self._by_node(stanza["members"])
         checker = _Checked(self, session, stanza, frozenset(m for members in remote.values() for m in members))
+        if remote:
+            self.held.setdefault(stanza["g"], [])  # what comes for the group meanwhile is served after this
         for node, members in remote.items():
             checker.waiting += 1
             self._send(node, checker, {"t": "gfan", "k": "check", "g": stanza["g"], "id": stanza["id"],
                                        "members": members}, GATHER, now, original={"t": "iq", "id": stanza["id"]})
         if not remote:
             checker.run()
+
+    def hold(self, g: bytes, session, stanza: dict, serve: Callable[[float], None]) -> None:
+        """A stanza for group ``g`` came while a change of ``g`` waits for its members' nodes:
+        ``serve`` it once that change is served or refused (``release``), as on one node, where a
+        message sent after a ``group.add`` reaches the member it added."""
+        waiting = self.held[g]
+        if len(waiting) >= MAX_HELD_PER_GROUP:
+            self.counters["held_overflow"] += 1
+            if stanza.get("t") != "state":  # typing state is dropped, never answered
+                self.router.answer(session, {
+                    "t": "err", "code": "overloaded", "retry_after": RETRY_AFTER_MS, **reference(stanza),
+                    "msg": "the group is changing; nothing was stored, send this again"})
+            return
+        self.counters["held_for_group_change"] += 1
+        waiting.append(serve)
+
+    def release(self, g: bytes) -> None:
+        """The change of ``g`` whose members were checked is served or refused: serve what waited
+        for it, in order (a change among them holds the rest again)."""
+        waiting = self.held.pop(g, None)
+        if not waiting:
+            return
+        now = self.clock()
+        for serve in waiting:
+            try:
+                serve(now)
+            except Exception:  # a bug of ours must cost this stanza, never the others that waited
+                log.exception("relay: serving a stanza that waited for a group change failed")
+                self.counters["internal_errors"] += 1
 
     def _by_node(self, users) -> dict[str, list]:
         """``users`` homed on other nodes, by node."""
@@ -1226,6 +1272,11 @@ class Relay:
             return True  # it may have been an outbox entry
         session = RelayedSession(self, node, seq, identity, max_plaintext)
         self.counters["served"] += 1
+        return self._serve_parsed(node, session, stanza, now, stream_broken)
+
+    def _serve_parsed(self, node: str, session: RelayedSession, stanza: dict, now: float, stream_broken: bool) -> bool:
+        """``_serve_record`` once the record is read: check where the stanza belongs, serve it."""
+        identity = session.identity
         kind = stanza.get("t")
         if type(kind) is not str:
             kind = None  # refused below, as any kind not relayed
@@ -1265,6 +1316,9 @@ class Relay:
             self.counters["misrouted"] += 1  # the nodes disagree about the node list
             session.send_encoded(internal_error(stanza, "the cluster's nodes disagree about where this user lives"))
             return stream_broken
+        if grouped and self.held and target in self.held:
+            self.hold(target, session, stanza, lambda later: self._serve_parsed(node, session, stanza, later, False))
+            return stream_broken
         provider = self.router.registry.get(identity.provider)
         if provider is None or provider.suspended:  # suspended here, not yet on the sender's node
             self.counters["refused"] += 1
@@ -1295,8 +1349,8 @@ class Relay:
             self.counters["internal_errors"] += 1
             session.send_encoded(internal_error(stanza, "the gateway failed to handle this stanza"))
             return stream_broken
-        if not session.answered and (kind == "state" or (fanout and stanza.get("k") == "state")):
-            self.reply(node, seq, None)  # served: the sender's node stops waiting
+        if kind == "state" or (fanout and stanza.get("k") == "state"):
+            session.served_silently()
         return stream_broken and not streamed
 
     def _checked_group_request(self, stanza: dict) -> dict:

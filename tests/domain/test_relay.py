@@ -1004,3 +1004,86 @@ def test_an_awaited_resend_refused_by_its_handler_here_is_still_awaited(nodes):
     a.commit()
     assert [r["t"] for r in alice1.take()] == ["ack", "ack"] and not a.relay._resend_first
     assert [d["c"] for d in alice2.take() if d["t"] == "dlv"] == [b"own 1", b"own 2", b"own 3"]
+
+
+def added_while_checked(a: Node, b: Node, monkeypatch, *members: str):
+    """A group homed on node-a with ``members``; alice asks to add B2 (node-b checks him) and
+    sends a group message before the answer, pipelined. Returns (g, alice, the message)."""
+    g, alice = group_with(a, b, monkeypatch, *members)
+    a.domain.dispatch(alice, {"t": "iq", "id": 2, "op": "group.add", "g": g, "members": [B2]}, NOW)
+    stanza = group_msg(g, b"welcome")
+    a.domain.dispatch(alice, stanza, NOW)
+    assert not a.domain.router.has_batch  # the message waits behind the change: nothing stored yet
+    return g, alice, stanza
+
+
+def test_a_message_pipelined_behind_a_group_add_reaches_the_member_it_added(nodes, monkeypatch):
+    """As on one node: a message sent after a group.add (before its res) sees the change, though
+    the added member's node had to check him first."""
+    a, b = nodes
+    dave = b.open(B2)
+    g, alice, stanza = added_while_checked(a, b, monkeypatch)
+    [check] = carry(a, b)
+    assert check[5]["k"] == "check" and check[5]["members"] == [B2]
+    answer(a, b)
+    a.commit()
+    assert [(x["t"], x.get("id")) for x in alice.take()] == [("res", 2), ("ack", stanza["id"])]
+    carry(a, b)
+    b.commit()
+    got = dave.take()
+    assert [d.get("event", d.get("c")) for d in got] == ["added", b"welcome"] and a.relay.held == {}
+    assert a.relay.counters["held_for_group_change"] == 1
+
+
+def test_a_refused_group_add_serves_what_waited_for_it_with_the_group_as_it_was(nodes, monkeypatch):
+    a, b = nodes  # B2 never connected: node-b refuses him
+    g, alice, stanza = added_while_checked(a, b, monkeypatch)
+    carry(a, b)
+    answer(a, b)
+    a.commit()
+    [err, ack] = alice.take()
+    assert (err["t"], err["code"], err["id"]) == ("err", "unknown_recipient", 2)
+    assert (ack["t"], ack["id"]) == ("ack", stanza["id"]) and a.store.group(g).members == (A1,)
+    assert a.relay.held == {}
+
+
+def test_a_relayed_message_for_a_group_whose_add_is_checked_waits_for_it_too(nodes, monkeypatch):
+    """bob (node-b) writes to the group while alice's add of dave (node-b) is checked: the home
+    serves bob's message after the add, so dave gets it."""
+    a, b = nodes
+    bob, dave = b.open(B1), b.open(B2)
+    g, alice = group_with(a, b, monkeypatch, B1)
+    bob.take()
+    a.domain.dispatch(alice, {"t": "iq", "id": 2, "op": "group.add", "g": g, "members": [B2]}, NOW)
+    check = a.relay.take_output()[0]["node-b"]
+    b.domain.dispatch(bob, group_msg(g, b"hi dave"), NOW)
+    carry(b, a)  # bob's message reaches the home before node-b checked dave
+    assert not a.domain.router.has_batch and len(a.relay.held[g]) == 1
+    b.relay.serve("node-a", over_nats(check), NOW)
+    answer(a, b)
+    a.commit()
+    outgoing, replies = a.relay.take_output()  # bob's ack, and the fan-out of the add and of his message
+    for seq, encoded in replies["node-b"]:
+        b.relay.answered("node-a", seq, encoded, NOW)
+    assert [x["t"] for x in bob.take()] == ["ack"]
+    b.relay.serve("node-a", over_nats(outgoing["node-b"]), NOW)
+    b.commit()
+    assert [d.get("event", d.get("c")) for d in dave.take()] == ["added", b"hi dave"]
+
+
+def test_what_waits_for_a_group_change_is_bounded(nodes, monkeypatch):
+    import interlink.core.domain.relay as relay_module
+
+    monkeypatch.setattr(relay_module, "MAX_HELD_PER_GROUP", 1)
+    a, b = nodes
+    b.open(B2)
+    g, alice, stanza = added_while_checked(a, b, monkeypatch)
+    second = group_msg(g, b"one too many")
+    a.domain.dispatch(alice, second, NOW)
+    [refused] = alice.take()
+    assert (refused["code"], refused["ref"], refused["retry_after"]) == ("overloaded", second["id"], 1000)
+    assert a.relay.counters["held_overflow"] == 1
+    carry(a, b)
+    answer(a, b)
+    a.commit()
+    assert [x["t"] for x in alice.take()] == ["res", "ack"]

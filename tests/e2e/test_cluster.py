@@ -565,3 +565,22 @@ async def test_adding_a_member_of_another_node_asks_that_node_for_consent(cluste
         assert refused.value.code == code and refused.value.fields["user"] == member
     for client in (alice1, gus1):
         await client.close()
+
+
+async def test_a_message_pipelined_behind_an_add_checked_on_another_node_reaches_the_new_member(cluster):
+    alice = cluster.users("alpha")["node-a"][0]
+    alice1 = await cluster.connect(alice)
+    g = (await alice1.iq("group.new", members=[]))["g"]
+    home = cluster.membership.home(g)
+    dave_node = next(node for node in NODES if node != home)  # his node checks him
+    dave = cluster.users("beta", per_node=2)[dave_node][1]
+    dave1 = await cluster.connect(dave)
+    # Sent together: the message leaves before the add is answered.
+    added, ack = await asyncio.gather(alice1.iq("group.add", g=g, members=[dave]),
+                                      alice1.send_group_message(g, b"welcome"))
+    assert added["ver"] == 2 and not ack.get("dup")
+    got = [await next_dlv(dave1) for _ in range(2)]
+    assert [(d["k"], d.get("event"), d.get("c")) for d in got] == [("group", "added", None), ("msg", None, b"welcome")]
+    assert cluster.gateways[home]._server.domain.relay.counters["held_for_group_change"] == 1
+    for client in (alice1, dave1):
+        await client.close()
