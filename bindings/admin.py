@@ -172,9 +172,11 @@ _CLUSTER_COUNTERS = (
     ("refused_before_resend", "interlink_cluster_refused_before_resend",
      "Stored stanzas refused because an earlier one of their device, refused at a timeout, was not sent again yet."),
     ("held_for_group_change", "interlink_cluster_held_for_group_change",
-     "Stanzas for a group that waited at its home behind a change of it whose members other nodes were checking."),
+     "Waits of a stanza for a group at its home behind a change of it whose members other nodes were checking "
+     "(a stanza behind several changes counts once per change)."),
     ("held_overflow", "interlink_cluster_held_overflow",
-     "Stanzas for a group refused overloaded: 256 already waited behind a change of it."),
+     "Stanzas for a group refused overloaded (or typing state dropped): too many already waited behind changes "
+     "(256 per group, 64 per device, 8,192 in all)."),
     ("own_copies_lost", "interlink_cluster_own_copies_lost",
      "Messages acked by the recipient's node whose copies for the sender's other devices could not be stored here."),
     ("internal_errors", "interlink_cluster_internal_errors", "Relayed stanzas that failed on a gateway bug (see the logs)."),

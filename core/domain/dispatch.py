@@ -102,25 +102,26 @@ class Domain:
 
     # -- stanzas
 
-    def dispatch(self, session: Session, stanza: dict, now: float) -> None:
+    def dispatch(self, session: Session, stanza: dict, now: float, waited: bool = False) -> None:
         """Serve one stanza (``ping`` is answered by the connection itself). A refused stanza gets
         ``err`` and the session continues. Answers never echo client text beyond a short,
-        sanitised excerpt: an answer must not outgrow its request."""
+        sanitised excerpt: an answer must not outgrow its request. ``waited``: served after it
+        waited for a change of its group (``Relay.hold``): admitted and counted when it came."""
         kind = stanza["t"]
-        if kind == "msg" and self.admission.refusing and self._refused_overloaded(session, stanza, now):
+        if kind == "msg" and self.admission.refusing and not waited and self._refused_overloaded(session, stanza, now):
             return
-        if self._held and not session.relayed and kind in HELD_KINDS:  # a cluster's group home
-            g = stanza.get("g")
-            if type(g) is bytes and g in self._held:  # a change of the group waits for its members' nodes
-                self.relay.hold(g, session, stanza, lambda later: self.dispatch(session, stanza, later))
-                return
         handler = self._handlers.get(kind)
         try:
             if handler is None:
                 self.stanzas_in["unknown"] += 1  # not the client's string: labels stay a fixed set
                 raise StanzaError(f"unsupported stanza type {excerpt(kind)}")
-            if not session.relayed:  # another node's stanza was counted there
+            if not session.relayed and not waited:  # another node's stanza was counted there
                 self.stanzas_in[kind] += 1
+            if self._held and not session.relayed and kind in HELD_KINDS:  # a cluster's group home
+                g = stanza.get("g")
+                if type(g) is bytes and g in self._held and self.relay.hold(
+                        g, session, stanza, lambda later: self.dispatch(session, stanza, later, True)):
+                    return  # served after the change of its group that waits for other nodes
             relay = self.relay if kind in RELAY_KINDS and not session.relayed else None
             if relay is not None and relay.take(session, stanza, now):
                 return

@@ -413,6 +413,11 @@ class Groups:
                 raise RouteError(f"group.new: 'meta' of {len(meta)} bytes is over {self.max_meta_bytes}", code="too_large")
         return meta
 
+    def addable_record(self, session: Session, stanza: dict) -> GroupRecord:
+        """The checks of ``group.add`` that need no other node (the group exists, the asker is one
+        of its admins): a cluster's group home makes them before asking members' nodes."""
+        return self._admin_record(_group_id(stanza.get("g"), "group.add"), session.identity.user, "group.add")
+
     def _admin_record(self, g: bytes, user: str, what: str) -> GroupRecord:
         record = self._member_record(g, user, what)
         if user not in record.admins:

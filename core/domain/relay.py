@@ -87,6 +87,8 @@ INNER_SHARE = 0.4  # of the timeout, for a group home's member checks (they must
 ENTRY_MEMBERS_BYTES = 24 * 1024  # addresses per group fan-out entry (see _parts)
 MAX_WAITING_PER_DEVICE = 1024  # a device's stanzas waiting for other nodes at once (rate_limited past it)
 MAX_HELD_PER_GROUP = 256  # stanzas for one group waiting behind its change's member checks (overloaded past it)
+MAX_HELD_PER_DEVICE = 64  # ... of one device, whatever the groups
+MAX_HELD = 8192  # ... in all
 HELD_KINDS = frozenset({"msg", "state", "iq"})  # the kinds that name a group ("g")
 HOMES_KEPT = 65_536  # user addresses whose home node is remembered
 IDENTITIES_KEPT = 65_536  # senders of relayed stanzas whose identity is remembered
@@ -322,8 +324,10 @@ class _Checked(_StandIn):
             return
         if answer is None or answer.get("t") != "res":
             self.done = True
-            self.relay.router.push_encoded(self.session, encoded or internal_error(self.stanza, "a node did not check"))
-            self.relay.release(self.stanza["g"])
+            try:
+                self.relay.router.push_encoded(self.session, encoded or internal_error(self.stanza, "a node did not check"))
+            finally:
+                self.relay.release(self.stanza["g"])
             return
         if self.waiting == 0:
             self.run()
@@ -407,7 +411,9 @@ class Relay:
         self._drawn_per_device: dict[tuple, int] = {}  # session key -> its entries in _drawn_groups
         # g -> how to serve, in the order they came, the stanzas for group g that came while a
         # change of g homed here had its members checked on their nodes (``hold``, ``release``)
-        self.held: dict[bytes, list[Callable[[float], None]]] = {}
+        self.held: dict[bytes, list[tuple]] = {}  # g -> [(session, stanza, serve(now))]
+        self._held_per_device: dict[tuple, int] = {}  # session key -> its stanzas in held
+        self._held_count = 0
         # Answers are matched by (node, seq): each run numbers from a random point, so an answer
         # meant for this node's previous run (it restarted meanwhile) never matches a new stanza.
         self._seq = int.from_bytes(os.urandom(7), "big")
@@ -720,7 +726,13 @@ class Relay:
     def _precheck(self, session, stanza: dict, now: float) -> None:
         """``group.new``/``group.add`` at the group's home: the members who live on other nodes are
         checked there (consent, existence) before the request is served here (``_Checked``)."""
-        remote = self._by_node(stanza["members"])
+        members = stanza["members"]
+        if stanza["op"] == "group.add":
+            # What needs no other node first: a made-up group or a request of a non-admin is
+            # refused here (not_found, not_admin) without asking members' nodes about anyone.
+            record = self.groups.addable_record(session, stanza)
+            members = [member for member in members if member not in record.member_set]
+        remote = self._by_node(members)
         checker = _Checked(self, session, stanza, frozenset(m for members in remote.values() for m in members))
         if remote:
             self.held.setdefault(stanza["g"], [])  # what comes for the group meanwhile is served after this
@@ -731,20 +743,31 @@ class Relay:
         if not remote:
             checker.run()
 
-    def hold(self, g: bytes, session, stanza: dict, serve: Callable[[float], None]) -> None:
-        """A stanza for group ``g`` came while a change of ``g`` waits for its members' nodes:
-        ``serve`` it once that change is served or refused (``release``), as on one node, where a
-        message sent after a ``group.add`` reaches the member it added."""
+    def hold(self, g: bytes, session, stanza: dict, serve: Callable[[float], None]) -> bool:
+        """A stanza of a member of group ``g`` came while a change of ``g`` waits for its members'
+        nodes: ``serve`` it once that change is served or refused (``release``), as on one node,
+        where a message sent after a ``group.add`` reaches the member it added. False: not held
+        (the sender is not a member: refused now, as it would be then). Past the bounds
+        ``RouteError`` ``overloaded`` (typing state is dropped)."""
+        record = self.groups.record(g)
+        if record is None or session.identity.user not in record.member_set:
+            return False
         waiting = self.held[g]
-        if len(waiting) >= MAX_HELD_PER_GROUP:
+        key = session.session_key
+        if (len(waiting) >= MAX_HELD_PER_GROUP or self._held_per_device.get(key, 0) >= MAX_HELD_PER_DEVICE
+                or self._held_count >= MAX_HELD):
             self.counters["held_overflow"] += 1
-            if stanza.get("t") != "state":  # typing state is dropped, never answered
-                self.router.answer(session, {
-                    "t": "err", "code": "overloaded", "retry_after": RETRY_AFTER_MS, **reference(stanza),
-                    "msg": "the group is changing; nothing was stored, send this again"})
-            return
+            if stanza.get("t") == "state":
+                if type(session) is RelayedSession:
+                    session.served_silently()  # its node stops waiting
+                return True
+            raise RouteError("the group is changing; nothing was stored, send this again", code="overloaded",
+                             retry_after=RETRY_AFTER_MS)
+        waiting.append((session, stanza, serve))
+        self._held_per_device[key] = self._held_per_device.get(key, 0) + 1
+        self._held_count += 1
         self.counters["held_for_group_change"] += 1
-        waiting.append(serve)
+        return True
 
     def release(self, g: bytes) -> None:
         """The change of ``g`` whose members were checked is served or refused: serve what waited
@@ -752,13 +775,24 @@ class Relay:
         waiting = self.held.pop(g, None)
         if not waiting:
             return
+        for session, _, _ in waiting:
+            key = session.session_key
+            left = self._held_per_device[key] - 1
+            if left:
+                self._held_per_device[key] = left
+            else:
+                del self._held_per_device[key]
+        self._held_count -= len(waiting)
         now = self.clock()
-        for serve in waiting:
+        for session, stanza, serve in waiting:
+            if session.closed:
+                continue  # its client resends it (it was never answered)
             try:
                 serve(now)
             except Exception:  # a bug of ours must cost this stanza, never the others that waited
                 log.exception("relay: serving a stanza that waited for a group change failed")
                 self.counters["internal_errors"] += 1
+                self.router.push_encoded(session, internal_error(stanza, "the gateway failed to serve this"))
 
     def _by_node(self, users) -> dict[str, list]:
         """``users`` homed on other nodes, by node."""
@@ -1316,9 +1350,6 @@ class Relay:
             self.counters["misrouted"] += 1  # the nodes disagree about the node list
             session.send_encoded(internal_error(stanza, "the cluster's nodes disagree about where this user lives"))
             return stream_broken
-        if grouped and self.held and target in self.held:
-            self.hold(target, session, stanza, lambda later: self._serve_parsed(node, session, stanza, later, False))
-            return stream_broken
         provider = self.router.registry.get(identity.provider)
         if provider is None or provider.suspended:  # suspended here, not yet on the sender's node
             self.counters["refused"] += 1
@@ -1327,6 +1358,9 @@ class Relay:
                 "msg": f"provider {identity.provider!r} is not served (suspended or removed)"}))
             return stream_broken and not streamed  # refused for good (outbox.FINAL_REFUSALS)
         try:
+            if grouped and self.held and type(target) is bytes and target in self.held and self.hold(
+                    target, session, stanza, lambda later: self._serve_parsed(node, session, stanza, later, False)):
+                return stream_broken  # served after the change of its group that waits for other nodes
             if fanout:
                 self._serve_fanout(session, stanza, now, node)
             elif op in ("group.new", "group.add"):

@@ -381,6 +381,9 @@ class Router:
         each with False (not written), for the groups to forget."""
         settled = []
         self._carry_push(commit.batch)
+        # Received items: their sessions dropped them from the push window, so the next commit
+        # deletes them (a recv's deletion often rides on a message's commit: core/edge/commit.py).
+        self._batch.deletions[:0] = commit.batch.deletions
         for node, upto in commit.batch.outbox_acked.items():  # confirmed still: deleted by the next commit
             self.forget_outbox(node, upto)
         for session, entry, _ in commit.waiting:

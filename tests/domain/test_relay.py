@@ -1033,6 +1033,7 @@ def test_a_message_pipelined_behind_a_group_add_reaches_the_member_it_added(node
     got = dave.take()
     assert [d.get("event", d.get("c")) for d in got] == ["added", b"welcome"] and a.relay.held == {}
     assert a.relay.counters["held_for_group_change"] == 1
+    assert (a.relay._held_per_device, a.relay._held_count) == ({}, 0)
 
 
 def test_a_refused_group_add_serves_what_waited_for_it_with_the_group_as_it_was(nodes, monkeypatch):
@@ -1071,10 +1072,11 @@ def test_a_relayed_message_for_a_group_whose_add_is_checked_waits_for_it_too(nod
     assert [d.get("event", d.get("c")) for d in dave.take()] == ["added", b"hi dave"]
 
 
-def test_what_waits_for_a_group_change_is_bounded(nodes, monkeypatch):
+@pytest.mark.parametrize("bound", ["MAX_HELD_PER_GROUP", "MAX_HELD_PER_DEVICE", "MAX_HELD"])
+def test_what_waits_for_a_group_change_is_bounded(nodes, monkeypatch, bound):
     import interlink.core.domain.relay as relay_module
 
-    monkeypatch.setattr(relay_module, "MAX_HELD_PER_GROUP", 1)
+    monkeypatch.setattr(relay_module, bound, 1)
     a, b = nodes
     b.open(B2)
     g, alice, stanza = added_while_checked(a, b, monkeypatch)
@@ -1087,3 +1089,50 @@ def test_what_waits_for_a_group_change_is_bounded(nodes, monkeypatch):
     answer(a, b)
     a.commit()
     assert [x["t"] for x in alice.take()] == ["res", "ack"]
+
+
+def test_a_group_add_no_admin_could_make_asks_no_other_node(nodes, monkeypatch):
+    """A made-up group, a member who is not an admin, members already in the group: the home
+    answers from its record before asking any member's node about anyone."""
+    a, b = nodes
+    b.open(B1), b.open(B2)
+    carl = a.open(A2)
+    g, alice = group_with(a, b, monkeypatch, A2, B1)
+    carl.take()  # the created event
+    made_up = group_homed_on("node-a")
+    for session, group, code in ((carl, made_up, "not_found"), (carl, g, "not_admin")):
+        a.domain.dispatch(session, {"t": "iq", "id": 7, "op": "group.add", "g": group, "members": [B2]}, NOW)
+        assert a.relay.take_output() == ({}, {}) and a.relay.held == {}
+        [err] = session.take()
+        assert (err["t"], err["code"], err["id"]) == ("err", code, 7)
+    a.domain.dispatch(alice, {"t": "iq", "id": 8, "op": "group.add", "g": g, "members": [B1]}, NOW)  # a member already
+    assert a.relay.take_output() == ({}, {})
+    a.commit()
+    assert [(x["t"], x["ver"]) for x in alice.take()] == [("res", 1)]
+
+
+def test_a_non_members_stanza_for_a_changing_group_is_refused_at_once_not_held(nodes, monkeypatch):
+    a, b = nodes
+    b.open(B2)
+    g, alice, stanza = added_while_checked(a, b, monkeypatch)
+    stranger = a.open(A2)
+    a.domain.dispatch(stranger, group_msg(g, b"let me in"), NOW)
+    [refused] = stranger.take()
+    assert refused["code"] == "not_member" and len(a.relay.held[g]) == 1  # alice's message only
+
+
+def test_typing_state_past_the_bound_is_dropped_and_its_node_stops_waiting(nodes, monkeypatch):
+    import interlink.core.domain.relay as relay_module
+
+    monkeypatch.setattr(relay_module, "MAX_HELD_PER_GROUP", 0)
+    a, b = nodes
+    bob = b.open(B1)
+    b.open(B2)
+    g, alice = group_with(a, b, monkeypatch, B1)
+    a.domain.dispatch(alice, {"t": "iq", "id": 2, "op": "group.add", "g": g, "members": [B2]}, NOW)
+    a.relay.take_output()  # the check, left unanswered
+    b.domain.dispatch(bob, {"t": "state", "g": g, "s": "composing"}, NOW)
+    carry(b, a)
+    _, replies = a.relay.take_output()
+    assert [encoded for _, encoded in replies["node-b"]] == [None]  # served silently: no timeout on node-b
+    assert a.relay.counters["held_overflow"] == 1

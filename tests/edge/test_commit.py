@@ -116,3 +116,14 @@ async def test_a_drain_commits_waiting_deletions(gateway, issuers):
     assert not server.router.has_batch and items_of(gateway, "bob@beta") == 0
     for client in (alice, bob):
         await client.close()
+
+
+async def test_deletions_of_a_failed_commit_are_written_by_the_next(gateway, issuers, fail_next_commit):
+    server, alice, bob = await received_by_bob(gateway, issuers, wait_s=3600.0)
+    fail_next_commit()
+    with pytest.raises(ServerError):
+        await alice.send_message("bob@beta", {1: b"two"})  # its commit took bob's deletion along, and failed
+    await alice.send_message("bob@beta", {1: b"three"})
+    assert [seq for seq, _ in server.store.pending(device_key("bob@beta", 1), 0, 10)] == [2]  # "one" went
+    for client in (alice, bob):
+        await client.close()
