@@ -103,6 +103,9 @@ class _Tables:
                     (*MOVED_TABLES, "dedup", "bodies", "body_refs", "outbox")}
 
 
+HOMES_REMEMBERED = 65_536  # owners whose home a scan remembers
+
+
 def _homed_elsewhere(txn, tables: _Tables, membership: Membership, node: str, names=MOVED_TABLES):
     """Every (table, key, value, owner, home) in ``txn`` whose owner's home under ``membership``
     is not ``node``, table by table (of ``names``) in key order."""
@@ -114,6 +117,8 @@ def _homed_elsewhere(txn, tables: _Tables, membership: Membership, node: str, na
                 continue
             home = homes.get(who)
             if home is None:
+                if len(homes) >= HOMES_REMEMBERED:  # millions of users: a bounded memo, not a copy of them
+                    homes.clear()
                 home = homes[who] = membership.home(who)
             if home != node:
                 yield table, bytes(key), bytes(value), who, home
@@ -301,18 +306,35 @@ def import_moves(store, membership: Membership, node: str, path: Path, blob_file
 def prune(store, node_list: NodeList, membership: Membership, node: str, blob_files=None) -> dict[str, int]:
     """Delete every record of ``store`` that is not this node's under ``membership`` (after its
     new home imported it), and those blobs' files from ``blob_files``, and record ``membership``
-    as the store's list; returns how many records per table."""
+    as the store's list; returns how many records per table. One transaction, deleting through
+    each table's cursor as it walks it: what it holds in memory is the shared bodies whose
+    references it dropped and the moved blobs' ids, never the records (a third of a large store
+    when a node is added)."""
     tables = _Tables(store)
     deleted: dict[str, int] = {}
     released: dict[bytes, int] = {}
+    moved_blobs: list[bytes] = []
     try:
         with tables.env.begin(write=True) as txn:
-            doomed = list(_homed_elsewhere(txn, tables, membership, node))
-            for table, key, value, _, _ in doomed:
-                txn.delete(key, db=tables.dbs[table])
-                deleted[table] = deleted.get(table, 0) + 1
-                if table == "mbox" and value[8] == SHARED_MARK:  # one reference less to its body
-                    released[value[9:17]] = released.get(value[9:17], 0) + 1
+            for table in MOVED_TABLES:
+                cursor = txn.cursor(db=tables.dbs[table])
+                cursor.first()
+                last_owner, last_home = None, None  # a table's keys start with their owner: runs of one
+                while key := cursor.key():  # b"" once the cursor passed the last record
+                    who = owner(table, key)
+                    if who is not None and who != last_owner:
+                        last_owner, last_home = who, membership.home(who)
+                    if who is None or last_home == node:
+                        cursor.next()
+                        continue
+                    if table == "mbox":
+                        value = cursor.value()
+                        if value[8] == SHARED_MARK:  # one reference less to its body
+                            released[value[9:17]] = released.get(value[9:17], 0) + 1
+                    elif table == "blobs":
+                        moved_blobs.append(key)
+                    deleted[table] = deleted.get(table, 0) + 1
+                    cursor.delete()  # and on to the next record
             store.mailboxes.release_bodies(txn, released)
             store.blob_records.recount(txn)
             node_list.put(txn, membership)
@@ -320,7 +342,6 @@ def prune(store, node_list: NodeList, membership: Membership, node: str, blob_fi
         raise store_full() from None
     store.mailboxes.forget_cached_devices()
     if blob_files is not None:
-        for table, key, _, _, _ in doomed:
-            if table == "blobs":
-                blob_files.delete(key)
+        for key in moved_blobs:
+            blob_files.delete(key)
     return deleted

@@ -259,3 +259,13 @@ def test_a_start_under_another_list_waits_for_the_outbox_to_empty(stores):
     a.commit(batch)
     check_node_list(a, a.node_list, NEW, "node-a")
     assert a.node_list.get()[0] == 2
+
+
+def test_a_scan_whose_memo_of_homes_overflows_finds_the_same_records(stores, tmp_path, monkeypatch):
+    import interlink.core.edge.lmdbstore.move as move_module
+
+    a, _ = stores
+    fill(a)
+    full = stray(a, NEW, "node-a")
+    monkeypatch.setattr(move_module, "HOMES_REMEMBERED", 1)  # cleared at every other owner
+    assert stray(a, NEW, "node-a") == full and full[0] > 0
