@@ -214,7 +214,9 @@ _LINK_COUNTERS = (
      "and dropped at the reconnect, older than the request timeout (their senders were answered overloaded)."),
     ("twins_seen", "interlink_cluster_link_twins_seen",
      "Hellos from, or answers by, another process with this node's id: a second process starting (it refuses) "
-     "or one serving beside this one after a cut from NATS (stop one)."),
+     "or one serving beside this one after a cut from NATS (the one started later stands down)."),
+    ("stood_down", "interlink_cluster_link_stood_down",
+     "1 when this process stood down: another process of its node id, started earlier, serves it."),
     ("stale", "interlink_cluster_link_stale_connections",
      "Times the NATS server left two PINGs unanswered and the connection was dropped."),
     ("reconnect_failures", "interlink_cluster_link_reconnect_failures",

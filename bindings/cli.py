@@ -109,7 +109,8 @@ def default_config() -> None:
 def serve(path: Path | None, log_format: str, log_level: str) -> None:
     """Run a gateway until SIGTERM or SIGINT (graceful drain); SIGHUP re-reads the providers.
 
-    Exit codes: 0 after a drain, 1 when the configuration is invalid or the gateway cannot start."""
+    Exit codes: 0 after a drain, 1 when the configuration is invalid, the gateway cannot start, or
+    (a cluster node) another process of its node id that started earlier serves it."""
     config = _load_config(path)
     from interlink.runner import configure_logging, serve_forever
 

@@ -194,6 +194,18 @@ class Gateway:
         return self._server is not None
 
     @property
+    def failure(self) -> str | None:
+        """Why this gateway must stop though nobody asked it to, or None. In a cluster: another
+        process with this node id that started earlier serves it (it was started while this one
+        was cut off from NATS); this one took no more stanzas from other nodes from then on."""
+        return self._server.failure if self._server is not None else None
+
+    async def wait_failed(self) -> str:
+        """Wait until this gateway must stop (``failure``); the caller drains it then."""
+        await self._running().failed.wait()
+        return self._running().failure or ""
+
+    @property
     def draining(self) -> bool:
         return self._draining
 

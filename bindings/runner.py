@@ -2,7 +2,9 @@
 embedding program would choose for itself (the library installs neither).
 
 SIGTERM and SIGINT drain: no new connections, ``bye drain`` to every session, batched commits
-flushed, LMDB closed, exit 0 within ``drain_timeout_s``. SIGHUP re-reads the configuration file
+flushed, LMDB closed, exit 0 within ``drain_timeout_s``. A cluster node that finds another
+process of its node id started earlier (a twin, ``Gateway.failure``) drains the same way and
+exits 1. SIGHUP re-reads the configuration file
 and applies its providers (added, changed, removed, suspended) and the limits a running gateway
 can change (``interlink.gateway.RELOADABLE``); a file that no longer validates is refused with a
 log line and nothing changes. Other settings take effect at the next start (logged).
@@ -68,12 +70,20 @@ async def _serve(config: GatewayConfig, path: Path | None) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     loop.add_signal_handler(signal.SIGHUP, _reload, gateway, path)
+    signalled, failed = asyncio.ensure_future(stop.wait()), asyncio.ensure_future(gateway.wait_failed())
     try:
-        await stop.wait()
+        await asyncio.wait((signalled, failed), return_when=asyncio.FIRST_COMPLETED)
+        failure = gateway.failure
+        if failure is not None:
+            log.critical("stopping: %s", failure)
         log.info("draining: no new connections, bye drain to %d sessions", len(gateway.sessions()))
         await gateway.drain()
         log.info("stopped")
+        if failure is not None:
+            raise InterlinkError(f"stopped: {failure}")  # exit 1: a service manager must not count this a success
     finally:
+        for task in (signalled, failed):
+            task.cancel()
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(signum)
 

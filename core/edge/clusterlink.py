@@ -76,6 +76,8 @@ class ClusterLink:
         self._max_batch_bytes = 512 * 1024
         self._closing = False
         self.instance = os.urandom(8).hex()  # tells this process from another started with the same node id
+        self.started_at = clock()  # of two twins, the one started later stands down (_stand_down)
+        self.stood_down = False
         self._relay_subscription: int | None = None
         self._publish_failing = False  # a failed publish was logged; the next is not, until reconnected
         others = [node for node in cluster.nodes if node != self.node]
@@ -131,27 +133,57 @@ class ClusterLink:
         if await self._twins():
             raise ConfigError(f"cluster.node: node {self.node} is already running (another process answers for it)")
 
-    async def _twins(self) -> list[dict]:
-        """The answers of other processes to a hello for this node id."""
-        answers = await ask(self.wire, [self.node], self._hello_request(), HELLO_TIMEOUT_S, every_answer=True,
+    async def _twins(self, look: bool = False) -> list[dict]:
+        """The answers of other processes to a hello for this node id (``look``: asked by a
+        process that serves already, after a reconnect — not by one starting)."""
+        answers = await ask(self.wire, [self.node], self._hello_request(look), HELLO_TIMEOUT_S, every_answer=True,
                             enough=lambda got: any(a.get("i") == self.instance for a in got), linger_s=TWIN_WAIT_S)
         return [answer for answer in answers if answer.get("i") != self.instance]
 
     async def _look_for_twins(self) -> None:
         """After a reconnect: a process started with this node id while this one was cut off from
-        NATS passed its start check, and both now serve this node's stanzas. Said loudly (the
-        operator stops one); each sees the other (the other hears this hello)."""
+        NATS passed its start check, and both now serve this node's stanzas. The one started later
+        stands down (``_stand_down``); each sees the other (the other hears this hello)."""
         try:
-            twins = await self._twins()
+            twins = await self._twins(look=True)
         except Exception:  # a check that could not run says nothing either way
             log.exception("cluster: could not look for another process serving node %s", self.node)
             return
         finally:
             self._twin_check = None
-        if twins:
-            self.counters["twins_seen"] += 1
-            log.critical("cluster: another process (instance %s) serves node %s beside this one (%s): it started while "
-                         "this one was cut off from NATS; stop one of them", twins[0].get("i"), self.node, self.instance)
+        if not twins:
+            return
+        self.counters["twins_seen"] += 1
+        older = [twin for twin in twins if self._younger_than(twin)]
+        if older:
+            self._stand_down(older[0])
+        else:
+            log.critical("cluster: another process (instance %s) serves node %s beside this one (%s): it started later, "
+                         "while this one was cut off from NATS, and stands down", twins[0].get("i"), self.node,
+                         self.instance)
+
+    def _younger_than(self, other: dict) -> bool:
+        """Whether this process started after ``other`` (a hello or its answer from a process with
+        this node id): by start time, then instance id, so of two twins exactly one is younger
+        whatever their clocks say."""
+        started, instance = other.get("st"), other.get("i")
+        if type(started) not in (int, float) or type(instance) is not str:
+            return False  # says nothing comparable: this one keeps serving
+        return (started, instance) < (self.started_at, self.instance)
+
+    def _stand_down(self, other: dict) -> None:
+        """A process with this node id that started earlier serves it: take no more stanzas from
+        other nodes and have the gateway stop (``GatewayServer.stand_down``). What this one
+        stored while both served stays in its data folder, where the operator finds it."""
+        if self.stood_down:
+            return
+        self.stood_down = True
+        self.counters["stood_down"] += 1
+        message = (f"node {self.node}: another process (instance {other.get('i')}) started earlier and serves it; this one "
+                   f"({self.instance}) started while that one was cut off from NATS and stands down — what it stored "
+                   "meanwhile stays in its data folder")
+        log.critical("cluster: %s", message)
+        self.server.stand_down(message)
 
     async def check_membership(self) -> None:
         """Ask every other node who it is; ``ConfigError`` if one runs another node list (a node
@@ -336,10 +368,15 @@ class ClusterLink:
             log.warning("cluster: node %s runs another node list than this node", asked.get("from"))
         if asked.get("from") == self.node and asked.get("i") not in (None, self.instance):
             # A second process starting (it refuses on this answer), or one that served beside this
-            # one while cut off from NATS and looks again after its reconnect.
+            # one while cut off from NATS and looks again after its reconnect (``look``): of those
+            # two, the one started later stands down.
             self.counters["twins_seen"] += 1
-            log.error("cluster: another process of node %s (instance %s) asks who runs it: a second one starting "
-                      "refuses to serve; one already serving is a twin — stop one of them", self.node, asked.get("i"))
+            if asked.get("look") is True and self._younger_than(asked):
+                self._stand_down(asked)
+            else:
+                log.error("cluster: another process of node %s (instance %s) asks who runs it: a second one starting "
+                          "refuses to serve; one serving already that started later stands down", self.node,
+                          asked.get("i"))
         origin, instance = asked.get("from"), asked.get("i")
         if (type(origin) is str and origin != self.node and origin in self.config.nodes and asked.get("m") == self.digest
                 and type(instance) is str and self._instances.get(origin) != instance):
@@ -352,14 +389,18 @@ class ClusterLink:
         if reply is not None and reply.startswith("_INBOX."):
             self.wire.publish(reply.encode(), msgpack.packb(self.status()))
 
-    def _hello_request(self) -> bytes:
-        return msgpack.packb({"from": self.node, "m": self.digest, "i": self.instance})
+    def _hello_request(self, look: bool = False) -> bytes:
+        request = {"from": self.node, "m": self.digest, "i": self.instance, "st": self.started_at}
+        if look:
+            request["look"] = True
+        return msgpack.packb(request)
 
     def status(self) -> dict:
         """What this node tells the others and ``interlink cluster status`` about itself."""
         server = self.server
         return {
-            "node": self.node, "m": self.digest, "i": self.instance, "version": self.config.version,
+            "node": self.node, "m": self.digest, "i": self.instance, "st": self.started_at,
+            "version": self.config.version,
             "software": self.software,
             "nodes": sorted(self.config.nodes), "sessions": len(server.sessions), "connections": len(server.connections),
             "relay": dict(self.relay.counters), "waiting": len(self.relay.waiting), "link": dict(self.counters),

@@ -315,6 +315,10 @@ class GatewayServer:
         # there, and stanzas for them relayed over NATS (start_cluster).
         self.cluster_config = cluster
         self.cluster: ClusterLink | None = None
+        # Set when this gateway must stop though nobody asked it to (a twin of an older process of
+        # its cluster node id: ClusterLink._stand_down); whoever runs it drains it then.
+        self.failure: str | None = None
+        self.failed = asyncio.Event()
         self.router = self.domain.router
         self.welcome_limits = self._welcome_limits()
         self._commit_executor = (
@@ -343,6 +347,14 @@ class GatewayServer:
         except BaseException:
             self.cluster = None
             raise
+
+    def stand_down(self, reason: str) -> None:
+        """Stop taking other nodes' stanzas at once and ask whoever runs this gateway to drain it
+        (``failed``, ``failure``: the embedding program's, ``interlink serve`` exits 1)."""
+        if self.cluster is not None:
+            asyncio.get_running_loop().create_task(self.cluster.stop_serving())
+        self.failure = reason
+        self.failed.set()
 
     def cluster_input_done(self) -> None:
         """Another node relayed stanzas or answered: commit what they brought, write out the

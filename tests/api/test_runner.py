@@ -155,3 +155,28 @@ async def test_an_invalid_file_stops_serve_with_exit_1(tmp_path):
     _, stderr = await asyncio.wait_for(proc.communicate(), 30)
     assert proc.returncode == 1
     assert "invalid configuration: window: must be 1..4096, got 0" in stderr.decode()
+
+
+async def test_a_gateway_that_must_stop_drains_and_serve_exits_1_with_its_reason(tmp_path, monkeypatch):
+    """What a cluster node does when a process of its node id that started earlier serves it
+    (``GatewayServer.stand_down``, tests/e2e/test_cluster.py): ``interlink serve`` drains as for
+    SIGTERM, then ends with the reason (click makes that exit 1)."""
+    import interlink.runner as runner
+    from interlink.config import GatewayConfig
+    from interlink.core.errors import InterlinkError
+    from interlink.testing import until
+
+    made = []
+
+    class Recorded(runner.Gateway):
+        def __init__(self, config) -> None:
+            super().__init__(config)
+            made.append(self)
+
+    monkeypatch.setattr(runner, "Gateway", Recorded)
+    serving = asyncio.ensure_future(runner._serve(GatewayConfig(data_dir=tmp_path, port=0), None))
+    await until(lambda: made and made[0].running, "the gateway serving")
+    made[0]._server.stand_down("another process serves this node")
+    with pytest.raises(InterlinkError, match="stopped: another process serves this node"):
+        await asyncio.wait_for(serving, 10)
+    assert not made[0].running  # drained and released

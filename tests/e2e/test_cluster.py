@@ -373,9 +373,10 @@ async def test_a_hello_is_answered_only_to_an_inbox(cluster):
         await spy.close()
 
 
-async def test_a_twin_started_while_a_node_was_cut_off_is_seen_by_both_once_it_is_back(issuers, tmp_path, nats_server):
+async def test_a_twin_started_while_a_node_was_cut_off_stands_down_once_it_is_back(issuers, tmp_path, nats_server):
     """A second process with node-a's id passes its start check while node-a is cut off from NATS
-    (nobody answers for node-a). Once node-a is back it looks again: both log it and count it."""
+    (nobody answers for node-a). Once node-a is back it looks again: both see it, and the one
+    started later — the twin — takes no more stanzas from other nodes and asks to be stopped."""
     import dataclasses
 
     # A plain TCP relay between node-a and NATS, cut (its connections closed) and mended on its port.
@@ -383,6 +384,7 @@ async def test_a_twin_started_while_a_node_was_cut_off_is_seen_by_both_once_it_i
     await link.__aenter__()
     cluster = Cluster(issuers, tmp_path, f"nats://127.0.0.1:{link.port}", nodes=("node-a", "node-b"))
     node_a = await cluster.start("node-a")
+    await cluster.start("node-b")  # through the link too: cut and back with node-a
     twin = None
     try:
         await link.__aexit__()
@@ -396,10 +398,23 @@ async def test_a_twin_started_while_a_node_was_cut_off_is_seen_by_both_once_it_i
         links = (node_a._server.cluster, twin._server.cluster)
         await until(lambda: all(link.counters["twins_seen"] >= 1 for link in links), "both see the other",
                     timeout_s=15)
+        failure = await asyncio.wait_for(twin.wait_failed(), 10)
+        assert "stands down" in failure and twin.failure == failure and node_a.failure is None
+        assert (twin._server.cluster.counters["stood_down"], node_a._server.cluster.counters["stood_down"]) == (1, 0)
+        # From now on only node-a takes what other nodes relay for node-a's users.
+        alice, bob = cluster.users("alpha")["node-a"][0], cluster.users("beta")["node-b"][0]
+        alice1, bob1 = await cluster.connect(alice), await cluster.connect(bob)
+        twin_served = twin._server.domain.relay.counters["served"]
+        await until(lambda: twin._server.cluster._relay_subscription is None, "the twin's relay subscription gone")
+        await bob1.send_message(alice, {1: b"to the real node-a"})
+        assert (await next_dlv(alice1))["c"] == b"to the real node-a"
+        assert twin._server.domain.relay.counters["served"] == twin_served
+        for client in (alice1, bob1):
+            await client.close()
     finally:
         if twin is not None:
             await twin.stop()
-        await cluster.stop("node-a")
+        await cluster.stop_all()
         await link.__aexit__()
 
 
