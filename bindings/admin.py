@@ -217,6 +217,8 @@ _LINK_COUNTERS = (
      "or one serving beside this one after a cut from NATS (the one started later stands down)."),
     ("stood_down", "interlink_cluster_link_stood_down",
      "1 when this process stood down: another process of its node id, started earlier, serves it."),
+    ("twin_looks", "interlink_cluster_link_twin_looks",
+     "Looks for another process of this node id (after a reconnect, or when one looked; at most every 2 s)."),
     ("stale", "interlink_cluster_link_stale_connections",
      "Times the NATS server left two PINGs unanswered and the connection was dropped."),
     ("reconnect_failures", "interlink_cluster_link_reconnect_failures",

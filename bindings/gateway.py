@@ -5,6 +5,7 @@ The library installs no signal handlers and configures no logging; the command-l
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import os
@@ -59,6 +60,10 @@ class Gateway:
         self._server: GatewayServer | None = None
         self._admin = None  # interlink.admin.AdminServer when admin_port >= 0
         self._draining = False
+        self._drain_lock = asyncio.Lock()  # the gateway's own drain (a twin) and its owner's in turn
+        self._failure: str | None = None  # why it stopped by itself (GatewayServer.stand_down)
+        self._failed = asyncio.Event()
+        self._failure_watch: asyncio.Task | None = None
 
     # -- lifecycle
 
@@ -147,23 +152,30 @@ class Gateway:
                 self._admin = None
                 await self.stop()
                 raise
+        self._failure, self._failed = None, asyncio.Event()
+        self._failure_watch = asyncio.get_running_loop().create_task(self._drain_when_failed(self._server))
         log.info("gateway %s listening on %s%s", config.node_name, self.address,
                  f" and {self.ws_url}" if config.ws_port >= 0 else "")
         expires = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(self._keys.certificate.expires))
         log.info("node certificate of %s valid until %s", self._keys.certificate.node, expires)
 
     async def drain(self, timeout_s: float | None = None) -> None:
-        """Stop accepting connections, send ``bye drain`` to every session, wait for them to close."""
-        if self._server is not None:
-            self._draining = True  # /readyz answers 503 from now on
-            await self._server.drain(self.config.drain_timeout_s if timeout_s is None else timeout_s)
-        await self._release()
+        """Stop accepting connections, send ``bye drain`` to every session, wait for them to close.
+        A second drain meanwhile (the gateway's own, when it stands down) waits for the first."""
+        async with self._drain_lock:
+            if self._server is not None:
+                self._draining = True  # /readyz answers 503 from now on
+                await self._server.drain(self.config.drain_timeout_s if timeout_s is None else timeout_s)
+            await self._release()
 
     async def stop(self) -> None:
         """Drain with a short timeout and release every resource."""
         await self.drain(timeout_s=min(1.0, self.config.drain_timeout_s))
 
     async def _release(self) -> None:
+        watch, self._failure_watch = self._failure_watch, None
+        if watch is not None and watch is not asyncio.current_task():
+            watch.cancel()
         server, self._server = self._server, None
         if server is not None and server.cluster is not None:  # started, then failed to listen
             await server.cluster.close()
@@ -195,15 +207,24 @@ class Gateway:
 
     @property
     def failure(self) -> str | None:
-        """Why this gateway must stop though nobody asked it to, or None. In a cluster: another
-        process with this node id that started earlier serves it (it was started while this one
-        was cut off from NATS); this one took no more stanzas from other nodes from then on."""
-        return self._server.failure if self._server is not None else None
+        """Why this gateway stopped (or is stopping) though nobody asked it to, or None. In a
+        cluster: another process with this node id that started earlier serves it (this one was
+        started while that one was cut off from NATS). The gateway drains itself then."""
+        return self._failure
 
     async def wait_failed(self) -> str:
-        """Wait until this gateway must stop (``failure``); the caller drains it then."""
-        await self._running().failed.wait()
-        return self._running().failure or ""
+        """Wait until this gateway stopped by itself (``failure``), drained and released."""
+        await self._failed.wait()
+        return self._failure or ""
+
+    async def _drain_when_failed(self, server) -> None:
+        await server.failed.wait()
+        self._failure = server.failure
+        log.critical("gateway stopping by itself: %s", server.failure)
+        try:
+            await self.drain()
+        finally:
+            self._failed.set()
 
     @property
     def draining(self) -> bool:

@@ -73,12 +73,11 @@ async def _serve(config: GatewayConfig, path: Path | None) -> None:
     signalled, failed = asyncio.ensure_future(stop.wait()), asyncio.ensure_future(gateway.wait_failed())
     try:
         await asyncio.wait((signalled, failed), return_when=asyncio.FIRST_COMPLETED)
-        failure = gateway.failure
-        if failure is not None:
-            log.critical("stopping: %s", failure)
-        log.info("draining: no new connections, bye drain to %d sessions", len(gateway.sessions()))
-        await gateway.drain()
+        if gateway.running:
+            log.info("draining: no new connections, bye drain to %d sessions", len(gateway.sessions()))
+        await gateway.drain()  # after the gateway's own, when it stopped by itself
         log.info("stopped")
+        failure = gateway.failure
         if failure is not None:
             raise InterlinkError(f"stopped: {failure}")  # exit 1: a service manager must not count this a success
     finally:

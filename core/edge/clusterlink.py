@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import ssl
 import time
@@ -41,6 +42,8 @@ log = logging.getLogger("interlink.cluster")
 
 HELLO_TIMEOUT_S = 1.0
 TWIN_WAIT_S = 0.15  # after this node's own hello answer, how long another instance of it gets to answer too
+LOOK_LINGER_S = 1.0  # ... when a serving process looks for twins (no hurry: nothing waits for it)
+LOOK_EVERY_S = 2.0  # a serving process looks for twins at most this often (a twin's look makes it look)
 MIN_MAX_PAYLOAD = 128 * 1024  # NATS must carry one relayed stanza of the largest frame with room to spare
 START_ATTEMPTS = 2  # further tries per NATS server before a start gives up (0.5 s apart)
 CONNECT_TIMEOUT_S = 2.0  # each step of one connection attempt to a NATS server (TCP, INFO, TLS, PONG)
@@ -78,6 +81,8 @@ class ClusterLink:
         self.instance = os.urandom(8).hex()  # tells this process from another started with the same node id
         self.started_at = clock()  # of two twins, the one started later stands down (_stand_down)
         self.stood_down = False
+        self._last_look = -math.inf  # time.monotonic() of the last look for twins
+        self._look_handle: asyncio.TimerHandle | None = None  # a look waiting for LOOK_EVERY_S to pass
         self._relay_subscription: int | None = None
         self._publish_failing = False  # a failed publish was logged; the next is not, until reconnected
         others = [node for node in cluster.nodes if node != self.node]
@@ -135,15 +140,39 @@ class ClusterLink:
 
     async def _twins(self, look: bool = False) -> list[dict]:
         """The answers of other processes to a hello for this node id (``look``: asked by a
-        process that serves already, after a reconnect — not by one starting)."""
+        process that serves already — not by one starting — and lingering longer)."""
         answers = await ask(self.wire, [self.node], self._hello_request(look), HELLO_TIMEOUT_S, every_answer=True,
-                            enough=lambda got: any(a.get("i") == self.instance for a in got), linger_s=TWIN_WAIT_S)
+                            enough=lambda got: any(a.get("i") == self.instance for a in got),
+                            linger_s=LOOK_LINGER_S if look else TWIN_WAIT_S)
         return [answer for answer in answers if answer.get("i") != self.instance]
 
+    def _look_soon(self) -> None:
+        """Look for twins (``_look_for_twins``) now, or once ``LOOK_EVERY_S`` has passed since the
+        last look — only while this process serves (not during its start, not once it stood down)."""
+        if (self._closing or self.stood_down or self._relay_subscription is None or self._twin_check is not None
+                or self._look_handle is not None):
+            return
+        wait_s = self._last_look + LOOK_EVERY_S - time.monotonic()
+        if wait_s > 0:
+            self._look_handle = asyncio.get_running_loop().call_later(wait_s, self._start_look)
+        else:
+            self._start_look()
+
+    def _start_look(self) -> None:
+        self._look_handle = None
+        if self._closing or self.stood_down:
+            return
+        self._last_look = time.monotonic()
+        self._twin_check = asyncio.get_running_loop().create_task(self._look_for_twins())
+
     async def _look_for_twins(self) -> None:
-        """After a reconnect: a process started with this node id while this one was cut off from
-        NATS passed its start check, and both now serve this node's stanzas. The one started later
-        stands down (``_stand_down``); each sees the other (the other hears this hello)."""
+        """After a reconnect, or when another process of this node id looks: one started while
+        this one was cut off from NATS passed its start check, and both now serve this node's
+        stanzas. Decided only from the answers on this process's own inbox — only holders of
+        this node's NATS credentials can answer there, where anyone allowed to say hello could
+        forge a hello: the one started later stands down (``_stand_down``); the earlier one looks
+        again (``LOOK_EVERY_S``), which makes the later one look and find it, until it did."""
+        self.counters["twin_looks"] += 1
         try:
             twins = await self._twins(look=True)
         except Exception:  # a check that could not run says nothing either way
@@ -151,24 +180,26 @@ class ClusterLink:
             return
         finally:
             self._twin_check = None
-        if not twins:
+        serving = [twin for twin in twins if twin.get("serving") is True]  # not one refusing at its start
+        if not serving:
             return
         self.counters["twins_seen"] += 1
-        older = [twin for twin in twins if self._younger_than(twin)]
+        older = [twin for twin in serving if self._younger_than(twin)]
         if older:
             self._stand_down(older[0])
-        else:
-            log.critical("cluster: another process (instance %s) serves node %s beside this one (%s): it started later, "
-                         "while this one was cut off from NATS, and stands down", twins[0].get("i"), self.node,
-                         self.instance)
+            return
+        log.critical("cluster: another process (instance %s) serves node %s beside this one (%s): it started later, "
+                     "while this one was cut off from NATS, and must stand down", serving[0].get("i"), self.node,
+                     self.instance)
+        self._look_soon()  # this look makes it look too
 
     def _younger_than(self, other: dict) -> bool:
-        """Whether this process started after ``other`` (a hello or its answer from a process with
-        this node id): by start time, then instance id, so of two twins exactly one is younger
-        whatever their clocks say."""
+        """Whether this process started after ``other`` (an answer from a process with this node
+        id): by start time — the hosts' clocks decide — then instance id, so of two twins exactly
+        one is younger. An answer without a start time (not this software) decides nothing."""
         started, instance = other.get("st"), other.get("i")
         if type(started) not in (int, float) or type(instance) is not str:
-            return False  # says nothing comparable: this one keeps serving
+            return False
         return (started, instance) < (self.started_at, self.instance)
 
     def _stand_down(self, other: dict) -> None:
@@ -179,6 +210,7 @@ class ClusterLink:
             return
         self.stood_down = True
         self.counters["stood_down"] += 1
+        self._unsubscribe_relays()
         message = (f"node {self.node}: another process (instance {other.get('i')}) started earlier and serves it; this one "
                    f"({self.instance}) started while that one was cut off from NATS and stands down — what it stored "
                    "meanwhile stays in its data folder")
@@ -199,6 +231,9 @@ class ClusterLink:
     async def stop_serving(self) -> None:
         """Take no more stanzas from other nodes (a drain: what they relayed so far is committed
         and answered before ``close``)."""
+        self._unsubscribe_relays()
+
+    def _unsubscribe_relays(self) -> None:
         if self._relay_subscription is not None:
             self.wire.unsubscribe(self._relay_subscription)  # not connected: nothing arrives anyway
             self._relay_subscription = None
@@ -210,6 +245,9 @@ class ClusterLink:
         if self._twin_check is not None:
             self._twin_check.cancel()
             self._twin_check = None
+        if self._look_handle is not None:
+            self._look_handle.cancel()
+            self._look_handle = None
         if self._ticker is not None:
             self._ticker.cancel()
             self._ticker = None
@@ -370,13 +408,12 @@ class ClusterLink:
             # A second process starting (it refuses on this answer), or one that served beside this
             # one while cut off from NATS and looks again after its reconnect (``look``): of those
             # two, the one started later stands down.
+            # Only a look of this process's own decides (the hello may be forged).
             self.counters["twins_seen"] += 1
-            if asked.get("look") is True and self._younger_than(asked):
-                self._stand_down(asked)
-            else:
-                log.error("cluster: another process of node %s (instance %s) asks who runs it: a second one starting "
-                          "refuses to serve; one serving already that started later stands down", self.node,
-                          asked.get("i"))
+            log.error("cluster: another process of node %s (instance %s) asks who runs it: a second one starting "
+                      "refuses to serve; of two serving, the one started later stands down", self.node, asked.get("i"))
+            if asked.get("look") is True:
+                self._look_soon()
         origin, instance = asked.get("from"), asked.get("i")
         if (type(origin) is str and origin != self.node and origin in self.config.nodes and asked.get("m") == self.digest
                 and type(instance) is str and self._instances.get(origin) != instance):
@@ -400,6 +437,7 @@ class ClusterLink:
         server = self.server
         return {
             "node": self.node, "m": self.digest, "i": self.instance, "st": self.started_at,
+            "serving": self._relay_subscription is not None,  # past its start check, not stood down
             "version": self.config.version,
             "software": self.software,
             "nodes": sorted(self.config.nodes), "sessions": len(server.sessions), "connections": len(server.connections),
@@ -423,8 +461,7 @@ class ClusterLink:
     def _reconnected(self) -> None:
         self._publish_failing = False
         self._sized_to_the_server()
-        if self._twin_check is None and not self._closing:
-            self._twin_check = asyncio.get_running_loop().create_task(self._look_for_twins())
+        self._look_soon()  # a process of this node id may have started while this one was cut off
         log.info("cluster: reconnected to NATS at %r", self.wire.server)
 
 

@@ -349,10 +349,8 @@ class GatewayServer:
             raise
 
     def stand_down(self, reason: str) -> None:
-        """Stop taking other nodes' stanzas at once and ask whoever runs this gateway to drain it
-        (``failed``, ``failure``: the embedding program's, ``interlink serve`` exits 1)."""
-        if self.cluster is not None:
-            asyncio.get_running_loop().create_task(self.cluster.stop_serving())
+        """This gateway must stop (``failure``): ``interlink.gateway.Gateway`` drains it on
+        ``failed`` (and ``interlink serve`` exits 1)."""
         self.failure = reason
         self.failed.set()
 

@@ -17,6 +17,7 @@ from interlink.client import Client
 from interlink.config import ClusterConfig, NodeAddress
 from interlink.core.domain.cluster import Membership
 from interlink.core.edge.keyfiles import ROOT_KEY_FILE, ROOT_PUBLIC_FILE, init_operator_keys
+from interlink.core.edge.natsconn import NatsConnection
 from interlink.core.errors import ConfigError, RedirectedError, ServerError
 from interlink.gateway import Gateway
 from interlink.load.nats import LocalNats
@@ -394,21 +395,23 @@ async def test_a_twin_started_while_a_node_was_cut_off_stands_down_once_it_is_ba
         twin = Gateway(dataclasses.replace(config, data_dir=tmp_path / "twin", port=free_ports(1)[0],
                                            cluster=dataclasses.replace(config.cluster, nats=(nats_server.url,))))
         await twin.start()  # nobody answers for node-a: the start check passes
+        twin_link, twin_relay = twin._server.cluster, twin._server.domain.relay
         await link.__aenter__()
-        links = (node_a._server.cluster, twin._server.cluster)
+        links = (node_a._server.cluster, twin_link)
         await until(lambda: all(link.counters["twins_seen"] >= 1 for link in links), "both see the other",
                     timeout_s=15)
-        failure = await asyncio.wait_for(twin.wait_failed(), 10)
-        assert "stands down" in failure and twin.failure == failure and node_a.failure is None
-        assert (twin._server.cluster.counters["stood_down"], node_a._server.cluster.counters["stood_down"]) == (1, 0)
-        # From now on only node-a takes what other nodes relay for node-a's users.
+        # The twin stood down: it took no more relays at once, drained and released its store.
+        failure = await asyncio.wait_for(twin.wait_failed(), 15)
+        assert "stands down" in failure and twin.failure == failure and not twin.running
+        assert node_a.running and node_a.failure is None
+        assert (twin_link.counters["stood_down"], node_a._server.cluster.counters["stood_down"]) == (1, 0)
+        # Only node-a takes what other nodes relay for node-a's users.
         alice, bob = cluster.users("alpha")["node-a"][0], cluster.users("beta")["node-b"][0]
         alice1, bob1 = await cluster.connect(alice), await cluster.connect(bob)
-        twin_served = twin._server.domain.relay.counters["served"]
-        await until(lambda: twin._server.cluster._relay_subscription is None, "the twin's relay subscription gone")
+        twin_served = twin_relay.counters["served"]
         await bob1.send_message(alice, {1: b"to the real node-a"})
         assert (await next_dlv(alice1))["c"] == b"to the real node-a"
-        assert twin._server.domain.relay.counters["served"] == twin_served
+        assert twin_relay.counters["served"] == twin_served
         for client in (alice1, bob1):
             await client.close()
     finally:
@@ -416,6 +419,24 @@ async def test_a_twin_started_while_a_node_was_cut_off_stands_down_once_it_is_ba
             await twin.stop()
         await cluster.stop_all()
         await link.__aexit__()
+
+
+async def test_a_forged_look_hello_makes_a_node_look_but_never_stand_down(cluster):
+    """Anyone allowed to say hello (another node's user, the status user) can claim to be an
+    older process of node-a looking for twins: node-a looks for itself, finds no other process
+    answering on its own inbox, and keeps serving."""
+    node_a = cluster.gateways["node-a"]
+    link = node_a._server.cluster
+    forger = NatsConnection([cluster.nats_url], name="forger")
+    await forger.connect(1)
+    try:
+        forged = {"from": "node-a", "m": link.digest, "i": "0" * 16, "st": 0.0, "look": True}
+        forger.publish(b"interlink.node-a.hello", msgpack.packb(forged))
+        await until(lambda: link.counters["twin_looks"] >= 1 and link._twin_check is None, "node-a looked", timeout_s=10)
+        assert link.counters["stood_down"] == 0 and not link.stood_down and node_a.running and node_a.failure is None
+        assert link._relay_subscription is not None
+    finally:
+        await forger.close()
 
 
 async def test_an_answer_counts_only_from_the_node_asked_on_its_subject(cluster):
