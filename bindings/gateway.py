@@ -217,7 +217,7 @@ class Gateway:
         await self._failed.wait()
         return self._failure or ""
 
-    async def _drain_when_failed(self, server) -> None:
+    async def _drain_when_failed(self, server: GatewayServer) -> None:
         await server.failed.wait()
         self._failure = server.failure
         log.critical("gateway stopping by itself: %s", server.failure)
@@ -378,7 +378,8 @@ class Gateway:
         return self._running().session_list()
 
     def mailbox_stats(self, user: str) -> dict[int, dict]:
-        """Per device of ``user``: items and bytes waiting in its mailbox, and the last seq given."""
+        """Per device of ``user``: items and bytes waiting in its mailbox, and the last seq given.
+        A ``recv``'s deletion shows up to 5 ms late (it waits to share the next commit)."""
         store = self._running().store
         result = {}
         for device in store.devices(user):

@@ -141,12 +141,13 @@ class WriteBatch:
     """Everything one group commit writes: ``entries`` in the order they were added, the
     received items to delete, and the push intents' changes (``core/domain/push.py``)."""
 
-    __slots__ = ("entries", "deletions", "load", "push_wake", "push_cancel", "push_done", "push_created",
+    __slots__ = ("entries", "deletions", "carried", "load", "push_wake", "push_cancel", "push_done", "push_created",
                  "push_existing", "outboxed", "outbox_acked")
 
     def __init__(self) -> None:
         self.entries: list[MessageEntry | ControlEntry | PrekeyTake] = []
         self.deletions: list[tuple[bytes, list[int]]] = []
+        self.carried = 0  # the first deletions came from a commit that failed (carried once only)
         # Admission control's measure (core/domain/admission.py): one per entry, and one more per
         # COPIES_PER_LOAD copies it stores (as a group message spends one rate token per 64
         # copies); recv deletions are a consequence of deliveries, not new work offered.

@@ -94,8 +94,6 @@ class Domain:
             if self.blobs is not None:  # a blob lives on the node its id hashes to: its uploader's
                 self.blobs.new_id = self.relay.new_blob_id
                 self.relay.blob_chunk_bytes = self.blobs.chunk_bytes
-        # A cluster's group home: groups whose change waits for its members' nodes (``Relay.held``)
-        self._held: dict = self.relay.held if self.relay is not None else {}
         self.stanzas_in: Counter = Counter()  # by stanza type ("unknown" for the rest)
         self.refusals: Counter = Counter()  # err answers to stanzas, by code
         self._overloaded_answer = (0, b"")  # (retry_after, the encoded answer without the ref's value)
@@ -117,11 +115,10 @@ class Domain:
                 raise StanzaError(f"unsupported stanza type {excerpt(kind)}")
             if not session.relayed and not waited:  # another node's stanza was counted there
                 self.stanzas_in[kind] += 1
-            if self._held and not session.relayed and kind in HELD_KINDS:  # a cluster's group home
-                g = stanza.get("g")
-                if type(g) is bytes and g in self._held and self.relay.hold(
-                        g, session, stanza, lambda later: self.dispatch(session, stanza, later, True)):
-                    return  # served after the change of its group that waits for other nodes
+            if (self.relay is not None and self.relay.held and not session.relayed and kind in HELD_KINDS
+                    and self.relay.hold(stanza.get("g"), session, stanza,
+                                        lambda later: self.dispatch(session, stanza, later, True))):
+                return  # a cluster's group home: served after the change of its group that waits for other nodes
             relay = self.relay if kind in RELAY_KINDS and not session.relayed else None
             if relay is not None and relay.take(session, stanza, now):
                 return

@@ -128,6 +128,15 @@ def _parts(members: list) -> list[list]:
     return parts
 
 
+def _count_down(counts: dict, key) -> None:
+    """One less for ``key`` in a per-device count; the key goes at zero (no entry per idle device)."""
+    left = counts[key] - 1
+    if left:
+        counts[key] = left
+    else:
+        del counts[key]
+
+
 def internal_error(stanza: dict, message: str) -> bytes:
     """An encoded ``err`` ``internal`` tied to ``stanza`` (a fault of the cluster, not the client's)."""
     return encode_stanza({"t": "err", "code": "internal", "msg": message, **reference(stanza)})
@@ -717,11 +726,7 @@ class Relay:
 
     def _forget_group_id(self, entry: tuple) -> None:
         if self._drawn_groups.pop(entry, None) is not None:
-            left = self._drawn_per_device[entry[0]] - 1
-            if left:
-                self._drawn_per_device[entry[0]] = left
-            else:
-                del self._drawn_per_device[entry[0]]
+            _count_down(self._drawn_per_device, entry[0])
 
     def _precheck(self, session, stanza: dict, now: float) -> None:
         """``group.new``/``group.add`` at the group's home: the members who live on other nodes are
@@ -743,12 +748,15 @@ class Relay:
         if not remote:
             checker.run()
 
-    def hold(self, g: bytes, session, stanza: dict, serve: Callable[[float], None]) -> bool:
-        """A stanza of a member of group ``g`` came while a change of ``g`` waits for its members'
-        nodes: ``serve`` it once that change is served or refused (``release``), as on one node,
-        where a message sent after a ``group.add`` reaches the member it added. False: not held
-        (the sender is not a member: refused now, as it would be then). Past the bounds
-        ``RouteError`` ``overloaded`` (typing state is dropped)."""
+    def hold(self, g, session, stanza: dict, serve: Callable[[float], None]) -> bool:
+        """A stanza naming group ``g`` (its ``"g"``, any value a client sent) from a member of the
+        group, while a change of ``g`` waits for its members' nodes: ``serve`` it once that change
+        is served or refused (``release``), as on one node, where a message sent after a
+        ``group.add`` reaches the member it added. False: not held — no such change waits, or the
+        sender is not a member (refused now, as it would be then). Past the bounds ``RouteError``
+        ``overloaded`` (typing state is dropped)."""
+        if type(g) is not bytes or g not in self.held:
+            return False
         record = self.groups.record(g)
         if record is None or session.identity.user not in record.member_set:
             return False
@@ -776,12 +784,7 @@ class Relay:
         if not waiting:
             return
         for session, _, _ in waiting:
-            key = session.session_key
-            left = self._held_per_device[key] - 1
-            if left:
-                self._held_per_device[key] = left
-            else:
-                del self._held_per_device[key]
+            _count_down(self._held_per_device, session.session_key)
         self._held_count -= len(waiting)
         now = self.clock()
         for session, stanza, serve in waiting:
@@ -1053,11 +1056,7 @@ class Relay:
 
     def _done_waiting(self, pending: Pending) -> None:
         key = pending.session.session_key
-        left = self._waiting_per_device[key] - 1
-        if left:
-            self._waiting_per_device[key] = left
-        else:
-            del self._waiting_per_device[key]
+        _count_down(self._waiting_per_device, key)
         if pending.stanza.get("op") == "blob.read":
             reading = self._blob_bytes_waiting[key] - pending.stanza["len"]
             if reading > 0:
@@ -1358,7 +1357,7 @@ class Relay:
                 "msg": f"provider {identity.provider!r} is not served (suspended or removed)"}))
             return stream_broken and not streamed  # refused for good (outbox.FINAL_REFUSALS)
         try:
-            if grouped and self.held and type(target) is bytes and target in self.held and self.hold(
+            if grouped and self.held and self.hold(
                     target, session, stanza, lambda later: self._serve_parsed(node, session, stanza, later, False)):
                 return stream_broken  # served after the change of its group that waits for other nodes
             if fanout:

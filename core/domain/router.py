@@ -358,6 +358,11 @@ class Router:
         return bool(self._batch)
 
     @property
+    def pending_deletions(self) -> list[tuple[bytes, list[int]]]:
+        """The received items the next commit deletes: (device key, seqs)."""
+        return self._batch.deletions
+
+    @property
     def batch_only_deletions(self) -> bool:
         """The waiting writes are ``recv`` deletions only (the edge may let them wait for company)."""
         return self._batch.only_deletions
@@ -382,8 +387,11 @@ class Router:
         settled = []
         self._carry_push(commit.batch)
         # Received items: their sessions dropped them from the push window, so the next commit
-        # deletes them (a recv's deletion often rides on a message's commit: core/edge/commit.py).
-        self._batch.deletions[:0] = commit.batch.deletions
+        # deletes them (a recv's deletion often rides on a message's commit: core/edge/commit.py)
+        # — once: after a second failure they stay stored and are pushed again at the next session.
+        carried = commit.batch.deletions[commit.batch.carried:]
+        self._batch.deletions[:0] = carried
+        self._batch.carried = len(carried)
         for node, upto in commit.batch.outbox_acked.items():  # confirmed still: deleted by the next commit
             self.forget_outbox(node, upto)
         for session, entry, _ in commit.waiting:

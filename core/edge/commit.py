@@ -57,6 +57,7 @@ class CommitDriver:
         self._scheduled: asyncio.Handle | asyncio.TimerHandle | None = None  # the next commit
         self._waiting_for_company = False  # _scheduled is the delete-only batch's timer
         self._hurry = False  # commit what waits at the next chance, deletions too
+        self.failures = 0  # commits that wrote nothing (a storage fault)
         self._inflight: asyncio.Future | None = None  # the writer thread's running commit
 
     @property
@@ -66,7 +67,7 @@ class CommitDriver:
 
     def schedule(self, hurry: bool = False) -> None:
         """Commit at the end of this loop turn if the domain has writes waiting (a batch of only
-        deletions: after ``deletions_wait_s``, unless ``hurry`` — a session opened or closed)."""
+        deletions: after ``deletions_wait_s``, unless ``hurry`` — a session closed)."""
         if not self.domain.router.has_batch:
             return
         if hurry:
@@ -115,11 +116,18 @@ class CommitDriver:
         self._inflight = future
 
     async def settle(self) -> None:
-        """Commit everything still batched or in flight (a drain calls this before the store closes)."""
+        """Commit everything still batched or in flight (a drain calls this before the store
+        closes); stops after a commit that failed: a store that fails keeps what was carried over
+        for a later start (push changes), and the drain must end."""
+        failures = self.failures
         while self._inflight is not None or self.domain.router.has_batch:
             if self._inflight is not None:
                 await asyncio.wait([self._inflight])
                 await asyncio.sleep(0)  # let its done-callback run (answers, the next batch)
+            elif self.failures > failures:
+                log.error("drain: the store failed; %d received items are not deleted (pushed again at the next "
+                          "session)", sum(len(seqs) for _, seqs in self.domain.router.pending_deletions))
+                return
             else:
                 self.commit()
 
@@ -148,6 +156,7 @@ class CommitDriver:
         if not isinstance(error, InterlinkError):  # a storage fault nobody foresaw
             log.error("commit failed", exc_info=error)
             error = InterlinkError("the gateway could not store the message")
+        self.failures += 1
         log.error("commit of %d entries failed: %s", len(commit.batch.entries), error)
         self.domain.failed(commit, error)
         self.on_done()

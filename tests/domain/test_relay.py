@@ -1136,3 +1136,41 @@ def test_typing_state_past_the_bound_is_dropped_and_its_node_stops_waiting(nodes
     _, replies = a.relay.take_output()
     assert [encoded for _, encoded in replies["node-b"]] == [None]  # served silently: no timeout on node-b
     assert a.relay.counters["held_overflow"] == 1
+
+
+def test_a_held_stanza_is_counted_once_and_one_of_a_closed_session_is_not_served(nodes, monkeypatch):
+    a, b = nodes
+    b.open(B2)
+    g, alice, stanza = added_while_checked(a, b, monkeypatch)
+    closing = a.open(A1, 2)  # alice's second device: its message waits, then it disconnects
+    a.domain.dispatch(closing, group_msg(g, b"from a device that left"), NOW)
+    closing.closed = True
+    assert a.domain.stanzas_in["msg"] == 2
+    carry(a, b)
+    answer(a, b)
+    a.commit()
+    assert a.domain.stanzas_in["msg"] == 2  # each counted when it came, not again when served
+    assert [x["t"] for x in alice.take() if x["t"] != "dlv"] == ["res", "ack"]
+    assert a.store.pending_count(device_key(A1, 1)) == 0  # the closed device's message was not stored
+
+
+def test_a_held_stanza_whose_serving_fails_is_answered_internal_and_the_rest_served(nodes, monkeypatch):
+    a, b = nodes
+    b.open(B2)
+    g, alice, stanza = added_while_checked(a, b, monkeypatch)
+    second = group_msg(g, b"second")
+    a.domain.dispatch(alice, second, NOW)
+    real = a.domain.groups.route_msg
+
+    def route_msg(session, message, msg_id, now):
+        if message["id"] == stanza["id"]:
+            raise RuntimeError("a bug of ours")
+        return real(session, message, msg_id, now)
+
+    monkeypatch.setattr(a.domain.groups, "route_msg", route_msg)
+    carry(a, b)
+    answer(a, b)
+    a.commit()
+    answers = [(x["t"], x.get("code"), x.get("ref", x.get("id"))) for x in alice.take() if x["t"] != "res"]
+    assert answers == [("err", "internal", stanza["id"]), ("ack", None, second["id"])]
+    assert a.relay.counters["internal_errors"] == 1

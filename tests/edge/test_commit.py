@@ -5,6 +5,8 @@ deletions waits for company, and whatever comes next takes it along."""
 
 from __future__ import annotations
 
+import asyncio
+
 import lmdb
 import pytest
 
@@ -125,5 +127,25 @@ async def test_deletions_of_a_failed_commit_are_written_by_the_next(gateway, iss
         await alice.send_message("bob@beta", {1: b"two"})  # its commit took bob's deletion along, and failed
     await alice.send_message("bob@beta", {1: b"three"})
     assert [seq for seq, _ in server.store.pending(device_key("bob@beta", 1), 0, 10)] == [2]  # "one" went
+    for client in (alice, bob):
+        await client.close()
+
+
+async def test_a_drain_ends_though_the_store_keeps_failing(gateway, issuers, monkeypatch):
+    """A drain while the disk is gone: it gives up after the failed commit instead of retrying
+    forever, and a second failure drops the carried deletions (the items are pushed again at
+    the next session)."""
+    server, alice, bob = await received_by_bob(gateway, issuers, wait_s=3600.0)
+
+    def broken(batch):
+        raise lmdb.Error("injected fault: the disk is gone")
+
+    monkeypatch.setattr(server.store, "commit", broken)
+    await asyncio.wait_for(server.commits.settle(), 10)  # a hang guard, not a timing check
+    assert server.commits.failures == 1 and server.router.pending_deletions  # carried once
+    await asyncio.wait_for(server.commits.settle(), 10)
+    assert server.commits.failures == 2 and not server.router.has_batch  # not carried twice
+    monkeypatch.undo()
+    assert items_of(gateway, "bob@beta") == 1  # still stored: bob's next session gets it again
     for client in (alice, bob):
         await client.close()

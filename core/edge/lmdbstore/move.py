@@ -319,7 +319,9 @@ def prune(store, node_list: NodeList, membership: Membership, node: str, blob_fi
             for table in MOVED_TABLES:
                 cursor = txn.cursor(db=tables.dbs[table])
                 cursor.first()
-                last_owner, last_home = None, None  # a table's keys start with their owner: runs of one
+                # Most tables' keys start with their owner, so one owner's records come in a run;
+                # where they do not (keys ending with it), the home is worked out more often.
+                last_owner, last_home = None, None
                 while key := cursor.key():  # b"" once the cursor passed the last record
                     who = owner(table, key)
                     if who is not None and who != last_owner:

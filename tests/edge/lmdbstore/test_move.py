@@ -262,6 +262,7 @@ def test_a_start_under_another_list_waits_for_the_outbox_to_empty(stores):
 
 
 def test_a_scan_whose_memo_of_homes_overflows_finds_the_same_records(stores, tmp_path, monkeypatch):
+    """Clearing the bounded memo changes no answer (what the bound saves, memory, no test sees)."""
     import interlink.core.edge.lmdbstore.move as move_module
 
     a, _ = stores
