@@ -32,6 +32,10 @@ log = logging.getLogger("interlink.commit")
 # Long enough for the next message of a one-at-a-time exchange to arrive (a cross-node round
 # trip is about 1 ms on loopback), short against a reconnect.
 DELETIONS_WAIT_S = 0.005
+# After a commit on the writer thread failed, what it carried over (push changes) is tried again
+# this much later, or with the next stanza's commit: a store that keeps failing is not retried in
+# a loop of failing commits (and error lines).
+RETRY_AFTER_FAILURE_S = 0.5
 
 
 class CommitDriver:
@@ -58,6 +62,7 @@ class CommitDriver:
         self._waiting_for_company = False  # _scheduled is the delete-only batch's timer
         self._hurry = False  # commit what waits at the next chance, deletions too
         self.failures = 0  # commits that wrote nothing (a storage fault)
+        self._retry: asyncio.TimerHandle | None = None  # after a failed commit on the writer thread
         self._inflight: asyncio.Future | None = None  # the writer thread's running commit
 
     @property
@@ -120,6 +125,9 @@ class CommitDriver:
         closes); stops after a commit that failed: a store that fails keeps what was carried over
         for a later start (push changes), and the drain must end."""
         failures = self.failures
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
         while self._inflight is not None or self.domain.router.has_batch:
             if self._inflight is not None:
                 await asyncio.wait([self._inflight])
@@ -150,7 +158,14 @@ class CommitDriver:
             else:
                 self._failed(commit, error)
         finally:
-            self.schedule()  # what gathered while this one was written
+            if error is None or self.domain.router.pending_load:
+                self.schedule()  # what gathered while this one was written
+            elif self._retry is None:  # only what the failed commit carried over: not in a loop
+                self._retry = asyncio.get_running_loop().call_later(RETRY_AFTER_FAILURE_S, self._retry_now)
+
+    def _retry_now(self) -> None:
+        self._retry = None
+        self.schedule()
 
     def _failed(self, commit: Commit, error: BaseException) -> None:
         if not isinstance(error, InterlinkError):  # a storage fault nobody foresaw

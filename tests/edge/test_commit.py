@@ -149,3 +149,32 @@ async def test_a_drain_ends_though_the_store_keeps_failing(gateway, issuers, mon
     assert items_of(gateway, "bob@beta") == 1  # still stored: bob's next session gets it again
     for client in (alice, bob):
         await client.close()
+
+
+async def test_a_writer_thread_whose_store_keeps_failing_does_not_retry_in_a_loop(issuers, tmp_path, monkeypatch):
+    """``commit_mode = "thread"``: a failed commit's carried push change waits
+    ``RETRY_AFTER_FAILURE_S`` (or the next stanza) instead of being committed, and failing,
+    again and again."""
+    import interlink.core.edge.commit as commit_module
+    from interlink.gateway import Gateway
+
+    from three_providers import config_for
+
+    monkeypatch.setattr(commit_module, "RETRY_AFTER_FAILURE_S", 3600.0)
+    async with Gateway(config_for(issuers, tmp_path, commit_mode="thread")) as gateway:
+        server = gateway._running()
+        real_commit = server.store.commit
+
+        def broken(batch):
+            raise lmdb.Error("injected fault: the disk is gone")
+
+        server.store.commit = broken
+        server.router.push_answered(device_key("bob@beta", 1), 1, False)  # a push change to write
+        server.commits.schedule()
+        await until(lambda: server.commits.failures == 1, "the first commit failed")
+        for _ in range(200):  # loop turns in which a retry loop would have failed again
+            await asyncio.sleep(0)
+        assert server.commits.failures == 1 and server.router.has_batch  # carried, waiting
+        server.store.commit = real_commit
+        await server.commits.settle()
+        assert not server.router.has_batch
