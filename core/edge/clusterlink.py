@@ -148,8 +148,9 @@ class ClusterLink:
 
     def _look_soon(self) -> None:
         """Look for twins (``_look_for_twins``) now, or once ``LOOK_EVERY_S`` has passed since the
-        last look — only while this process serves (not during its start, not once it stood down)."""
-        if (self._closing or self.stood_down or self._relay_subscription is None or self._twin_check is not None
+        last look — only while this process takes relays (not during its start, its drain, or once it
+        stood down)."""
+        if (self._closing or self._relay_subscription is None or self._twin_check is not None
                 or self._look_handle is not None):
             return
         wait_s = self._last_look + LOOK_EVERY_S - time.monotonic()
@@ -160,7 +161,7 @@ class ClusterLink:
 
     def _start_look(self) -> None:
         self._look_handle = None
-        if self._closing or self.stood_down:
+        if self._closing or self._relay_subscription is None:
             return
         self._last_look = time.monotonic()
         self._twin_check = asyncio.get_running_loop().create_task(self._look_for_twins())

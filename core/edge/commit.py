@@ -49,10 +49,9 @@ class CommitDriver:
         on_done: Callable[[], None],
         executor: concurrent.futures.Executor | None = None,
         clock: Callable[[], float] = time.time,
-        deletions_wait_s: float = DELETIONS_WAIT_S,
     ) -> None:
         self.clock = clock
-        self.deletions_wait_s = deletions_wait_s
+        self.deletions_wait_s = DELETIONS_WAIT_S  # a harness that settles by loop turns sets 0
         self.store = store
         self.domain = domain
         self.on_done = on_done  # writes out the sessions the domain touched
