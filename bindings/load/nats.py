@@ -361,7 +361,10 @@ class JetStreamDevice(NatsDevice):
         await self.take(msg.subject, msg.data)
 
     async def send(self, intended_ns: int) -> None:
-        future = await self.js.publish_async(self.subject, self._next_payload(intended_ns))
+        await self._publish(self._next_payload(intended_ns), intended_ns)
+
+    async def _publish(self, payload: bytes, intended_ns: int) -> None:
+        future = await self.js.publish_async(self.subject, payload)
         future.add_done_callback(lambda done: self._on_puback(done, intended_ns))
 
     def _on_puback(self, future: asyncio.Future, intended_ns: int) -> None:
@@ -376,7 +379,9 @@ class JetStreamDevice(NatsDevice):
             record_latency(run.ack_hist, now_ns - intended_ns)
         self.inflight -= 1
         if run.sending and not run.scenario.open_loop and self.connected:
-            asyncio.get_running_loop().create_task(self.send(now_ns))
+            # Counted as sent here, not when the task runs: a tail check in between (sending has
+            # just stopped) must see it in flight, or the devices close before its answer (1 run in ~20).
+            asyncio.get_running_loop().create_task(self._publish(self._next_payload(now_ns), now_ns))
 
 
 # Push, not pull, for the online devices: ~1,000 pull consumers would each need a fetch loop of

@@ -20,6 +20,7 @@ from interlink.core.errors import ConfigError
 from interlink.load import nats
 from interlink.load.cli import main as load_main
 from interlink.load.progress import LiveProgress
+from interlink.load.runner import wait_until
 from interlink.load.schedule import TIME_BYTES
 
 from .helpers import cancel_after, check_report, our_tasks, scenario
@@ -226,6 +227,33 @@ async def test_jetstream_chat_stores_in_files_and_acks(tmp_path: Path) -> None:
         scenario("chat-1to1", users=2, rate=200, duration=0.6, warmup=0.1, durability="async"), out=None, peer="jetstream",
     )
     assert relaxed["ok"] is True and relaxed["server_info"]["jetstream"]["sync_interval"] == "default (2m)"
+
+
+async def test_jetstream_next_publish_is_in_flight_before_its_task_runs(tmp_path: Path) -> None:
+    """A PubAck schedules the sender's next publish on a task: it counts as sent at once, so a
+    tail check before that task runs (sending has just stopped) sees it in flight rather than a
+    settled run whose devices then close before its answer (1 run in ~20 lost 16 messages so)."""
+    run = nats.NatsRun(scenario("chat-1to1", users=2, devices=1, rate="max", inflight=1), peer="jetstream")
+    devices = run.devices = nats._chat_devices(run, nats.JetStreamDevice)
+    sender, partner = devices
+    async with nats.LocalNats(tmp_path, jetstream=True) as server:
+        await nats._create_stream(server.url, ["u.>"], len(devices))
+        for device in devices:
+            await device.connect(server.url)
+        try:
+            sender._next_payload(0)  # message 1, answered below by hand
+            answered = asyncio.get_running_loop().create_future()
+            answered.set_result(None)
+            run.sending = True
+            sender._on_puback(answered, 0)  # the closed loop's next publish (message 2) is scheduled
+            run.sending = False
+            assert run.sent == 2 and run.acked == 1 and sender.inflight == 1 and not run.settled()
+            assert await wait_until(lambda: run.acked == 2, 10.0)  # JetStream took message 2
+            assert await wait_until(lambda: run.ledger[(0, 2)][1] == partner.bit, 10.0)
+            assert run.refused == 0 and run.duplicates == run.misdelivered == 0
+        finally:
+            for device in devices:
+                await device.close()
 
 
 def test_jetstream_side_by_side_cli(tmp_path: Path) -> None:
