@@ -290,10 +290,15 @@ class Groups:
             plans[g] = plan
             while self._plan_copies > PLAN_CACHE_COPIES:
                 self._plan_copies -= plans.pop(next(iter(plans)))[2]
-        # One token is spent already (handle_msg); the copies cost one per COPIES_PER_LOAD.
-        extra = (len(items) + COPIES_PER_LOAD - 1) // COPIES_PER_LOAD - 1
+        # One token is spent already (handle_msg, on the sender's node); the copies cost one per
+        # COPIES_PER_LOAD, counted and charged here at the group's home — its members on other nodes
+        # one copy each — for a sender of another node too: its node cannot count them.
+        copies = len(items)
+        if self.relay is not None:
+            copies += self.relay.remote_members(g, record.members)
+        extra = (copies + COPIES_PER_LOAD - 1) // COPIES_PER_LOAD - 1
         if extra > 0:
-            self.router.charge(session, now, extra)
+            self.router.charge(session, now, extra, here=True)
         message = self.router.enqueue(session, msg_id, items, targets, now)
         message.skip_full = True
         message.shared = True  # every copy is GroupDlv's: the store keeps the body once

@@ -814,16 +814,7 @@ class Relay:
         """A group message or event of ``session`` at the group's home: for each node of
         ``recipients`` living elsewhere, an outbox entry written with ``entry`` in its commit, sent
         there after it (``core/domain/outbox.py``) and again until that node stored it."""
-        cached = self._fanout_parts.get(g)
-        if cached is not None and cached[0] is recipients:
-            parts = cached[1]
-        else:
-            # A large group's members on one node: several entries, each well under max_payload.
-            parts = [(node, part) for node, members in self._by_node(recipients).items() for part in _parts(members)]
-            if type(recipients) is tuple:  # a record's members (messages): the same object until the group changes
-                if g not in self._fanout_parts and len(self._fanout_parts) >= GROUP_CACHE_GROUPS:
-                    del self._fanout_parts[next(iter(self._fanout_parts))]
-                self._fanout_parts[g] = (recipients, parts)
+        parts = self._fan_out_parts(g, recipients)
         if not parts:
             return
         identity = session.identity
@@ -835,6 +826,25 @@ class Relay:
             seq, packed = outbox.entry(node, record)
             entries.append((node, seq, packed, record))
         self.router.attach_outbox(entry, entries)
+
+    def remote_members(self, g: bytes, recipients) -> int:
+        """How many of group ``g``'s ``recipients`` live on other nodes (a copy there for each at
+        least: their devices are their nodes' to know)."""
+        return sum(len(part) for _, part in self._fan_out_parts(g, recipients))
+
+    def _fan_out_parts(self, g: bytes, recipients) -> list[tuple[str, list]]:
+        """``recipients`` of other nodes as (node, part) — a large group's members on one node in
+        several parts, each entry well under max_payload — kept per group for a record's members
+        (a message's: the same tuple until the group changes)."""
+        cached = self._fanout_parts.get(g)
+        if cached is not None and cached[0] is recipients:
+            return cached[1]
+        parts = [(node, part) for node, members in self._by_node(recipients).items() for part in _parts(members)]
+        if type(recipients) is tuple:
+            if g not in self._fanout_parts and len(self._fanout_parts) >= GROUP_CACHE_GROUPS:
+                del self._fanout_parts[next(iter(self._fanout_parts))]
+            self._fanout_parts[g] = (recipients, parts)
+        return parts
 
     def outbox_committed(self, entries, now: float) -> None:
         """A commit ended: the outbox entries of its ``entries`` that were written join their streams."""

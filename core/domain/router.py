@@ -157,10 +157,12 @@ class Router:
 
     # -- stanzas
 
-    def charge(self, session: Session, now: float, tokens: int = 1) -> None:
+    def charge(self, session: Session, now: float, tokens: int = 1, *, here: bool = False) -> None:
         """Spend ``tokens`` tokens of the session's and the user's bucket, or refuse (``rate_limited``;
-        the tokens spent before the refusal stay spent)."""
-        if session.relayed:  # charged on its own node, where its session lives
+        the tokens spent before the refusal stay spent). A relayed session is charged on its own
+        node, where it lives — unless ``here``: a cost only this node can count (a group's copies
+        at its home), spent from this node's buckets for that device and user."""
+        if session.relayed and not here:
             return
         device_buckets, user_buckets = self.device_buckets, self.user_buckets
         session_key = session.session_key

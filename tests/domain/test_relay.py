@@ -270,6 +270,62 @@ def test_a_member_refused_by_its_node_stops_the_group_change_before_anything_is_
     assert not a.domain.router.has_batch and a.store.group(g) is None
 
 
+def test_a_group_messages_copies_on_other_nodes_cost_rate_tokens_at_its_home(nodes, monkeypatch):
+    """One token per COPIES_PER_LOAD copies (4 here), counted at the group's home with each member of
+    another node as one copy: alice's group of twelve node-b members costs 1 + 2 tokens a message,
+    so a burst of 6 takes two (each member of another node used to count nothing: six passed)."""
+    import interlink.core.domain.groups as groups_module
+
+    monkeypatch.setattr(groups_module, "COPIES_PER_LOAD", 4)
+    a, b = nodes
+    members = homed_users(MEMBERSHIP, "alpha", per_node=12)["node-b"]
+    for member in members:
+        b.store.register_device(member, 1, 5)
+    g, alice = group_with(a, b, monkeypatch, *members)
+    a.domain.router.set_message_rates(per_device=3.0, per_user=100.0)  # a burst of 6 per device
+    later = NOW + 60  # the bucket full again
+    for i in range(3):
+        a.domain.dispatch(alice, group_msg(g, b"m%d" % i), later)
+    a.commit(later)
+    answers = alice.take()
+    assert sorted(x["t"] for x in answers) == ["ack", "ack", "err"]
+    assert [x["code"] for x in answers if x["t"] == "err"] == ["rate_limited"]
+
+
+def test_a_relayed_senders_group_copies_are_charged_at_the_groups_home(nodes, monkeypatch):
+    """Alice lives on node-a, her group on node-b: node-b counts the copies (twelve members of its
+    own and alice's node) and charges their extra tokens to its own buckets for her device — her
+    node spent the message's one token and cannot count them. Refused there, she gets node-b's
+    ``rate_limited`` (it used to charge nothing for a relayed sender)."""
+    import interlink.core.domain.groups as groups_module
+    import interlink.core.domain.relay as relay_module
+
+    monkeypatch.setattr(groups_module, "COPIES_PER_LOAD", 4)
+    a, b = nodes
+    g = group_homed_on("node-b")
+    monkeypatch.setattr(relay_module, "new_group_id", lambda: g)
+    members = homed_users(MEMBERSHIP, "alpha", per_node=12)["node-b"]
+    for member in members:
+        b.store.register_device(member, 1, 5)
+    alice = a.open(A1)
+    a.domain.dispatch(alice, {"t": "iq", "id": 1, "op": "group.new", "members": members}, NOW)
+    carry(a, b)
+    b.commit()
+    answer(a, b)
+    assert alice.take()[0]["t"] == "res"
+    b.domain.router.set_message_rates(per_device=4.0, per_user=100.0)  # a burst of 8 per device at node-b
+    later = NOW + 60
+    for i in range(3):  # 12 copies at node-b + alice's at node-a: 3 extra tokens each, 8 in the burst
+        a.domain.dispatch(alice, group_msg(g, b"m%d" % i), later)
+        carry(a, b)
+        b.commit(later)
+        answer(a, b, now=later)
+    answers = alice.take()
+    assert [x["t"] for x in answers] == ["ack", "ack", "err"] and answers[2]["code"] == "rate_limited"
+    assert answers[2]["retry_after"] > 0
+    assert a.domain.router.device_buckets.tokens(alice.session_key, later) > 1  # not charged at her node
+
+
 def test_a_group_request_goes_to_the_groups_home(nodes, monkeypatch):
     import interlink.core.domain.relay as relay_module
 
