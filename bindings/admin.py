@@ -188,6 +188,9 @@ _CLUSTER_COUNTERS = (
     ("outbox_stored", "interlink_cluster_outbox_stored", "Group fan-out entries their member node confirmed stored."),
     ("outbox_refused", "interlink_cluster_outbox_refused",
      "Group fan-out entries a member node refused for good (the sender's provider suspended there)."),
+    ("outbox_full", "interlink_cluster_outbox_full",
+     "Group messages and changes refused overloaded at their home: a member node's waiting fan-out entries "
+     "filled its share of the store (half the LMDB map, shared by the other nodes)."),
 )
 
 # The NATS side (core/edge/clusterlink.py): what leaves and arrives, and what another node or

@@ -295,6 +295,7 @@ class Groups:
         # one copy each — for a sender of another node too: its node cannot count them.
         copies = len(items)
         if self.relay is not None:
+            self.relay.check_outbox_room(g, record.members)
             copies += self.relay.remote_members(g, record.members)
         extra = (copies + COPIES_PER_LOAD - 1) // COPIES_PER_LOAD - 1
         if extra > 0:
@@ -493,6 +494,11 @@ class Groups:
         device of every member and of ``removed``, but the acting device."""
         identity = session.identity
         actor, actor_device = identity.user, identity.device
+        recipients = list(record.members) if record is not None else []
+        recipients += [user for user in removed if record is None or user not in record.member_set]
+        relay = self.relay
+        if relay is not None:
+            relay.check_outbox_room(g, recipients)
         if prior_ver:  # a change of an existing group: at most CHANGE_RATE a second per group
             wait_s = self.change_buckets.take(g, now)
             if wait_s:
@@ -511,9 +517,6 @@ class Groups:
             fields["promoted"] = list(promoted)
         if event == "created" and record.meta is not None:
             fields["meta"] = record.meta
-        recipients = list(record.members) if record is not None else []
-        recipients += [user for user in removed if record is None or user not in record.member_set]
-        relay = self.relay
         items, targets = self.event_copies(recipients, actor, actor_device, event_builder(fields), self._devices_of())
         reply = {"t": "res", "id": iq_id, "ver": ver}
         if result:

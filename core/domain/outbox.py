@@ -37,6 +37,9 @@ MEMORY_ENTRIES = 4096  # entries of one stream kept in memory; the rest are read
 MEMORY_BYTES = 8 << 20  # ... and their packed size (unpacked they take several times that)
 RETRY_S = 0.5  # after a window with an entry not stored, before it is sent again
 FINAL_REFUSALS = frozenset({"provider_suspended"})  # sending again cannot change them
+# Of the store's map (lmdb_map_size_bytes), what the outbox may fill, shared equally by the other
+# nodes: a node unreachable for long must not fill the disk its home's own users' mailboxes need.
+OUTBOX_SHARE = 0.5
 OK, RETRY, FINAL = 0, 1, 2  # what an answer means for its entry
 
 
@@ -54,9 +57,9 @@ class NodeStream:
     """One member node's entries not yet confirmed, oldest first."""
 
     __slots__ = ("node", "queue", "queue_bytes", "assigned", "loaded", "on_disk", "in_flight", "stored", "failed",
-                 "retry_at", "backlog", "sent", "last_stored", "kicked_at")
+                 "retry_at", "backlog", "backlog_bytes", "sent", "last_stored", "kicked_at")
 
-    def __init__(self, node: str, assigned: int, backlog: int) -> None:
+    def __init__(self, node: str, assigned: int, backlog: int, backlog_bytes: int = 0) -> None:
         self.node = node
         self.queue: deque = deque()  # (seq, record, packed size), committed, in seq order
         self.queue_bytes = 0  # the packed sizes of ``queue``
@@ -68,6 +71,7 @@ class NodeStream:
         self.failed = False  # an entry of the window in flight was not stored
         self.retry_at = 0.0  # no window before this time
         self.backlog = backlog  # entries committed and not yet confirmed (memory and store)
+        self.backlog_bytes = backlog_bytes  # ... their packed size
         self.sent = 0  # the last seq sent at least once
         # (incarnation, seq) of the last entry the node confirmed stored (this run): what the next
         # window's first entry names as the one before it (None: nothing to wait for)
@@ -81,11 +85,14 @@ class Outbox:
     def __init__(self, store, node: str, nodes) -> None:
         self.store = store
         self.incarnation: bytes = store.incarnation
-        waiting = store.outbox_nodes()
+        waiting = store.outbox_sizes()
         self.streams: dict[str, NodeStream] = {
-            other: NodeStream(other, store.outbox_last(other), waiting.get(other, 0)) for other in nodes if other != node
+            other: NodeStream(other, store.outbox_last(other), *waiting.get(other, (0, 0)))
+            for other in nodes if other != node
         }
-        for other, count in waiting.items():
+        # A stream past this is full (``full``): what would add to it is refused until it drains.
+        self.max_node_bytes = int(store.usage()["map_size_bytes"] * OUTBOX_SHARE) // max(1, len(self.streams))
+        for other, (count, _) in waiting.items():
             if other not in self.streams:
                 log.warning("cluster: %d group fan-out entries wait for node %s, which is not in the node list; "
                             "they are kept, not sent", count, other)
@@ -97,6 +104,11 @@ class Outbox:
     def backlog(self) -> int:
         """Entries committed and not yet confirmed by their node."""
         return sum(stream.backlog for stream in self.streams.values())
+
+    def full(self, node: str) -> bool:
+        """Whether ``node``'s entries waiting fill its share of the store (``max_node_bytes``)."""
+        stream = self.streams.get(node)
+        return stream is not None and stream.backlog_bytes >= self.max_node_bytes
 
     @property
     def has_work(self) -> bool:
@@ -115,6 +127,7 @@ class Outbox:
         """Entry ``seq`` for ``node`` is durable: it joins the stream."""
         stream = self.streams[node]
         stream.backlog += 1
+        stream.backlog_bytes += size
         if seq <= stream.loaded:
             return  # read from the store already (its commit ended while the stream was refilled)
         if stream.on_disk or len(stream.queue) >= MEMORY_ENTRIES or stream.queue_bytes + size > MEMORY_BYTES:
@@ -182,6 +195,7 @@ class Outbox:
                     del queue[index]
                     stream.queue_bytes -= queued[2]
                     stream.backlog -= 1
+                    stream.backlog_bytes -= queued[2]
                     if index == 0:
                         self.acked[node] = seq  # nothing before it waits: its record can go
                     break
@@ -191,6 +205,7 @@ class Outbox:
             stream.queue_bytes -= size
             stream.last_stored = (record[4]["n"], done)
             stream.backlog -= 1
+            stream.backlog_bytes -= size
             self.counters["outbox_stored"] += 1
             self.acked[node] = done
         if stream.in_flight == 0:

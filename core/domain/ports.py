@@ -177,6 +177,9 @@ class FanoutStore(Protocol):
     def outbox_nodes(self) -> dict[str, int]:
         """Every node with outbox entries waiting, and how many."""
 
+    def outbox_sizes(self) -> dict[str, tuple[int, int]]:
+        """Every node with outbox entries waiting: how many, and their packed bytes."""
+
 
 class BlobStore(Protocol):
     """Blob records (``core/domain/blobs.py``); each method is a transaction of its own."""

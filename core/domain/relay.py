@@ -89,6 +89,7 @@ MAX_WAITING_PER_DEVICE = 1024  # a device's stanzas waiting for other nodes at o
 MAX_HELD_PER_GROUP = 256  # stanzas for one group waiting behind its change's member checks (overloaded past it)
 MAX_HELD_PER_DEVICE = 64  # ... of one device, whatever the groups
 MAX_HELD = 8192  # ... in all
+OUTBOX_FULL_RETRY_MS = 5000  # retry_after of a group stanza refused while a member node's outbox stream is full
 HELD_KINDS = frozenset({"msg", "state", "iq"})  # the kinds that name a group ("g")
 HOMES_KEPT = 65_536  # user addresses whose home node is remembered
 IDENTITIES_KEPT = 65_536  # senders of relayed stanzas whose identity is remembered
@@ -435,12 +436,13 @@ class Relay:
         self.counters = {"relayed": 0, "answered": 0, "timeouts": 0, "late_answers": 0, "served": 0,
                          "malformed": 0, "misrouted": 0, "refused": 0, "own_copies_lost": 0, "internal_errors": 0,
                          "held_back": 0, "refused_before_resend": 0, "bad_answers": 0,
-                         "held_for_group_change": 0, "held_overflow": 0}
+                         "held_for_group_change": 0, "held_overflow": 0, "outbox_full": 0}
         # This node's group fan-out to member nodes, durable until each stored it.
         self.outbox = Outbox(self.store, node, membership.nodes)
         self.counters.update(self.outbox.counters)
         self.outbox.counters = self.counters  # one dict: stats and /metrics read it
         self._pump_asked = False  # an outbox answer may let the next window go: send it when the caller is done
+        self._outbox_full_logged: set[str] = set()  # nodes whose full stream was logged (once until it is not full)
 
     # -- where a user lives
 
@@ -826,6 +828,26 @@ class Relay:
             seq, packed = outbox.entry(node, record)
             entries.append((node, seq, packed, record))
         self.router.attach_outbox(entry, entries)
+
+    def check_outbox_room(self, g: bytes, recipients) -> None:
+        """Refuse (``overloaded``) a group message or change of ``g`` at its home that needs an
+        outbox entry for a node whose waiting entries fill its share of the store (``Outbox.full``:
+        a node unreachable for long) — before anything is batched: the home's disk keeps room for
+        its own users, and nothing acked is dropped for it."""
+        outbox = self.outbox
+        for node, _ in self._fan_out_parts(g, recipients):
+            if not outbox.full(node):
+                self._outbox_full_logged.discard(node)
+                continue
+            self.counters["outbox_full"] += 1
+            if node not in self._outbox_full_logged:
+                self._outbox_full_logged.add(node)
+                stream = outbox.streams[node]
+                log.error("cluster: %d group fan-out entries (%d bytes) wait for node %s, its share of this node's "
+                          "store: group messages and changes with members there are refused overloaded until it "
+                          "takes them", stream.backlog, stream.backlog_bytes, node)
+            raise RouteError("members of this group live on a node that has been unreachable for long; try again "
+                             "later", code="overloaded", retry_after=OUTBOX_FULL_RETRY_MS)
 
     def remote_members(self, g: bytes, recipients) -> int:
         """How many of group ``g``'s ``recipients`` live on other nodes (a copy there for each at

@@ -337,6 +337,27 @@ def test_a_new_outbox_sends_the_waiting_entries_first_and_numbers_on(store, outb
     assert restarted.take_acked() == {"node-b": 5}
 
 
+def test_a_streams_waiting_bytes_are_counted_and_past_its_share_of_the_store_it_is_full(store, outbox):
+    """Each stream counts the packed bytes of its entries committed and not confirmed (a final
+    refusal ends one too); it is ``full`` from half the map shared by the other nodes on, until
+    it drains. A new outbox reads the bytes waiting on disk."""
+    assert outbox.max_node_bytes == int(store.usage()["map_size_bytes"] * outbox_module.OUTBOX_SHARE) // 2
+    written = write(store, outbox, "node-b", range(3))
+    report(outbox, written)
+    sizes = [len(packed) for _, _, packed, _ in written]
+    assert outbox.streams["node-b"].backlog_bytes == sum(sizes) and outbox.streams["node-c"].backlog_bytes == 0
+    outbox.max_node_bytes = sum(sizes)
+    assert outbox.full("node-b") and not outbox.full("node-c") and not outbox.full("node-z")
+    again = Outbox(store, "node-a", NODES)  # after a restart: from the store
+    assert (again.streams["node-b"].backlog, again.streams["node-b"].backlog_bytes) == (3, sum(sizes))
+    [(node, window)] = outbox.due(NOW)
+    outbox.answered(node, window[0][0], OK, NOW)
+    outbox.answered(node, window[1][0], FINAL, NOW)
+    assert outbox.streams["node-b"].backlog_bytes == sizes[2] and not outbox.full("node-b")
+    outbox.answered(node, window[2][0], OK, NOW)
+    assert (outbox.streams["node-b"].backlog, outbox.streams["node-b"].backlog_bytes) == (0, 0)
+
+
 def test_take_acked_hands_out_the_last_confirmed_entry_per_node_once(outbox):
     for i in range(3):
         add(outbox, "node-b", i)

@@ -734,6 +734,38 @@ def test_a_fan_out_node_b_never_got_is_sent_again_in_order_until_stored(nodes, m
     assert a.store.outbox_entries("node-b") == []
 
 
+def test_a_member_nodes_full_outbox_stream_refuses_the_groups_messages_and_changes_until_it_drains(
+        nodes, monkeypatch, caplog):
+    """Node-b does not take its entries (down for long): once they fill its share of node-a's
+    store, node-a refuses the group's messages and changes ``overloaded`` before anything is
+    batched — never an ack it could not keep — logs it once, and serves them again once node-b
+    stored what waited."""
+    a, b = nodes
+    bob = b.open(B1)
+    g, alice = group_with(a, b, monkeypatch, B1)
+    bob.take()
+    a.domain.dispatch(alice, group_msg(g, b"kept"), NOW)
+    a.commit()
+    assert alice.take()[0]["t"] == "ack"
+    stream = a.relay.outbox.streams["node-b"]
+    a.relay.outbox.max_node_bytes = stream.backlog_bytes  # what waits fills node-b's share now
+    for _ in range(2):
+        a.domain.dispatch(alice, group_msg(g, b"refused"), NOW)
+    a.domain.dispatch(alice, {"t": "iq", "id": 7, "op": "group.del", "g": g, "members": [B1]}, NOW)
+    refusals = alice.take()
+    assert [(x["t"], x["code"], x["retry_after"]) for x in refusals] == [("err", "overloaded", 5000)] * 3
+    assert not a.domain.router.has_batch and a.relay.counters["outbox_full"] == 3
+    [logged] = [r.getMessage() for r in caplog.records if "its share" in r.getMessage()]  # once, not per refusal
+    assert "node-b" in logged
+    assert [r[5]["b"] for r in carry(a, b)] == [b"kept"]
+    b.commit()
+    answer(a, b)
+    assert stream.backlog_bytes == 0 and [d["c"] for d in bob.take()] == [b"kept"]
+    a.domain.dispatch(alice, group_msg(g, b"again"), NOW)
+    a.commit()
+    assert alice.take()[0]["t"] == "ack"
+
+
 def test_an_entry_stored_whose_answer_was_lost_is_recognised_when_it_comes_again(nodes, monkeypatch):
     a, b = nodes
     bob = b.open(B1)

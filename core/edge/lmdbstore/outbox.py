@@ -85,12 +85,17 @@ class FanoutRecords:
 
     def outbox_nodes(self) -> dict[str, int]:
         """Every node with entries waiting, and how many."""
-        counts: dict[str, int] = {}
-        with self.env.begin(db=self.outbox_db) as txn:
-            for key in txn.cursor().iternext(keys=True, values=False):
+        return {node: count for node, (count, _) in self.outbox_sizes().items()}
+
+    def outbox_sizes(self) -> dict[str, tuple[int, int]]:
+        """Every node with entries waiting: how many, and their packed bytes."""
+        sizes: dict[str, tuple[int, int]] = {}
+        with self.env.begin(db=self.outbox_db, buffers=True) as txn:  # sizes only: no value copied
+            for key, value in txn.cursor().iternext(keys=True, values=True):
                 node = bytes(key[:-9]).decode("ascii")
-                counts[node] = counts.get(node, 0) + 1
-        return counts
+                count, size = sizes.get(node, (0, 0))
+                sizes[node] = (count + 1, size + len(value))
+        return sizes
 
     # -- at a member's node
 

@@ -90,6 +90,10 @@ def test_entries_come_back_per_node_in_seq_order_with_their_records(store):
     assert seqs(store, "node-d") == [] and seqs(store, "node-b", after=256) == []
     assert msgpack.unpackb(store.outbox_entries("node-c")[0][1], raw=False) == outbox(("node-c", 1))[0][3]
     assert store.outbox_nodes() == {"node-b": 4, "node-c": 1, "node-bb": 1}
+    assert store.outbox_sizes() == {
+        "node-b": (4, sum(len(packed("node-b", s)) for s in (1, 2, 255, 256))),
+        "node-c": (1, len(packed("node-c", 1))), "node-bb": (1, len(packed("node-bb", 1))),
+    }
     assert (store.outbox_last("node-b"), store.outbox_last("node-c"), store.outbox_last("node-d")) == (256, 1, 0)
 
 
