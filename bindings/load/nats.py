@@ -364,7 +364,13 @@ class JetStreamDevice(NatsDevice):
         await self._publish(self._next_payload(intended_ns), intended_ns)
 
     async def _publish(self, payload: bytes, intended_ns: int) -> None:
-        future = await self.js.publish_async(self.subject, payload)
+        try:
+            future = await self.js.publish_async(self.subject, payload)
+        except Exception as exc:  # never sent (the connection closing): refused, or the tail waits for its answer
+            self.run.refused += 1
+            self.run.errors[type(exc).__name__] += 1
+            self.inflight -= 1
+            return
         future.add_done_callback(lambda done: self._on_puback(done, intended_ns))
 
     def _on_puback(self, future: asyncio.Future, intended_ns: int) -> None:

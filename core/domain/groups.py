@@ -296,10 +296,10 @@ class Groups:
         copies = len(items)
         if self.relay is not None:
             self.relay.check_outbox_room(g, record.members)
-            copies += self.relay.remote_members(g, record.members)
+            copies += self.relay.remote_members(g, record.members, sender)
         extra = (copies + COPIES_PER_LOAD - 1) // COPIES_PER_LOAD - 1
-        if extra > 0:
-            self.router.charge(session, now, extra, here=True)
+        if extra > 0:  # a sender of this node paid the message's own token (handle_msg); one of another, at its node
+            self.router.charge(session, now, extra, here=True, paid=0 if session.relayed else 1)
         message = self.router.enqueue(session, msg_id, items, targets, now)
         message.skip_full = True
         message.shared = True  # every copy is GroupDlv's: the store keeps the body once

@@ -48,6 +48,11 @@ class TokenBuckets:
         elapsed = now - bucket[1]
         return min(self.burst, bucket[0] + (elapsed * self.rate if elapsed > 0.0 else 0.0))
 
+    def wait(self, key, now: float, cost: float) -> float:
+        """The seconds until ``key`` holds ``cost`` tokens (0.0: now), spending nothing."""
+        missing = cost - self.tokens(key, now)
+        return missing / self.rate if missing > 0 else 0.0
+
     def _forget_full(self, now: float) -> None:
         full_after = self.burst / self.rate
         self._buckets = {k: v for k, v in self._buckets.items() if now - v[1] < full_after}

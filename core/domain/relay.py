@@ -849,10 +849,12 @@ class Relay:
             raise RouteError("members of this group live on a node that has been unreachable for long; try again "
                              "later", code="overloaded", retry_after=OUTBOX_FULL_RETRY_MS)
 
-    def remote_members(self, g: bytes, recipients) -> int:
-        """How many of group ``g``'s ``recipients`` live on other nodes (a copy there for each at
-        least: their devices are their nodes' to know)."""
-        return sum(len(part) for _, part in self._fan_out_parts(g, recipients))
+    def remote_members(self, g: bytes, recipients, sender: str) -> int:
+        """How many of group ``g``'s ``recipients`` but ``sender`` live on other nodes (a copy
+        there for each at least: their devices are their nodes' to know; the sender's other
+        devices, if it has any, are not counted)."""
+        remote = sum(len(part) for _, part in self._fan_out_parts(g, recipients))
+        return remote - 1 if self.home_of(sender) is not None else remote
 
     def _fan_out_parts(self, g: bytes, recipients) -> list[tuple[str, list]]:
         """``recipients`` of other nodes as (node, part) — a large group's members on one node in

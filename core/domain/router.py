@@ -157,21 +157,33 @@ class Router:
 
     # -- stanzas
 
-    def charge(self, session: Session, now: float, tokens: int = 1, *, here: bool = False) -> None:
-        """Spend ``tokens`` tokens of the session's and the user's bucket, or refuse (``rate_limited``;
-        the tokens spent before the refusal stay spent). A relayed session is charged on its own
-        node, where it lives — unless ``here``: a cost only this node can count (a group's copies
-        at its home), spent from this node's buckets for that device and user."""
+    def charge(self, session: Session, now: float, tokens: int = 1, *, here: bool = False, paid: int = 0) -> None:
+        """Spend ``tokens`` tokens of the session's and the user's bucket, or refuse (``rate_limited``
+        with ``retry_after``). One token: a device's token spent before its user's bucket refused
+        stays spent. Several (a large group's copies, after the ``paid`` tokens the same stanza
+        spent already): both buckets are asked first and a refusal spends none of them; its
+        ``retry_after`` is the wait for them and the ``paid`` ones (a resend spends those again),
+        and what a bucket's burst cannot hold beside the ``paid`` ones is not asked for (it could
+        never be allowed). A relayed session is charged on its own node, where it lives — unless
+        ``here``: a cost only this node can count (a group's copies at its home), spent from this
+        node's buckets for that device and user."""
         if session.relayed and not here:
             return
         device_buckets, user_buckets = self.device_buckets, self.user_buckets
         session_key = session.session_key
         user = session_key[0]
-        wait_s = 0.0
-        for _ in range(tokens):
+        if tokens == 1 and not paid:
             wait_s = device_buckets.take(session_key, now) or user_buckets.take(user, now)
-            if wait_s:
-                break
+        else:
+            device_cost = min(float(tokens), max(device_buckets.burst - paid, 0.0))
+            user_cost = min(float(tokens), max(user_buckets.burst - paid, 0.0))
+            if device_buckets.tokens(session_key, now) >= device_cost and user_buckets.tokens(user, now) >= user_cost:
+                device_buckets.take(session_key, now, device_cost)
+                user_buckets.take(user, now, user_cost)
+                wait_s = 0.0
+            else:
+                wait_s = max(device_buckets.wait(session_key, now, device_cost + paid),
+                             user_buckets.wait(user, now, user_cost + paid))
         if wait_s:
             retry_after = max(1, math.ceil(wait_s * 1000))
             raise RouteError(f"too many messages; try again in {retry_after} ms", code="rate_limited", retry_after=retry_after)

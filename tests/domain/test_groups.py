@@ -309,6 +309,36 @@ async def test_a_group_message_costs_one_rate_token_per_64_copies(world):
     assert w.store.pending_count(device_key("u000@alpha", 1)) == 1 + 9
 
 
+async def test_a_large_group_message_refused_for_its_copies_passes_once_its_retry_after_passed(world):
+    """The copies' tokens are taken at once: a refusal spends none of them, and its retry_after is
+    the wait for them and the message's own token (a resend spends that again first), so a client
+    that waits it out gets through — taking them one at a time, every try spent one and was
+    refused again. A cost the burst cannot hold spends the whole burst rather than never passing."""
+    clock = FakeClock(1000.0)
+    w = world(rate=50.0, clock=clock)
+    sender = w.connect("mallory@alpha")
+    users = [f"u{i:03d}@alpha" for i in range(640)]
+    for user in users:
+        w.connect(user, online=False)
+    g = await new_group(w, sender, users)
+    w.router.device_buckets = type(w.router.device_buckets)(12, 1.0)  # 12 tokens, one a second
+    assert type(w.msg(sender, g, b"first")) is bytes  # 1 + 9 tokens (640 copies): 2 left
+    refused = w.msg(sender, g, b"second")  # 1 spent, 1 left: 9 more are missing
+    assert refused["code"] == "rate_limited" and refused["retry_after"] == 9000  # 10 tokens, 1 there
+    clock.advance(9.0)
+    assert type(w.msg(sender, g, b"second")) is bytes
+    w.router.device_buckets = type(w.router.device_buckets)(6, 1.0)  # now under one message's 10 tokens
+    assert type(w.msg(sender, g, b"third")) is bytes  # the whole burst
+    assert w.msg(sender, g, b"fourth")["retry_after"] == 1000  # its own token is not there
+    clock.advance(1.0)
+    refused = w.msg(sender, g, b"fourth")
+    assert refused["code"] == "rate_limited" and refused["retry_after"] == 6000  # the burst, not 10 tokens
+    clock.advance(6.0)
+    assert type(w.msg(sender, g, b"fourth")) is bytes
+    await w.settle()
+    assert w.store.pending_count(device_key("u000@alpha", 1)) == 1 + 4
+
+
 async def test_a_group_body_over_16_kib_is_too_large(world):
     w = world()
     alice = w.connect("alice@alpha")

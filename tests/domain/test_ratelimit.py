@@ -14,6 +14,14 @@ def test_burst_then_refill_at_the_rate():
     assert buckets.take("b", 100.5) == 0.0  # keys are independent
 
 
+def test_wait_announces_the_seconds_until_a_cost_is_there_and_spends_nothing():
+    buckets = TokenBuckets(10, 2.0)
+    assert buckets.wait("a", 0.0, 10.0) == 0.0  # a key without a bucket holds its burst
+    assert buckets.take("a", 0.0, 7.0) == 0.0
+    assert buckets.wait("a", 0.0, 5.0) == pytest.approx(1.0) and buckets.tokens("a", 0.0) == pytest.approx(3.0)
+    assert buckets.wait("a", 1.0, 5.0) == 0.0
+
+
 def test_refill_stops_at_the_burst():
     buckets = TokenBuckets(2, 1.0)
     buckets.take("a", 0.0)

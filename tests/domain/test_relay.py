@@ -273,7 +273,7 @@ def test_a_member_refused_by_its_node_stops_the_group_change_before_anything_is_
 def test_a_group_messages_copies_on_other_nodes_cost_rate_tokens_at_its_home(nodes, monkeypatch):
     """One token per COPIES_PER_LOAD copies (4 here), counted at the group's home with each member of
     another node as one copy: alice's group of twelve node-b members costs 1 + 2 tokens a message,
-    so a burst of 6 takes two (each member of another node used to count nothing: six passed)."""
+    so a burst of 6 takes two (each member of another node used to count nothing: all three passed)."""
     import interlink.core.domain.groups as groups_module
 
     monkeypatch.setattr(groups_module, "COPIES_PER_LOAD", 4)
@@ -293,10 +293,11 @@ def test_a_group_messages_copies_on_other_nodes_cost_rate_tokens_at_its_home(nod
 
 
 def test_a_relayed_senders_group_copies_are_charged_at_the_groups_home(nodes, monkeypatch):
-    """Alice lives on node-a, her group on node-b: node-b counts the copies (twelve members of its
-    own and alice's node) and charges their extra tokens to its own buckets for her device — her
-    node spent the message's one token and cannot count them. Refused there, she gets node-b's
-    ``rate_limited`` (it used to charge nothing for a relayed sender)."""
+    """Alice lives on node-a, her group on node-b: node-b counts the copies (its twelve members';
+    alice, the sender, is not a copy) and charges their extra tokens to its own buckets for her
+    device, all at once — her node spent the message's one token and cannot count them. Refused
+    there, she gets node-b's ``rate_limited``, its ``retry_after`` the wait for both tokens (it used
+    to charge nothing for a relayed sender)."""
     import interlink.core.domain.groups as groups_module
     import interlink.core.domain.relay as relay_module
 
@@ -313,17 +314,18 @@ def test_a_relayed_senders_group_copies_are_charged_at_the_groups_home(nodes, mo
     b.commit()
     answer(a, b)
     assert alice.take()[0]["t"] == "res"
-    b.domain.router.set_message_rates(per_device=4.0, per_user=100.0)  # a burst of 8 per device at node-b
+    b.domain.router.set_message_rates(per_device=2.0, per_user=100.0)  # a burst of 4 per device at node-b
+    a.domain.router.set_message_rates(per_device=10.0, per_user=100.0)  # a burst of 20 at her node
     later = NOW + 60
-    for i in range(3):  # 12 copies at node-b + alice's at node-a: 3 extra tokens each, 8 in the burst
+    for i in range(3):  # 12 copies at node-b: 2 extra tokens each, 4 in the burst
         a.domain.dispatch(alice, group_msg(g, b"m%d" % i), later)
         carry(a, b)
         b.commit(later)
         answer(a, b, now=later)
     answers = alice.take()
     assert [x["t"] for x in answers] == ["ack", "ack", "err"] and answers[2]["code"] == "rate_limited"
-    assert answers[2]["retry_after"] > 0
-    assert a.domain.router.device_buckets.tokens(alice.session_key, later) > 1  # not charged at her node
+    assert answers[2]["retry_after"] == 1000  # two tokens at 2 a second
+    assert a.domain.router.device_buckets.tokens(alice.session_key, later) == 17  # one token a message at her node
 
 
 def test_a_group_request_goes_to_the_groups_home(nodes, monkeypatch):

@@ -199,6 +199,57 @@ async def test_a_member_node_that_was_down_gets_every_message_and_change_once_in
     await close_all(s1, m1, m2, w1, n1, x1)
 
 
+async def test_a_member_node_down_so_long_its_share_is_full_gets_the_group_refused_until_it_is_back(
+        cluster, monkeypatch):
+    """node-b is down and what waits for it fills its share of the home's store (set small here, as
+    days of traffic would fill it): the home refuses the group's messages and changes
+    ``overloaded`` instead of filling its disk — the sender keeps them for a resend. Once node-b is
+    back and took what waited, the group works again, and its member got every acked message once."""
+    from interlink.core.errors import ServerError
+
+    alphas = cluster.users("alpha", per_node=2)
+    sender = alphas[THIRD][0]
+    member = alphas[DOWN][0]
+    local, added = alphas[HOME]
+    g = group_homed_on(cluster, HOME, monkeypatch)
+    s1 = await cluster.connect(sender)
+    m1, w1 = await quiet(cluster, member), await quiet(cluster, local)
+    x1 = await quiet(cluster, added)
+    await x1.close()  # registered: may be added
+    assert (await s1.iq("group.new", members=[member, local]))["g"] == g
+    await created_everywhere(cluster, g, (m1, w1))
+    await close_all(m1)
+    await cluster.stop(DOWN)
+
+    group = Group(g)
+    for i in range(3):
+        await group.say(s1, b"kept %d" % i)
+    outbox = relay_of(cluster, HOME).outbox
+    outbox.max_node_bytes = outbox.streams[DOWN].backlog_bytes  # node-b's share is full now
+    refused_id = os.urandom(16)
+    with pytest.raises(ServerError) as refused:
+        await s1.send_group_message(g, b"refused", msg_id=refused_id)
+    assert refused.value.code == "overloaded" and refused.value.fields["retry_after"] == 5000
+    with pytest.raises(ServerError) as refused_change:
+        await s1.iq("group.add", g=g, members=[added])
+    assert refused_change.value.code == "overloaded"
+    assert relay_of(cluster, HOME).counters["outbox_full"] == 2 and backlog(cluster, DOWN) == 3
+
+    await cluster.start(DOWN, timeout_s=TIMEOUT_S)
+    await wait_until(lambda: backlog(cluster, DOWN) == 0, "node-b took what waited")
+    ack = await s1.send_group_message(g, b"refused", msg_id=refused_id)  # resent: nothing of it was stored
+    assert ack["t"] == "ack" and "dup" not in ack
+    group.acks[b"refused"] = ack
+    group._add(("msg", b"refused"), s1)
+    await group.say(s1, b"after")
+    m1 = await quiet(cluster, member)
+    group.check(await read(m1, len(group.sent)), group.items())
+    await nothing_arrives(m1, 0.3)
+    group.check(await read(w1, len(group.sent)), group.items())  # the home's member: the same, no more
+    await nothing_arrives(w1, 0.1)
+    await close_all(s1, m1, w1)
+
+
 async def test_the_outbox_outlives_a_restart_of_the_groups_home(cluster, monkeypatch):
     """node-b is down; a change and more messages than one window carries are acked; then the
     group's home (node-a) is stopped and started again on its data, and more is sent. When node-b
