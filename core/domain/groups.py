@@ -497,7 +497,9 @@ class Groups:
         recipients = list(record.members) if record is not None else []
         recipients += [user for user in removed if record is None or user not in record.member_set]
         relay = self.relay
-        if relay is not None:
+        if relay is not None and event not in ("removed", "left"):
+            # A member's leave and an admin's removal pass a full outbox stream (small, at most one
+            # per member): a node away for long must not keep anyone in a group.
             relay.check_outbox_room(g, recipients)
         if prior_ver:  # a change of an existing group: at most CHANGE_RATE a second per group
             wait_s = self.change_buckets.take(g, now)

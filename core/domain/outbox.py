@@ -71,7 +71,7 @@ class NodeStream:
         self.failed = False  # an entry of the window in flight was not stored
         self.retry_at = 0.0  # no window before this time
         self.backlog = backlog  # entries committed and not yet confirmed (memory and store)
-        self.backlog_bytes = backlog_bytes  # ... their packed size
+        self.backlog_bytes = backlog_bytes  # ... what they take of the store at most (Store.outbox_footprint)
         self.sent = 0  # the last seq sent at least once
         # (incarnation, seq) of the last entry the node confirmed stored (this run): what the next
         # window's first entry names as the one before it (None: nothing to wait for)
@@ -106,7 +106,8 @@ class Outbox:
         return sum(stream.backlog for stream in self.streams.values())
 
     def full(self, node: str) -> bool:
-        """Whether ``node``'s entries waiting fill its share of the store (``max_node_bytes``)."""
+        """Whether ``node``'s entries waiting fill its share of the store (``max_node_bytes``, by
+        what they take of it at most: ``Store.outbox_footprint``)."""
         stream = self.streams.get(node)
         return stream is not None and stream.backlog_bytes >= self.max_node_bytes
 
@@ -127,7 +128,7 @@ class Outbox:
         """Entry ``seq`` for ``node`` is durable: it joins the stream."""
         stream = self.streams[node]
         stream.backlog += 1
-        stream.backlog_bytes += size
+        stream.backlog_bytes += self.store.outbox_footprint(node, size)
         if seq <= stream.loaded:
             return  # read from the store already (its commit ended while the stream was refilled)
         if stream.on_disk or len(stream.queue) >= MEMORY_ENTRIES or stream.queue_bytes + size > MEMORY_BYTES:
@@ -195,7 +196,7 @@ class Outbox:
                     del queue[index]
                     stream.queue_bytes -= queued[2]
                     stream.backlog -= 1
-                    stream.backlog_bytes -= queued[2]
+                    stream.backlog_bytes -= self.store.outbox_footprint(node, queued[2])
                     if index == 0:
                         self.acked[node] = seq  # nothing before it waits: its record can go
                     break
@@ -205,7 +206,7 @@ class Outbox:
             stream.queue_bytes -= size
             stream.last_stored = (record[4]["n"], done)
             stream.backlog -= 1
-            stream.backlog_bytes -= size
+            stream.backlog_bytes -= self.store.outbox_footprint(node, size)
             self.counters["outbox_stored"] += 1
             self.acked[node] = done
         if stream.in_flight == 0:

@@ -178,7 +178,11 @@ class FanoutStore(Protocol):
         """Every node with outbox entries waiting, and how many."""
 
     def outbox_sizes(self) -> dict[str, tuple[int, int]]:
-        """Every node with outbox entries waiting: how many, and their packed bytes."""
+        """Every node with outbox entries waiting: how many, and what they take of the store at
+        most (``outbox_footprint``)."""
+
+    def outbox_footprint(self, node: str, size: int) -> int:
+        """What an outbox entry of ``size`` packed bytes for ``node`` takes of the store at most."""
 
 
 class BlobStore(Protocol):

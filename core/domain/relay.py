@@ -90,6 +90,7 @@ MAX_HELD_PER_GROUP = 256  # stanzas for one group waiting behind its change's me
 MAX_HELD_PER_DEVICE = 64  # ... of one device, whatever the groups
 MAX_HELD = 8192  # ... in all
 OUTBOX_FULL_RETRY_MS = 5000  # retry_after of a group stanza refused while a member node's outbox stream is full
+OUTBOX_FULL_CLEARED = 0.9  # a full stream is logged again once it went under this part of its share
 HELD_KINDS = frozenset({"msg", "state", "iq"})  # the kinds that name a group ("g")
 HOMES_KEPT = 65_536  # user addresses whose home node is remembered
 IDENTITIES_KEPT = 65_536  # senders of relayed stanzas whose identity is remembered
@@ -837,7 +838,11 @@ class Relay:
         outbox = self.outbox
         for node, _ in self._fan_out_parts(g, recipients):
             if not outbox.full(node):
-                self._outbox_full_logged.discard(node)
+                if (node in self._outbox_full_logged
+                        and outbox.streams[node].backlog_bytes < OUTBOX_FULL_CLEARED * outbox.max_node_bytes):
+                    self._outbox_full_logged.discard(node)
+                    log.warning("cluster: node %s takes its group fan-out entries again: its groups are served",
+                                node)
                 continue
             self.counters["outbox_full"] += 1
             if node not in self._outbox_full_logged:

@@ -338,13 +338,14 @@ def test_a_new_outbox_sends_the_waiting_entries_first_and_numbers_on(store, outb
 
 
 def test_a_streams_waiting_bytes_are_counted_and_past_its_share_of_the_store_it_is_full(store, outbox):
-    """Each stream counts the packed bytes of its entries committed and not confirmed (a final
-    refusal ends one too); it is ``full`` from half the map shared by the other nodes on, until
-    it drains. A new outbox reads the bytes waiting on disk."""
+    """Each stream counts what its entries committed and not confirmed take of the store at most
+    (``outbox_footprint``; a final refusal ends one too); it is ``full`` from half the map shared by
+    the other nodes on, until it drains. A new outbox reads what waits on disk."""
     assert outbox.max_node_bytes == int(store.usage()["map_size_bytes"] * outbox_module.OUTBOX_SHARE) // 2
     written = write(store, outbox, "node-b", range(3))
     report(outbox, written)
-    sizes = [len(packed) for _, _, packed, _ in written]
+    sizes = [store.outbox_footprint("node-b", len(packed)) for _, _, packed, _ in written]
+    assert sizes[0] >= 2 * len(written[0][2])  # what the entry takes of the map at most, not its packed bytes
     assert outbox.streams["node-b"].backlog_bytes == sum(sizes) and outbox.streams["node-c"].backlog_bytes == 0
     outbox.max_node_bytes = sum(sizes)
     assert outbox.full("node-b") and not outbox.full("node-c") and not outbox.full("node-z")

@@ -408,7 +408,7 @@ def test_a_device_may_have_only_so_many_stanzas_waiting_for_other_nodes(nodes, m
 def test_a_local_stanza_waits_behind_the_devices_stanza_waiting_for_another_node(nodes):
     """Even without own copies: the recipient's devices get a device's stanzas in the order sent."""
     a, b = nodes
-    alice1, alice2 = a.open(A1, 1), a.open(A1, 2)
+    alice1, _ = a.open(A1, 1), a.open(A1, 2)
     local = a.open(A2)
     b.open(B1)
     first = msg(B1, own={2: b"own"})
@@ -483,7 +483,7 @@ def test_a_closing_link_answers_everything_still_waiting_unconfirmed(nodes):
     """What waits for another node, and the local stanzas behind it, are all answered: the
     relayed ones overloaded (unconfirmed), the local ones stored."""
     a, b = nodes
-    alice1, alice2 = a.open(A1, 1), a.open(A1, 2)
+    alice1, _ = a.open(A1, 1), a.open(A1, 2)
     a.open(A2)
     relayed, local = msg(B1, own={2: b"own"}), msg(A2, own={2: b"own 2"})
     a.domain.dispatch(alice1, relayed, NOW)
@@ -739,12 +739,13 @@ def test_a_fan_out_node_b_never_got_is_sent_again_in_order_until_stored(nodes, m
 def test_a_member_nodes_full_outbox_stream_refuses_the_groups_messages_and_changes_until_it_drains(
         nodes, monkeypatch, caplog):
     """Node-b does not take its entries (down for long): once they fill its share of node-a's
-    store, node-a refuses the group's messages and changes ``overloaded`` before anything is
+    store, node-a refuses the group's messages and additions ``overloaded`` before anything is
     batched — never an ack it could not keep — logs it once, and serves them again once node-b
-    stored what waited."""
+    stored what waited. A removal passes a full stream: nobody is kept in a group by a node away."""
     a, b = nodes
     bob = b.open(B1)
     g, alice = group_with(a, b, monkeypatch, B1)
+    a.open(A2)  # may be added
     bob.take()
     a.domain.dispatch(alice, group_msg(g, b"kept"), NOW)
     a.commit()
@@ -753,7 +754,7 @@ def test_a_member_nodes_full_outbox_stream_refuses_the_groups_messages_and_chang
     a.relay.outbox.max_node_bytes = stream.backlog_bytes  # what waits fills node-b's share now
     for _ in range(2):
         a.domain.dispatch(alice, group_msg(g, b"refused"), NOW)
-    a.domain.dispatch(alice, {"t": "iq", "id": 7, "op": "group.del", "g": g, "members": [B1]}, NOW)
+    a.domain.dispatch(alice, {"t": "iq", "id": 7, "op": "group.add", "g": g, "members": [A2]}, NOW)
     refusals = alice.take()
     assert [(x["t"], x["code"], x["retry_after"]) for x in refusals] == [("err", "overloaded", 5000)] * 3
     assert not a.domain.router.has_batch and a.relay.counters["outbox_full"] == 3
@@ -766,6 +767,18 @@ def test_a_member_nodes_full_outbox_stream_refuses_the_groups_messages_and_chang
     a.domain.dispatch(alice, group_msg(g, b"again"), NOW)
     a.commit()
     assert alice.take()[0]["t"] == "ack"
+    assert any("takes its group fan-out entries again" in r.getMessage() for r in caplog.records)
+
+    a.relay.outbox.max_node_bytes = stream.backlog_bytes  # full again
+    a.domain.dispatch(alice, {"t": "iq", "id": 8, "op": "group.del", "g": g, "members": [B1]}, NOW)
+    a.commit()
+    assert alice.take() == [{"t": "res", "id": 8, "ver": 2}]
+    for expected in (b"again", "event"):  # one window each: the event's waited for the first's answer
+        assert [r[5].get("b", r[5]["k"]) for r in carry(a, b)] == [expected]
+        b.commit()
+        answer(a, b)
+    assert [d.get("c", d.get("event")) for d in bob.take()] == [b"again", "removed"]
+    assert stream.backlog_bytes == 0
 
 
 def test_an_entry_stored_whose_answer_was_lost_is_recognised_when_it_comes_again(nodes, monkeypatch):

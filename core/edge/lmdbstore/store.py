@@ -110,6 +110,7 @@ class LmdbStore:
         self.outbox_last = fanout.outbox_last
         self.outbox_nodes = fanout.outbox_nodes
         self.outbox_sizes = fanout.outbox_sizes
+        self.outbox_footprint = fanout.outbox_footprint
         self.fanin_mark = fanout.fanin_mark
         self.node_list = NodeList(self.env)  # the cluster node list the data was last served under
 

@@ -90,9 +90,11 @@ def test_entries_come_back_per_node_in_seq_order_with_their_records(store):
     assert seqs(store, "node-d") == [] and seqs(store, "node-b", after=256) == []
     assert msgpack.unpackb(store.outbox_entries("node-c")[0][1], raw=False) == outbox(("node-c", 1))[0][3]
     assert store.outbox_nodes() == {"node-b": 4, "node-c": 1, "node-bb": 1}
+    footprint = store.outbox_footprint
     assert store.outbox_sizes() == {
-        "node-b": (4, sum(len(packed("node-b", s)) for s in (1, 2, 255, 256))),
-        "node-c": (1, len(packed("node-c", 1))), "node-bb": (1, len(packed("node-bb", 1))),
+        "node-b": (4, sum(footprint("node-b", len(packed("node-b", s))) for s in (1, 2, 255, 256))),
+        "node-c": (1, footprint("node-c", len(packed("node-c", 1)))),
+        "node-bb": (1, footprint("node-bb", len(packed("node-bb", 1)))),
     }
     assert (store.outbox_last("node-b"), store.outbox_last("node-c"), store.outbox_last("node-d")) == (256, 1, 0)
 
@@ -288,5 +290,29 @@ def test_a_full_map_writes_neither_outbox_entries_nor_marks(tmp_path):
         assert store.pending_count(BOB) == 0
         retried = commit_message(store, out=outbox(("node-b", 5)), fanin=("node-a", HOME_INC, 1))
         assert not retried.dup and seqs(store, "node-b") == [1, 2, 5] and store.fanin_mark("node-a", HOME_INC) == 1
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("body_bytes", [1, 64, 300, 700, 1000, 1300, 1400, 1900, 2000, 2100, 4100, 16384])
+def test_an_entrys_footprint_bounds_what_the_outbox_takes_of_the_map(tmp_path, body_bytes):
+    """The outbox's share of the map is counted by ``outbox_footprint``: for entries of every size
+    (leaf values, values just under and over the overflow bound, several pages) it must be at
+    least what LMDB's pages for them take (packed bytes alone undercount up to 2x: a review)."""
+    store = lmdb_store(tmp_path / "lmdb", sync=False, map_size_bytes=1 << 26)
+    try:
+        counted = 0
+        for first in range(1, 401, 50):
+            batch = WriteBatch()
+            entry = batch.add_control(1000, [])
+            entry.outbox = [("node-b", seq, b"x" * body_bytes, None) for seq in range(first, first + 50)]
+            store.commit(batch)
+            counted += 50 * store.outbox_footprint("node-b", body_bytes)
+        env = store.env
+        with env.begin() as txn:
+            stat = txn.stat(store.fanout.outbox_db)
+        used = (stat["branch_pages"] + stat["leaf_pages"] + stat["overflow_pages"]) * env.stat()["psize"]
+        assert stat["entries"] == 400 and used <= counted
+        assert store.outbox_sizes() == {"node-b": (400, counted)}
     finally:
         store.close()
