@@ -152,7 +152,8 @@ class Gateway:
                 self._admin = None
                 await self.stop()
                 raise
-        self._failure, self._failed = None, asyncio.Event()
+        self._failure = None
+        self._failed.clear()  # the same event: a wait_failed() begun before a restart hears this run's
         self._failure_watch = asyncio.get_running_loop().create_task(self._drain_when_failed(self._server))
         log.info("gateway %s listening on %s%s", config.node_name, self.address,
                  f" and {self.ws_url}" if config.ws_port >= 0 else "")

@@ -180,3 +180,33 @@ async def test_a_gateway_that_must_stop_drains_and_serve_exits_1_with_its_reason
     with pytest.raises(InterlinkError, match="stopped: another process serves this node"):
         await asyncio.wait_for(serving, 10)
     assert not made[0].running  # drained and released
+
+
+async def test_a_wait_for_a_failure_begun_before_a_restart_hears_the_restarted_gateway(tmp_path):
+    """``Gateway.wait_failed`` begun before a stop and start of the same object is answered by the
+    new run's failure (it waited on the first run's event for ever), and a failure of an earlier
+    run is not reported for the next one."""
+    from interlink.config import GatewayConfig
+    from interlink.gateway import Gateway
+
+    gateway = Gateway(GatewayConfig(data_dir=tmp_path, port=0))
+    await gateway.start()
+    waiting = asyncio.ensure_future(gateway.wait_failed())
+    await gateway.stop()
+    await gateway.start()
+    try:
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert not waiting.done()  # a stop asked for is no failure
+        gateway._server.stand_down("another process serves this node")
+        assert await asyncio.wait_for(waiting, 10) == "another process serves this node"
+        assert not gateway.running and gateway.failure == "another process serves this node"
+        await gateway.start()
+        assert gateway.failure is None
+        again = asyncio.ensure_future(gateway.wait_failed())
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert not again.done()
+        again.cancel()
+    finally:
+        await gateway.stop()
