@@ -147,6 +147,27 @@ async def created_everywhere(cluster: Cluster, g: bytes, clients) -> None:
         await wait_until(lambda: pending(cluster, client.user, client.device) == 0, "the created event received")
 
 
+async def group_with_a_member_node_down(cluster: Cluster, monkeypatch) -> tuple:
+    """A group homed on ``HOME``, made by a sender of ``THIRD`` with a member of ``DOWN`` and one of
+    ``HOME`` (another ``HOME`` user registered, to be added), the created event read by both member
+    devices; then ``DOWN`` stopped. Returns (g, the sender's client, member, local, added, the local
+    member's client, still connected)."""
+    alphas = cluster.users("alpha", per_node=2)
+    sender = alphas[THIRD][0]
+    member = alphas[DOWN][0]
+    local, added = alphas[HOME]
+    g = group_homed_on(cluster, HOME, monkeypatch)
+    s1 = await cluster.connect(sender)
+    m1, w1 = await quiet(cluster, member), await quiet(cluster, local)
+    x1 = await quiet(cluster, added)
+    await x1.close()  # registered: may be added
+    assert (await s1.iq("group.new", members=[member, local]))["g"] == g
+    await created_everywhere(cluster, g, (m1, w1))
+    await close_all(m1)
+    await cluster.stop(DOWN)
+    return g, s1, member, local, added, w1
+
+
 async def test_a_member_node_that_was_down_gets_every_message_and_change_once_in_order(cluster, monkeypatch):
     """node-b is stopped while a member on node-c and one on node-a (the home) send group messages in
     turn, a member is added and one removed: all acked at once. When node-b is back its member's
@@ -207,19 +228,7 @@ async def test_a_member_node_down_so_long_its_share_is_full_gets_the_group_refus
     back and took what waited, the group works again, and its member got every acked message once."""
     from interlink.core.errors import ServerError
 
-    alphas = cluster.users("alpha", per_node=2)
-    sender = alphas[THIRD][0]
-    member = alphas[DOWN][0]
-    local, added = alphas[HOME]
-    g = group_homed_on(cluster, HOME, monkeypatch)
-    s1 = await cluster.connect(sender)
-    m1, w1 = await quiet(cluster, member), await quiet(cluster, local)
-    x1 = await quiet(cluster, added)
-    await x1.close()  # registered: may be added
-    assert (await s1.iq("group.new", members=[member, local]))["g"] == g
-    await created_everywhere(cluster, g, (m1, w1))
-    await close_all(m1)
-    await cluster.stop(DOWN)
+    g, s1, member, local, added, w1 = await group_with_a_member_node_down(cluster, monkeypatch)
 
     group = Group(g)
     for i in range(3):
@@ -255,19 +264,8 @@ async def test_the_outbox_outlives_a_restart_of_the_groups_home(cluster, monkeyp
     group's home (node-a) is stopped and started again on its data, and more is sent. When node-b
     is back its member gets all of it, once, in order: the entries from before the home's restart
     (read back from its store, sent in several windows) first, then those numbered on after them."""
-    alphas = cluster.users("alpha", per_node=2)
-    sender = alphas[THIRD][0]
-    member = alphas[DOWN][0]
-    local, added = alphas[HOME]
-    g = group_homed_on(cluster, HOME, monkeypatch)
-    s1 = await cluster.connect(sender)
-    m1, w1 = await quiet(cluster, member), await quiet(cluster, local)
-    x1 = await quiet(cluster, added)
-    await x1.close()  # registered: may be added
-    assert (await s1.iq("group.new", members=[member, local]))["g"] == g
-    await created_everywhere(cluster, g, (m1, w1))
-    await close_all(m1, w1)
-    await cluster.stop(DOWN)
+    g, s1, member, local, added, w1 = await group_with_a_member_node_down(cluster, monkeypatch)
+    await w1.close()
 
     group = Group(g)
     await group.change(s1, "group.add", 2, "added", members=[added])
