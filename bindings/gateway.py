@@ -63,6 +63,7 @@ class Gateway:
         self._drain_lock = asyncio.Lock()  # the gateway's own drain (a twin) and its owner's in turn
         self._failure: str | None = None  # why it stopped by itself (GatewayServer.stand_down)
         self._failed = asyncio.Event()
+        self._failed_loop: asyncio.AbstractEventLoop | None = None  # the loop _failed was made for
         self._failure_watch: asyncio.Task | None = None
 
     # -- lifecycle
@@ -153,7 +154,12 @@ class Gateway:
                 await self.stop()
                 raise
         self._failure = None
-        self._failed.clear()  # the same event: a wait_failed() begun before a restart hears this run's
+        loop = asyncio.get_running_loop()
+        if self._failed_loop is None or self._failed_loop is loop:
+            self._failed.clear()  # the same event: a wait_failed() begun before a restart hears this run's
+        else:  # an event waits on one loop only: an embedding program may run the gateway on another
+            self._failed = asyncio.Event()
+        self._failed_loop = loop
         self._failure_watch = asyncio.get_running_loop().create_task(self._drain_when_failed(self._server))
         log.info("gateway %s listening on %s%s", config.node_name, self.address,
                  f" and {self.ws_url}" if config.ws_port >= 0 else "")

@@ -40,6 +40,10 @@ FINAL_REFUSALS = frozenset({"provider_suspended"})  # sending again cannot chang
 # Of the store's map (lmdb_map_size_bytes), what the outbox may fill, shared equally by the other
 # nodes: a node unreachable for long must not fill the disk its home's own users' mailboxes need.
 OUTBOX_SHARE = 0.5
+# Entries of several nodes share pages, where a split can leave mostly empty ones behind (a review
+# measured twice the footprints): a stream past this part of its share is full too while the
+# outbox's pages take its part of the map.
+OUTBOX_TABLE_LOOK = 0.25
 OK, RETRY, FINAL = 0, 1, 2  # what an answer means for its entry
 
 
@@ -91,7 +95,8 @@ class Outbox:
             for other in nodes if other != node
         }
         # A stream past this is full (``full``): what would add to it is refused until it drains.
-        self.max_node_bytes = int(store.usage()["map_size_bytes"] * OUTBOX_SHARE) // max(1, len(self.streams))
+        self.max_bytes = int(store.usage()["map_size_bytes"] * OUTBOX_SHARE)
+        self.max_node_bytes = self.max_bytes // max(1, len(self.streams))
         for other, (count, _) in waiting.items():
             if other not in self.streams:
                 log.warning("cluster: %d group fan-out entries wait for node %s, which is not in the node list; "
@@ -109,7 +114,12 @@ class Outbox:
         """Whether ``node``'s entries waiting fill its share of the store (``max_node_bytes``, by
         what they take of it at most: ``Store.outbox_footprint``)."""
         stream = self.streams.get(node)
-        return stream is not None and stream.backlog_bytes >= self.max_node_bytes
+        if stream is None:
+            return False
+        if stream.backlog_bytes >= self.max_node_bytes:
+            return True
+        return (stream.backlog_bytes >= OUTBOX_TABLE_LOOK * self.max_node_bytes
+                and self.store.outbox_table_bytes() >= self.max_bytes)  # looked at only for a stream that far behind
 
     @property
     def has_work(self) -> bool:

@@ -182,7 +182,11 @@ class FanoutStore(Protocol):
         most (``outbox_footprint``)."""
 
     def outbox_footprint(self, node: str, size: int) -> int:
-        """What an outbox entry of ``size`` packed bytes for ``node`` takes of the store at most."""
+        """What an outbox entry of ``size`` packed bytes for ``node`` takes of the store, at most
+        while one node's entries are appended alone."""
+
+    def outbox_table_bytes(self) -> int:
+        """What the outbox takes of the store now, every node's entries together."""
 
 
 class BlobStore(Protocol):

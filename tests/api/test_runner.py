@@ -210,3 +210,25 @@ async def test_a_wait_for_a_failure_begun_before_a_restart_hears_the_restarted_g
         again.cancel()
     finally:
         await gateway.stop()
+
+
+def test_a_gateway_run_again_under_another_event_loop_can_be_waited_on(tmp_path):
+    """An embedding program may run the same ``Gateway`` object under ``asyncio.run`` twice:
+    ``wait_failed`` works under the second loop too (an event waits on one loop only)."""
+    from interlink.config import GatewayConfig
+    from interlink.gateway import Gateway
+
+    gateway = Gateway(GatewayConfig(data_dir=tmp_path, port=0))
+
+    async def run(reason: str) -> str:
+        await gateway.start()
+        waiting = asyncio.ensure_future(gateway.wait_failed())
+        await asyncio.sleep(0)
+        gateway._server.stand_down(reason)
+        try:
+            return await asyncio.wait_for(waiting, 10)
+        finally:
+            await gateway.stop()
+
+    assert asyncio.run(run("first")) == "first"
+    assert asyncio.run(run("second")) == "second"

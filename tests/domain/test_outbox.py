@@ -4,6 +4,7 @@ unconfirmed entry, final refusals, the counters, the memory bound (refilled from
 commit report racing the refill), the streams after a restart, ``take_acked`` and ``outcome``."""
 
 import logging
+import os
 
 import msgpack
 import pytest
@@ -357,6 +358,36 @@ def test_a_streams_waiting_bytes_are_counted_and_past_its_share_of_the_store_it_
     assert outbox.streams["node-b"].backlog_bytes == sizes[2] and not outbox.full("node-b")
     outbox.answered(node, window[2][0], OK, NOW)
     assert (outbox.streams["node-b"].backlog, outbox.streams["node-b"].backlog_bytes) == (0, 0)
+
+
+def test_a_stream_behind_is_full_once_the_outbox_pages_reach_its_part_of_the_map(tmp_path):
+    """Entries of several nodes share pages: node-c's three 1000-byte entries wait, node-b piles up
+    150-byte ones, and page splits leave mostly empty pages behind — the table reached twice the
+    footprints before node-b's stream counted as full (a review's case). Past a quarter of its
+    share, a stream is full too once the table's pages take the outbox's half of the map."""
+    store = lmdb_store(tmp_path / "lmdb", sync=False, map_size_bytes=1 << 24)
+    try:
+        outbox = Outbox(store, "node-a", NODES)
+
+        def put(node: str, size: int, count: int) -> None:
+            batch = WriteBatch()
+            entry = batch.add_control(1000, [])
+            seqs = [outbox.entry(node, record(0))[0] for _ in range(count)]
+            entry.outbox = [(node, seq, os.urandom(size), None) for seq in seqs]
+            store.commit(batch)
+            outbox.streams[node].on_disk = True  # read from the store when due: not kept in memory here
+            for seq in seqs:
+                outbox.committed(node, seq, None, size)
+
+        put("node-c", 1000, 3)
+        while not outbox.full("node-b"):
+            put("node-b", 150, 8)
+        table = store.outbox_table_bytes()
+        assert outbox.streams["node-b"].backlog_bytes < outbox.max_node_bytes  # the footprints alone: not full
+        assert outbox.max_bytes <= table <= outbox.max_bytes + 64 * 1024  # the table stopped at the outbox's part
+        assert not outbox.full("node-c")  # its three entries are far from a quarter of its share
+    finally:
+        store.close()
 
 
 def test_take_acked_hands_out_the_last_confirmed_entry_per_node_once(outbox):

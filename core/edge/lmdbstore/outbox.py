@@ -116,6 +116,12 @@ class FanoutRecords:
             return pages * self.page_bytes + 2 * self._node_share(key_node)
         return self._node_share(LEAF_NODE_BYTES + len(node) + 9 + size) + self._node_share(key_node)
 
+    def outbox_table_bytes(self) -> int:
+        """What the outbox table takes of the map now: its pages, every node's entries together."""
+        with self.env.begin() as txn:
+            stat = txn.stat(self.outbox_db)
+        return (stat["branch_pages"] + stat["leaf_pages"] + stat["overflow_pages"]) * self.page_bytes
+
     def _node_share(self, node_bytes: int) -> int:
         """The page bytes a node of ``node_bytes`` takes at most: a full page splits in the middle
         (``mdb_page_split``) and, the keys growing, the left half stays as it is."""

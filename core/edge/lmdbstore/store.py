@@ -111,6 +111,7 @@ class LmdbStore:
         self.outbox_nodes = fanout.outbox_nodes
         self.outbox_sizes = fanout.outbox_sizes
         self.outbox_footprint = fanout.outbox_footprint
+        self.outbox_table_bytes = fanout.outbox_table_bytes
         self.fanin_mark = fanout.fanin_mark
         self.node_list = NodeList(self.env)  # the cluster node list the data was last served under
 
