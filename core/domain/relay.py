@@ -740,6 +740,11 @@ class Relay:
             # refused here (not_found, not_admin) without asking members' nodes about anyone.
             record = self.groups.addable_record(session, stanza)
             members = [member for member in members if member not in record.member_set]
+            everyone = list(record.members) + members
+        else:
+            everyone = [session.identity.user, *members]
+        # ... and a change its commit would refuse for a full outbox stream (``_change``) costs no check
+        self.check_outbox_room(stanza["g"], everyone)
         remote = self._by_node(members)
         checker = _Checked(self, session, stanza, frozenset(m for members in remote.values() for m in members))
         if remote:

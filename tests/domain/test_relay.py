@@ -755,9 +755,12 @@ def test_a_member_nodes_full_outbox_stream_refuses_the_groups_messages_and_chang
     for _ in range(2):
         a.domain.dispatch(alice, group_msg(g, b"refused"), NOW)
     a.domain.dispatch(alice, {"t": "iq", "id": 7, "op": "group.add", "g": g, "members": [A2]}, NOW)
+    a.domain.dispatch(alice, {"t": "iq", "id": 9, "op": "group.add", "g": g, "members": [B2]}, NOW)
     refusals = alice.take()
-    assert [(x["t"], x["code"], x["retry_after"]) for x in refusals] == [("err", "overloaded", 5000)] * 3
-    assert not a.domain.router.has_batch and a.relay.counters["outbox_full"] == 3
+    assert [(x["t"], x["code"], x["retry_after"]) for x in refusals] == [("err", "overloaded", 5000)] * 4
+    assert not a.domain.router.has_batch and a.relay.counters["outbox_full"] == 4
+    # The addition of node-b's user was refused before node-b was asked to check him: no round trip, nothing held.
+    assert not [r for r in a.relay.outgoing.get("node-b", []) if r[5].get("k") == "check"] and g not in a.relay.held
     [logged] = [r.getMessage() for r in caplog.records if "its share" in r.getMessage()]  # once, not per refusal
     assert "node-b" in logged
     assert [r[5]["b"] for r in carry(a, b)] == [b"kept"]
