@@ -64,3 +64,15 @@ def test_a_table_full_of_active_keys_keeps_the_newer_half_instead_of_scanning_ea
     for i in range(498):  # the next 498 new keys fit without another scan
         buckets.take(f"n{i}", 0.002)
     assert len(buckets._buckets) == 999
+
+
+def test_a_take_exactly_when_the_wait_said_is_allowed_despite_the_clocks_float_rounding():
+    """Seconds since 1970 keep ~0.2 µs of precision: ``(t + w) - t`` may come out under ``w``, and a
+    client resending exactly after the announced wait was refused again for a sliver of a token."""
+    start = next(t for t in (1.8e9 + i * 0.013 for i in range(1000)) if (t + 0.1) - t < 0.1)
+    buckets = TokenBuckets(1, 10.0)  # a token every 0.1 s
+    assert buckets.take("a", start) == 0.0
+    wait_s = buckets.take("a", start)
+    assert wait_s == pytest.approx(0.1)
+    assert buckets.take("a", start + wait_s) == 0.0
+    assert buckets.take("a", start + wait_s) > 0  # and only the one token
