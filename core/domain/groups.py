@@ -494,13 +494,6 @@ class Groups:
         device of every member and of ``removed``, but the acting device."""
         identity = session.identity
         actor, actor_device = identity.user, identity.device
-        recipients = list(record.members) if record is not None else []
-        recipients += [user for user in removed if record is None or user not in record.member_set]
-        relay = self.relay
-        if relay is not None and event not in ("removed", "left"):
-            # A member's leave and an admin's removal pass a full outbox stream (small, at most one
-            # per member): a node away for long must not keep anyone in a group.
-            relay.check_outbox_room(g, recipients)
         if prior_ver:  # a change of an existing group: at most CHANGE_RATE a second per group
             wait_s = self.change_buckets.take(g, now)
             if wait_s:
@@ -519,6 +512,9 @@ class Groups:
             fields["promoted"] = list(promoted)
         if event == "created" and record.meta is not None:
             fields["meta"] = record.meta
+        recipients = list(record.members) if record is not None else []
+        recipients += [user for user in removed if record is None or user not in record.member_set]
+        relay = self.relay
         items, targets = self.event_copies(recipients, actor, actor_device, event_builder(fields), self._devices_of())
         reply = {"t": "res", "id": iq_id, "ver": ver}
         if result:

@@ -733,7 +733,10 @@ class Relay:
 
     def _precheck(self, session, stanza: dict, now: float) -> None:
         """``group.new``/``group.add`` at the group's home: the members who live on other nodes are
-        checked there (consent, existence) before the request is served here (``_Checked``)."""
+        checked there (consent, existence) before the request is served here (``_Checked``).
+        Every such request at a cluster's group home comes through here (a resend for a group
+        made already excepted), so its outbox room is checked here only; a removal or a leave
+        never is (a node away for long must not keep anyone in a group)."""
         members = stanza["members"]
         if stanza["op"] == "group.add":
             # What needs no other node first: a made-up group or a request of a non-admin is
@@ -743,8 +746,7 @@ class Relay:
             everyone = list(record.members) + members
         else:
             everyone = [session.identity.user, *members]
-        # ... and a change its commit would refuse for a full outbox stream (``_change``) costs no check
-        self.check_outbox_room(stanza["g"], everyone)
+        self.check_outbox_room(stanza["g"], everyone)  # before any member's node is asked
         remote = self._by_node(members)
         checker = _Checked(self, session, stanza, frozenset(m for members in remote.values() for m in members))
         if remote:
