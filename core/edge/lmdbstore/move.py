@@ -106,21 +106,30 @@ class _Tables:
 HOMES_REMEMBERED = 65_536  # owners whose home a scan remembers
 
 
+def _home_finder(membership: Membership):
+    """``home(owner)`` under ``membership``, remembered for at most ``HOMES_REMEMBERED`` owners at
+    once (a store of millions of users: a bounded memo, not a copy of them)."""
+    homes: dict = {}
+
+    def home(who):
+        found = homes.get(who)
+        if found is None:
+            if len(homes) >= HOMES_REMEMBERED:
+                homes.clear()
+            found = homes[who] = membership.home(who)
+        return found
+
+    return home
+
+
 def _homed_elsewhere(txn, tables: _Tables, membership: Membership, node: str, names=MOVED_TABLES):
     """Every (table, key, value, owner, home) in ``txn`` whose owner's home under ``membership``
     is not ``node``, table by table (of ``names``) in key order."""
-    homes: dict = {}
+    home_of = _home_finder(membership)
     for table in names:
         for key, value in txn.cursor(db=tables.dbs[table]).iternext():
             who = owner(table, key)
-            if who is None:
-                continue
-            home = homes.get(who)
-            if home is None:
-                if len(homes) >= HOMES_REMEMBERED:  # millions of users: a bounded memo, not a copy of them
-                    homes.clear()
-                home = homes[who] = membership.home(who)
-            if home != node:
+            if who is not None and (home := home_of(who)) != node:
                 yield table, bytes(key), bytes(value), who, home
 
 
@@ -314,19 +323,15 @@ def prune(store, node_list: NodeList, membership: Membership, node: str, blob_fi
     deleted: dict[str, int] = {}
     released: dict[bytes, int] = {}
     moved_blobs: list[bytes] = []
+    home_of = _home_finder(membership)
     try:
         with tables.env.begin(write=True) as txn:
             for table in MOVED_TABLES:
                 cursor = txn.cursor(db=tables.dbs[table])
                 cursor.first()
-                # Most tables' keys start with their owner, so one owner's records come in a run;
-                # where they do not (keys ending with it), the home is worked out more often.
-                last_owner, last_home = None, None
                 while key := cursor.key():  # b"" once the cursor passed the last record
                     who = owner(table, key)
-                    if who is not None and who != last_owner:
-                        last_owner, last_home = who, membership.home(who)
-                    if who is None or last_home == node:
+                    if who is None or home_of(who) == node:
                         cursor.next()
                         continue
                     if table == "mbox":
