@@ -46,7 +46,8 @@ Pinning (``--cpu-a``, ``--cpu-b``, ``--cpu-nats``, ``--cpu-load``; default: none
 and this process to one CPU. Both nodes on one CPU make the cross phase's two gateways share a
 core the same phase's one gateway has to itself, which costs the cross figure most one message at
 a time; ``--cpu-a 0 --cpu-b 1 --cpu-nats 1 --cpu-load 0`` gives each node a core of its own beside
-one other process in both phases (docs/benchmarks.md, "Where the nodes run"). The JSON report goes to stdout, a short table to stderr.
+one other process in both phases (docs/benchmarks.md, "Where the nodes run"). The JSON report goes
+to stdout, a short table to stderr.
 """
 
 from __future__ import annotations

@@ -160,7 +160,7 @@ class Gateway:
         else:  # an event waits on one loop only: an embedding program may run the gateway on another
             self._failed = asyncio.Event()
         self._failed_loop = loop
-        self._failure_watch = asyncio.get_running_loop().create_task(self._drain_when_failed(self._server))
+        self._failure_watch = loop.create_task(self._drain_when_failed(self._server))
         log.info("gateway %s listening on %s%s", config.node_name, self.address,
                  f" and {self.ws_url}" if config.ws_port >= 0 else "")
         expires = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(self._keys.certificate.expires))

@@ -367,17 +367,20 @@ class JetStreamDevice(NatsDevice):
         try:
             future = await self.js.publish_async(self.subject, payload)
         except Exception as exc:  # never sent (the connection closing): refused, or the tail waits for its answer
-            self.run.refused += 1
-            self.run.errors[type(exc).__name__] += 1
-            self.inflight -= 1
+            self._refused(type(exc).__name__)
             return
         future.add_done_callback(lambda done: self._on_puback(done, intended_ns))
+
+    def _refused(self, reason: str) -> None:
+        """A publish JetStream did not take: answered (refused), no longer in flight."""
+        self.run.refused += 1
+        self.run.errors[reason] += 1
+        self.inflight -= 1
 
     def _on_puback(self, future: asyncio.Future, intended_ns: int) -> None:
         run = self.run
         if future.cancelled() or future.exception() is not None:
-            run.refused += 1
-            run.errors[type(future.exception()).__name__ if not future.cancelled() else "cancelled"] += 1
+            self._refused(type(future.exception()).__name__ if not future.cancelled() else "cancelled")
             return
         run.acked += 1
         now_ns = time.perf_counter_ns()

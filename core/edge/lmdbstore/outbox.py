@@ -110,11 +110,12 @@ class FanoutRecords:
         node's share of a leaf page (``_node_share``) and of a branch page, and its own overflow
         pages when its leaf node would be too large (then the leaf keeps their page number).
         Packed bytes alone undercount up to 2x (a review measured it)."""
-        key_node = LEAF_NODE_BYTES + len(node) + 9 + 8  # the key (node, NUL, seq) and a page number
-        if LEAF_NODE_BYTES + len(node) + 9 + size > self._node_max:
+        leaf = LEAF_NODE_BYTES + len(node) + 9  # a leaf node without its value: the key is node, NUL, seq
+        key_node = leaf + 8  # the key and a page number: in a branch page, or pointing to overflow pages
+        if leaf + size > self._node_max:
             pages = -(-(size + PAGE_HEADER_BYTES) // self.page_bytes)
             return pages * self.page_bytes + 2 * self._node_share(key_node)
-        return self._node_share(LEAF_NODE_BYTES + len(node) + 9 + size) + self._node_share(key_node)
+        return self._node_share(leaf + size) + self._node_share(key_node)
 
     def outbox_table_bytes(self) -> int:
         """What the outbox table takes of the map now: its pages, every node's entries together."""
