@@ -26,7 +26,7 @@ BENCH = ROOT / "bench"
 # The benchmarks docs/benchmarks.md quotes; a file renamed or dropped must be noticed here.
 EXPECTED_FILES = {
     "bench_auth", "bench_cipher", "bench_e2ee", "bench_fanout", "bench_framing", "bench_handshake", "bench_mailbox",
-    "bench_lmdb", "bench_routing", "bench_stanza",
+    "bench_lmdb", "bench_relay", "bench_routing", "bench_stanza",
 }
 
 
