@@ -23,10 +23,8 @@ import os
 import msgpack
 import pytest
 
-from interlink.core.domain.auth import Provider, ProviderRegistry
 from interlink.core.domain.cluster import Membership
-from interlink.core.domain.dispatch import Domain
-from interlink.testing import DEFAULTS, FakeSession, homed_users, lmdb_store
+from interlink.testing import FakeSession, cluster_domain, homed_users, lmdb_store
 
 NOW_S = 1_800_000_000.0
 MEMBERSHIP = Membership(["node-a", "node-b"], 1)
@@ -41,14 +39,7 @@ class Node:
         self.name = node
         self.store = lmdb_store(path, sync=False, map_size_bytes=1 << 28, max_mailbox_items=1 << 30,
                                 max_mailbox_bytes=1 << 40)
-        registry = ProviderRegistry([Provider(id="alpha", issuer="https://alpha.example", audience="gw",
-                                              jwks_uri="https://alpha.example/jwks", default_accept=("*",))])
-        self.domain = Domain(
-            store=self.store, registry=registry, window=64, max_frame_bytes=65535, max_group=16,
-            message_rate_per_device=1e12, message_rate_per_user=1e12,
-            overload_turn_messages=DEFAULTS.overload_turn_messages, overload_refuse_after_s=DEFAULTS.overload_refuse_after_s,
-            membership=MEMBERSHIP, node=node, relay_timeout_s=2.0,
-        )
+        self.domain = cluster_domain(self.store, MEMBERSHIP, node, message_rate=1e12)
         self.relay = self.domain.relay
         self.relay.wake = lambda: None  # the link would flush at the turn's end; the benchmark takes the output itself
 

@@ -10,12 +10,10 @@ import os
 import msgpack
 import pytest
 
-from interlink.core.domain.auth import Provider, ProviderRegistry
 from interlink.core.domain.cluster import Membership
-from interlink.core.domain.dispatch import Domain
 from interlink.core.domain.batch import device_key
 from interlink.core.domain.relay import RETRY_AFTER_MS
-from interlink.testing import DEFAULTS, FakeSession, homed_users, lmdb_store
+from interlink.testing import FakeSession, cluster_domain, homed_users, lmdb_store
 
 NOW = 1_800_000_000.0
 MEMBERSHIP = Membership(["node-a", "node-b"], 1)
@@ -28,14 +26,7 @@ class Node:
     def __init__(self, path, node: str, membership: Membership = MEMBERSHIP) -> None:
         self.name = node
         self.store = lmdb_store(path, sync=False, map_size_bytes=1 << 26)
-        registry = ProviderRegistry([Provider(id="alpha", issuer="https://alpha.example", audience="gw",
-                                              jwks_uri="https://alpha.example/jwks", default_accept=("*",))])
-        self.domain = Domain(
-            store=self.store, registry=registry, window=64, max_frame_bytes=65535, max_group=16,
-            message_rate_per_device=1e9, message_rate_per_user=1e9,
-            overload_turn_messages=DEFAULTS.overload_turn_messages, overload_refuse_after_s=DEFAULTS.overload_refuse_after_s,
-            membership=membership, node=node, relay_timeout_s=2.0,
-        )
+        self.domain = cluster_domain(self.store, membership, node)
         self.relay = self.domain.relay
         self.wakes = 0
         self.relay.wake = self._woken
