@@ -302,7 +302,8 @@ def cluster() -> None:
 @click.option("--json", "as_json", is_flag=True, help="print the nodes' reports as JSON")
 def cluster_status(path: Path | None, as_json: bool) -> None:
     """Each node of the cluster: up or not, its software and node list, sessions, relayed stanzas,
-    group fan-out entries its member nodes have not yet stored (outbox).
+    group fan-out entries its member nodes have not yet stored (outbox; below the table, for which
+    member nodes).
 
     Exit code 0 when every node answers with this configuration's node list, 1 otherwise."""
     import asyncio
@@ -329,6 +330,11 @@ def cluster_status(path: Path | None, as_json: bool) -> None:
             click.echo(f"{node:<16} {state:<14} {str(report.get('software')):<10} {report.get('version', '?'):>4} "
                        f"{report.get('sessions', 0):>9} {report.get('waiting', 0):>8} {relay.get('relayed', 0):>9} "
                        f"{relay.get('served', 0):>9} {relay.get('timeouts', 0):>9} {report.get('outbox_backlog', 0):>8}")
+        for node, report in reports.items():  # whom the entries wait for: a node lost for good shows here
+            waiting_for = (report or {}).get("outbox_by_node")
+            if waiting_for:
+                click.echo(f"{node:<16} outbox waits for " + ", ".join(
+                    f"{other} {count}" for other, count in sorted(waiting_for.items())))
     if not healthy:
         sys.exit(1)
 
@@ -416,6 +422,24 @@ def cluster_prune(path: Path | None) -> None:
         store.close()
     click.echo(f"node {config.cluster.node}: {sum(deleted.values())} records of other nodes' users and groups "
                f"deleted; node list version {config.cluster.version} recorded")
+
+
+@cluster.command("forget")
+@click.option("--config", "path", **_CONFIG_OPTION)
+@click.argument("lost")
+def cluster_forget(path: Path | None, lost: str) -> None:
+    """Removing a node lost for good with its data (no backup to start it from), before the export
+    (on every other stopped node): drop the group fan-out entries that wait for node LOST — its
+    members miss those messages and changes — so that the list change can go on."""
+    from interlink.core.edge.lmdbstore.move import forget_node
+
+    config, store = _stopped_node(path)
+    try:
+        entries, marks = _run(lambda: forget_node(store, config.cluster.membership, config.cluster.node, lost))
+    finally:
+        store.close()
+    click.echo(f"node {config.cluster.node}: {entries} group fan-out entries waiting for node {lost} dropped, "
+               f"{marks} marks of its groups' entries")
 
 
 @main.command()

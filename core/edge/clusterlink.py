@@ -444,6 +444,8 @@ class ClusterLink:
             "nodes": sorted(self.config.nodes), "sessions": len(server.sessions), "connections": len(server.connections),
             "relay": dict(self.relay.counters), "waiting": len(self.relay.waiting), "link": dict(self.counters),
             "outbox_backlog": self.relay.outbox.backlog,
+            "outbox_by_node": {node: stream.backlog for node, stream in self.relay.outbox.streams.items()
+                               if stream.backlog},
             "round_trips": self.round_trips.snapshot()["count"], "time": self.clock(),
         }
 

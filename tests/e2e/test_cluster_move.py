@@ -15,6 +15,7 @@ import asyncio
 import dataclasses
 import functools
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -559,3 +560,67 @@ async def test_export_waits_until_the_group_fan_out_has_settled(issuers, tmp_pat
             got.append(await client.recv(timeout_s=0.5))
     assert [d["c"] for d in got if d["k"] == "msg"] == [b"while down"], got  # (after "created" if not confirmed)
     await client.close()
+
+
+async def test_a_node_lost_for_good_is_forgotten_and_its_groups_take_messages_again(issuers, tmp_path, nats_server,
+                                                                                     clusters, monkeypatch):
+    """node-c is gone with its data (no backup): what node-a's group kept for its member there
+    would wait for ever, and the group refuses messages once it fills node-c's share. ``interlink
+    cluster forget node-c`` on the stopped nodes drops it; under the list without node-c the group
+    takes messages again and that member, registered again at its new home, gets what is sent from
+    then on — not what was dropped. A living or mistyped node is refused."""
+    import interlink.core.domain.relay as relay_module
+
+    three = Membership(("node-a", "node-b", "node-c"), 1)
+    two = Membership(("node-a", "node-b"), 2)
+    taken: set = set()
+
+    def homed(provider: str, old_home: str) -> str:
+        address = next(f"u{i}@{provider}" for i in range(10_000) if f"u{i}@{provider}" not in taken
+                       and three.home(f"u{i}@{provider}") == old_home)
+        taken.add(address)
+        return address
+
+    ann, ben, cid = homed("alpha", "node-a"), homed("alpha", "node-b"), homed("alpha", "node-c")
+    g = next(g for g in iter(lambda: os.urandom(16), None) if three.home(g) == two.home(g) == "node-a")
+    monkeypatch.setattr(relay_module, "new_group_id", lambda: g)
+    old = Described(issuers, tmp_path, nats_server.url, three.nodes, 1)
+    new = Described(issuers, tmp_path, nats_server.url, two.nodes, 2, ports=old.ports)
+    clusters.extend((old, new))
+    for node in three.nodes:
+        await old.start(node, timeout_s=0.5)
+    ann1, ben1, cid1 = await old.connect(ann), await old.connect(ben), await old.connect(cid)
+    assert (await ann1.iq("group.new", members=[ben, cid]))["g"] == g
+    for client in (ben1, cid1):  # (the creator has its res)
+        assert (await next_dlv(client))["event"] == "created"
+    await cid1.close()
+    await old.stop("node-c")
+    shutil.rmtree(tmp_path / "node-c")  # lost with its data
+    assert "dup" not in await ann1.send_group_message(g, b"while node-c is lost")
+    assert (await next_dlv(ben1))["c"] == b"while node-c is lost"
+    store = old.gateways["node-a"]._server.store
+    await until(lambda: store.outbox_nodes() == {"node-c": 1}, "node-b's entry confirmed, node-c's waiting")
+    await close_all(ann1, ben1)
+    code, out = await interlink("cluster", "status", "--config", old.toml("node-a"))
+    assert code == 1 and "node-a           outbox waits for node-c 1" in out.splitlines(), out
+    await old.stop_all()
+
+    code, out = await interlink("cluster", "export", "--config", new.toml("node-a"))
+    assert code == 1 and "1 group fan-out entries still wait" in out, out
+    for lost, refusal in (("node-b", "is in node list version 2"), ("node-x", "is not in the node list")):
+        code, out = await interlink("cluster", "forget", "--config", new.toml("node-a"), lost)
+        assert code == 1 and refusal in out, out
+    for node, dropped in (("node-a", 1), ("node-b", 0)):
+        code, out = await interlink("cluster", "forget", "--config", new.toml(node), "node-c")
+        assert code == 0 and f"node {node}: {dropped} group fan-out entries waiting for node node-c dropped" in out, out
+    for node in two.nodes:  # nothing moves between the nodes that stay: each start records the new list
+        await new.start(node, timeout_s=0.5)
+    ann1, ben1 = await new.connect(ann), await new.connect(ben)
+    cid1 = await new.connect(cid)  # at its new home, as a new device there
+    assert node_of(cid1) == two.home(cid)
+    assert "dup" not in await ann1.send_group_message(g, b"after")
+    assert (await next_dlv(ben1))["c"] == b"after"
+    assert [(d["k"], d.get("c")) for d in [await next_dlv(cid1)]] == [("msg", b"after")]
+    await nothing_arrives(cid1)
+    assert new.gateways["node-a"]._server.store.outbox_nodes() == {}
+    await close_all(ann1, ben1, cid1)

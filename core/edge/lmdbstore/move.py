@@ -16,6 +16,8 @@ group goes to its new home's store:
   refuses the whole file (``MoveError``, nothing written).
 * ``prune`` deletes, once every file was imported, the records that are not this node's under
   the new list (shared bodies released as ``recv`` releases them), and records the list.
+* ``forget_node``, before the export of a list that leaves out a node lost for good, drops the
+  fan-out entries that wait for it (they would hold the move back for ever).
 
 ``NodeList`` keeps the list a store was last served under (table ``cluster_meta``); a node
 starting under another list refuses while its store holds a user or group homed elsewhere
@@ -210,6 +212,24 @@ def _copy_blob_file(source: Path, target: Path) -> None:
 def _outbox_waiting(tables: _Tables) -> int:
     with tables.env.begin(db=tables.dbs["outbox"]) as txn:
         return txn.stat(tables.dbs["outbox"])["entries"]
+
+
+def forget_node(store, membership: Membership, node: str, lost: str) -> tuple[int, int]:
+    """Before a list change that removes ``lost``, a node gone for good with its data: drop what
+    this node keeps for it (``FanoutRecords.forget``: the group fan-out entries waiting for it —
+    its members there miss those messages and changes — and the marks of its groups' entries), so
+    that ``export`` and a start under the new list no longer wait for it. Returns (entries,
+    marks) dropped. ``MoveError`` unless ``lost`` is in the list this store was last served
+    under and out of ``membership``, the new one: a mistyped or living node loses nothing."""
+    stored = NodeList(store.env).get()
+    if lost == node or lost in membership.nodes:
+        raise MoveError(f"node {lost} is in node list version {membership.version} ({', '.join(membership.nodes)}): "
+                        "only a node the new list leaves out can be forgotten")
+    if stored is None or lost not in stored[2]:
+        served = f"version {stored[0]} ({', '.join(stored[2])})" if stored else "none: it was not served in a cluster"
+        raise MoveError(f"node {lost} is not in the node list this node was last served under, {served}")
+    with store.env.begin(write=True) as txn:
+        return store.fanout.forget(txn, lost)
 
 
 def export_moves(store, membership: Membership, node: str, folder: Path, blob_files=None) -> dict[str, int]:

@@ -14,7 +14,7 @@ from interlink.core.domain.batch import GroupRecord, GroupWrite, WriteBatch, dev
 from interlink.core.domain.cluster import Membership
 from interlink.core.domain.fanout import GroupDlv
 from interlink.core.edge.lmdbstore.move import (
-    MOVED_TABLES, MoveError, check_node_list, export_moves, import_moves, owner, prune, stray,
+    MOVED_TABLES, MoveError, check_node_list, export_moves, forget_node, import_moves, owner, prune, stray,
 )
 from interlink.core.errors import ConfigError
 from interlink.testing import lmdb_store
@@ -259,6 +259,55 @@ def test_a_start_under_another_list_waits_for_the_outbox_to_empty(stores):
     a.commit(batch)
     check_node_list(a, a.node_list, NEW, "node-a")
     assert a.node_list.get()[0] == 2
+
+
+def test_a_node_lost_for_good_is_forgotten_and_the_list_change_goes_on(stores, tmp_path):
+    """Entries for a node gone with its data would hold the change back for ever: ``forget_node``
+    drops them and that node's marks here — nothing of the nodes that stay (node-c9 and node-c
+    share a prefix) — and only for a node of the old list that the new one leaves out."""
+    a, _ = stores
+    three = Membership(["node-a", "node-c", "node-c9"], 1)
+    without_c = Membership(["node-a", "node-c9"], 2)
+    check_node_list(a, a.node_list, three, "node-a")
+    g = next(g for g in (os.urandom(16) for _ in range(1000)) if three.home(g) == without_c.home(g) == "node-a")
+    packed = msgpack.packb(["alpha", "u0", 1, 100, {}])
+    batch = WriteBatch()
+    entry = batch.add_control(1000, [], GroupWrite(g, 0, GroupRecord(1, (STAYING[0],), (STAYING[0],), None)))
+    entry.outbox = [("node-c", 1, packed, None), ("node-c", 2, packed, None), ("node-c9", 1, packed, None)]
+    for home, seq in (("node-c", 4), ("node-c", 7), ("node-c9", 3)):  # what node-c's groups (two runs) sent here
+        batch.add_control(1000, [(device_key(STAYING[0], 1), lambda s, t: b"\x80")]).fanin = (
+            home, bytes([seq]) * 8, seq, None)
+    a.commit(batch)
+    assert [a.fanin_mark("node-c", bytes([seq]) * 8) for seq in (4, 7)] == [4, 7]
+    with pytest.raises(MoveError, match="outbox"):
+        export_moves(a, without_c, "node-a", tmp_path / "moves")
+
+    for lost, refusal in (("node-c9", "in node list version 2"), ("node-a", "in node list version 2"),
+                          ("node-x", "not in the node list this node was last served under, version 1")):
+        with pytest.raises(MoveError, match=refusal):
+            forget_node(a, without_c, "node-a", lost)
+    assert a.outbox_nodes() == {"node-c": 2, "node-c9": 1}  # nothing dropped by a refusal
+
+    assert forget_node(a, without_c, "node-a", "node-c") == (2, 2)
+    assert a.outbox_nodes() == {"node-c9": 1}
+    assert [a.fanin_mark("node-c", bytes([seq]) * 8) for seq in (4, 7)] == [0, 0]
+    assert a.fanin_mark("node-c9", bytes([3]) * 8) == 3
+    assert a.outbox_last("node-c") == 2  # a node given node-c's id later gets new numbers
+    assert forget_node(a, without_c, "node-a", "node-c") == (0, 0)  # twice: nothing more
+    with pytest.raises(MoveError, match="outbox"):  # node-c9's entry still waits: it is delivered, not dropped
+        export_moves(a, without_c, "node-a", tmp_path / "moves")
+    batch = WriteBatch()
+    batch.outbox_acked["node-c9"] = 1
+    a.commit(batch)
+    assert export_moves(a, without_c, "node-a", tmp_path / "moves") == {}
+    check_node_list(a, a.node_list, without_c, "node-a")
+    assert a.node_list.get()[0] == 2
+
+
+def test_a_store_never_served_in_a_cluster_forgets_no_node(stores):
+    a, _ = stores
+    with pytest.raises(MoveError, match="none: it was not served in a cluster"):
+        forget_node(a, NEW, "node-a", "node-c")
 
 
 def test_a_scan_whose_memo_of_homes_overflows_finds_the_same_records(stores, tmp_path, monkeypatch):
