@@ -294,12 +294,20 @@ class Groups:
         # COPIES_PER_LOAD, counted and charged here at the group's home — its members on other nodes
         # one copy each — for a sender of another node too: its node cannot count them.
         copies = len(items)
-        if self.relay is not None:
-            self.relay.check_outbox_room(g, record.members)
-            copies += self.relay.remote_members(g, record.members, sender)
-        extra = (copies + COPIES_PER_LOAD - 1) // COPIES_PER_LOAD - 1
-        if extra > 0:  # a sender of this node paid the message's own token (handle_msg); one of another, at its node
-            self.router.charge(session, now, extra, here=True, paid=0 if session.relayed else 1)
+        try:
+            if self.relay is not None:
+                self.relay.check_outbox_room(g, record.members)
+                copies += self.relay.remote_members(g, record.members, sender)
+            extra = (copies + COPIES_PER_LOAD - 1) // COPIES_PER_LOAD - 1
+            if extra > 0:  # a sender of this node paid the message's own token (handle_msg); one of another, at its node
+                self.router.charge(session, now, extra, here=True, paid=0 if session.relayed else 1)
+        except RouteError:
+            # A resend of a message already stored fans nothing out again: its dup ack, not a
+            # refusal its sender would meet for as long as a member node stays away.
+            if self.store.seen(device_key(sender, sender_device), msg_id):
+                self.router.enqueue(session, msg_id, [], [], now)
+                return
+            raise
         message = self.router.enqueue(session, msg_id, items, targets, now)
         message.skip_full = True
         message.shared = True  # every copy is GroupDlv's: the store keeps the body once

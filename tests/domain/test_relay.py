@@ -275,12 +275,19 @@ def test_a_group_messages_copies_on_other_nodes_cost_rate_tokens_at_its_home(nod
     g, alice = group_with(a, b, monkeypatch, *members)
     a.domain.router.set_message_rates(per_device=3.0, per_user=100.0)  # a burst of 6 per device
     later = NOW + 60  # the bucket full again
-    for i in range(3):
-        a.domain.dispatch(alice, group_msg(g, b"m%d" % i), later)
+    sent = [group_msg(g, b"m%d" % i) for i in range(3)]
+    for stanza in sent:
+        a.domain.dispatch(alice, stanza, later)
     a.commit(later)
     answers = alice.take()
     assert sorted(x["t"] for x in answers) == ["ack", "ack", "err"]
     assert [x["code"] for x in answers if x["t"] == "err"] == ["rate_limited"]
+    # A token later, a resend of a stored one (its ack lost) pays its own token and is recognised:
+    # not refused for copies it does not make again.
+    stored = next(x["id"] for x in answers if x["t"] == "ack")
+    a.domain.dispatch(alice, next(m for m in sent if m["id"] == stored), later + 0.4)
+    a.commit(later + 0.4)
+    assert [(x["t"], x.get("dup")) for x in alice.take()] == [("ack", True)]
 
 
 def test_a_relayed_senders_group_copies_are_charged_at_the_groups_home(nodes, monkeypatch):
@@ -738,18 +745,23 @@ def test_a_member_nodes_full_outbox_stream_refuses_the_groups_messages_and_chang
     g, alice = group_with(a, b, monkeypatch, B1)
     a.open(A2)  # may be added
     bob.take()
-    a.domain.dispatch(alice, group_msg(g, b"kept"), NOW)
+    kept = group_msg(g, b"kept")
+    a.domain.dispatch(alice, kept, NOW)
     a.commit()
     assert alice.take()[0]["t"] == "ack"
     stream = a.relay.outbox.streams["node-b"]
     a.relay.outbox.max_node_bytes = stream.backlog_bytes  # what waits fills node-b's share now
+    a.domain.dispatch(alice, kept, NOW)  # its ack was lost: the resend is recognised, not refused
+    a.commit()
+    assert [(x["t"], x["id"], x.get("dup")) for x in alice.take()] == [("ack", kept["id"], True)]
+    assert stream.backlog == 1 and a.relay.counters["outbox_full"] == 1
     for _ in range(2):
         a.domain.dispatch(alice, group_msg(g, b"refused"), NOW)
     a.domain.dispatch(alice, {"t": "iq", "id": 7, "op": "group.add", "g": g, "members": [A2]}, NOW)
     a.domain.dispatch(alice, {"t": "iq", "id": 9, "op": "group.add", "g": g, "members": [B2]}, NOW)
     refusals = alice.take()
     assert [(x["t"], x["code"], x["retry_after"]) for x in refusals] == [("err", "overloaded", 5000)] * 4
-    assert not a.domain.router.has_batch and a.relay.counters["outbox_full"] == 4
+    assert not a.domain.router.has_batch and a.relay.counters["outbox_full"] == 5
     # The addition of node-b's user was refused before node-b was asked to check him: no round trip, nothing held.
     assert not [r for r in a.relay.outgoing.get("node-b", []) if r[5].get("k") == "check"] and g not in a.relay.held
     [logged] = [r.getMessage() for r in caplog.records if "its share" in r.getMessage()]  # once, not per refusal
