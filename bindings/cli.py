@@ -332,7 +332,7 @@ def cluster_status(path: Path | None, as_json: bool) -> None:
                        f"{relay.get('served', 0):>9} {relay.get('timeouts', 0):>9} {report.get('outbox_backlog', 0):>8}")
         for node, report in reports.items():  # whom the entries wait for: a node lost for good shows here
             waiting_for = (report or {}).get("outbox_by_node")
-            if waiting_for:
+            if waiting_for and isinstance(waiting_for, dict):  # (a node of an older version sends none)
                 click.echo(f"{node:<16} outbox waits for " + ", ".join(
                     f"{other} {count}" for other, count in sorted(waiting_for.items())))
     if not healthy:
