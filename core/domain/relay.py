@@ -696,8 +696,7 @@ class Relay:
         node = self.home_of(fields["g"])
         if node is None:
             if fields.get("op") in ("group.new", "group.add"):
-                self.router.charge(session, now)  # the checked request is served as relayed (not charged again)
-                self._precheck(session, fields, now)
+                self._precheck(session, fields, now, charge=True)
                 return True
             return False  # here: served as on one node
         self._admit(session, now)
@@ -731,12 +730,14 @@ class Relay:
         if self._drawn_groups.pop(entry, None) is not None:
             _count_down(self._drawn_per_device, entry[0])
 
-    def _precheck(self, session, stanza: dict, now: float) -> None:
+    def _precheck(self, session, stanza: dict, now: float, charge: bool = False) -> None:
         """``group.new``/``group.add`` at the group's home: the members who live on other nodes are
         checked there (consent, existence) before the request is served here (``_Checked``).
         Every such request at a cluster's group home comes through here (a resend for a group
         made already excepted), so its outbox room is checked here only; a removal or a leave
-        never is (a node away for long must not keep anyone in a group)."""
+        never is (a node away for long must not keep anyone in a group). ``charge``: a sender of
+        this node pays its rate token once the request passed what needs no other node, as on one
+        node (the checked request is then served as relayed: not charged again)."""
         members = stanza["members"]
         if stanza["op"] == "group.add":
             # What needs no other node first: a made-up group or a request of a non-admin is
@@ -747,6 +748,8 @@ class Relay:
         else:
             everyone = [session.identity.user, *members]
         self.check_outbox_room(stanza["g"], everyone)  # before any member's node is asked
+        if charge:
+            self.router.charge(session, now)
         remote = self._by_node(members)
         checker = _Checked(self, session, stanza, frozenset(m for members in remote.values() for m in members))
         if remote:

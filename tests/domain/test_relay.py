@@ -757,8 +757,12 @@ def test_a_member_nodes_full_outbox_stream_refuses_the_groups_messages_and_chang
     assert stream.backlog == 1 and a.relay.counters["outbox_full"] == 1
     for _ in range(2):
         a.domain.dispatch(alice, group_msg(g, b"refused"), NOW)
+    a.domain.router.set_message_rates(per_device=1.0, per_user=100.0)
+    buckets = a.domain.router.device_buckets
+    tokens = buckets.tokens(alice.session_key, NOW)
     a.domain.dispatch(alice, {"t": "iq", "id": 7, "op": "group.add", "g": g, "members": [A2]}, NOW)
     a.domain.dispatch(alice, {"t": "iq", "id": 9, "op": "group.add", "g": g, "members": [B2]}, NOW)
+    assert buckets.tokens(alice.session_key, NOW) == tokens  # a refused change costs no token, as on one node
     refusals = alice.take()
     assert [(x["t"], x["code"], x["retry_after"]) for x in refusals] == [("err", "overloaded", 5000)] * 4
     assert not a.domain.router.has_batch and a.relay.counters["outbox_full"] == 5
