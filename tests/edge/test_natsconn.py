@@ -74,6 +74,31 @@ async def test_an_unsubscribed_subject_delivers_nothing_more(nats_server):
     await sender.close(), await receiver.close()
 
 
+async def test_what_was_on_its_way_when_a_handler_unsubscribed_is_not_handed_on(nats_server):
+    """A twin standing down unsubscribes from its relay subject inside the handler of the answer
+    that tells it so (``ClusterLink._stand_down``): the stanzas the server sent before it read the
+    UNSUB — in the same read, most of them — must not be served by it."""
+    sender, receiver = await connected(nats_server.url), await connected(nats_server.url)
+    got: list[bytes] = []
+    sid = 0
+
+    def first_only(subject: str, reply: str | None, payload: bytes | None) -> None:
+        got.append(payload)
+        receiver.unsubscribe(sid)
+
+    sid = receiver.subscribe(b"relay", first_only)
+    after = Inbox()
+    receiver.subscribe(b"after", after)
+    assert await receiver.flush(2.0)
+    for index in range(200):
+        sender.publish(b"relay", b"%d" % index)
+    sender.publish(b"after", b"the connection still serves")
+    await until(lambda: after.messages, timeout_s=10)
+    assert got == [b"0"] and receiver.counters["handler_errors"] == 0
+    assert after.messages == [("after", b"the connection still serves")]
+    await sender.close(), await receiver.close()
+
+
 async def test_a_handler_that_raises_loses_only_its_own_message(nats_server, caplog):
     sender, receiver = await connected(nats_server.url), await connected(nats_server.url)
     inbox = Inbox()
