@@ -426,20 +426,27 @@ def cluster_prune(path: Path | None) -> None:
 
 @cluster.command("forget")
 @click.option("--config", "path", **_CONFIG_OPTION)
+@click.option("--yes", is_flag=True, help="drop them (without it: say what would be dropped, and drop nothing)")
 @click.argument("lost")
-def cluster_forget(path: Path | None, lost: str) -> None:
+def cluster_forget(path: Path | None, lost: str, yes: bool) -> None:
     """Removing a node lost for good with its data (no backup to start it from), before the export
     (on every other stopped node): drop the group fan-out entries that wait for node LOST — its
     members miss those messages and changes — so that the list change can go on."""
     from interlink.core.edge.lmdbstore.move import forget_node
 
     config, store = _stopped_node(path)
+    me = config.cluster.node
     try:
-        entries, marks = _run(lambda: forget_node(store, config.cluster.membership, config.cluster.node, lost))
+        entries, marks = _run(lambda: forget_node(store, config.cluster.membership, me, lost, drop=yes))
     finally:
         store.close()
-    click.echo(f"node {config.cluster.node}: {entries} group fan-out entries waiting for node {lost} dropped, "
-               f"{marks} marks of its groups' entries")
+    if yes:
+        click.echo(f"node {me}: {entries} group fan-out entries waiting for node {lost} dropped, "
+                   f"{marks} marks of its groups' entries")
+    else:
+        click.echo(f"node {me}: {entries} group fan-out entries wait for node {lost}, {marks} marks of its groups' "
+                   "entries: nothing dropped; run again with --yes to drop them — only for a node lost for good "
+                   "(its members miss those messages and changes)")
 
 
 @main.command()

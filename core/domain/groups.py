@@ -137,16 +137,20 @@ class Groups:
 
     # -- operations
 
+    def check_size(self, op: str, members: int) -> None:
+        """``too_large`` for a ``group.new``/``group.add`` that would make a group of ``members``."""
+        if members > self.max_group:
+            with_you = " with you" if op == "group.new" else ""
+            raise RouteError(f"{op}: the group would have {members} members{with_you} (at most {self.max_group})",
+                             code="too_large")
+
     def group_new(self, session: Session, stanza: dict, now: float):
         identity = session.identity
         creator = identity.user
         members = self._members(stanza, "group.new", allow_empty=True)
         meta = self._meta(stanza)
         others = [member for member in members if member != creator]
-        if 1 + len(others) > self.max_group:
-            raise RouteError(
-                f"group.new: {1 + len(others)} members with you (a group has at most {self.max_group})", code="too_large"
-            )
+        self.check_size("group.new", 1 + len(others))
         # In a cluster the id is drawn by the creator's node, which sends the request to the node
         # the id makes the group's home (relayed: the session is another node's word).
         if self.relay is None:
@@ -176,11 +180,7 @@ class Groups:
         members = self._members(stanza, "group.add", allow_empty=False)
         record = self._admin_record(g, identity.user, "group.add")
         added = [member for member in members if member not in record.member_set]
-        if len(record.members) + len(added) > self.max_group:
-            raise RouteError(
-                f"group.add: the group would have {len(record.members) + len(added)} members (at most {self.max_group})",
-                code="too_large",
-            )
+        self.check_size("group.add", len(record.members) + len(added))
         self.router.charge(session, now)
         for member in added:
             self.check_addable(member, identity, session)
@@ -260,6 +260,14 @@ class Groups:
 
     # -- messages and typing
 
+    def _stored_before(self, session: Session, sender: str, device: int, msg_id: bytes, now: float) -> bool:
+        """Whether this message is stored already (in the dedup window): then it is answered with
+        its dup ack, and nothing more is done for it."""
+        if not self.store.seen(device_key(sender, device), msg_id):
+            return False
+        self.router.enqueue(session, msg_id, [], [], now)
+        return True
+
     def route_msg(self, session: Session, stanza: dict, msg_id: bytes, now: float) -> None:
         """A group ``msg``: fan ``b`` out to every device of every member but the sending device,
         in the router's group commit."""
@@ -269,8 +277,7 @@ class Groups:
         record = self.record(g)
         if record is None or sender not in record.member_set:
             # A resend of a message already stored answers dup, whatever the membership is now.
-            if self.store.seen(device_key(sender, sender_device), msg_id):
-                self.router.enqueue(session, msg_id, [], [], now)
+            if self._stored_before(session, sender, sender_device, msg_id, now):
                 return
             record = self._member_record(g, sender, "msg")  # raises not_found / not_member
         # The per-device plan and each copy's dlv bytes: core/domain/fanout.py (compiled, or its pure twin).
@@ -293,21 +300,25 @@ class Groups:
         # One token is spent already (handle_msg, on the sender's node); the copies cost one per
         # COPIES_PER_LOAD, counted and charged here at the group's home — its members on other nodes
         # one copy each — for a sender of another node too: its node cannot count them.
+        # A resend of a message already stored fans nothing out again: it gets its dup ack, not a
+        # refusal its sender would meet for as long as a member node stays away (the store is
+        # asked only when the message would be refused).
         copies = len(items)
-        try:
-            if self.relay is not None:
-                self.relay.check_outbox_room(g, record.members)
-                copies += self.relay.remote_members(g, record.members, sender)
-            extra = (copies + COPIES_PER_LOAD - 1) // COPIES_PER_LOAD - 1
-            if extra > 0:  # a sender of this node paid the message's own token (handle_msg); one of another, at its node
+        if self.relay is not None:
+            full = self.relay.full_member_node(g, record.members)
+            if full is not None:
+                if self._stored_before(session, sender, sender_device, msg_id, now):
+                    return
+                self.relay.refuse_outbox_full(full)
+            copies += self.relay.remote_members(g, record.members, sender)
+        extra = (copies + COPIES_PER_LOAD - 1) // COPIES_PER_LOAD - 1
+        if extra > 0:  # a sender of this node paid the message's own token (handle_msg); one of another, at its node
+            try:
                 self.router.charge(session, now, extra, here=True, paid=0 if session.relayed else 1)
-        except RouteError:
-            # A resend of a message already stored fans nothing out again: its dup ack, not a
-            # refusal its sender would meet for as long as a member node stays away.
-            if self.store.seen(device_key(sender, sender_device), msg_id):
-                self.router.enqueue(session, msg_id, [], [], now)
-                return
-            raise
+            except RouteError:
+                if self._stored_before(session, sender, sender_device, msg_id, now):
+                    return
+                raise
         message = self.router.enqueue(session, msg_id, items, targets, now)
         message.skip_full = True
         message.shared = True  # every copy is GroupDlv's: the store keeps the body once

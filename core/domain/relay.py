@@ -746,7 +746,8 @@ class Relay:
             members = [member for member in members if member not in record.member_set]
             everyone = list(record.members) + members
         else:
-            everyone = [session.identity.user, *members]
+            everyone = [session.identity.user, *(member for member in members if member != session.identity.user)]
+        self.groups.check_size(stanza["op"], len(everyone))
         self.check_outbox_room(stanza["g"], everyone)  # before any member's node is asked
         if charge:
             self.router.charge(session, now)
@@ -845,6 +846,12 @@ class Relay:
         outbox entry for a node whose waiting entries fill its share of the store (``Outbox.full``:
         a node unreachable for long) — before anything is batched: the home's disk keeps room for
         its own users, and nothing acked is dropped for it."""
+        node = self.full_member_node(g, recipients)
+        if node is not None:
+            self.refuse_outbox_full(node)
+
+    def full_member_node(self, g: bytes, recipients) -> str | None:
+        """A node with members among ``recipients`` of group ``g`` whose stream is full (None: none)."""
         outbox = self.outbox
         for node, _ in self._fan_out_parts(g, recipients):
             if not outbox.full(node):
@@ -854,15 +861,20 @@ class Relay:
                     log.warning("cluster: node %s takes its group fan-out entries again: its groups are served",
                                 node)
                 continue
-            self.counters["outbox_full"] += 1
-            if node not in self._outbox_full_logged:
-                self._outbox_full_logged.add(node)
-                stream = outbox.streams[node]
-                log.error("cluster: %d group fan-out entries (%d bytes) wait for node %s, its share of this node's "
-                          "store: group messages and changes with members there are refused overloaded until it "
-                          "takes them", stream.backlog, stream.backlog_bytes, node)
-            raise RouteError("members of this group live on a node that has been unreachable for long; try again "
-                             "later", code="overloaded", retry_after=OUTBOX_FULL_RETRY_MS)
+            return node
+        return None
+
+    def refuse_outbox_full(self, node: str) -> None:
+        """``overloaded``: what waits for ``node`` fills its share (counted, logged once)."""
+        self.counters["outbox_full"] += 1
+        if node not in self._outbox_full_logged:
+            self._outbox_full_logged.add(node)
+            stream = self.outbox.streams[node]
+            log.error("cluster: %d group fan-out entries (%d bytes) wait for node %s, its share of this node's "
+                      "store: group messages and changes with members there are refused overloaded until it "
+                      "takes them", stream.backlog, stream.backlog_bytes, node)
+        raise RouteError("members of this group live on a node that has been unreachable for long; try again "
+                         "later", code="overloaded", retry_after=OUTBOX_FULL_RETRY_MS)
 
     def remote_members(self, g: bytes, recipients, sender: str) -> int:
         """How many of group ``g``'s ``recipients`` but ``sender`` live on other nodes (a copy

@@ -754,7 +754,7 @@ def test_a_member_nodes_full_outbox_stream_refuses_the_groups_messages_and_chang
     a.domain.dispatch(alice, kept, NOW)  # its ack was lost: the resend is recognised, not refused
     a.commit()
     assert [(x["t"], x["id"], x.get("dup")) for x in alice.take()] == [("ack", kept["id"], True)]
-    assert stream.backlog == 1 and a.relay.counters["outbox_full"] == 1
+    assert stream.backlog == 1 and a.relay.counters["outbox_full"] == 0  # not refused: not counted
     for _ in range(2):
         a.domain.dispatch(alice, group_msg(g, b"refused"), NOW)
     a.domain.router.set_message_rates(per_device=1.0, per_user=100.0)
@@ -765,7 +765,7 @@ def test_a_member_nodes_full_outbox_stream_refuses_the_groups_messages_and_chang
     assert buckets.tokens(alice.session_key, NOW) == tokens  # a refused change costs no token, as on one node
     refusals = alice.take()
     assert [(x["t"], x["code"], x["retry_after"]) for x in refusals] == [("err", "overloaded", 5000)] * 4
-    assert not a.domain.router.has_batch and a.relay.counters["outbox_full"] == 5
+    assert not a.domain.router.has_batch and a.relay.counters["outbox_full"] == 4
     # The addition of node-b's user was refused before node-b was asked to check him: no round trip, nothing held.
     assert not [r for r in a.relay.outgoing.get("node-b", []) if r[5].get("k") == "check"] and g not in a.relay.held
     [logged] = [r.getMessage() for r in caplog.records if "its share" in r.getMessage()]  # once, not per refusal
@@ -789,6 +789,31 @@ def test_a_member_nodes_full_outbox_stream_refuses_the_groups_messages_and_chang
         answer(a, b)
     assert [d.get("c", d.get("event")) for d in bob.take()] == [b"again", "removed"]
     assert stream.backlog_bytes == 0
+
+
+def test_a_change_too_large_for_the_group_is_refused_at_its_home_before_any_token_or_check(nodes, monkeypatch):
+    """As on one node, ``too_large`` costs no rate token; at a cluster home it also asks no member's
+    node about anyone (it was charged, and checked there, before the size was looked at)."""
+    a, b = nodes
+    b.open(B1), b.open(B2)
+    g, alice = group_with(a, b, monkeypatch, B1)  # alice and B1: the largest group allowed below
+    a.open(A2)
+    a.relay.groups.max_group = 2
+    a.domain.router.set_message_rates(per_device=1.0, per_user=100.0)
+    buckets = a.domain.router.device_buckets
+    tokens = buckets.tokens(alice.session_key, NOW)
+    a.domain.dispatch(alice, {"t": "iq", "id": 7, "op": "group.add", "g": g, "members": [A2]}, NOW)
+    a.domain.dispatch(alice, {"t": "iq", "id": 8, "op": "group.add", "g": g, "members": [B2]}, NOW)
+    a.domain.dispatch(alice, {"t": "iq", "id": 9, "op": "group.new", "members": [A2, B2]}, NOW)  # 3 with her
+    assert [(x["t"], x["id"], x["code"]) for x in alice.take()] == [("err", i, "too_large") for i in (7, 8, 9)]
+    assert buckets.tokens(alice.session_key, NOW) == tokens
+    assert not [r for r in a.relay.outgoing.get("node-b", []) if r[5].get("k") == "check"]
+    import interlink.core.domain.relay as relay_module
+
+    monkeypatch.setattr(relay_module, "new_group_id", lambda: group_homed_on("node-a"))
+    a.domain.dispatch(alice, {"t": "iq", "id": 10, "op": "group.new", "members": [A1, A2]}, NOW)  # she counts once
+    a.commit()
+    assert alice.take()[0]["t"] == "res"
 
 
 def test_an_entry_stored_whose_answer_was_lost_is_recognised_when_it_comes_again(nodes, monkeypatch):

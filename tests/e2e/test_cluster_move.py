@@ -608,10 +608,13 @@ async def test_a_node_lost_for_good_is_forgotten_and_its_groups_take_messages_ag
     code, out = await interlink("cluster", "export", "--config", new.toml("node-a"))
     assert code == 1 and "1 group fan-out entries still wait" in out, out
     for lost, refusal in (("node-b", "is in node list version 2"), ("node-x", "is not in the node list")):
-        code, out = await interlink("cluster", "forget", "--config", new.toml("node-a"), lost)
+        code, out = await interlink("cluster", "forget", "--yes", "--config", new.toml("node-a"), lost)
         assert code == 1 and refusal in out, out
+    code, out = await interlink("cluster", "forget", "--config", new.toml("node-a"), "node-c")  # without --yes: told
+    assert code == 0 and "node node-a: 1 group fan-out entries wait for node node-c" in out, out
+    assert "nothing dropped; run again with --yes" in out, out
     for node, dropped in (("node-a", 1), ("node-b", 0)):
-        code, out = await interlink("cluster", "forget", "--config", new.toml(node), "node-c")
+        code, out = await interlink("cluster", "forget", "--yes", "--config", new.toml(node), "node-c")
         assert code == 0 and f"node {node}: {dropped} group fan-out entries waiting for node node-c dropped" in out, out
     for node in two.nodes:  # nothing moves between the nodes that stay: each start records the new list
         await new.start(node, timeout_s=0.5)

@@ -214,12 +214,12 @@ def _outbox_waiting(tables: _Tables) -> int:
         return txn.stat(tables.dbs["outbox"])["entries"]
 
 
-def forget_node(store, membership: Membership, node: str, lost: str) -> tuple[int, int]:
+def forget_node(store, membership: Membership, node: str, lost: str, drop: bool = True) -> tuple[int, int]:
     """Before a list change that removes ``lost``, a node gone for good with its data: drop what
     this node keeps for it (``FanoutRecords.forget``: the group fan-out entries waiting for it —
     its members there miss those messages and changes — and the marks of its groups' entries), so
     that ``export`` and a start under the new list no longer wait for it. Returns (entries,
-    marks) dropped. ``MoveError`` unless ``lost`` is in the list this store was last served
+    marks) dropped — or, without ``drop``, counted only. ``MoveError`` unless ``lost`` is in the list this store was last served
     under and out of ``membership``, the new one: a mistyped or living node loses nothing."""
     stored = NodeList(store.env).get()
     if lost == node or lost in membership.nodes:
@@ -227,9 +227,14 @@ def forget_node(store, membership: Membership, node: str, lost: str) -> tuple[in
                         "only a node the new list leaves out can be forgotten")
     if stored is None or lost not in stored[2]:
         served = f"version {stored[0]} ({', '.join(stored[2])})" if stored else "none: it was not served in a cluster"
-        raise MoveError(f"node {lost} is not in the node list this node was last served under, {served}")
-    with store.env.begin(write=True) as txn:
-        return store.fanout.forget(txn, lost)
+        raise MoveError(f"node {lost} is not in the node list this node was last served under, {served}: a mistyped "
+                        "id, or this node ran without it already (then nothing waits for it here)")
+    try:
+        with store.env.begin(write=drop) as txn:
+            return store.fanout.forget(txn, lost, drop)
+    except lmdb.MapFullError:  # deleting takes free pages too (copy on write)
+        raise MoveError("this node's store is full: raise lmdb_map_size_bytes in its configuration and run forget "
+                        "again (nothing was dropped)") from None
 
 
 def export_moves(store, membership: Membership, node: str, folder: Path, blob_files=None) -> dict[str, int]:

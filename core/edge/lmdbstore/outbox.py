@@ -31,7 +31,6 @@ import lmdb
 from interlink.core.edge.lmdbstore.env import scan
 
 _SEQ = struct.Struct(">Q")
-_LAST_SEQ = 2**64 - 1
 INCARNATION_BYTES = 8
 # LMDB's layout, for what an outbox entry takes of the map (``outbox_footprint``)
 PAGE_HEADER_BYTES = 16
@@ -77,18 +76,21 @@ class FanoutRecords:
                 deleted += 1
         return deleted
 
-    def forget(self, txn, node: str) -> tuple[int, int]:
-        """Drop what is kept for ``node``, a node lost for good: the entries waiting for it, and the
-        marks of what its groups sent here; returns how many of each. Its last seq (``b"o"`` key)
-        stays, so that a node given its id later never gets a number twice."""
-        entries = self.delete_acked(txn, node, _LAST_SEQ)
-        marks = 0
-        prefix = b"i" + node.encode("ascii") + b"\x00"
-        cursor = txn.cursor(db=self.marks_db)
-        if cursor.set_range(prefix):
-            while cursor.key().startswith(prefix) and cursor.delete():
-                marks += 1
-        return entries, marks
+    def forget(self, txn, node: str, drop: bool = True) -> tuple[int, int]:
+        """What is kept for ``node``, a node lost for good: the entries waiting for it, and the
+        marks of what its groups sent here — how many of each, dropped with ``drop``. Its last seq
+        (``b"o"`` key) stays, so that a node given its id later never gets a number twice."""
+        counts = []
+        name = node.encode("ascii") + b"\x00"
+        for db, prefix in ((self.outbox_db, name), (self.marks_db, b"i" + name)):
+            cursor, count = txn.cursor(db=db), 0
+            if cursor.set_range(prefix):
+                while cursor.key().startswith(prefix):
+                    count += 1
+                    if not (cursor.delete() if drop else cursor.next()):
+                        break
+            counts.append(count)
+        return counts[0], counts[1]
 
     def outbox_entries(self, node: str, after: int = 0, limit: int | None = None) -> list[tuple[int, bytes]]:
         """``node``'s entries numbered after ``after``, in order: [(seq, packed record)]."""

@@ -288,6 +288,8 @@ def test_a_node_lost_for_good_is_forgotten_and_the_list_change_goes_on(stores, t
             forget_node(a, without_c, "node-a", lost)
     assert a.outbox_nodes() == {"node-c": 2, "node-c9": 1}  # nothing dropped by a refusal
 
+    assert forget_node(a, without_c, "node-a", "node-c", drop=False) == (2, 2)  # counted only
+    assert a.outbox_nodes() == {"node-c": 2, "node-c9": 1}
     assert forget_node(a, without_c, "node-a", "node-c") == (2, 2)
     assert a.outbox_nodes() == {"node-c9": 1}
     assert [a.fanin_mark("node-c", bytes([seq]) * 8) for seq in (4, 7)] == [0, 0]
@@ -302,6 +304,22 @@ def test_a_node_lost_for_good_is_forgotten_and_the_list_change_goes_on(stores, t
     assert export_moves(a, without_c, "node-a", tmp_path / "moves") == {}
     check_node_list(a, a.node_list, without_c, "node-a")
     assert a.node_list.get()[0] == 2
+
+
+def test_a_full_store_that_cannot_forget_says_what_to_do(stores, monkeypatch):
+    """Deleting takes free pages too: LMDB cannot be made to run out of them on demand (a full map
+    still freed a failed commit's pages, tried here), so the full map is injected."""
+    import lmdb
+
+    a, _ = stores
+    check_node_list(a, a.node_list, Membership(["node-a", "node-c"], 1), "node-a")
+
+    def full(txn, node, drop):
+        raise lmdb.MapFullError("injected")
+
+    monkeypatch.setattr(a.fanout, "forget", full)
+    with pytest.raises(MoveError, match=r"raise lmdb_map_size_bytes .* \(nothing was dropped\)"):
+        forget_node(a, Membership(["node-a"], 2), "node-a", "node-c")
 
 
 def test_a_store_never_served_in_a_cluster_forgets_no_node(stores):
