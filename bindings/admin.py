@@ -205,6 +205,8 @@ _LINK_COUNTERS = (
     ("mismatched_batches", "interlink_cluster_link_mismatched_messages",
      "Relayed batches from a node running another node list (every stanza refused internal)."),
     ("malformed_answers", "interlink_cluster_link_malformed_answers", "Answer entries that were not [seq, bytes or nil]."),
+    ("answer_errors", "interlink_cluster_link_answer_errors",
+     "Answers from another node whose taking failed (this node's bug; the batch's other answers were taken)."),
     ("unknown_origin", "interlink_cluster_link_unknown_origin",
      "NATS messages on this node's subjects naming no other node of the list."),
     ("unpackable", "interlink_cluster_link_unpackable", "Relayed entries this node could not pack (its bug; dropped)."),

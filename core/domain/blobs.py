@@ -159,7 +159,7 @@ class Blobs:
         limits = self.limits
         if size > limits.blob_max_bytes:
             raise RouteError(f"a blob of {size} bytes is over the {limits.blob_max_bytes}-byte limit", code="too_large")
-        self._charge(user, NEW_BLOB_TOKENS * KIB, now)
+        self.charge(user, NEW_BLOB_TOKENS * KIB, now)
         day = int(now // DAY_S)
         declared_day, declared = self._daily.get(user, (day, 0))
         if declared_day != day:
@@ -204,7 +204,7 @@ class Blobs:
         if len(data) > self.chunk_bytes:
             raise RouteError(f"a chunk of {len(data)} bytes is over the {self.chunk_bytes}-byte limit", code="too_large")
         user = session.identity.user
-        self._charge(user, len(data), now)
+        self.charge(user, len(data), now)
         upload = self._upload(blob, user, now)
         if type(upload) is BlobRecord:  # ready: a late or repeated chunk of a finished upload
             return {"have": upload.size, "ready": True}
@@ -292,7 +292,7 @@ class Blobs:
         length = stanza.get("len")
         if type(length) is not int or not 0 <= length <= self.chunk_bytes:
             raise StanzaError(f"blob.read needs 'len': an int 0..{self.chunk_bytes} (got {_shown(length)})")
-        self._charge(session.identity.user, length, now)
+        self.charge(session.identity.user, length, now)
         # (A read of many small blob.reads is bounded by the operations' answer budget per read.)
         record = self.store.blob(blob)
         if record is None or not record.ready or record.expires_ms <= now * 1000:
@@ -513,7 +513,8 @@ class Blobs:
     def uploads_in_memory(self) -> int:
         return len(self._uploads)
 
-    def _charge(self, user: str, size: int, now: float) -> None:
+    def charge(self, user: str, size: int, now: float) -> None:
+        """Charge ``size`` bytes (1 KiB at least) to ``user``'s blob bucket, or refuse ``rate_limited``."""
         wait_s = self.buckets.take(user, now, max(1.0, size / KIB))
         if wait_s:
             retry_after = max(1, math.ceil(wait_s * 1000))

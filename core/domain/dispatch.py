@@ -94,6 +94,7 @@ class Domain:
             if self.blobs is not None:  # a blob lives on the node its id hashes to: its uploader's
                 self.blobs.new_id = self.relay.new_blob_id
                 self.relay.blob_chunk_bytes = self.blobs.chunk_bytes
+                self.relay.charge_blob = self.blobs.charge
         self.stanzas_in: Counter = Counter()  # by stanza type ("unknown" for the rest)
         self.refusals: Counter = Counter()  # err answers to stanzas, by code
         self._overloaded_answer = (0, b"")  # (retry_after, the encoded answer without the ref's value)

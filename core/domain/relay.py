@@ -44,7 +44,7 @@ import msgpack
 
 from interlink.core.domain.auth import Identity
 from interlink.core.domain.auth.providers import PROVIDER_ID_RE, localpart_error
-from interlink.core.domain.blobs import BLOB_ID_BYTES
+from interlink.core.domain.blobs import BLOB_ID_BYTES, KIB
 from interlink.core.domain.cluster import Membership
 from interlink.core.errors import ErrorCode, InterlinkError, MalformedRecordError, RouteError, StanzaError
 from interlink.core.domain.fanout import GroupDlv, plan_group
@@ -128,6 +128,13 @@ def _parts(members: list) -> list[list]:
         size += cost
     parts.append(part)
     return parts
+
+
+def _read_cost(length: int) -> int:
+    """What a relayed ``blob.read`` of ``length`` takes of its device's answers budget: 1 KiB at
+    least, as its bytes are charged (a zero-length read counted nothing, and two of them left the
+    count's key deleted before the second's answer came)."""
+    return max(length, KIB)
 
 
 def _count_down(counts: dict, key) -> None:
@@ -413,6 +420,7 @@ class Relay:
         self._waiting_per_device: dict[tuple, int] = {}  # session key -> its stanzas waiting (or held)
         self._blob_bytes_waiting: dict[tuple, int] = {}  # session key -> bytes its blob.reads asked other nodes for
         self.blob_chunk_bytes = 0  # the largest blob.read this node's clients may ask (set with blobs)
+        self.charge_blob: Callable[[str, int, float], None] | None = None  # Blobs.charge (set with blobs)
         self._streams: dict[tuple, deque] = {}  # (session key, node, group or not) -> stored stanzas: in flight, then held
         # (session key, None for 1:1 or the node of its groups) -> what it must send again first
         self._resend_first: dict[tuple, _Awaited] = {}
@@ -649,8 +657,11 @@ class Relay:
 
     def _take_blob_read(self, session, stanza: dict, now: float) -> bool:
         """A ``blob.read`` of a blob living on another node (its id's home): asked there, rebuilt
-        from its fields. Not charged to the message rate (the blob's node charges the bytes to the
-        reader's blob allowance); bounded per device while it waits."""
+        from its fields. Charged here to the reader's blob bucket, as on one node (its node
+        charges it too: a refusal here costs no round trip, and no other node's work), not to the
+        message rate; bounded per device while it waits, each read counted 1 KiB at least."""
+        if self.charge_blob is None:
+            return False  # no blobs here: the local handler says so
         blob = stanza.get("blob")
         if type(blob) is not bytes or len(blob) != BLOB_ID_BYTES:
             return False  # the local handler answers what is wrong with it
@@ -671,7 +682,8 @@ class Relay:
             raise RouteError("too many requests at once; send more when the answers have arrived",
                              code="rate_limited", retry_after=10)
         self._admit(session, now, charge=False)
-        self._blob_bytes_waiting[key] = reading + length
+        self.charge_blob(session.identity.user, length, now)
+        self._blob_bytes_waiting[key] = reading + _read_cost(length)
         self._send(node, session, {"t": "iq", "id": iq_id, "op": "blob.read", "blob": blob, "off": off, "len": length},
                    FORWARD, now)
         return True
@@ -1119,7 +1131,7 @@ class Relay:
         key = pending.session.session_key
         _count_down(self._waiting_per_device, key)
         if pending.stanza.get("op") == "blob.read":
-            reading = self._blob_bytes_waiting[key] - pending.stanza["len"]
+            reading = self._blob_bytes_waiting[key] - _read_cost(pending.stanza["len"])
             if reading > 0:
                 self._blob_bytes_waiting[key] = reading
             else:

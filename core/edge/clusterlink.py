@@ -390,7 +390,12 @@ class ClusterLink:
                         entry[1] is not None and type(entry[1]) is not bytes):
                     self.counters["malformed_answers"] += 1
                     continue
-                round_trip = relay.answered(origin, entry[0], entry[1], now)
+                try:
+                    round_trip = relay.answered(origin, entry[0], entry[1], now)
+                except Exception:  # a bug of ours with one answer must not cost the batch's others theirs
+                    self.counters["answer_errors"] += 1
+                    log.exception("cluster: taking an answer from node %s failed", origin)
+                    continue
                 if round_trip is not None:
                     observe(round_trip)
         finally:

@@ -791,6 +791,71 @@ def test_a_member_nodes_full_outbox_stream_refuses_the_groups_messages_and_chang
     assert stream.backlog_bytes == 0
 
 
+@pytest.fixture
+def blob_nodes(tmp_path):
+    """``nodes`` with blobs: a blob bucket of 64 KiB/s (a burst of 128 KiB) per reader."""
+    from interlink.core.domain.blobs import BlobLimits
+    from interlink.core.edge.blobfiles import BlobFileStore
+
+    class Inline:
+        def submit(self, work, done):
+            done(work(), NOW)
+
+    made = []
+    for name in ("node-a", "node-b"):
+        node = Node(tmp_path / name, name)
+        limits = BlobLimits(blob_max_bytes=1 << 20, blob_open_uploads_per_user=3, blob_daily_bytes_per_user=1 << 24,
+                            blob_min_free_bytes=0, blob_kib_per_s_per_user=64, blob_ttl_s=3600.0,
+                            blob_upload_ttl_s=600.0)
+        node.domain = cluster_domain(node.store, MEMBERSHIP, name, blob_files=BlobFileStore(tmp_path / name / "blobs"),
+                                     offload=Inline(), blob_writer=Inline(), blob_limits=limits)
+        node.relay = node.domain.relay
+        node.relay.wake = node._woken
+        made.append(node)
+    yield made
+    for node in made:
+        node.store.close()
+
+
+def blob_of(node: str) -> bytes:
+    return next(blob for blob in iter(lambda: os.urandom(16), None) if MEMBERSHIP.home(blob) == node)
+
+
+def test_zero_length_blob_reads_waiting_together_are_each_answered(blob_nodes):
+    """Each relayed read counts 1 KiB at least while it waits: two of ``len`` 0 counted nothing,
+    and the second's answer raised (the count's key gone), losing every answer after it in its
+    batch — other users' acks."""
+    a, b = blob_nodes
+    reader, sender = a.open(A1), a.open(A2)
+    b.open(B1)
+    blob = blob_of("node-b")
+    for iq_id in (1, 2):
+        a.domain.dispatch(reader, {"t": "iq", "id": iq_id, "op": "blob.read", "blob": blob, "off": 0, "len": 0}, NOW)
+    a.domain.dispatch(sender, {"t": "msg", "id": os.urandom(16), "to": B1, "c": {1: b"hi"}}, NOW)
+    carry(a, b)
+    b.commit()
+    answer(a, b)
+    assert sorted((x["id"], x["code"]) for x in reader.take()) == [(1, "not_found"), (2, "not_found")]
+    assert [x["t"] for x in sender.take()] == ["ack"]
+    assert a.relay._blob_bytes_waiting == {} and not a.relay.waiting
+
+
+def test_a_blob_read_of_another_nodes_blob_is_charged_at_the_readers_node_first(blob_nodes):
+    """Refused there once the reader's blob bucket is empty, with nothing relayed: reads of 1 byte
+    (charged 1 KiB each, 128 in the burst) used to go to the blob's node every one, refused
+    only there, after a round trip."""
+    a, b = blob_nodes
+    reader = a.open(A1)
+    blob = blob_of("node-b")
+    for iq_id in range(1, 201):
+        a.domain.dispatch(reader, {"t": "iq", "id": iq_id, "op": "blob.read", "blob": blob, "off": 0, "len": 1}, NOW)
+    refused = [x for x in reader.take() if x["t"] == "err"]
+    assert len(refused) == 200 - 128 and {x["code"] for x in refused} == {"rate_limited"}
+    assert all(x["retry_after"] >= 1 for x in refused)
+    records = carry(a, b)
+    assert len(records) == 128 and {r[5]["op"] for r in records} == {"blob.read"}
+
+
 def test_a_change_too_large_for_the_group_is_refused_at_its_home_before_any_token_or_check(nodes, monkeypatch):
     """As on one node, ``too_large`` costs no rate token; at a cluster home it also asks no member's
     node about anyone (it was charged, and checked there, before the size was looked at)."""
