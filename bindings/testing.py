@@ -541,18 +541,19 @@ def cluster_domain(store, membership, node: str, *, message_rate: float = 1e9, *
     """Cluster node ``node``'s ``Domain`` over ``store``, as the relay's tests and benchmark build
     it: one provider ``alpha`` (``https://alpha.example``, audience ``gw``) that accepts everyone,
     groups of at most 16, message rates of ``message_rate`` per device and user, the default
-    admission settings and a 2 s relay timeout; ``settings``: more of ``Domain``'s (blobs)."""
+    admission settings and a 2 s relay timeout; ``settings``: others of ``Domain``'s, or more (blobs)."""
     from interlink.core.domain.auth import Provider, ProviderRegistry
     from interlink.core.domain.dispatch import Domain
 
     registry = ProviderRegistry([Provider(id="alpha", issuer="https://alpha.example", audience="gw",
                                           jwks_uri="https://alpha.example/jwks", default_accept=("*",))])
-    return Domain(
+    options = dict(
         store=store, registry=registry, window=64, max_frame_bytes=65535, max_group=16,
         message_rate_per_device=message_rate, message_rate_per_user=message_rate,
         overload_turn_messages=DEFAULTS.overload_turn_messages, overload_refuse_after_s=DEFAULTS.overload_refuse_after_s,
-        membership=membership, node=node, relay_timeout_s=2.0, **settings,
+        membership=membership, node=node, relay_timeout_s=2.0,
     )
+    return Domain(**{**options, **settings})
 
 
 def homed_users(membership, provider: str, per_node: int = 1, prefix: str = "user") -> dict[str, list[str]]:

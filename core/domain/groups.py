@@ -17,6 +17,8 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+
+import msgpack
 from interlink.core.domain.auth import ProviderRegistry
 from interlink.core.errors import StanzaError
 from interlink.core.domain.fanout import GroupDlv, plan_cached
@@ -522,8 +524,6 @@ class Groups:
                     retry_after=retry_after,
                 )
         ver = record.ver if record is not None else ver
-        change = GroupWrite(g, prior_ver, record)
-        self._dirty[g] = change
         event_id = hashlib.blake2b(b"interlink-group-event" + g + ver.to_bytes(8, "big"), digest_size=16).digest()
         fields = {"k": "group", "id": event_id, "from": actor, "dev": actor_device, "g": g, "event": event,
                   "members": concerned, "ver": ver}
@@ -531,6 +531,16 @@ class Groups:
             fields["promoted"] = list(promoted)
         if event == "created" and record.meta is not None:
             fields["meta"] = record.meta
+        # The event is stored as a dlv of its own: it must fit a frame, where it is stored here and
+        # as a member's node checks it (relay.py ``_check_event``) — the bound on 'members' leaves
+        # room for the rest by an estimate, which long addresses and the largest 'meta' passed.
+        event_bytes = len(msgpack.packb(fields))
+        if event_bytes > self.router.max_ciphertext_bytes:
+            raise RouteError(f"the group's '{event}' event would take {event_bytes} bytes, over the "
+                             f"{self.router.max_ciphertext_bytes} a frame holds: fewer members or a smaller 'meta'",
+                             code="too_large")
+        change = GroupWrite(g, prior_ver, record)
+        self._dirty[g] = change
         recipients = list(record.members) if record is not None else []
         recipients += [user for user in removed if record is None or user not in record.member_set]
         relay = self.relay

@@ -18,8 +18,8 @@ one before it (``after``: the window's previous entry, or the last one the node 
 stored), and the member stores it only once that one is stored: however a window was cut up on
 the way (split across NATS messages, one part lost or its commit failed), entries are stored in
 the home's commit order and the mark never passes one that was not. A refusal that sending
-again cannot change (``FINAL_REFUSALS``: the sender's provider is suspended there) ends the
-entry: counted, logged, not sent again.
+again cannot change (``FINAL_REFUSALS``: the sender's provider is suspended there, the entry is
+too large for that node) ends the entry: counted, logged, not sent again.
 """
 
 from __future__ import annotations
@@ -36,7 +36,10 @@ WINDOW_BYTES = 256 * 1024  # ... and their packed size (the link lowers it to fi
 MEMORY_ENTRIES = 4096  # entries of one stream kept in memory; the rest are read from the store in turn
 MEMORY_BYTES = 8 << 20  # ... and their packed size (unpacked they take several times that)
 RETRY_S = 0.5  # after a window with an entry not stored, before it is sent again
-FINAL_REFUSALS = frozenset({"provider_suspended"})  # sending again cannot change them
+# Sending again cannot change them: the sender's provider suspended there, an entry too large for
+# that node's frames (nodes configured with other max_frame_bytes) — sent again for ever, it held
+# back every entry behind it, every group's, until the home's share was full.
+FINAL_REFUSALS = frozenset({"provider_suspended", "too_large"})
 # Of the store's map (lmdb_map_size_bytes), what the outbox may fill, shared equally by the other
 # nodes: a node unreachable for long must not fill the disk its home's own users' mailboxes need.
 OUTBOX_SHARE = 0.5

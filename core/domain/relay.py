@@ -991,7 +991,8 @@ class Relay:
             if type(stanza.get("id")) is not bytes or len(stanza["id"]) != 16 or type(body) is not bytes or not body:
                 raise MalformedRecordError("gfan msg needs 'id' (16 bytes) and 'b' (bin)")
             if len(body) > self.groups.max_body_bytes:  # its copies must fit a frame here
-                raise MalformedRecordError(f"gfan msg 'b' of {len(body)} bytes is over {self.groups.max_body_bytes}")
+                raise RouteError(f"gfan msg 'b' of {len(body)} bytes is over this node's {self.groups.max_body_bytes}",
+                                 code="too_large")  # final: sent again it never fits (outbox.FINAL_REFUSALS)
         elif k == "event":
             self._check_event(stanza.get("fields"), identity, stanza.get("g"))
         elif k == "check":
@@ -1042,8 +1043,12 @@ class Relay:
               and all(type(names) is list and all(type(m) is str and len(m) <= MAX_ADDRESS_CHARS for m in names)
                       for names in (fields["members"], fields.get("promoted", [])))
               and (fields.get("meta") is None or type(fields["meta"]) is bytes))
-        if not ok or len(msgpack.packb(fields)) > self.router.max_ciphertext_bytes:
-            raise MalformedRecordError("gfan event 'fields' are not a group event that fits a frame")
+        if not ok:
+            raise MalformedRecordError("gfan event 'fields' are not those of a group event")
+        size = len(msgpack.packb(fields))
+        if size > self.router.max_ciphertext_bytes:  # the home checks it too: nodes with other frame sizes
+            raise RouteError(f"gfan event of {size} bytes is over this node's {self.router.max_ciphertext_bytes}",
+                             code="too_large")  # final: sent again it never fits (outbox.FINAL_REFUSALS)
 
     def _gather(self, session, stanza: dict, now: float) -> None:
         """A look-up every node answers for its own users (``dir.lookup``): served here first —

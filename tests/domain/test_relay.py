@@ -23,10 +23,10 @@ B1, B2 = USERS["node-b"]  # homed on node-b
 
 
 class Node:
-    def __init__(self, path, node: str, membership: Membership = MEMBERSHIP) -> None:
+    def __init__(self, path, node: str, membership: Membership = MEMBERSHIP, **settings) -> None:
         self.name = node
         self.store = lmdb_store(path, sync=False, map_size_bytes=1 << 26)
-        self.domain = cluster_domain(self.store, membership, node)
+        self.domain = cluster_domain(self.store, membership, node, **settings)
         self.relay = self.domain.relay
         self.wakes = 0
         self.relay.wake = self._woken
@@ -854,6 +854,73 @@ def test_a_blob_read_of_another_nodes_blob_is_charged_at_the_readers_node_first(
     assert all(x["retry_after"] >= 1 for x in refused)
     records = carry(a, b)
     assert len(records) == 128 and {r[5]["op"] for r in records} == {"blob.read"}
+
+
+def test_a_group_whose_event_would_not_fit_a_frame_is_refused_at_its_home(tmp_path, monkeypatch):
+    """'members' is bounded by an estimate of the event's other fields; long addresses with the
+    largest 'meta' passed it, and the created event, stored here, was refused by the member's node
+    (its exact check) every time it was sent: now the home measures the event itself."""
+    import interlink.core.domain.relay as relay_module
+
+    a = Node(tmp_path / "a", "node-a", max_frame_bytes=2048, max_group=64)
+    try:
+        groups = a.domain.groups
+        long_names = [f"{'x' * 50}{i:02d}@alpha" for i in range(200)]
+        members = [m for m in long_names if MEMBERSHIP.home(m) == "node-a"]
+        fitting = []
+        for member in members:  # as many as the bound on 'members' lets in
+            if sum(len(m) + 2 for m in fitting + [member]) > groups.max_members_bytes:
+                break
+            fitting.append(member)
+        creator = next(m for m in members if m not in fitting)
+        for user in (creator, *fitting):
+            a.store.register_device(user, 1, 5)
+        alice = FakeSession(creator, 1)
+        a.domain.router.open_session(alice)
+        monkeypatch.setattr(relay_module, "new_group_id", lambda: group_homed_on("node-a"))
+        meta = bytes(groups.max_meta_bytes)
+        a.domain.dispatch(alice, {"t": "iq", "id": 1, "op": "group.new", "members": fitting, "meta": meta}, NOW)
+        a.commit()
+        [refused] = alice.take()
+        assert (refused["t"], refused["code"]) == ("err", "too_large") and "event would take" in refused["msg"]
+        assert not a.domain.router.has_batch
+        a.domain.dispatch(alice, {"t": "iq", "id": 2, "op": "group.new", "members": fitting[:-2], "meta": meta}, NOW)
+        a.commit()
+        [made] = alice.take()
+        assert made["t"] == "res" and a.store.group(made["g"]) is not None
+    finally:
+        a.store.close()
+
+
+def test_an_entry_too_large_for_a_member_node_is_refused_for_good_and_the_stream_goes_on(tmp_path, monkeypatch):
+    """Node-b takes smaller frames than node-a (configured so): a group message that fits node-a's
+    is refused ``too_large`` by node-b — for good: sent again it would never fit, and it held back
+    every entry behind it, of every group of node-a with members on node-b."""
+    a, b = Node(tmp_path / "a", "node-a"), Node(tmp_path / "b", "node-b", max_frame_bytes=2048)
+    try:
+        bob = b.open(B1)
+        g, alice = group_with(a, b, monkeypatch, B1)
+        bob.take()
+        for body in (bytes(3000), b"after it"):
+            a.domain.dispatch(alice, group_msg(g, body), NOW)
+        a.commit()
+        assert [x["t"] for x in alice.take()] == ["ack", "ack"]
+        window = carry(a, b)
+        assert [len(r[5]["b"]) for r in window] == [3000, 8]
+        b.commit()
+        answer(a, b)  # the first refused for good, the second not stored behind it: sent again, alone
+        assert a.relay.counters["outbox_refused"] == 1 and a.relay.outbox.backlog == 1
+        a.relay.expire(NOW + 1)
+        assert [r[5]["b"] for r in carry(a, b)] == [b"after it"]
+        b.commit()
+        answer(a, b)
+        assert [d["c"] for d in bob.take()] == [b"after it"]
+        assert a.relay.outbox.backlog == 0
+        a.relay.expire(NOW + 60)
+        assert a.relay.take_output() == ({}, {})  # nothing sent again
+    finally:
+        a.store.close()
+        b.store.close()
 
 
 def test_a_change_too_large_for_the_group_is_refused_at_its_home_before_any_token_or_check(nodes, monkeypatch):
