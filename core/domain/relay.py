@@ -536,7 +536,7 @@ class Relay:
             self._admit(session, now)
             self._send(node, session, relayed, FORWARD, now)
             return True
-        if "g" in stanza:
+        if "g" in stanza and kind != "rcpt":  # a receipt has no group: a stray 'g' is ignored, as on one node
             return self._take_group(session, stanza, now)
         to = stanza.get("to")
         if type(to) is not str or len(to) > MAX_ADDRESS_CHARS:
@@ -700,8 +700,6 @@ class Relay:
             typing_state(stanza)
         elif kind == "iq" and type(stanza.get("id")) is not int:
             raise StanzaError("iq needs an int 'id'")
-        elif kind == "rcpt":
-            return False  # a receipt has no group: the local handler answers what is wrong with it
         fields = self.groups.request_fields(stanza)
         if fields.get("op") == "group.new":
             fields["g"] = self._new_group_id(session, fields, now)

@@ -631,6 +631,21 @@ def test_a_timed_out_stanza_holds_back_only_its_own_kind_and_not_past_its_resend
 
 
 
+def test_a_receipt_with_a_stray_g_goes_to_its_recipients_node(nodes):
+    """A receipt has no group: its 'g', if a client sends one, is ignored as on one node (it used to
+    keep the receipt here, refused ``unknown_recipient`` for a recipient of another node)."""
+    a, b = nodes
+    alice, bob = a.open(A1), b.open(B1)
+    receipt = {"t": "rcpt", "id": os.urandom(16), "to": B1, "kind": "read", "ids": [os.urandom(16)],
+               "g": os.urandom(16)}
+    a.domain.dispatch(alice, receipt, NOW)
+    assert alice.take() == [] and [r[5]["id"] for r in carry(a, b)] == [receipt["id"]]
+    b.commit()
+    answer(a, b)
+    assert [(x["t"], x["id"]) for x in alice.take()] == [("ack", receipt["id"])]
+    assert [(d["k"], d["id"]) for d in bob.take()] == [("rcpt", receipt["id"])]
+
+
 def test_a_gfan_must_come_from_its_groups_home_and_carry_well_formed_fields(nodes):
     """A member's node stores a group's copies only on the word of the node the group id makes
     its home; a malformed record costs itself only, never the batch it came in."""
