@@ -177,6 +177,8 @@ _CLUSTER_COUNTERS = (
     ("held_overflow", "interlink_cluster_held_overflow",
      "Stanzas for a group refused overloaded (or typing state dropped): too many already waited behind changes "
      "(256 per group, 64 per device, 8,192 in all)."),
+    ("waiting_full", "interlink_cluster_waiting_full",
+     "Stanzas refused overloaded: what this node's clients' stanzas waiting for other nodes take (256 MiB) was full."),
     ("own_copies_lost", "interlink_cluster_own_copies_lost",
      "Messages acked by the recipient's node whose copies for the sender's other devices could not be stored here."),
     ("internal_errors", "interlink_cluster_internal_errors", "Relayed stanzas that failed on a gateway bug (see the logs)."),

@@ -86,6 +86,11 @@ MAX_DRAWN_GROUPS_PER_DEVICE = 8  # ... and per device: one device cannot push ou
 INNER_SHARE = 0.4  # of the timeout, for a group home's member checks (they must fit the sender's deadline)
 ENTRY_MEMBERS_BYTES = 24 * 1024  # addresses per group fan-out entry (see _parts)
 MAX_WAITING_PER_DEVICE = 1024  # a device's stanzas waiting for other nodes at once (rate_limited past it)
+# ... and their bytes (a stream holds all but its first while that one waits: 1,024 full frames
+# were 67 MB of one device's, a review measured): rate_limited past this, but for a device's first
+MAX_WAITING_BYTES_PER_DEVICE = 4 << 20
+MAX_WAITING_BYTES = 256 << 20  # ... every device's together: overloaded past it
+STANZA_OVERHEAD_BYTES = 512  # what a waiting stanza takes besides its ciphertexts or body (counted for each)
 MAX_HELD_PER_GROUP = 256  # stanzas for one group waiting behind its change's member checks (overloaded past it)
 MAX_HELD_PER_DEVICE = 64  # ... of one device, whatever the groups
 MAX_HELD = 8192  # ... in all
@@ -128,6 +133,22 @@ def _parts(members: list) -> list[list]:
         size += cost
     parts.append(part)
     return parts
+
+
+def _payload_bytes(stanza: dict) -> int:
+    """What a client's stanza takes while it waits for another node, about: its ciphertexts or
+    group body (the frame it came in bounds them) and ``STANZA_OVERHEAD_BYTES``."""
+    size = STANZA_OVERHEAD_BYTES
+    for name in ("c", "own"):
+        parts = stanza.get(name)
+        if type(parts) is dict:
+            for part in parts.values():
+                if type(part) is bytes:
+                    size += len(part)
+    body = stanza.get("b")
+    if type(body) is bytes:
+        size += len(body)
+    return size
 
 
 def _read_cost(length: int) -> int:
@@ -218,7 +239,7 @@ class Pending:
     ``_Checked`` or ``_Delivery`` that takes their answers, through ``node_answered``)."""
 
     __slots__ = ("session", "stanza", "kind", "node", "sent", "answer", "acked", "done", "seq", "record",
-                 "stream", "poisoned")
+                 "stream", "poisoned", "size")
 
     def __init__(self, session, stanza: dict, kind: int, node: str | None, now: float) -> None:
         self.session = session
@@ -233,6 +254,7 @@ class Pending:
         self.record: list | None = None  # what goes to the node, kept while held back (None: it left)
         self.stream: tuple | None = None  # (session key, node, group or not): one in flight per stream
         self.poisoned = False  # an earlier stanza of its device's chain timed out: refused, not stored here
+        self.size = 0  # what it counts of its device's waiting bytes (``Relay._admit``; 0: not a client's)
 
 
 class _StandIn:
@@ -418,6 +440,8 @@ class Relay:
         self._deadlines: list = []  # heap of (deadline, seq)
         self._chains: dict[tuple, deque] = {}  # session key -> its stanzas settled in order (own copies)
         self._waiting_per_device: dict[tuple, int] = {}  # session key -> its stanzas waiting (or held)
+        self._waiting_bytes_per_device: dict[tuple, int] = {}  # ... and their bytes (``_payload_bytes``)
+        self.waiting_bytes = 0  # ... every device's together
         self._blob_bytes_waiting: dict[tuple, int] = {}  # session key -> bytes its blob.reads asked other nodes for
         self.blob_chunk_bytes = 0  # the largest blob.read this node's clients may ask (set with blobs)
         self.charge_blob: Callable[[str, int, float], None] | None = None  # Blobs.charge (set with blobs)
@@ -445,7 +469,7 @@ class Relay:
         self.counters = {"relayed": 0, "answered": 0, "timeouts": 0, "late_answers": 0, "served": 0,
                          "malformed": 0, "misrouted": 0, "refused": 0, "own_copies_lost": 0, "internal_errors": 0,
                          "held_back": 0, "refused_before_resend": 0, "bad_answers": 0,
-                         "held_for_group_change": 0, "held_overflow": 0, "outbox_full": 0}
+                         "held_for_group_change": 0, "held_overflow": 0, "outbox_full": 0, "waiting_full": 0}
         # This node's group fan-out to member nodes, durable until each stored it.
         self.outbox = Outbox(self.store, node, membership.nodes)
         self.counters.update(self.outbox.counters)
@@ -533,8 +557,8 @@ class Relay:
             relayed = {"t": "iq", "id": iq_id, "op": op, "user": user}
             if op == "keys.get" and stanza.get("devices") is not None:
                 relayed["devices"] = device_list(stanza["devices"], op, "'devices'")
-            self._admit(session, now)
-            self._send(node, session, relayed, FORWARD, now)
+            size = self._admit(session, stanza, now)
+            self._send(node, session, relayed, FORWARD, now, size=size)
             return True
         if "g" in stanza and kind != "rcpt":  # a receipt has no group: a stray 'g' is ignored, as on one node
             return self._take_group(session, stanza, now)
@@ -548,7 +572,7 @@ class Relay:
             # (its recipients' order is the order the device sent).
             if kind == "state" or session.session_key not in self._chains:
                 return False
-            router.charge(session, now)
+            size = self._admit(session, stanza, now)  # it waits here, counted as one waiting for a node
             if kind == "msg":
                 router.msg_parts(session, stanza)
                 stanza_id(stanza, "msg")
@@ -557,11 +581,12 @@ class Relay:
             deferred = Pending(session, stanza, DEFERRED, None, now)
             self._seq += 1
             deferred.seq = self._seq  # its place in the device's order (it waits for no answer)
+            self._count_waiting(deferred, size)
             self._chain(deferred)
             return True
-        self._admit(session, now)
+        size = self._admit(session, stanza, now)
         if kind == "state":
-            self._send(node, session, {"t": "state", "to": to, "s": typing_state(stanza)}, FORWARD, now)
+            self._send(node, session, {"t": "state", "to": to, "s": typing_state(stanza)}, FORWARD, now, size=size)
             return True
         if kind == "msg":
             msg_id = stanza_id(stanza, "msg")
@@ -577,9 +602,9 @@ class Relay:
             identity = session.identity
             stores_own = any(d != identity.device for d in self.store.devices(identity.user))
         if stores_own or session.session_key in self._chains:
-            self._chain(self._send(node, session, relayed, OWN, now, original=stanza))
+            self._chain(self._send(node, session, relayed, OWN, now, original=stanza, size=size))
         else:
-            self._send(node, session, relayed, FORWARD, now)
+            self._send(node, session, relayed, FORWARD, now, size=size)
         return True
 
     def _resend_key(self, session, stanza: dict, node: str | None) -> tuple | None:
@@ -681,11 +706,11 @@ class Relay:
         if reading >= ANSWERS_PER_READ_BYTES:  # as on one node: about 1 MiB of answers on their way at once
             raise RouteError("too many requests at once; send more when the answers have arrived",
                              code="rate_limited", retry_after=10)
-        self._admit(session, now, charge=False)
+        size = self._admit(session, stanza, now, charge=False)
         self.charge_blob(session.identity.user, length, now)
         self._blob_bytes_waiting[key] = reading + _read_cost(length)
         self._send(node, session, {"t": "iq", "id": iq_id, "op": "blob.read", "blob": blob, "off": off, "len": length},
-                   FORWARD, now)
+                   FORWARD, now, size=size)
         return True
 
     # -- groups: served at the group's home, copies stored by each member's home
@@ -709,8 +734,8 @@ class Relay:
                 self._precheck(session, fields, now, charge=True)
                 return True
             return False  # here: served as on one node
-        self._admit(session, now)
-        self._send(node, session, fields, FORWARD, now)
+        size = self._admit(session, fields, now)
+        self._send(node, session, fields, FORWARD, now, size=size)
         return True
 
     def _new_group_id(self, session, fields: dict, now: float) -> bytes:
@@ -1056,23 +1081,47 @@ class Relay:
         self.serve_stanza(gather, stanza, now)
         if gather.done:  # refused here: that is the answer
             return
-        self._admit(session, now)
+        self._admit(session, stanza, now)
         relayed = {"t": "iq", "id": stanza["id"], "op": stanza["op"], "phone": stanza["phone"]}
         for node in self.membership.nodes:
             if node != self.node:
                 gather.waiting += 1
                 self._send(node, gather, relayed, GATHER, now)
 
-    def _admit(self, session, now: float, *, charge: bool = True) -> None:
-        """Charge the stanza to its device's and user's rate (as a stored one), and refuse it while
-        the device already has ``MAX_WAITING_PER_DEVICE`` stanzas waiting for other nodes."""
-        if charge:
-            self.router.charge(session, now)
-        if self._waiting_per_device.get(session.session_key, 0) >= MAX_WAITING_PER_DEVICE:
+    def _admit(self, session, stanza: dict, now: float, *, charge: bool = True) -> int:
+        """Refuse ``stanza`` while its device already has ``MAX_WAITING_PER_DEVICE`` stanzas or
+        ``MAX_WAITING_BYTES_PER_DEVICE`` waiting for other nodes (``rate_limited``; a device's first
+        always passes), or all devices' take ``MAX_WAITING_BYTES`` (``overloaded``); then charge it
+        to its device's and user's rate (as a stored one). Returns what it counts of the bytes
+        (``_send``'s ``size``)."""
+        key = session.session_key
+        if self._waiting_per_device.get(key, 0) >= MAX_WAITING_PER_DEVICE:
             raise RouteError(f"{MAX_WAITING_PER_DEVICE} requests already wait for other nodes; "
                              f"try again in {RETRY_AFTER_MS} ms", code="rate_limited", retry_after=RETRY_AFTER_MS)
+        size = _payload_bytes(stanza)
+        held = self._waiting_bytes_per_device.get(key, 0)
+        if held and held + size > MAX_WAITING_BYTES_PER_DEVICE:
+            raise RouteError(f"{held} bytes of your stanzas already wait for other nodes; try again in "
+                             f"{RETRY_AFTER_MS} ms", code="rate_limited", retry_after=RETRY_AFTER_MS)
+        if self.waiting_bytes + size > MAX_WAITING_BYTES:
+            self.counters["waiting_full"] += 1
+            raise RouteError(f"the gateway holds as much as it may for other nodes; try again in {RETRY_AFTER_MS} ms",
+                             code="overloaded", retry_after=RETRY_AFTER_MS)
+        if charge:
+            self.router.charge(session, now)
+        return size
 
-    def _send(self, node: str, session, stanza: dict, kind: int, now: float, original: dict | None = None) -> Pending:
+    def _count_waiting(self, pending: Pending, size: int) -> None:
+        """``pending`` of a client's stanza waits here: counted to its device (``_done_waiting`` ends it)."""
+        key = pending.session.session_key
+        self._waiting_per_device[key] = self._waiting_per_device.get(key, 0) + 1
+        if size:
+            pending.size = size
+            self._waiting_bytes_per_device[key] = self._waiting_bytes_per_device.get(key, 0) + size
+            self.waiting_bytes += size
+
+    def _send(self, node: str, session, stanza: dict, kind: int, now: float, original: dict | None = None,
+              size: int = 0) -> Pending:
         """Relay ``stanza`` of ``session`` to ``node``. A stored one (``msg``, ``rcpt``) of this
         node's session waits while an earlier one of the same device to the same node has no
         answer: a node that missed one (it was restarting, NATS was) must not store the next
@@ -1084,7 +1133,7 @@ class Relay:
         pending.record = [self._seq, identity.provider, identity.localpart, identity.device,
                           session.max_plaintext_bytes, stanza]
         key = session.session_key
-        self._waiting_per_device[key] = self._waiting_per_device.get(key, 0) + 1
+        self._count_waiting(pending, size)
         self.counters["relayed"] += 1
         if kind in (FORWARD, OWN) and stanza["t"] in ("msg", "rcpt"):
             # A group's messages are a stream of their own: a group node that does not answer holds
@@ -1133,6 +1182,13 @@ class Relay:
     def _done_waiting(self, pending: Pending) -> None:
         key = pending.session.session_key
         _count_down(self._waiting_per_device, key)
+        if pending.size:
+            self.waiting_bytes -= pending.size
+            left = self._waiting_bytes_per_device[key] - pending.size
+            if left:
+                self._waiting_bytes_per_device[key] = left
+            else:
+                del self._waiting_bytes_per_device[key]
         if pending.stanza.get("op") == "blob.read":
             reading = self._blob_bytes_waiting[key] - _read_cost(pending.stanza["len"])
             if reading > 0:
@@ -1292,6 +1348,8 @@ class Relay:
                     self._await_resend(later, now)  # awaited now, though refused only when it settles
         while chain and chain[0].done:
             head = chain.popleft()
+            if head.kind == DEFERRED:
+                self._done_waiting(head)  # (one that went to a node was counted down at its answer)
             if head.poisoned:
                 self.counters["held_back"] += 1
                 self.router.push_encoded(head.session, encode_stanza({

@@ -51,6 +51,9 @@ class Node:
 def nodes(tmp_path):
     a, b = Node(tmp_path / "a", "node-a"), Node(tmp_path / "b", "node-b")
     yield a, b
+    for node in (a, b):  # whatever a test left waiting, the bytes counted add up (none negative, none lost)
+        per_device = node.relay._waiting_bytes_per_device
+        assert all(size > 0 for size in per_device.values()) and node.relay.waiting_bytes == sum(per_device.values())
     a.store.close()
     b.store.close()
 
@@ -644,6 +647,67 @@ def test_a_receipt_with_a_stray_g_goes_to_its_recipients_node(nodes):
     answer(a, b)
     assert [(x["t"], x["id"]) for x in alice.take()] == [("ack", receipt["id"])]
     assert [(d["k"], d["id"]) for d in bob.take()] == [("rcpt", receipt["id"])]
+
+
+def test_what_a_device_keeps_waiting_for_other_nodes_is_bounded_in_bytes(nodes):
+    """A device's messages to one node go one at a time, the rest held here: 1,024 full frames
+    were 67 MB of one device's (a review). Past MAX_WAITING_BYTES_PER_DEVICE it is refused
+    ``rate_limited`` (no token spent) and takes again as answers come back."""
+    from interlink.core.domain.relay import MAX_WAITING_BYTES_PER_DEVICE
+
+    a, b = nodes
+    alice = a.open(A1)
+    b.open(B1)
+    big = bytes(60_000)
+    sent = [msg(B1, c={1: big}) for _ in range(100)]
+    fits = MAX_WAITING_BYTES_PER_DEVICE // (60_000 + 512)
+    for stanza in sent:
+        a.domain.dispatch(alice, stanza, NOW)
+    refused = alice.take()
+    assert len(refused) == 100 - fits and {(x["code"], x["retry_after"]) for x in refused} == {("rate_limited", 1000)}
+    assert a.relay.waiting_bytes == fits * (60_000 + 512) <= MAX_WAITING_BYTES_PER_DEVICE
+    for _ in range(fits):  # one at a time: each answer lets the next go
+        carry(a, b)
+        b.commit()
+        answer(a, b)
+    assert [x["t"] for x in alice.take()] == ["ack"] * fits and b.store.pending_count(device_key(B1, 1)) == fits
+    assert a.relay.waiting_bytes == 0 and a.relay._waiting_bytes_per_device == {}
+    a.domain.dispatch(alice, sent[-1], NOW + 1)  # takes again
+    assert alice.take() == [] and len(carry(a, b)) == 1
+
+
+def test_what_all_devices_keep_waiting_is_bounded_and_counted(nodes, monkeypatch):
+    import interlink.core.domain.relay as relay_module
+
+    a, b = nodes
+    monkeypatch.setattr(relay_module, "MAX_WAITING_BYTES", 3 * (10_000 + 512))
+    senders = [a.open(A1), a.open(A2), a.open(A1, 2), a.open(A2, 2)]
+    b.open(B1)
+    for sender in senders:
+        a.domain.dispatch(sender, msg(B1, c={1: bytes(10_000)}), NOW)
+    assert [[x["code"] for x in s.take()] for s in senders] == [[], [], [], ["overloaded"]]
+    assert a.relay.counters["waiting_full"] == 1
+
+
+def test_local_stanzas_waiting_behind_a_relayed_one_count_as_waiting(nodes):
+    """A device with other devices sends to node-b (its own copies wait for node-b's ack), then to a
+    user of its own node: that one waits here behind it, counted like one sent away, until the
+    chain settles (it was not counted at all: a chain of 3,001 was measured)."""
+    a, b = nodes
+    alice = a.open(A1)
+    a.open(A1, 2)  # her other device: own copies
+    a.open(A2)
+    b.open(B1)
+    a.domain.dispatch(alice, msg(B1, own={2: bytes(1000)}), NOW)
+    a.domain.dispatch(alice, msg(A2, c={1: bytes(5000)}, own={2: bytes(1000)}), NOW)
+    assert alice.take() == [] and a.relay._waiting_per_device[alice.session_key] == 2
+    assert a.relay.waiting_bytes == (1000 + len(b"for 1") + 512) + (5000 + 1000 + 512)
+    carry(a, b)
+    b.commit()
+    answer(a, b)
+    a.commit()
+    assert [x["t"] for x in alice.take()] == ["ack", "ack"]
+    assert a.relay.waiting_bytes == 0 and a.relay._waiting_per_device == {}
 
 
 def test_a_gfan_must_come_from_its_groups_home_and_carry_well_formed_fields(nodes):
