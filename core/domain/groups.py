@@ -539,12 +539,19 @@ class Groups:
             raise RouteError(f"the group's '{event}' event would take {event_bytes} bytes, over the "
                              f"{self.router.max_ciphertext_bytes} a frame holds: fewer members or a smaller 'meta'",
                              code="too_large")
-        change = GroupWrite(g, prior_ver, record)
-        self._dirty[g] = change
         recipients = list(record.members) if record is not None else []
         recipients += [user for user in removed if record is None or user not in record.member_set]
         relay = self.relay
         items, targets = self.event_copies(recipients, actor, actor_device, event_builder(fields), self._devices_of())
+        # Its event's copies cost rate tokens as a message's do (one per COPIES_PER_LOAD, members
+        # of other nodes one each): a change of a large group cost one token whatever it stored,
+        # here and in the outbox (a review: 116 KB of outbox per token).
+        copies = len(items) + (relay.remote_members(g, recipients, actor) if relay is not None else 0)
+        extra = (copies + COPIES_PER_LOAD - 1) // COPIES_PER_LOAD - 1
+        if extra > 0:  # the change's own token is paid already (its handler, or its sender's node)
+            self.router.charge(session, now, extra, here=True, paid=0 if session.relayed else 1)
+        change = GroupWrite(g, prior_ver, record)
+        self._dirty[g] = change
         reply = {"t": "res", "id": iq_id, "ver": ver}
         if result:
             reply.update(result)

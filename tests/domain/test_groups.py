@@ -309,6 +309,28 @@ async def test_a_group_message_costs_one_rate_token_per_64_copies(world):
     assert w.store.pending_count(device_key("u000@alpha", 1)) == 1 + 9
 
 
+async def test_a_change_of_a_large_group_costs_its_events_copies_as_a_message_does(world):
+    """One token per 64 copies of its event (a change cost one token whatever it stored: a
+    review filled a member node's outbox share with 116 KB per token); refused, it spends none
+    of them and changes nothing."""
+    w = world(rate=50.0, clock=FakeClock(1000.0))  # no refill: the clock stands still
+    sender = w.connect("mallory@alpha")
+    users = [f"u{i:03d}@alpha" for i in range(640)]
+    for user in users:
+        w.connect(user, online=False)
+    w.router.device_buckets = type(w.router.device_buckets)(25, 50.0)
+    buckets = w.router.device_buckets
+    g = await new_group(w, sender, users)  # the created event: 640 copies, 10 tokens
+    assert buckets.tokens(sender.session_key, 1000.0) == 15
+    assert w.iq(sender, "group.del", _id=5, g=g, members=[users[0]]) is None  # 640 copies (the removed one's too)
+    await w.settle()
+    assert last(sender, id=5)["t"] == "res" and buckets.tokens(sender.session_key, 1000.0) == 5
+    refused = w.iq(sender, "group.del", _id=6, g=g, members=[users[1]])
+    assert (refused["t"], refused["code"], refused["retry_after"]) == ("err", "rate_limited", 120)  # 10 of 4, at 50/s
+    await w.settle()
+    assert users[1] in w.store.group(g).member_set and buckets.tokens(sender.session_key, 1000.0) == 4
+
+
 async def test_a_large_group_message_refused_for_its_copies_passes_once_its_retry_after_passed(world):
     """The copies' tokens are taken at once: a refusal spends none of them, and its retry_after is
     the wait for them and the message's own token (a resend spends that again first), so a client
