@@ -83,6 +83,9 @@ class GatewayCollector:
         yield _counter("interlink_group_events_dropped_full",
                        "Group events skipped: the device's mailbox was past its quota and the control overdraft.",
                        routing.get("group_events_dropped_full", 0))
+        yield _counter("interlink_group_states_dropped",
+                       "Group typing states dropped: their copies (one per 64 members) were past the sender's rate.",
+                       routing.get("group_states_dropped", 0))
         yield _gauge("interlink_admission_level", "Admission control: 0 normal, 1 throttling senders, 2 refusing new msg (overloaded).",
                      stats["admission"]["level"])
         yield _counter("interlink_reads_throttled", "Times a sending connection was not read until its turn's commit (admission control).",

@@ -345,6 +345,16 @@ class Groups:
         last = sent.get(key)
         if last is not None and 0.0 <= now - last < STATE_INTERVAL_S:
             return
+        # Its copies cost as a message's do, a member one (its online devices are not counted):
+        # past the sender's rate it is dropped, silently as typing goes (one token bought a push to
+        # every member, and 22 KiB to each other node for a group of 1,024, a review measured).
+        extra = (len(record.members) - 1 + COPIES_PER_LOAD - 1) // COPIES_PER_LOAD - 1
+        if extra > 0:
+            try:
+                self.router.charge(session, now, extra, here=True, paid=0 if session.relayed else 1)
+            except RouteError:
+                self.router.counters["group_states_dropped"] += 1
+                return
         if last is None and len(sent) >= STATE_KEYS:
             self._state_sent = sent = {k: t for k, t in sent.items() if 0.0 <= now - t < STATE_INTERVAL_S}
         sent[key] = now

@@ -93,7 +93,7 @@ class Router:
         self._valid_addresses: dict[str, str] = {}  # address -> its provider id (syntax checked)
         self.counters = {
             "messages_stored": 0, "deliveries_pushed": 0, "commits": 0, "duplicates": 0, "group_changes": 0,
-            "group_copies_dropped_full": 0, "group_events_dropped_full": 0,
+            "group_copies_dropped_full": 0, "group_events_dropped_full": 0, "group_states_dropped": 0,
         }
         # Windowed pushing of stored items to online sessions; it writes into the same touched
         # set and counters.

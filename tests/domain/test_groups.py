@@ -331,6 +331,23 @@ async def test_a_change_of_a_large_group_costs_its_events_copies_as_a_message_do
     assert users[1] in w.store.group(g).member_set and buckets.tokens(sender.session_key, 1000.0) == 4
 
 
+async def test_typing_in_a_large_group_costs_a_token_per_64_members_and_is_dropped_past_the_rate(world):
+    w = world(rate=50.0, clock=FakeClock(1000.0))  # no refill: the clock stands still
+    sender = w.connect("mallory@alpha")
+    users = [f"u{i:03d}@alpha" for i in range(640)]
+    watcher = w.connect(users[0])
+    for user in users[1:]:
+        w.connect(user, online=False)
+    first, second = await new_group(w, sender, users), await new_group(w, sender, users)
+    w.router.device_buckets = type(w.router.device_buckets)(15, 50.0)
+    buckets = w.router.device_buckets
+    assert w.state(sender, first) is None  # 1 + 9 tokens: 640 members, the sender not counted
+    assert buckets.tokens(sender.session_key, 1000.0) == 5
+    assert w.state(sender, second) is None  # 1 spent, 9 missing: dropped, silently as typing goes
+    assert [s["g"] for s in watcher.received if s.get("t") == "state"] == [first]
+    assert w.router.counters["group_states_dropped"] == 1 and buckets.tokens(sender.session_key, 1000.0) == 4
+
+
 async def test_a_large_group_message_refused_for_its_copies_passes_once_its_retry_after_passed(world):
     """The copies' tokens are taken at once: a refusal spends none of them, and its retry_after is
     the wait for them and the message's own token (a resend spends that again first), so a client
