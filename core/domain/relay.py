@@ -98,6 +98,7 @@ OUTBOX_FULL_RETRY_MS = 5000  # retry_after of a group stanza refused while a mem
 OUTBOX_FULL_CLEARED = 0.9  # a full stream is logged again once it went under this part of its share
 HELD_KINDS = frozenset({"msg", "state", "iq"})  # the kinds that name a group ("g")
 HOMES_KEPT = 65_536  # user addresses whose home node is remembered
+FANOUT_CACHE_MEMBERS = 1 << 18  # members of the groups whose split by node is remembered (_fan_out_parts)
 IDENTITIES_KEPT = 65_536  # senders of relayed stanzas whose identity is remembered
 
 log = logging.getLogger("interlink.cluster")
@@ -465,6 +466,7 @@ class Relay:
         # g -> (the members it was made for, [(node, members there)]): a group message's fan-out
         # plan, made again when the group's record (its members tuple) changes
         self._fanout_parts: dict[bytes, tuple] = {}
+        self._fanout_members = 0  # the members of the records it holds, together (FANOUT_CACHE_MEMBERS at most)
         self._identities: dict[tuple, Identity] = {}
         self.counters = {"relayed": 0, "answered": 0, "timeouts": 0, "late_answers": 0, "served": 0,
                          "malformed": 0, "misrouted": 0, "refused": 0, "own_copies_lost": 0, "internal_errors": 0,
@@ -927,9 +929,17 @@ class Relay:
             return cached[1]
         parts = [(node, part) for node, members in self._by_node(recipients).items() for part in _parts(members)]
         if type(recipients) is tuple:
-            if g not in self._fanout_parts and len(self._fanout_parts) >= GROUP_CACHE_GROUPS:
-                del self._fanout_parts[next(iter(self._fanout_parts))]
-            self._fanout_parts[g] = (recipients, parts)
+            cache = self._fanout_parts
+            replaced = cache.pop(g, None)
+            if replaced is not None:
+                self._fanout_members -= len(replaced[0])
+            # Bounded by members too: an entry keeps its record's members alive after the record
+            # changed (a review: 4,096 groups of 1,024 long addresses, about 0.45 GB).
+            while cache and (len(cache) >= GROUP_CACHE_GROUPS
+                             or self._fanout_members + len(recipients) > FANOUT_CACHE_MEMBERS):
+                self._fanout_members -= len(cache.pop(next(iter(cache)))[0])
+            cache[g] = (recipients, parts)
+            self._fanout_members += len(recipients)
         return parts
 
     def outbox_committed(self, entries, now: float) -> None:

@@ -710,6 +710,26 @@ def test_local_stanzas_waiting_behind_a_relayed_one_count_as_waiting(nodes):
     assert a.relay.waiting_bytes == 0 and a.relay._waiting_per_device == {}
 
 
+def test_the_split_of_groups_by_node_is_remembered_within_a_bound_of_members(nodes, monkeypatch):
+    """It keeps each record's members alive: bounded by their number too, not by groups only; what
+    it answers is the same remembered or not."""
+    import interlink.core.domain.relay as relay_module
+
+    a, _ = nodes
+    monkeypatch.setattr(relay_module, "FANOUT_CACHE_MEMBERS", 10)
+    members = {os.urandom(16): tuple(f"m{g}{i}@alpha" for i in range(4)) for g in range(5)}
+    first = {g: a.relay._fan_out_parts(g, recipients) for g, recipients in members.items()}
+    assert len(a.relay._fanout_parts) == 2 and a.relay._fanout_members == 8  # the last two groups
+    assert sum(len(entry[0]) for entry in a.relay._fanout_parts.values()) == a.relay._fanout_members
+    for g, recipients in members.items():
+        assert a.relay._fan_out_parts(g, recipients) == first[g]
+        assert sorted(m for _, part in first[g] for m in part) == sorted(
+            m for m in recipients if MEMBERSHIP.home(m) != "node-a")  # those of other nodes, split by node
+    changed = next(iter(members))
+    a.relay._fan_out_parts(changed, members[changed][:1])  # a new record of a remembered group replaces it
+    assert a.relay._fanout_members == sum(len(entry[0]) for entry in a.relay._fanout_parts.values()) <= 10
+
+
 def test_a_gfan_must_come_from_its_groups_home_and_carry_well_formed_fields(nodes):
     """A member's node stores a group's copies only on the word of the node the group id makes
     its home; a malformed record costs itself only, never the batch it came in."""
