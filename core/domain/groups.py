@@ -542,12 +542,13 @@ class Groups:
         if event == "created" and record.meta is not None:
             fields["meta"] = record.meta
         # The event is stored as a dlv of its own: it must fit a frame, where it is stored here and
-        # as a member's node checks it (relay.py ``_check_event``) — the bound on 'members' leaves
-        # room for the rest by an estimate, which long addresses and the largest 'meta' passed.
+        # as a member's node checks it (relay.py ``_check_event``, the same bound) — the bound on
+        # 'members' leaves room for the rest by an estimate, which long addresses and the largest
+        # 'meta' passed (a member node refused such a created event every time it came).
         event_bytes = len(msgpack.packb(fields))
-        if event_bytes > self.router.max_ciphertext_bytes:
+        if event_bytes > self.router.max_event_bytes:
             raise RouteError(f"the group's '{event}' event would take {event_bytes} bytes, over the "
-                             f"{self.router.max_ciphertext_bytes} a frame holds: fewer members or a smaller 'meta'",
+                             f"{self.router.max_event_bytes} a frame holds: fewer members or a smaller 'meta'",
                              code="too_large")
         recipients = list(record.members) if record is not None else []
         recipients += [user for user in removed if record is None or user not in record.member_set]
@@ -558,8 +559,9 @@ class Groups:
         # here and in the outbox (a review: 116 KB of outbox per token).
         copies = len(items) + (relay.remote_members(g, recipients, actor) if relay is not None else 0)
         extra = (copies + COPIES_PER_LOAD - 1) // COPIES_PER_LOAD - 1
-        if extra > 0:  # the change's own token is paid already (its handler, or its sender's node)
-            self.router.charge(session, now, extra, here=True, paid=0 if session.relayed else 1)
+        if extra > 0:  # the change's own token is paid already: here (its handler, _precheck) or at its sender's node
+            paid = getattr(session, "paid_here", 0 if session.relayed else 1)
+            self.router.charge(session, now, extra, here=True, paid=paid)
         change = GroupWrite(g, prior_ver, record)
         self._dirty[g] = change
         reply = {"t": "res", "id": iq_id, "ver": ver}

@@ -137,18 +137,22 @@ def _parts(members: list) -> list[list]:
 
 
 def _payload_bytes(stanza: dict) -> int:
-    """What a client's stanza takes while it waits for another node, about: its ciphertexts or
-    group body (the frame it came in bounds them) and ``STANZA_OVERHEAD_BYTES``."""
+    """What a client's stanza takes while it waits for another node, about: its strings and bins,
+    those of its lists (members, receipt ids) and maps (ciphertexts by device) included — the
+    frame it came in bounds them — and ``STANZA_OVERHEAD_BYTES``."""
     size = STANZA_OVERHEAD_BYTES
-    for name in ("c", "own"):
-        parts = stanza.get(name)
-        if type(parts) is dict:
-            for part in parts.values():
-                if type(part) is bytes:
-                    size += len(part)
-    body = stanza.get("b")
-    if type(body) is bytes:
-        size += len(body)
+    for value in stanza.values():
+        kind = type(value)
+        if kind is bytes or kind is str:
+            size += len(value)
+        elif kind is dict:
+            value = value.values()
+        elif kind is not list:
+            continue
+        if kind is dict or kind is list:
+            for part in value:
+                if type(part) is bytes or type(part) is str:
+                    size += len(part) + 2
     return size
 
 
@@ -350,7 +354,7 @@ class _Checked(_StandIn):
     are checked there; then served here as relayed (``checked``: those members), answering the
     session; the first refusal from a member's node is the answer instead."""
 
-    __slots__ = ("relay", "stanza", "checked", "waiting", "done")
+    __slots__ = ("relay", "stanza", "checked", "waiting", "done", "paid_here")
     relayed = True  # served by the handler as checked and charged already
 
     def __init__(self, relay: Relay, session, stanza: dict, checked: frozenset) -> None:
@@ -358,6 +362,7 @@ class _Checked(_StandIn):
         self.relay, self.stanza, self.checked = relay, stanza, checked
         self.waiting = 0
         self.done = False
+        self.paid_here = 0 if session.relayed else 1  # its token: at _precheck here, or at its sender's node
 
     def node_answered(self, encoded: bytes | None, answer: dict | None, now: float) -> None:
         self.waiting -= 1
@@ -617,10 +622,10 @@ class Relay:
         stanza_id_ = stanza.get("id")
         if type(stanza_id_) is not bytes or len(stanza_id_) != 16:
             return None
-        g = stanza.get("g")
+        g = stanza.get("g") if stanza["t"] == "msg" else None  # a receipt has no group: a stray 'g' is ignored
         if g is None:
             return session.session_key, None
-        if type(g) is not bytes or len(g) != GROUP_ID_BYTES or stanza["t"] != "msg":
+        if type(g) is not bytes or len(g) != GROUP_ID_BYTES:
             return None
         node = node if node is not None else self.home_of(g)
         return None if node is None else (session.session_key, node)
@@ -1079,8 +1084,8 @@ class Relay:
         if not ok:
             raise MalformedRecordError("gfan event 'fields' are not those of a group event")
         size = len(msgpack.packb(fields))
-        if size > self.router.max_ciphertext_bytes:  # the home checks it too: nodes with other frame sizes
-            raise RouteError(f"gfan event of {size} bytes is over this node's {self.router.max_ciphertext_bytes}",
+        if size > self.router.max_event_bytes:  # the home checks it too: nodes with other frame sizes
+            raise RouteError(f"gfan event of {size} bytes is over this node's {self.router.max_event_bytes}",
                              code="too_large")  # final: sent again it never fits (outbox.FINAL_REFUSALS)
 
     def _gather(self, session, stanza: dict, now: float) -> None:

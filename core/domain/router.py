@@ -41,6 +41,9 @@ from interlink.core.protocol.wire import MAX_DEVICE_ID, TAG_BYTES
 ID_BYTES = 16
 MAX_RECV_SEQS = 1024  # seqs one ``recv`` may name
 DLV_OVERHEAD_BYTES = 512  # a dlv's fields besides the ciphertext (addresses, seq, ts, ...), at most
+# A membership event is stored as its dlv: its fields, and beside them "t", "seq" and "ts" (31
+# bytes and a map header's growth at most): they may take what a frame holds but this.
+EVENT_DLV_ENVELOPE_BYTES = 64
 MAX_RECEIPT_IDS = 100  # message ids one rcpt may name
 VALID_ADDRESSES_KEPT = 65_536  # recipient addresses already checked, remembered (about 100 bytes each)
 MAX_ADDRESS_CHARS = 128  # a localpart (at most 64 bytes) + "@" + a provider id (at most 63 characters)
@@ -82,6 +85,7 @@ class Router:
         self.policy = policy
         # Every dlv must fit in one frame the recipient accepts.
         self.max_ciphertext_bytes = max_frame_bytes - TAG_BYTES - DLV_OVERHEAD_BYTES
+        self.max_event_bytes = max_frame_bytes - TAG_BYTES - EVENT_DLV_ENVELOPE_BYTES  # a group event's fields
         # Stored traffic (msg, rcpt) and typing state, per device session and per user; the burst
         # is two seconds' worth.
         self.device_buckets = TokenBuckets(2 * message_rate_per_device, message_rate_per_device)
