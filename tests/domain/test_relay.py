@@ -767,19 +767,9 @@ def test_a_large_group_made_by_a_creator_of_its_home_passes_at_a_low_rate(tmp_pa
     """Its token is paid at the home before the checks (``_precheck``), then the change is served
     for the stand-in of its creator: the copies' tokens must count that one as paid, or at a rate
     whose burst cannot hold them beside it, the change is refused for ever."""
-    import interlink.core.domain.relay as relay_module
-
     a = Node(tmp_path / "a", "node-a", max_group=100, message_rate=0.5)  # a burst of one token
     try:
-        names = [n for n in (f"user{i}@alpha" for i in range(400)) if MEMBERSHIP.home(n) == "node-a"][:67]
-        for user in names:
-            a.store.register_device(user, 1, 5)
-        alice = FakeSession(names[0], 1)
-        a.domain.router.open_session(alice)
-        monkeypatch.setattr(relay_module, "new_group_id", lambda: group_homed_on("node-a"))
-        a.domain.dispatch(alice, {"t": "iq", "id": 1, "op": "group.new", "members": names[1:]}, NOW)
-        a.commit()
-        [made] = alice.take()
+        made = group_of_node_a(a, (f"user{i}@alpha" for i in range(400)), 67, monkeypatch)
         assert made["t"] == "res" and len(a.store.group(made["g"]).members) == 67
     finally:
         a.store.close()
@@ -853,6 +843,24 @@ def group_with(a: Node, b: Node, monkeypatch, *members: str) -> tuple[bytes, Fak
     answer(a, b)
     a.commit()
     return g, alice
+
+
+def group_of_node_a(a: Node, addresses, count: int, monkeypatch) -> dict:
+    """A ``group.new`` at node-a, all of it there: the first ``count`` of ``addresses`` homed on
+    node-a registered, the first making the group with the others, its id homed on node-a; its
+    one answer."""
+    import interlink.core.domain.relay as relay_module
+
+    names = [address for address in addresses if MEMBERSHIP.home(address) == "node-a"][:count]
+    for user in names:
+        a.store.register_device(user, 1, 5)
+    creator = FakeSession(names[0], 1)
+    a.domain.router.open_session(creator)
+    monkeypatch.setattr(relay_module, "new_group_id", lambda: group_homed_on("node-a"))
+    a.domain.dispatch(creator, {"t": "iq", "id": 1, "op": "group.new", "members": names[1:]}, NOW)
+    a.commit()
+    [answered] = creator.take()
+    return answered
 
 
 def group_msg(g: bytes, body: bytes) -> dict:
@@ -1055,20 +1063,10 @@ def test_an_event_that_would_not_fit_a_frame_is_refused_at_the_groups_home(tmp_p
     """Whatever the estimate on 'members' lets through, the home measures the event before
     anything is batched: a frame that cannot hold it is ``too_large`` there, never stored here
     and refused at every member node (the estimate is made too generous here to show it)."""
-    import interlink.core.domain.relay as relay_module
-
     a = Node(tmp_path / "a", "node-a", max_frame_bytes=2048, max_group=64)
     try:
         a.domain.groups.max_members_bytes = 1 << 20
-        names = [n for n in (f"{'y' * 60}{i:03d}@alpha" for i in range(200)) if MEMBERSHIP.home(n) == "node-a"][:60]
-        for user in names:
-            a.store.register_device(user, 1, 5)
-        alice = FakeSession(names[0], 1)
-        a.domain.router.open_session(alice)
-        monkeypatch.setattr(relay_module, "new_group_id", lambda: group_homed_on("node-a"))
-        a.domain.dispatch(alice, {"t": "iq", "id": 1, "op": "group.new", "members": names[1:]}, NOW)
-        a.commit()
-        [refused] = alice.take()
+        refused = group_of_node_a(a, (f"{'y' * 60}{i:03d}@alpha" for i in range(200)), 60, monkeypatch)
         assert (refused["t"], refused["code"]) == ("err", "too_large") and "event would take" in refused["msg"]
         assert not a.domain.router.has_batch and a.relay.outbox.backlog == 0
     finally:
