@@ -761,6 +761,39 @@ def test_what_a_waiting_stanza_counts_covers_its_members_and_receipt_ids():
     ids = [os.urandom(16) for _ in range(100)]
     assert _payload_bytes({"t": "rcpt", "ids": ids}) >= 1600 + STANZA_OVERHEAD_BYTES
     assert _payload_bytes({"t": "msg", "c": {1: bytes(1000), 2: bytes(2000)}, "own": {3: bytes(500)}}) >= 3500
+    for junk in ({"x" * 60_000: 1}, {"x": [[bytes(60_000)]]}, {"x": {bytes(60_000): 1}}):  # kept whole by a chain
+        assert _payload_bytes({"t": "msg", **junk}) >= 60_000
+
+
+def test_a_chains_stanzas_count_whatever_they_carry(nodes):
+    """A stanza storing own copies is kept whole while it waits (its resend order and own copies
+    need it): a field no handler reads counts like any other (a review kept 7.2 MB of junk
+    counted as 66 KB)."""
+    from interlink.core.domain.relay import MAX_WAITING_BYTES_PER_DEVICE
+
+    a, b = nodes
+    alice = a.open(A1)
+    a.open(A1, 2)
+    b.open(B1)
+    for _ in range(120):
+        a.domain.dispatch(alice, msg(B1, own={2: b"o"}, x=[[bytes(60_000)]]), NOW)  # node-b never answers
+    taken = 120 - len([x for x in alice.take() if x.get("code") == "rate_limited"])
+    assert 0 < taken <= MAX_WAITING_BYTES_PER_DEVICE // 60_000 + 1
+    assert a.relay.waiting_bytes >= 60_000 * taken
+
+
+def test_a_message_with_a_nil_g_is_a_bad_group_message_after_a_timeout_too(nodes):
+    """``_take`` takes any 'g' for a group message (nil answered ``bad_stanza``, as on one
+    node); the resend order must see it alike, or it was refused ``overloaded`` and awaited."""
+    a, b = nodes
+    alice = a.open(A1)
+    b.open(B1)
+    a.domain.dispatch(alice, msg(B1), NOW)
+    carry(a, b)  # never answered
+    a.relay.expire(NOW + 10)
+    assert [x["code"] for x in alice.take()] == ["overloaded"]
+    a.domain.dispatch(alice, msg(B1, g=None), NOW + 10)
+    assert [x["code"] for x in alice.take()] == ["bad_stanza"]
 
 
 def test_a_large_group_made_by_a_creator_of_its_home_passes_at_a_low_rate(tmp_path, monkeypatch):
