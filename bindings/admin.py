@@ -140,6 +140,9 @@ class GatewayCollector:
                 yield _counter(name, documentation, link.get(key, 0))
             yield _gauge("interlink_cluster_waiting", "Stanzas relayed to other nodes and not yet answered.",
                          cluster["waiting"])
+            yield _gauge("interlink_cluster_waiting_bytes", "What this node's clients' stanzas waiting for other "
+                         "nodes take, counted against their bound (256 MiB: overloaded past it).",
+                         cluster.get("waiting_bytes", 0))
             yield _gauge("interlink_cluster_connected", "1 while this node is connected to NATS.",
                          int(cluster["connected"]))
             backlog = GaugeMetricFamily("interlink_cluster_outbox_backlog", "Group fan-out entries of the groups "

@@ -447,7 +447,8 @@ class ClusterLink:
             "version": self.config.version,
             "software": self.software,
             "nodes": sorted(self.config.nodes), "sessions": len(server.sessions), "connections": len(server.connections),
-            "relay": dict(self.relay.counters), "waiting": len(self.relay.waiting), "link": dict(self.counters),
+            "relay": dict(self.relay.counters), "waiting": len(self.relay.waiting),
+            "waiting_bytes": self.relay.waiting_bytes, "link": dict(self.counters),
             "outbox_backlog": self.relay.outbox.backlog,
             "outbox_by_node": {node: stream.backlog for node, stream in self.relay.outbox.streams.items()
                                if stream.backlog},

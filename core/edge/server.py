@@ -968,6 +968,7 @@ class GatewayServer:
             return {}
         relay = self.domain.relay
         return {"node": cluster.node, "relay": dict(relay.counters), "waiting": len(relay.waiting),
+                "waiting_bytes": relay.waiting_bytes,
                 "outbox": {node: stream.backlog for node, stream in relay.outbox.streams.items()},
                 "link": dict(cluster.counters), "round_trip_seconds": cluster.round_trips.snapshot(),
                 "connected": cluster.connected}

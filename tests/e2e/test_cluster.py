@@ -538,8 +538,19 @@ async def test_metrics_count_relayed_stanzas_round_trips_and_redirects(cluster):
     assert metrics["interlink_cluster_link_relay_messages_out_total"] == 3
     assert metrics["interlink_cluster_link_publish_failures_total"] == 0
     assert metrics["interlink_cluster_link_malformed_messages_total"] == 0
-    for client in (alice1, bob1):
-        await client.close()
+    assert metrics["interlink_cluster_waiting_bytes"] == 0  # every stanza answered
+    # What waits for a node that does not answer is counted against the bound, and shown.
+    await bob1.close()
+    await cluster.stop("node-b")
+    unanswered = asyncio.ensure_future(alice1.send_message(bob, {1: bytes(5000)}))
+    await until(lambda: gateway._server.domain.relay.waiting, "the message waiting for node-b")
+    async with aiohttp.ClientSession() as http, http.get(f"http://{host}:{port}/metrics") as response:
+        text = await response.text()
+    metrics = {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line and not line.startswith("#")}
+    assert metrics["interlink_cluster_waiting"] == 1 and metrics["interlink_cluster_waiting_bytes"] > 5000
+    with pytest.raises(ServerError, match="did not answer in time"):
+        await unanswered
+    await alice1.close()
 
 
 async def test_websocket_clients_are_redirected_to_their_homes_websocket_url(issuers, tmp_path, nats_server):
