@@ -25,7 +25,7 @@ from interlink.core.domain.fanout import GroupDlv, plan_cached
 from interlink.core.domain.fields import address_provider, excerpt, kind_of
 from interlink.core.domain.ops import DEFERRED
 from interlink.core.domain.policy import Policy
-from interlink.core.domain.ratelimit import TokenBuckets
+from interlink.core.domain.ratelimit import TOKEN_SLACK, TokenBuckets
 from interlink.core.domain.router import RouteError, Router, Session
 from interlink.core.protocol.stanza import encode_stanza
 from interlink.core.domain.batch import COPIES_PER_LOAD, GroupRecord, GroupWrite, device_key
@@ -526,9 +526,8 @@ class Groups:
         identity = session.identity
         actor, actor_device = identity.user, identity.device
         if prior_ver:  # a change of an existing group: at most CHANGE_RATE a second per group
-            wait_s = self.change_buckets.take(g, now)
-            if wait_s:
-                retry_after = max(1, math.ceil(wait_s * 1000))
+            if self.change_buckets.tokens(g, now) < 1.0 - TOKEN_SLACK:  # taken below, once nothing else refuses it
+                retry_after = max(1, math.ceil(self.change_buckets.wait(g, now, 1.0) * 1000))
                 raise RouteError(
                     f"this group changes too often; try again in {retry_after} ms", code="rate_limited",
                     retry_after=retry_after,
@@ -562,6 +561,8 @@ class Groups:
         if extra > 0:  # the change's own token is paid already: here (its handler, _precheck) or at its sender's node
             paid = getattr(session, "paid_here", 0 if session.relayed else 1)
             self.router.charge(session, now, extra, here=True, paid=paid)
+        if prior_ver:  # (a refusal above spent none of the group's tokens: one a review found spent)
+            self.change_buckets.take(g, now)
         change = GroupWrite(g, prior_ver, record)
         self._dirty[g] = change
         reply = {"t": "res", "id": iq_id, "ver": ver}

@@ -325,8 +325,11 @@ async def test_a_change_of_a_large_group_costs_its_events_copies_as_a_message_do
     assert w.iq(sender, "group.del", _id=5, g=g, members=[users[0]]) is None  # 640 copies (the removed one's too)
     await w.settle()
     assert last(sender, id=5)["t"] == "res" and buckets.tokens(sender.session_key, 1000.0) == 5
+    changes = w.domain.groups.change_buckets
+    group_tokens = changes.tokens(g, 1000.0)
     refused = w.iq(sender, "group.del", _id=6, g=g, members=[users[1]])
     assert (refused["t"], refused["code"], refused["retry_after"]) == ("err", "rate_limited", 120)  # 10 of 4, at 50/s
+    assert changes.tokens(g, 1000.0) == group_tokens  # nor did it spend one of the group's changes
     await w.settle()
     assert users[1] in w.store.group(g).member_set and buckets.tokens(sender.session_key, 1000.0) == 4
 
