@@ -1215,14 +1215,19 @@ class Relay:
         del self.waiting[seq]
         self._done_waiting(pending)
         self.counters["answered"] += 1
-        answer, decoded = self._checked_answer(pending, answer)
-        if self._drawn_groups and pending.stanza.get("op") == "group.new" and (
-                decoded is None or decoded.get("code") not in ("overloaded", "rate_limited", "internal")):
-            drawn = self._drawn_groups.get(entry := (pending.session.session_key, pending.stanza["id"]))
-            if drawn is not None and drawn[0] == pending.stanza.get("g"):
-                # Answered for good: a later group.new under this iq id is a new one. (A refusal for
-                # now keeps it: the resend it asks for may still find the group made.)
-                self._forget_group_id(entry)
+        try:
+            answer, decoded = self._checked_answer(pending, answer)
+            if self._drawn_groups and pending.stanza.get("op") == "group.new" and (
+                    decoded is None or decoded.get("code") not in ("overloaded", "rate_limited", "internal")):
+                drawn = self._drawn_groups.get(entry := (pending.session.session_key, pending.stanza["id"]))
+                if drawn is not None and drawn[0] == pending.stanza.get("g"):
+                    # Answered for good: a later group.new under this iq id is a new one. (A refusal
+                    # for now keeps it: the resend it asks for may still find the group made.)
+                    self._forget_group_id(entry)
+        except Exception:  # a bug of ours: the stanza is answered internal, and what its stream holds goes on
+            log.exception("relay: taking an answer from node %s failed", node)
+            self.counters["internal_errors"] += 1
+            answer, decoded = internal_error(pending.stanza, "the gateway failed to take this stanza's answer"), None
         if pending.stream is not None:
             self._stream_answered(pending, now, timed_out=False)
         try:

@@ -808,6 +808,36 @@ def test_a_large_group_made_by_a_creator_of_its_home_passes_at_a_low_rate(tmp_pa
         a.store.close()
 
 
+def test_an_answer_whose_taking_fails_lets_its_stream_go_on(nodes, monkeypatch):
+    """A bug of ours taking one answer answers its stanza ``internal`` and sends what its stream
+    held behind it — the link's guard would otherwise hide a stream stuck for good."""
+    a, b = nodes
+    alice = a.open(A1)
+    b.open(B1)
+    first, second = msg(B1), msg(B1)
+    a.domain.dispatch(alice, first, NOW)
+    a.domain.dispatch(alice, second, NOW)
+    assert [r[5]["id"] for r in carry(a, b)] == [first["id"]]  # the second waits behind it
+    b.commit()
+    checked = a.relay._checked_answer
+    calls = []
+
+    def failing(pending, answer):
+        calls.append(pending)
+        if len(calls) == 1:
+            raise KeyError("a bug")
+        return checked(pending, answer)
+
+    monkeypatch.setattr(a.relay, "_checked_answer", failing)
+    answer(a, b)
+    assert [(x["t"], x["code"], x["ref"]) for x in alice.take()] == [("err", "internal", first["id"])]
+    assert a.relay.counters["internal_errors"] == 1
+    assert [r[5]["id"] for r in carry(a, b)] == [second["id"]]
+    b.commit()
+    answer(a, b)
+    assert [(x["t"], x["id"]) for x in alice.take()] == [("ack", second["id"])]
+
+
 def test_a_gfan_must_come_from_its_groups_home_and_carry_well_formed_fields(nodes):
     """A member's node stores a group's copies only on the word of the node the group id makes
     its home; a malformed record costs itself only, never the batch it came in."""
