@@ -19,6 +19,7 @@ import math
 import os
 
 import msgpack
+
 from interlink.core.domain.auth import ProviderRegistry
 from interlink.core.errors import StanzaError
 from interlink.core.domain.fanout import GroupDlv, plan_cached
@@ -262,6 +263,16 @@ class Groups:
 
     # -- messages and typing
 
+    def _charge_copies(self, session: Session, now: float, copies: int) -> None:
+        """A group stanza's ``copies`` beyond its own token: one token per ``COPIES_PER_LOAD``, the
+        first paid already — by its handler here (``paid_here``: a ``_Checked`` change's at
+        ``_precheck``, or not at all for a relayed sender's), else at its sender's node — charged
+        here for a relayed sender too (``here``: only the group's home can count them)."""
+        extra = (copies + COPIES_PER_LOAD - 1) // COPIES_PER_LOAD - 1
+        if extra > 0:
+            self.router.charge(session, now, extra, here=True,
+                               paid=getattr(session, "paid_here", 0 if session.relayed else 1))
+
     def _stored_before(self, session: Session, sender: str, device: int, msg_id: bytes, now: float) -> bool:
         """Whether this message is stored already (in the dedup window): then it is answered with
         its dup ack, and nothing more is done for it."""
@@ -313,14 +324,12 @@ class Groups:
                     return
                 self.relay.refuse_outbox_full(full)
             copies += self.relay.remote_members(g, record.members, sender)
-        extra = (copies + COPIES_PER_LOAD - 1) // COPIES_PER_LOAD - 1
-        if extra > 0:  # a sender of this node paid the message's own token (handle_msg); one of another, at its node
-            try:
-                self.router.charge(session, now, extra, here=True, paid=0 if session.relayed else 1)
-            except RouteError:
-                if self._stored_before(session, sender, sender_device, msg_id, now):
-                    return
-                raise
+        try:
+            self._charge_copies(session, now, copies)
+        except RouteError:
+            if self._stored_before(session, sender, sender_device, msg_id, now):
+                return
+            raise
         message = self.router.enqueue(session, msg_id, items, targets, now)
         message.skip_full = True
         message.shared = True  # every copy is GroupDlv's: the store keeps the body once
@@ -348,13 +357,11 @@ class Groups:
         # Its copies cost as a message's do, a member one (its online devices are not counted):
         # past the sender's rate it is dropped, silently as typing goes (one token bought a push to
         # every member, and 22 KiB to each other node for a group of 1,024, a review measured).
-        extra = (len(record.members) - 1 + COPIES_PER_LOAD - 1) // COPIES_PER_LOAD - 1
-        if extra > 0:
-            try:
-                self.router.charge(session, now, extra, here=True, paid=0 if session.relayed else 1)
-            except RouteError:
-                self.router.counters["group_states_dropped"] += 1
-                return
+        try:
+            self._charge_copies(session, now, len(record.members) - 1)
+        except RouteError:
+            self.router.counters["group_states_dropped"] += 1
+            return
         if last is None and len(sent) >= STATE_KEYS:
             self._state_sent = sent = {k: t for k, t in sent.items() if 0.0 <= now - t < STATE_INTERVAL_S}
         sent[key] = now
@@ -556,11 +563,8 @@ class Groups:
         # Its event's copies cost rate tokens as a message's do (one per COPIES_PER_LOAD, members
         # of other nodes one each): a change of a large group cost one token whatever it stored,
         # here and in the outbox (a review: 116 KB of outbox per token).
-        copies = len(items) + (relay.remote_members(g, recipients, actor) if relay is not None else 0)
-        extra = (copies + COPIES_PER_LOAD - 1) // COPIES_PER_LOAD - 1
-        if extra > 0:  # the change's own token is paid already: here (its handler, _precheck) or at its sender's node
-            paid = getattr(session, "paid_here", 0 if session.relayed else 1)
-            self.router.charge(session, now, extra, here=True, paid=paid)
+        self._charge_copies(session, now,
+                            len(items) + (relay.remote_members(g, recipients, actor) if relay is not None else 0))
         if prior_ver:  # (a refusal above spent none of the group's tokens: one a review found spent)
             self.change_buckets.take(g, now)
         change = GroupWrite(g, prior_ver, record)
