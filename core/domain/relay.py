@@ -90,7 +90,7 @@ MAX_WAITING_PER_DEVICE = 1024  # a device's stanzas waiting for other nodes at o
 # were 67 MB of one device's, a review measured): rate_limited past this, but for a device's first
 MAX_WAITING_BYTES_PER_DEVICE = 4 << 20
 MAX_WAITING_BYTES = 256 << 20  # ... every device's together: overloaded past it
-STANZA_OVERHEAD_BYTES = 512  # what a waiting stanza takes besides its ciphertexts or body (counted for each)
+STANZA_OVERHEAD_BYTES = 512  # what a waiting stanza takes besides its encoded map (counted for each)
 MAX_HELD_PER_GROUP = 256  # stanzas for one group waiting behind its change's member checks (overloaded past it)
 MAX_HELD_PER_DEVICE = 64  # ... of one device, whatever the groups
 MAX_HELD = 8192  # ... in all
@@ -150,9 +150,9 @@ def _read_cost(length: int) -> int:
     return max(length, KIB)
 
 
-def _count_down(counts: dict, key) -> None:
-    """One less for ``key`` in a per-device count; the key goes at zero (no entry per idle device)."""
-    left = counts[key] - 1
+def _count_down(counts: dict, key, amount: int = 1) -> None:
+    """``amount`` less for ``key`` in a per-device count; the key goes at zero (no entry per idle device)."""
+    left = counts[key] - amount
     if left:
         counts[key] = left
     else:
@@ -1186,17 +1186,9 @@ class Relay:
         _count_down(self._waiting_per_device, key)
         if pending.size:
             self.waiting_bytes -= pending.size
-            left = self._waiting_bytes_per_device[key] - pending.size
-            if left:
-                self._waiting_bytes_per_device[key] = left
-            else:
-                del self._waiting_bytes_per_device[key]
+            _count_down(self._waiting_bytes_per_device, key, pending.size)
         if pending.stanza.get("op") == "blob.read":
-            reading = self._blob_bytes_waiting[key] - _read_cost(pending.stanza["len"])
-            if reading > 0:
-                self._blob_bytes_waiting[key] = reading
-            else:
-                del self._blob_bytes_waiting[key]
+            _count_down(self._blob_bytes_waiting, key, _read_cost(pending.stanza["len"]))
 
     def _chain(self, pending: Pending) -> None:
         chain = self._chains.get(pending.session.session_key)
