@@ -331,10 +331,11 @@ def cluster_status(path: Path | None, as_json: bool) -> None:
                        f"{report.get('sessions', 0):>9} {report.get('waiting', 0):>8} {relay.get('relayed', 0):>9} "
                        f"{relay.get('served', 0):>9} {relay.get('timeouts', 0):>9} {report.get('outbox_backlog', 0):>8}")
         for node, report in reports.items():  # whom the entries wait for: a node lost for good shows here
-            waiting_for = (report or {}).get("outbox_by_node")
-            if waiting_for and isinstance(waiting_for, dict):  # (a node of an older version sends none)
-                click.echo(f"{node:<16} outbox waits for " + ", ".join(
-                    f"{other} {count}" for other, count in sorted(waiting_for.items())))
+            backlogs = (report or {}).get("outbox_by_node")
+            waiting_for = sorted((other, count) for other, count in backlogs.items() if count) \
+                if isinstance(backlogs, dict) else ()  # (a node of an older version sends none)
+            if waiting_for:
+                click.echo(f"{node:<16} outbox waits for " + ", ".join(f"{other} {count}" for other, count in waiting_for))
     if not healthy:
         sys.exit(1)
 

@@ -113,6 +113,10 @@ class Outbox:
         """Entries committed and not yet confirmed by their node."""
         return sum(stream.backlog for stream in self.streams.values())
 
+    def backlogs(self) -> dict[str, int]:
+        """Each member node's entries committed and not yet confirmed (0 in steady state)."""
+        return {node: stream.backlog for node, stream in self.streams.items()}
+
     def full(self, node: str) -> bool:
         """Whether ``node``'s entries waiting fill its share of the store (``max_node_bytes``, by
         what they take of it at most: ``Store.outbox_footprint``)."""

@@ -450,8 +450,7 @@ class ClusterLink:
             "relay": dict(self.relay.counters), "waiting": len(self.relay.waiting),
             "waiting_bytes": self.relay.waiting_bytes, "link": dict(self.counters),
             "outbox_backlog": self.relay.outbox.backlog,
-            "outbox_by_node": {node: stream.backlog for node, stream in self.relay.outbox.streams.items()
-                               if stream.backlog},
+            "outbox_by_node": self.relay.outbox.backlogs(),
             "round_trips": self.round_trips.snapshot()["count"], "time": self.clock(),
         }
 

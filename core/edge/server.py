@@ -969,7 +969,7 @@ class GatewayServer:
         relay = self.domain.relay
         return {"node": cluster.node, "relay": dict(relay.counters), "waiting": len(relay.waiting),
                 "waiting_bytes": relay.waiting_bytes,
-                "outbox": {node: stream.backlog for node, stream in relay.outbox.streams.items()},
+                "outbox": relay.outbox.backlogs(),
                 "link": dict(cluster.counters), "round_trip_seconds": cluster.round_trips.snapshot(),
                 "connected": cluster.connected}
 
