@@ -76,21 +76,34 @@ def _received(node: Node, session: FakeSession) -> None:
     node.domain.dispatch(session, {"t": "recv", "seq": [dlv["seq"]]}, NOW_S)
 
 
+def _send(node: Node, sender: FakeSession, to: FakeSession) -> None:
+    node.domain.dispatch(sender, {"t": "msg", "id": os.urandom(16), "to": to.identity.user, "c": {1: CIPHERTEXT}},
+                         NOW_S)
+
+
+def _acked(sender: FakeSession) -> None:
+    [ack] = sender.take()
+    assert ack["t"] == "ack"
+
+
+def _measure(benchmark, path: str, message, recipients_node: Node) -> None:
+    """Time ``message`` (one message, sent to acked); the last ``recv``'s deletion is committed after."""
+    benchmark.extra_info["path"] = path
+    benchmark(message)
+    recipients_node.commit()
+
+
 def test_same_node_message(benchmark, nodes):
     a, _ = nodes
     alice, local = a.open(USERS["node-a"][0]), a.open(USERS["node-a"][1])
 
     def message() -> None:
-        a.domain.dispatch(alice, {"t": "msg", "id": os.urandom(16), "to": local.identity.user, "c": {1: CIPHERTEXT}},
-                          NOW_S)
+        _send(a, alice, local)
         a.commit()
         _received(a, local)
-        [ack] = alice.take()
-        assert ack["t"] == "ack"
+        _acked(alice)
 
-    benchmark.extra_info["path"] = "same node"
-    benchmark(message)
-    a.commit()
+    _measure(benchmark, "same node", message, a)
 
 
 def test_cross_node_message(benchmark, nodes):
@@ -98,8 +111,7 @@ def test_cross_node_message(benchmark, nodes):
     alice, bob = a.open(USERS["node-a"][0]), b.open(USERS["node-b"][0])
 
     def message() -> None:
-        a.domain.dispatch(alice, {"t": "msg", "id": os.urandom(16), "to": bob.identity.user, "c": {1: CIPHERTEXT}},
-                          NOW_S)
+        _send(a, alice, bob)
         outgoing, _ = a.relay.take_output()
         relayed = msgpack.packb({"r": outgoing["node-b"], "m": b"digest"})
         b.relay.serve("node-a", _unpack(relayed)["r"], NOW_S)
@@ -108,9 +120,6 @@ def test_cross_node_message(benchmark, nodes):
         _, replies = b.relay.take_output()
         for seq, encoded in _unpack(msgpack.packb({"a": replies["node-a"]}))["a"]:
             a.relay.answered("node-b", seq, encoded, NOW_S)
-        [ack] = alice.take()
-        assert ack["t"] == "ack"
+        _acked(alice)
 
-    benchmark.extra_info["path"] = "cross node"
-    benchmark(message)
-    b.commit()
+    _measure(benchmark, "cross node", message, b)

@@ -1019,24 +1019,12 @@ def test_a_member_nodes_full_outbox_stream_refuses_the_groups_messages_and_chang
 @pytest.fixture
 def blob_nodes(tmp_path):
     """``nodes`` with blobs: a blob bucket of 64 KiB/s (a burst of 128 KiB) per reader."""
-    from interlink.core.domain.blobs import BlobLimits
+    from domain.test_blobs import InlineOffload, limits
     from interlink.core.edge.blobfiles import BlobFileStore
 
-    class Inline:
-        def submit(self, work, done):
-            done(work(), NOW)
-
-    made = []
-    for name in ("node-a", "node-b"):
-        node = Node(tmp_path / name, name)
-        limits = BlobLimits(blob_max_bytes=1 << 20, blob_open_uploads_per_user=3, blob_daily_bytes_per_user=1 << 24,
-                            blob_min_free_bytes=0, blob_kib_per_s_per_user=64, blob_ttl_s=3600.0,
-                            blob_upload_ttl_s=600.0)
-        node.domain = cluster_domain(node.store, MEMBERSHIP, name, blob_files=BlobFileStore(tmp_path / name / "blobs"),
-                                     offload=Inline(), blob_writer=Inline(), blob_limits=limits)
-        node.relay = node.domain.relay
-        node.relay.wake = node._woken
-        made.append(node)
+    made = [Node(tmp_path / name, name, blob_files=BlobFileStore(tmp_path / name / "blobs"),
+                 offload=InlineOffload(), blob_writer=InlineOffload(), blob_limits=limits(blob_kib_per_s_per_user=64))
+            for name in ("node-a", "node-b")]
     yield made
     for node in made:
         node.store.close()
