@@ -219,8 +219,9 @@ def forget_node(store, membership: Membership, node: str, lost: str, drop: bool 
     this node keeps for it (``FanoutRecords.forget``: the group fan-out entries waiting for it —
     its members there miss those messages and changes — and the marks of its groups' entries), so
     that ``export`` and a start under the new list no longer wait for it. Returns (entries,
-    marks) dropped — or, without ``drop``, counted only. ``MoveError`` unless ``lost`` is in the list this store was last served
-    under and out of ``membership``, the new one: a mistyped or living node loses nothing."""
+    marks) dropped — or, without ``drop``, counted only. ``MoveError`` unless ``lost`` is in the
+    list this store was last served under and out of ``membership``, the new one: a mistyped or
+    living node loses nothing."""
     stored = NodeList(store.env).get()
     if lost == node or lost in membership.nodes:
         raise MoveError(f"node {lost} is in node list version {membership.version} ({', '.join(membership.nodes)}): "
