@@ -30,6 +30,7 @@ from interlink.core.domain.batch import device_key
 from interlink.core.edge.blobfiles import BlobFileStore
 from interlink.core.edge.lmdbstore import LmdbStore
 from interlink.core.edge.lmdbstore.env import lock_data_dir
+from interlink.core.edge.lmdbstore.mailboxes import check_item_frames
 from interlink.core.edge.lmdbstore.move import check_node_list
 
 log = logging.getLogger("interlink.gateway")
@@ -88,6 +89,11 @@ class Gateway:
             max_mailbox_items=config.max_mailbox_items,
             max_mailbox_bytes=config.max_mailbox_bytes,
         )
+        try:  # items stored under a larger max_frame_bytes could never be pushed under this one
+            check_item_frames(self._store.mailboxes, config.max_frame_bytes)
+        except BaseException:
+            await self._release()
+            raise
         self._jwks = JwksCache(
             ttl_s=config.jwks_ttl_s,
             min_refetch_interval_s=config.jwks_min_refetch_interval_s,

@@ -669,7 +669,11 @@ class GatewayServer:
         except Exception as exc:  # AuthError is the verdict; anything else is ours (internal)
             self._refuse(proto, exc)
             return
-        self._admit_identity(proto, identity)
+        try:
+            self._admit_identity(proto, identity)
+        except Exception:  # as in handle_events; here nothing else would close the connection
+            self._failed_internally(proto, "opening a session", "the gateway could not open the session; connect again")
+            self.serve(proto)
 
     def _admit_identity(self, proto: GatewayProtocol, identity: Identity) -> None:
         """The token is good: apply what may have changed meanwhile, register the device, open."""
@@ -776,12 +780,19 @@ class GatewayServer:
                     elif type(event) is ConnectionClosed:
                         self.connection_closed(proto, event)
                 except Exception:  # a bug of ours must cost one connection, never the loop
-                    log.exception("internal error while handling %s from %s", type(event).__name__, proto.peer)
-                    self.counters["internal_errors"] += 1
-                    if not conn.closed:
-                        if conn.state is State.OPEN:
-                            conn.send_error("internal", "the gateway failed to handle a stanza")
-                        conn.close(CloseReason.INTERNAL_ERROR, "internal error")
+                    self._failed_internally(proto, f"handling {type(event).__name__}")
+
+    def _failed_internally(self, proto: GatewayProtocol, doing: str,
+                           told: str = "the gateway failed to handle a stanza") -> None:
+        """A bug of ours while ``doing`` something for this connection: logged, counted, and the
+        connection ends (an open session is told ``internal`` first)."""
+        log.exception("internal error while %s from %s", doing, proto.peer)
+        self.counters["internal_errors"] += 1
+        conn = proto.conn
+        if not conn.closed:
+            if conn.state is State.OPEN:
+                conn.send_error("internal", told)
+            conn.close(CloseReason.INTERNAL_ERROR, "internal error")
 
     def throttle(self, proto: GatewayProtocol) -> None:
         """Admission control's first level: this connection's read brought messages into a turn

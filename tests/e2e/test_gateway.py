@@ -437,6 +437,35 @@ async def test_issuer_down_is_internal_not_a_bad_token(issuers, tmp_path):
         alpha.set_available(True)
 
 
+async def test_a_failure_opening_a_session_ends_that_connection_not_the_next(gateway, issuers, monkeypatch, caplog):
+    from interlink.core.errors import ServerError
+
+    alpha, _ = issuers
+    server = gateway._running()
+    real_push = server.router.push_stored
+    calls = []
+
+    def push_stored(conn):  # stands for a bug of ours after the welcome was queued
+        calls.append(conn)
+        if len(calls) == 1:
+            raise RuntimeError("injected fault")
+        real_push(conn)
+
+    monkeypatch.setattr(server.router, "push_stored", push_stored)
+    token = alpha.issue("lee", audience=AUD)  # a first token: checked in a task of its own
+    client = await connect(gateway, token, timeout_s=5)  # its welcome is written, not left waiting
+    with pytest.raises(ServerError) as caught:
+        await client.recv(timeout_s=5)
+    assert caught.value.code == "internal" and "could not open the session" in str(caught.value)
+    with pytest.raises(SessionClosedError):
+        await client.recv(timeout_s=5)
+    assert gateway.stats()["counters"]["internal_errors"] == 1
+    assert "internal error while opening a session" in caplog.text
+    client = await connect(gateway, token)  # the device's next session opens as usual
+    assert await client.ping() > 0 and len(calls) == 2
+    await client.close()
+
+
 async def test_preauth_connection_limit(issuers, tmp_path):
     alpha, _ = issuers
     async with alpha_gateway(alpha, tmp_path, max_preauth_connections=2) as gw:

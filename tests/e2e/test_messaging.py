@@ -9,7 +9,7 @@ import os
 import pytest
 
 from interlink.client import Client
-from interlink.core.errors import ServerError
+from interlink.core.errors import ConfigError, ServerError
 from interlink.gateway import Gateway
 from three_providers import People, config_for
 
@@ -232,6 +232,33 @@ async def test_stored_messages_survive_a_gateway_restart(issuers, tmp_path):
         bob = await people.connect("bob@beta", 1)
         assert bob.welcome["pending"] == 3
         assert [(await next_dlv(bob))["c"] for _ in range(3)] == [b"kept 0", b"kept 1", b"kept 2"]
+        await bob.close()
+
+
+async def test_a_smaller_max_frame_is_refused_at_start_while_stored_items_need_a_larger_one(issuers, tmp_path):
+    async with Gateway(config_for(issuers, tmp_path)) as gw:  # frames of up to 65,535 bytes
+        people = People(gw, issuers)
+        await (await people.connect("bob@beta", 1)).close()
+        alice = await people.connect("alice@alpha", 1)
+        await alice.send_message("bob@beta", {1: b"x" * 20_000})
+        await alice.send_message("bob@beta", {1: b"small"})
+        await alice.close()
+    with pytest.raises(ConfigError) as refused:  # bob could never be sent the first: no session of his would open
+        async with Gateway(config_for(issuers, tmp_path, max_frame_bytes=10_000)):
+            pass
+    assert str(refused.value).startswith("max_frame_bytes: 10000 is too small for 1 stored item(s) of 1 device(s)")
+    needed = int(str(refused.value).split("the largest needs ")[1].split(")")[0])
+    assert 20_000 < needed < 20_200
+    async with Gateway(config_for(issuers, tmp_path, max_frame_bytes=needed)) as gw:
+        people = People(gw, issuers)
+        bob = await people.connect("bob@beta", 1)
+        assert [len((await next_dlv(bob))["c"]) for _ in range(2)] == [20_000, 5]
+        await bob.ping()  # his recv went out
+        await bob.close()
+    async with Gateway(config_for(issuers, tmp_path, max_frame_bytes=10_000)) as gw:  # nothing needs more now
+        people = People(gw, issuers)
+        bob = await people.connect("bob@beta", 1)
+        assert bob.welcome["limits"]["max_frame"] == 10_000 and bob.welcome["pending"] == 0
         await bob.close()
 
 

@@ -17,7 +17,7 @@ import lmdb
 
 from interlink.core.errors import ConfigError, StoreFullError
 
-MAX_DBS = 32  # named databases the environment may hold (the families open 25)
+MAX_DBS = 32  # named databases the environment may hold (the families open 26)
 
 
 def open_environment(

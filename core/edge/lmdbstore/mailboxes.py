@@ -1,5 +1,6 @@
 """Devices, mailboxes, shared group bodies and the dedup window: tables ``devices``, ``mbox``,
-``seqs``, ``bodies``, ``body_refs``, ``dedup``.
+``seqs``, ``bodies``, ``body_refs``, ``dedup``, and in ``store_meta`` the largest frame a stored
+item may need (``check_item_frames``).
 
 The commit's writers (``write_message``, ``write_control``, ``delete``, ``save``) take the
 facade's write transaction and the ``MailboxState`` of every device it touched so far; the
@@ -14,10 +15,11 @@ import struct
 import lmdb
 
 from interlink.core.domain.batch import ControlEntry, MessageEntry
-from interlink.core.errors import StoreLimitError
+from interlink.core.errors import ConfigError, StoreLimitError
 from interlink.core.domain.fanout import DLV_HEAD, splice
 from interlink.core.edge.lmdbstore.env import scan, user_prefix, write_txn
 from interlink.core.edge.mailbox import SHARED_MARK, MailboxState, delete_items, forget_item, plan_copies, write_copies
+from interlink.core.protocol.wire import TAG_BYTES, WIRE_MAX_FRAME_BYTES
 
 _DEVICE = struct.Struct(">I")
 _SEQ = struct.Struct(">Q")
@@ -30,6 +32,7 @@ CONTROL_OVERDRAFT_ITEMS = 1_000
 CONTROL_OVERDRAFT_BYTES = 4 << 20
 DEVICE_CACHE_USERS = 100_000  # users whose device lists stay in memory (about 100 bytes each)
 SHARED_DEVICE_SETS = 1024  # distinct device lists the cache shares between users
+ITEM_FRAME_KEY = b"item_frame"  # in store_meta: the largest frame a stored item may need
 
 
 class Mailboxes:
@@ -50,6 +53,7 @@ class Mailboxes:
         self.dedup_db = env.open_db(b"dedup")
         self.bodies_db = env.open_db(b"bodies")
         self.body_refs_db = env.open_db(b"body_refs")
+        self.meta_db = env.open_db(b"store_meta")
         with env.begin(db=self.bodies_db) as txn:
             cursor = txn.cursor()
             # Body ids only grow while a body is stored; one may be used again once its body is gone.
@@ -323,6 +327,46 @@ class Mailboxes:
                     items.append((seq, value[8:]))
             return items
 
+    # -- the frame stored items need: a gateway restarted with a smaller max_frame_bytes could
+    # never push an item stored under a larger one, and its device would fail every session.
+
+    def item_frame_bound(self, txn=None) -> int:
+        """The largest frame an item stored here may need: the largest ``max_frame_bytes`` the
+        store was served with since it last held nothing larger, or an imported item's frame. A
+        store of a version before this record: the wire's largest frame."""
+        if txn is None:
+            with self.env.begin() as txn:
+                return self.item_frame_bound(txn)
+        raw = txn.get(ITEM_FRAME_KEY, db=self.meta_db)
+        return WIRE_MAX_FRAME_BYTES if raw is None else _SEQ.unpack(raw)[0]
+
+    def set_item_frame_bound(self, txn, frame_bytes: int) -> None:
+        txn.put(ITEM_FRAME_KEY, _SEQ.pack(frame_bytes), db=self.meta_db)
+
+    def raise_item_frame_bound(self, txn, dlv_bytes: int) -> None:
+        """Items of ``dlv_bytes`` came in from elsewhere (a move file): the bound covers them."""
+        if dlv_bytes + TAG_BYTES > self.item_frame_bound(txn):
+            self.set_item_frame_bound(txn, dlv_bytes + TAG_BYTES)
+
+    def oversized_items(self, max_plaintext: int) -> tuple[int, int, int]:
+        """Stored items whose ``dlv`` is longer than ``max_plaintext``: how many, of how many
+        devices, and the longest ``dlv`` (0 when there are none). Reads every item."""
+        count = devices = longest = 0
+        last_device = None
+        with self.env.begin() as txn:
+            for key, value in txn.cursor(db=self.mbox_db).iternext():
+                if value[8] == SHARED_MARK:
+                    length = len(splice(_SEQ.unpack(key[-8:])[0], txn.get(value[9:17], db=self.bodies_db)))
+                else:
+                    length = len(value) - 8  # the stored ts is not sent
+                if length > max_plaintext:
+                    count += 1
+                    longest = max(longest, length)
+                    if key[:-8] != last_device:
+                        devices += 1
+                        last_device = key[:-8]
+        return count, devices, longest
+
     def pending_count(self, dkey: bytes) -> int:
         return self.mailbox_state(dkey).items
 
@@ -333,3 +377,22 @@ class Mailboxes:
 
 def _devices_in(txn, prefix: bytes, db) -> tuple[int, ...]:
     return tuple(_DEVICE.unpack(key[len(prefix) :])[0] for key in scan(txn.cursor(db=db), prefix))
+
+
+def check_item_frames(mailboxes: Mailboxes, max_frame_bytes: int) -> None:
+    """At a gateway's start: ``ConfigError`` when ``max_frame_bytes`` is smaller than frames its
+    store's items need (they could never be pushed: each session of their device would fail).
+    Otherwise ``max_frame_bytes`` is recorded as the bound; only a smaller one reads the items."""
+    bound = mailboxes.item_frame_bound()
+    if max_frame_bytes < bound:
+        count, devices, longest = mailboxes.oversized_items(max_frame_bytes - TAG_BYTES)
+        if count:
+            raise ConfigError(
+                f"max_frame_bytes: {max_frame_bytes} is too small for {count} stored item(s) of {devices} device(s) "
+                f"(stored under max_frame_bytes up to {bound}; the largest needs {longest + TAG_BYTES}): they could "
+                f"never be delivered. Serve with max_frame_bytes {longest + TAG_BYTES} or more until their devices "
+                "have received them or mailbox_ttl_s has expired them (docs/operations.md \"Lowering "
+                "max_frame_bytes\")")
+    if max_frame_bytes != bound:
+        with mailboxes.env.begin(write=True) as txn:
+            mailboxes.set_item_frame_bound(txn, max_frame_bytes)

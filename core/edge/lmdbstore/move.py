@@ -295,7 +295,7 @@ def import_moves(store, membership: Membership, node: str, path: Path, blob_file
     or a record that conflicts with one already here. The blob files go in first: a record never
     names a missing file (files whose records were refused are removed at the next start)."""
     tables = _Tables(store)
-    written = 0
+    written = longest_item = 0
     with open(path, "rb") as handle:
         unpacker = msgpack.Unpacker(handle, raw=False, max_buffer_size=1 << 30)
         header = next(unpacker, None)
@@ -320,6 +320,8 @@ def import_moves(store, membership: Membership, node: str, path: Path, blob_file
                     if table not in IMPORTED_TABLES or type(key) is not bytes or type(value) is not bytes:
                         raise MoveError(f"{path}: record {count + 1} is not a moved record")
                     count += 1
+                    if table == "mbox":  # a whole copy: ts + the dlv (export splices shared bodies)
+                        longest_item = max(longest_item, len(value) - 8)
                     db = tables.dbs[table]
                     here = txn.get(key, db=db)
                     if here is None:
@@ -332,6 +334,8 @@ def import_moves(store, membership: Membership, node: str, path: Path, blob_file
                 else:
                     raise MoveError(f"{path}: truncated after {count} records (no trailer); nothing imported")
                 store.blob_records.recount(txn)
+                # this node's max_frame_bytes may be smaller than the exporter's: its next start checks
+                store.mailboxes.raise_item_frame_bound(txn, longest_item)
         except lmdb.MapFullError:
             raise store_full() from None
     store.mailboxes.forget_cached_devices()

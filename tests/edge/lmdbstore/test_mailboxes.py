@@ -23,7 +23,8 @@ from interlink.core.domain.batch import WriteBatch, device_key
 from interlink.core.domain.fanout import DLV_HEAD, GroupDlv
 from interlink.core.edge.lmdbstore import LmdbStore
 from interlink.core.edge.mailbox import SHARED_MARK
-from interlink.core.errors import StoreFullError, StoreLimitError
+from interlink.core.edge.lmdbstore.mailboxes import check_item_frames
+from interlink.core.errors import ConfigError, StoreFullError, StoreLimitError
 from interlink.core.protocol.stanza import decode_stanzas, encode_stanza
 from interlink.testing import lmdb_store
 
@@ -419,6 +420,39 @@ def test_body_ids_stay_unique_across_reopening(tmp_path):
         assert [decode_stanza(v)["c"] for _, v in store.pending(MEMBERS[0])] == [b"before", b"after"]
     finally:
         store.close()
+
+
+# -- the frame stored items need (a gateway restarted with a smaller max_frame_bytes)
+
+
+def test_oversized_items_are_measured_as_they_are_pushed_whole_or_shared(store):
+    group_message(store, b"g" * 3_000)  # five copies of one shared body
+    commit_message(store, SENDER, b"m1", 1_000, [(MEMBERS[0], lambda seq, ts: b"w" * 5_000)])
+    commit_message(store, SENDER, b"m2", 1_000, [(MEMBERS[1], lambda seq, ts: b"s" * 100)])
+    pushed = [len(value) for dkey in MEMBERS for _, value in store.pending(dkey)]
+    shared = len(store.pending(MEMBERS[2])[0][1])
+    assert sorted(pushed) == sorted([shared] * 5 + [5_000, 100]) and 3_000 < shared < 3_100
+    assert store.mailboxes.oversized_items(10_000) == (0, 0, 0)
+    assert store.mailboxes.oversized_items(4_999) == (1, 1, 5_000)
+    assert store.mailboxes.oversized_items(shared - 1) == (6, 5, 5_000)  # MEMBERS[0] has two
+    assert store.mailboxes.oversized_items(shared) == (1, 1, 5_000)
+
+
+def test_a_smaller_max_frame_is_refused_while_items_need_more_and_recorded_once_they_are_gone(store):
+    mailboxes = store.mailboxes
+    assert mailboxes.item_frame_bound() == 65_535  # a store of an earlier version: the wire's largest
+    message = commit_message(store, SENDER, b"big", 1_000, [(MEMBERS[0], lambda seq, ts: b"w" * 20_000)])
+    with pytest.raises(ConfigError) as refused:
+        check_item_frames(mailboxes, 10_000)
+    assert "1 stored item(s) of 1 device(s)" in str(refused.value) and "20016" in str(refused.value)
+    assert mailboxes.item_frame_bound() == 65_535  # nothing recorded: the next start checks again
+    check_item_frames(mailboxes, 20_016)  # exactly the frame it needs
+    assert mailboxes.item_frame_bound() == 20_016
+    recv(store, (MEMBERS[0], [seq for _, seq, _ in message.stored]))
+    check_item_frames(mailboxes, 10_000)
+    assert mailboxes.item_frame_bound() == 10_000
+    check_item_frames(mailboxes, 30_000)  # a larger one is taken without reading the items
+    assert mailboxes.item_frame_bound() == 30_000
 
 
 # -- against a model (hypothesis)

@@ -13,6 +13,7 @@ import pytest
 from interlink.core.domain.batch import GroupRecord, GroupWrite, WriteBatch, device_key
 from interlink.core.domain.cluster import Membership
 from interlink.core.domain.fanout import GroupDlv
+from interlink.core.edge.lmdbstore.mailboxes import check_item_frames
 from interlink.core.edge.lmdbstore.move import (
     MOVED_TABLES, MoveError, check_node_list, export_moves, forget_node, import_moves, owner, prune, stray,
 )
@@ -115,6 +116,23 @@ def _recv(store, user: str) -> WriteBatch:
     batch = WriteBatch()
     batch.delete(device_key(user, 1), [seq for seq, _ in store.pending(device_key(user, 1))])
     return batch
+
+
+def test_imported_items_raise_the_frame_the_store_needs_and_a_smaller_start_is_refused(stores, tmp_path):
+    a, b = stores
+    fill(a)
+    batch = WriteBatch()  # a large item for a moving user, stored where frames may be 65,535 bytes
+    batch.add_message(device_key(STAYING[0], 1), os.urandom(16), 1236,
+                      [(device_key(MOVING[0], 1), lambda seq, ts: b"x" * 30_000)])
+    a.commit(batch)
+    check_item_frames(b.mailboxes, 12_000)  # node-b serves smaller frames, with nothing stored yet
+    assert b.mailboxes.item_frame_bound() == 12_000
+    move(a, b, tmp_path)
+    assert b.mailboxes.item_frame_bound() == 30_016
+    with pytest.raises(ConfigError, match="1 stored item"):
+        check_item_frames(b.mailboxes, 12_000)  # node-b's next start: the item could never be pushed
+    b.commit(_recv(b, MOVING[0]))
+    check_item_frames(b.mailboxes, 12_000)
 
 
 def test_a_file_imported_twice_changes_nothing_the_second_time(stores, tmp_path):
