@@ -10,6 +10,7 @@ run in transactions of their own. Key layouts: docs/architecture.md, "Storage".
 
 from __future__ import annotations
 
+import logging
 import struct
 
 import lmdb
@@ -21,6 +22,7 @@ from interlink.core.edge.lmdbstore.env import scan, user_prefix, write_txn
 from interlink.core.edge.mailbox import SHARED_MARK, MailboxState, delete_items, forget_item, plan_copies, write_copies
 from interlink.core.protocol.wire import TAG_BYTES, WIRE_MAX_FRAME_BYTES
 
+log = logging.getLogger("interlink.store")
 _DEVICE = struct.Struct(">I")
 _SEQ = struct.Struct(">Q")
 _TS = struct.Struct(">Q")
@@ -385,6 +387,8 @@ def check_item_frames(mailboxes: Mailboxes, max_frame_bytes: int) -> None:
     Otherwise ``max_frame_bytes`` is recorded as the bound; only a smaller one reads the items."""
     bound = mailboxes.item_frame_bound()
     if max_frame_bytes < bound:
+        log.info("max_frame_bytes %d is smaller than the %d this store was served with: reading every stored item "
+                 "for one that would not fit", max_frame_bytes, bound)
         count, devices, longest = mailboxes.oversized_items(max_frame_bytes - TAG_BYTES)
         if count:
             raise ConfigError(
