@@ -163,6 +163,14 @@ class WebSocketProtocol(GatewayProtocol):
     def _upgrade(self, request: Request) -> None:
         server = self.server
         ws = self.ws
+        if ws.eof_sent:
+            # Bytes sent right behind the request, before its answer, broke the WebSocket rules:
+            # the library parsed them in the same read and ended the connection unanswered (an
+            # answer now would follow its end of stream; a refusal's raised in the library).
+            server.counters["ws_upgrades_refused"] += 1
+            self.conn.close(CloseReason.BAD_UPGRADE, f"WebSocket upgrade refused: what followed the request broke "
+                                                     f"the WebSocket rules before it was answered ({ws.parser_exc})")
+            return
         refused = server.forwarded_request(self, request.headers.get_all("X-Forwarded-For"))
         if refused is not None:
             response = ws.reject(429, "too many connections from your address; try again later\n")

@@ -5,6 +5,7 @@ alone, and each way a WebSocket connection can break a rule of it."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 
@@ -356,6 +357,29 @@ async def test_an_upgrade_with_too_many_headers_or_no_http_is_refused(gateway):
     writer.close()
     await until(lambda: closes(gateway, "bad_upgrade") == 2)
     assert gateway._server.counters["ws_upgrades_refused"] == 2
+
+
+@pytest.mark.parametrize("path", ["ws_path", "/elsewhere"])
+async def test_a_broken_frame_right_behind_the_upgrade_request_ends_it_unanswered_and_logs_no_error(
+        gateway, issuers, caplog, path):
+    """The library parses what follows a request in the same read before the request is answered;
+    a frame that breaks its rules there ended the connection before the answer, and answering a
+    refused upgrade then raised inside the read (uvloop logged a fatal error with its traceback,
+    once per connection anyone could open)."""
+    host, port = gateway.ws_address
+    target = gateway._server.ws_path if path == "ws_path" else path
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write((f"GET {target} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                  f"Sec-WebSocket-Key: {'A' * 22}==\r\nSec-WebSocket-Version: 13\r\nOrigin: {PAGE_ORIGIN}\r\n\r\n"
+                  ).encode() + b"\xc2\x80" + b"\x00" * 4)  # a masked binary frame with RSV1 set: no extension agreed
+    assert await asyncio.wait_for(reader.read(), 5) == b""  # closed, with no answer
+    writer.close()
+    await until(lambda: closes(gateway, "bad_upgrade") == 1)
+    assert gateway._server.counters["ws_upgrades_refused"] == 1 and gateway._server.counters["ws_upgrades"] == 0
+    assert not [record for record in caplog.records if record.levelno >= logging.ERROR]
+    page = await BrowserClient.connect(gateway, issuers[0].issue("alice", audience=AUD))  # the next one is served
+    assert page.conn.welcome["user"] == "alice@alpha"
+    await page.ws.close()
 
 
 async def test_a_trusted_proxy_that_names_no_client_is_limited_as_itself(issuers, tmp_path):
