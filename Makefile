@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.interlink-installed
 PYTEST_ARGS ?=
 
-.PHONY: all demo web-demo test test-pure bench bench-baseline stress cluster-stress annotate check-install clean load fuzz proxy-check
+.PHONY: all demo web-demo test test-pure bench bench-baseline stress cluster-stress annotate check-install clean load fuzz ws-probe proxy-check
 
 all: $(STAMP)
 
@@ -103,6 +103,16 @@ FUZZ_SECONDS ?= 600
 FUZZ_ARGS ?=
 fuzz: $(STAMP)
 	INTERLINK_REQUIRE_NATIVE=1 $(BIN)/python fuzz/run.py --seconds $(FUZZ_SECONDS) $(FUZZ_ARGS)
+
+# A random probe of the WebSocket listener over loopback (tests/e2e/test_websocket_probe.py; make
+# test runs it for 2 s): random frames after an upgrade, a preamble or a real session, for
+# WS_PROBE_SECONDS; fails on an internal error, an ERROR log line or a client not served after.
+# E.g. make ws-probe WS_PROBE_SECONDS=600 WS_PROBE_SEED=7
+WS_PROBE_SECONDS ?= 120
+WS_PROBE_SEED ?= 1
+ws-probe: $(STAMP)
+	INTERLINK_REQUIRE_NATIVE=1 INTERLINK_WS_PROBE_S=$(WS_PROBE_SECONDS) INTERLINK_WS_PROBE_SEED=$(WS_PROBE_SEED) \
+		$(BIN)/python -m pytest -q -s -p no:cacheprovider tests/e2e/test_websocket_probe.py
 
 # The proxy configurations of docs/operations.md run as written with the real HAProxy and nginx
 # (not in make test: CI machines have neither). Debian 12: apt install haproxy nginx-light.
