@@ -358,7 +358,10 @@ class AdminServer:
         if not self._token:
             raise web.HTTPForbidden(text="no admin_token is configured: write operations are off\n")
         scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode("utf-8"), self._token):
+        # aiohttp keeps a header's bytes that are not UTF-8 as surrogates: encoded back as they came
+        # (plain "utf-8" raised on them: a 500 and a traceback in the log for any such request).
+        given_bytes = given.strip().encode("utf-8", "surrogateescape")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given_bytes, self._token):
             raise web.HTTPUnauthorized(text="a valid 'Authorization: Bearer <admin_token>' is required\n",
                                        headers={"WWW-Authenticate": "Bearer"})
 

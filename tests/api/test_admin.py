@@ -3,6 +3,9 @@ with prometheus_client's own parser), JSON snapshots, paging, and token-guarded 
 
 from __future__ import annotations
 
+import asyncio
+import logging
+
 import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -167,6 +170,18 @@ async def test_provider_control_needs_the_token(admin_gateway, issuers, http):
         assert response.status == 200
     again = await people.connect("alice@alpha")
     await again.close()
+
+
+async def test_a_token_that_is_not_utf8_is_refused_like_any_wrong_one(admin_gateway, caplog):
+    host, port = admin_gateway.admin_address
+    for given in (b"\xff\xfe", b"\xed\xa0\x80", TOKEN.encode() + b"\xe9"):
+        reader, writer = await asyncio.open_connection(host, port)
+        writer.write(b"POST /providers/alpha/suspend HTTP/1.1\r\nHost: admin\r\nAuthorization: Bearer " + given
+                     + b"\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        assert (await reader.read()).startswith(b"HTTP/1.1 401 ")  # was 500, with a traceback logged
+        writer.close()
+    assert not [record for record in caplog.records if record.levelno >= logging.ERROR]
+    assert not admin_gateway.list_providers()[0].suspended
 
 
 async def test_without_a_token_writes_are_off(issuers, tmp_path, http):
