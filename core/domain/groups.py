@@ -26,7 +26,7 @@ from interlink.core.domain.fanout import GroupDlv, plan_cached
 from interlink.core.domain.fields import address_provider, excerpt, kind_of
 from interlink.core.domain.ops import DEFERRED
 from interlink.core.domain.policy import Policy
-from interlink.core.domain.ratelimit import TOKEN_SLACK, TokenBuckets
+from interlink.core.domain.ratelimit import TokenBuckets
 from interlink.core.domain.router import RouteError, Router, Session
 from interlink.core.protocol.stanza import encode_stanza
 from interlink.core.domain.batch import COPIES_PER_LOAD, GroupRecord, GroupWrite, device_key
@@ -533,8 +533,9 @@ class Groups:
         identity = session.identity
         actor, actor_device = identity.user, identity.device
         if prior_ver:  # a change of an existing group: at most CHANGE_RATE a second per group
-            if self.change_buckets.tokens(g, now) < 1.0 - TOKEN_SLACK:  # taken below, once nothing else refuses it
-                retry_after = max(1, math.ceil(self.change_buckets.wait(g, now, 1.0) * 1000))
+            wait_s = self.change_buckets.wait(g, now, 1.0)  # taken below, once nothing else refuses it
+            if wait_s:
+                retry_after = max(1, math.ceil(wait_s * 1000))
                 raise RouteError(
                     f"this group changes too often; try again in {retry_after} ms", code="rate_limited",
                     retry_after=retry_after,

@@ -53,9 +53,10 @@ class TokenBuckets:
         return min(self.burst, bucket[0] + (elapsed * self.rate if elapsed > 0.0 else 0.0))
 
     def wait(self, key, now: float, cost: float) -> float:
-        """The seconds until ``key`` holds ``cost`` tokens (0.0: now), spending nothing."""
+        """The seconds until ``key`` holds ``cost`` tokens, spending nothing: 0.0 exactly when
+        ``take`` would allow it now (within ``TOKEN_SLACK``)."""
         missing = cost - self.tokens(key, now)
-        return missing / self.rate if missing > 0 else 0.0
+        return missing / self.rate if missing > TOKEN_SLACK else 0.0
 
     def _forget_full(self, now: float) -> None:
         full_after = self.burst / self.rate

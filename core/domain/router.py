@@ -23,7 +23,7 @@ from interlink.core.domain.auth import ProviderRegistry, localpart_error
 from interlink.core.errors import InterlinkError, RouteError, StanzaError
 from interlink.core.domain.fields import excerpt
 from interlink.core.domain.policy import Policy
-from interlink.core.domain.ratelimit import TOKEN_SLACK, TokenBuckets
+from interlink.core.domain.ratelimit import TokenBuckets
 from interlink.core.protocol.stanza import encode_ack, encode_dlv, encode_stanza
 from interlink.core.domain.delivery import DeliveryWindows
 from interlink.core.domain.batch import (
@@ -181,8 +181,7 @@ class Router:
         else:
             device_cost = min(float(tokens), max(device_buckets.burst - paid, 0.0))
             user_cost = min(float(tokens), max(user_buckets.burst - paid, 0.0))
-            if (device_buckets.tokens(session_key, now) >= device_cost - TOKEN_SLACK
-                    and user_buckets.tokens(user, now) >= user_cost - TOKEN_SLACK):
+            if not device_buckets.wait(session_key, now, device_cost) and not user_buckets.wait(user, now, user_cost):
                 device_buckets.take(session_key, now, device_cost)
                 user_buckets.take(user, now, user_cost)
                 wait_s = 0.0

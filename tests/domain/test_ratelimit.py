@@ -74,5 +74,6 @@ def test_a_take_exactly_when_the_wait_said_is_allowed_despite_the_clocks_float_r
     assert buckets.take("a", start) == 0.0
     wait_s = buckets.take("a", start)
     assert wait_s == pytest.approx(0.1)
+    assert buckets.wait("a", start + wait_s, 1.0) == 0.0  # the wait agrees with the take that follows
     assert buckets.take("a", start + wait_s) == 0.0
     assert buckets.take("a", start + wait_s) > 0  # and only the one token
